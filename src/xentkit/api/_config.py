@@ -1,0 +1,45 @@
+"""Which implementation the api runs: the fused kernels (default) or the NumPy reference."""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+_ENVIRONMENT_VARIABLE = "XENTKIT_REFERENCE"
+_state = {"reference": os.environ.get(_ENVIRONMENT_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")}
+
+
+def reference_enabled() -> bool:
+    """True when the api runs the NumPy reference instead of the compiled kernels."""
+    return _state["reference"]
+
+
+class use_reference:
+    """Force the NumPy reference (``enabled=True``) or the kernels (``False``) in the api.
+
+    Called plainly it switches for the rest of the process; used as a context manager it switches
+    inside the ``with`` block and restores the previous choice afterwards. The environment
+    variable ``XENTKIT_REFERENCE=1`` sets the initial choice. The switch is process-wide (not
+    per thread).
+
+    >>> import xentkit
+    >>> with xentkit.use_reference():
+    ...     loss = xentkit.cross_entropy([[2.0, 0.5]], [0])
+    >>> xentkit.reference_enabled()
+    False
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._previous = _state["reference"]
+        _state["reference"] = bool(enabled)
+
+    def __enter__(self) -> use_reference:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        _state["reference"] = self._previous

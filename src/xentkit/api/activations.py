@@ -1,0 +1,131 @@
+"""Public softmax, log-softmax, logsumexp, sigmoid and their backward passes."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .. import reference
+from ._validation import as_float_array, compute_dtype, normalize_axis, same_shape
+
+
+def _prepare(x: ArrayLike, name: str) -> tuple[np.ndarray, np.dtype]:
+    array = as_float_array(x, name)
+    return array.astype(compute_dtype(array.dtype), copy=False), array.dtype
+
+
+def _classes(x: np.ndarray, axis: int, name: str) -> int:
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
+    return normalize_axis(axis, x.ndim)
+
+
+def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
+    """Softmax along ``axis``: ``softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m)``, ``m = max_j x_j``.
+
+    Subtracting the maximum (Caffe's SoftmaxLayer) leaves the result unchanged and keeps every
+    exponent ≤ 0, so no input the dtype can hold overflows. Shapes: any, e.g. ``[batch, classes]``;
+    the output has the input's shape and dtype (float16 is computed in float32).
+    See also :func:`log_softmax`, :func:`softmax_backward`.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.softmax([3.0, 1.0, -3.0]), 4)
+    array([0.8789, 0.1189, 0.0022])
+    """
+    array, dtype = _prepare(x, "x")
+    axis = _classes(array, axis, "x")
+    return reference.softmax(array, axis=axis).astype(dtype, copy=False)
+
+
+def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
+    """Log-softmax along ``axis``: ``log_softmax(x)_i = x_i − logsumexp(x)``.
+
+    Exact where ``log(softmax(x))`` underflows to −inf. Shapes as :func:`softmax`.
+    See also :func:`log_softmax_backward`, :func:`nll_loss`.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.log_softmax([3.0, 1.0, -3.0]), 4)
+    array([-0.1291, -2.1291, -6.1291])
+    """
+    array, dtype = _prepare(x, "x")
+    axis = _classes(array, axis, "x")
+    return reference.log_softmax(array, axis=axis).astype(dtype, copy=False)
+
+
+def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """``log Σ_i exp(x_i)`` along ``axis``, computed as ``m + log Σ_i exp(x_i − m)``, ``m = max x``.
+
+    Shapes: the input's shape without ``axis`` (kept as 1 with ``keepdims=True``). A slice that
+    is all −inf gives −inf.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.logsumexp([1000.0, 1000.0]), 4)
+    np.float64(1000.6931)
+    """
+    array, dtype = _prepare(x, "x")
+    axis = _classes(array, axis, "x")
+    return reference.logsumexp(array, axis=axis, keepdims=bool(keepdims)).astype(dtype, copy=False)
+
+
+def sigmoid(x: ArrayLike) -> np.ndarray:
+    """Logistic function ``σ(x) = 1 / (1 + exp(−x))``, elementwise, with no overflow for any x.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.sigmoid([-800.0, 0.0, 1.5]), 4)
+    array([0.    , 0.5   , 0.8176])
+    """
+    array, dtype = _prepare(x, "x")
+    return reference.sigmoid(array).astype(dtype, copy=False)
+
+
+def log_sigmoid(x: ArrayLike) -> np.ndarray:
+    """``log σ(x) = min(x, 0) − log1p(exp(−|x|))``, elementwise; exact for large negative x.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.log_sigmoid([-20.0, 0.0, 2.0]), 4)
+    array([-20.    ,  -0.6931,  -0.1269])
+    """
+    array, dtype = _prepare(x, "x")
+    return reference.log_sigmoid(array).astype(dtype, copy=False)
+
+
+def _backward_inputs(
+    values: ArrayLike, grad: ArrayLike, names: tuple[str, str], axis: int
+) -> tuple[np.ndarray, np.ndarray, np.dtype, int]:
+    first = as_float_array(values, names[0])
+    second = as_float_array(grad, names[1])
+    same_shape(second, names[1], first, names[0])
+    dtype = np.result_type(first.dtype, second.dtype)
+    work = compute_dtype(dtype)
+    axis = _classes(first, axis, names[0])
+    return first.astype(work, copy=False), second.astype(work, copy=False), dtype, axis
+
+
+def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: int = -1) -> np.ndarray:
+    """Vector-Jacobian product of softmax: ``dx_i = p_i·(g_i − Σ_j g_j·p_j)``.
+
+    ``probs`` is the softmax output ``p``, ``grad_probs`` the gradient ``g`` of a loss with
+    respect to ``p`` (same shape); returns the gradient with respect to the softmax input.
+    The Jacobian ``∂p_j/∂x_i = p_j·(δ_ij − p_i)`` is never formed.
+
+    >>> import numpy as np, xentkit
+    >>> p = xentkit.softmax([3.0, 1.0, -3.0])
+    >>> np.round(xentkit.softmax_backward(p, [-1 / p[0], 0.0, 0.0]), 4)  # d(−log p_0)/dx
+    array([-0.1211,  0.1189,  0.0022])
+    """
+    p, g, dtype, axis = _backward_inputs(probs, grad_probs, ("probs", "grad_probs"), axis)
+    return reference.softmax_backward(p, g, axis=axis).astype(dtype, copy=False)
+
+
+def log_softmax_backward(log_probs: ArrayLike, grad_log_probs: ArrayLike, axis: int = -1) -> np.ndarray:
+    """Vector-Jacobian product of log-softmax: ``dx_i = g_i − p_i·Σ_j g_j``, ``p = exp(log_probs)``.
+
+    >>> import numpy as np, xentkit
+    >>> log_p = xentkit.log_softmax([3.0, 1.0, -3.0])
+    >>> np.round(xentkit.log_softmax_backward(log_p, [-1.0, 0.0, 0.0]), 4)  # softmax − onehot
+    array([-0.1211,  0.1189,  0.0022])
+    """
+    log_p, g, dtype, axis = _backward_inputs(
+        log_probs, grad_log_probs, ("log_probs", "grad_log_probs"), axis
+    )
+    return reference.log_softmax_backward(log_p, g, axis=axis).astype(dtype, copy=False)

@@ -1,0 +1,352 @@
+"""Public softmax cross-entropy: validation, layout, kernel-or-reference dispatch, reductions."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .. import reference
+from ._config import reference_enabled
+from ._validation import (
+    as_float_array,
+    check_class_weight,
+    check_fraction,
+    check_ignore_index,
+    check_labels,
+    check_nonnegative,
+    check_out,
+    check_reduction,
+    check_softcap,
+    compute_dtype,
+    hard_labels,
+    normalize_axis,
+    probability_target,
+    upstream_gradient,
+)
+
+
+class ProbabilitiesAsLogitsWarning(UserWarning):
+    """``cross_entropy`` got logits that look like probabilities: softmax applied twice?
+
+    Silence it with ``check_probabilities=False`` or
+    ``warnings.filterwarnings("ignore", category=xentkit.ProbabilitiesAsLogitsWarning)``.
+    """
+
+
+def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
+    """Every value in [0, 1] and every slice along ``axis`` summing to 1.
+
+    Screens the first sample alone before looking at everything, so that real logits cost
+    almost nothing here.
+    """
+    if logits.shape[axis] < 2 or logits.size == 0:
+        return False
+    moved = np.moveaxis(logits, axis, -1)
+    tolerance = 1e-2 if logits.dtype == np.float16 else 1e-4
+    first = moved[(0,) * (moved.ndim - 1)]
+    if not (first.min() >= 0 and first.max() <= 1 and abs(float(first.sum(dtype=np.float64)) - 1) <= tolerance):
+        return False
+    if not (moved.min() >= 0 and moved.max() <= 1):
+        return False
+    return bool(np.all(np.abs(moved.sum(axis=-1, dtype=np.float64) - 1) <= tolerance))
+
+
+def _kernel_rows():
+    """The fused kernel entry point, imported on first use so ``import xentkit`` stays light."""
+    from ..kernels import cross_entropy_rows
+
+    return cross_entropy_rows
+
+
+def _row_scales(
+    reduction: str, upstream: np.ndarray, denominator: float, rows: int
+) -> np.ndarray:
+    """Each row's gradient coefficient: the upstream gradient over the "mean" denominator."""
+    if reduction == "none":
+        return np.ascontiguousarray(upstream, dtype=np.float64).reshape(rows)
+    value = float(upstream)
+    if reduction == "mean":
+        value = value / denominator if denominator != 0 else 0.0
+    return np.full(rows, value, dtype=np.float64)
+
+
+def _fused(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    axis: int,
+    weight: np.ndarray | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    upstream: np.ndarray | None,
+    out: np.ndarray | None,
+    private: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Hard-label cross-entropy on the kernel: class axis last, rows × classes, one sweep.
+
+    ``logits`` is already in the compute dtype (float32 or float64); ``private`` says it is the
+    api's own copy, free to be overwritten by the gradient. Returns the reduced loss in
+    float64 ("mean"/"sum") or per sample, and the gradient in the compute dtype (or ``out``).
+    """
+    num_classes = logits.shape[axis]
+    moved = np.moveaxis(logits, axis, -1)
+    sample_shape = moved.shape[:-1]
+    rows = int(np.prod(sample_shape, dtype=np.int64))
+    matrix = np.ascontiguousarray(moved).reshape(rows, num_classes)
+    label_rows = np.ascontiguousarray(labels, dtype=np.int64).reshape(rows)
+    valid_rows = valid.reshape(rows)
+    weight64 = None if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+
+    weights_of_targets = (
+        valid_rows if weight64 is None else np.where(valid_rows, weight64[np.where(valid_rows, label_rows, 0)], 0.0)
+    )
+    main_denominator = float(np.sum(weights_of_targets, dtype=np.float64))
+    z_denominator = float(np.count_nonzero(valid_rows))
+
+    grad_matrix = None
+    grad_scale = z_grad_scale = None
+    writes_out_directly = False
+    if upstream is not None:
+        grad_scale = _row_scales(reduction, upstream, main_denominator, rows)
+        z_grad_scale = grad_scale if reduction != "mean" else _row_scales(reduction, upstream, z_denominator, rows)
+        writes_out_directly = (
+            out is not None
+            and axis == logits.ndim - 1
+            and out.dtype == matrix.dtype
+            and out.flags.c_contiguous
+        )
+        if writes_out_directly:
+            grad_matrix = out.reshape(rows, num_classes)  # may be the logits themselves: in place
+        elif private or not np.may_share_memory(matrix, logits):
+            grad_matrix = matrix  # a private copy already: overwrite it with the gradient
+        else:
+            grad_matrix = np.empty_like(matrix)
+
+    loss_rows, lse_rows = _kernel_rows()(
+        matrix, label_rows, weight64, ignore_index, label_smoothing, z_loss, softcap,
+        grad_scale, z_grad_scale, grad_matrix,
+    )
+    z_rows = np.where(valid_rows, z_loss * lse_rows * lse_rows, 0.0) if z_loss else None
+    if reduction == "none":
+        per_sample = loss_rows if z_rows is None else loss_rows + z_rows
+        loss = per_sample.reshape(sample_shape)
+    elif reduction == "sum":
+        loss = np.asarray(loss_rows.sum() + (0.0 if z_rows is None else z_rows.sum()))
+    else:
+        main = loss_rows.sum() / main_denominator if main_denominator != 0 else 0.0
+        z_term = z_rows.sum() / z_denominator if z_rows is not None and z_denominator != 0 else 0.0
+        loss = np.asarray(main + z_term)
+
+    if grad_matrix is None:
+        return loss, None
+    if writes_out_directly:
+        return loss, out
+    grad = np.moveaxis(grad_matrix.reshape(moved.shape), -1, axis)
+    return loss, grad
+
+
+def _cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int,
+    weight: ArrayLike | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    check_probabilities: bool,
+    want_grad: bool,
+    grad_output: ArrayLike | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    original = as_float_array(logits, "logits")
+    if original.ndim == 0:
+        raise ValueError("logits must have at least one dimension (the classes), got a scalar")
+    axis = normalize_axis(axis, original.ndim)
+    reduction = check_reduction(reduction)
+    label_smoothing = check_fraction(label_smoothing, "label_smoothing")
+    z_loss = check_nonnegative(z_loss, "z_loss")
+    softcap = check_softcap(softcap)
+    ignore_index = check_ignore_index(ignore_index)
+    num_classes = original.shape[axis]
+    if num_classes == 0:
+        raise ValueError(f"logits must have at least one class along axis {axis}, got shape {original.shape}")
+    work_dtype = compute_dtype(original.dtype)
+    weight = check_class_weight(weight, num_classes, work_dtype)
+    sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
+
+    target_array = np.asarray(target)
+    probabilities = target_array.shape == original.shape
+    if probabilities:
+        target_array = probability_target(target_array, original.shape, work_dtype)
+        valid = None
+    else:
+        target_array = hard_labels(target_array, sample_shape)
+        valid = check_labels(target_array, num_classes, ignore_index)
+
+    upstream = upstream_gradient(grad_output, reduction, sample_shape, np.dtype(np.float64)) if want_grad else None
+    if out is not None:
+        out = check_out(out, original.shape, original.dtype)
+        if np.may_share_memory(out, original) and not (
+            out.ctypes.data == original.ctypes.data and out.strides == original.strides
+        ):
+            raise ValueError("out must be logits itself (in place) or an array that does not overlap logits")
+    if check_probabilities and _looks_like_probabilities(original, axis):
+        warnings.warn(
+            "logits look like probabilities (every value in [0, 1], summing to 1 along the class "
+            "axis); did you apply softmax twice? Pass raw scores to cross_entropy, or silence "
+            "this with check_probabilities=False.",
+            ProbabilitiesAsLogitsWarning,
+            stacklevel=3,
+        )
+
+    work = original.astype(work_dtype, copy=False)
+    if probabilities or reference_enabled():
+        loss, grad = reference.cross_entropy_and_grad(
+            work, target_array, axis=axis, weight=weight, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            grad_output=upstream, want_grad=want_grad,
+        )
+    else:
+        kernel_out = out if out is not None and out.dtype == work_dtype else None
+        loss, grad = _fused(
+            work, target_array, valid, axis, weight, ignore_index, reduction, label_smoothing,
+            z_loss, softcap, upstream, kernel_out, work is not original,
+        )
+
+    loss = np.asarray(loss).astype(original.dtype, copy=False)
+    if grad is None:
+        return loss, None
+    if out is not None:
+        if grad is not out:
+            np.copyto(out, grad, casting="unsafe")
+        return loss, out
+    return loss, grad.astype(original.dtype, copy=False)
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    check_probabilities: bool = True,
+) -> np.ndarray:
+    r"""Softmax cross-entropy of raw ``logits`` against class indices or class probabilities.
+
+    Per sample, with ``z`` the logits along ``axis``, ``log p = z − logsumexp(z)``, class weights
+    ``w`` (ones by default), ``ε = label_smoothing`` and ``C`` classes::
+
+        class index y:        loss = (1 − ε)·w_y·(−log p_y) + (ε/C)·Σ_c w_c·(−log p_c)
+        probabilities q:      loss = −Σ_c w_c·((1 − ε)·q_c + ε/C)·log p_c
+        z_loss > 0 adds       z_loss·logsumexp(z)²          (PaLM's auxiliary loss)
+        softcap = s replaces  z by s·tanh(z/s) first        (Gemma 2)
+
+    Without options this is seed 004's hand formula ``−z_y + log Σ_i exp z_i``.
+
+    Shapes: ``logits`` ``[batch, classes]`` with ``axis=-1``, or PyTorch's per-pixel layout
+    ``[batch, classes, d1, ..., dk]`` with ``axis=1``; ``target`` either integer indices with the
+    logits' shape minus ``axis`` (``-100``, or ``ignore_index``, skips a sample) or floating
+    probabilities with the logits' shape.
+
+    ``reduction``: "none" (a loss per sample), "sum", or "mean", which follows
+    ``torch.nn.functional.cross_entropy``: hard labels divide by ``Σ w_y`` over non-ignored
+    samples, probabilities by the number of samples. The z term is not class-weighted and its
+    "mean" is over non-ignored samples. Where PyTorch returns NaN because nothing is left to
+    average (every target ignored, or no samples), xentkit returns 0 (and a zero gradient).
+
+    float16 is computed in float32 and returned as float16. A ``−inf`` logit is a masked class:
+    probability 0 and no NaN while the target class is finite (with ``label_smoothing`` > 0 its
+    smoothing term is +inf, as in PyTorch). A warning (:class:`ProbabilitiesAsLogitsWarning`) is
+    given when the logits look like probabilities; ``check_probabilities=False`` silences it.
+    See also :func:`cross_entropy_and_grad` (loss and gradient in one sweep), :func:`nll_loss`.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.cross_entropy([[3.0, 1.0, -3.0]], [0]), 4)  # −log 0.879
+    np.float64(0.1291)
+    >>> np.round(xentkit.cross_entropy([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], [0, 2], reduction="none"), 4)
+    array([0.1291, 1.0986])
+    """
+    loss, _ = _cross_entropy(
+        logits, target, axis=axis, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        check_probabilities=check_probabilities, want_grad=False,
+    )
+    return loss
+
+
+def cross_entropy_and_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    check_probabilities: bool = True,
+    grad_output: ArrayLike | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Cross-entropy and its exact gradient with respect to the logits, in one sweep.
+
+    Same arguments and loss as :func:`cross_entropy`. The gradient (seed 002: "the output minus
+    one at the true class") is, per sample and before the reduction's scaling::
+
+        ∂loss/∂z_j = p_j·((1 − ε)·w_y + ε·Σ_c w_c / C) − (1 − ε)·w_y·[j = y] − ε·w_j/C
+                     + 2·z_loss·logsumexp(z)·p_j
+
+    i.e. ``softmax(z) − onehot(y)`` without options; with probabilities ``q'``
+    ``∂loss/∂z_j = p_j·Σ_c w_c·q'_c − w_j·q'_j``; with a softcap it is multiplied by
+    ``1 − tanh²(logits/s)``. Ignored samples get a zero gradient.
+
+    ``grad_output``: the upstream gradient, a scalar for "mean"/"sum" or one value per sample
+    for "none" (default 1: the gradient of ``loss.sum()``). ``out``: an array of the logits'
+    shape and dtype for the gradient; passing ``logits`` itself overwrites the logits with their
+    gradient, with no extra array of their size, and returns that buffer.
+
+    Returns ``(loss, dlogits)``: the loss as :func:`cross_entropy` and the gradient with the
+    logits' shape and dtype.
+
+    >>> import numpy as np, xentkit
+    >>> loss, grad = xentkit.cross_entropy_and_grad([[3.0, 1.0, -3.0]], [0])
+    >>> np.round(grad, 4)  # softmax − onehot
+    array([[-0.1211,  0.1189,  0.0022]])
+    """
+    loss, grad = _cross_entropy(
+        logits, target, axis=axis, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        check_probabilities=check_probabilities, want_grad=True, grad_output=grad_output, out=out,
+    )
+    return loss, grad
+
+
+def perplexity(logits: ArrayLike, target: ArrayLike, **cross_entropy_kwargs: object) -> np.ndarray:
+    r"""Perplexity ``exp(mean cross-entropy)``: a language model's test-set measure (seed 003).
+
+    Takes the arguments of :func:`cross_entropy` except ``reduction``, which is always "mean"
+    (over non-ignored tokens, weighted as cross-entropy's mean). Uniform logits over ``C``
+    classes give perplexity ``C``.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.perplexity(np.zeros((4, 10)), [1, 2, 3, 4]), 4)
+    np.float64(10.0)
+    """
+    if "reduction" in cross_entropy_kwargs:
+        raise TypeError("perplexity always averages (reduction='mean'); do not pass reduction")
+    loss = cross_entropy(logits, target, reduction="mean", **cross_entropy_kwargs)  # type: ignore[arg-type]
+    return np.exp(loss)

@@ -1,0 +1,397 @@
+"""Public NLL, binary cross-entropy, quadratic cost, entropy and KL divergence, with gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .. import reference
+from ._validation import (
+    as_float_array,
+    check_class_weight,
+    check_ignore_index,
+    check_labels,
+    check_reduction,
+    compute_dtype,
+    describe,
+    hard_labels,
+    normalize_axis,
+    same_shape,
+    upstream_gradient,
+)
+
+
+def _reduce(per_element: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
+    if reduction == "none":
+        return per_element
+    total = np.sum(per_element, dtype=np.float64)
+    if reduction == "sum":
+        return np.asarray(total)
+    return np.asarray(total / denominator if denominator != 0 else 0.0)
+
+
+def _scale(reduction: str, upstream: np.ndarray, denominator: float) -> np.ndarray:
+    if reduction == "mean":
+        return upstream / denominator if denominator != 0 else np.zeros_like(upstream)
+    return upstream
+
+
+def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """Two float arrays of one shape, in the compute dtype of the first; returns the output dtype."""
+    a = as_float_array(first, names[0])
+    b = np.asarray(second)
+    if b.dtype.kind not in "fiub":
+        raise TypeError(f"{names[1]} must be a numeric array, got dtype {b.dtype}")
+    same_shape(b, names[1], a, names[0])
+    work = compute_dtype(a.dtype)
+    return a.astype(work, copy=False), b.astype(work, copy=False), a.dtype
+
+
+def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray | None:
+    if weight is None:
+        return None
+    array = np.asarray(weight)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
+    try:
+        np.broadcast_shapes(array.shape, shape)
+    except ValueError:
+        raise ValueError(f"{name} must broadcast to the input's shape {shape}, got shape {array.shape}") from None
+    return array.astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# NLL
+
+
+def _nll(log_probs, target, axis, weight, ignore_index, reduction, want_grad, grad_output=None):
+    original = as_float_array(log_probs, "log_probs")
+    if original.ndim == 0:
+        raise ValueError("log_probs must have at least one dimension (the classes), got a scalar")
+    axis = normalize_axis(axis, original.ndim)
+    reduction = check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
+    num_classes = original.shape[axis]
+    work = compute_dtype(original.dtype)
+    weight = check_class_weight(weight, num_classes, work)
+    sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
+    labels = hard_labels(target, sample_shape)
+    check_labels(labels, num_classes, ignore_index)
+
+    moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
+    per_sample, w_y, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index)
+    denominator = float(np.sum(w_y, dtype=np.float64))
+    loss = _reduce(per_sample, reduction, denominator).astype(original.dtype)
+    if not want_grad:
+        return loss, None
+    upstream = upstream_gradient(grad_output, reduction, sample_shape, work)
+    grad = grad * _scale(reduction, upstream, denominator)[..., None]
+    return loss, np.moveaxis(grad, -1, axis).astype(original.dtype)
+
+
+def nll_loss(
+    log_probs: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """Negative log-likelihood of class indices: ``loss = −w_y·log_probs[y]`` per sample.
+
+    ``cross_entropy(z, y) == nll_loss(log_softmax(z), y)`` (seed 004). Shapes, ``weight``,
+    ``ignore_index`` and ``reduction`` as :func:`cross_entropy` with class-index targets ("mean"
+    divides by ``Σ w_y`` over non-ignored samples; 0 when nothing is left, where PyTorch gives NaN).
+    See also :func:`nll_loss_and_grad`.
+
+    >>> import numpy as np, xentkit
+    >>> p = np.array([[0.2, 0.3, 0.4, 0.6, 0.5]])  # seed 000: true class 4 (index 3) at 0.6
+    >>> np.round(xentkit.nll_loss(np.log(p), [3]), 4)  # −log 0.6
+    np.float64(0.5108)
+    """
+    loss, _ = _nll(log_probs, target, axis, weight, ignore_index, reduction, want_grad=False)
+    return loss
+
+
+def nll_loss_and_grad(
+    log_probs: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    grad_output: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """NLL and its gradient ``∂loss/∂log_probs = −w_y·onehot(y)`` (scaled by the reduction).
+
+    Returns ``(loss, dlog_probs)``; ``grad_output`` as in :func:`cross_entropy_and_grad`.
+
+    >>> import numpy as np, xentkit
+    >>> loss, grad = xentkit.nll_loss_and_grad(np.log([[0.5, 0.5], [0.9, 0.1]]), [0, 1])
+    >>> grad
+    array([[-0.5, -0. ],
+           [-0. , -0.5]])
+    """
+    return _nll(log_probs, target, axis, weight, ignore_index, reduction, True, grad_output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary cross-entropy
+
+
+def _bce_with_logits(logits, target, weight, pos_weight, reduction, want_grad, grad_output=None):
+    x, y, dtype = _pair(logits, target, ("logits", "target"))
+    reduction = check_reduction(reduction)
+    w = _broadcast_weight(weight, x.shape, x.dtype, "weight")
+    if pos_weight is not None:
+        pw = np.asarray(pos_weight)
+        classes = x.shape[-1] if x.ndim else 1
+        if pw.dtype.kind not in "fiu":
+            raise TypeError(f"pos_weight must be a numeric array, got {describe(pos_weight)}")
+        if pw.ndim > 1 or pw.size not in (1, classes):
+            raise ValueError(
+                f"pos_weight must have one value per class along the last axis ({classes},) "
+                f"or be a scalar, got shape {pw.shape}"
+            )
+        pw = pw.astype(x.dtype)
+    else:
+        pw = None
+    per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
+    per_element = np.broadcast_to(per_element, x.shape)
+    loss = _reduce(per_element, reduction, float(x.size)).astype(dtype)
+    if not want_grad:
+        return loss, None
+    upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)
+    grad = np.broadcast_to(grad, x.shape) * _scale(reduction, upstream, float(x.size))
+    return loss, grad.astype(dtype)
+
+
+def binary_cross_entropy_with_logits(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """Binary cross-entropy on logits (sigmoid fused in), elementwise, as PyTorch's function::
+
+        loss = −weight·[pos_weight·y·log σ(x) + (1 − y)·log σ(−x)]
+
+    ``log(1 − σ(x))`` is evaluated as ``log σ(−x)``, exact for any ``x``. ``target`` has the
+    logits' shape (values in [0, 1]); ``weight`` broadcasts to it; ``pos_weight`` has one value
+    per class along the last axis. "mean" averages over every element.
+    See also :func:`binary_cross_entropy` (on probabilities), :func:`binary_cross_entropy_with_logits_and_grad`.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.binary_cross_entropy_with_logits([1.5, -800.0], [0.0, 0.0]), 4)
+    np.float64(0.8507)
+    """
+    loss, _ = _bce_with_logits(logits, target, weight, pos_weight, reduction, False)
+    return loss
+
+
+def binary_cross_entropy_with_logits_and_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    reduction: str = "mean",
+    grad_output: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binary cross-entropy on logits and ``∂loss/∂x = weight·[σ(x)·(pos_weight·y + 1 − y) − pos_weight·y]``.
+
+    Without weights this is ``σ(x) − y``: no ``σ'(x)`` factor, which is why the cross-entropy
+    neuron of seed 003 does not slow down when saturated. Returns ``(loss, dlogits)``.
+
+    >>> import numpy as np, xentkit
+    >>> loss, grad = xentkit.binary_cross_entropy_with_logits_and_grad([1.5], [0.0], reduction="sum")
+    >>> np.round(grad, 4)  # σ(1.5) − 0
+    array([0.8176])
+    """
+    return _bce_with_logits(logits, target, weight, pos_weight, reduction, True, grad_output)
+
+
+def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
+    p, y, dtype = _pair(probs, target, ("probs", "target"))
+    reduction = check_reduction(reduction)
+    if p.size and not (np.min(p) >= 0 and np.max(p) <= 1):
+        raise ValueError(
+            f"probs must lie in [0, 1] (probabilities, e.g. sigmoid outputs), got values in "
+            f"[{np.min(p)}, {np.max(p)}]; for logits use binary_cross_entropy_with_logits"
+        )
+    w = _broadcast_weight(weight, p.shape, p.dtype, "weight")
+    per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
+    per_element = np.broadcast_to(per_element, p.shape)
+    loss = _reduce(per_element, reduction, float(p.size)).astype(dtype)
+    if not want_grad:
+        return loss, None
+    upstream = upstream_gradient(grad_output, reduction, p.shape, p.dtype)
+    grad = np.broadcast_to(grad, p.shape) * _scale(reduction, upstream, float(p.size))
+    return loss, grad.astype(dtype)
+
+
+def binary_cross_entropy(
+    probs: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """Binary cross-entropy on probabilities: ``loss = −weight·[y·log p + (1 − y)·log(1 − p)]``.
+
+    As PyTorch, each log is clamped at −100 so p = 0 or 1 gives a finite loss. ``probs`` outside
+    [0, 1] is a ``ValueError``. Prefer :func:`binary_cross_entropy_with_logits` when you have logits.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.binary_cross_entropy([0.9, 0.2], [1.0, 0.0]), 4)
+    np.float64(0.1643)
+    """
+    loss, _ = _bce(probs, target, weight, reduction, False)
+    return loss
+
+
+def binary_cross_entropy_and_grad(
+    probs: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    reduction: str = "mean",
+    grad_output: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binary cross-entropy on probabilities and ``∂loss/∂p = weight·(p − y) / (p·(1 − p))``.
+
+    The denominator is clamped at 1e-12 as in PyTorch. Returns ``(loss, dprobs)``.
+
+    >>> import numpy as np, xentkit
+    >>> loss, grad = xentkit.binary_cross_entropy_and_grad([0.8], [1.0], reduction="sum")
+    >>> np.round(grad, 4)  # −1/0.8
+    array([-1.25])
+    """
+    return _bce(probs, target, weight, reduction, True, grad_output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quadratic cost
+
+
+def _quadratic(prediction, target, reduction, want_grad, grad_output=None):
+    yhat, y, dtype = _pair(prediction, target, ("prediction", "target"))
+    reduction = check_reduction(reduction)
+    per_element, grad = reference.quadratic_cost_and_grad(yhat, y)
+    loss = _reduce(per_element, reduction, float(yhat.size)).astype(dtype)
+    if not want_grad:
+        return loss, None
+    upstream = upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype)
+    return loss, (grad * _scale(reduction, upstream, float(yhat.size))).astype(dtype)
+
+
+def quadratic_cost(prediction: ArrayLike, target: ArrayLike, *, reduction: str = "mean") -> np.ndarray:
+    """The quadratic cost of the seeds: ``mean((prediction − target)²)`` over every element.
+
+    That is ``tf.reduce_mean(tf.square(y − prediction))`` of seed 003 and PyTorch's
+    ``mse_loss``; "sum" and "none" give the sum and the elementwise squares.
+    See also :func:`quadratic_cost_and_grad`.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.quadratic_cost([[0.8, 0.2], [0.4, 0.6]], [[1.0, 0.0], [0.0, 1.0]]), 4)
+    np.float64(0.1)
+    """
+    loss, _ = _quadratic(prediction, target, reduction, False)
+    return loss
+
+
+def quadratic_cost_and_grad(
+    prediction: ArrayLike,
+    target: ArrayLike,
+    *,
+    reduction: str = "mean",
+    grad_output: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quadratic cost and ``∂loss/∂prediction = 2·(prediction − target)`` (÷ element count for "mean").
+
+    Through a sigmoid this gradient picks up ``σ'(z)``, the learning slowdown of seed 003.
+    Returns ``(loss, dprediction)``.
+
+    >>> import numpy as np, xentkit
+    >>> loss, grad = xentkit.quadratic_cost_and_grad([0.82], [0.0])
+    >>> np.round(grad, 4)
+    array([1.64])
+    """
+    return _quadratic(prediction, target, reduction, True, grad_output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy and KL divergence
+
+
+def _distribution(p: ArrayLike, name: str, axis: int) -> tuple[np.ndarray, np.dtype, int]:
+    array = as_float_array(p, name)
+    if array.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
+    axis = normalize_axis(axis, array.ndim)
+    work = array.astype(compute_dtype(array.dtype), copy=False)
+    if work.size and np.nanmin(work) < 0:
+        raise ValueError(f"{name} must hold probabilities (values >= 0), got a minimum of {np.nanmin(work)}")
+    return work, array.dtype, axis
+
+
+def entropy(p: ArrayLike, axis: int = -1) -> np.ndarray:
+    """Shannon entropy in nats along ``axis``: ``H(p) = −Σ_i p_i·log p_i`` with ``0·log 0 = 0``.
+
+    ``p`` holds probabilities (non-negative; they are not renormalized). Returns the input's
+    shape without ``axis``. See also :func:`entropy_and_grad`, :func:`kl_divergence`.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.entropy([[0.5, 0.5], [1.0, 0.0]]), 4)  # log 2 and 0
+    array([0.6931, 0.    ])
+    """
+    return entropy_and_grad(p, axis)[0]
+
+
+def entropy_and_grad(p: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy and ``∂H/∂p_i = −(log p_i + 1)`` (+inf where p_i = 0).
+
+    Returns ``(entropy, dp)``.
+
+    >>> import numpy as np, xentkit
+    >>> H, grad = xentkit.entropy_and_grad([0.5, 0.5])
+    >>> np.round(grad, 4)
+    array([-0.3069, -0.3069])
+    """
+    work, dtype, axis = _distribution(p, "p", axis)
+    value, grad = reference.entropy_and_grad(work, axis=axis)
+    return np.asarray(value).astype(dtype), grad.astype(dtype)
+
+
+def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
+    """Kullback–Leibler divergence ``KL(p‖q) = Σ_i p_i·(log p_i − log q_i)`` in nats along ``axis``.
+
+    Equals ``cross-entropy H(p, q) − H(p)`` (seed 000). Terms with ``p_i = 0`` add 0;
+    ``p_i > 0`` where ``q_i = 0`` gives +inf. See also :func:`kl_divergence_and_grad`.
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.kl_divergence([0.5, 0.5], [0.9, 0.1]), 4)
+    np.float64(0.5108)
+    """
+    return kl_divergence_and_grad(p, q, axis)[0]
+
+
+def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KL divergence and both gradients: ``∂/∂p_i = log(p_i/q_i) + 1``, ``∂/∂q_i = −p_i/q_i``.
+
+    Returns ``(kl, dp, dq)``.
+
+    >>> import numpy as np, xentkit
+    >>> kl, dp, dq = xentkit.kl_divergence_and_grad([0.5, 0.5], [0.5, 0.5])
+    >>> dq
+    array([-1., -1.])
+    """
+    p_work, dtype, axis = _distribution(p, "p", axis)
+    q_work, _, _ = _distribution(q, "q", axis)
+    same_shape(q_work, "q", p_work, "p")
+    value, grad_p, grad_q = reference.kl_divergence_and_grad(p_work, q_work, axis=axis)
+    return np.asarray(value).astype(dtype), grad_p.astype(dtype), grad_q.astype(dtype)

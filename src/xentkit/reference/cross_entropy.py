@@ -1,0 +1,149 @@
+"""Reference softmax cross-entropy with its exact gradient.
+
+The oracle every fast path is tested against. Inputs are validated by the api; here the class
+axis is already last: ``logits`` has shape ``(..., C)`` and ``target`` either ``(...)`` (integer
+class indices, ``labels`` below) or ``(..., C)`` (class probabilities).
+
+Per sample, with z the (optionally soft-capped) logits, ``lse = logsumexp(z)``,
+``log p = z − lse``, class weights w (ones if not given), smoothing ε and C classes:
+
+    hard label y:     loss = (1 − ε)·w_y·(−log p_y) + (ε/C)·Σ_c w_c·(−log p_c)
+    probabilities q:  loss = −Σ_c w_c·q'_c·log p_c,   q' = (1 − ε)·q + ε/C
+    z-loss:           loss += z_loss·lse²
+
+and the gradients (seed 002: softmax minus one-hot, plus each option's term)
+
+    hard label y:     ∂loss/∂z_j = p_j·((1 − ε)·w_y + ε·W/C) − (1 − ε)·w_y·[j = y] − ε·w_j/C,  W = Σ_c w_c
+    probabilities q:  ∂loss/∂z_j = p_j·Σ_c w_c·q'_c − w_j·q'_j
+    z-loss:           ∂/∂z_j += 2·z_loss·lse·p_j
+    softcap s:        z = s·tanh(x/s),  ∂z/∂x = 1 − tanh²(x/s)
+
+Reductions follow ``torch.nn.functional.cross_entropy``: "mean" divides hard-label losses by
+Σ w_y over non-ignored samples and probability-target losses by the number of samples. The z
+term is not class-weighted; under "mean" it is divided by the number of non-ignored samples.
+When a "mean" denominator is 0 (nothing to average), the loss and gradient are 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
+    """q·log p with 0·log 0 = 0, so a masked (−inf) class with zero target mass adds nothing."""
+    with np.errstate(invalid="ignore"):
+        return np.where(q == 0, 0, q * log_p)
+
+
+def _reduce(values: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
+    if reduction == "none":
+        return values
+    total = np.sum(values, dtype=np.float64)
+    if reduction == "sum":
+        return np.asarray(total)
+    return np.asarray(total / denominator if denominator != 0 else 0.0)
+
+
+def _scale(reduction: str, grad_output: np.ndarray, denominator: float) -> np.ndarray:
+    """The coefficient of each sample's gradient: upstream gradient over the "mean" denominator."""
+    if reduction == "mean":
+        return grad_output / denominator if denominator != 0 else np.zeros_like(grad_output)
+    return grad_output
+
+
+def cross_entropy_and_grad(
+    logits: np.ndarray,
+    target: np.ndarray,
+    *,
+    axis: int = -1,
+    weight: np.ndarray | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    grad_output: np.ndarray | float | None = None,
+    want_grad: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Loss (reduced as ``reduction`` asks) and ∂loss/∂logits times ``grad_output``.
+
+    ``target`` holds class probabilities when it has the logits' shape, class indices otherwise.
+    ``grad_output`` (default 1) is a scalar for "mean"/"sum" and has the sample shape for "none".
+    The loss is float64 for "mean"/"sum" and has the logits' dtype for "none"; the gradient has
+    the logits' dtype and shape. Inputs must already be valid (the api checks them).
+    """
+    probabilities = target.shape == logits.shape
+    logits = np.moveaxis(logits, axis, -1)
+    if probabilities:
+        target = np.moveaxis(target, axis, -1)
+    if grad_output is None:
+        grad_output = np.ones(logits.shape[:-1] if reduction == "none" else ())
+    grad_output = np.asarray(grad_output, dtype=logits.dtype)
+    num_classes = logits.shape[-1]
+    dtype = logits.dtype
+    eps = label_smoothing
+    weight = np.ones(num_classes, dtype=dtype) if weight is None else np.asarray(weight, dtype=dtype)
+
+    # Soft-capping (Gemma 2) bounds every logit to (−s, s) before the softmax.
+    if softcap is not None:
+        tanh = np.tanh(logits / softcap)
+        z = softcap * tanh
+    else:
+        z = logits
+    # Shift by the row maximum m (all exponents ≤ 0), then log p = (z − m) − log s with
+    # s = Σ exp(z − m). Taking p = exp(z − m)/s rather than exp(z − lse) keeps p exact when
+    # |m| is so large that m + log s rounds to m.
+    m = np.max(z, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    shifted = z - m
+    s = np.sum(np.exp(shifted), axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_p = shifted - np.log(s)  # −inf logits give −inf log-probabilities, i.e. p = 0
+        p = np.exp(shifted) / s
+        lse = m + np.log(s)
+
+    if probabilities:
+        valid = np.ones(logits.shape[:-1], dtype=bool)
+        q = (1 - eps) * target + eps / num_classes if eps > 0 else target
+        per_sample = -np.sum(_xlogy(q * weight, log_p), axis=-1)
+        main_denominator = float(valid.size)
+    else:
+        valid = target != ignore_index
+        safe = np.where(valid, target, 0)
+        w_y = np.where(valid, weight[safe], 0)
+        log_p_y = np.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
+        per_sample = np.where(valid, -(1 - eps) * w_y * log_p_y, 0)
+        if eps > 0:  # only then, so that a masked class does not make 0·inf = NaN
+            smooth = -np.sum(weight * log_p, axis=-1)
+            per_sample = per_sample + np.where(valid, eps / num_classes * smooth, 0)
+        main_denominator = float(np.sum(w_y, dtype=np.float64))
+    z_denominator = float(np.count_nonzero(valid))
+
+    lse = lse[..., 0]
+    z_term = np.where(valid, z_loss * lse * lse, 0) if z_loss else 0
+    if reduction == "mean":
+        loss = _reduce(per_sample, "mean", main_denominator)
+        if z_loss:
+            loss = loss + _reduce(z_term, "mean", z_denominator)
+    else:
+        loss = _reduce(per_sample + z_term, reduction, 1.0)
+    loss = loss.astype(dtype) if reduction == "none" else loss
+
+    if not want_grad:
+        return loss, None
+
+    main_scale = _scale(reduction, grad_output, main_denominator)[..., None]
+    z_scale = _scale(reduction, grad_output, z_denominator)[..., None]
+    if probabilities:
+        wq = weight * q
+        grad = main_scale * (p * np.sum(wq, axis=-1, keepdims=True) - wq)
+    else:
+        onehot = np.arange(num_classes) == safe[..., None]
+        coefficient = ((1 - eps) * w_y + eps * np.sum(weight) / num_classes)[..., None]
+        grad = p * coefficient - (1 - eps) * w_y[..., None] * onehot - eps * weight / num_classes
+        grad = np.where(valid[..., None], main_scale * grad, 0)
+    if z_loss:
+        grad = grad + np.where(valid[..., None], z_scale * 2 * z_loss * lse[..., None] * p, 0)
+    if softcap is not None:
+        grad = grad * (1 - tanh * tanh)
+    return loss, np.moveaxis(grad.astype(dtype, copy=False), -1, axis)

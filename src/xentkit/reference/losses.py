@@ -1,0 +1,92 @@
+"""Reference NLL, binary cross-entropy, quadratic cost, entropy and KL divergence, with gradients.
+
+Inputs are validated by the api. Each function returns ``(loss, grad)`` where ``grad`` is
+∂loss/∂(first argument) times the upstream gradient; the loss is unreduced ("none") here and the
+api reduces it, except where the reduction changes the gradient (noted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import log_sigmoid, sigmoid
+
+
+def nll_loss_and_grad(
+    log_probs: np.ndarray,
+    labels: np.ndarray,
+    weight: np.ndarray | None,
+    ignore_index: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample NLL −w_y·log p_y (class axis last), its weight w_y, and ∂/∂log p = −w_y·onehot(y).
+
+    Returns ``(per_sample, w_y, grad)``; ignored samples have loss, weight and gradient 0.
+    """
+    num_classes = log_probs.shape[-1]
+    valid = labels != ignore_index
+    safe = np.where(valid, labels, 0)
+    w = np.ones(num_classes, dtype=log_probs.dtype) if weight is None else weight
+    w_y = np.where(valid, w[safe], 0).astype(log_probs.dtype)
+    picked = np.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    per_sample = np.where(valid, -w_y * picked, 0).astype(log_probs.dtype)
+    grad = -w_y[..., None] * (np.arange(num_classes) == safe[..., None])
+    return per_sample, w_y, grad.astype(log_probs.dtype)
+
+
+def binary_cross_entropy_with_logits_and_grad(
+    logits: np.ndarray, target: np.ndarray, weight: np.ndarray | None, pos_weight: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ = −w·[pw·y·log σ(x) + (1 − y)·log(1 − σ(x))],  ∂ℓ/∂x = w·[σ(x)·(pw·y + 1 − y) − pw·y].
+
+    log(1 − σ(x)) = log σ(−x), more stable than subtracting from 1.
+    """
+    pw = 1 if pos_weight is None else pos_weight
+    w = 1 if weight is None else weight
+    loss = -w * (pw * target * log_sigmoid(logits) + (1 - target) * log_sigmoid(-logits))
+    grad = w * (sigmoid(logits) * (pw * target + 1 - target) - pw * target)
+    return loss, grad
+
+
+# PyTorch clamps log(p) at −100 so that p = 0 gives a finite loss, and the gradient's denominator
+# p·(1 − p) at 1e-12; the same here, to agree with torch.nn.functional.binary_cross_entropy.
+_LOG_FLOOR = -100.0
+_GRAD_EPSILON = 1e-12
+
+
+def binary_cross_entropy_and_grad(
+    probs: np.ndarray, target: np.ndarray, weight: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ = −w·[y·log p + (1 − y)·log(1 − p)],  ∂ℓ/∂p = w·(p − y) / (p·(1 − p))."""
+    w = 1 if weight is None else weight
+    with np.errstate(divide="ignore"):
+        log_p = np.maximum(np.log(probs), _LOG_FLOOR)
+        log_1mp = np.maximum(np.log1p(-probs), _LOG_FLOOR)
+    loss = -w * (target * log_p + (1 - target) * log_1mp)
+    grad = w * (probs - target) / np.maximum(probs * (1 - probs), _GRAD_EPSILON)
+    return loss, grad
+
+
+def quadratic_cost_and_grad(prediction: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ = (ŷ − y)²,  ∂ℓ/∂ŷ = 2·(ŷ − y)  (per element; the seeds' cost is its mean)."""
+    difference = prediction - target
+    return difference * difference, 2 * difference
+
+
+def entropy_and_grad(p: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """H(p) = −Σ_i p_i·log p_i (0·log 0 = 0),  ∂H/∂p_i = −(log p_i + 1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_p = np.log(p)
+        terms = np.where(p == 0, 0, p * log_p)
+    return 0.0 - np.sum(terms, axis=axis), -(log_p + 1)  # 0 − x: no −0.0 for certain outcomes
+
+
+def kl_divergence_and_grad(p: np.ndarray, q: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KL(p‖q) = Σ_i p_i·(log p_i − log q_i);  ∂/∂p_i = log p_i − log q_i + 1,  ∂/∂q_i = −p_i/q_i.
+
+    Terms with p_i = 0 add 0; p_i > 0 with q_i = 0 makes the divergence +inf.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.log(p) - np.log(q)
+        terms = np.where(p == 0, 0, p * log_ratio)
+        grad_q = np.where(p == 0, 0, -p / q)
+    return np.sum(terms, axis=axis), log_ratio + 1, grad_q

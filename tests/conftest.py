@@ -1,0 +1,42 @@
+"""Shared test helpers: the per-dtype tolerance table, implementations, a verbose allclose."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xentkit
+
+# One table for every comparison of results in a dtype against an exact (float64) answer or
+# against PyTorch computing in the same dtype.
+TOLERANCES: dict[type, dict[str, float]] = {
+    np.float64: {"rtol": 1e-9, "atol": 1e-11},
+    np.float32: {"rtol": 2e-5, "atol": 2e-6},
+    np.float16: {"rtol": 2e-3, "atol": 2e-3},
+}
+
+
+def tolerance(dtype: object) -> dict[str, float]:
+    return TOLERANCES[np.dtype(dtype).type]
+
+
+def assert_close(actual: object, expected: object, dtype: object = np.float64, name: str = "") -> None:
+    """allclose with the dtype's tolerance that prints the first mismatches when it fails."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    tol = tolerance(dtype)
+    close = np.isclose(actual, expected, equal_nan=True, **tol)
+    if not close.all():
+        where = np.argwhere(~close)[:5]
+        rows = [f"  at {tuple(int(i) for i in w)}: got {actual[tuple(w)]!r}, expected {expected[tuple(w)]!r}" for w in where]
+        raise AssertionError(
+            f"{name}: {int((~close).sum())} of {close.size} values differ beyond {tol}\n" + "\n".join(rows)
+        )
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def implementation(request: pytest.FixtureRequest):
+    """Run the test once on the fused kernels and once on the NumPy reference."""
+    with xentkit.use_reference(request.param == "reference"):
+        yield request.param

@@ -1,0 +1,126 @@
+"""nll_loss, binary cross-entropy, quadratic cost, entropy and KL against PyTorch."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import xentkit
+from conftest import assert_close
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def run_torch(function, x, *args, grad_output=None, **kwargs):
+    t = torch.tensor(x, requires_grad=True)
+    loss = function(t, *args, **kwargs)
+    upstream = torch.ones_like(loss) if grad_output is None else torch.tensor(grad_output)
+    (loss * upstream).sum().backward()
+    return loss.detach().numpy(), t.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("shape", "axis"), [((7, 5), -1), ((3, 4, 2, 5), 1), ((5,), 0)])
+@pytest.mark.parametrize(("use_weight", "ignore", "reduction"),
+                         list(itertools.product([False, True], [False, True], ["mean", "sum", "none"])))
+def test_nll_loss_matches_torch(dtype, shape, axis, use_weight, ignore, reduction):
+    rng = np.random.default_rng(0)
+    log_probs = xentkit.log_softmax(rng.normal(size=shape).astype(dtype), axis=axis)
+    sample_shape = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    target = rng.integers(0, shape[axis], size=sample_shape)
+    if ignore and target.ndim:
+        target.reshape(-1)[::2] = 7
+    weight = rng.uniform(0.5, 2, size=shape[axis]).astype(dtype) if use_weight else None
+    grad_output = rng.normal(size=sample_shape).astype(dtype) if reduction == "none" else None
+    x = torch.tensor(log_probs)
+    moved = torch.movedim(x, axis, 1) if x.ndim > 1 else x
+    expected = run_torch(lambda t: F.nll_loss(torch.movedim(t, axis, 1) if t.ndim > 1 else t, torch.tensor(target),
+                                              weight=None if weight is None else torch.tensor(weight),
+                                              ignore_index=7, reduction=reduction),
+                         log_probs, grad_output=grad_output)
+    del moved
+    loss, grad = xentkit.nll_loss_and_grad(log_probs, target, axis=axis, weight=weight, ignore_index=7,
+                                           reduction=reduction, grad_output=grad_output)
+    if np.isnan(expected[0]).any():
+        assert loss == 0 and not grad.any()
+        return
+    assert_close(loss, expected[0], dtype, "loss")
+    assert_close(grad, expected[1], dtype, "grad")
+    assert_close(xentkit.nll_loss(log_probs, target, axis=axis, weight=weight, ignore_index=7,
+                                  reduction=reduction), expected[0], dtype, "loss only")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("use_weight", "use_pos_weight", "reduction"),
+                         list(itertools.product([False, True], [False, True], ["mean", "sum", "none"])))
+def test_binary_cross_entropy_with_logits_matches_torch(dtype, use_weight, use_pos_weight, reduction):
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(6, 4)) * 4).astype(dtype)
+    logits[0] = [-200, 200, -30, 30]
+    target = rng.uniform(size=(6, 4)).astype(dtype)
+    weight = rng.uniform(0.5, 2, size=(6, 1)).astype(dtype) if use_weight else None
+    pos_weight = rng.uniform(0.5, 3, size=4).astype(dtype) if use_pos_weight else None
+    grad_output = rng.normal(size=(6, 4)).astype(dtype) if reduction == "none" else None
+    kwargs = dict(weight=weight, pos_weight=pos_weight, reduction=reduction)
+    torch_kwargs = {k: (torch.tensor(v) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+    expected = run_torch(F.binary_cross_entropy_with_logits, logits, torch.tensor(target),
+                         grad_output=grad_output, **torch_kwargs)
+    loss, grad = xentkit.binary_cross_entropy_with_logits_and_grad(logits, target, grad_output=grad_output, **kwargs)
+    assert_close(loss, expected[0], dtype, "loss")
+    assert_close(grad, expected[1], dtype, "grad")
+    assert_close(xentkit.binary_cross_entropy_with_logits(logits, target, **kwargs), expected[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("use_weight", "reduction"), list(itertools.product([False, True], ["mean", "sum", "none"])))
+def test_binary_cross_entropy_matches_torch(dtype, use_weight, reduction):
+    rng = np.random.default_rng(2)
+    probs = rng.uniform(0.01, 0.99, size=(5, 3)).astype(dtype)
+    probs[0] = [0.0, 1.0, 0.5]  # torch clamps the logs at −100
+    target = rng.integers(0, 2, size=(5, 3)).astype(dtype)
+    target[0] = [0.0, 1.0, 1.0]
+    weight = rng.uniform(0.5, 2, size=3).astype(dtype) if use_weight else None
+    kwargs = dict(weight=weight, reduction=reduction)
+    torch_kwargs = dict(weight=None if weight is None else torch.tensor(weight), reduction=reduction)
+    expected = run_torch(F.binary_cross_entropy, probs, torch.tensor(target), **torch_kwargs)
+    loss, grad = xentkit.binary_cross_entropy_and_grad(probs, target, **kwargs)
+    assert_close(loss, expected[0], dtype, "loss")
+    assert_close(grad, expected[1], dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_quadratic_cost_matches_mse_loss(dtype, reduction):
+    rng = np.random.default_rng(3)
+    prediction, target = rng.normal(size=(2, 8, 3)).astype(dtype)
+    expected = run_torch(F.mse_loss, prediction, torch.tensor(target), reduction=reduction)
+    loss, grad = xentkit.quadratic_cost_and_grad(prediction, target, reduction=reduction)
+    assert_close(loss, expected[0], dtype, "loss")
+    assert_close(grad, expected[1], dtype, "grad")
+    # the seed's tf.reduce_mean(tf.square(y - prediction))
+    if reduction == "mean":
+        assert_close(xentkit.quadratic_cost(prediction, target), np.mean(np.square(target - prediction)), dtype)
+
+
+def test_entropy_and_kl_match_torch_distributions():
+    rng = np.random.default_rng(4)
+    p = rng.dirichlet(np.ones(6), size=5)
+    q = rng.dirichlet(np.ones(6), size=5)
+    dist_p = torch.distributions.Categorical(probs=torch.tensor(p))
+    dist_q = torch.distributions.Categorical(probs=torch.tensor(q))
+    assert_close(xentkit.entropy(p), dist_p.entropy().numpy())
+    assert_close(xentkit.kl_divergence(p, q), torch.distributions.kl_divergence(dist_p, dist_q).numpy())
+    # H(p, q) = H(p) + KL(p‖q): cross-entropy between distributions (seed 000)
+    cross = -np.sum(p * np.log(q), axis=-1)
+    assert_close(xentkit.entropy(p) + xentkit.kl_divergence(p, q), cross)
+    assert_close(xentkit.entropy(p.T, axis=0), xentkit.entropy(p))
+
+
+def test_entropy_and_kl_edge_cases():
+    assert xentkit.entropy([1.0, 0.0, 0.0]) == 0
+    assert_close(xentkit.entropy(np.full(8, 1 / 8)), np.log(8))
+    assert xentkit.kl_divergence([0.5, 0.5, 0.0], [0.5, 0.5, 0.0]) == 0
+    assert xentkit.kl_divergence([0.5, 0.5], [1.0, 0.0]) == np.inf

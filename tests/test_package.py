@@ -1,0 +1,36 @@
+"""Packaging promises: light import, docstrings with working examples, the public names."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+import xentkit
+
+
+def test_import_does_not_load_torch_matplotlib_or_numba():
+    code = "import sys, xentkit; print(sorted(m for m in ('torch', 'matplotlib', 'numba', 'rich', 'pooch') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["xentkit.api.activations", "xentkit.api.cross_entropy", "xentkit.api.losses",
+                                    "xentkit.api._config"])
+def test_docstring_examples_print_what_they_claim(module):
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+@pytest.mark.parametrize("name", xentkit.__all__)
+def test_every_public_function_has_a_docstring_with_an_example(name):
+    obj = getattr(xentkit, name)
+    if name == "__version__":
+        return
+    assert obj.__doc__, f"{name} has no docstring"
+    if callable(obj) and not isinstance(obj, type) and name not in ("reference_enabled",):
+        assert ">>>" in obj.__doc__, f"{name}'s docstring has no example"

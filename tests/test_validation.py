@@ -1,0 +1,109 @@
+"""Bad input gets a clear error naming the argument, the expected and the received."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xentkit
+
+LOGITS = np.random.default_rng(0).normal(size=(4, 3))
+LABELS = np.array([0, 2, 1, 0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (dict(target=np.array([0, 1, 2])), ValueError, r"target must have shape \(4,\).*got shape \(3,\)"),
+        (dict(target=np.array([0, 1, 3, 0])), ValueError, r"label 3 at position \(2,\) but logits have 3 classes"),
+        (dict(target=np.array([0, -1, 1, 0])), ValueError, r"label -1 at position \(1,\)"),
+        (dict(target=np.array([0.0, 1.0, 1.0, 0.0])), TypeError, r"target of class indices must have an integer dtype"),
+        (dict(target=np.zeros((4, 3), dtype=int)), TypeError, r"class probabilities and must be floating-point"),
+        (dict(weight=[1.0, 2.0]), ValueError, r"weight must have shape \(3,\).*got shape \(2,\)"),
+        (dict(weight=["a", "b", "c"]), TypeError, r"weight must be a numeric array"),
+        (dict(reduction="avg"), ValueError, r"reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\], got -0.1"),
+        (dict(axis=2), ValueError, r"axis must be in \[-2, 2\).*got 2"),
+        (dict(axis=1.0), TypeError, r"axis must be an int"),
+        (dict(z_loss=-1.0), ValueError, r"z_loss must be a finite float >= 0, got -1.0"),
+        (dict(softcap=0.0), ValueError, r"softcap must be None or a finite float > 0, got 0.0"),
+        (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
+        (dict(logits=np.array([[1, 2, 3]]), target=np.array([0])), TypeError, r"logits must be a floating-point array.*int64"),
+        (dict(logits="abc"), TypeError, r"logits must be a floating-point array"),
+        (dict(logits=[[1.0, 2.0], [3.0]]), TypeError, r"logits must be a numeric array"),
+        (dict(logits=np.float64(1.0), target=np.array(0)), ValueError, r"logits must have at least one dimension"),
+        (dict(logits=np.zeros((4, 0)), target=np.zeros(4, dtype=int)), ValueError, r"at least one class"),
+    ],
+)
+@pytest.mark.parametrize("function", [xentkit.cross_entropy, xentkit.cross_entropy_and_grad, xentkit.perplexity])
+def test_cross_entropy_bad_input(function, kwargs, error, pattern):
+    arguments = dict(logits=LOGITS, target=LABELS) | kwargs
+    if function is xentkit.perplexity and "reduction" in arguments:
+        pytest.skip("perplexity takes no reduction")
+    with pytest.raises(error, match=pattern):
+        function(arguments.pop("logits"), arguments.pop("target"), **arguments)
+
+
+def test_label_positions_are_reported_in_per_pixel_layouts():
+    target = np.zeros((2, 3, 3), dtype=int)
+    target[1, 2, 0] = 7
+    with pytest.raises(ValueError, match=r"label 7 at position \(1, 2, 0\) but logits have 4 classes"):
+        xentkit.cross_entropy(np.zeros((2, 4, 3, 3)), target, axis=1)
+
+
+def test_grad_output_and_out_are_checked():
+    with pytest.raises(ValueError, match=r"grad_output must be a scalar for reduction='mean'"):
+        xentkit.cross_entropy_and_grad(LOGITS, LABELS, grad_output=np.ones(4))
+    with pytest.raises(ValueError, match=r"grad_output must broadcast to the per-sample loss shape \(4,\)"):
+        xentkit.cross_entropy_and_grad(LOGITS, LABELS, reduction="none", grad_output=np.ones(3))
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 3\) and dtype float64"):
+        xentkit.cross_entropy_and_grad(LOGITS, LABELS, out=np.empty((4, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match=r"out must be a numpy array"):
+        xentkit.cross_entropy_and_grad(LOGITS, LABELS, out=[0.0] * 12)
+    buffer = np.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"out must be logits itself"):
+        xentkit.cross_entropy_and_grad(buffer[:4], LABELS, out=buffer[1:])
+    read_only = np.empty((4, 3))
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        xentkit.cross_entropy_and_grad(LOGITS, LABELS, out=read_only)
+
+
+def test_other_losses_bad_input():
+    with pytest.raises(ValueError, match=r"target has label 5 at position \(0,\)"):
+        xentkit.nll_loss(LOGITS, [5, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"reduction must be one of"):
+        xentkit.nll_loss(LOGITS, LABELS, reduction="max")
+    with pytest.raises(ValueError, match=r"target must have the shape of logits \(4, 3\), got \(4,\)"):
+        xentkit.binary_cross_entropy_with_logits(LOGITS, LABELS)
+    with pytest.raises(ValueError, match=r"pos_weight must have one value per class along the last axis \(3,\)"):
+        xentkit.binary_cross_entropy_with_logits(LOGITS, np.zeros((4, 3)), pos_weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"weight must broadcast to the input's shape \(4, 3\), got shape \(2,\)"):
+        xentkit.binary_cross_entropy_with_logits(LOGITS, np.zeros((4, 3)), weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"probs must lie in \[0, 1\]"):
+        xentkit.binary_cross_entropy(LOGITS, np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"target must have the shape of prediction \(4, 3\)"):
+        xentkit.quadratic_cost(LOGITS, np.zeros(3))
+    with pytest.raises(TypeError, match=r"prediction must be a floating-point array"):
+        xentkit.quadratic_cost(np.ones(3, dtype=int), np.zeros(3))
+    with pytest.raises(ValueError, match=r"p must hold probabilities \(values >= 0\)"):
+        xentkit.entropy([-0.5, 1.5])
+    with pytest.raises(ValueError, match=r"q must have the shape of p \(2,\), got \(3,\)"):
+        xentkit.kl_divergence([0.5, 0.5], [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match=r"grad_probs must have the shape of probs"):
+        xentkit.softmax_backward(np.ones(3) / 3, np.ones(4))
+    with pytest.raises(TypeError, match=r"x must be a floating-point array.*bool"):
+        xentkit.softmax(np.array([True, False]))
+    with pytest.raises(ValueError, match=r"axis must be in \[-1, 1\)"):
+        xentkit.logsumexp(np.ones(3), axis=1)
+
+
+def test_errors_survive_python_optimize_mode():
+    """Checks are raises, not asserts: they hold under ``python -O``."""
+    import subprocess
+    import sys
+
+    code = "import xentkit, numpy as np\ntry:\n    xentkit.cross_entropy(np.zeros((2, 3)), [0, 9])\nexcept ValueError as e:\n    print('ok', e)"
+    result = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("ok target has label 9 at position (1,)")
