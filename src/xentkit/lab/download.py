@@ -1,0 +1,109 @@
+"""Download MNIST / Fashion-MNIST into the cache, verifying each file's checksum (pooch).
+
+The mirror is configurable (``--mirror URL`` or ``$XENTKIT_MNIST_MIRROR`` /
+``$XENTKIT_FASHION_MNIST_MIRROR``) so that tests can serve files from 127.0.0.1. A file whose
+checksum does not match is not kept in the cache: pooch downloads to a temporary file and only
+moves it into place once its hash is verified.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from xentkit.lab.datasets import DATASET_NAMES, EMBEDDED_DEFAULT, DatasetError, default_cache_dir
+
+__all__ = ["DEFAULT_MIRRORS", "KNOWN_HASHES", "download_dataset", "mirror_env_var"]
+
+#: md5 of the four standard files, as published (and as torchvision checks them).
+KNOWN_HASHES: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "md5:d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "md5:9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "md5:ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": "md5:8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "md5:25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "md5:bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "md5:bb300cfdad3c16e7a12a480ee83cd310",
+    },
+}
+
+DEFAULT_MIRRORS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+
+DOWNLOADABLE = tuple(name for name in DATASET_NAMES if name != EMBEDDED_DEFAULT)
+
+
+def mirror_env_var(name: str) -> str:
+    """The environment variable that overrides ``name``'s mirror, e.g. ``XENTKIT_MNIST_MIRROR``."""
+    return f"XENTKIT_{name.upper().replace('-', '_')}_MIRROR"
+
+
+def download_dataset(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mirror: str | None = None,
+    hashes: Mapping[str, str] | None = None,
+) -> Path:
+    """Fetch the four standard files of ``name`` into ``cache_dir/name`` and verify them.
+
+    Files already in the cache with the right hash are not downloaded again; a cached file with
+    a wrong hash is downloaded again.
+
+    Args:
+        name: ``"mnist"`` or ``"fashion-mnist"``.
+        cache_dir: the cache root (default :func:`xentkit.lab.datasets.default_cache_dir`).
+        mirror: base URL the file names are appended to (default: ``$XENTKIT_<NAME>_MIRROR``,
+            else :data:`DEFAULT_MIRRORS`).
+        hashes: file name → ``"md5:..."`` / ``"sha256:..."`` (default :data:`KNOWN_HASHES`).
+
+    Returns:
+        The folder holding the verified files (what ``--dataset NAME`` then loads).
+
+    Raises:
+        DatasetError: unknown name, a file that cannot be fetched, or a checksum mismatch (the
+            message names the file, the expected and the received hash).
+    """
+    if name not in DOWNLOADABLE:
+        raise DatasetError(
+            f"dataset: expected one of {list(DOWNLOADABLE)} to download, received {name!r}"
+        )
+    import pooch
+    import requests
+
+    pooch.get_logger().setLevel("WARNING")
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
+    base = mirror or os.environ.get(mirror_env_var(name)) or DEFAULT_MIRRORS[name]
+    base = base if base.endswith("/") else base + "/"
+    for filename, known_hash in (hashes or KNOWN_HASHES[name]).items():
+        url = base + filename
+        try:
+            pooch.retrieve(
+                url, known_hash=known_hash, fname=filename, path=folder, progressbar=False
+            )
+        except ValueError as error:
+            if "hash" not in str(error).lower():
+                raise
+            raise DatasetError(
+                f"{url}: checksum mismatch for {filename}: expected {known_hash}, received "
+                f"{_received_hash(error)}; the download was discarded (not kept in {folder})"
+            ) from None
+        except (requests.RequestException, OSError) as error:
+            raise DatasetError(f"{url}: download of {filename} failed ({error})") from None
+    return folder
+
+
+def _received_hash(error: ValueError) -> str:
+    """The hash pooch computed, from its message '... expected X but got Y. Deleted ...'."""
+    message = " ".join(str(error).split())
+    marker = " but got "
+    if marker not in message:
+        return f"a different hash ({message})"
+    return message.split(marker, 1)[1].split(".", 1)[0].strip()

@@ -1,0 +1,246 @@
+"""The data file formats: IDX (MNIST / Fashion-MNIST, gzip or not) and ``.npz``, checked.
+
+Readers return plain arrays: images ``[N, 784]`` float32 in [0, 1], labels ``[N]`` int64 in
+[0, 10). Anything malformed raises :class:`DatasetError` naming the file, what was expected and
+what was received, never an error from deep inside NumPy or gzip.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "IDX_FILES",
+    "NPZ_KEYS",
+    "DatasetError",
+    "as_labels",
+    "as_pixels",
+    "find_idx_file",
+    "has_idx_files",
+    "read_idx",
+    "read_idx_pair",
+    "read_npz",
+]
+
+NUM_CLASSES = 10
+IMAGE_PIXELS = 28 * 28
+
+#: The standard file stems of MNIST and Fashion-MNIST (each may also end in ``.gz``).
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+#: The arrays an ``.npz`` must hold.
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+# IDX type codes (third byte of the magic number) and the NumPy dtype each stores, big-endian.
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+class DatasetError(ValueError):
+    """A data file is missing or malformed; the message names the file, expected and received."""
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's content, gunzipped when it starts with the gzip magic; errors name the file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read ({error.strerror or error})") from None
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except EOFError:
+        raise DatasetError(
+            f"{path}: truncated gzip file (the compressed stream ends early; "
+            f"received {len(raw)} bytes)"
+        ) from None
+    except (OSError, zlib.error) as error:
+        raise DatasetError(f"{path}: corrupt gzip file ({error})") from None
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (the format of MNIST and Fashion-MNIST), gzip-compressed or not.
+
+    The header is a magic number ``00 00 TT DD`` (``TT`` the element type, ``0x08`` for unsigned
+    bytes; ``DD`` the number of dimensions), then ``DD`` big-endian uint32 sizes, then the data.
+
+    Returns:
+        The array with the shape the header declares, in native byte order.
+
+    Raises:
+        DatasetError: unreadable file, wrong magic number, unknown type, or a data section whose
+            length differs from the one the header declares.
+    """
+    path = Path(path)
+    content = _read_bytes(path)
+    if len(content) < 4:
+        raise DatasetError(
+            f"{path}: expected an IDX header of at least 4 bytes, received {len(content)} bytes"
+        )
+    zero, type_code, ndim = int.from_bytes(content[:2], "big"), content[2], content[3]
+    if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+        raise DatasetError(
+            f"{path}: wrong magic number 0x{content[:4].hex()}: expected an IDX file "
+            f"(0x00000801 for labels, 0x00000803 for images)"
+        )
+    header_size = 4 + 4 * ndim
+    if len(content) < header_size:
+        raise DatasetError(
+            f"{path}: truncated header: expected {header_size} bytes for {ndim} dimensions, "
+            f"received {len(content)}"
+        )
+    shape = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_code]
+    expected = header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(content) != expected:
+        problem = "truncated file" if len(content) < expected else "trailing bytes"
+        raise DatasetError(
+            f"{path}: {problem}: header declares shape {shape}, expected {expected} bytes, "
+            f"received {len(content)}"
+        )
+    data = np.frombuffer(content, dtype=dtype, offset=header_size).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def read_idx_pair(
+    images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an images file and its labels file; check that they agree.
+
+    Returns:
+        ``(images, labels)``: images ``[N, 784]`` float32 in [0, 1], labels ``[N]`` int64.
+
+    Raises:
+        DatasetError: as :func:`read_idx`, or wrong dimensions, or the two counts differ, or a
+            label outside [0, 10).
+    """
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DatasetError(
+            f"{images_path}: expected uint8 images of shape [N, rows, cols] (magic 0x00000803), "
+            f"received {images.dtype} of shape {images.shape}"
+        )
+    if labels.ndim != 1:
+        raise DatasetError(
+            f"{labels_path}: expected labels of shape [N] (magic 0x00000801), received shape "
+            f"{labels.shape}"
+        )
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(
+            f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
+            f"{labels.shape[0]} labels: expected the same count"
+        )
+    return as_pixels(images, images_path), as_labels(labels, labels_path)
+
+
+def find_idx_file(folder: str | os.PathLike[str], stem: str) -> Path | None:
+    """The file for ``stem`` in ``folder``: ``stem``, ``stem.gz``, or the ``idx3.ubyte`` spelling."""
+    folder = Path(folder)
+    spellings = (stem, stem.replace("-idx", ".idx"))
+    for spelling in spellings:
+        for suffix in (".gz", ""):
+            candidate = folder / f"{spelling}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def has_idx_files(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds all four standard IDX files."""
+    return all(find_idx_file(folder, stem) is not None for stem in IDX_FILES.values())
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` with keys ``x_train``, ``y_train``, ``x_test``, ``y_test``; check them.
+
+    Images may be ``[N, 28, 28]`` or ``[N, 784]``, uint8 (0–255) or floats already in [0, 1].
+
+    Returns:
+        The four arrays by key: images as :func:`as_pixels`, labels as :func:`as_labels`.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in NPZ_KEYS if key not in archive.files]
+            if missing:
+                raise DatasetError(
+                    f"{path}: expected keys {list(NPZ_KEYS)}, received {sorted(archive.files)} "
+                    f"(missing {missing})"
+                )
+            arrays = {key: archive[key] for key in NPZ_KEYS}
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except DatasetError:
+        raise
+    except Exception as error:  # zipfile/pickle/format errors from np.load: say which file
+        raise DatasetError(
+            f"{path}: expected an .npz archive of arrays, could not read it ({error})"
+        ) from None
+    for split in ("train", "test"):
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if images.shape[:1] != labels.shape[:1] or labels.ndim != 1:
+            raise DatasetError(
+                f"{path}: x_{split} has shape {images.shape} and y_{split} shape {labels.shape}: "
+                f"expected [N, 28, 28] or [N, 784] images and [N] labels with the same N"
+            )
+    return {
+        key: (as_pixels if key.startswith("x") else as_labels)(arrays[key], f"{path}[{key}]")
+        for key in NPZ_KEYS
+    }
+
+
+def as_pixels(images: np.ndarray, source: object) -> np.ndarray:
+    """``[N, 784]`` float32 in [0, 1] from uint8 0–255 or floats already in [0, 1]."""
+    if images.ndim == 3:
+        images = images.reshape(images.shape[0], -1)
+    if images.ndim != 2 or images.shape[1] != IMAGE_PIXELS:
+        raise DatasetError(
+            f"{source}: expected 28×28 images ([N, 28, 28] or [N, 784]), received shape "
+            f"{images.shape}"
+        )
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255.0)
+    if np.issubdtype(images.dtype, np.floating):
+        if images.size and not (
+            np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+        ):
+            raise DatasetError(
+                f"{source}: expected float pixels in [0, 1] (or uint8 0–255), received values "
+                f"from {images.min()} to {images.max()}"
+            )
+        return images.astype(np.float32)
+    raise DatasetError(f"{source}: expected uint8 or float pixels, received dtype {images.dtype}")
+
+
+def as_labels(labels: np.ndarray, source: object) -> np.ndarray:
+    """``[N]`` int64 labels, each in [0, 10)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{source}: expected integer labels, received dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))[0])
+        raise DatasetError(
+            f"{source}: expected labels in [0, {NUM_CLASSES}), received {labels[bad]} at "
+            f"position {bad}"
+        )
+    return labels

@@ -1,0 +1,209 @@
+"""The ``xentkit`` command line, run in-process through ``xentkit.cli.main(argv)``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest_lab import STANDARD_NAMES, fake_mnist, md5_of, serve_folder, write_idx
+from xentkit.cli import main
+from xentkit.lab import datasets, download
+
+
+@pytest.fixture
+def http_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A local HTTP server on 127.0.0.1: ``(base_url, served_folder)``."""
+    yield from serve_folder(tmp_path, monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's cache or a system-wide Fashion-MNIST."""
+    monkeypatch.setenv("XENTKIT_CACHE", str(tmp_path / "user-cache"))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-files")
+
+
+FAST = ["--train-size", "600", "--test-size", "200", "--epochs", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["lab", "--help"],
+        ["lab", "neuron", "--help"],
+        ["lab", "mnist", "--help"],
+        ["data", "--help"],
+        ["data", "download", "--help"],
+    ],
+)
+def test_help_on_every_level(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: xentkit")
+    assert " ".join(argv[:-1]) in out.splitlines()[0]
+
+
+def test_mnist_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["lab", "mnist", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--dataset", "--data", "--epochs", "--batch-size", "--lr", "--losses", "--seed",
+                   "--out", "--json", "mnist-5k", "fashion-mnist"):  # fmt: skip
+        assert option in out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    assert "lab" in capsys.readouterr().out
+
+
+def test_python_dash_m_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "xentkit", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: xentkit")
+
+
+def test_import_xentkit_loads_no_lab_dependency() -> None:
+    code = (
+        "import sys, xentkit, xentkit.cli, xentkit.lab.runner, xentkit.lab.download; "
+        "print([m for m in ('matplotlib', 'rich', 'pooch', 'mlxtend', 'torch') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_bare_lab_runs_both_experiments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lab"
+    assert main(["lab", "--out", str(out), "--json", str(tmp_path / "all.json"), *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "Iter 0,Testing Accuracy" in text
+    assert "first output 0.82 → 0.09" in text
+    for name in ("neuron.png", "neuron.json", "mnist_accuracy.png", "mnist.json", "report.html"):
+        assert (out / name).stat().st_size > 500, name
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 2
+    results = json.loads((tmp_path / "all.json").read_text())
+    assert set(results) == {"neuron", "mnist"}
+    assert len(results["neuron"]["runs"]) == 4
+    assert set(results["mnist"]["runs"]) == {"quadratic", "double-softmax", "cross-entropy"}
+    assert (results["mnist"]["train_size"], results["mnist"]["test_size"]) == (600, 200)
+
+
+def test_lab_neuron(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "neuron", "--out", str(tmp_path), "--json", str(tmp_path / "n.json")]) == 0
+    results = json.loads((tmp_path / "n.json").read_text())
+    finals = {(tuple(run["start"]), run["cost"]): run["final_output"] for run in results["runs"]}
+    assert round(finals[(0.6, 0.9), "quadratic"], 2) == 0.09
+    assert round(finals[(2.0, 2.0), "quadratic"], 2) == 0.20
+    assert "Single neuron after 300 iterations" in capsys.readouterr().out
+
+
+def test_lab_mnist_options(tmp_path: Path) -> None:
+    # --out given before the subcommand is kept; options after it are used.
+    argv = ["lab", "--out", str(tmp_path / "a"), "mnist", "--losses", "cross-entropy,quadratic",
+            "--lr", "0.5", "--batch-size", "50", "--seed", "3", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "a" / "mnist.json").read_text())
+    assert list(results["runs"]) == ["cross-entropy", "quadratic"]
+    assert results["settings"] == {"epochs": 1, "batch_size": 50, "learning_rate": 0.5, "seed": 3}
+    assert main([*argv[:3], "mnist", "--out", str(tmp_path / "b"), *argv[4:]]) == 0
+    again = json.loads((tmp_path / "b" / "mnist.json").read_text())
+    assert again["runs"] == results["runs"]  # deterministic for a seed
+
+
+def test_lab_mnist_from_a_data_folder(tmp_path: Path) -> None:
+    fake_mnist(tmp_path / "idx", n_train=40, n_test=10)
+    argv = ["lab", "mnist", "--data", str(tmp_path / "idx"), "--out", str(tmp_path / "o"),
+            "--batch-size", "20", "--epochs", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "o" / "mnist.json").read_text())
+    assert (results["dataset"], results["train_size"], results["test_size"]) == ("idx", 40, 10)
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], *words: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("xentkit: error: ")
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_corrupt_data_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_mnist(tmp_path, n_train=10, n_test=5)
+    bad = tmp_path / "train-labels-idx1-ubyte.gz"
+    write_idx(bad, np.zeros(10, np.uint8), magic=b"\x00\x00\x08\x07")
+    assert main(["lab", "mnist", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, str(bad), "truncated header")
+    write_idx(bad, np.zeros(9, np.uint8))
+    assert main(["lab", "mnist", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "10 images", "9 labels")
+
+
+def test_missing_data_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["lab", "mnist", "--data", str(tmp_path / "nowhere")]) == 2
+    _one_line_error(capsys, "nowhere", "expected a folder or an .npz file")
+    assert main(["lab", "mnist", "--dataset", "fashion-mnist"]) == 2
+    _one_line_error(
+        capsys, "apt-get install dataset-fashion-mnist", "xentkit data download fashion-mnist"
+    )
+    assert main(["lab", "mnist", "--dataset", "mnist"]) == 2
+    _one_line_error(capsys, "xentkit data download mnist", "user-cache")
+
+
+def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "mnist", "--batch-size", "5000", "--no-progress"]) == 2
+    _one_line_error(capsys, "batch_size", "4000", "5000")
+    assert main(["lab", "mnist", "--train-size", "9999"]) == 2
+    _one_line_error(capsys, "train_size", "9999")
+    assert main(["lab", "mnist", "--losses", "quadratic,hinge"]) == 2
+    assert "--losses: expected a comma list" in capsys.readouterr().err
+    assert main(["lab", "mnist", "--lr", "-1"]) == 2
+    assert "--lr: expected a positive number" in capsys.readouterr().err
+
+
+def test_download_checksum_mismatch(
+    http_server: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base_url, served = http_server
+    fake_mnist(served)  # not the real MNIST: the published md5 cannot match
+    cache = tmp_path / "cache"
+    assert main(["data", "download", "mnist", "--cache", str(cache), "--mirror", base_url]) == 2
+    _one_line_error(capsys, "checksum mismatch", "train-images-idx3-ubyte.gz",
+                    "f68b3c2dcbeaaa9fbdd348bbdeb94873")  # fmt: skip
+    assert list((cache / "mnist").iterdir()) == []
+
+
+def test_download_then_train_from_the_cache(
+    http_server: tuple[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base_url, served = http_server
+    fake_mnist(served, n_train=30, n_test=10)
+    hashes = {f"{stem}.gz": md5_of(served / f"{stem}.gz") for stem in STANDARD_NAMES.values()}
+    monkeypatch.setitem(download.KNOWN_HASHES, "mnist", hashes)
+    monkeypatch.setenv(download.mirror_env_var("mnist"), base_url)
+    cache = tmp_path / "cache"
+    assert main(["data", "download", "mnist", "--cache", str(cache)]) == 0
+    assert "checksums verified" in capsys.readouterr().out
+    argv = ["lab", "mnist", "--dataset", "mnist", "--cache", str(cache), "--out", str(tmp_path / "o"),
+            "--batch-size", "10", "--epochs", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "o" / "mnist.json").read_text())
+    assert (results["dataset"], results["train_size"], results["test_size"]) == ("mnist", 30, 10)
