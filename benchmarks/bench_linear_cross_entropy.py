@@ -1,0 +1,319 @@
+"""Benchmark: fused linear + cross-entropy, forward and backward, time and peak memory.
+
+Providers, each run in its own Python process (so that peak memory is the OS's, untouched by
+the others):
+
+- ``matmuls``        the three matmuls alone (x Wᵀ, dz W, dzᵀ x) on materialized logits: the floor
+- ``torch``          ``F.cross_entropy(F.linear(x, W), y)``: materialized logits
+- ``torch-chunked``  ``F.linear_cross_entropy(x, W, y, options=LinearCrossEntropyOptions())``
+- ``xentkit``        ``xentkit.torch.linear_cross_entropy(x, W, y)``
+
+Each worker warms up on a small problem (JIT compilation, thread pools), allocates the inputs,
+reads its resident set size (RSS), then times ``repeats`` forward+backward passes. Peak memory
+above the inputs = ``getrusage(RUSAGE_SELF).ru_maxrss`` − RSS after the inputs were allocated;
+it includes the gradients (x.grad, W.grad), which every provider must produce. The providers
+run in ``rounds`` interleaved rounds (matmuls, torch, ..., matmuls, torch, ...), so that load
+from other users of a shared machine falls on all of them alike; the table gives the median and
+the minimum over every timed pass (the minimum is the least disturbed by such load).
+
+Goals for xentkit: time ≤ 1.15 × the matmuls alone; peak above inputs ≤ gradients + 1/8 of the
+logits' bytes; faster than torch-chunked; the same loss as the others.
+
+    python benchmarks/bench_linear_cross_entropy.py                      # 4096 × 1024 → 32000
+    python benchmarks/bench_linear_cross_entropy.py --rows 1024 --repeats 2 --rounds 1
+    python benchmarks/bench_linear_cross_entropy.py --providers xentkit --chunk-size 64
+
+Prints a table and appends the run to ``benchmarks/results/linear_cross_entropy.json`` (``runs``:
+every run; ``latest``: the last run per reduction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROVIDERS = ("matmuls", "torch", "torch-chunked", "xentkit")
+RESULTS = Path(__file__).resolve().parent / "results" / "linear_cross_entropy.json"
+TIME_GOAL = 1.15  # × the matmuls alone
+MEMORY_LOGITS_FRACTION = 1 / 8  # peak above inputs ≤ gradients + this × logits bytes
+
+
+def _rss_bytes() -> int:
+    """The current resident set size, from /proc (Linux) or, failing that, the peak so far."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _peak_rss_bytes()
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _step(provider: str, x, w, target, chunk_size: int | None, reduction: str = "mean"):
+    """One forward + backward (of the sum, for reduction="none"); returns the loss as a float."""
+    import torch
+    import torch.nn.functional as F
+
+    if provider == "matmuls":
+        with torch.no_grad():
+            logits = x @ w.t()
+            x.grad = logits @ w  # the logits stand in for their gradient
+            w.grad = logits.t() @ x
+            return 0.0
+    if provider == "torch":
+        loss = F.cross_entropy(F.linear(x, w), target, reduction=reduction)
+    elif provider == "torch-chunked":
+        loss = F.linear_cross_entropy(
+            x, w, target, reduction=reduction, options=torch.nn.LinearCrossEntropyOptions()
+        )
+    elif provider == "xentkit":
+        import xentkit.torch as xt
+
+        loss = xt.linear_cross_entropy(x, w, target, reduction=reduction, chunk_size=chunk_size)
+    else:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    loss = loss.sum()
+    loss.backward()
+    return float(loss)
+
+
+def _inputs(rows: int, features: int, classes: int, dtype_name: str, seed: int):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=generator, dtype=dtype).requires_grad_(True)
+    # Scaled in place: a temporary here would raise the peak before the baseline is read.
+    w = torch.randn(classes, features, generator=generator, dtype=dtype).div_(features**0.5)
+    w.requires_grad_(True)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    return x, w, target
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Runs in the child process: warm up, allocate, time, measure."""
+    import torch
+
+    provider = args.worker
+    warm = _inputs(256, 64, 1024, args.dtype, seed=1)
+    for _ in range(2):
+        _step(provider, *warm, args.chunk_size, args.reduction)
+    del warm
+    gc.collect()
+
+    x, w, target = _inputs(args.rows, args.features, args.classes, args.dtype, seed=0)
+    baseline = _rss_bytes()
+    times, peaks, loss = [], [], None
+    for _ in range(args.repeats):
+        x.grad = w.grad = None
+        gc.collect()
+        start = time.perf_counter()
+        loss = _step(provider, x, w, target, args.chunk_size, args.reduction)
+        times.append(time.perf_counter() - start)
+        peaks.append(_peak_rss_bytes() - baseline)
+    return {
+        "provider": provider,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "peak_above_inputs_bytes": peaks[-1],
+        "peak_after_each_pass_bytes": peaks,
+        "loss": loss,
+        "grad_x_norm": float(x.grad.norm()),
+        "grad_w_norm": float(w.grad.norm()),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _spawn(provider: str, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", provider, "--rows", str(args.rows),
+        "--features", str(args.features), "--classes", str(args.classes), "--dtype", args.dtype,
+        "--repeats", str(args.repeats), "--reduction", args.reduction,
+    ]
+    if args.chunk_size is not None:
+        command += ["--chunk-size", str(args.chunk_size)]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"provider {provider} failed:\n{completed.stderr}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["load_average_before"] = load_before
+    return result
+
+
+def _machine() -> dict:
+    import numba
+    import numpy
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=4096, help="N, rows of the input")
+    parser.add_argument("--features", type=int, default=1024, help="D, in_features")
+    parser.add_argument("--classes", type=int, default=32000, help="V, classes (vocabulary)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per provider process")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved processes per provider")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--chunk-size", type=int, default=None, help="xentkit's chunk_size")
+    parser.add_argument(
+        "--reduction", default="mean", choices=["mean", "sum", "none"],
+        help='the loss reduction ("none": backward of the sum, recomputed in backward by xentkit)',
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+
+    itemsize = 4 if args.dtype == "float32" else 8
+    logits_bytes = args.rows * args.classes * itemsize
+    gradient_bytes = (args.rows + args.classes) * args.features * itemsize
+    memory_budget = gradient_bytes + MEMORY_LOGITS_FRACTION * logits_bytes
+    print(
+        f"linear_cross_entropy forward+backward: N={args.rows} D={args.features} V={args.classes} "
+        f"{args.dtype}, reduction={args.reduction}, {args.repeats} repeats × {args.rounds} rounds, logits {logits_bytes / 2**20:.0f} MiB, "
+        f"gradients {gradient_bytes / 2**20:.0f} MiB"
+    )
+    runs: dict[str, list[dict]] = {provider: [] for provider in args.providers}
+    for _ in range(args.rounds):
+        for provider in args.providers:
+            runs[provider].append(_spawn(provider, args))
+    results = {}
+    for provider, processes in runs.items():
+        times = [t for process in processes for t in process["times_s"]]
+        results[provider] = {
+            "times_s": times,
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "peak_above_inputs_bytes": max(p["peak_above_inputs_bytes"] for p in processes),
+            "first_pass_peak_bytes": max(p["peak_after_each_pass_bytes"][0] for p in processes),
+            "peak_after_each_pass_bytes": [p["peak_after_each_pass_bytes"] for p in processes],
+            "loss": processes[0]["loss"],
+            "grad_x_norm": processes[0]["grad_x_norm"],
+            "grad_w_norm": processes[0]["grad_w_norm"],
+            "torch_threads": processes[0]["torch_threads"],
+            "load_average_before": [p["load_average_before"] for p in processes],
+        }
+
+    floor = results.get("matmuls")
+    header = (
+        f"{'provider':<14} {'median s':>9} {'min s':>7} {'max s':>7} {'× matmuls':>16} "
+        f"{'peak MiB':>9} {'1st pass':>9} {'× budget':>9} {'loss':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for provider, result in results.items():
+        ratio = (
+            f"{result['median_s'] / floor['median_s']:.3f} / {result['min_s'] / floor['min_s']:.3f}"
+            if floor else "-"
+        )
+        peak = result["peak_above_inputs_bytes"]
+        loss = f"{result['loss']:.6f}" if provider != "matmuls" else "-"
+        print(
+            f"{provider:<14} {result['median_s']:>9.3f} {result['min_s']:>7.3f} "
+            f"{max(result['times_s']):>7.3f} {ratio:>16} {peak / 2**20:>9.0f} "
+            f"{result['first_pass_peak_bytes'] / 2**20:>9.0f} "
+            f"{peak / memory_budget:>9.2f} {loss:>10}"
+        )
+    print(
+        "× matmuls: median / min. peak: above the inputs, gradients included, over all passes "
+        "(1st pass: over the first pass of each process); × budget from the former."
+    )
+    print(f"memory budget (gradients + logits/8): {memory_budget / 2**20:.0f} MiB above the inputs")
+
+    goals = {}
+    if "xentkit" in results:
+        ours = results["xentkit"]
+        if floor:
+            by_median = ours["median_s"] / floor["median_s"]
+            by_min = ours["min_s"] / floor["min_s"]
+            goals["time_vs_matmuls"] = {
+                "ratio_median": by_median, "ratio_min": by_min, "limit": TIME_GOAL,
+                "met_median": by_median <= TIME_GOAL, "met_min": by_min <= TIME_GOAL,
+            }
+        goals["peak_memory"] = {
+            "bytes": ours["peak_above_inputs_bytes"], "limit_bytes": memory_budget,
+            "met": ours["peak_above_inputs_bytes"] <= memory_budget,
+        }
+        if "torch-chunked" in results:
+            chunked = results["torch-chunked"]
+            goals["faster_than_torch_chunked"] = {
+                "ratio_median": ours["median_s"] / chunked["median_s"],
+                "ratio_min": ours["min_s"] / chunked["min_s"],
+                "met_median": ours["median_s"] < chunked["median_s"],
+                "met_min": ours["min_s"] < chunked["min_s"],
+            }
+        losses = [r["loss"] for p, r in results.items() if p != "matmuls"]
+        goals["same_loss"] = {
+            "max_relative_difference": max(abs(value - ours["loss"]) for value in losses) / abs(ours["loss"]),
+            "met": all(abs(value - ours["loss"]) <= 1e-5 * abs(ours["loss"]) for value in losses),
+        }
+        for name, goal in goals.items():
+            verdicts = {key: value for key, value in goal.items() if key.startswith("met")}
+            summary = ", ".join(
+                f"{key.replace('met_', 'by ').replace('met', '')}{' ' if key != 'met' else ''}"
+                f"{'met' if value else 'MISSED'}".strip()
+                for key, value in verdicts.items()
+            )
+            numbers = {key: round(value, 4) if isinstance(value, float) else value
+                       for key, value in goal.items() if not key.startswith("met")}
+            print(f"goal {name:<26} {summary:<28} {numbers}")
+
+    record = {
+        "benchmark": "linear_cross_entropy forward+backward",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": _machine(),
+        "config": {
+            "rows": args.rows, "features": args.features, "classes": args.classes,
+            "dtype": args.dtype, "reduction": args.reduction, "repeats": args.repeats,
+            "rounds": args.rounds,
+            "chunk_size": args.chunk_size,
+            "logits_bytes": logits_bytes, "gradient_bytes": gradient_bytes,
+            "memory_budget_bytes": memory_budget,
+        },
+        "results": results,
+        "goals": goals,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    if args.output.exists():
+        try:
+            previous = json.loads(args.output.read_text())
+            runs = previous.get("runs", []) if isinstance(previous, dict) else []
+        except json.JSONDecodeError:
+            runs = []
+    runs.append(record)
+    latest = {run["config"].get("reduction", "mean"): run for run in runs}  # the last per reduction
+    args.output.write_text(json.dumps({"latest": latest, "runs": runs}, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

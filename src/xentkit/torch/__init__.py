@@ -1,0 +1,22 @@
+"""PyTorch losses on xentkit's fused kernels: swap ``torch.nn.functional`` / ``torch.nn`` for these.
+
+>>> import xentkit.torch as xt          # instead of torch.nn.functional / torch.nn
+>>> criterion = xt.CrossEntropyLoss()   # same arguments, same numbers, plus z_loss and softcap
+
+Importing this module imports torch; ``import xentkit`` alone does not.
+"""
+
+from .functional import binary_cross_entropy_with_logits, cross_entropy, nll_loss
+from .linear_cross_entropy import linear_cross_entropy
+from .modules import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
+
+__all__ = [
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "NLLLoss",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "nll_loss",
+]

@@ -1,0 +1,202 @@
+"""Plumbing between torch tensors and xentkit's NumPy api, shared by the autograd Functions.
+
+- ``runs_on_xentkit``: whether a call can take the NumPy path (plain CPU tensors of a dtype the
+  kernels handle) or must fall back to plain torch ops.
+- ``as_numpy`` / ``as_tensor``: zero-copy views both ways (a copy only to make a tensor contiguous).
+- ``take_saved_gradient`` / ``scale_gradient``: hand a gradient computed in the forward pass over
+  to autograd in backward, scaled by the upstream gradient, without a stale or shared buffer.
+- ``check_*``: the binding's own option checks, so that the NumPy path and the torch fallback raise
+  the same errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+
+# The dtypes the NumPy api computes in (float16 is computed in float32 and returned as float16).
+# bfloat16 has no NumPy dtype; it goes to torch ops, like every non-CPU device.
+KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _is_plain_cpu_tensor(tensor: Tensor) -> bool:
+    """A strided CPU tensor whose memory NumPy can view (no subclass, fake or functorch wrapper)."""
+    if type(tensor) not in (Tensor, torch.nn.Parameter):
+        return False
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided or tensor.is_quantized:
+        return False
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return not (is_wrapped is not None and is_wrapped(tensor))
+
+
+def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tensor | None, ...] = ()) -> bool:
+    """True when the call can run xentkit's NumPy api.
+
+    ``input`` must be a plain CPU tensor of a kernel dtype, ``others`` (targets, weights) plain CPU
+    tensors, and the tensors in ``grad_free`` must not require a gradient when gradients are being
+    recorded (the api differentiates with respect to the logits only; torch ops handle the rest).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input):
+        return False
+    if not all(other is None or _is_plain_cpu_tensor(other) for other in others):
+        return False
+    if torch.is_grad_enabled():
+        return not any(tensor is not None and tensor.requires_grad for tensor in grad_free)
+    return True
+
+
+def as_numpy(tensor: Tensor) -> np.ndarray:
+    """A NumPy view of ``tensor``'s memory (detached); copied only when it is not contiguous."""
+    tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    return tensor.numpy()
+
+
+def optional_numpy(tensor: Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else as_numpy(tensor)
+
+
+def as_tensor(array: np.ndarray | np.generic, dtype: torch.dtype | None = None) -> Tensor:
+    """A tensor sharing ``array``'s memory (0-d arrays and NumPy scalars included)."""
+    array = np.asarray(array)
+    if any(stride < 0 for stride in array.strides) or not array.flags.writeable:
+        array = array.copy()  # torch.from_numpy takes neither negative strides nor read-only memory
+    tensor = torch.from_numpy(array)
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _graph_is_kept() -> bool:
+    """True when the running backward keeps the graph (``retain_graph=True`` or ``create_graph``)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
+
+
+def take_saved_gradient(ctx: object, name: str, function_name: str) -> tuple[Tensor, bool]:
+    """The gradient stored on ``ctx`` in forward, and whether backward now owns it.
+
+    When the graph is not retained the gradient is released from ``ctx`` and handed over: backward
+    may scale it in place and autograd can adopt it as ``.grad`` without a copy. When the graph is
+    retained (``retain_graph=True``) it stays on ``ctx`` untouched for the next backward.
+    """
+    gradient = getattr(ctx, name)
+    if gradient is None:
+        raise RuntimeError(
+            f"xentkit.torch.{function_name}: backward was called a second time, but the gradients "
+            "computed in the forward pass were handed over by the first backward; pass "
+            "retain_graph=True to the first backward to differentiate the same graph again"
+        )
+    if _graph_is_kept():
+        return gradient, False
+    setattr(ctx, name, None)
+    return gradient, True
+
+
+def scale_gradient(gradient: Tensor, grad_output: Tensor, owned: bool) -> Tensor:
+    """``gradient · grad_output`` (broadcast), in place when ``owned``; no work when it is 1.
+
+    A gradient that is not owned is returned as is only when the factor is 1: autograd never
+    writes into a tensor someone else still references, so sharing it is safe.
+    """
+    if grad_output.numel() == 1 and float(grad_output.reshape(())) == 1.0:
+        return gradient
+    if owned:
+        return gradient.mul_(grad_output)
+    return gradient * grad_output
+
+
+def first_order_only(function_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a ``backward`` as not differentiable: differentiating its result raises.
+
+    Like ``torch.autograd.function.once_differentiable``, but the guard is set whenever the
+    backward runs with ``create_graph=True``, also when the upstream gradient does not itself
+    require a gradient: once_differentiable then returns a gradient that silently has no
+    history, so a gradient penalty built on it would be silently dropped.
+    """
+    message = (
+        f"xentkit.torch.{function_name} has no second derivative (its gradient is computed by "
+        "xentkit's kernels outside autograd); use the torch.nn.functional loss for double "
+        "backward / create_graph=True"
+    ).encode()
+
+    def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(backward)
+        def wrapper(ctx: Any, *grad_outputs: Tensor) -> Any:
+            with torch.no_grad():
+                outputs = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return outputs
+            raise_later = torch._C._functions.DelayedError(message, len(outputs))
+
+            def fake_requires_grad(gradient: Tensor | None) -> Tensor | None:
+                if gradient is None:
+                    return None
+                gradient = gradient.detach()
+                gradient.requires_grad_(True)
+                return gradient
+
+            return raise_later(*[fake_requires_grad(gradient) for gradient in outputs])
+
+        return wrapper
+
+    return decorate
+
+
+def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """Map torch's deprecated ``size_average`` / ``reduce`` to a reduction string, like torch."""
+    if size_average is None and reduce is None:
+        return reduction
+    return torch.nn._reduction.legacy_get_string(size_average, reduce)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    return str(reduction)
+
+
+def _check_real(value: object, name: str, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_label_smoothing(value: object) -> float:
+    value = _check_real(value, "label_smoothing", "a float in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value}")
+    return value
+
+
+def check_z_loss(value: object) -> float:
+    value = _check_real(value, "z_loss", "a non-negative float")
+    if not (value >= 0.0 and np.isfinite(value)):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {value}")
+    return value
+
+
+def check_softcap(value: object) -> float | None:
+    if value is None:
+        return None
+    value = _check_real(value, "softcap", "None or a positive float")
+    if not (value > 0.0 and np.isfinite(value)):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {value}")
+    return value
+
+
+def check_ignore_index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__} {value!r}")
+    return int(value)

@@ -1,0 +1,333 @@
+"""Drop-in replacements for ``torch.nn.functional.cross_entropy``, ``nll_loss`` and
+``binary_cross_entropy_with_logits`` that run xentkit's fused NumPy api on CPU tensors.
+
+How it works: an ``autograd.Function`` views the (contiguous, detached) CPU tensors as NumPy arrays
+without copying and calls ``xentkit.cross_entropy_and_grad`` (and siblings), which computes the
+loss and ∂loss/∂logits in one fused pass. The gradient is kept for backward, which only scales it
+by the upstream gradient. The input's memory is never written to, so autograd's version counters
+stay truthful (unlike an in-place gradient that autograd cannot see, a known bug of fused kernels
+elsewhere). Everything the NumPy api does not cover runs on plain torch ops instead: CUDA and other
+devices, bfloat16, functorch transforms and ``torch.compile``, and gradients with respect to a
+probability target or a class weight.
+
+Two deliberate differences from torch:
+
+- A "mean" with nothing to average (every target equal to ``ignore_index``, or class weights that
+  sum to 0 over the targets) is 0 with gradient 0 here; torch returns NaN.
+- Second-order gradients (``create_graph=True`` then differentiating again) raise a RuntimeError:
+  the gradient is computed outside autograd, and differentiating it raises.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+import xentkit
+
+from . import _bridge, _torch_ops
+
+__all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "nll_loss"]
+
+
+def _class_axis(input: Tensor) -> int:
+    """torch's class dimension: 1 for batched inputs (N, C, d1, ..., dk), 0 for one sample (C,)."""
+    return 1 if input.dim() >= 2 else 0
+
+
+def _upstream_for(grad_output: Tensor, reduction: str, class_axis: int, input_dim: int) -> Tensor:
+    """The upstream gradient shaped to broadcast against the logits' gradient."""
+    if reduction == "none" and input_dim >= 2:
+        return grad_output.unsqueeze(class_axis)
+    return grad_output
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Softmax cross-entropy with its gradient computed in the forward pass.
+
+    forward: one fused call ``xentkit.cross_entropy_and_grad`` gives the loss and the gradient of
+    the loss with upstream gradient 1 ("mean"/"sum") or ones ("none": row i's gradient is that of
+    its own loss, since rows do not interact). backward: gradient · grad_output, with grad_output
+    broadcast over the class axis for "none". Storing the unscaled per-row gradient costs one
+    logits-sized buffer, what torch's own cross_entropy keeps (its log-softmax output), and avoids
+    recomputing the softmax.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float | None,
+        check_probabilities: bool,
+        grad_enabled: bool,
+    ) -> Tensor:
+        options = {
+            "axis": _class_axis(input),
+            "weight": _bridge.optional_numpy(weight),
+            "ignore_index": ignore_index,
+            "reduction": reduction,
+            "label_smoothing": label_smoothing,
+            "z_loss": z_loss,
+            "softcap": softcap,
+            # warn when the logits look like probabilities (softmax applied twice)
+            "check_probabilities": check_probabilities,
+        }
+        logits = _bridge.as_numpy(input)
+        labels = _bridge.as_numpy(target)
+        ctx.reduction = reduction
+        ctx.class_axis = options["axis"]
+        ctx.input_dim = input.dim()
+        if grad_enabled and ctx.needs_input_grad[0]:
+            loss, gradient = xentkit.cross_entropy_and_grad(logits, labels, **options)
+            ctx.gradient = _bridge.as_tensor(gradient, input.dtype)
+        else:  # forward only: no gradient work
+            loss = xentkit.cross_entropy(logits, labels, **options)
+            ctx.gradient = None
+        return _bridge.as_tensor(loss, input.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only("cross_entropy")
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", "cross_entropy")
+        upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
+        return (_bridge.scale_gradient(gradient, upstream, owned), *[None] * 9)
+
+
+class _NllLossFunction(torch.autograd.Function):
+    """Negative log-likelihood of log-probabilities.
+
+    The gradient −w_y·onehot(y)·grad_output does not depend on the input's values and is as large
+    as the input, so it is not stored: backward calls ``xentkit.nll_loss_and_grad`` with the
+    upstream gradient. The input is saved for that call (as torch's nll_loss saves it), so an
+    in-place change of the input after forward makes backward raise torch's version error.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        ignore_index: int,
+        reduction: str,
+    ) -> Tensor:
+        ctx.options = {
+            "axis": _class_axis(input),
+            "ignore_index": ignore_index,
+            "reduction": reduction,
+        }
+        ctx.save_for_backward(input, target, weight)
+        loss = xentkit.nll_loss(
+            _bridge.as_numpy(input), _bridge.as_numpy(target),
+            weight=_bridge.optional_numpy(weight), **ctx.options,
+        )
+        return _bridge.as_tensor(loss, input.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only("nll_loss")
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, target, weight = ctx.saved_tensors
+        _, gradient = xentkit.nll_loss_and_grad(
+            _bridge.as_numpy(input), _bridge.as_numpy(target),
+            weight=_bridge.optional_numpy(weight), grad_output=_bridge.as_numpy(grad_output),
+            **ctx.options,
+        )
+        return _bridge.as_tensor(gradient, input.dtype), None, None, None, None
+
+
+class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
+    """Sigmoid binary cross-entropy with its gradient computed in the forward pass.
+
+    The loss is elementwise, so for "none" the gradient with upstream ones is exact per element
+    and backward multiplies it by grad_output elementwise; for "mean"/"sum" by the scalar.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        reduction: str,
+        pos_weight: Tensor | None,
+        grad_enabled: bool,
+    ) -> Tensor:
+        logits = _bridge.as_numpy(input)
+        options = {
+            "weight": _bridge.optional_numpy(weight),
+            "pos_weight": _bridge.optional_numpy(pos_weight),
+            "reduction": reduction,
+        }
+        if grad_enabled and ctx.needs_input_grad[0]:
+            loss, gradient = xentkit.binary_cross_entropy_with_logits_and_grad(
+                logits, _bridge.as_numpy(target), **options
+            )
+            ctx.gradient = _bridge.as_tensor(gradient, input.dtype)
+        else:
+            loss = xentkit.binary_cross_entropy_with_logits(logits, _bridge.as_numpy(target), **options)
+            ctx.gradient = None
+        return _bridge.as_tensor(loss, input.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only("binary_cross_entropy_with_logits")
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        gradient, owned = _bridge.take_saved_gradient(
+            ctx, "gradient", "binary_cross_entropy_with_logits"
+        )
+        return (_bridge.scale_gradient(gradient, grad_output, owned), *[None] * 5)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    check_probabilities: bool = True,
+) -> Tensor:
+    r"""Softmax cross-entropy of logits against class indices or class probabilities.
+
+    The same arguments, positions and results as ``torch.nn.functional.cross_entropy``, plus the
+    keyword-only ``z_loss`` and ``softcap``. Per sample, with z = logits (class axis 1, or 0 for an
+    unbatched ``(C,)`` input), lse = log Σ_c exp(z_c), class weights w, smoothing ε and C classes:
+
+        class index y:       loss = (1 − ε)·w_y·(lse − z_y) + (ε/C)·Σ_c w_c·(lse − z_c)
+        probabilities q:     loss = −Σ_c w_c·((1 − ε)·q_c + ε/C)·(z_c − lse)
+        z_loss > 0:          loss += z_loss·lse²        (not class-weighted; 0 for ignored samples)
+        softcap s:           z = s·tanh(logits / s)     (applied first, z-loss included)
+
+    "mean" divides class-index losses by Σ w_y over non-ignored samples and probability losses by
+    the number of samples (as torch); the z term is divided by the number of non-ignored samples.
+    When there is nothing to average (every target ignored) the result is 0 with gradient 0, where
+    torch returns NaN. ∂loss/∂z_j = p_j·((1 − ε)·w_y + ε·W/C) − (1 − ε)·w_y·[j = y] − ε·w_j/C
+    (W = Σ_c w_c), + 2·z_loss·lse·p_j, times 1 − tanh²(logits/s) under a softcap.
+
+    Shapes: input ``[C]``, ``[N, C]`` or ``[N, C, d1, ..., dk]``; target of class indices (int64)
+    ``[]``, ``[N]`` or ``[N, d1, ..., dk]``, or of probabilities with the input's shape. The
+    result is a scalar, or the target's sample shape for ``reduction="none"``.
+
+    Float16/32/64 CPU tensors run xentkit's fused kernels (float16 computed in float32); the loss
+    and gradient are computed in one pass in forward and backward scales the stored gradient.
+    Other devices and dtypes (bfloat16 included), and gradients with respect to ``target`` or
+    ``weight``, use plain torch ops with the same semantics. Double backward raises.
+    ``size_average`` and ``reduce`` are deprecated and mapped to ``reduction`` as torch does.
+    On the kernel path, logits that look like probabilities (softmax applied twice) give a
+    ``xentkit.ProbabilitiesAsLogitsWarning``; ``check_probabilities=False`` silences it.
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
+        >>> loss = xt.cross_entropy(logits, torch.tensor([0, 2]))
+        >>> loss
+        tensor(0.8964, grad_fn=<_CrossEntropyFunctionBackward>)
+        >>> loss.backward()
+        >>> logits.grad
+        tensor([[-0.1072,  0.0876,  0.0196],
+                [ 0.1060,  0.2881, -0.3940]])
+
+    See also: :func:`nll_loss` (from log-probabilities), :func:`binary_cross_entropy_with_logits`
+    (independent binary labels), ``xentkit.torch.linear_cross_entropy`` (fused with a linear layer).
+    """
+    reduction = _bridge.check_reduction(_bridge.legacy_reduction(size_average, reduce, reduction))
+    ignore_index = _bridge.check_ignore_index(ignore_index)
+    label_smoothing = _bridge.check_label_smoothing(label_smoothing)
+    z_loss = _bridge.check_z_loss(z_loss)
+    softcap = _bridge.check_softcap(softcap)
+    if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(target, weight)):
+        return _torch_ops.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
+    return _CrossEntropyFunction.apply(
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+        bool(check_probabilities), torch.is_grad_enabled(),
+    )
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood of log-probabilities, like ``torch.nn.functional.nll_loss``.
+
+    Per sample with class index y and class weights w: loss = −w_y·input_y (0 when y equals
+    ``ignore_index``), and ∂loss/∂input_j = −w_y·[j = y]. "mean" divides by Σ w_y over non-ignored
+    samples; with nothing to average the result is 0 with gradient 0 (torch returns NaN).
+
+    Shapes: input ``[C]``, ``[N, C]`` or ``[N, C, d1, ..., dk]`` (log-probabilities, class axis
+    1); target (int64) ``[]``, ``[N]`` or ``[N, d1, ..., dk]``. Backward computes the gradient from
+    the saved input (whose later in-place changes raise torch's version error, as with torch).
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> log_probs = torch.tensor([[-0.2, -1.7], [-1.2, -0.4]])
+        >>> xt.nll_loss(log_probs, torch.tensor([0, 1]))
+        tensor(0.3000)
+
+    See also: :func:`cross_entropy`, which takes logits and is ``nll_loss(log_softmax(x), y)``.
+    """
+    reduction = _bridge.check_reduction(_bridge.legacy_reduction(size_average, reduce, reduction))
+    ignore_index = _bridge.check_ignore_index(ignore_index)
+    if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(weight,)):
+        return _torch_ops.nll_loss(input, target, weight, ignore_index, reduction)
+    return _NllLossFunction.apply(input, target, weight, ignore_index, reduction)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    r"""Sigmoid binary cross-entropy of logits, like ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    Elementwise, with x the logit, y ∈ [0, 1] the target, w the (broadcast) weight and pw the
+    positive-class weight (broadcast along the last axis):
+
+        loss = −w·[pw·y·log σ(x) + (1 − y)·log σ(−x)]      (log(1 − σ(x)) = log σ(−x), stabler)
+        ∂loss/∂x = w·[σ(x)·(pw·y + 1 − y) − pw·y]
+
+    "mean" averages over all elements. Shapes: input and target of any one shape; ``weight``
+    broadcastable to it; ``pos_weight`` broadcastable along the last (class) axis.
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> xt.binary_cross_entropy_with_logits(torch.tensor([1.5, -0.5]), torch.tensor([1.0, 0.0]))
+        tensor(0.3377)
+
+    See also: :func:`cross_entropy` for mutually exclusive classes.
+    """
+    reduction = _bridge.check_reduction(_bridge.legacy_reduction(size_average, reduce, reduction))
+    # xentkit takes pos_weight as one value per class along the last axis (or one for all);
+    # torch broadcasts any shape, which its own ops handle.
+    pos_weight_fits = pos_weight is None or pos_weight.dim() <= 1
+    if not pos_weight_fits or not _bridge.runs_on_xentkit(
+        input, target, weight, pos_weight, grad_free=(target, weight, pos_weight)
+    ):
+        return _torch_ops.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
+    return _BinaryCrossEntropyWithLogitsFunction.apply(
+        input, target, weight, reduction, pos_weight, torch.is_grad_enabled()
+    )

@@ -1,0 +1,435 @@
+"""Cross-entropy of a linear layer's output without ever holding the full logits.
+
+``linear_cross_entropy(x, W, y)`` equals ``cross_entropy(x @ W.T + b, y)`` but walks the rows of
+``x`` in chunks. Per chunk of r rows (one reused ``[r, V]`` buffer):
+
+1. ``logits = x_chunk @ W.T (+ b)``                       torch.mm / addmm with ``out=`` the buffer
+2. loss and ``dlogits`` by ``xentkit.cross_entropy_and_grad(..., out=logits)``: the fused kernel
+   overwrites the logits with their gradient, already scaled by the reduction
+3. ``grad_x[chunk] = dlogits @ W``                        written in place into grad_x's rows
+4. ``grad_W += dlogits.T @ x_chunk``,  ``grad_b += Σ_rows dlogits``   accumulated in place
+
+So for "mean"/"sum" all gradients are computed in the forward pass (when anything requires a
+gradient) and backward only multiplies them by the scalar upstream gradient. For "none" the
+upstream gradient is per row and ``grad_W = Σ_i g_i·dlogits_iᵀ x_i`` cannot be factored out of a
+stored sum, so forward computes only the losses and backward runs the chunks again with the
+upstream gradient (one extra logits matmul; the way torch's chunked op does it too).
+
+The "mean" denominator is computed from target and weight before the chunks: Σ w_y over the
+non-ignored rows (hard labels, as torch) or N (probabilities). The z-loss term is averaged over
+the non-ignored rows instead; passing ``z_loss·denominator/count`` to each chunk's "sum" makes
+one upstream scale 1/denominator serve both terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+import xentkit
+
+from . import _bridge, _torch_ops
+
+__all__ = ["chunk_rows_for", "linear_cross_entropy"]
+
+# Chunk sizing: a chunk's logits take at most 1/16 of the full logits' bytes and at most this
+# budget, but never less than the floor (tiny problems are not cut into slivers). Measured on
+# 2 cores (N=4096, D=1024, V=32000, float32): the three chunked matmuls take the time of the
+# unchunked ones from 256 rows (32 MiB of logits) up, and ~5% more at 128 rows.
+CHUNK_FRACTION = 16
+CHUNK_BUDGET_BYTES = 32 * 2**20
+CHUNK_FLOOR_BYTES = 2 * 2**20
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def chunk_rows_for(rows: int, classes: int, itemsize: int, chunk_size: int | None = None) -> int:
+    """How many rows one chunk processes.
+
+    ``chunk_size`` wins when given. Otherwise the chunk's logits (``chunk × classes × itemsize``
+    bytes) stay within 1/16 of the full logits and within ``CHUNK_BUDGET_BYTES``, whichever is
+    smaller, rounded down to a multiple of 8 rows (matmul-friendly), but take at least
+    ``CHUNK_FLOOR_BYTES`` (or everything, when that is less).
+
+    >>> chunk_rows_for(4096, 32000, 4)   # min(4096/16, 32 MiB / (32000·4 B) = 262) = 256 rows
+    256
+    """
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        return max(1, min(chunk_size, rows))
+    row_bytes = max(1, classes * itemsize)
+    by_fraction = math.ceil(rows / CHUNK_FRACTION)
+    by_budget = CHUNK_BUDGET_BYTES // row_bytes
+    chunk = min(by_fraction, by_budget)
+    if chunk >= 16:
+        chunk -= chunk % 8
+    floor = CHUNK_FLOOR_BYTES // row_bytes
+    return max(1, min(rows, max(chunk, floor)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    chunk_rows: int
+
+
+@dataclasses.dataclass
+class _PassResult:
+    loss: float | np.ndarray  # the chunk losses' sum ("sum"), or one per row ("none")
+    grad_input: Tensor | None
+    grad_weight: Tensor | None
+    grad_bias: Tensor | None
+
+
+def _chunked_pass(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    target: np.ndarray,
+    class_weight: np.ndarray | None,
+    options: _Options,
+    *,
+    reduction: str,
+    z_loss: float,
+    grad_output: float | np.ndarray | None,
+    want: tuple[bool, bool, bool],
+) -> _PassResult:
+    """One sweep over the row chunks; gradients only when ``grad_output`` is given.
+
+    ``reduction`` is the api's per-chunk reduction ("sum" or "none"); ``grad_output`` the
+    upstream gradient: a scalar for "sum" (the "mean" scale folded in), one value per row for
+    "none". ``want`` says which of (input, weight, bias) gradients to compute.
+    """
+    rows = x.shape[0]
+    classes = w.shape[0]
+    chunk_rows = options.chunk_rows
+    want_grad = grad_output is not None and any(want)
+    buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype)
+    # Gradients start empty: the first chunk writes them with out=, later chunks add in place.
+    new = torch.empty_like if rows > 0 else torch.zeros_like
+    grad_input = new(x) if want_grad and want[0] else None
+    grad_weight = new(w) if want_grad and want[1] else None
+    grad_bias = new(b) if want_grad and want[2] and b is not None else None
+    loss_rows = np.empty(rows, dtype=np.float64) if reduction == "none" else None
+    total = 0.0
+    api_options = {
+        "weight": class_weight,
+        "ignore_index": options.ignore_index,
+        "reduction": reduction,
+        "label_smoothing": options.label_smoothing,
+        "z_loss": z_loss,
+        "softcap": options.softcap,
+        "check_probabilities": False,  # logits can look like probabilities; torch never checks
+    }
+    w_t = w.t()
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        x_chunk = x[start:stop]
+        logits = buffer[: stop - start]
+        # 1. logits = x W^T (+ b), into the reused buffer.
+        if b is None:
+            torch.mm(x_chunk, w_t, out=logits)
+        else:
+            torch.addmm(b, x_chunk, w_t, out=logits)
+        logits_array = logits.numpy()
+        labels = target[start:stop]
+        if not want_grad:
+            loss = xentkit.cross_entropy(logits_array, labels, **api_options)
+        else:
+            # 2. loss and dlogits in one fused sweep; the gradient overwrites the logits.
+            upstream = grad_output if reduction != "none" else grad_output[start:stop]
+            loss, _ = xentkit.cross_entropy_and_grad(
+                logits_array, labels, grad_output=upstream, out=logits_array, **api_options
+            )
+            dlogits = logits
+            # 3. grad_x rows = dlogits W.
+            if grad_input is not None:
+                torch.mm(dlogits, w, out=grad_input[start:stop])
+            # 4. grad_W += dlogits^T x_chunk, grad_b += column sums of dlogits.
+            if grad_weight is not None:
+                if start == 0:
+                    torch.mm(dlogits.t(), x_chunk, out=grad_weight)
+                else:
+                    grad_weight.addmm_(dlogits.t(), x_chunk)
+            if grad_bias is not None:
+                if start == 0:
+                    torch.sum(dlogits, dim=0, out=grad_bias)
+                else:
+                    grad_bias.add_(dlogits.sum(dim=0))
+        if loss_rows is not None:
+            loss_rows[start:stop] = loss
+        else:
+            total += float(loss)
+    return _PassResult(loss_rows if loss_rows is not None else total, grad_input, grad_weight, grad_bias)
+
+
+def _checked_labels(target: np.ndarray, classes: int, ignore_index: int) -> np.ndarray:
+    """The non-ignored mask of hard labels; a label outside [0, classes) is a ValueError."""
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= classes))
+    if bad.any():
+        position = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"target has label {int(target[position])} at position ({position},) but linear_weight "
+            f"has {classes} rows (classes); labels must be in [0, {classes}) or equal "
+            f"ignore_index={ignore_index}"
+        )
+    return valid
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Chunked linear + cross-entropy; see the module docstring for the algorithm."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        linear_weight: Tensor,
+        linear_bias: Tensor | None,
+        target: Tensor,
+        weight: Tensor | None,
+        options: _Options,
+        grad_enabled: bool,
+    ) -> Tensor:
+        x = input.detach().contiguous()
+        w = linear_weight.detach().contiguous()
+        b = None if linear_bias is None else linear_bias.detach().contiguous()
+        target_array = _bridge.as_numpy(target)
+        class_weight = _bridge.optional_numpy(weight)
+        want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
+        ctx.options = options
+        ctx.grad_input = ctx.grad_weight = ctx.grad_bias = None
+
+        if options.reduction == "none":
+            # Forward computes the losses only; backward needs the per-row upstream gradient.
+            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
+            result = _chunked_pass(
+                x, w, b, target_array, class_weight, options, reduction="none",
+                z_loss=options.z_loss, grad_output=None, want=want,
+            )
+            return _bridge.as_tensor(result.loss, x.dtype)
+
+        rows, classes = x.shape[0], w.shape[0]
+        if target.is_floating_point():
+            count = denominator = float(rows)
+        else:
+            valid = _checked_labels(target_array, classes, options.ignore_index)
+            count = float(np.count_nonzero(valid))
+            denominator = count if class_weight is None else float(
+                np.sum(class_weight[target_array[valid]], dtype=np.float64)
+            )
+        if options.reduction == "sum":
+            scale, z_loss = 1.0, options.z_loss
+        elif denominator != 0.0:
+            # "mean": main term over the denominator, z term over the count (module docstring).
+            scale, z_loss = 1.0 / denominator, options.z_loss * denominator / count
+        else:  # nothing to average: loss 0, gradients 0 (torch gives NaN)
+            if any(want):
+                ctx.grad_input = torch.zeros_like(x) if want[0] else None
+                ctx.grad_weight = torch.zeros_like(w) if want[1] else None
+                ctx.grad_bias = torch.zeros_like(b) if want[2] else None
+            return torch.zeros((), dtype=x.dtype)
+
+        result = _chunked_pass(
+            x, w, b, target_array, class_weight, options, reduction="sum", z_loss=z_loss,
+            grad_output=scale if any(want) else None, want=want,
+        )
+        ctx.grad_input, ctx.grad_weight, ctx.grad_bias = (
+            result.grad_input, result.grad_weight, result.grad_bias,
+        )
+        return torch.tensor(result.loss * scale, dtype=x.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only("linear_cross_entropy")
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        options: _Options = ctx.options
+        if options.reduction == "none":
+            input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+            want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+            upstream = np.ascontiguousarray(_bridge.as_numpy(grad_output), dtype=np.float64)
+            result = _chunked_pass(
+                input.detach().contiguous(),
+                linear_weight.detach().contiguous(),
+                None if linear_bias is None else linear_bias.detach().contiguous(),
+                _bridge.as_numpy(target),
+                _bridge.optional_numpy(weight),
+                options,
+                reduction="none",
+                z_loss=options.z_loss,
+                grad_output=upstream.reshape(-1),
+                want=want,
+            )
+            return result.grad_input, result.grad_weight, result.grad_bias, None, None, None, None
+
+        gradients = []
+        for name in ("grad_input", "grad_weight", "grad_bias"):
+            if getattr(ctx, name) is None and not ctx.needs_input_grad[len(gradients)]:
+                gradients.append(None)
+                continue
+            gradient, owned = _bridge.take_saved_gradient(ctx, name, "linear_cross_entropy")
+            gradients.append(_bridge.scale_gradient(gradient, grad_output, owned))
+        return (*gradients, None, None, None, None)
+
+
+def _fused_applies(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+) -> bool:
+    """Whether the chunked NumPy path handles the call (else: plain torch ops)."""
+    if input.dtype not in _FUSED_DTYPES or input.dim() not in (1, 2) or linear_weight.dim() != 2:
+        return False
+    if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
+        return False
+    if linear_bias is not None and linear_bias.dim() != 1:
+        return False
+    return _bridge.runs_on_xentkit(
+        input, linear_weight, linear_bias, target, weight, grad_free=(target, weight)
+    )
+
+
+def _check_shapes(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor,
+    weight: Tensor | None,
+) -> None:
+    classes, features = linear_weight.shape
+    if input.shape[-1] != features:
+        raise ValueError(
+            f"input must have linear_weight's in_features={features} as its last dimension, "
+            f"got input of shape {tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}"
+        )
+    if linear_bias is not None and linear_bias.shape != (classes,):
+        raise ValueError(f"linear_bias must have shape ({classes},), got {tuple(linear_bias.shape)}")
+    if weight is not None and weight.shape != (classes,):
+        raise ValueError(
+            f"weight must have shape ({classes},), one value per class, got {tuple(weight.shape)}"
+        )
+    rows = input.shape[:-1]
+    if target.is_floating_point():
+        if target.shape != (*rows, classes):
+            raise ValueError(
+                f"target of class probabilities must have shape {(*rows, classes)}, "
+                f"got {tuple(target.shape)}"
+            )
+    elif target.shape != rows:
+        raise ValueError(
+            f"target of class indices must have shape {tuple(rows)} (one per input row), "
+            f"got {tuple(target.shape)}"
+        )
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
+
+    The same value and gradients as ``cross_entropy(F.linear(input, linear_weight, linear_bias),
+    target, ...)`` and as ``torch.nn.functional.linear_cross_entropy`` (whose arguments it takes,
+    with ``chunk_size``, ``z_loss`` and ``softcap`` instead of ``options``). With logits
+    z = x Wᵀ + b per row, lse = log Σ_c exp(z_c), class weights w, smoothing ε and V classes:
+
+        class index y:     loss = (1 − ε)·w_y·(lse − z_y) + (ε/V)·Σ_c w_c·(lse − z_c)
+        probabilities q:   loss = −Σ_c w_c·((1 − ε)·q_c + ε/V)·(z_c − lse)
+        z_loss, softcap:   + z_loss·lse²  and  z = s·tanh(z/s), as in :func:`cross_entropy`
+
+    and ∂loss/∂x = dz·W, ∂loss/∂W = dzᵀ·x, ∂loss/∂b = Σ_rows dz with dz the logits' gradient.
+
+    Rows are processed ``chunk_size`` at a time (default: chunk logits at most 1/16 of the full
+    logits and at most 32 MiB); the fused kernel turns each chunk's logits into their gradient in
+    place, which three matmuls per chunk turn into the input, weight and bias gradients. For
+    "mean" and "sum" every gradient is computed in the forward pass (when one is needed) and the
+    backward only scales it; it is then handed over to autograd, so a second backward needs
+    ``retain_graph=True`` on the first. "none" computes the losses in forward and the gradients in
+    backward (one extra logits matmul). "mean" with every target ignored gives 0 (torch: NaN).
+
+    Shapes: input ``[N, D]`` or ``[D]``; linear_weight ``[V, D]``; linear_bias ``[V]``; target
+    int64 ``[N]`` (``[]``) or probabilities ``[N, V]`` (``[V]``); weight ``[V]``. The loss is a
+    scalar, or ``[N]`` for "none". Float32/float64 CPU tensors take the chunked path; other devices
+    and dtypes (float16, bfloat16), multi-dimensional ``linear_weight`` and gradients with respect to
+    target or class weight compute the logits with ``F.linear`` and the loss with torch ops.
+    ``ignore_index=None`` means -100, as in torch. Double backward raises.
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> x = torch.tensor([[1.0, 2.0], [0.5, -1.0], [0.0, 1.0]], requires_grad=True)
+        >>> W = torch.tensor([[0.5, -0.5], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+        >>> loss = xt.linear_cross_entropy(x, W, torch.tensor([2, 0, 1]))
+        >>> loss
+        tensor(0.8350, grad_fn=<_LinearCrossEntropyFunctionBackward>)
+        >>> loss.backward()
+        >>> W.grad
+        tensor([[-0.0624,  0.2471],
+                [ 0.1510, -0.2201],
+                [-0.0886, -0.0270]])
+
+    See also: :func:`cross_entropy` (logits already computed), :class:`LinearCrossEntropyLoss`.
+    """
+    if ignore_index is None:
+        ignore_index = -100
+    ignore_index = _bridge.check_ignore_index(ignore_index)
+    reduction = _bridge.check_reduction(reduction)
+    label_smoothing = _bridge.check_label_smoothing(label_smoothing)
+    z_loss = _bridge.check_z_loss(z_loss)
+    softcap = _bridge.check_softcap(softcap)
+    if linear_weight.dim() < 2:
+        raise ValueError(
+            f"linear_weight must have shape (num_classes, in_features), got {tuple(linear_weight.shape)}"
+        )
+    if input.dim() not in (1, 2):
+        raise ValueError(
+            f"input must have shape (N, in_features) or (in_features,), got {tuple(input.shape)}; "
+            "flatten leading dimensions first: input.reshape(-1, D), target.reshape(-1)"
+        )
+
+    if not _fused_applies(input, linear_weight, linear_bias, target, weight):
+        logits = F.linear(input, linear_weight.flatten(0, -2), None)
+        if linear_weight.dim() > 2:  # K-dimensional loss: classes on axis 1, then d1..dk
+            logits = logits.unflatten(-1, linear_weight.shape[:-1])
+        if linear_bias is not None:
+            logits = logits + linear_bias
+        return _torch_ops.cross_entropy(
+            logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
+
+    _check_shapes(input, linear_weight, linear_bias, target, weight)
+    unbatched = input.dim() == 1
+    if unbatched:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    options = _Options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        chunk_rows=chunk_rows_for(
+            input.shape[0], linear_weight.shape[0], input.element_size(), chunk_size
+        ),
+    )
+    loss = _LinearCrossEntropyFunction.apply(
+        input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
+    )
+    return loss.squeeze(0) if unbatched and reduction == "none" else loss

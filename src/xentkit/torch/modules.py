@@ -1,0 +1,175 @@
+"""``nn.Module`` losses: subclasses of torch's, so ``isinstance``, ``state_dict`` (the ``weight`` and
+``pos_weight`` buffers) and the legacy ``size_average`` / ``reduce`` handling are torch's own;
+only ``forward`` changes, to call :mod:`xentkit.torch.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional
+from .linear_cross_entropy import linear_cross_entropy
+
+__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss"]
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` on xentkit's fused kernels, plus ``z_loss`` and ``softcap``.
+
+    Arguments and shapes as torch's; the formula, the extras and the differences from torch (a
+    "mean" of nothing is 0, double backward raises) are in :func:`xentkit.torch.cross_entropy`.
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> criterion = xt.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+        >>> criterion(torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([0]))
+        tensor(0.3918)
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        check_probabilities: bool = True,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.check_probabilities = check_probabilities
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            check_probabilities=self.check_probabilities,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
+        )
+
+
+class NLLLoss(torch.nn.NLLLoss):
+    """``torch.nn.NLLLoss`` on xentkit's api; see :func:`xentkit.torch.nll_loss`.
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> xt.NLLLoss()(torch.tensor([[-0.2, -1.7]]), torch.tensor([1]))
+        tensor(1.7000)
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.nll_loss(
+            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` on xentkit's api; see
+    :func:`xentkit.torch.binary_cross_entropy_with_logits`.
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> xt.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0]))(torch.tensor([0.5]), torch.tensor([1.0]))
+        tensor(0.9482)
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.binary_cross_entropy_with_logits(
+            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
+        )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """A linear layer and cross-entropy fused: ``CrossEntropyLoss()(self.linear(input), target)``
+    without the full logits; see :func:`xentkit.torch.linear_cross_entropy`.
+
+    Like ``torch.nn.LinearCrossEntropyLoss`` (the same ``self.linear`` layout, so state dicts
+    load both ways, 2-D case only), with ``z_loss``, ``softcap`` and ``chunk_size`` in place of
+    ``options``. Shapes: input ``[N, in_features]`` or ``[in_features]``; target ``[N]`` (class
+    indices) or ``[N, num_classes]`` (probabilities).
+
+    Example:
+        >>> import torch
+        >>> import xentkit.torch as xt
+        >>> _ = torch.manual_seed(0)
+        >>> head = xt.LinearCrossEntropyLoss(4, 10)
+        >>> loss = head(torch.randn(8, 4), torch.randint(0, 10, (8,)))
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(
+                f"weight must have shape ({num_classes},), one value per class, got {tuple(weight.shape)}"
+            )
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.linear = torch.nn.Linear(
+            in_features, num_classes, bias=bias, device=device, dtype=dtype
+        )
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}"
+        )

@@ -1,0 +1,622 @@
+"""xentkit.torch drop-in losses against torch.nn.functional: values, gradients, autograd contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit  # noqa: E402
+import xentkit.torch as xt  # noqa: E402
+from xentkit.torch import _bridge, functional  # noqa: E402
+
+# One table of tolerances: (atol, rtol) per dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-6, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+SHAPES = {
+    "N,C": (7, 5),
+    "N,C,d1,d2": (3, 4, 2, 3),
+    "C": (6,),
+}
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def assert_close(actual, expected, dtype=None):
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, check_dtype=False)
+
+
+def _sample_shape(shape):
+    return shape[:1] + shape[2:] if len(shape) >= 2 else ()
+
+
+def _class_count(shape):
+    return shape[1] if len(shape) >= 2 else shape[0]
+
+
+def make_case(shape, kind, *, dtype=torch.float64, seed=0, ignore_index=None, fraction_ignored=0.3):
+    """Logits (requires grad), a target and the sample shape, reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+    logits.requires_grad_(True)
+    classes = _class_count(shape)
+    sample_shape = _sample_shape(shape)
+    if kind == "probabilities":
+        class_dim = 1 if len(shape) >= 2 else 0
+        target = torch.randn(shape, generator=generator, dtype=torch.float64).softmax(class_dim).to(dtype)
+    else:
+        target = torch.randint(0, classes, sample_shape, generator=generator)
+        if ignore_index is not None and target.dim() > 0:
+            mask = torch.rand(sample_shape, generator=generator) < fraction_ignored
+            target = target.masked_fill(mask, ignore_index)
+    return logits, target, sample_shape
+
+
+def run_both(loss_xentkit, loss_torch, logits, sample_shape, reduction, seed=1):
+    """Loss and input gradient of both, with a non-uniform upstream gradient for "none"."""
+    results = []
+    generator = torch.Generator().manual_seed(seed)
+    upstream = (torch.rand(sample_shape, generator=generator, dtype=torch.float64) + 0.5).to(logits.dtype)
+    for loss_function in (loss_xentkit, loss_torch):
+        logits.grad = None
+        loss = loss_function(logits)
+        if reduction == "none":
+            loss.backward(upstream)
+        else:
+            loss.backward()
+        results.append((loss.detach(), logits.grad.clone()))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy: parity with torch for every option torch has
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize(
+    ("kind", "ignore_index", "use_weight", "label_smoothing"),
+    [
+        ("index", None, False, 0.0),
+        ("index", None, True, 0.0),
+        ("index", -100, False, 0.0),
+        ("index", -100, True, 0.2),
+        ("index", 1, True, 0.0),  # ignore_index may be a real class
+        ("index", None, False, 0.3),
+        ("probabilities", None, False, 0.0),
+        ("probabilities", None, True, 0.0),
+        ("probabilities", None, True, 0.25),
+    ],
+)
+def test_cross_entropy_matches_torch(dtype, reduction, shape_name, kind, ignore_index, use_weight, label_smoothing):
+    shape = SHAPES[shape_name]
+    logits, target, sample_shape = make_case(shape, kind, dtype=dtype, ignore_index=ignore_index)
+    weight = torch.rand(_class_count(shape), dtype=dtype) + 0.5 if use_weight else None
+    options = {"weight": weight, "reduction": reduction, "label_smoothing": label_smoothing}
+    if ignore_index is not None:
+        options["ignore_index"] = ignore_index
+    (loss, grad), (expected_loss, expected_grad) = run_both(
+        lambda x: xt.cross_entropy(x, target, **options),
+        lambda x: F.cross_entropy(x, target, **options),
+        logits, sample_shape, reduction,
+    )
+    if reduction == "mean" and not torch.isfinite(expected_loss):
+        pytest.skip("torch's mean of nothing is NaN; xentkit's is 0 (tested separately)")
+    assert loss.dtype == expected_loss.dtype and loss.shape == expected_loss.shape
+    assert_close(loss, expected_loss)
+    assert_close(grad, expected_grad)
+
+
+def torch_cross_entropy_with_extras(logits, target, *, reduction, z_loss, softcap, ignore_index=-100, **options):
+    """The extras written out in torch ops, as the docstring states them."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    class_dim = 1 if logits.dim() >= 2 else 0
+    per_sample = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore_index, **options)
+    z_term = z_loss * torch.logsumexp(logits, class_dim) ** 2
+    if target.is_floating_point():
+        valid = torch.ones_like(z_term, dtype=torch.bool)
+    else:
+        valid = target != ignore_index
+        z_term = z_term * valid
+    if reduction == "none":
+        return per_sample + z_term
+    if reduction == "sum":
+        return per_sample.sum() + z_term.sum()
+    main = F.cross_entropy(logits, target, reduction="mean", ignore_index=ignore_index, **options)
+    return main + z_term.sum() / valid.sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape_name", ["N,C", "N,C,d1,d2"])
+@pytest.mark.parametrize("kind", ["index", "probabilities"])
+@pytest.mark.parametrize(("z_loss", "softcap"), [(1e-2, None), (0.0, 2.0), (0.05, 3.0)])
+def test_cross_entropy_extras_match_their_formula(reduction, shape_name, kind, z_loss, softcap):
+    shape = SHAPES[shape_name]
+    logits, target, sample_shape = make_case(shape, kind, ignore_index=-100)
+    weight = torch.rand(_class_count(shape), dtype=torch.float64) + 0.5
+    options = {"weight": weight, "label_smoothing": 0.1, "reduction": reduction}
+    (loss, grad), (expected_loss, expected_grad) = run_both(
+        lambda x: xt.cross_entropy(x, target, z_loss=z_loss, softcap=softcap, **options),
+        lambda x: torch_cross_entropy_with_extras(x, target, z_loss=z_loss, softcap=softcap, **options),
+        logits, sample_shape, reduction,
+    )
+    assert_close(loss, expected_loss)
+    assert_close(grad, expected_grad)
+
+
+GRADCHECK_OPTIONS = [
+    {},
+    {"use_weight": True, "ignore_index": -100, "label_smoothing": 0.1},
+    {"ignore_index": 2, "z_loss": 0.05},
+    {"use_weight": True, "softcap": 2.5, "z_loss": 0.01, "label_smoothing": 0.2},
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("kind", ["index", "probabilities"])
+@pytest.mark.parametrize("option_set", range(len(GRADCHECK_OPTIONS)))
+def test_cross_entropy_gradcheck(reduction, shape_name, kind, option_set):
+    options = dict(GRADCHECK_OPTIONS[option_set])
+    shape = SHAPES[shape_name]
+    ignore_index = options.pop("ignore_index", None)
+    logits, target, _ = make_case(shape, kind, ignore_index=ignore_index, fraction_ignored=0.2)
+    if options.pop("use_weight", False):
+        options["weight"] = torch.rand(_class_count(shape), dtype=torch.float64) + 0.5
+    if ignore_index is not None:
+        options["ignore_index"] = ignore_index
+    assert torch.autograd.gradcheck(
+        lambda x: xt.cross_entropy(x, target, reduction=reduction, **options), (logits,)
+    )
+
+
+def test_cross_entropy_float16_is_computed_in_float32():
+    logits, target, _ = make_case((16, 10), "index", dtype=torch.float16, ignore_index=-100)
+    loss = xt.cross_entropy(logits, target, label_smoothing=0.1)
+    loss.backward()
+    assert loss.dtype == torch.float16 and logits.grad.dtype == torch.float16
+    reference = logits.detach().float().requires_grad_(True)
+    expected = F.cross_entropy(reference, target, label_smoothing=0.1)
+    expected.backward()
+    assert_close(loss, expected.half())
+    assert_close(logits.grad, reference.grad.half())
+
+
+def test_cross_entropy_accepts_non_contiguous_input():
+    base = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (9,))
+    logits = base.t()  # (9, 5), not contiguous
+    assert not logits.is_contiguous()
+    loss = xt.cross_entropy(logits, target, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, base)
+    expected = F.cross_entropy(logits, target, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, base)
+    assert_close(loss, expected)
+    assert_close(grad, expected_grad)
+
+
+def test_mean_over_nothing_is_zero_not_nan():
+    logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.full((4,), -100)
+    loss = xt.cross_entropy(logits, target, z_loss=0.1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(logits.grad) == 0
+    assert torch.isnan(F.cross_entropy(logits, target))  # torch's behaviour, documented as different
+
+
+def test_gradient_is_scaled_by_the_upstream_gradient():
+    logits, target, _ = make_case((6, 4), "index")
+    (3.5 * xt.cross_entropy(logits, target, label_smoothing=0.1)).backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    (3.5 * F.cross_entropy(logits, target, label_smoothing=0.1)).backward()
+    assert_close(grad, logits.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# nll_loss and binary_cross_entropy_with_logits
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize(("ignore_index", "use_weight"), [(None, False), (-100, True), (2, False)])
+def test_nll_loss_matches_torch(reduction, shape_name, ignore_index, use_weight):
+    shape = SHAPES[shape_name]
+    raw, target, sample_shape = make_case(shape, "index", ignore_index=ignore_index)
+    log_probs = raw.detach().log_softmax(1 if len(shape) >= 2 else 0).requires_grad_(True)
+    options = {"reduction": reduction}
+    if use_weight:
+        options["weight"] = torch.rand(_class_count(shape), dtype=torch.float64) + 0.5
+    if ignore_index is not None:
+        options["ignore_index"] = ignore_index
+    (loss, grad), (expected_loss, expected_grad) = run_both(
+        lambda x: xt.nll_loss(x, target, **options),
+        lambda x: F.nll_loss(x, target, **options),
+        log_probs, sample_shape, reduction,
+    )
+    if reduction == "mean" and not torch.isfinite(expected_loss):
+        pytest.skip("torch's mean of nothing is NaN; xentkit's is 0")
+    assert_close(loss, expected_loss)
+    assert_close(grad, expected_grad)
+    assert torch.autograd.gradcheck(lambda x: xt.nll_loss(x, target, **options), (log_probs,))
+
+
+BCE_WEIGHTS = {
+    "none": lambda shape: (None, None),
+    "weight per class": lambda shape: (torch.rand(shape[-1], dtype=torch.float64) + 0.5, None),
+    "weight per row": lambda shape: (torch.rand(shape[0], *[1] * (len(shape) - 1), dtype=torch.float64) + 0.5, None),
+    "pos_weight": lambda shape: (None, torch.rand(shape[-1], dtype=torch.float64) * 3),
+    "both": lambda shape: (torch.rand(shape, dtype=torch.float64), torch.rand(shape[-1], dtype=torch.float64) * 3),
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(6, 4), (2, 3, 5)])
+@pytest.mark.parametrize("weights", list(BCE_WEIGHTS))
+def test_binary_cross_entropy_with_logits_matches_torch(reduction, shape, weights):
+    generator = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(shape, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    target = torch.rand(shape, generator=generator, dtype=torch.float64).round()
+    weight, pos_weight = BCE_WEIGHTS[weights](shape)
+    options = {"weight": weight, "pos_weight": pos_weight, "reduction": reduction}
+    (loss, grad), (expected_loss, expected_grad) = run_both(
+        lambda x: xt.binary_cross_entropy_with_logits(x, target, **options),
+        lambda x: F.binary_cross_entropy_with_logits(x, target, **options),
+        logits, shape, reduction,
+    )
+    assert_close(loss, expected_loss)
+    assert_close(grad, expected_grad)
+    assert torch.autograd.gradcheck(
+        lambda x: xt.binary_cross_entropy_with_logits(x, target, **options), (logits,)
+    )
+
+
+def test_bce_pos_weight_of_torch_only_shape_goes_to_torch():
+    logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(4, 3, dtype=torch.float64)
+    pos_weight = torch.rand(4, 3, dtype=torch.float64)  # any broadcastable shape, torch only
+    loss = xt.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+    assert_close(loss, F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight))
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd contract: forward-only work, version counters, retain_graph, double backward
+
+LOSSES = {
+    "cross_entropy": (lambda x, t, **kw: xt.cross_entropy(x, t, **kw), F.cross_entropy, "index"),
+    "nll_loss": (lambda x, t, **kw: xt.nll_loss(x, t, **kw), F.nll_loss, "index"),
+    "bce_with_logits": (
+        lambda x, t, **kw: xt.binary_cross_entropy_with_logits(x, t, **kw),
+        F.binary_cross_entropy_with_logits,
+        "probabilities",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_double_backward_raises(name):
+    loss_function, _, kind = LOSSES[name]
+    logits, target, _ = make_case((5, 4), kind)
+    loss = loss_function(logits, target, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        grad.sum().backward()
+    # A gradient penalty must not be silently dropped (once_differentiable would drop it here,
+    # since the upstream gradient of a create_graph=True call does not require grad).
+    loss = loss_function(logits, target, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (loss + grad.square().sum()).backward()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_retain_graph_backward_twice_accumulates_like_torch(name, reduction):
+    loss_function, torch_function, kind = LOSSES[name]
+    logits, target, _ = make_case((5, 4), kind)
+    results = []
+    for function in (loss_function, torch_function):
+        logits.grad = None
+        loss = function(logits, target, reduction=reduction).sum()
+        loss.backward(retain_graph=True)
+        (2.0 * loss).backward()
+        results.append(logits.grad.clone())
+    assert_close(*results)
+
+
+def test_second_backward_without_retain_graph_raises_clearly():
+    logits, target, _ = make_case((5, 4), "index")
+    loss = xt.cross_entropy(logits, target)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_forward_does_not_touch_the_input(name):
+    loss_function, _, kind = LOSSES[name]
+    logits, target, _ = make_case((5, 4), kind)
+    before, version = logits.detach().clone(), logits._version
+    loss_function(logits, target).backward()
+    assert torch.equal(logits.detach(), before) and logits._version == version
+
+
+def test_other_users_of_the_logits_see_their_original_values():
+    """The Liger-Kernel failure: a gradient written over the logits behind autograd's back."""
+    leaf = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (6,))
+    grads = []
+    for loss_function in (xt.cross_entropy, F.cross_entropy):
+        leaf.grad = None
+        logits = leaf.exp()  # exp saves its output for backward
+        loss = loss_function(logits, target) + (logits * torch.arange(5.0, dtype=torch.float64)).sum()
+        loss.backward()
+        grads.append(leaf.grad.clone())
+    assert_close(*grads)
+
+
+def test_input_changed_after_forward_gives_the_forward_gradient_like_torch():
+    leaf = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (6,))
+    grads = []
+    for loss_function in (xt.cross_entropy, F.cross_entropy):
+        leaf.grad = None
+        logits = leaf * 1.0
+        loss = loss_function(logits, target)
+        logits.add_(10.0)  # after forward: the loss was computed from the old values
+        loss.backward()
+        grads.append(leaf.grad.clone())
+    assert_close(*grads)
+    leaf.grad = None
+    F.cross_entropy(leaf, target).backward()
+    assert_close(grads[0], leaf.grad)  # the gradient at the values the loss saw
+
+
+@pytest.mark.parametrize(
+    ("loss_function", "transform"),
+    [(xt.cross_entropy, torch.exp), (xt.nll_loss, lambda x: x.log_softmax(1))],
+)
+def test_input_saved_for_backward_and_changed_raises_version_error(loss_function, transform):
+    leaf = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (6,))
+    logits = transform(leaf)  # both exp and log_softmax save their output
+    loss = loss_function(logits, target)
+    logits.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_no_gradient_work_without_requires_grad(name, monkeypatch):
+    loss_function, torch_function, kind = LOSSES[name]
+    logits, target, _ = make_case((5, 4), kind)
+    logits = logits.detach()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("gradient computed although nothing requires it")
+
+    for api_name in ("cross_entropy_and_grad", "nll_loss_and_grad", "binary_cross_entropy_with_logits_and_grad"):
+        monkeypatch.setattr(xentkit, api_name, fail)
+    loss = loss_function(logits, target)
+    assert loss.grad_fn is None
+    assert_close(loss, torch_function(logits, target))
+    with torch.no_grad():
+        assert_close(loss_function(logits.requires_grad_(True), target), torch_function(logits, target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallbacks to torch ops
+
+
+def _forbid_xentkit(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("xentkit's NumPy api called on a tensor it cannot view")
+
+    for api_name in ("cross_entropy", "cross_entropy_and_grad", "nll_loss", "nll_loss_and_grad"):
+        monkeypatch.setattr(xentkit, api_name, fail)
+
+
+def test_bfloat16_goes_to_torch_ops(monkeypatch):
+    _forbid_xentkit(monkeypatch)
+    logits, target, _ = make_case((8, 6), "index", dtype=torch.bfloat16, ignore_index=-100)
+    loss = xt.cross_entropy(logits, target, label_smoothing=0.1)
+    loss.backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    expected = F.cross_entropy(logits, target, label_smoothing=0.1)
+    expected.backward()
+    assert loss.dtype == torch.bfloat16
+    assert_close(loss, expected)
+    assert_close(grad, logits.grad)
+
+
+def test_meta_device_goes_to_torch_ops(monkeypatch):
+    _forbid_xentkit(monkeypatch)
+    logits = torch.empty(8, 6, 2, device="meta", requires_grad=True)
+    target = torch.empty(8, 2, dtype=torch.long, device="meta")
+    for reduction, shape in (("none", (8, 2)), ("mean", ()), ("sum", ())):
+        loss = xt.cross_entropy(logits, target, reduction=reduction, z_loss=0.1, softcap=5.0)
+        assert loss.device.type == "meta" and loss.shape == shape
+    assert xt.nll_loss(logits, target).device.type == "meta"
+
+
+def test_gradient_for_probability_target_goes_to_torch_ops():
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for loss_function in (xt.cross_entropy, F.cross_entropy):
+        logits.grad = teacher.grad = None
+        loss_function(logits, teacher.softmax(1), label_smoothing=0.1).backward()
+        grads.append((logits.grad.clone(), teacher.grad.clone()))
+    assert_close(grads[0][0], grads[1][0])
+    assert_close(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "probabilities"])
+def test_torch_ops_path_has_xentkit_semantics(reduction, kind, monkeypatch):
+    """The fallback keeps z-loss, softcap and "mean of nothing is 0", so devices agree."""
+    logits, target, sample_shape = make_case((6, 5, 2), kind, ignore_index=-100)
+    options = {
+        "weight": torch.rand(5, dtype=torch.float64) + 0.5, "label_smoothing": 0.1,
+        "z_loss": 0.02, "softcap": 4.0, "reduction": reduction,
+    }
+    fused = run_both(
+        lambda x: xt.cross_entropy(x, target, **options), lambda x: xt.cross_entropy(x, target, **options),
+        logits, sample_shape, reduction,
+    )[0]
+    monkeypatch.setattr(functional._bridge, "runs_on_xentkit", lambda *args, **kwargs: False)
+    fallback = run_both(
+        lambda x: xt.cross_entropy(x, target, **options), lambda x: xt.cross_entropy(x, target, **options),
+        logits, sample_shape, reduction,
+    )[0]
+    assert_close(fused[0], fallback[0])
+    assert_close(fused[1], fallback[1])
+    if kind == "index":
+        ignored = torch.full_like(target, -100)
+        loss = xt.cross_entropy(logits, ignored, **options)
+        if reduction != "none":
+            assert loss.item() == 0.0
+
+
+def test_runs_on_xentkit_rules():
+    x = torch.randn(3, 4)
+    target = torch.tensor([0, 1, 2])
+    assert _bridge.runs_on_xentkit(x, target)
+    assert not _bridge.runs_on_xentkit(x.bfloat16(), target)
+    assert not _bridge.runs_on_xentkit(torch.empty(3, 4, device="meta"), target)
+    soft = torch.rand(3, 4, requires_grad=True)
+    assert not _bridge.runs_on_xentkit(x, soft, grad_free=(soft,))
+    with torch.no_grad():
+        assert _bridge.runs_on_xentkit(x, soft, grad_free=(soft,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+def test_modules_are_torch_modules_with_torch_state():
+    weight = torch.rand(4)
+    pairs = [
+        (xt.CrossEntropyLoss(weight, label_smoothing=0.1), torch.nn.CrossEntropyLoss),
+        (xt.NLLLoss(weight), torch.nn.NLLLoss),
+        (xt.BCEWithLogitsLoss(weight, pos_weight=torch.rand(4)), torch.nn.BCEWithLogitsLoss),
+    ]
+    for module, torch_class in pairs:
+        assert isinstance(module, torch_class)
+        reference = torch_class()
+        for key, value in module.state_dict().items():
+            assert key in ("weight", "pos_weight") and torch.equal(value, getattr(module, key))
+        del reference
+    assert "z_loss=0.0" in repr(xt.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize(
+    ("size_average", "reduce", "reduction"), [(False, None, "sum"), (None, False, "none"), (True, True, "mean")]
+)
+def test_legacy_size_average_and_reduce_map_like_torch(size_average, reduce, reduction):
+    logits, target, _ = make_case((5, 4), "index")
+    with pytest.warns(UserWarning, match="deprecated"):
+        module = xt.CrossEntropyLoss(size_average=size_average, reduce=reduce)
+    assert module.reduction == reduction
+    with pytest.warns(UserWarning, match="deprecated"):
+        loss = xt.cross_entropy(logits, target, None, size_average, -100, reduce)
+    assert_close(loss, F.cross_entropy(logits, target, reduction=reduction))
+
+
+@pytest.mark.parametrize(
+    ("xentkit_loss", "torch_loss", "kind"),
+    [
+        (xt.CrossEntropyLoss(label_smoothing=0.1), torch.nn.CrossEntropyLoss(label_smoothing=0.1), "index"),
+        (xt.NLLLoss(), torch.nn.NLLLoss(), "index"),
+        (xt.BCEWithLogitsLoss(), torch.nn.BCEWithLogitsLoss(), "probabilities"),
+    ],
+)
+def test_tiny_model_trains_to_the_same_parameters(xentkit_loss, torch_loss, kind):
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(32, 6, generator=generator, dtype=torch.float64)
+    if kind == "index":
+        target = torch.randint(0, 4, (32,), generator=generator)
+    else:
+        target = torch.rand(32, 4, generator=generator, dtype=torch.float64).round()
+    parameters = []
+    for criterion in (xentkit_loss, torch_loss):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4, dtype=torch.float64)
+        if isinstance(criterion, torch.nn.NLLLoss):
+            model = torch.nn.Sequential(model, torch.nn.LogSoftmax(dim=1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        for _ in range(8):
+            optimizer.zero_grad()
+            criterion(model(inputs), target).backward()
+            optimizer.step()
+        parameters.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert_close(*parameters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and packaging
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing must be in"),
+        ({"z_loss": -1.0}, ValueError, "z_loss must be"),
+        ({"softcap": 0.0}, ValueError, "softcap must be"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_options_name_the_argument(options, error, message):
+    logits, target, _ = make_case((3, 4), "index")
+    with pytest.raises(error, match=message):
+        xt.cross_entropy(logits, target, **options)
+
+
+def test_label_out_of_range_is_a_value_error():
+    logits = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="label 7"):
+        xt.cross_entropy(logits, torch.tensor([0, 7, 1]))
+
+
+def test_import_xentkit_does_not_import_torch():
+    code = "import sys, xentkit; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_all_exports_exist():
+    for name in xt.__all__:
+        assert callable(getattr(xt, name))
+
+
+def test_probabilities_passed_as_logits_warn_once_and_can_be_silenced():
+    import warnings
+
+    import xentkit
+    import xentkit.torch as xt
+
+    probs = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    target = torch.zeros(6, dtype=torch.long)
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning, match="softmax twice"):
+        xt.cross_entropy(probs, target)
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+        xt.CrossEntropyLoss()(probs.requires_grad_(), target).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xt.cross_entropy(probs, target, check_probabilities=False)
+        xt.CrossEntropyLoss(check_probabilities=False)(probs, target)
+        xt.cross_entropy(probs * 4, target)
