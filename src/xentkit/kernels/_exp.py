@@ -2,10 +2,11 @@
 
 Numba lowers ``math.exp`` / ``np.exp`` to a scalar libm call unless LLVM can use Intel's SVML
 (``numba -s`` shows ``SVML Operational: False`` on the machines this was written on). A libm
-call per element is about 4× too slow for a memory-bound kernel, and it stops LLVM from
-vectorizing the surrounding loop. The functions here are plain arithmetic (multiply-adds,
-compares, selects, bit casts), so LLVM inlines them and vectorizes the calling loop
-(``<16 x float>`` / ``zmm`` on AVX-512, ``<8 x float>`` / ``ymm`` on AVX2).
+call per element keeps the loop scalar: a float32 sum of exponentials measured 2.7 ns per
+element with ``math.exp`` against 0.11-0.15 ns with the functions here (AVX-512 machine, one
+core). These are plain arithmetic (multiply-adds, compares, selects, bit casts) compiled with
+``forceinline``, so LLVM inlines them and vectorizes the calling loop (``<16 x float>`` /
+``zmm`` on AVX-512, ``<8 x float>`` / ``ymm`` on AVX2).
 
 exp, for float32 and float64 (Cody & Waite range reduction)::
 
@@ -21,10 +22,15 @@ exp, for float32 and float64 (Cody & Waite range reduction)::
 Special values: −inf → 0, +inf → inf, NaN → NaN, overflow → inf, underflow → 0 (subnormals
 kept). Accuracy against ``np.exp``: ≤ 1 ulp (see ``tests/test_kernels.py``).
 
+``fast_exp_nonpositive`` is the softmax variant: its argument is z − max ≤ 0 (or −inf, NaN),
+so it skips the overflow clamp and multiplies by 2^k once, flushing results below the
+smallest normal float to 0 (float32: x < −87, where exp(x) < 1.7e-38). About 20% cheaper.
+
 tanh(u) and its derivative 1 − tanh²(u), for the softcap::
 
     a = |u|,  e = exp(−2a) ∈ (0, 1]
-    a ≥ 0.625:  tanh(a) = (1 − e) / (1 + e),    1 − tanh²(a) = 4e / (1 + e)²
+    a ≥ 0.625:  tanh(a) = (1 − e) / (1 + e),    1 − tanh²(a) = 4e / (1 + e)²   (e = 0 below
+                                                 the smallest normal: tanh = ±1, derivative 0)
     a < 0.625:  tanh(a) = a + a³·P(a²),          1 − tanh²(a) = 1 − tanh(a)²
     tanh(u) = sign(u)·tanh(a)
 
@@ -65,43 +71,55 @@ def maxnum(typingctx, a, b):
 
     def codegen(context, builder, signature, args):
         lty = args[0].type
-        fn = builder.module.declare_intrinsic("llvm.maxnum", [lty], ir.FunctionType(lty, [lty, lty]))
+        fn = builder.module.declare_intrinsic(
+            "llvm.maxnum", [lty], ir.FunctionType(lty, [lty, lty])
+        )
         return builder.call(fn, args)
 
     return a(a, b), codegen
 
 
-@intrinsic
-def _scale_by_rounded_pow2(typingctx, p, t):
-    """``p · 2^k`` where ``k`` sits in the low mantissa bits of ``t = v + 1.5·2^m``.
+def _make_pow2_scaler(split: bool):
+    """An intrinsic ``scale(p, t) = p · 2^k``, k sitting in the low mantissa bits of
+    ``t = v + 1.5·2^m`` (float32: k = bits(t) − bits(1.5·2^23); float64: bits(t) − bits(1.5·2^52)).
 
-    float32: k = bits(t) − bits(1.5·2^23); float64: k = bits(t) − bits(1.5·2^52). Computed as
-    p · 2^(k >> 1) · 2^(k − (k >> 1)), each factor built from its exponent bits. Integer work
-    stays in 32 (float32) or 64 (float64) bit lanes, so it vectorizes next to the floats.
+    ``split=True`` multiplies by 2^(k >> 1) and then 2^(k − (k >> 1)), so that subnormal results
+    round once and k up to the overflow point works; ``split=False`` multiplies by 2^k once and
+    needs k in the normal exponent range. Integer work stays in 32-bit (float32) or 64-bit
+    (float64) lanes, so it vectorizes next to the floats.
     """
-    if not (isinstance(p, types.Float) and p == t):
-        return None
-    single = p == types.float32
 
-    def codegen(context, builder, signature, args):
-        pv, tv = args
-        if single:
-            ity, mant, bias, magic_bits = ir.IntType(32), 23, 127, 0x4B400000
-        else:
-            ity, mant, bias, magic_bits = ir.IntType(64), 52, 1023, 0x4338000000000000
-        fty = pv.type
-        k = builder.sub(builder.bitcast(tv, ity), ir.Constant(ity, magic_bits))
-        k1 = builder.ashr(k, ir.Constant(ity, 1))
-        k2 = builder.sub(k, k1)
-        s1 = builder.bitcast(
-            builder.shl(builder.add(k1, ir.Constant(ity, bias)), ir.Constant(ity, mant)), fty
-        )
-        s2 = builder.bitcast(
-            builder.shl(builder.add(k2, ir.Constant(ity, bias)), ir.Constant(ity, mant)), fty
-        )
-        return builder.fmul(builder.fmul(pv, s1), s2)
+    def scale(typingctx, p, t):
+        if not (isinstance(p, types.Float) and p == t):
+            return None
+        single = p == types.float32
 
-    return p(p, t), codegen
+        def codegen(context, builder, signature, args):
+            pv, tv = args
+            if single:
+                ity, mant, bias, magic_bits = ir.IntType(32), 23, 127, 0x4B400000
+            else:
+                ity, mant, bias, magic_bits = ir.IntType(64), 52, 1023, 0x4338000000000000
+            fty = pv.type
+
+            def pow2(k):
+                biased = builder.add(k, ir.Constant(ity, bias))
+                return builder.bitcast(builder.shl(biased, ir.Constant(ity, mant)), fty)
+
+            k = builder.sub(builder.bitcast(tv, ity), ir.Constant(ity, magic_bits))
+            if not split:
+                return builder.fmul(pv, pow2(k))
+            k1 = builder.ashr(k, ir.Constant(ity, 1))
+            return builder.fmul(builder.fmul(pv, pow2(k1)), pow2(builder.sub(k, k1)))
+
+        return p(p, t), codegen
+
+    scale.__name__ = scale.__qualname__ = "scale_by_pow2_split" if split else "scale_by_pow2"
+    return intrinsic(scale)
+
+
+_scale_by_pow2_split = _make_pow2_scaler(split=True)
+_scale_by_pow2 = _make_pow2_scaler(split=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +128,12 @@ def _scale_by_rounded_pow2(typingctx, p, t):
 
 _F32_LO = np.float32(-104.0)  # exp(-104) < smallest subnormal / 2 → 0
 _F32_HI = np.float32(89.0)  # exp(89) > float32 max → inf
+_F32_NORMAL_LO = np.float32(-87.0)  # k ≥ −126: 2^k is a normal float32
 _F32_LOG2E = np.float32(1.4426950408889634)
 _F32_MAGIC = np.float32(12582912.0)  # 1.5 · 2^23
-_F32_LN2_HI = np.float32(0.693359375)  # 8 significant bits: k·ln2_hi is exact
+_F32_LN2_HI = np.float32(0.693359375)  # 9 significant bits: k·ln2_hi is exact
 _F32_LN2_LO = np.float32(-2.12194440e-4)  # ln 2 − ln2_hi
+_F32_ZERO = np.float32(0.0)
 _F32_ONE = np.float32(1.0)
 # 1/n! for n = 7 … 2
 _F32_C7 = np.float32(1.0 / 5040.0)
@@ -125,6 +145,7 @@ _F32_C2 = np.float32(0.5)
 
 _F64_LO = -746.0  # exp(-746) < smallest subnormal / 2 → 0
 _F64_HI = 710.0  # exp(710) > float64 max → inf
+_F64_NORMAL_LO = -708.0  # k ≥ −1022: 2^k is a normal float64
 _F64_LOG2E = 1.4426950408889634
 _F64_MAGIC = 6755399441055744.0  # 1.5 · 2^52
 _F64_LN2_HI = 6.93147180369123816490e-01  # 32 trailing zero bits: k·ln2_hi is exact
@@ -143,12 +164,12 @@ _F64_C4 = 1.0 / 24.0
 _F64_C3 = 1.0 / 6.0
 _F64_C2 = 0.5
 
+_HELPER_JIT = {"fastmath": HELPER_FLAGS, "error_model": "numpy", "forceinline": True}
 
-@njit(fastmath=HELPER_FLAGS, error_model="numpy", forceinline=True)
-def _exp_f32(x):
-    # clamp; written so that a NaN passes through (NaN < lo and NaN > hi are False)
-    x = _F32_LO if x < _F32_LO else x
-    x = _F32_HI if x > _F32_HI else x
+
+@njit(**_HELPER_JIT)
+def _exp_reduced_f32(x):
+    """(exp(r), t): r = x − k·ln 2 with k = round(x·log2 e) held in the low bits of t."""
     # k = round(x·log2 e): after adding 1.5·2^23 the float has k in its low mantissa bits
     t = x * _F32_LOG2E + _F32_MAGIC
     k = t - _F32_MAGIC
@@ -164,14 +185,11 @@ def _exp_f32(x):
     p = p * r + _F32_C2
     p = p * r + _F32_ONE
     p = p * r + _F32_ONE
-    # exp(x) = exp(r) · 2^k
-    return _scale_by_rounded_pow2(p, t)
+    return p, t
 
 
-@njit(fastmath=HELPER_FLAGS, error_model="numpy", forceinline=True)
-def _exp_f64(x):
-    x = _F64_LO if x < _F64_LO else x
-    x = _F64_HI if x > _F64_HI else x
+@njit(**_HELPER_JIT)
+def _exp_reduced_f64(x):
     t = x * _F64_LOG2E + _F64_MAGIC
     k = t - _F64_MAGIC
     r = x - k * _F64_LN2_HI
@@ -191,7 +209,42 @@ def _exp_f64(x):
     p = p * r + _F64_C2
     p = p * r + 1.0
     p = p * r + 1.0
-    return _scale_by_rounded_pow2(p, t)
+    return p, t
+
+
+@njit(**_HELPER_JIT)
+def _exp_f32(x):
+    # clamp; written so that a NaN passes through (NaN < lo and NaN > hi are False)
+    x = _F32_LO if x < _F32_LO else x
+    x = _F32_HI if x > _F32_HI else x
+    p, t = _exp_reduced_f32(x)
+    # exp(x) = exp(r) · 2^k, in two factors (subnormal results, k = 128 → inf)
+    return _scale_by_pow2_split(p, t)
+
+
+@njit(**_HELPER_JIT)
+def _exp_f64(x):
+    x = _F64_LO if x < _F64_LO else x
+    x = _F64_HI if x > _F64_HI else x
+    p, t = _exp_reduced_f64(x)
+    return _scale_by_pow2_split(p, t)
+
+
+@njit(**_HELPER_JIT)
+def _exp_nonpositive_f32(x):
+    # x ≤ 0 (or −inf, NaN): no overflow; results below 2^−125.5 (x < −87) are flushed to 0
+    xc = _F32_NORMAL_LO if x < _F32_NORMAL_LO else x
+    p, t = _exp_reduced_f32(xc)
+    e = _scale_by_pow2(p, t)
+    return _F32_ZERO if x < _F32_NORMAL_LO else e
+
+
+@njit(**_HELPER_JIT)
+def _exp_nonpositive_f64(x):
+    xc = _F64_NORMAL_LO if x < _F64_NORMAL_LO else x
+    p, t = _exp_reduced_f64(xc)
+    e = _scale_by_pow2(p, t)
+    return 0.0 if x < _F64_NORMAL_LO else e
 
 
 def fast_exp(x):
@@ -205,6 +258,23 @@ def _fast_exp_overload(x):
         return lambda x: _exp_f32(x)
     if x == types.float64:
         return lambda x: _exp_f64(x)
+    return None
+
+
+def fast_exp_nonpositive(x):
+    """exp for x ≤ 0, −inf or NaN (softmax exponents): as :func:`fast_exp` but results below
+    the smallest normal float are flushed to 0 (float32: x < −87; float64: x < −708), and
+    positive x is not handled (x > 88.7 / 709.7 gives garbage). About 20% cheaper.
+    """
+    raise NotImplementedError("fast_exp_nonpositive is only callable from Numba-compiled code")
+
+
+@overload(fast_exp_nonpositive, jit_options={"forceinline": True})
+def _fast_exp_nonpositive_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_nonpositive_f32(x)
+    if x == types.float64:
+        return lambda x: _exp_nonpositive_f64(x)
     return None
 
 
@@ -252,17 +322,16 @@ _F32_T0, _F32_T1, _F32_T2, _F32_T3, _F32_T4, _F32_T5 = (np.float32(c) for c in _
     _F64_T11,
 ) = _F64_TANH_P
 _F32_SPLIT = np.float32(_TANH_SPLIT)
-_F32_ZERO = np.float32(0.0)
 _F32_TWO = np.float32(2.0)
 _F32_FOUR = np.float32(4.0)
 _F32_MINUS_TWO = np.float32(-2.0)
 
 
-@njit(fastmath=HELPER_FLAGS, error_model="numpy", forceinline=True)
+@njit(**_HELPER_JIT)
 def _tanh_f32(u):
     a = -u if u < _F32_ZERO else u
     # large |u|: e = exp(−2a), tanh = (1 − e)/(1 + e), 1 − tanh² = 4e/(1 + e)²
-    e = _exp_f32(_F32_MINUS_TWO * a)
+    e = _exp_nonpositive_f32(_F32_MINUS_TWO * a)
     inv = _F32_ONE / (_F32_ONE + e)
     t_big = (_F32_ONE - e) * inv
     d_big = _F32_FOUR * e * inv * inv
@@ -284,10 +353,10 @@ def _tanh_f32(u):
     return t, d
 
 
-@njit(fastmath=HELPER_FLAGS, error_model="numpy", forceinline=True)
+@njit(**_HELPER_JIT)
 def _tanh_f64(u):
     a = -u if u < 0.0 else u
-    e = _exp_f64(-2.0 * a)
+    e = _exp_nonpositive_f64(-2.0 * a)
     inv = 1.0 / (1.0 + e)
     t_big = (1.0 - e) * inv
     d_big = 4.0 * e * inv * inv
@@ -328,15 +397,16 @@ def _fast_tanh_overload(u):
 
 
 def like(value, array):
-    """``value`` cast to ``array``'s float dtype (Numba code only)."""
+    """``value`` cast to the float dtype of ``array`` (an array or a float scalar; Numba only)."""
     raise NotImplementedError("like is only callable from Numba-compiled code")
 
 
 @overload(like, jit_options={"forceinline": True})
 def _like_overload(value, array):
-    if array.dtype == types.float32:
+    dtype = array.dtype if isinstance(array, types.Array) else array
+    if dtype == types.float32:
         return lambda value, array: np.float32(value)
-    if array.dtype == types.float64:
+    if dtype == types.float64:
         return lambda value, array: np.float64(value)
     return None
 
@@ -354,6 +424,13 @@ def exp_into(x, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=HELPER_FLAGS, error_model="numpy")
+def exp_nonpositive_into(x, out):  # pragma: no cover - compiled
+    """``out[:] = exp(x)`` for x ≤ 0 (the softmax variant), 1-D arrays of one float dtype."""
+    for j in range(x.shape[0]):
+        out[j] = fast_exp_nonpositive(x[j])
+
+
+@njit(cache=True, fastmath=HELPER_FLAGS, error_model="numpy")
 def tanh_into(u, out, dout):  # pragma: no cover - compiled
     """``out[:] = tanh(u)``, ``dout[:] = 1 − tanh(u)²`` elementwise, 1-D arrays."""
     for j in range(u.shape[0]):
@@ -367,6 +444,14 @@ def exp(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     exp_into(x, out)
+    return out
+
+
+def exp_nonpositive(x: np.ndarray) -> np.ndarray:
+    """The kernels' softmax exp (arguments ≤ 0, subnormal results flushed to 0) on a 1-D array."""
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    exp_nonpositive_into(x, out)
     return out
 
 

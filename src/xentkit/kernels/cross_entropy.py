@@ -7,12 +7,15 @@ For each row i (``prange`` over rows; a row of C classes, label y, logits x):
         processed in blocks of ``block`` classes that stay in L1 between two short loops:
             b   = max_{j in block} z_j                          (vector maxnum)
             if b > m:  s ← s·exp(m − b);  m ← b                 (rescale the running sum)
-            s  += Σ_{j in block} exp(z_j − m)                   (float32 lanes, float64 total)
-            S_z += Σ_{j in block} w_j·z_j                        (only with label smoothing)
+            s  += Σ_{j in block} exp(z_j − m)                   (float64 if b = m, else in
+                                                                the dtype's lanes; float64 total)
+            S_z += Σ_{j in block} w_j·(z_j − r)                  (only with label smoothing;
+                                                                r = first finite running max)
         lse = m + log(s)
 
     Loss (float64):
-        loss_i = (1−ε)·w_y·(lse − z_y) + (ε/C)·(W·lse − S_z),      W = Σ_c w_c
+        loss_i = (1−ε)·w_y·((m − z_y) + log s) + (ε/C)·(W·((m − r) + log s) − S_z),  W = Σ_c w_c
+               = (1−ε)·w_y·(lse − z_y) + (ε/C)·Σ_c w_c·(lse − z_c)
 
     Pass 2 (one write of the row; exp recomputed, no probabilities stored):
         A   = (1−ε)·w_y + ε·W/C
@@ -20,18 +23,33 @@ For each row i (``prange`` over rows; a row of C classes, label y, logits x):
         β_j = −ε·g_i·w_j/C
         grad_ij = s'(x_ij)·(c·exp(z_j − m) + β_j),   s'(x) = 1 − tanh²(x/softcap)  (1 without cap)
     then the target entry is rewritten in float64 (it needs the −(1−ε)·w_y·g_i term):
-        grad_iy = s'(x_iy)·(g_i·(p_y·A − (1−ε)·w_y − ε·w_y/C) + g^z_i·2·λ_z·lse·p_y)
+        grad_iy = s'(x_iy)·(g_i·(p_y·A − (1−ε)·w_y − ε·w_y/C) + g^z_i·2·λ_z·lse·p_y),
+        p_y = exp((z_y − m) − log s)
 
 Pass 2 reads x_ij and then writes grad_ij of the same element, and x_iy is saved before pass 2,
 so ``grad_out`` may be the logits array itself (in place). In place, the pass-2 loops take the
 single array as both source and destination, so LLVM sees one pointer and vectorizes them
 without an aliasing check.
 
+Accuracy: exponentials in the logits' dtype (``_exp.py``: ≤ 1 ulp); a block's sum in that
+dtype over the vector lanes, except blocks holding the running max (a term exactly 1: float64,
+see ``_block_sum_exp_wide``); everything across blocks and per row in float64. For float32 the
+per-row loss stays within ~1e-7 relative of the float64 reference, confident rows (loss → 0)
+and 128k-class rows included.
+
 Special values: a −inf logit contributes exp(−inf) = 0 and gradient 0 (blocks of −inf before
 the first finite block are summed with shift 0, never as exp(−inf − (−inf))); a NaN anywhere in
 a row makes that row's loss and gradient NaN; finite logits of any size (±1e30 in float32,
 ±1e300 in float64) stay finite because every exponent is z_j − max ≤ 0. Ignored rows get loss
 0, lse 0 and a zero gradient row.
+
+Drivers: ``_cross_entropy_rows_kernel`` gives each thread whole rows (the usual case; also run
+on the calling thread alone for small problems). ``_cross_entropy_split_kernel`` is for fewer
+rows than threads with long rows: it cuts rows into segments, runs pass 1 per segment, merges
+the segments' (m, s, S_z) per row, then runs pass 2 per segment.
+
+Developers: Numba's cache (``cache=True``, in ``__pycache__``) is keyed on this file only; after
+editing ``_exp.py`` delete ``src/xentkit/kernels/__pycache__`` or the old exp stays compiled in.
 
 No validation here: the api checks shapes, dtypes and labels before calling.
 """
@@ -40,18 +58,35 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from xentkit.kernels._exp import fast_exp, fast_tanh, like, maxnum
+from xentkit.kernels._exp import fast_exp_nonpositive, fast_tanh, like, maxnum
 
-# Flags of the loops: reassoc lets LLVM split the sums over vector lanes; contract gives FMAs.
-# No nnan/ninf: NaN and ±inf logits are part of the contract.
+# Flags of the per-block loops: reassoc lets LLVM split the sums over vector lanes; contract
+# gives FMAs. No nnan/ninf: NaN and ±inf logits are part of the contract. The kernel's own
+# scalar code has no fast-math flags: reassoc would turn (m − z_y) + log s back into
+# (m + log s) − z_y, which loses log s when |m| is large. (Flags are per instruction, so the
+# loops keep theirs once LLVM inlines them into the kernel.)
 LOOP_FLAGS = {"contract", "reassoc", "nsz"}
-_JIT = {"cache": True, "fastmath": LOOP_FLAGS, "error_model": "numpy", "nogil": True}
+_JIT = {"fastmath": LOOP_FLAGS, "error_model": "numpy", "nogil": True}
+_KERNEL_JIT = {"fastmath": False, "error_model": "numpy", "nogil": True, "cache": True}
 
-# Classes per pass-1 block: 2048 float64 = 16 KiB, so a block stays in L1 between its loops.
-DEFAULT_BLOCK = 2048
+# Problems up to this many logits run on one thread: waking the thread pool costs more than it
+# saves (tens of microseconds on idle cores, milliseconds when other processes hold them).
+SERIAL_MAX_ELEMENTS = 1 << 16
+
+# Fewer rows than threads: rows of at least 2·MIN_SEGMENT classes are cut into segments of at
+# least MIN_SEGMENT classes, processed in parallel. Large, because the split kernel has three
+# parallel loops, and each waits for every thread: on a machine whose cores are busy with other
+# processes a thread can take a scheduler slice (milliseconds) to join.
+MIN_SEGMENT = 65536
+
+# Classes per pass-1 block: 1024 (4 KiB of float32) stays in L1 between the block's two loops,
+# and is long enough for the per-block work to vanish (512-1024 measured fastest on 4096×32000
+# and 1024×128256).
+DEFAULT_BLOCK = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,59 +106,90 @@ def _block_max(row, start, stop):  # pragma: no cover - compiled
 
 @njit(**_JIT)
 def _block_sum_exp(row, start, stop, shift):  # pragma: no cover - compiled
-    """Σ_j exp(row[j] − shift) over [start, stop), accumulated in the array's dtype."""
+    """Σ_j exp(row[j] − shift) over [start, stop), summed in the array's dtype (vector lanes)."""
     seg = row[start:stop]
     acc = like(0.0, row)
     for j in range(seg.shape[0]):
-        acc += fast_exp(seg[j] - shift)
+        acc += fast_exp_nonpositive(seg[j] - shift)
     return np.float64(acc)
+
+
+@njit(**_JIT)
+def _block_sum_exp_wide(row, start, stop, shift):  # pragma: no cover - compiled
+    """As ``_block_sum_exp`` but summed in float64, for the blocks holding the running max.
+
+    There one term is exactly 1, and a float32 sum would round 1 + δ to float32's 6e-8: for a
+    confident row (loss = log(1 + δ) ≈ δ small) that is a large relative error. In float64 the
+    loss keeps its relative accuracy; the other blocks' terms are scaled by exp(m_block − m) and
+    their float32 rounding stays relative to δ. (Half the vector width, but only for the few
+    blocks that raise or tie the max.)
+    """
+    seg = row[start:stop]
+    acc = 0.0
+    for j in range(seg.shape[0]):
+        acc += np.float64(fast_exp_nonpositive(seg[j] - shift))
+    return acc
 
 
 @njit(**_JIT)
 def _block_sum_exp_capped(row, start, stop, shift, cap, inv_cap):  # pragma: no cover
-    """Σ_j exp(cap·tanh(row[j]/cap) − shift) over [start, stop)."""
+    """Σ_j exp(cap·tanh(row[j]/cap) − shift) over [start, stop), summed in the array's dtype."""
     seg = row[start:stop]
     acc = like(0.0, row)
     for j in range(seg.shape[0]):
         t, _ = fast_tanh(seg[j] * inv_cap)
-        acc += fast_exp(cap * t - shift)
+        acc += fast_exp_nonpositive(cap * t - shift)
     return np.float64(acc)
 
 
 @njit(**_JIT)
-def _block_sum_z(row, start, stop, weight, has_weight):  # pragma: no cover - compiled
-    """Σ_j w_j·row[j] over [start, stop) in float64 (w_j = 1 without weights)."""
+def _block_sum_exp_capped_wide(row, start, stop, shift, cap, inv_cap):  # pragma: no cover
+    """As ``_block_sum_exp_capped``, summed in float64 (blocks holding the running max)."""
     seg = row[start:stop]
     acc = 0.0
-    if has_weight:
-        wseg = weight[start:stop]
-        for j in range(seg.shape[0]):
-            acc += wseg[j] * np.float64(seg[j])
-    else:
-        for j in range(seg.shape[0]):
-            acc += np.float64(seg[j])
+    for j in range(seg.shape[0]):
+        t, _ = fast_tanh(seg[j] * inv_cap)
+        acc += np.float64(fast_exp_nonpositive(cap * t - shift))
     return acc
 
 
 @njit(**_JIT)
-def _block_sum_z_capped(row, start, stop, weight, has_weight, cap, inv_cap):  # pragma: no cover
-    """Σ_j w_j·cap·tanh(row[j]/cap) over [start, stop) in float64."""
+def _block_sum_z(row, start, stop, weight, has_weight, ref):  # pragma: no cover - compiled
+    """Σ_j w_j·(row[j] − ref) over [start, stop) in float64 (w_j = 1 without weights)."""
+    seg = row[start:stop]
+    acc = 0.0
+    if has_weight:
+        wseg = weight[start:stop]
+        for j in range(seg.shape[0]):
+            acc += wseg[j] * (np.float64(seg[j]) - ref)
+    else:
+        for j in range(seg.shape[0]):
+            acc += np.float64(seg[j]) - ref
+    return acc
+
+
+@njit(**_JIT)
+def _block_sum_z_capped(
+    row, start, stop, weight, has_weight, ref, cap, inv_cap
+):  # pragma: no cover
+    """Σ_j w_j·(cap·tanh(row[j]/cap) − ref) over [start, stop) in float64."""
     seg = row[start:stop]
     acc = 0.0
     if has_weight:
         wseg = weight[start:stop]
         for j in range(seg.shape[0]):
             t, _ = fast_tanh(seg[j] * inv_cap)
-            acc += wseg[j] * np.float64(cap * t)
+            acc += wseg[j] * (np.float64(cap * t) - ref)
     else:
         for j in range(seg.shape[0]):
             t, _ = fast_tanh(seg[j] * inv_cap)
-            acc += np.float64(cap * t)
+            acc += np.float64(cap * t) - ref
     return acc
 
 
 # ---------------------------------------------------------------------------------------------
-# Pass 2 pieces (one full row). Each comes twice: source → destination, and in place.
+# Pass 2 pieces (a row or a segment of one). Each comes twice: source → destination, and in
+# place (one array: no aliasing check, so LLVM vectorizes it).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -131,26 +197,26 @@ def _block_sum_z_capped(row, start, stop, weight, has_weight, cap, inv_cap):  # 
 def _grad(x, g, m, c, beta):  # pragma: no cover - compiled
     """g[j] = c·exp(x[j] − m) + β  (one row)."""
     for j in range(x.shape[0]):
-        g[j] = c * fast_exp(x[j] - m) + beta
+        g[j] = c * fast_exp_nonpositive(x[j] - m) + beta
 
 
 @njit(**_JIT)
 def _grad_inplace(x, m, c, beta):  # pragma: no cover - compiled
     for j in range(x.shape[0]):
-        x[j] = c * fast_exp(x[j] - m) + beta
+        x[j] = c * fast_exp_nonpositive(x[j] - m) + beta
 
 
 @njit(**_JIT)
 def _grad_weighted(x, g, m, c, beta, w):  # pragma: no cover - compiled
     """g[j] = c·exp(x[j] − m) + β·w_j  (one row)."""
     for j in range(x.shape[0]):
-        g[j] = c * fast_exp(x[j] - m) + beta * w[j]
+        g[j] = c * fast_exp_nonpositive(x[j] - m) + beta * w[j]
 
 
 @njit(**_JIT)
 def _grad_weighted_inplace(x, m, c, beta, w):  # pragma: no cover - compiled
     for j in range(x.shape[0]):
-        x[j] = c * fast_exp(x[j] - m) + beta * w[j]
+        x[j] = c * fast_exp_nonpositive(x[j] - m) + beta * w[j]
 
 
 @njit(**_JIT)
@@ -159,11 +225,11 @@ def _grad_capped(x, g, m, c, beta, w, has_weight, cap, inv_cap):  # pragma: no c
     if has_weight:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            g[j] = d * (c * fast_exp(cap * t - m) + beta * w[j])
+            g[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta * w[j])
     else:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            g[j] = d * (c * fast_exp(cap * t - m) + beta)
+            g[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta)
 
 
 @njit(**_JIT)
@@ -171,11 +237,11 @@ def _grad_capped_inplace(x, m, c, beta, w, has_weight, cap, inv_cap):  # pragma:
     if has_weight:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            x[j] = d * (c * fast_exp(cap * t - m) + beta * w[j])
+            x[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta * w[j])
     else:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            x[j] = d * (c * fast_exp(cap * t - m) + beta)
+            x[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta)
 
 
 @njit(**_JIT)
@@ -186,11 +252,134 @@ def _zero_row(g):  # pragma: no cover - compiled
 
 
 # ---------------------------------------------------------------------------------------------
-# The kernel
+# One row, in three steps (shared by the row kernel and the split-row kernel)
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
+@njit(forceinline=True, **_KERNEL_JIT)
+def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma: no cover
+    """Pass 1 over row[start:stop]: ``(m, s, S_z, r)``.
+
+    m = max z_j, s = Σ exp(z_j − m), S_z = Σ w_j·(z_j − r) (only when ε > 0), r = the first
+    finite running max (0 while there is none), in blocks of ``block`` classes.
+    """
+    capped = softcap > 0.0
+    cap = like(softcap, row)
+    inv_cap = like(1.0 / softcap if capped else 1.0, row)
+    neg_inf = like(-np.inf, row)
+    zero = like(0.0, row)
+    m = neg_inf
+    s = 0.0
+    sum_z = 0.0
+    ref = 0.0
+    for block_start in range(start, stop, block):
+        block_stop = min(block_start + block, stop)
+        b = _block_max(row, block_start, block_stop)
+        if capped:
+            # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
+            tb, _ = fast_tanh(b * inv_cap)
+            b = cap * tb
+        if b > m:
+            # s·exp(m_old − m_new); m_old = −inf gives exp(−inf) = 0 and s is 0 (or NaN)
+            if m == neg_inf:
+                ref = np.float64(b)
+            s *= math.exp(np.float64(m) - np.float64(b))
+            m = b
+        # while every logit so far is −inf (or NaN), shift by 0: exp(−inf) = 0, NaN stays NaN
+        shift = m if m > neg_inf else zero
+        # a block holding the running max has a term exactly 1: sum it in float64
+        if capped:
+            if b == m:
+                s += _block_sum_exp_capped_wide(row, block_start, block_stop, shift, cap, inv_cap)
+            else:
+                s += _block_sum_exp_capped(row, block_start, block_stop, shift, cap, inv_cap)
+        elif b == m:
+            s += _block_sum_exp_wide(row, block_start, block_stop, shift)
+        else:
+            s += _block_sum_exp(row, block_start, block_stop, shift)
+        if eps > 0.0:
+            if capped:
+                sum_z += _block_sum_z_capped(
+                    row, block_start, block_stop, weight, has_weight, ref, cap, inv_cap
+                )
+            else:
+                sum_z += _block_sum_z(row, block_start, block_stop, weight, has_weight, ref)
+    return m, s, sum_z, ref
+
+
+@njit(forceinline=True, **_KERNEL_JIT)
+def _finish_row(  # pragma: no cover - compiled
+    m, s, sum_z, ref, x_y, w_y, n_classes, weight_sum, eps, z_loss, softcap, g, g_z
+):
+    """From pass-1 statistics: ``(loss, lse, c, β, grad_y)`` in float64.
+
+    loss = (1−ε)·w_y·((m − z_y) + log s) + (ε/C)·(W·((m − r) + log s) − S_z)
+         = (1−ε)·w_y·(lse − z_y) + (ε/C)·Σ_c w_c·(lse − z_c)
+    written around m so that log s survives when |m| ≫ log s (m = 1e30, say).
+    c = (g·A + g_z·2·λ_z·lse)/s and β = −ε·g/C are pass 2's coefficients, A = (1−ε)·w_y + ε·W/C;
+    grad_y = s'(x_y)·(g·(p_y·A − (1−ε)·w_y − ε·w_y/C) + g_z·2·λ_z·lse·p_y) is the target entry.
+    z_y is computed as pass 1 computes z (working dtype), s'(x_y) in float64.
+    """
+    if softcap > 0.0:
+        t_y, _ = fast_tanh(x_y * like(1.0 / softcap, x_y))
+        z_y = np.float64(like(softcap, x_y) * t_y)
+        _, d_y = fast_tanh(np.float64(x_y) / softcap)
+    else:
+        z_y = np.float64(x_y)
+        d_y = 1.0
+    m64 = np.float64(m)
+    log_s = math.log(s)
+    lse = m64 + log_s
+    loss = (1.0 - eps) * w_y * ((m64 - z_y) + log_s)
+    if eps > 0.0:
+        loss += (eps / n_classes) * (weight_sum * ((m64 - ref) + log_s) - sum_z)
+    a = (1.0 - eps) * w_y + eps * weight_sum / n_classes
+    z_coef = 2.0 * z_loss * lse * g_z  # d(λ_z·lse²)/dlse, times its upstream
+    c = (g * a + z_coef) / s
+    beta = -eps * g / n_classes
+    p_y = math.exp((z_y - m64) - log_s)
+    grad_y = d_y * (g * (p_y * a - (1.0 - eps) * w_y - eps * w_y / n_classes) + z_coef * p_y)
+    return loss, lse, c, beta, grad_y
+
+
+@njit(forceinline=True, **_KERNEL_JIT)
+def _pass2(  # pragma: no cover - compiled
+    row, dst, start, stop, m, c, beta, weight_work, has_weight, eps, softcap, in_place
+):
+    """Pass 2 over [start, stop): dst_j = s'(x_j)·(c·exp(z_j − m) + β·w_j) (w_j = 1 without
+    weights). In place (``dst`` is ``row``) the loops take the one array, so LLVM vectorizes them
+    without an aliasing check.
+    """
+    capped = softcap > 0.0
+    c = like(c, row)
+    beta = like(beta, row)
+    src = row[start:stop]
+    out = dst[start:stop]
+    w = weight_work[start:stop] if has_weight else weight_work
+    if capped:
+        cap = like(softcap, row)
+        inv_cap = like(1.0 / softcap, row)
+        if in_place:
+            _grad_capped_inplace(src, m, c, beta, w, has_weight, cap, inv_cap)
+        else:
+            _grad_capped(src, out, m, c, beta, w, has_weight, cap, inv_cap)
+    elif has_weight and eps > 0.0:
+        if in_place:
+            _grad_weighted_inplace(src, m, c, beta, w)
+        else:
+            _grad_weighted(src, out, m, c, beta, w)
+    elif in_place:
+        _grad_inplace(src, m, c, beta)
+    else:
+        _grad(src, out, m, c, beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_KERNEL_JIT)
 def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
     logits,
     labels,
@@ -211,107 +400,162 @@ def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
     loss_rows,
     lse_rows,
 ):
-    """All rows; see the module docstring. ``softcap`` 0 means no cap; a weight-less call passes
-    ``has_weight=False`` with 1-element dummies; ``grad_out`` is ignored unless ``want_grad``
-    and not ``in_place``.
+    """Every row, spread over Numba's threads (``prange`` over rows): pass 1, loss, pass 2.
+
+    ``softcap`` 0 means no cap; without weights ``has_weight`` is False and ``weight`` /
+    ``weight_work`` are 1-element dummies; ``grad_out``, ``grad_scale`` and ``z_grad_scale`` are
+    dummies unless ``want_grad`` (and ``grad_out`` is unused in place).
     """
     n_rows, n_classes = logits.shape
     eps = label_smoothing
-    capped = softcap > 0.0
-    cap = like(softcap, logits)
-    inv_cap = like(1.0 / softcap if capped else 1.0, logits)
-    neg_inf = like(-np.inf, logits)
-    zero = like(0.0, logits)
     for i in prange(n_rows):
         row = logits[i]
+        dst = row if in_place else grad_out[i]
         y = labels[i]
         if y == ignore_index:
             loss_rows[i] = 0.0
             lse_rows[i] = 0.0
             if want_grad:
-                if in_place:
-                    _zero_row(row)
-                else:
-                    _zero_row(grad_out[i])
-        else:
-            # ---- Pass 1: m = max_j z_j, s = Σ_j exp(z_j − m), S_z = Σ_j w_j·z_j (one read) ----
-            m = neg_inf
-            s = 0.0
-            sum_z = 0.0
-            for start in range(0, n_classes, block):
-                stop = min(start + block, n_classes)
-                b = _block_max(row, start, stop)
-                if capped:
-                    # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
-                    tb, _ = fast_tanh(b * inv_cap)
-                    b = cap * tb
-                if b > m:
-                    # s·exp(m_old − m_new); m_old = −inf gives exp(−inf) = 0 and s is 0 (or NaN)
-                    s *= math.exp(np.float64(m) - np.float64(b))
-                    m = b
-                # while every logit so far is −inf (or NaN), shift by 0: exp(−inf) = 0, NaN stays
-                shift = m if m > neg_inf else zero
-                if capped:
-                    s += _block_sum_exp_capped(row, start, stop, shift, cap, inv_cap)
-                else:
-                    s += _block_sum_exp(row, start, stop, shift)
-                if eps > 0.0:
-                    if capped:
-                        sum_z += _block_sum_z_capped(
-                            row, start, stop, weight, has_weight, cap, inv_cap
-                        )
-                    else:
-                        sum_z += _block_sum_z(row, start, stop, weight, has_weight)
-            # lse = m + log s (float64)
-            lse = np.float64(m) + math.log(s)
+                _zero_row(dst)
+            continue
+        # ---- Pass 1: m = max_j z_j, s = Σ_j exp(z_j − m) (one read of the row) ----
+        m, s, sum_z, ref = _pass1(row, 0, n_classes, weight, has_weight, eps, softcap, block)
+        # ---- Loss and pass-2 coefficients (x_y read before pass 2 may overwrite it) ----
+        g = grad_scale[i] if want_grad else 0.0
+        g_z = z_grad_scale[i] if want_grad else 0.0
+        w_y = weight[y] if has_weight else 1.0
+        loss, lse, c, beta, grad_y = _finish_row(
+            m, s, sum_z, ref, row[y], w_y, n_classes, weight_sum, eps, z_loss, softcap, g, g_z
+        )
+        loss_rows[i] = loss
+        lse_rows[i] = lse
+        if want_grad:
+            # ---- Pass 2: grad_ij = s'(x_ij)·(c·exp(z_j − m) + β·w_j) (one write) ----
+            _pass2(
+                row, dst, 0, n_classes, m, c, beta, weight_work, has_weight, eps, softcap, in_place
+            )
+            # the target entry: −(1−ε)·w_y·g on top of the smooth terms, in float64
+            dst[y] = grad_y
 
-            # ---- Loss: (1−ε)·w_y·(lse − z_y) + (ε/C)·(W·lse − S_z) ----
-            # z_y as pass 1 computed it (working dtype), s'(x_y) in float64; both saved before
-            # pass 2 may overwrite x_y
-            x_y = row[y]
-            if capped:
-                t_y, _ = fast_tanh(x_y * inv_cap)
-                z_y = np.float64(cap * t_y)
-                _, d_y = fast_tanh(np.float64(x_y) / softcap)
-            else:
-                z_y = np.float64(x_y)
-                d_y = 1.0
-            w_y = weight[y] if has_weight else 1.0
-            loss = (1.0 - eps) * w_y * (lse - z_y)
+
+@njit(parallel=True, **_KERNEL_JIT)
+def _cross_entropy_split_kernel(  # pragma: no cover - compiled
+    logits,
+    labels,
+    weight,
+    weight_work,
+    has_weight,
+    weight_sum,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    grad_scale,
+    z_grad_scale,
+    grad_out,
+    want_grad,
+    in_place,
+    block,
+    loss_rows,
+    lse_rows,
+    n_segments,
+    segment_weight_sums,
+):
+    """Few long rows: each row cut into ``n_segments`` segments, ``prange`` over (row, segment).
+
+    Pass 1 per segment k gives (m_k, s_k, S_z,k, r_k); per row they merge into
+        m = max_k m_k,   s = Σ_k s_k·exp(m_k − m),   S_z = Σ_k S_z,k + W_k·(r_k − m)  (r = m)
+    with W_k = Σ_{j in k} w_j (``segment_weight_sums``); then the loss and coefficients as in
+    the row kernel, and pass 2 per segment. Pass 2 starts after every pass 1 has finished, so
+    in place is safe. Each segment is read twice (from cache when it fits).
+    """
+    n_rows, n_classes = logits.shape
+    eps = label_smoothing
+    length = (n_classes + n_segments - 1) // n_segments
+    n_tasks = n_rows * n_segments
+    stats = np.empty((n_tasks, 4), dtype=np.float64)
+    row_m = np.empty(n_rows, dtype=logits.dtype)
+    row_coefficients = np.empty((n_rows, 3), dtype=np.float64)
+
+    # ---- Pass 1 per segment ----
+    for task in prange(n_tasks):
+        i = task // n_segments
+        start = min((task % n_segments) * length, n_classes)
+        stop = min(start + length, n_classes)
+        if labels[i] != ignore_index:
+            m, s, sum_z, ref = _pass1(
+                logits[i], start, stop, weight, has_weight, eps, softcap, block
+            )
+            stats[task, 0] = np.float64(m)
+            stats[task, 1] = s
+            stats[task, 2] = sum_z
+            stats[task, 3] = ref
+
+    # ---- Merge the segments; loss and pass-2 coefficients ----
+    for i in prange(n_rows):
+        y = labels[i]
+        if y == ignore_index:
+            loss_rows[i] = 0.0
+            lse_rows[i] = 0.0
+            continue
+        first = i * n_segments
+        m64 = -np.inf
+        for k in range(n_segments):
+            m64 = max(m64, stats[first + k, 0])
+        s = 0.0
+        sum_z = 0.0
+        for k in range(n_segments):
+            m_k = stats[first + k, 0]
+            # equal maxima (also both −inf) scale by 1: exp(−inf − (−inf)) would be NaN
+            s += stats[first + k, 1] if m_k == m64 else stats[first + k, 1] * math.exp(m_k - m64)
             if eps > 0.0:
-                loss += (eps / n_classes) * (weight_sum * lse - sum_z)
-            loss_rows[i] = loss
-            lse_rows[i] = lse
+                sum_z += stats[first + k, 2] + segment_weight_sums[k] * (stats[first + k, 3] - m64)
+        m = like(m64, logits)
+        g = grad_scale[i] if want_grad else 0.0
+        g_z = z_grad_scale[i] if want_grad else 0.0
+        w_y = weight[y] if has_weight else 1.0
+        loss, lse, c, beta, grad_y = _finish_row(
+            m, s, sum_z, m64, logits[i, y], w_y, n_classes, weight_sum, eps, z_loss, softcap, g, g_z
+        )
+        loss_rows[i] = loss
+        lse_rows[i] = lse
+        row_m[i] = m
+        row_coefficients[i, 0] = c
+        row_coefficients[i, 1] = beta
+        row_coefficients[i, 2] = grad_y
 
-            if want_grad:
-                # ---- Pass 2: grad_ij = s'(x_ij)·(c·exp(z_j − m) + β_j) (one write) ----
-                g = grad_scale[i]
-                g_z = z_grad_scale[i]
-                a = (1.0 - eps) * w_y + eps * weight_sum / n_classes
-                z_coef = 2.0 * z_loss * lse * g_z  # d(λ_z·lse²)/dlse, times its upstream
-                c = like((g * a + z_coef) / s, logits)
-                beta = like(-eps * g / n_classes, logits)
-                dst = row if in_place else grad_out[i]
-                if capped:
-                    if in_place:
-                        _grad_capped_inplace(row, m, c, beta, weight_work, has_weight, cap, inv_cap)
-                    else:
-                        _grad_capped(row, dst, m, c, beta, weight_work, has_weight, cap, inv_cap)
-                elif has_weight and eps > 0.0:
-                    if in_place:
-                        _grad_weighted_inplace(row, m, c, beta, weight_work)
-                    else:
-                        _grad_weighted(row, dst, m, c, beta, weight_work)
-                elif in_place:
-                    _grad_inplace(row, m, c, beta)
-                else:
-                    _grad(row, dst, m, c, beta)
-                # target entry: −(1−ε)·w_y·g on top of the smooth terms, in float64
-                p_y = math.exp(z_y - lse)
-                grad_y = d_y * (
-                    g * (p_y * a - (1.0 - eps) * w_y - eps * w_y / n_classes) + z_coef * p_y
-                )
-                dst[y] = grad_y
+    if not want_grad:
+        return
+    # ---- Pass 2 per segment ----
+    for task in prange(n_tasks):
+        i = task // n_segments
+        start = min((task % n_segments) * length, n_classes)
+        stop = min(start + length, n_classes)
+        row = logits[i]
+        dst = row if in_place else grad_out[i]
+        if labels[i] == ignore_index:
+            _zero_row(dst[start:stop])
+        else:
+            _pass2(
+                row,
+                dst,
+                start,
+                stop,
+                row_m[i],
+                row_coefficients[i, 0],
+                row_coefficients[i, 1],
+                weight_work,
+                has_weight,
+                eps,
+                softcap,
+                in_place,
+            )
+    # the target entries
+    for i in range(n_rows):
+        y = labels[i]
+        if y != ignore_index:
+            dst = logits[i] if in_place else grad_out[i]
+            dst[y] = row_coefficients[i, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +578,8 @@ def cross_entropy_rows(
     grad_out: np.ndarray | None,
     *,
     block: int = DEFAULT_BLOCK,
+    parallel: bool | None = None,
+    segments: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row cross-entropy loss and log-sum-exp, and optionally the gradient (fused).
 
@@ -350,7 +596,11 @@ def cross_entropy_rows(
     to ones when ``grad_out`` is given without them. The z-loss term itself is not in
     ``loss_rows`` (the caller adds ``z_loss·lse²`` with its own denominator).
 
-    ``block`` (keyword-only, for tuning) is the number of classes per pass-1 block.
+    Tuning (keyword-only): ``block`` is the number of classes per pass-1 block; ``parallel``
+    forces Numba's threads (True) or the calling thread alone (False), by default threads are
+    used above ``SERIAL_MAX_ELEMENTS`` logits; ``segments`` cuts each row into that many pieces
+    processed in parallel (by default when there are fewer rows than threads and the rows are
+    long, see ``_default_segments``).
     """
     n_rows, n_classes = logits.shape
     dtype = logits.dtype
@@ -382,7 +632,13 @@ def cross_entropy_rows(
     lse_rows = np.empty(n_rows, dtype=np.float64)
     if n_rows == 0:
         return loss_rows, lse_rows
-    _cross_entropy_rows_kernel(
+    if parallel is None:
+        parallel = n_rows * n_classes > SERIAL_MAX_ELEMENTS
+    threads = numba.get_num_threads() if parallel else 1
+    if segments is None:
+        segments = _default_segments(n_rows, n_classes, threads)
+    segments = max(1, min(int(segments), n_classes))
+    arguments = (
         logits,
         labels,
         weight64,
@@ -402,14 +658,41 @@ def cross_entropy_rows(
         loss_rows,
         lse_rows,
     )
+    saved_threads = numba.get_num_threads()
+    if threads != saved_threads:
+        # one thread: the calling one runs the loops and the pool stays asleep (a separate
+        # non-parallel build of the kernel was slower, and would double the compile time)
+        numba.set_num_threads(threads)
+    try:
+        if segments == 1:
+            _cross_entropy_rows_kernel(*arguments)
+        else:
+            length = -(-n_classes // segments)
+            starts = np.arange(0, n_classes, length)
+            if has_weight:
+                segment_weight_sums = np.add.reduceat(weight64, starts)
+            else:
+                segment_weight_sums = np.minimum(length, n_classes - starts).astype(np.float64)
+            segment_weight_sums = np.resize(segment_weight_sums, segments)  # empty tails
+            segment_weight_sums[len(starts) :] = 0.0
+            _cross_entropy_split_kernel(*arguments, segments, segment_weight_sums)
+    finally:
+        if numba.get_num_threads() != saved_threads:
+            numba.set_num_threads(saved_threads)
     return loss_rows, lse_rows
+
+
+def _default_segments(n_rows: int, n_classes: int, threads: int) -> int:
+    """Pieces per row: 1 (a thread per row) unless fewer rows than threads and long rows; then
+    enough pieces of at least ``MIN_SEGMENT`` classes to give every thread work."""
+    if threads <= 1 or n_rows >= threads or n_classes < 2 * MIN_SEGMENT:
+        return 1
+    return max(1, min(-(-threads // n_rows), n_classes // MIN_SEGMENT))
 
 
 def _same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
     """True when ``a`` and ``b`` view the same memory with the same layout (in place)."""
-    return (
-        a is b
-        or a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-        and a.shape == b.shape
-        and a.strides == b.strides
-    )
+    if a is b:
+        return True
+    same_start = a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    return same_start and a.shape == b.shape and a.strides == b.strides

@@ -1,0 +1,556 @@
+#!/usr/bin/env python
+"""Cross-entropy forward + backward on the CPU: xentkit against PyTorch and a memory copy.
+
+Providers, timed side by side and interleaved (one call of each per round, ``--repeats`` rounds,
+median and spread reported):
+
+    copy              np.copyto(dst, logits): one read + one write of the logits, the
+                      bandwidth floor of any forward+backward that returns a gradient
+    xentkit           xentkit.cross_entropy_and_grad(logits, labels): the public api, fused
+                      kernel, a new gradient array per call (whose page faults it pays)
+    xentkit_out       the same with out= a preallocated, already-touched gradient array
+    xentkit_inplace   the same with out=logits (a fresh copy of the logits per round; only the
+                      call is timed)
+    xentkit_kernel    xentkit.kernels.cross_entropy_rows(...) into a preallocated gradient: the
+                      kernel alone, without the api's checks and allocation
+    reference         the api on the NumPy reference (XENTKIT_REFERENCE); skipped above
+                      --reference-max-elements logits (it is slow and memory-hungry)
+    torch             torch.nn.functional.cross_entropy(x, y).backward() on a leaf
+                      torch.from_numpy(logits).requires_grad_()
+
+Peak memory is measured per provider in a separate process (this script with
+``--memory-probe PROVIDER``): peak RSS minus the RSS after the inputs are allocated, reported in
+bytes and as % of the logits' bytes. The peak is VmHWM reset just before the call (Linux), with
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` recorded beside it (a lifetime peak, void when the
+warm-up peaked higher; the JSON says so per entry).
+
+Prints a table, writes JSON (``benchmarks/results/cross_entropy.json`` by default) with the
+machine's description. Timings on a shared machine vary: the load average before and after the
+run is recorded, and rerunning is the way to check stability.
+
+    python benchmarks/bench_cross_entropy.py                      # default shapes
+    python benchmarks/bench_cross_entropy.py --quick              # small shapes, few repeats
+    python benchmarks/bench_cross_entropy.py --shapes 4096x32000,8192x1000:float64 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SHAPES = "4096x32000,2048x128256,8192x1000,65536x10,4096x32000:float64"
+QUICK_SHAPES = "512x32000,64x128256,2048x1000,16384x10,512x32000:float64"
+PROVIDERS = (
+    "copy",
+    "xentkit",
+    "xentkit_out",
+    "xentkit_inplace",
+    "xentkit_kernel",
+    "reference",
+    "torch",
+)
+MEMORY_PROVIDERS = ("torch", "xentkit", "xentkit_inplace")
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cross_entropy.json"
+
+
+@dataclass(frozen=True)
+class Shape:
+    rows: int
+    classes: int
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """``"4096x32000"`` or ``"4096x32000:float64"``."""
+        size, _, dtype = text.strip().partition(":")
+        rows, classes = (int(part) for part in size.lower().split("x"))
+        return cls(rows, classes, dtype or "float32")
+
+    @property
+    def label(self) -> str:
+        return f"{self.rows}x{self.classes}:{self.dtype}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.classes * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class Timing:
+    shape: str
+    provider: str
+    times_ms: list[float] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.times_ms) if self.times_ms else None
+
+
+def make_inputs(shape: Shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Standard-normal logits (scaled ×2) and uniform labels, allocated once each."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((shape.rows, shape.classes), dtype=np.float32)
+    logits *= 2.0
+    if shape.dtype != "float32":
+        logits = logits.astype(shape.dtype)
+    labels = rng.integers(0, shape.classes, shape.rows, dtype=np.int64)
+    return logits, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: each returns (prepare, run); prepare() is untimed, run() is the timed call
+# ---------------------------------------------------------------------------------------------
+
+Call = Callable[[], object]
+
+
+def _nothing() -> None:
+    return None
+
+
+def provider_calls(name: str, logits: np.ndarray, labels: np.ndarray) -> tuple[Call, Call]:
+    import xentkit
+
+    if name == "copy":
+        dst = np.empty_like(logits)
+        dst.fill(0)  # touch the pages once, outside the timing
+        return _nothing, lambda: np.copyto(dst, logits)
+    if name == "xentkit":
+        return _nothing, lambda: xentkit.cross_entropy_and_grad(logits, labels)
+    if name == "xentkit_out":
+        out = np.empty_like(logits)
+        out.fill(0)
+        return _nothing, lambda: xentkit.cross_entropy_and_grad(logits, labels, out=out)
+    if name == "xentkit_inplace":
+        work = np.empty_like(logits)
+
+        def prepare() -> None:
+            np.copyto(work, logits)
+
+        return prepare, lambda: xentkit.cross_entropy_and_grad(work, labels, out=work)
+    if name == "xentkit_kernel":
+        from xentkit.kernels import cross_entropy_rows
+
+        grad = np.empty_like(logits)
+        grad.fill(0)
+        scale = np.full(logits.shape[0], 1.0 / logits.shape[0])
+        return _nothing, lambda: cross_entropy_rows(
+            logits, labels, None, -100, 0.0, 0.0, None, scale, scale, grad
+        )
+    if name == "reference":
+
+        def run_reference() -> object:
+            with xentkit.use_reference(True):
+                return xentkit.cross_entropy_and_grad(logits, labels)
+
+        return _nothing, run_reference
+    if name == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        target = torch.from_numpy(labels)
+
+        def run_torch() -> object:
+            x = torch.from_numpy(logits).requires_grad_(True)
+            loss = F.cross_entropy(x, target)
+            loss.backward()
+            return x.grad
+
+        return _nothing, run_torch
+    raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
+
+
+def available_providers(requested: list[str]) -> list[str]:
+    names = []
+    for name in requested:
+        if name == "torch":
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                print("torch is not installed: skipping the torch provider", file=sys.stderr)
+                continue
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def time_shape(
+    shape: Shape, providers: list[str], repeats: int, reference_max_elements: int
+) -> list[Timing]:
+    """Interleaved rounds: in each round every provider runs once (after one warm-up call)."""
+    logits, labels = make_inputs(shape)
+    timings = {name: Timing(shape.label, name) for name in providers}
+    calls: dict[str, tuple[Call, Call]] = {}
+    for name in providers:
+        if name == "reference" and shape.rows * shape.classes > reference_max_elements:
+            timings[name].skipped = f"more than {reference_max_elements:,} logits"
+            continue
+        prepare, run = provider_calls(name, logits, labels)
+        prepare()
+        run()  # warm-up: compilation or cache load, allocator, page faults of the first call
+        calls[name] = (prepare, run)
+    gc.collect()
+    for _ in range(repeats):
+        for name, (prepare, run) in calls.items():
+            prepare()
+            start = time.perf_counter()
+            result = run()
+            elapsed = time.perf_counter() - start
+            del result
+            timings[name].times_ms.append(elapsed * 1e3)
+    return [timings[name] for name in providers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory probe (runs in its own process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _reset_high_water_mark() -> bool:
+    """Linux: reset VmHWM (the peak RSS of /proc/self/status) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _high_water_mark_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_probe(provider: str, shape: Shape) -> dict[str, float]:
+    """One call of ``provider`` on ``shape``: peak RSS above the RSS with the inputs allocated.
+
+    Peak RSS from ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` and, on Linux, from VmHWM reset
+    right before the call (the reported one: ru_maxrss cannot be reset and the warm-up may have
+    peaked higher). The in-place provider overwrites the logits (no fresh copy here).
+    """
+    # warm up on a tiny problem first (imports, compiled-kernel cache, torch's allocator), so
+    # that their memory is in the baseline and their peak stays below the measured call's
+    tiny_logits, tiny_labels = make_inputs(Shape(8, 16, shape.dtype))
+    prepare, run = provider_calls(provider, tiny_logits, tiny_labels)
+    prepare()
+    run()
+    del prepare, run, tiny_logits, tiny_labels
+    gc.collect()
+    logits, labels = make_inputs(shape)
+    if provider == "xentkit_inplace":
+        import xentkit
+
+        def run() -> object:
+            return xentkit.cross_entropy_and_grad(logits, labels, out=logits)
+    else:
+        _, run = provider_calls(provider, logits, labels)
+    baseline = _current_rss_bytes()
+    peak_before = _peak_rss_bytes()
+    hwm_reset = _reset_high_water_mark()
+    result = run()
+    peak = _peak_rss_bytes()
+    hwm = _high_water_mark_bytes() if hwm_reset else None
+    del result
+    extra_maxrss = peak - baseline
+    # ru_maxrss is a lifetime peak: when imports or the warm-up peaked above the baseline it
+    # cannot see the call's peak. The peak RSS reset right before the call (VmHWM after
+    # /proc/self/clear_refs, Linux) can; it is the reported number when available.
+    maxrss_valid = peak_before <= baseline
+    extra, method = (
+        (hwm - baseline, "VmHWM reset") if hwm is not None else (extra_maxrss, "ru_maxrss")
+    )
+    return {
+        "provider": provider,
+        "shape": shape.label,
+        "logits_bytes": logits.nbytes,
+        "baseline_rss_bytes": baseline,
+        "extra_bytes": extra,
+        "extra_percent_of_logits": 100.0 * extra / logits.nbytes,
+        "method": method,
+        "extra_bytes_ru_maxrss": extra_maxrss,
+        "ru_maxrss_valid": maxrss_valid,
+        "peak_rss_before_call_bytes": peak_before,
+        "peak_rss_bytes": peak,
+    }
+
+
+def run_memory_probes(shapes: list[Shape], providers: list[str]) -> list[dict[str, float]]:
+    results = []
+    for shape in shapes:
+        for provider in providers:
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-probe",
+                provider,
+                "--shapes",
+                shape.label,
+            ]
+            completed = subprocess.run(command, capture_output=True, text=True, check=False)
+            if completed.returncode != 0 or not completed.stdout.strip():
+                print(
+                    f"memory probe {provider} {shape.label} failed:\n{completed.stderr}",
+                    file=sys.stderr,
+                )
+                continue
+            results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine description, table, JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def _threading_layer() -> str | None:
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel function has run yet
+        return None
+
+
+def machine_info() -> dict[str, object]:
+    import numba
+
+    import xentkit
+
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threads": numba.get_num_threads(),
+        "numba_threading_layer": _threading_layer(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "numba_svml": bool(getattr(numba.config, "USING_SVML", False)),
+        "xentkit": xentkit.__version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or denominator == 0:
+        return "-"
+    return f"{numerator / denominator:.2f}"
+
+
+def print_table(timings: list[Timing], memory: list[dict[str, float]]) -> None:
+    by_shape: dict[str, dict[str, Timing]] = {}
+    for timing in timings:
+        by_shape.setdefault(timing.shape, {})[timing.provider] = timing
+    print(
+        "\nforward+backward, milliseconds over the rounds; ratios of medians: "
+        "this/copy (1 = bandwidth floor) and torch/this (speed-up over PyTorch)"
+    )
+    print(
+        f"{'shape':<22}{'provider':<17}{'median':>9}{'min':>9}{'max':>9}"
+        f"{'this/copy':>11}{'torch/this':>12}"
+    )
+    for shape, row in by_shape.items():
+        copy = row.get("copy")
+        torch_timing = row.get("torch")
+        copy_ms = copy.median_ms if copy and not copy.skipped else None
+        torch_ms = torch_timing.median_ms if torch_timing and not torch_timing.skipped else None
+        label = shape
+        for provider in PROVIDERS:
+            timing = row.get(provider)
+            if timing is None:
+                continue
+            if timing.skipped:
+                print(f"{label:<22}{provider:<17}{'skipped: ' + timing.skipped:>59}")
+            else:
+                print(
+                    f"{label:<22}{provider:<17}{timing.median_ms:>9.2f}"
+                    f"{min(timing.times_ms):>9.2f}{max(timing.times_ms):>9.2f}"
+                    f"{_ratio(timing.median_ms, copy_ms):>11}{_ratio(torch_ms, timing.median_ms):>12}"
+                )
+            label = ""
+
+    if memory:
+        methods = sorted({str(entry["method"]) for entry in memory})
+        print(
+            "\npeak memory above the inputs (own process per provider; "
+            f"{', '.join(methods)}), MiB and % of the logits"
+        )
+        print(f"{'shape':<22}" + "".join(f"{p:>24}" for p in MEMORY_PROVIDERS))
+        rows: dict[str, dict[str, dict[str, float]]] = {}
+        for entry in memory:
+            rows.setdefault(str(entry["shape"]), {})[str(entry["provider"])] = entry
+        for shape, entries in rows.items():
+            cells = []
+            for provider in MEMORY_PROVIDERS:
+                entry = entries.get(provider)
+                if entry is None:
+                    cells.append(f"{'-':>24}")
+                else:
+                    text = f"{entry['extra_bytes'] / 2**20:.1f} ({entry['extra_percent_of_logits']:.1f}%)"
+                    cells.append(f"{text:>24}")
+            print(f"{shape:<22}" + "".join(cells))
+
+
+def write_json(
+    path: Path, timings: list[Timing], memory: list[dict[str, float]], config: dict[str, object]
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for timing in timings:
+        entry = asdict(timing)
+        if timing.times_ms:
+            entry.update(
+                median_ms=timing.median_ms,
+                min_ms=min(timing.times_ms),
+                max_ms=max(timing.times_ms),
+            )
+        results.append(entry)
+    document = {
+        "benchmark": "cross_entropy forward+backward",
+        "machine": machine_info(),
+        "config": config,
+        "timings": results,
+        "memory": memory,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", help=f"comma-separated NxC[:dtype] (default {DEFAULT_SHAPES})")
+    parser.add_argument("--repeats", type=int, help="timed rounds per shape (default 7; --quick 3)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"small shapes ({QUICK_SHAPES}), 3 rounds"
+    )
+    parser.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help="comma-separated subset of " + ",".join(PROVIDERS),
+    )
+    parser.add_argument(
+        "--reference-max-elements",
+        type=int,
+        default=20_000_000,
+        help="skip the NumPy reference above this many logits (default 2e7)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
+    parser.add_argument("--memory-probe", metavar="PROVIDER", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    shapes_text = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    shapes = [Shape.parse(text) for text in shapes_text.split(",") if text.strip()]
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, shapes[0])))
+        return 0
+    repeats = args.repeats or (3 if args.quick else 7)
+    providers = available_providers([p.strip() for p in args.providers.split(",") if p.strip()])
+    load_before = os.getloadavg()
+    started = time.time()
+
+    # memory probes first, while this process is small: a child's ru_maxrss starts from the
+    # RSS of the process it was forked from (Linux carries it across exec)
+    memory: list[dict[str, float]] = []
+    if not args.no_memory:
+        probe_providers = [p for p in MEMORY_PROVIDERS if p in providers]
+        print("memory probes ...", file=sys.stderr)
+        memory = run_memory_probes(shapes, probe_providers)
+    timings: list[Timing] = []
+    for shape in shapes:
+        print(
+            f"timing {shape.label} ({shape.nbytes / 2**20:.0f} MiB of logits) ...", file=sys.stderr
+        )
+        timings.extend(time_shape(shape, providers, repeats, args.reference_max_elements))
+        gc.collect()
+
+    load_after = os.getloadavg()
+    print_table(timings, memory)
+    skipped = {t.shape: t.skipped for t in timings if t.skipped}
+    for shape, why in skipped.items():
+        print(f"note: reference skipped for {shape} ({why})")
+    print(
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+        f"(other processes on this machine inflate timings)"
+    )
+    config = {
+        "shapes": [shape.label for shape in shapes],
+        "repeats": repeats,
+        "providers": providers,
+        "reference_max_elements": args.reference_max_elements,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "started_unix": started,
+        "wall_seconds": time.time() - started,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    write_json(args.output, timings, memory, config)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

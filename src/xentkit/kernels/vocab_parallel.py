@@ -1,0 +1,229 @@
+"""Shard-level softmax kernels for a vocabulary split across ranks (tensor parallelism).
+
+Rank r holds the columns ``[start_r, start_r + V_r)`` of the logits z (rows × V classes). The
+full-row quantities of cross-entropy combine over ranks from per-shard statistics (the caller
+does the combining with two all-reduces of O(rows) floats; nothing here communicates):
+
+    m_r = max_{j in shard} z_j                              (NaN ignored, −inf for no finite value)
+    t_r = m_r if m_r > −inf else 0                          (the shard's shift)
+    s_r = Σ_{j in shard} exp(z_j − t_r)
+    M   = max_r m_r                                         (all-reduce MAX)
+    S   = Σ_r s_r·exp(t_r − M)                              (all-reduce SUM)
+    lse = M + log S
+
+and, for the loss, the target logit and the class-weighted logit sum (all-reduce SUM)::
+
+    z_y = Σ_r [y in shard r]·z_y,      S_z = Σ_r Σ_{j in shard r} w_j·z_j
+
+Two kernels, each one sweep over the shard rows (``prange`` over rows):
+
+- :func:`shard_softmax_stats` (pass 1, one read): online softmax over blocks of the row
+  (Milakov & Gimelshein, arXiv 1805.02867), returning ``m_r``, ``s_r``, the local target logit
+  and the local ``Σ w_j·z_j``.
+- :func:`shard_softmax_grad` (pass 2, one write): with per-row coefficients computed by the
+  caller from the global statistics,
+  ``grad_ij = c_i·exp(z_ij − M_i) − σ_i·w_j``, then the target entry (when the row's label is in
+  this shard) is overwritten by ``target_grad_i``, computed by the caller in float64.
+
+Rows are labelled by their column in this shard: ``local_labels[i] ≥ 0`` is the target's column
+here, ``-1`` means the target lives on another rank, ``-2`` means an ignored row (pass 1 skips it:
+statistics ``−inf, 0, 0, 0``; pass 2 writes a zero row). No validation here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from xentkit.kernels._exp import fast_exp, like, maxnum
+
+# Same loop flags as the single-process kernel: reassoc lets LLVM split sums over vector lanes,
+# contract gives FMAs; no nnan/ninf (NaN and ±inf logits are part of the contract).
+LOOP_FLAGS = {"contract", "reassoc", "nsz"}
+_JIT = {"cache": True, "fastmath": LOOP_FLAGS, "error_model": "numpy", "nogil": True}
+
+# Classes per pass-1 block: 2048 float64 = 16 KiB, so a block stays in L1 between its loops.
+DEFAULT_BLOCK = 2048
+
+# Labels of rows in ``local_labels`` (see the module docstring).
+ELSEWHERE = -1
+IGNORED = -2
+
+
+@njit(**_JIT)
+def _block_max(row, start, stop):  # pragma: no cover - compiled
+    """max_j row[j] over [start, stop), NaN ignored (the sums propagate NaN)."""
+    seg = row[start:stop]
+    m = like(-np.inf, row)
+    for j in range(seg.shape[0]):
+        m = maxnum(m, seg[j])
+    return m
+
+
+@njit(**_JIT)
+def _block_sum_exp(row, start, stop, shift):  # pragma: no cover - compiled
+    """Σ_j exp(row[j] − shift) over [start, stop), vector lanes in the row's dtype."""
+    seg = row[start:stop]
+    acc = like(0.0, row)
+    for j in range(seg.shape[0]):
+        acc += fast_exp(seg[j] - shift)
+    return np.float64(acc)
+
+
+@njit(**_JIT)
+def _block_sum_z(row, start, stop, weight, has_weight):  # pragma: no cover - compiled
+    """Σ_j w_j·row[j] over [start, stop) in float64 (w_j = 1 without weights)."""
+    seg = row[start:stop]
+    acc = 0.0
+    if has_weight:
+        wseg = weight[start:stop]
+        for j in range(seg.shape[0]):
+            acc += wseg[j] * np.float64(seg[j])
+    else:
+        for j in range(seg.shape[0]):
+            acc += np.float64(seg[j])
+    return acc
+
+
+@njit(parallel=True, **_JIT)
+def _stats_kernel(  # pragma: no cover - compiled
+    logits, local_labels, weight, has_weight, want_sum_z, block, row_max, row_sum, target, sum_z
+):
+    n_rows, n_cols = logits.shape
+    neg_inf = like(-np.inf, logits)
+    zero = like(0.0, logits)
+    for i in prange(n_rows):
+        y = local_labels[i]
+        if y == IGNORED:
+            row_max[i] = -np.inf
+            row_sum[i] = 0.0
+            target[i] = 0.0
+            sum_z[i] = 0.0
+            continue
+        row = logits[i]
+        # 1. Online softmax over blocks: m = running max, s = Σ exp(z − shift) with
+        #    shift = m (or 0 while every value so far is −inf/NaN, so exp(−inf) = 0, never
+        #    exp(−inf − (−inf))). A larger block max b rescales s by exp(m − b).
+        m = neg_inf
+        s = 0.0
+        acc_z = 0.0
+        for start in range(0, n_cols, block):
+            stop = min(start + block, n_cols)
+            b = _block_max(row, start, stop)
+            if b > m:
+                s *= math.exp(np.float64(m) - np.float64(b))
+                m = b
+            shift = m if m > neg_inf else zero
+            s += _block_sum_exp(row, start, stop, shift)
+            # 2. S_z (label smoothing only): Σ_j w_j·z_j over the shard, float64.
+            if want_sum_z:
+                acc_z += _block_sum_z(row, start, stop, weight, has_weight)
+        row_max[i] = m
+        row_sum[i] = s
+        # 3. The target logit when the label is one of this shard's columns, else 0.
+        target[i] = np.float64(row[y]) if y >= 0 else 0.0
+        sum_z[i] = acc_z
+
+
+@njit(parallel=True, **_JIT)
+def _grad_kernel(  # pragma: no cover - compiled
+    logits, local_labels, shift, coef, smooth, target_grad, weight, has_weight, want_smooth, out
+):
+    n_rows, n_cols = logits.shape
+    zero = like(0.0, logits)
+    for i in prange(n_rows):
+        y = local_labels[i]
+        dst = out[i]
+        if y == IGNORED:
+            for j in range(n_cols):
+                dst[j] = zero
+            continue
+        row = logits[i]
+        m = like(shift[i], logits)
+        c = like(coef[i], logits)
+        # grad_ij = c_i·exp(z_ij − M_i) − σ_i·w_j   (reads z_ij, then writes grad_ij: in place OK)
+        if want_smooth:
+            beta = like(-smooth[i], logits)
+            if has_weight:
+                for j in range(n_cols):
+                    dst[j] = c * fast_exp(row[j] - m) + beta * weight[j]
+            else:
+                for j in range(n_cols):
+                    dst[j] = c * fast_exp(row[j] - m) + beta
+        else:
+            for j in range(n_cols):
+                dst[j] = c * fast_exp(row[j] - m)
+        # target entry, computed by the caller in float64 (it carries −(1−ε)·w_y·g)
+        if y >= 0:
+            dst[y] = target_grad[i]
+
+
+_ONE = np.ones(1, dtype=np.float64)
+
+
+def shard_softmax_stats(
+    logits: np.ndarray,
+    local_labels: np.ndarray,
+    weight: np.ndarray | None,
+    want_sum_z: bool,
+    *,
+    block: int = DEFAULT_BLOCK,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1 over a C-contiguous ``[rows, V_r]`` float32/float64 shard (one read).
+
+    ``local_labels`` ``[rows]`` int64 (column here, ``-1`` elsewhere, ``-2`` ignored); ``weight``
+    this shard's ``[V_r]`` class weights (float64) or None; ``want_sum_z`` computes ``S_z`` (only
+    label smoothing needs it). Returns four ``[rows]`` float64 arrays
+    ``(m_r, s_r, z_y or 0, Σ_j w_j·z_j or 0)`` as in the module docstring; ignored rows give
+    ``(−inf, 0, 0, 0)``.
+    """
+    rows = logits.shape[0]
+    out = [np.empty(rows, dtype=np.float64) for _ in range(4)]
+    if rows == 0:
+        return out[0], out[1], out[2], out[3]
+    has_weight = weight is not None
+    weight64 = _ONE if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    _stats_kernel(
+        logits, np.ascontiguousarray(local_labels, dtype=np.int64), weight64, has_weight,
+        bool(want_sum_z), max(int(block), 1), out[0], out[1], out[2], out[3],
+    )
+    return out[0], out[1], out[2], out[3]
+
+
+def shard_softmax_grad(
+    logits: np.ndarray,
+    local_labels: np.ndarray,
+    shift: np.ndarray,
+    coef: np.ndarray,
+    smooth: np.ndarray | None,
+    target_grad: np.ndarray,
+    weight: np.ndarray | None,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Pass 2 (one write): ``out[i, j] = coef_i·exp(z_ij − shift_i) − smooth_i·w_j``, then
+    ``out[i, y_i] = target_grad_i`` for rows whose label is in this shard; ignored rows get 0.
+
+    ``logits`` and ``out`` are C-contiguous ``[rows, V_r]`` of one float dtype; ``out`` may be
+    ``logits`` itself (in place). ``shift``, ``coef``, ``target_grad`` and ``smooth`` (None: no
+    smoothing term) are ``[rows]`` float64, ``weight`` ``[V_r]`` or None (all ones). Returns ``out``.
+    """
+    if logits.shape[0] == 0:
+        return out
+    want_smooth = smooth is not None
+    has_weight = weight is not None
+    weight_work = _ONE.astype(logits.dtype) if weight is None else np.ascontiguousarray(weight, dtype=logits.dtype)
+    _grad_kernel(
+        logits,
+        np.ascontiguousarray(local_labels, dtype=np.int64),
+        np.ascontiguousarray(shift, dtype=np.float64),
+        np.ascontiguousarray(coef, dtype=np.float64),
+        _ONE if smooth is None else np.ascontiguousarray(smooth, dtype=np.float64),
+        np.ascontiguousarray(target_grad, dtype=np.float64),
+        weight_work,
+        has_weight,
+        want_smooth,
+        out,
+    )
+    return out
