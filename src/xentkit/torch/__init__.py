@@ -6,12 +6,19 @@
 Importing this module imports torch; ``import xentkit`` alone does not.
 """
 
+from .distributed import (
+    CommunicationStats,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+    vocab_shard_range,
+)
 from .functional import binary_cross_entropy_with_logits, cross_entropy, nll_loss
 from .linear_cross_entropy import linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
 
 __all__ = [
     "BCEWithLogitsLoss",
+    "CommunicationStats",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
     "NLLLoss",
@@ -19,4 +26,7 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "nll_loss",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_shard_range",
 ]

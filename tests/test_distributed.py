@@ -1,0 +1,550 @@
+"""Vocabulary-parallel cross-entropy (xentkit.torch.distributed) on real gloo process groups.
+
+Each world size (2 and 4 processes on 127.0.0.1) is spawned once, by a module fixture, and runs
+every scenario below in the same process group; each rank writes its findings to a JSON file and
+the tests read them. Every rank builds the same full logits (seeded) and compares its loss and its
+slice of the gradient with the single-process answer: ``xentkit.cross_entropy_and_grad`` on the
+full logits (float64), and ``torch.nn.functional.cross_entropy`` where z-loss is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import doctest
+import itertools
+import json
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit  # noqa: E402
+from xentkit.torch import distributed as vp  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+# One table of tolerances, (atol, rtol) per dtype, against float64 answers.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (5e-6, 5e-5),
+    torch.float16: (3e-3, 3e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+N, V = 13, 11  # 11 classes: uneven over 2 (6 + 5) and 4 (3 + 3 + 3 + 2) ranks
+IGNORED_ROWS = (2, 7)
+SPAWN_DEADLINE_S = 240
+GROUP_TIMEOUT = datetime.timedelta(seconds=30)
+
+# Shards given explicitly (vocab_start on every rank), out of rank order, one of them empty.
+EXPLICIT_SHARDS = {
+    2: [(5, 11), (0, 5)],
+    4: [(7, 11), (0, 0), (0, 5), (5, 7)],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-process answers
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    """torch's cross_entropy on the full logits plus xentkit's z-loss ("mean" of nothing = 0)."""
+    valid = target != ignore_index
+    total = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="sum",
+                            label_smoothing=label_smoothing)
+    per_row = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none",
+                              label_smoothing=label_smoothing)
+    z_rows = torch.where(valid, z_loss * torch.logsumexp(logits, dim=-1) ** 2, 0.0)
+    if reduction == "none":
+        return per_row + z_rows
+    if reduction == "sum":
+        return total + z_rows.sum()
+    w_y = valid.to(logits.dtype) if weight is None else torch.where(valid, weight[target.clamp(min=0)], 0.0)
+    main = total / w_y.sum() if w_y.sum() != 0 else total * 0
+    count = valid.sum()
+    return main + (z_rows.sum() / count if count else z_rows.sum() * 0)
+
+
+def assert_close(actual, expected, dtype, what):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        torch.as_tensor(actual).to(torch.float64), torch.as_tensor(expected).to(torch.float64),
+        atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}: {m}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios (run on every rank of a spawned group; a failed check is recorded, not raised)
+# ---------------------------------------------------------------------------------------------
+
+# A rank whose check fails must not skip the collectives of the cases after it (the other ranks
+# would wait for them), so each case records its failure here and the scenario goes on.
+_FAILURES: list[str] = []
+
+
+@contextlib.contextmanager
+def recorded(what: str):
+    try:
+        yield
+    except Exception as exc:
+        _FAILURES.append(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _shard(world: int, rank: int, explicit: bool) -> tuple[int, int, int | None]:
+    """(start, stop, vocab_start argument) of this rank's columns."""
+    if explicit:
+        start, stop = EXPLICIT_SHARDS[world][rank]
+        return start, stop, start
+    start, stop = vp.vocab_shard_range(V, world, rank)
+    return start, stop, None
+
+
+def _problem(seed: int, dtype, scale: float = 3.0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, V, generator=generator, dtype=torch.float64) * scale).to(dtype)
+    target = torch.randint(0, V, (N,), generator=generator)
+    target[list(IGNORED_ROWS)] = -100
+    weight = torch.rand(V, generator=generator, dtype=torch.float64) + 0.25
+    upstream = torch.rand(N, generator=generator, dtype=torch.float64) + 0.5
+    return logits, target, weight, upstream
+
+
+def _check_logits_case(world, rank, *, dtype, reduction, weighted, smoothing, z_loss, explicit, seed,
+                       logits=None, target=None, compare_torch=True, as_view=False):
+    """One call of the logits form on every rank, compared with the single-process answers.
+
+    ``as_view``: the shard is a (non-contiguous) column slice of a full leaf tensor, whose
+    gradient must then be the shard's gradient in those columns and 0 elsewhere.
+    """
+    what = (f"dtype={dtype} reduction={reduction} weighted={weighted} smoothing={smoothing} "
+            f"z_loss={z_loss} explicit={explicit} seed={seed} as_view={as_view} rank={rank}")
+    with recorded(what):
+        full, default_target, weight, upstream = _problem(seed, dtype)
+        full = full if logits is None else logits
+        target = default_target if target is None else target
+        weight = weight if weighted else None
+        start, stop, vocab_start = _shard(world, rank, explicit)
+        leaf = full.clone().requires_grad_(True) if as_view else None
+        shard = leaf[:, start:stop] if as_view else full[:, start:stop].clone().requires_grad_(True)
+        loss = vp.vocab_parallel_cross_entropy(
+            shard, target, vocab_start=vocab_start, weight=weight, reduction=reduction,
+            label_smoothing=smoothing, z_loss=z_loss,
+        )
+        grad_output = upstream if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+        (loss * grad_output.to(dtype)).sum().backward()
+        if as_view:
+            assert not leaf.grad[:, :start].any() and not leaf.grad[:, stop:].any()
+            shard = leaf[:, start:stop].detach()
+            shard.grad = leaf.grad[:, start:stop]
+
+        expected_loss, expected_grad = xentkit.cross_entropy_and_grad(
+            full.to(torch.float64).numpy(), target.numpy(),
+            weight=None if weight is None else weight.numpy(), reduction=reduction,
+            label_smoothing=smoothing, z_loss=z_loss, grad_output=grad_output.numpy(),
+            check_probabilities=False,
+        )
+        assert loss.dtype == dtype
+        assert loss.shape == ((N,) if reduction == "none" else ())
+        assert_close(loss.detach(), expected_loss, dtype, "loss vs xentkit")
+        assert_close(shard.grad, expected_grad[:, start:stop], dtype, "gradient vs xentkit")
+        if compare_torch and z_loss == 0.0:
+            reference = full.to(torch.float64, copy=True).requires_grad_(True)
+            torch_loss = torch_cross_entropy(reference, target, weight, -100, reduction, smoothing, 0.0)
+            (torch_loss * grad_output).sum().backward()
+            assert_close(loss.detach(), torch_loss.detach(), dtype, "loss vs torch")
+            assert_close(shard.grad, reference.grad[:, start:stop], dtype, "gradient vs torch")
+
+
+def scenario_logits_options(world, rank):
+    """Every option combination, even and explicit (out-of-order, one empty) shards; float32 on
+    two ranks only (its arithmetic does not depend on the world size, and 4 ranks share 2 cores)."""
+    dtypes = (torch.float64, torch.float32) if world <= 2 else (torch.float64,)
+    for dtype, reduction, weighted, smoothing, z_loss, explicit in itertools.product(
+        dtypes, ("mean", "sum", "none"), (False, True), (0.0, 0.1),
+        (0.0, 1e-2), (False, True),
+    ):
+        _check_logits_case(world, rank, dtype=dtype, reduction=reduction, weighted=weighted,
+                           smoothing=smoothing, z_loss=z_loss, explicit=explicit, seed=7)
+
+
+def scenario_logits_torch_ops(world, rank):
+    """The torch-ops path (CUDA and float16/bfloat16 take it): forced in float64, natural in half."""
+    vp.USE_KERNELS = False
+    try:
+        for reduction, weighted, smoothing, z_loss in itertools.product(
+            ("mean", "none"), (False, True), (0.0, 0.1), (0.0, 1e-2)
+        ):
+            _check_logits_case(world, rank, dtype=torch.float64, reduction=reduction, weighted=weighted,
+                               smoothing=smoothing, z_loss=z_loss, explicit=weighted, seed=11,
+                               as_view=smoothing > 0)
+    finally:
+        vp.USE_KERNELS = True
+    # the kernels on a column slice of a full tensor (not contiguous)
+    _check_logits_case(world, rank, dtype=torch.float32, reduction="none", weighted=True,
+                       smoothing=0.1, z_loss=1e-2, explicit=False, seed=11, as_view=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        full, _, _, _ = _problem(13, torch.float64, scale=1.0)
+        # the half-precision values are the inputs; the answer is computed from them in float64
+        _check_logits_case(world, rank, dtype=dtype, reduction="mean", weighted=True, smoothing=0.1,
+                           z_loss=1e-3, explicit=False, seed=13, logits=full.to(dtype), compare_torch=False)
+
+
+def scenario_logits_special_values(world, rank):
+    """Huge logits (exp overflows without the max shift), −inf classes, a whole shard of −inf in
+    a row, every target ignored ("mean" of nothing = 0), reductions of an empty batch."""
+    full, target, _, _ = _problem(17, torch.float64, scale=300.0)
+    full[0, :] = -torch.inf
+    full[0, 4] = 2.0
+    target[0] = 4
+    full[1, 6:] = -torch.inf  # the last shard(s) hold no finite logit in row 1
+    target[1] = 0
+    full[3, 1] = -torch.inf
+    for dtype, reduction, z_loss, kernels in itertools.product(
+        (torch.float64, torch.float32), ("mean", "none"), (0.0, 1e-3), (True, False)
+    ):
+        vp.USE_KERNELS = kernels
+        try:
+            _check_logits_case(world, rank, dtype=dtype, reduction=reduction, weighted=True,
+                               smoothing=0.0, z_loss=z_loss, explicit=True, seed=17,
+                               logits=full.to(dtype), target=target)
+        finally:
+            vp.USE_KERNELS = True
+    all_ignored = torch.full((N,), -100)
+    for reduction in ("mean", "sum"):
+        _check_logits_case(world, rank, dtype=torch.float64, reduction=reduction, weighted=True,
+                           smoothing=0.1, z_loss=1e-2, explicit=False, seed=19, target=all_ignored,
+                           compare_torch=False)
+    start, stop, _ = _shard(world, rank, False)
+    with recorded("empty batch"):
+        empty = torch.zeros(0, stop - start, dtype=torch.float64, requires_grad=True)
+        loss = vp.vocab_parallel_cross_entropy(empty, torch.zeros(0, dtype=torch.int64))
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and empty.grad.shape == empty.shape
+
+
+def scenario_linear(world, rank):
+    """The fused linear form: loss and the gradients of input, weight shard and bias shard."""
+    features = 6
+    generator = torch.Generator().manual_seed(23)
+    x_full = torch.randn(N, features, generator=generator, dtype=torch.float64)
+    w_full = torch.randn(V, features, generator=generator, dtype=torch.float64)
+    b_full = torch.randn(V, generator=generator, dtype=torch.float64)
+    _, target, class_weight, upstream = _problem(23, torch.float64)
+    for dtype, reduction, bias, smoothing, z_loss, chunk_size, explicit in itertools.product(
+        (torch.float64, torch.float32), ("mean", "sum", "none"), (False, True), (0.0, 0.1),
+        (0.0, 1e-2), (None, 4), (False, True),
+    ):
+        if dtype == torch.float32 and (chunk_size is None or explicit or world > 2):
+            continue  # float32 on a subset: the arithmetic is the same
+        what = (f"linear dtype={dtype} reduction={reduction} bias={bias} smoothing={smoothing} "
+                f"z_loss={z_loss} chunk_size={chunk_size} explicit={explicit} rank={rank}")
+        with recorded(what):
+            start, stop, vocab_start = _shard(world, rank, explicit)
+            x = x_full.to(dtype, copy=True).requires_grad_(True)
+            w_shard = w_full[start:stop].to(dtype, copy=True).requires_grad_(True)
+            b_shard = b_full[start:stop].to(dtype, copy=True).requires_grad_(True) if bias else None
+            loss = vp.vocab_parallel_linear_cross_entropy(
+                x, w_shard, target, vocab_start=vocab_start, linear_bias_shard=b_shard,
+                weight=class_weight, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
+                chunk_size=chunk_size,
+            )
+            grad_output = upstream if reduction == "none" else torch.tensor(0.6, dtype=torch.float64)
+            (loss * grad_output.to(dtype)).sum().backward()
+
+            x_ref = x_full.clone().requires_grad_(True)
+            w_ref = w_full.clone().requires_grad_(True)
+            b_ref = b_full.clone().requires_grad_(True) if bias else None
+            logits = F.linear(x_ref, w_ref, b_ref)
+            expected = torch_cross_entropy(logits, target, class_weight, -100, reduction, smoothing, z_loss)
+            (expected * grad_output).sum().backward()
+            assert_close(loss.detach(), expected.detach(), dtype, "loss")
+            assert_close(x.grad, x_ref.grad, dtype, "input gradient")
+            assert_close(w_shard.grad, w_ref.grad[start:stop], dtype, "weight shard gradient")
+            if bias:
+                assert_close(b_shard.grad, b_ref.grad[start:stop], dtype, "bias shard gradient")
+    # the same as the logits form on the shard logits
+    start, stop, _ = _shard(world, rank, False)
+    with recorded("linear form vs logits form"):
+        logits_shard = F.linear(x_full, w_full[start:stop], b_full[start:stop])
+        assert_close(
+            vp.vocab_parallel_linear_cross_entropy(x_full, w_full[start:stop], target,
+                                                   linear_bias_shard=b_full[start:stop]),
+            vp.vocab_parallel_cross_entropy(logits_shard, target), torch.float64, "losses",
+        )
+
+
+def scenario_communication(world, rank):
+    """O(N) floats all-reduced, counted exactly; backward makes no collective (logits form)."""
+    full, target, weight, _ = _problem(29, torch.float32)
+    start, stop, _ = _shard(world, rank, False)
+    record_bytes = world * len(vp._FIELDS) * 8
+    for smoothing, floats_per_row in ((0.0, 3), (0.1, 4)):
+        with recorded(f"logits form, label_smoothing={smoothing}"):
+            stats = vp.CommunicationStats()
+            shard = full[:, start:stop].clone().requires_grad_(True)
+            loss = vp.vocab_parallel_cross_entropy(shard, target, weight=weight,
+                                                   label_smoothing=smoothing, stats=stats)
+            assert stats.all_reduce_calls == 2, stats
+            assert stats.all_reduce_bytes == 8 * N * floats_per_row, stats
+            assert stats.all_gather_calls == 1 and stats.all_gather_bytes == record_bytes, stats
+            assert _all_reduces_during(loss.backward) == 0, "backward of the logits form communicates"
+    # linear form, 4 chunks of 4 rows (the last has 1): 2 all-reduces each, then grad_input (N·D)
+    with recorded("linear form, chunk_size=4"):
+        features = 5
+        x = torch.randn(N, features, dtype=torch.float64, requires_grad=True)
+        w_shard = torch.randn(stop - start, features, dtype=torch.float64, requires_grad=True)
+        stats = vp.CommunicationStats()
+        vp.vocab_parallel_linear_cross_entropy(x, w_shard, target, chunk_size=4, stats=stats).backward()
+        assert stats.all_reduce_calls == 2 * 4 + 1, stats
+        assert stats.all_reduce_bytes == 8 * N * 3 + 8 * N * features, stats
+
+
+def _all_reduces_during(action: Callable[[], object]) -> int:
+    """How many times ``action`` calls torch.distributed.all_reduce."""
+    calls = []
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        action()
+    finally:
+        dist.all_reduce = original
+    return len(calls)
+
+
+def _expect_error(function: Callable[[], object], *fragments: str, kind: type = ValueError) -> None:
+    with recorded(f"expected {kind.__name__} mentioning {fragments}"):
+        with pytest.raises((ValueError, TypeError)) as caught:
+            function()
+        message = str(caught.value)
+        assert caught.type is kind, f"got {caught.type.__name__}: {message}"
+        for fragment in fragments:
+            assert fragment in message, f"{fragment!r} not in the message: {message}"
+
+
+def scenario_errors(world, rank):
+    """Bad input on one rank raises on every rank (no hang), and the group stays usable."""
+    full, target, weight, _ = _problem(31, torch.float64)
+    start, stop, _ = _shard(world, rank, False)
+    shard = full[:, start:stop]
+    bad = rank == 1
+
+    def call(**overrides):
+        arguments = {"logits_shard": shard, "target": target} | overrides
+        return lambda: vp.vocab_parallel_cross_entropy(**arguments)
+
+    # a label outside [0, V) on every rank: V is only known globally
+    out_of_range = target.clone()
+    out_of_range[4] = V
+    _expect_error(call(target=out_of_range), f"label {V}", f"V = {V} classes")
+    # a negative label (not ignore_index) on one rank only
+    negative = target.clone()
+    negative[5] = -3
+    _expect_error(call(target=negative if bad else target), "rank 1", "label -3")
+    # a target of the wrong length on rank 1: a local check, the message reaches every rank
+    _expect_error(call(target=target[:-1] if bad else target), "rank(s) [1]", "target must have shape")
+    # an unknown reduction on rank 1
+    _expect_error(call(reduction="avg" if bad else "mean"), "rank(s) [1]", "reduction must be one of")
+    # a wrong type on rank 1: TypeError there, ValueError elsewhere
+    _expect_error(call(z_loss="big" if bad else 0.0), "rank(s) [1]", "z_loss must be",
+                  kind=TypeError if bad else ValueError)
+    # options that differ between ranks
+    _expect_error(call(label_smoothing=0.1 if bad else 0.0), "label_smoothing must be the same")
+    # targets that differ between ranks
+    shuffled = target.roll(1) if bad else target
+    _expect_error(call(target=shuffled), "target must be the same on every rank", "[1]")
+    # class weights of the wrong length
+    _expect_error(call(weight=weight[:-1]), f"full ({V},) class-weight vector")
+    # explicit shards that overlap
+    _expect_error(call(vocab_start=0), "must tile the vocabulary")
+    # the linear form: a weight shard with the wrong in_features on rank 1
+    x = torch.randn(N, 4, dtype=torch.float64)
+    w_shard = torch.randn(stop - start, 5 if bad else 4, dtype=torch.float64)
+    _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(x, w_shard, target), "rank(s) [1]",
+                  "linear_weight_shard must have shape")
+    _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(
+        x, w_shard[:, :4].contiguous(), target, chunk_size=3 if bad else 4), "chunk_size must be the same")
+    # still in step: a good call afterwards agrees with the single-process answer
+    _check_logits_case(world, rank, dtype=torch.float64, reduction="mean", weighted=True, smoothing=0.1,
+                       z_loss=1e-2, explicit=False, seed=31)
+
+
+SCENARIOS = {
+    "logits_options": scenario_logits_options,
+    "logits_torch_ops": scenario_logits_torch_ops,
+    "logits_special_values": scenario_logits_special_values,
+    "linear": scenario_linear,
+    "communication": scenario_communication,
+    "errors": scenario_errors,
+}
+
+
+def _worker(rank: int, world: int, port: int, results: str) -> None:
+    """One rank: join the gloo group, run every scenario, write {scenario: failure or None}."""
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
+    findings: dict[str, str | None] = {}
+    try:
+        for name, scenario in SCENARIOS.items():
+            _FAILURES.clear()
+            try:
+                scenario(world, rank)
+            except Exception:  # outside a recorded case: the ranks may be out of step now
+                _FAILURES.append(traceback.format_exc(limit=4))
+            findings[name] = "\n".join(_FAILURES) or None
+            dist.barrier()
+    finally:
+        Path(results, f"rank{rank}.json").write_text(json.dumps(findings))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _warm_kernels() -> None:
+    """Compile (or load) the Numba kernels here, so that the spawned ranks load them from the cache."""
+    for dtype in (torch.float32, torch.float64):
+        logits = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+        vp.vocab_parallel_cross_entropy(logits, torch.tensor([0, 3, -100]), label_smoothing=0.1,
+                                        weight=torch.ones(4)).backward()
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda world: f"world{world}")
+def spawned(request, tmp_path_factory) -> tuple[int, dict[str, dict[int, str | None]]]:
+    """Spawn one gloo group of ``world`` ranks that runs every scenario; its findings by scenario."""
+    import torch.multiprocessing as mp
+
+    world = request.param
+    _warm_kernels()
+    results = tmp_path_factory.mktemp(f"world{world}")
+    context = mp.spawn(_worker, args=(world, _free_port(), str(results)), nprocs=world, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {world} spawned ranks did not finish in {SPAWN_DEADLINE_S} s")
+    findings: dict[str, dict[int, str | None]] = {name: {} for name in SCENARIOS}
+    for rank in range(world):
+        for name, failure in json.loads(Path(results, f"rank{rank}.json").read_text()).items():
+            findings[name][rank] = failure
+    return world, findings
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_every_rank_matches_the_single_process_answer(spawned, scenario):
+    world, findings = spawned
+    assert len(findings[scenario]) == world, f"{scenario} did not run on every rank: {findings[scenario]}"
+    failures = {rank: text for rank, text in findings[scenario].items() if text}
+    assert not failures, "\n".join(f"rank {rank} of {world}:\n{text}" for rank, text in failures.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: a world of one (no process group, and a gloo group of one)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_single_process_without_a_group_is_plain_cross_entropy(reduction):
+    assert not dist.is_initialized()
+    _FAILURES.clear()
+    _check_logits_case(1, 0, dtype=torch.float32, reduction=reduction, weighted=True, smoothing=0.1,
+                       z_loss=1e-2, explicit=False, seed=37)
+    assert not _FAILURES, "\n".join(_FAILURES)
+
+
+def test_a_gloo_group_of_one_process():
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=GROUP_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=GROUP_TIMEOUT)
+    try:
+        stats = vp.CommunicationStats()
+        full, target, weight, _ = _problem(41, torch.float64)
+        logits = full.clone().requires_grad_(True)
+        loss = vp.vocab_parallel_cross_entropy(logits, target, weight=weight, z_loss=1e-2, stats=stats,
+                                               group=dist.group.WORLD)
+        loss.backward()
+        expected_loss, expected_grad = xentkit.cross_entropy_and_grad(
+            full.numpy(), target.numpy(), weight=weight.numpy(), z_loss=1e-2)
+        assert_close(loss.detach(), expected_loss, torch.float64, "loss")
+        assert_close(logits.grad, expected_grad, torch.float64, "gradient")
+        assert stats.total_bytes == 0  # a world of one communicates nothing
+    finally:
+        dist.destroy_process_group()
+
+
+def test_errors_in_a_single_process_name_the_argument():
+    logits = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"label 5 .* V = 5 classes"):
+        vp.vocab_parallel_cross_entropy(logits, torch.tensor([0, 1, 5, 2]))
+    with pytest.raises(ValueError, match="probability targets are not supported"):
+        vp.vocab_parallel_cross_entropy(logits, torch.rand(4, 5))
+    with pytest.raises(ValueError, match="weight requires a gradient"):
+        vp.vocab_parallel_cross_entropy(logits, torch.tensor([0, 1, 2, 3]),
+                                        weight=torch.ones(5, requires_grad=True))
+    with pytest.raises(ValueError, match="group was given"):
+        vp.vocab_parallel_cross_entropy(logits, torch.tensor([0, 1, 2, 3]), group=object())
+
+
+@pytest.mark.parametrize("form", ["logits", "linear"])
+def test_backward_twice_needs_retain_graph(form):
+    """The forward pass computes the gradient; backward hands it over (no copy) unless the graph
+    is retained, so a second backward works with retain_graph=True and raises clearly without."""
+    generator = torch.Generator().manual_seed(43)
+    x = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 4, -100, 2, 1, 3])
+    leaf = x if form == "linear" else torch.randn(6, 5, generator=generator, dtype=torch.float64,
+                                                  requires_grad=True)
+
+    def loss_of():
+        if form == "linear":
+            return vp.vocab_parallel_linear_cross_entropy(x, w, target, label_smoothing=0.1)
+        return vp.vocab_parallel_cross_entropy(leaf, target, label_smoothing=0.1)
+
+    loss = loss_of()
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
+    with torch.no_grad():
+        assert not loss_of().requires_grad
+
+
+def test_shard_ranges_tile_the_vocabulary():
+    for vocab, world in [(11, 4), (32000, 3), (3, 4), (0, 2)]:
+        ranges = [vp.vocab_shard_range(vocab, world, rank) for rank in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def test_docstring_examples():
+    result = doctest.testmod(vp, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
