@@ -17,8 +17,7 @@ Each epoch shuffles the training set with ``numpy.random.default_rng(seed)`` and
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,27 +113,6 @@ def loss_and_logit_grad(
     return float(value), np.asarray(dlogits)
 
 
-@contextlib.contextmanager
-def _single_threaded_kernels() -> Iterator[None]:
-    """Run xentkit's Numba kernels on one thread inside the block (or decorated function).
-
-    A batch is only 100 × 10: the parallel kernels' thread hand-off costs far more than the
-    work (measured 3 ms instead of 45 µs a call on a loaded 2-core machine). Remove this once
-    the kernels choose a serial path for small inputs themselves.
-    """
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is a dependency of xentkit
-        yield
-        return
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
-
-
 def accuracy(
     weights: np.ndarray, bias: np.ndarray, images: np.ndarray, labels: np.ndarray
 ) -> float:
@@ -143,7 +121,6 @@ def accuracy(
     return float(np.mean(predictions == labels))
 
 
-@_single_threaded_kernels()
 def train_softmax_regression(
     dataset: Dataset,
     loss: str,
