@@ -6,6 +6,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import reference
+from ..reference.reductions import gradient_scale, reduce
 from ._validation import (
     as_float_array,
     check_class_weight,
@@ -19,21 +20,6 @@ from ._validation import (
     same_shape,
     upstream_gradient,
 )
-
-
-def _reduce(per_element: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
-    if reduction == "none":
-        return per_element
-    total = np.sum(per_element, dtype=np.float64)
-    if reduction == "sum":
-        return np.asarray(total)
-    return np.asarray(total / denominator if denominator != 0 else 0.0)
-
-
-def _scale(reduction: str, upstream: np.ndarray, denominator: float) -> np.ndarray:
-    if reduction == "mean":
-        return upstream / denominator if denominator != 0 else np.zeros_like(upstream)
-    return upstream
 
 
 def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, np.dtype]:
@@ -81,11 +67,11 @@ def _nll(log_probs, target, axis, weight, ignore_index, reduction, want_grad, gr
     moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
     per_sample, w_y, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index)
     denominator = float(np.sum(w_y, dtype=np.float64))
-    loss = _reduce(per_sample, reduction, denominator).astype(original.dtype)
+    loss = reduce(per_sample, reduction, denominator).astype(original.dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, sample_shape, work)
-    grad = grad * _scale(reduction, upstream, denominator)[..., None]
+    grad = grad * gradient_scale(reduction, upstream, denominator)[..., None]
     return loss, np.moveaxis(grad, -1, axis).astype(original.dtype)
 
 
@@ -160,11 +146,11 @@ def _bce_with_logits(logits, target, weight, pos_weight, reduction, want_grad, g
         pw = None
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
     per_element = np.broadcast_to(per_element, x.shape)
-    loss = _reduce(per_element, reduction, float(x.size)).astype(dtype)
+    loss = reduce(per_element, reduction, float(x.size)).astype(dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)
-    grad = np.broadcast_to(grad, x.shape) * _scale(reduction, upstream, float(x.size))
+    grad = np.broadcast_to(grad, x.shape) * gradient_scale(reduction, upstream, float(x.size))
     return loss, grad.astype(dtype)
 
 
@@ -226,11 +212,11 @@ def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
     w = _broadcast_weight(weight, p.shape, p.dtype, "weight")
     per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
     per_element = np.broadcast_to(per_element, p.shape)
-    loss = _reduce(per_element, reduction, float(p.size)).astype(dtype)
+    loss = reduce(per_element, reduction, float(p.size)).astype(dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, p.shape, p.dtype)
-    grad = np.broadcast_to(grad, p.shape) * _scale(reduction, upstream, float(p.size))
+    grad = np.broadcast_to(grad, p.shape) * gradient_scale(reduction, upstream, float(p.size))
     return loss, grad.astype(dtype)
 
 
@@ -282,11 +268,11 @@ def _quadratic(prediction, target, reduction, want_grad, grad_output=None):
     yhat, y, dtype = _pair(prediction, target, ("prediction", "target"))
     reduction = check_reduction(reduction)
     per_element, grad = reference.quadratic_cost_and_grad(yhat, y)
-    loss = _reduce(per_element, reduction, float(yhat.size)).astype(dtype)
+    loss = reduce(per_element, reduction, float(yhat.size)).astype(dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype)
-    return loss, (grad * _scale(reduction, upstream, float(yhat.size))).astype(dtype)
+    return loss, (grad * gradient_scale(reduction, upstream, float(yhat.size))).astype(dtype)
 
 
 def quadratic_cost(prediction: ArrayLike, target: ArrayLike, *, reduction: str = "mean") -> np.ndarray:

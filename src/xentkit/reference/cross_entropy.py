@@ -28,27 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .reductions import gradient_scale, reduce
+
 
 def _xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
     """q·log p with 0·log 0 = 0, so a masked (−inf) class with zero target mass adds nothing."""
     with np.errstate(invalid="ignore"):
         return np.where(q == 0, 0, q * log_p)
-
-
-def _reduce(values: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
-    if reduction == "none":
-        return values
-    total = np.sum(values, dtype=np.float64)
-    if reduction == "sum":
-        return np.asarray(total)
-    return np.asarray(total / denominator if denominator != 0 else 0.0)
-
-
-def _scale(reduction: str, grad_output: np.ndarray, denominator: float) -> np.ndarray:
-    """The coefficient of each sample's gradient: upstream gradient over the "mean" denominator."""
-    if reduction == "mean":
-        return grad_output / denominator if denominator != 0 else np.zeros_like(grad_output)
-    return grad_output
 
 
 def cross_entropy_and_grad(
@@ -122,18 +108,18 @@ def cross_entropy_and_grad(
     lse = lse[..., 0]
     z_term = np.where(valid, z_loss * lse * lse, 0) if z_loss else 0
     if reduction == "mean":
-        loss = _reduce(per_sample, "mean", main_denominator)
+        loss = reduce(per_sample, "mean", main_denominator)
         if z_loss:
-            loss = loss + _reduce(z_term, "mean", z_denominator)
+            loss = loss + reduce(z_term, "mean", z_denominator)
     else:
-        loss = _reduce(per_sample + z_term, reduction, 1.0)
+        loss = reduce(per_sample + z_term, reduction, 1.0)
     loss = loss.astype(dtype) if reduction == "none" else loss
 
     if not want_grad:
         return loss, None
 
-    main_scale = _scale(reduction, grad_output, main_denominator)[..., None]
-    z_scale = _scale(reduction, grad_output, z_denominator)[..., None]
+    main_scale = gradient_scale(reduction, grad_output, main_denominator)[..., None]
+    z_scale = gradient_scale(reduction, grad_output, z_denominator)[..., None]
     if probabilities:
         wq = weight * q
         grad = main_scale * (p * np.sum(wq, axis=-1, keepdims=True) - wq)
