@@ -384,3 +384,24 @@ def test_errors_name_the_argument(change, error, message):
     arguments.update(change)
     with pytest.raises(error, match=message):
         xt.linear_cross_entropy(**arguments)
+
+
+def test_z_loss_survives_when_every_target_weight_is_zero():
+    """The main term averages nothing (0), the z term still averages over non-ignored rows."""
+    import xentkit.torch as xt
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    target = torch.tensor([0, 1, 0, 1])
+    class_weight = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    loss = xt.linear_cross_entropy(x, w, target, weight=class_weight, z_loss=0.1, label_smoothing=0.2)
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    w2 = w.detach().clone().requires_grad_()
+    expected = xt.cross_entropy(x2 @ w2.T, target, weight=class_weight, z_loss=0.1, label_smoothing=0.2)
+    expected.backward()
+    assert expected.item() > 0
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)

@@ -620,3 +620,16 @@ def test_probabilities_passed_as_logits_warn_once_and_can_be_silenced():
         xt.cross_entropy(probs, target, check_probabilities=False)
         xt.CrossEntropyLoss(check_probabilities=False)(probs, target)
         xt.cross_entropy(probs * 4, target)
+
+
+def test_uint8_targets_on_the_torch_ops_path_are_not_mistaken_for_ignore_index():
+    import xentkit.torch as xt
+
+    x = torch.randn(4, 200, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([156, 3, 156, 7], dtype=torch.uint8)  # −100 wraps to 156 in uint8
+    expected = F.cross_entropy(x.double(), target.long())
+    torch.testing.assert_close(xt.cross_entropy(x.bfloat16(), target).double(), expected, rtol=2e-2, atol=2e-2)
+    expected_z = xt.cross_entropy(x, target.long(), z_loss=1.0, reduction="sum")
+    torch.testing.assert_close(
+        xt.cross_entropy(x.bfloat16(), target, z_loss=1.0, reduction="sum").float(), expected_z, rtol=2e-2, atol=1.0
+    )

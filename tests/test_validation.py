@@ -107,3 +107,29 @@ def test_errors_survive_python_optimize_mode():
     code = "import xentkit, numpy as np\ntry:\n    xentkit.cross_entropy(np.zeros((2, 3)), [0, 9])\nexcept ValueError as e:\n    print('ok', e)"
     result = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("ok target has label 9 at position (1,)")
+
+
+def test_non_native_byte_order_is_converted(implementation):
+    logits = np.random.default_rng(1).normal(size=(4, 5))
+    expected = xentkit.cross_entropy_and_grad(logits, [0, 1, 2, 3])
+    for dtype in (">f8", ">f4", ">f2"):
+        loss, grad = xentkit.cross_entropy_and_grad(logits.astype(dtype), [0, 1, 2, 3])
+        assert grad.dtype == np.dtype(dtype).newbyteorder("=")
+        np.testing.assert_allclose(loss, expected[0], rtol=1e-2 if dtype == ">f2" else 1e-6)
+        np.testing.assert_allclose(grad, expected[1], atol=1e-3 if dtype == ">f2" else 1e-7)
+
+
+def test_huge_unsigned_labels_and_ignore_index_are_reported_not_wrapped():
+    labels = np.array([0, 2**64 - 100, 1, 0], dtype=np.uint64)  # would wrap to −100 in int64
+    with pytest.raises(ValueError, match=r"label 18446744073709551516 at position \(1,\), too large"):
+        xentkit.cross_entropy(LOGITS, labels)
+    with pytest.raises(ValueError, match=r"ignore_index must fit in int64, got 9223372036854775808"):
+        xentkit.cross_entropy(LOGITS, LABELS, ignore_index=2**63)
+    np.testing.assert_allclose(  # small unsigned labels work as any integers
+        xentkit.cross_entropy(LOGITS, LABELS.astype(np.uint8)), xentkit.cross_entropy(LOGITS, LABELS)
+    )
+
+
+def test_binary_weight_with_more_dimensions_than_the_input_is_rejected_clearly():
+    with pytest.raises(ValueError, match=r"weight must broadcast to the input's shape \(4, 3\), got shape \(2, 4, 3\)"):
+        xentkit.binary_cross_entropy_with_logits(LOGITS, np.zeros((4, 3)), weight=np.ones((2, 4, 3)))

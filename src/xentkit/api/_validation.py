@@ -36,6 +36,8 @@ def as_float_array(value: ArrayLike, name: str) -> np.ndarray:
             f"{name} must be a floating-point array (float16, float32 or float64), "
             f"got dtype {array.dtype}"
         )
+    if not array.dtype.isnative:  # e.g. big-endian '>f4' read from a file: kernels need native
+        array = array.astype(array.dtype.newbyteorder("="))
     return array
 
 
@@ -92,9 +94,14 @@ def check_softcap(value: object) -> float | None:
     return value
 
 
+_INT64 = np.iinfo(np.int64)
+
+
 def check_ignore_index(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {describe(value)}")
+    if not _INT64.min <= int(value) <= _INT64.max:
+        raise ValueError(f"ignore_index must fit in int64, got {int(value)}")
     return int(value)
 
 
@@ -124,6 +131,12 @@ def hard_labels(target: ArrayLike, sample_shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(
             f"target must have shape {sample_shape} (class indices) or the logits' shape "
             f"(class probabilities), got shape {array.shape}"
+        )
+    if array.dtype == np.uint64 and array.size and array.max() > _INT64.max:
+        # checked before the cast to int64, which would wrap such a label (even onto ignore_index)
+        position = tuple(int(i) for i in np.argwhere(array > _INT64.max)[0])
+        raise ValueError(
+            f"target has label {int(array[position])} at position {position}, too large for a class index"
         )
     return array.astype(np.int64, copy=False)
 

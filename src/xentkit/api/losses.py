@@ -40,9 +40,11 @@ def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: n
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
     try:
-        np.broadcast_shapes(array.shape, shape)
+        fits = np.broadcast_shapes(array.shape, shape) == tuple(shape)
     except ValueError:
-        raise ValueError(f"{name} must broadcast to the input's shape {shape}, got shape {array.shape}") from None
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} must broadcast to the input's shape {shape}, got shape {array.shape}")
     return array.astype(dtype, copy=False)
 
 

@@ -21,7 +21,7 @@ def _divide_or_zero(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 def _target_weight_sum(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
     """Σ w[y] over the non-ignored hard labels: torch's "mean" denominator."""
-    valid = target != ignore_index
+    valid = target.long() != ignore_index  # int64: a uint8 target must not wrap −100 to 156
     if weight is None:
         return valid.sum().to(dtype)
     picked = weight[target.masked_fill(~valid, 0)]
@@ -59,7 +59,7 @@ def cross_entropy(
     lse = torch.logsumexp(input, dim=class_dim)
     z_term = z_loss * lse.square()
     if hard_labels:
-        valid = target != ignore_index
+        valid = target.long() != ignore_index  # int64: a uint8 target must not wrap −100 to 156
         z_term = torch.where(valid, z_term, torch.zeros_like(z_term))
         count = valid.sum().to(z_term.dtype)
     else:

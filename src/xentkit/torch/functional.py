@@ -8,7 +8,8 @@ by the upstream gradient. The input's memory is never written to, so autograd's 
 stay truthful (unlike an in-place gradient that autograd cannot see, a known bug of fused kernels
 elsewhere). Everything the NumPy api does not cover runs on plain torch ops instead: CUDA and other
 devices, bfloat16, functorch transforms and ``torch.compile``, and gradients with respect to a
-probability target or a class weight.
+probability target or, with probability targets, a class weight (with class indices torch cannot
+differentiate the weight and raises; so does this module).
 
 Two deliberate differences from torch:
 

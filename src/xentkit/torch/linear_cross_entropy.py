@@ -233,6 +233,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         elif denominator != 0.0:
             # "mean": main term over the denominator, z term over the count (module docstring).
             scale, z_loss = 1.0 / denominator, options.z_loss * denominator / count
+        elif count != 0.0 and options.z_loss:
+            # The target weights sum to 0, so the main term averages nothing (0, where torch
+            # gives NaN), but the z term still averages over the non-ignored rows: all-zero
+            # class weights leave exactly that term.
+            class_weight = np.zeros(classes, dtype=np.float64)
+            scale, z_loss = 1.0 / count, options.z_loss
         else:  # nothing to average: loss 0, gradients 0 (torch gives NaN)
             if any(want):
                 ctx.grad_input = torch.zeros_like(x) if want[0] else None
