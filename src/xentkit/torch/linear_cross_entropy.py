@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -60,8 +61,9 @@ def chunk_rows_for(rows: int, classes: int, itemsize: int, chunk_size: int | Non
     256
     """
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
             raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        chunk_size = int(chunk_size)  # NumPy integers welcome
         return max(1, min(chunk_size, rows))
     row_bytes = max(1, classes * itemsize)
     by_fraction = math.ceil(rows / CHUNK_FRACTION)
