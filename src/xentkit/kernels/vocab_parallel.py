@@ -37,7 +37,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from xentkit.kernels._exp import fast_exp, like, maxnum
+from xentkit.kernels._exp import fast_exp, like
+from xentkit.kernels.cross_entropy import _block_max  # shared pass-1 piece
 
 # Same loop flags as the single-process kernel: reassoc lets LLVM split sums over vector lanes,
 # contract gives FMAs; no nnan/ninf (NaN and ±inf logits are part of the contract).
@@ -50,16 +51,6 @@ DEFAULT_BLOCK = 2048
 # Labels of rows in ``local_labels`` (see the module docstring).
 ELSEWHERE = -1
 IGNORED = -2
-
-
-@njit(**_JIT)
-def _block_max(row, start, stop):  # pragma: no cover - compiled
-    """max_j row[j] over [start, stop), NaN ignored (the sums propagate NaN)."""
-    seg = row[start:stop]
-    m = like(-np.inf, row)
-    for j in range(seg.shape[0]):
-        m = maxnum(m, seg[j])
-    return m
 
 
 @njit(**_JIT)
