@@ -1,4 +1,5 @@
-"""Input checks shared by the public functions.
+"""Array checks shared by the public functions (options: ``xentkit._options``; class indices:
+``xentkit._labels``).
 
 Every check raises ``TypeError`` or ``ValueError`` naming the argument, what was expected and
 what was received, before any array reaches a compiled kernel (kernels do not bounds-check).
@@ -11,15 +12,9 @@ import numbers
 import numpy as np
 from numpy.typing import ArrayLike
 
-REDUCTIONS = ("none", "mean", "sum")
+from .._options import describe
+
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-
-
-def describe(value: object) -> str:
-    """A short description of a received value for error messages."""
-    if isinstance(value, np.ndarray):
-        return f"an array of dtype {value.dtype} and shape {value.shape}"
-    return f"{type(value).__name__} {value!r}"[:120]
 
 
 def as_float_array(value: ArrayLike, name: str) -> np.ndarray:
@@ -58,53 +53,6 @@ def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
-def check_reduction(reduction: object) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    return str(reduction)
-
-
-def check_fraction(value: object, name: str) -> float:
-    """A real number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1], got {describe(value)}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
-
-
-def check_nonnegative(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a non-negative float, got {describe(value)}")
-    value = float(value)
-    if not value >= 0.0 or not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return value
-
-
-def check_softcap(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"softcap must be None or a positive float, got {describe(value)}")
-    value = float(value)
-    if not value > 0.0 or not np.isfinite(value):
-        raise ValueError(f"softcap must be None or a finite float > 0, got {value}")
-    return value
-
-
-_INT64 = np.iinfo(np.int64)
-
-
-def check_ignore_index(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {describe(value)}")
-    if not _INT64.min <= int(value) <= _INT64.max:
-        raise ValueError(f"ignore_index must fit in int64, got {int(value)}")
-    return int(value)
-
-
 def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dtype) -> np.ndarray | None:
     """A per-class weight vector of length ``num_classes`` in ``dtype``, or None."""
     if weight is None:
@@ -117,42 +65,6 @@ def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dty
             f"weight must have shape ({num_classes},), one value per class, got shape {array.shape}"
         )
     return array.astype(dtype, copy=False)
-
-
-def hard_labels(target: ArrayLike, sample_shape: tuple[int, ...]) -> np.ndarray:
-    """Integer class indices with the sample shape, as int64."""
-    array = np.asarray(target)
-    if array.dtype.kind not in "iu":
-        raise TypeError(
-            f"target of class indices must have an integer dtype, got dtype {array.dtype} "
-            f"(class probabilities must have the logits' shape)"
-        )
-    if array.shape != sample_shape:
-        raise ValueError(
-            f"target must have shape {sample_shape} (class indices) or the logits' shape "
-            f"(class probabilities), got shape {array.shape}"
-        )
-    if array.dtype == np.uint64 and array.size and array.max() > _INT64.max:
-        # checked before the cast to int64, which would wrap such a label (even onto ignore_index)
-        position = tuple(int(i) for i in np.argwhere(array > _INT64.max)[0])
-        raise ValueError(
-            f"target has label {int(array[position])} at position {position}, too large for a class index"
-        )
-    return array.astype(np.int64, copy=False)
-
-
-def check_labels(labels: np.ndarray, num_classes: int, ignore_index: int, name: str = "target") -> np.ndarray:
-    """Boolean mask of the non-ignored samples; raises if a label is outside ``[0, num_classes)``."""
-    valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
-        position = tuple(int(i) for i in np.argwhere(bad)[0])
-        label = int(labels[position])
-        raise ValueError(
-            f"{name} has label {label} at position {position} but logits have {num_classes} "
-            f"classes (labels must be in [0, {num_classes}) or equal ignore_index={ignore_index})"
-        )
-    return valid
 
 
 def probability_target(target: ArrayLike, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

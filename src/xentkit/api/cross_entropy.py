@@ -8,19 +8,16 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import reference
+from .._labels import as_class_indices, check_labels
+from .._options import LossOptions
+from ..reference.cross_entropy import z_term
+from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
 from ._validation import (
     as_float_array,
     check_class_weight,
-    check_fraction,
-    check_ignore_index,
-    check_labels,
-    check_nonnegative,
     check_out,
-    check_reduction,
-    check_softcap,
     compute_dtype,
-    hard_labels,
     normalize_axis,
     probability_target,
     upstream_gradient,
@@ -60,16 +57,10 @@ def _kernel_rows():
     return cross_entropy_rows
 
 
-def _row_scales(
-    reduction: str, upstream: np.ndarray, denominator: float, rows: int
-) -> np.ndarray:
-    """Each row's gradient coefficient: the upstream gradient over the "mean" denominator."""
-    if reduction == "none":
-        return np.ascontiguousarray(upstream, dtype=np.float64).reshape(rows)
-    value = float(upstream)
-    if reduction == "mean":
-        value = value / denominator if denominator != 0 else 0.0
-    return np.full(rows, value, dtype=np.float64)
+def _per_row(scale: np.ndarray | float, sample_shape: tuple[int, ...], rows: int) -> np.ndarray:
+    """A gradient coefficient (a scalar or one per sample) as the kernel's ``[rows]`` float64."""
+    per_sample = np.broadcast_to(np.asarray(scale, dtype=np.float64), sample_shape)
+    return np.ascontiguousarray(per_sample).reshape(rows)
 
 
 def _fused(
@@ -78,11 +69,8 @@ def _fused(
     valid: np.ndarray,
     axis: int,
     weight: np.ndarray | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    options: LossOptions,
+    plan: ReductionPlan,
     upstream: np.ndarray | None,
     out: np.ndarray | None,
     private: bool,
@@ -99,21 +87,13 @@ def _fused(
     rows = int(np.prod(sample_shape, dtype=np.int64))
     matrix = np.ascontiguousarray(moved).reshape(rows, num_classes)
     label_rows = np.ascontiguousarray(labels, dtype=np.int64).reshape(rows)
-    valid_rows = valid.reshape(rows)
     weight64 = None if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
-
-    weights_of_targets = (
-        valid_rows if weight64 is None else np.where(valid_rows, weight64[np.where(valid_rows, label_rows, 0)], 0.0)
-    )
-    main_denominator = float(np.sum(weights_of_targets, dtype=np.float64))
-    z_denominator = float(np.count_nonzero(valid_rows))
 
     grad_matrix = None
     grad_scale = z_grad_scale = None
     writes_out_directly = False
     if upstream is not None:
-        grad_scale = _row_scales(reduction, upstream, main_denominator, rows)
-        z_grad_scale = grad_scale if reduction != "mean" else _row_scales(reduction, upstream, z_denominator, rows)
+        grad_scale, z_grad_scale = (_per_row(scale, sample_shape, rows) for scale in plan.scales(upstream))
         writes_out_directly = (
             out is not None
             and axis == logits.ndim - 1
@@ -128,19 +108,12 @@ def _fused(
             grad_matrix = np.empty_like(matrix)
 
     loss_rows, lse_rows = _kernel_rows()(
-        matrix, label_rows, weight64, ignore_index, label_smoothing, z_loss, softcap,
-        grad_scale, z_grad_scale, grad_matrix,
+        matrix, label_rows, weight64, **options.formula_arguments(),
+        grad_scale=grad_scale, z_grad_scale=z_grad_scale, grad_out=grad_matrix,
     )
-    z_rows = np.where(valid_rows, z_loss * lse_rows * lse_rows, 0.0) if z_loss else None
-    if reduction == "none":
-        per_sample = loss_rows if z_rows is None else loss_rows + z_rows
-        loss = per_sample.reshape(sample_shape)
-    elif reduction == "sum":
-        loss = np.asarray(loss_rows.sum() + (0.0 if z_rows is None else z_rows.sum()))
-    else:
-        main = loss_rows.sum() / main_denominator if main_denominator != 0 else 0.0
-        z_term = z_rows.sum() / z_denominator if z_rows is not None and z_denominator != 0 else 0.0
-        loss = np.asarray(main + z_term)
+    loss = plan.reduce(loss_rows, z_term(lse_rows, valid.reshape(rows), options.z_loss))
+    if options.reduction == "none":
+        loss = loss.reshape(sample_shape)
 
     if grad_matrix is None:
         return loss, None
@@ -156,25 +129,21 @@ def _cross_entropy(
     *,
     axis: int,
     weight: ArrayLike | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    options: LossOptions,
     check_probabilities: bool,
     want_grad: bool,
     grad_output: ArrayLike | None = None,
     out: np.ndarray | None = None,
+    plan: ReductionPlan | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The api's cross-entropy with options already checked (the entry point of the torch
+    binding and of ``linear_cross_entropy``'s chunks). ``plan``: the reduction plan to use
+    instead of these samples' own (a chunked caller passes its whole batch's)."""
     original = as_float_array(logits, "logits")
     if original.ndim == 0:
         raise ValueError("logits must have at least one dimension (the classes), got a scalar")
     axis = normalize_axis(axis, original.ndim)
-    reduction = check_reduction(reduction)
-    label_smoothing = check_fraction(label_smoothing, "label_smoothing")
-    z_loss = check_nonnegative(z_loss, "z_loss")
-    softcap = check_softcap(softcap)
-    ignore_index = check_ignore_index(ignore_index)
+    reduction = options.reduction
     num_classes = original.shape[axis]
     if num_classes == 0:
         raise ValueError(f"logits must have at least one class along axis {axis}, got shape {original.shape}")
@@ -188,8 +157,14 @@ def _cross_entropy(
         target_array = probability_target(target_array, original.shape, work_dtype)
         valid = None
     else:
-        target_array = hard_labels(target_array, sample_shape)
-        valid = check_labels(target_array, num_classes, ignore_index)
+        target_array = as_class_indices(target_array, sample_shape)
+        valid = check_labels(target_array, num_classes, options.ignore_index)
+        if plan is None and not reference_enabled():
+            target_weight = None
+            if weight is not None:
+                picked = weight.astype(np.float64)[np.where(valid, target_array, 0)]
+                target_weight = np.where(valid, picked, 0.0)
+            plan = ReductionPlan.of_labels(reduction, valid, target_weight)
 
     upstream = upstream_gradient(grad_output, reduction, sample_shape, np.dtype(np.float64)) if want_grad else None
     if out is not None:
@@ -210,15 +185,14 @@ def _cross_entropy(
     work = original.astype(work_dtype, copy=False)
     if probabilities or reference_enabled():
         loss, grad = reference.cross_entropy_and_grad(
-            work, target_array, axis=axis, weight=weight, ignore_index=ignore_index,
-            reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            grad_output=upstream, want_grad=want_grad,
+            work, target_array, axis=axis, weight=weight, reduction=reduction,
+            **options.formula_arguments(), grad_output=upstream, want_grad=want_grad, plan=plan,
         )
     else:
         kernel_out = out if out is not None and out.dtype == work_dtype else None
         loss, grad = _fused(
-            work, target_array, valid, axis, weight, ignore_index, reduction, label_smoothing,
-            z_loss, softcap, upstream, kernel_out, work is not original,
+            work, target_array, valid, axis, weight, options, plan, upstream, kernel_out,
+            work is not original,
         )
 
     loss = np.asarray(loss).astype(original.dtype, copy=False)
@@ -279,9 +253,9 @@ def cross_entropy(
     >>> np.round(xentkit.cross_entropy([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], [0, 2], reduction="none"), 4)
     array([0.1291, 1.0986])
     """
+    options = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap)
     loss, _ = _cross_entropy(
-        logits, target, axis=axis, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        logits, target, axis=axis, weight=weight, options=options,
         check_probabilities=check_probabilities, want_grad=False,
     )
     return loss
@@ -327,9 +301,9 @@ def cross_entropy_and_grad(
     >>> np.round(grad, 4)  # softmax − onehot
     array([[-0.1211,  0.1189,  0.0022]])
     """
+    options = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap)
     loss, grad = _cross_entropy(
-        logits, target, axis=axis, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        logits, target, axis=axis, weight=weight, options=options,
         check_probabilities=check_probabilities, want_grad=True, grad_output=grad_output, out=out,
     )
     return loss, grad

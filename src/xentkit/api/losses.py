@@ -6,16 +6,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import reference
-from ..reference.reductions import gradient_scale, reduce
+from .._labels import as_class_indices, check_labels
+from .._options import LossOptions, check_reduction, describe
+from ..reference.reductions import ReductionPlan
 from ._validation import (
     as_float_array,
     check_class_weight,
-    check_ignore_index,
-    check_labels,
-    check_reduction,
     compute_dtype,
-    describe,
-    hard_labels,
     normalize_axis,
     same_shape,
     upstream_gradient,
@@ -52,28 +49,27 @@ def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: n
 # NLL
 
 
-def _nll(log_probs, target, axis, weight, ignore_index, reduction, want_grad, grad_output=None):
+def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_output=None):
     original = as_float_array(log_probs, "log_probs")
     if original.ndim == 0:
         raise ValueError("log_probs must have at least one dimension (the classes), got a scalar")
     axis = normalize_axis(axis, original.ndim)
-    reduction = check_reduction(reduction)
-    ignore_index = check_ignore_index(ignore_index)
+    reduction, ignore_index = options.reduction, options.ignore_index
     num_classes = original.shape[axis]
     work = compute_dtype(original.dtype)
     weight = check_class_weight(weight, num_classes, work)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
-    labels = hard_labels(target, sample_shape)
+    labels = as_class_indices(target, sample_shape)
     check_labels(labels, num_classes, ignore_index)
 
     moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
     per_sample, w_y, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index)
-    denominator = float(np.sum(w_y, dtype=np.float64))
-    loss = reduce(per_sample, reduction, denominator).astype(original.dtype)
+    plan = ReductionPlan.of_labels(reduction, labels != ignore_index, w_y)
+    loss = plan.reduce(per_sample).astype(original.dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, sample_shape, work)
-    grad = grad * gradient_scale(reduction, upstream, denominator)[..., None]
+    grad = grad * plan.scales(upstream)[0][..., None]
     return loss, np.moveaxis(grad, -1, axis).astype(original.dtype)
 
 
@@ -98,7 +94,8 @@ def nll_loss(
     >>> np.round(xentkit.nll_loss(np.log(p), [3]), 4)  # −log 0.6
     np.float64(0.5108)
     """
-    loss, _ = _nll(log_probs, target, axis, weight, ignore_index, reduction, want_grad=False)
+    options = LossOptions(reduction=reduction, ignore_index=ignore_index)
+    loss, _ = _nll(log_probs, target, axis, weight, options, want_grad=False)
     return loss
 
 
@@ -122,7 +119,8 @@ def nll_loss_and_grad(
     array([[-0.5, -0. ],
            [-0. , -0.5]])
     """
-    return _nll(log_probs, target, axis, weight, ignore_index, reduction, True, grad_output)
+    options = LossOptions(reduction=reduction, ignore_index=ignore_index)
+    return _nll(log_probs, target, axis, weight, options, True, grad_output)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,11 +146,12 @@ def _bce_with_logits(logits, target, weight, pos_weight, reduction, want_grad, g
         pw = None
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
     per_element = np.broadcast_to(per_element, x.shape)
-    loss = reduce(per_element, reduction, float(x.size)).astype(dtype)
+    plan = ReductionPlan.of_rows(reduction, x.size)
+    loss = plan.reduce(per_element).astype(dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)
-    grad = np.broadcast_to(grad, x.shape) * gradient_scale(reduction, upstream, float(x.size))
+    grad = np.broadcast_to(grad, x.shape) * plan.scales(upstream)[0]
     return loss, grad.astype(dtype)
 
 
@@ -214,11 +213,12 @@ def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
     w = _broadcast_weight(weight, p.shape, p.dtype, "weight")
     per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
     per_element = np.broadcast_to(per_element, p.shape)
-    loss = reduce(per_element, reduction, float(p.size)).astype(dtype)
+    plan = ReductionPlan.of_rows(reduction, p.size)
+    loss = plan.reduce(per_element).astype(dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, p.shape, p.dtype)
-    grad = np.broadcast_to(grad, p.shape) * gradient_scale(reduction, upstream, float(p.size))
+    grad = np.broadcast_to(grad, p.shape) * plan.scales(upstream)[0]
     return loss, grad.astype(dtype)
 
 
@@ -270,11 +270,12 @@ def _quadratic(prediction, target, reduction, want_grad, grad_output=None):
     yhat, y, dtype = _pair(prediction, target, ("prediction", "target"))
     reduction = check_reduction(reduction)
     per_element, grad = reference.quadratic_cost_and_grad(yhat, y)
-    loss = reduce(per_element, reduction, float(yhat.size)).astype(dtype)
+    plan = ReductionPlan.of_rows(reduction, yhat.size)
+    loss = plan.reduce(per_element).astype(dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype)
-    return loss, (grad * gradient_scale(reduction, upstream, float(yhat.size))).astype(dtype)
+    return loss, (grad * plan.scales(upstream)[0]).astype(dtype)
 
 
 def quadratic_cost(prediction: ArrayLike, target: ArrayLike, *, reduction: str = "mean") -> np.ndarray:

@@ -26,9 +26,19 @@ When a "mean" denominator is 0 (nothing to average), the loss and gradient are 0
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .reductions import gradient_scale, reduce
+from .reductions import ReductionPlan, masked
+
+
+def z_term(lse: Any, valid: Any, z_loss: float) -> Any:
+    """PaLM's auxiliary loss per row, ``z_loss·lse²`` on the non-ignored rows and 0 on the others;
+    None when ``z_loss`` is 0. Rows may be NumPy arrays or torch tensors."""
+    if not z_loss:
+        return None
+    return masked(z_loss * lse * lse, valid)
 
 
 def _xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
@@ -50,13 +60,16 @@ def cross_entropy_and_grad(
     softcap: float | None = None,
     grad_output: np.ndarray | float | None = None,
     want_grad: bool = True,
+    plan: ReductionPlan | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Loss (reduced as ``reduction`` asks) and ∂loss/∂logits times ``grad_output``.
 
     ``target`` holds class probabilities when it has the logits' shape, class indices otherwise.
     ``grad_output`` (default 1) is a scalar for "mean"/"sum" and has the sample shape for "none".
     The loss is float64 for "mean"/"sum" and has the logits' dtype for "none"; the gradient has
-    the logits' dtype and shape. Inputs must already be valid (the api checks them).
+    the logits' dtype and shape. Inputs must already be valid (the api checks them). ``plan``
+    replaces the reduction plan of these rows (``reduction`` must be its reduction): a caller
+    that walks the rows in chunks passes the whole batch's denominators.
     """
     probabilities = target.shape == logits.shape
     logits = np.moveaxis(logits, axis, -1)
@@ -92,7 +105,8 @@ def cross_entropy_and_grad(
         valid = np.ones(logits.shape[:-1], dtype=bool)
         q = (1 - eps) * target + eps / num_classes if eps > 0 else target
         per_sample = -np.sum(_xlogy(q * weight, log_p), axis=-1)
-        main_denominator = float(valid.size)
+        if plan is None:
+            plan = ReductionPlan.of_rows(reduction, valid.size)
     else:
         valid = target != ignore_index
         safe = np.where(valid, target, 0)
@@ -102,24 +116,17 @@ def cross_entropy_and_grad(
         if eps > 0:  # only then, so that a masked class does not make 0·inf = NaN
             smooth = -np.sum(weight * log_p, axis=-1)
             per_sample = per_sample + np.where(valid, eps / num_classes * smooth, 0)
-        main_denominator = float(np.sum(w_y, dtype=np.float64))
-    z_denominator = float(np.count_nonzero(valid))
+        if plan is None:
+            plan = ReductionPlan.of_labels(reduction, valid, w_y)
 
     lse = lse[..., 0]
-    z_term = np.where(valid, z_loss * lse * lse, 0) if z_loss else 0
-    if reduction == "mean":
-        loss = reduce(per_sample, "mean", main_denominator)
-        if z_loss:
-            loss = loss + reduce(z_term, "mean", z_denominator)
-    else:
-        loss = reduce(per_sample + z_term, reduction, 1.0)
+    loss = plan.reduce(per_sample, z_term(lse, valid, z_loss))
     loss = loss.astype(dtype) if reduction == "none" else loss
 
     if not want_grad:
         return loss, None
 
-    main_scale = gradient_scale(reduction, grad_output, main_denominator)[..., None]
-    z_scale = gradient_scale(reduction, grad_output, z_denominator)[..., None]
+    main_scale, z_scale = (scale[..., None] for scale in plan.scales(grad_output))
     if probabilities:
         wq = weight * q
         grad = main_scale * (p * np.sum(wq, axis=-1, keepdims=True) - wq)

@@ -1,23 +1,129 @@
-"""Reductions shared by every loss: "none", "sum", and a "mean" that is 0 when nothing is averaged."""
+"""The reduction plan shared by every loss and every path: the one home of "mean of nothing is 0".
+
+A loss is a main term per row (the cross-entropy, NLL, BCE... of that row) and, for
+cross-entropy with ``z_loss``, a z term per row. "none" returns them per row; "sum" adds them up
+(float64 for NumPy rows, at least float32 for tensors); "mean" divides each sum by its own
+denominator:
+
+    hard labels:         main over Σ w_y (non-ignored rows),  z over the number of non-ignored rows
+    probabilities, BCE:  both over the number of rows (elements)
+
+and is 0 (with gradient 0) when a denominator is 0 (every target ignored, class weights summing
+to 0 over the targets, or no rows), where PyTorch gives NaN. The gradient of row i's main term is
+multiplied by ``scales(upstream)[0]`` (the upstream gradient, over the denominator for "mean"),
+its z term by ``scales(upstream)[1]``.
+
+Array-agnostic: rows may be NumPy arrays or torch tensors (denominators then stay tensors, so a
+CUDA or compiled caller never synchronizes on them); torch is never imported here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from typing import Any
+
 import numpy as np
 
-
-def reduce(values: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
-    """``values`` as is ("none"), their float64 sum ("sum"), or the sum over ``denominator``
-    ("mean"; 0 when the denominator is 0, where PyTorch gives NaN)."""
-    if reduction == "none":
-        return values
-    total = np.sum(values, dtype=np.float64)
-    if reduction == "sum":
-        return np.asarray(total)
-    return np.asarray(total / denominator if denominator != 0 else 0.0)
+__all__ = ["ReductionPlan", "masked"]
 
 
-def gradient_scale(reduction: str, upstream: np.ndarray, denominator: float) -> np.ndarray:
-    """The coefficient of each sample's gradient: the upstream gradient over the "mean" denominator."""
-    if reduction == "mean":
-        return upstream / denominator if denominator != 0 else np.zeros_like(upstream)
-    return upstream
+def _torch_tensor(value: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _total(rows: Any) -> Any:
+    """The sum of ``rows``: float64 for NumPy, at least float32 for tensors (bfloat16 rows are
+    not summed in bfloat16)."""
+    if _torch_tensor(rows):
+        import torch
+
+        return rows.sum(dtype=torch.promote_types(rows.dtype, torch.float32))
+    return np.sum(rows, dtype=np.float64)
+
+
+def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
+    """numerator / denominator, and 0 (gradient 0, not NaN) where the denominator is 0."""
+    if _torch_tensor(denominator):
+        import torch
+
+        nonzero = denominator != 0
+        safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
+        return torch.where(nonzero, numerator / safe, torch.zeros_like(numerator / safe))
+    if denominator != 0:
+        return numerator / denominator
+    if _torch_tensor(numerator):
+        return numerator.new_zeros(numerator.shape)
+    return np.zeros_like(numerator) if isinstance(numerator, np.ndarray) else 0.0
+
+
+def masked(values: Any, mask: Any) -> Any:
+    """``values`` where ``mask``, else 0 (never 0·inf = NaN): np.where or torch.where."""
+    if _torch_tensor(values):
+        import torch
+
+        return torch.where(mask, values, torch.zeros_like(values))
+    return np.where(mask, values, 0.0)
+
+
+def _count(values: Any, tensor_dtype: Any = None) -> Any:
+    """The float sum of ``values`` (a mask or weights): a Python float for NumPy, a tensor of
+    ``tensor_dtype`` for tensors."""
+    if _torch_tensor(values):
+        return values.sum(dtype=tensor_dtype)
+    return float(np.sum(values, dtype=np.float64))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReductionPlan:
+    """How per-row terms become the loss and how the upstream gradient reaches each row.
+
+    ``denominator`` divides the main term under "mean", ``z_denominator`` the z term (by default
+    the same). Both are floats, or 0-d tensors when built from tensors.
+    """
+
+    reduction: str
+    denominator: Any = 1.0
+    z_denominator: Any = None
+
+    def __post_init__(self) -> None:
+        if self.z_denominator is None:
+            object.__setattr__(self, "z_denominator", self.denominator)
+
+    @classmethod
+    def of_labels(
+        cls, reduction: str, valid: Any, target_weight: Any = None, *, dtype: Any = None
+    ) -> ReductionPlan:
+        """Hard labels: ``valid`` marks the non-ignored rows, ``target_weight`` is w_y per row
+        (0 on ignored rows; None without class weights). ``dtype``: the tensors' sum dtype."""
+        count = _count(valid, dtype)
+        main = count if target_weight is None else _count(target_weight, dtype)
+        return cls(reduction, main, count)
+
+    @classmethod
+    def of_rows(cls, reduction: str, rows: int) -> ReductionPlan:
+        """Every row counts once (probability targets, elementwise losses)."""
+        return cls(reduction, float(rows), float(rows))
+
+    def scales(self, upstream: Any = 1.0) -> tuple[Any, Any]:
+        """(main, z) gradient coefficients of each row for the upstream gradient ``upstream``
+        (a scalar for "mean"/"sum", one value per row for "none")."""
+        if self.reduction != "mean":
+            return upstream, upstream
+        return (
+            _divide_or_zero(upstream, self.denominator),
+            _divide_or_zero(upstream, self.z_denominator),
+        )
+
+    def reduce(self, main: Any, z: Any = None) -> Any:
+        """The loss from per-row main terms and (optionally) z terms."""
+        if self.reduction == "none":
+            return main if z is None else main + z
+        if self.reduction == "sum":
+            loss = _total(main) if z is None else _total(main) + _total(z)
+        else:
+            loss = _divide_or_zero(_total(main), self.denominator)
+            if z is not None:
+                loss = loss + _divide_or_zero(_total(z), self.z_denominator)
+        return loss if _torch_tensor(loss) else np.asarray(loss)

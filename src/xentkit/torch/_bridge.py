@@ -5,22 +5,20 @@
 - ``as_numpy`` / ``as_tensor``: zero-copy views both ways (a copy only to make a tensor contiguous).
 - ``take_saved_gradient`` / ``scale_gradient``: hand a gradient computed in the forward pass over
   to autograd in backward, scaled by the upstream gradient, without a stale or shared buffer.
-- ``check_*``: the binding's own option checks, so that the NumPy path and the torch fallback raise
-  the same errors.
+- ``first_order_only``: the guard every xentkit.torch backward wears (double backward raises).
+
+Options are checked by ``xentkit._options.LossOptions``, built once at each public function.
 """
 
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-
-REDUCTIONS = ("none", "mean", "sum")
 
 # The dtypes the NumPy api computes in (float16 is computed in float32 and returned as float16).
 # bfloat16 has no NumPy dtype; it goes to torch ops, like every non-CPU device.
@@ -110,8 +108,9 @@ def scale_gradient(gradient: Tensor, grad_output: Tensor, owned: bool) -> Tensor
     A gradient that is not owned is returned as is only when the factor is 1: autograd never
     writes into a tensor someone else still references, so sharing it is safe.
     """
-    if grad_output.numel() == 1 and float(grad_output.reshape(())) == 1.0:
-        return gradient
+    if grad_output.numel() == 1 and grad_output.device.type == "cpu" and float(grad_output.reshape(())) == 1.0:
+        return gradient  # (on a GPU the comparison would wait for the device: just multiply)
+    grad_output = grad_output.to(gradient.dtype)
     if owned:
         return gradient.mul_(grad_output)
     return gradient * grad_output
@@ -159,44 +158,3 @@ def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: 
     if size_average is None and reduce is None:
         return reduction
     return torch.nn._reduction.legacy_get_string(size_average, reduce)
-
-
-def check_reduction(reduction: object) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    return str(reduction)
-
-
-def _check_real(value: object, name: str, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def check_label_smoothing(value: object) -> float:
-    value = _check_real(value, "label_smoothing", "a float in [0, 1]")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {value}")
-    return value
-
-
-def check_z_loss(value: object) -> float:
-    value = _check_real(value, "z_loss", "a non-negative float")
-    if not (value >= 0.0 and np.isfinite(value)):
-        raise ValueError(f"z_loss must be a finite float >= 0, got {value}")
-    return value
-
-
-def check_softcap(value: object) -> float | None:
-    if value is None:
-        return None
-    value = _check_real(value, "softcap", "None or a positive float")
-    if not (value > 0.0 and np.isfinite(value)):
-        raise ValueError(f"softcap must be None or a finite float > 0, got {value}")
-    return value
-
-
-def check_ignore_index(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(value).__name__} {value!r}")
-    return int(value)

@@ -11,74 +11,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _divide_or_zero(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """numerator / denominator, and 0 (with gradient 0, not NaN) where the denominator is 0."""
-    nonzero = denominator != 0
-    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-    return torch.where(nonzero, numerator / safe, torch.zeros_like(numerator))
+from .._options import LossOptions
+from ..reference.cross_entropy import z_term
+from ..reference.reductions import ReductionPlan
 
 
-def _target_weight_sum(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """Σ w[y] over the non-ignored hard labels: torch's "mean" denominator."""
-    valid = target.long() != ignore_index  # int64: a uint8 target must not wrap −100 to 156
-    if weight is None:
-        return valid.sum().to(dtype)
-    picked = weight[target.masked_fill(~valid, 0)]
-    return (picked * valid).sum().to(dtype)
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reductions run in float32 or better (bfloat16 and float16 rows are not summed in their dtype)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
-def cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-) -> Tensor:
+def _label_plan(
+    target: Tensor, weight: Tensor | None, options: LossOptions, dtype: torch.dtype
+) -> tuple[Tensor, ReductionPlan]:
+    """The non-ignored mask of hard labels and their reduction plan (Σ w_y and the count as
+    tensors: no device synchronization)."""
+    valid = target.long() != options.ignore_index  # int64: a uint8 target must not wrap −100 to 156
+    target_weight = None
+    if weight is not None:
+        target_weight = weight[target.masked_fill(~valid, 0)].to(_sum_dtype(dtype)) * valid
+    return valid, ReductionPlan.of_labels(options.reduction, valid, target_weight, dtype=_sum_dtype(dtype))
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.cross_entropy`` plus xentkit's softcap, z-loss and "mean" of nothing = 0."""
-    if softcap is not None:
-        input = softcap * torch.tanh(input / softcap)
-    hard_labels = not torch.is_floating_point(target)
-    if reduction == "mean" and hard_labels:
-        total = F.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction="sum",
-            label_smoothing=label_smoothing,
-        )
-        loss = _divide_or_zero(total, _target_weight_sum(target, weight, ignore_index, total.dtype))
+    if options.softcap is not None:
+        input = options.softcap * torch.tanh(input / options.softcap)
+    main = F.cross_entropy(
+        input, target, weight, ignore_index=options.ignore_index, reduction="none",
+        label_smoothing=options.label_smoothing,
+    )
+    if torch.is_floating_point(target):
+        valid = torch.ones(main.shape, dtype=torch.bool, device=main.device)
+        plan = ReductionPlan.of_rows(options.reduction, main.numel())
     else:
-        loss = F.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing,
-        )
-    if z_loss == 0.0:
-        return loss
-    class_dim = 1 if input.dim() >= 2 else 0
-    lse = torch.logsumexp(input, dim=class_dim)
-    z_term = z_loss * lse.square()
-    if hard_labels:
-        valid = target.long() != ignore_index  # int64: a uint8 target must not wrap −100 to 156
-        z_term = torch.where(valid, z_term, torch.zeros_like(z_term))
-        count = valid.sum().to(z_term.dtype)
-    else:
-        count = torch.tensor(float(z_term.numel()), dtype=z_term.dtype, device=z_term.device)
-    if reduction == "none":
-        return loss + z_term
-    if reduction == "sum":
-        return loss + z_term.sum()
-    return loss + _divide_or_zero(z_term.sum(), count)
+        valid, plan = _label_plan(target, weight, options, input.dtype)
+    z = None
+    if options.z_loss:
+        z = z_term(torch.logsumexp(input, dim=1 if input.dim() >= 2 else 0), valid, options.z_loss)
+    return plan.reduce(main, z).to(input.dtype)
 
 
-def nll_loss(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: str
-) -> Tensor:
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0."""
-    if reduction != "mean":
-        return F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
-    total = F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction="sum")
-    return _divide_or_zero(total, _target_weight_sum(target, weight, ignore_index, total.dtype))
+    main = F.nll_loss(input, target, weight, ignore_index=options.ignore_index, reduction="none")
+    return _label_plan(target, weight, options, input.dtype)[1].reduce(main).to(input.dtype)
 
 
 def binary_cross_entropy_with_logits(

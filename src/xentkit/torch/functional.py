@@ -25,8 +25,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-import xentkit
-
+from .._options import LossOptions
+from ..api.cross_entropy import _cross_entropy
+from ..api.losses import _nll
+from ..api.losses import binary_cross_entropy_with_logits as _bce_with_logits
+from ..api.losses import binary_cross_entropy_with_logits_and_grad as _bce_with_logits_and_grad
 from . import _bridge, _torch_ops
 
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "nll_loss"]
@@ -61,36 +64,21 @@ class _CrossEntropyFunction(torch.autograd.Function):
         input: Tensor,
         target: Tensor,
         weight: Tensor | None,
-        ignore_index: int,
-        reduction: str,
-        label_smoothing: float,
-        z_loss: float,
-        softcap: float | None,
+        options: LossOptions,
         check_probabilities: bool,
         grad_enabled: bool,
     ) -> Tensor:
-        options = {
-            "axis": _class_axis(input),
-            "weight": _bridge.optional_numpy(weight),
-            "ignore_index": ignore_index,
-            "reduction": reduction,
-            "label_smoothing": label_smoothing,
-            "z_loss": z_loss,
-            "softcap": softcap,
-            # warn when the logits look like probabilities (softmax applied twice)
-            "check_probabilities": check_probabilities,
-        }
-        logits = _bridge.as_numpy(input)
-        labels = _bridge.as_numpy(target)
-        ctx.reduction = reduction
-        ctx.class_axis = options["axis"]
+        ctx.reduction = options.reduction
+        ctx.class_axis = _class_axis(input)
         ctx.input_dim = input.dim()
-        if grad_enabled and ctx.needs_input_grad[0]:
-            loss, gradient = xentkit.cross_entropy_and_grad(logits, labels, **options)
-            ctx.gradient = _bridge.as_tensor(gradient, input.dtype)
-        else:  # forward only: no gradient work
-            loss = xentkit.cross_entropy(logits, labels, **options)
-            ctx.gradient = None
+        want_grad = grad_enabled and ctx.needs_input_grad[0]
+        loss, gradient = _cross_entropy(
+            _bridge.as_numpy(input), _bridge.as_numpy(target), axis=ctx.class_axis,
+            weight=_bridge.optional_numpy(weight), options=options,
+            # warn when the logits look like probabilities (softmax applied twice)
+            check_probabilities=check_probabilities, want_grad=want_grad,
+        )
+        ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, input.dtype)
         return _bridge.as_tensor(loss, input.dtype)
 
     @staticmethod
@@ -98,7 +86,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", "cross_entropy")
         upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
-        return (_bridge.scale_gradient(gradient, upstream, owned), *[None] * 9)
+        return _bridge.scale_gradient(gradient, upstream, owned), None, None, None, None, None
 
 
 class _NllLossFunction(torch.autograd.Function):
@@ -112,22 +100,13 @@ class _NllLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx,
-        input: Tensor,
-        target: Tensor,
-        weight: Tensor | None,
-        ignore_index: int,
-        reduction: str,
+        ctx: FunctionCtx, input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions
     ) -> Tensor:
-        ctx.options = {
-            "axis": _class_axis(input),
-            "ignore_index": ignore_index,
-            "reduction": reduction,
-        }
+        ctx.options = options
         ctx.save_for_backward(input, target, weight)
-        loss = xentkit.nll_loss(
-            _bridge.as_numpy(input), _bridge.as_numpy(target),
-            weight=_bridge.optional_numpy(weight), **ctx.options,
+        loss, _ = _nll(
+            _bridge.as_numpy(input), _bridge.as_numpy(target), _class_axis(input),
+            _bridge.optional_numpy(weight), options, want_grad=False,
         )
         return _bridge.as_tensor(loss, input.dtype)
 
@@ -135,12 +114,12 @@ class _NllLossFunction(torch.autograd.Function):
     @_bridge.first_order_only("nll_loss")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, target, weight = ctx.saved_tensors
-        _, gradient = xentkit.nll_loss_and_grad(
-            _bridge.as_numpy(input), _bridge.as_numpy(target),
-            weight=_bridge.optional_numpy(weight), grad_output=_bridge.as_numpy(grad_output),
-            **ctx.options,
+        _, gradient = _nll(
+            _bridge.as_numpy(input), _bridge.as_numpy(target), _class_axis(input),
+            _bridge.optional_numpy(weight), ctx.options, want_grad=True,
+            grad_output=_bridge.as_numpy(grad_output),
         )
-        return _bridge.as_tensor(gradient, input.dtype), None, None, None, None
+        return _bridge.as_tensor(gradient, input.dtype), None, None, None
 
 
 class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
@@ -167,12 +146,12 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
             "reduction": reduction,
         }
         if grad_enabled and ctx.needs_input_grad[0]:
-            loss, gradient = xentkit.binary_cross_entropy_with_logits_and_grad(
+            loss, gradient = _bce_with_logits_and_grad(
                 logits, _bridge.as_numpy(target), **options
             )
             ctx.gradient = _bridge.as_tensor(gradient, input.dtype)
         else:
-            loss = xentkit.binary_cross_entropy_with_logits(logits, _bridge.as_numpy(target), **options)
+            loss = _bce_with_logits(logits, _bridge.as_numpy(target), **options)
             ctx.gradient = None
         return _bridge.as_tensor(loss, input.dtype)
 
@@ -243,18 +222,12 @@ def cross_entropy(
     See also: :func:`nll_loss` (from log-probabilities), :func:`binary_cross_entropy_with_logits`
     (independent binary labels), ``xentkit.torch.linear_cross_entropy`` (fused with a linear layer).
     """
-    reduction = _bridge.check_reduction(_bridge.legacy_reduction(size_average, reduce, reduction))
-    ignore_index = _bridge.check_ignore_index(ignore_index)
-    label_smoothing = _bridge.check_label_smoothing(label_smoothing)
-    z_loss = _bridge.check_z_loss(z_loss)
-    softcap = _bridge.check_softcap(softcap)
+    reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
+    options = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap)
     if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(target, weight)):
-        return _torch_ops.cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
-        )
+        return _torch_ops.cross_entropy(input, target, weight, options)
     return _CrossEntropyFunction.apply(
-        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        bool(check_probabilities), torch.is_grad_enabled(),
+        input, target, weight, options, bool(check_probabilities), torch.is_grad_enabled()
     )
 
 
@@ -286,11 +259,10 @@ def nll_loss(
 
     See also: :func:`cross_entropy`, which takes logits and is ``nll_loss(log_softmax(x), y)``.
     """
-    reduction = _bridge.check_reduction(_bridge.legacy_reduction(size_average, reduce, reduction))
-    ignore_index = _bridge.check_ignore_index(ignore_index)
+    options = LossOptions(_bridge.legacy_reduction(size_average, reduce, reduction), ignore_index)
     if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(weight,)):
-        return _torch_ops.nll_loss(input, target, weight, ignore_index, reduction)
-    return _NllLossFunction.apply(input, target, weight, ignore_index, reduction)
+        return _torch_ops.nll_loss(input, target, weight, options)
+    return _NllLossFunction.apply(input, target, weight, options)
 
 
 def binary_cross_entropy_with_logits(
@@ -321,7 +293,7 @@ def binary_cross_entropy_with_logits(
 
     See also: :func:`cross_entropy` for mutually exclusive classes.
     """
-    reduction = _bridge.check_reduction(_bridge.legacy_reduction(size_average, reduce, reduction))
+    reduction = LossOptions(_bridge.legacy_reduction(size_average, reduce, reduction)).reduction
     # xentkit takes pos_weight as one value per class along the last axis (or one for all);
     # torch broadcasts any shape, which its own ops handle.
     pos_weight_fits = pos_weight is None or pos_weight.dim() <= 1

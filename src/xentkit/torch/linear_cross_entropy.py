@@ -15,17 +15,16 @@ upstream gradient is per row and ``grad_W = Σ_i g_i·dlogits_iᵀ x_i`` cannot 
 stored sum, so forward computes only the losses and backward runs the chunks again with the
 upstream gradient (one extra logits matmul; the way torch's chunked op does it too).
 
-The "mean" denominator is computed from target and weight before the chunks: Σ w_y over the
-non-ignored rows (hard labels, as torch) or N (probabilities). The z-loss term is averaged over
-the non-ignored rows instead; passing ``z_loss·denominator/count`` to each chunk's "sum" makes
-one upstream scale 1/denominator serve both terms.
+The reduction plan (``xentkit.reference.reductions``) is made from the whole batch's target and
+weight before the chunks: Σ w_y over the non-ignored rows (hard labels, as torch) or N
+(probabilities) for the main term, the non-ignored rows for the z-loss term. Every chunk is
+reduced and differentiated with that one plan, so the chunks' losses add up to the batch's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
 import torch
@@ -33,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-import xentkit
-
+from .._labels import check_labels
+from .._options import LossOptions, check_chunk_size
+from ..api.cross_entropy import _cross_entropy
+from ..reference.reductions import ReductionPlan
 from . import _bridge, _torch_ops
 
 __all__ = ["chunk_rows_for", "linear_cross_entropy"]
@@ -60,10 +61,8 @@ def chunk_rows_for(rows: int, classes: int, itemsize: int, chunk_size: int | Non
     >>> chunk_rows_for(4096, 32000, 4)   # min(4096/16, 32 MiB / (32000·4 B) = 262) = 256 rows
     256
     """
+    chunk_size = check_chunk_size(chunk_size)
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-        chunk_size = int(chunk_size)  # NumPy integers welcome
         return max(1, min(chunk_size, rows))
     row_bytes = max(1, classes * itemsize)
     by_fraction = math.ceil(rows / CHUNK_FRACTION)
@@ -73,16 +72,6 @@ def chunk_rows_for(rows: int, classes: int, itemsize: int, chunk_size: int | Non
         chunk -= chunk % 8
     floor = CHUNK_FLOOR_BYTES // row_bytes
     return max(1, min(rows, max(chunk, floor)))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    ignore_index: int
-    reduction: str
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    chunk_rows: int
 
 
 @dataclasses.dataclass
@@ -99,22 +88,22 @@ def _chunked_pass(
     b: Tensor | None,
     target: np.ndarray,
     class_weight: np.ndarray | None,
-    options: _Options,
+    options: LossOptions,
+    plan: ReductionPlan,
     *,
-    reduction: str,
-    z_loss: float,
     grad_output: float | np.ndarray | None,
     want: tuple[bool, bool, bool],
 ) -> _PassResult:
-    """One sweep over the row chunks; gradients only when ``grad_output`` is given.
+    """One sweep over the row chunks (``options.chunk_size`` rows each, already resolved);
+    gradients only when ``grad_output`` is given.
 
-    ``reduction`` is the api's per-chunk reduction ("sum" or "none"); ``grad_output`` the
-    upstream gradient: a scalar for "sum" (the "mean" scale folded in), one value per row for
-    "none". ``want`` says which of (input, weight, bias) gradients to compute.
+    ``plan`` is the whole batch's reduction plan; ``grad_output`` the upstream gradient: a
+    scalar for "mean"/"sum", one value per row for "none". ``want`` says which of (input,
+    weight, bias) gradients to compute.
     """
     rows = x.shape[0]
     classes = w.shape[0]
-    chunk_rows = options.chunk_rows
+    chunk_rows = options.chunk_size
     want_grad = grad_output is not None and any(want)
     buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype)
     # Gradients start empty: the first chunk writes them with out=, later chunks add in place.
@@ -122,17 +111,8 @@ def _chunked_pass(
     grad_input = new(x) if want_grad and want[0] else None
     grad_weight = new(w) if want_grad and want[1] else None
     grad_bias = new(b) if want_grad and want[2] and b is not None else None
-    loss_rows = np.empty(rows, dtype=np.float64) if reduction == "none" else None
+    loss_rows = np.empty(rows, dtype=np.float64) if options.reduction == "none" else None
     total = 0.0
-    api_options = {
-        "weight": class_weight,
-        "ignore_index": options.ignore_index,
-        "reduction": reduction,
-        "label_smoothing": options.label_smoothing,
-        "z_loss": z_loss,
-        "softcap": options.softcap,
-        "check_probabilities": False,  # logits can look like probabilities; torch never checks
-    }
     w_t = w.t()
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
@@ -144,15 +124,17 @@ def _chunked_pass(
         else:
             torch.addmm(b, x_chunk, w_t, out=logits)
         logits_array = logits.numpy()
-        labels = target[start:stop]
-        if not want_grad:
-            loss = xentkit.cross_entropy(logits_array, labels, **api_options)
-        else:
-            # 2. loss and dlogits in one fused sweep; the gradient overwrites the logits.
-            upstream = grad_output if reduction != "none" else grad_output[start:stop]
-            loss, _ = xentkit.cross_entropy_and_grad(
-                logits_array, labels, grad_output=upstream, out=logits_array, **api_options
-            )
+        upstream = None
+        if want_grad:
+            upstream = grad_output if options.reduction != "none" else grad_output[start:stop]
+        # 2. loss (and dlogits in the same fused sweep, overwriting the logits).
+        loss, _ = _cross_entropy(
+            logits_array, target[start:stop], axis=-1, weight=class_weight, options=options,
+            check_probabilities=False,  # logits can look like probabilities; torch never checks
+            want_grad=want_grad, grad_output=upstream, out=logits_array if want_grad else None,
+            plan=plan,
+        )
+        if want_grad:
             dlogits = logits
             # 3. grad_x rows = dlogits W.
             if grad_input is not None:
@@ -175,18 +157,19 @@ def _chunked_pass(
     return _PassResult(loss_rows if loss_rows is not None else total, grad_input, grad_weight, grad_bias)
 
 
-def _checked_labels(target: np.ndarray, classes: int, ignore_index: int) -> np.ndarray:
-    """The non-ignored mask of hard labels; a label outside [0, classes) is a ValueError."""
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= classes))
-    if bad.any():
-        position = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"target has label {int(target[position])} at position ({position},) but linear_weight "
-            f"has {classes} rows (classes); labels must be in [0, {classes}) or equal "
-            f"ignore_index={ignore_index}"
-        )
-    return valid
+def _reduction_plan(
+    target: np.ndarray, class_weight: np.ndarray | None, classes: int, options: LossOptions
+) -> ReductionPlan:
+    """The whole batch's plan; a label outside [0, classes) is a ValueError."""
+    if target.dtype.kind == "f":
+        return ReductionPlan.of_rows(options.reduction, target.shape[0])
+    valid = check_labels(
+        target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)"
+    )
+    target_weight = None
+    if class_weight is not None:
+        target_weight = np.where(valid, class_weight.astype(np.float64)[np.where(valid, target, 0)], 0.0)
+    return ReductionPlan.of_labels(options.reduction, valid, target_weight)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -200,7 +183,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         linear_bias: Tensor | None,
         target: Tensor,
         weight: Tensor | None,
-        options: _Options,
+        options: LossOptions,
         grad_enabled: bool,
     ) -> Tensor:
         x = input.detach().contiguous()
@@ -209,59 +192,31 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         target_array = _bridge.as_numpy(target)
         class_weight = _bridge.optional_numpy(weight)
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
-        ctx.options = options
+        plan = _reduction_plan(target_array, class_weight, w.shape[0], options)
+        ctx.options, ctx.plan = options, plan
         ctx.grad_input = ctx.grad_weight = ctx.grad_bias = None
 
         if options.reduction == "none":
             # Forward computes the losses only; backward needs the per-row upstream gradient.
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
             result = _chunked_pass(
-                x, w, b, target_array, class_weight, options, reduction="none",
-                z_loss=options.z_loss, grad_output=None, want=want,
+                x, w, b, target_array, class_weight, options, plan, grad_output=None, want=want
             )
             return _bridge.as_tensor(result.loss, x.dtype)
 
-        rows, classes = x.shape[0], w.shape[0]
-        if target.is_floating_point():
-            count = denominator = float(rows)
-        else:
-            valid = _checked_labels(target_array, classes, options.ignore_index)
-            count = float(np.count_nonzero(valid))
-            denominator = count if class_weight is None else float(
-                np.sum(class_weight[target_array[valid]], dtype=np.float64)
-            )
-        if options.reduction == "sum":
-            scale, z_loss = 1.0, options.z_loss
-        elif denominator != 0.0:
-            # "mean": main term over the denominator, z term over the count (module docstring).
-            scale, z_loss = 1.0 / denominator, options.z_loss * denominator / count
-        elif count != 0.0 and options.z_loss:
-            # The target weights sum to 0, so the main term averages nothing (0, where torch
-            # gives NaN), but the z term still averages over the non-ignored rows: all-zero
-            # class weights leave exactly that term.
-            class_weight = np.zeros(classes, dtype=np.float64)
-            scale, z_loss = 1.0 / count, options.z_loss
-        else:  # nothing to average: loss 0, gradients 0 (torch gives NaN)
-            if any(want):
-                ctx.grad_input = torch.zeros_like(x) if want[0] else None
-                ctx.grad_weight = torch.zeros_like(w) if want[1] else None
-                ctx.grad_bias = torch.zeros_like(b) if want[2] else None
-            return torch.zeros((), dtype=x.dtype)
-
         result = _chunked_pass(
-            x, w, b, target_array, class_weight, options, reduction="sum", z_loss=z_loss,
-            grad_output=scale if any(want) else None, want=want,
+            x, w, b, target_array, class_weight, options, plan,
+            grad_output=1.0 if any(want) else None, want=want,
         )
         ctx.grad_input, ctx.grad_weight, ctx.grad_bias = (
             result.grad_input, result.grad_weight, result.grad_bias,
         )
-        return torch.tensor(result.loss * scale, dtype=x.dtype)
+        return torch.tensor(result.loss, dtype=x.dtype)
 
     @staticmethod
     @_bridge.first_order_only("linear_cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        options: _Options = ctx.options
-        if options.reduction == "none":
+        if ctx.options.reduction == "none":
             input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
             want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
             upstream = np.ascontiguousarray(_bridge.as_numpy(grad_output), dtype=np.float64)
@@ -271,9 +226,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 None if linear_bias is None else linear_bias.detach().contiguous(),
                 _bridge.as_numpy(target),
                 _bridge.optional_numpy(weight),
-                options,
-                reduction="none",
-                z_loss=options.z_loss,
+                ctx.options,
+                ctx.plan,
                 grad_output=upstream.reshape(-1),
                 want=want,
             )
@@ -396,13 +350,10 @@ def linear_cross_entropy(
 
     See also: :func:`cross_entropy` (logits already computed), :class:`LinearCrossEntropyLoss`.
     """
-    if ignore_index is None:
-        ignore_index = -100
-    ignore_index = _bridge.check_ignore_index(ignore_index)
-    reduction = _bridge.check_reduction(reduction)
-    label_smoothing = _bridge.check_label_smoothing(label_smoothing)
-    z_loss = _bridge.check_z_loss(z_loss)
-    softcap = _bridge.check_softcap(softcap)
+    options = LossOptions(
+        reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
+        chunk_size,
+    )
     if linear_weight.dim() < 2:
         raise ValueError(
             f"linear_weight must have shape (num_classes, in_features), got {tuple(linear_weight.shape)}"
@@ -419,25 +370,19 @@ def linear_cross_entropy(
             logits = logits.unflatten(-1, linear_weight.shape[:-1])
         if linear_bias is not None:
             logits = logits + linear_bias
-        return _torch_ops.cross_entropy(
-            logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
-        )
+        return _torch_ops.cross_entropy(logits, target, weight, options)
 
     _check_shapes(input, linear_weight, linear_bias, target, weight)
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-    options = _Options(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        chunk_rows=chunk_rows_for(
-            input.shape[0], linear_weight.shape[0], input.element_size(), chunk_size
-        ),
+    # chunk_size resolved to this call's rows per chunk
+    options = options.replace(
+        chunk_size=chunk_rows_for(
+            input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size
+        )
     )
     loss = _LinearCrossEntropyFunction.apply(
         input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
     )
-    return loss.squeeze(0) if unbatched and reduction == "none" else loss
+    return loss.squeeze(0) if unbatched and options.reduction == "none" else loss

@@ -1,0 +1,74 @@
+"""Class-index targets: the one home of the label rules and their messages.
+
+Framework-free, over NumPy arrays (torch callers pass ``tensor.numpy()`` views). Used by the api,
+``xentkit.torch.linear_cross_entropy`` and the vocabulary-parallel functions, each naming what
+holds the classes ("logits have 10 classes", "linear_weight has 10 rows (classes)", "the
+vocabulary has V = 10 classes ...").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["as_class_indices", "check_labels", "label_error"]
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def as_class_indices(
+    target: object,
+    sample_shape: tuple[int, ...],
+    *,
+    expected_shape: str = "(class indices) or the logits' shape (class probabilities)",
+    dtype_name: str | None = None,
+) -> np.ndarray:
+    """``target`` as int64 class indices of shape ``sample_shape`` (no copy when already int64).
+
+    A non-integer dtype is a ``TypeError``, a wrong shape or a uint64 label beyond int64 (which
+    the cast would wrap, even onto ``ignore_index``) a ``ValueError``. ``dtype_name`` names the
+    caller's dtype when the array is a converted view (a torch bfloat16 target, say).
+    """
+    array = np.asarray(target)
+    if array.dtype.kind not in "iu":
+        raise TypeError(
+            f"target of class indices must have an integer dtype, got dtype "
+            f"{dtype_name or array.dtype} (class probabilities must have the logits' shape)"
+        )
+    if array.shape != sample_shape:
+        raise ValueError(
+            f"target must have shape {sample_shape} {expected_shape}, got shape {array.shape}"
+        )
+    if array.dtype == np.uint64 and array.size and array.max() > _INT64_MAX:
+        position = tuple(int(i) for i in np.argwhere(array > _INT64_MAX)[0])
+        raise ValueError(
+            f"target has label {int(array[position])} at position {position}, too large for a class index"
+        )
+    return array.astype(np.int64, copy=False)
+
+
+def label_error(
+    label: int, position: tuple[int, ...], num_classes: int, ignore_index: int, classes: str,
+    name: str = "target",
+) -> ValueError:
+    """The error for a label outside ``[0, num_classes)``; ``classes`` says what holds them."""
+    return ValueError(
+        f"{name} has label {label} at position {position} but {classes} "
+        f"(labels must be in [0, {num_classes}) or equal ignore_index={ignore_index})"
+    )
+
+
+def check_labels(
+    labels: np.ndarray, num_classes: int, ignore_index: int, *, classes: str | None = None,
+    name: str = "target",
+) -> np.ndarray:
+    """Boolean mask of the non-ignored samples; raises :func:`label_error` for the first label
+    outside ``[0, num_classes)``. ``classes`` defaults to "logits have C classes"."""
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        position = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise label_error(
+            int(labels[position]), position, num_classes, ignore_index,
+            classes or f"logits have {num_classes} classes", name,
+        )
+    return valid

@@ -1,0 +1,150 @@
+"""The loss options, validated once: the one home of every rule about them.
+
+Every entry point (the NumPy api, ``xentkit.torch``'s functions and modules,
+``linear_cross_entropy``, the vocabulary-parallel functions) builds one :class:`LossOptions` at
+its boundary and passes that object down; nothing below re-checks an option. Framework-free:
+NumPy integers and floats are accepted wherever Python ones are, and no torch import happens here.
+
+Each mistake has one exception type and one message, written here only:
+
+- a value of the wrong type (a string for ``z_loss``, a float for ``ignore_index``, a bool for
+  anything numeric): ``TypeError`` naming the argument, what was expected and what came;
+- a value of the right type outside its range (``label_smoothing`` 1.5, ``z_loss`` NaN,
+  ``softcap`` 0, ``ignore_index`` beyond int64, ``chunk_size`` 0, an unknown ``reduction``):
+  ``ValueError``.
+
+Adding an option: a field below with its check in ``__post_init__``; if the formula uses it, mark
+it ``formula=True`` so that :meth:`LossOptions.formula_arguments` hands it to the NumPy reference
+and to each kernel's host function, which implement it; then the docs and the tests. Nothing in
+between (api, torch binding, linear and distributed forms) names it. Fields foreseen for the GPU
+and RL work: ``temperature`` (formula), ``backend`` and ``in_place`` (not formula).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+__all__ = ["REDUCTIONS", "LossOptions", "describe"]
+
+REDUCTIONS = ("none", "mean", "sum")
+_INT64 = np.iinfo(np.int64)
+
+
+def describe(value: object) -> str:
+    """A short description of a received value for error messages."""
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def _real(value: object, name: str, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {describe(value)}")
+    return float(value)
+
+
+def check_reduction(value: object) -> str:
+    if not isinstance(value, str) or value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {value!r}")
+    return str(value)
+
+
+def check_ignore_index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {describe(value)}")
+    if not _INT64.min <= int(value) <= _INT64.max:
+        raise ValueError(f"ignore_index must fit in int64, got {int(value)}")
+    return int(value)
+
+
+def _check_label_smoothing(value: object) -> float:
+    value = _real(value, "label_smoothing", "a float in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {value}")
+    return value
+
+
+def _check_z_loss(value: object) -> float:
+    value = _real(value, "z_loss", "a non-negative float")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {value}")
+    return value
+
+
+def _check_softcap(value: object) -> float | None:
+    if value is None:
+        return None
+    value = _real(value, "softcap", "None or a positive float")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {value}")
+    return value
+
+
+def check_chunk_size(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"chunk_size must be None or a positive int, got {describe(value)}")
+    if int(value) < 1:
+        raise ValueError(f"chunk_size must be None or a positive int, got {int(value)}")
+    return int(value)  # NumPy integers welcome
+
+
+def _formula(default: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"formula": True})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The options of a softmax cross-entropy loss, checked and normalised on construction.
+
+    ``LossOptions(z_loss=1e-4)`` raises on a bad value (see the module docstring) and stores
+    plain Python values (``int``, ``float``, ``None``, ``str``), so instances compare and hash by
+    value and can cross process boundaries.
+
+    Attributes:
+        reduction: "none", "mean" or "sum" (see :mod:`xentkit.reference.reductions`).
+        ignore_index: the label that marks a sample to skip; any int64.
+        label_smoothing: ε in [0, 1].
+        z_loss: λ ≥ 0, finite: adds λ·logsumexp² per non-ignored sample.
+        softcap: None or s > 0, finite: the logits become s·tanh(logits/s) first.
+        chunk_size: rows per chunk of the fused linear forms, or None for their default.
+    """
+
+    reduction: str = "mean"
+    ignore_index: int = _formula(-100)
+    label_smoothing: float = _formula(0.0)
+    z_loss: float = _formula(0.0)
+    softcap: float | None = _formula(None)
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        checked = {
+            # checked in the order of the public signatures, so the first bad argument is named
+            "reduction": check_reduction(self.reduction),
+            "ignore_index": check_ignore_index(self.ignore_index),
+            "label_smoothing": _check_label_smoothing(self.label_smoothing),
+            "z_loss": _check_z_loss(self.z_loss),
+            "softcap": _check_softcap(self.softcap),
+            "chunk_size": check_chunk_size(self.chunk_size),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def formula_arguments(self) -> dict[str, Any]:
+        """The options the formula itself takes, as keyword arguments of the NumPy reference
+        (``xentkit.reference.cross_entropy_and_grad``) and of each kernel's host function."""
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.metadata.get("formula")
+        }
+
+    def replace(self, **changes: Any) -> LossOptions:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
