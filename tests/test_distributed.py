@@ -548,3 +548,65 @@ def test_shard_ranges_tile_the_vocabulary():
 def test_docstring_examples():
     result = doctest.testmod(vp, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# First order only: differentiating the gradient raises (no process group, a gloo group of one)
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _world_of_one(kind: str):
+    """The group argument for a world of one: no process group ("none"), or a gloo group of this
+    process alone on 127.0.0.1 ("gloo"), set up as in test_a_gloo_group_of_one_process."""
+    if kind == "none":
+        assert not dist.is_initialized()
+        yield None
+        return
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=GROUP_TIMEOUT)  # port 0: a free port
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=GROUP_TIMEOUT)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _first_order_problem(form: str, group, reduction: str):
+    """(x, loss of x) for the vocab-parallel form and (x, the same loss) by xentkit.torch's
+    single-process cross_entropy, ``x`` the leaf differentiated (logits, or the linear input)."""
+    from xentkit.torch import cross_entropy
+
+    generator = torch.Generator().manual_seed(53)
+    target = torch.tensor([0, 4, -100, 2, 1, 3])
+    options = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-2}
+    if form == "logits":
+        x = torch.randn(6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+        loss = vp.vocab_parallel_cross_entropy(x, target, group=group, vocab_start=0, **options)
+        return x, loss, cross_entropy(x, target, **options)
+    x = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    loss = vp.vocab_parallel_linear_cross_entropy(x, w, target, group=group, vocab_start=0,
+                                                  linear_bias_shard=b, chunk_size=4, **options)
+    return x, loss, cross_entropy(F.linear(x, w, b), target, **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("form", ["logits", "linear"])
+@pytest.mark.parametrize("world", ["none", "gloo"])
+def test_double_backward_raises_instead_of_dropping_the_penalty(world, form, reduction):
+    """A gradient penalty on the loss's gradient (create_graph=True) must raise, not be silently
+    dropped; the first-order gradient itself is the single-process one."""
+    with _world_of_one(world) as group:
+        x, loss, expected = _first_order_problem(form, group, reduction)
+        upstream = torch.linspace(0.5, 1.5, 6, dtype=torch.float64) if reduction == "none" else 1.0
+        grad, = torch.autograd.grad((loss * upstream).sum(), x)
+        expected_grad, = torch.autograd.grad((expected * upstream).sum(), x)
+        assert_close(loss.detach(), expected.detach(), torch.float64, "loss vs xentkit.torch")
+        assert_close(grad, expected_grad, torch.float64, "gradient vs xentkit.torch")
+
+        x, loss, _ = _first_order_problem(form, group, reduction)
+        penalized, = torch.autograd.grad((loss * upstream).sum(), x, create_graph=True)
+        assert_close(penalized.detach(), expected_grad, torch.float64, "create_graph gradient")
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(penalized.square().sum() + x.sum(), x)

@@ -137,7 +137,10 @@ def first_order_only(function_name: str) -> Callable[[Callable[..., Any]], Calla
                 outputs = backward(ctx, *grad_outputs)
             if not torch.is_grad_enabled():
                 return outputs
-            raise_later = torch._C._functions.DelayedError(message, len(outputs))
+            # the error node must lead to the Function's inputs: torch.autograd.grad(..., inputs)
+            # runs only the nodes on a path to its inputs
+            anchors = tuple(getattr(ctx, "first_order_anchors", ()))
+            raise_later = torch._C._functions.DelayedError(message, len(outputs) + len(anchors))
 
             def fake_requires_grad(gradient: Tensor | None) -> Tensor | None:
                 if gradient is None:
@@ -146,11 +149,27 @@ def first_order_only(function_name: str) -> Callable[[Callable[..., Any]], Calla
                 gradient.requires_grad_(True)
                 return gradient
 
-            return raise_later(*[fake_requires_grad(gradient) for gradient in outputs])
+            guarded = raise_later(*[fake_requires_grad(gradient) for gradient in outputs], *anchors)
+            return guarded[: len(outputs)] if anchors else guarded
 
         return wrapper
 
     return decorate
+
+
+def first_order_anchors(ctx: Any, *tensors: Tensor | None) -> None:
+    """Store on ``ctx`` empty tensors whose autograd history leads to ``tensors`` (those that
+    require a gradient). Every forward whose backward wears :func:`first_order_only` calls this:
+    the anchors connect that error to the Function's inputs, so that
+    ``torch.autograd.grad(penalty, inputs)`` (which runs only the nodes on a path to its
+    inputs) meets it. They copy no data, keep no input memory alive and check no versions.
+    """
+    with torch.enable_grad():
+        ctx.first_order_anchors = tuple(
+            tensor.as_strided((0,), (1,)).clone()
+            for tensor in tensors
+            if tensor is not None and tensor.requires_grad
+        )
 
 
 def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:

@@ -68,6 +68,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         check_probabilities: bool,
         grad_enabled: bool,
     ) -> Tensor:
+        _bridge.first_order_anchors(ctx, input)
         ctx.reduction = options.reduction
         ctx.class_axis = _class_axis(input)
         ctx.input_dim = input.dim()
@@ -102,6 +103,7 @@ class _NllLossFunction(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions
     ) -> Tensor:
+        _bridge.first_order_anchors(ctx, input)
         ctx.options = options
         ctx.save_for_backward(input, target, weight)
         loss, _ = _nll(
@@ -139,6 +141,7 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         pos_weight: Tensor | None,
         grad_enabled: bool,
     ) -> Tensor:
+        _bridge.first_order_anchors(ctx, input)
         logits = _bridge.as_numpy(input)
         options = {
             "weight": _bridge.optional_numpy(weight),
@@ -181,19 +184,13 @@ def cross_entropy(
     r"""Softmax cross-entropy of logits against class indices or class probabilities.
 
     The same arguments, positions and results as ``torch.nn.functional.cross_entropy``, plus the
-    keyword-only ``z_loss`` and ``softcap``. Per sample, with z = logits (class axis 1, or 0 for an
-    unbatched ``(C,)`` input), lse = log Σ_c exp(z_c), class weights w, smoothing ε and C classes:
-
-        class index y:       loss = (1 − ε)·w_y·(lse − z_y) + (ε/C)·Σ_c w_c·(lse − z_c)
-        probabilities q:     loss = −Σ_c w_c·((1 − ε)·q_c + ε/C)·(z_c − lse)
-        z_loss > 0:          loss += z_loss·lse²        (not class-weighted; 0 for ignored samples)
-        softcap s:           z = s·tanh(logits / s)     (applied first, z-loss included)
-
-    "mean" divides class-index losses by Σ w_y over non-ignored samples and probability losses by
-    the number of samples (as torch); the z term is divided by the number of non-ignored samples.
-    When there is nothing to average (every target ignored) the result is 0 with gradient 0, where
-    torch returns NaN. ∂loss/∂z_j = p_j·((1 − ε)·w_y + ε·W/C) − (1 − ε)·w_y·[j = y] − ε·w_j/C
-    (W = Σ_c w_c), + 2·z_loss·lse·p_j, times 1 − tanh²(logits/s) under a softcap.
+    keyword-only ``z_loss`` (adds ``z_loss·logsumexp²`` per non-ignored sample, PaLM) and
+    ``softcap`` (logits become ``s·tanh(logits/s)`` first, Gemma 2). The loss, its gradient and the
+    reductions are those of :func:`xentkit.cross_entropy` (formulas there) on the class axis 1 (0
+    for an unbatched ``(C,)`` input). "mean" divides class-index losses by Σ w_y over non-ignored
+    samples and probability losses by the number of samples (as torch), the z term by the number
+    of non-ignored samples; when there is nothing to average (every target ignored) the result is
+    0 with gradient 0, where torch returns NaN.
 
     Shapes: input ``[C]``, ``[N, C]`` or ``[N, C, d1, ..., dk]``; target of class indices (int64)
     ``[]``, ``[N]`` or ``[N, d1, ..., dk]``, or of probabilities with the input's shape. The

@@ -186,6 +186,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         options: LossOptions,
         grad_enabled: bool,
     ) -> Tensor:
+        _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
         x = input.detach().contiguous()
         w = linear_weight.detach().contiguous()
         b = None if linear_bias is None else linear_bias.detach().contiguous()
@@ -310,14 +311,10 @@ def linear_cross_entropy(
 
     The same value and gradients as ``cross_entropy(F.linear(input, linear_weight, linear_bias),
     target, ...)`` and as ``torch.nn.functional.linear_cross_entropy`` (whose arguments it takes,
-    with ``chunk_size``, ``z_loss`` and ``softcap`` instead of ``options``). With logits
-    z = x Wᵀ + b per row, lse = log Σ_c exp(z_c), class weights w, smoothing ε and V classes:
-
-        class index y:     loss = (1 − ε)·w_y·(lse − z_y) + (ε/V)·Σ_c w_c·(lse − z_c)
-        probabilities q:   loss = −Σ_c w_c·((1 − ε)·q_c + ε/V)·(z_c − lse)
-        z_loss, softcap:   + z_loss·lse²  and  z = s·tanh(z/s), as in :func:`cross_entropy`
-
-    and ∂loss/∂x = dz·W, ∂loss/∂W = dzᵀ·x, ∂loss/∂b = Σ_rows dz with dz the logits' gradient.
+    with ``chunk_size``, ``z_loss`` and ``softcap`` instead of ``options``): with logits
+    z = x Wᵀ + b, the loss of :func:`xentkit.torch.cross_entropy` (formulas at
+    :func:`xentkit.cross_entropy`), and ∂loss/∂x = dz·W, ∂loss/∂W = dzᵀ·x, ∂loss/∂b = Σ_rows dz
+    with dz the logits' gradient.
 
     Rows are processed ``chunk_size`` at a time (default: chunk logits at most 1/16 of the full
     logits and at most 32 MiB); the fused kernel turns each chunk's logits into their gradient in

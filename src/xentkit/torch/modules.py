@@ -5,13 +5,28 @@ only ``forward`` changes, to call :mod:`xentkit.torch.functional`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
+from .._options import LossOptions
 from . import functional
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss"]
+
+# The loss options a module keeps as attributes of the same names (torch's own ones included),
+# handed to its function as keywords: a new LossOptions field reaches forward and repr here.
+_LOSS_OPTIONS = tuple(field.name for field in dataclasses.fields(LossOptions))
+
+
+def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
+    return {name: getattr(module, name) for name in _LOSS_OPTIONS if name not in skip}
+
+
+def _options_repr(options: dict[str, object]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -48,22 +63,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            check_probabilities=self.check_probabilities,
+            input, target, weight=self.weight, check_probabilities=self.check_probabilities,
+            **_options_of(self, skip=("chunk_size",)),
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
-        )
+        return _options_repr(_options_of(self, skip=("chunk_size",)))
 
 
 class NLLLoss(torch.nn.NLLLoss):
@@ -153,23 +158,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return linear_cross_entropy(
-            input,
-            self.linear.weight,
-            target,
-            linear_bias=self.linear.bias,
-            weight=self.weight,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            chunk_size=self.chunk_size,
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            **_options_of(self),
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"z_loss={self.z_loss}, softcap={self.softcap}, chunk_size={self.chunk_size}"
+            f"bias={self.linear.bias is not None}, " + _options_repr(_options_of(self))
         )

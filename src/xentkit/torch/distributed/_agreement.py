@@ -1,0 +1,325 @@
+"""Validation, then agreement between ranks: the first collective of every call.
+
+Each rank checks its own arguments and summarises them in one int64 record (:data:`_FIELDS`);
+the records are all-gathered, and the checks that need every rank's record (the vocabulary size,
+labels against it, equal targets, weights and options, shards that tile the vocabulary) run
+identically on every rank. Bad input anywhere raises on every rank, naming the rank, instead of
+leaving the others waiting in a later collective. Option values are checked by
+:class:`xentkit._options.LossOptions` and labels worded by :mod:`xentkit._labels`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import numbers
+import struct
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..._labels import as_class_indices, label_error
+from ..._options import REDUCTIONS, LossOptions
+from ._communication import _Communicator
+
+# One int64 record per rank, all-gathered before any other collective.
+_FIELDS = (
+    "failed",  # 1 when this rank's local checks raised (the message follows in a second gather)
+    "rows",  # N, the number of samples
+    "width",  # V_r, this rank's number of classes
+    "start",  # vocab_start, or -1 for None
+    "min_label", "min_position",  # the smallest non-ignored label and its (flat) position, -1: none
+    "max_label", "max_position",  # the largest
+    "target_digest", "weight_digest",  # blake2b of the int64 labels / float64 class weights
+    "weight_length",  # len(weight), or -1 for None
+    "reduction", "ignore_index", "label_smoothing_bits", "z_loss_bits",  # the options
+    "chunk_size",  # the linear form's chunk_size, -1 for None (0 for the logits form)
+    "features",  # the linear form's D (0 for the logits form)
+    "wants_input_grad",  # 1 when this rank needs ∂loss/∂input (the linear form's all-reduce)
+)
+
+# Longest error message exchanged between ranks (bytes of UTF-8).
+_MESSAGE_BYTES = 1024
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _digest(array: np.ndarray) -> int:
+    """A 64-bit fingerprint of ``array``'s bytes: ranks compare these instead of the data."""
+    return int.from_bytes(hashlib.blake2b(array.tobytes(), digest_size=8).digest(), "little", signed=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Agreement:
+    """What every rank knows after the gather, identically."""
+
+    world_size: int
+    rank: int
+    vocab_size: int
+    starts: tuple[int, ...]
+    widths: tuple[int, ...]
+    wants_input_grad: bool  # any rank needs ∂loss/∂input (the linear form all-reduces it)
+
+    @property
+    def start(self) -> int:
+        return self.starts[self.rank]
+
+    @property
+    def width(self) -> int:
+        return self.widths[self.rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# Local checks (this rank's arguments only)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_vocab_start(vocab_start: object) -> int:
+    if vocab_start is None:
+        return -1
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+    return int(vocab_start)
+
+
+def _check_weight(weight: object) -> np.ndarray | None:
+    """The class weights as float64 on the CPU (for the digest and the length), or None."""
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 1:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be None or a 1-D floating tensor of V class weights, got {shape}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight requires a gradient, but vocab-parallel cross-entropy treats class weights as "
+            "constants; pass weight.detach()"
+        )
+    return weight.detach().to("cpu", torch.float64).contiguous().numpy()
+
+
+def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str) -> np.ndarray:
+    """The labels as a flat int64 CPU array (every rank holds all N of them).
+
+    A floating target with a class axis after the sample shape (the shard's or the full
+    vocabulary's) is a probability target, which this form does not support: ``ValueError``.
+    Any other target goes through :func:`xentkit._labels.as_class_indices` (a non-integer dtype
+    is a ``TypeError``, a wrong shape a ``ValueError``).
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
+    rank = len(sample_shape)
+    if target.is_floating_point() and target.dim() == rank + 1 and tuple(target.shape[:rank]) == sample_shape:
+        raise ValueError(
+            f"target must hold integer class indices (int64), got dtype {target.dtype}; "
+            "probability targets are not supported in the vocab-parallel form"
+        )
+    labels = target.detach().cpu().resolve_conj().resolve_neg()
+    if labels.is_floating_point() or labels.is_complex():
+        # bfloat16 and complex32 have no NumPy dtype; a non-integer target is an error, and only
+        # the kind of its dtype (named by dtype_name) matters for the message
+        labels = labels.to(torch.complex64 if labels.is_complex() else torch.float32)
+    labels_array = as_class_indices(
+        labels.numpy(), sample_shape, expected_shape=f"({shape_of})", dtype_name=str(target.dtype)
+    )
+    return labels_array.reshape(-1)
+
+
+def _label_extremes(labels: np.ndarray, ignore_index: int) -> tuple[int, int, int, int]:
+    valid = labels != ignore_index
+    if not valid.any():
+        return 0, -1, -1, -1
+    info = np.iinfo(np.int64)
+    low = int(np.argmin(np.where(valid, labels, info.max)))
+    high = int(np.argmax(np.where(valid, labels, info.min)))
+    return int(labels[low]), low, int(labels[high]), high
+
+
+def _local_record(
+    *,
+    rows: int,
+    width: int,
+    vocab_start: object,
+    labels: np.ndarray,
+    weight: np.ndarray | None,
+    options: LossOptions,
+    chunk_size: int = 0,
+    features: int = 0,
+    wants_input_grad: bool = False,
+) -> dict[str, int]:
+    """This rank's record (:data:`_FIELDS`) from its checked arguments."""
+    low, low_at, high, high_at = _label_extremes(labels, options.ignore_index)
+    return {
+        "failed": 0,
+        "rows": rows,
+        "width": width,
+        "start": _check_vocab_start(vocab_start),
+        "min_label": low,
+        "min_position": low_at,
+        "max_label": high,
+        "max_position": high_at,
+        "target_digest": _digest(labels),
+        "weight_digest": 0 if weight is None else _digest(weight),
+        "weight_length": -1 if weight is None else int(weight.shape[0]),
+        "reduction": REDUCTIONS.index(options.reduction),
+        "ignore_index": options.ignore_index,
+        "label_smoothing_bits": _float_bits(options.label_smoothing),
+        "z_loss_bits": _float_bits(options.z_loss),
+        "chunk_size": chunk_size,
+        "features": features,
+        "wants_input_grad": int(wants_input_grad),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The gather and the global checks (every rank's record)
+# ---------------------------------------------------------------------------------------------
+
+
+def _encode(message: str) -> Tensor:
+    data = message.encode("utf-8")[:_MESSAGE_BYTES]
+    buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    buffer[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return buffer
+
+
+def _decode(buffer: Tensor) -> str:
+    return bytes(buffer.tolist()).rstrip(b"\0").decode("utf-8", errors="replace")
+
+
+def _differing(records: Sequence[dict[str, int]], field: str) -> list[int]:
+    """The ranks whose ``field`` differs from rank 0's."""
+    return [rank for rank, record in enumerate(records) if record[field] != records[0][field]]
+
+
+def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
+    """Checks that need every rank's record; every rank finds the same problems."""
+    problems = []
+    world = len(records)
+    rows = [record["rows"] for record in records]
+    if len(set(rows)) > 1:
+        problems.append(f"every rank must hold the same N samples, got N = {rows} on ranks 0..{world - 1}")
+    widths = [record["width"] for record in records]
+    vocab_size = sum(widths)
+    classes = f"the vocabulary has V = {vocab_size} classes (the ranks' shard widths {widths} added up)"
+    # identical targets (equal digests) are reported once, differing ones rank by rank
+    targets_agree = not _differing(records, "target_digest")
+    sources = [("", records[0])] if targets_agree else [(f"rank {r}: ", rec) for r, rec in enumerate(records)]
+    for prefix, record in sources:
+        for label, position, bad in (
+            ("min_label", "min_position", record["min_label"] < 0),
+            ("max_label", "max_position", record["max_label"] >= vocab_size),
+        ):
+            if record[position] >= 0 and bad:
+                error = label_error(
+                    record[label], (record[position],), vocab_size, record["ignore_index"],
+                    classes=classes, name=f"{prefix}target",
+                )
+                problems.append(str(error))
+    for field, name in (
+        ("reduction", "reduction"),
+        ("ignore_index", "ignore_index"),
+        ("label_smoothing_bits", "label_smoothing"),
+        ("z_loss_bits", "z_loss"),
+        ("chunk_size", "chunk_size"),
+    ):
+        ranks = _differing(records, field)
+        if ranks:
+            values = [record[field] for record in records]
+            if field == "reduction":
+                values = [REDUCTIONS[value] for value in values]
+            elif field.endswith("_bits"):
+                values = [_bits_float(value) for value in values]
+            problems.append(f"{name} must be the same on every rank, got {values} on ranks 0..{world - 1}")
+    if not problems:  # a bad label already explains a differing target
+        ranks = _differing(records, "target_digest")
+        if ranks:
+            problems.append(
+                f"target must be the same on every rank (the labels of all N samples, replicated), "
+                f"but rank(s) {ranks} hold different labels than rank 0"
+            )
+    lengths = [record["weight_length"] for record in records]
+    if any(length not in (-1, vocab_size) for length in lengths) or len(set(lengths)) > 1:
+        problems.append(
+            f"weight must be None on every rank or the full ({vocab_size},) class-weight vector on "
+            f"every rank, got lengths {['None' if n < 0 else n for n in lengths]} on ranks 0..{world - 1}"
+        )
+    elif _differing(records, "weight_digest"):
+        problems.append(
+            f"weight must be the same on every rank, but rank(s) {_differing(records, 'weight_digest')} "
+            "hold different class weights than rank 0"
+        )
+    features = [record["features"] for record in records]
+    if len(set(features)) > 1:
+        problems.append(f"input must have the same in_features on every rank, got {features}")
+    starts = [record["start"] for record in records]
+    given = [start >= 0 for start in starts]
+    if any(given) and not all(given):
+        problems.append(
+            f"vocab_start must be given on every rank or on none, got {['None' if s < 0 else s for s in starts]}"
+        )
+    elif all(given):
+        spans = sorted(zip(starts, widths, range(world), strict=True))
+        expected = 0
+        for start, width, rank in spans:
+            if width == 0:
+                continue
+            if start != expected:
+                problems.append(
+                    f"the shards must tile the vocabulary [0, {vocab_size}) without gaps or overlaps, "
+                    f"got (vocab_start, width) = {list(zip(starts, widths, strict=True))} on ranks 0..{world - 1} "
+                    f"(rank {rank} starts at {start}, expected {expected})"
+                )
+                break
+            expected = start + width
+    return problems
+
+
+def _agree(
+    communicator: _Communicator, function: str, local_checks: Callable[[], dict[str, int]]
+) -> _Agreement:
+    """Run this rank's checks, all-gather every rank's record and raise on every rank if any
+    rank's input is bad. The gather is the first collective of the call.
+    """
+    error: Exception | None = None
+    try:
+        record = local_checks()
+        local = torch.tensor([record[field] for field in _FIELDS], dtype=torch.int64)
+    except Exception as exc:  # any local failure must still reach the gather, or the others hang
+        error = exc
+        local = torch.zeros(len(_FIELDS), dtype=torch.int64)
+        local[_FIELDS.index("failed")] = 1
+    gathered = communicator.all_gather(local)
+    records = [dict(zip(_FIELDS, piece.tolist(), strict=True)) for piece in gathered]
+    world = communicator.world_size
+    failed = [rank for rank, entry in enumerate(records) if entry["failed"]]
+    if failed:
+        messages = communicator.all_gather(_encode(str(error) if error is not None else ""))
+        details = "; ".join(f"rank {rank}: {_decode(messages[rank])}" for rank in failed)
+        text = f"xentkit.torch.{function}: invalid input on rank(s) {failed} of {world} — {details}"
+        if isinstance(error, TypeError):
+            raise TypeError(text) from error
+        raise ValueError(text) from error
+    problems = _global_problems(records)
+    if problems:
+        raise ValueError(f"xentkit.torch.{function}: invalid input (checked across {world} ranks) — " + "; ".join(problems))
+    widths = tuple(entry["width"] for entry in records)
+    if records[0]["start"] >= 0:
+        starts = tuple(entry["start"] for entry in records)
+    else:
+        starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum(widths)[:-1]]))
+    return _Agreement(
+        world_size=world,
+        rank=communicator.rank,
+        vocab_size=int(sum(widths)),
+        starts=starts,
+        widths=widths,
+        wants_input_grad=any(entry["wants_input_grad"] for entry in records),
+    )

@@ -1,0 +1,97 @@
+"""Combining the shards, then each row's loss and gradient coefficients (O(N), float64, on every
+rank); the formulas are those of the package docstring."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ...reference.cross_entropy import z_term
+from ._rows import _Plan, _Rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowStatistics:
+    """The full rows' statistics (float64 ``[n]``), identical on every rank."""
+
+    shift: Tensor  # M (0 where the whole row is −inf)
+    total: Tensor  # S = Σ_j exp(z_j − M) over all V classes
+    target_logit: Tensor  # z_y
+    sum_z: Tensor | None  # S_z = Σ_j w_j·z_j (label smoothing only)
+
+    @property
+    def lse(self) -> Tensor:
+        return self.shift + torch.log(self.total)
+
+    def slice(self, start: int, stop: int) -> _RowStatistics:
+        return _RowStatistics(
+            self.shift[start:stop], self.total[start:stop], self.target_logit[start:stop],
+            None if self.sum_z is None else self.sum_z[start:stop],
+        )
+
+
+def _combine(local: tuple[Tensor, Tensor, Tensor, Tensor], plan: _Plan) -> _RowStatistics:
+    """Two all-reduces: MAX of the shard maxima (n floats), then SUM of the rescaled sums, the
+    target logit and (label smoothing) the weighted logit sum (2n or 3n floats).
+    """
+    row_max, row_sum, target, sum_z = local
+    device = row_max.device
+    communicator = plan.communicator
+    global_max = communicator.all_reduce(row_max.clone(), dist.ReduceOp.MAX)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    shift = torch.where(torch.isfinite(global_max), global_max, zero)
+    local_shift = torch.where(row_max > -math.inf, row_max, zero)
+    # s_r·exp(t_r − M); a shard with no finite logit (s_r = 0) adds exactly 0, never 0·inf
+    scaled = torch.where(row_sum == 0, zero, row_sum * torch.exp(local_shift - shift))
+    packed = torch.stack([scaled, target, sum_z] if plan.smoothing else [scaled, target])
+    communicator.all_reduce(packed, dist.ReduceOp.SUM)
+    return _RowStatistics(shift, packed[0], packed[1], packed[2] if plan.smoothing else None)
+
+
+def _row_losses(stats: _RowStatistics, rows: _Rows, plan: _Plan) -> tuple[Tensor, Tensor | None]:
+    """Per row: the main term (1 − ε)·w_y·(lse − z_y) + (ε/V)·(W·lse − S_z) and the z term λ·lse²
+    (None without z-loss), both 0 for ignored rows.
+    """
+    eps = plan.options.label_smoothing
+    lse = stats.lse
+    zero = torch.zeros((), dtype=torch.float64, device=lse.device)
+    main = (1.0 - eps) * rows.target_weight * (lse - stats.target_logit)
+    if eps > 0.0:
+        main = main + (eps / plan.agreement.vocab_size) * (plan.weight_sum * lse - stats.sum_z)
+    return torch.where(rows.valid, main, zero), z_term(lse, rows.valid, plan.options.z_loss)
+
+
+def _coefficients(
+    stats: _RowStatistics, rows: _Rows, plan: _Plan, g: Tensor | float, g_z: Tensor | float
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per-row coefficients of pass 2 (float64), so that c·exp(z_j − M) = coefficient·p_j:
+
+        A   = (1 − ε)·w_y + ε·W/V
+        c   = (g·A + g^z·2·λ·lse) / S
+        σ   = ε·g/V                                      (None without label smoothing)
+        target entry = c·exp(z_y − M) − (1 − ε)·w_y·g − σ·w_y
+
+    all 0 for ignored rows. ``g``, ``g^z``: the reduction's scales of the upstream gradient
+    (:meth:`ReductionPlan.scales`), scalars or one per row.
+    """
+    eps = plan.options.label_smoothing
+    vocab = plan.agreement.vocab_size
+    lse = stats.lse
+    zero = torch.zeros((), dtype=torch.float64, device=lse.device)
+    w_y = rows.target_weight
+    a = (1.0 - eps) * w_y + eps * plan.weight_sum / vocab
+    numerator = g * a
+    if plan.options.z_loss != 0.0:
+        numerator = numerator + g_z * 2.0 * plan.options.z_loss * lse
+    coef = torch.where(rows.valid, numerator / stats.total, zero)
+    smooth = None
+    target_grad = coef * torch.exp(stats.target_logit - stats.shift) - (1.0 - eps) * w_y * g
+    if eps > 0.0:
+        smooth = torch.where(rows.valid, eps * g / vocab * torch.ones_like(lse), zero)
+        target_grad = target_grad - smooth * w_y
+    target_grad = torch.where(rows.valid, target_grad, zero)
+    return coef, smooth, target_grad

@@ -1,0 +1,301 @@
+"""The fused linear form: :func:`vocab_parallel_linear_cross_entropy`, its chunked pass and its
+autograd Function."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from ..._options import LossOptions
+from .. import _bridge
+from ._agreement import _agree, _check_target, _check_weight, _local_record
+from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
+from ._communication import CommunicationStats, _Communicator
+from ._rows import _chunk_rows, _Plan, _plan
+from ._shards import _new_buffer, _shard_gradient, _shard_statistics
+
+_NAME = "vocab_parallel_linear_cross_entropy"
+
+# Where forward stores the gradients of (input, linear_weight_shard, linear_bias_shard) for
+# backward ("mean"/"sum"); None for those not wanted.
+_GRADIENT_NAMES = ("grad_input", "grad_weight", "grad_bias")
+
+
+@dataclasses.dataclass
+class _LinearPass:
+    main: Tensor | None  # per-row main term (forward only)
+    z_term: Tensor | None
+    stats: _RowStatistics | None  # the rows' statistics (forward only)
+    grad_input: Tensor | None
+    grad_weight: Tensor | None
+    grad_bias: Tensor | None
+
+
+def _linear_pass(
+    x: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    plan: _Plan,
+    *,
+    known: _RowStatistics | None,
+    g: Tensor | float,
+    g_z: Tensor | float,
+    want: tuple[bool, bool, bool],
+) -> _LinearPass:
+    """One sweep over the row chunks. Per chunk of r rows (one reused ``[r, V_r]`` buffer):
+
+    1. ``logits = x_chunk W_rᵀ (+ b_r)``
+    2. forward (``known`` None): pass 1 and the chunk's two all-reduces (O(r) floats), the losses;
+       backward of "none": the statistics stored by forward, no communication
+    3. gradient (when ``want``): pass 2 overwrites the logits with ``dz``, then
+       ``grad_x[chunk] = dz W_r``, ``grad_W_r += dzᵀ x_chunk``, ``grad_b_r += Σ_rows dz``
+
+    and after the chunks ``grad_x`` is all-reduced (SUM over ranks: x is replicated).
+    ``want[0]`` must be the same on every rank (it decides a collective).
+    """
+    n, width = x.shape[0], w.shape[0]
+    device = x.device
+    buffer = _new_buffer((min(plan.chunk_rows, n), width), x)
+    grad_input = _new_buffer(tuple(x.shape), x, zero=True) if want[0] else None
+    grad_weight = _new_buffer(tuple(w.shape), w, zero=True) if want[1] else None
+    grad_bias = torch.zeros_like(b) if want[2] and b is not None else None
+    forward = known is None
+    main = torch.zeros(n, dtype=torch.float64, device=device) if forward else None
+    z_term = torch.zeros(n, dtype=torch.float64, device=device) if forward and plan.options.z_loss else None
+    pieces: list[_RowStatistics] = []
+    w_t = w.t()
+    for start in range(0, n, plan.chunk_rows):
+        stop = min(start + plan.chunk_rows, n)
+        x_chunk = x[start:stop]
+        logits = buffer[: stop - start]
+        # 1. logits = x W^T (+ b)
+        if b is None:
+            torch.mm(x_chunk, w_t, out=logits)
+        else:
+            torch.addmm(b, x_chunk, w_t, out=logits)
+        rows = plan.rows.slice(start, stop)
+        # 2. the rows' statistics over all ranks, and the losses
+        if forward:
+            stats = _combine(_shard_statistics(logits, rows, plan), plan)
+            pieces.append(stats)
+            chunk_main, chunk_z = _row_losses(stats, rows, plan)
+            main[start:stop] = chunk_main
+            if z_term is not None:
+                z_term[start:stop] = chunk_z
+        else:
+            stats = known.slice(start, stop)
+        if not any(want):
+            continue
+        # 3. dz over the logits (in place), then the three gradients
+        g_chunk = g[start:stop] if isinstance(g, Tensor) else g
+        g_z_chunk = g_z[start:stop] if isinstance(g_z, Tensor) else g_z
+        _shard_gradient(logits, rows, plan, stats.shift, _coefficients(stats, rows, plan, g_chunk, g_z_chunk), logits)
+        if grad_input is not None:
+            torch.mm(logits, w, out=grad_input[start:stop])
+        if grad_weight is not None:
+            grad_weight.addmm_(logits.t(), x_chunk)
+        if grad_bias is not None:
+            grad_bias.add_(logits.sum(dim=0))
+    if grad_input is not None:
+        plan.communicator.all_reduce(grad_input, dist.ReduceOp.SUM)
+    all_stats = None
+    if forward:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        all_stats = _RowStatistics(
+            torch.cat([p.shift for p in pieces]) if pieces else empty,
+            torch.cat([p.total for p in pieces]) if pieces else empty,
+            torch.cat([p.target_logit for p in pieces]) if pieces else empty,
+            torch.cat([p.sum_z for p in pieces]) if pieces and plan.smoothing else None,
+        )
+    return _LinearPass(main, z_term, all_stats, grad_input, grad_weight, grad_bias)
+
+
+class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    """"mean"/"sum": every gradient is computed in forward (grad_input all-reduced there) and
+    backward scales them. "none": forward computes the losses and keeps the rows' statistics
+    (4·N floats); backward recomputes the logits chunk by chunk with the per-row upstream
+    gradient (no statistics communicated) and all-reduces grad_input.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        linear_weight_shard: Tensor,
+        linear_bias_shard: Tensor | None,
+        plan: _Plan,
+        want: tuple[bool, bool, bool],
+    ) -> Tensor:
+        x = input.detach().reshape(plan.rows.valid.shape[0], input.shape[-1]).contiguous()
+        w = linear_weight_shard.detach().contiguous()
+        b = None if linear_bias_shard is None else linear_bias_shard.detach().contiguous()
+        ctx.plan = plan
+        ctx.input_shape = input.shape
+        ctx.want = want
+        _bridge.first_order_anchors(ctx, input, linear_weight_shard, linear_bias_shard)
+        if plan.options.reduction == "none":
+            result = _linear_pass(x, w, b, plan, known=None, g=1.0, g_z=1.0, want=(False, False, False))
+            ctx.save_for_backward(input, linear_weight_shard, linear_bias_shard)
+            ctx.row_statistics = result.stats
+            loss = plan.reduction_plan.reduce(result.main, result.z_term)
+            return loss.to(input.dtype).reshape(input.shape[:-1])
+        g, g_z = plan.reduction_plan.scales(1.0)
+        result = _linear_pass(x, w, b, plan, known=None, g=g, g_z=g_z, want=want)
+        ctx.grad_input = None if result.grad_input is None else result.grad_input.view(input.shape)
+        ctx.grad_weight = result.grad_weight
+        ctx.grad_bias = result.grad_bias
+        return plan.reduction_plan.reduce(result.main, result.z_term).to(input.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only(_NAME)
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        plan: _Plan = ctx.plan
+        needs = ctx.needs_input_grad[:3]
+        if plan.options.reduction == "none":
+            input, linear_weight_shard, linear_bias_shard = ctx.saved_tensors
+            g, g_z = plan.reduction_plan.scales(grad_output.reshape(-1).to(torch.float64))
+            result = _linear_pass(
+                input.detach().reshape(plan.rows.valid.shape[0], input.shape[-1]).contiguous(),
+                linear_weight_shard.detach().contiguous(),
+                None if linear_bias_shard is None else linear_bias_shard.detach().contiguous(),
+                plan,
+                known=ctx.row_statistics,
+                g=g,
+                g_z=g_z,
+                want=ctx.want,
+            )
+            gradients = (
+                None if result.grad_input is None else result.grad_input.view(ctx.input_shape),
+                result.grad_weight,
+                result.grad_bias,
+            )
+            return (*(gradient if need else None for gradient, need in zip(gradients, needs, strict=True)), None, None)
+        scaled = []
+        for name, need in zip(_GRADIENT_NAMES, needs, strict=True):
+            if not need:
+                scaled.append(None)
+                continue
+            gradient, owned = _bridge.take_saved_gradient(ctx, name, _NAME)
+            scaled.append(_bridge.scale_gradient(gradient, grad_output, owned))
+        return (*scaled, None, None)
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: Tensor,
+    linear_weight_shard: Tensor,
+    target: Tensor,
+    *,
+    group: object = None,
+    vocab_start: int | None = None,
+    linear_bias_shard: Tensor | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    stats: CommunicationStats | None = None,
+) -> Tensor:
+    r"""Cross-entropy of ``input @ W.T + b`` with W's rows (the vocabulary) split across ranks,
+    never materializing the logits, not even this rank's ``[N, V_r]`` slice.
+
+    Equals :func:`vocab_parallel_cross_entropy` of the shard logits ``input @ W_r.T + b_r`` (and
+    the single-process ``cross_entropy(input @ W.T + b, target)``). Rows are processed
+    ``chunk_size`` at a time (default: a chunk's logits at most 1/16 of the widest shard's logits
+    and at most 16 MiB, at least 2 MiB); per chunk: local logits, pass 1, an all-reduce MAX of
+    ``r`` and SUM of ``2r`` (``3r``) float64, then the shard's ``dz`` in place of the logits and
+    ``∂loss/∂x += dz·W_r``, ``∂loss/∂W_r += dzᵀ·x``, ``∂loss/∂b_r += Σ_rows dz``.
+
+    ``input`` is replicated, so its gradient ``Σ_r dz_r·W_r`` is all-reduced (SUM over ranks,
+    N·D floats): the standard tensor-parallel cost of backward through a column-parallel layer
+    (Megatron's ``copy_to_tensor_model_parallel_region``); the weight and bias gradients stay
+    local. For "mean"/"sum" it happens in forward (with every gradient; backward only scales);
+    for "none" in backward, which recomputes the logits chunk by chunk with the per-row upstream
+    gradient and the row statistics kept by forward (one more matmul per chunk, no statistics
+    communicated). Every rank must call backward, with the same upstream gradient.
+
+    Args:
+        input: ``[N, D]`` (or ``[..., D]``) float tensor, the same on every rank.
+        linear_weight_shard: ``[V_r, D]``, this rank's rows of the output weight (classes
+            ``vocab_start .. vocab_start + V_r``), the input's dtype and device.
+        target: ``[N]`` (input's leading shape) int64 labels in ``[0, V)`` or ``ignore_index``,
+            the same on every rank.
+        linear_bias_shard: None or ``[V_r]``, this rank's slice of the output bias.
+        chunk_size: rows per chunk (the same on every rank), or None for the default.
+        group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, stats: as
+            :func:`vocab_parallel_cross_entropy`.
+
+    Returns:
+        The loss in the input's dtype: a scalar, or ``input.shape[:-1]`` for ``reduction="none"``.
+        First-order only: differentiating the gradients (``create_graph=True``) raises.
+
+    Raises:
+        ValueError: on every rank, as :func:`vocab_parallel_cross_entropy` (also for shapes of the
+            weight/bias shards and a ``chunk_size`` that differs between ranks).
+    """
+    device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+    communicator = _Communicator(group, device, stats)
+    state: dict[str, object] = {}
+    grad_enabled = torch.is_grad_enabled()
+
+    def local_checks() -> dict[str, int]:
+        if not isinstance(input, Tensor) or not isinstance(linear_weight_shard, Tensor):
+            raise TypeError("input and linear_weight_shard must be tensors")
+        if not input.is_floating_point() or input.dim() == 0:
+            raise ValueError(
+                f"input must be a floating tensor of shape (N, D), got dtype {input.dtype} and "
+                f"shape {tuple(input.shape)}"
+            )
+        features = input.shape[-1]
+        if linear_weight_shard.dim() != 2 or linear_weight_shard.shape[1] != features:
+            raise ValueError(
+                f"linear_weight_shard must have shape (V_r, {features}) (this rank's rows of the "
+                f"output weight, in_features = input.shape[-1]), got {tuple(linear_weight_shard.shape)}"
+            )
+        if linear_weight_shard.dtype != input.dtype or linear_weight_shard.device != input.device:
+            raise ValueError(
+                f"linear_weight_shard must have the input's dtype and device ({input.dtype}, "
+                f"{input.device}), got {linear_weight_shard.dtype} on {linear_weight_shard.device}"
+            )
+        width = linear_weight_shard.shape[0]
+        if linear_bias_shard is not None and (
+            not isinstance(linear_bias_shard, Tensor)
+            or tuple(linear_bias_shard.shape) != (width,)
+            or linear_bias_shard.dtype != input.dtype
+            or linear_bias_shard.device != input.device
+        ):
+            raise ValueError(
+                f"linear_bias_shard must be None or a ({width},) tensor of the input's dtype and "
+                f"device, got {getattr(linear_bias_shard, 'shape', type(linear_bias_shard).__name__)}"
+            )
+        options = LossOptions(
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, chunk_size=chunk_size,
+        )
+        labels = _check_target(target, tuple(input.shape[:-1]), "the input's shape without in_features")
+        class_weight = _check_weight(weight)
+        state.update(options=options, labels=labels, weight=class_weight)
+        return _local_record(
+            rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels,
+            weight=class_weight, options=options,
+            chunk_size=-1 if options.chunk_size is None else options.chunk_size,
+            features=features, wants_input_grad=grad_enabled and input.requires_grad,
+        )
+
+    agreement = _agree(communicator, _NAME, local_checks)
+    options: LossOptions = state["options"]  # type: ignore[assignment]
+    labels = state["labels"]
+    chunk_rows = _chunk_rows(labels.shape[0], max(agreement.widths), options.chunk_size)  # type: ignore[union-attr]
+    plan = _plan(communicator, agreement, options, labels, state["weight"], device, chunk_rows)  # type: ignore[arg-type]
+    want = (
+        agreement.wants_input_grad,
+        grad_enabled and linear_weight_shard.requires_grad,
+        grad_enabled and linear_bias_shard is not None and linear_bias_shard.requires_grad,
+    )
+    return _VocabParallelLinearCrossEntropyFunction.apply(
+        input, linear_weight_shard, linear_bias_shard, plan, want
+    )

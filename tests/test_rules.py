@@ -1,0 +1,211 @@
+"""The one home of each rule: loss options (``xentkit._options``), class-index labels
+(``xentkit._labels``) and reductions (``xentkit.reference.reductions``), and that every entry point
+applies them the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xentkit
+from xentkit import reference
+from xentkit._labels import as_class_indices, check_labels
+from xentkit._options import LossOptions
+from xentkit.reference.reductions import ReductionPlan
+
+SOURCE = Path(xentkit.__file__).parent
+
+# (keyword, bad value, exception, message fragment)
+BAD_OPTIONS = [
+    ("reduction", "avg", ValueError, "reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
+    ("ignore_index", 1.5, TypeError, "ignore_index must be an int, got float 1.5"),
+    ("ignore_index", True, TypeError, "ignore_index must be an int, got bool True"),
+    ("ignore_index", 2**63, ValueError, "ignore_index must fit in int64"),
+    ("label_smoothing", "x", TypeError, "label_smoothing must be a float in [0, 1], got str 'x'"),
+    ("label_smoothing", 1.5, ValueError, "label_smoothing must be in [0, 1], got 1.5"),
+    ("z_loss", -1.0, ValueError, "z_loss must be a finite float >= 0, got -1.0"),
+    ("z_loss", float("nan"), ValueError, "z_loss must be a finite float >= 0, got nan"),
+    ("z_loss", None, TypeError, "z_loss must be a non-negative float, got NoneType None"),
+    ("softcap", 0.0, ValueError, "softcap must be None or a finite float > 0, got 0.0"),
+    ("softcap", float("inf"), ValueError, "softcap must be None or a finite float > 0, got inf"),
+]
+
+
+def test_options_are_normalised_to_plain_python_values():
+    options = LossOptions(
+        reduction="sum", ignore_index=np.int16(-1), label_smoothing=np.float32(0.25),
+        z_loss=np.int64(0), softcap=np.float64(30.0), chunk_size=np.uint8(7),
+    )
+    assert options == LossOptions("sum", -1, 0.25, 0.0, 30.0, 7)
+    assert [type(getattr(options, f.name)) for f in dataclasses.fields(options)] == [
+        str, int, float, float, float, int,
+    ]
+    assert hash(options) == hash(LossOptions("sum", -1, 0.25, 0.0, 30.0, 7))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.z_loss = 1.0  # type: ignore[misc]
+    # replace checks again
+    assert options.replace(z_loss=0.5).z_loss == 0.5
+    with pytest.raises(ValueError, match="z_loss must be a finite float >= 0"):
+        options.replace(z_loss=-0.5)
+
+
+@pytest.mark.parametrize(("name", "value", "kind", "message"), BAD_OPTIONS)
+def test_options_reject_bad_values_with_one_type_and_message(name, value, kind, message):
+    with pytest.raises(kind) as caught:
+        LossOptions(**{name: value})
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [(0, ValueError), (-3, ValueError), (2.0, TypeError), ("4", TypeError), (True, TypeError)]
+)
+def test_chunk_size_must_be_a_positive_integer(value, kind):
+    with pytest.raises(kind, match="chunk_size must be None or a positive int"):
+        LossOptions(chunk_size=value)
+
+
+def test_formula_options_reach_the_reference_and_the_kernel_by_name():
+    """A formula option is passed by keyword to the NumPy oracle and to the kernel host: both
+    must take every one of them (a new option added only to LossOptions fails here)."""
+    from xentkit.kernels.cross_entropy import cross_entropy_rows
+
+    names = set(LossOptions().formula_arguments())
+    assert names == {"ignore_index", "label_smoothing", "z_loss", "softcap"}
+    for function in (reference.cross_entropy_and_grad, cross_entropy_rows):
+        assert names <= set(inspect.signature(function).parameters), function.__qualname__
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        "must be one of 'none', 'mean', 'sum'",
+        "ignore_index must be an int",
+        "must fit in int64",
+        '"a float in [0, 1]"',
+        "must be in [0, 1], got",
+        "must be a finite float >= 0",
+        '"a non-negative float"',
+        '"None or a positive float"',
+        "must be None or a finite float > 0",
+        "must be None or a positive int",
+        "has label {",
+        "must have an integer dtype",
+        "too large for a class index",
+    ],
+)
+def test_each_rule_message_is_written_in_one_source_file(fragment):
+    homes = sorted(
+        str(path.relative_to(SOURCE)) for path in SOURCE.rglob("*.py") if fragment in path.read_text()
+    )
+    assert len(homes) == 1, f"{fragment!r} written in {homes}"
+
+
+torch = pytest.importorskip("torch")
+
+
+def _entry_points():
+    import xentkit.torch as xt
+    from xentkit.torch import distributed
+
+    x = torch.randn(4, 3)
+    y = torch.tensor([0, 2, 1, 2])
+    w = torch.randn(3, 5)
+    return {
+        "api": lambda **kw: xentkit.cross_entropy(x.numpy(), y.numpy(), **kw),
+        "torch": lambda **kw: xt.cross_entropy(x, y, **kw),
+        "torch_ops": lambda **kw: xt.cross_entropy(x.to(torch.bfloat16), y, **kw),
+        "module": lambda **kw: xt.CrossEntropyLoss(**kw)(x, y),
+        "linear": lambda **kw: xt.linear_cross_entropy(torch.randn(4, 5), w, y, **kw),
+        "vocab_parallel": lambda **kw: distributed.vocab_parallel_cross_entropy(x, y, **kw),
+    }
+
+
+@pytest.mark.parametrize(("name", "value", "kind", "message"), BAD_OPTIONS)
+@pytest.mark.parametrize("path", ["api", "torch", "torch_ops", "module", "linear", "vocab_parallel"])
+def test_every_entry_point_rejects_a_bad_option_alike(path, name, value, kind, message):
+    if path == "vocab_parallel" and name == "softcap":
+        pytest.skip("the vocabulary-parallel functions take no softcap")
+    with pytest.raises(kind) as caught:
+        _entry_points()[path](**{name: value})
+    assert message in str(caught.value)
+
+
+def test_labels_are_checked_by_one_rule_naming_what_holds_the_classes():
+    labels = np.array([0, 3, -100, 7])
+    with pytest.raises(ValueError) as caught:
+        check_labels(labels, 5, -100)
+    assert str(caught.value) == (
+        "target has label 7 at position (3,) but logits have 5 classes "
+        "(labels must be in [0, 5) or equal ignore_index=-100)"
+    )
+    with pytest.raises(ValueError, match=r"label -1 at position \(0, 1\) but linear_weight has 4 rows"):
+        check_labels(np.array([[0, -1]]), 4, -100, classes="linear_weight has 4 rows (classes)")
+    assert check_labels(labels, 8, -100).tolist() == [True, True, False, True]
+    with pytest.raises(TypeError, match="integer dtype, got dtype bfloat16"):
+        as_class_indices(np.zeros(2), (2,), dtype_name="bfloat16")
+    with pytest.raises(ValueError, match="too large for a class index"):
+        as_class_indices(np.array([1, 2**64 - 1], dtype=np.uint64), (2,))
+
+
+def test_each_path_names_its_classes_in_the_label_message():
+    import xentkit.torch as xt
+    from xentkit.torch import distributed
+
+    y = torch.tensor([0, 9])
+    with pytest.raises(ValueError, match=r"label 9 at position .* but logits have 3 classes"):
+        xt.cross_entropy(torch.randn(2, 3), y)
+    with pytest.raises(ValueError, match=r"label 9 at position .* but linear_weight has 3 rows \(classes\)"):
+        xt.linear_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), y)
+    with pytest.raises(ValueError, match=r"label 9 at position .* but the vocabulary has V = 3 classes"):
+        distributed.vocab_parallel_cross_entropy(torch.randn(2, 3), y)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_reduction_plan_means_over_its_own_denominators(backend):
+    main = np.array([1.0, 2.0, 0.0, 4.0])
+    z = np.array([0.5, 0.5, 0.0, 1.0])
+    valid = np.array([True, True, False, True])
+    target_weight = np.array([2.0, 1.0, 0.0, 1.0])
+    if backend == "torch":
+        main, z, valid, target_weight = (torch.from_numpy(a) for a in (main, z, valid, target_weight))
+    plan = ReductionPlan.of_labels("mean", valid, target_weight, dtype=torch.float64)
+    assert float(plan.reduce(main, z)) == pytest.approx(7.0 / 4.0 + 2.0 / 3.0, rel=1e-15)
+    g, g_z = plan.scales(2.0)
+    assert (float(g), float(g_z)) == (0.5, pytest.approx(2.0 / 3.0))
+    assert float(ReductionPlan.of_labels("sum", valid, target_weight).reduce(main, z)) == 9.0
+    per_row = ReductionPlan.of_labels("none", valid).reduce(main, z)
+    assert [float(v) for v in per_row] == [1.5, 2.5, 0.0, 5.0]
+
+
+def test_reduction_plan_mean_of_nothing_is_zero_with_zero_gradient():
+    # NumPy: every target ignored
+    plan = ReductionPlan.of_labels("mean", np.zeros(3, dtype=bool))
+    assert plan.reduce(np.full(3, np.nan), np.zeros(3)) == 0.0
+    assert plan.scales(1.0) == (0.0, 0.0)
+    # torch: class weights summing to 0 leave the z term over the non-ignored rows
+    main = torch.tensor([3.0, 1.0], requires_grad=True)
+    z = torch.tensor([0.25, 0.75], requires_grad=True)
+    plan = ReductionPlan.of_labels("mean", torch.tensor([True, True]), torch.zeros(2), dtype=torch.float32)
+    loss = plan.reduce(main, z)
+    loss.backward()
+    assert loss.item() == 0.5
+    assert main.grad.tolist() == [0.0, 0.0]
+    assert z.grad.tolist() == [0.5, 0.5]
+    # bfloat16 rows are summed in float32
+    rows = torch.full((4096,), 1.0 + 2**-7, dtype=torch.bfloat16)
+    total = ReductionPlan.of_rows("sum", 4096).reduce(rows)
+    assert total.dtype == torch.float32 and total.item() == 4096 * (1.0 + 2**-7)
+
+
+def test_no_entry_point_rewrites_the_mean_of_nothing_rule():
+    """"mean of nothing is 0" is decided in reference/reductions.py only."""
+    pattern = re.compile(r"denominator\s*!=\s*0|_divide_or_zero")
+    homes = sorted(
+        str(path.relative_to(SOURCE)) for path in SOURCE.rglob("*.py") if pattern.search(path.read_text())
+    )
+    assert homes == ["reference/reductions.py"]
