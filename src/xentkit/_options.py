@@ -33,6 +33,7 @@ __all__ = ["REDUCTIONS", "LossOptions", "describe"]
 
 REDUCTIONS = ("none", "mean", "sum")
 _INT64 = np.iinfo(np.int64)
+_INT64_RANGE = (int(_INT64.min), int(_INT64.max))
 
 
 def describe(value: object) -> str:
@@ -43,6 +44,8 @@ def describe(value: object) -> str:
 
 
 def _real(value: object, name: str, expected: str) -> float:
+    if type(value) is float:  # the common case, without the numbers.Real ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {describe(value)}")
     return float(value)
@@ -55,6 +58,8 @@ def check_reduction(value: object) -> str:
 
 
 def check_ignore_index(value: object) -> int:
+    if type(value) is int and _INT64_RANGE[0] <= value <= _INT64_RANGE[1]:  # the common case, fast
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {describe(value)}")
     if not _INT64.min <= int(value) <= _INT64.max:
@@ -95,6 +100,17 @@ def check_chunk_size(value: object) -> int | None:
     return int(value)  # NumPy integers welcome
 
 
+# Each field's check, in field order (the order of the public signatures).
+_CHECKS = {
+    "reduction": check_reduction,
+    "ignore_index": check_ignore_index,
+    "label_smoothing": _check_label_smoothing,
+    "z_loss": _check_z_loss,
+    "softcap": _check_softcap,
+    "chunk_size": check_chunk_size,
+}
+
+
 def _formula(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"formula": True})
 
@@ -124,27 +140,24 @@ class LossOptions:
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        checked = {
-            # checked in the order of the public signatures, so the first bad argument is named
-            "reduction": check_reduction(self.reduction),
-            "ignore_index": check_ignore_index(self.ignore_index),
-            "label_smoothing": _check_label_smoothing(self.label_smoothing),
-            "z_loss": _check_z_loss(self.z_loss),
-            "softcap": _check_softcap(self.softcap),
-            "chunk_size": check_chunk_size(self.chunk_size),
-        }
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+        for name, check in _CHECKS.items():  # in field order: the first bad argument is named
+            object.__setattr__(self, name, check(getattr(self, name)))
 
     def formula_arguments(self) -> dict[str, Any]:
         """The options the formula itself takes, as keyword arguments of the NumPy reference
         (``xentkit.reference.cross_entropy_and_grad``) and of each kernel's host function."""
-        return {
-            field.name: getattr(self, field.name)
-            for field in dataclasses.fields(self)
-            if field.metadata.get("formula")
-        }
+        return {name: getattr(self, name) for name in _FORMULA_FIELDS}
 
     def replace(self, **changes: Any) -> LossOptions:
-        """A copy with ``changes`` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied; only they are checked again."""
+        unknown = sorted(set(changes) - set(_CHECKS))
+        if unknown:
+            raise TypeError(f"LossOptions has no option {unknown[0]!r}")
+        copy = object.__new__(LossOptions)
+        for name, check in _CHECKS.items():
+            object.__setattr__(copy, name, check(changes[name]) if name in changes else getattr(self, name))
+        return copy
+
+
+# The names of the formula's options, in field order (looked up once, not per call).
+_FORMULA_FIELDS = tuple(f.name for f in dataclasses.fields(LossOptions) if f.metadata.get("formula"))

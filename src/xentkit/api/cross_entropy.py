@@ -57,10 +57,13 @@ def _kernel_rows():
     return cross_entropy_rows
 
 
-def _per_row(scale: np.ndarray | float, sample_shape: tuple[int, ...], rows: int) -> np.ndarray:
-    """A gradient coefficient (a scalar or one per sample) as the kernel's ``[rows]`` float64."""
-    per_sample = np.broadcast_to(np.asarray(scale, dtype=np.float64), sample_shape)
-    return np.ascontiguousarray(per_sample).reshape(rows)
+def _per_row(scale: np.ndarray | float, rows: int) -> np.ndarray:
+    """A gradient coefficient (a scalar, or one per sample for "none") as the kernel's ``[rows]``
+    float64."""
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.size == 1:
+        return np.full(rows, float(scale.reshape(())))
+    return np.ascontiguousarray(scale).reshape(rows)
 
 
 def _fused(
@@ -93,7 +96,7 @@ def _fused(
     grad_scale = z_grad_scale = None
     writes_out_directly = False
     if upstream is not None:
-        grad_scale, z_grad_scale = (_per_row(scale, sample_shape, rows) for scale in plan.scales(upstream))
+        grad_scale, z_grad_scale = (_per_row(scale, rows) for scale in plan.scales(upstream))
         writes_out_directly = (
             out is not None
             and axis == logits.ndim - 1

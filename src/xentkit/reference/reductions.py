@@ -28,7 +28,12 @@ import numpy as np
 __all__ = ["ReductionPlan", "masked"]
 
 
+_HOST_TYPES = (np.ndarray, np.generic, float, int)
+
+
 def _torch_tensor(value: object) -> bool:
+    if isinstance(value, _HOST_TYPES):  # the NumPy api's per-call path: decided at once
+        return False
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
 
@@ -72,6 +77,8 @@ def _count(values: Any, tensor_dtype: Any = None) -> Any:
     ``tensor_dtype`` for tensors."""
     if _torch_tensor(values):
         return values.sum(dtype=tensor_dtype)
+    if values.dtype == np.bool_:
+        return float(np.count_nonzero(values))
     return float(np.sum(values, dtype=np.float64))
 
 
