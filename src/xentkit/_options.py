@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REDUCTIONS", "LossOptions", "describe"]
+__all__ = ["CHOICES", "REDUCTIONS", "LossOptions", "describe"]
 
 REDUCTIONS = ("none", "mean", "sum")
+# The allowed values of each option that takes a string.
+CHOICES = {"reduction": REDUCTIONS}
 _INT64 = np.iinfo(np.int64)
 _INT64_RANGE = (int(_INT64.min), int(_INT64.max))
 
@@ -45,10 +47,10 @@ def describe(value: object) -> str:
 
 def _real(value: object, name: str, expected: str) -> float:
     if type(value) is float:  # the common case, without the numbers.Real ABC check
-        return value
+        return value + 0.0  # -0.0 becomes 0.0: one value, one encoding
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {describe(value)}")
-    return float(value)
+    return float(value) + 0.0
 
 
 def check_reduction(value: object) -> str:

@@ -21,8 +21,14 @@ import torch
 from torch import Tensor
 
 from ..._labels import as_class_indices, label_error
-from ..._options import REDUCTIONS, LossOptions
+from ..._options import CHOICES, LossOptions
 from ._communication import _Communicator
+
+# Every LossOptions field travels in the record, so ranks that disagree on any option (a new one
+# included) raise; _encode_option / _decode_option turn each value into one int64 and back.
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
+_OPTION_TYPES = {field.name: str(field.type) for field in dataclasses.fields(LossOptions)}
+_NONE = -(2**63)  # an optional option left None (no option's value encodes to this)
 
 # One int64 record per rank, all-gathered before any other collective.
 _FIELDS = (
@@ -34,8 +40,7 @@ _FIELDS = (
     "max_label", "max_position",  # the largest
     "target_digest", "weight_digest",  # blake2b of the int64 labels / float64 class weights
     "weight_length",  # len(weight), or -1 for None
-    "reduction", "ignore_index", "label_smoothing_bits", "z_loss_bits",  # the options
-    "chunk_size",  # the linear form's chunk_size, -1 for None (0 for the logits form)
+    *(f"option_{name}" for name in _OPTION_NAMES),  # the LossOptions, one int64 each
     "features",  # the linear form's D (0 for the logits form)
     "wants_input_grad",  # 1 when this rank needs ∂loss/∂input (the linear form's all-reduce)
 )
@@ -50,6 +55,27 @@ def _float_bits(value: float) -> int:
 
 def _bits_float(bits: int) -> float:
     return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _encode_option(name: str, value: object) -> int:
+    if value is None:
+        return _NONE
+    if isinstance(value, str):
+        return CHOICES[name].index(value)
+    if isinstance(value, float):
+        return _float_bits(value)  # LossOptions stores no -0.0, whose bits are _NONE's
+    return int(value)  # type: ignore[call-overload]
+
+
+def _decode_option(name: str, encoded: int) -> object:
+    kind = _OPTION_TYPES[name]
+    if encoded == _NONE and "None" in kind:
+        return None
+    if kind.startswith("str"):
+        return CHOICES[name][encoded]
+    if kind.startswith("float"):
+        return _bits_float(encoded)
+    return encoded
 
 
 def _digest(array: np.ndarray) -> int:
@@ -150,7 +176,6 @@ def _local_record(
     labels: np.ndarray,
     weight: np.ndarray | None,
     options: LossOptions,
-    chunk_size: int = 0,
     features: int = 0,
     wants_input_grad: bool = False,
 ) -> dict[str, int]:
@@ -168,11 +193,7 @@ def _local_record(
         "target_digest": _digest(labels),
         "weight_digest": 0 if weight is None else _digest(weight),
         "weight_length": -1 if weight is None else int(weight.shape[0]),
-        "reduction": REDUCTIONS.index(options.reduction),
-        "ignore_index": options.ignore_index,
-        "label_smoothing_bits": _float_bits(options.label_smoothing),
-        "z_loss_bits": _float_bits(options.z_loss),
-        "chunk_size": chunk_size,
+        **{f"option_{name}": _encode_option(name, getattr(options, name)) for name in _OPTION_NAMES},
         "features": features,
         "wants_input_grad": int(wants_input_grad),
     }
@@ -219,24 +240,13 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
         ):
             if record[position] >= 0 and bad:
                 error = label_error(
-                    record[label], (record[position],), vocab_size, record["ignore_index"],
+                    record[label], (record[position],), vocab_size, record["option_ignore_index"],
                     classes=classes, name=f"{prefix}target",
                 )
                 problems.append(str(error))
-    for field, name in (
-        ("reduction", "reduction"),
-        ("ignore_index", "ignore_index"),
-        ("label_smoothing_bits", "label_smoothing"),
-        ("z_loss_bits", "z_loss"),
-        ("chunk_size", "chunk_size"),
-    ):
-        ranks = _differing(records, field)
-        if ranks:
-            values = [record[field] for record in records]
-            if field == "reduction":
-                values = [REDUCTIONS[value] for value in values]
-            elif field.endswith("_bits"):
-                values = [_bits_float(value) for value in values]
+    for name in _OPTION_NAMES:
+        if _differing(records, f"option_{name}"):
+            values = [_decode_option(name, record[f"option_{name}"]) for record in records]
             problems.append(f"{name} must be the same on every rank, got {values} on ranks 0..{world - 1}")
     if not problems:  # a bad label already explains a differing target
         ranks = _differing(records, "target_digest")

@@ -282,7 +282,6 @@ def vocab_parallel_linear_cross_entropy(
         return _local_record(
             rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels,
             weight=class_weight, options=options,
-            chunk_size=-1 if options.chunk_size is None else options.chunk_size,
             features=features, wants_input_grad=grad_enabled and input.requires_grad,
         )
 
