@@ -37,6 +37,7 @@ from .._options import LossOptions, check_chunk_size
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
 from . import _bridge, _torch_ops
+from ._chunks import logit_chunks
 
 __all__ = ["chunk_rows_for", "linear_cross_entropy"]
 
@@ -113,16 +114,8 @@ def _chunked_pass(
     grad_bias = new(b) if want_grad and want[2] and b is not None else None
     loss_rows = np.empty(rows, dtype=np.float64) if options.reduction == "none" else None
     total = 0.0
-    w_t = w.t()
-    for start in range(0, rows, chunk_rows):
-        stop = min(start + chunk_rows, rows)
-        x_chunk = x[start:stop]
-        logits = buffer[: stop - start]
-        # 1. logits = x W^T (+ b), into the reused buffer.
-        if b is None:
-            torch.mm(x_chunk, w_t, out=logits)
-        else:
-            torch.addmm(b, x_chunk, w_t, out=logits)
+    # 1. logits = x W^T (+ b), chunk by chunk into the reused buffer.
+    for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, chunk_rows):
         logits_array = logits.numpy()
         upstream = None
         if want_grad:

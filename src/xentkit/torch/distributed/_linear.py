@@ -12,6 +12,7 @@ from torch.autograd.function import FunctionCtx
 
 from ..._options import LossOptions
 from .. import _bridge
+from .._chunks import logit_chunks
 from ._agreement import _agree, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
 from ._communication import CommunicationStats, _Communicator
@@ -67,16 +68,8 @@ def _linear_pass(
     main = torch.zeros(n, dtype=torch.float64, device=device) if forward else None
     z_term = torch.zeros(n, dtype=torch.float64, device=device) if forward and plan.options.z_loss else None
     pieces: list[_RowStatistics] = []
-    w_t = w.t()
-    for start in range(0, n, plan.chunk_rows):
-        stop = min(start + plan.chunk_rows, n)
-        x_chunk = x[start:stop]
-        logits = buffer[: stop - start]
-        # 1. logits = x W^T (+ b)
-        if b is None:
-            torch.mm(x_chunk, w_t, out=logits)
-        else:
-            torch.addmm(b, x_chunk, w_t, out=logits)
+    # 1. logits = x W^T (+ b), chunk by chunk into the reused buffer
+    for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, plan.chunk_rows):
         rows = plan.rows.slice(start, stop)
         # 2. the rows' statistics over all ranks, and the losses
         if forward:
