@@ -33,6 +33,7 @@ BAD_OPTIONS = [
     ("z_loss", None, TypeError, "z_loss must be a non-negative float, got NoneType None"),
     ("softcap", 0.0, ValueError, "softcap must be None or a finite float > 0, got 0.0"),
     ("softcap", float("inf"), ValueError, "softcap must be None or a finite float > 0, got inf"),
+    ("backend", "cuda", ValueError, "backend must be one of 'auto', 'triton', 'torch', got 'cuda'"),
 ]
 
 
@@ -43,7 +44,7 @@ def test_options_are_normalised_to_plain_python_values():
     )
     assert options == LossOptions("sum", -1, 0.25, 0.0, 30.0, 7)
     assert [type(getattr(options, f.name)) for f in dataclasses.fields(options)] == [
-        str, int, float, float, float, int,
+        str, int, float, float, float, int, str,
     ]
     assert hash(options) == hash(LossOptions("sum", -1, 0.25, 0.0, 30.0, 7))
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -93,6 +94,7 @@ def test_formula_options_reach_the_reference_and_the_kernel_by_name():
         '"None or a positive float"',
         "must be None or a finite float > 0",
         "must be None or a positive int",
+        "must be one of 'auto', 'triton', 'torch'",
         "has label {",
         "must have an integer dtype",
         "too large for a class index",
@@ -128,8 +130,10 @@ def _entry_points():
 @pytest.mark.parametrize(("name", "value", "kind", "message"), BAD_OPTIONS)
 @pytest.mark.parametrize("path", ["api", "torch", "torch_ops", "module", "linear", "vocab_parallel"])
 def test_every_entry_point_rejects_a_bad_option_alike(path, name, value, kind, message):
-    if path == "vocab_parallel" and name == "softcap":
-        pytest.skip("the vocabulary-parallel functions take no softcap")
+    if path == "vocab_parallel" and name in ("softcap", "backend"):
+        pytest.skip(f"the vocabulary-parallel functions take no {name}")
+    if path == "api" and name == "backend":
+        pytest.skip("the NumPy api has one backend")
     with pytest.raises(kind) as caught:
         _entry_points()[path](**{name: value})
     assert message in str(caught.value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_class_indices", "check_labels", "label_error"]
+__all__ = ["as_class_indices", "check_index_layout", "check_labels", "label_error"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -29,21 +29,36 @@ def as_class_indices(
     caller's dtype when the array is a converted view (a torch bfloat16 target, say).
     """
     array = np.asarray(target)
-    if array.dtype.kind not in "iu":
-        raise TypeError(
-            f"target of class indices must have an integer dtype, got dtype "
-            f"{dtype_name or array.dtype} (class probabilities must have the logits' shape)"
-        )
-    if array.shape != sample_shape:
-        raise ValueError(
-            f"target must have shape {sample_shape} {expected_shape}, got shape {array.shape}"
-        )
+    check_index_layout(
+        array.dtype.kind in "iu", array.shape, sample_shape, dtype_name=dtype_name or str(array.dtype),
+        expected_shape=expected_shape,
+    )
     if array.dtype == np.uint64 and array.size and array.max() > _INT64_MAX:
         position = tuple(int(i) for i in np.argwhere(array > _INT64_MAX)[0])
         raise ValueError(
             f"target has label {int(array[position])} at position {position}, too large for a class index"
         )
     return array.astype(np.int64, copy=False)
+
+
+def check_index_layout(
+    integer: bool,
+    shape: tuple[int, ...],
+    sample_shape: tuple[int, ...],
+    *,
+    dtype_name: str,
+    expected_shape: str = "(class indices) or the logits' shape (class probabilities)",
+) -> None:
+    """The dtype and shape rules of class indices, from metadata alone (for tensors on any
+    device): a non-integer dtype is a ``TypeError``, a shape other than ``sample_shape`` a
+    ``ValueError``."""
+    if not integer:
+        raise TypeError(
+            f"target of class indices must have an integer dtype, got dtype {dtype_name} "
+            f"(class probabilities must have the logits' shape)"
+        )
+    if tuple(shape) != tuple(sample_shape):
+        raise ValueError(f"target must have shape {sample_shape} {expected_shape}, got shape {tuple(shape)}")
 
 
 def label_error(
@@ -62,10 +77,15 @@ def check_labels(
     name: str = "target",
 ) -> np.ndarray:
     """Boolean mask of the non-ignored samples; raises :func:`label_error` for the first label
-    outside ``[0, num_classes)``. ``classes`` defaults to "logits have C classes"."""
+    outside ``[0, num_classes)``. ``classes`` defaults to "logits have C classes".
+
+    ``labels`` may also be a torch tensor (the mask is then a tensor on its device; a GPU tensor
+    costs one wait for the device, to know whether to raise)."""
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= num_classes))
     if bad.any():
+        if not isinstance(labels, np.ndarray):  # a tensor: the message is built on the CPU
+            labels, bad = np.asarray(labels.cpu()), np.asarray(bad.cpu())
         position = tuple(int(i) for i in np.argwhere(bad)[0])
         raise label_error(
             int(labels[position]), position, num_classes, ignore_index,

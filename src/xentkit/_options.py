@@ -17,7 +17,7 @@ Adding an option: a field below with its check in ``__post_init__``; if the form
 it ``formula=True`` so that :meth:`LossOptions.formula_arguments` hands it to the NumPy reference
 and to each kernel's host function, which implement it; then the docs and the tests. Nothing in
 between (api, torch binding, linear and distributed forms) names it. Fields foreseen for the GPU
-and RL work: ``temperature`` (formula), ``backend`` and ``in_place`` (not formula).
+and RL work: ``temperature`` (formula) and ``in_place`` (not formula).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CHOICES", "REDUCTIONS", "LossOptions", "describe"]
+__all__ = ["BACKENDS", "CHOICES", "REDUCTIONS", "LossOptions", "describe"]
 
 REDUCTIONS = ("none", "mean", "sum")
+BACKENDS = ("auto", "triton", "torch")
 # The allowed values of each option that takes a string.
-CHOICES = {"reduction": REDUCTIONS}
+CHOICES = {"reduction": REDUCTIONS, "backend": BACKENDS}
 _INT64 = np.iinfo(np.int64)
 _INT64_RANGE = (int(_INT64.min), int(_INT64.max))
 
@@ -56,6 +57,12 @@ def _real(value: object, name: str, expected: str) -> float:
 def check_reduction(value: object) -> str:
     if not isinstance(value, str) or value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {value!r}")
+    return str(value)
+
+
+def check_backend(value: object) -> str:
+    if not isinstance(value, str) or value not in BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', 'triton', 'torch', got {value!r}")
     return str(value)
 
 
@@ -110,6 +117,7 @@ _CHECKS = {
     "z_loss": _check_z_loss,
     "softcap": _check_softcap,
     "chunk_size": check_chunk_size,
+    "backend": check_backend,
 }
 
 
@@ -132,6 +140,9 @@ class LossOptions:
         z_loss: λ ≥ 0, finite: adds λ·logsumexp² per non-ignored sample.
         softcap: None or s > 0, finite: the logits become s·tanh(logits/s) first.
         chunk_size: rows per chunk of the fused linear forms, or None for their default.
+        backend: which implementation ``xentkit.torch`` runs: "auto" (CUDA tensors → the Triton
+            kernels, CPU tensors → the Numba kernels, what neither handles → torch ops),
+            "triton", or "torch" (plain torch ops).
     """
 
     reduction: str = "mean"
@@ -140,6 +151,7 @@ class LossOptions:
     z_loss: float = _formula(0.0)
     softcap: float | None = _formula(None)
     chunk_size: int | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():  # in field order: the first bad argument is named

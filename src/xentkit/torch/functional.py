@@ -30,7 +30,7 @@ from ..api.cross_entropy import _cross_entropy
 from ..api.losses import _nll
 from ..api.losses import binary_cross_entropy_with_logits as _bce_with_logits
 from ..api.losses import binary_cross_entropy_with_logits_and_grad as _bce_with_logits_and_grad
-from . import _bridge, _torch_ops
+from . import _bridge, _torch_ops, _triton_path
 
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "nll_loss"]
 
@@ -180,6 +180,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     check_probabilities: bool = True,
+    backend: str = "auto",
 ) -> Tensor:
     r"""Softmax cross-entropy of logits against class indices or class probabilities.
 
@@ -196,10 +197,15 @@ def cross_entropy(
     ``[]``, ``[N]`` or ``[N, d1, ..., dk]``, or of probabilities with the input's shape. The
     result is a scalar, or the target's sample shape for ``reduction="none"``.
 
-    Float16/32/64 CPU tensors run xentkit's fused kernels (float16 computed in float32); the loss
-    and gradient are computed in one pass in forward and backward scales the stored gradient.
-    Other devices and dtypes (bfloat16 included), and gradients with respect to ``target`` or
-    ``weight``, use plain torch ops with the same semantics. Double backward raises.
+    ``backend``: "auto" runs float16/32/64 CPU tensors on xentkit's Numba kernels (float16
+    computed in float32) and float32/float16/bfloat16 CUDA tensors with class indices on its
+    Triton kernels (arithmetic in float32, per-row loss in float32); either computes the loss and
+    gradient in one pass in forward and backward scales the stored gradient. Everything else
+    (other devices and dtypes, probability targets on CUDA, gradients with respect to ``target``
+    or ``weight``) uses plain torch ops with the same semantics. "torch" always takes torch ops;
+    "triton" takes the Triton kernels or raises a ValueError that says why it cannot (on CPU
+    tensors they run only under Triton's interpreter, ``TRITON_INTERPRET=1``). On CUDA the labels
+    are checked before the kernel runs, which waits for the device once. Double backward raises.
     ``size_average`` and ``reduce`` are deprecated and mapped to ``reduction`` as torch does.
     On the kernel path, logits that look like probabilities (softmax applied twice) give a
     ``xentkit.ProbabilitiesAsLogitsWarning``; ``check_probabilities=False`` silences it.
@@ -220,8 +226,14 @@ def cross_entropy(
     (independent binary labels), ``xentkit.torch.linear_cross_entropy`` (fused with a linear layer).
     """
     reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
-    options = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap)
-    if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(target, weight)):
+    options = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap, backend=backend)
+    if _triton_path.use_triton(options, input, target, weight):
+        return _triton_path.TritonCrossEntropyFunction.apply(
+            input, target, weight, options, torch.is_grad_enabled()
+        )
+    if options.backend == "torch" or not _bridge.runs_on_xentkit(
+        input, target, weight, grad_free=(target, weight)
+    ):
         return _torch_ops.cross_entropy(input, target, weight, options)
     return _CrossEntropyFunction.apply(
         input, target, weight, options, bool(check_probabilities), torch.is_grad_enabled()

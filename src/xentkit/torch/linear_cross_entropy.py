@@ -299,6 +299,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
 
@@ -322,7 +323,9 @@ def linear_cross_entropy(
     scalar, or ``[N]`` for "none". Float32/float64 CPU tensors take the chunked path; other devices
     and dtypes (float16, bfloat16), multi-dimensional ``linear_weight`` and gradients with respect to
     target or class weight compute the logits with ``F.linear`` and the loss with torch ops.
-    ``ignore_index=None`` means -100, as in torch. Double backward raises.
+    ``ignore_index=None`` means -100, as in torch. ``backend``: "auto" (the chunked kernels where
+    they apply, torch ops elsewhere) or "torch" (always torch ops); "triton" is not available for
+    this function yet and raises. Double backward raises.
 
     Example:
         >>> import torch
@@ -342,8 +345,13 @@ def linear_cross_entropy(
     """
     options = LossOptions(
         reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
-        chunk_size,
+        chunk_size, backend,
     )
+    if options.backend == "triton":
+        raise ValueError(
+            "backend='triton' cannot run this call: linear_cross_entropy has no Triton path yet "
+            "(use backend='auto' or 'torch')"
+        )
     if linear_weight.dim() < 2:
         raise ValueError(
             f"linear_weight must have shape (num_classes, in_features), got {tuple(linear_weight.shape)}"
@@ -354,7 +362,7 @@ def linear_cross_entropy(
             "flatten leading dimensions first: input.reshape(-1, D), target.reshape(-1)"
         )
 
-    if not _fused_applies(input, linear_weight, linear_bias, target, weight):
+    if options.backend == "torch" or not _fused_applies(input, linear_weight, linear_bias, target, weight):
         logits = F.linear(input, linear_weight.flatten(0, -2), None)
         if linear_weight.dim() > 2:  # K-dimensional loss: classes on axis 1, then d1..dk
             logits = logits.unflatten(-1, linear_weight.shape[:-1])

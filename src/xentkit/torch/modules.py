@@ -55,11 +55,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         z_loss: float = 0.0,
         softcap: float | None = None,
         check_probabilities: bool = True,
+        backend: str = "auto",
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.check_probabilities = check_probabilities
+        self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.cross_entropy(
@@ -138,6 +140,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if weight is not None and tuple(weight.shape) != (num_classes,):
@@ -152,6 +155,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.backend = backend
         self.linear = torch.nn.Linear(
             in_features, num_classes, bias=bias, device=device, dtype=dtype
         )

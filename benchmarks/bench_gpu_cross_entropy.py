@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Cross-entropy forward + backward on a CUDA GPU: xentkit's Triton path against its peers.
+
+Providers, each timed on the same logits in one process, interleaved round by round:
+
+    copy          dst.copy_(logits): one read and one write of the logits, the floor of any
+                  forward + backward that returns a gradient of the logits' size
+    torch         torch.nn.functional.cross_entropy(x, y) on the logits as they are
+    torch_f32     the same on x.float() (what many training loops do)
+    compile       torch.compile of cross_entropy(x.float(), y)
+    liger         liger_kernel's LigerCrossEntropyLoss (gradient written over the logits), when
+                  the package is importable
+    xentkit       xentkit.torch.cross_entropy(x, y): the Triton kernel, a new gradient buffer
+    xentkit_opts  the same with label_smoothing=0.1, z_loss=1e-4, softcap=30 (beside torch_opts:
+                  xentkit's torch-ops backend with the same options)
+
+Time: CUDA events around forward + backward, median [min] over the rounds after warm-up. Peak
+memory: torch.cuda.max_memory_allocated during one call minus the memory held before it (the
+inputs), in MiB. The loss of every provider is compared with float64 (x.double()).
+
+    python benchmarks/bench_gpu_cross_entropy.py                       # default shapes
+    python benchmarks/bench_gpu_cross_entropy.py --shapes 4096x32000:float32 --rounds 10
+    python benchmarks/bench_gpu_cross_entropy.py --blocks 1024,2048,4096,8192   # tune BLOCK
+
+Writes JSON (``benchmarks/results/gpu_cross_entropy.json`` by default, ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import xentkit.torch as xt
+
+DEFAULT_SHAPES = "8192x128256:bfloat16,4096x32000:float32,8192x32000:bfloat16"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
+
+
+def _providers(names: list[str]) -> dict[str, object]:
+    compiled = torch.compile(lambda x, y: F.cross_entropy(x.float(), y))
+    table = {
+        "torch": lambda x, y: F.cross_entropy(x, y),
+        "torch_f32": lambda x, y: F.cross_entropy(x.float(), y),
+        "compile": compiled,
+        "xentkit": lambda x, y: xt.cross_entropy(x, y),
+        "torch_opts": lambda x, y: xt.cross_entropy(x, y, backend="torch", **OPTIONS),
+        "xentkit_opts": lambda x, y: xt.cross_entropy(x, y, **OPTIONS),
+    }
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger = LigerCrossEntropyLoss()
+        table["liger"] = lambda x, y: liger(x, y)
+    except ImportError:
+        pass
+    return {name: table[name] for name in names if name in table or name == "copy"}
+
+
+def _time(name, function, source, labels, work, rounds):
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        if name != "copy":
+            with torch.no_grad():
+                work.copy_(source)
+        torch.cuda.synchronize()
+        start.record()
+        if name == "copy":
+            work.copy_(source)
+        else:
+            work.grad = None
+            loss = function(work, labels)
+            loss.backward()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return times
+
+
+def _peak(name, function, source, labels, work):
+    torch.cuda.synchronize()
+    work.grad = None
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    if name == "copy":
+        work.copy_(source)
+    else:
+        function(work, labels).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    work.grad = None
+    return peak / 2**20
+
+
+def run_shape(spec: str, names: list[str], rounds: int) -> dict:
+    size, _, dtype_name = spec.partition(":")
+    rows, classes = (int(v) for v in size.split("x"))
+    dtype = DTYPES[dtype_name or "float32"]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    source = (torch.randn(rows, classes, device="cuda", generator=generator) * 2).to(dtype)
+    labels = torch.randint(0, classes, (rows,), device="cuda", generator=generator)
+    labels[::17] = -100
+    reference = F.cross_entropy(source.double(), labels).item()
+    reference_opts = xt.cross_entropy(source.double(), labels, backend="torch", **OPTIONS).item()
+    providers = _providers(names)
+    result = {"shape": [rows, classes], "dtype": dtype_name, "logits_mib": source.numel() * source.element_size() / 2**20,
+              "providers": {}}
+    work = torch.empty_like(source).requires_grad_()
+    with torch.no_grad():
+        work.copy_(source)
+    for name, function in providers.items():
+        for _ in range(3):  # warm-up: compilation, autotuning, allocator
+            if name == "copy":
+                with torch.no_grad():
+                    work.copy_(source)
+            else:
+                with torch.no_grad():
+                    work.copy_(source)
+                work.grad = None
+                function(work, labels).backward()
+        with torch.no_grad():
+            work.copy_(source)
+        loss = None
+        if name != "copy":
+            work.grad = None
+            loss = float(function(work, labels).item())
+        with torch.no_grad():
+            work.copy_(source)
+        peak = _peak(name, function, source, labels, work)
+        expected = reference_opts if name.endswith("_opts") else reference
+        result["providers"][name] = {
+            "times_ms": [],
+            "peak_mib": peak,
+            "loss": loss,
+            "loss_relative_error": None if loss is None else abs(loss - expected) / abs(expected),
+        }
+    for _ in range(rounds):  # interleaved: one call of each provider per round
+        for name, function in providers.items():
+            with torch.no_grad():
+                work.copy_(source)
+            result["providers"][name]["times_ms"] += _time(name, function, source, labels, work, 1)
+    floor = statistics.median(result["providers"]["copy"]["times_ms"]) if "copy" in providers else None
+    for entry in result["providers"].values():
+        entry["median_ms"] = statistics.median(entry["times_ms"])
+        entry["min_ms"] = min(entry["times_ms"])
+        entry["vs_copy"] = None if floor is None else entry["median_ms"] / floor
+    return result
+
+
+def tune_blocks(spec: str, blocks: list[int], rounds: int) -> dict:
+    from xentkit.triton import cross_entropy as kernel_module
+
+    out = {}
+    saved = kernel_module.MAX_BLOCK
+    try:
+        for block in blocks:
+            kernel_module.MAX_BLOCK = block
+            entry = run_shape(spec, ["copy", "xentkit"], rounds)["providers"]["xentkit"]
+            out[block] = {"median_ms": entry["median_ms"], "min_ms": entry["min_ms"]}
+            print(f"  BLOCK {block:6d}: {entry['median_ms']:.3f} ms (min {entry['min_ms']:.3f})", flush=True)
+    finally:
+        kernel_module.MAX_BLOCK = saved
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxV:dtype")
+    parser.add_argument("--providers", default="copy,torch,torch_f32,compile,liger,xentkit,torch_opts,xentkit_opts")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--blocks", default="", help="comma-separated BLOCK sizes to tune on the first shape")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_cross_entropy.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+        return 2
+    names = args.providers.split(",")
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "shapes": [],
+    }
+    if args.blocks:
+        report["block_tuning"] = tune_blocks(args.shapes.split(",")[0], [int(b) for b in args.blocks.split(",")], args.rounds)
+    for spec in args.shapes.split(","):
+        result = run_shape(spec, names, args.rounds)
+        report["shapes"].append(result)
+        print(f"\n{spec} ({result['logits_mib']:.0f} MiB of logits)")
+        print(f"{'provider':14s} {'median ms':>10s} {'min ms':>8s} {'x copy':>7s} {'peak MiB':>9s} {'loss rel err':>13s}")
+        for name, entry in result["providers"].items():
+            error = "" if entry["loss_relative_error"] is None else f"{entry['loss_relative_error']:.1e}"
+            vs = "" if entry["vs_copy"] is None else f"{entry['vs_copy']:.2f}"
+            print(f"{name:14s} {entry['median_ms']:10.3f} {entry['min_ms']:8.3f} {vs:>7s} {entry['peak_mib']:9.1f} {error:>13s}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

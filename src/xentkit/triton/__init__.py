@@ -1,0 +1,37 @@
+"""Triton kernels for CUDA tensors, with the contract of :mod:`xentkit.kernels` (see
+``docs/CONTRACTS.md``): no validation, contiguous ``[rows, V]`` inputs, per-row float32 loss and
+log-sum-exp, the gradient in the same launch.
+
+Importing this package is cheap: Triton and the kernels load on first access. On CPU tensors the
+kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the first access),
+which the tests use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xentkit.triton.cross_entropy import cross_entropy_rows
+
+__all__ = ["available", "cross_entropy_rows"]
+
+_HOMES = {"cross_entropy_rows": "xentkit.triton.cross_entropy"}
+
+
+def available() -> bool:
+    """Whether Triton can be imported (it is an optional dependency)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
