@@ -11,6 +11,9 @@ Providers, each timed on the same logits in one process, interleaved round by ro
     liger         liger_kernel's LigerCrossEntropyLoss (gradient written over the logits), when
                   the package is importable
     xentkit       xentkit.torch.cross_entropy(x, y): the Triton kernel, a new gradient buffer
+    xentkit_nocheck  xentkit without the label check (which waits for the device once)
+    xentkit_kernel  xentkit.triton.cross_entropy_rows alone (its two launches) into a
+                  preallocated gradient: the kernel without the binding's work
     xentkit_opts  the same with label_smoothing=0.1, z_loss=1e-4, softcap=30 (beside torch_opts:
                   xentkit's torch-ops backend with the same options)
 
@@ -32,6 +35,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,9 +48,18 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
 
 
+def _version(package: str) -> str | None:
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
+
+
 def _providers(names: list[str]) -> dict[str, object]:
     compiled = torch.compile(lambda x, y: F.cross_entropy(x.float(), y))
     table = {
+        "copy": None,
+        "xentkit_kernel": None,
         "torch": lambda x, y: F.cross_entropy(x, y),
         "torch_f32": lambda x, y: F.cross_entropy(x.float(), y),
         "compile": compiled,
@@ -54,6 +67,18 @@ def _providers(names: list[str]) -> dict[str, object]:
         "torch_opts": lambda x, y: xt.cross_entropy(x, y, backend="torch", **OPTIONS),
         "xentkit_opts": lambda x, y: xt.cross_entropy(x, y, **OPTIONS),
     }
+    def unchecked(x, y):
+        """xentkit without the label check's wait for the device (to measure what it costs)."""
+        from xentkit.torch import _triton_path
+
+        saved = _triton_path.check_labels
+        _triton_path.check_labels = lambda *args, **kwargs: None
+        try:
+            return xt.cross_entropy(x, y)
+        finally:
+            _triton_path.check_labels = saved
+
+    table["xentkit_nocheck"] = unchecked
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -61,80 +86,90 @@ def _providers(names: list[str]) -> dict[str, object]:
         table["liger"] = lambda x, y: liger(x, y)
     except ImportError:
         pass
-    return {name: table[name] for name in names if name in table or name == "copy"}
+    return {name: table[name] for name in names if name in table}
 
 
-def _time(name, function, source, labels, work, rounds):
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(rounds):
-        if name != "copy":
-            with torch.no_grad():
-                work.copy_(source)
-        torch.cuda.synchronize()
-        start.record()
-        if name == "copy":
-            work.copy_(source)
-        else:
-            work.grad = None
-            loss = function(work, labels)
-            loss.backward()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return times
-
-
-def _peak(name, function, source, labels, work):
-    torch.cuda.synchronize()
-    work.grad = None
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    if name == "copy":
+def _refill(work, source):
+    with torch.no_grad():
         work.copy_(source)
-    else:
-        function(work, labels).backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
+
+
+def _call(name, function, source, labels, work, plain):
+    """One forward + backward (for "copy": the copy into a plain buffer)."""
+    if name == "copy":
+        plain.copy_(source)
+        return
+    if name == "xentkit_kernel":  # the two launches alone, into a preallocated gradient
+        from xentkit.triton import cross_entropy_rows
+
+        cross_entropy_rows(source, labels, None, -100, 0.0, 0.0, None, None, None, plain)
+        return
     work.grad = None
-    return peak / 2**20
+    function(work, labels).backward()
 
 
-def run_shape(spec: str, names: list[str], rounds: int) -> dict:
+class _Clock:
+    """CUDA events on a GPU, perf_counter elsewhere (a smoke test of this script on the CPU)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def measure(self, action):
+        self.sync()
+        if self.cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            action()
+            stop.record()
+            self.sync()
+            return start.elapsed_time(stop)
+        begin = time.perf_counter()
+        action()
+        return (time.perf_counter() - begin) * 1e3
+
+    def peak_mib(self, action):
+        if not self.cuda:
+            action()
+            return float("nan")
+        self.sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        action()
+        self.sync()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run_shape(spec: str, names: list[str], rounds: int, device: torch.device) -> dict:
     size, _, dtype_name = spec.partition(":")
     rows, classes = (int(v) for v in size.split("x"))
     dtype = DTYPES[dtype_name or "float32"]
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    source = (torch.randn(rows, classes, device="cuda", generator=generator) * 2).to(dtype)
-    labels = torch.randint(0, classes, (rows,), device="cuda", generator=generator)
+    generator = torch.Generator(device=device).manual_seed(0)
+    source = (torch.randn(rows, classes, device=device, generator=generator) * 2).to(dtype)
+    labels = torch.randint(0, classes, (rows,), device=device, generator=generator)
     labels[::17] = -100
     reference = F.cross_entropy(source.double(), labels).item()
     reference_opts = xt.cross_entropy(source.double(), labels, backend="torch", **OPTIONS).item()
     providers = _providers(names)
+    clock = _Clock(device)
     result = {"shape": [rows, classes], "dtype": dtype_name, "logits_mib": source.numel() * source.element_size() / 2**20,
               "providers": {}}
     work = torch.empty_like(source).requires_grad_()
-    with torch.no_grad():
-        work.copy_(source)
+    plain = torch.empty_like(source)
     for name, function in providers.items():
         for _ in range(3):  # warm-up: compilation, autotuning, allocator
-            if name == "copy":
-                with torch.no_grad():
-                    work.copy_(source)
-            else:
-                with torch.no_grad():
-                    work.copy_(source)
-                work.grad = None
-                function(work, labels).backward()
-        with torch.no_grad():
-            work.copy_(source)
+            _refill(work, source)
+            _call(name, function, source, labels, work, plain)
         loss = None
-        if name != "copy":
+        if name not in ("copy", "xentkit_kernel"):
+            _refill(work, source)
             work.grad = None
             loss = float(function(work, labels).item())
-        with torch.no_grad():
-            work.copy_(source)
-        peak = _peak(name, function, source, labels, work)
+        _refill(work, source)
+        peak = clock.peak_mib(lambda name=name, function=function: _call(name, function, source, labels, work, plain))
         expected = reference_opts if name.endswith("_opts") else reference
         result["providers"][name] = {
             "times_ms": [],
@@ -144,9 +179,9 @@ def run_shape(spec: str, names: list[str], rounds: int) -> dict:
         }
     for _ in range(rounds):  # interleaved: one call of each provider per round
         for name, function in providers.items():
-            with torch.no_grad():
-                work.copy_(source)
-            result["providers"][name]["times_ms"] += _time(name, function, source, labels, work, 1)
+            _refill(work, source)  # fresh values (liger writes its gradient over them)
+            elapsed = clock.measure(lambda name=name, function=function: _call(name, function, source, labels, work, plain))
+            result["providers"][name]["times_ms"].append(elapsed)
     floor = statistics.median(result["providers"]["copy"]["times_ms"]) if "copy" in providers else None
     for entry in result["providers"].values():
         entry["median_ms"] = statistics.median(entry["times_ms"])
@@ -155,7 +190,7 @@ def run_shape(spec: str, names: list[str], rounds: int) -> dict:
     return result
 
 
-def tune_blocks(spec: str, blocks: list[int], rounds: int) -> dict:
+def tune_blocks(spec: str, blocks: list[int], rounds: int, device: torch.device) -> dict:
     from xentkit.triton import cross_entropy as kernel_module
 
     out = {}
@@ -163,7 +198,7 @@ def tune_blocks(spec: str, blocks: list[int], rounds: int) -> dict:
     try:
         for block in blocks:
             kernel_module.MAX_BLOCK = block
-            entry = run_shape(spec, ["copy", "xentkit"], rounds)["providers"]["xentkit"]
+            entry = run_shape(spec, ["copy", "xentkit_kernel"], rounds, device)["providers"]["xentkit_kernel"]
             out[block] = {"median_ms": entry["median_ms"], "min_ms": entry["min_ms"]}
             print(f"  BLOCK {block:6d}: {entry['median_ms']:.3f} ms (min {entry['min_ms']:.3f})", flush=True)
     finally:
@@ -174,27 +209,31 @@ def tune_blocks(spec: str, blocks: list[int], rounds: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxV:dtype")
-    parser.add_argument("--providers", default="copy,torch,torch_f32,compile,liger,xentkit,torch_opts,xentkit_opts")
+    parser.add_argument("--providers", default="copy,torch,torch_f32,compile,liger,xentkit,xentkit_kernel,torch_opts,xentkit_opts")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--blocks", default="", help="comma-separated BLOCK sizes to tune on the first shape")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_cross_entropy.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (--device cpu for a smoke test)", file=sys.stderr)
         return 2
     names = args.providers.split(",")
     report = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
+        "triton": _version("triton"),
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
         "shapes": [],
     }
     if args.blocks:
-        report["block_tuning"] = tune_blocks(args.shapes.split(",")[0], [int(b) for b in args.blocks.split(",")], args.rounds)
+        report["block_tuning"] = tune_blocks(
+            args.shapes.split(",")[0], [int(b) for b in args.blocks.split(",")], args.rounds, device
+        )
     for spec in args.shapes.split(","):
-        result = run_shape(spec, names, args.rounds)
+        result = run_shape(spec, names, args.rounds, device)
         report["shapes"].append(result)
         print(f"\n{spec} ({result['logits_mib']:.0f} MiB of logits)")
         print(f"{'provider':14s} {'median ms':>10s} {'min ms':>8s} {'x copy':>7s} {'peak MiB':>9s} {'loss rel err':>13s}")

@@ -63,12 +63,22 @@ def _reference(logits, labels, weight, scale, **options):
     return loss - formula["z_loss"] * lse**2, lse, grad
 
 
+@pytest.fixture(params=[128, None], ids=["3-chunks", "1-chunk"])
+def chunked(request, monkeypatch):
+    """Rows cut into chunks of 128 classes (several per row, the last one ragged), or whole."""
+    from xentkit.triton import cross_entropy as kernel_module
+
+    if request.param is not None:
+        monkeypatch.setattr(kernel_module, "MAX_BLOCK", request.param)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.usefixtures("chunked")
 def test_kernel_matches_the_float64_reference(dtype, options, weighted, in_place):
-    rows, classes = 5, 300  # 300 classes: several blocks and a ragged last one with BLOCK 128
+    rows, classes = 5, 300
     logits, labels, weight = _problem(rows, classes, dtype, seed=len(options))
     weight = weight if weighted else None
     scale = torch.linspace(0.5, 1.5, rows, dtype=torch.float64)
@@ -92,6 +102,7 @@ def test_kernel_matches_the_float64_reference(dtype, options, weighted, in_place
     assert not grad_out[1].any()  # the ignored row
 
 
+@pytest.mark.usefixtures("chunked")
 def test_kernel_special_values():
     logits = torch.tensor(
         [[0.0, float("-inf"), 2.0, 1.0], [1e30, 0.0, -1e30, 5.0], [float("nan"), 0.0, 1.0, 2.0]]
@@ -110,6 +121,7 @@ def test_kernel_special_values():
     ("reduction", "shape", "dtype"),
     list(itertools.product(["mean", "sum", "none"], [(7,), (6, 7), (3, 7, 2, 3)], [torch.float32, torch.bfloat16])),
 )
+@pytest.mark.usefixtures("chunked")
 def test_triton_path_equals_the_torch_ops_path(reduction, shape, dtype):
     generator = torch.Generator().manual_seed(11)
     logits = torch.randn(*shape, generator=generator).to(dtype).to(DEVICE)
@@ -188,3 +200,28 @@ def test_backend_triton_says_why_it_cannot_run(monkeypatch):
         # "auto" on CPU tensors never takes Triton
         torch.testing.assert_close(xt.cross_entropy(x, torch.tensor([0, 1, 2])),
                                    xt.cross_entropy(x, torch.tensor([0, 1, 2]), backend="torch"))
+
+
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}])
+def test_kernel_masked_chunks_and_far_from_zero_rows(options):
+    """A whole chunk of −inf (masked classes), and rows far below 0 (every chunk's max negative)."""
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(3)).double()
+    logits[0, :200] = float("-inf")
+    logits[1] -= 1000.0
+    logits[2] += 1e4
+    logits = logits.float().to(DEVICE)
+    labels = torch.tensor([250, 3, 299]).to(DEVICE)
+    grad = torch.empty_like(logits)
+    formula = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None} | options
+    loss, lse = cross_entropy_rows(logits, labels, None, **formula, grad_scale=None, z_grad_scale=None, grad_out=grad)
+    expected_loss, expected_lse, expected_grad = _reference(logits, labels, None, np.ones(3), **options)
+    if options:  # a masked class under label smoothing: +inf, as torch
+        assert loss[0] == float("inf")
+        np.testing.assert_allclose(loss[1:].cpu().numpy(), expected_loss[1:], rtol=2e-6)
+    else:
+        np.testing.assert_allclose(loss.cpu().numpy(), expected_loss, rtol=2e-6)
+    np.testing.assert_allclose(lse.double().cpu().numpy(), expected_lse, rtol=1e-7)
+    np.testing.assert_allclose(grad.cpu().numpy(), expected_grad, atol=1e-7)
+    if not options:
+        assert not grad[0, :200].any()

@@ -54,8 +54,8 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
         import torch
 
         nonzero = denominator != 0
-        safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
-        return torch.where(nonzero, numerator / safe, torch.zeros_like(numerator / safe))
+        quotient = numerator / torch.where(nonzero, denominator, 1.0)
+        return torch.where(nonzero, quotient, 0.0)
     if denominator != 0:
         return numerator / denominator
     if _torch_tensor(numerator):

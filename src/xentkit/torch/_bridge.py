@@ -102,17 +102,15 @@ def take_saved_gradient(ctx: object, name: str, function_name: str) -> tuple[Ten
     return gradient, True
 
 
-def scale_gradient(gradient: Tensor, grad_output: Tensor, owned: bool, *, check_one_on_device: bool = False) -> Tensor:
+def scale_gradient(gradient: Tensor, grad_output: Tensor, owned: bool) -> Tensor:
     """``gradient · grad_output`` (broadcast), in place when ``owned``; no work when it is 1.
 
-    Whether a one-element ``grad_output`` is 1 is read on the CPU for free; on a GPU reading it
-    waits for the device, which ``check_one_on_device`` accepts (to save a pass over a large
-    gradient, as ``loss.backward()`` passes 1) and which is otherwise avoided by multiplying.
-    A gradient that is not owned is returned as is only when the factor is 1: autograd never
-    writes into a tensor someone else still references, so sharing it is safe.
+    Whether a one-element ``grad_output`` is 1 is read only on the CPU: on a GPU reading it
+    would wait for the device, so there the product is always taken. A gradient that is not
+    owned is returned as is only when the factor is 1: autograd never writes into a tensor
+    someone else still references, so sharing it is safe.
     """
-    readable = grad_output.device.type == "cpu" or check_one_on_device
-    if grad_output.numel() == 1 and readable and float(grad_output.reshape(())) == 1.0:
+    if grad_output.numel() == 1 and grad_output.device.type == "cpu" and float(grad_output.reshape(())) == 1.0:
         return gradient
     grad_output = grad_output.to(gradient.dtype)
     if owned:

@@ -73,16 +73,19 @@ def _rows(input: Tensor) -> Tensor:
 
 
 class TritonCrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy on :func:`xentkit.triton.cross_entropy_rows`: forward computes the loss and
-    the gradient for an upstream gradient of 1 (per row for "none") in one launch; backward
-    scales it."""
+    """Cross-entropy on :mod:`xentkit.triton`'s kernels. forward: pass 1 and the loss (two
+    launches, one read of the logits), then the labels are checked (one wait for the device);
+    the logits and each row's max and sum are kept. backward: pass 2 with the upstream gradient
+    read on the device (one launch: one read and one write), no synchronization, and no
+    logits-sized buffer held between forward and backward. The "mean" denominators reach the
+    kernel as device factors of the upstream gradient: backward launches nothing else."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions,
         grad_enabled: bool,
     ) -> Tensor:
-        from ..triton import cross_entropy_rows
+        from ..triton.cross_entropy import row_statistics
 
         _bridge.first_order_anchors(ctx, input)
         class_axis = 1 if input.dim() >= 2 else 0
@@ -93,27 +96,23 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         )
         rows = _rows(input)
         labels = target.detach().reshape(-1).long().contiguous()
-        valid = check_labels(labels, rows.shape[1], options.ignore_index)  # the kernel trusts them
+        loss_rows, lse, stats = row_statistics(
+            rows, labels, weight, options.ignore_index, options.label_smoothing, options.softcap
+        )
+        # everything below is queued behind the kernels; the label check's wait comes last
+        valid = labels != options.ignore_index
         target_weight = None
         if weight is not None:
             target_weight = weight.detach().float()[labels.masked_fill(~valid, 0)] * valid
         plan = ReductionPlan.of_labels(options.reduction, valid, target_weight, dtype=torch.float32)
-        want_grad = grad_enabled and ctx.needs_input_grad[0]
-        gradient = main_scale = z_scale = None
-        if want_grad:
-            gradient = torch.empty_like(rows)
-            main_scale, z_scale = (
-                torch.as_tensor(scale, dtype=torch.float32, device=rows.device).expand(rows.shape[0])
-                for scale in plan.scales(1.0)
-            )
-        loss_rows, lse = cross_entropy_rows(
-            rows, labels, weight, **options.formula_arguments(), grad_scale=main_scale,
-            z_grad_scale=z_scale, grad_out=gradient,
-        )
         loss = plan.reduce(loss_rows, z_term(lse, valid, options.z_loss))
-        ctx.reduction = options.reduction
-        ctx.input_shape = input.shape
-        ctx.gradient = gradient
+        if grad_enabled and ctx.needs_input_grad[0]:
+            # the "mean" denominators as factors of the upstream gradient, read by the kernel
+            factors = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=rows.device)
+                                   for f in plan.scales(1.0)])
+            ctx.save_for_backward(input, labels, stats, weight, factors)
+            ctx.options = options
+        check_labels(labels, rows.shape[1], options.ignore_index)  # the kernels read no bad label
         if options.reduction == "none":
             loss = loss.reshape(target.shape)
         return loss.to(input.dtype)
@@ -121,10 +120,19 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", "cross_entropy")
-        upstream = grad_output.reshape(-1, 1) if ctx.reduction == "none" else grad_output
-        gradient = _bridge.scale_gradient(gradient, upstream, owned, check_one_on_device=True)
-        shape = ctx.input_shape
+        from ..triton.cross_entropy import row_gradient
+
+        input, labels, stats, weight, factors = ctx.saved_tensors
+        options: LossOptions = ctx.options
+        rows = _rows(input)
+        upstream = grad_output.detach().reshape(-1)
+        if upstream.numel() == 1:
+            upstream = upstream.expand(rows.shape[0])
+        gradient = row_gradient(
+            rows, labels, weight, stats, options.ignore_index, options.label_smoothing,
+            options.z_loss, options.softcap, upstream, upstream, torch.empty_like(rows), factors,
+        )
+        shape = input.shape
         if len(shape) <= 1:
             gradient = gradient.reshape(shape)
         else:  # back from [rows, C] to (N, C, d1, ..., dk)

@@ -1,24 +1,30 @@
-"""Fused cross-entropy on the GPU: per-row loss, log-sum-exp and gradient in one kernel launch.
+"""Fused cross-entropy on the GPU: per-row loss and log-sum-exp, then the gradient.
 
 The Triton twin of :mod:`xentkit.kernels.cross_entropy`, with the same formulas (reference:
-:mod:`xentkit.reference.cross_entropy`). One program per row of ``[N, V]`` logits (float32,
-float16 or bfloat16; arithmetic in float32):
+:mod:`xentkit.reference.cross_entropy`). The ``[N, V]`` logits (float32, float16 or bfloat16;
+arithmetic in float32) are cut into chunks of ``BLOCK`` classes, one program per (row, chunk),
+so that every row keeps many programs busy whatever N:
 
-    pass 1 (one read of the row, in blocks of ``BLOCK`` classes; online softmax):
+    pass 1, ``_partials_kernel`` (one read of the logits):
         z_j = s·tanh(x_j/s)                   (z_j = x_j without a softcap)
-        m   = running max,  d = Σ exp(z_j − m)  (rescaled by exp(m_old − m_new) as m grows)
-        S_r = Σ_j w_j·(z_j − r)                (label smoothing only; r = the first block's max)
-        lse = m + log d
-        loss = (1−ε)·w_y·((m − z_y) + log d) + (ε/V)·(W·(lse − r) − S_r),   W = Σ_j w_j
+        per chunk c:  m_c = max_j z_j,  t_c = m_c (0 if the chunk has no finite value),
+                      d_c = Σ_j exp(z_j − t_c),
+                      S_c = Σ_j w_j·(z_j − t_c),  W_c = Σ_j w_j        (label smoothing only)
 
-    pass 2 (one more read and one write of the row; exp recomputed, nothing stored):
-        p_j     = exp(z_j − m)/d
+    the loss, ``_loss_kernel`` (one program per row, combining the row's few partials):
+        M = max_c m_c,  d = Σ_c d_c·exp(t_c − M),  lse = M + log d
+        loss = (1−ε)·w_y·((M − z_y) + log d) + (ε/V)·Σ_c (W_c·(lse − t_c) − S_c)
+        and (M, d) kept per row for pass 2
+
+    pass 2, ``_grad_kernel`` (one read and one write of the logits), with the upstream gradient
+    read on the device (so ``xentkit.torch`` runs it in backward, with no synchronization):
+        p_j     = exp(z_j − M)/d
         grad_ij = s'(x_ij)·(g_i·(p_j·A − (1−ε)·w_y·[j = y] − ε·w_j/V) + g^z_i·2·λ·lse·p_j)
-        A       = (1−ε)·w_y + ε·W/V,  s'(x) = 1 − tanh²(x/s)  (1 without a softcap)
+        A       = (1−ε)·w_y + ε·W/V,  W = Σ_j w_j,  s'(x) = 1 − tanh²(x/s)  (1 without a softcap)
 
 Pass 2 reads each element before writing it, in the same program, so the gradient may be
-written over the logits (in place). Ignored rows get loss 0, lse 0 and a zero gradient row.
-A −inf logit is a masked class (probability 0); a NaN in a row makes that row NaN.
+written over the logits (in place). Ignored rows are not read: loss 0, lse 0, a zero gradient
+row. A −inf logit is a masked class (probability 0); a NaN in a row makes that row NaN.
 
 ``tanh`` is computed here (Cephes' single-precision scheme: an odd polynomial below 0.625, the
 exponential form above, both within a few float32 ulps) so that the interpreter and the GPU run
@@ -34,10 +40,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["cross_entropy_rows"]
+__all__ = ["cross_entropy_rows", "row_gradient", "row_statistics"]
 
 # Classes per block: a block of float32 lives in registers across the program's warps.
-MAX_BLOCK = 4096
+MAX_BLOCK = 8192
 
 
 @triton.jit
@@ -52,22 +58,134 @@ def _tanh(u):
 
 
 @triton.jit
-def _cross_entropy_kernel(
+def _capped(x, inside, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The logits in float32 after the softcap; lanes past the row are −inf."""
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    return tl.where(inside, x, float("-inf"))
+
+
+@triton.jit
+def _partials_kernel(
     logits_ptr,
     logits_stride,
     labels_ptr,
     weight_ptr,
+    part_ptr,
+    part_plane,
+    n_cols,
+    n_chunks,
+    ignore_index,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    slot = part_ptr + row * n_chunks + chunk
+    y = tl.load(labels_ptr + row)
+    if y == ignore_index:
+        return
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    z = _capped(x, inside, softcap, HAS_SOFTCAP)
+    m = tl.max(z, 0)
+    shift = tl.where(m == float("-inf"), 0.0, m)  # never exp(−inf − (−inf))
+    tl.store(slot, m)
+    tl.store(slot + part_plane, tl.sum(tl.exp(z - shift), 0))
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
+        else:
+            w = tl.where(inside, 1.0, 0.0)
+        tl.store(slot + 2 * part_plane, tl.sum(tl.where(w == 0.0, 0.0, w * (z - shift)), 0))
+        tl.store(slot + 3 * part_plane, tl.sum(w, 0))
+
+
+@triton.jit
+def _loss_kernel(
+    logits_ptr,
+    logits_stride,
+    labels_ptr,
+    weight_ptr,
+    part_ptr,
+    part_plane,
+    loss_ptr,
+    lse_ptr,
+    stats_ptr,
+    n_rows,
+    n_cols,
+    n_chunks,
+    ignore_index,
+    eps,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
+    """One program per row: the row's partials combined into M, d, lse and the loss."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(labels_ptr + row)
+    if y == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        tl.store(stats_ptr + row, 0.0)
+        tl.store(stats_ptr + n_rows + row, 1.0)
+        return
+    k = tl.arange(0, CHUNKS)
+    mine = k < n_chunks
+    slots = part_ptr + row * n_chunks + k
+    maxima = tl.load(slots, mask=mine, other=float("-inf"))
+    sums = tl.load(slots + part_plane, mask=mine, other=0.0)
+    shifts = tl.where(maxima == float("-inf"), 0.0, maxima)
+    m = tl.max(maxima, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    d = tl.sum(tl.where(sums == 0.0, 0.0, sums * tl.exp(shifts - m)), 0)
+    log_d = tl.log(d)
+    lse = m + log_d
+    # a label outside [0, V) (refused by the caller afterwards) reads nothing out of bounds
+    known = (y >= 0) & (y < n_cols)
+    safe_y = tl.where(known, y, 0)
+    z_y = tl.load(logits_ptr + row * logits_stride + safe_y).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_y = softcap * _tanh(z_y / softcap)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + safe_y)
+    else:
+        w_y = 1.0
+    loss = (1.0 - eps) * w_y * ((m - z_y) + log_d)
+    if HAS_SMOOTHING:
+        s_z = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
+        w_c = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
+        loss += eps / n_cols * tl.sum(tl.where(w_c == 0.0, 0.0, w_c * (lse - shifts) - s_z), 0)
+    tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
+    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + row, m)
+    tl.store(stats_ptr + n_rows + row, d)
+
+
+@triton.jit
+def _grad_kernel(
+    logits_ptr,
+    logits_stride,
+    labels_ptr,
+    weight_ptr,
+    weight_sum_ptr,
+    stats_ptr,
     grad_ptr,
     grad_stride,
     grad_scale_ptr,
     grad_scale_stride,
     z_grad_scale_ptr,
     z_grad_scale_stride,
-    loss_ptr,
-    lse_ptr,
+    factor_ptr,
+    n_rows,
     n_cols,
     ignore_index,
-    weight_sum_ptr,
     eps,
     z_loss,
     softcap,
@@ -75,101 +193,50 @@ def _cross_entropy_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    WANT_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """One program per (row, chunk): the chunk's gradient from the row's M and d, with
+    g = grad_scale[row]·factor[0] and g^z = z_grad_scale[row]·factor[1]."""
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_stride
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
     grad_row = grad_ptr + row * grad_stride
-    offs = tl.arange(0, BLOCK)
     y = tl.load(labels_ptr + row)
-    if HAS_WEIGHT:
-        weight_sum = tl.load(weight_sum_ptr)  # W, summed once by the host function on the device
-    else:
-        weight_sum = n_cols * 1.0
     if y == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        if WANT_GRAD:
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offs
-                tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=cols < n_cols)
+        tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
         return
-
-    # the smoothing sum's reference r: the first block's (capped) max, or 0 if it has none
-    r = 0.0
-    if HAS_SMOOTHING:
-        first = tl.load(row_ptr + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        if HAS_SOFTCAP:
-            first = tl.where(offs < n_cols, softcap * _tanh(first / softcap), float("-inf"))
-        r = tl.max(first, 0)
-        r = tl.where((r == float("-inf")) | (r != r), 0.0, r)
-
-    # pass 1: online max and sum of exponentials
-    m = float("-inf")
-    d = 0.0
-    s_r = 0.0
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        inside = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float32)
-        if HAS_SOFTCAP:  # (lanes past the row stay −inf: tanh would make them −s)
-            z = tl.where(inside, softcap * _tanh(z / softcap), float("-inf"))
-        new_m = tl.maximum(m, tl.max(z, 0))
-        shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # never exp(−inf − (−inf))
-        d = d * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
-        m = new_m
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
-            else:
-                w = tl.where(inside, 1.0, 0.0)
-            s_r += tl.sum(tl.where(w == 0.0, 0.0, w * (z - r)), 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    log_d = tl.log(d)
-    lse = m + log_d
-
-    z_y = tl.load(row_ptr + y).to(tl.float32)
-    if HAS_SOFTCAP:
-        z_y = softcap * _tanh(z_y / softcap)
+    m = tl.load(stats_ptr + row)
+    d = tl.load(stats_ptr + n_rows + row)
+    lse = m + tl.log(d)
+    known = (y >= 0) & (y < n_cols)
     if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + y)
+        w_y = tl.load(weight_ptr + tl.where(known, y, 0))
+        weight_sum = tl.load(weight_sum_ptr)  # W, summed by the host function on the device
     else:
         w_y = 1.0
-    loss = (1.0 - eps) * w_y * ((m - z_y) + log_d)
+        weight_sum = n_cols * 1.0
+    g = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32) * tl.load(factor_ptr)
+    coef = g * ((1.0 - eps) * w_y + eps * weight_sum / n_cols)
+    if HAS_Z:
+        g_z = tl.load(z_grad_scale_ptr + row * z_grad_scale_stride).to(tl.float32) * tl.load(factor_ptr + 1)
+        coef += g_z * 2.0 * z_loss * lse
+    coef = tl.where(known, coef / d, float("nan"))
+    x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        z = softcap * t
+    else:
+        z = x
+    grad = coef * tl.exp(z - m) - tl.where(cols == y, g * (1.0 - eps) * w_y, 0.0)
     if HAS_SMOOTHING:
-        loss += eps / n_cols * (weight_sum * (lse - r) - s_r)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
-
-    # pass 2: the gradient, written over the row's own elements
-    if WANT_GRAD:
-        g = tl.load(grad_scale_ptr + row * grad_scale_stride)
-        coef = g * ((1.0 - eps) * w_y + eps * weight_sum / n_cols)
-        if HAS_Z:
-            g_z = tl.load(z_grad_scale_ptr + row * z_grad_scale_stride)
-            coef += g_z * 2.0 * z_loss * lse
-        coef = coef / d
-        target_term = g * (1.0 - eps) * w_y
-        for start in range(0, n_cols, BLOCK):
-            cols = start + offs
-            inside = cols < n_cols
-            x = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                t = _tanh(x / softcap)
-                z = softcap * t
-            else:
-                z = x
-            grad = coef * tl.exp(z - m) - tl.where(cols == y, target_term, 0.0)
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
-                    grad -= g * eps / n_cols * w
-                else:
-                    grad -= g * eps / n_cols
-            if HAS_SOFTCAP:
-                grad = grad * (1.0 - t * t)
-            tl.store(grad_row + cols, grad, mask=inside)
+        if HAS_WEIGHT:
+            grad -= g * eps / n_cols * tl.load(weight_ptr + cols, mask=inside, other=0.0)
+        else:
+            grad -= g * eps / n_cols
+    if HAS_SOFTCAP:
+        grad = grad * (1.0 - t * t)
+    tl.store(grad_row + cols, grad, mask=inside)
 
 
 def _block(n_cols: int) -> int:
@@ -178,6 +245,95 @@ def _block(n_cols: int) -> int:
 
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 2048 else 16 if block <= 8192 else 32
+
+
+def _flags(weight: Tensor | None, label_smoothing: float, softcap: float | None) -> dict:
+    return {
+        "HAS_WEIGHT": weight is not None,
+        "HAS_SMOOTHING": label_smoothing > 0.0,
+        "HAS_SOFTCAP": softcap is not None,
+    }
+
+
+def _weight32(weight: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if weight is None else weight.to(device=device, dtype=torch.float32).contiguous()
+
+
+def row_statistics(
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` ``[2, N]`` the rows' max
+    M and sum d for :func:`row_gradient`. Two launches; a label outside ``[0, V)`` gives NaN
+    (nothing is read out of bounds), for the caller to refuse."""
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    stats = torch.empty((2, n_rows), dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return loss, lse, stats
+    weight32 = _weight32(weight, device)
+    block = _block(n_cols)
+    n_chunks = triton.cdiv(max(n_cols, 1), block)
+    smoothing = label_smoothing > 0.0
+    part = torch.empty((4 if smoothing else 2, n_rows, n_chunks), dtype=torch.float32, device=device)
+    flags = _flags(weight32, label_smoothing, softcap)
+    cap = 1.0 if softcap is None else float(softcap)
+    any_weight = loss if weight32 is None else weight32  # any pointer when unused
+    _partials_kernel[(n_rows, n_chunks)](
+        logits, logits.stride(0), labels, any_weight, part, n_rows * n_chunks, n_cols, n_chunks,
+        int(ignore_index), cap, BLOCK=block, num_warps=_warps(block), **flags,
+    )
+    _loss_kernel[(n_rows,)](
+        logits, logits.stride(0), labels, any_weight, part, n_rows * n_chunks, loss, lse, stats,
+        n_rows, n_cols, n_chunks, int(ignore_index), float(label_smoothing), cap,
+        CHUNKS=max(2, triton.next_power_of_2(n_chunks)), num_warps=1, **flags,
+    )
+    return loss, lse, stats
+
+
+def row_gradient(
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    grad_scale: Tensor,
+    z_grad_scale: Tensor,
+    grad_out: Tensor,
+    factors: Tensor | None = None,
+) -> Tensor:
+    """Pass 2: the gradient into ``grad_out`` (which may be ``logits``), from :func:`row_statistics`'
+    ``stats``. Row i's main term is scaled by ``grad_scale[i]·factors[0]``, its z term by
+    ``z_grad_scale[i]·factors[1]``: ``grad_scale`` / ``z_grad_scale`` are ``[N]`` (any float
+    dtype; a stride of 0 broadcasts one value), ``factors`` a float32 ``[2]`` (ones when None),
+    all read on the device: no synchronization. One launch."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return grad_out
+    device = logits.device
+    weight32 = _weight32(weight, device)
+    # W stays on the device (no synchronization); float64 sum, then float32
+    weight_sum = stats if weight32 is None else weight32.sum(dtype=torch.float64).to(torch.float32).reshape(1)
+    if factors is None:
+        factors = torch.ones(2, dtype=torch.float32, device=device)
+    block = _block(n_cols)
+    _grad_kernel[(n_rows, triton.cdiv(max(n_cols, 1), block))](
+        logits, logits.stride(0), labels, stats if weight32 is None else weight32, weight_sum, stats,
+        grad_out, grad_out.stride(0), grad_scale, grad_scale.stride(0), z_grad_scale,
+        z_grad_scale.stride(0), factors, n_rows, n_cols, int(ignore_index), float(label_smoothing),
+        float(z_loss), 1.0 if softcap is None else float(softcap), HAS_Z=z_loss > 0.0, BLOCK=block,
+        num_warps=_warps(block), **_flags(weight32, label_smoothing, softcap),
+    )
+    return grad_out
 
 
 def cross_entropy_rows(
@@ -197,49 +353,17 @@ def cross_entropy_rows(
     The contract of :func:`xentkit.kernels.cross_entropy_rows`, on tensors: ``logits`` a
     contiguous ``[N, V]`` float32/float16/bfloat16 tensor, ``labels`` ``[N]`` int64 (each in
     ``[0, V)`` or ``ignore_index``), ``weight`` ``[V]`` or None, ``grad_scale`` /
-    ``z_grad_scale`` ``[N]`` float32 (a stride of 0 broadcasts one value; None means ones),
-    ``grad_out`` a contiguous ``[N, V]`` tensor (it may be ``logits`` itself) or None for the
-    loss alone. The z-loss term is not in the returned loss (the caller adds ``z_loss·lse²``).
+    ``z_grad_scale`` ``[N]`` (a stride of 0 broadcasts one value; None means ones), ``grad_out`` a
+    contiguous ``[N, V]`` tensor (it may be ``logits`` itself) or None for the loss alone. The
+    z-loss term is not in the returned loss (the caller adds ``z_loss·lse²``). Three launches
+    with a gradient (:func:`row_statistics`, then :func:`row_gradient`), two without.
     """
-    n_rows, n_cols = logits.shape
-    device = logits.device
-    loss = torch.empty(n_rows, dtype=torch.float32, device=device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
-    if n_rows == 0:
-        return loss, lse
-    want_grad = grad_out is not None
-    one = torch.ones((), dtype=torch.float32, device=device).expand(n_rows)
-    grad_scale = one if grad_scale is None else grad_scale.to(torch.float32)
-    z_grad_scale = one if z_grad_scale is None else z_grad_scale.to(torch.float32)
-    weight32 = None if weight is None else weight.to(device=device, dtype=torch.float32).contiguous()
-    # W stays on the device (no synchronization); float64 sum, then float32
-    weight_sum = loss if weight32 is None else weight32.sum(dtype=torch.float64).to(torch.float32).reshape(1)
-    block = _block(n_cols)
-    _cross_entropy_kernel[(n_rows,)](
-        logits,
-        logits.stride(0),
-        labels,
-        loss if weight32 is None else weight32,  # any pointer when unused
-        grad_out if want_grad else logits,
-        grad_out.stride(0) if want_grad else 0,
-        grad_scale,
-        grad_scale.stride(0),
-        z_grad_scale,
-        z_grad_scale.stride(0),
-        loss,
-        lse,
-        n_cols,
-        int(ignore_index),
-        weight_sum,  # any pointer when unused
-        float(label_smoothing),
-        float(z_loss),
-        1.0 if softcap is None else float(softcap),
-        HAS_WEIGHT=weight32 is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_Z=z_loss > 0.0,
-        HAS_SOFTCAP=softcap is not None,
-        WANT_GRAD=want_grad,
-        BLOCK=block,
-        num_warps=_warps(block),
-    )
+    loss, lse, stats = row_statistics(logits, labels, weight, ignore_index, label_smoothing, softcap)
+    if grad_out is not None:
+        one = torch.ones((), dtype=torch.float32, device=logits.device).expand(logits.shape[0])
+        row_gradient(
+            logits, labels, weight, stats, ignore_index, label_smoothing, z_loss, softcap,
+            one if grad_scale is None else grad_scale, one if z_grad_scale is None else z_grad_scale,
+            grad_out,
+        )
     return loss, lse
