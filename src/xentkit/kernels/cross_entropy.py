@@ -63,6 +63,11 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp_nonpositive, fast_tanh, like, maxnum
+from xentkit.kernels._threading import prefer_tbb
+
+# Numba's threading layer, chosen before any kernel starts threads: TBB (fork-safe) where it is
+# ours to choose; see _threading.
+THREADING_LAYER = prefer_tbb()
 
 # Flags of the per-block loops: reassoc lets LLVM split the sums over vector lanes; contract
 # gives FMAs. No nnan/ninf: NaN and ±inf logits are part of the contract. The kernel's own

@@ -1,0 +1,67 @@
+"""Numba's threading layer for xentkit's parallel kernels: TBB, which is fork-safe and thread-safe.
+
+Numba's default on Linux is GNU OpenMP, which is not fork-safe: after one parallel kernel has
+run, a process forked from it (a ``multiprocessing`` worker, a PyTorch DataLoader worker, a
+pre-forking server) is killed the moment it runs one ("Terminating: fork() called from a process
+already using GNU OpenMP"). TBB has neither problem and the same speed here
+(``benchmarks/bench_cross_entropy.py``); Numba's other fork-safe layer, ``workqueue``, aborts when
+two threads call a kernel at once.
+
+:func:`prefer_tbb` runs when the kernels are first imported, before any of them launches
+threads. It chooses TBB unless the choice is not ours to make: the user set
+``NUMBA_THREADING_LAYER`` (or ``numba.config.THREADING_LAYER``; TBB's library is still loaded when
+that choice may use it), or Numba already started its threads. The ``tbb`` wheel (a dependency of xentkit where it is published) puts ``libtbb`` beside
+the interpreter, outside the loader's path; it is loaded here by its full path. Without it
+Numba's default stays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.metadata
+import os
+from pathlib import Path
+
+import numba
+
+# the user's choices (NUMBA_THREADING_LAYER) that TBB may serve; "default" is ours to make
+_MAY_USE_TBB = ("default", "tbb", "safe", "threadsafe", "forksafe")
+
+# the library names of TBB's runtime that Numba's tbbpool links against (Linux, macOS)
+_NAMES = ("libtbb.so.12", "libtbb.12.dylib")
+
+
+def _tbb_library() -> Path | None:
+    try:
+        files = importlib.metadata.files("tbb") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.name in _NAMES:
+            path = Path(entry.locate())
+            if path.exists():
+                return path
+    return None
+
+
+def prefer_tbb() -> str:
+    """Choose TBB when it is ours to choose and it loads; returns the layer Numba will use
+    ("default" when left to Numba)."""
+    from numba.np.ufunc import parallel
+
+    chosen = os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER
+    if getattr(parallel, "_is_initialized", False) or chosen not in _MAY_USE_TBB:
+        return chosen
+    library = _tbb_library()
+    if library is None:
+        return chosen
+    try:  # loaded also when the user asked for TBB, which Numba would not find on its own
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        importlib.import_module("numba.np.ufunc.tbbpool")  # fails when this TBB does not fit Numba
+    except (OSError, ImportError):
+        return chosen
+    if chosen != "default":
+        return chosen
+    numba.config.THREADING_LAYER = "tbb"
+    return "tbb"

@@ -1,0 +1,68 @@
+"""The parallel kernels survive fork: a process forked after a parallel call computes the same
+result (Numba's TBB layer; GNU OpenMP killed such children), and threads calling at once agree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing as mp
+    import threading
+
+    import numba
+    import numpy as np
+
+    import xentkit
+    from xentkit.kernels import cross_entropy as kernels
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4096, 8000)).astype(np.float32)  # above the serial threshold
+    y = rng.integers(0, 8000, 4096)
+    loss, grad = xentkit.cross_entropy_and_grad(x, y)
+    print("layer", numba.threading_layer(), kernels.THREADING_LAYER)
+
+    def child(queue):
+        l, g = xentkit.cross_entropy_and_grad(x, y)
+        queue.put((float(l), float(np.abs(g - grad).max())))
+
+    context = mp.get_context("fork")
+    queue = context.Queue()
+    workers = [context.Process(target=child, args=(queue,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    print("exit", [worker.exitcode for worker in workers])
+    for _ in workers:
+        child_loss, difference = queue.get(timeout=10)
+        print("child", child_loss == float(loss), difference)
+
+    results = [None] * 4
+    def call(i):
+        results[i] = float(xentkit.cross_entropy_and_grad(x, y)[0])
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print("threads", all(r == float(loss) for r in results))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is the Linux default start method")
+def test_forked_children_and_threads_compute_the_parents_result():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Terminating" not in output, output
+    assert "exit [0, 0]" in output, output
+    assert output.count("child True 0.0") == 2, output
+    assert "threads True" in output, output
+    layer = output.split("layer ", 1)[1].split()[0]
+    assert layer == "tbb", output  # the tbb wheel is installed with xentkit on x86-64
