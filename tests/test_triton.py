@@ -225,3 +225,68 @@ def test_kernel_masked_chunks_and_far_from_zero_rows(options):
     np.testing.assert_allclose(grad.cpu().numpy(), expected_grad, atol=1e-7)
     if not options:
         assert not grad[0, :200].any()
+
+
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize(
+    ("reduction", "bias", "dtype", "options"),
+    [
+        ("mean", False, torch.float32, {}),
+        ("mean", True, torch.float32, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}),
+        ("sum", True, torch.float32, {"label_smoothing": 0.2}),
+        ("none", True, torch.float32, {"z_loss": 1e-2}),
+        ("none", False, torch.bfloat16, {}),
+        ("mean", True, torch.bfloat16, {"label_smoothing": 0.1}),
+    ],
+)
+def test_linear_cross_entropy_on_triton_equals_torch_ops(reduction, bias, dtype, options):
+    generator = torch.Generator().manual_seed(21)
+    n, d, v = 10, 6, 300
+    x0 = (torch.randn(n, d, generator=generator)).to(dtype).to(DEVICE)
+    w0 = (torch.randn(v, d, generator=generator) / 2).to(dtype).to(DEVICE)
+    b0 = (torch.randn(v, generator=generator)).to(dtype).to(DEVICE) if bias else None
+    target = torch.randint(0, v, (n,), generator=generator)
+    target[2] = -100
+    target = target.to(DEVICE)
+    weight = (torch.rand(v, generator=generator) + 0.5).to(dtype).to(DEVICE)
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x0, w0) + ((b0,) if bias else ())]
+        loss = xt.linear_cross_entropy(
+            leaves[0], leaves[1], target, linear_bias=leaves[2] if bias else None, weight=weight,
+            reduction=reduction, chunk_size=4, backend=backend, **options,
+        )
+        upstream = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape).to(DEVICE)
+        loss.backward(upstream)
+        results.append((loss.detach(), [leaf.grad for leaf in leaves]))
+    (loss, grads), (expected_loss, expected_grads) = results
+    assert loss.dtype == expected_loss.dtype == dtype and loss.shape == expected_loss.shape
+    tolerance = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss.float(), expected_loss.float(), rtol=tolerance, atol=tolerance)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_linear_cross_entropy_on_triton_edge_cases():
+    x = torch.randn(5, 4).to(DEVICE).requires_grad_()
+    w = torch.randn(7, 4).to(DEVICE).requires_grad_()
+    loss = xt.linear_cross_entropy(x, w, torch.full((5,), -100).to(DEVICE), backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any() and not w.grad.any()
+    with pytest.raises(ValueError, match=r"label 7 at position \(1,\) but linear_weight has 7 rows"):
+        xt.linear_cross_entropy(x, w, torch.tensor([0, 7, 1, 2, 3]).to(DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="probability targets are not on the Triton path yet"):
+        xt.linear_cross_entropy(x, w, torch.softmax(torch.randn(5, 7), 1).to(DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="2-D input"):
+        xt.linear_cross_entropy(x[0], w, torch.tensor(1).to(DEVICE), backend="triton")
+    loss = xt.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 4]).to(DEVICE), backend="triton")
+    loss.backward(retain_graph=True)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
+    (gradient,) = torch.autograd.grad(
+        xt.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 4]).to(DEVICE), backend="triton"), x,
+        create_graph=True,
+    )
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(gradient.square().sum() + x.sum(), x)

@@ -36,7 +36,7 @@ from .._labels import check_labels
 from .._options import LossOptions, check_chunk_size
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
-from . import _bridge, _torch_ops
+from . import _bridge, _linear_triton, _torch_ops
 from ._chunks import logit_chunks
 
 __all__ = ["chunk_rows_for", "linear_cross_entropy"]
@@ -323,9 +323,11 @@ def linear_cross_entropy(
     scalar, or ``[N]`` for "none". Float32/float64 CPU tensors take the chunked path; other devices
     and dtypes (float16, bfloat16), multi-dimensional ``linear_weight`` and gradients with respect to
     target or class weight compute the logits with ``F.linear`` and the loss with torch ops.
-    ``ignore_index=None`` means -100, as in torch. ``backend``: "auto" (the chunked kernels where
-    they apply, torch ops elsewhere) or "torch" (always torch ops); "triton" is not available for
-    this function yet and raises. Double backward raises.
+    ``ignore_index=None`` means -100, as in torch. ``backend``: "auto" (2-D float32/float16/bfloat16
+    CUDA inputs with class indices: cuBLAS chunks around the Triton kernels, the gradient written
+    over each chunk's logits; float32/float64 CPU tensors: the Numba kernels; torch ops elsewhere),
+    "triton" (the CUDA path, or a ValueError saying why not) or "torch" (always torch ops). Double
+    backward raises.
 
     Example:
         >>> import torch
@@ -347,11 +349,6 @@ def linear_cross_entropy(
         reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
         chunk_size, backend,
     )
-    if options.backend == "triton":
-        raise ValueError(
-            "backend='triton' cannot run this call: linear_cross_entropy has no Triton path yet "
-            "(use backend='auto' or 'torch')"
-        )
     if linear_weight.dim() < 2:
         raise ValueError(
             f"linear_weight must have shape (num_classes, in_features), got {tuple(linear_weight.shape)}"
@@ -362,7 +359,22 @@ def linear_cross_entropy(
             "flatten leading dimensions first: input.reshape(-1, D), target.reshape(-1)"
         )
 
-    if options.backend == "torch" or not _fused_applies(input, linear_weight, linear_bias, target, weight):
+    if options.backend == "triton" or (options.backend == "auto" and input.device.type == "cuda"):
+        reason = _linear_triton.linear_reason(input, linear_weight, linear_bias, target, weight)
+        if reason is None:
+            _check_shapes(input, linear_weight, linear_bias, target, weight)
+            options = options.replace(
+                chunk_size=_linear_triton.gpu_chunk_rows(
+                    input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size
+                )
+            )
+            return _linear_triton.TritonLinearCrossEntropyFunction.apply(
+                input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
+            )
+        if options.backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this call: {reason}")
+
+    if options.backend != "auto" or not _fused_applies(input, linear_weight, linear_bias, target, weight):
         logits = F.linear(input, linear_weight.flatten(0, -2), None)
         if linear_weight.dim() > 2:  # K-dimensional loss: classes on axis 1, then d1..dk
             logits = logits.unflatten(-1, linear_weight.shape[:-1])

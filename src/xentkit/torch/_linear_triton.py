@@ -1,0 +1,183 @@
+"""``linear_cross_entropy`` on CUDA: chunked cuBLAS matmuls around :mod:`xentkit.triton`'s kernels.
+
+Per chunk of rows, into one reused ``[rows, V]`` buffer of the input's dtype:
+
+1. ``logits = x_chunk Wᵀ (+ b)``                            (cuBLAS, ``out=`` the buffer)
+2. pass 1 and the rows' losses (:func:`xentkit.triton.cross_entropy.row_statistics`)
+3. pass 2 writes the gradient **over the logits** (``row_gradient(..., grad_out=logits)``), scaled
+   by the batch's reduction plan (the "mean" denominators read on the device)
+4. ``grad_x[chunk] = dz W``, ``grad_W += dzᵀ x_chunk``, ``grad_b += Σ_rows dz``   (cuBLAS)
+
+"mean"/"sum" compute every gradient in forward, so backward only scales them by the upstream
+gradient (skipped when it is 1, which costs one wait for the device; the step is matmul-bound).
+"none" computes the losses in forward, keeps each row's max and sum, and redoes the chunks in
+backward with the per-row upstream gradient read on the device (one more matmul per chunk).
+
+Precision: the kernels work in float32; ``grad_W`` and ``grad_b`` add the chunks' contributions in
+the weight's dtype (each chunk's matmul accumulates in float32 inside cuBLAS, then one rounding
+per chunk), as Liger-Kernel does; float32 weights lose nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from .._labels import check_labels
+from .._options import LossOptions
+from ..reference.cross_entropy import z_term
+from ..reference.reductions import ReductionPlan
+from . import _bridge
+from ._chunks import logit_chunks
+from ._triton_path import triton_reason
+
+# A chunk's logits take at most this many bytes (a power of two of rows): measured on an H100,
+# 2048-row chunks of a 128256-class bfloat16 vocabulary (512 MiB) keep the matmuls near their
+# unchunked speed.
+CHUNK_BYTES = 512 * 2**20
+
+
+def gpu_chunk_rows(rows: int, classes: int, itemsize: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, min(chunk_size, rows))
+    fit = max(1, CHUNK_BYTES // max(1, classes * itemsize))
+    return max(1, min(rows, 1 << (fit.bit_length() - 1)))
+
+
+def linear_reason(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None
+) -> str | None:
+    """Why the Triton linear cross-entropy cannot run this call, or None when it can."""
+    reason = triton_reason(input, target, weight)
+    if reason is not None:
+        return reason
+    if input.dim() != 2 or linear_weight.dim() != 2 or (linear_bias is not None and linear_bias.dim() != 1):
+        return "it takes a 2-D input, a 2-D linear_weight and a 1-D linear_bias"
+    if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
+        return "input, linear_weight and linear_bias must share one dtype"
+    if linear_weight.device != input.device or (linear_bias is not None and linear_bias.device != input.device):
+        return "input, linear_weight and linear_bias must be on one device"
+    return None
+
+
+class TritonLinearCrossEntropyFunction(torch.autograd.Function):
+    """See the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        linear_weight: Tensor,
+        linear_bias: Tensor | None,
+        target: Tensor,
+        weight: Tensor | None,
+        options: LossOptions,
+        grad_enabled: bool,
+    ) -> Tensor:
+        from ..triton.cross_entropy import row_statistics
+
+        _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
+        x = input.detach().contiguous()
+        w = linear_weight.detach().contiguous()
+        b = None if linear_bias is None else linear_bias.detach().contiguous()
+        labels = target.detach().reshape(-1).long().contiguous()
+        n, classes = x.shape[0], w.shape[0]
+        valid = labels != options.ignore_index
+        target_weight = None
+        if weight is not None:
+            target_weight = weight.detach().float()[labels.masked_fill(~valid, 0)] * valid
+        plan = ReductionPlan.of_labels(options.reduction, valid, target_weight, dtype=torch.float32)
+        want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
+        now = any(want) and options.reduction != "none"  # "none": gradients in backward
+        factors = None
+        if now:
+            factors = torch.stack(
+                [torch.as_tensor(f, dtype=torch.float32, device=x.device) for f in plan.scales(1.0)]
+            )
+        grads = _empty_gradients(x, w, b, want if now else (False, False, False))
+        loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+        lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+        stats = torch.empty((2, n), dtype=torch.float32, device=x.device)
+        buffer = torch.empty((min(options.chunk_size, n), classes), dtype=x.dtype, device=x.device)
+        for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
+            loss_rows[start:stop], lse_rows[start:stop], stats[:, start:stop] = row_statistics(
+                logits, labels[start:stop], weight, options.ignore_index, options.label_smoothing,
+                options.softcap,
+            )
+            if now:
+                _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
+                                 options, None, factors, grads, start, stop)
+        check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
+        loss = plan.reduce(loss_rows, z_term(lse_rows, valid, options.z_loss))
+        ctx.options = options
+        if options.reduction == "none" and any(want):
+            ctx.save_for_backward(input, linear_weight, linear_bias, labels, weight, stats)
+            ctx.want = want
+        ctx.gradients = grads
+        return loss.to(x.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only("linear_cross_entropy")
+    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        options: LossOptions = ctx.options
+        if options.reduction == "none":
+            input, linear_weight, linear_bias, labels, weight, stats = ctx.saved_tensors
+            x, w = input.detach().contiguous(), linear_weight.detach().contiguous()
+            b = None if linear_bias is None else linear_bias.detach().contiguous()
+            grads = _empty_gradients(x, w, b, ctx.want)
+            upstream = grad_output.detach().reshape(-1)
+            ones = torch.ones(2, dtype=torch.float32, device=x.device)
+            buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
+            for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
+                _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
+                                 options, upstream[start:stop], ones, grads, start, stop)
+            return (*grads, None, None, None, None)
+        stored = ctx.gradients
+        if stored is None:
+            raise RuntimeError(
+                "xentkit.torch.linear_cross_entropy: backward was called a second time, but the "
+                "gradients computed in the forward pass were handed over by the first backward; "
+                "pass retain_graph=True to the first backward to differentiate the same graph again"
+            )
+        kept = _bridge._graph_is_kept()
+        if not kept:
+            ctx.gradients = None
+        # loss.backward() passes 1: one wait for the device saves three passes over the gradients
+        if grad_output.numel() == 1 and bool(grad_output.reshape(()) == 1):
+            return (*stored, None, None, None, None)
+        factor = grad_output.reshape(())
+        return (*(None if g is None else (g * factor.to(g.dtype) if kept else g.mul_(factor.to(g.dtype)))
+                  for g in stored), None, None, None, None)
+
+
+def _empty_gradients(x: Tensor, w: Tensor, b: Tensor | None, want: tuple[bool, ...]) -> list[Tensor | None]:
+    return [
+        torch.empty_like(x) if want[0] else None,
+        torch.zeros_like(w) if want[1] else None,
+        torch.zeros_like(b) if want[2] and b is not None else None,
+    ]
+
+
+def _chunk_gradients(
+    logits: Tensor, x_chunk: Tensor, w: Tensor, labels: Tensor, weight: Tensor | None, stats: Tensor,
+    options: LossOptions, upstream: Tensor | None, factors: Tensor, grads: list[Tensor | None],
+    start: int, stop: int,
+) -> None:
+    """Pass 2 over the chunk's logits (in place), then the three matmuls into ``grads``."""
+    from ..triton.cross_entropy import row_gradient
+
+    if upstream is None:
+        upstream = torch.ones((), dtype=torch.float32, device=logits.device).expand(stop - start)
+    row_gradient(
+        logits, labels, weight, stats.contiguous(), options.ignore_index, options.label_smoothing,
+        options.z_loss, options.softcap, upstream, upstream, logits, factors,
+    )
+    grad_x, grad_w, grad_b = grads
+    if grad_x is not None:
+        torch.mm(logits, w, out=grad_x[start:stop])
+    if grad_w is not None:
+        grad_w.addmm_(logits.t(), x_chunk)
+    if grad_b is not None:
+        grad_b.add_(logits.sum(dim=0, dtype=torch.float32).to(grad_b.dtype))
+
