@@ -107,11 +107,11 @@ def scale_gradient(gradient: Tensor, grad_output: Tensor, owned: bool) -> Tensor
 
     Whether a one-element ``grad_output`` is 1 is read only on the CPU: on a GPU reading it
     would wait for the device, so there the product is always taken. A gradient that is not
-    owned is returned as is only when the factor is 1: autograd never writes into a tensor
-    someone else still references, so sharing it is safe.
+    owned (the graph is retained, so the next backward needs it intact) is never handed out
+    itself: the caller may change what it receives in place.
     """
     if grad_output.numel() == 1 and grad_output.device.type == "cpu" and float(grad_output.reshape(())) == 1.0:
-        return gradient
+        return gradient if owned else gradient.clone()
     grad_output = grad_output.to(gradient.dtype)
     if owned:
         return gradient.mul_(grad_output)

@@ -145,7 +145,8 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.gradients = None
         # loss.backward() passes 1: one wait for the device saves three passes over the gradients
         if grad_output.numel() == 1 and bool(grad_output.reshape(()) == 1):
-            return (*stored, None, None, None, None)
+            # a retained graph keeps its gradients intact: the caller gets copies
+            return (*(g if g is None or not kept else g.clone() for g in stored), None, None, None, None)
         factor = grad_output.reshape(())
         return (*(None if g is None else (g * factor.to(g.dtype) if kept else g.mul_(factor.to(g.dtype)))
                   for g in stored), None, None, None, None)

@@ -1,0 +1,63 @@
+"""Two things users hit in training loops: a gradient changed in place after a backward with
+``retain_graph=True`` must not corrupt the next backward, and the losses compile with
+``torch.compile(fullgraph=True)`` (no graph break at the option checks)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import xentkit.torch as xt  # noqa: E402
+from xentkit.torch import distributed  # noqa: E402
+
+
+def _cases():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(5, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 1, 2, 2])
+    bits = torch.rand(5, 4, generator=generator, dtype=torch.float64)
+    return {
+        "cross_entropy": (logits, lambda: xt.cross_entropy(logits, target)),
+        "bce_with_logits": (logits, lambda: xt.binary_cross_entropy_with_logits(logits, bits)),
+        "linear_cross_entropy_input": (hidden, lambda: xt.linear_cross_entropy(hidden, head, target)),
+        "linear_cross_entropy_weight": (head, lambda: xt.linear_cross_entropy(hidden, head, target)),
+        "vocab_parallel": (logits, lambda: distributed.vocab_parallel_cross_entropy(logits, target)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_changing_a_retained_gradient_in_place_leaves_the_next_backward_intact(name):
+    leaf, loss_of = _cases()[name]
+    loss = loss_of()
+    (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    expected = first.clone()
+    first.mul_(0)
+    (second,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+    assert expected.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_losses_compile_with_fullgraph(reduction):
+    def step(x, w, y):
+        logits = x @ w.t()
+        loss = xt.cross_entropy(logits, y, reduction=reduction, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+        loss = loss + xt.linear_cross_entropy(x, w, y, reduction=reduction)
+        return loss.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, generator=generator, requires_grad=True)
+    w = torch.randn(5, 3, generator=generator, requires_grad=True)
+    y = torch.tensor([0, 4, -100, 2, 1, 3])
+    loss = compiled(x, w, y)
+    loss.backward()
+    grads = (x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    expected = step(x, w, y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads, (x.grad, w.grad))
