@@ -384,6 +384,26 @@ def scenario_errors(world, rank):
                        z_loss=1e-2, explicit=False, seed=31)
 
 
+def scenario_meta_and_dtypes(world, rank):
+    """Meta-device logits on one rank, and ranks disagreeing on the dtype, raise on every rank
+    before any other collective (the group stays usable)."""
+    full, target, _, _ = _problem(37, torch.float64)
+    start, stop, _ = _shard(world, rank, False)
+    shard = full[:, start:stop]
+    bad = rank == 1
+    meta = torch.empty(shard.shape, dtype=shard.dtype, device="meta")
+    _expect_error(lambda: vp.vocab_parallel_cross_entropy(meta if bad else shard, target), "rank(s) [1]",
+                  "meta device")
+    _expect_error(lambda: vp.vocab_parallel_cross_entropy(shard.float() if bad else shard, target),
+                  "one dtype on every rank", "float32")
+    x = torch.randn(N, 4, dtype=torch.float64)
+    w_shard = torch.randn(stop - start, 4, dtype=torch.float64)
+    _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(
+        x.to("meta") if bad else x, w_shard.to("meta") if bad else w_shard, target), "rank(s) [1]", "meta device")
+    _check_logits_case(world, rank, dtype=torch.float64, reduction="mean", weighted=False, smoothing=0.0,
+                       z_loss=0.0, explicit=False, seed=37)
+
+
 SCENARIOS = {
     "logits_options": scenario_logits_options,
     "logits_torch_ops": scenario_logits_torch_ops,
@@ -391,6 +411,7 @@ SCENARIOS = {
     "linear": scenario_linear,
     "communication": scenario_communication,
     "errors": scenario_errors,
+    "meta_and_dtypes": scenario_meta_and_dtypes,
 }
 
 

@@ -213,3 +213,26 @@ def test_no_entry_point_rewrites_the_mean_of_nothing_rule():
         str(path.relative_to(SOURCE)) for path in SOURCE.rglob("*.py") if pattern.search(path.read_text())
     )
     assert homes == ["reference/reductions.py"]
+
+
+@pytest.mark.parametrize("path", ["api", "torch", "torch_ops", "module", "linear"])
+def test_a_softcap_the_dtype_cannot_hold_is_refused(path):
+    """softcap=1e39 in float32 used to give a NaN loss and gradient."""
+    import xentkit.torch as xt
+
+    calls = _entry_points() | {
+        "torch_ops": lambda **kw: xt.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), backend="torch", **kw)
+    }
+    with pytest.raises(ValueError, match=r"softcap must be at most the largest float32 value .* got 1e\+39"):
+        calls[path](softcap=1e39)
+    # float64 holds it: the loss is (numerically) uncapped
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(xt.cross_entropy(x, y, softcap=1e39), xt.cross_entropy(x, y))
+
+
+def test_linear_cross_entropy_refuses_inputs_on_different_devices():
+    import xentkit.torch as xt
+
+    with pytest.raises(ValueError, match="input on cpu, linear_weight on meta"):
+        xt.linear_cross_entropy(torch.randn(3, 4), torch.empty(5, 4, device="meta"), torch.tensor([0, 1, 2]))

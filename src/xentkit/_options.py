@@ -157,6 +157,15 @@ class LossOptions:
         for name, check in _CHECKS.items():  # in field order: the first bad argument is named
             object.__setattr__(self, name, check(getattr(self, name)))
 
+    def check_fits(self, dtype_name: str, largest: float) -> None:
+        """Refuse a softcap larger than the largest finite value of the dtype the loss is computed
+        in (``softcap=1e39`` in float32 would turn every capped logit into NaN)."""
+        if self.softcap is not None and self.softcap > largest:
+            raise ValueError(
+                f"softcap must be at most the largest {dtype_name} value ({largest:.6g}) for a loss "
+                f"computed in {dtype_name}, got {self.softcap}"
+            )
+
     def formula_arguments(self) -> dict[str, Any]:
         """The options the formula itself takes, as keyword arguments of the NumPy reference
         (``xentkit.reference.cross_entropy_and_grad``) and of each kernel's host function."""

@@ -151,6 +151,7 @@ def _cross_entropy(
     if num_classes == 0:
         raise ValueError(f"logits must have at least one class along axis {axis}, got shape {original.shape}")
     work_dtype = compute_dtype(original.dtype)
+    options.check_fits(work_dtype.name, float(np.finfo(work_dtype).max))
     weight = check_class_weight(weight, num_classes, work_dtype)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
 

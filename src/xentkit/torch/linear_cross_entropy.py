@@ -359,6 +359,14 @@ def linear_cross_entropy(
             "flatten leading dimensions first: input.reshape(-1, D), target.reshape(-1)"
         )
 
+    placed = {"input": input, "linear_weight": linear_weight, "linear_bias": linear_bias}
+    devices = {name: tensor.device for name, tensor in placed.items() if tensor is not None}
+    if len(set(devices.values())) > 1:  # a meta weight beside CPU input would give garbage
+        raise ValueError(
+            "input, linear_weight and linear_bias must be on one device, got "
+            + ", ".join(f"{name} on {device}" for name, device in devices.items())
+        )
+
     if options.backend == "triton" or (options.backend == "auto" and input.device.type == "cuda"):
         reason = _linear_triton.linear_reason(input, linear_weight, linear_bias, target, weight)
         if reason is None:

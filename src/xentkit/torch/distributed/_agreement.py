@@ -42,8 +42,11 @@ _FIELDS = (
     "weight_length",  # len(weight), or -1 for None
     *(f"option_{name}" for name in _OPTION_NAMES),  # the LossOptions, one int64 each
     "features",  # the linear form's D (0 for the logits form)
+    "dtype",  # the logits' (or the linear form's input's) dtype, an index into _DTYPES (-1: other)
     "wants_input_grad",  # 1 when this rank needs ∂loss/∂input (the linear form's all-reduce)
 )
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Longest error message exchanged between ranks (bytes of UTF-8).
 _MESSAGE_BYTES = 1024
@@ -116,6 +119,13 @@ def _check_vocab_start(vocab_start: object) -> int:
     return int(vocab_start)
 
 
+def _check_device(tensor: Tensor, name: str) -> None:
+    """A tensor with data: the meta device has none, and would fail inside the first collective,
+    after the other ranks entered it."""
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it has no data); pass a CPU or GPU tensor")
+
+
 def _check_weight(weight: object) -> np.ndarray | None:
     """The class weights as float64 on the CPU (for the digest and the length), or None."""
     if weight is None:
@@ -176,6 +186,7 @@ def _local_record(
     labels: np.ndarray,
     weight: np.ndarray | None,
     options: LossOptions,
+    dtype: torch.dtype,
     features: int = 0,
     wants_input_grad: bool = False,
 ) -> dict[str, int]:
@@ -195,6 +206,7 @@ def _local_record(
         "weight_length": -1 if weight is None else int(weight.shape[0]),
         **{f"option_{name}": _encode_option(name, getattr(options, name)) for name in _OPTION_NAMES},
         "features": features,
+        "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else -1,
         "wants_input_grad": int(wants_input_grad),
     }
 
@@ -265,6 +277,11 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
         problems.append(
             f"weight must be the same on every rank, but rank(s) {_differing(records, 'weight_digest')} "
             "hold different class weights than rank 0"
+        )
+    if _differing(records, "dtype"):
+        names = [str(_DTYPES[r["dtype"]]).removeprefix("torch.") if r["dtype"] >= 0 else "other" for r in records]
+        problems.append(
+            f"the logits (or the input) must have one dtype on every rank, got {names} on ranks 0..{world - 1}"
         )
     features = [record["features"] for record in records]
     if len(set(features)) > 1:

@@ -13,7 +13,7 @@ from torch.autograd.function import FunctionCtx
 from ..._options import LossOptions
 from .. import _bridge
 from .._chunks import logit_chunks
-from ._agreement import _agree, _check_target, _check_weight, _local_record
+from ._agreement import _agree, _check_device, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _chunk_rows, _Plan, _plan
@@ -249,6 +249,7 @@ def vocab_parallel_linear_cross_entropy(
                 f"linear_weight_shard must have shape (V_r, {features}) (this rank's rows of the "
                 f"output weight, in_features = input.shape[-1]), got {tuple(linear_weight_shard.shape)}"
             )
+        _check_device(input, "input")
         if linear_weight_shard.dtype != input.dtype or linear_weight_shard.device != input.device:
             raise ValueError(
                 f"linear_weight_shard must have the input's dtype and device ({input.dtype}, "
@@ -274,7 +275,7 @@ def vocab_parallel_linear_cross_entropy(
         state.update(options=options, labels=labels, weight=class_weight)
         return _local_record(
             rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels,
-            weight=class_weight, options=options,
+            weight=class_weight, options=options, dtype=input.dtype,
             features=features, wants_input_grad=grad_enabled and input.requires_grad,
         )
 

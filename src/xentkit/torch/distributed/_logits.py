@@ -8,7 +8,7 @@ from torch.autograd.function import FunctionCtx
 
 from ..._options import LossOptions
 from .. import _bridge
-from ._agreement import _agree, _check_target, _check_weight, _local_record
+from ._agreement import _agree, _check_device, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _Plan, _plan
@@ -137,6 +137,7 @@ def vocab_parallel_cross_entropy(
                 "logits_shard must be a floating tensor of shape (N, V_r) (class axis last), "
                 f"got dtype {logits_shard.dtype} and shape {tuple(logits_shard.shape)}"
             )
+        _check_device(logits_shard, "logits_shard")
         options = LossOptions(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss,
@@ -147,7 +148,7 @@ def vocab_parallel_cross_entropy(
         state.update(options=options, labels=labels, weight=class_weight)
         return _local_record(
             rows=labels.shape[0], width=logits_shard.shape[-1], vocab_start=vocab_start,
-            labels=labels, weight=class_weight, options=options,
+            labels=labels, weight=class_weight, options=options, dtype=logits_shard.dtype,
         )
 
     agreement = _agree(communicator, _NAME, local_checks)
