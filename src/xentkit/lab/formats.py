@@ -7,10 +7,14 @@ what was received, never an error from deep inside NumPy or gzip.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import math
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -56,22 +60,37 @@ class DatasetError(ValueError):
     """A data file is missing or malformed; the message names the file, expected and received."""
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it starts with the gzip magic; errors name the file."""
+# The most data one IDX file may declare: far above MNIST's largest file (47 MB of images), far
+# below what a gzip bomb would make us allocate.
+MAX_IDX_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def _stream(path: Path) -> Iterator[BinaryIO]:
+    """The file's bytes as a stream, gunzipped on the fly when it starts with the gzip magic."""
     try:
-        raw = path.read_bytes()
+        raw = path.open("rb")
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except OSError as error:
         raise DatasetError(f"{path}: cannot read ({error.strerror or error})") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+    with raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        if not compressed:
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+            yield unzipped
+
+
+def _read(stream: BinaryIO, size: int, path: Path) -> bytes:
+    """Up to ``size`` bytes (fewer at the end); gzip damage is a DatasetError naming the file."""
     try:
-        return gzip.decompress(raw)
+        return stream.read(size)
     except EOFError:
         raise DatasetError(
-            f"{path}: truncated gzip file (the compressed stream ends early; "
-            f"received {len(raw)} bytes)"
+            f"{path}: truncated gzip file (the compressed stream ends early)"
         ) from None
     except (OSError, zlib.error) as error:
         raise DatasetError(f"{path}: corrupt gzip file ({error})") from None
@@ -82,43 +101,57 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
     The header is a magic number ``00 00 TT DD`` (``TT`` the element type, ``0x08`` for unsigned
     bytes; ``DD`` the number of dimensions), then ``DD`` big-endian uint32 sizes, then the data.
+    The file is read as a stream, never more than the header declares (and at most
+    ``MAX_IDX_BYTES``): a small gzip that inflates to gigabytes is refused, not unpacked.
 
     Returns:
         The array with the shape the header declares, in native byte order.
 
     Raises:
-        DatasetError: unreadable file, wrong magic number, unknown type, or a data section whose
-            length differs from the one the header declares.
+        DatasetError: unreadable file, wrong magic number, unknown type, a declared size over
+            ``MAX_IDX_BYTES``, or a data section whose length differs from the declared one.
     """
     path = Path(path)
-    content = _read_bytes(path)
-    if len(content) < 4:
-        raise DatasetError(
-            f"{path}: expected an IDX header of at least 4 bytes, received {len(content)} bytes"
-        )
-    zero, type_code, ndim = int.from_bytes(content[:2], "big"), content[2], content[3]
-    if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise DatasetError(
-            f"{path}: wrong magic number 0x{content[:4].hex()}: expected an IDX file "
-            f"(0x00000801 for labels, 0x00000803 for images)"
-        )
-    header_size = 4 + 4 * ndim
-    if len(content) < header_size:
-        raise DatasetError(
-            f"{path}: truncated header: expected {header_size} bytes for {ndim} dimensions, "
-            f"received {len(content)}"
-        )
-    shape = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_DTYPES[type_code]
-    expected = header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(content) != expected:
-        problem = "truncated file" if len(content) < expected else "trailing bytes"
-        raise DatasetError(
-            f"{path}: {problem}: header declares shape {shape}, expected {expected} bytes, "
-            f"received {len(content)}"
-        )
-    data = np.frombuffer(content, dtype=dtype, offset=header_size).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
+    with _stream(path) as stream:
+        magic = _read(stream, 4, path)
+        if len(magic) < 4:
+            raise DatasetError(
+                f"{path}: expected an IDX header of at least 4 bytes, received {len(magic)} bytes"
+            )
+        zero, type_code, ndim = int.from_bytes(magic[:2], "big"), magic[2], magic[3]
+        if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+            raise DatasetError(
+                f"{path}: wrong magic number 0x{magic.hex()}: expected an IDX file "
+                f"(0x00000801 for labels, 0x00000803 for images)"
+            )
+        header_size = 4 + 4 * ndim
+        sizes = _read(stream, 4 * ndim, path)
+        if len(sizes) < 4 * ndim:
+            raise DatasetError(
+                f"{path}: truncated header: expected {header_size} bytes for {ndim} dimensions, "
+                f"received {4 + len(sizes)}"
+            )
+        shape = tuple(int.from_bytes(sizes[4 * i : 4 * i + 4], "big") for i in range(ndim))
+        dtype = _IDX_DTYPES[type_code]
+        data_size = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        if data_size > MAX_IDX_BYTES:
+            raise DatasetError(
+                f"{path}: header declares shape {shape}, {data_size} bytes of data: expected at "
+                f"most {MAX_IDX_BYTES} bytes (an IDX file of images or labels)"
+            )
+        expected = header_size + data_size
+        data = _read(stream, data_size, path)
+        if len(data) < data_size:
+            raise DatasetError(
+                f"{path}: truncated file: header declares shape {shape}, expected {expected} "
+                f"bytes, received {header_size + len(data)}"
+            )
+        if _read(stream, 1, path):
+            raise DatasetError(
+                f"{path}: trailing bytes: header declares shape {shape}, expected {expected} "
+                f"bytes, received more"
+            )
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def read_idx_pair(
@@ -150,6 +183,8 @@ def read_idx_pair(
             f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
             f"{labels.shape[0]} labels: expected the same count"
         )
+    if images.shape[0] == 0:
+        raise DatasetError(f"{images_path}: holds no images (N = 0): expected at least one sample")
     return as_pixels(images, images_path), as_labels(labels, labels_path)
 
 
@@ -203,6 +238,8 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                 f"{path}: x_{split} has shape {images.shape} and y_{split} shape {labels.shape}: "
                 f"expected [N, 28, 28] or [N, 784] images and [N] labels with the same N"
             )
+        if labels.shape[0] == 0:
+            raise DatasetError(f"{path}: x_{split} holds no images (N = 0): expected at least one sample")
     return {
         key: (as_pixels if key.startswith("x") else as_labels)(arrays[key], f"{path}[{key}]")
         for key in NPZ_KEYS

@@ -1,0 +1,76 @@
+"""Hostile or degenerate data files: a gzip that inflates far beyond its size, IDX dimensions
+whose product overflows int64, and splits with no samples each give one line naming the file,
+without unpacking the bomb."""
+
+from __future__ import annotations
+
+import gzip
+import resource
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest_lab import fake_mnist, write_idx
+from xentkit.cli import main
+from xentkit.lab.formats import MAX_IDX_BYTES, DatasetError, read_idx, read_idx_pair, read_npz
+
+
+def _header(shape: tuple[int, ...], type_code: int = 0x08) -> bytes:
+    return bytes([0, 0, type_code, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+
+
+def test_a_declared_size_beyond_the_limit_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    # 4 × 2^30 bytes declared; the data that follows is never unpacked
+    path.write_bytes(gzip.compress(_header((4096, 1024, 1024)) + bytes(1 << 20)))
+    with pytest.raises(DatasetError, match=rf"{path}: header declares shape \(4096, 1024, 1024\), 4294967296 bytes"):
+        read_idx(path)
+    assert MAX_IDX_BYTES < 4 << 30
+
+
+def test_dimensions_whose_product_overflows_int64_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "huge"
+    path.write_bytes(_header((2**32 - 1,) * 4))
+    with pytest.raises(DatasetError, match="bytes of data: expected at most"):
+        read_idx(path)
+
+
+def test_a_gzip_bomb_behind_a_small_header_stops_after_one_extra_byte(tmp_path: Path) -> None:
+    """A valid 10-byte IDX file followed by 256 MiB of zeros, compressed to a few hundred KiB:
+    refused as trailing bytes with the memory of the declared size only."""
+    path = tmp_path / "trailing.gz"
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(_header((10,)) + bytes(10))
+        block = bytes(1 << 20)
+        for _ in range(256):
+            out.write(block)
+    assert path.stat().st_size < 2 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DatasetError, match="trailing bytes"):
+        read_idx(path)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024, f"reading grew the peak memory by {grown_kib} KiB"
+
+
+def test_splits_without_samples_are_refused(tmp_path: Path) -> None:
+    images = write_idx(tmp_path / "images.gz", np.zeros((0, 28, 28), np.uint8))
+    labels = write_idx(tmp_path / "labels.gz", np.zeros(0, np.uint8))
+    with pytest.raises(DatasetError, match=rf"{images}: holds no images \(N = 0\)"):
+        read_idx_pair(images, labels)
+    archive = tmp_path / "empty.npz"
+    np.savez(archive, x_train=np.zeros((3, 784), np.uint8), y_train=np.zeros(3, np.int64),
+             x_test=np.zeros((0, 784), np.uint8), y_test=np.zeros(0, np.int64))
+    with pytest.raises(DatasetError, match=r"x_test holds no images"):
+        read_npz(archive)
+
+
+def test_the_command_line_says_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "idx"
+    fake_mnist(folder, n_train=10, n_test=5)
+    bomb = folder / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(_header((100000, 28, 28 * 1024)) + bytes(1 << 16)))
+    code = main(["lab", "mnist", "--data", str(folder), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and str(bomb) in error and "expected at most" in error, error
