@@ -53,6 +53,16 @@ def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
+def class_axis(array: np.ndarray, axis: object, name: str) -> int:
+    """``axis`` of ``array`` normalized, checked to hold at least one class."""
+    if array.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
+    axis = normalize_axis(axis, array.ndim)
+    if array.shape[axis] == 0:
+        raise ValueError(f"{name} must have at least one class along axis {axis}, got shape {array.shape}")
+    return axis
+
+
 def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dtype) -> np.ndarray | None:
     """A per-class weight vector of length ``num_classes`` in ``dtype``, or None."""
     if weight is None:

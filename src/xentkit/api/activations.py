@@ -6,7 +6,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import reference
-from ._validation import as_float_array, compute_dtype, normalize_axis, same_shape
+from ._validation import as_float_array, class_axis, compute_dtype, same_shape
 
 
 def _prepare(x: ArrayLike, name: str) -> tuple[np.ndarray, np.dtype]:
@@ -15,9 +15,7 @@ def _prepare(x: ArrayLike, name: str) -> tuple[np.ndarray, np.dtype]:
 
 
 def _classes(x: np.ndarray, axis: int, name: str) -> int:
-    if x.ndim == 0:
-        raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
-    return normalize_axis(axis, x.ndim)
+    return class_axis(x, axis, name)
 
 
 def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:

@@ -17,8 +17,8 @@ from ._validation import (
     as_float_array,
     check_class_weight,
     check_out,
+    class_axis,
     compute_dtype,
-    normalize_axis,
     probability_target,
     upstream_gradient,
 )
@@ -143,15 +143,12 @@ def _cross_entropy(
     binding and of ``linear_cross_entropy``'s chunks). ``plan``: the reduction plan to use
     instead of these samples' own (a chunked caller passes its whole batch's)."""
     original = as_float_array(logits, "logits")
-    if original.ndim == 0:
-        raise ValueError("logits must have at least one dimension (the classes), got a scalar")
-    axis = normalize_axis(axis, original.ndim)
+    axis = class_axis(original, axis, "logits")
     reduction = options.reduction
     num_classes = original.shape[axis]
-    if num_classes == 0:
-        raise ValueError(f"logits must have at least one class along axis {axis}, got shape {original.shape}")
     work_dtype = compute_dtype(original.dtype)
     options.check_fits(work_dtype.name, float(np.finfo(work_dtype).max))
+    weight_given = weight
     weight = check_class_weight(weight, num_classes, work_dtype)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
 
@@ -177,6 +174,9 @@ def _cross_entropy(
             out.ctypes.data == original.ctypes.data and out.strides == original.strides
         ):
             raise ValueError("out must be logits itself (in place) or an array that does not overlap logits")
+        for name, other in (("weight", weight_given), ("target", target)):
+            if isinstance(other, np.ndarray) and np.may_share_memory(out, other):
+                raise ValueError(f"out must not overlap {name} (the gradient would overwrite it mid-computation)")
     if check_probabilities and _looks_like_probabilities(original, axis):
         warnings.warn(
             "logits look like probabilities (every value in [0, 1], summing to 1 along the class "

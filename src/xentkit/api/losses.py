@@ -12,8 +12,8 @@ from ..reference.reductions import ReductionPlan
 from ._validation import (
     as_float_array,
     check_class_weight,
+    class_axis,
     compute_dtype,
-    normalize_axis,
     same_shape,
     upstream_gradient,
 )
@@ -51,9 +51,7 @@ def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: n
 
 def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_output=None):
     original = as_float_array(log_probs, "log_probs")
-    if original.ndim == 0:
-        raise ValueError("log_probs must have at least one dimension (the classes), got a scalar")
-    axis = normalize_axis(axis, original.ndim)
+    axis = class_axis(original, axis, "log_probs")
     reduction, ignore_index = options.reduction, options.ignore_index
     num_classes = original.shape[axis]
     work = compute_dtype(original.dtype)
@@ -142,6 +140,8 @@ def _bce_with_logits(logits, target, weight, pos_weight, reduction, want_grad, g
                 f"or be a scalar, got shape {pw.shape}"
             )
         pw = pw.astype(x.dtype)
+        if pw.size == 1:  # one value for every class, also for a scalar input
+            pw = pw.reshape(())
     else:
         pw = None
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
@@ -319,9 +319,7 @@ def quadratic_cost_and_grad(
 
 def _distribution(p: ArrayLike, name: str, axis: int) -> tuple[np.ndarray, np.dtype, int]:
     array = as_float_array(p, name)
-    if array.ndim == 0:
-        raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
-    axis = normalize_axis(axis, array.ndim)
+    axis = class_axis(array, axis, name)
     work = array.astype(compute_dtype(array.dtype), copy=False)
     if work.size and np.nanmin(work) < 0:
         raise ValueError(f"{name} must hold probabilities (values >= 0), got a minimum of {np.nanmin(work)}")

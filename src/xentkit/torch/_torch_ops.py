@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._labels import check_labels
 from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
@@ -22,11 +23,15 @@ def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _label_plan(
-    target: Tensor, weight: Tensor | None, options: LossOptions, dtype: torch.dtype
+    target: Tensor, weight: Tensor | None, options: LossOptions, dtype: torch.dtype, num_classes: int
 ) -> tuple[Tensor, ReductionPlan]:
     """The non-ignored mask of hard labels and their reduction plan (Σ w_y and the count as
     tensors: no device synchronization)."""
     valid = target.long() != options.ignore_index  # int64: a uint8 target must not wrap −100 to 156
+    # the kernel paths' error rather than torch's IndexError (not while tracing, nor on meta
+    # tensors, which hold no labels to check)
+    if not torch.compiler.is_compiling() and target.device.type != "meta":
+        check_labels(target.long(), num_classes, options.ignore_index)
     target_weight = None
     if weight is not None:
         target_weight = weight[target.masked_fill(~valid, 0)].to(_sum_dtype(dtype)) * valid
@@ -39,25 +44,29 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options:
         options.check_fits(str(input.dtype).removeprefix("torch."), torch.finfo(input.dtype).max)
     if options.softcap is not None:
         input = options.softcap * torch.tanh(input / options.softcap)
+    class_dim = 1 if input.dim() >= 2 else 0
+    hard = not torch.is_floating_point(target)
+    if hard:  # first: a bad label is the kernel paths' ValueError, not torch's IndexError
+        valid, plan = _label_plan(target, weight, options, input.dtype, input.shape[class_dim])
     main = F.cross_entropy(
         input, target, weight, ignore_index=options.ignore_index, reduction="none",
         label_smoothing=options.label_smoothing,
     )
-    if torch.is_floating_point(target):
+    if not hard:
         valid = torch.ones(main.shape, dtype=torch.bool, device=main.device)
         plan = ReductionPlan.of_rows(options.reduction, main.numel())
-    else:
-        valid, plan = _label_plan(target, weight, options, input.dtype)
     z = None
     if options.z_loss:
-        z = z_term(torch.logsumexp(input, dim=1 if input.dim() >= 2 else 0), valid, options.z_loss)
+        z = z_term(torch.logsumexp(input, dim=class_dim), valid, options.z_loss)
     return plan.reduce(main, z).to(input.dtype)
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0."""
+    classes = input.shape[1 if input.dim() >= 2 else 0]
+    plan = _label_plan(target, weight, options, input.dtype, classes)[1]
     main = F.nll_loss(input, target, weight, ignore_index=options.ignore_index, reduction="none")
-    return _label_plan(target, weight, options, input.dtype)[1].reduce(main).to(input.dtype)
+    return plan.reduce(main).to(input.dtype)
 
 
 def binary_cross_entropy_with_logits(
