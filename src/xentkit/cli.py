@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from xentkit import __version__
+
 if TYPE_CHECKING:
     from xentkit.lab.datasets import Dataset
     from xentkit.lab.mnist import MnistSettings
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="xentkit: exact, fast softmax and cross-entropy losses; the lab reproduces "
         "the experiments of the seed notes.",
     )
+    parser.add_argument("--version", action="version", version=f"xentkit {__version__}")
     parser.set_defaults(help_parser=parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -266,13 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2), already printed by argparse
         return int(stop.code or 0)
+    from xentkit._extras import MissingExtraError
     from xentkit.lab.datasets import DatasetError
 
     try:
         return _run(args)
-    except (DatasetError, ValueError, OSError) as error:
+    except (DatasetError, MissingExtraError, ValueError, OSError) as error:
         message = " ".join(str(error).split())
-        kind = "" if isinstance(error, DatasetError) else f"{type(error).__name__}: "
+        plain = isinstance(error, DatasetError | MissingExtraError)
+        kind = "" if plain else f"{type(error).__name__}: "
         print(f"xentkit: error: {kind}{message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

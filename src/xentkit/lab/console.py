@@ -10,16 +10,18 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+from xentkit._extras import require
 from xentkit.lab.neuron import NeuronRun
 
 __all__ = ["Output", "mnist_table", "neuron_table"]
+
 
 
 class Output:
     """Where the lab prints: plain lines to ``stream``, rich tables and progress bars."""
 
     def __init__(self, stream: IO[str] | None = None, *, progress: bool = True) -> None:
-        from rich.console import Console
+        Console = require("rich.console", "lab", "xentkit lab").Console
 
         self.stream = stream if stream is not None else sys.stdout
         self.console = Console(file=self.stream, highlight=False)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from xentkit._extras import require
 from xentkit.lab.datasets import DATASET_NAMES, EMBEDDED_DEFAULT, DatasetError, default_cache_dir
 
 __all__ = ["DEFAULT_MIRRORS", "KNOWN_HASHES", "download_dataset", "mirror_env_var"]
@@ -75,8 +76,8 @@ def download_dataset(
         raise DatasetError(
             f"dataset: expected one of {list(DOWNLOADABLE)} to download, received {name!r}"
         )
-    import pooch
-    import requests
+    pooch = require("pooch", "lab", "xentkit data download")
+    requests = require("requests", "lab", "xentkit data download")
 
     pooch.get_logger().setLevel("WARNING")
     folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xentkit._extras import require
 from xentkit.lab.neuron import SEED_RESULTS, NeuronRun
 
 __all__ = [
@@ -26,8 +27,7 @@ __all__ = [
 
 def _pyplot() -> Any:
     """matplotlib's pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "lab", "the lab's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

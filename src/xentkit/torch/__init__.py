@@ -6,6 +6,7 @@
 Importing this module imports torch; ``import xentkit`` alone does not.
 """
 
+from . import _requires_torch  # noqa: F401  (first: a missing torch is one clear line)
 from .distributed import (
     CommunicationStats,
     vocab_parallel_cross_entropy,

@@ -1,0 +1,49 @@
+"""What a user meets at install: the version, the typing marker and license, and a missing
+optional dependency named in one line with the extra that provides it."""
+
+from __future__ import annotations
+
+import importlib.resources
+import subprocess
+import sys
+
+import pytest
+
+import xentkit
+from xentkit._extras import MissingExtraError, require
+from xentkit.cli import main
+
+
+def test_version_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"xentkit {xentkit.__version__}"
+
+
+def test_the_package_is_typed() -> None:
+    assert importlib.resources.files("xentkit").joinpath("py.typed").is_file()
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.delitem(sys.modules, "rich.console", raising=False)
+    with pytest.raises(MissingExtraError, match=r"^xentkit lab needs the package 'rich', .*pip install 'xentkit\[lab\]'$"):
+        require("rich.console", "lab", "xentkit lab")
+
+
+def test_the_lab_without_rich_says_so_and_exits_2(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.delitem(sys.modules, "rich.console", raising=False)
+    assert main(["lab", "neuron", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("xentkit: error: xentkit lab needs the package 'rich'") and "\n" not in error
+
+
+def test_import_xentkit_torch_without_torch_names_the_extra() -> None:
+    code = "import sys; sys.modules['torch'] = None; import xentkit.torch"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "xentkit._extras.MissingExtraError: xentkit.torch needs the package 'torch', which is not "
+        "installed: pip install 'xentkit[torch]'"
+    ), done.stderr
