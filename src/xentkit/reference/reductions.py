@@ -69,7 +69,7 @@ def masked(values: Any, mask: Any) -> Any:
         import torch
 
         return torch.where(mask, values, torch.zeros_like(values))
-    return np.where(mask, values, 0.0)
+    return np.where(mask, values, values.dtype.type(0) if isinstance(values, np.ndarray) else 0.0)
 
 
 def _count(values: Any, tensor_dtype: Any = None) -> Any:
@@ -107,6 +107,23 @@ class ReductionPlan:
         count = _count(valid, dtype)
         main = count if target_weight is None else _count(target_weight, dtype)
         return cls(reduction, main, count)
+
+    @classmethod
+    def of_targets(
+        cls, reduction: str, labels: Any, ignore_index: int, weight: Any = None, *, dtype: Any = None
+    ) -> tuple[Any, ReductionPlan]:
+        """Hard labels (already checked to be in range or ``ignore_index``) and the class
+        weights: ``(valid, plan)``, the non-ignored mask and the plan over Σ w_y and the count.
+        ``dtype``: for tensors, the dtype of the weights and sums (float64 for NumPy)."""
+        valid = labels != ignore_index
+        if weight is None:
+            return valid, cls.of_labels(reduction, valid, None, dtype=dtype)
+        safe = masked(labels, valid)  # ignored rows look up class 0, then count 0
+        if _torch_tensor(labels):
+            picked = weight.to(dtype)[safe.long()]
+        else:
+            picked = np.asarray(weight, dtype=np.float64)[safe.astype(np.int64)]
+        return valid, cls.of_labels(reduction, valid, masked(picked, valid), dtype=dtype)
 
     @classmethod
     def of_rows(cls, reduction: str, rows: int) -> ReductionPlan:

@@ -84,11 +84,9 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         b = None if linear_bias is None else linear_bias.detach().contiguous()
         labels = target.detach().reshape(-1).long().contiguous()
         n, classes = x.shape[0], w.shape[0]
-        valid = labels != options.ignore_index
-        target_weight = None
-        if weight is not None:
-            target_weight = weight.detach().float()[labels.masked_fill(~valid, 0)] * valid
-        plan = ReductionPlan.of_labels(options.reduction, valid, target_weight, dtype=torch.float32)
+        valid, plan = ReductionPlan.of_targets(
+            options.reduction, labels, options.ignore_index, weight, dtype=torch.float32
+        )
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = None

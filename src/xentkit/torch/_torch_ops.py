@@ -27,15 +27,13 @@ def _label_plan(
 ) -> tuple[Tensor, ReductionPlan]:
     """The non-ignored mask of hard labels and their reduction plan (Σ w_y and the count as
     tensors: no device synchronization)."""
-    valid = target.long() != options.ignore_index  # int64: a uint8 target must not wrap −100 to 156
     # the kernel paths' error rather than torch's IndexError (not while tracing, nor on meta
     # tensors, which hold no labels to check)
     if not torch.compiler.is_compiling() and target.device.type != "meta":
         check_labels(target.long(), num_classes, options.ignore_index)
-    target_weight = None
-    if weight is not None:
-        target_weight = weight[target.masked_fill(~valid, 0)].to(_sum_dtype(dtype)) * valid
-    return valid, ReductionPlan.of_labels(options.reduction, valid, target_weight, dtype=_sum_dtype(dtype))
+    return ReductionPlan.of_targets(  # int64: a uint8 target must not wrap −100 to 156
+        options.reduction, target.long(), options.ignore_index, weight, dtype=_sum_dtype(dtype)
+    )
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:

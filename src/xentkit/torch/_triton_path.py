@@ -101,11 +101,9 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
             rows, labels, weight, options.ignore_index, options.label_smoothing, options.softcap
         )
         # everything below is queued behind the kernels; the label check's wait comes last
-        valid = labels != options.ignore_index
-        target_weight = None
-        if weight is not None:
-            target_weight = weight.detach().float()[labels.masked_fill(~valid, 0)] * valid
-        plan = ReductionPlan.of_labels(options.reduction, valid, target_weight, dtype=torch.float32)
+        valid, plan = ReductionPlan.of_targets(
+            options.reduction, labels, options.ignore_index, weight, dtype=torch.float32
+        )
         loss = plan.reduce(loss_rows, z_term(lse, valid, options.z_loss))
         if grad_enabled and ctx.needs_input_grad[0]:
             # the "mean" denominators as factors of the upstream gradient, read by the kernel

@@ -156,13 +156,8 @@ def _reduction_plan(
     """The whole batch's plan; a label outside [0, classes) is a ValueError."""
     if target.dtype.kind == "f":
         return ReductionPlan.of_rows(options.reduction, target.shape[0])
-    valid = check_labels(
-        target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)"
-    )
-    target_weight = None
-    if class_weight is not None:
-        target_weight = np.where(valid, class_weight.astype(np.float64)[np.where(valid, target, 0)], 0.0)
-    return ReductionPlan.of_labels(options.reduction, valid, target_weight)
+    check_labels(target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
+    return ReductionPlan.of_targets(options.reduction, target, options.ignore_index, class_weight)[1]
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
