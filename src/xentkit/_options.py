@@ -157,10 +157,12 @@ class LossOptions:
         for name, check in _CHECKS.items():  # in field order: the first bad argument is named
             object.__setattr__(self, name, check(getattr(self, name)))
 
-    def check_fits(self, dtype_name: str, largest: float) -> None:
-        """Refuse a softcap larger than the largest finite value of the dtype the loss is computed
-        in (``softcap=1e39`` in float32 would turn every capped logit into NaN)."""
+    def check_fits(self, dtype: object, largest: float) -> None:
+        """Refuse a softcap larger than ``largest``, the largest finite value of ``dtype`` (NumPy's
+        or torch's), the dtype the loss is computed in (``softcap=1e39`` in float32 would turn
+        every capped logit into NaN)."""
         if self.softcap is not None and self.softcap > largest:
+            dtype_name = str(dtype).removeprefix("torch.")
             raise ValueError(
                 f"softcap must be at most the largest {dtype_name} value ({largest:.6g}) for a loss "
                 f"computed in {dtype_name}, got {self.softcap}"

@@ -147,7 +147,8 @@ def _cross_entropy(
     reduction = options.reduction
     num_classes = original.shape[axis]
     work_dtype = compute_dtype(original.dtype)
-    options.check_fits(work_dtype.name, float(np.finfo(work_dtype).max))
+    if options.softcap is not None:
+        options.check_fits(work_dtype, float(np.finfo(work_dtype).max))
     weight_given = weight
     weight = check_class_weight(weight, num_classes, work_dtype)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]

@@ -78,7 +78,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         from ..triton.cross_entropy import row_statistics
 
         _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
-        options.check_fits("float32", torch.finfo(torch.float32).max)  # the kernels' arithmetic
+        options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
         x = input.detach().contiguous()
         w = linear_weight.detach().contiguous()
         b = None if linear_bias is None else linear_bias.detach().contiguous()

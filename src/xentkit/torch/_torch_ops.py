@@ -38,8 +38,8 @@ def _label_plan(
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.cross_entropy`` plus xentkit's softcap, z-loss and "mean" of nothing = 0."""
-    if input.is_floating_point():
-        options.check_fits(str(input.dtype).removeprefix("torch."), torch.finfo(input.dtype).max)
+    if options.softcap is not None and input.is_floating_point():
+        options.check_fits(input.dtype, torch.finfo(input.dtype).max)
     if options.softcap is not None:
         input = options.softcap * torch.tanh(input / options.softcap)
     class_dim = 1 if input.dim() >= 2 else 0

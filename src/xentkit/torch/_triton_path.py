@@ -88,7 +88,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         from ..triton.cross_entropy import row_statistics
 
         _bridge.first_order_anchors(ctx, input)
-        options.check_fits("float32", torch.finfo(torch.float32).max)  # the kernels' arithmetic
+        options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
         class_axis = 1 if input.dim() >= 2 else 0
         sample_shape = input.shape[:class_axis] + input.shape[class_axis + 1 :]
         check_index_layout(
