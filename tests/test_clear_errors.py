@@ -53,3 +53,18 @@ def test_out_of_range_labels_give_one_error_on_every_path(backend, dtype):
         xt.cross_entropy(logits, torch.tensor([0, 9, 1]), backend=backend)
     with pytest.raises(ValueError, match=message):
         xt.nll_loss(torch.log_softmax(logits.float(), 1).to(dtype), torch.tensor([0, 9, 1]))
+
+
+@pytest.mark.parametrize("path", ["api", "torch", "module"])
+def test_the_probabilities_warning_points_at_the_users_call(path):
+    import xentkit.torch as xt
+
+    probabilities = np.full((2, 3), 1 / 3)
+    calls = {
+        "api": lambda: xentkit.cross_entropy(probabilities, [0, 1]),
+        "torch": lambda: xt.cross_entropy(torch.from_numpy(probabilities), torch.tensor([0, 1])),
+        "module": lambda: xt.CrossEntropyLoss()(torch.from_numpy(probabilities), torch.tensor([0, 1])),
+    }
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning) as caught:
+        calls[path]()
+    assert caught[0].filename == __file__

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -48,6 +50,21 @@ def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
     if not (moved.min() >= 0 and moved.max() <= 1):
         return False
     return bool(np.all(np.abs(moved.sum(axis=-1, dtype=np.float64) - 1) <= tolerance))
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning raised by the caller of this function at the
+    first frame outside xentkit and torch: the user's call, whichever path led here (the api,
+    ``xentkit.torch``'s functions or modules, their autograd Functions)."""
+    internal = [str(Path(__file__).parents[1])]
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        internal.append(str(Path(torch.__file__).parent))
+    prefixes = tuple(internal)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _kernel_rows():
@@ -180,7 +197,7 @@ def _cross_entropy(
             "axis); did you apply softmax twice? Pass raw scores to cross_entropy, or silence "
             "this with check_probabilities=False.",
             ProbabilitiesAsLogitsWarning,
-            stacklevel=3,
+            stacklevel=_callers_level(),
         )
 
     work = original.astype(work_dtype, copy=False)
