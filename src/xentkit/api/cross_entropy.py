@@ -34,6 +34,12 @@ class ProbabilitiesAsLogitsWarning(UserWarning):
     """
 
 
+def _class_axis_last(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array`` with ``axis`` moved last (the array itself when it is last already: moveaxis
+    costs microseconds that small problems notice)."""
+    return array if axis == array.ndim - 1 else np.moveaxis(array, axis, -1)
+
+
 def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
     """Every value in [0, 1] and every slice along ``axis`` summing to 1.
 
@@ -42,7 +48,7 @@ def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
     """
     if logits.shape[axis] < 2 or logits.size == 0:
         return False
-    moved = np.moveaxis(logits, axis, -1)
+    moved = _class_axis_last(logits, axis)
     tolerance = 1e-2 if logits.dtype == np.float16 else 1e-4
     first = moved[(0,) * (moved.ndim - 1)]
     if not (first.min() >= 0 and first.max() <= 1 and abs(float(first.sum(dtype=np.float64)) - 1) <= tolerance):
@@ -102,7 +108,7 @@ def _fused(
     float64 ("mean"/"sum") or per sample, and the gradient in the compute dtype (or ``out``).
     """
     num_classes = logits.shape[axis]
-    moved = np.moveaxis(logits, axis, -1)
+    moved = _class_axis_last(logits, axis)
     sample_shape = moved.shape[:-1]
     rows = int(np.prod(sample_shape, dtype=np.int64))
     matrix = np.ascontiguousarray(moved).reshape(rows, num_classes)
@@ -139,7 +145,9 @@ def _fused(
         return loss, None
     if writes_out_directly:
         return loss, out
-    grad = np.moveaxis(grad_matrix.reshape(moved.shape), -1, axis)
+    grad = grad_matrix.reshape(moved.shape)
+    if axis != logits.ndim - 1:
+        grad = np.moveaxis(grad, -1, axis)
     return loss, grad
 
 
