@@ -74,3 +74,26 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path: Path, capsys: pyte
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and str(bomb) in error and "expected at most" in error, error
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_a_bad_out_folder_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    import os
+    import time
+
+    if kind == "file":
+        out = tmp_path / "taken"
+        out.write_text("not a folder")
+        expected = "exists and is not a folder"
+    else:
+        if os.geteuid() == 0:
+            out, expected = Path("/proc/forbidden"), "cannot make the folder"
+        else:
+            locked = tmp_path / "locked"
+            locked.mkdir(mode=0o500)
+            out, expected = locked / "out", "cannot make the folder"
+    started = time.monotonic()
+    assert main(["lab", "--out", str(out), "--no-progress"]) == 2
+    assert time.monotonic() - started < 5, "it trained before checking --out"
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("xentkit: error: ValueError: --out:") and expected in error, error

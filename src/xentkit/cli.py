@@ -14,8 +14,10 @@ settings print one line to stderr and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xentkit import __version__
@@ -225,6 +227,19 @@ def _settings(args: argparse.Namespace) -> MnistSettings:
     )
 
 
+def _check_writable_folder(folder: Path, option: str) -> None:
+    """``folder`` exists (made if needed) as a writable directory, or a ValueError naming
+    ``option``: checked before any training, so a bad path does not cost the whole run."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option}: {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option}: cannot make the folder {folder} ({error.strerror or error})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: the folder {folder} is not writable")
+
+
 def _run(args: argparse.Namespace) -> int:
     """Carry out the parsed command; returns the exit code."""
     if args.command == "data":
@@ -243,6 +258,9 @@ def _run(args: argparse.Namespace) -> int:
     from xentkit.lab.console import Output
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
+    _check_writable_folder(Path(args.out), "--out")  # before training, not after
+    if args.json is not None:
+        _check_writable_folder(Path(args.json).parent, "--json")
     output = Output(progress=not args.no_progress)
     if args.experiment == "neuron":
         run_neuron(args.out, json_path=args.json, output=output)
