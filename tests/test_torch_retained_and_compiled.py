@@ -61,3 +61,23 @@ def test_losses_compile_with_fullgraph(reduction):
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grads, (x.grad, w.grad))
+
+
+def test_linear_module_is_a_drop_in_for_torchs_including_out_features():
+    if not hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        pytest.skip("this torch has no nn.LinearCrossEntropyLoss")
+    generator = torch.Generator().manual_seed(8)
+    inputs = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 5, (4, 3), generator=generator)
+    results = []
+    for module_class in (xt.LinearCrossEntropyLoss, torch.nn.LinearCrossEntropyLoss):
+        torch.manual_seed(0)
+        head = module_class(6, 5, out_features=(3,), bias=True, dtype=torch.float64, label_smoothing=0.1)
+        loss = head(inputs, target)
+        loss.backward()
+        results.append((head, loss.detach(), head.linear.weight.grad))
+    (ours, loss, grad), (theirs, expected, expected_grad) = results
+    assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)

@@ -6,6 +6,7 @@ only ``forward`` changes, to call :mod:`xentkit.torch.functional`.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -106,14 +107,20 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         )
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+# torch.nn.LinearCrossEntropyLoss exists in recent torch releases; subclass it where it does
+_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)
+
+
+class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
     """A linear layer and cross-entropy fused: ``CrossEntropyLoss()(self.linear(input), target)``
     without the full logits; see :func:`xentkit.torch.linear_cross_entropy`.
 
-    Like ``torch.nn.LinearCrossEntropyLoss`` (the same ``self.linear`` layout, so state dicts
-    load both ways, 2-D case only), with ``z_loss``, ``softcap`` and ``chunk_size`` in place of
-    ``options``. Shapes: input ``[N, in_features]`` or ``[in_features]``; target ``[N]`` (class
-    indices) or ``[N, num_classes]`` (probabilities).
+    A subclass of ``torch.nn.LinearCrossEntropyLoss`` where torch has it (``isinstance`` holds,
+    the same arguments including ``out_features``, the same ``self.linear`` and buffers, so state
+    dicts load both ways), with ``z_loss``, ``softcap``, ``chunk_size`` and ``backend`` in place
+    of ``options``. Shapes: input ``[N, in_features]`` or ``[in_features]``; target ``[N]``
+    (class indices; ``[N, *out_features]`` with ``out_features``) or ``[N, num_classes]``
+    (probabilities).
 
     Example:
         >>> import torch
@@ -123,6 +130,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         >>> loss = head(torch.randn(8, 4), torch.randint(0, 10, (8,)))
         >>> loss.shape
         torch.Size([])
+        >>> isinstance(head, torch.nn.LinearCrossEntropyLoss)
+        True
     """
 
     def __init__(
@@ -130,6 +139,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         in_features: int,
         num_classes: int,
         *,
+        out_features: tuple[int, ...] = (),
         bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -142,32 +152,48 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         chunk_size: int | None = None,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(
                 f"weight must have shape ({num_classes},), one value per class, got {tuple(weight.shape)}"
             )
-        self.register_buffer("weight", weight)
-        self.num_classes = num_classes
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
+        if _TorchLinearCrossEntropyLoss is not torch.nn.Module:
+            super().__init__(
+                in_features, num_classes, out_features=tuple(out_features), bias=bias, device=device,
+                dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+            )
+        else:  # an older torch: the same attributes, built here
+            super().__init__()
+            self.register_buffer("weight", weight)
+            self.num_classes = num_classes
+            self.out_features = tuple(out_features)
+            self.reduction = reduction
+            self.ignore_index = ignore_index
+            self.label_smoothing = label_smoothing
+            self.linear = torch.nn.Linear(
+                in_features, math.prod(out_features, start=num_classes), bias=bias, device=device,
+                dtype=dtype,
+            )
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.backend = backend
-        self.linear = torch.nn.Linear(
-            in_features, num_classes, bias=bias, device=device, dtype=dtype
-        )
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        shape = (self.num_classes, *self.out_features)
+        linear_weight = self.linear.weight
+        linear_bias = self.linear.bias
+        if self.out_features:  # classes on axis 1, then out_features (torch's K-dimensional loss)
+            linear_weight = linear_weight.reshape(*shape, self.linear.in_features)
+            linear_bias = None if linear_bias is None else linear_bias.reshape(shape)
         return linear_cross_entropy(
-            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
             **_options_of(self),
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-            f"bias={self.linear.bias is not None}, " + _options_repr(_options_of(self))
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+            + _options_repr(_options_of(self))
         )
