@@ -97,3 +97,18 @@ def test_a_bad_out_folder_is_refused_before_training(tmp_path: Path, capsys: pyt
     assert time.monotonic() - started < 5, "it trained before checking --out"
     error = capsys.readouterr().err.strip()
     assert error.startswith("xentkit: error: ValueError: --out:") and expected in error, error
+
+
+def test_a_subcommand_error_prints_that_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "neuron", "--epochs", "5"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: xentkit lab neuron"), error
+    assert "xentkit lab neuron: error: unrecognized arguments: --epochs 5" in error
+
+
+def test_a_text_file_as_data_says_what_was_expected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert main(["lab", "mnist", "--data", str(text), "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"{text}: expected an .npz archive" in error and "b'hell'" in error and "pickle" not in error

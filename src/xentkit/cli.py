@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_options(lab, nested=False)
     _add_data_options(lab, nested=False)
+    lab.set_defaults(help_parser=lab)
     lab_commands = lab.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     neuron = lab_commands.add_parser(
         "neuron",
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "under cross-entropy.",
     )
     _add_output_options(neuron, nested=True)
+    neuron.set_defaults(help_parser=neuron)
     mnist = lab_commands.add_parser(
         "mnist",
         help="softmax regression on MNIST under quadratic, double-softmax and cross-entropy",
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_options(mnist, nested=True)
     _add_data_options(mnist, nested=True)
+    mnist.set_defaults(help_parser=mnist)
 
     data = commands.add_parser(
         "data", help="manage datasets", description="Download and check datasets."
@@ -284,7 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``xentkit`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported with the usage of the (sub)command they were given to
+            args.help_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as stop:  # --help (0) or a usage error (2), already printed by argparse
         return int(stop.code or 0)
     from xentkit._extras import MissingExtraError

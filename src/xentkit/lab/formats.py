@@ -214,6 +214,13 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         The four arrays by key: images as :func:`as_pixels`, labels as :func:`as_labels`.
     """
     path = Path(path)
+    with contextlib.suppress(OSError), path.open("rb") as handle:  # unreadable: np.load says why
+        start = handle.read(4)
+        if start[:2] != b"PK":  # every .npz is a zip archive
+            raise DatasetError(
+                f"{path}: expected an .npz archive (a zip of arrays x_train, y_train, x_test, "
+                f"y_test) or a folder of IDX files, received a file starting with {start!r}"
+            )
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [key for key in NPZ_KEYS if key not in archive.files]
