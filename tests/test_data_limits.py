@@ -112,3 +112,14 @@ def test_a_text_file_as_data_says_what_was_expected(tmp_path: Path, capsys: pyte
     assert main(["lab", "mnist", "--data", str(text), "--no-progress", "--out", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err.strip()
     assert f"{text}: expected an .npz archive" in error and "b'hell'" in error and "pickle" not in error
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_an_unreachable_mirror_says_what_to_do_instead(tmp_path: Path, name: str) -> None:
+    from xentkit.lab.download import download_dataset
+
+    with pytest.raises(DatasetError) as error:  # nothing listens on port 9 of this machine
+        download_dataset(name, cache_dir=tmp_path, mirror="http://127.0.0.1:9/")
+    message = str(error.value)
+    assert "download of" in message and "--data DIR" in message and "--mirror URL" in message
+    assert ("dataset-fashion-mnist" in message) == (name == "fashion-mnist")

@@ -97,8 +97,21 @@ def download_dataset(
                 f"{_received_hash(error)}; the download was discarded (not kept in {folder})"
             ) from None
         except (requests.RequestException, OSError) as error:
-            raise DatasetError(f"{url}: download of {filename} failed ({error})") from None
+            raise DatasetError(
+                f"{url}: download of {filename} failed ({error}). {_offline_hint(name)}"
+            ) from None
     return folder
+
+
+def _offline_hint(name: str) -> str:
+    """What to do without the network (or with a mirror that does not answer)."""
+    hint = (
+        f"Without network access, pass the four IDX files (or an .npz) with --data DIR, or point "
+        f"--mirror URL (or ${mirror_env_var(name)}) at a server that has them"
+    )
+    if name == "fashion-mnist":
+        hint += "; Debian's dataset-fashion-mnist package installs the files xentkit finds by itself"
+    return hint + "."
 
 
 def _received_hash(error: ValueError) -> str:
