@@ -35,8 +35,7 @@ REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "triton", "torch")
 # The allowed values of each option that takes a string.
 CHOICES = {"reduction": REDUCTIONS, "backend": BACKENDS}
-_INT64 = np.iinfo(np.int64)
-_INT64_RANGE = (int(_INT64.min), int(_INT64.max))
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def describe(value: object) -> str:
@@ -67,11 +66,11 @@ def check_backend(value: object) -> str:
 
 
 def check_ignore_index(value: object) -> int:
-    if type(value) is int and _INT64_RANGE[0] <= value <= _INT64_RANGE[1]:  # the common case, fast
+    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:  # the common case, fast
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {describe(value)}")
-    if not _INT64.min <= int(value) <= _INT64.max:
+    if not _INT64_MIN <= int(value) <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {int(value)}")
     return int(value)
 

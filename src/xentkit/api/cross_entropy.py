@@ -187,7 +187,9 @@ def _cross_entropy(
         target_array = as_class_indices(target_array, sample_shape)
         valid = check_labels(target_array, num_classes, options.ignore_index)
         if plan is None and not reference_enabled():
-            plan = ReductionPlan.of_targets(reduction, target_array, options.ignore_index, weight)[1]
+            plan = ReductionPlan.of_targets(
+                reduction, target_array, options.ignore_index, weight, valid=valid
+            )[1]
 
     upstream = upstream_gradient(grad_output, reduction, sample_shape, np.dtype(np.float64)) if want_grad else None
     if out is not None:

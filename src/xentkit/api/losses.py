@@ -58,11 +58,11 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     weight = check_class_weight(weight, num_classes, work)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
     labels = as_class_indices(target, sample_shape)
-    check_labels(labels, num_classes, ignore_index)
+    valid = check_labels(labels, num_classes, ignore_index)
 
     moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
     per_sample, w_y, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index)
-    plan = ReductionPlan.of_labels(reduction, labels != ignore_index, w_y)
+    plan = ReductionPlan.of_labels(reduction, valid, w_y)
     loss = plan.reduce(per_sample).astype(original.dtype)
     if not want_grad:
         return loss, None

@@ -9,10 +9,10 @@ two threads call a kernel at once.
 
 :func:`prefer_tbb` runs when the kernels are first imported, before any of them launches
 threads. It chooses TBB unless the choice is not ours to make: the user set
-``NUMBA_THREADING_LAYER`` (or ``numba.config.THREADING_LAYER``; TBB's library is still loaded when
-that choice may use it), or Numba already started its threads. The ``tbb`` wheel (a dependency of xentkit where it is published) puts ``libtbb`` beside
-the interpreter, outside the loader's path; it is loaded here by its full path. Without it
-Numba's default stays.
+``NUMBA_THREADING_LAYER`` (or ``numba.config.THREADING_LAYER``; TBB's library is still loaded
+when that choice may use it), or Numba already started its threads. The ``tbb`` wheel (a
+dependency of xentkit where it is published) puts ``libtbb`` beside the interpreter, outside the
+loader's path; it is loaded here by its full path. Without it Numba's default stays.
 """
 
 from __future__ import annotations

@@ -110,12 +110,16 @@ class ReductionPlan:
 
     @classmethod
     def of_targets(
-        cls, reduction: str, labels: Any, ignore_index: int, weight: Any = None, *, dtype: Any = None
+        cls, reduction: str, labels: Any, ignore_index: int, weight: Any = None, *, dtype: Any = None,
+        valid: Any = None,
     ) -> tuple[Any, ReductionPlan]:
         """Hard labels (already checked to be in range or ``ignore_index``) and the class
         weights: ``(valid, plan)``, the non-ignored mask and the plan over Σ w_y and the count.
-        ``dtype``: for tensors, the dtype of the weights and sums (float64 for NumPy)."""
-        valid = labels != ignore_index
+        ``dtype``: for tensors, the dtype of the weights and sums (float64 for NumPy); ``valid``:
+        the mask ``labels != ignore_index`` when the caller has it already (the label check
+        returns it)."""
+        if valid is None:
+            valid = labels != ignore_index
         if weight is None:
             return valid, cls.of_labels(reduction, valid, None, dtype=dtype)
         safe = masked(labels, valid)  # ignored rows look up class 0, then count 0

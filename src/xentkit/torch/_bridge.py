@@ -102,20 +102,46 @@ def take_saved_gradient(ctx: object, name: str, function_name: str) -> tuple[Ten
     return gradient, True
 
 
-def scale_gradient(gradient: Tensor, grad_output: Tensor, owned: bool) -> Tensor:
+def scale_gradient(
+    gradient: Tensor, grad_output: Tensor, owned: bool, *, read_one_on_device: bool = False
+) -> Tensor:
     """``gradient · grad_output`` (broadcast), in place when ``owned``; no work when it is 1.
 
-    Whether a one-element ``grad_output`` is 1 is read only on the CPU: on a GPU reading it
-    would wait for the device, so there the product is always taken. A gradient that is not
-    owned (the graph is retained, so the next backward needs it intact) is never handed out
-    itself: the caller may change what it receives in place.
+    Whether a one-element ``grad_output`` is 1 is read on the CPU for free; on a GPU reading it
+    waits for the device, which ``read_one_on_device`` accepts (worth it when the gradients are
+    large next to that wait, as a linear layer's weight gradient) and which is otherwise avoided
+    by always taking the product. A gradient that is not owned (the graph is retained, so the
+    next backward needs it intact) is never handed out itself: the caller may change what it
+    receives in place.
     """
-    if grad_output.numel() == 1 and grad_output.device.type == "cpu" and float(grad_output.reshape(())) == 1.0:
+    readable = grad_output.device.type == "cpu" or read_one_on_device
+    if grad_output.numel() == 1 and readable and float(grad_output.reshape(())) == 1.0:
         return gradient if owned else gradient.clone()
     grad_output = grad_output.to(gradient.dtype)
     if owned:
         return gradient.mul_(grad_output)
     return gradient * grad_output
+
+
+# where the fused linear forms' forward keeps the gradients of (input, linear_weight, linear_bias)
+LINEAR_GRADIENT_NAMES = ("grad_input", "grad_weight", "grad_bias")
+
+
+def hand_over_gradients(
+    ctx: Any, names: tuple[str, ...], grad_output: Tensor, function_name: str, *,
+    read_one_on_device: bool = False,
+) -> list[Tensor | None]:
+    """The gradients forward stored on ``ctx`` under ``names`` (one per input, in order), each
+    taken (:func:`take_saved_gradient`) and scaled (:func:`scale_gradient`); None for the
+    inputs that need none."""
+    gradients: list[Tensor | None] = []
+    for index, name in enumerate(names):
+        if not ctx.needs_input_grad[index]:
+            gradients.append(None)
+            continue
+        gradient, owned = take_saved_gradient(ctx, name, function_name)
+        gradients.append(scale_gradient(gradient, grad_output, owned, read_one_on_device=read_one_on_device))
+    return gradients
 
 
 def first_order_only(function_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

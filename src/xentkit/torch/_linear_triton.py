@@ -9,7 +9,8 @@ Per chunk of rows, into one reused ``[rows, V]`` buffer of the input's dtype:
 4. ``grad_x[chunk] = dz W``, ``grad_W += dzᵀ x_chunk``, ``grad_b += Σ_rows dz``   (cuBLAS)
 
 "mean"/"sum" compute every gradient in forward, so backward only scales them by the upstream
-gradient (skipped when it is 1, which costs one wait for the device; the step is matmul-bound).
+gradient (``_bridge.hand_over_gradients``; skipped when it is 1, which costs one wait for the
+device, cheap next to the matmuls).
 "none" computes the losses in forward, keeps each row's max and sum, and redoes the chunks in
 backward with the per-row upstream gradient read on the device (one more matmul per chunk).
 
@@ -30,7 +31,7 @@ from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
 from ._chunks import logit_chunks
-from ._triton_path import triton_reason
+from ._triton_path import triton_reason, unit_factors
 
 # A chunk's logits take at most this many bytes (a power of two of rows): measured on an H100,
 # 2048-row chunks of a 128256-class bfloat16 vocabulary (512 MiB) keep the matmuls near their
@@ -89,11 +90,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         )
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
-        factors = None
-        if now:
-            factors = torch.stack(
-                [torch.as_tensor(f, dtype=torch.float32, device=x.device) for f in plan.scales(1.0)]
-            )
+        factors = unit_factors(plan, x.device) if now else None
         grads = _empty_gradients(x, w, b, want if now else (False, False, False))
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -113,7 +110,8 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         if options.reduction == "none" and any(want):
             ctx.save_for_backward(input, linear_weight, linear_bias, labels, weight, stats)
             ctx.want = want
-        ctx.gradients = grads
+        for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, grads, strict=True):
+            setattr(ctx, name, gradient)
         return loss.to(x.dtype)
 
     @staticmethod
@@ -132,23 +130,12 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
                 _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
                                  options, upstream[start:stop], ones, grads, start, stop)
             return (*grads, None, None, None, None)
-        stored = ctx.gradients
-        if stored is None:
-            raise RuntimeError(
-                "xentkit.torch.linear_cross_entropy: backward was called a second time, but the "
-                "gradients computed in the forward pass were handed over by the first backward; "
-                "pass retain_graph=True to the first backward to differentiate the same graph again"
-            )
-        kept = _bridge._graph_is_kept()
-        if not kept:
-            ctx.gradients = None
-        # loss.backward() passes 1: one wait for the device saves three passes over the gradients
-        if grad_output.numel() == 1 and bool(grad_output.reshape(()) == 1):
-            # a retained graph keeps its gradients intact: the caller gets copies
-            return (*(g if g is None or not kept else g.clone() for g in stored), None, None, None, None)
-        factor = grad_output.reshape(())
-        return (*(None if g is None else (g * factor.to(g.dtype) if kept else g.mul_(factor.to(g.dtype)))
-                  for g in stored), None, None, None, None)
+        # loss.backward() passes 1: one wait for the device saves a pass over each gradient
+        gradients = _bridge.hand_over_gradients(
+            ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, "linear_cross_entropy",
+            read_one_on_device=True,
+        )
+        return (*gradients, None, None, None, None)
 
 
 def _empty_gradients(x: Tensor, w: Tensor, b: Tensor | None, want: tuple[bool, ...]) -> list[Tensor | None]:

@@ -29,10 +29,12 @@ def _label_plan(
     tensors: no device synchronization)."""
     # the kernel paths' error rather than torch's IndexError (not while tracing, nor on meta
     # tensors, which hold no labels to check)
+    labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
+    valid = None
     if not torch.compiler.is_compiling() and target.device.type != "meta":
-        check_labels(target.long(), num_classes, options.ignore_index)
-    return ReductionPlan.of_targets(  # int64: a uint8 target must not wrap −100 to 156
-        options.reduction, target.long(), options.ignore_index, weight, dtype=_sum_dtype(dtype)
+        valid = check_labels(labels, num_classes, options.ignore_index)
+    return ReductionPlan.of_targets(
+        options.reduction, labels, options.ignore_index, weight, dtype=_sum_dtype(dtype), valid=valid
     )
 
 

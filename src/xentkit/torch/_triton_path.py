@@ -65,6 +65,12 @@ def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tens
     return reason is None
 
 
+def unit_factors(plan: ReductionPlan, device: torch.device) -> Tensor:
+    """The plan's (main, z) gradient factors for an upstream gradient of 1 (the "mean"
+    denominators' inverses, or 0) as a float32 ``[2]`` device tensor for ``row_gradient``."""
+    return torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device) for f in plan.scales(1.0)])
+
+
 def _rows(input: Tensor) -> Tensor:
     """The logits as contiguous ``[rows, C]`` with the class axis (1, or 0 unbatched) last."""
     if input.dim() == 1:
@@ -107,9 +113,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         loss = plan.reduce(loss_rows, z_term(lse, valid, options.z_loss))
         if grad_enabled and ctx.needs_input_grad[0]:
             # the "mean" denominators as factors of the upstream gradient, read by the kernel
-            factors = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=rows.device)
-                                   for f in plan.scales(1.0)])
-            ctx.save_for_backward(input, labels, stats, weight, factors)
+            ctx.save_for_backward(input, labels, stats, weight, unit_factors(plan, rows.device))
             ctx.options = options
         check_labels(labels, rows.shape[1], options.ignore_index)  # the kernels read no bad label
         if options.reduction == "none":

@@ -222,13 +222,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             )
             return result.grad_input, result.grad_weight, result.grad_bias, None, None, None, None
 
-        gradients = []
-        for name in ("grad_input", "grad_weight", "grad_bias"):
-            if getattr(ctx, name) is None and not ctx.needs_input_grad[len(gradients)]:
-                gradients.append(None)
-                continue
-            gradient, owned = _bridge.take_saved_gradient(ctx, name, "linear_cross_entropy")
-            gradients.append(_bridge.scale_gradient(gradient, grad_output, owned))
+        gradients = _bridge.hand_over_gradients(
+            ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, "linear_cross_entropy"
+        )
         return (*gradients, None, None, None, None)
 
 

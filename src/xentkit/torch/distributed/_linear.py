@@ -23,7 +23,6 @@ _NAME = "vocab_parallel_linear_cross_entropy"
 
 # Where forward stores the gradients of (input, linear_weight_shard, linear_bias_shard) for
 # backward ("mean"/"sum"); None for those not wanted.
-_GRADIENT_NAMES = ("grad_input", "grad_weight", "grad_bias")
 
 
 @dataclasses.dataclass
@@ -167,14 +166,7 @@ class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 result.grad_bias,
             )
             return (*(gradient if need else None for gradient, need in zip(gradients, needs, strict=True)), None, None)
-        scaled = []
-        for name, need in zip(_GRADIENT_NAMES, needs, strict=True):
-            if not need:
-                scaled.append(None)
-                continue
-            gradient, owned = _bridge.take_saved_gradient(ctx, name, _NAME)
-            scaled.append(_bridge.scale_gradient(gradient, grad_output, owned))
-        return (*scaled, None, None)
+        return (*_bridge.hand_over_gradients(ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, _NAME), None, None)
 
 
 def vocab_parallel_linear_cross_entropy(
