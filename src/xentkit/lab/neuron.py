@@ -1,4 +1,6 @@
-"""Seed 003's single sigmoid neuron: why the quadratic cost learns slowly when badly wrong.
+"""Note 003's single sigmoid neuron: why the quadratic cost learns slowly when badly wrong.
+
+Note 003 is one of the blog notes xentkit reproduces (see the README).
 
 One input ``x = 1.0`` with target ``y = 0``, output ``a = σ(z)`` with ``z = w·x + b``, plain
 gradient descent at learning rate 0.15 for 300 iterations, from two starts:
@@ -46,7 +48,7 @@ ITERATIONS = 300
 INPUT = 1.0
 TARGET = 0.0
 
-#: What seed 003 reports: start → (first output, quadratic output after 300 iterations).
+#: What note 003 reports: start → (first output, quadratic output after 300 iterations).
 SEED_RESULTS = {(0.6, 0.9): (0.82, 0.09), (2.0, 2.0): (0.98, 0.20)}
 
 
@@ -77,6 +79,18 @@ class NeuronRun:
     def final_output(self) -> float:
         """The output after the last update."""
         return self.outputs[-1]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NeuronRun:
+        """The run back from :meth:`to_json`'s object (what ``neuron.json`` holds)."""
+        w, b = (float(value) for value in data["start"])
+        return cls(
+            start=(w, b),
+            cost=str(data["cost"]),
+            learning_rate=float(data["learning_rate"]),
+            outputs=[float(value) for value in data["outputs"]],
+            costs=[float(value) for value in data["costs"]],
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The run as the JSON object the lab writes."""
@@ -158,12 +172,12 @@ def run_neuron_experiment(
 
 
 def neuron_results_json(runs: list[NeuronRun]) -> dict[str, Any]:
-    """``{"runs": [...]}`` plus the settings and the seed's numbers."""
+    """``{"runs": [...]}`` plus the settings and note 003's numbers."""
     return {
         "experiment": "neuron",
         "input": INPUT,
         "target": TARGET,
-        "seed_003": [
+        "note_003": [
             {"start": list(start), "first_output": first, "quadratic_final_output": final}
             for start, (first, final) in SEED_RESULTS.items()
         ],

@@ -1,28 +1,67 @@
 """The lab's outputs: PNG plots (matplotlib, Agg) and one self-contained ``report.html``.
 
-The report holds the tables, the plots embedded as base64 ``data:`` URIs and two sentences per
-experiment saying what they show, so it opens anywhere with no other file beside it.
-matplotlib is imported inside the functions that draw.
+Each experiment leaves its results in the output folder (``neuron.json`` + ``neuron.png``,
+``mnist.json`` + ``mnist_accuracy.png``); :func:`write_report` builds ``report.html`` from every
+result it finds there, so ``xentkit lab neuron`` then ``xentkit lab mnist`` into one folder gives
+one report with both. The report holds the tables, the plots embedded as base64 ``data:`` URIs
+and, per experiment, sentences written from its numbers (which loss leads, which oscillates),
+plus who made it: xentkit's version, the date and the command. It opens anywhere with no other
+file beside it. matplotlib is imported inside the functions that draw.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import html
+import json
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xentkit import __version__
 from xentkit._extras import require
+from xentkit.lab.mnist import dataset_title, is_mnist
 from xentkit.lab.neuron import SEED_RESULTS, NeuronRun
 
 __all__ = [
+    "MNIST_JSON",
+    "MNIST_PLOT",
+    "NEURON_JSON",
+    "NEURON_PLOT",
+    "AccuracyDrop",
+    "MnistFindings",
+    "leaders",
+    "mnist_figure",
+    "mnist_findings",
     "mnist_summary",
+    "neuron_figure",
     "neuron_summary",
     "plot_mnist",
     "plot_neuron",
+    "provenance",
     "write_report",
 ]
+
+#: The files each experiment leaves in the output folder, which the report is built from.
+NEURON_JSON, NEURON_PLOT = "neuron.json", "neuron.png"
+MNIST_JSON, MNIST_PLOT = "mnist.json", "mnist_accuracy.png"
+
+#: Resolution of the PNGs. The report shows each at its natural size (CSS pixels are 1/96 in),
+#: so a 9-point legend reads as 12 CSS pixels; it shrinks only on screens narrower than that.
+PLOT_DPI = 150
+CSS_PX_PER_INCH = 96
+REPORT_WIDTH_PX = 1024  # the report's text column (64rem); every figure fits in it
+LEGEND_FONT_SIZE = 9
+
+#: A fall of the test accuracy between two successive epochs larger than this (and than two
+#: test images) is a drop; a loss with at least OSCILLATION_MIN_DROPS drops oscillates.
+DROP_THRESHOLD = 0.01
+OSCILLATION_MIN_DROPS = 2
+
+_LOSS_COLORS = {"quadratic": "C0", "double-softmax": "C1", "cross-entropy": "C2"}
 
 
 def _pyplot() -> Any:
@@ -34,15 +73,33 @@ def _pyplot() -> Any:
     return plt
 
 
+def provenance(command: str) -> dict[str, str]:
+    """Who made a result: ``{"xentkit": version, "date": local time, "command": command}``."""
+    now = datetime.datetime.now().astimezone()
+    return {
+        "xentkit": __version__,
+        "date": now.isoformat(sep=" ", timespec="seconds"),
+        "command": command,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
 def _label(run: NeuronRun) -> str:
     w, b = run.start
     return f"{run.cost}, (w, b) = ({w:g}, {b:g}), first output {run.first_output:.2f}"
 
 
-def plot_neuron(runs: Sequence[NeuronRun], path: str | Path) -> Path:
-    """Output and cost per iteration for every run, side by side; returns the PNG path."""
+def neuron_figure(runs: Sequence[NeuronRun]) -> Any:
+    """The figure of :func:`plot_neuron`: output and cost per iteration, side by side.
+
+    Each panel has its legend below it, outside the axes, so no legend covers a curve (the
+    quadratic cost's plateau from (2, 2) runs along the top of the output panel).
+    """
     plt = _pyplot()
-    figure, (output_axes, cost_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (output_axes, cost_axes) = plt.subplots(1, 2, figsize=(9.6, 5.4))
     colors = {
         start: f"C{index}" for index, start in enumerate(dict.fromkeys(r.start for r in runs))
     }
@@ -54,95 +111,365 @@ def plot_neuron(runs: Sequence[NeuronRun], path: str | Path) -> Path:
                     title="Single neuron, target y = 0")  # fmt: skip
     cost_axes.set(xlabel="iteration", ylabel="cost (log scale)", yscale="log",
                   title="Cost per iteration")  # fmt: skip
-    output_axes.legend(fontsize=8, loc="upper right")
-    output_axes.grid(alpha=0.3)
-    cost_axes.grid(alpha=0.3)
-    return _save(plt, figure, path)
+    for axes in (output_axes, cost_axes):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=LEGEND_FONT_SIZE, loc="upper center",
+                    bbox_to_anchor=(0.5, -0.14), frameon=False)  # fmt: skip
+    figure.tight_layout()
+    return figure
+
+
+def plot_neuron(runs: Sequence[NeuronRun], path: str | Path) -> Path:
+    """Output and cost per iteration for every run, side by side; returns the PNG path."""
+    return _save(neuron_figure(runs), path)
+
+
+def mnist_figure(results: dict[str, Any]) -> Any:
+    """The figure of :func:`plot_mnist`: test accuracy per epoch, the legend below the axes.
+
+    Note 003's two full-MNIST curves are drawn (dotted) only when ``results`` has them, that is
+    when the dataset is MNIST.
+    """
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(9.6, 6.0))
+    for loss, run in results["runs"].items():
+        accuracy = run["test_accuracy"]
+        axes.plot(range(len(accuracy)), accuracy, "o-", markersize=3,
+                  color=_LOSS_COLORS.get(loss), label=loss)  # fmt: skip
+    for loss, accuracy in results.get("note_003_test_accuracy", {}).items():
+        name = "quadratic" if loss == "quadratic" else "'cross-entropy' (double-softmax)"
+        axes.plot(range(len(accuracy)), accuracy, ":", color=_LOSS_COLORS.get(loss), alpha=0.8,
+                  label=f"note 003 {name}, full MNIST")  # fmt: skip
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set(xlabel="epoch (the note's Iter)", ylabel="test accuracy",
+             title=f"Softmax regression on {_title(results)} "
+                   f"({results['train_size']:,} train / {results['test_size']:,} test)")  # fmt: skip
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=LEGEND_FONT_SIZE, loc="upper center", bbox_to_anchor=(0.5, -0.11),
+                ncol=2, frameon=False)  # fmt: skip
+    figure.tight_layout()
+    return figure
 
 
 def plot_mnist(results: dict[str, Any], path: str | Path) -> Path:
-    """Test accuracy per epoch for every loss (and the seed's two curves, dotted)."""
+    """Test accuracy per epoch for every loss (and note 003's two MNIST curves, dotted)."""
+    return _save(mnist_figure(results), path)
+
+
+def _save(figure: Any, path: str | Path) -> Path:
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(8, 5))
-    colors = {
-        loss: f"C{index}"
-        for index, loss in enumerate(("quadratic", "double-softmax", "cross-entropy"))
-    }
-    for loss, run in results["runs"].items():
-        accuracy = run["test_accuracy"]
-        axes.plot(
-            range(len(accuracy)), accuracy, "o-", markersize=3, color=colors.get(loss), label=loss
-        )
-    for loss, accuracy in results.get("seed_003_test_accuracy", {}).items():
-        name = "quadratic" if loss == "quadratic" else "'cross-entropy' (double-softmax)"
-        axes.plot(range(len(accuracy)), accuracy, ":", color=colors.get(loss), alpha=0.8,
-                  label=f"seed 003 {name}, full MNIST")  # fmt: skip
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.set(xlabel="epoch (the seed's Iter)", ylabel="test accuracy",
-             title=f"Softmax regression on {results['dataset']} "
-                   f"({results['train_size']} train / {results['test_size']} test)")  # fmt: skip
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
-    return _save(plt, figure, path)
-
-
-def _save(plt: Any, figure: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=PLOT_DPI)
     plt.close(figure)
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# What the numbers say
+
+
+def _title(results: dict[str, Any]) -> str:
+    return str(results.get("dataset_title") or dataset_title(str(results["dataset"])))
+
+
+def _first_below(run: NeuronRun, fall: float) -> int | None:
+    """The first iteration at which the output is ``fall`` below the first output."""
+    return next((k for k, a in enumerate(run.outputs) if a < run.first_output - fall), None)
+
+
 def neuron_summary(runs: Sequence[NeuronRun]) -> str:
-    """Two sentences: the quadratic cost's slowdown, and cross-entropy's lack of it."""
-    quadratic = [run for run in runs if run.cost == "quadratic"]
-    entropy = [run for run in runs if run.cost == "cross-entropy"]
-    slowest = max((run.final_output for run in quadratic), default=0.0)
-    moves = " but ".join(
-        f"the neuron starting at {run.first_output:.2f} falls "
-        f"{'only ' if run.final_output == slowest else ''}to {run.final_output:.2f}"
-        for run in quadratic
+    """Sentences from the runs: how far each start falls under each cost, and how soon."""
+    if not runs:
+        return "No run."
+    steps = len(runs[0].outputs) - 1
+    sentences = []
+    quadratic = sorted((r for r in runs if r.cost == "quadratic"), key=lambda r: r.first_output)
+    entropy = sorted((r for r in runs if r.cost == "cross-entropy"), key=lambda r: r.first_output)
+    if quadratic:
+        slowest = max(run.final_output for run in quadratic)
+        moves = " but ".join(
+            f"the neuron starting at {run.first_output:.2f} falls "
+            f"{'only ' if len(quadratic) > 1 and run.final_output == slowest else ''}"
+            f"to {run.final_output:.2f}"
+            for run in quadratic
+        )
+        text = f"Under the quadratic cost {moves} after {steps} iterations"
+        worst = quadratic[-1]
+        if len(quadratic) > 1 and worst.final_output == slowest:
+            text += (
+                ": the worse start learns slower, because the gradient carries σ'(z), which "
+                "vanishes when the neuron saturates"
+            )
+        plateau = _first_below(worst, 0.1)
+        text += (
+            f" (from {worst.first_output:.2f} it needs {plateau} iterations to fall by 0.1)."
+            if plateau is not None
+            else f" (from {worst.first_output:.2f} it never falls by 0.1)."
+        )
+        sentences.append(text)
+    if entropy:
+        falls = " and ".join(
+            f"from {run.first_output:.2f} to {run.final_output:.3f}" for run in entropy
+        )
+        worst = entropy[-1]
+        soon = _first_below(worst, 0.1)
+        text = (
+            f"Cross-entropy drops σ'(z) from the gradient (it is a − y): in {steps} iterations "
+            f"the output falls {falls}"
+        )
+        if soon is not None:
+            text += f", and from {worst.first_output:.2f} it falls by 0.1 in {soon} iterations"
+        sentences.append(text + ".")
+    return " ".join(sentences)
+
+
+@dataclass(frozen=True)
+class AccuracyDrop:
+    """A fall of the test accuracy from after epoch ``epoch - 1`` to after ``epoch``."""
+
+    epoch: int
+    before: float
+    after: float
+
+
+@dataclass(frozen=True)
+class MnistFindings:
+    """What the MNIST results show, computed from them (the report's text says these).
+
+    Attributes:
+        epochs: the number of epochs.
+        first, final, mean: per loss, the test accuracy after the first and the last epoch and
+            its mean over all epochs (the table's last row).
+        drop_threshold: the smallest fall between two epochs counted as a drop.
+        drops: per loss, every such drop.
+        learning_rate: the learning rate of the runs.
+        test_accuracy: per loss, the test accuracy after each epoch.
+    """
+
+    epochs: int
+    first: dict[str, float]
+    final: dict[str, float]
+    mean: dict[str, float]
+    drop_threshold: float
+    drops: dict[str, tuple[AccuracyDrop, ...]]
+    learning_rate: float
+    test_accuracy: dict[str, tuple[float, ...]]
+
+    def oscillates(self, loss: str) -> bool:
+        """At least :data:`OSCILLATION_MIN_DROPS` drops."""
+        return len(self.drops[loss]) >= OSCILLATION_MIN_DROPS
+
+
+def leaders(values: dict[str, float]) -> list[str]:
+    """The losses with the highest value at the four decimals the tables print."""
+    best = max(round(value, 4) for value in values.values())
+    return [loss for loss, value in values.items() if round(value, 4) == best]
+
+
+def mnist_findings(results: dict[str, Any]) -> MnistFindings:
+    """Leaders and drops of the test accuracy, from a ``mnist.json`` object."""
+    runs = {loss: [float(a) for a in run["test_accuracy"]] for loss, run in results["runs"].items()}
+    epochs = len(next(iter(runs.values())))
+    threshold = max(DROP_THRESHOLD, 2 / int(results["test_size"]))
+    drops = {
+        loss: tuple(
+            AccuracyDrop(epoch, accuracy[epoch - 1], accuracy[epoch])
+            for epoch in range(1, len(accuracy))
+            # rounded: accuracies are multiples of 1/test_size, and 0.85 − 0.83 > 0.02 in floats
+            if round(accuracy[epoch - 1] - accuracy[epoch], 9) > threshold
+        )
+        for loss, accuracy in runs.items()
+    }
+    return MnistFindings(
+        epochs=epochs,
+        first={loss: accuracy[0] for loss, accuracy in runs.items()},
+        final={loss: accuracy[-1] for loss, accuracy in runs.items()},
+        mean={loss: sum(accuracy) / len(accuracy) for loss, accuracy in runs.items()},
+        drop_threshold=threshold,
+        drops=drops,
+        learning_rate=float(results.get("settings", {}).get("learning_rate", float("nan"))),
+        test_accuracy={loss: tuple(accuracy) for loss, accuracy in runs.items()},
     )
-    steps = len(runs[0].outputs) - 1 if runs else 0
-    first = (
-        f"Under the quadratic cost {moves} after {steps} iterations: the worse start learns "
-        "slower, because the gradient carries σ'(z), which vanishes when the neuron saturates."
-    )
-    finals = " and ".join(f"{run.final_output:.3f}" for run in entropy)
-    second = (
-        f"Cross-entropy drops σ'(z) from the gradient (it is a − y), so both starts fall fast, "
-        f"to {finals}, the worse start learning fastest at first."
-    )
-    return f"{first} {second}"
+
+
+def _join(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _ranking(values: dict[str, float]) -> str:
+    order = sorted(values, key=lambda loss: -values[loss])
+    return ", ".join(f"{loss} {values[loss]:.4f}" for loss in order)
+
+
+def _leads(values: dict[str, float], *, past: bool = False) -> str:
+    first = leaders(values)
+    if len(first) == 1:
+        return f"{first[0]} {'led' if past else 'leads'}"
+    return f"{_join(first)} {'tied' if past else 'tie'} for the lead"
 
 
 def mnist_summary(results: dict[str, Any]) -> str:
-    """Two sentences: the accuracies after the first and the last epoch, and why they differ."""
+    """Sentences from the numbers: which loss leads at the end, on average and after the first
+    epoch; which losses' test accuracy drops or oscillates; why, when the data agrees."""
+    found = mnist_findings(results)
+    title = _title(results)
+    where = f"On {title} ({results['train_size']:,} train / {results['test_size']:,} test)"
+    epochs = f"{found.epochs} epoch{'s' if found.epochs != 1 else ''}"
+    losses = list(found.final)
+    if len(losses) == 1:
+        (loss,) = losses
+        sentences = [
+            f"{where} the test accuracy of {loss} is {found.final[loss]:.4f} after {epochs} "
+            f"(mean over the epochs {found.mean[loss]:.4f})."
+        ]
+    else:
+        sentences = [f"{where}, after {epochs} {_leads(found.final)}: {_ranking(found.final)}."]
+        if found.epochs > 1:
+            sentences.append(
+                f"Averaged over the {found.epochs} epochs {_leads(found.mean)}: "
+                f"{_ranking(found.mean)}; after the first epoch {_leads(found.first, past=True)}: "
+                f"{_ranking(found.first)}."
+            )
+    if found.epochs > 1:
+        sentences += _drop_sentences(found)
+    if "cross-entropy" in losses and len(losses) > 1 and leaders(found.first) == ["cross-entropy"]:
+        others = []
+        if "quadratic" in losses:
+            others.append("the quadratic cost multiplies that error by the softmax Jacobian")
+        if "double-softmax" in losses:
+            others.append(
+                "the double softmax of note 003's code pushes probabilities in [0, 1] through a "
+                "second softmax, whose gradient is small"
+            )
+        sentences.append(
+            "Cross-entropy's head start comes from its gradient: it hands the full error "
+            f"softmax − onehot to the logits, while {_join(others)}."
+        )
+    if "note_003_test_accuracy" in results:
+        reference = results["note_003_test_accuracy"]
+        ends = _join([f"{loss} {values[-1]:.4f}" for loss, values in reference.items()])
+        sentences.append(
+            f"Note 003's runs on the full MNIST (dotted in the plot, last columns of the table) "
+            f"end at {ends}."
+        )
+    else:
+        known = dataset_title(results["dataset"]) != results["dataset"]  # a --dataset name
+        hint = "" if known else " (for MNIST digits loaded with --data, add --dataset mnist)"
+        sentences.append(
+            f"Note 003's reference curves are full-MNIST numbers, so they are not shown for "
+            f"{title}{hint}."
+        )
+    return " ".join(sentences)
+
+
+def _drop_sentences(found: MnistFindings) -> list[str]:
+    threshold = f"{found.drop_threshold:.3g}"
+    sentences = []
+    steady = []
+    for loss, drops in found.drops.items():
+        if found.oscillates(loss):
+            start = drops[0].epoch - 1
+            swing = found.test_accuracy[loss][start:]
+            sentences.append(
+                f"{loss}'s test accuracy oscillates at learning rate {found.learning_rate:g}: "
+                f"it falls by more than {threshold} from one epoch to the next {len(drops)} "
+                f"times, swinging between {min(swing):.4f} and {max(swing):.4f} from Iter "
+                f"{start} on."
+            )
+        elif drops:
+            (drop,) = drops
+            sentences.append(
+                f"{loss}'s test accuracy falls once by more than {threshold} (Iter "
+                f"{drop.epoch - 1} → {drop.epoch}: {drop.before:.4f} → {drop.after:.4f}), "
+                "too few drops to call it oscillating."
+            )
+        else:
+            steady.append(loss)
+    if steady and len(steady) == len(found.drops):
+        sentences.append(
+            f"No loss's test accuracy falls by more than {threshold} from one epoch to the next: "
+            f"none oscillates at learning rate {found.learning_rate:g}."
+        )
+    elif steady:
+        verb = "falls" if len(steady) == 1 else "fall"
+        sentences.append(
+            f"{_join(steady)} never {verb} by more than {threshold} from one epoch to the next."
+        )
+    return sentences
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def neuron_table_rows(runs: Sequence[NeuronRun]) -> list[list[str]]:
+    """Rows: start, cost, first output, final output, note 003's final output."""
+    rows = []
+    for run in runs:
+        note = SEED_RESULTS.get(tuple(run.start))
+        note_final = f"{note[1]:.2f}" if note and run.cost == "quadratic" else "much lower"
+        rows.append([
+            f"({run.start[0]:g}, {run.start[1]:g})", run.cost, f"{run.first_output:.4f}",
+            f"{run.final_output:.4f}", note_final,
+        ])  # fmt: skip
+    return rows
+
+
+NEURON_HEADER = ("start (w, b)", "cost", "first output", "output after 300", "note 003")
+
+
+def mnist_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per epoch and a last row ``mean`` (over the epochs), one column
+    per loss, then note 003's two full-MNIST columns when the dataset is MNIST."""
     runs = results["runs"]
-
-    def ranking(epoch: int) -> str:
-        order = sorted(runs, key=lambda loss: -runs[loss]["test_accuracy"][epoch])
-        return ", ".join(f"{loss} {runs[loss]['test_accuracy'][epoch]:.4f}" for loss in order)
-
+    reference = results.get("note_003_test_accuracy", {})
+    header = ["Iter", *runs, *(f"note 003 {loss}, full MNIST" for loss in reference)]
     epochs = len(next(iter(runs.values()))["test_accuracy"])
-    first = (
-        f"On {results['dataset']} ({results['train_size']} train / {results['test_size']} test) "
-        f"the test accuracy after the first epoch is {ranking(0)}, and after {epochs} epochs "
-        f"{ranking(-1)}."
-    )
-    second = (
-        "Only the correct cross-entropy hands the full error softmax − onehot back to the logits; "
-        "the quadratic cost multiplies it by the softmax Jacobian, and the seed's double softmax "
-        "pushes probabilities in [0, 1] through a second softmax, whose output is nearly uniform "
-        "and whose gradient is small, so both learn more slowly."
-    )
-    return f"{first} {second}"
+    rows = []
+    for epoch in range(epochs):
+        row = [str(epoch)]
+        row += [f"{runs[loss]['test_accuracy'][epoch]:.4f}" for loss in runs]
+        row += [
+            f"{values[epoch]:.4f}" if epoch < len(values) else "" for values in reference.values()
+        ]
+        rows.append(row)
+    mean = ["mean"]
+    mean += [f"{sum(runs[loss]['test_accuracy']) / epochs:.4f}" for loss in runs]
+    mean += [  # over the same epochs as ours, or nothing
+        f"{sum(values[:epochs]) / epochs:.4f}" if epochs <= len(values) else ""
+        for values in reference.values()
+    ]
+    rows.append(mean)
+    return header, rows
 
 
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _png_size(path: Path) -> tuple[float, float]:
+    """The PNG's natural size in CSS pixels: its pixels at its own resolution (pHYs), else at
+    :data:`PLOT_DPI`."""
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    dpi = float(PLOT_DPI)
+    at = data.find(b"pHYs", 0, 4096)
+    if at > 0:
+        per_meter, _, unit = struct.unpack(">IIB", data[at + 4 : at + 13])
+        if unit == 1 and per_meter:
+            dpi = per_meter * 0.0254
+    scale = CSS_PX_PER_INCH / dpi
+    return width * scale, height * scale
+
+
+def _figure(path: Path, alt: str) -> str:
+    width, height = _png_size(path)
+    uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<img class="plot" alt="{html.escape(alt)}" width="{round(width)}" '
+        f'height="{round(height)}" src="{uri}">'
+    )
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -154,89 +481,135 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def neuron_table_rows(runs: Sequence[NeuronRun]) -> list[list[str]]:
-    """Rows: start, cost, first output, final output, the seed's final output."""
-    rows = []
-    for run in runs:
-        seed = SEED_RESULTS.get(tuple(run.start))
-        seed_final = f"{seed[1]:.2f}" if seed and run.cost == "quadratic" else "much lower"
-        rows.append([
-            f"({run.start[0]:g}, {run.start[1]:g})", run.cost, f"{run.first_output:.4f}",
-            f"{run.final_output:.4f}", seed_final,
-        ])  # fmt: skip
-    return rows
+def _made_by(results: dict[str, Any]) -> str:
+    made = results.get("provenance")
+    if not isinstance(made, dict):
+        return '<p class="made">Made by: not recorded (results from an older xentkit).</p>'
+    return (
+        f'<p class="made">Made on {html.escape(str(made.get("date", "?")))} by xentkit '
+        f"{html.escape(str(made.get('xentkit', '?')))} with "
+        f"<code>{html.escape(str(made.get('command', '?')))}</code>.</p>"
+    )
 
 
-NEURON_HEADER = ("start (w, b)", "cost", "first output", "output after 300", "seed 003")
+def _neuron_section(results: dict[str, Any], plot: Path | None) -> str:
+    runs = [NeuronRun.from_json(run) for run in results["runs"]]
+    if not runs:
+        raise ValueError("no run")
+    rates = " / ".join(f"{rate:g}" for rate in dict.fromkeys(run.learning_rate for run in runs))
+    parts = [
+        "<h2>Single sigmoid neuron: quadratic cost vs cross-entropy</h2>",
+        _made_by(results),
+        f"<p>{html.escape(neuron_summary(runs))}</p>",
+        f'<p class="note">x = {results.get("input", 1.0):g}, y = {results.get("target", 0.0):g}, '
+        f"learning rate {rates}, {len(runs[0].outputs) - 1} iterations of gradient descent "
+        "(note 003, after Nielsen, chapter 3). The last column is what note 003 reports.</p>",
+        _table(NEURON_HEADER, neuron_table_rows(runs)),
+    ]
+    if plot is not None:
+        parts.append(_figure(plot, "neuron output and cost per iteration"))
+    return "\n".join(parts)
 
 
-def mnist_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per epoch, one column per loss, then the seed's two columns."""
+def _mnist_section(results: dict[str, Any], plot: Path | None) -> str:
     runs = results["runs"]
-    seed = results.get("seed_003_test_accuracy", {})
-    header = ["Iter", *runs, *(f"seed 003 {loss}" for loss in seed)]
-    epochs = len(next(iter(runs.values()))["test_accuracy"])
-    rows = []
-    for epoch in range(epochs):
-        row = [str(epoch)]
-        row += [f"{runs[loss]['test_accuracy'][epoch]:.4f}" for loss in runs]
-        row += [f"{values[epoch]:.4f}" if epoch < len(values) else "" for values in seed.values()]
-        rows.append(row)
-    return header, rows
+    lengths = {len(run["test_accuracy"]) for run in runs.values()}
+    if not runs or len(lengths) != 1 or 0 in lengths:
+        raise ValueError("expected runs with test accuracies of one common, non-zero length")
+    header, rows = mnist_table_rows(results)
+    count = {1: "one loss", 2: "two losses", 3: "three losses"}.get(
+        len(runs), f"{len(runs)} losses"
+    )
+    settings = results.get("settings", {})
+    reference = (
+        " The note 003 columns are its full-MNIST numbers (55,000 train / 10,000 test); its "
+        "'cross-entropy' applied softmax twice (double-softmax)."
+        if "note_003_test_accuracy" in results
+        else ""
+    )
+    parts = [
+        f"<h2>Softmax regression on {html.escape(_title(results))}: {count}</h2>",
+        _made_by(results),
+        f"<p>{html.escape(mnist_summary(results))}</p>",
+        f'<p class="note">{html.escape(str(results.get("description", "")))}. 784 → 10, zero '
+        f"initialization, mini-batch {settings.get('batch_size', '?')}, gradient descent at "
+        f"learning rate {settings.get('learning_rate', '?')}, shuffling seed "
+        f"{settings.get('seed', '?')}; test accuracy after each epoch, and its mean over the "
+        f"epochs in the last row. A drop is a fall of more than "
+        f"{mnist_findings(results).drop_threshold:.3g} between two successive epochs; "
+        f"{OSCILLATION_MIN_DROPS} or more drops make an oscillation.{html.escape(reference)}</p>",
+        _table(header, rows),
+    ]
+    if plot is not None:
+        parts.append(_figure(plot, "test accuracy per epoch"))
+    return "\n".join(parts)
 
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
-       color: #222; }
-table { border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ccc; padding: 0.2rem 0.6rem; text-align: right; }
-th { background: #f3f3f3; }
-img { max-width: 100%; }
-.note { color: #555; font-size: 0.9rem; }
+_STYLE = f"""
+body {{ font-family: system-ui, sans-serif; max-width: {REPORT_WIDTH_PX / 16:g}rem; margin: 2rem auto;
+       padding: 0 1rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }}
+th, td {{ border: 1px solid #ccc; padding: 0.2rem 0.6rem; text-align: right; }}
+th {{ background: #f3f3f3; }}
+img.plot {{ display: block; max-width: 100%; height: auto; }}
+.note, .made {{ color: #555; font-size: 0.9rem; }}
+.made code {{ font-size: 0.85rem; }}
 """
 
 
-def write_report(
-    out_dir: str | Path,
-    *,
-    neuron_runs: Sequence[NeuronRun] | None = None,
-    neuron_plot: Path | None = None,
-    mnist_results: dict[str, Any] | None = None,
-    mnist_plot: Path | None = None,
-) -> Path:
-    """Write ``out_dir/report.html`` with whichever experiments are given; returns its path."""
+def _load(path: Path, experiment: str) -> dict[str, Any]:
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(results, dict) or results.get("experiment") != experiment:
+        raise ValueError(f'expected an object with "experiment": "{experiment}"')
+    # Older results name note 003's curves seed_003_test_accuracy and hold them for any data.
+    legacy = results.pop("seed_003_test_accuracy", None)
+    if legacy is not None and is_mnist(str(results.get("dataset"))):
+        results.setdefault("note_003_test_accuracy", legacy)
+    return results
+
+
+def write_report(out_dir: str | Path, *, command: str | None = None) -> Path:
+    """Write ``out_dir/report.html`` from every experiment's results in ``out_dir``.
+
+    Args:
+        out_dir: the lab's output folder; ``neuron.json`` and ``mnist.json`` there (with their
+            plots, when present) each give one section, whichever command wrote them.
+        command: the command writing the report, recorded in its header.
+
+    Returns:
+        The report's path. A results file that cannot be read is named in the report, and left
+        out.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = []
-    if neuron_runs is not None:
-        parts = [
-            "<h2>Single sigmoid neuron: quadratic cost vs cross-entropy</h2>",
-            f"<p>{html.escape(neuron_summary(neuron_runs))}</p>",
-            '<p class="note">x = 1.0, y = 0, learning rate 0.15, 300 iterations of gradient '
-            "descent (seed 003, after Nielsen, chapter 3).</p>",
-            _table(NEURON_HEADER, neuron_table_rows(neuron_runs)),
-        ]
-        if neuron_plot is not None:
-            parts.append(f'<img alt="neuron output and cost" src="{_data_uri(neuron_plot)}">')
-        sections.append("\n".join(parts))
-    if mnist_results is not None:
-        header, rows = mnist_table_rows(mnist_results)
-        parts = [
-            "<h2>Softmax regression on MNIST: three losses</h2>",
-            f"<p>{html.escape(mnist_summary(mnist_results))}</p>",
-            f'<p class="note">{html.escape(mnist_results.get("description", ""))}. 784 → 10, '
-            "zero initialization, mini-batch gradient descent; test accuracy after each epoch. "
-            "The seed's columns are its full-MNIST numbers; its 'cross-entropy' applied softmax "
-            "twice (double-softmax).</p>",
-            _table(header, rows),
-        ]
-        if mnist_plot is not None:
-            parts.append(f'<img alt="test accuracy per epoch" src="{_data_uri(mnist_plot)}">')
-        sections.append("\n".join(parts))
+    sections, found, problems = [], [], []
+    for experiment, name, plot_name, section in (
+        ("neuron", NEURON_JSON, NEURON_PLOT, _neuron_section),
+        ("mnist", MNIST_JSON, MNIST_PLOT, _mnist_section),
+    ):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        plot = out_dir / plot_name
+        try:
+            sections.append(section(_load(path, experiment), plot if plot.is_file() else None))
+            found.append(name)
+        except (ValueError, KeyError, TypeError, IndexError, struct.error) as error:
+            problems.append(
+                f"{name} is not results of xentkit lab {experiment} ({type(error).__name__}: "
+                f"{error}); left out."
+            )
+    made = provenance(command or "write_report() from Python")
+    header = (
+        f'<p class="made">Written on {html.escape(made["date"])} by xentkit '
+        f"{html.escape(made['xentkit'])} with <code>{html.escape(made['command'])}</code>, from "
+        f"the results in its folder: {html.escape(', '.join(found) or 'none')}.</p>"
+    )
+    notes = "".join(f'<p class="note">{html.escape(problem)}</p>' for problem in problems)
     document = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>xentkit lab</title><style>{_STYLE}</style></head><body>"
-        "<h1>xentkit lab</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
+        f"<h1>xentkit lab</h1>\n{header}\n{notes}" + "\n".join(sections) + "\n</body></html>\n"
     )
     path = out_dir / "report.html"
     path.write_text(document, encoding="utf-8")

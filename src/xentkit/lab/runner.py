@@ -2,11 +2,16 @@
 
 ``--out DIR`` receives ``neuron.png`` / ``neuron.json``, ``mnist_accuracy.png`` / ``mnist.json``
 and ``report.html``; ``--json PATH`` receives the results once more where the user wants them.
+The report is rebuilt after every run from all the results in ``DIR``, so running ``neuron``
+and ``mnist`` one after the other into one folder keeps both. Each results file records the
+xentkit version, the date and the command that made it (``"provenance"``).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +24,19 @@ from xentkit.lab.mnist import (
     mnist_results_json,
     train_softmax_regression,
 )
-from xentkit.lab.neuron import NeuronRun, neuron_results_json, run_neuron_experiment
+from xentkit.lab.neuron import neuron_results_json, run_neuron_experiment
 from xentkit.lab.report import (
+    MNIST_JSON,
+    MNIST_PLOT,
     NEURON_HEADER,
+    NEURON_JSON,
+    NEURON_PLOT,
+    mnist_summary,
     mnist_table_rows,
     neuron_table_rows,
     plot_mnist,
     plot_neuron,
+    provenance,
     write_report,
 )
 
@@ -40,16 +51,22 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _neuron(output: Output, out_dir: Path) -> tuple[list[NeuronRun], dict[str, Any], Path]:
+def _command(command: str | None, function: str) -> str:
+    """The command to record: the one given, else this Python call and its process."""
+    return command or f"{function}() from Python ({shlex.join(sys.argv)})"
+
+
+def _neuron(output: Output, out_dir: Path, command: str) -> tuple[dict[str, Any], Path]:
     runs = run_neuron_experiment()
-    output.line("Single sigmoid neuron (seed 003): x = 1.0, y = 0, learning rate 0.15")
+    output.line("Single sigmoid neuron (note 003): x = 1.0, y = 0, learning rate 0.15")
     for run in runs:
         output.line(describe_neuron_run(run))
     output.table(neuron_table(NEURON_HEADER, neuron_table_rows(runs)))
     results = neuron_results_json(runs)
-    write_json(results, out_dir / "neuron.json")
-    plot = plot_neuron(runs, out_dir / "neuron.png")
-    return runs, results, plot
+    results["provenance"] = provenance(command)
+    write_json(results, out_dir / NEURON_JSON)
+    plot = plot_neuron(runs, out_dir / NEURON_PLOT)
+    return results, plot
 
 
 def _mnist(
@@ -58,6 +75,7 @@ def _mnist(
     dataset: Dataset,
     losses: Sequence[str],
     settings: MnistSettings,
+    command: str,
 ) -> tuple[dict[str, Any], Path]:
     settings.validate(dataset.train_size)
     output.line(f"{dataset.description}.")
@@ -81,28 +99,37 @@ def _mnist(
             )
         runs.append(run)
     results = mnist_results_json(dataset, settings, runs)
+    results["provenance"] = provenance(command)
     header, rows = mnist_table_rows(results)
     output.table(
         mnist_table(
-            f"Test accuracy per epoch, {dataset.name} ({dataset.train_size} train / "
-            f"{dataset.test_size} test); seed columns: full MNIST",
+            f"Test accuracy per epoch, {results['dataset_title']} ({dataset.train_size:,} train "
+            f"/ {dataset.test_size:,} test)",
             header,
             rows,
         )
     )
-    write_json(results, out_dir / "mnist.json")
-    plot = plot_mnist(results, out_dir / "mnist_accuracy.png")
+    output.line(mnist_summary(results))
+    write_json(results, out_dir / MNIST_JSON)
+    plot = plot_mnist(results, out_dir / MNIST_PLOT)
     return results, plot
 
 
 def run_neuron(
-    out_dir: str | Path, *, json_path: str | Path | None = None, output: Output | None = None
+    out_dir: str | Path,
+    *,
+    json_path: str | Path | None = None,
+    output: Output | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """The neuron experiment: prints, writes plot/JSON/report under ``out_dir``; returns JSON."""
+    """The neuron experiment: prints, writes plot/JSON under ``out_dir`` and rebuilds the
+    report there from every result in it; returns the JSON. ``command`` is recorded as the
+    command that made the results (default: this Python call)."""
     output = output or Output()
     out_dir = Path(out_dir)
-    runs, results, plot = _neuron(output, out_dir)
-    report = write_report(out_dir, neuron_runs=runs, neuron_plot=plot)
+    command = _command(command, "run_neuron")
+    results, plot = _neuron(output, out_dir, command)
+    report = write_report(out_dir, command=command)
     if json_path is not None:
         write_json(results, json_path)
     output.line(f"wrote {plot}, {out_dir / 'neuron.json'} and {report}")
@@ -117,12 +144,15 @@ def run_mnist(
     settings: MnistSettings = MnistSettings(),  # noqa: B008 - frozen dataclass, immutable
     json_path: str | Path | None = None,
     output: Output | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """The MNIST experiment: prints, writes plot/JSON/report under ``out_dir``; returns JSON."""
+    """The MNIST experiment: prints, writes plot/JSON under ``out_dir`` and rebuilds the report
+    there from every result in it; returns the JSON. ``command`` as in :func:`run_neuron`."""
     output = output or Output()
     out_dir = Path(out_dir)
-    results, plot = _mnist(output, out_dir, dataset, losses, settings)
-    report = write_report(out_dir, mnist_results=results, mnist_plot=plot)
+    command = _command(command, "run_mnist")
+    results, plot = _mnist(output, out_dir, dataset, losses, settings, command)
+    report = write_report(out_dir, command=command)
     if json_path is not None:
         write_json(results, json_path)
     output.line(f"wrote {plot}, {out_dir / 'mnist.json'} and {report}")
@@ -137,20 +167,16 @@ def run_all(
     settings: MnistSettings = MnistSettings(),  # noqa: B008 - frozen dataclass, immutable
     json_path: str | Path | None = None,
     output: Output | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Both experiments and one report; returns ``{"neuron": ..., "mnist": ...}``."""
     output = output or Output()
     out_dir = Path(out_dir)
-    runs, neuron_results, neuron_plot = _neuron(output, out_dir)
+    command = _command(command, "run_all")
+    neuron_results, _ = _neuron(output, out_dir, command)
     output.line()
-    mnist_results, mnist_plot = _mnist(output, out_dir, dataset, losses, settings)
-    report = write_report(
-        out_dir,
-        neuron_runs=runs,
-        neuron_plot=neuron_plot,
-        mnist_results=mnist_results,
-        mnist_plot=mnist_plot,
-    )
+    mnist_results, _ = _mnist(output, out_dir, dataset, losses, settings, command)
+    report = write_report(out_dir, command=command)
     results = {"neuron": neuron_results, "mnist": mnist_results}
     if json_path is not None:
         write_json(results, json_path)
