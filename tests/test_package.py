@@ -19,7 +19,7 @@ def test_import_does_not_load_torch_matplotlib_or_numba():
 
 
 @pytest.mark.parametrize("module", ["xentkit.api.activations", "xentkit.api.cross_entropy", "xentkit.api.losses",
-                                    "xentkit.api._config"])
+                                    "xentkit.api._config", "xentkit.api.log_probs"])
 def test_docstring_examples_print_what_they_claim(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0

@@ -17,7 +17,12 @@ Adding an option: a field below with its check in ``__post_init__``; if the form
 it ``formula=True`` so that :meth:`LossOptions.formula_arguments` hands it to the NumPy reference
 and to each kernel's host function, which implement it; then the docs and the tests. Nothing in
 between (api, torch binding, linear and distributed forms) names it. Fields foreseen for the GPU
-and RL work: ``temperature`` (formula) and ``in_place`` (not formula).
+work: ``in_place`` (not formula).
+
+:class:`LogProbOptions` is the same for the token log-probabilities and entropies
+(``xentkit.log_probs``, ``xentkit.torch.log_probs`` and ``linear_log_probs``): a sampling
+``temperature`` beside the ``ignore_index``, ``chunk_size`` and ``backend`` rules above, which it
+shares.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "CHOICES", "REDUCTIONS", "LossOptions", "describe"]
+__all__ = ["BACKENDS", "CHOICES", "REDUCTIONS", "LogProbOptions", "LossOptions", "describe"]
 
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "triton", "torch")
@@ -95,6 +100,13 @@ def _check_softcap(value: object) -> float | None:
     value = _real(value, "softcap", "None or a positive float")
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"softcap must be None or a finite float > 0, got {value}")
+    return value
+
+
+def check_temperature(value: object) -> float:
+    value = _real(value, "temperature", "a positive float")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be a finite float > 0, got {value}")
     return value
 
 
@@ -185,3 +197,41 @@ class LossOptions:
 
 # The names of the formula's options, in field order (looked up once, not per call).
 _FORMULA_FIELDS = tuple(f.name for f in dataclasses.fields(LossOptions) if f.metadata.get("formula"))
+
+
+_LOG_PROB_CHECKS = {
+    "temperature": check_temperature,
+    "ignore_index": check_ignore_index,
+    "chunk_size": check_chunk_size,
+    "backend": check_backend,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LogProbOptions:
+    """The options of the token log-probabilities and entropies, checked on construction (the
+    messages of :class:`LossOptions` for the fields they share).
+
+    Attributes:
+        temperature: T > 0, finite: the distribution is softmax(logits / T).
+        ignore_index: the target that marks a position to skip (log-prob 0, entropy 0, no
+            gradient); any int64.
+        chunk_size: rows per chunk of ``linear_log_probs``, or None for its default.
+        backend: "auto", "triton" or "torch", as for :class:`LossOptions`.
+    """
+
+    temperature: float = 1.0
+    ignore_index: int = -100
+    chunk_size: int | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, check in _LOG_PROB_CHECKS.items():
+            object.__setattr__(self, name, check(getattr(self, name)))
+
+    def replace(self, **changes: Any) -> LogProbOptions:
+        """A copy with ``changes`` applied (and checked)."""
+        unknown = sorted(set(changes) - set(_LOG_PROB_CHECKS))
+        if unknown:
+            raise TypeError(f"LogProbOptions has no option {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)

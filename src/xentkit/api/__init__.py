@@ -16,6 +16,7 @@ from .cross_entropy import (
     cross_entropy_and_grad,
     perplexity,
 )
+from .log_probs import log_probs, log_probs_backward
 from .losses import (
     binary_cross_entropy,
     binary_cross_entropy_and_grad,
@@ -43,6 +44,8 @@ __all__ = [
     "entropy_and_grad",
     "kl_divergence",
     "kl_divergence_and_grad",
+    "log_probs",
+    "log_probs_backward",
     "log_sigmoid",
     "log_softmax",
     "log_softmax_backward",

@@ -14,6 +14,7 @@ from .activations import (
     softmax_backward,
 )
 from .cross_entropy import cross_entropy_and_grad
+from .log_probs import log_probs_and_entropy, log_probs_backward
 from .losses import (
     binary_cross_entropy_and_grad,
     binary_cross_entropy_with_logits_and_grad,
@@ -29,6 +30,8 @@ __all__ = [
     "cross_entropy_and_grad",
     "entropy_and_grad",
     "kl_divergence_and_grad",
+    "log_probs_and_entropy",
+    "log_probs_backward",
     "log_sigmoid",
     "log_softmax",
     "log_softmax_backward",

@@ -15,6 +15,7 @@ from .distributed import (
 )
 from .functional import binary_cross_entropy_with_logits, cross_entropy, nll_loss
 from .linear_cross_entropy import linear_cross_entropy
+from .log_probs import linear_log_probs, log_probs
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_log_probs",
+    "log_probs",
     "nll_loss",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",

@@ -1,24 +1,28 @@
 """The row-chunk walk of the fused linear forms: each chunk's logits ``x_chunk Wᵀ (+ b)`` computed
-into one reused buffer, never the full ``[N, V]`` logits. Used by ``linear_cross_entropy`` and
-``vocab_parallel_linear_cross_entropy`` (and meant for every later fused linear form)."""
+into one reused buffer, never the full ``[N, V]`` logits. Used by ``linear_cross_entropy``,
+``linear_log_probs`` and ``vocab_parallel_linear_cross_entropy`` (and meant for every later fused
+linear form)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 
 def logit_chunks(
-    x: Tensor, w: Tensor, b: Tensor | None, buffer: Tensor, chunk_rows: int
+    x: Tensor, w: Tensor, b: Tensor | None, buffer: Tensor, chunk_rows: int,
+    skip: Sequence[bool] | None = None,
 ) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """For each chunk of ``chunk_rows`` rows of ``x``: ``(start, stop, x_chunk, logits)`` with
     ``logits = x_chunk wᵀ + b`` written into the first ``stop − start`` rows of ``buffer`` (one
     matmul, ``out=``). The caller may overwrite ``logits`` (with their gradient, say) before the
-    next chunk reuses the buffer."""
+    next chunk reuses the buffer. Chunk k is left out (no matmul) when ``skip[k]`` is true."""
     w_t = w.t()
-    for start in range(0, x.shape[0], chunk_rows):
+    for index, start in enumerate(range(0, x.shape[0], chunk_rows)):
+        if skip is not None and skip[index]:
+            continue
         stop = min(start + chunk_rows, x.shape[0])
         x_chunk = x[start:stop]
         logits = buffer[: stop - start]

@@ -1,0 +1,182 @@
+"""Public token log-probabilities and entropies (NumPy): validation, layout, kernel or reference."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .. import reference
+from .._labels import as_class_indices, check_labels
+from .._options import LogProbOptions, describe
+from ..reference.log_probs import gradient_coefficients, row_statistics
+from ._config import reference_enabled
+from ._validation import as_float_array, class_axis, compute_dtype
+
+__all__ = ["log_probs", "log_probs_backward"]
+
+
+class _Rows:
+    """The call's logits as a C-contiguous ``[rows, C]`` matrix in the compute dtype, with the
+    int64 labels, the non-ignored mask and what it takes to lay results out again."""
+
+    def __init__(self, logits: ArrayLike, target: ArrayLike, axis: int, options: LogProbOptions) -> None:
+        array = as_float_array(logits, "logits")
+        self.input_dtype = array.dtype
+        self.dtype = compute_dtype(array.dtype)
+        array = array.astype(self.dtype, copy=False)
+        self.axis = class_axis(array, axis, "logits")
+        moved = array if self.axis == array.ndim - 1 else np.moveaxis(array, self.axis, -1)
+        self.moved = moved
+        self.sample_shape = moved.shape[:-1]
+        self.classes = moved.shape[-1]
+        target_array = np.asarray(target)
+        if target_array.dtype.kind not in "iu":
+            raise TypeError(
+                f"target must hold class indices (an integer array of shape {self.sample_shape}), "
+                f"got {describe(target_array)}"
+            )
+        labels = as_class_indices(target_array, self.sample_shape, expected_shape="(one class index per row)")
+        self.valid_shaped = check_labels(labels, self.classes, options.ignore_index)
+        self.labels_shaped = labels
+        rows = int(np.prod(self.sample_shape, dtype=np.int64))
+        self.matrix = np.ascontiguousarray(moved).reshape(rows, self.classes)
+        self.private = not np.may_share_memory(self.matrix, array) or array is not logits
+        self.labels = labels.reshape(rows)
+        self.valid = self.valid_shaped.reshape(rows)
+        self.options = options
+
+    def shaped(self, rows: np.ndarray) -> np.ndarray:
+        """Per-row float64 results in the compute dtype and the rows' shape."""
+        return rows.astype(self.dtype).reshape(self.sample_shape)
+
+    def statistics(self) -> tuple[np.ndarray, ...]:
+        """(m, s, log_s, log_probs, entropy, lse) per row, float64, from the fused kernel."""
+        from ..kernels.log_probs import log_prob_statistics
+
+        m, s, u, z_target = log_prob_statistics(
+            self.matrix, self.labels, self.valid, self.options.temperature
+        )
+        log_probs, entropy, lse, log_s = row_statistics(m, s, u, z_target, self.valid)
+        return m, s, log_s, log_probs, entropy, lse
+
+
+def _row_gradient(value: ArrayLike | None, name: str, shape: tuple[int, ...]) -> np.ndarray | float:
+    """An upstream gradient of a per-row output: 0 when None, else broadcast to ``shape``."""
+    if value is None:
+        return 0.0
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
+    try:
+        return np.broadcast_to(array.astype(np.float64, copy=False), shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} must broadcast to the rows' shape {shape} (the logits' shape without the class "
+            f"axis), got shape {array.shape}"
+        ) from None
+
+
+def log_probs(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+) -> np.ndarray | tuple[np.ndarray, ...]:
+    r"""The log-probability of each row's target token, and optionally the entropy and lse.
+
+    With z = logits / T (T = ``temperature``) along ``axis``, lse = log Σ_c exp z_c and
+    p = softmax(z):
+
+        log p(y) = z_y − lse ≤ 0,      H = −Σ_c p_c·log p_c = lse − Σ_c p_c·z_c ≥ 0
+
+    computed in one fused pass over each row (max, Σ exp(z − m), Σ exp(z − m)·(z − m), z_y),
+    in float64 across blocks, as log p(y) = (z_y − m) − log s and H = log s − u/s, so that the
+    log-probability is never above 0 and the entropy never below 0. What reinforcement learning
+    on language models (PPO, GRPO) needs per token; the gradient is :func:`log_probs_backward`.
+
+    Shapes: logits ``[..., C]`` (classes on ``axis``), target int ``[...]``; each output has the
+    target's shape and the logits' dtype (float16 computed and returned in float32). A row whose
+    target is ``ignore_index`` gets 0 for each. Returns ``log_probs``, or a tuple
+    ``(log_probs, entropy)``, ``(log_probs, lse)`` or ``(log_probs, entropy, lse)`` as asked.
+
+    >>> import numpy as np, xentkit
+    >>> logits = np.array([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]])
+    >>> lp, h = xentkit.log_probs(logits, [0, 2], return_entropy=True)
+    >>> np.round(lp, 4), np.round(h, 4)   # −log 0.879; −log 3 and entropy log 3 for a uniform row
+    (array([-0.1291, -1.0986]), array([0.3801, 1.0986]))
+
+    See also: :func:`cross_entropy` (the mean of −log p(y), with the loss options),
+    ``xentkit.torch.linear_log_probs`` (fused with the output layer, for PyTorch).
+    """
+    options = LogProbOptions(temperature, ignore_index)
+    rows = _Rows(logits, target, axis, options)
+    if reference_enabled():
+        results = reference.log_probs.log_probs_and_entropy(
+            rows.moved, rows.labels_shaped, temperature=options.temperature,
+            ignore_index=options.ignore_index,
+        )
+        log_p, entropy, lse = (np.asarray(result, dtype=rows.dtype) for result in results)
+    else:
+        _, _, _, log_p, entropy, lse = rows.statistics()
+        log_p, entropy, lse = rows.shaped(log_p), rows.shaped(entropy), rows.shaped(lse)
+    chosen = (log_p, *((entropy,) if return_entropy else ()), *((lse,) if return_lse else ()))
+    return chosen[0] if len(chosen) == 1 else chosen
+
+
+def log_probs_backward(
+    logits: ArrayLike,
+    target: ArrayLike,
+    grad_log_probs: ArrayLike | None,
+    grad_entropy: ArrayLike | None = None,
+    *,
+    grad_lse: ArrayLike | None = None,
+    axis: int = -1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> np.ndarray:
+    r"""The vector-Jacobian product of :func:`log_probs`: ∂(Σ g·log p(y) + Σ h·H + Σ k·lse)/∂logits.
+
+    With g = ``grad_log_probs``, h = ``grad_entropy``, k = ``grad_lse`` (each broadcast to the
+    target's shape; None means 0) and the notation of :func:`log_probs`, per row:
+
+        ∂/∂z_j = g·([j = y] − p_j) − h·p_j·(z_j − lse + H) + k·p_j,     ∂/∂logits = ∂/∂z / T
+
+    computed by a fused kernel (the row statistics, then one write of the gradient). Ignored rows
+    get a zero gradient. Returns an array of the logits' shape and dtype (float16 computed in
+    float32).
+
+    >>> import numpy as np, xentkit
+    >>> np.round(xentkit.log_probs_backward([[3.0, 1.0, -3.0]], [0], [1.0]), 4)   # onehot − p
+    array([[ 0.1211, -0.1189, -0.0022]])
+
+    See also: :func:`softmax_backward`, :func:`log_softmax_backward`.
+    """
+    options = LogProbOptions(temperature, ignore_index)
+    rows = _Rows(logits, target, axis, options)
+    shape = rows.sample_shape
+    g, h, k = (
+        _row_gradient(value, name, shape)
+        for value, name in ((grad_log_probs, "grad_log_probs"), (grad_entropy, "grad_entropy"), (grad_lse, "grad_lse"))
+    )
+    if reference_enabled():
+        grad = reference.log_probs.log_probs_backward(
+            rows.moved, rows.labels_shaped, g, h, k, temperature=options.temperature,
+            ignore_index=options.ignore_index,
+        )
+    else:
+        from ..kernels.log_probs import log_prob_gradient
+
+        m, s, log_s, _, entropy, _ = rows.statistics()
+        flat = tuple(np.reshape(np.broadcast_to(value, shape), -1) for value in (g, h, k))
+        coefficients = gradient_coefficients(log_s, entropy, *flat)
+        out = rows.matrix if rows.private else np.empty_like(rows.matrix)
+        grad = log_prob_gradient(
+            rows.matrix, rows.labels, rows.valid, options.temperature, m, s, coefficients, out
+        ).reshape(rows.moved.shape)
+    if rows.axis != grad.ndim - 1:
+        grad = np.moveaxis(grad, -1, rows.axis)
+    return grad.astype(rows.input_dtype, copy=False)

@@ -1,0 +1,293 @@
+"""Fused kernels of the token log-probabilities and entropies (formulas:
+``xentkit.reference.log_probs``).
+
+Per row i (``prange`` over rows; a row of C classes x, scale c = 1/T > 0, z_j = x_j·c rounded
+in the logits' dtype):
+
+    Pass 1, statistics (one read of the row, online in blocks of ``block`` classes):
+        b = max_{j in block} z_j  (= max x_j · c: c > 0 and rounding are monotone)
+        if b > m:  u ← e·(u + s·(m − b)),  s ← e·s,  e = exp(m − b);  m ← b
+        s += Σ_{j in block} exp(z_j − m)
+        u += Σ_{j in block} exp(z_j − m)·(z_j − m)
+        z_y = x_y·c, when the row's target y is in [0, C)
+    gives m, s, u (float64 across blocks; each block summed in the dtype's vector lanes, except
+    the blocks holding the running max, summed in float64 since one term is exactly 1) and z_y.
+    The host (``reference.log_probs.row_statistics``) turns them into
+    log p(y) = (z_y − m) − log s ≤ 0, H = log s − u/s ≥ 0 and lse = m + log s.
+
+    Pass 2, gradient (one write of the row; exp recomputed), given per-row (m, s) and the
+    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)):
+        dst_j = c·exp(z_j − m)/s·(b + k·(z_j − m))       (vector loop, the dtype's lanes)
+        dst_y = c·(a + p_y·(b + k·(z_y − m)))            (float64, x_y read before the loop)
+    ``dst`` may be the logits themselves (in place: the one-array loop, which LLVM vectorizes
+    without an aliasing check).
+
+The loops have no ``contract`` flag: a fused x·c − m would skip the rounding of z_j that the
+maximum saw, and z_j − m could come out above 0. Terms exp(d)·d use max(d, −1000) so that a
+masked class (z = −inf, exp = 0) adds 0, not 0·(−inf). A row that is not ``valid`` (its target
+is ignore_index) is skipped by pass 1 (m = 0, s = 1, u = 0: lse 0, H 0) and zeroed by pass 2.
+Special values, as torch: a NaN makes the row's results NaN; a +inf logit makes log p(y), H and
+the gradient NaN and lse +inf (pass 1 sums exp(z) unshifted once m is +inf); −inf logits are masked
+classes, and a row of −inf only has s = 0 (NaN downstream).
+
+No validation: the callers check shapes, dtypes and labels first. A target outside [0, C) is not
+read (the vocabulary-parallel shards pass the labels of other shards that way; z_y is then 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, like, maxnum
+from xentkit.kernels.cross_entropy import (
+    DEFAULT_BLOCK,
+    SERIAL_MAX_ELEMENTS,
+    _block_max,
+    _zero_row,
+)
+
+_LOOP_JIT = {"fastmath": {"reassoc", "nsz"}, "error_model": "numpy", "nogil": True}
+_KERNEL_JIT = {"fastmath": False, "error_model": "numpy", "nogil": True, "cache": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1 pieces: Σ exp(z − m) and Σ exp(z − m)·(z − m) over one block
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_LOOP_JIT)
+def _block_moments(row, start, stop, scale, shift):  # pragma: no cover - compiled
+    """(Σ e_j, Σ e_j·d_j), d_j = z_j − shift, e_j = exp(d_j), summed in the dtype's lanes."""
+    seg = row[start:stop]
+    floor = like(-1000.0, row)
+    acc_s = like(0.0, row)
+    acc_u = like(0.0, row)
+    for j in range(seg.shape[0]):
+        d = seg[j] * scale - shift
+        e = fast_exp_nonpositive(d)
+        acc_s += e
+        acc_u += e * maxnum(d, floor)
+    return np.float64(acc_s), np.float64(acc_u)
+
+
+@njit(**_LOOP_JIT)
+def _block_moments_wide(row, start, stop, scale, shift):  # pragma: no cover - compiled
+    """As ``_block_moments``, summed in float64 (the blocks that hold the running max)."""
+    seg = row[start:stop]
+    floor = like(-1000.0, row)
+    acc_s = 0.0
+    acc_u = 0.0
+    for j in range(seg.shape[0]):
+        d = seg[j] * scale - shift
+        e = fast_exp_nonpositive(d)
+        acc_s += np.float64(e)
+        acc_u += np.float64(e * maxnum(d, floor))
+    return acc_s, acc_u
+
+
+@njit(**_LOOP_JIT)
+def _block_moments_unshifted(row, start, stop, scale):  # pragma: no cover - compiled
+    """Σ exp(z_j) and Σ exp(z_j)·z_j in float64 with the full-range exp, for a row whose max is
+    +inf (the sums come out +inf, or NaN with a NaN in the row)."""
+    seg = row[start:stop]
+    floor = like(-1000.0, row)
+    acc_s = 0.0
+    acc_u = 0.0
+    for j in range(seg.shape[0]):
+        d = seg[j] * scale
+        e = fast_exp(d)
+        acc_s += np.float64(e)
+        acc_u += np.float64(e * maxnum(d, floor))
+    return acc_s, acc_u
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2 pieces: dst_j = exp(z_j − m)·(B + K·(z_j − m)), B = c·b/s, K = c·k/s
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_LOOP_JIT)
+def _grad(x, g, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
+    floor = like(-1000.0, x)
+    for j in range(x.shape[0]):
+        d = x[j] * scale - shift
+        g[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
+
+
+@njit(**_LOOP_JIT)
+def _grad_inplace(x, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
+    floor = like(-1000.0, x)
+    for j in range(x.shape[0]):
+        d = x[j] * scale - shift
+        x[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, **_KERNEL_JIT)
+def _statistics_kernel(
+    logits, labels, valid, scale, block, m_rows, s_rows, u_rows, z_target
+):  # pragma: no cover - compiled
+    n_rows, n_classes = logits.shape
+    c = like(scale, logits)
+    neg_inf = like(-np.inf, logits)
+    pos_inf = like(np.inf, logits)
+    zero = like(0.0, logits)
+    for i in prange(n_rows):
+        if not valid[i]:
+            m_rows[i] = 0.0
+            s_rows[i] = 1.0
+            u_rows[i] = 0.0
+            z_target[i] = 0.0
+            continue
+        row = logits[i]
+        # ---- Pass 1: m, s = Σ exp(z − m), u = Σ exp(z − m)·(z − m), block by block ----
+        m = neg_inf
+        s = 0.0
+        u = 0.0
+        for block_start in range(0, n_classes, block):
+            block_stop = min(block_start + block, n_classes)
+            b = _block_max(row, block_start, block_stop) * c
+            if b > m:
+                if s > 0.0:  # restate (s, u) at the new max; s = 0 while everything was −inf
+                    delta = np.float64(m) - np.float64(b)
+                    e = math.exp(delta)
+                    u = e * (u + s * delta)
+                    s = e * s
+                m = b
+            if m == neg_inf and b == neg_inf:
+                continue  # only −inf so far: nothing to add (never exp(−inf − (−inf)))
+            # shift by 0 while m is −inf (m is NaN-free: maxnum skips NaN); a +inf logit makes
+            # s = +inf (lse = +inf, as torch's logsumexp), or NaN with a NaN in the row
+            shift = m if m > neg_inf else zero
+            if m == pos_inf:
+                ds, du = _block_moments_unshifted(row, block_start, block_stop, c)
+            elif b == m:
+                ds, du = _block_moments_wide(row, block_start, block_stop, c, shift)
+            else:
+                ds, du = _block_moments(row, block_start, block_stop, c, shift)
+            s += ds
+            u += du
+        m_rows[i] = np.float64(m)
+        s_rows[i] = s
+        u_rows[i] = u
+        y = labels[i]
+        z_target[i] = np.float64(row[y] * c) if 0 <= y < n_classes else 0.0
+
+
+@njit(parallel=True, **_KERNEL_JIT)
+def _gradient_kernel(
+    logits, labels, valid, scale, m_rows, s_rows, coef_a, coef_b, coef_k, grad_out, in_place
+):  # pragma: no cover - compiled
+    n_rows, n_classes = logits.shape
+    c = like(scale, logits)
+    for i in prange(n_rows):
+        row = logits[i]
+        dst = row if in_place else grad_out[i]
+        if not valid[i]:
+            _zero_row(dst)
+            continue
+        m = like(m_rows[i], logits)
+        s = s_rows[i]
+        y = labels[i]
+        has_target = 0 <= y < n_classes
+        # the target entry in float64, from x_y read before pass 2 may overwrite it
+        grad_y = 0.0
+        if has_target:
+            d_y = np.float64(row[y] * c - m)
+            p_y = math.exp(d_y) / s
+            grad_y = scale * (coef_a[i] + p_y * (coef_b[i] + coef_k[i] * d_y))
+        # ---- Pass 2: dst_j = c·exp(z_j − m)/s·(b + k·(z_j − m)) ----
+        coef_b_row = like(scale * coef_b[i] / s, logits)
+        coef_k_row = like(scale * coef_k[i] / s, logits)
+        if in_place:
+            _grad_inplace(row, c, m, coef_b_row, coef_k_row)
+        else:
+            _grad(row, dst, c, m, coef_b_row, coef_k_row)
+        if has_target:
+            dst[y] = grad_y
+
+
+# ---------------------------------------------------------------------------------------------
+# Host functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(kernel, arguments: tuple, elements: int, parallel: bool | None) -> None:
+    """``kernel(*arguments)`` on Numba's threads, or on the calling thread alone for small
+    problems (waking the pool costs more than it saves)."""
+    if parallel is None:
+        parallel = elements > SERIAL_MAX_ELEMENTS
+    saved = numba.get_num_threads()
+    threads = saved if parallel else 1
+    if threads != saved:
+        numba.set_num_threads(threads)
+    try:
+        kernel(*arguments)
+    finally:
+        if numba.get_num_threads() != saved:
+            numba.set_num_threads(saved)
+
+
+def log_prob_statistics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    temperature: float = 1.0,
+    *,
+    block: int = DEFAULT_BLOCK,
+    parallel: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1 over a C-contiguous float32/float64 ``[N, C]`` array: ``(m, s, u, z_target)``,
+    each ``[N]`` float64 (see the module docstring). ``labels`` ``[N]`` int64, ``valid`` ``[N]``
+    bool; nothing is validated."""
+    n_rows = logits.shape[0]
+    m, s, u, z_target = (np.empty(n_rows, dtype=np.float64) for _ in range(4))
+    if n_rows:
+        arguments = (
+            logits, np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(valid, dtype=np.bool_),
+            1.0 / float(temperature), max(int(block), 1), m, s, u, z_target,
+        )
+        _run(_statistics_kernel, arguments, logits.size, parallel)
+    return m, s, u, z_target
+
+
+def log_prob_gradient(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    temperature: float,
+    m: np.ndarray,
+    s: np.ndarray,
+    coefficients: tuple[np.ndarray, np.ndarray, np.ndarray],
+    grad_out: np.ndarray,
+    *,
+    parallel: bool | None = None,
+) -> np.ndarray:
+    """Pass 2: writes ∂/∂logits into ``grad_out`` (``[N, C]``, the logits' dtype; may be
+    ``logits`` itself) from the rows' (m, s) and the coefficients (a, b, k) of
+    ``reference.log_probs.gradient_coefficients``, each ``[N]`` float64. Returns ``grad_out``."""
+    n_rows = logits.shape[0]
+    if n_rows:
+        in_place = grad_out is logits or (
+            grad_out.__array_interface__["data"][0] == logits.__array_interface__["data"][0]
+        )
+        coef_a, coef_b, coef_k = (
+            np.ascontiguousarray(np.broadcast_to(np.asarray(c, dtype=np.float64), (n_rows,)))
+            for c in coefficients
+        )
+        arguments = (
+            logits, np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(valid, dtype=np.bool_),
+            1.0 / float(temperature), np.ascontiguousarray(m, dtype=np.float64),
+            np.ascontiguousarray(s, dtype=np.float64), coef_a, coef_b, coef_k,
+            logits if in_place else grad_out, in_place,
+        )
+        _run(_gradient_kernel, arguments, logits.size, parallel)
+    return grad_out

@@ -1,0 +1,164 @@
+"""Token log-probabilities, entropies and log-sum-exps, with their vector-Jacobian product.
+
+What reinforcement learning on language models (PPO, GRPO) and evaluation need per position:
+the log-probability of the token that was sampled and the entropy of the distribution, at a
+sampling temperature T. Per row (class axis last), with z = logits / T:
+
+    lse = log Σ_c exp z_c,     p = softmax(z) = exp(z − lse)
+    log p(y) = z_y − lse                               (≤ 0)
+    H = −Σ_c p_c log p_c = lse − Σ_c p_c z_c           (≥ 0)
+
+and for upstream gradients g (of log p(y)), h (of H) and k (of lse), per row:
+
+    ∂/∂z_j = g·([j = y] − p_j) − h·p_j·(z_j − lse + H) + k·p_j
+    ∂/∂logits = ∂/∂z / T
+
+A row whose target is ``ignore_index`` gets log p 0, H 0, lse 0 and a zero gradient.
+
+Two forms live here. :func:`log_probs_and_entropy` and :func:`log_probs_backward` are the oracle,
+written from the definitions for clarity. :func:`row_statistics` and
+:func:`gradient_coefficients` are the algebra every fast path shares (the Numba kernel, the
+chunked linear forms, the vocabulary-parallel shards): a pass over a row gives, with m its max,
+
+    s = Σ_j exp(z_j − m),   u = Σ_j exp(z_j − m)·(z_j − m)      (u ≤ 0)
+
+from which  lse = m + log s,  H = log s − u/s  (a sum of two terms ≥ 0, never negative) and
+log p(y) = (z_y − m) − log s  (both terms ≤ 0, never positive). The gradient is written as
+
+    ∂/∂z_j = a·[j = y] + p_j·(b + c·(z_j − m)),
+    a = g,  b = k − g − h·(H − log s),  c = −h.
+
+Partial (m, s, u) over pieces of a row (vocabulary shards) merge as m = max_k m_k,
+s = Σ_k s_k·exp(m_k − m), u = Σ_k exp(m_k − m)·(u_k + s_k·(m_k − m)) (:func:`merge_partials`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .reductions import _torch_tensor, masked
+
+__all__ = [
+    "gradient_coefficients",
+    "log_probs_and_entropy",
+    "log_probs_backward",
+    "merge_partials",
+    "row_statistics",
+]
+
+
+def _log(values: Any) -> Any:
+    return values.log() if _torch_tensor(values) else np.log(values)
+
+
+def _exp(values: Any) -> Any:
+    return values.exp() if _torch_tensor(values) else np.exp(values)
+
+
+def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, ...]:
+    """z, its row max m (0 where not finite), z − m, log s, p and the rows holding +inf, class
+    axis last. As torch: a row with a +inf logit has NaN probabilities and log-probabilities
+    (and lse +inf); a NaN spreads over its row."""
+    z = logits / logits.dtype.type(temperature)
+    m = np.max(z, axis=-1, keepdims=True)
+    positive_infinity = m == np.inf
+    m = np.where(np.isfinite(m), m, 0)
+    shifted = z - m
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        log_s = np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+        p = np.where(positive_infinity, np.nan, np.exp(shifted - log_s))
+    return z, m, shifted, log_s, p
+
+
+def _p_times(p: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """p·values with 0·(−inf) = 0: a masked (−inf) class has p = 0 and adds nothing."""
+    with np.errstate(invalid="ignore"):
+        return np.where(p == 0, 0, p * values)
+
+
+def log_probs_and_entropy(
+    logits: np.ndarray, target: np.ndarray, *, temperature: float = 1.0, ignore_index: int = -100
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(log_probs, entropy, lse)`` per row of ``logits`` (``[..., C]``) for class indices
+    ``target`` (``[...]``), each with the rows' shape and the logits' dtype."""
+    _, m, shifted, log_s, p = _softmax_parts(logits, temperature)
+    valid = target != ignore_index
+    safe = np.where(valid, target, 0)
+    with np.errstate(invalid="ignore"):
+        log_p = np.where(np.isnan(p), np.nan, shifted - log_s)
+        log_p_y = np.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
+        entropy = -np.sum(_p_times(p, log_p), axis=-1)
+        lse = (m + log_s)[..., 0]
+    zero = logits.dtype.type(0)
+    return np.where(valid, log_p_y, zero), np.where(valid, entropy, zero), np.where(valid, lse, zero)
+
+
+def log_probs_backward(
+    logits: np.ndarray,
+    target: np.ndarray,
+    grad_log_probs: np.ndarray | None,
+    grad_entropy: np.ndarray | None = None,
+    grad_lse: np.ndarray | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> np.ndarray:
+    """∂(Σ g·log p(y) + Σ h·H + Σ k·lse)/∂logits for per-row upstream gradients g, h, k
+    (None: 0), in the logits' dtype and shape (class axis last)."""
+    _, _, shifted, log_s, p = _softmax_parts(logits, temperature)
+    rows = logits.shape[:-1]
+    dtype = logits.dtype
+    g, h, k = (
+        np.zeros(rows, dtype) if grad is None else np.broadcast_to(np.asarray(grad, dtype), rows)
+        for grad in (grad_log_probs, grad_entropy, grad_lse)
+    )
+    valid = target != ignore_index
+    safe = np.where(valid, target, 0)
+    with np.errstate(invalid="ignore"):
+        log_p = np.where(np.isnan(p), np.nan, shifted - log_s)
+        entropy = -np.sum(_p_times(p, log_p), axis=-1, keepdims=True)
+        onehot = np.arange(logits.shape[-1]) == safe[..., None]
+        grad = (
+            g[..., None] * (onehot - p)
+            - h[..., None] * _p_times(p, log_p + entropy)
+            + k[..., None] * p
+        )
+    grad = np.where(valid[..., None], grad, 0) / dtype.type(temperature)
+    return grad.astype(dtype, copy=False)
+
+
+def row_statistics(
+    m: Any, s: Any, u: Any, z_target: Any, valid: Any
+) -> tuple[Any, Any, Any, Any]:
+    """``(log_probs, entropy, lse, log_s)`` from a pass's (m, s, u) and the target's z_y, 0 on
+    rows that are not ``valid``. NumPy arrays or torch tensors (float64 or float32)."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # a row of −inf only: NaN, as torch
+        log_s = _log(s)
+        # + (m − m): NaN when the max is ±inf (torch's log_softmax is NaN there), else 0
+        log_probs = ((z_target - m) - log_s) + (m - m)
+        entropy = log_s - u / s
+        lse = m + log_s
+    return masked(log_probs, valid), masked(entropy, valid), masked(lse, valid), log_s
+
+
+def gradient_coefficients(
+    log_s: Any, entropy: Any, grad_log_probs: Any, grad_entropy: Any, grad_lse: Any
+) -> tuple[Any, Any, Any]:
+    """``(a, b, c)`` per row with ∂/∂z_j = a·[j = y] + p_j·(b + c·(z_j − m)), from the upstream
+    gradients g, h, k (arrays or scalars; 0 for an output nobody used)."""
+    a = grad_log_probs
+    b = grad_lse - grad_log_probs - grad_entropy * (entropy - log_s)
+    c = -grad_entropy
+    return a, b, c
+
+
+def merge_partials(m: Any, s: Any, u: Any, m_total: Any) -> tuple[Any, Any]:
+    """A piece's (s, u), taken at its own max m, restated at the row's max ``m_total`` ≥ m:
+    ``s·exp(m − m_total)`` and ``exp(m − m_total)·(u + s·(m − m_total))``; summed over the pieces
+    they give the row's (s, u). A piece with nothing in it (s = 0, m = −inf) gives (0, 0)."""
+    with np.errstate(invalid="ignore"):
+        factor = _exp(m - m_total)
+        shift = masked(m - m_total, s > 0)  # not 0·(−inf) on an empty piece
+    return s * factor, factor * (u + s * shift)

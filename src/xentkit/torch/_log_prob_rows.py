@@ -1,0 +1,107 @@
+"""The two passes of the token log-probabilities over a ``[rows, V]`` block of logits, per backend.
+
+Both backends keep one contract (that of :mod:`xentkit.kernels.log_probs`, whose docstring has
+the formulas): ``statistics`` gives each row's (m, s, u, z_y), ``gradient`` writes
+∂/∂logits = (a·[j = y] + p_j·(b + k·(z_j − m)))/T from the rows' (m, s) and coefficients
+(a, b, k) into ``out`` (which may be the logits: in place). Rows that are not ``valid`` get
+(m, s, u, z_y) = (0, 1, 0, 0) and a zero gradient; a label outside [0, V) is not read (z_y 0, no
+target entry).
+
+- :class:`NumbaRows`: the fused Numba kernels, for plain CPU float32/float64 tensors (float64
+  statistics).
+- :class:`TorchRows`: the same formulas in torch ops, for any device and dtype (statistics in
+  float32, float64 for float64 logits); a chunk's temporaries are a few chunk-sized float32
+  tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _bridge
+
+__all__ = ["NumbaRows", "TorchRows", "statistics_dtype"]
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-row results: float64 for float64 logits, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class NumbaRows:
+    """The CPU kernels (``xentkit.kernels.log_probs``) on NumPy views of the tensors."""
+
+    name = "numba"
+
+    @staticmethod
+    def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:
+        from ..kernels.log_probs import log_prob_statistics
+
+        results = log_prob_statistics(
+            _bridge.as_numpy(logits), _bridge.as_numpy(labels), _bridge.as_numpy(valid), temperature
+        )
+        return tuple(torch.from_numpy(result) for result in results)
+
+    @staticmethod
+    def gradient(
+        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, s: Tensor,
+        coefficients: tuple[Tensor, Tensor, Tensor], out: Tensor,
+    ) -> Tensor:
+        from ..kernels.log_probs import log_prob_gradient
+
+        logits_array = logits.detach().numpy()  # contiguous by contract: a view, never a copy
+        out_array = logits_array if out.data_ptr() == logits.data_ptr() else out.detach().numpy()
+        log_prob_gradient(
+            logits_array, _bridge.as_numpy(labels), _bridge.as_numpy(valid), temperature,
+            m.numpy(), s.numpy(), tuple(_bridge.as_numpy(c.to(torch.float64)) for c in coefficients),
+            out_array,
+        )
+        return out
+
+
+class TorchRows:
+    """The same two passes in torch ops (any device, any floating dtype)."""
+
+    name = "torch"
+
+    @staticmethod
+    def _shifted(logits: Tensor, temperature: float, m: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(z, m) with z = logits/T in the statistics dtype and m its row max (given or found)."""
+        z = logits.to(statistics_dtype(logits.dtype)) * (1.0 / temperature)
+        if m is None:
+            m = z.amax(dim=-1) if z.shape[-1] else z.new_zeros(z.shape[0])
+        return z, m
+
+    @staticmethod
+    def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:
+        z, m = TorchRows._shifted(logits, temperature, None)
+        shift = torch.where(m.isinf(), 0.0, m)  # as the kernel: a +inf logit gives s = +inf
+        d = z - shift[:, None]
+        e = d.exp()
+        s = e.sum(dim=-1)
+        u = (e * d.clamp_min(-1000.0)).sum(dim=-1)
+        here = valid & (labels >= 0) & (labels < logits.shape[-1])
+        picked = z.gather(1, torch.where(here, labels, 0).long()[:, None])[:, 0]
+        z_target = torch.where(here, picked, 0.0)
+        one = torch.ones_like(s)
+        return (
+            torch.where(valid, m, 0.0), torch.where(valid, s, one), torch.where(valid, u, 0.0), z_target,
+        )
+
+    @staticmethod
+    def gradient(
+        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, s: Tensor,
+        coefficients: tuple[Tensor, Tensor, Tensor], out: Tensor,
+    ) -> Tensor:
+        a, b, k = (c.to(m.dtype) for c in coefficients)
+        z, _ = TorchRows._shifted(logits, temperature, m)
+        d = z - m[:, None]
+        scale = 1.0 / temperature
+        grad = d.exp() * ((scale * b / s)[:, None] + (scale * k / s)[:, None] * d.clamp_min(-1000.0))
+        here = valid & (labels >= 0) & (labels < logits.shape[-1])
+        index = torch.where(here, labels, 0).long()[:, None]
+        grad.scatter_add_(1, index, torch.where(here, scale * a, 0.0)[:, None])
+        grad = torch.where(valid[:, None], grad, 0.0)
+        out.copy_(grad)
+        return out

@@ -1,0 +1,343 @@
+"""Token log-probabilities and entropies for PyTorch, from logits or straight from hidden states.
+
+``log_probs(logits, target)`` and ``linear_log_probs(x, W, target)`` give, per position, log p(y)
+(and on request the entropy H and the log-sum-exp) of softmax(z / T), differentiable with any
+upstream gradients (formulas: :mod:`xentkit.reference.log_probs`). ``linear_log_probs`` never
+holds the ``[N, V]`` logits. Per chunk of rows, into one reused ``[rows, V]`` buffer:
+
+forward
+    1. ``logits = x_chunk Wᵀ (+ b)``                     one matmul, ``out=`` the buffer
+    2. pass 1 over the chunk: each row's (m, s, u, z_y)  (the row backend, see below)
+    then, per row: log p(y), H and lse (``reference.log_probs.row_statistics``); kept for
+    backward: m, s, log s, H (four numbers per row) and the inputs.
+backward (the upstream gradients are known only now, so each chunk's logits are recomputed:
+one more matmul instead of keeping the logits)
+    1. ``logits = x_chunk Wᵀ (+ b)``                     into the buffer again
+    2. pass 2 writes ∂/∂logits over the logits           (coefficients from the upstream grads)
+    3. ``grad_x[chunk] = dz W``,  ``grad_W += dzᵀ x_chunk``,  ``grad_b += Σ_rows dz``
+
+Row backends (``_log_prob_rows``): plain CPU float32/float64 tensors run the fused Numba kernels;
+everything else (CUDA, float16, bfloat16, ``backend="torch"``) the same two passes in torch ops,
+per chunk, in float32 — so on a GPU the logits are never held either, but without a fused kernel
+(a Triton kernel for these passes is still to come; ``backend="triton"`` says so).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from .._labels import check_index_layout, check_labels
+from .._options import LogProbOptions, describe
+from ..reference.log_probs import gradient_coefficients, row_statistics
+from . import _bridge, _linear_triton
+from ._chunks import logit_chunks
+from ._log_prob_rows import NumbaRows, TorchRows, statistics_dtype
+from .linear_cross_entropy import chunk_rows_for
+
+__all__ = ["linear_log_probs", "log_probs"]
+
+_NUMBA_DTYPES = (torch.float32, torch.float64)
+
+
+def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor | None) -> type:
+    """The row backend of this call (see the module docstring)."""
+    if options.backend == "triton":
+        raise ValueError(
+            "backend='triton' has no log-probability kernel yet; use backend='auto' (CUDA tensors "
+            "then run the chunked passes in torch ops) or 'torch'"
+        )
+    if (
+        options.backend == "auto"
+        and logits_like.dtype in _NUMBA_DTYPES
+        and _bridge.runs_on_xentkit(logits_like, *others)
+    ):
+        return NumbaRows
+    return TorchRows
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    return value
+
+
+def _select(results: tuple[Tensor, Tensor, Tensor], return_entropy: bool, return_lse: bool) -> Tensor | tuple[Tensor, ...]:
+    log_p, entropy, lse = results
+    chosen = (log_p, *((entropy,) if return_entropy else ()), *((lse,) if return_lse else ()))
+    return chosen[0] if len(chosen) == 1 else chosen
+
+
+def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, b, k) per row from the upstream gradients of (log p, H, lse) (None: unused)."""
+    dtype = ctx.log_s.dtype
+    g, h, k = (
+        ctx.log_s.new_zeros(()) if grad is None else grad.reshape(-1).to(dtype) for grad in grads
+    )
+    return gradient_coefficients(ctx.log_s, ctx.entropy, g, h, k)
+
+
+def _finish(ctx: FunctionCtx, statistics: tuple[Tensor, ...], valid: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Per-row outputs from (m, s, u, z_y); keeps (m, s, log s, H) on ``ctx`` for backward."""
+    m, s, u, z_target = statistics
+    log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
+    ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
+    out_dtype = statistics_dtype(dtype)
+    return tuple(value.to(out_dtype).reshape(shape) for value in (log_p, entropy, lse))
+
+
+class _LogProbsFunction(torch.autograd.Function):
+    """log p(y), H, lse of existing logits ``[rows, V]``; backward is one pass of the kernel."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, logits: Tensor, target: Tensor, valid: Tensor, options: LogProbOptions, rows: type,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        _bridge.first_order_anchors(ctx, logits)
+        matrix = logits.detach().reshape(-1, logits.shape[-1]).contiguous()
+        labels = target.reshape(-1)
+        ctx.options, ctx.rows, ctx.valid = options, rows, valid.reshape(-1)
+        statistics = rows.statistics(matrix, labels, ctx.valid, options.temperature)
+        ctx.save_for_backward(logits, target)
+        return _finish(ctx, statistics, ctx.valid, target.shape, logits.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only("log_probs")
+    def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        logits, target = ctx.saved_tensors
+        matrix = logits.detach().reshape(-1, logits.shape[-1]).contiguous()
+        grad = torch.empty_like(matrix)
+        ctx.rows.gradient(
+            matrix, target.reshape(-1), ctx.valid, ctx.options.temperature, ctx.m, ctx.s,
+            _coefficients(ctx, grads), grad,
+        )
+        return grad.reshape(logits.shape), None, None, None, None
+
+
+def _check_target(target: object, sample_shape: tuple[int, ...], expected: str) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor of class indices, got {describe(target)}")
+    check_index_layout(
+        not target.is_floating_point() and not target.is_complex() and target.dtype != torch.bool,
+        tuple(target.shape), sample_shape, dtype_name=str(target.dtype).removeprefix("torch."),
+        expected_shape=expected,
+    )
+    return target
+
+
+def log_probs(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, ...]:
+    r"""The log-probability of each position's target token under softmax(logits / T), and on
+    request the entropy and the log-sum-exp, with their gradients.
+
+    With z = logits / T, lse = log Σ_c exp z_c, p = softmax(z):
+    log p(y) = z_y − lse (≤ 0) and H = lse − Σ_c p_c·z_c (≥ 0); the gradient of
+    Σ g·log p(y) + Σ h·H + Σ k·lse is ∂/∂z_j = g·([j = y] − p_j) − h·p_j·(z_j − lse + H) + k·p_j,
+    divided by T for the logits (formulas and algorithm: :func:`xentkit.log_probs`).
+
+    Shapes: logits ``[..., V]`` (classes last), target integer ``[...]``. Each output has the
+    target's shape and dtype float32 (float64 for float64 logits), and is differentiable with
+    respect to the logits with any upstream gradient (an output nobody uses costs nothing). A
+    position whose target is ``ignore_index`` gets log-prob 0, entropy 0, lse 0 and no gradient.
+    Returns ``log_probs``, or ``(log_probs, entropy)``, ``(log_probs, lse)``,
+    ``(log_probs, entropy, lse)`` as asked. ``backend``: "auto" (CPU float32/float64: the fused
+    Numba kernels; otherwise torch ops in float32) or "torch". Double backward raises.
+
+    >>> import torch, xentkit.torch as xt
+    >>> logits = torch.tensor([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    >>> lp, h = xt.log_probs(logits, torch.tensor([0, 2]), return_entropy=True)
+    >>> lp, h
+    (tensor([-0.1291, -1.0986], grad_fn=<_LogProbsFunctionBackward>), tensor([0.3801, 1.0986], grad_fn=<_LogProbsFunctionBackward>))
+
+    See also: :func:`linear_log_probs` (from hidden states, without the logits).
+    """
+    options = LogProbOptions(temperature, ignore_index, None, backend)
+    return_entropy = _flag(return_entropy, "return_entropy")
+    return_lse = _flag(return_lse, "return_lse")
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {describe(logits)}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have at least one class in its last dimension, got shape {tuple(logits.shape)}")
+    target = _check_target(target, tuple(logits.shape[:-1]), "(one class index per row of logits)")
+    if target.device != logits.device:
+        raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
+    valid = check_labels(target, logits.shape[-1], options.ignore_index)
+    rows = _rows_backend(logits, options, target)
+    results = _LogProbsFunction.apply(logits, target, valid, options, rows)
+    return _select(results, return_entropy, return_lse)
+
+
+class _LinearLogProbsFunction(torch.autograd.Function):
+    """Chunked linear + log-probabilities; see the module docstring for the algorithm."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor,
+        valid: Tensor, options: LogProbOptions, rows: type,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
+        x = input.detach().contiguous()
+        w = linear_weight.detach().contiguous()
+        b = None if linear_bias is None else linear_bias.detach().contiguous()
+        ctx.options, ctx.rows, ctx.valid = options, rows, valid
+        n = x.shape[0]
+        dtype = statistics_dtype(x.dtype) if rows is TorchRows else torch.float64
+        statistics = [torch.empty(n, dtype=dtype, device=x.device) for _ in range(4)]
+        buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
+        for start, stop, _, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
+            chunk = rows.statistics(logits, target[start:stop], valid[start:stop], options.temperature)
+            for whole, part in zip(statistics, chunk, strict=False):
+                whole[start:stop] = part
+        ctx.save_for_backward(input, linear_weight, linear_bias, target)
+        return _finish(ctx, tuple(statistics), valid, target.shape, x.dtype)
+
+    @staticmethod
+    @_bridge.first_order_only("linear_log_probs")
+    def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        input, linear_weight, linear_bias, target = ctx.saved_tensors
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        x = input.detach().contiguous()
+        w = linear_weight.detach().contiguous()
+        b = None if linear_bias is None else linear_bias.detach().contiguous()
+        coefficients = _coefficients(ctx, grads)
+        rows, options = ctx.rows, ctx.options
+        n = x.shape[0]
+        grad_x = torch.zeros_like(x) if want_x else None
+        grad_w = torch.zeros_like(w) if want_w else None
+        grad_b = torch.zeros_like(b) if want_b and b is not None else None
+        # chunks with no position to differentiate (padding) skip their three matmuls
+        busy = [bool(flag) for flag in _busy_chunks(ctx.valid, options.chunk_size).tolist()]
+        buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
+        chunks = logit_chunks(x, w, b, buffer, options.chunk_size, skip=[not flag for flag in busy])
+        for start, stop, x_chunk, logits in chunks:
+            part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
+            dz = rows.gradient(
+                logits, target[start:stop], ctx.valid[start:stop], options.temperature,
+                ctx.m[start:stop], ctx.s[start:stop], part, logits,
+            )
+            if grad_x is not None:
+                torch.mm(dz, w, out=grad_x[start:stop])
+            if grad_w is not None:
+                grad_w.addmm_(dz.t(), x_chunk)
+            if grad_b is not None:
+                grad_b.add_(dz.sum(dim=0))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _busy_chunks(valid: Tensor, chunk_rows: int) -> Tensor:
+    """Per chunk of ``chunk_rows`` rows, whether any row in it is valid (on the CPU)."""
+    n = valid.shape[0]
+    padded = torch.zeros(-(-n // chunk_rows) * chunk_rows, dtype=torch.bool, device=valid.device)
+    padded[:n] = valid
+    return padded.reshape(-1, chunk_rows).any(dim=1).cpu()
+
+
+def linear_log_probs(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_lse: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, ...]:
+    r"""Per-token log-probabilities (and entropies) of ``input @ linear_weight.T + linear_bias``
+    at temperature T, without ever holding the logits.
+
+    The values and gradients of :func:`log_probs` on z = (x Wᵀ + b)/T, i.e. log p(y) = z_y − lse
+    and H = lse − Σ_c p_c·z_c, carried through the linear layer: ∂/∂x = dℓ·W, ∂/∂W = dℓᵀ·x,
+    ∂/∂b = Σ_rows dℓ, with dℓ the gradient of the logits x Wᵀ + b (:func:`log_probs`'s, 1/T
+    included). What PPO / GRPO
+    trainers need per sampled token (the ratio of new to old log-probs, an entropy bonus), at the
+    memory of a few chunks of logits instead of all of them.
+
+    Rows are processed ``chunk_size`` at a time (default: as :func:`linear_cross_entropy`, a
+    chunk's logits at most 1/16 of the full logits and at most 32 MiB on the CPU; 512 MiB on CUDA).
+    Forward keeps four numbers per row; backward recomputes each chunk's logits (one more matmul)
+    and turns them into their gradient in place, then two matmuls give the input and weight
+    gradients. Chunks of ignored positions only are skipped in backward.
+
+    Shapes: input ``[..., D]``, linear_weight ``[V, D]``, linear_bias ``[V]``, target integer
+    ``[...]`` (input's leading shape). Outputs have the target's shape, dtype float32 (float64 for
+    float64 inputs); a position whose target is ``ignore_index`` gets 0 and no gradient. Returns
+    ``log_probs``, or a tuple with ``entropy`` and/or ``lse`` after it, as asked. ``backend``:
+    "auto" (CPU float32/float64: the fused Numba kernels; CUDA, float16, bfloat16: the same
+    passes in torch ops, per chunk) or "torch". Double backward raises.
+
+    >>> import torch, xentkit.torch as xt
+    >>> x = torch.tensor([[1.0, 2.0], [0.5, -1.0]], requires_grad=True)
+    >>> W = torch.tensor([[0.5, -0.5], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    >>> lp, h = xt.linear_log_probs(x, W, torch.tensor([2, 0]), temperature=0.5, return_entropy=True)
+    >>> lp, h
+    (tensor([-0.1328, -0.4927], grad_fn=<_LinearLogProbsFunctionBackward>), tensor([0.3993, 0.7426], grad_fn=<_LinearLogProbsFunctionBackward>))
+
+    See also: :func:`log_probs` (logits already computed), :func:`linear_cross_entropy`.
+    """
+    options = LogProbOptions(temperature, ignore_index, chunk_size, backend)
+    return_entropy = _flag(return_entropy, "return_entropy")
+    return_lse = _flag(return_lse, "return_lse")
+    _check_linear(input, linear_weight, linear_bias)
+    target = _check_target(target, tuple(input.shape[:-1]), "(one class index per input row)")
+    if target.device != input.device:
+        raise ValueError(f"target must be on the input's device {input.device}, got {target.device}")
+    classes = linear_weight.shape[0]
+    flat_target = target.reshape(-1)
+    valid = check_labels(flat_target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
+    x = input.reshape(-1, input.shape[-1])
+    sizing = _linear_triton.gpu_chunk_rows if x.device.type == "cuda" else chunk_rows_for
+    options = options.replace(
+        chunk_size=sizing(x.shape[0], classes, x.element_size(), options.chunk_size) if x.shape[0] else 1
+    )
+    rows = _rows_backend(x, options, linear_weight, linear_bias, target)
+    results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)
+    if target.dim() != 1:
+        results = tuple(result.reshape(target.shape) for result in results)
+    return _select(results, return_entropy, return_lse)
+
+
+def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:
+    """Types, shapes, dtypes and devices of the linear layer's tensors."""
+    named = {"input": input, "linear_weight": linear_weight, "linear_bias": linear_bias}
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {describe(tensor)}")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must have shape (V, D), got {tuple(linear_weight.shape)}")
+    classes, features = linear_weight.shape
+    if classes == 0:
+        raise ValueError("linear_weight must have at least one row (class), got shape (0, D)")
+    if input.dim() == 0 or input.shape[-1] != features:
+        raise ValueError(
+            f"input must have linear_weight's in_features={features} as its last dimension, got input "
+            f"of shape {tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
+        raise ValueError(f"linear_bias must have shape ({classes},), got {tuple(linear_bias.shape)}")
+    present = {name: tensor for name, tensor in named.items() if tensor is not None}
+    if len({tensor.dtype for tensor in present.values()}) > 1:
+        raise TypeError(
+            "input, linear_weight and linear_bias must share one dtype, got "
+            + ", ".join(f"{name} {str(tensor.dtype).removeprefix('torch.')}" for name, tensor in present.items())
+        )
+    if len({tensor.device for tensor in present.values()}) > 1:
+        raise ValueError(
+            "input, linear_weight and linear_bias must be on one device, got "
+            + ", ".join(f"{name} on {tensor.device}" for name, tensor in present.items())
+        )

@@ -1,0 +1,415 @@
+"""Token log-probabilities, entropies and lse: the NumPy api (kernel and reference), and
+``xentkit.torch.log_probs`` / ``linear_log_probs``, against float64 torch on materialized logits
+and against finite differences."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import numpy as np
+import pytest
+
+import xentkit
+
+torch = pytest.importorskip("torch")
+import xentkit.torch as xt  # noqa: E402
+
+# (absolute tolerance of values, of gradients) per logits dtype, against float64
+TOLERANCE = {np.float64: (1e-12, 1e-12), np.float32: (5e-6, 2e-6), np.float16: (5e-3, 5e-3)}
+TORCH_TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (5e-6, 2e-6), torch.bfloat16: (1e-5, 1e-5)}
+
+
+def _oracle(logits: torch.Tensor, target: torch.Tensor, temperature: float, ignore_index: int = -100):
+    """(log p(y), H, lse) in float64 torch from the materialized logits, 0 on ignored rows."""
+    z = logits.double() / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0).long()
+    p = log_p.exp()
+    entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
+    lse = torch.logsumexp(z, dim=-1)
+    zero = torch.zeros((), dtype=torch.float64)
+    picked = log_p.gather(-1, safe[..., None])[..., 0]
+    return tuple(torch.where(valid, value, zero) for value in (picked, entropy, lse))
+
+
+def _oracle_grad(logits, target, temperature, g, h, k, ignore_index=-100):
+    leaf = torch.tensor(np.asarray(logits, dtype=np.float64), requires_grad=True)
+    log_p, entropy, lse = _oracle(leaf, torch.as_tensor(np.asarray(target)), temperature, ignore_index)
+    total = (log_p * torch.as_tensor(g)).sum() + (entropy * torch.as_tensor(h)).sum() + (lse * torch.as_tensor(k)).sum()
+    total.backward()
+    return leaf.grad.numpy()
+
+
+def _problem(rng, rows, classes, dtype, *, scale=4.0, masked=True, ignored=True):
+    logits = (rng.standard_normal((rows, classes)) * scale).astype(dtype)
+    target = rng.integers(0, classes, rows)
+    if ignored and rows > 3:
+        target[3] = -100
+    if masked and classes > 2 and rows > 5:
+        logits[5, (target[5] + 1) % classes] = -np.inf  # a masked class, not the target
+    return logits, target
+
+
+@pytest.fixture(params=[False, True], ids=["kernel", "reference"])
+def path(request):
+    with xentkit.use_reference(request.param):
+        yield request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy api
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("classes", [1, 7, 1025, 5003])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_values_and_gradient_match_float64_torch(path, dtype, classes, temperature):
+    rng = np.random.default_rng(classes)
+    logits, target = _problem(rng, 37, classes, dtype)
+    log_p, entropy, lse = xentkit.log_probs(
+        logits, target, temperature=temperature, return_entropy=True, return_lse=True
+    )
+    expected = _oracle(torch.tensor(logits.astype(np.float64)), torch.tensor(target), temperature)
+    value_tol, grad_tol = TOLERANCE[dtype]
+    for got, want in zip((log_p, entropy, lse), expected, strict=False):
+        assert got.dtype == dtype and got.shape == (37,)
+        np.testing.assert_allclose(got, want.numpy(), rtol=value_tol, atol=value_tol * max(1, classes / 1000))
+    assert np.all(log_p <= 0) and np.all(entropy >= 0)
+    assert log_p[3] == entropy[3] == lse[3] == 0  # the ignored row
+
+    g, h, k = (rng.standard_normal(37) for _ in range(3))
+    grad = xentkit.log_probs_backward(logits, target, g, h, grad_lse=k, temperature=temperature)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    want = _oracle_grad(logits, target, temperature, g, h, k)
+    np.testing.assert_allclose(grad, want, rtol=0, atol=grad_tol * 4)
+    assert np.all(grad[3] == 0)
+
+
+def test_a_vocabulary_of_151937_classes(path):
+    """No multiple of any block size: RL frameworks have shipped wrong log-probs for this one."""
+    rng = np.random.default_rng(151937)
+    logits, target = _problem(rng, 4, 151937, np.float32, masked=False, ignored=False)
+    target[0] = 151936  # the last class, in the last partial block
+    log_p, entropy = xentkit.log_probs(logits, target, temperature=0.7, return_entropy=True)
+    want = _oracle(torch.tensor(logits.astype(np.float64)), torch.tensor(target), 0.7)
+    np.testing.assert_allclose(log_p, want[0].numpy(), rtol=2e-6, atol=2e-5)
+    np.testing.assert_allclose(entropy, want[1].numpy(), rtol=2e-6, atol=2e-5)
+    grad = xentkit.log_probs_backward(logits, target, np.ones(4), np.ones(4), temperature=0.7)
+    np.testing.assert_allclose(grad, _oracle_grad(logits, target, 0.7, np.ones(4), np.ones(4), np.zeros(4)), atol=1e-6)
+
+
+def test_kernel_and_reference_agree_to_float64_rounding():
+    rng = np.random.default_rng(1)
+    logits, target = _problem(rng, 50, 333, np.float64)
+    with xentkit.use_reference():
+        want = xentkit.log_probs(logits, target, temperature=1.3, return_entropy=True, return_lse=True)
+        want_grad = xentkit.log_probs_backward(logits, target, np.arange(50.0), np.ones(50), temperature=1.3)
+    got = xentkit.log_probs(logits, target, temperature=1.3, return_entropy=True, return_lse=True)
+    got_grad = xentkit.log_probs_backward(logits, target, np.arange(50.0), np.ones(50), temperature=1.3)
+    for a, b in zip(got, want, strict=False):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=0, atol=1e-12)
+
+
+def test_gradient_matches_finite_differences(path):
+    rng = np.random.default_rng(2)
+    logits, target = _problem(rng, 6, 5, np.float64, masked=False)
+    g, h, k = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal(6)
+
+    def objective(values):
+        log_p, entropy, lse = xentkit.log_probs(values, target, temperature=0.8, return_entropy=True, return_lse=True)
+        return float(g @ log_p + h @ entropy + k @ lse)
+
+    numeric = np.zeros_like(logits)
+    step = 1e-6
+    for index in np.ndindex(logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[index] += step
+        down[index] -= step
+        numeric[index] = (objective(up) - objective(down)) / (2 * step)
+    grad = xentkit.log_probs_backward(logits, target, g, h, grad_lse=k, temperature=0.8)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_axis_and_leading_dimensions(path):
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((2, 9, 4, 3))  # classes on axis 1
+    target = rng.integers(0, 9, (2, 4, 3))
+    moved = np.moveaxis(logits, 1, -1)
+    got = xentkit.log_probs(logits, target, axis=1, return_entropy=True)
+    want = xentkit.log_probs(moved, target, return_entropy=True)
+    for a, b in zip(got, want, strict=False):
+        assert a.shape == (2, 4, 3)
+        np.testing.assert_allclose(a, b, rtol=1e-14)
+    grad = xentkit.log_probs_backward(logits, target, np.ones((4, 3)), axis=1)  # broadcast upstream
+    np.testing.assert_allclose(
+        grad, np.moveaxis(xentkit.log_probs_backward(moved, target, np.ones((2, 4, 3))), -1, 1), rtol=1e-14
+    )
+
+
+def test_float16_is_computed_in_float32(path):
+    rng = np.random.default_rng(4)
+    logits, target = _problem(rng, 8, 50, np.float16, masked=False)
+    log_p = xentkit.log_probs(logits, target)
+    assert log_p.dtype == np.float32
+    want = _oracle(torch.tensor(logits.astype(np.float64)), torch.tensor(target), 1.0)[0].numpy()
+    np.testing.assert_allclose(log_p, want, atol=1e-5)
+    assert xentkit.log_probs_backward(logits, target, np.ones(8)).dtype == np.float16
+
+
+def test_extreme_and_special_values_agree_between_kernel_and_reference():
+    logits = np.array(
+        [
+            [1e30, 0.0, -1e30],  # huge but finite: exact
+            [2.0, -np.inf, 1.0],  # a masked class
+            [np.inf, 0.0, 1.0],  # +inf: NaN, as torch's log_softmax
+            [np.nan, 0.0, 1.0],  # NaN stays in its row
+            [-np.inf, -np.inf, -np.inf],  # nothing left: NaN, as torch
+        ],
+        dtype=np.float32,
+    )
+    target = np.array([1, 0, 1, 2, 0])
+    got = xentkit.log_probs(logits, target, return_entropy=True, return_lse=True)
+    with xentkit.use_reference():
+        want = xentkit.log_probs(logits, target, return_entropy=True, return_lse=True)
+    for a, b in zip(got, want, strict=False):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_allclose(a[:2], b[:2], rtol=1e-6)
+    assert got[0][0] == np.float32(-1e30) and got[1][0] == 0
+    assert np.isnan(got[0][2:]).all()
+    torch_lp = _oracle(torch.tensor(logits.astype(np.float64)), torch.tensor(target), 1.0)[0].numpy()
+    np.testing.assert_array_equal(np.isnan(got[0]), np.isnan(torch_lp))
+    grad = xentkit.log_probs_backward(logits[:2], target[:2], np.ones(2), np.ones(2))
+    with xentkit.use_reference():
+        grad_reference = xentkit.log_probs_backward(logits[:2], target[:2], np.ones(2), np.ones(2))
+    np.testing.assert_allclose(grad, grad_reference, rtol=1e-6, atol=1e-7)
+    assert grad[1, 1] == 0 and np.isfinite(grad).all()
+
+
+def test_confident_rows_keep_their_relative_accuracy():
+    """log p(y) = −log1p(δ) ≈ −δ tiny, δ = Σ_{j≠y} exp(z_j − z_y): the sum holding the max is kept
+    in float64, so log p(y) is within ~2e-16 (float64's rounding of 1 + δ) absolute where
+    lse − z_y would be 0 in float32 — and never 0 or positive."""
+    logits = np.array([[23.0, 0.0, 0.0], [0.0, 30.0, -5.0], [12.0, 0.0, 1.0]], dtype=np.float32)
+    target = np.array([0, 1, 0])
+    log_p, entropy = xentkit.log_probs(logits, target, return_entropy=True)
+    z = logits.astype(np.float64)
+    others = np.exp(z - z[np.arange(3), target][:, None])
+    others[np.arange(3), target] = 0
+    delta = others.sum(axis=1)
+    gaps = z - z[np.arange(3), target][:, None]  # z_j − z_y, 0 for the target
+    exact_entropy = np.log1p(delta) - np.sum(others / (1 + delta)[:, None] * gaps, axis=1)
+    # 1 + δ is rounded to float64: an absolute error of ~2e-16 on top of float32's relative one
+    np.testing.assert_allclose(log_p, -np.log1p(delta), rtol=1e-6, atol=3e-16)
+    np.testing.assert_allclose(entropy, exact_entropy, rtol=1e-5, atol=3e-16)
+    assert np.all(log_p < 0) and np.all(entropy > 0)
+
+
+def test_no_rows_and_one_class(path):
+    assert xentkit.log_probs(np.zeros((0, 4)), np.zeros(0, dtype=np.int64)).shape == (0,)
+    assert xentkit.log_probs_backward(np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0)).shape == (0, 4)
+    log_p, entropy = xentkit.log_probs(np.array([[3.0], [-2.0]]), [0, 0], return_entropy=True)
+    assert np.all(log_p == 0) and np.all(entropy == 0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [0], temperature=0.0), ValueError, "temperature must be a finite float > 0, got 0.0"),
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [0], temperature=float("nan")), ValueError, "temperature must be a finite float > 0"),
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [0], temperature=float("inf")), ValueError, "temperature must be a finite float > 0"),
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [0], temperature="hot"), TypeError, "temperature must be a positive float, got str 'hot'"),
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [2]), ValueError, "target has label 2 at position (0,) but logits have 2 classes"),
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [0, 1]), ValueError, "target must have shape (1,)"),
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [0.5]), TypeError, "target must hold class indices"),
+        (lambda: xentkit.log_probs([[1, 2]], [0]), TypeError, "logits must be a floating-point array"),
+        (lambda: xentkit.log_probs(np.zeros((2, 0)), [0, 0]), ValueError, "logits must have at least one class"),
+        (lambda: xentkit.log_probs_backward([[1.0, 2.0]], [0], [1.0, 2.0, 3.0]), ValueError, "grad_log_probs must broadcast to the rows' shape (1,)"),
+        (lambda: xentkit.log_probs_backward([[1.0, 2.0]], [0], [1.0], ["a"]), TypeError, "grad_entropy must be a numeric array"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, message):
+    with pytest.raises(error) as caught:
+        call()
+    assert message in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# xentkit.torch.log_probs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_log_probs_matches_the_oracle_with_any_upstream(backend, dtype):
+    rng = np.random.default_rng(5)
+    logits_np, target_np = _problem(rng, 24, 301, np.float64)
+    logits = torch.tensor(logits_np, dtype=dtype).reshape(4, 6, 301).requires_grad_(True)
+    target = torch.tensor(target_np).reshape(4, 6)
+    log_p, entropy, lse = xt.log_probs(logits, target, temperature=1.5, return_entropy=True, return_lse=True, backend=backend)
+    want = _oracle(logits.detach(), target, 1.5)
+    value_tol, grad_tol = TORCH_TOLERANCE[dtype]
+    for got, expected in zip((log_p, entropy, lse), want, strict=False):
+        assert got.shape == (4, 6) and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(got.double(), expected, rtol=value_tol, atol=value_tol)
+    g, h = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    ((log_p * g).sum() + (entropy * h).sum()).backward()  # lse unused
+    expected_grad = _oracle_grad(logits_np, target_np, 1.5, g.reshape(-1).numpy(), h.reshape(-1).numpy(), np.zeros(24))
+    torch.testing.assert_close(logits.grad.double().reshape(24, 301), torch.tensor(expected_grad), rtol=0, atol=grad_tol * 4)
+
+
+def test_torch_log_probs_entropy_alone_and_bfloat16():
+    rng = np.random.default_rng(6)
+    logits_np, target_np = _problem(rng, 16, 97, np.float32, masked=False)
+    logits = torch.tensor(logits_np, dtype=torch.bfloat16, requires_grad=True)
+    log_p, entropy = xt.log_probs(logits, torch.tensor(target_np), return_entropy=True)
+    assert log_p.dtype == torch.float32 and (log_p <= 0).all() and (entropy >= 0).all()
+    want = _oracle(logits.detach(), torch.tensor(target_np), 1.0)  # the same bfloat16 values
+    torch.testing.assert_close(log_p.double(), want[0], rtol=1e-5, atol=1e-5)
+    entropy.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    expected = _oracle_grad(logits.detach().float().numpy(), target_np, 1.0, np.zeros(16), np.ones(16), np.zeros(16))
+    torch.testing.assert_close(logits.grad.double(), torch.tensor(expected), rtol=2e-2, atol=2e-3)
+
+
+def test_torch_log_probs_double_backward_raises():
+    logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    log_p = xt.log_probs(logits, torch.tensor([0, 1, 2]))
+    (grad,) = torch.autograd.grad(log_p.sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(grad.pow(2).sum(), logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# xentkit.torch.linear_log_probs
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear_problem(rng, rows, features, classes, dtype, *, bias=True):
+    x = torch.tensor(rng.standard_normal((rows, features)), dtype=dtype, requires_grad=True)
+    w = torch.tensor(rng.standard_normal((classes, features)) / np.sqrt(features) * 3, dtype=dtype, requires_grad=True)
+    b = torch.tensor(rng.standard_normal(classes), dtype=dtype, requires_grad=True) if bias else None
+    target = torch.tensor(rng.integers(0, classes, rows))
+    if rows > 4:
+        target[1] = -100
+        target[4] = -100
+    return x, w, b, target
+
+
+def _linear_oracle(x, w, b, target, temperature, g, h, k):
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    logits = torch.nn.functional.linear(leaves[0], leaves[1], leaves[2])
+    outputs = _oracle(logits, target, temperature)
+    total = sum((out * weight).sum() for out, weight in zip(outputs, (g, h, k), strict=False))
+    total.backward()
+    return outputs, [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("chunk_size", "bias", "temperature"), [(None, True, 1.0), (3, False, 0.5), (1, True, 2.0)])
+def test_linear_log_probs_matches_the_materialized_logits(backend, dtype, chunk_size, bias, temperature):
+    rng = np.random.default_rng(7)
+    x, w, b, target = _linear_problem(rng, 11, 16, 1001, dtype, bias=bias)
+    log_p, entropy, lse = xt.linear_log_probs(
+        x, w, target, linear_bias=b, temperature=temperature, return_entropy=True, return_lse=True,
+        chunk_size=chunk_size, backend=backend,
+    )
+    g, h, k = (torch.randn(11, dtype=torch.float64) for _ in range(3))
+    ((log_p * g).sum() + (entropy * h).sum() + (lse * k).sum()).backward()
+    want, grads = _linear_oracle(x, w, b, target, temperature, g, h, k)
+    value_tol, grad_tol = TORCH_TOLERANCE[dtype]
+    for got, expected in zip((log_p, entropy, lse), want, strict=False):
+        torch.testing.assert_close(got.double(), expected, rtol=value_tol, atol=value_tol * 4)
+    assert log_p[1] == entropy[1] == lse[1] == 0
+    for leaf, expected in zip((x, w, b), grads, strict=False):
+        if leaf is not None:
+            torch.testing.assert_close(leaf.grad.double(), expected, rtol=grad_tol * 10, atol=grad_tol * 10)
+    assert (x.grad[1] == 0).all() and (x.grad[4] == 0).all()
+
+
+def test_linear_log_probs_151937_classes_and_leading_dimensions():
+    rng = np.random.default_rng(8)
+    x, w, _, target = _linear_problem(rng, 6, 4, 151937, torch.float32, bias=False)
+    target[0] = 151936
+    x3 = x.detach().reshape(2, 3, 4).requires_grad_(True)
+    log_p, entropy = xt.linear_log_probs(x3, w, target.reshape(2, 3), temperature=0.9, return_entropy=True)
+    assert log_p.shape == (2, 3)
+    (log_p.sum() - 0.1 * entropy.sum()).backward()
+    g = torch.ones(6, dtype=torch.float64)
+    want, grads = _linear_oracle(x, w, None, target, 0.9, g, -0.1 * g, 0 * g)
+    torch.testing.assert_close(log_p.reshape(-1).double(), want[0], rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(entropy.reshape(-1).double(), want[1], rtol=2e-6, atol=2e-5)
+    torch.testing.assert_close(x3.grad.reshape(6, 4).double(), grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_linear_log_probs_only_the_used_output_and_padded_chunks():
+    rng = np.random.default_rng(9)
+    x, w, b, target = _linear_problem(rng, 12, 8, 50, torch.float64)
+    target[:8] = -100  # chunks of 4 rows: the first two have nothing to differentiate
+    entropy = xt.linear_log_probs(x, w, target, linear_bias=b, return_entropy=True, chunk_size=4)[1]
+    entropy.sum().backward()
+    one, zero = torch.ones(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
+    _, grads = _linear_oracle(x, w, b, target, 1.0, zero, one, zero)
+    for leaf, expected in zip((x, w, b), grads, strict=False):
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-12)
+    assert (x.grad[:8] == 0).all()
+
+
+def test_linear_log_probs_edges():
+    w = torch.randn(1, 3, requires_grad=True)
+    log_p, entropy = xt.linear_log_probs(torch.randn(4, 3), w, torch.zeros(4, dtype=torch.long), return_entropy=True)
+    assert (log_p == 0).all() and (entropy == 0).all()  # one class: certain
+    empty = torch.zeros(0, 3, requires_grad=True)
+    out = xt.linear_log_probs(empty, w, torch.zeros(0, dtype=torch.long))
+    out.sum().backward()
+    assert out.shape == (0,) and empty.grad.shape == (0, 3) and (w.grad == 0).all()
+
+
+def test_linear_log_probs_bfloat16_stays_in_range():
+    rng = np.random.default_rng(10)
+    x, w, b, target = _linear_problem(rng, 9, 32, 777, torch.bfloat16)
+    log_p, entropy = xt.linear_log_probs(x, w, target, linear_bias=b, return_entropy=True, temperature=0.6)
+    assert log_p.dtype == torch.float32 and (log_p <= 0).all() and (entropy >= 0).all()
+    want, _ = _linear_oracle(x, w, b, target, 0.6, *(torch.zeros(9, dtype=torch.float64),) * 3)
+    # the bfloat16 logits are rounded before the softmax: compare at bfloat16's resolution
+    torch.testing.assert_close(log_p.double(), want[0], rtol=3e-2, atol=5e-2)
+    (log_p.sum() + entropy.sum()).backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"target": torch.tensor([0, 1])}, ValueError, "target must have shape (3,)"),
+        ({"target": torch.tensor([0.0, 1.0, 2.0])}, TypeError, "target of class indices must have an integer dtype"),
+        ({"target": torch.tensor([0, 1, 9])}, ValueError, "target has label 9 at position (2,) but linear_weight has 5 rows (classes)"),
+        ({"temperature": -1.0}, ValueError, "temperature must be a finite float > 0, got -1.0"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be a finite float > 0"),
+        ({"linear_weight": torch.randn(5, 4, dtype=torch.float64)}, TypeError, "must share one dtype, got input float32, linear_weight float64"),
+        ({"linear_weight": torch.randn(5, 3)}, ValueError, "input must have linear_weight's in_features=3"),
+        ({"linear_bias": torch.randn(4)}, ValueError, "linear_bias must have shape (5,)"),
+        ({"return_entropy": 1}, TypeError, "return_entropy must be a bool"),
+        ({"backend": "triton"}, ValueError, "backend='triton' has no log-probability kernel yet"),
+        ({"backend": "cuda"}, ValueError, "backend must be one of 'auto', 'triton', 'torch'"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be None or a positive int"),
+        ({"linear_weight": torch.randn(5, 4, device="meta")}, ValueError, "must be on one device"),
+    ],
+)
+def test_linear_log_probs_bad_input_names_the_argument(kwargs, error, message):
+    arguments = {"input": torch.randn(3, 4), "linear_weight": torch.randn(5, 4), "target": torch.tensor([0, 1, 2])}
+    arguments |= kwargs
+    with pytest.raises(error) as caught:
+        xt.linear_log_probs(
+            arguments.pop("input"), arguments.pop("linear_weight"), arguments.pop("target"), **arguments
+        )
+    assert message in str(caught.value)
+
+
+def test_torch_docstring_examples_print_what_they_claim():
+    result = doctest.testmod(importlib.import_module("xentkit.torch.log_probs"), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
