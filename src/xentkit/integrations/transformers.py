@@ -1,0 +1,285 @@
+"""Hugging Face Transformers: train a causal language model without ever building its logits.
+
+>>> from xentkit.integrations.transformers import patch   # doctest: +SKIP
+>>> model = patch(AutoModelForCausalLM.from_pretrained(...))  # doctest: +SKIP
+
+After :func:`patch`, a forward that is given ``labels`` while autograd records (a training step,
+the ``Trainer``'s included) computes the loss with :func:`xentkit.torch.linear_cross_entropy` on
+the last hidden states and ``lm_head.weight`` (and its bias), in chunks of rows, instead of
+``lm_head(hidden_states)`` → ``[batch, sequence, vocabulary]`` logits → ``ForCausalLMLoss``.
+Everything else runs as before.
+
+How, with hooks only (the model's ``forward``, parameters and ``state_dict`` stay untouched):
+
+1. a forward pre-hook on the model takes ``labels`` out of the call (the model's own loss is then
+   skipped) and keeps them with ``shift_labels``, ``num_items_in_batch`` and ``ignore_index``;
+2. a forward pre-hook on ``lm_head`` computes the loss from the hidden states it receives, then
+   hands ``lm_head`` zero positions (``[batch, 0, hidden]``), so the head multiplies nothing;
+3. a forward hook on the model returns the model's own output class (``CausalLMOutputWithPast``)
+   with ``loss`` set and ``logits=None``, after checking that the model did to the logits exactly
+   what this module reproduces (nothing, or Gemma's softcapping).
+
+The loss is ``ForCausalLMLoss``'s (transformers' ``loss/loss_utils.py``): labels shifted one token
+left and padded with ``ignore_index`` (-100 unless the call passes ``ignore_index``), or the
+call's ``shift_labels`` as they are; the mean over the non-ignored tokens, or, when
+``num_items_in_batch`` is given (the ``Trainer`` does, for gradient accumulation), the sum divided
+by it; ``final_logit_softcapping`` (Gemma 2 and 3) as xentkit's ``softcap``. The one difference:
+when every label is ignored the mean is 0 with zero gradients, where transformers gives NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._extras import require
+from ..torch import linear_cross_entropy
+
+__all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "unpatch"]
+
+# What each supported class does between ``lm_head`` and its loss, as its forward is written
+# (transformers' models/<name>/modeling_<name>.py): "plain" hands lm_head's output to the loss,
+# "softcap" first applies s·tanh(z/s) with s = config.final_logit_softcapping (None: nothing).
+# Every entry is tested against the unpatched model (tests/test_transformers.py).
+_PLAIN = "plain"
+_SOFTCAP = "softcap"
+SUPPORTED_MODELS = MappingProxyType({
+    "GemmaForCausalLM": _PLAIN,
+    "Gemma2ForCausalLM": _SOFTCAP,
+    "Gemma3ForCausalLM": _SOFTCAP,
+    "GlmForCausalLM": _PLAIN,
+    "LlamaForCausalLM": _PLAIN,
+    "MistralForCausalLM": _PLAIN,
+    "OlmoForCausalLM": _PLAIN,
+    "Olmo2ForCausalLM": _PLAIN,
+    "PhiForCausalLM": _PLAIN,
+    "Phi3ForCausalLM": _PLAIN,
+    "Qwen2ForCausalLM": _PLAIN,
+    "Qwen3ForCausalLM": _PLAIN,
+    "SmolLM3ForCausalLM": _PLAIN,
+    "Starcoder2ForCausalLM": _PLAIN,
+})
+
+_ATTRIBUTE = "_xentkit_linear_cross_entropy_patch"
+_PURPOSE = "xentkit.integrations.transformers"
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+@dataclasses.dataclass
+class _Call:
+    """One patched training forward in flight: what the loss needs, and what the hooks saw."""
+
+    labels: Tensor
+    shift_labels: Tensor | None
+    num_items_in_batch: Any
+    ignore_index: int
+    return_tuple: bool
+    loss: Tensor | None = None
+    head_output: Tensor | None = None
+    head_calls: int = 0
+
+
+class _Patch:
+    """The hooks of one patched model and the call they share."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear, rule: str, loss: Callable[..., Any]) -> None:
+        self.model = model
+        self.head = head
+        self.rule = rule
+        # transformers before 4.50 or so ignores a shift_labels argument: so do we then
+        self.takes_shift_labels = "shift_labels" in inspect.signature(loss).parameters
+        self.name = type(model).__name__
+        parameters = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
+        self.positions = {name: parameters.index(name) for name in ("labels", "return_dict") if name in parameters}
+        self.call: _Call | None = None
+        self.handles = [
+            model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True, prepend=True),
+            model.register_forward_hook(self._model_hook, with_kwargs=True, always_call=True, prepend=True),
+            head.register_forward_pre_hook(self._head_pre_hook),
+            head.register_forward_hook(self._head_hook),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        position = self.positions.get(name)
+        if position is not None and position < len(args):
+            return args[position]
+        return kwargs.get(name)
+
+    def _replace(self, name: str, value: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        position = self.positions.get(name)
+        if position is not None and position < len(args):
+            return (*args[:position], value, *args[position + 1 :]), kwargs
+        return args, {**kwargs, name: value}
+
+    # 1. model pre-hook: take the labels out, so the model skips its own loss
+    def _model_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        labels = self._argument("labels", args, kwargs)
+        if labels is None or not torch.is_grad_enabled():
+            return None  # a logits request (generation, evaluation): unchanged
+        return_dict = self._argument("return_dict", args, kwargs)
+        if return_dict is None:
+            return_dict = getattr(model.config, "return_dict", True)
+        self.call = _Call(
+            labels=labels,
+            shift_labels=kwargs.get("shift_labels") if self.takes_shift_labels else None,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            ignore_index=kwargs.get("ignore_index", -100),
+            return_tuple=not return_dict,
+        )
+        args, kwargs = self._replace("labels", None, args, kwargs)
+        if not return_dict:  # the output is rebuilt from the output object, then made a tuple
+            args, kwargs = self._replace("return_dict", True, args, kwargs)
+        return args, kwargs
+
+    # 2. lm_head pre-hook: the loss from the hidden states, then zero positions for the head
+    def _head_pre_hook(self, head: nn.Module, args: tuple) -> tuple | None:
+        call = self.call
+        if call is None:
+            return None
+        call.head_calls += 1
+        if call.head_calls > 1:
+            raise RuntimeError(
+                f"{self.name} called lm_head more than once in one forward; "
+                "xentkit.integrations.transformers handles models that call it once"
+            )
+        (hidden,) = args
+        call.loss = self._loss(hidden, call)
+        return (hidden.narrow(-2, 0, 0),)
+
+    def _head_hook(self, head: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.call is not None:
+            self.call.head_output = output
+
+    # 3. model hook: the model's own output class, with the loss and without logits
+    def _model_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        call, self.call = self.call, None
+        if call is None or output is None:  # not a patched call, or forward raised
+            return None
+        if call.loss is None:
+            raise RuntimeError(
+                f"{self.name}'s forward never called lm_head, so xentkit computed no loss; "
+                "unpatch the model (xentkit.integrations.transformers.unpatch)"
+            )
+        logits = getattr(output, "logits", None)
+        if self.rule == _PLAIN and logits is not call.head_output:
+            raise RuntimeError(
+                f"{self.name}'s forward changed lm_head's output before its loss (expected it "
+                "unchanged in this transformers version); xentkit would compute another loss: "
+                "unpatch the model (xentkit.integrations.transformers.unpatch)"
+            )
+        fields = {key: value for key, value in output.items() if key not in ("loss", "logits")}
+        result = type(output)(loss=call.loss, **fields)
+        return result.to_tuple() if call.return_tuple else result
+
+    def _loss(self, hidden: Tensor, call: _Call) -> Tensor:
+        """``ForCausalLMLoss(lm_head(hidden), labels, ...)`` by linear_cross_entropy."""
+        shift_labels = call.shift_labels
+        if shift_labels is None:  # tokens < n predict n; the last position has no target
+            shift_labels = F.pad(call.labels, (0, 1), value=call.ignore_index)[..., 1:]
+        target = shift_labels.reshape(-1).to(hidden.device)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if rows.shape[0] != target.shape[0]:
+            raise ValueError(
+                f"{self.name}: the labels give {target.shape[0]} targets (shift_labels of shape "
+                f"{tuple(shift_labels.shape)}) but lm_head received {rows.shape[0]} positions "
+                f"(hidden states of shape {tuple(hidden.shape)}); with logits_to_keep, pass "
+                "shift_labels for the kept positions"
+            )
+        softcap = self.model.config.final_logit_softcapping if self.rule == _SOFTCAP else None
+        summed = call.num_items_in_batch is not None
+        loss = linear_cross_entropy(
+            rows,
+            self.head.weight,
+            target,
+            linear_bias=self.head.bias,
+            reduction="sum" if summed else "mean",
+            ignore_index=call.ignore_index,
+            softcap=softcap,
+        ).float()  # transformers computes its loss in float32 whatever the model's dtype
+        if summed:
+            count = call.num_items_in_batch
+            loss = loss / (count.to(loss.device) if torch.is_tensor(count) else count)
+        return loss
+
+
+def _transformers() -> Any:
+    return require("transformers", "transformers", _PURPOSE)
+
+
+def patch(model: ModelT) -> ModelT:
+    """Make ``model`` compute its training loss with :func:`xentkit.torch.linear_cross_entropy`.
+
+    ``model``: a loaded transformers causal language model of a class in :data:`SUPPORTED_MODELS`
+    (Llama, Mistral, Qwen2/3, Phi/Phi-3, Gemma 1/2/3, OLMo 1/2, GLM, SmolLM3, StarCoder2), whose
+    ``lm_head`` is a plain ``torch.nn.Linear`` and whose loss is transformers' ``ForCausalLMLoss``.
+    Returns the same object, patched in place (patching twice changes nothing).
+
+    A forward with ``labels`` while autograd records returns the model's own output class with
+    the same ``loss`` (and gradients) as before, to float rounding, and ``logits=None``: they are
+    never built. A tuple output (``return_dict=False``) leaves out the ``None`` logits, as
+    transformers' ``to_tuple`` does. Without ``labels`` (generation), or under
+    ``torch.no_grad()`` (the ``Trainer``'s evaluation), the model runs exactly as unpatched and
+    returns its logits. :func:`unpatch` undoes the patch.
+
+    Raises ``TypeError`` when ``model`` is not a transformers model, ``ValueError`` naming the
+    class when it is one this function cannot reproduce the loss of (another architecture,
+    another loss, a quantized or wrapped ``lm_head``).
+    """
+    transformers = _transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel (a *ForCausalLM), got {type(model).__name__}"
+        )
+    if is_patched(model):
+        return model
+    name = type(model).__name__
+    rule = SUPPORTED_MODELS.get(name)
+    if rule is None or not type(model).__module__.startswith("transformers."):
+        raise ValueError(
+            f"model must be one of transformers' {', '.join(SUPPORTED_MODELS)}, got {name} "
+            f"(from {type(model).__module__}); xentkit.integrations.transformers reproduces only "
+            "the losses of these classes"
+        )
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    loss = LOSS_MAPPING["ForCausalLM"]
+    if model.loss_function is not loss:
+        raise ValueError(
+            f"{name}'s loss_function must be transformers' ForCausalLMLoss, got "
+            f"{getattr(model.loss_function, '__name__', model.loss_function)!r}"
+        )
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"{name}'s lm_head must be a torch.nn.Linear, got {type(head).__name__}; "
+            "quantized or wrapped heads are not supported"
+        )
+    setattr(model, _ATTRIBUTE, _Patch(model, head, rule, loss))
+    return model
+
+
+def unpatch(model: ModelT) -> ModelT:
+    """Undo :func:`patch`: remove its hooks, so ``model`` builds its logits again. Returns ``model``;
+    a model that is not patched is returned unchanged."""
+    patched: _Patch | None = getattr(model, _ATTRIBUTE, None)
+    if patched is not None:
+        patched.remove()
+        delattr(model, _ATTRIBUTE)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` applies to ``model`` now."""
+    return isinstance(getattr(model, _ATTRIBUTE, None), _Patch)
+

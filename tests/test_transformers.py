@@ -1,0 +1,345 @@
+"""xentkit.integrations.transformers: a patched causal language model gives the unpatched model's
+loss and gradients without building its logits. Tiny models built from configs with random weights
+(2 layers, hidden size 32, vocabulary 1000); nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers.loss.loss_utils import LOSS_MAPPING  # noqa: E402
+
+from xentkit._extras import MissingExtraError  # noqa: E402
+from xentkit.integrations.transformers import (  # noqa: E402
+    SUPPORTED_MODELS,
+    is_patched,
+    patch,
+    unpatch,
+)
+
+VOCABULARY = 1000
+SOFTCAP = 2.0  # small beside the logits (|z| up to ~5 with these weights), so it matters
+# float32: the loss and gradients are sums in another order than torch's, nothing more
+TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-6}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
+MODEL_TYPES = {
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "GlmForCausalLM": "glm",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "OlmoForCausalLM": "olmo",
+    "Olmo2ForCausalLM": "olmo2",
+    "PhiForCausalLM": "phi",
+    "Phi3ForCausalLM": "phi3",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "SmolLM3ForCausalLM": "smollm3",
+    "Starcoder2ForCausalLM": "starcoder2",
+}
+THREE = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM"]
+# transformers' ForCausalLMLoss takes shift_labels from about 4.50; before, the argument is ignored
+TAKES_SHIFT_LABELS = "shift_labels" in inspect.signature(LOSS_MAPPING["ForCausalLM"]).parameters
+
+
+def tiny_model(name: str, seed: int = 0, **overrides):
+    """A 2-layer model of class ``name`` with random weights, in eval mode (no dropout)."""
+    if MODEL_TYPES[name] not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    settings = {
+        "vocab_size": VOCABULARY, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "initializer_range": 0.2,  # logits of a few units, so that a softcap of 2 matters
+    }
+    if SUPPORTED_MODELS[name] == "softcap":
+        settings |= {"final_logit_softcapping": SOFTCAP, "attn_implementation": "eager"}
+    config = transformers.AutoConfig.for_model(MODEL_TYPES[name], **(settings | overrides))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert type(model).__name__ == name
+    return model
+
+
+def batch(rows: int = 3, length: int = 16, seed: int = 1) -> dict:
+    """Token ids, an attention mask with left padding, and labels with -100 on the padding and on
+    a prompt, as a data collator gives them."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCABULARY, (rows, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0
+    input_ids[1, :5] = 0
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = -100
+    labels[2, :7] = -100  # a prompt without loss
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_gradients(model, **inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    output = model(**inputs)
+    output.loss.backward()
+    return output.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_training(reference, patched, **inputs) -> torch.Tensor:
+    expected_loss, expected = loss_and_gradients(reference, **inputs)
+    loss, gradients = loss_and_gradients(patched, **inputs)
+    tolerance = TOLERANCE[torch.float32]
+    torch.testing.assert_close(loss, expected_loss, **tolerance)
+    assert expected.keys() == gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected[name], **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+    assert any(g.abs().max() > 1e-3 for g in expected.values())  # gradients that could be wrong
+    return loss
+
+
+def patched_copy(model):
+    return patch(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED_MODELS))
+def test_loss_and_every_gradient_match_unpatched(name: str) -> None:
+    model = tiny_model(name)
+    loss = assert_same_training(model, patched_copy(model), **batch())
+    assert 5.0 < float(loss) < 12.0  # ≈ ln(1000) = 6.9 with random weights
+
+
+def test_the_softcap_is_applied() -> None:
+    model = tiny_model("Gemma2ForCausalLM")
+    patched = patched_copy(model)
+    uncapped = copy.deepcopy(model)
+    uncapped.config.final_logit_softcapping = None
+    inputs = batch()
+    capped_loss = assert_same_training(model, patched, **inputs)
+    with torch.no_grad():
+        uncapped_loss = uncapped(**inputs).loss
+    assert abs(float(capped_loss) - float(uncapped_loss)) > 0.05  # the softcap changes this loss
+
+
+def test_the_bias_of_lm_head_gets_its_gradient() -> None:
+    model = tiny_model("PhiForCausalLM")
+    assert model.lm_head.bias is not None
+    patched = patched_copy(model)
+    assert_same_training(model, patched, **batch())
+    assert patched.lm_head.bias.grad.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", THREE)
+def test_num_items_in_batch_divides_the_sum(name: str) -> None:
+    model = tiny_model(name)
+    patched = patched_copy(model)
+    inputs = batch()
+    mean = assert_same_training(model, patched, **inputs)
+    counted = int((inputs["labels"][:, 1:] != -100).sum())
+    num_items = torch.tensor(2 * counted)  # as if the batch were half of an accumulated step
+    loss = assert_same_training(model, patched, **inputs, num_items_in_batch=num_items)
+    torch.testing.assert_close(loss, mean * counted / (2 * counted), **TOLERANCE[torch.float32])
+    as_int = assert_same_training(model, patched, **inputs, num_items_in_batch=2 * counted)
+    torch.testing.assert_close(as_int, loss)
+
+
+@pytest.mark.parametrize("name", THREE)
+def test_shift_labels_and_ignore_index_from_the_call(name: str) -> None:
+    model = tiny_model(name)
+    patched = patched_copy(model)
+    inputs = batch()
+    labels = inputs["labels"]
+    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    shift_labels[0, :4] = -100  # differs from what the labels would give: the call's wins
+    shifted = assert_same_training(model, patched, **inputs, shift_labels=shift_labels)
+    if TAKES_SHIFT_LABELS:
+        with torch.no_grad():
+            assert abs(float(shifted) - float(model(**inputs).loss)) > 1e-3
+    relabelled = labels.masked_fill(labels < 200, 7)
+    loss = assert_same_training(model, patched, **inputs | {"labels": relabelled}, ignore_index=7)
+    with torch.no_grad():
+        default_ignore = model(**inputs | {"labels": relabelled}).loss
+    assert abs(float(loss) - float(default_ignore)) > 1e-3
+
+
+def test_logits_to_keep_with_labels() -> None:
+    model = tiny_model("LlamaForCausalLM")
+    if not TAKES_SHIFT_LABELS or "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip(f"transformers {transformers.__version__} has no logits_to_keep or shift_labels")
+    patched = patched_copy(model)
+    inputs = batch()
+    kept = inputs["labels"][:, -4:].contiguous()
+    assert_same_training(model, patched, **inputs, logits_to_keep=4, shift_labels=kept)
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM: the labels give 48 targets .* received 12 positions"):
+        patched(**inputs, logits_to_keep=4)
+
+
+def test_every_label_ignored_gives_zero_not_nan() -> None:
+    model = tiny_model("LlamaForCausalLM")
+    patched = patched_copy(model)
+    inputs = batch() | {"labels": torch.full((3, 16), -100)}
+    assert torch.isnan(model(**inputs).loss)  # transformers' mean over no token
+    loss, gradients = loss_and_gradients(patched, **inputs)
+    assert float(loss) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in gradients.values())
+
+
+@pytest.mark.parametrize("name", THREE)
+def test_lm_head_never_runs_on_the_sequence(name: str) -> None:
+    model = tiny_model(name)
+    patched = patched_copy(model)
+    seen: dict[str, list[tuple[int, ...]]] = {"unpatched": [], "patched": []}
+    for key, each in (("unpatched", model), ("patched", patched)):
+        each.lm_head.register_forward_hook(lambda m, a, out, k=key: seen[k].append(tuple(out.shape)))
+        loss_and_gradients(each, **batch())
+    assert seen["unpatched"] == [(3, 16, VOCABULARY)]  # the hook sees the logits when they exist
+    assert seen["patched"] == [(3, 0, VOCABULARY)]  # patched: lm_head multiplies zero positions
+
+
+@pytest.mark.parametrize("name", THREE)
+def test_the_output_is_transformers_own(name: str) -> None:
+    model = tiny_model(name)
+    patched = patched_copy(model)
+    inputs = batch()
+    expected = model(**inputs, use_cache=True)
+    output = patched(**inputs, use_cache=True)
+    assert type(output) is type(expected)
+    assert output.logits is None and output.loss is not None
+    assert [key for key in expected if key != "logits"] == list(output.keys())
+    as_tuple = patched(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], expected.loss, **TOLERANCE[torch.float32])
+    assert len(as_tuple) == len(model(**inputs, return_dict=False)) - 1  # no logits
+
+
+@pytest.mark.parametrize("name", THREE)
+def test_logits_requests_are_unchanged(name: str) -> None:
+    model = tiny_model(name)
+    patched = patched_copy(model)
+    inputs = batch()
+    without_labels = {k: v for k, v in inputs.items() if k != "labels"}
+    expected = model(**without_labels).logits
+    assert torch.equal(patched(**without_labels).logits, expected)
+    with torch.no_grad():  # evaluation: labels and logits, as unpatched
+        evaluated, reference = patched(**inputs), model(**inputs)
+    assert torch.equal(evaluated.logits, reference.logits)
+    assert torch.equal(evaluated.loss, reference.loss)
+    prompt = inputs["input_ids"][:1, :6]
+    generated = patched.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, model.generate(prompt, max_new_tokens=5, do_sample=False))
+    assert generated.shape == (1, 11)
+
+
+def test_labels_passed_by_position() -> None:
+    model = tiny_model("LlamaForCausalLM")
+    patched = patched_copy(model)
+    inputs = batch()
+    # forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, ...)
+    assert list(inspect.signature(type(model).forward).parameters)[6] == "labels"
+    positional = (inputs["input_ids"], inputs["attention_mask"], None, None, None, inputs["labels"])
+    output = patched(*positional)
+    assert output.logits is None
+    torch.testing.assert_close(output.loss, model(**inputs).loss, **TOLERANCE[torch.float32])
+
+
+def test_unpatch_restores_the_model() -> None:
+    model = tiny_model("Gemma2ForCausalLM")
+    hooks_before = (len(model._forward_hooks), len(model._forward_pre_hooks), len(model.lm_head._forward_hooks))
+    assert patch(model) is model and is_patched(model)
+    assert patch(model) is model  # twice: one set of hooks
+    assert len(model.lm_head._forward_pre_hooks) == 1
+    assert unpatch(model) is model and not is_patched(model)
+    assert (len(model._forward_hooks), len(model._forward_pre_hooks), len(model.lm_head._forward_hooks)) == hooks_before
+    assert len(model.lm_head._forward_pre_hooks) == 0
+    inputs = batch()
+    assert model(**inputs).logits.shape == (3, 16, VOCABULARY)
+    assert unpatch(model) is model  # not patched: unchanged
+
+
+def test_the_patch_keeps_state_dict_and_training_copies() -> None:
+    model = tiny_model("LlamaForCausalLM")
+    keys = list(model.state_dict())
+    patched = patched_copy(model)
+    assert list(patched.state_dict()) == keys
+    again = copy.deepcopy(patched)  # the copy's hooks belong to the copy
+    assert is_patched(again)
+    assert again(**batch()).logits is None
+
+
+@pytest.mark.parametrize("name", THREE)
+def test_one_trainer_step(name: str, tmp_path) -> None:
+    model = tiny_model(name)
+    patched = patched_copy(model)
+    rows = batch(rows=4, length=16)
+    dataset = [{key: value[i] for key, value in rows.items()} for i in range(4)]
+    head_positions: list[int] = []
+    patched.lm_head.register_forward_hook(lambda m, a, out: head_positions.append(out.shape[-2]))
+    results = {}
+    for key, each in (("unpatched", model), ("patched", patched)):
+        arguments = transformers.TrainingArguments(
+            output_dir=str(tmp_path / key), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[],
+            use_cpu=True, save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0,
+        )
+        trainer = transformers.Trainer(model=each, args=arguments, train_dataset=dataset)
+        results[key] = trainer.train().training_loss
+    assert head_positions == [0, 0]  # two micro-batches, lm_head never on the sequence
+    assert 5.0 < results["patched"] < 12.0
+    assert results["patched"] == pytest.approx(results["unpatched"], rel=1e-5)
+    moved = 0.0
+    original = tiny_model(name)  # the weights before the step
+    for (key, value), after, before in zip(
+        patched.named_parameters(), model.parameters(), original.parameters(), strict=True
+    ):
+        torch.testing.assert_close(value, after, **TOLERANCE[torch.float32], msg=lambda m, k=key: f"{k}: {m}")
+        moved = max(moved, float((value - before).detach().abs().max()))
+    assert moved > 1e-3  # the step changed the weights
+
+
+def test_bfloat16_matches_to_its_precision() -> None:
+    model = tiny_model("LlamaForCausalLM").to(torch.bfloat16)
+    output = patched_copy(model)(**batch())
+    assert output.loss.dtype == torch.float32  # as transformers' loss, computed in float32
+    torch.testing.assert_close(output.loss, model(**batch()).loss, **TOLERANCE[torch.bfloat16])
+
+
+class _MyLlama(transformers.LlamaForCausalLM):
+    pass
+
+
+def test_models_it_cannot_handle_raise_naming_the_class() -> None:
+    config = tiny_model("LlamaForCausalLM").config
+    with pytest.raises(ValueError, match=r"^model must be one of transformers' .*LlamaForCausalLM.*, got _MyLlama "):
+        patch(_MyLlama(config))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCABULARY, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"got GPT2LMHeadModel \(from transformers\.models\.gpt2"):
+        patch(gpt2)
+    with pytest.raises(TypeError, match=r"^model must be a transformers PreTrainedModel .*got Linear$"):
+        patch(torch.nn.Linear(2, 2))
+    custom = tiny_model("LlamaForCausalLM")
+    if type(custom).loss_function.fset is not None:
+        custom.loss_function = LOSS_MAPPING["ForTokenClassification"]
+    else:  # transformers before 4.48 or so: the config names the loss
+        custom.config.loss_type = "ForTokenClassification"
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM's loss_function must be transformers' ForCausalLMLoss, got 'ForTokenClassification'"):
+        patch(custom)
+    wrapped = tiny_model("LlamaForCausalLM")
+    wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM's lm_head must be a torch\.nn\.Linear, got Sequential"):
+        patch(wrapped)
+
+
+def test_a_model_that_changes_its_logits_is_caught_at_the_first_step() -> None:
+    patched = patch(tiny_model("LlamaForCausalLM"))
+    patched.lm_head.register_forward_hook(lambda m, a, out: out * 2.0)  # a later change of the logits
+    with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's forward changed lm_head's output"):
+        patched(**batch())
+    assert patched(**{k: v for k, v in batch().items() if k != "labels"}).logits is not None  # no leftover
+
+
+def test_without_transformers_the_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'xentkit\[transformers\]'$"):
+        patch(torch.nn.Linear(2, 2))
