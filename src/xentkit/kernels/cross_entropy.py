@@ -43,8 +43,10 @@ absolute (ulp(30) = 1.9e-6).
 
 Special values: a −inf logit contributes exp(−inf) = 0 and gradient 0 (blocks of −inf before
 the first finite block are summed with shift 0, never as exp(−inf − (−inf))); a NaN anywhere in
-a row makes that row's loss and gradient NaN; finite logits of any size (±1e30 in float32,
-±1e300 in float64) stay finite because every exponent is z_j − max ≤ 0. Ignored rows get loss
+a row makes that row's loss and gradient NaN, and so does a +inf logit (∞ − ∞, as in PyTorch);
+an infinite upstream gradient g gives PyTorch's values too (g·p_j, NaN where p_j = 0 and at the
+target, g·p_y·A − g·w_y = ∞ − ∞; an option that is off adds no 0·g term). Finite logits of any
+size (±1e30 in float32, ±1e300 in float64) stay finite because every exponent is z_j − max ≤ 0. Ignored rows get loss
 0, lse 0 and a zero gradient row.
 
 Drivers: ``_cross_entropy_rows_kernel`` gives each thread whole rows (the usual case; also run
@@ -343,11 +345,18 @@ def _finish_row(  # pragma: no cover - compiled
     if eps > 0.0:
         loss += (eps / n_classes) * (weight_sum * ((m64 - ref) + log_s) - sum_z)
     a = (1.0 - eps) * w_y + eps * weight_sum / n_classes
-    z_coef = 2.0 * z_loss * lse * g_z  # d(λ_z·lse²)/dlse, times its upstream
+    # An absent option adds no term (not 0·g, which is NaN for g = ±inf): torch's behaviour.
+    z_coef = 2.0 * z_loss * lse * g_z if z_loss > 0.0 else 0.0  # d(λ_z·lse²)/dlse · upstream
     c = (g * a + z_coef) / s
-    beta = -eps * g / n_classes
+    beta = -eps * g / n_classes if eps > 0.0 else 0.0
     p_y = math.exp((z_y - m64) - log_s)
-    grad_y = d_y * (g * (p_y * a - (1.0 - eps) * w_y - eps * w_y / n_classes) + z_coef * p_y)
+    if math.isfinite(g):
+        grad_y = d_y * (g * (p_y * a - (1.0 - eps) * w_y - eps * w_y / n_classes) + z_coef * p_y)
+    else:
+        # an infinite (or NaN) upstream: torch's order, g·p_y·A − g·w_y, which is NaN (∞ − ∞)
+        # where the factored form would give −∞
+        target_term = g * ((1.0 - eps) * w_y + eps * w_y / n_classes)
+        grad_y = d_y * ((g * p_y * a - target_term) + z_coef * p_y)
     return loss, lse, c, beta, grad_y
 
 
@@ -572,6 +581,9 @@ def _cross_entropy_split_kernel(  # pragma: no cover - compiled
 # ---------------------------------------------------------------------------------------------
 
 _ONE = np.ones(1, dtype=np.float64)
+# the 1-element dummies of the weight arguments without class weights, one per logits dtype
+# (never written: the kernels read them only when has_weight)
+_DUMMY_WEIGHTS = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): _ONE}
 
 
 def cross_entropy_rows(
@@ -617,7 +629,9 @@ def cross_entropy_rows(
     if weight is None:
         has_weight = False
         weight64 = _ONE
-        weight_work = _ONE.astype(dtype)
+        weight_work = _DUMMY_WEIGHTS.get(dtype)
+        if weight_work is None:
+            weight_work = _ONE.astype(dtype)
         weight_sum = float(n_classes)
     else:
         has_weight = True
@@ -643,7 +657,8 @@ def cross_entropy_rows(
         return loss_rows, lse_rows
     if parallel is None:
         parallel = n_rows * n_classes > SERIAL_MAX_ELEMENTS
-    threads = numba.get_num_threads() if parallel else 1
+    saved_threads = numba.get_num_threads()
+    threads = saved_threads if parallel else 1
     if segments is None:
         segments = _default_segments(n_rows, n_classes, threads)
     segments = max(1, min(int(segments), n_classes))
@@ -667,10 +682,10 @@ def cross_entropy_rows(
         loss_rows,
         lse_rows,
     )
-    saved_threads = numba.get_num_threads()
     if threads != saved_threads:
         # one thread: the calling one runs the loops and the pool stays asleep (a separate
-        # non-parallel build of the kernel was slower, and would double the compile time)
+        # non-parallel build of the kernel was slower, and would double the compile time;
+        # setting the count inside the kernel would keep Numba from caching it)
         numba.set_num_threads(threads)
     try:
         if segments == 1:
@@ -686,7 +701,7 @@ def cross_entropy_rows(
             segment_weight_sums[len(starts) :] = 0.0
             _cross_entropy_split_kernel(*arguments, segments, segment_weight_sums)
     finally:
-        if numba.get_num_threads() != saved_threads:
+        if threads != saved_threads:
             numba.set_num_threads(saved_threads)
     return loss_rows, lse_rows
 
@@ -703,5 +718,7 @@ def _same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
     """True when ``a`` and ``b`` view the same memory with the same layout (in place)."""
     if a is b:
         return True
+    if not np.may_share_memory(a, b):  # bounds only: cheap, and the usual answer
+        return False
     same_start = a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
     return same_start and a.shape == b.shape and a.strides == b.strides

@@ -91,12 +91,13 @@ def cross_entropy_and_grad(
         z = logits
     # Shift by the row maximum m (all exponents ≤ 0), then log p = (z − m) − log s with
     # s = Σ exp(z − m). Taking p = exp(z − m)/s rather than exp(z − lse) keeps p exact when
-    # |m| is so large that m + log s rounds to m.
+    # |m| is so large that m + log s rounds to m. A row of −inf shifts by 0 (no −inf − (−inf));
+    # a +inf or NaN maximum stays, so that row is NaN (+inf: ∞ − ∞), as in PyTorch.
     m = np.max(z, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0)
-    shifted = z - m
-    s = np.sum(np.exp(shifted), axis=-1, keepdims=True)
+    m = np.where(m == -np.inf, 0, m)
     with np.errstate(divide="ignore", invalid="ignore"):
+        shifted = z - m
+        s = np.sum(np.exp(shifted), axis=-1, keepdims=True)
         log_p = shifted - np.log(s)  # −inf logits give −inf log-probabilities, i.e. p = 0
         p = np.exp(shifted) / s
         lse = m + np.log(s)
@@ -112,9 +113,11 @@ def cross_entropy_and_grad(
         safe = np.where(valid, target, 0)
         w_y = np.where(valid, weight[safe], 0)
         log_p_y = np.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
-        per_sample = np.where(valid, -(1 - eps) * w_y * log_p_y, 0)
+        with np.errstate(invalid="ignore"):  # an ignored row's 0·(−inf), masked right here
+            per_sample = np.where(valid, -(1 - eps) * w_y * log_p_y, 0)
         if eps > 0:  # only then, so that a masked class does not make 0·inf = NaN
-            smooth = -np.sum(weight * log_p, axis=-1)
+            with np.errstate(invalid="ignore"):  # weight 0 on a −inf class: NaN, as in PyTorch
+                smooth = -np.sum(weight * log_p, axis=-1)
             per_sample = per_sample + np.where(valid, eps / num_classes * smooth, 0)
         if plan is None:
             plan = ReductionPlan.of_labels(reduction, valid, w_y)
@@ -127,16 +130,32 @@ def cross_entropy_and_grad(
         return loss, None
 
     main_scale, z_scale = (scale[..., None] for scale in plan.scales(grad_output))
-    if probabilities:
-        wq = weight * q
-        grad = main_scale * (p * np.sum(wq, axis=-1, keepdims=True) - wq)
-    else:
-        onehot = np.arange(num_classes) == safe[..., None]
-        coefficient = ((1 - eps) * w_y + eps * np.sum(weight) / num_classes)[..., None]
-        grad = p * coefficient - (1 - eps) * w_y[..., None] * onehot - eps * weight / num_classes
-        grad = np.where(valid[..., None], main_scale * grad, 0)
+    # A row whose upstream g is infinite (or NaN) takes PyTorch's order, each term times g on its
+    # own: g·p_y·A − g·w_y is ∞ − ∞ = NaN at the target, g·p_j is NaN where p_j = 0 (0·∞), and a
+    # term that is off (no smoothing) adds nothing rather than 0·∞. The kernels agree. (Both
+    # orders are computed; with such a g either meets 0·∞ or ∞ − ∞, NaN as wanted.)
+    with np.errstate(invalid="ignore"):
+        if probabilities:
+            wq = weight * q
+            grad = main_scale * (p * np.sum(wq, axis=-1, keepdims=True) - wq)
+            upstream_order = (main_scale * p) * np.sum(wq, axis=-1, keepdims=True) - main_scale * wq
+        else:
+            onehot = np.arange(num_classes) == safe[..., None]
+            coefficient = ((1 - eps) * w_y + eps * np.sum(weight) / num_classes)[..., None]
+            grad = p * coefficient - (1 - eps) * w_y[..., None] * onehot - eps * weight / num_classes
+            grad = main_scale * grad
+            smooth = (main_scale * coefficient) * p
+            if eps > 0:
+                smooth = smooth - main_scale * (eps * weight / num_classes)
+            target_weight = ((1 - eps) * w_y + eps * w_y / num_classes)[..., None]
+            target_entry = (main_scale * coefficient) * p - main_scale * target_weight
+            upstream_order = np.where(onehot, target_entry, smooth)
+    grad = np.where(np.isfinite(main_scale), grad, upstream_order)
     if z_loss:
-        grad = grad + np.where(valid[..., None], z_scale * 2 * z_loss * lse[..., None] * p, 0)
+        with np.errstate(invalid="ignore"):  # an infinite upstream times p_j = 0: NaN, as above
+            grad = grad + z_scale * 2 * z_loss * lse[..., None] * p
     if softcap is not None:
         grad = grad * (1 - tanh * tanh)
+    if not probabilities:  # ignored rows: 0, whatever they hold (NaN, ±inf)
+        grad = np.where(valid[..., None], grad, 0)
     return loss, np.moveaxis(grad.astype(dtype, copy=False), -1, axis)

@@ -1,0 +1,185 @@
+"""Non-finite inputs: the kernels and the NumPy reference give PyTorch's values, so that
+``XENTKIT_REFERENCE=1`` (``xentkit.use_reference``) never changes a result.
+
++inf logits make their row NaN (∞ − ∞); −inf logits are masked classes; NaN spreads through its
+row; an infinite or NaN upstream gradient ``grad_output`` gives torch's pattern (g·p_j, NaN where
+p_j = 0 and at the target). Each case runs on both paths and against
+``torch.nn.functional.cross_entropy`` where torch has the options, else kernel against reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import xentkit
+from conftest import assert_close
+from xentkit.kernels.cross_entropy import cross_entropy_rows
+
+torch = pytest.importorskip("torch")
+
+INF, NAN = np.inf, np.nan
+
+# rows of 4 classes; the targets are LABELS below (row 3 is ignored)
+LOGITS = {
+    "+inf at the target": [[0.5, INF, -1.0, 2.0], [0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0]],
+    "+inf elsewhere": [[INF, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0], [1.0, 0.0, INF, INF], [INF, 0.0, 0.0, 0.0]],
+    "-inf elsewhere": [[-INF, 0.0, 1.0, 2.0], [0.0, 1.0, -INF, 3.0], [1.0, -INF, -INF, -INF], [-INF, 0.0, 0.0, 0.0]],
+    "-inf at the target": [[0.5, -INF, 1.0, 2.0], [0.0, 1.0, 2.0, -INF], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+    "a row of -inf": [[-INF, -INF, -INF, -INF], [0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 0.0], [-INF, -INF, -INF, -INF]],
+    "NaN": [[0.5, NAN, 1.0, 2.0], [NAN, 1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 0.0], [NAN, 0.0, 0.0, 0.0]],
+    "finite": [[0.5, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+}
+LABELS = np.array([1, 3, 0, -100])
+UPSTREAM = {"1": None, "inf": INF, "-inf": -INF, "nan": NAN}
+WEIGHT = np.array([1.0, 2.0, 0.5, 0.0])
+
+
+def _api(logits, reference: bool, **options):
+    with xentkit.use_reference(reference):
+        return xentkit.cross_entropy_and_grad(logits, LABELS, check_probabilities=False, **options)
+
+
+def _torch(logits, reduction, label_smoothing, weight, grad_output):
+    leaf = torch.tensor(logits, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(
+        leaf, torch.from_numpy(LABELS), None if weight is None else torch.tensor(weight, dtype=leaf.dtype),
+        reduction=reduction, label_smoothing=label_smoothing,
+    )
+    upstream = torch.ones_like(loss) if grad_output is None else torch.full_like(loss, grad_output)
+    loss.backward(upstream)
+    return loss.detach().numpy(), leaf.grad.numpy()
+
+
+def _same_non_finite(actual, expected, name):
+    """NaN and ±inf in the same places, the finite values equal within the float64 tolerance."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{name}: NaN at {actual} vs {expected}"
+    assert_close(actual, expected, np.float64, name)
+
+
+@pytest.mark.parametrize(
+    ("case", "reduction", "label_smoothing", "weighted", "upstream"),
+    list(itertools.product(LOGITS, ("mean", "sum", "none"), (0.0, 0.1), (False, True), UPSTREAM)),
+)
+def test_kernel_and_reference_give_torchs_values(case, reduction, label_smoothing, weighted, upstream):
+    logits = np.array(LOGITS[case])
+    weight = WEIGHT if weighted else None
+    grad_output = UPSTREAM[upstream]
+    expected_loss, expected_grad = _torch(logits, reduction, label_smoothing, weight, grad_output)
+    # one deliberate difference: an ignored row is never read, its gradient is 0 (torch's is NaN
+    # when that row holds a NaN or +inf logit); see test_ignored_rows_are_zero_whatever_they_hold
+    expected_grad[LABELS == -100] = 0.0
+    for reference in (False, True):
+        name = f"{'reference' if reference else 'kernel'} {case} {reduction} ε={label_smoothing} g={upstream}"
+        loss, grad = _api(
+            logits, reference, reduction=reduction, label_smoothing=label_smoothing, weight=weight,
+            grad_output=grad_output,
+        )
+        _same_non_finite(loss, expected_loss, name + " loss")
+        _same_non_finite(grad, expected_grad, name + " gradient")
+
+
+def test_ignored_rows_are_zero_whatever_they_hold():
+    logits = np.array([[np.inf, 0.0], [np.nan, 1.0], [0.0, 1.0]])
+    labels = np.array([-100, -100, 1])
+    for reference in (False, True):
+        with xentkit.use_reference(reference):
+            loss, grad = xentkit.cross_entropy_and_grad(logits, labels, reduction="none", grad_output=np.inf)
+        np.testing.assert_array_equal(loss[:2], 0.0)
+        np.testing.assert_array_equal(grad[:2], 0.0)
+        assert np.isfinite(loss[2])
+
+
+def test_plus_inf_logit_is_nan_on_both_paths():
+    """The case of the issue: +inf used to give inf on the reference and NaN on the kernel."""
+    logits = np.array([[np.inf, 0.0, 1.0]])
+    for reference in (False, True):
+        with xentkit.use_reference(reference):
+            loss, grad = xentkit.cross_entropy_and_grad(logits, [1], reduction="sum")
+        assert np.isnan(loss)
+        assert np.isnan(grad).all()
+
+
+def test_infinite_upstream_gradient_pattern():
+    """g = ∞ on softmax − onehot: ∞·p_j off the target, NaN at the target (∞ − ∞) and where
+    p_j = 0 (a −inf logit: 0·∞), as torch; the ignored row stays 0."""
+    logits = np.array([[0.0, 1.0, -np.inf, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    labels = np.array([1, -100])
+    for reference in (False, True):
+        with xentkit.use_reference(reference):
+            _, grad = xentkit.cross_entropy_and_grad(logits, labels, reduction="sum", grad_output=np.inf)
+        assert grad[0, 0] == np.inf and grad[0, 3] == np.inf
+        assert np.isnan(grad[0, 1]) and np.isnan(grad[0, 2])
+        assert (grad[1] == 0).all()
+
+
+@pytest.mark.parametrize(("z_loss", "softcap"), [(1e-3, None), (0.0, 5.0), (1e-3, 5.0)])
+@pytest.mark.parametrize("upstream", list(UPSTREAM))
+@pytest.mark.parametrize("case", list(LOGITS))
+def test_options_torch_lacks_agree_between_kernel_and_reference(case, upstream, z_loss, softcap):
+    logits = np.array(LOGITS[case])
+    results = [
+        _api(
+            logits, reference, reduction="none", z_loss=z_loss, softcap=softcap,
+            label_smoothing=0.1, grad_output=UPSTREAM[upstream],
+        )
+        for reference in (False, True)
+    ]
+    name = f"{case} z_loss={z_loss} softcap={softcap} g={upstream}"
+    _same_non_finite(results[0][0], results[1][0], name + " loss")
+    _same_non_finite(results[0][1], results[1][1], name + " gradient")
+
+
+@pytest.mark.parametrize("upstream", list(UPSTREAM))
+@pytest.mark.parametrize("case", list(LOGITS))
+def test_split_rows_kernel_agrees_with_row_kernel(case, upstream):
+    """The kernel that cuts rows into segments (few long rows) treats special values alike."""
+    logits = np.repeat(np.array(LOGITS[case]), 3, axis=1)  # 12 classes, 3 segments of 4
+    labels = np.array([1, 3, 0, -100])
+    scale = np.full(4, 1.0 if UPSTREAM[upstream] is None else UPSTREAM[upstream])
+    results = []
+    for segments in (1, 3):
+        grad = np.empty_like(logits)
+        loss, lse = cross_entropy_rows(
+            logits, labels, None, -100, 0.1, 1e-3, None, scale, scale, grad,
+            parallel=True, segments=segments,
+        )
+        results.append((loss, lse, grad))
+    for part, row_kernel, split_kernel in zip(("loss", "lse", "gradient"), *results, strict=True):
+        _same_non_finite(split_kernel, row_kernel, f"{case} g={upstream} {part}")
+
+
+# not "-inf elsewhere": with probabilities xentkit takes 0·log 0 = 0 for a masked class of zero
+# target mass (documented), where torch's product gives NaN
+@pytest.mark.parametrize("case", ["+inf elsewhere", "+inf at the target", "NaN", "finite"])
+@pytest.mark.parametrize("upstream", list(UPSTREAM))
+def test_probability_targets_give_torchs_values(case, upstream):
+    logits = np.array(LOGITS[case])
+    target = np.array([[0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4], [1.0, 0.0, 0.0, 0.0]])
+    grad_output = UPSTREAM[upstream]
+    leaf = torch.tensor(logits, requires_grad=True)
+    expected = torch.nn.functional.cross_entropy(leaf, torch.tensor(target), reduction="sum")
+    expected.backward(torch.tensor(1.0 if grad_output is None else grad_output, dtype=leaf.dtype))
+    for reference in (False, True):
+        with xentkit.use_reference(reference):
+            loss, grad = xentkit.cross_entropy_and_grad(
+                logits, target, reduction="sum", grad_output=grad_output, check_probabilities=False
+            )
+        name = f"{'reference' if reference else 'kernel'} {case} g={upstream}"
+        _same_non_finite(loss, expected.detach().numpy(), name + " loss")
+        _same_non_finite(grad, leaf.grad.numpy(), name + " gradient")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float32_and_float64_alike(dtype):
+    logits = np.array(LOGITS["+inf elsewhere"], dtype=dtype)
+    for upstream in UPSTREAM.values():
+        kernel = _api(logits, False, reduction="none", grad_output=upstream)
+        reference = _api(logits, True, reduction="none", grad_output=upstream)
+        assert kernel[1].dtype == reference[1].dtype == dtype
+        for got, expected in zip(kernel, reference, strict=True):
+            assert np.array_equal(np.isnan(got), np.isnan(expected))
+            assert np.array_equal(np.isinf(got), np.isinf(expected))
