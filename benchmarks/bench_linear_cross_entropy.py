@@ -32,33 +32,25 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _harness import (
+    append_record,
+    interleaved,
+    machine,
+    peak_rss_bytes,
+    print_goals,
+    rss_bytes,
+    summarize,
+)
 
 PROVIDERS = ("matmuls", "torch", "torch-chunked", "xentkit")
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_cross_entropy.json"
 TIME_GOAL = 1.15  # × the matmuls alone
 MEMORY_LOGITS_FRACTION = 1 / 8  # peak above inputs ≤ gradients + this × logits bytes
-
-
-def _rss_bytes() -> int:
-    """The current resident set size, from /proc (Linux) or, failing that, the peak so far."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _peak_rss_bytes()
-
-
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def _step(provider: str, x, w, target, chunk_size: int | None, reduction: str = "mean"):
@@ -114,7 +106,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     gc.collect()
 
     x, w, target = _inputs(args.rows, args.features, args.classes, args.dtype, seed=0)
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     times, peaks, loss = [], [], None
     for _ in range(args.repeats):
         x.grad = w.grad = None
@@ -122,7 +114,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         loss = _step(provider, x, w, target, args.chunk_size, args.reduction)
         times.append(time.perf_counter() - start)
-        peaks.append(_peak_rss_bytes() - baseline)
+        peaks.append(peak_rss_bytes() - baseline)
     return {
         "provider": provider,
         "times_s": times,
@@ -133,39 +125,6 @@ def run_worker(args: argparse.Namespace) -> dict:
         "grad_x_norm": float(x.grad.norm()),
         "grad_w_norm": float(w.grad.norm()),
         "torch_threads": torch.get_num_threads(),
-    }
-
-
-def _spawn(provider: str, args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", provider, "--rows", str(args.rows),
-        "--features", str(args.features), "--classes", str(args.classes), "--dtype", args.dtype,
-        "--repeats", str(args.repeats), "--reduction", args.reduction,
-    ]
-    if args.chunk_size is not None:
-        command += ["--chunk-size", str(args.chunk_size)]
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"provider {provider} failed:\n{completed.stderr}")
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    result["load_average_before"] = load_before
-    return result
-
-
-def _machine() -> dict:
-    import numba
-    import numpy
-    import torch
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "numba": numba.__version__,
     }
 
 
@@ -200,26 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.dtype}, reduction={args.reduction}, {args.repeats} repeats × {args.rounds} rounds, logits {logits_bytes / 2**20:.0f} MiB, "
         f"gradients {gradient_bytes / 2**20:.0f} MiB"
     )
-    runs: dict[str, list[dict]] = {provider: [] for provider in args.providers}
-    for _ in range(args.rounds):
-        for provider in args.providers:
-            runs[provider].append(_spawn(provider, args))
-    results = {}
-    for provider, processes in runs.items():
-        times = [t for process in processes for t in process["times_s"]]
-        results[provider] = {
-            "times_s": times,
-            "median_s": statistics.median(times),
-            "min_s": min(times),
-            "peak_above_inputs_bytes": max(p["peak_above_inputs_bytes"] for p in processes),
-            "first_pass_peak_bytes": max(p["peak_after_each_pass_bytes"][0] for p in processes),
-            "peak_after_each_pass_bytes": [p["peak_after_each_pass_bytes"] for p in processes],
-            "loss": processes[0]["loss"],
-            "grad_x_norm": processes[0]["grad_x_norm"],
-            "grad_w_norm": processes[0]["grad_w_norm"],
-            "torch_threads": processes[0]["torch_threads"],
-            "load_average_before": [p["load_average_before"] for p in processes],
-        }
+    arguments = [
+        "--rows", str(args.rows), "--features", str(args.features), "--classes", str(args.classes),
+        "--dtype", args.dtype, "--repeats", str(args.repeats), "--reduction", args.reduction,
+        *(["--chunk-size", str(args.chunk_size)] if args.chunk_size is not None else []),
+    ]
+    runs = interleaved(__file__, args.providers, arguments, args.rounds)
+    results = {
+        provider: summarize(processes, ("loss", "grad_x_norm", "grad_w_norm", "torch_threads"))
+        for provider, processes in runs.items()
+    }
 
     floor = results.get("matmuls")
     header = (
@@ -274,21 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             "max_relative_difference": max(abs(value - ours["loss"]) for value in losses) / abs(ours["loss"]),
             "met": all(abs(value - ours["loss"]) <= 1e-5 * abs(ours["loss"]) for value in losses),
         }
-        for name, goal in goals.items():
-            verdicts = {key: value for key, value in goal.items() if key.startswith("met")}
-            summary = ", ".join(
-                f"{key.replace('met_', 'by ').replace('met', '')}{' ' if key != 'met' else ''}"
-                f"{'met' if value else 'MISSED'}".strip()
-                for key, value in verdicts.items()
-            )
-            numbers = {key: round(value, 4) if isinstance(value, float) else value
-                       for key, value in goal.items() if not key.startswith("met")}
-            print(f"goal {name:<26} {summary:<28} {numbers}")
+        print_goals(goals)
 
     record = {
         "benchmark": "linear_cross_entropy forward+backward",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": _machine(),
+        "machine": machine(),
         "config": {
             "rows": args.rows, "features": args.features, "classes": args.classes,
             "dtype": args.dtype, "reduction": args.reduction, "repeats": args.repeats,
@@ -300,18 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "goals": goals,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    runs = []
-    if args.output.exists():
-        try:
-            previous = json.loads(args.output.read_text())
-            runs = previous.get("runs", []) if isinstance(previous, dict) else []
-        except json.JSONDecodeError:
-            runs = []
-    runs.append(record)
-    latest = {run["config"].get("reduction", "mean"): run for run in runs}  # the last per reduction
-    args.output.write_text(json.dumps({"latest": latest, "runs": runs}, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    append_record(args.output, record, "reduction")
     return 0
 
 

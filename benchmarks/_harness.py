@@ -1,0 +1,117 @@
+"""What the CPU benchmarks of the fused linear forms share: memory readings, one process per
+provider, interleaved rounds, the summary table's numbers, the goals' lines and the JSON record.
+
+Peak memory above the inputs = ``getrusage(RUSAGE_SELF).ru_maxrss`` − the resident set size
+read after the inputs were allocated, in a process of its own per provider (so that the peak is
+the OS's, untouched by the other providers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def rss_bytes() -> int:
+    """The current resident set size, from /proc (Linux) or, failing that, the peak so far."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def machine() -> dict:
+    import numba
+    import numpy
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+    }
+
+
+def spawn(script: str, provider: str, arguments: list[str]) -> dict:
+    """Run ``script --worker provider *arguments`` in a new process; its last stdout line is the
+    worker's JSON result."""
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    completed = subprocess.run(
+        [sys.executable, script, "--worker", provider, *arguments], capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"provider {provider} failed:\n{completed.stderr}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["load_average_before"] = load_before
+    return result
+
+
+def interleaved(script: str, providers: list[str], arguments: list[str], rounds: int) -> dict[str, list[dict]]:
+    """Every provider once per round, in turn (load from other users falls on all alike)."""
+    runs: dict[str, list[dict]] = {provider: [] for provider in providers}
+    for _ in range(rounds):
+        for provider in providers:
+            runs[provider].append(spawn(script, provider, arguments))
+    return runs
+
+
+def summarize(processes: list[dict], keep: tuple[str, ...]) -> dict:
+    """One provider's processes as one result: every timed pass, median, min, peaks, and the
+    first process's values of ``keep``."""
+    times = [t for process in processes for t in process["times_s"]]
+    return {
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "peak_above_inputs_bytes": max(p["peak_above_inputs_bytes"] for p in processes),
+        "first_pass_peak_bytes": max(p["peak_after_each_pass_bytes"][0] for p in processes),
+        "peak_after_each_pass_bytes": [p["peak_after_each_pass_bytes"] for p in processes],
+        **{key: processes[0][key] for key in keep},
+        "load_average_before": [p["load_average_before"] for p in processes],
+    }
+
+
+def print_goals(goals: dict[str, dict]) -> None:
+    """One line per goal: its verdicts ("met"/"MISSED") and its numbers."""
+    for name, goal in goals.items():
+        verdicts = {key: value for key, value in goal.items() if key.startswith("met")}
+        summary = ", ".join(
+            f"{key.replace('met_', 'by ').replace('met', '')}{' ' if key != 'met' else ''}"
+            f"{'met' if value else 'MISSED'}".strip()
+            for key, value in verdicts.items()
+        )
+        numbers = {key: round(value, 4) if isinstance(value, float) else value
+                   for key, value in goal.items() if not key.startswith("met")}
+        print(f"goal {name:<26} {summary:<28} {numbers}")
+
+
+def append_record(path: Path, record: dict, latest_key: str) -> None:
+    """Add ``record`` to ``path``'s ``runs``; ``latest`` keeps the last run per ``latest_key``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+            runs = previous.get("runs", []) if isinstance(previous, dict) else []
+        except json.JSONDecodeError:
+            runs = []
+    runs.append(record)
+    latest = {str(run["config"].get(latest_key, "")): run for run in runs}
+    path.write_text(json.dumps({"latest": latest, "runs": runs}, indent=2) + "\n")
+    print(f"wrote {path}")
