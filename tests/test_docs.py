@@ -17,7 +17,7 @@ import pytest
 from conftest_lab import write_idx
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["torch.md", "lab.md", "distributed.md", "log_probs.md"]
+PAGES = ["torch.md", "lab.md", "distributed.md", "log_probs.md", "transformers.md"]
 
 
 def _blocks(page: str) -> list[str]:

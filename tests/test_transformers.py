@@ -44,7 +44,7 @@ MODEL_TYPES = {
     "Starcoder2ForCausalLM": "starcoder2",
 }
 THREE = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM"]
-# transformers' ForCausalLMLoss takes shift_labels from about 4.50; before, the argument is ignored
+# newer transformers' ForCausalLMLoss takes shift_labels; older versions (4.46) ignore the argument
 TAKES_SHIFT_LABELS = "shift_labels" in inspect.signature(LOSS_MAPPING["ForCausalLM"]).parameters
 
 
@@ -321,7 +321,7 @@ def test_models_it_cannot_handle_raise_naming_the_class() -> None:
     custom = tiny_model("LlamaForCausalLM")
     if type(custom).loss_function.fset is not None:
         custom.loss_function = LOSS_MAPPING["ForTokenClassification"]
-    else:  # transformers before 4.48 or so: the config names the loss
+    else:  # older transformers (4.46): the config names the loss
         custom.config.loss_type = "ForTokenClassification"
     with pytest.raises(ValueError, match=r"^LlamaForCausalLM's loss_function must be transformers' ForCausalLMLoss, got 'ForTokenClassification'"):
         patch(custom)

@@ -93,7 +93,7 @@ class _Patch:
         self.model = model
         self.head = head
         self.rule = rule
-        # transformers before 4.50 or so ignores a shift_labels argument: so do we then
+        # older transformers versions ignore a shift_labels argument: so does the patch then
         self.takes_shift_labels = "shift_labels" in inspect.signature(loss).parameters
         self.name = type(model).__name__
         parameters = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
