@@ -394,7 +394,10 @@ def test_linear_log_probs_bfloat16_stays_in_range():
         ({"linear_weight": torch.randn(5, 3)}, ValueError, "input must have linear_weight's in_features=3"),
         ({"linear_bias": torch.randn(4)}, ValueError, "linear_bias must have shape (5,)"),
         ({"return_entropy": 1}, TypeError, "return_entropy must be a bool"),
-        ({"backend": "triton"}, ValueError, "backend='triton' has no log-probability kernel yet"),
+        (
+            {"input": torch.randn(3, 4, dtype=torch.float64), "linear_weight": torch.randn(5, 4, dtype=torch.float64), "backend": "triton"},
+            ValueError, "backend='triton' cannot run this call: it takes float32, float16 and bfloat16 logits, got torch.float64",
+        ),
         ({"backend": "cuda"}, ValueError, "backend must be one of 'auto', 'triton', 'torch'"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be None or a positive int"),
         ({"linear_weight": torch.randn(5, 4, device="meta")}, ValueError, "must be on one device"),

@@ -12,6 +12,9 @@ target entry).
 - :class:`TorchRows`: the same formulas in torch ops, for any device and dtype (statistics in
   float32, float64 for float64 logits); a chunk's temporaries are a few chunk-sized float32
   tensors.
+- :class:`TritonRows`: the fused Triton kernels (``xentkit.triton.log_probs``), for CUDA
+  float32/float16/bfloat16 tensors (CPU tensors only under Triton's interpreter); float32
+  statistics.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from . import _bridge
 
-__all__ = ["NumbaRows", "TorchRows", "statistics_dtype"]
+__all__ = ["NumbaRows", "TorchRows", "TritonRows", "statistics_dtype"]
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,3 +108,27 @@ class TorchRows:
         grad = torch.where(valid[:, None], grad, 0.0)
         out.copy_(grad)
         return out
+
+
+class TritonRows:
+    """The Triton kernels (``xentkit.triton.log_probs``) on the tensors as they are: float32
+    statistics, the gradient written into ``out`` (in place when ``out`` is the logits)."""
+
+    name = "triton"
+
+    @staticmethod
+    def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:
+        from ..triton.log_probs import log_prob_statistics
+
+        return log_prob_statistics(logits, labels.to(torch.int64).contiguous(), valid, temperature)
+
+    @staticmethod
+    def gradient(
+        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, s: Tensor,
+        coefficients: tuple[Tensor, Tensor, Tensor], out: Tensor,
+    ) -> Tensor:
+        from ..triton.log_probs import log_prob_gradient
+
+        return log_prob_gradient(
+            logits, labels.to(torch.int64).contiguous(), valid, temperature, m, s, coefficients, out
+        )

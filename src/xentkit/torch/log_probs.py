@@ -17,9 +17,11 @@ one more matmul instead of keeping the logits)
     3. ``grad_x[chunk] = dz W``,  ``grad_W += dzᵀ x_chunk``,  ``grad_b += Σ_rows dz``
 
 Row backends (``_log_prob_rows``): plain CPU float32/float64 tensors run the fused Numba kernels;
-everything else (CUDA, float16, bfloat16, ``backend="torch"``) the same two passes in torch ops,
-per chunk, in float32 — so on a GPU the logits are never held either, but without a fused kernel
-(a Triton kernel for these passes is still to come; ``backend="triton"`` says so).
+CUDA float32/float16/bfloat16 tensors the fused Triton kernels (``xentkit.triton.log_probs``, when
+Triton is installed; ``backend="triton"`` insists on them and says why when it cannot have them,
+and takes CPU tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``); everything else
+(CPU float16/bfloat16, CUDA float64, ``backend="torch"``) the same two passes in torch ops, per
+chunk, in float32 (float64 for float64).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from torch.autograd.function import FunctionCtx
 from .._labels import check_index_layout, check_labels
 from .._options import LogProbOptions, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
-from . import _bridge, _linear_triton
+from . import _bridge, _linear_triton, _triton_path
 from ._chunks import logit_chunks
-from ._log_prob_rows import NumbaRows, TorchRows, statistics_dtype
+from ._log_prob_rows import NumbaRows, TorchRows, TritonRows, statistics_dtype
 from .linear_cross_entropy import chunk_rows_for
 
 __all__ = ["linear_log_probs", "log_probs"]
@@ -42,19 +44,38 @@ _NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
 def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor | None) -> type:
-    """The row backend of this call (see the module docstring)."""
-    if options.backend == "triton":
-        raise ValueError(
-            "backend='triton' has no log-probability kernel yet; use backend='auto' (CUDA tensors "
-            "then run the chunked passes in torch ops) or 'torch'"
-        )
-    if (
-        options.backend == "auto"
-        and logits_like.dtype in _NUMBA_DTYPES
-        and _bridge.runs_on_xentkit(logits_like, *others)
-    ):
+    """The row backend of this call (see the module docstring); ``backend="triton"`` raises,
+    saying why, when the Triton kernels cannot run it."""
+    if options.backend == "torch":
+        return TorchRows
+    if options.backend == "triton" or logits_like.device.type == "cuda":
+        reason = _triton_reason(logits_like)
+        if reason is None:
+            return TritonRows
+        if options.backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this call: {reason}")
+    if logits_like.dtype in _NUMBA_DTYPES and _bridge.runs_on_xentkit(logits_like, *others):
         return NumbaRows
     return TorchRows
+
+
+def _triton_reason(logits_like: Tensor) -> str | None:
+    """Why the Triton log-probability kernels cannot run on these logits, or None when they can
+    (the words of ``_triton_path.triton_reason``)."""
+    if logits_like.dtype not in _triton_path.TRITON_DTYPES:
+        return f"it takes float32, float16 and bfloat16 logits, got {logits_like.dtype}"
+    if logits_like.device.type != "cuda" and not (
+        logits_like.device.type == "cpu" and _triton_path._interpreted()
+    ):
+        return (
+            f"it runs CUDA tensors (and CPU tensors only under Triton's interpreter, "
+            f"TRITON_INTERPRET=1), got a tensor on {logits_like.device}"
+        )
+    if torch.compiler.is_compiling():
+        return "it does not run under torch.compile"
+    if not _triton_path._triton_importable():
+        return "the triton package is not installed"
+    return None
 
 
 def _flag(value: object, name: str) -> bool:
@@ -152,7 +173,9 @@ def log_probs(
     position whose target is ``ignore_index`` gets log-prob 0, entropy 0, lse 0 and no gradient.
     Returns ``log_probs``, or ``(log_probs, entropy)``, ``(log_probs, lse)``,
     ``(log_probs, entropy, lse)`` as asked. ``backend``: "auto" (CPU float32/float64: the fused
-    Numba kernels; otherwise torch ops in float32) or "torch". Double backward raises.
+    Numba kernels; CUDA float32/float16/bfloat16: the fused Triton kernels; otherwise torch ops
+    in float32), "triton" (the Triton kernels or a ValueError saying why not) or "torch". Double
+    backward raises.
 
     >>> import torch, xentkit.torch as xt
     >>> logits = torch.tensor([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], requires_grad=True)
@@ -276,8 +299,9 @@ def linear_log_probs(
     ``[...]`` (input's leading shape). Outputs have the target's shape, dtype float32 (float64 for
     float64 inputs); a position whose target is ``ignore_index`` gets 0 and no gradient. Returns
     ``log_probs``, or a tuple with ``entropy`` and/or ``lse`` after it, as asked. ``backend``:
-    "auto" (CPU float32/float64: the fused Numba kernels; CUDA, float16, bfloat16: the same
-    passes in torch ops, per chunk) or "torch". Double backward raises.
+    "auto" (CPU float32/float64: the fused Numba kernels; CUDA float32/float16/bfloat16: the
+    fused Triton kernels; otherwise the same passes in torch ops, per chunk), "triton" (the
+    Triton kernels or a ValueError saying why not) or "torch". Double backward raises.
 
     >>> import torch, xentkit.torch as xt
     >>> x = torch.tensor([[1.0, 2.0], [0.5, -1.0]], requires_grad=True)

@@ -14,10 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from xentkit.triton.cross_entropy import cross_entropy_rows
+    from xentkit.triton.log_probs import log_prob_gradient, log_prob_statistics
 
-__all__ = ["available", "cross_entropy_rows"]
+__all__ = ["available", "cross_entropy_rows", "log_prob_gradient", "log_prob_statistics"]
 
-_HOMES = {"cross_entropy_rows": "xentkit.triton.cross_entropy"}
+_HOMES = {
+    "cross_entropy_rows": "xentkit.triton.cross_entropy",
+    "log_prob_gradient": "xentkit.triton.log_probs",
+    "log_prob_statistics": "xentkit.triton.log_probs",
+}
 
 
 def available() -> bool:

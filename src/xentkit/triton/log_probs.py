@@ -1,0 +1,254 @@
+"""Token log-probabilities and entropies on the GPU: per-row statistics, then the gradient.
+
+The Triton twin of :mod:`xentkit.kernels.log_probs`, with its contract (formulas:
+:mod:`xentkit.reference.log_probs`). The ``[N, V]`` logits x (float32, float16 or bfloat16;
+arithmetic in float32) are cut into chunks of ``BLOCK`` classes, one program per (row, chunk).
+With c = 1/T and z_j = x_j·c (one float32 rounding, the same in every pass):
+
+    pass 1, ``_partials_kernel`` (one read of the logits), per chunk k of a row:
+        m_k = max_j z_j  (NaN ignored: the sums below carry it),  t_k = m_k (0 if not finite)
+        s_k = Σ_j exp(z_j − t_k),   u_k = Σ_j exp(z_j − t_k)·max(z_j − t_k, −1000)
+
+    the row, ``_combine_kernel`` (one program per row, merging the row's few partials as
+    ``reference.log_probs.merge_partials``):
+        m = max_k m_k,  t = m (0 if not finite)
+        s = Σ_k s_k·exp(t_k − t),   u = Σ_k exp(t_k − t)·(u_k + s_k·(t_k − t))
+        z_y = x_y·c when the row's target y is in [0, V), else 0 (not read)
+    gives each row's (m, s, u, z_y) in float32; the caller
+    (``reference.log_probs.row_statistics``) turns them into log p(y) = (z_y − m) − log s ≤ 0,
+    H = log s − u/s ≥ 0 and lse = m + log s.
+
+    pass 2, ``_gradient_kernel`` (one read and one write of the logits), given per-row (m, s)
+    and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)):
+        grad_j = exp(z_j − m)·(c·b/s + c·k/s·max(z_j − m, −1000)) + c·a·[j = y]
+
+Exactness: the launches turn off floating-point contraction (``enable_fp_fusion=False``), so that
+z_j − m is computed from the rounded z_j that the maximum saw: the max's own term is exp(0) = 1
+exactly, hence s ≥ 1 (log s ≥ 0, log p(y) ≤ 0) and u ≤ 0 (H ≥ 0), also for bfloat16 logits. The
+max(·, −1000) makes a masked class (z = −inf, exp = 0) add 0, not 0·(−inf).
+
+Pass 2 reads each element before writing it, in the same program, so the gradient may be written
+over the logits (in place). A row that is not ``valid`` (its target is ignore_index) is not read:
+(m, s, u, z_y) = (0, 1, 0, 0) and a zero gradient row. Special values, as the Numba kernel and
+torch: a NaN makes the row's s and u NaN (so log p, H, lse and the gradient); a +inf logit gives
+m = +inf and s = +inf (sums unshifted: lse +inf, log p, H and the gradient NaN); −inf logits are
+masked classes, and a row of −inf only has m = −inf, s = 0 (NaN downstream).
+
+No validation: the caller passes contiguous rows, ``labels`` ``[N]`` int64, ``valid`` ``[N]``
+bool. A label outside [0, V) is not read (z_y 0, no target entry in the gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .cross_entropy import _warps
+
+__all__ = ["log_prob_gradient", "log_prob_statistics"]
+
+# Classes per block (a block of float32 lives in registers across the program's warps).
+MAX_BLOCK = 8192
+
+
+@triton.jit
+def _scaled(x_ptr, cols, inside, scale):
+    """z = x·c in float32; lanes past the row are −inf."""
+    x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    return tl.where(inside, x * scale, float("-inf"))
+
+
+@triton.jit
+def _finite_or_zero(value):
+    return tl.where(tl.abs(value) < float("inf"), value, 0.0)
+
+
+@triton.jit
+def _partials_kernel(
+    logits_ptr,
+    logits_stride,
+    valid_ptr,
+    part_ptr,
+    part_plane,
+    n_cols,
+    n_chunks,
+    scale,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if tl.load(valid_ptr + row) == 0:
+        return  # the combine writes the row's (0, 1, 0, 0) without reading the partials
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    # ---- Pass 1: the chunk's m_k, and s_k, u_k at t_k ----
+    z = _scaled(logits_ptr + row * logits_stride, cols, inside, scale)
+    m = tl.max(tl.where(z == z, z, float("-inf")), 0)  # NaN ignored: s_k and u_k carry it
+    # t_k = 0 when m_k = −inf (never exp(−inf − (−inf))) or +inf (s_k = +inf: lse +inf)
+    d = z - _finite_or_zero(m)
+    e = tl.exp(d)
+    slot = part_ptr + row * n_chunks + chunk
+    tl.store(slot, m)
+    tl.store(slot + part_plane, tl.sum(e, 0))
+    tl.store(slot + 2 * part_plane, tl.sum(e * tl.maximum(d, -1000.0), 0))
+
+
+@triton.jit
+def _combine_kernel(
+    logits_ptr,
+    logits_stride,
+    labels_ptr,
+    valid_ptr,
+    part_ptr,
+    part_plane,
+    m_ptr,
+    s_ptr,
+    u_ptr,
+    z_target_ptr,
+    n_cols,
+    n_chunks,
+    scale,
+    CHUNKS: tl.constexpr,
+):
+    """One program per row: the row's partials merged into (m, s, u), and z_y."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(valid_ptr + row) == 0:
+        tl.store(m_ptr + row, 0.0)
+        tl.store(s_ptr + row, 1.0)
+        tl.store(u_ptr + row, 0.0)
+        tl.store(z_target_ptr + row, 0.0)
+        return
+    k = tl.arange(0, CHUNKS)
+    mine = k < n_chunks
+    slots = part_ptr + row * n_chunks + k
+    m_k = tl.load(slots, mask=mine, other=float("-inf"))
+    s_k = tl.load(slots + part_plane, mask=mine, other=0.0)
+    u_k = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
+    # ---- the row: m = max m_k; (s_k, u_k) restated at t and summed ----
+    m = tl.max(m_k, 0)
+    delta = _finite_or_zero(m_k) - _finite_or_zero(m)
+    factor = tl.exp(delta)
+    # an empty chunk (s_k = 0: only −inf) adds nothing, whatever its factor
+    empty = s_k == 0.0
+    s = tl.sum(tl.where(empty, 0.0, s_k * factor), 0)
+    u = tl.sum(tl.where(empty, 0.0, factor * (u_k + tl.where(delta == 0.0, 0.0, s_k * delta))), 0)
+    # z_y, read only for a label in [0, V)
+    y = tl.load(labels_ptr + row)
+    known = (y >= 0) & (y < n_cols)
+    x_y = tl.load(logits_ptr + row * logits_stride + tl.where(known, y, 0)).to(tl.float32)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(u_ptr + row, u)
+    tl.store(z_target_ptr + row, tl.where(known, x_y * scale, 0.0))
+
+
+@triton.jit
+def _gradient_kernel(
+    logits_ptr,
+    logits_stride,
+    labels_ptr,
+    valid_ptr,
+    m_ptr,
+    s_ptr,
+    a_ptr,
+    a_stride,
+    b_ptr,
+    b_stride,
+    k_ptr,
+    k_stride,
+    grad_ptr,
+    grad_stride,
+    n_cols,
+    scale,
+    BLOCK: tl.constexpr,
+):
+    """One program per (row, chunk): the chunk's gradient from the row's (m, s) and (a, b, k)."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    grad_row = grad_ptr + row * grad_stride
+    if tl.load(valid_ptr + row) == 0:
+        tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
+        return
+    m = tl.load(m_ptr + row).to(tl.float32)
+    s = tl.load(s_ptr + row).to(tl.float32)
+    a = tl.load(a_ptr + row * a_stride).to(tl.float32)
+    b = tl.load(b_ptr + row * b_stride).to(tl.float32)
+    k = tl.load(k_ptr + row * k_stride).to(tl.float32)
+    y = tl.load(labels_ptr + row)
+    # ---- Pass 2: grad_j = exp(z_j − m)·(c·b/s + c·k/s·(z_j − m)) + c·a·[j = y] ----
+    x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    d = x * scale - m
+    coef_b = scale * b / s
+    coef_k = scale * k / s
+    grad = tl.exp(d) * (coef_b + coef_k * tl.maximum(d, -1000.0))
+    grad += tl.where(cols == y, scale * a, 0.0)  # y outside [0, V) matches no stored lane
+    tl.store(grad_row + cols, grad, mask=inside)
+
+
+def _block(n_cols: int) -> int:
+    return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1))))
+
+
+def _valid_bytes(valid: Tensor) -> Tensor:
+    return valid.contiguous().view(torch.uint8)
+
+
+def log_prob_statistics(
+    logits: Tensor, labels: Tensor, valid: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 1 over a contiguous ``[N, V]`` float32/float16/bfloat16 tensor: ``(m, s, u, z_target)``,
+    each ``[N]`` float32 on the logits' device (see the module docstring). ``labels`` ``[N]``
+    int64, ``valid`` ``[N]`` bool; nothing is validated. Two launches."""
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    m, s, u, z_target = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4))
+    if n_rows == 0:
+        return m, s, u, z_target
+    scale = 1.0 / float(temperature)
+    valid_bytes = _valid_bytes(valid)
+    block = _block(n_cols)
+    n_chunks = triton.cdiv(max(n_cols, 1), block)
+    part = torch.empty((3, n_rows, n_chunks), dtype=torch.float32, device=device)
+    _partials_kernel[(n_rows, n_chunks)](
+        logits, logits.stride(0), valid_bytes, part, n_rows * n_chunks, n_cols, n_chunks, scale,
+        BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False,
+    )
+    _combine_kernel[(n_rows,)](
+        logits, logits.stride(0), labels, valid_bytes, part, n_rows * n_chunks, m, s, u, z_target,
+        n_cols, n_chunks, scale, CHUNKS=max(2, triton.next_power_of_2(n_chunks)), num_warps=1,
+        enable_fp_fusion=False,
+    )
+    return m, s, u, z_target
+
+
+def log_prob_gradient(
+    logits: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    temperature: float,
+    m: Tensor,
+    s: Tensor,
+    coefficients: tuple[Tensor, Tensor, Tensor],
+    grad_out: Tensor,
+) -> Tensor:
+    """Pass 2: writes ∂/∂logits into ``grad_out`` (a contiguous ``[N, V]`` tensor of the logits'
+    dtype; it may be ``logits`` itself) from the rows' (m, s) of :func:`log_prob_statistics` and
+    the coefficients (a, b, k) of ``reference.log_probs.gradient_coefficients``, each ``[N]`` or
+    a single value (0-dim), any float dtype, on the logits' device. One launch. Returns
+    ``grad_out``."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return grad_out
+    # one value for every row: a stride of 0; float64 rows are read as they are
+    a, b, k = (c.reshape(-1).expand(n_rows) for c in coefficients)
+    block = _block(n_cols)
+    _gradient_kernel[(n_rows, triton.cdiv(max(n_cols, 1), block))](
+        logits, logits.stride(0), labels, _valid_bytes(valid), m.contiguous(), s.contiguous(),
+        a, a.stride(0), b, b.stride(0), k, k.stride(0), grad_out, grad_out.stride(0), n_cols,
+        1.0 / float(temperature), BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False,
+    )
+    return grad_out
