@@ -5,11 +5,15 @@ Two parts, both side by side with torch in one run:
 
 1. Per-call time of forward + backward on small logits (64×10, 256×100, 1024×1000, float32):
    ``torch.nn.functional.cross_entropy(x, y).backward()``, ``xentkit.torch.cross_entropy`` the
-   same way, and the NumPy api ``xentkit.cross_entropy_and_grad``; best of ``--repeats`` timeit
-   runs of ``--number`` calls, torch on one thread (as xentkit below 65536 logits).
-2. The first call in a new process (``import`` + one call on 64×10), in a subprocess each, for
-   xentkit's NumPy api and for torch: with the kernel cache warm (this checkout's
-   ``__pycache__``), and, with ``--cold``, after emptying it (Numba compiles again).
+   same way, and the NumPy api ``xentkit.cross_entropy_and_grad``; median (and best) of
+   ``--repeats`` interleaved timeit runs of ``--number`` calls, and each median over torch's,
+   torch on one thread (as xentkit below 65536 logits).
+2. The first call in a new process, in a subprocess each, for xentkit's NumPy api,
+   ``xentkit.torch`` and torch: the imports, then the first 64×10 forward + backward, timed
+   apart, with the kernel cache warm (this checkout's ``__pycache__``) and, with ``--cold``,
+   after emptying it (Numba compiles again). Beside them the floor that Numba sets: ``import
+   numba`` and its one-time start-up (the typing and target registries it loads before it can
+   load any cached kernel), measured alone.
 
     python benchmarks/bench_small.py
     python benchmarks/bench_small.py --cold        # also the cold-cache first call (slow)
@@ -23,6 +27,7 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,16 +37,53 @@ from pathlib import Path
 import numpy as np
 
 SHAPES = ((64, 10), (256, 100), (1024, 1000))
+# (imports, first call) per entry; each subprocess prints the two times
 FIRST_CALL = {
-    "xentkit": "import numpy as np, xentkit; xentkit.cross_entropy_and_grad(np.zeros((64, 10), np.float32), np.zeros(64, int))",
-    "xentkit.torch": "import torch, xentkit.torch as xt; x = torch.zeros(64, 10, requires_grad=True); xt.cross_entropy(x, torch.zeros(64, dtype=torch.long)).backward()",
-    "torch": "import torch, torch.nn.functional as F; x = torch.zeros(64, 10, requires_grad=True); F.cross_entropy(x, torch.zeros(64, dtype=torch.long)).backward()",
+    "xentkit": (
+        "import numpy as np, xentkit",
+        "xentkit.cross_entropy_and_grad(np.zeros((64, 10), np.float32), np.zeros(64, int))",
+    ),
+    "xentkit.torch": (
+        "import torch, xentkit.torch as xt",
+        "x = torch.zeros(64, 10, requires_grad=True); xt.cross_entropy(x, torch.zeros(64, dtype=torch.long)).backward()",
+    ),
+    "torch": (
+        "import torch, torch.nn.functional as F",
+        "x = torch.zeros(64, 10, requires_grad=True); F.cross_entropy(x, torch.zeros(64, dtype=torch.long)).backward()",
+    ),
+    # the floor under any Numba kernel: importing Numba, then its one-time start-up
+    "numba alone": (
+        "import numpy as np, numba",
+        "from numba.core.registry import cpu_target; cpu_target.typing_context.refresh(); cpu_target.target_context.refresh()",
+    ),
 }
+_TIMED = """
+import time
+started = time.perf_counter()
+{imports}
+imported = time.perf_counter()
+{call}
+done = time.perf_counter()
+print(imported - started, done - imported)
+"""
 
 
 def per_call(number: int, repeats: int) -> list[dict]:
     import torch
     import torch.nn.functional as F
+
+    class _Precomputed(torch.autograd.Function):
+        """The floor of any loss written as an autograd.Function (as xentkit.torch's are): forward
+        returns a loss and backward a gradient, both computed beforehand (no work at all)."""
+
+        @staticmethod
+        def forward(ctx, input, loss, grad):
+            ctx.grad = grad
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            return ctx.grad * grad_output, None, None
 
     import xentkit
     import xentkit.torch as xt
@@ -66,55 +108,93 @@ def per_call(number: int, repeats: int) -> list[dict]:
         def api_step(x=x, y=y) -> None:
             xentkit.cross_entropy_and_grad(x, y)
 
-        steps = {"torch": torch_step, "xentkit.torch": xentkit_torch_step, "xentkit api": api_step}
+        loss, grad = (torch.from_numpy(np.asarray(a)) for a in xentkit.cross_entropy_and_grad(x, y))
+
+        def floor_step(leaf=leaf, loss=loss, grad=grad) -> None:
+            leaf.grad = None
+            _Precomputed.apply(leaf, loss, grad).backward()
+
+        steps = {
+            "torch": torch_step, "xentkit.torch": xentkit_torch_step, "xentkit api": api_step,
+            "autograd.Function floor": floor_step,
+        }
         for step in steps.values():
             step()
-        row = {"shape": [n, c]}
-        for _ in range(repeats):  # interleaved rounds, best of each
+        rounds: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(repeats):  # interleaved rounds: a busy moment hits every provider
             for name, step in steps.items():
-                best = timeit.timeit(step, number=number) / number * 1e6
-                row[name] = min(row.get(name, float("inf")), best)
+                rounds[name].append(timeit.timeit(step, number=number) / number * 1e6)
+        row = {"shape": [n, c]}
+        for name, times in rounds.items():
+            row[name] = statistics.median(times)
+            row[f"{name} best"] = min(times)
+        row["xentkit.torch / torch"] = row["xentkit.torch"] / row["torch"]
+        row["xentkit api / torch"] = row["xentkit api"] / row["torch"]
         rows.append(row)
     return rows
 
 
-def first_call(cold: bool) -> dict:
+def _run_timed(imports: str, call: str) -> tuple[float, float, float]:
+    """(imports, first call, whole process) in seconds, in a new interpreter."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", _TIMED.format(imports=imports, call=call)],
+        check=True, capture_output=True, text=True,
+    )
+    total = time.perf_counter() - started
+    imported, called = (float(value) for value in result.stdout.split()[-2:])
+    return imported, called, total
+
+
+def first_call(cold: bool, repeats: int) -> dict:
     cache = Path(__file__).resolve().parents[1] / "src" / "xentkit" / "kernels" / "__pycache__"
     out = {}
     for state in ("warm", "cold") if cold else ("warm",):
-        for name, code in FIRST_CALL.items():
-            if state == "cold" and name != "torch" and cache.exists():
-                shutil.rmtree(cache)
-            subprocess.run([sys.executable, "-c", code], check=True)  # warm the OS file cache too
-            if state == "cold" and name != "torch" and cache.exists():
-                shutil.rmtree(cache)
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
-            out[f"{name} ({state} cache)"] = time.perf_counter() - started
+        for name, (imports, call) in FIRST_CALL.items():
+            uses_kernels = name.startswith("xentkit")
+            if state == "cold" and not uses_kernels:
+                continue  # nothing of theirs is cached by xentkit
+            _run_timed(imports, call)  # fills the kernel cache and the OS file cache
+            runs = []
+            for _ in range(1 if state == "cold" else repeats):
+                if state == "cold" and cache.exists():
+                    shutil.rmtree(cache)
+                runs.append(_run_timed(imports, call))
+            imported, called, total = (statistics.median(values) for values in zip(*runs, strict=True))
+            out[f"{name} ({state} cache)"] = {"import_s": imported, "first_call_s": called, "process_s": total}
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--number", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--cold", action="store_true", help="also time a cold kernel cache")
+    parser.add_argument("--starts", type=int, default=5, help="new processes per first-call median")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "small.json")
     args = parser.parse_args()
     rows = per_call(args.number, args.repeats)
-    print("forward + backward, µs per call (best of the rounds)")
-    print(f"{'shape':>12s} {'torch':>9s} {'xentkit.torch':>14s} {'xentkit api':>12s}")
+    print("forward + backward, µs per call (median of the rounds; ratio to torch)")
+    print(
+        f"{'shape':>12s} {'torch':>9s} {'xentkit.torch':>14s} {'ratio':>6s} {'xentkit api':>12s} "
+        f"{'ratio':>6s} {'Function floor':>15s}"
+    )
     for row in rows:
         n, c = row["shape"]
-        print(f"{n:>6d}×{c:<5d} {row['torch']:9.1f} {row['xentkit.torch']:14.1f} {row['xentkit api']:12.1f}")
-    starts = first_call(args.cold)
-    print("\nfirst call in a new process (import + one 64×10 forward + backward), seconds")
-    for name, seconds in starts.items():
-        print(f"  {name:28s} {seconds:6.2f}")
+        print(
+            f"{n:>6d}×{c:<5d} {row['torch']:9.1f} {row['xentkit.torch']:14.1f} "
+            f"{row['xentkit.torch / torch']:6.2f} {row['xentkit api']:12.1f} "
+            f"{row['xentkit api / torch']:6.2f} {row['autograd.Function floor']:15.1f}"
+        )
+    starts = first_call(args.cold, args.starts)
+    print("\nfirst call in a new process (median of --starts processes), seconds")
+    print(f"  {'':28s} {'imports':>8s} {'1st call':>9s} {'process':>8s}")
+    for name, times in starts.items():
+        print(f"  {name:28s} {times['import_s']:8.3f} {times['first_call_s']:9.3f} {times['process_s']:8.3f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-        "command": " ".join(sys.argv), "per_call_us": rows, "first_call_s": starts,
+        "command": " ".join(sys.argv), "per_call_us": rows, "first_call": starts,
     }, indent=1))
     print(f"\nwrote {args.output}")
     return 0

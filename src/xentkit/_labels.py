@@ -29,10 +29,11 @@ def as_class_indices(
     caller's dtype when the array is a converted view (a torch bfloat16 target, say).
     """
     array = np.asarray(target)
-    check_index_layout(
-        array.dtype.kind in "iu", array.shape, sample_shape, dtype_name=dtype_name or str(array.dtype),
-        expected_shape=expected_shape,
-    )
+    if not (array.dtype.kind in "iu" and array.shape == tuple(sample_shape)):  # names only on error
+        check_index_layout(
+            array.dtype.kind in "iu", array.shape, sample_shape,
+            dtype_name=dtype_name or str(array.dtype), expected_shape=expected_shape,
+        )
     if array.dtype == np.uint64 and array.size and array.max() > _INT64_MAX:
         position = tuple(int(i) for i in np.argwhere(array > _INT64_MAX)[0])
         raise ValueError(
@@ -82,6 +83,8 @@ def check_labels(
     ``labels`` may also be a torch tensor (the mask is then a tensor on its device; a GPU tensor
     costs one wait for the device, to know whether to raise)."""
     valid = labels != ignore_index
+    if isinstance(labels, np.ndarray) and (labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes)):
+        return valid  # every label in range (two reductions, cheaper than the mask below)
     bad = valid & ((labels < 0) | (labels >= num_classes))
     if bad.any():
         if not isinstance(labels, np.ndarray):  # a tensor: the message is built on the CPU

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -73,16 +74,23 @@ def _callers_level() -> int:
     return level
 
 
+_KERNEL: list = []  # the fused kernel's entry point, once imported
+
+
 def _kernel_rows():
     """The fused kernel entry point, imported on first use so ``import xentkit`` stays light."""
-    from ..kernels import cross_entropy_rows
+    if not _KERNEL:
+        from ..kernels import cross_entropy_rows
 
-    return cross_entropy_rows
+        _KERNEL.append(cross_entropy_rows)
+    return _KERNEL[0]
 
 
 def _per_row(scale: np.ndarray | float, rows: int) -> np.ndarray:
     """A gradient coefficient (a scalar, or one per sample for "none") as the kernel's ``[rows]``
     float64."""
+    if type(scale) is float:
+        return np.full(rows, scale)
     scale = np.asarray(scale, dtype=np.float64)
     if scale.size == 1:
         return np.full(rows, float(scale.reshape(())))
@@ -97,7 +105,7 @@ def _fused(
     weight: np.ndarray | None,
     options: LossOptions,
     plan: ReductionPlan,
-    upstream: np.ndarray | None,
+    upstream: np.ndarray | float | None,
     out: np.ndarray | None,
     private: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -110,7 +118,7 @@ def _fused(
     num_classes = logits.shape[axis]
     moved = _class_axis_last(logits, axis)
     sample_shape = moved.shape[:-1]
-    rows = int(np.prod(sample_shape, dtype=np.int64))
+    rows = math.prod(sample_shape)
     matrix = np.ascontiguousarray(moved).reshape(rows, num_classes)
     label_rows = np.ascontiguousarray(labels, dtype=np.int64).reshape(rows)
     weight64 = None if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
@@ -149,6 +157,9 @@ def _fused(
     if axis != logits.ndim - 1:
         grad = np.moveaxis(grad, -1, axis)
     return loss, grad
+
+
+_FLOAT64 = np.dtype(np.float64)
 
 
 def _cross_entropy(
@@ -191,7 +202,12 @@ def _cross_entropy(
                 reduction, target_array, options.ignore_index, weight, valid=valid
             )[1]
 
-    upstream = upstream_gradient(grad_output, reduction, sample_shape, np.dtype(np.float64)) if want_grad else None
+    upstream = None
+    if want_grad:
+        if grad_output is None and reduction != "none":
+            upstream = 1.0  # a plain float: its scales are floats too, cheap to spread over rows
+        else:
+            upstream = upstream_gradient(grad_output, reduction, sample_shape, _FLOAT64)
     if out is not None:
         out = check_out(out, original.shape, original.dtype)
         if np.may_share_memory(out, original) and not (

@@ -45,6 +45,8 @@ def _total(rows: Any) -> Any:
         import torch
 
         return rows.sum(dtype=torch.promote_types(rows.dtype, torch.float32))
+    if isinstance(rows, np.ndarray):
+        return rows.sum(dtype=np.float64)  # np.sum's own summation, without its wrapper
     return np.sum(rows, dtype=np.float64)
 
 

@@ -70,7 +70,7 @@ def optional_numpy(tensor: Tensor | None) -> np.ndarray | None:
 def as_tensor(array: np.ndarray | np.generic, dtype: torch.dtype | None = None) -> Tensor:
     """A tensor sharing ``array``'s memory (0-d arrays and NumPy scalars included)."""
     array = np.asarray(array)
-    if any(stride < 0 for stride in array.strides) or not array.flags.writeable:
+    if not array.flags.writeable or (array.ndim and min(array.strides) < 0):
         array = array.copy()  # torch.from_numpy takes neither negative strides nor read-only memory
     tensor = torch.from_numpy(array)
     return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
@@ -115,7 +115,7 @@ def scale_gradient(
     receives in place.
     """
     readable = grad_output.device.type == "cpu" or read_one_on_device
-    if grad_output.numel() == 1 and readable and float(grad_output.reshape(())) == 1.0:
+    if grad_output.numel() == 1 and readable and grad_output.item() == 1.0:
         return gradient if owned else gradient.clone()
     grad_output = grad_output.to(gradient.dtype)
     if owned:
@@ -161,10 +161,10 @@ def first_order_only(function_name: str) -> Callable[[Callable[..., Any]], Calla
     def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(backward)
         def wrapper(ctx: Any, *grad_outputs: Tensor) -> Any:
+            if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to guard
+                return backward(ctx, *grad_outputs)
             with torch.no_grad():
                 outputs = backward(ctx, *grad_outputs)
-            if not torch.is_grad_enabled():
-                return outputs
             # the error node must lead to the Function's inputs: torch.autograd.grad(..., inputs)
             # runs only the nodes on a path to its inputs
             anchors = tuple(getattr(ctx, "first_order_anchors", ()))
@@ -194,10 +194,20 @@ def first_order_anchors(ctx: Any, *tensors: Tensor | None) -> None:
     """
     with torch.enable_grad():
         ctx.first_order_anchors = tuple(
-            tensor.as_strided((0,), (1,)).clone()
-            for tensor in tensors
-            if tensor is not None and tensor.requires_grad
+            _anchor(tensor) for tensor in tensors if tensor is not None and tensor.requires_grad
         )
+
+
+_NO_INDEX = torch.empty(0, dtype=torch.long)
+
+
+def _anchor(tensor: Tensor) -> Tensor:
+    """An empty tensor with its own (empty) storage whose history leads to ``tensor``: one
+    ``index_select`` of no rows (which saves only the empty index and the shape), or for a 0-d
+    tensor an empty strided view cloned."""
+    if tensor.dim() == 0:
+        return tensor.as_strided((0,), (1,)).clone()
+    return torch.index_select(tensor, 0, _NO_INDEX.to(tensor.device))
 
 
 def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
