@@ -11,6 +11,7 @@ from .distributed import (
     CommunicationStats,
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_log_probs,
     vocab_shard_range,
 )
 from .functional import binary_cross_entropy_with_logits, cross_entropy, nll_loss
@@ -32,5 +33,6 @@ __all__ = [
     "nll_loss",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_log_probs",
     "vocab_shard_range",
 ]

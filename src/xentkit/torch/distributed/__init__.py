@@ -36,15 +36,21 @@ from the rank's rows of the output weight and all-reduces each chunk's statistic
 replicated, so its gradient ``∂loss/∂x = Σ_r dz_r·W_r`` is all-reduced (SUM, N·D floats), the
 standard tensor-parallel cost of a column-parallel layer's backward.
 
-Both functions are the same on any ``torch.distributed`` group (gloo on CPU, NCCL on GPU) and
+:func:`vocab_parallel_linear_log_probs` gives per-token log p(y), entropy and lse (what PPO /
+GRPO need) from the same shard layout, with the same agreement first: per chunk an all-reduce MAX
+of each row's shard max and a SUM of (Σ exp, Σ exp·z restated at that max, z_y), 32·N bytes per
+call; backward recomputes the local logits and all-reduces the input gradient.
+
+Every function is the same on any ``torch.distributed`` group (gloo on CPU, NCCL on GPU) and
 with no process group at all (a single process holding the whole vocabulary).
 
 The package, by job: ``_communication`` (the counted collectives, :func:`vocab_shard_range`),
 ``_agreement`` (local checks, the gathered record, the checks across ranks), ``_rows`` (the row
 plan every rank derives from the targets and options), ``_shards`` (the two passes over a shard:
 Numba kernels or torch ops), ``_algebra`` (combining the shards, row losses, gradient
-coefficients), ``_logits`` and ``_linear`` (the autograd Functions and the public functions).
-Options are checked by :class:`xentkit._options.LossOptions`, labels worded by
+coefficients), ``_logits``, ``_linear`` and ``_log_probs`` (the autograd Functions and the public
+functions). Options are checked by :class:`xentkit._options.LossOptions` (``LogProbOptions`` for
+the log-probabilities), labels worded by
 :mod:`xentkit._labels`, reductions planned by :class:`xentkit.reference.reductions.ReductionPlan`
 and the backward guarded by :mod:`xentkit.torch._bridge`, as in the rest of xentkit.
 """
@@ -54,12 +60,14 @@ from __future__ import annotations
 from ._agreement import _FIELDS as _FIELDS
 from ._communication import CommunicationStats, vocab_shard_range
 from ._linear import vocab_parallel_linear_cross_entropy
+from ._log_probs import vocab_parallel_linear_log_probs
 from ._logits import vocab_parallel_cross_entropy
 
 __all__ = [
     "CommunicationStats",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_log_probs",
     "vocab_shard_range",
 ]
 
@@ -82,5 +90,6 @@ CHUNK_FLOOR_BYTES = 2 * 2**20
 # their examples are this package's doctests too.
 __test__ = {
     "vocab_parallel_cross_entropy": vocab_parallel_cross_entropy,
+    "vocab_parallel_linear_log_probs": vocab_parallel_linear_log_probs,
     "vocab_shard_range": vocab_shard_range,
 }

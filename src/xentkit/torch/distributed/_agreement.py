@@ -5,7 +5,8 @@ the records are all-gathered, and the checks that need every rank's record (the 
 labels against it, equal targets, weights and options, shards that tile the vocabulary) run
 identically on every rank. Bad input anywhere raises on every rank, naming the rank, instead of
 leaving the others waiting in a later collective. Option values are checked by
-:class:`xentkit._options.LossOptions` and labels worded by :mod:`xentkit._labels`.
+:class:`xentkit._options.LossOptions` (:class:`~xentkit._options.LogProbOptions` for the
+log-probabilities) and labels worded by :mod:`xentkit._labels`.
 """
 
 from __future__ import annotations
@@ -21,14 +22,21 @@ import torch
 from torch import Tensor
 
 from ..._labels import as_class_indices, label_error
-from ..._options import CHOICES, LossOptions
+from ..._options import CHOICES, LogProbOptions, LossOptions
 from ._communication import _Communicator
 
-# Every LossOptions field travels in the record, so ranks that disagree on any option (a new one
-# included) raise; _encode_option / _decode_option turn each value into one int64 and back.
-_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
-_OPTION_TYPES = {field.name: str(field.type) for field in dataclasses.fields(LossOptions)}
-_NONE = -(2**63)  # an optional option left None (no option's value encodes to this)
+# Every field of every options class travels in the record (the union of their fields, each
+# name once, in the classes' field order), so ranks that disagree on any option (a new one
+# included) raise; _encode_option / _decode_option turn each value into one int64 and back. A
+# field the call's options class lacks (temperature for a loss, reduction for log-probabilities)
+# travels as _NONE.
+_OPTION_CLASSES = (LossOptions, LogProbOptions)
+_OPTION_TYPES = {
+    field.name: str(field.type) for kind in reversed(_OPTION_CLASSES) for field in dataclasses.fields(kind)
+}
+_OPTION_NAMES = tuple(dict.fromkeys(field.name for kind in _OPTION_CLASSES for field in dataclasses.fields(kind)))
+_NONE = -(2**63)  # an optional option left None, or absent (no option's value encodes to this)
+Options = LossOptions | LogProbOptions
 
 # One int64 record per rank, all-gathered before any other collective.
 _FIELDS = (
@@ -40,7 +48,7 @@ _FIELDS = (
     "max_label", "max_position",  # the largest
     "target_digest", "weight_digest",  # blake2b of the int64 labels / float64 class weights
     "weight_length",  # len(weight), or -1 for None
-    *(f"option_{name}" for name in _OPTION_NAMES),  # the LossOptions, one int64 each
+    *(f"option_{name}" for name in _OPTION_NAMES),  # the options (every class's fields), one int64 each
     "features",  # the linear form's D (0 for the logits form)
     "dtype",  # the logits' (or the linear form's input's) dtype, an index into _DTYPES (-1: other)
     "wants_input_grad",  # 1 when this rank needs ∂loss/∂input (the linear form's all-reduce)
@@ -66,13 +74,13 @@ def _encode_option(name: str, value: object) -> int:
     if isinstance(value, str):
         return CHOICES[name].index(value)
     if isinstance(value, float):
-        return _float_bits(value)  # LossOptions stores no -0.0, whose bits are _NONE's
+        return _float_bits(value)  # the options classes store no -0.0, whose bits are _NONE's
     return int(value)  # type: ignore[call-overload]
 
 
 def _decode_option(name: str, encoded: int) -> object:
     kind = _OPTION_TYPES[name]
-    if encoded == _NONE and "None" in kind:
+    if encoded == _NONE and kind != "int":  # None, or absent (only a plain int may be -2**63)
         return None
     if kind.startswith("str"):
         return CHOICES[name][encoded]
@@ -124,6 +132,45 @@ def _check_device(tensor: Tensor, name: str) -> None:
     after the other ranks entered it."""
     if tensor.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (it has no data); pass a CPU or GPU tensor")
+
+
+def _check_linear_shards(input: object, linear_weight_shard: object, linear_bias_shard: object) -> tuple[int, int]:
+    """The linear forms' tensors: ``input`` ``[..., D]``, this rank's ``[V_r, D]`` weight rows and
+    ``[V_r]`` bias (or None), one dtype and device; returns ``(D, V_r)``."""
+    if not isinstance(input, Tensor) or not isinstance(linear_weight_shard, Tensor):
+        raise TypeError(
+            "input and linear_weight_shard must be tensors, got "
+            f"{type(input).__name__} and {type(linear_weight_shard).__name__}"
+        )
+    if not input.is_floating_point() or input.dim() == 0:
+        raise ValueError(
+            f"input must be a floating tensor of shape (N, D), got dtype {input.dtype} and "
+            f"shape {tuple(input.shape)}"
+        )
+    features = input.shape[-1]
+    if linear_weight_shard.dim() != 2 or linear_weight_shard.shape[1] != features:
+        raise ValueError(
+            f"linear_weight_shard must have shape (V_r, {features}) (this rank's rows of the "
+            f"output weight, in_features = input.shape[-1]), got {tuple(linear_weight_shard.shape)}"
+        )
+    _check_device(input, "input")
+    if linear_weight_shard.dtype != input.dtype or linear_weight_shard.device != input.device:
+        raise ValueError(
+            f"linear_weight_shard must have the input's dtype and device ({input.dtype}, "
+            f"{input.device}), got {linear_weight_shard.dtype} on {linear_weight_shard.device}"
+        )
+    width = linear_weight_shard.shape[0]
+    if linear_bias_shard is not None and (
+        not isinstance(linear_bias_shard, Tensor)
+        or tuple(linear_bias_shard.shape) != (width,)
+        or linear_bias_shard.dtype != input.dtype
+        or linear_bias_shard.device != input.device
+    ):
+        raise ValueError(
+            f"linear_bias_shard must be None or a ({width},) tensor of the input's dtype and "
+            f"device, got {getattr(linear_bias_shard, 'shape', type(linear_bias_shard).__name__)}"
+        )
+    return features, width
 
 
 def _check_weight(weight: object) -> np.ndarray | None:
@@ -185,7 +232,7 @@ def _local_record(
     vocab_start: object,
     labels: np.ndarray,
     weight: np.ndarray | None,
-    options: LossOptions,
+    options: Options,
     dtype: torch.dtype,
     features: int = 0,
     wants_input_grad: bool = False,
@@ -204,7 +251,7 @@ def _local_record(
         "target_digest": _digest(labels),
         "weight_digest": 0 if weight is None else _digest(weight),
         "weight_length": -1 if weight is None else int(weight.shape[0]),
-        **{f"option_{name}": _encode_option(name, getattr(options, name)) for name in _OPTION_NAMES},
+        **{f"option_{name}": _encode_option(name, getattr(options, name, None)) for name in _OPTION_NAMES},
         "features": features,
         "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else -1,
         "wants_input_grad": int(wants_input_grad),

@@ -13,7 +13,7 @@ from torch.autograd.function import FunctionCtx
 from ..._options import LossOptions
 from .. import _bridge
 from .._chunks import logit_chunks
-from ._agreement import _agree, _check_device, _check_target, _check_weight, _local_record
+from ._agreement import _agree, _check_linear_shards, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _chunk_rows, _Plan, _plan
@@ -228,36 +228,7 @@ def vocab_parallel_linear_cross_entropy(
     grad_enabled = torch.is_grad_enabled()
 
     def local_checks() -> dict[str, int]:
-        if not isinstance(input, Tensor) or not isinstance(linear_weight_shard, Tensor):
-            raise TypeError("input and linear_weight_shard must be tensors")
-        if not input.is_floating_point() or input.dim() == 0:
-            raise ValueError(
-                f"input must be a floating tensor of shape (N, D), got dtype {input.dtype} and "
-                f"shape {tuple(input.shape)}"
-            )
-        features = input.shape[-1]
-        if linear_weight_shard.dim() != 2 or linear_weight_shard.shape[1] != features:
-            raise ValueError(
-                f"linear_weight_shard must have shape (V_r, {features}) (this rank's rows of the "
-                f"output weight, in_features = input.shape[-1]), got {tuple(linear_weight_shard.shape)}"
-            )
-        _check_device(input, "input")
-        if linear_weight_shard.dtype != input.dtype or linear_weight_shard.device != input.device:
-            raise ValueError(
-                f"linear_weight_shard must have the input's dtype and device ({input.dtype}, "
-                f"{input.device}), got {linear_weight_shard.dtype} on {linear_weight_shard.device}"
-            )
-        width = linear_weight_shard.shape[0]
-        if linear_bias_shard is not None and (
-            not isinstance(linear_bias_shard, Tensor)
-            or tuple(linear_bias_shard.shape) != (width,)
-            or linear_bias_shard.dtype != input.dtype
-            or linear_bias_shard.device != input.device
-        ):
-            raise ValueError(
-                f"linear_bias_shard must be None or a ({width},) tensor of the input's dtype and "
-                f"device, got {getattr(linear_bias_shard, 'shape', type(linear_bias_shard).__name__)}"
-            )
+        features, width = _check_linear_shards(input, linear_weight_shard, linear_bias_shard)
         options = LossOptions(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, chunk_size=chunk_size,
