@@ -416,3 +416,25 @@ def test_linear_log_probs_bad_input_names_the_argument(kwargs, error, message):
 def test_torch_docstring_examples_print_what_they_claim():
     result = doctest.testmod(importlib.import_module("xentkit.torch.log_probs"), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_masked_target_and_nan_in_a_leading_masked_block():
+    """A masked (−inf) target has log p = −inf and gradient g/T there (not 0·inf); a NaN in a
+    first block of only NaN and −inf still makes its row NaN, as does a row of NaN only."""
+    logits = np.zeros((3, 2100), dtype=np.float32)
+    logits[0, 5] = -np.inf  # the target of row 0
+    logits[1, :1500] = -np.inf  # the first 1024-class block holds nothing but −inf and one NaN
+    logits[1, 7] = np.nan
+    logits[2] = np.nan
+    target = np.array([5, 2000, 0])
+    got = xentkit.log_probs(logits, target, return_entropy=True, return_lse=True)
+    with xentkit.use_reference():
+        want = xentkit.log_probs(logits, target, return_entropy=True, return_lse=True)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)  # −inf and NaN where the reference has them
+    assert got[0][0] == -np.inf and np.isnan(got[0][1:]).all() and np.isnan(got[2][1:]).all()
+    grad = xentkit.log_probs_backward(logits[:1], target[:1], [2.0], [1.0], temperature=0.5)
+    with xentkit.use_reference():
+        want_grad = xentkit.log_probs_backward(logits[:1], target[:1], [2.0], [1.0], temperature=0.5)
+    assert grad[0, 5] == np.float32(4.0)  # g/T at the masked target
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)

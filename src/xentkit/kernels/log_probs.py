@@ -162,10 +162,9 @@ def _statistics_kernel(
                     u = e * (u + s * delta)
                     s = e * s
                 m = b
-            if m == neg_inf and b == neg_inf:
-                continue  # only −inf so far: nothing to add (never exp(−inf − (−inf)))
-            # shift by 0 while m is −inf (m is NaN-free: maxnum skips NaN); a +inf logit makes
-            # s = +inf (lse = +inf, as torch's logsumexp), or NaN with a NaN in the row
+            # shift by 0 while m is −inf (only −inf or NaN so far: exp(−inf) = 0 and a NaN stays
+            # NaN, never exp(−inf − (−inf))); m is NaN-free (maxnum skips NaN). A +inf logit
+            # makes s = +inf (lse = +inf, as torch's logsumexp), or NaN with a NaN in the row
             shift = m if m > neg_inf else zero
             if m == pos_inf:
                 ds, du = _block_moments_unshifted(row, block_start, block_stop, c)
@@ -203,7 +202,8 @@ def _gradient_kernel(
         if has_target:
             d_y = np.float64(row[y] * c - m)
             p_y = math.exp(d_y) / s
-            grad_y = scale * (coef_a[i] + p_y * (coef_b[i] + coef_k[i] * d_y))
+            # max(d_y, −1000): a masked target (−inf) has p_y = 0 and adds g, not 0·(−inf)
+            grad_y = scale * (coef_a[i] + p_y * (coef_b[i] + coef_k[i] * max(d_y, -1000.0)))
         # ---- Pass 2: dst_j = c·exp(z_j − m)/s·(b + k·(z_j − m)) ----
         coef_b_row = like(scale * coef_b[i] / s, logits)
         coef_k_row = like(scale * coef_k[i] / s, logits)

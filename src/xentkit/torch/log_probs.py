@@ -215,7 +215,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         b = None if linear_bias is None else linear_bias.detach().contiguous()
         ctx.options, ctx.rows, ctx.valid = options, rows, valid
         n = x.shape[0]
-        dtype = statistics_dtype(x.dtype) if rows is TorchRows else torch.float64
+        dtype = torch.float64 if rows is NumbaRows else statistics_dtype(x.dtype)
         statistics = [torch.empty(n, dtype=dtype, device=x.device) for _ in range(4)]
         buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
         for start, stop, _, logits in logit_chunks(x, w, b, buffer, options.chunk_size):

@@ -36,7 +36,7 @@ from ..._options import LogProbOptions
 from ...reference.log_probs import merge_partials, row_statistics
 from .. import _bridge
 from .._chunks import logit_chunks
-from .._log_prob_rows import TorchRows, statistics_dtype
+from .._log_prob_rows import NumbaRows, TorchRows, statistics_dtype
 from ..log_probs import _coefficients, _flag, _rows_backend, _select
 from ._agreement import _agree, _Agreement, _check_linear_shards, _check_target, _local_record
 from ._communication import CommunicationStats, _Communicator
@@ -143,7 +143,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         if w.shape[0] and (grad_x is not None or grad_w is not None or grad_b is not None):
             coefficients = _coefficients(ctx, grads)
             # the (M, S) the row backend takes: as xentkit.torch.linear_log_probs keeps them
-            dtype = statistics_dtype(x.dtype) if plan.rows is TorchRows else torch.float64
+            dtype = torch.float64 if plan.rows is NumbaRows else statistics_dtype(x.dtype)
             m, s = ctx.m.to(dtype), ctx.s.to(dtype)
             buffer = _new_buffer((min(plan.chunk_rows, n), w.shape[0]), x)
             for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, plan.chunk_rows, skip=plan.idle):
