@@ -438,3 +438,29 @@ def test_masked_target_and_nan_in_a_leading_masked_block():
         want_grad = xentkit.log_probs_backward(logits[:1], target[:1], [2.0], [1.0], temperature=0.5)
     assert grad[0, 5] == np.float32(4.0)  # g/T at the masked target
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_merging_pieces_of_a_row_gives_the_whole_rows_statistics():
+    """The vocabulary-parallel merge (reference.log_probs.merge_partials) on pieces cut from
+    rows: equal to one pass over the whole row, with an empty piece, a masked piece and a +inf."""
+    from xentkit.kernels.log_probs import log_prob_statistics
+    from xentkit.reference.log_probs import merge_partials, row_statistics
+
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((4, 30)) * 5
+    logits[1, 10:20] = -np.inf  # the middle piece of row 1 is all masked
+    logits[2, 25] = np.inf
+    target = np.array([3, 15, 7, 29])
+    valid = np.ones(4, dtype=bool)
+    whole = row_statistics(*log_prob_statistics(logits, target, valid, 0.8), valid)
+    pieces = [(0, 10), (10, 20), (20, 30), (30, 30)]  # the last one is empty
+    parts = [log_prob_statistics(logits[:, a:b].copy(), target - a, valid, 0.8) for a, b in pieces]
+    m_total = np.max([part[0] for part in parts], axis=0)
+    merged = [merge_partials(m, s, u, m_total) for m, s, u, _ in parts]
+    s_total = np.sum([piece[0] for piece in merged], axis=0)
+    u_total = np.sum([piece[1] for piece in merged], axis=0)
+    z_target = np.sum([part[3] for part in parts], axis=0)
+    got = row_statistics(m_total, s_total, u_total, z_target, valid)
+    for a, b in zip(got, whole, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)  # NaN and ±inf where the whole row has them
+    assert got[2][2] == np.inf and np.isnan(got[0][2])  # +inf: lse +inf, log p NaN, as torch

@@ -159,6 +159,9 @@ def merge_partials(m: Any, s: Any, u: Any, m_total: Any) -> tuple[Any, Any]:
     ``s·exp(m − m_total)`` and ``exp(m − m_total)·(u + s·(m − m_total))``; summed over the pieces
     they give the row's (s, u). A piece with nothing in it (s = 0, m = −inf) gives (0, 0)."""
     with np.errstate(invalid="ignore"):
-        factor = _exp(m - m_total)
-        shift = masked(m - m_total, s > 0)  # not 0·(−inf) on an empty piece
-    return s * factor, factor * (u + s * shift)
+        # the piece holding the max keeps (s, u) as they are, also when that max is ±inf
+        # (never exp(inf − inf)); an empty piece adds 0, never 0·(−inf)
+        apart = m != m_total
+        factor = _exp(masked(m - m_total, apart))
+        shift = masked(m - m_total, apart & (s > 0))
+        return s * factor, factor * (u + s * shift)
