@@ -722,3 +722,22 @@ def _same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     same_start = a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
     return same_start and a.shape == b.shape and a.strides == b.strides
+
+
+def compile_all() -> list[str]:
+    """Compile (or load from Numba's cache) every specialization of the cross-entropy kernels:
+    the row and the split-row kernel for float32 and float64 logits. Run it once after
+    installing (or after the kernels' source changed) so that no later first call waits for
+    Numba's compiler; later processes then only load the cached machine code. Returns the
+    names of the specializations, e.g. ``"rows float32"``."""
+    done = []
+    for dtype in (np.float32, np.float64):
+        logits = np.zeros((1, 4), dtype=dtype)
+        labels = np.zeros(1, dtype=np.int64)
+        for name, segments in (("rows", 1), ("split rows", 2)):
+            cross_entropy_rows(
+                logits, labels, None, -100, 0.0, 0.0, None, None, None, np.empty_like(logits),
+                parallel=True, segments=segments,
+            )
+            done.append(f"{name} {np.dtype(dtype).name}")
+    return done

@@ -1,0 +1,28 @@
+"""kernels.cross_entropy.compile_all: every kernel specialization compiled (or loaded) ahead."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xentkit.kernels import cross_entropy as kernels
+
+
+def test_compile_all_builds_both_kernels_for_both_dtypes() -> None:
+    assert kernels.compile_all() == ["rows float32", "split rows float32", "rows float64", "split rows float64"]
+    for kernel in (kernels._cross_entropy_rows_kernel, kernels._cross_entropy_split_kernel):
+        dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
+        assert {"float32", "float64"} <= dtypes, kernel
+
+
+def test_compile_all_leaves_the_thread_count_alone() -> None:
+    import numba
+
+    before = numba.get_num_threads()
+    kernels.compile_all()
+    assert numba.get_num_threads() == before
+    # and the kernels still compute: uniform logits over 4 classes give log 4
+    loss, lse = kernels.cross_entropy_rows(
+        np.zeros((2, 4), np.float32), np.array([0, 3]), None, -100, 0.0, 0.0, None, None, None, None
+    )
+    np.testing.assert_allclose(loss, np.log(4.0), rtol=1e-7)
+    np.testing.assert_allclose(lse, np.log(4.0), rtol=1e-7)
