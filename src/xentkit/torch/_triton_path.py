@@ -33,24 +33,30 @@ def _triton_importable() -> bool:
     return xentkit_triton.available()
 
 
-def triton_reason(input: Tensor, target: Tensor, weight: Tensor | None) -> str | None:
-    """Why the Triton cross-entropy cannot run this call, or None when it can."""
+def tensor_reason(input: Tensor) -> str | None:
+    """Why no Triton kernel can run on ``input`` (its dtype, its device, torch.compile, a missing
+    triton package), or None when one can. Shared by every Triton path of ``xentkit.torch``."""
+    if input.dtype not in TRITON_DTYPES:
+        return f"it takes float32, float16 and bfloat16 logits, got {input.dtype}"
     if input.device.type != "cuda" and not (input.device.type == "cpu" and _interpreted()):
         return (
             f"it runs CUDA tensors (and CPU tensors only under Triton's interpreter, "
             f"TRITON_INTERPRET=1), got a tensor on {input.device}"
         )
-    if input.dtype not in TRITON_DTYPES:
-        return f"it takes float32, float16 and bfloat16 logits, got {input.dtype}"
-    if torch.is_floating_point(target):
-        return "probability targets are not on the Triton path yet"
-    if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
-        return "it differentiates with respect to the logits only (target or weight requires grad)"
     if torch.compiler.is_compiling():
         return "it does not run under torch.compile"
     if not _triton_importable():
         return "the triton package is not installed"
     return None
+
+
+def triton_reason(input: Tensor, target: Tensor, weight: Tensor | None) -> str | None:
+    """Why the Triton cross-entropy cannot run this call, or None when it can."""
+    if torch.is_floating_point(target):
+        return "probability targets are not on the Triton path yet"
+    if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
+        return "it differentiates with respect to the logits only (target or weight requires grad)"
+    return tensor_reason(input)
 
 
 def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tensor | None) -> bool:

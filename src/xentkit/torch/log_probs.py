@@ -49,7 +49,7 @@ def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor 
     if options.backend == "torch":
         return TorchRows
     if options.backend == "triton" or logits_like.device.type == "cuda":
-        reason = _triton_reason(logits_like)
+        reason = _triton_path.tensor_reason(logits_like)
         if reason is None:
             return TritonRows
         if options.backend == "triton":
@@ -57,25 +57,6 @@ def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor 
     if logits_like.dtype in _NUMBA_DTYPES and _bridge.runs_on_xentkit(logits_like, *others):
         return NumbaRows
     return TorchRows
-
-
-def _triton_reason(logits_like: Tensor) -> str | None:
-    """Why the Triton log-probability kernels cannot run on these logits, or None when they can
-    (the words of ``_triton_path.triton_reason``)."""
-    if logits_like.dtype not in _triton_path.TRITON_DTYPES:
-        return f"it takes float32, float16 and bfloat16 logits, got {logits_like.dtype}"
-    if logits_like.device.type != "cuda" and not (
-        logits_like.device.type == "cpu" and _triton_path._interpreted()
-    ):
-        return (
-            f"it runs CUDA tensors (and CPU tensors only under Triton's interpreter, "
-            f"TRITON_INTERPRET=1), got a tensor on {logits_like.device}"
-        )
-    if torch.compiler.is_compiling():
-        return "it does not run under torch.compile"
-    if not _triton_path._triton_importable():
-        return "the triton package is not installed"
-    return None
 
 
 def _flag(value: object, name: str) -> bool:
