@@ -1,7 +1,6 @@
-"""Every Python block of the user documentation (``docs/torch.md``, ``docs/lab.md``,
-``docs/distributed.md``) runs as written, the blocks of one page in order in one fresh
-interpreter, in a temporary folder (with a tiny fake MNIST t10k for the lab page, and a gloo group
-of one for the distributed page)."""
+"""Every Python block of the user documentation (the pages in ``PAGES``) runs as written, the
+blocks of one page in order in one fresh interpreter, in a temporary folder (with a tiny fake MNIST
+t10k for the lab page, and a gloo group of one for the distributed pages)."""
 
 from __future__ import annotations
 
