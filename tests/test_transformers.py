@@ -20,6 +20,7 @@ from xentkit.integrations.transformers import (  # noqa: E402
     SUPPORTED_MODELS,
     is_patched,
     patch,
+    token_log_probs,
     unpatch,
 )
 
@@ -343,3 +344,43 @@ def test_without_transformers_the_extra_is_named(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'xentkit\[transformers\]'$"):
         patch(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen2ForCausalLM", "PhiForCausalLM"])
+def test_token_log_probs_equal_log_softmax_of_the_logits(name):
+    """RL's per-token log-probs and entropies from the hidden states equal those of the model's
+    own logits, and so do every parameter's gradients; padding gives 0 and no gradient."""
+    model = tiny_model(name)
+    inputs = batch()
+    mask = inputs["attention_mask"]
+    temperature = 0.7
+    log_p, entropy = token_log_probs(
+        model, inputs["input_ids"], mask, temperature=temperature, return_entropy=True, chunk_size=5
+    )
+    weights = torch.randn(log_p.shape, generator=torch.Generator().manual_seed(2))
+    (log_p * weights).sum().add(0.1 * entropy.sum()).backward()
+    ours = {key: value.grad.clone() for key, value in model.named_parameters() if value.grad is not None}
+    model.zero_grad()
+
+    logits = model(input_ids=inputs["input_ids"], attention_mask=mask).logits[:, :-1] / temperature
+    full = torch.log_softmax(logits.float(), dim=-1)
+    scored = mask[:, 1:] == 1
+    want = torch.where(scored, full.gather(-1, inputs["input_ids"][:, 1:, None])[..., 0], 0.0)
+    want_entropy = torch.where(scored, -(full.exp() * full).sum(-1), 0.0)
+    (want * weights).sum().add(0.1 * want_entropy.sum()).backward()
+    torch.testing.assert_close(log_p, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, want_entropy.detach(), rtol=1e-5, atol=1e-5)
+    assert (log_p[~scored] == 0).all() and (log_p[scored] < 0).all()
+    for key, value in model.named_parameters():
+        if value.grad is not None:
+            # gradients of up to ~20 here, summed in another order: float32 rounding of ~1e-6
+            torch.testing.assert_close(ours[key], value.grad, rtol=1e-4, atol=2e-5, msg=key)
+
+
+def test_token_log_probs_refuses_a_softcapping_model_and_bad_input():
+    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM soft-caps its logits"):
+        token_log_probs(tiny_model("Gemma2ForCausalLM"), batch()["input_ids"])
+    with pytest.raises(ValueError, match=r"input_ids must be a \[batch, sequence\] tensor"):
+        token_log_probs(tiny_model("LlamaForCausalLM"), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
+        token_log_probs(torch.nn.Linear(2, 2), batch()["input_ids"])

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._extras import require
-from ..torch import linear_cross_entropy
+from ..torch import linear_cross_entropy, linear_log_probs
 
-__all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "unpatch"]
+__all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "token_log_probs", "unpatch"]
 
 # What each supported class does between ``lm_head`` and its loss, as its forward is written
 # (transformers' models/<name>/modeling_<name>.py): "plain" hands lm_head's output to the loss,
@@ -236,21 +236,9 @@ def patch(model: ModelT) -> ModelT:
     class when it is one this function cannot reproduce the loss of (another architecture,
     another loss, a quantized or wrapped ``lm_head``).
     """
-    transformers = _transformers()
-    if not isinstance(model, transformers.PreTrainedModel):
-        raise TypeError(
-            f"model must be a transformers PreTrainedModel (a *ForCausalLM), got {type(model).__name__}"
-        )
     if is_patched(model):
         return model
-    name = type(model).__name__
-    rule = SUPPORTED_MODELS.get(name)
-    if rule is None or not type(model).__module__.startswith("transformers."):
-        raise ValueError(
-            f"model must be one of transformers' {', '.join(SUPPORTED_MODELS)}, got {name} "
-            f"(from {type(model).__module__}); xentkit.integrations.transformers reproduces only "
-            "the losses of these classes"
-        )
+    name, rule, head = _check_model(model)
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     loss = LOSS_MAPPING["ForCausalLM"]
@@ -259,14 +247,81 @@ def patch(model: ModelT) -> ModelT:
             f"{name}'s loss_function must be transformers' ForCausalLMLoss, got "
             f"{getattr(model.loss_function, '__name__', model.loss_function)!r}"
         )
+    setattr(model, _ATTRIBUTE, _Patch(model, head, rule, loss))
+    return model
+
+
+def _check_model(model: nn.Module) -> tuple[str, str, nn.Linear]:
+    """``(class name, rule, lm_head)`` of a supported causal language model; raises otherwise."""
+    transformers = _transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel (a *ForCausalLM), got {type(model).__name__}"
+        )
+    name = type(model).__name__
+    rule = SUPPORTED_MODELS.get(name)
+    if rule is None or not type(model).__module__.startswith("transformers."):
+        raise ValueError(
+            f"model must be one of transformers' {', '.join(SUPPORTED_MODELS)}, got {name} "
+            f"(from {type(model).__module__}); xentkit.integrations.transformers reproduces only "
+            "the losses of these classes"
+        )
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         raise ValueError(
             f"{name}'s lm_head must be a torch.nn.Linear, got {type(head).__name__}; "
             "quantized or wrapped heads are not supported"
         )
-    setattr(model, _ATTRIBUTE, _Patch(model, head, rule, loss))
-    return model
+    return name, rule, head
+
+
+def token_log_probs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    **model_kwargs: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Each next token's log-probability under ``model`` (and the entropy of its distribution),
+    from the last hidden states, without building the logits: what RL trainers (PPO, GRPO) need.
+
+    Runs the model's decoder (``model.model``) on ``input_ids`` ``[B, T]`` (with
+    ``attention_mask`` and any ``model_kwargs``), then
+    :func:`xentkit.torch.linear_log_probs` on its hidden states and ``lm_head``: entry ``[b, t]``
+    of the ``[B, T − 1]`` float32 result is log p(input_ids[b, t + 1] | input_ids[b, :t + 1])
+    at ``temperature``, i.e. ``log_softmax(model(input_ids).logits[:, :-1] / T)`` gathered at
+    ``input_ids[:, 1:]``. Positions whose next token is padding (``attention_mask`` 0 there) give
+    0 and no gradient. Differentiable with respect to every parameter; with
+    ``return_entropy=True`` returns ``(log_probs, entropy)``.
+
+    ``model``: a class of :data:`SUPPORTED_MODELS` that does not soft-cap its logits (Gemma 2 and
+    3 with ``final_logit_softcapping`` raise ``ValueError``); the model need not be patched.
+    """
+    name, rule, head = _check_model(model)
+    softcap = getattr(model.config, "final_logit_softcapping", None) if rule == _SOFTCAP else None
+    if softcap is not None:
+        raise ValueError(
+            f"{name} soft-caps its logits (final_logit_softcapping={softcap}); token_log_probs has "
+            "no softcap: use log_softmax on the model's logits for this model"
+        )
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [batch, sequence] tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:].to(hidden.device) == 0, -100)
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    results = linear_log_probs(
+        rows, head.weight, targets.reshape(-1).to(hidden.device), linear_bias=head.bias,
+        temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+    )
+    if return_entropy:
+        return tuple(result.reshape(targets.shape) for result in results)
+    return results.reshape(targets.shape)
 
 
 def unpatch(model: ModelT) -> ModelT:
