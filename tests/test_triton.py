@@ -49,9 +49,10 @@ def _problem(rows, classes, dtype, seed=0, scale=3.0):
 
 
 def _reference(logits, labels, weight, scale, **options):
-    """Per-row loss (without z term), lse and gradient in float64 from the inputs as stored."""
+    """Per-row loss (without z term), lse and gradient in float64 from the inputs as stored;
+    ``labels`` class indices or (floating, the logits' shape) class probabilities."""
     x = logits.double().cpu().numpy()
-    y = labels.cpu().numpy()
+    y = labels.double().cpu().numpy() if labels.is_floating_point() else labels.cpu().numpy()
     w = None if weight is None else weight.double().cpu().numpy()
     formula = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None} | options
     loss, grad = reference.cross_entropy_and_grad(
@@ -59,7 +60,8 @@ def _reference(logits, labels, weight, scale, **options):
     )
     z = x if formula["softcap"] is None else formula["softcap"] * np.tanh(x / formula["softcap"])
     lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
-    lse = np.where(y != -100, lse, 0.0)
+    if not labels.is_floating_point():
+        lse = np.where(y != -100, lse, 0.0)
     return loss - formula["z_loss"] * lse**2, lse, grad
 
 
@@ -189,8 +191,8 @@ def test_bad_input_is_refused_before_the_kernel():
 
 def test_backend_triton_says_why_it_cannot_run(monkeypatch):
     x = torch.randn(3, 4).to(DEVICE)
-    with pytest.raises(ValueError, match="probability targets are not on the Triton path yet"):
-        xt.cross_entropy(x, torch.softmax(x, 1), backend="triton")
+    with pytest.raises(ValueError, match=r"logits only \(target or weight requires grad\)"):
+        xt.cross_entropy(x, torch.softmax(x, 1).requires_grad_(), backend="triton")
     with pytest.raises(ValueError, match=r"float32, float16 and bfloat16 logits, got torch\.float64"):
         xt.cross_entropy(x.double(), torch.tensor([0, 1, 2]).to(DEVICE), backend="triton")
     if DEVICE == "cpu":
@@ -290,3 +292,170 @@ def test_linear_cross_entropy_on_triton_edge_cases():
     )
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(gradient.square().sum() + x.sum(), x)
+
+
+# ---- probability targets -------------------------------------------------------------------
+
+
+def _probabilities(rows, classes, dtype, seed=0):
+    """Class probabilities in ``dtype``, with exact zeros: row 0 puts no mass on every third class,
+    row 2 none on its first 150 classes (the first chunks, when rows are cut in 128s)."""
+    generator = torch.Generator().manual_seed(100 + seed)
+    q = torch.softmax(torch.randn(rows, classes, generator=generator) * 2, 1)
+    q[0, ::3] = 0.0
+    q[2, :150] = 0.0
+    return (q / q.sum(1, keepdim=True)).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize(("weighted", "in_place"), [(False, False), (True, True)])
+@pytest.mark.usefixtures("chunked")
+def test_kernel_with_probabilities_matches_the_float64_reference(dtype, options, weighted, in_place):
+    rows, classes = 5, 300
+    logits, _, weight = _problem(rows, classes, dtype, seed=len(options))
+    weight = weight if weighted else None
+    target = _probabilities(rows, classes, dtype, seed=len(options))  # read in the logits' dtype
+    scale = torch.linspace(0.5, 1.5, rows, dtype=torch.float64)
+    expected_loss, expected_lse, expected_grad = _reference(logits, target, weight, scale.numpy(), **options)
+    stored = logits.clone()
+    grad_out = stored if in_place else torch.empty_like(stored)
+    formula = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None} | options
+    loss, lse = cross_entropy_rows(
+        stored, target, weight, **formula, grad_scale=scale.float().to(DEVICE),
+        z_grad_scale=scale.float().to(DEVICE), grad_out=grad_out,
+    )
+    assert loss.dtype == lse.dtype == torch.float32
+    tolerance = TOLERANCE[torch.float32]
+    row_scale = np.abs(expected_loss).max() + 1
+    np.testing.assert_allclose(loss.double().cpu().numpy(), expected_loss, rtol=tolerance, atol=tolerance * row_scale)
+    np.testing.assert_allclose(lse.double().cpu().numpy(), expected_lse, rtol=tolerance, atol=tolerance)
+    assert grad_out.dtype == dtype
+    np.testing.assert_allclose(
+        grad_out.double().cpu().numpy(), expected_grad, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 1e-2
+    )
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float64, torch.bfloat16])
+def test_kernel_reads_probabilities_in_their_own_dtype(target_dtype):
+    """float32 logits with a float64 or bfloat16 target: each read as stored, no cast first."""
+    logits, _, weight = _problem(4, 50, torch.float32, seed=9)
+    target = _probabilities(4, 50, target_dtype, seed=9)
+    grad = torch.empty_like(logits)
+    loss, _ = cross_entropy_rows(logits, target, weight, -100, 0.1, 0.0, None, None, None, grad)
+    expected_loss, _, expected_grad = _reference(logits, target, weight, 1.0, label_smoothing=0.1)
+    np.testing.assert_allclose(loss.double().cpu().numpy(), expected_loss, rtol=2e-6)
+    np.testing.assert_allclose(grad.double().cpu().numpy(), expected_grad, rtol=2e-6, atol=1e-8)
+
+
+@pytest.mark.usefixtures("chunked")
+def test_kernel_probabilities_masked_classes_and_far_from_zero_rows():
+    """−inf logits where q is 0 add nothing (a finite loss, gradient 0 there); a whole masked chunk;
+    a row of q all 0 (loss 0, gradient 0); rows far from 0; a masked class with q > 0 is +inf."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(5, 300, generator=generator).double()
+    target = torch.softmax(torch.randn(5, 300, generator=generator), 1).double()
+    logits[0, :200] = float("-inf")
+    target[0, :200] = 0.0
+    logits[1, 7::10] = float("-inf")
+    target[1, 7::10] = 0.0
+    target[2] = 0.0
+    logits[3] -= 1000.0
+    logits[4] += 1e4
+    logits[4, 5] = float("-inf")  # target[4, 5] > 0
+    logits, target = logits.float().to(DEVICE), target.float().to(DEVICE)
+    grad = torch.empty_like(logits)
+    loss, lse = cross_entropy_rows(logits, target, None, -100, 0.0, 0.0, None, None, None, grad)
+    expected_loss, expected_lse, expected_grad = _reference(logits[:4], target[:4], None, np.ones(4))
+    np.testing.assert_allclose(loss[:4].cpu().numpy(), expected_loss, rtol=2e-6)
+    np.testing.assert_allclose(lse[:4].double().cpu().numpy(), expected_lse, rtol=1e-7)
+    np.testing.assert_allclose(grad[:4].cpu().numpy(), expected_grad, atol=1e-7)
+    assert not grad[0, :200].any() and not grad[1, 7::10].any()
+    assert loss[2] == 0 and not grad[2].any()
+    assert np.isfinite(loss[:4].cpu().numpy()).all()
+    assert loss[4] == float("inf")  # as torch: q > 0 on a class of probability 0
+    assert torch.isfinite(grad[4]).all() and grad[4, 5] == -target[4, 5]
+
+
+@pytest.mark.parametrize(
+    ("reduction", "shape", "dtype"),
+    list(itertools.product(["mean", "sum", "none"], [(7,), (6, 7), (3, 7, 2, 3)], [torch.float32, torch.bfloat16])),
+)
+@pytest.mark.usefixtures("chunked")
+def test_triton_path_with_probabilities_equals_the_torch_ops_path(reduction, shape, dtype):
+    generator = torch.Generator().manual_seed(12)
+    logits = torch.randn(*shape, generator=generator).to(dtype).to(DEVICE)
+    class_axis = 1 if len(shape) > 1 else 0
+    target = torch.softmax(torch.randn(*shape, generator=generator), class_axis).to(dtype).to(DEVICE)
+    weight = (torch.rand(7, generator=generator) + 0.5).to(dtype).to(DEVICE)  # torch ops: same dtype
+    options = {"weight": weight, "reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
+    results = []
+    for backend in ("triton", "torch"):
+        x = logits.clone().requires_grad_()
+        loss = xt.cross_entropy(x, target, backend=backend, **options)
+        upstream = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape).to(DEVICE)
+        loss.backward(upstream)
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (expected_loss, expected_grad) = results
+    assert loss.dtype == expected_loss.dtype == dtype and loss.shape == expected_loss.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss.float(), expected_loss.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(4, 300), (2, 300, 3)])
+@pytest.mark.usefixtures("chunked")
+def test_probabilities_on_triton_equal_torch_cross_entropy(reduction, shape):
+    """Against ``torch.nn.functional.cross_entropy`` itself, class weights and label smoothing on:
+    "mean" divides by the number of rows (N·d1 for (N, C, d1)), not by a sum of weights."""
+    generator = torch.Generator().manual_seed(13)
+    logits = (torch.randn(*shape, generator=generator) * 3).to(DEVICE)
+    target = torch.softmax(torch.randn(*shape, generator=generator), 1).to(DEVICE)
+    weight = (torch.rand(shape[1], generator=generator) + 0.5).to(DEVICE)
+    x, expected_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = xt.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.2, backend="triton")
+    expected = torch.nn.functional.cross_entropy(
+        expected_x, target, weight, reduction=reduction, label_smoothing=0.2
+    )
+    upstream = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape).to(DEVICE)
+    loss.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_probabilities_on_triton_edge_cases(monkeypatch):
+    x = torch.randn(3, 5).to(DEVICE)
+    q = torch.softmax(torch.randn(3, 5), 1).to(DEVICE)
+    # ignore_index is not read for probability targets: every row counts, as on the CPU path
+    expected = xt.cross_entropy(x.cpu(), q.cpu(), z_loss=0.1)
+    for ignore_index in (-100, 0, 2):
+        loss = xt.cross_entropy(x, q, ignore_index=ignore_index, z_loss=0.1, backend="triton")
+        torch.testing.assert_close(loss.cpu(), expected, rtol=1e-6, atol=1e-6)
+    # no rows: "mean" is 0 with a zero gradient
+    empty = torch.zeros(0, 5).to(DEVICE).requires_grad_()
+    loss = xt.cross_entropy(empty, torch.zeros(0, 5).to(DEVICE), z_loss=0.1, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 5)
+    # a target that requires grad: "auto" falls back to torch ops and differentiates it
+    target = q.clone().requires_grad_()
+    xt.cross_entropy(x, target).backward()
+    torch.testing.assert_close(target.grad, -torch.log_softmax(x, 1) / 3)
+    with pytest.raises(TypeError, match="class probabilities must have the logits' shape"):
+        xt.cross_entropy(x, q[:, :4], backend="triton")
+    with pytest.raises(ValueError, match=r"float64 probability targets, got torch\.float8_e4m3fn"):
+        xt.cross_entropy(x, q.to(torch.float8_e4m3fn), backend="triton")
+    with pytest.raises(ValueError, match="the probability target is on meta"):
+        xt.cross_entropy(x, q.to("meta"), backend="triton")
+    if DEVICE == "cpu":  # "auto" on CPU tensors runs the Numba kernels, never Triton
+        from xentkit.triton import cross_entropy as kernel_module
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the Triton kernels ran")
+
+        monkeypatch.setattr(kernel_module, "row_statistics", refuse)
+        loss = xt.cross_entropy(x, q)
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, q))
+        with pytest.raises(AssertionError, match="the Triton kernels ran"):
+            xt.cross_entropy(x, q, backend="triton")

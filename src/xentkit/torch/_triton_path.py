@@ -21,6 +21,8 @@ from ..reference.reductions import ReductionPlan
 from . import _bridge
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# probability targets are read in their own dtype (float32 arithmetic)
+PROBABILITY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _interpreted() -> bool:
@@ -50,10 +52,19 @@ def tensor_reason(input: Tensor) -> str | None:
     return None
 
 
-def triton_reason(input: Tensor, target: Tensor, weight: Tensor | None) -> str | None:
-    """Why the Triton cross-entropy cannot run this call, or None when it can."""
+def triton_reason(
+    input: Tensor, target: Tensor, weight: Tensor | None, *, probabilities: bool = False
+) -> str | None:
+    """Why the Triton cross-entropy cannot run this call, or None when it can. ``probabilities``:
+    whether the caller's kernels take probability targets (``cross_entropy``'s do; the linear
+    form's not yet)."""
     if torch.is_floating_point(target):
-        return "probability targets are not on the Triton path yet"
+        if not probabilities:
+            return "probability targets are not on the Triton path yet"
+        if target.dtype not in PROBABILITY_DTYPES:
+            return f"it reads float16, bfloat16, float32 and float64 probability targets, got {target.dtype}"
+        if target.device != input.device:
+            return f"the probability target is on {target.device} but the logits are on {input.device}"
     if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         return "it differentiates with respect to the logits only (target or weight requires grad)"
     return tensor_reason(input)
@@ -65,7 +76,7 @@ def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tens
         return False
     if options.backend == "auto" and input.device.type != "cuda":
         return False
-    reason = triton_reason(input, target, weight)
+    reason = triton_reason(input, target, weight, probabilities=True)
     if reason is not None and options.backend == "triton":
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
     return reason is None
@@ -90,7 +101,12 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
     the logits and each row's max and sum are kept. backward: pass 2 with the upstream gradient
     read on the device (one launch: one read and one write), no synchronization, and no
     logits-sized buffer held between forward and backward. The "mean" denominators reach the
-    kernel as device factors of the upstream gradient: backward launches nothing else."""
+    kernel as device factors of the upstream gradient: backward launches nothing else.
+
+    Probability targets (floating, of the input's shape) take the same two passes, which read
+    them as ``[rows, C]`` in their dtype (a copy only for ``(N, C, d1, ..., dk)`` layouts); as on
+    the CPU no row is ignored, "mean" divides by the number of rows, and there are no labels to
+    check (no wait for the device)."""
 
     @staticmethod
     def forward(
@@ -103,27 +119,35 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
         class_axis = 1 if input.dim() >= 2 else 0
         sample_shape = input.shape[:class_axis] + input.shape[class_axis + 1 :]
-        check_index_layout(
-            not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
-            tuple(target.shape), tuple(sample_shape), dtype_name=str(target.dtype),
-        )
+        probabilities = target.is_floating_point() and target.shape == input.shape
+        if not probabilities:
+            check_index_layout(
+                not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
+                tuple(target.shape), tuple(sample_shape), dtype_name=str(target.dtype),
+            )
         rows = _rows(input)
-        labels = target.detach().reshape(-1).long().contiguous()
+        # the kernels' target: [rows, C] probabilities in their dtype, or [rows] int64 labels
+        rows_target = _rows(target) if probabilities else target.detach().reshape(-1).long().contiguous()
         loss_rows, lse, stats = row_statistics(
-            rows, labels, weight, options.ignore_index, options.label_smoothing, options.softcap
+            rows, rows_target, weight, options.ignore_index, options.label_smoothing, options.softcap
         )
         # everything below is queued behind the kernels; the label check's wait comes last
-        valid, plan = ReductionPlan.of_targets(
-            options.reduction, labels, options.ignore_index, weight, dtype=torch.float32
-        )
+        if probabilities:
+            valid = torch.ones_like(lse, dtype=torch.bool)
+            plan = ReductionPlan.of_rows(options.reduction, rows.shape[0])
+        else:
+            valid, plan = ReductionPlan.of_targets(
+                options.reduction, rows_target, options.ignore_index, weight, dtype=torch.float32
+            )
         loss = plan.reduce(loss_rows, z_term(lse, valid, options.z_loss))
         if grad_enabled and ctx.needs_input_grad[0]:
             # the "mean" denominators as factors of the upstream gradient, read by the kernel
-            ctx.save_for_backward(input, labels, stats, weight, unit_factors(plan, rows.device))
+            ctx.save_for_backward(input, rows_target, stats, weight, unit_factors(plan, rows.device))
             ctx.options = options
-        check_labels(labels, rows.shape[1], options.ignore_index)  # the kernels read no bad label
+        if not probabilities:
+            check_labels(rows_target, rows.shape[1], options.ignore_index)  # the kernels read no bad label
         if options.reduction == "none":
-            loss = loss.reshape(target.shape)
+            loss = loss.reshape(sample_shape)
         return loss.to(input.dtype)
 
     @staticmethod
@@ -131,14 +155,14 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         from ..triton.cross_entropy import row_gradient
 
-        input, labels, stats, weight, factors = ctx.saved_tensors
+        input, rows_target, stats, weight, factors = ctx.saved_tensors
         options: LossOptions = ctx.options
         rows = _rows(input)
         upstream = grad_output.detach().reshape(-1)
         if upstream.numel() == 1:
             upstream = upstream.expand(rows.shape[0])
         gradient = row_gradient(
-            rows, labels, weight, stats, options.ignore_index, options.label_smoothing,
+            rows, rows_target, weight, stats, options.ignore_index, options.label_smoothing,
             options.z_loss, options.softcap, upstream, upstream, torch.empty_like(rows), factors,
         )
         shape = input.shape

@@ -22,6 +22,18 @@ so that every row keeps many programs busy whatever N:
         grad_ij = s'(x_ij)·(g_i·(p_j·A − (1−ε)·w_y·[j = y] − ε·w_j/V) + g^z_i·2·λ·lse·p_j)
         A       = (1−ε)·w_y + ε·W/V,  W = Σ_j w_j,  s'(x) = 1 − tanh²(x/s)  (1 without a softcap)
 
+Probability targets (``target`` an ``[N, V]`` float tensor q, read in its dtype, instead of ``[N]``
+labels) take the same passes with ``PROBABILITIES`` set, the weighted smoothed target
+r_j = w_j·q'_j, q'_j = (1−ε)·q_j + ε/V, in place of the label's terms:
+
+    pass 1:    per chunk also  R_c = Σ_j r_j,  S_c = Σ_j r_j·(z_j − t_c)        (0 where r_j = 0)
+    the loss:  loss = −Σ_j r_j·(z_j − lse) = Σ_c (R_c·(lse − t_c) − S_c),  and A = Σ_c R_c kept
+               (every term ≥ 0 for q ≥ 0: t_c ≤ lse and z_j ≤ t_c, so nothing cancels)
+    pass 2:    grad_ij = s'(x_ij)·(g_i·(p_j·A − r_j) + g^z_i·2·λ·lse·p_j)
+
+No row is ignored (``ignore_index`` is not read), as on the CPU; a class with r_j = 0 adds
+nothing, so a masked (−inf) logit is harmless where the target puts no mass on it.
+
 Pass 2 reads each element before writing it, in the same program, so the gradient may be
 written over the logits (in place). Ignored rows are not read: loss 0, lse 0, a zero gradient
 row. A −inf logit is a masked class (probability 0); a NaN in a row makes that row NaN.
@@ -30,7 +42,8 @@ row. A −inf logit is a masked class (probability 0); a NaN in a row makes that
 exponential form above, both within a few float32 ulps) so that the interpreter and the GPU run
 the same arithmetic.
 
-No validation: the caller passes contiguous rows, labels in ``[0, V)`` or ``ignore_index``.
+No validation: the caller passes contiguous rows, labels in ``[0, V)`` or ``ignore_index``
+(or probability rows of the logits' shape).
 """
 
 from __future__ import annotations
@@ -66,28 +79,44 @@ def _capped(x, inside, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _weighted_target(target_row, weight_ptr, cols, inside, n_cols, eps, HAS_WEIGHT: tl.constexpr,
+                     HAS_SMOOTHING: tl.constexpr):
+    """r_j = w_j·q'_j with q'_j = (1−ε)·q_j + ε/V, in float32; 0 on lanes past the row."""
+    q = tl.load(target_row + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_SMOOTHING:
+        q = tl.where(inside, (1.0 - eps) * q + eps / n_cols, 0.0)
+    if HAS_WEIGHT:
+        q = q * tl.load(weight_ptr + cols, mask=inside, other=0.0)
+    return q
+
+
+@triton.jit
 def _partials_kernel(
     logits_ptr,
     logits_stride,
-    labels_ptr,
+    target_ptr,
+    target_stride,
     weight_ptr,
     part_ptr,
     part_plane,
     n_cols,
     n_chunks,
     ignore_index,
+    eps,
     softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PROBABILITIES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     slot = part_ptr + row * n_chunks + chunk
-    y = tl.load(labels_ptr + row)
-    if y == ignore_index:
-        return
+    if not PROBABILITIES:
+        y = tl.load(target_ptr + row)
+        if y == ignore_index:
+            return
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     inside = cols < n_cols
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
@@ -96,7 +125,13 @@ def _partials_kernel(
     shift = tl.where(m == float("-inf"), 0.0, m)  # never exp(−inf − (−inf))
     tl.store(slot, m)
     tl.store(slot + part_plane, tl.sum(tl.exp(z - shift), 0))
-    if HAS_SMOOTHING:
+    if PROBABILITIES:
+        r = _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
+                             HAS_WEIGHT, HAS_SMOOTHING)
+        # S_c = Σ r_j·(z_j − t_c): a class the target leaves out adds 0, never 0·(−inf)
+        tl.store(slot + 2 * part_plane, tl.sum(tl.where(r == 0.0, 0.0, r * (z - shift)), 0))
+        tl.store(slot + 3 * part_plane, tl.sum(r, 0))
+    elif HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
         else:
@@ -109,7 +144,7 @@ def _partials_kernel(
 def _loss_kernel(
     logits_ptr,
     logits_stride,
-    labels_ptr,
+    target_ptr,
     weight_ptr,
     part_ptr,
     part_plane,
@@ -125,17 +160,20 @@ def _loss_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PROBABILITIES: tl.constexpr,
     CHUNKS: tl.constexpr,
 ):
-    """One program per row: the row's partials combined into M, d, lse and the loss."""
+    """One program per row: the row's partials combined into M, d, lse and the loss (and A for
+    probability targets)."""
     row = tl.program_id(0).to(tl.int64)
-    y = tl.load(labels_ptr + row)
-    if y == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        tl.store(stats_ptr + row, 0.0)
-        tl.store(stats_ptr + n_rows + row, 1.0)
-        return
+    if not PROBABILITIES:
+        y = tl.load(target_ptr + row)
+        if y == ignore_index:
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            tl.store(stats_ptr + row, 0.0)
+            tl.store(stats_ptr + n_rows + row, 1.0)
+            return
     k = tl.arange(0, CHUNKS)
     mine = k < n_chunks
     slots = part_ptr + row * n_chunks + k
@@ -147,22 +185,29 @@ def _loss_kernel(
     d = tl.sum(tl.where(sums == 0.0, 0.0, sums * tl.exp(shifts - m)), 0)
     log_d = tl.log(d)
     lse = m + log_d
-    # a label outside [0, V) (refused by the caller afterwards) reads nothing out of bounds
-    known = (y >= 0) & (y < n_cols)
-    safe_y = tl.where(known, y, 0)
-    z_y = tl.load(logits_ptr + row * logits_stride + safe_y).to(tl.float32)
-    if HAS_SOFTCAP:
-        z_y = softcap * _tanh(z_y / softcap)
-    if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + safe_y)
-    else:
-        w_y = 1.0
-    loss = (1.0 - eps) * w_y * ((m - z_y) + log_d)
-    if HAS_SMOOTHING:
+    if PROBABILITIES:
         s_z = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
-        w_c = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
-        loss += eps / n_cols * tl.sum(tl.where(w_c == 0.0, 0.0, w_c * (lse - shifts) - s_z), 0)
-    tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
+        r_c = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
+        loss = tl.sum(tl.where(r_c == 0.0, 0.0, r_c * (lse - shifts)) - s_z, 0)
+        tl.store(loss_ptr + row, loss)
+        tl.store(stats_ptr + 2 * n_rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
+    else:
+        # a label outside [0, V) (refused by the caller afterwards) reads nothing out of bounds
+        known = (y >= 0) & (y < n_cols)
+        safe_y = tl.where(known, y, 0)
+        z_y = tl.load(logits_ptr + row * logits_stride + safe_y).to(tl.float32)
+        if HAS_SOFTCAP:
+            z_y = softcap * _tanh(z_y / softcap)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + safe_y)
+        else:
+            w_y = 1.0
+        loss = (1.0 - eps) * w_y * ((m - z_y) + log_d)
+        if HAS_SMOOTHING:
+            s_z = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
+            w_c = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
+            loss += eps / n_cols * tl.sum(tl.where(w_c == 0.0, 0.0, w_c * (lse - shifts) - s_z), 0)
+        tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
     tl.store(stats_ptr + n_rows + row, d)
@@ -172,7 +217,8 @@ def _loss_kernel(
 def _grad_kernel(
     logits_ptr,
     logits_stride,
-    labels_ptr,
+    target_ptr,
+    target_stride,
     weight_ptr,
     weight_sum_ptr,
     stats_ptr,
@@ -193,47 +239,60 @@ def _grad_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PROBABILITIES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program per (row, chunk): the chunk's gradient from the row's M and d, with
+    """One program per (row, chunk): the chunk's gradient from the row's M and d (and A), with
     g = grad_scale[row]·factor[0] and g^z = z_grad_scale[row]·factor[1]."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     inside = cols < n_cols
     grad_row = grad_ptr + row * grad_stride
-    y = tl.load(labels_ptr + row)
-    if y == ignore_index:
-        tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
-        return
+    if not PROBABILITIES:
+        y = tl.load(target_ptr + row)
+        if y == ignore_index:
+            tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
+            return
     m = tl.load(stats_ptr + row)
     d = tl.load(stats_ptr + n_rows + row)
     lse = m + tl.log(d)
-    known = (y >= 0) & (y < n_cols)
-    if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + tl.where(known, y, 0))
-        weight_sum = tl.load(weight_sum_ptr)  # W, summed by the host function on the device
-    else:
-        w_y = 1.0
-        weight_sum = n_cols * 1.0
     g = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32) * tl.load(factor_ptr)
-    coef = g * ((1.0 - eps) * w_y + eps * weight_sum / n_cols)
+    if PROBABILITIES:
+        coef = g * tl.load(stats_ptr + 2 * n_rows + row)  # g·A
+    else:
+        known = (y >= 0) & (y < n_cols)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + tl.where(known, y, 0))
+            weight_sum = tl.load(weight_sum_ptr)  # W, summed by the host function on the device
+        else:
+            w_y = 1.0
+            weight_sum = n_cols * 1.0
+        coef = g * ((1.0 - eps) * w_y + eps * weight_sum / n_cols)
     if HAS_Z:
         g_z = tl.load(z_grad_scale_ptr + row * z_grad_scale_stride).to(tl.float32) * tl.load(factor_ptr + 1)
         coef += g_z * 2.0 * z_loss * lse
-    coef = tl.where(known, coef / d, float("nan"))
+    if PROBABILITIES:
+        coef = coef / d
+    else:
+        coef = tl.where(known, coef / d, float("nan"))
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
         z = softcap * t
     else:
         z = x
-    grad = coef * tl.exp(z - m) - tl.where(cols == y, g * (1.0 - eps) * w_y, 0.0)
-    if HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            grad -= g * eps / n_cols * tl.load(weight_ptr + cols, mask=inside, other=0.0)
-        else:
-            grad -= g * eps / n_cols
+    if PROBABILITIES:
+        r = _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
+                             HAS_WEIGHT, HAS_SMOOTHING)
+        grad = coef * tl.exp(z - m) - g * r
+    else:
+        grad = coef * tl.exp(z - m) - tl.where(cols == y, g * (1.0 - eps) * w_y, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                grad -= g * eps / n_cols * tl.load(weight_ptr + cols, mask=inside, other=0.0)
+            else:
+                grad -= g * eps / n_cols
     if HAS_SOFTCAP:
         grad = grad * (1.0 - t * t)
     tl.store(grad_row + cols, grad, mask=inside)
@@ -247,11 +306,12 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 2048 else 16 if block <= 8192 else 32
 
 
-def _flags(weight: Tensor | None, label_smoothing: float, softcap: float | None) -> dict:
+def _flags(weight: Tensor | None, label_smoothing: float, softcap: float | None, target: Tensor) -> dict:
     return {
         "HAS_WEIGHT": weight is not None,
         "HAS_SMOOTHING": label_smoothing > 0.0,
         "HAS_SOFTCAP": softcap is not None,
+        "PROBABILITIES": target.is_floating_point(),
     }
 
 
@@ -261,36 +321,41 @@ def _weight32(weight: Tensor | None, device: torch.device) -> Tensor | None:
 
 def row_statistics(
     logits: Tensor,
-    labels: Tensor,
+    target: Tensor,
     weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     softcap: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` ``[2, N]`` the rows' max
-    M and sum d for :func:`row_gradient`. Two launches; a label outside ``[0, V)`` gives NaN
-    (nothing is read out of bounds), for the caller to refuse."""
+    """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` the rows' max M and sum d
+    (``[2, N]``; ``[3, N]`` with A = Σ_j w_j·q'_j for probability targets) for
+    :func:`row_gradient`. ``target``: ``[N]`` int64 labels, or ``[N, V]`` class probabilities
+    (float, contiguous rows). Two launches; a label outside ``[0, V)`` gives NaN (nothing is read
+    out of bounds), for the caller to refuse."""
     n_rows, n_cols = logits.shape
     device = logits.device
+    flags = _flags(weight, label_smoothing, softcap, target)
+    probabilities = flags["PROBABILITIES"]
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=device)
-    stats = torch.empty((2, n_rows), dtype=torch.float32, device=device)
+    stats = torch.empty((3 if probabilities else 2, n_rows), dtype=torch.float32, device=device)
     if n_rows == 0:
         return loss, lse, stats
     weight32 = _weight32(weight, device)
     block = _block(n_cols)
     n_chunks = triton.cdiv(max(n_cols, 1), block)
-    smoothing = label_smoothing > 0.0
-    part = torch.empty((4 if smoothing else 2, n_rows, n_chunks), dtype=torch.float32, device=device)
-    flags = _flags(weight32, label_smoothing, softcap)
+    planes = 4 if probabilities or label_smoothing > 0.0 else 2
+    part = torch.empty((planes, n_rows, n_chunks), dtype=torch.float32, device=device)
     cap = 1.0 if softcap is None else float(softcap)
     any_weight = loss if weight32 is None else weight32  # any pointer when unused
+    target_stride = target.stride(0) if probabilities else 1
     _partials_kernel[(n_rows, n_chunks)](
-        logits, logits.stride(0), labels, any_weight, part, n_rows * n_chunks, n_cols, n_chunks,
-        int(ignore_index), cap, BLOCK=block, num_warps=_warps(block), **flags,
+        logits, logits.stride(0), target, target_stride, any_weight, part, n_rows * n_chunks, n_cols,
+        n_chunks, int(ignore_index), float(label_smoothing), cap, BLOCK=block, num_warps=_warps(block),
+        **flags,
     )
     _loss_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, any_weight, part, n_rows * n_chunks, loss, lse, stats,
+        logits, logits.stride(0), target, any_weight, part, n_rows * n_chunks, loss, lse, stats,
         n_rows, n_cols, n_chunks, int(ignore_index), float(label_smoothing), cap,
         CHUNKS=max(2, triton.next_power_of_2(n_chunks)), num_warps=1, **flags,
     )
@@ -299,7 +364,7 @@ def row_statistics(
 
 def row_gradient(
     logits: Tensor,
-    labels: Tensor,
+    target: Tensor,
     weight: Tensor | None,
     stats: Tensor,
     ignore_index: int,
@@ -312,33 +377,39 @@ def row_gradient(
     factors: Tensor | None = None,
 ) -> Tensor:
     """Pass 2: the gradient into ``grad_out`` (which may be ``logits``), from :func:`row_statistics`'
-    ``stats``. Row i's main term is scaled by ``grad_scale[i]·factors[0]``, its z term by
-    ``z_grad_scale[i]·factors[1]``: ``grad_scale`` / ``z_grad_scale`` are ``[N]`` (any float
-    dtype; a stride of 0 broadcasts one value), ``factors`` a float32 ``[2]`` (ones when None),
-    all read on the device: no synchronization. One launch."""
+    ``stats`` for the same ``target`` (labels or probabilities). Row i's main term is scaled by
+    ``grad_scale[i]·factors[0]``, its z term by ``z_grad_scale[i]·factors[1]``: ``grad_scale`` /
+    ``z_grad_scale`` are ``[N]`` (any float dtype; a stride of 0 broadcasts one value),
+    ``factors`` a float32 ``[2]`` (ones when None), all read on the device: no synchronization.
+    One launch."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return grad_out
     device = logits.device
+    flags = _flags(weight, label_smoothing, softcap, target)
     weight32 = _weight32(weight, device)
-    # W stays on the device (no synchronization); float64 sum, then float32
-    weight_sum = stats if weight32 is None else weight32.sum(dtype=torch.float64).to(torch.float32).reshape(1)
+    # W stays on the device (no synchronization); float64 sum, then float32 (hard labels only)
+    if weight32 is None or flags["PROBABILITIES"]:
+        weight_sum = stats
+    else:
+        weight_sum = weight32.sum(dtype=torch.float64).to(torch.float32).reshape(1)
     if factors is None:
         factors = torch.ones(2, dtype=torch.float32, device=device)
     block = _block(n_cols)
     _grad_kernel[(n_rows, triton.cdiv(max(n_cols, 1), block))](
-        logits, logits.stride(0), labels, stats if weight32 is None else weight32, weight_sum, stats,
-        grad_out, grad_out.stride(0), grad_scale, grad_scale.stride(0), z_grad_scale,
-        z_grad_scale.stride(0), factors, n_rows, n_cols, int(ignore_index), float(label_smoothing),
-        float(z_loss), 1.0 if softcap is None else float(softcap), HAS_Z=z_loss > 0.0, BLOCK=block,
-        num_warps=_warps(block), **_flags(weight32, label_smoothing, softcap),
+        logits, logits.stride(0), target, target.stride(0) if flags["PROBABILITIES"] else 1,
+        stats if weight32 is None else weight32, weight_sum, stats, grad_out, grad_out.stride(0),
+        grad_scale, grad_scale.stride(0), z_grad_scale, z_grad_scale.stride(0), factors, n_rows,
+        n_cols, int(ignore_index), float(label_smoothing), float(z_loss),
+        1.0 if softcap is None else float(softcap), HAS_Z=z_loss > 0.0, BLOCK=block,
+        num_warps=_warps(block), **flags,
     )
     return grad_out
 
 
 def cross_entropy_rows(
     logits: Tensor,
-    labels: Tensor,
+    target: Tensor,
     weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
@@ -351,18 +422,20 @@ def cross_entropy_rows(
     """Per-row loss and log-sum-exp (float32 ``[N]``), and the gradient into ``grad_out``.
 
     The contract of :func:`xentkit.kernels.cross_entropy_rows`, on tensors: ``logits`` a
-    contiguous ``[N, V]`` float32/float16/bfloat16 tensor, ``labels`` ``[N]`` int64 (each in
-    ``[0, V)`` or ``ignore_index``), ``weight`` ``[V]`` or None, ``grad_scale`` /
-    ``z_grad_scale`` ``[N]`` (a stride of 0 broadcasts one value; None means ones), ``grad_out`` a
-    contiguous ``[N, V]`` tensor (it may be ``logits`` itself) or None for the loss alone. The
-    z-loss term is not in the returned loss (the caller adds ``z_loss·lse²``). Three launches
-    with a gradient (:func:`row_statistics`, then :func:`row_gradient`), two without.
+    contiguous ``[N, V]`` float32/float16/bfloat16 tensor, ``target`` ``[N]`` int64 labels (each
+    in ``[0, V)`` or ``ignore_index``) or ``[N, V]`` class probabilities (float16, bfloat16,
+    float32 or float64 with contiguous rows, read in their dtype; no row is ignored), ``weight``
+    ``[V]`` or None, ``grad_scale`` / ``z_grad_scale`` ``[N]`` (a stride of 0 broadcasts one
+    value; None means ones), ``grad_out`` a contiguous ``[N, V]`` tensor (it may be ``logits``
+    itself) or None for the loss alone. The z-loss term is not in the returned loss (the caller
+    adds ``z_loss·lse²``). Three launches with a gradient (:func:`row_statistics`, then
+    :func:`row_gradient`), two without.
     """
-    loss, lse, stats = row_statistics(logits, labels, weight, ignore_index, label_smoothing, softcap)
+    loss, lse, stats = row_statistics(logits, target, weight, ignore_index, label_smoothing, softcap)
     if grad_out is not None:
         one = torch.ones((), dtype=torch.float32, device=logits.device).expand(logits.shape[0])
         row_gradient(
-            logits, labels, weight, stats, ignore_index, label_smoothing, z_loss, softcap,
+            logits, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap,
             one if grad_scale is None else grad_scale, one if z_grad_scale is None else z_grad_scale,
             grad_out,
         )
