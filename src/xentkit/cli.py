@@ -214,7 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="base URL of the files (default: $XENTKIT_MNIST_MIRROR / "
         "$XENTKIT_FASHION_MNIST_MIRROR, else the standard mirror)",
     )
+    warm = commands.add_parser(
+        "warm",
+        help="compile every kernel now (once per install), so no first call waits for Numba",
+        description="Compile xentkit's Numba kernels for float32 and float64 (or load them from "
+        "Numba's cache when they are compiled already) and say how long it took. A cold cache "
+        "costs seconds per kernel on the first call that needs it; run this once after "
+        "installing or upgrading xentkit.",
+    )
+    warm.set_defaults(help_parser=warm)
     return parser
+
+
+def _warm() -> int:
+    """``xentkit warm``: compile (or load) every kernel specialization, timed."""
+    import time
+
+    from xentkit.kernels import compile_all
+
+    start = time.perf_counter()
+    names = compile_all()
+    print(f"xentkit warm: {len(names)} kernel specializations ready in {time.perf_counter() - start:.1f} s "
+          f"({', '.join(names)})")
+    return 0
 
 
 def _load(args: argparse.Namespace) -> Dataset:
@@ -250,6 +272,8 @@ def _check_writable_folder(folder: Path, option: str) -> None:
 def _run(args: argparse.Namespace, command: str) -> int:
     """Carry out the parsed command (``command``: its text, recorded in the results and the
     report); returns the exit code."""
+    if args.command == "warm":
+        return _warm()
     if args.command == "data":
         if args.data_command != "download":
             args.help_parser.print_help()

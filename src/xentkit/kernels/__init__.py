@@ -12,11 +12,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from xentkit.kernels.cross_entropy import cross_entropy_rows
+    from xentkit.kernels.log_probs import log_prob_gradient, log_prob_statistics
 
-__all__ = ["cross_entropy_rows"]
+__all__ = ["compile_all", "cross_entropy_rows", "log_prob_gradient", "log_prob_statistics"]
 
 # Each public kernel and the module that defines it, imported on first access (PEP 562).
-_HOMES = {"cross_entropy_rows": "xentkit.kernels.cross_entropy"}
+_HOMES = {
+    "cross_entropy_rows": "xentkit.kernels.cross_entropy",
+    "log_prob_statistics": "xentkit.kernels.log_probs",
+    "log_prob_gradient": "xentkit.kernels.log_probs",
+}
+# The modules whose compile_all() the package's compile_all() runs.
+_MODULES = ("xentkit.kernels.cross_entropy", "xentkit.kernels.log_probs")
+
+
+def compile_all() -> list[str]:
+    """Compile (or load from Numba's cache, ``__pycache__`` beside the sources) every kernel
+    specialization xentkit runs, so that no later first call waits for Numba's compiler (seconds
+    per kernel on a cold cache). ``xentkit warm`` runs it. Returns the specializations' names."""
+    return [name for module in _MODULES for name in importlib.import_module(module).compile_all()]
 
 
 def __getattr__(name: str) -> Any:

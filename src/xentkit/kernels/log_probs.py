@@ -291,3 +291,18 @@ def log_prob_gradient(
         )
         _run(_gradient_kernel, arguments, logits.size, parallel)
     return grad_out
+
+
+def compile_all() -> list[str]:
+    """Compile (or load from Numba's cache) the log-probability kernels for float32 and float64
+    logits; returns the names of the specializations, e.g. ``"log-prob statistics float32"``."""
+    done = []
+    for dtype in (np.float32, np.float64):
+        logits = np.zeros((1, 4), dtype=dtype)
+        labels = np.zeros(1, dtype=np.int64)
+        valid = np.ones(1, dtype=np.bool_)
+        m, s, _, _ = log_prob_statistics(logits, labels, valid, parallel=True)
+        ones = np.ones(1)
+        log_prob_gradient(logits, labels, valid, 1.0, m, s, (ones, ones, ones), np.empty_like(logits), parallel=True)
+        done += [f"log-prob statistics {np.dtype(dtype).name}", f"log-prob gradient {np.dtype(dtype).name}"]
+    return done
