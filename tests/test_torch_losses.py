@@ -633,3 +633,14 @@ def test_uint8_targets_on_the_torch_ops_path_are_not_mistaken_for_ignore_index()
     torch.testing.assert_close(
         xt.cross_entropy(x.bfloat16(), target, z_loss=1.0, reduction="sum").float(), expected_z, rtol=2e-2, atol=1.0
     )
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_ignore_index_is_unused_with_probability_targets_on_every_path(backend):
+    """One behaviour: ignore_index concerns class indices; probabilities ignore it on every path
+    (torch's own F.cross_entropy raises for a value other than -100)."""
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.softmax(torch.randn(3, 4, dtype=torch.float64), dim=-1)
+    want = torch.nn.functional.cross_entropy(logits, target)
+    got = xt.cross_entropy(logits, target, ignore_index=1, backend=backend)
+    torch.testing.assert_close(got, want)

@@ -48,8 +48,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options:
     hard = not torch.is_floating_point(target)
     if hard:  # first: a bad label is the kernel paths' ValueError, not torch's IndexError
         valid, plan = _label_plan(target, weight, options, input.dtype, input.shape[class_dim])
-    main = F.cross_entropy(
-        input, target, weight, ignore_index=options.ignore_index, reduction="none",
+    main = F.cross_entropy(  # ignore_index is for class indices (probabilities: as the kernels, unused)
+        input, target, weight, ignore_index=options.ignore_index if hard else -100, reduction="none",
         label_smoothing=options.label_smoothing,
     )
     if not hard:

@@ -198,11 +198,13 @@ def cross_entropy(
     result is a scalar, or the target's sample shape for ``reduction="none"``.
 
     ``backend``: "auto" runs float16/32/64 CPU tensors on xentkit's Numba kernels (float16
-    computed in float32) and float32/float16/bfloat16 CUDA tensors with class indices on its
-    Triton kernels (arithmetic in float32, per-row loss in float32); either computes the loss and
-    gradient in one pass in forward and backward scales the stored gradient. Everything else
-    (other devices and dtypes, probability targets on CUDA, gradients with respect to ``target``
-    or ``weight``) uses plain torch ops with the same semantics. "torch" always takes torch ops;
+    computed in float32; loss and gradient in one pass in forward, backward scales the stored
+    gradient) and float32/float16/bfloat16 CUDA tensors, with class indices or probabilities, on
+    its Triton kernels (arithmetic in float32; the loss in forward, the gradient in one pass in
+    backward). Everything else (other devices and dtypes, gradients with respect to ``target`` or
+    ``weight``) uses plain torch ops with the same semantics. ``ignore_index`` applies to class
+    indices; with probability targets every path leaves it unused (torch raises for a value other
+    than -100). "torch" always takes torch ops;
     "triton" takes the Triton kernels or raises a ValueError that says why it cannot (on CPU
     tensors they run only under Triton's interpreter, ``TRITON_INTERPRET=1``). On CUDA the labels
     are checked before the kernel runs, which waits for the device once. Double backward raises.
