@@ -63,8 +63,10 @@ def triton_reason(
             return "probability targets are not on the Triton path yet"
         if target.dtype not in PROBABILITY_DTYPES:
             return f"it reads float16, bfloat16, float32 and float64 probability targets, got {target.dtype}"
-        if target.device != input.device:
-            return f"the probability target is on {target.device} but the logits are on {input.device}"
+    # a kernel would read another device's memory (torch ops then raise torch's own error)
+    for name, tensor in (("target", target), ("weight", weight)):
+        if tensor is not None and tensor.device != input.device:
+            return f"the {name} is on {tensor.device} but the logits are on {input.device}"
     if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         return "it differentiates with respect to the logits only (target or weight requires grad)"
     return tensor_reason(input)
