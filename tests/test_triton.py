@@ -465,3 +465,32 @@ def test_probabilities_on_triton_edge_cases(monkeypatch):
         torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, q))
         with pytest.raises(AssertionError, match="the Triton kernels ran"):
             xt.cross_entropy(x, q, backend="triton")
+
+
+@pytest.mark.parametrize("shape", [(6, 300), (300,), (3, 300, 2)])
+def test_inplace_backward_on_triton_writes_over_the_logits(shape):
+    """inplace_backward=True: pass 2 writes over the logits (2-D and unbatched) or over the
+    path's own rows copy (other layouts), with the values of a separate buffer; the logits' version
+    is raised so that a node that saved them raises torch's error."""
+    torch.manual_seed(3)
+    logits = (torch.randn(shape) * 3).to(DEVICE)
+    classes = 300
+    target = torch.randint(0, classes, shape[:1] + shape[2:] if len(shape) > 1 else ()).to(DEVICE)
+    results = {}
+    for inplace in (False, True):
+        x = logits.clone().requires_grad_(True)
+        h = x * 1.0
+        pointers = []
+        h.register_hook(lambda gradient, pointers=pointers: pointers.append(gradient.data_ptr()))
+        loss = xt.cross_entropy(h, target, label_smoothing=0.1, inplace_backward=inplace, backend="triton")
+        loss.backward()
+        results[inplace] = (loss.detach(), x.grad, pointers == [h.data_ptr()], torch.equal(h.detach(), logits))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
+    assert results[False][2:] == (False, True)  # a buffer of its own; the logits untouched
+    assert results[True][2:] == ((True, False) if len(shape) <= 2 else (False, True))
+    if len(shape) <= 2:
+        x = logits.clone().requires_grad_(True)
+        loss = xt.cross_entropy(x.exp(), target, inplace_backward=True, backend="triton")  # exp saves its output
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

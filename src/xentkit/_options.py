@@ -16,8 +16,7 @@ Each mistake has one exception type and one message, written here only:
 Adding an option: a field below with its check in ``__post_init__``; if the formula uses it, mark
 it ``formula=True`` so that :meth:`LossOptions.formula_arguments` hands it to the NumPy reference
 and to each kernel's host function, which implement it; then the docs and the tests. Nothing in
-between (api, torch binding, linear and distributed forms) names it. Fields foreseen for the GPU
-work: ``in_place`` (not formula).
+between (api, torch binding, linear and distributed forms) names it.
 
 :class:`LogProbOptions` is the same for the token log-probabilities and entropies
 (``xentkit.log_probs``, ``xentkit.torch.log_probs`` and ``linear_log_probs``): a sampling
@@ -110,6 +109,12 @@ def check_temperature(value: object) -> float:
     return value
 
 
+def _check_inplace_backward(value: object) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"inplace_backward must be a bool, got {describe(value)}")
+    return bool(value)
+
+
 def check_chunk_size(value: object) -> int | None:
     if value is None:
         return None
@@ -129,6 +134,7 @@ _CHECKS = {
     "softcap": _check_softcap,
     "chunk_size": check_chunk_size,
     "backend": check_backend,
+    "inplace_backward": _check_inplace_backward,
 }
 
 
@@ -154,6 +160,8 @@ class LossOptions:
         backend: which implementation ``xentkit.torch`` runs: "auto" (CUDA tensors → the Triton
             kernels, CPU tensors → the Numba kernels, what neither handles → torch ops),
             "triton", or "torch" (plain torch ops).
+        inplace_backward: write the logits' gradient over the logits (no logits-sized gradient
+            buffer; the logits' values are gone once the loss is computed), where the path can.
     """
 
     reduction: str = "mean"
@@ -163,6 +171,7 @@ class LossOptions:
     softcap: float | None = _formula(None)
     chunk_size: int | None = None
     backend: str = "auto"
+    inplace_backward: bool = False
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():  # in field order: the first bad argument is named

@@ -163,10 +163,17 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         upstream = grad_output.detach().reshape(-1)
         if upstream.numel() == 1:
             upstream = upstream.expand(rows.shape[0])
+        # pass 2 writes over the rows when they are a private copy (a layout with the classes not
+        # last) or, with inplace_backward, the logits themselves; else into a new buffer
+        private = rows.data_ptr() != input.data_ptr() or rows.numel() == 0
+        over_input = options.inplace_backward and not private
         gradient = row_gradient(
             rows, rows_target, weight, stats, options.ignore_index, options.label_smoothing,
-            options.z_loss, options.softcap, upstream, upstream, torch.empty_like(rows), factors,
+            options.z_loss, options.softcap, upstream, upstream,
+            rows if private or over_input else torch.empty_like(rows), factors,
         )
+        if over_input:  # a node that saved the logits now raises torch's version error
+            torch.autograd.graph.increment_version(input)
         shape = input.shape
         if len(shape) <= 1:
             gradient = gradient.reshape(shape)

@@ -73,13 +73,22 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.class_axis = _class_axis(input)
         ctx.input_dim = input.dim()
         want_grad = grad_enabled and ctx.needs_input_grad[0]
+        logits = _bridge.as_numpy(input)
+        # in place: the gradient is written over the logits' own memory (a contiguous input)
+        in_place = want_grad and options.inplace_backward and input.is_contiguous() and not input.is_neg()
         loss, gradient = _cross_entropy(
-            _bridge.as_numpy(input), _bridge.as_numpy(target), axis=ctx.class_axis,
+            logits, _bridge.as_numpy(target), axis=ctx.class_axis,
             weight=_bridge.optional_numpy(weight), options=options,
             # warn when the logits look like probabilities (softmax applied twice)
             check_probabilities=check_probabilities, want_grad=want_grad,
+            out=logits if in_place else None,
         )
-        ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, input.dtype)
+        if in_place:
+            # the logits changed: a node that saved them now raises torch's version error
+            torch.autograd.graph.increment_version(input)
+            ctx.gradient = input.detach()
+        else:
+            ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, input.dtype)
         return _bridge.as_tensor(loss, input.dtype)
 
     @staticmethod
@@ -181,6 +190,7 @@ def cross_entropy(
     softcap: float | None = None,
     check_probabilities: bool = True,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> Tensor:
     r"""Softmax cross-entropy of logits against class indices or class probabilities.
 
@@ -209,6 +219,14 @@ def cross_entropy(
     tensors they run only under Triton's interpreter, ``TRITON_INTERPRET=1``). On CUDA the labels
     are checked before the kernel runs, which waits for the device once. Double backward raises.
     ``size_average`` and ``reduce`` are deprecated and mapped to ``reduction`` as torch does.
+
+    ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
+    gradient buffer exists (with a 128k vocabulary, gigabytes): on the CPU kernels in forward, on
+    the Triton kernels in backward; ``input.grad`` (or what flows to the layer before) then shares
+    the logits' memory. The logits' values must not be used after the loss: autograd's version
+    counter is raised, so a node that saved them raises torch's in-place error rather than compute
+    from the gradient. Memory is saved for contiguous logits with the classes last (``(N, C)``,
+    ``(C,)``); other layouts get the same values without the saving; the torch-ops path ignores it.
     On the kernel path, logits that look like probabilities (softmax applied twice) give a
     ``xentkit.ProbabilitiesAsLogitsWarning``; ``check_probabilities=False`` silences it.
 
@@ -228,7 +246,10 @@ def cross_entropy(
     (independent binary labels), ``xentkit.torch.linear_cross_entropy`` (fused with a linear layer).
     """
     reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
-    options = LossOptions(reduction, ignore_index, label_smoothing, z_loss, softcap, backend=backend)
+    options = LossOptions(
+        reduction, ignore_index, label_smoothing, z_loss, softcap, backend=backend,
+        inplace_backward=inplace_backward,
+    )
     if _triton_path.use_triton(options, input, target, weight):
         return _triton_path.TritonCrossEntropyFunction.apply(
             input, target, weight, options, torch.is_grad_enabled()

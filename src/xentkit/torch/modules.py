@@ -22,6 +22,10 @@ __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "N
 _LOSS_OPTIONS = tuple(field.name for field in dataclasses.fields(LossOptions))
 
 
+# the fused linear form always turns its chunks' logits into their gradient in place
+_NOT_LINEAR = ("inplace_backward",)
+
+
 def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
     return {name: getattr(module, name) for name in _LOSS_OPTIONS if name not in skip}
 
@@ -57,12 +61,14 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         softcap: float | None = None,
         check_probabilities: bool = True,
         backend: str = "auto",
+        inplace_backward: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.check_probabilities = check_probabilities
         self.backend = backend
+        self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.cross_entropy(
@@ -188,12 +194,12 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
             linear_bias = None if linear_bias is None else linear_bias.reshape(shape)
         return linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-            **_options_of(self),
+            **_options_of(self, skip=_NOT_LINEAR),
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
-            + _options_repr(_options_of(self))
+            + _options_repr(_options_of(self, skip=_NOT_LINEAR))
         )

@@ -86,6 +86,8 @@ def _decode_option(name: str, encoded: int) -> object:
         return CHOICES[name][encoded]
     if kind.startswith("float"):
         return _bits_float(encoded)
+    if kind == "bool":
+        return bool(encoded)
     return encoded
 
 
