@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton's interpreter for the Triton kernels' tests on CPU tensors, set before anything imports
+# triton: a test module that imports triton.language first (transformers does) would otherwise
+# define tl.max & co. as compiled functions, which interpreted kernels cannot call.
+if os.environ.get("XENTKIT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 
