@@ -39,6 +39,13 @@ from ._triton_path import triton_reason, unit_factors
 CHUNK_BYTES = 512 * 2**20
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The fused linear forms return their loss in float32 for float16 / bfloat16 inputs (as
+    Liger-Kernel and Cut Cross-Entropy do): the loss is computed in float32, and rounding it to
+    bfloat16 would cost ~3 significant digits for nothing."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def gpu_chunk_rows(rows: int, classes: int, itemsize: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, min(chunk_size, rows))
@@ -112,7 +119,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.want = want
         for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, grads, strict=True):
             setattr(ctx, name, gradient)
-        return loss.to(x.dtype)
+        return loss.to(loss_dtype(x.dtype))
 
     @staticmethod
     @_bridge.first_order_only("linear_cross_entropy")

@@ -38,14 +38,26 @@ def _label_plan(
     )
 
 
-def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
-    """``torch.nn.functional.cross_entropy`` plus xentkit's softcap, z-loss and "mean" of nothing = 0."""
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions,
+    result_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``torch.nn.functional.cross_entropy`` plus xentkit's softcap, z-loss and "mean" of nothing = 0.
+    The loss is computed in float32 or better and returned in ``result_dtype`` (default: the
+    input's dtype, as torch)."""
+    result_dtype = result_dtype or input.dtype
+    hard = not torch.is_floating_point(target)
+    if input.dtype in (torch.float16, torch.bfloat16):
+        # per-row losses in float32 too (torch would round each to the input's dtype): one
+        # rounding, at the end
+        input = input.float()
+        weight = None if weight is None else weight.float()
+        target = target if hard else target.float()
     if options.softcap is not None and input.is_floating_point():
         options.check_fits(input.dtype, torch.finfo(input.dtype).max)
     if options.softcap is not None:
         input = options.softcap * torch.tanh(input / options.softcap)
     class_dim = 1 if input.dim() >= 2 else 0
-    hard = not torch.is_floating_point(target)
     if hard:  # first: a bad label is the kernel paths' ValueError, not torch's IndexError
         valid, plan = _label_plan(target, weight, options, input.dtype, input.shape[class_dim])
     main = F.cross_entropy(  # ignore_index is for class indices (probabilities: as the kernels, unused)
@@ -58,7 +70,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options:
     z = None
     if options.z_loss:
         z = z_term(torch.logsumexp(input, dim=class_dim), valid, options.z_loss)
-    return plan.reduce(main, z).to(input.dtype)
+    return plan.reduce(main, z).to(result_dtype)
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:

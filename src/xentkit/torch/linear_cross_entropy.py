@@ -374,12 +374,16 @@ def linear_cross_entropy(
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
 
     if options.backend != "auto" or not _fused_applies(input, linear_weight, linear_bias, target, weight):
-        logits = F.linear(input, linear_weight.flatten(0, -2), None)
-        if linear_weight.dim() > 2:  # K-dimensional loss: classes on axis 1, then d1..dk
+        if linear_weight.dim() == 2:  # the bias added inside the matmul: one rounding
+            logits = F.linear(input, linear_weight, linear_bias)
+        else:  # K-dimensional loss: classes on axis 1, then d1..dk
+            logits = F.linear(input, linear_weight.flatten(0, -2), None)
             logits = logits.unflatten(-1, linear_weight.shape[:-1])
-        if linear_bias is not None:
-            logits = logits + linear_bias
-        return _torch_ops.cross_entropy(logits, target, weight, options)
+            if linear_bias is not None:
+                logits = logits + linear_bias
+        return _torch_ops.cross_entropy(
+            logits, target, weight, options, result_dtype=_linear_triton.loss_dtype(logits.dtype)
+        )
 
     _check_shapes(input, linear_weight, linear_bias, target, weight)
     unbatched = input.dim() == 1
