@@ -115,3 +115,50 @@ def append_record(path: Path, record: dict, latest_key: str) -> None:
     latest = {str(run["config"].get(latest_key, "")): run for run in runs}
     path.write_text(json.dumps({"latest": latest, "runs": runs}, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def print_table(results: dict[str, dict], value_key: str, memory_budget: float) -> None:
+    """The providers' table: median, min and max time, the ratio to ``matmuls`` (when it ran),
+    peaks against ``memory_budget``, and each provider's ``value_key`` (its loss or objective)."""
+    floor = results.get("matmuls")
+    header = (
+        f"{'provider':<14} {'median s':>9} {'min s':>7} {'max s':>7} {'× matmuls':>16} "
+        f"{'peak MiB':>9} {'1st pass':>9} {'× budget':>9} {value_key:>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for provider, result in results.items():
+        ratio = (
+            f"{result['median_s'] / floor['median_s']:.3f} / {result['min_s'] / floor['min_s']:.3f}"
+            if floor else "-"
+        )
+        peak = result["peak_above_inputs_bytes"]
+        value = f"{result[value_key]:.6f}" if provider != "matmuls" else "-"
+        print(
+            f"{provider:<14} {result['median_s']:>9.3f} {result['min_s']:>7.3f} "
+            f"{max(result['times_s']):>7.3f} {ratio:>16} {peak / 2**20:>9.0f} "
+            f"{result['first_pass_peak_bytes'] / 2**20:>9.0f} {peak / memory_budget:>9.2f} {value:>14}"
+        )
+    print(
+        "× matmuls: median / min. peak: above the inputs, gradients included, over all passes "
+        "(1st pass: over the first pass of each process); × budget from the former."
+    )
+    print(f"memory budget (gradients + logits/8): {memory_budget / 2**20:.0f} MiB above the inputs")
+
+
+def floor_goals(results: dict[str, dict], time_goal: float, memory_budget: float) -> dict[str, dict]:
+    """xentkit's goals against the matmuls alone (time) and the memory budget (peak)."""
+    ours, floor = results["xentkit"], results.get("matmuls")
+    goals = {}
+    if floor:
+        by_median = ours["median_s"] / floor["median_s"]
+        by_min = ours["min_s"] / floor["min_s"]
+        goals["time_vs_matmuls"] = {
+            "ratio_median": by_median, "ratio_min": by_min, "limit": time_goal,
+            "met_median": by_median <= time_goal, "met_min": by_min <= time_goal,
+        }
+    goals["peak_memory"] = {
+        "bytes": ours["peak_above_inputs_bytes"], "limit_bytes": memory_budget,
+        "met": ours["peak_above_inputs_bytes"] <= memory_budget,
+    }
+    return goals

@@ -33,10 +33,12 @@ from pathlib import Path
 
 from _harness import (
     append_record,
+    floor_goals,
     interleaved,
     machine,
     peak_rss_bytes,
     print_goals,
+    print_table,
     rss_bytes,
     summarize,
 )
@@ -164,41 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         for provider, processes in runs.items()
     }
 
-    floor = results.get("matmuls")
-    header = (
-        f"{'provider':<10} {'median s':>9} {'min s':>7} {'× matmuls':>16} {'peak MiB':>9} "
-        f"{'× budget':>9} {'objective':>14}"
-    )
-    print(header)
-    print("-" * len(header))
-    for provider, result in results.items():
-        ratio = (
-            f"{result['median_s'] / floor['median_s']:.3f} / {result['min_s'] / floor['min_s']:.3f}"
-            if floor else "-"
-        )
-        peak = result["peak_above_inputs_bytes"]
-        objective = f"{result['objective']:.6f}" if provider != "matmuls" else "-"
-        print(
-            f"{provider:<10} {result['median_s']:>9.3f} {result['min_s']:>7.3f} {ratio:>16} "
-            f"{peak / 2**20:>9.0f} {peak / memory_budget:>9.2f} {objective:>14}"
-        )
-    print("× matmuls: median / min. peak: above the inputs, gradients included, over all passes.")
-    print(f"memory budget (gradients + logits/8): {memory_budget / 2**20:.0f} MiB above the inputs")
+    print_table(results, "objective", memory_budget)
 
     goals = {}
     if "xentkit" in results:
         ours = results["xentkit"]
-        if floor:
-            by_median = ours["median_s"] / floor["median_s"]
-            by_min = ours["min_s"] / floor["min_s"]
-            goals["time_vs_matmuls"] = {
-                "ratio_median": by_median, "ratio_min": by_min, "limit": TIME_GOAL,
-                "met_median": by_median <= TIME_GOAL, "met_min": by_min <= TIME_GOAL,
-            }
-        goals["peak_memory"] = {
-            "bytes": ours["peak_above_inputs_bytes"], "limit_bytes": memory_budget,
-            "met": ours["peak_above_inputs_bytes"] <= memory_budget,
-        }
+        goals = floor_goals(results, TIME_GOAL, memory_budget)
         if "torch" in results:
             theirs = results["torch"]
             goals["faster_than_torch"] = {
