@@ -199,6 +199,9 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         dtype = torch.float64 if rows is NumbaRows else statistics_dtype(x.dtype)
         statistics = [torch.empty(n, dtype=dtype, device=x.device) for _ in range(4)]
         buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
+        # backward reuses the chunk buffer (a new one of the same size would, on the CPU, often
+        # come from the allocator's heap next to the old one's cached pages: a second buffer of RSS)
+        ctx.buffer = buffer if any(ctx.needs_input_grad[:3]) else None
         for start, stop, _, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
             chunk = rows.statistics(logits, target[start:stop], valid[start:stop], options.temperature)
             for whole, part in zip(statistics, chunk, strict=False):
@@ -222,7 +225,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         grad_b = torch.zeros_like(b) if want_b and b is not None else None
         # chunks with no position to differentiate (padding) skip their three matmuls
         busy = [bool(flag) for flag in _busy_chunks(ctx.valid, options.chunk_size).tolist()]
-        buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
+        buffer, ctx.buffer = ctx.buffer, None
         chunks = logit_chunks(x, w, b, buffer, options.chunk_size, skip=[not flag for flag in busy])
         for start, stop, x_chunk, logits in chunks:
             part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
