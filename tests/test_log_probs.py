@@ -464,3 +464,14 @@ def test_merging_pieces_of_a_row_gives_the_whole_rows_statistics():
     for a, b in zip(got, whole, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)  # NaN and ±inf where the whole row has them
     assert got[2][2] == np.inf and np.isnan(got[0][2])  # +inf: lse +inf, log p NaN, as torch
+
+
+def test_linear_log_probs_backward_twice_with_a_retained_graph():
+    rng = np.random.default_rng(12)
+    x, w, b, target = _linear_problem(rng, 9, 8, 40, torch.float64)
+    log_p, entropy = xt.linear_log_probs(x, w, target, linear_bias=b, return_entropy=True, chunk_size=4)
+    objective = log_p.sum() + 0.5 * entropy.sum()
+    first = torch.autograd.grad(objective, (x, w, b), retain_graph=True)
+    second = torch.autograd.grad(objective, (x, w, b))
+    for a, c in zip(first, second, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -226,6 +226,8 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         # chunks with no position to differentiate (padding) skip their three matmuls
         busy = [bool(flag) for flag in _busy_chunks(ctx.valid, options.chunk_size).tolist()]
         buffer, ctx.buffer = ctx.buffer, None
+        if buffer is None:  # a second backward of a retained graph
+            buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
         chunks = logit_chunks(x, w, b, buffer, options.chunk_size, skip=[not flag for flag in busy])
         for start, stop, x_chunk, logits in chunks:
             part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
