@@ -4,10 +4,16 @@ runs :mod:`xentkit.triton`'s kernel.
 Backends (``LossOptions.backend``): "torch" always runs plain torch ops; "auto" takes the Triton
 kernels for CUDA tensors they handle, the Numba kernels for CPU tensors they handle, torch ops for
 the rest; "triton" insists on the Triton kernels and says why when it cannot have them.
+
+The work on contiguous ``[rows, C]`` tensors (:func:`forward_rows`, :func:`gradient_rows`) is
+shared by the eager autograd Function below and by the torch custom ops of
+:mod:`xentkit.torch._ops`, which ``cross_entropy`` calls under ``torch.compile``; both take the
+loss options as the plain values of :func:`loss_arguments`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -35,9 +41,21 @@ def _triton_importable() -> bool:
     return xentkit_triton.available()
 
 
-def tensor_reason(input: Tensor) -> str | None:
+# Under torch.compile the import attempt cannot be traced (Dynamo refuses importlib), so a
+# compiled call asks whether the package is there, looked up once without importing it.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
+def _is_cuda(input: Tensor) -> bool:
+    """Whether "auto" sends ``input`` to the Triton kernels (a CUDA tensor)."""
+    return input.device.type == "cuda"
+
+
+def tensor_reason(input: Tensor, *, compiled: bool = False) -> str | None:
     """Why no Triton kernel can run on ``input`` (its dtype, its device, torch.compile, a missing
-    triton package), or None when one can. Shared by every Triton path of ``xentkit.torch``."""
+    triton package), or None when one can. Shared by every Triton path of ``xentkit.torch``;
+    ``compiled``: whether the caller has a path for torch.compile (custom ops; only
+    ``cross_entropy`` so far)."""
     if input.dtype not in TRITON_DTYPES:
         return f"it takes float32, float16 and bfloat16 logits, got {input.dtype}"
     if input.device.type != "cuda" and not (input.device.type == "cpu" and _interpreted()):
@@ -46,18 +64,22 @@ def tensor_reason(input: Tensor) -> str | None:
             f"TRITON_INTERPRET=1), got a tensor on {input.device}"
         )
     if torch.compiler.is_compiling():
-        return "it does not run under torch.compile"
-    if not _triton_importable():
+        if not compiled:
+            return "it does not run under torch.compile"
+        if not _TRITON_FOUND:
+            return "the triton package is not installed"
+    elif not _triton_importable():
         return "the triton package is not installed"
     return None
 
 
 def triton_reason(
-    input: Tensor, target: Tensor, weight: Tensor | None, *, probabilities: bool = False
+    input: Tensor, target: Tensor, weight: Tensor | None, *, probabilities: bool = False,
+    compiled: bool = False,
 ) -> str | None:
     """Why the Triton cross-entropy cannot run this call, or None when it can. ``probabilities``:
     whether the caller's kernels take probability targets (``cross_entropy``'s do; the linear
-    form's not yet)."""
+    form's not yet); ``compiled``: as for :func:`tensor_reason`."""
     if torch.is_floating_point(target):
         if not probabilities:
             return "probability targets are not on the Triton path yet"
@@ -69,16 +91,17 @@ def triton_reason(
             return f"the {name} is on {tensor.device} but the logits are on {input.device}"
     if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         return "it differentiates with respect to the logits only (target or weight requires grad)"
-    return tensor_reason(input)
+    return tensor_reason(input, compiled=compiled)
 
 
 def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
-    """Whether ``cross_entropy`` takes the Triton path; ``backend="triton"`` raises if it cannot."""
+    """Whether ``cross_entropy`` takes the Triton path (eager, or its custom ops under
+    torch.compile); ``backend="triton"`` raises if it cannot."""
     if options.backend == "torch":
         return False
-    if options.backend == "auto" and input.device.type != "cuda":
+    if options.backend == "auto" and not _is_cuda(input):
         return False
-    reason = triton_reason(input, target, weight, probabilities=True)
+    reason = triton_reason(input, target, weight, probabilities=True, compiled=True)
     if reason is not None and options.backend == "triton":
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
     return reason is None
@@ -86,8 +109,14 @@ def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tens
 
 def unit_factors(plan: ReductionPlan, device: torch.device) -> Tensor:
     """The plan's (main, z) gradient factors for an upstream gradient of 1 (the "mean"
-    denominators' inverses, or 0) as a float32 ``[2]`` device tensor for ``row_gradient``."""
-    return torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device) for f in plan.scales(1.0)])
+    denominators' inverses, or 0) as a float32 ``[2]`` device tensor for ``row_gradient``.
+    A Python number is written by a fill on the device, not copied from the host (a blocking copy
+    would wait for the device, and CUDA graphs cannot capture it)."""
+    return torch.stack([
+        factor.to(device=device, dtype=torch.float32) if isinstance(factor, Tensor)
+        else torch.full((), factor, dtype=torch.float32, device=device)
+        for factor in plan.scales(1.0)
+    ])
 
 
 def _rows(input: Tensor) -> Tensor:
@@ -95,6 +124,77 @@ def _rows(input: Tensor) -> Tensor:
     if input.dim() == 1:
         return input.detach().reshape(1, -1).contiguous()
     return input.detach().movedim(1, -1).reshape(-1, input.shape[1]).contiguous()
+
+
+def loss_arguments(options: LossOptions) -> tuple[str, int, float, float, float | None]:
+    """The options :func:`forward_rows` and the custom ops take, as plain values in their order:
+    ``(reduction, ignore_index, label_smoothing, z_loss, softcap)`` (a custom op takes no
+    dataclass). The one place that unpacks :class:`LossOptions` for them."""
+    return options.reduction, options.ignore_index, options.label_smoothing, options.z_loss, options.softcap
+
+
+def sample_layout(input: Tensor, target: Tensor) -> tuple[tuple[int, ...], bool]:
+    """``(sample_shape, probabilities)``: the shape of a "none" loss, and whether ``target``
+    holds class probabilities (floating, the input's shape); class indices are checked from
+    metadata alone (dtype and shape), which costs no wait for the device."""
+    class_axis = 1 if input.dim() >= 2 else 0
+    sample_shape = tuple(input.shape[:class_axis] + input.shape[class_axis + 1 :])
+    probabilities = target.is_floating_point() and target.shape == input.shape
+    if not probabilities:
+        check_index_layout(
+            not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
+            tuple(target.shape), sample_shape, dtype_name=str(target.dtype),
+        )
+    return sample_shape, probabilities
+
+
+def forward_rows(
+    rows: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: float | None, *, want_factors: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Pass 1 and the reduction on contiguous ``[rows, C]`` logits: ``(loss, stats, factors)``,
+    the float32 loss (a scalar, or ``[rows]`` for "none"), the rows' statistics for
+    :func:`gradient_rows` and the "mean" factors of the upstream gradient (:func:`unit_factors`;
+    None unless ``want_factors``). ``target``: ``[rows]`` int64 labels or ``[rows, C]``
+    probabilities. No label is checked and nothing waits for the device: a label outside
+    ``[0, C)`` (not ``ignore_index``) reads nothing out of bounds, and its row's loss and
+    gradient are NaN (so a reduced loss is NaN)."""
+    from ..triton.cross_entropy import row_statistics
+
+    loss_rows, lse, stats = row_statistics(rows, target, weight, ignore_index, label_smoothing, softcap)
+    # everything below is queued behind the kernels
+    if target.is_floating_point():
+        valid = torch.ones_like(lse, dtype=torch.bool)
+        plan = ReductionPlan.of_rows(reduction, rows.shape[0])
+    else:
+        valid = target != ignore_index
+        if weight is not None:  # the class-weight lookup reads no label outside [0, C)
+            valid = valid & (target >= 0) & (target < rows.shape[1])
+        valid, plan = ReductionPlan.of_targets(
+            reduction, target, ignore_index, weight, dtype=torch.float32, valid=valid
+        )
+    loss = plan.reduce(loss_rows, z_term(lse, valid, z_loss))
+    return loss, stats, unit_factors(plan, rows.device) if want_factors else None
+
+
+def gradient_rows(
+    rows: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor, factors: Tensor,
+    grad_output: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+    softcap: float | None, out: Tensor,
+) -> Tensor:
+    """Pass 2: the gradient of :func:`forward_rows`' loss with respect to ``rows``, for the
+    upstream gradient ``grad_output`` (one value, or one per row for "none"), written into
+    ``out`` (which may be ``rows``). One launch; the upstream gradient and the factors are read
+    on the device (no synchronization)."""
+    from ..triton.cross_entropy import row_gradient
+
+    upstream = grad_output.detach().reshape(-1)
+    if upstream.numel() == 1:
+        upstream = upstream.expand(rows.shape[0])
+    return row_gradient(
+        rows, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap, upstream,
+        upstream, out, factors,
+    )
 
 
 class TritonCrossEntropyFunction(torch.autograd.Function):
@@ -108,46 +208,32 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
     Probability targets (floating, of the input's shape) take the same two passes, which read
     them as ``[rows, C]`` in their dtype (a copy only for ``(N, C, d1, ..., dk)`` layouts); as on
     the CPU no row is ignored, "mean" divides by the number of rows, and there are no labels to
-    check (no wait for the device)."""
+    check (no wait for the device).
+
+    Eager only: under torch.compile ``cross_entropy`` calls the custom ops of
+    :mod:`xentkit.torch._ops` instead, on the same :func:`forward_rows` and :func:`gradient_rows`."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions,
         grad_enabled: bool,
     ) -> Tensor:
-        from ..triton.cross_entropy import row_statistics
-
         _bridge.first_order_anchors(ctx, input)
         options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
-        class_axis = 1 if input.dim() >= 2 else 0
-        sample_shape = input.shape[:class_axis] + input.shape[class_axis + 1 :]
-        probabilities = target.is_floating_point() and target.shape == input.shape
-        if not probabilities:
-            check_index_layout(
-                not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
-                tuple(target.shape), tuple(sample_shape), dtype_name=str(target.dtype),
-            )
+        sample_shape, probabilities = sample_layout(input, target)
         rows = _rows(input)
         # the kernels' target: [rows, C] probabilities in their dtype, or [rows] int64 labels
         rows_target = _rows(target) if probabilities else target.detach().reshape(-1).long().contiguous()
-        loss_rows, lse, stats = row_statistics(
-            rows, rows_target, weight, options.ignore_index, options.label_smoothing, options.softcap
+        want_grad = grad_enabled and ctx.needs_input_grad[0]
+        loss, stats, factors = forward_rows(
+            rows, rows_target, weight, *loss_arguments(options), want_factors=want_grad
         )
-        # everything below is queued behind the kernels; the label check's wait comes last
-        if probabilities:
-            valid = torch.ones_like(lse, dtype=torch.bool)
-            plan = ReductionPlan.of_rows(options.reduction, rows.shape[0])
-        else:
-            valid, plan = ReductionPlan.of_targets(
-                options.reduction, rows_target, options.ignore_index, weight, dtype=torch.float32
-            )
-        loss = plan.reduce(loss_rows, z_term(lse, valid, options.z_loss))
-        if grad_enabled and ctx.needs_input_grad[0]:
+        if want_grad:
             # the "mean" denominators as factors of the upstream gradient, read by the kernel
-            ctx.save_for_backward(input, rows_target, stats, weight, unit_factors(plan, rows.device))
+            ctx.save_for_backward(input, rows_target, stats, weight, factors)
             ctx.options = options
         if not probabilities:
-            check_labels(rows_target, rows.shape[1], options.ignore_index)  # the kernels read no bad label
+            check_labels(rows_target, rows.shape[1], options.ignore_index)  # the one wait, last
         if options.reduction == "none":
             loss = loss.reshape(sample_shape)
         return loss.to(input.dtype)
@@ -155,28 +241,25 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        from ..triton.cross_entropy import row_gradient
-
         input, rows_target, stats, weight, factors = ctx.saved_tensors
         options: LossOptions = ctx.options
         rows = _rows(input)
-        upstream = grad_output.detach().reshape(-1)
-        if upstream.numel() == 1:
-            upstream = upstream.expand(rows.shape[0])
         # pass 2 writes over the rows when they are a private copy (a layout with the classes not
         # last) or, with inplace_backward, the logits themselves; else into a new buffer
         private = rows.data_ptr() != input.data_ptr() or rows.numel() == 0
         over_input = options.inplace_backward and not private
-        gradient = row_gradient(
-            rows, rows_target, weight, stats, options.ignore_index, options.label_smoothing,
-            options.z_loss, options.softcap, upstream, upstream,
-            rows if private or over_input else torch.empty_like(rows), factors,
+        gradient = gradient_rows(
+            rows, rows_target, weight, stats, factors, grad_output, options.ignore_index,
+            options.label_smoothing, options.z_loss, options.softcap,
+            rows if private or over_input else torch.empty_like(rows),
         )
         if over_input:  # a node that saved the logits now raises torch's version error
             torch.autograd.graph.increment_version(input)
-        shape = input.shape
-        if len(shape) <= 1:
-            gradient = gradient.reshape(shape)
-        else:  # back from [rows, C] to (N, C, d1, ..., dk)
-            gradient = gradient.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
-        return gradient, None, None, None, None
+        return from_rows(gradient, input.shape), None, None, None, None
+
+
+def from_rows(gradient: Tensor, shape: torch.Size) -> Tensor:
+    """A ``[rows, C]`` gradient back in the logits' layout ``(C,)`` or ``(N, C, d1, ..., dk)``."""
+    if len(shape) <= 1:
+        return gradient.reshape(shape)
+    return gradient.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)

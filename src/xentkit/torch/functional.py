@@ -30,7 +30,7 @@ from ..api.cross_entropy import _cross_entropy
 from ..api.losses import _nll
 from ..api.losses import binary_cross_entropy_with_logits as _bce_with_logits
 from ..api.losses import binary_cross_entropy_with_logits_and_grad as _bce_with_logits_and_grad
-from . import _bridge, _torch_ops, _triton_path
+from . import _bridge, _ops, _torch_ops, _triton_path
 
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "nll_loss"]
 
@@ -217,7 +217,10 @@ def cross_entropy(
     than -100). "torch" always takes torch ops;
     "triton" takes the Triton kernels or raises a ValueError that says why it cannot (on CPU
     tensors they run only under Triton's interpreter, ``TRITON_INTERPRET=1``). On CUDA the labels
-    are checked before the kernel runs, which waits for the device once. Double backward raises.
+    are checked after the first kernel, which waits for the device once. Under ``torch.compile``
+    the Triton path runs as torch custom ops (the kernels stay fused, no graph break) without that
+    wait: a label outside ``[0, C)`` that is not ``ignore_index`` is not refused but makes its
+    row's loss and gradient NaN (nothing is read out of bounds). Double backward raises.
     ``size_average`` and ``reduce`` are deprecated and mapped to ``reduction`` as torch does.
 
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
@@ -251,6 +254,8 @@ def cross_entropy(
         inplace_backward=inplace_backward,
     )
     if _triton_path.use_triton(options, input, target, weight):
+        if torch.compiler.is_compiling():  # custom ops the compiler keeps (no label check)
+            return _ops.cross_entropy(input, target, weight, options)
         return _triton_path.TritonCrossEntropyFunction.apply(
             input, target, weight, options, torch.is_grad_enabled()
         )
