@@ -15,13 +15,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from xentkit.triton.cross_entropy import cross_entropy_rows
     from xentkit.triton.log_probs import log_prob_gradient, log_prob_statistics
+    from xentkit.triton.vocab_parallel import shard_softmax_grad, shard_softmax_stats
 
-__all__ = ["available", "cross_entropy_rows", "log_prob_gradient", "log_prob_statistics"]
+__all__ = [
+    "available",
+    "cross_entropy_rows",
+    "log_prob_gradient",
+    "log_prob_statistics",
+    "shard_softmax_grad",
+    "shard_softmax_stats",
+]
 
 _HOMES = {
     "cross_entropy_rows": "xentkit.triton.cross_entropy",
     "log_prob_gradient": "xentkit.triton.log_probs",
     "log_prob_statistics": "xentkit.triton.log_probs",
+    "shard_softmax_grad": "xentkit.triton.vocab_parallel",
+    "shard_softmax_stats": "xentkit.triton.vocab_parallel",
 }
 
 

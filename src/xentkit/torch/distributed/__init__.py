@@ -47,7 +47,7 @@ with no process group at all (a single process holding the whole vocabulary).
 The package, by job: ``_communication`` (the counted collectives, :func:`vocab_shard_range`),
 ``_agreement`` (local checks, the gathered record, the checks across ranks), ``_rows`` (the row
 plan every rank derives from the targets and options), ``_shards`` (the two passes over a shard:
-Numba kernels or torch ops), ``_algebra`` (combining the shards, row losses, gradient
+Numba kernels, Triton kernels or torch ops), ``_algebra`` (combining the shards, row losses, gradient
 coefficients), ``_logits``, ``_linear`` and ``_log_probs`` (the autograd Functions and the public
 functions). Options are checked by :class:`xentkit._options.LossOptions` (``LogProbOptions`` for
 the log-probabilities), labels worded by
@@ -73,8 +73,8 @@ __all__ = [
 
 # The settings below are read from this module at call time, so setting them here takes effect.
 
-# Set to False to run the shard passes on torch ops even where the Numba kernels apply (tests
-# use it to check the torch-ops path, which CUDA tensors and float16/bfloat16 always take).
+# Set to False to run the shard passes on torch ops even where the Numba or Triton kernels apply
+# (tests use it to check the torch-ops path, which CPU float16/bfloat16 tensors always take).
 USE_KERNELS = True
 
 # Temporaries of the torch-ops path: a chunk of rows takes at most this many bytes per buffer.

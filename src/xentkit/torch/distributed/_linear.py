@@ -17,7 +17,7 @@ from ._agreement import _agree, _check_linear_shards, _check_target, _check_weig
 from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _chunk_rows, _Plan, _plan
-from ._shards import _new_buffer, _shard_gradient, _shard_statistics
+from ._shards import _new_buffer, _shard_gradient, _shard_statistics, shard_backend
 
 _NAME = "vocab_parallel_linear_cross_entropy"
 
@@ -183,6 +183,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: int | None = None,
+    backend: str = "auto",
     stats: CommunicationStats | None = None,
 ) -> Tensor:
     r"""Cross-entropy of ``input @ W.T + b`` with W's rows (the vocabulary) split across ranks,
@@ -211,8 +212,9 @@ def vocab_parallel_linear_cross_entropy(
             the same on every rank.
         linear_bias_shard: None or ``[V_r]``, this rank's slice of the output bias.
         chunk_size: rows per chunk (the same on every rank), or None for the default.
-        group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, stats: as
-            :func:`vocab_parallel_cross_entropy`.
+        group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, backend,
+            stats: as :func:`vocab_parallel_cross_entropy` (the backend runs the passes over each
+            chunk's shard logits; the matmuls are torch's).
 
     Returns:
         The loss in the input's dtype: a scalar, or ``input.shape[:-1]`` for ``reduction="none"``.
@@ -231,11 +233,11 @@ def vocab_parallel_linear_cross_entropy(
         features, width = _check_linear_shards(input, linear_weight_shard, linear_bias_shard)
         options = LossOptions(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, chunk_size=chunk_size,
+            z_loss=z_loss, chunk_size=chunk_size, backend=backend,
         )
         labels = _check_target(target, tuple(input.shape[:-1]), "the input's shape without in_features")
         class_weight = _check_weight(weight)
-        state.update(options=options, labels=labels, weight=class_weight)
+        state.update(options=options, labels=labels, weight=class_weight, shards=shard_backend(input, options))
         return _local_record(
             rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels,
             weight=class_weight, options=options, dtype=input.dtype,
@@ -246,7 +248,9 @@ def vocab_parallel_linear_cross_entropy(
     options: LossOptions = state["options"]  # type: ignore[assignment]
     labels = state["labels"]
     chunk_rows = _chunk_rows(labels.shape[0], max(agreement.widths), options.chunk_size)  # type: ignore[union-attr]
-    plan = _plan(communicator, agreement, options, labels, state["weight"], device, chunk_rows)  # type: ignore[arg-type]
+    plan = _plan(
+        communicator, agreement, options, labels, state["weight"], device, state["shards"], chunk_rows  # type: ignore[arg-type]
+    )
     want = (
         agreement.wants_input_grad,
         grad_enabled and linear_weight_shard.requires_grad,

@@ -12,7 +12,7 @@ from ._agreement import _agree, _check_device, _check_target, _check_weight, _lo
 from ._algebra import _coefficients, _combine, _row_losses
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _Plan, _plan
-from ._shards import _new_buffer, _shard_gradient, _shard_statistics
+from ._shards import _new_buffer, _shard_gradient, _shard_statistics, shard_backend
 
 _NAME = "vocab_parallel_cross_entropy"
 
@@ -62,6 +62,7 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    backend: str = "auto",
     stats: CommunicationStats | None = None,
 ) -> Tensor:
     r"""Softmax cross-entropy of logits split by vocabulary across the ranks of ``group``.
@@ -81,9 +82,9 @@ def vocab_parallel_cross_entropy(
     Args:
         logits_shard: ``[N, V_r]`` (or ``[..., V_r]``: class axis last, Megatron's ``[s, b, V/p]``)
             float tensor, the columns ``vocab_start .. vocab_start + V_r`` of the full logits.
-            CPU float32/float64 run xentkit's Numba kernels; other dtypes and devices torch ops
-            (float16/bfloat16 computed in float32). Any rank's V_r may differ (uneven shards),
-            even be 0.
+            CPU float32/float64 run xentkit's Numba kernels, CUDA float32/float16/bfloat16 its
+            Triton kernels, anything else torch ops (float16/bfloat16 computed in float32). Any
+            rank's V_r may differ (uneven shards), even be 0.
         target: ``[N]`` (the logits' leading shape) integer class indices in ``[0, V)`` of the
             full vocabulary, or ``ignore_index``; the same on every rank (checked by a digest).
         group: the ``torch.distributed`` process group (default: the world). Without an
@@ -97,6 +98,10 @@ def vocab_parallel_cross_entropy(
         ignore_index, reduction, label_smoothing: as ``torch.nn.functional.cross_entropy``;
             "mean" divides by Σ w_y over non-ignored rows and gives 0 (not NaN) when that is 0.
         z_loss: λ ≥ 0, adds λ·lse² per non-ignored row ("mean": over their count).
+        backend: the shard passes' implementation, the same on every rank: "auto" (CUDA tensors:
+            the Triton kernels; CPU float32/float64: the Numba kernels; otherwise torch ops),
+            "triton" (a ValueError on every rank, saying why, where Triton cannot run: CPU tensors
+            only under its interpreter, ``TRITON_INTERPRET=1``) or "torch" (torch ops).
         stats: optional :class:`CommunicationStats` that counts this call's collectives.
 
     Returns:
@@ -140,12 +145,14 @@ def vocab_parallel_cross_entropy(
         _check_device(logits_shard, "logits_shard")
         options = LossOptions(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss,
+            z_loss=z_loss, backend=backend,
         )
         sample_shape = tuple(logits_shard.shape[:-1])
         labels = _check_target(target, sample_shape, "the logits' shape without the class axis")
         class_weight = _check_weight(weight)
-        state.update(options=options, labels=labels, weight=class_weight)
+        state.update(
+            options=options, labels=labels, weight=class_weight, shards=shard_backend(logits_shard, options)
+        )
         return _local_record(
             rows=labels.shape[0], width=logits_shard.shape[-1], vocab_start=vocab_start,
             labels=labels, weight=class_weight, options=options, dtype=logits_shard.dtype,
@@ -153,7 +160,8 @@ def vocab_parallel_cross_entropy(
 
     agreement = _agree(communicator, _NAME, local_checks)
     plan = _plan(
-        communicator, agreement, state["options"], state["labels"], state["weight"], device  # type: ignore[arg-type]
+        communicator, agreement, state["options"], state["labels"], state["weight"], device,  # type: ignore[arg-type]
+        state["shards"],  # type: ignore[arg-type]
     )
     want_grad = torch.is_grad_enabled() and logits_shard.requires_grad
     return _VocabParallelCrossEntropyFunction.apply(logits_shard, plan, want_grad)

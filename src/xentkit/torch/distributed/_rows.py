@@ -2,7 +2,8 @@
 
 Built once per call after the agreement: which rows count, each row's target column in this
 rank's shard, the class weights of the shard, the reduction (:class:`ReductionPlan`, the one
-home of "mean" and its denominators) and, for the linear form, the rows per chunk.
+home of "mean" and its denominators), the shard backend and, for the linear form, the rows per
+chunk.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class _Plan:
     weight_sum: float  # W = Σ_c w_c over all V classes
     reduction_plan: ReductionPlan  # "mean": main term over Σ w_y, z term over the valid rows
     chunk_rows: int  # the linear form's rows per chunk
+    shards: type  # the shard backend (``_shards.shard_backend``): NumbaShards, TritonShards or TorchShards
 
     @property
     def smoothing(self) -> bool:
@@ -64,6 +66,7 @@ def _plan(
     labels: np.ndarray,
     weight: np.ndarray | None,
     device: torch.device,
+    shards: type,
     chunk_rows: int = 0,
 ) -> _Plan:
     start, stop = agreement.start, agreement.start + agreement.width
@@ -90,6 +93,7 @@ def _plan(
         # from the NumPy rows: Python-float denominators, the same on every rank
         reduction_plan=ReductionPlan.of_labels(options.reduction, valid, target_weight),
         chunk_rows=chunk_rows,
+        shards=shards,
     )
 
 

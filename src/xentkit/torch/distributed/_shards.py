@@ -1,9 +1,15 @@
-"""The two passes over one rank's shard: Numba kernels on CPU float32/float64, torch ops elsewhere.
+"""The two passes over one rank's shard, on three backends: the Numba kernels (CPU
+float32/float64), the Triton kernels (CUDA float32/float16/bfloat16; CPU tensors only under
+Triton's interpreter) and torch ops (anything else, or ``backend="torch"``).
 
 Pass 1 gives each row's shard statistics (max, rescaled sum of exponentials, target logit,
 weighted logit sum); pass 2 writes the shard's gradient from the combined rows' coefficients.
-The kernels (:mod:`xentkit.kernels.vocab_parallel`) are imported on first use, so that importing
-``xentkit.torch`` does not load Numba.
+Each backend keeps the contract of :mod:`xentkit.kernels.vocab_parallel` (whose docstring has the
+formulas): ``statistics`` returns four float64 ``[n]`` tensors on the logits' device, ``gradient``
+writes into ``out`` (which may be the logits: in place). :func:`shard_backend` picks one per call,
+from the tensor and ``LossOptions.backend``. The kernels (:mod:`xentkit.kernels.vocab_parallel`,
+:mod:`xentkit.triton.vocab_parallel`) are imported on first use, so that importing
+``xentkit.torch`` loads neither Numba nor Triton.
 """
 
 from __future__ import annotations
@@ -14,15 +20,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..._options import LossOptions
+from .._triton_path import tensor_reason
 from ._rows import _Plan, _Rows
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _kernel_applies(tensor: Tensor) -> bool:
-    from . import USE_KERNELS  # the package's switch, read at call time (tests turn it off)
+def shard_backend(tensor: Tensor, options: LossOptions) -> type:
+    """The shard backend of a call on ``tensor`` (the logits shard, or the linear form's input):
+    "torch" → :class:`TorchShards`; "auto" → :class:`TritonShards` for CUDA tensors Triton takes,
+    :class:`NumbaShards` for CPU float32/float64, :class:`TorchShards` otherwise; "triton" →
+    :class:`TritonShards`, or a ValueError saying why it cannot run (every rank raises it through
+    the agreement). ``USE_KERNELS = False`` (the package's switch, read at call time) turns "auto"
+    and "triton" into torch ops, as tests use it.
+    """
+    from . import USE_KERNELS
 
-    return USE_KERNELS and tensor.device.type == "cpu" and tensor.dtype in _KERNEL_DTYPES
+    if options.backend == "torch":
+        return TorchShards
+    if options.backend == "triton" or tensor.device.type == "cuda":
+        reason = tensor_reason(tensor)
+        if reason is not None and options.backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this call: {reason}")
+        if reason is None:
+            return TritonShards if USE_KERNELS else TorchShards
+    if USE_KERNELS and tensor.device.type == "cpu" and tensor.dtype in _KERNEL_DTYPES:
+        return NumbaShards
+    return TorchShards
 
 
 def _numpy_view(tensor: Tensor) -> np.ndarray:
@@ -55,13 +80,14 @@ def _new_buffer(shape: tuple[int, ...], like: Tensor, *, zero: bool = False) -> 
     return make(shape, dtype=like.dtype, device=like.device)
 
 
-def _shard_statistics(
-    logits: Tensor, rows: _Rows, plan: _Plan
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pass 1 over a contiguous ``[n, V_r]`` shard: ``(m_r, s_r, local z_y, local Σ w_j·z_j)``,
-    float64 ``[n]`` tensors on the logits' device (see :mod:`xentkit.kernels.vocab_parallel`).
-    """
-    if _kernel_applies(logits):
+class NumbaShards:
+    """The Numba kernels (:mod:`xentkit.kernels.vocab_parallel`) on NumPy views of CPU
+    float32/float64 tensors (no copy)."""
+
+    name = "numba"
+
+    @staticmethod
+    def statistics(logits: Tensor, rows: _Rows, plan: _Plan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from xentkit.kernels.vocab_parallel import shard_softmax_stats
 
         pieces = shard_softmax_stats(
@@ -69,35 +95,120 @@ def _shard_statistics(
         )
         return tuple(torch.from_numpy(piece) for piece in pieces)  # type: ignore[return-value]
 
-    n, width = logits.shape
-    compute = _compute_dtype(logits.dtype)
-    device = logits.device
-    row_max = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-    row_sum = torch.zeros(n, dtype=torch.float64, device=device)
-    sum_z = torch.zeros(n, dtype=torch.float64, device=device)
-    target = torch.zeros(n, dtype=torch.float64, device=device)
-    if width == 0 or n == 0:
+    @staticmethod
+    def gradient(
+        logits: Tensor, rows: _Rows, plan: _Plan, shift: Tensor,
+        coefficients: tuple[Tensor, Tensor | None, Tensor], out: Tensor,
+    ) -> None:
+        if out.dtype != logits.dtype:
+            TorchShards.gradient(logits, rows, plan, shift, coefficients, out)
+            return
+        from xentkit.kernels.vocab_parallel import shard_softmax_grad
+
+        coef, smooth, target_grad = coefficients
+        shard_softmax_grad(
+            _numpy_view(logits), rows.local_labels_array, shift.numpy(), coef.numpy(),
+            None if smooth is None else smooth.numpy(), target_grad.numpy(),
+            plan.weight_local_array, _numpy_view(out),
+        )
+
+
+class TritonShards:
+    """The Triton kernels (:mod:`xentkit.triton.vocab_parallel`) on the tensors as they are: the
+    shard's float32/float16/bfloat16 logits read in float32, the plan's float64 rows and class
+    weights read on the device (no copy), the gradient written into ``out``."""
+
+    name = "triton"
+
+    @staticmethod
+    def statistics(logits: Tensor, rows: _Rows, plan: _Plan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from xentkit.triton.vocab_parallel import shard_softmax_stats
+
+        return shard_softmax_stats(logits, rows.local_labels, plan.weight_local, plan.smoothing)
+
+    @staticmethod
+    def gradient(
+        logits: Tensor, rows: _Rows, plan: _Plan, shift: Tensor,
+        coefficients: tuple[Tensor, Tensor | None, Tensor], out: Tensor,
+    ) -> None:
+        from xentkit.triton.vocab_parallel import shard_softmax_grad
+
+        coef, smooth, target_grad = coefficients
+        shard_softmax_grad(logits, rows.local_labels, shift, coef, smooth, target_grad, plan.weight_local, out)
+
+
+class TorchShards:
+    """The same two passes in torch ops, chunks of rows at a time (any device, any float dtype;
+    float32 arithmetic for float16/bfloat16)."""
+
+    name = "torch"
+
+    @staticmethod
+    def statistics(logits: Tensor, rows: _Rows, plan: _Plan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n, width = logits.shape
+        compute = _compute_dtype(logits.dtype)
+        device = logits.device
+        row_max = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        row_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        sum_z = torch.zeros(n, dtype=torch.float64, device=device)
+        target = torch.zeros(n, dtype=torch.float64, device=device)
+        if width == 0 or n == 0:
+            return row_max, row_sum, target, sum_z
+        step = _chunk_step(width)
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            z = logits[start:stop].to(compute)
+            # m_r = max_j z_j; shift t_r = m_r (0 when the shard row is all −inf); s_r = Σ exp(z − t_r)
+            m = z.amax(dim=1)
+            shift = torch.where(m > -math.inf, m, torch.zeros_like(m))
+            row_max[start:stop] = m
+            row_sum[start:stop] = torch.exp(z - shift[:, None]).sum(dim=1, dtype=torch.float64)
+            if plan.smoothing:
+                z64 = z.to(torch.float64)
+                sum_z[start:stop] = z64.sum(dim=1) if plan.weight_local is None else z64 @ plan.weight_local
+        here = rows.local_labels >= 0
+        picked = logits.gather(1, rows.local_labels.clamp(min=0)[:, None])[:, 0].to(torch.float64)
+        target = torch.where(here, picked, target)
+        ignored = rows.local_labels == -2
+        row_max = row_max.masked_fill(ignored, -math.inf)
+        row_sum = row_sum.masked_fill(ignored, 0.0)
+        sum_z = sum_z.masked_fill(ignored, 0.0)
         return row_max, row_sum, target, sum_z
-    step = _chunk_step(width)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        z = logits[start:stop].to(compute)
-        # m_r = max_j z_j; shift t_r = m_r (0 when the shard row is all −inf); s_r = Σ exp(z − t_r)
-        m = z.amax(dim=1)
-        shift = torch.where(m > -math.inf, m, torch.zeros_like(m))
-        row_max[start:stop] = m
-        row_sum[start:stop] = torch.exp(z - shift[:, None]).sum(dim=1, dtype=torch.float64)
-        if plan.smoothing:
-            z64 = z.to(torch.float64)
-            sum_z[start:stop] = z64.sum(dim=1) if plan.weight_local is None else z64 @ plan.weight_local
-    here = rows.local_labels >= 0
-    picked = logits.gather(1, rows.local_labels.clamp(min=0)[:, None])[:, 0].to(torch.float64)
-    target = torch.where(here, picked, target)
-    ignored = rows.local_labels == -2
-    row_max = row_max.masked_fill(ignored, -math.inf)
-    row_sum = row_sum.masked_fill(ignored, 0.0)
-    sum_z = sum_z.masked_fill(ignored, 0.0)
-    return row_max, row_sum, target, sum_z
+
+    @staticmethod
+    def gradient(
+        logits: Tensor, rows: _Rows, plan: _Plan, shift: Tensor,
+        coefficients: tuple[Tensor, Tensor | None, Tensor], out: Tensor,
+    ) -> None:
+        coef, smooth, target_grad = coefficients
+        n, width = logits.shape
+        if width == 0 or n == 0:
+            return
+        compute = _compute_dtype(logits.dtype)
+        weight = None if plan.weight_local is None else plan.weight_local.to(compute)
+        step = _chunk_step(width)
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            z = logits[start:stop].to(compute)
+            grad = torch.exp(z - shift[start:stop, None].to(compute)).mul_(coef[start:stop, None].to(compute))
+            if smooth is not None:
+                sigma = smooth[start:stop, None].to(compute)
+                grad.sub_(sigma if weight is None else sigma * weight)
+            out[start:stop] = grad
+        here = rows.local_labels >= 0
+        index = torch.nonzero(here)[:, 0]
+        out[index, rows.local_labels[index]] = target_grad[index].to(out.dtype)
+        out[rows.local_labels == -2] = 0
+
+
+def _shard_statistics(
+    logits: Tensor, rows: _Rows, plan: _Plan
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 1 over a contiguous ``[n, V_r]`` shard: ``(m_r, s_r, local z_y, local Σ w_j·z_j)``,
+    float64 ``[n]`` tensors on the logits' device (see :mod:`xentkit.kernels.vocab_parallel`), on
+    the plan's backend.
+    """
+    return plan.shards.statistics(logits, rows, plan)
 
 
 def _shard_gradient(
@@ -109,34 +220,6 @@ def _shard_gradient(
     out: Tensor,
 ) -> None:
     """Pass 2: ``out[i, j] = c_i·exp(z_ij − M_i) − σ_i·w_j`` and the target entries; ignored rows
-    0. ``out`` may be ``logits`` itself (in place).
+    0. ``out`` may be ``logits`` itself (in place). On the plan's backend.
     """
-    coef, smooth, target_grad = coefficients
-    if _kernel_applies(logits) and out.dtype == logits.dtype:
-        from xentkit.kernels.vocab_parallel import shard_softmax_grad
-
-        shard_softmax_grad(
-            _numpy_view(logits), rows.local_labels_array, shift.numpy(), coef.numpy(),
-            None if smooth is None else smooth.numpy(), target_grad.numpy(),
-            plan.weight_local_array, _numpy_view(out),
-        )
-        return
-
-    n, width = logits.shape
-    if width == 0 or n == 0:
-        return
-    compute = _compute_dtype(logits.dtype)
-    weight = None if plan.weight_local is None else plan.weight_local.to(compute)
-    step = _chunk_step(width)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        z = logits[start:stop].to(compute)
-        grad = torch.exp(z - shift[start:stop, None].to(compute)).mul_(coef[start:stop, None].to(compute))
-        if smooth is not None:
-            sigma = smooth[start:stop, None].to(compute)
-            grad.sub_(sigma if weight is None else sigma * weight)
-        out[start:stop] = grad
-    here = rows.local_labels >= 0
-    index = torch.nonzero(here)[:, 0]
-    out[index, rows.local_labels[index]] = target_grad[index].to(out.dtype)
-    out[rows.local_labels == -2] = 0
+    plan.shards.gradient(logits, rows, plan, shift, coefficients, out)

@@ -1,0 +1,273 @@
+"""One rank's shard of a vocabulary-parallel cross-entropy on the GPU: statistics, then gradient.
+
+The Triton twin of :mod:`xentkit.kernels.vocab_parallel`, with its contract (the combining over
+ranks and the formulas of loss and gradient: :mod:`xentkit.torch.distributed`). Rank r holds the
+columns ``[start_r, start_r + V_r)`` of the logits; its ``[N, V_r]`` shard z (float32, float16 or
+bfloat16; arithmetic in float32) is cut into chunks of ``BLOCK`` classes, one program per
+(row, chunk). Rows are labelled by their column in this shard: ``local_labels[i] ≥ 0`` is the
+target's column here, ``-1`` a target on another rank, ``-2`` an ignored row.
+
+    pass 1, ``_partials_kernel`` (one read of the shard), per chunk k of a row:
+        m_k = max_j z_j  (NaN ignored: s_k carries it),  t_k = m_k (0 if m_k = −inf)
+        s_k = Σ_j exp(z_j − t_k)
+        S_k = Σ_j w_j·(z_j − t_k),  W_k = Σ_j w_j                  (label smoothing only)
+
+    the row, ``_combine_kernel`` (one program per row, merging the row's few partials):
+        m_r = max_k m_k,  t_r = m_r (0 if m_r = −inf)
+        s_r = Σ_k s_k·exp(t_k − t_r)                    (a chunk with s_k = 0 adds exactly 0)
+        S'_r = Σ_k (S_k + W_k·(t_k − t_r)) = Σ_j w_j·(z_j − t_r)
+        z_y = z_y when the row's label is a column of this shard, else 0 (not read)
+
+    and the host function returns, in float64 as the Numba kernel does,
+        (m_r, s_r, z_y, S_z = S'_r + W_r·t_r)   with W_r = Σ_{j in shard} w_j in float64,
+    so that the weighted logit sum S_z = Σ_j w_j·z_j keeps float32's relative precision in the
+    spread z_j − t_r, not in the logits' offset (rows near +1e4 lose nothing to it).
+
+    pass 2, ``_gradient_kernel`` (one read and one write of the shard), with per-row float64
+    coefficients the caller computed from the rows' global statistics (M: the row's max over
+    every rank, c, σ and the target entry as ``xentkit.torch.distributed._algebra``):
+        grad_ij = c_i·exp(z_ij − M_i) − σ_i·w_j,   grad_{i,y} = target_grad_i (y in this shard)
+
+Ignored rows are not read: statistics (−inf, 0, 0, 0) and a zero gradient row. Pass 2 reads each
+element before writing it, in the same program, and writes the target entry there too, so the
+gradient may be written over the logits (in place). Special values as the Numba kernel: a NaN
+makes the row's s_r (hence loss and gradient) NaN; a +inf logit gives s_r = NaN (exp(inf − inf));
+a −inf logit is a masked class (exp = 0; with label smoothing S_z = −inf, the loss +inf).
+
+No validation: the caller passes a contiguous shard, ``local_labels`` ``[N]`` int64 and float64
+``[V_r]`` class weights (read as float32) or None. A label outside ``[0, V_r)`` is not read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .cross_entropy import _warps
+
+__all__ = ["shard_softmax_grad", "shard_softmax_stats"]
+
+# Classes per block (a block of float32 lives in registers across the program's warps).
+MAX_BLOCK = 8192
+
+# Labels of rows in ``local_labels`` (as xentkit.kernels.vocab_parallel).
+ELSEWHERE = -1
+IGNORED = -2
+
+
+@triton.jit
+def _partials_kernel(
+    logits_ptr,
+    logits_stride,
+    labels_ptr,
+    weight_ptr,
+    part_ptr,
+    part_plane,
+    n_cols,
+    n_chunks,
+    HAS_WEIGHT: tl.constexpr,
+    SUM_Z: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if tl.load(labels_ptr + row) == -2:
+        return  # an ignored row: the combine writes its statistics without reading the partials
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    z = tl.where(inside, x, float("-inf"))
+    # ---- 1. m_k = max z_j (NaN ignored), t_k = m_k (0 if −inf: never exp(−inf − (−inf))),
+    #         s_k = Σ exp(z_j − t_k) ----
+    m = tl.max(tl.where(z == z, z, float("-inf")), 0)
+    t = tl.where(m == float("-inf"), 0.0, m)
+    slot = part_ptr + row * n_chunks + chunk
+    tl.store(slot, m)
+    tl.store(slot + part_plane, tl.sum(tl.exp(z - t), 0))
+    if SUM_Z:
+        # ---- 2. S_k = Σ w_j·(z_j − t_k) and W_k = Σ w_j (lanes past the row add 0) ----
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(inside, 1.0, 0.0)
+        tl.store(slot + 2 * part_plane, tl.sum(w * tl.where(inside, z - t, 0.0), 0))
+        tl.store(slot + 3 * part_plane, tl.sum(w, 0))
+
+
+@triton.jit
+def _combine_kernel(
+    logits_ptr,
+    logits_stride,
+    labels_ptr,
+    part_ptr,
+    part_plane,
+    max_ptr,
+    sum_ptr,
+    target_ptr,
+    shifted_sum_z_ptr,
+    n_cols,
+    n_chunks,
+    SUM_Z: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
+    """One program per row: the row's partials merged into (m_r, s_r, S'_r), and z_y."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(labels_ptr + row)
+    if y == -2:
+        tl.store(max_ptr + row, float("-inf"))
+        tl.store(sum_ptr + row, 0.0)
+        tl.store(target_ptr + row, 0.0)
+        tl.store(shifted_sum_z_ptr + row, 0.0)
+        return
+    k = tl.arange(0, CHUNKS)
+    mine = k < n_chunks
+    slots = part_ptr + row * n_chunks + k
+    m_k = tl.load(slots, mask=mine, other=float("-inf"))
+    s_k = tl.load(slots + part_plane, mask=mine, other=0.0)
+    # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), s_r = Σ s_k·exp(t_k − t_r) ----
+    m = tl.max(m_k, 0)
+    t = tl.where(m == float("-inf"), 0.0, m)
+    t_k = tl.where(m_k == float("-inf"), 0.0, m_k)
+    tl.store(max_ptr + row, m)
+    tl.store(sum_ptr + row, tl.sum(tl.where(s_k == 0.0, 0.0, s_k * tl.exp(t_k - t)), 0))
+    # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift ----
+    if SUM_Z:
+        sum_k = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
+        weight_k = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
+        restated = sum_k + tl.where(weight_k == 0.0, 0.0, weight_k * (t_k - t))
+        tl.store(shifted_sum_z_ptr + row, tl.sum(tl.where(mine, restated, 0.0), 0))
+    else:
+        tl.store(shifted_sum_z_ptr + row, 0.0)
+    # ---- 5. z_y, read only when the label is one of this shard's columns ----
+    here = (y >= 0) & (y < n_cols)
+    z_y = tl.load(logits_ptr + row * logits_stride + tl.where(here, y, 0), mask=here, other=0.0)
+    tl.store(target_ptr + row, tl.where(here, z_y.to(tl.float32), 0.0))
+
+
+@triton.jit
+def _gradient_kernel(
+    logits_ptr,
+    logits_stride,
+    labels_ptr,
+    shift_ptr,
+    coef_ptr,
+    smooth_ptr,
+    target_grad_ptr,
+    weight_ptr,
+    grad_ptr,
+    grad_stride,
+    n_cols,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per (row, chunk): the chunk's gradient from the row's coefficients."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    grad_row = grad_ptr + row * grad_stride
+    y = tl.load(labels_ptr + row)
+    if y == -2:
+        tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
+        return
+    shift = tl.load(shift_ptr + row).to(tl.float32)  # a max of the logits: exact in float32
+    coef = tl.load(coef_ptr + row).to(tl.float32)
+    x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    # ---- Pass 2: grad_ij = c_i·exp(z_ij − M_i) − σ_i·w_j ----
+    grad = coef * tl.exp(x - shift)
+    if HAS_SMOOTH:
+        sigma = tl.load(smooth_ptr + row).to(tl.float32)
+        if HAS_WEIGHT:
+            grad -= sigma * tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        else:
+            grad -= sigma
+    # the target entry (the caller's float64 value; y < 0 matches no column)
+    grad = tl.where(cols == y, tl.load(target_grad_ptr + row).to(tl.float32), grad)
+    tl.store(grad_row + cols, grad, mask=inside)
+
+
+def _block(n_cols: int) -> int:
+    """Classes per program: the row's width rounded up to a power of 2 (at least 16), at most
+    ``MAX_BLOCK`` (a power of 2; tests lower it to cut small rows into several blocks)."""
+    return min(MAX_BLOCK, max(16, triton.next_power_of_2(n_cols)))
+
+
+def shard_softmax_stats(
+    logits: Tensor, local_labels: Tensor, weight: Tensor | None, want_sum_z: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 1 over a contiguous ``[N, V_r]`` float32/float16/bfloat16 shard (one read, two
+    launches).
+
+    ``local_labels`` ``[N]`` int64 (column here, ``-1`` elsewhere, ``-2`` ignored); ``weight`` this
+    shard's ``[V_r]`` float64 class weights or None; ``want_sum_z`` computes ``S_z`` (only label
+    smoothing needs it). Returns four ``[N]`` float64 tensors on the logits' device,
+    ``(m_r, s_r, z_y or 0, Σ_j w_j·z_j or 0)`` as the module docstring; ignored rows give
+    ``(−inf, 0, 0, 0)``.
+    """
+    n_rows, n_cols = logits.shape
+    device = logits.device
+    if n_rows == 0 or n_cols == 0:  # nothing to read: every row (−inf, 0, 0, 0)
+        zeros = torch.zeros(n_rows, dtype=torch.float64, device=device)
+        return torch.full_like(zeros, -torch.inf), zeros, zeros.clone(), zeros.clone()
+    block = _block(n_cols)
+    n_chunks = triton.cdiv(n_cols, block)
+    planes = 4 if want_sum_z else 2
+    part = torch.empty((planes, n_rows, n_chunks), dtype=torch.float32, device=device)
+    row_max, row_sum, target, shifted = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4))
+    has_weight = weight is not None
+    any_weight = weight if has_weight else part  # never read without HAS_WEIGHT
+    _partials_kernel[(n_rows, n_chunks)](
+        logits, logits.stride(0), local_labels, any_weight, part, n_rows * n_chunks, n_cols, n_chunks,
+        HAS_WEIGHT=has_weight, SUM_Z=bool(want_sum_z), BLOCK=block, num_warps=_warps(block),
+    )
+    _combine_kernel[(n_rows,)](
+        logits, logits.stride(0), local_labels, part, n_rows * n_chunks, row_max, row_sum, target,
+        shifted, n_cols, n_chunks, SUM_Z=bool(want_sum_z), CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
+        num_warps=1,
+    )
+    row_max64 = row_max.to(torch.float64)
+    sum_z = torch.zeros(n_rows, dtype=torch.float64, device=device)
+    if want_sum_z:
+        # S_z = S'_r + W_r·t_r in float64 (t_r = 0 for rows with no finite logit, ignored rows)
+        weight_sum = float(n_cols) if weight is None else weight.sum(dtype=torch.float64)
+        shift = torch.where(row_max64 > -torch.inf, row_max64, 0.0)
+        sum_z = shifted.to(torch.float64) + weight_sum * shift
+    return row_max64, row_sum.to(torch.float64), target.to(torch.float64), sum_z
+
+
+def shard_softmax_grad(
+    logits: Tensor,
+    local_labels: Tensor,
+    shift: Tensor,
+    coef: Tensor,
+    smooth: Tensor | None,
+    target_grad: Tensor,
+    weight: Tensor | None,
+    out: Tensor,
+) -> Tensor:
+    """Pass 2 (one read and one write, one launch): ``out[i, j] = coef_i·exp(z_ij − shift_i) −
+    smooth_i·w_j``, then ``out[i, y_i] = target_grad_i`` for rows whose label is in this shard;
+    ignored rows get 0.
+
+    ``logits`` and ``out`` are contiguous ``[N, V_r]`` of one float dtype on one device; ``out``
+    may be ``logits`` itself (in place). ``shift``, ``coef``, ``target_grad`` and ``smooth``
+    (None: no smoothing term) are ``[N]`` float tensors (float64 from the caller, read as
+    float32), ``weight`` ``[V_r]`` or None (all ones). Returns ``out``.
+    """
+    n_rows, n_cols = logits.shape
+    if n_rows == 0 or n_cols == 0:
+        return out
+    block = _block(n_cols)
+    has_weight = weight is not None
+    has_smooth = smooth is not None
+    coef = coef.contiguous()
+    _gradient_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        logits, logits.stride(0), local_labels, shift.contiguous(), coef,
+        smooth.contiguous() if has_smooth else coef, target_grad.contiguous(),
+        weight if has_weight else coef, out, out.stride(0), n_cols,
+        HAS_WEIGHT=has_weight, HAS_SMOOTH=has_smooth, BLOCK=block, num_warps=_warps(block),
+    )
+    return out
