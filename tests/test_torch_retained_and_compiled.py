@@ -81,3 +81,18 @@ def test_linear_module_is_a_drop_in_for_torchs_including_out_features():
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_options_compile_when_dynamo_passes_them_as_symbolic_floats():
+    """torch.compile(dynamic=True) turns float arguments into symbolic floats; the option checks
+    use comparisons only, so they trace (math.isfinite refused them) and a new value recompiles
+    nothing, yet gives the new loss."""
+
+    def step(x, y, strength):
+        return xt.cross_entropy(x, y, z_loss=strength, label_smoothing=strength, softcap=30.0 + strength)
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    for strength in (0.1, 0.2):
+        torch.testing.assert_close(compiled(x, y, strength), step(x, y, strength))

@@ -57,6 +57,12 @@ def _real(value: object, name: str, expected: str) -> float:
     return float(value) + 0.0
 
 
+def _finite(value: float) -> bool:
+    """Whether ``value`` is finite, by comparisons only: also for the symbolic floats that
+    ``torch.compile(dynamic=True)`` passes (``math.isfinite`` refuses them)."""
+    return -math.inf < value < math.inf
+
+
 def check_reduction(value: object) -> str:
     if not isinstance(value, str) or value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {value!r}")
@@ -88,7 +94,7 @@ def _check_label_smoothing(value: object) -> float:
 
 def _check_z_loss(value: object) -> float:
     value = _real(value, "z_loss", "a non-negative float")
-    if not (value >= 0.0 and math.isfinite(value)):
+    if not (value >= 0.0 and _finite(value)):
         raise ValueError(f"z_loss must be a finite float >= 0, got {value}")
     return value
 
@@ -97,14 +103,14 @@ def _check_softcap(value: object) -> float | None:
     if value is None:
         return None
     value = _real(value, "softcap", "None or a positive float")
-    if not (value > 0.0 and math.isfinite(value)):
+    if not (value > 0.0 and _finite(value)):
         raise ValueError(f"softcap must be None or a finite float > 0, got {value}")
     return value
 
 
 def check_temperature(value: object) -> float:
     value = _real(value, "temperature", "a positive float")
-    if not (value > 0.0 and math.isfinite(value)):
+    if not (value > 0.0 and _finite(value)):
         raise ValueError(f"temperature must be a finite float > 0, got {value}")
     return value
 
