@@ -415,8 +415,10 @@ SCENARIOS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, results: str) -> None:
-    """One rank: join the gloo group, run every scenario, write {scenario: failure or None}."""
+def run_scenarios(rank: int, world: int, port: int, results: str, scenarios: dict) -> None:
+    """One rank of a spawned group: join the gloo group, run every scenario, write
+    ``{scenario: failure or None}`` to ``results/rank{rank}.json``. Shared by the distributed test
+    files (each spawns a module-level worker that calls this with its own scenarios)."""
     import numba
 
     torch.set_num_threads(1)
@@ -426,7 +428,7 @@ def _worker(rank: int, world: int, port: int, results: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
     findings: dict[str, str | None] = {}
     try:
-        for name, scenario in SCENARIOS.items():
+        for name, scenario in scenarios.items():
             _FAILURES.clear()
             try:
                 scenario(world, rank)
@@ -437,6 +439,37 @@ def _worker(rank: int, world: int, port: int, results: str) -> None:
     finally:
         Path(results, f"rank{rank}.json").write_text(json.dumps(findings))
         dist.destroy_process_group()
+
+
+def spawn_group(worker, world: int, results: Path, names) -> dict[str, dict[int, str | None]]:
+    """Spawn ``world`` ranks running ``worker(rank, world, port, results)``; their findings by
+    scenario name and rank (a group that outlives ``SPAWN_DEADLINE_S`` is killed and fails)."""
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=(world, _free_port(), str(results)), nprocs=world, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {world} spawned ranks did not finish in {SPAWN_DEADLINE_S} s")
+    findings: dict[str, dict[int, str | None]] = {name: {} for name in names}
+    for rank in range(world):
+        for name, failure in json.loads(Path(results, f"rank{rank}.json").read_text()).items():
+            findings[name][rank] = failure
+    return findings
+
+
+def check_findings(findings: dict[str, dict[int, str | None]], scenario: str, world: int) -> None:
+    """The scenario ran on every rank and failed on none."""
+    assert len(findings[scenario]) == world, f"{scenario} did not run on every rank: {findings[scenario]}"
+    failures = {rank: text for rank, text in findings[scenario].items() if text}
+    assert not failures, "\n".join(f"rank {rank} of {world}:\n{text}" for rank, text in failures.items())
+
+
+def _worker(rank: int, world: int, port: int, results: str) -> None:
+    run_scenarios(rank, world, port, results, SCENARIOS)
 
 
 def _free_port() -> int:
@@ -456,32 +489,15 @@ def _warm_kernels() -> None:
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda world: f"world{world}")
 def spawned(request, tmp_path_factory) -> tuple[int, dict[str, dict[int, str | None]]]:
     """Spawn one gloo group of ``world`` ranks that runs every scenario; its findings by scenario."""
-    import torch.multiprocessing as mp
-
     world = request.param
     _warm_kernels()
-    results = tmp_path_factory.mktemp(f"world{world}")
-    context = mp.spawn(_worker, args=(world, _free_port(), str(results)), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {world} spawned ranks did not finish in {SPAWN_DEADLINE_S} s")
-    findings: dict[str, dict[int, str | None]] = {name: {} for name in SCENARIOS}
-    for rank in range(world):
-        for name, failure in json.loads(Path(results, f"rank{rank}.json").read_text()).items():
-            findings[name][rank] = failure
-    return world, findings
+    return world, spawn_group(_worker, world, tmp_path_factory.mktemp(f"world{world}"), SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_rank_matches_the_single_process_answer(spawned, scenario):
     world, findings = spawned
-    assert len(findings[scenario]) == world, f"{scenario} did not run on every rank: {findings[scenario]}"
-    failures = {rank: text for rank, text in findings[scenario].items() if text}
-    assert not failures, "\n".join(f"rank {rank} of {world}:\n{text}" for rank, text in failures.items())
+    check_findings(findings, scenario, world)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,11 +13,6 @@ failures and the tolerances are those of ``test_distributed.py``.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import time
-import traceback
-from pathlib import Path
 
 import pytest
 
@@ -28,14 +23,14 @@ import torch.nn.functional as F  # noqa: E402
 
 import xentkit.torch as xt  # noqa: E402
 from test_distributed import (  # noqa: E402
-    _FAILURES,
-    GROUP_TIMEOUT,
     _all_reduces_during,
     _expect_error,
-    _free_port,
     _world_of_one,
     assert_close,
+    check_findings,
     recorded,
+    run_scenarios,
+    spawn_group,
 )
 from xentkit._options import LogProbOptions, LossOptions  # noqa: E402
 from xentkit.torch import distributed as vp  # noqa: E402
@@ -281,27 +276,7 @@ SCENARIOS = {
 
 
 def _worker(rank: int, world: int, port: int, results: str) -> None:
-    """One rank: join the gloo group, run every scenario, write {scenario: failure or None}."""
-    import numba
-
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
-    findings: dict[str, str | None] = {}
-    try:
-        for name, scenario in SCENARIOS.items():
-            _FAILURES.clear()
-            try:
-                scenario(world, rank)
-            except Exception:  # outside a recorded case: the ranks may be out of step now
-                _FAILURES.append(traceback.format_exc(limit=4))
-            findings[name] = "\n".join(_FAILURES) or None
-            dist.barrier()
-    finally:
-        Path(results, f"rank{rank}.json").write_text(json.dumps(findings))
-        dist.destroy_process_group()
+    run_scenarios(rank, world, port, results, SCENARIOS)
 
 
 def _warm_kernels() -> None:
@@ -314,32 +289,15 @@ def _warm_kernels() -> None:
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda world: f"world{world}")
 def spawned(request, tmp_path_factory) -> tuple[int, dict[str, dict[int, str | None]]]:
     """Spawn one gloo group of ``world`` ranks that runs every scenario; its findings by scenario."""
-    import torch.multiprocessing as mp
-
     world = request.param
     _warm_kernels()
-    results = tmp_path_factory.mktemp(f"log_probs_world{world}")
-    context = mp.spawn(_worker, args=(world, _free_port(), str(results)), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {world} spawned ranks did not finish in {SPAWN_DEADLINE_S} s")
-    findings: dict[str, dict[int, str | None]] = {name: {} for name in SCENARIOS}
-    for rank in range(world):
-        for name, failure in json.loads(Path(results, f"rank{rank}.json").read_text()).items():
-            findings[name][rank] = failure
-    return world, findings
+    return world, spawn_group(_worker, world, tmp_path_factory.mktemp(f"log_probs_world{world}"), SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_rank_matches_the_single_process_answer(spawned, scenario):
     world, findings = spawned
-    assert len(findings[scenario]) == world, f"{scenario} did not run on every rank: {findings[scenario]}"
-    failures = {rank: text for rank, text in findings[scenario].items() if text}
-    assert not failures, "\n".join(f"rank {rank} of {world}:\n{text}" for rank, text in failures.items())
+    check_findings(findings, scenario, world)
 
 
 # ---------------------------------------------------------------------------------------------

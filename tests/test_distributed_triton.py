@@ -12,12 +12,8 @@ spawned group) make every shard several chunks, the last one ragged. With
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
-import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,12 +28,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import xentkit  # noqa: E402
 from test_distributed import (  # noqa: E402
-    _FAILURES,
-    GROUP_TIMEOUT,
     _expect_error,
-    _free_port,
     assert_close,
+    check_findings,
     recorded,
+    run_scenarios,
+    spawn_group,
     torch_cross_entropy,
 )
 from xentkit._options import LossOptions  # noqa: E402
@@ -434,57 +430,19 @@ SCENARIOS = {"logits": scenario_logits, "linear": scenario_linear, "errors": sce
 
 
 def _worker(rank: int, world: int, port: int, results: str) -> None:
-    """One rank: join the gloo group, run every scenario, write {scenario: failure or None}."""
-    import numba
-
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
     kernels.MAX_BLOCK = 4  # every shard row in several blocks
     _count_triton_calls()
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
-    findings: dict[str, str | None] = {}
-    try:
-        for name, scenario in SCENARIOS.items():
-            _FAILURES.clear()
-            try:
-                scenario(world, rank)
-            except Exception:  # outside a recorded case: the ranks may be out of step now
-                _FAILURES.append(traceback.format_exc(limit=4))
-            findings[name] = "\n".join(_FAILURES) or None
-            dist.barrier()
-    finally:
-        Path(results, f"rank{rank}.json").write_text(json.dumps(findings))
-        dist.destroy_process_group()
+    run_scenarios(rank, world, port, results, SCENARIOS)
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> dict[str, dict[int, str | None]]:
     """Spawn one gloo group of 2 ranks that runs every scenario; its findings by scenario."""
-    import torch.multiprocessing as mp
-
     if DEVICE != "cpu":
         pytest.skip("the spawned group runs CPU tensors under Triton's interpreter")
-    world = 2
-    results = tmp_path_factory.mktemp("triton_world2")
-    context = mp.spawn(_worker, args=(world, _free_port(), str(results)), nprocs=world, join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {world} spawned ranks did not finish in {SPAWN_DEADLINE_S} s")
-    findings: dict[str, dict[int, str | None]] = {name: {} for name in SCENARIOS}
-    for rank in range(world):
-        for name, failure in json.loads(Path(results, f"rank{rank}.json").read_text()).items():
-            findings[name][rank] = failure
-    return findings
+    return spawn_group(_worker, 2, tmp_path_factory.mktemp("triton_world2"), SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_rank_matches_the_single_process_answer(spawned, scenario):
-    assert len(spawned[scenario]) == 2, f"{scenario} did not run on every rank: {spawned[scenario]}"
-    failures = {rank: text for rank, text in spawned[scenario].items() if text}
-    assert not failures, "\n".join(f"rank {rank} of 2:\n{text}" for rank, text in failures.items())
+    check_findings(spawned, scenario, 2)
