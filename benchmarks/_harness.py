@@ -162,3 +162,40 @@ def floor_goals(results: dict[str, dict], time_goal: float, memory_budget: float
         "met": ours["peak_above_inputs_bytes"] <= memory_budget,
     }
     return goals
+
+
+def timed_passes(provider: str, step, warm_inputs: tuple, inputs: tuple, repeats: int, value_key: str) -> dict:
+    """A worker's measurement: two warm-up steps on ``warm_inputs`` (JIT compilation, thread
+    pools), then ``repeats`` timed steps on ``inputs`` (``x, w, ...``: their gradients are reset
+    before each), with the peak resident memory above the RSS read once the inputs exist.
+    ``step(*inputs)`` returns the loss or objective, reported under ``value_key``."""
+    import gc
+    import time
+
+    import torch
+
+    for _ in range(2):
+        step(*warm_inputs)
+    del warm_inputs
+    gc.collect()
+    x, w = inputs[:2]
+    baseline = rss_bytes()
+    times, peaks, value = [], [], None
+    for _ in range(repeats):
+        x.grad = w.grad = None
+        gc.collect()
+        start = time.perf_counter()
+        value = step(*inputs)
+        times.append(time.perf_counter() - start)
+        peaks.append(peak_rss_bytes() - baseline)
+    return {
+        "provider": provider,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "peak_above_inputs_bytes": peaks[-1],
+        "peak_after_each_pass_bytes": peaks,
+        value_key: value,
+        "grad_x_norm": float(x.grad.norm()),
+        "grad_w_norm": float(w.grad.norm()),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -30,9 +30,7 @@ every run; ``latest``: the last run per reduction).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,11 +40,10 @@ from _harness import (
     floor_goals,
     interleaved,
     machine,
-    peak_rss_bytes,
     print_goals,
     print_table,
-    rss_bytes,
     summarize,
+    timed_passes,
 )
 
 PROVIDERS = ("matmuls", "torch", "torch-chunked", "xentkit")
@@ -98,36 +95,14 @@ def _inputs(rows: int, features: int, classes: int, dtype_name: str, seed: int):
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Runs in the child process: warm up, allocate, time, measure."""
-    import torch
-
     provider = args.worker
-    warm = _inputs(256, 64, 1024, args.dtype, seed=1)
-    for _ in range(2):
-        _step(provider, *warm, args.chunk_size, args.reduction)
-    del warm
-    gc.collect()
 
-    x, w, target = _inputs(args.rows, args.features, args.classes, args.dtype, seed=0)
-    baseline = rss_bytes()
-    times, peaks, loss = [], [], None
-    for _ in range(args.repeats):
-        x.grad = w.grad = None
-        gc.collect()
-        start = time.perf_counter()
-        loss = _step(provider, x, w, target, args.chunk_size, args.reduction)
-        times.append(time.perf_counter() - start)
-        peaks.append(peak_rss_bytes() - baseline)
-    return {
-        "provider": provider,
-        "times_s": times,
-        "median_s": statistics.median(times),
-        "peak_above_inputs_bytes": peaks[-1],
-        "peak_after_each_pass_bytes": peaks,
-        "loss": loss,
-        "grad_x_norm": float(x.grad.norm()),
-        "grad_w_norm": float(w.grad.norm()),
-        "torch_threads": torch.get_num_threads(),
-    }
+    def step(*inputs):
+        return _step(provider, *inputs, args.chunk_size, args.reduction)
+
+    warm = _inputs(256, 64, 1024, args.dtype, seed=1)
+    inputs = _inputs(args.rows, args.features, args.classes, args.dtype, seed=0)
+    return timed_passes(provider, step, warm, inputs, args.repeats, "loss")
 
 
 def main(argv: list[str] | None = None) -> int:

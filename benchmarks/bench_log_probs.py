@@ -24,9 +24,7 @@ run; ``latest``: the last run per dtype).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,11 +34,10 @@ from _harness import (
     floor_goals,
     interleaved,
     machine,
-    peak_rss_bytes,
     print_goals,
     print_table,
-    rss_bytes,
     summarize,
+    timed_passes,
 )
 
 PROVIDERS = ("matmuls", "torch", "xentkit")
@@ -95,36 +92,14 @@ def _inputs(rows: int, features: int, classes: int, dtype_name: str, seed: int):
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Runs in the child process: warm up, allocate, time, measure."""
-    import torch
-
     provider = args.worker
-    warm = _inputs(256, 64, 1024, args.dtype, seed=1)
-    for _ in range(2):
-        _step(provider, *warm, args.temperature, args.chunk_size)
-    del warm
-    gc.collect()
 
-    x, w, target, a, b = _inputs(args.rows, args.features, args.classes, args.dtype, seed=0)
-    baseline = rss_bytes()
-    times, peaks, objective = [], [], None
-    for _ in range(args.repeats):
-        x.grad = w.grad = None
-        gc.collect()
-        start = time.perf_counter()
-        objective = _step(provider, x, w, target, a, b, args.temperature, args.chunk_size)
-        times.append(time.perf_counter() - start)
-        peaks.append(peak_rss_bytes() - baseline)
-    return {
-        "provider": provider,
-        "times_s": times,
-        "median_s": statistics.median(times),
-        "peak_above_inputs_bytes": peaks[-1],
-        "peak_after_each_pass_bytes": peaks,
-        "objective": objective,
-        "grad_x_norm": float(x.grad.norm()),
-        "grad_w_norm": float(w.grad.norm()),
-        "torch_threads": torch.get_num_threads(),
-    }
+    def step(*inputs):
+        return _step(provider, *inputs, args.temperature, args.chunk_size)
+
+    warm = _inputs(256, 64, 1024, args.dtype, seed=1)
+    inputs = _inputs(args.rows, args.features, args.classes, args.dtype, seed=0)
+    return timed_passes(provider, step, warm, inputs, args.repeats, "objective")
 
 
 def main(argv: list[str] | None = None) -> int:
