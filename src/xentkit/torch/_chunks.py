@@ -31,3 +31,20 @@ def logit_chunks(
         else:
             torch.addmm(b, x_chunk, w_t, out=logits)
         yield start, stop, x_chunk, logits
+
+
+def add_chunk_gradients(
+    dz: Tensor, x_chunk: Tensor, w: Tensor, grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    start: int, stop: int,
+) -> None:
+    """The last step of every fused linear form, for one chunk whose logits' gradient is ``dz``:
+    ``grad_x[start:stop] = dz W`` (written), ``grad_W += dzᵀ x_chunk``, ``grad_b += Σ_rows dz``
+    (the column sums in float32 or better). ``grads`` = (grad_x, grad_W, grad_b), each None when
+    not wanted; grad_W and grad_b start at zero."""
+    grad_x, grad_w, grad_b = grads
+    if grad_x is not None:
+        torch.mm(dz, w, out=grad_x[start:stop])
+    if grad_w is not None:
+        grad_w.addmm_(dz.t(), x_chunk)
+    if grad_b is not None:
+        grad_b.add_(dz.sum(dim=0, dtype=torch.promote_types(dz.dtype, torch.float32)).to(grad_b.dtype))

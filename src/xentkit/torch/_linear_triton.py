@@ -30,7 +30,7 @@ from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
-from ._chunks import logit_chunks
+from ._chunks import add_chunk_gradients, logit_chunks
 from ._triton_path import triton_reason, unit_factors
 
 # A chunk's logits take at most this many bytes (a power of two of rows): measured on an H100,
@@ -167,11 +167,5 @@ def _chunk_gradients(
         logits, labels, weight, stats.contiguous(), options.ignore_index, options.label_smoothing,
         options.z_loss, options.softcap, upstream, upstream, logits, factors,
     )
-    grad_x, grad_w, grad_b = grads
-    if grad_x is not None:
-        torch.mm(logits, w, out=grad_x[start:stop])
-    if grad_w is not None:
-        grad_w.addmm_(logits.t(), x_chunk)
-    if grad_b is not None:
-        grad_b.add_(logits.sum(dim=0, dtype=torch.float32).to(grad_b.dtype))
+    add_chunk_gradients(logits, x_chunk, w, tuple(grads), start, stop)
 

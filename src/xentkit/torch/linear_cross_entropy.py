@@ -37,7 +37,7 @@ from .._options import LossOptions, check_chunk_size
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
 from . import _bridge, _linear_triton, _torch_ops
-from ._chunks import logit_chunks
+from ._chunks import add_chunk_gradients, logit_chunks
 
 __all__ = ["chunk_rows_for", "linear_cross_entropy"]
 
@@ -107,11 +107,10 @@ def _chunked_pass(
     chunk_rows = options.chunk_size
     want_grad = grad_output is not None and any(want)
     buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype)
-    # Gradients start empty: the first chunk writes them with out=, later chunks add in place.
-    new = torch.empty_like if rows > 0 else torch.zeros_like
-    grad_input = new(x) if want_grad and want[0] else None
-    grad_weight = new(w) if want_grad and want[1] else None
-    grad_bias = new(b) if want_grad and want[2] and b is not None else None
+    # grad_x's rows are written chunk by chunk; grad_W and grad_b start at zero and add up
+    grad_input = torch.empty_like(x) if want_grad and want[0] else None
+    grad_weight = torch.zeros_like(w) if want_grad and want[1] else None
+    grad_bias = torch.zeros_like(b) if want_grad and want[2] and b is not None else None
     loss_rows = np.empty(rows, dtype=np.float64) if options.reduction == "none" else None
     total = 0.0
     # 1. logits = x W^T (+ b), chunk by chunk into the reused buffer.
@@ -128,21 +127,8 @@ def _chunked_pass(
             plan=plan,
         )
         if want_grad:
-            dlogits = logits
-            # 3. grad_x rows = dlogits W.
-            if grad_input is not None:
-                torch.mm(dlogits, w, out=grad_input[start:stop])
-            # 4. grad_W += dlogits^T x_chunk, grad_b += column sums of dlogits.
-            if grad_weight is not None:
-                if start == 0:
-                    torch.mm(dlogits.t(), x_chunk, out=grad_weight)
-                else:
-                    grad_weight.addmm_(dlogits.t(), x_chunk)
-            if grad_bias is not None:
-                if start == 0:
-                    torch.sum(dlogits, dim=0, out=grad_bias)
-                else:
-                    grad_bias.add_(dlogits.sum(dim=0))
+            # 3.-4. grad_x rows = dlogits W; grad_W += dlogitsᵀ x_chunk, grad_b += Σ_rows dlogits
+            add_chunk_gradients(logits, x_chunk, w, (grad_input, grad_weight, grad_bias), start, stop)
         if loss_rows is not None:
             loss_rows[start:stop] = loss
         else:

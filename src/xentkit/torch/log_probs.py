@@ -34,7 +34,7 @@ from .._labels import check_index_layout, check_labels
 from .._options import LogProbOptions, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge, _linear_triton, _triton_path
-from ._chunks import logit_chunks
+from ._chunks import add_chunk_gradients, logit_chunks
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows, statistics_dtype
 from .linear_cross_entropy import chunk_rows_for
 
@@ -235,12 +235,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
                 logits, target[start:stop], ctx.valid[start:stop], options.temperature,
                 ctx.m[start:stop], ctx.s[start:stop], part, logits,
             )
-            if grad_x is not None:
-                torch.mm(dz, w, out=grad_x[start:stop])
-            if grad_w is not None:
-                grad_w.addmm_(dz.t(), x_chunk)
-            if grad_b is not None:
-                grad_b.add_(dz.sum(dim=0))
+            add_chunk_gradients(dz, x_chunk, w, (grad_x, grad_w, grad_b), start, stop)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 

@@ -12,7 +12,7 @@ from torch.autograd.function import FunctionCtx
 
 from ..._options import LossOptions
 from .. import _bridge
-from .._chunks import logit_chunks
+from .._chunks import add_chunk_gradients, logit_chunks
 from ._agreement import _agree, _check_linear_shards, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
 from ._communication import CommunicationStats, _Communicator
@@ -86,12 +86,7 @@ def _linear_pass(
         g_chunk = g[start:stop] if isinstance(g, Tensor) else g
         g_z_chunk = g_z[start:stop] if isinstance(g_z, Tensor) else g_z
         _shard_gradient(logits, rows, plan, stats.shift, _coefficients(stats, rows, plan, g_chunk, g_z_chunk), logits)
-        if grad_input is not None:
-            torch.mm(logits, w, out=grad_input[start:stop])
-        if grad_weight is not None:
-            grad_weight.addmm_(logits.t(), x_chunk)
-        if grad_bias is not None:
-            grad_bias.add_(logits.sum(dim=0))
+        add_chunk_gradients(logits, x_chunk, w, (grad_input, grad_weight, grad_bias), start, stop)
     if grad_input is not None:
         plan.communicator.all_reduce(grad_input, dist.ReduceOp.SUM)
     all_stats = None

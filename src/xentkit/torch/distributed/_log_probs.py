@@ -35,7 +35,7 @@ from torch.autograd.function import FunctionCtx
 from ..._options import LogProbOptions
 from ...reference.log_probs import merge_partials, row_statistics
 from .. import _bridge
-from .._chunks import logit_chunks
+from .._chunks import add_chunk_gradients, logit_chunks
 from .._log_prob_rows import NumbaRows, TorchRows, statistics_dtype
 from ..log_probs import _coefficients, _flag, _rows_backend, _select
 from ._agreement import _agree, _Agreement, _check_linear_shards, _check_target, _local_record
@@ -152,12 +152,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
                 dz = plan.rows.gradient(
                     logits, labels, valid, plan.options.temperature, m[start:stop], s[start:stop], part, logits,
                 )
-                if grad_x is not None:
-                    torch.mm(dz, w, out=grad_x[start:stop])
-                if grad_w is not None:
-                    grad_w.addmm_(dz.t(), x_chunk)
-                if grad_b is not None:
-                    grad_b.add_(dz.sum(dim=0))
+                add_chunk_gradients(dz, x_chunk, w, (grad_x, grad_w, grad_b), start, stop)
         if grad_x is not None:
             plan.communicator.all_reduce(grad_x, dist.ReduceOp.SUM)
             grad_x = grad_x.view(input.shape) if ctx.needs_input_grad[0] else None
