@@ -310,13 +310,16 @@ LOSSES = {
 def test_double_backward_raises(name):
     loss_function, _, kind = LOSSES[name]
     logits, target, _ = make_case((5, 4), kind)
-    loss = loss_function(logits, target, reduction="sum")
+    # class weights keep a small cross-entropy on xentkit's kernel (a small plain one runs
+    # torch's own, which has a second derivative: test_small_plain_problems_run_torchs_own_kernel)
+    extra = {"weight": torch.ones(4, dtype=logits.dtype)} if name == "cross_entropy" else {}
+    loss = loss_function(logits, target, reduction="sum", **extra)
     (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         grad.sum().backward()
     # A gradient penalty must not be silently dropped (once_differentiable would drop it here,
     # since the upstream gradient of a create_graph=True call does not require grad).
-    loss = loss_function(logits, target, reduction="sum")
+    loss = loss_function(logits, target, reduction="sum", **extra)
     (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         (loss + grad.square().sum()).backward()
@@ -644,3 +647,54 @@ def test_ignore_index_is_unused_with_probability_targets_on_every_path(backend):
     want = torch.nn.functional.cross_entropy(logits, target)
     got = xt.cross_entropy(logits, target, ignore_index=1, backend=backend)
     torch.testing.assert_close(got, want)
+
+
+def test_small_plain_problems_run_torchs_own_kernel(monkeypatch):
+    """Up to SMALL_MAX_LOGITS plain [N, C] logits (int64 labels, no weights, z-loss, softcap or
+    in-place) run torch's own cross-entropy, wrapped in xentkit's semantics: the same values as
+    the fused kernel, the same label error and probabilities warning, a "mean" of nothing that is
+    0, and (torch's gift) a second derivative. Larger or richer problems keep the kernel."""
+    from xentkit.torch import functional
+
+    calls = []
+    monkeypatch.setattr(functional, "F", _Recorder(F, calls))
+    logits = torch.randn(32, 10, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 10, (32,))
+    target[3] = -100
+    for reduction in REDUCTIONS:
+        for smoothing in (0.0, 0.1):
+            small = xt.cross_entropy(logits, target, reduction=reduction, label_smoothing=smoothing)
+            kernel = xt.cross_entropy(logits, target, reduction=reduction, label_smoothing=smoothing,
+                                      weight=torch.ones(10, dtype=torch.float64))
+            torch.testing.assert_close(small, kernel, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 6  # torch's kernel ran for the plain calls only
+    with pytest.raises(ValueError, match=r"target has label 10 at position \(1,\) but logits have 10 classes"):
+        xt.cross_entropy(logits, torch.tensor([0, 10]).repeat(16))
+    nothing = xt.cross_entropy(logits, torch.full((32,), -100))
+    nothing.backward()
+    assert nothing.item() == 0.0 and (logits.grad == 0).all()
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+        xt.cross_entropy(torch.softmax(torch.randn(4, 5), 1), torch.tensor([0, 1, 2, 3]))
+    # a second derivative, equal to torch's
+    (grad,) = torch.autograd.grad(xt.cross_entropy(logits, target), logits, create_graph=True)
+    (want,) = torch.autograd.grad(F.cross_entropy(logits, target), logits, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(grad.square().sum(), logits)[0],
+                               torch.autograd.grad(want.square().sum(), logits)[0])
+    calls.clear()
+    xt.cross_entropy(torch.randn(300, 300), torch.randint(0, 300, (300,)))  # 90000 logits: the kernel
+    xt.cross_entropy(logits, target.int())  # int32 labels: the kernel
+    assert calls == []
+
+
+class _Recorder:
+    """torch.nn.functional with its cross_entropy calls recorded."""
+
+    def __init__(self, module, calls):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def cross_entropy(self, *args, **kwargs):
+        self._calls.append(args[0].shape)
+        return self._module.cross_entropy(*args, **kwargs)

@@ -59,6 +59,19 @@ def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
     return bool(np.all(np.abs(moved.sum(axis=-1, dtype=np.float64) - 1) <= tolerance))
 
 
+def warn_if_probabilities(logits: np.ndarray, axis: int) -> None:
+    """A :class:`ProbabilitiesAsLogitsWarning`, pointed at the user's call, when ``logits`` look
+    like probabilities (softmax applied twice)."""
+    if _looks_like_probabilities(logits, axis):
+        warnings.warn(
+            "logits look like probabilities (every value in [0, 1], summing to 1 along the class "
+            "axis); did you apply softmax twice? Pass raw scores to cross_entropy, or silence "
+            "this with check_probabilities=False.",
+            ProbabilitiesAsLogitsWarning,
+            stacklevel=_callers_level(),
+        )
+
+
 def _callers_level() -> int:
     """The ``stacklevel`` that points a warning raised by the caller of this function at the
     first frame outside xentkit and torch: the user's call, whichever path led here (the api,
@@ -217,14 +230,8 @@ def _cross_entropy(
         for name, other in (("weight", weight_given), ("target", target)):
             if isinstance(other, np.ndarray) and np.may_share_memory(out, other):
                 raise ValueError(f"out must not overlap {name} (the gradient would overwrite it mid-computation)")
-    if check_probabilities and _looks_like_probabilities(original, axis):
-        warnings.warn(
-            "logits look like probabilities (every value in [0, 1], summing to 1 along the class "
-            "axis); did you apply softmax twice? Pass raw scores to cross_entropy, or silence "
-            "this with check_probabilities=False.",
-            ProbabilitiesAsLogitsWarning,
-            stacklevel=_callers_level(),
-        )
+    if check_probabilities:
+        warn_if_probabilities(original, axis)
 
     work = original.astype(work_dtype, copy=False)
     if probabilities or reference_enabled():

@@ -22,11 +22,13 @@ Two deliberate differences from torch:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from .._labels import check_labels
 from .._options import LossOptions
-from ..api.cross_entropy import _cross_entropy
+from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _nll
 from ..api.losses import binary_cross_entropy_with_logits as _bce_with_logits
 from ..api.losses import binary_cross_entropy_with_logits_and_grad as _bce_with_logits_and_grad
@@ -176,6 +178,42 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         return (_bridge.scale_gradient(gradient, grad_output, owned), *[None] * 5)
 
 
+# Up to this many logits, plain [N, C] problems without xentkit's extras run torch's own kernel:
+# there the fixed cost of an autograd.Function and of the bridge to NumPy (~100 µs) would be most
+# of the time (benchmarks/bench_small.py), and the fused kernel has nothing to win.
+SMALL_MAX_LOGITS = 1 << 16
+
+
+def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
+    """Whether torch's own cross-entropy computes exactly this call (after the label check):
+    a small float32/float64 [N, C] input, int64 class indices, no class weights and none of
+    xentkit's extras."""
+    return (
+        options.backend == "auto" and input.dim() == 2 and 0 < input.numel() <= SMALL_MAX_LOGITS
+        and input.dtype in (torch.float32, torch.float64) and target.dtype == torch.int64
+        and target.dim() == 1 and weight is None and not options.z_loss and options.softcap is None
+        and not options.inplace_backward
+    )
+
+
+def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, check_probabilities: bool) -> Tensor:
+    """A small plain problem on torch's own kernel, with xentkit's semantics around it: the same
+    label error, the same probabilities warning, and a "mean" of nothing that is 0 (gradient 0)."""
+    classes = input.shape[1]
+    if check_probabilities:
+        warn_if_probabilities(_bridge.as_numpy(input), 1)
+    low, high = torch.aminmax(target)
+    ignore_inside = 0 <= options.ignore_index < classes
+    if ignore_inside or not (low.item() >= 0 and high.item() < classes):  # else: every label valid
+        valid = check_labels(target, classes, options.ignore_index)
+        if options.reduction == "mean" and not bool(valid.any()):
+            return (input * 0).sum()
+    return F.cross_entropy(
+        input, target, ignore_index=options.ignore_index, reduction=options.reduction,
+        label_smoothing=options.label_smoothing,
+    )
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -220,7 +258,12 @@ def cross_entropy(
     are checked after the first kernel, which waits for the device once. Under ``torch.compile``
     the Triton path runs as torch custom ops (the kernels stay fused, no graph break) without that
     wait: a label outside ``[0, C)`` that is not ``ignore_index`` is not refused but makes its
-    row's loss and gradient NaN (nothing is read out of bounds). Double backward raises.
+    row's loss and gradient NaN (nothing is read out of bounds). Double backward raises on
+    xentkit's kernels. Small plain CPU problems (up to ``SMALL_MAX_LOGITS`` float32/float64
+    ``[N, C]`` logits, int64 labels, no class weights, z-loss, softcap or in-place) run torch's own
+    cross-entropy, with xentkit's label check, warning and "mean of nothing is 0" around it (the
+    fixed costs of the kernel path would be most of the time there), and have torch's second
+    derivative.
     ``size_average`` and ``reduce`` are deprecated and mapped to ``reduction`` as torch does.
 
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
@@ -263,6 +306,8 @@ def cross_entropy(
         input, target, weight, grad_free=(target, weight)
     ):
         return _torch_ops.cross_entropy(input, target, weight, options)
+    if _small_and_plain(input, target, weight, options):
+        return _small_cross_entropy(input, target, options, check_probabilities)
     return _CrossEntropyFunction.apply(
         input, target, weight, options, bool(check_probabilities), torch.is_grad_enabled()
     )
