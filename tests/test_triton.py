@@ -278,8 +278,6 @@ def test_linear_cross_entropy_on_triton_edge_cases():
     assert loss.item() == 0.0 and not x.grad.any() and not w.grad.any()
     with pytest.raises(ValueError, match=r"label 7 at position \(1,\) but linear_weight has 7 rows"):
         xt.linear_cross_entropy(x, w, torch.tensor([0, 7, 1, 2, 3]).to(DEVICE), backend="triton")
-    with pytest.raises(ValueError, match="probability targets are not on the Triton path yet"):
-        xt.linear_cross_entropy(x, w, torch.softmax(torch.randn(5, 7), 1).to(DEVICE), backend="triton")
     with pytest.raises(ValueError, match="2-D input"):
         xt.linear_cross_entropy(x[0], w, torch.tensor(1).to(DEVICE), backend="triton")
     loss = xt.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 4]).to(DEVICE), backend="triton")
@@ -495,3 +493,36 @@ def test_inplace_backward_on_triton_writes_over_the_logits(shape):
         loss = xt.cross_entropy(x.exp(), target, inplace_backward=True, backend="triton")  # exp saves its output
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+@pytest.mark.usefixtures("chunked")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_with_probabilities_on_triton_equals_torch_ops(reduction, dtype):
+    """Soft labels through the fused linear form on the Triton kernels: chunks of 4 rows, weights,
+    smoothing, z-loss and softcap, against the torch-ops path on the same inputs."""
+    generator = torch.Generator().manual_seed(23)
+    n, d, v = 10, 6, 300
+    x0 = torch.randn(n, d, generator=generator).to(dtype).to(DEVICE)
+    w0 = (torch.randn(v, d, generator=generator) / 2).to(dtype).to(DEVICE)
+    b0 = torch.randn(v, generator=generator).to(dtype).to(DEVICE)
+    q = torch.softmax(torch.randn(n, v, generator=generator) * 3, 1)
+    q[1] = 0.0
+    q[1, 7] = 1.0  # a one-hot row among soft ones
+    q = q.to(dtype).to(DEVICE)
+    weight = (torch.rand(v, generator=generator) + 0.5).to(dtype).to(DEVICE)
+    options = {"weight": weight, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 8.0}
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+        loss = xt.linear_cross_entropy(leaves[0], leaves[1], q, linear_bias=leaves[2], reduction=reduction,
+                                       chunk_size=4, backend=backend, **options)
+        upstream = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape).to(DEVICE)
+        loss.backward(upstream)
+        results.append((loss.detach(), [leaf.grad for leaf in leaves]))
+    (loss, grads), (expected_loss, expected_grads) = results
+    assert loss.dtype == expected_loss.dtype == torch.float32 and loss.shape == expected_loss.shape
+    tolerance = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss, expected_loss, rtol=tolerance, atol=tolerance)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad.float(), expected.float(), rtol=tolerance, atol=tolerance)

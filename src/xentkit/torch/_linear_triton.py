@@ -90,18 +90,24 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         x = input.detach().contiguous()
         w = linear_weight.detach().contiguous()
         b = None if linear_bias is None else linear_bias.detach().contiguous()
-        labels = target.detach().reshape(-1).long().contiguous()
         n, classes = x.shape[0], w.shape[0]
-        valid, plan = ReductionPlan.of_targets(
-            options.reduction, labels, options.ignore_index, weight, dtype=torch.float32
-        )
+        probabilities = target.is_floating_point()
+        if probabilities:  # [N, V] rows of q, read in their dtype; "mean" over the rows
+            labels = target.detach().reshape(n, classes).contiguous()
+            plan = ReductionPlan.of_rows(options.reduction, n)
+            valid = torch.ones(n, dtype=torch.bool, device=x.device)
+        else:
+            labels = target.detach().reshape(-1).long().contiguous()
+            valid, plan = ReductionPlan.of_targets(
+                options.reduction, labels, options.ignore_index, weight, dtype=torch.float32
+            )
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = unit_factors(plan, x.device) if now else None
         grads = _empty_gradients(x, w, b, want if now else (False, False, False))
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-        stats = torch.empty((2, n), dtype=torch.float32, device=x.device)
+        stats = torch.empty((3 if probabilities else 2, n), dtype=torch.float32, device=x.device)
         buffer = torch.empty((min(options.chunk_size, n), classes), dtype=x.dtype, device=x.device)
         for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
             loss_rows[start:stop], lse_rows[start:stop], stats[:, start:stop] = row_statistics(
@@ -111,7 +117,8 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             if now:
                 _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
                                  options, None, factors, grads, start, stop)
-        check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
+        if not probabilities:
+            check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
         loss = plan.reduce(loss_rows, z_term(lse_rows, valid, options.z_loss))
         ctx.options = options
         if options.reduction == "none" and any(want):

@@ -74,17 +74,12 @@ def tensor_reason(input: Tensor, *, compiled: bool = False) -> str | None:
 
 
 def triton_reason(
-    input: Tensor, target: Tensor, weight: Tensor | None, *, probabilities: bool = False,
-    compiled: bool = False,
+    input: Tensor, target: Tensor, weight: Tensor | None, *, compiled: bool = False
 ) -> str | None:
-    """Why the Triton cross-entropy cannot run this call, or None when it can. ``probabilities``:
-    whether the caller's kernels take probability targets (``cross_entropy``'s do; the linear
-    form's not yet); ``compiled``: as for :func:`tensor_reason`."""
-    if torch.is_floating_point(target):
-        if not probabilities:
-            return "probability targets are not on the Triton path yet"
-        if target.dtype not in PROBABILITY_DTYPES:
-            return f"it reads float16, bfloat16, float32 and float64 probability targets, got {target.dtype}"
+    """Why the Triton cross-entropy (``cross_entropy`` or the linear form) cannot run this call,
+    or None when it can; ``compiled``: as for :func:`tensor_reason`."""
+    if torch.is_floating_point(target) and target.dtype not in PROBABILITY_DTYPES:
+        return f"it reads float16, bfloat16, float32 and float64 probability targets, got {target.dtype}"
     # a kernel would read another device's memory (torch ops then raise torch's own error)
     for name, tensor in (("target", target), ("weight", weight)):
         if tensor is not None and tensor.device != input.device:
@@ -101,7 +96,7 @@ def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tens
         return False
     if options.backend == "auto" and not _is_cuda(input):
         return False
-    reason = triton_reason(input, target, weight, probabilities=True, compiled=True)
+    reason = triton_reason(input, target, weight, compiled=True)
     if reason is not None and options.backend == "triton":
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
     return reason is None

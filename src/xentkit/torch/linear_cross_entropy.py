@@ -297,11 +297,12 @@ def linear_cross_entropy(
 
     Shapes: input ``[N, D]`` or ``[D]``; linear_weight ``[V, D]``; linear_bias ``[V]``; target
     int64 ``[N]`` (``[]``) or probabilities ``[N, V]`` (``[V]``); weight ``[V]``. The loss is a
-    scalar, or ``[N]`` for "none". Float32/float64 CPU tensors take the chunked path; other devices
-    and dtypes (float16, bfloat16), multi-dimensional ``linear_weight`` and gradients with respect to
-    target or class weight compute the logits with ``F.linear`` and the loss with torch ops.
+    scalar, or ``[N]`` for "none"; float32 for float16/bfloat16 inputs, else the input's dtype.
+    Float32/float64 CPU tensors take the chunked path; other CPU dtypes (float16, bfloat16),
+    multi-dimensional ``linear_weight`` and gradients with respect to target or class weight compute
+    the logits with ``F.linear`` and the loss with torch ops.
     ``ignore_index=None`` means -100, as in torch. ``backend``: "auto" (2-D float32/float16/bfloat16
-    CUDA inputs with class indices: cuBLAS chunks around the Triton kernels, the gradient written
+    CUDA inputs, class indices or probabilities: cuBLAS chunks around the Triton kernels, the gradient written
     over each chunk's logits; float32/float64 CPU tensors: the Numba kernels; torch ops elsewhere),
     "triton" (the CUDA path, or a ValueError saying why not) or "torch" (always torch ops). Double
     backward raises.
