@@ -278,6 +278,10 @@ def test_linear_cross_entropy_on_triton_edge_cases():
     assert loss.item() == 0.0 and not x.grad.any() and not w.grad.any()
     with pytest.raises(ValueError, match=r"label 7 at position \(1,\) but linear_weight has 7 rows"):
         xt.linear_cross_entropy(x, w, torch.tensor([0, 7, 1, 2, 3]).to(DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"label 7 at position \(1,\) but linear_weight has 7 rows"):
+        # with class weights too: the weight lookup reads no label outside [0, V)
+        xt.linear_cross_entropy(x, w, torch.tensor([0, 7, 1, 2, 3]).to(DEVICE), weight=torch.ones(7).to(DEVICE),
+                                backend="triton")
     with pytest.raises(ValueError, match="2-D input"):
         xt.linear_cross_entropy(x[0], w, torch.tensor(1).to(DEVICE), backend="triton")
     loss = xt.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 4]).to(DEVICE), backend="triton")

@@ -28,10 +28,9 @@ from torch.autograd.function import FunctionCtx
 from .._labels import check_labels
 from .._options import LossOptions
 from ..reference.cross_entropy import z_term
-from ..reference.reductions import ReductionPlan
 from . import _bridge
 from ._chunks import add_chunk_gradients, logit_chunks
-from ._triton_path import triton_reason, unit_factors
+from ._triton_path import row_plan, triton_reason, unit_factors
 
 # A chunk's logits take at most this many bytes (a power of two of rows): measured on an H100,
 # 2048-row chunks of a 128256-class bfloat16 vocabulary (512 MiB) keep the matmuls near their
@@ -94,13 +93,9 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         probabilities = target.is_floating_point()
         if probabilities:  # [N, V] rows of q, read in their dtype; "mean" over the rows
             labels = target.detach().reshape(n, classes).contiguous()
-            plan = ReductionPlan.of_rows(options.reduction, n)
-            valid = torch.ones(n, dtype=torch.bool, device=x.device)
         else:
             labels = target.detach().reshape(-1).long().contiguous()
-            valid, plan = ReductionPlan.of_targets(
-                options.reduction, labels, options.ignore_index, weight, dtype=torch.float32
-            )
+        valid, plan = row_plan(labels, weight, options.reduction, options.ignore_index, classes)
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = unit_factors(plan, x.device) if now else None

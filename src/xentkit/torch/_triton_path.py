@@ -158,18 +158,24 @@ def forward_rows(
 
     loss_rows, lse, stats = row_statistics(rows, target, weight, ignore_index, label_smoothing, softcap)
     # everything below is queued behind the kernels
-    if target.is_floating_point():
-        valid = torch.ones_like(lse, dtype=torch.bool)
-        plan = ReductionPlan.of_rows(reduction, rows.shape[0])
-    else:
-        valid = target != ignore_index
-        if weight is not None:  # the class-weight lookup reads no label outside [0, C)
-            valid = valid & (target >= 0) & (target < rows.shape[1])
-        valid, plan = ReductionPlan.of_targets(
-            reduction, target, ignore_index, weight, dtype=torch.float32, valid=valid
-        )
+    valid, plan = row_plan(target, weight, reduction, ignore_index, rows.shape[1])
     loss = plan.reduce(loss_rows, z_term(lse, valid, z_loss))
     return loss, stats, unit_factors(plan, rows.device) if want_factors else None
+
+
+def row_plan(
+    target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int, classes: int
+) -> tuple[Tensor, ReductionPlan]:
+    """``(valid, plan)`` of the Triton paths, on the device and without a wait: probabilities
+    count every row; labels count the non-ignored ones, and the class-weight lookup reads no label
+    outside ``[0, classes)`` (the caller refuses those after the kernels, which read none)."""
+    if target.is_floating_point():
+        valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+        return valid, ReductionPlan.of_rows(reduction, target.shape[0])
+    valid = target != ignore_index
+    if weight is not None:
+        valid = valid & (target >= 0) & (target < classes)
+    return ReductionPlan.of_targets(reduction, target, ignore_index, weight, dtype=torch.float32, valid=valid)
 
 
 def gradient_rows(
