@@ -136,7 +136,9 @@ def _partials_kernel(
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
         else:
             w = tl.where(inside, 1.0, 0.0)
-        tl.store(slot + 2 * part_plane, tl.sum(tl.where(w == 0.0, 0.0, w * (z - shift)), 0))
+        # lanes past the row add 0 (z = −inf there); a zero weight on a −inf logit inside the row
+        # gives NaN, as the reference and torch do
+        tl.store(slot + 2 * part_plane, tl.sum(tl.where(inside, w * (z - shift), 0.0), 0))
         tl.store(slot + 3 * part_plane, tl.sum(w, 0))
 
 
