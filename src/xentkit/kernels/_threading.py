@@ -17,10 +17,12 @@ loader's path; it is loaded here by its full path. Without it Numba's default st
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import importlib.metadata
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numba
@@ -65,3 +67,28 @@ def prefer_tbb() -> str:
         return chosen
     numba.config.THREADING_LAYER = "tbb"
     return "tbb"
+
+
+def threads_for(elements: int, parallel: bool | None, serial_max: int) -> int:
+    """How many of Numba's threads a kernel call over ``elements`` values runs on: all of them,
+    or 1 (the calling thread alone) when ``parallel`` is False or, by default, for problems up to
+    ``serial_max`` values, where waking the pool costs more than it saves."""
+    if parallel is None:
+        parallel = elements > serial_max
+    return numba.get_num_threads() if parallel else 1
+
+
+@contextlib.contextmanager
+def running_on(threads: int) -> Iterator[None]:
+    """Run the block's kernels on ``threads`` of Numba's threads, then restore the count. (One
+    thread: the calling one runs the loops and the pool stays asleep. A separate non-parallel build
+    of the kernels was slower and would double the compile time; setting the count inside a
+    kernel would keep Numba from caching it.)"""
+    saved = numba.get_num_threads()
+    if threads != saved:
+        numba.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads != saved:
+            numba.set_num_threads(saved)

@@ -64,12 +64,11 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp_nonpositive, fast_tanh, like, maxnum
-from xentkit.kernels._threading import prefer_tbb
+from xentkit.kernels._threading import prefer_tbb, running_on, threads_for
 
 # Numba's threading layer, chosen before any kernel starts threads: TBB (fork-safe) where it is
 # ours to choose; see _threading.
@@ -655,10 +654,7 @@ def cross_entropy_rows(
     lse_rows = np.empty(n_rows, dtype=np.float64)
     if n_rows == 0:
         return loss_rows, lse_rows
-    if parallel is None:
-        parallel = n_rows * n_classes > SERIAL_MAX_ELEMENTS
-    saved_threads = numba.get_num_threads()
-    threads = saved_threads if parallel else 1
+    threads = threads_for(n_rows * n_classes, parallel, SERIAL_MAX_ELEMENTS)
     if segments is None:
         segments = _default_segments(n_rows, n_classes, threads)
     segments = max(1, min(int(segments), n_classes))
@@ -682,12 +678,7 @@ def cross_entropy_rows(
         loss_rows,
         lse_rows,
     )
-    if threads != saved_threads:
-        # one thread: the calling one runs the loops and the pool stays asleep (a separate
-        # non-parallel build of the kernel was slower, and would double the compile time;
-        # setting the count inside the kernel would keep Numba from caching it)
-        numba.set_num_threads(threads)
-    try:
+    with running_on(threads):
         if segments == 1:
             _cross_entropy_rows_kernel(*arguments)
         else:
@@ -700,9 +691,6 @@ def cross_entropy_rows(
             segment_weight_sums = np.resize(segment_weight_sums, segments)  # empty tails
             segment_weight_sums[len(starts) :] = 0.0
             _cross_entropy_split_kernel(*arguments, segments, segment_weight_sums)
-    finally:
-        if threads != saved_threads:
-            numba.set_num_threads(saved_threads)
     return loss_rows, lse_rows
 
 

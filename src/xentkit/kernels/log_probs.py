@@ -38,20 +38,21 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, like, maxnum
+from xentkit.kernels._threading import running_on, threads_for
 from xentkit.kernels.cross_entropy import (
+    _KERNEL_JIT,
     DEFAULT_BLOCK,
     SERIAL_MAX_ELEMENTS,
     _block_max,
+    _same_buffer,
     _zero_row,
 )
 
 _LOOP_JIT = {"fastmath": {"reassoc", "nsz"}, "error_model": "numpy", "nogil": True}
-_KERNEL_JIT = {"fastmath": False, "error_model": "numpy", "nogil": True, "cache": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,19 +222,9 @@ def _gradient_kernel(
 
 
 def _run(kernel, arguments: tuple, elements: int, parallel: bool | None) -> None:
-    """``kernel(*arguments)`` on Numba's threads, or on the calling thread alone for small
-    problems (waking the pool costs more than it saves)."""
-    if parallel is None:
-        parallel = elements > SERIAL_MAX_ELEMENTS
-    saved = numba.get_num_threads()
-    threads = saved if parallel else 1
-    if threads != saved:
-        numba.set_num_threads(threads)
-    try:
+    """``kernel(*arguments)`` on as many threads as the cross-entropy kernels would take."""
+    with running_on(threads_for(elements, parallel, SERIAL_MAX_ELEMENTS)):
         kernel(*arguments)
-    finally:
-        if numba.get_num_threads() != saved:
-            numba.set_num_threads(saved)
 
 
 def log_prob_statistics(
@@ -276,9 +267,7 @@ def log_prob_gradient(
     ``reference.log_probs.gradient_coefficients``, each ``[N]`` float64. Returns ``grad_out``."""
     n_rows = logits.shape[0]
     if n_rows:
-        in_place = grad_out is logits or (
-            grad_out.__array_interface__["data"][0] == logits.__array_interface__["data"][0]
-        )
+        in_place = _same_buffer(grad_out, logits)
         coef_a, coef_b, coef_k = (
             np.ascontiguousarray(np.broadcast_to(np.asarray(c, dtype=np.float64), (n_rows,)))
             for c in coefficients
