@@ -28,7 +28,7 @@ def test_compile_all_leaves_the_thread_count_alone() -> None:
     np.testing.assert_allclose(lse, np.log(4.0), rtol=1e-7)
 
 
-def test_the_packages_compile_all_covers_the_log_prob_kernels_and_xentkit_warm_runs_it(capsys) -> None:
+def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_runs_it(capsys) -> None:
     import xentkit.kernels
     from xentkit.cli import main
     from xentkit.kernels import log_probs
@@ -38,10 +38,15 @@ def test_the_packages_compile_all_covers_the_log_prob_kernels_and_xentkit_warm_r
     assert names[4:] == [
         "log-prob statistics float32", "log-prob gradient float32",
         "log-prob statistics float64", "log-prob gradient float64",
+        "shard statistics float32", "shard gradient float32",
+        "shard statistics float64", "shard gradient float64",
     ]
-    for kernel in (log_probs._statistics_kernel, log_probs._gradient_kernel):
+    from xentkit.kernels import vocab_parallel
+
+    for kernel in (log_probs._statistics_kernel, log_probs._gradient_kernel,
+                   vocab_parallel._stats_kernel, vocab_parallel._grad_kernel):
         assert {str(signature[0].dtype) for signature in kernel.signatures} >= {"float32", "float64"}
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 8 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 12 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

@@ -23,7 +23,7 @@ _HOMES = {
     "log_prob_gradient": "xentkit.kernels.log_probs",
 }
 # The modules whose compile_all() the package's compile_all() runs.
-_MODULES = ("xentkit.kernels.cross_entropy", "xentkit.kernels.log_probs")
+_MODULES = ("xentkit.kernels.cross_entropy", "xentkit.kernels.log_probs", "xentkit.kernels.vocab_parallel")
 
 
 def compile_all() -> list[str]:

@@ -218,3 +218,19 @@ def shard_softmax_grad(
         out,
     )
     return out
+
+
+def compile_all() -> list[str]:
+    """Compile (or load from Numba's cache) the shard kernels for float32 and float64 logits, with
+    and without weights and label smoothing's sum; returns the specializations' names."""
+    done = []
+    for dtype in (np.float32, np.float64):
+        logits = np.zeros((1, 4), dtype=dtype)
+        labels = np.zeros(1, dtype=np.int64)
+        for weight in (None, np.ones(4)):
+            shard_softmax_stats(logits, labels, weight, want_sum_z=weight is not None)
+            ones = np.ones(1)
+            shard_softmax_grad(logits, labels, ones, ones, ones if weight is not None else None, ones, weight,
+                               np.empty_like(logits))
+        done += [f"shard statistics {np.dtype(dtype).name}", f"shard gradient {np.dtype(dtype).name}"]
+    return done
