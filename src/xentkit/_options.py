@@ -115,10 +115,15 @@ def check_temperature(value: object) -> float:
     return value
 
 
-def _check_inplace_backward(value: object) -> bool:
+def check_flag(value: object, name: str) -> bool:
+    """A yes/no argument (``inplace_backward``, ``return_entropy``...): a bool (NumPy's too)."""
     if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"inplace_backward must be a bool, got {describe(value)}")
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
     return bool(value)
+
+
+def _check_inplace_backward(value: object) -> bool:
+    return check_flag(value, "inplace_backward")
 
 
 def check_chunk_size(value: object) -> int | None:

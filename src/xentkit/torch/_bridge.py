@@ -23,6 +23,15 @@ from torch import Tensor
 # The dtypes the NumPy api computes in (float16 is computed in float32 and returned as float16).
 # bfloat16 has no NumPy dtype; it goes to torch ops, like every non-CPU device.
 KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
+# The dtypes the Numba kernels compute in directly (the fused linear forms, the log-probability and
+# vocabulary-parallel rows take these; other dtypes go to torch ops).
+NUMBA_DTYPES = (torch.float32, torch.float64)
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and per-row results are computed and returned in: float32 or better
+    (float64 stays, float16 and bfloat16 widen to float32)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _is_plain_cpu_tensor(tensor: Tensor) -> bool:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from . import _bridge
 
 
 def logit_chunks(
@@ -47,4 +50,16 @@ def add_chunk_gradients(
     if grad_w is not None:
         grad_w.addmm_(dz.t(), x_chunk)
     if grad_b is not None:
-        grad_b.add_(dz.sum(dim=0, dtype=torch.promote_types(dz.dtype, torch.float32)).to(grad_b.dtype))
+        grad_b.add_(dz.sum(dim=0, dtype=_bridge.at_least_float32(dz.dtype)).to(grad_b.dtype))
+
+
+def idle_chunks(valid: Tensor | np.ndarray, chunk_rows: int) -> tuple[bool, ...]:
+    """Per chunk of ``chunk_rows`` rows, whether none of its rows is ``valid`` (all ignored, so
+    the chunk has nothing to differentiate): the ``skip`` of :func:`logit_chunks`. A tensor on a
+    device is read once (one wait)."""
+    n = valid.shape[0]
+    if isinstance(valid, Tensor):
+        padded = torch.zeros(-(-n // chunk_rows) * chunk_rows, dtype=torch.bool, device=valid.device)
+        padded[:n] = valid
+        return tuple(not flag for flag in padded.reshape(-1, chunk_rows).any(dim=1).tolist())
+    return tuple(not valid[start : start + chunk_rows].any() for start in range(0, n, chunk_rows))

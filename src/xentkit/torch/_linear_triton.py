@@ -38,13 +38,6 @@ from ._triton_path import row_plan, triton_reason, unit_factors
 CHUNK_BYTES = 512 * 2**20
 
 
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The fused linear forms return their loss in float32 for float16 / bfloat16 inputs (as
-    Liger-Kernel and Cut Cross-Entropy do): the loss is computed in float32, and rounding it to
-    bfloat16 would cost ~3 significant digits for nothing."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def gpu_chunk_rows(rows: int, classes: int, itemsize: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, min(chunk_size, rows))
@@ -63,9 +56,7 @@ def linear_reason(
         return "it takes a 2-D input, a 2-D linear_weight and a 1-D linear_bias"
     if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
         return "input, linear_weight and linear_bias must share one dtype"
-    if linear_weight.device != input.device or (linear_bias is not None and linear_bias.device != input.device):
-        return "input, linear_weight and linear_bias must be on one device"
-    return None
+    return None  # devices: linear_cross_entropy refused a mix before asking
 
 
 class TritonLinearCrossEntropyFunction(torch.autograd.Function):
@@ -121,7 +112,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.want = want
         for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, grads, strict=True):
             setattr(ctx, name, gradient)
-        return loss.to(loss_dtype(x.dtype))
+        return loss.to(_bridge.at_least_float32(x.dtype))  # float32 for half inputs (docs/precision.md)
 
     @staticmethod
     @_bridge.first_order_only("linear_cross_entropy")

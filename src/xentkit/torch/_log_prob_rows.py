@@ -24,18 +24,18 @@ from torch import Tensor
 
 from . import _bridge
 
-__all__ = ["NumbaRows", "TorchRows", "TritonRows", "statistics_dtype"]
-
-
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the per-row results: float64 for float64 logits, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["NumbaRows", "TorchRows", "TritonRows"]
 
 
 class NumbaRows:
     """The CPU kernels (``xentkit.kernels.log_probs``) on NumPy views of the tensors."""
 
     name = "numba"
+
+    @staticmethod
+    def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype of ``statistics``' results for logits of ``dtype``."""
+        return torch.float64
 
     @staticmethod
     def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:
@@ -67,11 +67,12 @@ class TorchRows:
     """The same two passes in torch ops (any device, any floating dtype)."""
 
     name = "torch"
+    statistics_dtype = staticmethod(_bridge.at_least_float32)
 
     @staticmethod
     def _shifted(logits: Tensor, temperature: float, m: Tensor | None) -> tuple[Tensor, Tensor]:
         """(z, m) with z = logits/T in the statistics dtype and m its row max (given or found)."""
-        z = logits.to(statistics_dtype(logits.dtype)) * (1.0 / temperature)
+        z = logits.to(_bridge.at_least_float32(logits.dtype)) * (1.0 / temperature)
         if m is None:
             m = z.amax(dim=-1) if z.shape[-1] else z.new_zeros(z.shape[0])
         return z, m
@@ -115,6 +116,7 @@ class TritonRows:
     statistics, the gradient written into ``out`` (in place when ``out`` is the logits)."""
 
     name = "triton"
+    statistics_dtype = staticmethod(_bridge.at_least_float32)
 
     @staticmethod
     def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:

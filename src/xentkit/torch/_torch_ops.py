@@ -15,11 +15,7 @@ from .._labels import check_labels
 from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
-
-
-def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Reductions run in float32 or better (bfloat16 and float16 rows are not summed in their dtype)."""
-    return torch.promote_types(dtype, torch.float32)
+from . import _bridge
 
 
 def _label_plan(
@@ -34,7 +30,7 @@ def _label_plan(
     if not torch.compiler.is_compiling() and target.device.type != "meta":
         valid = check_labels(labels, num_classes, options.ignore_index)
     return ReductionPlan.of_targets(
-        options.reduction, labels, options.ignore_index, weight, dtype=_sum_dtype(dtype), valid=valid
+        options.reduction, labels, options.ignore_index, weight, dtype=_bridge.at_least_float32(dtype), valid=valid
     )
 
 

@@ -189,7 +189,7 @@ def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, optio
     a small float32/float64 [N, C] input, int64 class indices, no class weights and none of
     xentkit's extras."""
     return (
-        options.backend == "auto" and input.dim() == 2 and 0 < input.numel() <= SMALL_MAX_LOGITS
+        input.dim() == 2 and 0 < input.numel() <= SMALL_MAX_LOGITS
         and input.dtype in (torch.float32, torch.float64) and target.dtype == torch.int64
         and target.dim() == 1 and weight is None and not options.z_loss and options.softcap is None
         and not options.inplace_backward

@@ -48,7 +48,6 @@ __all__ = ["chunk_rows_for", "linear_cross_entropy"]
 CHUNK_FRACTION = 16
 CHUNK_BUDGET_BYTES = 32 * 2**20
 CHUNK_FLOOR_BYTES = 2 * 2**20
-_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def chunk_rows_for(rows: int, classes: int, itemsize: int, chunk_size: int | None = None) -> int:
@@ -222,7 +221,7 @@ def _fused_applies(
     weight: Tensor | None,
 ) -> bool:
     """Whether the chunked NumPy path handles the call (else: plain torch ops)."""
-    if input.dtype not in _FUSED_DTYPES or input.dim() not in (1, 2) or linear_weight.dim() != 2:
+    if input.dtype not in _bridge.NUMBA_DTYPES or input.dim() not in (1, 2) or linear_weight.dim() != 2:
         return False
     if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
         return False
@@ -369,7 +368,7 @@ def linear_cross_entropy(
             if linear_bias is not None:
                 logits = logits + linear_bias
         return _torch_ops.cross_entropy(
-            logits, target, weight, options, result_dtype=_linear_triton.loss_dtype(logits.dtype)
+            logits, target, weight, options, result_dtype=_bridge.at_least_float32(logits.dtype)
         )
 
     _check_shapes(input, linear_weight, linear_bias, target, weight)

@@ -31,16 +31,15 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .._labels import check_index_layout, check_labels
-from .._options import LogProbOptions, describe
+from .._options import LogProbOptions, check_flag, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge, _linear_triton, _triton_path
-from ._chunks import add_chunk_gradients, logit_chunks
-from ._log_prob_rows import NumbaRows, TorchRows, TritonRows, statistics_dtype
+from ._chunks import add_chunk_gradients, idle_chunks, logit_chunks
+from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
 from .linear_cross_entropy import chunk_rows_for
 
 __all__ = ["linear_log_probs", "log_probs"]
 
-_NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
 def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor | None) -> type:
@@ -54,15 +53,9 @@ def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor 
             return TritonRows
         if options.backend == "triton":
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
-    if logits_like.dtype in _NUMBA_DTYPES and _bridge.runs_on_xentkit(logits_like, *others):
+    if logits_like.dtype in _bridge.NUMBA_DTYPES and _bridge.runs_on_xentkit(logits_like, *others):
         return NumbaRows
     return TorchRows
-
-
-def _flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {describe(value)}")
-    return value
 
 
 def _select(results: tuple[Tensor, Tensor, Tensor], return_entropy: bool, return_lse: bool) -> Tensor | tuple[Tensor, ...]:
@@ -85,7 +78,7 @@ def _finish(ctx: FunctionCtx, statistics: tuple[Tensor, ...], valid: Tensor, sha
     m, s, u, z_target = statistics
     log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
     ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
-    out_dtype = statistics_dtype(dtype)
+    out_dtype = _bridge.at_least_float32(dtype)
     return tuple(value.to(out_dtype).reshape(shape) for value in (log_p, entropy, lse))
 
 
@@ -167,8 +160,8 @@ def log_probs(
     See also: :func:`linear_log_probs` (from hidden states, without the logits).
     """
     options = LogProbOptions(temperature, ignore_index, None, backend)
-    return_entropy = _flag(return_entropy, "return_entropy")
-    return_lse = _flag(return_lse, "return_lse")
+    return_entropy = check_flag(return_entropy, "return_entropy")
+    return_lse = check_flag(return_lse, "return_lse")
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {describe(logits)}")
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -196,7 +189,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         b = None if linear_bias is None else linear_bias.detach().contiguous()
         ctx.options, ctx.rows, ctx.valid = options, rows, valid
         n = x.shape[0]
-        dtype = torch.float64 if rows is NumbaRows else statistics_dtype(x.dtype)
+        dtype = rows.statistics_dtype(x.dtype)
         statistics = [torch.empty(n, dtype=dtype, device=x.device) for _ in range(4)]
         buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
         # backward reuses the chunk buffer (a new one of the same size would, on the CPU, often
@@ -224,11 +217,10 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if want_w else None
         grad_b = torch.zeros_like(b) if want_b and b is not None else None
         # chunks with no position to differentiate (padding) skip their three matmuls
-        busy = [bool(flag) for flag in _busy_chunks(ctx.valid, options.chunk_size).tolist()]
         buffer, ctx.buffer = ctx.buffer, None
         if buffer is None:  # a second backward of a retained graph
             buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
-        chunks = logit_chunks(x, w, b, buffer, options.chunk_size, skip=[not flag for flag in busy])
+        chunks = logit_chunks(x, w, b, buffer, options.chunk_size, skip=idle_chunks(ctx.valid, options.chunk_size))
         for start, stop, x_chunk, logits in chunks:
             part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
             dz = rows.gradient(
@@ -237,14 +229,6 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             )
             add_chunk_gradients(dz, x_chunk, w, (grad_x, grad_w, grad_b), start, stop)
         return grad_x, grad_w, grad_b, None, None, None, None
-
-
-def _busy_chunks(valid: Tensor, chunk_rows: int) -> Tensor:
-    """Per chunk of ``chunk_rows`` rows, whether any row in it is valid (on the CPU)."""
-    n = valid.shape[0]
-    padded = torch.zeros(-(-n // chunk_rows) * chunk_rows, dtype=torch.bool, device=valid.device)
-    padded[:n] = valid
-    return padded.reshape(-1, chunk_rows).any(dim=1).cpu()
 
 
 def linear_log_probs(
@@ -294,8 +278,8 @@ def linear_log_probs(
     See also: :func:`log_probs` (logits already computed), :func:`linear_cross_entropy`.
     """
     options = LogProbOptions(temperature, ignore_index, chunk_size, backend)
-    return_entropy = _flag(return_entropy, "return_entropy")
-    return_lse = _flag(return_lse, "return_lse")
+    return_entropy = check_flag(return_entropy, "return_entropy")
+    return_lse = check_flag(return_lse, "return_lse")
     _check_linear(input, linear_weight, linear_bias)
     target = _check_target(target, tuple(input.shape[:-1]), "(one class index per input row)")
     if target.device != input.device:

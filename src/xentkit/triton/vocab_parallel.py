@@ -52,9 +52,8 @@ __all__ = ["shard_softmax_grad", "shard_softmax_stats"]
 # Classes per block (a block of float32 lives in registers across the program's warps).
 MAX_BLOCK = 8192
 
-# Labels of rows in ``local_labels`` (as xentkit.kernels.vocab_parallel).
-ELSEWHERE = -1
-IGNORED = -2
+# ``local_labels``: −1 marks a target on another rank, −2 an ignored row (as
+# xentkit.kernels.vocab_parallel); the kernels test for −2 only.
 
 
 @triton.jit

@@ -21,9 +21,6 @@ from ._shards import _new_buffer, _shard_gradient, _shard_statistics, shard_back
 
 _NAME = "vocab_parallel_linear_cross_entropy"
 
-# Where forward stores the gradients of (input, linear_weight_shard, linear_bias_shard) for
-# backward ("mean"/"sum"); None for those not wanted.
-
 
 @dataclasses.dataclass
 class _LinearPass:

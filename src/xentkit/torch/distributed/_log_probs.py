@@ -32,12 +32,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from ..._options import LogProbOptions
+from ..._options import LogProbOptions, check_flag
 from ...reference.log_probs import merge_partials, row_statistics
 from .. import _bridge
-from .._chunks import add_chunk_gradients, logit_chunks
-from .._log_prob_rows import NumbaRows, TorchRows, statistics_dtype
-from ..log_probs import _coefficients, _flag, _rows_backend, _select
+from .._chunks import add_chunk_gradients, idle_chunks, logit_chunks
+from .._log_prob_rows import TorchRows
+from ..log_probs import _coefficients, _rows_backend, _select
 from ._agreement import _agree, _Agreement, _check_linear_shards, _check_target, _local_record
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _chunk_rows
@@ -125,7 +125,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
         ctx.save_for_backward(input, linear_weight_shard, linear_bias_shard)
-        dtype, shape = statistics_dtype(x.dtype), input.shape[:-1]
+        dtype, shape = _bridge.at_least_float32(x.dtype), input.shape[:-1]
         return tuple(value.to(dtype).reshape(shape) for value in (log_p, entropy, lse))
 
     @staticmethod
@@ -143,7 +143,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         if w.shape[0] and (grad_x is not None or grad_w is not None or grad_b is not None):
             coefficients = _coefficients(ctx, grads)
             # the (M, S) the row backend takes: as xentkit.torch.linear_log_probs keeps them
-            dtype = torch.float64 if plan.rows is NumbaRows else statistics_dtype(x.dtype)
+            dtype = plan.rows.statistics_dtype(x.dtype)
             m, s = ctx.m.to(dtype), ctx.s.to(dtype)
             buffer = _new_buffer((min(plan.chunk_rows, n), w.shape[0]), x)
             for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, plan.chunk_rows, skip=plan.idle):
@@ -243,7 +243,7 @@ def vocab_parallel_linear_log_probs(
         options = LogProbOptions(temperature, ignore_index, chunk_size, backend)
         state.update(
             options=options,
-            flags=(_flag(return_entropy, "return_entropy"), _flag(return_lse, "return_lse")),
+            flags=(check_flag(return_entropy, "return_entropy"), check_flag(return_lse, "return_lse")),
             labels=_check_target(target, tuple(input.shape[:-1]), "the input's shape without in_features"),
             rows=_rows_backend(input, options, linear_weight_shard, linear_bias_shard),
         )
@@ -281,5 +281,5 @@ def _plan(
         valid=torch.from_numpy(valid).to(device),
         labels=torch.from_numpy(local).to(device),
         chunk_rows=chunk_rows,
-        idle=tuple(not valid[start : start + chunk_rows].any() for start in range(0, n, chunk_rows)),
+        idle=idle_chunks(valid, chunk_rows),
     )

@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from ..._options import LossOptions
+from .. import _bridge
 from .._triton_path import tensor_reason
 from ._rows import _Plan, _Rows
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def shard_backend(tensor: Tensor, options: LossOptions) -> type:
@@ -45,18 +44,9 @@ def shard_backend(tensor: Tensor, options: LossOptions) -> type:
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
         if reason is None:
             return TritonShards if USE_KERNELS else TorchShards
-    if USE_KERNELS and tensor.device.type == "cpu" and tensor.dtype in _KERNEL_DTYPES:
+    if USE_KERNELS and tensor.device.type == "cpu" and tensor.dtype in _bridge.NUMBA_DTYPES:
         return NumbaShards
     return TorchShards
-
-
-def _numpy_view(tensor: Tensor) -> np.ndarray:
-    """A NumPy view of a contiguous CPU tensor's memory (no copy)."""
-    return tensor.detach().resolve_neg().numpy()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunk_step(width: int) -> int:
@@ -73,7 +63,7 @@ def _new_buffer(shape: tuple[int, ...], like: Tensor, *, zero: bool = False) -> 
     (``madvise(MADV_HUGEPAGE)``); torch's allocator does not. Measured on a 2048 × 32000 float32
     gradient: writing a fresh torch buffer took 115 ms, a fresh NumPy buffer 30 ms (page faults).
     """
-    if like.device.type == "cpu" and like.dtype in _KERNEL_DTYPES:
+    if like.device.type == "cpu" and like.dtype in _bridge.NUMBA_DTYPES:
         dtype = np.float32 if like.dtype == torch.float32 else np.float64
         return torch.from_numpy(np.zeros(shape, dtype=dtype) if zero else np.empty(shape, dtype=dtype))
     make = torch.zeros if zero else torch.empty
@@ -91,7 +81,7 @@ class NumbaShards:
         from xentkit.kernels.vocab_parallel import shard_softmax_stats
 
         pieces = shard_softmax_stats(
-            _numpy_view(logits), rows.local_labels_array, plan.weight_local_array, plan.smoothing
+            _bridge.as_numpy(logits), rows.local_labels_array, plan.weight_local_array, plan.smoothing
         )
         return tuple(torch.from_numpy(piece) for piece in pieces)  # type: ignore[return-value]
 
@@ -107,9 +97,9 @@ class NumbaShards:
 
         coef, smooth, target_grad = coefficients
         shard_softmax_grad(
-            _numpy_view(logits), rows.local_labels_array, shift.numpy(), coef.numpy(),
+            _bridge.as_numpy(logits), rows.local_labels_array, shift.numpy(), coef.numpy(),
             None if smooth is None else smooth.numpy(), target_grad.numpy(),
-            plan.weight_local_array, _numpy_view(out),
+            plan.weight_local_array, _bridge.as_numpy(out),
         )
 
 
@@ -146,7 +136,7 @@ class TorchShards:
     @staticmethod
     def statistics(logits: Tensor, rows: _Rows, plan: _Plan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n, width = logits.shape
-        compute = _compute_dtype(logits.dtype)
+        compute = _bridge.at_least_float32(logits.dtype)
         device = logits.device
         row_max = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
         row_sum = torch.zeros(n, dtype=torch.float64, device=device)
@@ -184,7 +174,7 @@ class TorchShards:
         n, width = logits.shape
         if width == 0 or n == 0:
             return
-        compute = _compute_dtype(logits.dtype)
+        compute = _bridge.at_least_float32(logits.dtype)
         weight = None if plan.weight_local is None else plan.weight_local.to(compute)
         step = _chunk_step(width)
         for start in range(0, n, step):
