@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -89,17 +90,24 @@ def triton_reason(
     return tensor_reason(input, compiled=compiled)
 
 
+def takes_triton(backend: str, on_cuda: bool, reason: Callable[[], str | None]) -> bool:
+    """The one rule of ``backend=`` for every Triton path of ``xentkit.torch``: "torch" never,
+    "auto" for CUDA tensors the kernels take, "triton" always, or a ValueError saying why it
+    cannot (``reason()``: None when the kernels can run the call)."""
+    if backend == "torch" or (backend == "auto" and not on_cuda):
+        return False
+    why = reason()
+    if why is not None and backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this call: {why}")
+    return why is None
+
+
 def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
     """Whether ``cross_entropy`` takes the Triton path (eager, or its custom ops under
     torch.compile); ``backend="triton"`` raises if it cannot."""
-    if options.backend == "torch":
-        return False
-    if options.backend == "auto" and not _is_cuda(input):
-        return False
-    reason = triton_reason(input, target, weight, compiled=True)
-    if reason is not None and options.backend == "triton":
-        raise ValueError(f"backend='triton' cannot run this call: {reason}")
-    return reason is None
+    return takes_triton(
+        options.backend, _is_cuda(input), lambda: triton_reason(input, target, weight, compiled=True)
+    )
 
 
 def unit_factors(plan: ReductionPlan, device: torch.device) -> Tensor:

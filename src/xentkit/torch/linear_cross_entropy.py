@@ -36,7 +36,7 @@ from .._labels import check_labels
 from .._options import LossOptions, check_chunk_size
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
-from . import _bridge, _linear_triton, _torch_ops
+from . import _bridge, _linear_triton, _torch_ops, _triton_path
 from ._chunks import add_chunk_gradients, logit_chunks
 
 __all__ = ["chunk_rows_for", "linear_cross_entropy"]
@@ -344,20 +344,19 @@ def linear_cross_entropy(
             + ", ".join(f"{name} on {device}" for name, device in devices.items())
         )
 
-    if options.backend == "triton" or (options.backend == "auto" and input.device.type == "cuda"):
-        reason = _linear_triton.linear_reason(input, linear_weight, linear_bias, target, weight)
-        if reason is None:
-            _check_shapes(input, linear_weight, linear_bias, target, weight)
-            options = options.replace(
-                chunk_size=_linear_triton.gpu_chunk_rows(
-                    input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size
-                )
+    if _triton_path.takes_triton(
+        options.backend, input.device.type == "cuda",
+        lambda: _linear_triton.linear_reason(input, linear_weight, linear_bias, target, weight),
+    ):
+        _check_shapes(input, linear_weight, linear_bias, target, weight)
+        options = options.replace(
+            chunk_size=_linear_triton.gpu_chunk_rows(
+                input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size
             )
-            return _linear_triton.TritonLinearCrossEntropyFunction.apply(
-                input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
-            )
-        if options.backend == "triton":
-            raise ValueError(f"backend='triton' cannot run this call: {reason}")
+        )
+        return _linear_triton.TritonLinearCrossEntropyFunction.apply(
+            input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
+        )
 
     if options.backend != "auto" or not _fused_applies(input, linear_weight, linear_bias, target, weight):
         if linear_weight.dim() == 2:  # the bias added inside the matmul: one rounding

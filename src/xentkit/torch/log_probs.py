@@ -45,15 +45,13 @@ __all__ = ["linear_log_probs", "log_probs"]
 def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor | None) -> type:
     """The row backend of this call (see the module docstring); ``backend="triton"`` raises,
     saying why, when the Triton kernels cannot run it."""
-    if options.backend == "torch":
-        return TorchRows
-    if options.backend == "triton" or logits_like.device.type == "cuda":
-        reason = _triton_path.tensor_reason(logits_like)
-        if reason is None:
-            return TritonRows
-        if options.backend == "triton":
-            raise ValueError(f"backend='triton' cannot run this call: {reason}")
-    if logits_like.dtype in _bridge.NUMBA_DTYPES and _bridge.runs_on_xentkit(logits_like, *others):
+    if _triton_path.takes_triton(
+        options.backend, logits_like.device.type == "cuda", lambda: _triton_path.tensor_reason(logits_like)
+    ):
+        return TritonRows
+    if options.backend == "auto" and logits_like.dtype in _bridge.NUMBA_DTYPES and _bridge.runs_on_xentkit(
+        logits_like, *others
+    ):
         return NumbaRows
     return TorchRows
 

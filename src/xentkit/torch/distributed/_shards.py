@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..._options import LossOptions
 from .. import _bridge
-from .._triton_path import tensor_reason
+from .._triton_path import takes_triton, tensor_reason
 from ._rows import _Plan, _Rows
 
 
@@ -36,15 +36,12 @@ def shard_backend(tensor: Tensor, options: LossOptions) -> type:
     """
     from . import USE_KERNELS
 
-    if options.backend == "torch":
-        return TorchShards
-    if options.backend == "triton" or tensor.device.type == "cuda":
-        reason = tensor_reason(tensor)
-        if reason is not None and options.backend == "triton":
-            raise ValueError(f"backend='triton' cannot run this call: {reason}")
-        if reason is None:
-            return TritonShards if USE_KERNELS else TorchShards
-    if USE_KERNELS and tensor.device.type == "cpu" and tensor.dtype in _bridge.NUMBA_DTYPES:
+    if takes_triton(options.backend, tensor.device.type == "cuda", lambda: tensor_reason(tensor)):
+        return TritonShards if USE_KERNELS else TorchShards
+    if (
+        options.backend == "auto" and USE_KERNELS and tensor.device.type == "cpu"
+        and tensor.dtype in _bridge.NUMBA_DTYPES
+    ):
         return NumbaShards
     return TorchShards
 
