@@ -30,7 +30,7 @@ from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from . import _bridge
 from ._chunks import add_chunk_gradients, logit_chunks
-from ._triton_path import row_plan, triton_reason, unit_factors
+from ._triton_path import gradient_rows, row_plan, triton_reason, unit_factors
 
 # A chunk's logits take at most this many bytes (a power of two of rows): measured on an H100,
 # 2048-row chunks of a 128256-class bfloat16 vocabulary (512 MiB) keep the matmuls near their
@@ -90,6 +90,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = unit_factors(plan, x.device) if now else None
+        one = torch.ones((), dtype=torch.float32, device=x.device)  # forward's upstream gradient
         grads = _empty_gradients(x, w, b, want if now else (False, False, False))
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -102,7 +103,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             )
             if now:
                 _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
-                                 options, None, factors, grads, start, stop)
+                                 options, one, factors, grads, start, stop)
         if not probabilities:
             check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
         loss = plan.reduce(loss_rows, z_term(lse_rows, valid, options.z_loss))
@@ -148,17 +149,14 @@ def _empty_gradients(x: Tensor, w: Tensor, b: Tensor | None, want: tuple[bool, .
 
 def _chunk_gradients(
     logits: Tensor, x_chunk: Tensor, w: Tensor, labels: Tensor, weight: Tensor | None, stats: Tensor,
-    options: LossOptions, upstream: Tensor | None, factors: Tensor, grads: list[Tensor | None],
+    options: LossOptions, upstream: Tensor, factors: Tensor, grads: list[Tensor | None],
     start: int, stop: int,
 ) -> None:
-    """Pass 2 over the chunk's logits (in place), then the three matmuls into ``grads``."""
-    from ..triton.cross_entropy import row_gradient
-
-    if upstream is None:
-        upstream = torch.ones((), dtype=torch.float32, device=logits.device).expand(stop - start)
-    row_gradient(
-        logits, labels, weight, stats.contiguous(), options.ignore_index, options.label_smoothing,
-        options.z_loss, options.softcap, upstream, upstream, logits, factors,
+    """Pass 2 over the chunk's logits (in place; ``upstream``: one value for every row, or one
+    per row), then the three matmuls into ``grads``."""
+    gradient_rows(
+        logits, labels, weight, stats.contiguous(), factors, upstream, options.ignore_index,
+        options.label_smoothing, options.z_loss, options.softcap, logits,
     )
     add_chunk_gradients(logits, x_chunk, w, tuple(grads), start, stop)
 
