@@ -15,7 +15,7 @@ import pytest
 import xentkit
 from xentkit import reference
 from xentkit._labels import as_class_indices, check_labels
-from xentkit._options import LossOptions
+from xentkit._options import LossOptions, loss_options
 from xentkit.reference.reductions import ReductionPlan
 
 SOURCE = Path(xentkit.__file__).parent
@@ -61,6 +61,21 @@ def test_options_reject_bad_values_with_one_type_and_message(name, value, kind, 
     with pytest.raises(kind) as caught:
         LossOptions(**{name: value})
     assert message in str(caught.value)
+
+
+def test_options_built_from_plain_values_are_built_once_and_checked_alike():
+    first = loss_options("mean", -100, 0.1, 0.0, None, None, "auto", False)
+    assert first == LossOptions("mean", -100, 0.1, 0.0, None, None, "auto", False)
+    assert loss_options("mean", -100, 0.1, 0.0, None, None, "auto", False) is first
+    # the same values of other types are other calls: True is refused where 1 and 1.0 are taken
+    assert loss_options("mean", -100, 1, 0.0).label_smoothing == 1.0
+    with pytest.raises(TypeError, match="label_smoothing must be a float"):
+        loss_options("mean", -100, True, 0.0)
+    # a refused value is refused every time, and NumPy numbers are checked as before
+    for _ in range(2):
+        with pytest.raises(ValueError, match="z_loss must be a finite float"):
+            loss_options("mean", -100, 0.0, float("nan"))
+    assert loss_options("sum", np.int64(3), np.float32(0.5)).ignore_index == 3
 
 
 @pytest.mark.parametrize(

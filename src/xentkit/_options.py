@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "CHOICES", "REDUCTIONS", "LogProbOptions", "LossOptions", "describe"]
+__all__ = ["BACKENDS", "CHOICES", "REDUCTIONS", "LogProbOptions", "LossOptions", "describe", "loss_options"]
 
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "triton", "torch")
@@ -217,6 +217,30 @@ class LossOptions:
 
 # The names of the formula's options, in field order (looked up once, not per call).
 _FORMULA_FIELDS = tuple(f.name for f in dataclasses.fields(LossOptions) if f.metadata.get("formula"))
+
+# Options already built from plain Python values: a training loop passes the same ones every step,
+# and checking them again costs microseconds that small problems notice (benchmarks/bench_small.py).
+_BUILT: dict[tuple[Any, ...], LossOptions] = {}
+_BUILT_MAX = 256
+_PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+
+
+def loss_options(*fields: Any) -> LossOptions:
+    """``LossOptions(*fields)`` (positional, in field order), built and checked once per distinct
+    call of plain Python values and reused after that. Other values (NumPy numbers, tensors,
+    symbolic floats under ``torch.compile``) are checked every time. Types are part of the key,
+    so ``1``, ``1.0`` and ``True`` are three calls (the third one refused)."""
+    types = tuple(map(type, fields))
+    if not _PLAIN_TYPES.issuperset(types):
+        return LossOptions(*fields)
+    key = (fields, types)
+    options = _BUILT.get(key)
+    if options is None:
+        options = LossOptions(*fields)  # raises on a bad value: nothing is kept
+        if len(_BUILT) >= _BUILT_MAX:
+            _BUILT.clear()
+        _BUILT[key] = options
+    return options
 
 
 _LOG_PROB_CHECKS = {

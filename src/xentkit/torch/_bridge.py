@@ -34,14 +34,17 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+_IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
 def _is_plain_cpu_tensor(tensor: Tensor) -> bool:
     """A strided CPU tensor whose memory NumPy can view (no subclass, fake or functorch wrapper)."""
-    if type(tensor) not in (Tensor, torch.nn.Parameter):
+    if type(tensor) not in _PLAIN_TENSOR_TYPES:
         return False
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided or tensor.is_quantized:
+    if not tensor.is_cpu or tensor.layout != torch.strided or tensor.is_quantized:
         return False
-    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return not (is_wrapped is not None and is_wrapped(tensor))
+    return not (_IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(tensor))
 
 
 def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tensor | None, ...] = ()) -> bool:

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
-from .._options import LossOptions
+from .._options import LossOptions, loss_options
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _nll
 from ..api.losses import binary_cross_entropy_with_logits as _bce_with_logits
@@ -198,20 +198,26 @@ def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, optio
 
 def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, check_probabilities: bool) -> Tensor:
     """A small plain problem on torch's own kernel, with xentkit's semantics around it: the same
-    label error, the same probabilities warning, and a "mean" of nothing that is 0 (gradient 0)."""
-    classes = input.shape[1]
+    label error, the same probabilities warning, and a "mean" of nothing that is 0 (gradient 0).
+
+    Nothing is looked at twice on the way: torch's kernel refuses a bad label itself (an
+    IndexError, turned into xentkit's ValueError naming the label and its place), and only a NaN
+    mean (every target ignored, or a NaN logit) is looked at again."""
     if check_probabilities:
         warn_if_probabilities(_bridge.as_numpy(input), 1)
-    low, high = torch.aminmax(target)
-    ignore_inside = 0 <= options.ignore_index < classes
-    if ignore_inside or not (low.item() >= 0 and high.item() < classes):  # else: every label valid
-        valid = check_labels(target, classes, options.ignore_index)
-        if options.reduction == "mean" and not bool(valid.any()):
+    try:
+        loss = F.cross_entropy(
+            input, target, ignore_index=options.ignore_index, reduction=options.reduction,
+            label_smoothing=options.label_smoothing,
+        )
+    except IndexError:
+        check_labels(target, input.shape[1], options.ignore_index)  # raises the ValueError
+        raise
+    if options.reduction == "mean":
+        value = loss.item()
+        if value != value and not bool((target != options.ignore_index).any()):
             return (input * 0).sum()
-    return F.cross_entropy(
-        input, target, ignore_index=options.ignore_index, reduction=options.reduction,
-        label_smoothing=options.label_smoothing,
-    )
+    return loss
 
 
 def cross_entropy(
@@ -292,22 +298,23 @@ def cross_entropy(
     (independent binary labels), ``xentkit.torch.linear_cross_entropy`` (fused with a linear layer).
     """
     reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
-    options = LossOptions(
-        reduction, ignore_index, label_smoothing, z_loss, softcap, backend=backend,
-        inplace_backward=inplace_backward,
+    options = loss_options(
+        reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward
     )
+    grad_free = (target, weight)
+    if (  # first the common small case, at the fewest checks
+        options.backend == "auto" and _small_and_plain(input, target, weight, options)
+        and _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free)
+    ):
+        return _small_cross_entropy(input, target, options, check_probabilities)
     if _triton_path.use_triton(options, input, target, weight):
         if torch.compiler.is_compiling():  # custom ops the compiler keeps (no label check)
             return _ops.cross_entropy(input, target, weight, options)
         return _triton_path.TritonCrossEntropyFunction.apply(
             input, target, weight, options, torch.is_grad_enabled()
         )
-    if options.backend == "torch" or not _bridge.runs_on_xentkit(
-        input, target, weight, grad_free=(target, weight)
-    ):
+    if options.backend == "torch" or not _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free):
         return _torch_ops.cross_entropy(input, target, weight, options)
-    if _small_and_plain(input, target, weight, options):
-        return _small_cross_entropy(input, target, options, check_probabilities)
     return _CrossEntropyFunction.apply(
         input, target, weight, options, bool(check_probabilities), torch.is_grad_enabled()
     )
