@@ -545,3 +545,17 @@ def test_label_smoothing_with_a_zero_weight_on_a_masked_class_is_nan_as_the_refe
     )
     assert np.isnan(want[0]) and torch.isnan(loss[0])
     torch.testing.assert_close(loss[1].cpu().double(), torch.tensor(want[1]), rtol=1e-6, atol=1e-6)
+
+
+def test_the_kernel_hosts_take_every_formula_option_by_name():
+    """``LossOptions.formula_arguments()`` is passed by keyword to the Triton hosts, as to the
+    Numba kernel and the reference: each must take every formula option (a new option added only
+    to LossOptions fails here)."""
+    import inspect
+
+    from xentkit._options import LossOptions
+    from xentkit.triton import cross_entropy as kernel_module
+
+    names = set(LossOptions().formula_arguments())
+    for function in (kernel_module.cross_entropy_rows, kernel_module.row_statistics, kernel_module.row_gradient):
+        assert names <= set(inspect.signature(function).parameters), function.__qualname__

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import xentkit.torch as xt  # noqa: E402
+from xentkit._options import LossOptions  # noqa: E402
 from xentkit.torch import _ops, _torch_ops, _triton_path  # noqa: E402
 from xentkit.triton import cross_entropy as kernels  # noqa: E402
 
@@ -218,10 +219,27 @@ def test_the_custom_ops_pass_torchs_opcheck(probabilities):
     both ops, by ``torch.library.opcheck``."""
     logits, target, weight, _ = _problem((4, CLASSES), probabilities, True, seed=11)
     rows = logits.detach().requires_grad_(True)
-    arguments = ("mean", -100, 0.1, 1e-2, 2.5)
+    options = LossOptions("mean", -100, 0.1, 1e-2, 2.5)
+    arguments = _triton_path.FORWARD_OP_OPTIONS.values(options)
+    assert arguments == ("mean", -100, 0.1, 1e-2, 2.5)
     torch.library.opcheck(_ops.triton_cross_entropy, (rows, target, weight, *arguments))
     _, stats, factors = _ops.triton_cross_entropy(rows.detach(), target, weight, *arguments)
     torch.library.opcheck(
         _ops.triton_cross_entropy_backward,
-        (rows.detach(), target, weight, stats, factors, torch.tensor(1.5), *arguments[1:]),
+        (rows.detach(), target, weight, stats, factors, torch.tensor(1.5),
+         *_triton_path.BACKWARD_OP_OPTIONS.values(options)),
     )
+
+
+def test_the_custom_ops_take_every_formula_option_by_name():
+    """The ops' schemas are written from ``LossOptions``: every formula option is an argument of
+    both (a new one needs no edit in ``_ops``), and the values round-trip to the same object."""
+    formula = tuple(LossOptions().formula_arguments())
+    forward = [argument.name for argument in _ops.triton_cross_entropy._opoverload._schema.arguments]
+    backward = [argument.name for argument in _ops.triton_cross_entropy_backward._opoverload._schema.arguments]
+    assert forward == ["rows", "target", "weight", "reduction", *formula]
+    assert backward == ["rows", "target", "weight", "stats", "factors", "grad_output", *formula]
+    options = LossOptions("sum", 3, 0.25, 1e-3, None)
+    forward_op = _triton_path.FORWARD_OP_OPTIONS
+    assert forward_op.options(forward_op.values(options)) == options
+    assert _triton_path.BACKWARD_OP_OPTIONS.taken_from(forward_op, forward_op.values(options)) == (3, 0.25, 1e-3, None)

@@ -86,7 +86,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             labels = target.detach().reshape(n, classes).contiguous()
         else:
             labels = target.detach().reshape(-1).long().contiguous()
-        valid, plan = row_plan(labels, weight, options.reduction, options.ignore_index, classes)
+        valid, plan = row_plan(labels, weight, options, classes)
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = unit_factors(plan, x.device) if now else None
@@ -98,8 +98,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         buffer = torch.empty((min(options.chunk_size, n), classes), dtype=x.dtype, device=x.device)
         for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
             loss_rows[start:stop], lse_rows[start:stop], stats[:, start:stop] = row_statistics(
-                logits, labels[start:stop], weight, options.ignore_index, options.label_smoothing,
-                options.softcap,
+                logits, labels[start:stop], weight, **options.formula_arguments()
             )
             if now:
                 _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
@@ -154,9 +153,6 @@ def _chunk_gradients(
 ) -> None:
     """Pass 2 over the chunk's logits (in place; ``upstream``: one value for every row, or one
     per row), then the three matmuls into ``grads``."""
-    gradient_rows(
-        logits, labels, weight, stats.contiguous(), factors, upstream, options.ignore_index,
-        options.label_smoothing, options.z_loss, options.softcap, logits,
-    )
+    gradient_rows(logits, labels, weight, stats.contiguous(), factors, upstream, options, logits)
     add_chunk_gradients(logits, x_chunk, w, tuple(grads), start, stop)
 

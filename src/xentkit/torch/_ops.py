@@ -5,15 +5,18 @@ of the eager autograd Function: the layout changes (``(N, C, d1, ..., dk)`` → 
 "none" reshape and the dtype cast are plain torch ops that the compiler traces, and the kernels
 run inside two custom ops, which it keeps as they are (one node each in the graph):
 
-    xentkit::triton_cross_entropy(rows, target, weight, reduction, ignore_index,
-                                  label_smoothing, z_loss, softcap) -> (loss, stats, factors)
+    xentkit::triton_cross_entropy(rows, target, weight, reduction, <formula options>)
+        -> (loss, stats, factors)
         pass 1 and the reduction (:func:`xentkit.torch._triton_path.forward_rows`)
     xentkit::triton_cross_entropy_backward(rows, target, weight, stats, factors, grad_output,
-                                           ignore_index, label_smoothing, z_loss, softcap) -> grad
+                                           <formula options>) -> grad
         pass 2 (:func:`xentkit.torch._triton_path.gradient_rows`), the first op's autograd formula
 
-The options travel as plain values (a custom op takes no dataclass), unpacked from
-:class:`xentkit._options.LossOptions` by ``_triton_path.loss_arguments`` only. Each op has a fake
+with <formula options> the fields of ``LossOptions.formula_arguments()`` (today ``ignore_index,
+label_smoothing, z_loss, softcap``). The options travel as plain values (a custom op takes no
+dataclass): ``_triton_path.FORWARD_OP_OPTIONS`` / ``BACKWARD_OP_OPTIONS`` write the schema from
+:class:`xentkit._options.LossOptions`' fields, unpack an options object into the values and
+rebuild it inside the op, so a new formula option needs no edit here. Each op has a fake
 implementation (shapes and dtypes, for tracing) and neither waits for the device, so the graph has
 no break and no host synchronization (as CUDA graphs require; capture not yet tried on a GPU).
 The labels are therefore not checked: a label outside ``[0, C)`` that is not ``ignore_index``
@@ -32,39 +35,34 @@ backward (raises, as eager).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .._options import LossOptions
 from . import _triton_path
+from ._triton_path import BACKWARD_OP_OPTIONS, FORWARD_OP_OPTIONS, OpOptions
 
 __all__ = ["cross_entropy", "triton_cross_entropy", "triton_cross_entropy_backward"]
-
-_ARGUMENTS = "int ignore_index, float label_smoothing, float z_loss, float? softcap"
 
 
 @torch.library.custom_op(
     "xentkit::triton_cross_entropy", mutates_args=(),
-    schema=f"(Tensor rows, Tensor target, Tensor? weight, str reduction, {_ARGUMENTS}) -> (Tensor, Tensor, Tensor)",
+    schema=f"(Tensor rows, Tensor target, Tensor? weight, {FORWARD_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor)",
 )
-def triton_cross_entropy(
-    rows: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
-    label_smoothing: float, z_loss: float, softcap: float | None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def triton_cross_entropy(rows: Tensor, target: Tensor, weight: Tensor | None, *options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, stats, factors)`` of :func:`xentkit.torch._triton_path.forward_rows` for
-    contiguous ``[rows, C]`` logits and ``[rows]`` int64 labels or ``[rows, C]`` probabilities."""
-    loss, stats, factors = _triton_path.forward_rows(
-        rows, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap
-    )
+    contiguous ``[rows, C]`` logits and ``[rows]`` int64 labels or ``[rows, C]`` probabilities;
+    ``options``: ``FORWARD_OP_OPTIONS.values(loss_options)``."""
+    loss, stats, factors = _triton_path.forward_rows(rows, target, weight, FORWARD_OP_OPTIONS.options(options))
     return loss, stats, factors
 
 
 @triton_cross_entropy.register_fake
-def _(
-    rows: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
-    label_smoothing: float, z_loss: float, softcap: float | None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _(rows: Tensor, target: Tensor, weight: Tensor | None, *options: Any) -> tuple[Tensor, Tensor, Tensor]:
     n_rows = rows.shape[0]
+    (reduction,) = OpOptions(("reduction",)).taken_from(FORWARD_OP_OPTIONS, options)
     loss = rows.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
     # the rows' max and sum, and Σ w·q' for probability targets
     stats = rows.new_empty((3 if target.is_floating_point() else 2, n_rows), dtype=torch.float32)
@@ -75,37 +73,35 @@ def _(
     "xentkit::triton_cross_entropy_backward", mutates_args=(),
     schema=(
         "(Tensor rows, Tensor target, Tensor? weight, Tensor stats, Tensor factors, "
-        f"Tensor grad_output, {_ARGUMENTS}) -> Tensor"
+        f"Tensor grad_output, {BACKWARD_OP_OPTIONS.schema}) -> Tensor"
     ),
 )
 def triton_cross_entropy_backward(
     rows: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor, factors: Tensor,
-    grad_output: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    softcap: float | None,
+    grad_output: Tensor, *options: Any,
 ) -> Tensor:
     """The gradient with respect to ``rows`` (:func:`xentkit.torch._triton_path.gradient_rows`),
-    in a new buffer of the rows' dtype."""
+    in a new buffer of the rows' dtype; ``options``: ``BACKWARD_OP_OPTIONS.values(loss_options)``."""
     return _triton_path.gradient_rows(
-        rows, target, weight, stats, factors, grad_output, ignore_index, label_smoothing, z_loss,
-        softcap, torch.empty_like(rows),
+        rows, target, weight, stats, factors, grad_output, BACKWARD_OP_OPTIONS.options(options),
+        torch.empty_like(rows),
     )
 
 
 @triton_cross_entropy_backward.register_fake
 def _(
     rows: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor, factors: Tensor,
-    grad_output: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    softcap: float | None,
+    grad_output: Tensor, *options: Any,
 ) -> Tensor:
     return torch.empty_like(rows)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    rows, target, weight, _reduction, *arguments = inputs
+    rows, target, weight, *options = inputs
     _loss, stats, factors = output
     ctx.mark_non_differentiable(stats, factors)
     ctx.save_for_backward(rows, target, weight, stats, factors)
-    ctx.arguments = tuple(arguments)  # ignore_index, label_smoothing, z_loss, softcap
+    ctx.options = BACKWARD_OP_OPTIONS.taken_from(FORWARD_OP_OPTIONS, options)
 
 
 def _backward(
@@ -115,33 +111,20 @@ def _backward(
     rows, target, weight, stats, factors = ctx.saved_tensors
     gradient = None
     if ctx.needs_input_grad[0]:
-        gradient = triton_cross_entropy_backward(rows, target, weight, stats, factors, grad_loss, *ctx.arguments)
-    return gradient, None, None, None, None, None, None, None
+        gradient = triton_cross_entropy_backward(rows, target, weight, stats, factors, grad_loss, *ctx.options)
+    return gradient, None, None, *(None for _ in FORWARD_OP_OPTIONS.names)
 
 
 triton_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _as_rows(tensor: Tensor) -> Tensor:
-    """``tensor`` as contiguous ``[rows, C]`` (class axis 1, or 0 unbatched, moved last), with
-    its autograd history (the compiler traces and differentiates the layout change)."""
-    if tensor.dim() == 1:
-        return tensor.reshape(1, -1).contiguous()
-    return tensor.movedim(1, -1).reshape(-1, tensor.shape[1]).contiguous()
-
-
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``xentkit.torch.cross_entropy`` on the Triton kernels under torch.compile: the same loss,
-    gradient and layouts as the eager Function, without the label check (no wait for the
-    device)."""
-    options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
-    sample_shape, probabilities = _triton_path.sample_layout(input, target)
-    target = target.detach()
-    rows_target = _as_rows(target) if probabilities else target.reshape(-1).long().contiguous()
+    gradient and layouts as the eager Function (the same prologue and epilogue), without the label
+    check (no wait for the device)."""
+    rows_target, sample_shape, _probabilities = _triton_path.rows_inputs(input, target, options)
     loss, _stats, _factors = triton_cross_entropy(
-        _as_rows(input), rows_target, None if weight is None else weight.detach(),
-        *_triton_path.loss_arguments(options),
+        _triton_path.as_rows(input), rows_target, None if weight is None else weight.detach(),
+        *FORWARD_OP_OPTIONS.values(options),
     )
-    if options.reduction == "none":
-        loss = loss.reshape(sample_shape)
-    return loss.to(input.dtype)
+    return _triton_path.loss_in_layout(loss, sample_shape, options, input.dtype)

@@ -5,17 +5,22 @@ Backends (``LossOptions.backend``): "torch" always runs plain torch ops; "auto" 
 kernels for CUDA tensors they handle, the Numba kernels for CPU tensors they handle, torch ops for
 the rest; "triton" insists on the Triton kernels and says why when it cannot have them.
 
-The work on contiguous ``[rows, C]`` tensors (:func:`forward_rows`, :func:`gradient_rows`) is
-shared by the eager autograd Function below and by the torch custom ops of
-:mod:`xentkit.torch._ops`, which ``cross_entropy`` calls under ``torch.compile``; both take the
-loss options as the plain values of :func:`loss_arguments`.
+The work on contiguous ``[rows, C]`` tensors (:func:`forward_rows`, :func:`gradient_rows`, which
+take the :class:`LossOptions` object and hand the kernels ``options.formula_arguments()`` by
+keyword) is shared by the eager autograd Function below and by the torch custom ops of
+:mod:`xentkit.torch._ops`, which ``cross_entropy`` calls under ``torch.compile``, with the same
+prologue and epilogue (:func:`rows_inputs`, :func:`loss_in_layout`). A custom op takes no dataclass:
+:class:`OpOptions` turns the options into its plain arguments and back, its schema written from
+``LossOptions``' fields, so that a new formula option reaches the ops without an edit here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -122,18 +127,63 @@ def unit_factors(plan: ReductionPlan, device: torch.device) -> Tensor:
     ])
 
 
-def _rows(input: Tensor) -> Tensor:
-    """The logits as contiguous ``[rows, C]`` with the class axis (1, or 0 unbatched) last."""
-    if input.dim() == 1:
-        return input.detach().reshape(1, -1).contiguous()
-    return input.detach().movedim(1, -1).reshape(-1, input.shape[1]).contiguous()
+def as_rows(tensor: Tensor) -> Tensor:
+    """``tensor`` as contiguous ``[rows, C]`` with the class axis (1, or 0 unbatched) last, with its
+    autograd history (under torch.compile the compiler traces and differentiates the layout
+    change; the eager Function passes detached tensors)."""
+    if tensor.dim() == 1:
+        return tensor.reshape(1, -1).contiguous()
+    return tensor.movedim(1, -1).reshape(-1, tensor.shape[1]).contiguous()
 
 
-def loss_arguments(options: LossOptions) -> tuple[str, int, float, float, float | None]:
-    """The options :func:`forward_rows` and the custom ops take, as plain values in their order:
-    ``(reduction, ignore_index, label_smoothing, z_loss, softcap)`` (a custom op takes no
-    dataclass). The one place that unpacks :class:`LossOptions` for them."""
-    return options.reduction, options.ignore_index, options.label_smoothing, options.z_loss, options.softcap
+# The schema type of each annotation a LossOptions field may have, for the custom ops.
+_SCHEMA_TYPES = {
+    "int": "int", "int | None": "int?", "float": "float", "float | None": "float?", "bool": "bool", "str": "str",
+}
+_FIELD_TYPES = {field.name: field.type for field in dataclasses.fields(LossOptions)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OpOptions:
+    """Some loss options as trailing plain arguments of a torch custom op (which takes no
+    dataclass): the schema (each field's type from its ``LossOptions`` annotation), the values of
+    an options object in that order, and the object rebuilt from them inside the op. The one place
+    that unpacks :class:`LossOptions` for the ops of :mod:`xentkit.torch._ops`."""
+
+    names: tuple[str, ...]
+
+    @property
+    def schema(self) -> str:
+        """``"str reduction, int ignore_index, ..."`` for the ops' schema strings."""
+        parts = []
+        for name in self.names:
+            annotation = str(_FIELD_TYPES[name])
+            if annotation not in _SCHEMA_TYPES:
+                raise TypeError(f"LossOptions.{name} has a type no custom-op schema takes: {annotation}")
+            parts.append(f"{_SCHEMA_TYPES[annotation]} {name}")
+        return ", ".join(parts)
+
+    def values(self, options: LossOptions) -> tuple[Any, ...]:
+        return tuple(getattr(options, name) for name in self.names)
+
+    def options(self, values: Sequence[Any]) -> LossOptions:
+        """The options back from :meth:`values` (checked already: nothing raises); the fields not
+        carried keep their defaults, which the ops do not read."""
+        return LossOptions(**dict(zip(self.names, values, strict=True)))
+
+    def taken_from(self, other: OpOptions, values: Sequence[Any]) -> tuple[Any, ...]:
+        """This op's values picked by name from ``other``'s ``values`` (no object rebuilt: also
+        while torch.compile traces, when a value may be symbolic)."""
+        named = dict(zip(other.names, values, strict=True))
+        return tuple(named[name] for name in self.names)
+
+
+# The formula's options (LossOptions.formula_arguments()), in field order.
+FORMULA_NAMES = tuple(LossOptions().formula_arguments())
+# pass 1 and the reduction take the reduction and the formula's options; pass 2 the formula's
+# (the reduction reaches it as the factors of the upstream gradient)
+FORWARD_OP_OPTIONS = OpOptions(("reduction", *FORMULA_NAMES))
+BACKWARD_OP_OPTIONS = OpOptions(FORMULA_NAMES)
 
 
 def sample_layout(input: Tensor, target: Tensor) -> tuple[tuple[int, ...], bool]:
@@ -151,9 +201,29 @@ def sample_layout(input: Tensor, target: Tensor) -> tuple[tuple[int, ...], bool]
     return sample_shape, probabilities
 
 
+def rows_inputs(input: Tensor, target: Tensor, options: LossOptions) -> tuple[Tensor, tuple[int, ...], bool]:
+    """The prologue of every Triton cross-entropy call (the eager Function and, under
+    torch.compile, ``_ops.cross_entropy``): ``(rows_target, sample_shape, probabilities)``, the
+    kernels' target (``[rows, C]`` probabilities in their dtype, or ``[rows]`` int64 labels) and
+    :func:`sample_layout`'s results. Refuses a softcap that float32, the kernels' arithmetic,
+    cannot hold."""
+    options.check_fits(torch.float32, torch.finfo(torch.float32).max)
+    sample_shape, probabilities = sample_layout(input, target)
+    target = target.detach()
+    rows_target = as_rows(target) if probabilities else target.reshape(-1).long().contiguous()
+    return rows_target, sample_shape, probabilities
+
+
+def loss_in_layout(loss: Tensor, sample_shape: tuple[int, ...], options: LossOptions, dtype: torch.dtype) -> Tensor:
+    """The epilogue of every Triton cross-entropy call: a "none" loss in the samples' shape, the
+    loss in ``dtype`` (the input's)."""
+    if options.reduction == "none":
+        loss = loss.reshape(sample_shape)
+    return loss.to(dtype)
+
+
 def forward_rows(
-    rows: Tensor, target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int,
-    label_smoothing: float, z_loss: float, softcap: float | None, *, want_factors: bool = True,
+    rows: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, *, want_factors: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Pass 1 and the reduction on contiguous ``[rows, C]`` logits: ``(loss, stats, factors)``,
     the float32 loss (a scalar, or ``[rows]`` for "none"), the rows' statistics for
@@ -164,32 +234,33 @@ def forward_rows(
     gradient are NaN (so a reduced loss is NaN)."""
     from ..triton.cross_entropy import row_statistics
 
-    loss_rows, lse, stats = row_statistics(rows, target, weight, ignore_index, label_smoothing, softcap)
+    loss_rows, lse, stats = row_statistics(rows, target, weight, **options.formula_arguments())
     # everything below is queued behind the kernels
-    valid, plan = row_plan(target, weight, reduction, ignore_index, rows.shape[1])
-    loss = plan.reduce(loss_rows, z_term(lse, valid, z_loss))
+    valid, plan = row_plan(target, weight, options, rows.shape[1])
+    loss = plan.reduce(loss_rows, z_term(lse, valid, options.z_loss))
     return loss, stats, unit_factors(plan, rows.device) if want_factors else None
 
 
 def row_plan(
-    target: Tensor, weight: Tensor | None, reduction: str, ignore_index: int, classes: int
+    target: Tensor, weight: Tensor | None, options: LossOptions, classes: int
 ) -> tuple[Tensor, ReductionPlan]:
     """``(valid, plan)`` of the Triton paths, on the device and without a wait: probabilities
     count every row; labels count the non-ignored ones, and the class-weight lookup reads no label
     outside ``[0, classes)`` (the caller refuses those after the kernels, which read none)."""
     if target.is_floating_point():
         valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
-        return valid, ReductionPlan.of_rows(reduction, target.shape[0])
-    valid = target != ignore_index
+        return valid, ReductionPlan.of_rows(options.reduction, target.shape[0])
+    valid = target != options.ignore_index
     if weight is not None:
         valid = valid & (target >= 0) & (target < classes)
-    return ReductionPlan.of_targets(reduction, target, ignore_index, weight, dtype=torch.float32, valid=valid)
+    return ReductionPlan.of_targets(
+        options.reduction, target, options.ignore_index, weight, dtype=torch.float32, valid=valid
+    )
 
 
 def gradient_rows(
     rows: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor, factors: Tensor,
-    grad_output: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    softcap: float | None, out: Tensor,
+    grad_output: Tensor, options: LossOptions, out: Tensor,
 ) -> Tensor:
     """Pass 2: the gradient of :func:`forward_rows`' loss with respect to ``rows``, for the
     upstream gradient ``grad_output`` (one value, or one per row for "none"), written into
@@ -201,8 +272,7 @@ def gradient_rows(
     if upstream.numel() == 1:
         upstream = upstream.expand(rows.shape[0])
     return row_gradient(
-        rows, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap, upstream,
-        upstream, out, factors,
+        rows, target, weight, stats, upstream, upstream, out, factors, **options.formula_arguments()
     )
 
 
@@ -228,38 +298,30 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         grad_enabled: bool,
     ) -> Tensor:
         _bridge.first_order_anchors(ctx, input)
-        options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
-        sample_shape, probabilities = sample_layout(input, target)
-        rows = _rows(input)
-        # the kernels' target: [rows, C] probabilities in their dtype, or [rows] int64 labels
-        rows_target = _rows(target) if probabilities else target.detach().reshape(-1).long().contiguous()
+        rows_target, sample_shape, probabilities = rows_inputs(input, target, options)
+        rows = as_rows(input.detach())
         want_grad = grad_enabled and ctx.needs_input_grad[0]
-        loss, stats, factors = forward_rows(
-            rows, rows_target, weight, *loss_arguments(options), want_factors=want_grad
-        )
+        loss, stats, factors = forward_rows(rows, rows_target, weight, options, want_factors=want_grad)
         if want_grad:
             # the "mean" denominators as factors of the upstream gradient, read by the kernel
             ctx.save_for_backward(input, rows_target, stats, weight, factors)
             ctx.options = options
         if not probabilities:
             check_labels(rows_target, rows.shape[1], options.ignore_index)  # the one wait, last
-        if options.reduction == "none":
-            loss = loss.reshape(sample_shape)
-        return loss.to(input.dtype)
+        return loss_in_layout(loss, sample_shape, options, input.dtype)
 
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, rows_target, stats, weight, factors = ctx.saved_tensors
         options: LossOptions = ctx.options
-        rows = _rows(input)
+        rows = as_rows(input.detach())
         # pass 2 writes over the rows when they are a private copy (a layout with the classes not
         # last) or, with inplace_backward, the logits themselves; else into a new buffer
         private = rows.data_ptr() != input.data_ptr() or rows.numel() == 0
         over_input = options.inplace_backward and not private
         gradient = gradient_rows(
-            rows, rows_target, weight, stats, factors, grad_output, options.ignore_index,
-            options.label_smoothing, options.z_loss, options.softcap,
+            rows, rows_target, weight, stats, factors, grad_output, options,
             rows if private or over_input else torch.empty_like(rows),
         )
         if over_input:  # a node that saved the logits now raises torch's version error

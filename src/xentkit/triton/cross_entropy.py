@@ -325,8 +325,10 @@ def row_statistics(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
+    *,
     ignore_index: int,
     label_smoothing: float,
+    z_loss: float,
     softcap: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` the rows' max M and sum d
@@ -369,21 +371,22 @@ def row_gradient(
     target: Tensor,
     weight: Tensor | None,
     stats: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
     grad_scale: Tensor,
     z_grad_scale: Tensor,
     grad_out: Tensor,
     factors: Tensor | None = None,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
 ) -> Tensor:
     """Pass 2: the gradient into ``grad_out`` (which may be ``logits``), from :func:`row_statistics`'
     ``stats`` for the same ``target`` (labels or probabilities). Row i's main term is scaled by
     ``grad_scale[i]·factors[0]``, its z term by ``z_grad_scale[i]·factors[1]``: ``grad_scale`` /
     ``z_grad_scale`` are ``[N]`` (any float dtype; a stride of 0 broadcasts one value),
     ``factors`` a float32 ``[2]`` (ones when None), all read on the device: no synchronization.
-    One launch."""
+    The formula's options come by keyword (``LossOptions.formula_arguments()``). One launch."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return grad_out
@@ -433,12 +436,14 @@ def cross_entropy_rows(
     adds ``z_loss·lse²``). Three launches with a gradient (:func:`row_statistics`, then
     :func:`row_gradient`), two without.
     """
-    loss, lse, stats = row_statistics(logits, target, weight, ignore_index, label_smoothing, softcap)
+    formula = {
+        "ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap,
+    }
+    loss, lse, stats = row_statistics(logits, target, weight, **formula)
     if grad_out is not None:
         one = torch.ones((), dtype=torch.float32, device=logits.device).expand(logits.shape[0])
         row_gradient(
-            logits, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap,
-            one if grad_scale is None else grad_scale, one if z_grad_scale is None else z_grad_scale,
-            grad_out,
+            logits, target, weight, stats, one if grad_scale is None else grad_scale,
+            one if z_grad_scale is None else z_grad_scale, grad_out, **formula,
         )
     return loss, lse
