@@ -17,12 +17,10 @@ loader's path; it is loaded here by its full path. Without it Numba's default st
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib
 import importlib.metadata
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numba
@@ -78,17 +76,23 @@ def threads_for(elements: int, parallel: bool | None, serial_max: int) -> int:
     return numba.get_num_threads() if parallel else 1
 
 
-@contextlib.contextmanager
-def running_on(threads: int) -> Iterator[None]:
+class running_on:  # lower case: used as a function, ``with running_on(threads):``
     """Run the block's kernels on ``threads`` of Numba's threads, then restore the count. (One
     thread: the calling one runs the loops and the pool stays asleep. A separate non-parallel build
     of the kernels was slower and would double the compile time; setting the count inside a
-    kernel would keep Numba from caching it.)"""
-    saved = numba.get_num_threads()
-    if threads != saved:
-        numba.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if threads != saved:
-            numba.set_num_threads(saved)
+    kernel would keep Numba from caching it.) A class, not a generator: small problems notice the
+    microseconds of ``contextlib.contextmanager``."""
+
+    __slots__ = ("saved", "threads")
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.saved = numba.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.threads != self.saved:
+            numba.set_num_threads(self.threads)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.threads != self.saved:
+            numba.set_num_threads(self.saved)

@@ -290,10 +290,11 @@ def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma
             tb, _ = fast_tanh(b * inv_cap)
             b = cap * tb
         if b > m:
-            # s·exp(m_old − m_new); m_old = −inf gives exp(−inf) = 0 and s is 0 (or NaN)
+            # s·exp(m_old − m_new); while m_old = −inf, s is 0 (or NaN) and stays so: no exp
             if m == neg_inf:
                 ref = np.float64(b)
-            s *= math.exp(np.float64(m) - np.float64(b))
+            else:
+                s *= math.exp(np.float64(m) - np.float64(b))
             m = b
         # while every logit so far is −inf (or NaN), shift by 0: exp(−inf) = 0, NaN stays NaN
         shift = m if m > neg_inf else zero
