@@ -143,7 +143,10 @@ def _fused(
     grad_scale = z_grad_scale = None
     writes_out_directly = False
     if upstream is not None:
-        grad_scale, z_grad_scale = (_per_row(scale, rows) for scale in plan.scales(upstream))
+        scale, z_scale = plan.scales(upstream)
+        grad_scale = _per_row(scale, rows)
+        # without a z-loss the kernel never reads its scales: the same array serves
+        z_grad_scale = _per_row(z_scale, rows) if options.z_loss else grad_scale
         writes_out_directly = (
             out is not None
             and axis == logits.ndim - 1
