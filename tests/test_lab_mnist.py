@@ -3,6 +3,7 @@ report's text, written from the numbers."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -267,6 +268,28 @@ def test_one_drop_is_not_an_oscillation_and_small_wobbles_are_no_drops() -> None
     small = _results(accuracy, test_size=100)
     assert mnist_findings(small).drop_threshold == pytest.approx(0.02)
     assert "No loss's test accuracy falls by more than 0.02" in mnist_summary(small)
+
+
+def test_the_report_section_computes_its_findings_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One home for one run's findings: the section's text and its note share one computation,
+    and the text is the summary's."""
+    from xentkit.lab import report
+
+    results = _results(FASHION_LIKE)
+    (tmp_path / "mnist.json").write_text(json.dumps(results))
+    calls = []
+
+    def counted(results: dict) -> report.MnistFindings:
+        calls.append(1)
+        return mnist_findings(results)
+
+    monkeypatch.setattr(report, "mnist_findings", counted)
+    page = write_report(tmp_path).read_text()
+    assert len(calls) == 1
+    assert html.escape(mnist_summary(results)) in page
+    assert "A drop is a fall of more than 0.01 between two successive epochs" in page
 
 
 def test_reference_curves_only_for_mnist() -> None:

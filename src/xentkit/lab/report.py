@@ -312,7 +312,11 @@ def _leads(values: dict[str, float], *, past: bool = False) -> str:
 def mnist_summary(results: dict[str, Any]) -> str:
     """Sentences from the numbers: which loss leads at the end, on average and after the first
     epoch; which losses' test accuracy drops or oscillates; why, when the data agrees."""
-    found = mnist_findings(results)
+    return _mnist_sentences(results, mnist_findings(results))
+
+
+def _mnist_sentences(results: dict[str, Any], found: MnistFindings) -> str:
+    """:func:`mnist_summary` from findings already computed from ``results``."""
     title = _title(results)
     where = f"On {title} ({results['train_size']:,} train / {results['test_size']:,} test)"
     epochs = f"{found.epochs} epoch{'s' if found.epochs != 1 else ''}"
@@ -516,6 +520,7 @@ def _mnist_section(results: dict[str, Any], plot: Path | None) -> str:
     lengths = {len(run["test_accuracy"]) for run in runs.values()}
     if not runs or len(lengths) != 1 or 0 in lengths:
         raise ValueError("expected runs with test accuracies of one common, non-zero length")
+    found = mnist_findings(results)  # once: the text and the note below both say them
     header, rows = mnist_table_rows(results)
     count = {1: "one loss", 2: "two losses", 3: "three losses"}.get(
         len(runs), f"{len(runs)} losses"
@@ -530,13 +535,13 @@ def _mnist_section(results: dict[str, Any], plot: Path | None) -> str:
     parts = [
         f"<h2>Softmax regression on {html.escape(_title(results))}: {count}</h2>",
         _made_by(results),
-        f"<p>{html.escape(mnist_summary(results))}</p>",
+        f"<p>{html.escape(_mnist_sentences(results, found))}</p>",
         f'<p class="note">{html.escape(str(results.get("description", "")))}. 784 → 10, zero '
         f"initialization, mini-batch {settings.get('batch_size', '?')}, gradient descent at "
         f"learning rate {settings.get('learning_rate', '?')}, shuffling seed "
         f"{settings.get('seed', '?')}; test accuracy after each epoch, and its mean over the "
         f"epochs in the last row. A drop is a fall of more than "
-        f"{mnist_findings(results).drop_threshold:.3g} between two successive epochs; "
+        f"{found.drop_threshold:.3g} between two successive epochs; "
         f"{OSCILLATION_MIN_DROPS} or more drops make an oscillation.{html.escape(reference)}</p>",
         _table(header, rows),
     ]
