@@ -24,6 +24,15 @@ inputs), in MiB. The loss of every provider is compared with float64 (x.double()
     python benchmarks/bench_gpu_cross_entropy.py                       # default shapes
     python benchmarks/bench_gpu_cross_entropy.py --shapes 4096x32000:float32 --rounds 10
     python benchmarks/bench_gpu_cross_entropy.py --blocks 1024,2048,4096,8192   # tune BLOCK
+    python benchmarks/bench_gpu_cross_entropy.py --huge       # + 65536x262144 bfloat16 in place
+
+``--huge [NxV]`` (default 65536x262144, 2^34 bfloat16 logits, 32 GiB: row offsets past 2^31
+elements) adds one in-place shape after the others, xentkit only (torch's bfloat16 cross-entropy
+would need about twice the logits again): ``xentkit_inplace`` (``inplace_backward=True``, the
+gradient written over the logits) and ``xentkit_kernel_inplace`` (``cross_entropy_rows`` with
+``grad_out`` the logits), each checked against float64 on the loss and on the gradient of the
+first and last rows (the last ones lie past 2^31 elements). It needs the logits twice (a source
+and the working copy) plus 1 GiB; with less free GPU memory it is skipped with a note.
 
 Writes JSON (``benchmarks/results/gpu_cross_entropy.json`` by default, ``--output``).
 """
@@ -190,6 +199,86 @@ def run_shape(spec: str, names: list[str], rounds: int, device: torch.device) ->
     return result
 
 
+HUGE_SHAPE = "65536x262144"
+
+
+def _huge_reference(source, labels, checked_rows):
+    """The float64 "mean" loss (row chunks of the logits) and the gradient of ``checked_rows``."""
+    valid = int((labels != -100).sum())
+    total = 0.0
+    for start in range(0, source.shape[0], 1024):
+        chunk = source[start : start + 1024].double()
+        total += float(F.cross_entropy(chunk, labels[start : start + 1024], reduction="sum"))
+    rows = source[checked_rows].double().requires_grad_()
+    (F.cross_entropy(rows, labels[checked_rows], reduction="sum") / valid).backward()
+    return total / valid, rows.grad
+
+
+def run_huge(spec: str, rounds: int, device: torch.device) -> dict:
+    """xentkit in place on ``spec`` bfloat16 logits (see the module docstring)."""
+    rows, classes = (int(v) for v in spec.split("x"))
+    logits_bytes = rows * classes * 2
+    result = {"shape": [rows, classes], "dtype": "bfloat16", "logits_mib": logits_bytes / 2**20, "providers": {}}
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+        if free < 2 * logits_bytes + 2**30:
+            result["skipped"] = (
+                f"needs {(2 * logits_bytes + 2**30) / 2**30:.0f} GiB of GPU memory (the logits twice and 1 GiB), "
+                f"{free / 2**30:.0f} GiB free"
+            )
+            return result
+    generator = torch.Generator(device=device).manual_seed(0)
+    source = torch.empty(rows, classes, dtype=torch.bfloat16, device=device)
+    for start in range(0, rows, 1024):  # no float32 copy of the whole logits
+        block = torch.randn(min(1024, rows - start), classes, device=device, generator=generator)
+        source[start : start + block.shape[0]] = (block * 2).to(torch.bfloat16)
+    labels = torch.randint(0, classes, (rows,), device=device, generator=generator)
+    labels[::17] = -100
+    checked_rows = torch.tensor([0, 1, 2, rows - 3, rows - 2, rows - 1], device=device)
+    checked_rows = checked_rows[labels[checked_rows] != -100]
+    reference, reference_grad = _huge_reference(source, labels, checked_rows)
+    work = torch.empty_like(source)
+    clock = _Clock(device)
+
+    def xentkit_inplace():
+        leaf = work.requires_grad_()
+        leaf.grad = None
+        loss = xt.cross_entropy(leaf, labels, inplace_backward=True)
+        loss.backward()
+        return float(loss), leaf.grad
+
+    def xentkit_kernel_inplace():
+        from xentkit.triton import cross_entropy_rows
+
+        grad_scale = torch.full((rows,), 1.0 / int((labels != -100).sum()), device=device)
+        loss_rows, _ = cross_entropy_rows(work.detach(), labels, None, -100, 0.0, 0.0, None, grad_scale, None, work.detach())
+        return float(loss_rows.sum(dtype=torch.float64)) * float(grad_scale[0]), work.detach()
+
+    for name, function in (("xentkit_inplace", xentkit_inplace), ("xentkit_kernel_inplace", xentkit_kernel_inplace)):
+        _refill(work, source)
+        loss, gradient = function()
+        got = gradient[checked_rows].double()
+        entry = {
+            "loss": loss,
+            "loss_relative_error": abs(loss - reference) / abs(reference),
+            # the gradient of the first and last rows (past 2^31 elements) against float64
+            "checked_rows": checked_rows.tolist(),
+            "gradient_relative_error": float((got - reference_grad).abs().max() / reference_grad.abs().max()),
+            "times_ms": [],
+        }
+        _refill(work, source)
+        entry["peak_mib"] = clock.peak_mib(function)
+        for _ in range(rounds):
+            _refill(work, source)
+            entry["times_ms"].append(clock.measure(function))
+        entry["median_ms"] = statistics.median(entry["times_ms"])
+        entry["min_ms"] = min(entry["times_ms"])
+        entry["vs_copy"] = None
+        result["providers"][name] = entry
+        work.grad = None
+    return result
+
+
 def tune_blocks(spec: str, blocks: list[int], rounds: int, device: torch.device) -> dict:
     from xentkit.triton import cross_entropy as kernel_module
 
@@ -213,6 +302,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--blocks", default="", help="comma-separated BLOCK sizes to tune on the first shape")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
+    parser.add_argument("--huge", nargs="?", const=HUGE_SHAPE, default=None, metavar="NxV",
+                        help=f"add the in-place bfloat16 case (default {HUGE_SHAPE}; see above)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_cross_entropy.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -232,15 +323,24 @@ def main() -> int:
         report["block_tuning"] = tune_blocks(
             args.shapes.split(",")[0], [int(b) for b in args.blocks.split(",")], args.rounds, device
         )
-    for spec in args.shapes.split(","):
-        result = run_shape(spec, names, args.rounds, device)
+    runs = [lambda spec=spec: run_shape(spec, names, args.rounds, device) for spec in args.shapes.split(",") if spec]
+    if args.huge:
+        runs.append(lambda: run_huge(args.huge, args.rounds, device))
+    for run in runs:
+        result = run()
         report["shapes"].append(result)
+        spec = "x".join(map(str, result["shape"])) + ":" + result["dtype"]
         print(f"\n{spec} ({result['logits_mib']:.0f} MiB of logits)")
+        if "skipped" in result:
+            print(f"skipped: {result['skipped']}")
+            continue
         print(f"{'provider':14s} {'median ms':>10s} {'min ms':>8s} {'x copy':>7s} {'peak MiB':>9s} {'loss rel err':>13s}")
         for name, entry in result["providers"].items():
             error = "" if entry["loss_relative_error"] is None else f"{entry['loss_relative_error']:.1e}"
             vs = "" if entry["vs_copy"] is None else f"{entry['vs_copy']:.2f}"
             print(f"{name:14s} {entry['median_ms']:10.3f} {entry['min_ms']:8.3f} {vs:>7s} {entry['peak_mib']:9.1f} {error:>13s}")
+            if "gradient_relative_error" in entry:
+                print(f"{'':14s} gradient of rows {entry['checked_rows']}: relative error {entry['gradient_relative_error']:.1e}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.output}")

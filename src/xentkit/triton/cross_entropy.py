@@ -42,6 +42,13 @@ row. A −inf logit is a masked class (probability 0); a NaN in a row makes that
 exponential form above, both within a few float32 ulps) so that the interpreter and the GPU run
 the same arithmetic.
 
+Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
+offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
+int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks) and of the
+rows' statistics (k·rows) from int64 copies of their sizes; offsets within a row are int32
+(V < 2^31). Tested under the interpreter on strided views whose row offsets pass 2^31
+(``tests/test_triton_int64.py``).
+
 No validation: the caller passes contiguous rows, labels in ``[0, V)`` or ``ignore_index``
 (or probability rows of the logits' shape).
 """
@@ -111,6 +118,7 @@ def _partials_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
     chunk = tl.program_id(1)
     slot = part_ptr + row * n_chunks + chunk
     if not PROBABILITIES:
@@ -124,13 +132,13 @@ def _partials_kernel(
     m = tl.max(z, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)  # never exp(−inf − (−inf))
     tl.store(slot, m)
-    tl.store(slot + part_plane, tl.sum(tl.exp(z - shift), 0))
+    tl.store(slot + plane, tl.sum(tl.exp(z - shift), 0))
     if PROBABILITIES:
         r = _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
                              HAS_WEIGHT, HAS_SMOOTHING)
         # S_c = Σ r_j·(z_j − t_c): a class the target leaves out adds 0, never 0·(−inf)
-        tl.store(slot + 2 * part_plane, tl.sum(tl.where(r == 0.0, 0.0, r * (z - shift)), 0))
-        tl.store(slot + 3 * part_plane, tl.sum(r, 0))
+        tl.store(slot + 2 * plane, tl.sum(tl.where(r == 0.0, 0.0, r * (z - shift)), 0))
+        tl.store(slot + 3 * plane, tl.sum(r, 0))
     elif HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
@@ -138,8 +146,8 @@ def _partials_kernel(
             w = tl.where(inside, 1.0, 0.0)
         # lanes past the row add 0 (z = −inf there); a zero weight on a −inf logit inside the row
         # gives NaN, as the reference and torch do
-        tl.store(slot + 2 * part_plane, tl.sum(tl.where(inside, w * (z - shift), 0.0), 0))
-        tl.store(slot + 3 * part_plane, tl.sum(w, 0))
+        tl.store(slot + 2 * plane, tl.sum(tl.where(inside, w * (z - shift), 0.0), 0))
+        tl.store(slot + 3 * plane, tl.sum(w, 0))
 
 
 @triton.jit
@@ -168,19 +176,21 @@ def _loss_kernel(
     """One program per row: the row's partials combined into M, d, lse and the loss (and A for
     probability targets)."""
     row = tl.program_id(0).to(tl.int64)
+    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
+    rows = tl.cast(n_rows, tl.int64)  # int64 offsets: see the module docstring
     if not PROBABILITIES:
         y = tl.load(target_ptr + row)
         if y == ignore_index:
             tl.store(loss_ptr + row, 0.0)
             tl.store(lse_ptr + row, 0.0)
             tl.store(stats_ptr + row, 0.0)
-            tl.store(stats_ptr + n_rows + row, 1.0)
+            tl.store(stats_ptr + rows + row, 1.0)
             return
     k = tl.arange(0, CHUNKS)
     mine = k < n_chunks
     slots = part_ptr + row * n_chunks + k
     maxima = tl.load(slots, mask=mine, other=float("-inf"))
-    sums = tl.load(slots + part_plane, mask=mine, other=0.0)
+    sums = tl.load(slots + plane, mask=mine, other=0.0)
     shifts = tl.where(maxima == float("-inf"), 0.0, maxima)
     m = tl.max(maxima, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -188,11 +198,11 @@ def _loss_kernel(
     log_d = tl.log(d)
     lse = m + log_d
     if PROBABILITIES:
-        s_z = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
-        r_c = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
+        s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
+        r_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
         loss = tl.sum(tl.where(r_c == 0.0, 0.0, r_c * (lse - shifts)) - s_z, 0)
         tl.store(loss_ptr + row, loss)
-        tl.store(stats_ptr + 2 * n_rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
+        tl.store(stats_ptr + 2 * rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
     else:
         # a label outside [0, V) (refused by the caller afterwards) reads nothing out of bounds
         known = (y >= 0) & (y < n_cols)
@@ -206,13 +216,13 @@ def _loss_kernel(
             w_y = 1.0
         loss = (1.0 - eps) * w_y * ((m - z_y) + log_d)
         if HAS_SMOOTHING:
-            s_z = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
-            w_c = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
+            s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
+            w_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
             loss += eps / n_cols * tl.sum(tl.where(w_c == 0.0, 0.0, w_c * (lse - shifts) - s_z), 0)
         tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
-    tl.store(stats_ptr + n_rows + row, d)
+    tl.store(stats_ptr + rows + row, d)
 
 
 @triton.jit
@@ -247,6 +257,7 @@ def _grad_kernel(
     """One program per (row, chunk): the chunk's gradient from the row's M and d (and A), with
     g = grad_scale[row]·factor[0] and g^z = z_grad_scale[row]·factor[1]."""
     row = tl.program_id(0).to(tl.int64)
+    rows = tl.cast(n_rows, tl.int64)  # int64 offsets: see the module docstring
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     inside = cols < n_cols
@@ -257,11 +268,11 @@ def _grad_kernel(
             tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
             return
     m = tl.load(stats_ptr + row)
-    d = tl.load(stats_ptr + n_rows + row)
+    d = tl.load(stats_ptr + rows + row)
     lse = m + tl.log(d)
     g = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32) * tl.load(factor_ptr)
     if PROBABILITIES:
-        coef = g * tl.load(stats_ptr + 2 * n_rows + row)  # g·A
+        coef = g * tl.load(stats_ptr + 2 * rows + row)  # g·A
     else:
         known = (y >= 0) & (y < n_cols)
         if HAS_WEIGHT:

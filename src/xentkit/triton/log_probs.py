@@ -34,6 +34,12 @@ torch: a NaN makes the row's s and u NaN (so log p, H, lse and the gradient); a 
 m = +inf and s = +inf (sums unshifted: lse +inf, log p, H and the gradient NaN); −inf logits are
 masked classes, and a row of −inf only has m = −inf, s = 0 (NaN downstream).
 
+Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
+offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
+int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks) from
+int64 copies of their sizes; offsets within a row are int32 (V < 2^31). Tested under the
+interpreter on strided views whose row offsets pass 2^31 (``tests/test_triton_int64.py``).
+
 No validation: the caller passes contiguous rows, ``labels`` ``[N]`` int64, ``valid`` ``[N]``
 bool. A label outside [0, V) is not read (z_y 0, no target entry in the gradient).
 """
@@ -78,6 +84,7 @@ def _partials_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
     chunk = tl.program_id(1)
     if tl.load(valid_ptr + row) == 0:
         return  # the combine writes the row's (0, 1, 0, 0) without reading the partials
@@ -91,8 +98,8 @@ def _partials_kernel(
     e = tl.exp(d)
     slot = part_ptr + row * n_chunks + chunk
     tl.store(slot, m)
-    tl.store(slot + part_plane, tl.sum(e, 0))
-    tl.store(slot + 2 * part_plane, tl.sum(e * tl.maximum(d, -1000.0), 0))
+    tl.store(slot + plane, tl.sum(e, 0))
+    tl.store(slot + 2 * plane, tl.sum(e * tl.maximum(d, -1000.0), 0))
 
 
 @triton.jit
@@ -114,6 +121,7 @@ def _combine_kernel(
 ):
     """One program per row: the row's partials merged into (m, s, u), and z_y."""
     row = tl.program_id(0).to(tl.int64)
+    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
     if tl.load(valid_ptr + row) == 0:
         tl.store(m_ptr + row, 0.0)
         tl.store(s_ptr + row, 1.0)
@@ -124,8 +132,8 @@ def _combine_kernel(
     mine = k < n_chunks
     slots = part_ptr + row * n_chunks + k
     m_k = tl.load(slots, mask=mine, other=float("-inf"))
-    s_k = tl.load(slots + part_plane, mask=mine, other=0.0)
-    u_k = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
+    s_k = tl.load(slots + plane, mask=mine, other=0.0)
+    u_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
     # ---- the row: m = max m_k; (s_k, u_k) restated at t and summed ----
     m = tl.max(m_k, 0)
     delta = _finite_or_zero(m_k) - _finite_or_zero(m)

@@ -34,6 +34,12 @@ gradient may be written over the logits (in place). Special values as the Numba 
 makes the row's s_r (hence loss and gradient) NaN; a +inf logit gives s_r = NaN (exp(inf − inf));
 a −inf logit is a masked class (exp = 0; with label smoothing S_z = −inf, the loss +inf).
 
+Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
+offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
+int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks) from
+int64 copies of their sizes; offsets within a row are int32 (V < 2^31). Tested under the
+interpreter on strided views whose row offsets pass 2^31 (``tests/test_triton_int64.py``).
+
 No validation: the caller passes a contiguous shard, ``local_labels`` ``[N]`` int64 and float64
 ``[V_r]`` class weights (read as float32) or None. A label outside ``[0, V_r)`` is not read.
 """
@@ -71,6 +77,7 @@ def _partials_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
     chunk = tl.program_id(1)
     if tl.load(labels_ptr + row) == -2:
         return  # an ignored row: the combine writes its statistics without reading the partials
@@ -84,15 +91,15 @@ def _partials_kernel(
     t = tl.where(m == float("-inf"), 0.0, m)
     slot = part_ptr + row * n_chunks + chunk
     tl.store(slot, m)
-    tl.store(slot + part_plane, tl.sum(tl.exp(z - t), 0))
+    tl.store(slot + plane, tl.sum(tl.exp(z - t), 0))
     if SUM_Z:
         # ---- 2. S_k = Σ w_j·(z_j − t_k) and W_k = Σ w_j (lanes past the row add 0) ----
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         else:
             w = tl.where(inside, 1.0, 0.0)
-        tl.store(slot + 2 * part_plane, tl.sum(w * tl.where(inside, z - t, 0.0), 0))
-        tl.store(slot + 3 * part_plane, tl.sum(w, 0))
+        tl.store(slot + 2 * plane, tl.sum(w * tl.where(inside, z - t, 0.0), 0))
+        tl.store(slot + 3 * plane, tl.sum(w, 0))
 
 
 @triton.jit
@@ -113,6 +120,7 @@ def _combine_kernel(
 ):
     """One program per row: the row's partials merged into (m_r, s_r, S'_r), and z_y."""
     row = tl.program_id(0).to(tl.int64)
+    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
     y = tl.load(labels_ptr + row)
     if y == -2:
         tl.store(max_ptr + row, float("-inf"))
@@ -124,7 +132,7 @@ def _combine_kernel(
     mine = k < n_chunks
     slots = part_ptr + row * n_chunks + k
     m_k = tl.load(slots, mask=mine, other=float("-inf"))
-    s_k = tl.load(slots + part_plane, mask=mine, other=0.0)
+    s_k = tl.load(slots + plane, mask=mine, other=0.0)
     # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), s_r = Σ s_k·exp(t_k − t_r) ----
     m = tl.max(m_k, 0)
     t = tl.where(m == float("-inf"), 0.0, m)
@@ -133,8 +141,8 @@ def _combine_kernel(
     tl.store(sum_ptr + row, tl.sum(tl.where(s_k == 0.0, 0.0, s_k * tl.exp(t_k - t)), 0))
     # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift ----
     if SUM_Z:
-        sum_k = tl.load(slots + 2 * part_plane, mask=mine, other=0.0)
-        weight_k = tl.load(slots + 3 * part_plane, mask=mine, other=0.0)
+        sum_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
+        weight_k = tl.load(slots + 3 * plane, mask=mine, other=0.0)
         restated = sum_k + tl.where(weight_k == 0.0, 0.0, weight_k * (t_k - t))
         tl.store(shifted_sum_z_ptr + row, tl.sum(tl.where(mine, restated, 0.0), 0))
     else:
