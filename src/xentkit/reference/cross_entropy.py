@@ -130,27 +130,55 @@ def cross_entropy_and_grad(
         return loss, None
 
     main_scale, z_scale = (scale[..., None] for scale in plan.scales(grad_output))
-    # A row whose upstream g is infinite (or NaN) takes PyTorch's order, each term times g on its
-    # own: g·p_y·A − g·w_y is ∞ − ∞ = NaN at the target, g·p_j is NaN where p_j = 0 (0·∞), and a
-    # term that is off (no smoothing) adds nothing rather than 0·∞. The kernels agree. (Both
-    # orders are computed; with such a g either meets 0·∞ or ∞ − ∞, NaN as wanted.)
-    with np.errstate(invalid="ignore"):
+    # Each row's gradient is g·(p_j·A − c_j): g its upstream, A the row's total weight, c_j
+    # class j's own share (the formulas above, before z-loss and softcap). It has two orders,
+    # because neither is right for every g; each row is computed in the one it needs, never both:
+    # - finite g: factored, g·(p_j·A − c_j). The difference is rounded before g scales it, so a
+    #   confident row's target entry (p_y·A ≈ c_y, cancelling) stays as accurate as it gets; term
+    #   by term, g·A·p_y and g·c_y are rounded apart before they cancel, a little less accurate.
+    # - infinite or NaN g: term by term, (g·A)·p_j − g·c_j, which is how PyTorch gets its values:
+    #   NaN at the target (∞ − ∞), NaN where p_j = 0 (0·∞), and a term that is off (no smoothing:
+    #   no c_j off the target) adds nothing rather than 0·∞. Factored, those entries are ±∞.
+    # ``rows`` is ``...`` (every row) or a boolean mask of rows. The kernels give the same values.
+    if probabilities:
+        wq = weight * q  # c_j = w_j·q'_j
+        mass = np.sum(wq, axis=-1, keepdims=True)  # A = Σ_c w_c·q'_c
+    else:
+        onehot = np.arange(num_classes) == safe[..., None]
+        mass = ((1 - eps) * w_y + eps * np.sum(weight) / num_classes)[..., None]  # A
+
+    def factored(rows: Any, g: np.ndarray) -> np.ndarray:
         if probabilities:
-            wq = weight * q
-            grad = main_scale * (p * np.sum(wq, axis=-1, keepdims=True) - wq)
-            upstream_order = (main_scale * p) * np.sum(wq, axis=-1, keepdims=True) - main_scale * wq
+            return g * (p[rows] * mass[rows] - wq[rows])
+        target_share = (1 - eps) * w_y[rows][..., None] * onehot[rows]
+        return g * (p[rows] * mass[rows] - target_share - eps * weight / num_classes)
+
+    def term_by_term(rows: Any, g: np.ndarray) -> np.ndarray:
+        if probabilities:
+            share = g * wq[rows]
         else:
-            onehot = np.arange(num_classes) == safe[..., None]
-            coefficient = ((1 - eps) * w_y + eps * np.sum(weight) / num_classes)[..., None]
-            grad = p * coefficient - (1 - eps) * w_y[..., None] * onehot - eps * weight / num_classes
-            grad = main_scale * grad
-            smooth = (main_scale * coefficient) * p
-            if eps > 0:
-                smooth = smooth - main_scale * (eps * weight / num_classes)
-            target_weight = ((1 - eps) * w_y + eps * w_y / num_classes)[..., None]
-            target_entry = (main_scale * coefficient) * p - main_scale * target_weight
-            upstream_order = np.where(onehot, target_entry, smooth)
-    grad = np.where(np.isfinite(main_scale), grad, upstream_order)
+            share = (1 - eps) * w_y[rows][..., None] * onehot[rows] + eps * weight / num_classes
+            share = g * share
+            if eps == 0:  # off the target there is no term: nothing, not 0·g = NaN
+                share = np.where(onehot[rows], share, 0)
+        return (g * mass[rows]) * p[rows] - share
+
+    finite = np.isfinite(main_scale)
+    with np.errstate(invalid="ignore"):  # a non-finite g's ∞ − ∞ and 0·∞, NaN as wanted
+        if finite.all():
+            grad = factored(..., main_scale)
+        elif not finite.any():
+            grad = term_by_term(..., main_scale)
+        else:  # "none" with some rows' g infinite or NaN: each set of rows in its order
+            finite_rows = np.broadcast_to(finite[..., 0], p.shape[:-1])
+            g = np.broadcast_to(main_scale, (*p.shape[:-1], 1))
+            parts = [
+                (finite_rows, factored(finite_rows, g[finite_rows])),
+                (~finite_rows, term_by_term(~finite_rows, g[~finite_rows])),
+            ]
+            grad = np.empty(p.shape, np.result_type(*(part for _, part in parts)))
+            for rows, part in parts:
+                grad[rows] = part
     if z_loss:
         with np.errstate(invalid="ignore"):  # an infinite upstream times p_j = 0: NaN, as above
             grad = grad + z_scale * 2 * z_loss * lse[..., None] * p
