@@ -1,11 +1,21 @@
 """The row-chunk walk of the fused linear forms: each chunk's logits ``x_chunk Wᵀ (+ b)`` computed
-into one reused buffer, never the full ``[N, V]`` logits. Used by ``linear_cross_entropy``,
-``linear_log_probs`` and ``vocab_parallel_linear_cross_entropy`` (and meant for every later fused
-linear form)."""
+into one reused buffer, never the full ``[N, V]`` logits, and the gradients the chunks add up.
+Used by ``linear_cross_entropy`` (CPU and Triton), ``linear_log_probs`` and the
+vocabulary-parallel linear forms (and meant for every later fused linear form).
+
+Precision of the weight and bias gradients (docs/precision.md): they are sums over every chunk,
+accumulated in float32 or better (:func:`gradient_buffers`) and rounded to the weight's dtype once,
+at the end (:func:`finish_gradients`). For float16/bfloat16 weights that costs a float32 ``[V, D]``
+buffer while the chunks run (twice a bfloat16 weight gradient, three times at the final cast), in
+exchange for one rounding instead of one per chunk. Each chunk's ``dzᵀ x_chunk`` is added into the
+float32 buffer by one cuBLAS call on CUDA (``addmm``'s ``out_dtype``, torch ≥ 2.8); elsewhere (the
+CPU has no such kernel, and older torch) the chunk's operands are converted to float32 first.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,21 +46,86 @@ def logit_chunks(
         yield start, stop, x_chunk, logits
 
 
-def add_chunk_gradients(
-    dz: Tensor, x_chunk: Tensor, w: Tensor, grads: tuple[Tensor | None, Tensor | None, Tensor | None],
-    start: int, stop: int,
-) -> None:
+Gradients = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+def _torch_buffer(shape: tuple[int, ...], like: Tensor, *, zero: bool = False) -> Tensor:
+    make = torch.zeros if zero else torch.empty
+    return make(shape, dtype=like.dtype, device=like.device)
+
+
+def gradient_buffers(
+    x: Tensor, w: Tensor, b: Tensor | None, want: Sequence[bool], *, zero_input: bool = False,
+    new_buffer: Callable[..., Tensor] = _torch_buffer,
+) -> Gradients:
+    """``(grad_x, grad_W, grad_b)`` for :func:`add_chunk_gradients`, each None unless ``want``
+    says so (``want[2]`` asks for nothing without a bias). ``grad_x`` has ``x``'s dtype, its rows
+    written chunk by chunk (zeroed first when ``zero_input``: skipped chunks, a sum over ranks);
+    ``grad_W`` and ``grad_b`` are zeroed accumulators in float32 or better (float16/bfloat16 widen
+    to float32, see the module docstring), for :func:`finish_gradients` to round once.
+    ``new_buffer(shape, like, zero=)`` allocates a buffer of ``like``'s dtype and device (torch's
+    allocator by default)."""
+    grad_x = new_buffer(tuple(x.shape), x, zero=zero_input) if want[0] else None
+    grad_w = _accumulator(w, new_buffer) if want[1] else None
+    grad_b = _accumulator(b, new_buffer) if want[2] and b is not None else None
+    return grad_x, grad_w, grad_b
+
+
+def _accumulator(tensor: Tensor, new_buffer: Callable[..., Tensor]) -> Tensor:
+    dtype = _bridge.at_least_float32(tensor.dtype)
+    if dtype == tensor.dtype:
+        return new_buffer(tuple(tensor.shape), tensor, zero=True)
+    return torch.zeros(tensor.shape, dtype=dtype, device=tensor.device)
+
+
+def add_chunk_gradients(dz: Tensor, x_chunk: Tensor, w: Tensor, grads: Gradients, start: int, stop: int) -> None:
     """The last step of every fused linear form, for one chunk whose logits' gradient is ``dz``:
     ``grad_x[start:stop] = dz W`` (written), ``grad_W += dzᵀ x_chunk``, ``grad_b += Σ_rows dz``
-    (the column sums in float32 or better). ``grads`` = (grad_x, grad_W, grad_b), each None when
-    not wanted; grad_W and grad_b start at zero."""
+    (added in the accumulators' dtype, float32 or better). ``grads``: :func:`gradient_buffers`'."""
     grad_x, grad_w, grad_b = grads
     if grad_x is not None:
         torch.mm(dz, w, out=grad_x[start:stop])
     if grad_w is not None:
-        grad_w.addmm_(dz.t(), x_chunk)
+        _add_product(grad_w, dz.t(), x_chunk)
     if grad_b is not None:
-        grad_b.add_(dz.sum(dim=0, dtype=_bridge.at_least_float32(dz.dtype)).to(grad_b.dtype))
+        grad_b.add_(dz.sum(dim=0, dtype=grad_b.dtype))
+
+
+def finish_gradients(grads: Gradients, w: Tensor, b: Tensor | None) -> Gradients:
+    """The gradients of :func:`gradient_buffers` after the last chunk: ``grad_W`` and ``grad_b``
+    rounded to the weight's and the bias' dtype (once; nothing to do for float32/float64)."""
+    grad_x, grad_w, grad_b = grads
+    if grad_w is not None:
+        grad_w = grad_w.to(w.dtype)
+    if grad_b is not None and b is not None:
+        grad_b = grad_b.to(b.dtype)
+    return grad_x, grad_w, grad_b
+
+
+def _add_product(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
+    """``accumulator += a @ b`` in the accumulator's dtype, without rounding the product to the
+    operands' (half) dtype first."""
+    if accumulator.dtype == a.dtype:
+        accumulator.addmm_(a, b)
+    elif accumulator.device.type == "cuda" and mixed_addmm(accumulator.device, a.dtype):
+        torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
+    else:
+        accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+
+
+@functools.cache
+def mixed_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=float32, out=c)`` adds ``a @ b`` of ``dtype``
+    operands into a float32 ``c`` on ``device`` (torch ≥ 2.8 on CUDA): tried once on a small
+    problem with an exact answer, so a torch without it, or one that gets it wrong, falls back to
+    converting the operands."""
+    try:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device)
+        c = torch.full((2, 2), 0.5, dtype=torch.float32, device=device)
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return c.tolist() == [[7.5, 10.5], [15.5, 22.5]]
 
 
 def idle_chunks(valid: Tensor | np.ndarray, chunk_rows: int) -> tuple[bool, ...]:

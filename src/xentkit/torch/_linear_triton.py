@@ -14,9 +14,14 @@ device, cheap next to the matmuls).
 "none" computes the losses in forward, keeps each row's max and sum, and redoes the chunks in
 backward with the per-row upstream gradient read on the device (one more matmul per chunk).
 
-Precision: the kernels work in float32; ``grad_W`` and ``grad_b`` add the chunks' contributions in
-the weight's dtype (each chunk's matmul accumulates in float32 inside cuBLAS, then one rounding
-per chunk), as Liger-Kernel does; float32 weights lose nothing.
+Precision: the kernels work in float32; ``grad_W`` and ``grad_b`` add the chunks' contributions
+into float32 accumulators (:func:`xentkit.torch._chunks.gradient_buffers`; one cuBLAS call per
+chunk with a float32 output) and are rounded to the weight's dtype once, after the last chunk.
+Memory: for float16/bfloat16 weights that accumulator is a float32 ``[V, D]`` buffer while the
+chunks run, twice the weight-dtype gradient (2 GiB for a 128256 × 4096 bfloat16 output layer,
+against 1 GiB), three times during the final cast; float32 weights need nothing extra. Rounding
+once instead of once per chunk is the precision contract (docs/precision.md); there is no switch
+back.
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ from .._labels import check_labels
 from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from . import _bridge
-from ._chunks import add_chunk_gradients, logit_chunks
+from ._chunks import (
+    Gradients,
+    add_chunk_gradients,
+    finish_gradients,
+    gradient_buffers,
+    logit_chunks,
+)
 from ._triton_path import gradient_rows, row_plan, triton_reason, unit_factors
 
 # A chunk's logits take at most this many bytes (a power of two of rows): measured on an H100,
@@ -91,7 +102,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = unit_factors(plan, x.device) if now else None
         one = torch.ones((), dtype=torch.float32, device=x.device)  # forward's upstream gradient
-        grads = _empty_gradients(x, w, b, want if now else (False, False, False))
+        grads = gradient_buffers(x, w, b, want if now else (False, False, False))
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         stats = torch.empty((3 if probabilities else 2, n), dtype=torch.float32, device=x.device)
@@ -110,7 +121,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         if options.reduction == "none" and any(want):
             ctx.save_for_backward(input, linear_weight, linear_bias, labels, weight, stats)
             ctx.want = want
-        for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, grads, strict=True):
+        for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, finish_gradients(grads, w, b), strict=True):
             setattr(ctx, name, gradient)
         return loss.to(_bridge.at_least_float32(x.dtype))  # float32 for half inputs (docs/precision.md)
 
@@ -122,14 +133,14 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             input, linear_weight, linear_bias, labels, weight, stats = ctx.saved_tensors
             x, w = input.detach().contiguous(), linear_weight.detach().contiguous()
             b = None if linear_bias is None else linear_bias.detach().contiguous()
-            grads = _empty_gradients(x, w, b, ctx.want)
+            grads = gradient_buffers(x, w, b, ctx.want)
             upstream = grad_output.detach().reshape(-1)
             ones = torch.ones(2, dtype=torch.float32, device=x.device)
             buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
             for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
                 _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
                                  options, upstream[start:stop], ones, grads, start, stop)
-            return (*grads, None, None, None, None)
+            return (*finish_gradients(grads, w, b), None, None, None, None)
         # loss.backward() passes 1: one wait for the device saves a pass over each gradient
         gradients = _bridge.hand_over_gradients(
             ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, "linear_cross_entropy",
@@ -138,21 +149,13 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         return (*gradients, None, None, None, None)
 
 
-def _empty_gradients(x: Tensor, w: Tensor, b: Tensor | None, want: tuple[bool, ...]) -> list[Tensor | None]:
-    return [
-        torch.empty_like(x) if want[0] else None,
-        torch.zeros_like(w) if want[1] else None,
-        torch.zeros_like(b) if want[2] and b is not None else None,
-    ]
-
-
 def _chunk_gradients(
     logits: Tensor, x_chunk: Tensor, w: Tensor, labels: Tensor, weight: Tensor | None, stats: Tensor,
-    options: LossOptions, upstream: Tensor, factors: Tensor, grads: list[Tensor | None],
+    options: LossOptions, upstream: Tensor, factors: Tensor, grads: Gradients,
     start: int, stop: int,
 ) -> None:
     """Pass 2 over the chunk's logits (in place; ``upstream``: one value for every row, or one
     per row), then the three matmuls into ``grads``."""
     gradient_rows(logits, labels, weight, stats.contiguous(), factors, upstream, options, logits)
-    add_chunk_gradients(logits, x_chunk, w, tuple(grads), start, stop)
+    add_chunk_gradients(logits, x_chunk, w, grads, start, stop)
 

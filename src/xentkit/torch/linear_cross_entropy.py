@@ -37,7 +37,7 @@ from .._options import LossOptions, check_chunk_size
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
 from . import _bridge, _linear_triton, _torch_ops, _triton_path
-from ._chunks import add_chunk_gradients, logit_chunks
+from ._chunks import add_chunk_gradients, finish_gradients, gradient_buffers, logit_chunks
 
 __all__ = ["chunk_rows_for", "linear_cross_entropy"]
 
@@ -107,9 +107,7 @@ def _chunked_pass(
     want_grad = grad_output is not None and any(want)
     buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype)
     # grad_x's rows are written chunk by chunk; grad_W and grad_b start at zero and add up
-    grad_input = torch.empty_like(x) if want_grad and want[0] else None
-    grad_weight = torch.zeros_like(w) if want_grad and want[1] else None
-    grad_bias = torch.zeros_like(b) if want_grad and want[2] and b is not None else None
+    grads = gradient_buffers(x, w, b, want if want_grad else (False, False, False))
     loss_rows = np.empty(rows, dtype=np.float64) if options.reduction == "none" else None
     total = 0.0
     # 1. logits = x W^T (+ b), chunk by chunk into the reused buffer.
@@ -127,12 +125,12 @@ def _chunked_pass(
         )
         if want_grad:
             # 3.-4. grad_x rows = dlogits W; grad_W += dlogitsᵀ x_chunk, grad_b += Σ_rows dlogits
-            add_chunk_gradients(logits, x_chunk, w, (grad_input, grad_weight, grad_bias), start, stop)
+            add_chunk_gradients(logits, x_chunk, w, grads, start, stop)
         if loss_rows is not None:
             loss_rows[start:stop] = loss
         else:
             total += float(loss)
-    return _PassResult(loss_rows if loss_rows is not None else total, grad_input, grad_weight, grad_bias)
+    return _PassResult(loss_rows if loss_rows is not None else total, *finish_gradients(grads, w, b))
 
 
 def _reduction_plan(

@@ -34,7 +34,13 @@ from .._labels import check_index_layout, check_labels
 from .._options import LogProbOptions, check_flag, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge, _linear_triton, _triton_path
-from ._chunks import add_chunk_gradients, idle_chunks, logit_chunks
+from ._chunks import (
+    add_chunk_gradients,
+    finish_gradients,
+    gradient_buffers,
+    idle_chunks,
+    logit_chunks,
+)
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
 from .linear_cross_entropy import chunk_rows_for
 
@@ -211,9 +217,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         coefficients = _coefficients(ctx, grads)
         rows, options = ctx.rows, ctx.options
         n = x.shape[0]
-        grad_x = torch.zeros_like(x) if want_x else None
-        grad_w = torch.zeros_like(w) if want_w else None
-        grad_b = torch.zeros_like(b) if want_b and b is not None else None
+        buffers = gradient_buffers(x, w, b, (want_x, want_w, want_b), zero_input=True)
         # chunks with no position to differentiate (padding) skip their three matmuls
         buffer, ctx.buffer = ctx.buffer, None
         if buffer is None:  # a second backward of a retained graph
@@ -225,8 +229,8 @@ class _LinearLogProbsFunction(torch.autograd.Function):
                 logits, target[start:stop], ctx.valid[start:stop], options.temperature,
                 ctx.m[start:stop], ctx.s[start:stop], part, logits,
             )
-            add_chunk_gradients(dz, x_chunk, w, (grad_x, grad_w, grad_b), start, stop)
-        return grad_x, grad_w, grad_b, None, None, None, None
+            add_chunk_gradients(dz, x_chunk, w, buffers, start, stop)
+        return *finish_gradients(buffers, w, b), None, None, None, None
 
 
 def linear_log_probs(

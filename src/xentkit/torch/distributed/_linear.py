@@ -12,7 +12,7 @@ from torch.autograd.function import FunctionCtx
 
 from ..._options import LossOptions
 from .. import _bridge
-from .._chunks import add_chunk_gradients, logit_chunks
+from .._chunks import add_chunk_gradients, finish_gradients, gradient_buffers, logit_chunks
 from ._agreement import _agree, _check_linear_shards, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
 from ._communication import CommunicationStats, _Communicator
@@ -57,9 +57,7 @@ def _linear_pass(
     n, width = x.shape[0], w.shape[0]
     device = x.device
     buffer = _new_buffer((min(plan.chunk_rows, n), width), x)
-    grad_input = _new_buffer(tuple(x.shape), x, zero=True) if want[0] else None
-    grad_weight = _new_buffer(tuple(w.shape), w, zero=True) if want[1] else None
-    grad_bias = torch.zeros_like(b) if want[2] and b is not None else None
+    grads = gradient_buffers(x, w, b, want, zero_input=True, new_buffer=_new_buffer)
     forward = known is None
     main = torch.zeros(n, dtype=torch.float64, device=device) if forward else None
     z_term = torch.zeros(n, dtype=torch.float64, device=device) if forward and plan.options.z_loss else None
@@ -83,7 +81,8 @@ def _linear_pass(
         g_chunk = g[start:stop] if isinstance(g, Tensor) else g
         g_z_chunk = g_z[start:stop] if isinstance(g_z, Tensor) else g_z
         _shard_gradient(logits, rows, plan, stats.shift, _coefficients(stats, rows, plan, g_chunk, g_z_chunk), logits)
-        add_chunk_gradients(logits, x_chunk, w, (grad_input, grad_weight, grad_bias), start, stop)
+        add_chunk_gradients(logits, x_chunk, w, grads, start, stop)
+    grad_input, grad_weight, grad_bias = finish_gradients(grads, w, b)
     if grad_input is not None:
         plan.communicator.all_reduce(grad_input, dist.ReduceOp.SUM)
     all_stats = None

@@ -35,7 +35,13 @@ from torch.autograd.function import FunctionCtx
 from ..._options import LogProbOptions, check_flag
 from ...reference.log_probs import merge_partials, row_statistics
 from .. import _bridge
-from .._chunks import add_chunk_gradients, idle_chunks, logit_chunks
+from .._chunks import (
+    add_chunk_gradients,
+    finish_gradients,
+    gradient_buffers,
+    idle_chunks,
+    logit_chunks,
+)
 from .._log_prob_rows import TorchRows
 from ..log_probs import _coefficients, _rows_backend, _select
 from ._agreement import _agree, _Agreement, _check_linear_shards, _check_target, _local_record
@@ -137,10 +143,10 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         x, w, b = _matrices(input, linear_weight_shard, linear_bias_shard, plan.valid.shape[0])
         n = x.shape[0]
         # the input gradient is summed over ranks: computed wherever any rank wants it
-        grad_x = _new_buffer(tuple(x.shape), x, zero=True) if plan.agreement.wants_input_grad else None
-        grad_w = _new_buffer(tuple(w.shape), w, zero=True) if want_w else None
-        grad_b = torch.zeros_like(b) if want_b and b is not None else None
-        if w.shape[0] and (grad_x is not None or grad_w is not None or grad_b is not None):
+        buffers = gradient_buffers(
+            x, w, b, (plan.agreement.wants_input_grad, want_w, want_b), zero_input=True, new_buffer=_new_buffer
+        )
+        if w.shape[0] and any(buffer is not None for buffer in buffers):
             coefficients = _coefficients(ctx, grads)
             # the (M, S) the row backend takes: as xentkit.torch.linear_log_probs keeps them
             dtype = plan.rows.statistics_dtype(x.dtype)
@@ -152,7 +158,8 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
                 dz = plan.rows.gradient(
                     logits, labels, valid, plan.options.temperature, m[start:stop], s[start:stop], part, logits,
                 )
-                add_chunk_gradients(dz, x_chunk, w, (grad_x, grad_w, grad_b), start, stop)
+                add_chunk_gradients(dz, x_chunk, w, buffers, start, stop)
+        grad_x, grad_w, grad_b = finish_gradients(buffers, w, b)
         if grad_x is not None:
             plan.communicator.all_reduce(grad_x, dist.ReduceOp.SUM)
             grad_x = grad_x.view(input.shape) if ctx.needs_input_grad[0] else None
