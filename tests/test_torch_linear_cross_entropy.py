@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -12,9 +10,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import xentkit  # noqa: E402
 import xentkit.torch as xt  # noqa: E402
-
-# The package re-exports the function under the module's name; this is the module.
-lce_module = importlib.import_module("xentkit.torch.linear_cross_entropy")
+from xentkit.torch import _chunks  # noqa: E402
 
 # (atol, rtol) per dtype, one table.
 TOLERANCES = {
@@ -105,7 +101,7 @@ def test_matches_unfused_float32_default_chunks(reduction, option_name):
     x, w, b, target, kwargs = make_problem(
         300, 64, 2000, dtype=torch.float32, bias=True, options=OPTION_SETS[option_name]
     )
-    assert lce_module.chunk_rows_for(300, 2000, 4) < 300
+    assert _chunks.chunk_rows(300, 2000, 4, None) < 300
     loss, grads = loss_and_grads(xt.linear_cross_entropy, x, w, b, target, reduction, kwargs)
     x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
     kwargs64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
@@ -331,18 +327,24 @@ def test_multidimensional_linear_weight_goes_to_torch_ops():
 
 
 def test_chunk_rows_stay_within_the_budget():
+    """The one chunk-sizing rule (``_chunks.chunk_rows``): off CUDA within the budget's fraction
+    and bytes, or at the floor; on CUDA the largest power of two of rows within GPU_CHUNK_BYTES."""
+    budget = _chunks.CPU_CHUNKS
     for rows, classes, itemsize in [(4096, 32000, 4), (100_000, 128_000, 4), (4096, 32000, 8), (64, 1000, 4), (10**6, 50, 4)]:
-        chunk = lce_module.chunk_rows_for(rows, classes, itemsize)
+        chunk = _chunks.chunk_rows(rows, classes, itemsize, None)
         chunk_bytes = chunk * classes * itemsize
         assert 1 <= chunk <= rows
-        within_fraction = chunk <= -(-rows // lce_module.CHUNK_FRACTION)
-        within_budget = chunk_bytes <= lce_module.CHUNK_BUDGET_BYTES
-        floor = chunk_bytes <= lce_module.CHUNK_FLOOR_BYTES + classes * itemsize
+        within_fraction = chunk <= -(-rows // budget.fraction)
+        within_budget = chunk_bytes <= budget.budget_bytes
+        floor = chunk_bytes <= budget.floor_bytes + classes * itemsize
         assert (within_fraction and within_budget) or floor
-    assert lce_module.chunk_rows_for(100, 10, 4, chunk_size=7) == 7
-    assert lce_module.chunk_rows_for(5, 10, 4, chunk_size=64) == 5
-    with pytest.raises(ValueError, match="chunk_size must be"):
-        lce_module.chunk_rows_for(5, 10, 4, chunk_size=0)
+        on_gpu = _chunks.chunk_rows(rows, classes, itemsize, None, device_type="cuda")
+        assert on_gpu == rows or (
+            on_gpu & (on_gpu - 1) == 0 and on_gpu * classes * itemsize <= _chunks.GPU_CHUNK_BYTES < 2 * on_gpu * classes * itemsize
+        )
+    assert _chunks.chunk_rows(100, 10, 4, 7) == 7
+    assert _chunks.chunk_rows(5, 10, 4, 64) == 5
+    assert _chunks.chunk_rows(5, 10, 4, 64, device_type="cuda") == 5
 
 
 def test_module_matches_torch_module_and_trains_the_same():

@@ -43,18 +43,6 @@ from ._chunks import (
 )
 from ._triton_path import gradient_rows, row_plan, triton_reason, unit_factors
 
-# A chunk's logits take at most this many bytes (a power of two of rows): measured on an H100,
-# 2048-row chunks of a 128256-class bfloat16 vocabulary (512 MiB) keep the matmuls near their
-# unchunked speed.
-CHUNK_BYTES = 512 * 2**20
-
-
-def gpu_chunk_rows(rows: int, classes: int, itemsize: int, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        return max(1, min(chunk_size, rows))
-    fit = max(1, CHUNK_BYTES // max(1, classes * itemsize))
-    return max(1, min(rows, 1 << (fit.bit_length() - 1)))
-
 
 def linear_reason(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None

@@ -24,7 +24,6 @@ reduced and differentiated with that one plan, so the chunks' losses add up to t
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -33,46 +32,19 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
-from .._options import LossOptions, check_chunk_size
+from .._options import LossOptions
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
 from . import _bridge, _linear_triton, _torch_ops, _triton_path
-from ._chunks import add_chunk_gradients, finish_gradients, gradient_buffers, logit_chunks
+from ._chunks import (
+    add_chunk_gradients,
+    chunk_rows,
+    finish_gradients,
+    gradient_buffers,
+    logit_chunks,
+)
 
-__all__ = ["chunk_rows_for", "linear_cross_entropy"]
-
-# Chunk sizing: a chunk's logits take at most 1/16 of the full logits' bytes and at most this
-# budget, but never less than the floor (tiny problems are not cut into slivers). Measured on
-# 2 cores (N=4096, D=1024, V=32000, float32): the three chunked matmuls take the time of the
-# unchunked ones from 256 rows (32 MiB of logits) up, and ~5% more at 128 rows.
-CHUNK_FRACTION = 16
-CHUNK_BUDGET_BYTES = 32 * 2**20
-CHUNK_FLOOR_BYTES = 2 * 2**20
-
-
-def chunk_rows_for(rows: int, classes: int, itemsize: int, chunk_size: int | None = None) -> int:
-    """How many rows one chunk processes.
-
-    ``chunk_size`` wins when given. Otherwise the chunk's logits (``chunk × classes × itemsize``
-    bytes) stay within 1/16 of the full logits and within ``CHUNK_BUDGET_BYTES``, whichever is
-    smaller, rounded down to a multiple of 8 rows (matmul-friendly), but take at least
-    ``CHUNK_FLOOR_BYTES`` (or everything, when that is less).
-
-    >>> chunk_rows_for(4096, 32000, 4)   # min(4096/16, 32 MiB / (32000·4 B) = 262) = 256 rows
-    256
-    """
-    chunk_size = check_chunk_size(chunk_size)
-    if chunk_size is not None:
-        return max(1, min(chunk_size, rows))
-    row_bytes = max(1, classes * itemsize)
-    by_fraction = math.ceil(rows / CHUNK_FRACTION)
-    by_budget = CHUNK_BUDGET_BYTES // row_bytes
-    chunk = min(by_fraction, by_budget)
-    if chunk >= 16:
-        chunk -= chunk % 8
-    floor = CHUNK_FLOOR_BYTES // row_bytes
-    return max(1, min(rows, max(chunk, floor)))
-
+__all__ = ["linear_cross_entropy"]
 
 @dataclasses.dataclass
 class _PassResult:
@@ -348,8 +320,9 @@ def linear_cross_entropy(
     ):
         _check_shapes(input, linear_weight, linear_bias, target, weight)
         options = options.replace(
-            chunk_size=_linear_triton.gpu_chunk_rows(
-                input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size
+            chunk_size=chunk_rows(
+                input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size,
+                device_type=input.device.type,
             )
         )
         return _linear_triton.TritonLinearCrossEntropyFunction.apply(
@@ -374,9 +347,7 @@ def linear_cross_entropy(
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     # chunk_size resolved to this call's rows per chunk
     options = options.replace(
-        chunk_size=chunk_rows_for(
-            input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size
-        )
+        chunk_size=chunk_rows(input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size)
     )
     loss = _LinearCrossEntropyFunction.apply(
         input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()

@@ -33,16 +33,16 @@ from torch.autograd.function import FunctionCtx
 from .._labels import check_index_layout, check_labels
 from .._options import LogProbOptions, check_flag, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
-from . import _bridge, _linear_triton, _triton_path
+from . import _bridge, _triton_path
 from ._chunks import (
     add_chunk_gradients,
+    chunk_rows,
     finish_gradients,
     gradient_buffers,
     idle_chunks,
     logit_chunks,
 )
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
-from .linear_cross_entropy import chunk_rows_for
 
 __all__ = ["linear_log_probs", "log_probs"]
 
@@ -290,9 +290,9 @@ def linear_log_probs(
     flat_target = target.reshape(-1)
     valid = check_labels(flat_target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
     x = input.reshape(-1, input.shape[-1])
-    sizing = _linear_triton.gpu_chunk_rows if x.device.type == "cuda" else chunk_rows_for
     options = options.replace(
-        chunk_size=sizing(x.shape[0], classes, x.element_size(), options.chunk_size) if x.shape[0] else 1
+        chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
+        if x.shape[0] else 1
     )
     rows = _rows_backend(x, options, linear_weight, linear_bias, target)
     results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)

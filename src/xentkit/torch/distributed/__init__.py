@@ -80,8 +80,9 @@ USE_KERNELS = True
 # Temporaries of the torch-ops path: a chunk of rows takes at most this many bytes per buffer.
 TORCH_CHUNK_BYTES = 8 * 2**20
 
-# Chunk sizing of the linear form, as xentkit.torch.linear_cross_entropy: a chunk's logits take at
-# most 1/16 of the shard's logits and at most the budget, but at least the floor.
+# Chunk sizing of the linear forms (xentkit.torch._chunks.chunk_rows with this budget, on every
+# device): a chunk's logits take at most 1/16 of the shard's logits and at most the budget, but at
+# least the floor.
 CHUNK_FRACTION = 16
 CHUNK_BUDGET_BYTES = 16 * 2**20
 CHUNK_FLOOR_BYTES = 2 * 2**20

@@ -9,7 +9,6 @@ chunk.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from ..._options import LossOptions
 from ...reference.reductions import ReductionPlan
+from .._chunks import ChunkBudget, chunk_rows
 from ._agreement import _Agreement
 from ._communication import _Communicator
 
@@ -98,14 +98,10 @@ def _plan(
 
 
 def _chunk_rows(rows: int, max_width: int, chunk_size: int | None) -> int:
-    """Rows per chunk of the linear form, the same on every rank (from N, the widest shard and
-    float32 bytes; the tuning constants are the package's, read at call time)."""
+    """Rows per chunk of the linear forms, the same on every rank: ``_chunks.chunk_rows`` from N,
+    the widest shard and float32 bytes, within the package's budget (``CHUNK_FRACTION``,
+    ``CHUNK_BUDGET_BYTES``, ``CHUNK_FLOOR_BYTES``, read at call time), on every device."""
     from . import CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES, CHUNK_FRACTION
 
-    if chunk_size is not None:
-        return max(1, min(chunk_size, rows))
-    row_bytes = max(1, max_width * 4)
-    by_fraction = math.ceil(rows / CHUNK_FRACTION)
-    by_budget = CHUNK_BUDGET_BYTES // row_bytes
-    floor = CHUNK_FLOOR_BYTES // row_bytes
-    return max(1, min(rows, max(min(by_fraction, by_budget), floor)))
+    budget = ChunkBudget(CHUNK_FRACTION, CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES)
+    return chunk_rows(rows, max_width, 4, chunk_size, budget=budget)
