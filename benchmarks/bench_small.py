@@ -8,7 +8,9 @@ Two parts, both side by side with torch in one run:
    same way, and the NumPy api ``xentkit.cross_entropy_and_grad``; median (and best) of
    ``--repeats`` interleaved timeit runs of ``--number`` calls, and each median over torch's,
    torch on one thread (as xentkit below 65536 logits).
-2. The first call in a new process, in a subprocess each, for xentkit's NumPy api,
+2. Seconds per training epoch of a small MLP (batch 64, 10 classes: the issue's MNIST case)
+   with torch's loss and with xentkit.torch's, interleaved.
+3. The first call in a new process, in a subprocess each, for xentkit's NumPy api,
    ``xentkit.torch`` and torch: the imports, then the first 64×10 forward + backward, timed
    apart, with the kernel cache warm (this checkout's ``__pycache__``) and, with ``--cold``,
    after emptying it (Numba compiles again). Beside them the floor that Numba sets: ``import
@@ -24,6 +26,7 @@ Writes ``benchmarks/results/small.json`` (``--output``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import shutil
@@ -134,6 +137,45 @@ def per_call(number: int, repeats: int) -> list[dict]:
     return rows
 
 
+def epochs(count: int) -> dict:
+    """Seconds per training epoch of the issue's small MLP (784-100-10, sigmoid, batch 64, SGD) on
+    MNIST-shaped data (60000 random images: the timing does not depend on the values), with
+    torch's ``nn.CrossEntropyLoss`` and with ``xentkit.torch.CrossEntropyLoss``, epochs
+    interleaved (torch's default threads, as a user runs it)."""
+    import torch
+
+    import xentkit.torch as xt
+
+    torch.set_num_threads(torch.get_num_threads())
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(60000, 784, generator=generator)
+    labels = torch.randint(0, 10, (60000,), generator=generator)
+    template = torch.nn.Sequential(torch.nn.Linear(784, 100), torch.nn.Sigmoid(), torch.nn.Linear(100, 10))
+    losses = {"torch": torch.nn.CrossEntropyLoss(), "xentkit.torch": xt.CrossEntropyLoss()}
+    models = {name: copy.deepcopy(template) for name in losses}
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.1) for name, model in models.items()}
+
+    def epoch(name: str) -> float:
+        model, loss_fn, optimizer = models[name], losses[name], optimizers[name]
+        started = time.perf_counter()
+        for start in range(0, images.shape[0], 64):
+            optimizer.zero_grad()
+            loss_fn(model(images[start : start + 64]), labels[start : start + 64]).backward()
+            optimizer.step()
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {name: [] for name in losses}
+    for name in losses:
+        epoch(name)  # the first epoch: imports, first calls
+    for _ in range(count):
+        for name in losses:
+            times[name].append(epoch(name))
+    out = {name: {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values)}
+           for name, values in times.items()}
+    out["xentkit.torch / torch"] = out["xentkit.torch"]["median_s"] / out["torch"]["median_s"]
+    return out
+
+
 def _run_timed(imports: str, call: str) -> tuple[float, float, float]:
     """(imports, first call, whole process) in seconds, in a new interpreter."""
     started = time.perf_counter()
@@ -170,6 +212,7 @@ def main() -> int:
     parser.add_argument("--number", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--cold", action="store_true", help="also time a cold kernel cache")
+    parser.add_argument("--epochs", type=int, default=5, help="MLP epochs per loss")
     parser.add_argument("--starts", type=int, default=5, help="new processes per first-call median")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "small.json")
     args = parser.parse_args()
@@ -186,6 +229,12 @@ def main() -> int:
             f"{row['xentkit.torch / torch']:6.2f} {row['xentkit api']:12.1f} "
             f"{row['xentkit api / torch']:6.2f} {row['autograd.Function floor']:15.1f}"
         )
+    trained = epochs(args.epochs)
+    print(f"\nMLP epoch (60000 × 784 → 100 → 10, batch 64, SGD), seconds, {args.epochs} interleaved epochs")
+    for name in ("torch", "xentkit.torch"):
+        times = trained[name]
+        print(f"  {name:14s} median {times['median_s']:.3f}  range {times['min_s']:.3f}-{times['max_s']:.3f}")
+    print(f"  xentkit.torch / torch: {trained['xentkit.torch / torch']:.3f}")
     starts = first_call(args.cold, args.starts)
     print("\nfirst call in a new process (median of --starts processes), seconds")
     print(f"  {'':28s} {'imports':>8s} {'1st call':>9s} {'process':>8s}")
@@ -194,7 +243,7 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-        "command": " ".join(sys.argv), "per_call_us": rows, "first_call": starts,
+        "command": " ".join(sys.argv), "per_call_us": rows, "mlp_epoch": trained, "first_call": starts,
     }, indent=1))
     print(f"\nwrote {args.output}")
     return 0
