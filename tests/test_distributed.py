@@ -376,7 +376,7 @@ def scenario_errors(world, rank):
     x = torch.randn(N, 4, dtype=torch.float64)
     w_shard = torch.randn(stop - start, 5 if bad else 4, dtype=torch.float64)
     _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(x, w_shard, target), "rank(s) [1]",
-                  "linear_weight_shard must have shape")
+                  "input must have linear_weight_shard's in_features=5")
     _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(
         x, w_shard[:, :4].contiguous(), target, chunk_size=3 if bad else 4), "chunk_size must be the same")
     # still in step: a good call afterwards agrees with the single-process answer

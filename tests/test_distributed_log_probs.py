@@ -256,7 +256,7 @@ def scenario_errors(world, rank):
     _expect_error(call(return_entropy="yes" if bad else True), "rank(s) [1]", "return_entropy must be a bool",
                   kind=TypeError if bad else ValueError)
     _expect_error(call(linear_weight_shard=w_shard[:, :-1] if bad else w_shard), "rank(s) [1]",
-                  "linear_weight_shard must have shape")
+                  "input must have linear_weight_shard's in_features=5")
     _expect_error(call(target=target[:-1] if bad else target), "rank(s) [1]", "target must have shape")
     # a backend that cannot run these (CPU float64) tensors, on every rank
     _expect_error(call(backend="triton"), "rank(s) [0, 1", "backend='triton'")
@@ -346,10 +346,12 @@ def test_errors_in_a_single_process_name_the_argument():
         vp.vocab_parallel_linear_log_probs(x, w, target, temperature=-1.0)
     with pytest.raises(TypeError, match=r"temperature must be a positive float, got str 'hot'"):
         vp.vocab_parallel_linear_log_probs(x, w, target, temperature="hot")
-    with pytest.raises(TypeError, match=r"input and linear_weight_shard must be tensors, got list and Tensor"):
+    with pytest.raises(TypeError, match=r"input must be a floating-point tensor, got list \[\[1.0, 2.0, 3.0\]\]"):
         vp.vocab_parallel_linear_log_probs([[1.0, 2.0, 3.0]], w, target)
-    with pytest.raises(ValueError, match=r"linear_bias_shard must be None or a \(5,\) tensor"):
+    with pytest.raises(ValueError, match=r"linear_bias_shard must have shape \(5,\), got \(4,\)"):
         vp.vocab_parallel_linear_log_probs(x, w, target, linear_bias_shard=torch.zeros(4))
+    with pytest.raises(TypeError, match=r"input, linear_weight_shard and linear_bias_shard must share one dtype"):
+        vp.vocab_parallel_linear_log_probs(x, w, target, linear_bias_shard=torch.zeros(5, dtype=torch.float64))
 
 
 def test_double_backward_raises():

@@ -412,3 +412,43 @@ def test_z_loss_survives_when_every_target_weight_is_zero():
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"input": torch.zeros(3, 4, dtype=torch.int64)}, TypeError, r"input must be a floating-point tensor, got Tensor"),
+        ({"bias": torch.zeros(4)}, ValueError, r"linear_bias(_shard)? must have shape \(5,\), got \(4,\)"),
+        ({"weight": torch.zeros(5, 3)}, ValueError, r"input must have linear_weight(_shard)?'s in_features=3"),
+        ({"weight": torch.zeros(5, 4, dtype=torch.float64)}, TypeError,
+         r"input, linear_weight(_shard)? and linear_bias(_shard)? must share one dtype, got input float32, linear_weight(_shard)? float64"),
+        ({"weight": torch.zeros(5, 4, device="meta")}, ValueError,
+         r"must be on one device, got input on cpu, linear_weight(_shard)? on meta"),
+    ],
+)
+@pytest.mark.parametrize("form", ["linear_cross_entropy", "linear_log_probs", "vocab_parallel_linear_cross_entropy",
+                                  "vocab_parallel_linear_log_probs"])
+def test_every_fused_linear_form_checks_the_linear_layer_alike(form, change, error, message):
+    """One rule, one set of messages (``xentkit.torch._linear_checks``) for the linear layer of
+    every fused form; the vocabulary-parallel forms name their shards."""
+    from xentkit.torch import distributed
+
+    tensors = {"input": torch.zeros(3, 4), "weight": torch.zeros(5, 4), "bias": None} | change
+    function = getattr(xt, form, None) or getattr(distributed, form)
+    weight_name, bias_name = (
+        ("linear_weight_shard", "linear_bias_shard") if form.startswith("vocab") else ("linear_weight", "linear_bias")
+    )
+    arguments = {"input": tensors["input"], weight_name: tensors["weight"], "target": torch.tensor([0, 1, 2])}
+    if tensors["bias"] is not None:
+        arguments[bias_name] = tensors["bias"]
+    with pytest.raises(error, match=message):
+        function(**arguments)
+
+
+def test_the_linear_layer_messages_are_written_once():
+    from pathlib import Path
+
+    source = Path(xentkit.__file__).parent
+    for fragment in ("must share one dtype", "must be on one device", "as its last dimension", "must have at least one row"):
+        homes = sorted(str(path.relative_to(source)) for path in source.rglob("*.py") if fragment in path.read_text())
+        assert homes == ["torch/_linear_checks.py"], (fragment, homes)

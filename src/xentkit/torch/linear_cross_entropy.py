@@ -43,6 +43,7 @@ from ._chunks import (
     gradient_buffers,
     logit_chunks,
 )
+from ._linear_checks import check_linear
 
 __all__ = ["linear_cross_entropy"]
 
@@ -191,29 +192,16 @@ def _fused_applies(
     weight: Tensor | None,
 ) -> bool:
     """Whether the chunked NumPy path handles the call (else: plain torch ops)."""
-    if input.dtype not in _bridge.NUMBA_DTYPES or input.dim() not in (1, 2) or linear_weight.dim() != 2:
-        return False
-    if linear_weight.dtype != input.dtype or (linear_bias is not None and linear_bias.dtype != input.dtype):
-        return False
-    if linear_bias is not None and linear_bias.dim() != 1:
+    if input.dtype not in _bridge.NUMBA_DTYPES or linear_weight.dim() != 2:  # one dtype: check_linear
         return False
     return _bridge.runs_on_xentkit(
         input, linear_weight, linear_bias, target, weight, grad_free=(target, weight)
     )
 
 
-def _check_shapes(
-    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor,
-    weight: Tensor | None,
-) -> None:
-    classes, features = linear_weight.shape
-    if input.shape[-1] != features:
-        raise ValueError(
-            f"input must have linear_weight's in_features={features} as its last dimension, "
-            f"got input of shape {tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}"
-        )
-    if linear_bias is not None and linear_bias.shape != (classes,):
-        raise ValueError(f"linear_bias must have shape ({classes},), got {tuple(linear_bias.shape)}")
+def _check_targets(input: Tensor, linear_weight: Tensor, target: Tensor, weight: Tensor | None) -> None:
+    """The target's and the class weights' shapes (the linear layer's: ``_linear_checks``)."""
+    classes = linear_weight.shape[0]
     if weight is not None and weight.shape != (classes,):
         raise ValueError(
             f"weight must have shape ({classes},), one value per class, got {tuple(weight.shape)}"
@@ -296,29 +284,18 @@ def linear_cross_entropy(
         reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
         chunk_size, backend,
     )
-    if linear_weight.dim() < 2:
-        raise ValueError(
-            f"linear_weight must have shape (num_classes, in_features), got {tuple(linear_weight.shape)}"
-        )
+    check_linear(input, linear_weight, linear_bias, class_dims=True)  # K-dimensional: torch ops
     if input.dim() not in (1, 2):
         raise ValueError(
             f"input must have shape (N, in_features) or (in_features,), got {tuple(input.shape)}; "
             "flatten leading dimensions first: input.reshape(-1, D), target.reshape(-1)"
         )
 
-    placed = {"input": input, "linear_weight": linear_weight, "linear_bias": linear_bias}
-    devices = {name: tensor.device for name, tensor in placed.items() if tensor is not None}
-    if len(set(devices.values())) > 1:  # a meta weight beside CPU input would give garbage
-        raise ValueError(
-            "input, linear_weight and linear_bias must be on one device, got "
-            + ", ".join(f"{name} on {device}" for name, device in devices.items())
-        )
-
     if _triton_path.takes_triton(
         options.backend, input.device.type == "cuda",
         lambda: _linear_triton.linear_reason(input, linear_weight, linear_bias, target, weight),
     ):
-        _check_shapes(input, linear_weight, linear_bias, target, weight)
+        _check_targets(input, linear_weight, target, weight)
         options = options.replace(
             chunk_size=chunk_rows(
                 input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size,
@@ -341,7 +318,7 @@ def linear_cross_entropy(
             logits, target, weight, options, result_dtype=_bridge.at_least_float32(logits.dtype)
         )
 
-    _check_shapes(input, linear_weight, linear_bias, target, weight)
+    _check_targets(input, linear_weight, target, weight)
     unbatched = input.dim() == 1
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)

@@ -42,6 +42,7 @@ from ._chunks import (
     idle_chunks,
     logit_chunks,
 )
+from ._linear_checks import check_linear
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
 
 __all__ = ["linear_log_probs", "log_probs"]
@@ -282,11 +283,10 @@ def linear_log_probs(
     options = LogProbOptions(temperature, ignore_index, chunk_size, backend)
     return_entropy = check_flag(return_entropy, "return_entropy")
     return_lse = check_flag(return_lse, "return_lse")
-    _check_linear(input, linear_weight, linear_bias)
+    classes, _ = check_linear(input, linear_weight, linear_bias)
     target = _check_target(target, tuple(input.shape[:-1]), "(one class index per input row)")
     if target.device != input.device:
         raise ValueError(f"target must be on the input's device {input.device}, got {target.device}")
-    classes = linear_weight.shape[0]
     flat_target = target.reshape(-1)
     valid = check_labels(flat_target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
     x = input.reshape(-1, input.shape[-1])
@@ -299,36 +299,3 @@ def linear_log_probs(
     if target.dim() != 1:
         results = tuple(result.reshape(target.shape) for result in results)
     return _select(results, return_entropy, return_lse)
-
-
-def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> None:
-    """Types, shapes, dtypes and devices of the linear layer's tensors."""
-    named = {"input": input, "linear_weight": linear_weight, "linear_bias": linear_bias}
-    for name, tensor in named.items():
-        if tensor is None:
-            continue
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {describe(tensor)}")
-    if linear_weight.dim() != 2:
-        raise ValueError(f"linear_weight must have shape (V, D), got {tuple(linear_weight.shape)}")
-    classes, features = linear_weight.shape
-    if classes == 0:
-        raise ValueError("linear_weight must have at least one row (class), got shape (0, D)")
-    if input.dim() == 0 or input.shape[-1] != features:
-        raise ValueError(
-            f"input must have linear_weight's in_features={features} as its last dimension, got input "
-            f"of shape {tuple(input.shape)} and linear_weight of shape {tuple(linear_weight.shape)}"
-        )
-    if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
-        raise ValueError(f"linear_bias must have shape ({classes},), got {tuple(linear_bias.shape)}")
-    present = {name: tensor for name, tensor in named.items() if tensor is not None}
-    if len({tensor.dtype for tensor in present.values()}) > 1:
-        raise TypeError(
-            "input, linear_weight and linear_bias must share one dtype, got "
-            + ", ".join(f"{name} {str(tensor.dtype).removeprefix('torch.')}" for name, tensor in present.items())
-        )
-    if len({tensor.device for tensor in present.values()}) > 1:
-        raise ValueError(
-            "input, linear_weight and linear_bias must be on one device, got "
-            + ", ".join(f"{name} on {tensor.device}" for name, tensor in present.items())
-        )

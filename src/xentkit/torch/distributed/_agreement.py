@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..._labels import as_class_indices, label_error
 from ..._options import CHOICES, LogProbOptions, LossOptions
+from .._linear_checks import SHARDS, check_linear
 from ._communication import _Communicator
 
 # Every field of every options class travels in the record (the union of their fields, each
@@ -137,41 +138,11 @@ def _check_device(tensor: Tensor, name: str) -> None:
 
 
 def _check_linear_shards(input: object, linear_weight_shard: object, linear_bias_shard: object) -> tuple[int, int]:
-    """The linear forms' tensors: ``input`` ``[..., D]``, this rank's ``[V_r, D]`` weight rows and
-    ``[V_r]`` bias (or None), one dtype and device; returns ``(D, V_r)``."""
-    if not isinstance(input, Tensor) or not isinstance(linear_weight_shard, Tensor):
-        raise TypeError(
-            "input and linear_weight_shard must be tensors, got "
-            f"{type(input).__name__} and {type(linear_weight_shard).__name__}"
-        )
-    if not input.is_floating_point() or input.dim() == 0:
-        raise ValueError(
-            f"input must be a floating tensor of shape (N, D), got dtype {input.dtype} and "
-            f"shape {tuple(input.shape)}"
-        )
-    features = input.shape[-1]
-    if linear_weight_shard.dim() != 2 or linear_weight_shard.shape[1] != features:
-        raise ValueError(
-            f"linear_weight_shard must have shape (V_r, {features}) (this rank's rows of the "
-            f"output weight, in_features = input.shape[-1]), got {tuple(linear_weight_shard.shape)}"
-        )
-    _check_device(input, "input")
-    if linear_weight_shard.dtype != input.dtype or linear_weight_shard.device != input.device:
-        raise ValueError(
-            f"linear_weight_shard must have the input's dtype and device ({input.dtype}, "
-            f"{input.device}), got {linear_weight_shard.dtype} on {linear_weight_shard.device}"
-        )
-    width = linear_weight_shard.shape[0]
-    if linear_bias_shard is not None and (
-        not isinstance(linear_bias_shard, Tensor)
-        or tuple(linear_bias_shard.shape) != (width,)
-        or linear_bias_shard.dtype != input.dtype
-        or linear_bias_shard.device != input.device
-    ):
-        raise ValueError(
-            f"linear_bias_shard must be None or a ({width},) tensor of the input's dtype and "
-            f"device, got {getattr(linear_bias_shard, 'shape', type(linear_bias_shard).__name__)}"
-        )
+    """The linear forms' tensors: ``input`` ``[..., D]``, this rank's ``[V_r, D]`` weight rows
+    (``V_r`` may be 0) and ``[V_r]`` bias (or None), one dtype and device, by the fused linear
+    forms' one rule (``xentkit.torch._linear_checks``); returns ``(D, V_r)``."""
+    width, features = check_linear(input, linear_weight_shard, linear_bias_shard, SHARDS, no_rows=True)  # type: ignore[arg-type]
+    _check_device(input, "input")  # type: ignore[arg-type]
     return features, width
 
 
