@@ -126,6 +126,10 @@ def _check_inplace_backward(value: object) -> bool:
     return check_flag(value, "inplace_backward")
 
 
+def _check_check_labels(value: object) -> bool:
+    return check_flag(value, "check_labels")
+
+
 def check_chunk_size(value: object) -> int | None:
     if value is None:
         return None
@@ -146,6 +150,7 @@ _CHECKS = {
     "chunk_size": check_chunk_size,
     "backend": check_backend,
     "inplace_backward": _check_inplace_backward,
+    "check_labels": _check_check_labels,
 }
 
 
@@ -173,6 +178,10 @@ class LossOptions:
             "triton", or "torch" (plain torch ops).
         inplace_backward: write the logits' gradient over the logits (no logits-sized gradient
             buffer; the logits' values are gone once the loss is computed), where the path can.
+        check_labels: refuse a label outside ``[0, C)`` that is not ``ignore_index`` with a
+            ValueError (True), or leave it unchecked where checking costs a wait for the device
+            (False: the Triton and torch-ops paths then make that row's loss and gradient NaN,
+            reading nothing out of bounds; the CPU kernels always check, at no such cost).
     """
 
     reduction: str = "mean"
@@ -183,6 +192,7 @@ class LossOptions:
     chunk_size: int | None = None
     backend: str = "auto"
     inplace_backward: bool = False
+    check_labels: bool = True
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():  # in field order: the first bad argument is named

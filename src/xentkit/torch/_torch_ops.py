@@ -19,28 +19,49 @@ from . import _bridge
 
 
 def _label_plan(
-    target: Tensor, weight: Tensor | None, options: LossOptions, dtype: torch.dtype, num_classes: int
-) -> tuple[Tensor, ReductionPlan]:
-    """The non-ignored mask of hard labels and their reduction plan (Σ w_y and the count as
-    tensors: no device synchronization)."""
-    # the kernel paths' error rather than torch's IndexError (not while tracing, nor on meta
-    # tensors, which hold no labels to check)
+    target: Tensor, weight: Tensor | None, options: LossOptions, dtype: torch.dtype, num_classes: int,
+    classes: str | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, ReductionPlan]:
+    """``(labels, bad, valid, plan)``: the hard labels as int64, the non-ignored mask and their
+    reduction plan (Σ w_y and the count as tensors: no device synchronization).
+
+    The labels are checked (the kernel paths' ValueError rather than torch's IndexError) unless
+    ``check_labels=False``, under torch.compile, or on meta tensors (which hold no labels). Then a
+    label outside ``[0, C)`` that is not ``ignore_index`` is not looked at: ``labels`` has it
+    replaced by a class in range (nothing reads out of bounds, no device-side assert) and ``bad``
+    marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
+    takes a class that is not ``ignore_index``, so that it keeps a gradient for NaN to flow
+    through, and it counts in the "mean" as a non-ignored row, as on the Triton path)."""
     labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
-    valid = None
-    if not torch.compiler.is_compiling() and target.device.type != "meta":
-        valid = check_labels(labels, num_classes, options.ignore_index)
-    return ReductionPlan.of_targets(
+    valid = bad = None
+    if options.check_labels and not torch.compiler.is_compiling() and target.device.type != "meta":
+        valid = check_labels(labels, num_classes, options.ignore_index, classes=classes)
+    else:
+        bad = (labels != options.ignore_index) & ((labels < 0) | (labels >= num_classes))
+        stand_in = 1 if options.ignore_index == 0 and num_classes > 1 else 0
+        labels = torch.where(bad, stand_in, labels)
+    valid, plan = ReductionPlan.of_targets(
         options.reduction, labels, options.ignore_index, weight, dtype=_bridge.at_least_float32(dtype), valid=valid
     )
+    return labels, bad, valid, plan
+
+
+def _nan_where(values: Tensor, bad: Tensor | None) -> Tensor:
+    """``values`` with the rows marked ``bad`` NaN, their gradient NaN too (a product, not a
+    select, so that NaN reaches the logits' gradient of those rows)."""
+    if bad is None:
+        return values
+    return values * torch.where(bad, torch.nan, 1.0).to(values.dtype)
 
 
 def cross_entropy(
     input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions,
-    result_dtype: torch.dtype | None = None,
+    result_dtype: torch.dtype | None = None, classes: str | None = None,
 ) -> Tensor:
     """``torch.nn.functional.cross_entropy`` plus xentkit's softcap, z-loss and "mean" of nothing = 0.
     The loss is computed in float32 or better and returned in ``result_dtype`` (default: the
-    input's dtype, as torch)."""
+    input's dtype, as torch). ``classes``: what holds the classes, for the label error (default:
+    the logits)."""
     result_dtype = result_dtype or input.dtype
     hard = not torch.is_floating_point(target)
     if input.dtype in (torch.float16, torch.bfloat16):
@@ -54,12 +75,16 @@ def cross_entropy(
     if options.softcap is not None:
         input = options.softcap * torch.tanh(input / options.softcap)
     class_dim = 1 if input.dim() >= 2 else 0
+    bad = None
     if hard:  # first: a bad label is the kernel paths' ValueError, not torch's IndexError
-        valid, plan = _label_plan(target, weight, options, input.dtype, input.shape[class_dim])
+        target, bad, valid, plan = _label_plan(
+            target, weight, options, input.dtype, input.shape[class_dim], classes
+        )
     main = F.cross_entropy(  # ignore_index is for class indices (probabilities: as the kernels, unused)
         input, target, weight, ignore_index=options.ignore_index if hard else -100, reduction="none",
         label_smoothing=options.label_smoothing,
     )
+    main = _nan_where(main, bad)
     if not hard:
         valid = torch.ones(main.shape, dtype=torch.bool, device=main.device)
         plan = ReductionPlan.of_rows(options.reduction, main.numel())
@@ -72,9 +97,9 @@ def cross_entropy(
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0."""
     classes = input.shape[1 if input.dim() >= 2 else 0]
-    plan = _label_plan(target, weight, options, input.dtype, classes)[1]
-    main = F.nll_loss(input, target, weight, ignore_index=options.ignore_index, reduction="none")
-    return plan.reduce(main).to(input.dtype)
+    labels, bad, _, plan = _label_plan(target, weight, options, input.dtype, classes)
+    main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
+    return plan.reduce(_nan_where(main, bad)).to(input.dtype)
 
 
 def binary_cross_entropy_with_logits(

@@ -306,7 +306,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
             # the "mean" denominators as factors of the upstream gradient, read by the kernel
             ctx.save_for_backward(input, rows_target, stats, weight, factors)
             ctx.options = options
-        if not probabilities:
+        if not probabilities and options.check_labels:
             check_labels(rows_target, rows.shape[1], options.ignore_index)  # the one wait, last
         return loss_in_layout(loss, sample_shape, options, input.dtype)
 

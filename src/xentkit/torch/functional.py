@@ -235,6 +235,7 @@ def cross_entropy(
     check_probabilities: bool = True,
     backend: str = "auto",
     inplace_backward: bool = False,
+    check_labels: bool = True,
 ) -> Tensor:
     r"""Softmax cross-entropy of logits against class indices or class probabilities.
 
@@ -272,6 +273,13 @@ def cross_entropy(
     derivative.
     ``size_average`` and ``reduce`` are deprecated and mapped to ``reduction`` as torch does.
 
+    ``check_labels=False`` drops the label check where it costs a wait for the device: on the
+    Triton and torch-ops paths a label outside ``[0, C)`` that is not ``ignore_index`` then makes
+    its row's loss and gradient NaN (so a "mean" or "sum" is NaN) instead of raising; nothing is
+    read out of bounds and no device-side assert fires. It saves the one synchronization of an
+    eager CUDA call (what torch.compile's custom ops do anyway). CPU tensors on the Numba kernels
+    or on torch's own small-problem kernel are always checked: there it costs no wait.
+
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
     gradient buffer exists (with a 128k vocabulary, gigabytes): on the CPU kernels in forward, on
     the Triton kernels in backward; ``input.grad`` (or what flows to the layer before) then shares
@@ -299,7 +307,8 @@ def cross_entropy(
     """
     reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
     options = loss_options(
-        reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward
+        reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward,
+        check_labels,
     )
     grad_free = (target, weight)
     if (  # first the common small case, at the fewest checks

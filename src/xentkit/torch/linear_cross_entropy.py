@@ -234,6 +234,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    check_labels: bool = True,
 ) -> Tensor:
     r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
 
@@ -262,7 +263,8 @@ def linear_cross_entropy(
     CUDA inputs, class indices or probabilities: cuBLAS chunks around the Triton kernels, the gradient written
     over each chunk's logits; float32/float64 CPU tensors: the Numba kernels; torch ops elsewhere),
     "triton" (the CUDA path, or a ValueError saying why not) or "torch" (always torch ops). Double
-    backward raises.
+    backward raises. ``check_labels=False``: as :func:`xentkit.torch.cross_entropy`'s (on CUDA no
+    wait for the device; a bad label makes its row NaN; the CPU kernels always check).
 
     Example:
         >>> import torch
@@ -282,7 +284,7 @@ def linear_cross_entropy(
     """
     options = LossOptions(
         reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
-        chunk_size, backend,
+        chunk_size, backend, check_labels=check_labels,
     )
     check_linear(input, linear_weight, linear_bias, class_dims=True)  # K-dimensional: torch ops
     if input.dim() not in (1, 2):
@@ -315,7 +317,8 @@ def linear_cross_entropy(
             if linear_bias is not None:
                 logits = logits + linear_bias
         return _torch_ops.cross_entropy(
-            logits, target, weight, options, result_dtype=_bridge.at_least_float32(logits.dtype)
+            logits, target, weight, options, result_dtype=_bridge.at_least_float32(logits.dtype),
+            classes=f"linear_weight has {linear_weight.shape[0]} rows (classes)",
         )
 
     _check_targets(input, linear_weight, target, weight)

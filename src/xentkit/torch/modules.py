@@ -62,6 +62,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         check_probabilities: bool = True,
         backend: str = "auto",
         inplace_backward: bool = False,
+        check_labels: bool = True,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
@@ -69,6 +70,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.check_probabilities = check_probabilities
         self.backend = backend
         self.inplace_backward = inplace_backward
+        self.check_labels = check_labels
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.cross_entropy(
@@ -123,10 +125,10 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
 
     A subclass of ``torch.nn.LinearCrossEntropyLoss`` where torch has it (``isinstance`` holds,
     the same arguments including ``out_features``, the same ``self.linear`` and buffers, so state
-    dicts load both ways), with ``z_loss``, ``softcap``, ``chunk_size`` and ``backend`` in place
-    of ``options``. Shapes: input ``[N, in_features]`` or ``[in_features]``; target ``[N]``
-    (class indices; ``[N, *out_features]`` with ``out_features``) or ``[N, num_classes]``
-    (probabilities).
+    dicts load both ways), with ``z_loss``, ``softcap``, ``chunk_size``, ``backend`` and
+    ``check_labels`` in place of ``options``. Shapes: input ``[N, in_features]`` or
+    ``[in_features]``; target ``[N]`` (class indices; ``[N, *out_features]`` with
+    ``out_features``) or ``[N, num_classes]`` (probabilities).
 
     Example:
         >>> import torch
@@ -157,6 +159,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         softcap: float | None = None,
         chunk_size: int | None = None,
         backend: str = "auto",
+        check_labels: bool = True,
     ) -> None:
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(
@@ -184,6 +187,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.backend = backend
+        self.check_labels = check_labels
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)
