@@ -11,7 +11,10 @@ Providers, each timed on the same logits in one process, interleaved round by ro
     liger         liger_kernel's LigerCrossEntropyLoss (gradient written over the logits), when
                   the package is importable
     xentkit       xentkit.torch.cross_entropy(x, y): the Triton kernel, a new gradient buffer
-    xentkit_nocheck  xentkit without the label check (which waits for the device once)
+    xentkit_nocheck  xentkit with check_labels=False (no label check, which waits for the device
+                  once)
+    xentkit_inplace  xentkit with inplace_backward=True (the gradient written over the logits:
+                  the issue's "in place" goal, beside liger, which does the same)
     xentkit_kernel  xentkit.triton.cross_entropy_rows alone (its two launches) into a
                   preallocated gradient: the kernel without the binding's work
     xentkit_opts  the same with label_smoothing=0.1, z_loss=1e-4, softcap=30 (beside torch_opts:
@@ -76,18 +79,9 @@ def _providers(names: list[str]) -> dict[str, object]:
         "torch_opts": lambda x, y: xt.cross_entropy(x, y, backend="torch", **OPTIONS),
         "xentkit_opts": lambda x, y: xt.cross_entropy(x, y, **OPTIONS),
     }
-    def unchecked(x, y):
-        """xentkit without the label check's wait for the device (to measure what it costs)."""
-        from xentkit.torch import _triton_path
-
-        saved = _triton_path.check_labels
-        _triton_path.check_labels = lambda *args, **kwargs: None
-        try:
-            return xt.cross_entropy(x, y)
-        finally:
-            _triton_path.check_labels = saved
-
-    table["xentkit_nocheck"] = unchecked
+    # without the label check's wait for the device (what it costs), and in place
+    table["xentkit_nocheck"] = lambda x, y: xt.cross_entropy(x, y, check_labels=False)
+    table["xentkit_inplace"] = lambda x, y: xt.cross_entropy(x, y, inplace_backward=True)
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -298,7 +292,7 @@ def tune_blocks(spec: str, blocks: list[int], rounds: int, device: torch.device)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxV:dtype")
-    parser.add_argument("--providers", default="copy,torch,torch_f32,compile,liger,xentkit,xentkit_kernel,torch_opts,xentkit_opts")
+    parser.add_argument("--providers", default="copy,torch,torch_f32,compile,liger,xentkit,xentkit_inplace,xentkit_nocheck,xentkit_kernel,torch_opts,xentkit_opts")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--blocks", default="", help="comma-separated BLOCK sizes to tune on the first shape")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")

@@ -85,12 +85,13 @@ def main() -> int:
     parser.add_argument("--providers", default="matmuls,torch,compile,xentkit")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_log_probs.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU (or --device cpu for a smoke test)", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
     generator = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(args.rows, args.features, device=device, generator=generator).to(dtype)
@@ -111,7 +112,7 @@ def main() -> int:
         if name != "matmuls":
             out.backward()
 
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": _version("triton"),
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else str(device), "torch": torch.__version__, "triton": _version("triton"),
               "command": " ".join(sys.argv),
               "shape": {"rows": args.rows, "features": args.features, "classes": args.classes, "dtype": args.dtype,
                         "temperature": args.temperature},
