@@ -7,8 +7,12 @@ Providers, timed on the same inputs in one process, interleaved round by round:
     torch     F.cross_entropy(F.linear(x, W), y): the logits materialized
     compile   torch.compile of the same with the logits in float32
     liger     liger_kernel's LigerFusedLinearCrossEntropyLoss, when importable
+    cce       Cut Cross-Entropy's cut_cross_entropy.linear_cross_entropy, when importable
     xentkit   xentkit.torch.linear_cross_entropy(x, W, y): cuBLAS chunks around the Triton
-              kernels, the gradient written over each chunk's logits
+              kernels, the gradient written over each chunk's logits, the weight gradient
+              accumulated in float32 for half weights (the precision contract)
+    xentkit_lowmem  the same with accumulate_in_float32=False: the chunks added in the weight's
+              dtype, no float32 copy of the weight gradient (the issue's memory goal)
 
 Time: CUDA events, median [min] over the rounds after warm-up; peak: memory allocated during one
 call above what was held before it, in MiB; the loss against float64 on the same inputs.
@@ -45,7 +49,16 @@ def _providers(names: list[str], chunk_size: int | None) -> dict:
         "torch": lambda x, w, y: F.cross_entropy(F.linear(x, w), y),
         "compile": torch.compile(lambda x, w, y: F.cross_entropy(F.linear(x, w).float(), y)),
         "xentkit": lambda x, w, y: xt.linear_cross_entropy(x, w, y, chunk_size=chunk_size),
+        "xentkit_lowmem": lambda x, w, y: xt.linear_cross_entropy(
+            x, w, y, chunk_size=chunk_size, accumulate_in_float32=False
+        ),
     }
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+
+        table["cce"] = lambda x, w, y: cce_linear_cross_entropy(x, w, y)
+    except ImportError:
+        pass
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -62,7 +75,7 @@ def main() -> int:
     parser.add_argument("--features", type=int, default=4096)
     parser.add_argument("--classes", type=int, default=128256)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--providers", default="matmuls,torch,compile,liger,xentkit")
+    parser.add_argument("--providers", default="matmuls,torch,compile,liger,cce,xentkit,xentkit_lowmem")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda")

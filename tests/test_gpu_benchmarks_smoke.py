@@ -18,7 +18,7 @@ SCRIPTS = {
     "bench_gpu_cross_entropy.py": ["--shapes", "48x300:float32,24x200:bfloat16", "--rounds", "1",
                                    "--providers", "copy,torch,xentkit,xentkit_inplace,xentkit_nocheck,xentkit_kernel,xentkit_opts"],
     "bench_gpu_linear_cross_entropy.py": ["--rows", "48", "--features", "16", "--classes", "300",
-                                          "--dtype", "float32", "--rounds", "1", "--providers", "matmuls,torch,xentkit"],
+                                          "--dtype", "float32", "--rounds", "1", "--providers", "matmuls,torch,xentkit,xentkit_lowmem"],
     "bench_gpu_log_probs.py": ["--rows", "48", "--features", "16", "--classes", "300", "--dtype", "float32",
                                "--rounds", "1", "--providers", "matmuls,torch,xentkit"],
 }

@@ -121,7 +121,9 @@ def _per_chunk_rounding(patch: pytest.MonkeyPatch) -> None:
         if grad_b is not None:
             grad_b.add_(dz.sum(dim=0, dtype=torch.float32).to(grad_b.dtype))
 
-    patch.setattr(_chunks, "_accumulator", lambda tensor, new_buffer: new_buffer(tuple(tensor.shape), tensor, zero=True))
+    patch.setattr(
+        _chunks, "_accumulator", lambda tensor, new_buffer, widen: new_buffer(tuple(tensor.shape), tensor, zero=True)
+    )
     for module in (_linear_triton, log_probs):
         patch.setattr(module, "add_chunk_gradients", add_in_weight_dtype)
 
@@ -162,15 +164,17 @@ def test_linear_cross_entropy_rounds_the_bfloat16_weight_gradient_once(backend):
     ops, one matmul over every row. The Numba path takes float32/float64 weights only."""
     x, w, b, target = _linear_problem()
 
-    def loss_of(w, b):
-        return xt.linear_cross_entropy(x, w, target, linear_bias=b, reduction="sum", chunk_size=4, backend=backend)
+    def loss_of(w, b, accumulate_in_float32=True):
+        return xt.linear_cross_entropy(
+            x, w, target, linear_bias=b, reduction="sum", chunk_size=4, backend=backend,
+            accumulate_in_float32=accumulate_in_float32,
+        )
 
     got_w, got_b = _parameter_gradients(loss_of, w, b)
     per_chunk = (None, None)
-    if backend == "triton":
-        with pytest.MonkeyPatch.context() as patch:
-            _per_chunk_rounding(patch)
-            per_chunk = _parameter_gradients(loss_of, w, b)
+    if backend == "triton":  # accumulate_in_float32=False: the weight's dtype, one rounding per chunk
+        per_chunk = _parameter_gradients(lambda w, b: loss_of(w, b, accumulate_in_float32=False), w, b)
+        assert per_chunk[0].dtype == torch.bfloat16
     logits = F.linear(x, w, b).requires_grad_()  # the chunks' logits, bit for bit
     xt.cross_entropy(logits, target, reduction="sum", backend=backend).backward()
     dz = logits.grad.double().cpu()

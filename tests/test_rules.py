@@ -45,7 +45,7 @@ def test_options_are_normalised_to_plain_python_values():
     )
     assert options == LossOptions("sum", -1, 0.25, 0.0, 30.0, 7)
     assert [type(getattr(options, f.name)) for f in dataclasses.fields(options)] == [
-        str, int, float, float, float, int, str, bool, bool,
+        str, int, float, float, float, int, str, bool, bool, bool,
     ]
     assert hash(options) == hash(LossOptions("sum", -1, 0.25, 0.0, 30.0, 7))
     with pytest.raises(dataclasses.FrozenInstanceError):

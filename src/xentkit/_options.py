@@ -130,6 +130,10 @@ def _check_check_labels(value: object) -> bool:
     return check_flag(value, "check_labels")
 
 
+def _check_accumulate_in_float32(value: object) -> bool:
+    return check_flag(value, "accumulate_in_float32")
+
+
 def check_chunk_size(value: object) -> int | None:
     if value is None:
         return None
@@ -151,6 +155,7 @@ _CHECKS = {
     "backend": check_backend,
     "inplace_backward": _check_inplace_backward,
     "check_labels": _check_check_labels,
+    "accumulate_in_float32": _check_accumulate_in_float32,
 }
 
 
@@ -182,6 +187,11 @@ class LossOptions:
             ValueError (True), or leave it unchecked where checking costs a wait for the device
             (False: the Triton and torch-ops paths then make that row's loss and gradient NaN,
             reading nothing out of bounds; the CPU kernels always check, at no such cost).
+        accumulate_in_float32: the fused linear forms add each chunk's weight and bias gradients
+            into float32 buffers for float16/bfloat16 weights and round once at the end (True),
+            or add them in the weight's dtype, one rounding per chunk (False: no float32 copy of
+            the weight gradient, 2 bytes per weight less); float32/float64 weights lose nothing
+            either way.
     """
 
     reduction: str = "mean"
@@ -193,6 +203,7 @@ class LossOptions:
     backend: str = "auto"
     inplace_backward: bool = False
     check_labels: bool = True
+    accumulate_in_float32: bool = True
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():  # in field order: the first bad argument is named

@@ -106,23 +106,24 @@ def _torch_buffer(shape: tuple[int, ...], like: Tensor, *, zero: bool = False) -
 
 def gradient_buffers(
     x: Tensor, w: Tensor, b: Tensor | None, want: Sequence[bool], *, zero_input: bool = False,
-    new_buffer: Callable[..., Tensor] = _torch_buffer,
+    new_buffer: Callable[..., Tensor] = _torch_buffer, widen: bool = True,
 ) -> Gradients:
     """``(grad_x, grad_W, grad_b)`` for :func:`add_chunk_gradients`, each None unless ``want``
     says so (``want[2]`` asks for nothing without a bias). ``grad_x`` has ``x``'s dtype, its rows
     written chunk by chunk (zeroed first when ``zero_input``: skipped chunks, a sum over ranks);
     ``grad_W`` and ``grad_b`` are zeroed accumulators in float32 or better (float16/bfloat16 widen
-    to float32, see the module docstring), for :func:`finish_gradients` to round once.
+    to float32, see the module docstring), for :func:`finish_gradients` to round once; with
+    ``widen=False`` (``LossOptions.accumulate_in_float32=False``) in the weight's own dtype.
     ``new_buffer(shape, like, zero=)`` allocates a buffer of ``like``'s dtype and device (torch's
     allocator by default)."""
     grad_x = new_buffer(tuple(x.shape), x, zero=zero_input) if want[0] else None
-    grad_w = _accumulator(w, new_buffer) if want[1] else None
-    grad_b = _accumulator(b, new_buffer) if want[2] and b is not None else None
+    grad_w = _accumulator(w, new_buffer, widen) if want[1] else None
+    grad_b = _accumulator(b, new_buffer, widen) if want[2] and b is not None else None
     return grad_x, grad_w, grad_b
 
 
-def _accumulator(tensor: Tensor, new_buffer: Callable[..., Tensor]) -> Tensor:
-    dtype = _bridge.at_least_float32(tensor.dtype)
+def _accumulator(tensor: Tensor, new_buffer: Callable[..., Tensor], widen: bool) -> Tensor:
+    dtype = _bridge.at_least_float32(tensor.dtype) if widen else tensor.dtype
     if dtype == tensor.dtype:
         return new_buffer(tuple(tensor.shape), tensor, zero=True)
     return torch.zeros(tensor.shape, dtype=dtype, device=tensor.device)

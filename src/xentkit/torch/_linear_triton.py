@@ -20,8 +20,9 @@ chunk with a float32 output) and are rounded to the weight's dtype once, after t
 Memory: for float16/bfloat16 weights that accumulator is a float32 ``[V, D]`` buffer while the
 chunks run, twice the weight-dtype gradient (2 GiB for a 128256 × 4096 bfloat16 output layer,
 against 1 GiB), three times during the final cast; float32 weights need nothing extra. Rounding
-once instead of once per chunk is the precision contract (docs/precision.md); there is no switch
-back.
+once instead of once per chunk is the precision contract (docs/precision.md);
+``accumulate_in_float32=False`` trades it back for that memory (the chunks added in the weight's
+dtype, one rounding each, as Liger-Kernel does by default).
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = unit_factors(plan, x.device) if now else None
         one = torch.ones((), dtype=torch.float32, device=x.device)  # forward's upstream gradient
-        grads = gradient_buffers(x, w, b, want if now else (False, False, False))
+        grads = gradient_buffers(
+            x, w, b, want if now else (False, False, False), widen=options.accumulate_in_float32
+        )
         loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
         stats = torch.empty((3 if probabilities else 2, n), dtype=torch.float32, device=x.device)
@@ -119,7 +122,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             input, linear_weight, linear_bias, labels, weight, stats = ctx.saved_tensors
             x, w = input.detach().contiguous(), linear_weight.detach().contiguous()
             b = None if linear_bias is None else linear_bias.detach().contiguous()
-            grads = gradient_buffers(x, w, b, ctx.want)
+            grads = gradient_buffers(x, w, b, ctx.want, widen=options.accumulate_in_float32)
             upstream = grad_output.detach().reshape(-1)
             ones = torch.ones(2, dtype=torch.float32, device=x.device)
             buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)

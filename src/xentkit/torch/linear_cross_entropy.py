@@ -80,7 +80,9 @@ def _chunked_pass(
     want_grad = grad_output is not None and any(want)
     buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype)
     # grad_x's rows are written chunk by chunk; grad_W and grad_b start at zero and add up
-    grads = gradient_buffers(x, w, b, want if want_grad else (False, False, False))
+    grads = gradient_buffers(
+        x, w, b, want if want_grad else (False, False, False), widen=options.accumulate_in_float32
+    )
     loss_rows = np.empty(rows, dtype=np.float64) if options.reduction == "none" else None
     total = 0.0
     # 1. logits = x W^T (+ b), chunk by chunk into the reused buffer.
@@ -235,6 +237,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool = True,
+    accumulate_in_float32: bool = True,
 ) -> Tensor:
     r"""Cross-entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
 
@@ -265,6 +268,11 @@ def linear_cross_entropy(
     "triton" (the CUDA path, or a ValueError saying why not) or "torch" (always torch ops). Double
     backward raises. ``check_labels=False``: as :func:`xentkit.torch.cross_entropy`'s (on CUDA no
     wait for the device; a bad label makes its row NaN; the CPU kernels always check).
+    ``accumulate_in_float32``: for float16/bfloat16 weights the weight and bias gradients add the
+    chunks' contributions in float32 and are rounded once at the end (True, the default: the
+    precision contract of ``docs/precision.md``), or add them in the weight's dtype, one rounding
+    per chunk (False: saves the float32 copy of the weight gradient, 4 bytes per weight during
+    the call, the memory Liger-Kernel's default saves).
 
     Example:
         >>> import torch
@@ -284,7 +292,7 @@ def linear_cross_entropy(
     """
     options = LossOptions(
         reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
-        chunk_size, backend, check_labels=check_labels,
+        chunk_size, backend, check_labels=check_labels, accumulate_in_float32=accumulate_in_float32,
     )
     check_linear(input, linear_weight, linear_bias, class_dims=True)  # K-dimensional: torch ops
     if input.dim() not in (1, 2):

@@ -24,6 +24,8 @@ _LOSS_OPTIONS = tuple(field.name for field in dataclasses.fields(LossOptions))
 
 # the fused linear form always turns its chunks' logits into their gradient in place
 _NOT_LINEAR = ("inplace_backward",)
+# and only the fused linear form has chunks and accumulates across them
+_LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
 
 
 def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
@@ -75,11 +77,11 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.cross_entropy(
             input, target, weight=self.weight, check_probabilities=self.check_probabilities,
-            **_options_of(self, skip=("chunk_size",)),
+            **_options_of(self, skip=_LINEAR_ONLY),
         )
 
     def extra_repr(self) -> str:
-        return _options_repr(_options_of(self, skip=("chunk_size",)))
+        return _options_repr(_options_of(self, skip=_LINEAR_ONLY))
 
 
 class NLLLoss(torch.nn.NLLLoss):
@@ -125,10 +127,10 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
 
     A subclass of ``torch.nn.LinearCrossEntropyLoss`` where torch has it (``isinstance`` holds,
     the same arguments including ``out_features``, the same ``self.linear`` and buffers, so state
-    dicts load both ways), with ``z_loss``, ``softcap``, ``chunk_size``, ``backend`` and
-    ``check_labels`` in place of ``options``. Shapes: input ``[N, in_features]`` or
-    ``[in_features]``; target ``[N]`` (class indices; ``[N, *out_features]`` with
-    ``out_features``) or ``[N, num_classes]`` (probabilities).
+    dicts load both ways), with ``z_loss``, ``softcap``, ``chunk_size``, ``backend``,
+    ``check_labels`` and ``accumulate_in_float32`` in place of ``options``. Shapes: input
+    ``[N, in_features]`` or ``[in_features]``; target ``[N]`` (class indices;
+    ``[N, *out_features]`` with ``out_features``) or ``[N, num_classes]`` (probabilities).
 
     Example:
         >>> import torch
@@ -160,6 +162,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         chunk_size: int | None = None,
         backend: str = "auto",
         check_labels: bool = True,
+        accumulate_in_float32: bool = True,
     ) -> None:
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(
@@ -188,6 +191,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         self.chunk_size = chunk_size
         self.backend = backend
         self.check_labels = check_labels
+        self.accumulate_in_float32 = accumulate_in_float32
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)
