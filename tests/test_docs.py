@@ -1,5 +1,6 @@
-"""Every Python block of the user documentation (the pages in ``PAGES``) runs as written, the
-blocks of one page in order in one fresh interpreter, in a temporary folder (with a tiny fake MNIST
+"""Every Python block of the user documentation (the pages in ``PAGES``, the README included)
+runs as written, the blocks of one page in order in one fresh interpreter (a block fenced ```py
+instead of ```python is an illustration that needs a download, not run), in a temporary folder (with a tiny fake MNIST
 t10k for the lab page, and a gloo group of one for the distributed pages)."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from conftest_lab import write_idx
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["torch.md", "lab.md", "distributed.md", "log_probs.md", "transformers.md"]
+PAGES = ["torch.md", "lab.md", "distributed.md", "log_probs.md", "transformers.md", "../README.md"]
 
 
 def _blocks(page: str) -> list[str]:
