@@ -227,3 +227,27 @@ def test_float32_and_float64_alike(dtype):
         for got, expected in zip(kernel, reference, strict=True):
             assert np.array_equal(np.isnan(got), np.isnan(expected))
             assert np.array_equal(np.isinf(got), np.isinf(expected))
+
+
+@pytest.mark.parametrize(
+    ("case", "reduction", "label_smoothing", "upstream"),
+    list(itertools.product(LOGITS, ("mean", "sum", "none"), (0.0, 0.1), ("inf", "-inf", "nan"))),
+)
+def test_the_torch_binding_gives_torchs_gradient_for_a_non_finite_upstream(case, reduction, label_smoothing, upstream):
+    """xentkit.torch's kernel path stores the gradient for an upstream gradient of 1 and scales it
+    in backward; an infinite or NaN upstream then gives torch's values too (an ignored row 0, NaN
+    at the target and, with smoothing, across the row), not the product's."""
+    import xentkit.torch as xt
+
+    logits = np.array(LOGITS[case])
+    grad_output = UPSTREAM[upstream]
+    weight = np.ones(4)  # the kernel path (a small plain problem would run torch's own kernel)
+    _, expected_grad = _torch(logits, reduction, label_smoothing, weight, grad_output)
+    expected_grad[LABELS == -100] = 0.0  # as above: an ignored row is never read
+    leaf = torch.tensor(logits, requires_grad=True)
+    loss = xt.cross_entropy(
+        leaf, torch.from_numpy(LABELS), torch.from_numpy(weight), reduction=reduction,
+        label_smoothing=label_smoothing, check_probabilities=False,
+    )
+    loss.backward(torch.full_like(loss, grad_output))
+    _same_non_finite(leaf.grad.numpy(), expected_grad, f"xentkit.torch {case} {reduction} ε={label_smoothing} g={upstream}")

@@ -91,6 +91,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
             ctx.gradient = input.detach()
         else:
             ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, input.dtype)
+        ctx.options = options
+        if want_grad and not target.is_floating_point():  # for a non-finite upstream gradient
+            ctx.save_for_backward(target)
         return _bridge.as_tensor(loss, input.dtype)
 
     @staticmethod
@@ -98,7 +101,28 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", "cross_entropy")
         upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
-        return _bridge.scale_gradient(gradient, upstream, owned), None, None, None, None, None
+        gradient = _bridge.scale_gradient(gradient, upstream, owned)
+        if ctx.saved_tensors and not bool(torch.isfinite(grad_output).all()):
+            _in_torchs_order(gradient, grad_output, ctx.saved_tensors[0], ctx.options, ctx.class_axis)
+        return gradient, None, None, None, None, None
+
+
+def _in_torchs_order(gradient: Tensor, grad_output: Tensor, target: Tensor, options: LossOptions, class_axis: int) -> None:
+    """Turn ``stored gradient · g`` into the kernel's (and torch's) values where the upstream
+    gradient g is ±inf or NaN (in place): torch adds each term times g, so an ignored row stays 0
+    (not 0·∞), the target entry is g·p_y·A − g·w_y = ∞ − ∞ = NaN, and with label smoothing every
+    entry of the row is such a difference. (With a z-loss the z term's sign may differ from
+    torch-order arithmetic; torch has no z-loss to match.)"""
+    rows = gradient.movedim(class_axis, -1)  # a view: samples first, classes last
+    labels = target.long()
+    ignored = labels == options.ignore_index
+    upstream_bad = ~torch.isfinite(grad_output) if options.reduction == "none" else torch.ones_like(ignored)
+    live = upstream_bad & ~ignored
+    rows[ignored] = 0.0
+    if options.label_smoothing > 0:
+        rows[live] = torch.nan
+    elif bool(live.any()):
+        rows[(*live.nonzero(as_tuple=True), labels[live])] = torch.nan
 
 
 class _NllLossFunction(torch.autograd.Function):
