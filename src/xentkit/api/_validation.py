@@ -43,6 +43,8 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
 
 def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
     """``axis`` as a non-negative int in ``[0, ndim)``."""
+    if type(axis) is int and -ndim <= axis < ndim:  # the usual case, without the ABC check
+        return axis % ndim
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {describe(axis)}")
     axis = int(axis)
@@ -115,6 +117,33 @@ def upstream_gradient(grad_output: ArrayLike | None, reduction: str, sample_shap
             f"grad_output must be a scalar for reduction={reduction!r}, got shape {array.shape}"
         )
     return array.reshape(())
+
+
+# Two upstream-gradient rules, kept apart because they answer different questions (both end as
+# the kernels' [rows] float64 through ``_rows.RowLayout.per_row``):
+# - ``upstream_gradient``, of a loss: its shape follows the reduction (exactly one value for
+#   "mean"/"sum", which the reduction then scales, e.g. by 1/Σw; one per sample for "none"),
+#   and it defaults to 1 (the gradient of loss.sum());
+# - ``output_gradient``, of one of several per-row outputs (log_probs' log p(y), entropy, lse):
+#   always broadcast to the rows' shape, never scaled, and it defaults to 0 (an output nobody
+#   used adds nothing); its messages name that output.
+
+
+def output_gradient(value: ArrayLike | None, name: str, sample_shape: tuple[int, ...]) -> np.ndarray | float:
+    """The upstream gradient of a per-row output: 0.0 when None, else float64 broadcast to
+    ``sample_shape``."""
+    if value is None:
+        return 0.0
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
+    try:
+        return np.broadcast_to(array.astype(np.float64, copy=False), sample_shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} must broadcast to the rows' shape {sample_shape} (the logits' shape without the "
+            f"class axis), got shape {array.shape}"
+        ) from None
 
 
 def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

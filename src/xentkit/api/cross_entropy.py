@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from .._options import LossOptions, loss_options
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
+from ._rows import RowLayout, class_axis_last
 from ._validation import (
     as_float_array,
     check_class_weight,
@@ -35,12 +35,6 @@ class ProbabilitiesAsLogitsWarning(UserWarning):
     """
 
 
-def _class_axis_last(array: np.ndarray, axis: int) -> np.ndarray:
-    """``array`` with ``axis`` moved last (the array itself when it is last already: moveaxis
-    costs microseconds that small problems notice)."""
-    return array if axis == array.ndim - 1 else np.moveaxis(array, axis, -1)
-
-
 def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
     """Every value in [0, 1] and every slice along ``axis`` summing to 1.
 
@@ -49,7 +43,7 @@ def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
     """
     if logits.shape[axis] < 2 or logits.size == 0:
         return False
-    moved = _class_axis_last(logits, axis)
+    moved = class_axis_last(logits, axis)
     tolerance = 1e-2 if logits.dtype == np.float16 else 1e-4
     first = moved[(0,) * (moved.ndim - 1)]
     head = first[:8].tolist()  # a few values as Python floats: real logits fail here in ~1 µs
@@ -102,17 +96,6 @@ def _kernel_rows():
     return _KERNEL[0]
 
 
-def _per_row(scale: np.ndarray | float, rows: int) -> np.ndarray:
-    """A gradient coefficient (a scalar, or one per sample for "none") as the kernel's ``[rows]``
-    float64."""
-    if type(scale) is float:
-        return np.full(rows, scale)
-    scale = np.asarray(scale, dtype=np.float64)
-    if scale.size == 1:
-        return np.full(rows, float(scale.reshape(())))
-    return np.ascontiguousarray(scale).reshape(rows)
-
-
 def _fused(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -128,54 +111,32 @@ def _fused(
     """Hard-label cross-entropy on the kernel: class axis last, rows × classes, one sweep.
 
     ``logits`` is already in the compute dtype (float32 or float64); ``private`` says it is the
-    api's own copy, free to be overwritten by the gradient. Returns the reduced loss in
-    float64 ("mean"/"sum") or per sample, and the gradient in the compute dtype (or ``out``).
+    api's own copy, free to be overwritten by the gradient. ``upstream``: the checked upstream
+    gradient (``upstream_gradient``, or a float), None for no gradient. Returns the reduced loss
+    in float64 ("mean"/"sum") or per sample, and the gradient in the compute dtype (or ``out``).
     """
-    num_classes = logits.shape[axis]
-    moved = _class_axis_last(logits, axis)
-    sample_shape = moved.shape[:-1]
-    rows = math.prod(sample_shape)
-    matrix = np.ascontiguousarray(moved).reshape(rows, num_classes)
-    label_rows = np.ascontiguousarray(labels, dtype=np.int64).reshape(rows)
+    layout = RowLayout(logits, axis, private)
+    label_rows = layout.labels(labels)
     weight64 = None if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
 
     grad_matrix = None
     grad_scale = z_grad_scale = None
-    writes_out_directly = False
     if upstream is not None:
+        # the reduction's scaling (1/Σw for "mean") applied here, then spread over the rows
         scale, z_scale = plan.scales(upstream)
-        grad_scale = _per_row(scale, rows)
+        grad_scale = layout.per_row(scale)
         # without a z-loss the kernel never reads its scales: the same array serves
-        z_grad_scale = _per_row(z_scale, rows) if options.z_loss else grad_scale
-        writes_out_directly = (
-            out is not None
-            and axis == logits.ndim - 1
-            and out.dtype == matrix.dtype
-            and out.flags.c_contiguous
-        )
-        if writes_out_directly:
-            grad_matrix = out.reshape(rows, num_classes)  # may be the logits themselves: in place
-        elif private or not np.may_share_memory(matrix, logits):
-            grad_matrix = matrix  # a private copy already: overwrite it with the gradient
-        else:
-            grad_matrix = np.empty_like(matrix)
+        z_grad_scale = layout.per_row(z_scale) if options.z_loss else grad_scale
+        grad_matrix = layout.gradient_buffer(out)  # may be the logits themselves: in place
 
     loss_rows, lse_rows = _kernel_rows()(
-        matrix, label_rows, weight64, **options.formula_arguments(),
+        layout.matrix, label_rows, weight64, **options.formula_arguments(),
         grad_scale=grad_scale, z_grad_scale=z_grad_scale, grad_out=grad_matrix,
     )
-    loss = plan.reduce(loss_rows, z_term(lse_rows, valid.reshape(rows), options.z_loss))
+    loss = plan.reduce(loss_rows, z_term(lse_rows, valid.reshape(layout.rows), options.z_loss))
     if options.reduction == "none":
-        loss = loss.reshape(sample_shape)
-
-    if grad_matrix is None:
-        return loss, None
-    if writes_out_directly:
-        return loss, out
-    grad = grad_matrix.reshape(moved.shape)
-    if axis != logits.ndim - 1:
-        grad = np.moveaxis(grad, -1, axis)
-    return loss, grad
+        loss = loss.reshape(layout.sample_shape)
+    return loss, None if grad_matrix is None else layout.in_layout(grad_matrix)
 
 
 _FLOAT64 = np.dtype(np.float64)

@@ -10,70 +10,48 @@ from .._labels import as_class_indices, check_labels
 from .._options import LogProbOptions, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from ._config import reference_enabled
-from ._validation import as_float_array, class_axis, compute_dtype
+from ._rows import RowLayout
+from ._validation import as_float_array, class_axis, compute_dtype, output_gradient
 
 __all__ = ["log_probs", "log_probs_backward"]
 
 
 class _Rows:
-    """The call's logits as a C-contiguous ``[rows, C]`` matrix in the compute dtype, with the
-    int64 labels, the non-ignored mask and what it takes to lay results out again."""
+    """One call's inputs checked and laid out for the kernels: the logits' :class:`RowLayout`
+    (compute dtype), the int64 labels in the samples' shape (the reference's) and as ``[rows]``
+    (the kernels'), the non-ignored rows, and the logits' own dtype."""
 
     def __init__(self, logits: ArrayLike, target: ArrayLike, axis: int, options: LogProbOptions) -> None:
-        array = as_float_array(logits, "logits")
-        self.input_dtype = array.dtype
-        self.dtype = compute_dtype(array.dtype)
-        array = array.astype(self.dtype, copy=False)
-        self.axis = class_axis(array, axis, "logits")
-        moved = array if self.axis == array.ndim - 1 else np.moveaxis(array, self.axis, -1)
-        self.moved = moved
-        self.sample_shape = moved.shape[:-1]
-        self.classes = moved.shape[-1]
+        original = as_float_array(logits, "logits")
+        self.input_dtype = original.dtype
+        self.dtype = compute_dtype(original.dtype)
+        work = original.astype(self.dtype, copy=False)
+        self.layout = layout = RowLayout(work, class_axis(work, axis, "logits"), private=work is not original)
         target_array = np.asarray(target)
         if target_array.dtype.kind not in "iu":
             raise TypeError(
-                f"target must hold class indices (an integer array of shape {self.sample_shape}), "
+                f"target must hold class indices (an integer array of shape {layout.sample_shape}), "
                 f"got {describe(target_array)}"
             )
-        labels = as_class_indices(target_array, self.sample_shape, expected_shape="(one class index per row)")
-        self.valid_shaped = check_labels(labels, self.classes, options.ignore_index)
+        labels = as_class_indices(target_array, layout.sample_shape, expected_shape="(one class index per row)")
+        self.valid = check_labels(labels, layout.classes, options.ignore_index).reshape(layout.rows)
         self.labels_shaped = labels
-        rows = int(np.prod(self.sample_shape, dtype=np.int64))
-        self.matrix = np.ascontiguousarray(moved).reshape(rows, self.classes)
-        self.private = not np.may_share_memory(self.matrix, array) or array is not logits
-        self.labels = labels.reshape(rows)
-        self.valid = self.valid_shaped.reshape(rows)
+        self.labels = layout.labels(labels)
         self.options = options
 
     def shaped(self, rows: np.ndarray) -> np.ndarray:
         """Per-row float64 results in the compute dtype and the rows' shape."""
-        return rows.astype(self.dtype).reshape(self.sample_shape)
+        return rows.astype(self.dtype).reshape(self.layout.sample_shape)
 
     def statistics(self) -> tuple[np.ndarray, ...]:
         """(m, s, log_s, log_probs, entropy, lse) per row, float64, from the fused kernel."""
         from ..kernels.log_probs import log_prob_statistics
 
         m, s, u, z_target = log_prob_statistics(
-            self.matrix, self.labels, self.valid, self.options.temperature
+            self.layout.matrix, self.labels, self.valid, self.options.temperature
         )
         log_probs, entropy, lse, log_s = row_statistics(m, s, u, z_target, self.valid)
         return m, s, log_s, log_probs, entropy, lse
-
-
-def _row_gradient(value: ArrayLike | None, name: str, shape: tuple[int, ...]) -> np.ndarray | float:
-    """An upstream gradient of a per-row output: 0 when None, else broadcast to ``shape``."""
-    if value is None:
-        return 0.0
-    array = np.asarray(value)
-    if array.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
-    try:
-        return np.broadcast_to(array.astype(np.float64, copy=False), shape)
-    except ValueError:
-        raise ValueError(
-            f"{name} must broadcast to the rows' shape {shape} (the logits' shape without the class "
-            f"axis), got shape {array.shape}"
-        ) from None
 
 
 def log_probs(
@@ -116,7 +94,7 @@ def log_probs(
     rows = _Rows(logits, target, axis, options)
     if reference_enabled():
         results = reference.log_probs.log_probs_and_entropy(
-            rows.moved, rows.labels_shaped, temperature=options.temperature,
+            rows.layout.moved, rows.labels_shaped, temperature=options.temperature,
             ignore_index=options.ignore_index,
         )
         log_p, entropy, lse = (np.asarray(result, dtype=rows.dtype) for result in results)
@@ -157,26 +135,23 @@ def log_probs_backward(
     """
     options = LogProbOptions(temperature, ignore_index)
     rows = _Rows(logits, target, axis, options)
-    shape = rows.sample_shape
+    layout = rows.layout
     g, h, k = (
-        _row_gradient(value, name, shape)
+        output_gradient(value, name, layout.sample_shape)
         for value, name in ((grad_log_probs, "grad_log_probs"), (grad_entropy, "grad_entropy"), (grad_lse, "grad_lse"))
     )
     if reference_enabled():
         grad = reference.log_probs.log_probs_backward(
-            rows.moved, rows.labels_shaped, g, h, k, temperature=options.temperature,
+            layout.moved, rows.labels_shaped, g, h, k, temperature=options.temperature,
             ignore_index=options.ignore_index,
         )
     else:
         from ..kernels.log_probs import log_prob_gradient
 
         m, s, log_s, _, entropy, _ = rows.statistics()
-        flat = tuple(np.reshape(np.broadcast_to(value, shape), -1) for value in (g, h, k))
-        coefficients = gradient_coefficients(log_s, entropy, *flat)
-        out = rows.matrix if rows.private else np.empty_like(rows.matrix)
+        coefficients = gradient_coefficients(log_s, entropy, *(layout.per_row(value) for value in (g, h, k)))
         grad = log_prob_gradient(
-            rows.matrix, rows.labels, rows.valid, options.temperature, m, s, coefficients, out
-        ).reshape(rows.moved.shape)
-    if rows.axis != grad.ndim - 1:
-        grad = np.moveaxis(grad, -1, rows.axis)
-    return grad.astype(rows.input_dtype, copy=False)
+            layout.matrix, rows.labels, rows.valid, options.temperature, m, s, coefficients,
+            layout.gradient_buffer(),
+        )
+    return layout.in_layout(grad).astype(rows.input_dtype, copy=False)

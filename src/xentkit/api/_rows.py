@@ -1,0 +1,86 @@
+"""The kernels' row layout, for the api functions that call a fused kernel (cross-entropy,
+log-probabilities): one home for the way there and back.
+
+The kernels take plain C-contiguous arrays (``docs/CONTRACTS.md``): the logits as a
+``[rows, classes]`` matrix, the labels and every per-row coefficient as ``[rows]`` arrays, and a
+``[rows, classes]`` buffer for the gradient. :class:`RowLayout` builds them from the caller's
+layout (any class axis, any leading shape) and puts the gradient back into it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+__all__ = ["RowLayout", "class_axis_last"]
+
+
+def class_axis_last(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array`` with ``axis`` moved last (the array itself when it is last already: moveaxis
+    costs microseconds that small problems notice)."""
+    return array if axis == array.ndim - 1 else np.moveaxis(array, axis, -1)
+
+
+class RowLayout:
+    """``logits`` (already in the compute dtype, ``axis`` normalized) with the class axis moved
+    last (``moved``, the samples' shape ``sample_shape``) and as the kernels' C-contiguous
+    ``[rows, classes]`` ``matrix`` (a copy only when the moved logits are not contiguous).
+
+    ``private``: the caller made ``logits`` itself (a dtype conversion), so they and the matrix
+    may be overwritten by the gradient; so may a contiguous copy made here. The caller's own
+    arrays are never written, except an ``out=`` handed to :meth:`gradient_buffer` (which may be
+    the logits: in place).
+
+    A slotted class built once per call, its checks kept to a few comparisons: small problems
+    are timed in microseconds.
+    """
+
+    __slots__ = ("_last", "_out", "axis", "classes", "matrix", "moved", "private", "rows", "sample_shape")
+
+    def __init__(self, logits: np.ndarray, axis: int, private: bool) -> None:
+        self.axis = axis
+        self._last = axis == logits.ndim - 1
+        self._out: np.ndarray | None = None  # the caller's out=, once the kernel writes there
+        self.moved = moved = class_axis_last(logits, axis)
+        self.sample_shape: tuple[int, ...] = moved.shape[:-1]
+        self.classes: int = moved.shape[-1]
+        self.rows: int = math.prod(self.sample_shape)
+        contiguous = np.ascontiguousarray(moved)  # ``moved`` itself when it is C-contiguous
+        self.matrix = contiguous.reshape(self.rows, self.classes)
+        self.private = private or contiguous is not moved
+
+    def labels(self, labels: np.ndarray) -> np.ndarray:
+        """Class indices of the samples' shape as the kernels' contiguous int64 ``[rows]``."""
+        return np.ascontiguousarray(labels, dtype=np.int64).reshape(self.rows)
+
+    def per_row(self, value: ArrayLike | float) -> np.ndarray:
+        """A per-row coefficient (a float, an array of one value, or one value per sample with
+        the samples' shape, broadcast views included) as the kernels' contiguous float64
+        ``[rows]``."""
+        if type(value) is float:  # the common scalar: no array conversion
+            return np.full(self.rows, value)
+        array = np.asarray(value, dtype=np.float64)
+        if array.size == 1:
+            return np.full(self.rows, float(array.reshape(())))
+        return np.ascontiguousarray(array).reshape(self.rows)
+
+    def gradient_buffer(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The ``[rows, classes]`` array the kernel writes the gradient into: the caller's ``out``
+        when it is laid out as the matrix already (class axis last, the compute dtype,
+        C-contiguous; it may be the logits themselves), else the matrix when it is ``private``,
+        else a new array. ``out`` is assumed checked (the logits' shape, writeable, the logits
+        or no overlap with them)."""
+        if out is not None and self._last and out.dtype == self.matrix.dtype and out.flags.c_contiguous:
+            self._out = out
+            return out.reshape(self.rows, self.classes)
+        return self.matrix if self.private else np.empty_like(self.matrix)
+
+    def in_layout(self, grad: np.ndarray) -> np.ndarray:
+        """A gradient of ``[rows, classes]`` (or of the moved shape) in the logits' layout:
+        the caller's ``out`` itself when :meth:`gradient_buffer` chose it."""
+        if self._out is not None:
+            return self._out
+        grad = grad.reshape(self.moved.shape)
+        return grad if self._last else np.moveaxis(grad, -1, self.axis)
