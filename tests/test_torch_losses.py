@@ -625,6 +625,34 @@ def test_probabilities_passed_as_logits_warn_once_and_can_be_silenced():
         xt.cross_entropy(probs * 4, target)
 
 
+@pytest.mark.parametrize("classes", [2, 3, 10, 1000])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_small_means_skip_the_probability_look_only_where_probabilities_cannot_be(classes, label_smoothing):
+    """The small path looks at the logits for probabilities only when the "mean" loss lies where
+    probabilities can put it: every probability input (uniform to one-hot, any labels) still
+    warns, and a confident model's logits are not looked at."""
+    import warnings
+
+    import xentkit
+    import xentkit.torch as xt
+    from xentkit.torch.functional import _mean_of_probabilities_possible
+
+    generator = torch.Generator().manual_seed(classes)
+    for power in (0, 1, 4, 16):
+        probs = torch.rand(32, classes, generator=generator, dtype=torch.float64) ** power
+        probs = probs / probs.sum(dim=1, keepdim=True)
+        for target in (torch.randint(0, classes, (32,), generator=generator), probs.argmax(dim=1)):
+            with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+                xt.cross_entropy(probs, target, label_smoothing=label_smoothing)
+    confident = torch.eye(classes, dtype=torch.float64)[:32] * 20  # loss ~ e^-20: no look
+    assert not _mean_of_probabilities_possible(
+        float(torch.nn.functional.cross_entropy(confident, torch.arange(min(32, classes)))), classes
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xt.cross_entropy(confident, torch.arange(min(32, classes)), label_smoothing=label_smoothing)
+
+
 def test_uint8_targets_on_the_torch_ops_path_are_not_mistaken_for_ignore_index():
     import xentkit.torch as xt
 

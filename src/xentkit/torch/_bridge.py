@@ -54,14 +54,17 @@ def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tens
     tensors, and the tensors in ``grad_free`` must not require a gradient when gradients are being
     recorded (the api differentiates with respect to the logits only; torch ops handle the rest).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: nothing below is for the compiler to trace
         return False
     if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input):
         return False
-    if not all(other is None or _is_plain_cpu_tensor(other) for other in others):
-        return False
+    for other in others:  # loops, not all(generator): this runs on every small call
+        if other is not None and not _is_plain_cpu_tensor(other):
+            return False
     if torch.is_grad_enabled():
-        return not any(tensor is not None and tensor.requires_grad for tensor in grad_free)
+        for tensor in grad_free:
+            if tensor is not None and tensor.requires_grad:
+                return False
     return True
 
 

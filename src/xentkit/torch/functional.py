@@ -21,6 +21,8 @@ Two deliberate differences from torch:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -206,18 +208,30 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
 # there the fixed cost of an autograd.Function and of the bridge to NumPy (~100 µs) would be most
 # of the time (benchmarks/bench_small.py), and the fused kernel has nothing to win.
 SMALL_MAX_LOGITS = 1 << 16
+_SMALL_DTYPES = (torch.float32, torch.float64)
 
 
 def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
     """Whether torch's own cross-entropy computes exactly this call (after the label check):
     a small float32/float64 [N, C] input, int64 class indices, no class weights and none of
     xentkit's extras."""
-    return (
-        input.dim() == 2 and 0 < input.numel() <= SMALL_MAX_LOGITS
-        and input.dtype in (torch.float32, torch.float64) and target.dtype == torch.int64
-        and target.dim() == 1 and weight is None and not options.z_loss and options.softcap is None
-        and not options.inplace_backward
+    return (  # the options first: plain attribute reads
+        weight is None and not options.z_loss and options.softcap is None and not options.inplace_backward
+        and input.dim() == 2 and target.dim() == 1 and 0 < input.numel() <= SMALL_MAX_LOGITS
+        and input.dtype in _SMALL_DTYPES and target.dtype == torch.int64
     )
+
+
+def _mean_of_probabilities_possible(mean: float, classes: int) -> bool:
+    """Whether a "mean" cross-entropy could come from logits that are probabilities. For a row p
+    on the simplex (C classes) log Σ_j exp(p_j) lies in [log C + 1/C, log(C − 1 + e)] (Jensen;
+    exp is convex, so its sum peaks at a vertex), and the row's loss is that minus a weighted
+    mean of p in [0, 1], with or without label smoothing: so does a mean of such rows. Outside
+    (a model that has learned something, or far from uniform) the logits cannot be
+    probabilities and need no look. A margin covers the probability check's own tolerance."""
+    margin = 0.05
+    low = math.log(classes) + 1.0 / classes - 1.0 - margin
+    return low <= mean <= math.log(classes - 1 + math.e) + margin
 
 
 def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, check_probabilities: bool) -> Tensor:
@@ -225,9 +239,12 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
     label error, the same probabilities warning, and a "mean" of nothing that is 0 (gradient 0).
 
     Nothing is looked at twice on the way: torch's kernel refuses a bad label itself (an
-    IndexError, turned into xentkit's ValueError naming the label and its place), and only a NaN
-    mean (every target ignored, or a NaN logit) is looked at again."""
-    if check_probabilities:
+    IndexError, turned into xentkit's ValueError naming the label and its place), only a NaN
+    mean (every target ignored, or a NaN logit) is looked at again, and for "mean" the logits
+    are looked at for probabilities only when the loss says they could be (in a training loop
+    every Python step between torch's ops costs several times its isolated time)."""
+    mean = options.reduction == "mean"
+    if check_probabilities and not mean:
         warn_if_probabilities(_bridge.as_numpy(input), 1)
     try:
         loss = F.cross_entropy(
@@ -235,12 +252,17 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
             label_smoothing=options.label_smoothing,
         )
     except IndexError:
+        if check_probabilities and mean:
+            warn_if_probabilities(_bridge.as_numpy(input), 1)
         check_labels(target, input.shape[1], options.ignore_index)  # raises the ValueError
         raise
-    if options.reduction == "mean":
+    if mean:
         value = loss.item()
-        if value != value and not bool((target != options.ignore_index).any()):
-            return (input * 0).sum()
+        if value != value:
+            if not bool((target != options.ignore_index).any()):
+                return (input * 0).sum()
+        elif check_probabilities and _mean_of_probabilities_possible(value, input.shape[1]):
+            warn_if_probabilities(_bridge.as_numpy(input), 1)
     return loss
 
 
@@ -329,11 +351,20 @@ def cross_entropy(
     See also: :func:`nll_loss` (from log-probabilities), :func:`binary_cross_entropy_with_logits`
     (independent binary labels), ``xentkit.torch.linear_cross_entropy`` (fused with a linear layer).
     """
-    reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
+    if size_average is not None or reduce is not None:
+        reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
     options = loss_options(
         reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward,
         check_labels,
     )
+    return cross_entropy_with(input, target, weight, options, check_probabilities)
+
+
+def cross_entropy_with(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, check_probabilities: bool
+) -> Tensor:
+    """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with
+    its attributes' options: no keyword arguments to spread and gather on every step)."""
     grad_free = (target, weight)
     if (  # first the common small case, at the fewest checks
         options.backend == "auto" and _small_and_plain(input, target, weight, options)

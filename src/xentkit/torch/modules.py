@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._options import LossOptions
+from .._options import LossOptions, loss_options
 from . import functional
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -26,6 +26,16 @@ _LOSS_OPTIONS = tuple(field.name for field in dataclasses.fields(LossOptions))
 _NOT_LINEAR = ("inplace_backward",)
 # and only the fused linear form has chunks and accumulates across them
 _LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
+
+
+# (name, default) of every LossOptions field, in order: a module without a field (chunk_size on
+# CrossEntropyLoss) passes the default
+_FIELD_DEFAULTS = tuple((field.name, field.default) for field in dataclasses.fields(LossOptions))
+
+
+def _loss_options_of(module: torch.nn.Module) -> LossOptions:
+    """The module's options as one checked object (built once per distinct set of values)."""
+    return loss_options(*[getattr(module, name, default) for name, default in _FIELD_DEFAULTS])
 
 
 def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
@@ -75,9 +85,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.check_labels = check_labels
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return functional.cross_entropy(
-            input, target, weight=self.weight, check_probabilities=self.check_probabilities,
-            **_options_of(self, skip=_LINEAR_ONLY),
+        return functional.cross_entropy_with(
+            input, target, self.weight, _loss_options_of(self), self.check_probabilities
         )
 
     def extra_repr(self) -> str:
