@@ -357,10 +357,10 @@ def cross_entropy(
         reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward,
         check_labels,
     )
-    return cross_entropy_with(input, target, weight, options, check_probabilities)
+    return _cross_entropy_with_options(input, target, weight, options, check_probabilities)
 
 
-def cross_entropy_with(
+def _cross_entropy_with_options(
     input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, check_probabilities: bool
 ) -> Tensor:
     """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with

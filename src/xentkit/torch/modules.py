@@ -85,7 +85,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.check_labels = check_labels
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return functional.cross_entropy_with(
+        return functional._cross_entropy_with_options(
             input, target, self.weight, _loss_options_of(self), self.check_probabilities
         )
 
