@@ -24,6 +24,22 @@ SCRIPTS = {
 }
 
 
+def test_the_goals_driver_runs_on_the_cpu(tmp_path):
+    """bench_gpu.py (the issue's table and goals in one command) with --smoke: every goal gets a
+    verdict, the unmeasurable ones (no peer installed, no GPU memory) say so."""
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    completed = subprocess.run(
+        [sys.executable, "bench_gpu.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)],
+        cwd=BENCHMARKS, env=environment, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    goals = json.loads((tmp_path / "gpu_goals.json").read_text())["goals"]
+    assert len(goals) == 12
+    assert {goal["verdict"] for goal in goals} <= {"met", "MISSED", "not measured"}
+    peaks = [goal for goal in goals if "peak" in goal["goal"]]
+    assert peaks and all(goal["verdict"] == "not measured" for goal in peaks)
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_gpu_benchmark_runs_on_the_cpu(script, tmp_path):
     output = tmp_path / "result.json"
