@@ -106,3 +106,30 @@ def test_unchecked_linear_cross_entropy_makes_bad_rows_nan(backend):
     head = xt.LinearCrossEntropyLoss(4, 5, check_labels=False, backend=backend)
     assert "check_labels=False" in repr(head)
     assert torch.isnan(head(x.detach(), labels))
+
+
+def test_unchecked_weighted_mean_counts_bad_rows_alike_on_both_paths():
+    # with class weights a bad row's class (so its weight) is unknown: it counts nowhere, on the
+    # torch-ops path as on the Triton path (the good rows' gradients are the same)
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4, generator=generator)
+    labels = torch.tensor([0, 9, 2, 1, -3, 3])
+    weight = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    grads = []
+    for backend in BACKENDS:
+        leaf = logits.clone().requires_grad_()
+        loss = xt.cross_entropy(leaf, labels, weight, backend=backend, check_labels=False)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(leaf.grad[[1, 4]]).all()
+        grads.append(leaf.grad[[0, 2, 3, 5]])
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-6, atol=2e-6)
+    # and both are the mean over the good rows' weights
+    good = torch.tensor([0, 2, 3, 5])
+    leaf = logits[good].clone().requires_grad_()
+    xt.cross_entropy(leaf, labels[good], weight, backend="torch").backward()
+    torch.testing.assert_close(grads[0], leaf.grad, rtol=2e-6, atol=2e-6)
+
+
+def test_one_class_with_ignore_index_zero_has_no_stand_in_and_is_checked():
+    with pytest.raises(ValueError, match=r"target has label 5 at position \(1,\)"):
+        xt.cross_entropy(torch.randn(3, 1), torch.tensor([0, 5, 0]), ignore_index=0, backend="torch", check_labels=False)

@@ -251,3 +251,35 @@ def test_the_torch_binding_gives_torchs_gradient_for_a_non_finite_upstream(case,
     )
     loss.backward(torch.full_like(loss, grad_output))
     _same_non_finite(leaf.grad.numpy(), expected_grad, f"xentkit.torch {case} {reduction} ε={label_smoothing} g={upstream}")
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 5), (2, 5, 2, 3)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("upstream", ["inf", "-inf", "nan"])
+def test_the_torch_binding_takes_a_non_finite_upstream_in_every_layout(shape, reduction, probabilities, upstream):
+    """(C,), (N, C) and (N, C, d1, d2), class indices (one ignored) or probabilities (one zero):
+    the same gradient as torch (probabilities: NaN across the row), ignored rows 0."""
+    import xentkit.torch as xt
+
+    generator = torch.Generator().manual_seed(len(shape))
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64)
+    classes, class_axis = 5, 1 if len(shape) > 1 else 0
+    sample_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    if probabilities:
+        target = torch.softmax(torch.randn(shape, generator=generator, dtype=torch.float64), class_axis)
+        target[(0,) * target.dim()] = 0.0
+    else:
+        target = torch.randint(0, classes, sample_shape, generator=generator)
+        if sample_shape:
+            target.view(-1)[0] = -100
+    weight = torch.linspace(0.5, 2.0, classes, dtype=torch.float64)  # the kernel path
+    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = xt.cross_entropy(ours, target, weight, reduction=reduction, check_probabilities=False)
+    expected = torch.nn.functional.cross_entropy(theirs, target, weight, reduction=reduction)
+    loss.backward(torch.full_like(loss, UPSTREAM[upstream]))
+    expected.backward(torch.full_like(expected, UPSTREAM[upstream]))
+    wanted = theirs.grad.clone()
+    if not probabilities and sample_shape:
+        wanted.movedim(1, -1)[target == -100] = 0.0  # an ignored row is never read
+    _same_non_finite(ours.grad.numpy(), wanted.numpy(), f"{shape} {reduction} probabilities={probabilities}")

@@ -653,6 +653,21 @@ def test_small_means_skip_the_probability_look_only_where_probabilities_cannot_b
         xt.cross_entropy(confident, torch.arange(min(32, classes)), label_smoothing=label_smoothing)
 
 
+def test_small_mean_of_nothing_still_warns_and_is_zero_whatever_the_logits():
+    import xentkit
+    import xentkit.torch as xt
+
+    probs = torch.softmax(torch.randn(4, 5), 1)
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+        assert xt.cross_entropy(probs, torch.full((4,), -100)) == 0
+    logits = torch.tensor([[1.0, float("inf"), 0.0], [float("nan"), 0.0, 1.0]], requires_grad=True)
+    loss = xt.cross_entropy(logits, torch.full((2,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    # as on the kernel path (class weights take it there)
+    assert xt.cross_entropy(logits, torch.full((2,), -100), torch.ones(3)).item() == 0.0
+
+
 def test_uint8_targets_on_the_torch_ops_path_are_not_mistaken_for_ignore_index():
     import xentkit.torch as xt
 

@@ -186,7 +186,8 @@ class LossOptions:
         check_labels: refuse a label outside ``[0, C)`` that is not ``ignore_index`` with a
             ValueError (True), or leave it unchecked where checking costs a wait for the device
             (False: the Triton and torch-ops paths then make that row's loss and gradient NaN,
-            reading nothing out of bounds; the CPU kernels always check, at no such cost).
+            reading nothing out of bounds; the CPU kernels always check, at no such cost). Under
+            torch.compile nothing may wait, so those paths never check there, whatever it says.
         accumulate_in_float32: the fused linear forms add each chunk's weight and bias gradients
             into float32 buffers for float16/bfloat16 weights and round once at the end (True),
             or add them in the weight's dtype, one rounding per chunk (False: no float32 copy of

@@ -14,7 +14,15 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["RowLayout", "class_axis_last"]
+__all__ = ["RowLayout", "class_axis_last", "kernel_array"]
+
+
+def kernel_array(array: np.ndarray, dtype: object = None) -> np.ndarray:
+    """``array`` as a C-contiguous, writeable array of ``dtype``: what the kernels are compiled
+    for (read-only memory, a ``np.broadcast_to`` view or a frozen array, would otherwise fail
+    inside Numba's typing or compile a specialization of its own); copied only when needed."""
+    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    return contiguous if contiguous.flags.writeable else contiguous.copy()
 
 
 def class_axis_last(array: np.ndarray, axis: int) -> np.ndarray:
@@ -47,13 +55,13 @@ class RowLayout:
         self.sample_shape: tuple[int, ...] = moved.shape[:-1]
         self.classes: int = moved.shape[-1]
         self.rows: int = math.prod(self.sample_shape)
-        contiguous = np.ascontiguousarray(moved)  # ``moved`` itself when it is C-contiguous
+        contiguous = kernel_array(moved)  # ``moved`` itself when it is C-contiguous and writeable
         self.matrix = contiguous.reshape(self.rows, self.classes)
         self.private = private or contiguous is not moved
 
     def labels(self, labels: np.ndarray) -> np.ndarray:
         """Class indices of the samples' shape as the kernels' contiguous int64 ``[rows]``."""
-        return np.ascontiguousarray(labels, dtype=np.int64).reshape(self.rows)
+        return kernel_array(labels, np.int64).reshape(self.rows)
 
     def per_row(self, value: ArrayLike | float) -> np.ndarray:
         """A per-row coefficient (a float, an array of one value, or one value per sample with

@@ -15,7 +15,7 @@ from .._options import LossOptions, loss_options
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
-from ._rows import RowLayout, class_axis_last
+from ._rows import RowLayout, class_axis_last, kernel_array
 from ._validation import (
     as_float_array,
     check_class_weight,
@@ -117,7 +117,7 @@ def _fused(
     """
     layout = RowLayout(logits, axis, private)
     label_rows = layout.labels(labels)
-    weight64 = None if weight is None else np.ascontiguousarray(weight, dtype=np.float64)
+    weight64 = None if weight is None else kernel_array(weight, np.float64)
 
     grad_matrix = None
     grad_scale = z_grad_scale = None

@@ -31,15 +31,21 @@ def _label_plan(
     replaced by a class in range (nothing reads out of bounds, no device-side assert) and ``bad``
     marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
     takes a class that is not ``ignore_index``, so that it keeps a gradient for NaN to flow
-    through, and it counts in the "mean" as a non-ignored row, as on the Triton path)."""
+    through). In the "mean" it counts as the Triton path counts it: as a non-ignored row without
+    class weights, not at all with them (its class, so its weight, is unknown). With one class
+    and ``ignore_index=0`` no class can stand in: the labels are checked then (where a check can
+    wait for them)."""
     labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
     valid = bad = None
-    if options.check_labels and not torch.compiler.is_compiling() and target.device.type != "meta":
+    stand_in = 1 if options.ignore_index == 0 and num_classes > 1 else 0
+    can_wait = not torch.compiler.is_compiling() and target.device.type != "meta"
+    if can_wait and (options.check_labels or stand_in == options.ignore_index):
         valid = check_labels(labels, num_classes, options.ignore_index, classes=classes)
-    else:
+    else:  # (one class and ignore_index 0 under torch.compile: the bad rows' loss alone is NaN)
         bad = (labels != options.ignore_index) & ((labels < 0) | (labels >= num_classes))
-        stand_in = 1 if options.ignore_index == 0 and num_classes > 1 else 0
         labels = torch.where(bad, stand_in, labels)
+        if weight is not None:
+            valid = (labels != options.ignore_index) & ~bad
     valid, plan = ReductionPlan.of_targets(
         options.reduction, labels, options.ignore_index, weight, dtype=_bridge.at_least_float32(dtype), valid=valid
     )

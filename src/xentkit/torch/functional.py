@@ -94,7 +94,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         else:
             ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, input.dtype)
         ctx.options = options
-        if want_grad and not target.is_floating_point():  # for a non-finite upstream gradient
+        if want_grad:  # read only for a non-finite upstream gradient (a reference, not a copy)
             ctx.save_for_backward(target)
         return _bridge.as_tensor(loss, input.dtype)
 
@@ -104,27 +104,43 @@ class _CrossEntropyFunction(torch.autograd.Function):
         gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", "cross_entropy")
         upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
         gradient = _bridge.scale_gradient(gradient, upstream, owned)
-        if ctx.saved_tensors and not bool(torch.isfinite(grad_output).all()):
-            _in_torchs_order(gradient, grad_output, ctx.saved_tensors[0], ctx.options, ctx.class_axis)
+        if not bool(torch.isfinite(grad_output).all()):
+            (target,) = ctx.saved_tensors
+            _in_torchs_order(gradient, grad_output, target, ctx.options, ctx.class_axis)
         return gradient, None, None, None, None, None
 
 
-def _in_torchs_order(gradient: Tensor, grad_output: Tensor, target: Tensor, options: LossOptions, class_axis: int) -> None:
+def _in_torchs_order(
+    gradient: Tensor, grad_output: Tensor, target: Tensor, options: LossOptions, class_axis: int
+) -> None:
     """Turn ``stored gradient · g`` into the kernel's (and torch's) values where the upstream
-    gradient g is ±inf or NaN (in place): torch adds each term times g, so an ignored row stays 0
-    (not 0·∞), the target entry is g·p_y·A − g·w_y = ∞ − ∞ = NaN, and with label smoothing every
-    entry of the row is such a difference. (With a z-loss the z term's sign may differ from
-    torch-order arithmetic; torch has no z-loss to match.)"""
-    rows = gradient.movedim(class_axis, -1)  # a view: samples first, classes last
-    labels = target.long()
+    gradient g is ±inf or NaN (in place). Torch multiplies each term by g before adding them:
+    an ignored row stays 0 (not 0·∞); with class indices the target entry is g·p_y·A − g·w_y =
+    ∞ − ∞ = NaN, and with label smoothing so is every entry of the row; with probabilities torch
+    first forms g·w_j·q'_j (NaN where q'_j = 0) and then subtracts p_j times their sum (±∞), so
+    the whole row is NaN. (With a z-loss the z term's
+    sign may differ from torch-order arithmetic; torch has no z-loss to match.)"""
+    rows = gradient.movedim(class_axis, -1)  # a view: the samples' shape, then the classes
+    if rows.dim() == 1:
+        rows = rows.unsqueeze(0)  # one sample, (C,)
+    samples = rows.shape[:-1]
+    upstream_bad = ~torch.isfinite(grad_output)
+    if options.reduction == "none":
+        upstream_bad = upstream_bad.reshape(samples)
+    else:
+        upstream_bad = upstream_bad.reshape(()).expand(samples)
+    if target.is_floating_point():  # g·w_j·q'_j then the softmax's Σ: NaN across the row
+        rows[upstream_bad] = torch.nan
+        return
+    labels = target.long().reshape(samples)
     ignored = labels == options.ignore_index
-    upstream_bad = ~torch.isfinite(grad_output) if options.reduction == "none" else torch.ones_like(ignored)
     live = upstream_bad & ~ignored
     rows[ignored] = 0.0
     if options.label_smoothing > 0:
         rows[live] = torch.nan
-    elif bool(live.any()):
-        rows[(*live.nonzero(as_tuple=True), labels[live])] = torch.nan
+    else:
+        where = live.nonzero(as_tuple=True)
+        rows[(*where, labels[where])] = torch.nan
 
 
 class _NllLossFunction(torch.autograd.Function):
@@ -259,8 +275,11 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
     if mean:
         value = loss.item()
         if value != value:
-            if not bool((target != options.ignore_index).any()):
-                return (input * 0).sum()
+            if not bool((target != options.ignore_index).any()):  # every target ignored
+                if check_probabilities:
+                    warn_if_probabilities(_bridge.as_numpy(input), 1)
+                # 0 with gradient 0, whatever the logits hold (input·0 would be NaN at ±inf)
+                return input.masked_fill(torch.ones_like(input, dtype=torch.bool), 0.0).sum()
         elif check_probabilities and _mean_of_probabilities_possible(value, input.shape[1]):
             warn_if_probabilities(_bridge.as_numpy(input), 1)
     return loss
@@ -323,8 +342,10 @@ def cross_entropy(
     Triton and torch-ops paths a label outside ``[0, C)`` that is not ``ignore_index`` then makes
     its row's loss and gradient NaN (so a "mean" or "sum" is NaN) instead of raising; nothing is
     read out of bounds and no device-side assert fires. It saves the one synchronization of an
-    eager CUDA call (what torch.compile's custom ops do anyway). CPU tensors on the Numba kernels
-    or on torch's own small-problem kernel are always checked: there it costs no wait.
+    eager CUDA call. Under torch.compile nothing may wait, so the compiled paths (the Triton
+    custom ops and torch ops) never check, whatever ``check_labels`` says: a bad label gives a NaN
+    row there, never a device-side assert. CPU tensors on the Numba kernels or on torch's own
+    small-problem kernel (both eager) are always checked: there it costs no wait.
 
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
     gradient buffer exists (with a 128k vocabulary, gigabytes): on the CPU kernels in forward, on

@@ -39,7 +39,8 @@ def _loss_options_of(module: torch.nn.Module) -> LossOptions:
 
 
 def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
-    return {name: getattr(module, name) for name in _LOSS_OPTIONS if name not in skip}
+    # defaults for fields a module saved by an older xentkit lacks (torch.save of the module)
+    return {name: getattr(module, name, default) for name, default in _FIELD_DEFAULTS if name not in skip}
 
 
 def _options_repr(options: dict[str, object]) -> str:
