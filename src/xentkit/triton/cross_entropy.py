@@ -3,7 +3,8 @@
 The Triton twin of :mod:`xentkit.kernels.cross_entropy`, with the same formulas (reference:
 :mod:`xentkit.reference.cross_entropy`). The ``[N, V]`` logits (float32, float16 or bfloat16;
 arithmetic in float32) are cut into chunks of ``BLOCK`` classes, one program per (row, chunk),
-so that every row keeps many programs busy whatever N:
+so that every row keeps many programs busy whatever N (the chunks, their partials and the merge
+of a row's chunks: :mod:`._chunks`):
 
     pass 1, ``_partials_kernel`` (one read of the logits):
         z_j = s·tanh(x_j/s)                   (z_j = x_j without a softcap)
@@ -44,10 +45,10 @@ the same arithmetic.
 
 Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
 offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
-int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks) and of the
-rows' statistics (k·rows) from int64 copies of their sizes; offsets within a row are int32
-(V < 2^31). Tested under the interpreter on strided views whose row offsets pass 2^31
-(``tests/test_triton_int64.py``).
+int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks, as
+:mod:`._chunks`) and of the rows' statistics (k·rows) from int64 copies of their sizes; offsets
+within a row are int32 (V < 2^31). Tested under the interpreter on strided views whose row
+offsets pass 2^31 (``tests/test_triton_int64.py``).
 
 No validation: the caller passes contiguous rows, labels in ``[0, V)`` or ``ignore_index``
 (or probability rows of the logits' shape).
@@ -60,10 +61,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _chunks
+
 __all__ = ["cross_entropy_rows", "row_gradient", "row_statistics"]
 
-# Classes per block: a block of float32 lives in registers across the program's warps.
-MAX_BLOCK = 8192
+# Classes per program at most, read on every call: tests and benchmarks lower it for this module.
+MAX_BLOCK = _chunks.MAX_BLOCK
 
 
 @triton.jit
@@ -117,20 +120,16 @@ def _partials_kernel(
     PROBABILITIES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
-    chunk = tl.program_id(1)
-    slot = part_ptr + row * n_chunks + chunk
+    row, cols, inside = _chunks.columns(n_cols, BLOCK)
+    slot, plane = _chunks.slot(part_ptr, part_plane, row, n_chunks)
     if not PROBABILITIES:
         y = tl.load(target_ptr + row)
         if y == ignore_index:
             return
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     z = _capped(x, inside, softcap, HAS_SOFTCAP)
     m = tl.max(z, 0)
-    shift = tl.where(m == float("-inf"), 0.0, m)  # never exp(−inf − (−inf))
+    shift = _chunks.shift(m, False)  # t_c: never exp(−inf − (−inf))
     tl.store(slot, m)
     tl.store(slot + plane, tl.sum(tl.exp(z - shift), 0))
     if PROBABILITIES:
@@ -175,9 +174,9 @@ def _loss_kernel(
 ):
     """One program per row: the row's partials combined into M, d, lse and the loss (and A for
     probability targets)."""
-    row = tl.program_id(0).to(tl.int64)
-    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
-    rows = tl.cast(n_rows, tl.int64)  # int64 offsets: see the module docstring
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: see the module docstring
+    rows = tl.cast(n_rows, tl.int64)
+    slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     if not PROBABILITIES:
         y = tl.load(target_ptr + row)
         if y == ignore_index:
@@ -186,15 +185,8 @@ def _loss_kernel(
             tl.store(stats_ptr + row, 0.0)
             tl.store(stats_ptr + rows + row, 1.0)
             return
-    k = tl.arange(0, CHUNKS)
-    mine = k < n_chunks
-    slots = part_ptr + row * n_chunks + k
-    maxima = tl.load(slots, mask=mine, other=float("-inf"))
-    sums = tl.load(slots + plane, mask=mine, other=0.0)
-    shifts = tl.where(maxima == float("-inf"), 0.0, maxima)
-    m = tl.max(maxima, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    d = tl.sum(tl.where(sums == 0.0, 0.0, sums * tl.exp(shifts - m)), 0)
+    # M (kept as the row's shift: 0 for a row of −inf), d, and the chunks' shifts t_c
+    _, m, d, shifts, _, _ = _chunks.merge(slots, mine, plane, False)
     log_d = tl.log(d)
     lse = m + log_d
     if PROBABILITIES:
@@ -256,11 +248,8 @@ def _grad_kernel(
 ):
     """One program per (row, chunk): the chunk's gradient from the row's M and d (and A), with
     g = grad_scale[row]·factor[0] and g^z = z_grad_scale[row]·factor[1]."""
-    row = tl.program_id(0).to(tl.int64)
+    row, cols, inside = _chunks.columns(n_cols, BLOCK)
     rows = tl.cast(n_rows, tl.int64)  # int64 offsets: see the module docstring
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
     grad_row = grad_ptr + row * grad_stride
     if not PROBABILITIES:
         y = tl.load(target_ptr + row)
@@ -311,14 +300,6 @@ def _grad_kernel(
     tl.store(grad_row + cols, grad, mask=inside)
 
 
-def _block(n_cols: int) -> int:
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1))))
-
-
-def _warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 2048 else 16 if block <= 8192 else 32
-
-
 def _flags(weight: Tensor | None, label_smoothing: float, softcap: float | None, target: Tensor) -> dict:
     return {
         "HAS_WEIGHT": weight is not None,
@@ -357,22 +338,19 @@ def row_statistics(
     if n_rows == 0:
         return loss, lse, stats
     weight32 = _weight32(weight, device)
-    block = _block(n_cols)
-    n_chunks = triton.cdiv(max(n_cols, 1), block)
-    planes = 4 if probabilities or label_smoothing > 0.0 else 2
-    part = torch.empty((planes, n_rows, n_chunks), dtype=torch.float32, device=device)
+    layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
+    part = layout.partials(4 if probabilities or label_smoothing > 0.0 else 2, device)
     cap = 1.0 if softcap is None else float(softcap)
     any_weight = loss if weight32 is None else weight32  # any pointer when unused
     target_stride = target.stride(0) if probabilities else 1
-    _partials_kernel[(n_rows, n_chunks)](
-        logits, logits.stride(0), target, target_stride, any_weight, part, n_rows * n_chunks, n_cols,
-        n_chunks, int(ignore_index), float(label_smoothing), cap, BLOCK=block, num_warps=_warps(block),
-        **flags,
+    _partials_kernel[layout.grid](
+        logits, logits.stride(0), target, target_stride, any_weight, part, layout.plane, n_cols,
+        layout.chunks, int(ignore_index), float(label_smoothing), cap, **layout.per_chunk, **flags,
     )
     _loss_kernel[(n_rows,)](
-        logits, logits.stride(0), target, any_weight, part, n_rows * n_chunks, loss, lse, stats,
-        n_rows, n_cols, n_chunks, int(ignore_index), float(label_smoothing), cap,
-        CHUNKS=max(2, triton.next_power_of_2(n_chunks)), num_warps=1, **flags,
+        logits, logits.stride(0), target, any_weight, part, layout.plane, loss, lse, stats,
+        n_rows, n_cols, layout.chunks, int(ignore_index), float(label_smoothing), cap,
+        **layout.per_row, **flags,
     )
     return loss, lse, stats
 
@@ -411,14 +389,14 @@ def row_gradient(
         weight_sum = weight32.sum(dtype=torch.float64).to(torch.float32).reshape(1)
     if factors is None:
         factors = torch.ones(2, dtype=torch.float32, device=device)
-    block = _block(n_cols)
-    _grad_kernel[(n_rows, triton.cdiv(max(n_cols, 1), block))](
+    layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
+    _grad_kernel[layout.grid](
         logits, logits.stride(0), target, target.stride(0) if flags["PROBABILITIES"] else 1,
         stats if weight32 is None else weight32, weight_sum, stats, grad_out, grad_out.stride(0),
         grad_scale, grad_scale.stride(0), z_grad_scale, z_grad_scale.stride(0), factors, n_rows,
         n_cols, int(ignore_index), float(label_smoothing), float(z_loss),
-        1.0 if softcap is None else float(softcap), HAS_Z=z_loss > 0.0, BLOCK=block,
-        num_warps=_warps(block), **flags,
+        1.0 if softcap is None else float(softcap), HAS_Z=z_loss > 0.0, **layout.per_chunk,
+        **flags,
     )
     return grad_out
 

@@ -2,15 +2,16 @@
 
 The Triton twin of :mod:`xentkit.kernels.log_probs`, with its contract (formulas:
 :mod:`xentkit.reference.log_probs`). The ``[N, V]`` logits x (float32, float16 or bfloat16;
-arithmetic in float32) are cut into chunks of ``BLOCK`` classes, one program per (row, chunk).
-With c = 1/T and z_j = x_j·c (one float32 rounding, the same in every pass):
+arithmetic in float32) are cut into chunks of ``BLOCK`` classes, one program per (row, chunk)
+(the chunks, their partials and the merge of a row's chunks: :mod:`._chunks`). With c = 1/T and
+z_j = x_j·c (one float32 rounding, the same in every pass):
 
     pass 1, ``_partials_kernel`` (one read of the logits), per chunk k of a row:
         m_k = max_j z_j  (NaN ignored: the sums below carry it),  t_k = m_k (0 if not finite)
         s_k = Σ_j exp(z_j − t_k),   u_k = Σ_j exp(z_j − t_k)·max(z_j − t_k, −1000)
 
     the row, ``_combine_kernel`` (one program per row, merging the row's few partials as
-    ``reference.log_probs.merge_partials``):
+    ``reference.log_probs.merge_partials``; shifts finite, ``FINITE_SHIFT`` of :mod:`._chunks`):
         m = max_k m_k,  t = m (0 if not finite)
         s = Σ_k s_k·exp(t_k − t),   u = Σ_k exp(t_k − t)·(u_k + s_k·(t_k − t))
         z_y = x_y·c when the row's target y is in [0, V), else 0 (not read)
@@ -36,9 +37,10 @@ masked classes, and a row of −inf only has m = −inf, s = 0 (NaN downstream).
 
 Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
 offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
-int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks) from
-int64 copies of their sizes; offsets within a row are int32 (V < 2^31). Tested under the
-interpreter on strided views whose row offsets pass 2^31 (``tests/test_triton_int64.py``).
+int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks, as
+:mod:`._chunks`) from int64 copies of their sizes; offsets within a row are int32 (V < 2^31).
+Tested under the interpreter on strided views whose row offsets pass 2^31
+(``tests/test_triton_int64.py``).
 
 No validation: the caller passes contiguous rows, ``labels`` ``[N]`` int64, ``valid`` ``[N]``
 bool. A label outside [0, V) is not read (z_y 0, no target entry in the gradient).
@@ -51,12 +53,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .cross_entropy import _warps
+from . import _chunks
 
 __all__ = ["log_prob_gradient", "log_prob_statistics"]
 
-# Classes per block (a block of float32 lives in registers across the program's warps).
-MAX_BLOCK = 8192
+# Classes per program at most, read on every call: tests and benchmarks lower it for this module.
+MAX_BLOCK = _chunks.MAX_BLOCK
 
 
 @triton.jit
@@ -64,11 +66,6 @@ def _scaled(x_ptr, cols, inside, scale):
     """z = x·c in float32; lanes past the row are −inf."""
     x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     return tl.where(inside, x * scale, float("-inf"))
-
-
-@triton.jit
-def _finite_or_zero(value):
-    return tl.where(tl.abs(value) < float("inf"), value, 0.0)
 
 
 @triton.jit
@@ -83,20 +80,16 @@ def _partials_kernel(
     scale,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
-    chunk = tl.program_id(1)
+    row, cols, inside = _chunks.columns(n_cols, BLOCK)
     if tl.load(valid_ptr + row) == 0:
         return  # the combine writes the row's (0, 1, 0, 0) without reading the partials
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
     # ---- Pass 1: the chunk's m_k, and s_k, u_k at t_k ----
     z = _scaled(logits_ptr + row * logits_stride, cols, inside, scale)
     m = tl.max(tl.where(z == z, z, float("-inf")), 0)  # NaN ignored: s_k and u_k carry it
     # t_k = 0 when m_k = −inf (never exp(−inf − (−inf))) or +inf (s_k = +inf: lse +inf)
-    d = z - _finite_or_zero(m)
+    d = z - _chunks.shift(m, True)
     e = tl.exp(d)
-    slot = part_ptr + row * n_chunks + chunk
+    slot, plane = _chunks.slot(part_ptr, part_plane, row, n_chunks)
     tl.store(slot, m)
     tl.store(slot + plane, tl.sum(e, 0))
     tl.store(slot + 2 * plane, tl.sum(e * tl.maximum(d, -1000.0), 0))
@@ -120,28 +113,21 @@ def _combine_kernel(
     CHUNKS: tl.constexpr,
 ):
     """One program per row: the row's partials merged into (m, s, u), and z_y."""
-    row = tl.program_id(0).to(tl.int64)
-    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: see the module docstring
+    slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     if tl.load(valid_ptr + row) == 0:
         tl.store(m_ptr + row, 0.0)
         tl.store(s_ptr + row, 1.0)
         tl.store(u_ptr + row, 0.0)
         tl.store(z_target_ptr + row, 0.0)
         return
-    k = tl.arange(0, CHUNKS)
-    mine = k < n_chunks
-    slots = part_ptr + row * n_chunks + k
-    m_k = tl.load(slots, mask=mine, other=float("-inf"))
-    s_k = tl.load(slots + plane, mask=mine, other=0.0)
-    u_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
     # ---- the row: m = max m_k; (s_k, u_k) restated at t and summed ----
-    m = tl.max(m_k, 0)
-    delta = _finite_or_zero(m_k) - _finite_or_zero(m)
-    factor = tl.exp(delta)
+    m, t, s, t_k, factor, s_k = _chunks.merge(slots, mine, plane, True)
+    u_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
+    delta = t_k - t
     # an empty chunk (s_k = 0: only −inf) adds nothing, whatever its factor
-    empty = s_k == 0.0
-    s = tl.sum(tl.where(empty, 0.0, s_k * factor), 0)
-    u = tl.sum(tl.where(empty, 0.0, factor * (u_k + tl.where(delta == 0.0, 0.0, s_k * delta))), 0)
+    restated = factor * (u_k + tl.where(delta == 0.0, 0.0, s_k * delta))
+    u = tl.sum(tl.where(s_k == 0.0, 0.0, restated), 0)
     # z_y, read only for a label in [0, V)
     y = tl.load(labels_ptr + row)
     known = (y >= 0) & (y < n_cols)
@@ -173,10 +159,7 @@ def _gradient_kernel(
     BLOCK: tl.constexpr,
 ):
     """One program per (row, chunk): the chunk's gradient from the row's (m, s) and (a, b, k)."""
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
+    row, cols, inside = _chunks.columns(n_cols, BLOCK)
     grad_row = grad_ptr + row * grad_stride
     if tl.load(valid_ptr + row) == 0:
         tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
@@ -197,10 +180,6 @@ def _gradient_kernel(
     tl.store(grad_row + cols, grad, mask=inside)
 
 
-def _block(n_cols: int) -> int:
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n_cols, 1))))
-
-
 def _valid_bytes(valid: Tensor) -> Tensor:
     return valid.contiguous().view(torch.uint8)
 
@@ -218,17 +197,15 @@ def log_prob_statistics(
         return m, s, u, z_target
     scale = 1.0 / float(temperature)
     valid_bytes = _valid_bytes(valid)
-    block = _block(n_cols)
-    n_chunks = triton.cdiv(max(n_cols, 1), block)
-    part = torch.empty((3, n_rows, n_chunks), dtype=torch.float32, device=device)
-    _partials_kernel[(n_rows, n_chunks)](
-        logits, logits.stride(0), valid_bytes, part, n_rows * n_chunks, n_cols, n_chunks, scale,
-        BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False,
+    layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
+    part = layout.partials(3, device)
+    _partials_kernel[layout.grid](
+        logits, logits.stride(0), valid_bytes, part, layout.plane, n_cols, layout.chunks, scale,
+        **layout.per_chunk, enable_fp_fusion=False,
     )
     _combine_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, valid_bytes, part, n_rows * n_chunks, m, s, u, z_target,
-        n_cols, n_chunks, scale, CHUNKS=max(2, triton.next_power_of_2(n_chunks)), num_warps=1,
-        enable_fp_fusion=False,
+        logits, logits.stride(0), labels, valid_bytes, part, layout.plane, m, s, u, z_target,
+        n_cols, layout.chunks, scale, **layout.per_row, enable_fp_fusion=False,
     )
     return m, s, u, z_target
 
@@ -253,10 +230,10 @@ def log_prob_gradient(
         return grad_out
     # one value for every row: a stride of 0; float64 rows are read as they are
     a, b, k = (c.reshape(-1).expand(n_rows) for c in coefficients)
-    block = _block(n_cols)
-    _gradient_kernel[(n_rows, triton.cdiv(max(n_cols, 1), block))](
+    layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
+    _gradient_kernel[layout.grid](
         logits, logits.stride(0), labels, _valid_bytes(valid), m.contiguous(), s.contiguous(),
         a, a.stride(0), b, b.stride(0), k, k.stride(0), grad_out, grad_out.stride(0), n_cols,
-        1.0 / float(temperature), BLOCK=block, num_warps=_warps(block), enable_fp_fusion=False,
+        1.0 / float(temperature), **layout.per_chunk, enable_fp_fusion=False,
     )
     return grad_out

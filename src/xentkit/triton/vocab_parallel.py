@@ -4,8 +4,9 @@ The Triton twin of :mod:`xentkit.kernels.vocab_parallel`, with its contract (the
 ranks and the formulas of loss and gradient: :mod:`xentkit.torch.distributed`). Rank r holds the
 columns ``[start_r, start_r + V_r)`` of the logits; its ``[N, V_r]`` shard z (float32, float16 or
 bfloat16; arithmetic in float32) is cut into chunks of ``BLOCK`` classes, one program per
-(row, chunk). Rows are labelled by their column in this shard: ``local_labels[i] ≥ 0`` is the
-target's column here, ``-1`` a target on another rank, ``-2`` an ignored row.
+(row, chunk) (the chunks, their partials and the merge of a row's chunks: :mod:`._chunks`).
+Rows are labelled by their column in this shard: ``local_labels[i] ≥ 0`` is the target's column
+here, ``-1`` a target on another rank, ``-2`` an ignored row.
 
     pass 1, ``_partials_kernel`` (one read of the shard), per chunk k of a row:
         m_k = max_j z_j  (NaN ignored: s_k carries it),  t_k = m_k (0 if m_k = −inf)
@@ -36,9 +37,10 @@ a −inf logit is a masked class (exp = 0; with label smoothing S_z = −inf, th
 
 Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
 offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
-int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks) from
-int64 copies of their sizes; offsets within a row are int32 (V < 2^31). Tested under the
-interpreter on strided views whose row offsets pass 2^31 (``tests/test_triton_int64.py``).
+int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks, as
+:mod:`._chunks`) from int64 copies of their sizes; offsets within a row are int32 (V < 2^31).
+Tested under the interpreter on strided views whose row offsets pass 2^31
+(``tests/test_triton_int64.py``).
 
 No validation: the caller passes a contiguous shard, ``local_labels`` ``[N]`` int64 and float64
 ``[V_r]`` class weights (read as float32) or None. A label outside ``[0, V_r)`` is not read.
@@ -51,12 +53,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .cross_entropy import _warps
+from . import _chunks
 
 __all__ = ["shard_softmax_grad", "shard_softmax_stats"]
 
-# Classes per block (a block of float32 lives in registers across the program's warps).
-MAX_BLOCK = 8192
+# Classes per program at most, read on every call: tests and benchmarks lower it for this module.
+MAX_BLOCK = _chunks.MAX_BLOCK
 
 # ``local_labels``: −1 marks a target on another rank, −2 an ignored row (as
 # xentkit.kernels.vocab_parallel); the kernels test for −2 only.
@@ -76,20 +78,16 @@ def _partials_kernel(
     SUM_Z: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
-    chunk = tl.program_id(1)
+    row, cols, inside = _chunks.columns(n_cols, BLOCK)
     if tl.load(labels_ptr + row) == -2:
         return  # an ignored row: the combine writes its statistics without reading the partials
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     z = tl.where(inside, x, float("-inf"))
     # ---- 1. m_k = max z_j (NaN ignored), t_k = m_k (0 if −inf: never exp(−inf − (−inf))),
     #         s_k = Σ exp(z_j − t_k) ----
     m = tl.max(tl.where(z == z, z, float("-inf")), 0)
-    t = tl.where(m == float("-inf"), 0.0, m)
-    slot = part_ptr + row * n_chunks + chunk
+    t = _chunks.shift(m, False)
+    slot, plane = _chunks.slot(part_ptr, part_plane, row, n_chunks)
     tl.store(slot, m)
     tl.store(slot + plane, tl.sum(tl.exp(z - t), 0))
     if SUM_Z:
@@ -119,8 +117,8 @@ def _combine_kernel(
     CHUNKS: tl.constexpr,
 ):
     """One program per row: the row's partials merged into (m_r, s_r, S'_r), and z_y."""
-    row = tl.program_id(0).to(tl.int64)
-    plane = tl.cast(part_plane, tl.int64)  # int64 offsets: see the module docstring
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: see the module docstring
+    slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     y = tl.load(labels_ptr + row)
     if y == -2:
         tl.store(max_ptr + row, float("-inf"))
@@ -128,17 +126,10 @@ def _combine_kernel(
         tl.store(target_ptr + row, 0.0)
         tl.store(shifted_sum_z_ptr + row, 0.0)
         return
-    k = tl.arange(0, CHUNKS)
-    mine = k < n_chunks
-    slots = part_ptr + row * n_chunks + k
-    m_k = tl.load(slots, mask=mine, other=float("-inf"))
-    s_k = tl.load(slots + plane, mask=mine, other=0.0)
     # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), s_r = Σ s_k·exp(t_k − t_r) ----
-    m = tl.max(m_k, 0)
-    t = tl.where(m == float("-inf"), 0.0, m)
-    t_k = tl.where(m_k == float("-inf"), 0.0, m_k)
+    m, t, s, t_k, _, _ = _chunks.merge(slots, mine, plane, False)
     tl.store(max_ptr + row, m)
-    tl.store(sum_ptr + row, tl.sum(tl.where(s_k == 0.0, 0.0, s_k * tl.exp(t_k - t)), 0))
+    tl.store(sum_ptr + row, s)
     # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift ----
     if SUM_Z:
         sum_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
@@ -171,10 +162,7 @@ def _gradient_kernel(
     BLOCK: tl.constexpr,
 ):
     """One program per (row, chunk): the chunk's gradient from the row's coefficients."""
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
+    row, cols, inside = _chunks.columns(n_cols, BLOCK)
     grad_row = grad_ptr + row * grad_stride
     y = tl.load(labels_ptr + row)
     if y == -2:
@@ -196,12 +184,6 @@ def _gradient_kernel(
     tl.store(grad_row + cols, grad, mask=inside)
 
 
-def _block(n_cols: int) -> int:
-    """Classes per program: the row's width rounded up to a power of 2 (at least 16), at most
-    ``MAX_BLOCK`` (a power of 2; tests lower it to cut small rows into several blocks)."""
-    return min(MAX_BLOCK, max(16, triton.next_power_of_2(n_cols)))
-
-
 def shard_softmax_stats(
     logits: Tensor, local_labels: Tensor, weight: Tensor | None, want_sum_z: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -219,21 +201,18 @@ def shard_softmax_stats(
     if n_rows == 0 or n_cols == 0:  # nothing to read: every row (−inf, 0, 0, 0)
         zeros = torch.zeros(n_rows, dtype=torch.float64, device=device)
         return torch.full_like(zeros, -torch.inf), zeros, zeros.clone(), zeros.clone()
-    block = _block(n_cols)
-    n_chunks = triton.cdiv(n_cols, block)
-    planes = 4 if want_sum_z else 2
-    part = torch.empty((planes, n_rows, n_chunks), dtype=torch.float32, device=device)
+    layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
+    part = layout.partials(4 if want_sum_z else 2, device)
     row_max, row_sum, target, shifted = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4))
     has_weight = weight is not None
     any_weight = weight if has_weight else part  # never read without HAS_WEIGHT
-    _partials_kernel[(n_rows, n_chunks)](
-        logits, logits.stride(0), local_labels, any_weight, part, n_rows * n_chunks, n_cols, n_chunks,
-        HAS_WEIGHT=has_weight, SUM_Z=bool(want_sum_z), BLOCK=block, num_warps=_warps(block),
+    _partials_kernel[layout.grid](
+        logits, logits.stride(0), local_labels, any_weight, part, layout.plane, n_cols,
+        layout.chunks, HAS_WEIGHT=has_weight, SUM_Z=bool(want_sum_z), **layout.per_chunk,
     )
     _combine_kernel[(n_rows,)](
-        logits, logits.stride(0), local_labels, part, n_rows * n_chunks, row_max, row_sum, target,
-        shifted, n_cols, n_chunks, SUM_Z=bool(want_sum_z), CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
-        num_warps=1,
+        logits, logits.stride(0), local_labels, part, layout.plane, row_max, row_sum, target,
+        shifted, n_cols, layout.chunks, SUM_Z=bool(want_sum_z), **layout.per_row,
     )
     row_max64 = row_max.to(torch.float64)
     sum_z = torch.zeros(n_rows, dtype=torch.float64, device=device)
@@ -267,14 +246,14 @@ def shard_softmax_grad(
     n_rows, n_cols = logits.shape
     if n_rows == 0 or n_cols == 0:
         return out
-    block = _block(n_cols)
+    layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
     has_weight = weight is not None
     has_smooth = smooth is not None
     coef = coef.contiguous()
-    _gradient_kernel[(n_rows, triton.cdiv(n_cols, block))](
+    _gradient_kernel[layout.grid](
         logits, logits.stride(0), local_labels, shift.contiguous(), coef,
         smooth.contiguous() if has_smooth else coef, target_grad.contiguous(),
         weight if has_weight else coef, out, out.stride(0), n_cols,
-        HAS_WEIGHT=has_weight, HAS_SMOOTH=has_smooth, BLOCK=block, num_warps=_warps(block),
+        HAS_WEIGHT=has_weight, HAS_SMOOTH=has_smooth, **layout.per_chunk,
     )
     return out

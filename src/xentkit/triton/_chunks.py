@@ -1,0 +1,144 @@
+"""The chunk scaffolding of the Triton kernels (:mod:`.cross_entropy`, :mod:`.log_probs`,
+:mod:`.vocab_parallel`): how a launch cuts contiguous ``[N, V]`` rows into chunks, where the
+chunks' partials live and how a row's chunks are merged. Each module keeps its own formulas.
+
+Every module makes the same three launches over its rows:
+
+    pass 1, one program per (row, chunk) of ``BLOCK`` classes (:func:`columns`), writes the
+    chunk's partials into float32 planes ``part[k, row, chunk]`` (:meth:`Layout.partials`,
+    :func:`slot`): plane 0 the chunk's maximum m_c, plane 1 its sum
+    d_c = Σ_j exp(z_j − t_c) at its shift t_c = shift(m_c), planes 2 and up the module's own sums
+
+    the combine, one program per row, merges the row's few partials (:func:`row_slots`,
+    :func:`merge`; online softmax, Milakov & Gimelshein, arXiv 1805.02867):
+        M = max_c m_c,  t = shift(M),  d = Σ_c d_c·exp(t_c − t)   (a chunk with d_c = 0 adds 0)
+
+    pass 2, one program per (row, chunk) again, from the row's statistics
+
+with shift(m) = m, or 0 where m = −inf (never exp(−inf − (−inf))); ``FINITE_SHIFT`` also takes
+0 for m = +inf or NaN (:func:`shift`; the log-probabilities' rule, so that a +inf logit gives
+s = +inf).
+
+Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): the row
+index is ``program_id(0)`` cast to int64 (:func:`columns`; the combine kernels cast it
+themselves), so that every offset that grows with the rows (row × a row stride, row × chunks) is
+int64, and so are the planes' offsets (k × rows × chunks, from the int64 plane size
+:func:`slot` and :func:`row_slots` return); offsets within a row are int32 (V < 2^31).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Classes per block: a block of float32 lives in registers across the program's warps. Each kernel
+# module binds this name and reads its own binding on every call, so that tests and benchmarks can
+# lower (or tune) it for one module alone.
+MAX_BLOCK = 8192
+
+
+def block_size(n_cols: int, max_block: int) -> int:
+    """Classes per program: the row's width rounded up to a power of 2, at least 16, but at most
+    ``max_block`` (a power of 2; tests lower it, below 16 too, to cut small rows into chunks)."""
+    return min(max_block, max(16, triton.next_power_of_2(max(n_cols, 1))))
+
+
+def warps(block: int) -> int:
+    """Warps for a program of ``block`` classes."""
+    return 4 if block <= 1024 else 8 if block <= 2048 else 16 if block <= 8192 else 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a launch over ``rows`` rows of ``V`` classes is cut: ``block`` classes per program,
+    ``chunks`` programs per row (the last one ragged)."""
+
+    rows: int
+    block: int
+    chunks: int
+
+    @classmethod
+    def of(cls, n_rows: int, n_cols: int, max_block: int) -> Layout:
+        block = block_size(n_cols, max_block)
+        return cls(n_rows, block, triton.cdiv(max(n_cols, 1), block))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The (row, chunk) grid of pass 1 and pass 2."""
+        return (self.rows, self.chunks)
+
+    @property
+    def per_chunk(self) -> dict[str, int]:
+        """The launch options of a (row, chunk) kernel: ``BLOCK`` and its warps."""
+        return {"BLOCK": self.block, "num_warps": warps(self.block)}
+
+    @property
+    def per_row(self) -> dict[str, int]:
+        """The launch options of a combine kernel (grid ``(rows,)``): ``CHUNKS``, the row's chunks
+        rounded up to a power of 2 (at least 2), one warp."""
+        return {"CHUNKS": max(2, triton.next_power_of_2(self.chunks)), "num_warps": 1}
+
+    @property
+    def plane(self) -> int:
+        """Elements in one plane of the partials (``rows × chunks``; int64 in the kernels)."""
+        return self.rows * self.chunks
+
+    def partials(self, planes: int, device: torch.device) -> Tensor:
+        """The float32 ``[planes, rows, chunks]`` buffer of pass 1's partials."""
+        return torch.empty((planes, self.rows, self.chunks), dtype=torch.float32, device=device)
+
+
+@triton.jit
+def columns(n_cols, BLOCK: tl.constexpr):
+    """A (row, chunk) program's row (int64), its chunk's columns and which of them are inside
+    the row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return row, cols, cols < n_cols
+
+
+@triton.jit
+def slot(part_ptr, part_plane, row, n_chunks):
+    """Where a pass-1 program writes: its slot in plane 0 of the partials, and the plane's size
+    in int64 (plane k is at ``slot + k·plane``)."""
+    return part_ptr + row * n_chunks + tl.program_id(1), tl.cast(part_plane, tl.int64)
+
+
+@triton.jit
+def row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS: tl.constexpr):
+    """A combine program's slots of its row's chunks in plane 0, which of the ``CHUNKS`` lanes
+    are chunks of the row, and the plane's size in int64."""
+    k = tl.arange(0, CHUNKS)
+    return part_ptr + row * n_chunks + k, k < n_chunks, tl.cast(part_plane, tl.int64)
+
+
+@triton.jit
+def shift(m, FINITE_SHIFT: tl.constexpr):
+    """The shift t = shift(m) of a maximum m: m, or 0 where m = −inf; with ``FINITE_SHIFT``, 0
+    wherever m is not finite."""
+    if FINITE_SHIFT:
+        t = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+    else:
+        t = tl.where(m == float("-inf"), 0.0, m)
+    return t
+
+
+@triton.jit
+def merge(slots, mine, plane, FINITE_SHIFT: tl.constexpr):
+    """Planes 0 and 1 of a row's partials merged: ``(M, t, d, shifts, factors, sums)``, the row's
+    max M, its shift t and its sum d = Σ_c d_c·exp(t_c − t) (a chunk with d_c = 0, only −inf,
+    adds exactly 0 whatever its factor), and per chunk t_c, exp(t_c − t) and d_c for the
+    module's own planes."""
+    maxima = tl.load(slots, mask=mine, other=float("-inf"))
+    sums = tl.load(slots + plane, mask=mine, other=0.0)
+    m = tl.max(maxima, 0)
+    t = shift(m, FINITE_SHIFT)
+    shifts = shift(maxima, FINITE_SHIFT)
+    factors = tl.exp(shifts - t)
+    d = tl.sum(tl.where(sums == 0.0, 0.0, sums * factors), 0)
+    return m, t, d, shifts, factors, sums
+

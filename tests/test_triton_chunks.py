@@ -1,0 +1,87 @@
+"""The chunk scaffolding shared by the Triton kernels (``xentkit.triton._chunks``): the block size
+rule, the launch layout, and that each kernel module cuts its rows by its own ``MAX_BLOCK`` (the
+knob the kernel tests and ``benchmarks/bench_gpu_cross_entropy.py --blocks`` lower per module).
+
+The merge itself is tested through the kernels (``chunked`` fixtures of ``test_triton.py``,
+``test_triton_log_probs.py``, ``test_distributed_triton.py``: rows of several chunks against the
+float64 reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# CPU tensors run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 first)
+DEVICE = os.environ.get("XENTKIT_TEST_DEVICE", "cpu")
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from xentkit.triton import _chunks, cross_entropy, log_probs, vocab_parallel  # noqa: E402
+from xentkit.triton._chunks import Layout, block_size  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.mark.parametrize(
+    ("n_cols", "max_block", "expected"),
+    [
+        (0, 8192, 16),  # an empty row still gets a program of 16 lanes
+        (1, 8192, 16),
+        (17, 8192, 32),
+        (300, 8192, 512),
+        (8192, 8192, 8192),
+        (8193, 8192, 8192),
+        (262144, 8192, 8192),
+        (300, 128, 128),
+        (37, 4, 4),  # a knob below 16 is taken as it is (the distributed tests use 4)
+    ],
+)
+def test_block_size(n_cols, max_block, expected):
+    assert block_size(n_cols, max_block) == expected
+
+
+def test_layout_of_a_ragged_row():
+    layout = Layout.of(5, 300, 128)
+    assert (layout.block, layout.chunks) == (128, 3)
+    assert layout.grid == (5, 3)
+    assert layout.plane == 15
+    assert layout.per_chunk == {"BLOCK": 128, "num_warps": 4}
+    assert layout.per_row == {"CHUNKS": 4, "num_warps": 1}
+    part = layout.partials(4, torch.device("cpu"))
+    assert part.shape == (4, 5, 3)
+    assert part.dtype == torch.float32
+    # one chunk still gives the combine two lanes (tl.arange takes at least 2)
+    assert Layout.of(2, 10, 8192).per_row["CHUNKS"] == 2
+    assert Layout.of(3, 0, 8192).chunks == 1
+
+
+def test_one_default_for_every_module():
+    for module in (cross_entropy, log_probs, vocab_parallel):
+        assert module.MAX_BLOCK == _chunks.MAX_BLOCK == 8192
+
+
+def test_each_module_cuts_its_rows_by_its_own_max_block(monkeypatch):
+    """Lowering one module's ``MAX_BLOCK`` changes that module's chunks and no other's."""
+    seen = []
+    layout_of = Layout.of.__func__
+
+    def recording(cls, n_rows, n_cols, max_block):
+        seen.append(max_block)
+        return layout_of(cls, n_rows, n_cols, max_block)
+
+    monkeypatch.setattr(Layout, "of", classmethod(recording))
+    monkeypatch.setattr(cross_entropy, "MAX_BLOCK", 32)
+    monkeypatch.setattr(log_probs, "MAX_BLOCK", 64)
+    monkeypatch.setattr(vocab_parallel, "MAX_BLOCK", 16)
+    logits = torch.randn(3, 40, device=DEVICE)
+    labels = torch.tensor([1, 0, 39], device=DEVICE)
+    cross_entropy.cross_entropy_rows(logits, labels, None, -100, 0.0, 0.0, None, None, None, logits.clone())
+    assert seen == [32, 32]  # pass 1 and pass 2
+    seen.clear()
+    log_probs.log_prob_statistics(logits, labels, torch.ones(3, dtype=torch.bool, device=DEVICE))
+    assert seen == [64]
+    seen.clear()
+    vocab_parallel.shard_softmax_stats(logits, labels, None, False)
+    assert seen == [16]
