@@ -35,12 +35,8 @@ torch: a NaN makes the row's s and u NaN (so log p, H, lse and the gradient); a 
 m = +inf and s = +inf (sums unshifted: lse +inf, log p, H and the gradient NaN); −inf logits are
 masked classes, and a row of −inf only has m = −inf, s = 0 (NaN downstream).
 
-Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
-offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
-int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks, as
-:mod:`._chunks`) from int64 copies of their sizes; offsets within a row are int32 (V < 2^31).
-Tested under the interpreter on strided views whose row offsets pass 2^31
-(``tests/test_triton_int64.py``).
+Offsets grow with the rows in int64, as :mod:`._chunks` says (logits past 2^31 elements,
+``tests/test_triton_int64.py``).
 
 No validation: the caller passes contiguous rows, ``labels`` ``[N]`` int64, ``valid`` ``[N]``
 bool. A label outside [0, V) is not read (z_y 0, no target entry in the gradient).

@@ -35,12 +35,8 @@ gradient may be written over the logits (in place). Special values as the Numba 
 makes the row's s_r (hence loss and gradient) NaN; a +inf logit gives s_r = NaN (exp(inf − inf));
 a −inf logit is a masked class (exp = 0; with label smoothing S_z = −inf, the loss +inf).
 
-Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
-offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
-int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks, as
-:mod:`._chunks`) from int64 copies of their sizes; offsets within a row are int32 (V < 2^31).
-Tested under the interpreter on strided views whose row offsets pass 2^31
-(``tests/test_triton_int64.py``).
+Offsets grow with the rows in int64, as :mod:`._chunks` says (logits past 2^31 elements,
+``tests/test_triton_int64.py``).
 
 No validation: the caller passes a contiguous shard, ``local_labels`` ``[N]`` int64 and float64
 ``[V_r]`` class weights (read as float32) or None. A label outside ``[0, V_r)`` is not read.
