@@ -559,3 +559,70 @@ def test_the_kernel_hosts_take_every_formula_option_by_name():
     names = set(LossOptions().formula_arguments())
     for function in (kernel_module.cross_entropy_rows, kernel_module.row_statistics, kernel_module.row_gradient):
         assert names <= set(inspect.signature(function).parameters), function.__qualname__
+
+
+# ---- class weights prepared once for many calls --------------------------------------------
+
+
+def test_class_weights_prepared_once():
+    """``ClassWeights.of``: float32 contiguous values and their float64 sum rounded to float32,
+    prepared weights handed back as they are (their total added only when asked for)."""
+    from xentkit.triton.cross_entropy import ClassWeights
+
+    weight = torch.tensor([1.0, 2.0, 0.5, 0.25], dtype=torch.bfloat16, device=DEVICE)[::2]
+    prepared = ClassWeights.of(weight, weight.device, with_total=True)
+    assert prepared.values.dtype == torch.float32 and prepared.values.is_contiguous()
+    assert prepared.values.tolist() == [1.0, 0.5] and prepared.total.tolist() == [1.5]
+    assert ClassWeights.of(prepared, weight.device, with_total=True) is prepared
+    assert ClassWeights.of(None, weight.device, with_total=True) is None
+    bare = ClassWeights.of(weight, weight.device, with_total=False)
+    assert bare.total is None
+    assert ClassWeights.of(bare, weight.device, with_total=False) is bare
+    assert ClassWeights.of(bare, weight.device, with_total=True).total.tolist() == [1.5]
+
+
+@pytest.mark.parametrize("probabilities", [False, True], ids=["labels", "probabilities"])
+def test_prepared_class_weights_give_the_same_bits(probabilities):
+    """Both passes read prepared weights (the linear form's chunks) as they read a plain weight:
+    the same loss, lse, statistics and gradient to the bit."""
+    from xentkit.triton.cross_entropy import ClassWeights, row_gradient, row_statistics
+
+    logits, labels, weight = _problem(6, 300, torch.float32)
+    weight = weight.to(torch.bfloat16)  # cast to float32 by the preparation
+    target = torch.softmax(logits, 1) if probabilities else labels
+    formula = {"ignore_index": -100, "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": None}
+    scale = torch.linspace(0.5, 2.0, 6, device=DEVICE)
+    prepared = ClassWeights.of(weight, logits.device, with_total=not probabilities)
+    results = []
+    for given in (weight, prepared):
+        loss, lse, stats = row_statistics(logits, target, given, **formula)
+        gradient = row_gradient(logits, target, given, stats, scale, scale, torch.empty_like(logits), **formula)
+        results.append((loss, lse, stats, gradient))
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_prepares_the_class_weights_once(monkeypatch, reduction):
+    """Every chunk's passes read the weights cast and summed once for the call: "mean" once in
+    forward (gradients computed there), "none" once in forward (no sum) and once in backward."""
+    from xentkit.triton import cross_entropy as kernel_module
+
+    preparations = []
+    prepare = kernel_module.ClassWeights.of.__func__
+
+    def counting(cls, weight, device, *, with_total):
+        prepared = prepare(cls, weight, device, with_total=with_total)
+        if prepared is not weight:
+            preparations.append(with_total)
+        return prepared
+
+    monkeypatch.setattr(kernel_module.ClassWeights, "of", classmethod(counting))
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 6, generator=generator).to(DEVICE).requires_grad_()
+    w = torch.randn(40, 6, generator=generator).to(DEVICE).requires_grad_()
+    target = torch.randint(0, 40, (10,), generator=generator).to(DEVICE)
+    weight = (torch.rand(40, generator=generator) + 0.5).to(DEVICE)
+    loss = xt.linear_cross_entropy(x, w, target, weight=weight, reduction=reduction, chunk_size=4, backend="triton")
+    loss.backward(torch.ones_like(loss))  # 3 chunks
+    assert preparations == ([True] if reduction == "mean" else [False, True])

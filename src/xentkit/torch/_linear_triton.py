@@ -1,6 +1,7 @@
 """``linear_cross_entropy`` on CUDA: chunked cuBLAS matmuls around :mod:`xentkit.triton`'s kernels.
 
-Per chunk of rows, into one reused ``[rows, V]`` buffer of the input's dtype:
+Per chunk of rows, into one reused ``[rows, V]`` buffer of the input's dtype (the class weights
+cast and summed once for every chunk: :class:`xentkit.triton.cross_entropy.ClassWeights`):
 
 1. ``logits = x_chunk Wᵀ (+ b)``                            (cuBLAS, ``out=`` the buffer)
 2. pass 1 and the rows' losses (:func:`xentkit.triton.cross_entropy.row_statistics`)
@@ -27,6 +28,8 @@ dtype, one rounding each, as Liger-Kernel does by default).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
@@ -43,6 +46,9 @@ from ._chunks import (
     logit_chunks,
 )
 from ._triton_path import gradient_rows, row_plan, triton_reason, unit_factors
+
+if TYPE_CHECKING:
+    from ..triton.cross_entropy import ClassWeights
 
 
 def linear_reason(
@@ -71,7 +77,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         options: LossOptions,
         grad_enabled: bool,
     ) -> Tensor:
-        from ..triton.cross_entropy import row_statistics
+        from ..triton.cross_entropy import ClassWeights, row_statistics
 
         _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
         options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
@@ -88,6 +94,8 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         now = any(want) and options.reduction != "none"  # "none": gradients in backward
         factors = unit_factors(plan, x.device) if now else None
+        # W only for the gradients of hard labels
+        class_weights = ClassWeights.of(weight, x.device, with_total=now and not probabilities)
         one = torch.ones((), dtype=torch.float32, device=x.device)  # forward's upstream gradient
         grads = gradient_buffers(
             x, w, b, want if now else (False, False, False), widen=options.accumulate_in_float32
@@ -98,10 +106,10 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         buffer = torch.empty((min(options.chunk_size, n), classes), dtype=x.dtype, device=x.device)
         for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
             loss_rows[start:stop], lse_rows[start:stop], stats[:, start:stop] = row_statistics(
-                logits, labels[start:stop], weight, **options.formula_arguments()
+                logits, labels[start:stop], class_weights, **options.formula_arguments()
             )
             if now:
-                _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
+                _chunk_gradients(logits, x_chunk, w, labels[start:stop], class_weights, stats[:, start:stop],
                                  options, one, factors, grads, start, stop)
         if not probabilities and options.check_labels:
             check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
@@ -119,15 +127,18 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         options: LossOptions = ctx.options
         if options.reduction == "none":
+            from ..triton.cross_entropy import ClassWeights
+
             input, linear_weight, linear_bias, labels, weight, stats = ctx.saved_tensors
             x, w = input.detach().contiguous(), linear_weight.detach().contiguous()
             b = None if linear_bias is None else linear_bias.detach().contiguous()
             grads = gradient_buffers(x, w, b, ctx.want, widen=options.accumulate_in_float32)
             upstream = grad_output.detach().reshape(-1)
             ones = torch.ones(2, dtype=torch.float32, device=x.device)
+            class_weights = ClassWeights.of(weight, x.device, with_total=not labels.is_floating_point())
             buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
             for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
-                _chunk_gradients(logits, x_chunk, w, labels[start:stop], weight, stats[:, start:stop],
+                _chunk_gradients(logits, x_chunk, w, labels[start:stop], class_weights, stats[:, start:stop],
                                  options, upstream[start:stop], ones, grads, start, stop)
             return (*finish_gradients(grads, w, b), None, None, None, None)
         # loss.backward() passes 1: one wait for the device saves a pass over each gradient
@@ -139,12 +150,12 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _chunk_gradients(
-    logits: Tensor, x_chunk: Tensor, w: Tensor, labels: Tensor, weight: Tensor | None, stats: Tensor,
-    options: LossOptions, upstream: Tensor, factors: Tensor, grads: Gradients,
+    logits: Tensor, x_chunk: Tensor, w: Tensor, labels: Tensor, weight: ClassWeights | None,
+    stats: Tensor, options: LossOptions, upstream: Tensor, factors: Tensor, grads: Gradients,
     start: int, stop: int,
 ) -> None:
     """Pass 2 over the chunk's logits (in place; ``upstream``: one value for every row, or one
-    per row), then the three matmuls into ``grads``."""
+    per row; ``weight`` prepared once for every chunk), then the three matmuls into ``grads``."""
     gradient_rows(logits, labels, weight, stats.contiguous(), factors, upstream, options, logits)
     add_chunk_gradients(logits, x_chunk, w, grads, start, stop)
 

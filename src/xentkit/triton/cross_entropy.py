@@ -50,11 +50,16 @@ int64) times a row stride, and the planes of the per-chunk partials (k·rows·ch
 within a row are int32 (V < 2^31). Tested under the interpreter on strided views whose row
 offsets pass 2^31 (``tests/test_triton_int64.py``).
 
+Class weights are prepared for the kernels (float32, contiguous, and their sum W) on each call, or
+once by the caller for many calls (:class:`ClassWeights`, as the chunks of the linear form do).
+
 No validation: the caller passes contiguous rows, labels in ``[0, V)`` or ``ignore_index``
 (or probability rows of the logits' shape).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -63,7 +68,7 @@ from torch import Tensor
 
 from . import _chunks
 
-__all__ = ["cross_entropy_rows", "row_gradient", "row_statistics"]
+__all__ = ["ClassWeights", "cross_entropy_rows", "row_gradient", "row_statistics"]
 
 # Classes per program at most, read on every call: tests and benchmarks lower it for this module.
 MAX_BLOCK = _chunks.MAX_BLOCK
@@ -300,7 +305,9 @@ def _grad_kernel(
     tl.store(grad_row + cols, grad, mask=inside)
 
 
-def _flags(weight: Tensor | None, label_smoothing: float, softcap: float | None, target: Tensor) -> dict:
+def _flags(
+    weight: Tensor | ClassWeights | None, label_smoothing: float, softcap: float | None, target: Tensor
+) -> dict:
     return {
         "HAS_WEIGHT": weight is not None,
         "HAS_SMOOTHING": label_smoothing > 0.0,
@@ -309,14 +316,41 @@ def _flags(weight: Tensor | None, label_smoothing: float, softcap: float | None,
     }
 
 
-def _weight32(weight: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if weight is None else weight.to(device=device, dtype=torch.float32).contiguous()
+@dataclasses.dataclass(frozen=True)
+class ClassWeights:
+    """Class weights as the kernels read them, prepared once for many calls on one problem (the
+    chunks of ``xentkit.torch``'s linear cross-entropy): ``values`` the ``[V]`` weights as a
+    contiguous float32 tensor on the logits' device; ``total`` W = Σ_j w_j, summed in float64 then
+    rounded to float32, a ``[1]`` tensor left on the device (no synchronization), which pass 2 of
+    hard labels reads (None when not asked for). :func:`row_statistics` and :func:`row_gradient`
+    take one in place of ``weight``; a plain tensor is prepared on each call."""
+
+    values: Tensor
+    total: Tensor | None
+
+    @classmethod
+    def of(
+        cls, weight: Tensor | ClassWeights | None, device: torch.device, *, with_total: bool
+    ) -> ClassWeights | None:
+        """``weight`` prepared for the kernels on ``device`` (None stays None; prepared weights
+        come back as they are, their total added when asked for and missing). ``with_total``:
+        whether W is wanted (pass 2 of hard labels)."""
+        if weight is None:
+            return None
+        if isinstance(weight, ClassWeights):
+            if weight.total is not None or not with_total:
+                return weight
+            values = weight.values
+        else:
+            values = weight.to(device=device, dtype=torch.float32).contiguous()
+        total = values.sum(dtype=torch.float64).to(torch.float32).reshape(1) if with_total else None
+        return cls(values, total)
 
 
 def row_statistics(
     logits: Tensor,
     target: Tensor,
-    weight: Tensor | None,
+    weight: Tensor | ClassWeights | None,
     *,
     ignore_index: int,
     label_smoothing: float,
@@ -326,8 +360,9 @@ def row_statistics(
     """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` the rows' max M and sum d
     (``[2, N]``; ``[3, N]`` with A = Σ_j w_j·q'_j for probability targets) for
     :func:`row_gradient`. ``target``: ``[N]`` int64 labels, or ``[N, V]`` class probabilities
-    (float, contiguous rows). Two launches; a label outside ``[0, V)`` gives NaN (nothing is read
-    out of bounds), for the caller to refuse."""
+    (float, contiguous rows); ``weight``: ``[V]``, :class:`ClassWeights` or None. Two launches; a
+    label outside ``[0, V)`` gives NaN (nothing is read out of bounds), for the caller to
+    refuse."""
     n_rows, n_cols = logits.shape
     device = logits.device
     flags = _flags(weight, label_smoothing, softcap, target)
@@ -337,11 +372,11 @@ def row_statistics(
     stats = torch.empty((3 if probabilities else 2, n_rows), dtype=torch.float32, device=device)
     if n_rows == 0:
         return loss, lse, stats
-    weight32 = _weight32(weight, device)
+    weights = ClassWeights.of(weight, device, with_total=False)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
     part = layout.partials(4 if probabilities or label_smoothing > 0.0 else 2, device)
     cap = 1.0 if softcap is None else float(softcap)
-    any_weight = loss if weight32 is None else weight32  # any pointer when unused
+    any_weight = loss if weights is None else weights.values  # any pointer when unused
     target_stride = target.stride(0) if probabilities else 1
     _partials_kernel[layout.grid](
         logits, logits.stride(0), target, target_stride, any_weight, part, layout.plane, n_cols,
@@ -358,7 +393,7 @@ def row_statistics(
 def row_gradient(
     logits: Tensor,
     target: Tensor,
-    weight: Tensor | None,
+    weight: Tensor | ClassWeights | None,
     stats: Tensor,
     grad_scale: Tensor,
     z_grad_scale: Tensor,
@@ -375,28 +410,27 @@ def row_gradient(
     ``grad_scale[i]·factors[0]``, its z term by ``z_grad_scale[i]·factors[1]``: ``grad_scale`` /
     ``z_grad_scale`` are ``[N]`` (any float dtype; a stride of 0 broadcasts one value),
     ``factors`` a float32 ``[2]`` (ones when None), all read on the device: no synchronization.
-    The formula's options come by keyword (``LossOptions.formula_arguments()``). One launch."""
+    ``weight``: ``[V]`` (cast and summed here), :class:`ClassWeights` prepared once for many
+    calls, or None. The formula's options come by keyword (``LossOptions.formula_arguments()``).
+    One launch (and the weights' cast and sum for a plain ``weight``)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return grad_out
     device = logits.device
     flags = _flags(weight, label_smoothing, softcap, target)
-    weight32 = _weight32(weight, device)
-    # W stays on the device (no synchronization); float64 sum, then float32 (hard labels only)
-    if weight32 is None or flags["PROBABILITIES"]:
-        weight_sum = stats
-    else:
-        weight_sum = weight32.sum(dtype=torch.float64).to(torch.float32).reshape(1)
+    # W stays on the device (no synchronization); hard labels only
+    weights = ClassWeights.of(weight, device, with_total=not flags["PROBABILITIES"])
+    values = stats if weights is None else weights.values  # any pointer when unused
+    total = stats if weights is None or weights.total is None else weights.total
     if factors is None:
         factors = torch.ones(2, dtype=torch.float32, device=device)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
     _grad_kernel[layout.grid](
         logits, logits.stride(0), target, target.stride(0) if flags["PROBABILITIES"] else 1,
-        stats if weight32 is None else weight32, weight_sum, stats, grad_out, grad_out.stride(0),
-        grad_scale, grad_scale.stride(0), z_grad_scale, z_grad_scale.stride(0), factors, n_rows,
-        n_cols, int(ignore_index), float(label_smoothing), float(z_loss),
-        1.0 if softcap is None else float(softcap), HAS_Z=z_loss > 0.0, **layout.per_chunk,
-        **flags,
+        values, total, stats, grad_out, grad_out.stride(0), grad_scale, grad_scale.stride(0),
+        z_grad_scale, z_grad_scale.stride(0), factors, n_rows, n_cols, int(ignore_index),
+        float(label_smoothing), float(z_loss), 1.0 if softcap is None else float(softcap),
+        HAS_Z=z_loss > 0.0, **layout.per_chunk, **flags,
     )
     return grad_out
 
@@ -423,16 +457,19 @@ def cross_entropy_rows(
     value; None means ones), ``grad_out`` a contiguous ``[N, V]`` tensor (it may be ``logits``
     itself) or None for the loss alone. The z-loss term is not in the returned loss (the caller
     adds ``z_loss·lse²``). Three launches with a gradient (:func:`row_statistics`, then
-    :func:`row_gradient`), two without.
+    :func:`row_gradient`), two without; the weights prepared once for both.
     """
     formula = {
         "ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap,
     }
-    loss, lse, stats = row_statistics(logits, target, weight, **formula)
+    with_total = grad_out is not None and not target.is_floating_point()
+    # prepared once for both passes (no rows: nothing to prepare, nothing read)
+    weights = ClassWeights.of(weight, logits.device, with_total=with_total) if len(logits) else None
+    loss, lse, stats = row_statistics(logits, target, weights, **formula)
     if grad_out is not None:
         one = torch.ones((), dtype=torch.float32, device=logits.device).expand(logits.shape[0])
         row_gradient(
-            logits, target, weight, stats, one if grad_scale is None else grad_scale,
+            logits, target, weights, stats, one if grad_scale is None else grad_scale,
             one if z_grad_scale is None else z_grad_scale, grad_out, **formula,
         )
     return loss, lse
