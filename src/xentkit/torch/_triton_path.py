@@ -20,7 +20,7 @@ import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
+
+if TYPE_CHECKING:  # the Triton module is imported only where the kernels run
+    from ..triton.cross_entropy import ClassWeights
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # probability targets are read in their own dtype (float32 arithmetic)
@@ -259,7 +262,7 @@ def row_plan(
 
 
 def gradient_rows(
-    rows: Tensor, target: Tensor, weight: Tensor | None, stats: Tensor, factors: Tensor,
+    rows: Tensor, target: Tensor, weight: Tensor | ClassWeights | None, stats: Tensor, factors: Tensor,
     grad_output: Tensor, options: LossOptions, out: Tensor,
 ) -> Tensor:
     """Pass 2: the gradient of :func:`forward_rows`' loss with respect to ``rows``, for the
