@@ -17,19 +17,15 @@ from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss"]
 
-# The loss options a module keeps as attributes of the same names (torch's own ones included),
-# handed to its function as keywords: a new LossOptions field reaches forward and repr here.
-_LOSS_OPTIONS = tuple(field.name for field in dataclasses.fields(LossOptions))
-
-
 # the fused linear form always turns its chunks' logits into their gradient in place
 _NOT_LINEAR = ("inplace_backward",)
 # and only the fused linear form has chunks and accumulates across them
 _LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
 
 
-# (name, default) of every LossOptions field, in order: a module without a field (chunk_size on
-# CrossEntropyLoss) passes the default
+# The loss options a module keeps as attributes of the same names (torch's own ones included),
+# as (name, default) of every LossOptions field, in order: a new field reaches forward and repr
+# here, and a module without a field (chunk_size on CrossEntropyLoss) passes the default
 _FIELD_DEFAULTS = tuple((field.name, field.default) for field in dataclasses.fields(LossOptions))
 
 
