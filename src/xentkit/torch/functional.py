@@ -413,6 +413,8 @@ def nll_loss(
     ignore_index: int = -100,
     reduce: bool | None = None,
     reduction: str = "mean",
+    *,
+    check_labels: bool = True,
 ) -> Tensor:
     r"""Negative log-likelihood of log-probabilities, like ``torch.nn.functional.nll_loss``.
 
@@ -424,6 +426,12 @@ def nll_loss(
     1); target (int64) ``[]``, ``[N]`` or ``[N, d1, ..., dk]``. Backward computes the gradient from
     the saved input (whose later in-place changes raise torch's version error, as with torch).
 
+    ``check_labels`` as in :func:`cross_entropy`: CPU tensors of float16/32/64 run on xentkit's
+    api and are always checked; on the torch-ops path (CUDA and other devices, bfloat16)
+    ``check_labels=False`` drops the check (on CUDA one wait for the device) and a label outside ``[0, C)`` that is not ``ignore_index`` makes its
+    sample's loss NaN (and its gradient entry) instead of raising; under ``torch.compile`` that
+    path never checks.
+
     Example:
         >>> import torch
         >>> import xentkit.torch as xt
@@ -433,7 +441,9 @@ def nll_loss(
 
     See also: :func:`cross_entropy`, which takes logits and is ``nll_loss(log_softmax(x), y)``.
     """
-    options = LossOptions(_bridge.legacy_reduction(size_average, reduce, reduction), ignore_index)
+    options = LossOptions(
+        _bridge.legacy_reduction(size_average, reduce, reduction), ignore_index, check_labels=check_labels
+    )
     if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(weight,)):
         return _torch_ops.nll_loss(input, target, weight, options)
     return _NllLossFunction.apply(input, target, weight, options)

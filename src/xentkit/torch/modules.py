@@ -100,10 +100,27 @@ class NLLLoss(torch.nn.NLLLoss):
         tensor(1.7000)
     """
 
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        *,
+        check_labels: bool = True,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction)
+        self.check_labels = check_labels
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.nll_loss(
-            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction
+            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            check_labels=getattr(self, "check_labels", True),  # a module saved before the field
         )
+
+    def extra_repr(self) -> str:
+        return f"check_labels={getattr(self, 'check_labels', True)!r}"
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
