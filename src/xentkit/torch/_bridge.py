@@ -117,20 +117,24 @@ def take_saved_gradient(ctx: object, name: str, function_name: str) -> tuple[Ten
     return gradient, True
 
 
-def scale_gradient(
-    gradient: Tensor, grad_output: Tensor, owned: bool, *, read_one_on_device: bool = False
-) -> Tensor:
-    """``gradient · grad_output`` (broadcast), in place when ``owned``; no work when it is 1.
+def is_one(grad_output: Tensor, *, read_on_device: bool = False) -> bool:
+    """Whether ``grad_output`` is a single 1 (``loss.backward()``'s), so that scaling by it is no
+    work. Read on the CPU for free; on a GPU reading it waits for the device, which
+    ``read_on_device`` accepts (worth it when the gradients are large next to that wait, as a
+    linear layer's weight gradient) and which is otherwise avoided (False: the product is taken)."""
+    readable = grad_output.device.type == "cpu" or read_on_device
+    return grad_output.numel() == 1 and readable and grad_output.item() == 1.0
 
-    Whether a one-element ``grad_output`` is 1 is read on the CPU for free; on a GPU reading it
-    waits for the device, which ``read_one_on_device`` accepts (worth it when the gradients are
-    large next to that wait, as a linear layer's weight gradient) and which is otherwise avoided
-    by always taking the product. A gradient that is not owned (the graph is retained, so the
-    next backward needs it intact) is never handed out itself: the caller may change what it
-    receives in place.
+
+def scale_gradient(
+    gradient: Tensor, grad_output: Tensor, owned: bool, *, one: bool | None = None
+) -> Tensor:
+    """``gradient · grad_output`` (broadcast), in place when ``owned``; no work when it is 1
+    (``one``: :func:`is_one` already asked, else asked here without waiting for a device). A
+    gradient that is not owned (the graph is retained, so the next backward needs it intact) is
+    never handed out itself: the caller may change what it receives in place.
     """
-    readable = grad_output.device.type == "cpu" or read_one_on_device
-    if grad_output.numel() == 1 and readable and grad_output.item() == 1.0:
+    if is_one(grad_output) if one is None else one:
         return gradient if owned else gradient.clone()
     grad_output = grad_output.to(gradient.dtype)
     if owned:
@@ -148,14 +152,16 @@ def hand_over_gradients(
 ) -> list[Tensor | None]:
     """The gradients forward stored on ``ctx`` under ``names`` (one per input, in order), each
     taken (:func:`take_saved_gradient`) and scaled (:func:`scale_gradient`); None for the
-    inputs that need none."""
+    inputs that need none. Whether ``grad_output`` is 1 is read once (:func:`is_one`, with
+    ``read_one_on_device``)."""
+    one = is_one(grad_output, read_on_device=read_one_on_device)
     gradients: list[Tensor | None] = []
     for index, name in enumerate(names):
         if not ctx.needs_input_grad[index]:
             gradients.append(None)
             continue
         gradient, owned = take_saved_gradient(ctx, name, function_name)
-        gradients.append(scale_gradient(gradient, grad_output, owned, read_one_on_device=read_one_on_device))
+        gradients.append(scale_gradient(gradient, grad_output, owned, one=one))
     return gradients
 
 
