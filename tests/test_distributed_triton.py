@@ -5,7 +5,7 @@
 single-process answers.
 
 On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by
-conftest before anything imports triton), so the shapes are small; blocks of 16 classes (4 in the
+conftest before anything imports triton, and by ``_triton_setup``), so the shapes are small; blocks of 16 classes (4 in the
 spawned group) make every shard several chunks, the last one ragged. With
 ``XENTKIT_TEST_DEVICE=cuda`` the in-process checks run on CUDA tensors.
 """
@@ -13,16 +13,16 @@ spawned group) make every shard several chunks, the last one ragged. With
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 
-DEVICE = os.environ.get("XENTKIT_TEST_DEVICE", "cpu")
+from _triton_setup import DEVICE  # first: the skips and the interpreter
 
-torch = pytest.importorskip("torch")
+# isort: split
+import torch
+
 dist = pytest.importorskip("torch.distributed")
-pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The Triton kernels (``xentkit.triton``) and ``xentkit.torch``'s Triton path, run on CPU tensors
-under Triton's interpreter (``TRITON_INTERPRET=1``, set here before the kernels are defined), at
-small shapes, against the float64 NumPy reference and the torch-ops path.
+under Triton's interpreter (``TRITON_INTERPRET=1``, set by ``_triton_setup`` before the kernels are
+defined), at small shapes, against the float64 NumPy reference and the torch-ops path.
 
 On a machine with a GPU the same checks run on CUDA tensors with ``XENTKIT_TEST_DEVICE=cuda``
 (then the kernels are compiled, not interpreted).
@@ -9,21 +9,18 @@ On a machine with a GPU the same checks run on CUDA tensors with ``XENTKIT_TEST_
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
 
-DEVICE = os.environ.get("XENTKIT_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before xentkit.triton's kernels are defined
+from _triton_setup import DEVICE  # first: the skips and the interpreter
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+# isort: split
+import torch
 
-import xentkit.torch as xt  # noqa: E402
-from xentkit import reference  # noqa: E402
-from xentkit.triton import cross_entropy_rows  # noqa: E402
+import xentkit.torch as xt
+from xentkit import reference
+from xentkit.triton import cross_entropy_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
 
@@ -65,6 +62,33 @@ def _reference(logits, labels, weight, scale, **options):
     return loss - formula["z_loss"] * lse**2, lse, grad
 
 
+def _check_rows_against_the_reference(logits, target, weight, options, in_place):
+    """``cross_entropy_rows`` on a copy of ``logits`` (its gradient written over the copy when
+    ``in_place``, else into a new tensor) with a gradient scale per row from 0.5 to 1.5: the loss
+    and lse (float32) and the gradient (the logits' dtype) against ``_reference``, in float64.
+    ``target`` class indices or class probabilities. Returns the gradient."""
+    dtype = logits.dtype
+    scale = torch.linspace(0.5, 1.5, logits.shape[0], dtype=torch.float64)
+    expected_loss, expected_lse, expected_grad = _reference(logits, target, weight, scale.numpy(), **options)
+    stored = logits.clone()
+    grad_out = stored if in_place else torch.empty_like(stored)
+    formula = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None} | options
+    loss, lse = cross_entropy_rows(
+        stored, target, weight, **formula, grad_scale=scale.float().to(DEVICE),
+        z_grad_scale=scale.float().to(DEVICE), grad_out=grad_out,
+    )
+    assert loss.dtype == lse.dtype == torch.float32
+    tolerance = TOLERANCE[torch.float32]
+    row_scale = np.abs(expected_loss).max() + 1
+    np.testing.assert_allclose(loss.double().cpu().numpy(), expected_loss, rtol=tolerance, atol=tolerance * row_scale)
+    np.testing.assert_allclose(lse.double().cpu().numpy(), expected_lse, rtol=tolerance, atol=tolerance)
+    assert grad_out.dtype == dtype
+    np.testing.assert_allclose(
+        grad_out.double().cpu().numpy(), expected_grad, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 1e-2
+    )
+    return grad_out
+
+
 @pytest.fixture(params=[128, None], ids=["3-chunks", "1-chunk"])
 def chunked(request, monkeypatch):
     """Rows cut into chunks of 128 classes (several per row, the last one ragged), or whole."""
@@ -80,27 +104,8 @@ def chunked(request, monkeypatch):
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.usefixtures("chunked")
 def test_kernel_matches_the_float64_reference(dtype, options, weighted, in_place):
-    rows, classes = 5, 300
-    logits, labels, weight = _problem(rows, classes, dtype, seed=len(options))
-    weight = weight if weighted else None
-    scale = torch.linspace(0.5, 1.5, rows, dtype=torch.float64)
-    expected_loss, expected_lse, expected_grad = _reference(logits, labels, weight, scale.numpy(), **options)
-    stored = logits.clone()
-    grad_out = stored if in_place else torch.empty_like(stored)
-    formula = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None} | options
-    loss, lse = cross_entropy_rows(
-        stored, labels, weight, **formula, grad_scale=scale.float().to(DEVICE),
-        z_grad_scale=scale.float().to(DEVICE), grad_out=grad_out,
-    )
-    assert loss.dtype == lse.dtype == torch.float32
-    tolerance = TOLERANCE[torch.float32]
-    row_scale = np.abs(expected_loss).max() + 1
-    np.testing.assert_allclose(loss.double().cpu().numpy(), expected_loss, rtol=tolerance, atol=tolerance * row_scale)
-    np.testing.assert_allclose(lse.double().cpu().numpy(), expected_lse, rtol=tolerance, atol=tolerance)
-    assert grad_out.dtype == dtype
-    np.testing.assert_allclose(
-        grad_out.double().cpu().numpy(), expected_grad, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 1e-2
-    )
+    logits, labels, weight = _problem(5, 300, dtype, seed=len(options))
+    grad_out = _check_rows_against_the_reference(logits, labels, weight if weighted else None, options, in_place)
     assert not grad_out[1].any()  # the ignored row
 
 
@@ -315,28 +320,9 @@ def _probabilities(rows, classes, dtype, seed=0):
 @pytest.mark.parametrize(("weighted", "in_place"), [(False, False), (True, True)])
 @pytest.mark.usefixtures("chunked")
 def test_kernel_with_probabilities_matches_the_float64_reference(dtype, options, weighted, in_place):
-    rows, classes = 5, 300
-    logits, _, weight = _problem(rows, classes, dtype, seed=len(options))
-    weight = weight if weighted else None
-    target = _probabilities(rows, classes, dtype, seed=len(options))  # read in the logits' dtype
-    scale = torch.linspace(0.5, 1.5, rows, dtype=torch.float64)
-    expected_loss, expected_lse, expected_grad = _reference(logits, target, weight, scale.numpy(), **options)
-    stored = logits.clone()
-    grad_out = stored if in_place else torch.empty_like(stored)
-    formula = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None} | options
-    loss, lse = cross_entropy_rows(
-        stored, target, weight, **formula, grad_scale=scale.float().to(DEVICE),
-        z_grad_scale=scale.float().to(DEVICE), grad_out=grad_out,
-    )
-    assert loss.dtype == lse.dtype == torch.float32
-    tolerance = TOLERANCE[torch.float32]
-    row_scale = np.abs(expected_loss).max() + 1
-    np.testing.assert_allclose(loss.double().cpu().numpy(), expected_loss, rtol=tolerance, atol=tolerance * row_scale)
-    np.testing.assert_allclose(lse.double().cpu().numpy(), expected_lse, rtol=tolerance, atol=tolerance)
-    assert grad_out.dtype == dtype
-    np.testing.assert_allclose(
-        grad_out.double().cpu().numpy(), expected_grad, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * 1e-2
-    )
+    logits, _, weight = _problem(5, 300, dtype, seed=len(options))
+    target = _probabilities(5, 300, dtype, seed=len(options))  # read in the logits' dtype
+    _check_rows_against_the_reference(logits, target, weight if weighted else None, options, in_place)
 
 
 @pytest.mark.parametrize("target_dtype", [torch.float64, torch.bfloat16])

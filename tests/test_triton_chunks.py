@@ -9,17 +9,15 @@ float64 reference).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-# CPU tensors run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 first)
-DEVICE = os.environ.get("XENTKIT_TEST_DEVICE", "cpu")
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from _triton_setup import DEVICE  # first: the skips and the interpreter
 
-from xentkit.triton import _chunks, cross_entropy, log_probs, vocab_parallel  # noqa: E402
-from xentkit.triton._chunks import Layout, block_size  # noqa: E402
+# isort: split
+import torch
+
+from xentkit.triton import _chunks, cross_entropy, log_probs, vocab_parallel
+from xentkit.triton._chunks import Layout, block_size
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

@@ -8,21 +8,17 @@ seconds.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-DEVICE = os.environ.get("XENTKIT_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before xentkit.triton's kernels are defined
+from _triton_setup import DEVICE  # first: the skips and the interpreter
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+# isort: split
+import torch
 
-import xentkit.torch as xt  # noqa: E402
-from xentkit._options import LossOptions  # noqa: E402
-from xentkit.torch import _ops, _torch_ops, _triton_path  # noqa: E402
-from xentkit.triton import cross_entropy as kernels  # noqa: E402
+import xentkit.torch as xt
+from xentkit._options import LossOptions
+from xentkit.torch import _ops, _torch_ops, _triton_path
+from xentkit.triton import cross_entropy as kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
 

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import pytest
 
-DEVICE = os.environ.get("XENTKIT_TEST_DEVICE", "cpu")
+from _triton_setup import DEVICE  # first: the skips
 
-pytest.importorskip("torch")
-pytest.importorskip("triton")
-
-import xentkit  # noqa: E402
+# isort: split
+import xentkit
 
 # Runs in the child: argv[1] is the device.
 CHECKS = r'''

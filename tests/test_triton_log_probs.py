@@ -1,7 +1,8 @@
 """The Triton log-probability kernels (``xentkit.triton.log_probs``) and ``xentkit.torch``'s
 ``backend="triton"`` for ``log_probs`` / ``linear_log_probs``, run on CPU tensors under Triton's
-interpreter (``TRITON_INTERPRET=1``, set here before the kernels are defined), at small shapes,
-against the float64 reference (``xentkit.reference.log_probs``) and the Numba kernels.
+interpreter (``TRITON_INTERPRET=1``, set by ``_triton_setup`` before the kernels are defined), at
+small shapes, against the float64 reference (``xentkit.reference.log_probs``) and the Numba
+kernels.
 
 On a machine with a GPU the same checks run on CUDA tensors with ``XENTKIT_TEST_DEVICE=cuda``.
 """
@@ -9,28 +10,25 @@ On a machine with a GPU the same checks run on CUDA tensors with ``XENTKIT_TEST_
 from __future__ import annotations
 
 import importlib
-import os
 
 import numpy as np
 import pytest
 
-DEVICE = os.environ.get("XENTKIT_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before xentkit.triton's kernels are defined
+from _triton_setup import DEVICE  # first: the skips and the interpreter
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+# isort: split
+import torch
 
-import xentkit.torch as xt  # noqa: E402
-from xentkit._options import LogProbOptions  # noqa: E402
-from xentkit.reference.log_probs import (  # noqa: E402
+import xentkit.torch as xt
+from xentkit._options import LogProbOptions
+from xentkit.reference.log_probs import (
     gradient_coefficients,
     log_probs_and_entropy,
     log_probs_backward,
     row_statistics,
 )
-from xentkit.torch._log_prob_rows import NumbaRows, TritonRows  # noqa: E402
-from xentkit.triton import log_prob_gradient, log_prob_statistics  # noqa: E402
+from xentkit.torch._log_prob_rows import NumbaRows, TritonRows
+from xentkit.triton import log_prob_gradient, log_prob_statistics
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
