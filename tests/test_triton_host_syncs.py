@@ -1,0 +1,194 @@
+"""The Triton paths wait for the device only where their docs say (issue "GPU": no host
+synchronization inside the op, so that CUDA graphs can capture it, and one wait for the label
+check in eager mode).
+
+A wait for the device is a device value read by the host: ``.item()``, ``bool(tensor)``,
+``nonzero`` and what is built on them (boolean indexing, ``masked_select``), or host data copied to
+the device (``torch.tensor(...)``). On the CPU (Triton's interpreter) the test records those ops as
+they are dispatched; a device-to-host copy (``.cpu()``) is a no-op there and is not seen. On a GPU
+(``XENTKIT_TEST_DEVICE=cuda``) CUDA's own sync debug mode also turns every real synchronization
+into an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+
+from _triton_setup import DEVICE  # first: the skips and the interpreter
+
+# isort: split
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import xentkit.torch as xt
+from xentkit._options import LossOptions
+from xentkit.torch import _ops
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
+
+aten = torch.ops.aten
+_WAITS = {
+    aten._local_scalar_dense.default,  # .item(), float(t), bool(t), if t: ...
+    aten.is_nonzero.default,
+    aten.nonzero.default,  # boolean indexing, torch.where(mask) with one argument
+    aten.masked_select.default,
+    aten.lift_fresh.default,  # torch.tensor(host data)
+}
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that would make the host wait for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _WAITS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _waits():
+    """Yields the list of waits recorded in the block. On CUDA, torch's sync debug mode also
+    counts the real synchronizations: each must be one the list holds (a ``.cpu()`` or a copy
+    from host memory would be one more)."""
+    recorder = _HostReads()
+    if DEVICE != "cuda":
+        with recorder:
+            yield recorder.ops
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught, recorder:
+            warnings.simplefilter("always")
+            yield recorder.ops
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    syncs = [str(warning.message) for warning in caught if "synchroniz" in str(warning.message)]
+    assert len(syncs) == len(recorder.ops), (syncs, recorder.ops)
+
+
+def _logits(shape, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * 2).to(device=DEVICE, dtype=dtype).requires_grad_()
+
+
+def _labels(shape, classes, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, shape, generator=generator)
+    labels.view(-1)[0] = -100
+    return labels.to(DEVICE)
+
+
+CASES = [
+    pytest.param((6, 33), {}, id="plain"),
+    pytest.param((6, 33), {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}, id="options"),
+    pytest.param((6, 33), {"weight": True, "reduction": "sum"}, id="weighted-sum"),
+    pytest.param((6, 33), {"reduction": "none", "inplace_backward": True}, id="none-inplace"),
+    pytest.param((3, 17, 4), {"weight": True}, id="per-pixel"),
+    pytest.param((17,), {"label_smoothing": 0.2}, id="unbatched"),
+]
+
+
+def _call(shape, options, check_labels):
+    options = dict(options)
+    logits = _logits(shape, torch.bfloat16 if len(shape) == 2 else torch.float32)
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    sample_shape = (shape[0], *shape[2:]) if len(shape) > 1 else ()
+    labels = _labels(sample_shape, classes) if sample_shape else torch.tensor(3, device=DEVICE)
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(classes, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    leaf = logits.detach().clone().requires_grad_()
+    return leaf, labels, options
+
+
+@pytest.mark.parametrize(("shape", "options"), CASES)
+def test_unchecked_cross_entropy_never_waits(shape, options):
+    leaf, labels, options = _call(shape, options, False)
+    with _waits() as waits:
+        loss = xt.cross_entropy(leaf, labels, backend="triton", check_labels=False, **options)
+        loss.sum().backward()
+    assert waits == []
+    assert torch.isfinite(leaf.grad).all()  # the call did run (one ignored label, no bad one)
+
+
+@pytest.mark.parametrize(("shape", "options"), CASES)
+def test_checked_cross_entropy_waits_once_in_forward_and_never_in_backward(shape, options):
+    leaf, labels, options = _call(shape, options, True)
+    with _waits() as forward_waits:
+        loss = xt.cross_entropy(leaf, labels, backend="triton", **options)
+    with _waits() as backward_waits:
+        loss.sum().backward()
+    assert len(forward_waits) == 1, forward_waits  # the label check: one device reduction, read once
+    assert backward_waits == []
+
+
+def test_probability_targets_have_no_labels_to_wait_for():
+    leaf = _logits((5, 12))
+    target = torch.softmax(torch.randn(5, 12, generator=torch.Generator().manual_seed(3)), 1).to(DEVICE)
+    with _waits() as waits:
+        xt.cross_entropy(leaf, target, backend="triton", label_smoothing=0.1).backward()
+    assert waits == []
+
+
+def test_the_compiled_path_ops_never_wait():
+    """What ``cross_entropy`` calls under torch.compile (its custom ops), run eagerly."""
+    leaf = _logits((6, 40), torch.bfloat16)
+    labels = _labels((6,), 40)
+    options = LossOptions(label_smoothing=0.1, z_loss=1e-3, backend="triton")  # check_labels=True
+    with _waits() as waits:
+        _ops.cross_entropy(leaf, labels, None, options).backward()
+    assert waits == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("check_labels", [False, True])
+def test_linear_cross_entropy_waits_for_its_label_check_and_the_upstream_one(check_labels, reduction):
+    """Forward: the label check alone. Backward of "mean"/"sum" (the gradients were computed in
+    forward): one read of the upstream gradient, to skip scaling them when it is 1 (a wait that
+    saves a pass over the weight gradient); "none" reads the per-row upstream on the device."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 8, generator=generator).to(DEVICE).requires_grad_()
+    w = torch.randn(24, 8, generator=generator).to(DEVICE).requires_grad_()
+    labels = _labels((10,), 24)
+    with _waits() as forward_waits:
+        loss = xt.linear_cross_entropy(
+            x, w, labels, backend="triton", chunk_size=4, label_smoothing=0.1, check_labels=check_labels,
+            reduction=reduction,
+        )
+    with _waits() as backward_waits:
+        loss.sum().backward()
+    assert len(forward_waits) == (1 if check_labels else 0), forward_waits
+    assert len(backward_waits) == (1 if reduction == "mean" else 0), backward_waits
+
+
+def test_log_probs_wait_once_for_the_label_check_and_never_in_backward():
+    leaf = _logits((7, 30))
+    labels = _labels((7,), 30)
+    with _waits() as forward_waits:
+        log_p, entropy = xt.log_probs(leaf, labels, backend="triton", return_entropy=True, temperature=0.7)
+    with _waits() as backward_waits:
+        (log_p.sum() + entropy.sum()).backward()
+    assert len(forward_waits) == 1, forward_waits
+    assert backward_waits == []
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_linear_log_probs_wait_once_for_the_label_check_and_never_in_backward():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 8, generator=generator).to(DEVICE).requires_grad_()
+    w = torch.randn(20, 8, generator=generator).to(DEVICE).requires_grad_()
+    labels = _labels((9,), 20)
+    with _waits() as forward_waits:
+        log_p, entropy = xt.linear_log_probs(x, w, labels, backend="triton", chunk_size=4, return_entropy=True)
+    with _waits() as backward_waits:
+        (log_p.sum() - 0.1 * entropy.sum()).backward()
+    assert len(forward_waits) == 1, forward_waits
+    assert backward_waits == []
+    assert torch.isfinite(w.grad).all()
