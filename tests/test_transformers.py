@@ -373,8 +373,11 @@ def test_token_log_probs_equal_log_softmax_of_the_logits(name):
     assert (log_p[~scored] == 0).all() and (log_p[scored] < 0).all()
     for key, value in model.named_parameters():
         if value.grad is not None:
-            # gradients of up to ~20 here, summed in another order: float32 rounding of ~1e-6
-            torch.testing.assert_close(ours[key], value.grad, rtol=1e-4, atol=2e-5, msg=key)
+            # gradients of up to ~100 here, summed in another order: float32 rounding of ~1e-6 of
+            # the tensor's scale (a bias entry near 0 sums terms of that scale: 7e-5 off on one
+            # machine's BLAS, against float64 where torch's own float32 is 2e-5 off)
+            scale = value.grad.abs().max().item()
+            torch.testing.assert_close(ours[key], value.grad, rtol=1e-4, atol=2e-5 + 2e-6 * scale, msg=key)
 
 
 def test_token_log_probs_refuses_a_softcapping_model_and_bad_input():

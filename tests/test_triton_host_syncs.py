@@ -96,7 +96,7 @@ CASES = [
 ]
 
 
-def _call(shape, options, check_labels):
+def _call(shape, options):
     options = dict(options)
     logits = _logits(shape, torch.bfloat16 if len(shape) == 2 else torch.float32)
     classes = shape[1] if len(shape) > 1 else shape[0]
@@ -105,14 +105,16 @@ def _call(shape, options, check_labels):
     if options.pop("weight", False):
         options["weight"] = torch.rand(classes, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     leaf = logits.detach().clone().requires_grad_()
-    return leaf, labels, options
+    # in place, the logits are a layer's output (a leaf that requires grad is refused)
+    inputs = leaf * 1.0 if options.get("inplace_backward") else leaf
+    return leaf, inputs, labels, options
 
 
 @pytest.mark.parametrize(("shape", "options"), CASES)
 def test_unchecked_cross_entropy_never_waits(shape, options):
-    leaf, labels, options = _call(shape, options, False)
+    leaf, inputs, labels, options = _call(shape, options)
     with _waits() as waits:
-        loss = xt.cross_entropy(leaf, labels, backend="triton", check_labels=False, **options)
+        loss = xt.cross_entropy(inputs, labels, backend="triton", check_labels=False, **options)
         loss.sum().backward()
     assert waits == []
     assert torch.isfinite(leaf.grad).all()  # the call did run (one ignored label, no bad one)
@@ -120,9 +122,9 @@ def test_unchecked_cross_entropy_never_waits(shape, options):
 
 @pytest.mark.parametrize(("shape", "options"), CASES)
 def test_checked_cross_entropy_waits_once_in_forward_and_never_in_backward(shape, options):
-    leaf, labels, options = _call(shape, options, True)
+    _, inputs, labels, options = _call(shape, options)
     with _waits() as forward_waits:
-        loss = xt.cross_entropy(leaf, labels, backend="triton", **options)
+        loss = xt.cross_entropy(inputs, labels, backend="triton", **options)
     with _waits() as backward_waits:
         loss.sum().backward()
     assert len(forward_waits) == 1, forward_waits  # the label check: one device reduction, read once

@@ -57,12 +57,29 @@ def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
 
 def class_axis(array: np.ndarray, axis: object, name: str) -> int:
     """``axis`` of ``array`` normalized, checked to hold at least one class."""
-    if array.ndim == 0:
+    return class_axis_of_shape(array.shape, axis, name)
+
+
+def class_axis_of_shape(shape: tuple[int, ...], axis: object, name: str) -> int:
+    """:func:`class_axis` from the shape alone (NumPy arrays, and tensors on any device)."""
+    shape = tuple(shape)
+    if not shape:
         raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
-    axis = normalize_axis(axis, array.ndim)
-    if array.shape[axis] == 0:
-        raise ValueError(f"{name} must have at least one class along axis {axis}, got shape {array.shape}")
+    axis = normalize_axis(axis, len(shape))
+    if shape[axis] == 0:
+        raise ValueError(f"{name} must have at least one class along axis {axis}, got shape {shape}")
     return axis
+
+
+def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int, dtype_name: str) -> None:
+    """The class weights' rules from metadata alone (NumPy arrays, and tensors on any device): a
+    numeric dtype (``numeric``: integer or floating) and shape ``(num_classes,)``."""
+    if not numeric:
+        raise TypeError(f"weight must be a numeric array, got dtype {dtype_name}")
+    if tuple(shape) != (num_classes,):
+        raise ValueError(
+            f"weight must have shape ({num_classes},), one value per class, got shape {tuple(shape)}"
+        )
 
 
 def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dtype) -> np.ndarray | None:
@@ -70,12 +87,7 @@ def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dty
     if weight is None:
         return None
     array = np.asarray(weight)
-    if array.dtype.kind not in "fiu":
-        raise TypeError(f"weight must be a numeric array, got dtype {array.dtype}")
-    if array.shape != (num_classes,):
-        raise ValueError(
-            f"weight must have shape ({num_classes},), one value per class, got shape {array.shape}"
-        )
+    check_weight_layout(array.dtype.kind in "fiu", array.shape, num_classes, str(array.dtype))
     return array.astype(dtype, copy=False)
 
 

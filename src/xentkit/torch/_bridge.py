@@ -20,12 +20,36 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..api._validation import check_weight_layout
+
 # The dtypes the NumPy api computes in (float16 is computed in float32 and returned as float16).
 # bfloat16 has no NumPy dtype; it goes to torch ops, like every non-CPU device.
 KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 # The dtypes the Numba kernels compute in directly (the fused linear forms, the log-probability and
 # vocabulary-parallel rows take these; other dtypes go to torch ops).
 NUMBA_DTYPES = (torch.float32, torch.float64)
+
+
+def check_class_weight(weight: Tensor | None, classes: int) -> None:
+    """The class weights' dtype and shape rules (``api._validation.check_weight_layout``) on a
+    tensor's metadata: no wait for its device. For the paths whose kernels would otherwise read
+    past a short weight (Triton) or index it with the labels (the reduction plan)."""
+    if weight is not None:
+        numeric = not (weight.is_complex() or weight.dtype == torch.bool)
+        check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype))
+
+
+def check_overwritable(input: Tensor) -> None:
+    """Refuse ``inplace_backward=True`` where the gradient would be written over a leaf that
+    requires grad (a parameter, or a view of one): its values are the model's, and torch refuses
+    in-place changes to such a leaf too."""
+    base = input if input._base is None else input._base
+    if base.is_leaf and base.requires_grad:
+        raise ValueError(
+            "inplace_backward=True would write the gradient over logits that are a leaf tensor "
+            "requiring grad (a parameter), or a view of one; pass inplace_backward=False, or logits "
+            "computed from the parameters"
+        )
 
 
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -38,20 +62,26 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 _IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 
 
+def is_functorch_wrapped(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is wrapped by a torch.func transform (vmap's batched tensors, grad's
+    tracking tensors): its values cannot be read to branch on."""
+    return _IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(tensor)
+
+
 def _is_plain_cpu_tensor(tensor: Tensor) -> bool:
     """A strided CPU tensor whose memory NumPy can view (no subclass, fake or functorch wrapper)."""
     if type(tensor) not in _PLAIN_TENSOR_TYPES:
         return False
     if not tensor.is_cpu or tensor.layout != torch.strided or tensor.is_quantized:
         return False
-    return not (_IS_FUNCTORCH_WRAPPED is not None and _IS_FUNCTORCH_WRAPPED(tensor))
+    return not is_functorch_wrapped(tensor)
 
 
 def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tensor | None, ...] = ()) -> bool:
     """True when the call can run xentkit's NumPy api.
 
     ``input`` must be a plain CPU tensor of a kernel dtype, ``others`` (targets, weights) plain CPU
-    tensors, and the tensors in ``grad_free`` must not require a gradient when gradients are being
+    tensors that NumPy can view (floating ones of a kernel dtype: not bfloat16), and the tensors in ``grad_free`` must not require a gradient when gradients are being
     recorded (the api differentiates with respect to the logits only; torch ops handle the rest).
     """
     if torch.compiler.is_compiling():  # first: nothing below is for the compiler to trace
@@ -59,7 +89,10 @@ def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tens
     if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input):
         return False
     for other in others:  # loops, not all(generator): this runs on every small call
-        if other is not None and not _is_plain_cpu_tensor(other):
+        if other is not None and (
+            not _is_plain_cpu_tensor(other)
+            or (other.is_floating_point() and other.dtype not in KERNEL_DTYPES)  # bfloat16: no NumPy view
+        ):
             return False
     if torch.is_grad_enabled():
         for tensor in grad_free:

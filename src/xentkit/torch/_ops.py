@@ -122,7 +122,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options:
     """``xentkit.torch.cross_entropy`` on the Triton kernels under torch.compile: the same loss,
     gradient and layouts as the eager Function (the same prologue and epilogue), without the label
     check (no wait for the device)."""
-    rows_target, sample_shape, _probabilities = _triton_path.rows_inputs(input, target, options)
+    rows_target, sample_shape, _probabilities = _triton_path.rows_inputs(input, target, weight, options)
     loss, _stats, _factors = triton_cross_entropy(
         _triton_path.as_rows(input), rows_target, None if weight is None else weight.detach(),
         *FORWARD_OP_OPTIONS.values(options),

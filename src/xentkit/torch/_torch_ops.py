@@ -26,7 +26,8 @@ def _label_plan(
     reduction plan (Σ w_y and the count as tensors: no device synchronization).
 
     The labels are checked (the kernel paths' ValueError rather than torch's IndexError) unless
-    ``check_labels=False``, under torch.compile, or on meta tensors (which hold no labels). Then a
+    ``check_labels=False``, under torch.compile, under ``torch.vmap`` (batched labels cannot be
+    branched on), or on meta tensors (which hold no labels). Then a
     label outside ``[0, C)`` that is not ``ignore_index`` is not looked at: ``labels`` has it
     replaced by a class in range (nothing reads out of bounds, no device-side assert) and ``bad``
     marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
@@ -38,7 +39,9 @@ def _label_plan(
     labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
     valid = bad = None
     stand_in = 1 if options.ignore_index == 0 and num_classes > 1 else 0
-    can_wait = not torch.compiler.is_compiling() and target.device.type != "meta"
+    can_wait = (
+        not torch.compiler.is_compiling() and target.device.type != "meta" and not _bridge.is_functorch_wrapped(target)
+    )
     if can_wait and (options.check_labels or stand_in == options.ignore_index):
         valid = check_labels(labels, num_classes, options.ignore_index, classes=classes)
     else:  # (one class and ignore_index 0 under torch.compile: the bad rows' loss alone is NaN)
@@ -70,6 +73,8 @@ def cross_entropy(
     the logits)."""
     result_dtype = result_dtype or input.dtype
     hard = not torch.is_floating_point(target)
+    if input.dim() >= 1:  # (a scalar is torch's error)
+        _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])
     if input.dtype in (torch.float16, torch.bfloat16):
         # per-row losses in float32 too (torch would round each to the input's dtype): one
         # rounding, at the end
@@ -103,6 +108,7 @@ def cross_entropy(
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0."""
     classes = input.shape[1 if input.dim() >= 2 else 0]
+    _bridge.check_class_weight(weight, classes)
     labels, bad, _, plan = _label_plan(target, weight, options, input.dtype, classes)
     main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
     return plan.reduce(_nan_where(main, bad)).to(input.dtype)

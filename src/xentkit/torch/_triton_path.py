@@ -28,6 +28,7 @@ from torch.autograd.function import FunctionCtx
 
 from .._labels import check_index_layout, check_labels
 from .._options import LossOptions
+from ..api._validation import class_axis_of_shape
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
@@ -191,9 +192,10 @@ BACKWARD_OP_OPTIONS = OpOptions(FORMULA_NAMES)
 
 def sample_layout(input: Tensor, target: Tensor) -> tuple[tuple[int, ...], bool]:
     """``(sample_shape, probabilities)``: the shape of a "none" loss, and whether ``target``
-    holds class probabilities (floating, the input's shape); class indices are checked from
-    metadata alone (dtype and shape), which costs no wait for the device."""
-    class_axis = 1 if input.dim() >= 2 else 0
+    holds class probabilities (floating, the input's shape); the logits' class axis (at least one
+    class) and class indices are checked from metadata alone (dtype and shape), which costs no
+    wait for the device."""
+    class_axis = class_axis_of_shape(tuple(input.shape), 1 if input.dim() >= 2 else 0, "logits")
     sample_shape = tuple(input.shape[:class_axis] + input.shape[class_axis + 1 :])
     probabilities = target.is_floating_point() and target.shape == input.shape
     if not probabilities:
@@ -204,14 +206,18 @@ def sample_layout(input: Tensor, target: Tensor) -> tuple[tuple[int, ...], bool]
     return sample_shape, probabilities
 
 
-def rows_inputs(input: Tensor, target: Tensor, options: LossOptions) -> tuple[Tensor, tuple[int, ...], bool]:
+def rows_inputs(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions
+) -> tuple[Tensor, tuple[int, ...], bool]:
     """The prologue of every Triton cross-entropy call (the eager Function and, under
     torch.compile, ``_ops.cross_entropy``): ``(rows_target, sample_shape, probabilities)``, the
     kernels' target (``[rows, C]`` probabilities in their dtype, or ``[rows]`` int64 labels) and
     :func:`sample_layout`'s results. Refuses a softcap that float32, the kernels' arithmetic,
-    cannot hold."""
+    cannot hold, and class weights that are not one number per class (the kernels would read
+    past them)."""
     options.check_fits(torch.float32, torch.finfo(torch.float32).max)
     sample_shape, probabilities = sample_layout(input, target)
+    _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])
     target = target.detach()
     rows_target = as_rows(target) if probabilities else target.reshape(-1).long().contiguous()
     return rows_target, sample_shape, probabilities
@@ -301,7 +307,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         grad_enabled: bool,
     ) -> Tensor:
         _bridge.first_order_anchors(ctx, input)
-        rows_target, sample_shape, probabilities = rows_inputs(input, target, options)
+        rows_target, sample_shape, probabilities = rows_inputs(input, target, weight, options)
         rows = as_rows(input.detach())
         want_grad = grad_enabled and ctx.needs_input_grad[0]
         loss, stats, factors = forward_rows(rows, rows_target, weight, options, want_factors=want_grad)

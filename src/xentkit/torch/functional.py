@@ -344,7 +344,8 @@ def cross_entropy(
     read out of bounds and no device-side assert fires. It saves the one synchronization of an
     eager CUDA call. Under torch.compile nothing may wait, so the compiled paths (the Triton
     custom ops and torch ops) never check, whatever ``check_labels`` says: a bad label gives a NaN
-    row there, never a device-side assert. CPU tensors on the Numba kernels or on torch's own
+    row there, never a device-side assert. Nor does ``torch.vmap`` (its batched labels cannot be
+    branched on; it runs torch ops). CPU tensors on the Numba kernels or on torch's own
     small-problem kernel (both eager) are always checked: there it costs no wait.
 
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
@@ -354,6 +355,8 @@ def cross_entropy(
     counter is raised, so a node that saved them raises torch's in-place error rather than compute
     from the gradient. Memory is saved for contiguous logits with the classes last (``(N, C)``,
     ``(C,)``); other layouts get the same values without the saving; the torch-ops path ignores it.
+    Logits that are a leaf requiring grad (a parameter), or a view of one, are refused (a
+    ``ValueError``): their memory is not the loss's to overwrite.
     On the kernel path, logits that look like probabilities (softmax applied twice) give a
     ``xentkit.ProbabilitiesAsLogitsWarning``; ``check_probabilities=False`` silences it.
 
@@ -387,6 +390,8 @@ def _cross_entropy_with_options(
     """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with
     its attributes' options: no keyword arguments to spread and gather on every step)."""
     grad_free = (target, weight)
+    if options.inplace_backward and input.requires_grad and torch.is_grad_enabled():
+        _bridge.check_overwritable(input)
     if (  # first the common small case, at the fewest checks
         options.backend == "auto" and _small_and_plain(input, target, weight, options)
         and _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free)

@@ -204,10 +204,7 @@ def _fused_applies(
 def _check_targets(input: Tensor, linear_weight: Tensor, target: Tensor, weight: Tensor | None) -> None:
     """The target's and the class weights' shapes (the linear layer's: ``_linear_checks``)."""
     classes = linear_weight.shape[0]
-    if weight is not None and weight.shape != (classes,):
-        raise ValueError(
-            f"weight must have shape ({classes},), one value per class, got {tuple(weight.shape)}"
-        )
+    _bridge.check_class_weight(weight, classes)
     rows = input.shape[:-1]
     if target.is_floating_point():
         if target.shape != (*rows, classes):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._options import LossOptions, loss_options
-from . import functional
+from . import _bridge, functional
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss"]
@@ -187,10 +187,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         check_labels: bool = True,
         accumulate_in_float32: bool = True,
     ) -> None:
-        if weight is not None and tuple(weight.shape) != (num_classes,):
-            raise ValueError(
-                f"weight must have shape ({num_classes},), one value per class, got {tuple(weight.shape)}"
-            )
+        _bridge.check_class_weight(weight, num_classes)
         if _TorchLinearCrossEntropyLoss is not torch.nn.Module:
             super().__init__(
                 in_features, num_classes, out_features=tuple(out_features), bias=bias, device=device,

@@ -1,0 +1,122 @@
+"""xentkit.torch against torch where a review found them apart: class weights of the wrong shape
+on every path (the Triton kernels would read past them), zero classes on the Triton path,
+bfloat16 targets and weights beside float32 logits, ``torch.vmap``, and ``inplace_backward`` on
+a parameter. Triton runs under its interpreter here."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from _triton_setup import DEVICE  # first: the skips and the interpreter
+
+# isort: split
+import torch
+import torch.nn.functional as F
+
+import xentkit.torch as xt
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
+
+
+def _case(rows=4, classes=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, classes, generator=generator).to(DEVICE)
+    labels = torch.randint(0, classes, (rows,), generator=generator).to(DEVICE)
+    probabilities = torch.softmax(torch.randn(rows, classes, generator=generator), 1).to(DEVICE)
+    return logits, labels, probabilities
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+@pytest.mark.parametrize("shape", [(10,), (4,), (5, 1), ()])
+@pytest.mark.parametrize("targets", ["labels", "probabilities"])
+def test_a_weight_that_is_not_one_per_class_is_refused_on_every_path(backend, shape, targets):
+    logits, labels, probabilities = _case()
+    target = labels if targets == "labels" else probabilities
+    weight = torch.rand(shape).to(DEVICE)
+    expected = f"weight must have shape (5,), one value per class, got shape {tuple(shape)}"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        xt.cross_entropy(logits, target, weight, backend=backend)
+
+
+def test_the_weight_rule_is_the_same_for_nll_loss_and_the_linear_forms():
+    logits, labels, _ = _case()
+    message = r"weight must have shape \(5,\), one value per class, got shape \(4,\)"
+    with pytest.raises(ValueError, match=message):
+        xt.nll_loss(logits.log_softmax(1).bfloat16(), labels, torch.rand(4).to(DEVICE))  # torch ops
+    hidden, lm_head = torch.randn(4, 3).to(DEVICE), torch.randn(5, 3).to(DEVICE)
+    for backend in ("auto", "triton", "torch"):
+        with pytest.raises(ValueError, match=message):
+            xt.linear_cross_entropy(hidden, lm_head, labels, weight=torch.rand(4).to(DEVICE), backend=backend)
+    with pytest.raises(ValueError, match=message):
+        xt.LinearCrossEntropyLoss(3, 5, weight=torch.rand(4))
+    with pytest.raises(TypeError, match=r"weight must be a numeric array, got dtype torch.bool"):
+        xt.cross_entropy(logits, labels, torch.ones(5, dtype=torch.bool).to(DEVICE), backend="triton")
+
+
+def test_the_triton_path_says_what_is_wrong_with_the_logits_layout():
+    labels = torch.zeros(3, dtype=torch.long).to(DEVICE)
+    with pytest.raises(ValueError, match=r"^logits must have at least one class along axis 1, got shape \(3, 0\)$"):
+        xt.cross_entropy(torch.randn(3, 0).to(DEVICE), labels, backend="triton")
+    with pytest.raises(ValueError, match=r"^logits must have at least one dimension \(the classes\), got a scalar$"):
+        xt.cross_entropy(torch.randn(()).to(DEVICE), torch.tensor(0).to(DEVICE), backend="triton")
+
+
+def test_bfloat16_targets_and_weights_beside_float32_logits_are_torchs_results():
+    """NumPy has no bfloat16: such calls take torch ops (before: a TypeError inside .numpy())."""
+    logits, labels, probabilities = _case(classes=6)
+    leaf, torch_leaf = logits.clone().cpu().requires_grad_(), logits.clone().cpu().requires_grad_()
+    soft = probabilities.cpu().bfloat16()
+    xt.cross_entropy(leaf, soft, label_smoothing=0.1).backward()
+    F.cross_entropy(torch_leaf, soft, label_smoothing=0.1).backward()
+    torch.testing.assert_close(leaf.grad, torch_leaf.grad, rtol=0, atol=0)
+    binary = (torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.5).bfloat16()
+    for extra in ({}, {"weight": torch.rand(6).bfloat16()}, {"pos_weight": torch.rand(6).bfloat16()}):
+        ours = xt.binary_cross_entropy_with_logits(leaf.detach(), binary, **extra)
+        theirs = F.binary_cross_entropy_with_logits(leaf.detach(), binary, **extra)
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    hidden, lm_head = torch.randn(4, 3), torch.randn(6, 3)
+    torch.testing.assert_close(xt.linear_cross_entropy(hidden, lm_head, soft), F.cross_entropy(hidden @ lm_head.T, soft))
+    with pytest.raises(RuntimeError, match="BFloat16"):  # torch's own refusal, not a NumPy TypeError
+        xt.cross_entropy(leaf.detach(), labels.cpu(), torch.rand(6).bfloat16())
+
+
+@pytest.mark.parametrize("function", ["cross_entropy", "nll_loss"])
+def test_vmap_and_per_sample_gradients_are_torchs(function):
+    logits, labels, _ = _case(rows=8, classes=5)
+    logits, labels = logits.cpu(), labels.cpu()
+    if function == "nll_loss":
+        logits = logits.log_softmax(1)
+    ours, theirs = getattr(xt, function), getattr(F, function)
+    torch.testing.assert_close(torch.vmap(ours)(logits, labels), torch.vmap(theirs)(logits, labels))
+    torch.testing.assert_close(
+        torch.vmap(torch.func.grad(ours))(logits, labels), torch.vmap(torch.func.grad(theirs))(logits, labels)
+    )
+
+
+def test_under_vmap_a_bad_label_is_a_nan_sample_as_under_compile():
+    logits, labels, _ = _case(rows=6, classes=5)
+    labels = labels.cpu().clone()
+    labels[2] = 9
+    losses = torch.vmap(lambda z, y: xt.cross_entropy(z, y, label_smoothing=0.1))(logits.cpu(), labels)
+    assert torch.isnan(losses[2]) and torch.isfinite(losses[torch.arange(6) != 2]).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_inplace_backward_refuses_to_overwrite_a_parameter(backend):
+    generator = torch.Generator().manual_seed(3)
+    parameter = torch.nn.Parameter(torch.randn(40, 30, generator=generator).to(DEVICE))
+    labels = torch.randint(0, 30, (40,), generator=generator).to(DEVICE)
+    before = parameter.detach().clone()
+    for logits in (parameter, parameter[:, :], parameter.view(40, 30)):
+        with pytest.raises(ValueError, match="leaf tensor requiring grad"):
+            xt.cross_entropy(logits, labels, inplace_backward=True, backend=backend)
+    assert torch.equal(parameter.detach(), before)
+    with torch.no_grad():  # no gradient, nothing written: allowed
+        xt.cross_entropy(parameter, labels, inplace_backward=True, backend=backend)
+    logits = parameter * 2.0  # a layer's output: written over, and the parameter gets its gradient
+    xt.cross_entropy(logits, labels, inplace_backward=True, backend=backend).backward()
+    expected = torch.func.grad(lambda p: F.cross_entropy(p * 2.0, labels))(before)
+    torch.testing.assert_close(parameter.grad, expected, rtol=2e-6, atol=2e-7)
+    assert torch.equal(parameter.detach(), before)
