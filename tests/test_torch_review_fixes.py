@@ -120,3 +120,39 @@ def test_inplace_backward_refuses_to_overwrite_a_parameter(backend):
     expected = torch.func.grad(lambda p: F.cross_entropy(p * 2.0, labels))(before)
     torch.testing.assert_close(parameter.grad, expected, rtol=2e-6, atol=2e-7)
     assert torch.equal(parameter.detach(), before)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    ("logits_dtype", "target_dtype"),
+    [
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float64, torch.float32),
+    ],
+)
+def test_the_loss_dtype_is_torchs_for_mixed_probability_targets(logits_dtype, target_dtype, reduction, backend):
+    """torch promotes the loss with a floating target's dtype; the gradient keeps the logits'."""
+    if backend == "triton" and logits_dtype == torch.float64:
+        pytest.skip("the Triton kernels take float32, float16 and bfloat16 logits")
+    logits, _, probabilities = _case()
+    logits = logits.to(logits_dtype).requires_grad_()
+    target = probabilities.to(target_dtype)
+    expected = F.cross_entropy(logits.detach().cpu(), target.cpu(), reduction=reduction)
+    loss = xt.cross_entropy(logits, target, reduction=reduction, backend=backend)
+    assert loss.dtype == expected.dtype
+    torch.testing.assert_close(loss.detach().cpu().double(), expected.double(), rtol=1e-2, atol=1e-2)
+    loss.sum().backward()
+    assert logits.grad.dtype == logits_dtype
+
+
+def test_the_binary_loss_dtype_is_torchs():
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    target = (torch.rand(4, 6, generator=torch.Generator().manual_seed(6)) > 0.5).double()
+    expected = F.binary_cross_entropy_with_logits(logits, target)
+    loss = xt.binary_cross_entropy_with_logits(logits, target)
+    assert loss.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)

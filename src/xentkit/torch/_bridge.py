@@ -52,6 +52,13 @@ def check_overwritable(input: Tensor) -> None:
         )
 
 
+def loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
+    """The dtype torch returns a loss in: the logits', promoted with a floating target's (class
+    probabilities, binary targets: float32 logits and float64 probabilities give float64). The
+    gradient keeps the logits' dtype."""
+    return torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+
+
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums and per-row results are computed and returned in: float32 or better
     (float64 stays, float16 and bfloat16 widen to float32)."""

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .._options import LossOptions
-from . import _triton_path
+from . import _bridge, _triton_path
 from ._triton_path import BACKWARD_OP_OPTIONS, FORWARD_OP_OPTIONS, OpOptions
 
 __all__ = ["cross_entropy", "triton_cross_entropy", "triton_cross_entropy_backward"]
@@ -127,4 +127,4 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options:
         _triton_path.as_rows(input), rows_target, None if weight is None else weight.detach(),
         *FORWARD_OP_OPTIONS.values(options),
     )
-    return _triton_path.loss_in_layout(loss, sample_shape, options, input.dtype)
+    return _triton_path.loss_in_layout(loss, sample_shape, options, _bridge.loss_dtype(input, target))

@@ -68,10 +68,10 @@ def cross_entropy(
     result_dtype: torch.dtype | None = None, classes: str | None = None,
 ) -> Tensor:
     """``torch.nn.functional.cross_entropy`` plus xentkit's softcap, z-loss and "mean" of nothing = 0.
-    The loss is computed in float32 or better and returned in ``result_dtype`` (default: the
-    input's dtype, as torch). ``classes``: what holds the classes, for the label error (default:
+    The loss is computed in float32 or better and returned in ``result_dtype`` (default: torch's,
+    ``_bridge.loss_dtype``). ``classes``: what holds the classes, for the label error (default:
     the logits)."""
-    result_dtype = result_dtype or input.dtype
+    result_dtype = result_dtype or _bridge.loss_dtype(input, target)
     hard = not torch.is_floating_point(target)
     if input.dim() >= 1:  # (a scalar is torch's error)
         _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])

@@ -225,7 +225,7 @@ def rows_inputs(
 
 def loss_in_layout(loss: Tensor, sample_shape: tuple[int, ...], options: LossOptions, dtype: torch.dtype) -> Tensor:
     """The epilogue of every Triton cross-entropy call: a "none" loss in the samples' shape, the
-    loss in ``dtype`` (the input's)."""
+    loss in ``dtype`` (torch's: ``_bridge.loss_dtype``)."""
     if options.reduction == "none":
         loss = loss.reshape(sample_shape)
     return loss.to(dtype)
@@ -317,7 +317,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
             ctx.options = options
         if not probabilities and options.check_labels:
             check_labels(rows_target, rows.shape[1], options.ignore_index)  # the one wait, last
-        return loss_in_layout(loss, sample_shape, options, input.dtype)
+        return loss_in_layout(loss, sample_shape, options, _bridge.loss_dtype(input, target))
 
     @staticmethod
     @_bridge.first_order_only("cross_entropy")

@@ -96,7 +96,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.options = options
         if want_grad:  # read only for a non-finite upstream gradient (a reference, not a copy)
             ctx.save_for_backward(target)
-        return _bridge.as_tensor(loss, input.dtype)
+        return _bridge.as_tensor(loss, _bridge.loss_dtype(input, target))
 
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
@@ -209,7 +209,7 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         else:
             loss = _bce_with_logits(logits, _bridge.as_numpy(target), **options)
             ctx.gradient = None
-        return _bridge.as_tensor(loss, input.dtype)
+        return _bridge.as_tensor(loss, _bridge.loss_dtype(input, target))
 
     @staticmethod
     @_bridge.first_order_only("binary_cross_entropy_with_logits")
