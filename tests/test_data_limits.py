@@ -123,3 +123,40 @@ def test_an_unreachable_mirror_says_what_to_do_instead(tmp_path: Path, name: str
     message = str(error.value)
     assert "download of" in message and "--data DIR" in message and "--mirror URL" in message
     assert ("dataset-fashion-mnist" in message) == (name == "fashion-mnist")
+
+
+def test_a_folder_as_json_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    started = time.monotonic()
+    assert main(["lab", "neuron", "--out", str(tmp_path / "o"), "--json", str(folder), "--no-progress"]) == 2
+    assert time.monotonic() - started < 5, "it trained before checking --json"
+    error = capsys.readouterr().err.strip()
+    assert error == f"xentkit: error: ValueError: --json: {folder} is a folder, expected the path of a file", error
+    assert not (tmp_path / "o" / "neuron.png").exists()
+
+
+def test_a_negative_seed_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "mnist", "--seed", "-1", "--no-progress"]) == 2
+    assert "argument --seed: expected a non-negative integer, received -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mirror", "environment"), [("not a url", False), ("file:///srv/mnist", False), ("ftp//host/", True)]
+)
+def test_a_mirror_that_is_not_a_url_says_so_before_any_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mirror: str, environment: bool
+) -> None:
+    from xentkit.lab.download import download_dataset, mirror_env_var
+
+    if environment:
+        monkeypatch.setenv(mirror_env_var("mnist"), mirror)
+    with pytest.raises(DatasetError) as error:
+        download_dataset("mnist", cache_dir=tmp_path, mirror=None if environment else mirror)
+    message = str(error.value)
+    source = "$XENTKIT_MNIST_MIRROR" if environment else "--mirror"
+    assert message.startswith(f"{source}: expected a URL starting with one of https://, http://"), message
+    assert repr(mirror) in message and "--data DIR" in message
+    assert not any(tmp_path.rglob("*-ubyte*"))

@@ -57,6 +57,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, received {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, received {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -146,7 +158,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
         help=f"comma list of losses to train (default: {','.join(LOSS_NAMES)})",
     )
     training.add_argument(
-        "--seed", type=int, default=default(0), help="seed of the per-epoch shuffling (default: 0)"
+        "--seed", type=_non_negative_int, default=default(0), help="seed of the per-epoch shuffling (default: 0)"
     )
 
 
@@ -292,6 +304,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
     _check_writable_folder(Path(args.out), "--out")  # before training, not after
     if args.json is not None:
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json: {args.json} is a folder, expected the path of a file")
         _check_writable_folder(Path(args.json).parent, "--json")
     output = Output(progress=not args.no_progress)
     if args.experiment == "neuron":

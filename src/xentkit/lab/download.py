@@ -82,6 +82,13 @@ def download_dataset(
     pooch.get_logger().setLevel("WARNING")
     folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
     base = mirror or os.environ.get(mirror_env_var(name)) or DEFAULT_MIRRORS[name]
+    scheme = base.split("://", 1)[0].lower() if "://" in base else ""
+    if scheme not in _SCHEMES:
+        source = "--mirror" if mirror else f"${mirror_env_var(name)}"
+        raise DatasetError(
+            f"{source}: expected a URL starting with one of {', '.join(s + '://' for s in _SCHEMES)}, "
+            f"received {base!r}. {_offline_hint(name)}"
+        )
     base = base if base.endswith("/") else base + "/"
     for filename, known_hash in (hashes or KNOWN_HASHES[name]).items():
         url = base + filename
@@ -101,6 +108,10 @@ def download_dataset(
                 f"{url}: download of {filename} failed ({error}). {_offline_hint(name)}"
             ) from None
     return folder
+
+
+# the URL schemes pooch downloads from (a local folder is --data DIR, not a mirror)
+_SCHEMES = ("https", "http", "ftp", "sftp")
 
 
 def _offline_hint(name: str) -> str:
