@@ -7,8 +7,9 @@ For each row i (``prange`` over rows; a row of C classes, label y, logits x):
         processed in blocks of ``block`` classes that stay in L1 between two short loops:
             b   = max_{j in block} z_j                          (vector maxnum)
             if b > m:  s ← s·exp(m − b);  m ← b                 (rescale the running sum)
-            s  += Σ_{j in block} exp(z_j − m)                   (float64 if b = m, else in
-                                                                the dtype's lanes; float64 total)
+            s  += Σ_{j in block} exp(z_j − m)                   (in the dtype's lanes; if b = m
+                                                                as #{z_j = m} + Σ_{z_j < m};
+                                                                float64 total)
             S_z += Σ_{j in block} w_j·(z_j − r)                  (only with label smoothing;
                                                                 r = first finite running max)
         lse = m + log(s)
@@ -32,8 +33,11 @@ single array as both source and destination, so LLVM sees one pointer and vector
 without an aliasing check.
 
 Accuracy: exponentials in the logits' dtype (``_exp.py``: ≤ 1 ulp); a block's sum in that
-dtype over the vector lanes, except blocks holding the running max (a term exactly 1: float64,
-see ``_block_sum_exp_wide``); everything across blocks and per row in float64. For float32
+dtype over the vector lanes, also for blocks holding the running max: there the terms equal to the
+max (exactly 1) are counted apart and the others, each below 1, summed in the dtype's lanes, so
+that a confident row's δ = s − 1 keeps its relative accuracy (``_block_sum_exp_top``; float64
+lanes, ``_block_sum_exp_wide``, only for infinite maxima and softcapped rows); everything across
+blocks and per row in float64. For float32
 logits, measured against the float64 reference on the same values (``tests/test_numerics.py``
 and ``tests/test_accuracy_bounds.py``): the per-row loss is within 4e-7·max(1, loss) absolute
 (about 1e-7 relative for losses of order 1; a confident row's tiny loss, 1e-15 say, can be off
@@ -139,6 +143,28 @@ def _block_sum_exp_wide(row, start, stop, shift):  # pragma: no cover - compiled
     for j in range(seg.shape[0]):
         acc += np.float64(fast_exp_nonpositive(seg[j] - shift))
     return acc
+
+
+@njit(**_JIT)
+def _block_sum_exp_top(row, start, stop, shift):  # pragma: no cover - compiled
+    """``_block_sum_exp_wide``'s sum at the dtype's full vector width, for a block whose max is the
+    finite ``shift``: k + δ, with k the number of terms equal to the max (each exactly 1) and
+    δ = Σ_{row[j] < shift} exp(row[j] − shift) summed in the array's dtype. Every term of δ is
+    below 1, so its rounding stays relative to δ (what a confident row's loss log(1 + δ) needs)
+    without float64 lanes. A NaN goes to δ (NaN ≥ shift is false) and makes the sum NaN. Counts
+    are exact in float32 up to 2^24 terms per block."""
+    seg = row[start:stop]
+    zero = like(0.0, row)
+    one = like(1.0, row)
+    below = zero
+    ties = zero
+    for j in range(seg.shape[0]):
+        x = seg[j]
+        top = x >= shift
+        term = fast_exp_nonpositive(x - shift)
+        below += zero if top else term
+        ties += one if top else zero
+    return np.float64(ties) + np.float64(below)
 
 
 @njit(**_JIT)
@@ -277,6 +303,7 @@ def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma
     cap = like(softcap, row)
     inv_cap = like(1.0 / softcap if capped else 1.0, row)
     neg_inf = like(-np.inf, row)
+    pos_inf = like(np.inf, row)
     zero = like(0.0, row)
     m = neg_inf
     s = 0.0
@@ -298,14 +325,18 @@ def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma
             m = b
         # while every logit so far is −inf (or NaN), shift by 0: exp(−inf) = 0, NaN stays NaN
         shift = m if m > neg_inf else zero
-        # a block holding the running max has a term exactly 1: sum it in float64
+        # a block holding the running max has terms exactly 1: counted apart from the rest
+        # (_block_sum_exp_top), or, with a softcap or an infinite max, summed in float64
         if capped:
             if b == m:
                 s += _block_sum_exp_capped_wide(row, block_start, block_stop, shift, cap, inv_cap)
             else:
                 s += _block_sum_exp_capped(row, block_start, block_stop, shift, cap, inv_cap)
         elif b == m:
-            s += _block_sum_exp_wide(row, block_start, block_stop, shift)
+            if neg_inf < m < pos_inf:  # the max's terms are exactly 1, every other one below
+                s += _block_sum_exp_top(row, block_start, block_stop, m)
+            else:  # blocks of −inf (shift 0), or a +inf logit (∞ − ∞: NaN, as torch)
+                s += _block_sum_exp_wide(row, block_start, block_stop, shift)
         else:
             s += _block_sum_exp(row, block_start, block_stop, shift)
         if eps > 0.0:
