@@ -6,6 +6,19 @@ each in its own process, and prints every goal with the number that decides it.
     python benchmarks/bench_gpu.py --quick         # fewer rounds, no 2^34-element case
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --device cpu --smoke   # tiny shapes, CPU
 
+On a GPU machine lent for a few minutes, with this checkout and no network: write the results
+where they come back, and install the optional peers first from carried wheels (e.g.
+``liger-kernel==0.8.5`` and ``cut-cross-entropy==25.1.1``, ``pip install --no-deps``), or their
+goals say "not measured"::
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/log"
+
+The children import xentkit from this checkout's ``src`` (installed or not). A step that fails
+is recorded (``"error"`` in its entry, a failed peer under ``"failed"``) and the others still
+run; ``gpu_goals.json`` is rewritten after every step. Exit code 1 when a step failed. On CUDA
+the xentkit rows take ``backend="triton"``: a call the kernels cannot take raises instead of
+timing torch ops under xentkit's name.
+
 Runs (JSON of each beside this one, in ``--out``):
 
 - ``bench_gpu_cross_entropy.py``: bfloat16 8192 × 128256, float32 4096 × 32000 (copy, torch,
@@ -27,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +49,23 @@ HERE = Path(__file__).resolve().parent
 
 
 def _run(script: str, arguments: list[str], output: Path, device: str) -> dict:
+    """One script in its own process; its JSON, or ``{"error": ...}`` when it failed (the steps
+    after it still run, and what it wrote before failing is kept)."""
     command = [sys.executable, str(HERE / script), "--device", device, *arguments, "--output", str(output)]
     print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True, cwd=HERE)
-    return json.loads(output.read_text())
+    # the children import xentkit from this checkout even where it is not installed (an absolute
+    # path: they run in this folder)
+    environment = dict(os.environ)
+    source = str(HERE.parent / "src")
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [source, environment.get("PYTHONPATH")]))
+    if output.exists():
+        output.unlink()  # no stale results from an earlier run
+    code = subprocess.run(command, cwd=HERE, env=environment).returncode
+    report = json.loads(output.read_text()) if output.exists() else {}
+    if code != 0:
+        report["error"] = f"{script} exited with {code}"
+        print(f"  {report['error']}", flush=True)
+    return report
 
 
 def _median(entry: dict | None) -> float | None:
@@ -60,8 +87,9 @@ def _goal(goals: list, name: str, value: float | None, limit: float, *, at_least
 
 
 def cross_entropy_goals(report: dict, goals: list) -> None:
-    shape = report["shapes"][0]  # bfloat16 8192 × 128256
-    providers = shape["providers"]
+    shapes = [shape for shape in report.get("shapes", []) if "providers" in shape]
+    shape = shapes[0] if shapes else {"shape": ["?", "?"], "dtype": "(no result)", "providers": {}, "logits_mib": 1.0}
+    providers = shape["providers"]  # bfloat16 8192 × 128256
     copy = _median(providers.get("copy"))
     inplace = providers.get("xentkit_inplace")
     print(f"cross-entropy {shape['shape'][0]} × {shape['shape'][1]} {shape['dtype']}")
@@ -74,8 +102,8 @@ def cross_entropy_goals(report: dict, goals: list) -> None:
 
 
 def linear_goals(report: dict, goals: list) -> None:
-    shape = report["shape"]
-    providers = report["providers"]
+    shape = report.get("shape", {"rows": 0, "features": 0, "classes": 0, "dtype": "(no result)"})
+    providers = report.get("providers", {})
     rows, features, classes = shape["rows"], shape["features"], shape["classes"]
     item = 2 if shape["dtype"] in ("bfloat16", "float16") else 4
     budget = ((rows * features + classes * features) * item + rows * classes * item / 8) / 2**20
@@ -108,30 +136,42 @@ def main() -> int:
         linear_shapes = [("8192", "4096", "128256", "bfloat16"), ("4096", "4096", "32000", "float32")]
         log_probs = []
     huge = [] if args.quick or args.smoke else ["--huge"]
-    goals: list = []
-    summary: dict = {"command": " ".join(sys.argv), "runs": {}, "goals": goals}
-    ce = _run("bench_gpu_cross_entropy.py", ["--shapes", ce_shapes, *rounds, *huge],
-              args.out / "gpu_cross_entropy.json", args.device)
-    summary["runs"]["cross_entropy"] = ce
-    linear_reports = []
+    linear_rounds = "1" if args.smoke else "5" if args.quick else "9"
+    summary: dict = {"command": " ".join(sys.argv), "runs": {}, "goals": []}
+
+    def write_goals() -> None:
+        """The goals from what has run so far (a later failure loses nothing before it)."""
+        goals: list = []
+        print("\ngoals")
+        cross_entropy_goals(summary["runs"].get("cross_entropy", {}), goals)
+        linear_goals((summary["runs"].get("linear_cross_entropy") or [{}])[0], goals)
+        summary["goals"] = goals
+        (args.out / "gpu_goals.json").write_text(json.dumps(summary, indent=1))
+        print(f"wrote {args.out / 'gpu_goals.json'}\n", flush=True)
+
+    # cross-entropy first (its JSON is written after each shape, --huge last), then the linear runs
+    summary["runs"]["cross_entropy"] = _run(
+        "bench_gpu_cross_entropy.py", ["--shapes", ce_shapes, *rounds, *huge], args.out / "gpu_cross_entropy.json",
+        args.device,
+    )
+    write_goals()
+    linear_reports = summary["runs"]["linear_cross_entropy"] = []
     for rows, features, classes, dtype in linear_shapes:
         linear_reports.append(_run(
             "bench_gpu_linear_cross_entropy.py",
             ["--rows", rows, "--features", features, "--classes", classes, "--dtype", dtype,
-             "--rounds", "1" if args.smoke else "5"],
+             "--rounds", linear_rounds],
             args.out / f"gpu_linear_cross_entropy_{dtype}.json", args.device,
         ))
-    summary["runs"]["linear_cross_entropy"] = linear_reports
+        write_goals()
     summary["runs"]["log_probs"] = _run(
         "bench_gpu_log_probs.py", [*log_probs, "--rounds", "1" if args.smoke else "5"],
         args.out / "gpu_log_probs.json", args.device,
     )
-    print("\ngoals")
-    cross_entropy_goals(ce, goals)
-    linear_goals(linear_reports[0], goals)
-    (args.out / "gpu_goals.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nwrote {args.out / 'gpu_goals.json'}")
-    return 0
+    write_goals()
+    failed = [name for name, run in summary["runs"].items() if isinstance(run, dict) and "error" in run]
+    failed += [f"linear {i}" for i, run in enumerate(linear_reports) if "error" in run]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

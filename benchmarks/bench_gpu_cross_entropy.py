@@ -15,7 +15,7 @@ Providers, each timed on the same logits in one process, interleaved round by ro
                   once)
     xentkit_inplace  xentkit with inplace_backward=True (the gradient written over the logits:
                   the issue's "in place" goal, beside liger, which does the same)
-    xentkit_kernel  xentkit.triton.cross_entropy_rows alone (its two launches) into a
+    xentkit_kernel  xentkit.triton.cross_entropy_rows alone (its three launches) into a
                   preallocated gradient: the kernel without the binding's work
     xentkit_opts  the same with label_smoothing=0.1, z_loss=1e-4, softcap=30 (beside torch_opts:
                   xentkit's torch-ops backend with the same options)
@@ -82,21 +82,27 @@ class _LayerOutput(torch.autograd.Function):
         return grad
 
 
-def _providers(names: list[str]) -> dict[str, object]:
-    compiled = torch.compile(lambda x, y: F.cross_entropy(x.float(), y))
+def _providers(names: list[str], device: torch.device) -> dict[str, object]:
+    # static shapes: a second shape recompiles as itself, not as a dynamic-shape graph
+    compiled = torch.compile(lambda x, y: F.cross_entropy(x.float(), y), dynamic=False)
+    # on CUDA the xentkit rows insist on the Triton kernels: a call they cannot take raises with
+    # the reason instead of timing torch ops under xentkit's name
+    backend = "triton" if device.type == "cuda" else "auto"
     table = {
         "copy": None,
         "xentkit_kernel": None,
         "torch": lambda x, y: F.cross_entropy(x, y),
         "torch_f32": lambda x, y: F.cross_entropy(x.float(), y),
         "compile": compiled,
-        "xentkit": lambda x, y: xt.cross_entropy(x, y),
+        "xentkit": lambda x, y: xt.cross_entropy(x, y, backend=backend),
         "torch_opts": lambda x, y: xt.cross_entropy(x, y, backend="torch", **OPTIONS),
-        "xentkit_opts": lambda x, y: xt.cross_entropy(x, y, **OPTIONS),
+        "xentkit_opts": lambda x, y: xt.cross_entropy(x, y, backend=backend, **OPTIONS),
     }
     # without the label check's wait for the device (what it costs), and in place
-    table["xentkit_nocheck"] = lambda x, y: xt.cross_entropy(x, y, check_labels=False)
-    table["xentkit_inplace"] = lambda x, y: xt.cross_entropy(_LayerOutput.apply(x), y, inplace_backward=True)
+    table["xentkit_nocheck"] = lambda x, y: xt.cross_entropy(x, y, check_labels=False, backend=backend)
+    table["xentkit_inplace"] = lambda x, y: xt.cross_entropy(
+        _LayerOutput.apply(x), y, inplace_backward=True, backend=backend
+    )
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -117,7 +123,7 @@ def _call(name, function, source, labels, work, plain):
     if name == "copy":
         plain.copy_(source)
         return
-    if name == "xentkit_kernel":  # the two launches alone, into a preallocated gradient
+    if name == "xentkit_kernel":  # the three launches alone, into a preallocated gradient
         from xentkit.triton import cross_entropy_rows
 
         cross_entropy_rows(source, labels, None, -100, 0.0, 0.0, None, None, None, plain)
@@ -171,23 +177,32 @@ def run_shape(spec: str, names: list[str], rounds: int, device: torch.device) ->
     labels[::17] = -100
     reference = F.cross_entropy(source.double(), labels).item()
     reference_opts = xt.cross_entropy(source.double(), labels, backend="torch", **OPTIONS).item()
-    providers = _providers(names)
+    providers = _providers(names, device)
     clock = _Clock(device)
     result = {"shape": [rows, classes], "dtype": dtype_name, "logits_mib": source.numel() * source.element_size() / 2**20,
-              "providers": {}}
+              "providers": {}, "failed": {}}
     work = torch.empty_like(source).requires_grad_()
     plain = torch.empty_like(source)
-    for name, function in providers.items():
-        for _ in range(3):  # warm-up: compilation, autotuning, allocator
+    for name, function in list(providers.items()):
+        try:
+            for _ in range(3):  # warm-up: compilation, autotuning, allocator
+                _refill(work, source)
+                _call(name, function, source, labels, work, plain)
+            loss = None
+            if name not in ("copy", "xentkit_kernel"):
+                _refill(work, source)
+                work.grad = None
+                loss = float(function(work, labels).item())
             _refill(work, source)
-            _call(name, function, source, labels, work, plain)
-        loss = None
-        if name not in ("copy", "xentkit_kernel"):
-            _refill(work, source)
+            peak = clock.peak_mib(lambda name=name, function=function: _call(name, function, source, labels, work, plain))
+        except Exception as error:  # a peer (or a path) that fails: recorded, the others still run
+            result["failed"][name] = f"{type(error).__name__}: {error}"
+            print(f"{name} failed, left out: {result['failed'][name]}", file=sys.stderr, flush=True)
+            del providers[name]
             work.grad = None
-            loss = float(function(work, labels).item())
-        _refill(work, source)
-        peak = clock.peak_mib(lambda name=name, function=function: _call(name, function, source, labels, work, plain))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         expected = reference_opts if name.endswith("_opts") else reference
         result["providers"][name] = {
             "times_ms": [],
@@ -229,10 +244,12 @@ def run_huge(spec: str, rounds: int, device: torch.device) -> dict:
     logits_bytes = rows * classes * 2
     result = {"shape": [rows, classes], "dtype": "bfloat16", "logits_mib": logits_bytes / 2**20, "providers": {}}
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the earlier shapes left cached is free for this one
         free = torch.cuda.mem_get_info()[0]
-        if free < 2 * logits_bytes + 2**30:
+        needed = 2 * logits_bytes + 4 * 2**30  # the logits twice, and the float64 references
+        if free < needed:
             result["skipped"] = (
-                f"needs {(2 * logits_bytes + 2**30) / 2**30:.0f} GiB of GPU memory (the logits twice and 1 GiB), "
+                f"needs {needed / 2**30:.0f} GiB of GPU memory (the logits twice and 4 GiB), "
                 f"{free / 2**30:.0f} GiB free"
             )
             return result
@@ -335,9 +352,16 @@ def main() -> int:
     runs = [lambda spec=spec: run_shape(spec, names, args.rounds, device) for spec in args.shapes.split(",") if spec]
     if args.huge:
         runs.append(lambda: run_huge(args.huge, args.rounds, device))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     for run in runs:
-        result = run()
+        try:
+            result = run()
+        except Exception as error:  # e.g. out of memory in --huge: the shapes before it are kept
+            report.setdefault("errors", []).append(f"{type(error).__name__}: {error}")
+            print(f"failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            continue
         report["shapes"].append(result)
+        args.output.write_text(json.dumps(report, indent=1))  # after every shape
         spec = "x".join(map(str, result["shape"])) + ":" + result["dtype"]
         print(f"\n{spec} ({result['logits_mib']:.0f} MiB of logits)")
         if "skipped" in result:
@@ -350,7 +374,6 @@ def main() -> int:
             print(f"{name:14s} {entry['median_ms']:10.3f} {entry['min_ms']:8.3f} {vs:>7s} {entry['peak_mib']:9.1f} {error:>13s}")
             if "gradient_relative_error" in entry:
                 print(f"{'':14s} gradient of rows {entry['checked_rows']}: relative error {entry['gradient_relative_error']:.1e}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.output}")
     return 0

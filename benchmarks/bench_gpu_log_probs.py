@@ -46,15 +46,17 @@ def _torch_objective(x, w, y, a, b, temperature):
     return (torch.where(valid, a * log_p, 0.0) + torch.where(valid, b * entropy, 0.0)).sum()
 
 
-def _providers(names: list[str], temperature: float, chunk_size: int | None) -> dict:
+def _providers(names: list[str], temperature: float, chunk_size: int | None, device: torch.device) -> dict:
+    backend = "triton" if device.type == "cuda" else "auto"  # on CUDA: the Triton path, or an error
+
     def matmuls(x, w, y, a, b):
-        logits = x @ w.t()
-        dz = torch.empty_like(logits)
-        return (dz @ w, dz.t() @ x)
+        logits = x @ w.t()  # the GEMMs on real values (a fresh empty dz is zeros: too fast)
+        return (logits @ w, logits.t() @ x)
 
     def xentkit(x, w, y, a, b):
         log_p, entropy = xt.linear_log_probs(
-            x, w, y, temperature=temperature, ignore_index=IGNORE, return_entropy=True, chunk_size=chunk_size
+            x, w, y, temperature=temperature, ignore_index=IGNORE, return_entropy=True, chunk_size=chunk_size,
+            backend=backend,
         )
         return (a * log_p).sum() + (b * entropy).sum()
 
@@ -117,7 +119,7 @@ def main() -> int:
               "shape": {"rows": args.rows, "features": args.features, "classes": args.classes, "dtype": args.dtype,
                         "temperature": args.temperature},
               "providers": {}}
-    providers = _providers(args.providers.split(","), args.temperature, args.chunk_size)
+    providers = _providers(args.providers.split(","), args.temperature, args.chunk_size, device)
     for name, function in providers.items():
         for _ in range(2):
             call(name, function)

@@ -57,3 +57,45 @@ def test_gpu_benchmark_runs_on_the_cpu(script, tmp_path):
     ]
     errors = [error for error in errors if error is not None]
     assert errors and max(errors) < 1e-2  # bfloat16 logits' own rounding is ~4e-3
+
+
+def test_a_failing_step_is_recorded_and_the_goals_still_written(tmp_path, monkeypatch):
+    """A step that fails (here: a script that does not exist) gives an "error" entry, not an
+    exception, so the steps after it still run on a GPU lent for a few minutes; the goals it
+    decides say "not measured"."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_gpu
+
+    report = bench_gpu._run("no_such_script.py", [], tmp_path / "missing.json", "cpu")
+    assert report["error"].startswith("no_such_script.py exited with")
+    goals: list = []
+    bench_gpu.cross_entropy_goals(report, goals)
+    bench_gpu.linear_goals(report, goals)
+    assert len(goals) == 12 and {goal["verdict"] for goal in goals} == {"not measured"}
+
+
+def test_a_provider_that_fails_is_left_out_and_named(tmp_path):
+    """A provider that raises during warm-up (a peer whose call fails, say) is recorded under
+    "failed"; the others are timed and the JSON is written."""
+    script = (
+        "import sys, bench_gpu_cross_entropy as b\n"
+        "original = b._providers\n"
+        "def providers(names, device):\n"
+        "    table = original(names, device)\n"
+        "    def boom(x, y):\n"
+        "        raise RuntimeError('this peer fails')\n"
+        "    table['boom'] = boom\n"
+        "    return table\n"
+        "b._providers = providers\n"
+        "sys.argv = ['x', '--device', 'cpu', '--shapes', '24x50:float32', '--rounds', '1',\n"
+        "            '--providers', 'copy,xentkit', '--output', sys.argv[1]]\n"
+        "sys.exit(b.main())\n"
+    )
+    output = tmp_path / "ce.json"
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(output)], cwd=BENCHMARKS, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    shape = json.loads(output.read_text())["shapes"][0]
+    assert set(shape["providers"]) == {"copy", "xentkit"}
+    assert shape["failed"] == {"boom": "RuntimeError: this peer fails"}
