@@ -34,7 +34,7 @@ def test_the_goals_driver_runs_on_the_cpu(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     goals = json.loads((tmp_path / "gpu_goals.json").read_text())["goals"]
-    assert len(goals) == 12
+    assert len(goals) == 14
     assert {goal["verdict"] for goal in goals} <= {"met", "MISSED", "not measured"}
     peaks = [goal for goal in goals if "peak" in goal["goal"]]
     assert peaks and all(goal["verdict"] == "not measured" for goal in peaks)
@@ -71,7 +71,7 @@ def test_a_failing_step_is_recorded_and_the_goals_still_written(tmp_path, monkey
     goals: list = []
     bench_gpu.cross_entropy_goals(report, goals)
     bench_gpu.linear_goals(report, goals)
-    assert len(goals) == 12 and {goal["verdict"] for goal in goals} == {"not measured"}
+    assert len(goals) == 14 and {goal["verdict"] for goal in goals} == {"not measured"}
 
 
 def test_a_provider_that_fails_is_left_out_and_named(tmp_path):
