@@ -194,3 +194,74 @@ def test_linear_log_probs_wait_once_for_the_label_check_and_never_in_backward():
     assert len(forward_waits) == 1, forward_waits
     assert backward_waits == []
     assert torch.isfinite(w.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs (a GPU only): what "no host synchronization inside the op" is for
+
+
+def _graph_case():
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    logits = torch.randn(64, 1000, device="cuda", generator=generator).bfloat16().requires_grad_()
+    labels = torch.randint(0, 1000, (64,), device="cuda", generator=generator)
+    labels[::9] = -100
+    return logits, labels
+
+
+def _expected(logits, labels):
+    leaf = logits.detach().float().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(leaf, labels)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (XENTKIT_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-4}])
+def test_an_unchecked_call_is_captured_in_a_cuda_graph_and_replays_exactly(options):
+    logits, labels = _graph_case()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (kernels compiled, allocator settled)
+        for _ in range(3):
+            logits.grad = None
+            xt.cross_entropy(logits, labels, check_labels=False, **options).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = xt.cross_entropy(logits, labels, check_labels=False, **options)
+    logits.grad = None
+    eager.backward()
+    eager_grad = logits.grad.clone()
+    graph = torch.cuda.CUDAGraph()
+    logits.grad = None
+    with torch.cuda.graph(graph):
+        loss = xt.cross_entropy(logits, labels, check_labels=False, **options)
+        loss.backward()
+    for _ in range(2):  # replays give the eager values, bit for bit
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(loss, eager.detach()) and torch.equal(logits.grad, eager_grad)
+    if not options:
+        want_loss, want_grad = _expected(logits, labels)
+        torch.testing.assert_close(loss.float(), want_loss, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(logits.grad.float(), want_grad, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU (XENTKIT_TEST_DEVICE=cuda)")
+def test_compiled_with_cuda_graphs_keeps_the_kernels_and_their_values():
+    """torch.compile(mode="reduce-overhead") captures the custom ops in CUDA graphs."""
+    logits, labels = _graph_case()
+
+    def step(z, y):
+        return xt.cross_entropy(z, y, label_smoothing=0.1)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    eager_leaf = logits.detach().clone().requires_grad_()
+    eager = step(eager_leaf, labels)
+    eager.backward()
+    for _ in range(3):  # the first calls record, the later ones replay
+        leaf = logits.detach().clone().requires_grad_()
+        loss = compiled(leaf, labels)
+        loss.backward()
+        # the same kernels; the compiler may order the reduction's float32 arithmetic otherwise,
+        # which can move a bfloat16 result by one rounding
+        torch.testing.assert_close(loss, eager.detach(), rtol=8e-3, atol=0)
+        torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=8e-3, atol=1e-6)
