@@ -156,3 +156,13 @@ def test_the_binary_loss_dtype_is_torchs():
     loss = xt.binary_cross_entropy_with_logits(logits, target)
     assert loss.dtype == expected.dtype == torch.float64
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_under_compile_inplace_backward_on_a_leaf_is_not_refused_the_custom_ops_write_no_logits():
+    logits, labels, _ = _case()
+    leaf = logits.cpu().clone().requires_grad_()
+    compiled = torch.compile(lambda z, y: xt.cross_entropy(z, y, inplace_backward=True), fullgraph=True)
+    compiled(leaf, labels.cpu()).backward()
+    expected = torch.func.grad(lambda z: F.cross_entropy(z, labels.cpu()))(logits.cpu())
+    torch.testing.assert_close(leaf.grad, expected)
+    torch.testing.assert_close(leaf.detach(), logits.cpu())  # the logits kept their values

@@ -390,7 +390,10 @@ def _cross_entropy_with_options(
     """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with
     its attributes' options: no keyword arguments to spread and gather on every step)."""
     grad_free = (target, weight)
-    if options.inplace_backward and input.requires_grad and torch.is_grad_enabled():
+    if (  # (under torch.compile the custom ops write no logits: nothing to refuse)
+        options.inplace_backward and input.requires_grad and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    ):
         _bridge.check_overwritable(input)
     if (  # first the common small case, at the fewest checks
         options.backend == "auto" and _small_and_plain(input, target, weight, options)
@@ -433,9 +436,9 @@ def nll_loss(
 
     ``check_labels`` as in :func:`cross_entropy`: CPU tensors of float16/32/64 run on xentkit's
     api and are always checked; on the torch-ops path (CUDA and other devices, bfloat16)
-    ``check_labels=False`` drops the check (on CUDA one wait for the device) and a label outside ``[0, C)`` that is not ``ignore_index`` makes its
-    sample's loss NaN (and its gradient entry) instead of raising; under ``torch.compile`` that
-    path never checks.
+    ``check_labels=False`` drops the check (on CUDA one wait for the device) and a label outside
+    ``[0, C)`` that is not ``ignore_index`` makes its sample's loss NaN (and its gradient entry)
+    instead of raising; under ``torch.compile`` that path never checks.
 
     Example:
         >>> import torch
