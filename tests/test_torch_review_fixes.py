@@ -166,3 +166,32 @@ def test_under_compile_inplace_backward_on_a_leaf_is_not_refused_the_custom_ops_
     expected = torch.func.grad(lambda z: F.cross_entropy(z, labels.cpu()))(logits.cpu())
     torch.testing.assert_close(leaf.grad, expected)
     torch.testing.assert_close(leaf.detach(), logits.cpu())  # the logits kept their values
+
+
+def test_a_modules_options_come_from_its_attributes_its_class_or_the_defaults():
+    """CrossEntropyLoss reads its options on every call (from the instance, no AttributeError for
+    the linear-only fields): a changed attribute takes effect, and a subclass may define one as a
+    property."""
+    from xentkit.torch.modules import _loss_options_of
+
+    logits, labels, _ = _case()
+    logits, labels = logits.cpu(), labels.cpu()
+    criterion = xt.CrossEntropyLoss(label_smoothing=0.1)
+    options = _loss_options_of(criterion)
+    assert options.label_smoothing == 0.1 and options.chunk_size is None and options.accumulate_in_float32
+    criterion.label_smoothing = 0.3
+    torch.testing.assert_close(criterion(logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.3))
+
+    class Scheduled(xt.CrossEntropyLoss):
+        @property
+        def z_loss(self):
+            return 1e-2
+
+        @z_loss.setter
+        def z_loss(self, value):
+            pass
+
+    scheduled = Scheduled()
+    assert _loss_options_of(scheduled).z_loss == 1e-2
+    expected = xt.cross_entropy(logits, labels, z_loss=1e-2)
+    torch.testing.assert_close(scheduled(logits, labels), expected)

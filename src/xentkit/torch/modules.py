@@ -29,9 +29,29 @@ _LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
 _FIELD_DEFAULTS = tuple((field.name, field.default) for field in dataclasses.fields(LossOptions))
 
 
+_CLASS_FIELDS: dict[type, frozenset[str]] = {}  # (a plain dict: torch.compile warns at lru_cache)
+
+
+def _fields_on_class(cls: type) -> frozenset[str]:
+    """The option fields a module class (or a base) defines itself, e.g. as a property."""
+    fields = _CLASS_FIELDS.get(cls)
+    if fields is None:
+        fields = frozenset(name for name, _ in _FIELD_DEFAULTS if any(name in vars(base) for base in cls.__mro__))
+        _CLASS_FIELDS[cls] = fields
+    return fields
+
+
 def _loss_options_of(module: torch.nn.Module) -> LossOptions:
-    """The module's options as one checked object (built once per distinct set of values)."""
-    return loss_options(*[getattr(module, name, default) for name, default in _FIELD_DEFAULTS])
+    """The module's options as one checked object (built once per distinct set of values), read
+    on every step: from the instance's ``__dict__``, else from its class, else the default. (A
+    field the module lacks, ``chunk_size`` on ``CrossEntropyLoss``, would otherwise go through
+    ``nn.Module.__getattr__`` and its AttributeError: microseconds each.)"""
+    attributes = module.__dict__
+    on_class = _fields_on_class(type(module))
+    return loss_options(*[
+        attributes[name] if name in attributes else getattr(module, name) if name in on_class else default
+        for name, default in _FIELD_DEFAULTS
+    ])
 
 
 def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
