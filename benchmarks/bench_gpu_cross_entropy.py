@@ -252,7 +252,7 @@ def _huge_reference(source, labels, checked_rows):
 def _checked_rows(labels):
     """The first and last three rows that are not ignored (on the huge shape, past 2^31 elements)."""
     rows = labels.shape[0]
-    checked = torch.tensor(sorted({0, 1, 2, rows - 3, rows - 2, rows - 1} & set(range(rows))), device=labels.device)
+    checked = torch.tensor(sorted(r for r in {0, 1, 2, rows - 3, rows - 2, rows - 1} if 0 <= r < rows), device=labels.device)
     return checked[labels[checked] != -100]
 
 

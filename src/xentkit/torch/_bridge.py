@@ -88,8 +88,9 @@ def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tens
     """True when the call can run xentkit's NumPy api.
 
     ``input`` must be a plain CPU tensor of a kernel dtype, ``others`` (targets, weights) plain CPU
-    tensors that NumPy can view (floating ones of a kernel dtype: not bfloat16), and the tensors in ``grad_free`` must not require a gradient when gradients are being
-    recorded (the api differentiates with respect to the logits only; torch ops handle the rest).
+    tensors that NumPy can view (floating ones of a kernel dtype: not bfloat16), and the tensors in
+    ``grad_free`` must not require a gradient when gradients are being recorded (the api
+    differentiates with respect to the logits only; torch ops handle the rest).
     """
     if torch.compiler.is_compiling():  # first: nothing below is for the compiler to trace
         return False

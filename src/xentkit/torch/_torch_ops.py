@@ -27,10 +27,9 @@ def _label_plan(
 
     The labels are checked (the kernel paths' ValueError rather than torch's IndexError) unless
     ``check_labels=False``, under torch.compile, under ``torch.vmap`` (batched labels cannot be
-    branched on), or on meta tensors (which hold no labels). Then a
-    label outside ``[0, C)`` that is not ``ignore_index`` is not looked at: ``labels`` has it
-    replaced by a class in range (nothing reads out of bounds, no device-side assert) and ``bad``
-    marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
+    branched on), or on meta tensors (which hold no labels). Then a label outside ``[0, C)`` that
+    is not ``ignore_index`` is not looked at: ``labels`` has it replaced by a class in range
+    (nothing reads out of bounds, no device-side assert) and ``bad`` marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
     takes a class that is not ``ignore_index``, so that it keeps a gradient for NaN to flow
     through). In the "mean" it counts as the Triton path counts it: as a non-ignored row without
     class weights, not at all with them (its class, so its weight, is unknown). With one class
