@@ -170,28 +170,34 @@ def test_linear_cross_entropy_waits_for_its_label_check_and_the_upstream_one(che
     assert len(backward_waits) == (1 if reduction == "mean" else 0), backward_waits
 
 
-def test_log_probs_wait_once_for_the_label_check_and_never_in_backward():
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_log_probs_wait_once_for_the_label_check_and_never_in_backward(check):
     leaf = _logits((7, 30))
     labels = _labels((7,), 30)
     with _waits() as forward_waits:
-        log_p, entropy = xt.log_probs(leaf, labels, backend="triton", return_entropy=True, temperature=0.7)
+        log_p, entropy = xt.log_probs(
+            leaf, labels, backend="triton", return_entropy=True, temperature=0.7, check_labels=check
+        )
     with _waits() as backward_waits:
         (log_p.sum() + entropy.sum()).backward()
-    assert len(forward_waits) == 1, forward_waits
+    assert len(forward_waits) == (1 if check else 0), forward_waits
     assert backward_waits == []
     assert torch.isfinite(leaf.grad).all()
 
 
-def test_linear_log_probs_wait_once_for_the_label_check_and_never_in_backward():
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_linear_log_probs_wait_once_for_the_label_check_and_never_in_backward(check):
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(9, 8, generator=generator).to(DEVICE).requires_grad_()
     w = torch.randn(20, 8, generator=generator).to(DEVICE).requires_grad_()
     labels = _labels((9,), 20)
     with _waits() as forward_waits:
-        log_p, entropy = xt.linear_log_probs(x, w, labels, backend="triton", chunk_size=4, return_entropy=True)
+        log_p, entropy = xt.linear_log_probs(
+            x, w, labels, backend="triton", chunk_size=4, return_entropy=True, check_labels=check
+        )
     with _waits() as backward_waits:
         (log_p.sum() - 0.1 * entropy.sum()).backward()
-    assert len(forward_waits) == 1, forward_waits
+    assert len(forward_waits) == (1 if check else 0), forward_waits
     assert backward_waits == []
     assert torch.isfinite(w.grad).all()
 

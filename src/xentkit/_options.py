@@ -270,6 +270,7 @@ _LOG_PROB_CHECKS = {
     "ignore_index": check_ignore_index,
     "chunk_size": check_chunk_size,
     "backend": check_backend,
+    "check_labels": _check_check_labels,
 }
 
 
@@ -284,12 +285,16 @@ class LogProbOptions:
             gradient); any int64.
         chunk_size: rows per chunk of ``linear_log_probs``, or None for its default.
         backend: "auto", "triton" or "torch", as for :class:`LossOptions`.
+        check_labels: refuse a target outside ``[0, V)`` that is not ``ignore_index``, as for
+            :class:`LossOptions` (where the check would wait for the device, False skips it and
+            such a position's log-probability is NaN).
     """
 
     temperature: float = 1.0
     ignore_index: int = -100
     chunk_size: int | None = None
     backend: str = "auto"
+    check_labels: bool = True
 
     def __post_init__(self) -> None:
         for name, check in _LOG_PROB_CHECKS.items():

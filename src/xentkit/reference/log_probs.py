@@ -133,13 +133,20 @@ def row_statistics(
     m: Any, s: Any, u: Any, z_target: Any, valid: Any
 ) -> tuple[Any, Any, Any, Any]:
     """``(log_probs, entropy, lse, log_s)`` from a pass's (m, s, u) and the target's z_y, 0 on
-    rows that are not ``valid``. NumPy arrays or torch tensors (float64 or float32)."""
+    rows that are not ``valid``. NumPy arrays or torch tensors (float64 or float32); with
+    tensors, differentiable by autograd when ``m`` is held constant (detached: it is a shift)."""
+    if _torch_tensor(s):  # (no floating-point warnings to silence; torch.compile traces this)
+        return _row_statistics(m, s, u, z_target, valid)
     with np.errstate(divide="ignore", invalid="ignore"):  # a row of −inf only: NaN, as torch
-        log_s = _log(s)
-        # + (m − m): NaN when the max is ±inf (torch's log_softmax is NaN there), else 0
-        log_probs = ((z_target - m) - log_s) + (m - m)
-        entropy = log_s - u / s
-        lse = m + log_s
+        return _row_statistics(m, s, u, z_target, valid)
+
+
+def _row_statistics(m: Any, s: Any, u: Any, z_target: Any, valid: Any) -> tuple[Any, Any, Any, Any]:
+    log_s = _log(s)
+    # + (m − m): NaN when the max is ±inf (torch's log_softmax is NaN there), else 0
+    log_probs = ((z_target - m) - log_s) + (m - m)
+    entropy = log_s - u / s
+    lse = m + log_s
     return masked(log_probs, valid), masked(entropy, valid), masked(lse, valid), log_s
 
 

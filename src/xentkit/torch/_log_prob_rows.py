@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..reference.log_probs import row_statistics
 from . import _bridge
 
 __all__ = ["NumbaRows", "TorchRows", "TritonRows"]
@@ -71,10 +72,12 @@ class TorchRows:
 
     @staticmethod
     def _shifted(logits: Tensor, temperature: float, m: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(z, m) with z = logits/T in the statistics dtype and m its row max (given or found)."""
+        """(z, m) with z = logits/T in the statistics dtype and m its row max (given or found;
+        found, it is detached: a shift, which autograd must hold constant where it
+        differentiates these ops, see ``traced``)."""
         z = logits.to(_bridge.at_least_float32(logits.dtype)) * (1.0 / temperature)
         if m is None:
-            m = z.amax(dim=-1) if z.shape[-1] else z.new_zeros(z.shape[0])
+            m = z.detach().amax(dim=-1) if z.shape[-1] else z.new_zeros(z.shape[0])
         return z, m
 
     @staticmethod
@@ -92,6 +95,16 @@ class TorchRows:
         return (
             torch.where(valid, m, 0.0), torch.where(valid, s, one), torch.where(valid, u, 0.0), z_target,
         )
+
+    @staticmethod
+    def traced(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log_probs, entropy, lse)`` per row by pass 1 and ``row_statistics``, left to
+        autograd to differentiate (torch.compile traces them, torch.func transforms them, and
+        they have a second derivative): the path where an autograd Function around the kernels
+        cannot run. The gradient autograd finds is the formula's (m held constant)."""
+        m, s, u, z_target = TorchRows.statistics(logits, labels, valid, temperature)
+        log_p, entropy, lse, _ = row_statistics(m, s, u, z_target, valid)
+        return log_p, entropy, lse
 
     @staticmethod
     def gradient(

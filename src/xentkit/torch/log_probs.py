@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .._labels import check_index_layout, check_labels
+from .._labels import check_index_layout
+from .._labels import check_labels as _check_labels
 from .._options import LogProbOptions, check_flag, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge, _triton_path
@@ -117,6 +118,41 @@ class _LogProbsFunction(torch.autograd.Function):
         return grad.reshape(logits.shape), None, None, None, None
 
 
+def _traced(*tensors: Tensor | None) -> bool:
+    """Whether this call is traced by torch.compile or transformed by torch.func (vmap, grad):
+    then the outputs are torch ops that autograd differentiates (``TorchRows.traced``), not an
+    autograd Function around the kernels, and no label is looked at."""
+    return torch.compiler.is_compiling() or any(
+        tensor is not None and _bridge.is_functorch_wrapped(tensor) for tensor in tensors
+    )
+
+
+def _label_masks(
+    target: Tensor, classes: int, options: LogProbOptions, rows: type | None, classes_text: str | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``(valid, bad)``: the positions whose target is not ``ignore_index``, and among them those
+    whose target lies outside ``[0, classes)`` (None when the targets were checked: a bad one
+    raised the ValueError). They are checked unless ``check_labels=False`` where the check
+    would wait for the device (the Numba kernels' CPU tensors are always checked: it costs no
+    wait there), and never where nothing may wait or be branched on (``rows`` None: a traced
+    call, or meta tensors). Unchecked, a bad target is not read (the row backends' contract);
+    :func:`_nan_where_bad` makes its log-probability NaN."""
+    if rows is not None and target.device.type != "meta" and (options.check_labels or rows is NumbaRows):
+        return _check_labels(target, classes, options.ignore_index, classes=classes_text), None
+    valid = target != options.ignore_index
+    return valid, valid & ((target < 0) | (target >= classes))
+
+
+def _nan_where_bad(results: tuple[Tensor, Tensor, Tensor], bad: Tensor | None) -> tuple[Tensor, ...]:
+    """The log-probabilities of the positions marked ``bad`` NaN, their gradient NaN too (a
+    product, so that NaN reaches the logits' gradient of those rows); the entropy and the lse do
+    not depend on the target and stay as they are."""
+    if bad is None:
+        return results
+    log_p, *rest = results
+    return log_p * torch.where(bad.reshape(log_p.shape), torch.nan, 1.0).to(log_p.dtype), *rest
+
+
 def _check_target(target: object, sample_shape: tuple[int, ...], expected: str) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {describe(target)}")
@@ -137,6 +173,7 @@ def log_probs(
     return_entropy: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
+    check_labels: bool = True,
 ) -> Tensor | tuple[Tensor, ...]:
     r"""The log-probability of each position's target token under softmax(logits / T), and on
     request the entropy and the log-sum-exp, with their gradients.
@@ -154,7 +191,16 @@ def log_probs(
     ``(log_probs, entropy, lse)`` as asked. ``backend``: "auto" (CPU float32/float64: the fused
     Numba kernels; CUDA float32/float16/bfloat16: the fused Triton kernels; otherwise torch ops
     in float32), "triton" (the Triton kernels or a ValueError saying why not) or "torch". Double
-    backward raises.
+    backward raises, except where the outputs are plain torch ops (below).
+
+    A target outside ``[0, V)`` that is not ``ignore_index`` is a ValueError naming it. On CUDA
+    that check waits for the device once; ``check_labels=False`` skips it there (and on the
+    torch-ops path): such a position's log-probability is then NaN, and so is its row's
+    gradient, while its entropy and lse stay right (nothing is read out of bounds). CPU tensors
+    on the Numba kernels are always checked (no wait). Under ``torch.compile`` (no graph break,
+    ``fullgraph=True`` works) and torch.func transforms (``vmap``, per-sample ``grad``) the
+    outputs are the same formulas in torch ops, differentiated by autograd (so they have a second
+    derivative), and no target is checked: a bad one gives NaN as with ``check_labels=False``.
 
     >>> import torch, xentkit.torch as xt
     >>> logits = torch.tensor([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], requires_grad=True)
@@ -164,7 +210,7 @@ def log_probs(
 
     See also: :func:`linear_log_probs` (from hidden states, without the logits).
     """
-    options = LogProbOptions(temperature, ignore_index, None, backend)
+    options = LogProbOptions(temperature, ignore_index, None, backend, check_labels)
     return_entropy = check_flag(return_entropy, "return_entropy")
     return_lse = check_flag(return_lse, "return_lse")
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
@@ -174,10 +220,19 @@ def log_probs(
     target = _check_target(target, tuple(logits.shape[:-1]), "(one class index per row of logits)")
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
-    valid = check_labels(target, logits.shape[-1], options.ignore_index)
-    rows = _rows_backend(logits, options, target)
-    results = _LogProbsFunction.apply(logits, target, valid, options, rows)
-    return _select(results, return_entropy, return_lse)
+    classes = logits.shape[-1]
+    if _traced(logits, target):
+        valid, bad = _label_masks(target, classes, options, None)
+        matrix, labels = logits.reshape(-1, classes), target.reshape(-1)
+        results = tuple(
+            value.to(TorchRows.statistics_dtype(logits.dtype)).reshape(target.shape)
+            for value in TorchRows.traced(matrix, labels, valid.reshape(-1), options.temperature)
+        )
+    else:
+        rows = _rows_backend(logits, options, target)
+        valid, bad = _label_masks(target, classes, options, rows)
+        results = _LogProbsFunction.apply(logits, target, valid, options, rows)
+    return _select(_nan_where_bad(results, bad), return_entropy, return_lse)
 
 
 class _LinearLogProbsFunction(torch.autograd.Function):
@@ -246,6 +301,7 @@ def linear_log_probs(
     return_lse: bool = False,
     chunk_size: int | None = None,
     backend: str = "auto",
+    check_labels: bool = True,
 ) -> Tensor | tuple[Tensor, ...]:
     r"""Per-token log-probabilities (and entropies) of ``input @ linear_weight.T + linear_bias``
     at temperature T, without ever holding the logits.
@@ -270,6 +326,9 @@ def linear_log_probs(
     "auto" (CPU float32/float64: the fused Numba kernels; CUDA float32/float16/bfloat16: the
     fused Triton kernels; otherwise the same passes in torch ops, per chunk), "triton" (the
     Triton kernels or a ValueError saying why not) or "torch". Double backward raises.
+    ``check_labels`` as for :func:`log_probs`. Under ``torch.compile`` and torch.func transforms
+    the whole ``[N, V]`` logits are formed (``F.linear``, then :func:`log_probs`' torch ops, which
+    the compiler may fuse): no chunking there.
 
     >>> import torch, xentkit.torch as xt
     >>> x = torch.tensor([[1.0, 2.0], [0.5, -1.0]], requires_grad=True)
@@ -280,7 +339,7 @@ def linear_log_probs(
 
     See also: :func:`log_probs` (logits already computed), :func:`linear_cross_entropy`.
     """
-    options = LogProbOptions(temperature, ignore_index, chunk_size, backend)
+    options = LogProbOptions(temperature, ignore_index, chunk_size, backend, check_labels)
     return_entropy = check_flag(return_entropy, "return_entropy")
     return_lse = check_flag(return_lse, "return_lse")
     classes, _ = check_linear(input, linear_weight, linear_bias)
@@ -288,14 +347,24 @@ def linear_log_probs(
     if target.device != input.device:
         raise ValueError(f"target must be on the input's device {input.device}, got {target.device}")
     flat_target = target.reshape(-1)
-    valid = check_labels(flat_target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
     x = input.reshape(-1, input.shape[-1])
-    options = options.replace(
-        chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
-        if x.shape[0] else 1
-    )
-    rows = _rows_backend(x, options, linear_weight, linear_bias, target)
-    results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)
+    classes_text = f"linear_weight has {classes} rows (classes)"
+    if _traced(input, linear_weight, linear_bias, target):  # the whole logits, in torch ops
+        valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        results = tuple(
+            value.to(TorchRows.statistics_dtype(x.dtype))
+            for value in TorchRows.traced(logits, flat_target, valid, options.temperature)
+        )
+    else:
+        options = options.replace(
+            chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
+            if x.shape[0] else 1
+        )
+        rows = _rows_backend(x, options, linear_weight, linear_bias, target)
+        valid, bad = _label_masks(flat_target, classes, options, rows, classes_text)
+        results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)
+    results = _nan_where_bad(results, bad)
     if target.dim() != 1:
         results = tuple(result.reshape(target.shape) for result in results)
     return _select(results, return_entropy, return_lse)

@@ -1,0 +1,152 @@
+"""``xentkit.torch.log_probs`` / ``linear_log_probs`` where no autograd Function around the kernels
+can run: under ``torch.compile(fullgraph=True)`` (no graph break) and under torch.func (vmap,
+per-sample gradients); and ``check_labels=False``, which makes a bad target's log-probability
+NaN instead of raising where the check would wait for the device."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import xentkit.torch as xt  # noqa: E402
+
+
+def _oracle(logits: torch.Tensor, target: torch.Tensor, temperature: float, ignore_index: int = -100):
+    """(log p(y), H, lse) from float64 torch ops on the materialized logits, 0 on ignored rows."""
+    z = logits.double() / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    valid = target != ignore_index
+    p = log_p.exp()
+    entropy = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)
+    picked = log_p.gather(-1, torch.where(valid, target, 0)[..., None])[..., 0]
+    zero = torch.zeros((), dtype=torch.float64)
+    return tuple(torch.where(valid, value, zero) for value in (picked, entropy, torch.logsumexp(z, -1)))
+
+
+def _problem(dtype, rows=6, classes=11, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, classes, generator=generator, dtype=torch.float64) * 3).to(dtype)
+    logits[2, 4] = -torch.inf  # a masked class (not the target)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    target[2] = 7
+    target[1] = -100
+    return logits.requires_grad_(), target
+
+
+def _step(logits, target):
+    log_p, entropy, lse = xt.log_probs(logits, target, temperature=0.8, return_entropy=True, return_lse=True)
+    return (log_p * 1.5).sum() - 0.3 * entropy.sum() + 0.2 * lse.sum(), (log_p, entropy, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_probs_compile_with_fullgraph_and_match_eager_and_float64(dtype):
+    logits, target = _problem(dtype)
+    compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    total, outputs = compiled(logits, target)
+    (grad,) = torch.autograd.grad(total, logits)
+    eager_total, eager_outputs = _step(logits, target)
+    (eager_grad,) = torch.autograd.grad(eager_total, logits)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for got, eager, want in zip(outputs, eager_outputs, _oracle(logits.detach(), target, 0.8), strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, eager, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grad, eager_grad, rtol=tolerance, atol=tolerance)
+    assert grad[1].abs().sum() == 0  # the ignored row
+    assert grad[2, 4] == 0 and torch.isfinite(grad).all()  # the masked class
+
+
+def test_linear_log_probs_compile_with_fullgraph_and_match_eager():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(13, generator=generator, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 12, -100, 5, 5, 1, 3])
+
+    def step(x, w, b, target):
+        log_p, entropy = xt.linear_log_probs(
+            x, w, target, linear_bias=b, temperature=1.3, chunk_size=3, return_entropy=True
+        )
+        return (log_p - 0.1 * entropy).sum(), log_p
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    total, log_p = compiled(x, w, b, target)
+    grads = torch.autograd.grad(total, (x, w, b))
+    eager_total, eager_log_p = step(x, w, b, target)
+    eager_grads = torch.autograd.grad(eager_total, (x, w, b))
+    torch.testing.assert_close(log_p, eager_log_p, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads, eager_grads, rtol=1e-10, atol=1e-12)
+
+
+def test_log_probs_under_vmap_and_per_sample_gradients():
+    logits, target = _problem(torch.float64, rows=12)
+    batched = logits.detach().reshape(3, 4, 11)
+    target = target.reshape(3, 4)
+    got = torch.vmap(lambda z, y: xt.log_probs(z, y, temperature=0.8, return_entropy=True))(batched, target)
+    want = xt.log_probs(batched, target, temperature=0.8, return_entropy=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    def loss(z, y):
+        return xt.log_probs(z, y, temperature=0.8).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(batched, target)
+    leaf = batched.clone().requires_grad_()
+    loss(leaf, target).backward()
+    torch.testing.assert_close(per_sample, leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_traced_log_probs_have_a_second_derivative():
+    """Under torch.func the outputs are plain torch ops: the gradient of a gradient penalty
+    matches float64 torch's (the eager kernels' path raises there instead)."""
+    logits, target = _problem(torch.float64)
+    target[2] = 3
+    leaf = logits.detach().clone()
+    leaf[2, 4] = 0.5  # finite logits: the oracle's second derivative is NaN at −inf
+
+    def penalty(log_probs):
+        return torch.func.grad(lambda z: log_probs(z).sum())
+
+    got = torch.func.grad(lambda z: penalty(lambda z: xt.log_probs(z, target, temperature=0.8))(z).pow(2).sum())(leaf)
+    want = torch.func.grad(lambda z: penalty(lambda z: _oracle(z, target, 0.8)[0])(z).pow(2).sum())(leaf)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "compiled"])
+def test_unchecked_bad_target_makes_its_log_probability_nan(traced):
+    logits, target = _problem(torch.float32)
+    target[4] = 11  # == classes: out of range
+    target[5] = -3
+
+    def step(z, y):
+        log_p, entropy = xt.log_probs(z, y, return_entropy=True, backend="torch", check_labels=False)
+        return (log_p.sum() + entropy.sum()), log_p, entropy
+
+    run = torch.compile(step, fullgraph=True, backend="aot_eager") if traced else step
+    total, log_p, entropy = run(logits, target)
+    (grad,) = torch.autograd.grad(total, logits)
+    assert torch.isnan(log_p[4:]).all() and torch.isfinite(log_p[:4]).all() and torch.isnan(total)
+    good = target.clone()
+    good[4:] = 0
+    want_log_p, want_entropy, _ = _oracle(logits.detach(), good, 1.0)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=1e-5, atol=1e-5)  # label-free
+    torch.testing.assert_close(log_p[:4].double(), want_log_p[:4], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(grad[4:]).all() and torch.isfinite(grad[:4]).all()
+
+
+def test_check_labels_false_still_checks_cpu_kernels_and_flag_type():
+    logits, target = _problem(torch.float32)
+    target[0] = 11
+    # the Numba kernels' CPU tensors are always checked (it costs no wait there)
+    with pytest.raises(ValueError, match=r"label 11 at position \(0,\)"):
+        xt.log_probs(logits, target, check_labels=False)
+    hidden, head = torch.randn(6, 4), torch.randn(11, 4)
+    with pytest.raises(ValueError, match=r"label 11 at position \(0,\)"):
+        xt.linear_log_probs(hidden, head, target, check_labels=False)
+    with pytest.raises(ValueError, match=r"label 11 at position \(0,\)"):
+        xt.log_probs(logits, target, backend="torch")  # checked by default on every path
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        xt.log_probs(logits, target, check_labels=1)
+    out = xt.linear_log_probs(hidden, head, target, backend="torch", check_labels=False)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
