@@ -137,7 +137,8 @@ def test_lab_mnist_from_a_data_folder(tmp_path: Path) -> None:
             "--batch-size", "20", "--epochs", "2", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     results = json.loads((tmp_path / "o" / "mnist.json").read_text())
-    assert (results["dataset"], results["train_size"], results["test_size"]) == ("idx", 40, 10)
+    # unnamed data is called by its folder's name with its slash: never taken for a dataset name
+    assert (results["dataset"], results["train_size"], results["test_size"]) == ("idx/", 40, 10)
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], *words: str) -> str:
@@ -178,9 +179,9 @@ def test_missing_data_is_one_line_exit_2(
 
 def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["lab", "mnist", "--batch-size", "5000", "--no-progress"]) == 2
-    _one_line_error(capsys, "batch_size", "4000", "5000")
+    _one_line_error(capsys, "--batch-size", "4000", "5000")
     assert main(["lab", "mnist", "--train-size", "9999"]) == 2
-    _one_line_error(capsys, "train_size", "9999")
+    _one_line_error(capsys, "--train-size", "9999")
     assert main(["lab", "mnist", "--losses", "quadratic,hinge"]) == 2
     assert "--losses: expected a comma list" in capsys.readouterr().err
     assert main(["lab", "mnist", "--lr", "-1"]) == 2
@@ -313,3 +314,86 @@ def test_report_and_console_call_the_sources_notes(
     for text in (out, report):
         assert not SEED_NUMBER.search(text), SEED_NUMBER.search(text)
         assert "note 003" in text
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (["--batch-size", "5000"], ["--batch-size", "4000", "5000"]),
+        (["--train-size", "50"], ["--batch-size", "training-set size 50", "100"]),
+        (["--train-size", "5000"], ["--train-size", "4000", "5000"]),
+        (["--epochs", "2", "--dataset", "mnist"], ["xentkit data download mnist"]),
+    ],
+)
+def test_bad_settings_and_data_are_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], words: list[str]
+) -> None:
+    """Not after the neuron experiment has run, and without leaving a folder behind."""
+    out = tmp_path / "out"
+    cache = ["--cache", str(tmp_path / "cache")] if "mnist" in options else []
+    assert main(["lab", "--out", str(out), "--no-progress", *options, *cache]) == 2
+    _one_line_error(capsys, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["lab", "--epochs", "3", "neuron"], ["--epochs", "lab neuron", "takes no data or training options"]),
+        (["lab", "--data", "x.npz", "neuron"], ["--data", "lab neuron"]),
+        (["lab", "--cache", "c"], ["--cache", "embedded sample is offline"]),
+        (["lab", "mnist", "--data", "x.npz", "--cache", "c"], ["--cache", "--data reads its own files"]),
+        (["lab", "--out", "D", "--json", "D/mnist.json"], ["--json", "one of the files the lab writes"]),
+        (["lab", "neuron", "--out", "D", "--json", "D/report.html"], ["--json"]),
+    ],
+)
+def test_options_that_would_be_ignored_are_usage_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str], words: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: ")
+    for word in words:
+        assert word in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_data_is_named_by_dataset_not_by_its_file_name(tmp_path: Path) -> None:
+    """A file called fashion-mnist.npz is not taken for Fashion-MNIST (nor mnist-5k.npz for
+    MNIST): only --dataset names what --data holds."""
+    fake_mnist(tmp_path / "idx", n_train=40, n_test=10)
+    dataset = datasets.load_dataset(data=tmp_path / "idx")
+    arrays = {"x_train": dataset.x_train, "y_train": dataset.y_train, "x_test": dataset.x_test, "y_test": dataset.y_test}
+    for file_name, given, name, curves in [
+        ("fashion-mnist.npz", None, "fashion-mnist.npz", False),
+        ("mnist-5k.npz", None, "mnist-5k.npz", False),
+        ("digits.npz", "mnist-5k", "mnist-5k", True),
+        ("digits.npz", "mnist", "mnist", True),
+    ]:
+        path = tmp_path / file_name
+        np.savez(path, **arrays)
+        out = tmp_path / f"out-{file_name}-{given}"
+        dataset_option = [] if given is None else ["--dataset", given]
+        argv = ["lab", "mnist", "--data", str(path), *dataset_option, "--out", str(out), "--epochs", "1",
+                "--batch-size", "20", "--losses", "cross-entropy", "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        results = json.loads((out / "mnist.json").read_text())
+        assert results["dataset"] == name
+        assert ("note_003_test_accuracy" in results) is curves
+        if not curves:
+            assert results["dataset_title"] == file_name
+
+
+def test_a_missing_plotting_extra_is_found_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in [module for module in sys.modules if module == "matplotlib" or module.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    for experiment in (["neuron"], ["mnist", "--epochs", "1"], []):
+        out = tmp_path / f"out{len(experiment)}"
+        assert main(["lab", *experiment, "--out", str(out), "--no-progress"]) == 2
+        _one_line_error(capsys, "matplotlib", "xentkit[lab]")
+        assert not (out / "neuron.json").exists() and not (out / "mnist.json").exists()

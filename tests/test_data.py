@@ -102,7 +102,7 @@ def test_data_argument_accepts_a_folder_or_an_npz(tmp_path: Path) -> None:
     for dataset in (load_dataset(data=npz), load_dataset(data=npz.parent)):
         np.testing.assert_array_equal(dataset.y_train, from_folder.y_train)
         np.testing.assert_allclose(dataset.x_test, from_folder.x_test, rtol=1e-6)
-        assert dataset.name == "digits"
+        assert dataset.name == "digits.npz"  # the file name: never a dataset name
 
 
 def test_embedded_sample_is_a_fixed_stratified_split() -> None:

@@ -6,6 +6,7 @@ import doctest
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,29 @@ def test_import_does_not_load_torch_matplotlib_or_numba():
 def test_docstring_examples_print_what_they_claim(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
+    assert result.failed == 0
+
+
+def _modules_with_examples() -> list[str]:
+    """Every xentkit module whose docstrings hold a ``>>>`` example."""
+    root = Path(xentkit.__file__).parent
+    return sorted(
+        ".".join(("xentkit", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        for path in root.rglob("*.py")
+        if ">>>" in path.read_text(encoding="utf-8")
+    )
+
+
+@pytest.mark.parametrize("module", _modules_with_examples())
+def test_every_example_runs_as_written_in_a_fresh_namespace(module):
+    """Each docstring example, as the API page shows it, with nothing but what it imports (not
+    the module's own names): a reader can paste it."""
+    if module.startswith(("xentkit.torch", "xentkit.integrations")):
+        pytest.importorskip("torch")
+    if module.startswith("xentkit.integrations.transformers"):
+        pytest.importorskip("transformers")
+    imported = importlib.import_module(module)
+    result = doctest.testmod(imported, globs={}, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
 
 

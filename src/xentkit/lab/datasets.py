@@ -19,6 +19,7 @@ and what was found (the file formats are read by :mod:`xentkit.lab.formats`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,16 +97,19 @@ class Dataset:
         """Number of test images."""
         return int(self.y_test.shape[0])
 
-    def subset(self, train_size: int | None = None, test_size: int | None = None) -> Dataset:
-        """The first ``train_size`` training and ``test_size`` test examples (None: all)."""
+    def subset(
+        self, train_size: int | None = None, test_size: int | None = None, names: Mapping[str, str] | None = None
+    ) -> Dataset:
+        """The first ``train_size`` training and ``test_size`` test examples (None: all);
+        ``names``: what the caller calls the two arguments, for the error."""
         for argument, value, available in (
             ("train_size", train_size, self.train_size),
             ("test_size", test_size, self.test_size),
         ):
             if value is not None and not 1 <= value <= available:
                 raise ValueError(
-                    f"{argument} must be between 1 and {available} for dataset {self.name!r}, "
-                    f"got {value}"
+                    f"{(names or {}).get(argument, argument)} must be between 1 and {available} "
+                    f"for dataset {self.name!r}, got {value}"
                 )
         if train_size is None and test_size is None:
             return self
@@ -143,7 +147,8 @@ def load_idx_folder(
         paths[key] = path
     x_train, y_train = read_idx_pair(paths["train_images"], paths["train_labels"])
     x_test, y_test = read_idx_pair(paths["test_images"], paths["test_labels"])
-    name = name or folder.name
+    # unnamed: the folder's name with its slash, never taken for a --dataset name
+    name = name or f"{folder.name}/"
     return Dataset(
         name=name,
         description=description
@@ -162,7 +167,7 @@ def load_npz(path: str | os.PathLike[str], *, name: str | None = None) -> Datase
     """
     path = Path(path)
     arrays = read_npz(path)
-    name = name or path.stem
+    name = name or path.name  # unnamed: the file's name, suffix included (never a --dataset name)
     return Dataset(
         name=name,
         description=f"{name} from {path}: {arrays['y_train'].shape[0]} train / "
@@ -242,7 +247,7 @@ def default_cache_dir() -> Path:
 
 
 def load_dataset(
-    name: str = EMBEDDED_DEFAULT,
+    name: str | None = None,
     *,
     data: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -251,7 +256,9 @@ def load_dataset(
     """Load a dataset by name, or from an explicit path.
 
     Args:
-        name: one of :data:`DATASET_NAMES`; used as the label when ``data`` is given.
+        name: one of :data:`DATASET_NAMES` (default: the embedded sample). With ``data``, what
+            the files hold (only a name says so: ``"mnist"`` brings note 003's MNIST curves into
+            the report); None leaves them unnamed, called by their file or folder name.
         data: a folder with the four IDX files, a folder holding one ``.npz``, or an ``.npz``.
         cache_dir: the download cache (default :func:`default_cache_dir`); datasets live in
             ``cache_dir/<name>/``.
@@ -264,6 +271,7 @@ def load_dataset(
     """
     if data is not None:
         return _load_path(Path(data), name)
+    name = EMBEDDED_DEFAULT if name is None else name
     if name not in DATASET_NAMES:
         raise DatasetError(f"dataset: expected one of {list(DATASET_NAMES)}, received {name!r}")
     if name == EMBEDDED_DEFAULT:
@@ -287,9 +295,11 @@ def load_dataset(
     )
 
 
-def _load_path(path: Path, name: str) -> Dataset:
-    """Load ``--data PATH``: an ``.npz`` file, or a folder of IDX files or with one ``.npz``."""
-    label = name if name != EMBEDDED_DEFAULT else None
+def _load_path(path: Path, label: str | None) -> Dataset:
+    """Load ``--data PATH``: an ``.npz`` file, or a folder of IDX files or with one ``.npz``;
+    ``label``: the dataset name the user gave, or None."""
+    if label is not None and label not in DATASET_NAMES:
+        raise DatasetError(f"dataset: expected one of {list(DATASET_NAMES)}, received {label!r}")
     if path.is_file():
         return load_npz(path, name=label)
     if not path.is_dir():

@@ -19,7 +19,7 @@ shuffling seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,17 +87,22 @@ class MnistSettings:
     learning_rate: float = 0.2
     seed: int = 0
 
-    def validate(self, train_size: int) -> None:
-        """Raise ``ValueError`` naming the setting when one is out of range."""
+    def validate(self, train_size: int, names: Mapping[str, str] | None = None) -> None:
+        """Raise ``ValueError`` naming the setting when one is out of range; ``names``: what
+        the caller calls a field (the command line: ``{"batch_size": "--batch-size", ...}``)."""
+        names = names or {}
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise ValueError(f"{names.get('epochs', 'epochs')} must be >= 1, got {self.epochs}")
         if not 1 <= self.batch_size <= train_size:
             raise ValueError(
-                f"batch_size must be between 1 and the training-set size {train_size}, "
-                f"got {self.batch_size}"
+                f"{names.get('batch_size', 'batch_size')} must be between 1 and the training-set "
+                f"size {train_size}, got {self.batch_size}"
             )
         if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+            raise ValueError(
+                f"{names.get('learning_rate', 'learning_rate')} must be a positive number, got "
+                f"{self.learning_rate}"
+            )
 
 
 @dataclass
@@ -205,8 +210,9 @@ def mnist_results_json(
 ) -> dict[str, Any]:
     """The JSON the lab writes: dataset, sizes, settings, and per loss the two series.
 
-    ``note_003_test_accuracy`` (note 003's full-MNIST curves) is there only when the dataset
-    holds MNIST digits (:func:`is_mnist`): on other data it would be no reference at all.
+    ``note_003_test_accuracy`` (note 003's full-MNIST curves, cut to this run's epochs) is there
+    only when the dataset holds MNIST digits (:func:`is_mnist`): on other data it would be no
+    reference at all.
     """
     results: dict[str, Any] = {
         "experiment": "mnist",
@@ -223,6 +229,8 @@ def mnist_results_json(
         },
         "runs": {run.loss: run.to_json() for run in runs},
     }
-    if is_mnist(dataset.name):
-        results["note_003_test_accuracy"] = SEED_ACCURACY
+    if is_mnist(dataset.name):  # over the epochs this run has (the note ran 21)
+        results["note_003_test_accuracy"] = {
+            loss: values[: settings.epochs] for loss, values in SEED_ACCURACY.items()
+        }
     return results

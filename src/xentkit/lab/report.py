@@ -23,7 +23,7 @@ from typing import Any
 
 from xentkit import __version__
 from xentkit._extras import require
-from xentkit.lab.mnist import dataset_title, is_mnist
+from xentkit.lab.mnist import SEED_ACCURACY, MnistSettings, dataset_title, is_mnist
 from xentkit.lab.neuron import SEED_RESULTS, NeuronRun
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "MNIST_PLOT",
     "NEURON_JSON",
     "NEURON_PLOT",
+    "REPORT_HTML",
     "AccuracyDrop",
     "MnistFindings",
     "leaders",
@@ -42,12 +43,14 @@ __all__ = [
     "plot_mnist",
     "plot_neuron",
     "provenance",
+    "require_plotting",
     "write_report",
 ]
 
 #: The files each experiment leaves in the output folder, which the report is built from.
 NEURON_JSON, NEURON_PLOT = "neuron.json", "neuron.png"
 MNIST_JSON, MNIST_PLOT = "mnist.json", "mnist_accuracy.png"
+REPORT_HTML = "report.html"
 
 #: Resolution of the PNGs. The report shows each at its natural size (CSS pixels are 1/96 in),
 #: so a 9-point legend reads as 12 CSS pixels; it shrinks only on screens narrower than that.
@@ -62,6 +65,12 @@ DROP_THRESHOLD = 0.01
 OSCILLATION_MIN_DROPS = 2
 
 _LOSS_COLORS = {"quadratic": "C0", "double-softmax": "C1", "cross-entropy": "C2"}
+
+
+def require_plotting() -> None:
+    """Raise the lab's one-line missing-extra error now when matplotlib is not installed (the
+    runners call this before any work)."""
+    require("matplotlib", "lab", "the lab's plots")
 
 
 def _pyplot() -> Any:
@@ -353,9 +362,18 @@ def _mnist_sentences(results: dict[str, Any], found: MnistFindings) -> str:
     if "note_003_test_accuracy" in results:
         reference = results["note_003_test_accuracy"]
         ends = _join([f"{loss} {values[-1]:.4f}" for loss, values in reference.items()])
+        epochs, note_epochs = len(next(iter(reference.values()))), len(SEED_ACCURACY["quadratic"])
+        when = "end at" if epochs >= note_epochs else f"reach, after the same {epochs} of their {note_epochs} epochs,"
+        settings, note = results["settings"], MnistSettings()  # the defaults are the note's
+        differ = [
+            f"{name} {settings[key]:g} (the note's {getattr(note, key):g})"
+            for key, name in (("learning_rate", "learning rate"), ("batch_size", "batch size"))
+            if settings[key] != getattr(note, key)
+        ]
+        other = f" Note that this run's {_join(differ)} differ{'s' if len(differ) == 1 else ''}." if differ else ""
         sentences.append(
             f"Note 003's runs on the full MNIST (dotted in the plot, last columns of the table) "
-            f"end at {ends}."
+            f"{when} {ends}.{other}"
         )
     else:
         known = dataset_title(results["dataset"]) != results["dataset"]  # a --dataset name
@@ -376,7 +394,7 @@ def _drop_sentences(found: MnistFindings) -> list[str]:
             start = drops[0].epoch - 1
             swing = found.test_accuracy[loss][start:]
             sentences.append(
-                f"{loss}'s test accuracy oscillates at learning rate {found.learning_rate:g}: "
+                f"Under {loss} the test accuracy oscillates at learning rate {found.learning_rate:g}: "
                 f"it falls by more than {threshold} from one epoch to the next {len(drops)} "
                 f"times, swinging between {min(swing):.4f} and {max(swing):.4f} from Iter "
                 f"{start} on."
@@ -384,7 +402,7 @@ def _drop_sentences(found: MnistFindings) -> list[str]:
         elif drops:
             (drop,) = drops
             sentences.append(
-                f"{loss}'s test accuracy falls once by more than {threshold} (Iter "
+                f"Under {loss} the test accuracy falls once by more than {threshold} (Iter "
                 f"{drop.epoch - 1} → {drop.epoch}: {drop.before:.4f} → {drop.after:.4f}), "
                 "too few drops to call it oscillating."
             )
@@ -396,9 +414,8 @@ def _drop_sentences(found: MnistFindings) -> list[str]:
             f"none oscillates at learning rate {found.learning_rate:g}."
         )
     elif steady:
-        verb = "falls" if len(steady) == 1 else "fall"
         sentences.append(
-            f"{_join(steady)} never {verb} by more than {threshold} from one epoch to the next."
+            f"Under {_join(steady)} it never falls by more than {threshold} from one epoch to the next."
         )
     return sentences
 
@@ -412,7 +429,9 @@ def neuron_table_rows(runs: Sequence[NeuronRun]) -> list[list[str]]:
     rows = []
     for run in runs:
         note = SEED_RESULTS.get(tuple(run.start))
-        note_final = f"{note[1]:.2f}" if note and run.cost == "quadratic" else "much lower"
+        # the note gives numbers for the quadratic cost only; of cross-entropy it says that its
+        # gradient grows with the error, so it learns fastest where it is most wrong
+        note_final = f"{note[1]:.2f}" if note and run.cost == "quadratic" else "no number given"
         rows.append([
             f"({run.start[0]:g}, {run.start[1]:g})", run.cost, f"{run.first_output:.4f}",
             f"{run.final_output:.4f}", note_final,
@@ -428,7 +447,9 @@ def mnist_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]
     per loss, then note 003's two full-MNIST columns when the dataset is MNIST."""
     runs = results["runs"]
     reference = results.get("note_003_test_accuracy", {})
-    header = ["Iter", *runs, *(f"note 003 {loss}, full MNIST" for loss in reference)]
+    # (the note's columns are its full-MNIST runs: said beside each table, kept short here so
+    # that the console table fits 80 columns)
+    header = ["Iter", *runs, *(f"note 003 {loss}" for loss in reference)]
     epochs = len(next(iter(runs.values()))["test_accuracy"])
     rows = []
     for epoch in range(epochs):
@@ -507,7 +528,9 @@ def _neuron_section(results: dict[str, Any], plot: Path | None) -> str:
         f"<p>{html.escape(neuron_summary(runs))}</p>",
         f'<p class="note">x = {results.get("input", 1.0):g}, y = {results.get("target", 0.0):g}, '
         f"learning rate {rates}, {len(runs[0].outputs) - 1} iterations of gradient descent "
-        "(note 003, after Nielsen, chapter 3). The last column is what note 003 reports.</p>",
+        "(note 003, after Nielsen, chapter 3). The last column is what note 003 reports: outputs "
+        "for the quadratic cost only; of cross-entropy it says that the gradient grows with the "
+        "error, so that the neuron learns fastest where it is most wrong.</p>",
         _table(NEURON_HEADER, neuron_table_rows(runs)),
     ]
     if plot is not None:
@@ -616,6 +639,6 @@ def write_report(out_dir: str | Path, *, command: str | None = None) -> Path:
         f"<title>xentkit lab</title><style>{_STYLE}</style></head><body>"
         f"<h1>xentkit lab</h1>\n{header}\n{notes}" + "\n".join(sections) + "\n</body></html>\n"
     )
-    path = out_dir / "report.html"
+    path = out_dir / REPORT_HTML
     path.write_text(document, encoding="utf-8")
     return path

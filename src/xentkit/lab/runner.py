@@ -37,6 +37,7 @@ from xentkit.lab.report import (
     plot_mnist,
     plot_neuron,
     provenance,
+    require_plotting,
     write_report,
 )
 
@@ -77,7 +78,6 @@ def _mnist(
     settings: MnistSettings,
     command: str,
 ) -> tuple[dict[str, Any], Path]:
-    settings.validate(dataset.train_size)
     output.line(f"{dataset.description}.")
     output.line(
         f"Softmax regression 784 → 10, zero init, batch {settings.batch_size}, learning rate "
@@ -125,6 +125,7 @@ def run_neuron(
     """The neuron experiment: prints, writes plot/JSON under ``out_dir`` and rebuilds the
     report there from every result in it; returns the JSON. ``command`` is recorded as the
     command that made the results (default: this Python call)."""
+    require_plotting()  # before any work: a missing extra is not found after the run
     output = output or Output()
     out_dir = Path(out_dir)
     command = _command(command, "run_neuron")
@@ -148,6 +149,8 @@ def run_mnist(
 ) -> dict[str, Any]:
     """The MNIST experiment: prints, writes plot/JSON under ``out_dir`` and rebuilds the report
     there from every result in it; returns the JSON. ``command`` as in :func:`run_neuron`."""
+    settings.validate(dataset.train_size)  # before any work
+    require_plotting()
     output = output or Output()
     out_dir = Path(out_dir)
     command = _command(command, "run_mnist")
@@ -170,6 +173,8 @@ def run_all(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Both experiments and one report; returns ``{"neuron": ..., "mnist": ...}``."""
+    settings.validate(dataset.train_size)  # before the neuron, not after it
+    require_plotting()
     output = output or Output()
     out_dir = Path(out_dir)
     command = _command(command, "run_all")

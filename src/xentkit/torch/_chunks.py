@@ -57,6 +57,7 @@ def chunk_rows(
     ``GPU_CHUNK_BYTES``; elsewhere within ``budget`` (:class:`ChunkBudget`), rounded down to a
     multiple of 8 rows (matmul-friendly) from 16 rows up.
 
+    >>> from xentkit.torch._chunks import chunk_rows
     >>> chunk_rows(4096, 32000, 4, None)   # min(4096/16, 32 MiB / (32000·4 B) = 262) = 256 rows
     256
     >>> chunk_rows(8192, 128256, 2, None, device_type="cuda")   # 512 MiB / 250.5 KiB = 2093 → 2048

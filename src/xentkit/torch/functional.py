@@ -365,8 +365,8 @@ def cross_entropy(
         >>> import xentkit.torch as xt
         >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
         >>> loss = xt.cross_entropy(logits, torch.tensor([0, 2]))
-        >>> loss
-        tensor(0.8964, grad_fn=<_CrossEntropyFunctionBackward>)
+        >>> round(loss.item(), 4)
+        0.8964
         >>> loss.backward()
         >>> logits.grad
         tensor([[-0.1072,  0.0876,  0.0196],

@@ -93,6 +93,7 @@ def vocab_shard_range(vocab_size: int, world_size: int, rank: int) -> tuple[int,
     as evenly as possible in rank order: the first ``V mod P`` ranks get one class more
     (``numpy.array_split``'s convention; Megatron requires V divisible by P).
 
+    >>> from xentkit.torch.distributed import vocab_shard_range
     >>> [vocab_shard_range(11, 4, r) for r in range(4)]
     [(0, 3), (3, 6), (6, 9), (9, 11)]
     """
