@@ -6,7 +6,9 @@ a parameter. Triton runs under its interpreter here."""
 from __future__ import annotations
 
 import re
+import warnings
 
+import numpy as np
 import pytest
 
 from _triton_setup import DEVICE  # first: the skips and the interpreter
@@ -195,3 +197,22 @@ def test_a_modules_options_come_from_its_attributes_its_class_or_the_defaults():
     assert _loss_options_of(scheduled).z_loss == 1e-2
     expected = xt.cross_entropy(logits, labels, z_loss=1e-2)
     torch.testing.assert_close(scheduled(logits, labels), expected)
+
+
+def test_a_promoted_loss_is_rounded_once_not_through_the_logits_dtype():
+    """float16 logits with float32 targets give a float32 loss: computed in float32 and rounded
+    once, never first to float16 (which overflows past 65504 and loses digits)."""
+    logits = torch.zeros(4, 3, dtype=torch.float16)
+    logits[:, 0] = -30000.0
+    probabilities = torch.zeros(4, 3)
+    probabilities[:, 0] = 1.0
+    exact = 4 * (30000.0 + np.log(2.0 + np.exp(-30000.0)))  # Σ (lse − z_0), here 4·(30000 + log 2)
+    loss = xt.cross_entropy(logits, probabilities, reduction="sum")
+    assert loss.dtype == torch.float32
+    np.testing.assert_allclose(loss.item(), exact, rtol=1e-6)
+    big = torch.full((3000, 30), 20.0, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NumPy overflow warning leaks out either
+        binary = xt.binary_cross_entropy_with_logits(big, torch.zeros(3000, 30), reduction="sum")
+    assert binary.dtype == torch.float32
+    np.testing.assert_allclose(binary.item(), 3000 * 30 * (20.0 + np.log1p(np.exp(-20.0))), rtol=1e-6)

@@ -612,3 +612,30 @@ def test_linear_cross_entropy_prepares_the_class_weights_once(monkeypatch, reduc
     loss = xt.linear_cross_entropy(x, w, target, weight=weight, reduction=reduction, chunk_size=4, backend="triton")
     loss.backward(torch.ones_like(loss))  # 3 chunks
     assert preparations == ([True] if reduction == "mean" else [False, True])
+
+
+def test_label_smoothing_with_signed_weights_summing_to_zero_in_a_block(monkeypatch):
+    """A block of classes whose weights sum to 0 still adds its weighted logits to the smoothing
+    term (the block's W term alone is dropped): the loss agrees with torch and with backward."""
+    from xentkit.triton import cross_entropy as kernel_module
+
+    monkeypatch.setattr(kernel_module, "MAX_BLOCK", 2)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    target = torch.tensor([0, 3, 5])
+    weight = torch.tensor([1.0, -1.0, 2.0, 0.5, 1.0, 1.0], dtype=torch.float64)  # block 0: 1 − 1 = 0
+    want = torch.nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=0.3, reduction="none")
+    got = xt.cross_entropy(
+        logits.float().to(DEVICE), target.to(DEVICE), weight=weight.float().to(DEVICE), label_smoothing=0.3,
+        reduction="none", backend="triton",
+    )
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_batch_of_probabilities_keeps_its_graph_on_torch_ops():
+    """The "mean" of no sample is 0 with a gradient (of nothing), as on the kernels and in torch."""
+    logits = torch.randn(0, 5, requires_grad=True)
+    loss = xt.cross_entropy(logits, torch.rand(0, 5), backend="torch")
+    assert loss.requires_grad and loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.shape == (0, 5)

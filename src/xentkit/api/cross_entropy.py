@@ -154,10 +154,13 @@ def _cross_entropy(
     grad_output: ArrayLike | None = None,
     out: np.ndarray | None = None,
     plan: ReductionPlan | None = None,
+    loss_dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The api's cross-entropy with options already checked (the entry point of the torch
     binding and of ``linear_cross_entropy``'s chunks). ``plan``: the reduction plan to use
-    instead of these samples' own (a chunked caller passes its whole batch's)."""
+    instead of these samples' own (a chunked caller passes its whole batch's); ``loss_dtype``:
+    the loss's dtype when it is not the logits' (torch promotes with floating targets), so that
+    it is rounded once, from the computed value."""
     original = as_float_array(logits, "logits")
     axis = class_axis(original, axis, "logits")
     reduction = options.reduction
@@ -213,7 +216,7 @@ def _cross_entropy(
             work is not original,
         )
 
-    loss = np.asarray(loss).astype(original.dtype, copy=False)
+    loss = np.asarray(loss).astype(loss_dtype or original.dtype, copy=False)
     if grad is None:
         return loss, None
     if out is not None:

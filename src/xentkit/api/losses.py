@@ -125,7 +125,11 @@ def nll_loss_and_grad(
 # Binary cross-entropy
 
 
-def _bce_with_logits(logits, target, weight, pos_weight, reduction, want_grad, grad_output=None):
+def _bce_with_logits(
+    logits, target, weight, pos_weight, reduction, want_grad, grad_output=None, loss_dtype=None
+):
+    """``(loss, grad)``; ``loss_dtype``: the loss's dtype when it is not the logits' (the torch
+    binding's promoted dtype), rounded once from the computed value."""
     x, y, dtype = _pair(logits, target, ("logits", "target"))
     reduction = check_reduction(reduction)
     w = _broadcast_weight(weight, x.shape, x.dtype, "weight")
@@ -147,7 +151,7 @@ def _bce_with_logits(logits, target, weight, pos_weight, reduction, want_grad, g
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
     per_element = np.broadcast_to(per_element, x.shape)
     plan = ReductionPlan.of_rows(reduction, x.size)
-    loss = plan.reduce(per_element).astype(dtype)
+    loss = plan.reduce(per_element).astype(loss_dtype or dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)

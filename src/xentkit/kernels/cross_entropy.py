@@ -375,8 +375,11 @@ def _finish_row(  # pragma: no cover - compiled
     loss = (1.0 - eps) * w_y * ((m64 - z_y) + log_s)
     if eps > 0.0:
         loss += (eps / n_classes) * (weight_sum * ((m64 - ref) + log_s) - sum_z)
-    a = (1.0 - eps) * w_y + eps * weight_sum / n_classes
-    # An absent option adds no term (not 0·g, which is NaN for g = ±inf): torch's behaviour.
+    # An absent option adds no term (not 0·g, which is NaN for g = ±inf, nor 0·W, NaN for an
+    # infinite weight on a class no sample has): torch's behaviour.
+    a = (1.0 - eps) * w_y
+    if eps > 0.0:
+        a += eps * weight_sum / n_classes
     z_coef = 2.0 * z_loss * lse * g_z if z_loss > 0.0 else 0.0  # d(λ_z·lse²)/dlse · upstream
     c = (g * a + z_coef) / s
     beta = -eps * g / n_classes if eps > 0.0 else 0.0

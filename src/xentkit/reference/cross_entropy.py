@@ -145,13 +145,16 @@ def cross_entropy_and_grad(
         mass = np.sum(wq, axis=-1, keepdims=True)  # A = Σ_c w_c·q'_c
     else:
         onehot = np.arange(num_classes) == safe[..., None]
-        mass = ((1 - eps) * w_y + eps * np.sum(weight) / num_classes)[..., None]  # A
+        # A; without smoothing no Σw term: 0·Σw is NaN when a class no sample has weighs inf
+        mass = ((1 - eps) * w_y + (eps * np.sum(weight) / num_classes if eps else 0))[..., None]
 
     def factored(rows: Any, g: np.ndarray) -> np.ndarray:
         if probabilities:
             return g * (p[rows] * mass[rows] - wq[rows])
         target_share = (1 - eps) * w_y[rows][..., None] * onehot[rows]
-        return g * (p[rows] * mass[rows] - target_share - eps * weight / num_classes)
+        if eps:
+            target_share = target_share + eps * weight / num_classes
+        return g * (p[rows] * mass[rows] - target_share)
 
     def term_by_term(rows: Any, g: np.ndarray) -> np.ndarray:
         if probabilities:

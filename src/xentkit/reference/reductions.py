@@ -60,8 +60,10 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
         return torch.where(nonzero, quotient, 0.0)
     if denominator != 0:
         return numerator / denominator
-    if _torch_tensor(numerator):
-        return numerator.new_zeros(numerator.shape)
+    if _torch_tensor(numerator):  # 0 that keeps the graph (an empty batch's loss has a gradient)
+        import torch
+
+        return torch.where(torch.zeros_like(numerator, dtype=torch.bool), numerator, 0.0)
     return np.zeros_like(numerator) if isinstance(numerator, np.ndarray) else 0.0
 
 

@@ -59,6 +59,14 @@ def loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     return torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
 
 
+_NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """NumPy's dtype of a kernel float dtype (float16, float32, float64)."""
+    return _NUMPY_DTYPES[dtype]
+
+
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums and per-row results are computed and returned in: float32 or better
     (float64 stays, float16 and bfloat16 widen to float32)."""

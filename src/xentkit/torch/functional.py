@@ -31,9 +31,7 @@ from torch.autograd.function import FunctionCtx
 from .._labels import check_labels
 from .._options import LossOptions, loss_options
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
-from ..api.losses import _nll
-from ..api.losses import binary_cross_entropy_with_logits as _bce_with_logits
-from ..api.losses import binary_cross_entropy_with_logits_and_grad as _bce_with_logits_and_grad
+from ..api.losses import _bce_with_logits, _nll
 from . import _bridge, _ops, _torch_ops, _triton_path
 
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "nll_loss"]
@@ -80,12 +78,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
         logits = _bridge.as_numpy(input)
         # in place: the gradient is written over the logits' own memory (a contiguous input)
         in_place = want_grad and options.inplace_backward and input.is_contiguous() and not input.is_neg()
+        result_dtype = _bridge.loss_dtype(input, target)
         loss, gradient = _cross_entropy(
             logits, _bridge.as_numpy(target), axis=ctx.class_axis,
             weight=_bridge.optional_numpy(weight), options=options,
             # warn when the logits look like probabilities (softmax applied twice)
             check_probabilities=check_probabilities, want_grad=want_grad,
-            out=logits if in_place else None,
+            out=logits if in_place else None, loss_dtype=_bridge.numpy_dtype(result_dtype),
         )
         if in_place:
             # the logits changed: a node that saved them now raises torch's version error
@@ -96,7 +95,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.options = options
         if want_grad:  # read only for a non-finite upstream gradient (a reference, not a copy)
             ctx.save_for_backward(target)
-        return _bridge.as_tensor(loss, _bridge.loss_dtype(input, target))
+        return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
@@ -195,21 +194,15 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         grad_enabled: bool,
     ) -> Tensor:
         _bridge.first_order_anchors(ctx, input)
-        logits = _bridge.as_numpy(input)
-        options = {
-            "weight": _bridge.optional_numpy(weight),
-            "pos_weight": _bridge.optional_numpy(pos_weight),
-            "reduction": reduction,
-        }
-        if grad_enabled and ctx.needs_input_grad[0]:
-            loss, gradient = _bce_with_logits_and_grad(
-                logits, _bridge.as_numpy(target), **options
-            )
-            ctx.gradient = _bridge.as_tensor(gradient, input.dtype)
-        else:
-            loss = _bce_with_logits(logits, _bridge.as_numpy(target), **options)
-            ctx.gradient = None
-        return _bridge.as_tensor(loss, _bridge.loss_dtype(input, target))
+        result_dtype = _bridge.loss_dtype(input, target)
+        want_grad = grad_enabled and ctx.needs_input_grad[0]
+        loss, gradient = _bce_with_logits(
+            _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.optional_numpy(weight),
+            _bridge.optional_numpy(pos_weight), reduction, want_grad,
+            loss_dtype=_bridge.numpy_dtype(result_dtype),
+        )
+        ctx.gradient = _bridge.as_tensor(gradient, input.dtype) if want_grad else None
+        return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
     @_bridge.first_order_only("binary_cross_entropy_with_logits")

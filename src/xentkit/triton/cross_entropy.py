@@ -215,7 +215,9 @@ def _loss_kernel(
         if HAS_SMOOTHING:
             s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
             w_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
-            loss += eps / n_cols * tl.sum(tl.where(w_c == 0.0, 0.0, w_c * (lse - shifts) - s_z), 0)
+            # Σ_c w_c·(lse − z_c) per block, as W_k·(lse − shift_k) − S_k; a block whose weights
+            # sum to 0 (signed weights) drops only its W term, never its weighted logits S_k
+            loss += eps / n_cols * tl.sum(tl.where(w_c == 0.0, 0.0, w_c * (lse - shifts)) - s_z, 0)
         tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
@@ -275,7 +277,10 @@ def _grad_kernel(
         else:
             w_y = 1.0
             weight_sum = n_cols * 1.0
-        coef = g * ((1.0 - eps) * w_y + eps * weight_sum / n_cols)
+        mass = (1.0 - eps) * w_y  # A; without smoothing no W term (0·W is NaN for W = inf)
+        if HAS_SMOOTHING:
+            mass += eps * weight_sum / n_cols
+        coef = g * mass
     if HAS_Z:
         g_z = tl.load(z_grad_scale_ptr + row * z_grad_scale_stride).to(tl.float32) * tl.load(factor_ptr + 1)
         coef += g_z * 2.0 * z_loss * lse

@@ -83,7 +83,9 @@ def _coefficients(
     lse = stats.lse
     zero = torch.zeros((), dtype=torch.float64, device=lse.device)
     w_y = rows.target_weight
-    a = (1.0 - eps) * w_y + eps * plan.weight_sum / vocab
+    a = (1.0 - eps) * w_y
+    if eps > 0.0:  # (not 0·W: NaN when a class no sample has weighs inf)
+        a = a + eps * plan.weight_sum / vocab
     numerator = g * a
     if plan.options.z_loss != 0.0:
         numerator = numerator + g_z * 2.0 * plan.options.z_loss * lse

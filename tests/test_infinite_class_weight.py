@@ -1,0 +1,71 @@
+"""Class weights ``1 / count`` give ``inf`` to a class no sample has. Without label smoothing
+that weight is never read: every path gives torch's finite loss and gradient (the smoothing
+terms, absent, must not make 0·inf = NaN)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import xentkit
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit.torch as xt  # noqa: E402
+from xentkit.torch import distributed  # noqa: E402
+
+LOGITS = np.array([[1.0, 2.0, 3.0, 0.5], [0.5, 0.1, -1.0, 2.0], [0.0, 0.3, 0.2, -0.4]])
+TARGET = np.array([0, 1, 3])
+WEIGHT = np.array([1.0, 2.0, np.inf, 0.5])  # class 2: no sample
+
+
+def _torch_expected(reduction: str):
+    logits = torch.tensor(LOGITS, requires_grad=True)
+    loss = F.cross_entropy(logits, torch.tensor(TARGET), torch.tensor(WEIGHT), reduction=reduction)
+    loss.sum().backward()
+    return loss.detach().numpy(), logits.grad.numpy()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
+def test_numpy_api(reduction, reference):
+    want_loss, want_grad = _torch_expected(reduction)
+    with xentkit.use_reference(reference):
+        loss, grad = xentkit.cross_entropy_and_grad(LOGITS, TARGET, weight=WEIGHT, reduction=reduction)
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
+
+
+_TRITON = pytest.param(
+    "triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("path", ["auto", "torch", _TRITON, "linear", "vocab_parallel"])
+def test_torch_paths(path, reduction):
+    want_loss, want_grad = _torch_expected(reduction)
+    dtype = torch.float32 if path == "triton" else torch.float64
+    logits = torch.tensor(LOGITS, dtype=dtype, requires_grad=True)
+    target, weight = torch.tensor(TARGET), torch.tensor(WEIGHT, dtype=dtype)
+    if path == "linear":  # logits = x·Wᵀ with x the identity: W's gradient is the logits' (transposed)
+        head = logits.detach().t().contiguous().requires_grad_()
+        loss = xt.linear_cross_entropy(torch.eye(3, dtype=dtype), head, target, weight=weight, reduction=reduction)
+        loss.sum().backward()
+        grad = head.grad.t()
+    elif path == "vocab_parallel":
+        loss = distributed.vocab_parallel_cross_entropy(logits, target, weight=weight, reduction=reduction)
+        loss.sum().backward()
+        grad = logits.grad
+    else:
+        loss = xt.cross_entropy(logits, target, weight, reduction=reduction, backend=path)
+        loss.sum().backward()
+        grad = logits.grad
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    assert torch.isfinite(grad).all()
+    np.testing.assert_allclose(loss.detach().double().numpy(), want_loss, rtol=tolerance)
+    np.testing.assert_allclose(grad.double().numpy(), want_grad, rtol=tolerance, atol=tolerance)
