@@ -227,6 +227,7 @@ def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, optio
     return (  # the options first: plain attribute reads
         weight is None and not options.z_loss and options.softcap is None and not options.inplace_backward
         and input.dim() == 2 and target.dim() == 1 and 0 < input.numel() <= SMALL_MAX_LOGITS
+        and target.shape[0] == input.shape[0]  # (else the api's error, not torch's)
         and input.dtype in _SMALL_DTYPES and target.dtype == torch.int64
     )
 

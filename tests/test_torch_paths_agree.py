@@ -1,0 +1,76 @@
+"""The same call behaves the same on every CPU path of ``xentkit.torch``: the kernels (float32),
+torch's own small-problem kernel, and torch ops (bfloat16, ``backend="torch"``). Bad input is one
+error everywhere (never a silently truncated float label, never torch's IndexError), and any
+numeric class weight is taken everywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit.torch as xt  # noqa: E402
+
+PATHS = {
+    "kernels": {"dtype": torch.float32, "backend": "auto", "classes": 70000},  # past the small path
+    "small": {"dtype": torch.float32, "backend": "auto", "classes": 3},
+    "torch-ops bf16": {"dtype": torch.bfloat16, "backend": "auto", "classes": 3},
+    "torch-ops": {"dtype": torch.float32, "backend": "torch", "classes": 3},
+}
+
+
+def _logits(path: str, rows: int = 2) -> torch.Tensor:
+    spec = PATHS[path]
+    return torch.randn(rows, spec["classes"], generator=torch.Generator().manual_seed(0)).to(spec["dtype"])
+
+
+def _backend(function: str, path: str) -> dict[str, str]:
+    """``backend=`` for cross_entropy; nll_loss (as torch's) takes none: its dtype picks the path."""
+    return {"backend": PATHS[path]["backend"]} if function == "cross_entropy" else {}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("function", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize(
+    ("make_target", "error", "message"),
+    [
+        (lambda: torch.tensor([0.9, 1.7]), TypeError, "integer dtype, got dtype float32"),
+        (lambda: torch.tensor([True, False]), TypeError, "integer dtype, got dtype bool"),
+        (lambda: torch.zeros(2, 2, dtype=torch.int64), ValueError, r"target must have shape \(2,\)"),
+        (lambda: torch.zeros(3, dtype=torch.int64), ValueError, r"target must have shape \(2,\)"),
+    ],
+    ids=["float", "bool", "2-d", "too-long"],
+)
+def test_bad_class_index_targets_are_one_error(path, function, make_target, error, message):
+    logits = _logits(path)
+    if function == "nll_loss":
+        logits = logits.float().log_softmax(1).to(logits.dtype)
+    with pytest.raises(error, match=message):
+        getattr(xt, function)(logits, make_target(), **_backend(function, path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_scalar_logits_and_zero_classes_are_the_apis_value_errors(dtype, backend):
+    with pytest.raises(ValueError, match="logits must have at least one dimension"):
+        xt.cross_entropy(torch.tensor(1.0, dtype=dtype), torch.tensor(0), backend=backend)
+    with pytest.raises(ValueError, match="log_probs must have at least one dimension"):
+        xt.nll_loss(torch.tensor(1.0, dtype=dtype), torch.tensor(0))
+    with pytest.raises(ValueError, match="at least one class along axis 1"):
+        xt.cross_entropy(torch.zeros(4, 0, dtype=dtype), torch.zeros(4, 0), backend=backend)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("weight_dtype", [torch.float64, torch.int64, torch.float16, torch.bfloat16])
+def test_any_numeric_class_weight(path, weight_dtype):
+    logits = _logits(path, rows=4)
+    target = torch.tensor([0, 1, 2, 1])
+    weight = torch.arange(1, logits.shape[1] + 1).to(weight_dtype)
+    want = F.cross_entropy(logits.double(), target, weight.double())
+    got = xt.cross_entropy(logits, target, weight, backend=PATHS[path]["backend"])
+    tolerance = 2e-2 if logits.dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+    log_probs = logits.float().log_softmax(1).to(logits.dtype)
+    got_nll = xt.nll_loss(log_probs, target, weight, **_backend("nll_loss", path))
+    torch.testing.assert_close(got_nll.double(), want, rtol=tolerance, atol=tolerance)
