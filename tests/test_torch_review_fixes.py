@@ -220,3 +220,24 @@ def test_a_promoted_loss_is_rounded_once_not_through_the_logits_dtype():
         binary = xt.binary_cross_entropy_with_logits(big, torch.zeros(3000, 30), reduction="sum")
     assert binary.dtype == torch.float32
     np.testing.assert_allclose(binary.item(), 3000 * 30 * (20.0 + np.log1p(np.exp(-20.0))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("target_dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+def test_the_binary_loss_has_the_targets_dtype_as_torchs(logits_dtype, target_dtype):
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 6, generator=generator).to(logits_dtype)
+    target = torch.rand(4, 6, generator=generator).to(target_dtype)
+    expected = F.binary_cross_entropy_with_logits(logits, target)
+    loss = xt.binary_cross_entropy_with_logits(logits, target)
+    assert loss.dtype == expected.dtype == target_dtype
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_binary_mean_of_no_element_is_zero_on_every_path(dtype):
+    logits = torch.randn(0, 4).to(dtype).requires_grad_()
+    loss = xt.binary_cross_entropy_with_logits(logits, torch.rand(0, 4).to(dtype))
+    assert loss.item() == 0.0 and loss.dtype == dtype
+    loss.backward()
+    assert logits.grad.shape == (0, 4)

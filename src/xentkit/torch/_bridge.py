@@ -67,6 +67,12 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return _NUMPY_DTYPES[dtype]
 
 
+def binary_loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
+    """The dtype torch returns ``binary_cross_entropy_with_logits`` in: the target's (float64
+    logits with a float32 target give float32), whatever the logits'."""
+    return target.dtype if target.is_floating_point() else input.dtype
+
+
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums and per-row results are computed and returned in: float32 or better
     (float64 stays, float16 and bfloat16 widen to float32)."""

@@ -141,7 +141,10 @@ def binary_cross_entropy_with_logits(
     reduction: str,
     pos_weight: Tensor | None,
 ) -> Tensor:
-    """``torch.nn.functional.binary_cross_entropy_with_logits`` (the same semantics)."""
+    """``torch.nn.functional.binary_cross_entropy_with_logits`` with xentkit's "mean" of nothing
+    (no element) = 0, as on the kernels (torch: NaN)."""
+    if reduction == "mean" and input.numel() == 0:
+        reduction = "sum"  # 0, with its (empty) graph
     return F.binary_cross_entropy_with_logits(
         input, target, weight, reduction=reduction, pos_weight=pos_weight
     )

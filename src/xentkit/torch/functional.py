@@ -194,7 +194,7 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         grad_enabled: bool,
     ) -> Tensor:
         _bridge.first_order_anchors(ctx, input)
-        result_dtype = _bridge.loss_dtype(input, target)
+        result_dtype = _bridge.binary_loss_dtype(input, target)
         want_grad = grad_enabled and ctx.needs_input_grad[0]
         loss, gradient = _bce_with_logits(
             _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.optional_numpy(weight),
@@ -468,8 +468,10 @@ def binary_cross_entropy_with_logits(
         loss = −w·[pw·y·log σ(x) + (1 − y)·log σ(−x)]      (log(1 − σ(x)) = log σ(−x), stabler)
         ∂loss/∂x = w·[σ(x)·(pw·y + 1 − y) − pw·y]
 
-    "mean" averages over all elements. Shapes: input and target of any one shape; ``weight``
-    broadcastable to it; ``pos_weight`` broadcastable along the last (class) axis.
+    "mean" averages over all elements; with no element it is 0 (torch: NaN). The loss has the
+    target's dtype, as torch's (float64 logits with a float32 target give float32). Shapes: input
+    and target of any one shape; ``weight`` broadcastable to it; ``pos_weight`` broadcastable
+    along the last (class) axis.
 
     Example:
         >>> import torch
