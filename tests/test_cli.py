@@ -197,7 +197,20 @@ def test_download_checksum_mismatch(
     assert main(["data", "download", "mnist", "--cache", str(cache), "--mirror", base_url]) == 2
     _one_line_error(capsys, "checksum mismatch", "train-images-idx3-ubyte.gz",
                     "f68b3c2dcbeaaa9fbdd348bbdeb94873")  # fmt: skip
-    assert list((cache / "mnist").iterdir()) == []
+    assert not cache.exists()  # nothing kept: not even the folders made for it
+    cache.mkdir()  # a cache folder the user made stays
+    assert main(["data", "download", "mnist", "--cache", str(cache), "--mirror", base_url]) == 2
+    capsys.readouterr()
+    assert cache.is_dir() and list(cache.iterdir()) == []
+
+
+def test_a_results_file_that_cannot_be_written_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    assert main(["lab", "neuron", "--out", str(tmp_path / "o"), "--json", "/dev/full", "--no-progress"]) == 2
+    _one_line_error(capsys, "cannot write /dev/full", "No space left on device")
 
 
 def test_download_then_train_from_the_cache(

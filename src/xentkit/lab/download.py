@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from xentkit._extras import require
 from xentkit.lab.datasets import DATASET_NAMES, EMBEDDED_DEFAULT, DatasetError, default_cache_dir
@@ -90,7 +91,24 @@ def download_dataset(
             f"received {base!r}. {_offline_hint(name)}"
         )
     base = base if base.endswith("/") else base + "/"
-    for filename, known_hash in (hashes or KNOWN_HASHES[name]).items():
+    new_folders = [path for path in (folder, folder.parent) if not path.exists()]
+    try:
+        _fetch_all(pooch, requests, name, folder, base, hashes or KNOWN_HASHES[name])
+    except BaseException:
+        for path in new_folders:  # a failed download leaves no empty folder it made behind
+            try:
+                path.rmdir()
+            except OSError:  # not empty (a file was kept), or never made
+                break
+        raise
+    return folder
+
+
+def _fetch_all(
+    pooch: Any, requests: Any, name: str, folder: Path, base: str, hashes: Mapping[str, str]
+) -> None:
+    """Fetch and verify each file into ``folder`` (:func:`download_dataset`'s loop)."""
+    for filename, known_hash in hashes.items():
         url = base + filename
         try:
             pooch.retrieve(
@@ -107,7 +125,6 @@ def download_dataset(
             raise DatasetError(
                 f"{url}: download of {filename} failed ({error}). {_offline_hint(name)}"
             ) from None
-    return folder
 
 
 # the URL schemes pooch downloads from (a local folder is --data DIR, not a mirror)

@@ -47,8 +47,11 @@ __all__ = ["run_all", "run_mnist", "run_neuron", "write_json"]
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write ``data`` as indented JSON, creating the parent folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    except OSError as error:  # (a full disk fails without naming the file)
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from None
     return path
 
 
