@@ -353,6 +353,7 @@ def test_bad_settings_and_data_are_refused_before_any_work(
     ("argv", "words"),
     [
         (["lab", "--epochs", "3", "neuron"], ["--epochs", "lab neuron", "takes no data or training options"]),
+        (["lab", "--seed", "0", "neuron"], ["--seed", "lab neuron"]),  # even at its default value
         (["lab", "--data", "x.npz", "neuron"], ["--data", "lab neuron"]),
         (["lab", "--cache", "c"], ["--cache", "embedded sample is offline"]),
         (["lab", "mnist", "--data", "x.npz", "--cache", "c"], ["--cache", "--data reads its own files"]),
@@ -407,6 +408,7 @@ def test_a_missing_plotting_extra_is_found_before_any_work(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     for experiment in (["neuron"], ["mnist", "--epochs", "1"], []):
         out = tmp_path / f"out{len(experiment)}"
-        assert main(["lab", *experiment, "--out", str(out), "--no-progress"]) == 2
+        json_path = tmp_path / f"json{len(experiment)}" / "results.json"
+        assert main(["lab", *experiment, "--out", str(out), "--json", str(json_path), "--no-progress"]) == 2
         _one_line_error(capsys, "matplotlib", "xentkit[lab]")
-        assert not (out / "neuron.json").exists() and not (out / "mnist.json").exists()
+        assert not out.exists() and not json_path.parent.exists()  # no folder made

@@ -22,19 +22,25 @@ TARGET = np.array([0, 1, 3])
 WEIGHT = np.array([1.0, 2.0, np.inf, 0.5])  # class 2: no sample
 
 
-def _torch_expected(reduction: str):
+def _torch_expected(reduction: str, softcap: float | None = None):
     logits = torch.tensor(LOGITS, requires_grad=True)
-    loss = F.cross_entropy(logits, torch.tensor(TARGET), torch.tensor(WEIGHT), reduction=reduction)
+    capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(capped, torch.tensor(TARGET), torch.tensor(WEIGHT), reduction=reduction)
     loss.sum().backward()
     return loss.detach().numpy(), logits.grad.numpy()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
-def test_numpy_api(reduction, reference):
-    want_loss, want_grad = _torch_expected(reduction)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_numpy_api(reduction, reference, softcap, in_place):
+    want_loss, want_grad = _torch_expected(reduction, softcap)
+    logits = LOGITS.copy()
     with xentkit.use_reference(reference):
-        loss, grad = xentkit.cross_entropy_and_grad(LOGITS, TARGET, weight=WEIGHT, reduction=reduction)
+        loss, grad = xentkit.cross_entropy_and_grad(
+            logits, TARGET, weight=WEIGHT, reduction=reduction, softcap=softcap, out=logits if in_place else None
+        )
     assert np.isfinite(grad).all()
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
@@ -47,14 +53,20 @@ _TRITON = pytest.param(
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("path", ["auto", "torch", _TRITON, "linear", "vocab_parallel"])
-def test_torch_paths(path, reduction):
-    want_loss, want_grad = _torch_expected(reduction)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_torch_paths(path, reduction, softcap):
+    if softcap is not None and path == "vocab_parallel":
+        pytest.skip("the vocabulary-parallel functions take no softcap")
+    want_loss, want_grad = _torch_expected(reduction, softcap)
+    cap = {} if softcap is None else {"softcap": softcap}
     dtype = torch.float32 if path == "triton" else torch.float64
     logits = torch.tensor(LOGITS, dtype=dtype, requires_grad=True)
     target, weight = torch.tensor(TARGET), torch.tensor(WEIGHT, dtype=dtype)
     if path == "linear":  # logits = x·Wᵀ with x the identity: W's gradient is the logits' (transposed)
         head = logits.detach().t().contiguous().requires_grad_()
-        loss = xt.linear_cross_entropy(torch.eye(3, dtype=dtype), head, target, weight=weight, reduction=reduction)
+        loss = xt.linear_cross_entropy(
+            torch.eye(3, dtype=dtype), head, target, weight=weight, reduction=reduction, **cap
+        )
         loss.sum().backward()
         grad = head.grad.t()
     elif path == "vocab_parallel":
@@ -62,7 +74,7 @@ def test_torch_paths(path, reduction):
         loss.sum().backward()
         grad = logits.grad
     else:
-        loss = xt.cross_entropy(logits, target, weight, reduction=reduction, backend=path)
+        loss = xt.cross_entropy(logits, target, weight, reduction=reduction, backend=path, **cap)
         loss.sum().backward()
         grad = logits.grad
     tolerance = 1e-6 if dtype == torch.float32 else 1e-12

@@ -150,3 +150,31 @@ def test_check_labels_false_still_checks_cpu_kernels_and_flag_type():
         xt.log_probs(logits, target, check_labels=1)
     out = xt.linear_log_probs(hidden, head, target, backend="torch", check_labels=False)
     assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_an_ignored_rows_nan_or_inf_logits_give_it_no_gradient_when_traced(poison):
+    """As on the kernels: padded positions (a fully masked attention row gives NaN logits) get
+    gradient 0, not 0·∞ = NaN."""
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logits[1] = poison
+    target = torch.tensor([0, -100, 3])
+
+    def total(z):
+        log_p, entropy = xt.log_probs(z, target, return_entropy=True)
+        return log_p.sum() + entropy.sum()
+
+    eager_leaf = logits.clone().requires_grad_()
+    total(eager_leaf).backward()
+    traced = torch.func.grad(total)(logits)
+    compiled_leaf = logits.clone().requires_grad_()
+    torch.compile(total, fullgraph=True, backend="aot_eager")(compiled_leaf).backward()
+    for grad in (traced, compiled_leaf.grad):
+        assert (grad[1] == 0).all()
+        torch.testing.assert_close(grad, eager_leaf.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_backend_triton_says_it_cannot_run_traced():
+    logits, target = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call.*torch\.func"):
+        torch.func.grad(lambda z: xt.log_probs(z, target, backend="triton").sum())(logits)

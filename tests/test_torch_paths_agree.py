@@ -74,3 +74,11 @@ def test_any_numeric_class_weight(path, weight_dtype):
     log_probs = logits.float().log_softmax(1).to(logits.dtype)
     got_nll = xt.nll_loss(log_probs, target, weight, **_backend("nll_loss", path))
     torch.testing.assert_close(got_nll.double(), want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_bool_class_weight_is_one_error(path):
+    logits = _logits(path, rows=2)
+    weight = torch.ones(logits.shape[1], dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"weight must be a numeric array, got dtype bool$"):
+        xt.cross_entropy(logits, torch.tensor([0, 1]), weight, backend=PATHS[path]["backend"])

@@ -97,8 +97,11 @@ def _add_output_options(parser: argparse.ArgumentParser, *, nested: bool) -> Non
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
+    # No default in the namespace: None on `lab` (so that an option given, even at its default
+    # value, is known: `lab neuron` refuses it), SUPPRESS on `lab mnist` (so that `xentkit lab
+    # --epochs 3 mnist` keeps 3). The defaults are applied where they are used (_settings, _run).
     def default(value: object) -> object:
-        return argparse.SUPPRESS if nested else value
+        return argparse.SUPPRESS if nested else None
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_output_options(lab, nested=False)
     _add_data_options(lab, nested=False)
-    lab.set_defaults(help_parser=lab, lab_parser=lab)
+    lab.set_defaults(help_parser=lab)
     lab_commands = lab.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     neuron = lab_commands.add_parser(
         "neuron",
@@ -273,11 +276,9 @@ def _check_combinations(args: argparse.Namespace) -> None:
             args.help_parser.error(
                 f"--json: {args.json} is one of the files the lab writes into --out; give another path"
             )
-    lab = args.lab_parser
     if args.experiment == "neuron":  # given before the experiment's name, to `lab`
         given = [
-            option for field, option in _MNIST_OPTIONS.items()
-            if getattr(args, _DEST.get(field, field)) != lab.get_default(_DEST.get(field, field))
+            option for field, option in _MNIST_OPTIONS.items() if getattr(args, _DEST.get(field, field)) is not None
         ]  # fmt: skip
         if given:
             args.help_parser.error(f"{given[0]}: `lab neuron` takes no data or training options")
@@ -302,9 +303,8 @@ def _settings(args: argparse.Namespace, dataset: Dataset) -> MnistSettings:
     the options)."""
     from xentkit.lab.mnist import MnistSettings
 
-    settings = MnistSettings(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
-    )
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed}
+    settings = MnistSettings(**{field: value for field, value in given.items() if value is not None})
     settings.validate(dataset.train_size, names=_MNIST_OPTIONS)
     return settings
 
@@ -341,11 +341,14 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
 
     from xentkit.lab.console import Output
+    from xentkit.lab.report import require_plotting
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
-    if args.experiment != "neuron":  # the data and settings first: a failure leaves no folder
+    require_plotting()  # the extras, the data and settings first: a failure leaves no folder
+    if args.experiment != "neuron":
         dataset = _load(args)
         settings = _settings(args, dataset)
+        losses = args.losses or list(LOSS_NAMES)
     _check_writable_folder(Path(args.out), "--out")  # before training, not after
     if args.json is not None:
         if Path(args.json).is_dir():
@@ -357,12 +360,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
     if args.experiment == "mnist":
         run_mnist(
-            dataset, args.out, losses=args.losses, settings=settings, json_path=args.json,
+            dataset, args.out, losses=losses, settings=settings, json_path=args.json,
             output=output, command=command,
         )  # fmt: skip
     else:
         run_all(
-            dataset, args.out, losses=args.losses, settings=settings, json_path=args.json,
+            dataset, args.out, losses=losses, settings=settings, json_path=args.json,
             output=output, command=command,
         )  # fmt: skip
     return 0

@@ -216,7 +216,8 @@ def _cross_entropy(
             work is not original,
         )
 
-    loss = np.asarray(loss).astype(loss_dtype or original.dtype, copy=False)
+    with np.errstate(over="ignore"):  # past the dtype's range: inf, as torch, without a warning
+        loss = np.asarray(loss).astype(loss_dtype or original.dtype, copy=False)
     if grad is None:
         return loss, None
     if out is not None:

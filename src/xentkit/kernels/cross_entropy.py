@@ -408,14 +408,17 @@ def _pass2(  # pragma: no cover - compiled
     src = row[start:stop]
     out = dst[start:stop]
     w = weight_work[start:stop] if has_weight else weight_work
+    # β·w_j only with label smoothing: without it β is 0, and 0·w_j would be NaN for an infinite
+    # weight on a class no sample has
+    smooth_weighted = has_weight and eps > 0.0
     if capped:
         cap = like(softcap, row)
         inv_cap = like(1.0 / softcap, row)
         if in_place:
-            _grad_capped_inplace(src, m, c, beta, w, has_weight, cap, inv_cap)
+            _grad_capped_inplace(src, m, c, beta, w, smooth_weighted, cap, inv_cap)
         else:
-            _grad_capped(src, out, m, c, beta, w, has_weight, cap, inv_cap)
-    elif has_weight and eps > 0.0:
+            _grad_capped(src, out, m, c, beta, w, smooth_weighted, cap, inv_cap)
+    elif smooth_weighted:
         if in_place:
             _grad_weighted_inplace(src, m, c, beta, w)
         else:

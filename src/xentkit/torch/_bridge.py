@@ -36,7 +36,7 @@ def check_class_weight(weight: Tensor | None, classes: int) -> None:
     past a short weight (Triton) or index it with the labels (the reduction plan)."""
     if weight is not None:
         numeric = not (weight.is_complex() or weight.dtype == torch.bool)
-        check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype))
+        check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype).removeprefix("torch."))
 
 
 def check_overwritable(input: Tensor) -> None:

@@ -102,6 +102,9 @@ class TorchRows:
         autograd to differentiate (torch.compile traces them, torch.func transforms them, and
         they have a second derivative): the path where an autograd Function around the kernels
         cannot run. The gradient autograd finds is the formula's (m held constant)."""
+        # ignored rows' logits set to 0 first: their NaN or ±inf would make 0·∞ = NaN in the
+        # gradient autograd finds (the kernels never read them)
+        logits = torch.where(valid[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
         m, s, u, z_target = TorchRows.statistics(logits, labels, valid, temperature)
         log_p, entropy, lse, _ = row_statistics(m, s, u, z_target, valid)
         return log_p, entropy, lse

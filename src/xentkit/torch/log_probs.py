@@ -118,13 +118,20 @@ class _LogProbsFunction(torch.autograd.Function):
         return grad.reshape(logits.shape), None, None, None, None
 
 
-def _traced(*tensors: Tensor | None) -> bool:
+def _traced(options: LogProbOptions, *tensors: Tensor | None) -> bool:
     """Whether this call is traced by torch.compile or transformed by torch.func (vmap, grad):
     then the outputs are torch ops that autograd differentiates (``TorchRows.traced``), not an
-    autograd Function around the kernels, and no label is looked at."""
-    return torch.compiler.is_compiling() or any(
+    autograd Function around the kernels, and no label is looked at. ``backend="triton"`` says
+    then that it cannot run (a ValueError)."""
+    traced = torch.compiler.is_compiling() or any(
         tensor is not None and _bridge.is_functorch_wrapped(tensor) for tensor in tensors
     )
+    if traced and options.backend == "triton":
+        raise ValueError(
+            "backend='triton' cannot run this call: the Triton log-probability kernels do not run "
+            "under torch.compile or torch.func transforms (vmap, grad); backend='auto' runs torch ops there"
+        )
+    return traced
 
 
 def _label_masks(
@@ -221,7 +228,7 @@ def log_probs(
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
     classes = logits.shape[-1]
-    if _traced(logits, target):
+    if _traced(options, logits, target):
         valid, bad = _label_masks(target, classes, options, None)
         matrix, labels = logits.reshape(-1, classes), target.reshape(-1)
         results = tuple(
@@ -349,7 +356,7 @@ def linear_log_probs(
     flat_target = target.reshape(-1)
     x = input.reshape(-1, input.shape[-1])
     classes_text = f"linear_weight has {classes} rows (classes)"
-    if _traced(input, linear_weight, linear_bias, target):  # the whole logits, in torch ops
+    if _traced(options, input, linear_weight, linear_bias, target):  # the whole logits, in torch ops
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
         logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
         results = tuple(
