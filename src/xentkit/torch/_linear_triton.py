@@ -54,13 +54,87 @@ if TYPE_CHECKING:
 def linear_reason(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None
 ) -> str | None:
-    """Why the Triton linear cross-entropy cannot run this call, or None when it can."""
-    reason = triton_reason(input, target, weight)
+    """Why the Triton linear cross-entropy cannot run this call, or None when it can (under
+    torch.compile too: the custom ops of ``_linear_ops``)."""
+    reason = triton_reason(input, target, weight, compiled=True)
     if reason is not None:
         return reason
     if input.dim() != 2 or linear_weight.dim() != 2:
         return "it takes a 2-D input and a 2-D linear_weight"
     return None  # dtypes, devices, the bias: _linear_checks.check_linear refused a mix before asking
+
+
+def rows_target(target: Tensor, rows: int, classes: int) -> Tensor:
+    """The kernels' targets: ``[rows]`` int64 labels, or ``[rows, V]`` probabilities (read in
+    their dtype)."""
+    if target.is_floating_point():
+        return target.detach().reshape(rows, classes).contiguous()
+    return target.detach().reshape(-1).long().contiguous()
+
+
+def forward_chunks(
+    x: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, weight: Tensor | None, options: LossOptions,
+    want: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, ...]]:
+    """The forward over the chunks (steps 1-4 of the module docstring) on contiguous detached
+    ``x``, ``w``, ``b`` and :func:`rows_target`'s ``labels``: ``(loss, valid, stats, gradients)``,
+    the float32 loss (reduced, or per row), the rows counted by the reduction, the rows' pass-1
+    statistics, and for "mean"/"sum" the gradients wanted (input, weight, bias) for an
+    upstream gradient of 1 (None for the others, and for "none"). No label is checked and
+    nothing waits for the device: a bad label makes its row NaN. Shared by the eager Function
+    and the custom ops of ``torch.compile`` (``_linear_ops``)."""
+    from ..triton.cross_entropy import ClassWeights, row_statistics
+
+    options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
+    n, classes = x.shape[0], w.shape[0]
+    probabilities = labels.is_floating_point()
+    valid, plan = row_plan(labels, weight, options, classes)
+    now = any(want) and options.reduction != "none"  # "none": gradients in backward
+    factors = unit_factors(plan, x.device) if now else None
+    # W only for the gradients of hard labels
+    class_weights = ClassWeights.of(weight, x.device, with_total=now and not probabilities)
+    one = torch.ones((), dtype=torch.float32, device=x.device)  # forward's upstream gradient
+    grads = gradient_buffers(
+        x, w, b, want if now else (False, False, False), widen=options.accumulate_in_float32
+    )
+    loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+    lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
+    stats = torch.empty((3 if probabilities else 2, n), dtype=torch.float32, device=x.device)
+    buffer = torch.empty((min(options.chunk_size, n), classes), dtype=x.dtype, device=x.device)
+    for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
+        loss_rows[start:stop], lse_rows[start:stop], stats[:, start:stop] = row_statistics(
+            logits, labels[start:stop], class_weights, **options.formula_arguments()
+        )
+        if now:
+            _chunk_gradients(logits, x_chunk, w, labels[start:stop], class_weights, stats[:, start:stop],
+                             options, one, factors, grads, start, stop)
+    loss = plan.reduce(loss_rows, z_term(lse_rows, valid, options.z_loss))
+    return loss, valid, stats, finish_gradients(grads, w, b)
+
+
+def backward_chunks(
+    x: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, weight: Tensor | None, stats: Tensor,
+    upstream: Tensor, options: LossOptions, want: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """The "none" backward: the chunks' logits again, pass 2 with the per-row ``upstream``
+    gradient (read on the device), and the matmuls; the gradients wanted (else None)."""
+    from ..triton.cross_entropy import ClassWeights
+
+    grads = gradient_buffers(x, w, b, want, widen=options.accumulate_in_float32)
+    upstream = upstream.detach().reshape(-1)
+    ones = torch.ones(2, dtype=torch.float32, device=x.device)
+    class_weights = ClassWeights.of(weight, x.device, with_total=not labels.is_floating_point())
+    buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
+    for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
+        _chunk_gradients(logits, x_chunk, w, labels[start:stop], class_weights, stats[:, start:stop],
+                         options, upstream[start:stop], ones, grads, start, stop)
+    return finish_gradients(grads, w, b)
+
+
+def detached(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The three operands, detached and contiguous (what the chunks' matmuls take)."""
+    bias = None if linear_bias is None else linear_bias.detach().contiguous()
+    return input.detach().contiguous(), linear_weight.detach().contiguous(), bias
 
 
 class TritonLinearCrossEntropyFunction(torch.autograd.Function):
@@ -77,48 +151,19 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         options: LossOptions,
         grad_enabled: bool,
     ) -> Tensor:
-        from ..triton.cross_entropy import ClassWeights, row_statistics
-
         _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
-        options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
-        x = input.detach().contiguous()
-        w = linear_weight.detach().contiguous()
-        b = None if linear_bias is None else linear_bias.detach().contiguous()
-        n, classes = x.shape[0], w.shape[0]
-        probabilities = target.is_floating_point()
-        if probabilities:  # [N, V] rows of q, read in their dtype; "mean" over the rows
-            labels = target.detach().reshape(n, classes).contiguous()
-        else:
-            labels = target.detach().reshape(-1).long().contiguous()
-        valid, plan = row_plan(labels, weight, options, classes)
+        x, w, b = detached(input, linear_weight, linear_bias)
+        classes = w.shape[0]
+        labels = rows_target(target, x.shape[0], classes)
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
-        now = any(want) and options.reduction != "none"  # "none": gradients in backward
-        factors = unit_factors(plan, x.device) if now else None
-        # W only for the gradients of hard labels
-        class_weights = ClassWeights.of(weight, x.device, with_total=now and not probabilities)
-        one = torch.ones((), dtype=torch.float32, device=x.device)  # forward's upstream gradient
-        grads = gradient_buffers(
-            x, w, b, want if now else (False, False, False), widen=options.accumulate_in_float32
-        )
-        loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-        lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-        stats = torch.empty((3 if probabilities else 2, n), dtype=torch.float32, device=x.device)
-        buffer = torch.empty((min(options.chunk_size, n), classes), dtype=x.dtype, device=x.device)
-        for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
-            loss_rows[start:stop], lse_rows[start:stop], stats[:, start:stop] = row_statistics(
-                logits, labels[start:stop], class_weights, **options.formula_arguments()
-            )
-            if now:
-                _chunk_gradients(logits, x_chunk, w, labels[start:stop], class_weights, stats[:, start:stop],
-                                 options, one, factors, grads, start, stop)
-        if not probabilities and options.check_labels:
+        loss, _valid, stats, gradients = forward_chunks(x, w, b, labels, weight, options, want)
+        if not labels.is_floating_point() and options.check_labels:
             check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
-        loss = plan.reduce(loss_rows, z_term(lse_rows, valid, options.z_loss))
         ctx.options = options
         if options.reduction == "none" and any(want):
             ctx.save_for_backward(input, linear_weight, linear_bias, labels, weight, stats)
             ctx.want = want
-        for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, finish_gradients(grads, w, b), strict=True):
+        for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, gradients, strict=True):
             setattr(ctx, name, gradient)
         return loss.to(_bridge.at_least_float32(x.dtype))  # float32 for half inputs (docs/precision.md)
 
@@ -127,20 +172,10 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         options: LossOptions = ctx.options
         if options.reduction == "none":
-            from ..triton.cross_entropy import ClassWeights
-
             input, linear_weight, linear_bias, labels, weight, stats = ctx.saved_tensors
-            x, w = input.detach().contiguous(), linear_weight.detach().contiguous()
-            b = None if linear_bias is None else linear_bias.detach().contiguous()
-            grads = gradient_buffers(x, w, b, ctx.want, widen=options.accumulate_in_float32)
-            upstream = grad_output.detach().reshape(-1)
-            ones = torch.ones(2, dtype=torch.float32, device=x.device)
-            class_weights = ClassWeights.of(weight, x.device, with_total=not labels.is_floating_point())
-            buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
-            for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
-                _chunk_gradients(logits, x_chunk, w, labels[start:stop], class_weights, stats[:, start:stop],
-                                 options, upstream[start:stop], ones, grads, start, stop)
-            return (*finish_gradients(grads, w, b), None, None, None, None)
+            x, w, b = detached(input, linear_weight, linear_bias)
+            gradients = backward_chunks(x, w, b, labels, weight, stats, grad_output, options, ctx.want)
+            return (*gradients, None, None, None, None)
         # loss.backward() passes 1: one wait for the device saves a pass over each gradient
         gradients = _bridge.hand_over_gradients(
             ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, "linear_cross_entropy",

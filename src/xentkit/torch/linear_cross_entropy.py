@@ -35,7 +35,7 @@ from .._labels import check_labels
 from .._options import LossOptions
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
-from . import _bridge, _linear_triton, _torch_ops, _triton_path
+from . import _bridge, _linear_ops, _linear_triton, _torch_ops, _triton_path
 from ._chunks import (
     add_chunk_gradients,
     chunk_rows,
@@ -309,6 +309,8 @@ def linear_cross_entropy(
                 device_type=input.device.type,
             )
         )
+        if torch.compiler.is_compiling():  # custom ops the compiler keeps (no label check)
+            return _linear_ops.linear_cross_entropy(input, linear_weight, linear_bias, target, weight, options)
         return _linear_triton.TritonLinearCrossEntropyFunction.apply(
             input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
         )

@@ -1,0 +1,142 @@
+"""``xentkit.torch.linear_cross_entropy`` under ``torch.compile(fullgraph=True)`` keeps the chunked
+Triton path (the custom ops of ``xentkit.torch._linear_ops``): the ops are in the graph, the
+kernels run chunk by chunk, the whole ``[N, V]`` logits are never formed (the torch-ops fallback
+does not run), and loss and gradients equal the eager Triton path, which ``tests/test_triton.py``
+checks against torch. On CPU tensors under Triton's interpreter; few cases, since each
+compilation takes seconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from _triton_setup import DEVICE  # first: the skips and the interpreter
+
+# isort: split
+import torch
+
+import xentkit.torch as xt
+from xentkit._options import LossOptions
+from xentkit.torch import _linear_ops, _torch_ops
+from xentkit.triton import cross_entropy as kernels
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
+
+ROWS, FEATURES, CLASSES, CHUNK = 10, 8, 13, 4  # 10 rows in chunks of 4: the last one ragged
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts pass 1's launches (one per chunk); the torch-ops fallback (whole logits) raises."""
+    counts = {"row_statistics": 0}
+    original = kernels.row_statistics
+
+    def counted(*args, **kwargs):
+        counts["row_statistics"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "row_statistics", counted)
+    monkeypatch.setattr(_torch_ops, "cross_entropy", lambda *a, **k: pytest.fail("the torch-ops fallback ran"))
+    return counts
+
+
+def _problem(bias, probabilities, weighted, frozen_weight=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, FEATURES, generator=generator).to(DEVICE).requires_grad_()
+    w = torch.randn(CLASSES, FEATURES, generator=generator).to(DEVICE).requires_grad_(not frozen_weight)
+    b = torch.randn(CLASSES, generator=generator).to(DEVICE).requires_grad_() if bias else None
+    if probabilities:
+        target = torch.softmax(torch.randn(ROWS, CLASSES, generator=generator), 1).to(DEVICE)
+    else:
+        target = torch.randint(0, CLASSES, (ROWS,), generator=generator).to(DEVICE)
+        target[2] = -100
+    weight = (torch.rand(CLASSES, generator=generator) + 0.25).to(DEVICE) if weighted else None
+    upstream = (torch.rand(ROWS, generator=generator) + 0.5).to(DEVICE)
+    return x, w, b, target, weight, upstream
+
+
+def _loss_and_gradients(loss_of, x, w, b, target, weight, upstream, reduction):
+    loss = loss_of(x, w, b, target, weight)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    total = (loss * upstream).sum() if reduction == "none" else 1.5 * loss
+    return loss.detach(), torch.autograd.grad(total, leaves)
+
+
+CASES = [
+    # (reduction, bias, probabilities, weighted, frozen weight, options)
+    ("mean", False, False, False, False, {}),
+    ("mean", True, False, True, False, {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.5}),
+    ("sum", True, True, True, False, {"label_smoothing": 0.1}),
+    ("none", True, False, True, False, {"z_loss": 1e-2}),
+    ("none", False, True, False, False, {}),
+    ("mean", True, False, False, True, {}),  # a frozen output layer: no weight gradient
+]
+
+
+@pytest.mark.parametrize(("reduction", "bias", "probabilities", "weighted", "frozen", "options"), CASES)
+def test_compiled_linear_cross_entropy_keeps_the_chunked_kernels_and_equals_eager(
+    launches, reduction, bias, probabilities, weighted, frozen, options
+):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    x, w, b, target, weight, upstream = _problem(bias, probabilities, weighted, frozen)
+
+    def loss_of(x, w, b, target, weight):
+        return xt.linear_cross_entropy(
+            x, w, target, linear_bias=b, weight=weight, reduction=reduction, chunk_size=CHUNK,
+            backend="triton", **options,
+        )
+
+    expected_loss, expected_gradients = _loss_and_gradients(loss_of, x, w, b, target, weight, upstream, reduction)
+    eager_launches = launches["row_statistics"]
+    assert eager_launches == 3  # three chunks
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(loss_of, fullgraph=True, backend=counter)
+    loss, gradients = _loss_and_gradients(compiled, x, w, b, target, weight, upstream, reduction)
+
+    assert counter.frame_count == 1  # one graph, no break
+    targets = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert "xentkit.triton_linear_cross_entropy.default" in targets
+    assert launches["row_statistics"] > eager_launches  # the compiled step ran the kernels
+    assert loss.shape == expected_loss.shape and loss.dtype == expected_loss.dtype
+    assert len(gradients) == len(expected_gradients) == (1 + (not frozen) + bias)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gradients, expected_gradients, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_label_under_compile_makes_the_loss_nan_and_eager_raises(launches):
+    x, w, b, target, weight, _ = _problem(True, False, True, seed=3)
+    target[0] = CLASSES
+
+    def loss_of(x, w, b, target, weight):
+        return xt.linear_cross_entropy(x, w, target, linear_bias=b, weight=weight, reduction="none",
+                                       chunk_size=CHUNK, backend="triton")  # fmt: skip
+
+    with pytest.raises(ValueError, match=f"target has label {CLASSES} at position"):
+        loss_of(x, w, b, target, weight)
+    loss = torch.compile(loss_of, fullgraph=True)(x, w, b, target, weight)
+    assert loss[0].isnan() and torch.isfinite(loss[1:]).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_linear_custom_ops_pass_torchs_opcheck(reduction):
+    x, w, b, target, weight, upstream = _problem(True, False, True, seed=5)
+    options = LossOptions(reduction, -100, 0.1, 1e-2, None, CHUNK)
+    values = _linear_ops.LINEAR_OP_OPTIONS.values(options)
+    arguments = (x, w, b, target, weight, True, True, True, *values)
+    torch.library.opcheck(_linear_ops.triton_linear_cross_entropy, arguments)
+    if reduction == "none":
+        _, stats, *_ = _linear_ops.triton_linear_cross_entropy(
+            x.detach(), w.detach(), b.detach(), target, weight, True, True, True, *values
+        )
+        torch.library.opcheck(
+            _linear_ops.triton_linear_cross_entropy_backward,
+            (x.detach(), w.detach(), b.detach(), target, weight, stats, upstream, True, True, True, *values),
+        )
