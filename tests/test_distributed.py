@@ -400,6 +400,26 @@ def scenario_meta_and_dtypes(world, rank):
     w_shard = torch.randn(stop - start, 4, dtype=torch.float64)
     _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(
         x.to("meta") if bad else x, w_shard.to("meta") if bad else w_shard, target), "rank(s) [1]", "meta device")
+    _expect_error(lambda: vp.vocab_parallel_cross_entropy(shard, target.to("meta") if bad else target),
+                  "rank(s) [1]", "target is on the meta device")
+    # a bad stats object on one rank: every rank raises before any counted collective
+    _expect_error(lambda: vp.vocab_parallel_cross_entropy(shard, target, stats={} if bad else None),
+                  "rank(s) [1]", "stats must be None or a", kind=TypeError if bad else ValueError)
+    # an empty vocabulary on every rank
+    _expect_error(lambda: vp.vocab_parallel_cross_entropy(shard[:, :0], torch.full_like(target, -100)),
+                  "at least one class")
+    # "none" all-reduces the input's gradient in backward: a rank without a graph would never call
+    # it and leave the others waiting, so forward refuses that on every rank
+    leaf = x.clone().requires_grad_(not bad)
+    _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(leaf, w_shard, target, reduction="none"),
+                  "every rank must call backward", "rank(s) [1]")
+    _expect_error(lambda: vp.vocab_parallel_linear_log_probs(leaf, w_shard, target), "every rank must call backward")
+    # integer class weights, as the single-process loss
+    integer_weight = torch.arange(1, V + 1)
+    with recorded("integer class weights"):
+        loss = vp.vocab_parallel_cross_entropy(shard, target, weight=integer_weight)
+        expected = torch.nn.functional.cross_entropy(full, target, weight=integer_weight.double())
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     _check_logits_case(world, rank, dtype=torch.float64, reduction="mean", weighted=False, smoothing=0.0,
                        z_loss=0.0, explicit=False, seed=37)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..._labels import as_class_indices, label_error
 from ..._options import CHOICES, LogProbOptions, LossOptions
 from .._linear_checks import SHARDS, check_linear
-from ._communication import _Communicator
+from ._communication import CommunicationStats, _Communicator
 
 # Every field of every options class travels in the record (the union of their fields, each
 # name once, in the classes' field order), so ranks that disagree on any option (a new one
@@ -53,6 +53,9 @@ _FIELDS = (
     "features",  # the linear form's D (0 for the logits form)
     "dtype",  # the logits' (or the linear form's input's) dtype, an index into _DTYPES (-1: other)
     "wants_input_grad",  # 1 when this rank needs ∂loss/∂input (the linear form's all-reduce)
+    # whether this rank's result has an autograd graph (1) or not (0), where the input gradient
+    # is all-reduced in backward (the linear forms' "none", the log-probabilities); -1 elsewhere
+    "backward_graph",
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -150,9 +153,11 @@ def _check_weight(weight: object) -> np.ndarray | None:
     """The class weights as float64 on the CPU (for the digest and the length), or None."""
     if weight is None:
         return None
-    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 1:
+    numeric = isinstance(weight, Tensor) and not (weight.is_complex() or weight.dtype == torch.bool)
+    if not numeric or weight.dim() != 1:  # integer weights too, as xentkit.torch.cross_entropy
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be None or a 1-D floating tensor of V class weights, got {shape}")
+        raise ValueError(f"weight must be None or a 1-D numeric tensor of V class weights, got {shape}")
+    _check_device(weight, "weight")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "weight requires a gradient, but vocab-parallel cross-entropy treats class weights as "
@@ -171,6 +176,7 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str) 
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
+    _check_device(target, "target")
     rank = len(sample_shape)
     if target.is_floating_point() and target.dim() == rank + 1 and tuple(target.shape[:rank]) == sample_shape:
         raise ValueError(
@@ -186,6 +192,12 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str) 
         labels.numpy(), sample_shape, expected_shape=f"({shape_of})", dtype_name=str(target.dtype)
     )
     return labels_array.reshape(-1)
+
+
+def _has_graph(grad_enabled: bool, *tensors: object) -> bool:
+    """Whether a result computed from ``tensors`` gets an autograd graph (so that its rank can
+    call backward)."""
+    return grad_enabled and any(isinstance(tensor, Tensor) and tensor.requires_grad for tensor in tensors)
 
 
 def _label_extremes(labels: np.ndarray, ignore_index: int) -> tuple[int, int, int, int]:
@@ -209,8 +221,11 @@ def _local_record(
     dtype: torch.dtype,
     features: int = 0,
     wants_input_grad: bool = False,
+    backward_graph: bool | None = None,
 ) -> dict[str, int]:
-    """This rank's record (:data:`_FIELDS`) from its checked arguments."""
+    """This rank's record (:data:`_FIELDS`) from its checked arguments; ``backward_graph``:
+    whether this rank's result has a graph, for the forms that all-reduce in backward (None
+    for the others)."""
     low, low_at, high, high_at = _label_extremes(labels, options.ignore_index)
     return {
         "failed": 0,
@@ -228,6 +243,7 @@ def _local_record(
         "features": features,
         "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else -1,
         "wants_input_grad": int(wants_input_grad),
+        "backward_graph": -1 if backward_graph is None else int(backward_graph),
     }
 
 
@@ -261,6 +277,8 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
         problems.append(f"every rank must hold the same N samples, got N = {rows} on ranks 0..{world - 1}")
     widths = [record["width"] for record in records]
     vocab_size = sum(widths)
+    if vocab_size == 0:
+        problems.append(f"the vocabulary must have at least one class, got shard widths {widths} on ranks 0..{world - 1}")
     classes = f"the vocabulary has V = {vocab_size} classes (the ranks' shard widths {widths} added up)"
     # identical targets (equal digests) are reported once, differing ones rank by rank
     targets_agree = not _differing(records, "target_digest")
@@ -303,6 +321,13 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
         problems.append(
             f"the logits (or the input) must have one dtype on every rank, got {names} on ranks 0..{world - 1}"
         )
+    graphs = [record["backward_graph"] for record in records]
+    if any(record["wants_input_grad"] for record in records) and {0, 1} <= set(graphs):
+        problems.append(
+            "the input's gradient is all-reduced in backward, so every rank must call backward: "
+            f"rank(s) {[r for r, g in enumerate(graphs) if g == 0]} get a result without a graph "
+            "(torch.no_grad, or no tensor that requires grad) while the others do"
+        )
     features = [record["features"] for record in records]
     if len(set(features)) > 1:
         problems.append(f"input must have the same in_features on every rank, got {features}")
@@ -337,6 +362,11 @@ def _agree(
     """
     error: Exception | None = None
     try:
+        stats = communicator.stats
+        if stats is not None and not isinstance(stats, CommunicationStats):
+            raise TypeError(
+                f"stats must be None or a xentkit.torch.distributed.CommunicationStats, got {type(stats).__name__}"
+            )
         record = local_checks()
         local = torch.tensor([record[field] for field in _FIELDS], dtype=torch.int64)
     except Exception as exc:  # any local failure must still reach the gather, or the others hang

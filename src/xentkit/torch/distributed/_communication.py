@@ -66,11 +66,11 @@ class _Communicator:
         """``tensor`` reduced over the group (in place when it already lives on the device)."""
         if self.world_size == 1:
             return tensor
-        if self.stats is not None:
-            self.stats.all_reduce_calls += 1
-            self.stats.all_reduce_bytes += tensor.numel() * tensor.element_size()
         moved = tensor.to(self.device).contiguous()
         dist.all_reduce(moved, op=op, group=self.group)
+        if isinstance(self.stats, CommunicationStats):  # counted once done (a bad stats: the checks raise)
+            self.stats.all_reduce_calls += 1
+            self.stats.all_reduce_bytes += tensor.numel() * tensor.element_size()
         if moved is not tensor:
             tensor.copy_(moved)
         return tensor
@@ -81,10 +81,10 @@ class _Communicator:
             return [tensor.cpu()]
         moved = tensor.to(self.device).contiguous()
         pieces = [torch.empty_like(moved) for _ in range(self.world_size)]
-        if self.stats is not None:
+        dist.all_gather(pieces, moved, group=self.group)
+        if isinstance(self.stats, CommunicationStats):  # counted once done (a bad stats: the checks raise)
             self.stats.all_gather_calls += 1
             self.stats.all_gather_bytes += self.world_size * moved.numel() * moved.element_size()
-        dist.all_gather(pieces, moved, group=self.group)
         return [piece.cpu() for piece in pieces]
 
 

@@ -13,7 +13,14 @@ from torch.autograd.function import FunctionCtx
 from ..._options import LossOptions
 from .. import _bridge
 from .._chunks import add_chunk_gradients, finish_gradients, gradient_buffers, logit_chunks
-from ._agreement import _agree, _check_linear_shards, _check_target, _check_weight, _local_record
+from ._agreement import (
+    _agree,
+    _check_linear_shards,
+    _check_target,
+    _check_weight,
+    _has_graph,
+    _local_record,
+)
 from ._algebra import _coefficients, _combine, _row_losses, _RowStatistics
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _chunk_rows, _Plan, _plan
@@ -233,6 +240,8 @@ def vocab_parallel_linear_cross_entropy(
             rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels,
             weight=class_weight, options=options, dtype=input.dtype,
             features=features, wants_input_grad=grad_enabled and input.requires_grad,
+            backward_graph=_has_graph(grad_enabled, input, linear_weight_shard, linear_bias_shard)
+            if options.reduction == "none" else None,
         )
 
     agreement = _agree(communicator, _NAME, local_checks)

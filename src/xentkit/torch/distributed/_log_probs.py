@@ -44,7 +44,14 @@ from .._chunks import (
 )
 from .._log_prob_rows import TorchRows
 from ..log_probs import _coefficients, _rows_backend, _select
-from ._agreement import _agree, _Agreement, _check_linear_shards, _check_target, _local_record
+from ._agreement import (
+    _agree,
+    _Agreement,
+    _check_linear_shards,
+    _check_target,
+    _has_graph,
+    _local_record,
+)
 from ._communication import CommunicationStats, _Communicator
 from ._rows import _chunk_rows
 from ._shards import _new_buffer
@@ -259,6 +266,7 @@ def vocab_parallel_linear_log_probs(
             rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels, weight=None,
             options=options, dtype=input.dtype, features=features,
             wants_input_grad=grad_enabled and input.requires_grad,
+            backward_graph=_has_graph(grad_enabled, input, linear_weight_shard, linear_bias_shard),
         )
 
     agreement = _agree(communicator, _NAME, local_checks)
