@@ -53,7 +53,7 @@ def test_the_weight_rule_is_the_same_for_nll_loss_and_the_linear_forms():
             xt.linear_cross_entropy(hidden, lm_head, labels, weight=torch.rand(4).to(DEVICE), backend=backend)
     with pytest.raises(ValueError, match=message):
         xt.LinearCrossEntropyLoss(3, 5, weight=torch.rand(4))
-    with pytest.raises(TypeError, match=r"weight must be a numeric array, got dtype torch.bool"):
+    with pytest.raises(TypeError, match=r"weight must be a numeric array, got dtype bool$"):
         xt.cross_entropy(logits, labels, torch.ones(5, dtype=torch.bool).to(DEVICE), backend="triton")
 
 

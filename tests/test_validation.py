@@ -133,3 +133,18 @@ def test_huge_unsigned_labels_and_ignore_index_are_reported_not_wrapped():
 def test_binary_weight_with_more_dimensions_than_the_input_is_rejected_clearly():
     with pytest.raises(ValueError, match=r"weight must broadcast to the input's shape \(4, 3\), got shape \(2, 4, 3\)"):
         xentkit.binary_cross_entropy_with_logits(LOGITS, np.zeros((4, 3)), weight=np.ones((2, 4, 3)))
+
+
+def test_a_loss_narrowed_past_its_dtype_is_inf_without_a_warning():
+    import warnings
+
+    from xentkit.api._validation import rounded
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's "overflow encountered in cast" would raise here
+        assert rounded(np.float64(1e300), np.float32) == np.inf
+        assert rounded(np.float64(-7e4), np.float16) == -np.inf
+        np.testing.assert_array_equal(rounded(np.array([1e300, 1.5]), np.float32), [np.inf, 1.5])
+        assert rounded(np.float64(2.5), np.float32).dtype == np.float32
+    same = np.array([1.0, 2.0])
+    assert rounded(same, np.float64) is same  # no copy when nothing changes

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, DTypeLike
 
 from .._options import describe
 
@@ -169,3 +169,21 @@ def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarra
     if not out.flags.writeable:
         raise ValueError("out must be a writeable array, got a read-only one")
     return out
+
+
+def rounded(values: ArrayLike, dtype: DTypeLike) -> np.ndarray:
+    """``values`` as ``dtype`` (no copy when they are already): a finite value beyond the
+    dtype's range becomes ±inf, as in torch, without NumPy's overflow warning. The warning is
+    silenced only where a narrowing cast could overflow (a context manager costs microseconds
+    that small problems notice)."""
+    array = np.asarray(values)
+    dtype = np.dtype(dtype)
+    largest = _LARGEST.get(dtype.char) if array.dtype.itemsize > dtype.itemsize else None
+    if largest is not None and (array.ndim or not abs(float(array)) <= largest):
+        with np.errstate(over="ignore"):
+            return array.astype(dtype)
+    return array.astype(dtype, copy=False)
+
+
+# the largest finite value of each float dtype a loss may be narrowed to, as a Python float
+_LARGEST = {np.dtype(kind).char: float(np.finfo(kind).max) for kind in (np.float16, np.float32)}

@@ -23,6 +23,7 @@ from ._validation import (
     class_axis,
     compute_dtype,
     probability_target,
+    rounded,
     upstream_gradient,
 )
 
@@ -216,8 +217,7 @@ def _cross_entropy(
             work is not original,
         )
 
-    with np.errstate(over="ignore"):  # past the dtype's range: inf, as torch, without a warning
-        loss = np.asarray(loss).astype(loss_dtype or original.dtype, copy=False)
+    loss = rounded(loss, loss_dtype or original.dtype)
     if grad is None:
         return loss, None
     if out is not None:

@@ -14,6 +14,7 @@ from ._validation import (
     check_class_weight,
     class_axis,
     compute_dtype,
+    rounded,
     same_shape,
     upstream_gradient,
 )
@@ -151,8 +152,7 @@ def _bce_with_logits(
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
     per_element = np.broadcast_to(per_element, x.shape)
     plan = ReductionPlan.of_rows(reduction, x.size)
-    with np.errstate(over="ignore"):  # past the dtype's range: inf, as torch, without a warning
-        loss = plan.reduce(per_element).astype(loss_dtype or dtype)
+    loss = rounded(plan.reduce(per_element), loss_dtype or dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)

@@ -47,6 +47,7 @@ __all__ = ["LINEAR_OP_OPTIONS", "linear_cross_entropy"]
 
 LINEAR_OP_OPTIONS = OpOptions(("reduction", *FORMULA_NAMES, "chunk_size", "accumulate_in_float32"))
 _REDUCTION = OpOptions(("reduction",))
+_OPERANDS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight"
 _WANT = "bool want_input, bool want_weight, bool want_bias"
 
 
@@ -56,10 +57,7 @@ def _empty_or(gradient: Tensor | None, like: Tensor) -> Tensor:
 
 @torch.library.custom_op(
     "xentkit::triton_linear_cross_entropy", mutates_args=(),
-    schema=(
-        "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
-        f"{_WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-    ),
+    schema=f"({_OPERANDS}, {_WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def triton_linear_cross_entropy(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
@@ -100,8 +98,8 @@ def _(
 @torch.library.custom_op(
     "xentkit::triton_linear_cross_entropy_backward", mutates_args=(),
     schema=(
-        "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
-        f"Tensor stats, Tensor grad_output, {_WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor)"
+        f"({_OPERANDS}, Tensor stats, Tensor grad_output, {_WANT}, {LINEAR_OP_OPTIONS.schema}) "
+        "-> (Tensor, Tensor, Tensor)"
     ),
 )
 def triton_linear_cross_entropy_backward(
