@@ -178,3 +178,67 @@ def test_backend_triton_says_it_cannot_run_traced():
     logits, target = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match=r"backend='triton' cannot run this call.*torch\.func"):
         torch.func.grad(lambda z: xt.log_probs(z, target, backend="triton").sum())(logits)
+
+
+def _linear_case(dtype=torch.float64, seed=11):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(10, 6, generator=generator, dtype=dtype, requires_grad=True)
+    w = torch.randn(17, 6, generator=generator, dtype=dtype, requires_grad=True)
+    b = torch.randn(17, generator=generator, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, 17, (10,), generator=generator)
+    target[4] = -100
+    return x, w, b, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_linear_log_probs_keep_the_chunks(dtype):
+    """Under torch.compile linear_log_probs is one custom op (the chunks, never the [N, V]
+    logits), equal to eager for every output and gradient."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    x, w, b, target = _linear_case(dtype)
+    g, h = torch.randn(10, dtype=dtype), torch.randn(10, dtype=dtype)
+
+    def step(x, w, b, target):
+        log_p, entropy, lse = xt.linear_log_probs(
+            x, w, target, linear_bias=b, temperature=0.7, chunk_size=4, return_entropy=True, return_lse=True
+        )
+        return (log_p * g).sum() + (entropy * h).sum() + 0.3 * lse.sum(), log_p
+
+    counter = CompileCounterWithBackend("inductor")
+    total, log_p = torch.compile(step, fullgraph=True, backend=counter)(x, w, b, target)
+    grads = torch.autograd.grad(total, (x, w, b))
+    eager_total, eager_log_p = step(x, w, b, target)
+    eager_grads = torch.autograd.grad(eager_total, (x, w, b))
+    targets = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert counter.frame_count == 1 and "xentkit.linear_log_probs.default" in targets
+    assert not any("linear" in name and "xentkit" not in name for name in targets)  # no whole logits
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(log_p, eager_log_p, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grads, eager_grads, rtol=tolerance, atol=tolerance)
+
+
+def test_compiled_linear_log_probs_make_a_bad_targets_log_probability_nan():
+    x, w, b, target = _linear_case()
+    target[0] = 17
+    with pytest.raises(ValueError, match="label 17 at position"):
+        xt.linear_log_probs(x, w, target, linear_bias=b)
+    log_p = torch.compile(lambda *a: xt.linear_log_probs(a[0], a[1], a[3], linear_bias=a[2]), fullgraph=True)(
+        x, w, b, target
+    )
+    assert log_p[0].isnan() and torch.isfinite(log_p[1:]).all()
+
+
+def test_the_linear_log_prob_ops_pass_torchs_opcheck():
+    from xentkit.torch import _log_prob_ops
+
+    x, w, b, target = _linear_case()
+    valid = target != -100
+    arguments = (x, w, b, target, valid, 0.7, 4, "auto")
+    torch.library.opcheck(_log_prob_ops.linear_log_probs_op, arguments)
+    _, _, _, m, s, _ = _log_prob_ops.linear_log_probs_op(x.detach(), w.detach(), b.detach(), target, valid, 0.7, 4, "auto")
+    coefficients = tuple(torch.randn(10, dtype=torch.float64) for _ in range(3))
+    torch.library.opcheck(
+        _log_prob_ops.linear_log_probs_backward,
+        (x.detach(), w.detach(), b.detach(), target, valid, m, s, *coefficients, 0.7, 4, "auto", True, True, True),
+    )

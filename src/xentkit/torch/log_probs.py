@@ -34,7 +34,7 @@ from .._labels import check_index_layout
 from .._labels import check_labels as _check_labels
 from .._options import LogProbOptions, check_flag, describe
 from ..reference.log_probs import gradient_coefficients, row_statistics
-from . import _bridge, _triton_path
+from . import _bridge, _log_prob_ops, _triton_path
 from ._chunks import (
     add_chunk_gradients,
     chunk_rows,
@@ -44,6 +44,7 @@ from ._chunks import (
     logit_chunks,
 )
 from ._linear_checks import check_linear
+from ._linear_triton import detached
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
 
 __all__ = ["linear_log_probs", "log_probs"]
@@ -118,18 +119,22 @@ class _LogProbsFunction(torch.autograd.Function):
         return grad.reshape(logits.shape), None, None, None, None
 
 
-def _traced(options: LogProbOptions, *tensors: Tensor | None) -> bool:
+def _traced(options: LogProbOptions, *tensors: Tensor | None, compiled_ops: bool = False) -> bool:
     """Whether this call is traced by torch.compile or transformed by torch.func (vmap, grad):
     then the outputs are torch ops that autograd differentiates (``TorchRows.traced``), not an
     autograd Function around the kernels, and no label is looked at. ``backend="triton"`` says
-    then that it cannot run (a ValueError)."""
-    traced = torch.compiler.is_compiling() or any(
-        tensor is not None and _bridge.is_functorch_wrapped(tensor) for tensor in tensors
-    )
+    then that it cannot run (a ValueError). ``compiled_ops``: the caller has custom ops for
+    torch.compile (``linear_log_probs``), so only torch.func counts."""
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        traced = not compiled_ops
+    else:
+        traced = any(tensor is not None and _bridge.is_functorch_wrapped(tensor) for tensor in tensors)
     if traced and options.backend == "triton":
+        where = "torch.func transforms (vmap, grad)" if compiled_ops else "torch.compile or torch.func transforms (vmap, grad)"
         raise ValueError(
-            "backend='triton' cannot run this call: the Triton log-probability kernels do not run "
-            "under torch.compile or torch.func transforms (vmap, grad); backend='auto' runs torch ops there"
+            f"backend='triton' cannot run this call: the Triton log-probability kernels do not run under "
+            f"{where}; backend='auto' runs torch ops there"
         )
     return traced
 
@@ -242,6 +247,46 @@ def log_probs(
     return _select(_nan_where_bad(results, bad), return_entropy, return_lse)
 
 
+def linear_statistics(
+    x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, valid: Tensor, options: LogProbOptions, rows: type,
+    buffer: Tensor | None = None,
+) -> tuple[Tensor, ...]:
+    """Forward steps 1-2 over the chunks (module docstring) on contiguous detached operands:
+    each row's (m, s, u, z_y) in ``rows.statistics_dtype``; ``buffer``: the reused
+    ``[chunk, V]`` logits buffer (made here when None)."""
+    n = x.shape[0]
+    dtype = rows.statistics_dtype(x.dtype)
+    statistics = [torch.empty(n, dtype=dtype, device=x.device) for _ in range(4)]
+    if buffer is None:
+        buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
+    for start, stop, _, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
+        chunk = rows.statistics(logits, target[start:stop], valid[start:stop], options.temperature)
+        for whole, part in zip(statistics, chunk, strict=False):
+            whole[start:stop] = part
+    return tuple(statistics)
+
+
+def linear_gradients(
+    x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, valid: Tensor, options: LogProbOptions, rows: type,
+    m: Tensor, s: Tensor, coefficients: tuple[Tensor, Tensor, Tensor], want: tuple[bool, bool, bool],
+    buffer: Tensor | None = None, skip: tuple[bool, ...] | None = None,
+) -> tuple[Tensor | None, ...]:
+    """Backward steps 1-3 over the chunks: the input, weight and bias gradients ``want``ed (else
+    None) for the rows' coefficients (a, b, k); ``skip``: chunks with nothing to differentiate."""
+    n = x.shape[0]
+    buffers = gradient_buffers(x, w, b, want, zero_input=True)
+    if buffer is None:
+        buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
+    for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size, skip=skip):
+        part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
+        dz = rows.gradient(
+            logits, target[start:stop], valid[start:stop], options.temperature, m[start:stop], s[start:stop],
+            part, logits,
+        )
+        add_chunk_gradients(dz, x_chunk, w, buffers, start, stop)
+    return finish_gradients(buffers, w, b)
+
+
 class _LinearLogProbsFunction(torch.autograd.Function):
     """Chunked linear + log-probabilities; see the module docstring for the algorithm."""
 
@@ -251,49 +296,28 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         valid: Tensor, options: LogProbOptions, rows: type,
     ) -> tuple[Tensor, Tensor, Tensor]:
         _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
-        x = input.detach().contiguous()
-        w = linear_weight.detach().contiguous()
-        b = None if linear_bias is None else linear_bias.detach().contiguous()
+        x, w, b = detached(input, linear_weight, linear_bias)
         ctx.options, ctx.rows, ctx.valid = options, rows, valid
-        n = x.shape[0]
-        dtype = rows.statistics_dtype(x.dtype)
-        statistics = [torch.empty(n, dtype=dtype, device=x.device) for _ in range(4)]
-        buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
+        buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
         # backward reuses the chunk buffer (a new one of the same size would, on the CPU, often
         # come from the allocator's heap next to the old one's cached pages: a second buffer of RSS)
         ctx.buffer = buffer if any(ctx.needs_input_grad[:3]) else None
-        for start, stop, _, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
-            chunk = rows.statistics(logits, target[start:stop], valid[start:stop], options.temperature)
-            for whole, part in zip(statistics, chunk, strict=False):
-                whole[start:stop] = part
+        statistics = linear_statistics(x, w, b, target, valid, options, rows, buffer)
         ctx.save_for_backward(input, linear_weight, linear_bias, target)
-        return _finish(ctx, tuple(statistics), valid, target.shape, x.dtype)
+        return _finish(ctx, statistics, valid, target.shape, x.dtype)
 
     @staticmethod
     @_bridge.first_order_only("linear_log_probs")
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         input, linear_weight, linear_bias, target = ctx.saved_tensors
-        want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        x = input.detach().contiguous()
-        w = linear_weight.detach().contiguous()
-        b = None if linear_bias is None else linear_bias.detach().contiguous()
-        coefficients = _coefficients(ctx, grads)
-        rows, options = ctx.rows, ctx.options
-        n = x.shape[0]
-        buffers = gradient_buffers(x, w, b, (want_x, want_w, want_b), zero_input=True)
+        x, w, b = detached(input, linear_weight, linear_bias)
         # chunks with no position to differentiate (padding) skip their three matmuls
-        buffer, ctx.buffer = ctx.buffer, None
-        if buffer is None:  # a second backward of a retained graph
-            buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
-        chunks = logit_chunks(x, w, b, buffer, options.chunk_size, skip=idle_chunks(ctx.valid, options.chunk_size))
-        for start, stop, x_chunk, logits in chunks:
-            part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
-            dz = rows.gradient(
-                logits, target[start:stop], ctx.valid[start:stop], options.temperature,
-                ctx.m[start:stop], ctx.s[start:stop], part, logits,
-            )
-            add_chunk_gradients(dz, x_chunk, w, buffers, start, stop)
-        return *finish_gradients(buffers, w, b), None, None, None, None
+        buffer, ctx.buffer = ctx.buffer, None  # (None in a second backward of a retained graph)
+        gradients = linear_gradients(
+            x, w, b, target, ctx.valid, ctx.options, ctx.rows, ctx.m, ctx.s, _coefficients(ctx, grads),
+            tuple(ctx.needs_input_grad[:3]), buffer, skip=idle_chunks(ctx.valid, ctx.options.chunk_size),
+        )
+        return *gradients, None, None, None, None
 
 
 def linear_log_probs(
@@ -333,9 +357,11 @@ def linear_log_probs(
     "auto" (CPU float32/float64: the fused Numba kernels; CUDA float32/float16/bfloat16: the
     fused Triton kernels; otherwise the same passes in torch ops, per chunk), "triton" (the
     Triton kernels or a ValueError saying why not) or "torch". Double backward raises.
-    ``check_labels`` as for :func:`log_probs`. Under ``torch.compile`` and torch.func transforms
-    the whole ``[N, V]`` logits are formed (``F.linear``, then :func:`log_probs`' torch ops, which
-    the compiler may fuse): no chunking there.
+    ``check_labels`` as for :func:`log_probs`. Under ``torch.compile`` (``fullgraph=True``
+    works) the chunks stay: two torch custom ops run the eager path's code on its row backend
+    (targets unchecked, a bad one's log-probability NaN; chunks of ignored rows are not skipped
+    in backward). Under torch.func transforms the whole ``[N, V]`` logits are formed
+    (``F.linear``, then :func:`log_probs`' torch ops).
 
     >>> import torch, xentkit.torch as xt
     >>> x = torch.tensor([[1.0, 2.0], [0.5, -1.0]], requires_grad=True)
@@ -356,21 +382,33 @@ def linear_log_probs(
     flat_target = target.reshape(-1)
     x = input.reshape(-1, input.shape[-1])
     classes_text = f"linear_weight has {classes} rows (classes)"
-    if _traced(options, input, linear_weight, linear_bias, target):  # the whole logits, in torch ops
+    if _traced(options, input, linear_weight, linear_bias, target, compiled_ops=True):  # torch.func
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
-        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)  # the whole logits
         results = tuple(
             value.to(TorchRows.statistics_dtype(x.dtype))
             for value in TorchRows.traced(logits, flat_target, valid, options.temperature)
         )
+        return _finish_linear(results, bad, target, return_entropy, return_lse)
+    options = options.replace(
+        chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
+        if x.shape[0] else 1
+    )
+    if torch.compiler.is_compiling():  # custom ops the compiler keeps: the chunks, no label check
+        valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
+        results = _log_prob_ops.linear_log_probs(x, linear_weight, linear_bias, flat_target, valid, options)
     else:
-        options = options.replace(
-            chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
-            if x.shape[0] else 1
-        )
         rows = _rows_backend(x, options, linear_weight, linear_bias, target)
         valid, bad = _label_masks(flat_target, classes, options, rows, classes_text)
         results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)
+    return _finish_linear(results, bad, target, return_entropy, return_lse)
+
+
+def _finish_linear(
+    results: tuple[Tensor, Tensor, Tensor], bad: Tensor | None, target: Tensor, return_entropy: bool,
+    return_lse: bool,
+) -> Tensor | tuple[Tensor, ...]:
+    """The per-row results of ``linear_log_probs`` in the target's shape, as asked for."""
     results = _nan_where_bad(results, bad)
     if target.dim() != 1:
         results = tuple(result.reshape(target.shape) for result in results)

@@ -1,0 +1,156 @@
+"""``linear_log_probs`` as torch custom ops, so that ``torch.compile`` keeps its chunks (the
+``[N, V]`` logits never held) instead of tracing the whole logits as torch ops.
+
+Two ops, each the compiler's one node, running the eager path's code
+(``log_probs.linear_statistics`` and ``linear_gradients``) on the row backend eager would take
+(the Numba kernels for CPU float32/float64, the Triton kernels on CUDA, torch ops otherwise):
+
+    xentkit::linear_log_probs(input, linear_weight, linear_bias, target, valid, temperature,
+                              chunk_size, backend) -> (log_probs, entropy, lse, m, s, log_s)
+        forward: the chunks' pass 1 and ``reference.log_probs.row_statistics``; m, s and log s
+        (float64) are what backward needs
+    xentkit::linear_log_probs_backward(input, linear_weight, linear_bias, target, valid, m, s,
+                                       a, b, k, temperature, chunk_size, backend, want_input,
+                                       want_weight, want_bias) -> (grad_input, grad_weight, grad_bias)
+        backward: each chunk's logits again, pass 2 with the rows' coefficients (a, b, k) (from
+        the upstream gradients of the three outputs, traced torch ops), the matmuls
+
+A gradient not wanted is an empty tensor. Neither op waits for the device: the targets are not
+checked (the caller makes a bad one's log-probability NaN) and, unlike eager, chunks of ignored
+rows are not skipped in backward (knowing which would read the device).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._options import LogProbOptions
+from ..reference.log_probs import gradient_coefficients, row_statistics
+from . import _bridge
+from ._linear_triton import detached
+
+__all__ = ["linear_log_probs"]
+
+_OPERANDS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor valid"
+_OPTIONS = "float temperature, int chunk_size, str backend"
+
+
+def _rows(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, options: LogProbOptions) -> type:
+    from .log_probs import _rows_backend
+
+    return _rows_backend(x, options, w, b, target)
+
+
+@torch.library.custom_op(
+    "xentkit::linear_log_probs", mutates_args=(),
+    schema=f"({_OPERANDS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def linear_log_probs_op(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
+    temperature: float, chunk_size: int, backend: str,
+) -> tuple[Tensor, ...]:
+    """``(log_probs, entropy, lse, m, s, log_s)`` per row; see the module docstring."""
+    from .log_probs import linear_statistics
+
+    options = LogProbOptions(temperature, -100, chunk_size, backend)
+    x, w, b = detached(input, linear_weight, linear_bias)
+    rows = _rows(x, w, b, target, options)
+    m, s, u, z_target = linear_statistics(x, w, b, target, valid, options, rows)
+    log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
+    out = _bridge.at_least_float32(x.dtype)
+    return (
+        log_p.to(out), entropy.to(out), lse.to(out),
+        *(value.to(torch.float64) for value in (m, s, log_s)),
+    )
+
+
+@linear_log_probs_op.register_fake
+def _(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
+    temperature: float, chunk_size: int, backend: str,
+) -> tuple[Tensor, ...]:
+    rows = input.shape[0]
+    out = _bridge.at_least_float32(input.dtype)
+    return (
+        *(input.new_empty((rows,), dtype=out) for _ in range(3)),
+        *(input.new_empty((rows,), dtype=torch.float64) for _ in range(3)),
+    )
+
+
+@torch.library.custom_op(
+    "xentkit::linear_log_probs_backward", mutates_args=(),
+    schema=(
+        f"({_OPERANDS}, Tensor m, Tensor s, Tensor a, Tensor b, Tensor k, {_OPTIONS}, "
+        "bool want_input, bool want_weight, bool want_bias) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def linear_log_probs_backward(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
+    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int, backend: str,
+    want_input: bool, want_weight: bool, want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The input, weight and bias gradients for the rows' coefficients (a, b, k)."""
+    from .log_probs import linear_gradients
+
+    options = LogProbOptions(temperature, -100, chunk_size, backend)
+    x, w, bias = detached(input, linear_weight, linear_bias)
+    rows = _rows(x, w, bias, target, options)
+    dtype = rows.statistics_dtype(x.dtype)
+    want = (want_input, want_weight, want_bias and bias is not None)
+    gradients = linear_gradients(
+        x, w, bias, target, valid, options, rows, m.to(dtype), s.to(dtype), (a, b, k), want
+    )
+    return tuple(x.new_empty((0,)) if gradient is None else gradient for gradient in gradients)  # type: ignore[return-value]
+
+
+@linear_log_probs_backward.register_fake
+def _(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
+    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int, backend: str,
+    want_input: bool, want_weight: bool, want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    def gradient(wanted: bool, like: Tensor | None) -> Tensor:
+        return torch.empty_like(like) if wanted and like is not None else input.new_empty((0,))
+
+    return gradient(want_input, input), gradient(want_weight, linear_weight), gradient(want_bias, linear_bias)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    input, linear_weight, linear_bias, target, valid, *options = inputs
+    _log_p, entropy, _lse, m, s, log_s = output
+    ctx.mark_non_differentiable(m, s, log_s)
+    ctx.options = tuple(options)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, valid, m, s, log_s, entropy)
+
+
+def _backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_log_p: Tensor | None, grad_entropy: Tensor | None,
+    grad_lse: Tensor | None, *_unused: Tensor | None,
+) -> tuple:
+    input, linear_weight, linear_bias, target, valid, m, s, log_s, entropy = ctx.saved_tensors
+    g, h, k = (
+        torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in (grad_log_p, grad_entropy, grad_lse)
+    )
+    a, b, k = gradient_coefficients(log_s, entropy.to(log_s.dtype), g, h, k)
+    want = tuple(bool(need) for need in ctx.needs_input_grad[:3])
+    gradients = linear_log_probs_backward(
+        input, linear_weight, linear_bias, target, valid, m, s, a, b, k, *ctx.options, *want
+    )
+    grads = tuple(gradient if wanted else None for gradient, wanted in zip(gradients, want, strict=True))
+    return (*grads, None, None, None, None, None)
+
+
+linear_log_probs_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_log_probs(
+    x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
+    options: LogProbOptions,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log_probs, entropy, lse)`` per row of ``x`` ``[N, D]`` under torch.compile; ``options``
+    has its chunk size resolved."""
+    log_p, entropy, lse, *_ = linear_log_probs_op(
+        x, linear_weight, linear_bias, target, valid, options.temperature, options.chunk_size, options.backend
+    )
+    return log_p, entropy, lse
