@@ -31,19 +31,24 @@ def fresh_compiler():
     torch._dynamo.reset()
 
 
+def _counted(monkeypatch, module, name: str) -> dict[str, int]:
+    """Counts the calls of ``module.name`` (a kernel's host function) into the returned dict."""
+    counts = {name: 0}
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[name] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return counts
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Counts pass 1's launches (one per chunk); the torch-ops fallback (whole logits) raises."""
-    counts = {"row_statistics": 0}
-    original = kernels.row_statistics
-
-    def counted(*args, **kwargs):
-        counts["row_statistics"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "row_statistics", counted)
     monkeypatch.setattr(_torch_ops, "cross_entropy", lambda *a, **k: pytest.fail("the torch-ops fallback ran"))
-    return counts
+    return _counted(monkeypatch, kernels, "row_statistics")
 
 
 def _problem(bias, probabilities, weighted, frozen_weight=False, seed=0):
@@ -147,14 +152,7 @@ def test_compiled_linear_log_probs_run_the_triton_kernels_in_chunks(monkeypatch)
     and equal the eager Triton path."""
     from xentkit.triton import log_probs as log_prob_kernels
 
-    calls = {"statistics": 0}
-    original = log_prob_kernels.log_prob_statistics
-
-    def counted(*args, **kwargs):
-        calls["statistics"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(log_prob_kernels, "log_prob_statistics", counted)
+    calls = _counted(monkeypatch, log_prob_kernels, "log_prob_statistics")
     x, w, b, target, _, upstream = _problem(True, False, False, seed=9)
 
     def step(x, w, b, target):
@@ -165,9 +163,9 @@ def test_compiled_linear_log_probs_run_the_triton_kernels_in_chunks(monkeypatch)
 
     expected = step(x, w, b, target)
     expected_grads = torch.autograd.grad(expected, (x, w, b))
-    assert calls["statistics"] == 3  # eager: three chunks
+    assert calls["log_prob_statistics"] == 3  # eager: three chunks
     total = torch.compile(step, fullgraph=True)(x, w, b, target)
     grads = torch.autograd.grad(total, (x, w, b))
-    assert calls["statistics"] == 6  # compiled: the same three chunks on the kernels
+    assert calls["log_prob_statistics"] == 6  # compiled: the same three chunks on the kernels
     torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads, expected_grads, rtol=1e-5, atol=1e-6)
