@@ -236,7 +236,7 @@ def test_the_linear_log_prob_ops_pass_torchs_opcheck():
     valid = target != -100
     arguments = (x, w, b, target, valid, 0.7, 4, "auto")
     torch.library.opcheck(_log_prob_ops.linear_log_probs_op, arguments)
-    _, _, _, m, s, _ = _log_prob_ops.linear_log_probs_op(x.detach(), w.detach(), b.detach(), target, valid, 0.7, 4, "auto")
+    _, _, _, m, s, _, _ = _log_prob_ops.linear_log_probs_op(x.detach(), w.detach(), b.detach(), target, valid, 0.7, 4, "auto")
     coefficients = tuple(torch.randn(10, dtype=torch.float64) for _ in range(3))
     torch.library.opcheck(
         _log_prob_ops.linear_log_probs_backward,

@@ -169,3 +169,46 @@ def test_compiled_linear_log_probs_run_the_triton_kernels_in_chunks(monkeypatch)
     assert calls["log_prob_statistics"] == 6  # compiled: the same three chunks on the kernels
     torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads, expected_grads, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("function", ["linear_cross_entropy", "linear_log_probs"])
+def test_compiled_with_transposed_operands_under_inductor(function):
+    """The ops return contiguous gradients whatever the operands' layout, and their fake
+    implementations say so (inductor asserts the sizes and strides it was told)."""
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(FEATURES, ROWS, generator=generator).t().to(DEVICE).requires_grad_()  # [ROWS, FEATURES]
+    w = torch.randn(FEATURES, CLASSES, generator=generator).t().to(DEVICE).requires_grad_()
+    target = torch.randint(0, CLASSES, (ROWS,), generator=generator).to(DEVICE)
+
+    def loss_of(x, w, target):
+        if function == "linear_cross_entropy":
+            return xt.linear_cross_entropy(x, w, target, reduction="none", chunk_size=CHUNK, backend="triton").sum()
+        return xt.linear_log_probs(x, w, target, chunk_size=CHUNK, backend="triton").sum()
+
+    expected = loss_of(x, w, target)
+    expected_grads = torch.autograd.grad(expected, (x, w))
+    total = torch.compile(loss_of, fullgraph=True, backend="inductor")(x, w, target)
+    grads = torch.autograd.grad(total, (x, w))
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads, expected_grads, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("function", ["linear_cross_entropy", "linear_log_probs"])
+def test_dynamic_shapes_do_not_recompile_for_every_number_of_rows(function):
+    """The chunk size is resolved inside the ops from the real shapes: a new N is no new graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    w = torch.randn(CLASSES, FEATURES).to(DEVICE).requires_grad_()
+
+    def loss_of(x, w, target):
+        if function == "linear_cross_entropy":
+            return xt.linear_cross_entropy(x, w, target, backend="triton")
+        return xt.linear_log_probs(x, w, target, backend="triton").sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_of, fullgraph=True, dynamic=True, backend=counter)
+    for rows in range(24, 96, 8):  # nine sizes, each its own default chunk
+        x = torch.randn(rows, FEATURES).to(DEVICE).requires_grad_()
+        target = torch.randint(0, CLASSES, (rows,)).to(DEVICE)
+        compiled(x, w, target).backward()
+    assert counter.frame_count <= 2

@@ -40,10 +40,11 @@ from torch import Tensor
 
 from .._options import LossOptions
 from . import _bridge
+from ._chunks import chunk_rows
 from ._linear_triton import backward_chunks, detached, forward_chunks, rows_target
 from ._triton_path import FORMULA_NAMES, OpOptions
 
-__all__ = ["LINEAR_OP_OPTIONS", "linear_cross_entropy"]
+__all__ = ["LINEAR_OP_OPTIONS", "fake_gradient", "linear_cross_entropy"]
 
 LINEAR_OP_OPTIONS = OpOptions(("reduction", *FORMULA_NAMES, "chunk_size", "accumulate_in_float32"))
 _REDUCTION = OpOptions(("reduction",))
@@ -55,6 +56,23 @@ def _empty_or(gradient: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty((0,)) if gradient is None else gradient
 
 
+def fake_gradient(wanted: bool, like: Tensor | None, placeholder: Tensor) -> Tensor:
+    """A fake op's gradient of ``like``: contiguous, as the real ops return them whatever the
+    operand's layout (a transposed weight's gradient is not transposed), or the empty
+    placeholder when not wanted."""
+    if wanted and like is not None:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return placeholder.new_empty((0,))
+
+
+def _resolved(options: LossOptions, x: Tensor, w: Tensor) -> LossOptions:
+    """``options`` with the chunk size for these operands (resolved inside the op, from the real
+    shapes: resolved while tracing it would pin the number of rows, one recompilation each)."""
+    return options.replace(
+        chunk_size=chunk_rows(x.shape[0], w.shape[0], x.element_size(), options.chunk_size, device_type=x.device.type)
+    )
+
+
 @torch.library.custom_op(
     "xentkit::triton_linear_cross_entropy", mutates_args=(),
     schema=f"({_OPERANDS}, {_WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -64,8 +82,8 @@ def triton_linear_cross_entropy(
     want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, stats, grad_input, grad_weight, grad_bias)``; see the module docstring."""
-    loss_options = LINEAR_OP_OPTIONS.options(options)
     x, w, b = detached(input, linear_weight, linear_bias)
+    loss_options = _resolved(LINEAR_OP_OPTIONS.options(options), x, w)
     want = (want_input, want_weight, want_bias and b is not None)
     loss, _valid, stats, gradients = forward_chunks(x, w, b, target, weight, loss_options, want)
     grad_x, grad_w, grad_b = gradients
@@ -85,13 +103,9 @@ def _(
     loss = input.new_empty((rows,) if reduction == "none" else (), dtype=_bridge.at_least_float32(input.dtype))
     stats = input.new_empty((3 if target.is_floating_point() else 2, rows), dtype=torch.float32)
     now = reduction != "none"
-
-    def gradient(wanted: bool, like: Tensor | None) -> Tensor:
-        return torch.empty_like(like) if now and wanted and like is not None else input.new_empty((0,))
-
     return (
-        loss, stats, gradient(want_input, input), gradient(want_weight, linear_weight),
-        gradient(want_bias, linear_bias),
+        loss, stats, fake_gradient(now and want_input, input, input),
+        fake_gradient(now and want_weight, linear_weight, input), fake_gradient(now and want_bias, linear_bias, input),
     )
 
 
@@ -110,7 +124,7 @@ def triton_linear_cross_entropy_backward(
     x, w, b = detached(input, linear_weight, linear_bias)
     want = (want_input, want_weight, want_bias and b is not None)
     grad_x, grad_w, grad_b = backward_chunks(
-        x, w, b, target, weight, stats, grad_output, LINEAR_OP_OPTIONS.options(options), want
+        x, w, b, target, weight, stats, grad_output, _resolved(LINEAR_OP_OPTIONS.options(options), x, w), want
     )
     return _empty_or(grad_x, x), _empty_or(grad_w, x), _empty_or(grad_b, x)
 
@@ -120,10 +134,10 @@ def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     stats: Tensor, grad_output: Tensor, want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    def gradient(wanted: bool, like: Tensor | None) -> Tensor:
-        return torch.empty_like(like) if wanted and like is not None else input.new_empty((0,))
-
-    return gradient(want_input, input), gradient(want_weight, linear_weight), gradient(want_bias, linear_bias)
+    return (
+        fake_gradient(want_input, input, input), fake_gradient(want_weight, linear_weight, input),
+        fake_gradient(want_bias, linear_bias, input),
+    )
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
@@ -166,7 +180,7 @@ def linear_cross_entropy(
 ) -> Tensor:
     """``xentkit.torch.linear_cross_entropy`` on the Triton kernels under torch.compile: the same
     loss and gradients as the eager Function, without the label check (no wait for the device).
-    ``options`` has its chunk size resolved."""
+    ``options``' chunk size is the user's (the ops resolve it)."""
     grad = torch.is_grad_enabled()
     want = (
         grad and input.requires_grad, grad and linear_weight.requires_grad,

@@ -6,9 +6,10 @@ Two ops, each the compiler's one node, running the eager path's code
 (the Numba kernels for CPU float32/float64, the Triton kernels on CUDA, torch ops otherwise):
 
     xentkit::linear_log_probs(input, linear_weight, linear_bias, target, valid, temperature,
-                              chunk_size, backend) -> (log_probs, entropy, lse, m, s, log_s)
-        forward: the chunks' pass 1 and ``reference.log_probs.row_statistics``; m, s and log s
-        (float64) are what backward needs
+                              chunk_size, backend) -> (log_probs, entropy, lse, m, s, log_s, H)
+        forward: the chunks' pass 1 and ``reference.log_probs.row_statistics``; m, s, log s and
+        the entropy H (float64, as eager keeps them) are what backward needs; the chunk size is
+        resolved inside from the real shapes (resolved while tracing it would pin N)
     xentkit::linear_log_probs_backward(input, linear_weight, linear_bias, target, valid, m, s,
                                        a, b, k, temperature, chunk_size, backend, want_input,
                                        want_weight, want_bias) -> (grad_input, grad_weight, grad_bias)
@@ -28,12 +29,14 @@ from torch import Tensor
 from .._options import LogProbOptions
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge
+from ._chunks import chunk_rows
+from ._linear_ops import fake_gradient
 from ._linear_triton import detached
 
 __all__ = ["linear_log_probs"]
 
 _OPERANDS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor valid"
-_OPTIONS = "float temperature, int chunk_size, str backend"
+_OPTIONS = "float temperature, int? chunk_size, str backend"
 
 
 def _rows(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, options: LogProbOptions) -> type:
@@ -42,39 +45,48 @@ def _rows(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, options: LogPr
     return _rows_backend(x, options, w, b, target)
 
 
+def _options(x: Tensor, w: Tensor, temperature: float, chunk_size: int | None, backend: str) -> LogProbOptions:
+    """The options, with the chunk size for these operands resolved inside the op from the real
+    shapes (resolved while tracing, it would pin the number of rows: a recompilation each)."""
+    rows = chunk_rows(x.shape[0], w.shape[0], x.element_size(), chunk_size, device_type=x.device.type) if x.shape[0] else 1
+    return LogProbOptions(temperature, -100, rows, backend)
+
+
 @torch.library.custom_op(
     "xentkit::linear_log_probs", mutates_args=(),
-    schema=f"({_OPERANDS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema=f"({_OPERANDS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def linear_log_probs_op(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
-    temperature: float, chunk_size: int, backend: str,
+    temperature: float, chunk_size: int | None, backend: str,
 ) -> tuple[Tensor, ...]:
-    """``(log_probs, entropy, lse, m, s, log_s)`` per row; see the module docstring."""
+    """``(log_probs, entropy, lse, m, s, log_s, H)`` per row, the last four in float64 for
+    backward (H the entropy unrounded, as eager keeps it); see the module docstring."""
     from .log_probs import linear_statistics
 
-    options = LogProbOptions(temperature, -100, chunk_size, backend)
     x, w, b = detached(input, linear_weight, linear_bias)
+    options = _options(x, w, temperature, chunk_size, backend)
     rows = _rows(x, w, b, target, options)
     m, s, u, z_target = linear_statistics(x, w, b, target, valid, options, rows)
     log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
     out = _bridge.at_least_float32(x.dtype)
     return (
         log_p.to(out), entropy.to(out), lse.to(out),
-        *(value.to(torch.float64) for value in (m, s, log_s)),
+        m.to(torch.float64), s.to(torch.float64), log_s.to(torch.float64),
+        entropy.to(torch.float64, copy=True),  # (never the entropy output itself: no aliasing)
     )
 
 
 @linear_log_probs_op.register_fake
 def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
-    temperature: float, chunk_size: int, backend: str,
+    temperature: float, chunk_size: int | None, backend: str,
 ) -> tuple[Tensor, ...]:
     rows = input.shape[0]
     out = _bridge.at_least_float32(input.dtype)
     return (
         *(input.new_empty((rows,), dtype=out) for _ in range(3)),
-        *(input.new_empty((rows,), dtype=torch.float64) for _ in range(3)),
+        *(input.new_empty((rows,), dtype=torch.float64) for _ in range(4)),
     )
 
 
@@ -87,14 +99,14 @@ def _(
 )
 def linear_log_probs_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
-    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int, backend: str,
+    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
     want_input: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The input, weight and bias gradients for the rows' coefficients (a, b, k)."""
     from .log_probs import linear_gradients
 
-    options = LogProbOptions(temperature, -100, chunk_size, backend)
     x, w, bias = detached(input, linear_weight, linear_bias)
+    options = _options(x, w, temperature, chunk_size, backend)
     rows = _rows(x, w, bias, target, options)
     dtype = rows.statistics_dtype(x.dtype)
     want = (want_input, want_weight, want_bias and bias is not None)
@@ -107,19 +119,19 @@ def linear_log_probs_backward(
 @linear_log_probs_backward.register_fake
 def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
-    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int, backend: str,
+    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
     want_input: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    def gradient(wanted: bool, like: Tensor | None) -> Tensor:
-        return torch.empty_like(like) if wanted and like is not None else input.new_empty((0,))
-
-    return gradient(want_input, input), gradient(want_weight, linear_weight), gradient(want_bias, linear_bias)
+    return (
+        fake_gradient(want_input, input, input), fake_gradient(want_weight, linear_weight, input),
+        fake_gradient(want_bias, linear_bias, input),
+    )
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     input, linear_weight, linear_bias, target, valid, *options = inputs
-    _log_p, entropy, _lse, m, s, log_s = output
-    ctx.mark_non_differentiable(m, s, log_s)
+    _log_p, _entropy, _lse, m, s, log_s, entropy = output
+    ctx.mark_non_differentiable(m, s, log_s, entropy)
     ctx.options = tuple(options)
     ctx.save_for_backward(input, linear_weight, linear_bias, target, valid, m, s, log_s, entropy)
 
@@ -132,7 +144,7 @@ def _backward(
     g, h, k = (
         torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in (grad_log_p, grad_entropy, grad_lse)
     )
-    a, b, k = gradient_coefficients(log_s, entropy.to(log_s.dtype), g, h, k)
+    a, b, k = gradient_coefficients(log_s, entropy, g, h, k)
     want = tuple(bool(need) for need in ctx.needs_input_grad[:3])
     gradients = linear_log_probs_backward(
         input, linear_weight, linear_bias, target, valid, m, s, a, b, k, *ctx.options, *want
@@ -148,8 +160,8 @@ def linear_log_probs(
     x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
     options: LogProbOptions,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log_probs, entropy, lse)`` per row of ``x`` ``[N, D]`` under torch.compile; ``options``
-    has its chunk size resolved."""
+    """``(log_probs, entropy, lse)`` per row of ``x`` ``[N, D]`` under torch.compile; ``options``'
+    chunk size is the user's (the ops resolve it)."""
     log_p, entropy, lse, *_ = linear_log_probs_op(
         x, linear_weight, linear_bias, target, valid, options.temperature, options.chunk_size, options.backend
     )

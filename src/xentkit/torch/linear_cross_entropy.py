@@ -303,14 +303,14 @@ def linear_cross_entropy(
         lambda: _linear_triton.linear_reason(input, linear_weight, linear_bias, target, weight),
     ):
         _check_targets(input, linear_weight, target, weight)
+        if torch.compiler.is_compiling():  # custom ops the compiler keeps (no label check)
+            return _linear_ops.linear_cross_entropy(input, linear_weight, linear_bias, target, weight, options)
         options = options.replace(
             chunk_size=chunk_rows(
                 input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size,
                 device_type=input.device.type,
             )
         )
-        if torch.compiler.is_compiling():  # custom ops the compiler keeps (no label check)
-            return _linear_ops.linear_cross_entropy(input, linear_weight, linear_bias, target, weight, options)
         return _linear_triton.TritonLinearCrossEntropyFunction.apply(
             input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
         )

@@ -390,14 +390,14 @@ def linear_log_probs(
             for value in TorchRows.traced(logits, flat_target, valid, options.temperature)
         )
         return _finish_linear(results, bad, target, return_entropy, return_lse)
-    options = options.replace(
-        chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
-        if x.shape[0] else 1
-    )
     if torch.compiler.is_compiling():  # custom ops the compiler keeps: the chunks, no label check
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
         results = _log_prob_ops.linear_log_probs(x, linear_weight, linear_bias, flat_target, valid, options)
     else:
+        options = options.replace(
+            chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
+            if x.shape[0] else 1
+        )
         rows = _rows_backend(x, options, linear_weight, linear_bias, target)
         valid, bad = _label_masks(flat_target, classes, options, rows, classes_text)
         results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)
