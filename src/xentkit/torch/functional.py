@@ -239,9 +239,16 @@ def _mean_of_probabilities_possible(mean: float, classes: int) -> bool:
     mean of p in [0, 1], with or without label smoothing: so does a mean of such rows. Outside
     (a model that has learned something, or far from uniform) the logits cannot be
     probabilities and need no look. A margin covers the probability check's own tolerance."""
-    margin = 0.05
-    low = math.log(classes) + 1.0 / classes - 1.0 - margin
-    return low <= mean <= math.log(classes - 1 + math.e) + margin
+    bounds = _PROBABILITY_MEANS.get(classes)
+    if bounds is None:  # once per class count: two logarithms cost microseconds small calls notice
+        margin = 0.05
+        bounds = (math.log(classes) + 1.0 / classes - 1.0 - margin, math.log(classes - 1 + math.e) + margin)
+        if len(_PROBABILITY_MEANS) < 4096:
+            _PROBABILITY_MEANS[classes] = bounds
+    return bounds[0] <= mean <= bounds[1]
+
+
+_PROBABILITY_MEANS: dict[int, tuple[float, float]] = {}  # classes -> (low, high) of that range
 
 
 def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, check_probabilities: bool) -> Tensor:
