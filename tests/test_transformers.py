@@ -387,3 +387,25 @@ def test_token_log_probs_refuses_a_softcapping_model_and_bad_input():
         token_log_probs(tiny_model("LlamaForCausalLM"), torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
         token_log_probs(torch.nn.Linear(2, 2), batch()["input_ids"])
+
+
+def test_mixed_precision_wrappers_that_cast_the_logits_are_no_change() -> None:
+    """accelerate's bf16 mixed precision (what Trainer(bf16=True) uses) wraps forward in autocast
+    and casts the logits to float32 inside the model call: a cast changes no loss, so the patched
+    model trains; a change of values is still refused (test above)."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    model = tiny_model("LlamaForCausalLM")
+    AcceleratorState._reset_state(reset_partial_state=True)  # (an earlier Trainer set its own)
+    try:
+        accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+        reference, patched = accelerator.prepare(copy.deepcopy(model), patched_copy(model))
+        expected = reference(**batch()).loss
+        loss = patched(**batch()).loss
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, **TOLERANCE[torch.bfloat16])
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().max() > 0 for p in patched.parameters())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -172,7 +172,7 @@ class _Patch:
                 "unpatch the model (xentkit.integrations.transformers.unpatch)"
             )
         logits = getattr(output, "logits", None)
-        if self.rule == _PLAIN and logits is not call.head_output:
+        if self.rule == _PLAIN and not _same_or_cast(logits, call.head_output):
             raise RuntimeError(
                 f"{self.name}'s forward changed lm_head's output before its loss (expected it "
                 "unchanged in this transformers version); xentkit would compute another loss: "
@@ -338,3 +338,17 @@ def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` applies to ``model`` now."""
     return isinstance(getattr(model, _ATTRIBUTE, None), _Patch)
 
+
+def _same_or_cast(logits: object, head_output: Tensor | None) -> bool:
+    """Whether the model's ``logits`` are lm_head's output unchanged, or only cast to another
+    dtype (mixed-precision wrappers such as accelerate's ``convert_outputs_to_fp32`` turn the
+    half-precision logits into float32 inside the model call): that changes no loss. Anything
+    else (a scale, a softcap) would: the caller refuses it."""
+    if logits is head_output:
+        return True
+    if not isinstance(logits, Tensor) or head_output is None or logits.shape != head_output.shape:
+        return False
+    if logits.grad_fn is None:  # no graph to follow (no_grad): a change of dtype alone
+        return head_output.grad_fn is None and logits.dtype != head_output.dtype
+    node = logits.grad_fn
+    return type(node).__name__ == "ToCopyBackward0" and node.next_functions[0][0] is head_output.grad_fn
