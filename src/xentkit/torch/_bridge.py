@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api._validation import check_weight_layout
+from .._labels import check_index_layout
+from ..api._validation import check_weight_layout, class_axis_of_shape
 
 # The dtypes the NumPy api computes in (float16 is computed in float32 and returned as float16).
 # bfloat16 has no NumPy dtype; it goes to torch ops, like every non-CPU device.
@@ -37,6 +38,28 @@ def check_class_weight(weight: Tensor | None, classes: int) -> None:
     if weight is not None:
         numeric = not (weight.is_complex() or weight.dtype == torch.bool)
         check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype).removeprefix("torch."))
+
+
+def sample_layout(
+    input: Tensor, target: Tensor, name: str = "logits", probabilities_allowed: bool = True,
+    full_dtype_name: bool = False,
+) -> tuple[int, tuple[int, ...], bool]:
+    """``(class_axis, sample_shape, probabilities)`` of a call on torch's layout (classes on axis
+    1, or 0 for an unbatched ``(C,)`` input), checked from metadata alone (no wait for the
+    device): a scalar ``input`` or zero classes is the api's ValueError, and ``target`` holds
+    class probabilities (floating, the input's shape; when allowed) or else class indices, which
+    must be integers (a TypeError: torch would truncate floats and take bools) of the samples'
+    shape. The one rule of the Triton and torch-ops paths."""
+    class_axis = class_axis_of_shape(tuple(input.shape), 1 if input.dim() >= 2 else 0, name)
+    sample_shape = tuple(input.shape[:class_axis] + input.shape[class_axis + 1 :])
+    probabilities = probabilities_allowed and target.is_floating_point() and target.shape == input.shape
+    if not probabilities:
+        check_index_layout(
+            not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
+            tuple(target.shape), sample_shape,
+            dtype_name=str(target.dtype) if full_dtype_name else str(target.dtype).removeprefix("torch."),
+        )
+    return class_axis, sample_shape, probabilities
 
 
 def check_overwritable(input: Tensor) -> None:

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._labels import check_index_layout, check_labels
+from .._labels import check_labels
 from .._options import LossOptions
-from ..api._validation import class_axis_of_shape
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
@@ -63,21 +62,6 @@ def _nan_where(values: Tensor, bad: Tensor | None) -> Tensor:
     return values * torch.where(bad, torch.nan, 1.0).to(values.dtype)
 
 
-def _class_dim(input: Tensor, name: str, labels: Tensor | None) -> int:
-    """The class dimension (1, or 0 for an unbatched ``(C,)`` input), with the kernel paths'
-    errors from metadata alone: a scalar input or zero classes is a ValueError, and class-index
-    ``labels`` (None for probabilities) must be integers (a TypeError: torch would truncate
-    floats and take bools) of the samples' shape."""
-    class_dim = class_axis_of_shape(tuple(input.shape), 1 if input.dim() >= 2 else 0, name)
-    if labels is not None:
-        integer = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
-        sample_shape = tuple(input.shape[:class_dim] + input.shape[class_dim + 1 :])
-        check_index_layout(
-            integer, tuple(labels.shape), sample_shape, dtype_name=str(labels.dtype).removeprefix("torch.")
-        )
-    return class_dim
-
-
 def cross_entropy(
     input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions,
     result_dtype: torch.dtype | None = None, classes: str | None = None,
@@ -88,9 +72,7 @@ def cross_entropy(
     the logits)."""
     result_dtype = result_dtype or _bridge.loss_dtype(input, target)
     hard = not torch.is_floating_point(target)
-    # floating targets of another shape than the logits' are no probabilities: class indices
-    # of the wrong dtype (the kernels' TypeError)
-    class_dim = _class_dim(input, "logits", None if not hard and target.shape == input.shape else target)
+    class_dim, _, _ = _bridge.sample_layout(input, target)
     _bridge.check_class_weight(weight, input.shape[class_dim])
     if weight is not None and weight.dtype != input.dtype:  # any numeric weight, as the kernels
         weight = weight.to(_bridge.at_least_float32(input.dtype))
@@ -125,7 +107,8 @@ def cross_entropy(
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0."""
-    classes = input.shape[_class_dim(input, "log_probs", target)]
+    class_dim, _, _ = _bridge.sample_layout(input, target, "log_probs", probabilities_allowed=False)
+    classes = input.shape[class_dim]
     _bridge.check_class_weight(weight, classes)
     if weight is not None and weight.dtype != input.dtype:  # any numeric weight, as the kernels
         weight = weight.to(input.dtype)

@@ -26,9 +26,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .._labels import check_index_layout, check_labels
+from .._labels import check_labels
 from .._options import LossOptions
-from ..api._validation import class_axis_of_shape
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
@@ -190,33 +189,17 @@ FORWARD_OP_OPTIONS = OpOptions(("reduction", *FORMULA_NAMES))
 BACKWARD_OP_OPTIONS = OpOptions(FORMULA_NAMES)
 
 
-def sample_layout(input: Tensor, target: Tensor) -> tuple[tuple[int, ...], bool]:
-    """``(sample_shape, probabilities)``: the shape of a "none" loss, and whether ``target``
-    holds class probabilities (floating, the input's shape); the logits' class axis (at least one
-    class) and class indices are checked from metadata alone (dtype and shape), which costs no
-    wait for the device."""
-    class_axis = class_axis_of_shape(tuple(input.shape), 1 if input.dim() >= 2 else 0, "logits")
-    sample_shape = tuple(input.shape[:class_axis] + input.shape[class_axis + 1 :])
-    probabilities = target.is_floating_point() and target.shape == input.shape
-    if not probabilities:
-        check_index_layout(
-            not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
-            tuple(target.shape), sample_shape, dtype_name=str(target.dtype),
-        )
-    return sample_shape, probabilities
-
-
 def rows_inputs(
     input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions
 ) -> tuple[Tensor, tuple[int, ...], bool]:
     """The prologue of every Triton cross-entropy call (the eager Function and, under
     torch.compile, ``_ops.cross_entropy``): ``(rows_target, sample_shape, probabilities)``, the
     kernels' target (``[rows, C]`` probabilities in their dtype, or ``[rows]`` int64 labels) and
-    :func:`sample_layout`'s results. Refuses a softcap that float32, the kernels' arithmetic,
+    :func:`_bridge.sample_layout`'s results. Refuses a softcap that float32, the kernels' arithmetic,
     cannot hold, and class weights that are not one number per class (the kernels would read
     past them)."""
     options.check_fits(torch.float32, torch.finfo(torch.float32).max)
-    sample_shape, probabilities = sample_layout(input, target)
+    _, sample_shape, probabilities = _bridge.sample_layout(input, target, full_dtype_name=True)
     _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])
     target = target.detach()
     rows_target = as_rows(target) if probabilities else target.reshape(-1).long().contiguous()
