@@ -29,7 +29,6 @@ from torch import Tensor
 from .._options import LogProbOptions
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge
-from ._chunks import chunk_rows
 from ._linear_ops import fake_gradient
 from ._linear_triton import detached
 
@@ -48,8 +47,9 @@ def _rows(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, options: LogPr
 def _options(x: Tensor, w: Tensor, temperature: float, chunk_size: int | None, backend: str) -> LogProbOptions:
     """The options, with the chunk size for these operands resolved inside the op from the real
     shapes (resolved while tracing, it would pin the number of rows: a recompilation each)."""
-    rows = chunk_rows(x.shape[0], w.shape[0], x.element_size(), chunk_size, device_type=x.device.type) if x.shape[0] else 1
-    return LogProbOptions(temperature, -100, rows, backend)
+    from .log_probs import chunk_for
+
+    return LogProbOptions(temperature, -100, chunk_for(x, w.shape[0], chunk_size), backend)
 
 
 @torch.library.custom_op(

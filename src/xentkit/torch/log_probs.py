@@ -394,14 +394,18 @@ def linear_log_probs(
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
         results = _log_prob_ops.linear_log_probs(x, linear_weight, linear_bias, flat_target, valid, options)
     else:
-        options = options.replace(
-            chunk_size=chunk_rows(x.shape[0], classes, x.element_size(), options.chunk_size, device_type=x.device.type)
-            if x.shape[0] else 1
-        )
+        options = options.replace(chunk_size=chunk_for(x, classes, options.chunk_size))
         rows = _rows_backend(x, options, linear_weight, linear_bias, target)
         valid, bad = _label_masks(flat_target, classes, options, rows, classes_text)
         results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)
     return _finish_linear(results, bad, target, return_entropy, return_lse)
+
+
+def chunk_for(x: Tensor, classes: int, chunk_size: int | None) -> int:
+    """Rows per chunk of ``linear_log_probs`` for the ``[N, D]`` input ``x`` (1 when N = 0)."""
+    if not x.shape[0]:
+        return 1
+    return chunk_rows(x.shape[0], classes, x.element_size(), chunk_size, device_type=x.device.type)
 
 
 def _finish_linear(
