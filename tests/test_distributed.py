@@ -396,6 +396,10 @@ def scenario_meta_and_dtypes(world, rank):
                   "meta device")
     _expect_error(lambda: vp.vocab_parallel_cross_entropy(shard.float() if bad else shard, target),
                   "one dtype on every rank", "float32")
+    # the same N samples, arranged differently on one rank ((1, N) against (N,))
+    _expect_error(lambda: vp.vocab_parallel_cross_entropy(
+        shard.unsqueeze(0) if bad else shard, target.unsqueeze(0) if bad else target),
+        "same shape", "rank(s) [1]")
     x = torch.randn(N, 4, dtype=torch.float64)
     w_shard = torch.randn(stop - start, 4, dtype=torch.float64)
     _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(

@@ -340,6 +340,29 @@ def test_a_model_that_changes_its_logits_is_caught_at_the_first_step() -> None:
     assert patched(**{k: v for k, v in batch().items() if k != "labels"}).logits is not None  # no leftover
 
 
+def test_changes_after_the_patch_are_followed_or_refused() -> None:
+    # resize_token_embeddings of an untied model installs a new lm_head: the patch hooks it
+    model = tiny_model("LlamaForCausalLM", tie_word_embeddings=False)
+    patched = patched_copy(model)
+    for m in (model, patched):
+        torch.manual_seed(5)
+        m.resize_token_embeddings(VOCABULARY + 8)
+    inputs = batch()
+    assert_same_training(model, patched, **inputs)
+    assert patched(**inputs).logits is None  # still fused: no logits built
+    assert patched(**{k: v for k, v in inputs.items() if k != "labels"}).logits.shape[-1] == VOCABULARY + 8
+    # a head that is not a plain Linear any more, or another loss, cannot be reproduced: refused
+    wrapped = patched_copy(tiny_model("LlamaForCausalLM"))
+    wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)
+    with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's lm_head was replaced .* by a Sequential"):
+        wrapped(**inputs)
+    other = patched_copy(tiny_model("LlamaForCausalLM"))
+    other.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+    with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's loss_function was changed after"):
+        other(**inputs)
+    assert other(**{k: v for k, v in inputs.items() if k != "labels"}).logits is not None  # no leftover
+
+
 def test_without_transformers_the_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'xentkit\[transformers\]'$"):

@@ -190,7 +190,7 @@ def test_bad_input_is_refused_before_the_kernel():
         xt.cross_entropy(x, torch.tensor([0, 1, 4]).to(DEVICE), backend="triton")
     with pytest.raises(ValueError, match="target must have shape"):
         xt.cross_entropy(x, torch.tensor([0, 1]).to(DEVICE), backend="triton")
-    with pytest.raises(TypeError, match=r"integer dtype, got dtype torch\.bool"):
+    with pytest.raises(TypeError, match=r"integer dtype, got dtype bool "):
         xt.cross_entropy(x, torch.tensor([True, False, True]).to(DEVICE), backend="triton")
 
 

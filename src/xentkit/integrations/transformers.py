@@ -93,6 +93,7 @@ class _Patch:
         self.model = model
         self.head = head
         self.rule = rule
+        self.loss_function = loss
         # older transformers versions ignore a shift_labels argument: so does the patch then
         self.takes_shift_labels = "shift_labels" in inspect.signature(loss).parameters
         self.name = type(model).__name__
@@ -102,13 +103,41 @@ class _Patch:
         self.handles = [
             model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True, prepend=True),
             model.register_forward_hook(self._model_hook, with_kwargs=True, always_call=True, prepend=True),
-            head.register_forward_pre_hook(self._head_pre_hook),
-            head.register_forward_hook(self._head_hook),
         ]
+        self.head_handles = self._hook_head(head)
+
+    def _hook_head(self, head: nn.Module) -> list[Any]:
+        return [head.register_forward_pre_hook(self._head_pre_hook), head.register_forward_hook(self._head_hook)]
 
     def remove(self) -> None:
-        for handle in self.handles:
+        for handle in self.handles + self.head_handles:
             handle.remove()
+
+    def _follow_model(self) -> None:
+        """Keep up with changes made after the patch: a new ``lm_head`` (``resize_token_embeddings``
+        of an untied model installs one) is hooked in the old one's place when it is a plain
+        ``nn.Linear``; another head, or another ``loss_function``, is an error (the patch would
+        otherwise compute a loss the model no longer has)."""
+        model = self.model
+        if model.loss_function is not self.loss_function:
+            raise RuntimeError(
+                f"{self.name}'s loss_function was changed after xentkit patched the model "
+                f"(now {getattr(model.loss_function, '__name__', model.loss_function)!r}); the patch "
+                "computes transformers' ForCausalLMLoss only: unpatch the model "
+                "(xentkit.integrations.transformers.unpatch) to use another loss"
+            )
+        head = model.get_output_embeddings()
+        if head is self.head:
+            return
+        if type(head) is not nn.Linear:
+            raise RuntimeError(
+                f"{self.name}'s lm_head was replaced after xentkit patched the model by a "
+                f"{type(head).__name__}, not a torch.nn.Linear; quantized or wrapped heads are not "
+                "supported: unpatch the model (xentkit.integrations.transformers.unpatch)"
+            )
+        for handle in self.head_handles:
+            handle.remove()
+        self.head, self.head_handles = head, self._hook_head(head)
 
     def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
         position = self.positions.get(name)
@@ -127,6 +156,7 @@ class _Patch:
         labels = self._argument("labels", args, kwargs)
         if labels is None or not torch.is_grad_enabled():
             return None  # a logits request (generation, evaluation): unchanged
+        self._follow_model()
         return_dict = self._argument("return_dict", args, kwargs)
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)

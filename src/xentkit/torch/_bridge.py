@@ -41,8 +41,7 @@ def check_class_weight(weight: Tensor | None, classes: int) -> None:
 
 
 def sample_layout(
-    input: Tensor, target: Tensor, name: str = "logits", probabilities_allowed: bool = True,
-    full_dtype_name: bool = False,
+    input: Tensor, target: Tensor, name: str = "logits", probabilities_allowed: bool = True
 ) -> tuple[int, tuple[int, ...], bool]:
     """``(class_axis, sample_shape, probabilities)`` of a call on torch's layout (classes on axis
     1, or 0 for an unbatched ``(C,)`` input), checked from metadata alone (no wait for the
@@ -57,7 +56,7 @@ def sample_layout(
         check_index_layout(
             not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
             tuple(target.shape), sample_shape,
-            dtype_name=str(target.dtype) if full_dtype_name else str(target.dtype).removeprefix("torch."),
+            dtype_name=str(target.dtype).removeprefix("torch."),
         )
     return class_axis, sample_shape, probabilities
 

@@ -199,7 +199,7 @@ def rows_inputs(
     cannot hold, and class weights that are not one number per class (the kernels would read
     past them)."""
     options.check_fits(torch.float32, torch.finfo(torch.float32).max)
-    _, sample_shape, probabilities = _bridge.sample_layout(input, target, full_dtype_name=True)
+    _, sample_shape, probabilities = _bridge.sample_layout(input, target)
     _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])
     target = target.detach()
     rows_target = as_rows(target) if probabilities else target.reshape(-1).long().contiguous()

@@ -43,6 +43,7 @@ Options = LossOptions | LogProbOptions
 _FIELDS = (
     "failed",  # 1 when this rank's local checks raised (the message follows in a second gather)
     "rows",  # N, the number of samples
+    "shape_digest",  # blake2b of the samples' shape (N = their product): ranks agree on the layout
     "width",  # V_r, this rank's number of classes
     "start",  # vocab_start, or -1 for None
     "min_label", "min_position",  # the smallest non-ignored label and its (flat) position, -1: none
@@ -212,7 +213,7 @@ def _label_extremes(labels: np.ndarray, ignore_index: int) -> tuple[int, int, in
 
 def _local_record(
     *,
-    rows: int,
+    sample_shape: tuple[int, ...],
     width: int,
     vocab_start: object,
     labels: np.ndarray,
@@ -223,13 +224,15 @@ def _local_record(
     wants_input_grad: bool = False,
     backward_graph: bool | None = None,
 ) -> dict[str, int]:
-    """This rank's record (:data:`_FIELDS`) from its checked arguments; ``backward_graph``:
+    """This rank's record (:data:`_FIELDS`) from its checked arguments (``labels`` flat, of the
+    samples' shape ``sample_shape``); ``backward_graph``:
     whether this rank's result has a graph, for the forms that all-reduce in backward (None
     for the others)."""
     low, low_at, high, high_at = _label_extremes(labels, options.ignore_index)
     return {
         "failed": 0,
-        "rows": rows,
+        "rows": labels.shape[0],
+        "shape_digest": _digest(np.asarray(sample_shape, dtype=np.int64)),
         "width": width,
         "start": _check_vocab_start(vocab_start),
         "min_label": low,
@@ -275,6 +278,12 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
     rows = [record["rows"] for record in records]
     if len(set(rows)) > 1:
         problems.append(f"every rank must hold the same N samples, got N = {rows} on ranks 0..{world - 1}")
+    elif _differing(records, "shape_digest"):
+        problems.append(
+            "every rank must hold its samples in the same shape (the input's shape without its last "
+            f"axis), but rank(s) {_differing(records, 'shape_digest')} arrange the N = {rows[0]} samples "
+            "differently than rank 0"
+        )
     widths = [record["width"] for record in records]
     vocab_size = sum(widths)
     if vocab_size == 0:

@@ -237,7 +237,7 @@ def vocab_parallel_linear_cross_entropy(
         class_weight = _check_weight(weight)
         state.update(options=options, labels=labels, weight=class_weight, shards=shard_backend(input, options))
         return _local_record(
-            rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels,
+            sample_shape=tuple(input.shape[:-1]), width=width, vocab_start=vocab_start, labels=labels,
             weight=class_weight, options=options, dtype=input.dtype,
             features=features, wants_input_grad=grad_enabled and input.requires_grad,
             backward_graph=_has_graph(grad_enabled, input, linear_weight_shard, linear_bias_shard)

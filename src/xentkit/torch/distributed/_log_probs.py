@@ -263,7 +263,7 @@ def vocab_parallel_linear_log_probs(
         )
         labels: np.ndarray = state["labels"]  # type: ignore[assignment]
         return _local_record(
-            rows=labels.shape[0], width=width, vocab_start=vocab_start, labels=labels, weight=None,
+            sample_shape=tuple(input.shape[:-1]), width=width, vocab_start=vocab_start, labels=labels, weight=None,
             options=options, dtype=input.dtype, features=features,
             wants_input_grad=grad_enabled and input.requires_grad,
             backward_graph=_has_graph(grad_enabled, input, linear_weight_shard, linear_bias_shard),

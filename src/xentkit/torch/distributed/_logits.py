@@ -154,7 +154,7 @@ def vocab_parallel_cross_entropy(
             options=options, labels=labels, weight=class_weight, shards=shard_backend(logits_shard, options)
         )
         return _local_record(
-            rows=labels.shape[0], width=logits_shard.shape[-1], vocab_start=vocab_start,
+            sample_shape=sample_shape, width=logits_shard.shape[-1], vocab_start=vocab_start,
             labels=labels, weight=class_weight, options=options, dtype=logits_shard.dtype,
         )
 
