@@ -483,3 +483,66 @@ def test_linear_log_probs_backward_twice_with_a_retained_graph():
     second = torch.autograd.grad(objective, (x, w, b))
     for a, c in zip(first, second, strict=True):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_integer_targets_are_class_indices(dtype):
+    """Compared with a uint8 target, ignore_index=-100 would be 156 and the class count 256
+    would be 0: the targets are taken as int64 on every path."""
+    torch.manual_seed(0)
+    classes = 40000 if dtype == torch.int16 else 200
+    logits = torch.randn(2, classes)
+    target = torch.tensor([156, 3], dtype=dtype)
+    expected = torch.log_softmax(logits.double(), -1)[[0, 1], target.long()]
+    for backend in ("auto", "torch"):
+        got = xt.log_probs(logits, target, backend=backend)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    x, w = torch.randn(2, 8), torch.randn(classes, 8)
+    torch.testing.assert_close(
+        xt.linear_log_probs(x, w, target).double(),
+        torch.log_softmax((x @ w.T).double(), -1)[[0, 1], target.long()], rtol=1e-5, atol=1e-5,
+    )
+    ignored = xt.log_probs(logits, torch.tensor([0, 3], dtype=torch.int32), ignore_index=2**32)
+    assert ignored[0] != 0  # 2**32 is not 0
+
+
+@pytest.mark.parametrize(("dtype", "backend"), [(torch.float64, "auto"), (torch.float32, "torch"), (torch.float32, "auto")])
+def test_outputs_are_tensors_of_their_own(dtype, backend):
+    """Changing an output in place, or a detached copy of it, never changes the gradient, and is
+    allowed while autograd records (as on torch's own results)."""
+    gradients = []
+    for touch in (False, True):
+        torch.manual_seed(1)
+        logits = torch.randn(3, 5, dtype=dtype, requires_grad=True)
+        log_p, entropy = xt.log_probs(logits, torch.tensor([0, 1, 2]), return_entropy=True, backend=backend)
+        loss = log_p.sum() + 0.5 * entropy.sum()
+        if touch:
+            entropy.detach().zero_()
+        loss.backward()
+        gradients.append(logits.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=0, atol=0)
+    logits = torch.randn(4, 6, requires_grad=True)
+    target = torch.tensor([1, 2, 3, -100])
+    log_p = xt.log_probs(logits, target)
+    log_p.masked_fill_(target == 1, 0.0)
+    log_p.sum().backward()
+    assert logits.grad[0].abs().max() == 0 and logits.grad[3].abs().max() == 0  # masked, ignored
+    expected = torch.softmax(logits.detach(), -1)[2].neg().index_add(0, torch.tensor([3]), torch.ones(1))
+    torch.testing.assert_close(logits.grad[2], expected)
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(6, 3)
+    out = xt.linear_log_probs(x, w, target)
+    out.mul_(2.0)  # in place on a result of the chunked Function
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_arguments_are_named():
+    x, y = torch.randn(2, 5), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="linear_weight must be a floating-point tensor, got NoneType"):
+        xt.linear_log_probs(x, None, y)
+    with pytest.raises(TypeError, match=r"logits must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        xt.log_probs(x.to_sparse(), y)
+    with pytest.raises(TypeError, match=r"input must be a dense \(strided\) tensor"):
+        xt.linear_log_probs(x.to_sparse(), torch.randn(3, 5), y)
+    with pytest.raises(TypeError, match="return_entropy must be a bool, got str 'no'"):
+        xentkit.log_probs(x.numpy(), y.numpy(), return_entropy="no")

@@ -122,6 +122,14 @@ def check_flag(value: object, name: str) -> bool:
     return bool(value)
 
 
+def select_outputs(results: tuple[Any, Any, Any], return_entropy: bool, return_lse: bool) -> Any:
+    """``log_probs``' result from its ``(log_p, entropy, lse)``: ``log_p`` alone, or a tuple of
+    those asked for (in that order); the flags are checked booleans (:func:`check_flag`)."""
+    log_p, entropy, lse = results
+    chosen = (log_p, *((entropy,) if return_entropy else ()), *((lse,) if return_lse else ()))
+    return chosen[0] if len(chosen) == 1 else chosen
+
+
 def _check_inplace_backward(value: object) -> bool:
     return check_flag(value, "inplace_backward")
 

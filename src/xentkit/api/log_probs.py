@@ -7,7 +7,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LogProbOptions, describe
+from .._options import LogProbOptions, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from ._config import reference_enabled
 from ._rows import RowLayout
@@ -91,6 +91,8 @@ def log_probs(
     ``xentkit.torch.linear_log_probs`` (fused with the output layer, for PyTorch).
     """
     options = LogProbOptions(temperature, ignore_index)
+    return_entropy = check_flag(return_entropy, "return_entropy")
+    return_lse = check_flag(return_lse, "return_lse")
     rows = _Rows(logits, target, axis, options)
     if reference_enabled():
         results = reference.log_probs.log_probs_and_entropy(
@@ -101,8 +103,7 @@ def log_probs(
     else:
         _, _, _, log_p, entropy, lse = rows.statistics()
         log_p, entropy, lse = rows.shaped(log_p), rows.shaped(entropy), rows.shaped(lse)
-    chosen = (log_p, *((entropy,) if return_entropy else ()), *((lse,) if return_lse else ()))
-    return chosen[0] if len(chosen) == 1 else chosen
+    return select_outputs((log_p, entropy, lse), return_entropy, return_lse)
 
 
 def log_probs_backward(

@@ -101,6 +101,14 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def own_outputs(values: tuple[Tensor, ...], dtype: torch.dtype, shape: torch.Size) -> tuple[Tensor, ...]:
+    """A multi-output autograd Function's results in ``dtype`` and ``shape``, each a tensor of its
+    own: never a view (a caller may change an output in place, as it may torch's own results;
+    autograd refuses that on a view returned by a Function with several outputs) and never the
+    tensor the Function keeps for backward (a change to the output would change the gradient)."""
+    return tuple(value.reshape(shape).to(dtype, copy=True) for value in values)
+
+
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 _IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from .._options import describe
 
-__all__ = ["LINEAR", "SHARDS", "LinearNames", "check_linear"]
+__all__ = ["LINEAR", "SHARDS", "LinearNames", "check_dense", "check_linear"]
+
+
+def check_dense(tensor: Tensor, name: str) -> None:
+    """A strided tensor: sparse and other layouts have no rows to run the kernels over."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +50,11 @@ def check_linear(
     checked here; torch's broadcasting rules it)."""
     named = {"input": input, names.weight: linear_weight, names.bias: linear_bias}
     for name, tensor in named.items():
-        if tensor is not None and (not isinstance(tensor, Tensor) or not tensor.is_floating_point()):
+        if tensor is None and name == names.bias:
+            continue
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {describe(tensor)}")
+        check_dense(tensor, name)
     shape = tuple(linear_weight.shape)
     if len(shape) < 2 or (len(shape) > 2 and not class_dims):
         raise ValueError(f"{names.weight} must have shape ({names.rows}, in_features), got {shape}")

@@ -32,7 +32,7 @@ from torch.autograd.function import FunctionCtx
 
 from .._labels import check_index_layout
 from .._labels import check_labels as _check_labels
-from .._options import LogProbOptions, check_flag, describe
+from .._options import LogProbOptions, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge, _log_prob_ops, _triton_path
 from ._chunks import (
@@ -43,7 +43,7 @@ from ._chunks import (
     idle_chunks,
     logit_chunks,
 )
-from ._linear_checks import check_linear
+from ._linear_checks import check_dense, check_linear
 from ._linear_triton import detached
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
 
@@ -65,12 +65,6 @@ def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor 
     return TorchRows
 
 
-def _select(results: tuple[Tensor, Tensor, Tensor], return_entropy: bool, return_lse: bool) -> Tensor | tuple[Tensor, ...]:
-    log_p, entropy, lse = results
-    chosen = (log_p, *((entropy,) if return_entropy else ()), *((lse,) if return_lse else ()))
-    return chosen[0] if len(chosen) == 1 else chosen
-
-
 def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """(a, b, k) per row from the upstream gradients of (log p, H, lse) (None: unused)."""
     dtype = ctx.log_s.dtype
@@ -85,8 +79,7 @@ def _finish(ctx: FunctionCtx, statistics: tuple[Tensor, ...], valid: Tensor, sha
     m, s, u, z_target = statistics
     log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
     ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
-    out_dtype = _bridge.at_least_float32(dtype)
-    return tuple(value.to(out_dtype).reshape(shape) for value in (log_p, entropy, lse))
+    return _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(dtype), shape)
 
 
 class _LogProbsFunction(torch.autograd.Function):
@@ -168,12 +161,15 @@ def _nan_where_bad(results: tuple[Tensor, Tensor, Tensor], bad: Tensor | None) -
 def _check_target(target: object, sample_shape: tuple[int, ...], expected: str) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {describe(target)}")
+    check_dense(target, "target")
     check_index_layout(
         not target.is_floating_point() and not target.is_complex() and target.dtype != torch.bool,
         tuple(target.shape), sample_shape, dtype_name=str(target.dtype).removeprefix("torch."),
         expected_shape=expected,
     )
-    return target
+    # int64, as the other paths: compared with a narrower tensor, ignore_index and the class
+    # count would be cast to its dtype first (-100 is 156 in uint8, 2**32 is 0 in int32)
+    return target.long()
 
 
 def log_probs(
@@ -227,6 +223,7 @@ def log_probs(
     return_lse = check_flag(return_lse, "return_lse")
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {describe(logits)}")
+    check_dense(logits, "logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have at least one class in its last dimension, got shape {tuple(logits.shape)}")
     target = _check_target(target, tuple(logits.shape[:-1]), "(one class index per row of logits)")
@@ -244,7 +241,7 @@ def log_probs(
         rows = _rows_backend(logits, options, target)
         valid, bad = _label_masks(target, classes, options, rows)
         results = _LogProbsFunction.apply(logits, target, valid, options, rows)
-    return _select(_nan_where_bad(results, bad), return_entropy, return_lse)
+    return select_outputs(_nan_where_bad(results, bad), return_entropy, return_lse)
 
 
 def linear_statistics(
@@ -416,4 +413,4 @@ def _finish_linear(
     results = _nan_where_bad(results, bad)
     if target.dim() != 1:
         results = tuple(result.reshape(target.shape) for result in results)
-    return _select(results, return_entropy, return_lse)
+    return select_outputs(results, return_entropy, return_lse)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..._labels import as_class_indices, label_error
 from ..._options import CHOICES, LogProbOptions, LossOptions
-from .._linear_checks import SHARDS, check_linear
+from .._linear_checks import SHARDS, check_dense, check_linear
 from ._communication import CommunicationStats, _Communicator
 
 # Every field of every options class travels in the record (the union of their fields, each
@@ -177,6 +177,7 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str) 
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
+    check_dense(target, "target")
     _check_device(target, "target")
     rank = len(sample_shape)
     if target.is_floating_point() and target.dim() == rank + 1 and tuple(target.shape[:rank]) == sample_shape:

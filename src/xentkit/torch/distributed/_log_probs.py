@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from ..._options import LogProbOptions, check_flag
+from ..._options import LogProbOptions, check_flag, select_outputs
 from ...reference.log_probs import merge_partials, row_statistics
 from .. import _bridge
 from .._chunks import (
@@ -43,7 +43,7 @@ from .._chunks import (
     logit_chunks,
 )
 from .._log_prob_rows import TorchRows
-from ..log_probs import _coefficients, _rows_backend, _select
+from ..log_probs import _coefficients, _rows_backend
 from ._agreement import (
     _agree,
     _Agreement,
@@ -138,8 +138,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
         ctx.save_for_backward(input, linear_weight_shard, linear_bias_shard)
-        dtype, shape = _bridge.at_least_float32(x.dtype), input.shape[:-1]
-        return tuple(value.to(dtype).reshape(shape) for value in (log_p, entropy, lse))
+        return _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(x.dtype), input.shape[:-1])
 
     @staticmethod
     @_bridge.first_order_only(_NAME)
@@ -272,7 +271,7 @@ def vocab_parallel_linear_log_probs(
     agreement = _agree(communicator, _NAME, local_checks)
     plan = _plan(communicator, agreement, state, device)
     results = _VocabParallelLinearLogProbsFunction.apply(input, linear_weight_shard, linear_bias_shard, plan)
-    return _select(results, *state["flags"])  # type: ignore[misc]
+    return select_outputs(results, *state["flags"])  # type: ignore[misc]
 
 
 def _plan(
