@@ -96,3 +96,45 @@ def test_options_compile_when_dynamo_passes_them_as_symbolic_floats():
     y = torch.tensor([0, 1, 2, 3])
     for strength in (0.1, 0.2):
         torch.testing.assert_close(compiled(x, y, strength), step(x, y, strength))
+
+
+def test_a_compiled_loss_is_not_recompiled_by_other_calls_options():
+    """The options cache of eager calls is not part of a compiled graph's guards: eager calls
+    with new options elsewhere in the process recompile nothing (before, each did, and
+    fullgraph=True failed at the eighth)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(8, 10, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(7))
+    step = torch.compile(lambda x, y: xt.cross_entropy(x, y), fullgraph=True, backend="eager")
+    module = torch.compile(xt.CrossEntropyLoss(z_loss=1e-4), fullgraph=True, backend="eager")
+    for epoch in range(10):
+        step(x, y).backward()
+        module(x, y).backward()
+        xt.cross_entropy(x.detach(), y, label_smoothing=0.01 * epoch)  # eager, new options each time
+        xt.CrossEntropyLoss(label_smoothing=0.01 * epoch)(x.detach(), y)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_one_sample_with_class_weights_compiles():
+    """A ``(C,)`` input with class weights: the weight of its 0-d target is picked without
+    reading the target's value (no data-dependent branch in the graph)."""
+    x = torch.randn(5, generator=torch.Generator().manual_seed(9), dtype=torch.float64, requires_grad=True)
+    target, weight = torch.tensor(1), torch.rand(5, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    expected = torch.nn.functional.cross_entropy(x, target, weight)
+    for loss in (
+        torch.compile(xt.cross_entropy, fullgraph=True, backend="aot_eager")(x, target, weight),
+        torch.compile(xt.CrossEntropyLoss(weight=weight), fullgraph=True)(x, target),
+        torch.compile(xt.nll_loss, fullgraph=True, backend="aot_eager")(torch.log_softmax(x, 0), target, weight),
+    ):
+        torch.testing.assert_close(loss, expected)
+
+
+def test_binary_cross_entropy_takes_floating_targets_only():
+    """As torch (whose error depends on the path); xentkit's says which argument and why."""
+    with pytest.raises(TypeError, match=r"^target must be a floating-point tensor .* got dtype int64"):
+        xt.binary_cross_entropy_with_logits(torch.randn(4, 5), torch.ones(4, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="got dtype bool"):
+        xt.BCEWithLogitsLoss()(torch.randn(4, 5), torch.ones(4, 5, dtype=torch.bool))

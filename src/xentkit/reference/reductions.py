@@ -128,7 +128,8 @@ class ReductionPlan:
             return valid, cls.of_labels(reduction, valid, None, dtype=dtype)
         safe = masked(labels, valid)  # ignored rows look up class 0, then count 0
         if _torch_tensor(labels):
-            picked = weight.to(dtype)[safe.long()]
+            # (indexing with a 0-d tensor would read its value: no graph under torch.compile)
+            picked = weight.to(dtype).index_select(0, safe.long().reshape(-1)).reshape(safe.shape)
         else:
             picked = np.asarray(weight, dtype=np.float64)[safe.astype(np.int64)]
         return valid, cls.of_labels(reduction, valid, masked(picked, valid), dtype=dtype)

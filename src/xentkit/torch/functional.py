@@ -22,6 +22,7 @@ Two deliberate differences from torch:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +287,14 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
     return loss
 
 
+def cached_options() -> Callable[..., LossOptions]:
+    """How this call builds its options: through the cache of ``_options.loss_options`` in eager
+    mode (a training loop passes the same ones every step), directly under torch.compile, which
+    would otherwise guard the compiled graph on the cache's contents (every new set of options
+    anywhere in the process would recompile it, and ``fullgraph=True`` would fail after 8)."""
+    return LossOptions if torch.compiler.is_compiling() else loss_options
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -378,7 +387,7 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
-    options = loss_options(
+    options = cached_options()(
         reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward,
         check_labels,
     )
@@ -476,7 +485,8 @@ def binary_cross_entropy_with_logits(
         ∂loss/∂x = w·[σ(x)·(pw·y + 1 − y) − pw·y]
 
     "mean" averages over all elements; with no element it is 0 (torch: NaN). The loss has the
-    target's dtype, as torch's (float64 logits with a float32 target give float32). Shapes: input
+    target's dtype, as torch's (float64 logits with a float32 target give float32); an integer or
+    bool target is a TypeError (torch refuses it too, with an error that depends on the path). Shapes: input
     and target of any one shape; ``weight`` broadcastable to it; ``pos_weight`` broadcastable
     along the last (class) axis.
 
@@ -489,6 +499,11 @@ def binary_cross_entropy_with_logits(
     See also: :func:`cross_entropy` for mutually exclusive classes.
     """
     reduction = LossOptions(_bridge.legacy_reduction(size_average, reduce, reduction)).reduction
+    if isinstance(target, Tensor) and not target.is_floating_point():  # (torch: a cast error, per path)
+        raise TypeError(
+            "target must be a floating-point tensor (probabilities in [0, 1]), got dtype "
+            f"{str(target.dtype).removeprefix('torch.')}; pass target.float()"
+        )
     # xentkit takes pos_weight as one value per class along the last axis (or one for all);
     # torch broadcasts any shape, which its own ops handle.
     pos_weight_fits = pos_weight is None or pos_weight.dim() <= 1

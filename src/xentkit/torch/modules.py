@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._options import LossOptions, loss_options
+from .._options import LossOptions
 from . import _bridge, functional
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -34,10 +34,12 @@ _CLASS_FIELDS: dict[type, frozenset[str]] = {}  # (a plain dict: torch.compile w
 
 def _fields_on_class(cls: type) -> frozenset[str]:
     """The option fields a module class (or a base) defines itself, e.g. as a property."""
-    fields = _CLASS_FIELDS.get(cls)
+    compiling = torch.compiler.is_compiling()  # (no cache there: the graph would guard on it)
+    fields = None if compiling else _CLASS_FIELDS.get(cls)
     if fields is None:
         fields = frozenset(name for name, _ in _FIELD_DEFAULTS if any(name in vars(base) for base in cls.__mro__))
-        _CLASS_FIELDS[cls] = fields
+        if not compiling:
+            _CLASS_FIELDS[cls] = fields
     return fields
 
 
@@ -48,7 +50,7 @@ def _loss_options_of(module: torch.nn.Module) -> LossOptions:
     ``nn.Module.__getattr__`` and its AttributeError: microseconds each.)"""
     attributes = module.__dict__
     on_class = _fields_on_class(type(module))
-    return loss_options(*[
+    return functional.cached_options()(*[
         attributes[name] if name in attributes else getattr(module, name) if name in on_class else default
         for name, default in _FIELD_DEFAULTS
     ])
