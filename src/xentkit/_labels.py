@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._options import as_array
+
 __all__ = ["as_class_indices", "check_index_layout", "check_labels", "label_error"]
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -28,7 +30,7 @@ def as_class_indices(
     the cast would wrap, even onto ``ignore_index``) a ``ValueError``. ``dtype_name`` names the
     caller's dtype when the array is a converted view (a torch bfloat16 target, say).
     """
-    array = np.asarray(target)
+    array = as_array(target, "target")
     if not (array.dtype.kind in "iu" and array.shape == tuple(sample_shape)):  # names only on error
         check_index_layout(
             array.dtype.kind in "iu", array.shape, sample_shape,

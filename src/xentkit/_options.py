@@ -49,6 +49,17 @@ def describe(value: object) -> str:
     return f"{type(value).__name__} {value!r}"[:120]
 
 
+def as_array(value: object, name: str) -> np.ndarray:
+    """``np.asarray(value)`` (no copy when it is one), or a ``TypeError`` naming the argument when
+    NumPy cannot make one array of it (a ragged list, say)."""
+    if type(value) is np.ndarray:
+        return value
+    try:
+        return np.asarray(value)
+    except Exception as error:
+        raise TypeError(f"{name} must be a numeric array, got {describe(value)}: {error}") from None
+
+
 def _real(value: object, name: str, expected: str) -> float:
     if type(value) is float:  # the common case, without the numbers.Real ABC check
         return value + 0.0  # -0.0 becomes 0.0: one value, one encoding

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .._options import describe
+from .._options import as_array, describe
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -22,10 +22,7 @@ def as_float_array(value: ArrayLike, name: str) -> np.ndarray:
 
     Integer, boolean, complex and non-numeric inputs are a ``TypeError``.
     """
-    try:
-        array = np.asarray(value)
-    except Exception as error:  # ragged lists and the like
-        raise TypeError(f"{name} must be a numeric array, got {describe(value)}: {error}") from None
+    array = as_array(value, name)
     if array.dtype.type not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point array (float16, float32 or float64), "
@@ -86,13 +83,13 @@ def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dty
     """A per-class weight vector of length ``num_classes`` in ``dtype``, or None."""
     if weight is None:
         return None
-    array = np.asarray(weight)
+    array = as_array(weight, "weight")
     check_weight_layout(array.dtype.kind in "fiu", array.shape, num_classes, str(array.dtype))
     return array.astype(dtype, copy=False)
 
 
 def probability_target(target: ArrayLike, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    array = np.asarray(target)
+    array = as_array(target, "target")
     if array.dtype.kind != "f":
         raise TypeError(
             f"target with the logits' shape {shape} holds class probabilities and must be "
@@ -112,7 +109,7 @@ def upstream_gradient(grad_output: ArrayLike | None, reduction: str, sample_shap
     """The upstream gradient broadcast to the per-sample shape ("none") or a scalar."""
     if grad_output is None:
         return np.ones(sample_shape if reduction == "none" else (), dtype=dtype)
-    array = np.asarray(grad_output)
+    array = as_array(grad_output, "grad_output")
     if array.dtype.kind not in "fiu":
         raise TypeError(f"grad_output must be numeric, got dtype {array.dtype}")
     array = array.astype(dtype, copy=False)
@@ -146,7 +143,7 @@ def output_gradient(value: ArrayLike | None, name: str, sample_shape: tuple[int,
     ``sample_shape``."""
     if value is None:
         return 0.0
-    array = np.asarray(value)
+    array = as_array(value, name)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
     try:

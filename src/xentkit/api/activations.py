@@ -6,7 +6,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import reference
-from ._validation import as_float_array, class_axis, compute_dtype, same_shape
+from .._options import check_flag
+from ._validation import as_float_array, class_axis, compute_dtype, rounded, same_shape
 
 
 def _prepare(x: ArrayLike, name: str) -> tuple[np.ndarray, np.dtype]:
@@ -32,7 +33,7 @@ def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """
     array, dtype = _prepare(x, "x")
     axis = _classes(array, axis, "x")
-    return reference.softmax(array, axis=axis).astype(dtype, copy=False)
+    return rounded(reference.softmax(array, axis=axis), dtype)
 
 
 def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
@@ -47,7 +48,7 @@ def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """
     array, dtype = _prepare(x, "x")
     axis = _classes(array, axis, "x")
-    return reference.log_softmax(array, axis=axis).astype(dtype, copy=False)
+    return rounded(reference.log_softmax(array, axis=axis), dtype)
 
 
 def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarray:
@@ -62,7 +63,7 @@ def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarra
     """
     array, dtype = _prepare(x, "x")
     axis = _classes(array, axis, "x")
-    return reference.logsumexp(array, axis=axis, keepdims=bool(keepdims)).astype(dtype, copy=False)
+    return rounded(reference.logsumexp(array, axis=axis, keepdims=check_flag(keepdims, "keepdims")), dtype)
 
 
 def sigmoid(x: ArrayLike) -> np.ndarray:
@@ -112,7 +113,7 @@ def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: int = -1) ->
     array([-0.1211,  0.1189,  0.0022])
     """
     p, g, dtype, axis = _backward_inputs(probs, grad_probs, ("probs", "grad_probs"), axis)
-    return reference.softmax_backward(p, g, axis=axis).astype(dtype, copy=False)
+    return rounded(reference.softmax_backward(p, g, axis=axis), dtype)
 
 
 def log_softmax_backward(log_probs: ArrayLike, grad_log_probs: ArrayLike, axis: int = -1) -> np.ndarray:
@@ -126,4 +127,4 @@ def log_softmax_backward(log_probs: ArrayLike, grad_log_probs: ArrayLike, axis: 
     log_p, g, dtype, axis = _backward_inputs(
         log_probs, grad_log_probs, ("log_probs", "grad_log_probs"), axis
     )
-    return reference.log_softmax_backward(log_p, g, axis=axis).astype(dtype, copy=False)
+    return rounded(reference.log_softmax_backward(log_p, g, axis=axis), dtype)

@@ -11,7 +11,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LossOptions, loss_options
+from .._options import LossOptions, as_array, loss_options
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
@@ -173,7 +173,7 @@ def _cross_entropy(
     weight = check_class_weight(weight, num_classes, work_dtype)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
 
-    target_array = np.asarray(target)
+    target_array = as_array(target, "target")
     probabilities = target_array.shape == original.shape
     if probabilities:
         target_array = probability_target(target_array, original.shape, work_dtype)
@@ -345,4 +345,5 @@ def perplexity(logits: ArrayLike, target: ArrayLike, **cross_entropy_kwargs: obj
     if "reduction" in cross_entropy_kwargs:
         raise TypeError("perplexity always averages (reduction='mean'); do not pass reduction")
     loss = cross_entropy(logits, target, reduction="mean", **cross_entropy_kwargs)  # type: ignore[arg-type]
-    return np.exp(loss)
+    with np.errstate(over="ignore"):  # beyond the dtype: inf, as torch.exp
+        return np.exp(loss)

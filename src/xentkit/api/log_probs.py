@@ -7,7 +7,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LogProbOptions, check_flag, describe, select_outputs
+from .._options import LogProbOptions, as_array, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from ._config import reference_enabled
 from ._rows import RowLayout
@@ -27,7 +27,7 @@ class _Rows:
         self.dtype = compute_dtype(original.dtype)
         work = original.astype(self.dtype, copy=False)
         self.layout = layout = RowLayout(work, class_axis(work, axis, "logits"), private=work is not original)
-        target_array = np.asarray(target)
+        target_array = as_array(target, "target")
         if target_array.dtype.kind not in "iu":
             raise TypeError(
                 f"target must hold class indices (an integer array of shape {layout.sample_shape}), "

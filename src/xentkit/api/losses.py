@@ -7,7 +7,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LossOptions, check_reduction, describe
+from .._options import LossOptions, as_array, check_reduction, describe
 from ..reference.reductions import ReductionPlan
 from ._validation import (
     as_float_array,
@@ -23,7 +23,7 @@ from ._validation import (
 def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, np.dtype]:
     """Two float arrays of one shape, in the compute dtype of the first; returns the output dtype."""
     a = as_float_array(first, names[0])
-    b = np.asarray(second)
+    b = as_array(second, names[1])
     if b.dtype.kind not in "fiub":
         raise TypeError(f"{names[1]} must be a numeric array, got dtype {b.dtype}")
     same_shape(b, names[1], a, names[0])
@@ -34,7 +34,7 @@ def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[
 def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray | None:
     if weight is None:
         return None
-    array = np.asarray(weight)
+    array = as_array(weight, name)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
     try:
@@ -44,6 +44,12 @@ def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: n
     if not fits:
         raise ValueError(f"{name} must broadcast to the input's shape {shape}, got shape {array.shape}")
     return array.astype(dtype, copy=False)
+
+
+def _full(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Elementwise results spread to the input's ``shape`` (a broadcast weight may have left
+    them smaller), as a writeable array of their own (``np.broadcast_to`` gives a read-only view)."""
+    return values if values.shape == shape else np.broadcast_to(values, shape).copy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,12 +70,16 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
     per_sample, w_y, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index)
     plan = ReductionPlan.of_labels(reduction, valid, w_y)
-    loss = plan.reduce(per_sample).astype(original.dtype)
+    loss = rounded(plan.reduce(per_sample), original.dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, sample_shape, work)
-    grad = grad * plan.scales(upstream)[0][..., None]
-    return loss, np.moveaxis(grad, -1, axis).astype(original.dtype)
+    # only the targets' entries are scaled: the others stay 0 whatever the upstream gradient
+    # (0·inf would be NaN), as torch's
+    targets = (np.arange(num_classes) == labels[..., None]) & valid[..., None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        grad = np.where(targets, grad * np.asarray(plan.scales(upstream)[0])[..., None], 0)
+    return loss, rounded(np.moveaxis(grad, -1, axis), original.dtype)
 
 
 def nll_loss(
@@ -115,8 +125,8 @@ def nll_loss_and_grad(
     >>> import numpy as np, xentkit
     >>> loss, grad = xentkit.nll_loss_and_grad(np.log([[0.5, 0.5], [0.9, 0.1]]), [0, 1])
     >>> grad
-    array([[-0.5, -0. ],
-           [-0. , -0.5]])
+    array([[-0.5,  0. ],
+           [ 0. , -0.5]])
     """
     options = LossOptions(reduction=reduction, ignore_index=ignore_index)
     return _nll(log_probs, target, axis, weight, options, True, grad_output)
@@ -135,7 +145,7 @@ def _bce_with_logits(
     reduction = check_reduction(reduction)
     w = _broadcast_weight(weight, x.shape, x.dtype, "weight")
     if pos_weight is not None:
-        pw = np.asarray(pos_weight)
+        pw = as_array(pos_weight, "pos_weight")
         classes = x.shape[-1] if x.ndim else 1
         if pw.dtype.kind not in "fiu":
             raise TypeError(f"pos_weight must be a numeric array, got {describe(pos_weight)}")
@@ -150,14 +160,14 @@ def _bce_with_logits(
     else:
         pw = None
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
-    per_element = np.broadcast_to(per_element, x.shape)
+    per_element = _full(per_element, x.shape)
     plan = ReductionPlan.of_rows(reduction, x.size)
     loss = rounded(plan.reduce(per_element), loss_dtype or dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)
     grad = np.broadcast_to(grad, x.shape) * plan.scales(upstream)[0]
-    return loss, grad.astype(dtype)
+    return loss, rounded(grad, dtype)
 
 
 def binary_cross_entropy_with_logits(
@@ -217,14 +227,15 @@ def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
         )
     w = _broadcast_weight(weight, p.shape, p.dtype, "weight")
     per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
-    per_element = np.broadcast_to(per_element, p.shape)
+    per_element = _full(per_element, p.shape)
     plan = ReductionPlan.of_rows(reduction, p.size)
-    loss = plan.reduce(per_element).astype(dtype)
+    loss = rounded(plan.reduce(per_element), dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, p.shape, p.dtype)
-    grad = np.broadcast_to(grad, p.shape) * plan.scales(upstream)[0]
-    return loss, grad.astype(dtype)
+    with np.errstate(over="ignore"):
+        grad = np.broadcast_to(grad, p.shape) * plan.scales(upstream)[0]
+    return loss, rounded(grad, dtype)
 
 
 def binary_cross_entropy(
@@ -276,11 +287,12 @@ def _quadratic(prediction, target, reduction, want_grad, grad_output=None):
     reduction = check_reduction(reduction)
     per_element, grad = reference.quadratic_cost_and_grad(yhat, y)
     plan = ReductionPlan.of_rows(reduction, yhat.size)
-    loss = plan.reduce(per_element).astype(dtype)
+    loss = rounded(plan.reduce(per_element), dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype)
-    return loss, (grad * plan.scales(upstream)[0]).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
+        return loss, rounded(grad * plan.scales(upstream)[0], dtype)
 
 
 def quadratic_cost(prediction: ArrayLike, target: ArrayLike, *, reduction: str = "mean") -> np.ndarray:
@@ -326,8 +338,9 @@ def _distribution(p: ArrayLike, name: str, axis: int) -> tuple[np.ndarray, np.dt
     array = as_float_array(p, name)
     axis = class_axis(array, axis, name)
     work = array.astype(compute_dtype(array.dtype), copy=False)
-    if work.size and np.nanmin(work) < 0:
-        raise ValueError(f"{name} must hold probabilities (values >= 0), got a minimum of {np.nanmin(work)}")
+    negative = work < 0  # (NaN compares False: no all-NaN warning)
+    if negative.any():
+        raise ValueError(f"{name} must hold probabilities (values >= 0), got a minimum of {work[negative].min()}")
     return work, array.dtype, axis
 
 
@@ -356,7 +369,7 @@ def entropy_and_grad(p: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarr
     """
     work, dtype, axis = _distribution(p, "p", axis)
     value, grad = reference.entropy_and_grad(work, axis=axis)
-    return np.asarray(value).astype(dtype), grad.astype(dtype)
+    return rounded(value, dtype), rounded(grad, dtype)
 
 
 def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
@@ -382,8 +395,10 @@ def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[
     >>> dq
     array([-1., -1.])
     """
-    p_work, dtype, axis = _distribution(p, "p", axis)
-    q_work, _, _ = _distribution(q, "q", axis)
-    same_shape(q_work, "q", p_work, "p")
+    p_array, q_array = as_float_array(p, "p"), as_float_array(q, "q")
+    same_shape(q_array, "q", p_array, "p")
+    dtype = np.result_type(p_array.dtype, q_array.dtype)  # both computed in one dtype, as torch
+    p_work, _, axis = _distribution(p_array.astype(dtype, copy=False), "p", axis)
+    q_work, _, _ = _distribution(q_array.astype(dtype, copy=False), "q", axis)
     value, grad_p, grad_q = reference.kl_divergence_and_grad(p_work, q_work, axis=axis)
-    return np.asarray(value).astype(dtype), grad_p.astype(dtype), grad_q.astype(dtype)
+    return rounded(value, dtype), rounded(grad_p, dtype), rounded(grad_q, dtype)

@@ -8,42 +8,52 @@ from __future__ import annotations
 import numpy as np
 
 
+def _shift(m: np.ndarray) -> np.ndarray:
+    """The row maxima to subtract: an all −inf row has no finite maximum and is shifted by 0
+    (−inf − −inf would be NaN); +inf and NaN stay, so such rows give what torch gives."""
+    return np.where(m == -np.inf, 0, m)
+
+
 def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
     """log Σ_i exp(x_i) = m + log Σ_i exp(x_i − m) with m = max_i x_i.
 
     Subtracting the maximum keeps every exponent ≤ 0, so nothing overflows. A row that is all
-    −inf has no finite maximum: its logsumexp is −inf (m is replaced by 0 to avoid −inf − −inf).
+    −inf gives −inf, a row holding +inf gives +inf and one holding NaN gives NaN (as torch).
     """
     m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0)
-    with np.errstate(divide="ignore"):
+    m = np.where(np.isinf(m), 0, m)  # ±inf rows: exp(x) itself, Σ = +inf or 0
+    with np.errstate(divide="ignore", invalid="ignore"):
         out = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
     return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """log softmax(x)_i = x_i − logsumexp(x)."""
-    return x - logsumexp(x, axis=axis, keepdims=True)
+    """log softmax(x)_i = (x_i − m) − log Σ_j exp(x_j − m) = x_i − logsumexp(x). A row holding
+    +inf or NaN, or all −inf, is NaN (as torch)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shifted = x - _shift(np.max(x, axis=axis, keepdims=True))
+        return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m), m = max_j x_j (Caffe's SoftmaxLayer)."""
-    m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0)
-    e = np.exp(x - m)
-    with np.errstate(invalid="ignore"):  # an all −inf slice is 0/0: NaN, as in PyTorch
+    """softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m), m = max_j x_j (Caffe's SoftmaxLayer). A
+    row holding +inf or NaN, or all −inf (0/0), is NaN (as torch)."""
+    with np.errstate(invalid="ignore"):
+        e = np.exp(x - _shift(np.max(x, axis=axis, keepdims=True)))
         return e / np.sum(e, axis=axis, keepdims=True)
 
 
 def softmax_backward(probs: np.ndarray, grad_probs: np.ndarray, axis: int = -1) -> np.ndarray:
     """VJP of softmax: dx_i = p_i (g_i − Σ_j g_j p_j), from ∂p_j/∂x_i = p_j (δ_ij − p_i)."""
-    inner = np.sum(grad_probs * probs, axis=axis, keepdims=True)
-    return probs * (grad_probs - inner)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite g: NaN and inf, as torch
+        inner = np.sum(grad_probs * probs, axis=axis, keepdims=True)
+        return probs * (grad_probs - inner)
 
 
 def log_softmax_backward(log_probs: np.ndarray, grad_log_probs: np.ndarray, axis: int = -1) -> np.ndarray:
     """VJP of log-softmax: dx_i = g_i − p_i Σ_j g_j, from ∂ log p_j/∂x_i = δ_ij − p_i."""
-    return grad_log_probs - np.exp(log_probs) * np.sum(grad_log_probs, axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite g: NaN and inf, as torch
+        return grad_log_probs - np.exp(log_probs) * np.sum(grad_log_probs, axis=axis, keepdims=True)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -116,15 +116,15 @@ def log_probs_backward(
     )
     valid = target != ignore_index
     safe = np.where(valid, target, 0)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         log_p = np.where(np.isnan(p), np.nan, shifted - log_s)
-        entropy = -np.sum(_p_times(p, log_p), axis=-1, keepdims=True)
         onehot = np.arange(logits.shape[-1]) == safe[..., None]
-        grad = (
-            g[..., None] * (onehot - p)
-            - h[..., None] * _p_times(p, log_p + entropy)
-            + k[..., None] * p
-        )
+        # the chain through log p, as autograd takes it (so that infinite upstream gradients
+        # give what torch gives): G = ∂/∂log p = g·onehot − h·p·(log p + 1), then the
+        # log-softmax VJP G − p·ΣG, and the lse's k·p; for finite values this is
+        # g·(onehot − p) − h·p·(log p + H) + k·p
+        upstream = np.where(onehot, g[..., None], 0) - h[..., None] * _p_times(p, log_p + 1)
+        grad = upstream - p * np.sum(upstream, axis=-1, keepdims=True) + k[..., None] * p
     grad = np.where(valid[..., None], grad, 0) / dtype.type(temperature)
     return grad.astype(dtype, copy=False)
 

@@ -28,7 +28,8 @@ def nll_loss_and_grad(
     w = np.ones(num_classes, dtype=log_probs.dtype) if weight is None else weight
     w_y = np.where(valid, w[safe], 0).astype(log_probs.dtype)
     picked = np.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
-    per_sample = np.where(valid, -w_y * picked, 0).astype(log_probs.dtype)
+    with np.errstate(invalid="ignore"):  # an ignored row's −inf: 0·(−inf), then masked
+        per_sample = np.where(valid, -w_y * picked, 0).astype(log_probs.dtype)
     grad = -w_y[..., None] * (np.arange(num_classes) == safe[..., None])
     return per_sample, w_y, grad.astype(log_probs.dtype)
 
@@ -42,8 +43,9 @@ def binary_cross_entropy_with_logits_and_grad(
     """
     pw = 1 if pos_weight is None else pos_weight
     w = 1 if weight is None else weight
-    loss = -w * (pw * target * log_sigmoid(logits) + (1 - target) * log_sigmoid(-logits))
-    grad = w * (sigmoid(logits) * (pw * target + 1 - target) - pw * target)
+    with np.errstate(invalid="ignore", over="ignore"):  # x = ±inf: 0·inf terms are NaN, as torch
+        loss = -w * (pw * target * log_sigmoid(logits) + (1 - target) * log_sigmoid(-logits))
+        grad = w * (sigmoid(logits) * (pw * target + 1 - target) - pw * target)
     return loss, grad
 
 
@@ -68,8 +70,9 @@ def binary_cross_entropy_and_grad(
 
 def quadratic_cost_and_grad(prediction: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ℓ = (ŷ − y)²,  ∂ℓ/∂ŷ = 2·(ŷ − y)  (per element; the seeds' cost is its mean)."""
-    difference = prediction - target
-    return difference * difference, 2 * difference
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
+        difference = prediction - target
+        return difference * difference, 2 * difference
 
 
 def entropy_and_grad(p: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +88,7 @@ def kl_divergence_and_grad(p: np.ndarray, q: np.ndarray, axis: int = -1) -> tupl
 
     Terms with p_i = 0 add 0; p_i > 0 with q_i = 0 makes the divergence +inf.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # −p/q of a denormal q: −inf
         log_ratio = np.log(p) - np.log(q)
         terms = np.where(p == 0, 0, p * log_ratio)
         grad_q = np.where(p == 0, 0, -p / q)

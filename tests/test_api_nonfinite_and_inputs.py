@@ -1,0 +1,120 @@
+"""The NumPy api on non-finite values and odd inputs (a differential fuzz campaign's findings):
+the values torch gives, on the kernel and the reference path alike, with no NumPy warning
+reaching the user, writeable results, and errors that name the argument."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import xentkit as xk
+
+torch = pytest.importorskip("torch")
+
+inf, nan = np.inf, np.nan
+
+
+@pytest.fixture(autouse=True)
+def _warnings_are_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.parametrize(
+    "row", [[inf, 0.0], [nan, 1000.0], [-inf, -inf], [inf, inf], [-inf, 0.0], [inf, -inf], [nan, nan], [3.0, -1.0]]
+)
+def test_activations_of_non_finite_rows_are_torchs(row):
+    t = torch.tensor(row, dtype=torch.float64)
+    pairs = [
+        (xk.softmax(row), torch.softmax(t, 0)),
+        (xk.log_softmax(row), torch.log_softmax(t, 0)),
+        (xk.logsumexp(row), torch.logsumexp(t, 0)),
+    ]
+    for got, expected in pairs:
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-15, atol=0)
+
+
+def test_backward_passes_with_infinite_upstream_gradients_are_torchs():
+    p = np.array([0.25, 0.75])
+    for g in ([inf, 0.0], [inf, -inf], [nan, 1.0]):
+        x = torch.tensor(np.log(p), requires_grad=True)
+        torch.softmax(x, 0).backward(torch.tensor(g))
+        np.testing.assert_array_equal(xk.softmax_backward(p, g), x.grad.numpy())
+        x = torch.tensor(np.log(p), requires_grad=True)
+        torch.log_softmax(x, 0).backward(torch.tensor(g))
+        np.testing.assert_array_equal(xk.log_softmax_backward(np.log(p), g), x.grad.numpy())
+
+
+def test_nll_gradient_stays_zero_off_target_whatever_the_upstream():
+    log_p = np.log([[0.2, 0.8], [0.5, 0.5]])
+    target = np.array([0, -100])
+    _, grad = xk.nll_loss_and_grad(log_p, target, reduction="sum", grad_output=inf)
+    x = torch.tensor(log_p, requires_grad=True)
+    torch.nn.functional.nll_loss(x, torch.tensor(target), reduction="sum").backward(torch.tensor(inf, dtype=torch.float64))
+    np.testing.assert_array_equal(grad, x.grad.numpy())  # [[-inf, 0], [0, 0]]
+    assert xk.nll_loss(np.array([[-inf, 0.0], [-1.0, -0.5]]), np.array([-100, 1])) == 0.5
+
+
+@pytest.mark.parametrize("upstream", [dict(grad_log_probs=[inf]), dict(grad_log_probs=[1.0], grad_entropy=[inf])])
+def test_log_probs_backward_is_the_same_on_both_paths(upstream):
+    logits = np.array([[0.0, 1.0, 2.0]])
+    kernel = xk.log_probs_backward(logits, [1], **upstream)
+    with xk.use_reference(True):
+        reference = xk.log_probs_backward(logits, [1], **upstream)
+    np.testing.assert_array_equal(kernel, reference)
+    x = torch.tensor(logits, requires_grad=True)
+    log_p = torch.log_softmax(x, -1)
+    total = log_p[0, 1] * torch.tensor(upstream["grad_log_probs"][0], dtype=torch.float64)
+    if "grad_entropy" in upstream:
+        total = total + -(log_p.exp() * log_p).sum() * torch.tensor(upstream["grad_entropy"][0], dtype=torch.float64)
+    total.backward()
+    np.testing.assert_array_equal(kernel, x.grad.numpy())
+
+
+def test_kl_divergence_computes_both_arguments_in_one_dtype():
+    for p in (np.array([100.0]), np.array([0.25, 0.75])):
+        value = xk.kl_divergence(p, p.astype(np.float32))
+        assert value == 0 and value.dtype == np.float64
+    with pytest.raises(ValueError, match=r"^q must have the shape of p \(2, 2, 3\), got \(2, 3\)"):
+        xk.kl_divergence(np.full((2, 2, 3), 1 / 3), np.full((2, 3), 1 / 3))
+    assert xk.kl_divergence(np.float32([0.5, 0.5]), np.float32([1e-45, 1.0])) > 0  # no overflow warning
+    assert np.isnan(xk.entropy([nan, nan]))  # no all-NaN warning
+
+
+def test_results_are_writeable_and_overflow_quietly_to_inf():
+    loss = xk.binary_cross_entropy_with_logits(np.array([1.0, -2.0]), np.array([1.0, 0.0]), reduction="none")
+    loss *= 2  # not a read-only broadcast view
+    loss, _ = xk.binary_cross_entropy_with_logits_and_grad(
+        np.array([[1.0, -2.0]]), np.array([[1.0, 0.0]]), weight=np.array([2.0]), reduction="none"
+    )
+    loss += 1
+    assert np.isnan(xk.binary_cross_entropy_with_logits([-inf], [0.0]))  # torch's NaN, no warning
+    assert xk.quadratic_cost(np.array([300.0], np.float16), np.array([0.0], np.float16), reduction="sum") == inf
+    assert xk.quadratic_cost(np.array([1e20], np.float32), np.array([0.0], np.float32)) == inf
+    assert xk.perplexity(np.array([[0.0, 20.0]], np.float16), [0]) == inf
+    assert xk.log_softmax(np.array([60000, -60000], np.float16))[1] == -inf
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: xk.nll_loss(np.zeros((2, 3)), [0, 1], weight=[[1.0, 2.0], [3.0]]), "weight"),
+        (lambda: xk.cross_entropy(np.zeros((2, 3)), [[0], [1, 2]]), "target"),
+        (lambda: xk.binary_cross_entropy_with_logits([1.0, 2.0], [[1.0], [2, 3]]), "target"),
+        (lambda: xk.binary_cross_entropy_with_logits([1.0, 2.0], [1.0, 0.0], pos_weight=[[1.0], [2, 3]]), "pos_weight"),
+        (lambda: xk.cross_entropy_and_grad(np.zeros((2, 3)), [0, 1], reduction="none", grad_output=[[1.0], [2, 3]]), "grad_output"),
+        (lambda: xk.log_probs(np.zeros((2, 3)), [[0], [1, 2]]), "target"),
+    ],
+)
+def test_ragged_lists_name_their_argument(call, name):
+    with pytest.raises(TypeError, match=rf"^{name} must be a numeric array, got list"):
+        call()
+
+
+def test_flags_are_checked():
+    with pytest.raises(TypeError, match="keepdims must be a bool, got str 'no'"):
+        xk.logsumexp([1.0, 2.0], keepdims="no")
+    assert xk.logsumexp([[1.0, 2.0]], keepdims=True).shape == (1, 1)
