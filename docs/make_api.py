@@ -4,7 +4,8 @@
     python docs/make_api.py            # rewrite docs/api.md
     python docs/make_api.py --check    # exit 1 when docs/api.md is not what this would write
 
-The public names are each module's ``__all__`` (``xentkit``, then ``xentkit.torch``), in that
+The public names are each module's ``__all__`` (``xentkit``, ``xentkit.torch``, then
+``xentkit.integrations.transformers``), in that
 order; a function or class appears with its signature and its docstring, doctests fenced as
 ``pycon``. ``tests/test_api_page.py`` checks that the committed page is up to date.
 """
@@ -21,6 +22,11 @@ PAGE = Path(__file__).with_name("api.md")
 MODULES = (
     ("xentkit", "The NumPy functions: arrays in, arrays out (class axis `axis`, last by default)."),
     ("xentkit.torch", "The PyTorch losses: `torch.nn.functional` / `torch.nn` signatures, plus keyword-only extras."),
+    (
+        "xentkit.integrations.transformers",
+        "Hugging Face Transformers: a causal language model's training loss without its logits, and "
+        "token log-probabilities for RL (docs/transformers.md).",
+    ),
 )
 WIDTH = 100
 

@@ -30,6 +30,8 @@ def test_every_public_name_has_a_section() -> None:
     page = (DOCS / "api.md").read_text(encoding="utf-8")
     for name in xentkit.__all__:
         assert f"### `xentkit.{name}` (" in page, name
+    for name in ("patch", "unpatch", "is_patched", "token_log_probs", "SUPPORTED_MODELS"):
+        assert f"### `xentkit.integrations.transformers.{name}` (" in page, name
     assert "xentkit.cross_entropy_and_grad(\n    logits: ArrayLike," in page
 
 

@@ -412,3 +412,9 @@ def test_a_missing_plotting_extra_is_found_before_any_work(
         assert main(["lab", *experiment, "--out", str(out), "--json", str(json_path), "--no-progress"]) == 2
         _one_line_error(capsys, "matplotlib", "xentkit[lab]")
         assert not out.exists() and not json_path.parent.exists()  # no folder made
+
+
+def test_an_error_after_data_download_prints_its_usage(capsys):
+    assert main(["data", "download", "mnist", "--bogus"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("usage: xentkit data download ") and "unrecognized arguments: --bogus" in error

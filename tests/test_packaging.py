@@ -33,9 +33,11 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) 
 def test_the_lab_without_rich_says_so_and_exits_2(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.delitem(sys.modules, "rich.console", raising=False)
-    assert main(["lab", "neuron", "--out", str(tmp_path)]) == 2
+    out = tmp_path / "lab"
+    assert main(["lab", "neuron", "--out", str(out), "--json", str(tmp_path / "j" / "x.json")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("xentkit: error: xentkit lab needs the package 'rich'") and "\n" not in error
+    assert sorted(tmp_path.iterdir()) == []  # no folder made
 
 
 def test_import_xentkit_torch_without_torch_names_the_extra() -> None:
@@ -46,4 +48,14 @@ def test_import_xentkit_torch_without_torch_names_the_extra() -> None:
     assert last == (
         "xentkit._extras.MissingExtraError: xentkit.torch needs the package 'torch', which is not "
         "installed: pip install 'xentkit[torch]'"
+    ), done.stderr
+
+
+def test_the_transformers_integration_without_torch_names_the_extra() -> None:
+    code = "import sys; sys.modules['torch'] = None; from xentkit.integrations.transformers import patch"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "xentkit._extras.MissingExtraError: xentkit.integrations.transformers needs the package "
+        "'torch', which is not installed: pip install 'xentkit[transformers]'"
     ), done.stderr

@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch the four standard IDX files into the cache and verify their md5; a "
         "file with a wrong checksum is discarded.",
     )
+    download.set_defaults(help_parser=download)
     download.add_argument("name", choices=("mnist", "fashion-mnist"), help="dataset to fetch")
     download.add_argument(
         "--cache", metavar="DIR",

@@ -35,12 +35,15 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
 from .._extras import require
-from ..torch import linear_cross_entropy, linear_log_probs
+
+require("torch", "transformers", "xentkit.integrations.transformers")  # first: one line, not a traceback
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from ..torch import linear_cross_entropy, linear_log_probs  # noqa: E402
 
 __all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "token_log_probs", "unpatch"]
 

@@ -68,14 +68,18 @@ _LOSS_COLORS = {"quadratic": "C0", "double-softmax": "C1", "cross-entropy": "C2"
 
 
 def require_plotting() -> None:
-    """Raise the lab's one-line missing-extra error now when matplotlib is not installed (the
-    runners call this before any work)."""
-    require("matplotlib", "lab", "the lab's plots")
+    """Raise the lab's one-line missing-extra error now when matplotlib, or rich (its terminal
+    output), is not installed (the command line calls this before any work or folder)."""
+    require("matplotlib", "lab", _PLOTS)
+    require("rich.console", "lab", "xentkit lab")
+
+
+_PLOTS = "xentkit lab (its plots)"
 
 
 def _pyplot() -> Any:
     """matplotlib's pyplot on the non-interactive Agg backend."""
-    matplotlib = require("matplotlib", "lab", "the lab's plots")
+    matplotlib = require("matplotlib", "lab", _PLOTS)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
