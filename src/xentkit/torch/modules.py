@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -162,8 +163,12 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         )
 
 
-# torch.nn.LinearCrossEntropyLoss exists in recent torch releases; subclass it where it does
-_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)
+# torch.nn.LinearCrossEntropyLoss exists in recent torch releases; subclass it where it does (type
+# checkers, which cannot follow the choice, see the nn.Module every release has)
+if TYPE_CHECKING:
+    _TorchLinearCrossEntropyLoss = torch.nn.Module
+else:
+    _TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)
 
 
 class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
