@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.resources
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -59,3 +60,33 @@ def test_the_transformers_integration_without_torch_names_the_extra() -> None:
         "xentkit._extras.MissingExtraError: xentkit.integrations.transformers needs the package "
         "'torch', which is not installed: pip install 'xentkit[transformers]'"
     ), done.stderr
+
+
+def test_log_probs_results_are_typed_by_their_flags() -> None:
+    """Type checkers pick the result's type from the literal flags (a tuple only when asked)."""
+    get_overloads = getattr(typing, "get_overloads", None)
+    if get_overloads is None:
+        pytest.skip("typing.get_overloads is Python 3.11+")
+    torch = pytest.importorskip("torch")  # noqa: F841
+    import xentkit.torch as xt
+    from xentkit.integrations.transformers import token_log_probs
+    from xentkit.torch.distributed import vocab_parallel_linear_log_probs
+
+    for function, single in (
+        (xentkit.log_probs, "np.ndarray"), (xt.log_probs, "Tensor"), (xt.linear_log_probs, "Tensor"),
+        (vocab_parallel_linear_log_probs, "Tensor"),
+    ):
+        returns = {
+            (o.__annotations__["return_entropy"], o.__annotations__["return_lse"]): o.__annotations__["return"]
+            for o in get_overloads(function)
+        }
+        assert returns == {
+            ("Literal[False]", "Literal[False]"): single,
+            ("Literal[True]", "Literal[False]"): f"tuple[{single}, {single}]",
+            ("Literal[False]", "Literal[True]"): f"tuple[{single}, {single}]",
+            ("Literal[True]", "Literal[True]"): f"tuple[{single}, {single}, {single}]",
+            ("bool", "bool"): f"{single} | tuple[{single}, ...]",
+        }, function.__qualname__
+    assert [o.__annotations__["return"] for o in get_overloads(token_log_probs)] == [
+        "Tensor", "tuple[Tensor, Tensor]", "Tensor | tuple[Tensor, Tensor]"
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -52,6 +54,34 @@ class _Rows:
         )
         log_probs, entropy, lse, log_s = row_statistics(m, s, u, z_target, self.valid)
         return m, s, log_s, log_probs, entropy, lse
+
+
+# The result's type follows the return_* flags (a type checker picks the overload from literals).
+@overload
+def log_probs(
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ...,
+) -> np.ndarray: ...
+@overload
+def log_probs(
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[False] = ...,
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def log_probs(
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def log_probs(
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[True],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+@overload
+def log_probs(
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: bool = ..., return_lse: bool = ...,
+) -> np.ndarray | tuple[np.ndarray, ...]: ...
 
 
 def log_probs(

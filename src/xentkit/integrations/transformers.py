@@ -33,7 +33,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from .._extras import require
 
@@ -306,6 +306,24 @@ def _check_model(model: nn.Module) -> tuple[str, str, nn.Linear]:
             "quantized or wrapped heads are not supported"
         )
     return name, rule, head
+
+
+# The result's type follows return_entropy (a type checker picks the overload from a literal).
+@overload
+def token_log_probs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: float = ...,
+    return_entropy: Literal[False] = ..., chunk_size: int | None = ..., **model_kwargs: Any,
+) -> Tensor: ...
+@overload
+def token_log_probs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: float = ...,
+    return_entropy: Literal[True], chunk_size: int | None = ..., **model_kwargs: Any,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def token_log_probs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: float = ...,
+    return_entropy: bool = ..., chunk_size: int | None = ..., **model_kwargs: Any,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def token_log_probs(

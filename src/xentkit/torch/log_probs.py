@@ -26,6 +26,8 @@ chunk, in float32 (float64 for float64).
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
@@ -172,6 +174,34 @@ def _check_target(target: object, sample_shape: tuple[int, ...], expected: str) 
     return target.long()
 
 
+# The result's type follows the return_* flags (a type checker picks the overload from literals).
+@overload
+def log_probs(
+    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., backend: str = ..., check_labels: bool = ...,
+) -> Tensor: ...
+@overload
+def log_probs(
+    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[False] = ..., backend: str = ..., check_labels: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def log_probs(
+    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[True], backend: str = ..., check_labels: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def log_probs(
+    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[True], backend: str = ..., check_labels: bool = ...,
+) -> tuple[Tensor, Tensor, Tensor]: ...
+@overload
+def log_probs(
+    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    return_entropy: bool = ..., return_lse: bool = ..., backend: str = ..., check_labels: bool = ...,
+) -> Tensor | tuple[Tensor, ...]: ...
+
+
 def log_probs(
     logits: Tensor,
     target: Tensor,
@@ -315,6 +345,44 @@ class _LinearLogProbsFunction(torch.autograd.Function):
             tuple(ctx.needs_input_grad[:3]), buffer, skip=idle_chunks(ctx.valid, ctx.options.chunk_size),
         )
         return *gradients, None, None, None, None
+
+
+# The result's type follows the return_* flags (a type checker picks the overload from literals).
+@overload
+def linear_log_probs(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
+    temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ...,
+    backend: str = ..., check_labels: bool = ...,
+) -> Tensor: ...
+@overload
+def linear_log_probs(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
+    temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ...,
+    backend: str = ..., check_labels: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_log_probs(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
+    temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ...,
+    backend: str = ..., check_labels: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_log_probs(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
+    temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ...,
+    backend: str = ..., check_labels: bool = ...,
+) -> tuple[Tensor, Tensor, Tensor]: ...
+@overload
+def linear_log_probs(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
+    temperature: float = ..., ignore_index: int = ...,
+    return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ...,
+    backend: str = ..., check_labels: bool = ...,
+) -> Tensor | tuple[Tensor, ...]: ...
 
 
 def linear_log_probs(

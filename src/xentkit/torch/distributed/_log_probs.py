@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -170,6 +171,44 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
             plan.communicator.all_reduce(grad_x, dist.ReduceOp.SUM)
             grad_x = grad_x.view(input.shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, grad_b, None
+
+
+# The result's type follows the return_* flags (a type checker picks the overload from literals).
+@overload
+def vocab_parallel_linear_log_probs(
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
+    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ...,
+    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+) -> Tensor: ...
+@overload
+def vocab_parallel_linear_log_probs(
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
+    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ...,
+    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def vocab_parallel_linear_log_probs(
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
+    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ...,
+    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def vocab_parallel_linear_log_probs(
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
+    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ...,
+    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+) -> tuple[Tensor, Tensor, Tensor]: ...
+@overload
+def vocab_parallel_linear_log_probs(
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
+    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ...,
+    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+) -> Tensor | tuple[Tensor, ...]: ...
 
 
 def vocab_parallel_linear_log_probs(
