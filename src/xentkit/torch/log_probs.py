@@ -350,38 +350,28 @@ class _LinearLogProbsFunction(torch.autograd.Function):
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
-    temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ...,
-    backend: str = ..., check_labels: bool = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> Tensor: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
-    temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ...,
-    backend: str = ..., check_labels: bool = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
-    temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ...,
-    backend: str = ..., check_labels: bool = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
-    temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ...,
-    backend: str = ..., check_labels: bool = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ...,
-    temperature: float = ..., ignore_index: int = ...,
-    return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ...,
-    backend: str = ..., check_labels: bool = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> Tensor | tuple[Tensor, ...]: ...
 
 

@@ -176,38 +176,28 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
-    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ...,
-    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> Tensor: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
-    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ...,
-    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
-    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ...,
-    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
-    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
-    return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ...,
-    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *,
-    linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
-    return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ...,
-    group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> Tensor | tuple[Tensor, ...]: ...
 
 
