@@ -118,3 +118,57 @@ def test_flags_are_checked():
     with pytest.raises(TypeError, match="keepdims must be a bool, got str 'no'"):
         xk.logsumexp([1.0, 2.0], keepdims="no")
     assert xk.logsumexp([[1.0, 2.0]], keepdims=True).shape == (1, 1)
+
+
+def test_reference_entropy_gradient_keeps_its_accuracy_on_confident_rows():
+    """Finite upstream gradients take the form without cancellation on both paths: a confident
+    row's gradient sums to 0 and matches the kernel (the chain form lost it to rounding)."""
+    for dtype in (np.float32, np.float64):
+        logits = np.array([[30.0, 0.0, 0.0]], dtype)
+        kernel = xk.log_probs_backward(logits, [0], None, [1.0])
+        with xk.use_reference(True):
+            reference = xk.log_probs_backward(logits, [0], None, [1.0])
+        np.testing.assert_allclose(reference, kernel, rtol=1e-5, atol=0)
+        assert reference[0, 0] < 0 and abs(float(reference.sum())) < 1e-6 * abs(float(reference[0, 0]))
+
+
+def test_more_values_beyond_the_dtype_are_quiet():
+    assert xk.logsumexp([inf, 1000.0]) == inf and xk.logsumexp(np.float32([inf, 100.0])) == inf
+    assert np.isnan(xk.log_probs_backward([[1000.0, 0.0, 0.0]], [0], None, [inf])).all()
+    with xk.use_reference(True):
+        assert xk.cross_entropy(np.float32([[1e38, 0.0]]), [0], z_loss=1e-4) == inf
+
+
+def test_kl_gradients_have_their_arguments_dtypes():
+    p, q = np.float32([0.25, 0.75]), np.float64([0.5, 0.5])
+    value, grad_p, grad_q = xk.kl_divergence_and_grad(p, q)
+    assert (value.dtype, grad_p.dtype, grad_q.dtype) == (np.float64, np.float32, np.float64)
+    tp, tq = torch.tensor(p, requires_grad=True), torch.tensor(q, requires_grad=True)
+    (tp * (tp.log() - tq.log())).sum().backward()
+    np.testing.assert_allclose(grad_p, tp.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(grad_q, tq.grad.numpy(), rtol=1e-12)
+
+
+def test_keepdims_takes_numpys_zero_and_one():
+    assert xk.logsumexp([[1.0, 2.0]], keepdims=1).shape == (1, 1)
+    assert xk.logsumexp([[1.0, 2.0]], keepdims=0).shape == (1,)
+    with pytest.raises(TypeError, match="keepdims must be a bool"):
+        xk.logsumexp([1.0, 2.0], keepdims=2)
+
+
+def test_nll_gradient_matches_torch_with_weights_and_reductions():
+    generator = np.random.default_rng(3)
+    log_p = np.log(generator.dirichlet(np.ones(5), size=(4, 3)))  # (N, d, C), class axis last
+    target = generator.integers(0, 5, size=(4, 3))
+    target[0, 1] = -100
+    weight = generator.random(5)
+    for reduction in ("mean", "sum", "none"):
+        upstream = generator.random((4, 3)) if reduction == "none" else None
+        loss, grad = xk.nll_loss_and_grad(log_p, target, weight=weight, reduction=reduction, grad_output=upstream)
+        x = torch.tensor(log_p, requires_grad=True)
+        expected = torch.nn.functional.nll_loss(
+            x.movedim(-1, 1), torch.tensor(target), weight=torch.tensor(weight), reduction=reduction
+        )
+        expected.backward(None if upstream is None else torch.tensor(upstream))
+        np.testing.assert_allclose(loss, expected.detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-12, atol=0)

@@ -544,5 +544,7 @@ def test_bad_arguments_are_named():
         xt.log_probs(x.to_sparse(), y)
     with pytest.raises(TypeError, match=r"input must be a dense \(strided\) tensor"):
         xt.linear_log_probs(x.to_sparse(), torch.randn(3, 5), y)
+    with pytest.raises(TypeError, match=r"target must be a dense \(strided\) tensor"):
+        xt.log_probs(x, y.to_sparse())
     with pytest.raises(TypeError, match="return_entropy must be a bool, got str 'no'"):
         xentkit.log_probs(x.numpy(), y.numpy(), return_entropy="no")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -63,7 +65,14 @@ def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarra
     """
     array, dtype = _prepare(x, "x")
     axis = _classes(array, axis, "x")
-    return rounded(reference.logsumexp(array, axis=axis, keepdims=check_flag(keepdims, "keepdims")), dtype)
+    return rounded(reference.logsumexp(array, axis=axis, keepdims=_keepdims(keepdims)), dtype)
+
+
+def _keepdims(value: object) -> bool:
+    """A bool, or 0 / 1 as NumPy takes them; anything else (a string, an array) is a TypeError."""
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    return check_flag(value, "keepdims")
 
 
 def sigmoid(x: ArrayLike) -> np.ndarray:

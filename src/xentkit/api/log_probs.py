@@ -180,7 +180,8 @@ def log_probs_backward(
         from ..kernels.log_probs import log_prob_gradient
 
         m, s, log_s, _, entropy, _ = rows.statistics()
-        coefficients = gradient_coefficients(log_s, entropy, *(layout.per_row(value) for value in (g, h, k)))
+        with np.errstate(invalid="ignore", over="ignore"):  # infinite upstream gradients: NaN, as torch
+            coefficients = gradient_coefficients(log_s, entropy, *(layout.per_row(value) for value in (g, h, k)))
         grad = log_prob_gradient(
             layout.matrix, rows.labels, rows.valid, options.temperature, m, s, coefficients,
             layout.gradient_buffer(),

@@ -68,17 +68,14 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     valid = check_labels(labels, num_classes, ignore_index)
 
     moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
-    per_sample, w_y, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index)
-    plan = ReductionPlan.of_labels(reduction, valid, w_y)
+    plan = ReductionPlan.of_targets(reduction, labels, ignore_index, weight, valid=valid)[1]
+    scale = 1.0
+    if want_grad:
+        scale = plan.scales(upstream_gradient(grad_output, reduction, sample_shape, work))[0]
+    per_sample, _, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index, scale)
     loss = rounded(plan.reduce(per_sample), original.dtype)
     if not want_grad:
         return loss, None
-    upstream = upstream_gradient(grad_output, reduction, sample_shape, work)
-    # only the targets' entries are scaled: the others stay 0 whatever the upstream gradient
-    # (0·inf would be NaN), as torch's
-    targets = (np.arange(num_classes) == labels[..., None]) & valid[..., None]
-    with np.errstate(invalid="ignore", over="ignore"):
-        grad = np.where(targets, grad * np.asarray(plan.scales(upstream)[0])[..., None], 0)
     return loss, rounded(np.moveaxis(grad, -1, axis), original.dtype)
 
 
@@ -397,8 +394,9 @@ def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[
     """
     p_array, q_array = as_float_array(p, "p"), as_float_array(q, "q")
     same_shape(q_array, "q", p_array, "p")
-    dtype = np.result_type(p_array.dtype, q_array.dtype)  # both computed in one dtype, as torch
+    # both computed in one dtype; the value in it, each gradient in its argument's dtype (as torch)
+    dtype = np.result_type(p_array.dtype, q_array.dtype)
     p_work, _, axis = _distribution(p_array.astype(dtype, copy=False), "p", axis)
     q_work, _, _ = _distribution(q_array.astype(dtype, copy=False), "q", axis)
     value, grad_p, grad_q = reference.kl_divergence_and_grad(p_work, q_work, axis=axis)
-    return rounded(value, dtype), rounded(grad_p, dtype), rounded(grad_q, dtype)
+    return rounded(value, dtype), rounded(grad_p, p_array.dtype), rounded(grad_q, q_array.dtype)

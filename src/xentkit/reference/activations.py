@@ -22,7 +22,7 @@ def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarr
     """
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isinf(m), 0, m)  # ±inf rows: exp(x) itself, Σ = +inf or 0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # exp(inf) = inf
         out = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
     return out if keepdims else np.squeeze(out, axis=axis)
 

@@ -38,6 +38,9 @@ def z_term(lse: Any, valid: Any, z_loss: float) -> Any:
     None when ``z_loss`` is 0. Rows may be NumPy arrays or torch tensors."""
     if not z_loss:
         return None
+    if isinstance(lse, np.ndarray):
+        with np.errstate(over="ignore"):  # beyond the dtype: inf, as torch
+            return masked(z_loss * lse * lse, valid)
     return masked(z_loss * lse * lse, valid)
 
 

@@ -119,12 +119,21 @@ def log_probs_backward(
     with np.errstate(invalid="ignore", over="ignore"):
         log_p = np.where(np.isnan(p), np.nan, shifted - log_s)
         onehot = np.arange(logits.shape[-1]) == safe[..., None]
-        # the chain through log p, as autograd takes it (so that infinite upstream gradients
-        # give what torch gives): G = ∂/∂log p = g·onehot − h·p·(log p + 1), then the
-        # log-softmax VJP G − p·ΣG, and the lse's k·p; for finite values this is
-        # g·(onehot − p) − h·p·(log p + H) + k·p
-        upstream = np.where(onehot, g[..., None], 0) - h[..., None] * _p_times(p, log_p + 1)
-        grad = upstream - p * np.sum(upstream, axis=-1, keepdims=True) + k[..., None] * p
+        entropy = -np.sum(_p_times(p, log_p), axis=-1, keepdims=True)
+        grad = (
+            g[..., None] * (onehot - p)
+            - h[..., None] * _p_times(p, log_p + entropy)
+            + k[..., None] * p
+        )
+        finite = np.isfinite(g) & np.isfinite(h) & np.isfinite(k)
+        if not finite.all():
+            # a row with an infinite or NaN upstream gradient gets what autograd's chain through
+            # log p gives (torch's NaN and ±inf): G = ∂/∂log p = g·onehot − h·p·(log p + 1), then
+            # the log-softmax VJP G − p·ΣG and the lse's k·p (equal to the form above for finite
+            # values, which loses less to cancellation on confident rows)
+            upstream = np.where(onehot, g[..., None], 0) - h[..., None] * _p_times(p, log_p + 1)
+            chain = upstream - p * np.sum(upstream, axis=-1, keepdims=True) + k[..., None] * p
+            grad = np.where(finite[..., None], grad, chain)
     grad = np.where(valid[..., None], grad, 0) / dtype.type(temperature)
     return grad.astype(dtype, copy=False)
 

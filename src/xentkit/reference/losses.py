@@ -17,21 +17,25 @@ def nll_loss_and_grad(
     labels: np.ndarray,
     weight: np.ndarray | None,
     ignore_index: int,
+    grad_scale: np.ndarray | float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-sample NLL −w_y·log p_y (class axis last), its weight w_y, and ∂/∂log p = −w_y·onehot(y).
+    """Per-sample NLL −w_y·log p_y (class axis last), its weight w_y, and
+    ∂/∂log p = −w_y·onehot(y), times ``grad_scale`` (the upstream gradient and the reduction's
+    scale, per sample or one for all).
 
-    Returns ``(per_sample, w_y, grad)``; ignored samples have loss, weight and gradient 0.
+    Returns ``(per_sample, w_y, grad)``; ignored samples have loss, weight and gradient 0. Only the
+    targets' entries are scaled: the others are 0 whatever the scale (0·inf would be NaN), as torch's.
     """
-    num_classes = log_probs.shape[-1]
     valid = labels != ignore_index
     safe = np.where(valid, labels, 0)
-    w = np.ones(num_classes, dtype=log_probs.dtype) if weight is None else weight
-    w_y = np.where(valid, w[safe], 0).astype(log_probs.dtype)
+    w_y = np.where(valid, 1 if weight is None else weight[safe], 0).astype(log_probs.dtype)
     picked = np.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
-    with np.errstate(invalid="ignore"):  # an ignored row's −inf: 0·(−inf), then masked
+    with np.errstate(invalid="ignore", over="ignore"):  # an ignored row's −inf: 0·(−inf), then masked
         per_sample = np.where(valid, -w_y * picked, 0).astype(log_probs.dtype)
-    grad = -w_y[..., None] * (np.arange(num_classes) == safe[..., None])
-    return per_sample, w_y, grad.astype(log_probs.dtype)
+        target_grad = np.where(valid, -w_y * grad_scale, 0).astype(log_probs.dtype)
+    grad = np.zeros(log_probs.shape, dtype=log_probs.dtype)
+    np.put_along_axis(grad, safe[..., None], target_grad[..., None], axis=-1)
+    return per_sample, w_y, grad
 
 
 def binary_cross_entropy_with_logits_and_grad(
