@@ -385,7 +385,8 @@ def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
 def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """KL divergence and both gradients: ``∂/∂p_i = log(p_i/q_i) + 1``, ``∂/∂q_i = −p_i/q_i``.
 
-    Returns ``(kl, dp, dq)``.
+    Returns ``(kl, dp, dq)``: ``kl`` in the dtype p and q promote to (both are computed in it),
+    each gradient in its own argument's dtype, as torch.
 
     >>> import numpy as np, xentkit
     >>> kl, dp, dq = xentkit.kl_divergence_and_grad([0.5, 0.5], [0.5, 0.5])
