@@ -101,6 +101,13 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_dense(tensor: Tensor, name: str) -> None:
+    """A strided tensor, or a ``TypeError`` naming it: sparse and other layouts have no rows to
+    run the kernels over."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
+
+
 def own_outputs(values: tuple[Tensor, ...], dtype: torch.dtype, shape: torch.Size) -> tuple[Tensor, ...]:
     """A multi-output autograd Function's results in ``dtype`` and ``shape``, each a tensor of its
     own: never a view (a caller may change an output in place, as it may torch's own results;

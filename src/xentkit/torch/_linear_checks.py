@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor
 
 from .._options import describe
+from ._bridge import check_dense
 
-__all__ = ["LINEAR", "SHARDS", "LinearNames", "check_dense", "check_linear"]
-
-
-def check_dense(tensor: Tensor, name: str) -> None:
-    """A strided tensor: sparse and other layouts have no rows to run the kernels over."""
-    if tensor.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
+__all__ = ["LINEAR", "SHARDS", "LinearNames", "check_linear"]
 
 
 @dataclasses.dataclass(frozen=True)

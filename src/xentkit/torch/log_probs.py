@@ -45,7 +45,7 @@ from ._chunks import (
     idle_chunks,
     logit_chunks,
 )
-from ._linear_checks import check_dense, check_linear
+from ._linear_checks import check_linear
 from ._linear_triton import detached
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
 
@@ -163,7 +163,7 @@ def _nan_where_bad(results: tuple[Tensor, Tensor, Tensor], bad: Tensor | None) -
 def _check_target(target: object, sample_shape: tuple[int, ...], expected: str) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {describe(target)}")
-    check_dense(target, "target")
+    _bridge.check_dense(target, "target")
     check_index_layout(
         not target.is_floating_point() and not target.is_complex() and target.dtype != torch.bool,
         tuple(target.shape), sample_shape, dtype_name=str(target.dtype).removeprefix("torch."),
@@ -253,7 +253,7 @@ def log_probs(
     return_lse = check_flag(return_lse, "return_lse")
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {describe(logits)}")
-    check_dense(logits, "logits")
+    _bridge.check_dense(logits, "logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have at least one class in its last dimension, got shape {tuple(logits.shape)}")
     target = _check_target(target, tuple(logits.shape[:-1]), "(one class index per row of logits)")

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ..._labels import as_class_indices, label_error
 from ..._options import CHOICES, LogProbOptions, LossOptions
-from .._linear_checks import SHARDS, check_dense, check_linear
+from .._bridge import check_dense
+from .._linear_checks import SHARDS, check_linear
 from ._communication import CommunicationStats, _Communicator
 
 # Every field of every options class travels in the record (the union of their fields, each

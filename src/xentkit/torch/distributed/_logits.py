@@ -8,7 +8,6 @@ from torch.autograd.function import FunctionCtx
 
 from ..._options import LossOptions
 from .. import _bridge
-from .._linear_checks import check_dense
 from ._agreement import _agree, _check_device, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses
 from ._communication import CommunicationStats, _Communicator
@@ -143,7 +142,7 @@ def vocab_parallel_cross_entropy(
                 "logits_shard must be a floating tensor of shape (N, V_r) (class axis last), "
                 f"got dtype {logits_shard.dtype} and shape {tuple(logits_shard.shape)}"
             )
-        check_dense(logits_shard, "logits_shard")
+        _bridge.check_dense(logits_shard, "logits_shard")
         _check_device(logits_shard, "logits_shard")
         options = LossOptions(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
