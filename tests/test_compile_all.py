@@ -40,13 +40,15 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
         "log-prob statistics float64", "log-prob gradient float64",
         "shard statistics float32", "shard gradient float32",
         "shard statistics float64", "shard gradient float64",
+        "label scan int64",
     ]
-    from xentkit.kernels import vocab_parallel
+    from xentkit.kernels import labels, vocab_parallel
 
     for kernel in (log_probs._statistics_kernel, log_probs._gradient_kernel,
                    vocab_parallel._stats_kernel, vocab_parallel._grad_kernel):
         assert {str(signature[0].dtype) for signature in kernel.signatures} >= {"float32", "float64"}
+    assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 12 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 13 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

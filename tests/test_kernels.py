@@ -543,3 +543,31 @@ def test_exp_loops_vectorize():
         widths = [int(w) for w in re.findall(r"<(\d+) x (?:float|double)>", llvm_ir)]
         assert widths and max(widths) >= 2, "the exp loop did not vectorize"
         assert not re.search(r"call [^\n]*@(?:llvm\.)?exp", llvm_ir), "a scalar exp call is left"
+
+
+def test_running_on_sets_and_restores_the_callers_thread_count() -> None:
+    """Small problems run on one thread and large ones on the caller's count, which every call
+    restores, whether it goes through Numba's public functions (before the pool is up) or through
+    the threading layer's own counters (after)."""
+    import numba
+
+    import xentkit
+    from xentkit.kernels import _threading
+
+    xentkit.cross_entropy_and_grad(np.zeros((2, 3), np.float32), np.array([0, 1]))  # the pool is up
+    assert _threading._pool_counters() is not None
+    threads = numba.config.NUMBA_NUM_THREADS
+    seen = []
+    for wanted in sorted({1, threads}):
+        numba.set_num_threads(wanted)
+        try:
+            for count in (1, wanted):
+                with _threading.running_on(count):
+                    seen.append(numba.get_num_threads())
+                assert numba.get_num_threads() == wanted
+            xentkit.cross_entropy_and_grad(np.zeros((64, 10), np.float32), np.zeros(64, np.int64))
+            xentkit.cross_entropy_and_grad(np.zeros((512, 300), np.float32), np.zeros(512, np.int64))
+            assert numba.get_num_threads() == wanted
+        finally:
+            numba.set_num_threads(threads)
+    assert seen == [count for wanted in sorted({1, threads}) for count in (1, wanted)]

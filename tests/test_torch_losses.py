@@ -692,6 +692,46 @@ def test_ignore_index_is_unused_with_probability_targets_on_every_path(backend):
     torch.testing.assert_close(got, want)
 
 
+def test_small_problems_without_torchs_binding_call_its_python_function(monkeypatch):
+    """A torch without ``torch._C._nn.cross_entropy_loss`` gets ``F.cross_entropy`` on the small
+    path: the same values and gradients for every reduction, smoothing and ignored label."""
+    from xentkit.torch import functional
+
+    logits = torch.randn(16, 7, dtype=torch.float64)
+    target = torch.randint(0, 7, (16,))
+    target[2] = -100
+    results = {}
+    for binding in (functional._TORCH_CROSS_ENTROPY, None):
+        monkeypatch.setattr(functional, "_TORCH_CROSS_ENTROPY", binding)
+        for reduction in REDUCTIONS:
+            for smoothing in (0.0, 0.2):
+                leaf = logits.clone().requires_grad_()
+                loss = xt.cross_entropy(leaf, target, reduction=reduction, label_smoothing=smoothing)
+                loss.sum().backward()
+                want = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=smoothing)
+                torch.testing.assert_close(loss.detach(), want, rtol=1e-14, atol=1e-14)
+                results.setdefault((reduction, smoothing), []).append((loss.detach(), leaf.grad))
+    for (first_loss, first_grad), (second_loss, second_grad) in results.values():
+        assert torch.equal(first_loss, second_loss) and torch.equal(first_grad, second_grad)
+
+
+def test_default_options_are_the_checked_defaults_and_equal_values_of_other_types_are_checked():
+    """Every option at its default takes the options built at import; an equal value of another
+    type (True for an int, 0 for a float) still goes through the checks."""
+    from xentkit.torch import functional
+
+    assert functional.LossOptions() == functional._DEFAULT_OPTIONS
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    torch.testing.assert_close(
+        xt.cross_entropy(logits, target),
+        xt.cross_entropy(logits, target, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0),
+    )
+    with pytest.raises(TypeError, match="ignore_index"):
+        xt.cross_entropy(logits, target, ignore_index=-100.0)
+    with pytest.raises(TypeError, match="check_labels"):
+        xt.cross_entropy(logits, target, check_labels=1)
+
+
 def test_small_plain_problems_run_torchs_own_kernel(monkeypatch):
     """Up to SMALL_MAX_LOGITS plain [N, C] logits (int64 labels, no weights, z-loss, softcap or
     in-place) run torch's own cross-entropy, wrapped in xentkit's semantics: the same values as
@@ -700,7 +740,14 @@ def test_small_plain_problems_run_torchs_own_kernel(monkeypatch):
     from xentkit.torch import functional
 
     calls = []
-    monkeypatch.setattr(functional, "F", _Recorder(F, calls))
+    torch_cross_entropy = functional._TORCH_CROSS_ENTROPY
+    assert torch_cross_entropy is not None  # torch's binding, which F.cross_entropy calls
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return torch_cross_entropy(*args)
+
+    monkeypatch.setattr(functional, "_TORCH_CROSS_ENTROPY", recorded)
     logits = torch.randn(32, 10, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 10, (32,))
     target[3] = -100
@@ -729,15 +776,3 @@ def test_small_plain_problems_run_torchs_own_kernel(monkeypatch):
     assert calls == []
 
 
-class _Recorder:
-    """torch.nn.functional with its cross_entropy calls recorded."""
-
-    def __init__(self, module, calls):
-        self._module, self._calls = module, calls
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-    def cross_entropy(self, *args, **kwargs):
-        self._calls.append(args[0].shape)
-        return self._module.cross_entropy(*args, **kwargs)

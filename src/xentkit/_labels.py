@@ -8,6 +8,8 @@ vocabulary has V = 10 classes ...").
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ._options import as_array
@@ -75,25 +77,50 @@ def label_error(
     )
 
 
+def _compiled_scan() -> Any:
+    """``xentkit.kernels.labels.first_bad_label``, imported on first use (it loads Numba)."""
+    if not _SCAN:
+        from .kernels.labels import first_bad_label
+
+        _SCAN.append(first_bad_label)
+    return _SCAN[0]
+
+
+_SCAN: list[Any] = []
+
+
 def check_labels(
     labels: np.ndarray, num_classes: int, ignore_index: int, *, classes: str | None = None,
-    name: str = "target",
+    name: str = "target", compiled: bool = False,
 ) -> np.ndarray:
     """Boolean mask of the non-ignored samples; raises :func:`label_error` for the first label
     outside ``[0, num_classes)``. ``classes`` defaults to "logits have C classes".
 
     ``labels`` may also be a torch tensor (the mask is then a tensor on its device; a GPU tensor
-    costs one wait for the device, to know whether to raise)."""
+    costs one wait for the device, to know whether to raise). ``compiled``: int64 NumPy labels
+    are scanned by Numba's compiled loop (``xentkit.kernels.labels``; for callers that run the
+    Numba kernels anyway: it loads Numba), else by NumPy."""
     valid = labels != ignore_index
-    if isinstance(labels, np.ndarray) and (labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes)):
-        return valid  # every label in range (two reductions, cheaper than the mask below)
-    bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
+    found: Any = None  # the first bad label's position, once found
+    if isinstance(labels, np.ndarray):
+        if labels.size == 0:
+            return valid
+        if compiled:
+            index = _compiled_scan()(labels, num_classes, ignore_index)
+            if index < 0:
+                return valid
+            found = np.unravel_index(index, labels.shape)
+        elif labels.min() >= 0 and labels.max() < num_classes:
+            return valid  # every label in range (two reductions, cheaper than the mask below)
+    if found is None:
+        bad = valid & ((labels < 0) | (labels >= num_classes))
+        if not bad.any():
+            return valid
         if not isinstance(labels, np.ndarray):  # a tensor: the message is built on the CPU
             labels, bad = np.asarray(labels.cpu()), np.asarray(bad.cpu())
-        position = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise label_error(
-            int(labels[position]), position, num_classes, ignore_index,
-            classes or f"logits have {num_classes} classes", name,
-        )
-    return valid
+        found = np.argwhere(bad)[0]
+    position = tuple(int(i) for i in found)
+    raise label_error(
+        int(labels[position]), position, num_classes, ignore_index,
+        classes or f"logits have {num_classes} classes", name,
+    )

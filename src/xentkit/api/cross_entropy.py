@@ -39,10 +39,12 @@ class ProbabilitiesAsLogitsWarning(UserWarning):
 def _looks_like_probabilities(logits: np.ndarray, axis: int) -> bool:
     """Every value in [0, 1] and every slice along ``axis`` summing to 1.
 
-    Screens a few values of the first sample, then that sample, before looking at everything, so
-    that real logits cost almost nothing here.
+    Screens one value, then a few values of the first sample, then that sample, before looking at
+    everything, so that real logits cost almost nothing here.
     """
     if logits.shape[axis] < 2 or logits.size == 0:
+        return False
+    if not 0.0 <= logits.item(0) <= 1.0:  # the first sample's first class, whatever the axis
         return False
     moved = class_axis_last(logits, axis)
     tolerance = 1e-2 if logits.dtype == np.float16 else 1e-4
@@ -180,7 +182,9 @@ def _cross_entropy(
         valid = None
     else:
         target_array = as_class_indices(target_array, sample_shape)
-        valid = check_labels(target_array, num_classes, options.ignore_index)
+        valid = check_labels(
+            target_array, num_classes, options.ignore_index, compiled=not reference_enabled()
+        )
         if plan is None and not reference_enabled():
             plan = ReductionPlan.of_targets(
                 reduction, target_array, options.ignore_index, weight, valid=valid

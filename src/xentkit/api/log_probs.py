@@ -36,7 +36,9 @@ class _Rows:
                 f"got {describe(target_array)}"
             )
         labels = as_class_indices(target_array, layout.sample_shape, expected_shape="(one class index per row)")
-        self.valid = check_labels(labels, layout.classes, options.ignore_index).reshape(layout.rows)
+        self.valid = check_labels(
+            labels, layout.classes, options.ignore_index, compiled=not reference_enabled()
+        ).reshape(layout.rows)
         self.labels_shaped = labels
         self.labels = layout.labels(labels)
         self.options = options

@@ -23,7 +23,10 @@ _HOMES = {
     "log_prob_gradient": "xentkit.kernels.log_probs",
 }
 # The modules whose compile_all() the package's compile_all() runs.
-_MODULES = ("xentkit.kernels.cross_entropy", "xentkit.kernels.log_probs", "xentkit.kernels.vocab_parallel")
+_MODULES = (
+    "xentkit.kernels.cross_entropy", "xentkit.kernels.log_probs", "xentkit.kernels.vocab_parallel",
+    "xentkit.kernels.labels",
+)
 
 
 def compile_all() -> list[str]:

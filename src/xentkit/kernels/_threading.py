@@ -21,6 +21,7 @@ import ctypes
 import importlib
 import importlib.metadata
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numba
@@ -76,23 +77,51 @@ def threads_for(elements: int, parallel: bool | None, serial_max: int) -> int:
     return numba.get_num_threads() if parallel else 1
 
 
+def _pool_counters() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """The running threading layer's own getter and setter of the calling thread's thread count,
+    once Numba's pool is up: ``numba.get_num_threads`` / ``set_num_threads`` wrap them with a
+    start-up check that takes two locks on every call (~1 µs each here against ~0.2 µs; a small
+    problem changes the count twice per call). None before the pool starts, or when this Numba
+    keeps them elsewhere: then Numba's public functions serve."""
+    if _COUNTERS:
+        return _COUNTERS[0]
+    from numba.np.ufunc import parallel
+
+    if not getattr(parallel, "_is_initialized", False):
+        return None
+    get, put = getattr(parallel, "_get_num_threads", None), getattr(parallel, "_set_num_threads", None)
+    counters = (get, put) if callable(get) and callable(put) else None
+    _COUNTERS.append(counters)
+    return counters
+
+
+_COUNTERS: list[tuple[Callable[[], int], Callable[[int], None]] | None] = []  # found once
+
+
 class running_on:  # lower case: used as a function, ``with running_on(threads):``
     """Run the block's kernels on ``threads`` of Numba's threads, then restore the count. (One
     thread: the calling one runs the loops and the pool stays asleep. A separate non-parallel build
-    of the kernels was slower and would double the compile time; setting the count inside a
+    of the kernels would double the compile time for ~1 µs per call; setting the count inside a
     kernel would keep Numba from caching it.) A class, not a generator: small problems notice the
-    microseconds of ``contextlib.contextmanager``."""
+    microseconds of ``contextlib.contextmanager``. ``threads`` is 1 or at most Numba's current
+    count (:func:`threads_for`), which the setter takes without a check."""
 
-    __slots__ = ("saved", "threads")
+    __slots__ = ("put", "saved", "threads")
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self.saved = numba.get_num_threads()
+        counters = _pool_counters()
+        if counters is None:  # the first call starts the pool here
+            self.saved = numba.get_num_threads()
+            self.put = numba.set_num_threads
+        else:
+            self.saved = counters[0]()
+            self.put = counters[1]
 
     def __enter__(self) -> None:
         if self.threads != self.saved:
-            numba.set_num_threads(self.threads)
+            self.put(self.threads)
 
     def __exit__(self, *exc_info: object) -> None:
         if self.threads != self.saved:
-            numba.set_num_threads(self.saved)
+            self.put(self.saved)

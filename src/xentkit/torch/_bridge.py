@@ -116,7 +116,7 @@ def own_outputs(values: tuple[Tensor, ...], dtype: torch.dtype, shape: torch.Siz
     return tuple(value.reshape(shape).to(dtype, copy=True) for value in values)
 
 
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 _IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 
 
@@ -128,7 +128,7 @@ def is_functorch_wrapped(tensor: Tensor) -> bool:
 
 def _is_plain_cpu_tensor(tensor: Tensor) -> bool:
     """A strided CPU tensor whose memory NumPy can view (no subclass, fake or functorch wrapper)."""
-    if type(tensor) not in _PLAIN_TENSOR_TYPES:
+    if type(tensor) not in PLAIN_TENSOR_TYPES:
         return False
     if not tensor.is_cpu or tensor.layout != torch.strided or tensor.is_quantized:
         return False

@@ -21,6 +21,7 @@ Two deliberate differences from torch:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -221,15 +222,42 @@ SMALL_MAX_LOGITS = 1 << 16
 _SMALL_DTYPES = (torch.float32, torch.float64)
 
 
+_PLAIN_TENSOR_TYPES = _bridge.PLAIN_TENSOR_TYPES
+# torch's cross-entropy itself, as ``F.cross_entropy`` calls it (its Python wrapper maps the
+# reduction to this enum and checks for __torch_function__, which the binding does too): ~1 µs
+# less per small call. The enum is torch's ``_Reduction.get_enum``.
+_TORCH_CROSS_ENTROPY = getattr(torch._C._nn, "cross_entropy_loss", None)
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+
+
 def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
-    """Whether torch's own cross-entropy computes exactly this call (after the label check):
-    a small float32/float64 [N, C] input, int64 class indices, no class weights and none of
-    xentkit's extras."""
-    return (  # the options first: plain attribute reads
-        weight is None and not options.z_loss and options.softcap is None and not options.inplace_backward
-        and input.dim() == 2 and target.dim() == 1 and 0 < input.numel() <= SMALL_MAX_LOGITS
+    """Whether torch's own cross-entropy computes exactly this call (after the label check): a
+    small float32/float64 [N, C] plain CPU tensor (no subclass, no torch.func wrapper, eager),
+    int64 class indices, no class weights and none of xentkit's extras. One expression, the
+    cheapest tests first: a 64 × 10 call is timed in microseconds (benchmarks/bench_small.py)."""
+    return (
+        weight is None and options.backend == "auto" and not options.z_loss
+        and options.softcap is None and not options.inplace_backward
+        and type(input) in _PLAIN_TENSOR_TYPES and type(target) in _PLAIN_TENSOR_TYPES
+        and input.dtype in _SMALL_DTYPES and target.dtype is torch.int64
+        and input.is_cpu and target.is_cpu
+        and input.layout is torch.strided and target.layout is torch.strided
+        and input.ndim == 2 and target.ndim == 1 and 0 < input.numel() <= SMALL_MAX_LOGITS
         and target.shape[0] == input.shape[0]  # (else the api's error, not torch's)
-        and input.dtype in _SMALL_DTYPES and target.dtype == torch.int64
+        and not torch.compiler.is_compiling()
+        and not _bridge.is_functorch_wrapped(input) and not _bridge.is_functorch_wrapped(target)
+    )
+
+
+def _torch_cross_entropy(input: Tensor, target: Tensor, options: LossOptions) -> Tensor:
+    if _TORCH_CROSS_ENTROPY is None:  # (a torch without the binding)
+        return F.cross_entropy(
+            input, target, ignore_index=options.ignore_index, reduction=options.reduction,
+            label_smoothing=options.label_smoothing,
+        )
+    return _TORCH_CROSS_ENTROPY(
+        input, target, None, _REDUCTION_ENUM[options.reduction], options.ignore_index,
+        options.label_smoothing,
     )
 
 
@@ -265,10 +293,7 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
     if check_probabilities and not mean:
         warn_if_probabilities(_bridge.as_numpy(input), 1)
     try:
-        loss = F.cross_entropy(
-            input, target, ignore_index=options.ignore_index, reduction=options.reduction,
-            label_smoothing=options.label_smoothing,
-        )
+        loss = _torch_cross_entropy(input, target, options)
     except IndexError:
         if check_probabilities and mean:
             warn_if_probabilities(_bridge.as_numpy(input), 1)
@@ -387,11 +412,33 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
-    options = cached_options()(
-        reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward,
-        check_labels,
-    )
+    if (  # every option at its default, the same objects (most calls): the options built at import
+        reduction is _DEFAULT_REDUCTION and ignore_index is _DEFAULT_IGNORE_INDEX
+        and label_smoothing is _DEFAULT_FLOAT and z_loss is _DEFAULT_FLOAT and softcap is None
+        and backend is _DEFAULT_BACKEND and inplace_backward is False and check_labels is True
+    ):
+        options = _DEFAULT_OPTIONS
+    else:  # (cached_options() inline: one call less on every small call)
+        options = (LossOptions if torch.compiler.is_compiling() else loss_options)(
+            reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend,
+            inplace_backward, check_labels,
+        )
     return _cross_entropy_with_options(input, target, weight, options, check_probabilities)
+
+
+# cross_entropy's own default objects (compared by identity: a caller passing 1, True or an
+# equal float of its own goes through the checks), and the options they make, checked once here
+_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(cross_entropy).parameters.items()
+}
+_DEFAULT_IGNORE_INDEX = _DEFAULTS["ignore_index"]
+_DEFAULT_REDUCTION = _DEFAULTS["reduction"]
+_DEFAULT_FLOAT = _DEFAULTS["label_smoothing"]
+_DEFAULT_BACKEND = _DEFAULTS["backend"]
+assert _DEFAULTS["z_loss"] is _DEFAULT_FLOAT, "cross_entropy's float defaults are one constant"
+_DEFAULT_OPTIONS = LossOptions(
+    _DEFAULT_REDUCTION, _DEFAULT_IGNORE_INDEX, _DEFAULT_FLOAT, _DEFAULT_FLOAT, None, None, _DEFAULT_BACKEND
+)
 
 
 def _cross_entropy_with_options(
@@ -405,10 +452,7 @@ def _cross_entropy_with_options(
         and not torch.compiler.is_compiling()
     ):
         _bridge.check_overwritable(input)
-    if (  # first the common small case, at the fewest checks
-        options.backend == "auto" and _small_and_plain(input, target, weight, options)
-        and _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free)
-    ):
+    if _small_and_plain(input, target, weight, options):  # first the common small case
         return _small_cross_entropy(input, target, options, check_probabilities)
     if _triton_path.use_triton(options, input, target, weight):
         if torch.compiler.is_compiling():  # custom ops the compiler keeps (no label check)
