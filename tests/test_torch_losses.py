@@ -776,3 +776,58 @@ def test_small_plain_problems_run_torchs_own_kernel(monkeypatch):
     assert calls == []
 
 
+
+
+def test_cross_entropy_module_keeps_its_options_until_one_is_set_and_never_saves_them():
+    """CrossEntropyLoss builds its options once and reuses them, but an option set (or deleted)
+    as an attribute takes effect on the next call, a bad one is refused there, a subclass whose
+    option is a property is read on every call, and neither a deep copy nor a saved module
+    carries the built options."""
+    import copy
+    import io
+
+    logits, target = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, -100, 1])
+    loss = xt.CrossEntropyLoss()
+    torch.testing.assert_close(loss(logits, target), F.cross_entropy(logits, target))
+    loss.label_smoothing = 0.25
+    torch.testing.assert_close(loss(logits, target), F.cross_entropy(logits, target, label_smoothing=0.25))
+    loss.reduction = "sum"
+    torch.testing.assert_close(
+        loss(logits, target), F.cross_entropy(logits, target, label_smoothing=0.25, reduction="sum")
+    )
+    for kept in (copy.deepcopy(loss), torch.load(_saved(loss, io.BytesIO()), weights_only=False)):
+        assert "_xentkit_options" not in vars(kept)
+        torch.testing.assert_close(kept(logits, target), loss(logits, target))
+        kept.label_smoothing = 0.0
+        torch.testing.assert_close(kept(logits, target), F.cross_entropy(logits, target, reduction="sum"))
+    loss.z_loss = 1e-2
+    with_z = loss(logits, target)
+    del loss.z_loss  # back to the default, 0
+    assert loss(logits, target) < with_z
+    loss.ignore_index = True
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        loss(logits, target)
+
+    class Scheduled(xt.CrossEntropyLoss):
+        steps = 0
+
+        @property
+        def label_smoothing(self):
+            return 0.1 * self.steps
+
+        @label_smoothing.setter
+        def label_smoothing(self, value):
+            pass
+
+    scheduled = Scheduled()
+    for steps in (0, 1, 2):
+        scheduled.steps = steps
+        torch.testing.assert_close(
+            scheduled(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1 * steps)
+        )
+
+
+def _saved(module, buffer):
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return buffer

@@ -28,6 +28,30 @@ _LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
 # as (name, default) of every LossOptions field, in order: a new field reaches forward and repr
 # here, and a module without a field (chunk_size on CrossEntropyLoss) passes the default
 _FIELD_DEFAULTS = tuple((field.name, field.default) for field in dataclasses.fields(LossOptions))
+_FIELD_NAMES, _FIELD_VALUES = (tuple(column) for column in zip(*_FIELD_DEFAULTS, strict=True))
+_FIELD_NAME_SET = frozenset(_FIELD_NAMES)
+_CACHED_OPTIONS = "_xentkit_options"  # the __dict__ key of a module's built options
+
+
+class _KeepsOptions(torch.nn.Module):
+    """A loss module that keeps its built options (``_loss_options_of``) and drops them when an
+    option is set or deleted as an attribute. They are never pickled or deep-copied (a module
+    saved by this xentkit and loaded by another builds its own)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in _FIELD_NAME_SET:
+            self.__dict__.pop(_CACHED_OPTIONS, None)
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name in _FIELD_NAME_SET:
+            self.__dict__.pop(_CACHED_OPTIONS, None)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state.pop(_CACHED_OPTIONS, None)
+        return state
 
 
 _CLASS_FIELDS: dict[type, frozenset[str]] = {}  # (a plain dict: torch.compile warns at lru_cache)
@@ -48,9 +72,18 @@ def _loss_options_of(module: torch.nn.Module) -> LossOptions:
     """The module's options as one checked object (built once per distinct set of values), read
     on every step: from the instance's ``__dict__``, else from its class, else the default. (A
     field the module lacks, ``chunk_size`` on ``CrossEntropyLoss``, would otherwise go through
-    ``nn.Module.__getattr__`` and its AttributeError: microseconds each.)"""
+    ``nn.Module.__getattr__`` and its AttributeError: microseconds each.) A module whose class
+    defines none of the fields keeps the options it built in its ``__dict__`` until one of them is
+    set again (:class:`_KeepsOptions`): a step reads them without checking them again.)"""
     attributes = module.__dict__
     on_class = _fields_on_class(type(module))
+    if not on_class:  # the usual module: every value in its __dict__ or the default
+        options = attributes.get(_CACHED_OPTIONS)
+        if options is None:
+            options = functional.cached_options()(*map(attributes.get, _FIELD_NAMES, _FIELD_VALUES))
+            if not torch.compiler.is_compiling():  # (a traced graph writes no module state)
+                attributes[_CACHED_OPTIONS] = options
+        return options
     return functional.cached_options()(*[
         attributes[name] if name in attributes else getattr(module, name) if name in on_class else default
         for name, default in _FIELD_DEFAULTS
@@ -66,7 +99,7 @@ def _options_repr(options: dict[str, object]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
 
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss, _KeepsOptions):
     """``torch.nn.CrossEntropyLoss`` on xentkit's fused kernels, plus ``z_loss`` and ``softcap``.
 
     Arguments and shapes as torch's; the formula, the extras and the differences from torch (a
