@@ -101,6 +101,24 @@ def test_vmap_and_per_sample_gradients_are_torchs(function):
     )
 
 
+def test_vmap_over_batches_of_small_problems_is_torchs():
+    """Inside vmap each call sees a small plain [N, C] problem, the kind that runs torch's kernel
+    with a look at its mean: a running transform sends it to torch ops instead (its values
+    cannot be read), with torch's results and gradients."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 6, (3, 4), generator=generator)
+    labels[1] = -100  # one batch with nothing to average: 0 for xentkit, NaN for torch
+    ours = torch.vmap(xt.cross_entropy)(logits, labels)
+    theirs = torch.vmap(F.cross_entropy)(logits, labels)
+    torch.testing.assert_close(ours[[0, 2]], theirs[[0, 2]])
+    assert ours[1].item() == 0.0 and torch.isnan(theirs[1])
+    grads = torch.vmap(torch.func.grad(xt.cross_entropy))(logits, labels)
+    want = torch.vmap(torch.func.grad(F.cross_entropy))(logits, labels)
+    torch.testing.assert_close(grads[[0, 2]], want[[0, 2]])
+    assert (grads[1] == 0).all()
+
+
 def test_under_vmap_a_bad_label_is_a_nan_sample_as_under_compile():
     logits, labels, _ = _case(rows=6, classes=5)
     labels = labels.cpu().clone()

@@ -120,6 +120,18 @@ PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 _IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
 
 
+_PEEK_INTERPRETER_STACK = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+
+
+def transforms_running(*tensors: Tensor) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, functionalize) is running, whose wrapped
+    tensors cannot be read to branch on: one look at functorch's interpreter stack (any wrapped
+    tensor lives inside one), else each tensor is asked."""
+    if _PEEK_INTERPRETER_STACK is not None:
+        return _PEEK_INTERPRETER_STACK() is not None
+    return any(map(is_functorch_wrapped, tensors))
+
+
 def is_functorch_wrapped(tensor: Tensor) -> bool:
     """Whether ``tensor`` is wrapped by a torch.func transform (vmap's batched tensors, grad's
     tracking tensors): its values cannot be read to branch on."""

@@ -223,6 +223,7 @@ _SMALL_DTYPES = (torch.float32, torch.float64)
 
 
 _PLAIN_TENSOR_TYPES = _bridge.PLAIN_TENSOR_TYPES
+_INT64, _STRIDED = torch.int64, torch.strided
 # torch's cross-entropy itself, as ``F.cross_entropy`` calls it (its Python wrapper maps the
 # reduction to this enum and checks for __torch_function__, which the binding does too): ~1 µs
 # less per small call. The enum is torch's ``_Reduction.get_enum``.
@@ -232,32 +233,23 @@ _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
     """Whether torch's own cross-entropy computes exactly this call (after the label check): a
-    small float32/float64 [N, C] plain CPU tensor (no subclass, no torch.func wrapper, eager),
-    int64 class indices, no class weights and none of xentkit's extras. One expression, the
-    cheapest tests first: a 64 × 10 call is timed in microseconds (benchmarks/bench_small.py)."""
-    return (
+    small float32/float64 [N, C] plain CPU tensor (no subclass, eager, no torch.func transform
+    running), int64 class indices, no class weights and none of xentkit's extras. One expression,
+    the cheapest tests first and as few of the tensors' properties as can tell: inside a training
+    step each costs a few times its isolated ~0.1 µs (benchmarks/bench_small.py)."""
+    if not (
         weight is None and options.backend == "auto" and not options.z_loss
         and options.softcap is None and not options.inplace_backward
         and type(input) in _PLAIN_TENSOR_TYPES and type(target) in _PLAIN_TENSOR_TYPES
-        and input.dtype in _SMALL_DTYPES and target.dtype is torch.int64
-        and input.is_cpu and target.is_cpu
-        and input.layout is torch.strided and target.layout is torch.strided
-        and input.ndim == 2 and target.ndim == 1 and 0 < input.numel() <= SMALL_MAX_LOGITS
+    ):
+        return False
+    return (
+        input.ndim == 2 and target.ndim == 1 and 0 < input.numel() <= SMALL_MAX_LOGITS
         and target.shape[0] == input.shape[0]  # (else the api's error, not torch's)
-        and not torch.compiler.is_compiling()
-        and not _bridge.is_functorch_wrapped(input) and not _bridge.is_functorch_wrapped(target)
-    )
-
-
-def _torch_cross_entropy(input: Tensor, target: Tensor, options: LossOptions) -> Tensor:
-    if _TORCH_CROSS_ENTROPY is None:  # (a torch without the binding)
-        return F.cross_entropy(
-            input, target, ignore_index=options.ignore_index, reduction=options.reduction,
-            label_smoothing=options.label_smoothing,
-        )
-    return _TORCH_CROSS_ENTROPY(
-        input, target, None, _REDUCTION_ENUM[options.reduction], options.ignore_index,
-        options.label_smoothing,
+        and input.dtype in _SMALL_DTYPES and target.dtype is _INT64
+        and input.is_cpu and target.is_cpu
+        and input.layout is _STRIDED and target.layout is _STRIDED
+        and not torch.compiler.is_compiling() and not _bridge.transforms_running(input, target)
     )
 
 
@@ -293,7 +285,16 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
     if check_probabilities and not mean:
         warn_if_probabilities(_bridge.as_numpy(input), 1)
     try:
-        loss = _torch_cross_entropy(input, target, options)
+        if _TORCH_CROSS_ENTROPY is not None:
+            loss = _TORCH_CROSS_ENTROPY(
+                input, target, None, _REDUCTION_ENUM[options.reduction], options.ignore_index,
+                options.label_smoothing,
+            )
+        else:  # (a torch without the binding)
+            loss = F.cross_entropy(
+                input, target, ignore_index=options.ignore_index, reduction=options.reduction,
+                label_smoothing=options.label_smoothing,
+            )
     except IndexError:
         if check_probabilities and mean:
             warn_if_probabilities(_bridge.as_numpy(input), 1)
