@@ -8,8 +8,13 @@ from xentkit.kernels import cross_entropy as kernels
 
 
 def test_compile_all_builds_both_kernels_for_both_dtypes() -> None:
-    assert kernels.compile_all() == ["rows float32", "split rows float32", "rows float64", "split rows float64"]
-    for kernel in (kernels._cross_entropy_rows_kernel, kernels._cross_entropy_split_kernel):
+    assert kernels.compile_all() == [
+        "rows float32", "split rows float32", "serial rows float32",
+        "rows float64", "split rows float64", "serial rows float64",
+    ]
+    for kernel in (
+        kernels._cross_entropy_rows_kernel, kernels._cross_entropy_split_kernel, kernels._cross_entropy_rows_serial
+    ):
         dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
         assert {"float32", "float64"} <= dtypes, kernel
 
@@ -34,8 +39,11 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     from xentkit.kernels import log_probs
 
     names = xentkit.kernels.compile_all()
-    assert names[:4] == ["rows float32", "split rows float32", "rows float64", "split rows float64"]
-    assert names[4:] == [
+    assert names[:6] == [
+        "rows float32", "split rows float32", "serial rows float32",
+        "rows float64", "split rows float64", "serial rows float64",
+    ]
+    assert names[6:] == [
         "log-prob statistics float32", "log-prob gradient float32",
         "log-prob statistics float64", "log-prob gradient float64",
         "shard statistics float32", "shard gradient float32",
@@ -50,5 +58,5 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 13 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 15 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

@@ -571,3 +571,43 @@ def test_running_on_sets_and_restores_the_callers_thread_count() -> None:
         finally:
             numba.set_num_threads(threads)
     assert seen == [count for wanted in sorted({1, threads}) for count in (1, wanted)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_serial_build_gives_the_parallel_kernels_bits(dtype) -> None:
+    """Small problems run the row kernel's serial build (no thread pool): loss, log-sum-exp and
+    gradient are bit for bit those of the parallel build, for every option, ignored rows,
+    non-finite logits, upstream scales and in place."""
+    from xentkit.kernels import cross_entropy as kernels
+
+    rng = np.random.default_rng(7)
+    rows, classes = 37, 29
+    logits = (rng.standard_normal((rows, classes)) * 4).astype(dtype)
+    logits[3, 5] = -np.inf
+    logits[4] = np.nan
+    labels = rng.integers(0, classes, rows)
+    labels[[1, 8]] = -100
+    weight = rng.uniform(0.1, 2.0, classes)
+    scale, z_scale = rng.uniform(-1, 1, rows), rng.uniform(0, 1, rows)
+    cases = [
+        dict(weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None),
+        dict(weight=weight, label_smoothing=0.1, z_loss=1e-3, softcap=None),
+        dict(weight=weight, label_smoothing=0.0, z_loss=0.0, softcap=5.0),
+        dict(weight=None, label_smoothing=0.3, z_loss=1e-2, softcap=2.0),
+    ]
+    for case in cases:
+        for in_place in (False, True):
+            results = []
+            for parallel in (False, True):
+                work = logits.copy()
+                grad = work if in_place else np.empty_like(work)
+                loss, lse = kernels.cross_entropy_rows(
+                    work, labels, case["weight"], -100, case["label_smoothing"], case["z_loss"],
+                    case["softcap"], scale, z_scale, grad, parallel=parallel, segments=1,
+                )
+                results.append((loss, lse, grad))
+            for serial, threaded in zip(*results, strict=True):
+                np.testing.assert_array_equal(serial, threaded)
+    assert {str(signature[0].dtype) for signature in kernels._cross_entropy_rows_serial.signatures} >= {
+        np.dtype(dtype).name
+    }

@@ -67,6 +67,8 @@ No validation here: the api checks shapes, dtypes and labels before calling.
 from __future__ import annotations
 
 import math
+import types
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
@@ -493,6 +495,22 @@ def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
             dst[y] = grad_y
 
 
+def _serial_copy(kernel: Any, name: str) -> Any:
+    """``kernel``'s Python function compiled again without ``parallel``: its ``prange`` loops
+    run as plain loops on the calling thread. Numba's parallel build launches its scheduler
+    for every ``prange`` even on one thread (~10 µs a call inside a training step at 64 × 10,
+    benchmarks/bench_small.py), and the caller skips setting the thread count. A function of its
+    own name, so that Numba's cache keeps the two builds apart (it keys on the name)."""
+    source = kernel.py_func
+    copy = types.FunctionType(source.__code__, source.__globals__, name, source.__defaults__)
+    copy.__qualname__ = name
+    copy.__doc__ = f"{source.__name__} on the calling thread alone (no ``parallel``)."
+    return njit(**_KERNEL_JIT)(copy)
+
+
+_cross_entropy_rows_serial = _serial_copy(_cross_entropy_rows_kernel, "_cross_entropy_rows_serial")
+
+
 @njit(parallel=True, **_KERNEL_JIT)
 def _cross_entropy_split_kernel(  # pragma: no cover - compiled
     logits,
@@ -658,7 +676,8 @@ def cross_entropy_rows(
     forces Numba's threads (True) or the calling thread alone (False), by default threads are
     used above ``SERIAL_MAX_ELEMENTS`` logits; ``segments`` cuts each row into that many pieces
     processed in parallel (by default when there are fewer rows than threads and the rows are
-    long, see ``_default_segments``).
+    long, see ``_default_segments``). One thread and one segment run the kernel's serial build
+    (the same arithmetic row by row, so the same bits; no thread pool involved).
     """
     n_rows, n_classes = logits.shape
     dtype = logits.dtype
@@ -716,6 +735,9 @@ def cross_entropy_rows(
         loss_rows,
         lse_rows,
     )
+    if threads == 1 and segments == 1:  # the calling thread alone: no pool, no thread count
+        _cross_entropy_rows_serial(*arguments)
+        return loss_rows, lse_rows
     with running_on(threads):
         if segments == 1:
             _cross_entropy_rows_kernel(*arguments)
@@ -752,7 +774,7 @@ def _same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
 
 def compile_all() -> list[str]:
     """Compile (or load from Numba's cache) every specialization of the cross-entropy kernels:
-    the row and the split-row kernel for float32 and float64 logits. Run it once after
+    the row kernel, its serial build and the split-row kernel for float32 and float64 logits. Run it once after
     installing (or after the kernels' source changed) so that no later first call waits for
     Numba's compiler; later processes then only load the cached machine code. Returns the
     names of the specializations, e.g. ``"rows float32"``."""
@@ -760,10 +782,10 @@ def compile_all() -> list[str]:
     for dtype in (np.float32, np.float64):
         logits = np.zeros((1, 4), dtype=dtype)
         labels = np.zeros(1, dtype=np.int64)
-        for name, segments in (("rows", 1), ("split rows", 2)):
+        for name, parallel, segments in (("rows", True, 1), ("split rows", True, 2), ("serial rows", False, 1)):
             cross_entropy_rows(
                 logits, labels, None, -100, 0.0, 0.0, None, None, None, np.empty_like(logits),
-                parallel=True, segments=segments,
+                parallel=parallel, segments=segments,
             )
             done.append(f"{name} {np.dtype(dtype).name}")
     return done
