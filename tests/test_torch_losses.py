@@ -831,3 +831,47 @@ def _saved(module, buffer):
     torch.save(module, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_compiled_cross_entropy_module_copies_and_saves_with_its_own_options():
+    """A module compiled with ``.compile()`` deep-copies into a module of its own (options
+    included) and saves (torch drops the compiled call from the state; so does xentkit); a
+    state set with ``__setstate__`` replaces the options built before."""
+    import copy
+    import io
+
+    logits, target = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 1, 1])
+    loss = xt.CrossEntropyLoss()
+    loss.compile(backend="eager")
+    loss(logits, target)
+    twin = copy.deepcopy(loss)
+    twin.label_smoothing = 0.5
+    torch.testing.assert_close(twin(logits, target), F.cross_entropy(logits, target, label_smoothing=0.5))
+    torch.testing.assert_close(loss(logits, target), F.cross_entropy(logits, target))
+    restored = torch.load(_saved(loss, io.BytesIO()), weights_only=False)
+    torch.testing.assert_close(restored(logits, target), F.cross_entropy(logits, target))
+    loss.__setstate__(twin.__getstate__())
+    torch.testing.assert_close(loss(logits, target), F.cross_entropy(logits, target, label_smoothing=0.5))
+
+
+def test_small_calls_inside_transforms_and_function_modes_are_torchs():
+    """Inside a torch.func transform, a small call on tensors the transform does not wrap runs as
+    outside; a TorchFunctionMode sees ``F.cross_entropy`` itself, as with torch's loss."""
+    from torch.overrides import TorchFunctionMode
+
+    logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    scaled = torch.vmap(lambda s: s * xt.cross_entropy(logits, target))(torch.arange(1.0, 4.0))
+    torch.testing.assert_close(scaled, torch.arange(1.0, 4.0) * F.cross_entropy(logits, target))
+
+    seen = []
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            if func is F.cross_entropy:
+                return torch.tensor(42.0)
+            return func(*args, **(kwargs or {}))
+
+    with Calls():
+        assert xt.cross_entropy(logits, target).item() == 42.0
+    assert F.cross_entropy in seen

@@ -123,12 +123,12 @@ _IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tenso
 _PEEK_INTERPRETER_STACK = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 
 
-def transforms_running(*tensors: Tensor) -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp, functionalize) is running, whose wrapped
-    tensors cannot be read to branch on: one look at functorch's interpreter stack (any wrapped
-    tensor lives inside one), else each tensor is asked."""
-    if _PEEK_INTERPRETER_STACK is not None:
-        return _PEEK_INTERPRETER_STACK() is not None
+def any_functorch_wrapped(*tensors: Tensor) -> bool:
+    """Whether one of ``tensors`` is wrapped by a torch.func transform (see
+    :func:`is_functorch_wrapped`); without a transform running (one look at functorch's
+    interpreter stack) none can be, and no tensor is asked."""
+    if _PEEK_INTERPRETER_STACK is not None and _PEEK_INTERPRETER_STACK() is None:
+        return False
     return any(map(is_functorch_wrapped, tensors))
 
 

@@ -225,16 +225,20 @@ _SMALL_DTYPES = (torch.float32, torch.float64)
 _PLAIN_TENSOR_TYPES = _bridge.PLAIN_TENSOR_TYPES
 _INT64, _STRIDED = torch.int64, torch.strided
 # torch's cross-entropy itself, as ``F.cross_entropy`` calls it (its Python wrapper maps the
-# reduction to this enum and checks for __torch_function__, which the binding does too): ~1 µs
-# less per small call. The enum is torch's ``_Reduction.get_enum``.
+# reduction to this enum and hands the call to __torch_function__ overrides): ~1 µs less per
+# small call. Not while a TorchFunctionMode runs: a mode expects to see F.cross_entropy itself.
+# The enum is torch's ``_Reduction.get_enum``.
 _TORCH_CROSS_ENTROPY = getattr(torch._C._nn, "cross_entropy_loss", None)
+_MODE_ENABLED = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+if _MODE_ENABLED is None:  # (a torch without either: always the Python function)
+    _TORCH_CROSS_ENTROPY = None
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
 def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
     """Whether torch's own cross-entropy computes exactly this call (after the label check): a
-    small float32/float64 [N, C] plain CPU tensor (no subclass, eager, no torch.func transform
-    running), int64 class indices, no class weights and none of xentkit's extras. One expression,
+    small float32/float64 [N, C] plain CPU tensor (no subclass, eager, not wrapped by a
+    torch.func transform), int64 class indices, no class weights and none of xentkit's extras. One expression,
     the cheapest tests first and as few of the tensors' properties as can tell: inside a training
     step each costs a few times its isolated ~0.1 µs (benchmarks/bench_small.py)."""
     if not (
@@ -249,7 +253,7 @@ def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, optio
         and input.dtype in _SMALL_DTYPES and target.dtype is _INT64
         and input.is_cpu and target.is_cpu
         and input.layout is _STRIDED and target.layout is _STRIDED
-        and not torch.compiler.is_compiling() and not _bridge.transforms_running(input, target)
+        and not torch.compiler.is_compiling() and not _bridge.any_functorch_wrapped(input, target)
     )
 
 
@@ -285,12 +289,12 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
     if check_probabilities and not mean:
         warn_if_probabilities(_bridge.as_numpy(input), 1)
     try:
-        if _TORCH_CROSS_ENTROPY is not None:
+        if _TORCH_CROSS_ENTROPY is not None and not _MODE_ENABLED():
             loss = _TORCH_CROSS_ENTROPY(
                 input, target, None, _REDUCTION_ENUM[options.reduction], options.ignore_index,
                 options.label_smoothing,
             )
-        else:  # (a torch without the binding)
+        else:  # (a TorchFunctionMode running, or a torch without the binding)
             loss = F.cross_entropy(
                 input, target, ignore_index=options.ignore_index, reduction=options.reduction,
                 label_smoothing=options.label_smoothing,

@@ -35,8 +35,10 @@ _CACHED_OPTIONS = "_xentkit_options"  # the __dict__ key of a module's built opt
 
 class _KeepsOptions(torch.nn.Module):
     """A loss module that keeps its built options (``_loss_options_of``) and drops them when an
-    option is set or deleted as an attribute. They are never pickled or deep-copied (a module
-    saved by this xentkit and loaded by another builds its own)."""
+    option is set or deleted as an attribute, or the module's state is set (``__setstate__``).
+    They are never pickled or deep-copied (a module saved by this xentkit and loaded by another
+    builds its own). An option written into ``__dict__`` directly is not seen: set options as
+    attributes."""
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
@@ -49,9 +51,13 @@ class _KeepsOptions(torch.nn.Module):
             self.__dict__.pop(_CACHED_OPTIONS, None)
 
     def __getstate__(self) -> dict[str, object]:
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # (torch's drops a compiled module's call)
         state.pop(_CACHED_OPTIONS, None)
         return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        super().__setstate__(state)  # (an update of __dict__: options built before are stale)
+        self.__dict__.pop(_CACHED_OPTIONS, None)
 
 
 _CLASS_FIELDS: dict[type, frozenset[str]] = {}  # (a plain dict: torch.compile warns at lru_cache)
