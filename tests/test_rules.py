@@ -174,6 +174,28 @@ def test_labels_are_checked_by_one_rule_naming_what_holds_the_classes():
         as_class_indices(np.array([1, 2**64 - 1], dtype=np.uint64), (2,))
 
 
+@pytest.mark.parametrize(
+    ("labels", "ignore_index", "message"),
+    [
+        ([5, 2**64 - 1], -100, r"label 5 at position \(0,\) but logits have 3 classes"),
+        ([1, 2**64 - 1, 7], -100, r"label 18446744073709551615 at position \(1,\), too large"),
+        ([7, 2**63], 7, r"label 9223372036854775808 at position \(1,\), too large"),
+        ([2, 3, 2**63], 3, r"label 9223372036854775808 at position \(2,\), too large"),
+    ],
+)
+def test_uint64_labels_beyond_int64_name_the_first_bad_label_of_any_kind(labels, ignore_index, message):
+    """A uint64 label beyond int64 is refused before the cast; the error still names the first
+    bad label in C order, as for any other labels (an earlier one outside [0, C) first; a label
+    equal to ignore_index is not bad), on every api path that takes class indices."""
+    import xentkit
+
+    target = np.array(labels, dtype=np.uint64)
+    logits = np.zeros((len(labels), 3))
+    for call in (xentkit.cross_entropy, xentkit.nll_loss, xentkit.log_probs):
+        with pytest.raises(ValueError, match=message):
+            call(logits, target, ignore_index=ignore_index)
+
+
 def test_each_path_names_its_classes_in_the_label_message():
     import xentkit.torch as xt
     from xentkit.torch import distributed

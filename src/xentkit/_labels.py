@@ -25,12 +25,17 @@ def as_class_indices(
     *,
     expected_shape: str = "(class indices) or the logits' shape (class probabilities)",
     dtype_name: str | None = None,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
 ) -> np.ndarray:
     """``target`` as int64 class indices of shape ``sample_shape`` (no copy when already int64).
 
     A non-integer dtype is a ``TypeError``, a wrong shape or a uint64 label beyond int64 (which
     the cast would wrap, even onto ``ignore_index``) a ``ValueError``. ``dtype_name`` names the
-    caller's dtype when the array is a converted view (a torch bfloat16 target, say).
+    caller's dtype when the array is a converted view (a torch bfloat16 target, say). With
+    ``num_classes`` (and ``ignore_index``) the error for such uint64 labels names the first bad
+    label of any kind, as :func:`check_labels` would: one beyond int64, or one outside
+    ``[0, num_classes)`` before it.
     """
     array = as_array(target, "target")
     if not (array.dtype.kind in "iu" and array.shape == tuple(sample_shape)):  # names only on error
@@ -39,10 +44,20 @@ def as_class_indices(
             dtype_name=dtype_name or str(array.dtype), expected_shape=expected_shape,
         )
     if array.dtype == np.uint64 and array.size and array.max() > _INT64_MAX:
-        position = tuple(int(i) for i in np.argwhere(array > _INT64_MAX)[0])
-        raise ValueError(
-            f"target has label {int(array[position])} at position {position}, too large for a class index"
-        )
+        bad = array > _INT64_MAX
+        if num_classes is not None:  # (compared as uint64: every value is >= 0)
+            out_of_range = array >= np.uint64(num_classes)
+            if ignore_index is not None and ignore_index >= 0:
+                out_of_range &= array != np.uint64(ignore_index)
+            bad |= out_of_range
+        position = tuple(int(i) for i in np.argwhere(bad)[0])
+        label = int(array[position])
+        if label <= _INT64_MAX and num_classes is not None:
+            raise label_error(
+                label, position, num_classes, -100 if ignore_index is None else ignore_index,
+                _logits_classes(num_classes),
+            )
+        raise ValueError(f"target has label {label} at position {position}, too large for a class index")
     return array.astype(np.int64, copy=False)
 
 
@@ -64,6 +79,10 @@ def check_index_layout(
         )
     if tuple(shape) != tuple(sample_shape):
         raise ValueError(f"target must have shape {sample_shape} {expected_shape}, got shape {tuple(shape)}")
+
+
+def _logits_classes(num_classes: int) -> str:
+    return f"logits have {num_classes} classes"
 
 
 def label_error(
@@ -122,5 +141,5 @@ def check_labels(
     position = tuple(int(i) for i in found)
     raise label_error(
         int(labels[position]), position, num_classes, ignore_index,
-        classes or f"logits have {num_classes} classes", name,
+        classes or _logits_classes(num_classes), name,
     )

@@ -181,7 +181,9 @@ def _cross_entropy(
         target_array = probability_target(target_array, original.shape, work_dtype)
         valid = None
     else:
-        target_array = as_class_indices(target_array, sample_shape)
+        target_array = as_class_indices(
+            target_array, sample_shape, num_classes=num_classes, ignore_index=options.ignore_index
+        )
         valid = check_labels(
             target_array, num_classes, options.ignore_index, compiled=not reference_enabled()
         )

@@ -35,7 +35,10 @@ class _Rows:
                 f"target must hold class indices (an integer array of shape {layout.sample_shape}), "
                 f"got {describe(target_array)}"
             )
-        labels = as_class_indices(target_array, layout.sample_shape, expected_shape="(one class index per row)")
+        labels = as_class_indices(
+            target_array, layout.sample_shape, expected_shape="(one class index per row)",
+            num_classes=layout.classes, ignore_index=options.ignore_index,
+        )
         self.valid = check_labels(
             labels, layout.classes, options.ignore_index, compiled=not reference_enabled()
         ).reshape(layout.rows)

@@ -64,7 +64,7 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     work = compute_dtype(original.dtype)
     weight = check_class_weight(weight, num_classes, work)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
-    labels = as_class_indices(target, sample_shape)
+    labels = as_class_indices(target, sample_shape, num_classes=num_classes, ignore_index=ignore_index)
     valid = check_labels(labels, num_classes, ignore_index)
 
     moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
