@@ -82,3 +82,37 @@ def test_a_bool_class_weight_is_one_error(path):
     weight = torch.ones(logits.shape[1], dtype=torch.bool)
     with pytest.raises(TypeError, match=r"weight must be a numeric array, got dtype bool$"):
         xt.cross_entropy(logits, torch.tensor([0, 1]), weight, backend=PATHS[path]["backend"])
+
+
+@pytest.mark.parametrize("path", ["kernels-small", "torch-ops bf16", "torch-ops"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probability_targets_take_no_mass_on_a_masked_class_on_every_path(path, weighted):
+    """Probability targets with no weighted mass on a −inf logit (its target probability 0, or
+    its class weight 0): 0·log 0 = 0 on every path, as the kernels and the reference take it
+    (torch's own product gives NaN), with the same gradient (0 on the masked class)."""
+    import math
+
+    import numpy as np
+
+    import xentkit
+
+    logits = torch.tensor([[0.5, -math.inf, 1.0, 0.2], [0.1, 0.2, -math.inf, 0.3]])
+    target = torch.tensor([[0.3, 0.0, 0.5, 0.2], [0.5, 0.25, 0.25, 0.0]])
+    weight = torch.tensor([1.0, 2.0, 1.0, 0.5])
+    if weighted:  # the second row puts mass on its masked class, weighted 0
+        weight = torch.tensor([1.0, 2.0, 0.0, 0.5])
+    else:
+        target[1] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    dtype, backend = {"kernels-small": (torch.float32, "auto"), "torch-ops bf16": (torch.bfloat16, "auto"),
+                      "torch-ops": (torch.float32, "torch")}[path]
+    leaf = logits.to(dtype, copy=True).requires_grad_()
+    loss = xt.cross_entropy(leaf, target.to(dtype), weight if weighted else None, backend=backend)
+    loss.backward()
+    want, want_grad = xentkit.reference.cross_entropy_and_grad(
+        logits.double().numpy(), target.double().numpy(), weight=weight.double().numpy() if weighted else None
+    )
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    assert math.isfinite(loss.item())
+    np.testing.assert_allclose(loss.item(), want, rtol=tolerance)
+    np.testing.assert_allclose(leaf.grad.float().numpy(), want_grad, atol=tolerance)
+    assert leaf.grad[0, 1] == 0 and leaf.grad[1, 2] == 0

@@ -271,7 +271,9 @@ def cross_entropy(
 
     float16 is computed in float32 and returned as float16. A ``−inf`` logit is a masked class:
     probability 0 and no NaN while the target class is finite (with ``label_smoothing`` > 0 its
-    smoothing term is +inf, as in PyTorch). A warning (:class:`ProbabilitiesAsLogitsWarning`) is
+    smoothing term is +inf, as in PyTorch); with probabilities, a masked class of no weighted
+    target mass adds nothing (0·log 0 = 0, on every path of ``xentkit.torch`` too, where PyTorch
+    gives NaN). A warning (:class:`ProbabilitiesAsLogitsWarning`) is
     given when the logits look like probabilities; ``check_probabilities=False`` silences it.
     See also :func:`cross_entropy_and_grad` (loss and gradient in one sweep), :func:`nll_loss`.
 

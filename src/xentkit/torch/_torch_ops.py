@@ -62,6 +62,21 @@ def _nan_where(values: Tensor, bad: Tensor | None) -> Tensor:
     return values * torch.where(bad, torch.nan, 1.0).to(values.dtype)
 
 
+def _probability_cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float, class_dim: int
+) -> Tensor:
+    """Per-sample cross-entropy against class probabilities, as the kernels and the reference
+    compute it: −Σ_c w_c·q'_c·log p_c with q' = (1 − ε)·q + ε/C, and 0·log 0 = 0 where a class's
+    weighted target mass w_c·q'_c is 0, so that a masked class (logit −inf) of no mass adds
+    nothing (torch's product is NaN there; tests/test_nonfinite.py)."""
+    classes = input.shape[class_dim]
+    log_p = torch.log_softmax(input, class_dim)
+    mass = target * (1 - label_smoothing) + label_smoothing / classes if label_smoothing else target
+    if weight is not None:
+        mass = mass * weight.reshape([classes if dim == class_dim else 1 for dim in range(input.dim())])
+    return -torch.where(mass == 0, 0.0, mass * log_p).sum(class_dim)
+
+
 def cross_entropy(
     input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions,
     result_dtype: torch.dtype | None = None, classes: str | None = None,
@@ -91,11 +106,14 @@ def cross_entropy(
         target, bad, valid, plan = _label_plan(
             target, weight, options, input.dtype, input.shape[class_dim], classes
         )
-    main = F.cross_entropy(  # ignore_index is for class indices (probabilities: as the kernels, unused)
-        input, target, weight, ignore_index=options.ignore_index if hard else -100, reduction="none",
-        label_smoothing=options.label_smoothing,
-    )
-    main = _nan_where(main, bad)
+    if hard:
+        main = F.cross_entropy(
+            input, target, weight, ignore_index=options.ignore_index, reduction="none",
+            label_smoothing=options.label_smoothing,
+        )
+        main = _nan_where(main, bad)
+    else:  # (ignore_index is for class indices: as the kernels, unused)
+        main = _probability_cross_entropy(input, target, weight, options.label_smoothing, class_dim)
     if not hard:
         valid = torch.ones(main.shape, dtype=torch.bool, device=main.device)
         plan = ReductionPlan.of_rows(options.reduction, main.numel())
