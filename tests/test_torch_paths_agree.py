@@ -116,3 +116,19 @@ def test_probability_targets_take_no_mass_on_a_masked_class_on_every_path(path, 
     np.testing.assert_allclose(loss.item(), want, rtol=tolerance)
     np.testing.assert_allclose(leaf.grad.float().numpy(), want_grad, atol=tolerance)
     assert leaf.grad[0, 1] == 0 and leaf.grad[1, 2] == 0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_bad_label_is_refused_before_the_probabilities_warning(path, reduction):
+    """Logits that look like probabilities with a bad label: the label error and no warning,
+    whichever path the call takes."""
+    import warnings
+
+    spec = PATHS[path]
+    logits = torch.softmax(torch.randn(6, spec["classes"], generator=torch.Generator().manual_seed(1)), 1)
+    target = torch.tensor([0, 1, 2, spec["classes"] + 6, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=rf"label {spec['classes'] + 6} at position \(3,\)"):
+            xt.cross_entropy(logits.to(spec["dtype"]), target, reduction=reduction, backend=spec["backend"])

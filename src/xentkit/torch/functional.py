@@ -286,8 +286,6 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
     are looked at for probabilities only when the loss says they could be (in a training loop
     every Python step between torch's ops costs several times its isolated time)."""
     mean = options.reduction == "mean"
-    if check_probabilities and not mean:
-        warn_if_probabilities(_bridge.as_numpy(input), 1)
     try:
         if _TORCH_CROSS_ENTROPY is not None and not _MODE_ENABLED():
             loss = _TORCH_CROSS_ENTROPY(
@@ -299,12 +297,13 @@ def _small_cross_entropy(input: Tensor, target: Tensor, options: LossOptions, ch
                 input, target, ignore_index=options.ignore_index, reduction=options.reduction,
                 label_smoothing=options.label_smoothing,
             )
-    except IndexError:
-        if check_probabilities and mean:
-            warn_if_probabilities(_bridge.as_numpy(input), 1)
+    except IndexError:  # (a bad label, refused before any warning, as on the kernel path)
         check_labels(target, input.shape[1], options.ignore_index)  # raises the ValueError
         raise
-    if mean:
+    if not mean:
+        if check_probabilities:
+            warn_if_probabilities(_bridge.as_numpy(input), 1)
+    else:
         value = loss.item()
         if value != value:
             if not bool((target != options.ignore_index).any()):  # every target ignored
