@@ -132,3 +132,26 @@ def test_a_bad_label_is_refused_before_the_probabilities_warning(path, reduction
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match=rf"label {spec['classes'] + 6} at position \(3,\)"):
             xt.cross_entropy(logits.to(spec["dtype"]), target, reduction=reduction, backend=spec["backend"])
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probability_targets_that_require_grad_get_torchs_gradients_where_probabilities_are_0(
+    label_smoothing, weighted
+):
+    """A probability target that requires grad runs torch ops: its gradient −w_c·log p_c
+    (smoothed) is torch's, also on the classes where it is 0 (only a masked class of no mass
+    adds nothing)."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 4, 2, dtype=torch.float64, generator=generator)
+    target = torch.zeros(3, 4, 2, dtype=torch.float64)
+    target[0, 1], target[1, 0], target[2, 2:] = 1.0, 1.0, 0.5
+    weight = torch.rand(4, dtype=torch.float64, generator=generator) if weighted else None
+    results = []
+    for function in (xt.cross_entropy, F.cross_entropy):
+        leaves = logits.clone().requires_grad_(), target.clone().requires_grad_()
+        loss = function(*leaves, weight, label_smoothing=label_smoothing)
+        results.append((loss, *torch.autograd.grad(loss, leaves)))
+    for ours, torchs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
+    assert (results[0][2] != 0).all()  # every class's target gradient, zeros included

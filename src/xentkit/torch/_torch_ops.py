@@ -7,6 +7,8 @@ whose denominator is 0 (every target ignored) gives 0 rather than NaN.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,15 +68,17 @@ def _probability_cross_entropy(
     input: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float, class_dim: int
 ) -> Tensor:
     """Per-sample cross-entropy against class probabilities, as the kernels and the reference
-    compute it: −Σ_c w_c·q'_c·log p_c with q' = (1 − ε)·q + ε/C, and 0·log 0 = 0 where a class's
-    weighted target mass w_c·q'_c is 0, so that a masked class (logit −inf) of no mass adds
-    nothing (torch's product is NaN there; tests/test_nonfinite.py)."""
+    compute it: −Σ_c w_c·q'_c·log p_c with q' = (1 − ε)·q + ε/C, and 0·log 0 = 0 where a masked
+    class (log p = −inf) has no weighted target mass w_c·q'_c: it adds nothing, to the loss or
+    to any gradient (torch's product is NaN there; tests/test_nonfinite.py). Every other term is
+    torch's product, with its gradients (a target that requires grad gets −w_c·log p_c)."""
     classes = input.shape[class_dim]
     log_p = torch.log_softmax(input, class_dim)
     mass = target * (1 - label_smoothing) + label_smoothing / classes if label_smoothing else target
     if weight is not None:
         mass = mass * weight.reshape([classes if dim == class_dim else 1 for dim in range(input.dim())])
-    return -torch.where(mass == 0, 0.0, mass * log_p).sum(class_dim)
+    masked = (mass == 0) & (log_p == -math.inf)
+    return -torch.where(masked, 0.0, mass * log_p).sum(class_dim)
 
 
 def cross_entropy(
