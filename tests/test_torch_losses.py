@@ -862,6 +862,16 @@ def test_small_calls_inside_transforms_and_function_modes_are_torchs():
     logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
     scaled = torch.vmap(lambda s: s * xt.cross_entropy(logits, target))(torch.arange(1.0, 4.0))
     torch.testing.assert_close(scaled, torch.arange(1.0, 4.0) * F.cross_entropy(logits, target))
+    for reduction in ("mean", "sum"):  # (grad: a detach there hands out a wrapper without storage)
+        for loss in (xt.cross_entropy, xt.nll_loss, xt.binary_cross_entropy_with_logits):
+            inputs = (logits, target) if loss is not xt.binary_cross_entropy_with_logits else (
+                logits, torch.rand(8, 5)
+            )
+            torch_loss = getattr(F, loss.__name__)
+            twice = torch.func.grad(
+                lambda s, loss=loss, inputs=inputs, reduction=reduction: s * loss(*inputs, reduction=reduction)
+            )(torch.tensor(2.0))
+            torch.testing.assert_close(twice, torch_loss(*inputs, reduction=reduction))
 
     seen = []
 

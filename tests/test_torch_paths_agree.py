@@ -155,3 +155,40 @@ def test_probability_targets_that_require_grad_get_torchs_gradients_where_probab
     for ours, torchs in zip(*results, strict=True):
         torch.testing.assert_close(ours, torchs, rtol=1e-12, atol=1e-12)
     assert (results[0][2] != 0).all()  # every class's target gradient, zeros included
+
+
+def test_a_masked_class_of_no_mass_gives_finite_target_and_weight_gradients():
+    """A −inf class with no target mass in one row: its term adds nothing to any gradient, so a
+    learnable class weight and target stay finite (the other rows' terms are torch's)."""
+    import math
+
+    logits = torch.tensor([[0.5, -math.inf, 1.0], [0.1, 0.2, 0.3]], dtype=torch.float64)
+    target = torch.tensor([[0.5, 0.0, 0.5], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    weight = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    leaves = [tensor.clone().requires_grad_() for tensor in (logits, target, weight)]
+    xt.cross_entropy(*leaves).backward()
+    logit_grad, target_grad, weight_grad = (leaf.grad for leaf in leaves)
+    assert torch.isfinite(logit_grad).all() and torch.isfinite(target_grad).all()
+    assert logit_grad[0, 1] == 0 and target_grad[0, 1] == 0
+    log_p = torch.log_softmax(logits[1], 0)
+    torch.testing.assert_close(weight_grad[1], -target[1, 1] * log_p[1] / 2)  # row 1's term alone
+    # the rows without a masked class: torch's gradients
+    finite = [tensor[1:].clone().requires_grad_() for tensor in (logits, target)]
+    F.cross_entropy(finite[0], finite[1], weight, reduction="sum").backward()
+    torch.testing.assert_close(target_grad[1:], finite[1].grad / 2)
+    torch.testing.assert_close(logit_grad[1:], finite[0].grad / 2)
+
+
+@pytest.mark.parametrize("path", ["torch-ops bf16", "torch-ops"])
+@pytest.mark.parametrize("function", ["cross_entropy", "nll_loss"])
+def test_uint64_labels_beyond_int64_are_refused_on_the_torch_ops_path(path, function):
+    """A uint64 label beyond int64 would wrap onto ignore_index (2**64 − 100 is −100): refused
+    before the cast, as on the kernel path."""
+    import numpy as np
+
+    if function == "nll_loss" and path == "torch-ops":
+        pytest.skip("nll_loss takes no backend: float32 runs on the api (tested in test_rules.py)")
+    target = torch.from_numpy(np.array([2**64 - 100, 1], dtype=np.uint64))
+    logits = _logits(path)
+    with pytest.raises(ValueError, match=r"label 18446744073709551516 at position \(0,\), too large"):
+        getattr(xt, function)(logits, target, reduction="none", **_backend(function, path))

@@ -123,12 +123,14 @@ _IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tenso
 _PEEK_INTERPRETER_STACK = getattr(torch._C._functorch, "peek_interpreter_stack", None)
 
 
-def any_functorch_wrapped(*tensors: Tensor) -> bool:
-    """Whether one of ``tensors`` is wrapped by a torch.func transform (see
-    :func:`is_functorch_wrapped`); without a transform running (one look at functorch's
-    interpreter stack) none can be, and no tensor is asked."""
-    if _PEEK_INTERPRETER_STACK is not None and _PEEK_INTERPRETER_STACK() is None:
-        return False
+def transforms_running(*tensors: Tensor) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, functionalize) is running: one look at
+    functorch's interpreter stack (else, on a torch without it, whether one of ``tensors`` is
+    wrapped). Inside one, xentkit's autograd Functions and NumPy views are not for it, even on
+    tensors it does not wrap (``detach`` there hands out a wrapper without storage): torch ops
+    are."""
+    if _PEEK_INTERPRETER_STACK is not None:
+        return _PEEK_INTERPRETER_STACK() is not None
     return any(map(is_functorch_wrapped, tensors))
 
 
@@ -157,7 +159,7 @@ def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tens
     """
     if torch.compiler.is_compiling():  # first: nothing below is for the compiler to trace
         return False
-    if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input):
+    if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input) or transforms_running(input):
         return False
     for other in others:  # loops, not all(generator): this runs on every small call
         if other is not None and (

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._labels import check_labels
+from .._labels import as_class_indices, check_labels
 from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
+
+_UINT64 = getattr(torch, "uint64", None)
 
 
 def _label_plan(
@@ -37,12 +39,17 @@ def _label_plan(
     class weights, not at all with them (its class, so its weight, is unknown). With one class
     and ``ignore_index=0`` no class can stand in: the labels are checked then (where a check can
     wait for them)."""
-    labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
     valid = bad = None
     stand_in = 1 if options.ignore_index == 0 and num_classes > 1 else 0
     can_wait = (
         not torch.compiler.is_compiling() and target.device.type != "meta" and not _bridge.is_functorch_wrapped(target)
     )
+    if target.dtype == _UINT64 and can_wait:  # refuse labels beyond int64 before the cast wraps them
+        as_class_indices(
+            target.cpu().numpy(), tuple(target.shape), num_classes=num_classes,
+            ignore_index=options.ignore_index,
+        )
+    labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
     if can_wait and (options.check_labels or stand_in == options.ignore_index):
         valid = check_labels(labels, num_classes, options.ignore_index, classes=classes)
     else:  # (one class and ignore_index 0 under torch.compile: the bad rows' loss alone is NaN)
@@ -78,7 +85,7 @@ def _probability_cross_entropy(
     if weight is not None:
         mass = mass * weight.reshape([classes if dim == class_dim else 1 for dim in range(input.dim())])
     masked = (mass == 0) & (log_p == -math.inf)
-    return -torch.where(masked, 0.0, mass * log_p).sum(class_dim)
+    return -(mass * torch.where(masked, 0.0, log_p)).sum(class_dim)  # (0, not 0·−inf, in every gradient)
 
 
 def cross_entropy(

@@ -237,8 +237,8 @@ _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
     """Whether torch's own cross-entropy computes exactly this call (after the label check): a
-    small float32/float64 [N, C] plain CPU tensor (no subclass, eager, not wrapped by a
-    torch.func transform), int64 class indices, no class weights and none of xentkit's extras. One expression,
+    small float32/float64 [N, C] plain CPU tensor (no subclass, eager, no torch.func transform
+    running), int64 class indices, no class weights and none of xentkit's extras. One expression,
     the cheapest tests first and as few of the tensors' properties as can tell: inside a training
     step each costs a few times its isolated ~0.1 µs (benchmarks/bench_small.py)."""
     if not (
@@ -253,7 +253,7 @@ def _small_and_plain(input: Tensor, target: Tensor, weight: Tensor | None, optio
         and input.dtype in _SMALL_DTYPES and target.dtype is _INT64
         and input.is_cpu and target.is_cpu
         and input.layout is _STRIDED and target.layout is _STRIDED
-        and not torch.compiler.is_compiling() and not _bridge.any_functorch_wrapped(input, target)
+        and not torch.compiler.is_compiling() and not _bridge.transforms_running(input, target)
     )
 
 
