@@ -78,16 +78,18 @@ def _loss_options_of(module: torch.nn.Module) -> LossOptions:
     """The module's options as one checked object (built once per distinct set of values), read
     on every step: from the instance's ``__dict__``, else from its class, else the default. (A
     field the module lacks, ``chunk_size`` on ``CrossEntropyLoss``, would otherwise go through
-    ``nn.Module.__getattr__`` and its AttributeError: microseconds each.) A module whose class
-    defines none of the fields keeps the options it built in its ``__dict__`` until one of them is
-    set again (:class:`_KeepsOptions`): a step reads them without checking them again.)"""
+    ``nn.Module.__getattr__`` and its AttributeError: microseconds each.) A :class:`_KeepsOptions`
+    module whose class defines none of the fields keeps the options it built in its ``__dict__``
+    until one of them is set again: a step reads them without checking them again."""
     attributes = module.__dict__
     on_class = _fields_on_class(type(module))
     if not on_class:  # the usual module: every value in its __dict__ or the default
         options = attributes.get(_CACHED_OPTIONS)
         if options is None:
             options = functional.cached_options()(*map(attributes.get, _FIELD_NAMES, _FIELD_VALUES))
-            if not torch.compiler.is_compiling():  # (a traced graph writes no module state)
+            if isinstance(module, _KeepsOptions) and not torch.compiler.is_compiling():
+                # (only a module that drops them when an option is set; a traced graph writes
+                # no module state)
                 attributes[_CACHED_OPTIONS] = options
         return options
     return functional.cached_options()(*[
