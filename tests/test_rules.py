@@ -276,3 +276,26 @@ def test_linear_cross_entropy_refuses_inputs_on_different_devices():
 
     with pytest.raises(ValueError, match="input on cpu, linear_weight on meta"):
         xt.linear_cross_entropy(torch.randn(3, 4), torch.empty(5, 4, device="meta"), torch.tensor([0, 1, 2]))
+
+
+def test_ignore_index_takes_a_one_value_integer_tensor_or_array_as_torch_does():
+    """torch's cross-entropy takes ``ignore_index=torch.tensor(-100)``; so does every xentkit
+    form (the value is stored as a plain int). Bool and floating ones are refused."""
+    import torch
+
+    import xentkit
+    import xentkit.torch as xt
+
+    logits, target = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, -100, 2])
+    want = torch.nn.functional.cross_entropy(logits, target, ignore_index=torch.tensor(-100))
+    for ignore_index in (torch.tensor(-100), torch.tensor([-100], dtype=torch.int32), np.array(-100), np.int16(-100)):
+        torch.testing.assert_close(xt.cross_entropy(logits, target, ignore_index=ignore_index), want)
+        module = xt.CrossEntropyLoss(ignore_index=ignore_index)
+        torch.testing.assert_close(module(logits, target), want)
+        np.testing.assert_allclose(
+            xentkit.cross_entropy(logits.numpy(), target.numpy(), ignore_index=ignore_index), want.item()
+        )
+        assert type(LossOptions(ignore_index=ignore_index).ignore_index) is int
+    for bad in (torch.tensor(True), np.array(True), torch.tensor(-100.0), np.array(-100.0), torch.tensor([1, 2])):
+        with pytest.raises(TypeError, match="ignore_index must be an int, got"):
+            LossOptions(ignore_index=bad)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 from typing import Any
 
 import numpy as np
@@ -89,8 +90,13 @@ def check_backend(value: object) -> str:
 def check_ignore_index(value: object) -> int:
     if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:  # the common case, fast
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool | np.bool_) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"ignore_index must be an int, got {describe(value)}")
+    if not isinstance(value, numbers.Integral):
+        try:  # an integer of another kind that says so: a one-value integer tensor, as torch takes
+            value = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"ignore_index must be an int, got {describe(value)}") from None
     if not _INT64_MIN <= int(value) <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {int(value)}")
     return int(value)
