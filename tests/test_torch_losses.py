@@ -885,3 +885,35 @@ def test_small_calls_inside_transforms_and_function_modes_are_torchs():
     with Calls():
         assert xt.cross_entropy(logits, target).item() == 42.0
     assert F.cross_entropy in seen
+
+
+def test_log_probs_and_in_place_requests_inside_transforms_on_tensors_they_do_not_wrap():
+    """Inside vmap or functionalize, log_probs and linear_log_probs over closure tensors run torch
+    ops (xentkit's autograd Functions are not for transforms), with torch's values; and
+    ``inplace_backward=True`` under torch.func.grad, where torch ops write no logits, refuses
+    nothing."""
+    generator = torch.Generator().manual_seed(6)
+    logits, target = torch.randn(8, 5, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+    hidden, weight = torch.randn(8, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    want = torch.log_softmax(logits, 1).gather(1, target[:, None]).sum()
+    want_linear = torch.log_softmax(hidden @ weight.T, 1).gather(1, target[:, None]).sum()
+    scales = torch.arange(1.0, 4.0)
+    torch.testing.assert_close(
+        torch.vmap(lambda s: s * xt.log_probs(logits, target).sum())(scales), scales * want
+    )
+    torch.testing.assert_close(
+        torch.vmap(lambda s: s * xt.linear_log_probs(hidden, weight, target).sum())(scales), scales * want_linear
+    )
+    doubled = torch.func.functionalize(lambda s: s * xt.log_probs(logits, target).sum())(torch.tensor(2.0))
+    torch.testing.assert_close(doubled, 2 * want)
+    grad = torch.func.grad(lambda z: xt.cross_entropy(z, target, inplace_backward=True))(logits)
+    torch.testing.assert_close(grad, torch.func.grad(lambda z: F.cross_entropy(z, target))(logits))
+
+
+def test_uint64_labels_beyond_int64_on_the_linear_torch_ops_path_name_the_linear_weight():
+    import numpy as np
+
+    hidden, weight = torch.randn(6, 3), torch.randn(5, 3)
+    target = torch.from_numpy(np.array([9, 2**63, 0, 1, 1, 1], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"label 9 at position \(0,\) but linear_weight has 5 rows"):
+        xt.linear_cross_entropy(hidden, weight, target, backend="torch")

@@ -27,15 +27,16 @@ def as_class_indices(
     dtype_name: str | None = None,
     num_classes: int | None = None,
     ignore_index: int | None = None,
+    classes: str | None = None,
 ) -> np.ndarray:
     """``target`` as int64 class indices of shape ``sample_shape`` (no copy when already int64).
 
     A non-integer dtype is a ``TypeError``, a wrong shape or a uint64 label beyond int64 (which
     the cast would wrap, even onto ``ignore_index``) a ``ValueError``. ``dtype_name`` names the
     caller's dtype when the array is a converted view (a torch bfloat16 target, say). With
-    ``num_classes`` (and ``ignore_index``) the error for such uint64 labels names the first bad
-    label of any kind, as :func:`check_labels` would: one beyond int64, or one outside
-    ``[0, num_classes)`` before it.
+    ``num_classes`` (and ``ignore_index``, and ``classes`` as in :func:`check_labels`) the error for
+    such uint64 labels names the first bad label of any kind, as :func:`check_labels` would: one
+    beyond int64, or one outside ``[0, num_classes)`` before it.
     """
     array = as_array(target, "target")
     if not (array.dtype.kind in "iu" and array.shape == tuple(sample_shape)):  # names only on error
@@ -55,7 +56,7 @@ def as_class_indices(
         if label <= _INT64_MAX and num_classes is not None:
             raise label_error(
                 label, position, num_classes, -100 if ignore_index is None else ignore_index,
-                _logits_classes(num_classes),
+                classes or _logits_classes(num_classes),
             )
         raise ValueError(f"target has label {label} at position {position}, too large for a class index")
     return array.astype(np.int64, copy=False)

@@ -47,7 +47,7 @@ def _label_plan(
     if target.dtype == _UINT64 and can_wait:  # refuse labels beyond int64 before the cast wraps them
         as_class_indices(
             target.cpu().numpy(), tuple(target.shape), num_classes=num_classes,
-            ignore_index=options.ignore_index,
+            ignore_index=options.ignore_index, classes=classes,
         )
     labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
     if can_wait and (options.check_labels or stand_in == options.ignore_index):

@@ -451,9 +451,9 @@ def _cross_entropy_with_options(
     """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with
     its attributes' options: no keyword arguments to spread and gather on every step)."""
     grad_free = (target, weight)
-    if (  # (under torch.compile the custom ops write no logits: nothing to refuse)
+    if (  # (torch.compile's custom ops and torch.func's torch ops write no logits: nothing to refuse)
         options.inplace_backward and input.requires_grad and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_compiling() and not _bridge.transforms_running(input)
     ):
         _bridge.check_overwritable(input)
     if _small_and_plain(input, target, weight, options):  # first the common small case

@@ -115,8 +115,8 @@ class _LogProbsFunction(torch.autograd.Function):
 
 
 def _traced(options: LogProbOptions, *tensors: Tensor | None, compiled_ops: bool = False) -> bool:
-    """Whether this call is traced by torch.compile or transformed by torch.func (vmap, grad):
-    then the outputs are torch ops that autograd differentiates (``TorchRows.traced``), not an
+    """Whether this call is traced by torch.compile or runs inside a torch.func transform (vmap,
+    grad; its own tensors wrapped or not): then the outputs are torch ops that autograd differentiates (``TorchRows.traced``), not an
     autograd Function around the kernels, and no label is looked at. ``backend="triton"`` says
     then that it cannot run (a ValueError). ``compiled_ops``: the caller has custom ops for
     torch.compile (``linear_log_probs``), so only torch.func counts."""
@@ -124,7 +124,7 @@ def _traced(options: LogProbOptions, *tensors: Tensor | None, compiled_ops: bool
     if compiling:
         traced = not compiled_ops
     else:
-        traced = any(tensor is not None and _bridge.is_functorch_wrapped(tensor) for tensor in tensors)
+        traced = _bridge.transforms_running(*(tensor for tensor in tensors if tensor is not None))
     if traced and options.backend == "triton":
         where = "torch.func transforms (vmap, grad)" if compiled_ops else "torch.compile or torch.func transforms (vmap, grad)"
         raise ValueError(
