@@ -45,7 +45,9 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     ]
     assert names[6:] == [
         "log-prob statistics float32", "log-prob gradient float32",
+        "log-prob serial statistics float32", "log-prob serial gradient float32",
         "log-prob statistics float64", "log-prob gradient float64",
+        "log-prob serial statistics float64", "log-prob serial gradient float64",
         "shard statistics float32", "shard gradient float32",
         "shard statistics float64", "shard gradient float64",
         "label scan int64",
@@ -53,10 +55,11 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     from xentkit.kernels import labels, vocab_parallel
 
     for kernel in (log_probs._statistics_kernel, log_probs._gradient_kernel,
+                   log_probs._statistics_serial, log_probs._gradient_serial,
                    vocab_parallel._stats_kernel, vocab_parallel._grad_kernel):
         assert {str(signature[0].dtype) for signature in kernel.signatures} >= {"float32", "float64"}
     assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 15 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 19 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

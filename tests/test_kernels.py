@@ -611,3 +611,35 @@ def test_serial_build_gives_the_parallel_kernels_bits(dtype) -> None:
     assert {str(signature[0].dtype) for signature in kernels._cross_entropy_rows_serial.signatures} >= {
         np.dtype(dtype).name
     }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_prob_kernels_serial_builds_give_the_parallel_builds_bits(dtype) -> None:
+    """The log-probability kernels' serial builds (one thread, no pool): statistics and gradient
+    bit for bit those of the parallel builds, with ignored rows, masked and NaN logits, a
+    temperature, and in place."""
+    from xentkit.kernels import log_probs as kernels
+
+    rng = np.random.default_rng(11)
+    rows, classes = 41, 23
+    logits = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    logits[2, 4] = -np.inf
+    logits[6] = np.nan
+    labels = rng.integers(0, classes, rows)
+    valid = np.ones(rows, dtype=np.bool_)
+    valid[[0, 9]] = False
+    coefficients = tuple(rng.uniform(-1, 1, rows) for _ in range(3))
+    for temperature in (1.0, 0.7):
+        for in_place in (False, True):
+            results = []
+            for parallel in (False, True):
+                work = logits.copy()
+                statistics = kernels.log_prob_statistics(work, labels, valid, temperature, parallel=parallel)
+                grad = work if in_place else np.empty_like(work)
+                kernels.log_prob_gradient(
+                    work, labels, valid, temperature, statistics[0], statistics[1], coefficients, grad,
+                    parallel=parallel,
+                )
+                results.append((*statistics, grad))
+            for serial, threaded in zip(*results, strict=True):
+                np.testing.assert_array_equal(serial, threaded)

@@ -21,8 +21,10 @@ import ctypes
 import importlib
 import importlib.metadata
 import os
+import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numba
 
@@ -66,6 +68,20 @@ def prefer_tbb() -> str:
         return chosen
     numba.config.THREADING_LAYER = "tbb"
     return "tbb"
+
+
+def serial_build(kernel: Any, name: str, **jit_options: Any) -> Any:
+    """``kernel``'s Python function compiled again without ``parallel`` (``jit_options`` as the
+    kernel's, less ``parallel``): its ``prange`` loops run as plain loops on the calling thread.
+    Numba's parallel build launches its scheduler for every ``prange`` even on one thread
+    (~10 µs a call inside a training step at 64 × 10, benchmarks/bench_small.py), and the caller
+    sets no thread count. The same arithmetic row by row, so the same bits. A function of its
+    own name, so that Numba's cache (keyed on the name) keeps the two builds apart."""
+    source = kernel.py_func
+    copy = types.FunctionType(source.__code__, source.__globals__, name, source.__defaults__)
+    copy.__qualname__ = name
+    copy.__doc__ = f"{source.__name__} on the calling thread alone (no ``parallel``)."
+    return numba.njit(**jit_options)(copy)
 
 
 def threads_for(elements: int, parallel: bool | None, serial_max: int) -> int:

@@ -67,14 +67,12 @@ No validation here: the api checks shapes, dtypes and labels before calling.
 from __future__ import annotations
 
 import math
-import types
-from typing import Any
 
 import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp_nonpositive, fast_tanh, like, maxnum
-from xentkit.kernels._threading import prefer_tbb, running_on, threads_for
+from xentkit.kernels._threading import prefer_tbb, running_on, serial_build, threads_for
 
 # Numba's threading layer, chosen before any kernel starts threads: TBB (fork-safe) where it is
 # ours to choose; see _threading.
@@ -495,20 +493,8 @@ def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
             dst[y] = grad_y
 
 
-def _serial_copy(kernel: Any, name: str) -> Any:
-    """``kernel``'s Python function compiled again without ``parallel``: its ``prange`` loops
-    run as plain loops on the calling thread. Numba's parallel build launches its scheduler
-    for every ``prange`` even on one thread (~10 µs a call inside a training step at 64 × 10,
-    benchmarks/bench_small.py), and the caller skips setting the thread count. A function of its
-    own name, so that Numba's cache keeps the two builds apart (it keys on the name)."""
-    source = kernel.py_func
-    copy = types.FunctionType(source.__code__, source.__globals__, name, source.__defaults__)
-    copy.__qualname__ = name
-    copy.__doc__ = f"{source.__name__} on the calling thread alone (no ``parallel``)."
-    return njit(**_KERNEL_JIT)(copy)
-
-
-_cross_entropy_rows_serial = _serial_copy(_cross_entropy_rows_kernel, "_cross_entropy_rows_serial")
+# the row kernel on the calling thread alone, for one thread and one segment (see serial_build)
+_cross_entropy_rows_serial = serial_build(_cross_entropy_rows_kernel, "_cross_entropy_rows_serial", **_KERNEL_JIT)
 
 
 @njit(parallel=True, **_KERNEL_JIT)

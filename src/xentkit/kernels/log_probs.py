@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, like, maxnum
-from xentkit.kernels._threading import running_on, threads_for
+from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _KERNEL_JIT,
     DEFAULT_BLOCK,
@@ -221,9 +221,19 @@ def _gradient_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(kernel, arguments: tuple, elements: int, parallel: bool | None) -> None:
-    """``kernel(*arguments)`` on as many threads as the cross-entropy kernels would take."""
-    with running_on(threads_for(elements, parallel, SERIAL_MAX_ELEMENTS)):
+# each kernel on the calling thread alone, for problems that take one thread (see serial_build)
+_statistics_serial = serial_build(_statistics_kernel, "_statistics_serial", **_KERNEL_JIT)
+_gradient_serial = serial_build(_gradient_kernel, "_gradient_serial", **_KERNEL_JIT)
+
+
+def _run(kernel, serial, arguments: tuple, elements: int, parallel: bool | None) -> None:
+    """``kernel(*arguments)`` on as many threads as the cross-entropy kernels would take; on one
+    thread its ``serial`` build, with no thread pool."""
+    threads = threads_for(elements, parallel, SERIAL_MAX_ELEMENTS)
+    if threads == 1:
+        serial(*arguments)
+        return
+    with running_on(threads):
         kernel(*arguments)
 
 
@@ -246,7 +256,7 @@ def log_prob_statistics(
             logits, np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(valid, dtype=np.bool_),
             1.0 / float(temperature), max(int(block), 1), m, s, u, z_target,
         )
-        _run(_statistics_kernel, arguments, logits.size, parallel)
+        _run(_statistics_kernel, _statistics_serial, arguments, logits.size, parallel)
     return m, s, u, z_target
 
 
@@ -278,20 +288,25 @@ def log_prob_gradient(
             np.ascontiguousarray(s, dtype=np.float64), coef_a, coef_b, coef_k,
             logits if in_place else grad_out, in_place,
         )
-        _run(_gradient_kernel, arguments, logits.size, parallel)
+        _run(_gradient_kernel, _gradient_serial, arguments, logits.size, parallel)
     return grad_out
 
 
 def compile_all() -> list[str]:
-    """Compile (or load from Numba's cache) the log-probability kernels for float32 and float64
-    logits; returns the names of the specializations, e.g. ``"log-prob statistics float32"``."""
+    """Compile (or load from Numba's cache) the log-probability kernels and their serial builds
+    for float32 and float64 logits; returns the names of the specializations, e.g.
+    ``"log-prob statistics float32"``."""
     done = []
     for dtype in (np.float32, np.float64):
         logits = np.zeros((1, 4), dtype=dtype)
         labels = np.zeros(1, dtype=np.int64)
         valid = np.ones(1, dtype=np.bool_)
-        m, s, _, _ = log_prob_statistics(logits, labels, valid, parallel=True)
-        ones = np.ones(1)
-        log_prob_gradient(logits, labels, valid, 1.0, m, s, (ones, ones, ones), np.empty_like(logits), parallel=True)
-        done += [f"log-prob statistics {np.dtype(dtype).name}", f"log-prob gradient {np.dtype(dtype).name}"]
+        name = np.dtype(dtype).name
+        for parallel, kind in ((True, ""), (False, "serial ")):
+            m, s, _, _ = log_prob_statistics(logits, labels, valid, parallel=parallel)
+            ones = np.ones(1)
+            log_prob_gradient(
+                logits, labels, valid, 1.0, m, s, (ones, ones, ones), np.empty_like(logits), parallel=parallel
+            )
+            done += [f"log-prob {kind}statistics {name}", f"log-prob {kind}gradient {name}"]
     return done
