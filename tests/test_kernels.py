@@ -580,12 +580,8 @@ def test_serial_build_gives_the_parallel_kernels_bits(dtype) -> None:
     non-finite logits, upstream scales and in place."""
     from xentkit.kernels import cross_entropy as kernels
 
-    rng = np.random.default_rng(7)
-    rows, classes = 37, 29
-    logits = (rng.standard_normal((rows, classes)) * 4).astype(dtype)
-    logits[3, 5] = -np.inf
-    logits[4] = np.nan
-    labels = rng.integers(0, classes, rows)
+    rng, logits, labels = _serial_case(7, 37, 29, dtype)
+    rows, classes = logits.shape
     labels[[1, 8]] = -100
     weight = rng.uniform(0.1, 2.0, classes)
     scale, z_scale = rng.uniform(-1, 1, rows), rng.uniform(0, 1, rows)
@@ -620,12 +616,8 @@ def test_log_prob_kernels_serial_builds_give_the_parallel_builds_bits(dtype) -> 
     temperature, and in place."""
     from xentkit.kernels import log_probs as kernels
 
-    rng = np.random.default_rng(11)
-    rows, classes = 41, 23
-    logits = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
-    logits[2, 4] = -np.inf
-    logits[6] = np.nan
-    labels = rng.integers(0, classes, rows)
+    rng, logits, labels = _serial_case(11, 41, 23, dtype)
+    rows = logits.shape[0]
     valid = np.ones(rows, dtype=np.bool_)
     valid[[0, 9]] = False
     coefficients = tuple(rng.uniform(-1, 1, rows) for _ in range(3))
@@ -643,3 +635,13 @@ def test_log_prob_kernels_serial_builds_give_the_parallel_builds_bits(dtype) -> 
                 results.append((*statistics, grad))
             for serial, threaded in zip(*results, strict=True):
                 np.testing.assert_array_equal(serial, threaded)
+
+
+def _serial_case(seed: int, rows: int, classes: int, dtype) -> tuple:
+    """(rng, logits, labels) for the serial-versus-parallel tests: scaled normal logits with a
+    masked (−inf) entry and a NaN row, labels in range."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((rows, classes)) * 4).astype(dtype)
+    logits[3, 5] = -np.inf
+    logits[4] = np.nan
+    return rng, logits, rng.integers(0, classes, rows)
