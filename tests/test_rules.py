@@ -299,3 +299,14 @@ def test_ignore_index_takes_a_one_value_integer_tensor_or_array_as_torch_does():
     for bad in (torch.tensor(True), np.array(True), torch.tensor(-100.0), np.array(-100.0), torch.tensor([1, 2])):
         with pytest.raises(TypeError, match="ignore_index must be an int, got"):
             LossOptions(ignore_index=bad)
+
+
+def test_loss_options_reuse_the_last_calls_options_only_for_the_very_same_objects():
+    """The last call's options serve a call with the very same objects; an equal value of another
+    type is checked (and refused) as ever."""
+    fields = ("sum", 1, 0.25, 0.0, None)
+    first = loss_options(*fields)
+    assert loss_options(*fields) is first and first.ignore_index == 1
+    with pytest.raises(TypeError, match="ignore_index must be an int, got bool True"):
+        loss_options("sum", True, 0.25, 0.0, None)
+    assert loss_options("sum", 1, 0.5, 0.0, None).label_smoothing == 0.5

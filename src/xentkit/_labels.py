@@ -46,11 +46,8 @@ def as_class_indices(
         )
     if array.dtype == np.uint64 and array.size and array.max() > _INT64_MAX:
         bad = array > _INT64_MAX
-        if num_classes is not None:  # (compared as uint64: every value is >= 0)
-            out_of_range = array >= np.uint64(num_classes)
-            if ignore_index is not None and ignore_index >= 0:
-                out_of_range &= array != np.uint64(ignore_index)
-            bad |= out_of_range
+        if num_classes is not None:
+            bad |= _bad_labels(array, num_classes, -100 if ignore_index is None else ignore_index)
         position = tuple(int(i) for i in np.argwhere(bad)[0])
         label = int(array[position])
         if label <= _INT64_MAX and num_classes is not None:
@@ -97,6 +94,15 @@ def label_error(
     )
 
 
+def _bad_labels(labels: Any, num_classes: int, ignore_index: int, valid: Any = None) -> Any:
+    """The labels' rule as a mask (NumPy arrays of any integer dtype, or tensors): True where a
+    label is outside ``[0, num_classes)`` and not ``ignore_index`` (``valid``: the mask
+    ``labels != ignore_index`` when the caller has it)."""
+    if valid is None:
+        valid = labels != ignore_index
+    return valid & ((labels < 0) | (labels >= num_classes))
+
+
 def _compiled_scan() -> Any:
     """``xentkit.kernels.labels.first_bad_label``, imported on first use (it loads Numba)."""
     if not _SCAN:
@@ -133,7 +139,7 @@ def check_labels(
         elif labels.min() >= 0 and labels.max() < num_classes:
             return valid  # every label in range (two reductions, cheaper than the mask below)
     if found is None:
-        bad = valid & ((labels < 0) | (labels >= num_classes))
+        bad = _bad_labels(labels, num_classes, ignore_index, valid)
         if not bad.any():
             return valid
         if not isinstance(labels, np.ndarray):  # a tensor: the message is built on the CPU

@@ -116,8 +116,9 @@ _COUNTERS: list[tuple[Callable[[], int], Callable[[int], None]] | None] = []  # 
 
 class running_on:  # lower case: used as a function, ``with running_on(threads):``
     """Run the block's kernels on ``threads`` of Numba's threads, then restore the count. (One
-    thread: the calling one runs the loops and the pool stays asleep; the cross-entropy row
-    kernel has a serial build for that, which needs none of this. Setting the count inside a
+    thread: the calling one runs the loops and the pool stays asleep; the row and log-probability
+    kernels have serial builds for that (:func:`serial_build`), which need none of this. Setting
+    the count inside a
     kernel would keep Numba from caching it.) A class, not a generator: small problems notice the
     microseconds of ``contextlib.contextmanager``. ``threads`` is 1 or at most Numba's current
     count (:func:`threads_for`), which the setter takes without a check."""

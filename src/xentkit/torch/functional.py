@@ -21,7 +21,6 @@ Two deliberate differences from torch:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 
@@ -416,33 +415,11 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
-    if (  # every option at its default, the same objects (most calls): the options built at import
-        reduction is _DEFAULT_REDUCTION and ignore_index is _DEFAULT_IGNORE_INDEX
-        and label_smoothing is _DEFAULT_FLOAT and z_loss is _DEFAULT_FLOAT and softcap is None
-        and backend is _DEFAULT_BACKEND and inplace_backward is False and check_labels is True
-    ):
-        options = _DEFAULT_OPTIONS
-    else:  # (cached_options() inline: one call less on every small call)
-        options = (LossOptions if torch.compiler.is_compiling() else loss_options)(
-            reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend,
-            inplace_backward, check_labels,
-        )
+    options = cached_options()(
+        reduction, ignore_index, label_smoothing, z_loss, softcap, None, backend, inplace_backward,
+        check_labels,
+    )
     return _cross_entropy_with_options(input, target, weight, options, check_probabilities)
-
-
-# cross_entropy's own default objects (compared by identity: a caller passing 1, True or an
-# equal float of its own goes through the checks), and the options they make, checked once here
-_DEFAULTS = {
-    name: parameter.default for name, parameter in inspect.signature(cross_entropy).parameters.items()
-}
-_DEFAULT_IGNORE_INDEX = _DEFAULTS["ignore_index"]
-_DEFAULT_REDUCTION = _DEFAULTS["reduction"]
-_DEFAULT_FLOAT = _DEFAULTS["label_smoothing"]
-_DEFAULT_BACKEND = _DEFAULTS["backend"]
-assert _DEFAULTS["z_loss"] is _DEFAULT_FLOAT, "cross_entropy's float defaults are one constant"
-_DEFAULT_OPTIONS = LossOptions(
-    _DEFAULT_REDUCTION, _DEFAULT_IGNORE_INDEX, _DEFAULT_FLOAT, _DEFAULT_FLOAT, None, None, _DEFAULT_BACKEND
-)
 
 
 def _cross_entropy_with_options(

@@ -116,8 +116,9 @@ class _LogProbsFunction(torch.autograd.Function):
 
 def _traced(options: LogProbOptions, *tensors: Tensor | None, compiled_ops: bool = False) -> bool:
     """Whether this call is traced by torch.compile or runs inside a torch.func transform (vmap,
-    grad; its own tensors wrapped or not): then the outputs are torch ops that autograd differentiates (``TorchRows.traced``), not an
-    autograd Function around the kernels, and no label is looked at. ``backend="triton"`` says
+    grad; its own tensors wrapped or not): then the outputs are torch ops that autograd
+    differentiates (``TorchRows.traced``), not an autograd Function around the kernels, and no
+    label is looked at. ``backend="triton"`` says
     then that it cannot run (a ValueError). ``compiled_ops``: the caller has custom ops for
     torch.compile (``linear_log_probs``), so only torch.func counts."""
     compiling = torch.compiler.is_compiling()
