@@ -8,6 +8,10 @@ Two parts, both side by side with torch in one run:
    same way, and the NumPy api ``xentkit.cross_entropy_and_grad``; median (and best) of
    ``--repeats`` interleaved timeit runs of ``--number`` calls, and each median over torch's,
    torch on one thread (as xentkit below 65536 logits).
+   Then the same 64 × 10 problem (640 logits) with torch's other options, torch against
+   ``xentkit.torch``: class weights, label smoothing, probability targets, an (N, C, H, W)
+   layout, the "none" and "sum" reductions, and ``nll_loss`` and
+   ``binary_cross_entropy_with_logits`` on 64 × 10.
 2. Seconds per training epoch of a small MLP (batch 64, 10 classes: the issue's MNIST case)
    with torch's loss and with xentkit.torch's, interleaved.
 3. The first call in a new process, in a subprocess each, for xentkit's NumPy api,
@@ -137,6 +141,57 @@ def per_call(number: int, repeats: int) -> list[dict]:
     return rows
 
 
+def per_call_options(number: int, repeats: int) -> list[dict]:
+    """Forward + backward with each of torch's options on 640 logits, and the two other losses,
+    torch against xentkit.torch."""
+    import torch
+    import torch.nn.functional as F
+
+    import xentkit.torch as xt
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 10, generator=generator).requires_grad_()
+    target = torch.randint(0, 10, (64,), generator=generator)
+    spatial = torch.randn(8, 10, 4, 2, generator=generator).requires_grad_()
+    log_probs = torch.log_softmax(torch.randn(64, 10, generator=generator), 1).requires_grad_()
+    ce = (F.cross_entropy, xt.cross_entropy)
+    cases = {  # name: (torch's loss, xentkit's, input, target, options)
+        "class weights": (*ce, logits, target, {"weight": torch.rand(10, generator=generator) + 0.5}),
+        "label smoothing 0.1": (*ce, logits, target, {"label_smoothing": 0.1}),
+        "probability targets": (*ce, logits, torch.softmax(torch.randn(64, 10, generator=generator), 1), {}),
+        "(N, C, H, W) 8×10×4×2": (*ce, spatial, torch.randint(0, 10, (8, 4, 2), generator=generator), {}),
+        'reduction="none"': (*ce, logits, target, {"reduction": "none"}),
+        'reduction="sum"': (*ce, logits, target, {"reduction": "sum"}),
+        "nll_loss": (F.nll_loss, xt.nll_loss, log_probs, target, {}),
+        "bce_with_logits": (
+            F.binary_cross_entropy_with_logits, xt.binary_cross_entropy_with_logits, logits,
+            torch.rand(64, 10, generator=generator), {},
+        ),
+    }
+    rows = []
+    for name, (torch_loss, xentkit_loss, leaf, labels, options) in cases.items():
+        def torch_step(leaf=leaf, labels=labels, options=options, loss=torch_loss) -> None:
+            leaf.grad = None
+            loss(leaf, labels, **options).sum().backward()
+
+        def xentkit_torch_step(leaf=leaf, labels=labels, options=options, loss=xentkit_loss) -> None:
+            leaf.grad = None
+            loss(leaf, labels, **options).sum().backward()
+
+        steps = {"torch": torch_step, "xentkit.torch": xentkit_torch_step}
+        for step in steps.values():
+            step()
+        rounds: dict[str, list[float]] = {provider: [] for provider in steps}
+        for _ in range(repeats):
+            for provider, step in steps.items():
+                rounds[provider].append(timeit.timeit(step, number=number) / number * 1e6)
+        row = {"case": name, **{provider: statistics.median(times) for provider, times in rounds.items()}}
+        row["xentkit.torch / torch"] = row["xentkit.torch"] / row["torch"]
+        rows.append(row)
+    return rows
+
+
 def epochs(count: int) -> dict:
     """Seconds per training epoch of the issue's small MLP (784-100-10, sigmoid, batch 64, SGD) on
     MNIST-shaped data (60000 random images, labelled by a fixed random linear map, so that the
@@ -231,6 +286,11 @@ def main() -> int:
             f"{row['xentkit.torch / torch']:6.2f} {row['xentkit api']:12.1f} "
             f"{row['xentkit api / torch']:6.2f} {row['autograd.Function floor']:15.1f}"
         )
+    options = per_call_options(args.number, args.repeats)
+    print("\nthe same with torch's options (640 logits), µs per call")
+    print(f"{'case':>24s} {'torch':>9s} {'xentkit.torch':>14s} {'ratio':>6s}")
+    for row in options:
+        print(f"{row['case']:>24s} {row['torch']:9.1f} {row['xentkit.torch']:14.1f} {row['xentkit.torch / torch']:6.2f}")
     trained = epochs(args.epochs)
     print(f"\nMLP epoch (60000 × 784 → 100 → 10, batch 64, SGD), seconds, {args.epochs} interleaved epochs")
     for name in ("torch", "xentkit.torch"):
@@ -245,7 +305,7 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
         "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-        "command": " ".join(sys.argv), "per_call_us": rows, "mlp_epoch": trained, "first_call": starts,
+        "command": " ".join(sys.argv), "per_call_us": rows, "per_call_options_us": options, "mlp_epoch": trained, "first_call": starts,
     }, indent=1))
     print(f"\nwrote {args.output}")
     return 0

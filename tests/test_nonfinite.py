@@ -233,7 +233,9 @@ def test_float32_and_float64_alike(dtype):
     ("case", "reduction", "label_smoothing", "upstream"),
     list(itertools.product(LOGITS, ("mean", "sum", "none"), (0.0, 0.1), ("inf", "-inf", "nan"))),
 )
-def test_the_torch_binding_gives_torchs_gradient_for_a_non_finite_upstream(case, reduction, label_smoothing, upstream):
+def test_the_torch_binding_gives_torchs_gradient_for_a_non_finite_upstream(
+    case, reduction, label_smoothing, upstream, kernel_path
+):
     """xentkit.torch's kernel path stores the gradient for an upstream gradient of 1 and scales it
     in backward; an infinite or NaN upstream then gives torch's values too (an ignored row 0, NaN
     at the target and, with smoothing, across the row), not the product's."""
@@ -241,7 +243,7 @@ def test_the_torch_binding_gives_torchs_gradient_for_a_non_finite_upstream(case,
 
     logits = np.array(LOGITS[case])
     grad_output = UPSTREAM[upstream]
-    weight = np.ones(4)  # the kernel path (a small plain problem would run torch's own kernel)
+    weight = np.ones(4)
     _, expected_grad = _torch(logits, reduction, label_smoothing, weight, grad_output)
     expected_grad[LABELS == -100] = 0.0  # as above: an ignored row is never read
     leaf = torch.tensor(logits, requires_grad=True)
@@ -257,7 +259,9 @@ def test_the_torch_binding_gives_torchs_gradient_for_a_non_finite_upstream(case,
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("probabilities", [False, True])
 @pytest.mark.parametrize("upstream", ["inf", "-inf", "nan"])
-def test_the_torch_binding_takes_a_non_finite_upstream_in_every_layout(shape, reduction, probabilities, upstream):
+def test_the_torch_binding_takes_a_non_finite_upstream_in_every_layout(
+    shape, reduction, probabilities, upstream, kernel_path
+):
     """(C,), (N, C) and (N, C, d1, d2), class indices (one ignored) or probabilities (one zero):
     the same gradient as torch (probabilities: NaN across the row), ignored rows 0."""
     import xentkit.torch as xt
@@ -273,7 +277,7 @@ def test_the_torch_binding_takes_a_non_finite_upstream_in_every_layout(shape, re
         target = torch.randint(0, classes, sample_shape, generator=generator)
         if sample_shape:
             target.view(-1)[0] = -100
-    weight = torch.linspace(0.5, 2.0, classes, dtype=torch.float64)  # the kernel path
+    weight = torch.linspace(0.5, 2.0, classes, dtype=torch.float64)
     ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     loss = xt.cross_entropy(ours, target, weight, reduction=reduction, check_probabilities=False)
     expected = torch.nn.functional.cross_entropy(theirs, target, weight, reduction=reduction)

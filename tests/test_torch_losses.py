@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -99,7 +100,14 @@ def run_both(loss_xentkit, loss_torch, logits, sample_shape, reduction, seed=1):
         ("probabilities", None, True, 0.25),
     ],
 )
-def test_cross_entropy_matches_torch(dtype, reduction, shape_name, kind, ignore_index, use_weight, label_smoothing):
+@pytest.mark.parametrize("path", ["small", "kernel"])
+def test_cross_entropy_matches_torch(
+    dtype, reduction, shape_name, kind, ignore_index, use_weight, label_smoothing, path, request
+):
+    """On xentkit's kernel ("kernel") and as a small problem (torch's own kernel inside
+    xentkit's semantics, for the batched layouts)."""
+    if path == "kernel":
+        request.getfixturevalue("kernel_path")
     shape = SHAPES[shape_name]
     logits, target, sample_shape = make_case(shape, kind, dtype=dtype, ignore_index=ignore_index)
     weight = torch.rand(_class_count(shape), dtype=dtype) + 0.5 if use_weight else None
@@ -168,7 +176,7 @@ GRADCHECK_OPTIONS = [
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("kind", ["index", "probabilities"])
 @pytest.mark.parametrize("option_set", range(len(GRADCHECK_OPTIONS)))
-def test_cross_entropy_gradcheck(reduction, shape_name, kind, option_set):
+def test_cross_entropy_gradcheck(reduction, shape_name, kind, option_set, kernel_path):
     options = dict(GRADCHECK_OPTIONS[option_set])
     shape = SHAPES[shape_name]
     ignore_index = options.pop("ignore_index", None)
@@ -233,7 +241,12 @@ def test_gradient_is_scaled_by_the_upstream_gradient():
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize(("ignore_index", "use_weight"), [(None, False), (-100, True), (2, False)])
-def test_nll_loss_matches_torch(reduction, shape_name, ignore_index, use_weight):
+@pytest.mark.parametrize("path", ["small", "kernel"])
+def test_nll_loss_matches_torch(reduction, shape_name, ignore_index, use_weight, path, request):
+    """On xentkit's api ("kernel") and as a small problem (torch's own kernel inside xentkit's
+    semantics, for the batched layouts)."""
+    if path == "kernel":
+        request.getfixturevalue("kernel_path")
     shape = SHAPES[shape_name]
     raw, target, sample_shape = make_case(shape, "index", ignore_index=ignore_index)
     log_probs = raw.detach().log_softmax(1 if len(shape) >= 2 else 0).requires_grad_(True)
@@ -266,7 +279,11 @@ BCE_WEIGHTS = {
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", [(6, 4), (2, 3, 5)])
 @pytest.mark.parametrize("weights", list(BCE_WEIGHTS))
-def test_binary_cross_entropy_with_logits_matches_torch(reduction, shape, weights):
+@pytest.mark.parametrize("path", ["torch's kernel", "formula"])
+def test_binary_cross_entropy_with_logits_matches_torch(reduction, shape, weights, path, request):
+    """On xentkit's formula and, for the calls it computes alike, on torch's own kernel."""
+    if path == "formula":
+        request.getfixturevalue("kernel_path")
     generator = torch.Generator().manual_seed(3)
     logits = (4 * torch.randn(shape, generator=generator, dtype=torch.float64)).requires_grad_(True)
     target = torch.rand(shape, generator=generator, dtype=torch.float64).round()
@@ -307,19 +324,18 @@ LOSSES = {
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_double_backward_raises(name):
+def test_double_backward_raises(name, kernel_path):
     loss_function, _, kind = LOSSES[name]
     logits, target, _ = make_case((5, 4), kind)
-    # class weights keep a small cross-entropy on xentkit's kernel (a small plain one runs
-    # torch's own, which has a second derivative: test_small_plain_problems_run_torchs_own_kernel)
-    extra = {"weight": torch.ones(4, dtype=logits.dtype)} if name == "cross_entropy" else {}
-    loss = loss_function(logits, target, reduction="sum", **extra)
+    # on xentkit's kernel (kernel_path: a small problem runs torch's own, which has a second
+    # derivative: test_small_problems_keep_xentkits_semantics)
+    loss = loss_function(logits, target, reduction="sum")
     (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         grad.sum().backward()
     # A gradient penalty must not be silently dropped (once_differentiable would drop it here,
     # since the upstream gradient of a create_graph=True call does not require grad).
-    loss = loss_function(logits, target, reduction="sum", **extra)
+    loss = loss_function(logits, target, reduction="sum")
     (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         (loss + grad.square().sum()).backward()
@@ -653,7 +669,7 @@ def test_small_means_skip_the_probability_look_only_where_probabilities_cannot_b
         xt.cross_entropy(confident, torch.arange(min(32, classes)), label_smoothing=label_smoothing)
 
 
-def test_small_mean_of_nothing_still_warns_and_is_zero_whatever_the_logits():
+def test_small_mean_of_nothing_still_warns_and_is_zero_whatever_the_logits(monkeypatch):
     import xentkit
     import xentkit.torch as xt
 
@@ -664,8 +680,11 @@ def test_small_mean_of_nothing_still_warns_and_is_zero_whatever_the_logits():
     loss = xt.cross_entropy(logits, torch.full((2,), -100))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
-    # as on the kernel path (class weights take it there)
+    # as on the kernel path and with class weights
     assert xt.cross_entropy(logits, torch.full((2,), -100), torch.ones(3)).item() == 0.0
+    with monkeypatch.context() as patch:
+        patch.setattr(functional, "SMALL_MAX_LOGITS", 0)
+        assert xt.cross_entropy(logits, torch.full((2,), -100)).item() == 0.0
 
 
 def test_uint8_targets_on_the_torch_ops_path_are_not_mistaken_for_ignore_index():
@@ -729,50 +748,281 @@ def test_default_options_are_the_checked_defaults_and_equal_values_of_other_type
         xt.cross_entropy(logits, target, check_labels=1)
 
 
-def test_small_plain_problems_run_torchs_own_kernel(monkeypatch):
-    """Up to SMALL_MAX_LOGITS plain [N, C] logits (int64 labels, no weights, z-loss, softcap or
-    in-place) run torch's own cross-entropy, wrapped in xentkit's semantics: the same values as
-    the fused kernel, the same label error and probabilities warning, a "mean" of nothing that is
-    0, and (torch's gift) a second derivative. Larger or richer problems keep the kernel."""
-    from xentkit.torch import functional
+def _on_the_kernel(monkeypatch, call):
+    """``call()`` with small problems on xentkit's kernel and binary cross-entropy on xentkit's
+    formula (as the ``kernel_path`` fixture)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(functional, "SMALL_MAX_LOGITS", 0)
+        patch.setattr(functional, "BCE_ON_TORCHS_KERNEL", False)
+        return call()
 
+
+def _recording_torchs_kernel(monkeypatch):
+    """Every call of torch's cross-entropy binding from the small path, recorded (the logits'
+    shapes)."""
     calls = []
     torch_cross_entropy = functional._TORCH_CROSS_ENTROPY
     assert torch_cross_entropy is not None  # torch's binding, which F.cross_entropy calls
 
     def recorded(*args):
-        calls.append(args[0].shape)
+        calls.append(tuple(args[0].shape))
         return torch_cross_entropy(*args)
 
     monkeypatch.setattr(functional, "_TORCH_CROSS_ENTROPY", recorded)
-    logits = torch.randn(32, 10, dtype=torch.float64, requires_grad=True)
-    target = torch.randint(0, 10, (32,))
-    target[3] = -100
+    return calls
+
+
+def _loss_and_grad(logits, target, **options):
+    leaf = logits.detach().clone().requires_grad_()
+    loss = xt.cross_entropy(leaf, target, **options)
+    upstream = torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    loss.backward(upstream)
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("layout", ["N,C", "N,C,d1,d2"])
+@pytest.mark.parametrize("kind", ["index", "probabilities"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_problems_run_torchs_own_kernel_with_the_kernels_values(monkeypatch, layout, kind, weighted, dtype):
+    """Up to SMALL_MAX_LOGITS logits of torch's batched layouts, class indices (int64) or
+    probabilities, with or without class weights (the logits' dtype), run torch's own
+    cross-entropy: the values of xentkit's kernel, for every reduction and label smoothing,
+    ignored targets included."""
+    calls = _recording_torchs_kernel(monkeypatch)
+    shape = SHAPES[layout]
+    logits, target, _ = make_case(shape, kind, dtype=dtype, ignore_index=-100, fraction_ignored=0.3)
+    weight = torch.rand(shape[1], dtype=dtype, generator=torch.Generator().manual_seed(3)) + 0.5 if weighted else None
     for reduction in REDUCTIONS:
-        for smoothing in (0.0, 0.1):
-            small = xt.cross_entropy(logits, target, reduction=reduction, label_smoothing=smoothing)
-            kernel = xt.cross_entropy(logits, target, reduction=reduction, label_smoothing=smoothing,
-                                      weight=torch.ones(10, dtype=torch.float64))
-            torch.testing.assert_close(small, kernel, rtol=1e-12, atol=1e-12)
-    assert len(calls) == 6  # torch's kernel ran for the plain calls only
-    with pytest.raises(ValueError, match=r"target has label 10 at position \(1,\) but logits have 10 classes"):
-        xt.cross_entropy(logits, torch.tensor([0, 10]).repeat(16))
-    nothing = xt.cross_entropy(logits, torch.full((32,), -100))
-    nothing.backward()
-    assert nothing.item() == 0.0 and (logits.grad == 0).all()
-    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
-        xt.cross_entropy(torch.softmax(torch.randn(4, 5), 1), torch.tensor([0, 1, 2, 3]))
-    # a second derivative, equal to torch's
-    (grad,) = torch.autograd.grad(xt.cross_entropy(logits, target), logits, create_graph=True)
-    (want,) = torch.autograd.grad(F.cross_entropy(logits, target), logits, create_graph=True)
-    torch.testing.assert_close(torch.autograd.grad(grad.square().sum(), logits)[0],
-                               torch.autograd.grad(want.square().sum(), logits)[0])
+        for smoothing in (0.0, 0.2):
+            options = {"weight": weight, "reduction": reduction, "label_smoothing": smoothing}
+            calls.clear()
+            small = _loss_and_grad(logits, target, **options)
+            assert calls == [shape], "torch's kernel ran"
+            kernel = _on_the_kernel(monkeypatch, lambda options=options: _loss_and_grad(logits, target, **options))
+            assert calls == [shape], "the kernel_path ran xentkit's kernel"
+            tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+            assert small[0].dtype == kernel[0].dtype and small[0].shape == kernel[0].shape
+            torch.testing.assert_close(small[0], kernel[0], **tolerance)
+            torch.testing.assert_close(small[1], kernel[1], **tolerance)
+
+
+def test_what_small_problems_keep_for_xentkits_own_path(monkeypatch):
+    """Larger problems, xentkit's extras, in place, int32 labels, a weight or probabilities of
+    another dtype or requiring grad, and an unbatched (C,) input are not torch's kernel's."""
+    calls = _recording_torchs_kernel(monkeypatch)
+    logits = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 5, (8,))
+    probabilities = torch.softmax(torch.randn(8, 5, dtype=torch.float64), 1)
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    xt.cross_entropy(logits, target, weight)
+    xt.cross_entropy(logits, probabilities, weight)
+    assert len(calls) == 2
     calls.clear()
-    xt.cross_entropy(torch.randn(300, 300), torch.randint(0, 300, (300,)))  # 90000 logits: the kernel
-    xt.cross_entropy(logits, target.int())  # int32 labels: the kernel
+    xt.cross_entropy(torch.randn(300, 300), torch.randint(0, 300, (300,)))  # 90000 logits
+    xt.cross_entropy(logits, target, z_loss=1e-3)
+    xt.cross_entropy(logits, target, softcap=5.0)
+    xt.cross_entropy(logits * 1.0, target, inplace_backward=True)
+    xt.cross_entropy(logits, target.int())
+    xt.cross_entropy(logits, target, weight.float())  # float32 weights for float64 logits
+    xt.cross_entropy(logits, probabilities, weight.clone().requires_grad_(), reduction="sum").backward()
+    xt.cross_entropy(logits, probabilities.float())
+    xt.cross_entropy(logits, probabilities.clone().requires_grad_())
+    xt.cross_entropy(logits[0], target[0])
+    xt.cross_entropy(logits, target, backend="torch")
     assert calls == []
 
 
+def test_small_problems_keep_xentkits_semantics(monkeypatch):
+    """Around torch's kernel: a "mean" of nothing is 0 with gradient 0 (every target ignored,
+    class weights 0 on the targets, or weights that cancel, where torch gives NaN or ±inf); a
+    probability target of 0 at a −inf logit adds 0 (torch: NaN); a bad label is xentkit's
+    ValueError naming its place in every layout; a second derivative equal to torch's."""
+    calls = _recording_torchs_kernel(monkeypatch)
+    logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    for target, weight in [
+        (torch.full((4,), -100), None),
+        (torch.full((4,), -100), torch.ones(3, dtype=torch.float64)),
+        (torch.tensor([0, 0, 2, -100]), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)),
+        (torch.tensor([0, 1, 1, 0]), torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)),  # Σ w_y = 0
+    ]:
+        assert not torch.isfinite(F.cross_entropy(logits, target, weight)), "torch's x/0"
+        logits.grad = None
+        loss = xt.cross_entropy(logits, target, weight)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    assert len(calls) == 4
+    # 0·log 0 = 0: torch's kernel gives NaN, xentkit's path gives the kernel's finite values
+    masked = torch.tensor([[0.0, float("-inf"), 1.0], [2.0, 0.5, float("-inf")]], dtype=torch.float64)
+    mass = torch.tensor([[0.3, 0.0, 0.7], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        assert F.cross_entropy(masked, mass, reduction=reduction).isnan().any()
+        small = _loss_and_grad(masked, mass, reduction=reduction)
+        kernel = _on_the_kernel(monkeypatch, lambda reduction=reduction: _loss_and_grad(masked, mass, reduction=reduction))
+        assert torch.isfinite(small[0]).all() and torch.isfinite(small[1]).all()
+        torch.testing.assert_close(small, kernel, rtol=1e-14, atol=1e-14)
+    # a bad label, in every layout
+    with pytest.raises(ValueError, match=r"target has label 10 at position \(1,\) but logits have 10 classes"):
+        xt.cross_entropy(torch.randn(32, 10), torch.tensor([0, 10]).repeat(16), torch.ones(10))
+    spatial_target = torch.zeros(2, 3, 4, dtype=torch.long)
+    spatial_target[1, 2, 0] = -7
+    with pytest.raises(ValueError, match=r"target has label -7 at position \(1, 2, 0\)"):
+        xt.cross_entropy(torch.randn(2, 5, 3, 4), spatial_target)
+    # a second derivative, equal to torch's, for weights and probabilities too
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    for target in (torch.tensor([0, 2, 1, -100]), torch.softmax(torch.randn(4, 3, dtype=torch.float64), 1)):
+        (grad,) = torch.autograd.grad(xt.cross_entropy(logits, target, weight), logits, create_graph=True)
+        (want,) = torch.autograd.grad(F.cross_entropy(logits, target, weight), logits, create_graph=True)
+        torch.testing.assert_close(
+            torch.autograd.grad(grad.square().sum(), logits)[0], torch.autograd.grad(want.square().sum(), logits)[0]
+        )
+
+
+def test_small_problems_warn_of_probabilities_as_the_kernel_does(monkeypatch):
+    """Logits that are probabilities warn on torch's kernel too, with class weights and label
+    smoothing, and after a weight changes in place (the remembered sign of the weights is
+    dropped): weights [1, −0.5] put such a "mean" outside the range a mean of probabilities has
+    with weights ≥ 0."""
+    calls = _recording_torchs_kernel(monkeypatch)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    target = torch.tensor([0, 1])
+    weight = torch.ones(5)
+    for options in ({}, {"weight": weight}, {"weight": weight, "label_smoothing": 0.1}, {"reduction": "sum"}):
+        with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+            xt.cross_entropy(one_hot, target, **options)
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+        xt.cross_entropy(one_hot, torch.softmax(torch.randn(2, 5), 1))
+    xt.cross_entropy(10 * one_hot, target, weight)  # a mean outside that range: weight ≥ 0 remembered
+    weight[1] = -0.5
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+        assert xt.cross_entropy(one_hot, target, weight).item() < 0  # outside that range
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xt.cross_entropy(one_hot, target, weight, check_probabilities=False)
+        xt.cross_entropy(torch.randn(64, 10) * 3, torch.randint(0, 10, (64,)), torch.rand(10))
+    assert len(calls) == 9
+
+
+def test_small_problems_through_the_module_and_function_modes(monkeypatch):
+    """CrossEntropyLoss with a weight buffer and (N, C, d) logits takes torch's kernel; a
+    TorchFunctionMode sees F.cross_entropy with the weight."""
+    from torch.overrides import TorchFunctionMode
+
+    calls = _recording_torchs_kernel(monkeypatch)
+    logits, target = torch.randn(4, 3, 5, dtype=torch.float64), torch.randint(0, 3, (4, 5))
+    weight = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+    module = xt.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    torch.testing.assert_close(module(logits, target), F.cross_entropy(logits, target, weight, label_smoothing=0.1))
+    assert calls == [(4, 3, 5)]
+    seen = []
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.cross_entropy:
+                seen.append((kwargs or {}).get("weight", args[2] if len(args) > 2 else None))
+            return func(*args, **(kwargs or {}))
+
+    with Calls():
+        module(logits, target)
+    assert len(seen) == 1 and seen[0] is weight
+
+
+def test_small_nll_loss_runs_torchs_own_kernel_with_xentkits_semantics(monkeypatch):
+    """nll_loss on small batched problems (int64 labels, a weight of the input's dtype) runs
+    torch's own kernel: the api's values, its label error, 0 for a "mean" of nothing; other
+    calls keep the api."""
+    calls = []
+    torch_nll = functional._TORCH_NLL_LOSS
+    assert torch_nll is not None
+
+    def recorded(*args):
+        calls.append(tuple(args[0].shape))
+        return torch_nll(*args)
+
+    monkeypatch.setattr(functional, "_TORCH_NLL_LOSS", recorded)
+    for shape in ((7, 5), (3, 5, 2, 2)):
+        logits, target, _ = make_case(shape, "index", ignore_index=-100)
+        log_probs = logits.detach().log_softmax(1)
+        weight = torch.linspace(0.5, 2.0, 5, dtype=torch.float64)
+        for reduction in REDUCTIONS:
+            for options in ({}, {"weight": weight}, {"weight": weight, "ignore_index": 1}):
+                labels = target.masked_fill(target == -100, 1) if "ignore_index" in options else target
+
+                def run(options=options, reduction=reduction, labels=labels, log_probs=log_probs):
+                    leaf = log_probs.clone().requires_grad_()
+                    loss = xt.nll_loss(leaf, labels, reduction=reduction, **options)
+                    loss.sum().backward()
+                    return loss.detach(), leaf.grad
+
+                calls.clear()
+                small = run()
+                assert calls == [shape]
+                kernel = _on_the_kernel(monkeypatch, run)
+                assert calls == [shape]
+                torch.testing.assert_close(small, kernel, rtol=1e-12, atol=1e-12)
+    log_probs = torch.log_softmax(torch.randn(4, 3, dtype=torch.float64), 1).requires_grad_()
+    for target, weight in [(torch.full((4,), -100), None), (torch.tensor([0, 0, 2, 2]), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))]:
+        loss = xt.nll_loss(log_probs, target, weight)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(log_probs.grad, torch.zeros_like(log_probs))
+    with pytest.raises(ValueError, match=r"target has label 3 at position \(2,\)") as refused:
+        xt.nll_loss(log_probs, torch.tensor([0, 1, 3, 0]))
+    assert refused.value.__suppress_context__  # (torch's IndexError is not shown with it)
+    calls.clear()
+    xt.nll_loss(log_probs.float().half(), torch.tensor([0, 1, 2, 0]))  # float16: the api
+    xt.nll_loss(log_probs, torch.tensor([0, 1, 2, 0], dtype=torch.int32))
+    xt.nll_loss(log_probs, torch.tensor([0, 1, 2, 0]), torch.ones(3))  # float32 weights
+    xt.nll_loss(log_probs[0], torch.tensor(1))
+    assert calls == []
+
+
+def test_binary_cross_entropy_with_logits_runs_torchs_kernel_for_the_calls_it_computes_alike(monkeypatch):
+    """Tensors of one float32/float64 dtype and shape, a weight of that shape or one per class,
+    a pos_weight of one per class or one for all: torch's own kernel, with xentkit's values and
+    a "mean" of nothing that is 0; other weights and dtypes keep xentkit's formula, whose errors
+    name the argument."""
+    calls = []
+    torch_bce = torch.binary_cross_entropy_with_logits
+
+    def recorded(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return torch_bce(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "binary_cross_entropy_with_logits", recorded)
+    generator = torch.Generator().manual_seed(8)
+    logits = 3 * torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    target = torch.rand(5, 4, generator=generator, dtype=torch.float64)
+    for weight, pos_weight in [
+        (None, None), (torch.rand(5, 4, dtype=torch.float64), None), (torch.rand(4, dtype=torch.float64), None),
+        (None, torch.rand(4, dtype=torch.float64) + 0.5), (None, torch.tensor([2.0], dtype=torch.float64)),
+        (None, torch.tensor(2.0, dtype=torch.float64)),
+    ]:
+        for reduction in REDUCTIONS:
+            def run(weight=weight, pos_weight=pos_weight, reduction=reduction):
+                leaf = logits.clone().requires_grad_()
+                loss = xt.binary_cross_entropy_with_logits(
+                    leaf, target, weight, reduction=reduction, pos_weight=pos_weight
+                )
+                loss.sum().backward()
+                return loss.detach(), leaf.grad
+
+            calls.clear()
+            on_torch = run()
+            assert calls == [(5, 4)]
+            formula = _on_the_kernel(monkeypatch, run)
+            assert calls == [(5, 4)]
+            torch.testing.assert_close(on_torch, formula, rtol=1e-12, atol=1e-12)
+    empty = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    nothing = xt.binary_cross_entropy_with_logits(empty, torch.zeros(0, 4, dtype=torch.float64))
+    nothing.backward()
+    assert nothing.item() == 0.0
+    calls.clear()
+    with pytest.raises(ValueError, match="weight must broadcast"):
+        xt.binary_cross_entropy_with_logits(logits, target, torch.ones(3, dtype=torch.float64))
+    xt.binary_cross_entropy_with_logits(logits.half(), target.half())  # float16: the formula
+    xt.binary_cross_entropy_with_logits(logits, target.float())  # mixed dtypes
+    xt.binary_cross_entropy_with_logits(logits, target, torch.ones(5, 1, dtype=torch.float64))  # per row
+    assert calls == []
 
 
 def test_cross_entropy_module_keeps_its_options_until_one_is_set_and_never_saves_them():
