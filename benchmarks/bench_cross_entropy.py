@@ -31,6 +31,7 @@ run is recorded, and rerunning is the way to check stability.
     python benchmarks/bench_cross_entropy.py                      # default shapes
     python benchmarks/bench_cross_entropy.py --quick              # small shapes, few repeats
     python benchmarks/bench_cross_entropy.py --shapes 4096x32000,8192x1000:float64 --repeats 9
+    python benchmarks/bench_cross_entropy.py --probabilities    # soft-label targets
 """
 
 from __future__ import annotations
@@ -71,17 +72,19 @@ class Shape:
     rows: int
     classes: int
     dtype: str = "float32"
+    probabilities: bool = False  # class-probability targets of the logits' shape, not labels
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        """``"4096x32000"`` or ``"4096x32000:float64"``."""
-        size, _, dtype = text.strip().partition(":")
+        """``"4096x32000"``, ``"4096x32000:float64"`` or ``"4096x32000:float32:probabilities"``."""
+        size, _, rest = text.strip().partition(":")
+        dtype, _, targets = rest.partition(":")
         rows, classes = (int(part) for part in size.lower().split("x"))
-        return cls(rows, classes, dtype or "float32")
+        return cls(rows, classes, dtype or "float32", targets == "probabilities")
 
     @property
     def label(self) -> str:
-        return f"{self.rows}x{self.classes}:{self.dtype}"
+        return f"{self.rows}x{self.classes}:{self.dtype}" + (":probabilities" if self.probabilities else "")
 
     @property
     def nbytes(self) -> int:
@@ -101,12 +104,20 @@ class Timing:
 
 
 def make_inputs(shape: Shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Standard-normal logits (scaled ×2) and uniform labels, allocated once each."""
+    """Standard-normal logits (scaled ×2) and uniform labels, allocated once each; or, for a
+    probabilities shape, targets of the logits' shape and dtype: the softmax of other
+    standard-normal scores (a teacher's soft labels)."""
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal((shape.rows, shape.classes), dtype=np.float32)
     logits *= 2.0
     if shape.dtype != "float32":
         logits = logits.astype(shape.dtype)
+    if shape.probabilities:
+        scores = rng.standard_normal((shape.rows, shape.classes), dtype=np.float32)
+        scores -= scores.max(axis=1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=1, keepdims=True)
+        return logits, scores.astype(shape.dtype, copy=False)
     labels = rng.integers(0, shape.classes, shape.rows, dtype=np.int64)
     return logits, labels
 
@@ -264,7 +275,7 @@ def memory_probe(provider: str, shape: Shape) -> dict[str, float]:
     """
     # warm up on a tiny problem first (imports, compiled-kernel cache, torch's allocator), so
     # that their memory is in the baseline and their peak stays below the measured call's
-    tiny_logits, tiny_labels = make_inputs(Shape(8, 16, shape.dtype))
+    tiny_logits, tiny_labels = make_inputs(Shape(8, 16, shape.dtype, shape.probabilities))
     prepare, run = provider_calls(provider, tiny_logits, tiny_labels)
     prepare()
     run()
@@ -478,7 +489,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shapes", help=f"comma-separated NxC[:dtype] (default {DEFAULT_SHAPES})")
+    parser.add_argument(
+        "--shapes", help=f"comma-separated NxC[:dtype[:probabilities]] (default {DEFAULT_SHAPES})"
+    )
+    parser.add_argument(
+        "--probabilities", action="store_true",
+        help="class-probability targets for every shape (soft labels) instead of class indices",
+    )
     parser.add_argument("--repeats", type=int, help="timed rounds per shape (default 7; --quick 3)")
     parser.add_argument(
         "--quick", action="store_true", help=f"small shapes ({QUICK_SHAPES}), 3 rounds"
@@ -504,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shapes_text = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     shapes = [Shape.parse(text) for text in shapes_text.split(",") if text.strip()]
+    if args.probabilities:
+        shapes = [Shape(shape.rows, shape.classes, shape.dtype, True) for shape in shapes]
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, shapes[0])))
         return 0

@@ -53,11 +53,9 @@ def implementation(request: pytest.FixtureRequest):
 @pytest.fixture
 def kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """``xentkit.torch``'s ``cross_entropy`` and ``nll_loss`` on xentkit's own paths even for
-    small problems, and ``binary_cross_entropy_with_logits`` on xentkit's formula (which
-    otherwise run torch's own kernels, with xentkit's semantics around them): for the tests of
-    xentkit's own computation through the torch binding."""
+    small problems (which otherwise run torch's own kernels, with xentkit's semantics around
+    them): for the tests of xentkit's own computation through the torch binding."""
     pytest.importorskip("torch")
     from xentkit.torch import functional
 
     monkeypatch.setattr(functional, "SMALL_MAX_LOGITS", 0)
-    monkeypatch.setattr(functional, "BCE_ON_TORCHS_KERNEL", False)

@@ -63,6 +63,11 @@ class RowLayout:
         """Class indices of the samples' shape as the kernels' contiguous int64 ``[rows]``."""
         return kernel_array(labels, np.int64).reshape(self.rows)
 
+    def targets(self, targets: np.ndarray) -> np.ndarray:
+        """Class probabilities of the logits' layout (and dtype) as the kernels' C-contiguous
+        ``[rows, classes]``, moved as the logits were."""
+        return kernel_array(class_axis_last(targets, self.axis)).reshape(self.rows, self.classes)
+
     def per_row(self, value: ArrayLike | float) -> np.ndarray:
         """A per-row coefficient (a float, an array of one value, or one value per sample with
         the samples' shape, broadcast views included) as the kernels' contiguous float64

@@ -111,7 +111,9 @@ def _fused(
     out: np.ndarray | None,
     private: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Hard-label cross-entropy on the kernel: class axis last, rows × classes, one sweep.
+    """Cross-entropy on the kernel: class axis last, rows × classes, one sweep. ``labels`` are
+    class indices of the samples' shape, or class probabilities of the logits' shape (the
+    probability kernel; ``valid`` then marks every sample).
 
     ``logits`` is already in the compute dtype (float32 or float64); ``private`` says it is the
     api's own copy, free to be overwritten by the gradient. ``upstream``: the checked upstream
@@ -119,7 +121,7 @@ def _fused(
     in float64 ("mean"/"sum") or per sample, and the gradient in the compute dtype (or ``out``).
     """
     layout = RowLayout(logits, axis, private)
-    label_rows = layout.labels(labels)
+    label_rows = layout.targets(labels) if labels.ndim == logits.ndim else layout.labels(labels)
     weight64 = None if weight is None else kernel_array(weight, np.float64)
 
     grad_matrix = None
@@ -179,7 +181,9 @@ def _cross_entropy(
     probabilities = target_array.shape == original.shape
     if probabilities:
         target_array = probability_target(target_array, original.shape, work_dtype)
-        valid = None
+        valid = np.ones(sample_shape, dtype=bool)  # every sample counts (the z term's rows)
+        if plan is None:
+            plan = ReductionPlan.of_rows(reduction, valid.size)
     else:
         target_array = as_class_indices(
             target_array, sample_shape, num_classes=num_classes, ignore_index=options.ignore_index
@@ -211,7 +215,7 @@ def _cross_entropy(
         warn_if_probabilities(original, axis)
 
     work = original.astype(work_dtype, copy=False)
-    if probabilities or reference_enabled():
+    if reference_enabled():
         loss, grad = reference.cross_entropy_and_grad(
             work, target_array, axis=axis, weight=weight, reduction=reduction,
             **options.formula_arguments(), grad_output=upstream, want_grad=want_grad, plan=plan,

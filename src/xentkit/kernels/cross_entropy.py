@@ -647,7 +647,9 @@ def cross_entropy_rows(
 
     Implements the kernel contract of ``docs/CONTRACTS.md``. ``logits`` is a C-contiguous
     ``[N, C]`` float32/float64 array, ``labels`` ``[N]`` int64 (each in ``[0, C)`` or equal to
-    ``ignore_index``); nothing is validated.
+    ``ignore_index``); nothing is validated. ``labels`` may instead be a C-contiguous ``[N, C]``
+    array of class probabilities of the logits' dtype: ``xentkit.kernels.probabilities``
+    computes that (``ignore_index`` and ``segments`` unused; formulas there).
 
     Returns ``(loss_rows, lse_rows)``, both ``[N]`` float64:
     ``loss_rows[i] = (1−ε)·w[y]·(lse − z[y]) + (ε/C)·Σ_c w[c]·(lse − z[c])`` (0 for ignored
@@ -665,6 +667,13 @@ def cross_entropy_rows(
     long, see ``_default_segments``). One thread and one segment run the kernel's serial build
     (the same arithmetic row by row, so the same bits; no thread pool involved).
     """
+    if labels.ndim == 2:  # class probabilities, [N, C] of the logits' dtype: their own kernel
+        from xentkit.kernels.probabilities import probability_rows
+
+        return probability_rows(
+            logits, labels, weight, label_smoothing, z_loss, softcap, grad_scale, z_grad_scale,
+            grad_out, block=block, parallel=parallel,
+        )
     n_rows, n_classes = logits.shape
     dtype = logits.dtype
     labels = np.ascontiguousarray(labels, dtype=np.int64)

@@ -348,7 +348,8 @@ def _small_cross_entropy(
             warn_if_probabilities(_bridge.as_numpy(input), 1)
         return _zero_with_zero_gradient(input)
     if check_probabilities and (
-        _mean_of_probabilities_possible(value, input.shape[1])
+        not -math.inf < value < math.inf  # (an infinite class weight, a NaN logit: it tells nothing)
+        or _mean_of_probabilities_possible(value, input.shape[1])
         or not (weight is None or (not options.label_smoothing and _nonnegative(weight)))
     ):
         warn_if_probabilities(_bridge.as_numpy(input), 1)
@@ -383,17 +384,23 @@ def _nonnegative(weight: Tensor) -> bool:
     """Whether every class weight is ≥ 0 (then a weighted "mean" without label smoothing is an
     average of the rows' losses, and :func:`_mean_of_probabilities_possible` holds for it),
     remembered for the last weight tensor seen until it changes (its version counter): a module's
-    weight is the same tensor every step, and a look at it costs a training step ~10 µs."""
-    last = _LAST_WEIGHT
-    if last and last[0]() is weight and not weight.is_inference() and last[1] == weight._version:
+    weight is the same tensor every step, and a look at it costs a training step ~10 µs. A write
+    the version counter does not see (through ``.data`` or a NumPy view of the weight, which
+    autograd does not see either) is not seen here: weights made negative that way may then miss
+    the probabilities warning once; no value depends on this."""
+    global _LAST_WEIGHT
+    last = _LAST_WEIGHT  # (one tuple, replaced whole: another thread reads one weight's entry)
+    inference = weight.is_inference()  # (inference tensors have no version counter)
+    if last is not None and last[0]() is weight and not inference and last[1] == weight._version:
         return last[2]
     result = bool((weight >= 0).all())
-    if not weight.is_inference():  # (inference tensors have no version counter)
-        _LAST_WEIGHT[:] = [weakref.ref(weight), weight._version, result]
+    if not inference:
+        _LAST_WEIGHT = (weakref.ref(weight), weight._version, result)
     return result
 
 
-_LAST_WEIGHT: list = []  # [weak reference to the weight, its version, whether it is ≥ 0]
+# the last weight seen: (a weak reference to it, its version, whether every value is ≥ 0)
+_LAST_WEIGHT: tuple[weakref.ref, int, bool] | None = None
 
 
 def cached_options() -> Callable[..., LossOptions]:
@@ -608,38 +615,6 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
     return loss
 
 
-# torch's own binary cross-entropy with logits is vectorized and fused enough that xentkit's
-# formula (NumPy, several passes) is slower at every size on the CPU (2.7-4.3x at 1024 x 1000 to
-# 4096 x 4000, 2.9x at 64 x 10, forward + backward on 2 cores, 2026-12-05): calls it computes as
-# xentkit does run it. (Tests set this False to run xentkit's formula through the binding.)
-BCE_ON_TORCHS_KERNEL = True
-_BINARY_DTYPES = (torch.float32, torch.float64)
-
-
-def _torchs_binary_kernel_fits(
-    input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None
-) -> bool:
-    """Whether torch's kernel computes this call as xentkit does, from metadata alone: tensors of
-    one float32/float64 dtype and one shape (at least one dimension), a weight of that shape or
-    one value per class (the last axis), a ``pos_weight`` of one value per class or one for all.
-    Other shapes keep xentkit's path, whose errors name the argument that does not fit."""
-    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
-        return False
-    dtype = input.dtype
-    if not (dtype in _BINARY_DTYPES and target.dtype is dtype and input.ndim and target.shape == input.shape):
-        return False
-    classes = input.shape[-1]
-    if weight is not None and not (
-        isinstance(weight, Tensor) and weight.dtype is dtype
-        and (weight.shape == input.shape or (weight.ndim == 1 and weight.shape[0] == classes))
-    ):
-        return False
-    return pos_weight is None or (
-        isinstance(pos_weight, Tensor) and pos_weight.dtype is dtype and pos_weight.ndim <= 1
-        and pos_weight.numel() in (1, classes)
-    )
-
-
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,
@@ -663,12 +638,10 @@ def binary_cross_entropy_with_logits(
     and target of any one shape; ``weight`` broadcastable to it; ``pos_weight`` broadcastable
     along the last (class) axis.
 
-    Where torch's own kernel computes the call as xentkit does (tensors of one float32/float64
-    dtype and shape, a weight of that shape or one value per class, a ``pos_weight`` of one value
-    per class or one for all: the common calls), it runs that kernel, with xentkit's "mean" of
-    nothing around it: it is vectorized, and xentkit's formula (NumPy) is slower on the CPU at
-    every size measured. Other calls (float16, mixed dtypes, other broadcasts) run xentkit's
-    formula (loss and gradient in forward) or torch ops.
+    On CPU tensors this runs xentkit's formula (loss and gradient in forward, NumPy), which
+    keeps log σ accurate where torch's kernel rounds it away (float32 x = −17, target 0: torch
+    0, here 4.14e-8; x = −10: torch 0.8% high), and is slower than torch's kernel (2.9× at
+    64 × 10, 2.7-4.3× at 1024 × 1000 to 4096 × 4000, forward + backward on 2 cores).
 
     Example:
         >>> import torch
@@ -686,8 +659,6 @@ def binary_cross_entropy_with_logits(
             "target must be a floating-point tensor (probabilities in [0, 1]), got dtype "
             f"{str(target.dtype).removeprefix('torch.')}; pass target.float()"
         )
-    if BCE_ON_TORCHS_KERNEL and _torchs_binary_kernel_fits(input, target, weight, pos_weight):
-        return _torch_ops.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
     # xentkit takes pos_weight as one value per class along the last axis (or one for all);
     # torch broadcasts any shape, which its own ops handle.
     pos_weight_fits = pos_weight is None or pos_weight.dim() <= 1
