@@ -116,6 +116,25 @@ def test_special_values_as_the_reference(logits_name, target_name, smoothing, up
             assert_close(got, want, np.float64, name)
 
 
+@pytest.mark.parametrize(
+    ("logits", "target", "weight"),
+    [
+        ([[2.0, 1.0, 0.0]], [[0.7, 0.3, 0.0]], [np.inf, 1.0, 1.0]),  # infinite weight on the max class
+        ([[1.0, 0.0]], [[np.inf, 0.0]], None),  # an infinite target
+        ([[0.0, -1000.0]], [[0.0, np.inf]], None),  # log s = 0 and an infinite mass elsewhere
+    ],
+)
+def test_an_infinite_mass_gives_the_references_infinite_loss(logits, target, weight):
+    """A·log s − Σ mass·(z − m) would be inf·0 = NaN there; the reference's sum of terms is +inf."""
+    logits, target = np.array(logits), np.array(target)
+    weight = None if weight is None else np.array(weight)
+    with np.errstate(invalid="ignore"):
+        (loss, grad), (want_loss, want_grad) = _both(logits, target, weight=weight, reduction="none")
+    assert np.isposinf(want_loss).all()
+    np.testing.assert_array_equal(loss, want_loss)
+    assert np.array_equal(np.isnan(grad), np.isnan(want_grad))
+
+
 def test_a_masked_class_of_no_mass_costs_nothing():
     """0·log 0 = 0: a −inf logit where the target has no mass leaves the loss finite and its
     gradient entry 0 (torch's own kernel gives NaN)."""

@@ -11,7 +11,9 @@ classes; z the optionally soft-capped logits):
         A      = Σ_j mass_j
         loss_i = Σ_{mass_j ≠ 0} mass_j·(log s − (z_j − m))  = −Σ_c w_c·q'_c·log p_c
                  (a class of zero mass adds nothing, not 0·log 0 = NaN at a −inf logit: the
-                 reference's ``xlogy``)
+                 reference's ``xlogy``), computed as A·log s − Σ_{mass_j ≠ 0} mass_j·(z_j − m),
+                 or term by term where A is not finite (an infinite class weight or target:
+                 there A·log s − S would be inf·0 = NaN where the reference finds +inf)
     Pass 3 (one read of the row and of q, one write of the gradient):
         grad_ij = s'(x_ij)·(g_i·(p_j·A − mass_j) + g^z_i·2·λ_z·lse·p_j),  p_j = exp(z_j − m)·(1/s)
         for a finite upstream g_i; for an infinite or NaN one torch's order, (g_i·A)·p_j − g_i·mass_j
@@ -79,6 +81,30 @@ def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, softcap):  # p
         weighted += mass * (z - shift) if live else 0.0
         nonzero += 1.0 if live else 0.0
     return weighted, total, nonzero
+
+
+@njit(fastmath={"contract"}, error_model="numpy", nogil=True)
+def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, softcap):  # pragma: no cover
+    """The loss of one row term by term, Σ_{mass_j ≠ 0} mass_j·(log s − (z_j − m)), as the
+    reference adds it: for rows whose total mass is not finite (an infinite class weight or
+    target), where A·log s − S would make inf·0 = NaN of terms the reference finds infinite."""
+    capped = softcap > 0.0
+    cap = like(softcap, row)
+    inv_cap = like(1.0 / softcap if capped else 1.0, row)
+    loss = 0.0
+    for j in range(row.shape[0]):
+        target = np.float64(q[j])
+        if uniform > 0.0:
+            target = keep * target + uniform
+        mass = target * weight[j] if has_weight else target
+        if mass != 0.0:
+            if capped:
+                t, _ = fast_tanh(row[j] * inv_cap)
+                z = np.float64(cap * t)
+            else:
+                z = np.float64(row[j])
+            loss += mass * (log_s - (z - shift))
+    return loss
 
 
 # Pass 3's helpers: no reductions here, so no reassociation either (torch's order for a
@@ -167,7 +193,10 @@ def _probability_rows_kernel(  # pragma: no cover - compiled
         lse = shift + log_s
         weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, softcap)
         # −Σ mass_j·log p_j = Σ mass_j·(log s − (z_j − m)); nothing when every mass is 0
-        loss_rows[i] = total * log_s - weighted if nonzero > 0.0 else 0.0
+        if not math.isfinite(total):  # an infinite mass: term by term, as the reference
+            loss_rows[i] = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, softcap)
+        else:
+            loss_rows[i] = total * log_s - weighted if nonzero > 0.0 else 0.0
         lse_rows[i] = lse
         if want_grad:
             z_coef = 2.0 * z_loss * lse * z_grad_scale[i] if z_loss > 0.0 else 0.0
