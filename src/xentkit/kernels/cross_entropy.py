@@ -691,17 +691,7 @@ def cross_entropy_rows(
         weight_sum = float(weight64.sum())
     want_grad = grad_out is not None
     in_place = want_grad and _same_buffer(grad_out, logits)
-    if want_grad:
-        grad_scale = (
-            np.ones(n_rows) if grad_scale is None else np.ascontiguousarray(grad_scale, np.float64)
-        )
-        z_grad_scale = (
-            np.ones(n_rows)
-            if z_grad_scale is None
-            else np.ascontiguousarray(z_grad_scale, np.float64)
-        )
-    else:
-        grad_scale = z_grad_scale = _ONE
+    grad_scale, z_grad_scale = upstream_scales(grad_scale, z_grad_scale, n_rows, want_grad)
     loss_rows = np.empty(n_rows, dtype=np.float64)
     lse_rows = np.empty(n_rows, dtype=np.float64)
     if n_rows == 0:
@@ -747,6 +737,20 @@ def cross_entropy_rows(
             segment_weight_sums[len(starts) :] = 0.0
             _cross_entropy_split_kernel(*arguments, segments, segment_weight_sums)
     return loss_rows, lse_rows
+
+
+def upstream_scales(
+    grad_scale: np.ndarray | None, z_grad_scale: np.ndarray | None, n_rows: int, want_grad: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row kernels' ``grad_scale`` and ``z_grad_scale`` arguments: contiguous float64
+    ``[rows]`` (ones where not given) when a gradient is wanted, else 1-element dummies."""
+    if not want_grad:
+        return _ONE, _ONE
+    ones = None if grad_scale is not None and z_grad_scale is not None else np.ones(n_rows)
+    return (
+        ones if grad_scale is None else np.ascontiguousarray(grad_scale, np.float64),
+        ones if z_grad_scale is None else np.ascontiguousarray(z_grad_scale, np.float64),
+    )
 
 
 def _default_segments(n_rows: int, n_classes: int, threads: int) -> int:

@@ -43,10 +43,12 @@ from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _JIT,
     _KERNEL_JIT,
+    _ONE,
     DEFAULT_BLOCK,
     SERIAL_MAX_ELEMENTS,
     _pass1,
     _same_buffer,
+    upstream_scales,
 )
 
 __all__ = ["probability_rows"]
@@ -217,9 +219,6 @@ def _probability_rows_kernel(  # pragma: no cover - compiled
 # the row kernel on the calling thread alone, for small problems (see serial_build)
 _probability_rows_serial = serial_build(_probability_rows_kernel, "_probability_rows_serial", **_KERNEL_JIT)
 
-_ONE = np.ones(1, dtype=np.float64)
-
-
 def probability_rows(
     logits: np.ndarray,
     targets: np.ndarray,
@@ -253,13 +252,7 @@ def probability_rows(
         has_weight, weight64 = True, np.ascontiguousarray(weight, dtype=np.float64)
     want_grad = grad_out is not None
     in_place = want_grad and _same_buffer(grad_out, logits)
-    if want_grad:
-        grad_scale = np.ones(n_rows) if grad_scale is None else np.ascontiguousarray(grad_scale, np.float64)
-        z_grad_scale = (
-            np.ones(n_rows) if z_grad_scale is None else np.ascontiguousarray(z_grad_scale, np.float64)
-        )
-    else:
-        grad_scale = z_grad_scale = _ONE
+    grad_scale, z_grad_scale = upstream_scales(grad_scale, z_grad_scale, n_rows, want_grad)
     loss_rows = np.empty(n_rows, dtype=np.float64)
     lse_rows = np.empty(n_rows, dtype=np.float64)
     if n_rows == 0:
