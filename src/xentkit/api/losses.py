@@ -9,6 +9,8 @@ from .. import reference
 from .._labels import as_class_indices, check_labels
 from .._options import LossOptions, as_array, check_reduction, describe
 from ..reference.reductions import ReductionPlan
+from ._config import reference_enabled
+from ._rows import kernel_array
 from ._validation import (
     as_float_array,
     check_class_weight,
@@ -156,15 +158,57 @@ def _bce_with_logits(
             pw = pw.reshape(())
     else:
         pw = None
+    plan = ReductionPlan.of_rows(reduction, x.size)
+    if x.size and x.ndim and not reference_enabled():
+        return _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype or dtype, dtype)
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
     per_element = _full(per_element, x.shape)
-    plan = ReductionPlan.of_rows(reduction, x.size)
     loss = rounded(plan.reduce(per_element), loss_dtype or dtype)
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)
     grad = np.broadcast_to(grad, x.shape) * plan.scales(upstream)[0]
     return loss, rounded(grad, dtype)
+
+
+def _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype, dtype):
+    """:func:`_bce_with_logits` on the fused kernel (``xentkit.kernels.binary``): ``x`` and
+    ``y`` (checked, in the compute dtype, at least one dimension and one element) as
+    ``[rows, C]``, C the last axis; a weight that varies only along that axis (or not at all)
+    passed per class, any other one spread to every element; the reduction by ``plan``."""
+    from ..kernels.binary import binary_rows
+
+    shape, classes = x.shape, x.shape[-1]
+    rows = x.size // classes
+    if w is None:
+        weight = None
+    elif w.size == 1 or (w.size == classes and w.shape[-1:] == (classes,)):
+        weight = np.ascontiguousarray(np.broadcast_to(w.reshape(-1), (classes,)), dtype=np.float64)
+    else:
+        weight = kernel_array(np.broadcast_to(w, shape).reshape(rows, classes), np.float64)
+    if pw is not None:
+        pw = np.ascontiguousarray(np.broadcast_to(pw.reshape(-1), (classes,)), dtype=np.float64)
+    scale, per_element = None, None  # the kernel's one number; an upstream per element ("none")
+    if want_grad:
+        if grad_output is None:
+            scale = float(plan.scales(1.0)[0])
+        else:
+            upstream = plan.scales(upstream_gradient(grad_output, plan.reduction, shape, np.dtype(np.float64)))[0]
+            if plan.reduction == "none":
+                scale, per_element = 1.0, upstream
+            else:
+                scale = float(upstream)
+    loss, grad = binary_rows(
+        kernel_array(x.reshape(rows, classes)), kernel_array(y.reshape(rows, classes)), weight, pw,
+        per_element_loss=plan.reduction == "none", scale=scale,
+    )
+    loss = loss.reshape(shape) if plan.reduction == "none" else plan.reduce(np.array([loss]))
+    if grad is None:
+        return rounded(loss, loss_dtype), None
+    grad = grad.reshape(shape)
+    if per_element is not None:
+        grad = grad * per_element  # (float64: one rounding to the dtype below)
+    return rounded(loss, loss_dtype), rounded(grad, dtype)
 
 
 def binary_cross_entropy_with_logits(

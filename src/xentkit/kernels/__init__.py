@@ -24,8 +24,8 @@ _HOMES = {
 }
 # The modules whose compile_all() the package's compile_all() runs.
 _MODULES = (
-    "xentkit.kernels.cross_entropy", "xentkit.kernels.probabilities", "xentkit.kernels.log_probs",
-    "xentkit.kernels.vocab_parallel", "xentkit.kernels.labels",
+    "xentkit.kernels.cross_entropy", "xentkit.kernels.probabilities", "xentkit.kernels.binary",
+    "xentkit.kernels.log_probs", "xentkit.kernels.vocab_parallel", "xentkit.kernels.labels",
 )
 
 
