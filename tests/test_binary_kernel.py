@@ -71,6 +71,32 @@ def test_special_values_as_the_reference():
             np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
 
 
+def test_found_by_review_subnormal_exponentials_and_an_upstream_beyond_float32():
+    """exp(−|x|) keeps its subnormal values (float64 |x| in (708, 745)), and log1p of a subnormal
+    keeps its last bit; an upstream gradient is taken in the compute dtype, as the reference
+    (1e39 is inf in float32, so 0·inf gives NaN there too)."""
+    for logits, target, options in [
+        ([-720.0], [0.0], {}),
+        ([-720.0], [0.0], {"weight": np.array([1e300])}),
+        ([720.0], [1.0], {"pos_weight": np.array([np.inf])}),
+        ([-744.0, -740.0], [0.0, 0.0], {}),
+    ]:
+        with np.errstate(invalid="ignore", over="ignore"):
+            (loss, grad), (want_loss, want_grad) = _both(
+                np.array(logits), np.array(target), reduction="none", **options
+            )
+        np.testing.assert_array_equal(loss, want_loss)
+        np.testing.assert_array_equal(grad, want_grad)
+    assert xentkit.binary_cross_entropy_with_logits(np.array([-720.0]), np.array([0.0]), reduction="none")[0] > 0
+    for reduction, grad_output in (("none", np.array([1e39, 1e39])), ("sum", 1e39)):
+        with np.errstate(invalid="ignore", over="ignore"):
+            (_, grad), (_, want_grad) = _both(
+                np.float32([0.0, 1.0]), np.float32([0.5, 0.0]), reduction=reduction, grad_output=grad_output
+            )
+        assert np.array_equal(np.isnan(grad), np.isnan(want_grad)) and np.isnan(grad[0])
+        np.testing.assert_array_equal(grad[1:], want_grad[1:])
+
+
 def test_log_sigmoid_stays_accurate_for_confident_logits():
     """log1p(exp(−|x|)) to float64's accuracy, also for float32 logits (torch's float32 kernel
     gives 0 at x = −17 and is 0.8% high at −10)."""

@@ -193,7 +193,8 @@ def _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype, dt
         if grad_output is None:
             scale = float(plan.scales(1.0)[0])
         else:
-            upstream = plan.scales(upstream_gradient(grad_output, plan.reduction, shape, np.dtype(np.float64)))[0]
+            # in the compute dtype, as the reference takes it (1e39 is inf in float32)
+            upstream = plan.scales(upstream_gradient(grad_output, plan.reduction, shape, x.dtype))[0]
             if plan.reduction == "none":
                 scale, per_element = 1.0, upstream
             else:
@@ -207,7 +208,7 @@ def _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype, dt
         return rounded(loss, loss_dtype), None
     grad = grad.reshape(shape)
     if per_element is not None:
-        grad = grad * per_element  # (float64: one rounding to the dtype below)
+        grad = grad * per_element  # (in the compute dtype, as the reference)
     return rounded(loss, loss_dtype), rounded(grad, dtype)
 
 

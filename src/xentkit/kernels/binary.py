@@ -8,7 +8,10 @@ read of the logits and targets, the formulas of ``xentkit.reference.losses``::
 
 with e = exp(−|x|), in the same order of operations as the reference, so that special values
 come out alike (x = ±inf: 0·inf terms are NaN, as torch). Every element is computed in float64,
-for float32 logits too: exp by the vectorized polynomial of ``_exp.py`` and log1p(e), e ∈ [0, 1],
+for float32 logits too (so where a float32 reference's intermediates overflow or flush to 0,
+say an infinite weight times a σ that float32 rounds to 1, this can give ±inf or a number where
+it gives NaN; and the fused multiply-adds keep a finite loss for targets near float64's largest
+value where the reference overflows): exp by the vectorized polynomial of ``_exp.py`` and log1p(e), e ∈ [0, 1],
 as 2·atanh(u) = 2u·Σ_k u^(2k)/(2k + 1) with u = e/(2 + e) ≤ 1/3 (18 terms: below float64's
 rounding), so the loop vectorizes (Numba's ``math.log1p`` is a scalar libm call). log σ stays
 accurate for confident logits (x = −17: 4.14e-8, where torch's float32 kernel gives 0).
@@ -27,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from xentkit.kernels._exp import fast_exp_nonpositive
+from xentkit.kernels._exp import fast_exp
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import _JIT, _KERNEL_JIT, SERIAL_MAX_ELEMENTS
 
@@ -39,8 +42,10 @@ _ATANH = tuple(1.0 / (2 * k + 1) for k in range(18))
 
 @njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
 def _log1p_unit(e):  # pragma: no cover - compiled
-    """log(1 + e) for e in [0, 1] (NaN stays NaN), float64: 2u·P(u²), u = e/(2 + e)."""
-    u = e / (2.0 + e)
+    """log(1 + e) for e in [0, 1] (NaN stays NaN), float64: 2u·P(u²), u = e/(2 + e), with 2u
+    taken as e·(2/(2 + e)) so that a subnormal e keeps its last bit (e/2 would lose it)."""
+    ratio = 2.0 / (2.0 + e)
+    u = 0.5 * e * ratio
     u2 = u * u
     c = _ATANH
     poly = c[17]
@@ -61,13 +66,13 @@ def _log1p_unit(e):  # pragma: no cover - compiled
     poly = poly * u2 + c[2]
     poly = poly * u2 + c[1]
     poly = poly * u2 + c[0]
-    return 2.0 * u * poly
+    return e * ratio * poly
 
 
 @njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
 def _element(x, y, w, pw):  # pragma: no cover - compiled
     """``(loss, grad)`` of one element (gradient unscaled), float64, the reference's order."""
-    e = fast_exp_nonpositive(-abs(x))
+    e = fast_exp(-abs(x))  # (not the softmax variant: subnormal results kept, as np.exp)
     lg = _log1p_unit(e)
     log_sig_pos = min(x, 0.0) - lg
     log_sig_neg = min(-x, 0.0) - lg
