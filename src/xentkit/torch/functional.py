@@ -9,7 +9,10 @@ stay truthful (unlike an in-place gradient that autograd cannot see, a known bug
 elsewhere). Everything the NumPy api does not cover runs on plain torch ops instead: CUDA and other
 devices, bfloat16, functorch transforms and ``torch.compile``, and gradients with respect to a
 probability target or, with probability targets, a class weight (with class indices torch cannot
-differentiate the weight and raises; so does this module).
+differentiate the weight and raises; so does this module). Small CPU problems of
+``cross_entropy`` and ``nll_loss`` (up to ``SMALL_MAX_LOGITS`` logits) run torch's own kernel
+with xentkit's semantics around it (``_small_and_plain``): there the Function's fixed cost would
+be most of the time.
 
 Two deliberate differences from torch:
 
