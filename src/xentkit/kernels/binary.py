@@ -10,8 +10,9 @@ with e = exp(−|x|), in the same order of operations as the reference, so that 
 come out alike (x = ±inf: 0·inf terms are NaN, as torch). Every element is computed in float64,
 for float32 logits too (so where a float32 reference's intermediates overflow or flush to 0,
 say an infinite weight times a σ that float32 rounds to 1, this can give ±inf or a number where
-it gives NaN; and the fused multiply-adds keep a finite loss for targets near float64's largest
-value where the reference overflows): exp by the vectorized polynomial of ``_exp.py`` and log1p(e), e ∈ [0, 1],
+it gives NaN; and for targets far outside [0, 1], near float64's largest value, the fused
+multiply-adds round otherwise than the reference, and the two may differ widely, neither then
+accurate): exp by the vectorized polynomial of ``_exp.py`` and log1p(e), e ∈ [0, 1],
 as 2·atanh(u) = 2u·Σ_k u^(2k)/(2k + 1) with u = e/(2 + e) ≤ 1/3 (18 terms: below float64's
 rounding), so the loop vectorizes (Numba's ``math.log1p`` is a scalar libm call). log σ stays
 accurate for confident logits (x = −17: 4.14e-8, where torch's float32 kernel gives 0).
