@@ -265,6 +265,22 @@ class LossOptions:
 # The names of the formula's options, in field order (looked up once, not per call).
 _FORMULA_FIELDS = tuple(f.name for f in dataclasses.fields(LossOptions) if f.metadata.get("formula"))
 
+# Every field of LossOptions with its default, in field order: the positional calls of
+# ``loss_options`` are built from it, so no caller spells the defaults again.
+FIELD_DEFAULTS: tuple[tuple[str, Any], ...] = tuple((f.name, f.default) for f in dataclasses.fields(LossOptions))
+_DEFAULT_VALUES = tuple(default for _, default in FIELD_DEFAULTS)
+_FIELD_INDEX = {name: index for index, (name, _) in enumerate(FIELD_DEFAULTS)}
+
+
+def fields_with(**given: Any) -> list[Any]:
+    """The positional fields of ``LossOptions`` / ``loss_options``: the defaults, with ``given``
+    in their places (the default objects themselves, so ``loss_options``' identity check of the
+    last call still applies)."""
+    values = list(_DEFAULT_VALUES)
+    for name, value in given.items():
+        values[_FIELD_INDEX[name]] = value
+    return values
+
 # Options already built from plain Python values: a training loop passes the same ones every step,
 # and checking them again costs microseconds that small problems notice (benchmarks/bench_small.py).
 _BUILT: dict[tuple[Any, ...], LossOptions] = {}

@@ -54,58 +54,53 @@ from xentkit.kernels.cross_entropy import (
 __all__ = ["probability_rows"]
 
 
+@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+def _mass(q, w, has_weight, keep, uniform):  # pragma: no cover - compiled
+    """A class's target mass w·q' in float64, q' = (1 − ε)·q + ε/C (q itself without smoothing)."""
+    target = np.float64(q)
+    if uniform > 0.0:
+        target = keep * target + uniform
+    return target * w if has_weight else target
+
+
+@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+def _z(x, cap, inv_cap):  # pragma: no cover - compiled
+    """The (soft-capped, ``cap`` 0: not) logit in float64, computed as pass 1 computes it."""
+    if cap > 0.0:
+        t, _ = fast_tanh(x * inv_cap)
+        return np.float64(cap * t)
+    return np.float64(x)
+
+
 @njit(**_JIT)
-def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, softcap):  # pragma: no cover
+def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap):  # pragma: no cover
     """Pass 2 of one row, in float64: ``(S, A, nonzero)``, S = Σ_{mass_j ≠ 0} mass_j·(z_j − m),
     A = Σ_j mass_j and the number of classes of nonzero mass; the loss is A·log s − S (when
     nonzero > 0; else 0). The sums as the hard-label kernel's Σ w_j·(z_j − r): reassociated over
     vector lanes, each term's difference taken before its product."""
-    capped = softcap > 0.0
-    cap = like(softcap, row)
-    inv_cap = like(1.0 / softcap if capped else 1.0, row)
-    smoothing = uniform > 0.0
     weighted = 0.0
     total = 0.0
     nonzero = 0.0
     for j in range(row.shape[0]):
-        target = np.float64(q[j])
-        if smoothing:
-            target = keep * target + uniform
-        mass = target * weight[j] if has_weight else target
+        mass = _mass(q[j], weight[j] if has_weight else 1.0, has_weight, keep, uniform)
         total += mass
-        if capped:
-            t, _ = fast_tanh(row[j] * inv_cap)
-            z = np.float64(cap * t)
-        else:
-            z = np.float64(row[j])
         # a class of zero mass adds nothing (not 0·(−inf) = NaN); a NaN mass spreads
         live = mass != 0.0
-        weighted += mass * (z - shift) if live else 0.0
+        weighted += mass * (_z(row[j], cap, inv_cap) - shift) if live else 0.0
         nonzero += 1.0 if live else 0.0
     return weighted, total, nonzero
 
 
 @njit(fastmath={"contract"}, error_model="numpy", nogil=True)
-def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, softcap):  # pragma: no cover
+def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap):  # pragma: no cover
     """The loss of one row term by term, Σ_{mass_j ≠ 0} mass_j·(log s − (z_j − m)), as the
     reference adds it: for rows whose total mass is not finite (an infinite class weight or
     target), where A·log s − S would make inf·0 = NaN of terms the reference finds infinite."""
-    capped = softcap > 0.0
-    cap = like(softcap, row)
-    inv_cap = like(1.0 / softcap if capped else 1.0, row)
     loss = 0.0
     for j in range(row.shape[0]):
-        target = np.float64(q[j])
-        if uniform > 0.0:
-            target = keep * target + uniform
-        mass = target * weight[j] if has_weight else target
+        mass = _mass(q[j], weight[j] if has_weight else 1.0, has_weight, keep, uniform)
         if mass != 0.0:
-            if capped:
-                t, _ = fast_tanh(row[j] * inv_cap)
-                z = np.float64(cap * t)
-            else:
-                z = np.float64(row[j])
-            loss += mass * (log_s - (z - shift))
+            loss += mass * (log_s - (_z(row[j], cap, inv_cap) - shift))
     return loss
 
 
@@ -125,10 +120,7 @@ def _gradient_entry(x, q, w, has_weight, keep, uniform, shift, inv_s, total, g, 
         z = x
         d = like(1.0, x)
     p = np.float64(fast_exp_nonpositive(z - shift)) * inv_s
-    target = np.float64(q)
-    if uniform > 0.0:
-        target = keep * target + uniform
-    mass = target * w if has_weight else target
+    mass = _mass(q, w, has_weight, keep, uniform)
     if finite:
         value = g * (p * total - mass)
     else:  # torch's order: NaN where p = 0 (0·∞) and where the two terms cancel (∞ − ∞)
@@ -193,10 +185,10 @@ def _probability_rows_kernel(  # pragma: no cover - compiled
         shift = np.float64(m) if m > -np.inf else 0.0  # a row of −inf: shift 0, as pass 1
         log_s = math.log(s)
         lse = shift + log_s
-        weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, softcap)
+        weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap)
         # −Σ mass_j·log p_j = Σ mass_j·(log s − (z_j − m)); nothing when every mass is 0
         if not math.isfinite(total):  # an infinite mass: term by term, as the reference
-            loss_rows[i] = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, softcap)
+            loss_rows[i] = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
         else:
             loss_rows[i] = total * log_s - weighted if nonzero > 0.0 else 0.0
         lse_rows[i] = lse

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
-from .._options import LossOptions, loss_options
+from .._options import LossOptions, fields_with, loss_options
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _bce_with_logits, _nll
 from ..reference.reductions import ReductionPlan
@@ -591,7 +591,9 @@ def nll_loss(
     """
     if size_average is not None or reduce is not None:
         reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
-    options = cached_options()(reduction, ignore_index, 0.0, 0.0, None, None, "auto", False, check_labels)
+    options = cached_options()(
+        *fields_with(reduction=reduction, ignore_index=ignore_index, check_labels=check_labels)
+    )
     if _small_and_plain(input, target, weight, options, probabilities=False):
         return _small_nll_loss(input, target, weight, options)
     if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(weight,)):

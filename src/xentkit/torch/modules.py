@@ -5,14 +5,13 @@ only ``forward`` changes, to call :mod:`xentkit.torch.functional`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .._options import LossOptions
+from .._options import FIELD_DEFAULTS, LossOptions
 from . import _bridge, functional
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -27,7 +26,7 @@ _LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
 # The loss options a module keeps as attributes of the same names (torch's own ones included),
 # as (name, default) of every LossOptions field, in order: a new field reaches forward and repr
 # here, and a module without a field (chunk_size on CrossEntropyLoss) passes the default
-_FIELD_DEFAULTS = tuple((field.name, field.default) for field in dataclasses.fields(LossOptions))
+_FIELD_DEFAULTS = FIELD_DEFAULTS
 _FIELD_NAMES, _FIELD_VALUES = (tuple(column) for column in zip(*_FIELD_DEFAULTS, strict=True))
 _FIELD_NAME_SET = frozenset(_FIELD_NAMES)
 _CACHED_OPTIONS = "_xentkit_options"  # the __dict__ key of a module's built options
