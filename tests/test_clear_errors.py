@@ -39,6 +39,17 @@ def test_out_may_not_overlap_weight_or_target():
         xentkit.cross_entropy_and_grad(logits, probabilities, out=probabilities)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_out_may_not_overlap_grad_output(in_place):
+    """The kernel reads each row's upstream gradient while it writes the gradient: an upstream
+    that lives in ``out`` was overwritten mid-computation (a silent wrong gradient)."""
+    logits = np.random.default_rng(0).standard_normal((4, 3))
+    out = logits if in_place else np.zeros((4, 3))
+    upstream = out.reshape(-1)[:4]
+    with pytest.raises(ValueError, match="out must not overlap grad_output"):
+        xentkit.cross_entropy_and_grad(logits, [0, 1, 2, 0], reduction="none", grad_output=upstream, out=out)
+
+
 torch = pytest.importorskip("torch")
 
 
@@ -51,7 +62,7 @@ def test_out_of_range_labels_give_one_error_on_every_path(backend, dtype):
     message = r"target has label 9 at position \(1,\) but logits have 4 classes"
     with pytest.raises(ValueError, match=message):
         xt.cross_entropy(logits, torch.tensor([0, 9, 1]), backend=backend)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message.replace("logits", "log_probs")):
         xt.nll_loss(torch.log_softmax(logits.float(), 1).to(dtype), torch.tensor([0, 9, 1]))
 
 
@@ -68,3 +79,52 @@ def test_the_probabilities_warning_points_at_the_users_call(path):
     with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning) as caught:
         calls[path]()
     assert caught[0].filename == __file__
+
+
+def test_flags_must_be_bools():
+    logits = np.array([[2.0, 0.5, -1.0]])
+    with pytest.raises(TypeError, match="check_probabilities must be a bool, got str"):
+        xentkit.cross_entropy(logits, [0], check_probabilities="no")
+    with pytest.raises(TypeError, match="enabled must be a bool, got str"):
+        xentkit.use_reference("no")
+    assert not xentkit.reference_enabled()
+    import xentkit.torch as xt
+
+    with pytest.raises(TypeError, match="check_probabilities must be a bool, got str"):
+        xt.cross_entropy(torch.from_numpy(logits), torch.tensor([0]), check_probabilities="no")
+    loss = xt.cross_entropy(torch.from_numpy(logits), torch.tensor([0]), check_probabilities=np.bool_(False))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("off", False), ("NO", False), ("", False), ("on", True), (" 1 ", True), ("maybe", None)]
+)
+def test_the_reference_switch_reads_its_environment_variable_or_says_why_not(value, expected):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "XENTKIT_REFERENCE": value}
+    result = subprocess.run(
+        [sys.executable, "-c", "import xentkit; print(xentkit.reference_enabled())"],
+        env=env, capture_output=True, text=True,
+    )
+    if expected is None:
+        assert result.returncode != 0
+        assert "XENTKIT_REFERENCE must be one of 1, true, yes, on" in result.stderr and "'maybe'" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(expected)
+
+
+@pytest.mark.parametrize("call", ["cross_entropy", "nll_loss", "module"])
+def test_integer_input_is_a_type_error_naming_it(call):
+    import xentkit.torch as xt
+
+    integers, target = torch.ones(3, 4, dtype=torch.long), torch.tensor([0, 1, 2])
+    calls = {
+        "cross_entropy": lambda: xt.cross_entropy(integers, target),
+        "nll_loss": lambda: xt.nll_loss(integers, target),
+        "module": lambda: xt.CrossEntropyLoss()(integers, target),
+    }
+    with pytest.raises(TypeError, match=r"input must be a floating-point tensor .* got dtype int64"):
+        calls[call]()

@@ -671,3 +671,25 @@ def test_double_backward_raises_instead_of_dropping_the_penalty(world, form, red
         assert_close(penalized.detach(), expected_grad, torch.float64, "create_graph gradient")
         with pytest.raises(RuntimeError, match="no second derivative"):
             torch.autograd.grad(penalized.square().sum() + x.sum(), x)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_linear_form_returns_linear_cross_entropys_float32_loss_for_half_inputs(dtype, reduction):
+    """The precision contract (docs/precision.md): a world of one gives linear_cross_entropy's
+    float32 loss, not its rounding to the half dtype (~3 digits lost in bfloat16)."""
+    import xentkit.torch as xt
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=generator).to(dtype).requires_grad_()
+    w = torch.randn(11, 16, generator=generator).to(dtype).requires_grad_()
+    y = torch.randint(0, 11, (8,), generator=generator)
+    got = vp.vocab_parallel_linear_cross_entropy(x, w, y, reduction=reduction)
+    want = xt.linear_cross_entropy(x, w, y, reduction=reduction)
+    assert got.dtype == want.dtype == torch.float32
+    # the float64 loss of the logits the matmul gives (in the half dtype, as every path has them)
+    exact = F.cross_entropy(F.linear(x, w).double(), y, reduction=reduction)
+    torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(want.double(), exact, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype

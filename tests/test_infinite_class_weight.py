@@ -85,3 +85,65 @@ def test_torch_paths(path, reduction, softcap, request):
     assert torch.isfinite(grad).all()
     np.testing.assert_allclose(loss.detach().double().numpy(), want_loss, rtol=tolerance)
     np.testing.assert_allclose(grad.double().numpy(), want_grad, rtol=tolerance, atol=tolerance)
+
+
+# Infinite or NaN class weights that *are* read: on a target's class, or on any class under label
+# smoothing (which reads them all). Every path gives torch's ±inf and NaN, entry for entry (the
+# kernel's smoothing sum, W·((m − r) + log s) − S_z, was ∞ − ∞ = NaN where torch has +inf; the
+# reference's target term was w_y·0 = NaN off the target).
+_READ_CASES = {
+    "inf on a target": (np.array([np.inf, 1.0, 1.0, 2.0]), 0.0),
+    "inf, smoothing": (np.array([np.inf, 1.0, 1.0, 2.0]), 0.1),
+    "inf on no target, smoothing": (WEIGHT, 0.1),
+    "-inf, smoothing": (np.array([1.0, -np.inf, 1.0, 2.0]), 0.2),
+    "nan, smoothing": (np.array([1.0, 1.0, np.nan, 2.0]), 0.1),
+}
+
+
+@pytest.mark.parametrize("case", list(_READ_CASES))
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize(
+    "path", ["kernel", "reference", "kernel in place", "xentkit.torch", "torch ops", _TRITON, "vocab_parallel", "linear"]
+)
+def test_weights_that_are_read_give_torchs_infinities_and_nans(case, reduction, path, request):
+    weight, smoothing = _READ_CASES[case]
+    logits = torch.tensor(LOGITS, requires_grad=True)
+    want = F.cross_entropy(
+        logits, torch.tensor(TARGET), torch.tensor(weight), reduction=reduction, label_smoothing=smoothing
+    )
+    want.sum().backward()
+    want_loss, want_grad = want.detach().numpy(), logits.grad.numpy()
+    if path in ("kernel", "reference", "kernel in place"):
+        array = LOGITS.copy()
+        with xentkit.use_reference(path == "reference"):
+            loss, grad = xentkit.cross_entropy_and_grad(
+                array, TARGET, weight=weight, reduction=reduction, label_smoothing=smoothing,
+                out=array if path == "kernel in place" else None,
+            )
+    else:
+        if path == "xentkit.torch":
+            request.getfixturevalue("kernel_path")
+        dtype = torch.float32 if path == "triton" else torch.float64
+        tensor = torch.tensor(LOGITS, dtype=dtype, requires_grad=True)
+        options = {"weight": torch.tensor(weight, dtype=dtype), "reduction": reduction, "label_smoothing": smoothing}
+        if path == "vocab_parallel":  # a world of one: the whole vocabulary is this shard
+            result = distributed.vocab_parallel_cross_entropy(tensor, torch.tensor(TARGET), **options)
+        elif path == "linear":  # logits = x·Wᵀ with x the identity: W's gradient is the logits'
+            head = tensor.detach().t().contiguous().requires_grad_()
+            result = xt.linear_cross_entropy(torch.eye(3, dtype=dtype), head, torch.tensor(TARGET), **options)
+        else:
+            backend = {"xentkit.torch": "auto", "torch ops": "torch"}.get(path, path)
+            result = xt.cross_entropy(tensor, torch.tensor(TARGET), backend=backend, **options)
+        result.sum().backward()
+        if path == "linear":  # (x·Wᵀ's gradient for W is gradᵀ·x, in which 0·inf is NaN, as in torch)
+            want_grad = torch.tensor(want_grad).t().matmul(torch.eye(3, dtype=torch.float64)).t().numpy()
+        loss = result.detach().double().numpy()
+        grad = (head.grad.t() if path == "linear" else tensor.grad).double().numpy()
+    tolerance = 1e-6 if path == "triton" else 1e-12
+    if path == "vocab_parallel" and smoothing:
+        # documented: the shards' W·lse − S_z (no class's own term is ever formed) is NaN where
+        # torch's Σ_c w_c·(lse − z_c) is ±inf; the gradient is torch's
+        assert np.all(np.isnan(loss) | (loss == want_loss)) and not np.isfinite(want_loss).any()
+    else:
+        np.testing.assert_allclose(loss, want_loss, rtol=tolerance, equal_nan=True)
+    np.testing.assert_allclose(grad, want_grad, rtol=tolerance, atol=tolerance, equal_nan=True)

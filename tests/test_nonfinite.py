@@ -287,3 +287,39 @@ def test_the_torch_binding_takes_a_non_finite_upstream_in_every_layout(
     if not probabilities and sample_shape:
         wanted.movedim(1, -1)[target == -100] = 0.0  # an ignored row is never read
     _same_non_finite(ours.grad.numpy(), wanted.numpy(), f"{shape} {reduction} probabilities={probabilities}")
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.0, 0.0, -3.0])
+@pytest.mark.parametrize("weight", [None, 0.0, 2.0])
+@pytest.mark.parametrize("path", ["kernel", "reference", "xentkit.torch"])
+def test_binary_cross_entropy_with_infinite_logits_gives_torchs_values(pos_weight, weight, path):
+    """x = −inf: torch's (1 − y)·x − (1 + (pw − 1)·y)·log σ(x) is ∞ − ∞ = NaN (−inf for a
+    negative pos_weight), where −w·(pw·y·log σ(x) + (1 − y)·log σ(−x)) is +inf; x = +inf and NaN
+    as torch too, loss and gradient."""
+    inf, nan = np.inf, np.nan
+    logits = np.array([[-inf, inf, -inf, inf, -inf, inf, nan, -inf, 3.0]])
+    target = np.array([[0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.5]])
+    x = torch.tensor(logits, requires_grad=True)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        x, torch.tensor(target), None if weight is None else torch.tensor(weight, dtype=torch.float64),
+        reduction="none", pos_weight=None if pos_weight is None else torch.tensor([pos_weight], dtype=torch.float64),
+    )
+    want.sum().backward()
+    if path == "xentkit.torch":
+        import xentkit.torch as xt
+
+        tensor = torch.tensor(logits, requires_grad=True)
+        got = xt.binary_cross_entropy_with_logits(
+            tensor, torch.tensor(target), None if weight is None else torch.tensor(weight, dtype=torch.float64),
+            reduction="none", pos_weight=None if pos_weight is None else torch.tensor([pos_weight], dtype=torch.float64),
+        )
+        got.sum().backward()
+        loss, grad = got.detach().numpy(), tensor.grad.numpy()
+    else:
+        with xentkit.use_reference(path == "reference"):
+            loss, grad = xentkit.binary_cross_entropy_with_logits_and_grad(
+                logits, target, weight=weight, pos_weight=None if pos_weight is None else [pos_weight],
+                reduction="none",
+            )
+    np.testing.assert_allclose(loss, want.detach().numpy(), rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-12, equal_nan=True)

@@ -177,7 +177,7 @@ def test_labels_are_checked_by_one_rule_naming_what_holds_the_classes():
 @pytest.mark.parametrize(
     ("labels", "ignore_index", "message"),
     [
-        ([5, 2**64 - 1], -100, r"label 5 at position \(0,\) but logits have 3 classes"),
+        ([5, 2**64 - 1], -100, r"label 5 at position \(0,\) but (logits|log_probs) have 3 classes"),
         ([1, 2**64 - 1, 7], -100, r"label 18446744073709551615 at position \(1,\), too large"),
         ([7, 2**63], 7, r"label 9223372036854775808 at position \(1,\), too large"),
         ([2, 3, 2**63], 3, r"label 9223372036854775808 at position \(2,\), too large"),
@@ -207,6 +207,11 @@ def test_each_path_names_its_classes_in_the_label_message():
         xt.linear_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), y)
     with pytest.raises(ValueError, match=r"label 9 at position .* but the vocabulary has V = 3 classes"):
         distributed.vocab_parallel_cross_entropy(torch.randn(2, 3), y)
+    for log_probs in (torch.randn(2, 3), torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(2, 3, 40000)):
+        with pytest.raises(ValueError, match=r"label 9 at position .* but log_probs have 3 classes"):
+            xt.nll_loss(log_probs, y if log_probs.ndim == 2 else y[:, None].expand(2, 40000))
+    with pytest.raises(ValueError, match=r"label 9 at position .* but log_probs have 3 classes"):
+        xentkit.nll_loss(np.zeros((2, 3)), [0, 9])
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -263,8 +268,12 @@ def test_a_softcap_the_dtype_cannot_hold_is_refused(path):
     calls = _entry_points() | {
         "torch_ops": lambda **kw: xt.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), backend="torch", **kw)
     }
-    with pytest.raises(ValueError, match=r"softcap must be at most the largest float32 value .* got 1e\+39"):
+    with pytest.raises(ValueError, match=r"softcap must be between .* and the largest \(3\.40282e\+38\) .* float32, got 1e\+39"):
         calls[path](softcap=1e39)
+    # a subnormal one (its reciprocal overflows: NaN where the logit is 0), or one that rounds to 0
+    for tiny in (1e-40, 1e-300):
+        with pytest.raises(ValueError, match=r"softcap must be between the smallest normal float32 value \(1\.17549e-38\)"):
+            calls[path](softcap=tiny)
     # float64 holds it: the loss is (numerically) uncapped
     x = torch.randn(3, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])

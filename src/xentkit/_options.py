@@ -235,15 +235,16 @@ class LossOptions:
         for name, check in _CHECKS.items():  # in field order: the first bad argument is named
             object.__setattr__(self, name, check(getattr(self, name)))
 
-    def check_fits(self, dtype: object, largest: float) -> None:
-        """Refuse a softcap larger than ``largest``, the largest finite value of ``dtype`` (NumPy's
-        or torch's), the dtype the loss is computed in (``softcap=1e39`` in float32 would turn
-        every capped logit into NaN)."""
-        if self.softcap is not None and self.softcap > largest:
+    def check_fits(self, dtype: object, largest: float, smallest: float) -> None:
+        """Refuse a softcap outside [``smallest``, ``largest``], the smallest normal and the largest
+        finite value of ``dtype`` (NumPy's or torch's ``finfo``: ``tiny`` and ``max``), the dtype
+        the loss is computed in: ``softcap=1e39`` in float32 would turn every capped logit into
+        NaN, and so would a subnormal one (its reciprocal overflows) or one that rounds to 0."""
+        if self.softcap is not None and not smallest <= self.softcap <= largest:
             dtype_name = str(dtype).removeprefix("torch.")
             raise ValueError(
-                f"softcap must be at most the largest {dtype_name} value ({largest:.6g}) for a loss "
-                f"computed in {dtype_name}, got {self.softcap}"
+                f"softcap must be between the smallest normal {dtype_name} value ({smallest:.6g}) and "
+                f"the largest ({largest:.6g}) for a loss computed in {dtype_name}, got {self.softcap}"
             )
 
     def formula_arguments(self) -> dict[str, Any]:

@@ -5,8 +5,25 @@ from __future__ import annotations
 import os
 from types import TracebackType
 
+from .._options import check_flag
+
 _ENVIRONMENT_VARIABLE = "XENTKIT_REFERENCE"
-_state = {"reference": os.environ.get(_ENVIRONMENT_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")}
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _from_environment() -> bool:
+    """The initial choice, from ``XENTKIT_REFERENCE``: a value this cannot read is an error
+    rather than a guess (a typo must not silently switch paths)."""
+    value = os.environ.get(_ENVIRONMENT_VARIABLE, "").strip().lower()
+    if value not in _ON + _OFF:
+        raise ValueError(
+            f"{_ENVIRONMENT_VARIABLE} must be one of {', '.join(_ON)} (the NumPy reference) or "
+            f"{', '.join(repr(v) for v in _OFF)} (the kernels), got {os.environ[_ENVIRONMENT_VARIABLE]!r}"
+        )
+    return value in _ON
+
+
+_state = {"reference": _from_environment()}
 
 
 def reference_enabled() -> bool:
@@ -30,8 +47,9 @@ class use_reference:
     """
 
     def __init__(self, enabled: bool = True) -> None:
+        enabled = check_flag(enabled, "enabled")
         self._previous = _state["reference"]
-        _state["reference"] = bool(enabled)
+        _state["reference"] = enabled
 
     def __enter__(self) -> use_reference:
         return self

@@ -85,7 +85,7 @@ def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dty
         return None
     array = as_array(weight, "weight")
     check_weight_layout(array.dtype.kind in "fiu", array.shape, num_classes, str(array.dtype))
-    return array.astype(dtype, copy=False)
+    return rounded(array, dtype)
 
 
 def probability_target(target: ArrayLike, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -95,7 +95,7 @@ def probability_target(target: ArrayLike, shape: tuple[int, ...], dtype: np.dtyp
             f"target with the logits' shape {shape} holds class probabilities and must be "
             f"floating-point, got dtype {array.dtype}"
         )
-    return array.astype(dtype, copy=False)
+    return rounded(array, dtype)
 
 
 def same_shape(array: np.ndarray, name: str, reference: np.ndarray, reference_name: str) -> None:
@@ -112,7 +112,7 @@ def upstream_gradient(grad_output: ArrayLike | None, reduction: str, sample_shap
     array = as_array(grad_output, "grad_output")
     if array.dtype.kind not in "fiu":
         raise TypeError(f"grad_output must be numeric, got dtype {array.dtype}")
-    array = array.astype(dtype, copy=False)
+    array = rounded(array, dtype)
     if reduction == "none":
         try:
             return np.broadcast_to(array, sample_shape)

@@ -11,7 +11,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LossOptions, as_array, loss_options
+from .._options import LossOptions, as_array, check_flag, loss_options
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
@@ -166,13 +166,15 @@ def _cross_entropy(
     instead of these samples' own (a chunked caller passes its whole batch's); ``loss_dtype``:
     the loss's dtype when it is not the logits' (torch promotes with floating targets), so that
     it is rounded once, from the computed value."""
+    if check_probabilities is not True and check_probabilities is not False:  # (a bool: no call)
+        check_probabilities = check_flag(check_probabilities, "check_probabilities")
     original = as_float_array(logits, "logits")
     axis = class_axis(original, axis, "logits")
     reduction = options.reduction
     num_classes = original.shape[axis]
     work_dtype = compute_dtype(original.dtype)
     if options.softcap is not None:
-        options.check_fits(work_dtype, float(np.finfo(work_dtype).max))
+        options.check_fits(work_dtype, float(np.finfo(work_dtype).max), float(np.finfo(work_dtype).tiny))
     weight_given = weight
     weight = check_class_weight(weight, num_classes, work_dtype)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
@@ -208,7 +210,7 @@ def _cross_entropy(
             out.ctypes.data == original.ctypes.data and out.strides == original.strides
         ):
             raise ValueError("out must be logits itself (in place) or an array that does not overlap logits")
-        for name, other in (("weight", weight_given), ("target", target)):
+        for name, other in (("weight", weight_given), ("target", target), ("grad_output", grad_output)):
             if isinstance(other, np.ndarray) and np.may_share_memory(out, other):
                 raise ValueError(f"out must not overlap {name} (the gradient would overwrite it mid-computation)")
     if check_probabilities:
@@ -234,7 +236,7 @@ def _cross_entropy(
         if grad is not out:
             np.copyto(out, grad, casting="unsafe")
         return loss, out
-    return loss, grad.astype(original.dtype, copy=False)
+    return loss, rounded(grad, original.dtype)  # (a float16 gradient beyond 65504: ±inf, no warning)
 
 
 def cross_entropy(

@@ -13,7 +13,7 @@ from .._options import LogProbOptions, as_array, check_flag, describe, select_ou
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from ._config import reference_enabled
 from ._rows import RowLayout
-from ._validation import as_float_array, class_axis, compute_dtype, output_gradient
+from ._validation import as_float_array, class_axis, compute_dtype, output_gradient, rounded
 
 __all__ = ["log_probs", "log_probs_backward"]
 
@@ -48,7 +48,7 @@ class _Rows:
 
     def shaped(self, rows: np.ndarray) -> np.ndarray:
         """Per-row float64 results in the compute dtype and the rows' shape."""
-        return rows.astype(self.dtype).reshape(self.layout.sample_shape)
+        return rounded(rows, self.dtype).reshape(self.layout.sample_shape)
 
     def statistics(self) -> tuple[np.ndarray, ...]:
         """(m, s, log_s, log_probs, entropy, lse) per row, float64, from the fused kernel."""
@@ -191,4 +191,4 @@ def log_probs_backward(
             layout.matrix, rows.labels, rows.valid, options.temperature, m, s, coefficients,
             layout.gradient_buffer(),
         )
-    return layout.in_layout(grad).astype(rows.input_dtype, copy=False)
+    return rounded(layout.in_layout(grad), rows.input_dtype)

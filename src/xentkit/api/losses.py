@@ -30,7 +30,7 @@ def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[
         raise TypeError(f"{names[1]} must be a numeric array, got dtype {b.dtype}")
     same_shape(b, names[1], a, names[0])
     work = compute_dtype(a.dtype)
-    return a.astype(work, copy=False), b.astype(work, copy=False), a.dtype
+    return a.astype(work, copy=False), rounded(b, work), a.dtype
 
 
 def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray | None:
@@ -45,7 +45,7 @@ def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: n
         fits = False
     if not fits:
         raise ValueError(f"{name} must broadcast to the input's shape {shape}, got shape {array.shape}")
-    return array.astype(dtype, copy=False)
+    return rounded(array, dtype)
 
 
 def _full(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -66,8 +66,11 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     work = compute_dtype(original.dtype)
     weight = check_class_weight(weight, num_classes, work)
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
-    labels = as_class_indices(target, sample_shape, num_classes=num_classes, ignore_index=ignore_index)
-    valid = check_labels(labels, num_classes, ignore_index)
+    classes = f"log_probs have {num_classes} classes"
+    labels = as_class_indices(
+        target, sample_shape, num_classes=num_classes, ignore_index=ignore_index, classes=classes
+    )
+    valid = check_labels(labels, num_classes, ignore_index, classes=classes)
 
     moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
     plan = ReductionPlan.of_targets(reduction, labels, ignore_index, weight, valid=valid)[1]
@@ -153,7 +156,7 @@ def _bce_with_logits(
                 f"pos_weight must have one value per class along the last axis ({classes},) "
                 f"or be a scalar, got shape {pw.shape}"
             )
-        pw = pw.astype(x.dtype)
+        pw = rounded(pw, x.dtype)
         if pw.size == 1:  # one value for every class, also for a scalar input
             pw = pw.reshape(())
     else:

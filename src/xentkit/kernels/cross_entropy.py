@@ -696,6 +696,15 @@ def cross_entropy_rows(
     lse_rows = np.empty(n_rows, dtype=np.float64)
     if n_rows == 0:
         return loss_rows, lse_rows
+    losses_by_terms = None
+    if has_weight and label_smoothing > 0.0 and not math.isfinite(weight_sum):
+        # An infinite (or NaN) class weight: the kernel's W·((m − r) + log s) − S_z is ∞ − ∞ or
+        # ∞·0 where the direct Σ_c w_c·(lse − z_c) is ±∞ (or NaN as in torch). Such rows are
+        # computed term by term, as the reference does, before the gradient may overwrite the
+        # logits; the gradient's terms need no such care.
+        losses_by_terms = _smoothed_losses_by_terms(
+            logits, labels, weight64, ignore_index, label_smoothing, softcap
+        )
     threads = threads_for(n_rows * n_classes, parallel, SERIAL_MAX_ELEMENTS)
     if segments is None:
         segments = _default_segments(n_rows, n_classes, threads)
@@ -722,7 +731,17 @@ def cross_entropy_rows(
     )
     if threads == 1 and segments == 1:  # the calling thread alone: no pool, no thread count
         _cross_entropy_rows_serial(*arguments)
-        return loss_rows, lse_rows
+    else:
+        _run_parallel(arguments, threads, segments, n_classes, has_weight, weight64)
+    if losses_by_terms is not None:
+        loss_rows[:] = losses_by_terms
+    return loss_rows, lse_rows
+
+
+def _run_parallel(
+    arguments: tuple, threads: int, segments: int, n_classes: int, has_weight: bool, weight64: np.ndarray
+) -> None:
+    """The row kernel on ``threads`` threads, or the split-row kernel for ``segments`` > 1."""
     with running_on(threads):
         if segments == 1:
             _cross_entropy_rows_kernel(*arguments)
@@ -736,7 +755,21 @@ def cross_entropy_rows(
             segment_weight_sums = np.resize(segment_weight_sums, segments)  # empty tails
             segment_weight_sums[len(starts) :] = 0.0
             _cross_entropy_split_kernel(*arguments, segments, segment_weight_sums)
-    return loss_rows, lse_rows
+
+
+def _smoothed_losses_by_terms(
+    logits: np.ndarray, labels: np.ndarray, weight64: np.ndarray, ignore_index: int,
+    label_smoothing: float, softcap: float | None,
+) -> np.ndarray:
+    """The rows' losses as ``loss_rows`` holds them, from the reference's term-by-term formula
+    (for class weights whose sum is not finite; float64 rows)."""
+    from xentkit.reference import cross_entropy_and_grad
+
+    rows, _ = cross_entropy_and_grad(
+        logits, labels, weight=weight64, ignore_index=ignore_index, reduction="none",
+        label_smoothing=label_smoothing, softcap=softcap, want_grad=False,
+    )
+    return rows.astype(np.float64)
 
 
 def upstream_scales(

@@ -154,7 +154,8 @@ def cross_entropy_and_grad(
     def factored(rows: Any, g: np.ndarray) -> np.ndarray:
         if probabilities:
             return g * (p[rows] * mass[rows] - wq[rows])
-        target_share = (1 - eps) * w_y[rows][..., None] * onehot[rows]
+        # the target's own term on the target alone (not w_y·0 elsewhere: NaN for w_y = ±inf)
+        target_share = np.where(onehot[rows], (1 - eps) * w_y[rows][..., None], 0)
         if eps:
             target_share = target_share + eps * weight / num_classes
         return g * (p[rows] * mass[rows] - target_share)

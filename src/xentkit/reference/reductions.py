@@ -59,6 +59,10 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
         quotient = numerator / torch.where(nonzero, denominator, 1.0)
         return torch.where(nonzero, quotient, 0.0)
     if denominator != 0:
+        if isinstance(numerator, (np.generic, np.ndarray)) and numerator.ndim == 0:
+            # in Python floats: inf/inf is NaN and an overflow ±inf, as in torch, without the
+            # warnings NumPy would give (cheaper than silencing them)
+            return numerator.dtype.type(float(numerator) / denominator)
         return numerator / denominator
     if _torch_tensor(numerator):  # 0 that keeps the graph (an empty batch's loss has a gradient)
         import torch

@@ -48,7 +48,13 @@ def sample_layout(
     device): a scalar ``input`` or zero classes is the api's ValueError, and ``target`` holds
     class probabilities (floating, the input's shape; when allowed) or else class indices, which
     must be integers (a TypeError: torch would truncate floats and take bools) of the samples'
-    shape. The one rule of the Triton and torch-ops paths."""
+    shape. The one rule of the Triton and torch-ops paths. A non-floating ``input`` is a
+    TypeError naming it (torch's own kernels raise a NotImplementedError from inside)."""
+    if not input.is_floating_point():
+        raise TypeError(
+            f"input must be a floating-point tensor ({name}), got dtype "
+            f"{str(input.dtype).removeprefix('torch.')}; pass input.float()"
+        )
     class_axis = class_axis_of_shape(tuple(input.shape), 1 if input.dim() >= 2 else 0, name)
     sample_shape = tuple(input.shape[:class_axis] + input.shape[class_axis + 1 :])
     probabilities = probabilities_allowed and target.is_floating_point() and target.shape == input.shape

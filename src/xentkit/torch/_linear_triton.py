@@ -85,7 +85,7 @@ def forward_chunks(
     and the custom ops of ``torch.compile`` (``_linear_ops``)."""
     from ..triton.cross_entropy import ClassWeights, row_statistics
 
-    options.check_fits(torch.float32, torch.finfo(torch.float32).max)  # the kernels' arithmetic
+    options.check_fits(torch.float32, torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny)  # the kernels' arithmetic
     n, classes = x.shape[0], w.shape[0]
     probabilities = labels.is_floating_point()
     valid, plan = row_plan(labels, weight, options, classes)

@@ -109,7 +109,7 @@ def cross_entropy(
         weight = None if weight is None else weight.float()
         target = target if hard else target.float()
     if options.softcap is not None and input.is_floating_point():
-        options.check_fits(input.dtype, torch.finfo(input.dtype).max)
+        options.check_fits(input.dtype, torch.finfo(input.dtype).max, torch.finfo(input.dtype).tiny)
     if options.softcap is not None:
         input = options.softcap * torch.tanh(input / options.softcap)
     bad = None
@@ -141,7 +141,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: Loss
     _bridge.check_class_weight(weight, classes)
     if weight is not None and weight.dtype != input.dtype:  # any numeric weight, as the kernels
         weight = weight.to(input.dtype)
-    labels, bad, _, plan = _label_plan(target, weight, options, input.dtype, classes)
+    labels, bad, _, plan = _label_plan(
+        target, weight, options, input.dtype, classes, f"log_probs have {classes} classes"
+    )
     main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
     return plan.reduce(_nan_where(main, bad)).to(input.dtype)
 

@@ -198,7 +198,7 @@ def rows_inputs(
     :func:`_bridge.sample_layout`'s results. Refuses a softcap that float32, the kernels' arithmetic,
     cannot hold, and class weights that are not one number per class (the kernels would read
     past them)."""
-    options.check_fits(torch.float32, torch.finfo(torch.float32).max)
+    options.check_fits(torch.float32, torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny)
     _, sample_shape, probabilities = _bridge.sample_layout(input, target)
     _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])
     target = target.detach()

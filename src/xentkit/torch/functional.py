@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
-from .._options import LossOptions, fields_with, loss_options
+from .._options import LossOptions, check_flag, fields_with, loss_options
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _bce_with_logits, _nll
 from ..reference.reductions import ReductionPlan
@@ -359,11 +359,12 @@ def _small_cross_entropy(
     return loss
 
 
-def _label_error_instead(target: Tensor, classes: int, ignore_index: int) -> None:
+def _label_error_instead(target: Tensor, classes: int, ignore_index: int, holder: str | None = None) -> None:
     """While torch's kernel's IndexError for a bad label is handled: xentkit's ValueError naming
-    the first bad label and its place (``check_labels``), without torch's error as its context."""
+    the first bad label and its place (``check_labels``; ``holder`` says what holds the classes),
+    without torch's error as its context."""
     try:
-        check_labels(target, classes, ignore_index)
+        check_labels(target, classes, ignore_index, classes=holder)
     except ValueError as error:
         raise error from None
 
@@ -519,6 +520,8 @@ def _cross_entropy_with_options(
 ) -> Tensor:
     """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with
     its attributes' options: no keyword arguments to spread and gather on every step)."""
+    if check_probabilities is not True and check_probabilities is not False:  # (a bool: no call)
+        check_probabilities = check_flag(check_probabilities, "check_probabilities")
     if (  # (torch.compile's custom ops and torch.func's torch ops write no logits: nothing to refuse)
         options.inplace_backward and input.requires_grad and torch.is_grad_enabled()
         and not torch.compiler.is_compiling() and not _bridge.transforms_running(input)
@@ -613,7 +616,7 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
         else:  # (a TorchFunctionMode running, or a torch without the binding)
             loss = F.nll_loss(input, target, weight, ignore_index=options.ignore_index, reduction=options.reduction)
     except IndexError:  # (a bad label: the api's ValueError naming it)
-        _label_error_instead(target, input.shape[1], options.ignore_index)
+        _label_error_instead(target, input.shape[1], options.ignore_index, f"log_probs have {input.shape[1]} classes")
         raise
     if options.reduction == "mean" and _nothing_to_average(loss.item(), target, weight, options.ignore_index):
         return _zero_with_zero_gradient(input)

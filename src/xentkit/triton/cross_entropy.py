@@ -149,8 +149,9 @@ def _partials_kernel(
         else:
             w = tl.where(inside, 1.0, 0.0)
         # lanes past the row add 0 (z = −inf there); a zero weight on a −inf logit inside the row
-        # gives NaN, as the reference and torch do
-        tl.store(slot + 2 * plane, tl.sum(tl.where(inside, w * (z - shift), 0.0), 0))
+        # gives NaN, as the reference and torch do. The chunk's maximum adds 0, not w·0: NaN for
+        # an infinite weight, whose class torch gives w·(lse − z) = ±inf
+        tl.store(slot + 2 * plane, tl.sum(tl.where(inside & (z != shift), w * (z - shift), 0.0), 0))
         tl.store(slot + 3 * plane, tl.sum(w, 0))
 
 

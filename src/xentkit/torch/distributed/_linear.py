@@ -132,13 +132,14 @@ class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(input, linear_weight_shard, linear_bias_shard)
             ctx.row_statistics = result.stats
             loss = plan.reduction_plan.reduce(result.main, result.z_term)
-            return loss.to(input.dtype).reshape(input.shape[:-1])
+            return loss.to(_bridge.at_least_float32(input.dtype)).reshape(input.shape[:-1])
         g, g_z = plan.reduction_plan.scales(1.0)
         result = _linear_pass(x, w, b, plan, known=None, g=g, g_z=g_z, want=want)
         ctx.grad_input = None if result.grad_input is None else result.grad_input.view(input.shape)
         ctx.grad_weight = result.grad_weight
         ctx.grad_bias = result.grad_bias
-        return plan.reduction_plan.reduce(result.main, result.z_term).to(input.dtype)
+        # float32 for half inputs, as linear_cross_entropy (docs/precision.md)
+        return plan.reduction_plan.reduce(result.main, result.z_term).to(_bridge.at_least_float32(input.dtype))
 
     @staticmethod
     @_bridge.first_order_only(_NAME)
@@ -215,7 +216,8 @@ def vocab_parallel_linear_cross_entropy(
             chunk's shard logits; the matmuls are torch's).
 
     Returns:
-        The loss in the input's dtype: a scalar, or ``input.shape[:-1]`` for ``reduction="none"``.
+        The loss, a scalar or ``input.shape[:-1]`` for ``reduction="none"``: float32 for
+        float16/bfloat16 inputs (as :func:`xentkit.torch.linear_cross_entropy`), else the input's dtype.
         First-order only: differentiating the gradients (``create_graph=True``) raises.
 
     Raises:
