@@ -693,3 +693,13 @@ def test_the_linear_form_returns_linear_cross_entropys_float32_loss_for_half_inp
     torch.testing.assert_close(want.double(), exact, atol=1e-5, rtol=1e-5)
     got.sum().backward()
     assert x.grad.dtype == dtype and w.grad.dtype == dtype
+
+
+def test_torch_func_transforms_are_refused_with_a_clear_error():
+    """Not a 'data pointer' error from inside the label check: every rank says why, before any
+    collective (a world of one here)."""
+    target = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"do not run under torch\.func transforms"):
+        torch.func.grad(lambda z: vp.vocab_parallel_cross_entropy(z, target))(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"do not run under torch\.func transforms"):
+        torch.vmap(lambda z: vp.vocab_parallel_cross_entropy(z, target))(torch.randn(2, 3, 4))

@@ -548,3 +548,44 @@ def test_bad_arguments_are_named():
         xt.log_probs(x, y.to_sparse())
     with pytest.raises(TypeError, match="return_entropy must be a bool, got str 'no'"):
         xentkit.log_probs(x.numpy(), y.numpy(), return_entropy="no")
+
+
+_UINT64 = getattr(torch, "uint64", None)
+
+
+@pytest.mark.skipif(_UINT64 is None, reason="this torch has no uint64")
+@pytest.mark.parametrize("form", ["log_probs", "linear_log_probs", "numpy"])
+def test_uint64_targets_beyond_int64_are_refused_not_wrapped(form):
+    """2**64 − 100 would wrap to −100 (the default ignore_index): a silent 0 with no gradient."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, generator=generator)
+    hidden, head = torch.randn(3, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    calls = {
+        "log_probs": lambda y: xt.log_probs(logits, y),
+        "linear_log_probs": lambda y: xt.linear_log_probs(hidden, head, y),
+        "numpy": lambda y: xentkit.log_probs(logits.numpy(), y.numpy()),
+    }
+    for label in (2**64 - 100, 2**64 - 1):
+        with pytest.raises(ValueError, match=rf"target has label {label} at position \(1,\), too large"):
+            calls[form](torch.tensor([0, label, 2], dtype=_UINT64))
+    holder = "linear_weight has 5 rows" if form == "linear_log_probs" else "logits have 5 classes"
+    with pytest.raises(ValueError, match=rf"target has label 7 at position \(1,\) but {holder}"):
+        calls[form](torch.tensor([0, 7, 2**64 - 1], dtype=_UINT64))
+    small = torch.tensor([0, 4, 2], dtype=_UINT64)
+    torch.testing.assert_close(torch.as_tensor(calls[form](small)), torch.as_tensor(calls[form](small.long())))
+
+
+def test_nested_logits_and_huge_temperatures_are_clear_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (torch: nested tensors are a prototype)
+        nested = torch.nested.nested_tensor([torch.zeros(2, 5), torch.zeros(3, 5)])
+    with pytest.raises(TypeError, match=r"logits must be a dense .* got a nested tensor"):
+        xt.log_probs(nested, torch.tensor([0, 1]))
+    for call in (
+        lambda: xentkit.log_probs([[1.0, 2.0]], [0], temperature=10**400),
+        lambda: xt.log_probs(torch.randn(2, 3), torch.tensor([0, 1]), temperature=10**400),
+    ):
+        with pytest.raises(ValueError, match="temperature must be a positive float, got an integer beyond float64's range"):
+            call()

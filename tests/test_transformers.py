@@ -408,6 +408,8 @@ def test_token_log_probs_refuses_a_softcapping_model_and_bad_input():
         token_log_probs(tiny_model("Gemma2ForCausalLM"), batch()["input_ids"])
     with pytest.raises(ValueError, match=r"input_ids must be a \[batch, sequence\] tensor"):
         token_log_probs(tiny_model("LlamaForCausalLM"), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="input_ids must hold integer token ids, got dtype float32"):
+        token_log_probs(tiny_model("LlamaForCausalLM"), batch()["input_ids"].float())
     with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
         token_log_probs(torch.nn.Linear(2, 2), batch()["input_ids"])
 

@@ -66,7 +66,10 @@ def _real(value: object, name: str, expected: str) -> float:
         return value + 0.0  # -0.0 becomes 0.0: one value, one encoding
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {describe(value)}")
-    return float(value) + 0.0
+    try:
+        return float(value) + 0.0
+    except OverflowError:  # (an int beyond float64)
+        raise ValueError(f"{name} must be {expected}, got an integer beyond float64's range") from None
 
 
 def _finite(value: float) -> bool:

@@ -342,7 +342,8 @@ def token_log_probs(
     Runs the model's decoder (``model.model``) on ``input_ids`` ``[B, T]`` (with
     ``attention_mask`` and any ``model_kwargs``), then
     :func:`xentkit.torch.linear_log_probs` on its hidden states and ``lm_head``: entry ``[b, t]``
-    of the ``[B, T − 1]`` float32 result is log p(input_ids[b, t + 1] | input_ids[b, :t + 1])
+    of the ``[B, T − 1]`` result (float32, float64 for a float64 model, as
+    :func:`~xentkit.torch.linear_log_probs`) is log p(input_ids[b, t + 1] | input_ids[b, :t + 1])
     at ``temperature``, i.e. ``log_softmax(model(input_ids).logits[:, :-1] / T)`` gathered at
     ``input_ids[:, 1:]``. Positions whose next token is padding (``attention_mask`` 0 there) give
     0 and no gradient. Differentiable with respect to every parameter; with
@@ -360,6 +361,8 @@ def token_log_probs(
         )
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [batch, sequence] tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {str(input_ids.dtype).removeprefix('torch.')}")
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
     targets = input_ids[:, 1:]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._labels import check_index_layout
+from .._labels import as_class_indices, check_index_layout
 from ..api._validation import check_weight_layout, class_axis_of_shape
 
 # The dtypes the NumPy api computes in (float16 is computed in float32 and returned as float16).
@@ -107,11 +107,31 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+_UINT64 = getattr(torch, "uint64", None)
+
+
+def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: str | None = None) -> Tensor:
+    """``target.long()``, after refusing (where a look may wait for the tensor: eager, not meta,
+    not inside a torch.func transform) uint64 labels beyond int64, which the cast would wrap
+    (2**64 − 100 onto −100, the default ``ignore_index``): the api's ValueError naming the first
+    bad label (``classes`` says what holds the classes, as in ``check_labels``)."""
+    if (
+        target.dtype == _UINT64 and not torch.compiler.is_compiling() and target.device.type != "meta"
+        and not transforms_running(target)
+    ):
+        as_class_indices(
+            target.cpu().numpy(), tuple(target.shape), num_classes=num_classes, ignore_index=ignore_index,
+            classes=classes,
+        )
+    return target.long()
+
+
 def check_dense(tensor: Tensor, name: str) -> None:
-    """A strided tensor, or a ``TypeError`` naming it: sparse and other layouts have no rows to
-    run the kernels over."""
-    if tensor.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
+    """A strided tensor, or a ``TypeError`` naming it: sparse and other layouts, and nested
+    tensors (whose layout may say strided), have no rows to run the kernels over."""
+    if tensor.layout != torch.strided or tensor.is_nested:
+        got = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {got}")
 
 
 def own_outputs(values: tuple[Tensor, ...], dtype: torch.dtype, shape: torch.Size) -> tuple[Tensor, ...]:

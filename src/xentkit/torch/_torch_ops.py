@@ -13,13 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._labels import as_class_indices, check_labels
+from .._labels import check_labels
 from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
-
-_UINT64 = getattr(torch, "uint64", None)
 
 
 def _label_plan(
@@ -44,12 +42,8 @@ def _label_plan(
     can_wait = (
         not torch.compiler.is_compiling() and target.device.type != "meta" and not _bridge.is_functorch_wrapped(target)
     )
-    if target.dtype == _UINT64 and can_wait:  # refuse labels beyond int64 before the cast wraps them
-        as_class_indices(
-            target.cpu().numpy(), tuple(target.shape), num_classes=num_classes,
-            ignore_index=options.ignore_index, classes=classes,
-        )
-    labels = target.long()  # int64: a uint8 target must not wrap −100 to 156
+    # int64 (a uint8 target must not wrap −100 to 156), uint64 labels beyond int64 refused first
+    labels = _bridge.int64_labels(target, num_classes, options.ignore_index, classes)
     if can_wait and (options.check_labels or stand_in == options.ignore_index):
         valid = check_labels(labels, num_classes, options.ignore_index, classes=classes)
     else:  # (one class and ignore_index 0 under torch.compile: the bad rows' loss alone is NaN)

@@ -161,7 +161,10 @@ def _nan_where_bad(results: tuple[Tensor, Tensor, Tensor], bad: Tensor | None) -
     return log_p * torch.where(bad.reshape(log_p.shape), torch.nan, 1.0).to(log_p.dtype), *rest
 
 
-def _check_target(target: object, sample_shape: tuple[int, ...], expected: str) -> Tensor:
+def _check_target(
+    target: object, sample_shape: tuple[int, ...], expected: str, classes: int, ignore_index: int,
+    classes_text: str | None = None,
+) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {describe(target)}")
     _bridge.check_dense(target, "target")
@@ -171,8 +174,9 @@ def _check_target(target: object, sample_shape: tuple[int, ...], expected: str) 
         expected_shape=expected,
     )
     # int64, as the other paths: compared with a narrower tensor, ignore_index and the class
-    # count would be cast to its dtype first (-100 is 156 in uint8, 2**32 is 0 in int32)
-    return target.long()
+    # count would be cast to its dtype first (-100 is 156 in uint8, 2**32 is 0 in int32); uint64
+    # labels beyond int64 are refused before the cast would wrap them
+    return _bridge.int64_labels(target, classes, ignore_index, classes_text)
 
 
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
@@ -257,10 +261,12 @@ def log_probs(
     _bridge.check_dense(logits, "logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have at least one class in its last dimension, got shape {tuple(logits.shape)}")
-    target = _check_target(target, tuple(logits.shape[:-1]), "(one class index per row of logits)")
+    classes = logits.shape[-1]
+    target = _check_target(
+        target, tuple(logits.shape[:-1]), "(one class index per row of logits)", classes, options.ignore_index
+    )
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
-    classes = logits.shape[-1]
     if _traced(options, logits, target):
         valid, bad = _label_masks(target, classes, options, None)
         matrix, labels = logits.reshape(-1, classes), target.reshape(-1)
@@ -432,12 +438,15 @@ def linear_log_probs(
     return_entropy = check_flag(return_entropy, "return_entropy")
     return_lse = check_flag(return_lse, "return_lse")
     classes, _ = check_linear(input, linear_weight, linear_bias)
-    target = _check_target(target, tuple(input.shape[:-1]), "(one class index per input row)")
+    classes_text = f"linear_weight has {classes} rows (classes)"
+    target = _check_target(
+        target, tuple(input.shape[:-1]), "(one class index per input row)", classes, options.ignore_index,
+        classes_text,
+    )
     if target.device != input.device:
         raise ValueError(f"target must be on the input's device {input.device}, got {target.device}")
     flat_target = target.reshape(-1)
     x = input.reshape(-1, input.shape[-1])
-    classes_text = f"linear_weight has {classes} rows (classes)"
     if _traced(options, input, linear_weight, linear_bias, target, compiled_ops=True):  # torch.func
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
         logits = torch.nn.functional.linear(x, linear_weight, linear_bias)  # the whole logits

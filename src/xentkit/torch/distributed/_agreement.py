@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..._labels import as_class_indices, label_error
 from ..._options import CHOICES, LogProbOptions, LossOptions
-from .._bridge import check_dense
+from .._bridge import check_dense, transforms_running
 from .._linear_checks import SHARDS, check_linear
 from ._communication import CommunicationStats, _Communicator
 
@@ -178,6 +178,11 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str) 
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
+    if transforms_running(target):  # (every form checks its target here, before any collective)
+        raise ValueError(
+            "the vocabulary-parallel functions do not run under torch.func transforms (vmap, grad, "
+            "jvp): their label checks and collectives need the tensors' values"
+        )
     check_dense(target, "target")
     _check_device(target, "target")
     rank = len(sample_shape)
