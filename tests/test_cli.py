@@ -158,7 +158,7 @@ def test_corrupt_data_is_one_line_exit_2(
     bad = tmp_path / "train-labels-idx1-ubyte.gz"
     write_idx(bad, np.zeros(10, np.uint8), magic=b"\x00\x00\x08\x07")
     assert main(["lab", "mnist", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    _one_line_error(capsys, str(bad), "truncated header")
+    _one_line_error(capsys, str(bad), "wrong magic number 0x00000807: expected 0x00000801 for labels")
     write_idx(bad, np.zeros(9, np.uint8))
     assert main(["lab", "mnist", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, "10 images", "9 labels")

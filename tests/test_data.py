@@ -209,7 +209,7 @@ def test_swapped_images_and_labels(tmp_path: Path) -> None:
     labels = write_idx(tmp_path / "labels.gz", np.zeros(4, np.uint8))
     with pytest.raises(DatasetError) as error:
         read_idx_pair(labels, images)
-    _assert_names(error, labels, "expected uint8 images of shape [N, rows, cols]")
+    _assert_names(error, labels, "wrong magic number 0x00000801: expected 0x00000803 for images")
 
 
 def test_label_out_of_range(tmp_path: Path) -> None:

@@ -160,3 +160,71 @@ def test_a_mirror_that_is_not_a_url_says_so_before_any_download(
     assert message.startswith(f"{source}: expected a URL starting with one of https://, http://"), message
     assert repr(mirror) in message and "--data DIR" in message
     assert not any(tmp_path.rglob("*-ubyte*"))
+
+
+def test_an_npz_whose_arrays_inflate_beyond_the_limit_is_refused_from_their_headers(tmp_path: Path) -> None:
+    """A 300 KB compressed archive of zeros declaring 313 million pixels (1.2 GiB as float32)."""
+    from xentkit.lab.formats import MAX_VALUES
+
+    archive = tmp_path / "bomb.npz"
+    np.savez_compressed(archive, x_train=np.zeros((400000, 784), np.uint8), y_train=np.zeros(400000, np.int64),
+                        x_test=np.zeros((10, 784), np.uint8), y_test=np.zeros(10, np.int64))  # fmt: skip
+    assert archive.stat().st_size < 1 << 20 and MAX_VALUES < 400000 * 784
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DatasetError, match=rf"{archive}: x_train has shape \(400000, 784\): expected at most"):
+        read_npz(archive)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024
+
+
+def test_an_idx_file_of_too_many_values_for_its_float32_copy_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.gz"  # 0.9 GB of uint8 (under the byte limit), 3.8 GB as float32 pixels
+    path.write_bytes(gzip.compress(_header((400000, 28, 28 * 3))))
+    with pytest.raises(DatasetError, match="values"):
+        read_idx(path)
+
+
+def test_an_images_and_a_labels_file_swapped_say_wrong_magic(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.write_bytes(_header((3, 28, 28)) + bytes(3 * 784))
+    labels = tmp_path / "labels"
+    labels.write_bytes(_header((3,)) + bytes(3))
+    with pytest.raises(DatasetError, match=rf"{labels}: wrong magic number 0x00000801: expected 0x00000803 for images"):
+        read_idx_pair(labels, images)
+    with pytest.raises(DatasetError, match=rf"{images}: wrong magic number 0x00000803: expected 0x00000801 for labels"):
+        read_idx_pair(images, images)
+    assert read_idx_pair(images, labels)[0].shape == (3, 784)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["lab", "--out", ""], "argument --out: expected a path, received an empty string"),
+        (["lab", "--json", " "], "argument --json: expected a path, received an empty string"),
+        (["lab", "mnist", "--lr", "1e39"], "argument --lr: expected a positive number at most 3.40282e+38"),
+    ],
+)
+def test_empty_paths_and_learning_rates_beyond_float32_are_usage_errors(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(arguments) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_diverged_runs_nan_is_written_as_json_null(tmp_path: Path) -> None:
+    import json
+
+    from xentkit.lab.runner import write_json
+
+    path = write_json({"train_loss": [0.5, float("nan"), float("inf")], "x": {"y": -float("inf")}}, tmp_path / "r.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"train_loss": [0.5, None, None], "x": {"y": None}}
+
+
+def test_a_cache_that_cannot_be_a_folder_is_a_local_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    assert main(["data", "download", "mnist", "--cache", str(taken), "--mirror", "http://127.0.0.1:9/"]) == 2
+    error = capsys.readouterr().err
+    assert f"{taken}/mnist: cannot make the cache folder (Not a directory)" in error
+    assert "Without network access" not in error

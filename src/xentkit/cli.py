@@ -64,13 +64,27 @@ _positive_int = _integer_at_least(1, "a positive integer")
 _non_negative_int = _integer_at_least(0, "a non-negative integer")
 
 
+def _path(text: str) -> str:
+    """An argparse ``type`` for a path: not empty (an empty one would silently mean the current
+    folder, or name no file at all)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, received an empty string")
+    return text
+
+
+# The lab trains in float32: a learning rate it cannot hold would be inf there.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, received {text}")
+    if not 0 < value <= _FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number at most {_FLOAT32_MAX:.6g} (float32, the lab's arithmetic), received {text}"
+        )
     return value
 
 
@@ -81,12 +95,13 @@ def _add_output_options(parser: argparse.ArgumentParser, *, nested: bool) -> Non
     group.add_argument(
         "--out",
         metavar="DIR",
+        type=_path,
         default=argparse.SUPPRESS if nested else DEFAULT_OUT,
         help=f"folder for the plots (PNG), the results (JSON) and report.html, which shows every "
         f"experiment whose results are in the folder (default: ./{DEFAULT_OUT})",
     )
     group.add_argument(
-        "--json", metavar="PATH", default=default, help="also write the results as JSON to PATH"
+        "--json", metavar="PATH", type=_path, default=default, help="also write the results as JSON to PATH"
     )
     group.add_argument(
         "--no-progress",
@@ -117,6 +132,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
     data.add_argument(
         "--data",
         metavar="DIR",
+        type=_path,
         default=default(None),
         help="load from DIR instead: the four IDX files (train-images-idx3-ubyte[.gz], ...) "
         "or one .npz with x_train, y_train, x_test, y_test (DIR may be the .npz itself)",
@@ -124,6 +140,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
     data.add_argument(
         "--cache",
         metavar="DIR",
+        type=_path,
         default=default(None),
         help="download cache to read --dataset mnist / fashion-mnist from (default: "
         "$XENTKIT_CACHE, else $XDG_CACHE_HOME/xentkit, else ~/.cache/xentkit)",
@@ -218,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(help_parser=download)
     download.add_argument("name", choices=("mnist", "fashion-mnist"), help="dataset to fetch")
     download.add_argument(
-        "--cache", metavar="DIR",
+        "--cache", metavar="DIR", type=_path,
         help="cache folder (default: $XENTKIT_CACHE, else $XDG_CACHE_HOME/xentkit, else ~/.cache/xentkit)",
     )  # fmt: skip
     download.add_argument(
@@ -395,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = "" if plain else f"{type(error).__name__}: "
         print(f"xentkit: error: {kind}{message}", file=sys.stderr)
         return 2
+    except MemoryError as error:  # (NumPy's says how much it could not allocate)
+        detail = " ".join(str(error).split())
+        print(f"xentkit: error: out of memory{': ' + detail if detail else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("xentkit: interrupted", file=sys.stderr)
         return 130

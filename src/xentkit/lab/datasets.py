@@ -18,6 +18,7 @@ and what was found (the file formats are read by :mod:`xentkit.lab.formats`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class Dataset:
         y_train: ``[N_train]`` int64 labels in [0, 10).
         x_test: ``[N_test, 784]`` float32 pixels in [0, 1].
         y_test: ``[N_test]`` int64 labels in [0, 10).
+        source: the file or folder name ``--data`` gave (None for the embedded sample and the
+            download cache): a named dataset read from the user's files is titled so.
     """
 
     name: str
@@ -86,6 +89,7 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    source: str | None = None
 
     @property
     def train_size(self) -> int:
@@ -124,6 +128,7 @@ class Dataset:
             y_train=y_train,
             x_test=self.x_test[test],
             y_test=y_test,
+            source=self.source,
         )
 
 
@@ -270,7 +275,7 @@ def load_dataset(
             malformed files.
     """
     if data is not None:
-        return _load_path(Path(data), name)
+        return dataclasses.replace(_load_path(Path(data), name), source=Path(data).name)
     name = EMBEDDED_DEFAULT if name is None else name
     if name not in DATASET_NAMES:
         raise DatasetError(f"dataset: expected one of {list(DATASET_NAMES)}, received {name!r}")

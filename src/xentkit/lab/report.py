@@ -154,8 +154,11 @@ def mnist_figure(results: dict[str, Any]) -> Any:
         axes.plot(range(len(accuracy)), accuracy, ":", color=_LOSS_COLORS.get(loss), alpha=0.8,
                   label=f"note 003 {name}, full MNIST")  # fmt: skip
     axes.xaxis.get_major_locator().set_params(integer=True)
+    if max(len(run["test_accuracy"]) for run in results["runs"].values()) == 1:
+        axes.set_xlim(-0.5, 0.5)  # one epoch: one tick at 0 (the locator would add fractions)
+        axes.set_xticks([0])
     axes.set(xlabel="epoch (the note's Iter)", ylabel="test accuracy",
-             title=f"Softmax regression on {_title(results)} "
+             title=f"Softmax regression on {_plain_text(_title(results))} "
                    f"({results['train_size']:,} train / {results['test_size']:,} test)")  # fmt: skip
     axes.grid(alpha=0.3)
     axes.legend(fontsize=LEGEND_FONT_SIZE, loc="upper center", bbox_to_anchor=(0.5, -0.11),
@@ -180,6 +183,11 @@ def _save(figure: Any, path: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # What the numbers say
+
+
+def _plain_text(text: str) -> str:
+    """``text`` drawn as written by matplotlib: a ``$`` in a file name is not math markup."""
+    return text.replace("$", r"\$")
 
 
 def _title(results: dict[str, Any]) -> str:
@@ -254,7 +262,9 @@ class MnistFindings:
         epochs: the number of epochs.
         first, final, mean: per loss, the test accuracy after the first and the last epoch and
             its mean over all epochs (the table's last row).
-        drop_threshold: the smallest fall between two epochs counted as a drop.
+        drop_threshold: a fall between two epochs counted as a drop is larger than this
+            (0.01, or two test images where those are more).
+        drop_text: that threshold as the report says it.
         drops: per loss, every such drop.
         learning_rate: the learning rate of the runs.
         test_accuracy: per loss, the test accuracy after each epoch.
@@ -265,6 +275,7 @@ class MnistFindings:
     final: dict[str, float]
     mean: dict[str, float]
     drop_threshold: float
+    drop_text: str
     drops: dict[str, tuple[AccuracyDrop, ...]]
     learning_rate: float
     test_accuracy: dict[str, tuple[float, ...]]
@@ -284,13 +295,18 @@ def mnist_findings(results: dict[str, Any]) -> MnistFindings:
     """Leaders and drops of the test accuracy, from a ``mnist.json`` object."""
     runs = {loss: [float(a) for a in run["test_accuracy"]] for loss, run in results["runs"].items()}
     epochs = len(next(iter(runs.values())))
-    threshold = max(DROP_THRESHOLD, 2 / int(results["test_size"]))
+    test_size = int(results["test_size"])
+    # counted in whole test images (accuracies are multiples of 1/test_size): a fall of two
+    # images is never "more than 2/test_size", however either is rounded
+    least = max(2.0, round(DROP_THRESHOLD * test_size, 9))  # a drop is more images than this
+    by_images = least == 2.0 and 2 / test_size > DROP_THRESHOLD
+    threshold = 2 / test_size if by_images else DROP_THRESHOLD
+    drop_text = f"two of the {test_size:,} test images ({threshold:.4g})" if by_images else f"{threshold:g}"
     drops = {
         loss: tuple(
             AccuracyDrop(epoch, accuracy[epoch - 1], accuracy[epoch])
             for epoch in range(1, len(accuracy))
-            # rounded: accuracies are multiples of 1/test_size, and 0.85 − 0.83 > 0.02 in floats
-            if round(accuracy[epoch - 1] - accuracy[epoch], 9) > threshold
+            if round((accuracy[epoch - 1] - accuracy[epoch]) * test_size) > least
         )
         for loss, accuracy in runs.items()
     }
@@ -300,6 +316,7 @@ def mnist_findings(results: dict[str, Any]) -> MnistFindings:
         final={loss: accuracy[-1] for loss, accuracy in runs.items()},
         mean={loss: sum(accuracy) / len(accuracy) for loss, accuracy in runs.items()},
         drop_threshold=threshold,
+        drop_text=drop_text,
         drops=drops,
         learning_rate=float(results.get("settings", {}).get("learning_rate", float("nan"))),
         test_accuracy={loss: tuple(accuracy) for loss, accuracy in runs.items()},
@@ -390,7 +407,7 @@ def _mnist_sentences(results: dict[str, Any], found: MnistFindings) -> str:
 
 
 def _drop_sentences(found: MnistFindings) -> list[str]:
-    threshold = f"{found.drop_threshold:.3g}"
+    threshold = found.drop_text
     sentences = []
     steady = []
     for loss, drops in found.drops.items():
@@ -568,7 +585,7 @@ def _mnist_section(results: dict[str, Any], plot: Path | None) -> str:
         f"learning rate {settings.get('learning_rate', '?')}, shuffling seed "
         f"{settings.get('seed', '?')}; test accuracy after each epoch, and its mean over the "
         f"epochs in the last row. A drop is a fall of more than "
-        f"{found.drop_threshold:.3g} between two successive epochs; "
+        f"{found.drop_text} between two successive epochs; "
         f"{OSCILLATION_MIN_DROPS} or more drops make an oscillation.{html.escape(reference)}</p>",
         _table(header, rows),
     ]

@@ -10,6 +10,7 @@ xentkit version, the date and the command that made it (``"provenance"``).
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -44,12 +45,25 @@ from xentkit.lab.report import (
 __all__ = ["run_all", "run_mnist", "run_neuron", "write_json"]
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN or ±inf float (a diverged run's training loss) as None: strict
+    JSON has no such numbers, and Python's bare ``NaN`` is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
-    """Write ``data`` as indented JSON, creating the parent folder."""
+    """Write ``data`` as indented JSON, creating the parent folder; a NaN or infinite number is
+    written as null."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
     except OSError as error:  # (a full disk fails without naming the file)
         raise OSError(f"cannot write {path}: {error.strerror or error}") from None
     return path
