@@ -452,3 +452,19 @@ def test_the_linear_layer_messages_are_written_once():
     for fragment in ("must share one dtype", "must be on one device", "as its last dimension", "must have at least one row"):
         homes = sorted(str(path.relative_to(source)) for path in source.rglob("*.py") if fragment in path.read_text())
         assert homes == ["torch/_linear_checks.py"], (fragment, homes)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_inputs_under_another_default_device(reduction):
+    """The fused form's buffers are made on its inputs' device, not the default one (a
+    ``torch.set_default_device("cuda")`` program passing CPU tensors)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, generator=generator, requires_grad=True)
+    w = torch.randn(10, 8, generator=generator, requires_grad=True)
+    y = torch.randint(0, 10, (4,), generator=generator)
+    want = torch.nn.functional.cross_entropy(x @ w.t(), y, reduction=reduction)
+    with torch.device("meta"):  # stands in for "cuda"
+        got = xt.linear_cross_entropy(x, w, y, reduction=reduction)
+        got.sum().backward()
+    assert got.device.type == "cpu" and x.grad.device.type == "cpu"
+    torch.testing.assert_close(got, want.detach())

@@ -58,7 +58,9 @@ def _full(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # NLL
 
 
-def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_output=None):
+def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_output=None, loss_dtype=None):
+    """NLL and (``want_grad``) its gradient; the loss rounded once to ``loss_dtype`` (default:
+    the log-probabilities' dtype)."""
     original = as_float_array(log_probs, "log_probs")
     axis = class_axis(original, axis, "log_probs")
     reduction, ignore_index = options.reduction, options.ignore_index
@@ -78,7 +80,7 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     if want_grad:
         scale = plan.scales(upstream_gradient(grad_output, reduction, sample_shape, work))[0]
     per_sample, _, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index, scale)
-    loss = rounded(plan.reduce(per_sample), original.dtype)
+    loss = rounded(plan.reduce(per_sample), loss_dtype or original.dtype)
     if not want_grad:
         return loss, None
     return loss, rounded(np.moveaxis(grad, -1, axis), original.dtype)

@@ -82,9 +82,23 @@ def check_overwritable(input: Tensor) -> None:
 
 def loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     """The dtype torch returns a loss in: the logits', promoted with a floating target's (class
-    probabilities, binary targets: float32 logits and float64 probabilities give float64). The
+    probabilities, binary targets: float32 logits and float64 probabilities give float64); under
+    autocast float32 instead of a half dtype (torch's autocast runs its losses in float32, which
+    xentkit's kernels do anyway: the half logits are read as they are, never copied). The
     gradient keeps the logits' dtype."""
-    return torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+    dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+    return torch.float32 if dtype in _HALF and autocasting(input) else dtype
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def autocasting(tensor: Tensor) -> bool:
+    """Whether autocast is on for ``tensor``'s device type (a loss's result is float32 then)."""
+    try:
+        return torch.is_autocast_enabled(tensor.device.type)
+    except (RuntimeError, TypeError):  # (a device type autocast does not know; an older torch)
+        return False
 
 
 _NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -97,8 +111,10 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 def binary_loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     """The dtype torch returns ``binary_cross_entropy_with_logits`` in: the target's (float64
-    logits with a float32 target give float32), whatever the logits'."""
-    return target.dtype if target.is_floating_point() else input.dtype
+    logits with a float32 target give float32), whatever the logits'; float32 for a half one
+    under autocast, as :func:`loss_dtype`."""
+    dtype = target.dtype if target.is_floating_point() else input.dtype
+    return torch.float32 if dtype in _HALF and autocasting(input) else dtype
 
 
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -268,10 +284,12 @@ def scale_gradient(
     """
     if is_one(grad_output) if one is None else one:
         return gradient if owned else gradient.clone()
-    grad_output = grad_output.to(gradient.dtype)
+    # grad_output as it comes (not first cast to the gradient's dtype: a loss scaler's float32
+    # 65536 on a float32 loss of float16 logits is inf in float16); torch multiplies in the wider
+    # dtype and rounds once into the gradient's
     if owned:
         return gradient.mul_(grad_output)
-    return gradient * grad_output
+    return (gradient * grad_output).to(gradient.dtype)
 
 
 # where the fused linear forms' forward keeps the gradients of (input, linear_weight, linear_bias)

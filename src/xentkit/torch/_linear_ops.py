@@ -161,7 +161,8 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_unu
         )
     else:  # the gradients for an upstream of 1, scaled (on the device, no wait)
         gradients = tuple(
-            gradient * grad_loss.to(gradient.dtype) if gradient.numel() else gradient
+            # (the float32 upstream as it is: cast to a half gradient's dtype, 65536 would be inf)
+            gradient * grad_loss if gradient.numel() else gradient
             for gradient in ctx.saved_tensors
         )
     grads = tuple(

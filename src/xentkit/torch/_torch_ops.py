@@ -139,7 +139,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: Loss
         target, weight, options, input.dtype, classes, f"log_probs have {classes} classes"
     )
     main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
-    return plan.reduce(_nan_where(main, bad)).to(input.dtype)
+    return plan.reduce(_nan_where(main, bad)).to(_bridge.loss_dtype(input, target))
 
 
 def binary_cross_entropy_with_logits(

@@ -164,11 +164,13 @@ class _NllLossFunction(torch.autograd.Function):
         _bridge.first_order_anchors(ctx, input)
         ctx.options = options
         ctx.save_for_backward(input, target, weight)
+        result_dtype = _bridge.loss_dtype(input, target)
         loss, _ = _nll(
             _bridge.as_numpy(input), _bridge.as_numpy(target), _class_axis(input),
             _bridge.optional_numpy(weight), options, want_grad=False,
+            loss_dtype=_bridge.numpy_dtype(result_dtype),
         )
-        return _bridge.as_tensor(loss, input.dtype)
+        return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
     @_bridge.first_order_only("nll_loss")

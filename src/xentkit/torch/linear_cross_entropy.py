@@ -78,7 +78,7 @@ def _chunked_pass(
     classes = w.shape[0]
     chunk_rows = options.chunk_size
     want_grad = grad_output is not None and any(want)
-    buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype)
+    buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype, device=x.device)
     # grad_x's rows are written chunk by chunk; grad_W and grad_b start at zero and add up
     grads = gradient_buffers(
         x, w, b, want if want_grad else (False, False, False), widen=options.accumulate_in_float32
@@ -158,7 +158,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grad_input, ctx.grad_weight, ctx.grad_bias = (
             result.grad_input, result.grad_weight, result.grad_bias,
         )
-        return torch.tensor(result.loss, dtype=x.dtype)
+        return torch.tensor(result.loss, dtype=x.dtype, device=x.device)  # (not the default device)
 
     @staticmethod
     @_bridge.first_order_only("linear_cross_entropy")

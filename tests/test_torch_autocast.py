@@ -1,0 +1,85 @@
+"""Under autocast torch runs its losses in float32 and returns float32 (its fp32 op list);
+xentkit.torch's losses do the same on every path, reading the half logits as they are. A loss
+scaler's float32 upstream (65536, inf in float16) reaches the half gradient without overflow."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit.torch as xt  # noqa: E402
+
+_TRITON = pytest.param(
+    "triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+)
+N_SMALL, N_LARGE, C = 20, 300, 300  # 6000 logits: small; 90000: beyond SMALL_MAX_LOGITS
+
+
+def _losses(backend: str):
+    """(name, xentkit's call, torch's call) on logits z and labels y."""
+    return [
+        ("cross_entropy", lambda z, y: xt.cross_entropy(z, y, backend=backend), F.cross_entropy),
+        ("smoothing module", lambda z, y: xt.CrossEntropyLoss(label_smoothing=0.1, backend=backend)(z, y),
+         lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1)),
+        ("probabilities", lambda z, y: xt.cross_entropy(z, F.one_hot(y, C).to(z.dtype) * 0.9 + 0.1 / C, backend=backend),
+         lambda z, y: F.cross_entropy(z, F.one_hot(y, C).to(z.dtype) * 0.9 + 0.1 / C)),
+        ("nll_loss", lambda z, y: xt.nll_loss(z.log_softmax(1), y), lambda z, y: F.nll_loss(z.log_softmax(1), y)),
+        ("bce", lambda z, y: xt.binary_cross_entropy_with_logits(z, (z > 0).to(z.dtype)),
+         lambda z, y: F.binary_cross_entropy_with_logits(z, (z > 0).to(z.dtype))),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", [N_SMALL, N_LARGE])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["auto", "torch", _TRITON])
+def test_losses_under_autocast_are_float32_as_torchs(rows, dtype, backend):
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(16, C)
+    x = torch.randn(rows, 16, generator=generator)
+    y = torch.randint(0, C, (rows,), generator=generator)
+    for name, ours, theirs in _losses(backend):
+        if backend == "triton" and name in ("nll_loss", "bce"):
+            continue  # (no backend= there)
+        results = []
+        for loss_function in (theirs, ours):
+            layer.zero_grad()
+            with torch.autocast("cpu", dtype=dtype):
+                z = layer(x)
+                z.retain_grad()
+                loss = loss_function(z, y)
+            loss.backward()
+            results.append((loss, z.grad))
+        (want, want_grad), (got, got_grad) = results
+        assert want.dtype == got.dtype == torch.float32, name
+        assert got_grad.dtype == want_grad.dtype == dtype, name
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=2e-2, atol=2e-4, msg=name)
+
+
+@pytest.mark.parametrize("rows", [N_SMALL, N_LARGE])
+@pytest.mark.parametrize("criterion", ["cross_entropy", "linear"])
+def test_a_float16_loss_scalers_first_step_is_not_skipped(rows, criterion):
+    """GradScaler's first scale, 65536, is inf in float16: cast to a half gradient's dtype before
+    the multiplication, every gradient was inf and the step was skipped."""
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(16, 10 if criterion == "cross_entropy" else 8)
+    head = torch.nn.Linear(8, C, bias=False)
+    optimizer = torch.optim.SGD([*layer.parameters(), *head.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.randn(rows, 16, generator=generator)
+    y = torch.randint(0, 10, (rows,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.float16):
+        if criterion == "cross_entropy":
+            loss = xt.CrossEntropyLoss()(layer(x), y)
+        else:
+            loss = xt.linear_cross_entropy(layer(x), head.weight.half(), y)
+    scaler.scale(loss).backward()
+    assert loss.dtype == torch.float32
+    assert all(bool(p.grad.isfinite().all()) for p in layer.parameters())
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 65536.0
