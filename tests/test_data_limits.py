@@ -228,3 +228,34 @@ def test_a_cache_that_cannot_be_a_folder_is_a_local_error(tmp_path: Path, capsys
     error = capsys.readouterr().err
     assert f"{taken}/mnist: cannot make the cache folder (Not a directory)" in error
     assert "Without network access" not in error
+
+
+def test_npz_members_without_the_npy_suffix_and_version_3_headers_are_sized_too(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from xentkit.lab.formats import MAX_VALUES
+
+    def member(array: np.ndarray, version: tuple[int, int]) -> bytes:
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, array, version=version)
+        return buffer.getvalue()
+
+    arrays = {"x_train": np.zeros((3, 784), np.uint8), "y_train": np.zeros(3, np.int64),
+              "x_test": np.zeros((2, 784), np.uint8), "y_test": np.zeros(2, np.int64)}  # fmt: skip
+    plain = tmp_path / "plain.npz"  # members named without ".npy", which np.load accepts
+    with zipfile.ZipFile(plain, "w") as archive:
+        for key, array in arrays.items():
+            archive.writestr(key, member(array, (1, 0)))
+    assert read_npz(plain)["x_train"].shape == (3, 784)
+    bomb = tmp_path / "v3.npz"  # a 3.0 header declaring more values than allowed (the data is
+    # never read: the header alone decides)
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": (MAX_VALUES + 16,)}).encode()
+    text += b" " * ((64 - (12 + len(text) + 1) % 64) % 64) + b"\n"
+    header = b"\x93NUMPY\x03\x00" + len(text).to_bytes(4, "little") + text
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x_train.npy", header + bytes(1024))
+        for key in ("y_train", "x_test", "y_test"):
+            archive.writestr(f"{key}.npy", member(arrays[key], (1, 0)))
+    with pytest.raises(DatasetError, match=r"x_train has shape .*: expected at most"):
+        read_npz(bomb)

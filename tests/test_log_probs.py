@@ -589,3 +589,17 @@ def test_nested_logits_and_huge_temperatures_are_clear_errors():
     ):
         with pytest.raises(ValueError, match="temperature must be a positive float, got an integer beyond float64's range"):
             call()
+
+
+@pytest.mark.skipif(_UINT64 is None, reason="this torch has no uint64")
+def test_uint64_labels_beyond_int64_are_refused_under_vmap_too():
+    """A plain (unbatched) target is readable inside torch.func transforms: still refused."""
+    logits = torch.randn(2, 3, 5)
+    y = torch.tensor([0, 2**64 - 100, 2], dtype=_UINT64)
+    for call in (
+        lambda: torch.vmap(lambda a: xt.cross_entropy(a, y, reduction="none"))(logits),
+        lambda: torch.vmap(lambda a: xt.nll_loss(a.log_softmax(-1), y, reduction="none"))(logits),
+        lambda: torch.vmap(lambda a: xt.log_probs(a, y))(logits),
+    ):
+        with pytest.raises(ValueError, match="too large for a class index"):
+            call()

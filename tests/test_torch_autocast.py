@@ -83,3 +83,18 @@ def test_a_float16_loss_scalers_first_step_is_not_skipped(rows, criterion):
     scaler.step(optimizer)
     scaler.update()
     assert scaler.get_scale() == 65536.0
+
+
+def test_the_vocabulary_parallel_loss_is_float32_under_autocast():
+    from xentkit.torch import distributed
+
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(16, C)
+    x = torch.randn(N_SMALL, 16, generator=generator)
+    y = torch.randint(0, C, (N_SMALL,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = layer(x)
+        loss = distributed.vocab_parallel_cross_entropy(z, y)  # a world of one
+        want = F.cross_entropy(z, y)
+    assert loss.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=2e-3, atol=1e-4)

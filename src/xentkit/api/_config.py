@@ -36,7 +36,9 @@ class use_reference:
 
     Called plainly it switches for the rest of the process; used as a context manager it switches
     inside the ``with`` block and restores the previous choice afterwards. The environment
-    variable ``XENTKIT_REFERENCE=1`` sets the initial choice. The switch is process-wide (not
+    variable ``XENTKIT_REFERENCE`` sets the initial choice: ``1``, ``true``, ``yes`` or ``on`` the
+    reference; ``0``, ``false``, ``no``, ``off`` or unset the kernels; any other value makes
+    ``import xentkit`` raise a ValueError naming it. The switch is process-wide (not
     per thread).
 
     >>> import xentkit

@@ -7,7 +7,8 @@ read of the logits and targets, the formulas of ``xentkit.reference.losses``::
     grad     = w·(σ(x)·(pw·y + 1 − y) − pw·y) · scale,   σ(x) = 1/(1 + e) (x ≥ 0), e/(1 + e) (x < 0)
 
 with e = exp(−|x|), in the same order of operations as the reference, so that special values
-come out alike (x = ±inf: 0·inf terms are NaN, and x = −inf is NaN, as torch). Every element is computed in float64,
+come out alike (x = ±inf: 0·inf terms are NaN, and x = −inf is NaN, as torch but for a
+negative ``pos_weight``, where torch's is −inf). Every element is computed in float64,
 for float32 logits too (so where a float32 reference's intermediates overflow or flush to 0,
 say an infinite weight times a σ that float32 rounds to 1, this can give ±inf or a number where
 it gives NaN; and for targets far outside [0, 1], near float64's largest value, the fused
@@ -27,8 +28,6 @@ No validation here: the api checks shapes and dtypes before calling.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit, prange
@@ -80,8 +79,10 @@ def _element(x, y, w, pw):  # pragma: no cover - compiled
     log_sig_pos = min(x, 0.0) - lg
     log_sig_neg = min(-x, 0.0) - lg
     loss = -w * (pw * y * log_sig_pos + (1.0 - y) * log_sig_neg)
-    if x == -math.inf:  # torch's value there (the reference says why)
-        loss = w * ((1.0 - y) * x - (1.0 + (pw - 1.0) * y) * x)
+    # x = −inf: NaN, torch's value there (the reference says why): m − m is 0 for every other x
+    # (no fast-math flag folds it) and ∞ − ∞ there, without a branch in the vectorized loop
+    m = min(x, 0.0)
+    loss += m - m
     sig = 1.0 / (1.0 + e) if x >= 0.0 else e / (1.0 + e)
     grad = w * (sig * (pw * y + 1.0 - y) - pw * y)
     return loss, grad

@@ -275,7 +275,8 @@ def load_dataset(
             malformed files.
     """
     if data is not None:
-        return dataclasses.replace(_load_path(Path(data), name), source=Path(data).name)
+        # the name the user knows it by ("." is its folder's name)
+        return dataclasses.replace(_load_path(Path(data), name), source=Path(data).resolve().name or str(data))
     name = EMBEDDED_DEFAULT if name is None else name
     if name not in DATASET_NAMES:
         raise DatasetError(f"dataset: expected one of {list(DATASET_NAMES)}, received {name!r}")

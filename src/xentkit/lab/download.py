@@ -94,14 +94,11 @@ def download_dataset(
     new_folders = [path for path in (folder, folder.parent) if not path.exists()]
     try:  # a local problem is said as one, before any download (not with the network's hint)
         folder.mkdir(parents=True, exist_ok=True)
-        writable = os.access(folder, os.W_OK | os.X_OK)
     except OSError as error:
         raise DatasetError(
             f"{folder}: cannot make the cache folder ({error.strerror or error}); choose another "
             "with --cache or $XENTKIT_CACHE"
         ) from None
-    if not writable:
-        raise DatasetError(f"{folder}: the cache folder is not writable; choose another with --cache or $XENTKIT_CACHE")
     try:
         _fetch_all(pooch, requests, name, folder, base, hashes or KNOWN_HASHES[name])
     except BaseException:

@@ -262,14 +262,12 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 def _check_npz_member(archive: Any, key: str, path: Path) -> None:
     """Refuse an array of the archive holding more than ``MAX_VALUES`` values, from its ``.npy``
     header alone (a compressed archive of zeros inflates to anything)."""
-    with archive.zip.open(f"{key}.npy") as member:
+    name = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key  # (np.load takes both)
+    with archive.zip.open(name) as member:
         version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, _, _ = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, _, _ = np.lib.format.read_array_header_2_0(member)
-        else:  # (3.0: structured dtypes with non-Latin-1 names, refused once read)
-            return
+        # (3.0 is 2.0 with a UTF-8 header: the same layout for the shape)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(member)
     if math.prod(shape) > MAX_VALUES:
         raise DatasetError(f"{path}: {key} has shape {shape}: expected at most {MAX_VALUES} values")
 

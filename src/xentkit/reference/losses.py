@@ -50,10 +50,10 @@ def binary_cross_entropy_with_logits_and_grad(
     with np.errstate(invalid="ignore", over="ignore"):  # x = ±inf: 0·inf terms are NaN, as torch
         loss = -w * (pw * target * log_sigmoid(logits) + (1 - target) * log_sigmoid(-logits))
         grad = w * (sigmoid(logits) * (pw * target + 1 - target) - pw * target)
-        # x = −inf: torch computes the same loss as (1 − y)·x − (1 + (pw − 1)·y)·log σ(x), which
-        # is ∞ − ∞ = NaN there (for pw, y ≥ 0) where the form above gives +∞ (for y > 0); torch's
-        # value, as for every non-finite input
-        loss = np.where(logits == -np.inf, w * ((1 - target) * logits - (1 + (pw - 1) * target) * logits), loss)
+        # x = −inf: NaN. torch computes the same loss as (1 − y)·x − (1 + (pw − 1)·y)·log σ(x),
+        # which is ∞ − ∞ = NaN there (−inf only for a negative pos_weight) where the form above
+        # gives +∞ for y > 0; torch's value, as for every non-finite input
+        loss = np.where(logits == -np.inf, np.nan, loss)
     return loss, grad
 
 

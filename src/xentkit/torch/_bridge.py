@@ -87,10 +87,15 @@ def loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     xentkit's kernels do anyway: the half logits are read as they are, never copied). The
     gradient keeps the logits' dtype."""
     dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
-    return torch.float32 if dtype in _HALF and autocasting(input) else dtype
+    return autocast_dtype(dtype, input)
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(dtype: torch.dtype, tensor: Tensor) -> torch.dtype:
+    """``dtype``, or float32 for a half one while autocast is on for ``tensor``'s device type."""
+    return torch.float32 if dtype in _HALF and autocasting(tensor) else dtype
 
 
 def autocasting(tensor: Tensor) -> bool:
@@ -113,8 +118,7 @@ def binary_loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
     """The dtype torch returns ``binary_cross_entropy_with_logits`` in: the target's (float64
     logits with a float32 target give float32), whatever the logits'; float32 for a half one
     under autocast, as :func:`loss_dtype`."""
-    dtype = target.dtype if target.is_floating_point() else input.dtype
-    return torch.float32 if dtype in _HALF and autocasting(input) else dtype
+    return autocast_dtype(target.dtype if target.is_floating_point() else input.dtype, input)
 
 
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -128,12 +132,12 @@ _UINT64 = getattr(torch, "uint64", None)
 
 def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: str | None = None) -> Tensor:
     """``target.long()``, after refusing (where a look may wait for the tensor: eager, not meta,
-    not inside a torch.func transform) uint64 labels beyond int64, which the cast would wrap
+    not a tensor a torch.func transform wraps) uint64 labels beyond int64, which the cast would wrap
     (2**64 − 100 onto −100, the default ``ignore_index``): the api's ValueError naming the first
     bad label (``classes`` says what holds the classes, as in ``check_labels``)."""
     if (
         target.dtype == _UINT64 and not torch.compiler.is_compiling() and target.device.type != "meta"
-        and not transforms_running(target)
+        and not is_functorch_wrapped(target)  # (a plain target under vmap/grad is readable)
     ):
         as_class_indices(
             target.cpu().numpy(), tuple(target.shape), num_classes=num_classes, ignore_index=ignore_index,

@@ -39,9 +39,10 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
             gradient = _new_buffer(tuple(z.shape), z)
             _shard_gradient(z, plan.rows, plan, stats.shift, _coefficients(stats, plan.rows, plan, g, g_z), gradient)
             ctx.gradient = gradient.view(logits_shard.shape)
+        dtype = _bridge.autocast_dtype(logits_shard.dtype, logits_shard)  # (float32 under autocast)
         if ctx.reduction == "none":
-            return loss.to(logits_shard.dtype).reshape(logits_shard.shape[:-1])
-        return loss.to(logits_shard.dtype)
+            return loss.to(dtype).reshape(logits_shard.shape[:-1])
+        return loss.to(dtype)
 
     @staticmethod
     @_bridge.first_order_only(_NAME)
