@@ -160,12 +160,14 @@ def _cross_entropy(
     out: np.ndarray | None = None,
     plan: ReductionPlan | None = None,
     loss_dtype: np.dtype | None = None,
+    grad_dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The api's cross-entropy with options already checked (the entry point of the torch
     binding and of ``linear_cross_entropy``'s chunks). ``plan``: the reduction plan to use
     instead of these samples' own (a chunked caller passes its whole batch's); ``loss_dtype``:
     the loss's dtype when it is not the logits' (torch promotes with floating targets), so that
-    it is rounded once, from the computed value."""
+    it is rounded once, from the computed value; ``grad_dtype``: the same for the gradient (the
+    torch binding keeps a float16 input's gradient in float32 until its upstream is known)."""
     if check_probabilities is not True and check_probabilities is not False:  # (a bool: no call)
         check_probabilities = check_flag(check_probabilities, "check_probabilities")
     original = as_float_array(logits, "logits")
@@ -236,7 +238,7 @@ def _cross_entropy(
         if grad is not out:
             np.copyto(out, grad, casting="unsafe")
         return loss, out
-    return loss, rounded(grad, original.dtype)  # (a float16 gradient beyond 65504: ±inf, no warning)
+    return loss, rounded(grad, grad_dtype or original.dtype)  # (float16 beyond 65504: ±inf, no warning)
 
 
 def cross_entropy(

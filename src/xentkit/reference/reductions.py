@@ -20,6 +20,7 @@ CUDA or compiled caller never synchronizes on them); torch is never imported her
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -50,6 +51,10 @@ def _total(rows: Any) -> Any:
     return np.sum(rows, dtype=np.float64)
 
 
+# the largest finite value of each float dtype a NumPy quotient may have
+_LARGEST = {np.dtype(kind): float(np.finfo(kind).max) for kind in (np.float16, np.float32, np.float64)}
+
+
 def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
     """numerator / denominator, and 0 (gradient 0, not NaN) where the denominator is 0."""
     if _torch_tensor(denominator):
@@ -59,10 +64,13 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
         quotient = numerator / torch.where(nonzero, denominator, 1.0)
         return torch.where(nonzero, quotient, 0.0)
     if denominator != 0:
-        if isinstance(numerator, (np.generic, np.ndarray)) and numerator.ndim == 0:
+        if isinstance(numerator, (np.generic, np.ndarray)) and numerator.ndim == 0 and numerator.dtype.kind == "f":
             # in Python floats: inf/inf is NaN and an overflow ±inf, as in torch, without the
             # warnings NumPy would give (cheaper than silencing them)
-            return numerator.dtype.type(float(numerator) / denominator)
+            quotient = float(numerator) / denominator
+            if abs(quotient) > _LARGEST.get(numerator.dtype, math.inf):  # beyond a narrower dtype
+                quotient = math.copysign(math.inf, quotient)
+            return numerator.dtype.type(quotient)
         return numerator / denominator
     if _torch_tensor(numerator):  # 0 that keeps the graph (an empty batch's loss has a gradient)
         import torch

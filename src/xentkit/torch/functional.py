@@ -28,6 +28,7 @@ import math
 import weakref
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -85,19 +86,25 @@ class _CrossEntropyFunction(torch.autograd.Function):
         # in place: the gradient is written over the logits' own memory (a contiguous input)
         in_place = want_grad and options.inplace_backward and input.is_contiguous() and not input.is_neg()
         result_dtype = _bridge.loss_dtype(input, target)
+        # a float16 input's gradient stays float32 until backward has scaled it: rounded to
+        # float16 for an upstream of 1, its small entries would be 0 before a loss scaler's
+        # factor reached them (torch's autocast differentiates with the factor applied)
+        wide = input.dtype == torch.float16 and not in_place
+        ctx.input_dtype = input.dtype
         loss, gradient = _cross_entropy(
             logits, _bridge.as_numpy(target), axis=ctx.class_axis,
             weight=_bridge.optional_numpy(weight), options=options,
             # warn when the logits look like probabilities (softmax applied twice)
             check_probabilities=check_probabilities, want_grad=want_grad,
             out=logits if in_place else None, loss_dtype=_bridge.numpy_dtype(result_dtype),
+            grad_dtype=np.dtype(np.float32) if wide else None,
         )
         if in_place:
             # the logits changed: a node that saved them now raises torch's version error
             torch.autograd.graph.increment_version(input)
             ctx.gradient = input.detach()
         else:
-            ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, input.dtype)
+            ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, torch.float32 if wide else input.dtype)
         ctx.options = options
         if want_grad:  # read only for a non-finite upstream gradient (a reference, not a copy)
             ctx.save_for_backward(target)
@@ -112,7 +119,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if not bool(torch.isfinite(grad_output).all()):
             (target,) = ctx.saved_tensors
             _in_torchs_order(gradient, grad_output, target, ctx.options, ctx.class_axis)
-        return gradient, None, None, None, None, None
+        return gradient.to(ctx.input_dtype), None, None, None, None, None  # (rounded once, scaled)
 
 
 def _in_torchs_order(
