@@ -137,6 +137,8 @@ def check_temperature(value: object) -> float:
 
 def check_flag(value: object, name: str) -> bool:
     """A yes/no argument (``inplace_backward``, ``return_entropy``...): a bool (NumPy's too)."""
+    if value is True or value is False:  # the common case, without the isinstance check
+        return value
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a bool, got {describe(value)}")
     return bool(value)

@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from .._options import as_array, describe
+from ..reference.reductions import FLOAT_MAX
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -175,12 +176,9 @@ def rounded(values: ArrayLike, dtype: DTypeLike) -> np.ndarray:
     that small problems notice)."""
     array = np.asarray(values)
     dtype = np.dtype(dtype)
-    largest = _LARGEST.get(dtype.char) if array.dtype.itemsize > dtype.itemsize else None
+    largest = FLOAT_MAX.get(dtype) if array.dtype.itemsize > dtype.itemsize else None
     if largest is not None and (array.ndim or not abs(float(array)) <= largest):
         with np.errstate(over="ignore"):
             return array.astype(dtype)
     return array.astype(dtype, copy=False)
 
-
-# the largest finite value of each float dtype a loss may be narrowed to, as a Python float
-_LARGEST = {np.dtype(kind).char: float(np.finfo(kind).max) for kind in (np.float16, np.float32)}

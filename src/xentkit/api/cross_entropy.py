@@ -168,8 +168,7 @@ def _cross_entropy(
     the loss's dtype when it is not the logits' (torch promotes with floating targets), so that
     it is rounded once, from the computed value; ``grad_dtype``: the same for the gradient (the
     torch binding keeps a float16 input's gradient in float32 until its upstream is known)."""
-    if check_probabilities is not True and check_probabilities is not False:  # (a bool: no call)
-        check_probabilities = check_flag(check_probabilities, "check_probabilities")
+    check_probabilities = check_flag(check_probabilities, "check_probabilities")
     original = as_float_array(logits, "logits")
     axis = class_axis(original, axis, "logits")
     reduction = options.reduction

@@ -51,8 +51,8 @@ def _total(rows: Any) -> Any:
     return np.sum(rows, dtype=np.float64)
 
 
-# the largest finite value of each float dtype a NumPy quotient may have
-_LARGEST = {np.dtype(kind): float(np.finfo(kind).max) for kind in (np.float16, np.float32, np.float64)}
+# the largest finite value of each NumPy float dtype (also the api's narrowing casts, ``rounded``)
+FLOAT_MAX = {np.dtype(kind): float(np.finfo(kind).max) for kind in (np.float16, np.float32, np.float64)}
 
 
 def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
@@ -68,7 +68,7 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
             # in Python floats: inf/inf is NaN and an overflow ±inf, as in torch, without the
             # warnings NumPy would give (cheaper than silencing them)
             quotient = float(numerator) / denominator
-            if abs(quotient) > _LARGEST.get(numerator.dtype, math.inf):  # beyond a narrower dtype
+            if abs(quotient) > FLOAT_MAX.get(numerator.dtype, math.inf):  # beyond a narrower dtype
                 quotient = math.copysign(math.inf, quotient)
             return numerator.dtype.type(quotient)
         return numerator / denominator

@@ -529,8 +529,7 @@ def _cross_entropy_with_options(
 ) -> Tensor:
     """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with
     its attributes' options: no keyword arguments to spread and gather on every step)."""
-    if check_probabilities is not True and check_probabilities is not False:  # (a bool: no call)
-        check_probabilities = check_flag(check_probabilities, "check_probabilities")
+    check_probabilities = check_flag(check_probabilities, "check_probabilities")
     if (  # (torch.compile's custom ops and torch.func's torch ops write no logits: nothing to refuse)
         options.inplace_backward and input.requires_grad and torch.is_grad_enabled()
         and not torch.compiler.is_compiling() and not _bridge.transforms_running(input)
