@@ -167,10 +167,14 @@ def _rebuild(description):
 
 
 def _widest(ptx: str, op: str) -> int:
-    """The widest ``op`` (``ld.global`` or ``st.global``) in the PTX, in bytes (0 if none)."""
+    """The widest ``op`` (``ld.global`` or ``st.global``) in the PTX, in bytes (0 if none):
+    ``.v4.b32`` is 16 bytes, whatever cache qualifiers come between."""
     widest = 0
-    for vector, bits in re.findall(rf"\b{re.escape(op)}(?:\.[a-z_0-9]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
-        widest = max(widest, int(vector or 1) * int(bits) // 8)
+    for instruction in re.findall(rf"\b{re.escape(op)}(?:\.\S+?)?(?=\s)", ptx):
+        vector = re.search(r"\.v(\d)\b", instruction)
+        bits = re.findall(r"\.[bfsu](\d+)\b", instruction)
+        if bits:
+            widest = max(widest, int(vector.group(1) if vector else 1) * int(bits[-1]) // 8)
     return widest
 
 
