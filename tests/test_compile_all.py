@@ -9,11 +9,12 @@ from xentkit.kernels import cross_entropy as kernels
 
 def test_compile_all_builds_both_kernels_for_both_dtypes() -> None:
     assert kernels.compile_all() == [
-        "rows float32", "split rows float32", "serial rows float32",
-        "rows float64", "split rows float64", "serial rows float64",
+        "rows float32", "split rows float32", "serial rows float32", "tile float32", "serial tile float32",
+        "rows float64", "split rows float64", "serial rows float64", "tile float64", "serial tile float64",
     ]
     for kernel in (
-        kernels._cross_entropy_rows_kernel, kernels._cross_entropy_split_kernel, kernels._cross_entropy_rows_serial
+        kernels._cross_entropy_rows_kernel, kernels._cross_entropy_split_kernel, kernels._cross_entropy_rows_serial,
+        kernels._cross_entropy_tile_kernel, kernels._cross_entropy_tile_serial,
     ):
         dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
         assert {"float32", "float64"} <= dtypes, kernel
@@ -39,16 +40,16 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     from xentkit.kernels import log_probs
 
     names = xentkit.kernels.compile_all()
-    assert names[:6] == [
-        "rows float32", "split rows float32", "serial rows float32",
-        "rows float64", "split rows float64", "serial rows float64",
+    assert names[:10] == [
+        "rows float32", "split rows float32", "serial rows float32", "tile float32", "serial tile float32",
+        "rows float64", "split rows float64", "serial rows float64", "tile float64", "serial tile float64",
     ]
-    assert names[6:14] == [
+    assert names[10:18] == [
         "probabilities rows float32", "probabilities serial float32",
         "probabilities rows float64", "probabilities serial float64",
         "binary rows float32", "binary serial float32", "binary rows float64", "binary serial float64",
     ]
-    assert names[14:] == [
+    assert names[18:] == [
         "log-prob statistics float32", "log-prob gradient float32",
         "log-prob serial statistics float32", "log-prob serial gradient float32",
         "log-prob statistics float64", "log-prob gradient float64",
@@ -68,5 +69,5 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 27 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 31 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

@@ -573,11 +573,13 @@ def test_running_on_sets_and_restores_the_callers_thread_count() -> None:
     assert seen == [count for wanted in sorted({1, threads}) for count in (1, wanted)]
 
 
+@pytest.mark.parametrize("block", [1024, 16])  # 29 classes: the tile kernel; 2 blocks: the row kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_serial_build_gives_the_parallel_kernels_bits(dtype) -> None:
-    """Small problems run the row kernel's serial build (no thread pool): loss, log-sum-exp and
+def test_serial_build_gives_the_parallel_kernels_bits(dtype, block) -> None:
+    """Small problems run the kernels' serial builds (no thread pool): loss, log-sum-exp and
     gradient are bit for bit those of the parallel build, for every option, ignored rows,
-    non-finite logits, upstream scales and in place."""
+    non-finite logits, upstream scales and in place; for the tile kernel (rows of few classes)
+    and the row kernel."""
     from xentkit.kernels import cross_entropy as kernels
 
     rng, logits, labels = _serial_case(7, 37, 29, dtype)
@@ -599,14 +601,13 @@ def test_serial_build_gives_the_parallel_kernels_bits(dtype) -> None:
                 grad = work if in_place else np.empty_like(work)
                 loss, lse = kernels.cross_entropy_rows(
                     work, labels, case["weight"], -100, case["label_smoothing"], case["z_loss"],
-                    case["softcap"], scale, z_scale, grad, parallel=parallel, segments=1,
+                    case["softcap"], scale, z_scale, grad, parallel=parallel, segments=1, block=block,
                 )
                 results.append((loss, lse, grad))
             for serial, threaded in zip(*results, strict=True):
                 np.testing.assert_array_equal(serial, threaded)
-    assert {str(signature[0].dtype) for signature in kernels._cross_entropy_rows_serial.signatures} >= {
-        np.dtype(dtype).name
-    }
+    serial_build = kernels._cross_entropy_tile_serial if block > classes else kernels._cross_entropy_rows_serial
+    assert {str(signature[0].dtype) for signature in serial_build.signatures} >= {np.dtype(dtype).name}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

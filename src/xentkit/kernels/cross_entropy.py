@@ -56,7 +56,11 @@ size (±1e30 in float32, ±1e300 in float64) stay finite because every exponent 
 Drivers: ``_cross_entropy_rows_kernel`` gives each thread whole rows (the usual case; also run
 on the calling thread alone for small problems). ``_cross_entropy_split_kernel`` is for fewer
 rows than threads with long rows: it cuts rows into segments, runs pass 1 per segment, merges
-the segments' (m, s, S_z) per row, then runs pass 2 per segment.
+the segments' (m, s, S_z) per row, then runs pass 2 per segment. ``_cross_entropy_tile_kernel``
+is for rows of at most ``TILE_MAX_CLASSES`` classes (10-class classifiers, say), where a row is
+shorter than a vector loop's body: it takes tiles of whole rows and computes their exponentials
+in one flat loop across the rows, stores them, and builds each row's gradient from them (the
+same loss formula, ``_finish_row``, and the same float32 gradient arithmetic).
 
 Developers: Numba's cache (``cache=True``, in ``__pycache__``) is keyed on this file only; after
 editing ``_exp.py`` delete ``src/xentkit/kernels/__pycache__`` or the old exp stays compiled in.
@@ -96,6 +100,16 @@ SERIAL_MAX_ELEMENTS = 1 << 16
 # parallel loops, and each waits for every thread: on a machine whose cores are busy with other
 # processes a thread can take a scheduler slice (milliseconds) to join.
 MIN_SEGMENT = 65536
+
+# Rows of at most this many classes (and no longer than ``block``) take the tile kernel: a row's
+# loops are shorter than the vector loop's body there (16 float32 lanes × 4 on AVX-512), so the
+# row kernel's exponentials ran in the scalar remainder loop, one per element. The tile kernel
+# takes TILE_ELEMENTS logits of whole rows at a time and computes their exponentials in one flat
+# loop, vectorized across rows. Measured on 2 AVX2 cores, the row kernel against the tile kernel:
+# 65536 × 10 3.06 → 1.41 ms, 32768 × 32 1.71 → 1.01 ms, 16384 × 100 1.64 → 1.42 ms (not
+# taken: within noise), 8192 × 256 1.37 → 1.71 ms (slower).
+TILE_MAX_CLASSES = 64
+TILE_ELEMENTS = 4096
 
 # Classes per pass-1 block: 1024 (4 KiB of float32) stays in L1 between the block's two loops,
 # and is long enough for the per-block work to vanish (512-1024 measured fastest on 4096×32000
@@ -497,6 +511,163 @@ def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
 _cross_entropy_rows_serial = serial_build(_cross_entropy_rows_kernel, "_cross_entropy_rows_serial", **_KERNEL_JIT)
 
 
+# ---------------------------------------------------------------------------------------------
+# The tile kernel: rows of few classes, a tile of whole rows at a time
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _tile_exps(x, shifts, e):  # pragma: no cover - compiled
+    """e_k = exp(x_k − shift_k) over a tile's flat logits (one loop across its rows)."""
+    for k in range(x.shape[0]):
+        e[k] = fast_exp_nonpositive(x[k] - shifts[k])
+
+
+@njit(**_JIT)
+def _tile_exps_capped(x, shifts, e, d, cap, inv_cap):  # pragma: no cover - compiled
+    """e_k = exp(cap·tanh(x_k/cap) − shift_k) and d_k = 1 − tanh²(x_k/cap) over a flat tile."""
+    for k in range(x.shape[0]):
+        t, d_k = fast_tanh(x[k] * inv_cap)
+        e[k] = fast_exp_nonpositive(cap * t - shifts[k])
+        d[k] = d_k
+
+
+@njit(forceinline=True, **_KERNEL_JIT)
+def _tile_sum(e, start, stop):  # pragma: no cover - compiled
+    """Σ e[start:stop] in float64 (a row's sum of exponentials: every term of the max is 1 and
+    the others keep their relative accuracy, as _block_sum_exp_wide), in four lanes of a fixed
+    order: no reassoc flag, so that the parallel and serial builds add alike (LLVM may vectorize
+    a reassociable sum differently in each)."""
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    a3 = 0.0
+    k = start
+    while k + 4 <= stop:
+        a0 += np.float64(e[k])
+        a1 += np.float64(e[k + 1])
+        a2 += np.float64(e[k + 2])
+        a3 += np.float64(e[k + 3])
+        k += 4
+    while k < stop:
+        a0 += np.float64(e[k])
+        k += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+@njit(**_JIT)
+def _tile_grad(e, d, start, dst, c, beta, w, smooth_weighted, capped):  # pragma: no cover
+    """dst_j = s'(x_j)·(c·e_j + β·w_j), from the row's exponentials e[start:] (pass 2 of
+    ``_pass2`` without recomputing them: the same float32 operations on the same values)."""
+    for j in range(dst.shape[0]):
+        value = c * e[start + j] + (beta * w[j] if smooth_weighted else beta)
+        dst[j] = d[start + j] * value if capped else value
+
+
+@njit(parallel=True, **_KERNEL_JIT)
+def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
+    logits,
+    labels,
+    weight,
+    weight_work,
+    has_weight,
+    weight_sum,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    grad_scale,
+    z_grad_scale,
+    grad_out,
+    want_grad,
+    in_place,
+    block,
+    loss_rows,
+    lse_rows,
+):
+    """The row kernel's contract and arguments (``block`` unused: each row is one block) for rows
+    of at most ``TILE_MAX_CLASSES`` classes, ``prange`` over tiles of whole rows:
+
+        per row:   m = max_j z_j, its shift (m, or 0 if m = −inf) for each of its classes
+        the tile:  e_k = exp(z_k − shift_k), one flat loop over the tile's logits (vectorized
+                   across rows), with s'(x_k) for a softcap
+        per row:   s = Σ_j e_j (float64), S_z, then ``_finish_row`` (the loss and pass 2's
+                   coefficients) and the gradient c·e_j + β·w_j from the stored e_j
+
+    The same statistics as one pass-1 block of the row kernel, the loss from the same
+    ``_finish_row``, the gradient bit for bit its pass 2's (float32 c·exp(z − m) + β); s is summed
+    in float64 lanes, as the row kernel sums a softcapped or infinite row's max block.
+    """
+    n_rows, n_classes = logits.shape
+    eps = label_smoothing
+    capped = softcap > 0.0
+    cap = like(softcap, logits)
+    inv_cap = like(1.0 / softcap if capped else 1.0, logits)
+    neg_inf = like(-np.inf, logits)
+    zero = like(0.0, logits)
+    smooth_weighted = has_weight and eps > 0.0
+    tile_rows = max(1, TILE_ELEMENTS // max(n_classes, 1))
+    n_tiles = (n_rows + tile_rows - 1) // tile_rows
+    for tile in prange(n_tiles):
+        first = tile * tile_rows
+        rows = min(tile_rows, n_rows - first)
+        size = rows * n_classes
+        flat = logits[first : first + rows].reshape(size)
+        shifts = np.empty(size, logits.dtype)
+        e = np.empty(size, logits.dtype)
+        d = np.empty(size if capped else 1, logits.dtype)
+        maxima = np.empty(rows, logits.dtype)
+        for i in range(rows):
+            b = _block_max(logits[first + i], 0, n_classes)
+            if capped:  # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
+                tb, _ = fast_tanh(b * inv_cap)
+                b = cap * tb
+            maxima[i] = b
+            shifts[i * n_classes : (i + 1) * n_classes] = b if b > neg_inf else zero
+        if capped:
+            _tile_exps_capped(flat, shifts, e, d, cap, inv_cap)
+        else:
+            _tile_exps(flat, shifts, e)
+        for i in range(rows):
+            r = first + i
+            row = logits[r]
+            dst = row if in_place else grad_out[r]
+            y = labels[r]
+            if y == ignore_index:
+                loss_rows[r] = 0.0
+                lse_rows[r] = 0.0
+                if want_grad:
+                    _zero_row(dst)
+                continue
+            m = maxima[i]
+            start = i * n_classes
+            s = _tile_sum(e, start, start + n_classes)
+            ref = np.float64(m) if m > neg_inf else 0.0  # the row's first finite max
+            sum_z = 0.0
+            if eps > 0.0:
+                if capped:
+                    sum_z = _block_sum_z_capped(row, 0, n_classes, weight, has_weight, ref, cap, inv_cap)
+                else:
+                    sum_z = _block_sum_z(row, 0, n_classes, weight, has_weight, ref)
+            g = grad_scale[r] if want_grad else 0.0
+            g_z = z_grad_scale[r] if want_grad else 0.0
+            w_y = weight[y] if has_weight else 1.0
+            loss, lse, c, beta, grad_y = _finish_row(
+                m, s, sum_z, ref, row[y], w_y, n_classes, weight_sum, eps, z_loss, softcap, g, g_z
+            )
+            loss_rows[r] = loss
+            lse_rows[r] = lse
+            if want_grad:
+                _tile_grad(
+                    e, d, start, dst, like(c, row), like(beta, row), weight_work, smooth_weighted, capped
+                )
+                dst[y] = grad_y
+
+
+# the tile kernel on the calling thread alone (see serial_build)
+_cross_entropy_tile_serial = serial_build(_cross_entropy_tile_kernel, "_cross_entropy_tile_serial", **_KERNEL_JIT)
+
+
 @njit(parallel=True, **_KERNEL_JIT)
 def _cross_entropy_split_kernel(  # pragma: no cover - compiled
     logits,
@@ -729,8 +900,12 @@ def cross_entropy_rows(
         loss_rows,
         lse_rows,
     )
+    tile = segments == 1 and n_classes <= min(TILE_MAX_CLASSES, int(block))  # rows of few classes
     if threads == 1 and segments == 1:  # the calling thread alone: no pool, no thread count
-        _cross_entropy_rows_serial(*arguments)
+        (_cross_entropy_tile_serial if tile else _cross_entropy_rows_serial)(*arguments)
+    elif tile:
+        with running_on(threads):
+            _cross_entropy_tile_kernel(*arguments)
     else:
         _run_parallel(arguments, threads, segments, n_classes, has_weight, weight64)
     if losses_by_terms is not None:
@@ -806,15 +981,20 @@ def _same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
 
 def compile_all() -> list[str]:
     """Compile (or load from Numba's cache) every specialization of the cross-entropy kernels:
-    the row kernel, its serial build and the split-row kernel for float32 and float64 logits. Run it once after
-    installing (or after the kernels' source changed) so that no later first call waits for
-    Numba's compiler; later processes then only load the cached machine code. Returns the
-    names of the specializations, e.g. ``"rows float32"``."""
+    the row kernel, the split-row kernel, the tile kernel and the serial builds of the row and
+    tile kernels, for float32 and float64 logits. Run it once after installing (or after the
+    kernels' source changed) so that no later first call waits for Numba's compiler; later
+    processes then only load the cached machine code. Returns the names of the specializations,
+    e.g. ``"rows float32"``."""
     done = []
+    kinds = (
+        ("rows", True, 1, TILE_MAX_CLASSES + 1), ("split rows", True, 2, TILE_MAX_CLASSES + 1),
+        ("serial rows", False, 1, TILE_MAX_CLASSES + 1), ("tile", True, 1, 4), ("serial tile", False, 1, 4),
+    )
     for dtype in (np.float32, np.float64):
-        logits = np.zeros((1, 4), dtype=dtype)
         labels = np.zeros(1, dtype=np.int64)
-        for name, parallel, segments in (("rows", True, 1), ("split rows", True, 2), ("serial rows", False, 1)):
+        for name, parallel, segments, classes in kinds:
+            logits = np.zeros((1, classes), dtype=dtype)
             cross_entropy_rows(
                 logits, labels, None, -100, 0.0, 0.0, None, None, None, np.empty_like(logits),
                 parallel=parallel, segments=segments,
