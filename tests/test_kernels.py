@@ -646,3 +646,52 @@ def _serial_case(seed: int, rows: int, classes: int, dtype) -> tuple:
     logits[3, 5] = -np.inf
     logits[4] = np.nan
     return rng, logits, rng.integers(0, classes, rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("classes", [1, 2, 10, 33, 64])
+def test_tile_kernel_agrees_with_the_row_kernel(dtype, classes) -> None:
+    """Rows of at most TILE_MAX_CLASSES classes take the tile kernel: its loss, log-sum-exp and
+    gradient match the row kernel's (forced by a smaller ``block``) for every option, ignored
+    rows, masked, NaN and dominant logits, upstream scales, in place; the NaN pattern exactly."""
+    from xentkit.kernels import cross_entropy as kernels
+
+    assert classes <= kernels.TILE_MAX_CLASSES
+    rng = np.random.default_rng(classes)
+    rows = 300  # several tiles of whole rows at 10 classes
+    logits = (rng.standard_normal((rows, classes)) * 4).astype(dtype)
+    logits[3] = -np.inf
+    logits[5, 0] = -np.inf
+    logits[7, classes // 2] = np.nan
+    logits[9, 0] = 80.0
+    labels = rng.integers(0, classes, rows)
+    labels[::11] = -100
+    scale, z_scale = rng.uniform(-1, 1, rows), rng.uniform(0, 1, rows)
+    weight = rng.uniform(0.1, 2.0, classes)
+    cases = [
+        dict(weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None),
+        dict(weight=weight, label_smoothing=0.1, z_loss=1e-3, softcap=None),
+        dict(weight=weight, label_smoothing=0.0, z_loss=0.0, softcap=5.0),
+        dict(weight=weight, label_smoothing=0.2, z_loss=0.0, softcap=3.0),
+        dict(weight=None, label_smoothing=0.3, z_loss=1e-2, softcap=2.0),
+    ]
+    tolerance = 1e-6 if dtype == np.float32 else 1e-14
+    for case in cases:
+        for in_place in (False, True):
+            results = []
+            # the tile kernel's serial and parallel builds, then the row kernel
+            for block, parallel in ((1024, False), (1024, True), (max(1, classes // 2), False)):
+                work = logits.copy()
+                grad = work if in_place else np.empty_like(work)
+                loss, lse = kernels.cross_entropy_rows(
+                    work, labels, case["weight"], -100, case["label_smoothing"], case["z_loss"],
+                    case["softcap"], scale, z_scale, grad, block=block, parallel=parallel,
+                )
+                results.append((loss, lse, grad))
+            serial, threaded, by_rows = results
+            for tile, same, row in zip(serial, threaded, by_rows, strict=True):
+                np.testing.assert_array_equal(tile, same)  # both builds, bit for bit
+                np.testing.assert_array_equal(np.isnan(tile), np.isnan(row))
+                np.testing.assert_allclose(tile, row, rtol=tolerance, atol=tolerance, err_msg=str(case))
+    for build in (kernels._cross_entropy_tile_kernel, kernels._cross_entropy_tile_serial):
+        assert {str(s[0].dtype) for s in build.signatures} >= {np.dtype(dtype).name}

@@ -516,14 +516,14 @@ _cross_entropy_rows_serial = serial_build(_cross_entropy_rows_kernel, "_cross_en
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(**_JIT)
+@njit(forceinline=True, **_JIT)
 def _tile_exps(x, shifts, e):  # pragma: no cover - compiled
     """e_k = exp(x_k − shift_k) over a tile's flat logits (one loop across its rows)."""
     for k in range(x.shape[0]):
         e[k] = fast_exp_nonpositive(x[k] - shifts[k])
 
 
-@njit(**_JIT)
+@njit(forceinline=True, **_JIT)
 def _tile_exps_capped(x, shifts, e, d, cap, inv_cap):  # pragma: no cover - compiled
     """e_k = exp(cap·tanh(x_k/cap) − shift_k) and d_k = 1 − tanh²(x_k/cap) over a flat tile."""
     for k in range(x.shape[0]):
@@ -558,10 +558,18 @@ def _tile_sum(e, start, stop):  # pragma: no cover - compiled
 @njit(**_JIT)
 def _tile_grad(e, d, start, dst, c, beta, w, smooth_weighted, capped):  # pragma: no cover
     """dst_j = s'(x_j)·(c·e_j + β·w_j), from the row's exponentials e[start:] (pass 2 of
-    ``_pass2`` without recomputing them: the same float32 operations on the same values)."""
-    for j in range(dst.shape[0]):
-        value = c * e[start + j] + (beta * w[j] if smooth_weighted else beta)
-        dst[j] = d[start + j] * value if capped else value
+    ``_pass2`` without recomputing them: the same float32 operations on the same values), with a
+    softcap or weighted smoothing (the kernel has the plain case inline)."""
+    n = dst.shape[0]
+    if capped and smooth_weighted:
+        for j in range(n):
+            dst[j] = d[start + j] * (c * e[start + j] + beta * w[j])
+    elif capped:
+        for j in range(n):
+            dst[j] = d[start + j] * (c * e[start + j] + beta)
+    else:
+        for j in range(n):
+            dst[j] = c * e[start + j] + beta * w[j]
 
 
 @njit(parallel=True, **_KERNEL_JIT)
@@ -623,7 +631,9 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
                 tb, _ = fast_tanh(b * inv_cap)
                 b = cap * tb
             maxima[i] = b
-            shifts[i * n_classes : (i + 1) * n_classes] = b if b > neg_inf else zero
+            shift = b if b > neg_inf else zero
+            for j in range(i * n_classes, (i + 1) * n_classes):
+                shifts[j] = shift
         if capped:
             _tile_exps_capped(flat, shifts, e, d, cap, inv_cap)
         else:
@@ -658,9 +668,13 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
             loss_rows[r] = loss
             lse_rows[r] = lse
             if want_grad:
-                _tile_grad(
-                    e, d, start, dst, like(c, row), like(beta, row), weight_work, smooth_weighted, capped
-                )
+                c_work = like(c, row)
+                beta_work = like(beta, row)
+                if capped or smooth_weighted:
+                    _tile_grad(e, d, start, dst, c_work, beta_work, weight_work, smooth_weighted, capped)
+                else:  # the common case, in the loop itself (measured faster than in the helper)
+                    for j in range(n_classes):
+                        dst[j] = c_work * e[start + j] + beta_work
                 dst[y] = grad_y
 
 
