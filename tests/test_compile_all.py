@@ -44,12 +44,14 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
         "rows float32", "split rows float32", "serial rows float32", "tile float32", "serial tile float32",
         "rows float64", "split rows float64", "serial rows float64", "tile float64", "serial tile float64",
     ]
-    assert names[10:18] == [
+    assert names[10:22] == [
         "probabilities rows float32", "probabilities serial float32",
+        "probabilities tile float32", "probabilities serial tile float32",
         "probabilities rows float64", "probabilities serial float64",
+        "probabilities tile float64", "probabilities serial tile float64",
         "binary rows float32", "binary serial float32", "binary rows float64", "binary serial float64",
     ]
-    assert names[18:] == [
+    assert names[22:] == [
         "log-prob statistics float32", "log-prob gradient float32",
         "log-prob serial statistics float32", "log-prob serial gradient float32",
         "log-prob statistics float64", "log-prob gradient float64",
@@ -61,6 +63,7 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     from xentkit.kernels import binary, labels, probabilities, vocab_parallel
 
     for kernel in (probabilities._probability_rows_kernel, probabilities._probability_rows_serial,
+                   probabilities._probability_tile_kernel, probabilities._probability_tile_serial,
                    binary._binary_rows_kernel, binary._binary_rows_serial,
                    log_probs._statistics_kernel, log_probs._gradient_kernel,
                    log_probs._statistics_serial, log_probs._gradient_serial,
@@ -69,5 +72,5 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 31 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 35 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

@@ -146,8 +146,9 @@ def test_a_masked_class_of_no_mass_costs_nothing():
     np.testing.assert_allclose(grad, [[p[0] - 0.3, 0.0, p[1] - 0.7]], rtol=1e-14, atol=1e-16)
 
 
+@pytest.mark.parametrize("block", [1024, 16])  # 29 classes: the tile kernel; 2 blocks: the row kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_serial_build_gives_the_parallel_builds_bits(dtype):
+def test_the_serial_build_gives_the_parallel_builds_bits(dtype, block):
     from xentkit.kernels import probabilities
 
     rng, logits, target = _case((37, 29), -1, dtype, seed=5)
@@ -168,14 +169,56 @@ def test_the_serial_build_gives_the_parallel_builds_bits(dtype):
                 grad = work if in_place else np.empty_like(work)
                 loss, lse = kernels.cross_entropy_rows(
                     work, target, options["weight"], -100, options["label_smoothing"], options["z_loss"],
-                    options["softcap"], scale, z_scale, grad, parallel=parallel,
+                    options["softcap"], scale, z_scale, grad, parallel=parallel, block=block,
                 )
                 results.append((loss, lse, grad))
             for serial, threaded in zip(*results, strict=True):
                 np.testing.assert_array_equal(serial, threaded)
-    assert {str(signature[0].dtype) for signature in probabilities._probability_rows_serial.signatures} >= {
-        np.dtype(dtype).name
-    }
+    build = probabilities._probability_tile_serial if block > classes else probabilities._probability_rows_serial
+    assert {str(signature[0].dtype) for signature in build.signatures} >= {np.dtype(dtype).name}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("classes", [2, 10, 48])
+def test_the_tile_kernel_agrees_with_the_row_kernel(dtype, classes):
+    """Rows of at most TILE_MAX_CLASSES classes take the tile kernel: its values match the row
+    kernel's (forced by a smaller ``block``) for every option, masked classes, NaN, classes of no
+    mass, an infinite target mass, upstream scales and in place; both of its builds bit for bit."""
+    from xentkit.kernels import probabilities
+
+    assert classes <= probabilities.TILE_MAX_CLASSES
+    rng, logits, target = _case((300, classes), -1, dtype, seed=classes)
+    logits[3] = -np.inf
+    logits[5, 0] = -np.inf
+    logits[7, classes // 2] = np.nan
+    logits[9, 0] = 80.0
+    target[11, 0] = np.inf
+    rows = logits.shape[0]
+    weight = rng.uniform(0.1, 2.0, classes)
+    scale, z_scale = rng.uniform(-1, 1, rows), rng.uniform(0, 1, rows)
+    tolerance = 1e-6 if dtype == np.float32 else 1e-13
+    for options in (
+        dict(weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None),
+        dict(weight=weight, label_smoothing=0.1, z_loss=1e-3, softcap=None),
+        dict(weight=weight, label_smoothing=0.2, z_loss=1e-2, softcap=3.0),
+    ):
+        for in_place in (False, True):
+            results = []
+            for block, parallel in ((1024, False), (1024, True), (max(1, classes // 2), False)):
+                work = logits.copy()
+                grad = work if in_place else np.empty_like(work)
+                loss, lse = kernels.cross_entropy_rows(
+                    work, target, options["weight"], -100, options["label_smoothing"], options["z_loss"],
+                    options["softcap"], scale, z_scale, grad, parallel=parallel, block=block,
+                )
+                results.append((loss, lse, grad))
+            serial, threaded, by_rows = results
+            for tile, same, row in zip(serial, threaded, by_rows, strict=True):
+                np.testing.assert_array_equal(tile, same)
+                np.testing.assert_array_equal(np.isnan(tile), np.isnan(row))
+                np.testing.assert_allclose(tile, row, rtol=tolerance, atol=tolerance, err_msg=str(options))
+    for build in (probabilities._probability_tile_kernel, probabilities._probability_tile_serial):
+        assert {str(signature[0].dtype) for signature in build.signatures} >= {np.dtype(dtype).name}
 
 
 def test_forward_only_and_the_contracts_defaults():

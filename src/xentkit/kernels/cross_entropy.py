@@ -60,7 +60,7 @@ the segments' (m, s, S_z) per row, then runs pass 2 per segment. ``_cross_entrop
 is for rows of at most ``TILE_MAX_CLASSES`` classes (10-class classifiers, say), where a row is
 shorter than a vector loop's body: it takes tiles of whole rows and computes their exponentials
 in one flat loop across the rows, stores them, and builds each row's gradient from them (the
-same loss formula, ``_finish_row``, and the same float32 gradient arithmetic).
+same loss formula, ``_finish_row``, and pass 2's gradient arithmetic).
 
 Developers: Numba's cache (``cache=True``, in ``__pycache__``) is keyed on this file only; after
 editing ``_exp.py`` delete ``src/xentkit/kernels/__pycache__`` or the old exp stays compiled in.
@@ -102,13 +102,14 @@ SERIAL_MAX_ELEMENTS = 1 << 16
 MIN_SEGMENT = 65536
 
 # Rows of at most this many classes (and no longer than ``block``) take the tile kernel: a row's
-# loops are shorter than the vector loop's body there (16 float32 lanes × 4 on AVX-512), so the
-# row kernel's exponentials ran in the scalar remainder loop, one per element. The tile kernel
-# takes TILE_ELEMENTS logits of whole rows at a time and computes their exponentials in one flat
-# loop, vectorized across rows. Measured on 2 AVX2 cores, the row kernel against the tile kernel:
-# 65536 × 10 3.06 → 1.41 ms, 32768 × 32 1.71 → 1.01 ms, 16384 × 100 1.64 → 1.42 ms (not
-# taken: within noise), 8192 × 256 1.37 → 1.71 ms (slower).
-TILE_MAX_CLASSES = 64
+# loops are shorter than the vector loop's body there, so the row kernel's exponentials ran in the
+# scalar remainder loop, one per element. The tile kernel takes TILE_ELEMENTS logits of whole rows
+# at a time and computes their exponentials in one flat loop, vectorized across rows, kept for the
+# gradient. Measured on 2 AVX2 cores (float32, 655360 logits, fastest of 41 calls, row kernel →
+# tile kernel): 10 classes 3.35 → 2.51 ms, 16 2.18 → 1.86, 24 1.73 → 1.63, 28 1.69 → 1.57,
+# 32 1.20 → 1.33 (slower), 64 0.81 → 1.05. Probability targets have their own limit
+# (``probabilities.TILE_MAX_CLASSES``).
+TILE_MAX_CLASSES = 24
 TILE_ELEMENTS = 4096
 
 # Classes per pass-1 block: 1024 (4 KiB of float32) stays in L1 between the block's two loops,
@@ -516,14 +517,14 @@ _cross_entropy_rows_serial = serial_build(_cross_entropy_rows_kernel, "_cross_en
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(forceinline=True, **_JIT)
+@njit(**_JIT)
 def _tile_exps(x, shifts, e):  # pragma: no cover - compiled
     """e_k = exp(x_k − shift_k) over a tile's flat logits (one loop across its rows)."""
     for k in range(x.shape[0]):
         e[k] = fast_exp_nonpositive(x[k] - shifts[k])
 
 
-@njit(forceinline=True, **_JIT)
+@njit(**_JIT)
 def _tile_exps_capped(x, shifts, e, d, cap, inv_cap):  # pragma: no cover - compiled
     """e_k = exp(cap·tanh(x_k/cap) − shift_k) and d_k = 1 − tanh²(x_k/cap) over a flat tile."""
     for k in range(x.shape[0]):
@@ -534,25 +535,28 @@ def _tile_exps_capped(x, shifts, e, d, cap, inv_cap):  # pragma: no cover - comp
 
 @njit(forceinline=True, **_KERNEL_JIT)
 def _tile_sum(e, start, stop):  # pragma: no cover - compiled
-    """Σ e[start:stop] in float64 (a row's sum of exponentials: every term of the max is 1 and
-    the others keep their relative accuracy, as _block_sum_exp_wide), in four lanes of a fixed
-    order: no reassoc flag, so that the parallel and serial builds add alike (LLVM may vectorize
-    a reassociable sum differently in each)."""
-    a0 = 0.0
-    a1 = 0.0
-    a2 = 0.0
-    a3 = 0.0
-    k = start
-    while k + 4 <= stop:
-        a0 += np.float64(e[k])
-        a1 += np.float64(e[k + 1])
-        a2 += np.float64(e[k + 2])
-        a3 += np.float64(e[k + 3])
-        k += 4
-    while k < stop:
-        a0 += np.float64(e[k])
-        k += 1
-    return (a0 + a1) + (a2 + a3)
+    """Σ e[start:stop] in float64, a row's sum of exponentials, as ``_block_sum_exp_top`` takes it:
+    the terms of the row's max (exactly 1) counted apart from the others (each below 1), which
+    are summed on their own, so that a confident row's δ = s − 1 keeps its relative accuracy (added
+    to 1 term by term it would round at ulp(1)). A NaN goes with the others (NaN ≥ 1 is false).
+    Four lanes in a fixed order, selects rather than branches, no reassoc flag: the parallel and
+    serial builds add alike."""
+    ties = 0.0
+    below = 0.0
+    for k in range(start, stop):
+        v = np.float64(e[k])
+        top = np.floor(v)  # 1 for a term of the max, 0 for the others (all in [0, 1]), NaN for NaN
+        ties += top
+        below += v - top
+    return ties + below
+
+
+@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+def _tile_grad_plain(e, start, dst, c, beta):  # pragma: no cover - compiled
+    """dst_j = c·e_j + β from the row's exponentials e[start:]: ``_grad``'s arithmetic (a fused
+    multiply-add where the CPU has one, as there) on the kept exponentials."""
+    for j in range(dst.shape[0]):
+        dst[j] = c * e[start + j] + beta
 
 
 @njit(**_JIT)
@@ -602,9 +606,10 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
         per row:   s = Σ_j e_j (float64), S_z, then ``_finish_row`` (the loss and pass 2's
                    coefficients) and the gradient c·e_j + β·w_j from the stored e_j
 
-    The same statistics as one pass-1 block of the row kernel, the loss from the same
-    ``_finish_row``, the gradient bit for bit its pass 2's (float32 c·exp(z − m) + β); s is summed
-    in float64 lanes, as the row kernel sums a softcapped or infinite row's max block.
+    The same statistics as one pass-1 block of the row kernel (s with the max's terms counted
+    apart, as ``_block_sum_exp_top``, but in float64), the loss from the same ``_finish_row``, the
+    gradient with pass 2's arithmetic (c·e_j + β in the logits' dtype, fused multiply-adds
+    allowed) on the same e_j; only s's last bits differ from the row kernel's.
     """
     n_rows, n_classes = logits.shape
     eps = label_smoothing
@@ -672,9 +677,8 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
                 beta_work = like(beta, row)
                 if capped or smooth_weighted:
                     _tile_grad(e, d, start, dst, c_work, beta_work, weight_work, smooth_weighted, capped)
-                else:  # the common case, in the loop itself (measured faster than in the helper)
-                    for j in range(n_classes):
-                        dst[j] = c_work * e[start + j] + beta_work
+                else:  # the common case: one loop, no branch (measured faster than in _tile_grad)
+                    _tile_grad_plain(e, start, dst, c_work, beta_work)
                 dst[y] = grad_y
 
 
@@ -914,7 +918,8 @@ def cross_entropy_rows(
         loss_rows,
         lse_rows,
     )
-    tile = segments == 1 and n_classes <= min(TILE_MAX_CLASSES, int(block))  # rows of few classes
+    # rows of few classes, in one block, C-contiguous (the tile reads rows as one flat array)
+    tile = segments == 1 and n_classes <= min(TILE_MAX_CLASSES, int(block)) and logits.flags.c_contiguous
     if threads == 1 and segments == 1:  # the calling thread alone: no pool, no thread count
         (_cross_entropy_tile_serial if tile else _cross_entropy_rows_serial)(*arguments)
     elif tile:
