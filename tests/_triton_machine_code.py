@@ -18,7 +18,8 @@ script closes that gap on a machine without a GPU, in two steps:
    then read each cubin's resource usage with the bundled ``cuobjdump``.
 
 For each compiled kernel it reports registers per thread, local memory (spills), shared memory,
-and the widest global load and store in the PTX (16 bytes: vectorized). ``check()`` lists what
+the widest global load and store in the PTX (16 bytes: vectorized) and, for half-precision
+operands, how many of their loads are narrower than that. ``check()`` lists what
 breaks the rules the GPU path relies on: every launch compiles, nothing spills to local memory
 (which would turn the one read of the logits into several), shared memory within the
 architecture's limit, and the logits read with 16-byte loads where their rows are aligned.
@@ -178,6 +179,19 @@ def _widest(ptx: str, op: str) -> int:
     return widest
 
 
+def _narrow_16bit_loads(ptx: str) -> int:
+    """How many ``ld.global`` of 16-bit elements (bfloat16, float16) are narrower than 16 bytes.
+    Half-precision logits streamed 16 bytes at a time come as ``.v4.b32``; a scalar such as the
+    upstream gradient of a half loss is one ``.b16`` load; logits read narrower would be many."""
+    narrow = 0
+    for instruction in re.findall(r"\bld\.global(?:\.\S+?)?(?=\s)", ptx):
+        vector = re.search(r"\.v(\d)\b", instruction)
+        bits = re.findall(r"\.[bfsu](\d+)\b", instruction)
+        if bits and int(bits[-1]) == 16 and int(vector.group(1) if vector else 1) * 2 < 16:
+            narrow += 1
+    return narrow
+
+
 def _resources(cubin: bytes, tool: Path, folder: str) -> dict[str, int]:
     path = os.path.join(folder, "kernel.cubin")
     Path(path).write_bytes(cubin)
@@ -245,6 +259,7 @@ def compile_launches(launches: list[dict], arches: list[int]) -> list[dict]:
                 entry.update(_resources(compiled.asm["cubin"], tool, folder))
                 entry["widest_load"] = _widest(compiled.asm["ptx"], "ld.global")
                 entry["widest_store"] = _widest(compiled.asm["ptx"], "st.global")
+                entry["narrow_16bit_loads"] = _narrow_16bit_loads(compiled.asm["ptx"])
             for entry in seen.values():
                 entry["scenarios"] = sorted(entry["scenarios"])
                 results.append(entry)
@@ -273,6 +288,10 @@ def check(results: list[dict]) -> list[str]:
         wide = r["rows_aligned"] and r["constexprs"].get("BLOCK", 0) >= 64
         if r["kernel"] in STREAMING and wide and r["widest_load"] < 16:
             problems.append(f"{name}: logits read {r['widest_load']} bytes at a time, not 16")
+        # the widest load may be another operand's: for half logits, also no run of narrow loads
+        half = r["signature"].get("logits_ptr") in ("*bf16", "*fp16")
+        if r["kernel"] in STREAMING and wide and half and r["narrow_16bit_loads"] > 2:
+            problems.append(f"{name}: {r['narrow_16bit_loads']} loads of 16-bit values narrower than 16 bytes")
     return problems
 
 
@@ -291,6 +310,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The exit status when this Triton lacks the internals the check relies on (its binder, its
+# argument packing, the interpreter's launch signature, the bundled cuobjdump): pinned in
+# constraints.txt (Triton 3.8), they may move in other versions.
+UNSUPPORTED = 3
+
+
+def _missing_triton_internals() -> str:
+    import inspect
+
+    import triton
+    from triton.runtime import jit
+    from triton.runtime.interpreter import InterpretedFunction
+
+    missing = []
+    if not hasattr(jit, "create_function_from_signature"):
+        missing.append("triton.runtime.jit.create_function_from_signature")
+    if not hasattr(jit.JITFunction, "_pack_args"):
+        missing.append("JITFunction._pack_args")
+    if "warmup" not in inspect.signature(InterpretedFunction.run).parameters:
+        missing.append("InterpretedFunction.run(..., grid, warmup)")
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    missing += [str(tools / name) for name in ("ptxas", "cuobjdump") if not (tools / name).exists()]
+    return ", ".join(missing)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHES),
@@ -303,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.environ.get("TRITON_INTERPRET"):
         parser.error("run without TRITON_INTERPRET: step 2 compiles the kernels")
+    missing = _missing_triton_internals()
+    if missing:  # the test skips on this exit status, saying why
+        print(f"this Triton lacks what the check uses: {missing}")
+        return UNSUPPORTED
     with tempfile.TemporaryDirectory() as folder:
         recorded = Path(folder, "launches.json")
         env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")

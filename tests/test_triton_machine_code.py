@@ -17,6 +17,7 @@ pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).with_name("_triton_machine_code.py")
+UNSUPPORTED = 3  # the script's exit status when this Triton lacks the internals it uses
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 MODULES = ("cross_entropy", "log_probs", "vocab_parallel")
 
@@ -31,6 +32,8 @@ def compiled(tmp_path_factory) -> dict:
         [sys.executable, str(SCRIPT), "--arch", "90", "--arch", "80", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=900,
     )
+    if done.returncode == UNSUPPORTED:
+        pytest.skip(done.stdout.strip())
     assert out.exists(), f"the script failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     results = json.loads(out.read_text())
     results["returncode"] = done.returncode
@@ -80,5 +83,7 @@ def test_the_logits_stream_in_16_byte_loads_at_a_large_vocabulary(compiled):
     for result in streaming:
         assert result["rows_aligned"], result
         assert result["widest_load"] == 16, result
+        if result["signature"]["logits_ptr"] in ("*bf16", "*fp16"):
+            assert result["narrow_16bit_loads"] <= 2, result  # a scalar or two, never the logits
         if result["kernel"] != "_partials_kernel":
             assert result["widest_store"] == 16, result
