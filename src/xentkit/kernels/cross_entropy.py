@@ -576,6 +576,37 @@ def _tile_grad(e, d, start, dst, c, beta, w, smooth_weighted, capped):  # pragma
             dst[j] = c * e[start + j] + beta * w[j]
 
 
+@njit(**_KERNEL_JIT)
+def _tile_exponentials(logits, first, rows, capped, cap, inv_cap):  # pragma: no cover - compiled
+    """The first step of a tile of ``rows`` rows from row ``first`` (both tile kernels):
+    ``(maxima, e, d)``, each row's max m of z (the capped logits), e = exp(z − shift) of every
+    logit of the tile (shift = m, or 0 for a row of −inf) in one flat loop across the rows, and
+    d = s'(x) with a softcap (a 1-element dummy without)."""
+    n_classes = logits.shape[1]
+    size = rows * n_classes
+    neg_inf = like(-np.inf, logits)
+    zero = like(0.0, logits)
+    shifts = np.empty(size, logits.dtype)
+    e = np.empty(size, logits.dtype)
+    d = np.empty(size if capped else 1, logits.dtype)
+    maxima = np.empty(rows, logits.dtype)
+    for i in range(rows):
+        b = _block_max(logits[first + i], 0, n_classes)
+        if capped:  # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
+            tb, _ = fast_tanh(b * inv_cap)
+            b = cap * tb
+        maxima[i] = b
+        shift = b if b > neg_inf else zero
+        for j in range(i * n_classes, (i + 1) * n_classes):
+            shifts[j] = shift
+    flat = logits[first : first + rows].reshape(size)
+    if capped:
+        _tile_exps_capped(flat, shifts, e, d, cap, inv_cap)
+    else:
+        _tile_exps(flat, shifts, e)
+    return maxima, e, d
+
+
 @njit(parallel=True, **_KERNEL_JIT)
 def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
     logits,
@@ -617,32 +648,13 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
     cap = like(softcap, logits)
     inv_cap = like(1.0 / softcap if capped else 1.0, logits)
     neg_inf = like(-np.inf, logits)
-    zero = like(0.0, logits)
     smooth_weighted = has_weight and eps > 0.0
     tile_rows = max(1, TILE_ELEMENTS // max(n_classes, 1))
     n_tiles = (n_rows + tile_rows - 1) // tile_rows
     for tile in prange(n_tiles):
         first = tile * tile_rows
         rows = min(tile_rows, n_rows - first)
-        size = rows * n_classes
-        flat = logits[first : first + rows].reshape(size)
-        shifts = np.empty(size, logits.dtype)
-        e = np.empty(size, logits.dtype)
-        d = np.empty(size if capped else 1, logits.dtype)
-        maxima = np.empty(rows, logits.dtype)
-        for i in range(rows):
-            b = _block_max(logits[first + i], 0, n_classes)
-            if capped:  # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
-                tb, _ = fast_tanh(b * inv_cap)
-                b = cap * tb
-            maxima[i] = b
-            shift = b if b > neg_inf else zero
-            for j in range(i * n_classes, (i + 1) * n_classes):
-                shifts[j] = shift
-        if capped:
-            _tile_exps_capped(flat, shifts, e, d, cap, inv_cap)
-        else:
-            _tile_exps(flat, shifts, e)
+        maxima, e, d = _tile_exponentials(logits, first, rows, capped, cap, inv_cap)
         for i in range(rows):
             r = first + i
             row = logits[r]

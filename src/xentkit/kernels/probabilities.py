@@ -49,11 +49,9 @@ from xentkit.kernels.cross_entropy import (
     DEFAULT_BLOCK,
     SERIAL_MAX_ELEMENTS,
     TILE_ELEMENTS,
-    _block_max,
     _pass1,
     _same_buffer,
-    _tile_exps,
-    _tile_exps_capped,
+    _tile_exponentials,
     _tile_sum,
     upstream_scales,
 )
@@ -263,32 +261,12 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
     capped = softcap > 0.0
     cap = like(softcap, logits)  # 0: no softcap
     inv_cap = like(1.0 / softcap if capped else 1.0, logits)
-    neg_inf = like(-np.inf, logits)
-    zero = like(0.0, logits)
     tile_rows = max(1, TILE_ELEMENTS // max(n_classes, 1))
     n_tiles = (n_rows + tile_rows - 1) // tile_rows
     for tile in prange(n_tiles):
         first = tile * tile_rows
         rows = min(tile_rows, n_rows - first)
-        size = rows * n_classes
-        shifts = np.empty(size, logits.dtype)
-        e = np.empty(size, logits.dtype)
-        d = np.empty(size if capped else 1, logits.dtype)
-        maxima = np.empty(rows, logits.dtype)
-        for i in range(rows):
-            b = _block_max(logits[first + i], 0, n_classes)
-            if capped:  # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
-                tb, _ = fast_tanh(b * inv_cap)
-                b = cap * tb
-            maxima[i] = b
-            shift = b if b > neg_inf else zero
-            for j in range(i * n_classes, (i + 1) * n_classes):
-                shifts[j] = shift
-        flat = logits[first : first + rows].reshape(size)
-        if capped:
-            _tile_exps_capped(flat, shifts, e, d, cap, inv_cap)
-        else:
-            _tile_exps(flat, shifts, e)
+        maxima, e, d = _tile_exponentials(logits, first, rows, capped, cap, inv_cap)
         for i in range(rows):
             r = first + i
             row = logits[r]
