@@ -17,6 +17,11 @@ script closes that gap on a machine without a GPU, in two steps:
    ``triton.compile`` (Triton's ahead-of-time path: PTX, then ``ptxas``, bundled with Triton),
    then read each cubin's resource usage with the bundled ``cuobjdump``.
 
+What it compiles is what the scenarios launch: Triton specializes integers by value (1, or a
+multiple of 16: chunk counts, strides, ``ignore_index``), so other widths and row counts can make
+specializations it never saw; and for float32 logits the widest load may be another operand's
+(half logits are checked by their own narrow loads).
+
 For each compiled kernel it reports registers per thread, local memory (spills), shared memory,
 the widest global load and store in the PTX (16 bytes: vectorized) and, for half-precision
 operands, how many of their loads are narrower than that. ``check()`` lists what
@@ -87,7 +92,7 @@ def _scenarios(record) -> None:
                     loss.sum().backward()
                 leaf = x.clone().requires_grad_()
                 xt.cross_entropy(leaf * 1, y, backend="triton", inplace_backward=True, **kwargs).backward()
-            for target in (q, q.to(dtype)):
+            for target in (q, q.to(dtype), q.double()):  # float32, the logits' dtype, float64
                 leaf = x.clone().requires_grad_()
                 xt.cross_entropy(leaf, target, backend="triton").backward()
                 leaf = x.clone().requires_grad_()

@@ -660,7 +660,7 @@ def test_tile_kernel_agrees_with_the_row_kernel(dtype, classes, monkeypatch) -> 
 
     assert classes <= kernels.TILE_MAX_CLASSES
     rng = np.random.default_rng(classes)
-    rows = 300  # several tiles of whole rows at 10 classes
+    rows = 1000  # several tiles of whole rows from 10 classes up (4096 // C rows a tile), the last partial
     logits = (rng.standard_normal((rows, classes)) * 4).astype(dtype)
     logits[3] = -np.inf
     logits[5, 0] = -np.inf

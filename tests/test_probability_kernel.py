@@ -187,7 +187,7 @@ def test_the_tile_kernel_agrees_with_the_row_kernel(dtype, classes):
     from xentkit.kernels import probabilities
 
     assert classes <= probabilities.TILE_MAX_CLASSES
-    rng, logits, target = _case((300, classes), -1, dtype, seed=classes)
+    rng, logits, target = _case((1000, classes), -1, dtype, seed=classes)  # partial tiles from 10 classes up
     logits[3] = -np.inf
     logits[5, 0] = -np.inf
     logits[7, classes // 2] = np.nan

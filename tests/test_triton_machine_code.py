@@ -67,7 +67,7 @@ def test_every_launch_compiles_without_spills(compiled):
 def test_every_kernel_is_covered_in_every_dtype(compiled, module, arch):
     """A kernel added to a module without a scenario that launches it fails here."""
     kernels = _kernels(module)
-    assert len(kernels) == 3, kernels  # pass 1, the per-row combine, pass 2
+    assert len(kernels) >= 3, kernels  # pass 1, the per-row combine, pass 2 at least
     for kernel in kernels:
         dtypes = {r["signature"].get("logits_ptr") for r in compiled["results"]
                   if r["module"] == f"triton.{module}" and r["kernel"] == kernel and r["arch"] == arch}

@@ -62,8 +62,10 @@ shorter than a vector loop's body: it takes tiles of whole rows and computes the
 in one flat loop across the rows, stores them, and builds each row's gradient from them (the
 same loss formula, ``_finish_row``, and pass 2's gradient arithmetic).
 
-Developers: Numba's cache (``cache=True``, in ``__pycache__``) is keyed on this file only; after
-editing ``_exp.py`` delete ``src/xentkit/kernels/__pycache__`` or the old exp stays compiled in.
+Developers: Numba's cache (``cache=True``, in ``__pycache__``) is keyed on each kernel's own file
+only; after editing ``_exp.py``, or helpers here that other modules' kernels inline (the tile
+helpers in ``probabilities.py``'s tile kernel, ``_pass1`` and ``_finish_row``), delete
+``src/xentkit/kernels/__pycache__`` or the old code stays compiled in.
 
 No validation here: the api checks shapes, dtypes and labels before calling.
 """
@@ -538,9 +540,9 @@ def _tile_sum(e, start, stop):  # pragma: no cover - compiled
     """Σ e[start:stop] in float64, a row's sum of exponentials, as ``_block_sum_exp_top`` takes it:
     the terms of the row's max (exactly 1) counted apart from the others (each below 1), which
     are summed on their own, so that a confident row's δ = s − 1 keeps its relative accuracy (added
-    to 1 term by term it would round at ulp(1)). A NaN goes with the others (NaN ≥ 1 is false).
-    Four lanes in a fixed order, selects rather than branches, no reassoc flag: the parallel and
-    serial builds add alike."""
+    to 1 term by term it would round at ulp(1)): floor(e) is 1 for those and 0 for the others
+    (all in [0, 1]), NaN for NaN, so no branch. One loop in a fixed order, no reassoc flag: the
+    parallel and serial builds add alike."""
     ties = 0.0
     below = 0.0
     for k in range(start, stop):
@@ -561,9 +563,9 @@ def _tile_grad_plain(e, start, dst, c, beta):  # pragma: no cover - compiled
 
 @njit(**_JIT)
 def _tile_grad(e, d, start, dst, c, beta, w, smooth_weighted, capped):  # pragma: no cover
-    """dst_j = s'(x_j)·(c·e_j + β·w_j), from the row's exponentials e[start:] (pass 2 of
-    ``_pass2`` without recomputing them: the same float32 operations on the same values), with a
-    softcap or weighted smoothing (the kernel has the plain case inline)."""
+    """dst_j = s'(x_j)·(c·e_j + β·w_j), from the row's exponentials e[start:] (``_pass2``'s
+    formula without recomputing them), with a softcap or weighted smoothing (the plain case:
+    ``_tile_grad_plain``)."""
     n = dst.shape[0]
     if capped and smooth_weighted:
         for j in range(n):
@@ -639,8 +641,10 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
 
     The same statistics as one pass-1 block of the row kernel (s with the max's terms counted
     apart, as ``_block_sum_exp_top``, but in float64), the loss from the same ``_finish_row``, the
-    gradient with pass 2's arithmetic (c·e_j + β in the logits' dtype, fused multiply-adds
-    allowed) on the same e_j; only s's last bits differ from the row kernel's.
+    gradient with pass 2's formula (c·e_j + β·w_j in the logits' dtype, fused multiply-adds
+    allowed) on the same e_j. s's last bits may differ from the row kernel's, and so may where
+    LLVM puts a fused multiply-add: with weighted label smoothing c·e_j and β·w_j can nearly
+    cancel, and then an entry may differ by many ulps of those terms (equally accurate).
     """
     n_rows, n_classes = logits.shape
     eps = label_smoothing
