@@ -578,6 +578,13 @@ def _tile_grad(e, d, start, dst, c, beta, w, smooth_weighted, capped):  # pragma
             dst[j] = c * e[start + j] + beta * w[j]
 
 
+@njit(forceinline=True, **_KERNEL_JIT)
+def _tiles(n_rows, n_classes):  # pragma: no cover - compiled
+    """``(tile_rows, n_tiles)``: whole rows of about TILE_ELEMENTS logits a tile, and how many."""
+    tile_rows = max(1, TILE_ELEMENTS // max(n_classes, 1))
+    return tile_rows, (n_rows + tile_rows - 1) // tile_rows
+
+
 @njit(**_KERNEL_JIT)
 def _tile_exponentials(logits, first, rows, capped, cap, inv_cap):  # pragma: no cover - compiled
     """The first step of a tile of ``rows`` rows from row ``first`` (both tile kernels):
@@ -653,8 +660,7 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
     inv_cap = like(1.0 / softcap if capped else 1.0, logits)
     neg_inf = like(-np.inf, logits)
     smooth_weighted = has_weight and eps > 0.0
-    tile_rows = max(1, TILE_ELEMENTS // max(n_classes, 1))
-    n_tiles = (n_rows + tile_rows - 1) // tile_rows
+    tile_rows, n_tiles = _tiles(n_rows, n_classes)
     for tile in prange(n_tiles):
         first = tile * tile_rows
         rows = min(tile_rows, n_rows - first)

@@ -48,11 +48,11 @@ from xentkit.kernels.cross_entropy import (
     _ONE,
     DEFAULT_BLOCK,
     SERIAL_MAX_ELEMENTS,
-    TILE_ELEMENTS,
     _pass1,
     _same_buffer,
     _tile_exponentials,
     _tile_sum,
+    _tiles,
     upstream_scales,
 )
 
@@ -171,6 +171,22 @@ def _gradient_inplace(row, q, weight, has_weight, keep, uniform, shift, inv_s, t
         )
 
 
+@njit(forceinline=True, **_KERNEL_JIT)
+def _row_loss(row, q, weight, has_weight, keep, uniform, m, s, cap, inv_cap):  # pragma: no cover
+    """Pass 2 of one row from pass 1's max ``m`` and sum ``s``: ``(loss, lse, shift, total)``,
+    the loss −Σ_c mass_c·log p_c (term by term where the total mass A is not finite), the
+    log-sum-exp, the shift m (0 for a row of −inf, as pass 1) and A, for pass 3."""
+    shift = np.float64(m) if m > -np.inf else 0.0
+    log_s = math.log(s)
+    weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap)
+    # −Σ mass_j·log p_j = Σ mass_j·(log s − (z_j − m)); nothing when every mass is 0
+    if not math.isfinite(total):  # an infinite mass: term by term, as the reference
+        loss = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
+    else:
+        loss = total * log_s - weighted if nonzero > 0.0 else 0.0
+    return loss, shift + log_s, shift, total
+
+
 @njit(parallel=True, **_KERNEL_JIT)
 def _probability_rows_kernel(  # pragma: no cover - compiled
     logits,
@@ -201,15 +217,7 @@ def _probability_rows_kernel(  # pragma: no cover - compiled
         row = logits[i]
         q = targets[i]
         m, s, _, _ = _pass1(row, 0, n_classes, weight, False, 0.0, softcap, block)
-        shift = np.float64(m) if m > -np.inf else 0.0  # a row of −inf: shift 0, as pass 1
-        log_s = math.log(s)
-        lse = shift + log_s
-        weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap)
-        # −Σ mass_j·log p_j = Σ mass_j·(log s − (z_j − m)); nothing when every mass is 0
-        if not math.isfinite(total):  # an infinite mass: term by term, as the reference
-            loss_rows[i] = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
-        else:
-            loss_rows[i] = total * log_s - weighted if nonzero > 0.0 else 0.0
+        loss_rows[i], lse, shift, total = _row_loss(row, q, weight, has_weight, keep, uniform, m, s, cap, inv_cap)
         lse_rows[i] = lse
         if want_grad:
             z_coef = 2.0 * z_loss * lse * z_grad_scale[i] if z_loss > 0.0 else 0.0
@@ -261,8 +269,7 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
     capped = softcap > 0.0
     cap = like(softcap, logits)  # 0: no softcap
     inv_cap = like(1.0 / softcap if capped else 1.0, logits)
-    tile_rows = max(1, TILE_ELEMENTS // max(n_classes, 1))
-    n_tiles = (n_rows + tile_rows - 1) // tile_rows
+    tile_rows, n_tiles = _tiles(n_rows, n_classes)
     for tile in prange(n_tiles):
         first = tile * tile_rows
         rows = min(tile_rows, n_rows - first)
@@ -274,14 +281,7 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
             m = maxima[i]
             start = i * n_classes
             s = _tile_sum(e, start, start + n_classes)
-            shift = np.float64(m) if m > -np.inf else 0.0  # a row of −inf: shift 0, as pass 1
-            log_s = math.log(s)
-            lse = shift + log_s
-            weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap)
-            if not math.isfinite(total):  # an infinite mass: term by term, as the reference
-                loss_rows[r] = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
-            else:
-                loss_rows[r] = total * log_s - weighted if nonzero > 0.0 else 0.0
+            loss_rows[r], lse, _, total = _row_loss(row, q, weight, has_weight, keep, uniform, m, s, cap, inv_cap)
             lse_rows[r] = lse
             if want_grad:
                 z_coef = 2.0 * z_loss * lse * z_grad_scale[r] if z_loss > 0.0 else 0.0
@@ -299,6 +299,7 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
 
 
 _probability_tile_serial = serial_build(_probability_tile_kernel, "_probability_tile_serial", **_KERNEL_JIT)
+
 
 def probability_rows(
     logits: np.ndarray,
