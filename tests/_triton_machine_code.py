@@ -6,7 +6,8 @@ fail to compile for a GPU, or compile into code that spills registers to local m
 script closes that gap on a machine without a GPU, in two steps:
 
 1. **record** (a child process, under the interpreter): run the library's Triton paths —
-   ``xentkit.torch`` cross-entropy (labels with every option, probability targets, in place),
+   ``xentkit.torch`` cross-entropy (labels with every option, probability targets, in place, the
+   epilogue in one launch and in spans of rows),
    ``linear_cross_entropy``, ``log_probs`` / ``linear_log_probs`` and the vocabulary-parallel
    forms in a one-process group — on CPU tensors of the real shapes' widths (a 128256-class
    vocabulary, and narrow ones), in float32, float16 and bfloat16, and record every kernel launch:
@@ -98,6 +99,18 @@ def _scenarios(record) -> None:
                 leaf = x.clone().requires_grad_()
                 xt.cross_entropy(leaf, target, weight=weight, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
                                  backend="triton").backward()
+            if width == WIDTHS[0]:  # the epilogue in spans of rows: its two-launch form
+                from xentkit.triton import reduction as epilogue
+
+                record(f"cross_entropy epilogue in spans {dtype} V={width}")
+                span, epilogue.SPAN = epilogue.SPAN, 2
+                try:
+                    for kwargs in ({}, {"weight": weight, "z_loss": 1e-4}):
+                        for reduction in ("mean", "none"):
+                            leaf = x.clone().requires_grad_()
+                            xt.cross_entropy(leaf, y, reduction=reduction, backend="triton", **kwargs).sum().backward()
+                finally:
+                    epilogue.SPAN = span
             record(f"log_probs {dtype} V={width}")
             leaf = x.clone().requires_grad_()
             logp, entropy = xt.log_probs(leaf, y, temperature=0.7, return_entropy=True, backend="triton")

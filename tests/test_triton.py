@@ -588,10 +588,12 @@ def test_prepared_class_weights_give_the_same_bits(probabilities):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_cross_entropy_prepares_the_class_weights_once(monkeypatch, reduction):
-    """Every chunk's passes read the weights cast and summed once for the call: "mean" once in
-    forward (gradients computed there), "none" once in forward (no sum) and once in backward."""
+def test_linear_cross_entropy_prepares_the_class_weights_once(monkeypatch, reduction, smoothing):
+    """Every chunk's passes read the weights cast (and summed, where pass 2 reads their total:
+    with label smoothing) once for the call: "mean" once in forward (gradients computed there),
+    "none" once in forward (no sum) and once in backward."""
     from xentkit.triton import cross_entropy as kernel_module
 
     preparations = []
@@ -609,9 +611,12 @@ def test_linear_cross_entropy_prepares_the_class_weights_once(monkeypatch, reduc
     w = torch.randn(40, 6, generator=generator).to(DEVICE).requires_grad_()
     target = torch.randint(0, 40, (10,), generator=generator).to(DEVICE)
     weight = (torch.rand(40, generator=generator) + 0.5).to(DEVICE)
-    loss = xt.linear_cross_entropy(x, w, target, weight=weight, reduction=reduction, chunk_size=4, backend="triton")
+    loss = xt.linear_cross_entropy(
+        x, w, target, weight=weight, reduction=reduction, chunk_size=4, backend="triton", label_smoothing=smoothing,
+    )
     loss.backward(torch.ones_like(loss))  # 3 chunks
-    assert preparations == ([True] if reduction == "mean" else [False, True])
+    summed = smoothing > 0
+    assert preparations == ([summed] if reduction == "mean" else [False, summed])
 
 
 def test_label_smoothing_with_signed_weights_summing_to_zero_in_a_block(monkeypatch):

@@ -74,6 +74,19 @@ def test_every_kernel_is_covered_in_every_dtype(compiled, module, arch):
         assert {"*fp32", "*fp16", "*bf16"} <= dtypes, (kernel, dtypes)
 
 
+@pytest.mark.parametrize("arch", [90, 80])
+def test_the_epilogue_is_covered_in_both_forms_and_every_loss_dtype(compiled, arch):
+    """The epilogue (``triton.reduction``) in one launch and in spans of rows, storing float32,
+    bfloat16 (rounded on its bits) and float64 losses."""
+    assert _kernels("reduction") == {"_epilogue_kernel", "_finish_kernel"}
+    epilogues = [r["constexprs"] for r in compiled["results"]
+                 if r["module"] == "triton.reduction" and r["kernel"] == "_epilogue_kernel" and r["arch"] == arch]
+    assert {c["FINAL"] for c in epilogues} == {True, False}
+    assert {(c["BF16"], c["WIDE"]) for c in epilogues} == {(False, False), (True, False), (False, True)}
+    assert {c["REDUCTION"] for c in epilogues} == {0, 2}
+    assert any(r["kernel"] == "_finish_kernel" and r["arch"] == arch for r in compiled["results"])
+
+
 def test_the_logits_stream_in_16_byte_loads_at_a_large_vocabulary(compiled):
     """At 128256 classes (rows of 16k elements, aligned) pass 1 and pass 2 read the logits 16
     bytes at a time and pass 2 writes the gradient so, in every dtype and on both architectures."""

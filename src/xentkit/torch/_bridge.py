@@ -373,7 +373,7 @@ def first_order_anchors(ctx: Any, *tensors: Tensor | None) -> None:
         )
 
 
-_NO_INDEX = torch.empty(0, dtype=torch.long)
+_NO_INDEX = {torch.device("cpu"): torch.empty(0, dtype=torch.long)}  # by device: no copy per call
 
 
 def _anchor(tensor: Tensor) -> Tensor:
@@ -382,7 +382,10 @@ def _anchor(tensor: Tensor) -> Tensor:
     tensor an empty strided view cloned."""
     if tensor.dim() == 0:
         return tensor.as_strided((0,), (1,)).clone()
-    return torch.index_select(tensor, 0, _NO_INDEX.to(tensor.device))
+    index = _NO_INDEX.get(tensor.device)
+    if index is None:
+        index = _NO_INDEX.setdefault(tensor.device, torch.empty(0, dtype=torch.long, device=tensor.device))
+    return torch.index_select(tensor, 0, index)
 
 
 def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:

@@ -91,8 +91,10 @@ def forward_chunks(
     valid, plan = row_plan(labels, weight, options, classes)
     now = any(want) and options.reduction != "none"  # "none": gradients in backward
     factors = unit_factors(plan, x.device) if now else None
-    # W only for the gradients of hard labels
-    class_weights = ClassWeights.of(weight, x.device, with_total=now and not probabilities)
+    # W only for the gradients of hard labels with label smoothing
+    class_weights = ClassWeights.of(
+        weight, x.device, with_total=now and ClassWeights.total_wanted(labels, options.label_smoothing)
+    )
     one = torch.ones((), dtype=torch.float32, device=x.device)  # forward's upstream gradient
     grads = gradient_buffers(
         x, w, b, want if now else (False, False, False), widen=options.accumulate_in_float32
@@ -123,7 +125,9 @@ def backward_chunks(
     grads = gradient_buffers(x, w, b, want, widen=options.accumulate_in_float32)
     upstream = upstream.detach().reshape(-1)
     ones = torch.ones(2, dtype=torch.float32, device=x.device)
-    class_weights = ClassWeights.of(weight, x.device, with_total=not labels.is_floating_point())
+    class_weights = ClassWeights.of(
+        weight, x.device, with_total=ClassWeights.total_wanted(labels, options.label_smoothing)
+    )
     buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
     for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
         _chunk_gradients(logits, x_chunk, w, labels[start:stop], class_weights, stats[:, start:stop],

@@ -7,7 +7,8 @@ run inside two custom ops, which it keeps as they are (one node each in the grap
 
     xentkit::triton_cross_entropy(rows, target, weight, reduction, <formula options>)
         -> (loss, stats, factors)
-        pass 1 and the reduction (:func:`xentkit.torch._triton_path.forward_rows`)
+        pass 1, the rows' losses and the epilogue kernel (the reduction and the upstream
+        gradient's factors: :func:`xentkit.torch._triton_path.forward_rows`)
     xentkit::triton_cross_entropy_backward(rows, target, weight, stats, factors, grad_output,
                                            <formula options>) -> grad
         pass 2 (:func:`xentkit.torch._triton_path.gradient_rows`), the first op's autograd formula
@@ -55,7 +56,7 @@ def triton_cross_entropy(rows: Tensor, target: Tensor, weight: Tensor | None, *o
     """``(loss, stats, factors)`` of :func:`xentkit.torch._triton_path.forward_rows` for
     contiguous ``[rows, C]`` logits and ``[rows]`` int64 labels or ``[rows, C]`` probabilities;
     ``options``: ``FORWARD_OP_OPTIONS.values(loss_options)``."""
-    loss, stats, factors = _triton_path.forward_rows(rows, target, weight, FORWARD_OP_OPTIONS.options(options))
+    loss, stats, factors, _bad = _triton_path.forward_rows(rows, target, weight, FORWARD_OP_OPTIONS.options(options))
     return loss, stats, factors
 
 

@@ -28,7 +28,6 @@ from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
 from .._options import LossOptions
-from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from . import _bridge
 
@@ -215,28 +214,53 @@ def loss_in_layout(loss: Tensor, sample_shape: tuple[int, ...], options: LossOpt
 
 
 def forward_rows(
-    rows: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, *, want_factors: bool = True,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Pass 1 and the reduction on contiguous ``[rows, C]`` logits: ``(loss, stats, factors)``,
-    the float32 loss (a scalar, or ``[rows]`` for "none"), the rows' statistics for
-    :func:`gradient_rows` and the "mean" factors of the upstream gradient (:func:`unit_factors`;
-    None unless ``want_factors``). ``target``: ``[rows]`` int64 labels or ``[rows, C]``
-    probabilities. No label is checked and nothing waits for the device: a label outside
-    ``[0, C)`` (not ``ignore_index``) reads nothing out of bounds, and its row's loss and
-    gradient are NaN (so a reduced loss is NaN)."""
-    from ..triton.cross_entropy import row_statistics
+    rows: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, *, dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 1 and the reduction on contiguous ``[rows, C]`` logits: ``(loss, stats, factors, bad)``,
+    the loss in ``dtype`` (a scalar, or ``[rows]`` for "none"), the rows' statistics for
+    :func:`gradient_rows`, the upstream gradient's float32 (main, z) factors (the "mean"
+    denominators' inverses, or 0) and the number of bad labels (an int64 ``[1]``). ``target``:
+    ``[rows]`` int64 labels or ``[rows, C]`` probabilities. Three launches (four beyond
+    ``xentkit.triton.reduction.SPAN`` rows): pass 1, the rows' losses, the epilogue (the rules of
+    ``ReductionPlan`` and ``z_term`` on the device). No label is checked and nothing waits for the
+    device: a label outside ``[0, C)`` (not ``ignore_index``) reads nothing out of bounds, and its
+    row's loss and gradient are NaN (so a reduced loss is NaN); ``bad`` counts them."""
+    from ..triton.cross_entropy import ClassWeights, row_statistics
+    from ..triton.reduction import reduce_rows
 
-    loss_rows, lse, stats = row_statistics(rows, target, weight, **options.formula_arguments())
-    # everything below is queued behind the kernels
-    valid, plan = row_plan(target, weight, options, rows.shape[1])
-    loss = plan.reduce(loss_rows, z_term(lse, valid, options.z_loss))
-    return loss, stats, unit_factors(plan, rows.device) if want_factors else None
+    weights = ClassWeights.of(weight, rows.device, with_total=False) if len(rows) else None
+    loss_rows, lse, stats = row_statistics(rows, target, weights, **options.formula_arguments())
+    loss, factors, bad = reduce_rows(
+        loss_rows, lse, target, None if weights is None else weights.values, rows.shape[1],
+        reduction=options.reduction, ignore_index=options.ignore_index, z_loss=options.z_loss, dtype=dtype,
+    )
+    return loss, stats, factors, bad
+
+
+def prepared_weights(
+    weight: Tensor | None, target: Tensor, options: LossOptions, device: torch.device, *, for_gradient: bool
+) -> ClassWeights | None:
+    """The class weights as the kernels read them, prepared once for pass 1, the epilogue and
+    (``for_gradient``) pass 2, with the total W where pass 2 reads it."""
+    from ..triton.cross_entropy import ClassWeights
+
+    wanted = for_gradient and ClassWeights.total_wanted(target, options.label_smoothing)
+    return ClassWeights.of(weight, device, with_total=wanted)
+
+
+def refuse_bad_labels(bad: Tensor, labels: Tensor, classes: int, ignore_index: int) -> None:
+    """The eager label check of the Triton paths, after the kernels: one wait for the device, to
+    read the epilogue's count ``bad``; where it is not 0, :func:`xentkit._labels.check_labels` (the
+    home of the rule and its message) finds the first bad label and raises."""
+    if bad.item():
+        check_labels(labels, classes, ignore_index)
 
 
 def row_plan(
     target: Tensor, weight: Tensor | None, options: LossOptions, classes: int
 ) -> tuple[Tensor, ReductionPlan]:
-    """``(valid, plan)`` of the Triton paths, on the device and without a wait: probabilities
+    """``(valid, plan)`` of the Triton linear form (one plan for the whole batch; ``cross_entropy``
+    takes its epilogue kernel instead: :func:`forward_rows`), on the device and without a wait: probabilities
     count every row; labels count the non-ignored ones, and the class-weight lookup reads no label
     outside ``[0, classes)`` (the caller refuses those after the kernels, which read none)."""
     if target.is_floating_point():
@@ -269,9 +293,10 @@ def gradient_rows(
 
 
 class TritonCrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy on :mod:`xentkit.triton`'s kernels. forward: pass 1 and the loss (two
-    launches, one read of the logits), then the labels are checked (one wait for the device);
-    the logits and each row's max and sum are kept. backward: pass 2 with the upstream gradient
+    """Cross-entropy on :mod:`xentkit.triton`'s kernels. forward: pass 1, the rows' losses and the
+    epilogue (three launches, one read of the logits; :func:`forward_rows`), then the labels are
+    checked (one wait for the device, to read the epilogue's count of bad labels); the logits,
+    each row's max and sum and the class weights as the kernels read them are kept. backward: pass 2 with the upstream gradient
     read on the device (one launch: one read and one write), no synchronization, and no
     logits-sized buffer held between forward and backward. The "mean" denominators reach the
     kernel as device factors of the upstream gradient: backward launches nothing else.
@@ -293,20 +318,27 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         rows_target, sample_shape, probabilities = rows_inputs(input, target, weight, options)
         rows = as_rows(input.detach())
         want_grad = grad_enabled and ctx.needs_input_grad[0]
-        loss, stats, factors = forward_rows(rows, rows_target, weight, options, want_factors=want_grad)
+        loss_dtype = _bridge.loss_dtype(input, target)
+        weights = prepared_weights(weight, rows_target, options, rows.device, for_gradient=want_grad)
+        loss, stats, factors, bad = forward_rows(rows, rows_target, weights, options, dtype=loss_dtype)
         if want_grad:
-            # the "mean" denominators as factors of the upstream gradient, read by the kernel
-            ctx.save_for_backward(input, rows_target, stats, weight, factors)
+            # the "mean" denominators as factors of the upstream gradient, read by the kernel, and
+            # the class weights as the kernels read them (their total too, if pass 2 reads it)
+            values, total = (None, None) if weights is None else (weights.values, weights.total)
+            ctx.save_for_backward(input, rows_target, stats, values, total, factors)
             ctx.options = options
         if not probabilities and options.check_labels:
-            check_labels(rows_target, rows.shape[1], options.ignore_index)  # the one wait, last
-        return loss_in_layout(loss, sample_shape, options, _bridge.loss_dtype(input, target))
+            refuse_bad_labels(bad, rows_target, rows.shape[1], options.ignore_index)  # the one wait, last
+        return loss_in_layout(loss, sample_shape, options, loss_dtype)
 
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, rows_target, stats, weight, factors = ctx.saved_tensors
+        input, rows_target, stats, values, total, factors = ctx.saved_tensors
         options: LossOptions = ctx.options
+        from ..triton.cross_entropy import ClassWeights
+
+        weight = None if values is None else ClassWeights(values, total)
         rows = as_rows(input.detach())
         # pass 2 writes over the rows when they are a private copy (a layout with the classes not
         # last) or, with inplace_backward, the logits themselves; else into a new buffer

@@ -36,12 +36,18 @@ _HOMES = {
 
 
 def available() -> bool:
-    """Whether Triton can be imported (it is an optional dependency)."""
+    """Whether Triton can be imported (it is an optional dependency; once imported, it stays)."""
+    if _IMPORTED:
+        return True
     try:
         importlib.import_module("triton")
     except ImportError:
         return False
+    _IMPORTED.append(True)
     return True
+
+
+_IMPORTED: list[bool] = []  # non-empty once triton was imported (every call asks: no import machinery)
 
 
 def __getattr__(name: str) -> Any:

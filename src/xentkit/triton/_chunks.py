@@ -41,10 +41,21 @@ from torch import Tensor
 MAX_BLOCK = 8192
 
 
+def ceil_div(a: int, b: int) -> int:
+    """⌈a / b⌉ for the host's launch sizes (plain integers: ``triton.cdiv`` is a constexpr
+    function, about 100× slower to call from Python, and a launch makes several)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 ≥ n (1 for n ≤ 1), in plain integers (see :func:`ceil_div`)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def block_size(n_cols: int, max_block: int) -> int:
     """Classes per program: the row's width rounded up to a power of 2, at least 16, but at most
     ``max_block`` (a power of 2; tests lower it, below 16 too, to cut small rows into chunks)."""
-    return min(max_block, max(16, triton.next_power_of_2(max(n_cols, 1))))
+    return min(max_block, max(16, next_power_of_2(n_cols)))
 
 
 def warps(block: int) -> int:
@@ -64,7 +75,7 @@ class Layout:
     @classmethod
     def of(cls, n_rows: int, n_cols: int, max_block: int) -> Layout:
         block = block_size(n_cols, max_block)
-        return cls(n_rows, block, triton.cdiv(max(n_cols, 1), block))
+        return cls(n_rows, block, ceil_div(max(n_cols, 1), block))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -80,7 +91,7 @@ class Layout:
     def per_row(self) -> dict[str, int]:
         """The launch options of a combine kernel (grid ``(rows,)``): ``CHUNKS``, the row's chunks
         rounded up to a power of 2 (at least 2), one warp."""
-        return {"CHUNKS": max(2, triton.next_power_of_2(self.chunks)), "num_warps": 1}
+        return {"CHUNKS": max(2, next_power_of_2(self.chunks)), "num_warps": 1}
 
     @property
     def plane(self) -> int:

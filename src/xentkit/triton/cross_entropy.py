@@ -274,12 +274,14 @@ def _grad_kernel(
         known = (y >= 0) & (y < n_cols)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + tl.where(known, y, 0))
-            weight_sum = tl.load(weight_sum_ptr)  # W, summed by the host function on the device
         else:
             w_y = 1.0
-            weight_sum = n_cols * 1.0
         mass = (1.0 - eps) * w_y  # A; without smoothing no W term (0·W is NaN for W = inf)
         if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                weight_sum = tl.load(weight_sum_ptr)  # W, summed by the host function on the device
+            else:
+                weight_sum = n_cols * 1.0
             mass += eps * weight_sum / n_cols
         coef = g * mass
     if HAS_Z:
@@ -328,11 +330,17 @@ class ClassWeights:
     chunks of ``xentkit.torch``'s linear cross-entropy): ``values`` the ``[V]`` weights as a
     contiguous float32 tensor on the logits' device; ``total`` W = Σ_j w_j, summed in float64 then
     rounded to float32, a ``[1]`` tensor left on the device (no synchronization), which pass 2 of
-    hard labels reads (None when not asked for). :func:`row_statistics` and :func:`row_gradient`
-    take one in place of ``weight``; a plain tensor is prepared on each call."""
+    hard labels with label smoothing reads (None when not asked for: :meth:`total_wanted`).
+    :func:`row_statistics` and :func:`row_gradient` take one in place of ``weight``; a plain
+    tensor is prepared on each call."""
 
     values: Tensor
     total: Tensor | None
+
+    @staticmethod
+    def total_wanted(target: Tensor, label_smoothing: float) -> bool:
+        """Whether pass 2 reads W for ``target``: hard labels with label smoothing (A's ε·W/V)."""
+        return not target.is_floating_point() and label_smoothing > 0.0
 
     @classmethod
     def of(
@@ -425,7 +433,7 @@ def row_gradient(
     device = logits.device
     flags = _flags(weight, label_smoothing, softcap, target)
     # W stays on the device (no synchronization); hard labels only
-    weights = ClassWeights.of(weight, device, with_total=not flags["PROBABILITIES"])
+    weights = ClassWeights.of(weight, device, with_total=ClassWeights.total_wanted(target, label_smoothing))
     values = stats if weights is None else weights.values  # any pointer when unused
     total = stats if weights is None or weights.total is None else weights.total
     if factors is None:
@@ -468,7 +476,7 @@ def cross_entropy_rows(
     formula = {
         "ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap,
     }
-    with_total = grad_out is not None and not target.is_floating_point()
+    with_total = grad_out is not None and ClassWeights.total_wanted(target, label_smoothing)
     # prepared once for both passes (no rows: nothing to prepare, nothing read)
     weights = ClassWeights.of(weight, logits.device, with_total=with_total) if len(logits) else None
     loss, lse, stats = row_statistics(logits, target, weights, **formula)
