@@ -79,6 +79,30 @@ def maxnum(typingctx, a, b):
     return a(a, b), codegen
 
 
+@intrinsic
+def _f64_bits(typingctx, x):
+    """The bits of a float64 as an int64 (a bit cast)."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(x), codegen
+
+
+@intrinsic
+def _f64_from_bits(typingctx, i):
+    """The float64 whose bits are the int64 ``i`` (a bit cast)."""
+    if i != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(i), codegen
+
+
 def _make_pow2_scaler(split: bool):
     """An intrinsic ``scale(p, t) = p · 2^k``, k sitting in the low mantissa bits of
     ``t = v + 1.5·2^m`` (float32: k = bits(t) − bits(1.5·2^23); float64: bits(t) − bits(1.5·2^52)).
@@ -279,6 +303,61 @@ def _fast_exp_nonpositive_overload(x):
 
 
 # ---------------------------------------------------------------------------------------------
+# log (float64)
+# ---------------------------------------------------------------------------------------------
+
+# x = 2^k·(1 + f) with 1 + f in [√2/2, √2): subtracting the bits of √2/2 puts the exponent of the
+# reduced mantissa in the top bits, so k and 1 + f come out of integer arithmetic, branch-free
+_F64_SQRT_HALF_BITS = 0x3FE6A09E667F3BCD
+_F64_MANTISSA_MASK = 0x000FFFFFFFFFFFFF
+_F64_TINY = 2.2250738585072014e-308  # the smallest normal float64
+_F64_TWO_54 = 18014398509481984.0  # 2^54, to lift subnormals into the normal range
+# log(1 + f) = 2s + s·R(s²)·…, s = f/(2 + f): the minimax coefficients of fdlibm's e_log.c
+_F64_LG1 = 6.666666666666735130e-01
+_F64_LG2 = 3.999999999940941908e-01
+_F64_LG3 = 2.857142874366239149e-01
+_F64_LG4 = 2.222219843214978396e-01
+_F64_LG5 = 1.818357216161805012e-01
+_F64_LG6 = 1.531383769920937332e-01
+_F64_LG7 = 1.479819860511658591e-01
+
+
+@njit(**_HELPER_JIT)
+def _log_f64(x):
+    # subnormals: scale by 2^54 first (a select, not a branch), and take 54 off the exponent
+    small = x < _F64_TINY
+    x_normal = x * _F64_TWO_54 if small else x
+    bits = _f64_bits(x_normal) - _F64_SQRT_HALF_BITS
+    k = np.float64((bits >> 52) - (54 if small else 0))
+    f = _f64_from_bits((bits & _F64_MANTISSA_MASK) + _F64_SQRT_HALF_BITS) - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    r = (z * (_F64_LG1 + w * (_F64_LG3 + w * (_F64_LG5 + w * _F64_LG7)))
+         + w * (_F64_LG2 + w * (_F64_LG4 + w * _F64_LG6)))
+    half_f2 = 0.5 * f * f
+    value = k * _F64_LN2_HI - ((half_f2 - (s * (half_f2 + r) + k * _F64_LN2_LO)) - f)
+    # special values by selects: log 0 = −inf, log(x < 0) = NaN, log inf = inf, NaN stays
+    value = -np.inf if x == 0.0 else value
+    value = np.nan if x < 0.0 else value
+    value = np.inf if x == np.inf else value
+    return x if x != x else value
+
+
+def fast_log(x):
+    """Vectorizable natural log of a float64 scalar (for use inside Numba code): within 1 ulp of
+    ``np.log`` (fdlibm's method, branch-free), ±0 → −inf, negative → NaN, inf → inf, NaN → NaN."""
+    raise NotImplementedError("fast_log is only callable from Numba-compiled code")
+
+
+@overload(fast_log, jit_options={"forceinline": True})
+def _fast_log_overload(x):
+    if x == types.float64:
+        return lambda x: _log_f64(x)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # tanh and 1 − tanh²
 # ---------------------------------------------------------------------------------------------
 
@@ -431,6 +510,13 @@ def exp_nonpositive_into(x, out):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=HELPER_FLAGS, error_model="numpy")
+def log_into(x, out):  # pragma: no cover - compiled
+    """``out[:] = log(x)`` elementwise, 1-D float64 arrays."""
+    for j in range(x.shape[0]):
+        out[j] = fast_log(x[j])
+
+
+@njit(cache=True, fastmath=HELPER_FLAGS, error_model="numpy")
 def tanh_into(u, out, dout):  # pragma: no cover - compiled
     """``out[:] = tanh(u)``, ``dout[:] = 1 − tanh(u)²`` elementwise, 1-D arrays."""
     for j in range(u.shape[0]):
@@ -452,6 +538,14 @@ def exp_nonpositive(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     exp_nonpositive_into(x, out)
+    return out
+
+
+def log(x: np.ndarray) -> np.ndarray:
+    """The kernels' log on a 1-D float64 array (a test and inspection helper)."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = np.empty_like(x)
+    log_into(x, out)
     return out
 
 
