@@ -129,6 +129,27 @@ def test_compiled_cross_entropy_keeps_the_kernels_and_equals_eager(
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_float64_loss_is_the_same_compiled_and_eager(reduction):
+    """float64 probability targets make a float64 loss, stored from the epilogue's float64 sums
+    unrounded: the custom op takes the loss's dtype, so the compiled loss is the eager one, bit for
+    bit (it went through float32 once)."""
+    logits, target, weight, _ = _problem((5, CLASSES), True, True, seed=4)
+    target = target.double()
+
+    def loss_of(logits, target, weight):
+        return xt.cross_entropy(logits, target, weight, reduction=reduction, label_smoothing=0.1, backend="triton")
+
+    eager = loss_of(logits, target, weight)
+    compiled = torch.compile(loss_of, fullgraph=True)(logits, target, weight)
+    assert eager.dtype == compiled.dtype == torch.float64
+    assert torch.equal(compiled, eager)
+    reference = xt.cross_entropy(
+        logits.detach().double(), target, weight.double(), reduction=reduction, label_smoothing=0.1, backend="torch"
+    )
+    torch.testing.assert_close(eager, reference, rtol=1e-6, atol=0)
+
+
 def test_compiled_cross_entropy_agrees_with_torch_in_float16(launches):
     """float16 logits: the loss comes back in float16 and the gradient in float16, close to
     torch's own cross-entropy computed in float32 (an oracle independent of xentkit)."""
@@ -218,8 +239,9 @@ def test_the_custom_ops_pass_torchs_opcheck(probabilities):
     options = LossOptions("mean", -100, 0.1, 1e-2, 2.5)
     arguments = _triton_path.FORWARD_OP_OPTIONS.values(options)
     assert arguments == ("mean", -100, 0.1, 1e-2, 2.5)
-    torch.library.opcheck(_ops.triton_cross_entropy, (rows, target, weight, *arguments))
-    _, stats, factors = _ops.triton_cross_entropy(rows.detach(), target, weight, *arguments)
+    for loss_dtype in (torch.float32, torch.float64):
+        torch.library.opcheck(_ops.triton_cross_entropy, (rows, target, weight, loss_dtype, *arguments))
+    _, stats, factors = _ops.triton_cross_entropy(rows.detach(), target, weight, torch.float32, *arguments)
     torch.library.opcheck(
         _ops.triton_cross_entropy_backward,
         (rows.detach(), target, weight, stats, factors, torch.tensor(1.5),
@@ -233,7 +255,7 @@ def test_the_custom_ops_take_every_formula_option_by_name():
     formula = tuple(LossOptions().formula_arguments())
     forward = [argument.name for argument in _ops.triton_cross_entropy._opoverload._schema.arguments]
     backward = [argument.name for argument in _ops.triton_cross_entropy_backward._opoverload._schema.arguments]
-    assert forward == ["rows", "target", "weight", "reduction", *formula]
+    assert forward == ["rows", "target", "weight", "loss_dtype", "reduction", *formula]
     assert backward == ["rows", "target", "weight", "stats", "factors", "grad_output", *formula]
     options = LossOptions("sum", 3, 0.25, 1e-3, None)
     forward_op = _triton_path.FORWARD_OP_OPTIONS

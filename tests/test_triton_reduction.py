@@ -69,12 +69,16 @@ def _expected(loss_rows, lse, target, weight, reduction_name, z_loss):
 
 
 def _run(loss_rows, lse, target, weight, reduction_name, z_loss, dtype=torch.float32, n_cols=None):
+    return _run_with(loss_rows, lse, target, weight, reduction_name, z_loss, IGNORE, dtype, n_cols)
+
+
+def _run_with(loss_rows, lse, target, weight, reduction_name, z_loss, ignore_index, dtype=torch.float32, n_cols=None):
     tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE) for a in (loss_rows, lse, target)]
     if weight is not None:
         weight = torch.from_numpy(weight).to(DEVICE)
     n_cols = n_cols if n_cols is not None else (target.shape[1] if target.ndim == 2 else 11)
     loss, factors, bad = reduction.reduce_rows(
-        *tensors, weight, n_cols, reduction=reduction_name, ignore_index=IGNORE, z_loss=z_loss, dtype=dtype,
+        *tensors, weight, n_cols, reduction=reduction_name, ignore_index=ignore_index, z_loss=z_loss, dtype=dtype,
     )
     return loss.cpu(), factors.cpu(), int(bad.cpu())
 
@@ -138,16 +142,48 @@ def test_bad_labels_are_counted_and_make_the_loss_nan(spans, weighted):
     assert bad == len(bad_labels) and math.isnan(loss.item())
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 0, 7])
+def test_the_bad_label_count_follows_the_label_rule(spans, ignore_index):
+    """The epilogue counts exactly the labels ``xentkit._labels`` refuses (the home of the rule;
+    the eager check reads the count and lets check_labels name the first one)."""
+    from xentkit._labels import _bad_labels
+
+    rng = np.random.default_rng(ignore_index + 200)
+    edges = np.array([-1, 0, 10, 11, 12, -100, 7, 2**40, -(2**62), 2**63 - 1, -(2**63)])
+    labels = np.concatenate([rng.integers(-3, 14, 200), edges])
+    for weighted in (False, True):
+        weight = rng.uniform(0.5, 1.5, 11).astype(np.float32) if weighted else None
+        rows = np.zeros(len(labels), np.float32)
+        _, _, bad = _run_with(rows, rows, labels, weight, "sum", 0.0, ignore_index)
+        assert bad == int(_bad_labels(labels, 11, ignore_index).sum())
+
+
+def test_a_bad_labels_position_is_the_targets_index():
+    """For (N, C, d1, ..., dk) logits the error names the label's index in the target, as on the
+    other backends (the kernels see the rows flattened)."""
+    logits = torch.randn(2, 5, 3).to(DEVICE)
+    target = torch.zeros(2, 3, dtype=torch.long)
+    target[1, 2] = 7
+    messages = []
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match=r"label 7 at position \(1, 2\)") as raised:
+            xt.cross_entropy(logits, target.to(DEVICE), backend=backend)
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("reduction_name", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_the_loss_is_rounded_once_into_its_dtype(spans, dtype):
+def test_the_loss_is_rounded_once_into_its_dtype(spans, dtype, reduction_name):
     loss_rows, lse, target, weight = _rows(37, 11, kind="labels", seed=4)
-    loss, _, _ = _run(loss_rows, lse, target, weight, "mean", 0.0, dtype=dtype)
-    expected, _ = _expected(loss_rows, lse, target, weight, "mean", 0.0)
+    loss, _, _ = _run(loss_rows, lse, target, weight, reduction_name, 0.0, dtype=dtype)
+    expected, _ = _expected(loss_rows, lse, target, weight, reduction_name, 0.0)
     assert loss.dtype == dtype
     if dtype == torch.float64:  # stored from the float64 sums of the float32 rows as they are
-        assert loss.item() == pytest.approx(float(expected), rel=1e-12)
-    else:  # float64 → float32 → the half dtype
-        assert loss.item() == torch.tensor(float(expected), dtype=torch.float32).to(dtype).item()
+        np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-12, atol=0)
+    else:  # float64 → float32 → the half dtype, to nearest
+        rounded = torch.from_numpy(np.asarray(expected)).to(torch.float32).to(dtype)
+        assert torch.equal(loss, rounded)
 
 
 def test_the_epilogue_is_deterministic(spans):
@@ -228,9 +264,8 @@ def test_the_triton_path_dispatches_no_small_torch_ops(monkeypatch, options, red
     extra = sorted(set(dispatched.ops) - _HOST_WORK)
     assert extra == [], f"the Triton path dispatched torch ops besides its kernels: {extra}"
     assert dispatched.ops.count("_local_scalar_dense") == 1  # the label check's one wait
-    reference = torch.nn.functional.cross_entropy(
-        logits.detach().double(), labels, None if weight is None else weight.double(),
-        reduction=reduction_name, label_smoothing=options.get("label_smoothing", 0.0),
+    reference = xt.cross_entropy(
+        logits.detach().double(), labels, None if weight is None else weight.double(), reduction=reduction_name,
+        backend="torch", **kwargs,
     )
-    if not options:
-        torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)

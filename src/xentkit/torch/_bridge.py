@@ -384,7 +384,9 @@ def _anchor(tensor: Tensor) -> Tensor:
         return tensor.as_strided((0,), (1,)).clone()
     index = _NO_INDEX.get(tensor.device)
     if index is None:
-        index = _NO_INDEX.setdefault(tensor.device, torch.empty(0, dtype=torch.long, device=tensor.device))
+        index = torch.empty(0, dtype=torch.long, device=tensor.device)
+        if type(index) is torch.Tensor:  # a real tensor (under a fake mode, not kept for later)
+            _NO_INDEX[tensor.device] = index
     return torch.index_select(tensor, 0, index)
 
 

@@ -5,7 +5,7 @@ of the eager autograd Function: the layout changes (``(N, C, d1, ..., dk)`` → 
 "none" reshape and the dtype cast are plain torch ops that the compiler traces, and the kernels
 run inside two custom ops, which it keeps as they are (one node each in the graph):
 
-    xentkit::triton_cross_entropy(rows, target, weight, reduction, <formula options>)
+    xentkit::triton_cross_entropy(rows, target, weight, loss_dtype, reduction, <formula options>)
         -> (loss, stats, factors)
         pass 1, the rows' losses and the epilogue kernel (the reduction and the upstream
         gradient's factors: :func:`xentkit.torch._triton_path.forward_rows`)
@@ -50,21 +50,31 @@ __all__ = ["cross_entropy", "triton_cross_entropy", "triton_cross_entropy_backwa
 
 @torch.library.custom_op(
     "xentkit::triton_cross_entropy", mutates_args=(),
-    schema=f"(Tensor rows, Tensor target, Tensor? weight, {FORWARD_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor)",
+    schema=(
+        f"(Tensor rows, Tensor target, Tensor? weight, ScalarType loss_dtype, {FORWARD_OP_OPTIONS.schema}) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
 )
-def triton_cross_entropy(rows: Tensor, target: Tensor, weight: Tensor | None, *options: Any) -> tuple[Tensor, Tensor, Tensor]:
+def triton_cross_entropy(
+    rows: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, *options: Any
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, stats, factors)`` of :func:`xentkit.torch._triton_path.forward_rows` for
-    contiguous ``[rows, C]`` logits and ``[rows]`` int64 labels or ``[rows, C]`` probabilities;
-    ``options``: ``FORWARD_OP_OPTIONS.values(loss_options)``."""
-    loss, stats, factors, _bad = _triton_path.forward_rows(rows, target, weight, FORWARD_OP_OPTIONS.options(options))
+    contiguous ``[rows, C]`` logits and ``[rows]`` int64 labels or ``[rows, C]`` probabilities,
+    the loss in ``loss_dtype`` (rounded there once, as in eager); ``options``:
+    ``FORWARD_OP_OPTIONS.values(loss_options)``."""
+    loss, stats, factors, _bad = _triton_path.forward_rows(
+        rows, target, weight, FORWARD_OP_OPTIONS.options(options), dtype=loss_dtype
+    )
     return loss, stats, factors
 
 
 @triton_cross_entropy.register_fake
-def _(rows: Tensor, target: Tensor, weight: Tensor | None, *options: Any) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    rows: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, *options: Any
+) -> tuple[Tensor, Tensor, Tensor]:
     n_rows = rows.shape[0]
     (reduction,) = OpOptions(("reduction",)).taken_from(FORWARD_OP_OPTIONS, options)
-    loss = rows.new_empty((n_rows,) if reduction == "none" else (), dtype=torch.float32)
+    loss = rows.new_empty((n_rows,) if reduction == "none" else (), dtype=loss_dtype)
     # the rows' max and sum, and Σ w·q' for probability targets
     stats = rows.new_empty((3 if target.is_floating_point() else 2, n_rows), dtype=torch.float32)
     return loss, stats, rows.new_empty((2,), dtype=torch.float32)
@@ -98,7 +108,7 @@ def _(
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    rows, target, weight, *options = inputs
+    rows, target, weight, _loss_dtype, *options = inputs
     _loss, stats, factors = output
     ctx.mark_non_differentiable(stats, factors)
     ctx.save_for_backward(rows, target, weight, stats, factors)
@@ -113,7 +123,7 @@ def _backward(
     gradient = None
     if ctx.needs_input_grad[0]:
         gradient = triton_cross_entropy_backward(rows, target, weight, stats, factors, grad_loss, *ctx.options)
-    return gradient, None, None, *(None for _ in FORWARD_OP_OPTIONS.names)
+    return gradient, None, None, None, *(None for _ in FORWARD_OP_OPTIONS.names)
 
 
 triton_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -124,8 +134,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options:
     gradient and layouts as the eager Function (the same prologue and epilogue), without the label
     check (no wait for the device)."""
     rows_target, sample_shape, _probabilities = _triton_path.rows_inputs(input, target, weight, options)
+    loss_dtype = _bridge.loss_dtype(input, target)
     loss, _stats, _factors = triton_cross_entropy(
-        _triton_path.as_rows(input), rows_target, None if weight is None else weight.detach(),
+        _triton_path.as_rows(input), rows_target, None if weight is None else weight.detach(), loss_dtype,
         *FORWARD_OP_OPTIONS.values(options),
     )
-    return _triton_path.loss_in_layout(loss, sample_shape, options, _bridge.loss_dtype(input, target))
+    return _triton_path.loss_in_layout(loss, sample_shape, options, loss_dtype)

@@ -251,9 +251,14 @@ def prepared_weights(
 def refuse_bad_labels(bad: Tensor, labels: Tensor, classes: int, ignore_index: int) -> None:
     """The eager label check of the Triton paths, after the kernels: one wait for the device, to
     read the epilogue's count ``bad``; where it is not 0, :func:`xentkit._labels.check_labels` (the
-    home of the rule and its message) finds the first bad label and raises."""
-    if bad.item():
+    home of the rule and its message) finds the first bad label of ``labels`` (in the target's
+    shape, so that its position is the target's index) and raises."""
+    count = int(bad.item())
+    if count:
         check_labels(labels, classes, ignore_index)
+        raise RuntimeError(  # the epilogue's rule and check_labels' disagree: a bug, never a pass
+            f"xentkit: the Triton epilogue counted {count} bad labels that check_labels accepts"
+        )
 
 
 def row_plan(
@@ -328,7 +333,8 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(input, rows_target, stats, values, total, factors)
             ctx.options = options
         if not probabilities and options.check_labels:
-            refuse_bad_labels(bad, rows_target, rows.shape[1], options.ignore_index)  # the one wait, last
+            # the one wait, last
+            refuse_bad_labels(bad, rows_target.reshape(sample_shape), rows.shape[1], options.ignore_index)
         return loss_in_layout(loss, sample_shape, options, loss_dtype)
 
     @staticmethod
