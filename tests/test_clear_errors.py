@@ -116,7 +116,9 @@ def test_the_reference_switch_reads_its_environment_variable_or_says_why_not(val
         assert result.stdout.strip() == str(expected)
 
 
-@pytest.mark.parametrize("call", ["cross_entropy", "nll_loss", "module"])
+@pytest.mark.parametrize(
+    "call", ["cross_entropy", "nll_loss", "module", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss"]
+)
 def test_integer_input_is_a_type_error_naming_it(call):
     import xentkit.torch as xt
 
@@ -125,6 +127,8 @@ def test_integer_input_is_a_type_error_naming_it(call):
         "cross_entropy": lambda: xt.cross_entropy(integers, target),
         "nll_loss": lambda: xt.nll_loss(integers, target),
         "module": lambda: xt.CrossEntropyLoss()(integers, target),
+        "binary_cross_entropy_with_logits": lambda: xt.binary_cross_entropy_with_logits(integers, torch.rand(3, 4)),
+        "BCEWithLogitsLoss": lambda: xt.BCEWithLogitsLoss()(integers.bool(), torch.rand(3, 4)),
     }
-    with pytest.raises(TypeError, match=r"input must be a floating-point tensor .* got dtype int64"):
+    with pytest.raises(TypeError, match=r"input must be a floating-point tensor .* got dtype (int64|bool)"):
         calls[call]()

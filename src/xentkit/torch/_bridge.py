@@ -40,6 +40,16 @@ def check_class_weight(weight: Tensor | None, classes: int) -> None:
         check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype).removeprefix("torch."))
 
 
+def check_floating_input(input: Tensor, name: str = "logits") -> None:
+    """A non-floating ``input`` is a TypeError naming it (torch's own kernels raise a
+    NotImplementedError from inside, or truncate)."""
+    if not input.is_floating_point():
+        raise TypeError(
+            f"input must be a floating-point tensor ({name}), got dtype "
+            f"{str(input.dtype).removeprefix('torch.')}; pass input.float()"
+        )
+
+
 def sample_layout(
     input: Tensor, target: Tensor, name: str = "logits", probabilities_allowed: bool = True
 ) -> tuple[int, tuple[int, ...], bool]:
@@ -50,11 +60,7 @@ def sample_layout(
     must be integers (a TypeError: torch would truncate floats and take bools) of the samples'
     shape. The one rule of the Triton and torch-ops paths. A non-floating ``input`` is a
     TypeError naming it (torch's own kernels raise a NotImplementedError from inside)."""
-    if not input.is_floating_point():
-        raise TypeError(
-            f"input must be a floating-point tensor ({name}), got dtype "
-            f"{str(input.dtype).removeprefix('torch.')}; pass input.float()"
-        )
+    check_floating_input(input, name)
     class_axis = class_axis_of_shape(tuple(input.shape), 1 if input.dim() >= 2 else 0, name)
     sample_shape = tuple(input.shape[:class_axis] + input.shape[class_axis + 1 :])
     probabilities = probabilities_allowed and target.is_floating_point() and target.shape == input.shape

@@ -650,7 +650,8 @@ def binary_cross_entropy_with_logits(
 
     "mean" averages over all elements; with no element it is 0 (torch: NaN). The loss has the
     target's dtype, as torch's (float64 logits with a float32 target give float32); an integer or
-    bool target is a TypeError (torch refuses it too, with an error that depends on the path). Shapes: input
+    bool input or target is a TypeError (torch refuses them too, with an error that depends on the
+    path). Shapes: input
     and target of any one shape; ``weight`` broadcastable to it; ``pos_weight`` broadcastable
     along the last (class) axis.
 
@@ -670,6 +671,8 @@ def binary_cross_entropy_with_logits(
     if size_average is not None or reduce is not None:
         reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
     reduction = cached_options()(reduction).reduction
+    if isinstance(input, Tensor):  # (torch: a NotImplementedError from inside its kernel)
+        _bridge.check_floating_input(input)
     if isinstance(target, Tensor) and not target.is_floating_point():  # (torch: a cast error, per path)
         raise TypeError(
             "target must be a floating-point tensor (probabilities in [0, 1]), got dtype "
