@@ -187,6 +187,34 @@ def test_special_values_as_the_numba_kernel():
 
 
 @pytest.mark.usefixtures("chunked")
+def test_the_kernel_finishes_rows_as_row_statistics():
+    """``TritonRows.finished``: the merging kernel writes each row's log p(y), H, lse and log s
+    by ``reference.log_probs.row_statistics``' algebra (no torch op), on special rows, ignored rows
+    and a label outside the row too; the outputs are tensors of their own, not what backward keeps."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(15)) * 3
+    logits[0, 5] = inf
+    logits[1, 20] = nan
+    logits[2] = -inf
+    logits[4, :200] = -inf
+    logits[6, 100] = 80.0
+    labels = torch.tensor([3, 4, 5, 7, 250, 9, 100, 1000])
+    valid = torch.tensor([True, True, True, False, True, True, True, True])
+    shape = torch.Size((2, 4))
+    statistics, (log_p, entropy, lse, log_s, kept) = TritonRows.finished(
+        logits.to(DEVICE), labels.to(DEVICE), valid.to(DEVICE), 0.7, shape
+    )
+    expected = row_statistics(*(t.cpu() for t in statistics), valid)
+    for got, want in zip((log_p, entropy, lse, log_s), expected, strict=True):
+        torch.testing.assert_close(got.cpu().reshape(-1), want, equal_nan=True, rtol=2e-7, atol=0)
+    assert log_p.shape == entropy.shape == lse.shape == shape
+    torch.testing.assert_close(kept.cpu(), entropy.cpu().reshape(-1), equal_nan=True, rtol=0, atol=0)
+    assert len({t.data_ptr() for t in (log_p, entropy, lse, log_s, kept)}) == 5
+    assert log_p[0, 3] == 0 and entropy[0, 3] == 0 and lse[0, 3] == 0  # the ignored row
+    assert log_p[0, 1].isnan() and lse[0, 2] == -inf and lse[0, 0] == inf and statistics[3][7] == 0  # label 1000: not read
+
+
+@pytest.mark.usefixtures("chunked")
 def test_a_chunk_of_nan_only_makes_the_row_nan():
     """As torch: a NaN anywhere makes the row NaN, also when its chunk has nothing else (the
     chunk's max is then −inf, but its sums are NaN and the merge keeps them)."""

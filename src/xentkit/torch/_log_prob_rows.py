@@ -28,7 +28,24 @@ from . import _bridge
 __all__ = ["NumbaRows", "TorchRows", "TritonRows"]
 
 
-class NumbaRows:
+class _Rows:
+    """What the row backends share: :meth:`finished`, from their ``statistics``."""
+
+    @classmethod
+    def finished(
+        cls, logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, shape: torch.Size
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``statistics`` and what ``reference.log_probs.row_statistics`` makes of them: the
+        rows' (m, s, u, z_y), and their ``(log_p, entropy, lse, log_s, kept_entropy)``, the first
+        three outputs of their own in ``shape`` and float32 (float64 for float64 logits), never
+        views and never what backward keeps, the last two ``[N]`` for backward."""
+        statistics = cls.statistics(logits, labels, valid, temperature)
+        log_p, entropy, lse, log_s = row_statistics(*statistics, valid)
+        outputs = _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(logits.dtype), shape)
+        return statistics, (*outputs, log_s, entropy)
+
+
+class NumbaRows(_Rows):
     """The CPU kernels (``xentkit.kernels.log_probs``) on NumPy views of the tensors."""
 
     name = "numba"
@@ -64,7 +81,7 @@ class NumbaRows:
         return out
 
 
-class TorchRows:
+class TorchRows(_Rows):
     """The same two passes in torch ops (any device, any floating dtype)."""
 
     name = "torch"
@@ -127,7 +144,7 @@ class TorchRows:
         return out
 
 
-class TritonRows:
+class TritonRows(_Rows):
     """The Triton kernels (``xentkit.triton.log_probs``) on the tensors as they are: float32
     statistics, the gradient written into ``out`` (in place when ``out`` is the logits)."""
 
@@ -139,6 +156,21 @@ class TritonRows:
         from ..triton.log_probs import log_prob_statistics
 
         return log_prob_statistics(logits, labels.to(torch.int64).contiguous(), valid, temperature)
+
+    @classmethod
+    def finished(
+        cls, logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, shape: torch.Size
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """As the other backends', with ``row_statistics``' algebra in the kernel that merges each
+        row (no torch op: on CUDA each would be a launch), written straight into the outputs."""
+        from ..triton.log_probs import log_prob_statistics
+
+        outputs = tuple(torch.empty(shape, dtype=torch.float32, device=logits.device) for _ in range(3))
+        kept = tuple(torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) for _ in range(2))
+        statistics = log_prob_statistics(
+            logits, labels.to(torch.int64).contiguous(), valid, temperature, finished=(*outputs, *kept),
+        )
+        return statistics, (*outputs, *kept)
 
     @staticmethod
     def gradient(

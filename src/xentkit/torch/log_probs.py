@@ -80,8 +80,15 @@ def _finish(ctx: FunctionCtx, statistics: tuple[Tensor, ...], valid: Tensor, sha
     """Per-row outputs from (m, s, u, z_y); keeps (m, s, log s, H) on ``ctx`` for backward."""
     m, s, u, z_target = statistics
     log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
+    return _keep(ctx, m, s, log_s, entropy, _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(dtype), shape))
+
+
+def _keep(
+    ctx: FunctionCtx, m: Tensor, s: Tensor, log_s: Tensor, entropy: Tensor, outputs: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    """Keeps the rows' (m, s, log s, H) on ``ctx`` for backward; returns ``outputs``."""
     ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
-    return _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(dtype), shape)
+    return outputs
 
 
 class _LogProbsFunction(torch.autograd.Function):
@@ -95,9 +102,11 @@ class _LogProbsFunction(torch.autograd.Function):
         matrix = logits.detach().reshape(-1, logits.shape[-1]).contiguous()
         labels = target.reshape(-1)
         ctx.options, ctx.rows, ctx.valid = options, rows, valid.reshape(-1)
-        statistics = rows.statistics(matrix, labels, ctx.valid, options.temperature)
+        (m, s, _, _), (log_p, entropy, lse, log_s, kept) = rows.finished(
+            matrix, labels, ctx.valid, options.temperature, target.shape
+        )
         ctx.save_for_backward(logits, target)
-        return _finish(ctx, statistics, ctx.valid, target.shape, logits.dtype)
+        return _keep(ctx, m, s, log_s, kept, (log_p, entropy, lse))
 
     @staticmethod
     @_bridge.first_order_only("log_probs")

@@ -15,9 +15,9 @@ z_j = x_j·c (one float32 rounding, the same in every pass):
         m = max_k m_k,  t = m (0 if not finite)
         s = Σ_k s_k·exp(t_k − t),   u = Σ_k exp(t_k − t)·(u_k + s_k·(t_k − t))
         z_y = x_y·c when the row's target y is in [0, V), else 0 (not read)
-    gives each row's (m, s, u, z_y) in float32; the caller
-    (``reference.log_probs.row_statistics``) turns them into log p(y) = (z_y − m) − log s ≤ 0,
-    H = log s − u/s ≥ 0 and lse = m + log s.
+    gives each row's (m, s, u, z_y) in float32; ``reference.log_probs.row_statistics`` turns them
+    into log p(y) = (z_y − m) − log s ≤ 0, H = log s − u/s ≥ 0 and lse = m + log s, in the
+    caller or (``finished``) in this kernel, with the same operations in the same order.
 
     pass 2, ``_gradient_kernel`` (one read and one write of the logits), given per-row (m, s)
     and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)):
@@ -103,12 +103,20 @@ def _combine_kernel(
     s_ptr,
     u_ptr,
     z_target_ptr,
+    log_p_ptr,
+    entropy_ptr,
+    lse_ptr,
+    log_s_ptr,
+    kept_ptr,
     n_cols,
     n_chunks,
     scale,
     CHUNKS: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
-    """One program per row: the row's partials merged into (m, s, u), and z_y."""
+    """One program per row: the row's partials merged into (m, s, u), and z_y; with ``FINISH``
+    also the row's log p(y), H, lse, log s and H again (kept for backward)
+    (``reference.log_probs.row_statistics``; 0 on rows that are not valid)."""
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: see the module docstring
     slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     if tl.load(valid_ptr + row) == 0:
@@ -116,6 +124,12 @@ def _combine_kernel(
         tl.store(s_ptr + row, 1.0)
         tl.store(u_ptr + row, 0.0)
         tl.store(z_target_ptr + row, 0.0)
+        if FINISH:
+            tl.store(log_p_ptr + row, 0.0)
+            tl.store(entropy_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            tl.store(log_s_ptr + row, 0.0)
+            tl.store(kept_ptr + row, 0.0)
         return
     # ---- the row: m = max m_k; (s_k, u_k) restated at t and summed ----
     m, t, s, t_k, factor, s_k = _chunks.merge(slots, mine, plane, True)
@@ -128,10 +142,19 @@ def _combine_kernel(
     y = tl.load(labels_ptr + row)
     known = (y >= 0) & (y < n_cols)
     x_y = tl.load(logits_ptr + row * logits_stride + tl.where(known, y, 0)).to(tl.float32)
+    z_y = tl.where(known, x_y * scale, 0.0)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     tl.store(u_ptr + row, u)
-    tl.store(z_target_ptr + row, tl.where(known, x_y * scale, 0.0))
+    tl.store(z_target_ptr + row, z_y)
+    if FINISH:  # row_statistics' algebra, in its order
+        log_s = tl.log(s)
+        entropy = log_s - u / s
+        tl.store(log_p_ptr + row, ((z_y - m) - log_s) + (m - m))  # + (m − m): NaN for an infinite max
+        tl.store(entropy_ptr + row, entropy)
+        tl.store(lse_ptr + row, m + log_s)
+        tl.store(log_s_ptr + row, log_s)
+        tl.store(kept_ptr + row, entropy)
 
 
 @triton.jit
@@ -181,11 +204,15 @@ def _valid_bytes(valid: Tensor) -> Tensor:
 
 
 def log_prob_statistics(
-    logits: Tensor, labels: Tensor, valid: Tensor, temperature: float = 1.0
+    logits: Tensor, labels: Tensor, valid: Tensor, temperature: float = 1.0,
+    finished: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 1 over a contiguous ``[N, V]`` float32/float16/bfloat16 tensor: ``(m, s, u, z_target)``,
     each ``[N]`` float32 on the logits' device (see the module docstring). ``labels`` ``[N]``
-    int64, ``valid`` ``[N]`` bool; nothing is validated. Two launches."""
+    int64, ``valid`` ``[N]`` bool; nothing is validated. ``finished``: five contiguous float32
+    tensors of N elements each (any shape) that receive each row's log p(y), H, lse, log s and H
+    again (``reference.log_probs.row_statistics``, 0 on rows that are not valid), or None.
+    Two launches."""
     n_rows, n_cols = logits.shape
     device = logits.device
     m, s, u, z_target = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4))
@@ -201,7 +228,8 @@ def log_prob_statistics(
     )
     _combine_kernel[(n_rows,)](
         logits, logits.stride(0), labels, valid_bytes, part, layout.plane, m, s, u, z_target,
-        n_cols, layout.chunks, scale, **layout.per_row, enable_fp_fusion=False,
+        *((m,) * 5 if finished is None else finished), n_cols, layout.chunks, scale, **layout.per_row,
+        FINISH=finished is not None, enable_fp_fusion=False,
     )
     return m, s, u, z_target
 
