@@ -570,6 +570,16 @@ def test_exp_loops_vectorize():
         assert not re.search(r"call [^\n]*@(?:llvm\.)?(?:exp|log)", llvm_ir), "a scalar exp or log call is left"
 
 
+def test_rows_of_no_class_take_the_row_kernel(monkeypatch):
+    """Zero classes with every row ignored (the kernel contract allows it; the api refuses it):
+    the tile kernel would read each row's label entry, so such rows take the row kernel."""
+    monkeypatch.setattr(kernel_module, "_cross_entropy_tile_serial", lambda *args: pytest.fail("tile kernel"))
+    monkeypatch.setattr(kernel_module, "_cross_entropy_tile_kernel", lambda *args: pytest.fail("tile kernel"))
+    logits = np.zeros((5, 0), np.float32)
+    loss, lse = cross_entropy_rows(logits, np.full(5, -100), None, -100, 0.0, 0.0, None, None, None, np.empty_like(logits))
+    assert loss.tolist() == [0.0] * 5 and lse.tolist() == [0.0] * 5
+
+
 def test_the_tile_kernels_finishing_loop_vectorizes():
     """The tile kernel finishes a tile's rows in one loop (``_tile_finish``): its log, exp and
     divisions must run in vector lanes, with no libm call left (a call per row was half the
@@ -579,7 +589,7 @@ def test_the_tile_kernels_finishing_loop_vectorizes():
     finish = njit(fastmath=False, error_model="numpy", nogil=True)(kernel_module._tile_finish.py_func)
     finish(np.zeros((2, 8), np.float32), np.ones((kernel_module._TILE_WORK, 8)), 10, 10.0, 0.0, 0.0, 0.0)
     for llvm_ir in finish.inspect_llvm().values():
-        assert max(int(w) for w in re.findall(r"<(\d+) x double>", llvm_ir)) >= 2, "not vectorized"
+        assert max((int(w) for w in re.findall(r"<(\d+) x double>", llvm_ir)), default=0) >= 2, "not vectorized"
         assert not re.search(r"call [^\n]*@(?:llvm\.)?(?:exp|log)\b", llvm_ir), "a scalar exp or log call is left"
 
 

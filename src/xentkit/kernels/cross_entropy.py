@@ -304,6 +304,15 @@ def _zero_row(g):  # pragma: no cover - compiled
         g[j] = zero
 
 
+@njit(forceinline=True, **_KERNEL_JIT)
+def _ignored_row(loss_rows, lse_rows, r, dst, want_grad):  # pragma: no cover - compiled
+    """Row ``r``'s target is ``ignore_index``: loss 0, lse 0 and (``want_grad``) a zero gradient."""
+    loss_rows[r] = 0.0
+    lse_rows[r] = 0.0
+    if want_grad:
+        _zero_row(dst)
+
+
 # ---------------------------------------------------------------------------------------------
 # One row, in three steps (shared by the row kernel and the split-row kernel)
 # ---------------------------------------------------------------------------------------------
@@ -487,10 +496,7 @@ def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
         dst = row if in_place else grad_out[i]
         y = labels[i]
         if y == ignore_index:
-            loss_rows[i] = 0.0
-            lse_rows[i] = 0.0
-            if want_grad:
-                _zero_row(dst)
+            _ignored_row(loss_rows, lse_rows, i, dst, want_grad)
             continue
         # ---- Pass 1: m = max_j z_j, s = Σ_j exp(z_j − m) (one read of the row) ----
         m, s, sum_z, ref = _pass1(row, 0, n_classes, weight, has_weight, eps, softcap, block)
@@ -597,7 +603,8 @@ def _tile_finish(found, work, n_classes, weight_sum, eps, z_loss, softcap):  # p
     """``_finish_row`` for each row of a tile, in one loop over the rows: ``found`` holds each
     row's m and x_y (the logits' dtype), ``work`` (float64, ``_TILE_WORK`` × rows) its s, S_z,
     r, w_y, g, g_z, and receives its loss, lse, c, β and grad_y. The log, exp and division of
-    every row then run in vector lanes (about half the time of a row's libm calls one by one)."""
+    every row then run in vector lanes (measured in a loop of its own on AVX2, one thread: 6.1 ns
+    a row, against 12.8 ns with libm's log and exp one row at a time)."""
     for i in range(work.shape[1]):
         loss, lse, c, beta, grad_y = _finish_row(
             found[0, i], work[0, i], work[1, i], work[2, i], found[1, i], work[3, i], n_classes, weight_sum,
@@ -668,15 +675,19 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
         per row:   m = max_j z_j, its shift (m, or 0 if m = −inf) for each of its classes
         the tile:  e_k = exp(z_k − shift_k), one flat loop over the tile's logits (vectorized
                    across rows), with s'(x_k) for a softcap
-        per row:   s = Σ_j e_j (float64), S_z, then ``_finish_row`` (the loss and pass 2's
-                   coefficients) and the gradient c·e_j + β·w_j from the stored e_j
+        per row:   s = Σ_j e_j (float64), S_z, x_y, w_y and the upstream gradients, gathered
+        the tile:  ``_tile_finish``: ``_finish_row`` (the loss and pass 2's coefficients) for
+                   every row in one loop, vectorized across rows (its log and exp: ``fast_log``,
+                   ``fast_exp``)
+        per row:   the loss, and the gradient c·e_j + β·w_j from the stored e_j
 
     The same statistics as one pass-1 block of the row kernel (s with the max's terms counted
     apart, as ``_block_sum_exp_top``, but in float64), the loss from the same ``_finish_row``, the
     gradient with pass 2's formula (c·e_j + β·w_j in the logits' dtype, fused multiply-adds
-    allowed) on the same e_j. s's last bits may differ from the row kernel's, and so may where
-    LLVM puts a fused multiply-add: with weighted label smoothing c·e_j and β·w_j can nearly
-    cancel, and then an entry may differ by many ulps of those terms (equally accurate).
+    allowed) on the same e_j. s's last bits may differ from the row kernel's, and so may the
+    log's and exp's (within 1 ulp of libm's, which the row kernels call), and where LLVM puts a
+    fused multiply-add: with weighted label smoothing c·e_j and β·w_j can nearly cancel, and then
+    an entry may differ by many ulps of those terms (equally accurate).
     """
     n_rows, n_classes = logits.shape
     eps = label_smoothing
@@ -722,10 +733,7 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
             dst = row if in_place else grad_out[r]
             y = labels[r]
             if y == ignore_index:
-                loss_rows[r] = 0.0
-                lse_rows[r] = 0.0
-                if want_grad:
-                    _zero_row(dst)
+                _ignored_row(loss_rows, lse_rows, r, dst, want_grad)
                 continue
             loss_rows[r] = work[6, i]
             lse_rows[r] = work[7, i]
@@ -976,8 +984,9 @@ def cross_entropy_rows(
         loss_rows,
         lse_rows,
     )
-    # rows of few classes, in one block, C-contiguous (the tile reads rows as one flat array)
-    tile = segments == 1 and n_classes <= min(TILE_MAX_CLASSES, int(block)) and logits.flags.c_contiguous
+    # rows of few classes (at least one: the tile reads each row's label entry), in one block,
+    # C-contiguous (the tile reads rows as one flat array)
+    tile = segments == 1 and 0 < n_classes <= min(TILE_MAX_CLASSES, int(block)) and logits.flags.c_contiguous
     if threads == 1 and segments == 1:  # the calling thread alone: no pool, no thread count
         (_cross_entropy_tile_serial if tile else _cross_entropy_rows_serial)(*arguments)
     elif tile:
