@@ -198,6 +198,7 @@ def test_the_kernel_finishes_rows_as_row_statistics():
     logits[2] = -inf
     logits[4, :200] = -inf
     logits[6, 100] = 80.0
+    logits[5, 9] = -inf  # a masked target: log p = −inf
     labels = torch.tensor([3, 4, 5, 7, 250, 9, 100, 1000])
     valid = torch.tensor([True, True, True, False, True, True, True, True])
     shape = torch.Size((2, 4))
@@ -211,7 +212,7 @@ def test_the_kernel_finishes_rows_as_row_statistics():
     torch.testing.assert_close(kept.cpu(), entropy.cpu().reshape(-1), equal_nan=True, rtol=0, atol=0)
     assert len({t.data_ptr() for t in (log_p, entropy, lse, log_s, kept)}) == 5
     assert log_p[0, 3] == 0 and entropy[0, 3] == 0 and lse[0, 3] == 0  # the ignored row
-    assert log_p[0, 1].isnan() and lse[0, 2] == -inf and lse[0, 0] == inf and statistics[3][7] == 0  # label 1000: not read
+    assert log_p[1, 1] == -inf and log_p[0, 1].isnan() and lse[0, 2] == -inf and lse[0, 0] == inf and statistics[3][7] == 0  # label 1000: not read
 
 
 @pytest.mark.usefixtures("chunked")

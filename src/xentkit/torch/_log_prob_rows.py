@@ -1,7 +1,9 @@
 """The two passes of the token log-probabilities over a ``[rows, V]`` block of logits, per backend.
 
-Both backends keep one contract (that of :mod:`xentkit.kernels.log_probs`, whose docstring has
-the formulas): ``statistics`` gives each row's (m, s, u, z_y), ``gradient`` writes
+The backends keep one contract (that of :mod:`xentkit.kernels.log_probs`, whose docstring has
+the formulas): ``statistics`` gives each row's (m, s, u, z_y), ``finished`` those and the rows'
+log p(y), H and lse (``reference.log_probs.row_statistics``, in torch ops or, for Triton, in its
+kernel), ``gradient`` writes
 ∂/∂logits = (a·[j = y] + p_j·(b + k·(z_j − m)))/T from the rows' (m, s) and coefficients
 (a, b, k) into ``out`` (which may be the logits: in place). Rows that are not ``valid`` get
 (m, s, u, z_y) = (0, 1, 0, 0) and a zero gradient; a label outside [0, V) is not read (z_y 0, no
@@ -28,21 +30,33 @@ from . import _bridge
 __all__ = ["NumbaRows", "TorchRows", "TritonRows"]
 
 
+def finish_rows(
+    statistics: tuple[Tensor, ...], valid: Tensor, dtype: torch.dtype, shape: torch.Size
+) -> tuple[Tensor, ...]:
+    """``(log_p, entropy, lse, log_s, kept_entropy)`` from the rows' (m, s, u, z_y) by
+    ``reference.log_probs.row_statistics``: the first three outputs of their own in ``shape`` and
+    float32 (float64 for ``dtype`` float64), never views and never what backward keeps; the last
+    two ``[N]`` for backward."""
+    log_p, entropy, lse, log_s = row_statistics(*statistics, valid)
+    outputs = _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(dtype), shape)
+    return (*outputs, log_s, entropy)
+
+
 class _Rows:
     """What the row backends share: :meth:`finished`, from their ``statistics``."""
+
+    @staticmethod
+    def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:
+        raise NotImplementedError  # each backend's own pass 1
 
     @classmethod
     def finished(
         cls, logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, shape: torch.Size
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """``statistics`` and what ``reference.log_probs.row_statistics`` makes of them: the
-        rows' (m, s, u, z_y), and their ``(log_p, entropy, lse, log_s, kept_entropy)``, the first
-        three outputs of their own in ``shape`` and float32 (float64 for float64 logits), never
-        views and never what backward keeps, the last two ``[N]`` for backward."""
+        """``statistics`` and what :func:`finish_rows` makes of them: the rows' (m, s, u, z_y), and
+        ``(log_p, entropy, lse, log_s, kept_entropy)``."""
         statistics = cls.statistics(logits, labels, valid, temperature)
-        log_p, entropy, lse, log_s = row_statistics(*statistics, valid)
-        outputs = _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(logits.dtype), shape)
-        return statistics, (*outputs, log_s, entropy)
+        return statistics, finish_rows(statistics, valid, logits.dtype, shape)
 
 
 class NumbaRows(_Rows):

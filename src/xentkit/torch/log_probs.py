@@ -35,7 +35,7 @@ from torch.autograd.function import FunctionCtx
 from .._labels import check_index_layout
 from .._labels import check_labels as _check_labels
 from .._options import LogProbOptions, check_flag, describe, select_outputs
-from ..reference.log_probs import gradient_coefficients, row_statistics
+from ..reference.log_probs import gradient_coefficients
 from . import _bridge, _log_prob_ops, _triton_path
 from ._chunks import (
     add_chunk_gradients,
@@ -47,7 +47,7 @@ from ._chunks import (
 )
 from ._linear_checks import check_linear
 from ._linear_triton import detached
-from ._log_prob_rows import NumbaRows, TorchRows, TritonRows
+from ._log_prob_rows import NumbaRows, TorchRows, TritonRows, finish_rows
 
 __all__ = ["linear_log_probs", "log_probs"]
 
@@ -78,9 +78,8 @@ def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[T
 
 def _finish(ctx: FunctionCtx, statistics: tuple[Tensor, ...], valid: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """Per-row outputs from (m, s, u, z_y); keeps (m, s, log s, H) on ``ctx`` for backward."""
-    m, s, u, z_target = statistics
-    log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
-    return _keep(ctx, m, s, log_s, entropy, _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(dtype), shape))
+    log_p, entropy, lse, log_s, kept = finish_rows(statistics, valid, dtype, shape)
+    return _keep(ctx, statistics[0], statistics[1], log_s, kept, (log_p, entropy, lse))
 
 
 def _keep(

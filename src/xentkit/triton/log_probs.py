@@ -147,9 +147,9 @@ def _combine_kernel(
     tl.store(s_ptr + row, s)
     tl.store(u_ptr + row, u)
     tl.store(z_target_ptr + row, z_y)
-    if FINISH:  # row_statistics' algebra, in its order
+    if FINISH:  # row_statistics' algebra, in its order (u/s rounded as torch's: a GPU's "/" is not)
         log_s = tl.log(s)
-        entropy = log_s - u / s
+        entropy = log_s - tl.div_rn(u, s)
         tl.store(log_p_ptr + row, ((z_y - m) - log_s) + (m - m))  # + (m − m): NaN for an infinite max
         tl.store(entropy_ptr + row, entropy)
         tl.store(lse_ptr + row, m + log_s)
