@@ -265,9 +265,10 @@ def row_plan(
     target: Tensor, weight: Tensor | None, options: LossOptions, classes: int
 ) -> tuple[Tensor, ReductionPlan]:
     """``(valid, plan)`` of the Triton linear form (one plan for the whole batch; ``cross_entropy``
-    takes its epilogue kernel instead: :func:`forward_rows`), on the device and without a wait: probabilities
-    count every row; labels count the non-ignored ones, and the class-weight lookup reads no label
-    outside ``[0, classes)`` (the caller refuses those after the kernels, which read none)."""
+    takes its epilogue kernel instead: :func:`forward_rows`), on the device and without a wait:
+    probabilities count every row; labels count the non-ignored ones, and the class-weight lookup
+    reads no label outside ``[0, classes)`` (the caller refuses those after the kernels, which
+    read none)."""
     if target.is_floating_point():
         valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
         return valid, ReductionPlan.of_rows(options.reduction, target.shape[0])
@@ -301,10 +302,11 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy on :mod:`xentkit.triton`'s kernels. forward: pass 1, the rows' losses and the
     epilogue (three launches, one read of the logits; :func:`forward_rows`), then the labels are
     checked (one wait for the device, to read the epilogue's count of bad labels); the logits,
-    each row's max and sum and the class weights as the kernels read them are kept. backward: pass 2 with the upstream gradient
-    read on the device (one launch: one read and one write), no synchronization, and no
-    logits-sized buffer held between forward and backward. The "mean" denominators reach the
-    kernel as device factors of the upstream gradient: backward launches nothing else.
+    each row's max and sum and the class weights as the kernels read them are kept. backward:
+    pass 2 with the upstream gradient read on the device (one launch: one read and one write), no
+    synchronization, and no logits-sized buffer held between forward and backward. The "mean"
+    denominators reach the kernel as device factors of the upstream gradient: backward launches
+    nothing else.
 
     Probability targets (floating, of the input's shape) take the same two passes, which read
     them as ``[rows, C]`` in their dtype (a copy only for ``(N, C, d1, ..., dk)`` layouts); as on
