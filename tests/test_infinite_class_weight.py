@@ -147,3 +147,38 @@ def test_weights_that_are_read_give_torchs_infinities_and_nans(case, reduction, 
     else:
         np.testing.assert_allclose(loss, want_loss, rtol=tolerance, equal_nan=True)
     np.testing.assert_allclose(grad, want_grad, rtol=tolerance, atol=tolerance, equal_nan=True)
+
+
+# One dominant logit: the float32 lse equals the row's maximum, so the Triton loss's chunk term
+# W_c·(lse − t_c) was inf·0 = NaN where torch's Σ_c w_c·(lse − z_c) is ±inf.
+_DOMINANT = np.array([[30.0, 0.0, 1.0, -1.0], [0.5, 2.0, 0.1, 0.0]])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("weight", [[1.0, np.inf, 1.0, 1.0], [1.0, 2.0, 1.0, -np.inf], [1.0, np.nan, 1.0, 1.0]])
+@pytest.mark.parametrize("probabilities", [False, True], ids=["labels, smoothing", "probabilities"])
+def test_triton_infinite_weight_beside_a_dominant_logit_gives_torchs_value(weight, probabilities):
+    weight = torch.tensor(weight)
+    if probabilities:
+        target = torch.softmax(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), 1)
+        options = {}
+    else:
+        target, options = torch.tensor([0, 1]), {"label_smoothing": 0.1}
+    logits = torch.tensor(_DOMINANT, dtype=torch.float32)
+    got = xt.cross_entropy(logits, target, weight, reduction="none", backend="triton", **options)
+    want = F.cross_entropy(
+        logits.double(), target.double() if probabilities else target, weight.double(), reduction="none", **options
+    )
+    np.testing.assert_array_equal(got.double().numpy(), want.numpy())  # ±inf or NaN, entry for entry
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_infinite_weight_on_the_dominant_class_is_the_exact_infinity():
+    """The infinite weight on the dominant class itself: its true gap lse − z is positive (4.7e-17
+    here), so the term is +inf. torch rounds that gap to 0 even in float64 and gives NaN (inf·0);
+    xentkit's Triton loss gives the exact +inf (documented in docs/precision.md)."""
+    logits = torch.tensor([[0.0, 40.0, 1.0, 2.0]])
+    weight = torch.tensor([1.0, np.inf, 1.0, 1.0])
+    got = xt.cross_entropy(logits, torch.tensor([2]), weight, label_smoothing=0.1, reduction="none", backend="triton")
+    assert got.item() == np.inf
+    assert F.cross_entropy(logits.double(), torch.tensor([2]), weight.double(), label_smoothing=0.1).isnan()

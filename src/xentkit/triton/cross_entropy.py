@@ -94,6 +94,17 @@ def _capped(x, inside, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _mass_at_lse(mass, gap):
+    """A chunk's Σ_j mass_j·(lse − t_c), ``gap`` = lse − t_c ≥ 0: 0 for a chunk without mass
+    (signed weights summing to 0 drop only this term, never the chunk's S_c). Where the float32
+    lse equals the chunk's maximum (one dominant logit: the true gap is positive but below its
+    ulp), a finite mass adds 0, and an infinite one its own ±inf, as the true positive gap gives
+    (never inf·0 = NaN; torch's Σ_j w_j·(lse − z_j) is ±inf there); a NaN mass stays NaN."""
+    at_max = tl.where(tl.abs(mass) < float("inf"), 0.0, mass)
+    return tl.where(mass == 0.0, 0.0, tl.where(gap == 0.0, at_max, mass * gap))
+
+
+@triton.jit
 def _weighted_target(target_row, weight_ptr, cols, inside, n_cols, eps, HAS_WEIGHT: tl.constexpr,
                      HAS_SMOOTHING: tl.constexpr):
     """r_j = w_j·q'_j with q'_j = (1−ε)·q_j + ε/V, in float32; 0 on lanes past the row."""
@@ -140,8 +151,9 @@ def _partials_kernel(
     if PROBABILITIES:
         r = _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
                              HAS_WEIGHT, HAS_SMOOTHING)
-        # S_c = Σ r_j·(z_j − t_c): a class the target leaves out adds 0, never 0·(−inf)
-        tl.store(slot + 2 * plane, tl.sum(tl.where(r == 0.0, 0.0, r * (z - shift)), 0))
+        # S_c = Σ r_j·(z_j − t_c): a class the target leaves out adds 0, never 0·(−inf), and so
+        # does the chunk's maximum (z_j − t_c = 0: never inf·0 for an infinite weight)
+        tl.store(slot + 2 * plane, tl.sum(tl.where((r == 0.0) | (z == shift), 0.0, r * (z - shift)), 0))
         tl.store(slot + 3 * plane, tl.sum(r, 0))
     elif HAS_SMOOTHING:
         if HAS_WEIGHT:
@@ -198,7 +210,7 @@ def _loss_kernel(
     if PROBABILITIES:
         s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
         r_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
-        loss = tl.sum(tl.where(r_c == 0.0, 0.0, r_c * (lse - shifts)) - s_z, 0)
+        loss = tl.sum(_mass_at_lse(r_c, lse - shifts) - s_z, 0)
         tl.store(loss_ptr + row, loss)
         tl.store(stats_ptr + 2 * rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
     else:
@@ -218,7 +230,7 @@ def _loss_kernel(
             w_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
             # Σ_c w_c·(lse − z_c) per block, as W_k·(lse − shift_k) − S_k; a block whose weights
             # sum to 0 (signed weights) drops only its W term, never its weighted logits S_k
-            loss += eps / n_cols * tl.sum(tl.where(w_c == 0.0, 0.0, w_c * (lse - shifts)) - s_z, 0)
+            loss += eps / n_cols * tl.sum(_mass_at_lse(w_c, lse - shifts) - s_z, 0)
         tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
