@@ -164,12 +164,16 @@ def test_triton_infinite_weight_beside_a_dominant_logit_gives_torchs_value(weigh
         options = {}
     else:
         target, options = torch.tensor([0, 1]), {"label_smoothing": 0.1}
-    logits = torch.tensor(_DOMINANT, dtype=torch.float32)
+    logits = torch.tensor(_DOMINANT, dtype=torch.float32, requires_grad=True)
     got = xt.cross_entropy(logits, target, weight, reduction="none", backend="triton", **options)
+    got.sum().backward()
+    wide = logits.detach().double().requires_grad_()
     want = F.cross_entropy(
-        logits.double(), target.double() if probabilities else target, weight.double(), reduction="none", **options
+        wide, target.double() if probabilities else target, weight.double(), reduction="none", **options
     )
-    np.testing.assert_array_equal(got.double().numpy(), want.numpy())  # ±inf or NaN, entry for entry
+    want.sum().backward()
+    np.testing.assert_array_equal(got.detach().double().numpy(), want.detach().numpy())  # ±inf or NaN, entry for entry
+    np.testing.assert_array_equal(logits.grad.double().numpy(), wide.grad.numpy())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
