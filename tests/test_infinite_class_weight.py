@@ -186,3 +186,34 @@ def test_triton_infinite_weight_on_the_dominant_class_is_the_exact_infinity():
     got = xt.cross_entropy(logits, torch.tensor([2]), weight, label_smoothing=0.1, reduction="none", backend="triton")
     assert got.item() == np.inf
     assert F.cross_entropy(logits.double(), torch.tensor([2]), weight.double(), label_smoothing=0.1).isnan()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "chunks of 16"])
+def test_triton_infinite_weight_in_a_row_of_one_finite_logit_is_nan(chunked, monkeypatch):
+    """One finite logit (one class, or every other one masked): lse equals it exactly, the gap is
+    exactly 0 and the term inf·0 = NaN, as torch gives (not the dominant-logit case's ±inf)."""
+    if chunked:
+        from xentkit.triton import cross_entropy as kernels
+
+        monkeypatch.setattr(kernels, "MAX_BLOCK", 16)
+    inf = np.inf
+    logits = torch.full((2, 40), -inf)
+    logits[0, 3], logits[1, 30] = 3.0, -2.0
+    weight = torch.ones(40)
+    weight[3], weight[30] = inf, -inf
+    cases = [
+        (torch.tensor([3, 30]), {"label_smoothing": 0.1}),
+        (torch.softmax(torch.randn(2, 40, generator=torch.Generator().manual_seed(2)), 1), {}),
+    ]
+    for target, options in cases:
+        got = xt.cross_entropy(logits, target, weight, reduction="none", backend="triton", **options)
+        want = F.cross_entropy(
+            logits.double(), target.double() if target.is_floating_point() else target, weight.double(),
+            reduction="none", **options,
+        )
+        np.testing.assert_array_equal(got.double().numpy(), want.numpy())
+        assert np.isnan(got.numpy()).all()
+    single = xt.cross_entropy(torch.tensor([[3.0]]), torch.tensor([[1.0]]), torch.tensor([inf]), reduction="none",
+                              backend="triton")
+    assert np.isnan(single.item())

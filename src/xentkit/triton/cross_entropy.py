@@ -11,6 +11,8 @@ of a row's chunks: :mod:`._chunks`):
         per chunk c:  m_c = max_j z_j,  t_c = m_c (0 if the chunk has no finite value),
                       d_c = Σ_j exp(z_j − t_c),
                       S_c = Σ_j w_j·(z_j − t_c),  W_c = Σ_j w_j        (label smoothing only)
+                      F_c = #{j: z_j > −inf}  (smoothing, probabilities: whether a gap
+                      lse − t_c of 0 is exact, see ``_mass_at_lse``)
 
     the loss, ``_loss_kernel`` (one program per row, combining the row's few partials):
         M = max_c m_c,  d = Σ_c d_c·exp(t_c − M),  lse = M + log d
@@ -94,13 +96,15 @@ def _capped(x, inside, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _mass_at_lse(mass, gap):
+def _mass_at_lse(mass, gap, lone):
     """A chunk's Σ_j mass_j·(lse − t_c), ``gap`` = lse − t_c ≥ 0: 0 for a chunk without mass
     (signed weights summing to 0 drop only this term, never the chunk's S_c). Where the float32
-    lse equals the chunk's maximum (one dominant logit: the true gap is positive but below its
-    ulp), a finite mass adds 0, and an infinite one its own ±inf, as the true positive gap gives
-    (never inf·0 = NaN; torch's Σ_j w_j·(lse − z_j) is ±inf there); a NaN mass stays NaN."""
-    at_max = tl.where(tl.abs(mass) < float("inf"), 0.0, mass)
+    lse equals the chunk's maximum (gap 0) and the row has another finite logit (not ``lone``),
+    the true gap is positive but below lse's ulp (one dominant logit): a finite mass adds 0, an
+    infinite one its own ±inf, as exact arithmetic gives (never inf·0 = NaN). In a row of one
+    finite logit (``lone``) the gap is exactly 0: mass·0, NaN for an infinite mass as in torch.
+    A NaN mass stays NaN."""
+    at_max = tl.where(lone, mass * 0.0, tl.where(tl.abs(mass) < float("inf"), 0.0, mass))
     return tl.where(mass == 0.0, 0.0, tl.where(gap == 0.0, at_max, mass * gap))
 
 
@@ -155,6 +159,7 @@ def _partials_kernel(
         # does the chunk's maximum (z_j − t_c = 0: never inf·0 for an infinite weight)
         tl.store(slot + 2 * plane, tl.sum(tl.where((r == 0.0) | (z == shift), 0.0, r * (z - shift)), 0))
         tl.store(slot + 3 * plane, tl.sum(r, 0))
+        tl.store(slot + 4 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
     elif HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
@@ -165,6 +170,7 @@ def _partials_kernel(
         # an infinite weight, whose class torch gives w·(lse − z) = ±inf
         tl.store(slot + 2 * plane, tl.sum(tl.where(inside & (z != shift), w * (z - shift), 0.0), 0))
         tl.store(slot + 3 * plane, tl.sum(w, 0))
+        tl.store(slot + 4 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
 
 
 @triton.jit
@@ -210,7 +216,8 @@ def _loss_kernel(
     if PROBABILITIES:
         s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
         r_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
-        loss = tl.sum(_mass_at_lse(r_c, lse - shifts) - s_z, 0)
+        lone = tl.sum(tl.load(slots + 4 * plane, mask=mine, other=0.0), 0) <= 1.0
+        loss = tl.sum(_mass_at_lse(r_c, lse - shifts, lone) - s_z, 0)
         tl.store(loss_ptr + row, loss)
         tl.store(stats_ptr + 2 * rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
     else:
@@ -228,9 +235,10 @@ def _loss_kernel(
         if HAS_SMOOTHING:
             s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
             w_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
+            lone = tl.sum(tl.load(slots + 4 * plane, mask=mine, other=0.0), 0) <= 1.0
             # Σ_c w_c·(lse − z_c) per block, as W_k·(lse − shift_k) − S_k; a block whose weights
             # sum to 0 (signed weights) drops only its W term, never its weighted logits S_k
-            loss += eps / n_cols * tl.sum(_mass_at_lse(w_c, lse - shifts) - s_z, 0)
+            loss += eps / n_cols * tl.sum(_mass_at_lse(w_c, lse - shifts, lone) - s_z, 0)
         tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
@@ -400,7 +408,7 @@ def row_statistics(
         return loss, lse, stats
     weights = ClassWeights.of(weight, device, with_total=False)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
-    part = layout.partials(4 if probabilities or label_smoothing > 0.0 else 2, device)
+    part = layout.partials(5 if probabilities or label_smoothing > 0.0 else 2, device)
     cap = 1.0 if softcap is None else float(softcap)
     any_weight = loss if weights is None else weights.values  # any pointer when unused
     target_stride = target.stride(0) if probabilities else 1
