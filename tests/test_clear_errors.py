@@ -132,3 +132,75 @@ def test_integer_input_is_a_type_error_naming_it(call):
     }
     with pytest.raises(TypeError, match=r"input must be a floating-point tensor .* got dtype (int64|bool)"):
         calls[call]()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "temperature", "name"), [(np.float64, 1e-310, "float64"), (np.float32, 1e-39, "float32"), (np.float16, 1e-39, "float32")]
+)
+def test_a_temperature_whose_reciprocal_overflows_is_refused(dtype, temperature, name):
+    """The kernels scale the logits by 1/T: a subnormal T made that inf and every result NaN,
+    where the reference and torch (which divide) find finite values."""
+    logits = np.array([[1e-5, -2e-5, 3e-6]], dtype=dtype)
+    message = rf"^temperature must be at least the smallest normal {name} value .* got {temperature}$"
+    for call in (
+        lambda: xentkit.log_probs(logits, [0], temperature=temperature),
+        lambda: xentkit.log_probs_backward(logits, [0], [1.0], temperature=temperature),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    # the smallest normal value itself is taken, and agrees with the reference
+    tiny = float(np.finfo(np.float64 if dtype == np.float64 else np.float32).tiny)
+    small = np.array([[tiny, 0.0, -tiny]], dtype=dtype)
+    kernel = xentkit.log_probs(small, [0], temperature=tiny * 4)
+    with xentkit.use_reference(True):
+        oracle = xentkit.log_probs(small, [0], temperature=tiny * 4)
+    np.testing.assert_allclose(kernel, oracle, rtol=1e-6)
+    assert np.all(np.isfinite(kernel))
+
+
+@pytest.mark.parametrize("where", ["logits", "target", "weight"])
+def test_masked_arrays_are_refused_not_unmasked(where):
+    """``np.asarray`` drops a mask, and its hidden values would count as data."""
+    logits = np.array([[2.0, 0.0], [0.0, 5.0]])
+    target = np.array([0, 1])
+    weight = np.array([1.0, 1.0])
+    arguments = {"logits": logits, "target": target, "weight": weight}
+    arguments[where] = np.ma.masked_array(arguments[where], mask=np.zeros(arguments[where].shape, bool))
+    with pytest.raises(TypeError, match=rf"^{where} must be a plain array, got a NumPy masked array"):
+        xentkit.cross_entropy(arguments["logits"], arguments["target"], weight=arguments["weight"])
+
+
+def test_float16_out_beyond_its_range_is_inf_without_a_warning():
+    logits = np.array([[3.0, 1.0, -3.0]], np.float16)
+    out = np.empty_like(logits)
+    with np.errstate(all="raise"):  # (pytest turns warnings into errors too)
+        _, grad = xentkit.cross_entropy_and_grad(logits, [0], grad_output=1e6, reduction="sum", out=out)
+    assert grad is out
+    _, expected = xentkit.cross_entropy_and_grad(logits, [0], grad_output=1e6, reduction="sum")
+    np.testing.assert_array_equal(out, expected)
+    assert np.isinf(out[0, 0]) and np.isinf(out[0, 1]) and np.isfinite(out[0, 2])
+
+
+def test_big_endian_logits_are_their_own_out():
+    logits = np.array([[3.0, 1.0, -3.0], [0.5, 0.0, 2.0]], ">f8")
+    expected_loss, expected = xentkit.cross_entropy_and_grad(logits.astype("<f8"), [0, 2])
+    loss, grad = xentkit.cross_entropy_and_grad(logits, [0, 2], out=logits)
+    assert grad is logits and grad.dtype == np.dtype(">f8")
+    np.testing.assert_array_equal(loss, expected_loss)
+    np.testing.assert_array_equal(grad.astype("<f8"), expected)
+    with pytest.raises(ValueError, match=r"^out must have shape \(2, 3\) and dtype float64"):
+        xentkit.cross_entropy_and_grad(logits, [0, 2], out=np.empty((2, 3), ">f4"))
+
+
+def test_kl_divergence_of_opposite_infinities_is_nan_without_a_warning():
+    assert np.isnan(xentkit.kl_divergence([np.inf, 0.5], [0.5, np.inf]))
+
+
+def test_reference_path_overflows_quietly_as_torch():
+    logits = np.array([[3.0, 1.0, -3.0], [3.4e38, -3.4e38, 0.0]], np.float32)
+    with xentkit.use_reference(True):
+        _, grad = xentkit.cross_entropy_and_grad(logits[:1], [0], grad_output=np.array([1e300]), reduction="none")
+        loss, _ = xentkit.cross_entropy_and_grad(logits, [0, 1], z_loss=1e-4)
+    # torch: log_softmax's backward of an infinite upstream, g − p·Σg: NaN at the target, inf elsewhere
+    assert np.isnan(grad[0, 0]) and np.all(grad[0, 1:] == np.inf)
+    assert loss == np.inf

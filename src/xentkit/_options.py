@@ -52,9 +52,15 @@ def describe(value: object) -> str:
 
 def as_array(value: object, name: str) -> np.ndarray:
     """``np.asarray(value)`` (no copy when it is one), or a ``TypeError`` naming the argument when
-    NumPy cannot make one array of it (a ragged list, say)."""
+    NumPy cannot make one array of it (a ragged list, say) or when it is a masked array, whose
+    mask ``np.asarray`` would drop (its hidden values used as if they were data)."""
     if type(value) is np.ndarray:
         return value
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} must be a plain array, got a NumPy masked array, whose mask would be ignored: pass "
+            f"its .filled(...) values (a loss skips samples through ignore_index or a weight of 0)"
+        )
     try:
         return np.asarray(value)
     except Exception as error:
@@ -357,6 +363,18 @@ class LogProbOptions:
     def __post_init__(self) -> None:
         for name, check in _LOG_PROB_CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
+
+    def check_fits(self, dtype: object, smallest: float) -> None:
+        """Refuse a temperature below ``smallest``, the smallest normal value of ``dtype`` (NumPy's or
+        torch's ``finfo(...).tiny``), the dtype the logits are scaled in: every path multiplies them
+        by 1/T, which overflows for a subnormal T (then every log-probability is NaN where
+        logits/T is finite)."""
+        if self.temperature < smallest:
+            dtype_name = str(dtype).removeprefix("torch.")
+            raise ValueError(
+                f"temperature must be at least the smallest normal {dtype_name} value ({smallest:.6g}) for "
+                f"logits scaled in {dtype_name} (its reciprocal overflows), got {self.temperature}"
+            )
 
     def replace(self, **changes: Any) -> LogProbOptions:
         """A copy with ``changes`` applied (and checked)."""

@@ -157,15 +157,28 @@ def output_gradient(value: ArrayLike | None, name: str, sample_shape: tuple[int,
 
 
 def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``out`` when it is a writeable array of ``shape`` and ``dtype`` (in either byte order: the
+    logits themselves, big-endian as read from a file, are a valid ``out``)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array, got {describe(out)}")
-    if out.shape != shape or out.dtype != dtype:
+    if out.shape != shape or out.dtype.newbyteorder("=") != dtype.newbyteorder("="):
         raise ValueError(
             f"out must have shape {shape} and dtype {dtype} (those of the gradient), "
             f"got shape {out.shape} and dtype {out.dtype}"
         )
     if not out.flags.writeable:
         raise ValueError("out must be a writeable array, got a read-only one")
+    return out
+
+
+def copy_rounded(out: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` written into ``out`` (its dtype), a finite value beyond that dtype's range as ±inf
+    (as :func:`rounded`), without NumPy's overflow warning; returns ``out``."""
+    if values.dtype.itemsize > out.dtype.itemsize:
+        with np.errstate(over="ignore"):
+            np.copyto(out, values, casting="unsafe")
+    else:
+        np.copyto(out, values, casting="unsafe")
     return out
 
 

@@ -22,6 +22,7 @@ from ._validation import (
     check_out,
     class_axis,
     compute_dtype,
+    copy_rounded,
     probability_target,
     rounded,
     upstream_gradient,
@@ -234,9 +235,7 @@ def _cross_entropy(
     if grad is None:
         return loss, None
     if out is not None:
-        if grad is not out:
-            np.copyto(out, grad, casting="unsafe")
-        return loss, out
+        return loss, out if grad is out else copy_rounded(out, grad)
     return loss, rounded(grad, grad_dtype or original.dtype)  # (float16 beyond 65504: ±inf, no warning)
 
 
@@ -273,8 +272,10 @@ def cross_entropy(
     ``reduction``: "none" (a loss per sample), "sum", or "mean", which follows
     ``torch.nn.functional.cross_entropy``: hard labels divide by ``Σ w_y`` over non-ignored
     samples, probabilities by the number of samples. The z term is not class-weighted and its
-    "mean" is over non-ignored samples. Where PyTorch returns NaN because nothing is left to
-    average (every target ignored, or no samples), xentkit returns 0 (and a zero gradient).
+    "mean" is over non-ignored samples. Where that denominator is 0 (every target ignored, no
+    samples, or class weights summing to 0 over the targets), xentkit returns 0 and a zero
+    gradient: PyTorch returns NaN there (and ±inf when negative class weights sum to 0 beside a
+    loss that is not 0).
 
     float16 is computed in float32 and returned as float16. A ``−inf`` logit is a masked class:
     probability 0 and no NaN while the target class is finite (with ``label_smoothing`` > 0 its

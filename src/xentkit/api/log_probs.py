@@ -27,6 +27,7 @@ class _Rows:
         original = as_float_array(logits, "logits")
         self.input_dtype = original.dtype
         self.dtype = compute_dtype(original.dtype)
+        options.check_fits(self.dtype, float(np.finfo(self.dtype).tiny))
         work = original.astype(self.dtype, copy=False)
         self.layout = layout = RowLayout(work, class_axis(work, axis, "logits"), private=work is not original)
         target_array = as_array(target, "target")

@@ -80,7 +80,8 @@ def cross_entropy_and_grad(
         target = np.moveaxis(target, axis, -1)
     if grad_output is None:
         grad_output = np.ones(logits.shape[:-1] if reduction == "none" else ())
-    grad_output = np.asarray(grad_output, dtype=logits.dtype)
+    with np.errstate(over="ignore"):  # beyond the logits' dtype: ±inf, as torch
+        grad_output = np.asarray(grad_output, dtype=logits.dtype)
     num_classes = logits.shape[-1]
     dtype = logits.dtype
     eps = label_smoothing
@@ -98,7 +99,7 @@ def cross_entropy_and_grad(
     # a +inf or NaN maximum stays, so that row is NaN (+inf: ∞ − ∞), as in PyTorch.
     m = np.max(z, axis=-1, keepdims=True)
     m = np.where(m == -np.inf, 0, m)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (over: z − m of ±max)
         shifted = z - m
         s = np.sum(np.exp(shifted), axis=-1, keepdims=True)
         log_p = shifted - np.log(s)  # −inf logits give −inf log-probabilities, i.e. p = 0

@@ -100,4 +100,5 @@ def kl_divergence_and_grad(p: np.ndarray, q: np.ndarray, axis: int = -1) -> tupl
         log_ratio = np.log(p) - np.log(q)
         terms = np.where(p == 0, 0, p * log_ratio)
         grad_q = np.where(p == 0, 0, -p / q)
-    return np.sum(terms, axis=axis), log_ratio + 1, grad_q
+        total = np.sum(terms, axis=axis)  # +inf + −inf (an infinite p beside an infinite q): NaN
+    return total, log_ratio + 1, grad_q

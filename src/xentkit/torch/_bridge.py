@@ -133,6 +133,12 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_temperature_fits(options: Any, dtype: torch.dtype) -> None:
+    """``LogProbOptions.check_fits`` for logits of ``dtype``, scaled in :func:`at_least_float32`."""
+    scaled = at_least_float32(dtype)
+    options.check_fits(scaled, torch.finfo(scaled).tiny)
+
+
 _UINT64 = getattr(torch, "uint64", None)
 
 

@@ -269,6 +269,7 @@ def log_probs(
     _bridge.check_dense(logits, "logits")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have at least one class in its last dimension, got shape {tuple(logits.shape)}")
+    _bridge.check_temperature_fits(options, logits.dtype)
     classes = logits.shape[-1]
     target = _check_target(
         target, tuple(logits.shape[:-1]), "(one class index per row of logits)", classes, options.ignore_index
@@ -446,6 +447,7 @@ def linear_log_probs(
     return_entropy = check_flag(return_entropy, "return_entropy")
     return_lse = check_flag(return_lse, "return_lse")
     classes, _ = check_linear(input, linear_weight, linear_bias)
+    _bridge.check_temperature_fits(options, input.dtype)
     classes_text = f"linear_weight has {classes} rows (classes)"
     target = _check_target(
         target, tuple(input.shape[:-1]), "(one class index per input row)", classes, options.ignore_index,

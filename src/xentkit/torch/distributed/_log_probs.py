@@ -283,6 +283,7 @@ def vocab_parallel_linear_log_probs(
     def local_checks() -> dict[str, int]:
         features, width = _check_linear_shards(input, linear_weight_shard, linear_bias_shard)
         options = LogProbOptions(temperature, ignore_index, chunk_size, backend)
+        _bridge.check_temperature_fits(options, input.dtype)
         state.update(
             options=options,
             flags=(check_flag(return_entropy, "return_entropy"), check_flag(return_lse, "return_lse")),
