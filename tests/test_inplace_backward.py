@@ -99,3 +99,47 @@ def test_the_option_is_a_checked_bool():
         xt.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), inplace_backward="yes")
     with pytest.raises(TypeError, match="inplace_backward must be a bool, got int 1"):
         xt.CrossEntropyLoss(inplace_backward=1)(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+
+def _float16_step(inplace, reduction="mean", retain=False):
+    """A float16 layer's logits and a loss scaler's factor (65536), as ``torch.autocast``'s
+    training step gives them: the loss, the layer's weight gradient, and the logits' gradient
+    (cloned as it reaches them) with its data pointer."""
+    torch.manual_seed(1)
+    h = torch.randn(128, 16)
+    w = (torch.randn(16, 1024) * 0.5).requires_grad_(True)
+    target = torch.randint(0, 1024, (128,))
+    target[3] = -100
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = h @ w
+        assert logits.dtype == torch.float16
+        seen = []
+        logits.register_hook(lambda gradient: seen.append((gradient.clone(), gradient.data_ptr())))
+        loss = xt.cross_entropy(logits, target, inplace_backward=inplace, reduction=reduction)
+    assert loss.dtype == torch.float32  # (autocast's rule for cross-entropy)
+    # the factor over the rows for "none" (a per-row 65536 would overflow the float16 matmul)
+    (loss * (65536.0 if reduction == "mean" else 512.0)).sum().backward(retain_graph=retain)
+    return loss.detach(), w.grad, seen, logits
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float16_in_place_gradients_keep_their_small_entries_under_a_loss_scale(reduction):
+    """Rounded to float16 at an upstream of 1 and scaled afterwards, about half of a 1024-class
+    gradient's entries were 0 before the scaler's factor reached them; in place, float16 logits
+    now get their gradient in backward with the factor applied, rounded once: the values of
+    ``inplace_backward=False`` bit for bit, in the logits' own memory."""
+    loss, grad, [(logits_grad, _)], _ = _float16_step(False, reduction)
+    loss_inplace, grad_inplace, [(logits_grad_inplace, pointer)], logits = _float16_step(True, reduction)
+    assert torch.equal(loss_inplace, loss)
+    assert torch.equal(logits_grad_inplace, logits_grad)
+    assert torch.equal(grad_inplace, grad)
+    assert pointer == logits.data_ptr()
+    assert (logits_grad_inplace == 0).sum() < 0.01 * logits_grad.numel()
+
+
+def test_float16_in_place_with_a_retained_graph_keeps_the_logits_for_the_next_backward():
+    _, _, [(expected, _)], _ = _float16_step(False)
+    _, _, seen, logits = _float16_step(True, retain=True)
+    assert seen[0][1] != logits.data_ptr()  # a gradient of its own: the logits stay
+    assert torch.equal(seen[0][0], expected)

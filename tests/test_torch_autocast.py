@@ -125,3 +125,18 @@ def test_a_scaled_float16_gradient_keeps_its_small_entries_as_torchs():
         errors.append((difference.item(), flushed.item()))
     (torch_error, torch_flushed), (error, flushed) = errors
     assert error <= 1.5 * torch_error + 1e-6 and flushed <= torch_flushed + 1e-3, errors
+
+
+def test_float16_bce_gradient_keeps_its_small_entries_under_a_loss_scale():
+    """The kernel's gradient for an upstream of 1 was rounded to float16 in forward: entries near
+    1/numel underflowed (a tenth of them 0) before a loss scaler's factor reached them. It now
+    stays float32 until backward has scaled it, rounded once, as cross_entropy's."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(256, 1000, generator=generator).half().requires_grad_()
+    t = torch.rand(256, 1000, generator=generator).half()
+    (xt.binary_cross_entropy_with_logits(z, t).float() * 1024).backward()
+    z64 = z.detach().double().requires_grad_()
+    (F.binary_cross_entropy_with_logits(z64, t.double()) * 1024).backward()
+    expected = z64.grad.half()  # the float64 gradient rounded once
+    assert (z.grad == 0).sum() <= (expected == 0).sum() + 10
+    assert ((z.grad.double() - expected.double()).abs() <= 2.0**-11 * expected.double().abs() + 2.0**-24).all()

@@ -141,10 +141,11 @@ def nll_loss_and_grad(
 
 
 def _bce_with_logits(
-    logits, target, weight, pos_weight, reduction, want_grad, grad_output=None, loss_dtype=None
+    logits, target, weight, pos_weight, reduction, want_grad, grad_output=None, loss_dtype=None, grad_dtype=None
 ):
     """``(loss, grad)``; ``loss_dtype``: the loss's dtype when it is not the logits' (the torch
-    binding's promoted dtype), rounded once from the computed value."""
+    binding's promoted dtype), rounded once from the computed value; ``grad_dtype``: the same for
+    the gradient (the torch binding keeps a float16 input's in float32 until it is scaled)."""
     x, y, dtype = _pair(logits, target, ("logits", "target"))
     reduction = check_reduction(reduction)
     w = _broadcast_weight(weight, x.shape, x.dtype, "weight")
@@ -165,7 +166,7 @@ def _bce_with_logits(
         pw = None
     plan = ReductionPlan.of_rows(reduction, x.size)
     if x.size and x.ndim and not reference_enabled():
-        return _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype or dtype, dtype)
+        return _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype or dtype, grad_dtype or dtype)
     per_element, grad = reference.binary_cross_entropy_with_logits_and_grad(x, y, w, pw)
     per_element = _full(per_element, x.shape)
     loss = rounded(plan.reduce(per_element), loss_dtype or dtype)
@@ -173,7 +174,7 @@ def _bce_with_logits(
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)
     grad = np.broadcast_to(grad, x.shape) * plan.scales(upstream)[0]
-    return loss, rounded(grad, dtype)
+    return loss, rounded(grad, grad_dtype or dtype)
 
 
 def _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype, dtype):

@@ -88,38 +88,58 @@ class _CrossEntropyFunction(torch.autograd.Function):
         result_dtype = _bridge.loss_dtype(input, target)
         # a float16 input's gradient stays float32 until backward has scaled it: rounded to
         # float16 for an upstream of 1, its small entries would be 0 before a loss scaler's
-        # factor reached them (torch's autocast differentiates with the factor applied)
+        # factor reached them (torch's autocast differentiates with the factor applied). In place,
+        # where no float32 gradient may wait for backward, backward computes it with the upstream
+        # gradient applied (a second pass over the logits), rounded once into them.
         wide = input.dtype == torch.float16 and not in_place
+        ctx.deferred = in_place and input.dtype == torch.float16
         ctx.input_dtype = input.dtype
         loss, gradient = _cross_entropy(
             logits, _bridge.as_numpy(target), axis=ctx.class_axis,
             weight=_bridge.optional_numpy(weight), options=options,
             # warn when the logits look like probabilities (softmax applied twice)
-            check_probabilities=check_probabilities, want_grad=want_grad,
-            out=logits if in_place else None, loss_dtype=_bridge.numpy_dtype(result_dtype),
+            check_probabilities=check_probabilities, want_grad=want_grad and not ctx.deferred,
+            out=logits if in_place and not ctx.deferred else None, loss_dtype=_bridge.numpy_dtype(result_dtype),
             grad_dtype=np.dtype(np.float32) if wide else None,
         )
         if in_place:
-            # the logits changed: a node that saved them now raises torch's version error
+            # the logits changed (or will, in backward): a node that saved them now raises torch's
+            # version error
             torch.autograd.graph.increment_version(input)
             ctx.gradient = input.detach()
         else:
             ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, torch.float32 if wide else input.dtype)
         ctx.options = options
         if want_grad:  # read only for a non-finite upstream gradient (a reference, not a copy)
-            ctx.save_for_backward(target)
+            ctx.save_for_backward(target, weight if ctx.deferred else None)
         return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", "cross_entropy")
+        if ctx.deferred:
+            return _deferred_gradient(ctx, gradient, owned, grad_output), None, None, None, None, None
         upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
         gradient = _bridge.scale_gradient(gradient, upstream, owned)
         if not bool(torch.isfinite(grad_output).all()):
-            (target,) = ctx.saved_tensors
+            target, _ = ctx.saved_tensors
             _in_torchs_order(gradient, grad_output, target, ctx.options, ctx.class_axis)
         return gradient.to(ctx.input_dtype), None, None, None, None, None  # (rounded once, scaled)
+
+
+def _deferred_gradient(ctx: FunctionCtx, logits: Tensor, owned: bool, grad_output: Tensor) -> Tensor:
+    """The gradient of in-place float16 logits, computed in backward with ``grad_output`` applied
+    in float32 and rounded once into the logits (or, when the graph is kept, into a new tensor):
+    the same values as ``inplace_backward=False``."""
+    target, weight = ctx.saved_tensors
+    array = _bridge.as_numpy(logits)
+    _, gradient = _cross_entropy(
+        array, _bridge.as_numpy(target), axis=ctx.class_axis, weight=_bridge.optional_numpy(weight),
+        options=ctx.options, check_probabilities=False, want_grad=True,
+        grad_output=_bridge.as_numpy(grad_output.detach()), out=array if owned else None,
+    )
+    return logits if owned else _bridge.as_tensor(gradient, logits.dtype)
 
 
 def _in_torchs_order(
@@ -211,12 +231,15 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         _bridge.first_order_anchors(ctx, input)
         result_dtype = _bridge.binary_loss_dtype(input, target)
         want_grad = grad_enabled and ctx.needs_input_grad[0]
+        # a float16 input's gradient stays float32 until backward has scaled it (as cross_entropy's)
+        wide = input.dtype == torch.float16
+        ctx.input_dtype = input.dtype
         loss, gradient = _bce_with_logits(
             _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.optional_numpy(weight),
             _bridge.optional_numpy(pos_weight), reduction, want_grad,
-            loss_dtype=_bridge.numpy_dtype(result_dtype),
+            loss_dtype=_bridge.numpy_dtype(result_dtype), grad_dtype=np.dtype(np.float32) if wide else None,
         )
-        ctx.gradient = _bridge.as_tensor(gradient, input.dtype) if want_grad else None
+        ctx.gradient = _bridge.as_tensor(gradient, torch.float32 if wide else input.dtype) if want_grad else None
         return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
@@ -225,7 +248,8 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         gradient, owned = _bridge.take_saved_gradient(
             ctx, "gradient", "binary_cross_entropy_with_logits"
         )
-        return (_bridge.scale_gradient(gradient, grad_output, owned), *[None] * 5)
+        # (rounded once, scaled)
+        return (_bridge.scale_gradient(gradient, grad_output, owned).to(ctx.input_dtype), *[None] * 5)
 
 
 # Up to this many logits, problems on plain CPU tensors without xentkit's extras run torch's own
@@ -489,8 +513,9 @@ def cross_entropy(
     small-problem kernel (both eager) are always checked: there it costs no wait.
 
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
-    gradient buffer exists (with a 128k vocabulary, gigabytes): on the CPU kernels in forward, on
-    the Triton kernels in backward; ``input.grad`` (or what flows to the layer before) then shares
+    gradient buffer exists (with a 128k vocabulary, gigabytes): on the CPU kernels in forward
+    (float16 logits in backward, by a second pass, so that a loss scale reaches the gradient before
+    it is rounded), on the Triton kernels in backward; ``input.grad`` (or what flows to the layer before) then shares
     the logits' memory. The logits' values must not be used after the loss: autograd's version
     counter is raised, so a node that saved them raises torch's in-place error rather than compute
     from the gradient. Memory is saved for contiguous logits with the classes last (``(N, C)``,
