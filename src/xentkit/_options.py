@@ -71,11 +71,22 @@ def _real(value: object, name: str, expected: str) -> float:
     if type(value) is float:  # the common case, without the numbers.Real ABC check
         return value + 0.0  # -0.0 becomes 0.0: one value, one encoding
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {expected}, got {describe(value)}")
+        if not _one_real_number(value):
+            raise TypeError(f"{name} must be {expected}, got {describe(value)}")
+        value = float(value)  # (a tensor on a device is read: one wait)
     try:
         return float(value) + 0.0
     except OverflowError:  # (an int beyond float64)
         raise ValueError(f"{name} must be {expected}, got an integer beyond float64's range") from None
+
+
+def _one_real_number(value: object) -> bool:
+    """Whether ``value`` is a 0-d array or tensor of real numbers (``torch.tensor(0.1)``, as torch's
+    own losses take for a float option), not of bools or complex numbers."""
+    if getattr(value, "shape", None) != () or not hasattr(value, "__float__"):
+        return False
+    dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
+    return dtype.startswith(("float", "int", "uint", "bfloat"))
 
 
 def _finite(value: float) -> bool:

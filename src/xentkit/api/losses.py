@@ -37,7 +37,7 @@ def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: n
     if weight is None:
         return None
     array = as_array(weight, name)
-    if array.dtype.kind not in "fiu":
+    if array.dtype.kind not in "fiub":  # (a bool mask weighs 1 or 0, as in torch)
         raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
     try:
         fits = np.broadcast_shapes(array.shape, shape) == tuple(shape)

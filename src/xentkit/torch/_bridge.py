@@ -179,6 +179,7 @@ _IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tenso
 
 
 _PEEK_INTERPRETER_STACK = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+_forward_ad = torch.autograd.forward_ad  # its _current_level: ≥ 0 while a dual level is open
 
 
 def transforms_running(*tensors: Tensor) -> bool:
@@ -186,7 +187,10 @@ def transforms_running(*tensors: Tensor) -> bool:
     functorch's interpreter stack (else, on a torch without it, whether one of ``tensors`` is
     wrapped). Inside one, xentkit's autograd Functions and NumPy views are not for it, even on
     tensors it does not wrap (``detach`` there hands out a wrapper without storage): torch ops
-    are."""
+    are. So also while a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``):
+    the Functions have no jvp, and torch's ops carry the tangents."""
+    if _forward_ad._current_level >= 0:
+        return True
     if _PEEK_INTERPRETER_STACK is not None:
         return _PEEK_INTERPRETER_STACK() is not None
     return any(map(is_functorch_wrapped, tensors))

@@ -1,0 +1,89 @@
+"""xentkit.torch where a review found it short of a drop-in for torch: forward-mode AD, bool
+element weights for binary cross-entropy, 0-d tensors for float options, and a temperature whose
+reciprocal overflows (the log-probabilities' kernels scale by 1/T)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.autograd.forward_ad as fwAD  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit.torch as xt  # noqa: E402
+
+# 4 × 20000 logits: beyond SMALL_MAX_LOGITS, on xentkit's kernels (and autograd Functions)
+N, C = 4, 20000
+
+
+def _forward_ad_cases():
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randint(0, C, (N,), generator=generator)
+    q = torch.softmax(torch.randn(N, C, generator=generator, dtype=torch.float64), -1)
+    w = torch.rand(C, generator=generator, dtype=torch.float64) + 0.5
+    return [
+        ("labels", lambda z: xt.cross_entropy(z, y, w, label_smoothing=0.1),
+         lambda z: F.cross_entropy(z, y, w, label_smoothing=0.1)),
+        ("probabilities", lambda z: xt.cross_entropy(z, q), lambda z: F.cross_entropy(z, q)),
+        ("nll_loss", lambda z: xt.nll_loss(z.log_softmax(1), y), lambda z: F.nll_loss(z.log_softmax(1), y)),
+        ("bce", lambda z: xt.binary_cross_entropy_with_logits(z, q), lambda z: F.binary_cross_entropy_with_logits(z, q)),
+        ("bce small", lambda z: xt.binary_cross_entropy_with_logits(z[:, :5], q[:, :5]),
+         lambda z: F.binary_cross_entropy_with_logits(z[:, :5], q[:, :5])),
+        ("log_probs", lambda z: xt.log_probs(z, y, temperature=0.7).sum(),
+         lambda z: (z / 0.7).log_softmax(1).gather(1, y[:, None]).sum()),
+    ]
+
+
+@pytest.mark.parametrize(("name", "ours", "theirs"), _forward_ad_cases(), ids=[c[0] for c in _forward_ad_cases()])
+def test_forward_mode_ad_gives_torchs_tangent(name, ours, theirs):
+    """The autograd Functions have no jvp: inside a dual level the losses run torch ops (they
+    raised "You must implement the jvp function")."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, generator=generator, dtype=torch.float64)
+    v = torch.randn(N, C, generator=generator, dtype=torch.float64)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, v)))
+        expected = fwAD.unpack_dual(theirs(fwAD.make_dual(x, v)))
+    torch.testing.assert_close(got.primal, expected.primal)
+    torch.testing.assert_close(got.tangent, expected.tangent)
+    assert got.tangent.abs() > 0
+    # outside the dual level the kernels' Functions run again
+    assert xt.cross_entropy(x.requires_grad_(), torch.zeros(N, dtype=torch.long)).grad_fn.name().startswith("_CrossEntropy")
+
+
+@pytest.mark.parametrize("shape", [(5,), (300, 300)])
+def test_a_bool_element_weight_is_a_mask_as_in_torch(shape):
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(shape, generator=generator, requires_grad=True)
+    t = torch.rand(shape, generator=generator)
+    mask = torch.rand(shape, generator=generator) > 0.5
+    loss = xt.binary_cross_entropy_with_logits(z, t, weight=mask)
+    expected = F.binary_cross_entropy_with_logits(z, t, weight=mask)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, z)[0], torch.autograd.grad(expected, z)[0])
+    with pytest.raises(TypeError, match="weight must be a numeric array"):
+        xt.binary_cross_entropy_with_logits(z, t, weight=torch.ones(shape, dtype=torch.complex64))
+
+
+def test_float_options_take_a_0d_tensor_as_torch_does():
+    z, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(
+        xt.cross_entropy(z, y, label_smoothing=torch.tensor(0.1)), F.cross_entropy(z, y, label_smoothing=0.1)
+    )
+    assert xt.cross_entropy(z, y, z_loss=torch.tensor(1e-3)) > xt.cross_entropy(z, y)
+    for bad in (torch.tensor(True), torch.tensor([0.1]), torch.tensor(0.1 + 0j)):
+        with pytest.raises(TypeError, match=r"^label_smoothing must be a float in \[0, 1\], got Tensor"):
+            xt.cross_entropy(z, y, label_smoothing=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_temperature_whose_reciprocal_overflows_is_refused(dtype):
+    logits, target = torch.tensor([[1e-5, -2e-5, 3e-6]], dtype=dtype), torch.tensor([0])
+    message = r"^temperature must be at least the smallest normal float32 value .* got 1e-39$"
+    with pytest.raises(ValueError, match=message):
+        xt.log_probs(logits, target, temperature=1e-39)
+    with pytest.raises(ValueError, match=message):
+        xt.linear_log_probs(torch.randn(2, 3, dtype=dtype), torch.randn(4, 3, dtype=dtype), torch.tensor([0, 1]),
+                            temperature=1e-39)
+    # float64 logits are scaled in float64: there 1e-39 is a normal temperature
+    assert torch.isfinite(xt.log_probs(logits.double(), target, temperature=1e-39)).all()
