@@ -76,7 +76,7 @@ def test_a_float16_loss_scalers_first_step_is_not_skipped(rows, criterion):
         if criterion == "cross_entropy":
             loss = xt.CrossEntropyLoss()(layer(x), y)
         else:
-            loss = xt.linear_cross_entropy(layer(x), head.weight.half(), y)
+            loss = xt.linear_cross_entropy(layer(x), head.weight, y)  # float32 weight: autocast casts it
     scaler.scale(loss).backward()
     assert loss.dtype == torch.float32
     assert all(bool(p.grad.isfinite().all()) for p in layer.parameters())
@@ -140,3 +140,46 @@ def test_float16_bce_gradient_keeps_its_small_entries_under_a_loss_scale():
     expected = z64.grad.half()  # the float64 gradient rounded once
     assert (z.grad == 0).sum() <= (expected == 0).sum() + 10
     assert ((z.grad.double() - expected.double()).abs() <= 2.0**-11 * expected.double().abs() + 2.0**-24).all()
+
+
+def _linear_forms():
+    from xentkit.torch import distributed
+
+    def plain_log_probs(x, w, b, y):
+        return F.linear(x, w, b).float().log_softmax(-1).gather(-1, y[:, None])[:, 0]
+
+    return [
+        ("linear_cross_entropy", lambda x, w, b, y: xt.linear_cross_entropy(x, w, y, linear_bias=b),
+         lambda x, w, b, y: F.cross_entropy(F.linear(x, w, b), y)),
+        ("linear_log_probs", lambda x, w, b, y: xt.linear_log_probs(x, w, y, linear_bias=b), plain_log_probs),
+        ("vocab_parallel_linear_cross_entropy",
+         lambda x, w, b, y: distributed.vocab_parallel_linear_cross_entropy(x, w, y, linear_bias_shard=b),
+         lambda x, w, b, y: F.cross_entropy(F.linear(x, w, b), y)),
+        ("vocab_parallel_linear_log_probs",
+         lambda x, w, b, y: distributed.vocab_parallel_linear_log_probs(x, w, y, linear_bias_shard=b), plain_log_probs),
+    ]
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("name", "ours", "theirs"), _linear_forms(), ids=[case[0] for case in _linear_forms()])
+def test_the_fused_linear_forms_follow_autocast_as_f_linear_does(half, name, ours, theirs):
+    """Half activations beside float32 master weights (mixed precision): autocast casts
+    ``F.linear``'s operands to its dtype; the fused forms refused the mix (one dtype) and ran
+    float32 operands in float32. Now: torch's values and gradients, the float32 weights' in
+    float32."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(N_LARGE, 16, generator=generator).to(half).requires_grad_()
+    w = torch.randn(C, 16, generator=generator).requires_grad_()
+    b = torch.randn(C, generator=generator).requires_grad_()
+    y = torch.randint(0, C, (N_LARGE,), generator=generator)
+    results = []
+    for function in (ours, theirs):
+        with torch.autocast("cpu", dtype=half):
+            loss = function(x, w, b, y)
+        results.append((loss, torch.autograd.grad(loss.sum(), (x, w, b))))
+    (loss, grads), (expected, expected_grads) = results
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected.float(), rtol=2e-3, atol=1e-3, msg=name)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3, msg=name)

@@ -434,3 +434,28 @@ def test_mixed_precision_wrappers_that_cast_the_logits_are_no_change() -> None:
         assert any(p.grad is not None and p.grad.abs().max() > 0 for p in patched.parameters())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_half_activations_beside_a_float32_head_under_autocast() -> None:
+    """A bfloat16 body with a float32 ``lm_head`` in an autocast region trains unpatched (autocast
+    casts ``F.linear``'s operands); patched it raised "must share one dtype". Now the fused loss
+    takes autocast's casts too: the unpatched loss and gradients to bfloat16's precision."""
+    model = tiny_model("LlamaForCausalLM").to(torch.bfloat16)
+    model.lm_head.float()
+    patched = patched_copy(model)
+    results = []
+    for each in (model, patched):
+        each.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = each(**batch()).loss
+        loss.backward()
+        results.append((loss.detach(), each.lm_head.weight.grad, each.model.embed_tokens.weight.grad))
+    (expected, *expected_grads), (loss, *grads) = results
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, **TOLERANCE[torch.bfloat16])
+    assert grads[0].dtype == torch.float32  # the float32 head's gradient, through the cast
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_p = token_log_probs(patched, batch()["input_ids"])
+    assert log_p.dtype == torch.float32 and bool(log_p.isfinite().all())

@@ -133,6 +133,31 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def autocast_operands(*tensors: Any) -> tuple[Any, ...]:
+    """A fused linear form's operands (input, weight, bias) as ``torch.autocast`` gives them to
+    ``F.linear``: while autocast is on for the input's device, each floating-point tensor other
+    than float64 cast to autocast's dtype (half activations beside float32 master weights become
+    one dtype, and the matmuls run in it, as torch's); otherwise, and for anything that is not a
+    tensor (the checks after this name it), as they are. The casts are differentiable: a float32
+    weight gets its gradient in float32 through them."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or first.device.type not in _AUTOCAST_DEVICES:
+        return tensors
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        tensor.to(dtype)
+        if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.dtype not in (torch.float64, dtype)
+        else tensor
+        for tensor in tensors
+    )
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 def check_temperature_fits(options: Any, dtype: torch.dtype) -> None:
     """``LogProbOptions.check_fits`` for logits of ``dtype``, scaled in :func:`at_least_float32`."""
     scaled = at_least_float32(dtype)

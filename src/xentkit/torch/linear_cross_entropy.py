@@ -291,6 +291,7 @@ def linear_cross_entropy(
         reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
         chunk_size, backend, check_labels=check_labels, accumulate_in_float32=accumulate_in_float32,
     )
+    input, linear_weight, linear_bias = _bridge.autocast_operands(input, linear_weight, linear_bias)
     check_linear(input, linear_weight, linear_bias, class_dims=True)  # K-dimensional: torch ops
     if input.dim() not in (1, 2):
         raise ValueError(

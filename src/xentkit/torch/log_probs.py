@@ -446,6 +446,7 @@ def linear_log_probs(
     options = LogProbOptions(temperature, ignore_index, chunk_size, backend, check_labels)
     return_entropy = check_flag(return_entropy, "return_entropy")
     return_lse = check_flag(return_lse, "return_lse")
+    input, linear_weight, linear_bias = _bridge.autocast_operands(input, linear_weight, linear_bias)
     classes, _ = check_linear(input, linear_weight, linear_bias)
     _bridge.check_temperature_fits(options, input.dtype)
     classes_text = f"linear_weight has {classes} rows (classes)"

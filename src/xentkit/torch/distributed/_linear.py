@@ -224,6 +224,9 @@ def vocab_parallel_linear_cross_entropy(
         ValueError: on every rank, as :func:`vocab_parallel_cross_entropy` (also for shapes of the
             weight/bias shards and a ``chunk_size`` that differs between ranks).
     """
+    input, linear_weight_shard, linear_bias_shard = _bridge.autocast_operands(
+        input, linear_weight_shard, linear_bias_shard
+    )
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")
     communicator = _Communicator(group, device, stats)
     state: dict[str, object] = {}

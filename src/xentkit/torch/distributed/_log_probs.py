@@ -275,6 +275,9 @@ def vocab_parallel_linear_log_probs(
 
     See also: :func:`vocab_parallel_linear_cross_entropy`, :func:`xentkit.torch.linear_log_probs`.
     """
+    input, linear_weight_shard, linear_bias_shard = _bridge.autocast_operands(
+        input, linear_weight_shard, linear_bias_shard
+    )
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")
     communicator = _Communicator(group, device, stats)
     state: dict[str, object] = {}
