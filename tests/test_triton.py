@@ -644,3 +644,24 @@ def test_an_empty_batch_of_probabilities_keeps_its_graph_on_torch_ops():
     assert loss.requires_grad and loss.item() == 0.0
     loss.backward()
     assert logits.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 4.0, 6.0, 8.0, 10.0, 12.0])
+def test_the_softcap_slope_keeps_its_digits_where_tanh_is_near_one(ratio):
+    """s'(x) = 1 − tanh²(x/s) lost its digits as tanh neared ±1 (6% at x/s = 8, 0 from 10 on, for
+    1.6e-9 at 10); the kernel takes 4e/(1 + e)², e = exp(−2|x/s|), there. Against the exact
+    gradient p·s'(x) of a row of zeros and one capped logit (computed in float64 from the
+    closed forms, which hold to 1e-15 here)."""
+    cap = 30.0
+    x = torch.zeros(2, 8)
+    x[:, 3] = ratio * cap
+    x[1, 3] = -ratio * cap
+    x = x.to(DEVICE).requires_grad_()
+    loss = xt.cross_entropy(x, torch.tensor([0, 0], device=DEVICE), softcap=cap, reduction="sum", backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    for row, sign in ((0, 1.0), (1, -1.0)):
+        z = cap * np.tanh(sign * ratio)
+        p = np.exp(z) / (7.0 + np.exp(z))
+        e = np.exp(-2.0 * ratio)
+        slope = 4.0 * e / (1.0 + e) ** 2
+        assert abs(float(grad[row, 3]) - p * slope) <= 4e-6 * p * slope
