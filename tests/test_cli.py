@@ -418,3 +418,46 @@ def test_an_error_after_data_download_prints_its_usage(capsys):
     assert main(["data", "download", "mnist", "--bogus"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("usage: xentkit data download ") and "unrecognized arguments: --bogus" in error
+
+
+def test_review_of_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a review of the command line found: a learning rate that float32 rounds to 0 trained
+    nothing; ``--json`` could overwrite the data ``--data`` reads; a cache lacking one file was
+    said to hold none; a default batch size was blamed as if given; an empty ``--mirror`` was the
+    default mirror and an unclosed IPv6 one a bare ValueError."""
+    assert main(["lab", "mnist", "--lr", "1e-50"]) == 2
+    assert "--lr: expected a positive number between 1.17549e-38" in capsys.readouterr().err
+    fake_mnist(tmp_path / "idx", n_train=40, n_test=10)
+    archive = tmp_path / "data.npz"
+    np.savez(archive, x_train=np.zeros((20, 28, 28), np.uint8), y_train=np.zeros(20, np.int64),
+             x_test=np.zeros((10, 28, 28), np.uint8), y_test=np.zeros(10, np.int64))  # fmt: skip
+    before = archive.read_bytes()
+    for data, json_path, says in (
+        (archive, archive, "is the file that --data reads"),
+        (tmp_path / "idx", next((tmp_path / "idx").iterdir()), "is a file in the folder that --data reads"),
+    ):
+        assert main(["lab", "mnist", "--data", str(data), "--json", str(json_path), "--out", str(tmp_path / "o")]) == 2
+        assert says in capsys.readouterr().err
+    assert archive.read_bytes() == before
+    cache = tmp_path / "cache" / "mnist"
+    fake_mnist(cache, n_train=20, n_test=10)
+    lost = next(path for path in cache.iterdir() if path.name.startswith("t10k-labels"))
+    lost.unlink()
+    assert main(["lab", "mnist", "--dataset", "mnist", "--cache", str(tmp_path / "cache")]) == 2
+    _one_line_error(capsys, f"{cache} lacks t10k-labels-idx1-ubyte", "xentkit data download mnist")
+    assert main(["lab", "mnist", "--train-size", "50"]) == 2
+    error = _one_line_error(capsys, "--batch-size must be between 1 and the training-set size 50, got 100 (the default)")
+    assert "ValueError" not in error
+    assert main(["data", "download", "mnist", "--mirror", "", "--cache", str(tmp_path / "c2")]) == 2
+    _one_line_error(capsys, "--mirror: expected a URL", "received ''")
+    assert main(["data", "download", "mnist", "--mirror", "http://[::1", "--cache", str(tmp_path / "c2")]) == 2
+    _one_line_error(capsys, "--mirror: 'http://[::1' is not a URL")
+    assert not (tmp_path / "c2").exists()
+
+
+def test_a_results_file_of_the_wrong_shape_is_left_out_of_the_report(tmp_path: Path) -> None:
+    (tmp_path / "mnist.json").write_text('{"experiment": "mnist", "runs": []}')
+    assert main(["lab", "neuron", "--out", str(tmp_path), "--no-progress"]) == 0
+    report = (tmp_path / "report.html").read_text()
+    assert "mnist.json is not results of xentkit lab mnist (AttributeError" in report
+    assert NEURON_TITLE in report

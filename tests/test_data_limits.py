@@ -24,7 +24,7 @@ def test_a_declared_size_beyond_the_limit_is_refused_before_any_data_is_read(tmp
     path = tmp_path / "bomb-idx3-ubyte.gz"
     # 4 × 2^30 bytes declared; the data that follows is never unpacked
     path.write_bytes(gzip.compress(_header((4096, 1024, 1024)) + bytes(1 << 20)))
-    with pytest.raises(DatasetError, match=rf"{path}: header declares shape \(4096, 1024, 1024\), 4294967296 bytes"):
+    with pytest.raises(DatasetError, match=rf"{path}: header declares shape \(4096, 1024, 1024\), 4294967296 values in 4294967296 bytes"):
         read_idx(path)
     assert MAX_IDX_BYTES < 4 << 30
 
@@ -32,7 +32,7 @@ def test_a_declared_size_beyond_the_limit_is_refused_before_any_data_is_read(tmp
 def test_dimensions_whose_product_overflows_int64_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "huge"
     path.write_bytes(_header((2**32 - 1,) * 4))
-    with pytest.raises(DatasetError, match="bytes of data: expected at most"):
+    with pytest.raises(DatasetError, match=r"values in .* bytes: expected at most"):
         read_idx(path)
 
 
@@ -96,7 +96,7 @@ def test_a_bad_out_folder_is_refused_before_training(tmp_path: Path, capsys: pyt
     assert main(["lab", "--out", str(out), "--no-progress"]) == 2
     assert time.monotonic() - started < 5, "it trained before checking --out"
     error = capsys.readouterr().err.strip()
-    assert error.startswith("xentkit: error: ValueError: --out:") and expected in error, error
+    assert error.startswith("xentkit: error: --out:") and expected in error, error
 
 
 def test_a_subcommand_error_prints_that_subcommands_usage(capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,7 +134,7 @@ def test_a_folder_as_json_is_refused_before_training(tmp_path: Path, capsys: pyt
     assert main(["lab", "neuron", "--out", str(tmp_path / "o"), "--json", str(folder), "--no-progress"]) == 2
     assert time.monotonic() - started < 5, "it trained before checking --json"
     error = capsys.readouterr().err.strip()
-    assert error == f"xentkit: error: ValueError: --json: {folder} is a folder, expected the path of a file", error
+    assert error == f"xentkit: error: --json: {folder} is a folder, expected the path of a file", error
     assert not (tmp_path / "o" / "neuron.png").exists()
 
 
@@ -200,7 +200,7 @@ def test_an_images_and_a_labels_file_swapped_say_wrong_magic(tmp_path: Path) -> 
     [
         (["lab", "--out", ""], "argument --out: expected a path, received an empty string"),
         (["lab", "--json", " "], "argument --json: expected a path, received an empty string"),
-        (["lab", "mnist", "--lr", "1e39"], "argument --lr: expected a positive number at most 3.40282e+38"),
+        (["lab", "mnist", "--lr", "1e39"], "argument --lr: expected a positive number between 1.17549e-38 and 3.40282e+38"),
     ],
 )
 def test_empty_paths_and_learning_rates_beyond_float32_are_usage_errors(

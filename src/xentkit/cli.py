@@ -74,6 +74,7 @@ def _path(text: str) -> str:
 
 # The lab trains in float32: a learning rate it cannot hold would be inf there.
 _FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38  # (its smallest normal: a smaller rate rounds to 0 or loses digits)
 
 
 def _positive_float(text: str) -> float:
@@ -81,9 +82,10 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}") from None
-    if not 0 < value <= _FLOAT32_MAX:
+    if not (0 < value <= _FLOAT32_MAX and value >= _FLOAT32_TINY):
         raise argparse.ArgumentTypeError(
-            f"expected a positive number at most {_FLOAT32_MAX:.6g} (float32, the lab's arithmetic), received {text}"
+            f"expected a positive number between {_FLOAT32_TINY:.6g} and {_FLOAT32_MAX:.6g} (float32, the lab's "
+            f"arithmetic), received {text}"
         )
     return value
 
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab = commands.add_parser(
         "lab",
-        help="run the experiments (no subcommand: both, on the embedded MNIST sample)",
+        help="run the experiments (no subcommand: both; MNIST on the embedded sample unless --dataset or --data)",
         description="Reproduce the experiments of note 003, the blog note on quadratic cost vs "
         "cross-entropy that xentkit comes from. Without a subcommand, runs both the single-neuron "
         "and the MNIST experiment and writes plots, JSON and report.html to --out; the report "
@@ -293,6 +295,13 @@ def _check_combinations(args: argparse.Namespace) -> None:
         ):
             args.help_parser.error(
                 f"--json: {args.json} is one of the files the lab writes into --out; give another path"
+            )
+    if args.json is not None and args.data is not None:
+        target, data = Path(args.json).resolve(), Path(args.data).resolve()
+        if target == data or (data.is_dir() and target.parent == data and target.exists()):
+            args.help_parser.error(
+                f"--json: {args.json} is {'the file' if target == data else 'a file in the folder'} that --data "
+                "reads; give another path"
             )
     if args.experiment == "neuron":  # given before the experiment's name, to `lab`
         given = [
@@ -408,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, command)
     except (DatasetError, MissingExtraError, ValueError, OSError) as error:
         message = " ".join(str(error).split())
-        plain = isinstance(error, DatasetError | MissingExtraError)
+        # xentkit's own messages name the option or file; an OSError's class says what failed
+        plain = isinstance(error, DatasetError | MissingExtraError) or type(error) is ValueError
         kind = "" if plain else f"{type(error).__name__}: "
         print(f"xentkit: error: {kind}{message}", file=sys.stderr)
         return 2

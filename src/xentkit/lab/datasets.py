@@ -35,6 +35,7 @@ from xentkit.lab.formats import (
     as_pixels,
     find_idx_file,
     has_idx_files,
+    missing_idx_files,
     read_idx,
     read_idx_pair,
     read_npz,
@@ -291,14 +292,22 @@ def load_dataset(
     for folder in candidates:
         if has_idx_files(folder):
             return load_idx_folder(folder, name=name)
-    looked = ", ".join(str(folder) for folder in candidates)
+    looked = "; ".join(f"{folder} lacks {_lacks(folder)}" for folder in candidates)
     how = f"run `xentkit data download {name}`"
     if name == "fashion-mnist":
         how = f"install Debian's package (`apt-get install dataset-fashion-mnist`) or {how}"
     raise DatasetError(
-        f"dataset {name!r}: expected the four IDX files (train-images-idx3-ubyte.gz, ...) in "
-        f"{looked}, found none there: {how}, or pass --data DIR"
+        f"dataset {name!r}: expected the four IDX files (train-images-idx3-ubyte.gz, ...), but {looked}: "
+        f"{how}, or pass --data DIR"
     )
+
+
+def _lacks(folder: Path) -> str:
+    """Which of the four IDX files ``folder`` lacks, for an error message."""
+    if not folder.is_dir():
+        return "all four (no such folder)"
+    missing = missing_idx_files(folder)
+    return "all four" if len(missing) == len(IDX_FILES) else ", ".join(missing)
 
 
 def _load_path(path: Path, label: str | None) -> Dataset:
@@ -315,9 +324,10 @@ def _load_path(path: Path, label: str | None) -> Dataset:
     archives = sorted(path.glob("*.npz"))
     if len(archives) == 1:
         return load_npz(archives[0], name=label)
+    lacking = "" if len(archives) > 1 else f" (it lacks {_lacks(path)})"
     raise DatasetError(
         f"--data {path}: expected the four IDX files ({', '.join(IDX_FILES.values())}, gzip or "
-        f"not) or a single .npz, received {_listing(path)}"
+        f"not) or a single .npz{lacking}, received {_listing(path)}"
     )
 
 

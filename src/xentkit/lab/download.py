@@ -9,6 +9,7 @@ moves it into place once its hash is verified.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,15 @@ def download_dataset(
 
     pooch.get_logger().setLevel("WARNING")
     folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / name
-    base = mirror or os.environ.get(mirror_env_var(name)) or DEFAULT_MIRRORS[name]
+    # an empty --mirror is a mistake to say, not the default (an empty variable is unset, as usual)
+    base = mirror if mirror is not None else os.environ.get(mirror_env_var(name)) or DEFAULT_MIRRORS[name]
     scheme = base.split("://", 1)[0].lower() if "://" in base else ""
+    source = "--mirror" if mirror is not None else f"${mirror_env_var(name)}"
+    try:
+        urllib.parse.urlsplit(base)
+    except ValueError as error:  # (an unclosed IPv6 bracket, say)
+        raise DatasetError(f"{source}: {base!r} is not a URL ({error})") from None
     if scheme not in _SCHEMES:
-        source = "--mirror" if mirror else f"${mirror_env_var(name)}"
         raise DatasetError(
             f"{source}: expected a URL starting with one of {', '.join(s + '://' for s in _SCHEMES)}, "
             f"received {base!r}. {_offline_hint(name)}"

@@ -150,8 +150,8 @@ def read_idx(path: str | os.PathLike[str], kind: str | None = None) -> np.ndarra
         data_size = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         if data_size > MAX_IDX_BYTES or math.prod(shape) > MAX_VALUES:
             raise DatasetError(
-                f"{path}: header declares shape {shape}, {data_size} bytes of data: expected at "
-                f"most {MAX_IDX_BYTES} bytes and {MAX_VALUES} values (an IDX file of images or labels)"
+                f"{path}: header declares shape {shape}, {math.prod(shape)} values in {data_size} bytes: "
+                f"expected at most {MAX_VALUES} values and {MAX_IDX_BYTES} bytes (an IDX file of images or labels)"
             )
         expected = header_size + data_size
         data = _read(stream, data_size, path)
@@ -206,7 +206,20 @@ def find_idx_file(folder: str | os.PathLike[str], stem: str) -> Path | None:
 
 def has_idx_files(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` holds all four standard IDX files."""
-    return all(find_idx_file(folder, stem) is not None for stem in IDX_FILES.values())
+    return not missing_idx_files(folder)
+
+
+def missing_idx_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The standard IDX files (their stems) that ``folder`` lacks as readable files, each with
+    what stands there instead when something does (a folder, a broken link)."""
+    missing = []
+    for stem in IDX_FILES.values():
+        if find_idx_file(folder, stem) is not None:
+            continue
+        there = [entry for entry in (Path(folder) / stem, Path(folder) / f"{stem}.gz") if os.path.lexists(entry)]
+        what = "a folder" if there and there[0].is_dir() else "not a readable file" if there else None
+        missing.append(f"{stem} ({there[0].name} is {what})" if there else stem)
+    return missing
 
 
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -299,11 +312,11 @@ def as_labels(labels: np.ndarray, source: object) -> np.ndarray:
     """``[N]`` int64 labels, each in [0, 10)."""
     if not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{source}: expected integer labels, received dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
+    # checked in their own dtype: a uint64 beyond int64 would be quoted as the negative it wraps to
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         bad = int(np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))[0])
         raise DatasetError(
-            f"{source}: expected labels in [0, {NUM_CLASSES}), received {labels[bad]} at "
+            f"{source}: expected labels in [0, {NUM_CLASSES}), received {labels.reshape(-1)[bad]} at "
             f"position {bad}"
         )
-    return labels
+    return labels.astype(np.int64)

@@ -102,14 +102,16 @@ class MnistSettings:
         if self.epochs < 1:
             raise ValueError(f"{names.get('epochs', 'epochs')} must be >= 1, got {self.epochs}")
         if not 1 <= self.batch_size <= train_size:
+            default = " (the default)" if self.batch_size == MnistSettings.batch_size else ""
             raise ValueError(
                 f"{names.get('batch_size', 'batch_size')} must be between 1 and the training-set "
-                f"size {train_size}, got {self.batch_size}"
+                f"size {train_size}, got {self.batch_size}{default}"
             )
-        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+        # the training runs in float32: a rate that rounds to 0 there trains nothing
+        if not (np.isfinite(self.learning_rate) and np.float32(self.learning_rate) > 0):
             raise ValueError(
-                f"{names.get('learning_rate', 'learning_rate')} must be a positive number, got "
-                f"{self.learning_rate}"
+                f"{names.get('learning_rate', 'learning_rate')} must be a positive number that float32 "
+                f"(the training's arithmetic) holds, got {self.learning_rate}"
             )
 
 

@@ -98,7 +98,7 @@ def _mnist(
     output.line(f"{dataset.description}.")
     output.line(
         f"Softmax regression 784 → 10, zero init, batch {settings.batch_size}, learning rate "
-        f"{settings.learning_rate:g}, {settings.epochs} epochs, shuffle seed {settings.seed}"
+        f"{settings.learning_rate:g}, {settings.epochs} epoch{'s' if settings.epochs != 1 else ''}, shuffle seed {settings.seed}"
     )
     runs = []
     batches = settings.epochs * (dataset.train_size // settings.batch_size)
