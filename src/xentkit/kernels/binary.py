@@ -5,7 +5,7 @@ read of the logits and targets, the formulas of ``xentkit.reference.losses``::
     log σ(x) = min(x, 0) − L,   log σ(−x) = min(−x, 0) − L
     loss     = −w·(pw·y·log σ(x) + (1 − y)·log σ(−x))
     grad     = w·((1 − y)·σ(x) − pw·y·σ(−x)) · scale,   σ(x) = 1/(1 + e) (x ≥ 0), e/(1 + e) (x < 0)
-               (torch's σ(x)·(pw·y + 1 − y) − pw·y for a non-finite y, which gives its NaN or ±inf)
+               (NaN for a non-finite y, as torch's σ(x)·(pw·y + 1 − y) − pw·y gives)
 
 with e = exp(−|x|), in the same order of operations as the reference, so that special values
 come out alike (x = ±inf: 0·inf terms are NaN, and x = −inf is NaN, as torch but for a
@@ -84,12 +84,11 @@ def _element(x, y, w, pw):  # pragma: no cover - compiled
     # (no fast-math flag folds it) and ∞ − ∞ there, without a branch in the vectorized loop
     m = min(x, 0.0)
     loss += m - m
-    sig = 1.0 / (1.0 + e) if x >= 0.0 else e / (1.0 + e)
-    sig_neg = e / (1.0 + e) if x >= 0.0 else 1.0 / (1.0 + e)  # σ(−x), not 1 − σ(x)
-    # (1 − y)·σ(x) − pw·y·σ(−x): no cancellation of σ(x)·(pw·y + 1 − y) against pw·y (at y = 1,
-    # x = 40 that gave 0 for −4.2e-18); torch's order for a non-finite target (its NaN or ±inf)
-    accurate = (1.0 - y) * sig - pw * y * sig_neg
-    grad = w * (accurate if abs(y) < np.inf else sig * (pw * y + 1.0 - y) - pw * y)
+    # (1 − y)·σ(x) − pw·y·σ(−x), σ(±x) = (1 or e)/(1 + e): no cancellation of σ(x)·(pw·y + 1 − y)
+    # against pw·y (at y = 1, x = 40 that gave 0 for −4.2e-18). A non-finite target makes torch's
+    # form NaN (∞ − ∞, or 0·∞ for pos_weight 0): y − y is that NaN, and 0 otherwise (as m − m)
+    top_pos, top_neg = (1.0, e) if x >= 0.0 else (e, 1.0)  # the numerators of σ(x) and σ(−x)
+    grad = w * ((top_pos * (1.0 - y) - top_neg * (pw * y)) / (1.0 + e) + (y - y))
     return loss, grad
 
 

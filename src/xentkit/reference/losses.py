@@ -45,7 +45,7 @@ def binary_cross_entropy_with_logits_and_grad(
 
     log(1 − σ(x)) = log σ(−x) and 1 − σ(x) = σ(−x), more accurate than subtracting from 1 (the
     gradient in torch's form σ(x)·(pw·y + 1 − y) − pw·y cancels: 0 at y = 1, x = 40, for
-    −4.2e-18). A non-finite target takes torch's form, and so its NaN or ±inf.
+    −4.2e-18). A non-finite target takes torch's form, and so its NaN.
     """
     pw = 1 if pos_weight is None else pos_weight
     w = 1 if weight is None else weight
