@@ -433,8 +433,8 @@ def test_review_of_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixtur
              x_test=np.zeros((10, 28, 28), np.uint8), y_test=np.zeros(10, np.int64))  # fmt: skip
     before = archive.read_bytes()
     for data, json_path, says in (
-        (archive, archive, "is the file that --data reads"),
-        (tmp_path / "idx", next((tmp_path / "idx").iterdir()), "is a file in the folder that --data reads"),
+        (archive, archive, "is (or leads to) data that --data reads"),
+        (tmp_path / "idx", next((tmp_path / "idx").iterdir()), "is (or leads to) data that --data reads"),
     ):
         assert main(["lab", "mnist", "--data", str(data), "--json", str(json_path), "--out", str(tmp_path / "o")]) == 2
         assert says in capsys.readouterr().err
@@ -461,3 +461,28 @@ def test_a_results_file_of_the_wrong_shape_is_left_out_of_the_report(tmp_path: P
     report = (tmp_path / "report.html").read_text()
     assert "mnist.json is not results of xentkit lab mnist (AttributeError" in report
     assert NEURON_TITLE in report
+
+
+def test_json_through_a_link_into_the_data_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dataset folder of links (to files kept elsewhere) is common: --json naming one of the
+    links, or the file behind it, would overwrite the data."""
+    fake_mnist(tmp_path / "real", n_train=20, n_test=10)
+    (tmp_path / "data").mkdir()
+    for path in (tmp_path / "real").iterdir():
+        (tmp_path / "data" / path.name).symlink_to(path)
+    kept = {path.name: path.read_bytes() for path in (tmp_path / "real").iterdir()}
+    link = next((tmp_path / "data").iterdir())
+    for json_path in (link, link.resolve()):
+        argv = ["lab", "mnist", "--data", str(tmp_path / "data"), "--json", str(json_path), "--out", str(tmp_path / "o")]
+        assert main(argv) == 2
+        assert "is (or leads to) data that --data reads" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (tmp_path / "real").iterdir()} == kept
+
+
+def test_the_learning_rate_has_one_rule_for_the_command_line_and_python() -> None:
+    from xentkit.lab.mnist import LEARNING_RATES, MnistSettings
+
+    for rate in (1e-40, 1e300, float("nan")):
+        with pytest.raises(ValueError, match="learning_rate must be a positive number between"):
+            MnistSettings(learning_rate=rate).validate(100)
+    MnistSettings(learning_rate=LEARNING_RATES[0]).validate(100)

@@ -87,3 +87,34 @@ def test_a_temperature_whose_reciprocal_overflows_is_refused(dtype):
                             temperature=1e-39)
     # float64 logits are scaled in float64: there 1e-39 is a normal temperature
     assert torch.isfinite(xt.log_probs(logits.double(), target, temperature=1e-39)).all()
+
+
+def test_an_open_dual_level_leaves_plain_tensors_on_the_kernels():
+    """Only tensors that carry tangents take torch ops: a dual level open (in this thread or
+    another) must not move plain calls off the kernels (the vocabulary-parallel forms refused
+    them, in-place lost its saving), while the vocabulary-parallel forms refuse dual tensors."""
+    from xentkit.torch import distributed
+
+    x = torch.randn(N, C, requires_grad=True)
+    y = torch.randint(0, C, (N,))
+    with fwAD.dual_level():
+        loss = xt.cross_entropy(x, y)
+        assert loss.grad_fn.name().startswith("_CrossEntropy")
+        torch.testing.assert_close(distributed.vocab_parallel_cross_entropy(x, y), F.cross_entropy(x, y))
+        with pytest.raises(ValueError, match="forward-mode tangents"):
+            distributed.vocab_parallel_cross_entropy(fwAD.make_dual(x.detach(), torch.ones(N, C)), y)
+
+
+def test_an_infinite_pos_weight_gives_torchs_nan_gradient():
+    x = torch.tensor([0.0, 3.0, 0.0, 40.0], requires_grad=True)
+    t = torch.tensor([1.0, 0.3, -0.5, 0.0])
+    pos_weight = torch.full((4,), float("inf"))
+    ours = torch.autograd.grad(xt.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight, reduction="sum"), x)[0]
+    theirs = torch.autograd.grad(F.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight, reduction="sum"), x)[0]
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert ours.isnan().all()
+
+
+def test_an_option_tensor_that_requires_grad_is_refused_as_torch_does():
+    with pytest.raises(TypeError, match="label_smoothing must be a float"):
+        xt.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=torch.tensor(0.1, requires_grad=True))

@@ -52,11 +52,17 @@ def describe(value: object) -> str:
 
 def as_array(value: object, name: str) -> np.ndarray:
     """``np.asarray(value)`` (no copy when it is one), or a ``TypeError`` naming the argument when
-    NumPy cannot make one array of it (a ragged list, say) or when it is a masked array, whose
-    mask ``np.asarray`` would drop (its hidden values used as if they were data)."""
+    NumPy cannot make one array of it (a ragged list, say) or when it holds masked entries, whose
+    mask ``np.asarray`` would drop (their hidden values used as if they were data); a masked array
+    with nothing masked is its data."""
     if type(value) is np.ndarray:
         return value
-    if isinstance(value, np.ma.MaskedArray):
+    if isinstance(value, np.ma.MaskedArray) or (
+        type(value) in (list, tuple) and value and isinstance(value[0], np.ma.MaskedArray)  # (rows of them)
+    ):
+        parts = value if type(value) in (list, tuple) else (value,)
+        if not any(np.ma.is_masked(part) for part in parts if isinstance(part, np.ma.MaskedArray)):
+            return np.asarray(value.data if isinstance(value, np.ma.MaskedArray) else value)
         raise TypeError(
             f"{name} must be a plain array, got a NumPy masked array, whose mask would be ignored: pass "
             f"its .filled(...) values (a loss skips samples through ignore_index or a weight of 0)"
@@ -83,8 +89,8 @@ def _real(value: object, name: str, expected: str) -> float:
 def _one_real_number(value: object) -> bool:
     """Whether ``value`` is a 0-d array or tensor of real numbers (``torch.tensor(0.1)``, as torch's
     own losses take for a float option), not of bools or complex numbers."""
-    if getattr(value, "shape", None) != () or not hasattr(value, "__float__"):
-        return False
+    if getattr(value, "shape", None) != () or not hasattr(value, "__float__") or getattr(value, "requires_grad", False):
+        return False  # (one that requires grad: torch refuses it too, an option has no gradient)
     dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
     return dtype.startswith(("float", "int", "uint", "bfloat"))
 

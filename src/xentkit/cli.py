@@ -72,19 +72,19 @@ def _path(text: str) -> str:
     return text
 
 
-# The lab trains in float32: a learning rate it cannot hold would be inf there.
-_FLOAT32_MAX = 3.4028234663852886e38
-_FLOAT32_TINY = 1.1754943508222875e-38  # (its smallest normal: a smaller rate rounds to 0 or loses digits)
 
 
 def _positive_float(text: str) -> float:
+    from xentkit.lab.mnist import LEARNING_RATES
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}") from None
-    if not (0 < value <= _FLOAT32_MAX and value >= _FLOAT32_TINY):
+    smallest, largest = LEARNING_RATES
+    if not smallest <= value <= largest:
         raise argparse.ArgumentTypeError(
-            f"expected a positive number between {_FLOAT32_TINY:.6g} and {_FLOAT32_MAX:.6g} (float32, the lab's "
+            f"expected a positive number between {smallest:.6g} and {largest:.6g} (float32, the lab's "
             f"arithmetic), received {text}"
         )
     return value
@@ -296,13 +296,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
             args.help_parser.error(
                 f"--json: {args.json} is one of the files the lab writes into --out; give another path"
             )
-    if args.json is not None and args.data is not None:
-        target, data = Path(args.json).resolve(), Path(args.data).resolve()
-        if target == data or (data.is_dir() and target.parent == data and target.exists()):
-            args.help_parser.error(
-                f"--json: {args.json} is {'the file' if target == data else 'a file in the folder'} that --data "
-                "reads; give another path"
-            )
+    if args.json is not None and args.data is not None and _writes_into_data(Path(args.json), Path(args.data)):
+        args.help_parser.error(f"--json: {args.json} is (or leads to) data that --data reads; give another path")
     if args.experiment == "neuron":  # given before the experiment's name, to `lab`
         given = [
             option for field, option in _MNIST_OPTIONS.items() if getattr(args, _DEST.get(field, field)) is not None
@@ -315,6 +310,17 @@ def _check_combinations(args: argparse.Namespace) -> None:
         args.help_parser.error(
             f"--cache: only --dataset mnist / fashion-mnist read the download cache ({reads})"
         )
+
+
+def _writes_into_data(target: Path, data: Path) -> bool:
+    """Whether writing ``target`` would overwrite what ``data`` (--data) reads: the file itself, or
+    a file in its folder, also through symbolic links (a dataset folder of links is common)."""
+    data = data.resolve()
+    reads = {data}
+    if data.is_dir():
+        reads |= {entry.resolve() for entry in data.iterdir()}
+    beside = target.absolute().parent.resolve() == data and os.path.lexists(target)
+    return target.resolve() in reads or beside
 
 
 def _load(args: argparse.Namespace) -> Dataset:

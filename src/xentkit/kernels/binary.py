@@ -5,7 +5,7 @@ read of the logits and targets, the formulas of ``xentkit.reference.losses``::
     log σ(x) = min(x, 0) − L,   log σ(−x) = min(−x, 0) − L
     loss     = −w·(pw·y·log σ(x) + (1 − y)·log σ(−x))
     grad     = w·((1 − y)·σ(x) − pw·y·σ(−x)) · scale,   σ(x) = 1/(1 + e) (x ≥ 0), e/(1 + e) (x < 0)
-               (NaN for a non-finite y, as torch's σ(x)·(pw·y + 1 − y) − pw·y gives)
+               (NaN for a non-finite y or pw, as torch's σ(x)·(pw·y + 1 − y) − pw·y gives)
 
 with e = exp(−|x|), in the same order of operations as the reference, so that special values
 come out alike (x = ±inf: 0·inf terms are NaN, and x = −inf is NaN, as torch but for a
@@ -85,10 +85,11 @@ def _element(x, y, w, pw):  # pragma: no cover - compiled
     m = min(x, 0.0)
     loss += m - m
     # (1 − y)·σ(x) − pw·y·σ(−x), σ(±x) = (1 or e)/(1 + e): no cancellation of σ(x)·(pw·y + 1 − y)
-    # against pw·y (at y = 1, x = 40 that gave 0 for −4.2e-18). A non-finite target makes torch's
-    # form NaN (∞ − ∞, or 0·∞ for pos_weight 0): y − y is that NaN, and 0 otherwise (as m − m)
+    # against pw·y (at y = 1, x = 40 that gave 0 for −4.2e-18). A non-finite target or pos_weight
+    # makes torch's form NaN (∞ − ∞, or 0·∞): so is pw·y − pw·y then, 0 otherwise (as m − m)
     top_pos, top_neg = (1.0, e) if x >= 0.0 else (e, 1.0)  # the numerators of σ(x) and σ(−x)
-    grad = w * ((top_pos * (1.0 - y) - top_neg * (pw * y)) / (1.0 + e) + (y - y))
+    py = pw * y
+    grad = w * ((top_pos * (1.0 - y) - top_neg * py) / (1.0 + e) + (py - py))
     return loss, grad
 
 

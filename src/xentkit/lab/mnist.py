@@ -86,6 +86,11 @@ def dataset_title(dataset_name: str, source: str | None = None) -> str:
 _SOURCE_TITLES = {"mnist-5k": "the MNIST 5k sample"}
 
 
+# The training runs in float32: a learning rate below its smallest normal rounds to 0 or loses its
+# digits (1e-50 trained nothing), and one above its largest is inf.
+LEARNING_RATES = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
+
 @dataclass(frozen=True)
 class MnistSettings:
     """The training settings; the defaults are note 003's."""
@@ -107,11 +112,11 @@ class MnistSettings:
                 f"{names.get('batch_size', 'batch_size')} must be between 1 and the training-set "
                 f"size {train_size}, got {self.batch_size}{default}"
             )
-        # the training runs in float32: a rate that rounds to 0 there trains nothing
-        if not (np.isfinite(self.learning_rate) and np.float32(self.learning_rate) > 0):
+        smallest, largest = LEARNING_RATES
+        if not smallest <= self.learning_rate <= largest:  # (NaN fails too)
             raise ValueError(
-                f"{names.get('learning_rate', 'learning_rate')} must be a positive number that float32 "
-                f"(the training's arithmetic) holds, got {self.learning_rate}"
+                f"{names.get('learning_rate', 'learning_rate')} must be a positive number between "
+                f"{smallest:.6g} and {largest:.6g} (float32, the training's arithmetic), got {self.learning_rate}"
             )
 
 

@@ -45,7 +45,7 @@ def binary_cross_entropy_with_logits_and_grad(
 
     log(1 − σ(x)) = log σ(−x) and 1 − σ(x) = σ(−x), more accurate than subtracting from 1 (the
     gradient in torch's form σ(x)·(pw·y + 1 − y) − pw·y cancels: 0 at y = 1, x = 40, for
-    −4.2e-18). A non-finite target takes torch's form, and so its NaN.
+    −4.2e-18). A non-finite target or pos_weight takes torch's form, and so its NaN.
     """
     pw = 1 if pos_weight is None else pos_weight
     w = 1 if weight is None else weight
@@ -53,7 +53,7 @@ def binary_cross_entropy_with_logits_and_grad(
         loss = -w * (pw * target * log_sigmoid(logits) + (1 - target) * log_sigmoid(-logits))
         accurate = (1 - target) * sigmoid(logits) - pw * target * sigmoid(-logits)
         torchs = sigmoid(logits) * (pw * target + 1 - target) - pw * target
-        grad = w * np.where(np.isfinite(target), accurate, torchs)
+        grad = w * np.where(np.isfinite(pw * target), accurate, torchs)
         # x = −inf: NaN. torch computes the same loss as (1 − y)·x − (1 + (pw − 1)·y)·log σ(x),
         # which is ∞ − ∞ = NaN there (−inf only for a negative pos_weight) where the form above
         # gives +∞ for y > 0; torch's value, as for every non-finite input

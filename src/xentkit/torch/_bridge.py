@@ -212,9 +212,12 @@ def transforms_running(*tensors: Tensor) -> bool:
     functorch's interpreter stack (else, on a torch without it, whether one of ``tensors`` is
     wrapped). Inside one, xentkit's autograd Functions and NumPy views are not for it, even on
     tensors it does not wrap (``detach`` there hands out a wrapper without storage): torch ops
-    are. So also while a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``):
-    the Functions have no jvp, and torch's ops carry the tangents."""
-    if _forward_ad._current_level >= 0:
+    are. So also for a tensor that carries a forward-mode tangent (``torch.autograd.forward_ad``):
+    the Functions have no jvp, and torch's ops carry the tangents (looked for only while a dual
+    level is open)."""
+    if _forward_ad._current_level >= 0 and any(
+        isinstance(tensor, Tensor) and _forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors
+    ):
         return True
     if _PEEK_INTERPRETER_STACK is not None:
         return _PEEK_INTERPRETER_STACK() is not None

@@ -64,7 +64,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
     its own loss, since rows do not interact). backward: gradient · grad_output, with grad_output
     broadcast over the class axis for "none". Storing the unscaled per-row gradient costs one
     logits-sized buffer, what torch's own cross_entropy keeps (its log-softmax output), and avoids
-    recomputing the softmax.
+    recomputing the softmax. (``inplace_backward=True`` on float16 logits: forward gives the loss
+    alone and backward the gradient with grad_output applied, written over the logits; see
+    :func:`_deferred_gradient`.)
     """
 
     @staticmethod

@@ -168,8 +168,10 @@ def _check_weight(weight: object) -> np.ndarray | None:
     return weight.detach().to("cpu", torch.float64).contiguous().numpy()
 
 
-def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str) -> np.ndarray:
-    """The labels as a flat int64 CPU array (every rank holds all N of them).
+def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str, *inputs: object) -> np.ndarray:
+    """The labels as a flat int64 CPU array (every rank holds all N of them). ``inputs``: the
+    call's other tensors, refused with the target under a torch.func transform or while they
+    carry forward-mode tangents (the Functions have no jvp).
 
     A floating target with a class axis after the sample shape (the shard's or the full
     vocabulary's) is a probability target, which this form does not support: ``ValueError``.
@@ -178,10 +180,11 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str) 
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
-    if transforms_running(target):  # (every form checks its target here, before any collective)
+    if transforms_running(target, *inputs):  # (every form checks its target here, before any collective)
         raise ValueError(
             "the vocabulary-parallel functions do not run under torch.func transforms (vmap, grad, "
-            "jvp): their label checks and collectives need the tensors' values"
+            "jvp) or on tensors with forward-mode tangents: their label checks and collectives need "
+            "the tensors' values, and their autograd Functions have no jvp"
         )
     check_dense(target, "target")
     _check_device(target, "target")

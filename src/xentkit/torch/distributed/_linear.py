@@ -238,7 +238,10 @@ def vocab_parallel_linear_cross_entropy(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, chunk_size=chunk_size, backend=backend,
         )
-        labels = _check_target(target, tuple(input.shape[:-1]), "the input's shape without in_features")
+        labels = _check_target(
+            target, tuple(input.shape[:-1]), "the input's shape without in_features", input, linear_weight_shard,
+            linear_bias_shard,
+        )
         class_weight = _check_weight(weight)
         state.update(options=options, labels=labels, weight=class_weight, shards=shard_backend(input, options))
         return _local_record(

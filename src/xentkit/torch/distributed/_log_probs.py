@@ -290,7 +290,10 @@ def vocab_parallel_linear_log_probs(
         state.update(
             options=options,
             flags=(check_flag(return_entropy, "return_entropy"), check_flag(return_lse, "return_lse")),
-            labels=_check_target(target, tuple(input.shape[:-1]), "the input's shape without in_features"),
+            labels=_check_target(
+                target, tuple(input.shape[:-1]), "the input's shape without in_features", input,
+                linear_weight_shard, linear_bias_shard,
+            ),
             rows=_rows_backend(input, options, linear_weight_shard, linear_bias_shard),
         )
         labels: np.ndarray = state["labels"]  # type: ignore[assignment]

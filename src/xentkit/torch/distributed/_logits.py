@@ -150,7 +150,7 @@ def vocab_parallel_cross_entropy(
             z_loss=z_loss, backend=backend,
         )
         sample_shape = tuple(logits_shard.shape[:-1])
-        labels = _check_target(target, sample_shape, "the logits' shape without the class axis")
+        labels = _check_target(target, sample_shape, "the logits' shape without the class axis", logits_shard)
         class_weight = _check_weight(weight)
         state.update(
             options=options, labels=labels, weight=class_weight, shards=shard_backend(logits_shard, options)
