@@ -90,3 +90,43 @@ def test_log_probs_results_are_typed_by_their_flags() -> None:
     assert [o.__annotations__["return"] for o in get_overloads(token_log_probs)] == [
         "Tensor", "tuple[Tensor, Tensor]", "Tensor | tuple[Tensor, Tensor]"
     ]
+
+
+def test_kernels_compile_where_neither_the_install_nor_the_home_is_writable(tmp_path) -> None:
+    """A read-only install run by a user without a writable home (a non-root container): Numba
+    found no folder to cache in and refused every cache=True kernel ("no locator available"). The
+    kernels now cache in a folder of the user's own in the temporary folder."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    package = Path(xentkit.__file__).parent
+    copy = tmp_path / "site" / "xentkit"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "kernels" / "__pycache__").write_text("")  # a file: no cache folder can be made there
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    environment = {
+        **os.environ, "PYTHONPATH": str(tmp_path / "site"), "HOME": "/nonexistent",
+        "XDG_CACHE_HOME": "/dev/null/cache", "TMPDIR": str(temporary),
+    }  # fmt: skip
+    environment.pop("NUMBA_CACHE_DIR", None)
+    script = (
+        "import numpy as np, numba\n"
+        "from xentkit.kernels.labels import first_bad_label\n"
+        "print(first_bad_label(np.array([0, 7, 2]), 5, -100), numba.config.CACHE_DIR)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    index, folder = done.stdout.split()
+    assert index == "1" and Path(folder).parent == temporary
+    assert any(Path(folder).rglob("*.nbi"))  # cached there
+
+
+def test_the_triton_kernels_without_triton_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import xentkit.triton as kernels
+
+    monkeypatch.delattr(kernels, "cross_entropy_rows", raising=False)  # (loaded by an earlier test)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(MissingExtraError, match=r"^xentkit.triton.cross_entropy_rows needs the package 'triton', .*pip install 'xentkit\[triton\]'$"):
+        kernels.cross_entropy_rows  # noqa: B018

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm = commands.add_parser(
         "warm",
-        help="compile every kernel now (once per install), so no first call waits for Numba",
+        help="compile every kernel now (once per install, or per user where the install is read-only), so no first call waits for Numba",
         description="Compile xentkit's Numba kernels for float32 and float64 (or load them from "
         "Numba's cache when they are compiled already) and say how long it took. A cold cache "
         "costs seconds per kernel on the first call that needs it; run this once after "

@@ -1,7 +1,8 @@
 """Fused Numba kernels on contiguous 2-D arrays (rows × classes).
 
 Importing this package is cheap: Numba and the compiled kernels load on the first access to a
-kernel (``cache=True``: compiled once per machine, then loaded from ``__pycache__``).
+kernel (``cache=True``: compiled once per install, then loaded from ``__pycache__``; per user
+where the install is read-only, see :mod:`._cache`).
 Contract: ``docs/CONTRACTS.md``.
 """
 
@@ -9,6 +10,11 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from xentkit.kernels._cache import ensure_cache_dir
+
+# before any kernel module (each compiles with cache=True): a folder Numba can cache in
+ensure_cache_dir()
 
 if TYPE_CHECKING:
     from xentkit.kernels.cross_entropy import cross_entropy_rows

@@ -75,9 +75,9 @@ def tensor_reason(input: Tensor, *, compiled: bool = False) -> str | None:
         if not compiled:
             return "it does not run under torch.compile"
         if not _TRITON_FOUND:
-            return "the triton package is not installed"
+            return "the triton package is not installed (pip install 'xentkit[triton]')"
     elif not _triton_importable():
-        return "the triton package is not installed"
+        return "the triton package is not installed (pip install 'xentkit[triton]')"
     return None
 
 

@@ -52,6 +52,10 @@ _IMPORTED: list[bool] = []  # non-empty once triton was imported (every call ask
 
 def __getattr__(name: str) -> Any:
     if name in _HOMES:
+        from xentkit._extras import require
+
+        require("triton", "triton", f"xentkit.triton.{name}")  # a missing Triton names the extra
+        require("torch", "torch", f"xentkit.triton.{name}")
         value = getattr(importlib.import_module(_HOMES[name]), name)
         globals()[name] = value
         return value

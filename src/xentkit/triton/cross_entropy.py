@@ -326,6 +326,7 @@ def _grad_kernel(
         u = x / softcap
         t = _tanh(u)
         z = softcap * t
+        slope = _tanh_slope(u, t)  # (here: u and t die, one value stays live to the end)
     else:
         z = x
     if PROBABILITIES:
@@ -340,7 +341,7 @@ def _grad_kernel(
             else:
                 grad -= g * eps / n_cols
     if HAS_SOFTCAP:
-        grad = grad * _tanh_slope(u, t)
+        grad = grad * slope
     tl.store(grad_row + cols, grad, mask=inside)
 
 

@@ -1,0 +1,61 @@
+"""Where Numba caches the compiled kernels (``cache=True``), made sure to exist before the first
+kernel module is imported.
+
+Numba writes its cache beside the sources (``__pycache__``, per install) or, where that folder
+is read-only (a system, shared or container install), in the user's cache folder
+(``~/.cache/numba``, per user). Where neither is writable (a non-root container user without a
+home, say) Numba refuses to compile a ``cache=True`` function at all ("no locator available").
+Then, unless ``NUMBA_CACHE_DIR`` says where, the cache goes to a folder of the user's own in the
+system's temporary folder: the kernels compile once and are loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["ensure_cache_dir"]
+
+_HERE = Path(__file__).resolve().parent
+
+
+def _writable(folder: Path) -> bool:
+    """Whether Numba could cache into ``folder``: made if need be, and writable (Numba's own test
+    writes a file there; the permission bits say the same, without importing ``tempfile``)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _user_cache() -> Path:
+    """Numba's user-wide cache folder (its ``UserWideCacheLocator``'s)."""
+    from numba.misc.appdirs import AppDirs
+
+    return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+
+
+def fallback_dir() -> Path:
+    """The cache folder used when Numba has none: per user, in the temporary folder."""
+    import tempfile
+
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return Path(tempfile.gettempdir()) / f"xentkit-numba-{user}"
+
+
+def ensure_cache_dir() -> str | None:
+    """Point Numba at :func:`fallback_dir` when it has nowhere to cache (and the user did not say
+    where, ``NUMBA_CACHE_DIR``); returns the folder chosen so, or None (Numba's own choice). One
+    look at the sources' ``__pycache__`` in the common case (no Numba import)."""
+    if os.environ.get("NUMBA_CACHE_DIR") or _writable(_HERE / "__pycache__"):
+        return None
+    import numba
+
+    if numba.config.CACHE_DIR or _writable(_user_cache()):
+        return None
+    folder = fallback_dir()
+    if not _writable(folder):
+        return None  # (nothing better to offer: Numba's own error says what it needs)
+    numba.config.CACHE_DIR = str(folder)
+    return str(folder)
