@@ -40,7 +40,7 @@ def fallback_dir() -> Path:
     """The cache folder used when Numba has none: per user, in the temporary folder."""
     import tempfile
 
-    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
     return Path(tempfile.gettempdir()) / f"xentkit-numba-{user}"
 
 
