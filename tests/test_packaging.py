@@ -130,3 +130,24 @@ def test_the_triton_kernels_without_triton_name_the_extra(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "triton", None)
     with pytest.raises(MissingExtraError, match=r"^xentkit.triton.cross_entropy_rows needs the package 'triton', .*pip install 'xentkit\[triton\]'$"):
         kernels.cross_entropy_rows  # noqa: B018
+
+
+def test_the_fallback_cache_folder_is_private(tmp_path) -> None:
+    """Numba unpickles its cache index: a folder that another user could write (or a link) in
+    the shared temporary folder is passed over for a fresh one of this process's own."""
+    import stat
+
+    from xentkit.kernels._cache import _private
+
+    mine = _private(tmp_path / "xentkit-numba-me")
+    assert mine == tmp_path / "xentkit-numba-me"
+    assert stat.S_IMODE(mine.stat().st_mode) & 0o077 == 0
+    shared = tmp_path / "xentkit-numba-shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    other = _private(shared)
+    assert other is not None and other != shared and other.name.startswith("xentkit-numba-shared-")
+    assert stat.S_IMODE(other.stat().st_mode) & 0o077 == 0
+    link = tmp_path / "xentkit-numba-link"
+    link.symlink_to(mine)
+    assert _private(link) not in (None, link, mine)

@@ -262,7 +262,7 @@ def cross_entropy(
         z_loss > 0 adds       z_loss·logsumexp(z)²          (PaLM's auxiliary loss)
         softcap = s replaces  z by s·tanh(z/s) first        (Gemma 2)
 
-    Without options this is seed 004's hand formula ``−z_y + log Σ_i exp z_i``.
+    Without options this is note 004's hand formula ``−z_y + log Σ_i exp z_i``.
 
     Shapes: ``logits`` ``[batch, classes]`` with ``axis=-1``, or PyTorch's per-pixel layout
     ``[batch, classes, d1, ..., dk]`` with ``axis=1``; ``target`` either integer indices with the
@@ -316,7 +316,7 @@ def cross_entropy_and_grad(
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Cross-entropy and its exact gradient with respect to the logits, in one sweep.
 
-    Same arguments and loss as :func:`cross_entropy`. The gradient (seed 002: "the output minus
+    Same arguments and loss as :func:`cross_entropy`. The gradient (note 002: "the output minus
     one at the true class") is, per sample and before the reduction's scaling::
 
         ∂loss/∂z_j = p_j·((1 − ε)·w_y + ε·Σ_c w_c / C) − (1 − ε)·w_y·[j = y] − ε·w_j/C
@@ -348,7 +348,7 @@ def cross_entropy_and_grad(
 
 
 def perplexity(logits: ArrayLike, target: ArrayLike, **cross_entropy_kwargs: object) -> np.ndarray:
-    r"""Perplexity ``exp(mean cross-entropy)``: a language model's test-set measure (seed 003).
+    r"""Perplexity ``exp(mean cross-entropy)``: a language model's test-set measure (note 003).
 
     Takes the arguments of :func:`cross_entropy` except ``reduction``, which is always "mean"
     (over non-ignored tokens, weighted as cross-entropy's mean). Uniform logits over ``C``

@@ -97,13 +97,13 @@ def nll_loss(
 ) -> np.ndarray:
     """Negative log-likelihood of class indices: ``loss = −w_y·log_probs[y]`` per sample.
 
-    ``cross_entropy(z, y) == nll_loss(log_softmax(z), y)`` (seed 004). Shapes, ``weight``,
+    ``cross_entropy(z, y) == nll_loss(log_softmax(z), y)`` (note 004). Shapes, ``weight``,
     ``ignore_index`` and ``reduction`` as :func:`cross_entropy` with class-index targets ("mean"
     divides by ``Σ w_y`` over non-ignored samples; 0 when nothing is left, where PyTorch gives NaN).
     See also :func:`nll_loss_and_grad`.
 
     >>> import numpy as np, xentkit
-    >>> p = np.array([[0.2, 0.3, 0.4, 0.6, 0.5]])  # seed 000: true class 4 (index 3) at 0.6
+    >>> p = np.array([[0.2, 0.3, 0.4, 0.6, 0.5]])  # note 000: true class 4 (index 3) at 0.6
     >>> np.round(xentkit.nll_loss(np.log(p), [3]), 4)  # −log 0.6
     np.float64(0.5108)
     """
@@ -252,10 +252,10 @@ def binary_cross_entropy_with_logits_and_grad(
     reduction: str = "mean",
     grad_output: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Binary cross-entropy on logits and ``∂loss/∂x = weight·[σ(x)·(pos_weight·y + 1 − y) − pos_weight·y]``.
+    """Binary cross-entropy on logits and ``∂loss/∂x = weight·[(1 − y)·σ(x) − pos_weight·y·σ(−x)]``.
 
     Without weights this is ``σ(x) − y``: no ``σ'(x)`` factor, which is why the cross-entropy
-    neuron of seed 003 does not slow down when saturated. Returns ``(loss, dlogits)``.
+    neuron of note 003 does not slow down when saturated. Returns ``(loss, dlogits)``.
 
     >>> import numpy as np, xentkit
     >>> loss, grad = xentkit.binary_cross_entropy_with_logits_and_grad([1.5], [0.0], reduction="sum")
@@ -346,7 +346,7 @@ def _quadratic(prediction, target, reduction, want_grad, grad_output=None):
 def quadratic_cost(prediction: ArrayLike, target: ArrayLike, *, reduction: str = "mean") -> np.ndarray:
     """The quadratic cost of the seeds: ``mean((prediction − target)²)`` over every element.
 
-    That is ``tf.reduce_mean(tf.square(y − prediction))`` of seed 003 and PyTorch's
+    That is ``tf.reduce_mean(tf.square(y − prediction))`` of note 003 and PyTorch's
     ``mse_loss``; "sum" and "none" give the sum and the elementwise squares.
     See also :func:`quadratic_cost_and_grad`.
 
@@ -367,7 +367,7 @@ def quadratic_cost_and_grad(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quadratic cost and ``∂loss/∂prediction = 2·(prediction − target)`` (÷ element count for "mean").
 
-    Through a sigmoid this gradient picks up ``σ'(z)``, the learning slowdown of seed 003.
+    Through a sigmoid this gradient picks up ``σ'(z)``, the learning slowdown of note 003.
     Returns ``(loss, dprediction)``.
 
     >>> import numpy as np, xentkit
@@ -423,7 +423,7 @@ def entropy_and_grad(p: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarr
 def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
     """Kullback–Leibler divergence ``KL(p‖q) = Σ_i p_i·(log p_i − log q_i)`` in nats along ``axis``.
 
-    Equals ``cross-entropy H(p, q) − H(p)`` (seed 000). Terms with ``p_i = 0`` add 0;
+    Equals ``cross-entropy H(p, q) − H(p)`` (note 000). Terms with ``p_i = 0`` add 0;
     ``p_i > 0`` where ``q_i = 0`` gives +inf. See also :func:`kl_divergence_and_grad`.
 
     >>> import numpy as np, xentkit

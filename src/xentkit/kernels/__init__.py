@@ -36,7 +36,8 @@ _MODULES = (
 
 
 def compile_all() -> list[str]:
-    """Compile (or load from Numba's cache, ``__pycache__`` beside the sources) every kernel
+    """Compile (or load from Numba's cache, ``__pycache__`` beside the sources, or per user, see
+    :mod:`._cache`) every kernel
     specialization xentkit runs, so that no later first call waits for Numba's compiler (seconds
     per kernel on a cold cache). ``xentkit warm`` runs it. Returns the specializations' names."""
     return [name for module in _MODULES for name in importlib.import_module(module).compile_all()]

@@ -6,7 +6,8 @@ is read-only (a system, shared or container install), in the user's cache folder
 (``~/.cache/numba``, per user). Where neither is writable (a non-root container user without a
 home, say) Numba refuses to compile a ``cache=True`` function at all ("no locator available").
 Then, unless ``NUMBA_CACHE_DIR`` says where, the cache goes to a folder of the user's own in the
-system's temporary folder: the kernels compile once and are loaded from there afterwards.
+system's temporary folder (made with mode 0700, and used only if this user owns it and nobody else
+can write it): the kernels compile once and are loaded from there afterwards.
 """
 
 from __future__ import annotations
@@ -54,8 +55,31 @@ def ensure_cache_dir() -> str | None:
 
     if numba.config.CACHE_DIR or _writable(_user_cache()):
         return None
-    folder = fallback_dir()
-    if not _writable(folder):
+    folder = _private(fallback_dir())
+    if folder is None:
         return None  # (nothing better to offer: Numba's own error says what it needs)
     numba.config.CACHE_DIR = str(folder)
     return str(folder)
+
+
+def _private(folder: Path) -> Path | None:
+    """``folder`` made for this user alone (mode 0700), or checked to be: a real folder (no link),
+    owned by this user, that nobody else can write. Numba unpickles its cache index, so a folder
+    someone else planted in the shared temporary folder would run their code; such a folder is
+    passed over for a fresh one of this process's own (compiled again in each process). None
+    when no folder can be made."""
+    import stat
+    import tempfile
+
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        status = folder.lstat()
+    except OSError:
+        return None
+    owned = not hasattr(os, "getuid") or status.st_uid == os.getuid()
+    if stat.S_ISDIR(status.st_mode) and owned and not status.st_mode & 0o022 and os.access(folder, os.W_OK | os.X_OK):
+        return folder
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{folder.name}-"))
+    except OSError:
+        return None
