@@ -214,3 +214,48 @@ def test_reference_path_overflows_quietly_as_torch():
     # torch: log_softmax's backward of an infinite upstream, g − p·Σg: NaN at the target, inf elsewhere
     assert np.isnan(grad[0, 0]) and np.all(grad[0, 1:] == np.inf)
     assert loss == np.inf
+
+
+def test_reference_blocks_in_two_threads_keep_to_their_own_thread():
+    """Two ``with use_reference(True)`` blocks that overlap in two threads restored each other's
+    values and left the process-wide switch on for good; a block's choice is now its thread's."""
+    import threading
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with xentkit.use_reference(True):
+            first_in.set()
+            second_in.wait(10)
+            seen["first, inside"] = xentkit.reference_enabled()
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        seen["second, before its block"] = xentkit.reference_enabled()  # the other block is not ours
+        with xentkit.use_reference(True):
+            second_in.set()
+            first_out.wait(10)
+            seen["second, inside"] = xentkit.reference_enabled()
+
+    threads = [threading.Thread(target=target) for target in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"second, before its block": False, "first, inside": True, "second, inside": True}
+    assert not xentkit.reference_enabled()
+    # called plainly it is still the process-wide switch
+    xentkit.use_reference(True)
+    try:
+        result = []
+        worker = threading.Thread(target=lambda: result.append(xentkit.reference_enabled()))
+        worker.start()
+        worker.join(10)
+        assert result == [True]
+        with xentkit.use_reference(False):
+            assert not xentkit.reference_enabled()
+        assert xentkit.reference_enabled()
+    finally:
+        xentkit.use_reference(False)
