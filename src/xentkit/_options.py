@@ -76,10 +76,9 @@ def as_array(value: object, name: str) -> np.ndarray:
 def _real(value: object, name: str, expected: str) -> float:
     if type(value) is float:  # the common case, without the numbers.Real ABC check
         return value + 0.0  # -0.0 becomes 0.0: one value, one encoding
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        if not _one_real_number(value):
-            raise TypeError(f"{name} must be {expected}, got {describe(value)}")
-        value = float(value)  # (a tensor on a device is read: one wait)
+    # (a 0-d tensor of a real number is taken; on a device it is read below: one wait)
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)) and not _one_real_number(value):
+        raise TypeError(f"{name} must be {expected}, got {describe(value)}")
     try:
         return float(value) + 0.0
     except OverflowError:  # (an int beyond float64)

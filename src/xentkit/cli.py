@@ -72,8 +72,6 @@ def _path(text: str) -> str:
     return text
 
 
-
-
 def _positive_float(text: str) -> float:
     from xentkit.lab.mnist import LEARNING_RATES
 

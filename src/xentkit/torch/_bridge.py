@@ -158,6 +158,14 @@ def autocast_operands(*tensors: Any) -> tuple[Any, ...]:
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
+def kept_gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient computed in forward for an upstream gradient of 1 is kept in until
+    backward has scaled it: float32 for float16 (rounded to float16 first, its small entries would
+    be 0 before a loss scaler's factor reached them; torch's autocast differentiates with the
+    factor applied), else ``dtype`` itself. Backward rounds once, into ``dtype``."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def check_temperature_fits(options: Any, dtype: torch.dtype) -> None:
     """``LogProbOptions.check_fits`` for logits of ``dtype``, scaled in :func:`at_least_float32`."""
     scaled = at_least_float32(dtype)

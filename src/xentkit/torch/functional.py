@@ -28,7 +28,6 @@ import math
 import weakref
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -88,13 +87,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
         # in place: the gradient is written over the logits' own memory (a contiguous input)
         in_place = want_grad and options.inplace_backward and input.is_contiguous() and not input.is_neg()
         result_dtype = _bridge.loss_dtype(input, target)
-        # a float16 input's gradient stays float32 until backward has scaled it: rounded to
-        # float16 for an upstream of 1, its small entries would be 0 before a loss scaler's
-        # factor reached them (torch's autocast differentiates with the factor applied). In place,
-        # where no float32 gradient may wait for backward, backward computes it with the upstream
-        # gradient applied (a second pass over the logits), rounded once into them.
-        wide = input.dtype == torch.float16 and not in_place
-        ctx.deferred = in_place and input.dtype == torch.float16
+        # a float16 input's gradient is kept in float32 until backward has scaled it
+        # (_bridge.kept_gradient_dtype). In place, where no float32 gradient may wait for backward,
+        # backward computes it with the upstream gradient applied (a second pass over the logits),
+        # rounded once into them.
+        kept = _bridge.kept_gradient_dtype(input.dtype)
+        ctx.deferred = in_place and kept != input.dtype
         ctx.input_dtype = input.dtype
         loss, gradient = _cross_entropy(
             logits, _bridge.as_numpy(target), axis=ctx.class_axis,
@@ -102,7 +100,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # warn when the logits look like probabilities (softmax applied twice)
             check_probabilities=check_probabilities, want_grad=want_grad and not ctx.deferred,
             out=logits if in_place and not ctx.deferred else None, loss_dtype=_bridge.numpy_dtype(result_dtype),
-            grad_dtype=np.dtype(np.float32) if wide else None,
+            grad_dtype=None if in_place else _bridge.numpy_dtype(kept),
         )
         if in_place:
             # the logits changed (or will, in backward): a node that saved them now raises torch's
@@ -110,7 +108,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(input)
             ctx.gradient = input.detach()
         else:
-            ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, torch.float32 if wide else input.dtype)
+            ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, kept)
         ctx.options = options
         if want_grad:  # read only for a non-finite upstream gradient (a reference, not a copy)
             ctx.save_for_backward(target, weight if ctx.deferred else None)
@@ -233,15 +231,14 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         _bridge.first_order_anchors(ctx, input)
         result_dtype = _bridge.binary_loss_dtype(input, target)
         want_grad = grad_enabled and ctx.needs_input_grad[0]
-        # a float16 input's gradient stays float32 until backward has scaled it (as cross_entropy's)
-        wide = input.dtype == torch.float16
+        kept = _bridge.kept_gradient_dtype(input.dtype)  # (float32 for float16, until scaled)
         ctx.input_dtype = input.dtype
         loss, gradient = _bce_with_logits(
             _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.optional_numpy(weight),
             _bridge.optional_numpy(pos_weight), reduction, want_grad,
-            loss_dtype=_bridge.numpy_dtype(result_dtype), grad_dtype=np.dtype(np.float32) if wide else None,
+            loss_dtype=_bridge.numpy_dtype(result_dtype), grad_dtype=_bridge.numpy_dtype(kept),
         )
-        ctx.gradient = _bridge.as_tensor(gradient, torch.float32 if wide else input.dtype) if want_grad else None
+        ctx.gradient = _bridge.as_tensor(gradient, kept) if want_grad else None
         return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
