@@ -562,28 +562,29 @@ def _tile_sum(e, start, stop):  # pragma: no cover - compiled
 
 
 @njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
-def _tile_grad_plain(e, start, dst, c, beta):  # pragma: no cover - compiled
-    """dst_j = c·e_j + β from the row's exponentials e[start:]: ``_grad``'s arithmetic (a fused
-    multiply-add where the CPU has one, as there) on the kept exponentials."""
-    for j in range(dst.shape[0]):
-        dst[j] = c * e[start + j] + beta
+def _tile_grad_plain(e, start, grad, r, n_classes, c, beta):  # pragma: no cover - compiled
+    """grad[r, j] = c·e_j + β from the row's exponentials e[start:]: ``_grad``'s arithmetic (a
+    fused multiply-add where the CPU has one, as there) on the kept exponentials. ``grad`` is the
+    whole [N, C] gradient (the logits, in place) indexed by row: no view of the row, whose
+    reference count would cost more than the row's arithmetic at 10 classes."""
+    for j in range(n_classes):
+        grad[r, j] = c * e[start + j] + beta
 
 
 @njit(**_JIT)
-def _tile_grad(e, d, start, dst, c, beta, w, smooth_weighted, capped):  # pragma: no cover
-    """dst_j = s'(x_j)·(c·e_j + β·w_j), from the row's exponentials e[start:] (``_pass2``'s
+def _tile_grad(e, d, start, grad, r, n_classes, c, beta, w, smooth_weighted, capped):  # pragma: no cover
+    """grad[r, j] = s'(x_j)·(c·e_j + β·w_j), from the row's exponentials e[start:] (``_pass2``'s
     formula without recomputing them), with a softcap or weighted smoothing (the plain case:
     ``_tile_grad_plain``)."""
-    n = dst.shape[0]
     if capped and smooth_weighted:
-        for j in range(n):
-            dst[j] = d[start + j] * (c * e[start + j] + beta * w[j])
+        for j in range(n_classes):
+            grad[r, j] = d[start + j] * (c * e[start + j] + beta * w[j])
     elif capped:
-        for j in range(n):
-            dst[j] = d[start + j] * (c * e[start + j] + beta)
+        for j in range(n_classes):
+            grad[r, j] = d[start + j] * (c * e[start + j] + beta)
     else:
-        for j in range(n):
-            dst[j] = c * e[start + j] + beta * w[j]
+        for j in range(n_classes):
+            grad[r, j] = c * e[start + j] + beta * w[j]
 
 
 @njit(forceinline=True, **_KERNEL_JIT)
@@ -631,8 +632,11 @@ def _tile_exponentials(logits, first, rows, capped, cap, inv_cap):  # pragma: no
     e = np.empty(size, logits.dtype)
     d = np.empty(size if capped else 1, logits.dtype)
     maxima = np.empty(rows, logits.dtype)
+    flat = logits[first : first + rows].reshape(size)
     for i in range(rows):
-        b = _block_max(logits[first + i], 0, n_classes)
+        b = neg_inf  # the row's max (NaN ignored), from the flat tile: a view of each row would
+        for k in range(i * n_classes, (i + 1) * n_classes):  # cost its reference count
+            b = maxnum(b, flat[k])
         if capped:  # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
             tb, _ = fast_tanh(b * inv_cap)
             b = cap * tb
@@ -640,7 +644,6 @@ def _tile_exponentials(logits, first, rows, capped, cap, inv_cap):  # pragma: no
         shift = b if b > neg_inf else zero
         for j in range(i * n_classes, (i + 1) * n_classes):
             shifts[j] = shift
-    flat = logits[first : first + rows].reshape(size)
     if capped:
         _tile_exps_capped(flat, shifts, e, d, cap, inv_cap)
     else:
@@ -727,25 +730,29 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
             work[4, i] = grad_scale[r] if want_grad else 0.0
             work[5, i] = z_grad_scale[r] if want_grad else 0.0
         _tile_finish(found, work, n_classes, weight_sum, eps, z_loss, softcap)
+        # grad_out is the logits in place; rows are indexed in it, not viewed (see _tile_grad_plain)
+        zero = like(0.0, logits)
         for i in range(rows):
             r = first + i
-            row = logits[r]
-            dst = row if in_place else grad_out[r]
             y = labels[r]
-            if y == ignore_index:
-                _ignored_row(loss_rows, lse_rows, r, dst, want_grad)
+            if y == ignore_index:  # loss 0, lse 0, a zero gradient
+                loss_rows[r] = 0.0
+                lse_rows[r] = 0.0
+                if want_grad:
+                    for j in range(n_classes):
+                        grad_out[r, j] = zero
                 continue
             loss_rows[r] = work[6, i]
             lse_rows[r] = work[7, i]
             if want_grad:
                 start = i * n_classes
-                c_work = like(work[8, i], row)
-                beta_work = like(work[9, i], row)
+                c_work = like(work[8, i], logits)
+                beta_work = like(work[9, i], logits)
                 if capped or smooth_weighted:
-                    _tile_grad(e, d, start, dst, c_work, beta_work, weight_work, smooth_weighted, capped)
+                    _tile_grad(e, d, start, grad_out, r, n_classes, c_work, beta_work, weight_work, smooth_weighted, capped)
                 else:  # the common case: one loop, no branch (measured faster than in _tile_grad)
-                    _tile_grad_plain(e, start, dst, c_work, beta_work)
-                dst[y] = work[10, i]
+                    _tile_grad_plain(e, start, grad_out, r, n_classes, c_work, beta_work)
+                grad_out[r, y] = like(work[10, i], logits)
 
 
 # the tile kernel on the calling thread alone (see serial_build)
