@@ -172,3 +172,24 @@ def test_nll_gradient_matches_torch_with_weights_and_reductions():
         expected.backward(None if upstream is None else torch.tensor(upstream))
         np.testing.assert_allclose(loss, expected.detach().numpy(), rtol=1e-12)
         np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rows_spanning_more_than_the_dtypes_range_are_quiet(dtype):
+    """x − max(x) of [max, −max] is −inf (rounded to the dtype): softmax, log_softmax and
+    log_probs (the float32 log-probability rounded from float64) give the exact answer without
+    an overflow warning, on both paths; class weights of +inf and −inf neither."""
+    top = np.finfo(dtype).max
+    x = np.array([top, -top], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for reference in (False, True):
+            with xk.use_reference(reference):
+                np.testing.assert_array_equal(xk.softmax(x), [1.0, 0.0])
+                np.testing.assert_array_equal(xk.log_softmax(x), [0.0, -np.inf])
+                log_p, entropy = xk.log_probs(x[None], [1], return_entropy=True)
+                assert log_p[0] == -np.inf and entropy[0] == 0.0
+                loss, grad = xk.cross_entropy_and_grad(
+                    np.zeros((1, 2)), [0], weight=[np.inf, -np.inf], reduction="sum"
+                )
+                assert loss == np.inf and np.isnan(grad[0, 0]) and grad[0, 1] == np.inf

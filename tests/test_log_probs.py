@@ -474,6 +474,42 @@ def test_merging_pieces_of_a_row_gives_the_whole_rows_statistics():
     assert got[2][2] == np.inf and np.isnan(got[0][2])  # +inf: lse +inf, log p NaN, as torch
 
 
+def test_blocks_far_below_a_later_max_add_nothing_not_nan():
+    """A row whose first block sits ~1e308 below a later max (a float64 vocabulary masked with
+    its lowest finite value, not −inf): restating the earlier sums at the new max multiplied
+    exp(δ) = 0 by s·δ = −inf, and the entropy and its gradient came out NaN. Now H = 0, as the
+    reference over the whole row and torch give; the same for the vocabulary-parallel merge."""
+    from xentkit.kernels.log_probs import log_prob_statistics
+    from xentkit.reference.log_probs import merge_partials, row_statistics
+
+    lowest = np.finfo(np.float64).min
+    for far, top in ((lowest, 0.0), (0.0, 1e308), (-1e306, 0.0)):
+        x = np.full((1, 1025), far)
+        x[0, -1] = top
+        log_p, entropy = xentkit.log_probs(x, [1024], return_entropy=True)
+        assert log_p[0] == 0.0 and entropy[0] == 0.0, far
+        grad = xentkit.log_probs_backward(x, [1024], [1.0], grad_entropy=[1.0], grad_lse=[0.5])
+        assert np.isfinite(grad).all() and grad[0, -1] == 0.5 and not grad[0, :-1].any()
+        with xentkit.use_reference():
+            assert xentkit.log_probs(x, [1024], return_entropy=True)[1][0] == 0.0
+        t = torch.tensor(x, requires_grad=True)
+        log_p_t, entropy_t = xt.log_probs(t, torch.tensor([1024]), return_entropy=True)
+        (log_p_t + entropy_t).sum().backward()
+        assert entropy_t.item() == 0.0 and torch.isfinite(t.grad).all()
+        # two pieces of the row (the vocabulary-parallel merge), the first far below the second
+        valid = np.ones(1, dtype=bool)
+        parts = [log_prob_statistics(x[:, :1024].copy(), np.array([-1]), valid, 1.0),
+                 log_prob_statistics(x[:, 1024:].copy(), np.array([0]), valid, 1.0)]
+        m_total = np.maximum(parts[0][0], parts[1][0])
+        merged = [merge_partials(m, s_, u, m_total) for m, s_, u, _ in parts]
+        for pieces in (merged, [merge_partials(*(torch.tensor(v) for v in (m, s_, u, m_total)))
+                                for m, s_, u, _ in parts]):
+            s_total = sum(piece[0] for piece in pieces)
+            u_total = sum(piece[1] for piece in pieces)
+            stats = row_statistics(m_total, np.asarray(s_total), np.asarray(u_total), parts[1][3], valid)
+            assert stats[0][0] == 0.0 and stats[1][0] == 0.0
+
+
 def test_linear_log_probs_backward_twice_with_a_retained_graph():
     rng = np.random.default_rng(12)
     x, w, b, target = _linear_problem(rng, 9, 8, 40, torch.float64)

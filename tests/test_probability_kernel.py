@@ -146,6 +146,36 @@ def test_a_masked_class_of_no_mass_costs_nothing():
     np.testing.assert_allclose(grad, [[p[0] - 0.3, 0.0, p[1] - 0.7]], rtol=1e-14, atol=1e-16)
 
 
+@pytest.mark.parametrize("classes", [2, 60])  # the tile kernel, the row kernel
+def test_a_row_without_target_mass_is_nan_where_its_softmax_is(classes):
+    """Targets of no (weighted) mass: the loss is 0, or NaN where the row's softmax is NaN (a NaN
+    or +inf logit, or only −inf), as its gradient there, on the kernels, the reference and
+    xentkit.torch's torch ops alike (the loss was 0 beside a NaN gradient). A −inf logit alone
+    is a masked class: 0."""
+    torch = pytest.importorskip("torch")
+    import xentkit.torch as xt
+
+    logits = np.zeros((5, classes))
+    logits[0, 0] = np.nan
+    logits[1, 0] = np.inf
+    logits[2] = -np.inf
+    logits[3, 0] = -np.inf
+    target = np.zeros_like(logits)
+    target[4, 0] = 1.0  # mass only on a class whose weight is 0
+    weight = np.ones(classes)
+    weight[0] = 0.0
+    expected = [np.nan, np.nan, np.nan, 0.0, 0.0]
+    for path in ("kernel", "reference"):
+        with xentkit.use_reference(path == "reference"):
+            loss, grad = xentkit.cross_entropy_and_grad(logits, target, weight=weight, reduction="none")
+        np.testing.assert_array_equal(loss, expected, err_msg=path)
+        assert np.isnan(grad[:3]).all() and not grad[3:].any(), path
+    for backend in ("auto", "torch"):
+        t = torch.tensor(logits)
+        loss = xt.cross_entropy(t, torch.tensor(target), weight=torch.tensor(weight), reduction="none", backend=backend)
+        np.testing.assert_array_equal(loss.numpy(), expected, err_msg=backend)
+
+
 @pytest.mark.parametrize("block", [1024, 16])  # 29 classes: the tile kernel; 2 blocks: the row kernel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_serial_build_gives_the_parallel_builds_bits(dtype, block):

@@ -665,3 +665,18 @@ def test_the_softcap_slope_keeps_its_digits_where_tanh_is_near_one(ratio):
         e = np.exp(-2.0 * ratio)
         slope = 4.0 * e / (1.0 + e) ** 2
         assert abs(float(grad[row, 3]) - p * slope) <= 4e-6 * p * slope
+
+
+def test_a_row_without_target_mass_is_nan_where_its_softmax_is():
+    """As the kernels and the reference (``test_probability_kernel.py``): targets of no mass give
+    loss 0, or NaN with a NaN or +inf logit or a row of −inf only, as the gradient there."""
+    logits = torch.zeros(4, 3)
+    logits[0, 0] = float("nan")
+    logits[1, 0] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 0] = float("-inf")
+    logits = logits.to(DEVICE).requires_grad_()
+    loss = xt.cross_entropy(logits, torch.zeros(4, 3).to(DEVICE), reduction="none", backend="triton")
+    loss.sum().backward()
+    np.testing.assert_array_equal(loss.detach().cpu().numpy(), [np.nan, np.nan, np.nan, 0.0])
+    assert logits.grad[:3].isnan().all() and not logits.grad[3].any()

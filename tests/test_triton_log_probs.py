@@ -152,6 +152,24 @@ def test_masked_classes_and_rows_far_from_zero():
     assert not grad[0, :200].any() and grad[3, 7] == 1.5 / 2.0  # only g/T at a masked target
 
 
+@pytest.mark.usefixtures("chunked")
+def test_chunks_far_below_the_rows_max_add_nothing_not_nan():
+    """Chunks of a row sitting ~1e38 below the row's max (a vocabulary masked with float32's
+    lowest finite value, not −inf): restating their sums multiplied exp(δ) = 0 by s·δ = −inf, a
+    NaN entropy; now H = 0 and log p = 0, as the reference, and the gradient finite."""
+    lowest = torch.finfo(torch.float32).min
+    logits = torch.full((2, 300), lowest)
+    logits[0, 299] = 0.0
+    logits[1, 299] = 1e38
+    labels = torch.tensor([299, 299])
+    valid = torch.ones(2, dtype=torch.bool)
+    upstream = tuple(torch.full((2,), v, dtype=torch.float64) for v in (1.0, 0.5, -0.25))
+    outputs, grad, _ = _run(logits, labels, valid, 1.0, upstream)
+    for got in outputs[:2]:
+        np.testing.assert_array_equal(got, [0.0, 0.0])
+    assert torch.isfinite(grad).all() and not grad[:, :299].any()
+
+
 def test_special_values_as_the_numba_kernel():
     """+inf, NaN, a row of −inf only: the Numba kernel's (m, s, u) semantics, hence its (and
     torch's) log p, H, lse and gradient: NaN, NaN, +inf and NaN for a +inf logit; NaN for a NaN;

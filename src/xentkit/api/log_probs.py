@@ -49,7 +49,8 @@ class _Rows:
 
     def shaped(self, rows: np.ndarray) -> np.ndarray:
         """Per-row float64 results in the compute dtype and the rows' shape."""
-        return rows.astype(self.dtype).reshape(self.layout.sample_shape)  # (float32 holds them: no overflow)
+        with np.errstate(over="ignore"):  # a log-probability beyond float32's range: −inf
+            return rows.astype(self.dtype).reshape(self.layout.sample_shape)
 
     def statistics(self) -> tuple[np.ndarray, ...]:
         """(m, s, log_s, log_probs, entropy, lse) per row, float64, from the fused kernel."""

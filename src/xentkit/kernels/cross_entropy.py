@@ -950,7 +950,8 @@ def cross_entropy_rows(
         has_weight = True
         weight64 = np.ascontiguousarray(weight, dtype=np.float64)
         weight_work = weight64.astype(dtype)
-        weight_sum = float(weight64.sum())
+        with np.errstate(invalid="ignore"):  # +inf and −inf weights: NaN, as the reference
+            weight_sum = float(weight64.sum())
     want_grad = grad_out is not None
     in_place = want_grad and _same_buffer(grad_out, logits)
     grad_scale, z_grad_scale = upstream_scales(grad_scale, z_grad_scale, n_rows, want_grad)

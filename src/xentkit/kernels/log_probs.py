@@ -158,7 +158,9 @@ def _statistics_kernel(
             b = _block_max(row, block_start, block_stop) * c
             if b > m:
                 if s > 0.0:  # restate (s, u) at the new max; s = 0 while everything was −inf
-                    delta = np.float64(m) - np.float64(b)
+                    # floored: exp(−1000) is 0 already, and s·δ stays finite (never 0·(−inf) =
+                    # NaN when the earlier blocks sat ~1e306 or more below the new max)
+                    delta = max(np.float64(m) - np.float64(b), -1000.0)
                     e = math.exp(delta)
                     u = e * (u + s * delta)
                     s = e * s

@@ -182,7 +182,8 @@ def _row_loss(row, q, weight, has_weight, keep, uniform, m, s, cap, inv_cap):  #
     if not math.isfinite(total):  # an infinite mass: term by term, as the reference
         loss = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
     else:
-        loss = total * log_s - weighted if nonzero > 0.0 else 0.0
+        # no mass: 0, or NaN where the row's softmax is (NaN, +inf or only −inf), as its gradient
+        loss = total * log_s - weighted if nonzero > 0.0 else 0.0 * log_s
     return loss, shift + log_s, shift, total
 
 
@@ -349,7 +350,7 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
                     logits[r], targets[r], weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap
                 )
             else:
-                loss_rows[r] = total * log_s - work[2, i] if work[3, i] > 0.0 else 0.0
+                loss_rows[r] = total * log_s - work[2, i] if work[3, i] > 0.0 else 0.0 * log_s  # (as _row_loss)
             lse = shift + log_s
             lse_rows[r] = lse
             if want_grad:

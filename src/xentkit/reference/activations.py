@@ -30,7 +30,8 @@ def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarr
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """log softmax(x)_i = (x_i − m) − log Σ_j exp(x_j − m) = x_i − logsumexp(x). A row holding
     +inf or NaN, or all −inf, is NaN (as torch)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # over: x − m of a row spanning more than the dtype's range is −inf, as it should be
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         shifted = x - _shift(np.max(x, axis=axis, keepdims=True))
         return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
@@ -38,7 +39,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m), m = max_j x_j (Caffe's SoftmaxLayer). A
     row holding +inf or NaN, or all −inf (0/0), is NaN (as torch)."""
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # over: as in log_softmax
         e = np.exp(x - _shift(np.max(x, axis=axis, keepdims=True)))
         return e / np.sum(e, axis=axis, keepdims=True)
 

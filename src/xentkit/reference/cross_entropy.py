@@ -45,9 +45,11 @@ def z_term(lse: Any, valid: Any, z_loss: float) -> Any:
 
 
 def _xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
-    """q·log p with 0·log 0 = 0, so a masked (−inf) class with zero target mass adds nothing."""
+    """q·log p with 0·log 0 = 0, so a masked (−inf) class with zero target mass adds nothing;
+    0·NaN stays NaN, so a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN
+    loss whatever its targets, as its gradient."""
     with np.errstate(invalid="ignore"):
-        return np.where(q == 0, 0, q * log_p)
+        return np.where((q == 0) & ~np.isnan(log_p), 0, q * log_p)
 
 
 def cross_entropy_and_grad(

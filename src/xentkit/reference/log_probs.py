@@ -57,6 +57,10 @@ def _exp(values: Any) -> Any:
     return values.exp() if _torch_tensor(values) else np.exp(values)
 
 
+def _floored(values: Any, floor: float = -1000.0) -> Any:
+    return values.clamp_min(floor) if _torch_tensor(values) else np.maximum(values, floor)
+
+
 def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, ...]:
     """z, its row max m (0 where not finite), z − m, log s, p and the rows holding +inf, class
     axis last. As torch: a row with a +inf logit has NaN probabilities and log-probabilities
@@ -65,8 +69,9 @@ def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, 
     m = np.max(z, axis=-1, keepdims=True)
     positive_infinity = m == np.inf
     m = np.where(np.isfinite(m), m, 0)
-    shifted = z - m
+    # over: z − m of a row spanning more than the dtype's range is −inf, as it should be
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        shifted = z - m
         log_s = np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
         p = np.where(positive_infinity, np.nan, np.exp(shifted - log_s))
     return z, m, shifted, log_s, p
@@ -146,7 +151,8 @@ def row_statistics(
     tensors, differentiable by autograd when ``m`` is held constant (detached: it is a shift)."""
     if _torch_tensor(s):  # (no floating-point warnings to silence; torch.compile traces this)
         return _row_statistics(m, s, u, z_target, valid)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a row of −inf only: NaN, as torch
+    # a row of −inf only: NaN, as torch; a log-probability beyond the range: −inf
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return _row_statistics(m, s, u, z_target, valid)
 
 
@@ -177,7 +183,9 @@ def merge_partials(m: Any, s: Any, u: Any, m_total: Any) -> tuple[Any, Any]:
     with np.errstate(invalid="ignore"):
         # the piece holding the max keeps (s, u) as they are, also when that max is ±inf
         # (never exp(inf − inf)); an empty piece adds 0, never 0·(−inf)
+        # the shift floored at −1000 (exp of it is 0 already): s·shift stays finite, never
+        # 0·(−inf) = NaN for a piece ~1e306 or more below the row's max
         apart = m != m_total
         factor = _exp(masked(m - m_total, apart))
-        shift = masked(m - m_total, apart & (s > 0))
+        shift = masked(_floored(m - m_total), apart & (s > 0))
         return s * factor, factor * (u + s * shift)

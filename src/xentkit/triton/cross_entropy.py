@@ -227,7 +227,9 @@ def _loss_kernel(
         s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
         r_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
         lone = tl.sum(tl.load(slots + 4 * plane, mask=mine, other=0.0), 0) <= 1.0
-        loss = tl.sum(_mass_at_lse(r_c, lse - shifts, lone) - s_z, 0)
+        # + 0·lse: a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN loss
+        # also where its targets carry no mass, as its gradient (0 otherwise)
+        loss = tl.sum(_mass_at_lse(r_c, lse - shifts, lone) - s_z, 0) + 0.0 * lse
         tl.store(loss_ptr + row, loss)
         tl.store(stats_ptr + 2 * rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
     else:

@@ -134,7 +134,9 @@ def _combine_kernel(
     # ---- the row: m = max m_k; (s_k, u_k) restated at t and summed ----
     m, t, s, t_k, factor, s_k = _chunks.merge(slots, mine, plane, True)
     u_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
-    delta = t_k - t
+    # floored at −1000 (its factor is 0 already): s_k·δ stays finite, never 0·(−inf) = NaN for a
+    # chunk far below the row's max (a vocabulary masked with float32's lowest, say)
+    delta = tl.maximum(t_k - t, -1000.0)
     # an empty chunk (s_k = 0: only −inf) adds nothing, whatever its factor
     restated = factor * (u_k + tl.where(delta == 0.0, 0.0, s_k * delta))
     u = tl.sum(tl.where(s_k == 0.0, 0.0, restated), 0)
