@@ -521,8 +521,9 @@ def cross_entropy(
     ``(C,)``); other layouts get the same values without the saving; the torch-ops path ignores it.
     Logits that are a leaf requiring grad (a parameter), or a view of one, are refused (a
     ``ValueError``): their memory is not the loss's to overwrite.
-    On the kernel path, logits that look like probabilities (softmax applied twice) give a
-    ``xentkit.ProbabilitiesAsLogitsWarning``; ``check_probabilities=False`` silences it.
+    On the CPU (Numba) kernels, logits that look like probabilities (softmax applied twice) give
+    a ``xentkit.ProbabilitiesAsLogitsWarning``; ``check_probabilities=False`` silences it. The
+    Triton and torch-ops paths do not look (on a GPU it would cost a wait for the device).
 
     Example:
         >>> import torch

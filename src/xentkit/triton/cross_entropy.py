@@ -109,8 +109,8 @@ def _capped(x, inside, softcap, HAS_SOFTCAP: tl.constexpr):
 def _mass_at_lse(mass, gap, lone):
     """A chunk's Σ_j mass_j·(lse − t_c), ``gap`` = lse − t_c ≥ 0: 0 for a chunk without mass
     (signed weights summing to 0 drop only this term, never the chunk's S_c). Where the float32
-    lse equals the chunk's maximum (gap 0) and the row has another finite logit (not ``lone``),
-    the true gap is positive but below lse's ulp (one dominant logit): a finite mass adds 0, an
+    gap is 0 at the chunk of the row's max (its sum d rounded to 1) and the row has another
+    finite logit (not ``lone``), the true gap is positive but below float32's resolution: a finite mass adds 0, an
     infinite one its own ±inf, as exact arithmetic gives (never inf·0 = NaN). In a row of one
     finite logit (``lone``) the gap is exactly 0: mass·0, NaN for an infinite mass as in torch.
     A NaN mass stays NaN."""
@@ -223,13 +223,16 @@ def _loss_kernel(
     _, m, d, shifts, _, _ = _chunks.merge(slots, mine, plane, False)
     log_d = tl.log(d)
     lse = m + log_d
+    # lse − t_c per chunk as (M − t_c) + log d, not from the float32 lse: that one has lost up to
+    # half an ulp of M (5e-4 at logits near +1e4), which the mass terms below would carry
+    gaps = (m - shifts) + log_d
     if PROBABILITIES:
         s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
         r_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
         lone = tl.sum(tl.load(slots + 4 * plane, mask=mine, other=0.0), 0) <= 1.0
         # + 0·lse: a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN loss
         # also where its targets carry no mass, as its gradient (0 otherwise)
-        loss = tl.sum(_mass_at_lse(r_c, lse - shifts, lone) - s_z, 0) + 0.0 * lse
+        loss = tl.sum(_mass_at_lse(r_c, gaps, lone) - s_z, 0) + 0.0 * lse
         tl.store(loss_ptr + row, loss)
         tl.store(stats_ptr + 2 * rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
     else:
@@ -250,7 +253,7 @@ def _loss_kernel(
             lone = tl.sum(tl.load(slots + 4 * plane, mask=mine, other=0.0), 0) <= 1.0
             # Σ_c w_c·(lse − z_c) per block, as W_k·(lse − shift_k) − S_k; a block whose weights
             # sum to 0 (signed weights) drops only its W term, never its weighted logits S_k
-            loss += eps / n_cols * tl.sum(_mass_at_lse(w_c, lse - shifts, lone) - s_z, 0)
+            loss += eps / n_cols * tl.sum(_mass_at_lse(w_c, gaps, lone) - s_z, 0)
         tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
