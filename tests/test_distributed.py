@@ -703,3 +703,27 @@ def test_torch_func_transforms_are_refused_with_a_clear_error():
         torch.func.grad(lambda z: vp.vocab_parallel_cross_entropy(z, target))(torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"do not run under torch\.func transforms"):
         torch.vmap(lambda z: vp.vocab_parallel_cross_entropy(z, target))(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_torch_compile_runs_them_eagerly(compiler):
+    """Under torch.compile the three forms are a graph break and run eagerly (their label checks
+    and collectives need the values; the compiler's functionalization is a torch.func transform,
+    which they refuse): the compiled function gives the eager values and gradients (a world of
+    one here). Before, every compile raised the torch.func error."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 10, generator=generator, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 4, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 10, (6,), generator=generator)
+    calls = (
+        (lambda z: vp.vocab_parallel_cross_entropy(z, target) * 2, logits),
+        (lambda h: vp.vocab_parallel_linear_cross_entropy(h, weight, target), hidden),
+        (lambda h: vp.vocab_parallel_linear_log_probs(h, weight, target).sum(), hidden),
+    )
+    for call, operand in calls:
+        want = call(operand)
+        (want_grad,) = torch.autograd.grad(want, operand)
+        got = torch.compile(call, backend=compiler)(operand)
+        (got_grad,) = torch.autograd.grad(got, operand)
+        assert torch.equal(got, want) and torch.equal(got_grad, want_grad)

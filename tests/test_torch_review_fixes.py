@@ -259,3 +259,73 @@ def test_the_binary_mean_of_no_element_is_zero_on_every_path(dtype):
     assert loss.item() == 0.0 and loss.dtype == dtype
     loss.backward()
     assert logits.grad.shape == (0, 4)
+
+
+def _fake_steps():
+    """One training step of each loss, its operands made inside the caller's FakeTensorMode."""
+    def logits():
+        return torch.empty(300, 400, requires_grad=True)
+
+    def labels():
+        return torch.empty(300, dtype=torch.long)
+
+    def linear():
+        return torch.empty(300, 16, requires_grad=True), torch.empty(400, 16, requires_grad=True)
+
+    def step(loss, *operands):
+        loss.sum().backward()
+        return [operand.grad.shape for operand in operands]
+
+    def cross_entropy():
+        x = logits()
+        return step(xt.cross_entropy(x, labels(), label_smoothing=0.1), x)
+
+    def module():
+        x = logits()
+        return step(xt.CrossEntropyLoss(weight=torch.ones(400))(x, labels()), x)
+
+    def nll():
+        x = logits()
+        return step(xt.nll_loss(x, labels()), x)
+
+    def binary():
+        x = logits()
+        return step(xt.binary_cross_entropy_with_logits(x, torch.empty(300, 400)), x)
+
+    def log_probs():
+        x = logits()
+        log_p, entropy = xt.log_probs(x, labels(), return_entropy=True)
+        return step(log_p + entropy, x)
+
+    def linear_ce():
+        h, w = linear()
+        return step(xt.linear_cross_entropy(h, w, labels()), h, w)
+
+    def linear_log_probs():
+        h, w = linear()
+        return step(xt.linear_log_probs(h, w, labels(), chunk_size=64), h, w)
+
+    return [cross_entropy, module, nll, binary, log_probs, linear_ce, linear_log_probs]
+
+
+@pytest.mark.parametrize("step", _fake_steps(), ids=lambda step: step.__name__)
+def test_a_training_step_runs_on_fake_tensors(step):
+    """Memory and FLOP estimators run a step under FakeTensorMode: shapes without values. The
+    label checks (which read the labels) and the chunks' skip of ignored rows are left out there,
+    as on meta tensors; before, a DataDependentOutputException or a real cached tensor beside
+    fake ones stopped every loss. The gradients get their operands' shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        shapes = step()
+    assert shapes and all(len(shape) == 2 for shape in shapes)
+
+
+def test_linear_log_probs_backward_on_meta_tensors():
+    """The chunks' skip of all-ignored chunks reads the mask: not on meta tensors (before,
+    'Cannot copy out of meta tensor')."""
+    h = torch.randn(300, 16, device="meta", requires_grad=True)
+    w = torch.randn(400, 16, device="meta", requires_grad=True)
+    y = torch.randint(0, 400, (300,), device="meta")
+    xt.linear_log_probs(h, w, y, chunk_size=64).sum().backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape and w.grad.device.type == "meta"

@@ -174,16 +174,29 @@ def check_temperature_fits(options: Any, dtype: torch.dtype) -> None:
 
 _UINT64 = getattr(torch, "uint64", None)
 
+try:  # FakeTensorMode's tensors (and functional wrappers of them): shapes without values
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover - a torch without it
+    def _is_fake(tensor: Tensor) -> bool:
+        return False
+
+
+def values_readable(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s values may be looked at here (a label check, which waits for its
+    device): not while torch.compile traces, not on meta or fake tensors (``FakeTensorMode``, as
+    memory and FLOP estimators run a step), not on a tensor a torch.func transform wraps."""
+    return not (
+        torch.compiler.is_compiling() or tensor.device.type == "meta" or _is_fake(tensor)
+        or is_functorch_wrapped(tensor)
+    )
+
 
 def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: str | None = None) -> Tensor:
     """``target.long()``, after refusing (where a look may wait for the tensor: eager, not meta,
     not a tensor a torch.func transform wraps) uint64 labels beyond int64, which the cast would wrap
     (2**64 − 100 onto −100, the default ``ignore_index``): the api's ValueError naming the first
     bad label (``classes`` says what holds the classes, as in ``check_labels``)."""
-    if (
-        target.dtype == _UINT64 and not torch.compiler.is_compiling() and target.device.type != "meta"
-        and not is_functorch_wrapped(target)  # (a plain target under vmap/grad is readable)
-    ):
+    if target.dtype == _UINT64 and values_readable(target):  # (a plain target under vmap/grad is)
         as_class_indices(
             target.cpu().numpy(), tuple(target.shape), num_classes=num_classes, ignore_index=ignore_index,
             classes=classes,
@@ -434,7 +447,7 @@ def _anchor(tensor: Tensor) -> Tensor:
     tensor an empty strided view cloned."""
     if tensor.dim() == 0:
         return tensor.as_strided((0,), (1,)).clone()
-    index = _NO_INDEX.get(tensor.device)
+    index = _NO_INDEX.get(tensor.device) if type(tensor) in PLAIN_TENSOR_TYPES else None  # (not a fake's)
     if index is None:
         index = torch.empty(0, dtype=torch.long, device=tensor.device)
         if type(index) is torch.Tensor:  # a real tensor (under a fake mode, not kept for later)

@@ -183,8 +183,10 @@ def mixed_addmm(device: torch.device, dtype: torch.dtype) -> bool:
 def idle_chunks(valid: Tensor | np.ndarray, chunk_rows: int) -> tuple[bool, ...]:
     """Per chunk of ``chunk_rows`` rows, whether none of its rows is ``valid`` (all ignored, so
     the chunk has nothing to differentiate): the ``skip`` of :func:`logit_chunks`. A tensor on a
-    device is read once (one wait)."""
+    device is read once (one wait); a meta or fake one cannot be: no chunk is skipped."""
     n = valid.shape[0]
+    if isinstance(valid, Tensor) and not _bridge.values_readable(valid):
+        return (False,) * -(-n // chunk_rows)
     if isinstance(valid, Tensor):
         padded = torch.zeros(-(-n // chunk_rows) * chunk_rows, dtype=torch.bool, device=valid.device)
         padded[:n] = valid

@@ -29,7 +29,7 @@ def _label_plan(
 
     The labels are checked (the kernel paths' ValueError rather than torch's IndexError) unless
     ``check_labels=False``, under torch.compile, under ``torch.vmap`` (batched labels cannot be
-    branched on), or on meta tensors (which hold no labels). Then a label outside ``[0, C)`` that
+    branched on), or on meta and fake tensors (which hold no labels). Then a label outside ``[0, C)`` that
     is not ``ignore_index`` is not looked at: ``labels`` has it replaced by a class in range
     (nothing reads out of bounds, no device-side assert) and ``bad`` marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
     takes a class that is not ``ignore_index``, so that it keeps a gradient for NaN to flow
@@ -39,9 +39,7 @@ def _label_plan(
     wait for them)."""
     valid = bad = None
     stand_in = 1 if options.ignore_index == 0 and num_classes > 1 else 0
-    can_wait = (
-        not torch.compiler.is_compiling() and target.device.type != "meta" and not _bridge.is_functorch_wrapped(target)
-    )
+    can_wait = _bridge.values_readable(target)
     # int64 (a uint8 target must not wrap −100 to 156), uint64 labels beyond int64 refused first
     labels = _bridge.int64_labels(target, num_classes, options.ignore_index, classes)
     if can_wait and (options.check_labels or stand_in == options.ignore_index):

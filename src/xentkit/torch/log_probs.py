@@ -151,9 +151,9 @@ def _label_masks(
     raised the ValueError). They are checked unless ``check_labels=False`` where the check
     would wait for the device (the Numba kernels' CPU tensors are always checked: it costs no
     wait there), and never where nothing may wait or be branched on (``rows`` None: a traced
-    call, or meta tensors). Unchecked, a bad target is not read (the row backends' contract);
+    call, or meta and fake tensors). Unchecked, a bad target is not read (the row backends' contract);
     :func:`_nan_where_bad` makes its log-probability NaN."""
-    if rows is not None and target.device.type != "meta" and (options.check_labels or rows is NumbaRows):
+    if rows is not None and _bridge.values_readable(target) and (options.check_labels or rows is NumbaRows):
         return _check_labels(target, classes, options.ignore_index, classes=classes_text), None
     valid = target != options.ignore_index
     return valid, valid & ((target < 0) | (target >= classes))

@@ -168,6 +168,9 @@ class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         return (*_bridge.hand_over_gradients(ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, _NAME), None, None)
 
 
+# Not traced by torch.compile (a graph break: it runs eagerly): its label checks and collectives
+# need the tensors' values, and the compiler's functionalization is a torch.func transform.
+@torch.compiler.disable
 def vocab_parallel_linear_cross_entropy(
     input: Tensor,
     linear_weight_shard: Tensor,

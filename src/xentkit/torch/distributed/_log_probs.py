@@ -201,6 +201,9 @@ def vocab_parallel_linear_log_probs(
 ) -> Tensor | tuple[Tensor, ...]: ...
 
 
+# Not traced by torch.compile (a graph break: it runs eagerly): its label checks and collectives
+# need the tensors' values, and the compiler's functionalization is a torch.func transform.
+@torch.compiler.disable
 def vocab_parallel_linear_log_probs(
     input: Tensor,
     linear_weight_shard: Tensor,

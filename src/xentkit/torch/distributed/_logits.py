@@ -52,6 +52,9 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
         return _bridge.scale_gradient(gradient, factor, owned), None, None
 
 
+# Not traced by torch.compile (a graph break: it runs eagerly): its label checks and collectives
+# need the tensors' values, and the compiler's functionalization is a torch.func transform.
+@torch.compiler.disable
 def vocab_parallel_cross_entropy(
     logits_shard: Tensor,
     target: Tensor,
