@@ -459,3 +459,32 @@ def test_half_activations_beside_a_float32_head_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         log_p = token_log_probs(patched, batch()["input_ids"])
     assert log_p.dtype == torch.float32 and bool(log_p.isfinite().all())
+
+
+def test_a_dropped_patched_model_is_freed_without_the_cyclic_collector() -> None:
+    """The patch's hooks (held by the model) hold the patch, which refers to the model weakly:
+    dropping a patched model frees it at once, also where the cyclic garbage collector is off
+    (training loops switch it off); copies and pickles still refer to their own model."""
+    import gc
+    import io
+    import weakref
+
+    model = patch(tiny_model("LlamaForCausalLM"))
+    copied = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copied, loaded):
+        state = other._xentkit_linear_cross_entropy_patch.__getstate__()
+        assert state["_model"] is other and state["_head"] is other.lm_head
+        assert other(**batch()).logits is None
+    reference = weakref.ref(model)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model
+        assert reference() is None
+    finally:
+        if enabled:
+            gc.enable()

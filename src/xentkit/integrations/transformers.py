@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, overload
@@ -93,8 +94,11 @@ class _Patch:
     """The hooks of one patched model and the call they share."""
 
     def __init__(self, model: nn.Module, head: nn.Linear, rule: str, loss: Callable[..., Any]) -> None:
-        self.model = model
-        self.head = head
+        # weak references: the hooks (held by the model and its head) hold this object, so strong
+        # ones would make a cycle that only the cyclic garbage collector frees, and loops that
+        # switch it off would keep every dropped patched model
+        self._model = weakref.ref(model)
+        self._head = weakref.ref(head)
         self.rule = rule
         self.loss_function = loss
         # older transformers versions ignore a shift_labels argument: so does the patch then
@@ -108,6 +112,31 @@ class _Patch:
             model.register_forward_hook(self._model_hook, with_kwargs=True, always_call=True, prepend=True),
         ]
         self.head_handles = self._hook_head(head)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For copy.deepcopy and pickling (torch.save of a patched model): the model and head
+        themselves, so that a copy's patch refers to the copied model (weak references would be
+        shared by the copy, and cannot be pickled)."""
+        state = dict(vars(self))
+        state["_model"], state["_head"] = self._model(), self._head()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._model, self._head = weakref.ref(state["_model"]), weakref.ref(state["_head"])
+
+    @property
+    def model(self) -> nn.Module:
+        """The patched model (its hooks, the only callers, run while it lives)."""
+        model = self._model()
+        if model is None:  # pragma: no cover - a hook of a freed model never runs
+            raise RuntimeError("the patched model no longer exists")
+        return model
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The hooked output layer, None once it is freed (a head replaced and dropped)."""
+        return self._head()
 
     def _hook_head(self, head: nn.Module) -> list[Any]:
         return [head.register_forward_pre_hook(self._head_pre_hook), head.register_forward_hook(self._head_hook)]
@@ -140,7 +169,7 @@ class _Patch:
             )
         for handle in self.head_handles:
             handle.remove()
-        self.head, self.head_handles = head, self._hook_head(head)
+        self._head, self.head_handles = weakref.ref(head), self._hook_head(head)
 
     def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
         position = self.positions.get(name)
@@ -187,7 +216,7 @@ class _Patch:
                 "xentkit.integrations.transformers handles models that call it once"
             )
         (hidden,) = args
-        call.loss = self._loss(hidden, call)
+        call.loss = self._loss(head, hidden, call)
         return (hidden.narrow(-2, 0, 0),)
 
     def _head_hook(self, head: nn.Module, args: tuple, output: Tensor) -> None:
@@ -215,8 +244,9 @@ class _Patch:
         result = type(output)(loss=call.loss, **fields)
         return result.to_tuple() if call.return_tuple else result
 
-    def _loss(self, hidden: Tensor, call: _Call) -> Tensor:
-        """``ForCausalLMLoss(lm_head(hidden), labels, ...)`` by linear_cross_entropy."""
+    def _loss(self, head: nn.Module, hidden: Tensor, call: _Call) -> Tensor:
+        """``ForCausalLMLoss(head(hidden), labels, ...)`` by linear_cross_entropy (``head`` the
+        model's ``lm_head``, whose hook calls this)."""
         shift_labels = call.shift_labels
         if shift_labels is None:  # tokens < n predict n; the last position has no target
             shift_labels = F.pad(call.labels, (0, 1), value=call.ignore_index)[..., 1:]
@@ -233,9 +263,9 @@ class _Patch:
         summed = call.num_items_in_batch is not None
         loss = linear_cross_entropy(
             rows,
-            self.head.weight,
+            head.weight,
             target,
-            linear_bias=self.head.bias,
+            linear_bias=head.bias,
             reduction="sum" if summed else "mean",
             ignore_index=call.ignore_index,
             softcap=softcap,
