@@ -23,7 +23,7 @@ Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a rea
 index is ``program_id(0)`` cast to int64 (:func:`columns`; the combine kernels cast it
 themselves), so that every offset that grows with the rows (row × a row stride, row × chunks) is
 int64, and so are the planes' offsets (k × rows × chunks, from the int64 plane size
-:func:`slot` and :func:`row_slots` return); offsets within a row are int32 (V < 2^31).
+:func:`slot` and :func:`row_slots` return); offsets within a row are int32 (V up to 2^31 less one block: a column index is the block's start plus its lane).
 """
 
 from __future__ import annotations

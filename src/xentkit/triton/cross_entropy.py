@@ -50,7 +50,7 @@ Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a rea
 offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
 int64) times a row stride, and the planes of the per-chunk partials (k·rows·chunks, as
 :mod:`._chunks`) and of the rows' statistics (k·rows) from int64 copies of their sizes; offsets
-within a row are int32 (V < 2^31). Tested under the interpreter on strided views whose row
+within a row are int32 (V up to 2^31 less one block: a column index is the block's start plus its lane). Tested under the interpreter on strided views whose row
 offsets pass 2^31 (``tests/test_triton_int64.py``).
 
 Class weights are prepared for the kernels (float32, contiguous, and their sum W) on each call, or
