@@ -418,6 +418,21 @@ def scenario_meta_and_dtypes(world, rank):
     _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(leaf, w_shard, target, reduction="none"),
                   "every rank must call backward", "rank(s) [1]")
     _expect_error(lambda: vp.vocab_parallel_linear_log_probs(leaf, w_shard, target), "every rank must call backward")
+    # an inference tensor (made under torch.inference_mode) on one rank: autograd cannot save it,
+    # which it found only in forward, after the collectives (the others then waited in backward)
+    with torch.inference_mode():
+        inference_shard = w_shard.clone()
+    grad_input = x.clone().requires_grad_()
+    _expect_error(lambda: vp.vocab_parallel_linear_log_probs(
+        grad_input, inference_shard if bad else w_shard, target), "rank(s) [1]", "inference_mode")
+    # class weights equal as numbers, 0.0 on one rank and −0.0 on another: the same weights
+    signed_zero = torch.ones(V, dtype=torch.float64)
+    signed_zero[0] = -0.0 if bad else 0.0
+    with recorded("signed zero class weights"):
+        torch.testing.assert_close(
+            vp.vocab_parallel_cross_entropy(shard, target, weight=signed_zero),
+            torch.nn.functional.cross_entropy(full, target, weight=signed_zero.abs()), rtol=1e-12, atol=1e-12,
+        )
     # integer class weights, as the single-process loss
     integer_weight = torch.arange(1, V + 1)
     with recorded("integer class weights"):
@@ -727,3 +742,34 @@ def test_torch_compile_runs_them_eagerly(compiler):
         got = torch.compile(call, backend=compiler)(operand)
         (got_grad,) = torch.autograd.grad(got, operand)
         assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
+def test_a_float16_shards_gradient_waits_for_the_loss_scale():
+    """The logits form keeps a float16 shard's gradient in float32 until backward has scaled it,
+    as xentkit.torch.cross_entropy does: under a loss scaler's 32768 no entry is lost to float16
+    before the scale reaches it (a review found 9201 of 131072 zeros and 95% errors), and the
+    result is the float64 gradient rounded once (a world of one here)."""
+    generator = torch.Generator().manual_seed(7)
+    full = (torch.randn(4096, 64, generator=generator) * 2).half()
+    target = torch.randint(0, 64, (4096,), generator=generator)
+    scale = torch.tensor(32768.0, dtype=torch.float16)
+    shard = full.clone().requires_grad_()
+    vp.vocab_parallel_cross_entropy(shard, target).backward(scale)
+    exact = full.double().requires_grad_()
+    torch.nn.functional.cross_entropy(exact, target).backward(scale.double())
+    assert shard.grad.dtype == torch.float16 and int((shard.grad == 0).sum()) == int((exact.grad.half() == 0).sum())
+    large = exact.grad.abs() > 1e-3
+    relative = ((shard.grad.double() - exact.grad).abs() / exact.grad.abs())[large]
+    assert float(relative.max()) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_linear_forms_chunks_keep_to_their_budget_in_every_dtype(dtype):
+    """The default chunk's logits buffer (the input's dtype) stays within the budget: float64
+    chunks were sized with float32's 4 bytes, twice the budget (a review)."""
+    from xentkit.torch.distributed import CHUNK_BUDGET_BYTES
+    from xentkit.torch.distributed._rows import _chunk_rows
+
+    item = torch.empty(0, dtype=dtype).element_size()
+    rows = _chunk_rows(4096, 65536, None, item)
+    assert rows * 65536 * item <= CHUNK_BUDGET_BYTES and rows * 65536 * item > CHUNK_BUDGET_BYTES // 2

@@ -234,7 +234,8 @@ def shard_softmax_grad(
     smooth_i·w_j``, then ``out[i, y_i] = target_grad_i`` for rows whose label is in this shard;
     ignored rows get 0.
 
-    ``logits`` and ``out`` are contiguous ``[N, V_r]`` of one float dtype on one device; ``out``
+    ``logits`` and ``out`` are contiguous ``[N, V_r]`` on one device, ``out`` of the logits'
+    dtype or float32 (a float16 shard's gradient kept until a loss scale reaches it); ``out``
     may be ``logits`` itself (in place). ``shift``, ``coef``, ``target_grad`` and ``smooth``
     (None: no smoothing term) are ``[N]`` float tensors (float64 from the caller, read as
     float32), ``weight`` ``[V_r]`` or None (all ones). Returns ``out``.

@@ -148,6 +148,17 @@ def _check_linear_shards(input: object, linear_weight_shard: object, linear_bias
     forms' one rule (``xentkit.torch._linear_checks``); returns ``(D, V_r)``."""
     width, features = check_linear(input, linear_weight_shard, linear_bias_shard, SHARDS, no_rows=True)  # type: ignore[arg-type]
     _check_device(input, "input")  # type: ignore[arg-type]
+    operands = {"input": input, "linear_weight_shard": linear_weight_shard, "linear_bias_shard": linear_bias_shard}
+    present = {name: tensor for name, tensor in operands.items() if isinstance(tensor, Tensor)}
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in present.values()):
+        # autograd would refuse to save it in forward, after the collectives: the other ranks
+        # would then wait in backward's all-reduce
+        for name, tensor in present.items():
+            if tensor.is_inference():
+                raise ValueError(
+                    f"{name} was made under torch.inference_mode (an inference tensor), which autograd "
+                    "cannot save for backward; make it (or a clone of it) outside inference mode"
+                )
     return features, width
 
 
@@ -250,7 +261,7 @@ def _local_record(
         "max_label": high,
         "max_position": high_at,
         "target_digest": _digest(labels),
-        "weight_digest": 0 if weight is None else _digest(weight),
+        "weight_digest": 0 if weight is None else _digest(weight + 0.0),  # (+ 0.0: −0.0 is 0.0)
         "weight_length": -1 if weight is None else int(weight.shape[0]),
         **{f"option_{name}": _encode_option(name, getattr(options, name, None)) for name in _OPTION_NAMES},
         "features": features,

@@ -258,7 +258,7 @@ def vocab_parallel_linear_cross_entropy(
     agreement = _agree(communicator, _NAME, local_checks)
     options: LossOptions = state["options"]  # type: ignore[assignment]
     labels = state["labels"]
-    chunk_rows = _chunk_rows(labels.shape[0], max(agreement.widths), options.chunk_size)  # type: ignore[union-attr]
+    chunk_rows = _chunk_rows(labels.shape[0], max(agreement.widths), options.chunk_size, input.element_size())  # type: ignore[union-attr]
     plan = _plan(
         communicator, agreement, options, labels, state["weight"], device, state["shards"], chunk_rows  # type: ignore[arg-type]
     )

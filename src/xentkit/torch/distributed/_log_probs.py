@@ -308,15 +308,17 @@ def vocab_parallel_linear_log_probs(
         )
 
     agreement = _agree(communicator, _NAME, local_checks)
-    plan = _plan(communicator, agreement, state, device)
+    plan = _plan(communicator, agreement, state, device, input.element_size())
     results = _VocabParallelLinearLogProbsFunction.apply(input, linear_weight_shard, linear_bias_shard, plan)
     return select_outputs(results, *state["flags"])  # type: ignore[misc]
 
 
 def _plan(
-    communicator: _Communicator, agreement: _Agreement, state: dict[str, object], device: torch.device
+    communicator: _Communicator, agreement: _Agreement, state: dict[str, object], device: torch.device,
+    item_bytes: int,
 ) -> _LogProbPlan:
-    """The call's plan from the agreed record and this rank's checked arguments."""
+    """The call's plan from the agreed record and this rank's checked arguments (``item_bytes``:
+    of the input's dtype, the chunks' buffers')."""
     from . import USE_KERNELS  # the package's switch, read at call time (tests turn it off)
 
     options: LogProbOptions = state["options"]  # type: ignore[assignment]
@@ -325,7 +327,7 @@ def _plan(
     valid = labels != options.ignore_index
     # valid labels lie in [0, V) (agreed), so target − start cannot overflow
     local = np.where(valid, labels, agreement.start - 1) - agreement.start
-    chunk_rows = _chunk_rows(n, max(agreement.widths), options.chunk_size)
+    chunk_rows = _chunk_rows(n, max(agreement.widths), options.chunk_size, item_bytes)
     return _LogProbPlan(
         communicator=communicator,
         agreement=agreement,

@@ -32,11 +32,17 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
         main, z_term = _row_losses(stats, plan.rows, plan)
         loss = plan.reduction_plan.reduce(main, z_term)
         ctx.reduction = plan.options.reduction
+        ctx.input_dtype = logits_shard.dtype
         _bridge.first_order_anchors(ctx, logits_shard)
         ctx.gradient = None
         if want_grad:
             g, g_z = plan.reduction_plan.scales(1.0)
-            gradient = _new_buffer(tuple(z.shape), z)
+            # a float16 shard's gradient is kept in float32 until backward has scaled it (rounded
+            # to float16 at an upstream of 1, a loss scaler's factor would find its small entries 0)
+            kept = _bridge.kept_gradient_dtype(z.dtype)
+            gradient = (
+                _new_buffer(tuple(z.shape), z) if kept == z.dtype else torch.empty(z.shape, dtype=kept, device=z.device)
+            )
             _shard_gradient(z, plan.rows, plan, stats.shift, _coefficients(stats, plan.rows, plan, g, g_z), gradient)
             ctx.gradient = gradient.view(logits_shard.shape)
         dtype = _bridge.autocast_dtype(logits_shard.dtype, logits_shard)  # (float32 under autocast)
@@ -49,7 +55,7 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
         gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", _NAME)
         factor = grad_output.unsqueeze(-1) if ctx.reduction == "none" else grad_output
-        return _bridge.scale_gradient(gradient, factor, owned), None, None
+        return _bridge.scale_gradient(gradient, factor, owned).to(ctx.input_dtype), None, None  # (rounded once)
 
 
 # Not traced by torch.compile (a graph break: it runs eagerly): its label checks and collectives

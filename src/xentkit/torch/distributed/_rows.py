@@ -97,11 +97,12 @@ def _plan(
     )
 
 
-def _chunk_rows(rows: int, max_width: int, chunk_size: int | None) -> int:
+def _chunk_rows(rows: int, max_width: int, chunk_size: int | None, item_bytes: int) -> int:
     """Rows per chunk of the linear forms, the same on every rank: ``_chunks.chunk_rows`` from N,
-    the widest shard and float32 bytes, within the package's budget (``CHUNK_FRACTION``,
-    ``CHUNK_BUDGET_BYTES``, ``CHUNK_FLOOR_BYTES``, read at call time), on every device."""
+    the widest shard and the bytes of an item of the chunk's buffer (the input's dtype, agreed
+    on every rank), within the package's budget (``CHUNK_FRACTION``, ``CHUNK_BUDGET_BYTES``,
+    ``CHUNK_FLOOR_BYTES``, read at call time), on every device."""
     from . import CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES, CHUNK_FRACTION
 
     budget = ChunkBudget(CHUNK_FRACTION, CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES)
-    return chunk_rows(rows, max_width, 4, chunk_size, budget=budget)
+    return chunk_rows(rows, max_width, item_bytes, chunk_size, budget=budget)
