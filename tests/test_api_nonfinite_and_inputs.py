@@ -193,3 +193,23 @@ def test_rows_spanning_more_than_the_dtypes_range_are_quiet(dtype):
                     np.zeros((1, 2)), [0], weight=[np.inf, -np.inf], reduction="sum"
                 )
                 assert loss == np.inf and np.isnan(grad[0, 0]) and grad[0, 1] == np.inf
+
+
+def test_class_weights_of_both_signs_selected_together_are_quiet():
+    """Labels that select a +inf and a −inf class together make the "mean" and "sum" NaN (∞ − ∞),
+    with and without smoothing, hard labels and probabilities: torch's values, no warning, on
+    both paths (a review found the sums of w_y and of the rows warning)."""
+    inf = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for reference in (False, True):
+            with xk.use_reference(reference):
+                for reduction in ("none", "mean", "sum"):
+                    for smoothing in (0.0, 0.1):
+                        for target in ([1, 0], np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])):
+                            loss, _ = xk.cross_entropy_and_grad(
+                                np.ones((2, 3)), target, weight=[inf, -inf, 1.0], reduction=reduction,
+                                label_smoothing=smoothing,
+                            )
+                            if reduction != "none":
+                                assert np.isnan(loss)

@@ -773,3 +773,22 @@ def test_the_linear_forms_chunks_keep_to_their_budget_in_every_dtype(dtype):
     item = torch.empty(0, dtype=dtype).element_size()
     rows = _chunk_rows(4096, 65536, None, item)
     assert rows * 65536 * item <= CHUNK_BUDGET_BYTES and rows * 65536 * item > CHUNK_BUDGET_BYTES // 2
+
+
+def test_a_frozen_inference_weight_works_where_nothing_is_saved():
+    """The linear forms refuse an inference tensor only where they save it for backward ("none"
+    and the log-probabilities): "mean" and "sum" compute the gradients in forward, and a frozen
+    weight made under torch.inference_mode works there, as in single-process
+    linear_cross_entropy (a review of the first version of the check, which refused it)."""
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 4, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 10, (6,), generator=generator)
+    with torch.inference_mode():
+        frozen = w.clone()
+    for reduction in ("mean", "sum"):
+        (got,) = torch.autograd.grad(vp.vocab_parallel_linear_cross_entropy(x, frozen, target, reduction=reduction), x)
+        (want,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x @ w.T, target, reduction=reduction), x)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="inference_mode"):
+        vp.vocab_parallel_linear_cross_entropy(x, frozen, target, reduction="none")

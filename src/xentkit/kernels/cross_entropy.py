@@ -305,12 +305,15 @@ def _zero_row(g):  # pragma: no cover - compiled
 
 
 @njit(forceinline=True, **_KERNEL_JIT)
-def _ignored_row(loss_rows, lse_rows, r, dst, want_grad):  # pragma: no cover - compiled
-    """Row ``r``'s target is ``ignore_index``: loss 0, lse 0 and (``want_grad``) a zero gradient."""
+def _ignored_row(loss_rows, lse_rows, r, grad, want_grad):  # pragma: no cover - compiled
+    """Row ``r``'s target is ``ignore_index``: loss 0, lse 0 and (``want_grad``) a zero gradient
+    in row ``r`` of ``grad`` (the whole [N, C] gradient, the logits in place: indexed, not viewed)."""
     loss_rows[r] = 0.0
     lse_rows[r] = 0.0
     if want_grad:
-        _zero_row(dst)
+        zero = like(0.0, grad)
+        for j in range(grad.shape[1]):
+            grad[r, j] = zero
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +490,7 @@ def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
 
     ``softcap`` 0 means no cap; without weights ``has_weight`` is False and ``weight`` /
     ``weight_work`` are 1-element dummies; ``grad_out``, ``grad_scale`` and ``z_grad_scale`` are
-    dummies unless ``want_grad`` (and ``grad_out`` is unused in place).
+    dummies unless ``want_grad`` (in place ``grad_out`` is the logits themselves).
     """
     n_rows, n_classes = logits.shape
     eps = label_smoothing
@@ -496,7 +499,7 @@ def _cross_entropy_rows_kernel(  # pragma: no cover - compiled
         dst = row if in_place else grad_out[i]
         y = labels[i]
         if y == ignore_index:
-            _ignored_row(loss_rows, lse_rows, i, dst, want_grad)
+            _ignored_row(loss_rows, lse_rows, i, grad_out, want_grad)
             continue
         # ---- Pass 1: m = max_j z_j, s = Σ_j exp(z_j − m) (one read of the row) ----
         m, s, sum_z, ref = _pass1(row, 0, n_classes, weight, has_weight, eps, softcap, block)
@@ -731,16 +734,11 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
             work[5, i] = z_grad_scale[r] if want_grad else 0.0
         _tile_finish(found, work, n_classes, weight_sum, eps, z_loss, softcap)
         # grad_out is the logits in place; rows are indexed in it, not viewed (see _tile_grad_plain)
-        zero = like(0.0, logits)
         for i in range(rows):
             r = first + i
             y = labels[r]
-            if y == ignore_index:  # loss 0, lse 0, a zero gradient
-                loss_rows[r] = 0.0
-                lse_rows[r] = 0.0
-                if want_grad:
-                    for j in range(n_classes):
-                        grad_out[r, j] = zero
+            if y == ignore_index:
+                _ignored_row(loss_rows, lse_rows, r, grad_out, want_grad)
                 continue
             loss_rows[r] = work[6, i]
             lse_rows[r] = work[7, i]

@@ -51,6 +51,7 @@ from xentkit.kernels.cross_entropy import (
     _same_buffer,
     _zero_row,
 )
+from xentkit.reference.log_probs import EXPONENT_FLOOR
 
 _LOOP_JIT = {"fastmath": {"reassoc", "nsz"}, "error_model": "numpy", "nogil": True}
 
@@ -64,7 +65,7 @@ _LOOP_JIT = {"fastmath": {"reassoc", "nsz"}, "error_model": "numpy", "nogil": Tr
 def _block_moments(row, start, stop, scale, shift):  # pragma: no cover - compiled
     """(Σ e_j, Σ e_j·d_j), d_j = z_j − shift, e_j = exp(d_j), summed in the dtype's lanes."""
     seg = row[start:stop]
-    floor = like(-1000.0, row)
+    floor = like(EXPONENT_FLOOR, row)
     acc_s = like(0.0, row)
     acc_u = like(0.0, row)
     for j in range(seg.shape[0]):
@@ -79,7 +80,7 @@ def _block_moments(row, start, stop, scale, shift):  # pragma: no cover - compil
 def _block_moments_wide(row, start, stop, scale, shift):  # pragma: no cover - compiled
     """As ``_block_moments``, summed in float64 (the blocks that hold the running max)."""
     seg = row[start:stop]
-    floor = like(-1000.0, row)
+    floor = like(EXPONENT_FLOOR, row)
     acc_s = 0.0
     acc_u = 0.0
     for j in range(seg.shape[0]):
@@ -95,7 +96,7 @@ def _block_moments_unshifted(row, start, stop, scale):  # pragma: no cover - com
     """Σ exp(z_j) and Σ exp(z_j)·z_j in float64 with the full-range exp, for a row whose max is
     +inf (the sums come out +inf, or NaN with a NaN in the row)."""
     seg = row[start:stop]
-    floor = like(-1000.0, row)
+    floor = like(EXPONENT_FLOOR, row)
     acc_s = 0.0
     acc_u = 0.0
     for j in range(seg.shape[0]):
@@ -113,7 +114,7 @@ def _block_moments_unshifted(row, start, stop, scale):  # pragma: no cover - com
 
 @njit(**_LOOP_JIT)
 def _grad(x, g, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
-    floor = like(-1000.0, x)
+    floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
         d = x[j] * scale - shift
         g[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
@@ -121,7 +122,7 @@ def _grad(x, g, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
 
 @njit(**_LOOP_JIT)
 def _grad_inplace(x, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
-    floor = like(-1000.0, x)
+    floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
         d = x[j] * scale - shift
         x[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
@@ -160,7 +161,7 @@ def _statistics_kernel(
                 if s > 0.0:  # restate (s, u) at the new max; s = 0 while everything was −inf
                     # floored: exp(−1000) is 0 already, and s·δ stays finite (never 0·(−inf) =
                     # NaN when the earlier blocks sat ~1e306 or more below the new max)
-                    delta = max(np.float64(m) - np.float64(b), -1000.0)
+                    delta = max(np.float64(m) - np.float64(b), EXPONENT_FLOOR)
                     e = math.exp(delta)
                     u = e * (u + s * delta)
                     s = e * s
@@ -206,7 +207,7 @@ def _gradient_kernel(
             d_y = np.float64(row[y] * c - m)
             p_y = math.exp(d_y) / s
             # max(d_y, −1000): a masked target (−inf) has p_y = 0 and adds g, not 0·(−inf)
-            grad_y = scale * (coef_a[i] + p_y * (coef_b[i] + coef_k[i] * max(d_y, -1000.0)))
+            grad_y = scale * (coef_a[i] + p_y * (coef_b[i] + coef_k[i] * max(d_y, EXPONENT_FLOOR)))
         # ---- Pass 2: dst_j = c·exp(z_j − m)/s·(b + k·(z_j − m)) ----
         coef_b_row = like(scale * coef_b[i] / s, logits)
         coef_k_row = like(scale * coef_k[i] / s, logits)

@@ -179,19 +179,30 @@ def _gradient_inplace(row, q, weight, has_weight, keep, uniform, shift, inv_s, t
 
 
 @njit(forceinline=True, **_KERNEL_JIT)
-def _row_loss(row, q, weight, has_weight, keep, uniform, m, s, cap, inv_cap):  # pragma: no cover
-    """Pass 2 of one row from pass 1's max ``m`` and sum ``s``: ``(loss, lse, shift, total)``,
-    the loss −Σ_c mass_c·log p_c (term by term where the total mass A is not finite), the
-    log-sum-exp, the shift m (0 for a row of −inf, as pass 1) and A, for pass 3."""
+def _assembled_loss(
+    logits, targets, r, weight, has_weight, keep, uniform, shift, log_s, total, weighted, nonzero, cap, inv_cap
+):  # pragma: no cover - compiled
+    """Row ``r``'s loss from pass 2's sums, −Σ mass_j·log p_j = Σ mass_j·(log s − (z_j − m)) =
+    A·log s − S (both kernels): term by term where A is not finite (an infinite mass, as the
+    reference, where A·log s − S would be inf·0 = NaN); with no mass 0, or NaN where the row's
+    softmax is (a NaN or +inf logit, only −inf), as its gradient. The row is viewed only in the
+    term-by-term case (a view of each row costs its reference count)."""
+    if not math.isfinite(total):
+        return _loss_by_terms(logits[r], targets[r], weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
+    return total * log_s - weighted if nonzero > 0.0 else 0.0 * log_s
+
+
+@njit(forceinline=True, **_KERNEL_JIT)
+def _row_loss(logits, targets, r, weight, has_weight, keep, uniform, m, s, cap, inv_cap):  # pragma: no cover
+    """Pass 2 of row ``r`` from pass 1's max ``m`` and sum ``s``: ``(loss, lse, shift, total)``,
+    the loss (``_assembled_loss``), the log-sum-exp, the shift m (0 for a row of −inf, as pass 1)
+    and A, for pass 3."""
     shift = np.float64(m) if m > -np.inf else 0.0
     log_s = math.log(s)
-    weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap)
-    # −Σ mass_j·log p_j = Σ mass_j·(log s − (z_j − m)); nothing when every mass is 0
-    if not math.isfinite(total):  # an infinite mass: term by term, as the reference
-        loss = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
-    else:
-        # no mass: 0, or NaN where the row's softmax is (NaN, +inf or only −inf), as its gradient
-        loss = total * log_s - weighted if nonzero > 0.0 else 0.0 * log_s
+    weighted, total, nonzero = _loss_terms(logits[r], targets[r], weight, has_weight, keep, uniform, shift, cap, inv_cap)
+    loss = _assembled_loss(
+        logits, targets, r, weight, has_weight, keep, uniform, shift, log_s, total, weighted, nonzero, cap, inv_cap
+    )
     return loss, shift + log_s, shift, total
 
 
@@ -225,7 +236,7 @@ def _probability_rows_kernel(  # pragma: no cover - compiled
         row = logits[i]
         q = targets[i]
         m, s, _, _ = _pass1(row, 0, n_classes, weight, False, 0.0, softcap, block)
-        loss_rows[i], lse, shift, total = _row_loss(row, q, weight, has_weight, keep, uniform, m, s, cap, inv_cap)
+        loss_rows[i], lse, shift, total = _row_loss(logits, targets, i, weight, has_weight, keep, uniform, m, s, cap, inv_cap)
         lse_rows[i] = lse
         if want_grad:
             z_coef = 2.0 * z_loss * lse * z_grad_scale[i] if z_loss > 0.0 else 0.0
@@ -253,7 +264,7 @@ def _tile_row_terms(e, x, q, start, n_classes, shift, weight, has_weight, keep, 
     exponentials, logits and targets, the row from ``start``): ``(s, A, S, nonzero)``, s = Σ e as
     ``_tile_sum`` adds it, and ``_loss_terms``'s A, S and count. One loop instead of two reads
     the row once; called with literal options for the plain case, so that no branch stays in the
-    loop (65536 × 10 float32, one thread: 3.7 → 2.6 ms without the gradient)."""
+    loop (``benchmarks/README.md``, "No view of each row")."""
     ties = 0.0
     below = 0.0
     weighted = 0.0
@@ -364,12 +375,10 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
         for i in range(rows):  # no view of a row here: each costs its reference count
             r = first + i
             s, total, shift, log_s = work[0, i], work[1, i], work[4, i], work[5, i]
-            if not math.isfinite(total):  # an infinite mass: term by term, as the reference
-                loss_rows[r] = _loss_by_terms(
-                    logits[r], targets[r], weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap
-                )
-            else:
-                loss_rows[r] = total * log_s - work[2, i] if work[3, i] > 0.0 else 0.0 * log_s  # (as _row_loss)
+            loss_rows[r] = _assembled_loss(
+                logits, targets, r, weight, has_weight, keep, uniform, shift, log_s, total, work[2, i], work[3, i],
+                cap, inv_cap,
+            )
             lse = shift + log_s
             lse_rows[r] = lse
             if want_grad:

@@ -26,6 +26,7 @@ When a "mean" denominator is 0 (nothing to average), the loss and gradient are 0
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,20 @@ def _xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
         return np.where((q == 0) & ~np.isnan(log_p), 0, q * log_p)
 
 
+def _quiet_invalid(function: Any) -> Any:
+    """``function`` under ``np.errstate(invalid="ignore")``: its NaNs (∞ − ∞ of class weights of
+    both signs, summed over rows or classes) are torch's values, which torch gives without a
+    warning."""
+
+    @functools.wraps(function)
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(invalid="ignore"):
+            return function(*args, **kwargs)
+
+    return quiet
+
+
+@_quiet_invalid
 def cross_entropy_and_grad(
     logits: np.ndarray,
     target: np.ndarray,

@@ -41,6 +41,7 @@ import numpy as np
 from .reductions import _torch_tensor, masked
 
 __all__ = [
+    "EXPONENT_FLOOR",
     "gradient_coefficients",
     "log_probs_and_entropy",
     "log_probs_backward",
@@ -57,7 +58,14 @@ def _exp(values: Any) -> Any:
     return values.exp() if _torch_tensor(values) else np.exp(values)
 
 
-def _floored(values: Any, floor: float = -1000.0) -> Any:
+# Where an exponent d = z − m (≤ 0) multiplies its own exp(d), as in exp(d)·d of the entropy's sum
+# or s·δ when a piece's sums are restated at a larger max, d is floored here first: exp(−1000) is
+# already 0 in every dtype, and the floored product stays finite, never 0·(−inf) = NaN. Every
+# backend (the Numba and Triton kernels, the torch ops) takes its floor from here.
+EXPONENT_FLOOR = -1000.0
+
+
+def _floored(values: Any, floor: float = EXPONENT_FLOOR) -> Any:
     return values.clamp_min(floor) if _torch_tensor(values) else np.maximum(values, floor)
 
 

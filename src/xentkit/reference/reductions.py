@@ -46,9 +46,10 @@ def _total(rows: Any) -> Any:
         import torch
 
         return rows.sum(dtype=torch.promote_types(rows.dtype, torch.float32))
-    if isinstance(rows, np.ndarray):
-        return rows.sum(dtype=np.float64)  # np.sum's own summation, without its wrapper
-    return np.sum(rows, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # rows of +inf and −inf: NaN, no warning (as torch)
+        if isinstance(rows, np.ndarray):
+            return rows.sum(dtype=np.float64)  # np.sum's own summation, without its wrapper
+        return np.sum(rows, dtype=np.float64)
 
 
 # the largest finite value of each NumPy float dtype (also the api's narrowing casts, ``rounded``)
@@ -95,7 +96,8 @@ def _count(values: Any, tensor_dtype: Any = None) -> Any:
         return values.sum(dtype=tensor_dtype)
     if values.dtype == np.bool_:
         return float(np.count_nonzero(values))
-    return float(np.sum(values, dtype=np.float64))
+    with np.errstate(invalid="ignore"):  # weights of +inf and −inf: NaN, no warning (as torch)
+        return float(np.sum(values, dtype=np.float64))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference.log_probs import row_statistics
+from ..reference.log_probs import EXPONENT_FLOOR, row_statistics
 from . import _bridge
 
 __all__ = ["NumbaRows", "TorchRows", "TritonRows"]
@@ -118,7 +118,7 @@ class TorchRows(_Rows):
         d = z - shift[:, None]
         e = d.exp()
         s = e.sum(dim=-1)
-        u = (e * d.clamp_min(-1000.0)).sum(dim=-1)
+        u = (e * d.clamp_min(EXPONENT_FLOOR)).sum(dim=-1)
         here = valid & (labels >= 0) & (labels < logits.shape[-1])
         picked = z.gather(1, torch.where(here, labels, 0).long()[:, None])[:, 0]
         z_target = torch.where(here, picked, 0.0)
@@ -149,7 +149,7 @@ class TorchRows(_Rows):
         z, _ = TorchRows._shifted(logits, temperature, m)
         d = z - m[:, None]
         scale = 1.0 / temperature
-        grad = d.exp() * ((scale * b / s)[:, None] + (scale * k / s)[:, None] * d.clamp_min(-1000.0))
+        grad = d.exp() * ((scale * b / s)[:, None] + (scale * k / s)[:, None] * d.clamp_min(EXPONENT_FLOOR))
         here = valid & (labels >= 0) & (labels < logits.shape[-1])
         index = torch.where(here, labels, 0).long()[:, None]
         grad.scatter_add_(1, index, torch.where(here, scale * a, 0.0)[:, None])

@@ -49,7 +49,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference.log_probs import EXPONENT_FLOOR
 from . import _chunks
+
+_FLOOR: tl.constexpr = tl.constexpr(EXPONENT_FLOOR)  # (a Triton global must be a constexpr)
 
 __all__ = ["log_prob_gradient", "log_prob_statistics"]
 
@@ -88,7 +91,7 @@ def _partials_kernel(
     slot, plane = _chunks.slot(part_ptr, part_plane, row, n_chunks)
     tl.store(slot, m)
     tl.store(slot + plane, tl.sum(e, 0))
-    tl.store(slot + 2 * plane, tl.sum(e * tl.maximum(d, -1000.0), 0))
+    tl.store(slot + 2 * plane, tl.sum(e * tl.maximum(d, _FLOOR), 0))
 
 
 @triton.jit
@@ -136,7 +139,7 @@ def _combine_kernel(
     u_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
     # floored at −1000 (its factor is 0 already): s_k·δ stays finite, never 0·(−inf) = NaN for a
     # chunk far below the row's max (a vocabulary masked with float32's lowest, say)
-    delta = tl.maximum(t_k - t, -1000.0)
+    delta = tl.maximum(t_k - t, _FLOOR)
     # an empty chunk (s_k = 0: only −inf) adds nothing, whatever its factor
     restated = factor * (u_k + tl.where(delta == 0.0, 0.0, s_k * delta))
     u = tl.sum(tl.where(s_k == 0.0, 0.0, restated), 0)
@@ -196,7 +199,7 @@ def _gradient_kernel(
     d = x * scale - m
     coef_b = scale * b / s
     coef_k = scale * k / s
-    grad = tl.exp(d) * (coef_b + coef_k * tl.maximum(d, -1000.0))
+    grad = tl.exp(d) * (coef_b + coef_k * tl.maximum(d, _FLOOR))
     grad += tl.where(cols == y, scale * a, 0.0)  # y outside [0, V) matches no stored lane
     tl.store(grad_row + cols, grad, mask=inside)
 

@@ -142,15 +142,19 @@ def _check_device(tensor: Tensor, name: str) -> None:
         raise ValueError(f"{name} is on the meta device (it has no data); pass a CPU or GPU tensor")
 
 
-def _check_linear_shards(input: object, linear_weight_shard: object, linear_bias_shard: object) -> tuple[int, int]:
+def _check_linear_shards(
+    input: object, linear_weight_shard: object, linear_bias_shard: object, *, saves_operands: bool
+) -> tuple[int, int]:
     """The linear forms' tensors: ``input`` ``[..., D]``, this rank's ``[V_r, D]`` weight rows
     (``V_r`` may be 0) and ``[V_r]`` bias (or None), one dtype and device, by the fused linear
-    forms' one rule (``xentkit.torch._linear_checks``); returns ``(D, V_r)``."""
+    forms' one rule (``xentkit.torch._linear_checks``); returns ``(D, V_r)``. ``saves_operands``:
+    whether the call saves them for backward (the log-probabilities, and "none"; "mean" and "sum"
+    compute every gradient in forward and save nothing), where an inference tensor is refused."""
     width, features = check_linear(input, linear_weight_shard, linear_bias_shard, SHARDS, no_rows=True)  # type: ignore[arg-type]
     _check_device(input, "input")  # type: ignore[arg-type]
     operands = {"input": input, "linear_weight_shard": linear_weight_shard, "linear_bias_shard": linear_bias_shard}
     present = {name: tensor for name, tensor in operands.items() if isinstance(tensor, Tensor)}
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in present.values()):
+    if saves_operands and torch.is_grad_enabled() and any(tensor.requires_grad for tensor in present.values()):
         # autograd would refuse to save it in forward, after the collectives: the other ranks
         # would then wait in backward's all-reduce
         for name, tensor in present.items():

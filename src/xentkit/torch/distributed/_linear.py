@@ -236,7 +236,9 @@ def vocab_parallel_linear_cross_entropy(
     grad_enabled = torch.is_grad_enabled()
 
     def local_checks() -> dict[str, int]:
-        features, width = _check_linear_shards(input, linear_weight_shard, linear_bias_shard)
+        features, width = _check_linear_shards(
+            input, linear_weight_shard, linear_bias_shard, saves_operands=reduction == "none"
+        )
         options = LossOptions(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, chunk_size=chunk_size, backend=backend,

@@ -287,7 +287,7 @@ def vocab_parallel_linear_log_probs(
     grad_enabled = torch.is_grad_enabled()
 
     def local_checks() -> dict[str, int]:
-        features, width = _check_linear_shards(input, linear_weight_shard, linear_bias_shard)
+        features, width = _check_linear_shards(input, linear_weight_shard, linear_bias_shard, saves_operands=True)
         options = LogProbOptions(temperature, ignore_index, chunk_size, backend)
         _bridge.check_temperature_fits(options, input.dtype)
         state.update(
