@@ -179,30 +179,27 @@ def _gradient_inplace(row, q, weight, has_weight, keep, uniform, shift, inv_s, t
 
 
 @njit(forceinline=True, **_KERNEL_JIT)
-def _assembled_loss(
-    logits, targets, r, weight, has_weight, keep, uniform, shift, log_s, total, weighted, nonzero, cap, inv_cap
-):  # pragma: no cover - compiled
-    """Row ``r``'s loss from pass 2's sums, −Σ mass_j·log p_j = Σ mass_j·(log s − (z_j − m)) =
-    A·log s − S (both kernels): term by term where A is not finite (an infinite mass, as the
-    reference, where A·log s − S would be inf·0 = NaN); with no mass 0, or NaN where the row's
-    softmax is (a NaN or +inf logit, only −inf), as its gradient. The row is viewed only in the
-    term-by-term case (a view of each row costs its reference count)."""
-    if not math.isfinite(total):
-        return _loss_by_terms(logits[r], targets[r], weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
+def _loss_from_sums(total, weighted, nonzero, log_s):  # pragma: no cover - compiled
+    """A row's loss from pass 2's sums (both kernels), −Σ mass_j·log p_j = Σ mass_j·(log s −
+    (z_j − m)) = A·log s − S for a finite total mass A (the caller adds term by term where it is
+    not, ``_loss_by_terms``: there A·log s − S would be inf·0 = NaN); with no mass 0, or NaN where
+    the row's softmax is (a NaN or +inf logit, only −inf), as its gradient."""
     return total * log_s - weighted if nonzero > 0.0 else 0.0 * log_s
 
 
 @njit(forceinline=True, **_KERNEL_JIT)
 def _row_loss(logits, targets, r, weight, has_weight, keep, uniform, m, s, cap, inv_cap):  # pragma: no cover
     """Pass 2 of row ``r`` from pass 1's max ``m`` and sum ``s``: ``(loss, lse, shift, total)``,
-    the loss (``_assembled_loss``), the log-sum-exp, the shift m (0 for a row of −inf, as pass 1)
-    and A, for pass 3."""
+    the loss (``_loss_from_sums``, or term by term), the log-sum-exp, the shift m (0 for a row of
+    −inf, as pass 1) and A, for pass 3."""
     shift = np.float64(m) if m > -np.inf else 0.0
     log_s = math.log(s)
-    weighted, total, nonzero = _loss_terms(logits[r], targets[r], weight, has_weight, keep, uniform, shift, cap, inv_cap)
-    loss = _assembled_loss(
-        logits, targets, r, weight, has_weight, keep, uniform, shift, log_s, total, weighted, nonzero, cap, inv_cap
-    )
+    row, q = logits[r], targets[r]
+    weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap)
+    if not math.isfinite(total):  # an infinite mass: term by term, as the reference
+        loss = _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap)
+    else:
+        loss = _loss_from_sums(total, weighted, nonzero, log_s)
     return loss, shift + log_s, shift, total
 
 
@@ -375,10 +372,12 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
         for i in range(rows):  # no view of a row here: each costs its reference count
             r = first + i
             s, total, shift, log_s = work[0, i], work[1, i], work[4, i], work[5, i]
-            loss_rows[r] = _assembled_loss(
-                logits, targets, r, weight, has_weight, keep, uniform, shift, log_s, total, work[2, i], work[3, i],
-                cap, inv_cap,
-            )
+            if not math.isfinite(total):  # an infinite mass: term by term, as the reference
+                loss_rows[r] = _loss_by_terms(
+                    logits[r], targets[r], weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap
+                )
+            else:
+                loss_rows[r] = _loss_from_sums(total, work[2, i], work[3, i], log_s)
             lse = shift + log_s
             lse_rows[r] = lse
             if want_grad:
