@@ -329,3 +329,50 @@ def test_linear_log_probs_backward_on_meta_tensors():
     y = torch.randint(0, 400, (300,), device="meta")
     xt.linear_log_probs(h, w, y, chunk_size=64).sum().backward()
     assert h.grad.shape == h.shape and w.grad.shape == w.shape and w.grad.device.type == "meta"
+
+
+def _forms_keeping_gradients():
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(300, 400, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 400, (300,), generator=generator)
+    hidden = torch.randn(300, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(400, 16, generator=generator, dtype=torch.float64)
+    binary_target = torch.rand(300, 400, generator=generator, dtype=torch.float64)
+    return [
+        ("cross_entropy", logits, lambda z: xt.cross_entropy(z, labels), (300, 400)),
+        ("binary", logits, lambda z: xt.binary_cross_entropy_with_logits(z, binary_target), (300, 400)),
+        ("linear", hidden, lambda h: xt.linear_cross_entropy(h, weight.requires_grad_(), labels), (400, 16)),
+        ("vocab_parallel", logits, lambda z: xt.vocab_parallel_cross_entropy(z, labels), (300, 400)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "operand", "loss", "shape"), _forms_keeping_gradients(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_gradients_kept_from_forward_are_saved_tensors(name, operand, loss, shape):
+    """The gradients forward computes are kept as saved tensors (``_bridge.keep_for_backward``),
+    so torch's saved-tensor hooks reach them: a non-reentrant checkpoint drops them after forward
+    and recomputes them (before, they stayed on the autograd context from forward to backward, a
+    logits-sized buffer that torch's loss does not hold there), and save_on_cpu offloads them.
+    Values and gradients are unchanged, under the hooks and under the checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(wrapper):
+        x = operand.clone().requires_grad_()
+        value = wrapper(lambda: loss(x))
+        value.backward()
+        return value.detach(), x.grad
+
+    want = run(lambda call: call())
+    packed = []
+
+    def through_hooks(call):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+            return call()
+
+    got = run(through_hooks)
+    assert any(shape_ == shape for shape_ in packed), packed
+    checkpointed = run(lambda call: checkpoint(call, use_reentrant=False))
+    for result in (got, checkpointed):
+        torch.testing.assert_close(result[0], want[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(result[1], want[1], rtol=1e-12, atol=1e-15)

@@ -3,8 +3,9 @@
 - ``runs_on_xentkit``: whether a call can take the NumPy path (plain CPU tensors of a dtype the
   kernels handle) or must fall back to plain torch ops.
 - ``as_numpy`` / ``as_tensor``: zero-copy views both ways (a copy only to make a tensor contiguous).
-- ``take_saved_gradient`` / ``scale_gradient``: hand a gradient computed in the forward pass over
-  to autograd in backward, scaled by the upstream gradient, without a stale or shared buffer.
+- ``keep_for_backward`` / ``take_saved_gradient`` / ``scale_gradient``: keep a gradient computed
+  in the forward pass as a saved tensor and hand it over to autograd in backward, scaled by the
+  upstream gradient, without a stale or shared buffer.
 - ``first_order_only``: the guard every xentkit.torch backward wears (double backward raises).
 
 Options are checked by ``xentkit._options.LossOptions``, built once at each public function.
@@ -314,24 +315,41 @@ def _graph_is_kept() -> bool:
     return True if keep_graph is None else bool(keep_graph())
 
 
-def take_saved_gradient(ctx: object, name: str, function_name: str) -> tuple[Tensor, bool]:
-    """The gradient stored on ``ctx`` in forward, and whether backward now owns it.
+def keep_for_backward(ctx: Any, gradients: dict[str, Tensor | None], *others: Tensor | None) -> None:
+    """Keep what forward computed for backward: the ``gradients`` (by name) and ``others`` (what
+    backward reads besides), in one ``ctx.save_for_backward``. As saved tensors they are what
+    torch's saved-tensor hooks act on, as torch's own losses' saved log-softmax: a non-reentrant
+    ``torch.utils.checkpoint`` drops them after forward and recomputes them in backward, and
+    ``torch.autograd.graph.save_on_cpu`` offloads them. Backward reads them with
+    :func:`kept_for_backward`, once."""
+    ctx.kept_gradient_names = tuple(gradients)
+    ctx.kept_others = len(others)
+    ctx.save_for_backward(*others, *gradients.values())
 
-    When the graph is not retained the gradient is released from ``ctx`` and handed over: backward
-    may scale it in place and autograd can adopt it as ``.grad`` without a copy. When the graph is
-    retained (``retain_graph=True``) it stays on ``ctx`` untouched for the next backward.
+
+def kept_for_backward(ctx: Any) -> tuple[tuple[Tensor | None, ...], dict[str, Tensor | None]]:
+    """``(others, gradients)`` as :func:`keep_for_backward` kept them, unpacked once: backward may
+    change a gradient in place (:func:`take_saved_gradient`), after which unpacking again would
+    fail autograd's version check. A second backward without ``retain_graph=True`` raises
+    torch's own error here (the saved tensors are freed), which says to retain the graph."""
+    saved = ctx.saved_tensors
+    count = ctx.kept_others
+    return saved[:count], dict(zip(ctx.kept_gradient_names, saved[count:], strict=True))
+
+
+def take_saved_gradient(gradients: dict[str, Tensor | None], name: str, function_name: str) -> tuple[Tensor, bool]:
+    """The gradient forward kept under ``name`` (``gradients`` from :func:`kept_for_backward`),
+    and whether backward now owns it.
+
+    When the graph is not retained, autograd frees the saved tensors once this backward has run:
+    backward may scale the gradient in place, and autograd can adopt it as ``.grad`` without a
+    copy. When the graph is retained (``retain_graph=True``) it must stay untouched for the next
+    backward.
     """
-    gradient = getattr(ctx, name)
-    if gradient is None:
-        raise RuntimeError(
-            f"xentkit.torch.{function_name}: backward was called a second time, but the gradients "
-            "computed in the forward pass were handed over by the first backward; pass "
-            "retain_graph=True to the first backward to differentiate the same graph again"
-        )
-    if _graph_is_kept():
-        return gradient, False
-    setattr(ctx, name, None)
-    return gradient, True
+    gradient = gradients[name]
+    if gradient is None:  # pragma: no cover - backward asks only for gradients forward computed
+        raise RuntimeError(f"xentkit.torch.{function_name}: no gradient was kept for {name}")
+    return gradient, not _graph_is_kept()
 
 
 def is_one(grad_output: Tensor, *, read_on_device: bool = False) -> bool:
@@ -369,17 +387,19 @@ def hand_over_gradients(
     ctx: Any, names: tuple[str, ...], grad_output: Tensor, function_name: str, *,
     read_one_on_device: bool = False,
 ) -> list[Tensor | None]:
-    """The gradients forward stored on ``ctx`` under ``names`` (one per input, in order), each
-    taken (:func:`take_saved_gradient`) and scaled (:func:`scale_gradient`); None for the
+    """The gradients forward kept under ``names`` (one per input, in order, by
+    :func:`keep_for_backward`), each taken (:func:`take_saved_gradient`) and scaled
+    (:func:`scale_gradient`); None for the
     inputs that need none. Whether ``grad_output`` is 1 is read once (:func:`is_one`, with
     ``read_one_on_device``)."""
     one = is_one(grad_output, read_on_device=read_one_on_device)
+    _, kept = kept_for_backward(ctx)
     gradients: list[Tensor | None] = []
     for index, name in enumerate(names):
         if not ctx.needs_input_grad[index]:
             gradients.append(None)
             continue
-        gradient, owned = take_saved_gradient(ctx, name, function_name)
+        gradient, owned = take_saved_gradient(kept, name, function_name)
         gradients.append(scale_gradient(gradient, grad_output, owned, one=one))
     return gradients
 

@@ -164,11 +164,12 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         if not labels.is_floating_point() and options.check_labels:
             check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
         ctx.options = options
-        if options.reduction == "none" and any(want):
-            ctx.save_for_backward(input, linear_weight, linear_bias, labels, weight, stats)
-            ctx.want = want
-        for name, gradient in zip(_bridge.LINEAR_GRADIENT_NAMES, gradients, strict=True):
-            setattr(ctx, name, gradient)
+        saved = (input, linear_weight, linear_bias, labels, weight, stats)
+        ctx.want = want
+        _bridge.keep_for_backward(
+            ctx, dict(zip(_bridge.LINEAR_GRADIENT_NAMES, gradients, strict=True)),
+            *(saved if options.reduction == "none" and any(want) else ()),
+        )
         return loss.to(_bridge.at_least_float32(x.dtype))  # float32 for half inputs (docs/precision.md)
 
     @staticmethod
@@ -176,7 +177,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         options: LossOptions = ctx.options
         if options.reduction == "none":
-            input, linear_weight, linear_bias, labels, weight, stats = ctx.saved_tensors
+            (input, linear_weight, linear_bias, labels, weight, stats), _ = _bridge.kept_for_backward(ctx)
             x, w, b = detached(input, linear_weight, linear_bias)
             gradients = backward_chunks(x, w, b, labels, weight, stats, grad_output, options, ctx.want)
             return (*gradients, None, None, None, None)

@@ -106,33 +106,36 @@ class _CrossEntropyFunction(torch.autograd.Function):
             # the logits changed (or will, in backward): a node that saved them now raises torch's
             # version error
             torch.autograd.graph.increment_version(input)
-            ctx.gradient = input.detach()
+            kept_gradient = input.detach()
         else:
-            ctx.gradient = None if gradient is None else _bridge.as_tensor(gradient, kept)
+            kept_gradient = None if gradient is None else _bridge.as_tensor(gradient, kept)
         ctx.options = options
-        if want_grad:  # read only for a non-finite upstream gradient (a reference, not a copy)
-            ctx.save_for_backward(target, weight if ctx.deferred else None)
+        # the target is read only for a non-finite upstream gradient (a reference, not a copy)
+        _bridge.keep_for_backward(
+            ctx, {"gradient": kept_gradient}, target if want_grad else None, weight if ctx.deferred else None
+        )
         return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
     @_bridge.first_order_only("cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", "cross_entropy")
+        (target, weight), kept = _bridge.kept_for_backward(ctx)
+        gradient, owned = _bridge.take_saved_gradient(kept, "gradient", "cross_entropy")
         if ctx.deferred:
-            return _deferred_gradient(ctx, gradient, owned, grad_output), None, None, None, None, None
+            return _deferred_gradient(ctx, gradient, owned, grad_output, target, weight), None, None, None, None, None
         upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
         gradient = _bridge.scale_gradient(gradient, upstream, owned)
         if not bool(torch.isfinite(grad_output).all()):
-            target, _ = ctx.saved_tensors
             _in_torchs_order(gradient, grad_output, target, ctx.options, ctx.class_axis)
         return gradient.to(ctx.input_dtype), None, None, None, None, None  # (rounded once, scaled)
 
 
-def _deferred_gradient(ctx: FunctionCtx, logits: Tensor, owned: bool, grad_output: Tensor) -> Tensor:
+def _deferred_gradient(
+    ctx: FunctionCtx, logits: Tensor, owned: bool, grad_output: Tensor, target: Tensor, weight: Tensor | None
+) -> Tensor:
     """The gradient of in-place float16 logits, computed in backward with ``grad_output`` applied
     in float32 and rounded once into the logits (or, when the graph is kept, into a new tensor):
     the same values as ``inplace_backward=False``."""
-    target, weight = ctx.saved_tensors
     array = _bridge.as_numpy(logits)
     _, gradient = _cross_entropy(
         array, _bridge.as_numpy(target), axis=ctx.class_axis, weight=_bridge.optional_numpy(weight),
@@ -238,15 +241,14 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
             _bridge.optional_numpy(pos_weight), reduction, want_grad,
             loss_dtype=_bridge.numpy_dtype(result_dtype), grad_dtype=_bridge.numpy_dtype(kept),
         )
-        ctx.gradient = _bridge.as_tensor(gradient, kept) if want_grad else None
+        _bridge.keep_for_backward(ctx, {"gradient": _bridge.as_tensor(gradient, kept) if want_grad else None})
         return _bridge.as_tensor(loss, result_dtype)
 
     @staticmethod
     @_bridge.first_order_only("binary_cross_entropy_with_logits")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        gradient, owned = _bridge.take_saved_gradient(
-            ctx, "gradient", "binary_cross_entropy_with_logits"
-        )
+        _, kept = _bridge.kept_for_backward(ctx)
+        gradient, owned = _bridge.take_saved_gradient(kept, "gradient", "binary_cross_entropy_with_logits")
         # (rounded once, scaled)
         return (_bridge.scale_gradient(gradient, grad_output, owned).to(ctx.input_dtype), *[None] * 5)
 

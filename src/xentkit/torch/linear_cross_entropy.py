@@ -141,11 +141,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         plan = _reduction_plan(target_array, class_weight, w.shape[0], options)
         ctx.options, ctx.plan = options, plan
-        ctx.grad_input = ctx.grad_weight = ctx.grad_bias = None
 
         if options.reduction == "none":
             # Forward computes the losses only; backward needs the per-row upstream gradient.
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
+            _bridge.keep_for_backward(ctx, {}, input, linear_weight, linear_bias, target, weight)
             result = _chunked_pass(
                 x, w, b, target_array, class_weight, options, plan, grad_output=None, want=want
             )
@@ -155,16 +154,16 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             x, w, b, target_array, class_weight, options, plan,
             grad_output=1.0 if any(want) else None, want=want,
         )
-        ctx.grad_input, ctx.grad_weight, ctx.grad_bias = (
-            result.grad_input, result.grad_weight, result.grad_bias,
-        )
+        _bridge.keep_for_backward(ctx, dict(zip(
+            _bridge.LINEAR_GRADIENT_NAMES, (result.grad_input, result.grad_weight, result.grad_bias), strict=True
+        )))
         return torch.tensor(result.loss, dtype=x.dtype, device=x.device)  # (not the default device)
 
     @staticmethod
     @_bridge.first_order_only("linear_cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         if ctx.options.reduction == "none":
-            input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+            (input, linear_weight, linear_bias, target, weight), _ = _bridge.kept_for_backward(ctx)
             want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
             upstream = np.ascontiguousarray(_bridge.as_numpy(grad_output), dtype=np.float64)
             result = _chunked_pass(

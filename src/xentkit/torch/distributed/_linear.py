@@ -129,15 +129,16 @@ class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         _bridge.first_order_anchors(ctx, input, linear_weight_shard, linear_bias_shard)
         if plan.options.reduction == "none":
             result = _linear_pass(x, w, b, plan, known=None, g=1.0, g_z=1.0, want=(False, False, False))
-            ctx.save_for_backward(input, linear_weight_shard, linear_bias_shard)
+            _bridge.keep_for_backward(ctx, {}, input, linear_weight_shard, linear_bias_shard)
             ctx.row_statistics = result.stats
             loss = plan.reduction_plan.reduce(result.main, result.z_term)
             return loss.to(_bridge.at_least_float32(input.dtype)).reshape(input.shape[:-1])
         g, g_z = plan.reduction_plan.scales(1.0)
         result = _linear_pass(x, w, b, plan, known=None, g=g, g_z=g_z, want=want)
-        ctx.grad_input = None if result.grad_input is None else result.grad_input.view(input.shape)
-        ctx.grad_weight = result.grad_weight
-        ctx.grad_bias = result.grad_bias
+        grad_input = None if result.grad_input is None else result.grad_input.view(input.shape)
+        _bridge.keep_for_backward(ctx, dict(zip(
+            _bridge.LINEAR_GRADIENT_NAMES, (grad_input, result.grad_weight, result.grad_bias), strict=True
+        )))
         # float32 for half inputs, as linear_cross_entropy (docs/precision.md)
         return plan.reduction_plan.reduce(result.main, result.z_term).to(_bridge.at_least_float32(input.dtype))
 
@@ -147,7 +148,7 @@ class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         plan: _Plan = ctx.plan
         needs = ctx.needs_input_grad[:3]
         if plan.options.reduction == "none":
-            input, linear_weight_shard, linear_bias_shard = ctx.saved_tensors
+            (input, linear_weight_shard, linear_bias_shard), _ = _bridge.kept_for_backward(ctx)
             g, g_z = plan.reduction_plan.scales(grad_output.reshape(-1).to(torch.float64))
             result = _linear_pass(
                 input.detach().reshape(plan.rows.valid.shape[0], input.shape[-1]).contiguous(),

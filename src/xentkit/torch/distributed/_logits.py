@@ -34,7 +34,7 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
         ctx.reduction = plan.options.reduction
         ctx.input_dtype = logits_shard.dtype
         _bridge.first_order_anchors(ctx, logits_shard)
-        ctx.gradient = None
+        kept_gradient = None
         if want_grad:
             g, g_z = plan.reduction_plan.scales(1.0)
             # a float16 shard's gradient is kept in float32 until backward has scaled it (rounded
@@ -44,7 +44,8 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 _new_buffer(tuple(z.shape), z) if kept == z.dtype else torch.empty(z.shape, dtype=kept, device=z.device)
             )
             _shard_gradient(z, plan.rows, plan, stats.shift, _coefficients(stats, plan.rows, plan, g, g_z), gradient)
-            ctx.gradient = gradient.view(logits_shard.shape)
+            kept_gradient = gradient.view(logits_shard.shape)
+        _bridge.keep_for_backward(ctx, {"gradient": kept_gradient})
         dtype = _bridge.autocast_dtype(logits_shard.dtype, logits_shard)  # (float32 under autocast)
         if ctx.reduction == "none":
             return loss.to(dtype).reshape(logits_shard.shape[:-1])
@@ -53,7 +54,8 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @_bridge.first_order_only(_NAME)
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
-        gradient, owned = _bridge.take_saved_gradient(ctx, "gradient", _NAME)
+        _, kept = _bridge.kept_for_backward(ctx)
+        gradient, owned = _bridge.take_saved_gradient(kept, "gradient", _NAME)
         factor = grad_output.unsqueeze(-1) if ctx.reduction == "none" else grad_output
         return _bridge.scale_gradient(gradient, factor, owned).to(ctx.input_dtype), None, None  # (rounded once)
 
