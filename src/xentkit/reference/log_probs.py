@@ -191,8 +191,8 @@ def merge_partials(m: Any, s: Any, u: Any, m_total: Any) -> tuple[Any, Any]:
     with np.errstate(invalid="ignore"):
         # the piece holding the max keeps (s, u) as they are, also when that max is ±inf
         # (never exp(inf − inf)); an empty piece adds 0, never 0·(−inf)
-        # the shift floored at −1000 (exp of it is 0 already): s·shift stays finite, never
-        # 0·(−inf) = NaN for a piece ~1e306 or more below the row's max
+        # the shift floored (EXPONENT_FLOOR): s·shift stays finite for a piece ~1e306 or more
+        # below the row's max
         apart = m != m_total
         factor = _exp(masked(m - m_total, apart))
         shift = masked(_floored(m - m_total), apart & (s > 0))

@@ -337,7 +337,7 @@ def kept_for_backward(ctx: Any) -> tuple[tuple[Tensor | None, ...], dict[str, Te
     return saved[:count], dict(zip(ctx.kept_gradient_names, saved[count:], strict=True))
 
 
-def take_saved_gradient(gradients: dict[str, Tensor | None], name: str, function_name: str) -> tuple[Tensor, bool]:
+def take_saved_gradient(gradients: dict[str, Tensor | None], name: str) -> tuple[Tensor, bool]:
     """The gradient forward kept under ``name`` (``gradients`` from :func:`kept_for_backward`),
     and whether backward now owns it.
 
@@ -347,8 +347,7 @@ def take_saved_gradient(gradients: dict[str, Tensor | None], name: str, function
     backward.
     """
     gradient = gradients[name]
-    if gradient is None:  # pragma: no cover - backward asks only for gradients forward computed
-        raise RuntimeError(f"xentkit.torch.{function_name}: no gradient was kept for {name}")
+    assert gradient is not None  # (backward asks only for the gradients forward computed)
     return gradient, not _graph_is_kept()
 
 
@@ -384,8 +383,7 @@ LINEAR_GRADIENT_NAMES = ("grad_input", "grad_weight", "grad_bias")
 
 
 def hand_over_gradients(
-    ctx: Any, names: tuple[str, ...], grad_output: Tensor, function_name: str, *,
-    read_one_on_device: bool = False,
+    ctx: Any, names: tuple[str, ...], grad_output: Tensor, *, read_one_on_device: bool = False
 ) -> list[Tensor | None]:
     """The gradients forward kept under ``names`` (one per input, in order, by
     :func:`keep_for_backward`), each taken (:func:`take_saved_gradient`) and scaled
@@ -399,7 +397,7 @@ def hand_over_gradients(
         if not ctx.needs_input_grad[index]:
             gradients.append(None)
             continue
-        gradient, owned = take_saved_gradient(kept, name, function_name)
+        gradient, owned = take_saved_gradient(kept, name)
         gradients.append(scale_gradient(gradient, grad_output, owned, one=one))
     return gradients
 

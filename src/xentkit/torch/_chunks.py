@@ -185,9 +185,9 @@ def idle_chunks(valid: Tensor | np.ndarray, chunk_rows: int) -> tuple[bool, ...]
     the chunk has nothing to differentiate): the ``skip`` of :func:`logit_chunks`. A tensor on a
     device is read once (one wait); a meta or fake one cannot be: no chunk is skipped."""
     n = valid.shape[0]
-    if isinstance(valid, Tensor) and not _bridge.values_readable(valid):
-        return (False,) * -(-n // chunk_rows)
     if isinstance(valid, Tensor):
+        if not _bridge.values_readable(valid):
+            return (False,) * -(-n // chunk_rows)
         padded = torch.zeros(-(-n // chunk_rows) * chunk_rows, dtype=torch.bool, device=valid.device)
         padded[:n] = valid
         return tuple(not flag for flag in padded.reshape(-1, chunk_rows).any(dim=1).tolist())

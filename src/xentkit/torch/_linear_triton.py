@@ -183,8 +183,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             return (*gradients, None, None, None, None)
         # loss.backward() passes 1: one wait for the device saves a pass over each gradient
         gradients = _bridge.hand_over_gradients(
-            ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, "linear_cross_entropy",
-            read_one_on_device=True,
+            ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, read_one_on_device=True
         )
         return (*gradients, None, None, None, None)
 

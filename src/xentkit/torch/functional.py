@@ -120,7 +120,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @_bridge.first_order_only("cross_entropy")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (target, weight), kept = _bridge.kept_for_backward(ctx)
-        gradient, owned = _bridge.take_saved_gradient(kept, "gradient", "cross_entropy")
+        gradient, owned = _bridge.take_saved_gradient(kept, "gradient")
         if ctx.deferred:
             return _deferred_gradient(ctx, gradient, owned, grad_output, target, weight), None, None, None, None, None
         upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
@@ -248,7 +248,7 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     @_bridge.first_order_only("binary_cross_entropy_with_logits")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         _, kept = _bridge.kept_for_backward(ctx)
-        gradient, owned = _bridge.take_saved_gradient(kept, "gradient", "binary_cross_entropy_with_logits")
+        gradient, owned = _bridge.take_saved_gradient(kept, "gradient")
         # (rounded once, scaled)
         return (_bridge.scale_gradient(gradient, grad_output, owned).to(ctx.input_dtype), *[None] * 5)
 

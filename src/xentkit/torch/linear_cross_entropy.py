@@ -179,9 +179,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             )
             return result.grad_input, result.grad_weight, result.grad_bias, None, None, None, None
 
-        gradients = _bridge.hand_over_gradients(
-            ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, "linear_cross_entropy"
-        )
+        gradients = _bridge.hand_over_gradients(ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output)
         return (*gradients, None, None, None, None)
 
 

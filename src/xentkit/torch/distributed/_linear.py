@@ -166,7 +166,7 @@ class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 result.grad_bias,
             )
             return (*(gradient if need else None for gradient, need in zip(gradients, needs, strict=True)), None, None)
-        return (*_bridge.hand_over_gradients(ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output, _NAME), None, None)
+        return (*_bridge.hand_over_gradients(ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output), None, None)
 
 
 # Not traced by torch.compile (a graph break: it runs eagerly): its label checks and collectives

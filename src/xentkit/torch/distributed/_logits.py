@@ -39,10 +39,7 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
             g, g_z = plan.reduction_plan.scales(1.0)
             # a float16 shard's gradient is kept in float32 until backward has scaled it (rounded
             # to float16 at an upstream of 1, a loss scaler's factor would find its small entries 0)
-            kept = _bridge.kept_gradient_dtype(z.dtype)
-            gradient = (
-                _new_buffer(tuple(z.shape), z) if kept == z.dtype else torch.empty(z.shape, dtype=kept, device=z.device)
-            )
+            gradient = _new_buffer(tuple(z.shape), z, dtype=_bridge.kept_gradient_dtype(z.dtype))
             _shard_gradient(z, plan.rows, plan, stats.shift, _coefficients(stats, plan.rows, plan, g, g_z), gradient)
             kept_gradient = gradient.view(logits_shard.shape)
         _bridge.keep_for_backward(ctx, {"gradient": kept_gradient})
@@ -55,7 +52,7 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @_bridge.first_order_only(_NAME)
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
         _, kept = _bridge.kept_for_backward(ctx)
-        gradient, owned = _bridge.take_saved_gradient(kept, "gradient", _NAME)
+        gradient, owned = _bridge.take_saved_gradient(kept, "gradient")
         factor = grad_output.unsqueeze(-1) if ctx.reduction == "none" else grad_output
         return _bridge.scale_gradient(gradient, factor, owned).to(ctx.input_dtype), None, None  # (rounded once)
 
