@@ -486,3 +486,138 @@ def test_the_learning_rate_has_one_rule_for_the_command_line_and_python() -> Non
         with pytest.raises(ValueError, match="learning_rate must be a positive number between"):
             MnistSettings(learning_rate=rate).validate(100)
     MnistSettings(learning_rate=LEARNING_RATES[0]).validate(100)
+
+
+# A review of the command line as a user meets it (each of these failed before its fix).
+
+
+def test_an_argument_that_is_not_utf8_keeps_the_report_whole(tmp_path: Path) -> None:
+    """Linux hands a byte that is not UTF-8 to Python as a lone surrogate, which no UTF-8 file
+    holds: writing it into the report emptied report.html after the run."""
+    out = tmp_path / "o"
+    assert main(["lab", "neuron", "--out", str(out), "--no-progress"]) == 0
+    json_path = tmp_path / "jj\udcfe.json"
+    assert main(["lab", "neuron", "--out", str(out), "--json", str(json_path), "--no-progress"]) == 0
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert NEURON_TITLE in report and "jj\ufffd.json" in report
+    assert "jj\ufffd.json" in json.loads(json_path.read_text())["provenance"]["command"]
+
+
+def test_a_file_that_cannot_be_written_whole_leaves_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from xentkit.lab.report import write_text_file
+
+    path = tmp_path / "report.html"
+    path.write_text("the old report")
+
+    def full_disk(source: object, target: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(path))}: No space left on device"):
+        write_text_file(path, "the new report")
+    assert path.read_text() == "the old report"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
+    monkeypatch.undo()
+    (tmp_path / "elsewhere").mkdir()
+    kept = tmp_path / "elsewhere" / "results.json"
+    kept.write_text("old")
+    (tmp_path / "link.json").symlink_to(kept)  # a link is written through, not replaced
+    write_text_file(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and kept.read_text() == "new"
+
+
+def test_results_that_divide_by_zero_are_left_out_of_the_report(tmp_path: Path) -> None:
+    (tmp_path / "mnist.json").write_text(json.dumps({
+        "experiment": "mnist", "runs": {"quadratic": {"test_accuracy": [0.5]}},
+        "test_size": 0, "train_size": 1, "dataset": "x",
+    }))  # fmt: skip
+    assert main(["lab", "neuron", "--out", str(tmp_path), "--no-progress"]) == 0
+    report = (tmp_path / "report.html").read_text()
+    assert "mnist.json is not results of xentkit lab mnist (ZeroDivisionError" in report
+    assert NEURON_TITLE in report
+
+
+def test_a_run_that_fails_or_is_interrupted_leaves_no_empty_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "new" / "out"
+    argv = ["lab", "neuron", "--out", str(out), "--json", str(tmp_path / "file" / "x.json"), "--no-progress"]
+    assert main(argv) == 2
+    _one_line_error(capsys, "--json:", "exists and is not a folder")
+    assert not (tmp_path / "new").exists()
+
+    from xentkit.lab import runner
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_neuron", interrupted)
+    assert main(["lab", "neuron", "--out", str(out), "--no-progress"]) == 130
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before the run stays
+    assert main(["lab", "neuron", "--out", str(tmp_path / "kept"), "--no-progress"]) == 130
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_a_diverging_run_says_so_without_numpy_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import warnings
+
+    argv = ["lab", "mnist", "--out", str(tmp_path), "--lr", "3e38", "--epochs", "2",
+            "--train-size", "600", "--test-size", "200", "--no-progress"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(argv) == 0
+    results = json.loads((tmp_path / "mnist.json").read_text())
+    diverged = [loss for loss, run in results["runs"].items() if None in run["train_loss"]]
+    assert diverged, results["runs"]
+    text = " ".join(capsys.readouterr().out.split())
+    report = " ".join(html.unescape((tmp_path / "report.html").read_text()).split())
+    for loss in diverged:
+        sentence = f"Under {loss} the training diverged at learning rate 3e+38"
+        assert sentence in text and sentence in report
+    assert "diverged" not in " ".join(
+        json.dumps(results["runs"][loss]) for loss in results["runs"] if loss not in diverged
+    )
+
+
+def test_a_setting_is_quoted_as_given_not_rounded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["lab", "mnist", "--out", str(tmp_path), "--lr", "0.2000001", "--losses", "quadratic,cross-entropy", *FAST]
+    assert main(argv) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "learning rate 0.2000001, 1 epoch" in text
+    assert "this run's learning rate 0.2000001 (the note's 0.2) differs" in text
+    assert "learning rate 0.2000001 (the note's 0.2)" in html.unescape((tmp_path / "report.html").read_text())
+
+
+@pytest.mark.parametrize(
+    ("mirror", "message"),
+    [
+        ("ftp://127.0.0.1:9/", "--mirror: an ftp:// URL with a port (9) is not supported"),
+        ("sftp://127.0.0.1/", "--mirror: expected a URL starting with one of https://, http://, ftp://, received"),
+        ("http://127.0.0.1:port/", "--mirror: 'http://127.0.0.1:port/' is not a URL"),
+    ],
+)
+def test_mirrors_the_download_cannot_use_are_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mirror: str, message: str
+) -> None:
+    assert main(["data", "download", "mnist", "--cache", str(tmp_path / "c"), "--mirror", mirror]) == 2
+    _one_line_error(capsys, message)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_folder_name_in_a_table_title_is_not_read_as_markup() -> None:
+    from rich.console import Console
+
+    from xentkit.lab.console import mnist_table
+
+    console = Console(record=True, width=100)
+    console.print(mnist_table("Test accuracy, data[red]x/ (600 train)", ["Iter", "quadratic"], [["0", "0.5"]]))
+    assert "data[red]x/" in console.export_text()

@@ -14,6 +14,8 @@ settings print one line to stderr and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import shlex
 import sys
@@ -340,17 +342,28 @@ def _settings(args: argparse.Namespace, dataset: Dataset) -> MnistSettings:
     return settings
 
 
-def _check_writable_folder(folder: Path, option: str) -> None:
+def _check_writable_folder(folder: Path, option: str, made: list[Path]) -> None:
     """``folder`` exists (made if needed) as a writable directory, or a ValueError naming
-    ``option``: checked before any training, so a bad path does not cost the whole run."""
+    ``option``: checked before any training, so a bad path does not cost the whole run. The
+    folders it makes are added to ``made``."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{option}: {folder} exists and is not a folder")
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"{option}: cannot make the folder {folder} ({error.strerror or error})") from None
+    made += missing
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{option}: the folder {folder} is not writable")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (made by this run) that are still empty, deepest first: a run
+    that fails or is interrupted before writing anything leaves no empty folder behind."""
+    for folder in sorted(set(folders), key=lambda path: len(path.parts), reverse=True):
+        with contextlib.suppress(OSError):  # a file was written there, or it is gone
+            folder.rmdir()
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
@@ -376,29 +389,25 @@ def _run(args: argparse.Namespace, command: str) -> int:
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
     require_plotting()  # the extras, the data and settings first: a failure leaves no folder
-    if args.experiment != "neuron":
+    if args.experiment == "neuron":
+        experiment = functools.partial(run_neuron, args.out)
+    else:
         dataset = _load(args)
         settings = _settings(args, dataset)
+        runner = run_mnist if args.experiment == "mnist" else run_all
         losses = args.losses or list(LOSS_NAMES)
-    _check_writable_folder(Path(args.out), "--out")  # before training, not after
-    if args.json is not None:
-        if Path(args.json).is_dir():
-            raise ValueError(f"--json: {args.json} is a folder, expected the path of a file")
-        _check_writable_folder(Path(args.json).parent, "--json")
-    output = Output(progress=not args.no_progress)
-    if args.experiment == "neuron":
-        run_neuron(args.out, json_path=args.json, output=output, command=command)
-        return 0
-    if args.experiment == "mnist":
-        run_mnist(
-            dataset, args.out, losses=losses, settings=settings, json_path=args.json,
-            output=output, command=command,
-        )  # fmt: skip
-    else:
-        run_all(
-            dataset, args.out, losses=losses, settings=settings, json_path=args.json,
-            output=output, command=command,
-        )  # fmt: skip
+        experiment = functools.partial(runner, dataset, args.out, losses=losses, settings=settings)
+    if args.json is not None and Path(args.json).is_dir():
+        raise ValueError(f"--json: {args.json} is a folder, expected the path of a file")
+    made: list[Path] = []
+    try:
+        _check_writable_folder(Path(args.out), "--out", made)  # before training, not after
+        if args.json is not None:
+            _check_writable_folder(Path(args.json).parent, "--json", made)
+        experiment(json_path=args.json, output=Output(progress=not args.no_progress), command=command)
+    except BaseException:
+        _remove_empty(made)
+        raise
     return 0
 
 

@@ -80,8 +80,10 @@ def mnist_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
 def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, show_edge=False)  # two columns more room on a narrow terminal
+    # the title as Text: a folder name such as data[red]x is a name, not a colour tag
+    table = Table(title=Text(title), show_edge=False)  # two columns more room on a narrow terminal
     for index, name in enumerate(header):
         # a narrow terminal folds a long header rather than cut it ("double-soft…")
         table.add_column(name, justify="left" if index == 0 else "right", overflow="fold")

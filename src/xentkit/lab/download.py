@@ -88,13 +88,18 @@ def download_dataset(
     scheme = base.split("://", 1)[0].lower() if "://" in base else ""
     source = "--mirror" if mirror is not None else f"${mirror_env_var(name)}"
     try:
-        urllib.parse.urlsplit(base)
-    except ValueError as error:  # (an unclosed IPv6 bracket, say)
+        port = urllib.parse.urlsplit(base).port
+    except ValueError as error:  # (an unclosed IPv6 bracket, a port that is no number, say)
         raise DatasetError(f"{source}: {base!r} is not a URL ({error})") from None
     if scheme not in _SCHEMES:
         raise DatasetError(
             f"{source}: expected a URL starting with one of {', '.join(s + '://' for s in _SCHEMES)}, "
             f"received {base!r}. {_offline_hint(name)}"
+        )
+    if scheme == "ftp" and port is not None:  # pooch would take "host:port" for the host's name
+        raise DatasetError(
+            f"{source}: an ftp:// URL with a port ({port}) is not supported by the download "
+            f"library, received {base!r}; use FTP's own port (leave it out) or an http(s):// mirror"
         )
     base = base if base.endswith("/") else base + "/"
     new_folders = [path for path in (folder, folder.parent) if not path.exists()]
@@ -140,8 +145,9 @@ def _fetch_all(
             ) from None
 
 
-# the URL schemes pooch downloads from (a local folder is --data DIR, not a mirror)
-_SCHEMES = ("https", "http", "ftp", "sftp")
+# the URL schemes pooch downloads from with the lab's extras (a local folder is --data DIR, not a
+# mirror; pooch's sftp:// needs paramiko, which the extras do not install)
+_SCHEMES = ("https", "http", "ftp")
 
 
 def _offline_hint(name: str) -> str:

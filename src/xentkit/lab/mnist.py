@@ -195,28 +195,29 @@ def train_softmax_regression(
     bias = np.zeros(NUM_CLASSES, dtype=dtype)
     onehot_train = np.eye(NUM_CLASSES, dtype=dtype)[dataset.y_train]
     rng = np.random.default_rng(settings.seed)
-    batches = dataset.train_size // settings.batch_size  # the note's n_batch: full batches only
     step = dtype.type(settings.learning_rate)
     run = MnistRun(loss=loss)
-    for epoch in range(settings.epochs):
-        order = rng.permutation(dataset.train_size)
-        losses = np.empty(batches)
-        for batch in range(batches):
-            rows = order[batch * settings.batch_size : (batch + 1) * settings.batch_size]
-            images = dataset.x_train[rows]
-            logits = images @ weights + bias
-            losses[batch], dlogits = loss_and_logit_grad(
-                loss, logits, dataset.y_train[rows], onehot_train[rows]
-            )
-            # logits = X W + b  ⇒  dW = Xᵀ dlogits, db = Σ_rows dlogits (dlogits already /batch).
-            weights -= step * (images.T @ dlogits).astype(dtype, copy=False)
-            bias -= step * dlogits.sum(axis=0, dtype=dtype)
-            if on_batch is not None:
-                on_batch()
-        run.train_loss.append(float(losses.mean()))
-        run.test_accuracy.append(accuracy(weights, bias, dataset.x_test, dataset.y_test))
-        if on_epoch is not None:
-            on_epoch(epoch, run.test_accuracy[-1])
+    batches = dataset.train_size // settings.batch_size  # the note's n_batch: full batches only
+    with np.errstate(over="ignore", invalid="ignore"):  # a run that diverges says so in its results
+        for epoch in range(settings.epochs):
+            order = rng.permutation(dataset.train_size)
+            losses = np.empty(batches)
+            for batch in range(batches):
+                rows = order[batch * settings.batch_size : (batch + 1) * settings.batch_size]
+                images = dataset.x_train[rows]
+                logits = images @ weights + bias
+                losses[batch], dlogits = loss_and_logit_grad(
+                    loss, logits, dataset.y_train[rows], onehot_train[rows]
+                )
+                # logits = X W + b  ⇒  dW = Xᵀ dlogits, db = Σ_rows dlogits (dlogits already /batch).
+                weights -= step * (images.T @ dlogits).astype(dtype, copy=False)
+                bias -= step * dlogits.sum(axis=0, dtype=dtype)
+                if on_batch is not None:
+                    on_batch()
+            run.train_loss.append(float(losses.mean()))
+            run.test_accuracy.append(accuracy(weights, bias, dataset.x_test, dataset.y_test))
+            if on_epoch is not None:
+                on_epoch(epoch, run.test_accuracy[-1])
     return run
 
 

@@ -15,6 +15,8 @@ import base64
 import datetime
 import html
 import json
+import math
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +46,9 @@ __all__ = [
     "plot_neuron",
     "provenance",
     "require_plotting",
+    "shortest",
     "write_report",
+    "write_text_file",
 ]
 
 #: The files each experiment leaves in the output folder, which the report is built from.
@@ -87,13 +91,48 @@ def _pyplot() -> Any:
 
 
 def provenance(command: str) -> dict[str, str]:
-    """Who made a result: ``{"xentkit": version, "date": local time, "command": command}``."""
+    """Who made a result: ``{"xentkit": version, "date": local time, "command": command}``.
+
+    An argument that was not UTF-8 reaches Python as lone surrogates, which no UTF-8 file can
+    hold: the command is recorded with each such byte as U+FFFD."""
     now = datetime.datetime.now().astimezone()
     return {
         "xentkit": __version__,
         "date": now.isoformat(sep=" ", timespec="seconds"),
-        "command": command,
+        "command": command.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
     }
+
+
+def shortest(value: float) -> str:
+    """``value`` in the fewest digits that give it back (0.2, 0.2000001, 3e+38; an int as it
+    is): a setting quoted in a sentence is the setting, not a rounding of it."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def write_text_file(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` as UTF-8, whole or not at all: into a temporary file beside it,
+    then renamed over it, so a full disk or an interrupted run leaves the old file as it was.
+    A link is written through (its target replaced), and a path that is there but is no regular
+    file (a device, a pipe) is written as it is, never renamed over. Creates the parent folder;
+    an OSError names the file."""
+    path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    direct = target.exists() and not target.is_file()
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if direct:
+            with open(target, "w", encoding="utf-8") as file:
+                file.write(text)
+            return path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target)
+    except OSError as error:  # (a full disk fails without naming the file)
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:  # (nothing left behind, whatever stopped it)
+        if not direct:
+            temporary.unlink(missing_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +307,8 @@ class MnistFindings:
         drops: per loss, every such drop.
         learning_rate: the learning rate of the runs.
         test_accuracy: per loss, the test accuracy after each epoch.
+        diverged: per loss whose training diverged, the first epoch (Iter) whose mean training
+            loss is not a finite number (null in the JSON).
     """
 
     epochs: int
@@ -279,6 +320,7 @@ class MnistFindings:
     drops: dict[str, tuple[AccuracyDrop, ...]]
     learning_rate: float
     test_accuracy: dict[str, tuple[float, ...]]
+    diverged: dict[str, int]
 
     def oscillates(self, loss: str) -> bool:
         """At least :data:`OSCILLATION_MIN_DROPS` drops."""
@@ -322,7 +364,19 @@ def mnist_findings(results: dict[str, Any]) -> MnistFindings:
         drops=drops,
         learning_rate=float(results.get("settings", {}).get("learning_rate", float("nan"))),
         test_accuracy={loss: tuple(accuracy) for loss, accuracy in runs.items()},
+        diverged=_diverged(results["runs"]),
     )
+
+
+def _diverged(runs: dict[str, Any]) -> dict[str, int]:
+    """Per run whose mean training loss stopped being a finite number, the first such epoch."""
+    found = {}
+    for loss, run in runs.items():
+        losses = run.get("train_loss") or [] if isinstance(run, dict) else []
+        first = next((k for k, value in enumerate(losses) if value is None or not math.isfinite(value)), None)
+        if first is not None:
+            found[loss] = first
+    return found
 
 
 def _join(words: Sequence[str]) -> str:
@@ -369,6 +423,12 @@ def _mnist_sentences(results: dict[str, Any], found: MnistFindings) -> str:
             )
     if found.epochs > 1:
         sentences += _drop_sentences(found)
+    sentences += [
+        f"Under {loss} the training diverged at learning rate {shortest(found.learning_rate)}: its "
+        f"mean training loss is not a finite number from Iter {epoch} on, so its accuracy from "
+        "there measures overflowed weights (a smaller --lr avoids it)."
+        for loss, epoch in found.diverged.items()
+    ]
     if "cross-entropy" in losses and len(losses) > 1 and leaders(found.first) == ["cross-entropy"]:
         others = []
         if "quadratic" in losses:
@@ -389,7 +449,7 @@ def _mnist_sentences(results: dict[str, Any], found: MnistFindings) -> str:
         when = "end at" if epochs >= note_epochs else f"reach, after the same {epochs} of their {note_epochs} epochs,"
         settings, note = results["settings"], MnistSettings()  # the defaults are the note's
         differ = [
-            f"{name} {settings[key]:g} (the note's {getattr(note, key):g})"
+            f"{name} {shortest(settings[key])} (the note's {shortest(getattr(note, key))})"
             for key, name in (("learning_rate", "learning rate"), ("batch_size", "batch size"))
             if settings[key] != getattr(note, key)
         ]
@@ -417,7 +477,7 @@ def _drop_sentences(found: MnistFindings) -> list[str]:
             start = drops[0].epoch - 1
             swing = found.test_accuracy[loss][start:]
             sentences.append(
-                f"Under {loss} the test accuracy oscillates at learning rate {found.learning_rate:g}: "
+                f"Under {loss} the test accuracy oscillates at learning rate {shortest(found.learning_rate)}: "
                 f"it falls by more than {threshold} from one epoch to the next {len(drops)} "
                 f"times, swinging between {min(swing):.4f} and {max(swing):.4f} from Iter "
                 f"{start} on."
@@ -434,7 +494,7 @@ def _drop_sentences(found: MnistFindings) -> list[str]:
     if steady and len(steady) == len(found.drops):
         sentences.append(
             f"No loss's test accuracy falls by more than {threshold} from one epoch to the next: "
-            f"none oscillates at learning rate {found.learning_rate:g}."
+            f"none oscillates at learning rate {shortest(found.learning_rate)}."
         )
     elif steady:
         sentences.append(
@@ -645,7 +705,9 @@ def write_report(out_dir: str | Path, *, command: str | None = None) -> Path:
         try:
             sections.append(section(_load(path, experiment), plot if plot.is_file() else None))
             found.append(name)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as error:
+        except (
+            ValueError, KeyError, TypeError, IndexError, AttributeError, ArithmeticError, struct.error
+        ) as error:  # fmt: skip
             problems.append(
                 f"{name} is not results of xentkit lab {experiment} ({type(error).__name__}: "
                 f"{error}); left out."
@@ -662,6 +724,4 @@ def write_report(out_dir: str | Path, *, command: str | None = None) -> Path:
         f"<title>xentkit lab</title><style>{_STYLE}</style></head><body>"
         f"<h1>xentkit lab</h1>\n{header}\n{notes}" + "\n".join(sections) + "\n</body></html>\n"
     )
-    path = out_dir / REPORT_HTML
-    path.write_text(document, encoding="utf-8")
-    return path
+    return write_text_file(out_dir / REPORT_HTML, document)

@@ -39,7 +39,9 @@ from xentkit.lab.report import (
     plot_neuron,
     provenance,
     require_plotting,
+    shortest,
     write_report,
+    write_text_file,
 )
 
 __all__ = ["run_all", "run_mnist", "run_neuron", "write_json"]
@@ -60,13 +62,7 @@ def _json_safe(value: Any) -> Any:
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     """Write ``data`` as indented JSON, creating the parent folder; a NaN or infinite number is
     written as null."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    except OSError as error:  # (a full disk fails without naming the file)
-        raise OSError(f"cannot write {path}: {error.strerror or error}") from None
-    return path
+    return write_text_file(path, json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n")
 
 
 def _command(command: str | None, function: str) -> str:
@@ -98,7 +94,7 @@ def _mnist(
     output.line(f"{dataset.description}.")
     output.line(
         f"Softmax regression 784 → 10, zero init, batch {settings.batch_size}, learning rate "
-        f"{settings.learning_rate:g}, {settings.epochs} epoch{'s' if settings.epochs != 1 else ''}, shuffle seed {settings.seed}"
+        f"{shortest(settings.learning_rate)}, {settings.epochs} epoch{'s' if settings.epochs != 1 else ''}, shuffle seed {settings.seed}"
     )
     runs = []
     batches = settings.epochs * (dataset.train_size // settings.batch_size)
