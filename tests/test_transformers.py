@@ -334,10 +334,93 @@ def test_models_it_cannot_handle_raise_naming_the_class() -> None:
 
 def test_a_model_that_changes_its_logits_is_caught_at_the_first_step() -> None:
     patched = patch(tiny_model("LlamaForCausalLM"))
-    patched.lm_head.register_forward_hook(lambda m, a, out: out * 2.0)  # a later change of the logits
+    forward = patched.forward
+
+    def scaled(*args, **kwargs):  # a later version's forward that scales the logits
+        output = forward(*args, **kwargs)
+        output.logits = output.logits * 2.0
+        return output
+
+    patched.forward = scaled
     with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's forward changed lm_head's output"):
         patched(**batch())
     assert patched(**{k: v for k, v in batch().items() if k != "labels"}).logits is not None  # no leftover
+
+
+def _halve(module, args, output):
+    return output * 0.5
+
+
+def _halve_in_place(module, args, output):
+    output.mul_(0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "register", "before_patch"),
+    [
+        ("LlamaForCausalLM", lambda head: head.register_forward_hook(_halve), True),
+        ("LlamaForCausalLM", lambda head: head.register_forward_hook(_halve_in_place), False),
+        ("LlamaForCausalLM", lambda head: head.register_forward_hook(_halve, prepend=True), False),
+        ("Gemma2ForCausalLM", lambda head: head.register_forward_hook(_halve), False),
+    ],
+)
+def test_a_hook_that_changes_lm_heads_output_is_refused_not_bypassed(name, register, before_patch) -> None:
+    """A review found each of these gave another loss than the unpatched model, silently: under
+    the patch lm_head runs on zero positions, so a hook on it sees none of the logits."""
+    model = tiny_model(name)
+    handle = register(model.lm_head) if before_patch else None
+    patch(model)
+    handle = handle or register(model.lm_head)
+    with pytest.raises(RuntimeError, match=rf"^{name}'s lm_head has a forward hook that changes its output \(_halve"):
+        model(**batch())
+    assert model(**{k: v for k, v in batch().items() if k != "labels"}).logits is not None  # logits requests run
+    handle.remove()
+    assert_same_training(tiny_model(name), model, **batch())
+
+
+@pytest.mark.parametrize("before_patch", [True, False])
+def test_a_pre_hook_on_lm_head_reaches_the_loss(before_patch: bool) -> None:
+    """lm_head's input as its pre-hooks hand it on is what the loss is computed from, whenever
+    they were registered (one registered after the patch was bypassed before)."""
+    def scaled(module, args):
+        return (args[0] * 1.5,)
+
+    reference = tiny_model("LlamaForCausalLM")
+    reference.lm_head.register_forward_pre_hook(scaled)
+    model = tiny_model("LlamaForCausalLM")
+    if before_patch:
+        model.lm_head.register_forward_pre_hook(scaled)
+    patch(model)
+    if not before_patch:
+        model.lm_head.register_forward_pre_hook(scaled)
+    assert_same_training(reference, model, **batch())
+
+
+def test_a_model_pre_hook_sees_the_labels_or_is_refused() -> None:
+    def shifted_labels(module, args, kwargs):  # a hook that edits the labels of the call
+        labels = kwargs["labels"].clone()
+        labels[:, :4] = -100
+        return args, {**kwargs, "labels": labels}
+
+    reference = tiny_model("LlamaForCausalLM")
+    reference.register_forward_pre_hook(shifted_labels, with_kwargs=True)
+    before = tiny_model("LlamaForCausalLM")
+    before.register_forward_pre_hook(shifted_labels, with_kwargs=True)
+    assert_same_training(reference, patch(before), **batch())  # registered before: it runs first
+
+    after = patch(tiny_model("LlamaForCausalLM"))
+    after.register_forward_pre_hook(shifted_labels, with_kwargs=True)
+    with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM has a forward pre-hook registered after xentkit patched it \(.*shifted_labels\)"):
+        after(**batch())
+    assert_same_training(reference, patch(unpatch(after)), **batch())  # patched again: the hook first
+
+
+def test_an_offloaded_head_is_refused_clearly() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = patch(tiny_model("LlamaForCausalLM"))
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's lm_head\.weight is on the meta device"):
+        model(**batch())
 
 
 def test_changes_after_the_patch_are_followed_or_refused() -> None:

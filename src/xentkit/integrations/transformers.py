@@ -19,6 +19,9 @@ How, with hooks only (the model's ``forward``, parameters and ``state_dict`` sta
    with ``loss`` set and ``logits=None``, after checking that the model did to the logits exactly
    what this module reproduces (nothing, or Gemma's softcapping).
 
+Hooks the user put on the model or on ``lm_head`` are run or refused, never bypassed in silence
+(``_Patch._check_hooks``).
+
 The loss is ``ForCausalLMLoss``'s (transformers' ``loss/loss_utils.py``): labels shifted one token
 left and padded with ``ignore_index`` (-100 unless the call passes ``ignore_index``), or the
 call's ``shift_labels`` as they are; the mean over the non-ignored tokens, or, when
@@ -86,7 +89,9 @@ class _Call:
     ignore_index: int
     return_tuple: bool
     loss: Tensor | None = None
-    head_output: Tensor | None = None
+    head_output: Tensor | None = None  # lm_head's output as the model receives it
+    raw_output: Tensor | None = None  # lm_head's output before any other forward hook
+    raw_version: int = 0
     head_calls: int = 0
 
 
@@ -107,8 +112,10 @@ class _Patch:
         parameters = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
         self.positions = {name: parameters.index(name) for name in ("labels", "return_dict") if name in parameters}
         self.call: _Call | None = None
+        # the pre-hook last (it must see the labels every other pre-hook hands on, and is checked to
+        # stay last), the output hook first (later hooks see the patched output)
         self.handles = [
-            model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True, prepend=True),
+            model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
             model.register_forward_hook(self._model_hook, with_kwargs=True, always_call=True, prepend=True),
         ]
         self.head_handles = self._hook_head(head)
@@ -139,7 +146,13 @@ class _Patch:
         return self._head()
 
     def _hook_head(self, head: nn.Module) -> list[Any]:
-        return [head.register_forward_pre_hook(self._head_pre_hook), head.register_forward_hook(self._head_hook)]
+        """The head's three hooks: the loss (a pre-hook), lm_head's own output (the first forward
+        hook) and what the model receives (the last); :meth:`_check_hooks` keeps them there."""
+        return [
+            head.register_forward_pre_hook(self._head_pre_hook),
+            head.register_forward_hook(self._head_raw_hook, prepend=True),
+            head.register_forward_hook(self._head_hook),
+        ]
 
     def remove(self) -> None:
         for handle in self.handles + self.head_handles:
@@ -183,12 +196,39 @@ class _Patch:
             return (*args[:position], value, *args[position + 1 :]), kwargs
         return args, {**kwargs, name: value}
 
+    def _check_hooks(self, model: nn.Module, head: nn.Module) -> None:
+        """Hooks that would change the loss are seen to, never bypassed in silence.
+
+        - A forward pre-hook on the model that runs after the patch's (registered later) would
+          not see the labels: refused.
+        - On ``lm_head``, the patch's pre-hook is moved after every other pre-hook (it computes
+          the loss from the input they hand on, as lm_head would receive it), its first forward
+          hook before every other and its last after: a hook that changes lm_head's output (a new
+          tensor, or the same written in place) makes the step raise, since under the patch
+          lm_head runs on zero positions and no hook sees the logits the loss is computed from.
+          Hooks that only read the output run (on zero positions).
+        """
+        later = list(model._forward_pre_hooks.values())
+        later = later[list(model._forward_pre_hooks).index(self.handles[0].id) + 1 :]
+        if later:
+            raise RuntimeError(
+                f"{self.name} has a forward pre-hook registered after xentkit patched it "
+                f"({_hook_names(later)}), which would run after the patch took the labels out of "
+                "the call: register it before patch(), or unpatch the model "
+                "(xentkit.integrations.transformers.unpatch) and patch it again"
+            )
+        loss_hook, raw_hook, final_hook = (handle.id for handle in self.head_handles)
+        head._forward_pre_hooks.move_to_end(loss_hook)
+        head._forward_hooks.move_to_end(final_hook)
+        head._forward_hooks.move_to_end(raw_hook, last=False)
+
     # 1. model pre-hook: take the labels out, so the model skips its own loss
     def _model_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         labels = self._argument("labels", args, kwargs)
         if labels is None or not torch.is_grad_enabled():
             return None  # a logits request (generation, evaluation): unchanged
         self._follow_model()
+        self._check_hooks(model, self.head)
         return_dict = self._argument("return_dict", args, kwargs)
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
@@ -219,9 +259,23 @@ class _Patch:
         call.loss = self._loss(head, hidden, call)
         return (hidden.narrow(-2, 0, 0),)
 
-    def _head_hook(self, head: nn.Module, args: tuple, output: Tensor) -> None:
+    def _head_raw_hook(self, head: nn.Module, args: tuple, output: Tensor) -> None:
         if self.call is not None:
-            self.call.head_output = output
+            self.call.raw_output, self.call.raw_version = output, output._version
+
+    def _head_hook(self, head: nn.Module, args: tuple, output: Tensor) -> None:
+        call = self.call
+        if call is None:
+            return
+        if output is not call.raw_output or output._version != call.raw_version:
+            raise RuntimeError(
+                f"{self.name}'s lm_head has a forward hook that changes its output "
+                f"({_hook_names(list(head._forward_hooks.values())[1:-1])}); under the patch "
+                "lm_head runs on zero positions, so the hook would change none of the logits the "
+                "loss is computed from: remove it, or unpatch the model "
+                "(xentkit.integrations.transformers.unpatch)"
+            )
+        call.head_output = output
 
     # 3. model hook: the model's own output class, with the loss and without logits
     def _model_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -258,6 +312,13 @@ class _Patch:
                 f"{tuple(shift_labels.shape)}) but lm_head received {rows.shape[0]} positions "
                 f"(hidden states of shape {tuple(hidden.shape)}); with logits_to_keep, pass "
                 "shift_labels for the kept positions"
+            )
+        if head.weight.is_meta:
+            raise RuntimeError(
+                f"{self.name}'s lm_head.weight is on the meta device when lm_head is called: an "
+                "offloaded model (accelerate's cpu_offload, a device_map with offload) loads it "
+                "inside lm_head's forward, after the patch has read it; such models are not "
+                "supported: unpatch the model (xentkit.integrations.transformers.unpatch)"
             )
         softcap = self.model.config.final_logit_softcapping if self.rule == _SOFTCAP else None
         summed = call.num_items_in_batch is not None
@@ -381,6 +442,8 @@ def token_log_probs(
 
     ``model``: a class of :data:`SUPPORTED_MODELS` that does not soft-cap its logits (Gemma 2 and
     3 with ``final_logit_softcapping`` raise ``ValueError``); the model need not be patched.
+    ``chunk_size``: rows per chunk, passed to :func:`~xentkit.torch.linear_log_probs` (default:
+    its choice, by the device and the logits' size).
     """
     name, rule, head = _check_model(model)
     softcap = getattr(model.config, "final_logit_softcapping", None) if rule == _SOFTCAP else None
@@ -421,6 +484,10 @@ def unpatch(model: ModelT) -> ModelT:
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` applies to ``model`` now."""
     return isinstance(getattr(model, _ATTRIBUTE, None), _Patch)
+
+
+def _hook_names(hooks: list[Any]) -> str:
+    return ", ".join(getattr(hook, "__qualname__", type(hook).__name__) for hook in hooks)
 
 
 def _same_or_cast(logits: object, head_output: Tensor | None) -> bool:
