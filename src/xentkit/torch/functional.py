@@ -4,10 +4,12 @@
 How it works: an ``autograd.Function`` views the (contiguous, detached) CPU tensors as NumPy arrays
 without copying and calls ``xentkit.cross_entropy_and_grad`` (and siblings), which computes the
 loss and ∂loss/∂logits in one fused pass. The gradient is kept for backward, which only scales it
-by the upstream gradient. The input's memory is never written to, so autograd's version counters
-stay truthful (unlike an in-place gradient that autograd cannot see, a known bug of fused kernels
-elsewhere). Everything the NumPy api does not cover runs on plain torch ops instead: CUDA and other
-devices, bfloat16, functorch transforms and ``torch.compile``, and gradients with respect to a
+by the upstream gradient. The input's memory is not written to (unless ``inplace_backward=True``
+asks for the gradient over the logits, a write autograd's version counter records), so autograd's
+version counters stay truthful (unlike an in-place gradient that autograd cannot see, a known bug
+of fused kernels elsewhere). CUDA tensors run xentkit's Triton kernels (``xentkit.triton``).
+Everything else the NumPy api does not cover runs on plain torch ops instead: other devices,
+bfloat16 on the CPU, functorch transforms and ``torch.compile`` on the CPU, and gradients with respect to a
 probability target or, with probability targets, a class weight (with class indices torch cannot
 differentiate the weight and raises; so does this module). Small CPU problems of
 ``cross_entropy`` and ``nll_loss`` (up to ``SMALL_MAX_LOGITS`` logits) run torch's own kernel

@@ -243,7 +243,8 @@ def linear_cross_entropy(
     with dz the logits' gradient.
 
     Rows are processed ``chunk_size`` at a time (default: chunk logits at most 1/16 of the full
-    logits and at most 32 MiB); the fused kernel turns each chunk's logits into their gradient in
+    logits and at most 32 MiB on the CPU; on CUDA the largest power of two of rows whose logits
+    fit in 512 MiB); the fused kernel turns each chunk's logits into their gradient in
     place, which three matmuls per chunk turn into the input, weight and bias gradients. For
     "mean" and "sum" every gradient is computed in the forward pass (when one is needed) and the
     backward only scales it; it is then handed over to autograd, so a second backward needs

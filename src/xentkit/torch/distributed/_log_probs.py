@@ -68,7 +68,7 @@ class _LogProbPlan:
     communicator: _Communicator
     agreement: _Agreement
     options: LogProbOptions
-    rows: type  # the row backend: NumbaRows or TorchRows
+    rows: type  # the row backend: NumbaRows, TritonRows or TorchRows
     valid: Tensor  # (N,) bool: not ignored
     labels: Tensor  # (N,) int64: target − start_r (outside [0, V_r): another shard's), −1 if ignored
     chunk_rows: int
@@ -248,8 +248,9 @@ def vocab_parallel_linear_log_probs(
         return_entropy, return_lse: also return H and lse, in that order after the log-probs.
         chunk_size: rows per chunk (the same on every rank), or None for the default.
         group, vocab_start, stats: as :func:`vocab_parallel_cross_entropy`.
-        backend: "auto" (CPU float32/float64: xentkit's Numba kernels; otherwise torch ops, in
-            float32 for float16/bfloat16) or "torch".
+        backend: "auto" (CPU float32/float64: xentkit's Numba kernels; CUDA: xentkit's Triton
+            kernels; otherwise torch ops, in float32 for float16/bfloat16), "triton" (CUDA, or
+            CPU tensors under Triton's interpreter; otherwise a ValueError) or "torch".
 
     Returns:
         ``log_probs``, or ``(log_probs, entropy)``, ``(log_probs, lse)``,
