@@ -697,3 +697,95 @@ def test_probabilities_and_smoothing_keep_float32_accuracy_far_from_zero():
         )
         got = xt.cross_entropy(logits.to(DEVICE), target.to(DEVICE), reduction="none", backend="triton", **options)
         np.testing.assert_allclose(got.double().cpu().numpy(), want.numpy(), rtol=4e-7, err_msg=str(options))
+
+
+def test_torch_func_and_forward_ad_take_torch_ops_not_the_kernels(monkeypatch):
+    """The Triton path's autograd Functions have no vmap or jvp: under torch.func transforms and
+    forward-mode AD "auto" runs torch ops (as on the CPU), "triton" says it cannot (before, both
+    raised torch's functorch error on CUDA tensors)."""
+    from xentkit.torch import _triton_path, functional
+
+    monkeypatch.setattr(functional, "SMALL_MAX_LOGITS", 0)
+    if DEVICE == "cpu":  # what "auto" sees for a CUDA tensor
+        monkeypatch.setattr(_triton_path, "_is_cuda", lambda tensor: True)
+    x = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    y = torch.tensor([0, 1, 2, 3]).to(DEVICE)
+    w, h = torch.randn(30, 8).to(DEVICE), torch.randn(4, 8).to(DEVICE)
+    F = torch.nn.functional
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: it does not run under torch\.func"):
+        torch.func.grad(lambda x: xt.cross_entropy(x, y, backend="triton"))(x)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: it does not run under torch\.func"):
+        torch.func.grad(lambda h: xt.linear_cross_entropy(h, w, y, backend="triton"))(h)
+    torch.testing.assert_close(
+        torch.func.grad(lambda x: xt.cross_entropy(x, y, label_smoothing=0.1))(x),
+        torch.func.grad(lambda x: F.cross_entropy(x, y, label_smoothing=0.1))(x),
+    )
+    torch.testing.assert_close(
+        torch.vmap(xt.cross_entropy)(x.reshape(2, 2, 30), y.reshape(2, 2)),
+        torch.vmap(F.cross_entropy)(x.reshape(2, 2, 30), y.reshape(2, 2)),
+    )
+    torch.testing.assert_close(
+        torch.func.grad(lambda h: xt.linear_cross_entropy(h, w, y))(h),
+        torch.func.grad(lambda h: F.cross_entropy(h @ w.T, y))(h),
+    )
+    import torch.autograd.forward_ad as forward_ad
+
+    tangent = torch.randn(4, 30, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with forward_ad.dual_level():
+        got = forward_ad.unpack_dual(xt.cross_entropy(forward_ad.make_dual(x, tangent), y)).tangent
+        expected = forward_ad.unpack_dual(F.cross_entropy(forward_ad.make_dual(x, tangent), y)).tangent
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_path_is_bit_identical_run_to_run(dtype):
+    """Same inputs, same bits: loss and gradients of cross_entropy and linear_cross_entropy on the
+    Triton path (no atomics; on a GPU this is the check that matters)."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(37, 300, generator=generator).to(dtype).to(DEVICE)
+    labels = torch.randint(0, 300, (37,), generator=generator).to(DEVICE)
+    weight = (torch.rand(300, generator=generator) + 0.5).to(DEVICE)
+    hidden = torch.randn(37, 16, generator=generator).to(dtype).to(DEVICE)
+    head = (torch.randn(300, 16, generator=generator) * 0.3).to(dtype).to(DEVICE)
+
+    def run():
+        x, h, w = (t.clone().requires_grad_() for t in (logits, hidden, head))
+        loss = xt.cross_entropy(x, labels, weight, label_smoothing=0.1, z_loss=1e-3, backend="triton")
+        fused = xt.linear_cross_entropy(h, w, labels, weight=weight, chunk_size=16, backend="triton")
+        (loss + fused).backward()
+        return loss, fused, x.grad, h.grad, w.grad
+
+    for first, second in zip(run(), run(), strict=True):
+        assert torch.equal(first, second)
+
+
+# Runs in a child (a read out of bounds may crash the process rather than fail a test).
+FAR_LABELS = r'''
+import sys
+import torch
+import xentkit.torch as xt
+device = sys.argv[1]
+logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+for label in (2**40, -2**40, 7):
+    labels = torch.tensor([0, label, 2], device=device)
+    for weight in (None, torch.rand(7).to(device)):
+        loss = xt.cross_entropy(logits, labels, weight, backend="triton", check_labels=False, reduction="none")
+        loss.sum().backward()
+        assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all(), loss
+        logits.grad = None
+print("ok")
+'''
+
+
+def test_an_unchecked_far_label_reads_nothing_out_of_bounds():
+    """With check_labels=False a bad label makes its row's loss NaN, and the kernels read nothing
+    outside the logits or the class weights, however far the label is (a review found the
+    label-guard could be removed with every other test passing: labels C and -3 read adjacent
+    memory without a crash)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"TRITON_INTERPRET": "1"} if DEVICE == "cpu" else dict(os.environ)
+    done = subprocess.run([sys.executable, "-c", FAR_LABELS, DEVICE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-3000:])

@@ -59,11 +59,12 @@ def _is_cuda(input: Tensor) -> bool:
     return input.device.type == "cuda"
 
 
-def tensor_reason(input: Tensor, *, compiled: bool = False) -> str | None:
-    """Why no Triton kernel can run on ``input`` (its dtype, its device, torch.compile, a missing
-    triton package), or None when one can. Shared by every Triton path of ``xentkit.torch``;
-    ``compiled``: whether the caller has a path for torch.compile (custom ops; only
-    ``cross_entropy`` so far)."""
+def tensor_reason(input: Tensor, *others: Tensor | None, compiled: bool = False) -> str | None:
+    """Why no Triton kernel can run on ``input`` (its dtype, its device, torch.compile, a
+    torch.func transform or forward-mode AD, a missing triton package), or None when one can.
+    Shared by every Triton path of ``xentkit.torch``; ``others``: the call's other tensors (a
+    forward-mode tangent on any of them counts); ``compiled``: whether the caller has a path for
+    torch.compile (custom ops)."""
     if input.dtype not in TRITON_DTYPES:
         return f"it takes float32, float16 and bfloat16 logits, got {input.dtype}"
     if input.device.type != "cuda" and not (input.device.type == "cpu" and _interpreted()):
@@ -76,16 +77,19 @@ def tensor_reason(input: Tensor, *, compiled: bool = False) -> str | None:
             return "it does not run under torch.compile"
         if not _TRITON_FOUND:
             return "the triton package is not installed (pip install 'xentkit[triton]')"
+    elif _bridge.transforms_running(input, *others):  # (its autograd Functions have no vmap or jvp)
+        return "it does not run under torch.func transforms (vmap, grad, jacrev) or forward-mode AD"
     elif not _triton_importable():
         return "the triton package is not installed (pip install 'xentkit[triton]')"
     return None
 
 
 def triton_reason(
-    input: Tensor, target: Tensor, weight: Tensor | None, *, compiled: bool = False
+    input: Tensor, target: Tensor, weight: Tensor | None, *others: Tensor | None, compiled: bool = False
 ) -> str | None:
     """Why the Triton cross-entropy (``cross_entropy`` or the linear form) cannot run this call,
-    or None when it can; ``compiled``: as for :func:`tensor_reason`."""
+    or None when it can; ``others`` (the linear form's weight and bias) and ``compiled``: as for
+    :func:`tensor_reason`."""
     if torch.is_floating_point(target) and target.dtype not in PROBABILITY_DTYPES:
         return f"it reads float16, bfloat16, float32 and float64 probability targets, got {target.dtype}"
     # a kernel would read another device's memory (torch ops then raise torch's own error)
@@ -94,7 +98,7 @@ def triton_reason(
             return f"the {name} is on {tensor.device} but the logits are on {input.device}"
     if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         return "it differentiates with respect to the logits only (target or weight requires grad)"
-    return tensor_reason(input, compiled=compiled)
+    return tensor_reason(input, target, weight, *others, compiled=compiled)
 
 
 def takes_triton(backend: str, on_cuda: bool, reason: Callable[[], str | None]) -> bool:
