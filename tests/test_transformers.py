@@ -571,3 +571,45 @@ def test_a_dropped_patched_model_is_freed_without_the_cyclic_collector() -> None
     finally:
         if enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("patch_first", [True, False])
+def test_a_peft_lora_model_trains_patched(patch_first: bool) -> None:
+    """PEFT (LoRA) wraps the model; its wrappers call the base model as a module, so the patch's
+    hooks run: the same loss and gradients as the unpatched PEFT model, without the logits.
+    ``patch`` takes the PEFT model itself too (it patches the base model)."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+        init_lora_weights=False,  # random B: the adapters change the loss
+    )
+
+    def wrapped(model):
+        torch.manual_seed(7)  # the same adapters for both
+        return peft.get_peft_model(model, config)
+
+    reference = wrapped(tiny_model("LlamaForCausalLM"))
+    if patch_first:
+        model = wrapped(patch(tiny_model("LlamaForCausalLM")))
+    else:
+        model = wrapped(tiny_model("LlamaForCausalLM"))
+        assert patch(model) is model
+    assert is_patched(model) and is_patched(model.get_base_model())
+    inputs = batch()
+    output = model(**inputs)
+    assert output.logits is None
+
+    def adapters_step(model):
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    (expected_loss, expected), (loss, gradients) = adapters_step(reference), adapters_step(model)
+    torch.testing.assert_close(loss, expected_loss, **TOLERANCE[torch.float32])
+    assert gradients.keys() == expected.keys() and all("lora_" in name for name in gradients)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected[name], **TOLERANCE[torch.float32])
+    assert any(g.abs().max() > 1e-3 for g in expected.values())
+    assert unpatch(model) is model and not is_patched(model)
+    assert model(**inputs).logits is not None

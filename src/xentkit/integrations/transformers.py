@@ -356,12 +356,17 @@ def patch(model: ModelT) -> ModelT:
     ``torch.no_grad()`` (the ``Trainer``'s evaluation), the model runs exactly as unpatched and
     returns its logits. :func:`unpatch` undoes the patch.
 
+    A PEFT model (``peft.get_peft_model``, LoRA and the like) may be given: its base model is
+    patched (so may the model be patched before it is wrapped). Tested with PEFT 0.21, whose
+    wrappers call the base model as a module, so that its hooks run.
+
     Raises ``TypeError`` when ``model`` is not a transformers model, ``ValueError`` naming the
     class when it is one this function cannot reproduce the loss of (another architecture,
     another loss, a quantized or wrapped ``lm_head``).
     """
+    wrapper, model = model, _base_model(model)
     if is_patched(model):
-        return model
+        return wrapper
     name, rule, head = _check_model(model)
     from transformers.loss.loss_utils import LOSS_MAPPING
 
@@ -372,6 +377,16 @@ def patch(model: ModelT) -> ModelT:
             f"{getattr(model.loss_function, '__name__', model.loss_function)!r}"
         )
     setattr(model, _ATTRIBUTE, _Patch(model, head, rule, loss))
+    return wrapper
+
+
+def _base_model(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (its ``get_base_model()``), else ``model``."""
+    get_base_model = getattr(type(model), "get_base_model", None)  # (PEFT forwards attributes)
+    if callable(get_base_model) and isinstance(model, nn.Module):
+        inner = model.get_base_model()
+        if isinstance(inner, nn.Module) and inner is not model:
+            return inner
     return model
 
 
@@ -473,17 +488,18 @@ def token_log_probs(
 
 def unpatch(model: ModelT) -> ModelT:
     """Undo :func:`patch`: remove its hooks, so ``model`` builds its logits again. Returns ``model``;
-    a model that is not patched is returned unchanged."""
-    patched: _Patch | None = getattr(model, _ATTRIBUTE, None)
+    a model that is not patched is returned unchanged (a PEFT model: its base model unpatched)."""
+    base = _base_model(model)
+    patched: _Patch | None = vars(base).get(_ATTRIBUTE)
     if patched is not None:
         patched.remove()
-        delattr(model, _ATTRIBUTE)
+        delattr(base, _ATTRIBUTE)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` applies to ``model`` now."""
-    return isinstance(getattr(model, _ATTRIBUTE, None), _Patch)
+    """Whether :func:`patch` applies to ``model`` now (a PEFT model: to its base model)."""
+    return isinstance(vars(_base_model(model)).get(_ATTRIBUTE), _Patch)
 
 
 def _hook_names(hooks: list[Any]) -> str:
