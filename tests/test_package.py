@@ -58,3 +58,29 @@ def test_every_public_function_has_a_docstring_with_an_example(name):
     assert obj.__doc__, f"{name} has no docstring"
     if callable(obj) and not isinstance(obj, type) and name not in ("reference_enabled",):
         assert ">>>" in obj.__doc__, f"{name}'s docstring has no example"
+
+
+def test_scalar_results_are_0d_arrays_as_the_contract_says():
+    """docs/CONTRACTS.md: a reduced result is a 0-d np.ndarray (assignable, .shape == ()), not a
+    NumPy scalar; perplexity and log_sigmoid of a scalar gave np.float64."""
+    import numpy as np
+
+    logits = np.array([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], np.float32)
+    for result in (xentkit.perplexity(logits, [0, 2]), xentkit.log_sigmoid(np.float32(0.5)), xentkit.sigmoid(0.5)):
+        assert type(result) is np.ndarray and result.shape == (), type(result)
+    assert xentkit.perplexity(logits, [0, 2]).dtype == np.float32
+    with pytest.raises(TypeError, match=r"perplexity always averages \(reduction='mean'\); got reduction='sum'"):
+        xentkit.perplexity(logits, [0, 2], reduction="sum")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ignore_idx"):  # a misspelt option is no silent no-op
+        xentkit.perplexity(logits, [0, 2], ignore_idx=1)  # type: ignore[call-arg]
+
+
+def test_the_modules_repr_shows_every_setting():
+    torch = pytest.importorskip("torch")
+    import xentkit.torch as xt
+
+    assert "check_probabilities=False" in repr(xt.CrossEntropyLoss(check_probabilities=False))
+    assert repr(xt.NLLLoss(ignore_index=-1, reduction="sum")) == (
+        "NLLLoss(reduction='sum', ignore_index=-1, check_labels=True)"
+    )
+    assert isinstance(xt.NLLLoss(), torch.nn.NLLLoss)

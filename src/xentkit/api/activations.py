@@ -94,7 +94,7 @@ def log_sigmoid(x: ArrayLike) -> np.ndarray:
     array([-20.    ,  -0.6931,  -0.1269])
     """
     array, dtype = _prepare(x, "x")
-    return reference.log_sigmoid(array).astype(dtype, copy=False)
+    return np.asarray(reference.log_sigmoid(array)).astype(dtype, copy=False)  # (0-d: an array)
 
 
 def _backward_inputs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -255,7 +256,7 @@ def cross_entropy(
     r"""Softmax cross-entropy of raw ``logits`` against class indices or class probabilities.
 
     Per sample, with ``z`` the logits along ``axis``, ``log p = z − logsumexp(z)``, class weights
-    ``w`` (ones by default), ``ε = label_smoothing`` and ``C`` classes::
+    ``w`` (``weight``, shape ``[classes]``; ones by default), ``ε = label_smoothing`` and ``C`` classes::
 
         class index y:        loss = (1 − ε)·w_y·(−log p_y) + (ε/C)·Σ_c w_c·(−log p_c)
         probabilities q:      loss = −Σ_c w_c·((1 − ε)·q_c + ε/C)·log p_c
@@ -347,19 +348,36 @@ def cross_entropy_and_grad(
     return loss, grad
 
 
-def perplexity(logits: ArrayLike, target: ArrayLike, **cross_entropy_kwargs: object) -> np.ndarray:
+def perplexity(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: Literal["mean"] = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    check_probabilities: bool = True,
+) -> np.ndarray:
     r"""Perplexity ``exp(mean cross-entropy)``: a language model's test-set measure (note 003).
 
-    Takes the arguments of :func:`cross_entropy` except ``reduction``, which is always "mean"
-    (over non-ignored tokens, weighted as cross-entropy's mean). Uniform logits over ``C``
-    classes give perplexity ``C``.
+    Takes the arguments of :func:`cross_entropy`; ``reduction`` is always "mean" (over
+    non-ignored tokens, weighted as cross-entropy's mean; another value is a ``TypeError``).
+    Returns a 0-d array of the logits' dtype, as :func:`cross_entropy`'s mean. Uniform logits
+    over ``C`` classes give perplexity ``C``.
 
     >>> import numpy as np, xentkit
     >>> np.round(xentkit.perplexity(np.zeros((4, 10)), [1, 2, 3, 4]), 4)
     np.float64(10.0)
     """
-    if "reduction" in cross_entropy_kwargs:
-        raise TypeError("perplexity always averages (reduction='mean'); do not pass reduction")
-    loss = cross_entropy(logits, target, reduction="mean", **cross_entropy_kwargs)  # type: ignore[arg-type]
+    if reduction != "mean":
+        raise TypeError(f"perplexity always averages (reduction='mean'); got reduction={reduction!r}")
+    loss = cross_entropy(
+        logits, target, axis=axis, weight=weight, ignore_index=ignore_index, reduction="mean",
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        check_probabilities=check_probabilities,
+    )  # fmt: skip
     with np.errstate(over="ignore"):  # beyond the dtype: inf, as torch.exp
-        return np.exp(loss)
+        return np.asarray(np.exp(loss))

@@ -116,7 +116,8 @@ def log_probs(
     Shapes: logits ``[..., C]`` (classes on ``axis``), target int ``[...]``; each output has the
     target's shape and the logits' dtype (float16 computed and returned in float32). A row whose
     target is ``ignore_index`` gets 0 for each. Returns ``log_probs``, or a tuple
-    ``(log_probs, entropy)``, ``(log_probs, lse)`` or ``(log_probs, entropy, lse)`` as asked.
+    ``(log_probs, entropy)``, ``(log_probs, lse)`` or ``(log_probs, entropy, lse)`` as asked
+    (``return_entropy``, ``return_lse``).
 
     >>> import numpy as np, xentkit
     >>> logits = np.array([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]])

@@ -27,7 +27,8 @@ When a "mean" denominator is 0 (nothing to average), the loss and gradient are 0
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -53,13 +54,17 @@ def _xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
         return np.where((q == 0) & ~np.isnan(log_p), 0, q * log_p)
 
 
-def _quiet_invalid(function: Any) -> Any:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _quiet_invalid(function: Callable[_P, _R]) -> Callable[_P, _R]:
     """``function`` under ``np.errstate(invalid="ignore")``: its NaNs (∞ − ∞ of class weights of
     both signs, summed over rows or classes) are torch's values, which torch gives without a
-    warning."""
+    warning. (Its signature stays visible to type checkers.)"""
 
     @functools.wraps(function)
-    def quiet(*args: Any, **kwargs: Any) -> Any:
+    def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with np.errstate(invalid="ignore"):
             return function(*args, **kwargs)
 

@@ -226,7 +226,7 @@ def log_probs(
     backend: str = "auto",
     check_labels: bool = True,
 ) -> Tensor | tuple[Tensor, ...]:
-    r"""The log-probability of each position's target token under softmax(logits / T), and on
+    r"""The log-probability of each position's target token under softmax(logits / T) (T = ``temperature``), and on
     request the entropy and the log-sum-exp, with their gradients.
 
     With z = logits / T, lse = log Σ_c exp z_c, p = softmax(z):
@@ -239,7 +239,7 @@ def log_probs(
     respect to the logits with any upstream gradient (an output nobody uses costs nothing). A
     position whose target is ``ignore_index`` gets log-prob 0, entropy 0, lse 0 and no gradient.
     Returns ``log_probs``, or ``(log_probs, entropy)``, ``(log_probs, lse)``,
-    ``(log_probs, entropy, lse)`` as asked. ``backend``: "auto" (CPU float32/float64: the fused
+    ``(log_probs, entropy, lse)`` as asked (``return_entropy``, ``return_lse``). ``backend``: "auto" (CPU float32/float64: the fused
     Numba kernels; CUDA float32/float16/bfloat16: the fused Triton kernels; otherwise torch ops
     in float32), "triton" (the Triton kernels or a ValueError saying why not) or "torch". Double
     backward raises, except where the outputs are plain torch ops (below).
@@ -424,7 +424,8 @@ def linear_log_probs(
     Shapes: input ``[..., D]``, linear_weight ``[V, D]``, linear_bias ``[V]``, target integer
     ``[...]`` (input's leading shape). Outputs have the target's shape, dtype float32 (float64 for
     float64 inputs); a position whose target is ``ignore_index`` gets 0 and no gradient. Returns
-    ``log_probs``, or a tuple with ``entropy`` and/or ``lse`` after it, as asked. ``backend``:
+    ``log_probs``, or a tuple with ``entropy`` and/or ``lse`` after it, as asked (``return_entropy``,
+    ``return_lse``). ``backend``:
     "auto" (CPU float32/float64: the fused Numba kernels; CUDA float32/float16/bfloat16: the
     fused Triton kernels; otherwise the same passes in torch ops, per chunk), "triton" (the
     Triton kernels or a ValueError saying why not) or "torch". Double backward raises.

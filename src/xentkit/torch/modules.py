@@ -150,7 +150,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss, _KeepsOptions):
         )
 
     def extra_repr(self) -> str:
-        return _options_repr(_options_of(self, skip=_LINEAR_ONLY))
+        check = getattr(self, "check_probabilities", True)  # (a module saved before the field)
+        return _options_repr(_options_of(self, skip=_LINEAR_ONLY) | {"check_probabilities": check})
 
 
 class NLLLoss(torch.nn.NLLLoss):
@@ -183,7 +184,10 @@ class NLLLoss(torch.nn.NLLLoss):
         )
 
     def extra_repr(self) -> str:
-        return f"check_labels={getattr(self, 'check_labels', True)!r}"
+        return (
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index!r}, "
+            f"check_labels={getattr(self, 'check_labels', True)!r}"
+        )
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
@@ -205,8 +209,8 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
 
 # torch.nn.LinearCrossEntropyLoss exists in recent torch releases; subclass it where it does (type
 # checkers, which cannot follow the choice, see the nn.Module every release has)
-if TYPE_CHECKING:
-    _TorchLinearCrossEntropyLoss = torch.nn.Module
+if TYPE_CHECKING:  # what type checkers see: torch's class, as it is at run time on torch >= 2.10
+    from torch.nn import LinearCrossEntropyLoss as _TorchLinearCrossEntropyLoss
 else:
     _TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)
 
