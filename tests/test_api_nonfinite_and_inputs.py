@@ -33,8 +33,11 @@ def test_activations_of_non_finite_rows_are_torchs(row):
         (xk.log_softmax(row), torch.log_softmax(t, 0)),
         (xk.logsumexp(row), torch.logsumexp(t, 0)),
     ]
+    # a finite row to a few ulps: log1p of the sum's part beyond 1 is nearer the exact value than
+    # torch's log of the sum ([3, −1]: −0.018149927917809738 against torch's …78, exact …74)
+    rtol = 1e-15 if not np.isfinite(row).all() else 1e-14
     for got, expected in pairs:
-        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-15, atol=0)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=rtol, atol=0)
 
 
 def test_backward_passes_with_infinite_upstream_gradients_are_torchs():

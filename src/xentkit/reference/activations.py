@@ -14,16 +14,34 @@ def _shift(m: np.ndarray) -> np.ndarray:
     return np.where(m == -np.inf, 0, m)
 
 
+def log_sum_exp_shifted(shifted: np.ndarray, axis: int = -1) -> np.ndarray:
+    """log Σ_i exp(d_i) for d = x − max x (keepdims), as log1p(δ): δ = Σ_{d_i < 0} exp(d_i) plus
+    one less than the number of terms at the max (each exactly 1).
+
+    log s of the sum s = 1 + δ loses δ's digits to the rounding of 1 + δ (a confident row's loss
+    log(1 + δ) ≈ δ: at δ = 1e-14 a percent of it, from δ < 1e-16 all of it); log1p keeps them.
+    Special rows follow from the arithmetic: all −inf (nothing at the max) gives log1p(−1) = −inf,
+    a NaN gives NaN, an exp that is +inf gives +inf."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.exp(shifted)
+        at_max = shifted == 0
+        delta = np.sum(np.where(at_max, 0, terms), axis=axis, keepdims=True)
+        delta = delta + (np.sum(at_max, axis=axis, keepdims=True) - 1).astype(delta.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log1p(delta)
+
+
 def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
     """log Σ_i exp(x_i) = m + log Σ_i exp(x_i − m) with m = max_i x_i.
 
-    Subtracting the maximum keeps every exponent ≤ 0, so nothing overflows. A row that is all
+    Subtracting the maximum keeps every exponent ≤ 0, so nothing overflows; the log of the sum
+    is taken as :func:`log_sum_exp_shifted` does (log1p of its part beyond 1). A row that is all
     −inf gives −inf, a row holding +inf gives +inf and one holding NaN gives NaN (as torch).
     """
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isinf(m), 0, m)  # ±inf rows: exp(x) itself, Σ = +inf or 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # exp(inf) = inf
-        out = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+        out = m + log_sum_exp_shifted(x - m, axis)
     return out if keepdims else np.squeeze(out, axis=axis)
 
 
@@ -33,7 +51,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     # over: x − m of a row spanning more than the dtype's range is −inf, as it should be
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         shifted = x - _shift(np.max(x, axis=axis, keepdims=True))
-        return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+        return shifted - log_sum_exp_shifted(shifted, axis)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

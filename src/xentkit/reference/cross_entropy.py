@@ -16,7 +16,7 @@ and the gradients (seed 002: softmax minus one-hot, plus each option's term)
     hard label y:     ∂loss/∂z_j = p_j·((1 − ε)·w_y + ε·W/C) − (1 − ε)·w_y·[j = y] − ε·w_j/C,  W = Σ_c w_c
     probabilities q:  ∂loss/∂z_j = p_j·Σ_c w_c·q'_c − w_j·q'_j
     z-loss:           ∂/∂z_j += 2·z_loss·lse·p_j
-    softcap s:        z = s·tanh(x/s),  ∂z/∂x = 1 − tanh²(x/s)
+    softcap s:        z = s·tanh(x/s),  ∂z/∂x = 1 − tanh²(x/s) = 4e/(1 + e)², e = exp(−2|x/s|)
 
 Reductions follow ``torch.nn.functional.cross_entropy``: "mean" divides hard-label losses by
 Σ w_y over non-ignored samples and probability-target losses by the number of samples. The z
@@ -32,6 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
+from .activations import log_sum_exp_shifted
 from .reductions import ReductionPlan, masked
 
 
@@ -124,9 +125,10 @@ def cross_entropy_and_grad(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (over: z − m of ±max)
         shifted = z - m
         s = np.sum(np.exp(shifted), axis=-1, keepdims=True)
-        log_p = shifted - np.log(s)  # −inf logits give −inf log-probabilities, i.e. p = 0
+        log_s = log_sum_exp_shifted(shifted)  # log1p of the part beyond 1: confident rows
+        log_p = shifted - log_s  # −inf logits give −inf log-probabilities, i.e. p = 0
         p = np.exp(shifted) / s
-        lse = m + np.log(s)
+        lse = m + log_s
 
     if probabilities:
         valid = np.ones(logits.shape[:-1], dtype=bool)
@@ -212,8 +214,9 @@ def cross_entropy_and_grad(
     if z_loss:
         with np.errstate(invalid="ignore"):  # an infinite upstream times p_j = 0: NaN, as above
             grad = grad + z_scale * 2 * z_loss * lse[..., None] * p
-    if softcap is not None:
-        grad = grad * (1 - tanh * tanh)
+    if softcap is not None:  # 1 − tanh²(u) = 4e/(1 + e)², e = exp(−2|u|): no cancellation near |tanh| = 1
+        e = np.exp(-2 * np.abs(logits / softcap))
+        grad = grad * (4 * e / (1 + e) ** 2)
     if not probabilities:  # ignored rows: 0, whatever they hold (NaN, ±inf)
         grad = np.where(valid[..., None], grad, 0)
     return loss, np.moveaxis(grad.astype(dtype, copy=False), -1, axis)

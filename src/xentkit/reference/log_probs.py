@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .activations import log_sum_exp_shifted
 from .reductions import _torch_tensor, masked
 
 __all__ = [
@@ -73,14 +74,18 @@ def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, 
     """z, its row max m (0 where not finite), z − m, log s, p and the rows holding +inf, class
     axis last. As torch: a row with a +inf logit has NaN probabilities and log-probabilities
     (and lse +inf); a NaN spreads over its row."""
-    z = logits / logits.dtype.type(temperature)
-    m = np.max(z, axis=-1, keepdims=True)
-    positive_infinity = m == np.inf
-    m = np.where(np.isfinite(m), m, 0)
+    t = logits.dtype.type(temperature)
+    z = logits / t
+    m_logits = np.max(logits, axis=-1, keepdims=True)  # (T > 0: the max of z is m_logits / T)
+    positive_infinity = m_logits == np.inf
+    m_logits = np.where(np.isfinite(m_logits), m_logits, 0)
+    m = m_logits / t
     # over: z − m of a row spanning more than the dtype's range is −inf, as it should be
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        shifted = z - m
-        log_s = np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+        # shifted before scaled: (x − max x)/T rounds once, where x/T − max(x/T) would carry
+        # x/T's rounding (of a logit near 1e4, 1e-12 of it) into every z − m
+        shifted = (logits - m_logits) / t
+        log_s = log_sum_exp_shifted(shifted)  # log1p of the part beyond 1: confident rows
         p = np.where(positive_infinity, np.nan, np.exp(shifted - log_s))
     return z, m, shifted, log_s, p
 
