@@ -59,18 +59,20 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
         "shard statistics float32", "shard gradient float32",
         "shard statistics float64", "shard gradient float64",
         "label scan int64",
+        "softmax rows float32", "softmax serial float32", "softmax rows float64", "softmax serial float64",
     ]
-    from xentkit.kernels import binary, labels, probabilities, vocab_parallel
+    from xentkit.kernels import activations, binary, labels, probabilities, vocab_parallel
 
     for kernel in (probabilities._probability_rows_kernel, probabilities._probability_rows_serial,
                    probabilities._probability_tile_kernel, probabilities._probability_tile_serial,
                    binary._binary_rows_kernel, binary._binary_rows_serial,
                    log_probs._statistics_kernel, log_probs._gradient_kernel,
                    log_probs._statistics_serial, log_probs._gradient_serial,
-                   vocab_parallel._stats_kernel, vocab_parallel._grad_kernel):
+                   vocab_parallel._stats_kernel, vocab_parallel._grad_kernel,
+                   activations._softmax_kernel, activations._softmax_serial):
         assert {str(signature[0].dtype) for signature in kernel.signatures} >= {"float32", "float64"}
     assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 35 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 39 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

@@ -9,6 +9,8 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._options import check_flag
+from ._config import reference_enabled
+from ._rows import class_axis_last, kernel_array
 from ._validation import as_float_array, class_axis, compute_dtype, rounded, same_shape
 
 
@@ -21,12 +23,34 @@ def _classes(x: np.ndarray, axis: int, name: str) -> int:
     return class_axis(x, axis, name)
 
 
+def _by_rows(array: np.ndarray, axis: int, what: str) -> np.ndarray:
+    """The fused kernel (``xentkit.kernels.activations``) along ``axis``, ``what`` "softmax",
+    "log_softmax" or "logsumexp": the class axis moved last, rows of the compute dtype, the
+    result in the array's layout (logsumexp: without ``axis``, float64)."""
+    from ..kernels import activations as kernel
+
+    moved = class_axis_last(array, axis)
+    rows = kernel_array(moved.reshape(-1, moved.shape[-1]) if moved.ndim != 2 else moved)
+    kind = {"softmax": kernel.SOFTMAX, "log_softmax": kernel.LOG_SOFTMAX, "logsumexp": kernel.LOGSUMEXP}[what]
+    result = kernel.softmax_rows(rows, kind)
+    if what == "logsumexp":
+        return result.reshape(moved.shape[:-1])
+    return np.moveaxis(result.reshape(moved.shape), -1, axis)
+
+
+def _kernels_take(array: np.ndarray) -> bool:
+    """Whether the kernels run this call: not under ``use_reference``, and at least one class."""
+    return array.size > 0 and not reference_enabled()
+
+
 def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """Softmax along ``axis``: ``softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m)``, ``m = max_j x_j``.
 
     Subtracting the maximum (Caffe's SoftmaxLayer) leaves the result unchanged and keeps every
     exponent ≤ 0, so no input the dtype can hold overflows. Shapes: any, e.g. ``[batch, classes]``;
-    the output has the input's shape and dtype (float16 is computed in float32).
+    the output has the input's shape and dtype (float16 is computed in float32). Computed by a
+    fused kernel (``xentkit.kernels.activations``: each row's max, then its exponentials and their
+    sum written once, then scaled in cache); ``use_reference(True)`` runs the NumPy formula.
     See also :func:`log_softmax`, :func:`softmax_backward`.
 
     >>> import numpy as np, xentkit
@@ -35,13 +59,16 @@ def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """
     array, dtype = _prepare(x, "x")
     axis = _classes(array, axis, "x")
+    if _kernels_take(array):
+        return rounded(_by_rows(array, axis, "softmax"), dtype)
     return rounded(reference.softmax(array, axis=axis), dtype)
 
 
 def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """Log-softmax along ``axis``: ``log_softmax(x)_i = x_i − logsumexp(x)``.
 
-    Exact where ``log(softmax(x))`` underflows to −inf. Shapes as :func:`softmax`.
+    Exact where ``log(softmax(x))`` underflows to −inf. Shapes as :func:`softmax`; the same fused
+    kernel (one read for each row's max and sum, one write).
     See also :func:`log_softmax_backward`, :func:`nll_loss`.
 
     >>> import numpy as np, xentkit
@@ -50,6 +77,8 @@ def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """
     array, dtype = _prepare(x, "x")
     axis = _classes(array, axis, "x")
+    if _kernels_take(array):
+        return rounded(_by_rows(array, axis, "log_softmax"), dtype)
     return rounded(reference.log_softmax(array, axis=axis), dtype)
 
 
@@ -57,7 +86,7 @@ def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarra
     """``log Σ_i exp(x_i)`` along ``axis``, computed as ``m + log Σ_i exp(x_i − m)``, ``m = max x``.
 
     Shapes: the input's shape without ``axis`` (kept as 1 with ``keepdims=True``). A slice that
-    is all −inf gives −inf.
+    is all −inf gives −inf. The fused kernel of :func:`softmax`, one read of each row.
 
     >>> import numpy as np, xentkit
     >>> np.round(xentkit.logsumexp([1000.0, 1000.0]), 4)
@@ -65,7 +94,11 @@ def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarra
     """
     array, dtype = _prepare(x, "x")
     axis = _classes(array, axis, "x")
-    return rounded(reference.logsumexp(array, axis=axis, keepdims=_keepdims(keepdims)), dtype)
+    keep = _keepdims(keepdims)
+    if _kernels_take(array):
+        lse = _by_rows(array, axis, "logsumexp")
+        return rounded(np.expand_dims(lse, axis) if keep else lse, dtype)
+    return rounded(reference.logsumexp(array, axis=axis, keepdims=keep), dtype)
 
 
 def _keepdims(value: object) -> bool:

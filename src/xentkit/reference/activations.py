@@ -14,21 +14,27 @@ def _shift(m: np.ndarray) -> np.ndarray:
     return np.where(m == -np.inf, 0, m)
 
 
-def log_sum_exp_shifted(shifted: np.ndarray, axis: int = -1) -> np.ndarray:
-    """log Σ_i exp(d_i) for d = x − max x (keepdims), as log1p(δ): δ = Σ_{d_i < 0} exp(d_i) plus
-    one less than the number of terms at the max (each exactly 1).
+def row_max(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """``(max, argmax)`` along ``axis``, both keepdims (a NaN is the max of its row)."""
+    top_index = np.expand_dims(np.argmax(x, axis=axis), axis)
+    return np.take_along_axis(x, top_index, axis=axis), top_index
+
+
+def log_sum_exp_shifted(shifted: np.ndarray, top_index: np.ndarray, axis: int = -1) -> np.ndarray:
+    """log Σ_i exp(d_i) for d = x − max x, ``top_index`` the argmax (both keepdims): with the
+    largest term t (1, at the max) set apart, log1p(δ) of the rest δ = Σ_{i ≠ argmax} exp(d_i).
 
     log s of the sum s = 1 + δ loses δ's digits to the rounding of 1 + δ (a confident row's loss
     log(1 + δ) ≈ δ: at δ = 1e-14 a percent of it, from δ < 1e-16 all of it); log1p keeps them.
-    Special rows follow from the arithmetic: all −inf (nothing at the max) gives log1p(−1) = −inf,
-    a NaN gives NaN, an exp that is +inf gives +inf."""
+    Rows whose largest term is not 1 (all −inf: t = 0; a +inf or NaN shifted by 0) take
+    log(t + δ): −inf, +inf or NaN, as before."""
     with np.errstate(invalid="ignore", over="ignore"):
         terms = np.exp(shifted)
-        at_max = shifted == 0
-        delta = np.sum(np.where(at_max, 0, terms), axis=axis, keepdims=True)
-        delta = delta + (np.sum(at_max, axis=axis, keepdims=True) - 1).astype(delta.dtype)
+        top = np.take_along_axis(terms, top_index, axis=axis)
+        np.put_along_axis(terms, top_index, 0, axis=axis)
+        rest = np.sum(terms, axis=axis, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log1p(delta)
+        return np.where(top == 1, np.log1p(rest), np.log(top + rest))
 
 
 def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
@@ -38,10 +44,10 @@ def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarr
     is taken as :func:`log_sum_exp_shifted` does (log1p of its part beyond 1). A row that is all
     −inf gives −inf, a row holding +inf gives +inf and one holding NaN gives NaN (as torch).
     """
-    m = np.max(x, axis=axis, keepdims=True)
+    m, top_index = row_max(x, axis)
     m = np.where(np.isinf(m), 0, m)  # ±inf rows: exp(x) itself, Σ = +inf or 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # exp(inf) = inf
-        out = m + log_sum_exp_shifted(x - m, axis)
+        out = m + log_sum_exp_shifted(x - m, top_index, axis)
     return out if keepdims else np.squeeze(out, axis=axis)
 
 
@@ -50,8 +56,9 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     +inf or NaN, or all −inf, is NaN (as torch)."""
     # over: x − m of a row spanning more than the dtype's range is −inf, as it should be
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        shifted = x - _shift(np.max(x, axis=axis, keepdims=True))
-        return shifted - log_sum_exp_shifted(shifted, axis)
+        m, top_index = row_max(x, axis)
+        shifted = x - _shift(m)
+        return shifted - log_sum_exp_shifted(shifted, top_index, axis)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from .activations import log_sum_exp_shifted
+from .activations import log_sum_exp_shifted, row_max
 from .reductions import ReductionPlan, masked
 
 
@@ -120,12 +120,12 @@ def cross_entropy_and_grad(
     # s = Σ exp(z − m). Taking p = exp(z − m)/s rather than exp(z − lse) keeps p exact when
     # |m| is so large that m + log s rounds to m. A row of −inf shifts by 0 (no −inf − (−inf));
     # a +inf or NaN maximum stays, so that row is NaN (+inf: ∞ − ∞), as in PyTorch.
-    m = np.max(z, axis=-1, keepdims=True)
+    m, top_index = row_max(z)
     m = np.where(m == -np.inf, 0, m)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (over: z − m of ±max)
         shifted = z - m
         s = np.sum(np.exp(shifted), axis=-1, keepdims=True)
-        log_s = log_sum_exp_shifted(shifted)  # log1p of the part beyond 1: confident rows
+        log_s = log_sum_exp_shifted(shifted, top_index)  # log1p of the part beyond 1: confident rows
         log_p = shifted - log_s  # −inf logits give −inf log-probabilities, i.e. p = 0
         p = np.exp(shifted) / s
         lse = m + log_s

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .activations import log_sum_exp_shifted
+from .activations import log_sum_exp_shifted, row_max
 from .reductions import _torch_tensor, masked
 
 __all__ = [
@@ -76,7 +76,7 @@ def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, 
     (and lse +inf); a NaN spreads over its row."""
     t = logits.dtype.type(temperature)
     z = logits / t
-    m_logits = np.max(logits, axis=-1, keepdims=True)  # (T > 0: the max of z is m_logits / T)
+    m_logits, top_index = row_max(logits)  # (T > 0: the max of z is m_logits / T)
     positive_infinity = m_logits == np.inf
     m_logits = np.where(np.isfinite(m_logits), m_logits, 0)
     m = m_logits / t
@@ -85,7 +85,7 @@ def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, 
         # shifted before scaled: (x − max x)/T rounds once, where x/T − max(x/T) would carry
         # x/T's rounding (of a logit near 1e4, 1e-12 of it) into every z − m
         shifted = (logits - m_logits) / t
-        log_s = log_sum_exp_shifted(shifted)  # log1p of the part beyond 1: confident rows
+        log_s = log_sum_exp_shifted(shifted, top_index)  # log1p of the part beyond 1: confident rows
         p = np.where(positive_infinity, np.nan, np.exp(shifted - log_s))
     return z, m, shifted, log_s, p
 
