@@ -621,3 +621,25 @@ def test_a_folder_name_in_a_table_title_is_not_read_as_markup() -> None:
     console = Console(record=True, width=100)
     console.print(mnist_table("Test accuracy, data[red]x/ (600 train)", ["Iter", "quadratic"], [["0", "0.5"]]))
     assert "data[red]x/" in console.export_text()
+
+
+def test_results_keep_their_permissions_and_reach_pipes(tmp_path: Path) -> None:
+    """The atomic write kept neither: a private results file became world-readable, and
+    --json /dev/stdout failed after the run (its link resolves to a path that is no file)."""
+    import os
+    import stat
+
+    from xentkit.lab.report import write_text_file
+
+    private = tmp_path / "results.json"
+    private.write_text("old")
+    private.chmod(0o600)
+    write_text_file(private, "new")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text() == "new"
+    for name in os.listdir(tmp_path):
+        assert not name.endswith(".tmp")
+    done = subprocess.run(
+        [sys.executable, "-c", "from xentkit.lab.runner import write_json; write_json({'a': 1}, '/dev/stdout')"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0 and json.loads(done.stdout) == {"a": 1}, done.stderr

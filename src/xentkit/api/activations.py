@@ -35,7 +35,8 @@ def _by_rows(array: np.ndarray, axis: int, what: str) -> np.ndarray:
     result = kernel.softmax_rows(rows, kind)
     if what == "logsumexp":
         return result.reshape(moved.shape[:-1])
-    return np.moveaxis(result.reshape(moved.shape), -1, axis)
+    back = np.moveaxis(result.reshape(moved.shape), -1, axis)
+    return back if back.flags.c_contiguous else np.ascontiguousarray(back)  # (as NumPy's own)
 
 
 def _kernels_take(array: np.ndarray) -> bool:
@@ -49,8 +50,8 @@ def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     Subtracting the maximum (Caffe's SoftmaxLayer) leaves the result unchanged and keeps every
     exponent ≤ 0, so no input the dtype can hold overflows. Shapes: any, e.g. ``[batch, classes]``;
     the output has the input's shape and dtype (float16 is computed in float32). Computed by a
-    fused kernel (``xentkit.kernels.activations``: each row's max, then its exponentials and their
-    sum written once, then scaled in cache); ``use_reference(True)`` runs the NumPy formula.
+    fused kernel (``xentkit.kernels.activations``: each row's max and sum in one read, then one
+    write); ``use_reference(True)`` runs the NumPy formula.
     See also :func:`log_softmax`, :func:`softmax_backward`.
 
     >>> import numpy as np, xentkit

@@ -99,7 +99,8 @@ def download_dataset(
     if scheme == "ftp" and port is not None:  # pooch would take "host:port" for the host's name
         raise DatasetError(
             f"{source}: an ftp:// URL with a port ({port}) is not supported by the download "
-            f"library, received {base!r}; use FTP's own port (leave it out) or an http(s):// mirror"
+            f"library (it takes host:port for a host name), received {base!r}; leave the port out "
+            "(FTP's port 21 is the default) or use an http(s):// mirror"
         )
     base = base if base.endswith("/") else base + "/"
     new_folders = [path for path in (folder, folder.parent) if not path.exists()]

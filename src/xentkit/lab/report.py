@@ -17,6 +17,8 @@ import html
 import json
 import math
 import os
+import secrets
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,28 +112,34 @@ def shortest(value: float) -> str:
 
 
 def write_text_file(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` as UTF-8, whole or not at all: into a temporary file beside it,
-    then renamed over it, so a full disk or an interrupted run leaves the old file as it was.
-    A link is written through (its target replaced), and a path that is there but is no regular
-    file (a device, a pipe) is written as it is, never renamed over. Creates the parent folder;
-    an OSError names the file."""
+    """Write ``text`` to ``path`` as UTF-8, whole or not at all: into a new temporary file beside
+    it (a random name, created exclusively, so nothing planted there is followed), then renamed
+    over it, so a full disk or an interrupted run leaves the old file as it was; the old file's
+    permissions are kept (a new file gets the usual ones, by the umask). A link to a regular file
+    is written through (its target replaced); a path that is there but is no regular file (a
+    device, a pipe, /dev/stdout) is written as it is, never renamed over. Creates the parent
+    folder; an OSError names the file."""
     path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
-    direct = target.exists() and not target.is_file()
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        if direct:
-            with open(target, "w", encoding="utf-8") as file:
+        if path.exists() and not path.is_file():  # (exists and is_file follow links)
+            with open(path, "w", encoding="utf-8") as file:
                 file.write(text)
             return path
+        target = path.resolve() if path.is_symlink() else path
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target)
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # (umask applies)
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                file.write(text)
+            if mode is not None:
+                os.chmod(temporary, mode)
+            os.replace(temporary, target)
+        finally:  # (nothing left behind, whatever stopped it)
+            temporary.unlink(missing_ok=True)
     except OSError as error:  # (a full disk fails without naming the file)
         raise OSError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:  # (nothing left behind, whatever stopped it)
-        if not direct:
-            temporary.unlink(missing_ok=True)
     return path
 
 

@@ -75,16 +75,20 @@ def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, 
     axis last. As torch: a row with a +inf logit has NaN probabilities and log-probabilities
     (and lse +inf); a NaN spreads over its row."""
     t = logits.dtype.type(temperature)
-    z = logits / t
+    with np.errstate(over="ignore"):  # x/T beyond the dtype: +inf, and the row NaN, as torch
+        z = logits / t
     m_logits, top_index = row_max(logits)  # (T > 0: the max of z is m_logits / T)
-    positive_infinity = m_logits == np.inf
+    positive_infinity = np.max(z, axis=-1, keepdims=True) == np.inf
     m_logits = np.where(np.isfinite(m_logits), m_logits, 0)
-    m = m_logits / t
+    with np.errstate(over="ignore"):
+        m = m_logits / t
     # over: z − m of a row spanning more than the dtype's range is −inf, as it should be
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         # shifted before scaled: (x − max x)/T rounds once, where x/T − max(x/T) would carry
-        # x/T's rounding (of a logit near 1e4, 1e-12 of it) into every z − m
-        shifted = (logits - m_logits) / t
+        # x/T's rounding (of a logit near 1e4, 1e-12 of it) into every z − m; where x − max x
+        # overflows (a row spanning more than the dtype's range), x/T − max x/T
+        difference = logits - m_logits
+        shifted = np.where(np.isfinite(difference) | ~np.isfinite(logits), difference / t, z - m)
         log_s = log_sum_exp_shifted(shifted, top_index)  # log1p of the part beyond 1: confident rows
         p = np.where(positive_infinity, np.nan, np.exp(shifted - log_s))
     return z, m, shifted, log_s, p

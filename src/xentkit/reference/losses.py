@@ -101,9 +101,10 @@ def kl_divergence_and_grad(p: np.ndarray, q: np.ndarray, axis: int = -1) -> tupl
     Terms with p_i = 0 add 0; p_i > 0 with q_i = 0 makes the divergence +inf.
     """
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # −p/q of a denormal q: −inf
-        # log(p/q) as log1p((p − q)/q) where p is within q of q: close distributions (the KL of
-        # two that differ by 1e-6 is ~1e-13) would lose half their digits to log p − log q
-        near = np.abs(p - q) <= q
+        # log(p/q) as log1p((p − q)/q) where q/2 ≤ p ≤ 2q: close distributions (the KL of two
+        # that differ by 1e-6 is ~1e-13) would lose half their digits to log p − log q; farther
+        # apart log p − log q is the accurate one ((p − q)/q rounds to −1 for p ≪ q)
+        near = (p >= 0.5 * q) & (p <= 2 * q)
         log_ratio = np.where(near, np.log1p((p - q) / np.where(near, q, 1)), np.log(p) - np.log(q))
         terms = np.where(p == 0, 0, p * log_ratio)
         grad_q = np.where(p == 0, 0, -p / q)
