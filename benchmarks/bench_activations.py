@@ -31,7 +31,7 @@ from pathlib import Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="64x10,65536x10,4096x1000,2048x32000")
+    parser.add_argument("--shapes", default="64x10,65536x10,16384x32,4096x128,4096x1000,2048x32000")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "activations.json")
     args = parser.parse_args()
