@@ -643,3 +643,17 @@ def test_results_keep_their_permissions_and_reach_pipes(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0 and json.loads(done.stdout) == {"a": 1}, done.stderr
+
+
+def test_a_data_folder_whose_name_is_not_utf8(tmp_path: Path) -> None:
+    """Its name reaches the plot (drawn with U+FFFD: matplotlib's font refused the lone surrogate
+    with a traceback) and the report (written with the name's own bytes)."""
+    import os
+
+    folder = tmp_path / os.fsdecode(b"data\xff")
+    fake_mnist(folder, n_train=40, n_test=10)
+    out = tmp_path / "out"
+    argv = ["lab", "mnist", "--data", str(folder), "--out", str(out), "--epochs", "1", "--batch-size", "10", "--no-progress"]
+    assert main(argv) == 0
+    assert (out / "mnist_accuracy.png").stat().st_size > 500
+    assert b"data\xff/" in (out / "report.html").read_bytes()

@@ -122,7 +122,7 @@ def write_text_file(path: str | Path, text: str) -> Path:
     path = Path(path)
     try:
         if path.exists() and not path.is_file():  # (exists and is_file follow links)
-            with open(path, "w", encoding="utf-8") as file:
+            with open(path, "w", encoding="utf-8", errors="surrogateescape") as file:
                 file.write(text)
             return path
         target = path.resolve() if path.is_symlink() else path
@@ -131,7 +131,8 @@ def write_text_file(path: str | Path, text: str) -> Path:
         temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # (umask applies)
         try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            # (a file name that is not UTF-8 keeps its own bytes: surrogateescape, as the OS gave it)
+            with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as file:
                 file.write(text)
             if mode is not None:
                 os.chmod(temporary, mode)
@@ -233,8 +234,10 @@ def _save(figure: Any, path: str | Path) -> Path:
 
 
 def _plain_text(text: str) -> str:
-    """``text`` drawn as written by matplotlib: a ``$`` in a file name is not math markup."""
-    return text.replace("$", r"\$")
+    """``text`` drawn as written by matplotlib: a ``$`` in a file name is not math markup, and a
+    byte of a file name that is not UTF-8 (a lone surrogate, which the font cannot take) is
+    drawn as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace("$", r"\$")
 
 
 def _title(results: dict[str, Any]) -> str:
