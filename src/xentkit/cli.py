@@ -14,7 +14,6 @@ settings print one line to stderr and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import shlex
@@ -348,7 +347,9 @@ def _check_writable_folder(folder: Path, option: str, made: list[Path]) -> None:
     folders it makes are added to ``made``."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{option}: {folder} exists and is not a folder")
-    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    from xentkit.lab.folders import missing_folders
+
+    missing = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -356,14 +357,6 @@ def _check_writable_folder(folder: Path, option: str, made: list[Path]) -> None:
     made += missing
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{option}: the folder {folder} is not writable")
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove those of ``folders`` (made by this run) that are still empty, deepest first: a run
-    that fails or is interrupted before writing anything leaves no empty folder behind."""
-    for folder in sorted(set(folders), key=lambda path: len(path.parts), reverse=True):
-        with contextlib.suppress(OSError):  # a file was written there, or it is gone
-            folder.rmdir()
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
@@ -405,8 +398,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
         if args.json is not None:
             _check_writable_folder(Path(args.json).parent, "--json", made)
         experiment(json_path=args.json, output=Output(progress=not args.no_progress), command=command)
-    except BaseException:
-        _remove_empty(made)
+    except BaseException:  # a run that fails or is interrupted leaves no empty folder of its own
+        from xentkit.lab.folders import remove_empty_folders
+
+        remove_empty_folders(made)
         raise
     return 0
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from xentkit._extras import require
 from xentkit.lab.datasets import DATASET_NAMES, EMBEDDED_DEFAULT, DatasetError, default_cache_dir
+from xentkit.lab.folders import missing_folders, remove_empty_folders
 
 __all__ = ["DEFAULT_MIRRORS", "KNOWN_HASHES", "download_dataset", "mirror_env_var"]
 
@@ -103,7 +104,7 @@ def download_dataset(
             "(FTP's port 21 is the default) or use an http(s):// mirror"
         )
     base = base if base.endswith("/") else base + "/"
-    new_folders = [path for path in (folder, folder.parent) if not path.exists()]
+    new_folders = missing_folders(folder)
     try:  # a local problem is said as one, before any download (not with the network's hint)
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -113,12 +114,8 @@ def download_dataset(
         ) from None
     try:
         _fetch_all(pooch, requests, name, folder, base, hashes or KNOWN_HASHES[name])
-    except BaseException:
-        for path in new_folders:  # a failed download leaves no empty folder it made behind
-            try:
-                path.rmdir()
-            except OSError:  # not empty (a file was kept), or never made
-                break
+    except BaseException:  # a failed download leaves no empty folder it made behind
+        remove_empty_folders(new_folders)
         raise
     return folder
 

@@ -75,12 +75,11 @@ def _softmax_parts(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, 
     axis last. As torch: a row with a +inf logit has NaN probabilities and log-probabilities
     (and lse +inf); a NaN spreads over its row."""
     t = logits.dtype.type(temperature)
+    m_logits, top_index = row_max(logits)
     with np.errstate(over="ignore"):  # x/T beyond the dtype: +inf, and the row NaN, as torch
         z = logits / t
-    m_logits, top_index = row_max(logits)  # (T > 0: the max of z is m_logits / T)
-    positive_infinity = np.max(z, axis=-1, keepdims=True) == np.inf
-    m_logits = np.where(np.isfinite(m_logits), m_logits, 0)
-    with np.errstate(over="ignore"):
+        positive_infinity = m_logits / t == np.inf  # (T > 0: the max of z is max x / T)
+        m_logits = np.where(np.isfinite(m_logits), m_logits, 0)
         m = m_logits / t
     # over: z − m of a row spanning more than the dtype's range is −inf, as it should be
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
