@@ -684,11 +684,7 @@ def test_log_prob_kernels_serial_builds_give_the_parallel_builds_bits(dtype) -> 
                 )
                 results.append((*statistics, grad))
             for serial, threaded in zip(*results, strict=True):
-                if dtype == np.float64:  # 1 ulp where one build was compiled in this process and
-                    # the other loaded from Numba's cache (docs/precision.md, "Deterministic")
-                    np.testing.assert_array_max_ulp(serial, threaded, maxulp=2)
-                else:
-                    np.testing.assert_array_equal(serial, threaded)
+                np.testing.assert_array_equal(serial, threaded)
 
 
 def _serial_case(seed: int, rows: int, classes: int, dtype) -> tuple:

@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp_nonpositive, like
+from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _KERNEL_JIT,
@@ -47,7 +48,7 @@ SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
 # The writing loops have no fastmath flags: with ``reassoc`` LLVM may turn (x − m) − log s into
 # x − (m + log s), which rounds m + log s to the logits' ulp (5e-4 at 1e4 in float32) where
 # x − m is exact. They have no reduction to vectorize, so they lose nothing.
-_WRITE_JIT = {"fastmath": False, "error_model": "numpy", "nogil": True}
+_WRITE_JIT = helper_options(False)
 _NO_WEIGHT = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
 
 

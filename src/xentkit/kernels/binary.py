@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp
+from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import _JIT, _KERNEL_JIT, SERIAL_MAX_ELEMENTS
 
@@ -43,7 +44,7 @@ __all__ = ["binary_rows"]
 _ATANH = tuple(1.0 / (2 * k + 1) for k in range(18))
 
 
-@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+@njit(**helper_options({"contract"}))
 def _log1p_unit(e):  # pragma: no cover - compiled
     """log(1 + e) for e in [0, 1] (NaN stays NaN), float64: 2u·P(u²), u = e/(2 + e), with 2u
     taken as e·(2/(2 + e)) so that a subnormal e keeps its last bit (e/2 would lose it)."""
@@ -72,7 +73,7 @@ def _log1p_unit(e):  # pragma: no cover - compiled
     return e * ratio * poly
 
 
-@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+@njit(**helper_options({"contract"}))
 def _element(x, y, w, pw):  # pragma: no cover - compiled
     """``(loss, grad)`` of one element (gradient unscaled), float64, the reference's order."""
     e = fast_exp(-abs(x))  # (not the softmax variant: subnormal results kept, as np.exp)

@@ -78,20 +78,17 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, fast_log, fast_tanh, like, maxnum
+from xentkit.kernels._jit import KERNEL_OPTIONS, LOOP_FLAGS, helper_options
 from xentkit.kernels._threading import prefer_tbb, running_on, serial_build, threads_for
 
 # Numba's threading layer, chosen before any kernel starts threads: TBB (fork-safe) where it is
 # ours to choose; see _threading.
 THREADING_LAYER = prefer_tbb()
 
-# Flags of the per-block loops: reassoc lets LLVM split the sums over vector lanes; contract
-# gives FMAs. No nnan/ninf: NaN and ±inf logits are part of the contract. The kernel's own
-# scalar code has no fast-math flags: reassoc would turn (m − z_y) + log s back into
-# (m + log s) − z_y, which loses log s when |m| is large. (Flags are per instruction, so the
-# loops keep theirs once LLVM inlines them into the kernel.)
-LOOP_FLAGS = {"contract", "reassoc", "nsz"}
-_JIT = {"fastmath": LOOP_FLAGS, "error_model": "numpy", "nogil": True}
-_KERNEL_JIT = {"fastmath": False, "error_model": "numpy", "nogil": True, "cache": True}
+# The per-block loops (reassoc, contract; inlined into the kernels) and the kernels' own options
+# (no fast-math flags): see ``kernels._jit``.
+_JIT = helper_options(LOOP_FLAGS)
+_KERNEL_JIT = KERNEL_OPTIONS
 
 # Problems up to this many logits run on one thread: waking the thread pool costs more than it
 # saves (tens of microseconds on idle cores, milliseconds when other processes hold them).
@@ -564,7 +561,7 @@ def _tile_sum(e, start, stop):  # pragma: no cover - compiled
     return ties + below
 
 
-@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+@njit(**helper_options({"contract"}))
 def _tile_grad_plain(e, start, grad, r, n_classes, c, beta):  # pragma: no cover - compiled
     """grad[r, j] = c·e_j + β from the row's exponentials e[start:]: ``_grad``'s arithmetic (a
     fused multiply-add where the CPU has one, as there) on the kept exponentials. ``grad`` is the

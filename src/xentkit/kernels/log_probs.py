@@ -42,6 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, like, maxnum
+from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _KERNEL_JIT,
@@ -53,7 +54,7 @@ from xentkit.kernels.cross_entropy import (
 )
 from xentkit.reference.log_probs import EXPONENT_FLOOR
 
-_LOOP_JIT = {"fastmath": {"reassoc", "nsz"}, "error_model": "numpy", "nogil": True}
+_LOOP_JIT = helper_options({"reassoc", "nsz"})
 
 
 # ---------------------------------------------------------------------------------------------

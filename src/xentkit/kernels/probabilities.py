@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp_nonpositive, fast_log, fast_tanh, like
+from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _JIT,
@@ -72,7 +73,7 @@ TILE_MAX_CLASSES = 48
 _FUSED_MAX_CLASSES = 16
 
 
-@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+@njit(**helper_options({"contract"}))
 def _mass(q, w, has_weight, keep, uniform):  # pragma: no cover - compiled
     """A class's target mass w·q' in float64, q' = (1 − ε)·q + ε/C (q itself without smoothing)."""
     target = np.float64(q)
@@ -81,7 +82,7 @@ def _mass(q, w, has_weight, keep, uniform):  # pragma: no cover - compiled
     return target * w if has_weight else target
 
 
-@njit(forceinline=True, fastmath={"contract"}, error_model="numpy", nogil=True)
+@njit(**helper_options({"contract"}))
 def _z(x, cap, inv_cap):  # pragma: no cover - compiled
     """The (soft-capped, ``cap`` 0: not) logit in float64, computed as pass 1 computes it."""
     if cap > 0.0:
@@ -109,7 +110,7 @@ def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap):
     return weighted, total, nonzero
 
 
-@njit(fastmath={"contract"}, error_model="numpy", nogil=True)
+@njit(**helper_options({"contract"}))
 def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap):  # pragma: no cover
     """The loss of one row term by term, Σ_{mass_j ≠ 0} mass_j·(log s − (z_j − m)), as the
     reference adds it: for rows whose total mass is not finite (an infinite class weight or
@@ -124,10 +125,10 @@ def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap,
 
 # Pass 3's helpers: no reductions here, so no reassociation either (torch's order for a
 # non-finite upstream stays as written); fused multiply-adds only.
-_GRAD_JIT = {"fastmath": {"contract"}, "error_model": "numpy", "nogil": True}
+_GRAD_JIT = helper_options({"contract"})
 
 
-@njit(forceinline=True, **_GRAD_JIT)
+@njit(**_GRAD_JIT)
 def _gradient_entry(x, q, w, has_weight, keep, uniform, shift, inv_s, total, g, finite, z_coef, cap, inv_cap):  # pragma: no cover
     """One gradient entry from its logit ``x``, target ``q`` and class weight ``w`` (the module
     docstring's pass 3; ``cap`` 0 means no softcap)."""
@@ -141,7 +142,7 @@ def _gradient_entry(x, q, w, has_weight, keep, uniform, shift, inv_s, total, g, 
                            finite, z_coef)
 
 
-@njit(forceinline=True, **_GRAD_JIT)
+@njit(**_GRAD_JIT)
 def _entry_from_exp(e, d, q, w, has_weight, keep, uniform, inv_s, total, g, finite, z_coef):  # pragma: no cover
     """One gradient entry from its exponential e = exp(z − m) (the logits' dtype) and its softcap
     derivative ``d`` (1 without): the tile kernel keeps e from pass 1 instead of recomputing it."""

@@ -38,12 +38,13 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, like
+from xentkit.kernels._jit import KERNEL_OPTIONS, LOOP_FLAGS, helper_options
 from xentkit.kernels.cross_entropy import _block_max  # shared pass-1 piece
 
-# Same loop flags as the single-process kernel: reassoc lets LLVM split sums over vector lanes,
-# contract gives FMAs; no nnan/ninf (NaN and ±inf logits are part of the contract).
-LOOP_FLAGS = {"contract", "reassoc", "nsz"}
-_JIT = {"cache": True, "fastmath": LOOP_FLAGS, "error_model": "numpy", "nogil": True}
+# The single-process kernel's loop flags (see ``kernels._jit``); these kernels keep them on their
+# own code too, and their helpers are inlined.
+_JIT = helper_options(LOOP_FLAGS)
+_KERNEL_JIT = {**KERNEL_OPTIONS, "fastmath": LOOP_FLAGS}
 
 # Classes per pass-1 block: 2048 float64 = 16 KiB, so a block stays in L1 between its loops.
 DEFAULT_BLOCK = 2048
@@ -78,7 +79,7 @@ def _block_sum_z(row, start, stop, weight, has_weight):  # pragma: no cover - co
     return acc
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **_KERNEL_JIT)
 def _stats_kernel(  # pragma: no cover - compiled
     logits, local_labels, weight, has_weight, want_sum_z, block, row_max, row_sum, target, sum_z
 ):
@@ -118,7 +119,7 @@ def _stats_kernel(  # pragma: no cover - compiled
         sum_z[i] = acc_z
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **_KERNEL_JIT)
 def _grad_kernel(  # pragma: no cover - compiled
     logits, local_labels, shift, coef, smooth, target_grad, weight, has_weight, want_smooth, out
 ):
