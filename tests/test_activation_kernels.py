@@ -42,17 +42,19 @@ def test_the_kernel_matches_the_float64_reference(dtype, classes, what):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_special_values_are_torchs(dtype):
+@pytest.mark.parametrize("block", [1024, 2, 1], ids=["one block a row", "blocks of 2", "blocks of 1"])
+def test_special_values_are_torchs(dtype, block):
     torch = pytest.importorskip("torch")
     big = np.finfo(dtype).max
     rows = [[inf, 0.0, 1.0], [nan, 1.0, 2.0], [-inf, -inf, -inf], [-inf, 0.0, 1.0], [inf, nan, 0.0],
-            [big, -big, 0.0], [1e30, 1e30, 0.0], [3.0, 3.0, 3.0], [inf, inf, 0.0]]
+            [big, -big, 0.0], [1e30, 1e30, 0.0], [3.0, 3.0, 3.0], [inf, inf, 0.0],
+            [0.0, 1.0, inf], [0.0, nan, nan], [nan, nan, nan], [-inf, -inf, 2.0], [1.0, -inf, nan]]
     x = np.array(rows, dtype=dtype)
     t = torch.from_numpy(x)
     for what, expected in (
         (SOFTMAX, torch.softmax(t, -1)), (LOG_SOFTMAX, torch.log_softmax(t, -1)), (LOGSUMEXP, torch.logsumexp(t, -1))
     ):
-        got = softmax_rows(x, what)
+        got = softmax_rows(x, what, block=block)
         np.testing.assert_allclose(got, expected.double().numpy(), rtol=4 * np.finfo(dtype).eps, atol=0)
 
 

@@ -30,16 +30,25 @@ import dataclasses
 import math
 import numbers
 import operator
-from typing import Any
+from typing import Any, SupportsFloat, SupportsIndex, TypeAlias
 
 import numpy as np
 
-__all__ = ["BACKENDS", "CHOICES", "REDUCTIONS", "LogProbOptions", "LossOptions", "describe", "loss_options"]
+__all__ = [
+    "BACKENDS", "CHOICES", "REDUCTIONS", "Integer", "LogProbOptions", "LossOptions", "Real", "describe", "loss_options",
+]
 
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "triton", "torch")
 # The allowed values of each option that takes a string.
 CHOICES = {"reduction": REDUCTIONS, "backend": BACKENDS}
+
+# The types the public signatures give the numeric options (``label_smoothing``, ``z_loss``,
+# ``softcap``, ``temperature``; ``ignore_index``), for type checkers: what the checks below take. A
+# real number of any kind (Python's, NumPy's, a one-value array or tensor, as torch's own losses
+# take one) and an integer of any kind (NumPy's, a one-value integer tensor).
+Real: TypeAlias = float | SupportsFloat
+Integer: TypeAlias = int | SupportsIndex
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 

@@ -10,6 +10,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
+from xentkit._options import Integer, Real
+
 from .. import reference
 from .._labels import as_class_indices, check_labels
 from .._options import LossOptions, as_array, check_flag, loss_options
@@ -246,11 +248,11 @@ def cross_entropy(
     *,
     axis: int = -1,
     weight: ArrayLike | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
+    label_smoothing: Real = 0.0,
+    z_loss: Real = 0.0,
+    softcap: Real | None = None,
     check_probabilities: bool = True,
 ) -> np.ndarray:
     r"""Softmax cross-entropy of raw ``logits`` against class indices or class probabilities.
@@ -306,11 +308,11 @@ def cross_entropy_and_grad(
     *,
     axis: int = -1,
     weight: ArrayLike | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
+    label_smoothing: Real = 0.0,
+    z_loss: Real = 0.0,
+    softcap: Real | None = None,
     check_probabilities: bool = True,
     grad_output: ArrayLike | None = None,
     out: np.ndarray | None = None,
@@ -354,11 +356,11 @@ def perplexity(
     *,
     axis: int = -1,
     weight: ArrayLike | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduction: Literal["mean"] = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
+    label_smoothing: Real = 0.0,
+    z_loss: Real = 0.0,
+    softcap: Real | None = None,
     check_probabilities: bool = True,
 ) -> np.ndarray:
     r"""Perplexity ``exp(mean cross-entropy)``: a language model's test-set measure (note 003).

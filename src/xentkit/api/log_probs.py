@@ -7,6 +7,8 @@ from typing import Literal, overload
 import numpy as np
 from numpy.typing import ArrayLike
 
+from xentkit._options import Integer, Real
+
 from .. import reference
 from .._labels import as_class_indices, check_labels
 from .._options import LogProbOptions, as_array, check_flag, describe, select_outputs
@@ -66,27 +68,27 @@ class _Rows:
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[False] = ...,
 ) -> np.ndarray: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[False] = ...,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[True],
 ) -> tuple[np.ndarray, np.ndarray]: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[True],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: float = ..., ignore_index: int = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: bool = ..., return_lse: bool = ...,
 ) -> np.ndarray | tuple[np.ndarray, ...]: ...
 
@@ -96,8 +98,8 @@ def log_probs(
     target: ArrayLike,
     *,
     axis: int = -1,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
+    temperature: Real = 1.0,
+    ignore_index: Integer = -100,
     return_entropy: bool = False,
     return_lse: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -152,8 +154,8 @@ def log_probs_backward(
     *,
     grad_lse: ArrayLike | None = None,
     axis: int = -1,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
+    temperature: Real = 1.0,
+    ignore_index: Integer = -100,
 ) -> np.ndarray:
     r"""The vector-Jacobian product of :func:`log_probs`: ∂(Σ g·log p(y) + Σ h·H + Σ k·lse)/∂logits.
 

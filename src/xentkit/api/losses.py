@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from xentkit._options import Integer
+
 from .. import reference
 from .._labels import as_class_indices, check_labels
 from .._options import LossOptions, as_array, check_reduction, describe
@@ -92,7 +94,7 @@ def nll_loss(
     *,
     axis: int = -1,
     weight: ArrayLike | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduction: str = "mean",
 ) -> np.ndarray:
     """Negative log-likelihood of class indices: ``loss = −w_y·log_probs[y]`` per sample.
@@ -118,7 +120,7 @@ def nll_loss_and_grad(
     *,
     axis: int = -1,
     weight: ArrayLike | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduction: str = "mean",
     grad_output: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from .._options import Real  # noqa: E402
 from ..torch import linear_cross_entropy, linear_log_probs  # noqa: E402
 
 __all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "token_log_probs", "unpatch"]
@@ -417,17 +418,17 @@ def _check_model(model: nn.Module) -> tuple[str, str, nn.Linear]:
 # The result's type follows return_entropy (a type checker picks the overload from a literal).
 @overload
 def token_log_probs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: float = ...,
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: Real = ...,
     return_entropy: Literal[False] = ..., chunk_size: int | None = ..., **model_kwargs: Any,
 ) -> Tensor: ...
 @overload
 def token_log_probs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: float = ...,
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: Real = ...,
     return_entropy: Literal[True], chunk_size: int | None = ..., **model_kwargs: Any,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def token_log_probs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: float = ...,
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = ..., *, temperature: Real = ...,
     return_entropy: bool = ..., chunk_size: int | None = ..., **model_kwargs: Any,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
@@ -437,7 +438,7 @@ def token_log_probs(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: Real = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
     **model_kwargs: Any,

@@ -1,20 +1,25 @@
 """Fused kernels of softmax, log-softmax and logsumexp (formulas:
 ``xentkit.reference.activations``).
 
-Per row (``prange`` over rows; a row of C classes x):
+One kernel per function, each with a one-thread build; per row (``prange`` over rows; a row of
+C classes x):
 
-    Pass 1, statistics (one read of the row, online in blocks: the cross-entropy kernel's own,
-    ``cross_entropy._pass1``):
+    log-softmax and logsumexp, pass 1 (one read of the row, online in blocks: the cross-entropy
+    kernel's own, ``cross_entropy._pass1``):
         m = max_j x_j,  s = Σ_j exp(x_j − m)   (float64 across blocks; the terms at the max,
                                                 exactly 1, counted apart from the rest)
-        logsumexp:  lse = m + log s
-    Pass 2, output (one more read, one write; the row is still in cache for rows up to the L2):
-        log-softmax:  out_j = (x_j − m) − log s
-        softmax:      out_j = exp(x_j − m)·(1/s)
-    (Each exponential once, written and summed, then scaled in cache, was 1.5× faster at
-    4096 × 1000, but its bits depended on the process that compiled each build: a reduction
-    vectorized one way in the threaded build and another in the serial one. The two passes above
-    give the same bits from either build, fresh or cached.)
+        logsumexp:    lse = m + log s
+        log-softmax:  out_j = (x_j − m) − log s   (one more read, one write; the row is still in
+                                                  cache for rows up to the L2)
+    softmax, each exponential once:
+        m = max_j x_j (one read; NaN skipped)
+        out_j = exp(x_j − m), s = Σ_j out_j    (one read, one write; each block summed in the
+                                                dtype's vector lanes, float64 across blocks:
+                                                every term ≤ 1, so the rounding stays relative)
+        out_j ·= 1/s                           (the row, in cache)
+    (A first version of the softmax gave other bits in the process that compiled it than from
+    Numba's cache; the cause was its helpers being calls, see ``kernels._jit``; inlined, it gives
+    the same bits from either build, fresh or cached.)
 
 Special values, as torch (and the reference): a NaN makes its row NaN (lse NaN); a +inf logit
 makes the softmax and log-softmax rows NaN and lse +inf (NaN beside a NaN); a row of −inf only is
@@ -35,9 +40,11 @@ from xentkit.kernels._exp import fast_exp_nonpositive, like
 from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
+    _JIT,
     _KERNEL_JIT,
     DEFAULT_BLOCK,
     SERIAL_MAX_ELEMENTS,
+    _block_max,
     _pass1,
 )
 
@@ -52,10 +59,23 @@ _WRITE_JIT = helper_options(False)
 _NO_WEIGHT = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
 
 
+@njit(**_JIT)
+def _block_exps(x, out, start, stop, shift):  # pragma: no cover - compiled
+    """out_j = exp(x_j − shift) over [start, stop); returns their sum (the dtype's vector lanes)."""
+    seg = x[start:stop]
+    dst = out[start:stop]
+    acc = like(0.0, x)
+    for j in range(seg.shape[0]):
+        e = fast_exp_nonpositive(seg[j] - shift)
+        dst[j] = e
+        acc += e
+    return np.float64(acc)
+
+
 @njit(**_WRITE_JIT)
-def _write_softmax(x, out, shift, inv_s):  # pragma: no cover - compiled
-    for j in range(x.shape[0]):
-        out[j] = fast_exp_nonpositive(x[j] - shift) * inv_s
+def _scale(out, factor):  # pragma: no cover - compiled
+    for j in range(out.shape[0]):
+        out[j] *= factor
 
 
 @njit(**_WRITE_JIT)
@@ -72,34 +92,71 @@ def _has_nan(x):  # pragma: no cover - compiled
     return found
 
 
+@njit(**_WRITE_JIT)
+def _log_of_sum(s):  # pragma: no cover - compiled
+    """log s of a pass-1 sum: −inf for 0, NaN for NaN."""
+    return math.log(s) if s > 0.0 else (-np.inf if s == 0.0 else s)
+
+
+# One kernel per function, each row's work written out in its loop: one kernel branching on the
+# function per row, or a row's work in an inlined function of its own, made 10-class rows 1.5-2×
+# slower (Numba's forceinline inlines a function optimized on its own). Each has a serial build.
+
+
 @njit(parallel=True, **_KERNEL_JIT)
-def _softmax_kernel(x, out, lse_rows, what, no_weight, block):  # pragma: no cover - compiled
-    """Every row: pass 1 (m, s), then ``what``: SOFTMAX or LOG_SOFTMAX into ``out[i]``, or
-    LOGSUMEXP into ``lse_rows[i]`` (``out`` unused)."""
+def _softmax_kernel(x, out, no_weight, block):  # pragma: no cover - compiled
+    """out[i] = softmax(x[i]), each exponential once: m = max_j x_j (one read; NaN skipped),
+    out_j = exp(x_j − m) with their sum s (one read, one write), then out_j ·= 1/s in cache.
+
+    No branch for special rows (a test on m made 10-class rows 1.5× slower): a NaN makes s NaN;
+    a +inf max gives ∞ − ∞ = NaN, and a row without a finite logit −inf − (−inf) = NaN, so s is
+    NaN and the whole row NaN, as torch. (``no_weight``: the other kernels' signature.)"""
+    n_rows, n_classes = x.shape
+    for i in prange(n_rows):
+        row = x[i]
+        m = _block_max(row, 0, n_classes)
+        s = 0.0
+        for block_start in range(0, n_classes, block):
+            s += _block_exps(row, out[i], block_start, min(block_start + block, n_classes), m)
+        _scale(out[i], like(1.0 / s, x))
+
+
+@njit(parallel=True, **_KERNEL_JIT)
+def _log_softmax_kernel(x, out, no_weight, block):  # pragma: no cover - compiled
+    """out[i] = log_softmax(x[i]): pass 1 (m, s), then (x_j − m) − log s."""
     n_rows, n_classes = x.shape
     neg_inf = like(-np.inf, x)
-    pos_inf = like(np.inf, x)
     zero = like(0.0, x)
     for i in prange(n_rows):
         row = x[i]
-        # ---- Pass 1: m = max_j x_j, s = Σ_j exp(x_j − m) (one read of the row) ----
         m, s, _, _ = _pass1(row, 0, n_classes, no_weight, False, 0.0, 0.0, block)
-        if what == LOGSUMEXP:
-            if m == pos_inf:  # exp(+inf − +inf) made s NaN: the sum is +inf, or NaN beside a NaN
-                lse_rows[i] = np.nan if _has_nan(row) else np.inf
-            else:  # (an all −inf row: s = 0, log s = −inf; a NaN: NaN)
-                lse_rows[i] = np.float64(m) + (math.log(s) if s > 0.0 else (-np.inf if s == 0.0 else s))
-            continue
-        # ---- Pass 2: the output row (one write) ----
-        shift = m if m > neg_inf else zero  # an all −inf row: shift 0, then 0/0 = NaN as torch
-        if what == SOFTMAX:
-            _write_softmax(row, out[i], shift, like(1.0 / s if s != 0.0 else np.inf, x))
-        else:
-            _write_log_softmax(row, out[i], shift, like(math.log(s) if s > 0.0 else (-np.inf if s == 0.0 else s), x))
+        shift = m if m > neg_inf else zero  # an all −inf row: shift 0, −inf − log 0 = NaN
+        _write_log_softmax(row, out[i], shift, like(_log_of_sum(s), x))
 
 
-# the kernel on the calling thread alone, for problems that take one thread (see serial_build)
+@njit(parallel=True, **_KERNEL_JIT)
+def _logsumexp_kernel(x, lse_rows, no_weight, block):  # pragma: no cover - compiled
+    """lse_rows[i] = logsumexp(x[i]) in float64: m + log s from pass 1."""
+    n_rows, n_classes = x.shape
+    pos_inf = like(np.inf, x)
+    for i in prange(n_rows):
+        row = x[i]
+        m, s, _, _ = _pass1(row, 0, n_classes, no_weight, False, 0.0, 0.0, block)
+        if m == pos_inf:  # exp(+inf − +inf) made s NaN: the sum is +inf, or NaN beside a NaN
+            lse_rows[i] = np.nan if _has_nan(row) else np.inf
+        else:  # (an all −inf row: s = 0, log s = −inf; a NaN: NaN)
+            lse_rows[i] = np.float64(m) + _log_of_sum(s)
+
+
 _softmax_serial = serial_build(_softmax_kernel, "_softmax_serial", **_KERNEL_JIT)
+_log_softmax_serial = serial_build(_log_softmax_kernel, "_log_softmax_serial", **_KERNEL_JIT)
+_logsumexp_serial = serial_build(_logsumexp_kernel, "_logsumexp_serial", **_KERNEL_JIT)
+# what → (threaded kernel, serial build)
+_KERNELS = {
+    SOFTMAX: (_softmax_kernel, _softmax_serial),
+    LOG_SOFTMAX: (_log_softmax_kernel, _log_softmax_serial),
+    LOGSUMEXP: (_logsumexp_kernel, _logsumexp_serial),
+}
 
 
 def softmax_rows(
@@ -110,18 +167,18 @@ def softmax_rows(
     (LOGSUMEXP) as ``[N]`` float64. Nothing is validated. ``block`` and ``parallel`` as for
     :func:`xentkit.kernels.cross_entropy.cross_entropy_rows`."""
     n_rows, n_classes = x.shape
-    out = np.empty((n_rows, n_classes) if what != LOGSUMEXP else (0, 0), dtype=x.dtype)
-    lse_rows = np.empty(n_rows if what == LOGSUMEXP else 0, dtype=np.float64)
+    out = np.empty(n_rows, dtype=np.float64) if what == LOGSUMEXP else np.empty((n_rows, n_classes), dtype=x.dtype)
     if n_rows == 0 or n_classes == 0:
-        return lse_rows if what == LOGSUMEXP else out
-    arguments = (x, out, lse_rows, what, _NO_WEIGHT[x.dtype], block)
+        return out
+    arguments = (x, out, _NO_WEIGHT[x.dtype], block)
+    kernel, serial = _KERNELS[what]
     threads = threads_for(x.size, parallel, SERIAL_MAX_ELEMENTS)
     if threads == 1:
-        _softmax_serial(*arguments)
+        serial(*arguments)
     else:
         with running_on(threads):
-            _softmax_kernel(*arguments)
-    return lse_rows if what == LOGSUMEXP else out
+            kernel(*arguments)
+    return out
 
 
 def compile_all() -> list[str]:
@@ -130,7 +187,8 @@ def compile_all() -> list[str]:
     done = []
     for dtype in (np.float32, np.float64):
         x = np.zeros((1, 4), dtype=dtype)
-        for parallel, name in ((True, "rows"), (False, "serial")):
-            softmax_rows(x, SOFTMAX, parallel=parallel)
-            done.append(f"softmax {name} {np.dtype(dtype).name}")
+        for what, label in ((SOFTMAX, "softmax"), (LOG_SOFTMAX, "log_softmax"), (LOGSUMEXP, "logsumexp")):
+            for parallel, name in ((True, "rows"), (False, "serial")):
+                softmax_rows(x, what, parallel=parallel)
+                done.append(f"{label} {name} {np.dtype(dtype).name}")
     return done

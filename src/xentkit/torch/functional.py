@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from xentkit._options import Integer, Real
+
 from .._labels import check_labels
 from .._options import LossOptions, check_flag, fields_with, loss_options
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
@@ -456,13 +458,13 @@ def cross_entropy(
     target: Tensor,
     weight: Tensor | None = None,
     size_average: bool | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduce: bool | None = None,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
+    label_smoothing: Real = 0.0,
     *,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
+    z_loss: Real = 0.0,
+    softcap: Real | None = None,
     check_probabilities: bool = True,
     backend: str = "auto",
     inplace_backward: bool = False,
@@ -593,7 +595,7 @@ def nll_loss(
     target: Tensor,
     weight: Tensor | None = None,
     size_average: bool | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduce: bool | None = None,
     reduction: str = "mean",
     *,

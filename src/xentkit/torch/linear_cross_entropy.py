@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from xentkit._options import Integer, Real
+
 from .._labels import check_labels
 from .._options import LossOptions
 from ..api.cross_entropy import _cross_entropy
@@ -224,10 +226,10 @@ def linear_cross_entropy(
     linear_bias: Tensor | None = None,
     weight: Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
+    ignore_index: Integer | None = -100,
+    label_smoothing: Real = 0.0,
+    z_loss: Real = 0.0,
+    softcap: Real | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool = True,

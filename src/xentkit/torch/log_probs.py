@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from xentkit._options import Integer, Real
+
 from .._labels import check_index_layout
 from .._labels import check_labels as _check_labels
 from .._options import LogProbOptions, check_flag, describe, select_outputs
@@ -190,27 +192,27 @@ def _check_target(
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
 @overload
 def log_probs(
-    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    logits: Tensor, target: Tensor, *, temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., backend: str = ..., check_labels: bool = ...,
 ) -> Tensor: ...
 @overload
 def log_probs(
-    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    logits: Tensor, target: Tensor, *, temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[False] = ..., backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def log_probs(
-    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    logits: Tensor, target: Tensor, *, temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[True], backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def log_probs(
-    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    logits: Tensor, target: Tensor, *, temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[True], backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 @overload
 def log_probs(
-    logits: Tensor, target: Tensor, *, temperature: float = ..., ignore_index: int = ...,
+    logits: Tensor, target: Tensor, *, temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: bool = ..., return_lse: bool = ..., backend: str = ..., check_labels: bool = ...,
 ) -> Tensor | tuple[Tensor, ...]: ...
 
@@ -219,8 +221,8 @@ def log_probs(
     logits: Tensor,
     target: Tensor,
     *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
+    temperature: Real = 1.0,
+    ignore_index: Integer = -100,
     return_entropy: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
@@ -366,27 +368,27 @@ class _LinearLogProbsFunction(torch.autograd.Function):
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> Tensor: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 @overload
 def linear_log_probs(
-    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ..., backend: str = ..., check_labels: bool = ...,
 ) -> Tensor | tuple[Tensor, ...]: ...
 
@@ -397,8 +399,8 @@ def linear_log_probs(
     target: Tensor,
     *,
     linear_bias: Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
+    temperature: Real = 1.0,
+    ignore_index: Integer = -100,
     return_entropy: bool = False,
     return_lse: bool = False,
     chunk_size: int | None = None,

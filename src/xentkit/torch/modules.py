@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from xentkit._options import Integer, Real
+
 from .._options import FIELD_DEFAULTS, LossOptions
 from . import _bridge, functional
 from .linear_cross_entropy import linear_cross_entropy
@@ -124,13 +126,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss, _KeepsOptions):
         self,
         weight: Tensor | None = None,
         size_average: bool | None = None,
-        ignore_index: int = -100,
+        ignore_index: Integer = -100,
         reduce: bool | None = None,
         reduction: str = "mean",
-        label_smoothing: float = 0.0,
+        label_smoothing: Real = 0.0,
         *,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
+        z_loss: Real = 0.0,
+        softcap: Real | None = None,
         check_probabilities: bool = True,
         backend: str = "auto",
         inplace_backward: bool = False,
@@ -168,7 +170,7 @@ class NLLLoss(torch.nn.NLLLoss):
         self,
         weight: Tensor | None = None,
         size_average: bool | None = None,
-        ignore_index: int = -100,
+        ignore_index: Integer = -100,
         reduce: bool | None = None,
         reduction: str = "mean",
         *,
@@ -249,10 +251,10 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         dtype: torch.dtype | None = None,
         reduction: str = "mean",
         weight: Tensor | None = None,
-        ignore_index: int | None = None,
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        softcap: float | None = None,
+        ignore_index: Integer | None = None,
+        label_smoothing: Real = 0.0,
+        z_loss: Real = 0.0,
+        softcap: Real | None = None,
         chunk_size: int | None = None,
         backend: str = "auto",
         check_labels: bool = True,

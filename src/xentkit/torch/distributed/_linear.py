@@ -10,6 +10,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from xentkit._options import Integer, Real
+
 from ..._options import LossOptions
 from .. import _bridge
 from .._chunks import add_chunk_gradients, finish_gradients, gradient_buffers, logit_chunks
@@ -181,10 +183,10 @@ def vocab_parallel_linear_cross_entropy(
     vocab_start: int | None = None,
     linear_bias_shard: Tensor | None = None,
     weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: Real = 0.0,
+    z_loss: Real = 0.0,
     chunk_size: int | None = None,
     backend: str = "auto",
     stats: CommunicationStats | None = None,

@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from xentkit._options import Integer, Real
+
 from ..._options import LogProbOptions, check_flag, select_outputs
 from ...reference.log_probs import merge_partials, row_statistics
 from .. import _bridge
@@ -176,27 +178,27 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[False] = ..., chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> Tensor: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[False] = ..., chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[True], chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[True], chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> tuple[Tensor, Tensor, Tensor]: ...
 @overload
 def vocab_parallel_linear_log_probs(
-    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: float = ..., ignore_index: int = ...,
+    input: Tensor, linear_weight_shard: Tensor, target: Tensor, *, linear_bias_shard: Tensor | None = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: bool = ..., return_lse: bool = ..., chunk_size: int | None = ..., group: object = ..., vocab_start: int | None = ..., backend: str = ..., stats: CommunicationStats | None = ...,
 ) -> Tensor | tuple[Tensor, ...]: ...
 
@@ -210,8 +212,8 @@ def vocab_parallel_linear_log_probs(
     target: Tensor,
     *,
     linear_bias_shard: Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
+    temperature: Real = 1.0,
+    ignore_index: Integer = -100,
     return_entropy: bool = False,
     return_lse: bool = False,
     chunk_size: int | None = None,

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from xentkit._options import Integer, Real
+
 from ..._options import LossOptions
 from .. import _bridge
 from ._agreement import _agree, _check_device, _check_target, _check_weight, _local_record
@@ -67,10 +69,10 @@ def vocab_parallel_cross_entropy(
     group: object = None,
     vocab_start: int | None = None,
     weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: Integer = -100,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: Real = 0.0,
+    z_loss: Real = 0.0,
     backend: str = "auto",
     stats: CommunicationStats | None = None,
 ) -> Tensor:
