@@ -1,29 +1,31 @@
 """Fused kernels of the token log-probabilities and entropies (formulas:
 ``xentkit.reference.log_probs``).
 
-Per row i (``prange`` over rows; a row of C classes x, scale c = 1/T > 0, z_j = x_j·c rounded
-in the logits' dtype):
+Per row i (``prange`` over rows; a row of C classes x, scale c = 1/T > 0, z_j = x_j·c):
 
-    Pass 1, statistics (one read of the row, online in blocks of ``block`` classes):
-        b = max_{j in block} z_j  (= max x_j · c: c > 0 and rounding are monotone)
-        if b > m:  u ← e·(u + s·(m − b)),  s ← e·s,  e = exp(m − b);  m ← b
-        s += Σ_{j in block} exp(z_j − m)
-        u += Σ_{j in block} exp(z_j − m)·(z_j − m)
-        z_y = x_y·c, when the row's target y is in [0, C)
-    gives m, s, u (float64 across blocks; each block summed in the dtype's vector lanes, except
-    the blocks holding the running max, summed in float64 since one term is exactly 1) and z_y.
-    The host (``reference.log_probs.row_statistics``) turns them into
-    log p(y) = (z_y − m) − log s ≤ 0, H = log s − u/s ≥ 0 and lse = m + log s.
+    Pass 1, statistics (one read of the row, online in blocks of ``block`` classes), shifted
+    before it is scaled, d_j = (x_j − m_x)·c with m_x the running max of x (in the logits'
+    dtype; x_j − m_x is exact near the max, so d_j is off by a rounding relative to itself, not
+    by an ulp of max|x|/T):
+        b = max_{j in block} x_j
+        if b > m_x:  u ← e·(u + s·δ),  s ← e·s,  e = exp(δ),  δ = (m_x − b)·c;  m_x ← b
+        s += Σ_{j in block} exp(d_j)
+        u += Σ_{j in block} exp(d_j)·d_j
+    gives m = m_x·c and z_y = x_y·c (both in float64, z_y when the row's target y is in [0, C)),
+    s, u (float64 across blocks; each block summed in the dtype's vector lanes, except the
+    blocks holding the running max, summed in float64 since one term is exactly 1). The host
+    (``reference.log_probs.row_statistics``) turns them into log p(y) = (z_y − m) − log s ≤ 0,
+    H = log s − u/s ≥ 0 and lse = m + log s.
 
     Pass 2, gradient (one write of the row; exp recomputed), given per-row (m, s) and the
-    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)):
-        dst_j = c·exp(z_j − m)/s·(b + k·(z_j − m))       (vector loop, the dtype's lanes)
+    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·d_j), with m_x = m/c in the
+    logits' dtype (the float32 max comes back exactly, a float64 one within an ulp):
+        dst_j = c·exp(d_j)/s·(b + k·d_j)                 (vector loop, the dtype's lanes)
         dst_y = c·(a + p_y·(b + k·(z_y − m)))            (float64, x_y read before the loop)
     ``dst`` may be the logits themselves (in place: the one-array loop, which LLVM vectorizes
     without an aliasing check).
 
-The loops have no ``contract`` flag: a fused x·c − m would skip the rounding of z_j that the
-maximum saw, and z_j − m could come out above 0. Terms exp(d)·d use max(d, −1000) so that a
+The loops have no ``contract`` flag (no fused multiply-adds to change d_j's rounding). Terms exp(d)·d use max(d, −1000) so that a
 masked class (z = −inf, exp = 0) adds 0, not 0·(−inf). A row that is not ``valid`` (its target
 is ignore_index) is skipped by pass 1 (m = 0, s = 1, u = 0: lse 0, H 0) and zeroed by pass 2.
 Special values, as torch: a NaN makes the row's results NaN; a +inf logit makes log p(y), H and
@@ -64,13 +66,13 @@ _LOOP_JIT = helper_options({"reassoc", "nsz"})
 
 @njit(**_LOOP_JIT)
 def _block_moments(row, start, stop, scale, shift):  # pragma: no cover - compiled
-    """(Σ e_j, Σ e_j·d_j), d_j = z_j − shift, e_j = exp(d_j), summed in the dtype's lanes."""
+    """(Σ e_j, Σ e_j·d_j), d_j = (x_j − shift)·c, e_j = exp(d_j), summed in the dtype's lanes."""
     seg = row[start:stop]
     floor = like(EXPONENT_FLOOR, row)
     acc_s = like(0.0, row)
     acc_u = like(0.0, row)
     for j in range(seg.shape[0]):
-        d = seg[j] * scale - shift
+        d = (seg[j] - shift) * scale
         e = fast_exp_nonpositive(d)
         acc_s += e
         acc_u += e * maxnum(d, floor)
@@ -85,7 +87,7 @@ def _block_moments_wide(row, start, stop, scale, shift):  # pragma: no cover - c
     acc_s = 0.0
     acc_u = 0.0
     for j in range(seg.shape[0]):
-        d = seg[j] * scale - shift
+        d = (seg[j] - shift) * scale
         e = fast_exp_nonpositive(d)
         acc_s += np.float64(e)
         acc_u += np.float64(e * maxnum(d, floor))
@@ -109,7 +111,7 @@ def _block_moments_unshifted(row, start, stop, scale):  # pragma: no cover - com
 
 
 # ---------------------------------------------------------------------------------------------
-# Pass 2 pieces: dst_j = exp(z_j − m)·(B + K·(z_j − m)), B = c·b/s, K = c·k/s
+# Pass 2 pieces: dst_j = exp(d_j)·(B + K·d_j), d_j = (x_j − m_x)·c, B = c·b/s, K = c·k/s
 # ---------------------------------------------------------------------------------------------
 
 
@@ -117,7 +119,7 @@ def _block_moments_unshifted(row, start, stop, scale):  # pragma: no cover - com
 def _grad(x, g, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
     floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
-        d = x[j] * scale - shift
+        d = (x[j] - shift) * scale
         g[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
 
 
@@ -125,7 +127,7 @@ def _grad(x, g, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
 def _grad_inplace(x, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
     floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
-        d = x[j] * scale - shift
+        d = (x[j] - shift) * scale
         x[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
 
 
@@ -151,18 +153,18 @@ def _statistics_kernel(
             z_target[i] = 0.0
             continue
         row = logits[i]
-        # ---- Pass 1: m, s = Σ exp(z − m), u = Σ exp(z − m)·(z − m), block by block ----
+        # ---- Pass 1: m_x = max x, s = Σ exp(d), u = Σ exp(d)·d, d = (x − m_x)·c, by blocks ----
         m = neg_inf
         s = 0.0
         u = 0.0
         for block_start in range(0, n_classes, block):
             block_stop = min(block_start + block, n_classes)
-            b = _block_max(row, block_start, block_stop) * c
+            b = _block_max(row, block_start, block_stop)
             if b > m:
                 if s > 0.0:  # restate (s, u) at the new max; s = 0 while everything was −inf
                     # floored: exp(−1000) is 0 already, and s·δ stays finite (never 0·(−inf) =
                     # NaN when the earlier blocks sat ~1e306 or more below the new max)
-                    delta = max(np.float64(m) - np.float64(b), EXPONENT_FLOOR)
+                    delta = max((np.float64(m) - np.float64(b)) * scale, EXPONENT_FLOOR)
                     e = math.exp(delta)
                     u = e * (u + s * delta)
                     s = e * s
@@ -179,11 +181,11 @@ def _statistics_kernel(
                 ds, du = _block_moments(row, block_start, block_stop, c, shift)
             s += ds
             u += du
-        m_rows[i] = np.float64(m)
+        m_rows[i] = np.float64(m) * scale  # the max of z = x·c, in float64
         s_rows[i] = s
         u_rows[i] = u
         y = labels[i]
-        z_target[i] = np.float64(row[y] * c) if 0 <= y < n_classes else 0.0
+        z_target[i] = np.float64(row[y]) * scale if 0 <= y < n_classes else 0.0
 
 
 @njit(parallel=True, **_KERNEL_JIT)
@@ -198,14 +200,16 @@ def _gradient_kernel(
         if not valid[i]:
             _zero_row(dst)
             continue
-        m = like(m_rows[i], logits)
+        # the row's max in the logits' space, m_x = m / c (m = float64(m_x)·c from pass 1: the
+        # float32 max comes back exactly; a float64 one within an ulp)
+        m_x = like(m_rows[i] / scale, logits)
         s = s_rows[i]
         y = labels[i]
         has_target = 0 <= y < n_classes
         # the target entry in float64, from x_y read before pass 2 may overwrite it
         grad_y = 0.0
         if has_target:
-            d_y = np.float64(row[y] * c - m)
+            d_y = np.float64(row[y]) * scale - m_rows[i]
             p_y = math.exp(d_y) / s
             # max(d_y, −1000): a masked target (−inf) has p_y = 0 and adds g, not 0·(−inf)
             grad_y = scale * (coef_a[i] + p_y * (coef_b[i] + coef_k[i] * max(d_y, EXPONENT_FLOOR)))
@@ -213,9 +217,9 @@ def _gradient_kernel(
         coef_b_row = like(scale * coef_b[i] / s, logits)
         coef_k_row = like(scale * coef_k[i] / s, logits)
         if in_place:
-            _grad_inplace(row, c, m, coef_b_row, coef_k_row)
+            _grad_inplace(row, c, m_x, coef_b_row, coef_k_row)
         else:
-            _grad(row, dst, c, m, coef_b_row, coef_k_row)
+            _grad(row, dst, c, m_x, coef_b_row, coef_k_row)
         if has_target:
             dst[y] = grad_y
 
