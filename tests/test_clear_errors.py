@@ -259,3 +259,52 @@ def test_reference_blocks_in_two_threads_keep_to_their_own_thread():
         assert xentkit.reference_enabled()
     finally:
         xentkit.use_reference(False)
+
+
+@pytest.mark.parametrize(
+    ("probs", "target", "message"),
+    [
+        ([0.9], [2.0], r"^target must lie in \[0, 1\] \(as torch requires\), got 2.0 at index 0$"),
+        ([0.5, 0.5], [1.0, np.nan], r"^target must lie in \[0, 1\] .*, got NaN at index 1$"),
+        ([[0.5, 0.2]], [[1.0, -0.5]], r"^target must lie .*, got -0.5 at index \(0, 1\)$"),
+        ([np.nan, 0.5], [0.0, 1.0], r"^probs must lie in \[0, 1\] .*, got NaN at index 0; for logits use"),
+    ],
+)
+def test_binary_cross_entropy_refuses_values_outside_the_unit_interval_by_name(probs, target, message):
+    """Torch raises for a target outside [0, 1] or NaN; the api returned a negative loss (2.0: −2.09)
+    and named a NaN probability as 'values in [nan, nan]'."""
+    for function in (xentkit.binary_cross_entropy, xentkit.binary_cross_entropy_and_grad):
+        with pytest.raises(ValueError, match=message):
+            function(probs, target)
+
+
+def test_nll_loss_errors_do_not_speak_of_class_probabilities():
+    log_probs = xentkit.log_softmax(np.zeros((2, 3)))
+    with pytest.raises(TypeError) as caught:
+        xentkit.nll_loss(log_probs, np.zeros((2, 3)))
+    assert "probabilities" not in str(caught.value) and "float64" in str(caught.value)
+    with pytest.raises(ValueError, match=r"log_probs' shape without the class axis\), got shape \(1, 2\)$"):
+        xentkit.nll_loss(log_probs, np.array([[0, 1]]))
+    with pytest.raises(TypeError, match=r"\(class probabilities must have the logits' shape\)$"):
+        xentkit.cross_entropy(np.zeros((2, 3)), np.array([0.5, 1.0]))  # where they are an option
+
+
+def test_a_bad_label_is_an_index_error_as_torchs_and_a_value_error():
+    for call in (
+        lambda: xentkit.cross_entropy(np.zeros((2, 3)), [0, 3]),
+        lambda: xentkit.nll_loss(np.zeros((2, 3)), [-5, 0]),
+        lambda: xentkit.cross_entropy(np.zeros((2, 3)), np.array([0, 2**63 + 5], np.uint64)),
+    ):
+        with pytest.raises(IndexError) as caught:
+            call()
+        assert isinstance(caught.value, ValueError) and "target has label" in str(caught.value)
+
+
+def test_perplexity_rounds_once():
+    """exp of the mean in float64, then rounded: exp of the float32 mean was 3.3 ulps off here
+    (4452249.0; exactly exp(log(29999 + e^-5) + 5) = 4452247.36, float32 4452247.5)."""
+    x = np.zeros((1, 30000), np.float32)
+    x[0, 0] = -5.0
+    got = xentkit.perplexity(x, [0])
+    assert got.dtype == np.float32 and got.shape == ()
+    assert got == np.float32(np.exp(np.log(29999 + np.exp(-5.0)) + 5.0)) == np.float32(4452247.5)

@@ -376,3 +376,41 @@ def test_gradients_kept_from_forward_are_saved_tensors(name, operand, loss, shap
     for result in (got, checkpointed):
         torch.testing.assert_close(result[0], want[0], rtol=1e-12, atol=0)
         torch.testing.assert_close(result[1], want[1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda xt: xt.cross_entropy(np.zeros((3, 4), np.float32), torch.zeros(3, dtype=torch.long)),
+         r"^input must be a torch.Tensor, got an array of dtype float32 and shape \(3, 4\); torch.from_numpy"),
+        (lambda xt: xt.cross_entropy(torch.zeros(3, 4), [0, 1, 2]), r"^target must be a torch.Tensor, got list"),
+        (lambda xt: xt.cross_entropy(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), weight=[1.0] * 4),
+         r"^weight must be a torch.Tensor or None, got list"),
+        (lambda xt: xt.CrossEntropyLoss()(np.zeros((3, 4), np.float32), torch.zeros(3, dtype=torch.long)),
+         r"^input must be a torch.Tensor"),
+        (lambda xt: xt.nll_loss(np.zeros((3, 4), np.float32), torch.zeros(3, dtype=torch.long)),
+         r"^input must be a torch.Tensor"),
+        (lambda xt: xt.nll_loss(torch.zeros(3, 4), [0, 1, 2]), r"^target must be a torch.Tensor"),
+        (lambda xt: xt.binary_cross_entropy_with_logits(np.zeros(3, np.float32), torch.zeros(3)),
+         r"^input must be a torch.Tensor"),
+        (lambda xt: xt.binary_cross_entropy_with_logits(torch.zeros(3), np.zeros(3, np.float32)),
+         r"^target must be a torch.Tensor"),
+        (lambda xt: xt.binary_cross_entropy_with_logits(torch.zeros(3), torch.zeros(3), pos_weight=[1.0]),
+         r"^pos_weight must be a torch.Tensor or None, got list"),
+        (lambda xt: xt.linear_cross_entropy(torch.zeros(3, 5), torch.zeros(4, 5), [0, 1, 2]),
+         r"^target must be a torch.Tensor, got list"),
+    ],
+)
+def test_an_argument_that_is_not_a_tensor_is_a_type_error_naming_it(call, message):
+    """As torch's own losses raise; an array or a list reached attribute lookups deep in the paths
+    (AttributeError: 'str' object has no attribute 'type')."""
+    with pytest.raises(TypeError, match=message):
+        call(xt)
+
+
+def test_a_bad_label_is_an_index_error_as_torchs_on_every_path():
+    for logits in (torch.randn(8, 10), torch.randn(800, 1000)):  # torch's small kernel, xentkit's
+        for call in (xt.cross_entropy, xt.nll_loss):
+            with pytest.raises(IndexError, match=r"^target has label (1000|10) at position \(0,\)") as caught:
+                call(logits, torch.full((logits.shape[0],), logits.shape[1]))
+            assert isinstance(caught.value, ValueError)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._options import as_array
 
-__all__ = ["as_class_indices", "check_index_layout", "check_labels", "label_error"]
+__all__ = ["LabelError", "as_class_indices", "check_index_layout", "check_labels", "label_error"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -55,7 +55,7 @@ def as_class_indices(
                 label, position, num_classes, -100 if ignore_index is None else ignore_index,
                 classes or _logits_classes(num_classes),
             )
-        raise ValueError(f"target has label {label} at position {position}, too large for a class index")
+        raise LabelError(f"target has label {label} at position {position}, too large for a class index")
     return array.astype(np.int64, copy=False)
 
 
@@ -69,12 +69,11 @@ def check_index_layout(
 ) -> None:
     """The dtype and shape rules of class indices, from metadata alone (for tensors on any
     device): a non-integer dtype is a ``TypeError``, a shape other than ``sample_shape`` a
-    ``ValueError``."""
-    if not integer:
-        raise TypeError(
-            f"target of class indices must have an integer dtype, got dtype {dtype_name} "
-            f"(class probabilities must have the logits' shape)"
-        )
+    ``ValueError``; ``expected_shape`` words the expected shape (the probabilities' hint only when
+    it mentions them)."""
+    if not integer:  # (the hint on probabilities only where the caller takes them)
+        hint = " (class probabilities must have the logits' shape)" if "probabilities" in expected_shape else ""
+        raise TypeError(f"target of class indices must have an integer dtype, got dtype {dtype_name}{hint}")
     if tuple(shape) != tuple(sample_shape):
         raise ValueError(f"target must have shape {sample_shape} {expected_shape}, got shape {tuple(shape)}")
 
@@ -83,12 +82,18 @@ def _logits_classes(num_classes: int) -> str:
     return f"logits have {num_classes} classes"
 
 
+class LabelError(ValueError, IndexError):
+    """A class index outside ``[0, C)`` that is not ``ignore_index``: a ``ValueError`` (xentkit's
+    rule for bad values), and an ``IndexError`` too, as torch's losses raise for it ("Target 10 is
+    out of bounds."), so that code catching either keeps working."""
+
+
 def label_error(
     label: int, position: tuple[int, ...], num_classes: int, ignore_index: int, classes: str,
     name: str = "target",
-) -> ValueError:
+) -> LabelError:
     """The error for a label outside ``[0, num_classes)``; ``classes`` says what holds them."""
-    return ValueError(
+    return LabelError(
         f"{name} has label {label} at position {position} but {classes} "
         f"(labels must be in [0, {num_classes}) or equal ignore_index={ignore_index})"
     )

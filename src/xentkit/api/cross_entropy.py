@@ -10,11 +10,9 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
-from xentkit._options import Integer, Real
-
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LossOptions, as_array, check_flag, loss_options
+from .._options import Integer, LossOptions, Real, as_array, check_flag, loss_options
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
@@ -284,7 +282,9 @@ def cross_entropy(
     probability 0 and no NaN while the target class is finite (with ``label_smoothing`` > 0 its
     smoothing term is +inf, as in PyTorch); with probabilities, a masked class of no weighted
     target mass adds nothing (0·log 0 = 0, on every path of ``xentkit.torch`` too, where PyTorch
-    gives NaN). A warning (:class:`ProbabilitiesAsLogitsWarning`) is
+    gives NaN). With a ``softcap`` s a −inf logit is capped to −s first (s·tanh(−∞) = −s), so it
+    is no longer masked (any large negative logit lands there too): to mask, cap the logits
+    yourself, set the masked ones to −inf, and pass ``softcap=None``. A warning (:class:`ProbabilitiesAsLogitsWarning`) is
     given when the logits look like probabilities; ``check_probabilities=False`` silences it.
     See also :func:`cross_entropy_and_grad` (loss and gradient in one sweep), :func:`nll_loss`.
 
@@ -376,10 +376,12 @@ def perplexity(
     """
     if reduction != "mean":
         raise TypeError(f"perplexity always averages (reduction='mean'); got reduction={reduction!r}")
-    loss = cross_entropy(
-        logits, target, axis=axis, weight=weight, ignore_index=ignore_index, reduction="mean",
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        check_probabilities=check_probabilities,
+    options = loss_options("mean", ignore_index, label_smoothing, z_loss, softcap)
+    # the mean cross-entropy in float64, exponentiated, then rounded once to cross_entropy's dtype
+    # (exp of the already rounded mean was up to 13 float32 ulps off)
+    loss, _ = _cross_entropy(
+        logits, target, axis=axis, weight=weight, options=options,
+        check_probabilities=check_probabilities, want_grad=False, loss_dtype=np.dtype(np.float64),
     )  # fmt: skip
     with np.errstate(over="ignore"):  # beyond the dtype: inf, as torch.exp
-        return np.asarray(np.exp(loss))
+        return np.asarray(rounded(np.exp(loss), as_float_array(logits, "logits").dtype))

@@ -7,11 +7,9 @@ from typing import Literal, overload
 import numpy as np
 from numpy.typing import ArrayLike
 
-from xentkit._options import Integer, Real
-
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LogProbOptions, as_array, check_flag, describe, select_outputs
+from .._options import Integer, LogProbOptions, Real, as_array, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from ._config import reference_enabled
 from ._rows import RowLayout

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from xentkit._options import Integer
-
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import LossOptions, as_array, check_reduction, describe
+from .._options import Integer, LossOptions, as_array, check_reduction, describe
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
 from ._rows import kernel_array
@@ -72,7 +70,8 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
     classes = f"log_probs have {num_classes} classes"
     labels = as_class_indices(
-        target, sample_shape, num_classes=num_classes, ignore_index=ignore_index, classes=classes
+        target, sample_shape, num_classes=num_classes, ignore_index=ignore_index, classes=classes,
+        expected_shape="(class indices: log_probs' shape without the class axis)",
     )
     valid = check_labels(labels, num_classes, ignore_index, classes=classes)
 
@@ -233,8 +232,9 @@ def binary_cross_entropy_with_logits(
         loss = −weight·[pos_weight·y·log σ(x) + (1 − y)·log σ(−x)]
 
     ``log(1 − σ(x))`` is evaluated as ``log σ(−x)``, exact for any ``x``. ``target`` has the
-    logits' shape (values in [0, 1]); ``weight`` broadcasts to it; ``pos_weight`` has one value
-    per class along the last axis. "mean" averages over every element.
+    logits' shape (values in [0, 1], not checked, as PyTorch: the formula extends to any real y);
+    ``weight`` broadcasts to it; ``pos_weight`` has one value per class along the last axis.
+    "mean" averages over every element; with no element it is 0 (PyTorch: NaN).
     See also :func:`binary_cross_entropy` (on probabilities), :func:`binary_cross_entropy_with_logits_and_grad`.
 
     >>> import numpy as np, xentkit
@@ -267,14 +267,24 @@ def binary_cross_entropy_with_logits_and_grad(
     return _bce_with_logits(logits, target, weight, pos_weight, reduction, True, grad_output)
 
 
+def _check_unit_interval(values: np.ndarray, name: str, what: str, hint: str) -> None:
+    """``values`` all in [0, 1], else a ValueError naming ``name`` and the first value outside (a
+    NaN by its position: a min/max of NaN says nothing)."""
+    if not values.size or (np.min(values) >= 0 and np.max(values) <= 1):
+        return
+    outside = np.flatnonzero(~((values >= 0) & (values <= 1)))[0]
+    position = np.unravel_index(outside, values.shape) if values.ndim > 1 else (outside,)
+    value = values.reshape(-1)[outside]
+    got = "NaN" if value != value else f"{value}"
+    where = f" at index {position[0] if len(position) == 1 else tuple(int(i) for i in position)}" if values.ndim else ""
+    raise ValueError(f"{name} must lie in [0, 1] ({what}), got {got}{where}{hint}")
+
+
 def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
     p, y, dtype = _pair(probs, target, ("probs", "target"))
     reduction = check_reduction(reduction)
-    if p.size and not (np.min(p) >= 0 and np.max(p) <= 1):
-        raise ValueError(
-            f"probs must lie in [0, 1] (probabilities, e.g. sigmoid outputs), got values in "
-            f"[{np.min(p)}, {np.max(p)}]; for logits use binary_cross_entropy_with_logits"
-        )
+    _check_unit_interval(p, "probs", "probabilities, e.g. sigmoid outputs", "; for logits use binary_cross_entropy_with_logits")
+    _check_unit_interval(y, "target", "as torch requires", "")
     w = _broadcast_weight(weight, p.shape, p.dtype, "weight")
     per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
     per_element = _full(per_element, p.shape)
@@ -297,8 +307,9 @@ def binary_cross_entropy(
 ) -> np.ndarray:
     """Binary cross-entropy on probabilities: ``loss = −weight·[y·log p + (1 − y)·log(1 − p)]``.
 
-    As PyTorch, each log is clamped at −100 so p = 0 or 1 gives a finite loss. ``probs`` outside
-    [0, 1] is a ``ValueError``. Prefer :func:`binary_cross_entropy_with_logits` when you have logits.
+    As PyTorch, each log is clamped at −100 so p = 0 or 1 gives a finite loss. ``probs`` or
+    ``target`` outside [0, 1] (or NaN) is a ``ValueError``, as PyTorch raises; "mean" of no
+    element is 0 (PyTorch: NaN). Prefer :func:`binary_cross_entropy_with_logits` when you have logits.
 
     >>> import numpy as np, xentkit
     >>> np.round(xentkit.binary_cross_entropy([0.9, 0.2], [1.0, 0.0]), 4)
@@ -349,8 +360,8 @@ def quadratic_cost(prediction: ArrayLike, target: ArrayLike, *, reduction: str =
     """The quadratic cost of the seeds: ``mean((prediction − target)²)`` over every element.
 
     That is ``tf.reduce_mean(tf.square(y − prediction))`` of note 003 and PyTorch's
-    ``mse_loss``; "sum" and "none" give the sum and the elementwise squares.
-    See also :func:`quadratic_cost_and_grad`.
+    ``mse_loss``; "sum" and "none" give the sum and the elementwise squares. "mean" of no element
+    is 0 (PyTorch: NaN). See also :func:`quadratic_cost_and_grad`.
 
     >>> import numpy as np, xentkit
     >>> np.round(xentkit.quadratic_cost([[0.8, 0.2], [0.4, 0.6]], [[1.0, 0.0], [0.0, 1.0]]), 4)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._labels import as_class_indices, check_index_layout
+from .._options import describe
 from ..api._validation import check_weight_layout, class_axis_of_shape
 
 # The dtypes the NumPy api computes in (float16 is computed in float32 and returned as float16).
@@ -30,6 +31,19 @@ KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 # The dtypes the Numba kernels compute in directly (the fused linear forms, the log-probability and
 # vocabulary-parallel rows take these; other dtypes go to torch ops).
 NUMBA_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensors(input: object, target: object, weight: object = None, weight_name: str = "weight") -> None:
+    """``input`` and ``target`` tensors and ``weight`` one or None, else a TypeError naming the
+    argument, as torch's own losses raise (an array or a list reached attribute lookups deep in
+    the paths: an AttributeError that named neither)."""
+    if isinstance(input, Tensor) and isinstance(target, Tensor) and (weight is None or isinstance(weight, Tensor)):
+        return
+    for name, value in (("input", input), ("target", target), (weight_name, weight)):
+        if not (isinstance(value, Tensor) or (name == weight_name and value is None)):
+            kind = "a torch.Tensor or None" if name == weight_name else "a torch.Tensor"
+            hint = "; torch.from_numpy(...) makes one" if isinstance(value, np.ndarray) else ""
+            raise TypeError(f"{name} must be {kind}, got {describe(value)}{hint}")
 
 
 def check_class_weight(weight: Tensor | None, classes: int) -> None:
@@ -70,6 +84,7 @@ def sample_layout(
             not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
             tuple(target.shape), sample_shape,
             dtype_name=str(target.dtype).removeprefix("torch."),
+            **({} if probabilities_allowed else {"expected_shape": "(class indices)"}),
         )
     return class_axis, sample_shape, probabilities
 

@@ -35,10 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from xentkit._options import Integer, Real
-
 from .._labels import check_labels
-from .._options import LossOptions, check_flag, fields_with, loss_options
+from .._options import Integer, LossOptions, Real, check_flag, describe, fields_with, loss_options
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _bce_with_logits, _nll
 from ..reference.reductions import ReductionPlan
@@ -560,6 +558,7 @@ def _cross_entropy_with_options(
 ) -> Tensor:
     """:func:`cross_entropy` with its options already built (``CrossEntropyLoss`` calls this with
     its attributes' options: no keyword arguments to spread and gather on every step)."""
+    _bridge.check_tensors(input, target, weight)
     check_probabilities = check_flag(check_probabilities, "check_probabilities")
     if (  # (torch.compile's custom ops and torch.func's torch ops write no logits: nothing to refuse)
         options.inplace_backward and input.requires_grad and torch.is_grad_enabled()
@@ -636,6 +635,7 @@ def nll_loss(
     options = cached_options()(
         *fields_with(reduction=reduction, ignore_index=ignore_index, check_labels=check_labels)
     )
+    _bridge.check_tensors(input, target, weight)
     if _small_and_plain(input, target, weight, options, probabilities=False):
         return _small_nll_loss(input, target, weight, options)
     if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(weight,)):
@@ -689,7 +689,8 @@ def binary_cross_entropy_with_logits(
     On CPU tensors this runs xentkit's fused kernel (``xentkit.kernels.binary``: loss and
     gradient in forward, one read, float64 arithmetic), which keeps log σ accurate where torch's
     kernel rounds it away (float32 x = −17, target 0: torch 0, here 4.14e-8; x = −10: torch 0.8%
-    high).
+    high). Its second derivative is not computed: double backward raises there (torch's ops on
+    other devices compute it). Targets are not checked to lie in [0, 1] (as torch).
 
     Example:
         >>> import torch
@@ -702,9 +703,11 @@ def binary_cross_entropy_with_logits(
     if size_average is not None or reduce is not None:
         reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
     reduction = cached_options()(reduction).reduction
-    if isinstance(input, Tensor):  # (torch: a NotImplementedError from inside its kernel)
-        _bridge.check_floating_input(input)
-    if isinstance(target, Tensor) and not target.is_floating_point():  # (torch: a cast error, per path)
+    _bridge.check_tensors(input, target, weight)
+    if pos_weight is not None and not isinstance(pos_weight, Tensor):
+        raise TypeError(f"pos_weight must be a torch.Tensor or None, got {describe(pos_weight)}")
+    _bridge.check_floating_input(input)  # (torch: a NotImplementedError from inside its kernel)
+    if not target.is_floating_point():  # (torch: a cast error, per path)
         raise TypeError(
             "target must be a floating-point tensor (probabilities in [0, 1]), got dtype "
             f"{str(target.dtype).removeprefix('torch.')}; pass target.float()"

@@ -31,10 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from xentkit._options import Integer, Real
-
 from .._labels import check_labels
-from .._options import LossOptions
+from .._options import Integer, LossOptions, Real
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
 from . import _bridge, _linear_ops, _linear_triton, _torch_ops, _triton_path
@@ -293,6 +291,7 @@ def linear_cross_entropy(
     )
     input, linear_weight, linear_bias = _bridge.autocast_operands(input, linear_weight, linear_bias)
     check_linear(input, linear_weight, linear_bias, class_dims=True)  # K-dimensional: torch ops
+    _bridge.check_tensors(input, target, weight)
     if input.dim() not in (1, 2):
         raise ValueError(
             f"input must have shape (N, in_features) or (in_features,), got {tuple(input.shape)}; "

@@ -32,11 +32,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from xentkit._options import Integer, Real
-
 from .._labels import check_index_layout
 from .._labels import check_labels as _check_labels
-from .._options import LogProbOptions, check_flag, describe, select_outputs
+from .._options import Integer, LogProbOptions, Real, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients
 from . import _bridge, _log_prob_ops, _triton_path
 from ._chunks import (

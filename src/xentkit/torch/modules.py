@@ -11,9 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from xentkit._options import Integer, Real
-
-from .._options import FIELD_DEFAULTS, LossOptions
+from .._options import FIELD_DEFAULTS, Integer, LossOptions, Real
 from . import _bridge, functional
 from .linear_cross_entropy import linear_cross_entropy
 

@@ -10,9 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from xentkit._options import Integer, Real
-
-from ..._options import LossOptions
+from ..._options import Integer, LossOptions, Real
 from .. import _bridge
 from .._chunks import add_chunk_gradients, finish_gradients, gradient_buffers, logit_chunks
 from ._agreement import (

@@ -33,9 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from xentkit._options import Integer, Real
-
-from ..._options import LogProbOptions, check_flag, select_outputs
+from ..._options import Integer, LogProbOptions, Real, check_flag, select_outputs
 from ...reference.log_probs import merge_partials, row_statistics
 from .. import _bridge
 from .._chunks import (

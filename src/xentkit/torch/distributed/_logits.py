@@ -6,9 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from xentkit._options import Integer, Real
-
-from ..._options import LossOptions
+from ..._options import Integer, LossOptions, Real
 from .. import _bridge
 from ._agreement import _agree, _check_device, _check_target, _check_weight, _local_record
 from ._algebra import _coefficients, _combine, _row_losses
