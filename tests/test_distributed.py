@@ -379,6 +379,15 @@ def scenario_errors(world, rank):
                   "input must have linear_weight_shard's in_features=5")
     _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(
         x, w_shard[:, :4].contiguous(), target, chunk_size=3 if bad else 4), "chunk_size must be the same")
+    # the package's chunk budget set on rank 1 only: it would change rank 1's number of chunks,
+    # and so of all-reduces (gloo aborted the process on the mismatched collective)
+    floor = vp.CHUNK_FLOOR_BYTES
+    vp.CHUNK_FLOOR_BYTES = 8 if bad else floor
+    try:
+        _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(x, w_shard[:, :4].contiguous(), target),
+                      "CHUNK_FLOOR_BYTES must be the same on every rank", "rank(s) [1]")
+    finally:
+        vp.CHUNK_FLOOR_BYTES = floor
     # still in step: a good call afterwards agrees with the single-process answer
     _check_logits_case(world, rank, dtype=torch.float64, reduction="mean", weighted=True, smoothing=0.1,
                        z_loss=1e-2, explicit=False, seed=31)
@@ -569,6 +578,10 @@ def test_a_gloo_group_of_one_process():
         assert_close(loss.detach(), expected_loss, torch.float64, "loss")
         assert_close(logits.grad, expected_grad, torch.float64, "gradient")
         assert stats.total_bytes == 0  # a world of one communicates nothing
+        # a group that is not a process group: a TypeError naming it, before any collective (was an
+        # AttributeError from inside: 'int' object has no attribute 'size')
+        with pytest.raises(TypeError, match=r"^group must be a torch.distributed process group or None, got int 0$"):
+            vp.vocab_parallel_cross_entropy(logits, target, group=0)
     finally:
         dist.destroy_process_group()
 

@@ -58,6 +58,9 @@ _FIELDS = (
     # whether this rank's result has an autograd graph (1) or not (0), where the input gradient
     # is all-reduced in backward (the linear forms' "none", the log-probabilities); -1 elsewhere
     "backward_graph",
+    # blake2b of the package's chunk budget (CHUNK_FRACTION, CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES)
+    # as this rank reads it: it sets the linear forms' number of chunks, and so of collectives
+    "chunk_budget",
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -272,7 +275,15 @@ def _local_record(
         "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else -1,
         "wants_input_grad": int(wants_input_grad),
         "backward_graph": -1 if backward_graph is None else int(backward_graph),
+        "chunk_budget": _digest(np.asarray(_chunk_budget(), dtype=np.int64)),
     }
+
+
+def _chunk_budget() -> tuple[int, int, int]:
+    """The package's chunk budget as this rank reads it now (the linear forms' ``_chunk_rows``)."""
+    from . import CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES, CHUNK_FRACTION
+
+    return int(CHUNK_FRACTION), int(CHUNK_BUDGET_BYTES), int(CHUNK_FLOOR_BYTES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +339,12 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
                     classes=classes, name=f"{prefix}target",
                 )
                 problems.append(str(error))
+    if _differing(records, "chunk_budget"):
+        problems.append(
+            "xentkit.torch.distributed's CHUNK_FRACTION, CHUNK_BUDGET_BYTES and CHUNK_FLOOR_BYTES must be "
+            f"the same on every rank (they set the number of chunks, and so of collectives), but rank(s) "
+            f"{_differing(records, 'chunk_budget')} have other values than rank 0"
+        )
     for name in _OPTION_NAMES:
         if _differing(records, f"option_{name}"):
             values = [_decode_option(name, record[f"option_{name}"]) for record in records]

@@ -50,6 +50,9 @@ class _Communicator:
                 )
             self.world_size, self.rank, self.device = 1, 0, device
             return
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            # (before any collective; the other ranks wait in their first one for this rank)
+            raise TypeError(f"group must be a torch.distributed process group or None, got {type(group).__name__} {group!r}")
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if self.rank < 0:
