@@ -107,10 +107,9 @@ def render() -> str:
         "examples are the docstrings' own.",
         "",
         "Two names in the signatures: `Real` is a real number of any kind (a Python `float` or `int`, a "
-        "NumPy scalar, or a one-value array or tensor, as torch's own losses take one: "
-        "`float | SupportsFloat`), `Integer` an integer of any kind (`int | SupportsIndex`: a NumPy "
-        "integer or a one-value integer tensor too). Both are in `xentkit._options`, with the checks "
-        "that take them.",
+        "NumPy scalar, or a 0-d array or tensor: `float | SupportsFloat`), `Integer` an integer of any "
+        "kind (`int | SupportsIndex`: a NumPy integer or a one-value integer tensor too). Both are in "
+        "`xentkit._options`, with the checks that take them.",
         "",
     ]
     for module_name, summary in MODULES:

@@ -30,12 +30,15 @@ from xentkit.kernels import (
     vocab_parallel,
 )
 
-# the cases that differed (the row counts make the kernels take their threaded builds, as in use)
+# the cases that differed (the row counts make the kernels take their threaded builds, as in use),
+# and every other kernel: hard labels on the row and tile kernels, probability targets, binary,
+# softmax / log-softmax / logsumexp, the vocabulary-parallel shards; threaded and one-thread builds
 _CHILD = textwrap.dedent(
     """
     import hashlib, json, sys
     import numpy as np
     import xentkit
+    from xentkit.kernels import vocab_parallel
 
     def digest(*arrays):
         return hashlib.sha1(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
@@ -53,6 +56,23 @@ _CHILD = textwrap.dedent(
     p = rng.random((3000, 40))
     p /= p.sum(axis=1, keepdims=True)
     found["cross_entropy probabilities float64 3000x40"] = digest(*xentkit.cross_entropy_and_grad(x, p, reduction="none"))
+    for dtype in (np.float32, np.float64):
+        for rows, classes in ((3000, 40), (8, 700), (200, 3000)):  # tile, one thread, row kernels
+            x = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+            y = rng.integers(0, classes, rows)
+            p = rng.random((rows, classes)).astype(dtype)
+            p /= p.sum(axis=1, keepdims=True)
+            key = f"{np.dtype(dtype).name} {rows}x{classes}"
+            found["cross_entropy " + key] = digest(*xentkit.cross_entropy_and_grad(
+                x, y, label_smoothing=0.1, z_loss=1e-3, reduction="none"))
+            found["cross_entropy softcap " + key] = digest(*xentkit.cross_entropy_and_grad(x, y, softcap=5.0))
+            found["cross_entropy probabilities smoothed " + key] = digest(*xentkit.cross_entropy_and_grad(
+                x, p, label_smoothing=0.1, reduction="none"))
+            found["binary " + key] = digest(*xentkit.binary_cross_entropy_with_logits_and_grad(
+                x, (p > 1.0 / classes).astype(dtype), reduction="none"))
+            found["softmax " + key] = digest(xentkit.softmax(x), xentkit.log_softmax(x), xentkit.logsumexp(x, axis=-1))
+            labels = np.where(y % 3 == 0, -1, y).astype(np.int64)
+            found["shards " + key] = digest(*[a for a in vocab_parallel.shard_softmax_stats(x, labels, None, True) if a is not None])
     json.dump(found, sys.stdout)
     """
 )
@@ -72,7 +92,7 @@ def test_compiling_process_and_cache_loading_process_give_the_same_bits(tmp_path
     compiled = _run_child(cache_dir)  # compiles the kernels and writes them to the empty cache
     assert any(files for _, _, files in os.walk(cache_dir)), "the first process cached nothing"
     loaded = _run_child(cache_dir)  # loads them from there
-    assert loaded == compiled, sorted(key for key in compiled if loaded.get(key) != compiled[key])
+    assert len(compiled) == 41 and loaded == compiled, sorted(key for key in compiled if loaded.get(key) != compiled[key])
 
 
 _MODULES = (_exp, activations, binary, cross_entropy, labels, log_probs, probabilities, vocab_parallel)

@@ -658,3 +658,46 @@ def test_float32_kernels_shift_before_they_scale(offset):
     np.testing.assert_allclose(got_lp, lp, rtol=3e-7)
     np.testing.assert_allclose(got_h, h, rtol=1e-6)
     np.testing.assert_allclose(got_grad, grad, rtol=0, atol=3e-7 * np.max(np.abs(grad)))
+
+
+@pytest.mark.parametrize(
+    ("row", "dtype", "temperature"),
+    [
+        ([np.finfo(np.float64).max, 0.0, -np.finfo(np.float64).max], np.float64, 1e3),  # x/T finite
+        ([np.finfo(np.float64).max, 0.0, -np.finfo(np.float64).max], np.float64, 0.7),  # x/T overflows
+        ([np.finfo(np.float32).max, 0.0, 1.0], np.float32, 0.5),
+        ([1e300, 0.0, 1.0], np.float64, 1e-10),
+        ([3e38, 0.0, 1.0], np.float32, 0.1),
+    ],
+)
+def test_kernels_keep_torchs_values_at_the_edges_of_the_range(row, dtype, temperature):
+    """Where x/T overflows the logits' dtype, torch's (and the reference's) log p, entropy and
+    gradient are NaN; where it does not, finite. A float64 max that m/c brought back an ulp off
+    gave -inf in the gradient ([big, 0, -big] at T = 1e3), and an overflowing x/T a finite
+    gradient where torch's is NaN."""
+    torch = pytest.importorskip("torch")
+    x = np.array([row], dtype=dtype)
+    y, g = np.array([1]), np.ones(1)
+    log_p, entropy = xentkit.log_probs(x, y, temperature=temperature, return_entropy=True)
+    grad = xentkit.log_probs_backward(x, y, g, g, temperature=temperature)
+    t = torch.from_numpy(x).requires_grad_()
+    expected = torch.log_softmax(t / temperature, -1)
+    expected_entropy = -(expected.exp() * expected).sum(-1)
+    (expected[0, 1] + expected_entropy[0]).backward()
+    rtol = 4 * np.finfo(dtype).eps
+    np.testing.assert_allclose(log_p, expected[:, 1].detach().numpy(), rtol=rtol)
+    np.testing.assert_allclose(entropy, np.abs(expected_entropy.detach().numpy()), rtol=rtol, atol=0)
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=rtol, atol=0)
+
+
+def test_float64_gradient_far_from_zero_keeps_its_accuracy():
+    """Float64 logits near 1e8 at T = 0.7: the gradient within 1e-8 of its largest entry (a max
+    recovered an ulp off made whole rows' exponentials off by ulp(1e8)/T, 3e-8 median error)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((64, 2000)) * 3 + 1e8
+    y = rng.integers(0, 2000, 64)
+    g = rng.standard_normal(64)
+    got = xentkit.log_probs_backward(x, y, g, g, temperature=0.7)
+    with xentkit.use_reference(True):
+        expected = xentkit.log_probs_backward(x, y, g, g, temperature=0.7)
+    assert np.max(np.abs(got - expected)) <= 1e-8 * np.max(np.abs(expected))

@@ -45,8 +45,8 @@ CHOICES = {"reduction": REDUCTIONS, "backend": BACKENDS}
 
 # The types the public signatures give the numeric options (``label_smoothing``, ``z_loss``,
 # ``softcap``, ``temperature``; ``ignore_index``), for type checkers: what the checks below take. A
-# real number of any kind (Python's, NumPy's, a one-value array or tensor, as torch's own losses
-# take one) and an integer of any kind (NumPy's, a one-value integer tensor).
+# real number of any kind (Python's, NumPy's, a 0-d array or tensor; torch's own losses take a 0-d
+# tensor) and an integer of any kind (NumPy's, a one-value integer tensor).
 Real: TypeAlias = float | SupportsFloat
 Integer: TypeAlias = int | SupportsIndex
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)

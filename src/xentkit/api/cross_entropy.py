@@ -378,7 +378,7 @@ def perplexity(
         raise TypeError(f"perplexity always averages (reduction='mean'); got reduction={reduction!r}")
     options = loss_options("mean", ignore_index, label_smoothing, z_loss, softcap)
     # the mean cross-entropy in float64, exponentiated, then rounded once to cross_entropy's dtype
-    # (exp of the already rounded mean was up to 13 float32 ulps off)
+    # (exp of the already rounded mean was up to 7.7 and 12.7 float32 ulps off in two reviews' random batches)
     loss, _ = _cross_entropy(
         logits, target, axis=axis, weight=weight, options=options,
         check_probabilities=check_probabilities, want_grad=False, loss_dtype=np.dtype(np.float64),

@@ -12,6 +12,10 @@ the same inputs gave results 1 ulp apart (the log-prob kernels' float32 and floa
 float64 probability-target cross-entropy), between the process that compiled the kernels and every
 later one. With the helpers inlined, a kernel's bits do not depend on the cache
 (``tests/test_kernel_cache_bits.py``).
+
+Three cached functions stay out of line on purpose: the tile kernels' ``_tile_finish``,
+``_tile_exponentials`` (``cross_entropy``) and ``_tile_terms`` (``probabilities``), kept as calls
+for speed (benchmarks/README.md). The same test compares the tile kernels fresh and cached.
 """
 
 from __future__ import annotations

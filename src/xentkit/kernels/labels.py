@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from xentkit.kernels._jit import KERNEL_OPTIONS
 
-@njit(cache=True, nogil=True)
+
+@njit(**KERNEL_OPTIONS)
 def _first_bad_label(labels, num_classes, ignore_index):  # pragma: no cover - compiled
     for i in range(labels.shape[0]):
         y = labels[i]

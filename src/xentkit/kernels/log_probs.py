@@ -18,8 +18,10 @@ Per row i (``prange`` over rows; a row of C classes x, scale c = 1/T > 0, z_j = 
     H = log s − u/s ≥ 0 and lse = m + log s.
 
     Pass 2, gradient (one write of the row; exp recomputed), given per-row (m, s) and the
-    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·d_j), with m_x = m/c in the
-    logits' dtype (the float32 max comes back exactly, a float64 one within an ulp):
+    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·d_j); float32 rows take
+    d_j = (x_j − m_x)·c with m_x = m/c (the float32 max comes back exactly), float64 rows
+    d_j = x_j·c − m (a float64 max may come back an ulp off, which at ulp(m_x)/T > 709 would
+    overflow exp(d)):
         dst_j = c·exp(d_j)/s·(b + k·d_j)                 (vector loop, the dtype's lanes)
         dst_y = c·(a + p_y·(b + k·(z_y − m)))            (float64, x_y read before the loop)
     ``dst`` may be the logits themselves (in place: the one-array loop, which LLVM vectorizes
@@ -111,23 +113,24 @@ def _block_moments_unshifted(row, start, stop, scale):  # pragma: no cover - com
 
 
 # ---------------------------------------------------------------------------------------------
-# Pass 2 pieces: dst_j = exp(d_j)·(B + K·d_j), d_j = (x_j − m_x)·c, B = c·b/s, K = c·k/s
+# Pass 2 pieces: dst_j = exp(d_j)·(B + K·d_j), d_j = (x_j − a)·c − b, B = c·b/s, K = c·k/s
+# ((a, b) = (m_x, 0) for float32 logits, (0, m) for float64: see _gradient_kernel)
 # ---------------------------------------------------------------------------------------------
 
 
 @njit(**_LOOP_JIT)
-def _grad(x, g, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
+def _grad(x, g, scale, shift, after, coef_b, coef_k):  # pragma: no cover - compiled
     floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
-        d = (x[j] - shift) * scale
+        d = (x[j] - shift) * scale - after
         g[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
 
 
 @njit(**_LOOP_JIT)
-def _grad_inplace(x, scale, shift, coef_b, coef_k):  # pragma: no cover - compiled
+def _grad_inplace(x, scale, shift, after, coef_b, coef_k):  # pragma: no cover - compiled
     floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
-        d = (x[j] - shift) * scale
+        d = (x[j] - shift) * scale - after
         x[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
 
 
@@ -170,10 +173,11 @@ def _statistics_kernel(
                     s = e * s
                 m = b
             # shift by 0 while m is −inf (only −inf or NaN so far: exp(−inf) = 0 and a NaN stays
-            # NaN, never exp(−inf − (−inf))); m is NaN-free (maxnum skips NaN). A +inf logit
-            # makes s = +inf (lse = +inf, as torch's logsumexp), or NaN with a NaN in the row
+            # NaN, never exp(−inf − (−inf))); m is NaN-free (maxnum skips NaN). A +inf logit, or a
+            # max whose x·c overflows the logits' dtype (torch's x/T is +inf there), makes
+            # s = +inf (lse = +inf, as torch's logsumexp), or NaN with a NaN in the row
             shift = m if m > neg_inf else zero
-            if m == pos_inf:
+            if m * c == pos_inf:
                 ds, du = _block_moments_unshifted(row, block_start, block_stop, c)
             elif b == m:
                 ds, du = _block_moments_wide(row, block_start, block_stop, c, shift)
@@ -181,11 +185,15 @@ def _statistics_kernel(
                 ds, du = _block_moments(row, block_start, block_stop, c, shift)
             s += ds
             u += du
-        m_rows[i] = np.float64(m) * scale  # the max of z = x·c, in float64
+        y = labels[i]
+        if m * c == pos_inf:  # z = x·c overflows the dtype (or a +inf logit): torch's values, NaN
+            m_rows[i] = np.inf
+            z_target[i] = np.float64(row[y] * c) if 0 <= y < n_classes else 0.0
+        else:  # the max of z = x·c and z_y, in float64
+            m_rows[i] = np.float64(m) * scale
+            z_target[i] = np.float64(row[y]) * scale if 0 <= y < n_classes else 0.0
         s_rows[i] = s
         u_rows[i] = u
-        y = labels[i]
-        z_target[i] = np.float64(row[y]) * scale if 0 <= y < n_classes else 0.0
 
 
 @njit(parallel=True, **_KERNEL_JIT)
@@ -194,15 +202,20 @@ def _gradient_kernel(
 ):  # pragma: no cover - compiled
     n_rows, n_classes = logits.shape
     c = like(scale, logits)
+    zero = like(0.0, logits)
+    # m = float64(m_x)·c from pass 1 (or a global max of such): for float32 logits m / c gives the
+    # float32 max m_x back exactly, so d_j = (x_j − m_x)·c as pass 1; a float64 max may come back an
+    # ulp off (10-15% of random maxima; with ulp(m_x)/T beyond 709 exp(d) overflows), so float64
+    # rows take d_j = x_j·c − m, each z_j rounded (an ulp of max|x|/T)
+    shift_first = logits.itemsize == 4  # float32
     for i in prange(n_rows):
         row = logits[i]
         dst = row if in_place else grad_out[i]
         if not valid[i]:
             _zero_row(dst)
             continue
-        # the row's max in the logits' space, m_x = m / c (m = float64(m_x)·c from pass 1: the
-        # float32 max comes back exactly; a float64 one within an ulp)
-        m_x = like(m_rows[i] / scale, logits)
+        shift = like(m_rows[i] / scale, logits) if shift_first else zero
+        after = zero if shift_first else like(m_rows[i], logits)
         s = s_rows[i]
         y = labels[i]
         has_target = 0 <= y < n_classes
@@ -217,9 +230,9 @@ def _gradient_kernel(
         coef_b_row = like(scale * coef_b[i] / s, logits)
         coef_k_row = like(scale * coef_k[i] / s, logits)
         if in_place:
-            _grad_inplace(row, c, m_x, coef_b_row, coef_k_row)
+            _grad_inplace(row, c, shift, after, coef_b_row, coef_k_row)
         else:
-            _grad(row, dst, c, m_x, coef_b_row, coef_k_row)
+            _grad(row, dst, c, shift, after, coef_b_row, coef_k_row)
         if has_target:
             dst[y] = grad_y
 

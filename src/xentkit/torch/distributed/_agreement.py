@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..._labels import as_class_indices, label_error
+from ..._labels import LabelError, as_class_indices, label_error
 from ..._options import CHOICES, LogProbOptions, LossOptions
 from .._bridge import check_dense, transforms_running
 from .._linear_checks import SHARDS, check_linear
@@ -307,9 +307,22 @@ def _differing(records: Sequence[dict[str, int]], field: str) -> list[int]:
     return [rank for rank, record in enumerate(records) if record[field] != records[0][field]]
 
 
+class _Problem(str):
+    """One problem found across the ranks; ``label`` when it is a bad label (raised as a
+    LabelError, an IndexError as torch's too, when it is among the problems)."""
+
+    label = False
+
+
+def _label_problem(text: str) -> _Problem:
+    problem = _Problem(text)
+    problem.label = True
+    return problem
+
+
 def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
     """Checks that need every rank's record; every rank finds the same problems."""
-    problems = []
+    problems: list[str] = []
     world = len(records)
     rows = [record["rows"] for record in records]
     if len(set(rows)) > 1:
@@ -338,7 +351,7 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
                     record[label], (record[position],), vocab_size, record["option_ignore_index"],
                     classes=classes, name=f"{prefix}target",
                 )
-                problems.append(str(error))
+                problems.append(_label_problem(str(error)))
     if _differing(records, "chunk_budget"):
         problems.append(
             "xentkit.torch.distributed's CHUNK_FRACTION, CHUNK_BUDGET_BYTES and CHUNK_FLOOR_BYTES must be "
@@ -437,7 +450,8 @@ def _agree(
         raise ValueError(text) from error
     problems = _global_problems(records)
     if problems:
-        raise ValueError(f"xentkit.torch.{function}: invalid input (checked across {world} ranks) — " + "; ".join(problems))
+        kind = LabelError if any(getattr(problem, "label", False) for problem in problems) else ValueError
+        raise kind(f"xentkit.torch.{function}: invalid input (checked across {world} ranks) — " + "; ".join(problems))
     widths = tuple(entry["width"] for entry in records)
     if records[0]["start"] >= 0:
         starts = tuple(entry["start"] for entry in records)
