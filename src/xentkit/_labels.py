@@ -17,13 +17,16 @@ from ._options import as_array
 __all__ = ["LabelError", "as_class_indices", "check_index_layout", "check_labels", "label_error"]
 
 _INT64_MAX = np.iinfo(np.int64).max
+# The expected shape of a target that may hold class indices or class probabilities (the
+# cross-entropy's); callers whose targets are indices only word their own.
+_INDICES_OR_PROBABILITIES = "(class indices) or the logits' shape (class probabilities)"
 
 
 def as_class_indices(
     target: object,
     sample_shape: tuple[int, ...],
     *,
-    expected_shape: str = "(class indices) or the logits' shape (class probabilities)",
+    expected_shape: str = _INDICES_OR_PROBABILITIES,
     dtype_name: str | None = None,
     num_classes: int | None = None,
     ignore_index: int | None = None,
@@ -65,14 +68,14 @@ def check_index_layout(
     sample_shape: tuple[int, ...],
     *,
     dtype_name: str,
-    expected_shape: str = "(class indices) or the logits' shape (class probabilities)",
+    expected_shape: str = _INDICES_OR_PROBABILITIES,
 ) -> None:
     """The dtype and shape rules of class indices, from metadata alone (for tensors on any
     device): a non-integer dtype is a ``TypeError``, a shape other than ``sample_shape`` a
-    ``ValueError``; ``expected_shape`` words the expected shape (the probabilities' hint only when
-    it mentions them)."""
+    ``ValueError``; ``expected_shape`` words the expected shape (the probabilities' hint only with
+    the default, a target that may hold them)."""
     if not integer:  # (the hint on probabilities only where the caller takes them)
-        hint = " (class probabilities must have the logits' shape)" if "probabilities" in expected_shape else ""
+        hint = " (class probabilities must have the logits' shape)" if expected_shape == _INDICES_OR_PROBABILITIES else ""
         raise TypeError(f"target of class indices must have an integer dtype, got dtype {dtype_name}{hint}")
     if tuple(shape) != tuple(sample_shape):
         raise ValueError(f"target must have shape {sample_shape} {expected_shape}, got shape {tuple(shape)}")
