@@ -33,15 +33,15 @@ KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
-def check_tensors(input: object, target: object, weight: object = None, weight_name: str = "weight") -> None:
+def check_tensors(input: object, target: object, weight: object = None) -> None:
     """``input`` and ``target`` tensors and ``weight`` one or None, else a TypeError naming the
     argument, as torch's own losses raise (an array or a list reached attribute lookups deep in
     the paths: an AttributeError that named neither)."""
     if isinstance(input, Tensor) and isinstance(target, Tensor) and (weight is None or isinstance(weight, Tensor)):
         return
-    for name, value in (("input", input), ("target", target), (weight_name, weight)):
-        if not (isinstance(value, Tensor) or (name == weight_name and value is None)):
-            kind = "a torch.Tensor or None" if name == weight_name else "a torch.Tensor"
+    for name, value in (("input", input), ("target", target), ("weight", weight)):
+        if not (isinstance(value, Tensor) or (name == "weight" and value is None)):
+            kind = "a torch.Tensor or None" if name == "weight" else "a torch.Tensor"
             hint = "; torch.from_numpy(...) makes one" if isinstance(value, np.ndarray) else ""
             raise TypeError(f"{name} must be {kind}, got {describe(value)}{hint}")
 

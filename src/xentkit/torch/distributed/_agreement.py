@@ -275,12 +275,14 @@ def _local_record(
         "dtype": _DTYPES.index(dtype) if dtype in _DTYPES else -1,
         "wants_input_grad": int(wants_input_grad),
         "backward_graph": -1 if backward_graph is None else int(backward_graph),
-        "chunk_budget": _digest(np.asarray(_chunk_budget(), dtype=np.int64)),
+        "chunk_budget": _digest(np.asarray(chunk_budget(), dtype=np.int64)),
     }
 
 
-def _chunk_budget() -> tuple[int, int, int]:
-    """The package's chunk budget as this rank reads it now (the linear forms' ``_chunk_rows``)."""
+def chunk_budget() -> tuple[int, int, int]:
+    """The package's chunk budget as this rank reads it now, at call time: ``(CHUNK_FRACTION,
+    CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES)`` (the linear forms' ``_rows._chunk_rows`` and the
+    validation record)."""
     from . import CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES, CHUNK_FRACTION
 
     return int(CHUNK_FRACTION), int(CHUNK_BUDGET_BYTES), int(CHUNK_FLOOR_BYTES)
@@ -307,22 +309,11 @@ def _differing(records: Sequence[dict[str, int]], field: str) -> list[int]:
     return [rank for rank, record in enumerate(records) if record[field] != records[0][field]]
 
 
-class _Problem(str):
-    """One problem found across the ranks; ``label`` when it is a bad label (raised as a
-    LabelError, an IndexError as torch's too, when it is among the problems)."""
-
-    label = False
-
-
-def _label_problem(text: str) -> _Problem:
-    problem = _Problem(text)
-    problem.label = True
-    return problem
-
-
-def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
-    """Checks that need every rank's record; every rank finds the same problems."""
+def _global_problems(records: Sequence[dict[str, int]]) -> tuple[list[str], bool]:
+    """Checks that need every rank's record; every rank finds the same problems. Also whether one
+    of them is a bad label (raised as a LabelError, an IndexError as torch's too)."""
     problems: list[str] = []
+    bad_label = False
     world = len(records)
     rows = [record["rows"] for record in records]
     if len(set(rows)) > 1:
@@ -351,7 +342,8 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
                     record[label], (record[position],), vocab_size, record["option_ignore_index"],
                     classes=classes, name=f"{prefix}target",
                 )
-                problems.append(_label_problem(str(error)))
+                problems.append(str(error))
+                bad_label = True
     if _differing(records, "chunk_budget"):
         problems.append(
             "xentkit.torch.distributed's CHUNK_FRACTION, CHUNK_BUDGET_BYTES and CHUNK_FLOOR_BYTES must be "
@@ -415,7 +407,7 @@ def _global_problems(records: Sequence[dict[str, int]]) -> list[str]:
                 )
                 break
             expected = start + width
-    return problems
+    return problems, bad_label
 
 
 def _agree(
@@ -448,9 +440,9 @@ def _agree(
         if isinstance(error, TypeError):
             raise TypeError(text) from error
         raise ValueError(text) from error
-    problems = _global_problems(records)
+    problems, bad_label = _global_problems(records)
     if problems:
-        kind = LabelError if any(getattr(problem, "label", False) for problem in problems) else ValueError
+        kind = LabelError if bad_label else ValueError
         raise kind(f"xentkit.torch.{function}: invalid input (checked across {world} ranks) — " + "; ".join(problems))
     widths = tuple(entry["width"] for entry in records)
     if records[0]["start"] >= 0:

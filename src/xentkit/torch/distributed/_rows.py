@@ -17,7 +17,7 @@ from torch import Tensor
 from ..._options import LossOptions
 from ...reference.reductions import ReductionPlan
 from .._chunks import ChunkBudget, chunk_rows
-from ._agreement import _Agreement
+from ._agreement import _Agreement, chunk_budget
 from ._communication import _Communicator
 
 
@@ -102,7 +102,4 @@ def _chunk_rows(rows: int, max_width: int, chunk_size: int | None, item_bytes: i
     the widest shard and the bytes of an item of the chunk's buffer (the input's dtype, agreed
     on every rank), within the package's budget (``CHUNK_FRACTION``, ``CHUNK_BUDGET_BYTES``,
     ``CHUNK_FLOOR_BYTES``, read at call time), on every device."""
-    from . import CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES, CHUNK_FRACTION
-
-    budget = ChunkBudget(CHUNK_FRACTION, CHUNK_BUDGET_BYTES, CHUNK_FLOOR_BYTES)
-    return chunk_rows(rows, max_width, item_bytes, chunk_size, budget=budget)
+    return chunk_rows(rows, max_width, item_bytes, chunk_size, budget=ChunkBudget(*chunk_budget()))
