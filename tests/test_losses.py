@@ -124,3 +124,44 @@ def test_entropy_and_kl_edge_cases():
     assert_close(xentkit.entropy(np.full(8, 1 / 8)), np.log(8))
     assert xentkit.kl_divergence([0.5, 0.5, 0.0], [0.5, 0.5, 0.0]) == 0
     assert xentkit.kl_divergence([0.5, 0.5], [1.0, 0.0]) == np.inf
+
+
+def test_a_wider_float_target_is_not_rounded_to_the_predictions_dtype():
+    """float32 predictions with a float64 target are computed in float64, as torch promotes, and
+    the result rounded once to the prediction's dtype (rounding the target to float32 first lost
+    it: 1 + 1e-12 became 1, so the quadratic cost was 0 and the BCE lost its (1 − y)·x term)."""
+    one = np.float32([1.0])
+    near = np.float64([1 + 1e-12])
+    expected = float(F.mse_loss(torch.tensor(one, dtype=torch.float64), torch.tensor(near)))  # 1.0002e-24
+    loss, grad = xentkit.quadratic_cost_and_grad(one, near)
+    assert loss.dtype == np.float32 and grad.dtype == np.float32
+    assert loss == np.float32(expected) and expected > 0
+    assert grad[0] == np.float32(2 * (1.0 - (1 + 1e-12)))
+    x, y = np.float32([20.0]), np.float64([1 - 1e-12])
+    exact = float(F.binary_cross_entropy_with_logits(torch.tensor(x, dtype=torch.float64), torch.tensor(y)))
+    assert xentkit.binary_cross_entropy_with_logits(x, y) == np.float32(exact)  # 2.0812e-9 (was 2.0612e-9)
+    _, grad = xentkit.binary_cross_entropy_with_logits_and_grad(x, y)
+    assert grad.dtype == np.float32
+    np.testing.assert_allclose(grad, 1 / (1 + np.exp(-20.0)) - y, rtol=1e-6)  # σ(x) − y = −2.0601e-9
+    p, y = np.float32([0.5]), np.float64([1e-12])
+    exact = float(F.binary_cross_entropy(torch.tensor(p, dtype=torch.float64), torch.tensor(y)))
+    assert xentkit.binary_cross_entropy(p, y) == np.float32(exact)
+    # an integer target does not widen float32 predictions
+    assert xentkit.quadratic_cost(np.float32([0.5, 1.5]), np.array([0, 2])).dtype == np.float32
+
+
+def test_backward_of_softmax_takes_an_integer_upstream_gradient():
+    """A one-hot upstream gradient may be an integer array, as every other upstream gradient
+    (it was a TypeError here while ``log_probs_backward`` took one); bool is still refused."""
+    x = np.float32([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]])
+    onehot = np.array([[0, 1, 0], [1, 0, 0]])
+    for forward, backward in ((xentkit.softmax, xentkit.softmax_backward), (xentkit.log_softmax, xentkit.log_softmax_backward)):
+        out = forward(x)
+        got = backward(out, onehot)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, backward(out, onehot.astype(np.float32)))
+        t = torch.tensor(x, requires_grad=True)
+        (torch.softmax if forward is xentkit.softmax else torch.log_softmax)(t, -1).backward(torch.tensor(onehot, dtype=torch.float32))
+        assert_close(got, t.grad.numpy(), np.float32)
+        with pytest.raises(TypeError, match=r"must be a floating-point or integer array, got dtype bool"):
+            backward(out, onehot.astype(bool))

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import reference
-from .._options import check_flag
+from .._options import as_array, check_flag
 from ._config import reference_enabled
 from ._rows import class_axis_last, kernel_array
 from ._validation import as_float_array, class_axis, compute_dtype, rounded, same_shape
@@ -135,7 +135,13 @@ def _backward_inputs(
     values: ArrayLike, grad: ArrayLike, names: tuple[str, str], axis: int
 ) -> tuple[np.ndarray, np.ndarray, np.dtype, int]:
     first = as_float_array(values, names[0])
-    second = as_float_array(grad, names[1])
+    second = as_array(grad, names[1])
+    if second.dtype.kind in "iu":  # e.g. a one-hot [0, 1, 0]: in the values' dtype, as every
+        second = rounded(second, first.dtype)  # other upstream gradient (upstream_gradient)
+    elif second.dtype.kind == "f":
+        second = as_float_array(second, names[1])
+    else:
+        raise TypeError(f"{names[1]} must be a floating-point or integer array, got dtype {second.dtype}")
     same_shape(second, names[1], first, names[0])
     dtype = np.result_type(first.dtype, second.dtype)
     work = compute_dtype(dtype)
@@ -147,8 +153,9 @@ def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: int = -1) ->
     """Vector-Jacobian product of softmax: ``dx_i = p_i·(g_i − Σ_j g_j·p_j)``.
 
     ``probs`` is the softmax output ``p``, ``grad_probs`` the gradient ``g`` of a loss with
-    respect to ``p`` (same shape); returns the gradient with respect to the softmax input.
-    The Jacobian ``∂p_j/∂x_i = p_j·(δ_ij − p_i)`` is never formed.
+    respect to ``p`` (same shape; floating-point, or integer as a one-hot, then taken in
+    ``probs``' dtype); returns the gradient with respect to the softmax input, in the dtype the
+    two promote to. The Jacobian ``∂p_j/∂x_i = p_j·(δ_ij − p_i)`` is never formed.
 
     >>> import numpy as np, xentkit
     >>> p = xentkit.softmax([3.0, 1.0, -3.0])
@@ -161,6 +168,8 @@ def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: int = -1) ->
 
 def log_softmax_backward(log_probs: ArrayLike, grad_log_probs: ArrayLike, axis: int = -1) -> np.ndarray:
     """Vector-Jacobian product of log-softmax: ``dx_i = g_i − p_i·Σ_j g_j``, ``p = exp(log_probs)``.
+
+    ``grad_log_probs`` as ``grad_probs`` of :func:`softmax_backward` (same shape, float or integer).
 
     >>> import numpy as np, xentkit
     >>> log_p = xentkit.log_softmax([3.0, 1.0, -3.0])

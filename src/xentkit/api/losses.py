@@ -23,13 +23,16 @@ from ._validation import (
 
 
 def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-    """Two float arrays of one shape, in the compute dtype of the first; returns the output dtype."""
+    """Two float arrays of one shape and the output dtype (the first's). They are computed in the
+    compute dtype of the first, or of both where the second is a wider float: a float64 target
+    is not rounded to float32 logits before it is used (torch promotes alike); an integer or
+    bool one does not widen it."""
     a = as_float_array(first, names[0])
     b = as_array(second, names[1])
     if b.dtype.kind not in "fiub":
         raise TypeError(f"{names[1]} must be a numeric array, got dtype {b.dtype}")
     same_shape(b, names[1], a, names[0])
-    work = compute_dtype(a.dtype)
+    work = compute_dtype(np.promote_types(a.dtype, b.dtype) if b.dtype.kind == "f" else a.dtype)
     return a.astype(work, copy=False), rounded(b, work), a.dtype
 
 
