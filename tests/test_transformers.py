@@ -423,6 +423,41 @@ def test_an_offloaded_head_is_refused_clearly() -> None:
         model(**batch())
 
 
+@pytest.mark.parametrize("before_patch", [True, False])
+def test_a_forward_replaced_by_accelerate_on_lm_head_is_reproduced_or_refused(before_patch: bool) -> None:
+    """accelerate's add_hook_to_module replaces lm_head.forward on the instance, so its
+    pre_forward runs after every torch hook, the patch's loss hook included. Its device hook
+    (a device_map's) is reproduced; any other wrapper is refused, never bypassed (a hook doubling
+    the input gave the loss 7.04 where the model's is 9.01, silently)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Doubled(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return tuple(2 * a for a in args), kwargs
+
+    def wrapped(model, hook):
+        hooks.add_hook_to_module(model.lm_head, hook)
+        return model
+
+    for hook in (lambda: hooks.AlignDevicesHook(execution_device=torch.device("cpu")), Doubled):
+        reference = wrapped(tiny_model("LlamaForCausalLM"), hook())
+        model = wrapped(patch(tiny_model("LlamaForCausalLM")), hook()) if not before_patch else patch(
+            wrapped(tiny_model("LlamaForCausalLM"), hook())
+        )
+        if hook is Doubled:
+            with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's lm_head has its forward replaced \(Doubled"):
+                model(**batch())
+            assert_same_training(reference, unpatch(model), **batch())  # unpatched: the hook's loss
+        else:
+            assert_same_training(reference, model, **batch())
+            assert model(**batch()).logits is None  # the patch ran
+
+    model = patch(tiny_model("LlamaForCausalLM"))
+    model.lm_head.forward = lambda hidden: 3 * torch.nn.functional.linear(hidden, model.lm_head.weight)
+    with pytest.raises(RuntimeError, match=r"lm_head has its forward replaced \(.*<lambda>"):
+        model(**batch())
+
+
 def test_changes_after_the_patch_are_followed_or_refused() -> None:
     # resize_token_embeddings of an untied model installs a new lm_head: the patch hooks it
     model = tiny_model("LlamaForCausalLM", tie_word_embeddings=False)
@@ -495,6 +530,41 @@ def test_token_log_probs_refuses_a_softcapping_model_and_bad_input():
         token_log_probs(tiny_model("LlamaForCausalLM"), batch()["input_ids"].float())
     with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
         token_log_probs(torch.nn.Linear(2, 2), batch()["input_ids"])
+
+
+def test_token_log_probs_checks_its_options_before_the_decoder_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model("LlamaForCausalLM")
+    calls = []
+    monkeypatch.setattr(model.model, "forward", lambda *args, **kwargs: calls.append(1))
+    for options, error, message in (
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(return_entropy="yes"), TypeError, "return_entropy must be a bool"),
+    ):
+        with pytest.raises(error, match=message):
+            token_log_probs(model, batch()["input_ids"], **options)
+    assert calls == []  # (a forward of a real model is what the early check saves)
+
+
+def test_token_log_probs_takes_a_peft_model() -> None:
+    """GRPO and PPO with LoRA: the PEFT model itself is taken (it was a TypeError), and its
+    adapters count: the log-probs differ from the base model's without them."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                             init_lora_weights=False)
+    torch.manual_seed(7)
+    model = peft.get_peft_model(tiny_model("LlamaForCausalLM"), config)
+    inputs = batch()
+    log_p = token_log_probs(model, inputs["input_ids"], inputs["attention_mask"])
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    want = torch.log_softmax(logits.float(), -1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
+    scored = inputs["attention_mask"][:, 1:] == 1
+    torch.testing.assert_close(log_p[scored], want[scored], rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        plain = token_log_probs(model, inputs["input_ids"], inputs["attention_mask"])
+    assert (plain[scored] - log_p[scored]).abs().max() > 1e-3
+    log_p.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_mixed_precision_wrappers_that_cast_the_logits_are_no_change() -> None:

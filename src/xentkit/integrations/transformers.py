@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from .._options import Real  # noqa: E402
+from .._options import LogProbOptions, Real, check_flag  # noqa: E402
 from ..torch import linear_cross_entropy, linear_log_probs  # noqa: E402
 
 __all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "token_log_probs", "unpatch"]
@@ -257,8 +257,34 @@ class _Patch:
                 "xentkit.integrations.transformers handles models that call it once"
             )
         (hidden,) = args
-        call.loss = self._loss(head, hidden, call)
+        call.loss = self._loss(head, self._head_input(head, hidden), call)
         return (hidden.narrow(-2, 0, 0),)
+
+    def _head_input(self, head: nn.Module, hidden: Tensor) -> Tensor:
+        """lm_head's input as its forward would use it. A ``forward`` replaced on the head itself
+        (accelerate's ``add_hook_to_module``, which ``dispatch_model`` uses for a ``device_map``)
+        runs inside forward, after every torch hook, the patch's loss hook included, so it would
+        be bypassed: accelerate's ``AlignDevicesHook`` that only moves the input to its
+        execution device (no offload, no ``no_grad``) is reproduced here; any other is refused."""
+        if head.weight.is_meta:
+            raise RuntimeError(
+                f"{self.name}'s lm_head.weight is on the meta device when lm_head is called: an "
+                "offloaded model (accelerate's cpu_offload, a device_map with offload) loads it "
+                "inside lm_head's forward, after the patch has read it; such models are not "
+                "supported: unpatch the model (xentkit.integrations.transformers.unpatch)"
+            )
+        if "forward" not in vars(head):
+            return hidden
+        hook = getattr(head, "_hf_hook", None)
+        if _moves_input_only(hook):
+            device = hook.execution_device
+            return hidden if device is None else hidden.to(device)
+        wrapper = type(hook).__name__ if hook is not None else getattr(vars(head)["forward"], "__qualname__", "a function")
+        raise RuntimeError(
+            f"{self.name}'s lm_head has its forward replaced ({wrapper}, e.g. by accelerate's "
+            "add_hook_to_module); it would run after the patch computed the loss, so it would change "
+            "none of it: remove it, or unpatch the model (xentkit.integrations.transformers.unpatch)"
+        )
 
     def _head_raw_hook(self, head: nn.Module, args: tuple, output: Tensor) -> None:
         if self.call is not None:
@@ -313,13 +339,6 @@ class _Patch:
                 f"{tuple(shift_labels.shape)}) but lm_head received {rows.shape[0]} positions "
                 f"(hidden states of shape {tuple(hidden.shape)}); with logits_to_keep, pass "
                 "shift_labels for the kept positions"
-            )
-        if head.weight.is_meta:
-            raise RuntimeError(
-                f"{self.name}'s lm_head.weight is on the meta device when lm_head is called: an "
-                "offloaded model (accelerate's cpu_offload, a device_map with offload) loads it "
-                "inside lm_head's forward, after the patch has read it; such models are not "
-                "supported: unpatch the model (xentkit.integrations.transformers.unpatch)"
             )
         softcap = self.model.config.final_logit_softcapping if self.rule == _SOFTCAP else None
         summed = call.num_items_in_batch is not None
@@ -457,10 +476,16 @@ def token_log_probs(
     ``return_entropy=True`` returns ``(log_probs, entropy)``.
 
     ``model``: a class of :data:`SUPPORTED_MODELS` that does not soft-cap its logits (Gemma 2 and
-    3 with ``final_logit_softcapping`` raise ``ValueError``); the model need not be patched.
+    3 with ``final_logit_softcapping`` raise ``ValueError``), or a PEFT model of one (its base
+    model runs, adapters included); the model need not be patched. The options are checked
+    before the decoder runs.
     ``chunk_size``: rows per chunk, passed to :func:`~xentkit.torch.linear_log_probs` (default:
     its choice, by the device and the logits' size).
     """
+    # (checked before the decoder runs: a bad option costs no forward)
+    options = LogProbOptions(temperature=temperature, chunk_size=chunk_size)
+    return_entropy = check_flag(return_entropy, "return_entropy")
+    model = _base_model(model)  # a PEFT model's base model, its adapters inside
     name, rule, head = _check_model(model)
     softcap = getattr(model.config, "final_logit_softcapping", None) if rule == _SOFTCAP else None
     if softcap is not None:
@@ -480,7 +505,7 @@ def token_log_probs(
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     results = linear_log_probs(
         rows, head.weight, targets.reshape(-1).to(hidden.device), linear_bias=head.bias,
-        temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+        temperature=options.temperature, return_entropy=return_entropy, chunk_size=options.chunk_size,
     )
     if return_entropy:
         return tuple(result.reshape(targets.shape) for result in results)
@@ -501,6 +526,16 @@ def unpatch(model: ModelT) -> ModelT:
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` applies to ``model`` now (a PEFT model: to its base model)."""
     return isinstance(vars(_base_model(model)).get(_ATTRIBUTE), _Patch)
+
+
+def _moves_input_only(hook: object) -> bool:
+    """Whether ``hook`` is accelerate's ``AlignDevicesHook`` (the exact class) doing nothing to
+    lm_head's input but moving it to its execution device: no offloaded weights, with gradients."""
+    if hook is None or type(hook).__name__ != "AlignDevicesHook":
+        return False
+    from accelerate.hooks import AlignDevicesHook
+
+    return type(hook) is AlignDevicesHook and not hook.offload and not hook.no_grad
 
 
 def _hook_names(hooks: list[Any]) -> str:

@@ -417,8 +417,15 @@ def hand_over_gradients(
     return gradients
 
 
-def first_order_only(function_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Mark a ``backward`` as not differentiable: differentiating its result raises.
+# what has a second derivative in place of the log-prob forms (there is no torch.nn.functional loss)
+LOG_PROBS_DOUBLE_BACKWARD = "torch.log_softmax(logits / T, dim=-1) gathered at the targets"
+
+
+def first_order_only(
+    function_name: str, instead: str = "the torch.nn.functional loss"
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a ``backward`` as not differentiable: differentiating its result raises (its message
+    names ``instead``, the torch computation that has a second derivative).
 
     Like ``torch.autograd.function.once_differentiable``, but the guard is set whenever the
     backward runs with ``create_graph=True``, also when the upstream gradient does not itself
@@ -427,8 +434,7 @@ def first_order_only(function_name: str) -> Callable[[Callable[..., Any]], Calla
     """
     message = (
         f"xentkit.torch.{function_name} has no second derivative (its gradient is computed by "
-        "xentkit's kernels outside autograd); use the torch.nn.functional loss for double "
-        "backward / create_graph=True"
+        f"xentkit's kernels outside autograd); use {instead} for double backward / create_graph=True"
     ).encode()
 
     def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:

@@ -108,7 +108,7 @@ class _LogProbsFunction(torch.autograd.Function):
         return _keep(ctx, m, s, log_s, kept, (log_p, entropy, lse))
 
     @staticmethod
-    @_bridge.first_order_only("log_probs")
+    @_bridge.first_order_only("log_probs", _bridge.LOG_PROBS_DOUBLE_BACKWARD)
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
@@ -350,7 +350,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         return _finish(ctx, statistics, valid, target.shape, x.dtype)
 
     @staticmethod
-    @_bridge.first_order_only("linear_log_probs")
+    @_bridge.first_order_only("linear_log_probs", _bridge.LOG_PROBS_DOUBLE_BACKWARD)
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         input, linear_weight, linear_bias, target = ctx.saved_tensors
         x, w, b = detached(input, linear_weight, linear_bias)

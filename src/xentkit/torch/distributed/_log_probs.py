@@ -142,7 +142,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         return _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(x.dtype), input.shape[:-1])
 
     @staticmethod
-    @_bridge.first_order_only(_NAME)
+    @_bridge.first_order_only(_NAME, _bridge.LOG_PROBS_DOUBLE_BACKWARD)
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         plan: _LogProbPlan = ctx.plan
         input, linear_weight_shard, linear_bias_shard = ctx.saved_tensors
