@@ -458,6 +458,14 @@ def test_a_forward_replaced_by_accelerate_on_lm_head_is_reproduced_or_refused(be
         model(**batch())
 
 
+def test_a_model_forward_hook_sees_the_patched_output_even_prepended() -> None:
+    seen = []
+    model = patch(tiny_model("LlamaForCausalLM"))
+    model.register_forward_hook(lambda module, args, output: seen.append(output.loss), prepend=True)
+    loss = model(**batch()).loss
+    assert seen == [loss] and loss is not None
+
+
 def test_changes_after_the_patch_are_followed_or_refused() -> None:
     # resize_token_embeddings of an untied model installs a new lm_head: the patch hooks it
     model = tiny_model("LlamaForCausalLM", tie_word_embeddings=False)

@@ -208,6 +208,8 @@ class _Patch:
           tensor, or the same written in place) makes the step raise, since under the patch
           lm_head runs on zero positions and no hook sees the logits the loss is computed from.
           Hooks that only read the output run (on zero positions).
+        - The patch's forward hook on the model is moved before every other, so each sees the
+          output with its loss (a hook registered later with ``prepend=True`` saw ``loss=None``).
         """
         later = list(model._forward_pre_hooks.values())
         later = later[list(model._forward_pre_hooks).index(self.handles[0].id) + 1 :]
@@ -218,6 +220,9 @@ class _Patch:
                 "the call: register it before patch(), or unpatch the model "
                 "(xentkit.integrations.transformers.unpatch) and patch it again"
             )
+        # the output hook first again: one registered later with prepend=True would see the
+        # output before the patch set its loss (None)
+        model._forward_hooks.move_to_end(self.handles[1].id, last=False)
         loss_hook, raw_hook, final_hook = (handle.id for handle in self.head_handles)
         head._forward_pre_hooks.move_to_end(loss_hook)
         head._forward_hooks.move_to_end(final_hook)
