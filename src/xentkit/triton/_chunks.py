@@ -29,6 +29,9 @@ int64, and so are the planes' offsets (k × rows × chunks, from the int64 plane
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import triton
@@ -39,6 +42,30 @@ from torch import Tensor
 # module binds this name and reads its own binding on every call, so that tests and benchmarks can
 # lower (or tune) it for one module alone.
 MAX_BLOCK = 8192
+
+
+_Host = TypeVar("_Host", bound=Callable[..., Any])
+
+
+def on_tensor_device(host: _Host) -> _Host:
+    """Run the host function ``host`` (one that launches kernels) with the CUDA device of its
+    first argument current. Triton launches on the current device and its current stream, not on
+    the tensors' device: logits on cuda:1 while cuda:0 is current (a model spread over GPUs,
+    ``device_map="auto"``) would run on GPU 0 with GPU 1's pointers, an illegal address, or with
+    peer access a silent race (GPU 0's stream is not ordered after the work that wrote them).
+    Autograd's backward threads and Inductor's generated code set the device themselves; eager
+    forwards and direct calls do not. Costs one ``current_device`` call where nothing changes."""
+
+    @functools.wraps(host)
+    def on_its_device(first: Tensor, *args: Any, **kwargs: Any) -> Any:
+        device = first.device
+        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return host(first, *args, **kwargs)
+        return host(first, *args, **kwargs)
+
+    on_its_device.on_tensor_device = True  # type: ignore[attr-defined]
+    return on_its_device  # type: ignore[return-value]
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -398,6 +398,7 @@ class ClassWeights:
         return cls(values, total)
 
 
+@_chunks.on_tensor_device
 def row_statistics(
     logits: Tensor,
     target: Tensor,
@@ -441,6 +442,7 @@ def row_statistics(
     return loss, lse, stats
 
 
+@_chunks.on_tensor_device
 def row_gradient(
     logits: Tensor,
     target: Tensor,

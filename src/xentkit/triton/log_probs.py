@@ -208,6 +208,7 @@ def _valid_bytes(valid: Tensor) -> Tensor:
     return valid.contiguous().view(torch.uint8)
 
 
+@_chunks.on_tensor_device
 def log_prob_statistics(
     logits: Tensor, labels: Tensor, valid: Tensor, temperature: float = 1.0,
     finished: tuple[Tensor, ...] | None = None,
@@ -239,6 +240,7 @@ def log_prob_statistics(
     return m, s, u, z_target
 
 
+@_chunks.on_tensor_device
 def log_prob_gradient(
     logits: Tensor,
     labels: Tensor,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._chunks import ceil_div
+from ._chunks import ceil_div, on_tensor_device
 
 __all__ = ["REDUCTIONS", "reduce_rows"]
 
@@ -193,6 +193,7 @@ def _finish_kernel(part_ptr, n_parts, out_ptr, factors_ptr, bad_ptr, REDUCTION: 
             factors_ptr, bad_ptr, REDUCTION, HAS_Z, WIDE, BF16)
 
 
+@on_tensor_device
 def reduce_rows(
     loss_rows: Tensor,
     lse: Tensor,

@@ -180,6 +180,7 @@ def _gradient_kernel(
     tl.store(grad_row + cols, grad, mask=inside)
 
 
+@_chunks.on_tensor_device
 def shard_softmax_stats(
     logits: Tensor, local_labels: Tensor, weight: Tensor | None, want_sum_z: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -220,6 +221,7 @@ def shard_softmax_stats(
     return row_max64, row_sum.to(torch.float64), target.to(torch.float64), sum_z
 
 
+@_chunks.on_tensor_device
 def shard_softmax_grad(
     logits: Tensor,
     local_labels: Tensor,
