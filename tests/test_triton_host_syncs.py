@@ -47,9 +47,18 @@ class _HostReads(TorchDispatchMode):
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _WAITS:
+        kwargs = kwargs or {}
+        if func in _WAITS or _to_host(func, args, kwargs):
             self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _to_host(func, args, kwargs) -> bool:
+    """A copy of a device tensor's values to host memory (``.cpu()``, ``.tolist()``): a wait."""
+    if func is not aten._to_copy.default or not args or args[0].device.type == "cpu":
+        return False
+    device = kwargs.get("device")
+    return device is not None and torch.device(device).type == "cpu"
 
 
 @contextlib.contextmanager
@@ -200,6 +209,47 @@ def test_linear_log_probs_wait_once_for_the_label_check_and_never_in_backward(ch
     assert len(forward_waits) == (1 if check else 0), forward_waits
     assert backward_waits == []
     assert torch.isfinite(w.grad).all()
+
+
+def test_linear_log_probs_on_a_device_finds_its_idle_chunks_in_the_label_checks_one_wait(monkeypatch):
+    """On a device the chunks backward skips (no valid row) come back with the label check's one
+    read (it was a second wait, in backward, which CUDA graphs cannot capture). The device's
+    path is taken here on the tensors the tests run on, as a device's would be."""
+    import importlib
+
+    from xentkit._labels import LabelError
+
+    lp = importlib.import_module("xentkit.torch.log_probs")  # (the package's attribute is the function)
+
+    monkeypatch.setattr(lp, "_reading_waits", lambda tensor: True)
+    seen = []
+    real = lp.logit_chunks
+    monkeypatch.setattr(lp, "logit_chunks", lambda *a, skip=None, **k: seen.append(skip) or real(*a, skip=skip, **k))
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(10, 8, generator=generator).to(DEVICE).requires_grad_()
+    w = torch.randn(20, 8, generator=generator).to(DEVICE).requires_grad_()
+    labels = _labels((10,), 20)
+    labels[4:8] = -100  # chunk 1 of 4 rows: nothing to differentiate
+    log_p = xt.linear_log_probs(x, w, labels, backend="triton", chunk_size=4)
+    with _waits() as backward_waits:
+        log_p.sum().backward()
+    assert backward_waits == []
+    assert seen[-1] == (False, True, False)  # backward skipped the idle chunk, as forward found
+    leaf_x, leaf_w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logits = leaf_x @ leaf_w.T
+    keep = labels != -100
+    want = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[:, None])[:, 0] * keep
+    want.sum().backward()
+    torch.testing.assert_close(log_p.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), leaf_x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), leaf_w.grad, rtol=1e-4, atol=1e-5)
+    labels[9] = 20  # a bad label: the same error as the check of the other paths
+    with pytest.raises(LabelError, match=r"^target has label 20 at position \(9,\) but linear_weight has 20 rows"):
+        xt.linear_log_probs(x, w, labels, backend="triton", chunk_size=4)
+    labels[9] = 3
+    unchecked = xt.linear_log_probs(x, w, labels, backend="triton", chunk_size=4, check_labels=False)
+    unchecked.sum().backward()
+    assert seen[-1] is None  # unchecked on a device: no wait, so no chunk is known idle
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._options import as_array
 
-__all__ = ["LabelError", "as_class_indices", "check_index_layout", "check_labels", "label_error"]
+__all__ = ["LabelError", "as_class_indices", "check_index_layout", "check_labels", "check_labels_reading", "label_error"]
 
 _INT64_MAX = np.iinfo(np.int64).max
 # The expected shape of a target that may hold class indices or class probabilities (the
@@ -109,6 +109,25 @@ def _bad_labels(labels: Any, num_classes: int, ignore_index: int, valid: Any = N
     if valid is None:
         valid = labels != ignore_index
     return valid & ((labels < 0) | (labels >= num_classes))
+
+
+def check_labels_reading(
+    labels: Any, num_classes: int, ignore_index: int, read: Any, *, classes: str | None = None,
+    name: str = "target",
+) -> tuple[Any, list[bool]]:
+    """:func:`check_labels` of a tensor on a device, with one more device value brought back in the
+    same transfer: ``read(valid)``, a 1-D bool tensor computed from the mask (e.g. which chunks of
+    rows hold no valid row), returned as a list beside the mask. One wait for the device instead
+    of two. A bad label raises as :func:`check_labels` does (its message built after a second
+    look, on the error path only)."""
+    import torch
+
+    valid = labels != ignore_index
+    bad = _bad_labels(labels, num_classes, ignore_index, valid)
+    flags = torch.cat([bad.any().reshape(1), read(valid).reshape(-1)]).tolist()  # the one wait
+    if flags[0]:
+        check_labels(labels, num_classes, ignore_index, classes=classes, name=name)
+    return valid, flags[1:]
 
 
 def _compiled_scan() -> Any:

@@ -180,15 +180,23 @@ def mixed_addmm(device: torch.device, dtype: torch.dtype) -> bool:
     return c.tolist() == [[7.5, 10.5], [15.5, 22.5]]
 
 
+def idle_flags(valid: Tensor, chunk_rows: int) -> Tensor:
+    """Per chunk of ``chunk_rows`` rows, on ``valid``'s device (no wait): True where none of its
+    rows is valid."""
+    n = valid.shape[0]
+    padded = torch.zeros(-(-n // chunk_rows) * chunk_rows, dtype=torch.bool, device=valid.device)
+    padded[:n] = valid
+    return ~padded.reshape(-1, chunk_rows).any(dim=1)
+
+
 def idle_chunks(valid: Tensor | np.ndarray, chunk_rows: int) -> tuple[bool, ...]:
     """Per chunk of ``chunk_rows`` rows, whether none of its rows is ``valid`` (all ignored, so
     the chunk has nothing to differentiate): the ``skip`` of :func:`logit_chunks`. A tensor on a
-    device is read once (one wait); a meta or fake one cannot be: no chunk is skipped."""
+    device is read once (one wait: callers on a device read it with the label check instead,
+    ``_labels.check_labels_reading``); a meta or fake one cannot be: no chunk is skipped."""
     n = valid.shape[0]
     if isinstance(valid, Tensor):
         if not _bridge.values_readable(valid):
             return (False,) * -(-n // chunk_rows)
-        padded = torch.zeros(-(-n // chunk_rows) * chunk_rows, dtype=torch.bool, device=valid.device)
-        padded[:n] = valid
-        return tuple(not flag for flag in padded.reshape(-1, chunk_rows).any(dim=1).tolist())
+        return tuple(idle_flags(valid, chunk_rows).tolist())
     return tuple(not valid[start : start + chunk_rows].any() for start in range(0, n, chunk_rows))

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .._labels import check_index_layout
+from .._labels import check_index_layout, check_labels_reading
 from .._labels import check_labels as _check_labels
 from .._options import Integer, LogProbOptions, Real, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients
@@ -43,6 +43,7 @@ from ._chunks import (
     finish_gradients,
     gradient_buffers,
     idle_chunks,
+    idle_flags,
     logit_chunks,
 )
 from ._linear_checks import check_linear
@@ -141,6 +142,32 @@ def _traced(options: LogProbOptions, *tensors: Tensor | None, compiled_ops: bool
             f"{where}; backend='auto' runs torch ops there"
         )
     return traced
+
+
+def _linear_label_masks(
+    target: Tensor, classes: int, options: LogProbOptions, rows: type, classes_text: str
+) -> tuple[Tensor, Tensor | None, tuple[bool, ...] | None]:
+    """:func:`_label_masks` of the eager ``linear_log_probs``, and which chunks of rows backward
+    skips (none of their rows valid), with no wait of their own: on the CPU they are read at no
+    cost; on a device they come back with the label check's one wait
+    (``_labels.check_labels_reading``), and without that check (``check_labels=False``, which
+    promises no wait) none is skipped (None)."""
+    chunk = options.chunk_size
+    if _reading_waits(target) and _bridge.values_readable(target):
+        if options.check_labels:
+            valid, flags = check_labels_reading(
+                target, classes, options.ignore_index, lambda valid: idle_flags(valid, chunk), classes=classes_text
+            )
+            return valid, None, tuple(flags)
+        valid, bad = _label_masks(target, classes, options, rows, classes_text)
+        return valid, bad, None
+    valid, bad = _label_masks(target, classes, options, rows, classes_text)
+    return valid, bad, idle_chunks(valid, chunk)
+
+
+def _reading_waits(tensor: Tensor) -> bool:
+    """Whether reading ``tensor``'s values waits for a device (not for CPU tensors)."""
+    return tensor.device.type != "cpu"
 
 
 def _label_masks(
@@ -336,11 +363,11 @@ class _LinearLogProbsFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor,
-        valid: Tensor, options: LogProbOptions, rows: type,
+        valid: Tensor, options: LogProbOptions, rows: type, idle: tuple[bool, ...] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
         x, w, b = detached(input, linear_weight, linear_bias)
-        ctx.options, ctx.rows, ctx.valid = options, rows, valid
+        ctx.options, ctx.rows, ctx.valid, ctx.idle = options, rows, valid, idle
         buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
         # backward reuses the chunk buffer (a new one of the same size would, on the CPU, often
         # come from the allocator's heap next to the old one's cached pages: a second buffer of RSS)
@@ -354,13 +381,14 @@ class _LinearLogProbsFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         input, linear_weight, linear_bias, target = ctx.saved_tensors
         x, w, b = detached(input, linear_weight, linear_bias)
-        # chunks with no position to differentiate (padding) skip their three matmuls
+        # chunks with no position to differentiate (padding) skip their three matmuls, as forward
+        # found them (backward itself never waits for the device)
         buffer, ctx.buffer = ctx.buffer, None  # (None in a second backward of a retained graph)
         gradients = linear_gradients(
             x, w, b, target, ctx.valid, ctx.options, ctx.rows, ctx.m, ctx.s, _coefficients(ctx, grads),
-            tuple(ctx.needs_input_grad[:3]), buffer, skip=idle_chunks(ctx.valid, ctx.options.chunk_size),
+            tuple(ctx.needs_input_grad[:3]), buffer, skip=ctx.idle,
         )
-        return *gradients, None, None, None, None
+        return *gradients, None, None, None, None, None
 
 
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
@@ -419,7 +447,8 @@ def linear_log_probs(
     chunk's logits at most 1/16 of the full logits and at most 32 MiB on the CPU; 512 MiB on CUDA).
     Forward keeps four numbers per row; backward recomputes each chunk's logits (one more matmul)
     and turns them into their gradient in place, then two matmuls give the input and weight
-    gradients. Chunks of ignored positions only are skipped in backward.
+    gradients. Chunks of ignored positions only are skipped in backward (on a device, where the
+    labels are checked: the check's one wait finds them; backward never waits).
 
     Shapes: input ``[..., D]``, linear_weight ``[V, D]``, linear_bias ``[V]``, target integer
     ``[...]`` (input's leading shape). Outputs have the target's shape, dtype float32 (float64 for
@@ -473,8 +502,8 @@ def linear_log_probs(
     else:
         options = options.replace(chunk_size=chunk_for(x, classes, options.chunk_size))
         rows = _rows_backend(x, options, linear_weight, linear_bias, target)
-        valid, bad = _label_masks(flat_target, classes, options, rows, classes_text)
-        results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows)
+        valid, bad, idle = _linear_label_masks(flat_target, classes, options, rows, classes_text)
+        results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows, idle)
     return _finish_linear(results, bad, target, return_entropy, return_lse)
 
 
