@@ -28,7 +28,8 @@ the widest global load and store in the PTX (16 bytes: vectorized) and, for half
 operands, how many of their loads are narrower than that. ``check()`` lists what
 breaks the rules the GPU path relies on: every launch compiles, nothing spills to local memory
 (which would turn the one read of the logits into several), shared memory within the
-architecture's limit, and the logits read with 16-byte loads where their rows are aligned.
+architecture's limit, the logits read with 16-byte loads where their rows are aligned, and no
+floating-point contraction (no fused multiply-add the interpreter would not make).
 
     python tests/_triton_machine_code.py [--arch 90] [--arch 80] [--json OUT]
 
@@ -278,6 +279,8 @@ def compile_launches(launches: list[dict], arches: list[int]) -> list[dict]:
                 entry["widest_load"] = _widest(compiled.asm["ptx"], "ld.global")
                 entry["widest_store"] = _widest(compiled.asm["ptx"], "st.global")
                 entry["narrow_16bit_loads"] = _narrow_16bit_loads(compiled.asm["ptx"])
+                entry["fma"] = len(re.findall(r"\bfma\.rn\.f32\b", compiled.asm["ptx"]))
+                entry["fusion"] = options.enable_fp_fusion
             for entry in seen.values():
                 entry["scenarios"] = sorted(entry["scenarios"])
                 results.append(entry)
@@ -310,6 +313,13 @@ def check(results: list[dict]) -> list[str]:
         half = r["signature"].get("logits_ptr") in ("*bf16", "*fp16")
         if r["kernel"] in STREAMING and wide and half and r["narrow_16bit_loads"] > 2:
             problems.append(f"{name}: {r['narrow_16bit_loads']} loads of 16-bit values narrower than 16 bytes")
+        # every launch turns contraction off (xentkit.triton._chunks.EXACT): the GPU then rounds as
+        # the interpreter; the streaming kernels call no libdevice function (whose own code has
+        # fma), so any fma there is a fused a·b + c
+        if r["fusion"]:
+            problems.append(f"{name}: launched with floating-point contraction on")
+        if r["kernel"] in STREAMING and r["fma"]:
+            problems.append(f"{name}: {r['fma']} fused multiply-adds")
     return problems
 
 

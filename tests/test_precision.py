@@ -210,3 +210,25 @@ def test_half_chunks_add_into_float32_in_one_cublas_call(dtype):
     from xentkit.torch import _chunks
 
     assert _chunks.mixed_addmm(torch.device(DEVICE), dtype)
+
+
+def test_the_mixed_addmm_probe_waits_for_no_capture(monkeypatch):
+    """The probe copies to the device and waits: never while a CUDA graph is being captured (it
+    would break the capture, and its error was cached as "no" for good); the next call outside a
+    capture tries it and keeps the answer."""
+    from xentkit.torch import _chunks
+
+    monkeypatch.setattr(_chunks, "_MIXED_ADDMM", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    tried = []
+    real_full = torch.full
+    monkeypatch.setattr(torch, "full", lambda *a, **k: tried.append(1) or real_full(*a, **k))
+    device = torch.device("cpu")
+    assert _chunks.mixed_addmm(device, torch.bfloat16) is False and tried == [] and _chunks._MIXED_ADDMM == {}
+    capturing[0] = False
+    answer = _chunks.mixed_addmm(device, torch.bfloat16)  # tried now (the CPU's answer, whichever)
+    assert tried == [1] and {(device, torch.bfloat16): answer} == _chunks._MIXED_ADDMM
+    capturing[0] = True
+    assert _chunks.mixed_addmm(device, torch.bfloat16) is answer and tried == [1]  # known: no new try

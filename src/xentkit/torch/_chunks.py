@@ -16,7 +16,6 @@ CPU has no such kernel, and older torch) the chunk's operands are converted to f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -165,19 +164,32 @@ def _add_product(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
         accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
 
 
-@functools.cache
+_MIXED_ADDMM: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
 def mixed_addmm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.addmm(c, a, b, out_dtype=float32, out=c)`` adds ``a @ b`` of ``dtype``
-    operands into a float32 ``c`` on ``device`` (torch ≥ 2.8 on CUDA): tried once on a small
-    problem with an exact answer, so a torch without it, or one that gets it wrong, falls back to
-    converting the operands."""
+    operands into a float32 ``c`` on ``device`` (torch ≥ 2.8 on CUDA): tried once per device and
+    dtype on a small problem with an exact answer, so a torch without it, or one that gets it
+    wrong, falls back to converting the operands. The try copies to the device and waits for it,
+    so it is not made while a CUDA graph is being captured (that would break the capture, and its
+    error would have been cached as "no"): until a call outside a capture has tried, the
+    operands are converted."""
+    key = (device, dtype)
+    known = _MIXED_ADDMM.get(key)
+    if known is not None:
+        return known
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
     try:
         a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device)
         c = torch.full((2, 2), 0.5, dtype=torch.float32, device=device)
         torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        works = c.tolist() == [[7.5, 10.5], [15.5, 22.5]]
     except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return c.tolist() == [[7.5, 10.5], [15.5, 22.5]]
+        works = False
+    _MIXED_ADDMM[key] = works
+    return works
 
 
 def idle_flags(valid: Tensor, chunk_rows: int) -> Tensor:

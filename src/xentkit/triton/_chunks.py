@@ -90,6 +90,14 @@ def warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 2048 else 16 if block <= 8192 else 32
 
 
+# Every launch turns off floating-point contraction: without it the compiler fuses a·b − c into one
+# FMA (80 of them in the softcapped pass 1), so that z − m for the row's max is fma(s, t, −m) ≠ 0
+# and its exp not exactly 1 (the sums' "≥ 1" and the log-probabilities' log p ≤ 0 rest on it), and
+# the GPU rounds otherwise than the interpreter, which never fuses. (tl.exp still differs: ex2.approx
+# on the GPU, NumPy's exp on the interpreter, within float32 rounding.)
+EXACT = {"enable_fp_fusion": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a launch over ``rows`` rows of ``V`` classes is cut: ``block`` classes per program,
@@ -110,15 +118,16 @@ class Layout:
         return (self.rows, self.chunks)
 
     @property
-    def per_chunk(self) -> dict[str, int]:
-        """The launch options of a (row, chunk) kernel: ``BLOCK`` and its warps."""
-        return {"BLOCK": self.block, "num_warps": warps(self.block)}
+    def per_chunk(self) -> dict[str, int | bool]:
+        """The launch options of a (row, chunk) kernel: ``BLOCK`` and its warps, no contraction
+        (:data:`EXACT`)."""
+        return {"BLOCK": self.block, "num_warps": warps(self.block), **EXACT}
 
     @property
-    def per_row(self) -> dict[str, int]:
+    def per_row(self) -> dict[str, int | bool]:
         """The launch options of a combine kernel (grid ``(rows,)``): ``CHUNKS``, the row's chunks
-        rounded up to a power of 2 (at least 2), one warp."""
-        return {"CHUNKS": max(2, next_power_of_2(self.chunks)), "num_warps": 1}
+        rounded up to a power of 2 (at least 2), one warp, no contraction (:data:`EXACT`)."""
+        return {"CHUNKS": max(2, next_power_of_2(self.chunks)), "num_warps": 1, **EXACT}
 
     @property
     def plane(self) -> int:

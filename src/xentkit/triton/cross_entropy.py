@@ -44,7 +44,9 @@ row. A −inf logit is a masked class (probability 0); a NaN in a row makes that
 
 ``tanh`` is computed here (Cephes' single-precision scheme: an odd polynomial below 0.625, the
 exponential form above, both within a few float32 ulps) so that the interpreter and the GPU run
-the same arithmetic.
+the same arithmetic, as far as they can: the launches turn off contraction (no fused
+multiply-add, which the interpreter never makes: ``_chunks.EXACT``), and only ``tl.exp`` differs
+(``ex2.approx`` on the GPU, NumPy's exp on the interpreter).
 
 Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
 offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to

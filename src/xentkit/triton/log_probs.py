@@ -23,7 +23,8 @@ z_j = x_j·c (one float32 rounding, the same in every pass):
     and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)):
         grad_j = exp(z_j − m)·(c·b/s + c·k/s·max(z_j − m, −1000)) + c·a·[j = y]
 
-Exactness: the launches turn off floating-point contraction (``enable_fp_fusion=False``), so that
+Exactness: the launches turn off floating-point contraction (``enable_fp_fusion=False``, as every
+launch of this package: ``_chunks.EXACT``), so that
 z_j − m is computed from the rounded z_j that the maximum saw: the max's own term is exp(0) = 1
 exactly, hence s ≥ 1 (log s ≥ 0, log p(y) ≤ 0) and u ≤ 0 (H ≥ 0), also for bfloat16 logits. The
 max(·, −1000) makes a masked class (z = −inf, exp = 0) add 0, not 0·(−inf).
@@ -230,12 +231,12 @@ def log_prob_statistics(
     part = layout.partials(3, device)
     _partials_kernel[layout.grid](
         logits, logits.stride(0), valid_bytes, part, layout.plane, n_cols, layout.chunks, scale,
-        **layout.per_chunk, enable_fp_fusion=False,
+        **layout.per_chunk,
     )
     _combine_kernel[(n_rows,)](
         logits, logits.stride(0), labels, valid_bytes, part, layout.plane, m, s, u, z_target,
         *((m,) * 5 if finished is None else finished), n_cols, layout.chunks, scale, **layout.per_row,
-        FINISH=finished is not None, enable_fp_fusion=False,
+        FINISH=finished is not None,
     )
     return m, s, u, z_target
 
@@ -265,6 +266,6 @@ def log_prob_gradient(
     _gradient_kernel[layout.grid](
         logits, logits.stride(0), labels, _valid_bytes(valid), m.contiguous(), s.contiguous(),
         a, a.stride(0), b, b.stride(0), k, k.stride(0), grad_out, grad_out.stride(0), n_cols,
-        1.0 / float(temperature), **layout.per_chunk, enable_fp_fusion=False,
+        1.0 / float(temperature), **layout.per_chunk,
     )
     return grad_out
