@@ -414,3 +414,26 @@ def test_a_bad_label_is_an_index_error_as_torchs_on_every_path():
             with pytest.raises(IndexError, match=r"^target has label (1000|10) at position \(0,\)") as caught:
                 call(logits, torch.full((logits.shape[0],), logits.shape[1]))
             assert isinstance(caught.value, ValueError)
+
+
+def test_a_tensor_on_another_device_is_a_value_error_naming_it():
+    """Each tensor argument on the input's device, else a ValueError naming it and both devices
+    (torch's RuntimeError came from inside its ops, naming neither); the meta device stands in for
+    a second device here."""
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    meta = torch.device("meta")
+    cases = [
+        (lambda: xt.cross_entropy(logits.to(meta), labels), "target must be on the input's device meta, got cpu"),
+        (lambda: xt.cross_entropy(logits, labels.to(meta)), "target must be on the input's device cpu, got meta"),
+        (lambda: xt.cross_entropy(logits, labels, weight=torch.ones(4, device=meta)), "weight must be on the input's device cpu, got meta"),
+        (lambda: xt.nll_loss(logits, labels.to(meta)), "target must be on the input's device cpu, got meta"),
+        (lambda: xt.CrossEntropyLoss()(logits, labels.to(meta)), "target must be on the input's device cpu, got meta"),
+        (lambda: xt.binary_cross_entropy_with_logits(logits, torch.rand(5, 4), pos_weight=torch.ones(4, device=meta)),
+         "pos_weight must be on the input's device cpu, got meta"),
+        (lambda: xt.linear_cross_entropy(logits, torch.randn(3, 4), labels.to(meta)), "target must be on the input's device cpu, got meta"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call()
+    with pytest.raises(TypeError, match=r"^pos_weight must be a torch.Tensor or None, got list"):
+        xt.binary_cross_entropy_with_logits(logits, torch.rand(5, 4), pos_weight=[1.0])

@@ -548,10 +548,22 @@ def test_token_log_probs_checks_its_options_before_the_decoder_runs(monkeypatch:
         (dict(temperature=-1.0), ValueError, "temperature"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(return_entropy="yes"), TypeError, "return_entropy must be a bool"),
+        (dict(attention_mask="mask"), TypeError, "attention_mask must be a tensor or None, got str"),
+        (dict(attention_mask=torch.ones(3, 15)), ValueError, r"attention_mask must have input_ids' shape \(3, 16\), got \(3, 15\)"),
     ):
         with pytest.raises(error, match=message):
             token_log_probs(model, batch()["input_ids"], **options)
     assert calls == []  # (a forward of a real model is what the early check saves)
+
+
+@pytest.mark.parametrize("function", [patch, unpatch, is_patched, token_log_probs])
+def test_what_is_not_a_model_is_named(function) -> None:
+    arguments = (batch()["input_ids"],) if function is token_log_probs else ()
+    # (a module that is not a model is not patched: unpatch returns it, is_patched says False)
+    values = (None, "model") if function in (unpatch, is_patched) else (None, "model", torch.nn.Linear(2, 2))
+    for value in values:
+        with pytest.raises(TypeError, match=r"^model must be a transformers PreTrainedModel"):
+            function(value, *arguments)
 
 
 def test_token_log_probs_takes_a_peft_model() -> None:

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from .._options import LogProbOptions, Real, check_flag  # noqa: E402
+from .._options import LogProbOptions, Real, check_flag, describe  # noqa: E402
 from ..torch import linear_cross_entropy, linear_log_probs  # noqa: E402
 
 __all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "token_log_probs", "unpatch"]
@@ -405,8 +405,15 @@ def patch(model: ModelT) -> ModelT:
     return wrapper
 
 
+def _not_a_model(model: object) -> TypeError:
+    return TypeError(f"model must be a transformers PreTrainedModel (a *ForCausalLM), got {type(model).__name__}")
+
+
 def _base_model(model: Any) -> Any:
-    """The transformers model inside a PEFT wrapper (its ``get_base_model()``), else ``model``."""
+    """The transformers model inside a PEFT wrapper (its ``get_base_model()``), else ``model``;
+    anything but a module is a TypeError naming ``model``."""
+    if not isinstance(model, nn.Module):
+        raise _not_a_model(model)
     get_base_model = getattr(type(model), "get_base_model", None)  # (PEFT forwards attributes)
     if callable(get_base_model) and isinstance(model, nn.Module):
         inner = model.get_base_model()
@@ -419,9 +426,7 @@ def _check_model(model: nn.Module) -> tuple[str, str, nn.Linear]:
     """``(class name, rule, lm_head)`` of a supported causal language model; raises otherwise."""
     transformers = _transformers()
     if not isinstance(model, transformers.PreTrainedModel):
-        raise TypeError(
-            f"model must be a transformers PreTrainedModel (a *ForCausalLM), got {type(model).__name__}"
-        )
+        raise _not_a_model(model)
     name = type(model).__name__
     rule = SUPPORTED_MODELS.get(name)
     if rule is None or not type(model).__module__.startswith("transformers."):
@@ -502,6 +507,13 @@ def token_log_probs(
         raise ValueError(f"input_ids must be a [batch, sequence] tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold integer token ids, got dtype {str(input_ids.dtype).removeprefix('torch.')}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask must be a tensor or None, got {describe(attention_mask)}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
     targets = input_ids[:, 1:]

@@ -33,17 +33,27 @@ KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
-def check_tensors(input: object, target: object, weight: object = None) -> None:
-    """``input`` and ``target`` tensors and ``weight`` one or None, else a TypeError naming the
-    argument, as torch's own losses raise (an array or a list reached attribute lookups deep in
-    the paths: an AttributeError that named neither)."""
-    if isinstance(input, Tensor) and isinstance(target, Tensor) and (weight is None or isinstance(weight, Tensor)):
+def check_tensors(input: object, target: object, weight: object = None, pos_weight: object = None) -> None:
+    """``input`` and ``target`` tensors and ``weight`` (and ``pos_weight``) one or None, else a
+    TypeError naming the argument, as torch's own losses raise (an array or a list reached
+    attribute lookups deep in the paths: an AttributeError that named neither); each on the
+    input's device, else a ValueError naming it and both devices (torch's message, from deep in
+    its ops, named neither the argument nor the loss)."""
+    if (
+        isinstance(input, Tensor) and isinstance(target, Tensor) and target.device == input.device
+        and (weight is None or (isinstance(weight, Tensor) and weight.device == input.device))
+        and pos_weight is None
+    ):
         return
-    for name, value in (("input", input), ("target", target), ("weight", weight)):
-        if not (isinstance(value, Tensor) or (name == "weight" and value is None)):
-            kind = "a torch.Tensor or None" if name == "weight" else "a torch.Tensor"
+    arguments = (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight))
+    for name, value in arguments:
+        if not (isinstance(value, Tensor) or (name in ("weight", "pos_weight") and value is None)):
+            kind = "a torch.Tensor" if name in ("input", "target") else "a torch.Tensor or None"
             hint = "; torch.from_numpy(...) makes one" if isinstance(value, np.ndarray) else ""
             raise TypeError(f"{name} must be {kind}, got {describe(value)}{hint}")
+    for name, value in arguments[1:]:
+        if value is not None and value.device != input.device:
+            raise ValueError(f"{name} must be on the input's device {input.device}, got {value.device}")
 
 
 def check_class_weight(weight: Tensor | None, classes: int) -> None:

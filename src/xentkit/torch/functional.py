@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
-from .._options import Integer, LossOptions, Real, check_flag, describe, fields_with, loss_options
+from .._options import Integer, LossOptions, Real, check_flag, fields_with, loss_options
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _bce_with_logits, _nll
 from ..reference.reductions import ReductionPlan
@@ -703,9 +703,7 @@ def binary_cross_entropy_with_logits(
     if size_average is not None or reduce is not None:
         reduction = _bridge.legacy_reduction(size_average, reduce, reduction)
     reduction = cached_options()(reduction).reduction
-    _bridge.check_tensors(input, target, weight)
-    if pos_weight is not None and not isinstance(pos_weight, Tensor):
-        raise TypeError(f"pos_weight must be a torch.Tensor or None, got {describe(pos_weight)}")
+    _bridge.check_tensors(input, target, weight, pos_weight)
     _bridge.check_floating_input(input)  # (torch: a NotImplementedError from inside its kernel)
     if not target.is_floating_point():  # (torch: a cast error, per path)
         raise TypeError(
