@@ -156,11 +156,12 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
     )  # fmt: skip
     training = parser.add_argument_group("training (defaults: note 003's)")
     training.add_argument(
-        "--epochs", type=_positive_int, default=default(21), help="epochs (default: 21)"
+        "--epochs", type=_positive_int, metavar="N", default=default(21), help="epochs (default: 21)"
     )
     training.add_argument(
         "--batch-size",
         type=_positive_int,
+        metavar="N",
         default=default(100),
         help="mini-batch size (default: 100)",
     )
@@ -175,7 +176,8 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
         help=f"comma list of losses to train (default: {','.join(LOSS_NAMES)})",
     )
     training.add_argument(
-        "--seed", type=_non_negative_int, default=default(0), help="seed of the per-epoch shuffling (default: 0)"
+        "--seed", type=_non_negative_int, metavar="N", default=default(0),
+        help="seed of the per-epoch shuffling (default: 0)",
     )
 
 
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_options(lab, nested=False)
     _add_data_options(lab, nested=False)
     lab.set_defaults(help_parser=lab)
-    lab_commands = lab.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    # (optional: without one, both run; the brackets say so in the usage line)
+    lab_commands = lab.add_subparsers(dest="experiment", metavar="[EXPERIMENT]")
     neuron = lab_commands.add_parser(
         "neuron",
         help="single sigmoid neuron: quadratic cost vs cross-entropy",
