@@ -181,9 +181,34 @@ def test_the_loss_is_rounded_once_into_its_dtype(spans, dtype, reduction_name):
     assert loss.dtype == dtype
     if dtype == torch.float64:  # stored from the float64 sums of the float32 rows as they are
         np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-12, atol=0)
-    else:  # float64 → float32 → the half dtype, to nearest
-        rounded = torch.from_numpy(np.asarray(expected)).to(torch.float32).to(dtype)
-        assert torch.equal(loss, rounded)
+    else:  # the float64 value rounded once to the half dtype (through a float32 rounded to odd)
+        assert torch.equal(loss, _rounded_once(np.asarray(expected), dtype))
+
+
+def _rounded_once(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """float64 ``values`` rounded to nearest (ties to even) into the half ``dtype``, once: a float32
+    rounded to odd first (an inexact one moved to its odd neighbour toward the value), then
+    torch's conversion to nearest, which is exact for the half dtypes' fewer bits."""
+    single = values.astype(np.float32)
+    inexact = single.astype(np.float64) != values
+    even = (single.view(np.uint32) & 1) == 0
+    toward = np.nextafter(single, np.where(values > single, np.float32(np.inf), np.float32(-np.inf)))
+    odd = np.where(inexact & even, toward, single).astype(np.float32)
+    return torch.from_numpy(np.asarray(odd)).to(dtype)
+
+
+@pytest.mark.parametrize(("dtype", "tie"), [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+def test_a_half_loss_just_above_a_tie_rounds_up(spans, dtype, tie):
+    """1 + tie is half-way between the half dtype's 1 and its next value; the float64 sum
+    1 + tie + 2⁻³⁰ lies above it, so it rounds up. Rounded to float32 first it became the tie
+    itself (2⁻³⁰ is below float32's half ulp), which then went to the even 1."""
+    rows = np.array([1.0 + tie, 2.0**-30], dtype=np.float32)
+    target = np.array([0, 1])
+    loss, _, _ = _run(rows, np.zeros(2, np.float32), target, None, "sum", 0.0, dtype=dtype)
+    assert float(loss) == 1.0 + 2 * tie
+    below = np.array([1.0 + tie, -(2.0**-30)], dtype=np.float32)  # just below the tie: down to 1
+    loss, _, _ = _run(below, np.zeros(2, np.float32), target, None, "sum", 0.0, dtype=dtype)
+    assert float(loss) == 1.0
 
 
 def test_the_epilogue_is_deterministic(spans):

@@ -21,8 +21,8 @@ they are one program per span of rows:
                 is 0, with gradient 0"
 
 The sums run in float64 in a fixed order (each program's lanes, then the programs in order):
-deterministic, and no atomics. The loss is rounded once to float32 and then to its dtype (a
-float64 loss, for float64 probability targets, is stored unrounded); the factors are float32, as
+deterministic, and no atomics. The loss is rounded once from the float64 sums to its dtype
+(:func:`_store_loss`; a float64 loss, for float64 probability targets, is stored unrounded); the factors are float32, as
 :func:`~xentkit.triton.cross_entropy.row_gradient` reads them. Rows beyond ``SPAN`` take one
 program per span, then :func:`_finish_kernel` adds the spans' partials in order.
 
@@ -49,26 +49,42 @@ _PLANES = 5  # the partials of a span: Σ main, Σ z, Σ w, #counted, #bad
 
 
 @triton.jit
-def _store_loss(ptr, value, mask, WIDE: tl.constexpr, BF16: tl.constexpr):
-    """A loss value stored in the output's dtype: float64 as it is (``WIDE``), else rounded to
-    float32 and then, once, to the output's dtype. bfloat16 is rounded to nearest (ties to even)
-    here, on the float32 bits, so that Triton's interpreter, whose conversion truncates, stores
-    what a GPU stores."""
+def _store_loss(ptr, value, mask, WIDE: tl.constexpr, BF16: tl.constexpr, F16: tl.constexpr):
+    """A loss value stored in the output's dtype, rounded once from the float64 ``value``: float64
+    as it is (``WIDE``); float32 to nearest; bfloat16 (``BF16``) and float16 (``F16``) through a
+    float32 rounded to odd (an inexact result takes the odd one of its two neighbours), then to
+    nearest: with float32's 13+ more bits that is the float64 value rounded to nearest once
+    (float64 → float32 → half to nearest rounds twice: 1 + 2⁻⁸ + 2⁻³⁰ gave bfloat16's 1, not
+    1 + 2⁻⁷). bfloat16 is rounded to nearest (ties to even) here, on the float32 bits, so that
+    Triton's interpreter, whose conversion truncates, stores what a GPU stores."""
     if WIDE:
         tl.store(ptr, value.to(tl.float64), mask=mask)
-    elif BF16:
-        single = value.to(tl.float32)
-        bits = single.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # finite values, ±inf stay
-        nearest = tl.where(single != single, single, bits.to(tl.float32, bitcast=True))
-        tl.store(ptr, nearest.to(tl.bfloat16), mask=mask)
+    elif BF16 or F16:
+        if value.dtype == tl.float32:  # ("none": the rows' float32 values, one rounding left)
+            odd = value
+        else:
+            single = value.to(tl.float32)
+            bits = single.to(tl.uint32, bitcast=True)
+            inexact = single.to(tl.float64) != value
+            # one ulp toward the value: the magnitude up where the value is larger, else down (±0
+            # and inf are even: the smallest subnormal, or the largest float, beside them)
+            toward = tl.where(tl.abs(value) > tl.abs(single.to(tl.float64)), bits + 1, bits - 1)
+            bits = tl.where(inexact & ((bits & 1) == 0), toward, bits)
+            odd = tl.where(single != single, single, bits.to(tl.float32, bitcast=True))
+        if BF16:
+            bits = odd.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # finite values, ±inf stay
+            nearest = tl.where(odd != odd, odd, bits.to(tl.float32, bitcast=True))
+            tl.store(ptr, nearest.to(tl.bfloat16), mask=mask)
+        else:
+            tl.store(ptr, odd.to(tl.float16), mask=mask)
     else:
         tl.store(ptr, value.to(tl.float32), mask=mask)
 
 
 @triton.jit
 def _finish(main, z, den, count, bad, out_ptr, factors_ptr, bad_ptr, REDUCTION: tl.constexpr,
-            HAS_Z: tl.constexpr, WIDE: tl.constexpr, BF16: tl.constexpr):
+            HAS_Z: tl.constexpr, WIDE: tl.constexpr, BF16: tl.constexpr, F16: tl.constexpr):
     """The loss (for "sum" and "mean"; :func:`_store_loss`), the two factors and the bad-label
     count, from the sums."""
     if REDUCTION == 2:
@@ -86,7 +102,7 @@ def _finish(main, z, den, count, bad, out_ptr, factors_ptr, bad_ptr, REDUCTION: 
         tl.store(factors_ptr, 1.0)
         tl.store(factors_ptr + 1, 1.0)
     if REDUCTION != 0:
-        _store_loss(out_ptr, loss, True, WIDE, BF16)
+        _store_loss(out_ptr, loss, True, WIDE, BF16, F16)
     tl.store(bad_ptr, bad.to(tl.int64))
 
 
@@ -112,6 +128,7 @@ def _epilogue_kernel(
     HAS_Z: tl.constexpr,
     WIDE: tl.constexpr,
     BF16: tl.constexpr,
+    F16: tl.constexpr,
     FINAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -149,9 +166,9 @@ def _epilogue_kernel(
             z_row = tl.zeros([BLOCK], tl.float32)
         if REDUCTION == 0:
             if HAS_Z:
-                _store_loss(out_ptr + rows, loss + z_row, inside, WIDE, BF16)
+                _store_loss(out_ptr + rows, loss + z_row, inside, WIDE, BF16, F16)
             else:
-                _store_loss(out_ptr + rows, loss, inside, WIDE, BF16)
+                _store_loss(out_ptr + rows, loss, inside, WIDE, BF16, F16)
         else:
             main += loss.to(tl.float64)
             z += z_row.to(tl.float64)
@@ -163,7 +180,8 @@ def _epilogue_kernel(
     count_sum = tl.sum(count, 0)
     bad_sum = tl.sum(bad, 0)
     if FINAL:
-        _finish(main_sum, z_sum, den_sum, count_sum, bad_sum, out_ptr, factors_ptr, bad_ptr, REDUCTION, HAS_Z, WIDE, BF16)
+        _finish(main_sum, z_sum, den_sum, count_sum, bad_sum, out_ptr, factors_ptr, bad_ptr, REDUCTION, HAS_Z, WIDE, BF16,
+                F16)
     else:
         tl.store(part_ptr + part, main_sum)
         tl.store(part_ptr + n_parts + part, z_sum)
@@ -174,7 +192,8 @@ def _epilogue_kernel(
 
 @triton.jit
 def _finish_kernel(part_ptr, n_parts, out_ptr, factors_ptr, bad_ptr, REDUCTION: tl.constexpr,
-                   HAS_Z: tl.constexpr, WIDE: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_Z: tl.constexpr, WIDE: tl.constexpr, BF16: tl.constexpr, F16: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """One program: the spans' partials added in order, then the results."""
     main = tl.zeros([BLOCK], tl.float64)
     z = tl.zeros([BLOCK], tl.float64)
@@ -190,7 +209,7 @@ def _finish_kernel(part_ptr, n_parts, out_ptr, factors_ptr, bad_ptr, REDUCTION: 
         count += tl.load(part_ptr + 3 * n_parts + k, mask=mine, other=0.0)
         bad += tl.load(part_ptr + 4 * n_parts + k, mask=mine, other=0.0)
     _finish(tl.sum(main, 0), tl.sum(z, 0), tl.sum(den, 0), tl.sum(count, 0), tl.sum(bad, 0), out_ptr,
-            factors_ptr, bad_ptr, REDUCTION, HAS_Z, WIDE, BF16)
+            factors_ptr, bad_ptr, REDUCTION, HAS_Z, WIDE, BF16, F16)
 
 
 @on_tensor_device
@@ -223,7 +242,7 @@ def reduce_rows(
         "REDUCTION": REDUCTIONS[reduction], "PROBABILITIES": target.is_floating_point(),
         "HAS_WEIGHT": weight is not None, "HAS_Z": z_loss > 0.0,
     }
-    rounding = {"WIDE": dtype == torch.float64, "BF16": dtype == torch.bfloat16}
+    rounding = {"WIDE": dtype == torch.float64, "BF16": dtype == torch.bfloat16, "F16": dtype == torch.float16}
     part = factors if n_parts == 1 else torch.empty((_PLANES, n_parts), dtype=torch.float64, device=device)
     any_weight = loss_rows if weight is None else weight  # any pointer when unused
     _epilogue_kernel[(n_parts,)](
