@@ -417,7 +417,7 @@ def test_z_loss_survives_when_every_target_weight_is_zero():
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
-        ({"input": torch.zeros(3, 4, dtype=torch.int64)}, TypeError, r"input must be a floating-point tensor, got Tensor"),
+        ({"input": torch.zeros(3, 4, dtype=torch.int64)}, TypeError, r"input must be a floating-point tensor, got a torch tensor of dtype int64 and shape \(3, 4\)"),
         ({"bias": torch.zeros(4)}, ValueError, r"linear_bias(_shard)? must have shape \(5,\), got \(4,\)"),
         ({"weight": torch.zeros(5, 3)}, ValueError, r"input must have linear_weight(_shard)?'s in_features=3"),
         ({"weight": torch.zeros(5, 4, dtype=torch.float64)}, TypeError,

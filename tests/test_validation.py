@@ -148,3 +148,20 @@ def test_a_loss_narrowed_past_its_dtype_is_inf_without_a_warning():
         assert rounded(np.float64(2.5), np.float32).dtype == np.float32
     same = np.array([1.0, 2.0])
     assert rounded(same, np.float64) is same  # no copy when nothing changes
+
+
+def test_a_torch_tensor_the_numpy_api_cannot_take_points_to_xentkit_torch():
+    """A tensor that requires grad (or one in bfloat16) cannot become a NumPy array: the message
+    names the argument, says what came in one line (not the tensor's repr) and where to go."""
+    torch = pytest.importorskip("torch")
+    for tensor in (torch.randn(3, 4, requires_grad=True), torch.randn(3, 4).bfloat16()):
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        with pytest.raises(
+            TypeError,
+            match=rf"^logits must be a numeric array, got a torch tensor of dtype {dtype} and shape \(3, 4\) "
+            r"\(the NumPy API takes NumPy arrays; .*use xentkit\.torch",
+        ):
+            xentkit.cross_entropy(tensor, [0, 1, 2])
+    np.testing.assert_allclose(  # a plain CPU tensor converts, as any array-like
+        xentkit.cross_entropy(torch.ones(2, 3), [0, 1]), np.log(3.0), rtol=1e-6
+    )

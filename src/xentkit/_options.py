@@ -56,6 +56,9 @@ def describe(value: object) -> str:
     """A short description of a received value for error messages."""
     if isinstance(value, np.ndarray):
         return f"an array of dtype {value.dtype} and shape {value.shape}"
+    if type(value).__module__.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape"):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"a torch tensor of dtype {dtype} and shape {tuple(value.shape)}"  # (its repr: many lines)
     return f"{type(value).__name__} {value!r}"[:120]
 
 
@@ -79,7 +82,13 @@ def as_array(value: object, name: str) -> np.ndarray:
     try:
         return np.asarray(value)
     except Exception as error:
-        raise TypeError(f"{name} must be a numeric array, got {describe(value)}: {error}") from None
+        hint = f": {error}"
+        if type(value).__module__.startswith("torch"):  # a tensor NumPy cannot take as it is
+            hint = (
+                " (the NumPy API takes NumPy arrays; for torch tensors, with autograd, on any device and "
+                "in bfloat16, use xentkit.torch, or pass tensor.detach().cpu().numpy())"
+            )
+        raise TypeError(f"{name} must be a numeric array, got {describe(value)}{hint}") from None
 
 
 def _real(value: object, name: str, expected: str) -> float:
