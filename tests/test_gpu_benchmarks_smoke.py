@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,18 @@ def test_a_provider_that_fails_is_left_out_and_named(tmp_path):
     shape = json.loads(output.read_text())["shapes"][0]
     assert set(shape["providers"]) == {"copy", "xentkit"}
     assert shape["failed"] == {"boom": "RuntimeError: this peer fails"}
+
+
+def test_the_gpu_session_script_parses_and_names_files_that_exist():
+    """benchmarks/gpu_session.sh is what a session with a lent GPU runs, in minutes it cannot
+    spend on a typo: the shell parses it, and every test file and script it names exists."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    named = set(re.findall(r"\b(tests/test_\w+\.py|benchmarks/\w+\.py)\b", text))
+    assert len(named) >= 10, named
+    root = script.parents[1]
+    assert [path for path in sorted(named) if not (root / path).exists()] == []
+    done = subprocess.run(["bash", str(script), "nothing"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": ""}, cwd=root)
+    assert done.returncode == 2 and "unknown step: nothing" in done.stderr
