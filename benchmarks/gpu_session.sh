@@ -2,8 +2,8 @@
 # The checks a session with a lent GPU runs, prepared here so that they fit its few minutes of
 # device time: two steps, each one device call well inside a call's 10 minutes.
 #
-#   bash benchmarks/gpu_session.sh tests    # the CUDA test files (~4 min): writes tests.log
-#   bash benchmarks/gpu_session.sh bench    # the GPU issue's table and goals (~5 min):
+#   bash benchmarks/gpu_session.sh tests    # the CUDA test files (cut at 280 s): tests.log
+#   bash benchmarks/gpu_session.sh bench    # the GPU issue's table and goals (cut at 540 s):
 #                                           # bench.log and bench_gpu.py's JSON files
 #
 # Results go to $OUT (the device tool's folder that comes back), else ./gpu-session. xentkit is
