@@ -87,6 +87,12 @@ def summarize(processes: list[dict], keep: tuple[str, ...]) -> dict:
     }
 
 
+def significant(value: object, digits: int = 4) -> object:
+    """A float to ``digits`` significant digits for printing (a difference of 1.2e-7 stays
+    1.2e-07; rounded to 4 decimals it printed as 0.0); anything else as it is."""
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
 def print_goals(goals: dict[str, dict]) -> None:
     """One line per goal: its verdicts ("met"/"MISSED") and its numbers."""
     for name, goal in goals.items():
@@ -96,8 +102,7 @@ def print_goals(goals: dict[str, dict]) -> None:
             f"{'met' if value else 'MISSED'}".strip()
             for key, value in verdicts.items()
         )
-        numbers = {key: round(value, 4) if isinstance(value, float) else value
-                   for key, value in goal.items() if not key.startswith("met")}
+        numbers = {key: significant(value) for key, value in goal.items() if not key.startswith("met")}
         print(f"goal {name:<26} {summary:<28} {numbers}")
 
 

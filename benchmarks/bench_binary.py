@@ -43,6 +43,7 @@ def main() -> int:
     import xentkit.torch as xt
 
     rows = []
+    print("ratio: xentkit's time / torch's (below 1: xentkit faster)")
     print(f"{'shape':>12s} {'torch':>10s} {'xentkit.torch':>14s} {'ratio':>6s} {'api':>10s} {'ratio':>6s}  (ms)")
     for text in args.shapes.split(","):
         n, c = (int(part) for part in text.lower().split("x"))

@@ -44,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -127,12 +128,18 @@ def linear_goals(report: dict, goals: list) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no 2^34-element case")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a test of this script)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="folder of the JSON results (default: benchmarks/results; with --smoke a new temporary "
+        "folder, so that a smoke run never replaces the committed GPU results)",
+    )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="bench_gpu_smoke_")) if args.smoke else HERE / "results"
     args.out.mkdir(parents=True, exist_ok=True)
     rounds = ["--rounds", "1" if args.smoke else "5" if args.quick else "15"]
     if args.smoke:

@@ -58,7 +58,8 @@ def _step(provider: str, x, w, target, a, b, temperature: float, chunk_size: int
             w.grad = logits.t() @ x
             return 0.0
     if provider == "torch":
-        logits = F.linear(x, w).float() / temperature
+        # float32 or better, as xentkit computes (float64 inputs stay float64)
+        logits = F.linear(x, w).to(torch.promote_types(x.dtype, torch.float32)) / temperature
         log_p = torch.log_softmax(logits, dim=-1)
         picked = log_p.gather(1, target[:, None])[:, 0]
         entropy = -(log_p.exp() * log_p).sum(dim=-1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Small problems and the first call: where xentkit's fixed costs show (issue "Polish").
 
-Two parts, both side by side with torch in one run:
+Three parts, each side by side with torch in one run:
 
 1. Per-call time of forward + backward on small logits (64×10, 256×100, 1024×1000, float32):
    ``torch.nn.functional.cross_entropy(x, y).backward()``, ``xentkit.torch.cross_entropy`` the
@@ -192,17 +192,18 @@ def per_call_options(number: int, repeats: int) -> list[dict]:
     return rows
 
 
-def epochs(count: int) -> dict:
+def epochs(count: int, threads: int) -> dict:
     """Seconds per training epoch of the issue's small MLP (784-100-10, sigmoid, batch 64, SGD) on
     MNIST-shaped data (60000 random images, labelled by a fixed random linear map, so that the
     model learns and its loss falls as on MNIST), with
     torch's ``nn.CrossEntropyLoss`` and with ``xentkit.torch.CrossEntropyLoss``, epochs
-    interleaved (torch's default threads, as a user runs it)."""
+    interleaved, torch on ``threads`` (its default, read before :func:`per_call` set one thread:
+    a first version set torch's current count, one by then), as a user runs it."""
     import torch
 
     import xentkit.torch as xt
 
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(60000, 784, generator=generator)
     # labels a fixed linear map of the images decides: learnable, so the loss falls as on MNIST
@@ -273,8 +274,11 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=5, help="new processes per first-call median")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "small.json")
     args = parser.parse_args()
+    import torch
+
+    default_threads = torch.get_num_threads()  # (per_call sets torch to one thread; epochs restores this)
     rows = per_call(args.number, args.repeats)
-    print("forward + backward, µs per call (median of the rounds; ratio to torch)")
+    print("forward + backward, µs per call (median of the rounds; ratio: xentkit's / torch's, below 1: xentkit faster)")
     print(
         f"{'shape':>12s} {'torch':>9s} {'xentkit.torch':>14s} {'ratio':>6s} {'xentkit api':>12s} "
         f"{'ratio':>6s} {'Function floor':>15s}"
@@ -291,7 +295,7 @@ def main() -> int:
     print(f"{'case':>24s} {'torch':>9s} {'xentkit.torch':>14s} {'ratio':>6s}")
     for row in options:
         print(f"{row['case']:>24s} {row['torch']:9.1f} {row['xentkit.torch']:14.1f} {row['xentkit.torch / torch']:6.2f}")
-    trained = epochs(args.epochs)
+    trained = epochs(args.epochs, default_threads)
     print(f"\nMLP epoch (60000 × 784 → 100 → 10, batch 64, SGD), seconds, {args.epochs} interleaved epochs")
     for name in ("torch", "xentkit.torch"):
         times = trained[name]

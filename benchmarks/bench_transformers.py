@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from _harness import significant
+
 PROVIDERS = ("unpatched", "xentkit")
 RESULTS = Path(__file__).resolve().parent / "results" / "transformers.json"
 WARM_UP_LENGTH = 128
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{key.replace('met_', 'by ').replace('met', '')} {'met' if value else 'MISSED'}".strip()
             for key, value in goal.items() if key.startswith("met")
         )
-        numbers = {k: round(v, 4) if isinstance(v, float) else v for k, v in goal.items() if not k.startswith("met")}
+        numbers = {k: significant(v) for k, v in goal.items() if not k.startswith("met")}
         print(f"goal {name:<18} {verdicts:<22} {numbers}")
     print("peak: above the RSS with model and inputs allocated, over every step of every process")
 

@@ -28,13 +28,18 @@ SCRIPTS = {
 def test_the_goals_driver_runs_on_the_cpu(tmp_path):
     """bench_gpu.py (the issue's table and goals in one command) with --smoke: every goal gets a
     verdict, the unmeasurable ones (no peer installed, no GPU memory) say so."""
-    environment = dict(os.environ, TRITON_INTERPRET="1")
+    environment = dict(os.environ, TRITON_INTERPRET="1", TMPDIR=str(tmp_path))
+    committed = {path.name: path.read_bytes() for path in (BENCHMARKS / "results").glob("*.json")}
+    # as its docstring gives it, without --out: a smoke run writes to a temporary folder (it had
+    # replaced the committed GPU results in benchmarks/results)
     completed = subprocess.run(
-        [sys.executable, "bench_gpu.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "bench_gpu.py", "--device", "cpu", "--smoke"],
         cwd=BENCHMARKS, env=environment, capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    goals = json.loads((tmp_path / "gpu_goals.json").read_text())["goals"]
+    assert {path.name: path.read_bytes() for path in (BENCHMARKS / "results").glob("*.json")} == committed
+    (folder,) = tmp_path.glob("bench_gpu_smoke_*")
+    goals = json.loads((folder / "gpu_goals.json").read_text())["goals"]
     assert len(goals) == 14
     assert {goal["verdict"] for goal in goals} <= {"met", "MISSED", "not measured"}
     peaks = [goal for goal in goals if "peak" in goal["goal"]]
