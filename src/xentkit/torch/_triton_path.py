@@ -92,10 +92,8 @@ def triton_reason(
     :func:`tensor_reason`."""
     if torch.is_floating_point(target) and target.dtype not in PROBABILITY_DTYPES:
         return f"it reads float16, bfloat16, float32 and float64 probability targets, got {target.dtype}"
-    # a kernel would read another device's memory (torch ops then raise torch's own error)
-    for name, tensor in (("target", target), ("weight", weight)):
-        if tensor is not None and tensor.device != input.device:
-            return f"the {name} is on {tensor.device} but the logits are on {input.device}"
+    # (a target or weight on another device than the logits, whose memory a kernel would read,
+    # never comes here: _bridge.check_tensors refused it for every path)
     if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         return "it differentiates with respect to the logits only (target or weight requires grad)"
     return tensor_reason(input, target, weight, *others, compiled=compiled)
