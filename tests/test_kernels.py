@@ -774,3 +774,37 @@ def test_tile_kernel_keeps_confident_rows_accurate(dtype, classes, monkeypatch) 
     row_error = np.abs(row_loss - exact) / exact
     assert np.median(tile_error) <= 1.05 * np.median(row_error)
     assert tile_error.max() <= 1.05 * row_error.max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("segments", [1, 2])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_label_smoothing_after_a_first_block_of_very_negative_logits(dtype, segments, weighted):
+    """Classes masked with very negative finite logits (−1e300, or the dtype's min, given weight 0)
+    filling a first block, of the row or of a segment: the smoothing term Σ w_j·(lse − z_j) was
+    formed around that block's max, far below the row's, and cancelled to garbage (6.688 came out
+    5.2e283 at −1e300, NaN at float64's min). The loss must match the reference, the gradient
+    too (it was right: an exact check that it stays so)."""
+    rng = np.random.default_rng(3)
+    classes = 4 * SMALL_BLOCK
+    logits = rng.standard_normal((3, classes)).astype(dtype)
+    # the first block of the row and of its second half (the second segment's first block)
+    masked = np.r_[0:SMALL_BLOCK, classes // 2 : classes // 2 + SMALL_BLOCK]
+    weight = np.ones(classes, dtype=dtype)
+    for mask in (-1e9 if dtype == np.float32 else -1e300, np.finfo(dtype).min):
+        if not weighted and mask == np.finfo(dtype).min:
+            continue  # (weight 1 there: Σ w_j·z_j itself leaves the dtype's range)
+        x = logits.copy()
+        x[:, masked] = mask
+        if weighted:
+            weight[masked] = 0.0
+        labels = np.array([classes - 1, classes // 2 + SMALL_BLOCK + 3, 20])
+        options = dict(weight=weight if weighted else None, label_smoothing=0.1)
+        loss, _, grad = _run(x, labels, block=SMALL_BLOCK, segments=segments, **options)
+        want, want_grad = reference.cross_entropy_and_grad(
+            x.astype(np.float64), labels, reduction="none", **{**options, "weight": None if not weighted else weight.astype(np.float64)}
+        )
+        # (weight 1 on the masked classes: a smoothing term of about |mask|·ε·(masked share))
+        np.testing.assert_allclose(loss, want, rtol=1e-12 if dtype == np.float64 else 1e-5)
+        if weighted:
+            np.testing.assert_allclose(grad, want_grad, rtol=1e-9 if dtype == np.float64 else 1e-4, atol=1e-7)

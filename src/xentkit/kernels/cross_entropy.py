@@ -11,7 +11,8 @@ For each row i (``prange`` over rows; a row of C classes, label y, logits x):
                                                                 as #{z_j = m} + Σ_{z_j < m};
                                                                 float64 total)
             S_z += Σ_{j in block} w_j·(z_j − r)                  (only with label smoothing;
-                                                                r = first finite running max)
+                                                                r = the running max, S_z moved
+                                                                with it: −W_seen·(b − r))
         lse = m + log(s)
 
     Loss (float64):
@@ -219,6 +220,18 @@ def _block_sum_z(row, start, stop, weight, has_weight, ref):  # pragma: no cover
 
 
 @njit(**_JIT)
+def _block_weight_sum(weight, has_weight, start, stop):  # pragma: no cover - compiled
+    """Σ_j w_j over [start, stop) in float64 (the class count without weights)."""
+    if not has_weight:
+        return np.float64(stop - start)
+    wseg = weight[start:stop]
+    acc = 0.0
+    for j in range(wseg.shape[0]):
+        acc += wseg[j]
+    return acc
+
+
+@njit(**_JIT)
 def _block_sum_z_capped(
     row, start, stop, weight, has_weight, ref, cap, inv_cap
 ):  # pragma: no cover
@@ -322,8 +335,13 @@ def _ignored_row(loss_rows, lse_rows, r, grad, want_grad):  # pragma: no cover -
 def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma: no cover
     """Pass 1 over row[start:stop]: ``(m, s, S_z, r)``.
 
-    m = max z_j, s = Σ exp(z_j − m), S_z = Σ w_j·(z_j − r) (only when ε > 0), r = the first
-    finite running max (0 while there is none), in blocks of ``block`` classes.
+    m = max z_j, s = Σ exp(z_j − m), S_z = Σ w_j·(z_j − r) (only when ε > 0), r = the running
+    max once finite (0 while there is none), in blocks of ``block`` classes. S_z follows r as s
+    follows m: when the max rises from r to b, S_z −= W_seen·(b − r), W_seen = Σ w_j over the
+    classes summed so far. (Kept at the first finite max instead, r stayed far below m after a
+    first block of very negative logits, −1e300 or a dtype's min masking classes of weight 0,
+    and the loss's W·(m − r) − S_z cancelled to garbage: 5.2e283 for 6.688, NaN at float64's
+    min.)
     """
     capped = softcap > 0.0
     cap = like(softcap, row)
@@ -335,6 +353,7 @@ def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma
     s = 0.0
     sum_z = 0.0
     ref = 0.0
+    weight_seen = 0.0
     for block_start in range(start, stop, block):
         block_stop = min(block_start + block, stop)
         b = _block_max(row, block_start, block_stop)
@@ -344,10 +363,12 @@ def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma
             b = cap * tb
         if b > m:
             # s·exp(m_old − m_new); while m_old = −inf, s is 0 (or NaN) and stays so: no exp
-            if m == neg_inf:
-                ref = np.float64(b)
-            else:
+            if m != neg_inf:
                 s *= math.exp(np.float64(m) - np.float64(b))
+                # (no weight seen: nothing to move, and 0·∞ would be NaN for a span beyond the dtype)
+                if eps > 0.0 and weight_seen != 0.0:
+                    sum_z -= weight_seen * (np.float64(b) - ref)
+            ref = np.float64(b)
             m = b
         # while every logit so far is −inf (or NaN), shift by 0: exp(−inf) = 0, NaN stays NaN
         shift = m if m > neg_inf else zero
@@ -372,6 +393,7 @@ def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma
                 )
             else:
                 sum_z += _block_sum_z(row, block_start, block_stop, weight, has_weight, ref)
+            weight_seen += _block_weight_sum(weight, has_weight, block_start, block_stop)
     return m, s, sum_z, ref
 
 
