@@ -808,3 +808,32 @@ def test_label_smoothing_after_a_first_block_of_very_negative_logits(dtype, segm
         np.testing.assert_allclose(loss, want, rtol=1e-12 if dtype == np.float64 else 1e-5)
         if weighted:
             np.testing.assert_allclose(grad, want_grad, rtol=1e-9 if dtype == np.float64 else 1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("classes", [1, 10, 300])  # one class; the tile kernel; the row kernel
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_soft_capped_confident_row_keeps_its_small_loss(classes, probabilities, dtype):
+    """With a softcap the row's max term is exp(z − m) with z = cap·t rounded as m is: exactly 1.
+    LLVM had fused z − m into fma(cap, t, −m) (the rounding error of cap·t, not 0): a confident
+    row's loss of ~1e-9 came out 1e-6 off in float32 (1100 times it), a one-class row's ±1e-7
+    instead of 0 with a gradient of 1e-7 instead of 0."""
+    import xentkit
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((64, classes)) * 3).astype(dtype)
+    x[:, 0] += 25  # class 0 dominates: losses of 1e-9 to 1e-4
+    labels = np.zeros(64, dtype=np.int64)
+    target = np.eye(classes, dtype=dtype)[labels] if probabilities else labels
+    loss, grad = xentkit.cross_entropy_and_grad(x, target, softcap=30.0, reduction="none")
+    want, _ = reference.cross_entropy_and_grad(
+        x.astype(np.float64), target.astype(np.float64) if probabilities else labels, softcap=30.0, reduction="none"
+    )
+    if classes == 1:
+        assert (loss == 0).all() and (grad == 0).all()
+        return
+    # relative to each row's own loss: z's one rounding in the dtype (float32: 6e-8 of z ≈ 25),
+    # and log s of s = 1 + δ, which is a few ulps of 1 absolute (float64: 2e-7 of a 1e-9 loss)
+    error = np.abs(loss - want)
+    bound = 1e-4 * want + 1e-15 if dtype == np.float32 else 1e-12 * want + 1e-15
+    assert (error <= bound).all(), (error / want).max()

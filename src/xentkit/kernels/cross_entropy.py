@@ -79,7 +79,7 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, fast_log, fast_tanh, like, maxnum
-from xentkit.kernels._jit import KERNEL_OPTIONS, LOOP_FLAGS, helper_options
+from xentkit.kernels._jit import CAPPED_LOOP_FLAGS, KERNEL_OPTIONS, LOOP_FLAGS, helper_options
 from xentkit.kernels._threading import prefer_tbb, running_on, serial_build, threads_for
 
 # Numba's threading layer, chosen before any kernel starts threads: TBB (fork-safe) where it is
@@ -89,6 +89,7 @@ THREADING_LAYER = prefer_tbb()
 # The per-block loops (reassoc, contract; inlined into the kernels) and the kernels' own options
 # (no fast-math flags): see ``kernels._jit``.
 _JIT = helper_options(LOOP_FLAGS)
+_CAPPED_JIT = helper_options(CAPPED_LOOP_FLAGS)  # the soft-capped loops: z − m not fused (see _jit)
 _KERNEL_JIT = KERNEL_OPTIONS
 
 # Problems up to this many logits run on one thread: waking the thread pool costs more than it
@@ -182,7 +183,7 @@ def _block_sum_exp_top(row, start, stop, shift):  # pragma: no cover - compiled
     return np.float64(ties) + np.float64(below)
 
 
-@njit(**_JIT)
+@njit(**_CAPPED_JIT)
 def _block_sum_exp_capped(row, start, stop, shift, cap, inv_cap):  # pragma: no cover
     """Σ_j exp(cap·tanh(row[j]/cap) − shift) over [start, stop), summed in the array's dtype."""
     seg = row[start:stop]
@@ -193,7 +194,7 @@ def _block_sum_exp_capped(row, start, stop, shift, cap, inv_cap):  # pragma: no 
     return np.float64(acc)
 
 
-@njit(**_JIT)
+@njit(**_CAPPED_JIT)
 def _block_sum_exp_capped_wide(row, start, stop, shift, cap, inv_cap):  # pragma: no cover
     """As ``_block_sum_exp_capped``, summed in float64 (blocks holding the running max)."""
     seg = row[start:stop]
@@ -231,7 +232,7 @@ def _block_weight_sum(weight, has_weight, start, stop):  # pragma: no cover - co
     return acc
 
 
-@njit(**_JIT)
+@njit(**_CAPPED_JIT)
 def _block_sum_z_capped(
     row, start, stop, weight, has_weight, ref, cap, inv_cap
 ):  # pragma: no cover
@@ -282,7 +283,7 @@ def _grad_weighted_inplace(x, m, c, beta, w):  # pragma: no cover - compiled
         x[j] = c * fast_exp_nonpositive(x[j] - m) + beta * w[j]
 
 
-@njit(**_JIT)
+@njit(**_CAPPED_JIT)
 def _grad_capped(x, g, m, c, beta, w, has_weight, cap, inv_cap):  # pragma: no cover
     """g[j] = s'(x_j)·(c·exp(z_j − m) + β·w_j), z = cap·tanh(x/cap), s' = 1 − tanh² (one row)."""
     if has_weight:
@@ -295,7 +296,7 @@ def _grad_capped(x, g, m, c, beta, w, has_weight, cap, inv_cap):  # pragma: no c
             g[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta)
 
 
-@njit(**_JIT)
+@njit(**_CAPPED_JIT)
 def _grad_capped_inplace(x, m, c, beta, w, has_weight, cap, inv_cap):  # pragma: no cover
     if has_weight:
         for j in range(x.shape[0]):
@@ -556,7 +557,7 @@ def _tile_exps(x, shifts, e):  # pragma: no cover - compiled
         e[k] = fast_exp_nonpositive(x[k] - shifts[k])
 
 
-@njit(**_JIT)
+@njit(**_CAPPED_JIT)
 def _tile_exps_capped(x, shifts, e, d, cap, inv_cap):  # pragma: no cover - compiled
     """e_k = exp(cap·tanh(x_k/cap) − shift_k) and d_k = 1 − tanh²(x_k/cap) over a flat tile."""
     for k in range(x.shape[0]):

@@ -41,7 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp_nonpositive, fast_log, fast_tanh, like
-from xentkit.kernels._jit import helper_options
+from xentkit.kernels._jit import CAPPED_LOOP_FLAGS, helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _JIT,
@@ -82,7 +82,7 @@ def _mass(q, w, has_weight, keep, uniform):  # pragma: no cover - compiled
     return target * w if has_weight else target
 
 
-@njit(**helper_options({"contract"}))
+@njit(**helper_options(False))  # (no contract: cap·t rounded before any z − m, see _jit)
 def _z(x, cap, inv_cap):  # pragma: no cover - compiled
     """The (soft-capped, ``cap`` 0: not) logit in float64, computed as pass 1 computes it."""
     if cap > 0.0:
@@ -91,7 +91,7 @@ def _z(x, cap, inv_cap):  # pragma: no cover - compiled
     return np.float64(x)
 
 
-@njit(**_JIT)
+@njit(**helper_options(CAPPED_LOOP_FLAGS))  # (z − m of a soft-capped z not fused, see _jit)
 def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap):  # pragma: no cover
     """Pass 2 of one row, in float64: ``(S, A, nonzero)``, S = Σ_{mass_j ≠ 0} mass_j·(z_j − m),
     A = Σ_j mass_j and the number of classes of nonzero mass; the loss is A·log s − S (when
@@ -110,7 +110,7 @@ def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap):
     return weighted, total, nonzero
 
 
-@njit(**helper_options({"contract"}))
+@njit(**helper_options(False))
 def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap):  # pragma: no cover
     """The loss of one row term by term, Σ_{mass_j ≠ 0} mass_j·(log s − (z_j − m)), as the
     reference adds it: for rows whose total mass is not finite (an infinite class weight or
@@ -124,8 +124,9 @@ def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap,
 
 
 # Pass 3's helpers: no reductions here, so no reassociation either (torch's order for a
-# non-finite upstream stays as written); fused multiply-adds only.
-_GRAD_JIT = helper_options({"contract"})
+# non-finite upstream stays as written); no contraction either: a soft-capped z = cap·t is
+# rounded before z − m, so the max's exp is exactly 1 (see _jit.CAPPED_LOOP_FLAGS).
+_GRAD_JIT = helper_options(False)
 
 
 @njit(**_GRAD_JIT)
