@@ -165,3 +165,38 @@ def test_backward_of_softmax_takes_an_integer_upstream_gradient():
         assert_close(got, t.grad.numpy(), np.float32)
         with pytest.raises(TypeError, match=r"must be a floating-point or integer array, got dtype bool"):
             backward(out, onehot.astype(bool))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_binary_cross_entropy_gradient_at_the_clamp_is_torchs(dtype):
+    """p = 0 with y = 1 (and p = 1 with y = 0): the denominator p·(1 − p) is clamped at torch's
+    1e-12, a float32 constant, so torch's float64 gradient is −1/9.99999996e-13, not −1e12."""
+    p, y = np.array([0.0, 1.0], dtype=dtype), np.array([1.0, 0.0], dtype=dtype)
+    _, grad = xentkit.binary_cross_entropy_and_grad(p, y, reduction="sum")
+    leaf = torch.tensor(p, requires_grad=True)
+    F.binary_cross_entropy(leaf, torch.tensor(y), reduction="sum").backward()
+    np.testing.assert_array_equal(grad, leaf.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_binary_cross_entropy_with_logits_at_minus_infinity_is_torchs(dtype, reference_path):
+    """x = −inf: torch's value is its own form (1 − y)·x − (1 + (pw − 1)·y)·log σ(x), NaN for
+    y in (0, 1] but ±inf where a target outside [0, 1] or a negative pos_weight tips it (those
+    were NaN here), times the weight; on the kernel and on the reference alike."""
+    import itertools
+
+    cases = list(itertools.product([-1.0, 0.0, 0.3, 1.0, 2.0], [None, 3.0, -2.0, 0.0], [None, 2.0, 0.0]))
+    for y, pos_weight, weight in cases:
+        x, t = np.full((1, 2), -np.inf, dtype=dtype), np.full((1, 2), y, dtype=dtype)
+        options = {}
+        if pos_weight is not None:
+            options["pos_weight"] = np.full(2, pos_weight, dtype=dtype)
+        if weight is not None:
+            options["weight"] = np.full(2, weight, dtype=dtype)
+        with xentkit.use_reference(reference_path), np.errstate(invalid="ignore"):
+            got = xentkit.binary_cross_entropy_with_logits(x, t, reduction="none", **options)
+        want = F.binary_cross_entropy_with_logits(
+            torch.tensor(x), torch.tensor(t), reduction="none", **{k: torch.tensor(v) for k, v in options.items()}
+        ).numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f"y={y}, pos_weight={pos_weight}, weight={weight}")

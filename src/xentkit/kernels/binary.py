@@ -8,8 +8,8 @@ read of the logits and targets, the formulas of ``xentkit.reference.losses``::
                (NaN for a non-finite y or pw, as torch's σ(x)·(pw·y + 1 − y) − pw·y gives)
 
 with e = exp(−|x|), in the same order of operations as the reference, so that special values
-come out alike (x = ±inf: 0·inf terms are NaN, and x = −inf is NaN, as torch but for a
-negative ``pos_weight``, where torch's is −inf). Every element is computed in float64,
+come out alike (x = ±inf: 0·inf terms are NaN, and x = −inf takes torch's own form there: NaN
+for targets in (0, 1], ±inf where a target outside [0, 1] or a negative ``pos_weight`` tips it). Every element is computed in float64,
 for float32 logits too (so where a float32 reference's intermediates overflow or flush to 0,
 say an infinite weight times a σ that float32 rounds to 1, this can give ±inf or a number where
 it gives NaN; and for targets far outside [0, 1], near float64's largest value, the fused
@@ -81,10 +81,11 @@ def _element(x, y, w, pw):  # pragma: no cover - compiled
     log_sig_pos = min(x, 0.0) - lg
     log_sig_neg = min(-x, 0.0) - lg
     loss = -w * (pw * y * log_sig_pos + (1.0 - y) * log_sig_neg)
-    # x = −inf: NaN, torch's value there (the reference says why): m − m is 0 for every other x
-    # (no fast-math flag folds it) and ∞ − ∞ there, without a branch in the vectorized loop
-    m = min(x, 0.0)
-    loss += m - m
+    # x = −inf: torch's value there, its form (1 − y)·x − (1 + (pw − 1)·y)·log σ(x) (the reference
+    # says why): ∞ − ∞ = NaN for y in (0, 1], ±inf for a target or pos_weight that tips the
+    # balance (a select, not a branch: the loop stays vectorized)
+    at_neg_inf = w * ((1.0 - y) * x - (1.0 + (pw - 1.0) * y) * log_sig_pos)
+    loss = at_neg_inf if x == -np.inf else loss
     # (1 − y)·σ(x) − pw·y·σ(−x), σ(±x) = (1 or e)/(1 + e): no cancellation of σ(x)·(pw·y + 1 − y)
     # against pw·y (at y = 1, x = 40 that gave 0 for −4.2e-18). A non-finite target or pos_weight
     # makes torch's form NaN (∞ − ∞, or 0·∞): so is pw·y − pw·y then, 0 otherwise (as m − m)

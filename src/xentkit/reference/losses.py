@@ -54,17 +54,21 @@ def binary_cross_entropy_with_logits_and_grad(
         accurate = (1 - target) * sigmoid(logits) - pw * target * sigmoid(-logits)
         torchs = sigmoid(logits) * (pw * target + 1 - target) - pw * target
         grad = w * np.where(np.isfinite(pw * target), accurate, torchs)
-        # x = −inf: NaN. torch computes the same loss as (1 − y)·x − (1 + (pw − 1)·y)·log σ(x),
-        # which is ∞ − ∞ = NaN there (−inf only for a negative pos_weight) where the form above
-        # gives +∞ for y > 0; torch's value, as for every non-finite input
-        loss = np.where(logits == -np.inf, np.nan, loss)
+        # x = −inf: torch computes the same loss as w·((1 − y)·x − (1 + (pw − 1)·y)·log σ(x)),
+        # which is ∞ − ∞ = NaN there for y in (0, 1] (±inf where a target outside [0, 1] or a
+        # negative pos_weight tips it), where the form above gives +∞ for y > 0; torch's value,
+        # as for every non-finite input
+        at_neg_inf = w * ((1 - target) * logits - (1 + (pw - 1) * target) * log_sigmoid(logits))
+        loss = np.where(logits == -np.inf, at_neg_inf, loss)
     return loss, grad
 
 
 # PyTorch clamps log(p) at −100 so that p = 0 gives a finite loss, and the gradient's denominator
-# p·(1 − p) at 1e-12; the same here, to agree with torch.nn.functional.binary_cross_entropy.
+# p·(1 − p) at 1e-12 — as a float32 constant (9.99999996e-13), also for float64 tensors: its
+# float64 gradient at p = 0, y = 1 is −1.0000000039958e12, not −1e12. The same here, to agree
+# with torch.nn.functional.binary_cross_entropy.
 _LOG_FLOOR = -100.0
-_GRAD_EPSILON = 1e-12
+_GRAD_EPSILON = float(np.float32(1e-12))
 
 
 def binary_cross_entropy_and_grad(
