@@ -146,8 +146,12 @@ def test_a_wider_float_target_is_not_rounded_to_the_predictions_dtype():
     p, y = np.float32([0.5]), np.float64([1e-12])
     exact = float(F.binary_cross_entropy(torch.tensor(p, dtype=torch.float64), torch.tensor(y)))
     assert xentkit.binary_cross_entropy(p, y) == np.float32(exact)
-    # an integer target does not widen float32 predictions
+    # an integer target does not widen float32 predictions; a long double one widens to float64
     assert xentkit.quadratic_cost(np.float32([0.5, 1.5]), np.array([0, 2])).dtype == np.float32
+    long_target = np.array([1.0, 0.0], dtype=np.longdouble)
+    want = float(F.binary_cross_entropy_with_logits(torch.tensor([0.5, 0.25], dtype=torch.float64), torch.tensor([1.0, 0.0])))
+    got = xentkit.binary_cross_entropy_with_logits(np.float32([0.5, 0.25]), long_target)
+    assert got.dtype == np.float32 and got == np.float32(want)
 
 
 def test_backward_of_softmax_takes_an_integer_upstream_gradient():

@@ -437,3 +437,8 @@ def test_a_tensor_on_another_device_is_a_value_error_naming_it():
             call()
     with pytest.raises(TypeError, match=r"^pos_weight must be a torch.Tensor or None, got list"):
         xt.binary_cross_entropy_with_logits(logits, torch.rand(5, 4), pos_weight=[1.0])
+    # a 0-d CPU weight or pos_weight is a scalar beside tensors on any device, as torch takes it
+    on_meta, target = logits.to(meta), torch.rand(5, 4, device=meta)
+    for options in ({"pos_weight": torch.tensor(2.0)}, {"weight": torch.tensor(0.5)}):
+        got = xt.binary_cross_entropy_with_logits(on_meta, target, **options)
+        assert got.device == meta and got.shape == F.binary_cross_entropy_with_logits(on_meta, target, **options).shape

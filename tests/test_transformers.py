@@ -456,6 +456,19 @@ def test_a_forward_replaced_by_accelerate_on_lm_head_is_reproduced_or_refused(be
     model.lm_head.forward = lambda hidden: 3 * torch.nn.functional.linear(hidden, model.lm_head.weight)
     with pytest.raises(RuntimeError, match=r"lm_head has its forward replaced \(.*<lambda>"):
         model(**batch())
+    # token_log_probs reads lm_head's weight too: the same rule (a doubling hook gave log-probs
+    # 6.9 off the model's own, silently)
+    for hook in (hooks.AlignDevicesHook(execution_device=torch.device("cpu")), Doubled()):
+        model = wrapped(tiny_model("LlamaForCausalLM"), hook)
+        inputs = batch()
+        if isinstance(hook, Doubled):
+            with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's lm_head has its forward replaced \(Doubled"):
+                token_log_probs(model, inputs["input_ids"])
+            continue
+        log_p = token_log_probs(model, inputs["input_ids"])
+        logits = model(input_ids=inputs["input_ids"]).logits[:, :-1]
+        want = torch.log_softmax(logits.float(), -1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
+        torch.testing.assert_close(log_p, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_forward_hook_sees_the_patched_output_even_prepended() -> None:

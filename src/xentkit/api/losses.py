@@ -32,7 +32,9 @@ def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[
     if b.dtype.kind not in "fiub":
         raise TypeError(f"{names[1]} must be a numeric array, got dtype {b.dtype}")
     same_shape(b, names[1], a, names[0])
-    work = compute_dtype(np.promote_types(a.dtype, b.dtype) if b.dtype.kind == "f" else a.dtype)
+    # (a long double target widens to float64 at most: the kernels take float32 and float64)
+    wider = np.promote_types(a.dtype, b.dtype if b.dtype.itemsize <= 8 else np.float64)
+    work = compute_dtype(wider if b.dtype.kind == "f" else a.dtype)
     return a.astype(work, copy=False), rounded(b, work), a.dtype
 
 

@@ -262,34 +262,8 @@ class _Patch:
                 "xentkit.integrations.transformers handles models that call it once"
             )
         (hidden,) = args
-        call.loss = self._loss(head, self._head_input(head, hidden), call)
+        call.loss = self._loss(head, _head_input(self.name, head, hidden), call)
         return (hidden.narrow(-2, 0, 0),)
-
-    def _head_input(self, head: nn.Module, hidden: Tensor) -> Tensor:
-        """lm_head's input as its forward would use it. A ``forward`` replaced on the head itself
-        (accelerate's ``add_hook_to_module``, which ``dispatch_model`` uses for a ``device_map``)
-        runs inside forward, after every torch hook, the patch's loss hook included, so it would
-        be bypassed: accelerate's ``AlignDevicesHook`` that only moves the input to its
-        execution device (no offload, no ``no_grad``) is reproduced here; any other is refused."""
-        if head.weight.is_meta:
-            raise RuntimeError(
-                f"{self.name}'s lm_head.weight is on the meta device when lm_head is called: an "
-                "offloaded model (accelerate's cpu_offload, a device_map with offload) loads it "
-                "inside lm_head's forward, after the patch has read it; such models are not "
-                "supported: unpatch the model (xentkit.integrations.transformers.unpatch)"
-            )
-        if "forward" not in vars(head):
-            return hidden
-        hook = getattr(head, "_hf_hook", None)
-        if _moves_input_only(hook):
-            device = hook.execution_device
-            return hidden if device is None else hidden.to(device)
-        wrapper = type(hook).__name__ if hook is not None else getattr(vars(head)["forward"], "__qualname__", "a function")
-        raise RuntimeError(
-            f"{self.name}'s lm_head has its forward replaced ({wrapper}, e.g. by accelerate's "
-            "add_hook_to_module); it would run after the patch computed the loss, so it would change "
-            "none of it: remove it, or unpatch the model (xentkit.integrations.transformers.unpatch)"
-        )
 
     def _head_raw_hook(self, head: nn.Module, args: tuple, output: Tensor) -> None:
         if self.call is not None:
@@ -519,7 +493,7 @@ def token_log_probs(
     targets = input_ids[:, 1:]
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:].to(hidden.device) == 0, -100)
-    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    rows = _head_input(name, head, hidden[:, :-1]).reshape(-1, hidden.shape[-1])
     results = linear_log_probs(
         rows, head.weight, targets.reshape(-1).to(hidden.device), linear_bias=head.bias,
         temperature=options.temperature, return_entropy=return_entropy, chunk_size=options.chunk_size,
@@ -543,6 +517,35 @@ def unpatch(model: ModelT) -> ModelT:
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` applies to ``model`` now (a PEFT model: to its base model)."""
     return isinstance(vars(_base_model(model)).get(_ATTRIBUTE), _Patch)
+
+
+def _head_input(name: str, head: nn.Module, hidden: Tensor) -> Tensor:
+    """lm_head's input as its forward would use it, for what reads lm_head's weight without
+    calling its forward (the patch's loss hook, :func:`token_log_probs`). A ``forward`` replaced
+    on the head itself (accelerate's ``add_hook_to_module``, which ``dispatch_model`` uses for a
+    ``device_map``) would be bypassed: accelerate's ``AlignDevicesHook`` that only moves the
+    input to its execution device (no offload, no ``no_grad``) is reproduced here; any other is
+    refused, and so is a weight still on the meta device (an offloaded model)."""
+    if head.weight.is_meta:
+        raise RuntimeError(
+            f"{name}'s lm_head.weight is on the meta device when lm_head is called: an "
+            "offloaded model (accelerate's cpu_offload, a device_map with offload) loads it "
+            "inside lm_head's forward, which xentkit does not call (it reads the weight); such "
+            "models are not supported: unpatch the model (xentkit.integrations.transformers.unpatch)"
+        )
+    if "forward" not in vars(head):
+        return hidden
+    hook = getattr(head, "_hf_hook", None)
+    if _moves_input_only(hook):
+        device = hook.execution_device
+        return hidden if device is None else hidden.to(device)
+    wrapper = type(hook).__name__ if hook is not None else getattr(vars(head)["forward"], "__qualname__", "a function")
+    raise RuntimeError(
+        f"{name}'s lm_head has its forward replaced ({wrapper}, e.g. by accelerate's "
+        "add_hook_to_module); xentkit reads lm_head's weight without calling that forward, so it "
+        "would change none of the result: remove it (or, for training, unpatch the model: "
+        "xentkit.integrations.transformers.unpatch)"
+    )
 
 
 def _moves_input_only(hook: object) -> bool:

@@ -472,6 +472,16 @@ def _tanh_f64(u):
     return t, d
 
 
+@njit(fastmath=False, error_model="numpy", nogil=True, forceinline=True)
+def capped_product(cap, t):  # pragma: no cover - compiled
+    """``cap·t``, a soft-capped logit z from t = tanh(x/cap), rounded on its own: the product
+    carries no ``contract`` flag, so a caller's z − m (whose loop may allow contraction) is not
+    fused into fma(cap, t, −m). Fused, the row's max got exp(rounding error of cap·t) instead of
+    exp(0) = 1: a confident row's loss near 1e-9 came out 1e-6 off in float32, a one-class row's
+    ±1e-7 instead of 0. (LLVM fuses only where both the product and the sum allow it.)"""
+    return cap * t
+
+
 def fast_tanh(u):
     """Vectorizable ``(tanh(u), 1 − tanh(u)²)`` of a float32/float64 scalar (Numba code only)."""
     raise NotImplementedError("fast_tanh is only callable from Numba-compiled code")

@@ -22,19 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CAPPED_LOOP_FLAGS", "KERNEL_OPTIONS", "LOOP_FLAGS", "helper_options"]
+__all__ = ["KERNEL_OPTIONS", "LOOP_FLAGS", "helper_options"]
 
 # Flags of the per-block loops: reassoc lets LLVM split the sums over vector lanes; contract
 # gives FMAs. No nnan/ninf: NaN and ±inf logits are part of the contract.
 LOOP_FLAGS = {"contract", "reassoc", "nsz"}
-
-# The loops over soft-capped logits, z = cap·tanh(x/cap): no contract. With it LLVM fuses
-# z − m into fma(cap, t, −m), so the row's max gets exp(rounding error of cap·t) instead of
-# exp(0) = 1 (m is cap·t rounded, in the kernel's scalar code): a confident row's small loss
-# was off by up to half an ulp of z (1e-6 in float32 near 25: 1100 times the loss of 1e-9), a
-# one-class row's loss ±1e-7 instead of 0. (fast_tanh keeps its own fused multiply-adds: the
-# flags are per instruction.)
-CAPPED_LOOP_FLAGS = {"reassoc", "nsz"}
 
 # The kernels: cached, and no fast-math flags on their own scalar code (reassoc would turn
 # (m − z_y) + log s back into (m + log s) − z_y, which loses log s when |m| is large; flags are per

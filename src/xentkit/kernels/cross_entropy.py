@@ -78,8 +78,16 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, fast_log, fast_tanh, like, maxnum
-from xentkit.kernels._jit import CAPPED_LOOP_FLAGS, KERNEL_OPTIONS, LOOP_FLAGS, helper_options
+from xentkit.kernels._exp import (
+    capped_product,
+    fast_exp,
+    fast_exp_nonpositive,
+    fast_log,
+    fast_tanh,
+    like,
+    maxnum,
+)
+from xentkit.kernels._jit import KERNEL_OPTIONS, LOOP_FLAGS, helper_options
 from xentkit.kernels._threading import prefer_tbb, running_on, serial_build, threads_for
 
 # Numba's threading layer, chosen before any kernel starts threads: TBB (fork-safe) where it is
@@ -89,7 +97,6 @@ THREADING_LAYER = prefer_tbb()
 # The per-block loops (reassoc, contract; inlined into the kernels) and the kernels' own options
 # (no fast-math flags): see ``kernels._jit``.
 _JIT = helper_options(LOOP_FLAGS)
-_CAPPED_JIT = helper_options(CAPPED_LOOP_FLAGS)  # the soft-capped loops: z − m not fused (see _jit)
 _KERNEL_JIT = KERNEL_OPTIONS
 
 # Problems up to this many logits run on one thread: waking the thread pool costs more than it
@@ -183,72 +190,67 @@ def _block_sum_exp_top(row, start, stop, shift):  # pragma: no cover - compiled
     return np.float64(ties) + np.float64(below)
 
 
-@njit(**_CAPPED_JIT)
+@njit(**_JIT)
 def _block_sum_exp_capped(row, start, stop, shift, cap, inv_cap):  # pragma: no cover
     """Σ_j exp(cap·tanh(row[j]/cap) − shift) over [start, stop), summed in the array's dtype."""
     seg = row[start:stop]
     acc = like(0.0, row)
     for j in range(seg.shape[0]):
         t, _ = fast_tanh(seg[j] * inv_cap)
-        acc += fast_exp_nonpositive(cap * t - shift)
+        acc += fast_exp_nonpositive(capped_product(cap, t) - shift)
     return np.float64(acc)
 
 
-@njit(**_CAPPED_JIT)
+@njit(**_JIT)
 def _block_sum_exp_capped_wide(row, start, stop, shift, cap, inv_cap):  # pragma: no cover
     """As ``_block_sum_exp_capped``, summed in float64 (blocks holding the running max)."""
     seg = row[start:stop]
     acc = 0.0
     for j in range(seg.shape[0]):
         t, _ = fast_tanh(seg[j] * inv_cap)
-        acc += np.float64(fast_exp_nonpositive(cap * t - shift))
+        acc += np.float64(fast_exp_nonpositive(capped_product(cap, t) - shift))
     return acc
 
 
 @njit(**_JIT)
 def _block_sum_z(row, start, stop, weight, has_weight, ref):  # pragma: no cover - compiled
-    """Σ_j w_j·(row[j] − ref) over [start, stop) in float64 (w_j = 1 without weights)."""
+    """``(Σ_j w_j·(row[j] − ref), Σ_j w_j)`` over [start, stop) in float64 (w_j = 1 without
+    weights: the second is the class count), in one loop."""
     seg = row[start:stop]
     acc = 0.0
     if has_weight:
         wseg = weight[start:stop]
+        total = 0.0
         for j in range(seg.shape[0]):
-            acc += wseg[j] * (np.float64(seg[j]) - ref)
-    else:
-        for j in range(seg.shape[0]):
-            acc += np.float64(seg[j]) - ref
-    return acc
+            w = np.float64(wseg[j])
+            acc += w * (np.float64(seg[j]) - ref)
+            total += w
+        return acc, total
+    for j in range(seg.shape[0]):
+        acc += np.float64(seg[j]) - ref
+    return acc, np.float64(seg.shape[0])
 
 
 @njit(**_JIT)
-def _block_weight_sum(weight, has_weight, start, stop):  # pragma: no cover - compiled
-    """Σ_j w_j over [start, stop) in float64 (the class count without weights)."""
-    if not has_weight:
-        return np.float64(stop - start)
-    wseg = weight[start:stop]
-    acc = 0.0
-    for j in range(wseg.shape[0]):
-        acc += wseg[j]
-    return acc
-
-
-@njit(**_CAPPED_JIT)
 def _block_sum_z_capped(
     row, start, stop, weight, has_weight, ref, cap, inv_cap
 ):  # pragma: no cover
-    """Σ_j w_j·(cap·tanh(row[j]/cap) − ref) over [start, stop) in float64."""
+    """``(Σ_j w_j·(cap·tanh(row[j]/cap) − ref), Σ_j w_j)`` over [start, stop) in float64."""
     seg = row[start:stop]
     acc = 0.0
     if has_weight:
         wseg = weight[start:stop]
+        total = 0.0
         for j in range(seg.shape[0]):
             t, _ = fast_tanh(seg[j] * inv_cap)
-            acc += wseg[j] * (np.float64(cap * t) - ref)
-    else:
-        for j in range(seg.shape[0]):
-            t, _ = fast_tanh(seg[j] * inv_cap)
-            acc += np.float64(cap * t) - ref
-    return acc
+            w = np.float64(wseg[j])
+            acc += w * (np.float64(capped_product(cap, t)) - ref)
+            total += w
+        return acc, total
+    for j in range(seg.shape[0]):
+        t, _ = fast_tanh(seg[j] * inv_cap)
+        acc += np.float64(capped_product(cap, t)) - ref
+    return acc, np.float64(seg.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,29 +285,29 @@ def _grad_weighted_inplace(x, m, c, beta, w):  # pragma: no cover - compiled
         x[j] = c * fast_exp_nonpositive(x[j] - m) + beta * w[j]
 
 
-@njit(**_CAPPED_JIT)
+@njit(**_JIT)
 def _grad_capped(x, g, m, c, beta, w, has_weight, cap, inv_cap):  # pragma: no cover
     """g[j] = s'(x_j)·(c·exp(z_j − m) + β·w_j), z = cap·tanh(x/cap), s' = 1 − tanh² (one row)."""
     if has_weight:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            g[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta * w[j])
+            g[j] = d * (c * fast_exp_nonpositive(capped_product(cap, t) - m) + beta * w[j])
     else:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            g[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta)
+            g[j] = d * (c * fast_exp_nonpositive(capped_product(cap, t) - m) + beta)
 
 
-@njit(**_CAPPED_JIT)
+@njit(**_JIT)
 def _grad_capped_inplace(x, m, c, beta, w, has_weight, cap, inv_cap):  # pragma: no cover
     if has_weight:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            x[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta * w[j])
+            x[j] = d * (c * fast_exp_nonpositive(capped_product(cap, t) - m) + beta * w[j])
     else:
         for j in range(x.shape[0]):
             t, d = fast_tanh(x[j] * inv_cap)
-            x[j] = d * (c * fast_exp_nonpositive(cap * t - m) + beta)
+            x[j] = d * (c * fast_exp_nonpositive(capped_product(cap, t) - m) + beta)
 
 
 @njit(**_JIT)
@@ -389,12 +391,13 @@ def _pass1(row, start, stop, weight, has_weight, eps, softcap, block):  # pragma
             s += _block_sum_exp(row, block_start, block_stop, shift)
         if eps > 0.0:
             if capped:
-                sum_z += _block_sum_z_capped(
+                block_z, block_w = _block_sum_z_capped(
                     row, block_start, block_stop, weight, has_weight, ref, cap, inv_cap
                 )
             else:
-                sum_z += _block_sum_z(row, block_start, block_stop, weight, has_weight, ref)
-            weight_seen += _block_weight_sum(weight, has_weight, block_start, block_stop)
+                block_z, block_w = _block_sum_z(row, block_start, block_stop, weight, has_weight, ref)
+            sum_z += block_z
+            weight_seen += block_w
     return m, s, sum_z, ref
 
 
@@ -557,12 +560,12 @@ def _tile_exps(x, shifts, e):  # pragma: no cover - compiled
         e[k] = fast_exp_nonpositive(x[k] - shifts[k])
 
 
-@njit(**_CAPPED_JIT)
+@njit(**_JIT)
 def _tile_exps_capped(x, shifts, e, d, cap, inv_cap):  # pragma: no cover - compiled
     """e_k = exp(cap·tanh(x_k/cap) − shift_k) and d_k = 1 − tanh²(x_k/cap) over a flat tile."""
     for k in range(x.shape[0]):
         t, d_k = fast_tanh(x[k] * inv_cap)
-        e[k] = fast_exp_nonpositive(cap * t - shifts[k])
+        e[k] = fast_exp_nonpositive(capped_product(cap, t) - shifts[k])
         d[k] = d_k
 
 
@@ -745,9 +748,9 @@ def _cross_entropy_tile_kernel(  # pragma: no cover - compiled
             if eps > 0.0:
                 row = logits[r]
                 if capped:
-                    sum_z = _block_sum_z_capped(row, 0, n_classes, weight, has_weight, ref, cap, inv_cap)
+                    sum_z, _ = _block_sum_z_capped(row, 0, n_classes, weight, has_weight, ref, cap, inv_cap)
                 else:
-                    sum_z = _block_sum_z(row, 0, n_classes, weight, has_weight, ref)
+                    sum_z, _ = _block_sum_z(row, 0, n_classes, weight, has_weight, ref)
             work[1, i] = sum_z
             work[3, i] = weight[y] if has_weight and not ignored else 1.0
             work[4, i] = grad_scale[r] if want_grad else 0.0
@@ -848,7 +851,9 @@ def _cross_entropy_split_kernel(  # pragma: no cover - compiled
             # equal maxima (also both −inf) scale by 1: exp(−inf − (−inf)) would be NaN
             s += stats[first + k, 1] if m_k == m64 else stats[first + k, 1] * math.exp(m_k - m64)
             if eps > 0.0:
-                sum_z += stats[first + k, 2] + segment_weight_sums[k] * (stats[first + k, 3] - m64)
+                sum_z += stats[first + k, 2]
+                if segment_weight_sums[k] != 0.0:  # (nothing to move; 0·∞ would be NaN, as in _pass1)
+                    sum_z += segment_weight_sums[k] * (stats[first + k, 3] - m64)
         m = like(m64, logits)
         g = grad_scale[i] if want_grad else 0.0
         g_z = z_grad_scale[i] if want_grad else 0.0

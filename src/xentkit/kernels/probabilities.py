@@ -40,8 +40,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from xentkit.kernels._exp import fast_exp_nonpositive, fast_log, fast_tanh, like
-from xentkit.kernels._jit import CAPPED_LOOP_FLAGS, helper_options
+from xentkit.kernels._exp import capped_product, fast_exp_nonpositive, fast_log, fast_tanh, like
+from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _JIT,
@@ -82,16 +82,16 @@ def _mass(q, w, has_weight, keep, uniform):  # pragma: no cover - compiled
     return target * w if has_weight else target
 
 
-@njit(**helper_options(False))  # (no contract: cap·t rounded before any z − m, see _jit)
+@njit(**helper_options({"contract"}))
 def _z(x, cap, inv_cap):  # pragma: no cover - compiled
     """The (soft-capped, ``cap`` 0: not) logit in float64, computed as pass 1 computes it."""
     if cap > 0.0:
         t, _ = fast_tanh(x * inv_cap)
-        return np.float64(cap * t)
+        return np.float64(capped_product(cap, t))
     return np.float64(x)
 
 
-@njit(**helper_options(CAPPED_LOOP_FLAGS))  # (z − m of a soft-capped z not fused, see _jit)
+@njit(**_JIT)
 def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap):  # pragma: no cover
     """Pass 2 of one row, in float64: ``(S, A, nonzero)``, S = Σ_{mass_j ≠ 0} mass_j·(z_j − m),
     A = Σ_j mass_j and the number of classes of nonzero mass; the loss is A·log s − S (when
@@ -110,7 +110,7 @@ def _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap):
     return weighted, total, nonzero
 
 
-@njit(**helper_options(False))
+@njit(**helper_options({"contract"}))
 def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap):  # pragma: no cover
     """The loss of one row term by term, Σ_{mass_j ≠ 0} mass_j·(log s − (z_j − m)), as the
     reference adds it: for rows whose total mass is not finite (an infinite class weight or
@@ -124,9 +124,9 @@ def _loss_by_terms(row, q, weight, has_weight, keep, uniform, shift, log_s, cap,
 
 
 # Pass 3's helpers: no reductions here, so no reassociation either (torch's order for a
-# non-finite upstream stays as written); no contraction either: a soft-capped z = cap·t is
-# rounded before z − m, so the max's exp is exactly 1 (see _jit.CAPPED_LOOP_FLAGS).
-_GRAD_JIT = helper_options(False)
+# non-finite upstream stays as written); fused multiply-adds only (a soft-capped z = cap·t is
+# rounded on its own, _exp.capped_product, so z − m is not fused).
+_GRAD_JIT = helper_options({"contract"})
 
 
 @njit(**_GRAD_JIT)
@@ -135,7 +135,7 @@ def _gradient_entry(x, q, w, has_weight, keep, uniform, shift, inv_s, total, g, 
     docstring's pass 3; ``cap`` 0 means no softcap)."""
     if cap > 0.0:
         t, d = fast_tanh(x * inv_cap)
-        z = cap * t
+        z = capped_product(cap, t)
     else:
         z = x
         d = like(1.0, x)

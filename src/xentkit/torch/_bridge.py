@@ -37,8 +37,9 @@ def check_tensors(input: object, target: object, weight: object = None, pos_weig
     """``input`` and ``target`` tensors and ``weight`` (and ``pos_weight``) one or None, else a
     TypeError naming the argument, as torch's own losses raise (an array or a list reached
     attribute lookups deep in the paths: an AttributeError that named neither); each on the
-    input's device, else a ValueError naming it and both devices (torch's message, from deep in
-    its ops, named neither the argument nor the loss)."""
+    input's device (a 0-d CPU weight or pos_weight too, a scalar as torch takes it), else a
+    ValueError naming it and both devices (torch's message, from deep in its ops, named neither
+    the argument nor the loss)."""
     if (
         isinstance(input, Tensor) and isinstance(target, Tensor) and target.device == input.device
         and (weight is None or (isinstance(weight, Tensor) and weight.device == input.device))
@@ -52,8 +53,13 @@ def check_tensors(input: object, target: object, weight: object = None, pos_weig
             hint = "; torch.from_numpy(...) makes one" if isinstance(value, np.ndarray) else ""
             raise TypeError(f"{name} must be {kind}, got {describe(value)}{hint}")
     for name, value in arguments[1:]:
-        if value is not None and value.device != input.device:
-            raise ValueError(f"{name} must be on the input's device {input.device}, got {value.device}")
+        if value is None or value.device == input.device:
+            continue
+        # a 0-d CPU weight or pos_weight is a scalar to torch's elementwise binary loss, on any
+        # device; as a target it would be read by a kernel on the input's device: refused
+        if name != "target" and value.dim() == 0 and value.device.type == "cpu":
+            continue
+        raise ValueError(f"{name} must be on the input's device {input.device}, got {value.device}")
 
 
 def check_class_weight(weight: Tensor | None, classes: int) -> None:
