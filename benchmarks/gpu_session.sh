@@ -26,8 +26,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XENTKIT_TEST_DEVICE=cuda
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.whl-site" .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$PWD/.whl-site"
 fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
