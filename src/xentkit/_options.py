@@ -52,11 +52,16 @@ Integer: TypeAlias = int | SupportsIndex
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
+def _is_torch_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor (or one of its subclasses), without importing torch."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape")
+
+
 def describe(value: object) -> str:
     """A short description of a received value for error messages."""
     if isinstance(value, np.ndarray):
         return f"an array of dtype {value.dtype} and shape {value.shape}"
-    if type(value).__module__.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape"):
+    if _is_torch_tensor(value):
         dtype = str(value.dtype).removeprefix("torch.")
         return f"a torch tensor of dtype {dtype} and shape {tuple(value.shape)}"  # (its repr: many lines)
     return f"{type(value).__name__} {value!r}"[:120]
@@ -83,7 +88,7 @@ def as_array(value: object, name: str) -> np.ndarray:
         return np.asarray(value)
     except Exception as error:
         hint = f": {error}"
-        if type(value).__module__.startswith("torch"):  # a tensor NumPy cannot take as it is
+        if _is_torch_tensor(value):  # a tensor NumPy cannot take as it is
             hint = (
                 " (the NumPy API takes NumPy arrays; for torch tensors, with autograd, on any device and "
                 "in bfloat16, use xentkit.torch, or pass tensor.detach().cpu().numpy())"
