@@ -789,3 +789,37 @@ def test_an_unchecked_far_label_reads_nothing_out_of_bounds():
     env = os.environ | {"TRITON_INTERPRET": "1"} if DEVICE == "cpu" else dict(os.environ)
     done = subprocess.run([sys.executable, "-c", FAR_LABELS, DEVICE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-3000:])
+
+
+@pytest.mark.parametrize("max_block", [4, None], ids=["chunks-of-4", "1-chunk"])
+@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-2}, {"label_smoothing": 0.1}, {"softcap": 30.0}])
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_a_confident_row_keeps_its_small_loss_and_gradient(monkeypatch, max_block, options, target_kind):
+    """A confident row's loss log(1 + δ) with δ far below float32's half ulp of 1 (6e-8): the
+    max's terms are counted apart, so the loss is δ to float32's relative accuracy (it was 0)
+    and the target entry's gradient −g·e/d keeps its digits (it was 0, or an ulp of g with
+    z-loss or smoothing). Ties at the max (two rows) and the max in a later chunk too."""
+    from xentkit.triton import cross_entropy as kernel_module
+
+    if max_block is not None:
+        monkeypatch.setattr(kernel_module, "MAX_BLOCK", max_block)
+    classes, target_at = 10, 6
+    rows = []
+    for gap, ties in ((20.0, 1), (25.0, 1), (17.0, 1), (20.0, 2)):
+        row = np.full(classes, -gap)
+        row[target_at] = 0.0
+        row[target_at - 3 : target_at - 3 + ties - 1] = 0.0  # a second max in an earlier chunk
+        rows.append(row)
+    logits = torch.tensor(np.array(rows), dtype=torch.float32)
+    labels = torch.full((len(rows),), target_at)
+    target = labels if target_kind == "labels" else torch.nn.functional.one_hot(labels, classes).float()
+    stored = logits.clone().to(DEVICE)
+    formula = {"ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None} | options
+    grad = torch.empty_like(stored)
+    loss, _lse = cross_entropy_rows(stored, target.to(DEVICE), None, **formula, grad_scale=None,
+                                    z_grad_scale=None, grad_out=grad)
+    expected_loss, _lse64, expected_grad = _reference(logits, target, None, 1.0, **options)
+    assert (loss.cpu().double().numpy() > 0).all()
+    np.testing.assert_allclose(loss.cpu().double().numpy(), expected_loss, rtol=2e-6)
+    # every entry to float32's relative accuracy of itself (the target's is about −δ, or ε-sized)
+    np.testing.assert_allclose(grad.cpu().double().numpy(), expected_grad, rtol=1e-5, atol=0)

@@ -15,6 +15,9 @@ Every module makes the same three launches over its rows:
 
     pass 2, one program per (row, chunk) again, from the row's statistics
 
+(:mod:`.cross_entropy` keeps the max's terms apart instead: plane 1 the chunk's sum below its
+max, plane 2 the count of its max terms, merged by :func:`merge_counted` into d − 1, see below.)
+
 with shift(m) = m, or 0 where m = −inf (never exp(−inf − (−inf))); ``FINITE_SHIFT`` also takes
 0 for m = +inf or NaN (:func:`shift`; the log-probabilities' rule, so that a +inf logit gives
 s = +inf).
@@ -189,3 +192,55 @@ def merge(slots, mine, plane, FINITE_SHIFT: tl.constexpr):
     d = tl.sum(tl.where(sums == 0.0, 0.0, sums * factors), 0)
     return m, t, d, shifts, factors, sums
 
+
+
+# ---- the max's terms counted apart -----------------------------------------------------------
+# A row's sum d = Σ_j exp(z_j − M) holds the max's own terms, each exactly 1. Summed in float32
+# with them inside, d = 1 + δ keeps δ only to float32's half ulp of 1 (6e-8): a confident row's
+# loss log d = log(1 + δ) below that came out 0, and its target entry's p − 1 cancelled. Pass 1
+# therefore counts the chunk's max terms apart (:func:`split_sum`), the merge keeps the row's
+# excess e = d − 1 = (K − 1) + Σ(the other terms), K the count of the row's max terms, and the
+# formulas take log d = log1p(e) and p − 1 = −e/d at the max, as the CPU kernels do in float64.
+
+
+@triton.jit
+def split_sum(z, m, t):
+    """A chunk's sum of exponentials at its shift t, split at its max m: ``(rest, count)``,
+    rest = Σ_j exp(z_j − t) over the entries below m (and NaNs), count = #{j: z_j = m} for a
+    finite m (0 for m = ±inf: a chunk of −inf adds nothing, one of +inf keeps its NaN or inf in
+    the rest, as the plain sum did)."""
+    top = z == tl.where(tl.abs(m) < float("inf"), m, float("nan"))  # (NaN equals nothing)
+    rest = tl.sum(tl.where(top, 0.0, tl.exp(z - t)), 0)
+    return rest, tl.sum(top.to(tl.int32), 0).to(tl.float32)
+
+
+@triton.jit
+def log1p(e):
+    """log(1 + e) in float32 for e ≥ −1 without losing a small e (Triton has no log1p that the
+    interpreter runs too): log(w)·e/(w − 1), w = 1 + e rounded, whose rounding error cancels in
+    the ratio (Goldberg 1991, "What every computer scientist should know about floating-point
+    arithmetic", theorem 4), and e itself where w rounds to 1. −inf at e = −1, NaN stays NaN."""
+    w = 1.0 + e
+    return tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+
+
+@triton.jit
+def merge_counted(slots, mine, plane, FINITE_SHIFT: tl.constexpr):
+    """Planes 0, 1 and 2 of a row's partials (each chunk's max m_c, :func:`split_sum`'s rest and
+    count) merged: ``(M, t, e, shifts, factors, sums)``, the row's max M, its shift t, its excess
+    e = d − 1 with d = Σ_c (count_c + rest_c)·exp(t_c − t), the chunks holding the row's max
+    adding their counts and rests unscaled (their factor is exactly 1), and per chunk t_c,
+    exp(t_c − t) and count_c + rest_c (a chunk whose sum is 0, only −inf, adds exactly 0 whatever
+    its factor). A row of −inf only has e = −1 (d = 0)."""
+    maxima = tl.load(slots, mask=mine, other=float("-inf"))
+    rests = tl.load(slots + plane, mask=mine, other=0.0)
+    counts = tl.load(slots + 2 * plane, mask=mine, other=0.0)
+    m = tl.max(maxima, 0)
+    t = shift(m, FINITE_SHIFT)
+    shifts = shift(maxima, FINITE_SHIFT)
+    factors = tl.exp(shifts - t)
+    sums = counts + rests
+    top = (maxima == m) & (counts > 0.0)
+    below = tl.where(top, rests, tl.where(sums == 0.0, 0.0, sums * factors))
+    e = (tl.sum(tl.where(top, counts, 0.0), 0) - 1.0) + tl.sum(below, 0)
+    return m, t, e, shifts, factors, sums

@@ -9,15 +9,18 @@ of a row's chunks: :mod:`._chunks`):
     pass 1, ``_partials_kernel`` (one read of the logits):
         z_j = s·tanh(x_j/s)                   (z_j = x_j without a softcap)
         per chunk c:  m_c = max_j z_j,  t_c = m_c (0 if the chunk has no finite value),
-                      d_c = Σ_j exp(z_j − t_c),
+                      K_c = #{j: z_j = m_c},  r_c = Σ_{j: z_j < m_c} exp(z_j − t_c)
+                      (the max's terms counted apart: ``_chunks.split_sum``),
                       S_c = Σ_j w_j·(z_j − t_c),  W_c = Σ_j w_j        (label smoothing only)
                       F_c = #{j: z_j > −inf}  (smoothing, probabilities: whether a gap
                       lse − t_c of 0 is exact, see ``_mass_at_lse``)
 
     the loss, ``_loss_kernel`` (one program per row, combining the row's few partials):
-        M = max_c m_c,  d = Σ_c d_c·exp(t_c − M),  lse = M + log d
+        M = max_c m_c,  e = d − 1 = (K − 1) + Σ_c r'_c  (``_chunks.merge_counted``: K the
+        count of the row's max terms, r'_c = r_c at a chunk holding them, (K_c + r_c)·exp(t_c − M)
+        elsewhere),  log d = log1p(e),  lse = M + log d
         loss = (1−ε)·w_y·((M − z_y) + log d) + (ε/V)·Σ_c (W_c·(lse − t_c) − S_c)
-        and (M, d) kept per row for pass 2
+        and (M, e) kept per row for pass 2
 
     pass 2, ``_grad_kernel`` (one read and one write of the logits), with the upstream gradient
     read on the device (so ``xentkit.torch`` runs it in backward, with no synchronization):
@@ -25,12 +28,20 @@ of a row's chunks: :mod:`._chunks`):
         grad_ij = s'(x_ij)·(g_i·(p_j·A − (1−ε)·w_y·[j = y] − ε·w_j/V) + g^z_i·2·λ·lse·p_j)
         A       = (1−ε)·w_y + ε·W/V,  W = Σ_j w_j,  s'(x) = 1 − tanh²(x/s)  (1 without a softcap;
                   4e/(1 + e)², e = exp(−2|x/s|), where tanh is near ±1)
+        at the max (z_j = M, p_j = 1/d): p_j·A − mass_j = (A − mass_j) − A·e/d, so that the
+        target entry of a confident row keeps its −e/d (1/d − 1 would round it away)
+
+A confident row's sum d = 1 + δ would hold δ only to float32's half ulp of 1 (6e-8): its loss
+log(1 + δ) came out 0 below that, and its target entry's gradient cancelled. With the max's
+terms counted apart, e = δ is kept to float32's relative accuracy, the loss log1p(e) and the
+target's gradient too (``tests/test_triton.py::test_a_confident_row_keeps_its_small_loss_and_gradient``).
 
 Probability targets (``target`` an ``[N, V]`` float tensor q, read in its dtype, instead of ``[N]``
 labels) take the same passes with ``PROBABILITIES`` set, the weighted smoothed target
 r_j = w_j·q'_j, q'_j = (1−ε)·q_j + ε/V, in place of the label's terms:
 
     pass 1:    per chunk also  R_c = Σ_j r_j,  S_c = Σ_j r_j·(z_j − t_c)        (0 where r_j = 0)
+               (r_j the target here; the chunk's sums r_c above are the exponentials')
     the loss:  loss = −Σ_j r_j·(z_j − lse) = Σ_c (R_c·(lse − t_c) − S_c),  and A = Σ_c R_c kept
                (every term ≥ 0 for q ≥ 0: t_c ≤ lse and z_j ≤ t_c, so nothing cancels)
     pass 2:    grad_ij = s'(x_ij)·(g_i·(p_j·A − r_j) + g^z_i·2·λ·lse·p_j)
@@ -111,7 +122,7 @@ def _capped(x, inside, softcap, HAS_SOFTCAP: tl.constexpr):
 def _mass_at_lse(mass, gap, lone):
     """A chunk's Σ_j mass_j·(lse − t_c), ``gap`` = lse − t_c ≥ 0: 0 for a chunk without mass
     (signed weights summing to 0 drop only this term, never the chunk's S_c). Where the float32
-    gap is 0 at the chunk of the row's max (its sum d rounded to 1) and the row has another
+    gap is 0 at the chunk of the row's max (its excess e is 0: the other terms underflowed) and the row has another
     finite logit (not ``lone``), the true gap is positive but below float32's resolution: a finite mass adds 0, an
     infinite one its own ±inf, as exact arithmetic gives (never inf·0 = NaN). In a row of one
     finite logit (``lone``) the gap is exactly 0: mass·0, NaN for an infinite mass as in torch.
@@ -162,16 +173,18 @@ def _partials_kernel(
     z = _capped(x, inside, softcap, HAS_SOFTCAP)
     m = tl.max(z, 0)
     shift = _chunks.shift(m, False)  # t_c: never exp(−inf − (−inf))
+    rest, count = _chunks.split_sum(z, m, shift)  # the max's terms counted apart
     tl.store(slot, m)
-    tl.store(slot + plane, tl.sum(tl.exp(z - shift), 0))
+    tl.store(slot + plane, rest)
+    tl.store(slot + 2 * plane, count)
     if PROBABILITIES:
         r = _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
                              HAS_WEIGHT, HAS_SMOOTHING)
         # S_c = Σ r_j·(z_j − t_c): a class the target leaves out adds 0, never 0·(−inf), and so
         # does the chunk's maximum (z_j − t_c = 0: never inf·0 for an infinite weight)
-        tl.store(slot + 2 * plane, tl.sum(tl.where((r == 0.0) | (z == shift), 0.0, r * (z - shift)), 0))
-        tl.store(slot + 3 * plane, tl.sum(r, 0))
-        tl.store(slot + 4 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
+        tl.store(slot + 3 * plane, tl.sum(tl.where((r == 0.0) | (z == shift), 0.0, r * (z - shift)), 0))
+        tl.store(slot + 4 * plane, tl.sum(r, 0))
+        tl.store(slot + 5 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
     elif HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
@@ -180,9 +193,9 @@ def _partials_kernel(
         # lanes past the row add 0 (z = −inf there); a zero weight on a −inf logit inside the row
         # gives NaN, as the reference and torch do. The chunk's maximum adds 0, not w·0: NaN for
         # an infinite weight, whose class torch gives w·(lse − z) = ±inf
-        tl.store(slot + 2 * plane, tl.sum(tl.where(inside & (z != shift), w * (z - shift), 0.0), 0))
-        tl.store(slot + 3 * plane, tl.sum(w, 0))
-        tl.store(slot + 4 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
+        tl.store(slot + 3 * plane, tl.sum(tl.where(inside & (z != shift), w * (z - shift), 0.0), 0))
+        tl.store(slot + 4 * plane, tl.sum(w, 0))
+        tl.store(slot + 5 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
 
 
 @triton.jit
@@ -219,19 +232,19 @@ def _loss_kernel(
             tl.store(loss_ptr + row, 0.0)
             tl.store(lse_ptr + row, 0.0)
             tl.store(stats_ptr + row, 0.0)
-            tl.store(stats_ptr + rows + row, 1.0)
+            tl.store(stats_ptr + rows + row, 0.0)
             return
-    # M (kept as the row's shift: 0 for a row of −inf), d, and the chunks' shifts t_c
-    _, m, d, shifts, _, _ = _chunks.merge(slots, mine, plane, False)
-    log_d = tl.log(d)
+    # M (kept as the row's shift: 0 for a row of −inf), e = d − 1, and the chunks' shifts t_c
+    _, m, e, shifts, _, _ = _chunks.merge_counted(slots, mine, plane, False)
+    log_d = _chunks.log1p(e)
     lse = m + log_d
     # lse − t_c per chunk as (M − t_c) + log d, not from the float32 lse: that one has lost up to
     # half an ulp of M (5e-4 at logits near +1e4), which the mass terms below would carry
     gaps = (m - shifts) + log_d
     if PROBABILITIES:
-        s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
-        r_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
-        lone = tl.sum(tl.load(slots + 4 * plane, mask=mine, other=0.0), 0) <= 1.0
+        s_z = tl.load(slots + 3 * plane, mask=mine, other=0.0)
+        r_c = tl.load(slots + 4 * plane, mask=mine, other=0.0)
+        lone = tl.sum(tl.load(slots + 5 * plane, mask=mine, other=0.0), 0) <= 1.0
         # + 0·lse: a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN loss
         # also where its targets carry no mass, as its gradient (0 otherwise)
         loss = tl.sum(_mass_at_lse(r_c, gaps, lone) - s_z, 0) + 0.0 * lse
@@ -250,16 +263,16 @@ def _loss_kernel(
             w_y = 1.0
         loss = (1.0 - eps) * w_y * ((m - z_y) + log_d)
         if HAS_SMOOTHING:
-            s_z = tl.load(slots + 2 * plane, mask=mine, other=0.0)
-            w_c = tl.load(slots + 3 * plane, mask=mine, other=0.0)
-            lone = tl.sum(tl.load(slots + 4 * plane, mask=mine, other=0.0), 0) <= 1.0
+            s_z = tl.load(slots + 3 * plane, mask=mine, other=0.0)
+            w_c = tl.load(slots + 4 * plane, mask=mine, other=0.0)
+            lone = tl.sum(tl.load(slots + 5 * plane, mask=mine, other=0.0), 0) <= 1.0
             # Σ_c w_c·(lse − z_c) per block, as W_k·(lse − shift_k) − S_k; a block whose weights
             # sum to 0 (signed weights) drops only its W term, never its weighted logits S_k
             loss += eps / n_cols * tl.sum(_mass_at_lse(w_c, gaps, lone) - s_z, 0)
         tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
-    tl.store(stats_ptr + rows + row, d)
+    tl.store(stats_ptr + rows + row, e)
 
 
 @triton.jit
@@ -302,32 +315,34 @@ def _grad_kernel(
             tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
             return
     m = tl.load(stats_ptr + row)
-    d = tl.load(stats_ptr + rows + row)
-    lse = m + tl.log(d)
+    e = tl.load(stats_ptr + rows + row)  # e = d − 1, kept apart from the max's terms
+    d = 1.0 + e
+    lse = m + _chunks.log1p(e)
     g = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32) * tl.load(factor_ptr)
+    # the gradient is g·(A·p_j − [target mass]_j) + g^z·2·λ·lse·p_j: ``main`` = g·A for probability
+    # targets, g·(1−ε)·w_y for labels, whose A adds the smoothing's ε·W/V to ``other`` with the z term
+    other = 0.0
     if PROBABILITIES:
-        coef = g * tl.load(stats_ptr + 2 * rows + row)  # g·A
+        main = g * tl.load(stats_ptr + 2 * rows + row)  # g·A
     else:
         known = (y >= 0) & (y < n_cols)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + tl.where(known, y, 0))
         else:
             w_y = 1.0
-        mass = (1.0 - eps) * w_y  # A; without smoothing no W term (0·W is NaN for W = inf)
+        main = g * ((1.0 - eps) * w_y)  # without smoothing no W term (0·W is NaN for W = inf)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 weight_sum = tl.load(weight_sum_ptr)  # W, summed by the host function on the device
             else:
                 weight_sum = n_cols * 1.0
-            mass += eps * weight_sum / n_cols
-        coef = g * mass
+            other = g * (eps * weight_sum / n_cols)
     if HAS_Z:
         g_z = tl.load(z_grad_scale_ptr + row * z_grad_scale_stride).to(tl.float32) * tl.load(factor_ptr + 1)
-        coef += g_z * 2.0 * z_loss * lse
-    if PROBABILITIES:
-        coef = coef / d
-    else:
-        coef = tl.where(known, coef / d, float("nan"))
+        other += g_z * 2.0 * z_loss * lse
+    coef = (main + other) / d
+    if not PROBABILITIES:
+        coef = tl.where(known, coef, float("nan"))
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         u = x / softcap
@@ -336,12 +351,17 @@ def _grad_kernel(
         slope = _tanh_slope(u, t)  # (here: u and t die, one value stays live to the end)
     else:
         z = x
+    # at the row's max (p_j = 1/d exactly): main·p_j − mass_j = (main − mass_j) − main·e/d, with
+    # no cancellation for a confident row (whose p_j − 1 = −e/d would round to 0 or an ulp)
+    at_max = z == m
     if PROBABILITIES:
-        r = _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
-                             HAS_WEIGHT, HAS_SMOOTHING)
-        grad = coef * tl.exp(z - m) - g * r
+        r = g * _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
+                                 HAS_WEIGHT, HAS_SMOOTHING)
+        grad = tl.where(at_max, (main - r) + (other - main * e) / d, coef * tl.exp(z - m) - r)
     else:
-        grad = coef * tl.exp(z - m) - tl.where(cols == y, g * (1.0 - eps) * w_y, 0.0)
+        label = cols == y
+        grad = tl.where(label & at_max, (other - main * e) / d,
+                        coef * tl.exp(z - m) - tl.where(label, main, 0.0))
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 grad -= g * eps / n_cols * tl.load(weight_ptr + cols, mask=inside, other=0.0)
@@ -411,8 +431,8 @@ def row_statistics(
     z_loss: float,
     softcap: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` the rows' max M and sum d
-    (``[2, N]``; ``[3, N]`` with A = Σ_j w_j·q'_j for probability targets) for
+    """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` the rows' max M and excess
+    e = d − 1 of their sum d (``[2, N]``; ``[3, N]`` with A = Σ_j w_j·q'_j for probability targets) for
     :func:`row_gradient`. ``target``: ``[N]`` int64 labels, or ``[N, V]`` class probabilities
     (float, contiguous rows); ``weight``: ``[V]``, :class:`ClassWeights` or None. Two launches; a
     label outside ``[0, V)`` gives NaN (nothing is read out of bounds), for the caller to
@@ -428,7 +448,7 @@ def row_statistics(
         return loss, lse, stats
     weights = ClassWeights.of(weight, device, with_total=False)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
-    part = layout.partials(5 if probabilities or label_smoothing > 0.0 else 2, device)
+    part = layout.partials(6 if probabilities or label_smoothing > 0.0 else 3, device)
     cap = 1.0 if softcap is None else float(softcap)
     any_weight = loss if weights is None else weights.values  # any pointer when unused
     target_stride = target.stride(0) if probabilities else 1
