@@ -61,7 +61,7 @@ def _run(logits, labels, valid, temperature, upstream, in_place=False):
     coefficients in float64, pass 2. Returns ((log p, H, lse) as float64 NumPy, gradient)."""
     logits, labels, valid = logits.to(DEVICE), labels.to(DEVICE), valid.to(DEVICE)
     m, s, u, z_target = log_prob_statistics(logits, labels, valid, temperature)
-    assert all(t.dtype == torch.float32 and t.shape == labels.shape for t in (m, s, u, z_target))
+    assert all(t.dtype == torch.float64 and t.shape == labels.shape for t in (m, s, u, z_target))
     log_p, entropy, lse, log_s = row_statistics(m.double(), s.double(), u.double(), z_target.double(), valid)
     coefficients = gradient_coefficients(log_s, entropy, *(t.to(DEVICE) for t in upstream))
     stored = logits.clone()
@@ -223,9 +223,10 @@ def test_the_kernel_finishes_rows_as_row_statistics():
     statistics, (log_p, entropy, lse, log_s, kept) = TritonRows.finished(
         logits.to(DEVICE), labels.to(DEVICE), valid.to(DEVICE), 0.7, shape
     )
-    expected = row_statistics(*(t.cpu() for t in statistics), valid)
+    expected = row_statistics(*(t.cpu() for t in statistics), valid)  # float64 statistics
     for got, want in zip((log_p, entropy, lse, log_s), expected, strict=True):
-        torch.testing.assert_close(got.cpu().reshape(-1), want, equal_nan=True, rtol=2e-7, atol=0)
+        # the kernel's float64 algebra, rounded once to float32
+        torch.testing.assert_close(got.cpu().reshape(-1), want.float(), equal_nan=True, rtol=2e-7, atol=0)
     assert log_p.shape == entropy.shape == lse.shape == shape
     torch.testing.assert_close(kept.cpu(), entropy.cpu().reshape(-1), equal_nan=True, rtol=0, atol=0)
     assert len({t.data_ptr() for t in (log_p, entropy, lse, log_s, kept)}) == 5
@@ -357,3 +358,49 @@ def test_backend_choice_and_why_triton_cannot_run(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match=r"runs CUDA tensors .*TRITON_INTERPRET=1\), got a tensor on cpu"):
             xt.linear_log_probs(x, torch.randn(5, 4), torch.tensor([0, 1, 2]), backend="triton")
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+@pytest.mark.usefixtures("chunked")
+def test_logits_far_from_zero_are_shifted_before_they_are_scaled(temperature):
+    """float32 logits near +1e4 at T ≠ 1: the kernels shift before they scale,
+    d = (x − max x)·c, and keep m = max x·c and z_y = x_y·c in float64, so log p, H and lse are
+    as accurate as near 0. Scaling first (z = x·c in float32, as these kernels did) left half an
+    ulp of 1.4e4 in every exponent: log p 8e-4 off at T = 0.7 (a review)."""
+    generator = torch.Generator().manual_seed(21)
+    logits = torch.randn(4, 300, generator=generator) * 2 + 1e4
+    labels = torch.randint(0, 300, (4,), generator=generator)
+    upstream = tuple(torch.rand(4, generator=generator, dtype=torch.float64) * 2 - 0.5 for _ in range(3))
+    valid = torch.ones(4, dtype=torch.bool)
+    outputs, grad, _ = _run(logits, labels, valid, temperature, upstream)
+    expected, expected_grad = _expected(logits, labels, temperature, upstream)
+    # log p and H to float32's accuracy of themselves; lse (≈ 1e4/T) to its own
+    for got, want in zip(outputs, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-6)
+    _assert_gradient(grad, expected_grad, torch.float32)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.usefixtures("chunked")
+def test_a_confident_token_keeps_its_tiny_log_probability(temperature, in_place):
+    """A token whose log p = −log(1 + δ) has δ far below float32's 6e-8: the max's terms are
+    counted apart and the row merged in float64, so log p is −δ to the accuracy of δ's own
+    float32 terms (it was 0), and the target's gradient entry a·(1 − p_y) keeps its digits.
+    Ties at the max (row 2) and the max in the last chunk (row 1) too."""
+    logits = torch.full((3, 300), -25.0)
+    logits[0, 7] = logits[2, 7] = logits[2, 200] = 0.0
+    logits[1, 290] = 0.0
+    labels = torch.tensor([7, 290, 200])
+    upstream = (torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+                torch.zeros(3, dtype=torch.float64))
+    outputs, grad, _ = _run(logits, labels, torch.ones(3, dtype=torch.bool), temperature, upstream, in_place)
+    expected, expected_grad = _expected(logits, labels, temperature, upstream)
+    log_p, entropy, _lse = outputs
+    assert (log_p < 0).all()
+    # each term exp(d) carries d's float32 rounding, |d|·6e-8 relative (25/0.9 · 6e-8 = 2e-6)
+    np.testing.assert_allclose(log_p, expected[0], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(entropy, expected[1], rtol=1e-5, atol=0)
+    rows = np.arange(3)
+    np.testing.assert_allclose(grad.numpy()[rows, labels], expected_grad[rows, labels], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-5, atol=1e-12)

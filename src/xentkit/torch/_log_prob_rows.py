@@ -163,7 +163,13 @@ class TritonRows(_Rows):
     statistics, the gradient written into ``out`` (in place when ``out`` is the logits)."""
 
     name = "triton"
-    statistics_dtype = staticmethod(_bridge.at_least_float32)
+
+    @staticmethod
+    def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype of ``statistics``' results: float64, whatever the logits' (the kernels keep
+        m = max x·c and z_y = x_y·c to float64, which log p = (z_y − m) − log s needs, and s apart
+        from the max's own terms)."""
+        return torch.float64
 
     @staticmethod
     def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:

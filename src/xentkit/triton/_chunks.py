@@ -204,13 +204,13 @@ def merge(slots, mine, plane, FINITE_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def split_sum(z, m, t):
-    """A chunk's sum of exponentials at its shift t, split at its max m: ``(rest, count)``,
-    rest = Σ_j exp(z_j − t) over the entries below m (and NaNs), count = #{j: z_j = m} for a
+def split_sum(z, m, exponentials):
+    """A chunk's ``exponentials`` of its values ``z`` summed apart at its max m: ``(rest, count)``,
+    rest = Σ exponentials_j over the entries below m (and NaNs), count = #{j: z_j = m} for a
     finite m (0 for m = ±inf: a chunk of −inf adds nothing, one of +inf keeps its NaN or inf in
-    the rest, as the plain sum did)."""
+    the rest, as the plain sum did). The max's own terms, exactly 1, are not summed."""
     top = z == tl.where(tl.abs(m) < float("inf"), m, float("nan"))  # (NaN equals nothing)
-    rest = tl.sum(tl.where(top, 0.0, tl.exp(z - t)), 0)
+    rest = tl.sum(tl.where(top, 0.0, exponentials), 0)
     return rest, tl.sum(top.to(tl.int32), 0).to(tl.float32)
 
 

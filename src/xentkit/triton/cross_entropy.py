@@ -173,7 +173,7 @@ def _partials_kernel(
     z = _capped(x, inside, softcap, HAS_SOFTCAP)
     m = tl.max(z, 0)
     shift = _chunks.shift(m, False)  # t_c: never exp(−inf − (−inf))
-    rest, count = _chunks.split_sum(z, m, shift)  # the max's terms counted apart
+    rest, count = _chunks.split_sum(z, m, tl.exp(z - shift))  # the max's terms counted apart
     tl.store(slot, m)
     tl.store(slot + plane, rest)
     tl.store(slot + 2 * plane, count)

@@ -2,39 +2,53 @@
 
 The Triton twin of :mod:`xentkit.kernels.log_probs`, with its contract (formulas:
 :mod:`xentkit.reference.log_probs`). The ``[N, V]`` logits x (float32, float16 or bfloat16;
-arithmetic in float32) are cut into chunks of ``BLOCK`` classes, one program per (row, chunk)
-(the chunks, their partials and the merge of a row's chunks: :mod:`._chunks`). With c = 1/T and
-z_j = x_j·c (one float32 rounding, the same in every pass):
+arithmetic in float32, each row's merge in float64) are cut into chunks of ``BLOCK`` classes, one
+program per (row, chunk) (the chunks, their partials and the merge of a row's chunks:
+:mod:`._chunks`). With c = 1/T, z_j = x_j·c, and every exponent shifted before it is scaled,
+d_j = (x_j − max x)·c (x_j − max x is exact near the max, so d_j is off by a rounding of itself,
+not by an ulp of max|x|/T, as on the CPU):
 
     pass 1, ``_partials_kernel`` (one read of the logits), per chunk k of a row:
-        m_k = max_j z_j  (NaN ignored: the sums below carry it),  t_k = m_k (0 if not finite)
-        s_k = Σ_j exp(z_j − t_k),   u_k = Σ_j exp(z_j − t_k)·max(z_j − t_k, −1000)
+        m_k = max_j x_j  (NaN ignored: the sums below carry it),  t_k = m_k (0 if not finite)
+        d_j = (x_j − t_k)·c,  K_k = #{j: x_j = m_k},  r_k = Σ_{x_j < m_k} exp(d_j)
+        (the max's terms, exactly 1, counted apart: ``_chunks.split_sum``),
+        u_k = Σ_j exp(d_j)·max(d_j, −1000)
 
     the row, ``_combine_kernel`` (one program per row, merging the row's few partials as
-    ``reference.log_probs.merge_partials``; shifts finite, ``FINITE_SHIFT`` of :mod:`._chunks`):
-        m = max_k m_k,  t = m (0 if not finite)
-        s = Σ_k s_k·exp(t_k − t),   u = Σ_k exp(t_k − t)·(u_k + s_k·(t_k − t))
-        z_y = x_y·c when the row's target y is in [0, V), else 0 (not read)
-    gives each row's (m, s, u, z_y) in float32; ``reference.log_probs.row_statistics`` turns them
+    ``reference.log_probs.merge_partials``, in float64; shifts finite, ``FINITE_SHIFT`` of
+    :mod:`._chunks`):
+        M = max_k m_k,  t = M (0 if not finite),  δ_k = (t_k − t)·c,  s_k = K_k + r_k
+        s = Σ_k s_k·exp(δ_k),   u = Σ_k exp(δ_k)·(u_k + s_k·δ_k)
+        m = M·c,  z_y = x_y·c when the row's target y is in [0, V), else 0 (not read)
+    gives each row's (m, s, u, z_y) in float64; ``reference.log_probs.row_statistics`` turns them
     into log p(y) = (z_y − m) − log s ≤ 0, H = log s − u/s ≥ 0 and lse = m + log s, in the
-    caller or (``finished``) in this kernel, with the same operations in the same order.
+    caller or (``finished``) in this kernel, with the same operations in the same order, rounded
+    once to float32.
 
     pass 2, ``_gradient_kernel`` (one read and one write of the logits), given per-row (m, s)
-    and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)):
-        grad_j = exp(z_j − m)·(c·b/s + c·k/s·max(z_j − m, −1000)) + c·a·[j = y]
+    and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)), with
+    max x = m/c back in float32 (exactly: m/c is within 1e-15 of it):
+        grad_j = exp(d_j)·(c·b/s + c·k/s·max(d_j, −1000)),   d_j = (x_j − max x)·c
+        grad_y = c·(a + p_y·(b + k·(z_y − m)))   (float64: a + p_y·b cancels for a confident row)
+
+Why float64 per row: m and z_y in float32 would each carry half an ulp of max|x|/T (at logits
+near 1e4 and T = 0.7, 5e-4 in log p); s summed as 1 + δ in float32 would keep δ only to 6e-8 (a
+confident token's log p = −log s came out 0). Counting the max's terms apart and merging in
+float64 keeps both; the per-element work stays in float32.
 
 Exactness: the launches turn off floating-point contraction (``enable_fp_fusion=False``, as every
-launch of this package: ``_chunks.EXACT``), so that
-z_j − m is computed from the rounded z_j that the maximum saw: the max's own term is exp(0) = 1
-exactly, hence s ≥ 1 (log s ≥ 0, log p(y) ≤ 0) and u ≤ 0 (H ≥ 0), also for bfloat16 logits. The
-max(·, −1000) makes a masked class (z = −inf, exp = 0) add 0, not 0·(−inf).
+launch of this package: ``_chunks.EXACT``), so that d_j is computed as the max saw it: the max's
+own term is d = 0 and is counted, never exponentiated, hence s ≥ 1 (log s ≥ 0, log p(y) ≤ 0) and
+u ≤ 0 (H ≥ 0), also for bfloat16 logits. The max(·, −1000) makes a masked class (d = −inf,
+exp = 0) add 0, not 0·(−inf).
 
-Pass 2 reads each element before writing it, in the same program, so the gradient may be written
-over the logits (in place). A row that is not ``valid`` (its target is ignore_index) is not read:
-(m, s, u, z_y) = (0, 1, 0, 0) and a zero gradient row. Special values, as the Numba kernel and
-torch: a NaN makes the row's s and u NaN (so log p, H, lse and the gradient); a +inf logit gives
-m = +inf and s = +inf (sums unshifted: lse +inf, log p, H and the gradient NaN); −inf logits are
-masked classes, and a row of −inf only has m = −inf, s = 0 (NaN downstream).
+Pass 2 reads each element before writing it, in the same program (x_y too, from the program's
+own block), so the gradient may be written over the logits (in place). A row that is not
+``valid`` (its target is ignore_index) is not read: (m, s, u, z_y) = (0, 1, 0, 0) and a zero
+gradient row. Special values, as the Numba kernel and torch: a NaN makes the row's s and u NaN
+(so log p, H, lse and the gradient); a +inf logit gives m = +inf and s = +inf (sums unshifted:
+lse +inf, log p, H and the gradient NaN); −inf logits are masked classes, and a row of −inf only
+has m = −inf, s = 0 (NaN downstream).
 
 Offsets grow with the rows in int64, as :mod:`._chunks` says (logits past 2^31 elements,
 ``tests/test_triton_int64.py``).
@@ -45,6 +59,7 @@ bool. A label outside [0, V) is not read (z_y 0, no target entry in the gradient
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -62,10 +77,9 @@ MAX_BLOCK = _chunks.MAX_BLOCK
 
 
 @triton.jit
-def _scaled(x_ptr, cols, inside, scale):
-    """z = x·c in float32; lanes past the row are −inf."""
-    x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    return tl.where(inside, x * scale, float("-inf"))
+def _scale64(scale_hi, scale_lo):
+    """c = 1/T in float64, from its two float32 parts (Triton's float arguments are float32)."""
+    return tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
 
 
 @triton.jit
@@ -83,16 +97,19 @@ def _partials_kernel(
     row, cols, inside = _chunks.columns(n_cols, BLOCK)
     if tl.load(valid_ptr + row) == 0:
         return  # the combine writes the row's (0, 1, 0, 0) without reading the partials
-    # ---- Pass 1: the chunk's m_k, and s_k, u_k at t_k ----
-    z = _scaled(logits_ptr + row * logits_stride, cols, inside, scale)
-    m = tl.max(tl.where(z == z, z, float("-inf")), 0)  # NaN ignored: s_k and u_k carry it
+    # ---- Pass 1: the chunk's max of x, and its sums at t_k, shifted before they are scaled ----
+    x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
+    x = tl.where(inside, x, float("-inf"))
+    m = tl.max(tl.where(x == x, x, float("-inf")), 0)  # NaN ignored: the sums carry it
     # t_k = 0 when m_k = −inf (never exp(−inf − (−inf))) or +inf (s_k = +inf: lse +inf)
-    d = z - _chunks.shift(m, True)
+    d = (x - _chunks.shift(m, True)) * scale
     e = tl.exp(d)
+    rest, count = _chunks.split_sum(x, m, e)  # the max's terms (d = 0, exp 1) counted apart
     slot, plane = _chunks.slot(part_ptr, part_plane, row, n_chunks)
     tl.store(slot, m)
-    tl.store(slot + plane, tl.sum(e, 0))
-    tl.store(slot + 2 * plane, tl.sum(e * tl.maximum(d, _FLOOR), 0))
+    tl.store(slot + plane, rest)
+    tl.store(slot + 2 * plane, count)
+    tl.store(slot + 3 * plane, tl.sum(e * tl.maximum(d, _FLOOR), 0))
 
 
 @triton.jit
@@ -114,13 +131,14 @@ def _combine_kernel(
     kept_ptr,
     n_cols,
     n_chunks,
-    scale,
+    scale_hi,
+    scale_lo,
     CHUNKS: tl.constexpr,
     FINISH: tl.constexpr,
 ):
-    """One program per row: the row's partials merged into (m, s, u), and z_y; with ``FINISH``
-    also the row's log p(y), H, lse, log s and H again (kept for backward)
-    (``reference.log_probs.row_statistics``; 0 on rows that are not valid)."""
+    """One program per row, in float64: the row's partials merged into (m, s, u), and z_y; with
+    ``FINISH`` also the row's log p(y), H, lse, log s and H again (kept for backward), rounded
+    once to float32 (``reference.log_probs.row_statistics``; 0 on rows that are not valid)."""
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: see the module docstring
     slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     if tl.load(valid_ptr + row) == 0:
@@ -135,32 +153,43 @@ def _combine_kernel(
             tl.store(log_s_ptr + row, 0.0)
             tl.store(kept_ptr + row, 0.0)
         return
-    # ---- the row: m = max m_k; (s_k, u_k) restated at t and summed ----
-    m, t, s, t_k, factor, s_k = _chunks.merge(slots, mine, plane, True)
-    u_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
-    # floored at −1000 (its factor is 0 already): s_k·δ stays finite, never 0·(−inf) = NaN for a
-    # chunk far below the row's max (a vocabulary masked with float32's lowest, say)
-    delta = tl.maximum(t_k - t, _FLOOR)
-    # an empty chunk (s_k = 0: only −inf) adds nothing, whatever its factor
-    restated = factor * (u_k + tl.where(delta == 0.0, 0.0, s_k * delta))
-    u = tl.sum(tl.where(s_k == 0.0, 0.0, restated), 0)
+    c = _scale64(scale_hi, scale_lo)
+    # ---- the row: M = max m_k of x; each chunk's (s_k, u_k) restated at t = shift(M), in float64 ----
+    maxima = tl.load(slots, mask=mine, other=float("-inf"))
+    rests = tl.load(slots + plane, mask=mine, other=0.0).to(tl.float64)
+    counts = tl.load(slots + 2 * plane, mask=mine, other=0.0).to(tl.float64)
+    u_k = tl.load(slots + 3 * plane, mask=mine, other=0.0).to(tl.float64)
+    big = tl.max(maxima, 0)
+    t = _chunks.shift(big, True)
+    # δ_k = (t_k − t)·c ≤ 0, the difference of two float32 taken in float64 (exact)
+    delta = (_chunks.shift(maxima, True).to(tl.float64) - t.to(tl.float64)) * c
+    s_k = counts + rests  # exact: a float32 and a count
+    factor = tl.exp(delta)
+    # the chunks of the row's max add their sums as they are (δ = 0); an empty chunk (s_k = 0: only
+    # −inf) adds nothing, whatever its factor; δ floored at −1000 (its factor is 0 already): s_k·δ
+    # stays finite, never 0·(−inf) = NaN for a chunk far below the row's max
+    at_max = delta == 0.0
+    s = tl.sum(tl.where(at_max, s_k, tl.where(s_k == 0.0, 0.0, s_k * factor)), 0)
+    restated = factor * (u_k + tl.where(at_max, 0.0, s_k * tl.maximum(delta, _FLOOR)))
+    u = tl.sum(tl.where(s_k == 0.0, 0.0, tl.where(at_max, u_k, restated)), 0)
+    m = big.to(tl.float64) * c
     # z_y, read only for a label in [0, V)
     y = tl.load(labels_ptr + row)
     known = (y >= 0) & (y < n_cols)
     x_y = tl.load(logits_ptr + row * logits_stride + tl.where(known, y, 0)).to(tl.float32)
-    z_y = tl.where(known, x_y * scale, 0.0)
+    z_y = tl.where(known, x_y.to(tl.float64) * c, 0.0)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     tl.store(u_ptr + row, u)
     tl.store(z_target_ptr + row, z_y)
-    if FINISH:  # row_statistics' algebra, in its order (u/s rounded as torch's: a GPU's "/" is not)
+    if FINISH:  # row_statistics' algebra, in its order, in float64
         log_s = tl.log(s)
-        entropy = log_s - tl.div_rn(u, s)
-        tl.store(log_p_ptr + row, ((z_y - m) - log_s) + (m - m))  # + (m − m): NaN for an infinite max
-        tl.store(entropy_ptr + row, entropy)
-        tl.store(lse_ptr + row, m + log_s)
-        tl.store(log_s_ptr + row, log_s)
-        tl.store(kept_ptr + row, entropy)
+        entropy = log_s - u / s
+        tl.store(log_p_ptr + row, (((z_y - m) - log_s) + (m - m)).to(tl.float32))  # NaN for an infinite max
+        tl.store(entropy_ptr + row, entropy.to(tl.float32))
+        tl.store(lse_ptr + row, (m + log_s).to(tl.float32))
+        tl.store(log_s_ptr + row, log_s.to(tl.float32))
+        tl.store(kept_ptr + row, entropy.to(tl.float32))
 
 
 @triton.jit
@@ -180,7 +209,8 @@ def _gradient_kernel(
     grad_ptr,
     grad_stride,
     n_cols,
-    scale,
+    scale_hi,
+    scale_lo,
     BLOCK: tl.constexpr,
 ):
     """One program per (row, chunk): the chunk's gradient from the row's (m, s) and (a, b, k)."""
@@ -189,20 +219,41 @@ def _gradient_kernel(
     if tl.load(valid_ptr + row) == 0:
         tl.store(grad_row + cols, tl.zeros([BLOCK], tl.float32), mask=inside)
         return
-    m = tl.load(m_ptr + row).to(tl.float32)
-    s = tl.load(s_ptr + row).to(tl.float32)
-    a = tl.load(a_ptr + row * a_stride).to(tl.float32)
-    b = tl.load(b_ptr + row * b_stride).to(tl.float32)
-    k = tl.load(k_ptr + row * k_stride).to(tl.float32)
-    y = tl.load(labels_ptr + row)
-    # ---- Pass 2: grad_j = exp(z_j − m)·(c·b/s + c·k/s·(z_j − m)) + c·a·[j = y] ----
+    c = _scale64(scale_hi, scale_lo)
+    m = tl.load(m_ptr + row).to(tl.float64)
+    s = tl.load(s_ptr + row).to(tl.float64)
+    a = tl.load(a_ptr + row * a_stride).to(tl.float64)
+    b = tl.load(b_ptr + row * b_stride).to(tl.float64)
+    k = tl.load(k_ptr + row * k_stride).to(tl.float64)
+    # the float32 max of x back from m = max x·c (exactly: m/c is within 1e-15 of it), so that
+    # d_j = (x_j − max x)·c is shifted before it is scaled, as in pass 1
+    m_x = (m / c).to(tl.float32)
+    coef_b = (c * b / s).to(tl.float32)
+    coef_k = (c * k / s).to(tl.float32)
+    # ---- Pass 2: grad_j = exp(d_j)·(c·b/s + c·k/s·d_j), d_j = (x_j − max x)·c ----
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
-    d = x * scale - m
-    coef_b = scale * b / s
-    coef_k = scale * k / s
+    d = (x - m_x) * scale_hi
     grad = tl.exp(d) * (coef_b + coef_k * tl.maximum(d, _FLOOR))
-    grad += tl.where(cols == y, scale * a, 0.0)  # y outside [0, V) matches no stored lane
+    # the target's entry c·(a + p_y·(b + k·d_y)) in float64, where a + p_y·b cancels for a
+    # confident row (p_y = 1/s near 1); y outside [0, V) matches no stored lane
+    # x_y from this program's own block (another chunk's program may have written its gradient
+    # over the logits already: in place), so only in the chunk that holds y
+    y = tl.load(labels_ptr + row)
+    start = tl.program_id(1) * BLOCK
+    if (y >= start) & (y < start + BLOCK):
+        x_y = tl.sum(tl.where(cols == y, x, 0.0), 0)
+        d_y = x_y.to(tl.float64) * c - m
+        target = c * (a + tl.exp(d_y) / s * (b + k * tl.maximum(d_y, _FLOOR)))
+        grad = tl.where(cols == y, target.to(tl.float32), grad)
     tl.store(grad_row + cols, grad, mask=inside)
+
+
+def _scale_parts(temperature: float) -> tuple[float, float]:
+    """c = 1/T as two float32 values (hi, lo) whose sum is c to about 2⁻⁴⁸: Triton passes a float
+    argument as float32; the kernels rebuild c in float64 (``_scale64``) and scale in float32 by hi."""
+    scale = 1.0 / float(temperature)
+    high = float(np.float32(scale))
+    return high, float(np.float32(scale - high))
 
 
 def _valid_bytes(valid: Tensor) -> Tensor:
@@ -215,27 +266,28 @@ def log_prob_statistics(
     finished: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 1 over a contiguous ``[N, V]`` float32/float16/bfloat16 tensor: ``(m, s, u, z_target)``,
-    each ``[N]`` float32 on the logits' device (see the module docstring). ``labels`` ``[N]``
+    each ``[N]`` float64 on the logits' device (see the module docstring). ``labels`` ``[N]``
     int64, ``valid`` ``[N]`` bool; nothing is validated. ``finished``: five contiguous float32
     tensors of N elements each (any shape) that receive each row's log p(y), H, lse, log s and H
     again (``reference.log_probs.row_statistics``, 0 on rows that are not valid), or None.
     Two launches."""
     n_rows, n_cols = logits.shape
     device = logits.device
-    m, s, u, z_target = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4))
+    m, s, u, z_target = (torch.empty(n_rows, dtype=torch.float64, device=device) for _ in range(4))
     if n_rows == 0:
         return m, s, u, z_target
-    scale = 1.0 / float(temperature)
+    scale_hi, scale_lo = _scale_parts(temperature)
     valid_bytes = _valid_bytes(valid)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
-    part = layout.partials(3, device)
+    part = layout.partials(4, device)
     _partials_kernel[layout.grid](
-        logits, logits.stride(0), valid_bytes, part, layout.plane, n_cols, layout.chunks, scale,
+        logits, logits.stride(0), valid_bytes, part, layout.plane, n_cols, layout.chunks, scale_hi,
         **layout.per_chunk,
     )
     _combine_kernel[(n_rows,)](
         logits, logits.stride(0), labels, valid_bytes, part, layout.plane, m, s, u, z_target,
-        *((m,) * 5 if finished is None else finished), n_cols, layout.chunks, scale, **layout.per_row,
+        *((m,) * 5 if finished is None else finished), n_cols, layout.chunks, scale_hi, scale_lo,
+        **layout.per_row,
         FINISH=finished is not None,
     )
     return m, s, u, z_target
@@ -266,6 +318,6 @@ def log_prob_gradient(
     _gradient_kernel[layout.grid](
         logits, logits.stride(0), labels, _valid_bytes(valid), m.contiguous(), s.contiguous(),
         a, a.stride(0), b, b.stride(0), k, k.stride(0), grad_out, grad_out.stride(0), n_cols,
-        1.0 / float(temperature), **layout.per_chunk,
+        *_scale_parts(temperature), **layout.per_chunk,
     )
     return grad_out
