@@ -352,16 +352,20 @@ def _grad_kernel(
     else:
         z = x
     # at the row's max (p_j = 1/d exactly): main·p_j − mass_j = (main − mass_j) − main·e/d, with
-    # no cancellation for a confident row (whose p_j − 1 = −e/d would round to 0 or an ulp)
+    # no cancellation for a confident row (whose p_j − 1 = −e/d would round to 0 or an ulp); where
+    # that form is NaN (∞ − ∞, an infinite class weight) the plain one, which torch's value follows
     at_max = z == m
     if PROBABILITIES:
         r = g * _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
                                  HAS_WEIGHT, HAS_SMOOTHING)
-        grad = tl.where(at_max, (main - r) + (other - main * e) / d, coef * tl.exp(z - m) - r)
+        grad = coef * tl.exp(z - m) - r
+        precise = (main - r) + (other - main * e) / d
+        grad = tl.where(at_max, tl.where(precise == precise, precise, grad), grad)
     else:
         label = cols == y
-        grad = tl.where(label & at_max, (other - main * e) / d,
-                        coef * tl.exp(z - m) - tl.where(label, main, 0.0))
+        grad = coef * tl.exp(z - m) - tl.where(label, main, 0.0)
+        precise = (other - main * e) / d
+        grad = tl.where(label & at_max, tl.where(precise == precise, precise, grad), grad)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 grad -= g * eps / n_cols * tl.load(weight_ptr + cols, mask=inside, other=0.0)
