@@ -15,8 +15,8 @@ target entry).
   float32, float64 for float64 logits); a chunk's temporaries are a few chunk-sized float32
   tensors.
 - :class:`TritonRows`: the fused Triton kernels (``xentkit.triton.log_probs``), for CUDA
-  float32/float16/bfloat16 tensors (CPU tensors only under Triton's interpreter); float32
-  statistics.
+  float32/float16/bfloat16 tensors (CPU tensors only under Triton's interpreter); float64
+  statistics (each row merged in float64 by the kernel; the elements in float32).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class TorchRows(_Rows):
 
 
 class TritonRows(_Rows):
-    """The Triton kernels (``xentkit.triton.log_probs``) on the tensors as they are: float32
+    """The Triton kernels (``xentkit.triton.log_probs``) on the tensors as they are: float64
     statistics, the gradient written into ``out`` (in place when ``out`` is the logits)."""
 
     name = "triton"
@@ -186,7 +186,8 @@ class TritonRows(_Rows):
         from ..triton.log_probs import log_prob_statistics
 
         outputs = tuple(torch.empty(shape, dtype=torch.float32, device=logits.device) for _ in range(3))
-        kept = tuple(torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) for _ in range(2))
+        # log s and H kept for backward in float64, as the statistics (the coefficients' H − log s)
+        kept = tuple(torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device) for _ in range(2))
         statistics = log_prob_statistics(
             logits, labels.to(torch.int64).contiguous(), valid, temperature, finished=(*outputs, *kept),
         )

@@ -137,8 +137,9 @@ def _combine_kernel(
     FINISH: tl.constexpr,
 ):
     """One program per row, in float64: the row's partials merged into (m, s, u), and z_y; with
-    ``FINISH`` also the row's log p(y), H, lse, log s and H again (kept for backward), rounded
-    once to float32 (``reference.log_probs.row_statistics``; 0 on rows that are not valid)."""
+    ``FINISH`` also the row's log p(y), H, lse (rounded once to float32), log s and H again
+    (kept for backward, float64) (``reference.log_probs.row_statistics``; 0 on rows that are not
+    valid)."""
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: see the module docstring
     slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     if tl.load(valid_ptr + row) == 0:
@@ -188,8 +189,10 @@ def _combine_kernel(
         tl.store(log_p_ptr + row, (((z_y - m) - log_s) + (m - m)).to(tl.float32))  # NaN for an infinite max
         tl.store(entropy_ptr + row, entropy.to(tl.float32))
         tl.store(lse_ptr + row, (m + log_s).to(tl.float32))
-        tl.store(log_s_ptr + row, log_s.to(tl.float32))
-        tl.store(kept_ptr + row, entropy.to(tl.float32))
+        # kept for backward in float64: its coefficient b = … − h·(H − log s) cancels for a
+        # confident row, whose H − log s (about −δ) float32 copies would lose
+        tl.store(log_s_ptr + row, log_s)
+        tl.store(kept_ptr + row, entropy)
 
 
 @triton.jit
@@ -267,9 +270,9 @@ def log_prob_statistics(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pass 1 over a contiguous ``[N, V]`` float32/float16/bfloat16 tensor: ``(m, s, u, z_target)``,
     each ``[N]`` float64 on the logits' device (see the module docstring). ``labels`` ``[N]``
-    int64, ``valid`` ``[N]`` bool; nothing is validated. ``finished``: five contiguous float32
-    tensors of N elements each (any shape) that receive each row's log p(y), H, lse, log s and H
-    again (``reference.log_probs.row_statistics``, 0 on rows that are not valid), or None.
+    int64, ``valid`` ``[N]`` bool; nothing is validated. ``finished``: five contiguous tensors
+    of N elements each (any shape; float32 for the first three, float64 for the last two) that
+    receive each row's log p(y), H, lse, log s and H again (``reference.log_probs.row_statistics``, 0 on rows that are not valid), or None.
     Two launches."""
     n_rows, n_cols = logits.shape
     device = logits.device
