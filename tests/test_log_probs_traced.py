@@ -242,3 +242,39 @@ def test_the_linear_log_prob_ops_pass_torchs_opcheck():
         _log_prob_ops.linear_log_probs_backward,
         (x.detach(), w.detach(), b.detach(), target, valid, m, s, *coefficients, 0.7, 4, "auto", True, True, True),
     )
+
+
+@pytest.mark.parametrize("path", ["torch ops", "torch.func", "bfloat16 on the CPU"])
+def test_the_torch_ops_path_shifts_before_it_scales(path):
+    """Logits near +1e4 at T = 0.7 on the torch-ops path (``backend="torch"``, what torch.func
+    traces, and CPU bfloat16, which the Numba kernels do not take): d = (x − max x)·c, with m and
+    z_y kept in float64, as the kernels. Scaling first (z = x·c in float32) left half an ulp of
+    1.4e4 in every exponent: log p 3.5e-4, the gradient 2.6e-4 off (ad hoc, before)."""
+    generator = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16 if path == "bfloat16 on the CPU" else torch.float32
+    offset = 300.0 if dtype == torch.bfloat16 else 1e4  # (bfloat16 holds 300 ± a few units to 2)
+    logits = (torch.randn(4, 300, generator=generator) * 2 + offset).to(dtype)
+    target = torch.randint(0, 300, (4,), generator=generator)
+    backend = "torch" if path == "torch ops" else "auto"
+
+    def loss(x):
+        log_p, entropy, lse = xt.log_probs(x, target, temperature=0.7, return_entropy=True, return_lse=True,
+                                           backend=backend)
+        return (1.5 * log_p - 0.3 * entropy + 0.2 * (lse - offset / 0.7)).sum(), (log_p, entropy)
+
+    x = logits.detach()
+    if path == "torch.func":
+        grad, (log_p, entropy) = torch.func.grad(loss, has_aux=True)(x)
+    else:
+        x = x.clone().requires_grad_()
+        total, (log_p, entropy) = loss(x)
+        total.backward()
+        grad = x.grad
+    wide = logits.double().requires_grad_()
+    want_log_p, want_entropy, want_lse = _oracle(wide, target, 0.7)
+    (1.5 * want_log_p - 0.3 * want_entropy + 0.2 * (want_lse - offset / 0.7)).sum().backward()
+    torch.testing.assert_close(log_p.double(), want_log_p.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), want_entropy.detach(), rtol=1e-6, atol=1e-6)
+    scale = wide.grad.abs().max().item()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # (bfloat16: the gradient's own rounding)
+    torch.testing.assert_close(grad.double(), wide.grad, rtol=tolerance, atol=tolerance * scale)

@@ -108,7 +108,7 @@ def linear_log_probs_backward(
     x, w, bias = detached(input, linear_weight, linear_bias)
     options = _options(x, w, temperature, chunk_size, backend)
     rows = _rows(x, w, bias, target, options)
-    dtype = rows.statistics_dtype(x.dtype)
+    dtype = rows.statistics_dtype(x.dtype, x.device)
     want = (want_input, want_weight, want_bias and bias is not None)
     gradients = linear_gradients(
         x, w, bias, target, valid, options, rows, m.to(dtype), s.to(dtype), (a, b, k), want

@@ -11,9 +11,9 @@ target entry).
 
 - :class:`NumbaRows`: the fused Numba kernels, for plain CPU float32/float64 tensors (float64
   statistics).
-- :class:`TorchRows`: the same formulas in torch ops, for any device and dtype (statistics in
-  float32, float64 for float64 logits); a chunk's temporaries are a few chunk-sized float32
-  tensors.
+- :class:`TorchRows`: the same formulas in torch ops, for any device and dtype (float64
+  statistics, float32 on a device without float64); a chunk's temporaries are a few chunk-sized
+  float32 tensors.
 - :class:`TritonRows`: the fused Triton kernels (``xentkit.triton.log_probs``), for CUDA
   float32/float16/bfloat16 tensors (CPU tensors only under Triton's interpreter); float64
   statistics (each row merged in float64 by the kernel; the elements in float32).
@@ -65,8 +65,8 @@ class NumbaRows(_Rows):
     name = "numba"
 
     @staticmethod
-    def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-        """The dtype of ``statistics``' results for logits of ``dtype``."""
+    def statistics_dtype(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
+        """The dtype of ``statistics``' results for logits of ``dtype`` (on ``device``)."""
         return torch.float64
 
     @staticmethod
@@ -96,35 +96,40 @@ class NumbaRows(_Rows):
 
 
 class TorchRows(_Rows):
-    """The same two passes in torch ops (any device, any floating dtype)."""
+    """The same two passes in torch ops (any device, any floating dtype), shifted before they are
+    scaled as the kernels: d_j = (x_j − max x)·c in the logits' working dtype (float32, float64
+    for float64 logits), and the rows' m = max x·c and z_y = x_y·c in float64 (float32 on a
+    device without float64, MPS), so that log p = (z_y − m) − log s keeps its digits at logits
+    far from 0 (z = x·c rounded first left half an ulp of max|x|·c in every exponent)."""
 
     name = "torch"
-    statistics_dtype = staticmethod(_bridge.at_least_float32)
 
     @staticmethod
-    def _shifted(logits: Tensor, temperature: float, m: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(z, m) with z = logits/T in the statistics dtype and m its row max (given or found;
-        found, it is detached: a shift, which autograd must hold constant where it
-        differentiates these ops, see ``traced``)."""
-        z = logits.to(_bridge.at_least_float32(logits.dtype)) * (1.0 / temperature)
-        if m is None:
-            m = z.detach().amax(dim=-1) if z.shape[-1] else z.new_zeros(z.shape[0])
-        return z, m
+    def statistics_dtype(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
+        """The dtype of ``statistics``' results: float64, or the working dtype on a device
+        without float64 (MPS)."""
+        return _bridge.at_least_float32(dtype) if device is not None and device.type == "mps" else torch.float64
 
     @staticmethod
     def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:
-        z, m = TorchRows._shifted(logits, temperature, None)
-        shift = torch.where(m.isinf(), 0.0, m)  # as the kernel: a +inf logit gives s = +inf
-        d = z - shift[:, None]
+        x = logits.to(_bridge.at_least_float32(logits.dtype))
+        scale = 1.0 / temperature
+        # the max is a shift, which autograd must hold constant (``traced``): detached
+        top = x.detach().amax(dim=-1) if x.shape[-1] else x.new_zeros(x.shape[0])
+        shift = torch.where(top.isinf(), 0.0, top)  # as the kernel: a +inf logit gives s = +inf
+        d = (x - shift[:, None]) * scale
         e = d.exp()
         s = e.sum(dim=-1)
         u = (e * d.clamp_min(EXPONENT_FLOOR)).sum(dim=-1)
+        wide = TorchRows.statistics_dtype(logits.dtype, logits.device)
         here = valid & (labels >= 0) & (labels < logits.shape[-1])
-        picked = z.gather(1, torch.where(here, labels, 0).long()[:, None])[:, 0]
-        z_target = torch.where(here, picked, 0.0)
-        one = torch.ones_like(s)
+        picked = x.gather(1, torch.where(here, labels, 0).long()[:, None])[:, 0]
+        z_target = torch.where(here, picked.to(wide) * scale, 0.0)
+        m = top.to(wide) * scale
+        one = torch.ones_like(m)
         return (
-            torch.where(valid, m, 0.0), torch.where(valid, s, one), torch.where(valid, u, 0.0), z_target,
+            torch.where(valid, m, 0.0), torch.where(valid, s.to(wide), one), torch.where(valid, u.to(wide), 0.0),
+            z_target,
         )
 
     @staticmethod
@@ -145,14 +150,23 @@ class TorchRows(_Rows):
         logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, s: Tensor,
         coefficients: tuple[Tensor, Tensor, Tensor], out: Tensor,
     ) -> Tensor:
-        a, b, k = (c.to(m.dtype) for c in coefficients)
-        z, _ = TorchRows._shifted(logits, temperature, m)
-        d = z - m[:, None]
+        x = logits.to(_bridge.at_least_float32(logits.dtype))
         scale = 1.0 / temperature
-        grad = d.exp() * ((scale * b / s)[:, None] + (scale * k / s)[:, None] * d.clamp_min(EXPONENT_FLOOR))
+        a, b, k = (c.to(m.dtype).reshape(-1).expand(m.shape[0]) for c in coefficients)
+        if x.dtype == torch.float64:  # (max x from m·T may be an ulp off: x·c − m, as the kernels)
+            d = x * scale - m[:, None]
+        else:  # max x back exactly from the float64 m = max x·c (a float32)
+            d = (x - (m / scale).to(x.dtype)[:, None]) * scale
+        coef_b = (scale * b / s).to(x.dtype)[:, None]
+        coef_k = (scale * k / s).to(x.dtype)[:, None]
+        grad = d.exp() * (coef_b + coef_k * d.clamp_min(EXPONENT_FLOOR))
+        # the target's entry c·(a + p_y·(b + k·d_y)) in m's dtype: a + p_y·b cancels for a
+        # confident row (p_y = 1/s near 1)
         here = valid & (labels >= 0) & (labels < logits.shape[-1])
         index = torch.where(here, labels, 0).long()[:, None]
-        grad.scatter_add_(1, index, torch.where(here, scale * a, 0.0)[:, None])
+        d_y = x.gather(1, index)[:, 0].to(m.dtype) * scale - m
+        target = scale * (a + d_y.exp() / s * (b + k * d_y.clamp_min(EXPONENT_FLOOR)))
+        grad.scatter_(1, index, torch.where(here, target.to(x.dtype), grad.gather(1, index)[:, 0])[:, None])
         grad = torch.where(valid[:, None], grad, 0.0)
         out.copy_(grad)
         return out
@@ -165,7 +179,7 @@ class TritonRows(_Rows):
     name = "triton"
 
     @staticmethod
-    def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    def statistics_dtype(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
         """The dtype of ``statistics``' results: float64, whatever the logits' (the kernels keep
         m = max x·c and z_y = x_y·c to float64, which log p = (z_y − m) − log s needs, and s apart
         from the max's own terms)."""

@@ -307,7 +307,7 @@ def log_probs(
         valid, bad = _label_masks(target, classes, options, None)
         matrix, labels = logits.reshape(-1, classes), target.reshape(-1)
         results = tuple(
-            value.to(TorchRows.statistics_dtype(logits.dtype)).reshape(target.shape)
+            value.to(_bridge.at_least_float32(logits.dtype)).reshape(target.shape)
             for value in TorchRows.traced(matrix, labels, valid.reshape(-1), options.temperature)
         )
     else:
@@ -325,7 +325,7 @@ def linear_statistics(
     each row's (m, s, u, z_y) in ``rows.statistics_dtype``; ``buffer``: the reused
     ``[chunk, V]`` logits buffer (made here when None)."""
     n = x.shape[0]
-    dtype = rows.statistics_dtype(x.dtype)
+    dtype = rows.statistics_dtype(x.dtype, x.device)
     statistics = [torch.empty(n, dtype=dtype, device=x.device) for _ in range(4)]
     if buffer is None:
         buffer = torch.empty((min(options.chunk_size, n), w.shape[0]), dtype=x.dtype, device=x.device)
@@ -492,7 +492,7 @@ def linear_log_probs(
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
         logits = torch.nn.functional.linear(x, linear_weight, linear_bias)  # the whole logits
         results = tuple(
-            value.to(TorchRows.statistics_dtype(x.dtype))
+            value.to(_bridge.at_least_float32(x.dtype))
             for value in TorchRows.traced(logits, flat_target, valid, options.temperature)
         )
         return _finish_linear(results, bad, target, return_entropy, return_lse)

@@ -156,7 +156,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         if w.shape[0] and any(buffer is not None for buffer in buffers):
             coefficients = _coefficients(ctx, grads)
             # the (M, S) the row backend takes: as xentkit.torch.linear_log_probs keeps them
-            dtype = plan.rows.statistics_dtype(x.dtype)
+            dtype = plan.rows.statistics_dtype(x.dtype, x.device)
             m, s = ctx.m.to(dtype), ctx.s.to(dtype)
             buffer = _new_buffer((min(plan.chunk_rows, n), w.shape[0]), x)
             for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, plan.chunk_rows, skip=plan.idle):
