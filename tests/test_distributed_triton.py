@@ -446,3 +446,29 @@ def spawned(tmp_path_factory) -> dict[str, dict[int, str | None]]:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_rank_matches_the_single_process_answer(spawned, scenario):
     check_findings(spawned, scenario, 2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto", "torch"])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_a_confident_rows_small_loss_survives_the_shards(chunked, backend, offset):
+    """A confident row's loss (V − 1)·exp(−25) ≈ 4e-10 through the vocabulary-parallel form: each
+    shard counts its max's terms apart (Triton: ``_chunks.merge_counted``, s_r returned as 1 + e
+    in float64; Numba: ``_block_sum_exp_top``), and the loss takes (M − z_y) + log S, not
+    lse − z_y, whose M + log S rounds log S to an ulp of M. It was 0 on every backend but the
+    torch ops (s_r summed in float32 with the max's term inside)."""
+    if backend != "triton" and DEVICE != "cpu":
+        pytest.skip("the CPU backends on CPU tensors")
+    rows = torch.arange(3)
+    target = torch.tensor([2, 20, 36])
+    logits = torch.full((3, WIDTH), offset - 25.0)
+    logits[rows, target] = offset
+    logits[1, 5] = offset  # a tie at the max, in another block
+    x = logits.clone().to(DEVICE).requires_grad_(True)
+    loss = vp.vocab_parallel_cross_entropy(x, target.to(DEVICE), reduction="none", backend=backend)
+    loss.sum().backward()
+    wide = logits.double().requires_grad_(True)
+    want = F.cross_entropy(wide, target, reduction="none")
+    want.sum().backward()
+    assert (loss.detach().cpu() > 0).all()
+    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad.cpu().double(), wide.grad, rtol=1e-5, atol=1e-15)

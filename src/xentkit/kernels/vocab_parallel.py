@@ -6,7 +6,9 @@ does the combining with two all-reduces of O(rows) floats; nothing here communic
 
     m_r = max_{j in shard} z_j                              (NaN ignored, −inf for no finite value)
     t_r = m_r if m_r > −inf else 0                          (the shard's shift)
-    s_r = Σ_{j in shard} exp(z_j − t_r)
+    s_r = Σ_{j in shard} exp(z_j − t_r)                      (float64 across blocks; a block
+                                                             holding the running max counts
+                                                             its terms, exactly 1, apart)
     M   = max_r m_r                                         (all-reduce MAX)
     S   = Σ_r s_r·exp(t_r − M)                              (all-reduce SUM)
     lse = M + log S
@@ -39,7 +41,7 @@ from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, like
 from xentkit.kernels._jit import KERNEL_OPTIONS, LOOP_FLAGS, helper_options
-from xentkit.kernels.cross_entropy import _block_max  # shared pass-1 piece
+from xentkit.kernels.cross_entropy import _block_max, _block_sum_exp_top  # shared pass-1 pieces
 
 # The single-process kernel's loop flags (see ``kernels._jit``); these kernels keep them on their
 # own code too, and their helpers are inlined.
@@ -85,6 +87,7 @@ def _stats_kernel(  # pragma: no cover - compiled
 ):
     n_rows, n_cols = logits.shape
     neg_inf = like(-np.inf, logits)
+    pos_inf = like(np.inf, logits)
     zero = like(0.0, logits)
     for i in prange(n_rows):
         y = local_labels[i]
@@ -108,7 +111,12 @@ def _stats_kernel(  # pragma: no cover - compiled
                 s *= math.exp(np.float64(m) - np.float64(b))
                 m = b
             shift = m if m > neg_inf else zero
-            s += _block_sum_exp(row, start, stop, shift)
+            if b == m and neg_inf < m < pos_inf:
+                # the block holds the running max: its terms exactly 1 counted apart from the
+                # rest (a confident row's s = 1 + δ keeps δ, which the dtype's lanes would lose)
+                s += _block_sum_exp_top(row, start, stop, m)
+            else:
+                s += _block_sum_exp(row, start, stop, shift)
             # 2. S_z (label smoothing only): Σ_j w_j·z_j over the shard, float64.
             if want_sum_z:
                 acc_z += _block_sum_z(row, start, stop, weight, has_weight)

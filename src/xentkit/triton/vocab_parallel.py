@@ -10,12 +10,16 @@ here, ``-1`` a target on another rank, ``-2`` an ignored row.
 
     pass 1, ``_partials_kernel`` (one read of the shard), per chunk k of a row:
         m_k = max_j z_j  (NaN ignored: s_k carries it),  t_k = m_k (0 if m_k = −inf)
-        s_k = Σ_j exp(z_j − t_k)
+        s_k = K_k + r_k:  K_k = #{j: z_j = m_k},  r_k = Σ_{z_j < m_k} exp(z_j − t_k)
+        (the max's terms counted apart, ``_chunks.split_sum``)
         S_k = Σ_j w_j·(z_j − t_k),  W_k = Σ_j w_j                  (label smoothing only)
 
     the row, ``_combine_kernel`` (one program per row, merging the row's few partials):
         m_r = max_k m_k,  t_r = m_r (0 if m_r = −inf)
-        s_r = Σ_k s_k·exp(t_k − t_r)                    (a chunk with s_k = 0 adds exactly 0)
+        s_r = Σ_k s_k·exp(t_k − t_r)                    (a chunk with s_k = 0 adds exactly 0),
+              kept as 1 + e with e = s_r − 1 (``_chunks.merge_counted``), returned in float64:
+              a confident row's s_r = 1 + δ keeps δ (summed in float32 with the max's term
+              inside, δ below 6e-8 was lost)
         S'_r = Σ_k (S_k + W_k·(t_k − t_r)) = Σ_j w_j·(z_j − t_r)
         z_y = z_y when the row's label is a column of this shard, else 0 (not read)
 
@@ -83,17 +87,19 @@ def _partials_kernel(
     #         s_k = Σ exp(z_j − t_k) ----
     m = tl.max(tl.where(z == z, z, float("-inf")), 0)
     t = _chunks.shift(m, False)
+    rest, count = _chunks.split_sum(z, m, tl.exp(z - t))  # the max's terms counted apart
     slot, plane = _chunks.slot(part_ptr, part_plane, row, n_chunks)
     tl.store(slot, m)
-    tl.store(slot + plane, tl.sum(tl.exp(z - t), 0))
+    tl.store(slot + plane, rest)
+    tl.store(slot + 2 * plane, count)
     if SUM_Z:
         # ---- 2. S_k = Σ w_j·(z_j − t_k) and W_k = Σ w_j (lanes past the row add 0) ----
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         else:
             w = tl.where(inside, 1.0, 0.0)
-        tl.store(slot + 2 * plane, tl.sum(w * tl.where(inside, z - t, 0.0), 0))
-        tl.store(slot + 3 * plane, tl.sum(w, 0))
+        tl.store(slot + 3 * plane, tl.sum(w * tl.where(inside, z - t, 0.0), 0))
+        tl.store(slot + 4 * plane, tl.sum(w, 0))
 
 
 @triton.jit
@@ -122,14 +128,15 @@ def _combine_kernel(
         tl.store(target_ptr + row, 0.0)
         tl.store(shifted_sum_z_ptr + row, 0.0)
         return
-    # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), s_r = Σ s_k·exp(t_k − t_r) ----
-    m, t, s, t_k, _, _ = _chunks.merge(slots, mine, plane, False)
+    # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), s_r = 1 + e in float64 (e = s_r − 1 kept
+    #         apart from the max's terms: a confident row's s_r = 1 + δ keeps δ) ----
+    m, t, e, t_k, _, _ = _chunks.merge_counted(slots, mine, plane, False)
     tl.store(max_ptr + row, m)
-    tl.store(sum_ptr + row, s)
+    tl.store(sum_ptr + row, 1.0 + e.to(tl.float64))
     # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift ----
     if SUM_Z:
-        sum_k = tl.load(slots + 2 * plane, mask=mine, other=0.0)
-        weight_k = tl.load(slots + 3 * plane, mask=mine, other=0.0)
+        sum_k = tl.load(slots + 3 * plane, mask=mine, other=0.0)
+        weight_k = tl.load(slots + 4 * plane, mask=mine, other=0.0)
         restated = sum_k + tl.where(weight_k == 0.0, 0.0, weight_k * (t_k - t))
         tl.store(shifted_sum_z_ptr + row, tl.sum(tl.where(mine, restated, 0.0), 0))
     else:
@@ -199,8 +206,9 @@ def shard_softmax_stats(
         zeros = torch.zeros(n_rows, dtype=torch.float64, device=device)
         return torch.full_like(zeros, -torch.inf), zeros, zeros.clone(), zeros.clone()
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
-    part = layout.partials(4 if want_sum_z else 2, device)
-    row_max, row_sum, target, shifted = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(4))
+    part = layout.partials(5 if want_sum_z else 3, device)
+    row_max, target, shifted = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3))
+    row_sum = torch.empty(n_rows, dtype=torch.float64, device=device)
     has_weight = weight is not None
     any_weight = weight if has_weight else part  # never read without HAS_WEIGHT
     _partials_kernel[layout.grid](
