@@ -470,5 +470,6 @@ def test_a_confident_rows_small_loss_survives_the_shards(chunked, backend, offse
     want = F.cross_entropy(wide, target, reduction="none")
     want.sum().backward()
     assert (loss.detach().cpu() > 0).all()
-    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), rtol=1e-6, atol=0)
+    # (1e-5: on a GPU tl.exp is ex2.approx of x·log2(e), about 1.5e-6 off at x = −25)
+    torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), rtol=1e-5, atol=0)
     torch.testing.assert_close(x.grad.cpu().double(), wide.grad, rtol=1e-5, atol=1e-15)
