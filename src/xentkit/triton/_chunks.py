@@ -6,17 +6,18 @@ Every module makes the same three launches over its rows:
 
     pass 1, one program per (row, chunk) of ``BLOCK`` classes (:func:`columns`), writes the
     chunk's partials into float32 planes ``part[k, row, chunk]`` (:meth:`Layout.partials`,
-    :func:`slot`): plane 0 the chunk's maximum m_c, plane 1 its sum
-    d_c = Σ_j exp(z_j − t_c) at its shift t_c = shift(m_c), planes 2 and up the module's own sums
+    :func:`slot`): plane 0 the chunk's maximum m_c, planes 1 and 2 its sum of exponentials at
+    its shift t_c = shift(m_c) split at the max (:func:`split_sum`): r_c = Σ exp(z_j − t_c) over
+    the entries below m_c and K_c, the count of its max's terms (each exactly 1); planes 3 and up
+    the module's own sums
 
     the combine, one program per row, merges the row's few partials (:func:`row_slots`,
-    :func:`merge`; online softmax, Milakov & Gimelshein, arXiv 1805.02867):
-        M = max_c m_c,  t = shift(M),  d = Σ_c d_c·exp(t_c − t)   (a chunk with d_c = 0 adds 0)
+    :func:`merge_counted`; online softmax, Milakov & Gimelshein, arXiv 1805.02867):
+        M = max_c m_c,  t = shift(M),  d = Σ_c (K_c + r_c)·exp(t_c − t)   (a chunk whose sum
+        is 0 adds 0), kept as e = d − 1 (:mod:`.log_probs` merges the same planes in float64 in
+        its own combine)
 
     pass 2, one program per (row, chunk) again, from the row's statistics
-
-(:mod:`.cross_entropy` keeps the max's terms apart instead: plane 1 the chunk's sum below its
-max, plane 2 the count of its max terms, merged by :func:`merge_counted` into d − 1, see below.)
 
 with shift(m) = m, or 0 where m = −inf (never exp(−inf − (−inf))); ``FINITE_SHIFT`` also takes
 0 for m = +inf or NaN (:func:`shift`; the log-probabilities' rule, so that a +inf logit gives
@@ -175,23 +176,6 @@ def shift(m, FINITE_SHIFT: tl.constexpr):
     else:
         t = tl.where(m == float("-inf"), 0.0, m)
     return t
-
-
-@triton.jit
-def merge(slots, mine, plane, FINITE_SHIFT: tl.constexpr):
-    """Planes 0 and 1 of a row's partials merged: ``(M, t, d, shifts, factors, sums)``, the row's
-    max M, its shift t and its sum d = Σ_c d_c·exp(t_c − t) (a chunk with d_c = 0, only −inf,
-    adds exactly 0 whatever its factor), and per chunk t_c, exp(t_c − t) and d_c for the
-    module's own planes."""
-    maxima = tl.load(slots, mask=mine, other=float("-inf"))
-    sums = tl.load(slots + plane, mask=mine, other=0.0)
-    m = tl.max(maxima, 0)
-    t = shift(m, FINITE_SHIFT)
-    shifts = shift(maxima, FINITE_SHIFT)
-    factors = tl.exp(shifts - t)
-    d = tl.sum(tl.where(sums == 0.0, 0.0, sums * factors), 0)
-    return m, t, d, shifts, factors, sums
-
 
 
 # ---- the max's terms counted apart -----------------------------------------------------------
