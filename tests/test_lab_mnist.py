@@ -155,6 +155,10 @@ def test_run_mnist_prints_like_note_003_and_writes_everything(
     report = (tmp_path / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 1
     assert "Iter" in report
+    # its epochs are not the note's: the report says how many updates each is
+    updates = results["train_size"] // results["settings"]["batch_size"]
+    assert updates != 550
+    assert f"Its epochs are 550 updates each, these {updates:,}" in report
 
 
 @needs_shared_t10k

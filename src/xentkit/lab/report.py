@@ -170,8 +170,9 @@ def neuron_figure(runs: Sequence[NeuronRun]) -> Any:
             axes.plot(values, style, color=colors[run.start], label=_label(run))
     output_axes.set(xlabel="iteration", ylabel="output a = σ(w·1 + b)", ylim=(0, 1),
                     title="Single neuron, target y = 0")  # fmt: skip
-    cost_axes.set(xlabel="iteration", ylabel="cost (log scale)", yscale="log",
-                  title="Cost per iteration")  # fmt: skip
+    # two different costs: each run's own, not to be compared in size across the two
+    cost_axes.set(xlabel="iteration", ylabel="the run's own cost (log scale)", yscale="log",
+                  title="Cost per iteration: (y − a)²/2 or −log(1 − a)")  # fmt: skip
     for axes in (output_axes, cost_axes):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=LEGEND_FONT_SIZE, loc="upper center",
@@ -632,6 +633,17 @@ def _neuron_section(results: dict[str, Any], plot: Path | None) -> str:
     return "\n".join(parts)
 
 
+def _updates_per_epoch(results: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The sentence that says an epoch here is not the note's (550 updates of 100 images), or ''."""
+    train, batch = results.get("train_size"), settings.get("batch_size")
+    if not isinstance(train, int) or not isinstance(batch, int) or batch <= 0 or train // batch == 550:
+        return ""
+    return (
+        f" Its epochs are 550 updates each, these {train // batch:,}: compare the curves at equal "
+        "updates, not at equal epochs."
+    )
+
+
 def _mnist_section(results: dict[str, Any], plot: Path | None) -> str:
     runs = results["runs"]
     lengths = {len(run["test_accuracy"]) for run in runs.values()}
@@ -645,7 +657,7 @@ def _mnist_section(results: dict[str, Any], plot: Path | None) -> str:
     settings = results.get("settings", {})
     reference = (
         " The note 003 columns are its full-MNIST numbers (55,000 train / 10,000 test); its "
-        "'cross-entropy' applied softmax twice (double-softmax)."
+        "'cross-entropy' applied softmax twice (double-softmax)." + _updates_per_epoch(results, settings)
         if "note_003_test_accuracy" in results
         else ""
     )
