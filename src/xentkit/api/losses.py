@@ -455,7 +455,9 @@ def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[
     """KL divergence and both gradients: ``∂/∂p_i = log(p_i/q_i) + 1``, ``∂/∂q_i = −p_i/q_i``.
 
     Returns ``(kl, dp, dq)``: ``kl`` in the dtype p and q promote to, each gradient in its own
-    argument's dtype, as torch; computed in float64 and rounded once.
+    argument's dtype, as torch; computed in float64 and rounded once. A class with p_i = 0 adds 0
+    to ``kl`` (0·log 0 = 0) and 0 to ``dq``; its ``dp_i`` is −inf (log 0), or NaN where q_i = 0 too
+    (log(0/0): the divergence has no derivative there).
 
     >>> import numpy as np, xentkit
     >>> kl, dp, dq = xentkit.kl_divergence_and_grad([0.5, 0.5], [0.5, 0.5])
