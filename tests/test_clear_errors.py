@@ -29,6 +29,26 @@ def test_one_pos_weight_applies_to_a_scalar_input():
     np.testing.assert_allclose(loss, -2.0 * np.log(1.0 / (1.0 + np.exp(-1.0))), rtol=1e-12)
 
 
+def test_a_pos_weight_with_leading_axes_of_one_is_one_value_per_class_as_torch():
+    """(1, C) and (1, 1, C) pos_weight, as torch broadcasts them (a review: refused before);
+    (2, C), which would vary by row, and more axes than the logits are still refused, naming it."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((2, 3, 4)), rng.uniform(0.0, 1.0, (2, 3, 4))
+    per_class = rng.uniform(0.5, 3.0, 4)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(x), torch.from_numpy(y), pos_weight=torch.from_numpy(per_class)
+    ).item()
+    for shape in ((1, 4), (1, 1, 4)):
+        loss, grad = xentkit.binary_cross_entropy_with_logits_and_grad(x, y, pos_weight=per_class.reshape(shape))
+        np.testing.assert_allclose(loss, want, rtol=1e-12)
+        _, expected_grad = xentkit.binary_cross_entropy_with_logits_and_grad(x, y, pos_weight=per_class)
+        np.testing.assert_array_equal(grad, expected_grad)
+    for shape in ((2, 4), (1, 1, 1, 4)):
+        with pytest.raises(ValueError, match=r"^pos_weight must have one value per class along the last axis"):
+            xentkit.binary_cross_entropy_with_logits(x, y, pos_weight=np.ones(shape))
+
+
 def test_out_may_not_overlap_weight_or_target():
     logits = np.random.default_rng(0).standard_normal((2, 4))
     buffer = np.ones((2, 4))

@@ -160,10 +160,12 @@ def _bce_with_logits(
         classes = x.shape[-1] if x.ndim else 1
         if pw.dtype.kind not in "fiu":
             raise TypeError(f"pos_weight must be a numeric array, got {describe(pos_weight)}")
+        if 1 < pw.ndim <= x.ndim and all(size == 1 for size in pw.shape[:-1]):
+            pw = pw.reshape(pw.shape[-1:])  # (1, C), as torch broadcasts it: one value per class
         if pw.ndim > 1 or pw.size not in (1, classes):
             raise ValueError(
-                f"pos_weight must have one value per class along the last axis ({classes},) "
-                f"or be a scalar, got shape {pw.shape}"
+                f"pos_weight must have one value per class along the last axis ({classes},), "
+                f"with leading axes of size 1 at most, or be a scalar, got shape {pw.shape}"
             )
         pw = rounded(pw, x.dtype)
         if pw.size == 1:  # one value for every class, also for a scalar input
@@ -238,7 +240,8 @@ def binary_cross_entropy_with_logits(
 
     ``log(1 − σ(x))`` is evaluated as ``log σ(−x)``, exact for any ``x``. ``target`` has the
     logits' shape (values in [0, 1], not checked, as PyTorch: the formula extends to any real y);
-    ``weight`` broadcasts to it; ``pos_weight`` has one value per class along the last axis.
+    ``weight`` broadcasts to it; ``pos_weight`` has one value per class along the last axis
+    (``(C,)``, or ``(1, C)`` with leading axes of size 1, as torch broadcasts it) or is a scalar.
     "mean" averages over every element; with no element it is 0 (PyTorch: NaN).
     See also :func:`binary_cross_entropy` (on probabilities), :func:`binary_cross_entropy_with_logits_and_grad`.
 
