@@ -163,13 +163,11 @@ class TorchRows(_Rows):
         coef_b = (scale * b / s).to(x.dtype)[:, None]
         coef_k = (scale * k / s).to(x.dtype)[:, None]
         grad = d.exp() * (coef_b + coef_k * d.clamp_min(EXPONENT_FLOOR))
-        # the target's entry c·(a + p_y·(b + k·d_y)) in m's dtype, as the kernels form it (with
-        # this backend's s, a confident row's a + p_y·b still cancels: see the class docstring)
+        # (the target's a + p_y·b cancels for a confident row whatever the dtype: this backend's s
+        # has lost δ already, see the class docstring)
         here = valid & (labels >= 0) & (labels < logits.shape[-1])
         index = torch.where(here, labels, 0).long()[:, None]
-        d_y = x.gather(1, index)[:, 0].to(m.dtype) * scale - m
-        target = scale * (a + d_y.exp() / s * (b + k * d_y.clamp_min(EXPONENT_FLOOR)))
-        grad.scatter_(1, index, torch.where(here, target.to(x.dtype), grad.gather(1, index)[:, 0])[:, None])
+        grad.scatter_add_(1, index, torch.where(here, scale * a, 0.0).to(x.dtype)[:, None])
         grad = torch.where(valid[:, None], grad, 0.0)
         out.copy_(grad)
         return out

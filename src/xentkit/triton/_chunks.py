@@ -14,8 +14,8 @@ Every module makes the same three launches over its rows:
     the combine, one program per row, merges the row's few partials (:func:`row_slots`,
     :func:`merge_counted`; online softmax, Milakov & Gimelshein, arXiv 1805.02867):
         M = max_c m_c,  t = shift(M),  d = Σ_c (K_c + r_c)·exp(t_c − t)   (a chunk whose sum
-        is 0 adds 0), kept as e = d − 1 (:mod:`.log_probs` merges the same planes in float64 in
-        its own combine)
+        is 0 adds 0), kept as e = d − 1 (in float64, and with exponents scaled by 1/T, for
+        :mod:`.log_probs`)
 
     pass 2, one program per (row, chunk) again, from the row's statistics
 
@@ -209,20 +209,27 @@ def log1p(e):
 
 
 @triton.jit
-def merge_counted(slots, mine, plane, FINITE_SHIFT: tl.constexpr):
+def merge_counted(slots, mine, plane, scale, FINITE_SHIFT: tl.constexpr, WIDE: tl.constexpr):
     """Planes 0, 1 and 2 of a row's partials (each chunk's max m_c, :func:`split_sum`'s rest and
     count) merged: ``(M, t, e, shifts, factors, sums)``, the row's max M, its shift t, its excess
-    e = d − 1 with d = Σ_c (count_c + rest_c)·exp(t_c − t), the chunks holding the row's max
-    adding their counts and rests unscaled (their factor is exactly 1), and per chunk t_c,
-    exp(t_c − t) and count_c + rest_c (a chunk whose sum is 0, only −inf, adds exactly 0 whatever
-    its factor). A row of −inf only has e = −1 (d = 0)."""
+    e = d − 1 with d = Σ_c (count_c + rest_c)·exp((t_c − t)·scale), the chunks holding the row's
+    max adding their counts and rests unscaled (their factor is exactly 1), and per chunk t_c,
+    exp((t_c − t)·scale) and count_c + rest_c (a chunk whose sum is 0, only −inf, adds exactly 0
+    whatever its factor). A row of −inf only has e = −1 (d = 0). ``scale``: 1, or the
+    log-probabilities' 1/T (their exponents are (x − t)/T); ``WIDE``: e, the factors and the sums
+    in float64 (``scale`` a float64 then), else float32."""
     maxima = tl.load(slots, mask=mine, other=float("-inf"))
     rests = tl.load(slots + plane, mask=mine, other=0.0)
     counts = tl.load(slots + 2 * plane, mask=mine, other=0.0)
     m = tl.max(maxima, 0)
     t = shift(m, FINITE_SHIFT)
     shifts = shift(maxima, FINITE_SHIFT)
-    factors = tl.exp(shifts - t)
+    if WIDE:  # (the difference of two float32 is exact in float64)
+        rests = rests.to(tl.float64)
+        counts = counts.to(tl.float64)
+        factors = tl.exp((shifts.to(tl.float64) - t.to(tl.float64)) * scale)
+    else:
+        factors = tl.exp((shifts - t) * scale)
     sums = counts + rests
     top = (maxima == m) & (counts > 0.0)
     below = tl.where(top, rests, tl.where(sums == 0.0, 0.0, sums * factors))

@@ -235,7 +235,7 @@ def _loss_kernel(
             tl.store(stats_ptr + rows + row, 0.0)
             return
     # M (kept as the row's shift: 0 for a row of −inf), e = d − 1, and the chunks' shifts t_c
-    _, m, e, shifts, _, _ = _chunks.merge_counted(slots, mine, plane, False)
+    _, m, e, shifts, _, _ = _chunks.merge_counted(slots, mine, plane, 1.0, False, False)
     log_d = _chunks.log1p(e)
     lse = m + log_d
     # lse − t_c per chunk as (M − t_c) + log d, not from the float32 lse: that one has lost up to

@@ -155,22 +155,17 @@ def _combine_kernel(
             tl.store(kept_ptr + row, 0.0)
         return
     c = _scale64(scale_hi, scale_lo)
-    # ---- the row: M = max m_k of x; each chunk's (s_k, u_k) restated at t = shift(M), in float64 ----
-    maxima = tl.load(slots, mask=mine, other=float("-inf"))
-    rests = tl.load(slots + plane, mask=mine, other=0.0).to(tl.float64)
-    counts = tl.load(slots + 2 * plane, mask=mine, other=0.0).to(tl.float64)
+    # ---- the row: M = max m_k of x; s (as 1 + e) and each chunk's u_k restated at t = shift(M),
+    #      in float64 ----
+    big, t, e, t_k, factor, s_k = _chunks.merge_counted(slots, mine, plane, c, True, True)
+    s = 1.0 + e
     u_k = tl.load(slots + 3 * plane, mask=mine, other=0.0).to(tl.float64)
-    big = tl.max(maxima, 0)
-    t = _chunks.shift(big, True)
-    # δ_k = (t_k − t)·c ≤ 0, the difference of two float32 taken in float64 (exact)
-    delta = (_chunks.shift(maxima, True).to(tl.float64) - t.to(tl.float64)) * c
-    s_k = counts + rests  # exact: a float32 and a count
-    factor = tl.exp(delta)
-    # the chunks of the row's max add their sums as they are (δ = 0); an empty chunk (s_k = 0: only
-    # −inf) adds nothing, whatever its factor; δ floored at −1000 (its factor is 0 already): s_k·δ
-    # stays finite, never 0·(−inf) = NaN for a chunk far below the row's max
+    # δ_k = (t_k − t)·c ≤ 0, the difference of two float32 taken in float64 (exact); the chunks of
+    # the row's max keep u_k as it is (δ = 0); an empty chunk (s_k = 0: only −inf) adds nothing,
+    # whatever its factor; δ floored at −1000 (its factor is 0 already): s_k·δ stays finite, never
+    # 0·(−inf) = NaN for a chunk far below the row's max
+    delta = (t_k.to(tl.float64) - t.to(tl.float64)) * c
     at_max = delta == 0.0
-    s = tl.sum(tl.where(at_max, s_k, tl.where(s_k == 0.0, 0.0, s_k * factor)), 0)
     restated = factor * (u_k + tl.where(at_max, 0.0, s_k * tl.maximum(delta, _FLOOR)))
     u = tl.sum(tl.where(s_k == 0.0, 0.0, tl.where(at_max, u_k, restated)), 0)
     m = big.to(tl.float64) * c

@@ -130,7 +130,7 @@ def _combine_kernel(
         return
     # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), s_r = 1 + e in float64 (e = s_r − 1 kept
     #         apart from the max's terms: a confident row's s_r = 1 + δ keeps δ) ----
-    m, t, e, t_k, _, _ = _chunks.merge_counted(slots, mine, plane, False)
+    m, t, e, t_k, _, _ = _chunks.merge_counted(slots, mine, plane, 1.0, False, False)
     tl.store(max_ptr + row, m)
     tl.store(sum_ptr + row, 1.0 + e.to(tl.float64))
     # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift ----

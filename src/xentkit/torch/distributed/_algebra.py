@@ -57,11 +57,12 @@ def _row_losses(stats: _RowStatistics, rows: _Rows, plan: _Plan) -> tuple[Tensor
     (None without z-loss), both 0 for ignored rows.
     """
     eps = plan.options.label_smoothing
-    lse = stats.lse
+    log_total = torch.log(stats.total)
+    lse = stats.shift + log_total
     zero = torch.zeros((), dtype=torch.float64, device=lse.device)
     # lse − z_y as (M − z_y) + log S: M + log S would round log S = δ of a confident row to an
     # ulp of M (2e-12 at logits near 1e4)
-    main = (1.0 - eps) * rows.target_weight * ((stats.shift - stats.target_logit) + torch.log(stats.total))
+    main = (1.0 - eps) * rows.target_weight * ((stats.shift - stats.target_logit) + log_total)
     if eps > 0.0:
         main = main + (eps / plan.agreement.vocab_size) * (plan.weight_sum * lse - stats.sum_z)
     return torch.where(rows.valid, main, zero), z_term(lse, rows.valid, plan.options.z_loss)
