@@ -128,15 +128,19 @@ def test_the_serial_build_gives_the_parallel_builds_bits(dtype):
     assert {str(signature[0].dtype) for signature in _binary_rows_serial.signatures} >= {np.dtype(dtype).name}
 
 
-def test_the_torch_binding_runs_the_kernel_with_torchs_values():
+@pytest.mark.parametrize("pos_weight_shape", [(400,), (300, 1), (300, 400)])
+def test_the_torch_binding_runs_the_kernel_with_torchs_values(pos_weight_shape):
+    """One pos_weight per class, per row, per element (the last two ran torch's own ops before:
+    the kernel took one value per class)."""
     torch = pytest.importorskip("torch")
     import xentkit.torch as xt
 
     generator = torch.Generator().manual_seed(2)
     logits = (4 * torch.randn(300, 400, generator=generator)).requires_grad_()
     target = torch.rand(300, 400, generator=generator)
-    pos_weight = torch.rand(400, generator=generator) * 3
+    pos_weight = torch.rand(pos_weight_shape, generator=generator) * 3
     loss = xt.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+    assert type(loss.grad_fn).__name__ == "_BinaryCrossEntropyWithLogitsFunctionBackward"
     loss.backward()
     grad, logits.grad = logits.grad, None
     want = torch.nn.functional.binary_cross_entropy_with_logits(logits.double(), target.double(), pos_weight=pos_weight.double())

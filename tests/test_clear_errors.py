@@ -29,24 +29,39 @@ def test_one_pos_weight_applies_to_a_scalar_input():
     np.testing.assert_allclose(loss, -2.0 * np.log(1.0 / (1.0 + np.exp(-1.0))), rtol=1e-12)
 
 
-def test_a_pos_weight_with_leading_axes_of_one_is_one_value_per_class_as_torch():
-    """(1, C) and (1, 1, C) pos_weight, as torch broadcasts them (a review: refused before);
-    (2, C), which would vary by row, and more axes than the logits are still refused, naming it."""
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(4,), (1, 4), (1, 1, 4), (3, 4), (3, 1), (2, 1, 4), (2, 3, 4), (1, 3, 1), ()])
+def test_a_pos_weight_broadcasts_as_torch_broadcasts_it(shape, dtype, reference):
+    """Any pos_weight that broadcasts to the logits, as torch takes it: one per class, with
+    leading axes of 1 (a review: refused before), and varying by row or element (refused before:
+    the kernel took one value per class); the kernel and the reference, against torch in float64,
+    each reduction, an upstream gradient per element for "none". Shapes that do not broadcast
+    (more axes than the logits, a row count that differs) are refused, naming it."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
-    x, y = rng.standard_normal((2, 3, 4)), rng.uniform(0.0, 1.0, (2, 3, 4))
-    per_class = rng.uniform(0.5, 3.0, 4)
-    want = torch.nn.functional.binary_cross_entropy_with_logits(
-        torch.from_numpy(x), torch.from_numpy(y), pos_weight=torch.from_numpy(per_class)
-    ).item()
-    for shape in ((1, 4), (1, 1, 4)):
-        loss, grad = xentkit.binary_cross_entropy_with_logits_and_grad(x, y, pos_weight=per_class.reshape(shape))
-        np.testing.assert_allclose(loss, want, rtol=1e-12)
-        _, expected_grad = xentkit.binary_cross_entropy_with_logits_and_grad(x, y, pos_weight=per_class)
-        np.testing.assert_array_equal(grad, expected_grad)
-    for shape in ((2, 4), (1, 1, 1, 4)):
-        with pytest.raises(ValueError, match=r"^pos_weight must have one value per class along the last axis"):
-            xentkit.binary_cross_entropy_with_logits(x, y, pos_weight=np.ones(shape))
+    x, y = rng.standard_normal((2, 3, 4)) * 3, rng.uniform(0.0, 1.0, (2, 3, 4))
+    x[0, 0, 0] = 40.0  # a confident logit: the accurate form's gradient, not torch's cancelling one
+    pos_weight = rng.uniform(0.5, 3.0, shape)
+    tensors = [torch.from_numpy(a) for a in (x, y, pos_weight)]
+    upstream = rng.standard_normal(x.shape)
+    with xentkit.use_reference(reference):
+        for reduction in ("none", "mean", "sum"):
+            logits = tensors[0].clone().requires_grad_()
+            want = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, tensors[1], pos_weight=tensors[2], reduction=reduction
+            )
+            want.backward(torch.from_numpy(upstream) if reduction == "none" else None)
+            loss, grad = xentkit.binary_cross_entropy_with_logits_and_grad(
+                x.astype(dtype), y.astype(dtype), pos_weight=pos_weight.astype(dtype), reduction=reduction,
+                grad_output=upstream.astype(dtype) if reduction == "none" else None,
+            )
+            tolerance = 1e-12 if dtype == np.float64 else 2e-6
+            np.testing.assert_allclose(loss, want.detach().numpy(), rtol=tolerance, atol=1e-300)
+            np.testing.assert_allclose(grad, logits.grad.numpy(), rtol=tolerance, atol=tolerance * 1e-3)
+    for bad in ((2, 4), (1, 1, 1, 4), (3, 4, 1)):
+        with pytest.raises(ValueError, match=r"^pos_weight must broadcast to the input's shape \(2, 3, 4\), got shape"):
+            xentkit.binary_cross_entropy_with_logits(x, y, pos_weight=np.ones(bad))
 
 
 def test_out_may_not_overlap_weight_or_target():

@@ -155,23 +155,11 @@ def _bce_with_logits(
     x, y, dtype = _pair(logits, target, ("logits", "target"))
     reduction = check_reduction(reduction)
     w = _broadcast_weight(weight, x.shape, x.dtype, "weight")
-    if pos_weight is not None:
-        pw = as_array(pos_weight, "pos_weight")
-        classes = x.shape[-1] if x.ndim else 1
-        if pw.dtype.kind not in "fiu":
-            raise TypeError(f"pos_weight must be a numeric array, got {describe(pos_weight)}")
-        if 1 < pw.ndim <= x.ndim and all(size == 1 for size in pw.shape[:-1]):
-            pw = pw.reshape(pw.shape[-1:])  # (1, C), as torch broadcasts it: one value per class
-        if pw.ndim > 1 or pw.size not in (1, classes):
-            raise ValueError(
-                f"pos_weight must have one value per class along the last axis ({classes},), "
-                f"with leading axes of size 1 at most, or be a scalar, got shape {pw.shape}"
-            )
-        pw = rounded(pw, x.dtype)
-        if pw.size == 1:  # one value for every class, also for a scalar input
-            pw = pw.reshape(())
-    else:
-        pw = None
+    if pos_weight is not None and as_array(pos_weight, "pos_weight").dtype.kind not in "fiu":
+        raise TypeError(f"pos_weight must be a numeric array, got {describe(pos_weight)}")
+    if pos_weight is not None and np.size(pos_weight) == 1:
+        pos_weight = np.reshape(pos_weight, ())  # one value for all (also a [1] on a scalar input)
+    pw = _broadcast_weight(pos_weight, x.shape, x.dtype, "pos_weight")  # (any shape, as torch)
     plan = ReductionPlan.of_rows(reduction, x.size)
     if x.size and x.ndim and not reference_enabled():
         return _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype or dtype, grad_dtype or dtype)
@@ -185,6 +173,17 @@ def _bce_with_logits(
     return loss, rounded(grad, grad_dtype or dtype)
 
 
+def _per_class_or_element(values, shape):
+    """A weight broadcast to ``shape`` as the binary kernel takes it, in float64: None, ``[C]``
+    where it varies along the last axis only (or not at all), else ``[rows, C]``."""
+    if values is None:
+        return None
+    classes = shape[-1]
+    if values.size == 1 or (values.size == classes and values.shape[-1:] == (classes,)):
+        return np.ascontiguousarray(np.broadcast_to(values.reshape(-1), (classes,)), dtype=np.float64)
+    return kernel_array(np.broadcast_to(values, shape).reshape(-1, classes), np.float64)
+
+
 def _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype, dtype):
     """:func:`_bce_with_logits` on the fused kernel (``xentkit.kernels.binary``): ``x`` and
     ``y`` (checked, in the compute dtype, at least one dimension and one element) as
@@ -194,14 +193,7 @@ def _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype, dt
 
     shape, classes = x.shape, x.shape[-1]
     rows = x.size // classes
-    if w is None:
-        weight = None
-    elif w.size == 1 or (w.size == classes and w.shape[-1:] == (classes,)):
-        weight = np.ascontiguousarray(np.broadcast_to(w.reshape(-1), (classes,)), dtype=np.float64)
-    else:
-        weight = kernel_array(np.broadcast_to(w, shape).reshape(rows, classes), np.float64)
-    if pw is not None:
-        pw = np.ascontiguousarray(np.broadcast_to(pw.reshape(-1), (classes,)), dtype=np.float64)
+    weight, pw = (_per_class_or_element(values, shape) for values in (w, pw))
     scale, per_element = None, None  # the kernel's one number; an upstream per element ("none")
     if want_grad:
         if grad_output is None:
@@ -240,8 +232,8 @@ def binary_cross_entropy_with_logits(
 
     ``log(1 − σ(x))`` is evaluated as ``log σ(−x)``, exact for any ``x``. ``target`` has the
     logits' shape (values in [0, 1], not checked, as PyTorch: the formula extends to any real y);
-    ``weight`` broadcasts to it; ``pos_weight`` has one value per class along the last axis
-    (``(C,)``, or ``(1, C)`` with leading axes of size 1, as torch broadcasts it) or is a scalar.
+    ``weight`` and ``pos_weight`` broadcast to it (as torch broadcasts them: ``pos_weight`` is
+    usually one value per class along the last axis, ``(C,)``, but may vary by row too).
     "mean" averages over every element; with no element it is 0 (PyTorch: NaN).
     See also :func:`binary_cross_entropy` (on probabilities), :func:`binary_cross_entropy_with_logits_and_grad`.
 

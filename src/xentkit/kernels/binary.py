@@ -20,7 +20,8 @@ rounding), so the loop vectorizes (Numba's ``math.log1p`` is a scalar libm call)
 accurate for confident logits (x = −17: 4.14e-8, where torch's float32 kernel gives 0).
 
 Weights: none, one per class (the last axis, ``[C]``), or one per element (``[rows, C]``, the
-api's broadcast of any other shape); ``pos_weight`` none or ``[C]``; the gradient's ``scale`` one
+api's broadcast of any other shape); ``pos_weight`` likewise none, ``[C]`` or ``[rows, C]``; the
+gradient's ``scale`` one
 number (the api multiplies a per-element upstream gradient afterwards). Sums per row in
 float64, added by the host in a fixed order (deterministic). Drivers: ``prange`` over rows, and
 a serial build for small problems.
@@ -139,18 +140,20 @@ def _elements_grad(x, y, w, pw, scale, losses, grad):  # pragma: no cover - comp
 
 @njit(parallel=True, **_KERNEL_JIT)
 def _binary_rows_kernel(  # pragma: no cover - compiled
-    logits, targets, weight_rows, weight_class, pos_weight, scale, loss_out, per_element_loss,
-    grad_out, want_grad, row_sums,
+    logits, targets, weight_rows, weight_class, pos_weight_rows, pos_weight_class, scale, loss_out,
+    per_element_loss, grad_out, want_grad, row_sums,
 ):
     """Every row over Numba's threads (``prange``). ``weight_rows`` is ``[rows, C]`` (a weight
     per element) or a 1-row dummy, and then ``weight_class`` (``[C]``, ones for no weight)
-    serves every row; ``pos_weight`` is ``[C]`` (ones for none); ``loss_out`` and ``grad_out``
-    are 1-row dummies unless ``per_element_loss`` / ``want_grad``."""
+    serves every row; ``pos_weight_rows`` and ``pos_weight_class`` the same for ``pos_weight``;
+    ``loss_out`` and ``grad_out`` are 1-row dummies unless ``per_element_loss`` / ``want_grad``."""
     n_rows = logits.shape[0]
     per_row_weight = weight_rows.shape[0] == n_rows and n_rows > 1
+    per_row_pos_weight = pos_weight_rows.shape[0] == n_rows and n_rows > 1
     for i in prange(n_rows):
         r = np.int64(i)  # (prange's index may be unsigned: min() with a signed one would be a float)
         w = weight_rows[r] if per_row_weight else weight_class
+        pos_weight = pos_weight_rows[r] if per_row_pos_weight else pos_weight_class
         losses = loss_out[min(r, loss_out.shape[0] - 1)]
         grad = grad_out[min(r, grad_out.shape[0] - 1)]
         if per_element_loss:
@@ -170,6 +173,15 @@ _binary_rows_serial = serial_build(_binary_rows_kernel, "_binary_rows_serial", *
 _DUMMY_2D = np.zeros((1, 1), dtype=np.float64)
 
 
+def _rows_or_class(values, n_rows, ones):
+    """The kernel's ``(rows, class)`` pair for a weight of None, ``[C]`` or ``[rows, C]``: the
+    per-element rows (else a 1-row dummy) and the one row that serves every row (else ``ones``)."""
+    if values is not None and values.ndim == 2 and n_rows == 1:
+        values = values[0]  # (one row: the same as one value per class)
+    rows = values if values is not None and values.ndim == 2 else _DUMMY_2D
+    return rows, values if values is not None and values.ndim == 1 else ones
+
+
 def binary_rows(
     logits: np.ndarray,
     targets: np.ndarray,
@@ -182,7 +194,7 @@ def binary_rows(
 ) -> tuple[np.ndarray | float, np.ndarray | None]:
     """Binary cross-entropy of C-contiguous ``[rows, C]`` logits and targets (one dtype,
     float32 or float64). ``weight``: None, ``[C]`` (per class) or ``[rows, C]`` (per element),
-    float64; ``pos_weight``: None or ``[C]`` float64. ``scale``: None (no gradient) or the number
+    float64; ``pos_weight``: the same. ``scale``: None (no gradient) or the number
     each gradient entry is multiplied by.
 
     Returns ``(loss, grad)``: ``loss`` is the ``[rows, C]`` per-element loss in the logits' dtype
@@ -193,17 +205,15 @@ def binary_rows(
     dtype = logits.dtype
     dummy = np.zeros((1, 1), dtype=dtype)
     ones = np.ones(n_classes)
-    if weight is not None and weight.ndim == 2 and n_rows == 1:
-        weight = weight[0]  # (one row: the same as one weight per class)
-    weight_rows = weight if weight is not None and weight.ndim == 2 else _DUMMY_2D
-    weight_class = weight if weight is not None and weight.ndim == 1 else ones
+    weight_rows, weight_class = _rows_or_class(weight, n_rows, ones)
+    pos_weight_rows, pos_weight_class = _rows_or_class(pos_weight, n_rows, ones)
     want_grad = scale is not None
     loss_out = np.empty_like(logits) if per_element_loss else dummy
     grad_out = np.empty_like(logits) if want_grad else dummy
     row_sums = np.zeros(n_rows, dtype=np.float64)
     if n_rows and n_classes:
         arguments = (
-            logits, targets, weight_rows, weight_class, ones if pos_weight is None else pos_weight,
+            logits, targets, weight_rows, weight_class, pos_weight_rows, pos_weight_class,
             float(scale) if want_grad else 0.0, loss_out, per_element_loss, grad_out, want_grad, row_sums,
         )
         threads = threads_for(n_rows * n_classes, parallel, SERIAL_MAX_ELEMENTS)

@@ -710,9 +710,12 @@ def binary_cross_entropy_with_logits(
             "target must be a floating-point tensor (probabilities in [0, 1]), got dtype "
             f"{str(target.dtype).removeprefix('torch.')}; pass target.float()"
         )
-    # xentkit takes pos_weight as one value per class along the last axis (or one for all);
-    # torch broadcasts any shape, which its own ops handle.
-    pos_weight_fits = pos_weight is None or pos_weight.dim() <= 1
+    # xentkit takes a pos_weight that broadcasts to the input; one that would widen the result
+    # (more axes, or sizes the input lacks) torch broadcasts, and its own ops handle.
+    pos_weight_fits = pos_weight is None or (
+        pos_weight.dim() <= input.dim()
+        and all(size in (1, full) for size, full in zip(pos_weight.shape, input.shape[input.dim() - pos_weight.dim():], strict=True))
+    )
     if not pos_weight_fits or not _bridge.runs_on_xentkit(
         input, target, weight, pos_weight, grad_free=(target, weight, pos_weight)
     ):
