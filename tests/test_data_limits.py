@@ -162,6 +162,41 @@ def test_a_mirror_that_is_not_a_url_says_so_before_any_download(
     assert not any(tmp_path.rglob("*-ubyte*"))
 
 
+@pytest.mark.parametrize(
+    ("mirror", "why"),
+    [("http://", "no host after the scheme"), ("https:///mnist/", "no host after the scheme"),
+     ("https://exa mple.org/", "its host holds ' '")],
+)
+def test_a_mirror_without_a_host_is_not_a_download_failure(tmp_path: Path, mirror: str, why: str) -> None:
+    """A review: "http://" tried the host train-images-idx3-ubyte.gz and said to go offline; a
+    space in the host came out of the download library as its own InvalidURL traceback."""
+    from xentkit.lab.download import download_dataset
+
+    with pytest.raises(DatasetError) as error:
+        download_dataset("mnist", cache_dir=tmp_path, mirror=mirror)
+    assert str(error.value) == f"--mirror: {mirror!r} is not a URL ({why})"
+    assert not any(tmp_path.iterdir())
+
+
+def test_data_that_is_neither_file_nor_folder_says_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--data /dev/null (a device) said "found nothing there"; a broken link says it is one; and a
+    folder whose IDX files are folders says so even when all four are (it said "lacks all four")."""
+    broken = tmp_path / "link"
+    broken.symlink_to(tmp_path / "gone")
+    folder = tmp_path / "idx"
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (folder / stem).mkdir(parents=True)
+    for data, said in (
+        ("/dev/null", "found neither a file nor a folder (a device, a pipe?)"),
+        (str(broken), "found a broken link"),
+        (str(tmp_path / "absent"), "found nothing there"),
+        (str(folder), "(it lacks train-images-idx3-ubyte (train-images-idx3-ubyte is a folder), "),
+    ):
+        assert main(["lab", "mnist", "--data", data, "--no-progress", "--out", str(tmp_path / "o")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"xentkit: error: --data {data}: expected ") and said in error, error
+
+
 def test_an_npz_whose_arrays_inflate_beyond_the_limit_is_refused_from_their_headers(tmp_path: Path) -> None:
     """A 300 KB compressed archive of zeros declaring 313 million pixels (1.2 GiB as float32)."""
     from xentkit.lab.formats import MAX_VALUES

@@ -307,7 +307,8 @@ def _lacks(folder: Path) -> str:
     if not folder.is_dir():
         return "all four (no such folder)"
     missing = missing_idx_files(folder)
-    return "all four" if len(missing) == len(IDX_FILES) else ", ".join(missing)
+    plain = all(entry in IDX_FILES.values() for entry in missing)  # (none with what stands there)
+    return "all four" if plain and len(missing) == len(IDX_FILES) else ", ".join(missing)
 
 
 def _load_path(path: Path, label: str | None) -> Dataset:
@@ -318,7 +319,10 @@ def _load_path(path: Path, label: str | None) -> Dataset:
     if path.is_file():
         return load_npz(path, name=label)
     if not path.is_dir():
-        raise DatasetError(f"--data {path}: expected a folder or an .npz file, found nothing there")
+        found = "nothing there" if not os.path.lexists(path) else (
+            "a broken link" if path.is_symlink() and not path.exists() else "neither a file nor a folder (a device, a pipe?)"
+        )
+        raise DatasetError(f"--data {path}: expected a folder or an .npz file, found {found}")
     if has_idx_files(path):
         return load_idx_folder(path, name=label)
     archives = sorted(path.glob("*.npz"))

@@ -89,9 +89,15 @@ def download_dataset(
     scheme = base.split("://", 1)[0].lower() if "://" in base else ""
     source = "--mirror" if mirror is not None else f"${mirror_env_var(name)}"
     try:
-        port = urllib.parse.urlsplit(base).port
+        parts = urllib.parse.urlsplit(base)
+        port = parts.port
     except ValueError as error:  # (an unclosed IPv6 bracket, a port that is no number, say)
         raise DatasetError(f"{source}: {base!r} is not a URL ({error})") from None
+    # (said here, not as a download that failed: the network is not the problem)
+    blank = next((c for c in parts.netloc if c.isspace() or not c.isprintable()), None)  # (in the host)
+    if scheme in _SCHEMES and (not parts.hostname or blank is not None):
+        why = "no host after the scheme" if not parts.hostname else f"its host holds {blank!r}"
+        raise DatasetError(f"{source}: {base!r} is not a URL ({why})")
     if scheme not in _SCHEMES:
         raise DatasetError(
             f"{source}: expected a URL starting with one of {', '.join(s + '://' for s in _SCHEMES)}, "
