@@ -379,6 +379,26 @@ def test_linear_log_probs_edges():
     assert out.shape == (0,) and empty.grad.shape == (0, 3) and (w.grad == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_linear_log_probs_of_no_features_are_the_bias_log_softmax(backend):
+    """in_features 0: the logits are the bias (a review: the flattening reshape(-1, 0) raised
+    torch's "ambiguous" error, where linear_cross_entropy gives the bias's loss)."""
+    bias = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[2, 0], [1, 3]])
+    log_p, entropy = xt.linear_log_probs(
+        torch.zeros(2, 2, 0, dtype=torch.float64), torch.zeros(4, 0, dtype=torch.float64), target,
+        linear_bias=bias, temperature=0.5, return_entropy=True, backend=backend,
+    )
+    want = torch.log_softmax(bias.detach() / 0.5, 0)
+    torch.testing.assert_close(log_p, want[target], rtol=1e-12, atol=0)
+    torch.testing.assert_close(entropy, torch.full((2, 2), -(want.exp() * want).sum().item(), dtype=torch.float64))
+    log_p.sum().backward()
+    bias_want = torch.zeros(4, dtype=torch.float64)
+    for y in target.reshape(-1):  # d log p_y / d b = (onehot(y) − p)/T
+        bias_want += (torch.nn.functional.one_hot(y, 4) - want.exp()) / 0.5
+    torch.testing.assert_close(bias.grad, bias_want, rtol=1e-12, atol=1e-15)
+
+
 def test_linear_log_probs_bfloat16_stays_in_range():
     rng = np.random.default_rng(10)
     x, w, b, target = _linear_problem(rng, 9, 32, 777, torch.bfloat16)
@@ -405,7 +425,7 @@ def test_linear_log_probs_bfloat16_stays_in_range():
         ({"return_entropy": 1}, TypeError, "return_entropy must be a bool"),
         (
             {"input": torch.randn(3, 4, dtype=torch.float64), "linear_weight": torch.randn(5, 4, dtype=torch.float64), "backend": "triton"},
-            ValueError, "backend='triton' cannot run this call: it takes float32, float16 and bfloat16 logits, got torch.float64",
+            ValueError, "backend='triton' cannot run this call: it takes float32, float16 and bfloat16 input, got torch.float64",
         ),
         ({"backend": "cuda"}, ValueError, "backend must be one of 'auto', 'triton', 'torch'"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be None or a positive int"),

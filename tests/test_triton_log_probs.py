@@ -362,6 +362,17 @@ def test_backend_choice_and_why_triton_cannot_run(monkeypatch):
             xt.linear_log_probs(x, torch.randn(5, 4), torch.tensor([0, 1, 2]), backend="triton")
 
 
+def test_the_chunk_buffer_is_held_until_backward_on_the_cpu_only():
+    """On the CPU backward reuses forward's chunk buffer (RSS); on a device nothing of [chunk, V]
+    is held between the two (a review: up to 512 MiB per call on CUDA, several graphs before one
+    backward)."""
+    x = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    log_p = xt.linear_log_probs(x, torch.randn(9, 4, device=DEVICE), torch.tensor([0, 1, 2, 3, 4, 5], device=DEVICE))
+    assert (log_p.grad_fn.buffer is None) == (DEVICE != "cpu")
+    log_p.sum().backward()
+    assert log_p.grad_fn.buffer is None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
 @pytest.mark.usefixtures("chunked")
 def test_logits_far_from_zero_are_shifted_before_they_are_scaled(temperature):

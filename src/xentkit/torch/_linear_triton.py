@@ -56,7 +56,7 @@ def linear_reason(
 ) -> str | None:
     """Why the Triton linear cross-entropy cannot run this call, or None when it can (under
     torch.compile too: the custom ops of ``_linear_ops``)."""
-    reason = triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True)
+    reason = triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input")
     if reason is not None:
         return reason
     if input.dim() != 2 or linear_weight.dim() != 2:

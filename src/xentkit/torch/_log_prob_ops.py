@@ -41,7 +41,7 @@ _OPTIONS = "float temperature, int? chunk_size, str backend"
 def _rows(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, options: LogProbOptions) -> type:
     from .log_probs import _rows_backend
 
-    return _rows_backend(x, options, w, b, target)
+    return _rows_backend(x, options, w, b, target, name="input")
 
 
 def _options(x: Tensor, w: Tensor, temperature: float, chunk_size: int | None, backend: str) -> LogProbOptions:

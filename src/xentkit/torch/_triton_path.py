@@ -59,14 +59,15 @@ def _is_cuda(input: Tensor) -> bool:
     return input.device.type == "cuda"
 
 
-def tensor_reason(input: Tensor, *others: Tensor | None, compiled: bool = False) -> str | None:
+def tensor_reason(input: Tensor, *others: Tensor | None, compiled: bool = False, name: str = "logits") -> str | None:
     """Why no Triton kernel can run on ``input`` (its dtype, its device, torch.compile, a
     torch.func transform or forward-mode AD, a missing triton package), or None when one can.
     Shared by every Triton path of ``xentkit.torch``; ``others``: the call's other tensors (a
     forward-mode tangent on any of them counts); ``compiled``: whether the caller has a path for
-    torch.compile (custom ops)."""
+    torch.compile (custom ops); ``name``: what ``input`` is called in the message (the linear
+    forms' hidden states are "input")."""
     if input.dtype not in TRITON_DTYPES:
-        return f"it takes float32, float16 and bfloat16 logits, got {input.dtype}"
+        return f"it takes float32, float16 and bfloat16 {name}, got {input.dtype}"
     if input.device.type != "cuda" and not (input.device.type == "cpu" and _interpreted()):
         return (
             f"it runs CUDA tensors (and CPU tensors only under Triton's interpreter, "
@@ -85,7 +86,8 @@ def tensor_reason(input: Tensor, *others: Tensor | None, compiled: bool = False)
 
 
 def triton_reason(
-    input: Tensor, target: Tensor, weight: Tensor | None, *others: Tensor | None, compiled: bool = False
+    input: Tensor, target: Tensor, weight: Tensor | None, *others: Tensor | None, compiled: bool = False,
+    name: str = "logits",
 ) -> str | None:
     """Why the Triton cross-entropy (``cross_entropy`` or the linear form) cannot run this call,
     or None when it can; ``others`` (the linear form's weight and bias) and ``compiled``: as for
@@ -96,7 +98,7 @@ def triton_reason(
     # never comes here: _bridge.check_tensors refused it for every path)
     if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         return "it differentiates with respect to the logits only (target or weight requires grad)"
-    return tensor_reason(input, target, weight, *others, compiled=compiled)
+    return tensor_reason(input, target, weight, *others, compiled=compiled, name=name)
 
 
 def takes_triton(backend: str, on_cuda: bool, reason: Callable[[], str | None]) -> bool:

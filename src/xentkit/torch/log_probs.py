@@ -26,6 +26,7 @@ chunk, in float32 (float64 for float64).
 
 from __future__ import annotations
 
+import math
 from typing import Literal, overload
 
 import torch
@@ -54,11 +55,11 @@ __all__ = ["linear_log_probs", "log_probs"]
 
 
 
-def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor | None) -> type:
+def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor | None, name: str = "logits") -> type:
     """The row backend of this call (see the module docstring); ``backend="triton"`` raises,
-    saying why, when the Triton kernels cannot run it."""
+    saying why, when the Triton kernels cannot run it (``name``: what ``logits_like`` is called)."""
     if _triton_path.takes_triton(
-        options.backend, logits_like.device.type == "cuda", lambda: _triton_path.tensor_reason(logits_like)
+        options.backend, logits_like.device.type == "cuda", lambda: _triton_path.tensor_reason(logits_like, name=name)
     ):
         return TritonRows
     if options.backend == "auto" and logits_like.dtype in _bridge.NUMBA_DTYPES and _bridge.runs_on_xentkit(
@@ -277,8 +278,9 @@ def log_probs(
     gradient, while its entropy and lse stay right (nothing is read out of bounds). CPU tensors
     on the Numba kernels are always checked (no wait). Under ``torch.compile`` (no graph break,
     ``fullgraph=True`` works) and torch.func transforms (``vmap``, per-sample ``grad``) the
-    outputs are the same formulas in torch ops, differentiated by autograd (so they have a second
-    derivative), and no target is checked: a bad one gives NaN as with ``check_labels=False``.
+    outputs are the same formulas in torch ops, differentiated by autograd (under torch.func
+    they have a second derivative; torch.compile's autograd refuses a double backward), and no
+    target is checked: a bad one gives NaN as with ``check_labels=False``.
 
     >>> import torch, xentkit.torch as xt
     >>> logits = torch.tensor([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], requires_grad=True)
@@ -369,9 +371,12 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         x, w, b = detached(input, linear_weight, linear_bias)
         ctx.options, ctx.rows, ctx.valid, ctx.idle = options, rows, valid, idle
         buffer = torch.empty((min(options.chunk_size, x.shape[0]), w.shape[0]), dtype=x.dtype, device=x.device)
-        # backward reuses the chunk buffer (a new one of the same size would, on the CPU, often
-        # come from the allocator's heap next to the old one's cached pages: a second buffer of RSS)
-        ctx.buffer = buffer if any(ctx.needs_input_grad[:3]) else None
+        # on the CPU backward reuses the chunk buffer (≤ 32 MiB; a new one of the same size would
+        # often come from the allocator's heap next to the old one's cached pages: a second
+        # buffer of RSS); on a device the caching allocator hands the freed block back, so none is
+        # held between forward and backward (a review: up to 512 MiB per call, several graphs
+        # before one backward)
+        ctx.buffer = buffer if x.device.type == "cpu" and any(ctx.needs_input_grad[:3]) else None
         statistics = linear_statistics(x, w, b, target, valid, options, rows, buffer)
         ctx.save_for_backward(input, linear_weight, linear_bias, target)
         return _finish(ctx, statistics, valid, target.shape, x.dtype)
@@ -445,7 +450,8 @@ def linear_log_probs(
 
     Rows are processed ``chunk_size`` at a time (default: as :func:`linear_cross_entropy`, a
     chunk's logits at most 1/16 of the full logits and at most 32 MiB on the CPU; 512 MiB on CUDA).
-    Forward keeps four numbers per row; backward recomputes each chunk's logits (one more matmul)
+    Forward keeps four numbers per row (on the CPU also the chunk buffer, for backward to
+    reuse); backward recomputes each chunk's logits (one more matmul)
     and turns them into their gradient in place, then two matmuls give the input and weight
     gradients. Chunks of ignored positions only are skipped in backward (on a device, where the
     labels are checked: the check's one wait finds them; backward never waits).
@@ -487,7 +493,7 @@ def linear_log_probs(
     if target.device != input.device:
         raise ValueError(f"target must be on the input's device {input.device}, got {target.device}")
     flat_target = target.reshape(-1)
-    x = input.reshape(-1, input.shape[-1])
+    x = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])  # (-1 is ambiguous for D = 0)
     if _traced(options, input, linear_weight, linear_bias, target, compiled_ops=True):  # torch.func
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
         logits = torch.nn.functional.linear(x, linear_weight, linear_bias)  # the whole logits
@@ -501,7 +507,7 @@ def linear_log_probs(
         results = _log_prob_ops.linear_log_probs(x, linear_weight, linear_bias, flat_target, valid, options)
     else:
         options = options.replace(chunk_size=chunk_for(x, classes, options.chunk_size))
-        rows = _rows_backend(x, options, linear_weight, linear_bias, target)
+        rows = _rows_backend(x, options, linear_weight, linear_bias, target, name="input")
         valid, bad, idle = _linear_label_masks(flat_target, classes, options, rows, classes_text)
         results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows, idle)
     return _finish_linear(results, bad, target, return_entropy, return_lse)

@@ -298,7 +298,7 @@ def vocab_parallel_linear_log_probs(
                 target, tuple(input.shape[:-1]), "the input's shape without in_features", input,
                 linear_weight_shard, linear_bias_shard,
             ),
-            rows=_rows_backend(input, options, linear_weight_shard, linear_bias_shard),
+            rows=_rows_backend(input, options, linear_weight_shard, linear_bias_shard, name="input"),
         )
         labels: np.ndarray = state["labels"]  # type: ignore[assignment]
         return _local_record(
