@@ -328,7 +328,7 @@ def test_models_it_cannot_handle_raise_naming_the_class() -> None:
         patch(custom)
     wrapped = tiny_model("LlamaForCausalLM")
     wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)
-    with pytest.raises(ValueError, match=r"^LlamaForCausalLM's lm_head must be a torch\.nn\.Linear, got Sequential"):
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM's lm_head must be a torch\.nn\.Linear, got torch\.nn\.modules\.container\.Sequential"):
         patch(wrapped)
 
 
@@ -493,7 +493,7 @@ def test_changes_after_the_patch_are_followed_or_refused() -> None:
     # a head that is not a plain Linear any more, or another loss, cannot be reproduced: refused
     wrapped = patched_copy(tiny_model("LlamaForCausalLM"))
     wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)
-    with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's lm_head was replaced .* by a Sequential"):
+    with pytest.raises(RuntimeError, match=r"^LlamaForCausalLM's lm_head was replaced .* by a torch\.nn\.modules\.container\.Sequential"):
         wrapped(**inputs)
     other = patched_copy(tiny_model("LlamaForCausalLM"))
     other.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
@@ -674,6 +674,43 @@ def test_a_dropped_patched_model_is_freed_without_the_cyclic_collector() -> None
     finally:
         if enabled:
             gc.enable()
+
+def test_token_log_probs_refuses_prompt_learning_peft_models() -> None:
+    """Prompt and prefix tuning add virtual tokens in the PEFT wrapper's forward, which running the
+    base model's decoder skipped: log-probs off by 2-4 and no gradient to the prompt (a review)."""
+    peft = pytest.importorskip("peft")
+    inputs = batch()
+    for config in (
+        peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    ):
+        model = peft.get_peft_model(tiny_model("LlamaForCausalLM"), config)
+        with pytest.raises(ValueError, match=r"^model is a PEFT model of the prompt-learning method (PROMPT|PREFIX)_TUNING"):
+            token_log_probs(model, inputs["input_ids"], inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_token_log_probs_runs_lm_heads_pre_hooks_and_refuses_its_forward_hooks(patched: bool) -> None:
+    """token_log_probs reads lm_head's weight without calling it: its forward pre-hooks (plain and
+    with kwargs) now run on the hidden states, as the patch's loss sees them, and a forward hook
+    (on an output never built) is refused; they were skipped in silence (a review: log p 2.1 off)."""
+    torch.manual_seed(3)
+    model = tiny_model("LlamaForCausalLM")
+    model.lm_head.register_forward_pre_hook(lambda head, args: (args[0] * 1.5,))
+    model.lm_head.register_forward_pre_hook(lambda head, args, kwargs: ((args[0] + 0.25,), kwargs), with_kwargs=True)
+    inputs = batch()
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    want = torch.log_softmax(logits.float(), -1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
+    if patched:
+        patch(model)
+    log_p = token_log_probs(model, inputs["input_ids"], inputs["attention_mask"])
+    scored = inputs["attention_mask"][:, 1:] == 1
+    torch.testing.assert_close(log_p[scored], want[scored], rtol=1e-5, atol=1e-5)
+    model.lm_head.register_forward_hook(lambda head, args, output: output * 0.5)
+    with pytest.raises(RuntimeError, match=r"lm_head has a forward hook \(\S*<lambda>\); token_log_probs reads"):
+        token_log_probs(model, inputs["input_ids"], inputs["attention_mask"])
+
 
 
 @pytest.mark.parametrize("patch_first", [True, False])

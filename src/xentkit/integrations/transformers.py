@@ -16,8 +16,9 @@ How, with hooks only (the model's ``forward``, parameters and ``state_dict`` sta
 2. a forward pre-hook on ``lm_head`` computes the loss from the hidden states it receives, then
    hands ``lm_head`` zero positions (``[batch, 0, hidden]``), so the head multiplies nothing;
 3. a forward hook on the model returns the model's own output class (``CausalLMOutputWithPast``)
-   with ``loss`` set and ``logits=None``, after checking that the model did to the logits exactly
-   what this module reproduces (nothing, or Gemma's softcapping).
+   with ``loss`` set and ``logits=None``, after checking, for models that do nothing to
+   ``lm_head``'s output, that the model did nothing to it (Gemma's softcapping is reproduced
+   from the config, not checked).
 
 Hooks the user put on the model or on ``lm_head`` are run or refused, never bypassed in silence
 (``_Patch._check_hooks``).
@@ -178,7 +179,7 @@ class _Patch:
         if type(head) is not nn.Linear:
             raise RuntimeError(
                 f"{self.name}'s lm_head was replaced after xentkit patched the model by a "
-                f"{type(head).__name__}, not a torch.nn.Linear; quantized or wrapped heads are not "
+                f"{_class_path(head)}, not a torch.nn.Linear; quantized or wrapped heads are not "
                 "supported: unpatch the model (xentkit.integrations.transformers.unpatch)"
             )
         for handle in self.head_handles:
@@ -412,8 +413,8 @@ def _check_model(model: nn.Module) -> tuple[str, str, nn.Linear]:
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         raise ValueError(
-            f"{name}'s lm_head must be a torch.nn.Linear, got {type(head).__name__}; "
-            "quantized or wrapped heads are not supported"
+            f"{name}'s lm_head must be a torch.nn.Linear, got {_class_path(head)}; "
+            "quantized or wrapped heads (PEFT's LoRA on lm_head, or modules_to_save) are not supported"
         )
     return name, rule, head
 
@@ -469,6 +470,8 @@ def token_log_probs(
     # (checked before the decoder runs: a bad option costs no forward)
     options = LogProbOptions(temperature=temperature, chunk_size=chunk_size)
     return_entropy = check_flag(return_entropy, "return_entropy")
+    _refuse_prompt_learning(model)
+    patched = vars(_base_model(model)).get(_ATTRIBUTE)
     model = _base_model(model)  # a PEFT model's base model, its adapters inside
     name, rule, head = _check_model(model)
     softcap = getattr(model.config, "final_logit_softcapping", None) if rule == _SOFTCAP else None
@@ -493,7 +496,8 @@ def token_log_probs(
     targets = input_ids[:, 1:]
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:].to(hidden.device) == 0, -100)
-    rows = _head_input(name, head, hidden[:, :-1]).reshape(-1, hidden.shape[-1])
+    rows = _head_pre_hooks(name, head, hidden[:, :-1], patched)
+    rows = _head_input(name, head, rows).reshape(-1, rows.shape[-1])
     results = linear_log_probs(
         rows, head.weight, targets.reshape(-1).to(hidden.device), linear_bias=head.bias,
         temperature=options.temperature, return_entropy=return_entropy, chunk_size=options.chunk_size,
@@ -517,6 +521,57 @@ def unpatch(model: ModelT) -> ModelT:
 def is_patched(model: nn.Module) -> bool:
     """Whether :func:`patch` applies to ``model`` now (a PEFT model: to its base model)."""
     return isinstance(vars(_base_model(model)).get(_ATTRIBUTE), _Patch)
+
+
+def _refuse_prompt_learning(model: nn.Module) -> None:
+    """A PEFT model of a prompt-learning method (prompt tuning, prefix tuning, P-tuning) is a
+    ValueError: its wrapper's forward adds virtual tokens (or a key-value prefix) that running
+    the base model's decoder, as :func:`token_log_probs` does, would skip in silence."""
+    config = getattr(model, "active_peft_config", None) if hasattr(type(model), "get_base_model") else None
+    if getattr(config, "is_prompt_learning", False) is True:
+        method = getattr(getattr(config, "peft_type", None), "value", type(config).__name__)
+        raise ValueError(
+            f"model is a PEFT model of the prompt-learning method {method}, whose forward adds "
+            "virtual tokens that token_log_probs (which runs the base model's decoder) would skip: "
+            "not supported; take log-probabilities of model(...).logits with "
+            "xentkit.torch.log_probs, or train with patch(model)"
+        )
+
+
+def _head_pre_hooks(name: str, head: nn.Module, rows: Tensor, patched: Any) -> Tensor:
+    """lm_head's input after its forward pre-hooks, for what reads lm_head's weight without
+    calling it (:func:`token_log_probs`; the patch's loss hook runs after them as a pre-hook
+    itself). ``patched``: the model's patch, whose own hooks are skipped. A forward hook (on the
+    output, which is never built) is refused: it would change nothing in silence."""
+    own = set() if patched is None else {handle.id for handle in patched.head_handles}
+    with_kwargs = getattr(head, "_forward_pre_hooks_with_kwargs", {})
+    for hook_id, hook in list(head._forward_pre_hooks.items()):
+        if hook_id in own:
+            continue
+        if hook_id in with_kwargs:
+            result = hook(head, (rows,), {})
+            if result is not None:
+                args, kwargs = result
+                if kwargs:
+                    raise RuntimeError(
+                        f"{name}'s lm_head has a forward pre-hook ({_hook_names([hook])}) that adds "
+                        f"keyword arguments ({', '.join(kwargs)}); xentkit reads lm_head's weight "
+                        "without calling its forward, so they would change nothing: remove it"
+                    )
+                rows = args[0]
+        else:
+            result = hook(head, (rows,))
+            if result is not None:
+                rows = result[0] if isinstance(result, tuple) else result
+    others = [hook for hook_id, hook in head._forward_hooks.items() if hook_id not in own]
+    if others:
+        raise RuntimeError(
+            f"{name}'s lm_head has a forward hook ({_hook_names(others)}); token_log_probs reads "
+            "lm_head's weight without building its output, so the hook would change none of the "
+            "log-probabilities: remove it, or take them from model(...).logits with "
+            "xentkit.torch.log_probs"
+        )
+    return rows
 
 
 def _head_input(name: str, head: nn.Module, hidden: Tensor) -> Tensor:
@@ -556,6 +611,12 @@ def _moves_input_only(hook: object) -> bool:
     from accelerate.hooks import AlignDevicesHook
 
     return type(hook) is AlignDevicesHook and not hook.offload and not hook.no_grad
+
+
+def _class_path(value: object) -> str:
+    """``value``'s class with its module (a PEFT ``Linear`` is not torch's)."""
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _hook_names(hooks: list[Any]) -> str:
