@@ -675,6 +675,27 @@ def test_a_dropped_patched_model_is_freed_without_the_cyclic_collector() -> None
         if enabled:
             gc.enable()
 
+@pytest.mark.parametrize("explicit_shift", [False, True])
+def test_a_bad_label_is_named_at_its_position_in_the_callers_labels(explicit_shift: bool) -> None:
+    """A token id beyond the vocabulary: a LabelError (ValueError and IndexError, as torch's)
+    naming the position in the call's labels (or shift_labels) and the vocabulary, where it named
+    the flattened shifted position and linear_weight (a review); the model still trains after."""
+    if explicit_shift and not TAKES_SHIFT_LABELS:
+        pytest.skip("this transformers version ignores shift_labels")
+    model = patch(tiny_model("LlamaForCausalLM"))
+    inputs = batch()
+    labels = inputs.pop("labels")
+    bad = labels.clone()
+    bad[1, 9] = VOCABULARY + 5
+    shifted = torch.nn.functional.pad(bad, (0, 1), value=-100)[:, 1:]
+    arguments = {"shift_labels": shifted, "labels": labels} if explicit_shift else {"labels": bad}
+    where = "shift_labels has token id" if explicit_shift else "labels has token id"
+    position = "(1, 8)" if explicit_shift else "(1, 9)"
+    with pytest.raises(IndexError, match=rf"^LlamaForCausalLM: {where} {VOCABULARY + 5} at position \{position[:-1]}\), outside the model's vocabulary of {VOCABULARY} \(lm_head's rows\)"):
+        model(**inputs, **arguments)
+    assert torch.isfinite(model(**inputs, labels=labels).loss)
+
+
 def test_token_log_probs_refuses_prompt_learning_peft_models() -> None:
     """Prompt and prefix tuning add virtual tokens in the PEFT wrapper's forward, which running the
     base model's decoder skipped: log-probs off by 2-4 and no gradient to the prompt (a review)."""

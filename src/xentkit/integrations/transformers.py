@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from .._labels import LabelError  # noqa: E402
 from .._options import LogProbOptions, Real, check_flag, describe  # noqa: E402
 from ..torch import linear_cross_entropy, linear_log_probs  # noqa: E402
 
@@ -322,19 +323,39 @@ class _Patch:
             )
         softcap = self.model.config.final_logit_softcapping if self.rule == _SOFTCAP else None
         summed = call.num_items_in_batch is not None
-        loss = linear_cross_entropy(
-            rows,
-            head.weight,
-            target,
-            linear_bias=head.bias,
-            reduction="sum" if summed else "mean",
-            ignore_index=call.ignore_index,
-            softcap=softcap,
-        ).float()  # transformers computes its loss in float32 whatever the model's dtype
+        try:
+            loss = linear_cross_entropy(
+                rows,
+                head.weight,
+                target,
+                linear_bias=head.bias,
+                reduction="sum" if summed else "mean",
+                ignore_index=call.ignore_index,
+                softcap=softcap,
+            ).float()  # transformers computes its loss in float32 whatever the model's dtype
+        except LabelError:  # said in the caller's terms: its labels' position, the vocabulary
+            raise self._label_error(shift_labels, call, head.weight.shape[0]) from None
         if summed:
             count = call.num_items_in_batch
             loss = loss / (count.to(loss.device) if torch.is_tensor(count) else count)
         return loss
+
+
+    def _label_error(self, shift_labels: Tensor, call: _Call, vocabulary: int) -> LabelError:
+        """The first bad label as the caller gave it: its position in ``labels`` (or in
+        ``shift_labels`` when the call passed them), against the model's vocabulary."""
+        bad = (shift_labels != call.ignore_index) & ((shift_labels < 0) | (shift_labels >= vocabulary))
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        label = int(shift_labels[index])
+        if call.shift_labels is None:  # shift_labels[..., t] is labels[..., t + 1]
+            name, index = "labels", (*index[:-1], index[-1] + 1)
+        else:
+            name = "shift_labels"
+        return LabelError(
+            f"{self.name}: {name} has token id {label} at position {index}, outside the model's "
+            f"vocabulary of {vocabulary} (lm_head's rows); labels must be in [0, {vocabulary}) or "
+            f"equal ignore_index={call.ignore_index}"
+        )
 
 
 def _transformers() -> Any:
