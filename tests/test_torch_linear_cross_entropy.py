@@ -378,6 +378,11 @@ def test_module_matches_torch_module_and_trains_the_same():
         ({"weight": torch.ones(3, dtype=torch.float64)}, ValueError, "weight must have shape"),
         ({"input": torch.zeros(3, 7, dtype=torch.float64)}, ValueError, "in_features=2"),
         ({"input": torch.zeros(2, 3, 2, dtype=torch.float64)}, ValueError, "flatten leading dimensions"),
+        (  # (a review: the classes were read as a batch of 5 rows of 3 classes)
+            {"input": torch.zeros(2, dtype=torch.float64), "linear_weight": torch.zeros(5, 3, 2, dtype=torch.float64),
+             "target": torch.tensor([0, 1, 2, 0, 1])},
+            ValueError, r"^input must have shape \(N, in_features\) with a K-dimensional linear_weight \(5, 3, 2\)",
+        ),
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
         ({"chunk_size": -1}, ValueError, "chunk_size must be"),
     ],

@@ -485,6 +485,26 @@ def test_inplace_backward_on_triton_writes_over_the_logits(shape):
             loss.backward()
 
 
+@pytest.mark.parametrize("shape", [(6, 37), (37,)])
+def test_inplace_backward_with_a_kept_graph_leaves_the_logits_for_the_next_backward(shape):
+    """retain_graph=True: pass 2 writes into a buffer of its own, so a second backward reads the
+    logits intact and doubles the gradient, as on the Numba path (a review: the first backward
+    wrote over them and the second raised torch's version error); without it, in place."""
+    torch.manual_seed(4)
+    logits = torch.randn(shape).to(DEVICE)
+    target = torch.randint(0, 37, shape[:-1]).to(DEVICE)
+    x = logits.clone().requires_grad_(True)
+    h = x * 1.0
+    loss = xt.cross_entropy(h, target, inplace_backward=True, backend="triton")
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    assert torch.equal(h.detach(), logits)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=0)
+    want = torch.func.grad(lambda z: torch.nn.functional.cross_entropy(z, target))(logits.double())
+    torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.usefixtures("chunked")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -353,9 +353,10 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         weight = None if values is None else ClassWeights(values, total)
         rows = as_rows(input.detach())
         # pass 2 writes over the rows when they are a private copy (a layout with the classes not
-        # last) or, with inplace_backward, the logits themselves; else into a new buffer
+        # last) or, with inplace_backward, the logits themselves unless the graph is kept for
+        # another backward (retain_graph: that one reads them again); else into a new buffer
         private = rows.data_ptr() != input.data_ptr() or rows.numel() == 0
-        over_input = options.inplace_backward and not private
+        over_input = options.inplace_backward and not private and not _bridge._graph_is_kept()
         gradient = gradient_rows(
             rows, rows_target, weight, stats, factors, grad_output, options,
             rows if private or over_input else torch.empty_like(rows),

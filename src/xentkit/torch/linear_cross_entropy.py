@@ -297,6 +297,13 @@ def linear_cross_entropy(
             f"input must have shape (N, in_features) or (in_features,), got {tuple(input.shape)}; "
             "flatten leading dimensions first: input.reshape(-1, D), target.reshape(-1)"
         )
+    if input.dim() == 1 and linear_weight.dim() > 2:  # (torch: K-dimensional needs a batch)
+        raise ValueError(
+            f"input must have shape (N, in_features) with a K-dimensional linear_weight "
+            f"{tuple(linear_weight.shape)} (its loss is per sample), got unbatched input of shape "
+            f"{tuple(input.shape)}; pass input.unsqueeze(0) and a target of shape "
+            f"(1, {', '.join(str(size) for size in linear_weight.shape[1:-1])})"
+        )
 
     if _triton_path.takes_triton(
         options.backend, input.device.type == "cuda",
