@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import warnings
 
@@ -210,3 +211,18 @@ def test_probabilities_as_logits_warns_and_can_be_silenced():
         xentkit.cross_entropy(probs, np.zeros(8, dtype=int), check_probabilities=False)
         xentkit.cross_entropy_and_grad(probs * 3, np.zeros(8, dtype=int))  # real logits: no warning
         xentkit.cross_entropy(np.array([[0.2, 0.3], [0.1, 0.1]]), np.zeros(2, dtype=int))  # sums != 1
+
+
+def test_the_reference_switch_is_read_once_per_call(monkeypatch):
+    """Another thread may flip ``use_reference`` mid-call: the call reads the switch once and takes
+    one path (a review: read three times, a flip between two reads sent it to the kernel without
+    its reduction plan, an AttributeError 19 times in 222k calls)."""
+    module = importlib.import_module("xentkit.api.cross_entropy")  # (the package attribute is the function)
+
+    answers = iter([False, True, False, True])
+    monkeypatch.setattr(module, "reference_enabled", lambda: next(answers))
+    logits = np.random.default_rng(0).standard_normal((3, 5))
+    loss = xentkit.cross_entropy(logits, [0, 1, 2])
+    want = -np.mean(logits[np.arange(3), [0, 1, 2]] - np.log(np.exp(logits).sum(axis=1)))
+    np.testing.assert_allclose(loss, want, rtol=1e-12)
+    assert next(answers) is True  # one read only

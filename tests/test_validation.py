@@ -77,7 +77,7 @@ def test_other_losses_bad_input():
         xentkit.nll_loss(LOGITS, LABELS, reduction="max")
     with pytest.raises(ValueError, match=r"target must have the shape of logits \(4, 3\), got \(4,\)"):
         xentkit.binary_cross_entropy_with_logits(LOGITS, LABELS)
-    with pytest.raises(ValueError, match=r"pos_weight must have one value per class along the last axis \(3,\)"):
+    with pytest.raises(ValueError, match=r"pos_weight must broadcast to the input's shape \(4, 3\), got shape \(2,\)"):
         xentkit.binary_cross_entropy_with_logits(LOGITS, np.zeros((4, 3)), pos_weight=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"weight must broadcast to the input's shape \(4, 3\), got shape \(2,\)"):
         xentkit.binary_cross_entropy_with_logits(LOGITS, np.zeros((4, 3)), weight=[1.0, 2.0])

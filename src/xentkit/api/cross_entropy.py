@@ -171,6 +171,8 @@ def _cross_entropy(
     it is rounded once, from the computed value; ``grad_dtype``: the same for the gradient (the
     torch binding keeps a float16 input's gradient in float32 until its upstream is known)."""
     check_probabilities = check_flag(check_probabilities, "check_probabilities")
+    # read once: another thread may switch it mid-call (a review: a kernel call without a plan)
+    use_reference = reference_enabled()
     original = as_float_array(logits, "logits")
     axis = class_axis(original, axis, "logits")
     reduction = options.reduction
@@ -194,9 +196,9 @@ def _cross_entropy(
             target_array, sample_shape, num_classes=num_classes, ignore_index=options.ignore_index
         )
         valid = check_labels(
-            target_array, num_classes, options.ignore_index, compiled=not reference_enabled()
+            target_array, num_classes, options.ignore_index, compiled=not use_reference
         )
-        if plan is None and not reference_enabled():
+        if plan is None and not use_reference:
             plan = ReductionPlan.of_targets(
                 reduction, target_array, options.ignore_index, weight, valid=valid
             )[1]
@@ -220,7 +222,7 @@ def _cross_entropy(
         warn_if_probabilities(original, axis)
 
     work = original.astype(work_dtype, copy=False)
-    if reference_enabled():
+    if use_reference:
         loss, grad = reference.cross_entropy_and_grad(
             work, target_array, axis=axis, weight=weight, reduction=reduction,
             **options.formula_arguments(), grad_output=upstream, want_grad=want_grad, plan=plan,
