@@ -772,7 +772,9 @@ def test_tile_kernel_keeps_confident_rows_accurate(dtype, classes, monkeypatch) 
     row_loss, _ = kernels.cross_entropy_rows(logits, labels, None, -100, 0.0, 0.0, None, None, None, None)
     tile_error = np.abs(tile_loss - exact) / exact
     row_error = np.abs(row_loss - exact) / exact
-    assert np.median(tile_error) <= 1.05 * np.median(row_error)
+    # (both keep δ to float64's last bits now, the row kernel with libm's log1p, the tile kernel
+    # with fast_log1p: within a few ulps of each other)
+    assert np.median(tile_error) <= max(1.05 * np.median(row_error), 4 * np.finfo(np.float64).eps)
     assert tile_error.max() <= 1.05 * row_error.max() + 1e-6
 
 

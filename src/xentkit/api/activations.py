@@ -69,10 +69,9 @@ def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """Log-softmax along ``axis``: ``log_softmax(x)_i = x_i − logsumexp(x)``.
 
     Exact where ``log(softmax(x))`` underflows to −inf. Shapes as :func:`softmax`; the same fused
-    kernel (one read for each row's max and sum, one write). The kernel sums each row in float64:
-    the top class of a confident row, log(1/(1 + δ)) ≈ −δ, keeps an absolute error of about 1e-16
-    (δ below that gives 0; the reference path, ``xentkit.use_reference(True)``, keeps it:
-    ``docs/precision.md``).
+    kernel (one read for each row's max and sum, one write). The kernel sums each row in float64,
+    the max's terms counted apart from the rest δ: the top class of a confident row,
+    −log1p(δ) ≈ −δ, keeps its relative accuracy (−4.2e-18 for ``[0, −40]``; ``docs/precision.md``).
     See also :func:`log_softmax_backward`, :func:`nll_loss`.
 
     >>> import numpy as np, xentkit

@@ -35,7 +35,8 @@ log, for float64 (fdlibm's method, branch-free: the tile kernel's finishing loop
 
 Special values by selects: ±0 → −inf, x < 0 → NaN, +inf → inf, NaN → NaN (quieted). Accuracy
 against the exact log: < 1 ulp (``tests/test_kernels.py``; a review measured 0.86 ulp at worst,
-near √2/2, over all finite doubles and subnormals).
+near √2/2, over all finite doubles and subnormals). ``fast_log1p(x)`` is log(u) + (x − (u − 1))/u
+with u = 1 + x, the correction carrying u's rounding (fdlibm's log1p has the same term).
 
 tanh(u) and its derivative 1 − tanh²(u), for the softcap::
 
@@ -365,6 +366,31 @@ def fast_log(x):
 def _fast_log_overload(x):
     if x == types.float64:
         return lambda x: _log_f64(x)
+    return None
+
+
+@njit(fastmath=False, error_model="numpy", forceinline=True)
+def _log1p_f64(x):
+    # log1p(x) = log(u) + (x − (u − 1))/u, u = 1 + x rounded: the correction is the rounding of
+    # u, to first order (fdlibm's log1p carries the same term); no fast-math flags, which could
+    # fold x − (u − 1) to 0. Special values by selects: −1 → −inf, inf → inf, NaN stays.
+    u = 1.0 + x
+    value = _log_f64(u) + (x - (u - 1.0)) / u
+    value = -np.inf if u == 0.0 else value
+    return np.inf if u == np.inf else value
+
+
+def fast_log1p(x):
+    """Vectorizable log(1 + x) of a float64 scalar (for use inside Numba code), accurate for
+    small x (within a few ulps of ``np.log1p``, branch-free): −1 → −inf, below → NaN, inf → inf,
+    NaN → NaN."""
+    raise NotImplementedError("fast_log1p is only callable from Numba-compiled code")
+
+
+@overload(fast_log1p, jit_options={"forceinline": True})
+def _fast_log1p_overload(x):
+    if x == types.float64:
+        return lambda x: _log1p_f64(x)
     return None
 
 

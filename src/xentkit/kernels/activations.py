@@ -6,11 +6,13 @@ C classes x):
 
     log-softmax and logsumexp, pass 1 (one read of the row, online in blocks: the cross-entropy
     kernel's own, ``cross_entropy._pass1``):
-        m = max_j x_j,  s = Σ_j exp(x_j − m)   (float64 across blocks; the terms at the max,
-                                                exactly 1, counted apart from the rest)
-        logsumexp:    lse = m + log s
-        log-softmax:  out_j = (x_j − m) − log s   (one more read, one write; the row is still in
-                                                  cache for rows up to the L2)
+        m = max_j x_j,  e = Σ_j exp(x_j − m) − 1   (float64 across blocks; the terms at the max,
+                                                    exactly 1, counted apart from the rest)
+        logsumexp:    lse = m + log1p(e)
+        log-softmax:  out_j = (x_j − m) − log1p(e)   (one more read, one write; the row is still
+                                                     in cache for rows up to the L2; a confident
+                                                     row's top entry, −log1p(e) ≈ −e, keeps its
+                                                     relative accuracy)
     softmax, each exponential once:
         m = max_j x_j (one read; NaN skipped)
         out_j = exp(x_j − m), s = Σ_j out_j    (one read, one write; each block summed in the
@@ -31,8 +33,6 @@ last first; ``x`` is C-contiguous ``[N, C]`` float32/float64, ``out`` the same s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
@@ -46,6 +46,7 @@ from xentkit.kernels.cross_entropy import (
     SERIAL_MAX_ELEMENTS,
     _block_max,
     _pass1,
+    log_of_excess,
 )
 
 __all__ = ["compile_all", "softmax_rows"]
@@ -93,9 +94,9 @@ def _has_nan(x):  # pragma: no cover - compiled
 
 
 @njit(**_WRITE_JIT)
-def _log_of_sum(s):  # pragma: no cover - compiled
-    """log s of a pass-1 sum: −inf for 0, NaN for NaN."""
-    return math.log(s) if s > 0.0 else (-np.inf if s == 0.0 else s)
+def _log_of_sum(excess):  # pragma: no cover - compiled
+    """log s = log1p(e) of a pass-1 excess e = s − 1: −inf for s = 0, NaN for NaN."""
+    return log_of_excess(excess) if excess > -1.0 else (-np.inf if excess == -1.0 else excess)
 
 
 # One kernel per function, each row's work written out in its loop: one kernel branching on the
@@ -123,29 +124,29 @@ def _softmax_kernel(x, out, no_weight, block):  # pragma: no cover - compiled
 
 @njit(parallel=True, **_KERNEL_JIT)
 def _log_softmax_kernel(x, out, no_weight, block):  # pragma: no cover - compiled
-    """out[i] = log_softmax(x[i]): pass 1 (m, s), then (x_j − m) − log s."""
+    """out[i] = log_softmax(x[i]): pass 1 (m, e = s − 1), then (x_j − m) − log1p(e)."""
     n_rows, n_classes = x.shape
     neg_inf = like(-np.inf, x)
     zero = like(0.0, x)
     for i in prange(n_rows):
         row = x[i]
-        m, s, _, _ = _pass1(row, 0, n_classes, no_weight, False, 0.0, 0.0, block)
+        m, excess, _, _ = _pass1(row, 0, n_classes, no_weight, False, 0.0, 0.0, block)
         shift = m if m > neg_inf else zero  # an all −inf row: shift 0, −inf − log 0 = NaN
-        _write_log_softmax(row, out[i], shift, like(_log_of_sum(s), x))
+        _write_log_softmax(row, out[i], shift, like(_log_of_sum(excess), x))
 
 
 @njit(parallel=True, **_KERNEL_JIT)
 def _logsumexp_kernel(x, lse_rows, no_weight, block):  # pragma: no cover - compiled
-    """lse_rows[i] = logsumexp(x[i]) in float64: m + log s from pass 1."""
+    """lse_rows[i] = logsumexp(x[i]) in float64: m + log1p(e) from pass 1."""
     n_rows, n_classes = x.shape
     pos_inf = like(np.inf, x)
     for i in prange(n_rows):
         row = x[i]
-        m, s, _, _ = _pass1(row, 0, n_classes, no_weight, False, 0.0, 0.0, block)
+        m, excess, _, _ = _pass1(row, 0, n_classes, no_weight, False, 0.0, 0.0, block)
         if m == pos_inf:  # exp(+inf − +inf) made s NaN: the sum is +inf, or NaN beside a NaN
             lse_rows[i] = np.nan if _has_nan(row) else np.inf
         else:  # (an all −inf row: s = 0, log s = −inf; a NaN: NaN)
-            lse_rows[i] = np.float64(m) + _log_of_sum(s)
+            lse_rows[i] = np.float64(m) + _log_of_sum(excess)
 
 
 _softmax_serial = serial_build(_softmax_kernel, "_softmax_serial", **_KERNEL_JIT)

@@ -5,7 +5,8 @@ For each row i (``prange`` over rows; logits x, target q, class weights w, smoot
 classes; z the optionally soft-capped logits):
 
     Pass 1 (the hard-label kernel's ``_pass1``, one read of the row): m = max z, s = Σ exp(z − m)
-        (m taken as 0 for a row of −inf, as the reference does)
+        as its excess e = s − 1 (log s = log1p(e): a confident row's loss keeps its relative
+        accuracy) (m taken as 0 for a row of −inf, as the reference does)
     Pass 2 (one read of the row and of q), in float64:
         mass_j = w_j·q'_j,  q' = (1 − ε)·q + ε/C         (q itself without smoothing)
         A      = Σ_j mass_j
@@ -40,7 +41,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from xentkit.kernels._exp import capped_product, fast_exp_nonpositive, fast_log, fast_tanh, like
+from xentkit.kernels._exp import capped_product, fast_exp_nonpositive, fast_log1p, fast_tanh, like
 from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
@@ -54,6 +55,7 @@ from xentkit.kernels.cross_entropy import (
     _tile_exponentials,
     _tile_sum,
     _tiles,
+    log_of_excess,
     upstream_scales,
 )
 
@@ -190,12 +192,12 @@ def _loss_from_sums(total, weighted, nonzero, log_s):  # pragma: no cover - comp
 
 
 @njit(forceinline=True, **_KERNEL_JIT)
-def _row_loss(logits, targets, r, weight, has_weight, keep, uniform, m, s, cap, inv_cap):  # pragma: no cover
-    """Pass 2 of row ``r`` from pass 1's max ``m`` and sum ``s``: ``(loss, lse, shift, total)``,
-    the loss (``_loss_from_sums``, or term by term), the log-sum-exp, the shift m (0 for a row of
-    −inf, as pass 1) and A, for pass 3."""
+def _row_loss(logits, targets, r, weight, has_weight, keep, uniform, m, excess, cap, inv_cap):  # pragma: no cover
+    """Pass 2 of row ``r`` from pass 1's max ``m`` and excess e = s − 1: ``(loss, lse, shift,
+    total)``, the loss (``_loss_from_sums``, or term by term), the log-sum-exp, the shift m (0
+    for a row of −inf, as pass 1) and A, for pass 3."""
     shift = np.float64(m) if m > -np.inf else 0.0
-    log_s = math.log(s)
+    log_s = log_of_excess(excess)
     row, q = logits[r], targets[r]
     weighted, total, nonzero = _loss_terms(row, q, weight, has_weight, keep, uniform, shift, cap, inv_cap)
     if not math.isfinite(total):  # an infinite mass: term by term, as the reference
@@ -234,13 +236,15 @@ def _probability_rows_kernel(  # pragma: no cover - compiled
     for i in prange(n_rows):
         row = logits[i]
         q = targets[i]
-        m, s, _, _ = _pass1(row, 0, n_classes, weight, False, 0.0, softcap, block)
-        loss_rows[i], lse, shift, total = _row_loss(logits, targets, i, weight, has_weight, keep, uniform, m, s, cap, inv_cap)
+        m, excess, _, _ = _pass1(row, 0, n_classes, weight, False, 0.0, softcap, block)
+        loss_rows[i], lse, shift, total = _row_loss(
+            logits, targets, i, weight, has_weight, keep, uniform, m, excess, cap, inv_cap
+        )
         lse_rows[i] = lse
         if want_grad:
             z_coef = 2.0 * z_loss * lse * z_grad_scale[i] if z_loss > 0.0 else 0.0
             shift_work = like(shift, row)  # the exponent as pass 1 takes it, in the row's dtype
-            inv_s = 1.0 / s
+            inv_s = 1.0 / (1.0 + excess)
             if in_place:
                 _gradient_inplace(
                     row, q, weight, has_weight, keep, uniform, shift_work, inv_s, total, grad_scale[i],
@@ -260,8 +264,8 @@ _probability_rows_serial = serial_build(_probability_rows_kernel, "_probability_
 @njit(forceinline=True, **_KERNEL_JIT)
 def _tile_row_terms(e, x, q, start, n_classes, shift, weight, has_weight, keep, uniform):  # pragma: no cover
     """One row of a tile in one loop over its classes (``e``, ``x`` and ``q`` the tile's flat
-    exponentials, logits and targets, the row from ``start``): ``(s, A, S, nonzero)``, s = Σ e as
-    ``_tile_sum`` adds it, and ``_loss_terms``'s A, S and count. One loop instead of two reads
+    exponentials, logits and targets, the row from ``start``): ``(Σ e − 1, A, S, nonzero)``, the
+    excess as ``_tile_sum`` gives it, and ``_loss_terms``'s A, S and count. One loop instead of two reads
     the row once; called with literal options for the plain case, so that no branch stays in the
     loop (``benchmarks/README.md``, "No view of each row")."""
     ties = 0.0
@@ -280,14 +284,14 @@ def _tile_row_terms(e, x, q, start, n_classes, shift, weight, has_weight, keep, 
         live = mass != 0.0
         weighted += mass * (np.float64(x[k]) - shift) if live else 0.0  # (no softcap here)
         nonzero += 1.0 if live else 0.0
-    return ties + below, total, weighted, nonzero
+    return (ties - 1.0) + below, total, weighted, nonzero
 
 
 @njit(**_KERNEL_JIT)
 def _tile_terms(e, x, q, maxima, work, weight, has_weight, keep, uniform, capped, cap, inv_cap):  # pragma: no cover
     """Pass 2's sums for each row of a tile (``maxima`` its rows' max, ``x``, ``q`` and ``e``
-    flat): ``work[0:4, i]`` = (s, A, S, nonzero) and ``work[4, i]`` = the shift; s as
-    ``_tile_sum`` adds it, A, S and the count as ``_loss_terms`` (in one loop with s for short
+    flat): ``work[0:4, i]`` = (e = s − 1, A, S, nonzero) and ``work[4, i]`` = the shift; e as
+    ``_tile_sum`` gives it, A, S and the count as ``_loss_terms`` (in one loop with s for short
     rows without a softcap, ``_FUSED_MAX_CLASSES``)."""
     n_classes = x.shape[0] // maxima.shape[0]
     plain = not (has_weight or uniform > 0.0 or capped)
@@ -315,11 +319,11 @@ def _tile_terms(e, x, q, maxima, work, weight, has_weight, keep, uniform, capped
 
 
 @njit(**_JIT)
-def _tile_logs(s, log_s):  # pragma: no cover - compiled
-    """log_s_i = log s_i over a tile's rows in one loop, in vector lanes (``fast_log``, within
-    1 ulp of libm's)."""
-    for i in range(s.shape[0]):
-        log_s[i] = fast_log(s[i])
+def _tile_logs(excess, log_s):  # pragma: no cover - compiled
+    """log_s_i = log1p(e_i) = log s_i over a tile's rows in one loop, in vector lanes
+    (``fast_log1p``, within 1 ulp of libm's log1p)."""
+    for i in range(excess.shape[0]):
+        log_s[i] = fast_log1p(excess[i])
 
 
 @njit(parallel=True, **_KERNEL_JIT)
@@ -346,9 +350,9 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
 
         the tile:  each row's max, e = exp(z − m) of every logit in one flat loop (vectorized
                    across rows)
-        per row:   s = Σ e (float64) and pass 2's sums A, S (``_tile_terms``: in one loop over
-                   a short row, ``_tile_row_terms``)
-        the tile:  log s of every row in one loop, in vector lanes (``_tile_logs``)
+        per row:   s = Σ e (float64, as its excess s − 1) and pass 2's sums A, S (``_tile_terms``:
+                   in one loop over a short row, ``_tile_row_terms``)
+        the tile:  log s = log1p(s − 1) of every row in one loop, in vector lanes (``_tile_logs``)
         per row:   the loss A·log s − S (term by term where A is not finite, as the row kernel),
                    and pass 3 from the kept e (``_entry_from_exp``), no second exponential
 
@@ -367,13 +371,13 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
         maxima, e, d = _tile_exponentials(logits, first, rows, capped, cap, inv_cap)
         flat_x = logits[first : first + rows].reshape(rows * n_classes)
         flat_q = targets[first : first + rows].reshape(rows * n_classes)
-        # per row: s, A, S, nonzero, shift, log s
+        # per row: e = s − 1, A, S, nonzero, shift, log s
         work = np.empty((6, rows))
         _tile_terms(e, flat_x, flat_q, maxima, work, weight, has_weight, keep, uniform, capped, cap, inv_cap)
         _tile_logs(work[0], work[5])
         for i in range(rows):  # no view of a row here: each costs its reference count
             r = first + i
-            s, total, shift, log_s = work[0, i], work[1, i], work[4, i], work[5, i]
+            excess, total, shift, log_s = work[0, i], work[1, i], work[4, i], work[5, i]
             if not math.isfinite(total):  # an infinite mass: term by term, as the reference
                 loss_rows[r] = _loss_by_terms(
                     logits[r], targets[r], weight, has_weight, keep, uniform, shift, log_s, cap, inv_cap
@@ -386,7 +390,7 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
                 z_coef = 2.0 * z_loss * lse * z_grad_scale[r] if z_loss > 0.0 else 0.0
                 g = grad_scale[r]
                 finite = math.isfinite(g)
-                inv_s = 1.0 / s
+                inv_s = 1.0 / (1.0 + excess)
                 one = like(1.0, logits)
                 start = i * n_classes
                 # grad_out is the logits in place: q and w are read before an entry is written

@@ -114,7 +114,8 @@ def _stats_kernel(  # pragma: no cover - compiled
             if b == m and neg_inf < m < pos_inf:
                 # the block holds the running max: its terms exactly 1 counted apart from the
                 # rest (a confident row's s = 1 + δ keeps δ, which the dtype's lanes would lose)
-                s += _block_sum_exp_top(row, start, stop, m)
+                ties, below = _block_sum_exp_top(row, start, stop, m)
+                s += ties + below
             else:
                 s += _block_sum_exp(row, start, stop, shift)
             # 2. S_z (label smoothing only): Σ_j w_j·z_j over the shard, float64.

@@ -20,6 +20,17 @@ def row_max(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(x, top_index, axis=axis), top_index
 
 
+def top_and_rest(shifted: np.ndarray, top_index: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, δ)`` of d = x − max x, ``top_index`` the argmax (both keepdims): t = exp(d) at the
+    argmax (1, or 0 for a row of −inf, NaN for a +inf or NaN shifted by 0) and the rest
+    δ = Σ_{i ≠ argmax} exp(d_i), so that s = Σ_i exp(d_i) = t + δ."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        terms = np.exp(shifted)
+        top = np.take_along_axis(terms, top_index, axis=axis)
+        np.put_along_axis(terms, top_index, 0, axis=axis)
+        return top, np.sum(terms, axis=axis, keepdims=True)
+
+
 def log_sum_exp_shifted(shifted: np.ndarray, top_index: np.ndarray, axis: int = -1) -> np.ndarray:
     """log Σ_i exp(d_i) for d = x − max x, ``top_index`` the argmax (both keepdims): with the
     largest term t (1, at the max) set apart, log1p(δ) of the rest δ = Σ_{i ≠ argmax} exp(d_i).
@@ -28,11 +39,7 @@ def log_sum_exp_shifted(shifted: np.ndarray, top_index: np.ndarray, axis: int = 
     log(1 + δ) ≈ δ: at δ = 1e-14 a percent of it, from δ < 1e-16 all of it); log1p keeps them.
     Rows whose largest term is not 1 (all −inf: t = 0; a +inf or NaN shifted by 0) take
     log(t + δ): −inf, +inf or NaN, as before."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        terms = np.exp(shifted)
-        top = np.take_along_axis(terms, top_index, axis=axis)
-        np.put_along_axis(terms, top_index, 0, axis=axis)
-        rest = np.sum(terms, axis=axis, keepdims=True)
+    top, rest = top_and_rest(shifted, top_index, axis)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(top == 1, np.log1p(rest), np.log(top + rest))
 

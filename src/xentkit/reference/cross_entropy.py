@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from .activations import log_sum_exp_shifted, row_max
+from .activations import log_sum_exp_shifted, row_max, top_and_rest
 from .reductions import ReductionPlan, masked
 
 
@@ -128,6 +128,10 @@ def cross_entropy_and_grad(
         log_s = log_sum_exp_shifted(shifted, top_index)  # log1p of the part beyond 1: confident rows
         log_p = shifted - log_s  # −inf logits give −inf log-probabilities, i.e. p = 0
         p = np.exp(shifted) / s
+        top, rest = top_and_rest(shifted, top_index)
+        # p − 1 at a class of the max (its term exactly 1): −δ/s, δ = s − 1 the rest (other ties'
+        # 1s included); p − 1 rounded keeps ~1e-16 of a confident row's −δ (its target gradient)
+        p_minus_one_at_max = -rest / s
         lse = m + log_s
 
     if probabilities:
@@ -211,6 +215,21 @@ def cross_entropy_and_grad(
             grad = np.empty(p.shape, np.result_type(*(part for _, part in parts)))
             for rows, part in parts:
                 grad[rows] = part
+    if not probabilities:
+        # a target at its row's max, for a finite g and A: the same terms regrouped,
+        # p_y·A − (1−ε)·w_y − ε·w_y/C = (1−ε)·w_y·(p_y − 1) + (ε/C)·(W·p_y − w_y), with
+        # p_y − 1 = −δ/s exact (as the kernels take it)
+        shifted_y = np.take_along_axis(shifted, safe[..., None], axis=-1)[..., 0]
+        g = np.broadcast_to(main_scale, (*p.shape[:-1], 1))[..., 0]
+        at_max = valid & (shifted_y == 0) & (top[..., 0] == 1) & np.isfinite(g) & np.isfinite(mass[..., 0])
+        if at_max.any():
+            p_y = np.take_along_axis(p, safe[..., None], axis=-1)[..., 0]
+            share = (1 - eps) * w_y * p_minus_one_at_max[..., 0]
+            if eps:
+                share = share + eps / num_classes * (np.sum(weight) * p_y - w_y)
+            rows = np.nonzero(at_max)
+            grad = np.array(grad, copy=True) if not grad.flags.writeable else grad
+            grad[(*rows, safe[rows])] = (g * share)[rows]
     if z_loss:
         with np.errstate(invalid="ignore"):  # an infinite upstream times p_j = 0: NaN, as above
             grad = grad + z_scale * 2 * z_loss * lse[..., None] * p

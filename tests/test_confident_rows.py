@@ -1,0 +1,94 @@
+"""A confident row's tiny loss on the CPU kernels, to float64's last bits: each row keeps its
+excess e = s − 1 apart from the max's own term and takes log s = log1p(e), and the target's
+gradient at the max is −e/s. Before, log of the float64 sum 1 + e left ~1e-16 absolute: a
+float64 loss of 3.9e-14 was 2e-4 off, log-softmax of [0, −40] gave 0 for −4.2e-18, and the target
+gradient kept the same error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xentkit
+from xentkit.kernels.activations import LOG_SOFTMAX, LOGSUMEXP, softmax_rows
+from xentkit.kernels.cross_entropy import cross_entropy_rows
+
+
+def _confident(rows: int, classes: int, margin: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 logits with each row's label ``margin`` above the rest, labels, and the exact
+    excess e = Σ_{j ≠ y} exp(x_j − x_y) (terms all below 1: no rounding of 1 + e)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.uniform(-1.0, 1.0, (rows, classes))
+    labels = rng.integers(0, classes, rows)
+    logits[np.arange(rows), labels] = margin
+    others = np.exp(logits - margin)
+    others[np.arange(rows), labels] = 0.0
+    return logits, labels, others.sum(axis=1)
+
+
+@pytest.mark.parametrize(
+    ("classes", "options"),
+    [
+        (10, {}),  # the tile kernel
+        (100, {}),  # the row kernel, one block
+        (100, {"block": 16}),  # several blocks, the max in one of them (rescaled rest)
+        (5000, {"segments": 3}),  # the split kernel: segments merged
+        (5000, {"segments": 3, "block": 700}),
+    ],
+)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_confident_rows_loss_and_target_gradient_keep_float64s_digits(classes, options, parallel):
+    logits, labels, excess = _confident(8, classes, 38.0, classes)
+    exact_loss = np.log1p(excess)  # ~1e-14 to 1e-12
+    exact_grad = -excess / (1.0 + excess)  # p_y − 1
+    grad = np.empty_like(logits)
+    loss, lse = cross_entropy_rows(
+        logits, labels, None, -100, 0.0, 0.0, None, None, None, grad, parallel=parallel, **options
+    )
+    np.testing.assert_allclose(loss, exact_loss, rtol=4e-15, atol=0)
+    np.testing.assert_allclose(grad[np.arange(8), labels], exact_grad, rtol=4e-15, atol=0)
+    np.testing.assert_allclose(lse, 38.0 + exact_loss, rtol=1e-15)
+    # the other entries p_j = exp(x_j − x_y)/s, already exact before
+    others = np.exp(logits - 38.0) / (1.0 + excess)[:, None]
+    others[np.arange(8), labels] = exact_grad
+    np.testing.assert_allclose(grad, others, rtol=4e-15, atol=0)
+
+
+@pytest.mark.parametrize("classes", [10, 100])  # the tile kernel, then the row kernel
+def test_probability_targets_and_label_smoothing_keep_the_small_loss(classes):
+    logits, labels, excess = _confident(8, classes, 38.0, 7)
+    onehot = np.eye(classes)[labels]
+    loss = xentkit.cross_entropy(logits, onehot, reduction="none")
+    np.testing.assert_allclose(loss, np.log1p(excess), rtol=4e-15, atol=0)
+    smoothed = xentkit.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+    with xentkit.use_reference(True):  # the oracle takes log1p of the rest too
+        want = xentkit.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+        _, want_grad = xentkit.cross_entropy_and_grad(logits, labels, label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_allclose(smoothed, want, rtol=1e-14)
+    _, grad = xentkit.cross_entropy_and_grad(logits, labels, label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-13, atol=1e-30)
+
+
+def test_a_soft_capped_confident_row():
+    """With a softcap the block holding the max counts its capped max terms apart too."""
+    logits, labels, _ = _confident(8, 100, 12.0, 3)
+    cap = 30.0
+    z = cap * np.tanh(logits / cap)
+    top = z[np.arange(8), labels]
+    rest = np.exp(z - top[:, None])
+    rest[np.arange(8), labels] = 0.0
+    loss = xentkit.cross_entropy(logits, labels, softcap=cap, reduction="none")
+    # the kernel's capped logits carry its own tanh's rounding (a few ulps of z): relative to the
+    # gaps of ~12, not to the loss's size
+    np.testing.assert_allclose(loss, np.log1p(rest.sum(axis=1)), rtol=1e-13)
+
+
+@pytest.mark.parametrize("classes", [2, 100, 3000])
+def test_log_softmax_and_logsumexp_of_a_confident_row(classes):
+    logits, labels, excess = _confident(4, classes, 40.0, classes)
+    log_p = softmax_rows(np.ascontiguousarray(logits), LOG_SOFTMAX)
+    np.testing.assert_allclose(log_p[np.arange(4), labels], -np.log1p(excess), rtol=4e-15, atol=0)
+    lse = softmax_rows(np.ascontiguousarray(logits), LOGSUMEXP)
+    np.testing.assert_allclose(lse, 40.0 + np.log1p(excess), rtol=2e-16, atol=0)
+    top = xentkit.log_softmax(np.array([0.0, -40.0]))[0]
+    np.testing.assert_allclose(top, -np.log1p(np.exp(-40.0)), rtol=4e-15, atol=0)  # (was 0)
