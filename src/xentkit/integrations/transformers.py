@@ -483,8 +483,11 @@ def token_log_probs(
 
     ``model``: a class of :data:`SUPPORTED_MODELS` that does not soft-cap its logits (Gemma 2 and
     3 with ``final_logit_softcapping`` raise ``ValueError``), or a PEFT model of one (its base
-    model runs, adapters included); the model need not be patched. The options are checked
-    before the decoder runs.
+    model runs, adapters included; prompt-learning methods, whose wrapper adds virtual tokens,
+    raise ``ValueError``); the model need not be patched. Forward pre-hooks on ``lm_head`` run on
+    the hidden states; a forward hook on ``lm_head`` raises ``RuntimeError`` (its output is never
+    built); hooks on the model itself do not run (its decoder is called). The options are
+    checked before the decoder runs.
     ``chunk_size``: rows per chunk, passed to :func:`~xentkit.torch.linear_log_probs` (default:
     its choice, by the device and the logits' size).
     """

@@ -674,7 +674,7 @@ def binary_cross_entropy_with_logits(
     r"""Sigmoid binary cross-entropy of logits, like ``torch.nn.functional.binary_cross_entropy_with_logits``.
 
     Elementwise, with x the logit, y ∈ [0, 1] the target, w the (broadcast) weight and pw the
-    positive-class weight (broadcast along the last axis):
+    positive-class weight (broadcast, usually one per class along the last axis):
 
         loss = −w·[pw·y·log σ(x) + (1 − y)·log σ(−x)]      (log(1 − σ(x)) = log σ(−x), stabler)
         ∂loss/∂x = w·[σ(x)·(pw·y + 1 − y) − pw·y]
@@ -683,8 +683,7 @@ def binary_cross_entropy_with_logits(
     target's dtype, as torch's (float64 logits with a float32 target give float32); an integer or
     bool input or target is a TypeError (torch refuses them too, with an error that depends on the
     path). Shapes: input
-    and target of any one shape; ``weight`` broadcastable to it; ``pos_weight`` broadcastable
-    along the last (class) axis.
+    and target of any one shape; ``weight`` and ``pos_weight`` broadcastable to it (as torch).
 
     On CPU tensors this runs xentkit's fused kernel (``xentkit.kernels.binary``: loss and
     gradient in forward, one read, float64 arithmetic), which keeps log σ accurate where torch's
