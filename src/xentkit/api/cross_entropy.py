@@ -277,7 +277,8 @@ def cross_entropy(
     samples, probabilities by the number of samples. The z term is not class-weighted and its
     "mean" is over non-ignored samples. Where that denominator is 0 (every target ignored, no
     samples, or class weights summing to 0 over the targets), xentkit returns 0 and a zero
-    gradient: PyTorch returns NaN there (and ±inf when negative class weights sum to 0 beside a
+    gradient for that term (a z term still adds its own mean, over its own count of non-ignored
+    samples): PyTorch returns NaN there (and ±inf when negative class weights sum to 0 beside a
     loss that is not 0).
 
     float16 is computed in float32 and returned as float16. A ``−inf`` logit is a masked class:
