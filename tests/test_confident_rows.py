@@ -56,10 +56,19 @@ def test_a_confident_rows_loss_and_target_gradient_keep_float64s_digits(classes,
 
 @pytest.mark.parametrize("classes", [10, 100])  # the tile kernel, then the row kernel
 def test_probability_targets_and_label_smoothing_keep_the_small_loss(classes):
+    """One-hot probability targets: the loss and the target's gradient −e/s (p·A − mass rounded
+    it at ulp(A) before: 0 for −4.2e-18); label smoothing and z-loss as the oracle."""
     logits, labels, excess = _confident(8, classes, 38.0, 7)
     onehot = np.eye(classes)[labels]
     loss = xentkit.cross_entropy(logits, onehot, reduction="none")
     np.testing.assert_allclose(loss, np.log1p(excess), rtol=4e-15, atol=0)
+    for reference in (False, True):  # the target entry at the max, −e/s, on the kernel and the oracle
+        with xentkit.use_reference(reference):
+            _, grad = xentkit.cross_entropy_and_grad(logits, onehot, reduction="sum")
+        np.testing.assert_allclose(grad[np.arange(8), labels], -excess / (1.0 + excess), rtol=4e-15, atol=0)
+        in_place = logits.copy()  # (the kernel's in-place pass 3 too)
+        xentkit.cross_entropy_and_grad(in_place, onehot, reduction="sum", out=in_place)
+        np.testing.assert_allclose(in_place, grad, rtol=4e-15, atol=1e-300)
     smoothed = xentkit.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
     with xentkit.use_reference(True):  # the oracle takes log1p of the rest too
         want = xentkit.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")

@@ -17,7 +17,9 @@ classes; z the optionally soft-capped logits):
                  there A·log s − S would be inf·0 = NaN where the reference finds +inf)
     Pass 3 (one read of the row and of q, one write of the gradient):
         grad_ij = s'(x_ij)·(g_i·(p_j·A − mass_j) + g^z_i·2·λ_z·lse·p_j),  p_j = exp(z_j − m)·(1/s)
-        for a finite upstream g_i; for an infinite or NaN one torch's order, (g_i·A)·p_j − g_i·mass_j
+        for a finite upstream g_i (at a class of the max with p_j > 1/2 as A·(p_j − 1) + (A − mass_j),
+        p_j − 1 = −e/s exact from pass 1's excess: a confident row's one-hot target keeps its
+        −e/s); for an infinite or NaN one torch's order, (g_i·A)·p_j − g_i·mass_j
         (NaN across the row, as the reference and torch). s'(x) = 1 − tanh²(x/softcap), 1 without.
 
 Pass 3 reads x_ij and q_ij and then writes grad_ij of the same element, so ``grad_out`` may be
@@ -132,7 +134,7 @@ _GRAD_JIT = helper_options({"contract"})
 
 
 @njit(**_GRAD_JIT)
-def _gradient_entry(x, q, w, has_weight, keep, uniform, shift, inv_s, total, g, finite, z_coef, cap, inv_cap):  # pragma: no cover
+def _gradient_entry(x, q, w, has_weight, keep, uniform, shift, inv_s, top_gap, total, g, finite, z_coef, cap, inv_cap):  # pragma: no cover
     """One gradient entry from its logit ``x``, target ``q`` and class weight ``w`` (the module
     docstring's pass 3; ``cap`` 0 means no softcap)."""
     if cap > 0.0:
@@ -141,18 +143,24 @@ def _gradient_entry(x, q, w, has_weight, keep, uniform, shift, inv_s, total, g, 
     else:
         z = x
         d = like(1.0, x)
-    return _entry_from_exp(fast_exp_nonpositive(z - shift), d, q, w, has_weight, keep, uniform, inv_s, total, g,
-                           finite, z_coef)
+    return _entry_from_exp(fast_exp_nonpositive(z - shift), d, q, w, has_weight, keep, uniform, inv_s, top_gap,
+                           total, g, finite, z_coef)
 
 
 @njit(**_GRAD_JIT)
-def _entry_from_exp(e, d, q, w, has_weight, keep, uniform, inv_s, total, g, finite, z_coef):  # pragma: no cover
+def _entry_from_exp(e, d, q, w, has_weight, keep, uniform, inv_s, top_gap, total, g, finite, z_coef):  # pragma: no cover
     """One gradient entry from its exponential e = exp(z − m) (the logits' dtype) and its softcap
-    derivative ``d`` (1 without): the tile kernel keeps e from pass 1 instead of recomputing it."""
-    p = np.float64(e) * inv_s
+    derivative ``d`` (1 without): the tile kernel keeps e from pass 1 instead of recomputing it.
+    ``top_gap``: p − 1 = −e_row/s at a class of the row's max (e = 1), from the row's excess
+    e_row = s − 1 (``_top_gap``)."""
+    e64 = np.float64(e)
+    p = e64 * inv_s
     mass = _mass(q, w, has_weight, keep, uniform)
     if finite:
-        value = g * (p * total - mass)
+        # at a class of the max with p > 1/2: A·(p − 1) + (A − mass), p − 1 exact (a one-hot
+        # target there gives a confident row's −e_row/s, where p·A − mass rounded it at ulp(A))
+        at_max = e64 == 1.0 and top_gap > -0.5
+        value = g * (total * top_gap + (total - mass)) if at_max else g * (p * total - mass)
     else:  # torch's order: NaN where p = 0 (0·∞) and where the two terms cancel (∞ − ∞)
         value = (g * total) * p - g * mass
     if z_coef != 0.0:
@@ -161,25 +169,32 @@ def _entry_from_exp(e, d, q, w, has_weight, keep, uniform, inv_s, total, g, fini
 
 
 @njit(**_GRAD_JIT)
-def _gradient(row, q, dst, weight, has_weight, keep, uniform, shift, inv_s, total, g, z_coef, cap, inv_cap):  # pragma: no cover
+def _gradient(row, q, dst, weight, has_weight, keep, uniform, shift, inv_s, top_gap, total, g, z_coef, cap, inv_cap):  # pragma: no cover
     """Pass 3: one row's gradient into ``dst``."""
     finite = math.isfinite(g)
     for j in range(row.shape[0]):
         w = weight[j] if has_weight else 1.0
         dst[j] = _gradient_entry(
-            row[j], q[j], w, has_weight, keep, uniform, shift, inv_s, total, g, finite, z_coef, cap, inv_cap
+            row[j], q[j], w, has_weight, keep, uniform, shift, inv_s, top_gap, total, g, finite, z_coef, cap, inv_cap
         )
 
 
 @njit(**_GRAD_JIT)
-def _gradient_inplace(row, q, weight, has_weight, keep, uniform, shift, inv_s, total, g, z_coef, cap, inv_cap):  # pragma: no cover
+def _gradient_inplace(row, q, weight, has_weight, keep, uniform, shift, inv_s, top_gap, total, g, z_coef, cap, inv_cap):  # pragma: no cover
     """Pass 3 over the logits' own memory (one array: no aliasing check, so LLVM vectorizes)."""
     finite = math.isfinite(g)
     for j in range(row.shape[0]):
         w = weight[j] if has_weight else 1.0
         row[j] = _gradient_entry(
-            row[j], q[j], w, has_weight, keep, uniform, shift, inv_s, total, g, finite, z_coef, cap, inv_cap
+            row[j], q[j], w, has_weight, keep, uniform, shift, inv_s, top_gap, total, g, finite, z_coef, cap, inv_cap
         )
+
+
+@njit(forceinline=True, **_KERNEL_JIT)
+def _top_gap(excess, inv_s, total):  # pragma: no cover - compiled
+    """p − 1 = −e/s at a class of the row's max, from its excess e = s − 1; NaN (the plain form
+    everywhere) where the total mass A is not finite, whose A − mass would be ∞ − ∞."""
+    return -excess * inv_s if math.isfinite(total) else np.nan
 
 
 @njit(forceinline=True, **_KERNEL_JIT)
@@ -245,14 +260,15 @@ def _probability_rows_kernel(  # pragma: no cover - compiled
             z_coef = 2.0 * z_loss * lse * z_grad_scale[i] if z_loss > 0.0 else 0.0
             shift_work = like(shift, row)  # the exponent as pass 1 takes it, in the row's dtype
             inv_s = 1.0 / (1.0 + excess)
+            top_gap = _top_gap(excess, inv_s, total)
             if in_place:
                 _gradient_inplace(
-                    row, q, weight, has_weight, keep, uniform, shift_work, inv_s, total, grad_scale[i],
+                    row, q, weight, has_weight, keep, uniform, shift_work, inv_s, top_gap, total, grad_scale[i],
                     z_coef, cap, inv_cap,
                 )
             else:
                 _gradient(
-                    row, q, grad_out[i], weight, has_weight, keep, uniform, shift_work, inv_s, total,
+                    row, q, grad_out[i], weight, has_weight, keep, uniform, shift_work, inv_s, top_gap, total,
                     grad_scale[i], z_coef, cap, inv_cap,
                 )
 
@@ -321,7 +337,7 @@ def _tile_terms(e, x, q, maxima, work, weight, has_weight, keep, uniform, capped
 @njit(**_JIT)
 def _tile_logs(excess, log_s):  # pragma: no cover - compiled
     """log_s_i = log1p(e_i) = log s_i over a tile's rows in one loop, in vector lanes
-    (``fast_log1p``, within 1 ulp of libm's log1p)."""
+    (``fast_log1p``, within 1.5 ulps of the exact value)."""
     for i in range(excess.shape[0]):
         log_s[i] = fast_log1p(excess[i])
 
@@ -391,6 +407,7 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
                 g = grad_scale[r]
                 finite = math.isfinite(g)
                 inv_s = 1.0 / (1.0 + excess)
+                top_gap = _top_gap(excess, inv_s, total)
                 one = like(1.0, logits)
                 start = i * n_classes
                 # grad_out is the logits in place: q and w are read before an entry is written
@@ -398,7 +415,7 @@ def _probability_tile_kernel(  # pragma: no cover - compiled
                     w = weight[j] if has_weight else 1.0
                     grad_out[r, j] = _entry_from_exp(
                         e[start + j], d[start + j] if capped else one, flat_q[start + j], w, has_weight, keep,
-                        uniform, inv_s, total, g, finite, z_coef,
+                        uniform, inv_s, top_gap, total, g, finite, z_coef,
                     )
 
 

@@ -39,7 +39,11 @@ def log_sum_exp_shifted(shifted: np.ndarray, top_index: np.ndarray, axis: int = 
     log(1 + δ) ≈ δ: at δ = 1e-14 a percent of it, from δ < 1e-16 all of it); log1p keeps them.
     Rows whose largest term is not 1 (all −inf: t = 0; a +inf or NaN shifted by 0) take
     log(t + δ): −inf, +inf or NaN, as before."""
-    top, rest = top_and_rest(shifted, top_index, axis)
+    return log_of_top_and_rest(*top_and_rest(shifted, top_index, axis))
+
+
+def log_of_top_and_rest(top: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    """log(t + δ) of :func:`top_and_rest`'s parts: log1p(δ) where t is 1."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(top == 1, np.log1p(rest), np.log(top + rest))
 

@@ -32,7 +32,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from .activations import log_sum_exp_shifted, row_max, top_and_rest
+from .activations import log_of_top_and_rest, row_max, top_and_rest
 from .reductions import ReductionPlan, masked
 
 
@@ -124,11 +124,11 @@ def cross_entropy_and_grad(
     m = np.where(m == -np.inf, 0, m)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # (over: z − m of ±max)
         shifted = z - m
-        s = np.sum(np.exp(shifted), axis=-1, keepdims=True)
-        log_s = log_sum_exp_shifted(shifted, top_index)  # log1p of the part beyond 1: confident rows
+        top, rest = top_and_rest(shifted, top_index)  # s = t + δ, t the argmax's term
+        s = top + rest
+        log_s = log_of_top_and_rest(top, rest)  # log1p of the part beyond 1: confident rows
         log_p = shifted - log_s  # −inf logits give −inf log-probabilities, i.e. p = 0
         p = np.exp(shifted) / s
-        top, rest = top_and_rest(shifted, top_index)
         # p − 1 at a class of the max (its term exactly 1): −δ/s, δ = s − 1 the rest (other ties'
         # 1s included); p − 1 rounded keeps ~1e-16 of a confident row's −δ (its target gradient)
         p_minus_one_at_max = -rest / s
@@ -215,12 +215,22 @@ def cross_entropy_and_grad(
             grad = np.empty(p.shape, np.result_type(*(part for _, part in parts)))
             for rows, part in parts:
                 grad[rows] = part
-    if not probabilities:
+    g = np.broadcast_to(main_scale, (*p.shape[:-1], 1))[..., 0]
+    if probabilities:
+        # a class of its row's max with p > 1/2, for a finite g and A: p·A − w·q' regrouped as
+        # A·(p − 1) + (A − w·q'), p − 1 = −δ/s exact (as the kernels take it: a one-hot target
+        # at a confident row's max keeps its −δ/s)
+        at_max = (shifted == 0) & (top == 1) & (p_minus_one_at_max > -0.5) & np.isfinite(g)[..., None]
+        at_max &= np.isfinite(mass)
+        if at_max.any():
+            with np.errstate(invalid="ignore", over="ignore"):
+                regrouped = g[..., None] * (mass * p_minus_one_at_max + (mass - wq))
+            grad = np.where(at_max, regrouped, grad)
+    else:
         # a target at its row's max, for a finite g and A: the same terms regrouped,
         # p_y·A − (1−ε)·w_y − ε·w_y/C = (1−ε)·w_y·(p_y − 1) + (ε/C)·(W·p_y − w_y), with
         # p_y − 1 = −δ/s exact (as the kernels take it)
         shifted_y = np.take_along_axis(shifted, safe[..., None], axis=-1)[..., 0]
-        g = np.broadcast_to(main_scale, (*p.shape[:-1], 1))[..., 0]
         at_max = valid & (shifted_y == 0) & (top[..., 0] == 1) & np.isfinite(g) & np.isfinite(mass[..., 0])
         if at_max.any():
             p_y = np.take_along_axis(p, safe[..., None], axis=-1)[..., 0]
