@@ -203,7 +203,7 @@ def vocab_parallel_linear_log_probs(
 
 # Not traced by torch.compile (a graph break: it runs eagerly): its label checks and collectives
 # need the tensors' values, and the compiler's functionalization is a torch.func transform.
-@torch.compiler.disable
+@_bridge.eager_only
 def vocab_parallel_linear_log_probs(
     input: Tensor,
     linear_weight_shard: Tensor,

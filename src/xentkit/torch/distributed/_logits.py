@@ -59,7 +59,7 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
 # Not traced by torch.compile (a graph break: it runs eagerly): its label checks and collectives
 # need the tensors' values, and the compiler's functionalization is a torch.func transform.
-@torch.compiler.disable
+@_bridge.eager_only
 def vocab_parallel_cross_entropy(
     logits_shard: Tensor,
     target: Tensor,
