@@ -7,6 +7,7 @@ import importlib.resources
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -132,12 +133,18 @@ def test_the_triton_kernels_without_triton_name_the_extra(monkeypatch: pytest.Mo
         kernels.cross_entropy_rows  # noqa: B018
 
 
-def test_the_fallback_cache_folder_is_private(tmp_path) -> None:
+def test_the_fallback_cache_folder_is_private(tmp_path, monkeypatch) -> None:
     """Numba unpickles its cache index: a folder that another user could write (or a link) in
-    the shared temporary folder is passed over for a fresh one of this process's own."""
+    the shared temporary folder is passed over for a fresh one of this process's own (made in
+    the temporary folder: here one under tmp_path, where it made two in the real one per run)."""
     import stat
+    import tempfile
 
     from xentkit.kernels._cache import _private
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
 
     mine = _private(tmp_path / "xentkit-numba-me")
     assert mine == tmp_path / "xentkit-numba-me"
@@ -151,3 +158,17 @@ def test_the_fallback_cache_folder_is_private(tmp_path) -> None:
     link = tmp_path / "xentkit-numba-link"
     link.symlink_to(mine)
     assert _private(link) not in (None, link, mine)
+    assert other.parent == system_tmp and len(list(system_tmp.iterdir())) == 2
+
+
+def test_a_fresh_cache_folder_is_removed_when_the_process_exits(tmp_path) -> None:
+    """The fallback folder serves one process: it goes at exit (9 MB of kernels a process before)."""
+    code = (
+        "import pathlib, tempfile, sys; tempfile.tempdir = sys.argv[1]; "
+        "from xentkit.kernels._cache import _private; "
+        "shared = pathlib.Path(sys.argv[1]) / 'xentkit-numba-shared'; shared.mkdir(); shared.chmod(0o777); "
+        "fresh = _private(shared); (fresh / 'index.nbi').write_bytes(b'x'); print(fresh)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    fresh = Path(result.stdout.strip())
+    assert fresh.parent == tmp_path and fresh.name.startswith("xentkit-numba-shared-") and not fresh.exists()

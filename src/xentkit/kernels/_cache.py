@@ -66,8 +66,10 @@ def _private(folder: Path) -> Path | None:
     """``folder`` made for this user alone (mode 0700), or checked to be: a real folder (no link),
     owned by this user, that nobody else can write. Numba unpickles its cache index, so a folder
     someone else planted in the shared temporary folder would run their code; such a folder is
-    passed over for a fresh one of this process's own (compiled again in each process). None
-    when no folder can be made."""
+    passed over for a fresh one of this process's own (compiled again in each process, and
+    removed when the process exits). None when no folder can be made."""
+    import atexit
+    import shutil
     import stat
     import tempfile
 
@@ -80,6 +82,8 @@ def _private(folder: Path) -> Path | None:
     if stat.S_ISDIR(status.st_mode) and owned and not status.st_mode & 0o022 and os.access(folder, os.W_OK | os.X_OK):
         return folder
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{folder.name}-"))
+        fresh = Path(tempfile.mkdtemp(prefix=f"{folder.name}-"))
     except OSError:
         return None
+    atexit.register(shutil.rmtree, fresh, ignore_errors=True)  # (its cache serves this process only)
+    return fresh
