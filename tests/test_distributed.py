@@ -635,6 +635,26 @@ def test_shard_ranges_tile_the_vocabulary():
         assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
 
 
+def test_shard_ranges_refuse_what_is_not_an_int():
+    """(a review: 1.5 gave the bounds (4.5, 7.5), True a world of one)"""
+    for arguments, name in [((11, 4, 1.5), "rank"), ((11.0, 4, 1), "vocab_size"), ((11, True, 0), "world_size")]:
+        with pytest.raises(TypeError, match=rf"^vocab_shard_range: {name} must be an int, got "):
+            vp.vocab_shard_range(*arguments)
+    assert vp.vocab_shard_range(11, 4, 1) == (3, 6)
+
+
+def test_a_bad_label_is_named_at_its_position_in_a_shaped_target():
+    """An [s, b] target (Megatron's layout): the label's position as the caller shaped it, as the
+    single-process loss names it (a review: the flat position (3,) for (1, 1))."""
+    logits = torch.randn(3, 2, 5)
+    target = torch.zeros(3, 2, dtype=torch.long)
+    target[1, 1] = 7
+    with pytest.raises(ValueError, match=r"\(checked across 1 rank\) — target has label 7 at position \(1, 1\) but"):
+        vp.vocab_parallel_cross_entropy(logits, target)
+    with pytest.raises(ValueError, match=r"target has label 7 at position \(1, 1\)"):
+        xentkit.torch.cross_entropy(logits.permute(0, 2, 1), target)
+
+
 def test_docstring_examples():
     result = doctest.testmod(vp, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

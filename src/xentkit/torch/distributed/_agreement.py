@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import numbers
 import struct
 from collections.abc import Callable, Sequence
@@ -258,6 +259,7 @@ def _local_record(
     for the others)."""
     low, low_at, high, high_at = _label_extremes(labels, options.ignore_index)
     return {
+        "sample_shape": sample_shape,  # (kept on this rank, not gathered: to name a label's position)
         "failed": 0,
         "rows": labels.shape[0],
         "shape_digest": _digest(np.asarray(sample_shape, dtype=np.int64)),
@@ -309,7 +311,9 @@ def _differing(records: Sequence[dict[str, int]], field: str) -> list[int]:
     return [rank for rank, record in enumerate(records) if record[field] != records[0][field]]
 
 
-def _global_problems(records: Sequence[dict[str, int]]) -> tuple[list[str], bool]:
+def _global_problems(
+    records: Sequence[dict[str, int]], sample_shape: tuple[int, ...] | None = None
+) -> tuple[list[str], bool]:
     """Checks that need every rank's record; every rank finds the same problems. Also whether one
     of them is a bad label (raised as a LabelError, an IndexError as torch's too)."""
     problems: list[str] = []
@@ -339,7 +343,8 @@ def _global_problems(records: Sequence[dict[str, int]]) -> tuple[list[str], bool
         ):
             if record[position] >= 0 and bad:
                 error = label_error(
-                    record[label], (record[position],), vocab_size, record["option_ignore_index"],
+                    record[label], _position(record[position], sample_shape, records), vocab_size,
+                    record["option_ignore_index"],
                     classes=classes, name=f"{prefix}target",
                 )
                 problems.append(str(error))
@@ -410,6 +415,14 @@ def _global_problems(records: Sequence[dict[str, int]]) -> tuple[list[str], bool
     return problems, bad_label
 
 
+def _position(flat: int, sample_shape: tuple[int, ...] | None, records: Sequence[dict[str, int]]) -> tuple[int, ...]:
+    """A label's position in the target as the caller shaped it (``[s, b]`` say), from its flat
+    index: with this rank's sample shape, which every rank shares when their digests agree."""
+    if sample_shape is None or _differing(records, "shape_digest") or not 0 <= flat < math.prod(sample_shape):
+        return (flat,)
+    return tuple(int(index) for index in np.unravel_index(flat, sample_shape))
+
+
 def _agree(
     communicator: _Communicator, function: str, local_checks: Callable[[], dict[str, int]]
 ) -> _Agreement:
@@ -417,6 +430,7 @@ def _agree(
     rank's input is bad. The gather is the first collective of the call.
     """
     error: Exception | None = None
+    sample_shape = None
     try:
         stats = communicator.stats
         if stats is not None and not isinstance(stats, CommunicationStats):
@@ -424,6 +438,7 @@ def _agree(
                 f"stats must be None or a xentkit.torch.distributed.CommunicationStats, got {type(stats).__name__}"
             )
         record = local_checks()
+        sample_shape = record.get("sample_shape")
         local = torch.tensor([record[field] for field in _FIELDS], dtype=torch.int64)
     except Exception as exc:  # any local failure must still reach the gather, or the others hang
         error = exc
@@ -440,10 +455,11 @@ def _agree(
         if isinstance(error, TypeError):
             raise TypeError(text) from error
         raise ValueError(text) from error
-    problems, bad_label = _global_problems(records)
+    problems, bad_label = _global_problems(records, sample_shape)
     if problems:
         kind = LabelError if bad_label else ValueError
-        raise kind(f"xentkit.torch.{function}: invalid input (checked across {world} ranks) — " + "; ".join(problems))
+        ranks = f"{world} rank" if world == 1 else f"{world} ranks"
+        raise kind(f"xentkit.torch.{function}: invalid input (checked across {ranks}) — " + "; ".join(problems))
     widths = tuple(entry["width"] for entry in records)
     if records[0]["start"] >= 0:
         starts = tuple(entry["start"] for entry in records)

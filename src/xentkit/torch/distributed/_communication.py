@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ..._options import describe
 
 
 @dataclasses.dataclass
@@ -100,6 +103,9 @@ def vocab_shard_range(vocab_size: int, world_size: int, rank: int) -> tuple[int,
     >>> [vocab_shard_range(11, 4, r) for r in range(4)]
     [(0, 3), (3, 6), (6, 9), (9, 11)]
     """
+    for name, value in (("vocab_size", vocab_size), ("world_size", world_size), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"vocab_shard_range: {name} must be an int, got {describe(value)}")
     if world_size < 1 or not 0 <= rank < world_size or vocab_size < 0:
         raise ValueError(
             f"vocab_shard_range needs vocab_size >= 0 and 0 <= rank < world_size, got "
