@@ -101,3 +101,57 @@ def test_log_softmax_and_logsumexp_of_a_confident_row(classes):
     np.testing.assert_allclose(lse, 40.0 + np.log1p(excess), rtol=2e-16, atol=0)
     top = xentkit.log_softmax(np.array([0.0, -40.0]))[0]
     np.testing.assert_allclose(top, -np.log1p(np.exp(-40.0)), rtol=4e-15, atol=0)  # (was 0)
+
+
+def _exact_token_statistics(logits: np.ndarray, labels: np.ndarray, temperature: float) -> tuple[np.ndarray, ...]:
+    """log p(y), H and ∂log p(y)/∂x_y of rows whose label holds the max, from the exact excess
+    e = Σ_{j ≠ y} exp(z_j − z_y) (terms below 1, no rounding of 1 + e): log p = −log1p(e),
+    H = log1p(e) − Σ_j p_j·(z_j − z_y), and the target's gradient (1 − p_y)/T = e/(1 + e)/T."""
+    rows = np.arange(logits.shape[0])
+    z = logits / temperature
+    d = z - z[rows, labels][:, None]
+    terms = np.exp(d)
+    terms[rows, labels] = 0.0
+    excess = terms.sum(axis=1)
+    log_s = np.log1p(excess)
+    entropy = log_s - (terms * d).sum(axis=1) / (1.0 + excess)
+    return -log_s, entropy, excess / (1.0 + excess) / temperature
+
+
+@pytest.mark.parametrize("classes", [10, 100, 3000])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_a_confident_tokens_log_probability_and_entropy_keep_float64s_digits(classes, temperature):
+    """The token log-probabilities take log s = log1p(e) with the max's terms counted apart too
+    (kernel, reference, merge): log p(y) of a token 38/T above the rest (~1e-14 to 1e-20) was
+    log(1 + e) of the rounded sum, 0 below 1e-16; the entropy was a percent off at a gap of 40
+    (a review); the target's gradient a·(1 − p_y) is a·e/s at the max."""
+    logits, labels, _ = _confident(6, classes, 38.0, classes)
+    log_p, entropy, target_grad = _exact_token_statistics(logits, labels, temperature)
+    assert (log_p > -1e-12).all() and (log_p < 0).all()
+    for reference in (False, True):
+        with xentkit.use_reference(reference):
+            got_log_p, got_entropy = xentkit.log_probs(logits, labels, temperature=temperature, return_entropy=True)
+            grad = xentkit.log_probs_backward(logits, labels, np.ones(6), temperature=temperature)
+        np.testing.assert_allclose(got_log_p, log_p, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(got_entropy, entropy, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(grad[np.arange(6), labels], target_grad, rtol=1e-14, atol=0)
+
+
+def test_a_confident_tokens_log_probability_through_xentkit_torch():
+    """The torch binding's Numba rows, whole logits and the fused linear form, keep it too."""
+    torch = pytest.importorskip("torch")
+    import xentkit.torch as xt
+
+    logits, labels, _ = _confident(6, 200, 40.0, 3)
+    log_p, entropy, target_grad = _exact_token_statistics(logits, labels, 1.0)
+    x = torch.tensor(logits, requires_grad=True)
+    got_log_p, got_entropy = xt.log_probs(x, torch.tensor(labels), return_entropy=True)
+    got_log_p.sum().backward()
+    np.testing.assert_allclose(got_log_p.detach().numpy(), log_p, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(got_entropy.detach().numpy(), entropy, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(x.grad.numpy()[np.arange(6), labels], target_grad, rtol=1e-14, atol=0)
+    # the same logits as x Wᵀ with x the identity: linear_log_probs, in chunks of 4 rows
+    eye = torch.eye(6, dtype=torch.float64)
+    weight = torch.tensor(logits.T.copy(), requires_grad=True)
+    linear = xt.linear_log_probs(eye, weight, torch.tensor(labels), chunk_size=4)
+    np.testing.assert_allclose(linear.detach().numpy(), log_p, rtol=1e-14, atol=0)

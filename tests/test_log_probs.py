@@ -476,23 +476,32 @@ def test_merging_pieces_of_a_row_gives_the_whole_rows_statistics():
     from xentkit.reference.log_probs import merge_partials, row_statistics
 
     rng = np.random.default_rng(11)
-    logits = rng.standard_normal((4, 30)) * 5
+    logits = rng.standard_normal((6, 30)) * 5
     logits[1, 10:20] = -np.inf  # the middle piece of row 1 is all masked
     logits[2, 25] = np.inf
-    target = np.array([3, 15, 7, 29])
-    valid = np.ones(4, dtype=bool)
+    logits[4] = -45.0  # confident rows: one class 40 (row 4) or 45 (row 5, a tie in two pieces)
+    logits[4, 12] = -5.0
+    logits[5] = -50.0
+    logits[5, [3, 17]] = -5.0
+    target = np.array([3, 15, 7, 29, 12, 17])
+    valid = np.ones(6, dtype=bool)
     whole = row_statistics(*log_prob_statistics(logits, target, valid, 0.8), valid)
     pieces = [(0, 10), (10, 20), (20, 30), (30, 30)]  # the last one is empty
     parts = [log_prob_statistics(logits[:, a:b].copy(), target - a, valid, 0.8) for a, b in pieces]
     m_total = np.max([part[0] for part in parts], axis=0)
-    merged = [merge_partials(m, s, u, m_total) for m, s, u, _ in parts]
-    s_total = np.sum([piece[0] for piece in merged], axis=0)
-    u_total = np.sum([piece[1] for piece in merged], axis=0)
+    merged = [merge_partials(m, e, u, m_total) for m, e, u, _ in parts]
+    e_total = (np.sum([piece[0] for piece in merged], axis=0) - 1) + np.sum([piece[1] for piece in merged], axis=0)
+    u_total = np.sum([piece[2] for piece in merged], axis=0)
     z_target = np.sum([part[3] for part in parts], axis=0)
-    got = row_statistics(m_total, s_total, u_total, z_target, valid)
+    got = row_statistics(m_total, e_total, u_total, z_target, valid)
     for a, b in zip(got, whole, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)  # NaN and ±inf where the whole row has them
     assert got[2][2] == np.inf and np.isnan(got[0][2])  # +inf: lse +inf, log p NaN, as torch
+    # the confident rows' log p keep their digits (float64: 1 + e would round them away)
+    with xentkit.use_reference():
+        want = xentkit.log_probs(logits[4:], target[4:], temperature=0.8)
+    assert -1e-20 < want[0] < 0 and want[1] == -np.log(2)  # (a tie of two: its excess is 1)
+    np.testing.assert_allclose(got[0][4:], want, rtol=1e-14)
 
 
 def test_blocks_far_below_a_later_max_add_nothing_not_nan():
@@ -522,12 +531,12 @@ def test_blocks_far_below_a_later_max_add_nothing_not_nan():
         parts = [log_prob_statistics(x[:, :1024].copy(), np.array([-1]), valid, 1.0),
                  log_prob_statistics(x[:, 1024:].copy(), np.array([0]), valid, 1.0)]
         m_total = np.maximum(parts[0][0], parts[1][0])
-        merged = [merge_partials(m, s_, u, m_total) for m, s_, u, _ in parts]
-        for pieces in (merged, [merge_partials(*(torch.tensor(v) for v in (m, s_, u, m_total)))
-                                for m, s_, u, _ in parts]):
-            s_total = sum(piece[0] for piece in pieces)
-            u_total = sum(piece[1] for piece in pieces)
-            stats = row_statistics(m_total, np.asarray(s_total), np.asarray(u_total), parts[1][3], valid)
+        merged = [merge_partials(m, e, u, m_total) for m, e, u, _ in parts]
+        for pieces in (merged, [merge_partials(*(torch.tensor(v) for v in (m, e, u, m_total)))
+                                for m, e, u, _ in parts]):
+            e_total = (sum(piece[0] for piece in pieces) - 1) + sum(piece[1] for piece in pieces)
+            u_total = sum(piece[2] for piece in pieces)
+            stats = row_statistics(m_total, np.asarray(e_total), np.asarray(u_total), parts[1][3], valid)
             assert stats[0][0] == 0.0 and stats[1][0] == 0.0
 
 

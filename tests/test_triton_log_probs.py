@@ -60,16 +60,16 @@ def _run(logits, labels, valid, temperature, upstream, in_place=False):
     """The two kernels as the torch binding chains them: pass 1, the per-row outputs and
     coefficients in float64, pass 2. Returns ((log p, H, lse) as float64 NumPy, gradient)."""
     logits, labels, valid = logits.to(DEVICE), labels.to(DEVICE), valid.to(DEVICE)
-    m, s, u, z_target = log_prob_statistics(logits, labels, valid, temperature)
-    assert all(t.dtype == torch.float64 and t.shape == labels.shape for t in (m, s, u, z_target))
-    log_p, entropy, lse, log_s = row_statistics(m.double(), s.double(), u.double(), z_target.double(), valid)
+    m, e, u, z_target = log_prob_statistics(logits, labels, valid, temperature)
+    assert all(t.dtype == torch.float64 and t.shape == labels.shape for t in (m, e, u, z_target))
+    log_p, entropy, lse, log_s = row_statistics(m.double(), e.double(), u.double(), z_target.double(), valid)
     coefficients = gradient_coefficients(log_s, entropy, *(t.to(DEVICE) for t in upstream))
     stored = logits.clone()
     out = stored if in_place else torch.empty_like(stored)
-    result = log_prob_gradient(stored, labels, valid, temperature, m, s, coefficients, out)
+    result = log_prob_gradient(stored, labels, valid, temperature, m, e, coefficients, out)
     assert result is out and out.dtype == logits.dtype
     outputs = tuple(t.cpu().numpy() for t in (log_p, entropy, lse))
-    return outputs, out.double().cpu(), (m.cpu(), s.cpu(), u.cpu(), z_target.cpu())
+    return outputs, out.double().cpu(), (m.cpu(), e.cpu(), u.cpu(), z_target.cpu())
 
 
 def _expected(logits, labels, temperature, upstream, ignore_index=-100):
@@ -107,8 +107,8 @@ def test_kernels_match_the_float64_reference(dtype, temperature, in_place):
     _assert_gradient(grad, expected_grad, dtype)
     log_p, entropy, _ = outputs
     assert (log_p <= 0).all() and (entropy >= 0).all()
-    # the ignored row: (m, s, u, z_y) = (0, 1, 0, 0), and a zero gradient row
-    assert [float(t[1]) for t in statistics] == [0.0, 1.0, 0.0, 0.0]
+    # the ignored row: (m, e, u, z_y) = (0, 0, 0, 0), and a zero gradient row
+    assert [float(t[1]) for t in statistics] == [0.0, 0.0, 0.0, 0.0]
     assert not grad[1].any() and grad[0].any()
 
 
@@ -171,7 +171,7 @@ def test_chunks_far_below_the_rows_max_add_nothing_not_nan():
 
 
 def test_special_values_as_the_numba_kernel():
-    """+inf, NaN, a row of −inf only: the Numba kernel's (m, s, u) semantics, hence its (and
+    """+inf, NaN, a row of −inf only: the Numba kernel's (m, e, u) semantics, hence its (and
     torch's) log p, H, lse and gradient: NaN, NaN, +inf and NaN for a +inf logit; NaN for a NaN;
     lse −inf and NaN otherwise for −inf only. The last row stays finite."""
     inf, nan = float("inf"), float("nan")
@@ -395,13 +395,16 @@ def test_logits_far_from_zero_are_shifted_before_they_are_scaled(temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.9])
 @pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("gap", [25.0, 45.0])
 @pytest.mark.usefixtures("chunked")
-def test_a_confident_token_keeps_its_tiny_log_probability(temperature, in_place):
+def test_a_confident_token_keeps_its_tiny_log_probability(temperature, in_place, gap):
     """A token whose log p = −log(1 + δ) has δ far below float32's 6e-8: the max's terms are
     counted apart and the row merged in float64, so log p is −δ to the accuracy of δ's own
     float32 terms (it was 0), and the target's gradient entry a·(1 − p_y) keeps its digits.
-    Ties at the max (row 2) and the max in the last chunk (row 1) too."""
-    logits = torch.full((3, 300), -25.0)
+    Ties at the max (row 2) and the max in the last chunk (row 1) too. At a gap of 45, δ ~1e-17
+    is below float64's half ulp of 1 as well: the rows' excess e = s − 1 is what the kernels
+    keep and log1p(e) what they take (log(1 + e) gave 0)."""
+    logits = torch.full((3, 300), -gap)
     logits[0, 7] = logits[2, 7] = logits[2, 200] = 0.0
     logits[1, 290] = 0.0
     labels = torch.tensor([7, 290, 200])
@@ -411,7 +414,7 @@ def test_a_confident_token_keeps_its_tiny_log_probability(temperature, in_place)
     expected, expected_grad = _expected(logits, labels, temperature, upstream)
     log_p, entropy, _lse = outputs
     assert (log_p < 0).all()
-    # each term exp(d) carries d's float32 rounding, |d|·6e-8 relative (25/0.9 · 6e-8 = 2e-6)
+    # each term exp(d) carries d's float32 rounding, |d|·6e-8 relative (45/0.9 · 6e-8 = 3e-6)
     np.testing.assert_allclose(log_p, expected[0], rtol=1e-5, atol=0)
     np.testing.assert_allclose(entropy, expected[1], rtol=1e-5, atol=0)
     rows = np.arange(3)

@@ -53,14 +53,14 @@ class _Rows:
             return rows.astype(self.dtype).reshape(self.layout.sample_shape)
 
     def statistics(self) -> tuple[np.ndarray, ...]:
-        """(m, s, log_s, log_probs, entropy, lse) per row, float64, from the fused kernel."""
+        """(m, e, log_s, log_probs, entropy, lse) per row, float64, from the fused kernel (e = s − 1)."""
         from ..kernels.log_probs import log_prob_statistics
 
-        m, s, u, z_target = log_prob_statistics(
+        m, e, u, z_target = log_prob_statistics(
             self.layout.matrix, self.labels, self.valid, self.options.temperature
         )
-        log_probs, entropy, lse, log_s = row_statistics(m, s, u, z_target, self.valid)
-        return m, s, log_s, log_probs, entropy, lse
+        log_probs, entropy, lse, log_s = row_statistics(m, e, u, z_target, self.valid)
+        return m, e, log_s, log_probs, entropy, lse
 
 
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
@@ -110,7 +110,9 @@ def log_probs(
 
     computed in one fused pass over each row (max, Σ exp(z − m), Σ exp(z − m)·(z − m), z_y),
     in float64 across blocks, as log p(y) = (z_y − m) − log s and H = log s − u/s, so that the
-    log-probability is never above 0 and the entropy never below 0. What reinforcement learning
+    log-probability is never above 0 and the entropy never below 0; log s = log1p(s − 1) with the
+    max's own terms of s counted apart, so that a confident token's log p(y) (−1e-20, say) keeps
+    its digits instead of rounding to 0. What reinforcement learning
     on language models (PPO, GRPO) needs per token; the gradient is :func:`log_probs_backward`.
 
     Shapes: logits ``[..., C]`` (classes on ``axis``), target int ``[...]``; each output has the
@@ -187,11 +189,11 @@ def log_probs_backward(
     else:
         from ..kernels.log_probs import log_prob_gradient
 
-        m, s, log_s, _, entropy, _ = rows.statistics()
+        m, e, log_s, _, entropy, _ = rows.statistics()
         with np.errstate(invalid="ignore", over="ignore"):  # infinite upstream gradients: NaN, as torch
             coefficients = gradient_coefficients(log_s, entropy, *(layout.per_row(value) for value in (g, h, k)))
         grad = log_prob_gradient(
-            layout.matrix, rows.labels, rows.valid, options.temperature, m, s, coefficients,
+            layout.matrix, rows.labels, rows.valid, options.temperature, m, e, coefficients,
             layout.gradient_buffer(),
         )
     return rounded(layout.in_layout(grad), rows.input_dtype)

@@ -6,33 +6,35 @@ Per row i (``prange`` over rows; a row of C classes x, scale c = 1/T > 0, z_j = 
     Pass 1, statistics (one read of the row, online in blocks of ``block`` classes), shifted
     before it is scaled, d_j = (x_j − m_x)·c with m_x the running max of x (in the logits'
     dtype; x_j − m_x is exact near the max, so d_j is off by a rounding relative to itself, not
-    by an ulp of max|x|/T):
+    by an ulp of max|x|/T); the sum of exponentials s is kept in two parts, K the count of terms
+    equal to the running max (each exactly 1, never summed) and r the sum of the others:
         b = max_{j in block} x_j
-        if b > m_x:  u ← e·(u + s·δ),  s ← e·s,  e = exp(δ),  δ = (m_x − b)·c;  m_x ← b
-        s += Σ_{j in block} exp(d_j)
+        if b > m_x:  u ← f·(u + s·δ),  r ← f·(K + r),  K ← 0,  f = exp(δ),  δ = (m_x − b)·c;  m_x ← b
+        K += #{j in block: x_j = m_x},   r += Σ_{j in block, x_j < m_x} exp(d_j)
         u += Σ_{j in block} exp(d_j)·d_j
     gives m = m_x·c and z_y = x_y·c (both in float64, z_y when the row's target y is in [0, C)),
-    s, u (float64 across blocks; each block summed in the dtype's vector lanes, except the
-    blocks holding the running max, summed in float64 since one term is exactly 1). The host
-    (``reference.log_probs.row_statistics``) turns them into log p(y) = (z_y − m) − log s ≤ 0,
-    H = log s − u/s ≥ 0 and lse = m + log s.
+    the excess e = s − 1 = (K − 1) + r and u (float64 across blocks; each block summed in the
+    dtype's vector lanes). A confident row's e keeps its digits, where s = 1 + e summed would
+    lose those below 2⁻⁵³. The host (``reference.log_probs.row_statistics``) turns them into
+    log p(y) = (z_y − m) − log1p(e) ≤ 0, H = log1p(e) − u/(1 + e) ≥ 0 and lse = m + log1p(e).
 
-    Pass 2, gradient (one write of the row; exp recomputed), given per-row (m, s) and the
-    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·d_j); float32 rows take
+    Pass 2, gradient (one write of the row; exp recomputed), given per-row (m, e) and the
+    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·d_j), s = 1 + e; float32 rows take
     d_j = (x_j − m_x)·c with m_x = m/c (the float32 max comes back exactly), float64 rows
     d_j = x_j·c − m (a float64 max may come back an ulp off, which at ulp(m_x)/T > 709 would
     overflow exp(d)):
-        dst_j = c·exp(d_j)/s·(b + k·d_j)                 (vector loop, the dtype's lanes)
-        dst_y = c·(a + p_y·(b + k·(z_y − m)))            (float64, x_y read before the loop)
+        dst_j = c·exp(d_j)/s·(b + k·d_j)                          (vector loop, the dtype's lanes)
+        dst_y = c·(a·(1 − p_y) + p_y·((a + b) + k·(z_y − m)))     (float64, x_y read before the loop)
+    with 1 − p_y = e/s where y is at the max (d_y = 0; 1 − 1/s would cancel for a confident row).
     ``dst`` may be the logits themselves (in place: the one-array loop, which LLVM vectorizes
     without an aliasing check).
 
 The loops have no ``contract`` flag (no fused multiply-adds to change d_j's rounding). Terms exp(d)·d use max(d, −1000) so that a
 masked class (z = −inf, exp = 0) adds 0, not 0·(−inf). A row that is not ``valid`` (its target
-is ignore_index) is skipped by pass 1 (m = 0, s = 1, u = 0: lse 0, H 0) and zeroed by pass 2.
+is ignore_index) is skipped by pass 1 (m = 0, e = 0, u = 0: lse 0, H 0) and zeroed by pass 2.
 Special values, as torch: a NaN makes the row's results NaN; a +inf logit makes log p(y), H and
 the gradient NaN and lse +inf (pass 1 sums exp(z) unshifted once m is +inf); −inf logits are masked
-classes, and a row of −inf only has s = 0 (NaN downstream).
+classes, and a row of −inf only has s = 0, e = −1 (NaN downstream).
 
 No validation: the callers check shapes, dtypes and labels first. A target outside [0, C) is not
 read (the vocabulary-parallel shards pass the labels of other shards that way; z_y is then 0).
@@ -82,18 +84,28 @@ def _block_moments(row, start, stop, scale, shift):  # pragma: no cover - compil
 
 
 @njit(**_LOOP_JIT)
-def _block_moments_wide(row, start, stop, scale, shift):  # pragma: no cover - compiled
-    """As ``_block_moments``, summed in float64 (the blocks that hold the running max)."""
+def _block_moments_top(row, start, stop, scale, shift):  # pragma: no cover - compiled
+    """As ``_block_moments``, for a block that holds the running max ``shift`` (finite, or a
+    block of −inf and NaN only shifted by 0), in three parts ``(k, δ, u)`` (float64): k the
+    number of terms equal to the max (each exactly 1, never summed), δ the sum of the others
+    (each below 1, summed in the dtype's lanes: its rounding stays relative to δ) and u.
+    Counts are exact in float32 up to 2^24 terms per block."""
     seg = row[start:stop]
     floor = like(EXPONENT_FLOOR, row)
-    acc_s = 0.0
-    acc_u = 0.0
+    zero = like(0.0, row)
+    one = like(1.0, row)
+    ties = zero
+    acc_s = zero
+    acc_u = zero
     for j in range(seg.shape[0]):
-        d = (seg[j] - shift) * scale
+        x = seg[j]
+        top = x >= shift
+        d = (x - shift) * scale
         e = fast_exp_nonpositive(d)
-        acc_s += np.float64(e)
-        acc_u += np.float64(e * maxnum(d, floor))
-    return acc_s, acc_u
+        acc_s += zero if top else e
+        acc_u += e * maxnum(d, floor)  # (0 at the max: d = 0)
+        ties += one if top else zero
+    return np.float64(ties), np.float64(acc_s), np.float64(acc_u)
 
 
 @njit(**_LOOP_JIT)
@@ -141,7 +153,7 @@ def _grad_inplace(x, scale, shift, after, coef_b, coef_k):  # pragma: no cover -
 
 @njit(parallel=True, **_KERNEL_JIT)
 def _statistics_kernel(
-    logits, labels, valid, scale, block, m_rows, s_rows, u_rows, z_target
+    logits, labels, valid, scale, block, m_rows, e_rows, u_rows, z_target
 ):  # pragma: no cover - compiled
     n_rows, n_classes = logits.shape
     c = like(scale, logits)
@@ -151,26 +163,30 @@ def _statistics_kernel(
     for i in prange(n_rows):
         if not valid[i]:
             m_rows[i] = 0.0
-            s_rows[i] = 1.0
+            e_rows[i] = 0.0
             u_rows[i] = 0.0
             z_target[i] = 0.0
             continue
         row = logits[i]
-        # ---- Pass 1: m_x = max x, s = Σ exp(d), u = Σ exp(d)·d, d = (x − m_x)·c, by blocks ----
+        # ---- Pass 1: m_x = max x, s = Σ exp(d) as ties + rest, u = Σ exp(d)·d,
+        #      d = (x − m_x)·c, by blocks ----
         m = neg_inf
-        s = 0.0
+        ties = 0.0  # terms equal to the running max (exactly 1 each), counted apart
+        rest = 0.0  # the other terms of s
         u = 0.0
         for block_start in range(0, n_classes, block):
             block_stop = min(block_start + block, n_classes)
             b = _block_max(row, block_start, block_stop)
             if b > m:
+                s = ties + rest
                 if s > 0.0:  # restate (s, u) at the new max; s = 0 while everything was −inf
                     # floored: exp(−1000) is 0 already, and s·δ stays finite (never 0·(−inf) =
                     # NaN when the earlier blocks sat ~1e306 or more below the new max)
                     delta = max((np.float64(m) - np.float64(b)) * scale, EXPONENT_FLOOR)
                     e = math.exp(delta)
                     u = e * (u + s * delta)
-                    s = e * s
+                    rest = e * s
+                    ties = 0.0
                 m = b
             # shift by 0 while m is −inf (only −inf or NaN so far: exp(−inf) = 0 and a NaN stays
             # NaN, never exp(−inf − (−inf))); m is NaN-free (maxnum skips NaN). A +inf logit, or a
@@ -179,11 +195,14 @@ def _statistics_kernel(
             shift = m if m > neg_inf else zero
             if m * c == pos_inf:
                 ds, du = _block_moments_unshifted(row, block_start, block_stop, c)
+                rest += ds
             elif b == m:
-                ds, du = _block_moments_wide(row, block_start, block_stop, c, shift)
+                dk, ds, du = _block_moments_top(row, block_start, block_stop, c, shift)
+                ties += dk
+                rest += ds
             else:
                 ds, du = _block_moments(row, block_start, block_stop, c, shift)
-            s += ds
+                rest += ds
             u += du
         y = labels[i]
         if m * c == pos_inf:  # z = x·c overflows the dtype (or a +inf logit): torch's values, NaN
@@ -192,13 +211,13 @@ def _statistics_kernel(
         else:  # the max of z = x·c and z_y, in float64
             m_rows[i] = np.float64(m) * scale
             z_target[i] = np.float64(row[y]) * scale if 0 <= y < n_classes else 0.0
-        s_rows[i] = s
+        e_rows[i] = (ties - 1.0) + rest  # the excess e = s − 1, exact in its ties
         u_rows[i] = u
 
 
 @njit(parallel=True, **_KERNEL_JIT)
 def _gradient_kernel(
-    logits, labels, valid, scale, m_rows, s_rows, coef_a, coef_b, coef_k, grad_out, in_place
+    logits, labels, valid, scale, m_rows, e_rows, coef_a, coef_b, coef_k, grad_out, in_place
 ):  # pragma: no cover - compiled
     n_rows, n_classes = logits.shape
     c = like(scale, logits)
@@ -216,16 +235,21 @@ def _gradient_kernel(
             continue
         shift = like(m_rows[i] / scale, logits) if shift_first else zero
         after = zero if shift_first else like(m_rows[i], logits)
-        s = s_rows[i]
+        excess = e_rows[i]
+        s = 1.0 + excess
         y = labels[i]
         has_target = 0 <= y < n_classes
-        # the target entry in float64, from x_y read before pass 2 may overwrite it
+        # the target entry in float64, from x_y read before pass 2 may overwrite it:
+        # a·(1 − p_y) + p_y·((a + b) + k·d_y), its 1 − p_y = e/s at the max (never 1 − 1/s)
         grad_y = 0.0
         if has_target:
             d_y = np.float64(row[y]) * scale - m_rows[i]
             p_y = math.exp(d_y) / s
-            # max(d_y, −1000): a masked target (−inf) has p_y = 0 and adds g, not 0·(−inf)
-            grad_y = scale * (coef_a[i] + p_y * (coef_b[i] + coef_k[i] * max(d_y, EXPONENT_FLOOR)))
+            rest_y = excess / s if d_y == 0.0 else 1.0 - p_y
+            # max(d_y, −1000): a masked target (−inf) has p_y = 0 and adds a, not 0·(−inf)
+            grad_y = scale * (
+                coef_a[i] * rest_y + p_y * ((coef_a[i] + coef_b[i]) + coef_k[i] * max(d_y, EXPONENT_FLOOR))
+            )
         # ---- Pass 2: dst_j = c·exp(z_j − m)/s·(b + k·(z_j − m)) ----
         coef_b_row = like(scale * coef_b[i] / s, logits)
         coef_k_row = like(scale * coef_k[i] / s, logits)
@@ -267,18 +291,18 @@ def log_prob_statistics(
     block: int = DEFAULT_BLOCK,
     parallel: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pass 1 over a C-contiguous float32/float64 ``[N, C]`` array: ``(m, s, u, z_target)``,
+    """Pass 1 over a C-contiguous float32/float64 ``[N, C]`` array: ``(m, e, u, z_target)``,
     each ``[N]`` float64 (see the module docstring). ``labels`` ``[N]`` int64, ``valid`` ``[N]``
     bool; nothing is validated."""
     n_rows = logits.shape[0]
-    m, s, u, z_target = (np.empty(n_rows, dtype=np.float64) for _ in range(4))
+    m, e, u, z_target = (np.empty(n_rows, dtype=np.float64) for _ in range(4))
     if n_rows:
         arguments = (
             logits, np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(valid, dtype=np.bool_),
-            1.0 / float(temperature), max(int(block), 1), m, s, u, z_target,
+            1.0 / float(temperature), max(int(block), 1), m, e, u, z_target,
         )
         _run(_statistics_kernel, _statistics_serial, arguments, logits.size, parallel)
-    return m, s, u, z_target
+    return m, e, u, z_target
 
 
 def log_prob_gradient(
@@ -287,14 +311,14 @@ def log_prob_gradient(
     valid: np.ndarray,
     temperature: float,
     m: np.ndarray,
-    s: np.ndarray,
+    e: np.ndarray,
     coefficients: tuple[np.ndarray, np.ndarray, np.ndarray],
     grad_out: np.ndarray,
     *,
     parallel: bool | None = None,
 ) -> np.ndarray:
     """Pass 2: writes ∂/∂logits into ``grad_out`` (``[N, C]``, the logits' dtype; may be
-    ``logits`` itself) from the rows' (m, s) and the coefficients (a, b, k) of
+    ``logits`` itself) from the rows' (m, e) and the coefficients (a, b, k) of
     ``reference.log_probs.gradient_coefficients``, each ``[N]`` float64. Returns ``grad_out``."""
     n_rows = logits.shape[0]
     if n_rows:
@@ -306,7 +330,7 @@ def log_prob_gradient(
         arguments = (
             logits, np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(valid, dtype=np.bool_),
             1.0 / float(temperature), np.ascontiguousarray(m, dtype=np.float64),
-            np.ascontiguousarray(s, dtype=np.float64), coef_a, coef_b, coef_k,
+            np.ascontiguousarray(e, dtype=np.float64), coef_a, coef_b, coef_k,
             logits if in_place else grad_out, in_place,
         )
         _run(_gradient_kernel, _gradient_serial, arguments, logits.size, parallel)
@@ -324,10 +348,10 @@ def compile_all() -> list[str]:
         valid = np.ones(1, dtype=np.bool_)
         name = np.dtype(dtype).name
         for parallel, kind in ((True, ""), (False, "serial ")):
-            m, s, _, _ = log_prob_statistics(logits, labels, valid, parallel=parallel)
+            m, e, _, _ = log_prob_statistics(logits, labels, valid, parallel=parallel)
             ones = np.ones(1)
             log_prob_gradient(
-                logits, labels, valid, 1.0, m, s, (ones, ones, ones), np.empty_like(logits), parallel=parallel
+                logits, labels, valid, 1.0, m, e, (ones, ones, ones), np.empty_like(logits), parallel=parallel
             )
             done += [f"log-prob {kind}statistics {name}", f"log-prob {kind}gradient {name}"]
     return done

@@ -237,12 +237,13 @@ def cross_entropy_and_grad(
             share = (1 - eps) * w_y * p_minus_one_at_max[..., 0]
             if eps:
                 share = share + eps / num_classes * (np.sum(weight) * p_y - w_y)
-            rows = np.nonzero(at_max)
-            grad = np.array(grad, copy=True) if not grad.flags.writeable else grad
-            grad[(*rows, safe[rows])] = (g * share)[rows]
+            # (by mask, not by index: a single row's arrays are 0-d)
+            target_entry = at_max[..., None] & (np.arange(grad.shape[-1]) == safe[..., None])
+            grad = np.where(target_entry, (g * share)[..., None], grad)
     if z_loss:
-        with np.errstate(invalid="ignore"):  # an infinite upstream times p_j = 0: NaN, as above
-            grad = grad + z_scale * 2 * z_loss * lse[..., None] * p
+        # an infinite upstream times p_j = 0: NaN, as above; a huge one overflows to ±inf
+        with np.errstate(invalid="ignore", over="ignore"):
+            grad = grad + z_scale * (2 * z_loss * lse[..., None] * p)
     if softcap is not None:  # 1 − tanh²(u) = 4e/(1 + e)², e = exp(−2|u|): no cancellation near |tanh| = 1
         e = np.exp(-2 * np.abs(logits / softcap))
         grad = grad * (4 * e / (1 + e) ** 2)

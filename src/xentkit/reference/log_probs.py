@@ -20,16 +20,20 @@ written from the definitions for clarity. :func:`row_statistics` and
 :func:`gradient_coefficients` are the algebra every fast path shares (the Numba kernel, the
 chunked linear forms, the vocabulary-parallel shards): a pass over a row gives, with m its max,
 
-    s = Σ_j exp(z_j − m),   u = Σ_j exp(z_j − m)·(z_j − m)      (u ≤ 0)
+    e = s − 1,  s = Σ_j exp(z_j − m),   u = Σ_j exp(z_j − m)·(z_j − m)      (e ≥ 0, u ≤ 0)
 
-from which  lse = m + log s,  H = log s − u/s  (a sum of two terms ≥ 0, never negative) and
-log p(y) = (z_y − m) − log s  (both terms ≤ 0, never positive). The gradient is written as
+the excess e summed with the max's own terms (each exactly 1) counted apart, so that a confident
+row's e keeps its digits (s = 1 + e rounded would lose those below 2⁻⁵³: at e = 1e-14 a percent
+of it, from e < 1e-16 all of it). From them lse = m + log1p(e), H = log1p(e) − u/(1 + e) (a sum
+of two terms ≥ 0, never negative) and log p(y) = (z_y − m) − log1p(e) (both terms ≤ 0, never
+positive). The gradient is written as
 
-    ∂/∂z_j = a·[j = y] + p_j·(b + c·(z_j − m)),
+    ∂/∂z_j = a·[j = y] + p_j·(b + c·(z_j − m)),   p_j = exp(z_j − m)/(1 + e),
     a = g,  b = k − g − h·(H − log s),  c = −h.
 
-Partial (m, s, u) over pieces of a row (vocabulary shards) merge as m = max_k m_k,
-s = Σ_k s_k·exp(m_k − m), u = Σ_k exp(m_k − m)·(u_k + s_k·(m_k − m)) (:func:`merge_partials`).
+Partial (m, e, u) over pieces of a row (vocabulary shards) merge as m = max_k m_k,
+e = (K − 1) + Σ_{k at m} e_k + Σ_{k below m} (1 + e_k)·exp(m_k − m) with K the pieces at the
+row's max, u = Σ_k exp(m_k − m)·(u_k + (1 + e_k)·(m_k − m)) (:func:`merge_partials`).
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ __all__ = [
 ]
 
 
-def _log(values: Any) -> Any:
-    return values.log() if _torch_tensor(values) else np.log(values)
+def _log1p(values: Any) -> Any:
+    return values.log1p() if _torch_tensor(values) else np.log1p(values)
 
 
 def _exp(values: Any) -> Any:
@@ -141,8 +145,10 @@ def log_probs_backward(
         log_p = np.where(np.isnan(p), np.nan, shifted - log_s)
         onehot = np.arange(logits.shape[-1]) == safe[..., None]
         entropy = -np.sum(_p_times(p, log_p), axis=-1, keepdims=True)
+        # [j = y] − p_j as −expm1(log p_j) at the target: 1 − p_y with p_y near 1 (a confident
+        # row) would cancel; expm1 of the log keeps its digits
         grad = (
-            g[..., None] * (onehot - p)
+            g[..., None] * np.where(onehot, -np.expm1(log_p), -p)
             - h[..., None] * _p_times(p, log_p + entropy)
             + k[..., None] * p
         )
@@ -160,23 +166,24 @@ def log_probs_backward(
 
 
 def row_statistics(
-    m: Any, s: Any, u: Any, z_target: Any, valid: Any
+    m: Any, e: Any, u: Any, z_target: Any, valid: Any
 ) -> tuple[Any, Any, Any, Any]:
-    """``(log_probs, entropy, lse, log_s)`` from a pass's (m, s, u) and the target's z_y, 0 on
-    rows that are not ``valid``. NumPy arrays or torch tensors (float64 or float32); with
-    tensors, differentiable by autograd when ``m`` is held constant (detached: it is a shift)."""
-    if _torch_tensor(s):  # (no floating-point warnings to silence; torch.compile traces this)
-        return _row_statistics(m, s, u, z_target, valid)
-    # a row of −inf only: NaN, as torch; a log-probability beyond the range: −inf
+    """``(log_probs, entropy, lse, log_s)`` from a pass's (m, e, u) (e = s − 1, the excess of the
+    sum of exponentials) and the target's z_y, 0 on rows that are not ``valid``. NumPy arrays or
+    torch tensors (float64 or float32); with tensors, differentiable by autograd when ``m`` is
+    held constant (detached: it is a shift)."""
+    if _torch_tensor(e):  # (no floating-point warnings to silence; torch.compile traces this)
+        return _row_statistics(m, e, u, z_target, valid)
+    # a row of −inf only (e = −1): NaN, as torch; a log-probability beyond the range: −inf
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return _row_statistics(m, s, u, z_target, valid)
+        return _row_statistics(m, e, u, z_target, valid)
 
 
-def _row_statistics(m: Any, s: Any, u: Any, z_target: Any, valid: Any) -> tuple[Any, Any, Any, Any]:
-    log_s = _log(s)
+def _row_statistics(m: Any, e: Any, u: Any, z_target: Any, valid: Any) -> tuple[Any, Any, Any, Any]:
+    log_s = _log1p(e)  # log s = log(1 + e), the digits of a small e kept
     # + (m − m): NaN when the max is ±inf (torch's log_softmax is NaN there), else 0
     log_probs = ((z_target - m) - log_s) + (m - m)
-    entropy = log_s - u / s
+    entropy = log_s - u / (1 + e)
     lse = m + log_s
     return masked(log_probs, valid), masked(entropy, valid), masked(lse, valid), log_s
 
@@ -192,16 +199,22 @@ def gradient_coefficients(
     return a, b, c
 
 
-def merge_partials(m: Any, s: Any, u: Any, m_total: Any) -> tuple[Any, Any]:
-    """A piece's (s, u), taken at its own max m, restated at the row's max ``m_total`` ≥ m:
-    ``s·exp(m − m_total)`` and ``exp(m − m_total)·(u + s·(m − m_total))``; summed over the pieces
-    they give the row's (s, u). A piece with nothing in it (s = 0, m = −inf) gives (0, 0)."""
+def merge_partials(m: Any, e: Any, u: Any, m_total: Any) -> tuple[Any, Any, Any]:
+    """A piece's (e, u), taken at its own max m (e = s − 1), restated at the row's max
+    ``m_total`` ≥ m: ``(top, e', u')``, summed over the pieces they give the row's
+    e = (Σ top − 1) + Σ e' and u = Σ u'. A piece at the row's max has top 1 and keeps
+    e' = e, u' = u (its max's terms stay counted apart, never 1 + e rounded); a piece below it
+    has top 0, e' = (1 + e)·exp(m − m_total) and u' = exp(m − m_total)·(u + (1 + e)·(m − m_total)).
+    A piece with nothing in it (s = 0, e = −1, m = −inf) gives (0, 0, 0) below a finite max; a row
+    of such pieces only, top 1 and e' = −1 each: e = −1 (s = 0)."""
     with np.errstate(invalid="ignore"):
-        # the piece holding the max keeps (s, u) as they are, also when that max is ±inf
-        # (never exp(inf − inf)); an empty piece adds 0, never 0·(−inf)
-        # the shift floored (EXPONENT_FLOOR): s·shift stays finite for a piece ~1e306 or more
-        # below the row's max
+        # the piece holding the max keeps (e, u) as they are, also when that max is ±inf (never
+        # exp(inf − inf)); an empty piece adds 0, never 0·(−inf); the shift floored
+        # (EXPONENT_FLOOR): s·shift stays finite for a piece ~1e306 or more below the row's max
         apart = m != m_total
+        s = 1 + e
         factor = _exp(masked(m - m_total, apart))
         shift = masked(_floored(m - m_total), apart & (s > 0))
-        return s * factor, factor * (u + s * shift)
+        top = masked(factor, ~apart)  # 1 at the row's max, else 0 (in the pieces' dtype)
+        below = masked(s * factor, apart)
+        return top, masked(e, ~apart) + below, factor * (u + s * shift)

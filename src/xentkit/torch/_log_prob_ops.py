@@ -6,11 +6,11 @@ Two ops, each the compiler's one node, running the eager path's code
 (the Numba kernels for CPU float32/float64, the Triton kernels on CUDA, torch ops otherwise):
 
     xentkit::linear_log_probs(input, linear_weight, linear_bias, target, valid, temperature,
-                              chunk_size, backend) -> (log_probs, entropy, lse, m, s, log_s, H)
-        forward: the chunks' pass 1 and ``reference.log_probs.row_statistics``; m, s, log s and
+                              chunk_size, backend) -> (log_probs, entropy, lse, m, e, log_s, H)
+        forward: the chunks' pass 1 and ``reference.log_probs.row_statistics``; m, e, log s and
         the entropy H (float64, as eager keeps them) are what backward needs; the chunk size is
         resolved inside from the real shapes (resolved while tracing it would pin N)
-    xentkit::linear_log_probs_backward(input, linear_weight, linear_bias, target, valid, m, s,
+    xentkit::linear_log_probs_backward(input, linear_weight, linear_bias, target, valid, m, e,
                                        a, b, k, temperature, chunk_size, backend, want_input,
                                        want_weight, want_bias) -> (grad_input, grad_weight, grad_bias)
         backward: each chunk's logits again, pass 2 with the rows' coefficients (a, b, k) (from
@@ -60,19 +60,19 @@ def linear_log_probs_op(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
     temperature: float, chunk_size: int | None, backend: str,
 ) -> tuple[Tensor, ...]:
-    """``(log_probs, entropy, lse, m, s, log_s, H)`` per row, the last four in float64 for
+    """``(log_probs, entropy, lse, m, e, log_s, H)`` per row, the last four in float64 for
     backward (H the entropy unrounded, as eager keeps it); see the module docstring."""
     from .log_probs import linear_statistics
 
     x, w, b = detached(input, linear_weight, linear_bias)
     options = _options(x, w, temperature, chunk_size, backend)
     rows = _rows(x, w, b, target, options)
-    m, s, u, z_target = linear_statistics(x, w, b, target, valid, options, rows)
-    log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, valid)
+    m, e, u, z_target = linear_statistics(x, w, b, target, valid, options, rows)
+    log_p, entropy, lse, log_s = row_statistics(m, e, u, z_target, valid)
     out = _bridge.at_least_float32(x.dtype)
     return (
         log_p.to(out), entropy.to(out), lse.to(out),
-        m.to(torch.float64), s.to(torch.float64), log_s.to(torch.float64),
+        m.to(torch.float64), e.to(torch.float64), log_s.to(torch.float64),
         entropy.to(torch.float64, copy=True),  # (never the entropy output itself: no aliasing)
     )
 
@@ -93,13 +93,13 @@ def _(
 @torch.library.custom_op(
     "xentkit::linear_log_probs_backward", mutates_args=(),
     schema=(
-        f"({_OPERANDS}, Tensor m, Tensor s, Tensor a, Tensor b, Tensor k, {_OPTIONS}, "
+        f"({_OPERANDS}, Tensor m, Tensor e, Tensor a, Tensor b, Tensor k, {_OPTIONS}, "
         "bool want_input, bool want_weight, bool want_bias) -> (Tensor, Tensor, Tensor)"
     ),
 )
 def linear_log_probs_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
-    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
+    m: Tensor, e: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
     want_input: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The input, weight and bias gradients for the rows' coefficients (a, b, k)."""
@@ -111,7 +111,7 @@ def linear_log_probs_backward(
     dtype = rows.statistics_dtype(x.dtype, x.device)
     want = (want_input, want_weight, want_bias and bias is not None)
     gradients = linear_gradients(
-        x, w, bias, target, valid, options, rows, m.to(dtype), s.to(dtype), (a, b, k), want
+        x, w, bias, target, valid, options, rows, m.to(dtype), e.to(dtype), (a, b, k), want
     )
     return tuple(x.new_empty((0,)) if gradient is None else gradient for gradient in gradients)  # type: ignore[return-value]
 
@@ -119,7 +119,7 @@ def linear_log_probs_backward(
 @linear_log_probs_backward.register_fake
 def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, valid: Tensor,
-    m: Tensor, s: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
+    m: Tensor, e: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
     want_input: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return (
@@ -130,24 +130,24 @@ def _(
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     input, linear_weight, linear_bias, target, valid, *options = inputs
-    _log_p, _entropy, _lse, m, s, log_s, entropy = output
-    ctx.mark_non_differentiable(m, s, log_s, entropy)
+    _log_p, _entropy, _lse, m, e, log_s, entropy = output
+    ctx.mark_non_differentiable(m, e, log_s, entropy)
     ctx.options = tuple(options)
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, valid, m, s, log_s, entropy)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, valid, m, e, log_s, entropy)
 
 
 def _backward(
     ctx: torch.autograd.function.FunctionCtx, grad_log_p: Tensor | None, grad_entropy: Tensor | None,
     grad_lse: Tensor | None, *_unused: Tensor | None,
 ) -> tuple:
-    input, linear_weight, linear_bias, target, valid, m, s, log_s, entropy = ctx.saved_tensors
+    input, linear_weight, linear_bias, target, valid, m, e, log_s, entropy = ctx.saved_tensors
     g, h, k = (
         torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in (grad_log_p, grad_entropy, grad_lse)
     )
     a, b, k = gradient_coefficients(log_s, entropy, g, h, k)
     want = tuple(bool(need) for need in ctx.needs_input_grad[:3])
     gradients = linear_log_probs_backward(
-        input, linear_weight, linear_bias, target, valid, m, s, a, b, k, *ctx.options, *want
+        input, linear_weight, linear_bias, target, valid, m, e, a, b, k, *ctx.options, *want
     )
     grads = tuple(gradient if wanted else None for gradient, wanted in zip(gradients, want, strict=True))
     return (*grads, None, None, None, None, None)

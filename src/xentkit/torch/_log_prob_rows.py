@@ -1,12 +1,12 @@
 """The two passes of the token log-probabilities over a ``[rows, V]`` block of logits, per backend.
 
 The backends keep one contract (that of :mod:`xentkit.kernels.log_probs`, whose docstring has
-the formulas): ``statistics`` gives each row's (m, s, u, z_y), ``finished`` those and the rows'
-log p(y), H and lse (``reference.log_probs.row_statistics``, in torch ops or, for Triton, in its
-kernel), ``gradient`` writes
-∂/∂logits = (a·[j = y] + p_j·(b + k·(z_j − m)))/T from the rows' (m, s) and coefficients
+the formulas): ``statistics`` gives each row's (m, e, u, z_y) (e = s − 1, the excess of the sum
+of exponentials), ``finished`` those and the rows' log p(y), H and lse
+(``reference.log_probs.row_statistics``, in torch ops or, for Triton, in its kernel), ``gradient``
+writes ∂/∂logits = (a·[j = y] + p_j·(b + k·(z_j − m)))/T from the rows' (m, e) and coefficients
 (a, b, k) into ``out`` (which may be the logits: in place). Rows that are not ``valid`` get
-(m, s, u, z_y) = (0, 1, 0, 0) and a zero gradient; a label outside [0, V) is not read (z_y 0, no
+(m, e, u, z_y) = (0, 0, 0, 0) and a zero gradient; a label outside [0, V) is not read (z_y 0, no
 target entry).
 
 - :class:`NumbaRows`: the fused Numba kernels, for plain CPU float32/float64 tensors (float64
@@ -33,7 +33,7 @@ __all__ = ["NumbaRows", "TorchRows", "TritonRows"]
 def finish_rows(
     statistics: tuple[Tensor, ...], valid: Tensor, dtype: torch.dtype, shape: torch.Size
 ) -> tuple[Tensor, ...]:
-    """``(log_p, entropy, lse, log_s, kept_entropy)`` from the rows' (m, s, u, z_y) by
+    """``(log_p, entropy, lse, log_s, kept_entropy)`` from the rows' (m, e, u, z_y) by
     ``reference.log_probs.row_statistics``: the first three outputs of their own in ``shape`` and
     float32 (float64 for ``dtype`` float64), never views and never what backward keeps; the last
     two ``[N]`` for backward."""
@@ -53,7 +53,7 @@ class _Rows:
     def finished(
         cls, logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, shape: torch.Size
     ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """``statistics`` and what :func:`finish_rows` makes of them: the rows' (m, s, u, z_y), and
+        """``statistics`` and what :func:`finish_rows` makes of them: the rows' (m, e, u, z_y), and
         ``(log_p, entropy, lse, log_s, kept_entropy)``."""
         statistics = cls.statistics(logits, labels, valid, temperature)
         return statistics, finish_rows(statistics, valid, logits.dtype, shape)
@@ -80,7 +80,7 @@ class NumbaRows(_Rows):
 
     @staticmethod
     def gradient(
-        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, s: Tensor,
+        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, e: Tensor,
         coefficients: tuple[Tensor, Tensor, Tensor], out: Tensor,
     ) -> Tensor:
         from ..kernels.log_probs import log_prob_gradient
@@ -89,7 +89,7 @@ class NumbaRows(_Rows):
         out_array = logits_array if out.data_ptr() == logits.data_ptr() else out.detach().numpy()
         log_prob_gradient(
             logits_array, _bridge.as_numpy(labels), _bridge.as_numpy(valid), temperature,
-            m.numpy(), s.numpy(), tuple(_bridge.as_numpy(c.to(torch.float64)) for c in coefficients),
+            m.numpy(), e.numpy(), tuple(_bridge.as_numpy(c.to(torch.float64)) for c in coefficients),
             out_array,
         )
         return out
@@ -101,9 +101,10 @@ class TorchRows(_Rows):
     for float64 logits), and the rows' m = max x·c and z_y = x_y·c in float64 (float32 on a
     device without float64, MPS), so that log p = (z_y − m) − log s keeps its digits at logits
     far from 0 (z = x·c rounded first left half an ulp of max|x|·c in every exponent). Unlike the
-    kernels, s is a sum in the working dtype with the max's term inside: a confident token's
-    s = 1 + δ loses δ below 6e-8 (its log p comes out 0, never above; counting the max's terms
-    apart cost 35-140% more time in torch ops on the CPU, ad hoc)."""
+    kernels, s is a sum in the working dtype with the max's term inside and e = s − 1: a
+    confident token's s = 1 + δ loses δ below 6e-8 in float32 (its log p comes out 0, never
+    above; counting the max's terms apart cost 35-140% more time in torch ops on the CPU, ad
+    hoc)."""
 
     name = "torch"
 
@@ -121,17 +122,16 @@ class TorchRows(_Rows):
         top = x.detach().amax(dim=-1) if x.shape[-1] else x.new_zeros(x.shape[0])
         shift = torch.where(top.isinf(), 0.0, top)  # as the kernel: a +inf logit gives s = +inf
         d = (x - shift[:, None]) * scale
-        e = d.exp()
-        s = e.sum(dim=-1)
-        u = (e * d.clamp_min(EXPONENT_FLOOR)).sum(dim=-1)
+        exponentials = d.exp()
+        s = exponentials.sum(dim=-1)
+        u = (exponentials * d.clamp_min(EXPONENT_FLOOR)).sum(dim=-1)
         wide = TorchRows.statistics_dtype(logits.dtype, logits.device)
         here = valid & (labels >= 0) & (labels < logits.shape[-1])
         picked = x.gather(1, torch.where(here, labels, 0).long()[:, None])[:, 0]
         z_target = torch.where(here, picked.to(wide) * scale, 0.0)
         m = top.to(wide) * scale
-        one = torch.ones_like(m)
         return (
-            torch.where(valid, m, 0.0), torch.where(valid, s.to(wide), one), torch.where(valid, u.to(wide), 0.0),
+            torch.where(valid, m, 0.0), torch.where(valid, s.to(wide) - 1, 0.0), torch.where(valid, u.to(wide), 0.0),
             z_target,
         )
 
@@ -144,13 +144,13 @@ class TorchRows(_Rows):
         # ignored rows' logits set to 0 first: their NaN or ±inf would make 0·∞ = NaN in the
         # gradient autograd finds (the kernels never read them)
         logits = torch.where(valid[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-        m, s, u, z_target = TorchRows.statistics(logits, labels, valid, temperature)
-        log_p, entropy, lse, _ = row_statistics(m, s, u, z_target, valid)
+        m, e, u, z_target = TorchRows.statistics(logits, labels, valid, temperature)
+        log_p, entropy, lse, _ = row_statistics(m, e, u, z_target, valid)
         return log_p, entropy, lse
 
     @staticmethod
     def gradient(
-        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, s: Tensor,
+        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, e: Tensor,
         coefficients: tuple[Tensor, Tensor, Tensor], out: Tensor,
     ) -> Tensor:
         x = logits.to(_bridge.at_least_float32(logits.dtype))
@@ -160,6 +160,7 @@ class TorchRows(_Rows):
             d = x * scale - m[:, None]
         else:  # max x back exactly from the float64 m = max x·c (a float32)
             d = (x - (m / scale).to(x.dtype)[:, None]) * scale
+        s = 1 + e
         coef_b = (scale * b / s).to(x.dtype)[:, None]
         coef_k = (scale * k / s).to(x.dtype)[:, None]
         grad = d.exp() * (coef_b + coef_k * d.clamp_min(EXPONENT_FLOOR))
@@ -182,8 +183,8 @@ class TritonRows(_Rows):
     @staticmethod
     def statistics_dtype(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
         """The dtype of ``statistics``' results: float64, whatever the logits' (the kernels keep
-        m = max x·c and z_y = x_y·c to float64, which log p = (z_y − m) − log s needs, and s apart
-        from the max's own terms)."""
+        m = max x·c and z_y = x_y·c to float64, which log p = (z_y − m) − log s needs, and the
+        excess e = s − 1 apart from the max's own terms)."""
         return torch.float64
 
     @staticmethod
@@ -210,11 +211,11 @@ class TritonRows(_Rows):
 
     @staticmethod
     def gradient(
-        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, s: Tensor,
+        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, m: Tensor, e: Tensor,
         coefficients: tuple[Tensor, Tensor, Tensor], out: Tensor,
     ) -> Tensor:
         from ..triton.log_probs import log_prob_gradient
 
         return log_prob_gradient(
-            logits, labels.to(torch.int64).contiguous(), valid, temperature, m, s, coefficients, out
+            logits, labels.to(torch.int64).contiguous(), valid, temperature, m, e, coefficients, out
         )

@@ -7,9 +7,9 @@ holds the ``[N, V]`` logits. Per chunk of rows, into one reused ``[rows, V]`` bu
 
 forward
     1. ``logits = x_chunk Wᵀ (+ b)``                     one matmul, ``out=`` the buffer
-    2. pass 1 over the chunk: each row's (m, s, u, z_y)  (the row backend, see below)
+    2. pass 1 over the chunk: each row's (m, e, u, z_y)  (the row backend, see below)
     then, per row: log p(y), H and lse (``reference.log_probs.row_statistics``); kept for
-    backward: m, s, log s, H (four numbers per row) and the inputs.
+    backward: m, e, log s, H (four numbers per row; e = s − 1) and the inputs.
 backward (the upstream gradients are known only now, so each chunk's logits are recomputed:
 one more matmul instead of keeping the logits)
     1. ``logits = x_chunk Wᵀ (+ b)``                     into the buffer again
@@ -79,16 +79,16 @@ def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[T
 
 
 def _finish(ctx: FunctionCtx, statistics: tuple[Tensor, ...], valid: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Per-row outputs from (m, s, u, z_y); keeps (m, s, log s, H) on ``ctx`` for backward."""
+    """Per-row outputs from (m, e, u, z_y); keeps (m, e, log s, H) on ``ctx`` for backward."""
     log_p, entropy, lse, log_s, kept = finish_rows(statistics, valid, dtype, shape)
     return _keep(ctx, statistics[0], statistics[1], log_s, kept, (log_p, entropy, lse))
 
 
 def _keep(
-    ctx: FunctionCtx, m: Tensor, s: Tensor, log_s: Tensor, entropy: Tensor, outputs: tuple[Tensor, ...]
+    ctx: FunctionCtx, m: Tensor, e: Tensor, log_s: Tensor, entropy: Tensor, outputs: tuple[Tensor, ...]
 ) -> tuple[Tensor, ...]:
-    """Keeps the rows' (m, s, log s, H) on ``ctx`` for backward; returns ``outputs``."""
-    ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
+    """Keeps the rows' (m, e, log s, H) on ``ctx`` for backward; returns ``outputs``."""
+    ctx.m, ctx.e, ctx.log_s, ctx.entropy = m, e, log_s, entropy
     return outputs
 
 
@@ -103,11 +103,11 @@ class _LogProbsFunction(torch.autograd.Function):
         matrix = logits.detach().reshape(-1, logits.shape[-1]).contiguous()
         labels = target.reshape(-1)
         ctx.options, ctx.rows, ctx.valid = options, rows, valid.reshape(-1)
-        (m, s, _, _), (log_p, entropy, lse, log_s, kept) = rows.finished(
+        (m, e, _, _), (log_p, entropy, lse, log_s, kept) = rows.finished(
             matrix, labels, ctx.valid, options.temperature, target.shape
         )
         ctx.save_for_backward(logits, target)
-        return _keep(ctx, m, s, log_s, kept, (log_p, entropy, lse))
+        return _keep(ctx, m, e, log_s, kept, (log_p, entropy, lse))
 
     @staticmethod
     @_bridge.first_order_only("log_probs", _bridge.LOG_PROBS_DOUBLE_BACKWARD)
@@ -118,7 +118,7 @@ class _LogProbsFunction(torch.autograd.Function):
         matrix = logits.detach().reshape(-1, logits.shape[-1]).contiguous()
         grad = torch.empty_like(matrix)
         ctx.rows.gradient(
-            matrix, target.reshape(-1), ctx.valid, ctx.options.temperature, ctx.m, ctx.s,
+            matrix, target.reshape(-1), ctx.valid, ctx.options.temperature, ctx.m, ctx.e,
             _coefficients(ctx, grads), grad,
         )
         return grad.reshape(logits.shape), None, None, None, None
@@ -324,7 +324,7 @@ def linear_statistics(
     buffer: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Forward steps 1-2 over the chunks (module docstring) on contiguous detached operands:
-    each row's (m, s, u, z_y) in ``rows.statistics_dtype``; ``buffer``: the reused
+    each row's (m, e, u, z_y) in ``rows.statistics_dtype``; ``buffer``: the reused
     ``[chunk, V]`` logits buffer (made here when None)."""
     n = x.shape[0]
     dtype = rows.statistics_dtype(x.dtype, x.device)
@@ -340,7 +340,7 @@ def linear_statistics(
 
 def linear_gradients(
     x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, valid: Tensor, options: LogProbOptions, rows: type,
-    m: Tensor, s: Tensor, coefficients: tuple[Tensor, Tensor, Tensor], want: tuple[bool, bool, bool],
+    m: Tensor, e: Tensor, coefficients: tuple[Tensor, Tensor, Tensor], want: tuple[bool, bool, bool],
     buffer: Tensor | None = None, skip: tuple[bool, ...] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Backward steps 1-3 over the chunks: the input, weight and bias gradients ``want``ed (else
@@ -352,7 +352,7 @@ def linear_gradients(
     for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size, skip=skip):
         part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
         dz = rows.gradient(
-            logits, target[start:stop], valid[start:stop], options.temperature, m[start:stop], s[start:stop],
+            logits, target[start:stop], valid[start:stop], options.temperature, m[start:stop], e[start:stop],
             part, logits,
         )
         add_chunk_gradients(dz, x_chunk, w, buffers, start, stop)
@@ -390,7 +390,7 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         # found them (backward itself never waits for the device)
         buffer, ctx.buffer = ctx.buffer, None  # (None in a second backward of a retained graph)
         gradients = linear_gradients(
-            x, w, b, target, ctx.valid, ctx.options, ctx.rows, ctx.m, ctx.s, _coefficients(ctx, grads),
+            x, w, b, target, ctx.valid, ctx.options, ctx.rows, ctx.m, ctx.e, _coefficients(ctx, grads),
             tuple(ctx.needs_input_grad[:3]), buffer, skip=ctx.idle,
         )
         return *gradients, None, None, None, None, None

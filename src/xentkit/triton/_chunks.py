@@ -200,12 +200,13 @@ def split_sum(z, m, exponentials):
 
 @triton.jit
 def log1p(e):
-    """log(1 + e) in float32 for e ≥ −1 without losing a small e (Triton has no log1p that the
+    """log(1 + e) for e ≥ −1 without losing a small e (Triton has no log1p that the
     interpreter runs too): log(w)·e/(w − 1), w = 1 + e rounded, whose rounding error cancels in
     the ratio (Goldberg 1991, "What every computer scientist should know about floating-point
-    arithmetic", theorem 4), and e itself where w rounds to 1. −inf at e = −1, NaN stays NaN."""
+    arithmetic", theorem 4), and e itself where w rounds to 1. −inf at e = −1, +inf at +inf, NaN
+    stays NaN. In the dtype of e (float64 for the log-probabilities' rows)."""
     w = 1.0 + e
-    return tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(w == 1.0, e, tl.where(w < float("inf"), tl.log(w) * (e / (w - 1.0)), w))
 
 
 @triton.jit

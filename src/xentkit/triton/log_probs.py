@@ -18,37 +18,40 @@ not by an ulp of max|x|/T, as on the CPU):
     ``reference.log_probs.merge_partials``, in float64; shifts finite, ``FINITE_SHIFT`` of
     :mod:`._chunks`):
         M = max_k m_k,  t = M (0 if not finite),  δ_k = (t_k − t)·c,  s_k = K_k + r_k
-        s = Σ_k s_k·exp(δ_k),   u = Σ_k exp(δ_k)·(u_k + s_k·δ_k)
+        e = s − 1 = (Σ_{k at M} K_k − 1) + Σ_{k at M} r_k + Σ_{k below M} s_k·exp(δ_k)
+        u = Σ_k exp(δ_k)·(u_k + s_k·δ_k)
         m = M·c,  z_y = x_y·c when the row's target y is in [0, V), else 0 (not read)
-    gives each row's (m, s, u, z_y) in float64; ``reference.log_probs.row_statistics`` turns them
-    into log p(y) = (z_y − m) − log s ≤ 0, H = log s − u/s ≥ 0 and lse = m + log s, in the
-    caller or (``finished``) in this kernel, with the same operations in the same order, rounded
-    once to float32.
+    gives each row's (m, e, u, z_y) in float64; ``reference.log_probs.row_statistics`` turns them
+    into log p(y) = (z_y − m) − log1p(e) ≤ 0, H = log1p(e) − u/(1 + e) ≥ 0 and
+    lse = m + log1p(e), in the caller or (``finished``) in this kernel, with the same operations
+    in the same order (log1p as ``_chunks.log1p``), rounded once to float32.
 
-    pass 2, ``_gradient_kernel`` (one read and one write of the logits), given per-row (m, s)
-    and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)), with
+    pass 2, ``_gradient_kernel`` (one read and one write of the logits), given per-row (m, e)
+    and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)), s = 1 + e, with
     max x = m/c back in float32 (exactly: m/c is within 1e-15 of it):
         grad_j = exp(d_j)·(c·b/s + c·k/s·max(d_j, −1000)),   d_j = (x_j − max x)·c
-        grad_y = c·(a + p_y·(b + k·(z_y − m)))   (float64: a + p_y·b cancels for a confident row)
+        grad_y = c·(a·(1 − p_y) + p_y·((a + b) + k·(z_y − m)))   (float64; 1 − p_y = e/s where y
+        is at the max: a + p_y·b, and 1 − 1/s, cancel for a confident row)
 
 Why float64 per row: m and z_y in float32 would each carry half an ulp of max|x|/T (at logits
 near 1e4 and T = 0.7, 5e-4 in log p); s summed as 1 + δ in float32 would keep δ only to 6e-8 (a
 confident token's log p = −log s came out 0). Counting the max's terms apart and merging in
-float64 keeps both; the per-element work stays in float32.
+float64 into the excess e = s − 1 (never 1 + e rounded) keeps both; the per-element work stays
+in float32.
 
 Exactness: the launches turn off floating-point contraction (``enable_fp_fusion=False``, as every
 launch of this package: ``_chunks.EXACT``), so that d_j is computed as the max saw it: the max's
-own term is d = 0 and is counted, never exponentiated, hence s ≥ 1 (log s ≥ 0, log p(y) ≤ 0) and
+own term is d = 0 and is counted, never exponentiated, hence e ≥ 0 (log s ≥ 0, log p(y) ≤ 0) and
 u ≤ 0 (H ≥ 0), also for bfloat16 logits. The max(·, −1000) makes a masked class (d = −inf,
 exp = 0) add 0, not 0·(−inf).
 
 Pass 2 reads each element before writing it, in the same program (x_y too, from the program's
 own block), so the gradient may be written over the logits (in place). A row that is not
-``valid`` (its target is ignore_index) is not read: (m, s, u, z_y) = (0, 1, 0, 0) and a zero
-gradient row. Special values, as the Numba kernel and torch: a NaN makes the row's s and u NaN
-(so log p, H, lse and the gradient); a +inf logit gives m = +inf and s = +inf (sums unshifted:
+``valid`` (its target is ignore_index) is not read: (m, e, u, z_y) = (0, 0, 0, 0) and a zero
+gradient row. Special values, as the Numba kernel and torch: a NaN makes the row's e and u NaN
+(so log p, H, lse and the gradient); a +inf logit gives m = +inf and e = +inf (sums unshifted:
 lse +inf, log p, H and the gradient NaN); −inf logits are masked classes, and a row of −inf only
-has m = −inf, s = 0 (NaN downstream).
+has m = −inf, e = −1 (s = 0: NaN downstream).
 
 Offsets grow with the rows in int64, as :mod:`._chunks` says (logits past 2^31 elements,
 ``tests/test_triton_int64.py``).
@@ -121,7 +124,7 @@ def _combine_kernel(
     part_ptr,
     part_plane,
     m_ptr,
-    s_ptr,
+    e_ptr,
     u_ptr,
     z_target_ptr,
     log_p_ptr,
@@ -136,7 +139,7 @@ def _combine_kernel(
     CHUNKS: tl.constexpr,
     FINISH: tl.constexpr,
 ):
-    """One program per row, in float64: the row's partials merged into (m, s, u), and z_y; with
+    """One program per row, in float64: the row's partials merged into (m, e, u), and z_y; with
     ``FINISH`` also the row's log p(y), H, lse (rounded once to float32), log s and H again
     (kept for backward, float64) (``reference.log_probs.row_statistics``; 0 on rows that are not
     valid)."""
@@ -144,7 +147,7 @@ def _combine_kernel(
     slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     if tl.load(valid_ptr + row) == 0:
         tl.store(m_ptr + row, 0.0)
-        tl.store(s_ptr + row, 1.0)
+        tl.store(e_ptr + row, 0.0)
         tl.store(u_ptr + row, 0.0)
         tl.store(z_target_ptr + row, 0.0)
         if FINISH:
@@ -155,10 +158,9 @@ def _combine_kernel(
             tl.store(kept_ptr + row, 0.0)
         return
     c = _scale64(scale_hi, scale_lo)
-    # ---- the row: M = max m_k of x; s (as 1 + e) and each chunk's u_k restated at t = shift(M),
-    #      in float64 ----
+    # ---- the row: M = max m_k of x; the excess e = s − 1 and each chunk's u_k restated at
+    #      t = shift(M), in float64 ----
     big, t, e, t_k, factor, s_k = _chunks.merge_counted(slots, mine, plane, c, True, True)
-    s = 1.0 + e
     u_k = tl.load(slots + 3 * plane, mask=mine, other=0.0).to(tl.float64)
     # δ_k = (t_k − t)·c ≤ 0, the difference of two float32 taken in float64 (exact); the chunks of
     # the row's max keep u_k as it is (δ = 0); an empty chunk (s_k = 0: only −inf) adds nothing,
@@ -175,12 +177,12 @@ def _combine_kernel(
     x_y = tl.load(logits_ptr + row * logits_stride + tl.where(known, y, 0)).to(tl.float32)
     z_y = tl.where(known, x_y.to(tl.float64) * c, 0.0)
     tl.store(m_ptr + row, m)
-    tl.store(s_ptr + row, s)
+    tl.store(e_ptr + row, e)
     tl.store(u_ptr + row, u)
     tl.store(z_target_ptr + row, z_y)
     if FINISH:  # row_statistics' algebra, in its order, in float64
-        log_s = tl.log(s)
-        entropy = log_s - u / s
+        log_s = _chunks.log1p(e)
+        entropy = log_s - u / (1.0 + e)
         tl.store(log_p_ptr + row, (((z_y - m) - log_s) + (m - m)).to(tl.float32))  # NaN for an infinite max
         tl.store(entropy_ptr + row, entropy.to(tl.float32))
         tl.store(lse_ptr + row, (m + log_s).to(tl.float32))
@@ -197,7 +199,7 @@ def _gradient_kernel(
     labels_ptr,
     valid_ptr,
     m_ptr,
-    s_ptr,
+    e_ptr,
     a_ptr,
     a_stride,
     b_ptr,
@@ -211,7 +213,7 @@ def _gradient_kernel(
     scale_lo,
     BLOCK: tl.constexpr,
 ):
-    """One program per (row, chunk): the chunk's gradient from the row's (m, s) and (a, b, k)."""
+    """One program per (row, chunk): the chunk's gradient from the row's (m, e) and (a, b, k)."""
     row, cols, inside = _chunks.columns(n_cols, BLOCK)
     grad_row = grad_ptr + row * grad_stride
     if tl.load(valid_ptr + row) == 0:
@@ -219,7 +221,8 @@ def _gradient_kernel(
         return
     c = _scale64(scale_hi, scale_lo)
     m = tl.load(m_ptr + row).to(tl.float64)
-    s = tl.load(s_ptr + row).to(tl.float64)
+    e = tl.load(e_ptr + row).to(tl.float64)
+    s = 1.0 + e
     a = tl.load(a_ptr + row * a_stride).to(tl.float64)
     b = tl.load(b_ptr + row * b_stride).to(tl.float64)
     k = tl.load(k_ptr + row * k_stride).to(tl.float64)
@@ -232,8 +235,9 @@ def _gradient_kernel(
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     d = (x - m_x) * scale_hi
     grad = tl.exp(d) * (coef_b + coef_k * tl.maximum(d, _FLOOR))
-    # the target's entry c·(a + p_y·(b + k·d_y)) in float64, where a + p_y·b cancels for a
-    # confident row (p_y = 1/s near 1); y outside [0, V) matches no stored lane
+    # the target's entry c·(a·(1 − p_y) + p_y·((a + b) + k·d_y)) in float64, its 1 − p_y = e/s
+    # where y is at the max (d_y = 0), where a + p_y·b and 1 − 1/s cancel for a confident row;
+    # y outside [0, V) matches no stored lane
     # x_y from this program's own block (another chunk's program may have written its gradient
     # over the logits already: in place), so only in the chunk that holds y
     y = tl.load(labels_ptr + row)
@@ -241,7 +245,9 @@ def _gradient_kernel(
     if (y >= start) & (y < start + BLOCK):
         x_y = tl.sum(tl.where(cols == y, x, 0.0), 0)
         d_y = x_y.to(tl.float64) * c - m
-        target = c * (a + tl.exp(d_y) / s * (b + k * tl.maximum(d_y, _FLOOR)))
+        p_y = tl.exp(d_y) / s
+        rest_y = tl.where(d_y == 0.0, e / s, 1.0 - p_y)
+        target = c * (a * rest_y + p_y * ((a + b) + k * tl.maximum(d_y, _FLOOR)))
         grad = tl.where(cols == y, target.to(tl.float32), grad)
     tl.store(grad_row + cols, grad, mask=inside)
 
@@ -263,7 +269,7 @@ def log_prob_statistics(
     logits: Tensor, labels: Tensor, valid: Tensor, temperature: float = 1.0,
     finished: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pass 1 over a contiguous ``[N, V]`` float32/float16/bfloat16 tensor: ``(m, s, u, z_target)``,
+    """Pass 1 over a contiguous ``[N, V]`` float32/float16/bfloat16 tensor: ``(m, e, u, z_target)``,
     each ``[N]`` float64 on the logits' device (see the module docstring). ``labels`` ``[N]``
     int64, ``valid`` ``[N]`` bool; nothing is validated. ``finished``: five contiguous tensors
     of N elements each (any shape; float32 for the first three, float64 for the last two) that
@@ -271,9 +277,9 @@ def log_prob_statistics(
     Two launches."""
     n_rows, n_cols = logits.shape
     device = logits.device
-    m, s, u, z_target = (torch.empty(n_rows, dtype=torch.float64, device=device) for _ in range(4))
+    m, e, u, z_target = (torch.empty(n_rows, dtype=torch.float64, device=device) for _ in range(4))
     if n_rows == 0:
-        return m, s, u, z_target
+        return m, e, u, z_target
     scale_hi, scale_lo = _scale_parts(temperature)
     valid_bytes = _valid_bytes(valid)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
@@ -283,12 +289,12 @@ def log_prob_statistics(
         **layout.per_chunk,
     )
     _combine_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, valid_bytes, part, layout.plane, m, s, u, z_target,
+        logits, logits.stride(0), labels, valid_bytes, part, layout.plane, m, e, u, z_target,
         *((m,) * 5 if finished is None else finished), n_cols, layout.chunks, scale_hi, scale_lo,
         **layout.per_row,
         FINISH=finished is not None,
     )
-    return m, s, u, z_target
+    return m, e, u, z_target
 
 
 @_chunks.on_tensor_device
@@ -298,12 +304,12 @@ def log_prob_gradient(
     valid: Tensor,
     temperature: float,
     m: Tensor,
-    s: Tensor,
+    e: Tensor,
     coefficients: tuple[Tensor, Tensor, Tensor],
     grad_out: Tensor,
 ) -> Tensor:
     """Pass 2: writes ∂/∂logits into ``grad_out`` (a contiguous ``[N, V]`` tensor of the logits'
-    dtype; it may be ``logits`` itself) from the rows' (m, s) of :func:`log_prob_statistics` and
+    dtype; it may be ``logits`` itself) from the rows' (m, e) of :func:`log_prob_statistics` and
     the coefficients (a, b, k) of ``reference.log_probs.gradient_coefficients``, each ``[N]`` or
     a single value (0-dim), any float dtype, on the logits' device. One launch. Returns
     ``grad_out``."""
@@ -314,7 +320,7 @@ def log_prob_gradient(
     a, b, k = (c.reshape(-1).expand(n_rows) for c in coefficients)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
     _gradient_kernel[layout.grid](
-        logits, logits.stride(0), labels, _valid_bytes(valid), m.contiguous(), s.contiguous(),
+        logits, logits.stride(0), labels, _valid_bytes(valid), m.contiguous(), e.contiguous(),
         a, a.stride(0), b, b.stride(0), k, k.stride(0), grad_out, grad_out.stride(0), n_cols,
         *_scale_parts(temperature), **layout.per_chunk,
     )

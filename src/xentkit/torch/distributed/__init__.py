@@ -38,8 +38,8 @@ standard tensor-parallel cost of a column-parallel layer's backward.
 
 :func:`vocab_parallel_linear_log_probs` gives per-token log p(y), entropy and lse (what PPO /
 GRPO need) from the same shard layout, with the same agreement first: per chunk an all-reduce MAX
-of each row's shard max and a SUM of (Σ exp, Σ exp·z restated at that max, z_y), 32·N bytes per
-call; backward recomputes the local logits and all-reduces the input gradient.
+of each row's shard max and a SUM of (Σ exp, Σ exp·z restated at that max, z_y, whether the
+shard holds the max: the max's terms counted apart), 40·N bytes per call; backward recomputes the local logits and all-reduces the input gradient.
 
 Every function is the same on any ``torch.distributed`` group (gloo on CPU, NCCL on GPU) and
 with no process group at all (a single process holding the whole vocabulary).

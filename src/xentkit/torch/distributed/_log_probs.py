@@ -8,17 +8,21 @@ formulas in :mod:`xentkit.reference.log_probs`) gives
     m_r = max_{j in shard} z_j,   s_r = Σ_j exp(z_j − m_r),   u_r = Σ_j exp(z_j − m_r)·(z_j − m_r)
     z_y,r = z_y on the rank whose shard holds y, 0 elsewhere (a label outside the shard is not read)
 
-and the row's statistics are a max and sums of these (``reference.log_probs.merge_partials``)::
+with s_r kept as its excess e_r = s_r − 1 (the max's own terms counted apart), and the row's
+statistics are a max and sums of these (``reference.log_probs.merge_partials``)::
 
     M   = max_r m_r                                          all-reduce MAX   r float64 per chunk
-    S   = Σ_r s_r·exp(m_r − M)                               ┐
-    U   = Σ_r exp(m_r − M)·(u_r + s_r·(m_r − M))             ├ all-reduce SUM 3r float64 per chunk
+    K   = #{r: m_r = M}                                      ┐
+    E   = (K − 1) + Σ_{m_r = M} e_r + Σ_{m_r < M} s_r·exp(m_r − M)     │
+    U   = Σ_r exp(m_r − M)·(u_r + s_r·(m_r − M))             ├ all-reduce SUM 4r float64 per chunk
     z_y = Σ_r z_y,r                                          ┘
 
-from which every rank computes the same log p(y) = (z_y − M) − log S, H = log S − U/S and
-lse = M + log S (``reference.log_probs.row_statistics``). Backward recomputes each chunk's local
-logits and writes this rank's columns of ∂/∂z with the row's (M, S), so that p_j = exp(z_j − M)/S
-is the full softmax; ∂/∂W_r and ∂/∂b_r stay local, ∂/∂x = Σ_r dz_r·W_r is all-reduced (SUM, N·D).
+from which every rank computes the same log p(y) = (z_y − M) − log1p(E), H = log1p(E) − U/(1 + E)
+and lse = M + log1p(E) (``reference.log_probs.row_statistics``; E = S − 1 summed without the
+max's terms, so that a confident token's log p keeps its digits). Backward recomputes each
+chunk's local logits and writes this rank's columns of ∂/∂z with the row's (M, E), so that
+p_j = exp(z_j − M)/(1 + E) is the full softmax; ∂/∂W_r and ∂/∂b_r stay local,
+∂/∂x = Σ_r dz_r·W_r is all-reduced (SUM, N·D).
 """
 
 from __future__ import annotations
@@ -86,40 +90,41 @@ def _matrices(input: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> 
 
 
 def _shard_statistics(logits: Tensor, plan: _LogProbPlan, start: int, stop: int) -> tuple[Tensor, ...]:
-    """This rank's (m_r, s_r, u_r, z_y,r) of rows ``start:stop``, float64. A shard row with no
-    finite class (an empty shard, or −inf only) has s_r = 0 and m_r = −inf, so that it never raises
-    the row's max M."""
+    """This rank's (m_r, e_r, u_r, z_y,r) of rows ``start:stop``, float64 (e_r = s_r − 1). A shard
+    row with no finite class (an empty shard, or −inf only) has s_r = 0 (e_r = −1) and m_r = −inf,
+    so that it never raises the row's max M."""
     labels, valid = plan.chunk(start, stop)
     if logits.shape[1] == 0:  # an empty shard: nothing to read (the torch ops would index column 0)
         n = stop - start
         zeros = torch.zeros(n, dtype=torch.float64, device=logits.device)
-        return torch.full_like(zeros, -math.inf), zeros, zeros, zeros
+        return torch.full_like(zeros, -math.inf), zeros - 1, zeros, zeros
     pieces = plan.rows.statistics(logits, labels, valid, plan.options.temperature)
-    m, s, u, z_target = (piece.to(torch.float64) for piece in pieces)
-    return torch.where(s == 0, -math.inf, m), s, u, z_target
+    m, e, u, z_target = (piece.to(torch.float64) for piece in pieces)
+    return torch.where(e == -1, -math.inf, m), e, u, z_target
 
 
 def _statistics(x: Tensor, w: Tensor, b: Tensor | None, plan: _LogProbPlan) -> tuple[Tensor, ...]:
-    """The rows' (M, S, U, z_y) over every rank, float64 ``[N]``; ignored rows (0, 1, 0, 0).
+    """The rows' (M, E, U, z_y) over every rank, float64 ``[N]`` (E = S − 1); ignored rows' are
+    never read.
 
     Per chunk of rows: ``logits = x_chunk W_rᵀ (+ b_r)`` into one reused buffer, the shard's
-    statistics, an all-reduce MAX of m_r, each rank's (s_r, u_r) restated at M, an all-reduce SUM
-    of (s, u, z_y).
+    statistics, an all-reduce MAX of m_r, each rank's (e_r, u_r) restated at M, an all-reduce SUM
+    of (whether the rank holds M, e, u, z_y): E = (the ranks holding M − 1) + Σ e.
     """
     n = x.shape[0]
     device = x.device
-    m, u, z_target = (torch.zeros(n, dtype=torch.float64, device=device) for _ in range(3))
-    s = torch.ones(n, dtype=torch.float64, device=device)
+    m, e, u, z_target = (torch.zeros(n, dtype=torch.float64, device=device) for _ in range(4))
     buffer = _new_buffer((min(plan.chunk_rows, n), w.shape[0]), x)
     communicator = plan.communicator
     for start, stop, _, logits in logit_chunks(x, w, b, buffer, plan.chunk_rows, skip=plan.idle):
-        m_r, s_r, u_r, z_r = _shard_statistics(logits, plan, start, stop)
+        m_r, e_r, u_r, z_r = _shard_statistics(logits, plan, start, stop)
         m_total = communicator.all_reduce(m_r.clone(), dist.ReduceOp.MAX)
-        s_part, u_part = merge_partials(m_r, s_r, u_r, m_total)
-        sums = communicator.all_reduce(torch.stack([s_part, u_part, z_r]), dist.ReduceOp.SUM)
+        top, e_part, u_part = merge_partials(m_r, e_r, u_r, m_total)
+        sums = communicator.all_reduce(torch.stack([top, e_part, u_part, z_r]), dist.ReduceOp.SUM)
         m[start:stop] = m_total
-        s[start:stop], u[start:stop], z_target[start:stop] = sums.unbind()
-    return m, s, u, z_target
+        tops, e_sum, u[start:stop], z_target[start:stop] = sums.unbind()
+        e[start:stop] = (tops - 1) + e_sum
+    return m, e, u, z_target
 
 
 class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
@@ -134,10 +139,10 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         _bridge.first_order_anchors(ctx, input, linear_weight_shard, linear_bias_shard)
         x, w, b = _matrices(input, linear_weight_shard, linear_bias_shard, plan.valid.shape[0])
-        m, s, u, z_target = _statistics(x, w, b, plan)
-        log_p, entropy, lse, log_s = row_statistics(m, s, u, z_target, plan.valid)
+        m, e, u, z_target = _statistics(x, w, b, plan)
+        log_p, entropy, lse, log_s = row_statistics(m, e, u, z_target, plan.valid)
         ctx.plan = plan
-        ctx.m, ctx.s, ctx.log_s, ctx.entropy = m, s, log_s, entropy
+        ctx.m, ctx.e, ctx.log_s, ctx.entropy = m, e, log_s, entropy
         ctx.save_for_backward(input, linear_weight_shard, linear_bias_shard)
         return _bridge.own_outputs((log_p, entropy, lse), _bridge.at_least_float32(x.dtype), input.shape[:-1])
 
@@ -157,13 +162,13 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
             coefficients = _coefficients(ctx, grads)
             # the (M, S) the row backend takes: as xentkit.torch.linear_log_probs keeps them
             dtype = plan.rows.statistics_dtype(x.dtype, x.device)
-            m, s = ctx.m.to(dtype), ctx.s.to(dtype)
+            m, e = ctx.m.to(dtype), ctx.e.to(dtype)
             buffer = _new_buffer((min(plan.chunk_rows, n), w.shape[0]), x)
             for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, plan.chunk_rows, skip=plan.idle):
                 labels, valid = plan.chunk(start, stop)
                 part = tuple(c.expand(n)[start:stop] if c.dim() == 0 else c[start:stop] for c in coefficients)
                 dz = plan.rows.gradient(
-                    logits, labels, valid, plan.options.temperature, m[start:stop], s[start:stop], part, logits,
+                    logits, labels, valid, plan.options.temperature, m[start:stop], e[start:stop], part, logits,
                 )
                 add_chunk_gradients(dz, x_chunk, w, buffers, start, stop)
         grad_x, grad_w, grad_b = finish_gradients(buffers, w, b)
@@ -229,7 +234,7 @@ def vocab_parallel_linear_log_probs(
     log p(y) = z_y − lse (≤ 0) and H = lse − Σ_c p_c·z_c (≥ 0), the same on every rank. Rows are
     processed ``chunk_size`` at a time (default as :func:`vocab_parallel_linear_cross_entropy`);
     per chunk: local logits, one pass for this shard's (max, Σ exp, Σ exp·z, z_y), an all-reduce
-    MAX of ``r`` and SUM of ``3r`` float64 (32·N bytes per call, whatever V). Backward recomputes
+    MAX of ``r`` and SUM of ``4r`` float64 (40·N bytes per call, whatever V). Backward recomputes
     each chunk's local logits, writes their gradient in place from the rows' statistics and the
     upstream gradients, then ``∂/∂W_r = dzᵀ·x`` and ``∂/∂b_r = Σ_rows dz`` stay local and
     ``∂/∂x = Σ_r dz_r·W_r`` is all-reduced (SUM, N·D floats: ``input`` is replicated). Every rank
