@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -343,3 +345,32 @@ def test_perplexity_rounds_once():
     got = xentkit.perplexity(x, [0])
     assert got.dtype == np.float32 and got.shape == ()
     assert got == np.float32(np.exp(np.log(29999 + np.exp(-5.0)) + 5.0)) == np.float32(4452247.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the kernels, then torch's ops
+@pytest.mark.parametrize("name", ["weight", "pos_weight"])
+@pytest.mark.parametrize("shape", [(3,), (2, 1, 5), (4, 2)])
+def test_torch_binary_cross_entropy_names_a_factor_that_does_not_broadcast(dtype, name, shape):
+    """xentkit.torch as the NumPy api: a weight or pos_weight that does not broadcast to the
+    input's shape is a ValueError naming it (a pos_weight fell through to torch's ops, whose
+    RuntimeError spoke of "tensor a" and "tensor b", or of an output shape, a review)."""
+    torch = pytest.importorskip("torch")
+    import xentkit.torch as xt
+
+    kind = getattr(torch, dtype)
+    x, y = torch.randn(4, 5, dtype=kind), torch.rand(4, 5, dtype=kind)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{name} must broadcast to the input's shape (4, 5), got shape {shape}")):
+        xt.binary_cross_entropy_with_logits(x, y, **{name: torch.ones(shape, dtype=kind)})
+
+
+@pytest.mark.parametrize("argument", ["input", "target", "weight"])
+def test_torch_losses_name_a_sparse_tensor(argument):
+    """A sparse (or other non-strided) tensor is a TypeError naming it, with the fix (a sparse
+    probability target reached the label checks: torch's NotImplementedError named neither)."""
+    torch = pytest.importorskip("torch")
+    import xentkit.torch as xt
+
+    tensors = {"input": torch.randn(4, 5), "target": torch.softmax(torch.randn(4, 5), 1), "weight": torch.rand(5)}
+    tensors[argument] = tensors[argument].to_sparse()
+    with pytest.raises(TypeError, match=rf"^{argument} must be a dense \(strided\) tensor, got layout torch.sparse_coo; \.to_dense\(\) makes one"):
+        xt.cross_entropy(tensors["input"], tensors["target"], weight=tensors["weight"])

@@ -418,6 +418,12 @@ def test_an_error_after_data_download_prints_its_usage(capsys):
     assert main(["data", "download", "mnist", "--bogus"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("usage: xentkit data download ") and "unrecognized arguments: --bogus" in error
+    # the dataset argument is named in errors as in the usage line (it was "name", a review)
+    for arguments, message in ((["bogus"], "argument DATASET: invalid choice: 'bogus'"),
+                               ([], "the following arguments are required: DATASET")):
+        assert main(["data", "download", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert "[--mirror URL] DATASET" in error and message in error, error
 
 
 def test_review_of_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

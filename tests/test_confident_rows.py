@@ -155,3 +155,21 @@ def test_a_confident_tokens_log_probability_through_xentkit_torch():
     weight = torch.tensor(logits.T.copy(), requires_grad=True)
     linear = xt.linear_log_probs(eye, weight, torch.tensor(labels), chunk_size=4)
     np.testing.assert_allclose(linear.detach().numpy(), log_p, rtol=1e-14, atol=0)
+
+
+def test_the_reference_takes_a_single_row_whose_target_is_its_max():
+    """1-D logits (one sample, a 0-d target) at the row's max: the reference's regrouped target
+    entry indexed rows by np.nonzero of a 0-d array and raised (a review); and a z-loss under an
+    upstream gradient of 1e308 overflowed to inf on the reference only (its factor 2·g first)."""
+    x = np.array([3.0, 1.0, -3.0])
+    want = xentkit.cross_entropy_and_grad(x, 0)
+    with xentkit.use_reference():
+        got = xentkit.cross_entropy_and_grad(x, 0)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-15)
+    rows = x[None]
+    want = xentkit.cross_entropy_and_grad(rows, [0], z_loss=1e-3, grad_output=1e308)
+    with xentkit.use_reference(), np.errstate(all="raise"):
+        got = xentkit.cross_entropy_and_grad(rows, [0], z_loss=1e-3, grad_output=1e308)
+    assert np.isfinite(got[1]).all()
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-14)

@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         "file with a wrong checksum is discarded.",
     )
     download.set_defaults(help_parser=download)
-    download.add_argument("name", choices=("mnist", "fashion-mnist"), help="dataset to fetch")
+    download.add_argument(
+        "name", metavar="DATASET", choices=("mnist", "fashion-mnist"), help="dataset to fetch: mnist or fashion-mnist"
+    )
     download.add_argument(
         "--cache", metavar="DIR", type=_path,
         help="cache folder (default: $XENTKIT_CACHE, else $XDG_CACHE_HOME/xentkit, else ~/.cache/xentkit)",

@@ -48,11 +48,14 @@ def check_tensors(input: object, target: object, weight: object = None, pos_weig
     attribute lookups deep in the paths: an AttributeError that named neither); each on the
     input's device (a 0-d CPU weight or pos_weight too, a scalar as torch takes it), else a
     ValueError naming it and both devices (torch's message, from deep in its ops, named neither
-    the argument nor the loss)."""
+    the argument nor the loss). Each a dense (strided) tensor, else a TypeError naming it (a
+    sparse target reached the label checks' ops: torch's NotImplementedError named neither)."""
     if (
         isinstance(input, Tensor) and isinstance(target, Tensor) and target.device == input.device
         and (weight is None or (isinstance(weight, Tensor) and weight.device == input.device))
         and pos_weight is None
+        and input.layout == target.layout == torch.strided and not (input.is_nested or target.is_nested)
+        and (weight is None or (weight.layout == torch.strided and not weight.is_nested))
     ):
         return
     arguments = (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight))
@@ -61,6 +64,8 @@ def check_tensors(input: object, target: object, weight: object = None, pos_weig
             kind = "a torch.Tensor" if name in ("input", "target") else "a torch.Tensor or None"
             hint = "; torch.from_numpy(...) makes one" if isinstance(value, np.ndarray) else ""
             raise TypeError(f"{name} must be {kind}, got {describe(value)}{hint}")
+        if value is not None:
+            check_dense(value, name)
     for name, value in arguments[1:]:
         if value is None or value.device == input.device:
             continue
@@ -250,7 +255,8 @@ def check_dense(tensor: Tensor, name: str) -> None:
     tensors (whose layout may say strided), have no rows to run the kernels over."""
     if tensor.layout != torch.strided or tensor.is_nested:
         got = "a nested tensor" if tensor.is_nested else f"layout {tensor.layout}"
-        raise TypeError(f"{name} must be a dense (strided) tensor, got {got}")
+        hint = "" if tensor.is_nested else "; .to_dense() makes one"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {got}{hint}")
 
 
 def own_outputs(values: tuple[Tensor, ...], dtype: torch.dtype, shape: torch.Size) -> tuple[Tensor, ...]:

@@ -137,7 +137,9 @@ def _deferred_gradient(
 ) -> Tensor:
     """The gradient of in-place float16 logits, computed in backward with ``grad_output`` applied
     in float32 and rounded once into the logits (or, when the graph is kept, into a new tensor):
-    the same values as ``inplace_backward=False``."""
+    the values of ``inplace_backward=False``, bit for bit at an upstream gradient of 1; at other
+    upstream gradients an entry may differ by one float16 rounding (applied here inside the
+    kernel, there to the float32 gradient afterwards)."""
     array = _bridge.as_numpy(logits)
     _, gradient = _cross_entropy(
         array, _bridge.as_numpy(target), axis=ctx.class_axis, weight=_bridge.optional_numpy(weight),
@@ -662,6 +664,14 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
     return loss
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (torch's rules, not widening it)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,
@@ -709,13 +719,14 @@ def binary_cross_entropy_with_logits(
             "target must be a floating-point tensor (probabilities in [0, 1]), got dtype "
             f"{str(target.dtype).removeprefix('torch.')}; pass target.float()"
         )
-    # xentkit takes a pos_weight that broadcasts to the input; one that would widen the result
-    # (more axes, or sizes the input lacks) torch broadcasts, and its own ops handle.
-    pos_weight_fits = pos_weight is None or (
-        pos_weight.dim() <= input.dim()
-        and all(size in (1, full) for size, full in zip(pos_weight.shape, input.shape[input.dim() - pos_weight.dim():], strict=True))
-    )
-    if not pos_weight_fits or not _bridge.runs_on_xentkit(
+    for name, factor in (("weight", weight), ("pos_weight", pos_weight)):
+        # (torch: a RuntimeError naming "tensor a" and "tensor b", or one about the output's
+        # shape for a factor that would widen the result, from inside its ops)
+        if factor is not None and not _broadcasts_to(factor.shape, input.shape):
+            raise ValueError(
+                f"{name} must broadcast to the input's shape {tuple(input.shape)}, got shape {tuple(factor.shape)}"
+            )
+    if not _bridge.runs_on_xentkit(
         input, target, weight, pos_weight, grad_free=(target, weight, pos_weight)
     ):
         return _torch_ops.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)

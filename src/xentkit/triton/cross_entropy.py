@@ -353,18 +353,21 @@ def _grad_kernel(
         z = x
     # at the row's max (p_j = 1/d exactly): main·p_j − mass_j = (main − mass_j) − main·e/d, with
     # no cancellation for a confident row (whose p_j − 1 = −e/d would round to 0 or an ulp); where
-    # that form is NaN (∞ − ∞, an infinite class weight) the plain one, which torch's value follows
+    # that form is NaN (∞ − ∞, an infinite class weight) the plain one, which torch's value follows;
+    # so too for an infinite (or NaN) upstream gradient, where torch's order g·p_j·A − g·w_j is
+    # NaN (∞ − ∞) and the regrouped form would give −∞ (as the Numba kernels: a review)
     at_max = z == m
+    regroup = tl.abs(main) < float("inf")
     if PROBABILITIES:
         r = g * _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
                                  HAS_WEIGHT, HAS_SMOOTHING)
         grad = coef * tl.exp(z - m) - r
-        precise = (main - r) + (other - main * e) / d
+        precise = tl.where(regroup, (main - r) + (other - main * e) / d, float("nan"))
         grad = tl.where(at_max, tl.where(precise == precise, precise, grad), grad)
     else:
         label = cols == y
         grad = coef * tl.exp(z - m) - tl.where(label, main, 0.0)
-        precise = (other - main * e) / d
+        precise = tl.where(regroup, (other - main * e) / d, float("nan"))
         grad = tl.where(label & at_max, tl.where(precise == precise, precise, grad), grad)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
