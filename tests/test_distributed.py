@@ -289,7 +289,8 @@ def scenario_communication(world, rank):
     full, target, weight, _ = _problem(29, torch.float32)
     start, stop, _ = _shard(world, rank, False)
     record_bytes = world * len(vp._FIELDS) * 8
-    for smoothing, floats_per_row in ((0.0, 3), (0.1, 4)):
+    # per row: the max (MAX), then whether the shard holds it, the excess and z_y (and S_z) (SUM)
+    for smoothing, floats_per_row in ((0.0, 4), (0.1, 5)):
         with recorded(f"logits form, label_smoothing={smoothing}"):
             stats = vp.CommunicationStats()
             shard = full[:, start:stop].clone().requires_grad_(True)
@@ -307,7 +308,7 @@ def scenario_communication(world, rank):
         stats = vp.CommunicationStats()
         vp.vocab_parallel_linear_cross_entropy(x, w_shard, target, chunk_size=4, stats=stats).backward()
         assert stats.all_reduce_calls == 2 * 4 + 1, stats
-        assert stats.all_reduce_bytes == 8 * N * 3 + 8 * N * features, stats
+        assert stats.all_reduce_bytes == 8 * N * 4 + 8 * N * features, stats
 
 
 def _all_reduces_during(action: Callable[[], object]) -> int:
@@ -452,7 +453,40 @@ def scenario_meta_and_dtypes(world, rank):
                        z_loss=0.0, explicit=False, seed=37)
 
 
+def scenario_confident_rows(world, rank):
+    """Rows whose target sits 40 above the rest (float64, V = 11): each shard keeps its excess
+    e_r = s_r − 1 with its max's terms counted apart, and the all-reduce sums them with whether
+    each shard holds the row's max, so that the loss log1p(E) ≈ 4e-17 and the target's gradient
+    −E/S keep float64's relative accuracy (log of S = 1 + E summed gave 0 below 1e-16). A tie at
+    the max in two shards (row 1), the max in the last shard (row 2); the logits and the linear
+    form, on the Numba shards."""
+    full = torch.full((3, V), -40.0, dtype=torch.float64)
+    full[0, 0] = full[1, 0] = full[1, V - 1] = full[2, V - 1] = 0.0
+    full[:, 3] = -41.0
+    target = torch.tensor([0, V - 1, V - 1])
+    others = torch.exp(full).masked_fill(full == 0, 0.0)
+    excess = others.sum(dim=1) + ((full == 0).sum(dim=1) - 1)  # exact: each term below 1
+    want_loss = torch.log1p(excess)
+    want_target_grad = -excess / (1 + excess)
+    start, stop, _ = _shard(world, rank, False)
+    rows = torch.arange(3)
+    with recorded("logits form"):
+        shard = full[:, start:stop].clone().requires_grad_(True)
+        loss = vp.vocab_parallel_cross_entropy(shard, target, reduction="none")
+        loss.sum().backward()
+        torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-14, atol=0)
+        mine = (target >= start) & (target < stop)
+        got = shard.grad[rows[mine], (target - start)[mine]]
+        torch.testing.assert_close(got, want_target_grad[mine], rtol=1e-14, atol=0)
+    with recorded("linear form"):
+        x = torch.eye(3, dtype=torch.float64)
+        w_shard = full[:, start:stop].T.contiguous().requires_grad_(True)
+        loss = vp.vocab_parallel_linear_cross_entropy(x, w_shard, target, reduction="none", chunk_size=2)
+        torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-14, atol=0)
+
+
 SCENARIOS = {
+    "confident_rows": scenario_confident_rows,
     "logits_options": scenario_logits_options,
     "logits_torch_ops": scenario_logits_torch_ops,
     "logits_special_values": scenario_logits_special_values,
@@ -826,3 +860,19 @@ def test_a_frozen_inference_weight_works_where_nothing_is_saved():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="inference_mode"):
         vp.vocab_parallel_linear_cross_entropy(x, frozen, target, reduction="none")
+
+
+def test_wrong_types_and_a_rank_outside_the_group_are_named():
+    """A vocab_start that is not an int and integer logits are TypeErrors (they were ValueErrors,
+    unlike the other losses); a rank outside ``group`` (dist.new_group gives it the int
+    NON_GROUP_MEMBER) is told so, not that an int is no process group (a review)."""
+    logits, target = torch.randn(3, V), torch.tensor([0, 1, 2])
+    for bad in (0.0, True, torch.tensor(0)):
+        with pytest.raises(TypeError, match="vocab_start must be None or an int >= 0, got"):
+            vp.vocab_parallel_cross_entropy(logits, target, vocab_start=bad)
+    with pytest.raises(ValueError, match="vocab_start must be None or an int >= 0, got -1"):
+        vp.vocab_parallel_cross_entropy(logits, target, vocab_start=-1)
+    with pytest.raises(TypeError, match=r"logits_shard must be a floating tensor .* got dtype int64"):
+        vp.vocab_parallel_cross_entropy(torch.ones(3, V, dtype=torch.int64), target)
+    with _world_of_one("gloo"), pytest.raises(ValueError, match="this process is not a member of group"):
+        vp.vocab_parallel_cross_entropy(logits, target, group=dist.GroupMember.NON_GROUP_MEMBER)

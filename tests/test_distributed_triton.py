@@ -113,10 +113,11 @@ def _close_within(actual, expected, bound, what):
 def test_shard_statistics_match_float64_and_the_numba_kernel(chunked, dtype, weighted, smoothing):
     logits, labels, weight = _shard_problem(dtype)
     weight = weight if weighted else None
-    m, s, z_y, sum_z = kernels.shard_softmax_stats(
+    m, e, z_y, sum_z = kernels.shard_softmax_stats(
         logits.to(DEVICE), labels.to(DEVICE), None if weight is None else weight.to(DEVICE), smoothing
     )
-    assert all(piece.dtype == torch.float64 and piece.shape == (ROWS,) for piece in (m, s, z_y, sum_z))
+    assert all(piece.dtype == torch.float64 and piece.shape == (ROWS,) for piece in (m, e, z_y, sum_z))
+    s = 1.0 + e  # the kernels return the excess e = s − 1
     expected_m, expected_s, expected_z_y, expected_sum_z, spread = _expected_statistics(logits, labels, weight, smoothing)
     # the max and the target logit are values of the shard: exact
     torch.testing.assert_close(m.cpu(), expected_m, rtol=0, atol=0)
@@ -128,7 +129,7 @@ def test_shard_statistics_match_float64_and_the_numba_kernel(chunked, dtype, wei
     numba = numba_stats(logits.float().numpy(), labels.numpy(), None if weight is None else weight.numpy(),
                         smoothing, block=chunked or 2048)
     torch.testing.assert_close(m.cpu(), torch.from_numpy(numba[0]), rtol=0, atol=0)
-    _close_within(s, torch.from_numpy(numba[1]), STATISTICS * expected_s, "s_r vs Numba")
+    _close_within(s, 1.0 + torch.from_numpy(numba[1]), STATISTICS * expected_s, "s_r vs Numba")
     torch.testing.assert_close(z_y.cpu(), torch.from_numpy(numba[2]), rtol=0, atol=0)
     _close_within(sum_z, torch.from_numpy(numba[3]), STATISTICS * spread, "S_z vs Numba")
 
@@ -141,9 +142,9 @@ def test_shard_statistics_of_labels_outside_the_shard_and_empty_shards():
     _, _, z_y, _ = kernels.shard_softmax_stats(logits.to(DEVICE), labels.to(DEVICE), None, False)
     assert z_y.eq(0).all()
     empty = torch.zeros(4, 0, device=DEVICE)
-    m, s, z_y, sum_z = kernels.shard_softmax_stats(empty, torch.tensor([-1, -2, -1, -1], device=DEVICE),
+    m, e, z_y, sum_z = kernels.shard_softmax_stats(empty, torch.tensor([-1, -2, -1, -1], device=DEVICE),
                                                    weight[:0].to(DEVICE), True)
-    assert m.eq(-math.inf).all() and s.eq(0).all() and z_y.eq(0).all() and sum_z.eq(0).all()
+    assert m.eq(-math.inf).all() and e.eq(-1).all() and z_y.eq(0).all() and sum_z.eq(0).all()  # s = 0
     pieces = kernels.shard_softmax_stats(torch.zeros(0, 5, device=DEVICE), torch.zeros(0, dtype=torch.int64,
                                          device=DEVICE), None, True)
     assert all(piece.shape == (0,) for piece in pieces)

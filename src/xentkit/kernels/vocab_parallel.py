@@ -9,9 +9,12 @@ does the combining with two all-reduces of O(rows) floats; nothing here communic
     s_r = Σ_{j in shard} exp(z_j − t_r)                      (float64 across blocks; a block
                                                              holding the running max counts
                                                              its terms, exactly 1, apart)
+    e_r = s_r − 1                                           (returned: the excess, the max's
+                                                             terms never summed into it)
     M   = max_r m_r                                         (all-reduce MAX)
-    S   = Σ_r s_r·exp(t_r − M)                              (all-reduce SUM)
-    lse = M + log S
+    E   = (K − 1) + Σ_{m_r = M} e_r + Σ_{m_r < M} s_r·exp(t_r − M),  K = #{r: m_r = M}
+                                                            (all-reduce SUM of K's ones too)
+    lse = M + log1p(E)
 
 and, for the loss, the target logit and the class-weighted logit sum (all-reduce SUM)::
 
@@ -20,7 +23,7 @@ and, for the loss, the target logit and the class-weighted logit sum (all-reduce
 Two kernels, each one sweep over the shard rows (``prange`` over rows):
 
 - :func:`shard_softmax_stats` (pass 1, one read): online softmax over blocks of the row
-  (Milakov & Gimelshein, arXiv 1805.02867), returning ``m_r``, ``s_r``, the local target logit
+  (Milakov & Gimelshein, arXiv 1805.02867), returning ``m_r``, ``e_r``, the local target logit
   and the local ``Σ w_j·z_j``.
 - :func:`shard_softmax_grad` (pass 2, one write): with per-row coefficients computed by the
   caller from the global statistics,
@@ -29,7 +32,7 @@ Two kernels, each one sweep over the shard rows (``prange`` over rows):
 
 Rows are labelled by their column in this shard: ``local_labels[i] ≥ 0`` is the target's column
 here, ``-1`` means the target lives on another rank, ``-2`` means an ignored row (pass 1 skips it:
-statistics ``−inf, 0, 0, 0``; pass 2 writes a zero row). No validation here.
+statistics ``−inf, −1, 0, 0``, an empty sum; pass 2 writes a zero row). No validation here.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def _block_sum_z(row, start, stop, weight, has_weight):  # pragma: no cover - co
 
 @njit(parallel=True, **_KERNEL_JIT)
 def _stats_kernel(  # pragma: no cover - compiled
-    logits, local_labels, weight, has_weight, want_sum_z, block, row_max, row_sum, target, sum_z
+    logits, local_labels, weight, has_weight, want_sum_z, block, row_max, row_excess, target, sum_z
 ):
     n_rows, n_cols = logits.shape
     neg_inf = like(-np.inf, logits)
@@ -93,36 +96,41 @@ def _stats_kernel(  # pragma: no cover - compiled
         y = local_labels[i]
         if y == IGNORED:
             row_max[i] = -np.inf
-            row_sum[i] = 0.0
+            row_excess[i] = -1.0  # s = 0
             target[i] = 0.0
             sum_z[i] = 0.0
             continue
         row = logits[i]
-        # 1. Online softmax over blocks: m = running max, s = Σ exp(z − shift) with
+        # 1. Online softmax over blocks: m = running max, s = Σ exp(z − shift) = ties + rest with
         #    shift = m (or 0 while every value so far is −inf/NaN, so exp(−inf) = 0, never
-        #    exp(−inf − (−inf))). A larger block max b rescales s by exp(m − b).
+        #    exp(−inf − (−inf))), ties the count of terms equal to m (each exactly 1) kept apart
+        #    from the rest, so that e = s − 1 = (ties − 1) + rest keeps a confident row's digits.
+        #    A larger block max b rescales s by exp(m − b) into the rest.
         m = neg_inf
-        s = 0.0
+        ties = 0.0
+        rest = 0.0
         acc_z = 0.0
         for start in range(0, n_cols, block):
             stop = min(start + block, n_cols)
             b = _block_max(row, start, stop)
             if b > m:
-                s *= math.exp(np.float64(m) - np.float64(b))
+                rest = (ties + rest) * math.exp(np.float64(m) - np.float64(b))
+                ties = 0.0
                 m = b
             shift = m if m > neg_inf else zero
             if b == m and neg_inf < m < pos_inf:
                 # the block holds the running max: its terms exactly 1 counted apart from the
-                # rest (a confident row's s = 1 + δ keeps δ, which the dtype's lanes would lose)
-                ties, below = _block_sum_exp_top(row, start, stop, m)
-                s += ties + below
+                # rest (a confident row's e keeps its digits, which the dtype's lanes would lose)
+                block_ties, below = _block_sum_exp_top(row, start, stop, m)
+                ties += block_ties
+                rest += below
             else:
-                s += _block_sum_exp(row, start, stop, shift)
+                rest += _block_sum_exp(row, start, stop, shift)
             # 2. S_z (label smoothing only): Σ_j w_j·z_j over the shard, float64.
             if want_sum_z:
                 acc_z += _block_sum_z(row, start, stop, weight, has_weight)
         row_max[i] = m
-        row_sum[i] = s
+        row_excess[i] = (ties - 1.0) + rest
         # 3. The target logit when the label is one of this shard's columns, else 0.
         target[i] = np.float64(row[y]) if y >= 0 else 0.0
         sum_z[i] = acc_z
@@ -177,8 +185,8 @@ def shard_softmax_stats(
     ``local_labels`` ``[rows]`` int64 (column here, ``-1`` elsewhere, ``-2`` ignored); ``weight``
     this shard's ``[V_r]`` class weights (float64) or None; ``want_sum_z`` computes ``S_z`` (only
     label smoothing needs it). Returns four ``[rows]`` float64 arrays
-    ``(m_r, s_r, z_y or 0, Σ_j w_j·z_j or 0)`` as in the module docstring; ignored rows give
-    ``(−inf, 0, 0, 0)``.
+    ``(m_r, e_r = s_r − 1, z_y or 0, Σ_j w_j·z_j or 0)`` as in the module docstring; ignored rows
+    give ``(−inf, −1, 0, 0)``.
     """
     rows = logits.shape[0]
     out = [np.empty(rows, dtype=np.float64) for _ in range(4)]

@@ -17,14 +17,14 @@ here, ``-1`` a target on another rank, ``-2`` an ignored row.
     the row, ``_combine_kernel`` (one program per row, merging the row's few partials):
         m_r = max_k m_k,  t_r = m_r (0 if m_r = −inf)
         s_r = Σ_k s_k·exp(t_k − t_r)                    (a chunk with s_k = 0 adds exactly 0),
-              kept as 1 + e with e = s_r − 1 (``_chunks.merge_counted``), returned in float64:
-              a confident row's s_r = 1 + δ keeps δ (summed in float32 with the max's term
-              inside, δ below 6e-8 was lost)
+              kept as its excess e_r = s_r − 1 (``_chunks.merge_counted``), returned in float64:
+              a confident row's e_r keeps its digits (summed in float32 with the max's term
+              inside, those below 6e-8 were lost; 1 + e_r in float64, those below 1e-16)
         S'_r = Σ_k (S_k + W_k·(t_k − t_r)) = Σ_j w_j·(z_j − t_r)
         z_y = z_y when the row's label is a column of this shard, else 0 (not read)
 
     and the host function returns, in float64 as the Numba kernel does,
-        (m_r, s_r, z_y, S_z = S'_r + W_r·t_r)   with W_r = Σ_{j in shard} w_j in float64,
+        (m_r, e_r, z_y, S_z = S'_r + W_r·t_r)   with W_r = Σ_{j in shard} w_j in float64,
     so that the weighted logit sum S_z = Σ_j w_j·z_j keeps float32's relative precision in the
     spread z_j − t_r, not in the logits' offset (rows near +1e4 lose nothing to it).
 
@@ -33,10 +33,10 @@ here, ``-1`` a target on another rank, ``-2`` an ignored row.
     every rank, c, σ and the target entry as ``xentkit.torch.distributed._algebra``):
         grad_ij = c_i·exp(z_ij − M_i) − σ_i·w_j,   grad_{i,y} = target_grad_i (y in this shard)
 
-Ignored rows are not read: statistics (−inf, 0, 0, 0) and a zero gradient row. Pass 2 reads each
+Ignored rows are not read: statistics (−inf, −1, 0, 0) (an empty sum) and a zero gradient row. Pass 2 reads each
 element before writing it, in the same program, and writes the target entry there too, so the
 gradient may be written over the logits (in place). Special values as the Numba kernel: a NaN
-makes the row's s_r (hence loss and gradient) NaN; a +inf logit gives s_r = NaN (exp(inf − inf));
+makes the row's e_r (hence loss and gradient) NaN; a +inf logit gives e_r = NaN (exp(inf − inf));
 a −inf logit is a masked class (exp = 0; with label smoothing S_z = −inf, the loss +inf).
 
 Offsets grow with the rows in int64, as :mod:`._chunks` says (logits past 2^31 elements,
@@ -110,7 +110,7 @@ def _combine_kernel(
     part_ptr,
     part_plane,
     max_ptr,
-    sum_ptr,
+    excess_ptr,
     target_ptr,
     shifted_sum_z_ptr,
     n_cols,
@@ -118,21 +118,21 @@ def _combine_kernel(
     SUM_Z: tl.constexpr,
     CHUNKS: tl.constexpr,
 ):
-    """One program per row: the row's partials merged into (m_r, s_r, S'_r), and z_y."""
+    """One program per row: the row's partials merged into (m_r, e_r, S'_r), and z_y."""
     row = tl.program_id(0).to(tl.int64)  # int64 offsets: see the module docstring
     slots, mine, plane = _chunks.row_slots(part_ptr, part_plane, row, n_chunks, CHUNKS)
     y = tl.load(labels_ptr + row)
     if y == -2:
         tl.store(max_ptr + row, float("-inf"))
-        tl.store(sum_ptr + row, 0.0)
+        tl.store(excess_ptr + row, -1.0)
         tl.store(target_ptr + row, 0.0)
         tl.store(shifted_sum_z_ptr + row, 0.0)
         return
-    # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), s_r = 1 + e in float64 (e = s_r − 1 kept
-    #         apart from the max's terms: a confident row's s_r = 1 + δ keeps δ) ----
+    # ---- 3. m_r = max m_k, t_r = m_r (0 if −inf), e_r = s_r − 1 kept apart from the max's
+    #         terms (a confident row's e_r keeps its digits), stored in float64 ----
     m, t, e, t_k, _, _ = _chunks.merge_counted(slots, mine, plane, 1.0, False, False)
     tl.store(max_ptr + row, m)
-    tl.store(sum_ptr + row, 1.0 + e.to(tl.float64))
+    tl.store(excess_ptr + row, e.to(tl.float64))
     # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift ----
     if SUM_Z:
         sum_k = tl.load(slots + 3 * plane, mask=mine, other=0.0)
@@ -197,18 +197,18 @@ def shard_softmax_stats(
     ``local_labels`` ``[N]`` int64 (column here, ``-1`` elsewhere, ``-2`` ignored); ``weight`` this
     shard's ``[V_r]`` float64 class weights or None; ``want_sum_z`` computes ``S_z`` (only label
     smoothing needs it). Returns four ``[N]`` float64 tensors on the logits' device,
-    ``(m_r, s_r, z_y or 0, Σ_j w_j·z_j or 0)`` as the module docstring; ignored rows give
-    ``(−inf, 0, 0, 0)``.
+    ``(m_r, e_r = s_r − 1, z_y or 0, Σ_j w_j·z_j or 0)`` as the module docstring; ignored rows
+    give ``(−inf, −1, 0, 0)``.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
-    if n_rows == 0 or n_cols == 0:  # nothing to read: every row (−inf, 0, 0, 0)
+    if n_rows == 0 or n_cols == 0:  # nothing to read: every row (−inf, −1, 0, 0), an empty sum
         zeros = torch.zeros(n_rows, dtype=torch.float64, device=device)
-        return torch.full_like(zeros, -torch.inf), zeros, zeros.clone(), zeros.clone()
+        return torch.full_like(zeros, -torch.inf), zeros - 1.0, zeros.clone(), zeros.clone()
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
     part = layout.partials(5 if want_sum_z else 3, device)
     row_max, target, shifted = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3))
-    row_sum = torch.empty(n_rows, dtype=torch.float64, device=device)
+    row_excess = torch.empty(n_rows, dtype=torch.float64, device=device)
     has_weight = weight is not None
     any_weight = weight if has_weight else part  # never read without HAS_WEIGHT
     _partials_kernel[layout.grid](
@@ -216,7 +216,7 @@ def shard_softmax_stats(
         layout.chunks, HAS_WEIGHT=has_weight, SUM_Z=bool(want_sum_z), **layout.per_chunk,
     )
     _combine_kernel[(n_rows,)](
-        logits, logits.stride(0), local_labels, part, layout.plane, row_max, row_sum, target,
+        logits, logits.stride(0), local_labels, part, layout.plane, row_max, row_excess, target,
         shifted, n_cols, layout.chunks, SUM_Z=bool(want_sum_z), **layout.per_row,
     )
     row_max64 = row_max.to(torch.float64)
@@ -226,7 +226,7 @@ def shard_softmax_stats(
         weight_sum = float(n_cols) if weight is None else weight.sum(dtype=torch.float64)
         shift = torch.where(row_max64 > -torch.inf, row_max64, 0.0)
         sum_z = shifted.to(torch.float64) + weight_sum * shift
-    return row_max64, row_sum.to(torch.float64), target.to(torch.float64), sum_z
+    return row_max64, row_excess, target.to(torch.float64), sum_z
 
 
 @_chunks.on_tensor_device

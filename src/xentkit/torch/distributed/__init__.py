@@ -8,10 +8,12 @@ each is a max or a sum of per-shard pieces (see :mod:`xentkit.kernels.vocab_para
     M   = max_r m_r                          m_r = max over shard r          all-reduce MAX  (N)
     S   = Σ_r s_r·exp(t_r − M)               s_r = Σ_shard exp(z_j − t_r)     ┐
     z_y = Σ_r [y in shard r]·z_y                                              ├ all-reduce SUM
-    S_z = Σ_r Σ_shard w_j·z_j                (label smoothing only)           ┘ (2N or 3N)
+    S_z = Σ_r Σ_shard w_j·z_j                (label smoothing only)           ┘ (3N or 4N)
     lse = M + log S
 
-so a step communicates O(N) float64s (24·N or 32·N bytes per rank), never O(N·V). Then, on every
+with S summed as its excess E = S − 1 (each shard's max terms, exactly 1, counted apart and the
+shards holding M counted in the all-reduce; log S = log1p(E) keeps a confident row's digits),
+so a step communicates O(N) float64s (32·N or 40·N bytes per rank), never O(N·V). Then, on every
 rank, with class weights w (ones by default), W = Σ_c w_c, smoothing ε, z-loss λ:
 
     loss_i = (1 − ε)·w_y·(lse − z_y) + (ε/V)·(W·lse − S_z) + λ·lse²          (0 for ignored rows)

@@ -19,37 +19,50 @@ class _RowStatistics:
     """The full rows' statistics (float64 ``[n]``), identical on every rank."""
 
     shift: Tensor  # M (0 where the whole row is −inf)
-    total: Tensor  # S = Σ_j exp(z_j − M) over all V classes
+    excess: Tensor  # E = S − 1, S = Σ_j exp(z_j − M) over all V classes (the max's terms apart)
     target_logit: Tensor  # z_y
     sum_z: Tensor | None  # S_z = Σ_j w_j·z_j (label smoothing only)
 
     @property
+    def log_total(self) -> Tensor:
+        """log S = log1p(E): a confident row's log S ≈ E keeps its digits."""
+        return torch.log1p(self.excess)
+
+    @property
     def lse(self) -> Tensor:
-        return self.shift + torch.log(self.total)
+        return self.shift + self.log_total
 
     def slice(self, start: int, stop: int) -> _RowStatistics:
         return _RowStatistics(
-            self.shift[start:stop], self.total[start:stop], self.target_logit[start:stop],
+            self.shift[start:stop], self.excess[start:stop], self.target_logit[start:stop],
             None if self.sum_z is None else self.sum_z[start:stop],
         )
 
 
 def _combine(local: tuple[Tensor, Tensor, Tensor, Tensor], plan: _Plan) -> _RowStatistics:
-    """Two all-reduces: MAX of the shard maxima (n floats), then SUM of the rescaled sums, the
-    target logit and (label smoothing) the weighted logit sum (2n or 3n floats).
+    """Two all-reduces: MAX of the shard maxima (n floats), then SUM of whether each shard holds
+    the row's max, the excesses restated at it, the target logit and (label smoothing) the
+    weighted logit sum (3n or 4n floats): E = (K − 1) + Σ_{m_r = M} e_r + Σ_{m_r < M} s_r·exp(t_r − M)
+    with K the shards holding the max, whose terms (exactly 1 each) are never summed into E.
     """
-    row_max, row_sum, target, sum_z = local
+    row_max, row_excess, target, sum_z = local
     device = row_max.device
     communicator = plan.communicator
     global_max = communicator.all_reduce(row_max.clone(), dist.ReduceOp.MAX)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     shift = torch.where(torch.isfinite(global_max), global_max, zero)
     local_shift = torch.where(row_max > -math.inf, row_max, zero)
-    # s_r·exp(t_r − M); a shard with no finite logit (s_r = 0) adds exactly 0, never 0·inf
-    scaled = torch.where(row_sum == 0, zero, row_sum * torch.exp(local_shift - shift))
-    packed = torch.stack([scaled, target, sum_z] if plan.smoothing else [scaled, target])
+    row_sum = 1.0 + row_excess
+    # a shard holding the row's max keeps its excess (its factor is exactly 1; also for an
+    # infinite max, never exp(inf − inf)); one below it adds s_r·exp(t_r − M); a shard with no
+    # finite logit (s_r = 0) adds exactly 0, never 0·inf
+    holds = (row_max == global_max) & (row_sum != 0)
+    scaled = torch.where(holds, row_excess, torch.where(row_sum == 0, zero, row_sum * torch.exp(local_shift - shift)))
+    tops = holds.to(torch.float64)
+    packed = torch.stack([tops, scaled, target, sum_z] if plan.smoothing else [tops, scaled, target])
     communicator.all_reduce(packed, dist.ReduceOp.SUM)
-    return _RowStatistics(shift, packed[0], packed[1], packed[2] if plan.smoothing else None)
+    excess = (packed[0] - 1.0) + packed[1]
+    return _RowStatistics(shift, excess, packed[2], packed[3] if plan.smoothing else None)
 
 
 def _row_losses(stats: _RowStatistics, rows: _Rows, plan: _Plan) -> tuple[Tensor, Tensor | None]:
@@ -57,7 +70,7 @@ def _row_losses(stats: _RowStatistics, rows: _Rows, plan: _Plan) -> tuple[Tensor
     (None without z-loss), both 0 for ignored rows.
     """
     eps = plan.options.label_smoothing
-    log_total = torch.log(stats.total)
+    log_total = stats.log_total
     lse = stats.shift + log_total
     zero = torch.zeros((), dtype=torch.float64, device=lse.device)
     # lse − z_y as (M − z_y) + log S: M + log S would round log S = δ of a confident row to an
@@ -78,7 +91,10 @@ def _coefficients(
         σ   = ε·g/V                                      (None without label smoothing)
         target entry = c·exp(z_y − M) − (1 − ε)·w_y·g − σ·w_y
 
-    all 0 for ignored rows. ``g``, ``g^z``: the reduction's scales of the upstream gradient
+    all 0 for ignored rows. Where the target is the row's max (z_y = M, p_y = 1/S), for a finite
+    g and A, the target entry's c − (1 − ε)·w_y·g is taken as
+    −(1 − ε)·w_y·g·E/S + (g·ε·W/V + g^z·2·λ·lse)/S (p_y − 1 = −E/S), which does not cancel for a
+    confident row, as the single-process kernels take it. ``g``, ``g^z``: the reduction's scales of the upstream gradient
     (:meth:`ReductionPlan.scales`), scalars or one per row.
     """
     eps = plan.options.label_smoothing
@@ -87,14 +103,24 @@ def _coefficients(
     zero = torch.zeros((), dtype=torch.float64, device=lse.device)
     w_y = rows.target_weight
     a = (1.0 - eps) * w_y
+    other = zero  # the numerator's terms beside the target's own (1 − ε)·w_y·g
     if eps > 0.0:  # (not 0·W: NaN when a class no sample has weighs inf)
         a = a + eps * plan.weight_sum / vocab
+        other = g * (eps * plan.weight_sum / vocab)
     numerator = g * a
     if plan.options.z_loss != 0.0:
-        numerator = numerator + g_z * 2.0 * plan.options.z_loss * lse
-    coef = torch.where(rows.valid, numerator / stats.total, zero)
+        z_part = g_z * 2.0 * plan.options.z_loss * lse
+        numerator = numerator + z_part
+        other = other + z_part
+    total = 1.0 + stats.excess
+    coef = torch.where(rows.valid, numerator / total, zero)
     smooth = None
-    target_grad = coef * torch.exp(stats.target_logit - stats.shift) - (1.0 - eps) * w_y * g
+    main = (1.0 - eps) * w_y * g
+    target_grad = coef * torch.exp(stats.target_logit - stats.shift) - main
+    # the target at the row's max: p_y − 1 = −E/S, not p_y − 1 rounded (an infinite or NaN g or
+    # A keeps the plain form, torch's order, as the kernels)
+    at_max = (stats.target_logit == stats.shift) & torch.isfinite(main) & torch.isfinite(a)
+    target_grad = torch.where(at_max, (other - main * stats.excess) / total, target_grad)
     if eps > 0.0:
         smooth = torch.where(rows.valid, eps * g / vocab * torch.ones_like(lse), zero)
         target_grad = target_grad - smooth * w_y

@@ -53,6 +53,12 @@ class _Communicator:
                 )
             self.world_size, self.rank, self.device = 1, 0, device
             return
+        if isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER:
+            # what dist.new_group returns on a rank outside it (an int, -100)
+            raise ValueError(
+                "this process is not a member of group (torch.distributed.new_group gave it "
+                "GroupMember.NON_GROUP_MEMBER); call only on the group's ranks"
+            )
         if group is not None and not isinstance(group, dist.ProcessGroup):
             # (before any collective; the other ranks wait in their first one for this rank)
             raise TypeError(f"group must be a torch.distributed process group or None, got {type(group).__name__} {group!r}")

@@ -97,7 +97,7 @@ def _linear_pass(
         empty = torch.zeros(0, dtype=torch.float64, device=device)
         all_stats = _RowStatistics(
             torch.cat([p.shift for p in pieces]) if pieces else empty,
-            torch.cat([p.total for p in pieces]) if pieces else empty,
+            torch.cat([p.excess for p in pieces]) if pieces else empty,
             torch.cat([p.target_logit for p in pieces]) if pieces else empty,
             torch.cat([p.sum_z for p in pieces]) if pieces and plan.smoothing else None,
         )
@@ -196,7 +196,7 @@ def vocab_parallel_linear_cross_entropy(
     the single-process ``cross_entropy(input @ W.T + b, target)``). Rows are processed
     ``chunk_size`` at a time (default: a chunk's logits at most 1/16 of the widest shard's logits
     and at most 16 MiB, at least 2 MiB); per chunk: local logits, pass 1, an all-reduce MAX of
-    ``r`` and SUM of ``2r`` (``3r``) float64, then the shard's ``dz`` in place of the logits and
+    ``r`` and SUM of ``3r`` (``4r``) float64, then the shard's ``dz`` in place of the logits and
     ``∂loss/∂x += dz·W_r``, ``∂loss/∂W_r += dzᵀ·x``, ``∂loss/∂b_r += Σ_rows dz``.
 
     ``input`` is replicated, so its gradient ``Σ_r dz_r·W_r`` is all-reduced (SUM over ranks,

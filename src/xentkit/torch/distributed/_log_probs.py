@@ -160,7 +160,7 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         )
         if w.shape[0] and any(buffer is not None for buffer in buffers):
             coefficients = _coefficients(ctx, grads)
-            # the (M, S) the row backend takes: as xentkit.torch.linear_log_probs keeps them
+            # the (M, E) the row backend takes: as xentkit.torch.linear_log_probs keeps them
             dtype = plan.rows.statistics_dtype(x.dtype, x.device)
             m, e = ctx.m.to(dtype), ctx.e.to(dtype)
             buffer = _new_buffer((min(plan.chunk_rows, n), w.shape[0]), x)

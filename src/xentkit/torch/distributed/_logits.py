@@ -84,8 +84,8 @@ def vocab_parallel_cross_entropy(
         loss_i = (1 − ε)·w_y·(lse − z_y) + (ε/V)·Σ_c w_c·(lse − z_c) + λ·lse²
 
     Communication: one all-gather of a small int64 record per rank (validation, shard offsets),
-    then an all-reduce MAX of N float64 and an all-reduce SUM of 2N (3N with label smoothing)
-    float64: 24·N (32·N) bytes, independent of V. Backward communicates nothing: the forward pass
+    then an all-reduce MAX of N float64 and an all-reduce SUM of 3N (4N with label smoothing)
+    float64: 32·N (40·N) bytes, independent of V. Backward communicates nothing: the forward pass
     stores the shard's gradient (N × V_r, what torch keeps for its softmax) and backward scales it.
 
     Args:
@@ -146,10 +146,14 @@ def vocab_parallel_cross_entropy(
     def local_checks() -> dict[str, int]:
         if not isinstance(logits_shard, Tensor):
             raise TypeError(f"logits_shard must be a tensor, got {type(logits_shard).__name__}")
-        if not logits_shard.is_floating_point() or logits_shard.dim() == 0:
-            raise ValueError(
+        if not logits_shard.is_floating_point():  # a wrong type: TypeError, as the other losses
+            raise TypeError(
                 "logits_shard must be a floating tensor of shape (N, V_r) (class axis last), "
-                f"got dtype {logits_shard.dtype} and shape {tuple(logits_shard.shape)}"
+                f"got dtype {str(logits_shard.dtype).removeprefix('torch.')}"
+            )
+        if logits_shard.dim() == 0:
+            raise ValueError(
+                "logits_shard must be a floating tensor of shape (N, V_r) (class axis last), got a 0-d tensor"
             )
         _bridge.check_dense(logits_shard, "logits_shard")
         _check_device(logits_shard, "logits_shard")

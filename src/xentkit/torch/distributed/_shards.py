@@ -2,8 +2,8 @@
 float32/float64), the Triton kernels (CUDA float32/float16/bfloat16; CPU tensors only under
 Triton's interpreter) and torch ops (anything else, or ``backend="torch"``).
 
-Pass 1 gives each row's shard statistics (max, rescaled sum of exponentials, target logit,
-weighted logit sum); pass 2 writes the shard's gradient from the combined rows' coefficients.
+Pass 1 gives each row's shard statistics (max, the excess e_r = s_r − 1 of its sum of
+exponentials, target logit, weighted logit sum); pass 2 writes the shard's gradient from the combined rows' coefficients.
 Each backend keeps the contract of :mod:`xentkit.kernels.vocab_parallel` (whose docstring has the
 formulas): ``statistics`` returns four float64 ``[n]`` tensors on the logits' device, ``gradient``
 writes into ``out`` (which may be the logits: in place). :func:`shard_backend` picks one per call,
@@ -141,12 +141,14 @@ class TorchShards:
         sum_z = torch.zeros(n, dtype=torch.float64, device=device)
         target = torch.zeros(n, dtype=torch.float64, device=device)
         if width == 0 or n == 0:
-            return row_max, row_sum, target, sum_z
+            return row_max, row_sum - 1.0, target, sum_z
         step = _chunk_step(width)
         for start in range(0, n, step):
             stop = min(start + step, n)
             z = logits[start:stop].to(compute)
-            # m_r = max_j z_j; shift t_r = m_r (0 when the shard row is all −inf); s_r = Σ exp(z − t_r)
+            # m_r = max_j z_j; shift t_r = m_r (0 when the shard row is all −inf); s_r = Σ exp(z − t_r),
+            # the max's term inside (e_r = s_r − 1 below: a confident row's e_r carries the
+            # float32 rounding of s_r, as the torch-ops log-probabilities')
             m = z.amax(dim=1)
             shift = torch.where(m > -math.inf, m, torch.zeros_like(m))
             row_max[start:stop] = m
@@ -161,7 +163,7 @@ class TorchShards:
         row_max = row_max.masked_fill(ignored, -math.inf)
         row_sum = row_sum.masked_fill(ignored, 0.0)
         sum_z = sum_z.masked_fill(ignored, 0.0)
-        return row_max, row_sum, target, sum_z
+        return row_max, row_sum - 1.0, target, sum_z
 
     @staticmethod
     def gradient(
@@ -192,7 +194,7 @@ class TorchShards:
 def _shard_statistics(
     logits: Tensor, rows: _Rows, plan: _Plan
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pass 1 over a contiguous ``[n, V_r]`` shard: ``(m_r, s_r, local z_y, local Σ w_j·z_j)``,
+    """Pass 1 over a contiguous ``[n, V_r]`` shard: ``(m_r, e_r, local z_y, local Σ w_j·z_j)``,
     float64 ``[n]`` tensors on the logits' device (see :mod:`xentkit.kernels.vocab_parallel`), on
     the plan's backend.
     """
