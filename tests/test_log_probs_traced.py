@@ -278,3 +278,38 @@ def test_the_torch_ops_path_shifts_before_it_scales(path):
     scale = wide.grad.abs().max().item()
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # (bfloat16: the gradient's own rounding)
     torch.testing.assert_close(grad.double(), wide.grad, rtol=tolerance, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_traced_log_probs_keep_a_confident_tokens_digits(dtype):
+    """The traced torch ops count the max's own terms apart, as the kernels do (expm1 at the max:
+    0 in the sum, exp's derivative): a confident token's log p and entropy keep their digits where
+    e = s − 1 of the plain sum gave 0 (float64 at a gap of 40; float32 at a gap of 20, below its
+    6e-8), a tie at the max too. The gradient stays the formula's."""
+    gap = 40.0 if dtype == torch.float64 else 20.0
+    logits = torch.full((3, 5), -gap, dtype=dtype)
+    logits[0, 1] = 0.0
+    logits[1, 2] = logits[1, 4] = 0.0  # a tie: log p = −log 2 − (a tiny excess)
+    logits[2] = torch.tensor([0.0, -3.0, -1.0, -gap, 2.0], dtype=dtype)
+    target = torch.tensor([1, 2, 4])
+
+    def step(z):
+        return xt.log_probs(z, target, temperature=0.9, return_entropy=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaf = logits.clone().requires_grad_()
+    log_p, entropy = compiled(leaf)
+    (log_p.sum() + entropy.sum()).backward()
+    # row 0 exactly: e = 4·exp(d), d = −gap/T, log p = −log1p(e), H = log1p(e) − 4·exp(d)·d/(1 + e)
+    d = torch.tensor(-gap / 0.9, dtype=torch.float64)
+    excess = 4 * torch.exp(d)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-13  # (float32: the rounding of d)
+    torch.testing.assert_close(log_p.double()[0], -torch.log1p(excess), rtol=tolerance, atol=0)  # (was 0)
+    torch.testing.assert_close(entropy.double()[0], torch.log1p(excess) - excess * d / (1 + excess), rtol=tolerance, atol=0)
+    torch.testing.assert_close(log_p.double()[2], _oracle(logits.double(), target, 0.9)[0][2], rtol=tolerance, atol=0)
+    eager = logits.clone().requires_grad_()
+    eager_log_p, eager_entropy = step(eager)
+    (eager_log_p.sum() + eager_entropy.sum()).backward()
+    # (autograd's target entry is c − c/s, rounded in the logits' dtype: float32's ulp of 1)
+    atol = 3e-7 if dtype == torch.float32 else 1e-15
+    torch.testing.assert_close(leaf.grad, eager.grad, rtol=tolerance, atol=atol)

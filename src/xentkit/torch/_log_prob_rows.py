@@ -115,7 +115,13 @@ class TorchRows(_Rows):
         return _bridge.at_least_float32(dtype) if device is not None and device.type == "mps" else torch.float64
 
     @staticmethod
-    def statistics(logits: Tensor, labels: Tensor, valid: Tensor, temperature: float) -> tuple[Tensor, ...]:
+    def statistics(
+        logits: Tensor, labels: Tensor, valid: Tensor, temperature: float, *, apart: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Pass 1 in torch ops. ``apart``: the max's own terms (exactly 1 each) counted apart from
+        the sum, as the kernels count them, so that a confident row's e = s − 1 keeps its digits
+        (one more comparison and select per element: what ``traced`` takes, where the compiler
+        fuses them into the same loop); else e = s − 1 of the plain sum."""
         x = logits.to(_bridge.at_least_float32(logits.dtype))
         scale = 1.0 / temperature
         # the max is a shift, which autograd must hold constant (``traced``): detached
@@ -123,15 +129,21 @@ class TorchRows(_Rows):
         shift = torch.where(top.isinf(), 0.0, top)  # as the kernel: a +inf logit gives s = +inf
         d = (x - shift[:, None]) * scale
         exponentials = d.exp()
-        s = exponentials.sum(dim=-1)
-        u = (exponentials * d.clamp_min(EXPONENT_FLOOR)).sum(dim=-1)
         wide = TorchRows.statistics_dtype(logits.dtype, logits.device)
+        if apart:
+            # at the max d = 0: expm1(d) adds 0 to the sum and still has exp's derivative, 1
+            at_max = (x.detach() == top[:, None]) & top.isfinite()[:, None]
+            rest = torch.where(at_max, d.expm1(), exponentials).sum(dim=-1)
+            excess = rest.to(wide) + (at_max.sum(dim=-1).to(wide) - 1)
+        else:
+            excess = exponentials.sum(dim=-1).to(wide) - 1
+        u = (exponentials * d.clamp_min(EXPONENT_FLOOR)).sum(dim=-1)
         here = valid & (labels >= 0) & (labels < logits.shape[-1])
         picked = x.gather(1, torch.where(here, labels, 0).long()[:, None])[:, 0]
         z_target = torch.where(here, picked.to(wide) * scale, 0.0)
         m = top.to(wide) * scale
         return (
-            torch.where(valid, m, 0.0), torch.where(valid, s.to(wide) - 1, 0.0), torch.where(valid, u.to(wide), 0.0),
+            torch.where(valid, m, 0.0), torch.where(valid, excess, 0.0), torch.where(valid, u.to(wide), 0.0),
             z_target,
         )
 
@@ -140,11 +152,13 @@ class TorchRows(_Rows):
         """``(log_probs, entropy, lse)`` per row by pass 1 and ``row_statistics``, left to
         autograd to differentiate (torch.compile traces them, torch.func transforms them, and
         they have a second derivative): the path where an autograd Function around the kernels
-        cannot run. The gradient autograd finds is the formula's (m held constant)."""
+        cannot run. The gradient autograd finds is the formula's (m held constant). The max's
+        terms are counted apart (``statistics(apart=True)``): a confident token's log p keeps its
+        digits, as on the kernels."""
         # ignored rows' logits set to 0 first: their NaN or ±inf would make 0·∞ = NaN in the
         # gradient autograd finds (the kernels never read them)
         logits = torch.where(valid[:, None], logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-        m, e, u, z_target = TorchRows.statistics(logits, labels, valid, temperature)
+        m, e, u, z_target = TorchRows.statistics(logits, labels, valid, temperature, apart=True)
         log_p, entropy, lse, _ = row_statistics(m, e, u, z_target, valid)
         return log_p, entropy, lse
 
