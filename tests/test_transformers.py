@@ -774,3 +774,36 @@ def test_a_peft_lora_model_trains_patched(patch_first: bool) -> None:
     assert any(g.abs().max() > 1e-3 for g in expected.values())
     assert unpatch(model) is model and not is_patched(model)
     assert model(**inputs).logits is not None
+
+
+def test_labels_that_are_not_token_ids_and_arguments_token_log_probs_cannot_use_are_named() -> None:
+    """Floating or bool labels are a TypeError about labels (they reached linear_cross_entropy,
+    which read floats as class probabilities and spoke of their shape); token_log_probs refuses
+    the forward's arguments its decoder call would drop (logits_to_keep, labels) or break on
+    (return_dict=False) (reviews)."""
+    model = patch(tiny_model("LlamaForCausalLM"))
+    inputs = batch()
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(TypeError, match=f"^labels must hold token ids .* got dtype {str(dtype).removeprefix('torch.')}$"):
+            model(**(inputs | {"labels": inputs["labels"].to(dtype)}))
+    for extra in ({"logits_to_keep": 1}, {"labels": inputs["labels"]}, {"return_dict": False}):
+        with pytest.raises(TypeError, match=f"^token_log_probs takes no {next(iter(extra))}: "):
+            token_log_probs(model, inputs["input_ids"], **extra)
+
+
+def test_a_compiled_patched_model_trains_as_the_eager_one() -> None:
+    """torch.compile of a patched model (its default mode; fullgraph=True cannot trace the hooks'
+    handles): the same loss and gradients as eager, the logits never formed."""
+    model = tiny_model("LlamaForCausalLM")
+    eager = patched_copy(model)
+    compiled = patched_copy(model)
+    compiled.compile(backend="aot_eager")  # (nn.Module.compile: the call with its hooks)
+    inputs = batch()
+    expected_loss, expected = loss_and_gradients(eager, **inputs)
+    compiled.zero_grad(set_to_none=True)
+    output = compiled(**inputs)
+    assert output.logits is None
+    output.loss.backward()
+    torch.testing.assert_close(output.loss.detach(), expected_loss, **TOLERANCE[torch.float32])
+    for name, parameter in compiled.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], **TOLERANCE[torch.float32], msg=lambda m, n=name: f"{n}: {m}")

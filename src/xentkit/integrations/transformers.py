@@ -235,6 +235,12 @@ class _Patch:
         labels = self._argument("labels", args, kwargs)
         if labels is None or not torch.is_grad_enabled():
             return None  # a logits request (generation, evaluation): unchanged
+        if isinstance(labels, Tensor) and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
+            # (linear_cross_entropy would read floating labels as class probabilities, and say so)
+            raise TypeError(
+                f"labels must hold token ids (an integer tensor, -100 where ignored), got dtype "
+                f"{str(labels.dtype).removeprefix('torch.')}"
+            )
         self._follow_model()
         self._check_hooks(model, self.head)
         return_dict = self._argument("return_dict", args, kwargs)
@@ -440,6 +446,12 @@ def _check_model(model: nn.Module) -> tuple[str, str, nn.Linear]:
     return name, rule, head
 
 
+# Arguments of a causal LM's forward that token_log_probs' decoder call cannot use.
+_NOT_FOR_THE_DECODER = frozenset(
+    {"labels", "shift_labels", "logits_to_keep", "num_logits_to_keep", "num_items_in_batch", "return_dict"}
+)
+
+
 # The result's type follows return_entropy (a type checker picks the overload from a literal).
 @overload
 def token_log_probs(
@@ -472,7 +484,9 @@ def token_log_probs(
     from the last hidden states, without building the logits: what RL trainers (PPO, GRPO) need.
 
     Runs the model's decoder (``model.model``) on ``input_ids`` ``[B, T]`` (with
-    ``attention_mask`` and any ``model_kwargs``), then
+    ``attention_mask`` and any ``model_kwargs``: the decoder's own, such as ``position_ids``;
+    ``labels``, ``shift_labels``, ``logits_to_keep``, ``num_items_in_batch`` and ``return_dict``
+    are a ``TypeError``), then
     :func:`xentkit.torch.linear_log_probs` on its hidden states and ``lm_head``: entry ``[b, t]``
     of the ``[B, T − 1]`` result (float32, float64 for a float64 model, as
     :func:`~xentkit.torch.linear_log_probs`) is log p(input_ids[b, t + 1] | input_ids[b, :t + 1])
@@ -515,6 +529,12 @@ def token_log_probs(
             raise ValueError(
                 f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
             )
+    unused = sorted(set(model_kwargs) & _NOT_FOR_THE_DECODER)
+    if unused:  # (the decoder's **kwargs would take them and drop them, or break on return_dict)
+        raise TypeError(
+            f"token_log_probs takes no {', '.join(unused)}: it scores every next token of input_ids "
+            "from the decoder's hidden states (labels, logits and the model's output are not used)"
+        )
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
     targets = input_ids[:, 1:]
