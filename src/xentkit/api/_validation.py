@@ -80,6 +80,18 @@ def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int,
         )
 
 
+def check_broadcasts_to(name: str, shape: tuple[int, ...], target: tuple[int, ...]) -> None:
+    """An elementwise factor's shape (``weight``, ``pos_weight``) broadcasting to the input's
+    ``target`` shape without widening it, else a ValueError naming it; from shapes alone, so
+    that arrays and tensors on any device share the rule and its message."""
+    try:
+        fits = np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} must broadcast to the input's shape {tuple(target)}, got shape {tuple(shape)}")
+
+
 def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dtype) -> np.ndarray | None:
     """A per-class weight vector of length ``num_classes`` in ``dtype``, or None."""
     if weight is None:

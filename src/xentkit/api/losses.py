@@ -13,6 +13,7 @@ from ._config import reference_enabled
 from ._rows import kernel_array
 from ._validation import (
     as_float_array,
+    check_broadcasts_to,
     check_class_weight,
     class_axis,
     compute_dtype,
@@ -44,12 +45,7 @@ def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: n
     array = as_array(weight, name)
     if array.dtype.kind not in "fiub":  # (a bool mask weighs 1 or 0, as in torch)
         raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
-    try:
-        fits = np.broadcast_shapes(array.shape, shape) == tuple(shape)
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(f"{name} must broadcast to the input's shape {shape}, got shape {array.shape}")
+    check_broadcasts_to(name, array.shape, shape)
     return rounded(array, dtype)
 
 

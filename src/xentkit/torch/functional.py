@@ -37,6 +37,7 @@ from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
 from .._options import Integer, LossOptions, Real, check_flag, fields_with, loss_options
+from ..api._validation import check_broadcasts_to
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _bce_with_logits, _nll
 from ..reference.reductions import ReductionPlan
@@ -664,14 +665,6 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
     return loss
 
 
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    """Whether a tensor of ``shape`` broadcasts to ``target`` (torch's rules, not widening it)."""
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
-
-
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,
@@ -720,12 +713,10 @@ def binary_cross_entropy_with_logits(
             f"{str(target.dtype).removeprefix('torch.')}; pass target.float()"
         )
     for name, factor in (("weight", weight), ("pos_weight", pos_weight)):
-        # (torch: a RuntimeError naming "tensor a" and "tensor b", or one about the output's
-        # shape for a factor that would widen the result, from inside its ops)
-        if factor is not None and not _broadcasts_to(factor.shape, input.shape):
-            raise ValueError(
-                f"{name} must broadcast to the input's shape {tuple(input.shape)}, got shape {tuple(factor.shape)}"
-            )
+        # the api's rule (torch: a RuntimeError naming "tensor a" and "tensor b", or one about the
+        # output's shape for a factor that would widen the result, from inside its ops)
+        if factor is not None:
+            check_broadcasts_to(name, tuple(factor.shape), tuple(input.shape))
     if not _bridge.runs_on_xentkit(
         input, target, weight, pos_weight, grad_free=(target, weight, pos_weight)
     ):

@@ -4,13 +4,13 @@ rank); the formulas are those of the package docstring."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ...reference.cross_entropy import z_term
+from ...reference.log_probs import merge_partials
 from ._rows import _Plan, _Rows
 
 
@@ -51,14 +51,9 @@ def _combine(local: tuple[Tensor, Tensor, Tensor, Tensor], plan: _Plan) -> _RowS
     global_max = communicator.all_reduce(row_max.clone(), dist.ReduceOp.MAX)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     shift = torch.where(torch.isfinite(global_max), global_max, zero)
-    local_shift = torch.where(row_max > -math.inf, row_max, zero)
-    row_sum = 1.0 + row_excess
-    # a shard holding the row's max keeps its excess (its factor is exactly 1; also for an
-    # infinite max, never exp(inf − inf)); one below it adds s_r·exp(t_r − M); a shard with no
-    # finite logit (s_r = 0) adds exactly 0, never 0·inf
-    holds = (row_max == global_max) & (row_sum != 0)
-    scaled = torch.where(holds, row_excess, torch.where(row_sum == 0, zero, row_sum * torch.exp(local_shift - shift)))
-    tops = holds.to(torch.float64)
+    # the shard's (top, e') restated at M, as the log-probabilities' shards merge theirs (the
+    # holder of M keeps its excess; u is not needed here)
+    tops, scaled, _ = merge_partials(row_max, row_excess, torch.zeros_like(row_excess), global_max)
     packed = torch.stack([tops, scaled, target, sum_z] if plan.smoothing else [tops, scaled, target])
     communicator.all_reduce(packed, dist.ReduceOp.SUM)
     excess = (packed[0] - 1.0) + packed[1]
