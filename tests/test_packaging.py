@@ -21,6 +21,18 @@ def test_version_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None
     assert capsys.readouterr().out.strip() == f"xentkit {xentkit.__version__}"
 
 
+def test_the_installed_version_is_the_packages() -> None:
+    # written once, as xentkit.__version__; pyproject.toml reads it from there
+    import importlib.metadata
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "xentkit.__version__"}
+    assert importlib.metadata.version("xentkit") == xentkit.__version__
+
+
 def test_the_package_is_typed() -> None:
     assert importlib.resources.files("xentkit").joinpath("py.typed").is_file()
 
