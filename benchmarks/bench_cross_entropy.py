@@ -18,6 +18,14 @@ median and spread reported):
     torch             torch.nn.functional.cross_entropy(x, y).backward() on a leaf
                       torch.from_numpy(logits).requires_grad_()
 
+and, asked for by name (``--providers``; not in the default set, each compiles on its warm-up
+call, untimed):
+
+    xentkit_torch          xentkit.torch.cross_entropy(x, y).backward(), eager
+    torch_compile          torch.compile(F.cross_entropy)(x, y).backward() (inductor)
+    xentkit_torch_compile  torch.compile(xentkit.torch.cross_entropy)(x, y).backward(): the
+                           Numba kernels in their custom ops (xentkit.torch._numba_ops)
+
 Peak memory is measured per provider in a separate process (this script with
 ``--memory-probe PROVIDER``): peak RSS minus the RSS after the inputs are allocated, reported in
 bytes and as % of the logits' bytes. The peak is VmHWM reset just before the call (Linux), with
@@ -54,7 +62,7 @@ import numpy as np
 
 DEFAULT_SHAPES = "4096x32000,2048x128256,8192x1000,65536x10,4096x32000:float64"
 QUICK_SHAPES = "512x32000,64x128256,2048x1000,16384x10,512x32000:float64"
-PROVIDERS = (
+DEFAULT_PROVIDERS = (
     "copy",
     "xentkit",
     "xentkit_out",
@@ -63,6 +71,8 @@ PROVIDERS = (
     "reference",
     "torch",
 )
+TORCH_PROVIDERS = ("xentkit_torch", "torch_compile", "xentkit_torch_compile")
+PROVIDERS = DEFAULT_PROVIDERS + TORCH_PROVIDERS
 MEMORY_PROVIDERS = ("torch", "xentkit", "xentkit_inplace")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cross_entropy.json"
 
@@ -182,17 +192,34 @@ def provider_calls(name: str, logits: np.ndarray, labels: np.ndarray) -> tuple[C
             return x.grad
 
         return _nothing, run_torch
+    if name in TORCH_PROVIDERS:
+        import torch
+        import torch.nn.functional as F
+
+        import xentkit.torch as xt
+
+        loss_fn = xt.cross_entropy if name.startswith("xentkit") else F.cross_entropy
+        if name.endswith("_compile"):
+            loss_fn = torch.compile(loss_fn, fullgraph=True)
+        target = torch.from_numpy(labels)
+
+        def run_torch_provider() -> object:
+            x = torch.from_numpy(logits).requires_grad_(True)
+            loss_fn(x, target).backward()
+            return x.grad
+
+        return _nothing, run_torch_provider
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
 
 
 def available_providers(requested: list[str]) -> list[str]:
     names = []
     for name in requested:
-        if name == "torch":
+        if name == "torch" or name in TORCH_PROVIDERS:
             try:
                 import torch  # noqa: F401
             except ImportError:
-                print("torch is not installed: skipping the torch provider", file=sys.stderr)
+                print(f"torch is not installed: skipping the {name} provider", file=sys.stderr)
                 continue
         names.append(name)
     return names
@@ -508,8 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--providers",
-        default=",".join(PROVIDERS),
-        help="comma-separated subset of " + ",".join(PROVIDERS),
+        default=",".join(DEFAULT_PROVIDERS),
+        help=f"comma-separated subset of {','.join(PROVIDERS)} (default {','.join(DEFAULT_PROVIDERS)})",
     )
     parser.add_argument(
         "--reference-max-elements",

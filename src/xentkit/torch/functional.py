@@ -41,7 +41,7 @@ from ..api._validation import check_broadcasts_to
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _bce_with_logits, _nll
 from ..reference.reductions import ReductionPlan
-from . import _bridge, _ops, _torch_ops, _triton_path
+from . import _bridge, _numba_ops, _ops, _torch_ops, _triton_path
 
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "nll_loss"]
 
@@ -585,6 +585,9 @@ def _cross_entropy_beyond_small(
         return _triton_path.TritonCrossEntropyFunction.apply(
             input, target, weight, options, torch.is_grad_enabled()
         )
+    if torch.compiler.is_compiling() and _numba_ops.runs_compiled(input, target, weight, options):
+        # custom ops the compiler keeps, around the eager path's code (labels checked)
+        return _numba_ops.cross_entropy(input, target, weight, options, bool(check_probabilities))
     if options.backend == "torch" or not _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free):
         return _torch_ops.cross_entropy(input, target, weight, options)
     return _CrossEntropyFunction.apply(

@@ -1,0 +1,157 @@
+"""The Numba cross-entropy as torch custom ops, so that ``torch.compile`` on the CPU keeps the
+fused kernels and their label check.
+
+Under ``torch.compile`` ``xentkit.torch.cross_entropy`` on CPU tensors of a kernel dtype calls
+:func:`cross_entropy` below instead of the eager autograd Function. The compiler keeps the two ops
+as they are (one node each in the graph) and runs the eager path's code inside them, on the real
+tensors:
+
+    xentkit::cross_entropy(input, target, weight, loss_dtype, check_probabilities, reduction,
+                           <formula options>) -> loss
+        the api's forward-only call (``xentkit.api.cross_entropy._cross_entropy``, one read of
+        the logits): the loss in ``loss_dtype``
+    xentkit::cross_entropy_backward(input, target, weight, grad_output, reduction,
+                                    <formula options>) -> grad
+        the first op's autograd formula: the same call with the upstream gradient applied in the
+        kernel (one more read of the logits, one write of the gradient, into a new buffer of the
+        logits' dtype), as eager computes in-place float16 gradients
+
+Because the ops run on real tensors, the labels are checked as in eager (a label outside
+``[0, C)`` that is not ``ignore_index`` is a ``ValueError`` naming it) and the
+probabilities-as-logits warning is given. The loss is eager's, bit for bit; the gradient too at an
+upstream gradient of 1, and within a rounding of it otherwise (eager scales a gradient kept from
+forward, here the kernel applies the upstream gradient). Eager keeps that gradient, one
+logits-sized buffer, between forward and backward and writes it once; here the logits are kept
+(so changing them in place before backward raises autograd's version error) and the gradient is
+written in backward: torch's own pattern, the buffer a compiled graph could not take over
+without a copy. (Before, compiled CPU calls ran torch ops: no label check, a NaN row instead,
+and 4-5 times slower than eager.)
+
+Options travel as plain values, as for the Triton ops (``_triton_path.FORWARD_OP_OPTIONS``).
+``inplace_backward`` has no effect under compile (the gradient gets its own buffer, as with the
+Triton ops); double backward raises, as eager. Gradients with respect to the target or the class
+weight, bfloat16 and ``backend="torch"`` keep the torch ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._options import LossOptions
+from ..api.cross_entropy import _cross_entropy
+from . import _bridge
+from ._triton_path import FORWARD_OP_OPTIONS, OpOptions
+
+__all__ = ["cross_entropy", "runs_compiled"]
+
+
+def runs_compiled(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
+    """Whether a call that torch.compile traces runs on these ops: CPU tensors of the kernels'
+    dtypes (from metadata: the values are not there to read), no gradient for the target or the
+    weight, no torch.func transform (the custom ops have no rule for ``grad``; the compiler traces
+    this question, where it cannot trace ``_bridge.transforms_running``'s), not
+    ``backend="torch"``."""
+    if options.backend == "torch" or _transforms_active():
+        return False
+    for tensor in (input, target, weight):
+        if tensor is not None and (tensor.device.type != "cpu" or tensor.layout is not torch.strided):
+            return False
+    for tensor in (input, target if target.is_floating_point() else None, weight):
+        if tensor is not None and tensor.dtype not in _bridge.KERNEL_DTYPES:
+            return False
+    return not (torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)))
+
+
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def class_axis(input: Tensor) -> int:
+    """torch's class dimension: 1 for batched inputs (N, C, d1, ..., dk), 0 for one sample (C,)."""
+    return 1 if input.dim() >= 2 else 0
+
+
+_SCHEMA_OPTIONS = FORWARD_OP_OPTIONS.schema
+
+
+
+@torch.library.custom_op(
+    "xentkit::cross_entropy", mutates_args=(),
+    schema=(
+        "(Tensor input, Tensor target, Tensor? weight, ScalarType loss_dtype, bool check_probabilities, "
+        f"{_SCHEMA_OPTIONS}) -> Tensor"
+    ),
+)
+def numba_cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, check_probabilities: bool,
+    *options: Any,
+) -> Tensor:
+    """The loss in ``loss_dtype``; ``options``: ``FORWARD_OP_OPTIONS.values(loss_options)``."""
+    loss, _ = _cross_entropy(
+        _bridge.as_numpy(input), _bridge.as_numpy(target), axis=class_axis(input),
+        weight=_bridge.optional_numpy(weight), options=FORWARD_OP_OPTIONS.options(options),
+        check_probabilities=check_probabilities, want_grad=False, loss_dtype=_bridge.numpy_dtype(loss_dtype),
+    )
+    return _bridge.as_tensor(loss, loss_dtype).contiguous()  # (its own memory: the api's new array)
+
+
+@numba_cross_entropy.register_fake
+def _(
+    input: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, check_probabilities: bool,
+    *options: Any,
+) -> Tensor:
+    _, sample_shape, _ = _bridge.sample_layout(input, target)
+    (reduction,) = OpOptions(("reduction",)).taken_from(FORWARD_OP_OPTIONS, options)
+    return input.new_empty(sample_shape if reduction == "none" else (), dtype=loss_dtype)
+
+
+@torch.library.custom_op(
+    "xentkit::cross_entropy_backward", mutates_args=(),
+    schema=f"(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, {_SCHEMA_OPTIONS}) -> Tensor",
+)
+def numba_cross_entropy_backward(
+    input: Tensor, target: Tensor, weight: Tensor | None, grad_output: Tensor, *options: Any
+) -> Tensor:
+    """The gradient with respect to ``input`` for ``grad_output``, contiguous, in the input's dtype
+    (rounded once)."""
+    _, gradient = _cross_entropy(
+        _bridge.as_numpy(input), _bridge.as_numpy(target), axis=class_axis(input),
+        weight=_bridge.optional_numpy(weight), options=FORWARD_OP_OPTIONS.options(options),
+        check_probabilities=False, want_grad=True, grad_output=_bridge.as_numpy(grad_output.detach()),
+    )
+    return _bridge.as_tensor(gradient, input.dtype).contiguous()
+
+
+@numba_cross_entropy_backward.register_fake
+def _(input: Tensor, target: Tensor, weight: Tensor | None, grad_output: Tensor, *options: Any) -> Tensor:
+    return input.new_empty(input.shape)
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    input, target, weight, _loss_dtype, _check, *options = inputs
+    ctx.save_for_backward(input, target, weight)
+    ctx.options = tuple(options)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+    input, target, weight = ctx.saved_tensors
+    gradient = None
+    if ctx.needs_input_grad[0]:
+        gradient = numba_cross_entropy_backward(input, target, weight, grad_loss, *ctx.options)
+    return gradient, None, None, None, None, *(None for _ in FORWARD_OP_OPTIONS.names)
+
+
+numba_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, check_probabilities: bool
+) -> Tensor:
+    """``xentkit.torch.cross_entropy`` on the Numba kernels under torch.compile: the eager
+    Function's loss, gradient, label check and warning, in two custom ops the compiler keeps."""
+    return numba_cross_entropy(
+        input, target.detach(), None if weight is None else weight.detach(), _bridge.loss_dtype(input, target),
+        check_probabilities, *FORWARD_OP_OPTIONS.values(options),
+    )

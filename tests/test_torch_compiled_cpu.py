@@ -1,0 +1,265 @@
+"""``xentkit.torch.cross_entropy`` under ``torch.compile`` on the CPU runs the Numba kernels in two
+custom ops (``xentkit::cross_entropy`` and its backward, ``xentkit.torch._numba_ops``): one node
+each in the graph, the eager path's loss and gradient, and the labels checked. Before, the
+compiler traced torch ops: a bad label gave a NaN row, and the call ran 4-5 times slower than
+eager."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit  # noqa: E402
+import xentkit.torch as xt  # noqa: E402
+from xentkit._options import LossOptions  # noqa: E402
+from xentkit.torch import _numba_ops  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _eager_on_the_kernels(monkeypatch):
+    """Eager calls on the Numba kernels at these small shapes too (not torch's kernel, which small
+    eager problems run), so that eager and compiled run the same kernels."""
+    monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 0)
+    torch._dynamo.reset()  # (the parametrized cases' steps share code objects: no recompile limit)
+
+
+def _graph_ops(fn, *args) -> list[str]:
+    """The call targets of the graphs torch.compile makes of ``fn`` (a backend that records them),
+    after calling it once."""
+    seen: list[str] = []
+
+    def backend(graph_module, _example_inputs):
+        seen.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+def _case(shape=(7, 5), dtype=torch.float32, seed=0, probabilities=False):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    if probabilities:
+        target = torch.softmax(torch.randn(shape, generator=generator, dtype=torch.float64), 1 if len(shape) > 1 else 0)
+        target = target.to(dtype)
+    else:
+        samples = (shape[0], *shape[2:]) if len(shape) > 1 else ()
+        target = torch.randint(0, classes, samples, generator=generator)
+        if target.dim():
+            target.view(-1)[1] = -100
+    return logits, target
+
+
+def test_the_compiled_graph_holds_the_custom_op_not_torch_ops():
+    logits, target = _case()
+    logits.requires_grad_()
+    ops = _graph_ops(lambda x, y: xt.cross_entropy(x, y, label_smoothing=0.1), logits, target)
+    assert "xentkit.cross_entropy.default" in ops
+    assert not any("log_softmax" in op or "cross_entropy_loss" in op for op in ops)
+
+
+OPTIONS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.2},
+    {"z_loss": 1e-3, "softcap": 4.0},
+    {"ignore_index": 2, "reduction": "none", "label_smoothing": 0.1},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["rows", "pixels", "one_sample", "probabilities"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_loss_and_gradient_are_eagers(options, dtype, layout, weighted):
+    shape = {"rows": (9, 6), "pixels": (3, 6, 2, 2), "one_sample": (6,), "probabilities": (9, 6)}[layout]
+    logits, target = _case(shape, dtype, probabilities=layout == "probabilities")
+    if "ignore_index" in options and layout != "probabilities":
+        target = torch.where(target == -100, options["ignore_index"], target)
+    weight = torch.linspace(0.5, 2.0, 6, dtype=dtype) if weighted else None
+
+    def run(fn):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, target, weight)
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(loss.dtype) + 0.5
+        (grad,) = torch.autograd.grad(loss, x, upstream)
+        return loss.detach(), grad
+
+    def step(x, y, w):
+        return xt.cross_entropy(x, y, w, **options)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss, grad = run(compiled)
+    expected_loss, expected_grad = run(step)
+    assert loss.dtype == expected_loss.dtype and grad.dtype == dtype
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)  # the same kernel's loss
+    # eager scales the gradient it kept from forward; the compiled backward applies the upstream
+    # gradient in the kernel: a rounding apart
+    tolerance = {torch.float16: 2e-3, torch.float32: 2e-6, torch.float64: 1e-14}[dtype]
+    torch.testing.assert_close(grad, expected_grad, rtol=tolerance, atol=tolerance)
+    # and both are the float64 reference's
+    double = logits.double().requires_grad_()
+    reference = xt.cross_entropy(double, target if layout != "probabilities" else target.double(),
+                                 None if weight is None else weight.double(), backend="torch", **options)
+    assert torch.isfinite(reference).all()
+    close = {torch.float16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(loss.double(), reference.detach(), rtol=close, atol=close)
+
+
+def test_at_an_upstream_gradient_of_one_the_gradient_is_eagers_bit_for_bit():
+    logits, target = _case((33, 17), torch.float32)
+
+    def grad_of(fn):
+        x = logits.clone().requires_grad_()
+        fn(x, target).backward()
+        return x.grad
+
+    step = lambda x, y: xt.cross_entropy(x, y, label_smoothing=0.05, z_loss=1e-4)  # noqa: E731
+    assert torch.equal(grad_of(torch.compile(step, backend="aot_eager", fullgraph=True)), grad_of(step))
+
+
+def test_a_bad_label_under_compile_is_the_eager_error_not_a_nan_row():
+    logits, target = _case((6, 5))
+    target[3] = 7
+    compiled = torch.compile(lambda x, y: xt.cross_entropy(x, y), backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="7") as compiled_error:
+        compiled(logits.clone().requires_grad_(), target)
+    with pytest.raises(ValueError) as eager_error:
+        xt.cross_entropy(logits.clone().requires_grad_(), target)
+    assert str(compiled_error.value) == str(eager_error.value)
+
+
+def test_the_inductor_compiled_step_trains_as_eager():
+    """The default backend (inductor) with the ops inside a model's step: the same parameters
+    after a few SGD steps."""
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(64, 12, generator=generator)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    labels[::7] = -100
+
+    def train(compile_it: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+        loss_fn = xt.CrossEntropyLoss(label_smoothing=0.1)
+        step = lambda x, y: loss_fn(model(x), y)  # noqa: E731
+        if compile_it:
+            step = torch.compile(step, fullgraph=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(4):
+            optimizer.zero_grad()
+            step(inputs, labels).backward()
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(train(True), train(False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan")])
+def test_a_non_finite_upstream_gradient_gives_eagers_values(upstream):
+    logits, target = _case((6, 5), torch.float64)
+
+    def grad_of(fn):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, target)
+        (grad,) = torch.autograd.grad(loss, x, torch.full_like(loss, 1.0).index_fill_(0, torch.tensor([0]), upstream)
+                                      if loss.dim() else torch.tensor(upstream, dtype=loss.dtype))
+        return grad
+
+    for reduction in ("mean", "none"):
+        step = lambda x, y, reduction=reduction: xt.cross_entropy(x, y, reduction=reduction)  # noqa: E731
+        compiled = grad_of(torch.compile(step, backend="aot_eager", fullgraph=True))
+        eager = grad_of(step)
+        assert torch.equal(torch.isnan(compiled), torch.isnan(eager))  # the same NaN entries
+        torch.testing.assert_close(compiled, eager, equal_nan=True, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(compiled, grad_of(lambda x, y, r=reduction: F.cross_entropy(x, y, reduction=r)),
+                                   equal_nan=True)
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice():
+    logits, target = _case((6, 5))
+    x = logits.clone().requires_grad_()
+    loss = torch.compile(lambda a, b: xt.cross_entropy(a, b), backend="aot_eager", fullgraph=True)(x, target)
+    (first,) = torch.autograd.grad(loss, x, torch.tensor(0.5), retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5), retain_graph=True)
+    assert torch.equal(first, second)
+    (third,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(third, 2 * first)
+
+
+def test_changing_the_logits_before_backward_is_autograds_error():
+    """The compiled backward sweeps the logits again: they are kept, as torch keeps its
+    log-softmax (eager xentkit keeps the gradient instead and gives the gradient at the values
+    the loss saw)."""
+    logits, target = _case((6, 5))
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1.0
+    loss = torch.compile(lambda a, b: xt.cross_entropy(a, b), backend="aot_eager")(x, target)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_the_probabilities_as_logits_warning_is_given_under_compile():
+    generator = torch.Generator().manual_seed(3)
+    probabilities = torch.softmax(torch.randn(64, 10, generator=generator), 1)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    compiled = torch.compile(lambda a, b: xt.cross_entropy(a, b), backend="aot_eager", fullgraph=True)
+    with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning):
+        compiled(probabilities, labels)
+    quiet = torch.compile(lambda a, b: xt.cross_entropy(a, b, check_probabilities=False), backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", xentkit.ProbabilitiesAsLogitsWarning)
+        quiet(probabilities, labels)
+
+
+def test_dynamic_shapes_take_the_op_at_every_batch_size():
+    compiled = torch.compile(lambda a, b: xt.cross_entropy(a, b, reduction="none"), backend="aot_eager", dynamic=True)
+    for rows in (3, 8, 13):
+        logits, target = _case((rows, 6), seed=rows)
+        torch.testing.assert_close(compiled(logits, target), xt.cross_entropy(logits, target, reduction="none"),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_under_compile_keep_the_torch_ops(transform):
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 6, 5, generator=generator)  # a batch of 4 problems of 6 rows
+    target = torch.randint(0, 5, (4, 6), generator=generator)
+    if transform == "grad":
+        fn = lambda a, b: torch.func.grad(xt.cross_entropy)(a[0], b[0])  # noqa: E731
+        want = torch.func.grad(F.cross_entropy)(logits[0], target[0])
+    else:
+        fn = lambda a, b: torch.vmap(xt.cross_entropy)(a, b)  # noqa: E731
+        want = torch.vmap(F.cross_entropy)(logits, target)
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(logits, target), want)
+
+
+def test_what_the_ops_do_not_take_keeps_the_torch_ops():
+    logits, target = _case((6, 5))
+    soft = torch.softmax(torch.randn(6, 5), 1).requires_grad_()  # a target that requires grad
+    ops = _graph_ops(lambda x, y: xt.cross_entropy(x, y), logits.requires_grad_(), soft)
+    assert "xentkit.cross_entropy.default" not in ops
+    ops = _graph_ops(lambda x, y: xt.cross_entropy(x, y, backend="torch"), logits, target)
+    assert "xentkit.cross_entropy.default" not in ops
+    ops = _graph_ops(lambda x, y: xt.cross_entropy(x, y), logits.detach().bfloat16(), target)
+    assert "xentkit.cross_entropy.default" not in ops
+
+
+def test_the_ops_pass_torch_librarys_checks():
+    logits, target = _case((6, 5))
+    weight = torch.linspace(0.5, 2.0, 5)
+    options = _numba_ops.FORWARD_OP_OPTIONS.values(LossOptions(label_smoothing=0.1))
+    torch.library.opcheck(
+        _numba_ops.numba_cross_entropy, (logits.requires_grad_(), target, weight, torch.float32, False, *options)
+    )
+    torch.library.opcheck(
+        _numba_ops.numba_cross_entropy_backward, (logits.detach(), target, weight, torch.tensor(0.5), *options)
+    )
