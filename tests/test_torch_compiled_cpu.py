@@ -242,6 +242,17 @@ def test_torch_func_transforms_under_compile_keep_the_torch_ops(transform):
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(logits, target), want)
 
 
+def test_small_problems_keep_the_traced_torch_ops(monkeypatch):
+    """Up to SMALL_MAX_LOGITS logits the compiled call keeps torch ops (faster there than the
+    custom ops' dispatch), as small eager calls run torch's kernel; beyond, the custom op."""
+    monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 30)
+    small, target = _case((6, 5))
+    assert "xentkit.cross_entropy.default" not in _graph_ops(lambda x, y: xt.cross_entropy(x, y), small, target)
+    torch._dynamo.reset()
+    large, target = _case((7, 5))
+    assert "xentkit.cross_entropy.default" in _graph_ops(lambda x, y: xt.cross_entropy(x, y), large, target)
+
+
 def test_what_the_ops_do_not_take_keeps_the_torch_ops():
     logits, target = _case((6, 5))
     soft = torch.softmax(torch.randn(6, 5), 1).requires_grad_()  # a target that requires grad

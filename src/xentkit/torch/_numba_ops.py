@@ -1,8 +1,12 @@
 """The Numba cross-entropy as torch custom ops, so that ``torch.compile`` on the CPU keeps the
 fused kernels and their label check.
 
-Under ``torch.compile`` ``xentkit.torch.cross_entropy`` on CPU tensors of a kernel dtype calls
-:func:`cross_entropy` below instead of the eager autograd Function. The compiler keeps the two ops
+Under ``torch.compile`` ``xentkit.torch.cross_entropy`` on CPU tensors of a kernel dtype, beyond
+``functional.SMALL_MAX_LOGITS`` logits, calls :func:`cross_entropy` below instead of the eager
+autograd Function. (Smaller problems keep the torch ops the compiler traces, as small eager ones
+run torch's kernel: the two custom ops cost ~0.1 ms a call each in dispatch, and a compiled
+64 × 100 step took 0.42 ms through them against 0.13 ms for ``torch.compile`` of
+``F.cross_entropy``. Their labels are not checked, a bad one making its row NaN.) The compiler keeps the two ops
 as they are (one node each in the graph) and runs the eager path's code inside them, on the real
 tensors:
 
