@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data", help="manage datasets", description="Download datasets into the cache (their checksums verified)."
     )  # fmt: skip
     data.set_defaults(help_parser=data)
-    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     download = data_commands.add_parser(
         "download",
         help="download MNIST or Fashion-MNIST into the cache (checksums verified)",
@@ -293,10 +293,10 @@ def _check_combinations(args: argparse.Namespace) -> None:
     if args.json is not None:
         from xentkit.lab.report import MNIST_JSON, MNIST_PLOT, NEURON_JSON, NEURON_PLOT, REPORT_HTML
 
-        target = Path(args.json).resolve()
-        if target.parent == Path(args.out).resolve() and target.name in (
-            MNIST_JSON, MNIST_PLOT, NEURON_JSON, NEURON_PLOT, REPORT_HTML
-        ):
+        # by its name in --out, or through a link to one of those files
+        out, target = Path(args.out).resolve(), Path(args.json).absolute()
+        written = {out / name for name in (MNIST_JSON, MNIST_PLOT, NEURON_JSON, NEURON_PLOT, REPORT_HTML)}
+        if target.parent.resolve() / target.name in written or target.resolve() in written:
             args.help_parser.error(
                 f"--json: {args.json} is one of the files the lab writes into --out; give another path"
             )
@@ -364,6 +364,18 @@ def _check_writable_folder(folder: Path, option: str, made: list[Path]) -> None:
         raise ValueError(f"{option}: the folder {folder} is not writable")
 
 
+def _check_json_is_a_file(json_path: str, out: Path) -> None:
+    """``--json`` names a file, not a folder: neither one that exists nor --out (or a folder
+    above it), which the run makes before it writes the results (a ValueError naming --json)."""
+    if Path(json_path).is_dir():
+        raise ValueError(f"--json: {json_path} is a folder, expected the path of a file")
+    target, out = Path(json_path).resolve(), out.resolve()
+    if target == out or target in out.parents:
+        raise ValueError(
+            f"--json: {json_path} is a folder that --out makes, expected the path of a file"
+        )
+
+
 def _run(args: argparse.Namespace, command: str) -> int:
     """Carry out the parsed command (``command``: its text, recorded in the results and the
     report); returns the exit code."""
@@ -387,6 +399,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
     require_plotting()  # the extras, the data and settings first: a failure leaves no folder
+    if args.json is not None:
+        _check_json_is_a_file(args.json, Path(args.out))
     if args.experiment == "neuron":
         experiment = functools.partial(run_neuron, args.out)
     else:
@@ -395,8 +409,6 @@ def _run(args: argparse.Namespace, command: str) -> int:
         runner = run_mnist if args.experiment == "mnist" else run_all
         losses = args.losses or list(LOSS_NAMES)
         experiment = functools.partial(runner, dataset, args.out, losses=losses, settings=settings)
-    if args.json is not None and Path(args.json).is_dir():
-        raise ValueError(f"--json: {args.json} is a folder, expected the path of a file")
     made: list[Path] = []
     try:
         _check_writable_folder(Path(args.out), "--out", made)  # before training, not after

@@ -244,12 +244,15 @@ def load_embedded_mnist() -> Dataset:
 
 
 def default_cache_dir() -> Path:
-    """The download cache: ``$XENTKIT_CACHE`` if set, else the user cache folder ``xentkit``."""
+    """The download cache: ``$XENTKIT_CACHE`` if set, else the user cache folder ``xentkit``
+    (in ``$XDG_CACHE_HOME`` when that is an absolute path, else in ``~/.cache``: the XDG spec
+    says a relative one is to be ignored)."""
     configured = os.environ.get("XENTKIT_CACHE")
     if configured:
         return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "xentkit"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "xentkit"
 
 
 def load_dataset(

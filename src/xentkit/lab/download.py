@@ -3,11 +3,14 @@
 The mirror is configurable (``--mirror URL`` or ``$XENTKIT_MNIST_MIRROR`` /
 ``$XENTKIT_FASHION_MNIST_MIRROR``) so that tests can serve files from 127.0.0.1. A file whose
 checksum does not match is not kept in the cache: pooch downloads to a temporary file and only
-moves it into place once its hash is verified.
+moves it into place once its hash is verified. A downloaded file gets the permissions of any
+new file (``0o666`` less the umask), not the private ones of pooch's temporary file, so that a
+shared cache can be read by everyone it is shared with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.parse
 from collections.abc import Mapping
@@ -132,6 +135,10 @@ def _fetch_all(
     """Fetch and verify each file into ``folder`` (:func:`download_dataset`'s loop)."""
     for filename, known_hash in hashes.items():
         url = base + filename
+        path = folder / filename
+        before = _identity(path)
+        if before is None:  # to download: a folder it cannot be written into is a local problem
+            _check_writable(folder)
         try:
             pooch.retrieve(
                 url, known_hash=known_hash, fname=filename, path=folder, progressbar=False
@@ -144,9 +151,46 @@ def _fetch_all(
                 f"{_received_hash(error)}; the download was discarded (not kept in {folder})"
             ) from None
         except (requests.RequestException, OSError) as error:
+            if not isinstance(error, requests.RequestException):  # (a cached file to replace, say)
+                _check_writable(folder)
             raise DatasetError(
                 f"{url}: download of {filename} failed ({error}). {_offline_hint(name)}"
             ) from None
+        if _identity(path) != before:  # downloaded now, into pooch's private temporary file
+            with contextlib.suppress(OSError):  # (a file system without modes keeps its own)
+                os.chmod(path, 0o666 & ~_umask())
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file at ``path``, or None when there is none: a file that
+    pooch downloads is a new one, moved into place."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _check_writable(folder: Path) -> None:
+    """A DatasetError, said as the local problem it is (not as a failed download with the
+    network's hint), when no file can be written into ``folder``."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DatasetError(
+            f"{folder}: cannot write into the cache folder (it is not writable); "
+            "choose another with --cache or $XENTKIT_CACHE"
+        )
+
+
+def _umask() -> int:
+    """The process's umask: read from Linux's /proc/self/status, which leaves it as it is; else
+    set (to a strict one, for the moment it is changed) and restored at once."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 # the URL schemes pooch downloads from with the lab's extras (a local folder is --data DIR, not a

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28)
 IMAGE_PIXELS = 28 * 28
 
 #: The standard file stems of MNIST and Fashion-MNIST (each may also end in ``.gz``).
@@ -287,7 +288,7 @@ def _check_npz_member(archive: Any, key: str, path: Path) -> None:
 
 def as_pixels(images: np.ndarray, source: object) -> np.ndarray:
     """``[N, 784]`` float32 in [0, 1] from uint8 0–255 or floats already in [0, 1]."""
-    if images.ndim == 3:
+    if images.ndim == 3 and images.shape[1:] == IMAGE_SHAPE:  # (not any rows × columns of 784)
         images = images.reshape(images.shape[0], -1)
     if images.ndim != 2 or images.shape[1] != IMAGE_PIXELS:
         raise DatasetError(

@@ -1,4 +1,4 @@
-"""The lab's outputs: PNG plots (matplotlib, Agg) and one self-contained ``report.html``.
+"""The lab's outputs: PNG plots (matplotlib's Agg canvas) and one self-contained ``report.html``.
 
 Each experiment leaves its results in the output folder (``neuron.json`` + ``neuron.png``,
 ``mnist.json`` + ``mnist_accuracy.png``); :func:`write_report` builds ``report.html`` from every
@@ -20,10 +20,10 @@ import os
 import secrets
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from xentkit import __version__
 from xentkit._extras import require
@@ -83,13 +83,19 @@ def require_plotting() -> None:
 _PLOTS = "xentkit lab (its plots)"
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the non-interactive Agg backend."""
-    matplotlib = require("matplotlib", "lab", _PLOTS)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _new_figure(**options: Any) -> Any:
+    """A matplotlib Figure on its own Agg canvas (``options``: the Figure's, e.g. ``figsize``).
 
-    return plt
+    Not through pyplot, whose backend is global: the lab draws without a display and leaves the
+    caller's backend (a notebook's inline plots, say) as it was; nor is the figure registered
+    with pyplot, so nothing needs closing."""
+    require("matplotlib", "lab", _PLOTS)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**options)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def provenance(command: str) -> dict[str, str]:
@@ -112,18 +118,26 @@ def shortest(value: float) -> str:
 
 
 def write_text_file(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` as UTF-8, whole or not at all: into a new temporary file beside
-    it (a random name, created exclusively, so nothing planted there is followed), then renamed
-    over it, so a full disk or an interrupted run leaves the old file as it was; the old file's
-    permissions are kept (a new file gets the usual ones, by the umask). A link to a regular file
-    is written through (its target replaced); a path that is there but is no regular file (a
-    device, a pipe, /dev/stdout) is written as it is, never renamed over. Creates the parent
-    folder; an OSError names the file."""
+    """Write ``text`` to ``path`` as UTF-8, whole or not at all (as :func:`_write_file` says).
+
+    (A file name in ``text`` that is not UTF-8 keeps its own bytes: surrogateescape, as the OS
+    gave it.)"""
+    return _write_file(path, lambda file: file.write(text.encode("utf-8", "surrogateescape")))
+
+
+def _write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``path`` with ``write`` (given the open binary file), whole or not at all: into a new
+    temporary file beside it (a random name, created exclusively, so nothing planted there is
+    followed), then renamed over it, so a full disk or an interrupted run leaves the old file as
+    it was; the old file's permissions are kept (a new file gets the usual ones, by the umask). A
+    link to a regular file is written through (its target replaced); a path that is there but is
+    no regular file (a device, a pipe, /dev/stdout) is written as it is, never renamed over.
+    Creates the parent folder; an OSError names the file."""
     path = Path(path)
     try:
         if path.exists() and not path.is_file():  # (exists and is_file follow links)
-            with open(path, "w", encoding="utf-8", errors="surrogateescape") as file:
-                file.write(text)
+            with open(path, "wb") as file:
+                write(file)
             return path
         target = path.resolve() if path.is_symlink() else path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,9 +145,8 @@ def write_text_file(path: str | Path, text: str) -> Path:
         temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # (umask applies)
         try:
-            # (a file name that is not UTF-8 keeps its own bytes: surrogateescape, as the OS gave it)
-            with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as file:
-                file.write(text)
+            with os.fdopen(descriptor, "wb") as file:
+                write(file)
             if mode is not None:
                 os.chmod(temporary, mode)
             os.replace(temporary, target)
@@ -159,8 +172,8 @@ def neuron_figure(runs: Sequence[NeuronRun]) -> Any:
     Each panel has its legend below it, outside the axes, so no legend covers a curve (the
     quadratic cost's plateau from (2, 2) runs along the top of the output panel).
     """
-    plt = _pyplot()
-    figure, (output_axes, cost_axes) = plt.subplots(1, 2, figsize=(9.6, 5.4))
+    figure = _new_figure(figsize=(9.6, 5.4))
+    output_axes, cost_axes = figure.subplots(1, 2)
     colors = {
         start: f"C{index}" for index, start in enumerate(dict.fromkeys(r.start for r in runs))
     }
@@ -192,8 +205,8 @@ def mnist_figure(results: dict[str, Any]) -> Any:
     Note 003's two full-MNIST curves are drawn (dotted) only when ``results`` has them, that is
     when the dataset is MNIST.
     """
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(9.6, 6.0))
+    figure = _new_figure(figsize=(9.6, 6.0))
+    axes = figure.subplots()
     for loss, run in results["runs"].items():
         accuracy = run["test_accuracy"]
         axes.plot(range(len(accuracy)), accuracy, "o-", markersize=3,
@@ -222,12 +235,9 @@ def plot_mnist(results: dict[str, Any], path: str | Path) -> Path:
 
 
 def _save(figure: Any, path: str | Path) -> Path:
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=PLOT_DPI)
-    plt.close(figure)
-    return path
+    """Write ``figure`` to ``path`` as a PNG, whole or not at all (:func:`_write_file`): an
+    interrupted save leaves no truncated plot for the report to show."""
+    return _write_file(path, lambda file: figure.savefig(file, format="png", dpi=PLOT_DPI))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,14 +578,22 @@ def mnist_table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]
 # The report
 
 
-def _png_size(path: Path) -> tuple[float, float]:
+_PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"  # the signature, then the IHDR chunk
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk, empty, with its CRC
+
+
+def _png_size(data: bytes) -> tuple[float, float]:
     """The PNG's natural size in CSS pixels: its pixels at its own resolution (pHYs), else at
-    :data:`PLOT_DPI`."""
-    data = path.read_bytes()
+    :data:`PLOT_DPI`; a ValueError when ``data`` is no whole PNG (an interrupted save)."""
+    if not (data.startswith(_PNG_START) and data.endswith(_PNG_END) and len(data) >= 24):
+        raise ValueError(
+            f"expected a whole PNG image, received {len(data)} bytes"
+            + ("" if data.startswith(_PNG_START) else " without the PNG signature")
+        )
     width, height = struct.unpack(">II", data[16:24])
     dpi = float(PLOT_DPI)
     at = data.find(b"pHYs", 0, 4096)
-    if at > 0:
+    if 0 < at <= len(data) - 13:
         per_meter, _, unit = struct.unpack(">IIB", data[at + 4 : at + 13])
         if unit == 1 and per_meter:
             dpi = per_meter * 0.0254
@@ -584,8 +602,16 @@ def _png_size(path: Path) -> tuple[float, float]:
 
 
 def _figure(path: Path, alt: str) -> str:
-    width, height = _png_size(path)
-    uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    """The plot as an ``<img>`` holding its data; a file that cannot be read or is no whole PNG
+    gives a note naming it instead (the section keeps its text and table)."""
+    try:
+        data = path.read_bytes()
+        width, height = _png_size(data)
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        problem = f"{path.name} cannot be shown ({reason}); the plot is left out."
+        return f'<p class="note">{html.escape(problem)}</p>'
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
     return (
         f'<img class="plot" alt="{html.escape(alt)}" width="{round(width)}" '
         f'height="{round(height)}" src="{uri}">'
@@ -666,9 +692,9 @@ def _mnist_section(results: dict[str, Any], plot: Path | None) -> str:
         _made_by(results),
         f"<p>{html.escape(_mnist_sentences(results, found))}</p>",
         f'<p class="note">{html.escape(str(results.get("description", "")))}. 784 → 10, zero '
-        f"initialization, mini-batch {settings.get('batch_size', '?')}, gradient descent at "
-        f"learning rate {settings.get('learning_rate', '?')}, shuffling seed "
-        f"{settings.get('seed', '?')}; test accuracy after each epoch, and its mean over the "
+        f"initialization, mini-batch {html.escape(str(settings.get('batch_size', '?')))}, gradient "
+        f"descent at learning rate {html.escape(str(settings.get('learning_rate', '?')))}, shuffling "
+        f"seed {html.escape(str(settings.get('seed', '?')))}; test accuracy after each epoch, and its mean over the "
         f"epochs in the last row. A drop is a fall of more than "
         f"{found.drop_text} between two successive epochs; "
         f"{OSCILLATION_MIN_DROPS} or more drops make an oscillation.{html.escape(reference)}</p>",
