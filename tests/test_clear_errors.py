@@ -216,6 +216,22 @@ def test_masked_entries_are_refused_not_unmasked(where):
             xentkit.cross_entropy(arguments["logits"], arguments["target"], weight=arguments["weight"])
 
 
+def test_a_masked_row_anywhere_in_a_list_is_refused():
+    """Rows of a list were looked at only through the first: a masked second row was unmasked
+    (its hidden 5.0 taken as a logit)."""
+    hidden = np.ma.masked_array([5.0, 1.0], mask=[True, False])
+    plain = np.array([0.0, 1.0])
+    for logits in ([plain, hidden], (plain, hidden), [[plain, hidden]], [[[0.0, 1.0]], [hidden]]):
+        with pytest.raises(TypeError, match=r"^logits must be a plain array, got a NumPy masked array"):
+            xentkit.cross_entropy(logits, np.ones(np.shape(logits)[:-1], int), reduction="none")
+    # nothing masked: its data; and lists of numbers are taken as they are
+    unmasked = np.ma.masked_array([5.0, 1.0])
+    np.testing.assert_array_equal(
+        xentkit.cross_entropy([plain, unmasked], [1, 1], reduction="none"),
+        xentkit.cross_entropy([[0.0, 1.0], [5.0, 1.0]], [1, 1], reduction="none"),
+    )
+
+
 def test_float16_out_beyond_its_range_is_inf_without_a_warning():
     logits = np.array([[3.0, 1.0, -3.0]], np.float16)
     out = np.empty_like(logits)
@@ -251,6 +267,42 @@ def test_reference_path_overflows_quietly_as_torch():
     # torch: log_softmax's backward of an infinite upstream, g − p·Σg: NaN at the target, inf elsewhere
     assert np.isnan(grad[0, 0]) and np.all(grad[0, 1:] == np.inf)
     assert loss == np.inf
+
+
+def test_reference_blocks_whose_setup_interleaves_leave_the_process_wide_choice_alone():
+    """``with use_reference(...)`` runs ``__init__`` (which cannot tell a block from a plain call,
+    so it switches the process-wide choice) and then ``__enter__`` (which takes it back). Two
+    blocks in two threads could interleave there: block A's ``__init__``, block B's, then both
+    ``__enter__``s left the process-wide choice on A's value for good, every thread then running
+    the NumPy reference. Forced here in one thread, in that order."""
+    assert not xentkit.reference_enabled()
+    first, second = xentkit.use_reference(True), xentkit.use_reference(False)
+    first.__enter__()
+    second.__enter__()
+    second.__exit__(None, None, None)
+    first.__exit__(None, None, None)
+    assert not xentkit.reference_enabled()
+    first, second = xentkit.use_reference(False), xentkit.use_reference(True)  # the other order
+    second.__enter__()
+    first.__enter__()
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert not xentkit.reference_enabled()
+    del first, second
+    # plain calls still switch for good, the latest one counting
+    try:
+        xentkit.use_reference(True)
+        with xentkit.use_reference(False):
+            assert not xentkit.reference_enabled()
+        assert xentkit.reference_enabled()
+        kept = xentkit.use_reference(False)
+        assert not xentkit.reference_enabled()
+        del kept
+        xentkit.use_reference(True)
+        assert xentkit.reference_enabled()
+    finally:
+        xentkit.use_reference(False)
+    assert not xentkit.reference_enabled()
 
 
 def test_reference_blocks_in_two_threads_keep_to_their_own_thread():

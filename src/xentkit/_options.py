@@ -30,6 +30,7 @@ import dataclasses
 import math
 import numbers
 import operator
+from collections.abc import Iterator
 from typing import Any, SupportsFloat, SupportsIndex, TypeAlias
 
 import numpy as np
@@ -74,11 +75,9 @@ def as_array(value: object, name: str) -> np.ndarray:
     with nothing masked is its data."""
     if type(value) is np.ndarray:
         return value
-    if isinstance(value, np.ma.MaskedArray) or (
-        type(value) in (list, tuple) and value and isinstance(value[0], np.ma.MaskedArray)  # (rows of them)
-    ):
-        parts = value if type(value) in (list, tuple) else (value,)
-        if not any(np.ma.is_masked(part) for part in parts if isinstance(part, np.ma.MaskedArray)):
+    masked = list(_masked_parts(value))
+    if masked:
+        if not any(np.ma.is_masked(part) for part in masked):
             return np.asarray(value.data if isinstance(value, np.ma.MaskedArray) else value)
         raise TypeError(
             f"{name} must be a plain array, got a NumPy masked array, whose mask would be ignored: pass "
@@ -94,6 +93,17 @@ def as_array(value: object, name: str) -> np.ndarray:
                 "in bfloat16, use xentkit.torch, or pass tensor.detach().cpu().numpy())"
             )
         raise TypeError(f"{name} must be a numeric array, got {describe(value)}{hint}") from None
+
+
+def _masked_parts(value: object) -> Iterator[np.ma.MaskedArray]:
+    """The masked arrays ``value`` is or holds, at any depth of lists and tuples of arrays or
+    lists (rows of them, wherever they are). A list of numbers is not looked through: an array
+    among numbers is a ragged list, which ``np.asarray`` refuses anyway."""
+    if isinstance(value, np.ma.MaskedArray):
+        yield value
+    elif type(value) in (list, tuple) and value and isinstance(value[0], (list, tuple, np.ndarray)):
+        for part in value:
+            yield from _masked_parts(part)
 
 
 def _real(value: object, name: str, expected: str) -> float:

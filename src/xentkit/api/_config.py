@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
+import weakref
 from types import TracebackType
 
 from .._options import check_flag
@@ -25,12 +26,34 @@ def _from_environment() -> bool:
     return value in _ON
 
 
-_state = {"reference": _from_environment()}  # the process-wide choice
+_state = {"reference": _from_environment()}  # the process-wide choice (kept by _apply)
 # a ``with use_reference(...)`` block's choice, for its own thread (or asyncio task) only: blocks
 # in two threads that overlap would otherwise restore each other's values, and leave the
 # process-wide choice stuck on
 _BLOCK: contextvars.ContextVar[bool | None] = contextvars.ContextVar("xentkit_use_reference", default=None)
 _LOCK = threading.Lock()
+# ``use_reference(...)`` cannot tell in ``__init__`` whether it is called plainly (a process-wide
+# switch) or for a ``with`` block (whose ``__enter__`` comes next and takes the switch back). So
+# the process-wide choice is that of the latest switch not taken back, over the initial one: a
+# log of (the object, by weak reference, its choice). ``__enter__`` removes its own entry, wherever
+# it is, so two blocks whose ``__init__`` and ``__enter__`` interleave in two threads leave the
+# choice as it was (restoring a remembered "previous" value left it stuck on a block's choice).
+# An object that is gone can never be entered: its switch is for good, and what came before it
+# is dropped.
+_INITIAL = _state["reference"]
+_SWITCHES: list[tuple[weakref.ref, bool]] = []
+
+
+def _apply() -> None:
+    """Set the process-wide choice from the log (under ``_LOCK``), dropping what no longer counts:
+    every entry before the latest one whose object is gone."""
+    global _INITIAL
+    for index in range(len(_SWITCHES) - 1, -1, -1):
+        if _SWITCHES[index][0]() is None:
+            _INITIAL = _SWITCHES[index][1]
+            del _SWITCHES[: index + 1]
+            break
+    _state["reference"] = _SWITCHES[-1][1] if _SWITCHES else _INITIAL
 
 
 def reference_enabled() -> bool:
@@ -59,15 +82,15 @@ class use_reference:
 
     def __init__(self, enabled: bool = True) -> None:
         self._enabled = check_flag(enabled, "enabled")
-        with _LOCK:  # called plainly: the process-wide switch (undone by __enter__ for a block)
-            self._previous = _state["reference"]
-            _state["reference"] = self._enabled
+        with _LOCK:  # called plainly: the process-wide switch (taken back by __enter__ for a block)
+            _SWITCHES.append((weakref.ref(self), self._enabled))
+            _apply()
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> use_reference:
-        with _LOCK:  # a block's choice is its thread's alone: the process-wide one as it was
-            if _state["reference"] == self._enabled:
-                _state["reference"] = self._previous
+        with _LOCK:  # a block's choice is its thread's alone: this object's switch taken back
+            _SWITCHES[:] = [entry for entry in _SWITCHES if entry[0]() is not self]
+            _apply()
         self._token = _BLOCK.set(self._enabled)
         return self
 
