@@ -98,7 +98,8 @@ def warps(block: int) -> int:
 # FMA (80 of them in the softcapped pass 1), so that z − m for the row's max is fma(s, t, −m) ≠ 0
 # and its exp not exactly 1 (the sums' "≥ 1" and the log-probabilities' log p ≤ 0 rest on it), and
 # the GPU rounds otherwise than the interpreter, which never fuses. (tl.exp still differs: ex2.approx
-# on the GPU, NumPy's exp on the interpreter, within float32 rounding.)
+# on the GPU, NumPy's exp on the interpreter, within float32 rounding; so do float32 division,
+# div.full.f32 on the GPU within 2 ulps, and float32 stored into bfloat16: see cross_entropy.py.)
 EXACT = {"enable_fp_fusion": False}
 
 

@@ -56,8 +56,13 @@ row. A −inf logit is a masked class (probability 0); a NaN in a row makes that
 ``tanh`` is computed here (Cephes' single-precision scheme: an odd polynomial below 0.625, the
 exponential form above, both within a few float32 ulps) so that the interpreter and the GPU run
 the same arithmetic, as far as they can: the launches turn off contraction (no fused
-multiply-add, which the interpreter never makes: ``_chunks.EXACT``), and only ``tl.exp`` differs
-(``ex2.approx`` on the GPU, NumPy's exp on the interpreter).
+multiply-add, which the interpreter never makes: ``_chunks.EXACT``). What still differs:
+``tl.exp`` (``ex2.approx`` on the GPU, NumPy's exp on the interpreter); float32 ``/`` (the GPU's
+``div.full.f32``, within 2 ulps, NumPy's correctly rounded: the softcap's tanh and slope, the
+gradient's coefficient, ``_chunks.log1p``'s quotient); and a float32 value stored into a bfloat16
+gradient (the GPU rounds to nearest even, ``cvt.rn.bf16.f32``; Triton 3.8's interpreter was seen
+to truncate, one bfloat16 ulp lower; a review). Pass 1, the loss kernel and pass 2 run the same
+instructions on each, so a row's max still gives z − m = 0 exactly.
 
 Offsets (audited for logits of more than 2^31 elements; 65536 × 262144 is a real shape): every
 offset that grows with the rows is computed in int64, the row index (``program_id(0)``, cast to
