@@ -38,8 +38,10 @@ class CommunicationStats:
 class _Communicator:
     """The collectives of one call on ``group``, counted into ``stats``; none in a world of one.
 
-    Collectives run on the device the backend wants: CPU for gloo (and MPI), the current CUDA
-    device for NCCL, the tensors' own device otherwise.
+    Collectives run on the device the backend wants: CPU for gloo (and MPI); for NCCL the tensors'
+    GPU (the current CUDA device for CPU tensors; before, always the current one, which for
+    tensors on another GPU than the current meant copies between GPUs); the tensors' own device
+    otherwise.
     """
 
     def __init__(self, group: object, device: torch.device, stats: CommunicationStats | None) -> None:
@@ -69,8 +71,9 @@ class _Communicator:
         backend = str(dist.get_backend(group)).lower()
         if backend in ("gloo", "mpi"):
             self.device = torch.device("cpu")
-        elif backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        elif backend == "nccl":  # the tensors' GPU where they are on one (as torch's users all-reduce
+            # them where they live), else the current one
+            self.device = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
         else:  # mixed ("cpu:gloo,cuda:nccl") or another backend: the tensors' device
             self.device = device
 
