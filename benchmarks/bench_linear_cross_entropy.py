@@ -7,6 +7,9 @@ the others):
 - ``torch``          ``F.cross_entropy(F.linear(x, W), y)``: materialized logits
 - ``torch-chunked``  ``F.linear_cross_entropy(x, W, y, options=LinearCrossEntropyOptions())``
 - ``xentkit``        ``xentkit.torch.linear_cross_entropy(x, W, y)``
+- ``torch-compile``, ``xentkit-compile``: ``torch`` and ``xentkit`` under
+  ``torch.compile(dynamic=True)`` (inductor; dynamic, so that the warm-up's graph serves the
+  measured shapes without compiling again inside the timing). Asked for by name, not by default.
 
 Each worker warms up on a small problem (JIT compilation, thread pools), allocates the inputs,
 reads its resident set size (RSS), then times ``repeats`` forward+backward passes. Peak memory
@@ -46,7 +49,9 @@ from _harness import (
     timed_passes,
 )
 
-PROVIDERS = ("matmuls", "torch", "torch-chunked", "xentkit")
+DEFAULT_PROVIDERS = ("matmuls", "torch", "torch-chunked", "xentkit")
+PROVIDERS = (*DEFAULT_PROVIDERS, "torch-compile", "xentkit-compile")
+_COMPILED: dict[str, object] = {}
 RESULTS = Path(__file__).resolve().parent / "results" / "linear_cross_entropy.json"
 TIME_GOAL = 1.15  # × the matmuls alone
 MEMORY_LOGITS_FRACTION = 1 / 8  # peak above inputs ≤ gradients + this × logits bytes
@@ -73,6 +78,17 @@ def _step(provider: str, x, w, target, chunk_size: int | None, reduction: str = 
         import xentkit.torch as xt
 
         loss = xt.linear_cross_entropy(x, w, target, reduction=reduction, chunk_size=chunk_size)
+    elif provider in ("torch-compile", "xentkit-compile"):
+        if provider not in _COMPILED:
+            import xentkit.torch as xt
+
+            def loss_of(x, w, target):
+                if provider == "torch-compile":
+                    return F.cross_entropy(F.linear(x, w), target, reduction=reduction)
+                return xt.linear_cross_entropy(x, w, target, reduction=reduction, chunk_size=chunk_size)
+
+            _COMPILED[provider] = torch.compile(loss_of, dynamic=True)
+        loss = _COMPILED[provider](x, w, target)
     else:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     loss = loss.sum()
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per provider process")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved processes per provider")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--chunk-size", type=int, default=None, help="xentkit's chunk_size")
     parser.add_argument(
         "--reduction", default="mean", choices=["mean", "sum", "none"],

@@ -274,3 +274,123 @@ def test_the_ops_pass_torch_librarys_checks():
     torch.library.opcheck(
         _numba_ops.numba_cross_entropy_backward, (logits.detach(), target, weight, torch.tensor(0.5), *options)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy: the chunked pass on the Numba kernels, as custom ops
+# (xentkit.torch._linear_numba); before, a compiled CPU call traced F.linear and torch ops: the
+# whole [N, V] logits and their gradient, and no label check
+
+
+def _linear_case(rows=24, features=6, classes=40, dtype=torch.float32, probabilities=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=generator, dtype=torch.float64).to(dtype)
+    w = torch.randn(classes, features, generator=generator, dtype=torch.float64).to(dtype)
+    b = torch.randn(classes, generator=generator, dtype=torch.float64).to(dtype)
+    if probabilities:
+        target = torch.softmax(torch.randn(rows, classes, generator=generator, dtype=torch.float64), 1).to(dtype)
+    else:
+        target = torch.randint(0, classes, (rows,), generator=generator)
+        target[2] = -100
+    return x, w, b, target
+
+
+LINEAR_OPTIONS = [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                  {"chunk_size": 5, "reduction": "none", "softcap": 3.0}]
+
+
+@pytest.mark.parametrize("options", LINEAR_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", ["bias", "no_bias", "probabilities", "class_weights", "frozen_weight", "one_sample"])
+def test_compiled_linear_cross_entropy_is_eagers(options, dtype, variant):
+    x, w, b, target = _linear_case(dtype=dtype, probabilities=variant == "probabilities")
+    bias = None if variant == "no_bias" else b
+    class_weight = torch.linspace(0.5, 2.0, w.shape[0], dtype=dtype) if variant == "class_weights" else None
+    if variant == "one_sample":
+        x, target = x[0], target[0]
+    operands = [x.clone().requires_grad_(), w.clone().requires_grad_(variant != "frozen_weight")]
+    if bias is not None:
+        operands.append(bias.clone().requires_grad_())
+
+    def step(x, w, b=None):
+        return xt.linear_cross_entropy(x, w, target, linear_bias=b, weight=class_weight, **options)
+
+    ops = _graph_ops(step, *operands)
+    assert "xentkit.linear_cross_entropy.default" in ops and not any("aten.mm" in op for op in ops)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+
+    def run(fn):
+        leaves = [operand.detach().clone().requires_grad_(operand.requires_grad) for operand in operands]
+        loss = fn(*leaves)
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=dtype) + 0.5
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        return loss.detach(), torch.autograd.grad(loss, wanted, upstream)
+
+    loss, grads = run(compiled)
+    expected_loss, expected_grads = run(step)
+    assert loss.dtype == expected_loss.dtype and loss.shape == expected_loss.shape
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        # "mean"/"sum": the gradients for an upstream of 1, scaled by the traced product as eager
+        # scales them; "none": the same chunked pass with the upstream gradient
+        tolerance = {torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+        torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_compiled_linear_cross_entropy_checks_labels():
+    x, w, _, target = _linear_case()
+    target[5] = 40
+    compiled = torch.compile(lambda a, c: xt.linear_cross_entropy(a, c, target), backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="label 40 at position") as compiled_error:
+        compiled(x.requires_grad_(), w)
+    with pytest.raises(ValueError) as eager_error:
+        xt.linear_cross_entropy(x, w, target)
+    assert str(compiled_error.value) == str(eager_error.value)
+
+
+def test_small_compiled_linear_problems_keep_the_torch_ops(monkeypatch):
+    monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 24 * 40)
+    x, w, _, target = _linear_case()
+    ops = _graph_ops(lambda a, c: xt.linear_cross_entropy(a, c, target), x, w)
+    assert "xentkit.linear_cross_entropy.default" not in ops
+
+
+def test_an_inductor_compiled_model_with_a_fused_head_trains_as_eager():
+    generator = torch.Generator().manual_seed(7)
+    inputs = torch.randn(48, 10, generator=generator)
+    labels = torch.randint(0, 30, (48,), generator=generator)
+
+    def train(compile_it: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.Tanh())
+        head = torch.nn.Linear(12, 30)
+        step = lambda a, y: xt.linear_cross_entropy(body(a), head.weight, y, linear_bias=head.bias)  # noqa: E731
+        if compile_it:
+            step = torch.compile(step, fullgraph=True)
+        parameters = [*body.parameters(), *head.parameters()]
+        optimizer = torch.optim.SGD(parameters, lr=0.5)
+        for _ in range(3):
+            optimizer.zero_grad()
+            step(inputs, labels).backward()
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in parameters])
+
+    torch.testing.assert_close(train(True), train(False), rtol=1e-5, atol=1e-6)
+
+
+def test_the_linear_ops_pass_torch_librarys_checks():
+    from xentkit.torch import _linear_numba
+    from xentkit.torch._linear_ops import LINEAR_OP_OPTIONS
+
+    x, w, b, target = _linear_case()
+    for reduction in ("mean", "none"):
+        options = LINEAR_OP_OPTIONS.values(LossOptions(reduction=reduction, chunk_size=7))
+        torch.library.opcheck(
+            _linear_numba.numba_linear_cross_entropy,
+            (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), target, None, True, True, True, *options),
+        )
+    torch.library.opcheck(
+        _linear_numba.numba_linear_cross_entropy_backward,
+        (x.detach(), w.detach(), b.detach(), target, None, torch.rand(24), True, True, True, *options),
+    )

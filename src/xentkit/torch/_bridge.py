@@ -7,6 +7,9 @@
   in the forward pass as a saved tensor and hand it over to autograd in backward, scaled by the
   upstream gradient, without a stale or shared buffer.
 - ``first_order_only``: the guard every xentkit.torch backward wears (double backward raises).
+- ``batched_backward`` / ``batched_product``: a backward on a batch of upstream gradients at once
+  (``is_grads_batched=True``, ``jacobian``/``hessian(vectorize=True)``,
+  ``gradcheck(check_batched_grad=True)``), computed out of place from what forward kept.
 
 Options are checked by ``xentkit._options.LossOptions``, built once at each public function.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -397,13 +400,75 @@ def take_saved_gradient(gradients: dict[str, Tensor | None], name: str) -> tuple
     return gradient, not _graph_is_kept()
 
 
+_IS_LEGACY_BATCHED = getattr(torch._C._functorch, "is_legacy_batchedtensor", None) or (lambda tensor: False)
+
+
+def batched_backward(*grad_outputs: Tensor | None) -> bool:
+    """Whether a backward runs on a batch of upstream gradients at once: one of ``grad_outputs``
+    is a batched tensor of torch's vmap over the backward, as ``torch.autograd.grad(...,
+    is_grads_batched=True)`` makes it (and so ``jacobian``/``hessian(vectorize=True)`` and
+    ``gradcheck(check_batched_grad=True)``: torch's legacy vmap), or ``torch.func.vmap`` around a
+    ``torch.autograd.grad`` of a graph built outside it. Forward ran on plain tensors, so what
+    it kept is plain; only the upstream gradient is batched: its values cannot be read (no
+    ``item``, no NumPy view) nor written into a plain tensor (no in-place product). The backwards
+    then take the gradient out of place with torch ops (:func:`batched_product`). One look per
+    gradient (two C calls: ~0.3 µs in all, measured), once per backward; None (an unused output) is not
+    batched."""
+    for grad_output in grad_outputs:
+        if grad_output is not None and (_IS_LEGACY_BATCHED(grad_output) or is_functorch_wrapped(grad_output)):
+            return True
+    return False
+
+
+def batched_product(unit: Tensor, upstream: Tensor) -> Tensor:
+    """``unit · upstream`` out of place (broadcast as the eager product), in ``unit``'s dtype: a
+    batched backward's gradient (:func:`batched_backward`) from the gradient for an upstream of 1
+    (ones per sample for "none"), which the gradient is linear in. A non-finite upstream gives
+    NaN wherever the unit gradient is 0 (an ignored row, a class of probability 0): torch's
+    special values there (0 for an ignored row) are kept in eager backward only."""
+    return (unit * upstream).to(unit.dtype)
+
+
+BATCHED_BACKWARD_CALLS = (
+    "torch.autograd.grad(..., is_grads_batched=True), jacobian/hessian(vectorize=True), "
+    "gradcheck(check_batched_grad=True)"
+)
+
+
+def refuse_batched_backward(loss: str, why: str, instead: str) -> NoReturn:
+    """Raise the RuntimeError of a backward that cannot take a batched upstream gradient
+    (:func:`batched_backward`): it names the ``loss`` (its full name), says ``why`` and what to
+    do ``instead``, where torch's own message (a missing batching rule deep in the backward)
+    named neither."""
+    raise RuntimeError(
+        f"{loss} has no batched backward ({BATCHED_BACKWARD_CALLS}): {why}; {instead}"
+    )
+
+
 def is_one(grad_output: Tensor, *, read_on_device: bool = False) -> bool:
     """Whether ``grad_output`` is a single 1 (``loss.backward()``'s), so that scaling by it is no
     work. Read on the CPU for free; on a GPU reading it waits for the device, which
     ``read_on_device`` accepts (worth it when the gradients are large next to that wait, as a
-    linear layer's weight gradient) and which is otherwise avoided (False: the product is taken)."""
-    readable = grad_output.device.type == "cpu" or read_on_device
-    return grad_output.numel() == 1 and readable and grad_output.item() == 1.0
+    linear layer's weight gradient) and which is otherwise avoided (False: the product is taken),
+    as it is while a CUDA graph is being captured (a read breaks the capture:
+    :func:`value_readable_now`). A batched upstream gradient (:func:`batched_backward`) has no
+    value to read: False."""
+    if grad_output.numel() != 1 or batched_backward(grad_output):
+        return False
+    return value_readable_now(grad_output.device, read_on_device) and grad_output.item() == 1.0
+
+
+def value_readable_now(device: torch.device, read_on_device: bool) -> bool:
+    """Whether a tensor's value on ``device`` may be read now: on the CPU always (free); on another
+    device only when ``read_on_device`` accepts the wait for it, and never while the current CUDA
+    stream is capturing a CUDA graph ("operation not permitted when stream is capturing"). The
+    capture is asked about only for a CUDA tensor (CUDA is initialized then): a CPU-only call
+    never touches ``torch.cuda``."""
+    if device.type == "cpu":
+        return True
+    if not read_on_device:
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def scale_gradient(
@@ -412,8 +477,11 @@ def scale_gradient(
     """``gradient · grad_output`` (broadcast), in place when ``owned``; no work when it is 1
     (``one``: :func:`is_one` already asked, else asked here without waiting for a device). A
     gradient that is not owned (the graph is retained, so the next backward needs it intact) is
-    never handed out itself: the caller may change what it receives in place.
+    never handed out itself: the caller may change what it receives in place. A batched
+    ``grad_output`` (:func:`batched_backward`) gives :func:`batched_product`, out of place.
     """
+    if batched_backward(grad_output):
+        return batched_product(gradient, grad_output)
     if is_one(grad_output) if one is None else one:
         return gradient if owned else gradient.clone()
     # grad_output as it comes (not first cast to the gradient's dtype: a loss scaler's float32

@@ -192,6 +192,44 @@ def mixed_addmm(device: torch.device, dtype: torch.dtype) -> bool:
     return works
 
 
+def batched_chunk_gradients(
+    x: Tensor, w: Tensor, b: Tensor | None, chunk_rows: int, want: Sequence[bool],
+    chunk_gradient: Callable[[Tensor, int, int], Tensor], *, widen: bool = True,
+) -> Gradients:
+    """The gradients ``want``ed of (x, w, b) (else None) in a batched backward
+    (``_bridge.batched_backward``: the upstream gradient is a batch, which no plain buffer can
+    take in place): per chunk, the logits into one reused buffer, ``chunk_gradient(logits,
+    start, stop)`` their (batched) gradient, made from the rows' gradient at upstream ones (the
+    fused kernels', which may overwrite ``logits``) times the batch's upstream out of place, and
+    then out of place ``dz W`` (the chunks' rows concatenated), ``Σ dzᵀ x_chunk`` and
+    ``Σ_rows dz`` (summed in float32 or better, as :func:`gradient_buffers`, unless ``widen`` is
+    False; rounded once). Every chunk is walked (none skipped: a skipped chunk's rows would be
+    missing from the concatenation)."""
+    n = x.shape[0]
+    buffer = torch.empty((min(chunk_rows, n), w.shape[0]), dtype=x.dtype, device=x.device)
+    total = _bridge.at_least_float32(w.dtype) if widen else w.dtype
+    parts: list[Tensor] = []
+    grad_w: Tensor | None = None
+    grad_b: Tensor | None = None
+    for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, chunk_rows):
+        dz = chunk_gradient(logits, start, stop)
+        if want[0]:
+            parts.append(dz @ w)
+        if want[1]:
+            term = dz.t().to(total) @ x_chunk.to(total)
+            grad_w = term if grad_w is None else grad_w + term
+        if want[2] and b is not None:
+            term = dz.sum(dim=0, dtype=total)
+            grad_b = term if grad_b is None else grad_b + term
+    # (no rows: no chunk, plain zeros)
+    grad_x = (torch.cat(parts) if parts else torch.zeros_like(x)) if want[0] else None
+    if want[1]:
+        grad_w = torch.zeros_like(w) if grad_w is None else grad_w.to(w.dtype)
+    if want[2] and b is not None:
+        grad_b = torch.zeros_like(b) if grad_b is None else grad_b.to(b.dtype)
+    return grad_x, grad_w, grad_b
+
+
 def idle_flags(valid: Tensor, chunk_rows: int) -> Tensor:
     """Per chunk of ``chunk_rows`` rows, on ``valid``'s device (no wait): True where none of its
     rows is valid."""

@@ -41,6 +41,7 @@ from . import _bridge
 from ._chunks import (
     Gradients,
     add_chunk_gradients,
+    batched_chunk_gradients,
     finish_gradients,
     gradient_buffers,
     logit_chunks,
@@ -135,6 +136,32 @@ def backward_chunks(
     return finish_gradients(grads, w, b)
 
 
+def _batched_backward_chunks(
+    x: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, weight: Tensor | None, stats: Tensor,
+    upstream: Tensor, options: LossOptions, want: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """:func:`backward_chunks` for a batched upstream gradient (``_bridge.batched_backward``):
+    pass 2 at upstream ones (row i's gradient is linear in its own g_i), times the rows' batched
+    g, and the matmuls out of place (``_chunks.batched_chunk_gradients``)."""
+    from ..triton.cross_entropy import ClassWeights
+
+    ones = torch.ones(2, dtype=torch.float32, device=x.device)
+    unit_upstream = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    class_weights = ClassWeights.of(
+        weight, x.device, with_total=ClassWeights.total_wanted(labels, options.label_smoothing)
+    )
+    per_row = upstream.reshape(-1, 1)
+
+    def chunk_gradient(logits: Tensor, start: int, stop: int) -> Tensor:
+        gradient_rows(logits, labels[start:stop], class_weights, stats[:, start:stop].contiguous(), ones,
+                      unit_upstream[start:stop], options, logits)
+        return _bridge.batched_product(logits, per_row[start:stop])
+
+    return batched_chunk_gradients(
+        x, w, b, options.chunk_size, want, chunk_gradient, widen=options.accumulate_in_float32
+    )
+
+
 def detached(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The three operands, detached and contiguous (what the chunks' matmuls take)."""
     bias = None if linear_bias is None else linear_bias.detach().contiguous()
@@ -179,6 +206,9 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         if options.reduction == "none":
             (input, linear_weight, linear_bias, labels, weight, stats), _ = _bridge.kept_for_backward(ctx)
             x, w, b = detached(input, linear_weight, linear_bias)
+            if _bridge.batched_backward(grad_output):  # (is_grads_batched: out of place, by linearity)
+                gradients = _batched_backward_chunks(x, w, b, labels, weight, stats, grad_output, options, ctx.want)
+                return (*gradients, None, None, None, None)
             gradients = backward_chunks(x, w, b, labels, weight, stats, grad_output, options, ctx.want)
             return (*gradients, None, None, None, None)
         # loss.backward() passes 1: one wait for the device saves a pass over each gradient

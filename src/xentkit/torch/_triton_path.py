@@ -352,6 +352,11 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
 
         weight = None if values is None else ClassWeights(values, total)
         rows = as_rows(input.detach())
+        if _bridge.batched_backward(grad_output):  # (is_grads_batched: out of place, by linearity)
+            ones = torch.ones(tuple(grad_output.shape), dtype=grad_output.dtype, device=rows.device)
+            unit = gradient_rows(rows, rows_target, weight, stats, factors, ones, options, torch.empty_like(rows))
+            upstream = grad_output.unsqueeze(1) if options.reduction == "none" and input.dim() >= 2 else grad_output
+            return _bridge.batched_product(from_rows(unit, input.shape), upstream), None, None, None, None
         # pass 2 writes over the rows when they are a private copy (a layout with the classes not
         # last) or, with inplace_backward, the logits themselves unless the graph is kept for
         # another backward (retain_graph: that one reads them again); else into a new buffer

@@ -30,6 +30,7 @@ import math
 import weakref
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -124,9 +125,14 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (target, weight), kept = _bridge.kept_for_backward(ctx)
         gradient, owned = _bridge.take_saved_gradient(kept, "gradient")
+        upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
+        if _bridge.batched_backward(grad_output):  # (is_grads_batched: the product, out of place)
+            if ctx.deferred:  # the gradient at upstream ones, into a new tensor (the logits stay)
+                ones = torch.ones(tuple(grad_output.shape), dtype=grad_output.dtype)
+                gradient = _deferred_gradient(ctx, gradient, False, ones, target, weight)
+            return _bridge.batched_product(gradient, upstream).to(ctx.input_dtype), None, None, None, None, None
         if ctx.deferred:
             return _deferred_gradient(ctx, gradient, owned, grad_output, target, weight), None, None, None, None, None
-        upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
         gradient = _bridge.scale_gradient(gradient, upstream, owned)
         if not bool(torch.isfinite(grad_output).all()):
             _in_torchs_order(gradient, grad_output, target, ctx.options, ctx.class_axis)
@@ -211,12 +217,19 @@ class _NllLossFunction(torch.autograd.Function):
     @_bridge.first_order_only("nll_loss")
     def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, target, weight = ctx.saved_tensors
+        # a batched upstream (is_grads_batched): the gradient at upstream ones (it is linear in
+        # the upstream gradient), times the batch out of place
+        batched = _bridge.batched_backward(grad_output)
         _, gradient = _nll(
             _bridge.as_numpy(input), _bridge.as_numpy(target), _class_axis(input),
             _bridge.optional_numpy(weight), ctx.options, want_grad=True,
-            grad_output=_bridge.as_numpy(grad_output),
+            grad_output=np.ones(tuple(grad_output.shape)) if batched else _bridge.as_numpy(grad_output),
         )
-        return _bridge.as_tensor(gradient, input.dtype), None, None, None
+        gradient = _bridge.as_tensor(gradient, input.dtype)
+        if batched:
+            upstream = _upstream_for(grad_output, ctx.options.reduction, _class_axis(input), input.dim())
+            gradient = _bridge.batched_product(gradient, upstream)
+        return gradient, None, None, None
 
 
 class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):

@@ -23,99 +23,28 @@ reduced and differentiated with that one plan, so the chunks' losses add up to t
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .._labels import check_labels
 from .._options import Integer, LossOptions, Real
 from ..api.cross_entropy import _cross_entropy
 from ..reference.reductions import ReductionPlan
-from . import _bridge, _linear_ops, _linear_triton, _torch_ops, _triton_path
-from ._chunks import (
-    add_chunk_gradients,
-    chunk_rows,
-    finish_gradients,
-    gradient_buffers,
-    logit_chunks,
+from . import (
+    _bridge,
+    _linear_numba,
+    _linear_ops,
+    _linear_triton,
+    _torch_ops,
+    _triton_path,
+    functional,
 )
+from ._chunks import batched_chunk_gradients, chunk_rows
 from ._linear_checks import check_linear
 
 __all__ = ["linear_cross_entropy"]
-
-@dataclasses.dataclass
-class _PassResult:
-    loss: float | np.ndarray  # the chunk losses' sum ("sum"), or one per row ("none")
-    grad_input: Tensor | None
-    grad_weight: Tensor | None
-    grad_bias: Tensor | None
-
-
-def _chunked_pass(
-    x: Tensor,
-    w: Tensor,
-    b: Tensor | None,
-    target: np.ndarray,
-    class_weight: np.ndarray | None,
-    options: LossOptions,
-    plan: ReductionPlan,
-    *,
-    grad_output: float | np.ndarray | None,
-    want: tuple[bool, bool, bool],
-) -> _PassResult:
-    """One sweep over the row chunks (``options.chunk_size`` rows each, already resolved);
-    gradients only when ``grad_output`` is given.
-
-    ``plan`` is the whole batch's reduction plan; ``grad_output`` the upstream gradient: a
-    scalar for "mean"/"sum", one value per row for "none". ``want`` says which of (input,
-    weight, bias) gradients to compute.
-    """
-    rows = x.shape[0]
-    classes = w.shape[0]
-    chunk_rows = options.chunk_size
-    want_grad = grad_output is not None and any(want)
-    buffer = torch.empty((min(chunk_rows, rows), classes), dtype=x.dtype, device=x.device)
-    # grad_x's rows are written chunk by chunk; grad_W and grad_b start at zero and add up
-    grads = gradient_buffers(
-        x, w, b, want if want_grad else (False, False, False), widen=options.accumulate_in_float32
-    )
-    loss_rows = np.empty(rows, dtype=np.float64) if options.reduction == "none" else None
-    total = 0.0
-    # 1. logits = x W^T (+ b), chunk by chunk into the reused buffer.
-    for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, chunk_rows):
-        logits_array = logits.numpy()
-        upstream = None
-        if want_grad:
-            upstream = grad_output if options.reduction != "none" else grad_output[start:stop]
-        # 2. loss (and dlogits in the same fused sweep, overwriting the logits).
-        loss, _ = _cross_entropy(
-            logits_array, target[start:stop], axis=-1, weight=class_weight, options=options,
-            check_probabilities=False,  # logits can look like probabilities; torch never checks
-            want_grad=want_grad, grad_output=upstream, out=logits_array if want_grad else None,
-            plan=plan,
-        )
-        if want_grad:
-            # 3.-4. grad_x rows = dlogits W; grad_W += dlogitsᵀ x_chunk, grad_b += Σ_rows dlogits
-            add_chunk_gradients(logits, x_chunk, w, grads, start, stop)
-        if loss_rows is not None:
-            loss_rows[start:stop] = loss
-        else:
-            total += float(loss)
-    return _PassResult(loss_rows if loss_rows is not None else total, *finish_gradients(grads, w, b))
-
-
-def _reduction_plan(
-    target: np.ndarray, class_weight: np.ndarray | None, classes: int, options: LossOptions
-) -> ReductionPlan:
-    """The whole batch's plan; a label outside [0, classes) is a ValueError."""
-    if target.dtype.kind == "f":
-        return ReductionPlan.of_rows(options.reduction, target.shape[0])
-    check_labels(target, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
-    return ReductionPlan.of_targets(options.reduction, target, options.ignore_index, class_weight)[1]
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -139,18 +68,18 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         target_array = _bridge.as_numpy(target)
         class_weight = _bridge.optional_numpy(weight)
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
-        plan = _reduction_plan(target_array, class_weight, w.shape[0], options)
+        plan = _linear_numba.reduction_plan(target_array, class_weight, w.shape[0], options)
         ctx.options, ctx.plan = options, plan
 
         if options.reduction == "none":
             # Forward computes the losses only; backward needs the per-row upstream gradient.
             _bridge.keep_for_backward(ctx, {}, input, linear_weight, linear_bias, target, weight)
-            result = _chunked_pass(
+            result = _linear_numba.chunked_pass(
                 x, w, b, target_array, class_weight, options, plan, grad_output=None, want=want
             )
             return _bridge.as_tensor(result.loss, x.dtype)
 
-        result = _chunked_pass(
+        result = _linear_numba.chunked_pass(
             x, w, b, target_array, class_weight, options, plan,
             grad_output=1.0 if any(want) else None, want=want,
         )
@@ -165,8 +94,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.options.reduction == "none":
             (input, linear_weight, linear_bias, target, weight), _ = _bridge.kept_for_backward(ctx)
             want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+            if _bridge.batched_backward(grad_output):
+                gradients = _batched_none_gradients(
+                    input, linear_weight, linear_bias, target, weight, ctx.options, ctx.plan, grad_output, want
+                )
+                return (*gradients, None, None, None, None)
             upstream = np.ascontiguousarray(_bridge.as_numpy(grad_output), dtype=np.float64)
-            result = _chunked_pass(
+            result = _linear_numba.chunked_pass(
                 input.detach().contiguous(),
                 linear_weight.detach().contiguous(),
                 None if linear_bias is None else linear_bias.detach().contiguous(),
@@ -181,6 +115,40 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
         gradients = _bridge.hand_over_gradients(ctx, _bridge.LINEAR_GRADIENT_NAMES, grad_output)
         return (*gradients, None, None, None, None)
+
+
+def _batched_none_gradients(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
+    options: LossOptions, plan: ReductionPlan, grad_output: Tensor, want: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, ...]:
+    """The "none" backward for a batched upstream gradient (``_bridge.batched_backward``): per
+    chunk, the kernel's logits gradient at upstream ones (rows do not interact, so row i's
+    gradient is linear in its own upstream g_i) times the rows' batched g, then the matmuls out
+    of place (``_chunks.batched_chunk_gradients``)."""
+    target_array = _bridge.as_numpy(target)
+    class_weight = _bridge.optional_numpy(weight)
+    upstream = grad_output.reshape(-1, 1)
+    ones = np.ones(options.chunk_size, dtype=np.float64)
+
+    def chunk_gradient(logits: Tensor, start: int, stop: int) -> Tensor:
+        logits_array = logits.numpy()
+        _cross_entropy(
+            logits_array, target_array[start:stop], axis=-1, weight=class_weight, options=options,
+            check_probabilities=False, want_grad=True, grad_output=ones[: stop - start], out=logits_array,
+            plan=plan,
+        )
+        return _bridge.batched_product(logits, upstream[start:stop])
+
+    x, w, b = (None if t is None else t.detach().contiguous() for t in (input, linear_weight, linear_bias))
+    return batched_chunk_gradients(x, w, b, options.chunk_size, want, chunk_gradient)
+
+
+def _compiled_beyond_small(input: Tensor, linear_weight: Tensor) -> bool:
+    """Whether a compiled call has more logits than ``functional.SMALL_MAX_LOGITS``: smaller ones
+    keep the traced torch ops, faster there than the custom ops' dispatch (as for
+    ``cross_entropy``)."""
+    rows = input.numel() // input.shape[-1] if input.dim() > 1 else 1
+    return rows * linear_weight.shape[0] > functional.SMALL_MAX_LOGITS
 
 
 def _fused_applies(
@@ -322,6 +290,17 @@ def linear_cross_entropy(
             input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
         )
 
+    if (
+        torch.compiler.is_compiling() and options.backend == "auto"
+        and _compiled_beyond_small(input, linear_weight)
+        and _linear_numba.runs_compiled(input, linear_weight, linear_bias, target, weight)
+    ):  # custom ops the compiler keeps, around the eager path's chunks (labels checked)
+        _check_targets(input, linear_weight, target, weight)
+        if input.dim() == 1:
+            return _linear_numba.linear_cross_entropy(
+                input.unsqueeze(0), linear_weight, linear_bias, target.unsqueeze(0), weight, options
+            ).reshape(())  # (one sample: one loss)
+        return _linear_numba.linear_cross_entropy(input, linear_weight, linear_bias, target, weight, options)
     if options.backend != "auto" or not _fused_applies(input, linear_weight, linear_bias, target, weight):
         if linear_weight.dim() == 2:  # the bias added inside the matmul: one rounding
             logits = F.linear(input, linear_weight, linear_bias)

@@ -40,6 +40,7 @@ from ..reference.log_probs import gradient_coefficients
 from . import _bridge, _log_prob_ops, _triton_path
 from ._chunks import (
     add_chunk_gradients,
+    batched_chunk_gradients,
     chunk_rows,
     finish_gradients,
     gradient_buffers,
@@ -76,6 +77,37 @@ def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[T
         ctx.log_s.new_zeros(()) if grad is None else grad.reshape(-1).to(dtype) for grad in grads
     )
     return gradient_coefficients(ctx.log_s, ctx.entropy, g, h, k)
+
+
+def _unit_coefficients(ctx: FunctionCtx, output: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(a, b, k) per row for upstream ones on output ``output`` of (log p, H, lse) and none on the
+    others: the gradient is linear in the upstream gradients, so a batched backward's is
+    Σ_o grad_o · (this output's gradient at ones)."""
+    ones = torch.ones_like(ctx.log_s)
+    return _coefficients(ctx, tuple(ones if index == output else None for index in range(3)))
+
+
+def _batched_logits_gradient(
+    ctx: FunctionCtx, rows: type, logits: Tensor, labels: Tensor, valid: Tensor, m: Tensor, e: Tensor,
+    grads: tuple[Tensor | None, ...], start: int = 0,
+) -> Tensor:
+    """The gradient of the ``[r, V]`` ``logits`` (rows ``start`` to ``start + r`` of the call) in
+    a batched backward (``_bridge.batched_backward``): per output with an upstream gradient, the
+    row backend's gradient at upstream ones on it alone (plain tensors), times the batch's
+    upstream gradient out of place, summed over the outputs."""
+    stop = start + logits.shape[0]
+    total: Tensor | None = None
+    for output, grad in enumerate(grads):
+        if grad is None:
+            continue
+        part = tuple(
+            c.expand(ctx.log_s.shape[0])[start:stop] if c.dim() == 0 else c[start:stop]
+            for c in _unit_coefficients(ctx, output)
+        )
+        unit = rows.gradient(logits, labels, valid, ctx.options.temperature, m, e, part, torch.empty_like(logits))
+        term = _bridge.batched_product(unit, grad.reshape(-1, 1)[start:stop])
+        total = term if total is None else total + term
+    return torch.zeros_like(logits) if total is None else total
 
 
 def _finish(ctx: FunctionCtx, statistics: tuple[Tensor, ...], valid: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -116,6 +148,9 @@ class _LogProbsFunction(torch.autograd.Function):
             return None, None, None, None, None
         logits, target = ctx.saved_tensors
         matrix = logits.detach().reshape(-1, logits.shape[-1]).contiguous()
+        if _bridge.batched_backward(*grads):  # (is_grads_batched: out of place, by linearity)
+            grad = _batched_logits_gradient(ctx, ctx.rows, matrix, target.reshape(-1), ctx.valid, ctx.m, ctx.e, grads)
+            return grad.reshape(logits.shape), None, None, None, None
         grad = torch.empty_like(matrix)
         ctx.rows.gradient(
             matrix, target.reshape(-1), ctx.valid, ctx.options.temperature, ctx.m, ctx.e,
@@ -389,6 +424,15 @@ class _LinearLogProbsFunction(torch.autograd.Function):
         # chunks with no position to differentiate (padding) skip their three matmuls, as forward
         # found them (backward itself never waits for the device)
         buffer, ctx.buffer = ctx.buffer, None  # (None in a second backward of a retained graph)
+        if _bridge.batched_backward(*grads):  # (is_grads_batched: out of place, by linearity)
+            gradients = batched_chunk_gradients(
+                x, w, b, ctx.options.chunk_size, tuple(ctx.needs_input_grad[:3]),
+                lambda logits, start, stop: _batched_logits_gradient(
+                    ctx, ctx.rows, logits, target[start:stop], ctx.valid[start:stop], ctx.m[start:stop],
+                    ctx.e[start:stop], grads, start,
+                ),
+            )
+            return *gradients, None, None, None, None, None
         gradients = linear_gradients(
             x, w, b, target, ctx.valid, ctx.options, ctx.rows, ctx.m, ctx.e, _coefficients(ctx, grads),
             tuple(ctx.needs_input_grad[:3]), buffer, skip=ctx.idle,

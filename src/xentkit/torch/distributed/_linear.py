@@ -148,6 +148,13 @@ class _VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         plan: _Plan = ctx.plan
         needs = ctx.needs_input_grad[:3]
         if plan.options.reduction == "none":
+            if _bridge.batched_backward(grad_output):
+                _bridge.refuse_batched_backward(
+                    f"xentkit.torch.distributed.{_NAME} with reduction='none'",
+                    "its input gradient is all-reduced over the ranks, which a batch of upstream "
+                    "gradients cannot be",
+                    "call torch.autograd.grad once per upstream gradient (a loop), or use reduction='mean' or 'sum'",
+                )
             (input, linear_weight_shard, linear_bias_shard), _ = _bridge.kept_for_backward(ctx)
             g, g_z = plan.reduction_plan.scales(grad_output.reshape(-1).to(torch.float64))
             result = _linear_pass(

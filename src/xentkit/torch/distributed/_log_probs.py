@@ -149,6 +149,12 @@ class _VocabParallelLinearLogProbsFunction(torch.autograd.Function):
     @staticmethod
     @_bridge.first_order_only(_NAME, _bridge.LOG_PROBS_DOUBLE_BACKWARD)
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        if _bridge.batched_backward(*grads):
+            _bridge.refuse_batched_backward(
+                f"xentkit.torch.distributed.{_NAME}",
+                "its input gradient is all-reduced over the ranks, which a batch of upstream gradients cannot be",
+                "call torch.autograd.grad once per upstream gradient (a loop)",
+            )
         plan: _LogProbPlan = ctx.plan
         input, linear_weight_shard, linear_bias_shard = ctx.saved_tensors
         _, want_w, want_b = ctx.needs_input_grad[:3]
