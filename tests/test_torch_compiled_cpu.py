@@ -394,3 +394,78 @@ def test_the_linear_ops_pass_torch_librarys_checks():
         _linear_numba.numba_linear_cross_entropy_backward,
         (x.detach(), w.detach(), b.detach(), target, None, torch.rand(24), True, True, True, *options),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export, and edges a review found
+
+
+def test_an_exported_loss_with_a_dynamic_batch_serves_every_batch_size(monkeypatch):
+    """The small-problem threshold was a guard on the batch: a dynamic batch failed to export
+    ("Expected op to be '=='"), or the program refused batches below it. Exported, the ops serve
+    every size."""
+    monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 1 << 16)  # the default: 65.5 rows here
+    generator = torch.Generator().manual_seed(8)
+    head = torch.nn.Linear(16, 1000)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x, t):
+            return xt.cross_entropy(self.head(x), t) + xt.linear_cross_entropy(x, self.head.weight, t)
+
+    batch = torch.export.Dim("batch")
+    x = torch.randn(100, 16, generator=generator)
+    t = torch.randint(0, 1000, (100,), generator=generator)
+    program = torch.export.export(Model(), (x, t), dynamic_shapes=({0: batch}, {0: batch})).module()
+    for rows in (2, 10, 100, 300):
+        x = torch.randn(rows, 16, generator=generator)
+        t = torch.randint(0, 1000, (rows,), generator=generator)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x, t), Model()(x, t), rtol=1e-6, atol=1e-6)
+
+
+def test_an_exported_linear_loss_gives_the_gradient_of_an_operand_frozen_when_exported():
+    """The ops' gradients wanted are fixed as the graph is traced; an exported program may run
+    with an operand requiring grad that did not then (before: its gradient silently None)."""
+    generator = torch.Generator().manual_seed(9)
+    weight = torch.nn.Parameter(torch.randn(1000, 16, generator=generator))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x, t):
+            return xt.linear_cross_entropy(x, self.weight, t)
+
+    x = torch.randn(100, 16, generator=generator)
+    t = torch.randint(0, 1000, (100,), generator=generator)
+    program = torch.export.export(Model(), (x, t)).module()  # x does not require grad here
+    leaf = x.clone().requires_grad_()
+    program(leaf, t).backward()
+    expected = x.clone().requires_grad_()
+    xt.linear_cross_entropy(expected, weight.detach(), t).backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(leaf.grad, expected.grad)
+
+
+def test_no_input_features_compile_with_fullgraph():
+    """The threshold divided by in_features (a ZeroDivisionError while tracing)."""
+    x = torch.randn(100, 0, requires_grad=True)
+    w = torch.randn(1000, 0, requires_grad=True)
+    t = torch.randint(0, 1000, (100,))
+    compiled = torch.compile(lambda a, b, c: xt.linear_cross_entropy(a, b, c), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, t), xt.linear_cross_entropy(x, w, t))
+
+
+def test_a_target_of_the_wrong_shape_under_compile_is_eagers_error():
+    logits, target = _case((9, 6))
+    compiled = torch.compile(lambda a, b: xt.cross_entropy(a, b), backend="aot_eager")
+    with pytest.raises(ValueError) as compiled_error:
+        compiled(logits, target[:4])
+    with pytest.raises(ValueError) as eager_error:
+        xt.cross_entropy(logits, target[:4])
+    assert str(compiled_error.value) == str(eager_error.value)

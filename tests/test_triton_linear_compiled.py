@@ -212,3 +212,24 @@ def test_dynamic_shapes_do_not_recompile_for_every_number_of_rows(function):
         target = torch.randint(0, CLASSES, (rows,)).to(DEVICE)
         compiled(x, w, target).backward()
     assert counter.frame_count <= 2
+
+
+def test_an_exported_program_needing_a_gradient_it_was_traced_without_says_so():
+    """The ops compute the gradients wanted as the graph is traced; an exported program run with
+    an operand that did not require grad then would have given None silently (a review)."""
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.nn.Parameter(torch.randn(CLASSES, FEATURES, generator=generator).to(DEVICE))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x, t):
+            return xt.linear_cross_entropy(x, self.weight, t, backend="triton", chunk_size=CHUNK)
+
+    x = torch.randn(ROWS, FEATURES, generator=generator).to(DEVICE)
+    t = torch.randint(0, CLASSES, (ROWS,), generator=generator).to(DEVICE)
+    program = torch.export.export(Model(), (x, t)).module()
+    with pytest.raises(RuntimeError, match="traced without grad_input"):
+        program(x.clone().requires_grad_(), t).backward()

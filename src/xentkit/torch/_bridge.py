@@ -424,8 +424,9 @@ def batched_product(unit: Tensor, upstream: Tensor) -> Tensor:
     """``unit · upstream`` out of place (broadcast as the eager product), in ``unit``'s dtype: a
     batched backward's gradient (:func:`batched_backward`) from the gradient for an upstream of 1
     (ones per sample for "none"), which the gradient is linear in. A non-finite upstream gives
-    NaN wherever the unit gradient is 0 (an ignored row, a class of probability 0): torch's
-    special values there (0 for an ignored row) are kept in eager backward only."""
+    the products entry by entry: NaN wherever the unit gradient is 0 (an ignored row, a class of
+    probability 0), ±inf where torch's order of operations gives NaN (a target entry); torch's
+    special values are kept in eager backward only."""
     return (unit * upstream).to(unit.dtype)
 
 

@@ -189,12 +189,16 @@ def numba_linear_cross_entropy_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     grad_output: Tensor, want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_input, grad_weight, grad_bias)`` of a "none" loss for the per-row ``grad_output``."""
+    """``(grad_input, grad_weight, grad_bias)`` for ``grad_output``: per row for a "none" loss, one
+    number for "mean"/"sum" (whose gradients the first op computes when they are wanted as it
+    is traced; this op when backward needs one that was not, as an exported program may)."""
     x, w, b, target_array, class_weight, loss_options = _operands(
         input, linear_weight, linear_bias, target, weight, options
     )
     plan = reduction_plan(target_array, class_weight, w.shape[0], loss_options)
     upstream = np.ascontiguousarray(_bridge.as_numpy(grad_output), dtype=np.float64).reshape(-1)
+    if loss_options.reduction != "none":
+        upstream = float(upstream[0])
     result = chunked_pass(
         x, w, b, target_array, class_weight, loss_options, plan, grad_output=upstream,
         want=(want_input, want_weight, want_bias and b is not None),
@@ -220,23 +224,26 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.options = tuple(options)
     ctx.want = (want_input, want_weight, want_bias)
     (ctx.reduction,) = _REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
-    if ctx.reduction == "none":
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
-    else:
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
+    # the operands (references: no copy) for "none", and for an operand whose gradient backward
+    # needs though the graph was traced without it (an exported program, whose operands may
+    # require grad when it runs and not when it was exported)
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, grad_x, grad_w, grad_b)
 
 
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_unused: Tensor | None) -> tuple:
-    if ctx.reduction == "none":
-        input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+    input, linear_weight, linear_bias, target, weight, *kept = ctx.saved_tensors
+    needed = tuple(ctx.needs_input_grad[:3])
+    if ctx.reduction == "none" or any(need and not want for need, want in zip(needed, ctx.want, strict=True)):
         gradients = numba_linear_cross_entropy_backward(
-            input, linear_weight, linear_bias, target, weight, grad_loss, *ctx.want, *ctx.options
+            input, linear_weight, linear_bias, target, weight, grad_loss, *needed, *ctx.options
         )
+        wanted = needed
     else:  # the gradients for an upstream of 1, scaled
-        gradients = tuple(gradient * grad_loss if gradient.numel() else gradient for gradient in ctx.saved_tensors)
+        gradients = tuple(gradient * grad_loss if gradient.numel() else gradient for gradient in kept)
+        wanted = ctx.want
     grads = tuple(
-        gradient if wanted and needed else None
-        for gradient, wanted, needed in zip(gradients, ctx.want, ctx.needs_input_grad[:3], strict=True)
+        gradient if want and need else None
+        for gradient, want, need in zip(gradients, wanted, needed, strict=True)
     )
     return (*grads, None, None, None, None, None, *(None for _ in ctx.options))
 

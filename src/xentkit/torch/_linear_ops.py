@@ -165,6 +165,16 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_unu
             gradient * grad_loss if gradient.numel() else gradient
             for gradient in ctx.saved_tensors
         )
+    missing = [
+        name for name, wanted, needed in zip(_bridge.LINEAR_GRADIENT_NAMES, ctx.want, ctx.needs_input_grad[:3], strict=True)
+        if needed and not wanted
+    ]
+    if missing:  # (an exported program run with an operand that did not require grad when exported)
+        raise RuntimeError(
+            f"linear_cross_entropy was traced without {', '.join(missing)} (its operand did not require grad "
+            "then, as in a torch.export of it), and backward needs it now: export or compile it with the "
+            "operands requiring grad as they will"
+        )
     grads = tuple(
         gradient if wanted and needed else None
         for gradient, wanted, needed in zip(gradients, ctx.want, ctx.needs_input_grad[:3], strict=True)

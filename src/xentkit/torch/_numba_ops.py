@@ -49,7 +49,7 @@ from ..api.cross_entropy import _cross_entropy
 from . import _bridge
 from ._triton_path import FORWARD_OP_OPTIONS, OpOptions
 
-__all__ = ["cross_entropy", "runs_compiled"]
+__all__ = ["compiled_beyond_small", "cross_entropy", "runs_compiled"]
 
 
 def runs_compiled(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
@@ -70,6 +70,16 @@ def runs_compiled(input: Tensor, target: Tensor, weight: Tensor | None, options:
 
 
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def compiled_beyond_small(logits: int, small_max: int) -> bool:
+    """Whether a compiled call of ``logits`` logits takes the custom ops (more than ``small_max``,
+    ``functional.SMALL_MAX_LOGITS``; smaller ones keep the traced torch ops, faster there than the
+    ops' dispatch). Under ``torch.export`` always: a size test is a guard on the batch, which an
+    exported program cannot keep (a dynamic batch failed to export, or the program refused
+    batches on the other side of the threshold); the ops serve every size."""
+    return _exporting() or logits > small_max
 
 
 def class_axis(input: Tensor) -> int:
@@ -155,6 +165,7 @@ def cross_entropy(
 ) -> Tensor:
     """``xentkit.torch.cross_entropy`` on the Numba kernels under torch.compile: the eager
     Function's loss, gradient, label check and warning, in two custom ops the compiler keeps."""
+    _bridge.sample_layout(input, target)  # (the shapes' errors as eager's, raised while tracing)
     return numba_cross_entropy(
         input, target.detach(), None if weight is None else weight.detach(), _bridge.loss_dtype(input, target),
         check_probabilities, *FORWARD_OP_OPTIONS.values(options),

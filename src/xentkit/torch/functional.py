@@ -599,7 +599,7 @@ def _cross_entropy_beyond_small(
             input, target, weight, options, torch.is_grad_enabled()
         )
     if (
-        torch.compiler.is_compiling() and input.numel() > SMALL_MAX_LOGITS
+        torch.compiler.is_compiling() and _numba_ops.compiled_beyond_small(input.numel(), SMALL_MAX_LOGITS)
         and _numba_ops.runs_compiled(input, target, weight, options)
     ):  # custom ops the compiler keeps, around the eager path's code (labels checked); small
         # problems keep the traced torch ops, ~3x faster there (a custom op costs ~0.1 ms a call)

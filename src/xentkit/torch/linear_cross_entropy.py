@@ -23,6 +23,8 @@ reduced and differentiated with that one plan, so the chunks' losses add up to t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ from . import (
     _linear_numba,
     _linear_ops,
     _linear_triton,
+    _numba_ops,
     _torch_ops,
     _triton_path,
     functional,
@@ -144,11 +147,10 @@ def _batched_none_gradients(
 
 
 def _compiled_beyond_small(input: Tensor, linear_weight: Tensor) -> bool:
-    """Whether a compiled call has more logits than ``functional.SMALL_MAX_LOGITS``: smaller ones
-    keep the traced torch ops, faster there than the custom ops' dispatch (as for
+    """Whether a compiled call takes the custom ops (:func:`_numba_ops.compiled_beyond_small`, as
     ``cross_entropy``)."""
-    rows = input.numel() // input.shape[-1] if input.dim() > 1 else 1
-    return rows * linear_weight.shape[0] > functional.SMALL_MAX_LOGITS
+    rows = math.prod(input.shape[:-1])  # (not numel // in_features, which may be 0)
+    return _numba_ops.compiled_beyond_small(rows * linear_weight.shape[0], functional.SMALL_MAX_LOGITS)
 
 
 def _fused_applies(
