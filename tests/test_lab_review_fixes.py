@@ -166,6 +166,17 @@ def test_a_plot_is_saved_whole_or_not_at_all(tmp_path: Path) -> None:
     assert [entry.name for entry in tmp_path.iterdir()] == ["neuron.png"]  # no temporary left
 
 
+def test_a_plot_takes_the_format_of_its_file_name(tmp_path: Path) -> None:
+    """``plot_neuron`` / ``plot_mnist`` are public: a caller's ``.svg`` is an SVG, as matplotlib's
+    ``savefig(path)`` chose it (the atomic save wrote PNG bytes whatever the name)."""
+    from xentkit.lab.neuron import run_neuron_experiment
+
+    runs = run_neuron_experiment(iterations=3)
+    svg = report.plot_neuron(runs, tmp_path / "n.svg")
+    assert svg.read_bytes().lstrip().startswith((b"<?xml", b"<svg"))
+    assert report.plot_neuron(runs, tmp_path / "n.png").read_bytes().startswith(b"\x89PNG")
+
+
 # --- 4. images must be 28×28 ---------------------------------------------------------------------
 
 

@@ -30,7 +30,6 @@ import dataclasses
 import math
 import numbers
 import operator
-from collections.abc import Iterator
 from typing import Any, SupportsFloat, SupportsIndex, TypeAlias
 
 import numpy as np
@@ -75,7 +74,7 @@ def as_array(value: object, name: str) -> np.ndarray:
     with nothing masked is its data."""
     if type(value) is np.ndarray:
         return value
-    masked = list(_masked_parts(value))
+    masked = _masked_parts(value)
     if masked:
         if not any(np.ma.is_masked(part) for part in masked):
             return np.asarray(value.data if isinstance(value, np.ma.MaskedArray) else value)
@@ -95,15 +94,28 @@ def as_array(value: object, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be a numeric array, got {describe(value)}{hint}") from None
 
 
-def _masked_parts(value: object) -> Iterator[np.ma.MaskedArray]:
+def _masked_parts(value: object) -> list[np.ma.MaskedArray]:
     """The masked arrays ``value`` is or holds, at any depth of lists and tuples of arrays or
     lists (rows of them, wherever they are). A list of numbers is not looked through: an array
-    among numbers is a ragged list, which ``np.asarray`` refuses anyway."""
+    among numbers is a ragged list, which ``np.asarray`` refuses anyway (but for a 0-d one,
+    which it reads as a number: a masked one becomes NaN, with NumPy's warning)."""
     if isinstance(value, np.ma.MaskedArray):
-        yield value
-    elif type(value) in (list, tuple) and value and isinstance(value[0], (list, tuple, np.ndarray)):
-        for part in value:
-            yield from _masked_parts(part)
+        return [value]
+    if not _holds_arrays_or_lists(value):
+        return []
+    found = []
+    sequences = (list, tuple)
+    for part in value:  # (a loop, inlined: rows are many)
+        if type(part) in sequences:
+            if part and isinstance(part[0], (list, tuple, np.ndarray)):
+                found.extend(_masked_parts(part))
+        elif isinstance(part, np.ma.MaskedArray):
+            found.append(part)
+    return found
+
+
+def _holds_arrays_or_lists(value: object) -> bool:
+    return type(value) in (list, tuple) and bool(value) and isinstance(value[0], (list, tuple, np.ndarray))
 
 
 def _real(value: object, name: str, expected: str) -> float:

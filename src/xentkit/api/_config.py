@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
 import threading
 import weakref
@@ -39,21 +40,29 @@ _LOCK = threading.Lock()
 # it is, so two blocks whose ``__init__`` and ``__enter__`` interleave in two threads leave the
 # choice as it was (restoring a remembered "previous" value left it stuck on a block's choice).
 # An object that is gone can never be entered: its switch is for good, and what came before it
-# is dropped.
+# no longer counts (dropped now and then: the log stays short however many plain calls).
 _INITIAL = _state["reference"]
-_SWITCHES: list[tuple[weakref.ref, bool]] = []
+_SWITCHES: dict[int, tuple[weakref.ref, bool]] = {}  # in the order of the switches
+_NUMBERS = itertools.count()
+_PRUNE_AT = 64  # the log's length at which gone objects' entries are looked for (then 2× what stays)
 
 
 def _apply() -> None:
-    """Set the process-wide choice from the log (under ``_LOCK``), dropping what no longer counts:
-    every entry before the latest one whose object is gone."""
-    global _INITIAL
-    for index in range(len(_SWITCHES) - 1, -1, -1):
-        if _SWITCHES[index][0]() is None:
-            _INITIAL = _SWITCHES[index][1]
-            del _SWITCHES[: index + 1]
-            break
-    _state["reference"] = _SWITCHES[-1][1] if _SWITCHES else _INITIAL
+    """Set the process-wide choice from the log (under ``_LOCK``): the latest entry's, else the
+    initial one. Now and then (amortized O(1) a call) what no longer counts is dropped: every
+    entry up to the latest whose object is gone, whose choice becomes the initial one."""
+    global _INITIAL, _PRUNE_AT
+    if len(_SWITCHES) >= _PRUNE_AT:
+        entries = list(_SWITCHES.items())
+        for index in range(len(entries) - 1, -1, -1):
+            reference, enabled = entries[index][1]
+            if reference() is None:
+                _INITIAL = enabled
+                for number, _ in entries[: index + 1]:
+                    del _SWITCHES[number]
+                break
+        _PRUNE_AT = max(64, 2 * len(_SWITCHES))
+    _state["reference"] = next(reversed(_SWITCHES.values()))[1] if _SWITCHES else _INITIAL
 
 
 def reference_enabled() -> bool:
@@ -83,15 +92,18 @@ class use_reference:
     def __init__(self, enabled: bool = True) -> None:
         self._enabled = check_flag(enabled, "enabled")
         with _LOCK:  # called plainly: the process-wide switch (taken back by __enter__ for a block)
-            _SWITCHES.append((weakref.ref(self), self._enabled))
+            self._number = next(_NUMBERS)
+            _SWITCHES[self._number] = (weakref.ref(self), self._enabled)
             _apply()
-        self._token: contextvars.Token | None = None
+        self._tokens: list[contextvars.Token] = []  # (one per block: an object may be entered in its own)
 
     def __enter__(self) -> use_reference:
+        global _PRUNE_AT
         with _LOCK:  # a block's choice is its thread's alone: this object's switch taken back
-            _SWITCHES[:] = [entry for entry in _SWITCHES if entry[0]() is not self]
-            _apply()
-        self._token = _BLOCK.set(self._enabled)
+            if _SWITCHES.pop(self._number, None) is not None:
+                _PRUNE_AT = min(_PRUNE_AT, max(64, 2 * len(_SWITCHES)))  # (the log shrank)
+                _apply()
+        self._tokens.append(_BLOCK.set(self._enabled))
         return self
 
     def __exit__(
@@ -100,6 +112,5 @@ class use_reference:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._token is not None:
-            _BLOCK.reset(self._token)
-            self._token = None
+        if self._tokens:
+            _BLOCK.reset(self._tokens.pop())

@@ -235,9 +235,11 @@ def plot_mnist(results: dict[str, Any], path: str | Path) -> Path:
 
 
 def _save(figure: Any, path: str | Path) -> Path:
-    """Write ``figure`` to ``path`` as a PNG, whole or not at all (:func:`_write_file`): an
-    interrupted save leaves no truncated plot for the report to show."""
-    return _write_file(path, lambda file: figure.savefig(file, format="png", dpi=PLOT_DPI))
+    """Write ``figure`` to ``path``, whole or not at all (:func:`_write_file`): an interrupted save
+    leaves no truncated plot for the report to show. The format is the file name's (PNG for the
+    lab's files; a caller's ``.svg`` or ``.pdf`` as matplotlib's ``savefig`` would choose it)."""
+    extension = Path(path).suffix.lstrip(".").lower() or "png"
+    return _write_file(path, lambda file: figure.savefig(file, format=extension, dpi=PLOT_DPI))
 
 
 # ---------------------------------------------------------------------------------------------
