@@ -41,7 +41,7 @@ from ._chunks import (
     gradient_buffers,
     logit_chunks,
 )
-from ._linear_ops import LINEAR_OP_OPTIONS, fake_gradient
+from ._linear_ops import LINEAR_OP_OPTIONS, fake_gradients
 from ._triton_path import OpOptions
 
 __all__ = ["PassResult", "chunked_pass", "linear_cross_entropy", "reduction_plan", "runs_compiled"]
@@ -175,10 +175,8 @@ def _(
     (reduction,) = _REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
     loss = input.new_empty((input.shape[0],) if reduction == "none" else ())
     now = reduction != "none"
-    return (
-        loss, fake_gradient(now and want_input, input, input),
-        fake_gradient(now and want_weight, linear_weight, input), fake_gradient(now and want_bias, linear_bias, input),
-    )
+    want = (now and want_input, now and want_weight, now and want_bias)
+    return (loss, *fake_gradients(want, input, linear_weight, linear_bias))
 
 
 @torch.library.custom_op(
@@ -211,10 +209,7 @@ def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     grad_output: Tensor, want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return (
-        fake_gradient(want_input, input, input), fake_gradient(want_weight, linear_weight, input),
-        fake_gradient(want_bias, linear_bias, input),
-    )
+    return fake_gradients((want_input, want_weight, want_bias), input, linear_weight, linear_bias)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:

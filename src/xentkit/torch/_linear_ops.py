@@ -44,7 +44,7 @@ from ._chunks import chunk_rows
 from ._linear_triton import backward_chunks, detached, forward_chunks, rows_target
 from ._triton_path import FORMULA_NAMES, OpOptions
 
-__all__ = ["LINEAR_OP_OPTIONS", "fake_gradient", "linear_cross_entropy"]
+__all__ = ["LINEAR_OP_OPTIONS", "fake_gradient", "fake_gradients", "linear_cross_entropy"]
 
 LINEAR_OP_OPTIONS = OpOptions(("reduction", *FORMULA_NAMES, "chunk_size", "accumulate_in_float32"))
 _REDUCTION = OpOptions(("reduction",))
@@ -63,6 +63,16 @@ def fake_gradient(wanted: bool, like: Tensor | None, placeholder: Tensor) -> Ten
     if wanted and like is not None:
         return torch.empty(like.shape, dtype=like.dtype, device=like.device)
     return placeholder.new_empty((0,))
+
+
+def fake_gradients(
+    want: tuple[bool, bool, bool], input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake ops' ``(grad_input, grad_weight, grad_bias)`` (:func:`fake_gradient` of each)."""
+    return (
+        fake_gradient(want[0], input, input), fake_gradient(want[1], linear_weight, input),
+        fake_gradient(want[2], linear_bias, input),
+    )
 
 
 def _resolved(options: LossOptions, x: Tensor, w: Tensor) -> LossOptions:
@@ -103,10 +113,8 @@ def _(
     loss = input.new_empty((rows,) if reduction == "none" else (), dtype=_bridge.at_least_float32(input.dtype))
     stats = input.new_empty((3 if target.is_floating_point() else 2, rows), dtype=torch.float32)
     now = reduction != "none"
-    return (
-        loss, stats, fake_gradient(now and want_input, input, input),
-        fake_gradient(now and want_weight, linear_weight, input), fake_gradient(now and want_bias, linear_bias, input),
-    )
+    want = (now and want_input, now and want_weight, now and want_bias)
+    return (loss, stats, *fake_gradients(want, input, linear_weight, linear_bias))
 
 
 @torch.library.custom_op(
@@ -134,10 +142,7 @@ def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     stats: Tensor, grad_output: Tensor, want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return (
-        fake_gradient(want_input, input, input), fake_gradient(want_weight, linear_weight, input),
-        fake_gradient(want_bias, linear_bias, input),
-    )
+    return fake_gradients((want_input, want_weight, want_bias), input, linear_weight, linear_bias)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:

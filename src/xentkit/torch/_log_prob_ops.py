@@ -29,7 +29,7 @@ from torch import Tensor
 from .._options import LogProbOptions
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge
-from ._linear_ops import fake_gradient
+from ._linear_ops import fake_gradients
 from ._linear_triton import detached
 
 __all__ = ["linear_log_probs"]
@@ -122,10 +122,7 @@ def _(
     m: Tensor, e: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
     want_input: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return (
-        fake_gradient(want_input, input, input), fake_gradient(want_weight, linear_weight, input),
-        fake_gradient(want_bias, linear_bias, input),
-    )
+    return fake_gradients((want_input, want_weight, want_bias), input, linear_weight, linear_bias)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
