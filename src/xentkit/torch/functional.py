@@ -525,11 +525,12 @@ def cross_entropy(
     Triton and torch-ops paths a label outside ``[0, C)`` that is not ``ignore_index`` then makes
     its row's loss and gradient NaN (so a "mean" or "sum" is NaN) instead of raising; nothing is
     read out of bounds and no device-side assert fires. It saves the one synchronization of an
-    eager CUDA call. Under torch.compile nothing may wait, so the compiled paths (the Triton
-    custom ops and torch ops) never check, whatever ``check_labels`` says: a bad label gives a NaN
-    row there, never a device-side assert. Nor does ``torch.vmap`` (its batched labels cannot be
-    branched on; it runs torch ops). CPU tensors on the Numba kernels or on torch's own
-    small-problem kernel (both eager) are always checked: there it costs no wait.
+    eager CUDA call. Under torch.compile nothing may wait, so the compiled Triton custom ops and
+    torch ops never check, whatever ``check_labels`` says: a bad label gives a NaN row there,
+    never a device-side assert. Nor does ``torch.vmap`` (its batched labels cannot be branched
+    on; it runs torch ops). CPU tensors on the Numba kernels, eager or compiled (the custom op
+    ``xentkit::cross_entropy``), and on torch's own small-problem kernel (eager) are always
+    checked: there it costs no wait.
 
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
     gradient buffer exists (with a 128k vocabulary, gigabytes): on the CPU kernels in forward
