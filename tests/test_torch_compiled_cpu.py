@@ -469,3 +469,60 @@ def test_a_target_of_the_wrong_shape_under_compile_is_eagers_error():
     with pytest.raises(ValueError) as eager_error:
         xt.cross_entropy(logits, target[:4])
     assert str(compiled_error.value) == str(eager_error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# nll_loss: the api's NLL as custom ops (xentkit::nll_loss and its backward)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["rows", "pixels", "one_sample"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_nll_loss_is_eagers(reduction, dtype, layout, weighted):
+    shape = {"rows": (9, 6), "pixels": (3, 6, 2, 2), "one_sample": (6,)}[layout]
+    logits, target = _case(shape, dtype)
+    log_probs = torch.log_softmax(logits.double(), 1 if len(shape) > 1 else 0).to(dtype)
+    weight = torch.linspace(0.5, 2.0, 6, dtype=dtype) if weighted else None
+
+    def step(x, y, w):
+        return xt.nll_loss(x, y, w, reduction=reduction)
+
+    assert "xentkit.nll_loss.default" in _graph_ops(step, log_probs.clone().requires_grad_(), target, weight)
+    torch._dynamo.reset()
+
+    def run(fn):
+        x = log_probs.clone().requires_grad_()
+        loss = fn(x, target, weight)
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (grad,) = torch.autograd.grad(loss, x, (upstream + 0.5).to(loss.dtype))
+        return loss.detach(), grad
+
+    loss, grad = run(torch.compile(step, backend="aot_eager", fullgraph=True))
+    expected_loss, expected_grad = run(step)
+    assert loss.dtype == expected_loss.dtype and grad.dtype == dtype
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)  # (the same call, in backward)
+
+
+def test_compiled_nll_loss_checks_labels():
+    logits, target = _case((6, 5))
+    target[4] = -3
+    log_probs = torch.log_softmax(logits, 1)
+    compiled = torch.compile(lambda a, b: xt.nll_loss(a, b), backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="-3") as compiled_error:
+        compiled(log_probs.requires_grad_(), target)
+    with pytest.raises(ValueError) as eager_error:
+        xt.nll_loss(log_probs, target)
+    assert str(compiled_error.value) == str(eager_error.value)
+
+
+def test_the_nll_ops_pass_torch_librarys_checks():
+    logits, target = _case((6, 5))
+    log_probs = torch.log_softmax(logits, 1)
+    weight = torch.linspace(0.5, 2.0, 5)
+    for reduction in ("mean", "none"):
+        options = _numba_ops.NLL_OP_OPTIONS.values(LossOptions(reduction=reduction))
+        torch.library.opcheck(_numba_ops.numba_nll_loss, (log_probs.requires_grad_(), target, weight, torch.float32, *options))
+        upstream = torch.tensor(0.5) if reduction == "mean" else torch.rand(6)
+        torch.library.opcheck(_numba_ops.numba_nll_loss_backward, (log_probs.detach(), target, weight, upstream, *options))

@@ -1,5 +1,5 @@
-"""The Numba cross-entropy as torch custom ops, so that ``torch.compile`` on the CPU keeps the
-fused kernels and their label check.
+"""The Numba cross-entropy (and NLL, at the end) as torch custom ops, so that ``torch.compile`` on
+the CPU keeps the fused kernels and their label check.
 
 Under ``torch.compile`` ``xentkit.torch.cross_entropy`` on CPU tensors of a kernel dtype, beyond
 ``functional.SMALL_MAX_LOGITS`` logits, calls :func:`cross_entropy` below instead of the eager
@@ -46,10 +46,11 @@ from torch import Tensor
 
 from .._options import LossOptions
 from ..api.cross_entropy import _cross_entropy
+from ..api.losses import _nll
 from . import _bridge
 from ._triton_path import FORWARD_OP_OPTIONS, OpOptions
 
-__all__ = ["compiled_beyond_small", "cross_entropy", "runs_compiled"]
+__all__ = ["compiled_beyond_small", "cross_entropy", "nll_loss", "runs_compiled"]
 
 
 def runs_compiled(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
@@ -169,4 +170,78 @@ def cross_entropy(
     return numba_cross_entropy(
         input, target.detach(), None if weight is None else weight.detach(), _bridge.loss_dtype(input, target),
         check_probabilities, *FORWARD_OP_OPTIONS.values(options),
+    )
+
+
+# nll_loss: the same pair of ops around the api's NLL (forward the loss; backward the gradient
+# for the upstream gradient, from the saved log-probabilities, as the eager Function computes it)
+
+NLL_OP_OPTIONS = OpOptions(("reduction", "ignore_index"))
+
+
+@torch.library.custom_op(
+    "xentkit::nll_loss", mutates_args=(),
+    schema=f"(Tensor input, Tensor target, Tensor? weight, ScalarType loss_dtype, {NLL_OP_OPTIONS.schema}) -> Tensor",
+)
+def numba_nll_loss(
+    input: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, *options: Any
+) -> Tensor:
+    """The loss in ``loss_dtype``; ``options``: ``NLL_OP_OPTIONS.values(loss_options)``."""
+    loss, _ = _nll(
+        _bridge.as_numpy(input), _bridge.as_numpy(target), class_axis(input), _bridge.optional_numpy(weight),
+        NLL_OP_OPTIONS.options(options), want_grad=False, loss_dtype=_bridge.numpy_dtype(loss_dtype),
+    )
+    return _bridge.as_tensor(loss, loss_dtype).contiguous()
+
+
+@numba_nll_loss.register_fake
+def _(input: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, *options: Any) -> Tensor:
+    _, sample_shape, _ = _bridge.sample_layout(input, target, "log_probs", probabilities_allowed=False)
+    (reduction,) = OpOptions(("reduction",)).taken_from(NLL_OP_OPTIONS, options)
+    return input.new_empty(sample_shape if reduction == "none" else (), dtype=loss_dtype)
+
+
+@torch.library.custom_op(
+    "xentkit::nll_loss_backward", mutates_args=(),
+    schema=f"(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, {NLL_OP_OPTIONS.schema}) -> Tensor",
+)
+def numba_nll_loss_backward(
+    input: Tensor, target: Tensor, weight: Tensor | None, grad_output: Tensor, *options: Any
+) -> Tensor:
+    """The gradient with respect to ``input`` for ``grad_output``, contiguous, in its dtype."""
+    _, gradient = _nll(
+        _bridge.as_numpy(input), _bridge.as_numpy(target), class_axis(input), _bridge.optional_numpy(weight),
+        NLL_OP_OPTIONS.options(options), want_grad=True, grad_output=_bridge.as_numpy(grad_output.detach()),
+    )
+    return _bridge.as_tensor(gradient, input.dtype).contiguous()
+
+
+@numba_nll_loss_backward.register_fake
+def _(input: Tensor, target: Tensor, weight: Tensor | None, grad_output: Tensor, *options: Any) -> Tensor:
+    return input.new_empty(input.shape)
+
+
+def _nll_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    input, target, weight, _loss_dtype, *options = inputs
+    ctx.save_for_backward(input, target, weight)
+    ctx.options = tuple(options)
+
+
+def _nll_backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+    input, target, weight = ctx.saved_tensors
+    gradient = None
+    if ctx.needs_input_grad[0]:
+        gradient = numba_nll_loss_backward(input, target, weight, grad_loss, *ctx.options)
+    return gradient, None, None, None, *(None for _ in NLL_OP_OPTIONS.names)
+
+
+numba_nll_loss.register_autograd(_nll_backward, setup_context=_nll_setup_context)
+
+
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
+    """``xentkit.torch.nll_loss`` on the Numba kernels under torch.compile (labels checked)."""
+    _bridge.sample_layout(input, target, "log_probs", probabilities_allowed=False)  # (eager's errors)
+    return numba_nll_loss(
+        input, target.detach(), None if weight is None else weight.detach(), _bridge.loss_dtype(input, target),
+        *NLL_OP_OPTIONS.values(options),
     )

@@ -642,7 +642,9 @@ def nll_loss(
     api (or torch's small-problem kernel) and are always checked; on the torch-ops path (CUDA and other devices, bfloat16)
     ``check_labels=False`` drops the check (on CUDA one wait for the device) and a label outside
     ``[0, C)`` that is not ``ignore_index`` makes its sample's loss NaN (and its gradient entry)
-    instead of raising; under ``torch.compile`` that path never checks.
+    instead of raising; under ``torch.compile`` that path never checks. Compiled CPU calls of
+    float16/32/64 above ``SMALL_MAX_LOGITS`` run the api in two custom ops (``xentkit::nll_loss``
+    and its backward), labels checked as in eager.
 
     Example:
         >>> import torch
@@ -661,6 +663,11 @@ def nll_loss(
     _bridge.check_tensors(input, target, weight)
     if _small_and_plain(input, target, weight, options, probabilities=False):
         return _small_nll_loss(input, target, weight, options)
+    if (
+        torch.compiler.is_compiling() and _numba_ops.compiled_beyond_small(input.numel(), SMALL_MAX_LOGITS)
+        and not target.is_floating_point() and _numba_ops.runs_compiled(input, target, weight, options)
+    ):  # custom ops the compiler keeps, around the eager path's code (labels checked)
+        return _numba_ops.nll_loss(input, target, weight, options)
     if not _bridge.runs_on_xentkit(input, target, weight, grad_free=(weight,)):
         return _torch_ops.nll_loss(input, target, weight, options)
     return _NllLossFunction.apply(input, target, weight, options)
