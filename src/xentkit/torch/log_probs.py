@@ -304,7 +304,7 @@ def log_probs(
     Returns ``log_probs``, or ``(log_probs, entropy)``, ``(log_probs, lse)``,
     ``(log_probs, entropy, lse)`` as asked (``return_entropy``, ``return_lse``). ``backend``: "auto" (CPU float32/float64: the fused
     Numba kernels; CUDA float32/float16/bfloat16: the fused Triton kernels; otherwise torch ops
-    in float32), "triton" (the Triton kernels or a ValueError saying why not) or "torch". Double
+    in float32, float64 for float64), "triton" (the Triton kernels or a ValueError saying why not) or "torch". Double
     backward raises, except where the outputs are plain torch ops (below).
 
     A target outside ``[0, V)`` that is not ``ignore_index`` is a ValueError naming it. On CUDA
