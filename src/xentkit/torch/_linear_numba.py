@@ -42,6 +42,7 @@ from ._chunks import (
     logit_chunks,
 )
 from ._linear_ops import LINEAR_OP_OPTIONS, fake_gradients
+from ._numba_ops import transforms_active
 from ._triton_path import OpOptions
 
 __all__ = ["PassResult", "chunked_pass", "linear_cross_entropy", "reduction_plan", "runs_compiled"]
@@ -246,9 +247,6 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_unu
 numba_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-
-
 def runs_compiled(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
 ) -> bool:
@@ -256,7 +254,7 @@ def runs_compiled(
     of one dtype (from metadata), no gradient for the target or the class weight, no torch.func
     transform (which the compiler traces as a question, where it cannot trace
     ``_bridge.transforms_running``'s)."""
-    if _transforms_active() or input.dtype not in _bridge.NUMBA_DTYPES or linear_weight.dim() != 2:
+    if transforms_active() or input.dtype not in _bridge.NUMBA_DTYPES or linear_weight.dim() != 2:
         return False
     for tensor in (input, linear_weight, linear_bias, target, weight):
         if tensor is not None and (tensor.device.type != "cpu" or tensor.layout is not torch.strided):

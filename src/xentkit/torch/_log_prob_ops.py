@@ -32,7 +32,7 @@ from . import _bridge
 from ._linear_ops import fake_gradients
 from ._linear_triton import detached
 
-__all__ = ["linear_log_probs"]
+__all__ = ["linear_log_probs", "log_probs"]
 
 _OPERANDS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor valid"
 _OPTIONS = "float temperature, int? chunk_size, str backend"
@@ -162,4 +162,102 @@ def linear_log_probs(
     log_p, entropy, lse, *_ = linear_log_probs_op(
         x, linear_weight, linear_bias, target, valid, options.temperature, options.chunk_size, options.backend
     )
+    return log_p, entropy, lse
+
+
+# ``log_probs`` of existing logits under torch.compile: the same pair of ops on ``[rows, V]``
+# logits (no chunks), the eager Function's row backend inside (Numba for CPU float32/float64,
+# Triton on CUDA, torch ops otherwise); the traced torch ops before ran 4-5 times slower than
+# eager on the CPU.
+
+_LOGITS_OPERANDS = "Tensor logits, Tensor target, Tensor valid"
+_LOGITS_OPTIONS = "float temperature, str backend"
+
+
+def _logits_rows(logits: Tensor, temperature: float, backend: str) -> tuple[type, LogProbOptions]:
+    from .log_probs import _rows_backend
+
+    options = LogProbOptions(temperature, -100, None, backend)
+    return _rows_backend(logits, options), options
+
+
+@torch.library.custom_op(
+    "xentkit::log_probs", mutates_args=(),
+    schema=f"({_LOGITS_OPERANDS}, {_LOGITS_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def log_probs_op(logits: Tensor, target: Tensor, valid: Tensor, temperature: float, backend: str) -> tuple[Tensor, ...]:
+    """``(log_probs, entropy, lse, m, e, log_s, H)`` per row of contiguous ``[rows, V]`` logits, the
+    last four in float64 for backward."""
+    rows, _ = _logits_rows(logits, temperature, backend)
+    (m, e, _, _), (log_p, entropy, lse, log_s, kept) = rows.finished(logits, target, valid, temperature, target.shape)
+    out = _bridge.at_least_float32(logits.dtype)
+    return (
+        log_p.to(out), entropy.to(out), lse.to(out),
+        m.to(torch.float64, copy=True), e.to(torch.float64, copy=True), log_s.to(torch.float64, copy=True),
+        kept.to(torch.float64, copy=True),  # (copies: no output aliases another)
+    )
+
+
+@log_probs_op.register_fake
+def _(logits: Tensor, target: Tensor, valid: Tensor, temperature: float, backend: str) -> tuple[Tensor, ...]:
+    rows = logits.shape[0]
+    out = _bridge.at_least_float32(logits.dtype)
+    return (
+        *(logits.new_empty((rows,), dtype=out) for _ in range(3)),
+        *(logits.new_empty((rows,), dtype=torch.float64) for _ in range(4)),
+    )
+
+
+@torch.library.custom_op(
+    "xentkit::log_probs_backward", mutates_args=(),
+    schema=f"({_LOGITS_OPERANDS}, Tensor m, Tensor e, Tensor a, Tensor b, Tensor k, {_LOGITS_OPTIONS}) -> Tensor",
+)
+def log_probs_backward(
+    logits: Tensor, target: Tensor, valid: Tensor, m: Tensor, e: Tensor, a: Tensor, b: Tensor, k: Tensor,
+    temperature: float, backend: str,
+) -> Tensor:
+    """The logits' gradient for the rows' coefficients (a, b, k), a new buffer of their dtype."""
+    rows, _ = _logits_rows(logits, temperature, backend)
+    dtype = rows.statistics_dtype(logits.dtype, logits.device)
+    gradient = torch.empty_like(logits)
+    rows.gradient(logits, target, valid, temperature, m.to(dtype), e.to(dtype), (a, b, k), gradient)
+    return gradient
+
+
+@log_probs_backward.register_fake
+def _(
+    logits: Tensor, target: Tensor, valid: Tensor, m: Tensor, e: Tensor, a: Tensor, b: Tensor, k: Tensor,
+    temperature: float, backend: str,
+) -> Tensor:
+    return torch.empty_like(logits)
+
+
+def _logits_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    logits, target, valid, *options = inputs
+    _log_p, _entropy, _lse, m, e, log_s, entropy = output
+    ctx.mark_non_differentiable(m, e, log_s, entropy)
+    ctx.options = tuple(options)
+    ctx.save_for_backward(logits, target, valid, m, e, log_s, entropy)
+
+
+def _logits_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_log_p: Tensor | None, grad_entropy: Tensor | None,
+    grad_lse: Tensor | None, *_unused: Tensor | None,
+) -> tuple:
+    logits, target, valid, m, e, log_s, entropy = ctx.saved_tensors
+    g, h, k = (
+        torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in (grad_log_p, grad_entropy, grad_lse)
+    )
+    a, b, k = gradient_coefficients(log_s, entropy, g, h, k)
+    gradient = log_probs_backward(logits, target, valid, m, e, a, b, k, *ctx.options) if ctx.needs_input_grad[0] else None
+    return gradient, None, None, None, None
+
+
+log_probs_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
+
+
+def log_probs(logits: Tensor, target: Tensor, valid: Tensor, options: LogProbOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log_probs, entropy, lse)`` per row of ``logits`` ``[N, V]`` under torch.compile (targets
+    not checked: the caller makes a bad one's log-probability NaN, as for the linear form)."""
+    log_p, entropy, lse, *_ = log_probs_op(logits.contiguous(), target, valid, options.temperature, options.backend)
     return log_p, entropy, lse

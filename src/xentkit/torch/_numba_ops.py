@@ -59,7 +59,7 @@ def runs_compiled(input: Tensor, target: Tensor, weight: Tensor | None, options:
     weight, no torch.func transform (the custom ops have no rule for ``grad``; the compiler traces
     this question, where it cannot trace ``_bridge.transforms_running``'s), not
     ``backend="torch"``."""
-    if options.backend == "torch" or _transforms_active():
+    if options.backend == "torch" or transforms_active():
         return False
     for tensor in (input, target, weight):
         if tensor is not None and (tensor.device.type != "cpu" or tensor.layout is not torch.strided):
@@ -70,7 +70,7 @@ def runs_compiled(input: Tensor, target: Tensor, weight: Tensor | None, options:
     return not (torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)))
 
 
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 

@@ -37,7 +37,7 @@ from .._labels import check_index_layout, check_labels_reading
 from .._labels import check_labels as _check_labels
 from .._options import Integer, LogProbOptions, Real, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients
-from . import _bridge, _log_prob_ops, _triton_path
+from . import _bridge, _log_prob_ops, _numba_ops, _triton_path, functional
 from ._chunks import (
     add_chunk_gradients,
     batched_chunk_gradients,
@@ -340,12 +340,26 @@ def log_probs(
     )
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
-    if _traced(options, logits, target):
+    # under torch.compile, beyond small problems, custom ops around the row backends (as the linear
+    # form's); small ones and torch.func transforms trace torch ops
+    use_ops = (
+        torch.compiler.is_compiling() and not _numba_ops.transforms_active()
+        and _numba_ops.compiled_beyond_small(logits.numel(), functional.SMALL_MAX_LOGITS)
+    )
+    if _traced(options, logits, target, compiled_ops=use_ops):
         valid, bad = _label_masks(target, classes, options, None)
         matrix, labels = logits.reshape(-1, classes), target.reshape(-1)
         results = tuple(
             value.to(_bridge.at_least_float32(logits.dtype)).reshape(target.shape)
             for value in TorchRows.traced(matrix, labels, valid.reshape(-1), options.temperature)
+        )
+    elif use_ops:  # (no label check: nothing may wait; a bad target's log-probability is NaN)
+        valid, bad = _label_masks(target, classes, options, None)
+        results = tuple(
+            value.reshape(target.shape)
+            for value in _log_prob_ops.log_probs(
+                logits.reshape(-1, classes), target.reshape(-1), valid.reshape(-1), options
+            )
         )
     else:
         rows = _rows_backend(logits, options, target)
