@@ -440,3 +440,37 @@ def test_a_confident_tokens_gradient_with_the_entropys_gradient_too():
     rows = torch.arange(2)
     torch.testing.assert_close(x.grad.cpu()[rows, labels].double(), wide.grad[rows, labels], rtol=1e-5, atol=0)
     torch.testing.assert_close(x.grad.cpu().double(), wide.grad, rtol=1e-5, atol=1e-12)
+
+
+def test_compiled_log_probs_run_the_triton_kernels_in_their_custom_ops(monkeypatch):
+    """Under torch.compile ``log_probs`` on the Triton rows (CUDA, or backend="triton" under the
+    interpreter) runs them inside ``xentkit::log_probs`` and its backward: eager's values."""
+    monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 0)
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(14)
+    logits = torch.randn(12, 37, generator=generator).to(DEVICE)
+    target = torch.randint(0, 37, (12,), generator=generator).to(DEVICE)
+    target[4] = -100
+    calls = {"statistics": 0}
+    original = TritonRows.finished.__func__
+
+    def counted(cls, *args, **kwargs):
+        calls["statistics"] += 1
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(TritonRows, "finished", classmethod(counted))
+
+    def step(x, y):
+        return xt.log_probs(x, y, temperature=0.8, return_entropy=True, backend="triton")
+
+    def run(fn):
+        x = logits.clone().requires_grad_()
+        log_p, entropy = fn(x, target)
+        (grad,) = torch.autograd.grad((log_p.sum() + 0.3 * entropy.sum()), x)
+        return log_p.detach(), entropy.detach(), grad
+
+    compiled = run(torch.compile(step, backend="aot_eager", fullgraph=True))
+    assert calls["statistics"] >= 1  # the Triton rows ran inside the op
+    for value, want in zip(compiled, run(step), strict=True):
+        torch.testing.assert_close(value, want, rtol=0, atol=0)
+    torch._dynamo.reset()
