@@ -36,14 +36,20 @@ from ..reference.reductions import ReductionPlan
 from . import _bridge
 from ._chunks import (
     add_chunk_gradients,
-    chunk_rows,
     finish_gradients,
     gradient_buffers,
     logit_chunks,
 )
-from ._linear_ops import LINEAR_OP_OPTIONS, fake_gradients
-from ._numba_ops import transforms_active
-from ._triton_path import OpOptions
+from ._linear_ops import (
+    LINEAR_OP_OPTIONS,
+    OPERANDS,
+    REDUCTION,
+    WANT,
+    empty_or,
+    fake_gradients,
+    resolved,
+)
+from ._numba_ops import runs_compiled as runs_compiled_ops
 
 __all__ = ["PassResult", "chunked_pass", "linear_cross_entropy", "reduction_plan", "runs_compiled"]
 
@@ -119,11 +125,6 @@ def reduction_plan(
     return ReductionPlan.of_targets(options.reduction, target, options.ignore_index, class_weight)[1]
 
 
-_REDUCTION = OpOptions(("reduction",))
-_OPERANDS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight"
-_WANT = "bool want_input, bool want_weight, bool want_bias"
-
-
 def _operands(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     options: tuple[Any, ...],
@@ -134,20 +135,13 @@ def _operands(
     x = input.detach().contiguous()
     w = linear_weight.detach().contiguous()
     b = None if linear_bias is None else linear_bias.detach().contiguous()
-    loss_options = LINEAR_OP_OPTIONS.options(options)
-    loss_options = loss_options.replace(
-        chunk_size=chunk_rows(x.shape[0], w.shape[0], x.element_size(), loss_options.chunk_size)
-    )
+    loss_options = resolved(LINEAR_OP_OPTIONS.options(options), x, w)
     return x, w, b, _bridge.as_numpy(target), _bridge.optional_numpy(weight), loss_options
-
-
-def _empty_or(gradient: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty((0,)) if gradient is None else gradient.contiguous()
 
 
 @torch.library.custom_op(
     "xentkit::linear_cross_entropy", mutates_args=(),
-    schema=f"({_OPERANDS}, {_WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema=f"({OPERANDS}, {WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def numba_linear_cross_entropy(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
@@ -165,7 +159,7 @@ def numba_linear_cross_entropy(
         want=want if now else (False, False, False),
     )
     loss = _bridge.as_tensor(np.asarray(result.loss), x.dtype).contiguous()
-    return loss, _empty_or(result.grad_input, x), _empty_or(result.grad_weight, x), _empty_or(result.grad_bias, x)
+    return loss, empty_or(result.grad_input, x), empty_or(result.grad_weight, x), empty_or(result.grad_bias, x)
 
 
 @numba_linear_cross_entropy.register_fake
@@ -173,7 +167,7 @@ def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    (reduction,) = _REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
+    (reduction,) = REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
     loss = input.new_empty((input.shape[0],) if reduction == "none" else ())
     now = reduction != "none"
     want = (now and want_input, now and want_weight, now and want_bias)
@@ -182,7 +176,7 @@ def _(
 
 @torch.library.custom_op(
     "xentkit::linear_cross_entropy_backward", mutates_args=(),
-    schema=f"({_OPERANDS}, Tensor grad_output, {_WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor)",
+    schema=f"({OPERANDS}, Tensor grad_output, {WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor)",
 )
 def numba_linear_cross_entropy_backward(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
@@ -202,7 +196,7 @@ def numba_linear_cross_entropy_backward(
         x, w, b, target_array, class_weight, loss_options, plan, grad_output=upstream,
         want=(want_input, want_weight, want_bias and b is not None),
     )
-    return _empty_or(result.grad_input, x), _empty_or(result.grad_weight, x), _empty_or(result.grad_bias, x)
+    return empty_or(result.grad_input, x), empty_or(result.grad_weight, x), empty_or(result.grad_bias, x)
 
 
 @numba_linear_cross_entropy_backward.register_fake
@@ -219,7 +213,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.mark_non_differentiable(grad_x, grad_w, grad_b)
     ctx.options = tuple(options)
     ctx.want = (want_input, want_weight, want_bias)
-    (ctx.reduction,) = _REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
+    (ctx.reduction,) = REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
     # the operands (references: no copy) for "none", and for an operand whose gradient backward
     # needs though the graph was traced without it (an exported program, whose operands may
     # require grad when it runs and not when it was exported)
@@ -249,20 +243,14 @@ numba_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_con
 
 def runs_compiled(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
+    options: LossOptions,
 ) -> bool:
-    """Whether a call that torch.compile traces runs on these ops: 2-D float32/float64 CPU operands
-    of one dtype (from metadata), no gradient for the target or the class weight, no torch.func
-    transform (which the compiler traces as a question, where it cannot trace
-    ``_bridge.transforms_running``'s)."""
-    if transforms_active() or input.dtype not in _bridge.NUMBA_DTYPES or linear_weight.dim() != 2:
-        return False
-    for tensor in (input, linear_weight, linear_bias, target, weight):
-        if tensor is not None and (tensor.device.type != "cpu" or tensor.layout is not torch.strided):
-            return False
-    for tensor in (target if target.is_floating_point() else None, weight):
-        if tensor is not None and tensor.dtype not in _bridge.KERNEL_DTYPES:
-            return False
-    return not (torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)))
+    """Whether a call that torch.compile traces runs on these ops: ``_numba_ops.runs_compiled``'s
+    rule for every operand, with float32/float64 operands and a 2-D ``linear_weight``."""
+    return (
+        input.dtype in _bridge.NUMBA_DTYPES and linear_weight.dim() == 2
+        and runs_compiled_ops(input, target, weight, options, linear_weight, linear_bias)
+    )
 
 
 def linear_cross_entropy(

@@ -44,15 +44,19 @@ from ._chunks import chunk_rows
 from ._linear_triton import backward_chunks, detached, forward_chunks, rows_target
 from ._triton_path import FORMULA_NAMES, OpOptions
 
-__all__ = ["LINEAR_OP_OPTIONS", "fake_gradient", "fake_gradients", "linear_cross_entropy"]
+__all__ = [
+    "LINEAR_OP_OPTIONS", "OPERANDS", "REDUCTION", "WANT", "empty_or", "fake_gradient", "fake_gradients",
+    "linear_cross_entropy", "resolved",
+]
 
 LINEAR_OP_OPTIONS = OpOptions(("reduction", *FORMULA_NAMES, "chunk_size", "accumulate_in_float32"))
-_REDUCTION = OpOptions(("reduction",))
-_OPERANDS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight"
-_WANT = "bool want_input, bool want_weight, bool want_bias"
+# the linear cross-entropy ops' schema pieces (these Triton ops', and _linear_numba's on the CPU)
+REDUCTION = OpOptions(("reduction",))
+OPERANDS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight"
+WANT = "bool want_input, bool want_weight, bool want_bias"
 
 
-def _empty_or(gradient: Tensor | None, like: Tensor) -> Tensor:
+def empty_or(gradient: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty((0,)) if gradient is None else gradient
 
 
@@ -75,7 +79,7 @@ def fake_gradients(
     )
 
 
-def _resolved(options: LossOptions, x: Tensor, w: Tensor) -> LossOptions:
+def resolved(options: LossOptions, x: Tensor, w: Tensor) -> LossOptions:
     """``options`` with the chunk size for these operands (resolved inside the op, from the real
     shapes: resolved while tracing it would pin the number of rows, one recompilation each)."""
     return options.replace(
@@ -85,7 +89,7 @@ def _resolved(options: LossOptions, x: Tensor, w: Tensor) -> LossOptions:
 
 @torch.library.custom_op(
     "xentkit::triton_linear_cross_entropy", mutates_args=(),
-    schema=f"({_OPERANDS}, {_WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema=f"({OPERANDS}, {WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def triton_linear_cross_entropy(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
@@ -93,13 +97,13 @@ def triton_linear_cross_entropy(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, stats, grad_input, grad_weight, grad_bias)``; see the module docstring."""
     x, w, b = detached(input, linear_weight, linear_bias)
-    loss_options = _resolved(LINEAR_OP_OPTIONS.options(options), x, w)
+    loss_options = resolved(LINEAR_OP_OPTIONS.options(options), x, w)
     want = (want_input, want_weight, want_bias and b is not None)
     loss, _valid, stats, gradients = forward_chunks(x, w, b, target, weight, loss_options, want)
     grad_x, grad_w, grad_b = gradients
     return (
         loss.to(_bridge.at_least_float32(x.dtype)), stats,
-        _empty_or(grad_x, x), _empty_or(grad_w, x), _empty_or(grad_b, x),
+        empty_or(grad_x, x), empty_or(grad_w, x), empty_or(grad_b, x),
     )
 
 
@@ -108,7 +112,7 @@ def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    (reduction,) = _REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
+    (reduction,) = REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
     rows = input.shape[0]
     loss = input.new_empty((rows,) if reduction == "none" else (), dtype=_bridge.at_least_float32(input.dtype))
     stats = input.new_empty((3 if target.is_floating_point() else 2, rows), dtype=torch.float32)
@@ -120,7 +124,7 @@ def _(
 @torch.library.custom_op(
     "xentkit::triton_linear_cross_entropy_backward", mutates_args=(),
     schema=(
-        f"({_OPERANDS}, Tensor stats, Tensor grad_output, {_WANT}, {LINEAR_OP_OPTIONS.schema}) "
+        f"({OPERANDS}, Tensor stats, Tensor grad_output, {WANT}, {LINEAR_OP_OPTIONS.schema}) "
         "-> (Tensor, Tensor, Tensor)"
     ),
 )
@@ -132,9 +136,9 @@ def triton_linear_cross_entropy_backward(
     x, w, b = detached(input, linear_weight, linear_bias)
     want = (want_input, want_weight, want_bias and b is not None)
     grad_x, grad_w, grad_b = backward_chunks(
-        x, w, b, target, weight, stats, grad_output, _resolved(LINEAR_OP_OPTIONS.options(options), x, w), want
+        x, w, b, target, weight, stats, grad_output, resolved(LINEAR_OP_OPTIONS.options(options), x, w), want
     )
-    return _empty_or(grad_x, x), _empty_or(grad_w, x), _empty_or(grad_b, x)
+    return empty_or(grad_x, x), empty_or(grad_w, x), empty_or(grad_b, x)
 
 
 @triton_linear_cross_entropy_backward.register_fake
@@ -151,7 +155,7 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.mark_non_differentiable(stats, grad_x, grad_w, grad_b)
     ctx.options = tuple(options)
     ctx.want = (want_input, want_weight, want_bias)
-    (ctx.reduction,) = _REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
+    (ctx.reduction,) = REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
     if ctx.reduction == "none":
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats)
     else:

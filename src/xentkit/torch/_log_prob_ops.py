@@ -125,6 +125,13 @@ def _(
     return fake_gradients((want_input, want_weight, want_bias), input, linear_weight, linear_bias)
 
 
+def _coefficients(log_s: Tensor, entropy: Tensor, grads: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
+    """The rows' (a, b, k) from the upstream gradients of (log p, H, lse) (None: unused), as
+    traced torch ops; both ops' backward."""
+    g, h, k = (torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in grads)
+    return gradient_coefficients(log_s, entropy, g, h, k)
+
+
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     input, linear_weight, linear_bias, target, valid, *options = inputs
     _log_p, _entropy, _lse, m, e, log_s, entropy = output
@@ -138,10 +145,7 @@ def _backward(
     grad_lse: Tensor | None, *_unused: Tensor | None,
 ) -> tuple:
     input, linear_weight, linear_bias, target, valid, m, e, log_s, entropy = ctx.saved_tensors
-    g, h, k = (
-        torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in (grad_log_p, grad_entropy, grad_lse)
-    )
-    a, b, k = gradient_coefficients(log_s, entropy, g, h, k)
+    a, b, k = _coefficients(log_s, entropy, (grad_log_p, grad_entropy, grad_lse))
     want = tuple(bool(need) for need in ctx.needs_input_grad[:3])
     gradients = linear_log_probs_backward(
         input, linear_weight, linear_bias, target, valid, m, e, a, b, k, *ctx.options, *want
@@ -245,10 +249,7 @@ def _logits_backward(
     grad_lse: Tensor | None, *_unused: Tensor | None,
 ) -> tuple:
     logits, target, valid, m, e, log_s, entropy = ctx.saved_tensors
-    g, h, k = (
-        torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in (grad_log_p, grad_entropy, grad_lse)
-    )
-    a, b, k = gradient_coefficients(log_s, entropy, g, h, k)
+    a, b, k = _coefficients(log_s, entropy, (grad_log_p, grad_entropy, grad_lse))
     gradient = log_probs_backward(logits, target, valid, m, e, a, b, k, *ctx.options) if ctx.needs_input_grad[0] else None
     return gradient, None, None, None, None
 

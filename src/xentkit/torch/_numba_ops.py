@@ -50,18 +50,21 @@ from ..api.losses import _nll
 from . import _bridge
 from ._triton_path import FORWARD_OP_OPTIONS, OpOptions
 
-__all__ = ["compiled_beyond_small", "cross_entropy", "nll_loss", "runs_compiled"]
+__all__ = ["class_axis", "compiled_beyond_small", "cross_entropy", "nll_loss", "runs_compiled", "transforms_active"]
 
 
-def runs_compiled(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> bool:
+def runs_compiled(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, *others: Tensor | None
+) -> bool:
     """Whether a call that torch.compile traces runs on these ops: CPU tensors of the kernels'
     dtypes (from metadata: the values are not there to read), no gradient for the target or the
     weight, no torch.func transform (the custom ops have no rule for ``grad``; the compiler traces
     this question, where it cannot trace ``_bridge.transforms_running``'s), not
-    ``backend="torch"``."""
+    ``backend="torch"``. ``others``: more operands that must be strided CPU tensors (the linear
+    form's weight and bias)."""
     if options.backend == "torch" or transforms_active():
         return False
-    for tensor in (input, target, weight):
+    for tensor in (input, target, weight, *others):
         if tensor is not None and (tensor.device.type != "cpu" or tensor.layout is not torch.strided):
             return False
     for tensor in (input, target if target.is_floating_point() else None, weight):
@@ -91,6 +94,15 @@ def class_axis(input: Tensor) -> int:
 _SCHEMA_OPTIONS = FORWARD_OP_OPTIONS.schema
 
 
+def _fake_loss(
+    input: Tensor, target: Tensor, loss_dtype: torch.dtype, reduction: str, **layout: Any
+) -> Tensor:
+    """The fake ops' loss: per sample for "none" (``_bridge.sample_layout``'s shape, which checks
+    it), else a scalar, in ``loss_dtype``."""
+    _, sample_shape, _ = _bridge.sample_layout(input, target, **layout)
+    return input.new_empty(sample_shape if reduction == "none" else (), dtype=loss_dtype)
+
+
 
 @torch.library.custom_op(
     "xentkit::cross_entropy", mutates_args=(),
@@ -117,9 +129,8 @@ def _(
     input: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, check_probabilities: bool,
     *options: Any,
 ) -> Tensor:
-    _, sample_shape, _ = _bridge.sample_layout(input, target)
     (reduction,) = OpOptions(("reduction",)).taken_from(FORWARD_OP_OPTIONS, options)
-    return input.new_empty(sample_shape if reduction == "none" else (), dtype=loss_dtype)
+    return _fake_loss(input, target, loss_dtype, reduction)
 
 
 @torch.library.custom_op(
@@ -196,9 +207,8 @@ def numba_nll_loss(
 
 @numba_nll_loss.register_fake
 def _(input: Tensor, target: Tensor, weight: Tensor | None, loss_dtype: torch.dtype, *options: Any) -> Tensor:
-    _, sample_shape, _ = _bridge.sample_layout(input, target, "log_probs", probabilities_allowed=False)
     (reduction,) = OpOptions(("reduction",)).taken_from(NLL_OP_OPTIONS, options)
-    return input.new_empty(sample_shape if reduction == "none" else (), dtype=loss_dtype)
+    return _fake_loss(input, target, loss_dtype, reduction, name="log_probs", probabilities_allowed=False)
 
 
 @torch.library.custom_op(

@@ -47,11 +47,6 @@ from . import _bridge, _numba_ops, _ops, _torch_ops, _triton_path
 __all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "nll_loss"]
 
 
-def _class_axis(input: Tensor) -> int:
-    """torch's class dimension: 1 for batched inputs (N, C, d1, ..., dk), 0 for one sample (C,)."""
-    return 1 if input.dim() >= 2 else 0
-
-
 def _upstream_for(grad_output: Tensor, reduction: str, class_axis: int, input_dim: int) -> Tensor:
     """The upstream gradient shaped to broadcast against the logits' gradient."""
     if reduction == "none" and input_dim >= 2:
@@ -84,7 +79,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     ) -> Tensor:
         _bridge.first_order_anchors(ctx, input)
         ctx.reduction = options.reduction
-        ctx.class_axis = _class_axis(input)
+        ctx.class_axis = _numba_ops.class_axis(input)
         ctx.input_dim = input.dim()
         want_grad = grad_enabled and ctx.needs_input_grad[0]
         logits = _bridge.as_numpy(input)
@@ -207,7 +202,7 @@ class _NllLossFunction(torch.autograd.Function):
         ctx.save_for_backward(input, target, weight)
         result_dtype = _bridge.loss_dtype(input, target)
         loss, _ = _nll(
-            _bridge.as_numpy(input), _bridge.as_numpy(target), _class_axis(input),
+            _bridge.as_numpy(input), _bridge.as_numpy(target), _numba_ops.class_axis(input),
             _bridge.optional_numpy(weight), options, want_grad=False,
             loss_dtype=_bridge.numpy_dtype(result_dtype),
         )
@@ -221,13 +216,13 @@ class _NllLossFunction(torch.autograd.Function):
         # the upstream gradient), times the batch out of place
         batched = _bridge.batched_backward(grad_output)
         _, gradient = _nll(
-            _bridge.as_numpy(input), _bridge.as_numpy(target), _class_axis(input),
+            _bridge.as_numpy(input), _bridge.as_numpy(target), _numba_ops.class_axis(input),
             _bridge.optional_numpy(weight), ctx.options, want_grad=True,
             grad_output=np.ones(tuple(grad_output.shape)) if batched else _bridge.as_numpy(grad_output),
         )
         gradient = _bridge.as_tensor(gradient, input.dtype)
         if batched:
-            upstream = _upstream_for(grad_output, ctx.options.reduction, _class_axis(input), input.dim())
+            upstream = _upstream_for(grad_output, ctx.options.reduction, _numba_ops.class_axis(input), input.dim())
             gradient = _bridge.batched_product(gradient, upstream)
         return gradient, None, None, None
 

@@ -295,7 +295,7 @@ def linear_cross_entropy(
     if (
         torch.compiler.is_compiling() and options.backend == "auto"
         and _compiled_beyond_small(input, linear_weight)
-        and _linear_numba.runs_compiled(input, linear_weight, linear_bias, target, weight)
+        and _linear_numba.runs_compiled(input, linear_weight, linear_bias, target, weight, options)
     ):  # custom ops the compiler keeps, around the eager path's chunks (labels checked)
         _check_targets(input, linear_weight, target, weight)
         if input.dim() == 1:
