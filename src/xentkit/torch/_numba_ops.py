@@ -155,21 +155,26 @@ def _(input: Tensor, target: Tensor, weight: Tensor | None, grad_output: Tensor,
     return input.new_empty(input.shape)
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
-    input, target, weight, _loss_dtype, _check, *options = inputs
-    ctx.save_for_backward(input, target, weight)
-    ctx.options = tuple(options)
+def _recomputed_in_backward(op: Any, backward_op: Any, plain: int, options: OpOptions) -> None:
+    """Register ``op``'s autograd formula: forward keeps (input, target, weight), the operands its
+    ``plain`` values (dtypes, flags) follow and then ``options``' values; backward calls
+    ``backward_op(input, target, weight, grad_loss, *options)``, as the eager Functions recompute
+    their gradient from the saved input."""
+
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+        input, target, weight, *rest = inputs
+        ctx.save_for_backward(input, target, weight)
+        ctx.options = tuple(rest[plain:])
+
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        input, target, weight = ctx.saved_tensors
+        gradient = backward_op(input, target, weight, grad_loss, *ctx.options) if ctx.needs_input_grad[0] else None
+        return gradient, *(None for _ in range(2 + plain + len(options.names)))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-    input, target, weight = ctx.saved_tensors
-    gradient = None
-    if ctx.needs_input_grad[0]:
-        gradient = numba_cross_entropy_backward(input, target, weight, grad_loss, *ctx.options)
-    return gradient, None, None, None, None, *(None for _ in FORWARD_OP_OPTIONS.names)
-
-
-numba_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+_recomputed_in_backward(numba_cross_entropy, numba_cross_entropy_backward, 2, FORWARD_OP_OPTIONS)
 
 
 def cross_entropy(
@@ -231,21 +236,7 @@ def _(input: Tensor, target: Tensor, weight: Tensor | None, grad_output: Tensor,
     return input.new_empty(input.shape)
 
 
-def _nll_setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
-    input, target, weight, _loss_dtype, *options = inputs
-    ctx.save_for_backward(input, target, weight)
-    ctx.options = tuple(options)
-
-
-def _nll_backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-    input, target, weight = ctx.saved_tensors
-    gradient = None
-    if ctx.needs_input_grad[0]:
-        gradient = numba_nll_loss_backward(input, target, weight, grad_loss, *ctx.options)
-    return gradient, None, None, None, *(None for _ in NLL_OP_OPTIONS.names)
-
-
-numba_nll_loss.register_autograd(_nll_backward, setup_context=_nll_setup_context)
+_recomputed_in_backward(numba_nll_loss, numba_nll_loss_backward, 1, NLL_OP_OPTIONS)
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
