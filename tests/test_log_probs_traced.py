@@ -218,14 +218,17 @@ def test_compiled_linear_log_probs_keep_the_chunks(dtype):
     torch.testing.assert_close(grads, eager_grads, rtol=tolerance, atol=tolerance)
 
 
-def test_compiled_linear_log_probs_make_a_bad_targets_log_probability_nan():
+def test_compiled_linear_log_probs_raise_on_a_bad_target_and_unchecked_make_it_nan():
     x, w, b, target = _linear_case()
     target[0] = 17
     with pytest.raises(ValueError, match="label 17 at position"):
         xt.linear_log_probs(x, w, target, linear_bias=b)
-    log_p = torch.compile(lambda *a: xt.linear_log_probs(a[0], a[1], a[3], linear_bias=a[2]), fullgraph=True)(
-        x, w, b, target
-    )
+    checked = torch.compile(lambda *a: xt.linear_log_probs(a[0], a[1], a[3], linear_bias=a[2]), fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"label outside \[0, C\) .*linear_weight has"):
+        checked(x, w, b, target)  # (on the CPU: an assertion in the compiled graph)
+    log_p = torch.compile(
+        lambda *a: xt.linear_log_probs(a[0], a[1], a[3], linear_bias=a[2], check_labels=False), fullgraph=True
+    )(x, w, b, target)
     assert log_p[0].isnan() and torch.isfinite(log_p[1:]).all()
 
 

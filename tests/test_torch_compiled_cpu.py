@@ -563,13 +563,82 @@ def test_compiled_log_probs_are_eagers(dtype, shape, backend):
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
 
 
-def test_a_compiled_log_probs_bad_target_is_nan_as_the_linear_forms():
-    """As ``linear_log_probs``' ops: nothing waits under torch.compile, so a target outside
-    [0, V) is not raised on; its log-probability is NaN, entropy and lse as they are."""
+def test_a_compiled_log_probs_bad_target_raises_and_unchecked_is_nan():
+    """On the CPU the compiled call asserts in its graph that no target is outside [0, V) (a
+    RuntimeError, as eager's ValueError); with ``check_labels=False`` nothing is checked and that
+    target's log-probability is NaN, entropy and lse as they are."""
     generator = torch.Generator().manual_seed(13)
     logits = torch.randn(6, 9, generator=generator)
     target = torch.randint(0, 9, (6,), generator=generator)
     target[2] = 40
-    log_p, entropy = torch.compile(lambda a, b: xt.log_probs(a, b, return_entropy=True), backend="aot_eager")(logits, target)
+    checked = torch.compile(lambda a, b: xt.log_probs(a, b, return_entropy=True), backend="aot_eager")
+    with pytest.raises(RuntimeError, match=_COMPILED_LABEL_ERROR):
+        checked(logits, target)
+    unchecked = torch.compile(
+        lambda a, b: xt.log_probs(a, b, return_entropy=True, check_labels=False), backend="aot_eager"
+    )
+    log_p, entropy = unchecked(logits, target)
     assert torch.isnan(log_p[2]) and torch.isfinite(log_p[torch.arange(6) != 2]).all()
     torch.testing.assert_close(entropy, xt.log_probs(logits, target.clamp(max=8), return_entropy=True)[1])
+    target[2] = 4
+    torch.testing.assert_close(checked(logits, target)[0], xt.log_probs(logits, target))
+
+
+_COMPILED_LABEL_ERROR = r"label outside \[0, C\) that is not ignore_index=-100.*torch.compile graph"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda x, y, **k: xt.cross_entropy(x, y, **k), id="cross_entropy"),
+        pytest.param(lambda x, y, **k: xt.cross_entropy(x.to(torch.bfloat16), y, **k), id="bfloat16"),
+        pytest.param(lambda x, y, **k: xt.cross_entropy(x, y, backend="torch", **k), id="backend-torch"),
+        pytest.param(
+            lambda x, y, **k: xt.cross_entropy(x, y, weight=torch.arange(1.0, 6.0), label_smoothing=0.1, **k),
+            id="weighted-smoothed",
+        ),
+        pytest.param(lambda x, y, **k: xt.nll_loss(torch.log_softmax(x, 1), y, **k), id="nll_loss"),
+        pytest.param(lambda x, y, **k: xt.CrossEntropyLoss(reduction="none", **k)(x, y), id="module-none"),
+    ],
+)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_small_problems_assert_their_labels_in_the_graph(monkeypatch, call, dynamic):
+    """Problems that keep the traced torch ops under torch.compile (small ones, bfloat16,
+    ``backend="torch"``) check their labels on the CPU with an assertion in the graph: a label
+    outside [0, C) raises (where it made its row's loss NaN), ``check_labels=False`` keeps the NaN,
+    and good labels give eager's loss."""
+    monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 1 << 16)
+    logits, target = _case((6, 5))
+    bad = target.clone()
+    bad[4] = 5
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    with pytest.raises(RuntimeError, match=_COMPILED_LABEL_ERROR):
+        compiled(logits, bad)
+    torch.testing.assert_close(compiled(logits, target), call(logits, target))
+    unchecked = torch.compile(lambda x, y: call(x, y, check_labels=False), backend="aot_eager", fullgraph=True)
+    loss = unchecked(logits, bad)
+    assert loss.isnan().any()
+    bad[4] = -100  # ignore_index is no bad label
+    torch.testing.assert_close(compiled(logits, bad), call(logits, bad))
+
+
+def test_an_inductor_compiled_small_step_raises_on_a_bad_label_and_an_exported_one_too(monkeypatch):
+    """The assertion survives inductor's generated code; an exported program runs the custom ops
+    at every size, which check as eager does."""
+    monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 1 << 16)
+    logits, target = _case((6, 5))
+    bad = target.clone()
+    bad[0] = -3
+    loss_of = torch.compile(lambda x, y: xt.cross_entropy(x, y))
+    with pytest.raises(RuntimeError, match=_COMPILED_LABEL_ERROR):
+        loss_of(logits, bad)
+    torch.testing.assert_close(loss_of(logits, target), xt.cross_entropy(logits, target))
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, y):
+            return xt.cross_entropy(x, y)
+
+    exported = torch.export.export(Loss(), (logits.detach(), target)).module()
+    with pytest.raises(ValueError, match=r"label -3 at position \(0,\)"):  # (the ops, at any size)
+        exported(logits.detach(), bad)
+    torch.testing.assert_close(exported(logits.detach(), target), xt.cross_entropy(logits.detach(), target))

@@ -240,6 +240,29 @@ def values_readable(tensor: Tensor) -> bool:
     )
 
 
+# whether a torch.func transform (vmap, grad, ...) runs: a question torch.compile traces
+transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def assert_no_bad_label(bad: Tensor, ignore_index: int, classes: str | None = None) -> None:
+    """Under torch.compile, on CPU tensors: an assertion in the graph that no entry of ``bad`` (the
+    labels outside ``[0, C)`` that are not ``ignore_index``) is set. The compiled call raises a
+    ``RuntimeError`` then, as eager raises its ``ValueError``, where it would otherwise give that
+    row a NaN loss: a CPU tensor is there to read without waiting for a device. It cannot name the
+    label (the message is written when the graph is traced). Not on a GPU, where the same assertion
+    is a device-side assert that ends the CUDA context (NaN there, documented), nor inside a
+    torch.func transform (the assertion has no batching rule)."""
+    if not torch.compiler.is_compiling() or bad.device.type != "cpu" or transforms_active():
+        return
+    holder = f" ({classes})" if classes else ""
+    torch._assert_async(
+        ~bad.any(),
+        f"target has a label outside [0, C) that is not ignore_index={ignore_index}{holder}; checked "
+        "inside a torch.compile graph, which cannot say which label or where: run the call eagerly to "
+        "see it, or pass check_labels=False to make that row's loss NaN instead",
+    )
+
+
 def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: str | None = None) -> Tensor:
     """``target.long()``, after refusing (where a look may wait for the tensor: eager, not meta,
     not a tensor a torch.func transform wraps) uint64 labels beyond int64, which the cast would wrap

@@ -6,7 +6,8 @@ Under ``torch.compile`` ``xentkit.torch.cross_entropy`` on CPU tensors of a kern
 autograd Function. (Smaller problems keep the torch ops the compiler traces, as small eager ones
 run torch's kernel: the two custom ops cost ~0.1 ms a call each in dispatch, and a compiled
 64 × 100 step took 0.42 ms through them against 0.13 ms for ``torch.compile`` of
-``F.cross_entropy``. Their labels are not checked, a bad one making its row NaN.) The compiler keeps the two ops
+``F.cross_entropy``. Their labels are checked by an assertion in the graph,
+``_bridge.assert_no_bad_label``: a RuntimeError that cannot name the label.) The compiler keeps the two ops
 as they are (one node each in the graph) and runs the eager path's code inside them, on the real
 tensors:
 
@@ -73,7 +74,7 @@ def runs_compiled(
     return not (torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)))
 
 
-transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+transforms_active = _bridge.transforms_active
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 

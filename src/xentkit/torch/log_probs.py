@@ -219,7 +219,10 @@ def _label_masks(
     if rows is not None and _bridge.values_readable(target) and (options.check_labels or rows is NumbaRows):
         return _check_labels(target, classes, options.ignore_index, classes=classes_text), None
     valid = target != options.ignore_index
-    return valid, valid & ((target < 0) | (target >= classes))
+    bad = valid & ((target < 0) | (target >= classes))
+    if options.check_labels:  # (compiled on the CPU: an assertion in the graph)
+        _bridge.assert_no_bad_label(bad, options.ignore_index, classes_text)
+    return valid, bad
 
 
 def _nan_where_bad(results: tuple[Tensor, Tensor, Tensor], bad: Tensor | None) -> tuple[Tensor, ...]:
@@ -314,8 +317,10 @@ def log_probs(
     on the Numba kernels are always checked (no wait). Under ``torch.compile`` (no graph break,
     ``fullgraph=True`` works) and torch.func transforms (``vmap``, per-sample ``grad``) the
     outputs are the same formulas in torch ops, differentiated by autograd (under torch.func
-    they have a second derivative; torch.compile's autograd refuses a double backward), and no
-    target is checked: a bad one gives NaN as with ``check_labels=False``.
+    they have a second derivative; torch.compile's autograd refuses a double backward). There a
+    CUDA target is not checked (a bad one gives NaN as with ``check_labels=False``), nor under
+    torch.func; a compiled call on CPU tensors asserts in its graph that no target is bad (a
+    ``RuntimeError``, which cannot name it) unless ``check_labels=False``.
 
     >>> import torch, xentkit.torch as xt
     >>> logits = torch.tensor([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], requires_grad=True)
@@ -524,8 +529,8 @@ def linear_log_probs(
     Triton kernels or a ValueError saying why not) or "torch". Double backward raises.
     ``check_labels`` as for :func:`log_probs`. Under ``torch.compile`` (``fullgraph=True``
     works) the chunks stay: two torch custom ops run the eager path's code on its row backend
-    (targets unchecked, a bad one's log-probability NaN; chunks of ignored rows are not skipped
-    in backward). Under torch.func transforms the whole ``[N, V]`` logits are formed
+    (on CUDA targets unchecked, a bad one's log-probability NaN; on the CPU an assertion in the
+    graph, as for :func:`log_probs`; chunks of ignored rows are not skipped in backward). Under torch.func transforms the whole ``[N, V]`` logits are formed
     (``F.linear``, then :func:`log_probs`' torch ops).
 
     >>> import torch, xentkit.torch as xt
