@@ -702,9 +702,15 @@ def _tile_exponentials(logits, first, rows, capped, cap, inv_cap):  # pragma: no
     maxima = np.empty(rows, logits.dtype)
     flat = logits[first : first + rows].reshape(size)
     for i in range(rows):
-        b = neg_inf  # the row's max (NaN ignored), from the flat tile: a view of each row would
-        for k in range(i * n_classes, (i + 1) * n_classes):  # cost its reference count
-            b = maxnum(b, flat[k])
+        # The row's max, NaN ignored (never > b), from the flat tile (a view of each row would cost
+        # its reference count). A select, not ``maxnum``: a row this short never reaches the
+        # vector loop, where maxnum's NaN handling costs three instructions an element (one
+        # thread, 655360 float32 logits, kernel alone, best of 41: 32 classes 2.05 -> 1.74 ms,
+        # 16 classes 2.21 -> 1.98, on an AVX-512 machine).
+        b = neg_inf
+        for k in range(i * n_classes, (i + 1) * n_classes):
+            v = flat[k]
+            b = v if v > b else b
         if capped:  # tanh is increasing: max_j z_j = cap·tanh(max_j x_j / cap)
             tb, _ = fast_tanh(b * inv_cap)
             b = cap * tb
