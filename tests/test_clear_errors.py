@@ -270,8 +270,8 @@ def test_reference_path_overflows_quietly_as_torch():
 
 
 def test_reference_blocks_whose_setup_interleaves_leave_the_process_wide_choice_alone():
-    """``with use_reference(...)`` runs ``__init__`` (which cannot tell a block from a plain call,
-    so it switches the process-wide choice) and then ``__enter__`` (which takes it back). Two
+    """An object made by a plain call and entered later runs ``__init__`` (a plain call switches
+    the process-wide choice) and then ``__enter__`` (which takes it back). Two
     blocks in two threads could interleave there: block A's ``__init__``, block B's, then both
     ``__enter__``s left the process-wide choice on A's value for good, every thread then running
     the NumPy reference. Forced here in one thread, in that order."""
@@ -302,6 +302,34 @@ def test_reference_blocks_whose_setup_interleaves_leave_the_process_wide_choice_
         assert xentkit.reference_enabled()
     finally:
         xentkit.use_reference(False)
+    assert not xentkit.reference_enabled()
+
+
+def test_a_with_block_never_switches_the_process_even_before_it_is_entered(monkeypatch):
+    """``with use_reference(True):`` switched the whole process in ``__init__`` and took it back
+    in ``__enter__``: a thread that never used a block ran the NumPy reference in between (a
+    review saw it in 10% of another thread's calls). ``__init__`` now sees that a ``with`` block
+    opens right after the call (the caller's next instruction) and leaves the process alone;
+    every state the process-wide choice takes is recorded here."""
+    from xentkit.api import _config
+
+    states = []
+    original = _config._apply
+
+    def recording():
+        original()
+        states.append(_config._state["reference"])
+
+    monkeypatch.setattr(_config, "_apply", recording)
+    with xentkit.use_reference(True):
+        assert xentkit.reference_enabled()
+    with xentkit.use_reference(True) as block, xentkit.use_reference(True):
+        assert block.__class__ is xentkit.use_reference and xentkit.reference_enabled()
+    assert True not in states and not xentkit.reference_enabled()
+    made = xentkit.use_reference(True)  # a plain call still switches the process (other threads too)
+    assert states[-1] is True
+    with made:  # entering it takes that back, as documented
+        assert xentkit.reference_enabled() and states[-1] is False
     assert not xentkit.reference_enabled()
 
 

@@ -502,6 +502,33 @@ def test_changes_after_the_patch_are_followed_or_refused() -> None:
     assert other(**{k: v for k, v in inputs.items() if k != "labels"}).logits is not None  # no leftover
 
 
+def test_a_model_whose_head_was_replaced_copies_and_loads_before_its_next_step() -> None:
+    """``resize_token_embeddings`` (untied) drops the hooked head; until the next step hooks the
+    new one, ``copy.deepcopy`` and ``torch.load`` of a saved model raised a TypeError (a weak
+    reference to the freed head, torch handles into its freed hook dicts): a review. The copies'
+    patches hook their own new head on their first step, and train as the unpatched model."""
+    import gc
+    import io
+
+    model = tiny_model("LlamaForCausalLM", tie_word_embeddings=False)
+    patched = patched_copy(model)
+    for m in (model, patched):
+        torch.manual_seed(5)
+        m.resize_token_embeddings(VOCABULARY + 8)
+    gc.collect()
+    copied = copy.deepcopy(patched)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    inputs = batch()
+    for other in (copied, loaded, patched):
+        assert is_patched(other) and other._xentkit_linear_cross_entropy_patch.head is None
+        assert other(**inputs).logits is None  # fused: the new head hooked
+        assert other._xentkit_linear_cross_entropy_patch.head is other.lm_head
+        assert_same_training(model, other, **inputs)
+
+
 def test_without_transformers_the_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'xentkit\[transformers\]'$"):

@@ -72,8 +72,16 @@ def check_index_layout(
 ) -> None:
     """The dtype and shape rules of class indices, from metadata alone (for tensors on any
     device): a non-integer dtype is a ``TypeError``, a shape other than ``sample_shape`` a
-    ``ValueError``; ``expected_shape`` words the expected shape (the probabilities' hint only with
+    ``ValueError`` (also for a floating target that has neither layout where probabilities are
+    taken); ``expected_shape`` words the expected shape (the probabilities' hint only with
     the default, a target that may hold them)."""
+    if not integer and expected_shape == _INDICES_OR_PROBABILITIES and tuple(shape) != tuple(sample_shape):
+        # neither layout: a floating target of another shape (class probabilities of another
+        # batch, say) is a shape error, as torch's ("Expected input batch_size (4) to match target
+        # batch_size (3)"), not one about the dtype of class indices
+        raise ValueError(
+            f"target must have shape {sample_shape} {expected_shape}, got shape {tuple(shape)} of dtype {dtype_name}"
+        )
     if not integer:  # (the hint on probabilities only where the caller takes them)
         hint = " (class probabilities must have the logits' shape)" if expected_shape == _INDICES_OR_PROBABILITIES else ""
         raise TypeError(f"target of class indices must have an integer dtype, got dtype {dtype_name}{hint}")

@@ -30,6 +30,10 @@ import dataclasses
 import math
 import numbers
 import operator
+import reprlib
+import sys
+import warnings
+from pathlib import Path
 from typing import Any, SupportsFloat, SupportsIndex, TypeAlias
 
 import numpy as np
@@ -57,6 +61,14 @@ def _is_torch_tensor(value: object) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape")
 
 
+# the repr of a received value, cut short as it is made (a 2000 × 1000 ragged list's whole repr
+# took 0.4 s, to keep its first 120 characters)
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 12
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 120
+_SHORT_REPR.maxlevel = 3
+
+
 def describe(value: object) -> str:
     """A short description of a received value for error messages."""
     if isinstance(value, np.ndarray):
@@ -64,7 +76,7 @@ def describe(value: object) -> str:
     if _is_torch_tensor(value):
         dtype = str(value.dtype).removeprefix("torch.")
         return f"a torch tensor of dtype {dtype} and shape {tuple(value.shape)}"  # (its repr: many lines)
-    return f"{type(value).__name__} {value!r}"[:120]
+    return f"{type(value).__name__} {_SHORT_REPR.repr(value)}"[:120]
 
 
 def as_array(value: object, name: str) -> np.ndarray:
@@ -145,7 +157,33 @@ def _finite(value: float) -> bool:
     return -math.inf < value < math.inf
 
 
+def callers_level() -> int:
+    """The ``stacklevel`` that points a warning raised by the caller of this function at the
+    first frame outside xentkit and torch: the user's call, whichever path led here (the api,
+    ``xentkit.torch``'s functions or modules, their autograd Functions, the options' dataclass
+    ``__init__``, which Python writes as ``<string>``)."""
+    internal = [str(Path(__file__).parent)]
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        internal.append(str(Path(torch.__file__).parent))
+    prefixes = tuple(internal)
+
+    def inside(code: Any) -> bool:
+        return code.co_filename.startswith(prefixes) or (code.co_filename == "<string>" and code.co_name == "__init__")
+
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and inside(frame.f_code):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_reduction(value: object) -> str:
+    if isinstance(value, str) and value == "elementwise_mean":  # torch's deprecated alias, which it still takes
+        warnings.warn(
+            "reduction='elementwise_mean' is deprecated, please use reduction='mean' instead", UserWarning,
+            stacklevel=callers_level(),
+        )
+        return "mean"
     if not isinstance(value, str) or value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {value!r}")
     return str(value)
@@ -378,6 +416,8 @@ def loss_options(*fields: Any) -> LossOptions:
     options = _BUILT.get(key)
     if options is None:
         options = LossOptions(*fields)  # raises on a bad value: nothing is kept
+        if "elementwise_mean" in fields:  # torch's deprecated name: not kept, so that every call warns
+            return options
         if len(_BUILT) >= _BUILT_MAX:
             _BUILT.clear()
         _BUILT[key] = options

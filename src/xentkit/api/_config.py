@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextvars
+import dis
+import functools
 import itertools
 import os
+import sys
 import threading
 import weakref
 from types import TracebackType
@@ -65,6 +68,26 @@ def _apply() -> None:
     _state["reference"] = next(reversed(_SWITCHES.values()))[1] if _SWITCHES else _INITIAL
 
 
+# the instruction that opens a ``with`` block, right after the call that makes its context manager
+_OPENS_A_BLOCK = frozenset({"BEFORE_WITH", "SETUP_WITH"})  # (Python 3.11-3.13; 3.10)
+
+
+@functools.lru_cache(maxsize=256)
+def _opens_a_block(code: object, offset: int) -> bool:
+    """Whether the instruction after ``offset`` in ``code`` (the call that made a ``use_reference``)
+    opens a ``with`` block: then ``__init__`` leaves the process-wide choice alone, where a switch
+    taken back by ``__enter__`` let other threads run the reference in between. Where this cannot
+    tell (another Python's bytecode, an expression between the call and the block), False: the
+    switch and its taking back, as before."""
+    try:
+        for instruction in dis.get_instructions(code):  # type: ignore[arg-type]
+            if instruction.offset > offset:
+                return instruction.opname in _OPENS_A_BLOCK
+    except (TypeError, ValueError):
+        return False
+    return False
+
+
 def reference_enabled() -> bool:
     """True when the api runs the NumPy reference instead of the compiled kernels (here: in this
     thread's ``with use_reference(...)`` block, else the process-wide choice)."""
@@ -91,16 +114,20 @@ class use_reference:
 
     def __init__(self, enabled: bool = True) -> None:
         self._enabled = check_flag(enabled, "enabled")
+        self._number: int | None = None
+        self._tokens: list[contextvars.Token] = []  # (one per block: an object may be entered in its own)
+        caller = sys._getframe(1)
+        if _opens_a_block(caller.f_code, caller.f_lasti):  # ``with use_reference(...):``
+            return  # nothing process-wide: no other thread sees this block's choice, even briefly
         with _LOCK:  # called plainly: the process-wide switch (taken back by __enter__ for a block)
             self._number = next(_NUMBERS)
             _SWITCHES[self._number] = (weakref.ref(self), self._enabled)
             _apply()
-        self._tokens: list[contextvars.Token] = []  # (one per block: an object may be entered in its own)
 
     def __enter__(self) -> use_reference:
         global _PRUNE_AT
         with _LOCK:  # a block's choice is its thread's alone: this object's switch taken back
-            if _SWITCHES.pop(self._number, None) is not None:
+            if self._number is not None and _SWITCHES.pop(self._number, None) is not None:
                 _PRUNE_AT = min(_PRUNE_AT, max(64, 2 * len(_SWITCHES)))  # (the log shrank)
                 _apply()
         self._tokens.append(_BLOCK.set(self._enabled))

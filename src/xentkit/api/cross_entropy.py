@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -12,7 +10,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import Integer, LossOptions, Real, as_array, check_flag, loss_options
+from .._options import Integer, LossOptions, Real, as_array, callers_level, check_flag, loss_options
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
@@ -70,23 +68,8 @@ def warn_if_probabilities(logits: np.ndarray, axis: int) -> None:
             "axis); did you apply softmax twice? Pass raw scores to cross_entropy, or silence "
             "this with check_probabilities=False.",
             ProbabilitiesAsLogitsWarning,
-            stacklevel=_callers_level(),
+            stacklevel=callers_level(),
         )
-
-
-def _callers_level() -> int:
-    """The ``stacklevel`` that points a warning raised by the caller of this function at the
-    first frame outside xentkit and torch: the user's call, whichever path led here (the api,
-    ``xentkit.torch``'s functions or modules, their autograd Functions)."""
-    internal = [str(Path(__file__).parents[1])]
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch, "__file__", None):
-        internal.append(str(Path(torch.__file__).parent))
-    prefixes = tuple(internal)
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(prefixes):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 _KERNEL: list = []  # the fused kernel's entry point, once imported
@@ -283,7 +266,9 @@ def cross_entropy(
 
     float16 is computed in float32 and returned as float16. A ``−inf`` logit is a masked class:
     probability 0 and no NaN while the target class is finite (with ``label_smoothing`` > 0 its
-    smoothing term is +inf, as in PyTorch); with probabilities, a masked class of no weighted
+    smoothing term is +inf, as in PyTorch, and NaN if its class weight is 0, 0·∞ as in PyTorch,
+    though the gradient stays finite: give such a target as probabilities, below, for the finite
+    loss); with probabilities, a masked class of no weighted
     target mass adds nothing (0·log 0 = 0, on every path of ``xentkit.torch`` too, where PyTorch
     gives NaN). With a ``softcap`` s a −inf logit is capped to −s first (s·tanh(−∞) = −s), so it
     is no longer masked (any large negative logit lands there too): to mask, cap the logits
@@ -377,7 +362,7 @@ def perplexity(
     >>> np.round(xentkit.perplexity(np.zeros((4, 10)), [1, 2, 3, 4]), 4)
     np.float64(10.0)
     """
-    if reduction != "mean":
+    if not (isinstance(reduction, str) and reduction == "mean"):
         raise TypeError(f"perplexity always averages (reduction='mean'); got reduction={reduction!r}")
     options = loss_options("mean", ignore_index, label_smoothing, z_loss, softcap)
     # the mean cross-entropy in float64, exponentiated, then rounded once to cross_entropy's dtype

@@ -425,7 +425,8 @@ def entropy_and_grad(p: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarr
     array([-0.3069, -0.3069])
     """
     work, dtype, axis = _distribution(p, "p", axis)
-    value, grad = reference.entropy_and_grad(work, axis=axis)
+    with np.errstate(over="ignore"):  # p·log p beyond the dtype (p not a distribution): −inf, no warning
+        value, grad = reference.entropy_and_grad(work, axis=axis)
     return rounded(value, dtype), rounded(grad, dtype)
 
 

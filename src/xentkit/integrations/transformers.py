@@ -98,6 +98,11 @@ class _Call:
     head_calls: int = 0
 
 
+def _gone() -> None:
+    """A weak reference's answer once its object is freed (``weakref.ref(None)`` cannot be made)."""
+    return None
+
+
 class _Patch:
     """The hooks of one patched model and the call they share."""
 
@@ -129,11 +134,15 @@ class _Patch:
         shared by the copy, and cannot be pickled)."""
         state = dict(vars(self))
         state["_model"], state["_head"] = self._model(), self._head()
-        return state
+        if state["_head"] is None:  # a head replaced and freed before the next step re-hooked the
+            state["head_handles"] = []  # new one: its handles point at freed hook dicts (torch
+        return state  # cannot copy them); the next step hooks the model's head (_follow_model)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
-        self._model, self._head = weakref.ref(state["_model"]), weakref.ref(state["_head"])
+        head = state["_head"]
+        self._model = weakref.ref(state["_model"])
+        self._head = _gone if head is None else weakref.ref(head)
 
     @property
     def model(self) -> nn.Module:

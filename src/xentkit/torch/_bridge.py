@@ -125,7 +125,15 @@ def sample_layout(
 def check_overwritable(input: Tensor) -> None:
     """Refuse ``inplace_backward=True`` where the gradient would be written over a leaf that
     requires grad (a parameter, or a view of one): its values are the model's, and torch refuses
-    in-place changes to such a leaf too."""
+    in-place changes to such a leaf too; and inside ``allow_mutation_on_saved_tensors()``, whose
+    version check is off while xentkit's write is not one of the ops it watches."""
+    if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
+        raise ValueError(
+            "inplace_backward=True cannot run inside torch.autograd.graph.allow_mutation_on_saved_tensors(): "
+            "that context keeps saved tensors safe from torch's own in-place ops only, and it turns off "
+            "the version check that makes another node's use of the overwritten logits an error, so "
+            "that node would silently compute from the gradient; pass inplace_backward=False there"
+        )
     base = input if input._base is None else input._base
     if base.is_leaf and base.requires_grad:
         raise ValueError(

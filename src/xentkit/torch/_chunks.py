@@ -74,6 +74,19 @@ def chunk_rows(
     return max(1, min(rows, max(chunk, budget.floor_bytes // row_bytes)))
 
 
+def detached(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The three operands, detached, as the chunks' matmuls take them: the input and bias
+    contiguous; the weight as it is when it or its transpose is (BLAS reads either: a tied
+    embedding or a head stored ``[D, V]`` is not copied, where ``.contiguous()`` copied the whole
+    weight every call), else a contiguous copy (other strides would be copied by every chunk's
+    matmul)."""
+    w = linear_weight.detach()
+    if not (w.is_contiguous() or (w.dim() == 2 and w.t().is_contiguous())):
+        w = w.contiguous()
+    bias = None if linear_bias is None else linear_bias.detach().contiguous()
+    return input.detach().contiguous(), w, bias
+
+
 def logit_chunks(
     x: Tensor, w: Tensor, b: Tensor | None, buffer: Tensor, chunk_rows: int,
     skip: Sequence[bool] | None = None,
@@ -156,12 +169,12 @@ def finish_gradients(grads: Gradients, w: Tensor, b: Tensor | None) -> Gradients
 def _add_product(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
     """``accumulator += a @ b`` in the accumulator's dtype, without rounding the product to the
     operands' (half) dtype first."""
-    if accumulator.dtype == a.dtype:
-        accumulator.addmm_(a, b)
+    if accumulator.dtype == a.dtype:  # (addmm with out=, not addmm_: torch's FlopCounterMode counts it)
+        torch.addmm(accumulator, a, b, out=accumulator)
     elif accumulator.device.type == "cuda" and mixed_addmm(accumulator.device, a.dtype):
         torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
     else:
-        accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+        torch.addmm(accumulator, a.to(accumulator.dtype), b.to(accumulator.dtype), out=accumulator)
 
 
 _MIXED_ADDMM: dict[tuple[torch.device, torch.dtype], bool] = {}

@@ -36,6 +36,7 @@ from ..reference.reductions import ReductionPlan
 from . import _bridge
 from ._chunks import (
     add_chunk_gradients,
+    detached,
     finish_gradients,
     gradient_buffers,
     logit_chunks,
@@ -129,12 +130,10 @@ def _operands(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
     options: tuple[Any, ...],
 ) -> tuple[Tensor, Tensor, Tensor | None, np.ndarray, np.ndarray | None, LossOptions]:
-    """The detached contiguous operands, the target and class weights as arrays, and the options
+    """The detached operands (``_chunks.detached``), the target and class weights as arrays, and the options
     with this call's chunk size (resolved inside the op, from the real shapes: resolved while
     tracing it would pin the number of rows, one recompilation each)."""
-    x = input.detach().contiguous()
-    w = linear_weight.detach().contiguous()
-    b = None if linear_bias is None else linear_bias.detach().contiguous()
+    x, w, b = detached(input, linear_weight, linear_bias)
     loss_options = resolved(LINEAR_OP_OPTIONS.options(options), x, w)
     return x, w, b, _bridge.as_numpy(target), _bridge.optional_numpy(weight), loss_options
 

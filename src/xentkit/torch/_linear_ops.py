@@ -40,8 +40,8 @@ from torch import Tensor
 
 from .._options import LossOptions
 from . import _bridge
-from ._chunks import chunk_rows
-from ._linear_triton import backward_chunks, detached, forward_chunks, rows_target
+from ._chunks import chunk_rows, detached
+from ._linear_triton import backward_chunks, forward_chunks, rows_target
 from ._triton_path import FORMULA_NAMES, OpOptions
 
 __all__ = [

@@ -42,6 +42,7 @@ from ._chunks import (
     Gradients,
     add_chunk_gradients,
     batched_chunk_gradients,
+    detached,
     finish_gradients,
     gradient_buffers,
     logit_chunks,
@@ -160,12 +161,6 @@ def _batched_backward_chunks(
     return batched_chunk_gradients(
         x, w, b, options.chunk_size, want, chunk_gradient, widen=options.accumulate_in_float32
     )
-
-
-def detached(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The three operands, detached and contiguous (what the chunks' matmuls take)."""
-    bias = None if linear_bias is None else linear_bias.detach().contiguous()
-    return input.detach().contiguous(), linear_weight.detach().contiguous(), bias
 
 
 class TritonLinearCrossEntropyFunction(torch.autograd.Function):

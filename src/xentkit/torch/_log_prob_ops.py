@@ -29,8 +29,8 @@ from torch import Tensor
 from .._options import LogProbOptions
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from . import _bridge
+from ._chunks import detached
 from ._linear_ops import fake_gradients
-from ._linear_triton import detached
 
 __all__ = ["linear_log_probs", "log_probs"]
 

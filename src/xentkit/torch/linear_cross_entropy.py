@@ -44,7 +44,7 @@ from . import (
     _triton_path,
     functional,
 )
-from ._chunks import batched_chunk_gradients, chunk_rows
+from ._chunks import batched_chunk_gradients, chunk_rows, detached
 from ._linear_checks import check_linear
 
 __all__ = ["linear_cross_entropy"]
@@ -65,9 +65,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         grad_enabled: bool,
     ) -> Tensor:
         _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
-        x = input.detach().contiguous()
-        w = linear_weight.detach().contiguous()
-        b = None if linear_bias is None else linear_bias.detach().contiguous()
+        x, w, b = detached(input, linear_weight, linear_bias)
         target_array = _bridge.as_numpy(target)
         class_weight = _bridge.optional_numpy(weight)
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
@@ -104,9 +102,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 return (*gradients, None, None, None, None)
             upstream = np.ascontiguousarray(_bridge.as_numpy(grad_output), dtype=np.float64)
             result = _linear_numba.chunked_pass(
-                input.detach().contiguous(),
-                linear_weight.detach().contiguous(),
-                None if linear_bias is None else linear_bias.detach().contiguous(),
+                *detached(input, linear_weight, linear_bias),
                 _bridge.as_numpy(target),
                 _bridge.optional_numpy(weight),
                 ctx.options,
@@ -142,7 +138,7 @@ def _batched_none_gradients(
         )
         return _bridge.batched_product(logits, upstream[start:stop])
 
-    x, w, b = (None if t is None else t.detach().contiguous() for t in (input, linear_weight, linear_bias))
+    x, w, b = detached(input, linear_weight, linear_bias)
     return batched_chunk_gradients(x, w, b, options.chunk_size, want, chunk_gradient)
 
 

@@ -42,6 +42,7 @@ from ._chunks import (
     add_chunk_gradients,
     batched_chunk_gradients,
     chunk_rows,
+    detached,
     finish_gradients,
     gradient_buffers,
     idle_chunks,
@@ -49,7 +50,6 @@ from ._chunks import (
     logit_chunks,
 )
 from ._linear_checks import check_linear
-from ._linear_triton import detached
 from ._log_prob_rows import NumbaRows, TorchRows, TritonRows, finish_rows
 
 __all__ = ["linear_log_probs", "log_probs"]
@@ -183,7 +183,8 @@ def _traced(options: LogProbOptions, *tensors: Tensor | None, compiled_ops: bool
 def _linear_label_masks(
     target: Tensor, classes: int, options: LogProbOptions, rows: type, classes_text: str
 ) -> tuple[Tensor, Tensor | None, tuple[bool, ...] | None]:
-    """:func:`_label_masks` of the eager ``linear_log_probs``, and which chunks of rows backward
+    """:func:`_label_masks` of the eager ``linear_log_probs`` (``target`` in the caller's shape,
+    the masks returned flat, one per input row), and which chunks of rows backward
     skips (none of their rows valid), with no wait of their own: on the CPU they are read at no
     cost; on a device they come back with the label check's one wait
     (``_labels.check_labels_reading``), and without that check (``check_labels=False``, which
@@ -192,13 +193,19 @@ def _linear_label_masks(
     if _reading_waits(target) and _bridge.values_readable(target):
         if options.check_labels:
             valid, flags = check_labels_reading(
-                target, classes, options.ignore_index, lambda valid: idle_flags(valid, chunk), classes=classes_text
+                target, classes, options.ignore_index, lambda valid: idle_flags(valid.reshape(-1), chunk),
+                classes=classes_text,
             )
-            return valid, None, tuple(flags)
+            return valid.reshape(-1), None, tuple(flags)
         valid, bad = _label_masks(target, classes, options, rows, classes_text)
-        return valid, bad, None
+        return valid.reshape(-1), _flat(bad), None
     valid, bad = _label_masks(target, classes, options, rows, classes_text)
-    return valid, bad, idle_chunks(valid, chunk)
+    valid = valid.reshape(-1)
+    return valid, _flat(bad), idle_chunks(valid, chunk)
+
+
+def _flat(mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else mask.reshape(-1)
 
 
 def _reading_waits(tensor: Tensor) -> bool:
@@ -571,7 +578,8 @@ def linear_log_probs(
     else:
         options = options.replace(chunk_size=chunk_for(x, classes, options.chunk_size))
         rows = _rows_backend(x, options, linear_weight, linear_bias, target, name="input")
-        valid, bad, idle = _linear_label_masks(flat_target, classes, options, rows, classes_text)
+        # (the targets in the caller's shape: a bad one is named at its position there)
+        valid, bad, idle = _linear_label_masks(target, classes, options, rows, classes_text)
         results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows, idle)
     return _finish_linear(results, bad, target, return_entropy, return_lse)
 
