@@ -101,7 +101,9 @@ class use_reference:
     Called plainly it switches for the rest of the process (every thread); used as a context
     manager it switches inside the ``with`` block, for the thread (or asyncio task) that runs the
     block, and the previous choice holds again afterwards; other threads keep theirs (as
-    ``numpy.errstate``). The environment variable ``XENTKIT_REFERENCE`` sets the initial choice:
+    ``numpy.errstate``), also while the block is being set up (``with use_reference(...):``
+    never touches the process-wide choice; an object made first and entered later switched it
+    when made, and entering takes that back). The environment variable ``XENTKIT_REFERENCE`` sets the initial choice:
     ``1``, ``true``, ``yes`` or ``on`` the reference; ``0``, ``false``, ``no``, ``off`` or unset
     the kernels; any other value makes ``import xentkit`` raise a ValueError naming it.
 

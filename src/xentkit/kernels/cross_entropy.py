@@ -117,8 +117,13 @@ MIN_SEGMENT = 65536
 # gradient. Measured on 2 AVX2 cores (float32, 655360 logits, fastest of 41 calls, row kernel →
 # tile kernel): 10 classes 3.35 → 2.51 ms, 16 2.18 → 1.86, 24 1.73 → 1.63, 28 1.69 → 1.57,
 # 32 1.20 → 1.33 (slower), 64 0.81 → 1.05. Probability targets have their own limit
-# (``probabilities.TILE_MAX_CLASSES``).
-TILE_MAX_CLASSES = 24
+# (``probabilities.TILE_MAX_CLASSES``). Since the tile's row maxima are taken by a select (not
+# maxnum) the tile kernel is ahead at 32 classes too: on an AVX-512 machine (whose 16-lane vector
+# loops are longer still), 655360 float32 logits, kernel alone, best of 41, row → tile: one
+# thread 2.29 → 1.74 ms, two threads 1.13 → 0.91 (40 and 48 classes ahead there too,
+# 64 behind: 1.19 → 1.69; on the AVX2 machine the select's ~15% would bring 32 to about level,
+# 48 still behind).
+TILE_MAX_CLASSES = 32
 TILE_ELEMENTS = 4096
 
 # Classes per pass-1 block: 1024 (4 KiB of float32) stays in L1 between the block's two loops,
