@@ -333,6 +333,26 @@ def test_a_with_block_never_switches_the_process_even_before_it_is_entered(monke
     assert not xentkit.reference_enabled()
 
 
+def test_a_plain_call_with_no_python_caller_still_switches_the_process():
+    """A thread's or atexit's target has no calling Python frame to look at: the call is a plain
+    one (it raised ValueError: call stack is not deep enough)."""
+    import _thread
+    import time
+
+    done = []
+    _thread.start_new_thread(lambda: done.append(None) or None, ())  # (the thread machinery warm)
+    _thread.start_new_thread(xentkit.use_reference, (True,))
+    try:
+        for _ in range(200):
+            if xentkit.reference_enabled():
+                break
+            time.sleep(0.01)
+        assert xentkit.reference_enabled()
+    finally:
+        xentkit.use_reference(False)
+    assert not xentkit.reference_enabled()
+
+
 def test_one_object_entered_in_its_own_block_restores_the_choice_after_both():
     """Each block keeps its own token (the inner one overwrote the outer's: the thread stayed on
     the block's choice after both, even against a later plain call)."""

@@ -698,7 +698,7 @@ def _serial_case(seed: int, rows: int, classes: int, dtype) -> tuple:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("classes", [1, 2, 10, 24])
+@pytest.mark.parametrize("classes", [1, 2, 10, 24, 25, 31, 32])
 def test_tile_kernel_agrees_with_the_row_kernel(dtype, classes, monkeypatch) -> None:
     """Rows of at most TILE_MAX_CLASSES classes take the tile kernel: its loss, log-sum-exp and
     gradient match the row kernel's (one block, the tile kernel turned off) for every option,

@@ -41,6 +41,34 @@ def test_inplace_backward_is_refused_inside_allow_mutation_on_saved_tensors():
     logits = layer(hidden)
     xt.cross_entropy(logits, labels, inplace_backward=True).backward()
     torch.testing.assert_close(layer.weight.grad, _weight_grad(layer, hidden, labels))
+    logits = layer(hidden)
+    saved = logits.sin()  # saves the logits, which the loss then overwrites: torch's version error
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (xt.cross_entropy(logits, labels, inplace_backward=True) + saved.sum()).backward()
+
+
+def test_allow_mutation_on_saved_tensors_in_another_thread_refuses_nothing_here():
+    """torch's flag for the context is process-wide, the context itself its thread's: a call in
+    another thread keeps in-place backward (and autograd's version check guards it there)."""
+    import threading
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def other():
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            inside.set()
+            leave.wait(20)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert inside.wait(20)
+        logits = torch.randn(6, 5, requires_grad=True) * 2
+        labels = torch.tensor([0, 1, 2, 3, 4, 0])
+        xt.cross_entropy(logits, labels, inplace_backward=True).backward()
+    finally:
+        leave.set()
+        thread.join(20)
 
 
 def _weight_grad(layer, hidden, labels):
@@ -50,12 +78,14 @@ def _weight_grad(layer, hidden, labels):
 
 
 @pytest.mark.parametrize("accumulate", [True, False])
-def test_linear_cross_entropy_shows_all_its_matmuls_to_the_flop_counter(accumulate):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_shows_all_its_matmuls_to_the_flop_counter(accumulate, dtype):
     """The chunks' weight gradient was added with ``addmm_``, which torch's FlopCounterMode does
-    not count: a third of the FLOPs went missing from MFU estimates."""
+    not count: a third of the FLOPs went missing from MFU estimates (bfloat16 with float32
+    accumulation takes the other branch: operands cast to the accumulator's dtype)."""
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(300, 40, generator=generator, requires_grad=True)
-    weight = torch.randn(50, 40, generator=generator, requires_grad=True)
+    x = torch.randn(300, 40, generator=generator).to(dtype).requires_grad_()
+    weight = torch.randn(50, 40, generator=generator).to(dtype).requires_grad_()
     target = torch.randint(0, 50, (300,), generator=generator)
 
     def flops(loss_of):
@@ -88,6 +118,22 @@ def test_elementwise_mean_is_torchs_deprecated_name_of_mean(call):
         got = call(x, y, "elementwise_mean")
     assert all(record.filename == __file__ for record in caught if "elementwise_mean" in str(record.message))
     torch.testing.assert_close(got, call(x, y, "mean"))
+
+
+def test_elementwise_mean_compiles_with_fullgraph():
+    """The warning's frame walk cannot be traced: under torch.compile the alias is taken silently
+    (the eager call warns), as a function and through a module built outside the graph."""
+    generator = torch.Generator().manual_seed(4)
+    x, y = torch.randn(8, 10, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+    expected = xt.cross_entropy(x, y)
+    compiled = torch.compile(
+        lambda a, b: xt.cross_entropy(a, b, reduction="elementwise_mean"), backend="aot_eager", fullgraph=True
+    )
+    torch.testing.assert_close(compiled(x, y), expected)
+    module = xt.CrossEntropyLoss(reduction="elementwise_mean")
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        module(x, y)
+    torch.testing.assert_close(torch.compile(module, backend="aot_eager", fullgraph=True)(x, y), expected)
 
 
 @pytest.mark.parametrize(

@@ -615,7 +615,9 @@ def test_compiled_small_problems_assert_their_labels_in_the_graph(monkeypatch, c
     with pytest.raises(RuntimeError, match=_COMPILED_LABEL_ERROR):
         compiled(logits, bad)
     torch.testing.assert_close(compiled(logits, target), call(logits, target))
-    unchecked = torch.compile(lambda x, y: call(x, y, check_labels=False), backend="aot_eager", fullgraph=True)
+    unchecked = torch.compile(
+        lambda x, y: call(x, y, check_labels=False), backend="aot_eager", fullgraph=True, dynamic=dynamic
+    )
     loss = unchecked(logits, bad)
     assert loss.isnan().any()
     bad[4] = -100  # ignore_index is no bad label

@@ -157,6 +157,12 @@ def _finite(value: float) -> bool:
     return -math.inf < value < math.inf
 
 
+def _compiling() -> bool:
+    """Whether torch.compile traces this call (False where torch was never imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def callers_level() -> int:
     """The ``stacklevel`` that points a warning raised by the caller of this function at the
     first frame outside xentkit and torch: the user's call, whichever path led here (the api,
@@ -179,6 +185,8 @@ def callers_level() -> int:
 
 def check_reduction(value: object) -> str:
     if isinstance(value, str) and value == "elementwise_mean":  # torch's deprecated alias, which it still takes
+        if _compiling():  # (torch.compile traces no warning: the eager call gives it)
+            return "mean"
         warnings.warn(
             "reduction='elementwise_mean' is deprecated, please use reduction='mean' instead", UserWarning,
             stacklevel=callers_level(),

@@ -118,8 +118,11 @@ class use_reference:
         self._enabled = check_flag(enabled, "enabled")
         self._number: int | None = None
         self._tokens: list[contextvars.Token] = []  # (one per block: an object may be entered in its own)
-        caller = sys._getframe(1)
-        if _opens_a_block(caller.f_code, caller.f_lasti):  # ``with use_reference(...):``
+        try:
+            caller = sys._getframe(1)
+        except ValueError:  # no Python caller (a thread's or atexit's target): a plain call
+            caller = None
+        if caller is not None and _opens_a_block(caller.f_code, caller.f_lasti):  # ``with use_reference(...):``
             return  # nothing process-wide: no other thread sees this block's choice, even briefly
         with _LOCK:  # called plainly: the process-wide switch (taken back by __enter__ for a block)
             self._number = next(_NUMBERS)

@@ -122,12 +122,27 @@ def sample_layout(
     return class_axis, sample_shape, probabilities
 
 
+def _allowing_mutation_on_saved_tensors() -> bool:
+    """Whether this thread runs inside ``torch.autograd.graph.allow_mutation_on_saved_tensors()``:
+    torch's flag for it is process-wide, the context's dispatch mode (what it does) is this
+    thread's (where torch has no such mode to look for, the flag alone)."""
+    graph = torch.autograd.graph
+    if not getattr(graph, "_allow_mutation_on_saved_tensors_enabled", False):
+        return False
+    mode = getattr(graph, "_CloneArgBeforeMutateMode", None)
+    if mode is None:  # pragma: no cover - another torch version's internals
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(each, mode) for each in _get_current_dispatch_mode_stack())
+
+
 def check_overwritable(input: Tensor) -> None:
     """Refuse ``inplace_backward=True`` where the gradient would be written over a leaf that
     requires grad (a parameter, or a view of one): its values are the model's, and torch refuses
     in-place changes to such a leaf too; and inside ``allow_mutation_on_saved_tensors()``, whose
     version check is off while xentkit's write is not one of the ops it watches."""
-    if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
+    if _allowing_mutation_on_saved_tensors():
         raise ValueError(
             "inplace_backward=True cannot run inside torch.autograd.graph.allow_mutation_on_saved_tensors(): "
             "that context keeps saved tensors safe from torch's own in-place ops only, and it turns off "

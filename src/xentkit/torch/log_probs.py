@@ -572,7 +572,7 @@ def linear_log_probs(
             for value in TorchRows.traced(logits, flat_target, valid, options.temperature)
         )
         return _finish_linear(results, bad, target, return_entropy, return_lse)
-    if torch.compiler.is_compiling():  # custom ops the compiler keeps: the chunks, no label check
+    if torch.compiler.is_compiling():  # custom ops the compiler keeps: the chunks (on the CPU an assertion checks the labels)
         valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
         results = _log_prob_ops.linear_log_probs(x, linear_weight, linear_bias, flat_target, valid, options)
     else:
