@@ -214,3 +214,19 @@ def test_a_transposed_linear_weight_is_not_copied_and_its_gradients_are_right():
         expected = torch.autograd.grad(call(plain), (x, plain))
         torch.testing.assert_close(got[0], expected[0])
         torch.testing.assert_close(got[1], expected[1].T)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (4, 400, 12, 12)])
+def test_nll_loss_of_channels_last_log_probabilities_works_at_every_size(shape):
+    """Small problems ran torch's NLL kernel, whose backward refuses a channels_last input ("grad_input
+    must be contiguous", torch's own bug) where larger ones, on xentkit's kernels, worked."""
+    generator = torch.Generator().manual_seed(5)
+    log_p = torch.randn(shape, generator=generator).log_softmax(1).contiguous(memory_format=torch.channels_last)
+    log_p.requires_grad_()
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=generator)
+    loss = xt.nll_loss(log_p, target)
+    loss.backward()
+    plain = log_p.detach().contiguous().requires_grad_()
+    F.nll_loss(plain, target).backward()
+    torch.testing.assert_close(loss, F.nll_loss(plain.detach(), target))
+    torch.testing.assert_close(log_p.grad, plain.grad)

@@ -677,7 +677,12 @@ _TORCH_NLL_LOSS = getattr(torch._C._nn, "nll_loss_nd", None) if _TORCH_CROSS_ENT
 
 def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """A small problem on torch's own NLL kernel, with xentkit's label error and "mean" of
-    nothing (0 with gradient 0) around it, as :func:`_small_cross_entropy`."""
+    nothing (0 with gradient 0) around it, as :func:`_small_cross_entropy`. A non-contiguous
+    ``(N, C, d1, ...)`` input (channels_last) is made contiguous first: torch's kernel takes it in
+    forward and refuses it in backward ("grad_input must be contiguous"), where larger problems,
+    on xentkit's kernels, work."""
+    if input.dim() > 2 and not input.is_contiguous():
+        input = input.contiguous()
     try:
         if _TORCH_NLL_LOSS is not None and not _MODE_ENABLED():
             loss = _TORCH_NLL_LOSS(input, target, weight, _REDUCTION_ENUM[options.reduction], options.ignore_index)
