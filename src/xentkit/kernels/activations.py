@@ -46,6 +46,7 @@ from xentkit.kernels.cross_entropy import (
     SERIAL_MAX_ELEMENTS,
     _block_max,
     _pass1,
+    _short_max,
     log_of_excess,
 )
 
@@ -115,7 +116,7 @@ def _softmax_kernel(x, out, no_weight, block):  # pragma: no cover - compiled
     n_rows, n_classes = x.shape
     for i in prange(n_rows):
         row = x[i]
-        m = _block_max(row, 0, n_classes)
+        m = _short_max(row, 0, n_classes) if n_classes < 32 else _block_max(row, 0, n_classes)
         s = 0.0
         for block_start in range(0, n_classes, block):
             s += _block_exps(row, out[i], block_start, min(block_start + block, n_classes), m)

@@ -56,6 +56,7 @@ from xentkit.kernels.cross_entropy import (
     SERIAL_MAX_ELEMENTS,
     _block_max,
     _same_buffer,
+    _short_max,
     _zero_row,
 )
 from xentkit.reference.log_probs import EXPONENT_FLOOR
@@ -176,7 +177,7 @@ def _statistics_kernel(
         u = 0.0
         for block_start in range(0, n_classes, block):
             block_stop = min(block_start + block, n_classes)
-            b = _block_max(row, block_start, block_stop)
+            b = _short_max(row, block_start, block_stop) if n_classes < 32 else _block_max(row, block_start, block_stop)
             if b > m:
                 s = ties + rest
                 if s > 0.0:  # restate (s, u) at the new max; s = 0 while everything was −inf
