@@ -85,3 +85,38 @@ def test_empty_inputs():
     assert xentkit.softmax(np.zeros((0, 3))).shape == (0, 3)
     assert xentkit.logsumexp(np.zeros((0, 3))).shape == (0,)
     assert softmax_rows(np.zeros((0, 3)), LOGSUMEXP).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("classes", [1, 2, 10, 24, 32])
+@pytest.mark.parametrize("what", [LOG_SOFTMAX, LOGSUMEXP])
+def test_the_tile_kernels_agree_with_the_row_kernels(dtype, classes, what, monkeypatch):
+    """Rows of at most TILE_MAX_CLASSES classes take the tile kernels for log-softmax and
+    logsumexp: their values match the row kernels' (e summed in float64 there, in the dtype's
+    lanes in pass 1: within the dtype's rounding), their special values exactly (NaN, ±inf rows,
+    masked classes, a dominant logit), the threaded and one-thread builds bit for bit, and the
+    float64 reference within the tolerance above."""
+    from xentkit.kernels import activations
+
+    assert classes <= activations.TILE_MAX_CLASSES
+    rng = np.random.default_rng(classes)
+    x = (rng.standard_normal((2000, classes)) * 4).astype(dtype)  # several tiles, the last partial
+    x[3, :] = -inf
+    x[4, 0] = nan
+    x[5, -1] = inf
+    x[6, :] = nan
+    x[7, 0] = 80.0  # a dominant logit: a confident row
+    if classes > 2:
+        x[8, 1:] = -inf  # masked classes
+        x[9, :2] = inf
+    tile = softmax_rows(x, what)
+    assert np.array_equal(tile, softmax_rows(x, what, parallel=False), equal_nan=True)
+    monkeypatch.setattr(activations, "TILE_MAX_CLASSES", 0)
+    rows = softmax_rows(x, what)
+    assert np.array_equal(np.isnan(tile), np.isnan(rows))
+    special = ~np.isfinite(rows)
+    assert np.array_equal(tile[special & ~np.isnan(rows)], rows[special & ~np.isnan(rows)])
+    finite = np.isfinite(rows)
+    np.testing.assert_allclose(tile[finite], rows[finite], rtol=8 * np.finfo(dtype).eps, atol=8 * np.finfo(dtype).eps)
+    with np.errstate(all="ignore"):
+        _assert_close(tile, FUNCTIONS[what](x.astype(np.float64)), dtype)

@@ -61,8 +61,12 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
         "label scan int64",
         "softmax rows float32", "softmax serial float32", "log_softmax rows float32", "log_softmax serial float32",
         "logsumexp rows float32", "logsumexp serial float32",
+        "log_softmax tile rows float32", "log_softmax tile serial float32",
+        "logsumexp tile rows float32", "logsumexp tile serial float32",
         "softmax rows float64", "softmax serial float64", "log_softmax rows float64", "log_softmax serial float64",
         "logsumexp rows float64", "logsumexp serial float64",
+        "log_softmax tile rows float64", "log_softmax tile serial float64",
+        "logsumexp tile rows float64", "logsumexp tile serial float64",
     ]
     from xentkit.kernels import activations, binary, labels, probabilities, vocab_parallel
 
@@ -74,10 +78,12 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
                    vocab_parallel._stats_kernel, vocab_parallel._grad_kernel,
                    activations._softmax_kernel, activations._softmax_serial,
                    activations._log_softmax_kernel, activations._log_softmax_serial,
-                   activations._logsumexp_kernel, activations._logsumexp_serial):
+                   activations._logsumexp_kernel, activations._logsumexp_serial,
+                   activations._log_softmax_tile_kernel, activations._log_softmax_tile_serial,
+                   activations._logsumexp_tile_kernel, activations._logsumexp_tile_serial):
         assert {str(signature[0].dtype) for signature in kernel.signatures} >= {"float32", "float64"}
     assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 47 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 55 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed

@@ -57,7 +57,7 @@ _CHILD = textwrap.dedent(
     p /= p.sum(axis=1, keepdims=True)
     found["cross_entropy probabilities float64 3000x40"] = digest(*xentkit.cross_entropy_and_grad(x, p, reduction="none"))
     for dtype in (np.float32, np.float64):
-        for rows, classes in ((3000, 40), (8, 700), (200, 3000)):  # tile, one thread, row kernels
+        for rows, classes in ((3000, 20), (3000, 40), (8, 700), (200, 3000)):  # tiles, one thread, rows
             x = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
             y = rng.integers(0, classes, rows)
             p = rng.random((rows, classes)).astype(dtype)
@@ -92,7 +92,7 @@ def test_compiling_process_and_cache_loading_process_give_the_same_bits(tmp_path
     compiled = _run_child(cache_dir)  # compiles the kernels and writes them to the empty cache
     assert any(files for _, _, files in os.walk(cache_dir)), "the first process cached nothing"
     loaded = _run_child(cache_dir)  # loads them from there
-    assert len(compiled) == 41 and loaded == compiled, sorted(key for key in compiled if loaded.get(key) != compiled[key])
+    assert len(compiled) == 53 and loaded == compiled, sorted(key for key in compiled if loaded.get(key) != compiled[key])
 
 
 _MODULES = (_exp, activations, binary, cross_entropy, labels, log_probs, probabilities, vocab_parallel)

@@ -13,6 +13,12 @@ C classes x):
                                                      in cache for rows up to the L2; a confident
                                                      row's top entry, −log1p(e) ≈ −e, keeps its
                                                      relative accuracy)
+    rows of at most ``TILE_MAX_CLASSES`` classes (log-softmax and logsumexp): the cross-entropy
+    tile kernels' first step (``cross_entropy._tile_exponentials``: each row's max, then the
+    exponentials of ~4096 logits of whole rows in one flat loop), e from the tile (``_tile_sum``,
+    float64, the max's terms apart), log1p(e) of the tile's rows in vector lanes
+    (``_exp.fast_log1p``); the same formulas as above, e summed in float64 where pass 1 sums a
+    block in the dtype's lanes
     softmax, each exponential once:
         m = max_j x_j (one read; NaN skipped)
         out_j = exp(x_j − m), s = Σ_j out_j    (one read, one write; each block summed in the
@@ -36,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from xentkit.kernels._exp import fast_exp_nonpositive, like
+from xentkit.kernels._exp import fast_exp_nonpositive, fast_log1p, like
 from xentkit.kernels._jit import helper_options
 from xentkit.kernels._threading import running_on, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
@@ -47,6 +53,9 @@ from xentkit.kernels.cross_entropy import (
     _block_max,
     _pass1,
     _short_max,
+    _tile_exponentials,
+    _tile_sum,
+    _tiles,
     log_of_excess,
 )
 
@@ -58,6 +67,13 @@ SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
 # x − (m + log s), which rounds m + log s to the logits' ulp (5e-4 at 1e4 in float32) where
 # x − m is exact. They have no reduction to vectorize, so they lose nothing.
 _WRITE_JIT = helper_options(False)
+# Rows of at most this many classes (and no longer than ``block``) take the tile kernels for
+# log-softmax and logsumexp: such a row is shorter than the row kernel's vector loop. One thread,
+# 655360 float32 logits, best of 41, an AVX-512 machine, row kernel → tile kernel: log-softmax
+# 10 / 16 / 24 / 32 classes 3.05 → 1.57, 1.93 → 1.34, 1.50 → 1.30, 1.38 → 1.26 ms; logsumexp
+# 3.06 → 1.42, 1.95 → 1.27, 1.56 → 1.25, 1.27 → 1.21. Softmax keeps its row kernel (a tile was
+# slower: 1.34 → 1.56 at 10 classes, 0.81 → 1.36 at 16).
+TILE_MAX_CLASSES = 32
 _NO_WEIGHT = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
 
 
@@ -150,14 +166,80 @@ def _logsumexp_kernel(x, lse_rows, no_weight, block):  # pragma: no cover - comp
             lse_rows[i] = np.float64(m) + _log_of_sum(excess)
 
 
+@njit(forceinline=True, **_KERNEL_JIT)
+def _tile_log_sums(x, first, rows):  # pragma: no cover - compiled
+    """``(maxima, log_s)`` of ``rows`` rows from row ``first``: each row's max (the logits'
+    dtype) and log s = log1p(e) in float64 (−inf for a row of −inf, NaN for a NaN or a +inf max),
+    from the tile's exponentials."""
+    n_classes = x.shape[1]
+    one = like(1.0, x)
+    maxima, e, _ = _tile_exponentials(x, first, rows, False, one, one)
+    log_s = np.empty(rows)
+    for i in range(rows):
+        log_s[i] = _tile_sum(e, i * n_classes, (i + 1) * n_classes)
+    for i in range(rows):  # (vector lanes)
+        log_s[i] = fast_log1p(log_s[i])
+    return maxima, log_s
+
+
+@njit(**_WRITE_JIT)
+def _write_log_softmax_row(x, out, r, shift, log_s):  # pragma: no cover - compiled
+    """out[r] = (x[r] − shift) − log s, indexing the 2-D arrays (no view of the row)."""
+    for j in range(x.shape[1]):
+        out[r, j] = (x[r, j] - shift) - log_s
+
+
+@njit(parallel=True, **_KERNEL_JIT)
+def _log_softmax_tile_kernel(x, out, no_weight, block):  # pragma: no cover - compiled
+    """``_log_softmax_kernel``'s contract for rows of at most ``TILE_MAX_CLASSES`` classes,
+    ``prange`` over tiles of whole rows (``block`` unused)."""
+    n_rows, n_classes = x.shape
+    neg_inf = like(-np.inf, x)
+    zero = like(0.0, x)
+    tile_rows, n_tiles = _tiles(n_rows, n_classes)
+    for tile in prange(n_tiles):
+        first = tile * tile_rows
+        rows = min(tile_rows, n_rows - first)
+        maxima, log_s = _tile_log_sums(x, first, rows)
+        for i in range(rows):
+            m = maxima[i]  # (an all −inf row: shift 0, −inf − log 0 = NaN, as the row kernel)
+            _write_log_softmax_row(x, out, first + i, m if m > neg_inf else zero, like(log_s[i], x))
+
+
+@njit(parallel=True, **_KERNEL_JIT)
+def _logsumexp_tile_kernel(x, lse_rows, no_weight, block):  # pragma: no cover - compiled
+    """``_logsumexp_kernel``'s contract for rows of at most ``TILE_MAX_CLASSES`` classes."""
+    n_rows, n_classes = x.shape
+    pos_inf = like(np.inf, x)
+    tile_rows, n_tiles = _tiles(n_rows, n_classes)
+    for tile in prange(n_tiles):
+        first = tile * tile_rows
+        rows = min(tile_rows, n_rows - first)
+        maxima, log_s = _tile_log_sums(x, first, rows)
+        for i in range(rows):
+            r = first + i
+            if maxima[i] == pos_inf:  # the sum is +inf, or NaN beside a NaN
+                lse_rows[r] = np.nan if _has_nan(x[r]) else np.inf
+            else:  # (an all −inf row: −inf + log 0 = −inf; a NaN: NaN)
+                lse_rows[r] = np.float64(maxima[i]) + log_s[i]
+
+
 _softmax_serial = serial_build(_softmax_kernel, "_softmax_serial", **_KERNEL_JIT)
 _log_softmax_serial = serial_build(_log_softmax_kernel, "_log_softmax_serial", **_KERNEL_JIT)
 _logsumexp_serial = serial_build(_logsumexp_kernel, "_logsumexp_serial", **_KERNEL_JIT)
+_log_softmax_tile_serial = serial_build(_log_softmax_tile_kernel, "_log_softmax_tile_serial", **_KERNEL_JIT)
+_logsumexp_tile_serial = serial_build(_logsumexp_tile_kernel, "_logsumexp_tile_serial", **_KERNEL_JIT)
 # what → (threaded kernel, serial build)
 _KERNELS = {
     SOFTMAX: (_softmax_kernel, _softmax_serial),
     LOG_SOFTMAX: (_log_softmax_kernel, _log_softmax_serial),
     LOGSUMEXP: (_logsumexp_kernel, _logsumexp_serial),
+}
+# the same for rows of at most TILE_MAX_CLASSES classes
+_TILE_KERNELS = {
+    SOFTMAX: _KERNELS[SOFTMAX],
+    LOG_SOFTMAX: (_log_softmax_tile_kernel, _log_softmax_tile_serial),
+    LOGSUMEXP: (_logsumexp_tile_kernel, _logsumexp_tile_serial),
 }
 
 
@@ -173,7 +255,7 @@ def softmax_rows(
     if n_rows == 0 or n_classes == 0:
         return out
     arguments = (x, out, _NO_WEIGHT[x.dtype], block)
-    kernel, serial = _KERNELS[what]
+    kernel, serial = (_TILE_KERNELS if n_classes <= min(TILE_MAX_CLASSES, int(block)) else _KERNELS)[what]
     threads = threads_for(x.size, parallel, SERIAL_MAX_ELEMENTS)
     if threads == 1:
         serial(*arguments)
@@ -188,9 +270,12 @@ def compile_all() -> list[str]:
     (see ``xentkit.kernels.compile_all``)."""
     done = []
     for dtype in (np.float32, np.float64):
-        x = np.zeros((1, 4), dtype=dtype)
-        for what, label in ((SOFTMAX, "softmax"), (LOG_SOFTMAX, "log_softmax"), (LOGSUMEXP, "logsumexp")):
-            for parallel, name in ((True, "rows"), (False, "serial")):
-                softmax_rows(x, what, parallel=parallel)
-                done.append(f"{label} {name} {np.dtype(dtype).name}")
+        for classes, kind in ((TILE_MAX_CLASSES + 1, ""), (4, " tile")):
+            x = np.zeros((1, classes), dtype=dtype)
+            for what, label in ((SOFTMAX, "softmax"), (LOG_SOFTMAX, "log_softmax"), (LOGSUMEXP, "logsumexp")):
+                if kind and what == SOFTMAX:
+                    continue  # (softmax has no tile kernel)
+                for parallel, name in ((True, "rows"), (False, "serial")):
+                    softmax_rows(x, what, parallel=parallel)
+                    done.append(f"{label}{kind} {name} {np.dtype(dtype).name}")
     return done
