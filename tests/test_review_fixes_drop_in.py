@@ -3,6 +3,7 @@ torch or from its own documentation: each test fails on the commit before its fi
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -230,3 +231,48 @@ def test_nll_loss_of_channels_last_log_probabilities_works_at_every_size(shape):
     F.nll_loss(plain, target).backward()
     torch.testing.assert_close(loss, F.nll_loss(plain.detach(), target))
     torch.testing.assert_close(log_p.grad, plain.grad)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float32])
+def test_bfloat16_binary_cross_entropy_is_computed_in_float32_and_rounded_once(target_dtype):
+    """The torch-ops path called torch's bfloat16 kernel, which computes in bfloat16: losses up to
+    200% off (x = −8.25, t = 0.0025), a float32 loss of bfloat16 logits 56% off (a review)."""
+    generator = torch.Generator().manual_seed(6)
+    x = (4 * torch.randn(4000, generator=generator)).to(torch.bfloat16).requires_grad_()
+    t = torch.rand(4000, generator=generator).to(target_dtype)
+    weight = torch.rand(4000, generator=generator).to(torch.bfloat16)
+    pos_weight = (2 * torch.rand(4000, generator=generator)).to(torch.bfloat16)
+    for kwargs in ({}, {"weight": weight, "pos_weight": pos_weight}):
+        loss = xt.binary_cross_entropy_with_logits(x, t, reduction="none", **kwargs)
+        exact = F.binary_cross_entropy_with_logits(
+            x.detach().double(), t.double(), reduction="none", **{k: v.double() for k, v in kwargs.items()}
+        )
+        assert loss.dtype == target_dtype
+        # (a float32 loss carries torch's float32 kernel's rounding, ~1e-5 where its terms cancel)
+        torch.testing.assert_close(loss.double(), exact, rtol=2.0**-8 if target_dtype == torch.bfloat16 else 1e-4, atol=0)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        double_x = x.detach().double().requires_grad_()
+        F.binary_cross_entropy_with_logits(
+            double_x, t.double(), reduction="none", **{k: v.double() for k, v in kwargs.items()}
+        ).sum().backward()
+        torch.testing.assert_close(grad.double(), double_x.grad, rtol=2.0**-8, atol=1e-30)
+    mean = xt.binary_cross_entropy_with_logits(x, t)
+    exact_mean = F.binary_cross_entropy_with_logits(x.detach().double(), t.double())
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=2.0**-8 if target_dtype == torch.bfloat16 else 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_vocabulary_parallel_torch_shards_keep_a_confident_rows_loss(dtype):
+    """The torch-ops shards summed the max's term inside s, so a confident row's loss came out 0
+    (one process) or 33% off (two), where the kernel shards keep it; special rows as before."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor(
+        [[0.0, -40, -40, -40], [1.0, 1.0, -3, 2], [-inf] * 4, [inf, 0, 1, 2], [nan, 0, 1, 2], [0, -inf, 1, 2]],
+        dtype=dtype,
+    )
+    target = torch.tensor([0, 1, 2, 0, 1, 3])
+    exact = 3 * math.exp(-40)  # log1p(3·e^-40)
+    kernels = xt.vocab_parallel_cross_entropy(logits, target, reduction="none")
+    shards = xt.vocab_parallel_cross_entropy(logits, target, reduction="none", backend="torch")
+    assert shards[0].item() == pytest.approx(exact, rel=1e-6 if dtype == torch.float32 else 1e-14)
+    torch.testing.assert_close(shards, kernels, equal_nan=True, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)

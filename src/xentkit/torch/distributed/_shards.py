@@ -137,22 +137,28 @@ class TorchShards:
         compute = _bridge.at_least_float32(logits.dtype)
         device = logits.device
         row_max = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
-        row_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        excess = torch.full((n,), -1.0, dtype=torch.float64, device=device)  # e = s − 1 (s = 0: −1)
         sum_z = torch.zeros(n, dtype=torch.float64, device=device)
         target = torch.zeros(n, dtype=torch.float64, device=device)
         if width == 0 or n == 0:
-            return row_max, row_sum - 1.0, target, sum_z
+            return row_max, excess, target, sum_z
         step = _chunk_step(width)
         for start in range(0, n, step):
             stop = min(start + step, n)
             z = logits[start:stop].to(compute)
-            # m_r = max_j z_j; shift t_r = m_r (0 when the shard row is all −inf); s_r = Σ exp(z − t_r),
-            # the max's term inside (e_r = s_r − 1 below: a confident row's e_r carries the
-            # float32 rounding of s_r, as the torch-ops log-probabilities')
+            # m_r = max_j z_j; shift t_r = m_r (0 when the shard row is all −inf); e_r = s_r − 1 with
+            # the max's terms (exactly 1 each) counted apart, as the kernels' shards: a confident
+            # row's e_r keeps its digits (s_r summed whole rounded 1 + 4e-18 to 1, its loss to 0: a
+            # review). exp − [z = m] is exactly 0 at the max, NaN where z = m = +inf (the row's
+            # NaN, as before); a row of −inf counts C ties less C ones: e = −1
             m = z.amax(dim=1)
             shift = torch.where(m > -math.inf, m, torch.zeros_like(m))
             row_max[start:stop] = m
-            row_sum[start:stop] = torch.exp(z - shift[:, None]).sum(dim=1, dtype=torch.float64)
+            exps = torch.exp(z - shift[:, None])
+            at_max = (z == m[:, None]).to(exps.dtype)
+            excess[start:stop] = (at_max.sum(dim=1, dtype=torch.float64) - 1.0) + (exps - at_max).sum(
+                dim=1, dtype=torch.float64
+            )
             if plan.smoothing:
                 z64 = z.to(torch.float64)
                 sum_z[start:stop] = z64.sum(dim=1) if plan.weight_local is None else z64 @ plan.weight_local
@@ -161,9 +167,9 @@ class TorchShards:
         target = torch.where(here, picked, target)
         ignored = rows.local_labels == -2
         row_max = row_max.masked_fill(ignored, -math.inf)
-        row_sum = row_sum.masked_fill(ignored, 0.0)
+        excess = excess.masked_fill(ignored, -1.0)
         sum_z = sum_z.masked_fill(ignored, 0.0)
-        return row_max, row_sum - 1.0, target, sum_z
+        return row_max, excess, target, sum_z
 
     @staticmethod
     def gradient(
