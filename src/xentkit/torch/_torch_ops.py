@@ -159,11 +159,8 @@ def binary_cross_entropy_with_logits(
     if reduction == "mean" and input.numel() == 0:
         reduction = "sum"  # 0, with its (empty) graph
     operands = (input, target, weight, pos_weight)
-    if not any(t is not None and t.dtype in _HALF for t in operands):
+    if all(t is None or _bridge.at_least_float32(t.dtype) == t.dtype for t in operands):
         return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
-    input, target, weight, pos_weight = (t if t is None or t.dtype not in _HALF else t.float() for t in operands)
+    input, target, weight, pos_weight = (None if t is None else t.to(_bridge.at_least_float32(t.dtype)) for t in operands)
     loss = F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)
     return loss.to(_bridge.autocast_dtype(operands[1].dtype, operands[0]))  # (under autocast float32, as torch)
-
-
-_HALF = (torch.float16, torch.bfloat16)
