@@ -43,6 +43,11 @@ def _api(logits, reference: bool, **options):
 
 
 def _torch(logits, reduction, label_smoothing, weight, grad_output):
+    if weight is not None:
+        # a deliberate difference: a masked class of weight 0 adds nothing, as a target or to the
+        # smoothing term (0·log 0 = 0; torch: NaN, tests/test_masked_class_smoothing.py). torch is
+        # given −1e300 there instead, which has the same probability 0 (in a row with a larger logit)
+        logits = np.where((weight == 0) & (logits == -INF) & (logits > -INF).any(axis=1, keepdims=True), -1e300, logits)
     leaf = torch.tensor(logits, requires_grad=True)
     loss = torch.nn.functional.cross_entropy(
         leaf, torch.from_numpy(LABELS), None if weight is None else torch.tensor(weight, dtype=leaf.dtype),

@@ -266,11 +266,10 @@ def cross_entropy(
 
     float16 is computed in float32 and returned as float16. A ``−inf`` logit is a masked class:
     probability 0 and no NaN while the target class is finite (with ``label_smoothing`` > 0 its
-    smoothing term is +inf, as in PyTorch, and NaN if its class weight is 0, 0·∞ as in PyTorch,
-    though the gradient stays finite: give such a target as probabilities, below, for the finite
-    loss); with probabilities, a masked class of no weighted
-    target mass adds nothing (0·log 0 = 0, on every path of ``xentkit.torch`` too, where PyTorch
-    gives NaN). With a ``softcap`` s a −inf logit is capped to −s first (s·tanh(−∞) = −s), so it
+    smoothing term is +inf, as in PyTorch). A masked class of class weight 0 adds nothing, as a
+    target or to the smoothing term: 0·log 0 = 0, where PyTorch gives NaN; with probabilities,
+    likewise, a masked class of no weighted target mass adds nothing. Both hold on every path of
+    ``xentkit.torch`` too. With a ``softcap`` s a −inf logit is capped to −s first (s·tanh(−∞) = −s), so it
     is no longer masked (any large negative logit lands there too): to mask, cap the logits
     yourself, set the masked ones to −inf, and pass ``softcap=None``. A warning (:class:`ProbabilitiesAsLogitsWarning`) is
     given when the logits look like probabilities; ``check_probabilities=False`` silences it.

@@ -12,7 +12,9 @@ For each row i (``prange`` over rows; a row of C classes, label y, logits x):
                                                                 float64 total)
             S_z += Σ_{j in block} w_j·(z_j − r)                  (only with label smoothing;
                                                                 r = the running max, S_z moved
-                                                                with it: −W_seen·(b − r))
+                                                                with it: −W_seen·(b − r); a
+                                                                class of w_j = 0 adds 0, even
+                                                                at z_j = −inf)
         lse = m + log(s)
 
     Loss (float64):
@@ -247,7 +249,8 @@ def _block_sum_exp_capped_top(row, start, stop, shift, cap, inv_cap):  # pragma:
 @njit(**_JIT)
 def _block_sum_z(row, start, stop, weight, has_weight, ref):  # pragma: no cover - compiled
     """``(Σ_j w_j·(row[j] − ref), Σ_j w_j)`` over [start, stop) in float64 (w_j = 1 without
-    weights: the second is the class count), in one loop."""
+    weights: the second is the class count), in one loop. A class of weight 0 adds 0, even
+    masked (row[j] = −inf: 0·log 0 = 0, as the reference's smoothing term)."""
     seg = row[start:stop]
     acc = 0.0
     if has_weight:
@@ -255,7 +258,7 @@ def _block_sum_z(row, start, stop, weight, has_weight, ref):  # pragma: no cover
         total = 0.0
         for j in range(seg.shape[0]):
             w = np.float64(wseg[j])
-            acc += w * (np.float64(seg[j]) - ref)
+            acc += 0.0 if w == 0.0 else w * (np.float64(seg[j]) - ref)
             total += w
         return acc, total
     for j in range(seg.shape[0]):
@@ -482,7 +485,10 @@ def _finish_row(  # pragma: no cover - compiled
     s = 1.0 + excess
     log_s = fast_log1p(excess) if vector else log_of_excess(excess)
     lse = m64 + log_s
-    loss = (1.0 - eps) * w_y * ((m64 - z_y) + log_s)
+    # a target of weight 0 adds nothing, even masked (z_y = −inf in a row of finite lse: log p_y =
+    # −inf, 0·log 0 = 0, as the reference)
+    masked = w_y == 0.0 and z_y == -math.inf and math.isfinite(lse)
+    loss = 0.0 if masked else (1.0 - eps) * w_y * ((m64 - z_y) + log_s)
     if eps > 0.0:
         loss += (eps / n_classes) * (weight_sum * ((m64 - ref) + log_s) - sum_z)
     # An absent option adds no term (not 0·g, which is NaN for g = ±inf, nor 0·W, NaN for an

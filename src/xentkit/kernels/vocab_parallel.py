@@ -71,13 +71,14 @@ def _block_sum_exp(row, start, stop, shift):  # pragma: no cover - compiled
 
 @njit(**_JIT)
 def _block_sum_z(row, start, stop, weight, has_weight):  # pragma: no cover - compiled
-    """Σ_j w_j·row[j] over [start, stop) in float64 (w_j = 1 without weights)."""
+    """Σ_j w_j·row[j] over [start, stop) in float64 (w_j = 1 without weights; a class of
+    weight 0 adds 0, even masked: row[j] = −inf)."""
     seg = row[start:stop]
     acc = 0.0
     if has_weight:
         wseg = weight[start:stop]
         for j in range(seg.shape[0]):
-            acc += wseg[j] * np.float64(seg[j])
+            acc += 0.0 if wseg[j] == 0.0 else wseg[j] * np.float64(seg[j])
     else:
         for j in range(seg.shape[0]):
             acc += np.float64(seg[j])

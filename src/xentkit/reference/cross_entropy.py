@@ -145,11 +145,11 @@ def cross_entropy_and_grad(
         safe = np.where(valid, target, 0)
         w_y = np.where(valid, weight[safe], 0)
         log_p_y = np.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
-        with np.errstate(invalid="ignore"):  # an ignored row's 0·(−inf), masked right here
-            per_sample = np.where(valid, -(1 - eps) * w_y * log_p_y, 0)
+        # a class of weight 0 adds nothing, even masked (−inf): 0·log 0 = 0, as the same loss of
+        # probability targets (torch: NaN), here and in the smoothing term
+        per_sample = np.where(valid, -(1 - eps) * _xlogy(w_y, log_p_y), 0)
         if eps > 0:  # only then, so that a masked class does not make 0·inf = NaN
-            with np.errstate(invalid="ignore"):  # weight 0 on a −inf class: NaN, as in PyTorch
-                smooth = -np.sum(weight * log_p, axis=-1)
+            smooth = -np.sum(_xlogy(weight, log_p), axis=-1)
             per_sample = per_sample + np.where(valid, eps / num_classes * smooth, 0)
         if plan is None:
             plan = ReductionPlan.of_labels(reduction, valid, w_y)

@@ -79,8 +79,38 @@ def _probability_cross_entropy(
     mass = target * (1 - label_smoothing) + label_smoothing / classes if label_smoothing else target
     if weight is not None:
         mass = mass * weight.reshape([classes if dim == class_dim else 1 for dim in range(input.dim())])
-    masked = (mass == 0) & (log_p == -math.inf)
-    return -(mass * torch.where(masked, 0.0, log_p)).sum(class_dim)  # (0, not 0·−inf, in every gradient)
+    return -_weighted_term(mass, log_p).sum(class_dim)
+
+
+def _weighted_term(weight: Tensor, log_p: Tensor) -> Tensor:
+    """w·log p with 0·log 0 = 0 where a class of weight 0 is masked (log p = −inf), in the value
+    and in every gradient (torch's product gives NaN); elsewhere the product, with its gradients
+    (a weight that requires grad gets log p, at 0 too). The select is on log p, inside the
+    product: outside it, the product's gradient would still be 0·(−inf)."""
+    return weight * torch.where((weight == 0) & (log_p == -math.inf), 0.0, log_p)
+
+
+def _weighted_cross_entropy(
+    input: Tensor, labels: Tensor, weight: Tensor, options: LossOptions, class_dim: int
+) -> Tensor:
+    """Per-sample cross-entropy of class indices (``_label_plan``'s: in range but for
+    ``ignore_index``) with class weights, as the kernels and the reference compute it:
+    (1 − ε)·w_y·(−log p_y) + (ε/C)·Σ_c w_c·(−log p_c), 0 on ignored rows, where a class of weight 0
+    adds nothing even masked (−inf: 0·log 0 = 0, as the same targets given as probabilities;
+    torch's ``cross_entropy`` gives NaN there, its gradient finite)."""
+    classes = input.shape[class_dim]
+    log_p = torch.log_softmax(input, class_dim)
+    valid = labels != options.ignore_index  # (a bad label's row too: its stand-in class counts)
+    safe = torch.where(valid, labels, 0).unsqueeze(class_dim)
+    picked = log_p.gather(class_dim, safe).squeeze(class_dim)
+    # (index_select, not weight[index] nor take: under torch.compile those read a 0-d index's value)
+    w_y = weight.index_select(0, safe.reshape(-1)).reshape(picked.shape)
+    main = -_weighted_term(w_y, picked)
+    if options.label_smoothing:
+        shape = [classes if dim == class_dim else 1 for dim in range(input.dim())]
+        smooth = -_weighted_term(weight.reshape(shape), log_p).sum(class_dim)
+        main = (1 - options.label_smoothing) * main + (options.label_smoothing / classes) * smooth
+    return torch.where(valid, main, 0.0)
 
 
 def cross_entropy(
@@ -112,7 +142,9 @@ def cross_entropy(
         target, bad, valid, plan = _label_plan(
             target, weight, options, input.dtype, input.shape[class_dim], classes
         )
-    if hard:
+    if hard and weight is not None:
+        main = _nan_where(_weighted_cross_entropy(input, target, weight, options, class_dim), bad)
+    elif hard:
         main = F.cross_entropy(
             input, target, weight, ignore_index=options.ignore_index, reduction="none",
             label_smoothing=options.label_smoothing,

@@ -382,9 +382,13 @@ def _small_cross_entropy(
     except IndexError:  # (a bad label, refused before any warning, as on the kernel path)
         _label_error_instead(target, input.shape[1], options.ignore_index)
         raise
-    if probabilities:  # a NaN maybe 0·log 0 at a −inf logit: xentkit's path decides
-        if bool(loss.isnan().any()) if options.reduction == "none" else math.isnan(loss.item()):
-            return _cross_entropy_beyond_small(input, target, weight, options, check_probabilities)
+    # a NaN maybe 0·log 0 at a −inf logit (a probability target of 0, or a class of weight 0):
+    # xentkit's path decides
+    if (probabilities or weight is not None) and (
+        bool(loss.isnan().any()) if options.reduction == "none" else math.isnan(loss.item())
+    ):
+        return _cross_entropy_beyond_small(input, target, weight, options, check_probabilities)
+    if probabilities:
         if check_probabilities:
             warn_if_probabilities(_bridge.as_numpy(input), 1)
         return loss

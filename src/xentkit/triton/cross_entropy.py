@@ -11,7 +11,8 @@ of a row's chunks: :mod:`._chunks`):
         per chunk c:  m_c = max_j z_j,  t_c = m_c (0 if the chunk has no finite value),
                       K_c = #{j: z_j = m_c},  r_c = Σ_{j: z_j < m_c} exp(z_j − t_c)
                       (the max's terms counted apart: ``_chunks.split_sum``),
-                      S_c = Σ_j w_j·(z_j − t_c),  W_c = Σ_j w_j        (label smoothing only)
+                      S_c = Σ_j w_j·(z_j − t_c),  W_c = Σ_j w_j        (label smoothing only;
+                      a class of w_j = 0 adds 0 to S_c, even at z_j = −inf)
                       F_c = #{j: z_j > −inf}  (smoothing, probabilities: whether a gap
                       lse − t_c of 0 is exact, see ``_mass_at_lse``)
 
@@ -195,10 +196,10 @@ def _partials_kernel(
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
         else:
             w = tl.where(inside, 1.0, 0.0)
-        # lanes past the row add 0 (z = −inf there); a zero weight on a −inf logit inside the row
-        # gives NaN, as the reference and torch do. The chunk's maximum adds 0, not w·0: NaN for
-        # an infinite weight, whose class torch gives w·(lse − z) = ±inf
-        tl.store(slot + 3 * plane, tl.sum(tl.where(inside & (z != shift), w * (z - shift), 0.0), 0))
+        # lanes past the row add 0 (z = −inf there), and so does a class of weight 0, even masked
+        # (−inf: 0·log 0 = 0, as the reference; torch gives NaN). The chunk's maximum adds 0, not
+        # w·0: NaN for an infinite weight, whose class torch gives w·(lse − z) = ±inf
+        tl.store(slot + 3 * plane, tl.sum(tl.where(inside & (z != shift) & (w != 0.0), w * (z - shift), 0.0), 0))
         tl.store(slot + 4 * plane, tl.sum(w, 0))
         tl.store(slot + 5 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
 
@@ -267,6 +268,8 @@ def _loss_kernel(
         else:
             w_y = 1.0
         loss = (1.0 - eps) * w_y * ((m - z_y) + log_d)
+        if HAS_WEIGHT:  # a target of weight 0 adds nothing, even masked (0·log 0 = 0, as the reference)
+            loss = tl.where((w_y == 0.0) & (z_y == float("-inf")) & (tl.abs(lse) < float("inf")), 0.0, loss)
         if HAS_SMOOTHING:
             s_z = tl.load(slots + 3 * plane, mask=mine, other=0.0)
             w_c = tl.load(slots + 4 * plane, mask=mine, other=0.0)

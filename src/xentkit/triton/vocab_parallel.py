@@ -98,7 +98,8 @@ def _partials_kernel(
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         else:
             w = tl.where(inside, 1.0, 0.0)
-        tl.store(slot + 3 * plane, tl.sum(w * tl.where(inside, z - t, 0.0), 0))
+        # a class of weight 0 adds 0, even masked (−inf: 0·log 0 = 0, as the reference)
+        tl.store(slot + 3 * plane, tl.sum(w * tl.where(inside & (w != 0.0), z - t, 0.0), 0))
         tl.store(slot + 4 * plane, tl.sum(w, 0))
 
 

@@ -4,6 +4,7 @@ rank); the formulas are those of the package docstring."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,9 @@ def _row_losses(stats: _RowStatistics, rows: _Rows, plan: _Plan) -> tuple[Tensor
     # lse − z_y as (M − z_y) + log S: M + log S would round log S = δ of a confident row to an
     # ulp of M (2e-12 at logits near 1e4)
     main = (1.0 - eps) * rows.target_weight * ((stats.shift - stats.target_logit) + log_total)
+    # a target of weight 0 adds nothing, even masked (0·log 0 = 0, as the reference)
+    masked = (rows.target_weight == 0) & (stats.target_logit == -math.inf) & lse.isfinite()
+    main = torch.where(masked, zero, main)
     if eps > 0.0:
         main = main + (eps / plan.agreement.vocab_size) * (plan.weight_sum * lse - stats.sum_z)
     return torch.where(rows.valid, main, zero), z_term(lse, rows.valid, plan.options.z_loss)

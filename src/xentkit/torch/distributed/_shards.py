@@ -161,7 +161,10 @@ class TorchShards:
             )
             if plan.smoothing:
                 z64 = z.to(torch.float64)
-                sum_z[start:stop] = z64.sum(dim=1) if plan.weight_local is None else z64 @ plan.weight_local
+                if plan.weight_local is None:
+                    sum_z[start:stop] = z64.sum(dim=1)
+                else:  # a class of weight 0 adds 0, even masked (−inf: 0·log 0 = 0, as the reference)
+                    sum_z[start:stop] = z64.masked_fill(plan.weight_local == 0, 0.0) @ plan.weight_local
         here = rows.local_labels >= 0
         picked = logits.gather(1, rows.local_labels.clamp(min=0)[:, None])[:, 0].to(torch.float64)
         target = torch.where(here, picked, target)
