@@ -802,8 +802,9 @@ def test_small_problems_run_torchs_own_kernel_with_the_kernels_values(monkeypatc
 
 
 def test_what_small_problems_keep_for_xentkits_own_path(monkeypatch):
-    """Larger problems, xentkit's extras, in place, int32 labels, a weight or probabilities of
-    another dtype or requiring grad, and an unbatched (C,) input are not torch's kernel's."""
+    """Larger problems, xentkit's extras, in place, int32 labels, and a weight or probabilities of
+    another dtype or requiring grad are not torch's kernel's; an unbatched (C,) input is (since
+    2026-12-06: its second derivative, as torch's)."""
     calls = _recording_torchs_kernel(monkeypatch)
     logits = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 5, (8,))
@@ -811,7 +812,9 @@ def test_what_small_problems_keep_for_xentkits_own_path(monkeypatch):
     weight = torch.rand(5, dtype=torch.float64) + 0.5
     xt.cross_entropy(logits, target, weight)
     xt.cross_entropy(logits, probabilities, weight)
-    assert len(calls) == 2
+    xt.cross_entropy(logits[0], target[0], weight)
+    xt.cross_entropy(logits[0], probabilities[0])
+    assert len(calls) == 4
     calls.clear()
     xt.cross_entropy(torch.randn(300, 300), torch.randint(0, 300, (300,)))  # 90000 logits
     xt.cross_entropy(logits, target, z_loss=1e-3)
@@ -822,7 +825,7 @@ def test_what_small_problems_keep_for_xentkits_own_path(monkeypatch):
     xt.cross_entropy(logits, probabilities, weight.clone().requires_grad_(), reduction="sum").backward()
     xt.cross_entropy(logits, probabilities.float())
     xt.cross_entropy(logits, probabilities.clone().requires_grad_())
-    xt.cross_entropy(logits[0], target[0])
+    xt.cross_entropy(logits[0], target[0].int())
     xt.cross_entropy(logits, target, backend="torch")
     assert calls == []
 
@@ -927,9 +930,9 @@ def test_small_problems_through_the_module_and_function_modes(monkeypatch):
 
 
 def test_small_nll_loss_runs_torchs_own_kernel_with_xentkits_semantics(monkeypatch):
-    """nll_loss on small batched problems (int64 labels, a weight of the input's dtype) runs
-    torch's own kernel: the api's values, its label error, 0 for a "mean" of nothing; other
-    calls keep the api."""
+    """nll_loss on small problems (int64 labels, a weight of the input's dtype; batched, or one
+    sample's [C] since 2026-12-06) runs torch's own kernel: the api's values, its label error, 0
+    for a "mean" of nothing; other calls keep the api."""
     calls = []
     torch_nll = functional._TORCH_NLL_LOSS
     assert torch_nll is not None
@@ -971,8 +974,9 @@ def test_small_nll_loss_runs_torchs_own_kernel_with_xentkits_semantics(monkeypat
     xt.nll_loss(log_probs.float().half(), torch.tensor([0, 1, 2, 0]))  # float16: the api
     xt.nll_loss(log_probs, torch.tensor([0, 1, 2, 0], dtype=torch.int32))
     xt.nll_loss(log_probs, torch.tensor([0, 1, 2, 0]), torch.ones(3))  # float32 weights
-    xt.nll_loss(log_probs[0], torch.tensor(1))
     assert calls == []
+    xt.nll_loss(log_probs[0], torch.tensor(1))
+    assert calls == [(3,)]
 
 
 def test_binary_cross_entropy_with_logits_keeps_log_sigmoid_accurate():

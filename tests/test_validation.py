@@ -30,7 +30,7 @@ LABELS = np.array([0, 2, 1, 0])
         (dict(softcap=0.0), ValueError, r"softcap must be None or a finite float > 0, got 0.0"),
         (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
         (dict(logits=np.array([[1, 2, 3]]), target=np.array([0])), TypeError, r"logits must be a floating-point array.*int64"),
-        (dict(logits="abc"), TypeError, r"logits must be a floating-point array"),
+        (dict(logits="abc"), TypeError, r"logits must be a numeric array, got str 'abc'"),
         (dict(logits=[[1.0, 2.0], [3.0]]), TypeError, r"logits must be a numeric array"),
         (dict(logits=np.float64(1.0), target=np.array(0)), ValueError, r"logits must have at least one dimension"),
         (dict(logits=np.zeros((4, 0)), target=np.zeros(4, dtype=int)), ValueError, r"at least one class"),

@@ -83,19 +83,22 @@ def as_array(value: object, name: str) -> np.ndarray:
     """``np.asarray(value)`` (no copy when it is one), or a ``TypeError`` naming the argument when
     NumPy cannot make one array of it (a ragged list, say) or when it holds masked entries, whose
     mask ``np.asarray`` would drop (their hidden values used as if they were data); a masked array
-    with nothing masked is its data."""
+    with nothing masked is its data. An array that holds no numbers (None, a string, a dict:
+    object, string, structured or date dtypes) is that ``TypeError`` too, naming what came."""
     if type(value) is np.ndarray:
+        if value.dtype.kind in _NOT_NUMBERS:
+            raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
         return value
     masked = _masked_parts(value)
     if masked:
         if not any(np.ma.is_masked(part) for part in masked):
-            return np.asarray(value.data if isinstance(value, np.ma.MaskedArray) else value)
+            return as_array(np.asarray(value.data if isinstance(value, np.ma.MaskedArray) else value), name)
         raise TypeError(
             f"{name} must be a plain array, got a NumPy masked array, whose mask would be ignored: pass "
             f"its .filled(...) values (a loss skips samples through ignore_index or a weight of 0)"
         )
     try:
-        return np.asarray(value)
+        array = np.asarray(value)
     except Exception as error:
         hint = f": {error}"
         if _is_torch_tensor(value):  # a tensor NumPy cannot take as it is
@@ -104,6 +107,13 @@ def as_array(value: object, name: str) -> np.ndarray:
                 "in bfloat16, use xentkit.torch, or pass tensor.detach().cpu().numpy())"
             )
         raise TypeError(f"{name} must be a numeric array, got {describe(value)}{hint}") from None
+    if array.dtype.kind in _NOT_NUMBERS:
+        raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
+    return array
+
+
+# NumPy's kinds of arrays that hold no numbers: objects, bytes, strings, structured, dates and times
+_NOT_NUMBERS = "OSUVMm"
 
 
 def _masked_parts(value: object) -> list[np.ma.MaskedArray]:

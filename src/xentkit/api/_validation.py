@@ -151,16 +151,19 @@ def upstream_gradient(grad_output: ArrayLike | None, reduction: str, sample_shap
 #   used adds nothing); its messages name that output.
 
 
-def output_gradient(value: ArrayLike | None, name: str, sample_shape: tuple[int, ...]) -> np.ndarray | float:
-    """The upstream gradient of a per-row output: 0.0 when None, else float64 broadcast to
-    ``sample_shape``."""
+def output_gradient(
+    value: ArrayLike | None, name: str, sample_shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray | float:
+    """The upstream gradient of a per-row output: 0.0 when None, else rounded to ``dtype`` (the
+    logits' compute dtype, as the reference takes it: 1e39 is inf in float32) and broadcast to
+    ``sample_shape`` in float64."""
     if value is None:
         return 0.0
     array = as_array(value, name)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
     try:
-        return np.broadcast_to(array.astype(np.float64, copy=False), sample_shape)
+        return np.broadcast_to(rounded(array, dtype).astype(np.float64, copy=False), sample_shape)
     except ValueError:
         raise ValueError(
             f"{name} must broadcast to the rows' shape {sample_shape} (the logits' shape without the "

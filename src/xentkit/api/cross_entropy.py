@@ -191,7 +191,8 @@ def _cross_entropy(
         if grad_output is None and reduction != "none":
             upstream = 1.0  # a plain float: its scales are floats too, cheap to spread over rows
         else:
-            upstream = upstream_gradient(grad_output, reduction, sample_shape, _FLOAT64)
+            # rounded to the compute dtype first, as the reference takes it (1e39 is inf in float32)
+            upstream = upstream_gradient(grad_output, reduction, sample_shape, work_dtype).astype(_FLOAT64)
     if out is not None:
         out = check_out(out, original.shape, original.dtype)
         if np.may_share_memory(out, original) and not (

@@ -178,7 +178,7 @@ def log_probs_backward(
     rows = _Rows(logits, target, axis, options)
     layout = rows.layout
     g, h, k = (
-        output_gradient(value, name, layout.sample_shape)
+        output_gradient(value, name, layout.sample_shape, rows.dtype)
         for value, name in ((grad_log_probs, "grad_log_probs"), (grad_entropy, "grad_entropy"), (grad_lse, "grad_lse"))
     )
     if reference_enabled():

@@ -158,13 +158,19 @@ def check_overwritable(input: Tensor) -> None:
         )
 
 
-def loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:
+def loss_dtype(input: Tensor, target: Tensor, weight: Tensor | None = None) -> torch.dtype:
     """The dtype torch returns a loss in: the logits', promoted with a floating target's (class
-    probabilities, binary targets: float32 logits and float64 probabilities give float64); under
-    autocast float32 instead of a half dtype (torch's autocast runs its losses in float32, which
-    xentkit's kernels do anyway: the half logits are read as they are, never copied). The
-    gradient keeps the logits' dtype."""
-    dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+    probabilities, binary targets: float32 logits and float64 probabilities give float64) and
+    then with the class weights' (probabilities only: torch refuses weights of another dtype with
+    class indices, which xentkit takes and keeps the logits' dtype); under autocast float32
+    instead of a half dtype (torch's autocast runs its losses in float32, which xentkit's kernels
+    do anyway: the half logits are read as they are, never copied). The gradient keeps the
+    logits' dtype."""
+    dtype = input.dtype
+    if target.is_floating_point():
+        dtype = torch.promote_types(dtype, target.dtype)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
     return autocast_dtype(dtype, input)
 
 

@@ -185,8 +185,8 @@ def cross_entropy(
     Function's loss, gradient, label check and warning, in two custom ops the compiler keeps."""
     _bridge.sample_layout(input, target)  # (the shapes' errors as eager's, raised while tracing)
     return numba_cross_entropy(
-        input, target.detach(), None if weight is None else weight.detach(), _bridge.loss_dtype(input, target),
-        check_probabilities, *FORWARD_OP_OPTIONS.values(options),
+        input, target.detach(), None if weight is None else weight.detach(),
+        _bridge.loss_dtype(input, target, weight), check_probabilities, *FORWARD_OP_OPTIONS.values(options),
     )
 
 

@@ -134,7 +134,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None, options:
     gradient and layouts as the eager Function (the same prologue and epilogue), without the label
     check (no wait for the device)."""
     rows_target, sample_shape, _probabilities = _triton_path.rows_inputs(input, target, weight, options)
-    loss_dtype = _bridge.loss_dtype(input, target)
+    loss_dtype = _bridge.loss_dtype(input, target, weight)
     loss, _stats, _factors = triton_cross_entropy(
         _triton_path.as_rows(input), rows_target, None if weight is None else weight.detach(), loss_dtype,
         *FORWARD_OP_OPTIONS.values(options),

@@ -121,7 +121,7 @@ def cross_entropy(
     The loss is computed in float32 or better and returned in ``result_dtype`` (default: torch's,
     ``_bridge.loss_dtype``). ``classes``: what holds the classes, for the label error (default:
     the logits)."""
-    result_dtype = result_dtype or _bridge.loss_dtype(input, target)
+    result_dtype = result_dtype or _bridge.loss_dtype(input, target, weight)
     hard = not torch.is_floating_point(target)
     class_dim, _, _ = _bridge.sample_layout(input, target)
     _bridge.check_class_weight(weight, input.shape[class_dim])

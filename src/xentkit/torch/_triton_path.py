@@ -329,7 +329,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         rows_target, sample_shape, probabilities = rows_inputs(input, target, weight, options)
         rows = as_rows(input.detach())
         want_grad = grad_enabled and ctx.needs_input_grad[0]
-        loss_dtype = _bridge.loss_dtype(input, target)
+        loss_dtype = _bridge.loss_dtype(input, target, weight)
         weights = prepared_weights(weight, rows_target, options, rows.device, for_gradient=want_grad)
         loss, stats, factors, bad = forward_rows(rows, rows_target, weights, options, dtype=loss_dtype)
         if want_grad:

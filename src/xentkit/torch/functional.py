@@ -85,7 +85,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         logits = _bridge.as_numpy(input)
         # in place: the gradient is written over the logits' own memory (a contiguous input)
         in_place = want_grad and options.inplace_backward and input.is_contiguous() and not input.is_neg()
-        result_dtype = _bridge.loss_dtype(input, target)
+        result_dtype = _bridge.loss_dtype(input, target, weight)
         # a float16 input's gradient is kept in float32 until backward has scaled it
         # (_bridge.kept_gradient_dtype). In place, where no float32 gradient may wait for backward,
         # backward computes it with the upstream gradient applied (a second pass over the logits),
@@ -307,20 +307,20 @@ def _small_and_plain(
     ):
         return False
     dims = input.ndim
-    if target.dtype is _INT64:  # class indices: [N] or [N, d1, ..., dk]
+    if target.dtype is _INT64:  # class indices: [N] or [N, d1, ..., dk], or one sample's 0-d label
         if not (
             dims >= 2 and target.ndim == dims - 1 and target.shape[0] == input.shape[0]
             and (dims == 2 or target.shape[1:] == input.shape[2:])  # (else the api's error)
-        ):
+        ) and not (dims == 1 and target.ndim == 0):
             return False
     elif not (  # probabilities: the logits' shape and dtype, not differentiated
-        probabilities and target.dtype is input.dtype and dims >= 2 and target.shape == input.shape
+        probabilities and target.dtype is input.dtype and target.shape == input.shape
         and not target.requires_grad
     ):
         return False
     if weight is not None and not (
         type(weight) in _PLAIN_TENSOR_TYPES and weight.dtype is input.dtype and weight.ndim == 1
-        and weight.shape[0] == input.shape[1] and weight.is_cpu and weight.layout is _STRIDED
+        and weight.shape[0] == input.shape[dims > 1] and weight.is_cpu and weight.layout is _STRIDED
         and not weight.requires_grad
     ):
         return False
@@ -367,6 +367,7 @@ def _small_cross_entropy(
     when the loss says they could be (in a training loop every Python step between torch's ops
     costs several times its isolated time)."""
     probabilities = target.dtype is not _INT64
+    axis = 1 if input.ndim > 1 else 0  # (one sample: [C])
     ignore_index = -100 if probabilities else options.ignore_index  # (torch refuses another one)
     try:
         if _TORCH_CROSS_ENTROPY is not None and not _MODE_ENABLED():
@@ -380,7 +381,7 @@ def _small_cross_entropy(
                 label_smoothing=options.label_smoothing,
             )
     except IndexError:  # (a bad label, refused before any warning, as on the kernel path)
-        _label_error_instead(target, input.shape[1], options.ignore_index)
+        _label_error_instead(target, input.shape[axis], options.ignore_index)
         raise
     # a NaN maybe 0·log 0 at a −inf logit (a probability target of 0, or a class of weight 0):
     # xentkit's path decides
@@ -390,23 +391,23 @@ def _small_cross_entropy(
         return _cross_entropy_beyond_small(input, target, weight, options, check_probabilities)
     if probabilities:
         if check_probabilities:
-            warn_if_probabilities(_bridge.as_numpy(input), 1)
+            warn_if_probabilities(_bridge.as_numpy(input), axis)
         return loss
     if options.reduction != "mean":
         if check_probabilities:
-            warn_if_probabilities(_bridge.as_numpy(input), 1)
+            warn_if_probabilities(_bridge.as_numpy(input), axis)
         return loss
     value = loss.item()
     if _nothing_to_average(value, target, weight, options.ignore_index):
         if check_probabilities:
-            warn_if_probabilities(_bridge.as_numpy(input), 1)
+            warn_if_probabilities(_bridge.as_numpy(input), axis)
         return _zero_with_zero_gradient(input)
     if check_probabilities and (
         not -math.inf < value < math.inf  # (an infinite class weight, a NaN logit: it tells nothing)
-        or _mean_of_probabilities_possible(value, input.shape[1])
+        or _mean_of_probabilities_possible(value, input.shape[axis])
         or not (weight is None or (not options.label_smoothing and _nonnegative(weight)))
     ):
-        warn_if_probabilities(_bridge.as_numpy(input), 1)
+        warn_if_probabilities(_bridge.as_numpy(input), axis)
     return loss
 
 
@@ -693,7 +694,8 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
         else:  # (a TorchFunctionMode running, or a torch without the binding)
             loss = F.nll_loss(input, target, weight, ignore_index=options.ignore_index, reduction=options.reduction)
     except IndexError:  # (a bad label: the api's ValueError naming it)
-        _label_error_instead(target, input.shape[1], options.ignore_index, f"log_probs have {input.shape[1]} classes")
+        classes = input.shape[input.dim() > 1]  # (one sample: [C])
+        _label_error_instead(target, classes, options.ignore_index, f"log_probs have {classes} classes")
         raise
     if options.reduction == "mean" and _nothing_to_average(loss.item(), target, weight, options.ignore_index):
         return _zero_with_zero_gradient(input)

@@ -1,0 +1,152 @@
+"""Where two reviews (2026-12-06: a differential sweep of ``xentkit.torch`` against torch, and one
+of the NumPy api against the reference) found xentkit apart from torch, from its reference or from
+its own documentation: each test fails on the commit before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xentkit
+
+torch = pytest.importorskip("torch")
+
+# isort: split
+import torch.nn.functional as F  # noqa: E402
+
+import xentkit.torch as xt  # noqa: E402
+
+# ---- probability targets: the class weights' dtype joins the loss's, as torch's ---------------
+
+
+@pytest.mark.parametrize(
+    ("logits", "weight", "rows"),
+    [
+        (torch.bfloat16, torch.float32, 8),  # the torch-ops path
+        (torch.float32, torch.float64, 8),  # small (torch's kernel refuses: the kernels)
+        (torch.float32, torch.float64, 20000),  # the kernels
+        (torch.float16, torch.float32, 20000),
+        (torch.float32, torch.float16, 8),  # a narrower weight: the logits' dtype
+    ],
+)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_probability_targets_promote_with_the_class_weights_dtype(logits, weight, rows, backend):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 5, generator=generator).to(logits)
+    q = torch.softmax(torch.randn(rows, 5, generator=generator), 1).to(logits)
+    w = torch.rand(5, generator=generator).to(weight)
+    loss = xt.cross_entropy(x, q, w, backend=backend)
+    want = F.cross_entropy(x, q, w)
+    assert loss.dtype == want.dtype == torch.promote_types(logits, weight)
+    torch.testing.assert_close(loss, want, rtol=2e-3 if logits == torch.bfloat16 else 1e-5, atol=0)
+
+
+def test_a_half_sum_of_probabilities_does_not_overflow_with_float32_weights():
+    """A float16 "sum" of 40000 rows is beyond float16 (65504): torch returns it in float32
+    (the weights' dtype), as xentkit now does (it returned float16 inf)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(40000, 5, generator=generator).half()
+    q = torch.softmax(torch.randn(40000, 5, generator=generator), 1).half()
+    loss = xt.cross_entropy(x, q, torch.ones(5), reduction="sum")
+    want = F.cross_entropy(x, q, torch.ones(5), reduction="sum")
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+
+
+def test_the_module_and_the_compiled_call_promote_too():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 300, generator=generator)
+    q = torch.softmax(torch.randn(300, 300, generator=generator), 1)
+    w = torch.rand(300, generator=generator, dtype=torch.float64)
+    assert xt.CrossEntropyLoss(weight=w)(x, q).dtype == torch.float64
+    assert torch.compile(xt.cross_entropy, backend="aot_eager")(x, q, w).dtype == torch.float64
+
+
+# ---- an upstream gradient beyond the logits' dtype: the kernels round it as the reference -----
+
+
+def _both(function, *args, **kwargs):
+    results = []
+    for reference in (False, True):
+        with xentkit.use_reference(reference):
+            results.append(function(*args, **kwargs))
+    return results
+
+
+def test_an_upstream_beyond_float32_is_inf_on_the_kernels_as_in_the_reference():
+    """1e39 is inf in float32: the reference (and torch) take it so, g·(p − 1) = NaN at the
+    target; the kernels had taken it in float64 (−inf there, finite values with probabilities)."""
+    x = np.array([[0.5, -1.0, 2.0]], np.float32)
+    q = np.array([[0.2, 0.3, 0.5]], np.float32)
+    for target in ([0], q):
+        (_, kernel), (_, reference) = _both(
+            xentkit.cross_entropy_and_grad, x, target, reduction="none", grad_output=[1e39]
+        )
+        np.testing.assert_array_equal(kernel, reference)
+        wide = torch.tensor(x, requires_grad=True)
+        F.cross_entropy(wide, torch.tensor(target), reduction="none").backward(torch.tensor([np.inf], dtype=torch.float32))
+        np.testing.assert_array_equal(kernel, wide.grad.numpy())
+    kernel, reference = _both(xentkit.log_probs_backward, x, [0], [1e39])
+    np.testing.assert_array_equal(kernel, reference)
+    assert np.isnan(kernel[0, 0]) and (kernel[0, 1:] == -np.inf).all()
+
+
+# ---- arrays that hold no numbers: a TypeError naming what came ---------------------------------
+
+
+@pytest.mark.parametrize("value", [None, "01", {"a": 1}, np.array(["a", "b"]), np.array([None, None])])
+@pytest.mark.parametrize("function", [xentkit.cross_entropy, xentkit.nll_loss])
+def test_a_target_that_holds_no_numbers_is_a_type_error_naming_it(function, value):
+    """It was a ValueError about the shape of class indices (cross_entropy) or a TypeError about
+    their dtype, "got dtype object", never saying what came."""
+    with pytest.raises(TypeError, match=r"^target must be a numeric array, got (NoneType None|str '01'|dict|an array of dtype)"):
+        function(np.zeros((2, 3)), value)
+
+
+@pytest.mark.parametrize("value", [None, "abc", {"a": 1}, np.array(["x"])])
+def test_logits_that_hold_no_numbers_are_a_type_error_naming_them(value):
+    for function in (xentkit.softmax, xentkit.logsumexp):
+        with pytest.raises(TypeError, match=r"^x must be a numeric array, got "):
+            function(value)
+    with pytest.raises(TypeError, match=r"^logits must be a numeric array, got "):
+        xentkit.cross_entropy(value, [0])
+
+
+# ---- one sample's [C] logits on torch's kernel: a second derivative, as torch's ---------------
+
+
+def _second(function, x, *args, **kwargs):
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(function(x, *args, **kwargs), x, create_graph=True)
+    return torch.autograd.grad(g.pow(2).sum(), x)[0]
+
+
+@pytest.mark.parametrize("case", ["label", "weighted smoothing", "probabilities", "weighted probabilities", "none"])
+def test_one_samples_logits_have_a_second_derivative(case):
+    """Per-sample losses of ``[C]`` logits (MAML-style meta-learning) raised "no second derivative"
+    (the kernels), where torch computes it: they run torch's kernel now, as ``[1, C]`` did."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, generator=generator, dtype=torch.float64)
+    w = torch.rand(5, generator=generator, dtype=torch.float64)
+    q = torch.softmax(torch.randn(5, generator=generator, dtype=torch.float64), 0)
+    args, kwargs = {
+        "label": ((torch.tensor(2),), {}),
+        "weighted smoothing": ((torch.tensor(2), w), {"label_smoothing": 0.1}),
+        "probabilities": ((q,), {}),
+        "weighted probabilities": ((q, w), {}),
+        "none": ((torch.tensor(2),), {"reduction": "none"}),
+    }[case]
+    torch.testing.assert_close(_second(xt.cross_entropy, x, *args, **kwargs), _second(F.cross_entropy, x, *args, **kwargs))
+    torch.testing.assert_close(xt.cross_entropy(x, *args, **kwargs), F.cross_entropy(x, *args, **kwargs))
+
+
+def test_one_samples_nll_loss_and_its_errors():
+    x = torch.log_softmax(torch.randn(5, dtype=torch.float64), 0)
+    torch.testing.assert_close(_second(xt.nll_loss, x, torch.tensor(2)), _second(F.nll_loss, x, torch.tensor(2)))
+    torch.testing.assert_close(xt.nll_loss(x, torch.tensor(2)), F.nll_loss(x, torch.tensor(2)))
+    with pytest.raises(ValueError, match=r"^target has label 7 at position \(\) but log_probs have 5 classes"):
+        xt.nll_loss(x, torch.tensor(7))
+    with pytest.raises(ValueError, match=r"^target has label 7 at position \(\) but logits have 5 classes"):
+        xt.cross_entropy(torch.randn(5), torch.tensor(7))
+    # an ignored sample: xentkit's "mean" of nothing, 0 (torch: NaN)
+    assert xt.cross_entropy(torch.randn(5), torch.tensor(-100)).item() == 0.0
