@@ -31,6 +31,16 @@ def test_one_pos_weight_applies_to_a_scalar_input():
     np.testing.assert_allclose(loss, -2.0 * np.log(1.0 / (1.0 + np.exp(-1.0))), rtol=1e-12)
 
 
+def test_one_weight_applies_to_a_scalar_input_as_one_pos_weight():
+    """The same rule for weight as for pos_weight (weight=[2.0] was a ValueError on a scalar
+    input, pos_weight=[2.0] taken), in both binary cross-entropies."""
+    want = -2.0 * np.log(1.0 / (1.0 + np.exp(-1.0)))
+    np.testing.assert_allclose(xentkit.binary_cross_entropy_with_logits(1.0, 1.0, weight=[2.0]), want, rtol=1e-12)
+    np.testing.assert_allclose(xentkit.binary_cross_entropy(0.25, 1.0, weight=[[2.0]]), -2.0 * np.log(0.25), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"^weight must broadcast to the input's shape \(3,\), got shape \(1, 2\)"):
+        xentkit.binary_cross_entropy_with_logits([0.3, 0.2, 0.1], [1.0, 0.0, 1.0], weight=[[1.0, 2.0]])
+
+
 @pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(4,), (1, 4), (1, 1, 4), (3, 4), (3, 1), (2, 1, 4), (2, 3, 4), (1, 3, 1), ()])

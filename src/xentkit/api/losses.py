@@ -39,12 +39,20 @@ def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[
     return a.astype(work, copy=False), rounded(b, work), a.dtype
 
 
-def _broadcast_weight(weight: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray | None:
+def _broadcast_weight(
+    weight: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype, name: str, *, kinds: str = "fiub",
+    one_for_all: bool = False,
+) -> np.ndarray | None:
+    """``weight`` as an array of ``dtype`` that broadcasts to ``shape`` (None stays None), of NumPy
+    ``kinds`` (by default a bool mask too, which weighs 1 or 0, as in torch); ``one_for_all``: one
+    value applies to every element, whatever its shape (a ``[1]`` on a scalar input)."""
     if weight is None:
         return None
     array = as_array(weight, name)
-    if array.dtype.kind not in "fiub":  # (a bool mask weighs 1 or 0, as in torch)
+    if array.dtype.kind not in kinds:
         raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
+    if one_for_all and array.size == 1:
+        array = array.reshape(())
     check_broadcasts_to(name, array.shape, shape)
     return rounded(array, dtype)
 
@@ -150,12 +158,9 @@ def _bce_with_logits(
     the gradient (the torch binding keeps a float16 input's in float32 until it is scaled)."""
     x, y, dtype = _pair(logits, target, ("logits", "target"))
     reduction = check_reduction(reduction)
-    w = _broadcast_weight(weight, x.shape, x.dtype, "weight")
-    if pos_weight is not None and as_array(pos_weight, "pos_weight").dtype.kind not in "fiu":
-        raise TypeError(f"pos_weight must be a numeric array, got {describe(pos_weight)}")
-    if pos_weight is not None and np.size(pos_weight) == 1:
-        pos_weight = np.reshape(pos_weight, ())  # one value for all (also a [1] on a scalar input)
-    pw = _broadcast_weight(pos_weight, x.shape, x.dtype, "pos_weight")  # (any shape, as torch)
+    # (any shape that broadcasts, as torch; one value for all also as a [1] on a scalar input)
+    w = _broadcast_weight(weight, x.shape, x.dtype, "weight", one_for_all=True)
+    pw = _broadcast_weight(pos_weight, x.shape, x.dtype, "pos_weight", kinds="fiu", one_for_all=True)
     plan = ReductionPlan.of_rows(reduction, x.size)
     if x.size and x.ndim and not reference_enabled():
         return _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype or dtype, grad_dtype or dtype)
@@ -281,7 +286,7 @@ def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
     reduction = check_reduction(reduction)
     _check_unit_interval(p, "probs", "probabilities, e.g. sigmoid outputs", "; for logits use binary_cross_entropy_with_logits")
     _check_unit_interval(y, "target", "as torch requires", "")
-    w = _broadcast_weight(weight, p.shape, p.dtype, "weight")
+    w = _broadcast_weight(weight, p.shape, p.dtype, "weight", one_for_all=True)
     per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
     per_element = _full(per_element, p.shape)
     plan = ReductionPlan.of_rows(reduction, p.size)
