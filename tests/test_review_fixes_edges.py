@@ -150,3 +150,32 @@ def test_one_samples_nll_loss_and_its_errors():
         xt.cross_entropy(torch.randn(5), torch.tensor(7))
     # an ignored sample: xentkit's "mean" of nothing, 0 (torch: NaN)
     assert xt.cross_entropy(torch.randn(5), torch.tensor(-100)).item() == 0.0
+
+
+# ---- a class weight that requires grad, with class indices: its gradient -----------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_a_class_weight_is_differentiated_with_class_indices(reduction, label_smoothing):
+    """torch's cross_entropy raises ("not differentiable w.r.t. weight"); xentkit's torch ops
+    differentiate the loss's own formula, the "mean"'s denominator Σ w_y included (docs/torch.md).
+    Against the formula written out in float64; nll_loss raises, as torch's."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    y = torch.tensor([1, 2, -100, 4, 0, 1])
+    weight = (torch.rand(5, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
+    loss = xt.cross_entropy(x, y, weight, reduction=reduction, label_smoothing=label_smoothing)
+    (got,) = torch.autograd.grad(loss.sum(), weight)
+    wide = weight.detach().clone().requires_grad_()
+    log_p = torch.log_softmax(x, 1)
+    valid = y != -100
+    safe = y.clamp(min=0)
+    rows = (1 - label_smoothing) * -wide[safe] * log_p[torch.arange(6), safe]
+    rows = rows + label_smoothing / 5 * -(wide * log_p).sum(1)
+    rows = torch.where(valid, rows, 0.0)
+    want = rows.sum() / wide[safe][valid].sum() if reduction == "mean" else rows.sum()
+    (expected,) = torch.autograd.grad(want, wide)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        xt.nll_loss(log_p, y, weight)

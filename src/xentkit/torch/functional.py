@@ -10,8 +10,8 @@ version counters stay truthful (unlike an in-place gradient that autograd cannot
 of fused kernels elsewhere). CUDA tensors run xentkit's Triton kernels (``xentkit.triton``).
 Everything else the NumPy api does not cover runs on plain torch ops instead: other devices,
 bfloat16 on the CPU, functorch transforms and ``torch.compile`` on the CPU, and gradients with respect to a
-probability target or, with probability targets, a class weight (with class indices torch cannot
-differentiate the weight and raises; so does this module). Small CPU problems of
+probability target or a class weight (with class indices too, where torch's ``cross_entropy``
+cannot differentiate the weight and raises; ``nll_loss`` raises, as torch's). Small CPU problems of
 ``cross_entropy`` and ``nll_loss`` (up to ``SMALL_MAX_LOGITS`` logits) run torch's own kernel
 with xentkit's semantics around it (``_small_and_plain``): there the Function's fixed cost would
 be most of the time.

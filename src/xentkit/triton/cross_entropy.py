@@ -197,9 +197,13 @@ def _partials_kernel(
         else:
             w = tl.where(inside, 1.0, 0.0)
         # lanes past the row add 0 (z = −inf there), and so does a class of weight 0, even masked
-        # (−inf: 0·log 0 = 0, as the reference; torch gives NaN). The chunk's maximum adds 0, not
+        # (−inf: 0·log 0 = 0, as the reference; torch gives NaN; a capped z is finite, and the
+        # softcap build has no register to spare for the test). The chunk's maximum adds 0, not
         # w·0: NaN for an infinite weight, whose class torch gives w·(lse − z) = ±inf
-        tl.store(slot + 3 * plane, tl.sum(tl.where(inside & (z != shift) & (w != 0.0), w * (z - shift), 0.0), 0))
+        counted = inside & (z != shift)
+        if not HAS_SOFTCAP:
+            counted = counted & (w != 0.0)
+        tl.store(slot + 3 * plane, tl.sum(tl.where(counted, w * (z - shift), 0.0), 0))
         tl.store(slot + 4 * plane, tl.sum(w, 0))
         tl.store(slot + 5 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
 
