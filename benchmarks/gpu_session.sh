@@ -47,7 +47,8 @@ tests)
         tests/test_triton_reduction.py tests/test_triton_chunks.py tests/test_triton_int64.py \
         tests/test_triton_device_guard.py tests/test_triton_compiled.py tests/test_triton_linear_compiled.py \
         tests/test_distributed_triton.py tests/test_precision.py tests/test_check_labels.py \
-        tests/test_torch_review_fixes.py tests/test_log_probs_traced.py 2>&1 | tee "$out/tests.log"
+        tests/test_torch_review_fixes.py tests/test_log_probs_traced.py tests/test_masked_class_smoothing.py \
+        2>&1 | tee "$out/tests.log"
     status=$?
     ;;
 bench)
