@@ -170,3 +170,23 @@ def test_the_vocabulary_parallel_form_in_a_world_of_one(backend, eps):
     assert torch.isfinite(loss).all(), loss
     np.testing.assert_allclose(loss.detach().double().cpu().numpy(), want, rtol=rtol)
     np.testing.assert_allclose(x.grad.double().cpu().numpy(), want_grad, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", [6, 24000])  # torch's kernel (small), the api beyond it
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])  # bfloat16: torch ops
+def test_nll_loss_takes_the_same_rule(rows, dtype):
+    """nll_loss of log-probabilities whose target (a class of weight 0) is −inf: 0·log 0 = 0, as
+    cross_entropy of the logits (torch: NaN); the NumPy api and the reference alike."""
+    logits, labels, weight = _problem(12, rows=rows)
+    log_p = logits - reference.logsumexp(logits, axis=1, keepdims=True)
+    want, want_grad = reference.nll_loss_and_grad(log_p, labels, weight, -100)[::2]
+    assert np.isfinite(want).all() and want[4] == 0
+    for use_reference in (False, True):
+        with xentkit.use_reference(use_reference):
+            np.testing.assert_allclose(xentkit.nll_loss(log_p, labels, weight=weight, reduction="none"), want)
+    x = torch.tensor(log_p).to(dtype).requires_grad_()
+    loss = xt.nll_loss(x, torch.tensor(labels), torch.tensor(weight).to(dtype), reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss)
+    np.testing.assert_allclose(loss.double().item(), want.sum(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-12)
+    np.testing.assert_allclose(x.grad.double().numpy(), want_grad, rtol=1e-2)

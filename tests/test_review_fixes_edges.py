@@ -158,9 +158,9 @@ def test_one_samples_nll_loss_and_its_errors():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_a_class_weight_is_differentiated_with_class_indices(reduction, label_smoothing):
-    """torch's cross_entropy raises ("not differentiable w.r.t. weight"); xentkit's torch ops
-    differentiate the loss's own formula, the "mean"'s denominator Σ w_y included (docs/torch.md).
-    Against the formula written out in float64; nll_loss raises, as torch's."""
+    """torch's cross_entropy and nll_loss raise ("not differentiable w.r.t. weight"); xentkit's
+    torch ops differentiate the loss's own formula, the "mean"'s denominator Σ w_y included
+    (docs/torch.md). Against the formula written out in float64."""
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(6, 5, generator=generator, dtype=torch.float64)
     y = torch.tensor([1, 2, -100, 4, 0, 1])
@@ -177,5 +177,6 @@ def test_a_class_weight_is_differentiated_with_class_indices(reduction, label_sm
     want = rows.sum() / wide[safe][valid].sum() if reduction == "mean" else rows.sum()
     (expected,) = torch.autograd.grad(want, wide)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        xt.nll_loss(log_p, y, weight)
+    if label_smoothing == 0.0:  # nll_loss of the log-probabilities: the same loss and gradient
+        nll = xt.nll_loss(log_p, y, weight, reduction=reduction)
+        torch.testing.assert_close(torch.autograd.grad(nll.sum(), weight)[0], expected, rtol=1e-12, atol=1e-14)

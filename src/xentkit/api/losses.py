@@ -109,7 +109,9 @@ def nll_loss(
 
     ``cross_entropy(z, y) == nll_loss(log_softmax(z), y)`` (note 004). Shapes, ``weight``,
     ``ignore_index`` and ``reduction`` as :func:`cross_entropy` with class-index targets ("mean"
-    divides by ``Σ w_y`` over non-ignored samples; 0 when nothing is left, where PyTorch gives NaN).
+    divides by ``Σ w_y`` over non-ignored samples; 0 when nothing is left, where PyTorch gives NaN;
+    a target of class weight 0 whose log-probability is −inf adds 0, 0·log 0, where PyTorch gives
+    NaN).
     See also :func:`nll_loss_and_grad`.
 
     >>> import numpy as np, xentkit

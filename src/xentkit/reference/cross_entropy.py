@@ -33,6 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 
 from .activations import log_of_top_and_rest, row_max, top_and_rest
+from .losses import xlogy
 from .reductions import ReductionPlan, masked
 
 
@@ -45,14 +46,6 @@ def z_term(lse: Any, valid: Any, z_loss: float) -> Any:
         with np.errstate(over="ignore"):  # beyond the dtype: inf, as torch
             return masked(z_loss * lse * lse, valid)
     return masked(z_loss * lse * lse, valid)
-
-
-def _xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
-    """q·log p with 0·log 0 = 0, so a masked (−inf) class with zero target mass adds nothing;
-    0·NaN stays NaN, so a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN
-    loss whatever its targets, as its gradient."""
-    with np.errstate(invalid="ignore"):
-        return np.where((q == 0) & ~np.isnan(log_p), 0, q * log_p)
 
 
 _P = ParamSpec("_P")
@@ -137,7 +130,7 @@ def cross_entropy_and_grad(
     if probabilities:
         valid = np.ones(logits.shape[:-1], dtype=bool)
         q = (1 - eps) * target + eps / num_classes if eps > 0 else target
-        per_sample = -np.sum(_xlogy(q * weight, log_p), axis=-1)
+        per_sample = -np.sum(xlogy(q * weight, log_p), axis=-1)
         if plan is None:
             plan = ReductionPlan.of_rows(reduction, valid.size)
     else:
@@ -147,9 +140,9 @@ def cross_entropy_and_grad(
         log_p_y = np.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
         # a class of weight 0 adds nothing, even masked (−inf): 0·log 0 = 0, as the same loss of
         # probability targets (torch: NaN), here and in the smoothing term
-        per_sample = np.where(valid, -(1 - eps) * _xlogy(w_y, log_p_y), 0)
+        per_sample = np.where(valid, -(1 - eps) * xlogy(w_y, log_p_y), 0)
         if eps > 0:  # only then, so that a masked class does not make 0·inf = NaN
-            smooth = -np.sum(_xlogy(weight, log_p), axis=-1)
+            smooth = -np.sum(xlogy(weight, log_p), axis=-1)
             per_sample = per_sample + np.where(valid, eps / num_classes * smooth, 0)
         if plan is None:
             plan = ReductionPlan.of_labels(reduction, valid, w_y)

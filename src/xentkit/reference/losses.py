@@ -12,6 +12,14 @@ import numpy as np
 from .activations import log_sigmoid, sigmoid
 
 
+def xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
+    """q·log p with 0·log 0 = 0, so a masked (−inf) class with zero target mass or class weight
+    adds nothing; 0·NaN stays NaN, so a row whose softmax is NaN (a NaN or +inf logit, or only
+    −inf) has a NaN loss whatever its targets, as its gradient."""
+    with np.errstate(invalid="ignore"):
+        return np.where((q == 0) & ~np.isnan(log_p), 0, q * log_p)
+
+
 def nll_loss_and_grad(
     log_probs: np.ndarray,
     labels: np.ndarray,
@@ -19,7 +27,8 @@ def nll_loss_and_grad(
     ignore_index: int,
     grad_scale: np.ndarray | float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-sample NLL −w_y·log p_y (class axis last), its weight w_y, and
+    """Per-sample NLL −w_y·log p_y (class axis last; 0 for a class of weight 0 whose log p is
+    −inf: 0·log 0 = 0, as the cross-entropy's), its weight w_y, and
     ∂/∂log p = −w_y·onehot(y), times ``grad_scale`` (the upstream gradient and the reduction's
     scale, per sample or one for all).
 
@@ -31,7 +40,7 @@ def nll_loss_and_grad(
     w_y = np.where(valid, 1 if weight is None else weight[safe], 0).astype(log_probs.dtype)
     picked = np.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
     with np.errstate(invalid="ignore", over="ignore"):  # an ignored row's −inf: 0·(−inf), then masked
-        per_sample = np.where(valid, -w_y * picked, 0).astype(log_probs.dtype)
+        per_sample = np.where(valid, -xlogy(w_y, picked), 0).astype(log_probs.dtype)
         target_grad = np.where(valid, -w_y * grad_scale, 0).astype(log_probs.dtype)
     grad = np.zeros(log_probs.shape, dtype=log_probs.dtype)
     np.put_along_axis(grad, safe[..., None], target_grad[..., None], axis=-1)

@@ -90,6 +90,19 @@ def _weighted_term(weight: Tensor, log_p: Tensor) -> Tensor:
     return weight * torch.where((weight == 0) & (log_p == -math.inf), 0.0, log_p)
 
 
+def _weighted_picked(
+    log_p: Tensor, labels: Tensor, weight: Tensor, ignore_index: int, class_dim: int
+) -> Tensor:
+    """w_y·log p_y per sample (``_weighted_term``'s 0·log 0 = 0), 0 where the label is
+    ``ignore_index``; ``labels`` in range otherwise (``_label_plan``'s)."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0).unsqueeze(class_dim)
+    picked = log_p.gather(class_dim, safe).squeeze(class_dim)
+    # (index_select, not weight[index] nor take: under torch.compile those read a 0-d index's value)
+    w_y = weight.index_select(0, safe.reshape(-1)).reshape(picked.shape)
+    return torch.where(valid, _weighted_term(w_y, picked), 0.0)
+
+
 def _weighted_cross_entropy(
     input: Tensor, labels: Tensor, weight: Tensor, options: LossOptions, class_dim: int
 ) -> Tensor:
@@ -101,11 +114,7 @@ def _weighted_cross_entropy(
     classes = input.shape[class_dim]
     log_p = torch.log_softmax(input, class_dim)
     valid = labels != options.ignore_index  # (a bad label's row too: its stand-in class counts)
-    safe = torch.where(valid, labels, 0).unsqueeze(class_dim)
-    picked = log_p.gather(class_dim, safe).squeeze(class_dim)
-    # (index_select, not weight[index] nor take: under torch.compile those read a 0-d index's value)
-    w_y = weight.index_select(0, safe.reshape(-1)).reshape(picked.shape)
-    main = -_weighted_term(w_y, picked)
+    main = -_weighted_picked(log_p, labels, weight, options.ignore_index, class_dim)
     if options.label_smoothing:
         shape = [classes if dim == class_dim else 1 for dim in range(input.dim())]
         smooth = -_weighted_term(weight.reshape(shape), log_p).sum(class_dim)
@@ -162,7 +171,8 @@ def cross_entropy(
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
-    """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0."""
+    """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0, and 0·log 0 = 0 for
+    a target of class weight 0 whose log-probability is −inf (torch: NaN)."""
     class_dim, _, _ = _bridge.sample_layout(input, target, "log_probs", probabilities_allowed=False)
     classes = input.shape[class_dim]
     _bridge.check_class_weight(weight, classes)
@@ -171,7 +181,10 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: Loss
     labels, bad, _, plan = _label_plan(
         target, weight, options, input.dtype, classes, f"log_probs have {classes} classes"
     )
-    main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
+    if weight is None:
+        main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
+    else:  # (F.nll_loss's −w_y·log p_y is NaN at 0·(−inf); it cannot differentiate the weight either)
+        main = -_weighted_picked(input, labels, weight, options.ignore_index, class_dim)
     return plan.reduce(_nan_where(main, bad)).to(_bridge.loss_dtype(input, target))
 
 

@@ -10,8 +10,8 @@ version counters stay truthful (unlike an in-place gradient that autograd cannot
 of fused kernels elsewhere). CUDA tensors run xentkit's Triton kernels (``xentkit.triton``).
 Everything else the NumPy api does not cover runs on plain torch ops instead: other devices,
 bfloat16 on the CPU, functorch transforms and ``torch.compile`` on the CPU, and gradients with respect to a
-probability target or a class weight (with class indices too, where torch's ``cross_entropy``
-cannot differentiate the weight and raises; ``nll_loss`` raises, as torch's). Small CPU problems of
+probability target or a class weight (with class indices too, where torch's ``cross_entropy`` and
+``nll_loss`` cannot differentiate the weight and raise). Small CPU problems of
 ``cross_entropy`` and ``nll_loss`` (up to ``SMALL_MAX_LOGITS`` logits) run torch's own kernel
 with xentkit's semantics around it (``_small_and_plain``): there the Function's fixed cost would
 be most of the time.
@@ -667,6 +667,12 @@ def nll_loss(
     _bridge.check_tensors(input, target, weight)
     if _small_and_plain(input, target, weight, options, probabilities=False):
         return _small_nll_loss(input, target, weight, options)
+    return _nll_loss_beyond_small(input, target, weight, options)
+
+
+def _nll_loss_beyond_small(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
+    """:func:`nll_loss` on xentkit's paths: the Numba kernels' api (custom ops under
+    torch.compile) or torch ops."""
     if (
         torch.compiler.is_compiling() and _numba_ops.compiled_beyond_small(input.numel(), SMALL_MAX_LOGITS)
         and not target.is_floating_point() and _numba_ops.runs_compiled(input, target, weight, options)
@@ -697,6 +703,12 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
         classes = input.shape[input.dim() > 1]  # (one sample: [C])
         _label_error_instead(target, classes, options.ignore_index, f"log_probs have {classes} classes")
         raise
+    # a NaN maybe 0·log 0 (a target of class weight 0 at a −inf log-probability): xentkit's path
+    # decides
+    if weight is not None and (
+        bool(loss.isnan().any()) if options.reduction == "none" else math.isnan(loss.item())
+    ):
+        return _nll_loss_beyond_small(input, target, weight, options)
     if options.reduction == "mean" and _nothing_to_average(loss.item(), target, weight, options.ignore_index):
         return _zero_with_zero_gradient(input)
     return loss
