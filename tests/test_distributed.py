@@ -14,6 +14,7 @@ import datetime
 import doctest
 import itertools
 import json
+import math
 import os
 import pickle
 import signal
@@ -487,8 +488,39 @@ def scenario_confident_rows(world, rank):
         torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-14, atol=0)
 
 
+def scenario_smoothing_at_huge_logits(world, rank):
+    """Label smoothing over rows of huge logits (a row filled with −3e38 and left valid, one near
+    −1e15, one spread around +1e4), with and without class weights (one of them 0 on a masked
+    class), on the Numba and the torch-ops shards: each shard's weighted sum is taken relative to
+    its own max and restated at the row's, so the smoothing term Σ w_c·(lse − z_c) is a sum of
+    small terms. W·lse − Σ w_c·z_c had cancelled to garbage there (−4.3e21 for log 7)."""
+    full = torch.randn(4, V, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    full[0] = -3e38
+    full[1] = full[1] - 1e15
+    full[2] = full[2] + 1e4
+    full[3, 4] = -math.inf  # a masked class, weight 0 below
+    target = torch.tensor([3, 0, V - 1, 2])
+    weight = torch.rand(V, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) + 0.5
+    weight[4] = 0.0
+    start, stop, _ = _shard(world, rank, False)
+    for backend in ("auto", "torch"):
+        for weighted in (False, True):
+            w = weight if weighted else None
+            with recorded(f"{backend} weighted={weighted}"):
+                shard = full[:, start:stop].clone().requires_grad_(True)
+                loss = vp.vocab_parallel_cross_entropy(
+                    shard, target, weight=w, label_smoothing=0.1, reduction="none", backend=backend
+                )
+                want = xentkit.torch.cross_entropy(full, target, w, label_smoothing=0.1, reduction="none")
+                if not weighted:  # (row 3 holds a −inf class of weight 1: +inf, as torch's)
+                    assert loss[3] == math.inf and want[3] == math.inf
+                    loss, want = loss[:3], want[:3]
+                torch.testing.assert_close(loss.detach(), want, rtol=1e-12, atol=0)
+
+
 SCENARIOS = {
     "confident_rows": scenario_confident_rows,
+    "smoothing_at_huge_logits": scenario_smoothing_at_huge_logits,
     "logits_options": scenario_logits_options,
     "logits_torch_ops": scenario_logits_torch_ops,
     "logits_special_values": scenario_logits_special_values,

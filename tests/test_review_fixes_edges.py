@@ -180,3 +180,29 @@ def test_a_class_weight_is_differentiated_with_class_indices(reduction, label_sm
     if label_smoothing == 0.0:  # nll_loss of the log-probabilities: the same loss and gradient
         nll = xt.nll_loss(log_p, y, weight, reduction=reduction)
         torch.testing.assert_close(torch.autograd.grad(nll.sum(), weight)[0], expected, rtol=1e-12, atol=1e-14)
+
+
+# ---- vocabulary-parallel smoothing over rows of huge logits -----------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("fill", [-3e38, -1e15])
+def test_vocabulary_parallel_smoothing_keeps_rows_of_huge_logits(backend, fill):
+    """A row filled with a huge finite value and left valid (a mask by finfo.min): the smoothing
+    term was W·lse − Σ w_c·z_c, two numbers of V·|lse| that cancelled (−4.3e21 for log 7 at
+    −3e38); each shard now sums w_c·(z_c − its max), restated at the row's max. In a world of
+    one here (tests/test_distributed.py: over ranks); Triton under the interpreter."""
+    from xentkit.torch.distributed import vocab_parallel_cross_entropy
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    z = torch.full((2, 7), fill, dtype=dtype)
+    z[1, 2] = fill + abs(fill) * 1e-7  # a spread the dtype holds
+    target = torch.tensor([3, 2])
+    weight = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
+    for w in (None, weight):
+        loss = vocab_parallel_cross_entropy(
+            z, target, weight=None if w is None else w.to(dtype), label_smoothing=0.1, reduction="none",
+            backend=backend,
+        )
+        want = F.cross_entropy(z.double(), target, w, label_smoothing=0.1, reduction="none")
+        torch.testing.assert_close(loss.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)

@@ -18,13 +18,18 @@ does the combining with two all-reduces of O(rows) floats; nothing here communic
 
 and, for the loss, the target logit and the class-weighted logit sum (all-reduce SUM)::
 
-    z_y = Σ_r [y in shard r]·z_y,      S_z = Σ_r Σ_{j in shard r} w_j·z_j
+    z_y = Σ_r [y in shard r]·z_y,      S_z = Σ_r (S'_r + W_r·(t_r − M)),
+    S'_r = Σ_{j in shard r} w_j·(z_j − t_r),  t_r = m_r (0 without a finite logit),  W_r = Σ w_j
+
+so that the loss's smoothing term Σ_c w_c·(lse − z_c) = W·log S − S_z (W = Σ_r W_r) is a sum of
+small terms where the logits are huge (a row filled with −3e38: W·lse − Σ w_j·z_j cancelled to
+garbage there); a class of weight 0 adds 0 to S'_r, even masked.
 
 Two kernels, each one sweep over the shard rows (``prange`` over rows):
 
 - :func:`shard_softmax_stats` (pass 1, one read): online softmax over blocks of the row
   (Milakov & Gimelshein, arXiv 1805.02867), returning ``m_r``, ``e_r``, the local target logit
-  and the local ``Σ w_j·z_j``.
+  and the local ``S'_r = Σ w_j·(z_j − t_r)``.
 - :func:`shard_softmax_grad` (pass 2, one write): with per-row coefficients computed by the
   caller from the global statistics,
   ``grad_ij = c_i·exp(z_ij − M_i) − σ_i·w_j``, then the target entry (when the row's label is in
@@ -44,7 +49,11 @@ from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, like
 from xentkit.kernels._jit import KERNEL_OPTIONS, LOOP_FLAGS, helper_options
-from xentkit.kernels.cross_entropy import _block_max, _block_sum_exp_top  # shared pass-1 pieces
+from xentkit.kernels.cross_entropy import (  # shared pass-1 pieces
+    _block_max,
+    _block_sum_exp_top,
+    _block_sum_z,
+)
 
 # The single-process kernel's loop flags (see ``kernels._jit``); these kernels keep them on their
 # own code too, and their helpers are inlined.
@@ -67,22 +76,6 @@ def _block_sum_exp(row, start, stop, shift):  # pragma: no cover - compiled
     for j in range(seg.shape[0]):
         acc += fast_exp(seg[j] - shift)
     return np.float64(acc)
-
-
-@njit(**_JIT)
-def _block_sum_z(row, start, stop, weight, has_weight):  # pragma: no cover - compiled
-    """Σ_j w_j·row[j] over [start, stop) in float64 (w_j = 1 without weights; a class of
-    weight 0 adds 0, even masked: row[j] = −inf)."""
-    seg = row[start:stop]
-    acc = 0.0
-    if has_weight:
-        wseg = weight[start:stop]
-        for j in range(seg.shape[0]):
-            acc += 0.0 if wseg[j] == 0.0 else wseg[j] * np.float64(seg[j])
-    else:
-        for j in range(seg.shape[0]):
-            acc += np.float64(seg[j])
-    return acc
 
 
 @njit(parallel=True, **_KERNEL_JIT)
@@ -110,7 +103,9 @@ def _stats_kernel(  # pragma: no cover - compiled
         m = neg_inf
         ties = 0.0
         rest = 0.0
-        acc_z = 0.0
+        acc_z = 0.0  # S' = Σ w_j·(z_j − ref) so far, ref the running shift (float64)
+        weight_seen = 0.0
+        ref = 0.0
         for start in range(0, n_cols, block):
             stop = min(start + block, n_cols)
             b = _block_max(row, start, stop)
@@ -119,6 +114,9 @@ def _stats_kernel(  # pragma: no cover - compiled
                 ties = 0.0
                 m = b
             shift = m if m > neg_inf else zero
+            if want_sum_z and np.float64(shift) != ref:  # S' follows the shift as s does
+                acc_z -= weight_seen * (np.float64(shift) - ref)
+                ref = np.float64(shift)
             if b == m and neg_inf < m < pos_inf:
                 # the block holds the running max: its terms exactly 1 counted apart from the
                 # rest (a confident row's e keeps its digits, which the dtype's lanes would lose)
@@ -127,9 +125,11 @@ def _stats_kernel(  # pragma: no cover - compiled
                 rest += below
             else:
                 rest += _block_sum_exp(row, start, stop, shift)
-            # 2. S_z (label smoothing only): Σ_j w_j·z_j over the shard, float64.
+            # 2. S'_r (label smoothing only): Σ_j w_j·(z_j − t_r) over the shard, float64.
             if want_sum_z:
-                acc_z += _block_sum_z(row, start, stop, weight, has_weight)
+                block_z, block_w = _block_sum_z(row, start, stop, weight, has_weight, ref)
+                acc_z += block_z
+                weight_seen += block_w
         row_max[i] = m
         row_excess[i] = (ties - 1.0) + rest
         # 3. The target logit when the label is one of this shard's columns, else 0.
@@ -184,10 +184,10 @@ def shard_softmax_stats(
     """Pass 1 over a C-contiguous ``[rows, V_r]`` float32/float64 shard (one read).
 
     ``local_labels`` ``[rows]`` int64 (column here, ``-1`` elsewhere, ``-2`` ignored); ``weight``
-    this shard's ``[V_r]`` class weights (float64) or None; ``want_sum_z`` computes ``S_z`` (only
+    this shard's ``[V_r]`` class weights (float64) or None; ``want_sum_z`` computes ``S'_r`` (only
     label smoothing needs it). Returns four ``[rows]`` float64 arrays
-    ``(m_r, e_r = s_r − 1, z_y or 0, Σ_j w_j·z_j or 0)`` as in the module docstring; ignored rows
-    give ``(−inf, −1, 0, 0)``.
+    ``(m_r, e_r = s_r − 1, z_y or 0, S'_r = Σ_j w_j·(z_j − t_r) or 0)`` as in the module docstring
+    (t_r = m_r, or 0 without a finite logit); ignored rows give ``(−inf, −1, 0, 0)``.
     """
     rows = logits.shape[0]
     out = [np.empty(rows, dtype=np.float64) for _ in range(4)]

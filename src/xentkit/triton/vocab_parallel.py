@@ -23,10 +23,10 @@ here, ``-1`` a target on another rank, ``-2`` an ignored row.
         S'_r = Σ_k (S_k + W_k·(t_k − t_r)) = Σ_j w_j·(z_j − t_r)
         z_y = z_y when the row's label is a column of this shard, else 0 (not read)
 
-    and the host function returns, in float64 as the Numba kernel does,
-        (m_r, e_r, z_y, S_z = S'_r + W_r·t_r)   with W_r = Σ_{j in shard} w_j in float64,
-    so that the weighted logit sum S_z = Σ_j w_j·z_j keeps float32's relative precision in the
-    spread z_j − t_r, not in the logits' offset (rows near +1e4 lose nothing to it).
+    and the host function returns, in float64 as the Numba kernel does, (m_r, e_r, z_y, S'_r): the
+    weighted sum stays relative to the shard's shift (the caller restates it at the row's max M
+    with W_r·(t_r − M)), so that it keeps float32's relative precision in the spread z_j − t_r,
+    not in the logits' offset (rows near +1e4, or filled with −3e38, lose nothing to it).
 
     pass 2, ``_gradient_kernel`` (one read and one write of the shard), with per-row float64
     coefficients the caller computed from the rows' global statistics (M: the row's max over
@@ -196,10 +196,10 @@ def shard_softmax_stats(
     launches).
 
     ``local_labels`` ``[N]`` int64 (column here, ``-1`` elsewhere, ``-2`` ignored); ``weight`` this
-    shard's ``[V_r]`` float64 class weights or None; ``want_sum_z`` computes ``S_z`` (only label
+    shard's ``[V_r]`` float64 class weights or None; ``want_sum_z`` computes ``S'_r`` (only label
     smoothing needs it). Returns four ``[N]`` float64 tensors on the logits' device,
-    ``(m_r, e_r = s_r − 1, z_y or 0, Σ_j w_j·z_j or 0)`` as the module docstring; ignored rows
-    give ``(−inf, −1, 0, 0)``.
+    ``(m_r, e_r = s_r − 1, z_y or 0, S'_r = Σ_j w_j·(z_j − t_r) or 0)`` as the module docstring;
+    ignored rows give ``(−inf, −1, 0, 0)``.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -221,12 +221,9 @@ def shard_softmax_stats(
         shifted, n_cols, layout.chunks, SUM_Z=bool(want_sum_z), **layout.per_row,
     )
     row_max64 = row_max.to(torch.float64)
-    sum_z = torch.zeros(n_rows, dtype=torch.float64, device=device)
-    if want_sum_z:
-        # S_z = S'_r + W_r·t_r in float64 (t_r = 0 for rows with no finite logit, ignored rows)
-        weight_sum = float(n_cols) if weight is None else weight.sum(dtype=torch.float64)
-        shift = torch.where(row_max64 > -torch.inf, row_max64, 0.0)
-        sum_z = shifted.to(torch.float64) + weight_sum * shift
+    # S'_r = Σ w_j·(z_j − t_r), relative to the shard's shift, as the Numba shards return it (the
+    # caller restates it at the row's max; t_r = 0 for rows with no finite logit, ignored rows)
+    sum_z = shifted.to(torch.float64) if want_sum_z else torch.zeros(n_rows, dtype=torch.float64, device=device)
     return row_max64, row_excess, target.to(torch.float64), sum_z
 
 

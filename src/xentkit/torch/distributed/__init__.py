@@ -8,15 +8,17 @@ each is a max or a sum of per-shard pieces (see :mod:`xentkit.kernels.vocab_para
     M   = max_r m_r                          m_r = max over shard r          all-reduce MAX  (N)
     S   = Σ_r s_r·exp(t_r − M)               s_r = Σ_shard exp(z_j − t_r)     ┐
     z_y = Σ_r [y in shard r]·z_y                                              ├ all-reduce SUM
-    S_z = Σ_r Σ_shard w_j·z_j                (label smoothing only)           ┘ (3N or 4N)
+    S_z = Σ_r Σ_shard w_j·(z_j − M)          (label smoothing only)           ┘ (3N or 4N)
     lse = M + log S
 
 with S summed as its excess E = S − 1 (each shard's max terms, exactly 1, counted apart and the
 shards holding M counted in the all-reduce; log S = log1p(E) keeps a confident row's digits),
-so a step communicates O(N) float64s (32·N or 40·N bytes per rank), never O(N·V). Then, on every
+and S_z summed from each shard's Σ w_j·(z_j − t_r) restated at M with its Σ w_j·(t_r − M) (small
+terms where the logits are huge: W·lse − Σ w_j·z_j of a row filled with −3e38 cancelled to
+garbage), so a step communicates O(N) float64s (32·N or 40·N bytes per rank), never O(N·V). Then, on every
 rank, with class weights w (ones by default), W = Σ_c w_c, smoothing ε, z-loss λ:
 
-    loss_i = (1 − ε)·w_y·(lse − z_y) + (ε/V)·(W·lse − S_z) + λ·lse²          (0 for ignored rows)
+    loss_i = (1 − ε)·w_y·(lse − z_y) + (ε/V)·(W·log S − S_z) + λ·lse²        (0 for ignored rows)
 
 and rank r computes its own columns of the gradient locally, p_j = exp(z_j − lse):
 

@@ -22,7 +22,7 @@ class _RowStatistics:
     shift: Tensor  # M (0 where the whole row is −inf)
     excess: Tensor  # E = S − 1, S = Σ_j exp(z_j − M) over all V classes (the max's terms apart)
     target_logit: Tensor  # z_y
-    sum_z: Tensor | None  # S_z = Σ_j w_j·z_j (label smoothing only)
+    sum_z: Tensor | None  # S_z = Σ_j w_j·(z_j − M) (label smoothing only)
 
     @property
     def log_total(self) -> Tensor:
@@ -43,8 +43,10 @@ class _RowStatistics:
 def _combine(local: tuple[Tensor, Tensor, Tensor, Tensor], plan: _Plan) -> _RowStatistics:
     """Two all-reduces: MAX of the shard maxima (n floats), then SUM of whether each shard holds
     the row's max, the excesses restated at it, the target logit and (label smoothing) the
-    weighted logit sum (3n or 4n floats): E = (K − 1) + Σ_{m_r = M} e_r + Σ_{m_r < M} s_r·exp(t_r − M)
-    with K the shards holding the max, whose terms (exactly 1 each) are never summed into E.
+    weighted logit sums restated at it (3n or 4n floats): E = (K − 1) + Σ_{m_r = M} e_r +
+    Σ_{m_r < M} s_r·exp(t_r − M) with K the shards holding the max, whose terms (exactly 1 each)
+    are never summed into E, and S_z = Σ_r (S'_r + W_r·(t_r − M)) = Σ_j w_j·(z_j − M), the shards'
+    S'_r = Σ w_j·(z_j − t_r) relative to their own shift t_r.
     """
     row_max, row_excess, target, sum_z = local
     device = row_max.device
@@ -55,14 +57,24 @@ def _combine(local: tuple[Tensor, Tensor, Tensor, Tensor], plan: _Plan) -> _RowS
     # the shard's (top, e') restated at M, as the log-probabilities' shards merge theirs (the
     # holder of M keeps its excess; u is not needed here)
     tops, scaled, _ = merge_partials(row_max, row_excess, torch.zeros_like(row_excess), global_max)
+    if plan.smoothing:
+        local_shift = torch.where(torch.isfinite(row_max), row_max, zero)
+        sum_z = sum_z + _local_weight_sum(plan) * (local_shift - shift)
     packed = torch.stack([tops, scaled, target, sum_z] if plan.smoothing else [tops, scaled, target])
     communicator.all_reduce(packed, dist.ReduceOp.SUM)
     excess = (packed[0] - 1.0) + packed[1]
     return _RowStatistics(shift, excess, packed[2], packed[3] if plan.smoothing else None)
 
 
+def _local_weight_sum(plan: _Plan) -> float:
+    """W_r = Σ w_j over this rank's classes (their count without class weights)."""
+    if plan.weight_local_array is None:
+        return float(plan.agreement.width)
+    return float(plan.weight_local_array.sum())
+
+
 def _row_losses(stats: _RowStatistics, rows: _Rows, plan: _Plan) -> tuple[Tensor, Tensor | None]:
-    """Per row: the main term (1 − ε)·w_y·(lse − z_y) + (ε/V)·(W·lse − S_z) and the z term λ·lse²
+    """Per row: the main term (1 − ε)·w_y·(lse − z_y) + (ε/V)·(W·log S − S_z) and the z term λ·lse²
     (None without z-loss), both 0 for ignored rows.
     """
     eps = plan.options.label_smoothing
@@ -76,7 +88,9 @@ def _row_losses(stats: _RowStatistics, rows: _Rows, plan: _Plan) -> tuple[Tensor
     masked = (rows.target_weight == 0) & (stats.target_logit == -math.inf) & lse.isfinite()
     main = torch.where(masked, zero, main)
     if eps > 0.0:
-        main = main + (eps / plan.agreement.vocab_size) * (plan.weight_sum * lse - stats.sum_z)
+        # Σ_c w_c·(lse − z_c) = W·log S − Σ w_c·(z_c − M): small terms, where W·lse − Σ w_c·z_c of
+        # huge logits (a row of −3e38) cancelled to garbage
+        main = main + (eps / plan.agreement.vocab_size) * (plan.weight_sum * log_total - stats.sum_z)
     return torch.where(rows.valid, main, zero), z_term(lse, rows.valid, plan.options.z_loss)
 
 

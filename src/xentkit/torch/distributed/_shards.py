@@ -159,8 +159,8 @@ class TorchShards:
             excess[start:stop] = (at_max.sum(dim=1, dtype=torch.float64) - 1.0) + (exps - at_max).sum(
                 dim=1, dtype=torch.float64
             )
-            if plan.smoothing:
-                z64 = z.to(torch.float64)
+            if plan.smoothing:  # S'_r = Σ w_j·(z_j − t_r), relative to the shift, as the kernels
+                z64 = z.to(torch.float64) - shift.to(torch.float64)[:, None]
                 if plan.weight_local is None:
                     sum_z[start:stop] = z64.sum(dim=1)
                 else:  # a class of weight 0 adds 0, even masked (−inf: 0·log 0 = 0, as the reference)
