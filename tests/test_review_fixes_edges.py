@@ -206,3 +206,33 @@ def test_vocabulary_parallel_smoothing_keeps_rows_of_huge_logits(backend, fill):
         )
         want = F.cross_entropy(z.double(), target, w, label_smoothing=0.1, reduction="none")
         torch.testing.assert_close(loss.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+# ---- a review of the Triton path (under the interpreter) ---------------------------------------
+
+
+def test_compiled_triton_log_probs_take_the_custom_ops_at_every_size():
+    """Up to SMALL_MAX_LOGITS logits the compiled call traced torch ops, which backend="triton"
+    refuses ("cannot run under torch.compile"): a compiled loop failed on its last, smaller
+    batch. It takes the Triton custom ops at every size now, as cross_entropy does."""
+    compiled = torch.compile(lambda a, t: xt.log_probs(a, t, backend="triton"), fullgraph=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(5)
+    for rows in (8, 3):  # 72000 logits, then 27000
+        x = torch.randn(rows, 9000, generator=generator, requires_grad=True)
+        y = torch.randint(0, 9000, (rows,), generator=generator)
+        out = compiled(x, y)
+        out.sum().backward()
+        wide = x.detach().double().requires_grad_()
+        want = torch.log_softmax(wide, 1).gather(1, y[:, None])[:, 0]
+        want.sum().backward()
+        torch.testing.assert_close(out.detach().double(), want.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad.double(), wide.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_complex_class_weight_with_probabilities_is_a_type_error_on_every_backend():
+    """backend="auto" raised a KeyError (the loss's dtype promoted to complex before the weight
+    was looked at); the others, and class indices, raised the TypeError."""
+    x, q = torch.randn(4, 6), torch.softmax(torch.randn(4, 6), 1)
+    for backend in ("auto", "torch"):
+        with pytest.raises(TypeError, match=r"weight must be a numeric array, got dtype complex64"):
+            xt.cross_entropy(x, q, torch.ones(6, dtype=torch.complex64), backend=backend)

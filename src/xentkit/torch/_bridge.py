@@ -169,7 +169,7 @@ def loss_dtype(input: Tensor, target: Tensor, weight: Tensor | None = None) -> t
     dtype = input.dtype
     if target.is_floating_point():
         dtype = torch.promote_types(dtype, target.dtype)
-        if weight is not None:
+        if weight is not None and weight.is_floating_point():  # (a complex one: refused later)
             dtype = torch.promote_types(dtype, weight.dtype)
     return autocast_dtype(dtype, input)
 

@@ -353,10 +353,15 @@ def log_probs(
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
     # under torch.compile, beyond small problems, custom ops around the row backends (as the linear
-    # form's); small ones and torch.func transforms trace torch ops
+    # form's); small ones and torch.func transforms trace torch ops. backend="triton" takes the
+    # ops at every size, as cross_entropy's (the small-problem cut is the CPU's speed rule; a
+    # compiled loop's last, smaller batch must not fail)
     use_ops = (
         torch.compiler.is_compiling() and not _numba_ops.transforms_active()
-        and _numba_ops.compiled_beyond_small(logits.numel(), functional.SMALL_MAX_LOGITS)
+        and (
+            options.backend == "triton"
+            or _numba_ops.compiled_beyond_small(logits.numel(), functional.SMALL_MAX_LOGITS)
+        )
     )
     if _traced(options, logits, target, compiled_ops=use_ops):
         valid, bad = _label_masks(target, classes, options, None)
