@@ -1,8 +1,11 @@
-"""Where two reviews (2026-12-06: a differential sweep of ``xentkit.torch`` against torch, and one
-of the NumPy api against the reference) found xentkit apart from torch, from its reference or from
-its own documentation: each test fails on the commit before its fix."""
+"""Where the reviews of 2026-12-06 (a differential sweep of ``xentkit.torch`` against torch, one of
+the NumPy api against the reference, the vocabulary-parallel forms, the Triton path under the
+interpreter, and a read of the day's change) found xentkit apart from torch, from its reference or
+from its own documentation: each test fails on the commit before its fix."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -236,3 +239,33 @@ def test_a_complex_class_weight_with_probabilities_is_a_type_error_on_every_back
     for backend in ("auto", "torch"):
         with pytest.raises(TypeError, match=r"weight must be a numeric array, got dtype complex64"):
             xt.cross_entropy(x, q, torch.ones(6, dtype=torch.complex64), backend=backend)
+
+
+def test_a_small_weighted_call_redirected_for_a_masked_target_keeps_a_second_derivative():
+    """A small call with class weights whose NaN (a masked target of weight 0) leaves torch's
+    kernel runs torch ops, not the kernels: a second derivative, torch's on the other rows
+    (it had gone to the kernels, which have none: a review)."""
+    x = torch.tensor([[1.0, 2.0, -math.inf], [0.0, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    target = torch.tensor([2, 1])
+    for reduction in ("mean", "sum", "none"):
+        loss = xt.cross_entropy(x, target, weight, reduction=reduction)
+        (g,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.pow(2).sum(), x)
+        row = x.detach()[1:].clone().requires_grad_()
+        want = F.cross_entropy(row, target[1:], weight, reduction=reduction)  # (Σ w_y is row 1's alone)
+        (g_row,) = torch.autograd.grad(want.sum(), row, create_graph=True)
+        (h_row,) = torch.autograd.grad(g_row.pow(2).sum(), row)
+        torch.testing.assert_close(loss.detach().sum(), want.detach().sum())
+        assert torch.equal(h[0], torch.zeros(3, dtype=torch.float64))
+        torch.testing.assert_close(h[1:], h_row)
+        if reduction == "none":
+            assert loss[0].item() == 0.0 and math.copysign(1.0, loss[0].item()) == 1.0  # +0, as the kernels
+
+
+def test_one_weight_value_for_all_only_on_a_scalar_input():
+    """A [[2.0]] weight beside a [3] input is refused, as torch refuses it (the scalar input's
+    one-value rule had reached every input)."""
+    for name in ("weight", "pos_weight"):
+        with pytest.raises(ValueError, match=rf"^{name} must broadcast to the input's shape \(3,\), got shape \(1, 1\)"):
+            xentkit.binary_cross_entropy_with_logits(np.zeros(3), np.ones(3), **{name: [[2.0]]})

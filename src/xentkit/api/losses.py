@@ -44,14 +44,15 @@ def _broadcast_weight(
     one_for_all: bool = False,
 ) -> np.ndarray | None:
     """``weight`` as an array of ``dtype`` that broadcasts to ``shape`` (None stays None), of NumPy
-    ``kinds`` (by default a bool mask too, which weighs 1 or 0, as in torch); ``one_for_all``: one
-    value applies to every element, whatever its shape (a ``[1]`` on a scalar input)."""
+    ``kinds`` (by default a bool mask too, which weighs 1 or 0, as in torch); ``one_for_all``: on a
+    scalar input one value applies whatever its shape (a ``[1]``; elsewhere torch's broadcasting
+    alone, which refuses a ``[[w]]`` beside a ``[3]``)."""
     if weight is None:
         return None
     array = as_array(weight, name)
     if array.dtype.kind not in kinds:
         raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
-    if one_for_all and array.size == 1:
+    if one_for_all and array.size == 1 and not shape:
         array = array.reshape(())
     check_broadcasts_to(name, array.shape, shape)
     return rounded(array, dtype)
@@ -160,7 +161,7 @@ def _bce_with_logits(
     the gradient (the torch binding keeps a float16 input's in float32 until it is scaled)."""
     x, y, dtype = _pair(logits, target, ("logits", "target"))
     reduction = check_reduction(reduction)
-    # (any shape that broadcasts, as torch; one value for all also as a [1] on a scalar input)
+    # (any shape that broadcasts, as torch; on a scalar input one value also as a [1])
     w = _broadcast_weight(weight, x.shape, x.dtype, "weight", one_for_all=True)
     pw = _broadcast_weight(pos_weight, x.shape, x.dtype, "pos_weight", kinds="fiu", one_for_all=True)
     plan = ReductionPlan.of_rows(reduction, x.size)

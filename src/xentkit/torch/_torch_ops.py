@@ -114,7 +114,7 @@ def _weighted_cross_entropy(
     classes = input.shape[class_dim]
     log_p = torch.log_softmax(input, class_dim)
     valid = labels != options.ignore_index  # (a bad label's row too: its stand-in class counts)
-    main = -_weighted_picked(log_p, labels, weight, options.ignore_index, class_dim)
+    main = 0.0 - _weighted_picked(log_p, labels, weight, options.ignore_index, class_dim)  # (+0, as the kernels)
     if options.label_smoothing:
         shape = [classes if dim == class_dim else 1 for dim in range(input.dim())]
         smooth = -_weighted_term(weight.reshape(shape), log_p).sum(class_dim)
@@ -184,7 +184,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: Loss
     if weight is None:
         main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
     else:  # (F.nll_loss's −w_y·log p_y is NaN at 0·(−inf); it cannot differentiate the weight either)
-        main = -_weighted_picked(input, labels, weight, options.ignore_index, class_dim)
+        main = 0.0 - _weighted_picked(input, labels, weight, options.ignore_index, class_dim)  # (+0, as the kernels)
     return plan.reduce(_nan_where(main, bad)).to(_bridge.loss_dtype(input, target))
 
 

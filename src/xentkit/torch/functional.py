@@ -384,11 +384,16 @@ def _small_cross_entropy(
         _label_error_instead(target, input.shape[axis], options.ignore_index)
         raise
     # a NaN maybe 0·log 0 at a −inf logit (a probability target of 0, or a class of weight 0):
-    # xentkit's path decides
+    # xentkit's path decides; class weights with class indices on torch ops, which keep torch's
+    # second derivative (the kernels have none)
     if (probabilities or weight is not None) and (
         bool(loss.isnan().any()) if options.reduction == "none" else math.isnan(loss.item())
     ):
-        return _cross_entropy_beyond_small(input, target, weight, options, check_probabilities)
+        if probabilities:
+            return _cross_entropy_beyond_small(input, target, weight, options, check_probabilities)
+        if check_probabilities:
+            warn_if_probabilities(_bridge.as_numpy(input), axis)
+        return _torch_ops.cross_entropy(input, target, weight, options)
     if probabilities:
         if check_probabilities:
             warn_if_probabilities(_bridge.as_numpy(input), axis)
@@ -703,12 +708,12 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
         classes = input.shape[input.dim() > 1]  # (one sample: [C])
         _label_error_instead(target, classes, options.ignore_index, f"log_probs have {classes} classes")
         raise
-    # a NaN maybe 0·log 0 (a target of class weight 0 at a −inf log-probability): xentkit's path
-    # decides
+    # a NaN maybe 0·log 0 (a target of class weight 0 at a −inf log-probability): torch ops decide
+    # (they keep torch's second derivative)
     if weight is not None and (
         bool(loss.isnan().any()) if options.reduction == "none" else math.isnan(loss.item())
     ):
-        return _nll_loss_beyond_small(input, target, weight, options)
+        return _torch_ops.nll_loss(input, target, weight, options)
     if options.reduction == "mean" and _nothing_to_average(loss.item(), target, weight, options.ignore_index):
         return _zero_with_zero_gradient(input)
     return loss
