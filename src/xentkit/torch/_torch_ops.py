@@ -90,12 +90,9 @@ def _weighted_term(weight: Tensor, log_p: Tensor) -> Tensor:
     return weight * torch.where((weight == 0) & (log_p == -math.inf), 0.0, log_p)
 
 
-def _weighted_picked(
-    log_p: Tensor, labels: Tensor, weight: Tensor, ignore_index: int, class_dim: int
-) -> Tensor:
-    """w_y·log p_y per sample (``_weighted_term``'s 0·log 0 = 0), 0 where the label is
-    ``ignore_index``; ``labels`` in range otherwise (``_label_plan``'s)."""
-    valid = labels != ignore_index
+def _weighted_picked(log_p: Tensor, labels: Tensor, weight: Tensor, valid: Tensor, class_dim: int) -> Tensor:
+    """w_y·log p_y per sample (``_weighted_term``'s 0·log 0 = 0), 0 where not ``valid`` (the label
+    is ``ignore_index``); ``labels`` in range otherwise (``_label_plan``'s)."""
     safe = torch.where(valid, labels, 0).unsqueeze(class_dim)
     picked = log_p.gather(class_dim, safe).squeeze(class_dim)
     # (index_select, not weight[index] nor take: under torch.compile those read a 0-d index's value)
@@ -114,7 +111,7 @@ def _weighted_cross_entropy(
     classes = input.shape[class_dim]
     log_p = torch.log_softmax(input, class_dim)
     valid = labels != options.ignore_index  # (a bad label's row too: its stand-in class counts)
-    main = 0.0 - _weighted_picked(log_p, labels, weight, options.ignore_index, class_dim)  # (+0, as the kernels)
+    main = 0.0 - _weighted_picked(log_p, labels, weight, valid, class_dim)  # (+0, as the kernels)
     if options.label_smoothing:
         shape = [classes if dim == class_dim else 1 for dim in range(input.dim())]
         smooth = -_weighted_term(weight.reshape(shape), log_p).sum(class_dim)
@@ -184,7 +181,8 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: Loss
     if weight is None:
         main = F.nll_loss(input, labels, weight, ignore_index=options.ignore_index, reduction="none")
     else:  # (F.nll_loss's −w_y·log p_y is NaN at 0·(−inf); it cannot differentiate the weight either)
-        main = 0.0 - _weighted_picked(input, labels, weight, options.ignore_index, class_dim)  # (+0, as the kernels)
+        valid = labels != options.ignore_index  # (a bad label's row too: its stand-in class counts)
+        main = 0.0 - _weighted_picked(input, labels, weight, valid, class_dim)  # (+0, as the kernels)
     return plan.reduce(_nan_where(main, bad)).to(_bridge.loss_dtype(input, target))
 
 

@@ -386,9 +386,7 @@ def _small_cross_entropy(
     # a NaN maybe 0·log 0 at a −inf logit (a probability target of 0, or a class of weight 0):
     # xentkit's path decides; class weights with class indices on torch ops, which keep torch's
     # second derivative (the kernels have none)
-    if (probabilities or weight is not None) and (
-        bool(loss.isnan().any()) if options.reduction == "none" else math.isnan(loss.item())
-    ):
+    if (probabilities or weight is not None) and _holds_nan(loss, options.reduction):
         if probabilities:
             return _cross_entropy_beyond_small(input, target, weight, options, check_probabilities)
         if check_probabilities:
@@ -414,6 +412,12 @@ def _small_cross_entropy(
     ):
         warn_if_probabilities(_bridge.as_numpy(input), axis)
     return loss
+
+
+def _holds_nan(loss: Tensor, reduction: str) -> bool:
+    """Whether torch's small-problem loss holds a NaN (one look: per row for "none", the scalar's
+    ``.item()`` otherwise)."""
+    return bool(loss.isnan().any()) if reduction == "none" else math.isnan(loss.item())
 
 
 def _label_error_instead(target: Tensor, classes: int, ignore_index: int, holder: str | None = None) -> None:
@@ -710,9 +714,7 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
         raise
     # a NaN maybe 0·log 0 (a target of class weight 0 at a −inf log-probability): torch ops decide
     # (they keep torch's second derivative)
-    if weight is not None and (
-        bool(loss.isnan().any()) if options.reduction == "none" else math.isnan(loss.item())
-    ):
+    if weight is not None and _holds_nan(loss, options.reduction):
         return _torch_ops.nll_loss(input, target, weight, options)
     if options.reduction == "mean" and _nothing_to_average(loss.item(), target, weight, options.ignore_index):
         return _zero_with_zero_gradient(input)
