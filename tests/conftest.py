@@ -10,6 +10,18 @@ import os
 if os.environ.get("XENTKIT_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# torch.compile's on-disk caches in a folder of this test session's own (unless one is chosen):
+# torch 2.13's compiled-graph cache keys on the graph, not on a custom op's fake output shapes
+# (pytorch/pytorch#160472), so code compiled by an earlier checkout, whose ops returned other
+# shapes, would be reloaded here and fail its own shape asserts. (Subprocesses inherit it.)
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="xentkit-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 import numpy as np
 import pytest
 

@@ -239,9 +239,12 @@ def test_the_custom_ops_pass_torchs_opcheck(probabilities):
     options = LossOptions("mean", -100, 0.1, 1e-2, 2.5)
     arguments = _triton_path.FORWARD_OP_OPTIONS.values(options)
     assert arguments == ("mean", -100, 0.1, 1e-2, 2.5)
+    layout = _ops.stats_layout(target)  # M and e, and A in two parts for probabilities
+    assert layout == (4 if probabilities else 2)
     for loss_dtype in (torch.float32, torch.float64):
-        torch.library.opcheck(_ops.triton_cross_entropy, (rows, target, weight, loss_dtype, *arguments))
-    _, stats, factors = _ops.triton_cross_entropy(rows.detach(), target, weight, torch.float32, *arguments)
+        torch.library.opcheck(_ops.triton_cross_entropy, (rows, target, weight, loss_dtype, layout, *arguments))
+    _, stats, factors = _ops.triton_cross_entropy(rows.detach(), target, weight, torch.float32, layout, *arguments)
+    assert stats.shape == (layout, 4)
     torch.library.opcheck(
         _ops.triton_cross_entropy_backward,
         (rows.detach(), target, weight, stats, factors, torch.tensor(1.5),
@@ -255,7 +258,7 @@ def test_the_custom_ops_take_every_formula_option_by_name():
     formula = tuple(LossOptions().formula_arguments())
     forward = [argument.name for argument in _ops.triton_cross_entropy._opoverload._schema.arguments]
     backward = [argument.name for argument in _ops.triton_cross_entropy_backward._opoverload._schema.arguments]
-    assert forward == ["rows", "target", "weight", "loss_dtype", "reduction", *formula]
+    assert forward == ["rows", "target", "weight", "loss_dtype", "stats_rows", "reduction", *formula]
     assert backward == ["rows", "target", "weight", "stats", "factors", "grad_output", *formula]
     options = LossOptions("sum", 3, 0.25, 1e-3, None)
     forward_op = _triton_path.FORWARD_OP_OPTIONS

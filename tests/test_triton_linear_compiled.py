@@ -16,7 +16,7 @@ import torch
 
 import xentkit.torch as xt
 from xentkit._options import LossOptions
-from xentkit.torch import _linear_ops, _torch_ops
+from xentkit.torch import _linear_ops, _ops, _torch_ops
 from xentkit.triton import cross_entropy as kernels
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
@@ -135,11 +135,11 @@ def test_the_linear_custom_ops_pass_torchs_opcheck(reduction):
     x, w, b, target, weight, upstream = _problem(True, False, True, seed=5)
     options = LossOptions(reduction, -100, 0.1, 1e-2, None, CHUNK)
     values = _linear_ops.LINEAR_OP_OPTIONS.values(options)
-    arguments = (x, w, b, target, weight, True, True, True, *values)
+    arguments = (x, w, b, target, weight, True, True, True, _ops.stats_layout(target), *values)
     torch.library.opcheck(_linear_ops.triton_linear_cross_entropy, arguments)
     if reduction == "none":
         _, stats, *_ = _linear_ops.triton_linear_cross_entropy(
-            x.detach(), w.detach(), b.detach(), target, weight, True, True, True, *values
+            x.detach(), w.detach(), b.detach(), target, weight, True, True, True, _ops.stats_layout(target), *values
         )
         torch.library.opcheck(
             _linear_ops.triton_linear_cross_entropy_backward,

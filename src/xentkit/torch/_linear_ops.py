@@ -8,7 +8,8 @@ the compiler's one node, the code of the eager path (``_linear_triton.forward_ch
 ``backward_chunks``):
 
     xentkit::triton_linear_cross_entropy(input, linear_weight, linear_bias, target, weight,
-                                         want_input, want_weight, want_bias, <options>)
+                                         want_input, want_weight, want_bias, stats_rows,
+                                         <options>)
         -> (loss, stats, grad_input, grad_weight, grad_bias)
         "mean"/"sum": the loss and, for an upstream gradient of 1, the gradients wanted (as the
         eager path, three matmuls per chunk in all); backward multiplies them by the upstream
@@ -42,6 +43,7 @@ from .._options import LossOptions
 from . import _bridge
 from ._chunks import chunk_rows, detached
 from ._linear_triton import backward_chunks, forward_chunks, rows_target
+from ._ops import check_stats_layout, stats_layout
 from ._triton_path import FORMULA_NAMES, OpOptions
 
 __all__ = [
@@ -89,17 +91,22 @@ def resolved(options: LossOptions, x: Tensor, w: Tensor) -> LossOptions:
 
 @torch.library.custom_op(
     "xentkit::triton_linear_cross_entropy", mutates_args=(),
-    schema=f"({OPERANDS}, {WANT}, {LINEAR_OP_OPTIONS.schema}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema=(
+        f"({OPERANDS}, {WANT}, int stats_rows, {LINEAR_OP_OPTIONS.schema}) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 )
 def triton_linear_cross_entropy(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
-    want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
+    want_input: bool, want_weight: bool, want_bias: bool, stats_rows: int, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, stats, grad_input, grad_weight, grad_bias)``; see the module docstring."""
+    """``(loss, stats, grad_input, grad_weight, grad_bias)``; see the module docstring. ``stats_rows``:
+    the rows of ``stats``, written into the traced graph (``_ops.stats_layout`` says why)."""
     x, w, b = detached(input, linear_weight, linear_bias)
     loss_options = resolved(LINEAR_OP_OPTIONS.options(options), x, w)
     want = (want_input, want_weight, want_bias and b is not None)
     loss, _valid, stats, gradients = forward_chunks(x, w, b, target, weight, loss_options, want)
+    check_stats_layout(stats, stats_rows)
     grad_x, grad_w, grad_b = gradients
     return (
         loss.to(_bridge.at_least_float32(x.dtype)), stats,
@@ -110,12 +117,12 @@ def triton_linear_cross_entropy(
 @triton_linear_cross_entropy.register_fake
 def _(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, target: Tensor, weight: Tensor | None,
-    want_input: bool, want_weight: bool, want_bias: bool, *options: Any,
+    want_input: bool, want_weight: bool, want_bias: bool, stats_rows: int, *options: Any,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     (reduction,) = REDUCTION.taken_from(LINEAR_OP_OPTIONS, options)
     rows = input.shape[0]
     loss = input.new_empty((rows,) if reduction == "none" else (), dtype=_bridge.at_least_float32(input.dtype))
-    stats = input.new_empty((3 if target.is_floating_point() else 2, rows), dtype=torch.float32)
+    stats = input.new_empty((stats_rows, rows), dtype=torch.float32)
     now = reduction != "none"
     want = (now and want_input, now and want_weight, now and want_bias)
     return (loss, stats, *fake_gradients(want, input, linear_weight, linear_bias))
@@ -150,7 +157,7 @@ def _(
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    input, linear_weight, linear_bias, target, weight, want_input, want_weight, want_bias, *options = inputs
+    input, linear_weight, linear_bias, target, weight, want_input, want_weight, want_bias, _stats_rows, *options = inputs
     _loss, stats, grad_x, grad_w, grad_b = output
     ctx.mark_non_differentiable(stats, grad_x, grad_w, grad_b)
     ctx.options = tuple(options)
@@ -188,7 +195,7 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_unu
         gradient if wanted and needed else None
         for gradient, wanted, needed in zip(gradients, ctx.want, ctx.needs_input_grad[:3], strict=True)
     )
-    return (*grads, None, None, None, None, None, *(None for _ in ctx.options))
+    return (*grads, None, None, None, None, None, None, *(None for _ in ctx.options))  # (… want_bias, stats_rows)
 
 
 triton_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -209,6 +216,6 @@ def linear_cross_entropy(
     labels = rows_target(target, input.shape[0], linear_weight.shape[0])
     loss, *_ = triton_linear_cross_entropy(
         input, linear_weight, linear_bias, labels, None if weight is None else weight.detach(), *want,
-        *LINEAR_OP_OPTIONS.values(options),
+        stats_layout(labels), *LINEAR_OP_OPTIONS.values(options),
     )
     return loss

@@ -85,6 +85,7 @@ def forward_chunks(
     upstream gradient of 1 (None for the others, and for "none"). No label is checked and
     nothing waits for the device: a bad label makes its row NaN. Shared by the eager Function
     and the custom ops of ``torch.compile`` (``_linear_ops``)."""
+    from ..triton import stats_rows
     from ..triton.cross_entropy import ClassWeights, row_statistics
 
     options.check_fits(torch.float32, torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny)  # the kernels' arithmetic
@@ -103,7 +104,7 @@ def forward_chunks(
     )
     loss_rows = torch.empty(n, dtype=torch.float32, device=x.device)
     lse_rows = torch.empty(n, dtype=torch.float32, device=x.device)
-    stats = torch.empty((3 if probabilities else 2, n), dtype=torch.float32, device=x.device)
+    stats = torch.empty((stats_rows(probabilities), n), dtype=torch.float32, device=x.device)
     buffer = torch.empty((min(options.chunk_size, n), classes), dtype=x.dtype, device=x.device)
     for start, stop, x_chunk, logits in logit_chunks(x, w, b, buffer, options.chunk_size):
         loss_rows[start:stop], lse_rows[start:stop], stats[:, start:stop] = row_statistics(

@@ -24,6 +24,7 @@ __all__ = [
     "log_prob_statistics",
     "shard_softmax_grad",
     "shard_softmax_stats",
+    "stats_rows",
 ]
 
 _HOMES = {
@@ -48,6 +49,14 @@ def available() -> bool:
 
 
 _IMPORTED: list[bool] = []  # non-empty once triton was imported (every call asks: no import machinery)
+
+
+def stats_rows(probabilities: bool) -> int:
+    """Rows of the per-row statistics that ``cross_entropy.row_statistics`` returns and
+    ``row_gradient`` reads (here, without Triton, for the custom ops' fake implementations): M and
+    e; for probability targets also A = Σ_j r_j in two parts, the target mass off the row's max
+    and at it (so that pass 2's A − r_max keeps its digits)."""
+    return 4 if probabilities else 2
 
 
 def __getattr__(name: str) -> Any:

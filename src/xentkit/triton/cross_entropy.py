@@ -42,10 +42,14 @@ labels) take the same passes with ``PROBABILITIES`` set, the weighted smoothed t
 r_j = w_j·q'_j, q'_j = (1−ε)·q_j + ε/V, in place of the label's terms:
 
     pass 1:    per chunk also  R_c = Σ_j r_j,  S_c = Σ_j r_j·(z_j − t_c)        (0 where r_j = 0)
-               (r_j the target here; the chunk's sums r_c above are the exponentials')
+               (r_j the target here; the chunk's sums r_c above are the exponentials'), R_c in
+               two parts as the exponentials: the mass at the chunk's max, and below it
     the loss:  loss = −Σ_j r_j·(z_j − lse) = Σ_c (R_c·(lse − t_c) − S_c),  and A = Σ_c R_c kept
-               (every term ≥ 0 for q ≥ 0: t_c ≤ lse and z_j ≤ t_c, so nothing cancels)
-    pass 2:    grad_ij = s'(x_ij)·(g_i·(p_j·A − r_j) + g^z_i·2·λ·lse·p_j)
+               (every term ≥ 0 for q ≥ 0: t_c ≤ lse and z_j ≤ t_c, so nothing cancels), as
+               A_top, the mass at the row's max, and A_rest (``stats_rows``)
+    pass 2:    grad_ij = s'(x_ij)·(g_i·(p_j·A − r_j) + g^z_i·2·λ·lse·p_j), at the max
+               g_i·((A_top − r_j) + A_rest − A·e/d): a confident row's A − r_max (the mass off
+               the max, say a smoothing's ε) keeps its own relative accuracy, not float32's of A
 
 No row is ignored (``ignore_index`` is not read), as on the CPU; a class with r_j = 0 adds
 nothing, so a masked (−inf) logit is harmless where the target puts no mass on it.
@@ -88,7 +92,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _chunks
+from . import _chunks, stats_rows
 
 __all__ = ["ClassWeights", "cross_entropy_rows", "row_gradient", "row_statistics"]
 
@@ -189,8 +193,14 @@ def _partials_kernel(
         # S_c = Σ r_j·(z_j − t_c): a class the target leaves out adds 0, never 0·(−inf), and so
         # does the chunk's maximum (z_j − t_c = 0: never inf·0 for an infinite weight)
         tl.store(slot + 3 * plane, tl.sum(tl.where((r == 0.0) | (z == shift), 0.0, r * (z - shift)), 0))
-        tl.store(slot + 4 * plane, tl.sum(r, 0))
-        tl.store(slot + 5 * plane, tl.sum(tl.where(z > float("-inf"), 1.0, 0.0), 0))  # finite logits
+        # R_c in two parts, as the exponentials: the target mass below the chunk's max, and at it
+        # (a chunk of m = ±inf: the loss kernel adds the two back together)
+        top = z == m
+        tl.store(slot + 4 * plane, tl.sum(tl.where(top, 0.0, r), 0))
+        # the finite logits, counted in int32: this form (not a float sum, and not split_sum's
+        # test of m above) compiles without a spill at BLOCK 4096 and 8192 on sm_80
+        tl.store(slot + 5 * plane, tl.sum((z > float("-inf")).to(tl.int32), 0).to(tl.float32))
+        tl.store(slot + 6 * plane, tl.sum(tl.where(top, r, 0.0), 0))
     elif HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0)
@@ -253,13 +263,19 @@ def _loss_kernel(
     gaps = (m - shifts) + log_d
     if PROBABILITIES:
         s_z = tl.load(slots + 3 * plane, mask=mine, other=0.0)
-        r_c = tl.load(slots + 4 * plane, mask=mine, other=0.0)
+        below = tl.load(slots + 4 * plane, mask=mine, other=0.0)
         lone = tl.sum(tl.load(slots + 5 * plane, mask=mine, other=0.0), 0) <= 1.0
+        at_top = tl.load(slots + 6 * plane, mask=mine, other=0.0)
+        r_c = below + at_top
         # + 0·lse: a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN loss
         # also where its targets carry no mass, as its gradient (0 otherwise)
         loss = tl.sum(_mass_at_lse(r_c, gaps, lone) - s_z, 0) + 0.0 * lse
         tl.store(loss_ptr + row, loss)
-        tl.store(stats_ptr + 2 * rows + row, tl.sum(r_c, 0))  # A = Σ_j r_j, for pass 2
+        # A = Σ_j r_j for pass 2, in two parts: the target mass at the row's max (the chunks
+        # holding it: M finite, their counts > 0) and the rest, so that A − r_max keeps its digits
+        top = (shifts == m) & (tl.load(slots + 2 * plane, mask=mine, other=0.0) > 0.0)
+        tl.store(stats_ptr + 2 * rows + row, tl.sum(tl.where(top, below, r_c), 0))
+        tl.store(stats_ptr + 3 * rows + row, tl.sum(tl.where(top, at_top, 0.0), 0))
     else:
         # a label outside [0, V) (refused by the caller afterwards) reads nothing out of bounds
         known = (y >= 0) & (y < n_cols)
@@ -335,7 +351,9 @@ def _grad_kernel(
     # targets, g·(1−ε)·w_y for labels, whose A adds the smoothing's ε·W/V to ``other`` with the z term
     other = 0.0
     if PROBABILITIES:
-        main = g * tl.load(stats_ptr + 2 * rows + row)  # g·A
+        a_rest = g * tl.load(stats_ptr + 2 * rows + row)  # g·A, A = A_rest + A_top
+        a_top = g * tl.load(stats_ptr + 3 * rows + row)
+        main = a_rest + a_top
     else:
         known = (y >= 0) & (y < n_cols)
         if HAS_WEIGHT:
@@ -374,7 +392,8 @@ def _grad_kernel(
         r = g * _weighted_target(target_ptr + row * target_stride, weight_ptr, cols, inside, n_cols, eps,
                                  HAS_WEIGHT, HAS_SMOOTHING)
         grad = coef * tl.exp(z - m) - r
-        precise = tl.where(regroup, (main - r) + (other - main * e) / d, float("nan"))
+        # main − r_j = (g·A_top − r_j) + g·A_rest: exactly g·A_rest at a lone max
+        precise = tl.where(regroup, ((a_top - r) + a_rest) + (other - main * e) / d, float("nan"))
         grad = tl.where(at_max, tl.where(precise == precise, precise, grad), grad)
     else:
         label = cols == y
@@ -451,8 +470,8 @@ def row_statistics(
     softcap: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 1 and the loss: ``(loss, lse, stats)``, float32, ``stats`` the rows' max M and excess
-    e = d − 1 of their sum d (``[2, N]``; ``[3, N]`` with A = Σ_j w_j·q'_j for probability targets) for
-    :func:`row_gradient`. ``target``: ``[N]`` int64 labels, or ``[N, V]`` class probabilities
+    e = d − 1 of their sum d (``[2, N]``; ``[4, N]`` for probability targets, with A = Σ_j w_j·q'_j
+    in two parts: :func:`stats_rows`) for :func:`row_gradient`. ``target``: ``[N]`` int64 labels, or ``[N, V]`` class probabilities
     (float, contiguous rows); ``weight``: ``[V]``, :class:`ClassWeights` or None. Two launches; a
     label outside ``[0, V)`` gives NaN (nothing is read out of bounds), for the caller to
     refuse."""
@@ -462,12 +481,12 @@ def row_statistics(
     probabilities = flags["PROBABILITIES"]
     loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=device)
-    stats = torch.empty((3 if probabilities else 2, n_rows), dtype=torch.float32, device=device)
+    stats = torch.empty((stats_rows(probabilities), n_rows), dtype=torch.float32, device=device)
     if n_rows == 0:
         return loss, lse, stats
     weights = ClassWeights.of(weight, device, with_total=False)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
-    part = layout.partials(6 if probabilities or label_smoothing > 0.0 else 3, device)
+    part = layout.partials(7 if probabilities else 6 if label_smoothing > 0.0 else 3, device)
     cap = 1.0 if softcap is None else float(softcap)
     any_weight = loss if weights is None else weights.values  # any pointer when unused
     target_stride = target.stride(0) if probabilities else 1
