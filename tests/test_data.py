@@ -22,6 +22,7 @@ from conftest_lab import (
     write_idx,
 )
 from xentkit.lab.datasets import (
+    DATASET_NAMES,
     FASHION_MNIST_SYSTEM_DIR,
     DatasetError,
     load_dataset,
@@ -103,6 +104,24 @@ def test_data_argument_accepts_a_folder_or_an_npz(tmp_path: Path) -> None:
         np.testing.assert_array_equal(dataset.y_train, from_folder.y_train)
         np.testing.assert_allclose(dataset.x_test, from_folder.x_test, rtol=1e-6)
         assert dataset.name == "digits.npz"  # the file name: never a dataset name
+
+
+def test_unnamed_data_is_called_by_its_own_name_never_a_datasets(tmp_path: Path, monkeypatch) -> None:
+    """``--data .`` is called by the folder it is (it was "/", from Path(".").name, in the report
+    and the JSON), and a file called like a dataset but without a suffix ("mnist") is not taken
+    for that dataset (it had brought note 003's full-MNIST curves into the report): a review."""
+    arrays = fake_mnist(tmp_path / "digits", n_train=10, n_test=5)
+    monkeypatch.chdir(tmp_path / "digits")
+    assert load_dataset(data=".").name == "digits/"
+    monkeypatch.chdir(tmp_path / "digits" / ".")
+    assert load_dataset(data="../digits/.").name == "digits/"
+    archive = tmp_path / "mnist"
+    with archive.open("wb") as file:  # an .npz without its suffix
+        np.savez(file, x_train=arrays["train_images"], y_train=arrays["train_labels"],
+                 x_test=arrays["test_images"], y_test=arrays["test_labels"])
+    dataset = load_dataset(data=archive)
+    assert dataset.name == "file mnist" and dataset.name not in DATASET_NAMES
+    assert load_dataset("mnist", data=archive).name == "mnist"  # only --dataset says what it holds
 
 
 def test_embedded_sample_is_a_fixed_stratified_split() -> None:

@@ -269,3 +269,49 @@ def test_one_weight_value_for_all_only_on_a_scalar_input():
     for name in ("weight", "pos_weight"):
         with pytest.raises(ValueError, match=rf"^{name} must broadcast to the input's shape \(3,\), got shape \(1, 1\)"):
             xentkit.binary_cross_entropy_with_logits(np.zeros(3), np.ones(3), **{name: [[2.0]]})
+
+
+# ---- nll_loss on half-precision log-probabilities: one rounding, at the end -------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_half_nll_loss_with_class_weights_rounds_once(dtype, reduction):
+    """The torch-ops nll_loss (half-precision log-probabilities) reduces float32 per-row losses and
+    rounds once: it had reduced the rows' weighted losses already rounded to bfloat16, so a "sum"
+    over mixed-sign weights came out −58.5 where the exact −58.2421875 rounds to −58.25 (a review).
+    Over random batches the result is the float64 loss rounded once: within half an ulp of it."""
+    log_p = torch.tensor([[-4.4375, -1.5703125], [-4.8125, -2.515625], [-3.875, -2.984375]], dtype=dtype)
+    weight = torch.tensor([-4.4375, 2.546875], dtype=dtype)
+    labels = torch.tensor([0, 0, 0])
+    exact = F.nll_loss(log_p.double(), labels, weight.double(), reduction=reduction)
+    assert xt.nll_loss(log_p, labels, weight, reduction=reduction) == exact.to(dtype)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(50):
+        log_p = torch.log_softmax(torch.randn(64, 7, generator=generator) * 3, 1).to(dtype)
+        weight = (torch.randn(7, generator=generator) * 3).to(dtype)
+        labels = torch.randint(0, 7, (64,), generator=generator)
+        got = xt.nll_loss(log_p, labels, weight, reduction=reduction)
+        exact = F.nll_loss(log_p.double(), labels, weight.double(), reduction=reduction)
+        assert got.dtype == dtype
+        assert got == exact.to(dtype), (got, exact)
+
+
+# ---- the NumPy api: a result beyond the dtype is inf without NumPy's overflow warning ----------
+
+
+@pytest.mark.filterwarnings("error")
+def test_losses_beyond_the_dtype_are_inf_without_a_warning():
+    """As elsewhere in the api (and as torch), a loss or gradient that overflows its dtype is inf
+    quietly: the reference's sums and its binary cross-entropy on probabilities had let NumPy's
+    "overflow encountered" RuntimeWarning out (a review)."""
+    loss, grad = xentkit.binary_cross_entropy_and_grad(
+        np.float32([0.0]), np.float32([1.0]), weight=np.float32([1e27]), reduction="none"
+    )
+    assert loss[0] == np.float32(1e29) and grad[0] == -np.inf
+    assert xentkit.nll_loss(np.array([[-1e308], [-1e308]]), [0, 0], reduction="sum") == np.inf
+    with xentkit.use_reference():
+        assert xentkit.binary_cross_entropy_with_logits(np.array([-1e308, -1e308]), np.array([1.0, 1.0]),
+                                                        reduction="sum") == np.inf
+        assert xentkit.binary_cross_entropy(np.array([0.5]), np.array([1.0]), weight=np.array([1e308]),
+                                            reduction="sum") == pytest.approx(1e308 * math.log(2))

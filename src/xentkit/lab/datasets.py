@@ -153,8 +153,9 @@ def load_idx_folder(
         paths[key] = path
     x_train, y_train = read_idx_pair(paths["train_images"], paths["train_labels"])
     x_test, y_test = read_idx_pair(paths["test_images"], paths["test_labels"])
-    # unnamed: the folder's name with its slash, never taken for a --dataset name
-    name = name or f"{folder.name}/"
+    # unnamed: the folder's name with its slash, never taken for a --dataset name ("." and ".."
+    # by the folder they are: Path(".").name is empty)
+    name = name or f"{folder.resolve().name or folder.resolve()}/".replace("//", "/")
     return Dataset(
         name=name,
         description=description
@@ -173,7 +174,9 @@ def load_npz(path: str | os.PathLike[str], *, name: str | None = None) -> Datase
     """
     path = Path(path)
     arrays = read_npz(path)
-    name = name or path.name  # unnamed: the file's name, suffix included (never a --dataset name)
+    # unnamed: the file's name, suffix included, never taken for a --dataset name (a file called
+    # "mnist", without a suffix, is "file mnist")
+    name = name or (f"file {path.name}" if path.name in DATASET_NAMES else path.name)
     return Dataset(
         name=name,
         description=f"{name} from {path}: {arrays['y_train'].shape[0]} train / "

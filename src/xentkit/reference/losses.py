@@ -88,8 +88,9 @@ def binary_cross_entropy_and_grad(
     with np.errstate(divide="ignore"):
         log_p = np.maximum(np.log(probs), _LOG_FLOOR)
         log_1mp = np.maximum(np.log1p(-probs), _LOG_FLOOR)
-    loss = -w * (target * log_p + (1 - target) * log_1mp)
-    grad = w * (probs - target) / np.maximum(probs * (1 - probs), _GRAD_EPSILON)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
+        loss = -w * (target * log_p + (1 - target) * log_1mp)
+        grad = w * (probs - target) / np.maximum(probs * (1 - probs), _GRAD_EPSILON)
     return loss, grad
 
 

@@ -46,7 +46,8 @@ def _total(rows: Any) -> Any:
         import torch
 
         return rows.sum(dtype=torch.promote_types(rows.dtype, torch.float32))
-    with np.errstate(invalid="ignore"):  # rows of +inf and −inf: NaN, no warning (as torch)
+    # rows of +inf and −inf: NaN, and a sum beyond the dtype: inf, without a warning (as torch)
+    with np.errstate(invalid="ignore", over="ignore"):
         if isinstance(rows, np.ndarray):
             return rows.sum(dtype=np.float64)  # np.sum's own summation, without its wrapper
         return np.sum(rows, dtype=np.float64)

@@ -62,6 +62,10 @@ def chunk_rows(
     >>> chunk_rows(8192, 128256, 2, None, device_type="cuda")   # 512 MiB / 250.5 KiB = 2093 → 2048
     2048
     """
+    if isinstance(rows, torch.Tensor):  # torch.jit.trace records sizes as 0-d tensors
+        rows = int(rows)
+    if isinstance(classes, torch.Tensor):
+        classes = int(classes)
     if chunk_size is not None:
         return max(1, min(chunk_size, rows))
     row_bytes = max(1, classes * itemsize)

@@ -169,12 +169,19 @@ def cross_entropy(
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions) -> Tensor:
     """``torch.nn.functional.nll_loss`` with xentkit's "mean" of nothing = 0, and 0·log 0 = 0 for
-    a target of class weight 0 whose log-probability is −inf (torch: NaN)."""
+    a target of class weight 0 whose log-probability is −inf (torch: NaN). Computed in float32 or
+    better, as :func:`cross_entropy`: half-precision per-row losses are not rounded before the
+    reduction (torch rounds each weighted one: a bfloat16 "sum" of mixed-sign weights came out
+    an ulp and more off, a review), and the loss is rounded once, to torch's dtype."""
     class_dim, _, _ = _bridge.sample_layout(input, target, "log_probs", probabilities_allowed=False)
     classes = input.shape[class_dim]
     _bridge.check_class_weight(weight, classes)
-    if weight is not None and weight.dtype != input.dtype:  # any numeric weight, as the kernels
-        weight = weight.to(input.dtype)
+    result_dtype = _bridge.loss_dtype(input, target)
+    compute = _bridge.at_least_float32(input.dtype)
+    if input.dtype != compute:
+        input = input.to(compute)
+    if weight is not None and weight.dtype != compute:  # any numeric weight, as the kernels
+        weight = weight.to(compute)
     labels, bad, _, plan = _label_plan(
         target, weight, options, input.dtype, classes, f"log_probs have {classes} classes"
     )
@@ -183,7 +190,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: Loss
     else:  # (F.nll_loss's −w_y·log p_y is NaN at 0·(−inf); it cannot differentiate the weight either)
         valid = labels != options.ignore_index  # (a bad label's row too: its stand-in class counts)
         main = 0.0 - _weighted_picked(input, labels, weight, valid, class_dim)  # (+0, as the kernels)
-    return plan.reduce(_nan_where(main, bad)).to(_bridge.loss_dtype(input, target))
+    return plan.reduce(_nan_where(main, bad)).to(result_dtype)
 
 
 def binary_cross_entropy_with_logits(

@@ -1,0 +1,56 @@
+"""``torch.jit.trace`` of models that use xentkit.torch (docs/torch.md, "TorchScript"): the traced
+graph gives eager's losses and gradients, on inputs of another batch size too; the default trace
+check passes where a call stays on torch's kernel and fails, as documented, where it runs one of
+xentkit's autograd Functions."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import xentkit.torch as xt  # noqa: E402
+
+
+def _losses():
+    """(name, loss of (x, t) with a linear layer's weight w, t's kind)."""
+    return [
+        ("cross_entropy", lambda x, w, t: xt.cross_entropy(x @ w.T, t, label_smoothing=0.1, z_loss=1e-3), "labels"),
+        ("binary_cross_entropy_with_logits", lambda x, w, t: xt.binary_cross_entropy_with_logits(x @ w.T, t), "probs"),
+        # (the linear form had failed while tracing: its chunk size came from a traced size, a tensor)
+        ("linear_cross_entropy", lambda x, w, t: xt.linear_cross_entropy(x, w, t, chunk_size=None), "labels"),
+        ("log_probs", lambda x, w, t: xt.log_probs(x @ w.T, t).sum(), "labels"),
+    ]
+
+
+def _inputs(rows, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 6, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 5, (rows,), generator=generator), torch.rand(rows, 5, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("name", "loss_of", "kind"), _losses(), ids=[entry[0] for entry in _losses()])
+def test_a_traced_loss_gives_eagers_values_and_gradients(name, loss_of, kind):
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    x, labels, probs = _inputs(8, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about the bridge to NumPy
+        traced = torch.jit.trace(loss_of, (x, w, labels if kind == "labels" else probs), check_trace=False)
+    for rows, seed in ((8, 1), (20, 2)):
+        x, labels, probs = _inputs(rows, seed)
+        target = labels if kind == "labels" else probs
+        got, expected = traced(x, w, target), loss_of(x, w, target)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(expected, w)[0], rtol=1e-12, atol=0)
+
+
+def test_the_default_trace_check_passes_on_torchs_kernel_and_fails_on_xentkits_functions():
+    logits = torch.randn(8, 5, requires_grad=True)
+    labels = torch.randint(0, 5, (8,))
+    torch.jit.trace(lambda z, t: xt.cross_entropy(z, t), (logits, labels))  # a small plain call: torch's kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(torch.jit.TracingCheckError):
+            torch.jit.trace(lambda z, t: xt.binary_cross_entropy_with_logits(z, t), (logits, torch.rand(8, 5)))
