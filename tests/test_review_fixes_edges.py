@@ -315,3 +315,48 @@ def test_losses_beyond_the_dtype_are_inf_without_a_warning():
                                                         reduction="sum") == np.inf
         assert xentkit.binary_cross_entropy(np.array([0.5]), np.array([1.0]), weight=np.array([1e308]),
                                             reduction="sum") == pytest.approx(1e308 * math.log(2))
+
+
+# ---- half-precision targets and operands: the arithmetic of the logits or better ---------------
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_half_probability_target_is_smoothed_in_the_logits_arithmetic(logits_dtype, target_dtype, backend):
+    """A bfloat16 (or float16) probability target beside float32/float64 logits: the smoothed mass
+    (1 − ε)·q + ε/C in the logits' arithmetic, as the kernels; the torch-ops path had rounded it in
+    the target's half dtype (a float64 loss 0.2% off, its gradient 1%: a review)."""
+    x = torch.tensor([[2.0, -1.0, 0.5], [0.25, 3.0, -2.0]], dtype=logits_dtype, requires_grad=True)
+    target = torch.tensor([[0.7, 0.2, 0.1], [0.15, 0.8, 0.05]], dtype=target_dtype)
+    loss = xt.cross_entropy(x, target, label_smoothing=0.1, reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = x.detach().double().requires_grad_()
+    exact = F.cross_entropy(x64, target.double(), label_smoothing=0.1, reduction="sum")
+    (exact_grad,) = torch.autograd.grad(exact, x64)
+    tolerance = 1e-12 if logits_dtype == torch.float64 else 1e-6
+    assert loss.item() == pytest.approx(exact.item(), rel=tolerance)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=tolerance, atol=tolerance)
+
+
+def test_bfloat16_binary_cross_entropy_on_the_cpu_runs_the_kernel():
+    """bfloat16 operands on the CPU are widened to float32 for the kernel (float64 arithmetic, the
+    stable forms); torch's float32 kernel, which they had taken, cancels: a loss 4.9% off at
+    x = −20, y = 1e-6, and the gradient at x = 16.5 with pos_weight 4 75% off (a review). The loss
+    and gradient come in torch's dtypes, each within its rounding of the float64 values."""
+    x = torch.tensor([-12.0, -20.0, 12.0, 16.5, 20.0], dtype=torch.bfloat16, requires_grad=True)
+    for target, pos_weight in (
+        (torch.tensor([3e-5, 1e-6, 1.0, 1.0, 1.0]), None),
+        (torch.ones(5, dtype=torch.bfloat16), torch.tensor([4.0], dtype=torch.bfloat16)),
+    ):
+        loss = xt.binary_cross_entropy_with_logits(x, target, pos_weight=pos_weight, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        x64 = x.detach().double().requires_grad_()
+        exact = F.binary_cross_entropy_with_logits(
+            x64, target.double(), pos_weight=None if pos_weight is None else pos_weight.double(), reduction="none"
+        )
+        (exact_grad,) = torch.autograd.grad(exact.sum(), x64)
+        assert loss.dtype == target.dtype and grad.dtype == torch.bfloat16
+        ulp = 2.0 ** -7 if loss.dtype == torch.bfloat16 else 2.0 ** -23
+        torch.testing.assert_close(loss.double(), exact, rtol=ulp, atol=0)
+        torch.testing.assert_close(grad.double(), exact_grad, rtol=2.0 ** -7, atol=0)

@@ -745,9 +745,9 @@ def binary_cross_entropy_with_logits(
     and target of any one shape; ``weight`` and ``pos_weight`` broadcastable to it (as torch).
 
     On CPU tensors this runs xentkit's fused kernel (``xentkit.kernels.binary``: loss and
-    gradient in forward, one read, float64 arithmetic), which keeps log σ accurate where torch's
-    kernel rounds it away (float32 x = −17, target 0: torch 0, here 4.14e-8; x = −10: torch 0.8%
-    high). Its second derivative is not computed: double backward raises there (torch's ops on
+    gradient in forward, one read, float64 arithmetic; bfloat16 operands widened to float32 for
+    it), which keeps log σ accurate where torch's kernel rounds it away (float32 x = −17, target
+    0: torch 0, here 4.14e-8; x = −10: torch 0.8% high). Its second derivative is not computed: double backward raises there (torch's ops on
     other devices compute it). Targets are not checked to lie in [0, 1] (as torch).
 
     Example:
@@ -773,6 +773,23 @@ def binary_cross_entropy_with_logits(
         # output's shape for a factor that would widen the result, from inside its ops)
         if factor is not None:
             check_broadcasts_to(name, tuple(factor.shape), tuple(input.shape))
+    result_dtype = _bridge.binary_loss_dtype(input, target)
+    operands = (input, target, weight, pos_weight)
+    if (
+        input.is_cpu and not torch.compiler.is_compiling()
+        and any(t is not None and t.dtype == torch.bfloat16 for t in operands)
+    ):
+        # bfloat16 on the CPU: widened (exactly) to float32 for the kernel, which NumPy cannot
+        # view in bfloat16; torch's float32 kernel would cancel (1 − y)·x against log(1 + e^x)
+        # (5% off at x = −20, y = 1e-6) and σ(x)·(pw·y + 1 − y) against pw·y (the gradient all
+        # off at x = 20), where the kernel computes both in float64 from their stable forms (a
+        # review). The loss rounds to ``result_dtype`` and the gradient to bfloat16, each once
+        # from float32.
+        widened = tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in operands)
+        if _bridge.runs_on_xentkit(*widened, grad_free=widened[1:]):
+            return _BinaryCrossEntropyWithLogitsFunction.apply(
+                *widened[:3], reduction, widened[3], torch.is_grad_enabled()
+            ).to(result_dtype)
     if not _bridge.runs_on_xentkit(
         input, target, weight, pos_weight, grad_free=(target, weight, pos_weight)
     ):
