@@ -217,3 +217,36 @@ def test_triton_infinite_weight_in_a_row_of_one_finite_logit_is_nan(chunked, mon
     single = xt.cross_entropy(torch.tensor([[3.0]]), torch.tensor([[1.0]]), torch.tensor([inf]), reduction="none",
                               backend="triton")
     assert np.isnan(single.item())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "chunks of 4"])
+def test_triton_infinite_weight_on_a_masked_class_of_a_lone_logits_row_is_the_references(chunked, monkeypatch):
+    """A row of one finite logit whose masked (−inf) class of infinite weight has target mass: its
+    term w·q·(lse − z) is +inf (−inf for −inf), as the reference and the Numba kernels give (and
+    torch where no other masked class lacks mass: its 0·log 0 is NaN); the Triton probability path
+    had made the whole chunk's mass·0 = NaN (a review). The infinite weight on the finite logit
+    itself stays NaN (above)."""
+    if chunked:
+        from xentkit.triton import cross_entropy as kernels
+
+        monkeypatch.setattr(kernels, "MAX_BLOCK", 4)
+    inf = np.inf
+    logits = torch.tensor([[-inf, -inf, 1.0, -inf]] * 3)
+    target = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    for infinite in (inf, -inf):
+        for at in (0, 1, 3):
+            weight = torch.ones(4)
+            weight[at] = infinite
+            got = xt.cross_entropy(logits, target, weight, reduction="none", backend="triton")
+            with xentkit.use_reference():
+                want = xentkit.cross_entropy(logits.double().numpy(), target.double().numpy(),
+                                             weight=weight.double().numpy(), reduction="none")
+            kernels_ = xt.cross_entropy(logits, target, weight, reduction="none", backend="auto")
+            np.testing.assert_array_equal(got.double().numpy(), want)
+            np.testing.assert_array_equal(kernels_.double().numpy(), want)
+            # all four classes with mass: +inf, or −inf + inf = NaN beside the others' +inf terms
+            assert want[0] == inf if infinite > 0 else np.isnan(want[0])
+            assert np.isnan(want[2])  # the lone target: the infinite weight's 0 mass, inf·0
+            if at == 1:  # the masked classes without mass are 0·log 0 = 0 (torch: NaN)
+                assert want[1] == infinite

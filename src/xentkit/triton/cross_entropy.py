@@ -136,9 +136,19 @@ def _mass_at_lse(mass, gap, lone):
     finite logit (not ``lone``), the true gap is positive but below float32's resolution: a finite mass adds 0, an
     infinite one its own ±inf, as exact arithmetic gives (never inf·0 = NaN). In a row of one
     finite logit (``lone``) the gap is exactly 0: mass·0, NaN for an infinite mass as in torch.
-    A NaN mass stays NaN."""
+    A NaN mass stays NaN. (``_mass_off_max``: the rule for mass known to lie off the max.)"""
     at_max = tl.where(lone, mass * 0.0, tl.where(tl.abs(mass) < float("inf"), 0.0, mass))
     return tl.where(mass == 0.0, 0.0, tl.where(gap == 0.0, at_max, mass * gap))
+
+
+@triton.jit
+def _mass_off_max(mass, gap):
+    """``_mass_at_lse`` for mass off the row's max (probability targets keep it apart): where the
+    gap is 0, a finite mass adds 0 and an infinite one its own ±inf, in a row of one finite logit
+    too, whose other classes are masked and carry their ±inf in S_c (the whole chunk's mass·0
+    had made a masked class's infinite weight NaN, where torch and the kernels give +inf: a
+    review)."""
+    return _mass_at_lse(mass, gap, gap != gap)
 
 
 @triton.jit
@@ -269,7 +279,8 @@ def _loss_kernel(
         r_c = below + at_top
         # + 0·lse: a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN loss
         # also where its targets carry no mass, as its gradient (0 otherwise)
-        loss = tl.sum(_mass_at_lse(r_c, gaps, lone) - s_z, 0) + 0.0 * lse
+        mass_terms = _mass_at_lse(at_top, gaps, lone) + _mass_off_max(below, gaps)
+        loss = tl.sum(mass_terms - s_z, 0) + 0.0 * lse
         tl.store(loss_ptr + row, loss)
         # A = Σ_j r_j for pass 2, in two parts: the target mass at the row's max (the chunks
         # holding it: M finite, their counts > 0) and the rest, so that A − r_max keeps its digits
