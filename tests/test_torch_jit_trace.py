@@ -50,6 +50,10 @@ def test_the_default_trace_check_passes_on_torchs_kernel_and_fails_on_xentkits_f
     logits = torch.randn(8, 5, requires_grad=True)
     labels = torch.randint(0, 5, (8,))
     torch.jit.trace(lambda z, t: xt.cross_entropy(z, t), (logits, labels))  # a small plain call: torch's kernel
+    from xentkit.torch import functional
+
+    # (the traced size is a 0-d tensor: it had become a key of this cache, one per trace)
+    assert all(type(classes) is int for classes in functional._PROBABILITY_MEANS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(torch.jit.TracingCheckError):

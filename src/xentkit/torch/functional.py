@@ -407,7 +407,7 @@ def _small_cross_entropy(
         return _zero_with_zero_gradient(input)
     if check_probabilities and (
         not -math.inf < value < math.inf  # (an infinite class weight, a NaN logit: it tells nothing)
-        or _mean_of_probabilities_possible(value, input.shape[axis])
+        or _mean_of_probabilities_possible(value, int(input.shape[axis]))  # (traced: a 0-d tensor)
         or not (weight is None or (not options.label_smoothing and _nonnegative(weight)))
     ):
         warn_if_probabilities(_bridge.as_numpy(input), axis)
