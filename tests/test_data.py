@@ -115,6 +115,8 @@ def test_unnamed_data_is_called_by_its_own_name_never_a_datasets(tmp_path: Path,
     assert load_dataset(data=".").name == "digits/"
     monkeypatch.chdir(tmp_path / "digits" / ".")
     assert load_dataset(data="../digits/.").name == "digits/"
+    (tmp_path / "current").symlink_to(tmp_path / "digits")
+    assert load_dataset(data=tmp_path / "current").name == "current/"  # a link by its own name
     archive = tmp_path / "mnist"
     with archive.open("wb") as file:  # an .npz without its suffix
         np.savez(file, x_train=arrays["train_images"], y_train=arrays["train_labels"],

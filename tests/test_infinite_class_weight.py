@@ -220,33 +220,47 @@ def test_triton_infinite_weight_in_a_row_of_one_finite_logit_is_nan(chunked, mon
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "chunks of 4"])
-def test_triton_infinite_weight_on_a_masked_class_of_a_lone_logits_row_is_the_references(chunked, monkeypatch):
-    """A row of one finite logit whose masked (−inf) class of infinite weight has target mass: its
-    term w·q·(lse − z) is +inf (−inf for −inf), as the reference and the Numba kernels give (and
-    torch where no other masked class lacks mass: its 0·log 0 is NaN); the Triton probability path
-    had made the whole chunk's mass·0 = NaN (a review). The infinite weight on the finite logit
-    itself stays NaN (above)."""
-    if chunked:
-        from xentkit.triton import cross_entropy as kernels
+@pytest.mark.parametrize("max_block", [None, 4, 2], ids=["one chunk", "chunks of 4", "chunks of 2"])
+def test_triton_infinite_weight_on_a_masked_class_is_the_references(max_block, monkeypatch):
+    """Rows of one or two finite logits whose masked (−inf) classes carry target mass, one of them
+    an infinite class weight (±inf): the Triton loss is the reference's (+inf, −inf, or NaN where
+    terms of both signs meet), on one chunk and on several. The probability path had made the
+    chunk's whole mass·0 = NaN in a row of one finite logit, and a chunk of only −inf gave
+    inf·(lse − 0) − S_c = NaN where lse ≤ 0 (reviews). Class indices with label smoothing: the
+    same where the masked class lies in a chunk of only −inf (in the finite logit's own chunk they
+    give NaN, documented)."""
+    from xentkit.triton import cross_entropy as kernels
 
-        monkeypatch.setattr(kernels, "MAX_BLOCK", 4)
+    if max_block is not None:
+        monkeypatch.setattr(kernels, "MAX_BLOCK", max_block)
     inf = np.inf
-    logits = torch.tensor([[-inf, -inf, 1.0, -inf]] * 3)
-    target = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]])
-    for infinite in (inf, -inf):
-        for at in (0, 1, 3):
-            weight = torch.ones(4)
-            weight[at] = infinite
-            got = xt.cross_entropy(logits, target, weight, reduction="none", backend="triton")
-            with xentkit.use_reference():
-                want = xentkit.cross_entropy(logits.double().numpy(), target.double().numpy(),
-                                             weight=weight.double().numpy(), reduction="none")
-            kernels_ = xt.cross_entropy(logits, target, weight, reduction="none", backend="auto")
-            np.testing.assert_array_equal(got.double().numpy(), want)
-            np.testing.assert_array_equal(kernels_.double().numpy(), want)
-            # all four classes with mass: +inf, or −inf + inf = NaN beside the others' +inf terms
-            assert want[0] == inf if infinite > 0 else np.isnan(want[0])
-            assert np.isnan(want[2])  # the lone target: the infinite weight's 0 mass, inf·0
-            if at == 1:  # the masked classes without mass are 0·log 0 = 0 (torch: NaN)
-                assert want[1] == infinite
+    rows = [[0.0, -inf, -inf, -inf, -inf, -inf], [-1.0, -2.0, -inf, -inf, -inf, -inf],
+            [-3.0, -inf, -inf, -inf, -inf, -inf], [5.0, -inf, 1.0, -inf, -inf, -inf]]
+    logits = torch.tensor(rows)
+    cases = [(torch.full((4, 6), 1 / 6), {}), (torch.tensor([[0.5, 0, 0, 0, 0, 0.5]] * 4), {}),
+             (torch.tensor([0, 0, 0, 0]), {"label_smoothing": 0.1})]
+    # (the reference: +inf for a +inf weight where every masked class has mass, NaN where terms of
+    # both signs meet or the infinite weight meets a target of 0, inf·0)
+    with xentkit.use_reference():
+        assert xentkit.cross_entropy(np.array(rows), np.full((4, 6), 1 / 6), weight=np.array([1, inf, 1, 1, 1, 1.0]),
+                                     reduction="none").tolist() == [inf] * 4
+    block = 6 if max_block is None else max_block
+    for target, options in cases:
+        for infinite in (inf, -inf):
+            for at in (1, 3, 5):
+                weight = torch.ones(6)
+                weight[at] = infinite
+                got = xt.cross_entropy(logits, target, weight, reduction="none", backend="triton", **options)
+                with xentkit.use_reference():
+                    want = xentkit.cross_entropy(
+                        logits.double().numpy(), target.double().numpy() if target.is_floating_point() else target.numpy(),
+                        weight=weight.double().numpy(), reduction="none", **options,
+                    )
+                kernels_ = xt.cross_entropy(logits, target, weight, reduction="none", backend="auto", **options)
+                np.testing.assert_array_equal(kernels_.double().numpy(), want)
+                if options:  # (labels: the rows whose finite logits share no chunk with the class)
+                    apart = [i for i, row in enumerate(rows) if all(
+                        v == -inf for j, v in enumerate(row) if j // block == at // block)]
+                    np.testing.assert_array_equal(got.double().numpy()[apart], want[apart])
+                else:
+                    np.testing.assert_array_equal(got.double().numpy(), want)

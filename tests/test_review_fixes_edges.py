@@ -315,6 +315,9 @@ def test_losses_beyond_the_dtype_are_inf_without_a_warning():
                                                         reduction="sum") == np.inf
         assert xentkit.binary_cross_entropy(np.array([0.5]), np.array([1.0]), weight=np.array([1e308]),
                                             reduction="sum") == pytest.approx(1e308 * math.log(2))
+        # class weights: w·q·log p beyond float32 (a second review)
+        loss = xentkit.cross_entropy(np.float32([[0, -100]]), [1], weight=np.float32([1, 1e37]), reduction="none")
+        assert loss[0] == np.inf
 
 
 # ---- half-precision targets and operands: the arithmetic of the logits or better ---------------

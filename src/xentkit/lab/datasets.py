@@ -154,8 +154,9 @@ def load_idx_folder(
     x_train, y_train = read_idx_pair(paths["train_images"], paths["train_labels"])
     x_test, y_test = read_idx_pair(paths["test_images"], paths["test_labels"])
     # unnamed: the folder's name with its slash, never taken for a --dataset name ("." and ".."
-    # by the folder they are: Path(".").name is empty)
-    name = name or f"{folder.resolve().name or folder.resolve()}/".replace("//", "/")
+    # by the folder they are: Path(".").name is empty; a link by its own name)
+    absolute = Path(os.path.abspath(folder))
+    name = name or f"{absolute.name or absolute}/".replace("//", "/")
     return Dataset(
         name=name,
         description=description

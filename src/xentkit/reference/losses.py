@@ -16,7 +16,7 @@ def xlogy(q: np.ndarray, log_p: np.ndarray) -> np.ndarray:
     """q·log p with 0·log 0 = 0, so a masked (−inf) class with zero target mass or class weight
     adds nothing; 0·NaN stays NaN, so a row whose softmax is NaN (a NaN or +inf logit, or only
     −inf) has a NaN loss whatever its targets, as its gradient."""
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # (beyond the dtype: ±inf, as torch)
         return np.where((q == 0) & ~np.isnan(log_p), 0, q * log_p)
 
 

@@ -182,9 +182,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: Loss
     _bridge.check_class_weight(weight, classes)
     result_dtype = _bridge.loss_dtype(input, target)
     compute = _bridge.at_least_float32(input.dtype)
-    if input.dtype != compute:
-        input = input.to(compute)
-    if weight is not None and weight.dtype != compute:  # any numeric weight, as the kernels
+    # the weights in float32 or better (any numeric weight, as the kernels): the picked half
+    # log-probabilities promote to it in w_y·log p_y, with no float32 copy of all of them
+    if weight is not None and weight.dtype != compute:
         weight = weight.to(compute)
     labels, bad, _, plan = _label_plan(
         target, weight, options, input.dtype, classes, f"log_probs have {classes} classes"

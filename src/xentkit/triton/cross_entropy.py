@@ -271,6 +271,10 @@ def _loss_kernel(
     # lse − t_c per chunk as (M − t_c) + log d, not from the float32 lse: that one has lost up to
     # half an ulp of M (5e-4 at logits near +1e4), which the mass terms below would carry
     gaps = (m - shifts) + log_d
+    # a chunk of only −inf (a masked stretch of the row): its Σ_j mass_j·(lse − z_j) is all in −S_c
+    # (±inf for any mass, 0 for none), and its mass·(lse − 0) term would only add inf·gap to it,
+    # NaN for an infinite class weight where the gap is 0 or negative (a review)
+    masked = tl.load(slots, mask=mine, other=0.0) == float("-inf")
     if PROBABILITIES:
         s_z = tl.load(slots + 3 * plane, mask=mine, other=0.0)
         below = tl.load(slots + 4 * plane, mask=mine, other=0.0)
@@ -279,7 +283,7 @@ def _loss_kernel(
         r_c = below + at_top
         # + 0·lse: a row whose softmax is NaN (a NaN or +inf logit, or only −inf) has a NaN loss
         # also where its targets carry no mass, as its gradient (0 otherwise)
-        mass_terms = _mass_at_lse(at_top, gaps, lone) + _mass_off_max(below, gaps)
+        mass_terms = tl.where(masked, 0.0, _mass_at_lse(at_top, gaps, lone) + _mass_off_max(below, gaps))
         loss = tl.sum(mass_terms - s_z, 0) + 0.0 * lse
         tl.store(loss_ptr + row, loss)
         # A = Σ_j r_j for pass 2, in two parts: the target mass at the row's max (the chunks
@@ -307,7 +311,7 @@ def _loss_kernel(
             lone = tl.sum(tl.load(slots + 5 * plane, mask=mine, other=0.0), 0) <= 1.0
             # Σ_c w_c·(lse − z_c) per block, as W_k·(lse − shift_k) − S_k; a block whose weights
             # sum to 0 (signed weights) drops only its W term, never its weighted logits S_k
-            loss += eps / n_cols * tl.sum(_mass_at_lse(w_c, gaps, lone) - s_z, 0)
+            loss += eps / n_cols * tl.sum(tl.where(masked, 0.0, _mass_at_lse(w_c, gaps, lone)) - s_z, 0)
         tl.store(loss_ptr + row, tl.where(known, loss, float("nan")))
     tl.store(lse_ptr + row, lse)
     tl.store(stats_ptr + row, m)
