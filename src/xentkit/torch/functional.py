@@ -773,8 +773,8 @@ def binary_cross_entropy_with_logits(
         # output's shape for a factor that would widen the result, from inside its ops)
         if factor is not None:
             check_broadcasts_to(name, tuple(factor.shape), tuple(input.shape))
-    result_dtype = _bridge.binary_loss_dtype(input, target)
     operands = (input, target, weight, pos_weight)
+    result_dtype = None
     if (
         input.is_cpu and not torch.compiler.is_compiling()
         and any(t is not None and t.dtype == torch.bfloat16 for t in operands)
@@ -783,17 +783,13 @@ def binary_cross_entropy_with_logits(
         # view in bfloat16; torch's float32 kernel would cancel (1 − y)·x against log(1 + e^x)
         # (5% off at x = −20, y = 1e-6) and σ(x)·(pw·y + 1 − y) against pw·y (the gradient all
         # off at x = 20), where the kernel computes both in float64 from their stable forms (a
-        # review). The loss rounds to ``result_dtype`` and the gradient to bfloat16, each once
+        # review). The loss rounds to torch's dtype and the gradient to bfloat16, each once
         # from float32.
-        widened = tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in operands)
-        if _bridge.runs_on_xentkit(*widened, grad_free=widened[1:]):
-            return _BinaryCrossEntropyWithLogitsFunction.apply(
-                *widened[:3], reduction, widened[3], torch.is_grad_enabled()
-            ).to(result_dtype)
-    if not _bridge.runs_on_xentkit(
-        input, target, weight, pos_weight, grad_free=(target, weight, pos_weight)
-    ):
+        result_dtype = _bridge.binary_loss_dtype(input, target)
+        operands = tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in operands)
+    if not _bridge.runs_on_xentkit(*operands, grad_free=operands[1:]):
         return _torch_ops.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
-    return _BinaryCrossEntropyWithLogitsFunction.apply(
-        input, target, weight, reduction, pos_weight, torch.is_grad_enabled()
+    loss = _BinaryCrossEntropyWithLogitsFunction.apply(
+        *operands[:3], reduction, operands[3], torch.is_grad_enabled()
     )
+    return loss if result_dtype is None else loss.to(result_dtype)
