@@ -32,7 +32,7 @@ from xentkit.lab.report import (
     mnist_table_rows,
     write_report,
 )
-from xentkit.lab.runner import run_mnist
+from xentkit.lab.runner import run_all, run_mnist
 
 SMALL = MnistSettings(epochs=2, batch_size=100, learning_rate=0.2, seed=0)
 
@@ -418,3 +418,27 @@ def test_titles_say_where_the_data_came_from_and_are_drawn_as_written() -> None:
         finally:
             plt.close(figure)
         assert f"On {title} (" in mnist_summary(results)
+
+
+def test_a_run_stopped_in_its_mnist_part_leaves_a_report_of_the_results_on_disk(
+    small: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xentkit.lab import runner
+
+    quiet = Output(io.StringIO())
+    run_all(small, tmp_path, losses=["quadratic"], settings=MnistSettings(epochs=1),
+            output=quiet, command="first run")  # fmt: skip
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_softmax_regression", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(small, tmp_path, losses=["quadratic"], settings=MnistSettings(epochs=1),
+                output=quiet, command="second run")  # fmt: skip
+    neuron = json.loads((tmp_path / "neuron.json").read_text())["provenance"]
+    mnist = json.loads((tmp_path / "mnist.json").read_text())["provenance"]
+    assert (neuron["command"], mnist["command"]) == ("second run", "first run")
+    report = (tmp_path / "report.html").read_text()
+    assert "with <code>second run</code>" in report  # rebuilt after the neuron's new results
+    assert f"Made on {neuron['date']}" in report and f"Made on {mnist['date']}" in report

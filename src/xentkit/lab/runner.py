@@ -78,9 +78,11 @@ def _neuron(output: Output, out_dir: Path, command: str) -> tuple[dict[str, Any]
     output.table(neuron_table(NEURON_HEADER, neuron_table_rows(runs)))
     results = neuron_results_json(runs)
     results["provenance"] = provenance(command)
+    plot_neuron(runs, out_dir / NEURON_PLOT)
     write_json(results, out_dir / NEURON_JSON)
-    plot = plot_neuron(runs, out_dir / NEURON_PLOT)
-    return results, plot
+    # the report follows each experiment, so one stopped later (Ctrl-C in the MNIST run of
+    # ``run_all``) leaves a report of the results on disk, not of the run before
+    return results, write_report(out_dir, command=command)
 
 
 def _mnist(
@@ -123,9 +125,9 @@ def _mnist(
         )
     )
     output.line(mnist_summary(results))
+    plot_mnist(results, out_dir / MNIST_PLOT)
     write_json(results, out_dir / MNIST_JSON)
-    plot = plot_mnist(results, out_dir / MNIST_PLOT)
-    return results, plot
+    return results, write_report(out_dir, command=command)
 
 
 def run_neuron(
@@ -142,11 +144,10 @@ def run_neuron(
     output = output or Output()
     out_dir = Path(out_dir)
     command = _command(command, "run_neuron")
-    results, plot = _neuron(output, out_dir, command)
-    report = write_report(out_dir, command=command)
+    results, report = _neuron(output, out_dir, command)
     if json_path is not None:
         write_json(results, json_path)
-    output.line(f"wrote {plot}, {out_dir / 'neuron.json'} and {report}")
+    output.line(f"wrote {out_dir / NEURON_PLOT}, {out_dir / NEURON_JSON} and {report}")
     return results
 
 
@@ -167,11 +168,10 @@ def run_mnist(
     output = output or Output()
     out_dir = Path(out_dir)
     command = _command(command, "run_mnist")
-    results, plot = _mnist(output, out_dir, dataset, losses, settings, command)
-    report = write_report(out_dir, command=command)
+    results, report = _mnist(output, out_dir, dataset, losses, settings, command)
     if json_path is not None:
         write_json(results, json_path)
-    output.line(f"wrote {plot}, {out_dir / 'mnist.json'} and {report}")
+    output.line(f"wrote {out_dir / MNIST_PLOT}, {out_dir / MNIST_JSON} and {report}")
     return results
 
 
@@ -193,8 +193,7 @@ def run_all(
     command = _command(command, "run_all")
     neuron_results, _ = _neuron(output, out_dir, command)
     output.line()
-    mnist_results, _ = _mnist(output, out_dir, dataset, losses, settings, command)
-    report = write_report(out_dir, command=command)
+    mnist_results, report = _mnist(output, out_dir, dataset, losses, settings, command)
     results = {"neuron": neuron_results, "mnist": mnist_results}
     if json_path is not None:
         write_json(results, json_path)
