@@ -87,3 +87,32 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     printed = capsys.readouterr().out
     assert printed.startswith("xentkit warm: 55 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed
+
+
+def test_compile_all_builds_the_threaded_kernels_on_one_thread_too() -> None:
+    """``NUMBA_NUM_THREADS=1 xentkit warm`` (a container of one CPU) had run only the serial
+    builds, so a later process with threads still waited for the compiler."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numba
+        import xentkit.kernels
+        from xentkit.kernels import activations, binary, cross_entropy, log_probs, probabilities
+
+        assert numba.get_num_threads() == 1
+        xentkit.kernels.compile_all()
+        for kernel in (cross_entropy._cross_entropy_rows_kernel, cross_entropy._cross_entropy_tile_kernel,
+                       probabilities._probability_rows_kernel, probabilities._probability_tile_kernel,
+                       binary._binary_rows_kernel, log_probs._statistics_kernel, log_probs._gradient_kernel,
+                       activations._softmax_kernel, activations._log_softmax_kernel):
+            dtypes = {str(signature[0].dtype) for signature in kernel.signatures}
+            assert {"float32", "float64"} <= dtypes, (kernel, dtypes)
+        print("ok")
+    """)
+    environment = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

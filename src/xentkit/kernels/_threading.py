@@ -93,6 +93,13 @@ def threads_for(elements: int, parallel: bool | None, serial_max: int) -> int:
     return numba.get_num_threads() if parallel else 1
 
 
+def runs_serial(threads: int, parallel: bool | None) -> bool:
+    """Whether a call on ``threads`` (:func:`threads_for`) runs the kernel's serial build: on one
+    thread, unless the caller forced the threaded build (``parallel=True``), which then runs on
+    Numba's one thread: ``compile_all`` builds every kernel under ``NUMBA_NUM_THREADS=1`` too."""
+    return threads == 1 and parallel is not True
+
+
 def _pool_counters() -> tuple[Callable[[], int], Callable[[int], None]] | None:
     """The running threading layer's own getter and setter of the calling thread's thread count,
     once Numba's pool is up: ``numba.get_num_threads`` / ``set_num_threads`` wrap them with a

@@ -44,7 +44,7 @@ from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp_nonpositive, fast_log1p, like
 from xentkit.kernels._jit import helper_options
-from xentkit.kernels._threading import running_on, serial_build, threads_for
+from xentkit.kernels._threading import running_on, runs_serial, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _JIT,
     _KERNEL_JIT,
@@ -257,7 +257,7 @@ def softmax_rows(
     arguments = (x, out, _NO_WEIGHT[x.dtype], block)
     kernel, serial = (_TILE_KERNELS if n_classes <= min(TILE_MAX_CLASSES, int(block)) else _KERNELS)[what]
     threads = threads_for(x.size, parallel, SERIAL_MAX_ELEMENTS)
-    if threads == 1:
+    if runs_serial(threads, parallel):
         serial(*arguments)
     else:
         with running_on(threads):

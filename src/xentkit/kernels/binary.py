@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp
 from xentkit.kernels._jit import helper_options
-from xentkit.kernels._threading import running_on, serial_build, threads_for
+from xentkit.kernels._threading import running_on, runs_serial, serial_build, threads_for
 from xentkit.kernels.cross_entropy import _JIT, _KERNEL_JIT, SERIAL_MAX_ELEMENTS
 
 __all__ = ["binary_rows"]
@@ -217,7 +217,7 @@ def binary_rows(
             float(scale) if want_grad else 0.0, loss_out, per_element_loss, grad_out, want_grad, row_sums,
         )
         threads = threads_for(n_rows * n_classes, parallel, SERIAL_MAX_ELEMENTS)
-        if threads == 1:
+        if runs_serial(threads, parallel):
             _binary_rows_serial(*arguments)
         else:
             with running_on(min(threads, n_rows)):

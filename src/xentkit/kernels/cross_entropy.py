@@ -91,7 +91,13 @@ from xentkit.kernels._exp import (
     maxnum,
 )
 from xentkit.kernels._jit import KERNEL_OPTIONS, LOOP_FLAGS, helper_options
-from xentkit.kernels._threading import prefer_tbb, running_on, serial_build, threads_for
+from xentkit.kernels._threading import (
+    prefer_tbb,
+    running_on,
+    runs_serial,
+    serial_build,
+    threads_for,
+)
 
 # Numba's threading layer, chosen before any kernel starts threads: TBB (fork-safe) where it is
 # ours to choose; see _threading.
@@ -1098,7 +1104,7 @@ def cross_entropy_rows(
     # rows of few classes (at least one: the tile reads each row's label entry), in one block,
     # C-contiguous (the tile reads rows as one flat array)
     tile = segments == 1 and 0 < n_classes <= min(TILE_MAX_CLASSES, int(block)) and logits.flags.c_contiguous
-    if threads == 1 and segments == 1:  # the calling thread alone: no pool, no thread count
+    if runs_serial(threads, parallel) and segments == 1:  # the calling thread alone: no pool, no thread count
         (_cross_entropy_tile_serial if tile else _cross_entropy_rows_serial)(*arguments)
     elif tile:
         with running_on(threads):

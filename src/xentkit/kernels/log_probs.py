@@ -49,7 +49,7 @@ from numba import njit, prange
 
 from xentkit.kernels._exp import fast_exp, fast_exp_nonpositive, like, maxnum
 from xentkit.kernels._jit import helper_options
-from xentkit.kernels._threading import running_on, serial_build, threads_for
+from xentkit.kernels._threading import running_on, runs_serial, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _KERNEL_JIT,
     DEFAULT_BLOCK,
@@ -276,7 +276,7 @@ def _run(kernel, serial, arguments: tuple, elements: int, parallel: bool | None)
     """``kernel(*arguments)`` on as many threads as the cross-entropy kernels would take; on one
     thread its ``serial`` build, with no thread pool."""
     threads = threads_for(elements, parallel, SERIAL_MAX_ELEMENTS)
-    if threads == 1:
+    if runs_serial(threads, parallel):
         serial(*arguments)
         return
     with running_on(threads):

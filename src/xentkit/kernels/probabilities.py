@@ -45,7 +45,7 @@ from numba import njit, prange
 
 from xentkit.kernels._exp import capped_product, fast_exp_nonpositive, fast_log1p, fast_tanh, like
 from xentkit.kernels._jit import helper_options
-from xentkit.kernels._threading import running_on, serial_build, threads_for
+from xentkit.kernels._threading import running_on, runs_serial, serial_build, threads_for
 from xentkit.kernels.cross_entropy import (
     _JIT,
     _KERNEL_JIT,
@@ -503,7 +503,7 @@ def probability_rows(
     threads = threads_for(n_rows * n_classes, parallel, SERIAL_MAX_ELEMENTS)
     # rows of few classes, C-contiguous: tiles of rows
     tile = n_classes <= min(TILE_MAX_CLASSES, int(block)) and logits.flags.c_contiguous
-    if threads == 1:  # the calling thread alone: no pool, no thread count
+    if runs_serial(threads, parallel):  # the calling thread alone: no pool, no thread count
         (_probability_tile_serial if tile else _probability_rows_serial)(*arguments)
         return loss_rows, lse_rows
     with running_on(min(threads, n_rows)):
