@@ -178,6 +178,9 @@ def test_backend_triton_says_it_cannot_run_traced():
     logits, target = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match=r"backend='triton' cannot run this call.*torch\.func"):
         torch.func.grad(lambda z: xt.log_probs(z, target, backend="triton").sum())(logits)
+    # (outside torch.compile the message names torch.func alone: compiled, the Triton path runs)
+    with pytest.raises(ValueError, match=r"kernels do not run under torch\.func transforms \(vmap, grad\); "):
+        torch.vmap(lambda z, y: xt.log_probs(z, y, backend="triton"))(logits[None], target[None])
 
 
 def _linear_case(dtype=torch.float64, seed=11):

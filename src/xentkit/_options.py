@@ -145,6 +145,11 @@ def _real(value: object, name: str, expected: str) -> float:
         return value + 0.0  # -0.0 becomes 0.0: one value, one encoding
     # (a 0-d tensor of a real number is taken; on a device it is read below: one wait)
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)) and not _one_real_number(value):
+        if getattr(value, "requires_grad", False) and getattr(value, "shape", None) == ():
+            raise TypeError(
+                f"{name} must be {expected}, got a 0-d tensor that requires grad: {name} is an option and "
+                "gets no gradient here (detach it, or pass a float)"
+            )
         raise TypeError(f"{name} must be {expected}, got {describe(value)}")
     try:
         return float(value) + 0.0
@@ -486,13 +491,14 @@ class LogProbOptions:
     def check_fits(self, dtype: object, smallest: float) -> None:
         """Refuse a temperature below ``smallest``, the smallest normal value of ``dtype`` (NumPy's or
         torch's ``finfo(...).tiny``), the dtype the logits are scaled in: every path multiplies them
-        by 1/T, which overflows for a subnormal T (then every log-probability is NaN where
-        logits/T is finite)."""
+        by 1/T, which loses digits for a subnormal T and overflows for the smallest ones (then
+        every log-probability is NaN where logits/T is finite)."""
         if self.temperature < smallest:
             dtype_name = str(dtype).removeprefix("torch.")
             raise ValueError(
                 f"temperature must be at least the smallest normal {dtype_name} value ({smallest:.6g}) for "
-                f"logits scaled in {dtype_name} (its reciprocal overflows), got {self.temperature}"
+                f"logits scaled in {dtype_name} (a subnormal T has lost digits, and the smallest ones' reciprocal "
+                f"overflows), got {self.temperature}"
             )
 
     def replace(self, **changes: Any) -> LogProbOptions:

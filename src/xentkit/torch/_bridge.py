@@ -288,7 +288,7 @@ def assert_no_bad_label(bad: Tensor, ignore_index: int, classes: str | None = No
         ~bad.any(),
         f"target has a label outside [0, C) that is not ignore_index={ignore_index}{holder}; checked "
         "inside a torch.compile graph, which cannot say which label or where: run the call eagerly to "
-        "see it, or pass check_labels=False to make that row's loss NaN instead",
+        "see it, or pass check_labels=False to make that row's loss (or log-probability) NaN instead",
     )
 
 

@@ -172,7 +172,7 @@ def _traced(options: LogProbOptions, *tensors: Tensor | None, compiled_ops: bool
     else:
         traced = _bridge.transforms_running(*(tensor for tensor in tensors if tensor is not None))
     if traced and options.backend == "triton":
-        where = "torch.func transforms (vmap, grad)" if compiled_ops else "torch.compile or torch.func transforms (vmap, grad)"
+        where = "torch.compile" if compiling else "torch.func transforms (vmap, grad)"
         raise ValueError(
             f"backend='triton' cannot run this call: the Triton log-probability kernels do not run under "
             f"{where}; backend='auto' runs torch ops there"
