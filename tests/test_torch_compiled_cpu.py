@@ -6,6 +6,9 @@ eager."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -564,15 +567,15 @@ def test_compiled_log_probs_are_eagers(dtype, shape, backend):
 
 
 def test_a_compiled_log_probs_bad_target_raises_and_unchecked_is_nan():
-    """On the CPU the compiled call asserts in its graph that no target is outside [0, V) (a
-    RuntimeError, as eager's ValueError); with ``check_labels=False`` nothing is checked and that
+    """On the CPU the compiled call checks in its graph that no target is outside [0, V) (eager's
+    ValueError, naming it); with ``check_labels=False`` nothing is checked and that
     target's log-probability is NaN, entropy and lse as they are."""
     generator = torch.Generator().manual_seed(13)
     logits = torch.randn(6, 9, generator=generator)
     target = torch.randint(0, 9, (6,), generator=generator)
     target[2] = 40
     checked = torch.compile(lambda a, b: xt.log_probs(a, b, return_entropy=True), backend="aot_eager")
-    with pytest.raises(RuntimeError, match=_COMPILED_LABEL_ERROR):
+    with pytest.raises(ValueError, match=r"^target has label 40 at position \(2,\) but logits have 9 classes"):
         checked(logits, target)
     unchecked = torch.compile(
         lambda a, b: xt.log_probs(a, b, return_entropy=True, check_labels=False), backend="aot_eager"
@@ -582,9 +585,6 @@ def test_a_compiled_log_probs_bad_target_raises_and_unchecked_is_nan():
     torch.testing.assert_close(entropy, xt.log_probs(logits, target.clamp(max=8), return_entropy=True)[1])
     target[2] = 4
     torch.testing.assert_close(checked(logits, target)[0], xt.log_probs(logits, target))
-
-
-_COMPILED_LABEL_ERROR = r"label outside \[0, C\) that is not ignore_index=-100.*torch.compile graph"
 
 
 @pytest.mark.parametrize(
@@ -602,17 +602,17 @@ _COMPILED_LABEL_ERROR = r"label outside \[0, C\) that is not ignore_index=-100.*
     ],
 )
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_compiled_small_problems_assert_their_labels_in_the_graph(monkeypatch, call, dynamic):
+def test_compiled_small_problems_check_their_labels_in_the_graph(monkeypatch, call, dynamic):
     """Problems that keep the traced torch ops under torch.compile (small ones, bfloat16,
-    ``backend="torch"``) check their labels on the CPU with an assertion in the graph: a label
-    outside [0, C) raises (where it made its row's loss NaN), ``check_labels=False`` keeps the NaN,
-    and good labels give eager's loss."""
+    ``backend="torch"``) check their labels on the CPU with an op in the graph: a label outside
+    [0, C) raises eager's ValueError naming it (where it made its row's loss NaN),
+    ``check_labels=False`` keeps the NaN, and good labels give eager's loss."""
     monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 1 << 16)
     logits, target = _case((6, 5))
     bad = target.clone()
     bad[4] = 5
     compiled = torch.compile(call, backend="aot_eager", fullgraph=True, dynamic=dynamic)
-    with pytest.raises(RuntimeError, match=_COMPILED_LABEL_ERROR):
+    with pytest.raises(ValueError, match=r"^target has label 5 at position \(4,\) but (logits|log_probs) have 5 classes"):
         compiled(logits, bad)
     torch.testing.assert_close(compiled(logits, target), call(logits, target))
     unchecked = torch.compile(
@@ -625,14 +625,14 @@ def test_compiled_small_problems_assert_their_labels_in_the_graph(monkeypatch, c
 
 
 def test_an_inductor_compiled_small_step_raises_on_a_bad_label_and_an_exported_one_too(monkeypatch):
-    """The assertion survives inductor's generated code; an exported program runs the custom ops
+    """The check survives inductor's generated code; an exported program runs the custom ops
     at every size, which check as eager does."""
     monkeypatch.setattr(xt.functional, "SMALL_MAX_LOGITS", 1 << 16)
     logits, target = _case((6, 5))
     bad = target.clone()
     bad[0] = -3
     loss_of = torch.compile(lambda x, y: xt.cross_entropy(x, y))
-    with pytest.raises(RuntimeError, match=_COMPILED_LABEL_ERROR):
+    with pytest.raises(ValueError, match=r"^target has label -3 at position \(0,\)"):
         loss_of(logits, bad)
     torch.testing.assert_close(loss_of(logits, target), xt.cross_entropy(logits, target))
 
@@ -644,3 +644,37 @@ def test_an_inductor_compiled_small_step_raises_on_a_bad_label_and_an_exported_o
     with pytest.raises(ValueError, match=r"label -3 at position \(0,\)"):  # (the ops, at any size)
         exported(logits.detach(), bad)
     torch.testing.assert_close(exported(logits.detach(), target), xt.cross_entropy(logits.detach(), target))
+
+
+def test_inductor_code_that_runs_on_threads_raises_on_a_bad_label_and_the_process_lives():
+    """A problem big enough that inductor runs its fused C++ loop on OpenMP threads: the label
+    check had been an assertion fused into that loop, and its exception leaving the parallel
+    region aborted the process (SIGABRT, no traceback; pytorch/pytorch#195402). The check is an
+    op of its own now: eager's ValueError. In a child process, so that an abort fails this test
+    rather than the run."""
+    script = textwrap.dedent("""
+        import torch
+        import xentkit.torch as xt
+
+        torch.set_num_threads(2)
+        logits = torch.randn(16, 100, requires_grad=True)
+        target = torch.randint(0, 100, (16,))
+        target[3] = 100
+        x, w = torch.randn(16, 32, requires_grad=True), torch.randn(100, 32, requires_grad=True)
+        calls = {
+            "cross_entropy": lambda: torch.compile(lambda z, t: xt.cross_entropy(z, t))(logits, target),
+            "log_probs": lambda: torch.compile(lambda z, t: xt.log_probs(z, t))(logits, target),
+            "linear_cross_entropy": lambda: torch.compile(
+                lambda a, b, t: xt.linear_cross_entropy(a, b, t))(x, w, target),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except ValueError as error:
+                print(name, "label 100 at position (3,)" in str(error))
+            else:
+                print(name, "no error")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:3] == ["cross_entropy True", "log_probs True", "linear_cross_entropy True"], done.stdout

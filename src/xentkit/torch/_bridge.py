@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._labels import as_class_indices, check_index_layout
+from .._labels import _bad_labels, as_class_indices, check_index_layout, check_labels
 from .._options import describe
 from ..api._validation import check_weight_layout, class_axis_of_shape
 
@@ -273,23 +273,39 @@ def values_readable(tensor: Tensor) -> bool:
 transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-def assert_no_bad_label(bad: Tensor, ignore_index: int, classes: str | None = None) -> None:
-    """Under torch.compile, on CPU tensors: an assertion in the graph that no entry of ``bad`` (the
-    labels outside ``[0, C)`` that are not ``ignore_index``) is set. The compiled call raises a
-    ``RuntimeError`` then, as eager raises its ``ValueError``, where it would otherwise give that
-    row a NaN loss: a CPU tensor is there to read without waiting for a device. It cannot name the
-    label (the message is written when the graph is traced). Not on a GPU, where the same assertion
-    is a device-side assert that ends the CUDA context (NaN there, documented), nor inside a
-    torch.func transform (the assertion has no batching rule)."""
-    if not torch.compiler.is_compiling() or bad.device.type != "cpu" or transforms_active():
-        return
-    holder = f" ({classes})" if classes else ""
-    torch._assert_async(
-        ~bad.any(),
-        f"target has a label outside [0, C) that is not ignore_index={ignore_index}{holder}; checked "
-        "inside a torch.compile graph, which cannot say which label or where: run the call eagerly to "
-        "see it, or pass check_labels=False to make that row's loss (or log-probability) NaN instead",
-    )
+def bad_labels(
+    labels: Tensor, num_classes: int, ignore_index: int, classes: str | None = None, *, check: bool = True,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """The labels outside ``[0, C)`` that are not ``ignore_index``, as a mask (``_labels``' rule;
+    ``valid``: ``labels != ignore_index`` when the caller has it), for a path that does not look
+    at the labels (traced, meta, unchecked on a device): their rows the caller makes NaN.
+
+    With ``check``, under torch.compile on CPU tensors, the mask comes from the custom op
+    ``xentkit::checked_labels``, which runs on the real labels when the graph runs and raises
+    eager's ValueError naming the first bad label and its position (a CPU tensor is there to read
+    without waiting for a device); the mask it returns is then all False. The graph uses it, so
+    the compiler keeps the op. (An assertion in the graph, ``torch._assert_async``, was fused by
+    inductor into a parallel C++ loop, and its exception leaving the OpenMP region aborted the
+    process: pytorch/pytorch#195402.) Not on a GPU, where a check would wait for the device (NaN
+    there, documented), nor inside a torch.func transform (the op has no batching rule)."""
+    if check and torch.compiler.is_compiling() and labels.device.type == "cpu" and not transforms_active():
+        return checked_labels(labels, num_classes, ignore_index, classes or "")
+    return _bad_labels(labels, num_classes, ignore_index, valid)
+
+
+@torch.library.custom_op("xentkit::checked_labels", mutates_args=())
+def checked_labels(labels: Tensor, num_classes: int, ignore_index: int, classes: str) -> Tensor:
+    """:func:`check_labels` of ``labels`` (``classes``: what holds the classes, "" for the
+    default), as an op a compiled graph runs as it is: the ValueError naming a bad label, else an
+    all-False mask shaped like ``labels``."""
+    check_labels(labels, num_classes, ignore_index, classes=classes or None)
+    return torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+
+
+@checked_labels.register_fake
+def _(labels: Tensor, num_classes: int, ignore_index: int, classes: str) -> Tensor:
+    return torch.empty(labels.shape, dtype=torch.bool, device=labels.device)
 
 
 def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: str | None = None) -> Tensor:

@@ -33,8 +33,8 @@ def _label_plan(
     is not ``ignore_index`` is not looked at: ``labels`` has it replaced by a class in range
     (nothing reads out of bounds, no device-side assert) and ``bad`` marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
     takes a class that is not ``ignore_index``, so that it keeps a gradient for NaN to flow
-    through); under torch.compile on CPU tensors, unless ``check_labels=False``, an assertion in
-    the graph raises then (``_bridge.assert_no_bad_label``). In the "mean" it counts as the Triton path counts it: as a non-ignored row without
+    through); under torch.compile on CPU tensors, unless ``check_labels=False``, an op in the graph
+    raises eager's ValueError then (``_bridge.bad_labels``). In the "mean" it counts as the Triton path counts it: as a non-ignored row without
     class weights, not at all with them (its class, so its weight, is unknown). With one class
     and ``ignore_index=0`` no class can stand in: the labels are checked then (where a check can
     wait for them)."""
@@ -46,9 +46,8 @@ def _label_plan(
     if can_wait and (options.check_labels or stand_in == options.ignore_index):
         valid = check_labels(labels, num_classes, options.ignore_index, classes=classes)
     else:  # (one class and ignore_index 0 under torch.compile: the bad rows' loss alone is NaN)
-        bad = (labels != options.ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if options.check_labels:  # (compiled on the CPU: an assertion in the graph)
-            _bridge.assert_no_bad_label(bad, options.ignore_index, classes)
+        # (compiled on the CPU, checked: by an op in the graph, eager's ValueError)
+        bad = _bridge.bad_labels(labels, num_classes, options.ignore_index, classes, check=options.check_labels)
         labels = torch.where(bad, stand_in, labels)
         if weight is not None:
             valid = (labels != options.ignore_index) & ~bad

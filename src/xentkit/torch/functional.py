@@ -540,9 +540,8 @@ def cross_entropy(
     branched on; it runs torch ops). CPU tensors on the Numba kernels, eager or compiled (the
     custom op ``xentkit::cross_entropy``), and on torch's own small-problem kernel (eager) are
     always checked: there it costs no wait. Compiled CPU calls that keep torch ops (small
-    problems, bfloat16, ``backend="torch"``) check with an assertion in the graph: a bad label
-    raises a ``RuntimeError`` (which cannot name it; the eager call does), unless
-    ``check_labels=False``, which gives the NaN row.
+    problems, bfloat16, ``backend="torch"``) check with an op in the graph: a bad label raises
+    eager's ``ValueError``, naming it, unless ``check_labels=False``, which gives the NaN row.
 
     ``inplace_backward=True`` writes the logits' gradient over the logits, so no logits-sized
     gradient buffer exists (with a 128k vocabulary, gigabytes): on the CPU kernels in forward
@@ -654,8 +653,8 @@ def nll_loss(
     api (or torch's small-problem kernel) and are always checked; on the torch-ops path (CUDA and other devices, bfloat16)
     ``check_labels=False`` drops the check (on CUDA one wait for the device) and a label outside
     ``[0, C)`` that is not ``ignore_index`` makes its sample's loss NaN (and its gradient entry)
-    instead of raising; under ``torch.compile`` that path checks CPU tensors with an assertion in
-    the graph (a ``RuntimeError`` that cannot name the label) and never CUDA ones. Compiled CPU calls of
+    instead of raising; under ``torch.compile`` that path checks CPU tensors with an op in the
+    graph (eager's ``ValueError``, naming the label) and never CUDA ones. Compiled CPU calls of
     float16/32/64 above ``SMALL_MAX_LOGITS`` run the api in two custom ops (``xentkit::nll_loss``
     and its backward), labels checked as in eager.
 

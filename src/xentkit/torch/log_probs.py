@@ -226,9 +226,8 @@ def _label_masks(
     if rows is not None and _bridge.values_readable(target) and (options.check_labels or rows is NumbaRows):
         return _check_labels(target, classes, options.ignore_index, classes=classes_text), None
     valid = target != options.ignore_index
-    bad = valid & ((target < 0) | (target >= classes))
-    if options.check_labels:  # (compiled on the CPU: an assertion in the graph)
-        _bridge.assert_no_bad_label(bad, options.ignore_index, classes_text)
+    # (compiled on the CPU, checked: by an op in the graph, eager's ValueError)
+    bad = _bridge.bad_labels(target, classes, options.ignore_index, classes_text, check=options.check_labels, valid=valid)
     return valid, bad
 
 
@@ -326,8 +325,8 @@ def log_probs(
     outputs are the same formulas in torch ops, differentiated by autograd (under torch.func
     they have a second derivative; torch.compile's autograd refuses a double backward). There a
     CUDA target is not checked (a bad one gives NaN as with ``check_labels=False``), nor under
-    torch.func; a compiled call on CPU tensors asserts in its graph that no target is bad (a
-    ``RuntimeError``, which cannot name it) unless ``check_labels=False``.
+    torch.func; a compiled call on CPU tensors checks its targets with an op in its graph
+    (eager's ``ValueError``, naming a bad one) unless ``check_labels=False``.
 
     >>> import torch, xentkit.torch as xt
     >>> logits = torch.tensor([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]], requires_grad=True)
@@ -541,8 +540,8 @@ def linear_log_probs(
     Triton kernels or a ValueError saying why not) or "torch". Double backward raises.
     ``check_labels`` as for :func:`log_probs`. Under ``torch.compile`` (``fullgraph=True``
     works) the chunks stay: two torch custom ops run the eager path's code on its row backend
-    (on CUDA targets unchecked, a bad one's log-probability NaN; on the CPU an assertion in the
-    graph, as for :func:`log_probs`; chunks of ignored rows are not skipped in backward). Under torch.func transforms the whole ``[N, V]`` logits are formed
+    (on CUDA targets unchecked, a bad one's log-probability NaN; on the CPU checked by an op in
+    the graph, as for :func:`log_probs`; chunks of ignored rows are not skipped in backward). Under torch.func transforms the whole ``[N, V]`` logits are formed
     (``F.linear``, then :func:`log_probs`' torch ops).
 
     >>> import torch, xentkit.torch as xt
