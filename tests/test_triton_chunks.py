@@ -84,3 +84,26 @@ def test_each_module_cuts_its_rows_by_its_own_max_block(monkeypatch):
     seen.clear()
     vocab_parallel.shard_softmax_stats(logits, labels, None, False)
     assert seen == [16]
+
+
+def test_a_launch_the_grid_cannot_hold_is_a_value_error(monkeypatch):
+    """No kernel checks a bound: more classes than 65535 chunks (CUDA's grid) or int32 column
+    offsets reach, or more rows than the grid's first axis, is refused before a launch, here
+    with the grid's limits made small."""
+    assert Layout.of(3, 65535 * 8192, 8192).chunks == 65535
+    with pytest.raises(ValueError, match=r"^the Triton kernels take at most 536862720 classes and 2147483647 rows, "
+                       r"got 536862721 classes and 3 rows; backend='torch' runs torch ops$"):  # fmt: skip
+        Layout.of(3, 65535 * 8192 + 1, 8192)
+    with pytest.raises(ValueError, match=r"got 100 classes and 2147483648 rows"):
+        Layout.of(2**31, 100, 8192)
+    assert Layout.of(1, 2**31 - 2**16, 2**16).chunks == 2**15 - 1  # (int32 offsets: a larger block)
+    with pytest.raises(ValueError, match=r"at most 2147418112 classes"):
+        Layout.of(1, 2**31 - 2**16 + 1, 2**16)
+    monkeypatch.setattr(_chunks, "_GRID_Y", 2)
+    monkeypatch.setattr(cross_entropy, "MAX_BLOCK", 16)
+    import xentkit.torch as xt
+
+    logits, target = torch.randn(2, 33, device=DEVICE), torch.tensor([0, 32], device=DEVICE)
+    with pytest.raises(ValueError, match=r"at most 32 classes .* got 33 classes and 2 rows"):
+        xt.cross_entropy(logits, target, backend="triton")
+    assert xt.cross_entropy(logits[:, :32], target.clamp(max=31), backend="triton").isfinite()

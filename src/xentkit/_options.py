@@ -140,9 +140,16 @@ def _holds_arrays_or_lists(value: object) -> bool:
     return type(value) in (list, tuple) and bool(value) and isinstance(value[0], (list, tuple, np.ndarray))
 
 
+def _refuse_valueless(value: object, name: str, expected: str) -> None:
+    """A ``TypeError`` for a meta tensor, which has a shape and a dtype but no value to read."""
+    if _is_torch_tensor(value) and getattr(getattr(value, "device", None), "type", None) == "meta":
+        raise TypeError(f"{name} must be {expected}, got {describe(value)} on the meta device, which holds no value")
+
+
 def _real(value: object, name: str, expected: str) -> float:
     if type(value) is float:  # the common case, without the numbers.Real ABC check
         return value + 0.0  # -0.0 becomes 0.0: one value, one encoding
+    _refuse_valueless(value, name, expected)
     # (a 0-d tensor of a real number is taken; on a device it is read below: one wait)
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)) and not _one_real_number(value):
         if getattr(value, "requires_grad", False) and getattr(value, "shape", None) == ():
@@ -223,6 +230,7 @@ def check_ignore_index(value: object) -> int:
         return value
     if isinstance(value, bool | np.bool_) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"ignore_index must be an int, got {describe(value)}")
+    _refuse_valueless(value, "ignore_index", "an int")
     if not isinstance(value, numbers.Integral):
         try:  # an integer of another kind that says so: a one-value integer tensor, as torch takes
             value = operator.index(value)  # type: ignore[arg-type]

@@ -186,6 +186,22 @@ def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarra
     return out
 
 
+def overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` share an element: their bounds first (cheap, and the usual
+    answer), then the exact question, with its work bounded (interleaved columns of one array,
+    ``x[:, ::2]`` and ``x[:, 1::2]``, share bounds but no element); too hard to tell is taken
+    as sharing."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=10_000))
+    except _TOO_HARD:
+        return True
+
+
+_TOO_HARD = getattr(np, "exceptions", np).TooHardError  # (NumPy < 1.25: at the top level)
+
+
 def copy_rounded(out: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``values`` written into ``out`` (its dtype), a finite value beyond that dtype's range as ±inf
     (as :func:`rounded`), without NumPy's overflow warning; returns ``out``."""

@@ -22,6 +22,7 @@ from ._validation import (
     class_axis,
     compute_dtype,
     copy_rounded,
+    overlaps,
     probability_target,
     rounded,
     upstream_gradient,
@@ -195,12 +196,12 @@ def _cross_entropy(
             upstream = upstream_gradient(grad_output, reduction, sample_shape, work_dtype).astype(_FLOAT64)
     if out is not None:
         out = check_out(out, original.shape, original.dtype)
-        if np.may_share_memory(out, original) and not (
+        if overlaps(out, original) and not (
             out.ctypes.data == original.ctypes.data and out.strides == original.strides
         ):
             raise ValueError("out must be logits itself (in place) or an array that does not overlap logits")
         for name, other in (("weight", weight_given), ("target", target), ("grad_output", grad_output)):
-            if isinstance(other, np.ndarray) and np.may_share_memory(out, other):
+            if isinstance(other, np.ndarray) and overlaps(out, other):
                 raise ValueError(f"out must not overlap {name} (the gradient would overwrite it mid-computation)")
     if check_probabilities:
         warn_if_probabilities(original, axis)

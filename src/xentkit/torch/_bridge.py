@@ -84,6 +84,9 @@ def check_class_weight(weight: Tensor | None, classes: int) -> None:
     tensor's metadata: no wait for its device. For the paths whose kernels would otherwise read
     past a short weight (Triton) or index it with the labels (the reduction plan)."""
     if weight is not None:
+        if not isinstance(weight, Tensor):  # (a module's constructor takes it before any call)
+            hint = "; torch.from_numpy(...) makes one" if isinstance(weight, np.ndarray) else ""
+            raise TypeError(f"weight must be a torch.Tensor or None, got {describe(weight)}{hint}")
         numeric = not (weight.is_complex() or weight.dtype == torch.bool)
         check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype).removeprefix("torch."))
 

@@ -6,12 +6,13 @@ only ``forward`` changes, to call :mod:`xentkit.torch.functional`.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .._options import FIELD_DEFAULTS, Integer, LossOptions, Real
+from .._options import FIELD_DEFAULTS, Integer, LossOptions, Real, describe
 from . import _bridge, functional
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -102,6 +103,35 @@ def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[
     return {name: getattr(module, name, default) for name, default in _FIELD_DEFAULTS if name not in skip}
 
 
+def _linear_options_of(module: torch.nn.Module) -> LossOptions:
+    """The fused linear module's options checked as one object, as ``linear_cross_entropy``
+    checks them on each call (``ignore_index=None`` is -100 there, as in torch)."""
+    options = _options_of(module, skip=_NOT_LINEAR)
+    if options["ignore_index"] is None:
+        options["ignore_index"] = -100
+    return LossOptions(**options)
+
+
+def _check_layer_sizes(in_features: object, num_classes: object, out_features: object) -> tuple[int, ...]:
+    """The fused linear module's layer sizes, or a TypeError/ValueError naming the argument
+    (torch's constructor raised from inside ``torch.empty``, naming none): ``in_features`` an int
+    >= 0, ``num_classes`` an int >= 1, ``out_features`` a tuple of ints >= 1 (the target's extra
+    dimensions); returns ``out_features`` as a tuple."""
+    for name, value, smallest in (("in_features", in_features, 0), ("num_classes", num_classes, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int >= {smallest}, got {describe(value)}")
+        if value < smallest:
+            raise ValueError(f"{name} must be an int >= {smallest}, got {value}")
+    if not isinstance(out_features, tuple | list) or not all(
+        isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1 for size in out_features
+    ):
+        raise TypeError(
+            f"out_features must be a tuple of ints >= 1 (the target's dimensions after the batch), got "
+            f"{describe(out_features)}"
+        )
+    return tuple(int(size) for size in out_features)
+
+
 def _options_repr(options: dict[str, object]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
@@ -143,6 +173,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss, _KeepsOptions):
         self.backend = backend
         self.inplace_backward = inplace_backward
         self.check_labels = check_labels
+        _loss_options_of(self)  # a bad option is refused here, not at the first step
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional._cross_entropy_with_options(
@@ -258,6 +289,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         check_labels: bool = True,
         accumulate_in_float32: bool = True,
     ) -> None:
+        out_features = _check_layer_sizes(in_features, num_classes, out_features)
         _bridge.check_class_weight(weight, num_classes)
         if _TorchLinearCrossEntropyLoss is not torch.nn.Module:
             super().__init__(
@@ -283,6 +315,7 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         self.backend = backend
         self.check_labels = check_labels
         self.accumulate_in_float32 = accumulate_in_float32
+        _linear_options_of(self)  # a bad option is refused here, not at the first step
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)

@@ -1,0 +1,81 @@
+"""Bad input found by a review of every public function (2026-12-07): each now a clear error
+naming the argument, or a right answer where an error was wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xentkit
+
+torch = pytest.importorskip("torch")
+import xentkit.torch as xt  # noqa: E402
+
+
+def _meta(value):
+    return torch.tensor(value, device="meta")
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("label_smoothing", lambda z, y: xt.cross_entropy(z, y, label_smoothing=_meta(0.1))),
+        ("z_loss", lambda z, y: xt.cross_entropy(z, y, z_loss=_meta(0.1))),
+        ("softcap", lambda z, y: xt.cross_entropy(z, y, softcap=_meta(3.0))),
+        ("ignore_index", lambda z, y: xt.cross_entropy(z, y, ignore_index=_meta(1))),
+        ("temperature", lambda z, y: xt.log_probs(z, y, temperature=_meta(0.5))),
+        ("label_smoothing", lambda z, y: xentkit.cross_entropy(z.numpy(), y.numpy(), label_smoothing=_meta(0.1))),
+    ],
+)
+def test_an_option_given_as_a_meta_tensor_is_named(name, call):
+    """A 0-d meta tensor has no value: torch's 'Tensor.item() cannot be called on meta tensors',
+    from deep inside it, named no argument."""
+    z, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(TypeError, match=rf"^{name} must be .*, got a torch tensor of dtype \w+ and shape \(\) on the "
+                       r"meta device, which holds no value$"):  # fmt: skip
+        call(z, y)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ((4, 5), {"weight": np.ones(5)}, None),
+        ((4, 5), {"out_features": 2}, r"^out_features must be a tuple of ints >= 1 .*, got int 2$"),
+        ((-1, 5), {}, r"^in_features must be an int >= 0, got -1$"),
+        ((4, 0), {}, r"^num_classes must be an int >= 1, got 0$"),
+        ((4, 5.5), {}, r"^num_classes must be an int >= 1, got float 5.5$"),
+        (("4", 5), {}, r"^in_features must be an int >= 0, got str '4'$"),
+        ((4, 5), {"reduction": "bad"}, r"^reduction must be one of 'none', 'mean', 'sum', got 'bad'$"),
+        ((4, 5), {"z_loss": -1.0}, r"^z_loss must be a finite float >= 0, got -1.0$"),
+    ],
+)
+def test_the_fused_linear_module_refuses_bad_arguments_when_built(arguments, error, message):
+    """Its constructor had raised from inside torch (AttributeError 'is_complex' for an array
+    weight, 'int' object is not iterable, negative dimension) or not at all until forward."""
+    if message is None:
+        message = r"^weight must be a torch.Tensor or None, got an array of dtype float64 and shape \(5,\); torch.from_numpy"
+    kind = ValueError if any(part in message for part in ("got -1$", "got 0$", "'bad'", "-1.0")) else TypeError
+    with pytest.raises(kind, match=message):
+        xt.LinearCrossEntropyLoss(*arguments, **error)
+
+
+def test_cross_entropy_loss_refuses_a_bad_option_when_built():
+    with pytest.raises(ValueError, match=r"^z_loss must be a finite float >= 0, got -1.0$"):
+        xt.CrossEntropyLoss(z_loss=-1)
+    with pytest.raises(ValueError, match=r"^softcap must be None or a finite float > 0, got 0.0$"):
+        xt.CrossEntropyLoss(softcap=0.0)
+    assert xt.LinearCrossEntropyLoss(0, 5, out_features=[3, 2], bias=True).out_features == (3, 2)
+
+
+def test_an_out_interleaved_with_the_logits_is_taken():
+    """``x[:, ::2]`` and ``x[:, 1::2]`` share bounds but no element: the bounds check alone had
+    refused ``out`` with 'an array that does not overlap logits'."""
+    generator = np.random.default_rng(0)
+    both = generator.standard_normal((4, 10))
+    logits = both[:, ::2]
+    expected_loss, expected_grad = xentkit.cross_entropy_and_grad(logits.copy(), [0, 1, 2, 3])
+    loss, grad = xentkit.cross_entropy_and_grad(logits, [0, 1, 2, 3], out=both[:, 1::2])
+    assert loss == expected_loss and np.array_equal(grad, expected_grad)
+    assert np.array_equal(both[:, 1::2], expected_grad)
+    with pytest.raises(ValueError, match=r"out must be logits itself .* or an array that does not overlap logits"):
+        xentkit.cross_entropy_and_grad(both[:, :5], [0, 1, 2, 3], out=both[:, 1:6])
