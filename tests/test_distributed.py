@@ -924,3 +924,44 @@ def test_wrong_types_and_a_rank_outside_the_group_are_named():
         vp.vocab_parallel_cross_entropy(torch.ones(3, V, dtype=torch.int64), target)
     with _world_of_one("gloo"), pytest.raises(ValueError, match="this process is not a member of group"):
         vp.vocab_parallel_cross_entropy(logits, target, group=dist.GroupMember.NON_GROUP_MEMBER)
+
+
+def _records(world, **fields_per_rank):
+    """Records as ``_agree`` gathers them, all fields 0 but ``width`` 2 and ``start`` -1 (None),
+    with ``fields_per_rank[name]`` a list of one value per rank."""
+    from xentkit.torch.distributed import _agreement
+
+    records = [dict.fromkeys(_agreement._FIELDS, 0) | {"width": 2, "start": -1, "weight_length": -1} for _ in range(world)]
+    for name, values in fields_per_rank.items():
+        for record, value in zip(records, values, strict=True):
+            record[name] = value
+    return records
+
+
+def test_a_disagreement_blames_the_ranks_outside_the_largest_group():
+    """Rank 0 alone with other labels had been reported as 'rank(s) [1, 2] hold different labels
+    than rank 0' (a review, 2026-12-07)."""
+    from xentkit.torch.distributed._agreement import _global_problems
+
+    problems, _ = _global_problems(_records(3, target_digest=[7, 9, 9]))
+    assert problems == [
+        "target must be the same on every rank (the labels of all N samples, replicated), but in the labels "
+        "rank(s) [0] differ from rank(s) [1, 2]"
+    ]
+    problems, _ = _global_problems(_records(4, weight_digest=[1, 2, 2, 1], weight_length=[8] * 4))
+    assert problems == ["weight must be the same on every rank, but in the class weights rank(s) [1, 2] differ "
+                        "from rank(s) [0, 3]"]  # fmt: skip
+    problems, _ = _global_problems(_records(3, chunk_budget=[5, 5, 6]))
+    assert problems[0].endswith("but in their values rank(s) [2] differ from rank(s) [0, 1]")
+
+
+def test_ranks_that_call_different_functions_are_told_so():
+    """One rank on the logits form and another on the linear form had been told of in_features
+    [0, 3], or of options they never passed (inplace_backward, to the log-probabilities)."""
+    from xentkit.torch.distributed._agreement import _global_problems
+
+    problems, bad_label = _global_problems(_records(2, function=[0, 1], features=[0, 3], option_reduction=[1, 2]))
+    assert problems == [
+        "every rank must call the same function, got ['vocab_parallel_cross_entropy', "
+        "'vocab_parallel_linear_cross_entropy'] on ranks 0..1"
+    ] and not bad_label

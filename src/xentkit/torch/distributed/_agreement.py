@@ -44,6 +44,7 @@ Options = LossOptions | LogProbOptions
 # One int64 record per rank, all-gathered before any other collective.
 _FIELDS = (
     "failed",  # 1 when this rank's local checks raised (the message follows in a second gather)
+    "function",  # which function this rank called, an index into _FUNCTIONS
     "rows",  # N, the number of samples
     "shape_digest",  # blake2b of the samples' shape (N = their product): ranks agree on the layout
     "width",  # V_r, this rank's number of classes
@@ -65,6 +66,10 @@ _FIELDS = (
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+_FUNCTIONS = (
+    "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_log_probs",
+)
 
 # Longest error message exchanged between ranks (bytes of UTF-8).
 _MESSAGE_BYTES = 1024
@@ -313,6 +318,20 @@ def _differing(records: Sequence[dict[str, int]], field: str) -> list[int]:
     return [rank for rank, record in enumerate(records) if record[field] != records[0][field]]
 
 
+def _odd_ones(records: Sequence[dict[str, int]], field: str) -> str:
+    """Which ranks to blame for a ``field`` the ranks disagree on: those outside the largest group
+    of equal values (rank 0's group on a tie), e.g. "rank(s) [0] differ from rank(s) [1, 2]" when
+    rank 0 alone passed another target."""
+    groups: dict[int, list[int]] = {}
+    for rank, record in enumerate(records):
+        groups.setdefault(record[field], []).append(rank)
+    largest = max(groups.values(), key=len)
+    if len(largest) == len(groups[records[0][field]]):  # a tie: rank 0's group
+        largest = groups[records[0][field]]
+    odd = [rank for rank in range(len(records)) if rank not in largest]
+    return f"rank(s) {odd} differ from rank(s) {largest}"
+
+
 def _global_problems(
     records: Sequence[dict[str, int]], sample_shape: tuple[int, ...] | None = None
 ) -> tuple[list[str], bool]:
@@ -321,14 +340,16 @@ def _global_problems(
     problems: list[str] = []
     bad_label = False
     world = len(records)
+    if _differing(records, "function"):  # (then nothing else compares: each form has its own record)
+        names = [_FUNCTIONS[record["function"]] for record in records]
+        return [f"every rank must call the same function, got {names} on ranks 0..{world - 1}"], False
     rows = [record["rows"] for record in records]
     if len(set(rows)) > 1:
         problems.append(f"every rank must hold the same N samples, got N = {rows} on ranks 0..{world - 1}")
     elif _differing(records, "shape_digest"):
         problems.append(
             "every rank must hold its samples in the same shape (the input's shape without its last "
-            f"axis), but rank(s) {_differing(records, 'shape_digest')} arrange the N = {rows[0]} samples "
-            "differently than rank 0"
+            f"axis), but in the arrangement of the N = {rows[0]} samples {_odd_ones(records, 'shape_digest')}"
         )
     widths = [record["width"] for record in records]
     vocab_size = sum(widths)
@@ -354,20 +375,18 @@ def _global_problems(
     if _differing(records, "chunk_budget"):
         problems.append(
             "xentkit.torch.distributed's CHUNK_FRACTION, CHUNK_BUDGET_BYTES and CHUNK_FLOOR_BYTES must be "
-            f"the same on every rank (they set the number of chunks, and so of collectives), but rank(s) "
-            f"{_differing(records, 'chunk_budget')} have other values than rank 0"
+            f"the same on every rank (they set the number of chunks, and so of collectives), but in their "
+            f"values {_odd_ones(records, 'chunk_budget')}"
         )
     for name in _OPTION_NAMES:
         if _differing(records, f"option_{name}"):
             values = [_decode_option(name, record[f"option_{name}"]) for record in records]
             problems.append(f"{name} must be the same on every rank, got {values} on ranks 0..{world - 1}")
-    if not problems:  # a bad label already explains a differing target
-        ranks = _differing(records, "target_digest")
-        if ranks:
-            problems.append(
-                f"target must be the same on every rank (the labels of all N samples, replicated), "
-                f"but rank(s) {ranks} hold different labels than rank 0"
-            )
+    if not problems and _differing(records, "target_digest"):  # (a bad label explains it already)
+        problems.append(
+            f"target must be the same on every rank (the labels of all N samples, replicated), "
+            f"but in the labels {_odd_ones(records, 'target_digest')}"
+        )
     lengths = [record["weight_length"] for record in records]
     if any(length not in (-1, vocab_size) for length in lengths) or len(set(lengths)) > 1:
         problems.append(
@@ -376,8 +395,7 @@ def _global_problems(
         )
     elif _differing(records, "weight_digest"):
         problems.append(
-            f"weight must be the same on every rank, but rank(s) {_differing(records, 'weight_digest')} "
-            "hold different class weights than rank 0"
+            f"weight must be the same on every rank, but in the class weights {_odd_ones(records, 'weight_digest')}"
         )
     if _differing(records, "dtype"):
         names = [str(_DTYPES[r["dtype"]]).removeprefix("torch.") if r["dtype"] >= 0 else "other" for r in records]
@@ -439,13 +457,14 @@ def _agree(
             raise TypeError(
                 f"stats must be None or a xentkit.torch.distributed.CommunicationStats, got {type(stats).__name__}"
             )
-        record = local_checks()
+        record = local_checks() | {"function": _FUNCTIONS.index(function)}
         sample_shape = record.get("sample_shape")
         local = torch.tensor([record[field] for field in _FIELDS], dtype=torch.int64)
     except Exception as exc:  # any local failure must still reach the gather, or the others hang
         error = exc
         local = torch.zeros(len(_FIELDS), dtype=torch.int64)
         local[_FIELDS.index("failed")] = 1
+        local[_FIELDS.index("function")] = _FUNCTIONS.index(function)
     gathered = communicator.all_gather(local)
     records = [dict(zip(_FIELDS, piece.tolist(), strict=True)) for piece in gathered]
     world = communicator.world_size
