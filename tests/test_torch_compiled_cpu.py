@@ -678,3 +678,24 @@ def test_inductor_code_that_runs_on_threads_raises_on_a_bad_label_and_the_proces
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:3] == ["cross_entropy True", "log_probs True", "linear_cross_entropy True"], done.stdout
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("output", ["entropy", "lse", "linear-entropy"])
+def test_a_compiled_graph_that_returns_no_log_probability_still_checks_the_targets(backend, output):
+    """The check's op had returned the bad-row mask, which only the log-probabilities read: a
+    graph that returned the entropy alone dropped the op, and a bad target passed unchecked (a
+    review, 2026-12-07). Every mask is computed from the labels it returns now."""
+    generator = torch.Generator().manual_seed(5)
+    logits, target = torch.randn(6, 9, generator=generator), torch.randint(0, 9, (6,), generator=generator)
+    x, w = torch.randn(6, 4, generator=generator), torch.randn(9, 4, generator=generator)
+    target[2] = 40
+    call = {
+        "entropy": lambda a, b: xt.log_probs(a, b, return_entropy=True)[1],
+        "lse": lambda a, b: xt.log_probs(a, b, return_lse=True)[1],
+        "linear-entropy": lambda a, b: xt.linear_log_probs(x, w, b, return_entropy=True)[1],
+    }[output]
+    with pytest.raises(ValueError, match=r"label 40 at position \(2,\)"):
+        torch.compile(call, backend=backend)(logits, target)
+    target[2] = 3
+    torch.testing.assert_close(torch.compile(call, backend=backend)(logits, target), call(logits, target))

@@ -1036,7 +1036,8 @@ def cross_entropy_rows(
     used above ``SERIAL_MAX_ELEMENTS`` logits; ``segments`` cuts each row into that many pieces
     processed in parallel (by default when there are fewer rows than threads and the rows are
     long, see ``_default_segments``). One thread and one segment run the kernel's serial build
-    (the same arithmetic row by row, so the same bits; no thread pool involved).
+    (the same arithmetic row by row, so the same bits; no thread pool involved), unless
+    ``parallel=True`` asks for the threaded build (``_threading.runs_serial``).
     """
     if labels.ndim == 2:  # class probabilities, [N, C] of the logits' dtype: their own kernel
         from xentkit.kernels.probabilities import probability_rows

@@ -274,7 +274,8 @@ _gradient_serial = serial_build(_gradient_kernel, "_gradient_serial", **_KERNEL_
 
 def _run(kernel, serial, arguments: tuple, elements: int, parallel: bool | None) -> None:
     """``kernel(*arguments)`` on as many threads as the cross-entropy kernels would take; on one
-    thread its ``serial`` build, with no thread pool."""
+    thread its ``serial`` build, with no thread pool (unless ``parallel=True``: see
+    ``_threading.runs_serial``)."""
     threads = threads_for(elements, parallel, SERIAL_MAX_ELEMENTS)
     if runs_serial(threads, parallel):
         serial(*arguments)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._labels import _bad_labels, as_class_indices, check_index_layout, check_labels
+from .._labels import as_class_indices, check_index_layout, check_labels
 from .._options import describe
 from ..api._validation import check_weight_layout, class_axis_of_shape
 
@@ -276,39 +276,39 @@ def values_readable(tensor: Tensor) -> bool:
 transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-def bad_labels(
-    labels: Tensor, num_classes: int, ignore_index: int, classes: str | None = None, *, check: bool = True,
-    valid: Tensor | None = None,
+def labels_checked_in_graph(
+    labels: Tensor, num_classes: int, ignore_index: int, classes: str | None = None, *, check: bool = True
 ) -> Tensor:
-    """The labels outside ``[0, C)`` that are not ``ignore_index``, as a mask (``_labels``' rule;
-    ``valid``: ``labels != ignore_index`` when the caller has it), for a path that does not look
-    at the labels (traced, meta, unchecked on a device): their rows the caller makes NaN.
-
-    With ``check``, under torch.compile on CPU tensors, the mask comes from the custom op
-    ``xentkit::checked_labels``, which runs on the real labels when the graph runs and raises
-    eager's ValueError naming the first bad label and its position (a CPU tensor is there to read
-    without waiting for a device); the mask it returns is then all False. The graph uses it, so
-    the compiler keeps the op. (An assertion in the graph, ``torch._assert_async``, was fused by
-    inductor into a parallel C++ loop, and its exception leaving the OpenMP region aborted the
-    process: pytorch/pytorch#195402.) Not on a GPU, where a check would wait for the device (NaN
-    there, documented), nor inside a torch.func transform (the op has no batching rule)."""
+    """``labels``, for a path that does not look at them (traced, meta, unchecked on a device),
+    whose caller then makes the rows of bad labels (``_labels._bad_labels``) NaN: with ``check``,
+    under torch.compile on CPU tensors, passed through the custom op ``xentkit::checked_labels``,
+    which runs on the real labels when the graph runs and raises eager's ValueError naming the
+    first bad label and its position (a CPU tensor is there to read without waiting for a
+    device). The caller computes every mask (ignored rows, bad rows) from the labels it returns,
+    so each output depends on the op and the compiler keeps it (a mask that fed the
+    log-probabilities alone was dropped from a graph that returned the entropy alone). (An
+    assertion in the graph, ``torch._assert_async``, was fused by inductor into a parallel C++
+    loop, and its exception leaving the OpenMP region aborted the process:
+    pytorch/pytorch#195402.) Not on a GPU, where a check would wait for the device (NaN there,
+    documented), nor inside a torch.func transform (the op has no batching rule)."""
     if check and torch.compiler.is_compiling() and labels.device.type == "cpu" and not transforms_active():
         return checked_labels(labels, num_classes, ignore_index, classes or "")
-    return _bad_labels(labels, num_classes, ignore_index, valid)
+    return labels
 
 
 @torch.library.custom_op("xentkit::checked_labels", mutates_args=())
 def checked_labels(labels: Tensor, num_classes: int, ignore_index: int, classes: str) -> Tensor:
     """:func:`check_labels` of ``labels`` (``classes``: what holds the classes, "" for the
-    default), as an op a compiled graph runs as it is: the ValueError naming a bad label, else an
-    all-False mask shaped like ``labels``."""
-    check_labels(labels, num_classes, ignore_index, classes=classes or None)
-    return torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    default), as an op a compiled graph runs as it is: the ValueError naming a bad label, else a
+    copy of ``labels``. (Int64 labels are scanned by the compiled loop the kernels' checks use.)"""
+    values = labels.numpy()
+    check_labels(values, num_classes, ignore_index, classes=classes or None, compiled=values.dtype == np.int64)
+    return labels.clone()
 
 
 @checked_labels.register_fake
 def _(labels: Tensor, num_classes: int, ignore_index: int, classes: str) -> Tensor:
-    return torch.empty(labels.shape, dtype=torch.bool, device=labels.device)
+    return torch.empty_like(labels)
 
 
 def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: str | None = None) -> Tensor:

@@ -7,7 +7,7 @@ autograd Function. (Smaller problems keep the torch ops the compiler traces, as 
 run torch's kernel: the two custom ops cost ~0.1 ms a call each in dispatch, and a compiled
 64 × 100 step took 0.42 ms through them against 0.13 ms for ``torch.compile`` of
 ``F.cross_entropy``. Their labels are checked by an op in the graph,
-``_bridge.bad_labels``: eager's ValueError too.) The compiler keeps the two ops
+``_bridge.labels_checked_in_graph``: eager's ValueError too.) The compiler keeps the two ops
 as they are (one node each in the graph) and runs the eager path's code inside them, on the real
 tensors:
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._labels import check_labels
+from .._labels import _bad_labels, check_labels
 from .._options import LossOptions
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
@@ -34,7 +34,7 @@ def _label_plan(
     (nothing reads out of bounds, no device-side assert) and ``bad`` marks its row, whose loss and gradient the caller makes NaN, as the Triton kernels do (the row
     takes a class that is not ``ignore_index``, so that it keeps a gradient for NaN to flow
     through); under torch.compile on CPU tensors, unless ``check_labels=False``, an op in the graph
-    raises eager's ValueError then (``_bridge.bad_labels``). In the "mean" it counts as the Triton path counts it: as a non-ignored row without
+    raises eager's ValueError then (``_bridge.labels_checked_in_graph``). In the "mean" it counts as the Triton path counts it: as a non-ignored row without
     class weights, not at all with them (its class, so its weight, is unknown). With one class
     and ``ignore_index=0`` no class can stand in: the labels are checked then (where a check can
     wait for them)."""
@@ -47,7 +47,8 @@ def _label_plan(
         valid = check_labels(labels, num_classes, options.ignore_index, classes=classes)
     else:  # (one class and ignore_index 0 under torch.compile: the bad rows' loss alone is NaN)
         # (compiled on the CPU, checked: by an op in the graph, eager's ValueError)
-        bad = _bridge.bad_labels(labels, num_classes, options.ignore_index, classes, check=options.check_labels)
+        labels = _bridge.labels_checked_in_graph(labels, num_classes, options.ignore_index, classes, check=options.check_labels)
+        bad = _bad_labels(labels, num_classes, options.ignore_index)
         labels = torch.where(bad, stand_in, labels)
         if weight is not None:
             valid = (labels != options.ignore_index) & ~bad

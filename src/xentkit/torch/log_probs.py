@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .._labels import check_index_layout, check_labels_reading
+from .._labels import _bad_labels, check_index_layout, check_labels_reading
 from .._labels import check_labels as _check_labels
 from .._options import Integer, LogProbOptions, Real, check_flag, describe, select_outputs
 from ..reference.log_probs import gradient_coefficients
@@ -225,10 +225,10 @@ def _label_masks(
     :func:`_nan_where_bad` makes its log-probability NaN."""
     if rows is not None and _bridge.values_readable(target) and (options.check_labels or rows is NumbaRows):
         return _check_labels(target, classes, options.ignore_index, classes=classes_text), None
-    valid = target != options.ignore_index
     # (compiled on the CPU, checked: by an op in the graph, eager's ValueError)
-    bad = _bridge.bad_labels(target, classes, options.ignore_index, classes_text, check=options.check_labels, valid=valid)
-    return valid, bad
+    target = _bridge.labels_checked_in_graph(target, classes, options.ignore_index, classes_text, check=options.check_labels)
+    valid = target != options.ignore_index
+    return valid, _bad_labels(target, classes, options.ignore_index, valid)
 
 
 def _nan_where_bad(results: tuple[Tensor, Tensor, Tensor], bad: Tensor | None) -> tuple[Tensor, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -103,23 +104,20 @@ def _options_of(module: torch.nn.Module, *, skip: tuple[str, ...] = ()) -> dict[
     return {name: getattr(module, name, default) for name, default in _FIELD_DEFAULTS if name not in skip}
 
 
-def _linear_options_of(module: torch.nn.Module) -> LossOptions:
-    """The fused linear module's options checked as one object, as ``linear_cross_entropy``
-    checks them on each call (``ignore_index=None`` is -100 there, as in torch)."""
-    options = _options_of(module, skip=_NOT_LINEAR)
-    if options["ignore_index"] is None:
-        options["ignore_index"] = -100
-    return LossOptions(**options)
-
-
 def _check_layer_sizes(in_features: object, num_classes: object, out_features: object) -> tuple[int, ...]:
     """The fused linear module's layer sizes, or a TypeError/ValueError naming the argument
     (torch's constructor raised from inside ``torch.empty``, naming none): ``in_features`` an int
-    >= 0, ``num_classes`` an int >= 1, ``out_features`` a tuple of ints >= 1 (the target's extra
-    dimensions); returns ``out_features`` as a tuple."""
+    >= 0, ``num_classes`` an int >= 1 (or what says it is one, as torch takes: a one-value
+    integer tensor), ``out_features`` a tuple of ints >= 1 (the target's extra dimensions);
+    returns ``out_features`` as a tuple. (The loss options are checked where every call checks
+    them, at ``forward``: a subclass may set them after this constructor, as torch's allows.)"""
     for name, value, smallest in (("in_features", in_features, 0), ("num_classes", num_classes, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int >= {smallest}, got {describe(value)}")
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"{name} must be an int >= {smallest}, got {describe(value)}") from None
         if value < smallest:
             raise ValueError(f"{name} must be an int >= {smallest}, got {value}")
     if not isinstance(out_features, tuple | list) or not all(
@@ -173,7 +171,6 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss, _KeepsOptions):
         self.backend = backend
         self.inplace_backward = inplace_backward
         self.check_labels = check_labels
-        _loss_options_of(self)  # a bad option is refused here, not at the first step
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional._cross_entropy_with_options(
@@ -315,7 +312,6 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
         self.backend = backend
         self.check_labels = check_labels
         self.accumulate_in_float32 = accumulate_in_float32
-        _linear_options_of(self)  # a bad option is refused here, not at the first step
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)
