@@ -699,3 +699,25 @@ def test_a_compiled_graph_that_returns_no_log_probability_still_checks_the_targe
         torch.compile(call, backend=backend)(logits, target)
     target[2] = 3
     torch.testing.assert_close(torch.compile(call, backend=backend)(logits, target), call(logits, target))
+
+
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_a_compiled_uint64_label_beyond_int64_is_refused_as_in_eager(check_labels):
+    """uint64 labels beyond int64 are refused before the cast to int64 would wrap them (2**64 −
+    100 onto −100, the default ignore_index): eager refused it, compiled the row was silently
+    ignored (a review, 2026-12-07); whatever check_labels says, as eager."""
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(64, 1000, generator=generator, requires_grad=True)
+    target = torch.randint(0, 1000, (64,), generator=generator).to(torch.uint64)
+    target[5] = torch.tensor(2**64 - 100, dtype=torch.uint64)
+    for call in (lambda a, b: xt.cross_entropy(a, b, check_labels=check_labels),
+                 lambda a, b: xt.log_probs(a, b, check_labels=check_labels)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"label 18446744073709551516 at position \(5,\), too large"):
+            call(logits, target)
+        with pytest.raises(ValueError, match=r"label 18446744073709551516 at position \(5,\), too large"):
+            torch.compile(call, fullgraph=True)(logits, target)
+    target[5] = 7
+    torch.testing.assert_close(
+        torch.compile(lambda a, b: xt.cross_entropy(a, b), fullgraph=True)(logits, target),
+        xt.cross_entropy(logits, target.long()),
+    )

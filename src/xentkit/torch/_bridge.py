@@ -291,23 +291,36 @@ def labels_checked_in_graph(
     loop, and its exception leaving the OpenMP region aborted the process:
     pytorch/pytorch#195402.) Not on a GPU, where a check would wait for the device (NaN there,
     documented), nor inside a torch.func transform (the op has no batching rule)."""
-    if check and torch.compiler.is_compiling() and labels.device.type == "cpu" and not transforms_active():
-        return checked_labels(labels, num_classes, ignore_index, classes or "")
+    if check and _checked_in_graph(labels):
+        return checked_labels(labels, num_classes, ignore_index, classes or "", True)
     return labels
 
 
+def _checked_in_graph(labels: Tensor) -> bool:
+    """Whether ``labels`` are checked by ``xentkit::checked_labels`` in a compiled graph: CPU
+    tensors under torch.compile, outside torch.func transforms."""
+    return torch.compiler.is_compiling() and labels.device.type == "cpu" and not transforms_active()
+
+
 @torch.library.custom_op("xentkit::checked_labels", mutates_args=())
-def checked_labels(labels: Tensor, num_classes: int, ignore_index: int, classes: str) -> Tensor:
-    """:func:`check_labels` of ``labels`` (``classes``: what holds the classes, "" for the
-    default), as an op a compiled graph runs as it is: the ValueError naming a bad label, else a
-    copy of ``labels``. (Int64 labels are scanned by the compiled loop the kernels' checks use.)"""
+def checked_labels(labels: Tensor, num_classes: int, ignore_index: int, classes: str, in_range: bool) -> Tensor:
+    """Eager's checks of ``labels`` (``classes``: what holds the classes, "" for the default) as
+    an op a compiled graph runs as it is: uint64 labels beyond int64 refused (the cast would wrap
+    2**64 − 100 onto −100), and with ``in_range`` :func:`check_labels`; the ValueError naming a
+    bad label, else a copy of ``labels``. (Int64 labels are scanned by the compiled loop the
+    kernels' checks use.)"""
     values = labels.numpy()
-    check_labels(values, num_classes, ignore_index, classes=classes or None, compiled=values.dtype == np.int64)
+    if values.dtype == np.uint64:
+        values = as_class_indices(
+            values, values.shape, num_classes=num_classes, ignore_index=ignore_index, classes=classes or None
+        )
+    if in_range:
+        check_labels(values, num_classes, ignore_index, classes=classes or None, compiled=values.dtype == np.int64)
     return labels.clone()
 
 
 @checked_labels.register_fake
-def _(labels: Tensor, num_classes: int, ignore_index: int, classes: str) -> Tensor:
+def _(labels: Tensor, num_classes: int, ignore_index: int, classes: str, in_range: bool) -> Tensor:
     return torch.empty_like(labels)
 
 
@@ -321,6 +334,8 @@ def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: s
             target.cpu().numpy(), tuple(target.shape), num_classes=num_classes, ignore_index=ignore_index,
             classes=classes,
         )
+    elif target.dtype == _UINT64 and _checked_in_graph(target):  # compiled: the same refusal, in the graph
+        target = checked_labels(target, num_classes, ignore_index, classes or "", False)
     return target.long()
 
 
