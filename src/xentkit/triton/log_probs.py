@@ -99,7 +99,7 @@ def _partials_kernel(
 ):
     row, cols, inside = _chunks.columns(n_cols, BLOCK)
     if tl.load(valid_ptr + row) == 0:
-        return  # the combine writes the row's (0, 1, 0, 0) without reading the partials
+        return  # the combine writes the row's (0, 0, 0, 0) without reading the partials
     # ---- Pass 1: the chunk's max of x, and its sums at t_k, shifted before they are scaled ----
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     x = tl.where(inside, x, float("-inf"))

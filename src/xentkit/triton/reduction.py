@@ -56,7 +56,9 @@ def _store_loss(ptr, value, mask, WIDE: tl.constexpr, BF16: tl.constexpr, F16: t
     nearest: with float32's 13+ more bits that is the float64 value rounded to nearest once
     (float64 → float32 → half to nearest rounds twice: 1 + 2⁻⁸ + 2⁻³⁰ gave bfloat16's 1, not
     1 + 2⁻⁷). bfloat16 is rounded to nearest (ties to even) here, on the float32 bits, so that
-    Triton's interpreter, whose conversion truncates, stores what a GPU stores."""
+    Triton's interpreter, whose conversion truncates, stores what a GPU stores (for normal
+    float32 values: Triton 3.8's interpreter converts float32 subnormals to bfloat16 wrongly, 5e-39
+    to 8.17e-39, a review found; a GPU is not affected)."""
     if WIDE:
         tl.store(ptr, value.to(tl.float64), mask=mask)
     elif BF16 or F16:

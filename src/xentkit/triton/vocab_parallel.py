@@ -26,7 +26,10 @@ here, ``-1`` a target on another rank, ``-2`` an ignored row.
     and the host function returns, in float64 as the Numba kernel does, (m_r, e_r, z_y, S'_r): the
     weighted sum stays relative to the shard's shift (the caller restates it at the row's max M
     with W_r·(t_r − M)), so that it keeps float32's relative precision in the spread z_j − t_r,
-    not in the logits' offset (rows near +1e4, or filled with −3e38, lose nothing to it).
+    not in the logits' offset (rows near +1e4 lose nothing to it). S'_r itself is a float32 sum:
+    with label smoothing, a shard of logits near −3e38 overflows it to −inf where the Numba
+    kernel's float64 sum gives −1.3e40 (a loss of inf where the true one is 1.5e37; a review,
+    2026-12-07).
 
     pass 2, ``_gradient_kernel`` (one read and one write of the shard), with per-row float64
     coefficients the caller computed from the rows' global statistics (M: the row's max over
