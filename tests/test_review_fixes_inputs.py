@@ -45,6 +45,7 @@ def test_an_option_given_as_a_meta_tensor_is_named(name, call):
         ((4, 0), {}, r"^num_classes must be an int >= 1, got 0$"),
         ((4, 5.5), {}, r"^num_classes must be an int >= 1, got float 5.5$"),
         (("4", 5), {}, r"^in_features must be an int >= 0, got str '4'$"),
+        ((8, torch.tensor(True)), {}, r"^num_classes must be an int >= 1, got a torch tensor of dtype bool"),
     ],
 )
 def test_the_fused_linear_module_refuses_bad_arguments_when_built(arguments, error, message):

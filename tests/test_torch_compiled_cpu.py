@@ -721,3 +721,28 @@ def test_a_compiled_uint64_label_beyond_int64_is_refused_as_in_eager(check_label
         torch.compile(lambda a, b: xt.cross_entropy(a, b), fullgraph=True)(logits, target),
         xt.cross_entropy(logits, target.long()),
     )
+
+
+def test_compiled_linear_log_probs_names_a_bad_target_where_eager_does():
+    """The compiled branch had checked the flattened targets: position (13,) for eager's (1, 5)."""
+    generator = torch.Generator().manual_seed(9)
+    h, w = torch.randn(2, 8, 16, generator=generator), torch.randn(100, 16, generator=generator)
+    target = torch.randint(0, 100, (2, 8), generator=generator)
+    target[1, 5] = 100
+    for call in (xt.linear_log_probs, torch.compile(lambda a, b, c: xt.linear_log_probs(a, b, c), fullgraph=True)):
+        with pytest.raises(ValueError, match=r"^target has label 100 at position \(1, 5\) but linear_weight has 100"):
+            call(h, w, target)
+
+
+def test_a_uint64_label_beyond_int64_under_vmap_makes_its_row_nan_not_ignored():
+    """Where nothing may look at the labels (torch.func; CUDA compiled), the cast had wrapped
+    2**64 − 100 onto −100 and the row was silently ignored; it is a bad label now: NaN, as
+    torch.func gives for any bad label (a review, 2026-12-07)."""
+    generator = torch.Generator().manual_seed(10)
+    logits = torch.randn(3, 16, 100, generator=generator)
+    target = torch.randint(0, 100, (3, 16), generator=generator).to(torch.uint64)
+    target[1, 5] = torch.tensor(2**64 - 100, dtype=torch.uint64)
+    losses = torch.vmap(lambda a, b: xt.cross_entropy(a, b))(logits, target)
+    assert losses[1].isnan() and losses[[0, 2]].isfinite().all()
+    log_p = torch.vmap(lambda a, b: xt.log_probs(a, b))(logits, target)
+    assert log_p[1, 5].isnan() and log_p.isnan().sum() == 1

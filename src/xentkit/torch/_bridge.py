@@ -334,8 +334,14 @@ def int64_labels(target: Tensor, num_classes: int, ignore_index: int, classes: s
             target.cpu().numpy(), tuple(target.shape), num_classes=num_classes, ignore_index=ignore_index,
             classes=classes,
         )
-    elif target.dtype == _UINT64 and _checked_in_graph(target):  # compiled: the same refusal, in the graph
-        target = checked_labels(target, num_classes, ignore_index, classes or "", False)
+    elif target.dtype == _UINT64:
+        if _checked_in_graph(target):  # compiled on the CPU: the same refusal, in the graph
+            target = checked_labels(target, num_classes, ignore_index, classes or "", False)
+        # where nothing may look (CUDA compiled, torch.func): a label the cast wraps (negative
+        # after it, beyond int64 before) becomes a bad one, its row NaN, not ignore_index
+        beyond = num_classes if ignore_index != num_classes else num_classes + 1
+        labels = target.long()
+        return torch.where(labels < 0, beyond, labels)
     return target.long()
 
 

@@ -369,7 +369,7 @@ def log_probs(
             value.to(_bridge.at_least_float32(logits.dtype)).reshape(target.shape)
             for value in TorchRows.traced(matrix, labels, valid.reshape(-1), options.temperature)
         )
-    elif use_ops:  # (no label check: nothing may wait; a bad target's log-probability is NaN)
+    elif use_ops:  # (checked by an op in the graph on the CPU; else a bad target's log-probability is NaN)
         valid, bad = _label_masks(target, classes, options, None)
         results = tuple(
             value.reshape(target.shape)
@@ -576,8 +576,10 @@ def linear_log_probs(
             for value in TorchRows.traced(logits, flat_target, valid, options.temperature)
         )
         return _finish_linear(results, bad, target, return_entropy, return_lse)
-    if torch.compiler.is_compiling():  # custom ops the compiler keeps: the chunks (on the CPU an assertion checks the labels)
-        valid, bad = _label_masks(flat_target, classes, options, None, classes_text)
+    if torch.compiler.is_compiling():  # custom ops the compiler keeps: the chunks (on the CPU an op checks the labels)
+        # (the targets in the caller's shape: a bad one is named at its position there, as eager)
+        valid, bad = _label_masks(target, classes, options, None, classes_text)
+        valid, bad = valid.reshape(-1), _flat(bad)
         results = _log_prob_ops.linear_log_probs(x, linear_weight, linear_bias, flat_target, valid, options)
     else:
         options = options.replace(chunk_size=chunk_for(x, classes, options.chunk_size))

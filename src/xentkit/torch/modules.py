@@ -113,7 +113,7 @@ def _check_layer_sizes(in_features: object, num_classes: object, out_features: o
     them, at ``forward``: a subclass may set them after this constructor, as torch's allows.)"""
     for name, value, smallest in (("in_features", in_features, 0), ("num_classes", num_classes, 1)):
         try:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or str(getattr(value, "dtype", "")) == "torch.bool":
                 raise TypeError
             value = operator.index(value)  # type: ignore[arg-type]
         except TypeError:
