@@ -474,3 +474,27 @@ def test_compiled_log_probs_run_the_triton_kernels_in_their_custom_ops(monkeypat
     for value, want in zip(compiled, run(step), strict=True):
         torch.testing.assert_close(value, want, rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("gap", [25.0, 30.0, 40.0, 50.0])
+@pytest.mark.parametrize("backend", ["triton", "numba-float32", "numba-float64"])
+def test_a_confident_targets_entry_keeps_the_entropy_term_beside_the_log_probs(gap, backend):
+    """With upstream gradients on both log p (g) and the entropy (h), PPO's loss with an entropy
+    bonus, the target's entry at a confident row's max is a·(1 − p_y) + p_y·t with
+    t = k − h·(H − log s): the kernels had taken t = a + b with b = k − g − h·(H − log s), which
+    rounds h·(H − log s) away below an ulp of g (a review, 2026-12-07: 13% off at a gap of 40,
+    the wrong sign at 50). For [0, −G, −G, −G], δ = 3·exp(−G), s = 1 + δ, the entry of
+    log p + H is (δ − G·δ/s)/s, computed here to a few ulps."""
+    delta = 3.0 * np.exp(-gap)
+    s = 1.0 + delta
+    expected = (delta - gap * delta / s) / s
+    dtype = torch.float64 if backend == "numba-float64" else torch.float32
+    device = DEVICE if backend == "triton" else "cpu"
+    x = torch.tensor([[0.0, -gap, -gap, -gap]], dtype=dtype, device=device, requires_grad=True)
+    log_p, entropy = xt.log_probs(
+        x, torch.tensor([0], device=device), return_entropy=True, backend="triton" if backend == "triton" else "auto"
+    )
+    (log_p.sum() + entropy.sum()).backward()
+    got = x.grad[0, 0].item()
+    # float64: a few ulps; float32: the terms' own rounding (exp of d in float32, about |d|·6e-8)
+    assert got == pytest.approx(expected, rel=1e-14 if dtype == torch.float64 else 1e-6, abs=0), (got, expected)

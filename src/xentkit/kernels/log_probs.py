@@ -19,12 +19,12 @@ Per row i (``prange`` over rows; a row of C classes x, scale c = 1/T > 0, z_j = 
     log p(y) = (z_y − m) − log1p(e) ≤ 0, H = log1p(e) − u/(1 + e) ≥ 0 and lse = m + log1p(e).
 
     Pass 2, gradient (one write of the row; exp recomputed), given per-row (m, e) and the
-    coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·d_j), s = 1 + e; float32 rows take
+    coefficients (a, t, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·d_j), b = t − a, s = 1 + e; float32 rows take
     d_j = (x_j − m_x)·c with m_x = m/c (the float32 max comes back exactly), float64 rows
     d_j = x_j·c − m (a float64 max may come back an ulp off, which at ulp(m_x)/T > 709 would
     overflow exp(d)):
         dst_j = c·exp(d_j)/s·(b + k·d_j)                          (vector loop, the dtype's lanes)
-        dst_y = c·(a·(1 − p_y) + p_y·((a + b) + k·(z_y − m)))     (float64, x_y read before the loop)
+        dst_y = c·(a·(1 − p_y) + p_y·(t + k·(z_y − m)))     (float64, x_y read before the loop)
     with 1 − p_y = e/s where y is at the max (d_y = 0; 1 − 1/s would cancel for a confident row).
     ``dst`` may be the logits themselves (in place: the one-array loop, which LLVM vectorizes
     without an aliasing check).
@@ -218,7 +218,7 @@ def _statistics_kernel(
 
 @njit(parallel=True, **_KERNEL_JIT)
 def _gradient_kernel(
-    logits, labels, valid, scale, m_rows, e_rows, coef_a, coef_b, coef_k, grad_out, in_place
+    logits, labels, valid, scale, m_rows, e_rows, coef_a, coef_t, coef_k, grad_out, in_place
 ):  # pragma: no cover - compiled
     n_rows, n_classes = logits.shape
     c = like(scale, logits)
@@ -241,18 +241,19 @@ def _gradient_kernel(
         y = labels[i]
         has_target = 0 <= y < n_classes
         # the target entry in float64, from x_y read before pass 2 may overwrite it:
-        # a·(1 − p_y) + p_y·((a + b) + k·d_y), its 1 − p_y = e/s at the max (never 1 − 1/s)
+        # a·(1 − p_y) + p_y·(t + k·d_y), its 1 − p_y = e/s at the max (never 1 − 1/s)
         grad_y = 0.0
         if has_target:
             d_y = np.float64(row[y]) * scale - m_rows[i]
             p_y = math.exp(d_y) / s
             rest_y = excess / s if d_y == 0.0 else 1.0 - p_y
             # max(d_y, −1000): a masked target (−inf) has p_y = 0 and adds a, not 0·(−inf)
-            grad_y = scale * (
-                coef_a[i] * rest_y + p_y * ((coef_a[i] + coef_b[i]) + coef_k[i] * max(d_y, EXPONENT_FLOOR))
-            )
+            t_y = coef_t[i]
+            if not math.isfinite(coef_a[i]):  # torch's chain: ∞ − ∞ = NaN at the target
+                t_y = coef_a[i] + (t_y - coef_a[i])
+            grad_y = scale * (coef_a[i] * rest_y + p_y * (t_y + coef_k[i] * max(d_y, EXPONENT_FLOOR)))
         # ---- Pass 2: dst_j = c·exp(z_j − m)/s·(b + k·(z_j − m)) ----
-        coef_b_row = like(scale * coef_b[i] / s, logits)
+        coef_b_row = like(scale * (coef_t[i] - coef_a[i]) / s, logits)  # b = t − a off the target
         coef_k_row = like(scale * coef_k[i] / s, logits)
         if in_place:
             _grad_inplace(row, c, shift, after, coef_b_row, coef_k_row)
@@ -320,19 +321,19 @@ def log_prob_gradient(
     parallel: bool | None = None,
 ) -> np.ndarray:
     """Pass 2: writes ∂/∂logits into ``grad_out`` (``[N, C]``, the logits' dtype; may be
-    ``logits`` itself) from the rows' (m, e) and the coefficients (a, b, k) of
+    ``logits`` itself) from the rows' (m, e) and the coefficients (a, t, k) of
     ``reference.log_probs.gradient_coefficients``, each ``[N]`` float64. Returns ``grad_out``."""
     n_rows = logits.shape[0]
     if n_rows:
         in_place = _same_buffer(grad_out, logits)
-        coef_a, coef_b, coef_k = (
+        coef_a, coef_t, coef_k = (
             np.ascontiguousarray(np.broadcast_to(np.asarray(c, dtype=np.float64), (n_rows,)))
             for c in coefficients
         )
         arguments = (
             logits, np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(valid, dtype=np.bool_),
             1.0 / float(temperature), np.ascontiguousarray(m, dtype=np.float64),
-            np.ascontiguousarray(e, dtype=np.float64), coef_a, coef_b, coef_k,
+            np.ascontiguousarray(e, dtype=np.float64), coef_a, coef_t, coef_k,
             logits if in_place else grad_out, in_place,
         )
         _run(_gradient_kernel, _gradient_serial, arguments, logits.size, parallel)

@@ -191,12 +191,16 @@ def _row_statistics(m: Any, e: Any, u: Any, z_target: Any, valid: Any) -> tuple[
 def gradient_coefficients(
     log_s: Any, entropy: Any, grad_log_probs: Any, grad_entropy: Any, grad_lse: Any
 ) -> tuple[Any, Any, Any]:
-    """``(a, b, c)`` per row with ∂/∂z_j = a·[j = y] + p_j·(b + c·(z_j − m)), from the upstream
-    gradients g, h, k (arrays or scalars; 0 for an output nobody used)."""
+    """``(a, t, c)`` per row with ∂/∂z_j = a·[j = y] + p_j·((t − a) + c·(z_j − m)), from the
+    upstream gradients g, h, k (arrays or scalars; 0 for an output nobody used): a = g, c = −h,
+    and t = k − h·(H − log s), the target's own coefficient (its entry is
+    a·(1 − p_y) + p_y·(t + c·(z_y − m))), formed without g: a confident target's entry keeps
+    h·(H − log s) where it is below an ulp of g (a review, 2026-12-07: t taken as a + b with
+    b = k − g − h·(H − log s) rounded it away, 13% off at a gap of 40, the wrong sign at 50)."""
     a = grad_log_probs
-    b = grad_lse - grad_log_probs - grad_entropy * (entropy - log_s)
+    t = grad_lse - grad_entropy * (entropy - log_s)
     c = -grad_entropy
-    return a, b, c
+    return a, t, c
 
 
 def merge_partials(m: Any, e: Any, u: Any, m_total: Any) -> tuple[Any, Any, Any]:

@@ -13,7 +13,7 @@ Two ops, each the compiler's one node, running the eager path's code
     xentkit::linear_log_probs_backward(input, linear_weight, linear_bias, target, valid, m, e,
                                        a, b, k, temperature, chunk_size, backend, want_input,
                                        want_weight, want_bias) -> (grad_input, grad_weight, grad_bias)
-        backward: each chunk's logits again, pass 2 with the rows' coefficients (a, b, k) (from
+        backward: each chunk's logits again, pass 2 with the rows' coefficients (a, t, k) (from
         the upstream gradients of the three outputs, traced torch ops), the matmuls
 
 A gradient not wanted is an empty tensor. Neither op waits for the device: the targets are not
@@ -102,7 +102,7 @@ def linear_log_probs_backward(
     m: Tensor, e: Tensor, a: Tensor, b: Tensor, k: Tensor, temperature: float, chunk_size: int | None, backend: str,
     want_input: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The input, weight and bias gradients for the rows' coefficients (a, b, k)."""
+    """The input, weight and bias gradients for the rows' coefficients (a, t, k)."""
     from .log_probs import linear_gradients
 
     x, w, bias = detached(input, linear_weight, linear_bias)
@@ -126,7 +126,7 @@ def _(
 
 
 def _coefficients(log_s: Tensor, entropy: Tensor, grads: tuple[Tensor | None, ...]) -> tuple[Tensor, ...]:
-    """The rows' (a, b, k) from the upstream gradients of (log p, H, lse) (None: unused), as
+    """The rows' (a, t, k) from the upstream gradients of (log p, H, lse) (None: unused), as
     traced torch ops; both ops' backward."""
     g, h, k = (torch.zeros_like(log_s) if grad is None else grad.to(log_s.dtype) for grad in grads)
     return gradient_coefficients(log_s, entropy, g, h, k)
@@ -220,7 +220,7 @@ def log_probs_backward(
     logits: Tensor, target: Tensor, valid: Tensor, m: Tensor, e: Tensor, a: Tensor, b: Tensor, k: Tensor,
     temperature: float, backend: str,
 ) -> Tensor:
-    """The logits' gradient for the rows' coefficients (a, b, k), a new buffer of their dtype."""
+    """The logits' gradient for the rows' coefficients (a, t, k), a new buffer of their dtype."""
     rows, _ = _logits_rows(logits, temperature, backend)
     dtype = rows.statistics_dtype(logits.dtype, logits.device)
     gradient = torch.empty_like(logits)

@@ -5,7 +5,7 @@ the formulas): ``statistics`` gives each row's (m, e, u, z_y) (e = s − 1, the 
 of exponentials), ``finished`` those and the rows' log p(y), H and lse
 (``reference.log_probs.row_statistics``, in torch ops or, for Triton, in its kernel), ``gradient``
 writes ∂/∂logits = (a·[j = y] + p_j·(b + k·(z_j − m)))/T from the rows' (m, e) and coefficients
-(a, b, k) into ``out`` (which may be the logits: in place). Rows that are not ``valid`` get
+(a, t, k) into ``out`` (which may be the logits: in place; b = t − a). Rows that are not ``valid`` get
 (m, e, u, z_y) = (0, 0, 0, 0) and a zero gradient; a label outside [0, V) is not read (z_y 0, no
 target entry).
 
@@ -169,7 +169,8 @@ class TorchRows(_Rows):
     ) -> Tensor:
         x = logits.to(_bridge.at_least_float32(logits.dtype))
         scale = 1.0 / temperature
-        a, b, k = (c.to(m.dtype).reshape(-1).expand(m.shape[0]) for c in coefficients)
+        a, t, k = (c.to(m.dtype).reshape(-1).expand(m.shape[0]) for c in coefficients)
+        b = t - a  # off the target
         if x.dtype == torch.float64:  # (max x from m·T may be an ulp off: x·c − m, as the kernels)
             d = x * scale - m[:, None]
         else:  # max x back exactly from the float64 m = max x·c (a float32)

@@ -71,7 +71,7 @@ def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor 
 
 
 def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """(a, b, k) per row from the upstream gradients of (log p, H, lse) (None: unused)."""
+    """(a, t, k) per row from the upstream gradients of (log p, H, lse) (None: unused)."""
     dtype = ctx.log_s.dtype
     g, h, k = (
         ctx.log_s.new_zeros(()) if grad is None else grad.reshape(-1).to(dtype) for grad in grads
@@ -80,7 +80,7 @@ def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[T
 
 
 def _unit_coefficients(ctx: FunctionCtx, output: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(a, b, k) per row for upstream ones on output ``output`` of (log p, H, lse) and none on the
+    """(a, t, k) per row for upstream ones on output ``output`` of (log p, H, lse) and none on the
     others: the gradient is linear in the upstream gradients, so a batched backward's is
     Σ_o grad_o · (this output's gradient at ones)."""
     ones = torch.ones_like(ctx.log_s)
@@ -409,7 +409,7 @@ def linear_gradients(
     buffer: Tensor | None = None, skip: tuple[bool, ...] | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Backward steps 1-3 over the chunks: the input, weight and bias gradients ``want``ed (else
-    None) for the rows' coefficients (a, b, k); ``skip``: chunks with nothing to differentiate."""
+    None) for the rows' coefficients (a, t, k); ``skip``: chunks with nothing to differentiate."""
     n = x.shape[0]
     buffers = gradient_buffers(x, w, b, want, zero_input=True)
     if buffer is None:

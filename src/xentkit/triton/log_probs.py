@@ -27,10 +27,10 @@ not by an ulp of max|x|/T, as on the CPU):
     in the same order (log1p as ``_chunks.log1p``), rounded once to float32.
 
     pass 2, ``_gradient_kernel`` (one read and one write of the logits), given per-row (m, e)
-    and the coefficients (a, b, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)), s = 1 + e, with
+    and the coefficients (a, t, k) of ∂/∂z_j = a·[j = y] + p_j·(b + k·(z_j − m)), b = t − a, s = 1 + e, with
     max x = m/c back in float32 (exactly: m/c is within 1e-15 of it):
         grad_j = exp(d_j)·(c·b/s + c·k/s·max(d_j, −1000)),   d_j = (x_j − max x)·c
-        grad_y = c·(a·(1 − p_y) + p_y·((a + b) + k·(z_y − m)))   (float64; 1 − p_y = e/s where y
+        grad_y = c·(a·(1 − p_y) + p_y·(t + k·(z_y − m)))   (float64; 1 − p_y = e/s where y
         is at the max: a + p_y·b, and 1 − 1/s, cancel for a confident row)
 
 Why float64 per row: m and z_y in float32 would each carry half an ulp of max|x|/T (at logits
@@ -213,7 +213,7 @@ def _gradient_kernel(
     scale_lo,
     BLOCK: tl.constexpr,
 ):
-    """One program per (row, chunk): the chunk's gradient from the row's (m, e) and (a, b, k)."""
+    """One program per (row, chunk): the chunk's gradient from the row's (m, e) and (a, t, k)."""
     row, cols, inside = _chunks.columns(n_cols, BLOCK)
     grad_row = grad_ptr + row * grad_stride
     if tl.load(valid_ptr + row) == 0:
@@ -224,18 +224,18 @@ def _gradient_kernel(
     e = tl.load(e_ptr + row).to(tl.float64)
     s = 1.0 + e
     a = tl.load(a_ptr + row * a_stride).to(tl.float64)
-    b = tl.load(b_ptr + row * b_stride).to(tl.float64)
+    t = tl.load(b_ptr + row * b_stride).to(tl.float64)  # the target's coefficient t = a + b
     k = tl.load(k_ptr + row * k_stride).to(tl.float64)
     # the float32 max of x back from m = max x·c (exactly: m/c is within 1e-15 of it), so that
     # d_j = (x_j − max x)·c is shifted before it is scaled, as in pass 1
     m_x = (m / c).to(tl.float32)
-    coef_b = (c * b / s).to(tl.float32)
+    coef_b = (c * (t - a) / s).to(tl.float32)
     coef_k = (c * k / s).to(tl.float32)
     # ---- Pass 2: grad_j = exp(d_j)·(c·b/s + c·k/s·d_j), d_j = (x_j − max x)·c ----
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     d = (x - m_x) * scale_hi
     grad = tl.exp(d) * (coef_b + coef_k * tl.maximum(d, _FLOOR))
-    # the target's entry c·(a·(1 − p_y) + p_y·((a + b) + k·d_y)) in float64, its 1 − p_y = e/s
+    # the target's entry c·(a·(1 − p_y) + p_y·(t + k·d_y)) in float64, its 1 − p_y = e/s
     # where y is at the max (d_y = 0), where a + p_y·b and 1 − 1/s cancel for a confident row;
     # y outside [0, V) matches no stored lane
     # x_y from this program's own block (another chunk's program may have written its gradient
@@ -247,7 +247,8 @@ def _gradient_kernel(
         d_y = x_y.to(tl.float64) * c - m
         p_y = tl.exp(d_y) / s
         rest_y = tl.where(d_y == 0.0, e / s, 1.0 - p_y)
-        target = c * (a * rest_y + p_y * ((a + b) + k * tl.maximum(d_y, _FLOOR)))
+        t_y = tl.where(tl.abs(a) < float("inf"), t, a + (t - a))  # torch's chain: ∞ − ∞ = NaN there
+        target = c * (a * rest_y + p_y * (t_y + k * tl.maximum(d_y, _FLOOR)))
         grad = tl.where(cols == y, target.to(tl.float32), grad)
     tl.store(grad_row + cols, grad, mask=inside)
 
@@ -310,7 +311,7 @@ def log_prob_gradient(
 ) -> Tensor:
     """Pass 2: writes ∂/∂logits into ``grad_out`` (a contiguous ``[N, V]`` tensor of the logits'
     dtype; it may be ``logits`` itself) from the rows' (m, e) of :func:`log_prob_statistics` and
-    the coefficients (a, b, k) of ``reference.log_probs.gradient_coefficients``, each ``[N]`` or
+    the coefficients (a, t, k) of ``reference.log_probs.gradient_coefficients``, each ``[N]`` or
     a single value (0-dim), any float dtype, on the logits' device. One launch. Returns
     ``grad_out``."""
     n_rows, n_cols = logits.shape
