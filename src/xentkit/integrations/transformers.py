@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from .._labels import LabelError  # noqa: E402
+from .._labels import LabelError, _bad_labels  # noqa: E402
 from .._options import LogProbOptions, Real, check_flag, describe  # noqa: E402
 from ..torch import linear_cross_entropy, linear_log_probs  # noqa: E402
 
@@ -359,7 +359,7 @@ class _Patch:
     def _label_error(self, shift_labels: Tensor, call: _Call, vocabulary: int) -> LabelError:
         """The first bad label as the caller gave it: its position in ``labels`` (or in
         ``shift_labels`` when the call passed them), against the model's vocabulary."""
-        bad = (shift_labels != call.ignore_index) & ((shift_labels < 0) | (shift_labels >= vocabulary))
+        bad = _bad_labels(shift_labels, vocabulary, call.ignore_index)
         index = tuple(int(i) for i in bad.nonzero()[0])
         label = int(shift_labels[index])
         if call.shift_labels is None:  # shift_labels[..., t] is labels[..., t + 1]
