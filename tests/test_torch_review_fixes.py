@@ -134,6 +134,19 @@ def test_under_vmap_a_bad_label_is_a_nan_sample_as_under_compile():
     assert torch.isnan(losses[2]) and torch.isfinite(losses[torch.arange(6) != 2]).all()
 
 
+@pytest.mark.parametrize("function", ["cross_entropy", "nll_loss"])
+def test_under_torch_func_grad_a_bad_label_from_outside_is_eagers_error(function):
+    """Labels made outside torch.func.grad are plain tensors whose values the check reads; the
+    error named the label after NumPy looked at them, which the transform refuses ("Cannot access
+    data pointer of Tensor that doesn't have storage")."""
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 7, 2])
+    loss = getattr(xt, function)
+    inputs = logits.log_softmax(1) if function == "nll_loss" else logits
+    with pytest.raises(ValueError, match=r"label 7 at position \(2,\) but (logits|log_probs) have 5 classes"):
+        torch.func.grad(lambda z: loss(z, labels))(inputs)
+
+
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
 def test_inplace_backward_refuses_to_overwrite_a_parameter(backend):
     generator = torch.Generator().manual_seed(3)

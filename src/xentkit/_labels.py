@@ -177,11 +177,11 @@ def check_labels(
         bad = _bad_labels(labels, num_classes, ignore_index, valid)
         if not bad.any():
             return valid
-        if not isinstance(labels, np.ndarray):  # a tensor: the message is built on the CPU
-            labels, bad = np.asarray(labels.cpu()), np.asarray(bad.cpu())
-        found = np.argwhere(bad)[0]
+        # (a tensor: read by torch, not viewed by NumPy, which a torch.func transform refuses
+        # even for a tensor it does not wrap)
+        found = np.argwhere(bad)[0] if isinstance(labels, np.ndarray) else bad.nonzero()[0].tolist()
     position = tuple(int(i) for i in found)
     raise label_error(
-        int(labels[position]), position, num_classes, ignore_index,
+        int(labels[position].item()), position, num_classes, ignore_index,
         classes or _logits_classes(num_classes), name,
     )
