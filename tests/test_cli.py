@@ -186,6 +186,8 @@ def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--losses: expected a comma list" in capsys.readouterr().err
     assert main(["lab", "mnist", "--lr", "-1"]) == 2
     assert "--lr: expected a positive number" in capsys.readouterr().err
+    assert main(["lab", "mnist", "--epochs", "10001", "--no-progress"]) == 2  # (refused before a step)
+    _one_line_error(capsys, "--epochs must be between 1 and 10000, got 10001")
 
 
 def test_download_checksum_mismatch(
@@ -211,6 +213,24 @@ def test_a_results_file_that_cannot_be_written_is_named(
         pytest.skip("no /dev/full here")
     assert main(["lab", "neuron", "--out", str(tmp_path / "o"), "--json", "/dev/full", "--no-progress"]) == 2
     _one_line_error(capsys, "cannot write /dev/full", "No space left on device")
+
+
+def test_a_results_file_the_system_refuses_is_named_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/proc's folder passes os.access for root, so the refusal came after the run; now the
+    temporary file the write makes is tried first. A file that can be written is left as it was."""
+    if not Path("/proc/version").is_file():
+        pytest.skip("no /proc here")
+    out = tmp_path / "o"
+    assert main(["lab", "neuron", "--out", str(out), "--json", "/proc/version", "--no-progress"]) == 2
+    _one_line_error(capsys, "--json: cannot write /proc/version: a new file in its folder")
+    assert not out.exists()  # refused before the run
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    assert main(["lab", "neuron", "--out", str(out), "--json", str(kept), "--no-progress"]) == 0
+    assert json.loads(kept.read_text())["experiment"] == "neuron"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.json", "o"]  # no temporary left
 
 
 def test_download_then_train_from_the_cache(

@@ -119,8 +119,10 @@ def test_bad_settings(small: Dataset) -> None:
         ValueError, match="batch_size must be between 1 and the training-set size 1000, got 5000"
     ):
         train_softmax_regression(small, "quadratic", MnistSettings(batch_size=5000))
-    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="epochs must be between 1 and 10000, got 0"):
         train_softmax_regression(small, "quadratic", MnistSettings(epochs=0))
+    with pytest.raises(ValueError, match="epochs must be between 1 and 10000, got 100000"):
+        train_softmax_regression(small, "quadratic", MnistSettings(epochs=100_000))
 
 
 def test_json_shape(small: Dataset, small_runs: dict) -> None:

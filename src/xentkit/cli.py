@@ -156,7 +156,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
     )  # fmt: skip
     training = parser.add_argument_group("training (defaults: note 003's)")
     training.add_argument(
-        "--epochs", type=_positive_int, metavar="N", default=default(21), help="epochs (default: 21)"
+        "--epochs", type=_positive_int, metavar="N", default=default(21), help="epochs, 1 to 10000 (default: 21)"
     )
     training.add_argument(
         "--batch-size",
@@ -395,7 +395,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
 
     from xentkit.lab.console import Output
-    from xentkit.lab.report import require_plotting
+    from xentkit.lab.report import check_writable_file, require_plotting
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
     require_plotting()  # the extras, the data and settings first: a failure leaves no folder
@@ -414,6 +414,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
         _check_writable_folder(Path(args.out), "--out", made)  # before training, not after
         if args.json is not None:
             _check_writable_folder(Path(args.json).parent, "--json", made)
+            try:
+                check_writable_file(args.json)  # the results file itself (/proc is no place for it)
+            except OSError as error:
+                raise ValueError(f"--json: {error}") from None
         experiment(json_path=args.json, output=Output(progress=not args.no_progress), command=command)
     except BaseException:  # a run that fails or is interrupted leaves no empty folder of its own
         from xentkit.lab.folders import remove_empty_folders

@@ -89,6 +89,9 @@ _SOURCE_TITLES = {"mnist-5k": "the MNIST 5k sample"}
 # The training runs in float32: a learning rate below its smallest normal rounds to 0 or loses its
 # digits (1e-50 trained nothing), and one above its largest is inf.
 LEARNING_RATES = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+# the most epochs a run takes (the lab's default is 21): a typo of a few digits more would run for
+# days before anything failed, so it is refused before the first step
+MAX_EPOCHS = 10_000
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,8 @@ class MnistSettings:
         """Raise ``ValueError`` naming the setting when one is out of range; ``names``: what
         the caller calls a field (the command line: ``{"batch_size": "--batch-size", ...}``)."""
         names = names or {}
-        if self.epochs < 1:
-            raise ValueError(f"{names.get('epochs', 'epochs')} must be >= 1, got {self.epochs}")
+        if not 1 <= self.epochs <= MAX_EPOCHS:
+            raise ValueError(f"{names.get('epochs', 'epochs')} must be between 1 and {MAX_EPOCHS}, got {self.epochs}")
         if not 1 <= self.batch_size <= train_size:
             default = " (the default)" if self.batch_size == MnistSettings.batch_size else ""
             raise ValueError(

@@ -142,7 +142,7 @@ def _write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         target = path.resolve() if path.is_symlink() else path
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
-        temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        temporary = _temporary_beside(target)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # (umask applies)
         try:
             with os.fdopen(descriptor, "wb") as file:
@@ -155,6 +155,30 @@ def _write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     except OSError as error:  # (a full disk fails without naming the file)
         raise OSError(f"cannot write {path}: {error.strerror or error}") from None
     return path
+
+
+def _temporary_beside(target: Path) -> Path:
+    """A new, random name for :func:`_write_file`'s temporary file beside ``target``."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+
+
+def check_writable_file(path: str | Path) -> None:
+    """Whether :func:`_write_file` could write ``path`` (its folder there), asked before the work
+    that makes its contents, so that it fails first: the temporary file that write makes is made
+    and removed (folder permissions do not say: root passes ``os.access`` where /proc or a
+    read-only mount refuses). A path that is there but is no regular file (a device, a pipe) is
+    not opened: a pipe's open waits for its reader, whom an early open would end. An OSError
+    names the file, as the write's does."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        return
+    target = path.resolve() if path.is_symlink() else path
+    temporary = _temporary_beside(target)
+    try:
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        temporary.unlink()
+    except OSError as error:  # (the temporary file's error: say that it was one beside the file)
+        raise OSError(f"cannot write {path}: a new file in its folder: {error.strerror or error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
