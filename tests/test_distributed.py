@@ -383,6 +383,11 @@ def scenario_errors(world, rank):
                   "input must have linear_weight_shard's in_features=5")
     _expect_error(lambda: vp.vocab_parallel_linear_cross_entropy(
         x, w_shard[:, :4].contiguous(), target, chunk_size=3 if bad else 4), "chunk_size must be the same")
+    # rank 1 on the linear form with a bad option, the others on the logits form: both are told
+    # (the mismatch had been hidden behind the local failure)
+    linear = lambda: vp.vocab_parallel_linear_cross_entropy(x, w_shard[:, :4].contiguous(), target, reduction="avg")  # noqa: E731
+    _expect_error(linear if bad else call(), "rank(s) [1]", "reduction must be one of",
+                  "every rank must call the same function")
     # the package's chunk budget set on rank 1 only: it would change rank 1's number of chunks,
     # and so of all-reduces (gloo aborted the process on the mismatched collective)
     floor = vp.CHUNK_FLOOR_BYTES

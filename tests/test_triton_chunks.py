@@ -107,3 +107,25 @@ def test_a_launch_the_grid_cannot_hold_is_a_value_error(monkeypatch):
     with pytest.raises(ValueError, match=r"at most 32 classes .* got 33 classes and 2 rows"):
         xt.cross_entropy(logits, target, backend="triton")
     assert xt.cross_entropy(logits[:, :32], target.clamp(max=31), backend="triton").isfinite()
+
+
+def test_backend_auto_runs_torch_ops_for_a_launch_the_grid_cannot_hold(monkeypatch):
+    """The grid's limit is one of the reasons ``backend=`` weighs (``_chunks.grid_reason``):
+    "triton" says so before any work, "auto" runs torch ops instead of raising from the launch
+    (here with the grid's first axis made 3 rows, and "auto" told the CPU tensors are CUDA's)."""
+    import xentkit.torch as xt
+    from xentkit.torch import _triton_path
+
+    monkeypatch.setattr(_chunks, "_GRID_X", 3)
+    logits = torch.randn(2, 5, 2, device=DEVICE, dtype=torch.float32)  # (N, C, d): 4 rows
+    target = torch.tensor([[0, 4], [1, -100]], device=DEVICE)
+    message = r"^backend='triton' cannot run this call: the Triton kernels take at most \d+ classes and 3 rows, got 5 classes and 4 rows$"
+    with pytest.raises(ValueError, match=message):
+        xt.cross_entropy(logits, target, backend="triton")
+    with pytest.raises(ValueError, match=message):  # (log_probs: classes last, 4 rows of 5)
+        xt.log_probs(logits.movedim(1, -1), target.clamp(min=0), backend="triton")
+    monkeypatch.setattr(_triton_path, "_is_cuda", lambda tensor: True)
+    for reduction in ("mean", "none"):
+        expected = xt.cross_entropy(logits, target, reduction=reduction, backend="torch")
+        torch.testing.assert_close(xt.cross_entropy(logits, target, reduction=reduction), expected)
+    assert xt.cross_entropy(logits[:1], target[:1], backend="triton").isfinite()  # 2 rows: it fits

@@ -58,11 +58,13 @@ def linear_reason(
 ) -> str | None:
     """Why the Triton linear cross-entropy cannot run this call, or None when it can (under
     torch.compile too: the custom ops of ``_linear_ops``)."""
-    reason = triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input")
-    if reason is not None:
-        return reason
     if input.dim() != 2 or linear_weight.dim() != 2:
-        return "it takes a 2-D input and a 2-D linear_weight"
+        return triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input") or (
+            "it takes a 2-D input and a 2-D linear_weight"
+        )
+    # (rows: the input's, which bound each chunk's launch)
+    grid = (input.shape[0], linear_weight.shape[0])
+    return triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input", grid=grid)
     return None  # dtypes, devices, the bias: _linear_checks.check_linear refused a mix before asking
 
 

@@ -59,13 +59,17 @@ def _is_cuda(input: Tensor) -> bool:
     return input.device.type == "cuda"
 
 
-def tensor_reason(input: Tensor, *others: Tensor | None, compiled: bool = False, name: str = "logits") -> str | None:
+def tensor_reason(
+    input: Tensor, *others: Tensor | None, compiled: bool = False, name: str = "logits",
+    grid: tuple[int, int] | None = None,
+) -> str | None:
     """Why no Triton kernel can run on ``input`` (its dtype, its device, torch.compile, a
     torch.func transform or forward-mode AD, a missing triton package), or None when one can.
     Shared by every Triton path of ``xentkit.torch``; ``others``: the call's other tensors (a
     forward-mode tangent on any of them counts); ``compiled``: whether the caller has a path for
     torch.compile (custom ops); ``name``: what ``input`` is called in the message (the linear
-    forms' hidden states are "input")."""
+    forms' hidden states are "input"); ``grid``: the launches' ``(rows, classes)``, which CUDA's
+    grid must hold (``xentkit.triton._chunks.grid_reason``)."""
     if input.dtype not in TRITON_DTYPES:
         return f"it takes float32, float16 and bfloat16 {name}, got {input.dtype}"
     if input.device.type != "cuda" and not (input.device.type == "cpu" and _interpreted()):
@@ -82,12 +86,16 @@ def tensor_reason(input: Tensor, *others: Tensor | None, compiled: bool = False,
         return "it does not run under torch.func transforms (vmap, grad, jacrev) or forward-mode AD"
     elif not _triton_importable():
         return "the triton package is not installed (pip install 'xentkit[triton]')"
+    if grid is not None:
+        from ..triton._chunks import grid_reason
+
+        return grid_reason(*grid)
     return None
 
 
 def triton_reason(
     input: Tensor, target: Tensor, weight: Tensor | None, *others: Tensor | None, compiled: bool = False,
-    name: str = "logits",
+    name: str = "logits", grid: tuple[int, int] | None = None,
 ) -> str | None:
     """Why the Triton cross-entropy (``cross_entropy`` or the linear form) cannot run this call,
     or None when it can; ``others`` (the linear form's weight and bias) and ``compiled``: as for
@@ -98,7 +106,7 @@ def triton_reason(
     # never comes here: _bridge.check_tensors refused it for every path)
     if torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         return "it differentiates with respect to the logits only (target or weight requires grad)"
-    return tensor_reason(input, target, weight, *others, compiled=compiled, name=name)
+    return tensor_reason(input, target, weight, *others, compiled=compiled, name=name, grid=grid)
 
 
 def takes_triton(backend: str, on_cuda: bool, reason: Callable[[], str | None]) -> bool:
@@ -117,8 +125,16 @@ def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tens
     """Whether ``cross_entropy`` takes the Triton path (eager, or its custom ops under
     torch.compile); ``backend="triton"`` raises if it cannot."""
     return takes_triton(
-        options.backend, _is_cuda(input), lambda: triton_reason(input, target, weight, compiled=True)
+        options.backend, _is_cuda(input),
+        lambda: triton_reason(input, target, weight, compiled=True, grid=rows_and_classes(input)),
     )
+
+
+def rows_and_classes(input: Tensor, class_dim: int = 1) -> tuple[int, int]:
+    """The ``[rows, C]`` of ``input`` (classes along ``class_dim``, or along its only dimension),
+    as the kernels see it."""
+    classes = input.shape[class_dim] if input.dim() > 1 else input.shape[0]
+    return (input.numel() // classes if classes else 0), classes
 
 
 def unit_factors(plan: ReductionPlan, device: torch.device) -> Tensor:

@@ -56,11 +56,18 @@ __all__ = ["linear_log_probs", "log_probs"]
 
 
 
-def _rows_backend(logits_like: Tensor, options: LogProbOptions, *others: Tensor | None, name: str = "logits") -> type:
+def _rows_backend(
+    logits_like: Tensor, options: LogProbOptions, *others: Tensor | None, name: str = "logits",
+    grid: tuple[int, int] | None = None,
+) -> type:
     """The row backend of this call (see the module docstring); ``backend="triton"`` raises,
-    saying why, when the Triton kernels cannot run it (``name``: what ``logits_like`` is called)."""
+    saying why, when the Triton kernels cannot run it (``name``: what ``logits_like`` is called;
+    ``grid``: the launches' rows and classes, the logits' by default)."""
     if _triton_path.takes_triton(
-        options.backend, logits_like.device.type == "cuda", lambda: _triton_path.tensor_reason(logits_like, name=name)
+        options.backend, logits_like.device.type == "cuda",
+        lambda: _triton_path.tensor_reason(
+            logits_like, name=name, grid=grid or _triton_path.rows_and_classes(logits_like, -1)
+        ),
     ):
         return TritonRows
     if options.backend == "auto" and logits_like.dtype in _bridge.NUMBA_DTYPES and _bridge.runs_on_xentkit(
@@ -583,7 +590,9 @@ def linear_log_probs(
         results = _log_prob_ops.linear_log_probs(x, linear_weight, linear_bias, flat_target, valid, options)
     else:
         options = options.replace(chunk_size=chunk_for(x, classes, options.chunk_size))
-        rows = _rows_backend(x, options, linear_weight, linear_bias, target, name="input")
+        rows = _rows_backend(
+            x, options, linear_weight, linear_bias, target, name="input", grid=(min(len(x), options.chunk_size), classes)
+        )
         # (the targets in the caller's shape: a bad one is named at its position there)
         valid, bad, idle = _linear_label_masks(target, classes, options, rows, classes_text)
         results = _LinearLogProbsFunction.apply(x, linear_weight, linear_bias, flat_target, valid, options, rows, idle)

@@ -106,6 +106,22 @@ EXACT = {"enable_fp_fusion": False}
 _GRID_X, _GRID_Y = 2**31 - 1, 65535  # CUDA's grid: programs along its first and second axes
 
 
+def grid_reason(n_rows: int, n_cols: int, max_block: int = MAX_BLOCK) -> str | None:
+    """Why a launch over ``n_rows`` rows of ``n_cols`` classes does not fit CUDA's grid (the
+    kernels check no bound), or None: more than 2^31 − 1 rows (the grid's first axis), or more
+    classes per row than 65535 chunks (its second axis) or int32 column offsets reach (2^31 less
+    one block). :meth:`Layout.of` raises it; ``backend="auto"`` runs torch ops for it
+    (``xentkit.torch._triton_path.tensor_reason``)."""
+    block = block_size(n_cols, max_block)
+    largest = min(_GRID_Y * block, 2**31 - block)
+    if n_cols > largest or n_rows > _GRID_X:
+        return (
+            f"the Triton kernels take at most {largest} classes and {_GRID_X} rows, got {n_cols} classes "
+            f"and {n_rows} rows"
+        )
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a launch over ``rows`` rows of ``V`` classes is cut: ``block`` classes per program,
@@ -120,13 +136,10 @@ class Layout:
         """The layout, or a ValueError for a launch the grid cannot hold (the kernels check no
         bound): more than 2^31 − 1 rows (the grid's first axis), or more classes per row than
         65535 chunks (its second axis) or int32 column offsets reach (2^31 less one block)."""
+        why = grid_reason(n_rows, n_cols, max_block)
+        if why is not None:
+            raise ValueError(f"{why}; backend='torch' runs torch ops")
         block = block_size(n_cols, max_block)
-        largest = min(_GRID_Y * block, 2**31 - block)
-        if n_cols > largest or n_rows > _GRID_X:
-            raise ValueError(
-                f"the Triton kernels take at most {largest} classes and {_GRID_X} rows, got {n_cols} classes "
-                f"and {n_rows} rows; backend='torch' runs torch ops"
-            )
         return cls(n_rows, block, ceil_div(max(n_cols, 1), block))
 
     @property

@@ -332,6 +332,14 @@ def _odd_ones(records: Sequence[dict[str, int]], field: str) -> str:
     return f"rank(s) {odd} differ from rank(s) {largest}"
 
 
+def _function_mismatch(records: Sequence[dict[str, int]]) -> str | None:
+    """The problem of ranks that called different vocabulary-parallel functions, or None."""
+    if not _differing(records, "function"):
+        return None
+    names = [_FUNCTIONS[record["function"]] for record in records]
+    return f"every rank must call the same function, got {names} on ranks 0..{len(records) - 1}"
+
+
 def _global_problems(
     records: Sequence[dict[str, int]], sample_shape: tuple[int, ...] | None = None
 ) -> tuple[list[str], bool]:
@@ -340,9 +348,9 @@ def _global_problems(
     problems: list[str] = []
     bad_label = False
     world = len(records)
-    if _differing(records, "function"):  # (then nothing else compares: each form has its own record)
-        names = [_FUNCTIONS[record["function"]] for record in records]
-        return [f"every rank must call the same function, got {names} on ranks 0..{world - 1}"], False
+    mismatch = _function_mismatch(records)
+    if mismatch is not None:  # (then nothing else compares: each form has its own record)
+        return [mismatch], False
     rows = [record["rows"] for record in records]
     if len(set(rows)) > 1:
         problems.append(f"every rank must hold the same N samples, got N = {rows} on ranks 0..{world - 1}")
@@ -473,6 +481,9 @@ def _agree(
         messages = communicator.all_gather(_encode(str(error) if error is not None else ""))
         details = "; ".join(f"rank {rank}: {_decode(messages[rank])}" for rank in failed)
         text = f"xentkit.torch.{function}: invalid input on rank(s) {failed} of {world} — {details}"
+        mismatch = _function_mismatch(records)  # (the failure's record says which function it was in)
+        if mismatch is not None:
+            text += f"; and {mismatch}"
         if isinstance(error, TypeError):
             raise TypeError(text) from error
         raise ValueError(text) from error
