@@ -941,3 +941,24 @@ def test_probability_targets_keep_the_max_entrys_own_accuracy(monkeypatch, max_b
     # every entry to float32's relative accuracy of itself (the max's is −Σ_{j≠max} r_j-sized)
     np.testing.assert_allclose(got[:, top], expected[:, top], rtol=2e-6, atol=0)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("check_labels", [True, False])
+def test_a_uint64_label_beyond_int64_is_refused_as_on_every_other_path(check_labels):
+    """The Triton prologues cast labels with ``.long()``, which wraps 2**64 − 100 onto −100, the
+    default ignore_index: the row was silently ignored (loss 0), where every other path refuses
+    the label (a review, 2026-12-07). They cast as the others do now (``_bridge.int64_labels``)."""
+    import xentkit.torch as xt
+
+    logits = torch.randn(3, 20, device=DEVICE)
+    target = torch.tensor([1, 2**64 - 100, 2], dtype=torch.uint64, device=DEVICE)
+    hidden, weight = torch.randn(3, 4, device=DEVICE), torch.randn(20, 4, device=DEVICE)
+    message = r"target has label 18446744073709551516 at position \(1,\), too large for a class index"
+    with pytest.raises(ValueError, match=message):
+        xt.cross_entropy(logits, target, reduction="none", backend="triton", check_labels=check_labels)
+    with pytest.raises(ValueError, match=message):
+        xt.linear_cross_entropy(hidden, weight, target, reduction="none", backend="triton", check_labels=check_labels)
+    good = target.clone()
+    good[1] = 7
+    expected = xt.cross_entropy(logits, good.long(), reduction="none", backend="torch")
+    torch.testing.assert_close(xt.cross_entropy(logits, good, reduction="none", backend="triton"), expected)

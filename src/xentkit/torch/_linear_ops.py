@@ -213,7 +213,7 @@ def linear_cross_entropy(
         grad and input.requires_grad, grad and linear_weight.requires_grad,
         grad and linear_bias is not None and linear_bias.requires_grad,
     )
-    labels = rows_target(target, input.shape[0], linear_weight.shape[0])
+    labels = rows_target(target, input.shape[0], linear_weight.shape[0], options.ignore_index)
     loss, *_ = triton_linear_cross_entropy(
         input, linear_weight, linear_bias, labels, None if weight is None else weight.detach(), *want,
         stats_layout(labels), *LINEAR_OP_OPTIONS.values(options),

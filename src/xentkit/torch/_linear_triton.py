@@ -64,16 +64,22 @@ def linear_reason(
         )
     # (rows: the input's, which bound each chunk's launch)
     grid = (input.shape[0], linear_weight.shape[0])
+    # (dtypes, devices, the bias: _linear_checks.check_linear refused a mix before asking)
     return triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input", grid=grid)
-    return None  # dtypes, devices, the bias: _linear_checks.check_linear refused a mix before asking
 
 
-def rows_target(target: Tensor, rows: int, classes: int) -> Tensor:
-    """The kernels' targets: ``[rows]`` int64 labels, or ``[rows, V]`` probabilities (read in
-    their dtype)."""
+def rows_target(target: Tensor, rows: int, classes: int, ignore_index: int) -> Tensor:
+    """The kernels' targets: ``[rows]`` int64 labels (cast as every path casts them:
+    ``_bridge.int64_labels``), or ``[rows, V]`` probabilities (read in their dtype)."""
     if target.is_floating_point():
         return target.detach().reshape(rows, classes).contiguous()
-    return target.detach().reshape(-1).long().contiguous()
+    labels = _bridge.int64_labels(target.detach(), classes, ignore_index, _classes_text(classes))
+    return labels.reshape(-1).contiguous()
+
+
+def _classes_text(classes: int) -> str:
+    """What holds the classes, in a label error."""
+    return f"linear_weight has {classes} rows (classes)"
 
 
 def forward_chunks(
@@ -183,11 +189,11 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         _bridge.first_order_anchors(ctx, input, linear_weight, linear_bias)
         x, w, b = detached(input, linear_weight, linear_bias)
         classes = w.shape[0]
-        labels = rows_target(target, x.shape[0], classes)
+        labels = rows_target(target, x.shape[0], classes, options.ignore_index)
         want = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
         loss, _valid, stats, gradients = forward_chunks(x, w, b, labels, weight, options, want)
         if not labels.is_floating_point() and options.check_labels:
-            check_labels(labels, classes, options.ignore_index, classes=f"linear_weight has {classes} rows (classes)")
+            check_labels(labels, classes, options.ignore_index, classes=_classes_text(classes))
         ctx.options = options
         saved = (input, linear_weight, linear_bias, labels, weight, stats)
         ctx.want = want

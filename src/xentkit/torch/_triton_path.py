@@ -221,8 +221,13 @@ def rows_inputs(
     _, sample_shape, probabilities = _bridge.sample_layout(input, target)
     _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])
     target = target.detach()
-    rows_target = as_rows(target) if probabilities else target.reshape(-1).long().contiguous()
-    return rows_target, sample_shape, probabilities
+    if probabilities:
+        return as_rows(target), sample_shape, probabilities
+    # (int64 as every path casts: uint64 labels beyond int64, which the cast would wrap onto
+    # ignore_index, refused, or where nothing may look made bad)
+    classes = input.shape[1 if input.dim() >= 2 else 0]
+    labels = _bridge.int64_labels(target, classes, options.ignore_index)
+    return labels.reshape(-1).contiguous(), sample_shape, probabilities
 
 
 def loss_in_layout(loss: Tensor, sample_shape: tuple[int, ...], options: LossOptions, dtype: torch.dtype) -> Tensor:
