@@ -216,3 +216,22 @@ def test_class_weights_of_both_signs_selected_together_are_quiet():
                             )
                             if reduction != "none":
                                 assert np.isnan(loss)
+
+
+def test_an_infinite_upstream_gradient_of_the_binary_losses_warns_nothing():
+    """0·inf is NaN (as torch) where the gradient is 0, silently, as in cross_entropy_and_grad:
+    the binary losses' products had let NumPy's RuntimeWarning through (a review, 2026-12-07)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, grad = xk.binary_cross_entropy_and_grad(
+            np.array([0.5, 0.3]), np.array([0.5, 0.0]), grad_output=np.inf, reduction="sum"
+        )
+        assert np.isnan(grad[0]) and grad[1] == np.inf
+        _, grad = xk.binary_cross_entropy_and_grad(
+            np.array([0.5, 0.3], np.float32), np.array([0.5, 0.0], np.float32), grad_output=1e300, reduction="sum"
+        )
+        assert np.isnan(grad[0]) and grad[1] == np.inf
+        _, grad = xk.binary_cross_entropy_with_logits_and_grad(
+            np.array([0.0, 1.0]), np.array([0.5, 0.2]), grad_output=np.array([np.inf, 1.0]), reduction="none"
+        )
+        assert np.isnan(grad[0]) and grad[1] == pytest.approx(1 / (1 + np.exp(-1.0)) - 0.2)

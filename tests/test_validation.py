@@ -26,6 +26,9 @@ LABELS = np.array([0, 2, 1, 0])
         (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\], got -0.1"),
         (dict(axis=2), ValueError, r"axis must be in \[-2, 2\).*got 2"),
         (dict(axis=1.0), TypeError, r"axis must be an int"),
+        (dict(axis=np.array([1])), TypeError, r"axis must be an int, got an array of dtype int64 and shape \(1,\)"),
+        (dict(axis=np.array(True)), TypeError, r"axis must be an int, got an array of dtype bool"),
+        (dict(axis=np.array(2)), ValueError, r"axis must be in \[-2, 2\).*got 2"),
         (dict(z_loss=-1.0), ValueError, r"z_loss must be a finite float >= 0, got -1.0"),
         (dict(softcap=0.0), ValueError, r"softcap must be None or a finite float > 0, got 0.0"),
         (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
@@ -43,6 +46,15 @@ def test_cross_entropy_bad_input(function, kwargs, error, pattern):
         error, pattern = TypeError, "perplexity always averages"
     with pytest.raises(error, match=pattern):
         function(arguments.pop("logits"), arguments.pop("target"), **arguments)
+
+
+def test_an_axis_may_be_any_integer_that_says_so_as_numpy_takes_it():
+    """A 0-d integer array (as NumPy takes for an axis) had been refused, while ignore_index took
+    one (a review, 2026-12-07)."""
+    expected = xentkit.cross_entropy(LOGITS, LABELS, axis=1)
+    for axis in (np.array(1), np.int8(-1), np.array(-1, dtype=np.int16)):
+        assert xentkit.cross_entropy(LOGITS, LABELS, axis=axis) == expected
+    np.testing.assert_array_equal(xentkit.softmax(LOGITS, axis=np.array(0)), xentkit.softmax(LOGITS, axis=0))
 
 
 def test_label_positions_are_reported_in_per_pixel_layouts():

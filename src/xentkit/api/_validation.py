@@ -8,6 +8,7 @@ what was received, before any array reaches a compiled kernel (kernels do not bo
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
@@ -43,8 +44,13 @@ def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
     """``axis`` as a non-negative int in ``[0, ndim)``."""
     if type(axis) is int and -ndim <= axis < ndim:  # the usual case, without the ABC check
         return axis % ndim
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    if isinstance(axis, bool | np.bool_) or str(getattr(axis, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"{name} must be an int, got {describe(axis)}")
+    if not isinstance(axis, numbers.Integral):
+        try:  # an integer of another kind that says so (a 0-d integer array, as NumPy takes)
+            axis = operator.index(axis)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {describe(axis)}") from None
     axis = int(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(

@@ -218,7 +218,8 @@ def _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype, dt
         return rounded(loss, loss_dtype), None
     grad = grad.reshape(shape)
     if per_element is not None:
-        grad = grad * per_element  # (in the compute dtype, as the reference)
+        with np.errstate(over="ignore", invalid="ignore"):  # (0·inf = NaN, as torch, silently)
+            grad = grad * per_element  # (in the compute dtype, as the reference)
     return rounded(loss, loss_dtype), rounded(grad, dtype)
 
 
@@ -297,7 +298,7 @@ def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, p.shape, p.dtype)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # (0·inf = NaN, as torch, silently)
         grad = np.broadcast_to(grad, p.shape) * plan.scales(upstream)[0]
     return loss, rounded(grad, dtype)
 
