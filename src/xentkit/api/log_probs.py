@@ -124,7 +124,7 @@ def log_probs(
     >>> import numpy as np, xentkit
     >>> logits = np.array([[3.0, 1.0, -3.0], [0.0, 0.0, 0.0]])
     >>> lp, h = xentkit.log_probs(logits, [0, 2], return_entropy=True)
-    >>> np.round(lp, 4), np.round(h, 4)   # −log 0.879; −log 3 and entropy log 3 for a uniform row
+    >>> np.round(lp, 4), np.round(h, 4)   # log 0.879; −log 3 and entropy log 3 for a uniform row
     (array([-0.1291, -1.0986]), array([0.3801, 1.0986]))
 
     See also: :func:`cross_entropy` (the mean of −log p(y), with the loss options),
