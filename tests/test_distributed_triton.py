@@ -138,6 +138,28 @@ def test_shard_statistics_match_float64_and_the_numba_kernel(chunked, dtype, wei
     _close_within(sum_z, torch.from_numpy(numba[3]), STATISTICS * spread, "S_z vs Numba")
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_smoothing_sum_of_logits_spanning_float32s_range_stays_finite(chunked, weighted):
+    """S'_r = Σ w_j·(z_j − t_r) of a shard whose logits span ±3e38 is about −1e40: beyond float32,
+    whose sums overflowed to −inf (a loss of inf where the true one is finite; a review,
+    2026-12-07). The chunks' terms are summed scaled by 2^-32 and the chunks in float64, as the
+    Numba kernel sums in float64: they agree to float32's rounding of each term."""
+    big = float(torch.finfo(torch.float32).max)
+    logits = torch.full((3, WIDTH), -big)
+    logits[0, 5], logits[1, 20], logits[2, :] = big, 1.0, -1.5e38  # (row 2: one value, no span)
+    logits[1, 30] = big * 0.5
+    labels = torch.tensor([5, -1, 3])
+    weight = torch.linspace(0.5, 2.0, WIDTH, dtype=torch.float64) if weighted else None
+    _, _, _, sum_z = kernels.shard_softmax_stats(
+        logits.to(DEVICE), labels.to(DEVICE), None if weight is None else weight.to(DEVICE), True
+    )
+    numba = numba_stats(logits.numpy(), labels.numpy(), None if weight is None else weight.numpy(), True,
+                        block=chunked or 2048)
+    assert torch.isfinite(sum_z).all() and sum_z[0] < -1e40, sum_z
+    torch.testing.assert_close(sum_z.cpu(), torch.from_numpy(numba[3]), rtol=1e-7, atol=0)
+    assert sum_z[2] == 0
+
+
 def test_shard_statistics_of_labels_outside_the_shard_and_empty_shards():
     """A label that is not a column here (-1, or past the shard) reads nothing: z_y = 0; an empty
     shard (V_r = 0) and an empty batch give the contract's values."""

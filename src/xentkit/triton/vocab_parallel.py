@@ -12,7 +12,7 @@ here, ``-1`` a target on another rank, ``-2`` an ignored row.
         m_k = max_j z_j  (NaN ignored: s_k carries it),  t_k = m_k (0 if m_k = −inf)
         s_k = K_k + r_k:  K_k = #{j: z_j = m_k},  r_k = Σ_{z_j < m_k} exp(z_j − t_k)
         (the max's terms counted apart, ``_chunks.split_sum``)
-        S_k = Σ_j w_j·(z_j − t_k),  W_k = Σ_j w_j                  (label smoothing only)
+        S_k = Σ_j w_j·(z_j − t_k),  W_k = Σ_j w_j      (label smoothing only; S_k scaled by 2^-32)
 
     the row, ``_combine_kernel`` (one program per row, merging the row's few partials):
         m_r = max_k m_k,  t_r = m_r (0 if m_r = −inf)
@@ -26,10 +26,10 @@ here, ``-1`` a target on another rank, ``-2`` an ignored row.
     and the host function returns, in float64 as the Numba kernel does, (m_r, e_r, z_y, S'_r): the
     weighted sum stays relative to the shard's shift (the caller restates it at the row's max M
     with W_r·(t_r − M)), so that it keeps float32's relative precision in the spread z_j − t_r,
-    not in the logits' offset (rows near +1e4 lose nothing to it). S'_r itself is a float32 sum:
-    with label smoothing, a shard of logits near −3e38 overflows it to −inf where the Numba
-    kernel's float64 sum gives −1.3e40 (a loss of inf where the true one is 1.5e37; a review,
-    2026-12-07).
+    not in the logits' offset (rows near +1e4 lose nothing to it). Each chunk's S_k is summed in
+    float32 with its terms scaled by 2^-32 (exactly), the chunks' restated sums in float64, so
+    that logits spanning ±3e38 do not overflow it (they had: a loss of inf where the true one is
+    1.5e37, a review, 2026-12-07; the Numba kernel sums in float64).
 
     pass 2, ``_gradient_kernel`` (one read and one write of the shard), with per-row float64
     coefficients the caller computed from the rows' global statistics (M: the row's max over
@@ -62,6 +62,13 @@ __all__ = ["shard_softmax_grad", "shard_softmax_stats"]
 
 # Classes per program at most, read on every call: tests and benchmarks lower it for this module.
 MAX_BLOCK = _chunks.MAX_BLOCK
+
+# S_k's terms are summed scaled by 2^-SUM_Z_EXPONENT: 8192 terms of a span up to 2·3.4e38, times a
+# class weight, stay finite in float32 (only terms below about 2^-94 lose digits to subnormals, an
+# absolute 2^-117 each at most, nothing beside the loss's other terms)
+SUM_Z_EXPONENT = 32
+SUM_Z_SCALE: tl.constexpr = tl.constexpr(2.0**-SUM_Z_EXPONENT)
+SUM_Z_UNSCALE: tl.constexpr = tl.constexpr(2.0**SUM_Z_EXPONENT)
 
 # ``local_labels``: −1 marks a target on another rank, −2 an ignored row (as
 # xentkit.kernels.vocab_parallel); the kernels test for −2 only.
@@ -101,8 +108,12 @@ def _partials_kernel(
             w = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         else:
             w = tl.where(inside, 1.0, 0.0)
-        # a class of weight 0 adds 0, even masked (−inf: 0·log 0 = 0, as the reference)
-        tl.store(slot + 3 * plane, tl.sum(w * tl.where(inside & (w != 0.0), z - t, 0.0), 0))
+        # a class of weight 0 adds 0, even masked (−inf: 0·log 0 = 0, as the reference); each
+        # term scaled by 2^-SUM_Z_EXPONENT (exactly: a power of 2), so that neither z − t nor the
+        # chunk's sum overflows float32 where the logits span ±3e38 (the combine scales back in
+        # float64)
+        scaled = z * SUM_Z_SCALE - t * SUM_Z_SCALE
+        tl.store(slot + 3 * plane, tl.sum(w * tl.where(inside & (w != 0.0), scaled, 0.0), 0))
         tl.store(slot + 4 * plane, tl.sum(w, 0))
 
 
@@ -137,11 +148,12 @@ def _combine_kernel(
     m, t, e, t_k, _, _ = _chunks.merge_counted(slots, mine, plane, 1.0, False, False)
     tl.store(max_ptr + row, m)
     tl.store(excess_ptr + row, e.to(tl.float64))
-    # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift ----
+    # ---- 4. S'_r = Σ_k (S_k + W_k·(t_k − t_r)), restated at the row's shift, in float64 (the
+    #         chunks' S_k scaled back: a span of ±3e38 overflowed float32) ----
     if SUM_Z:
-        sum_k = tl.load(slots + 3 * plane, mask=mine, other=0.0)
-        weight_k = tl.load(slots + 4 * plane, mask=mine, other=0.0)
-        restated = sum_k + tl.where(weight_k == 0.0, 0.0, weight_k * (t_k - t))
+        sum_k = tl.load(slots + 3 * plane, mask=mine, other=0.0).to(tl.float64) * SUM_Z_UNSCALE
+        weight_k = tl.load(slots + 4 * plane, mask=mine, other=0.0).to(tl.float64)
+        restated = sum_k + tl.where(weight_k == 0.0, 0.0, weight_k * (t_k.to(tl.float64) - t.to(tl.float64)))
         tl.store(shifted_sum_z_ptr + row, tl.sum(tl.where(mine, restated, 0.0), 0))
     else:
         tl.store(shifted_sum_z_ptr + row, 0.0)
@@ -211,8 +223,8 @@ def shard_softmax_stats(
         return torch.full_like(zeros, -torch.inf), zeros - 1.0, zeros.clone(), zeros.clone()
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
     part = layout.partials(5 if want_sum_z else 3, device)
-    row_max, target, shifted = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3))
-    row_excess = torch.empty(n_rows, dtype=torch.float64, device=device)
+    row_max, target = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(2))
+    row_excess, shifted = (torch.empty(n_rows, dtype=torch.float64, device=device) for _ in range(2))
     has_weight = weight is not None
     any_weight = weight if has_weight else part  # never read without HAS_WEIGHT
     _partials_kernel[layout.grid](
@@ -226,7 +238,7 @@ def shard_softmax_stats(
     row_max64 = row_max.to(torch.float64)
     # S'_r = Σ w_j·(z_j − t_r), relative to the shard's shift, as the Numba shards return it (the
     # caller restates it at the row's max; t_r = 0 for rows with no finite logit, ignored rows)
-    sum_z = shifted.to(torch.float64) if want_sum_z else torch.zeros(n_rows, dtype=torch.float64, device=device)
+    sum_z = shifted if want_sum_z else torch.zeros(n_rows, dtype=torch.float64, device=device)
     return row_max64, row_excess, target.to(torch.float64), sum_z
 
 
