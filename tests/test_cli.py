@@ -231,6 +231,10 @@ def test_a_results_file_the_system_refuses_is_named_before_the_run(
     assert main(["lab", "neuron", "--out", str(out), "--json", str(kept), "--no-progress"]) == 0
     assert json.loads(kept.read_text())["experiment"] == "neuron"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.json", "o"]  # no temporary left
+    link = tmp_path / "link.json"  # a link into a folder that the write makes: taken, as before
+    link.symlink_to(tmp_path / "later" / "sub" / "r.json")
+    assert main(["lab", "neuron", "--out", str(out), "--json", str(link), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "later" / "sub" / "r.json").read_text())["experiment"] == "neuron"
 
 
 def test_download_then_train_from_the_cache(

@@ -264,3 +264,36 @@ def test_the_custom_ops_take_every_formula_option_by_name():
     forward_op = _triton_path.FORWARD_OP_OPTIONS
     assert forward_op.options(forward_op.values(options)) == options
     assert _triton_path.BACKWARD_OP_OPTIONS.taken_from(forward_op, forward_op.values(options)) == (3, 0.25, 1e-3, None)
+
+
+@pytest.mark.parametrize("function", ["cross_entropy", "linear_cross_entropy"])
+def test_a_dynamic_class_count_stays_dynamic(function):
+    """The grid's limit (``_chunks.grid_reason``) is asked in eager calls only: asked while
+    torch.compile traced, its power of 2 pinned the class count, so a dimension marked dynamic
+    raised a ConstraintViolationError and dynamic=True compiled a graph per class count (a
+    review, 2026-12-07)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    features = 5
+
+    def loss_of(z, t):
+        if function == "cross_entropy":
+            return xt.cross_entropy(z, t, backend="triton")
+        return xt.linear_cross_entropy(torch.ones(3, features, device=DEVICE), z, t, backend="triton")
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_of, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for classes in (6, 9, 40, 300):
+        z = torch.randn(3, classes, device=DEVICE) if function == "cross_entropy" else torch.randn(
+            classes, features, device=DEVICE
+        )
+        t = torch.randint(0, classes, (3,), device=DEVICE)
+        torch.testing.assert_close(compiled(z, t), loss_of(z, t))
+        frames.append(counter.frame_count)
+    assert frames == frames[:1] * 4, frames  # no new graph for a new class count
+    torch._dynamo.reset()
+    z = torch.randn(3, 40, device=DEVICE)
+    torch._dynamo.mark_dynamic(z, 1)
+    if function == "cross_entropy":
+        torch.compile(loss_of, backend="aot_eager")(z, torch.randint(0, 40, (3,), device=DEVICE))

@@ -173,6 +173,8 @@ def check_writable_file(path: str | Path) -> None:
     if path.exists() and not path.is_file():
         return
     target = path.resolve() if path.is_symlink() else path
+    if not target.parent.is_dir():  # (a link into a folder the write will make: nothing to try yet)
+        return
     temporary = _temporary_beside(target)
     try:
         os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -73,7 +73,9 @@ def rows_target(target: Tensor, rows: int, classes: int, ignore_index: int) -> T
     ``_bridge.int64_labels``), or ``[rows, V]`` probabilities (read in their dtype)."""
     if target.is_floating_point():
         return target.detach().reshape(rows, classes).contiguous()
-    labels = _bridge.int64_labels(target.detach(), classes, ignore_index, _classes_text(classes))
+    # (the message's text for uint64 labels alone: formatted, a traced class count would be pinned)
+    text = _classes_text(classes) if target.dtype == torch.uint64 else None
+    labels = _bridge.int64_labels(target.detach(), classes, ignore_index, text)
     return labels.reshape(-1).contiguous()
 
 

@@ -69,7 +69,7 @@ def tensor_reason(
     forward-mode tangent on any of them counts); ``compiled``: whether the caller has a path for
     torch.compile (custom ops); ``name``: what ``input`` is called in the message (the linear
     forms' hidden states are "input"); ``grid``: the launches' ``(rows, classes)``, which CUDA's
-    grid must hold (``xentkit.triton._chunks.grid_reason``)."""
+    grid must hold (``xentkit.triton._chunks.grid_reason``; in eager calls)."""
     if input.dtype not in TRITON_DTYPES:
         return f"it takes float32, float16 and bfloat16 {name}, got {input.dtype}"
     if input.device.type != "cuda" and not (input.device.type == "cpu" and _interpreted()):
@@ -86,7 +86,9 @@ def tensor_reason(
         return "it does not run under torch.func transforms (vmap, grad, jacrev) or forward-mode AD"
     elif not _triton_importable():
         return "the triton package is not installed (pip install 'xentkit[triton]')"
-    if grid is not None:
+    if grid is not None and not torch.compiler.is_compiling():
+        # (not while torch.compile traces: the rule would pin a dynamic class count to its
+        # value; there a launch beyond the grid is the launch's ValueError)
         from ..triton._chunks import grid_reason
 
         return grid_reason(*grid)

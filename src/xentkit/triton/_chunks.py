@@ -106,13 +106,14 @@ EXACT = {"enable_fp_fusion": False}
 _GRID_X, _GRID_Y = 2**31 - 1, 65535  # CUDA's grid: programs along its first and second axes
 
 
-def grid_reason(n_rows: int, n_cols: int, max_block: int = MAX_BLOCK) -> str | None:
+def grid_reason(n_rows: int, n_cols: int, max_block: int | None = None) -> str | None:
     """Why a launch over ``n_rows`` rows of ``n_cols`` classes does not fit CUDA's grid (the
     kernels check no bound), or None: more than 2^31 − 1 rows (the grid's first axis), or more
     classes per row than 65535 chunks (its second axis) or int32 column offsets reach (2^31 less
     one block). :meth:`Layout.of` raises it; ``backend="auto"`` runs torch ops for it
-    (``xentkit.torch._triton_path.tensor_reason``)."""
-    block = block_size(n_cols, max_block)
+    (``xentkit.torch._triton_path.tensor_reason``). ``max_block``: :data:`MAX_BLOCK` as it is
+    when called, by default."""
+    block = block_size(n_cols, MAX_BLOCK if max_block is None else max_block)
     largest = min(_GRID_Y * block, 2**31 - block)
     if n_cols > largest or n_rows > _GRID_X:
         return (
