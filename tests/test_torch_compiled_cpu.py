@@ -430,6 +430,29 @@ def test_an_exported_loss_with_a_dynamic_batch_serves_every_batch_size(monkeypat
             torch.testing.assert_close(program(x, t), Model()(x, t), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (xt.CrossEntropyLoss(), torch.randn(8, 10), torch.randint(0, 10, (8,))),
+        lambda: (xt.NLLLoss(), torch.randn(8, 10).log_softmax(1), torch.randint(0, 10, (8,))),
+        lambda: (xt.BCEWithLogitsLoss(pos_weight=torch.full((10,), 2.0)), torch.randn(8, 10), torch.rand(8, 10)),
+        lambda: (xt.BCEWithLogitsLoss(weight=torch.full((1, 10), 0.5)), torch.randn(8, 10), torch.rand(8, 10)),
+    ],
+    ids=["cross_entropy", "nll_loss", "bce-pos_weight", "bce-weight"],
+)
+def test_a_small_loss_exports_with_a_dynamic_batch_strict_or_not(make, strict):
+    """A review (2026-12-07): strict export traced the small-problem size test as a guard
+    ("Expected op to be '=='", or a program bounded to 6553 rows), and the binary loss's
+    broadcast check of weight / pos_weight made the batch a constant (np.broadcast_shapes)."""
+    module, x, t = make()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(module, (x, t), dynamic_shapes=({0: batch}, {0: batch}), strict=strict).module()
+    for rows in (3, 7000):
+        xs, ts = (torch.cat([v] * (rows // 8 + 1))[:rows] for v in (x, t))
+        torch.testing.assert_close(program(xs, ts), module(xs, ts))
+
+
 def test_an_exported_linear_loss_gives_the_gradient_of_an_operand_frozen_when_exported():
     """The ops' gradients wanted are fixed as the graph is traced; an exported program may run
     with an operand requiring grad that did not then (before: its gradient silently None)."""

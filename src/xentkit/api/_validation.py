@@ -89,11 +89,12 @@ def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int,
 def check_broadcasts_to(name: str, shape: tuple[int, ...], target: tuple[int, ...]) -> None:
     """An elementwise factor's shape (``weight``, ``pos_weight``) broadcasting to the input's
     ``target`` shape without widening it, else a ValueError naming it; from shapes alone, so
-    that arrays and tensors on any device share the rule and its message."""
-    try:
-        fits = np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
-    except ValueError:
-        fits = False
+    that arrays and tensors on any device share the rule and its message. Size by size, from the
+    last (not ``np.broadcast_shapes``, which would make a traced, symbolic size a constant:
+    ``torch.export`` of a dynamic batch): each 1 or the target's."""
+    fits = len(shape) <= len(target) and all(
+        size == 1 or size == wanted for size, wanted in zip(reversed(shape), reversed(target), strict=False)
+    )
     if not fits:
         raise ValueError(f"{name} must broadcast to the input's shape {tuple(target)}, got shape {tuple(shape)}")
 

@@ -302,6 +302,9 @@ def _small_and_plain(
         options.backend == "auto" and not options.z_loss and options.softcap is None
         and not options.inplace_backward
         and type(input) in _PLAIN_TENSOR_TYPES and type(target) in _PLAIN_TENSOR_TYPES
+        # (before the size: a size test traced by torch.compile or export would be a guard, and a
+        # dynamic batch would be bounded by it)
+        and not torch.compiler.is_compiling()
         and 0 < input.numel() <= SMALL_MAX_LOGITS and input.dtype in _SMALL_DTYPES
         and input.is_cpu and target.is_cpu and input.layout is _STRIDED and target.layout is _STRIDED
     ):
@@ -324,7 +327,7 @@ def _small_and_plain(
         and not weight.requires_grad
     ):
         return False
-    return not torch.compiler.is_compiling() and not _bridge.transforms_running(input, target)
+    return not _bridge.transforms_running(input, target)
 
 
 def _mean_of_probabilities_possible(mean: float, classes: int) -> bool:
