@@ -3,6 +3,7 @@ result (Numba's TBB layer; GNU OpenMP killed such children), and threads calling
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -66,3 +67,46 @@ def test_forked_children_and_threads_compute_the_parents_result():
     assert "threads True" in output, output
     layer = output.split("layer ", 1)[1].split()[0]
     assert layer == "tbb", output  # the tbb wheel is installed with xentkit on x86-64
+
+
+USERS_POOL_FIRST = textwrap.dedent(
+    """
+    import os
+
+    import numba
+    import numpy as np
+
+    import xentkit
+
+    @numba.njit(parallel=True)
+    def users_own(a):  # the user's own parallel function, run before any xentkit kernel
+        total = 0.0
+        for i in numba.prange(a.size):
+            total += a[i]
+        return total
+
+    numba.set_num_threads(2)
+    users_own(np.ones(100000))
+    print("layer", numba.threading_layer())
+    x = np.random.default_rng(0).standard_normal((512, 8000)).astype(np.float32)
+    y = np.zeros(512, dtype=np.int64)
+    loss = xentkit.cross_entropy(x, y)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if xentkit.cross_entropy(x, y) == loss and users_own(np.ones(10)) == 10 else 3)
+    print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is the Linux default start method")
+def test_numbas_threads_started_by_the_user_first_are_tbbs_too():
+    """``import xentkit`` loads TBB's runtime (``xentkit._tbb``): user code that starts Numba's
+    thread pool before xentkit's first kernel (``numba.set_num_threads`` and a parallel function
+    of its own) had Numba choose GNU OpenMP, and a child forked after a kernel was killed
+    ("Terminating: fork() called from a process already using GNU OpenMP"; a review, 2026-12-07)."""
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", USERS_POOL_FIRST], capture_output=True, text=True, timeout=300, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Terminating" not in output, output
+    assert "layer tbb" in output and "child 0" in output, output

@@ -5,7 +5,11 @@ Numba kernels, compiled on first use) → the functions here → ``xentkit.torch
 imported on demand) → ``xentkit.lab`` and the ``xentkit`` command line.
 """
 
-from .api import (
+from . import _tbb
+
+_tbb.preload()  # (before anything can start Numba's threads: see xentkit._tbb)
+
+from .api import (  # noqa: E402
     ProbabilitiesAsLogitsWarning,
     binary_cross_entropy,
     binary_cross_entropy_and_grad,

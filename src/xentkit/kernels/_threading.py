@@ -13,6 +13,8 @@ threads. It chooses TBB unless the choice is not ours to make: the user set
 when that choice may use it), or Numba already started its threads. The ``tbb`` wheel (a
 dependency of xentkit where it is published) puts ``libtbb`` beside the interpreter, outside the
 loader's path; it is loaded here by its full path. Without it Numba's default stays.
+(``import xentkit`` loads it already where the wheel puts it, ``xentkit._tbb``, so that Numba's
+own choice is TBB too when user code starts Numba's threads before the kernels are imported.)
 """
 
 from __future__ import annotations
@@ -28,11 +30,8 @@ from typing import Any
 
 import numba
 
-# the user's choices (NUMBA_THREADING_LAYER) that TBB may serve; "default" is ours to make
-_MAY_USE_TBB = ("default", "tbb", "safe", "threadsafe", "forksafe")
-
-# the library names of TBB's runtime that Numba's tbbpool links against (Linux, macOS)
-_NAMES = ("libtbb.so.12", "libtbb.12.dylib")
+from .._tbb import MAY_USE_TBB as _MAY_USE_TBB
+from .._tbb import NAMES as _NAMES
 
 
 def _tbb_library() -> Path | None:
