@@ -687,3 +687,26 @@ def test_a_data_folder_whose_name_is_not_utf8(tmp_path: Path) -> None:
     assert main(argv) == 0
     assert (out / "mnist_accuracy.png").stat().st_size > 500
     assert b"data\xff/" in (out / "report.html").read_bytes()
+
+
+def test_warm_says_where_it_caches_and_names_a_damaged_cache(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`xentkit warm` says where the kernels are cached; a damaged cache file (Numba reads its
+    index as a pickle: "pickle data was truncated") is one line naming the folder and what to
+    delete, where it had been a traceback (a review, 2026-12-07)."""
+    import pickle
+
+    import xentkit.kernels
+    from xentkit.kernels._cache import cache_location
+
+    monkeypatch.setattr(xentkit.kernels, "compile_all", lambda: ["rows float32"])
+    assert main(["warm"]) == 0
+    assert f"cached in {cache_location()[0]} (rows float32)" in capsys.readouterr().out
+
+    def damaged() -> list[str]:
+        raise pickle.UnpicklingError("pickle data was truncated")
+
+    monkeypatch.setattr(xentkit.kernels, "compile_all", damaged)
+    assert main(["warm"]) == 2
+    _one_line_error(capsys, f"a kernel cache file in {cache_location()[0]} is damaged", "delete its .nbi and .nbc files")

@@ -4,6 +4,7 @@ optional dependency named in one line with the extra that provides it."""
 from __future__ import annotations
 
 import importlib.resources
+import os
 import subprocess
 import sys
 import typing
@@ -184,3 +185,43 @@ def test_a_fresh_cache_folder_is_removed_when_the_process_exits(tmp_path) -> Non
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     fresh = Path(result.stdout.strip())
     assert fresh.parent == tmp_path and fresh.name.startswith("xentkit-numba-shared-") and not fresh.exists()
+
+
+def test_a_numba_cache_dir_that_cannot_be_written_is_passed_over_with_a_warning(tmp_path, monkeypatch) -> None:
+    """A review (2026-12-07): with NUMBA_CACHE_DIR unwritable and neither the install nor the
+    user's cache folder writable, every kernel failed ("no locator available"), as the variable
+    had stopped the fallback. Now it is passed over, as Numba passes it over, for the fallback,
+    with a warning naming it; a writable one is Numba's choice, as before."""
+    import numba
+
+    from xentkit.kernels import _cache
+
+    unwritable = tmp_path / "read-only"
+    monkeypatch.setattr(_cache, "_writable", lambda folder: folder in (tmp_path / "fine", tmp_path / "fallback"))
+    monkeypatch.setattr(_cache, "fallback_dir", lambda: tmp_path / "fallback")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(unwritable))
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(unwritable))
+    with pytest.warns(RuntimeWarning, match=f"NUMBA_CACHE_DIR={unwritable} cannot be written: xentkit's kernels are cached in {tmp_path / 'fallback'} instead"):
+        assert _cache.ensure_cache_dir() == str(tmp_path / "fallback")
+    assert Path(numba.config.CACHE_DIR) == tmp_path / "fallback"
+    assert _cache.cache_location() == (tmp_path / "fallback", True)  # (xentkit warm says where)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "fine"))
+    assert _cache.ensure_cache_dir() is None
+
+
+def test_without_numbas_compiler_the_kernels_say_so_and_the_reference_runs() -> None:
+    """NUMBA_DISABLE_JIT=1 had failed with "cannot import name 'cross_entropy_rows'" (the real
+    error, from a kernel module's import, hidden by the package's lazy import) or an
+    AttributeError; `xentkit warm` with a traceback (a review, 2026-12-07)."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    code = (
+        "import numpy as np, xentkit as xk\n"
+        "try:\n    xk.cross_entropy(np.array([[2.0, 0.5]]), [0])\nexcept RuntimeError as e:\n    print('refused', e)\n"
+        "with xk.use_reference(True):\n    print('reference', float(xk.cross_entropy(np.array([[2.0, 0.5]]), [0])))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "refused xentkit's kernels need Numba's compiler, which NUMBA_DISABLE_JIT=1 turns off" in done.stdout
+    assert "reference 0.2014" in done.stdout, done.stdout
+    warm = subprocess.run([sys.executable, "-m", "xentkit", "warm"], capture_output=True, text=True, env=env, timeout=300)
+    assert warm.returncode == 2 and warm.stderr.count("\n") == 1 and "NUMBA_DISABLE_JIT=1" in warm.stderr, warm.stderr

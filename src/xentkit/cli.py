@@ -264,14 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _warm() -> int:
     """``xentkit warm``: compile (or load) every kernel specialization, timed."""
+    import pickle
     import time
 
     from xentkit.kernels import compile_all
+    from xentkit.kernels._cache import cache_location
 
     start = time.perf_counter()
-    names = compile_all()
-    print(f"xentkit warm: {len(names)} kernel specializations ready in {time.perf_counter() - start:.1f} s "
-          f"({', '.join(names)})")
+    try:
+        names = compile_all()
+    except (pickle.UnpicklingError, EOFError) as error:  # (Numba's cache index, read as a pickle)
+        folder, _ = cache_location()
+        raise OSError(
+            f"a kernel cache file in {folder} is damaged ({error}): delete its .nbi and .nbc files, then run "
+            f"xentkit warm again"
+        ) from None
+    except RuntimeError as error:  # NUMBA_DISABLE_JIT; Numba's "cannot cache function ..."
+        raise ValueError(str(error)) from None
+    folder, kept = cache_location()
+    where = f"cached in {folder}" if kept else (
+        f"cached in {folder}, this process's own, removed at exit: nothing is kept (another user owns "
+        f"the shared fallback folder, or others may write it; NUMBA_CACHE_DIR chooses another)"
+    )
+    print(f"xentkit warm: {len(names)} kernel specializations ready in {time.perf_counter() - start:.1f} s, "
+          f"{where} ({', '.join(names)})")
     return 0
 
 

@@ -46,7 +46,11 @@ def compile_all() -> list[str]:
 
 def __getattr__(name: str) -> Any:
     if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
+        try:
+            module = importlib.import_module(_HOMES[name])
+        except AttributeError as error:  # (from here, ``from ... import`` would say only "cannot import name")
+            raise ImportError(f"importing {_HOMES[name]} failed: {error}") from error
+        value = getattr(module, name)
         globals()[name] = value  # later accesses skip this function
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ensure_cache_dir"]
+__all__ = ["cache_location", "ensure_cache_dir"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -46,20 +46,48 @@ def fallback_dir() -> Path:
 
 
 def ensure_cache_dir() -> str | None:
-    """Point Numba at :func:`fallback_dir` when it has nowhere to cache (and the user did not say
-    where, ``NUMBA_CACHE_DIR``); returns the folder chosen so, or None (Numba's own choice). One
-    look at the sources' ``__pycache__`` in the common case (no Numba import)."""
-    if os.environ.get("NUMBA_CACHE_DIR") or _writable(_HERE / "__pycache__"):
+    """Point Numba at :func:`fallback_dir` when it has nowhere to cache; returns the folder chosen
+    so, or None (Numba's own choice). One look at ``NUMBA_CACHE_DIR`` or at the sources'
+    ``__pycache__`` in the common case (no Numba import). A ``NUMBA_CACHE_DIR`` that cannot be
+    written is passed over as Numba passes it over (for the sources' ``__pycache__``, then the
+    user's cache folder), and where neither can be written either, for the fallback, with a
+    RuntimeWarning naming it (every kernel had failed: "no locator available")."""
+    chosen = os.environ.get("NUMBA_CACHE_DIR")
+    if (chosen and _writable(Path(chosen))) or _writable(_HERE / "__pycache__"):
         return None
     import numba
 
-    if numba.config.CACHE_DIR or _writable(_user_cache()):
-        return None
+    if (numba.config.CACHE_DIR and not chosen) or _writable(_user_cache()):
+        return None  # (a CACHE_DIR set in numba.config, not by the variable: the user's choice)
     folder = _private(fallback_dir())
     if folder is None:
         return None  # (nothing better to offer: Numba's own error says what it needs)
+    if chosen:
+        import warnings
+
+        warnings.warn(
+            f"NUMBA_CACHE_DIR={chosen} cannot be written: xentkit's kernels are cached in {folder} instead",
+            RuntimeWarning, stacklevel=2,
+        )
     numba.config.CACHE_DIR = str(folder)
     return str(folder)
+
+
+def cache_location() -> tuple[Path, bool]:
+    """Where Numba caches the kernels (after :func:`ensure_cache_dir`), as its locators choose:
+    ``NUMBA_CACHE_DIR`` (or the fallback) if set and writable, else the sources' ``__pycache__``,
+    else the user's cache folder; and whether the folder outlives this process (a fresh folder
+    of the process's own, :func:`_private`, is removed at exit)."""
+    import numba
+
+    configured = numba.config.CACHE_DIR
+    if configured and _writable(Path(configured)):
+        folder = Path(configured)
+    elif _writable(_HERE / "__pycache__"):
+        folder = _HERE / "__pycache__"
+    else:
+        folder = _user_cache()
+    return folder, folder not in _TEMPORARY
 
 
 def _private(folder: Path) -> Path | None:
@@ -86,4 +114,9 @@ def _private(folder: Path) -> Path | None:
     except OSError:
         return None
     atexit.register(shutil.rmtree, fresh, ignore_errors=True)  # (its cache serves this process only)
+    _TEMPORARY.add(fresh)
     return fresh
+
+
+# the folders :func:`_private` made for this process alone (removed at exit)
+_TEMPORARY: set[Path] = set()

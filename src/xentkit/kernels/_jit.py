@@ -22,7 +22,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numba
+
 __all__ = ["KERNEL_OPTIONS", "LOOP_FLAGS", "helper_options"]
+
+if numba.config.DISABLE_JIT:  # (every kernel module imports this one first)
+    raise RuntimeError(
+        "xentkit's kernels need Numba's compiler, which NUMBA_DISABLE_JIT=1 turns off; "
+        "XENTKIT_REFERENCE=1 (or xentkit.use_reference(True)) runs the NumPy reference formulas instead"
+    )
 
 # Flags of the per-block loops: reassoc lets LLVM split the sums over vector lanes; contract
 # gives FMAs. No nnan/ninf: NaN and ±inf logits are part of the contract.
