@@ -134,7 +134,9 @@ def use_triton(options: LossOptions, input: Tensor, target: Tensor, weight: Tens
 
 def rows_and_classes(input: Tensor, class_dim: int = 1) -> tuple[int, int]:
     """The ``[rows, C]`` of ``input`` (classes along ``class_dim``, or along its only dimension),
-    as the kernels see it."""
+    as the kernels see it; ``(0, 0)`` for a scalar (refused later, by the layout's own check)."""
+    if input.dim() == 0:
+        return 0, 0
     classes = input.shape[class_dim] if input.dim() > 1 else input.shape[0]
     return (input.numel() // classes if classes else 0), classes
 
