@@ -140,6 +140,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="bench_gpu_smoke_")) if args.smoke else HERE / "results"
+    args.out = args.out.resolve()  # (the children run in this folder: a relative path would be theirs)
     args.out.mkdir(parents=True, exist_ok=True)
     rounds = ["--rounds", "1" if args.smoke else "5" if args.quick else "15"]
     if args.smoke:

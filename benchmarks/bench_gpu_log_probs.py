@@ -120,21 +120,41 @@ def main() -> int:
                         "temperature": args.temperature},
               "providers": {}}
     providers = _providers(args.providers.split(","), args.temperature, args.chunk_size, device)
-    for name, function in providers.items():
-        for _ in range(2):
-            call(name, function)
-        x.grad = w.grad = None
-        value = None
-        if name != "matmuls":
-            rows = torch.arange(0, args.rows, sample, device=device)
-            with torch.no_grad():
-                value = float(function(x[rows], w, y[rows], a[rows], b[rows]).item()) * sample
-        peak = clock.peak_mib(lambda name=name, function=function: call(name, function))
+
+    def write() -> None:  # after each stage: a provider or a round that fails keeps what came before
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=1))
+
+    for name, function in list(providers.items()):
+        try:
+            for _ in range(2):
+                call(name, function)
+            x.grad = w.grad = None
+            value = None
+            # (the float64 check on a sample of rows; not for the compiled provider, which a new row
+            # count would compile again)
+            if name not in ("matmuls", "compile"):
+                rows = torch.arange(0, args.rows, sample, device=device)
+                with torch.no_grad():
+                    value = float(function(x[rows], w, y[rows], a[rows], b[rows]).item()) * sample
+            peak = clock.peak_mib(lambda name=name, function=function: call(name, function))
+        except Exception as error:  # (a peer's or an OOM: recorded, the others still run)
+            print(f"{name}: failed: {error!r}", file=sys.stderr, flush=True)
+            report["providers"][name] = {"failed": repr(error)}
+            del providers[name]
+            x.grad = w.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         report["providers"][name] = {"times_ms": [], "peak_mib": peak, "objective_on_sample": value}
+        write()
     expected = _float64_objective(x0, w0, y, a, b, args.temperature, sample)
     for entry in report["providers"].values():
+        if "failed" in entry:
+            continue
         value = entry["objective_on_sample"]
         entry["relative_error"] = None if value is None else abs(value - expected) / abs(expected)
+    write()
     for _ in range(args.rounds):
         for name, function in providers.items():
             report["providers"][name]["times_ms"].append(
@@ -144,13 +164,15 @@ def main() -> int:
     print(f"{args.rows} x {args.features} -> {args.classes} {args.dtype}, T = {args.temperature}")
     print(f"{'provider':10s} {'median ms':>10s} {'min ms':>8s} {'x matmuls':>9s} {'peak MiB':>9s} {'rel err':>9s}")
     for name, entry in report["providers"].items():
+        if "failed" in entry:
+            print(f"{name:10s} failed: {entry['failed']}")
+            continue
         entry["median_ms"] = statistics.median(entry["times_ms"])
         entry["vs_matmuls"] = None if floor is None else entry["median_ms"] / floor
         error = "" if entry["relative_error"] is None else f"{entry['relative_error']:.1e}"
         vs = "" if floor is None else f"{entry['vs_matmuls']:.3f}"
         print(f"{name:10s} {entry['median_ms']:10.2f} {min(entry['times_ms']):8.2f} {vs:>9s} {entry['peak_mib']:9.1f} {error:>9s}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=1))
+    write()
     print(f"wrote {args.output}")
     return 0
 

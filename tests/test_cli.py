@@ -709,4 +709,18 @@ def test_warm_says_where_it_caches_and_names_a_damaged_cache(
 
     monkeypatch.setattr(xentkit.kernels, "compile_all", damaged)
     assert main(["warm"]) == 2
-    _one_line_error(capsys, f"a kernel cache file in {cache_location()[0]} is damaged", "delete its .nbi and .nbc files")
+    _one_line_error(capsys, f"a kernel cache file under {cache_location()[0]} is damaged", "delete xentkit's .nbi and .nbc files")
+
+    def bitcode() -> list[str]:
+        raise RuntimeError("LLVM bitcode parsing error Unterminated VBR")
+
+    monkeypatch.setattr(xentkit.kernels, "compile_all", bitcode)
+    assert main(["warm"]) == 2
+    _one_line_error(capsys, "is damaged (LLVM bitcode parsing error")
+
+    def bug() -> list[str]:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(xentkit.kernels, "compile_all", bug)
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # (a traceback, not a one-liner)
+        main(["warm"])

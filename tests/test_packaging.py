@@ -207,6 +207,9 @@ def test_a_numba_cache_dir_that_cannot_be_written_is_passed_over_with_a_warning(
     assert _cache.cache_location() == (tmp_path / "fallback", True)  # (xentkit warm says where)
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "fine"))
     assert _cache.ensure_cache_dir() is None
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(unwritable))  # a folder the user's code set is kept
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "fine"))
+    assert _cache.ensure_cache_dir() is None and Path(numba.config.CACHE_DIR) == tmp_path / "fine"
 
 
 def test_without_numbas_compiler_the_kernels_say_so_and_the_reference_runs() -> None:
@@ -218,10 +221,15 @@ def test_without_numbas_compiler_the_kernels_say_so_and_the_reference_runs() -> 
         "import numpy as np, xentkit as xk\n"
         "try:\n    xk.cross_entropy(np.array([[2.0, 0.5]]), [0])\nexcept RuntimeError as e:\n    print('refused', e)\n"
         "with xk.use_reference(True):\n    print('reference', float(xk.cross_entropy(np.array([[2.0, 0.5]]), [0])))\n"
+        "import torch, xentkit.torch as xt\n"  # (compiled, the labels are checked by NumPy's scan)
+        "f = torch.compile(lambda a, b: xt.cross_entropy(a, b, backend='torch'), backend='aot_eager')\n"
+        "print('compiled', round(float(f(torch.tensor([[2.0, 0.5]]), torch.tensor([0]))), 4))\n"
+        "try:\n    f(torch.tensor([[2.0, 0.5]]), torch.tensor([5]))\nexcept ValueError as e:\n    print('label', e)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "refused xentkit's kernels need Numba's compiler, which NUMBA_DISABLE_JIT=1 turns off" in done.stdout
-    assert "reference 0.2014" in done.stdout, done.stdout
+    assert "reference 0.2014" in done.stdout and "compiled 0.2014" in done.stdout, done.stdout
+    assert "label target has label 5 at position (0,)" in done.stdout, done.stdout
     warm = subprocess.run([sys.executable, "-m", "xentkit", "warm"], capture_output=True, text=True, env=env, timeout=300)
     assert warm.returncode == 2 and warm.stderr.count("\n") == 1 and "NUMBA_DISABLE_JIT=1" in warm.stderr, warm.stderr

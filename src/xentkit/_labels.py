@@ -139,10 +139,14 @@ def check_labels_reading(
 
 
 def _compiled_scan() -> Any:
-    """``xentkit.kernels.labels.first_bad_label``, imported on first use (it loads Numba)."""
+    """``xentkit.kernels.labels.first_bad_label``, imported on first use (it loads Numba); None
+    where Numba's compiler is off (``NUMBA_DISABLE_JIT=1``: the kernels refuse to load), so that
+    the label check falls back to NumPy's scan (compiled torch graphs check their labels so)."""
     if not _SCAN:
-        from .kernels.labels import first_bad_label
-
+        try:
+            from .kernels.labels import first_bad_label
+        except RuntimeError:
+            first_bad_label = None
         _SCAN.append(first_bad_label)
     return _SCAN[0]
 
@@ -166,8 +170,9 @@ def check_labels(
     if isinstance(labels, np.ndarray):
         if labels.size == 0:
             return valid
-        if compiled:
-            index = _compiled_scan()(labels, num_classes, ignore_index)
+        scan = _compiled_scan() if compiled else None
+        if scan is not None:
+            index = scan(labels, num_classes, ignore_index)
             if index < 0:
                 return valid
             found = np.unravel_index(index, labels.shape)

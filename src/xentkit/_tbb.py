@@ -1,5 +1,6 @@
 """TBB's runtime loaded at ``import xentkit``, so that Numba's threading layer is TBB (fork-safe)
-whoever starts Numba's threads first.
+also where user code starts Numba's threads before xentkit's first kernel (not where it started
+them before ``import xentkit``: Numba chose its layer then).
 
 ``xentkit.kernels._threading.prefer_tbb`` chooses TBB when the kernels are first imported, but
 user code may start Numba's thread pool before that (``numba.set_num_threads``, which
@@ -9,7 +10,9 @@ outside the loader's path) and takes GNU OpenMP, which kills children forked aft
 kernel. With the library loaded first, Numba's own choice is TBB too (a review, 2026-12-07).
 
 A few stats and one ``dlopen`` (about 3 ms; no Numba import, no thread started): the library is
-looked for where the wheel installs it, the environment's and the user's ``lib`` folders.
+looked for where the wheel installs it, the environment's, the user's and the base interpreter's
+``lib`` folders (elsewhere, ``pip install --target`` say, ``prefer_tbb`` finds it by the package's
+metadata when the kernels are imported, as before).
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def preload() -> Path | None:
     """Load the tbb wheel's ``libtbb`` into the process (``RTLD_GLOBAL``, where Numba's
     ``tbbpool`` finds it) unless the user chose a layer TBB does not serve; returns its path, or
     None when it was not found or not loaded (then nothing changes)."""
-    if os.environ.get("NUMBA_THREADING_LAYER", "default") not in MAY_USE_TBB:
+    if os.environ.get("NUMBA_THREADING_LAYER", "default").lower() not in MAY_USE_TBB:
         return None
-    folders = [sys.prefix, getattr(site, "USER_BASE", None) or ""]
+    folders = [sys.prefix, getattr(site, "USER_BASE", None) or "", sys.base_prefix]
     for folder in filter(None, folders):
         for name in NAMES:
             path = Path(folder, "lib", name)

@@ -262,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _damaged_cache(error: BaseException) -> str:
+    """The one line for a kernel cache file that Numba cannot read."""
+    from xentkit.kernels._cache import cache_location
+
+    folder, _ = cache_location()
+    return (
+        f"a kernel cache file under {folder} is damaged ({error}): delete xentkit's .nbi and .nbc files "
+        f"there (a kernels_* folder holds them where NUMBA_CACHE_DIR or a cache folder of Numba's is used), "
+        f"then run xentkit warm again"
+    )
+
+
 def _warm() -> int:
     """``xentkit warm``: compile (or load) every kernel specialization, timed."""
     import pickle
@@ -274,13 +286,14 @@ def _warm() -> int:
     try:
         names = compile_all()
     except (pickle.UnpicklingError, EOFError) as error:  # (Numba's cache index, read as a pickle)
-        folder, _ = cache_location()
-        raise OSError(
-            f"a kernel cache file in {folder} is damaged ({error}): delete its .nbi and .nbc files, then run "
-            f"xentkit warm again"
-        ) from None
-    except RuntimeError as error:  # NUMBA_DISABLE_JIT; Numba's "cannot cache function ..."
-        raise ValueError(str(error)) from None
+        raise OSError(_damaged_cache(error)) from None
+    except RuntimeError as error:  # NUMBA_DISABLE_JIT; Numba's "cannot cache function ..."; LLVM's
+        text = str(error)
+        if "bitcode" in text.lower():  # (a damaged .nbc: "LLVM bitcode parsing error ...")
+            raise OSError(_damaged_cache(error)) from None
+        if "NUMBA_DISABLE_JIT" in text or "cannot cache function" in text:
+            raise ValueError(text) from None
+        raise
     folder, kept = cache_location()
     where = f"cached in {folder}" if kept else (
         f"cached in {folder}, this process's own, removed at exit: nothing is kept (another user owns "

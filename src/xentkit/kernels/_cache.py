@@ -57,8 +57,9 @@ def ensure_cache_dir() -> str | None:
         return None
     import numba
 
-    if (numba.config.CACHE_DIR and not chosen) or _writable(_user_cache()):
-        return None  # (a CACHE_DIR set in numba.config, not by the variable: the user's choice)
+    configured = numba.config.CACHE_DIR  # (the variable's, or one the user's code set)
+    if (configured and configured != chosen and _writable(Path(configured))) or _writable(_user_cache()):
+        return None
     folder = _private(fallback_dir())
     if folder is None:
         return None  # (nothing better to offer: Numba's own error says what it needs)

@@ -52,7 +52,7 @@ def prefer_tbb() -> str:
     ("default" when left to Numba)."""
     from numba.np.ufunc import parallel
 
-    chosen = os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER
+    chosen = (os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER).lower()  # (as Numba reads it)
     if getattr(parallel, "_is_initialized", False) or chosen not in _MAY_USE_TBB:
         return chosen
     library = _tbb_library()
