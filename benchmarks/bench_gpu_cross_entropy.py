@@ -82,6 +82,11 @@ class _LayerOutput(torch.autograd.Function):
         return grad
 
 
+# peers whose import failed other than by ImportError (installed, but broken here): recorded in the
+# results' "failed", where a peer that is not installed is simply absent
+IMPORT_FAILURES: dict[str, str] = {}
+
+
 def _providers(names: list[str], device: torch.device) -> dict[str, object]:
     # static shapes: a second shape recompiles as itself, not as a dynamic-shape graph
     compiled = torch.compile(lambda x, y: F.cross_entropy(x.float(), y), dynamic=False)
@@ -110,8 +115,9 @@ def _providers(names: list[str], device: torch.device) -> dict[str, object]:
         table["liger"] = lambda x, y: liger(x, y)
     except ImportError:
         pass
-    except Exception as error:  # (a peer that fails to import: the others still run)
-        print(f"liger-kernel: import failed, not measured: {error!r}", file=sys.stderr, flush=True)
+    except Exception as error:  # (a peer that fails to import: recorded, the others still run)
+        IMPORT_FAILURES["liger"] = f"import failed: {type(error).__name__}: {error}"
+        print(f"liger-kernel: {IMPORT_FAILURES['liger']}", file=sys.stderr, flush=True)
     return {name: table[name] for name in names if name in table}
 
 
@@ -184,7 +190,7 @@ def run_shape(spec: str, names: list[str], rounds: int, device: torch.device) ->
     providers = _providers(names, device)
     clock = _Clock(device)
     result = {"shape": [rows, classes], "dtype": dtype_name, "logits_mib": source.numel() * source.element_size() / 2**20,
-              "providers": {}, "failed": {}}
+              "providers": {}, "failed": {name: why for name, why in IMPORT_FAILURES.items() if name in names}}
     work = torch.empty_like(source).requires_grad_()
     plain = torch.empty_like(source)
     for name, function in list(providers.items()):

@@ -37,6 +37,10 @@ from bench_gpu_cross_entropy import DTYPES, _Clock, _version
 
 import xentkit.torch as xt
 
+# peers whose import failed other than by ImportError (installed, but broken here): recorded in the
+# results' "failed", where a peer that is not installed is simply absent
+IMPORT_FAILURES: dict[str, str] = {}
+
 
 def _providers(names: list[str], chunk_size: int | None, device: torch.device) -> dict:
     def matmuls(x, w, y):
@@ -64,8 +68,9 @@ def _providers(names: list[str], chunk_size: int | None, device: torch.device) -
         table["cce"] = lambda x, w, y: cce_linear_cross_entropy(x, w, y)
     except ImportError:
         pass
-    except Exception as error:  # (a peer that fails to import: the others still run)
-        print(f"cut-cross-entropy: import failed, not measured: {error!r}", file=sys.stderr, flush=True)
+    except Exception as error:  # (a peer that fails to import: recorded, the others still run)
+        IMPORT_FAILURES["cce"] = f"import failed: {type(error).__name__}: {error}"
+        print(f"cut-cross-entropy: {IMPORT_FAILURES['cce']}", file=sys.stderr, flush=True)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -73,8 +78,9 @@ def _providers(names: list[str], chunk_size: int | None, device: torch.device) -
         table["liger"] = lambda x, w, y: liger(w, x, y)
     except ImportError:
         pass
-    except Exception as error:  # (a peer that fails to import: the others still run)
-        print(f"liger-kernel: import failed, not measured: {error!r}", file=sys.stderr, flush=True)
+    except Exception as error:  # (a peer that fails to import: recorded, the others still run)
+        IMPORT_FAILURES["liger"] = f"import failed: {type(error).__name__}: {error}"
+        print(f"liger-kernel: {IMPORT_FAILURES['liger']}", file=sys.stderr, flush=True)
     return {name: table[name] for name in names if name in table}
 
 
@@ -116,6 +122,7 @@ def main() -> int:
               "shape": {"rows": args.rows, "features": args.features, "classes": args.classes, "dtype": args.dtype},
               "providers": {}, "failed": {}}
     providers = _providers(args.providers.split(","), args.chunk_size, device)
+    report["failed"].update(IMPORT_FAILURES)
     for name, function in list(providers.items()):
         try:
             for _ in range(2):

@@ -118,7 +118,7 @@ def main() -> int:
               "command": " ".join(sys.argv),
               "shape": {"rows": args.rows, "features": args.features, "classes": args.classes, "dtype": args.dtype,
                         "temperature": args.temperature},
-              "providers": {}}
+              "providers": {}, "failed": {}}
     providers = _providers(args.providers.split(","), args.temperature, args.chunk_size, device)
 
     def write() -> None:  # after each stage: a provider or a round that fails keeps what came before
@@ -139,8 +139,8 @@ def main() -> int:
                     value = float(function(x[rows], w, y[rows], a[rows], b[rows]).item()) * sample
             peak = clock.peak_mib(lambda name=name, function=function: call(name, function))
         except Exception as error:  # (a peer's or an OOM: recorded, the others still run)
-            print(f"{name}: failed: {error!r}", file=sys.stderr, flush=True)
-            report["providers"][name] = {"failed": repr(error)}
+            report["failed"][name] = f"{type(error).__name__}: {error}"
+            print(f"{name} failed, left out: {report['failed'][name]}", file=sys.stderr, flush=True)
             del providers[name]
             x.grad = w.grad = None
             if device.type == "cuda":
@@ -150,8 +150,6 @@ def main() -> int:
         write()
     expected = _float64_objective(x0, w0, y, a, b, args.temperature, sample)
     for entry in report["providers"].values():
-        if "failed" in entry:
-            continue
         value = entry["objective_on_sample"]
         entry["relative_error"] = None if value is None else abs(value - expected) / abs(expected)
     write()
@@ -164,14 +162,13 @@ def main() -> int:
     print(f"{args.rows} x {args.features} -> {args.classes} {args.dtype}, T = {args.temperature}")
     print(f"{'provider':10s} {'median ms':>10s} {'min ms':>8s} {'x matmuls':>9s} {'peak MiB':>9s} {'rel err':>9s}")
     for name, entry in report["providers"].items():
-        if "failed" in entry:
-            print(f"{name:10s} failed: {entry['failed']}")
-            continue
         entry["median_ms"] = statistics.median(entry["times_ms"])
         entry["vs_matmuls"] = None if floor is None else entry["median_ms"] / floor
         error = "" if entry["relative_error"] is None else f"{entry['relative_error']:.1e}"
         vs = "" if floor is None else f"{entry['vs_matmuls']:.3f}"
         print(f"{name:10s} {entry['median_ms']:10.2f} {min(entry['times_ms']):8.2f} {vs:>9s} {entry['peak_mib']:9.1f} {error:>9s}")
+    for name, why in report["failed"].items():
+        print(f"{name:10s} failed: {why}")
     write()
     print(f"wrote {args.output}")
     return 0

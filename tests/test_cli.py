@@ -718,6 +718,12 @@ def test_warm_says_where_it_caches_and_names_a_damaged_cache(
     assert main(["warm"]) == 2
     _one_line_error(capsys, "is damaged (LLVM bitcode parsing error")
 
+    namespace: dict = {}  # an error raised in Numba's caching code: a changed byte in a pickled index
+    exec(compile("def load():\n    b'\\xff'.decode('utf-8')\n", "/site/numba/core/caching.py", "exec"), namespace)
+    monkeypatch.setattr(xentkit.kernels, "compile_all", namespace["load"])
+    assert main(["warm"]) == 2
+    _one_line_error(capsys, "is damaged (", "can't decode byte 0xff")
+
     def bug() -> list[str]:
         raise RuntimeError("a bug of ours")
 

@@ -65,6 +65,14 @@ def test_the_triton_path_says_what_is_wrong_with_the_logits_layout():
         xt.cross_entropy(torch.randn(()).to(DEVICE), torch.tensor(0).to(DEVICE), backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_scalar_with_a_probability_target_is_named_on_every_path(backend):
+    """The small-problem path took a 0-d probability target beside 0-d logits and failed with an
+    IndexError (a review, 2026-12-07)."""
+    with pytest.raises(ValueError, match=r"^logits must have at least one dimension \(the classes\), got a scalar$"):
+        xt.cross_entropy(torch.tensor(1.0), torch.tensor(1.0), backend=backend)
+
+
 def test_bfloat16_targets_and_weights_beside_float32_logits_are_torchs_results():
     """NumPy has no bfloat16: such calls take torch ops (before: a TypeError inside .numpy()), or
     for binary cross-entropy the kernel on operands widened to float32. The results are torch's

@@ -262,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raised_in_numbas_cache(error: BaseException) -> bool:
+    """Whether ``error`` came from Numba's caching code (``numba/core/caching.py``) reading a
+    cache file."""
+    import traceback
+
+    return any(
+        Path(frame.filename).name == "caching.py" and Path(frame.filename).parent.name == "core"
+        for frame in traceback.extract_tb(error.__traceback__)
+    )
+
+
 def _damaged_cache(error: BaseException) -> str:
     """The one line for a kernel cache file that Numba cannot read."""
     from xentkit.kernels._cache import cache_location
@@ -287,13 +298,15 @@ def _warm() -> int:
         names = compile_all()
     except (pickle.UnpicklingError, EOFError) as error:  # (Numba's cache index, read as a pickle)
         raise OSError(_damaged_cache(error)) from None
-    except RuntimeError as error:  # NUMBA_DISABLE_JIT; Numba's "cannot cache function ..."; LLVM's
+    except Exception as error:
         text = str(error)
-        if "bitcode" in text.lower():  # (a damaged .nbc: "LLVM bitcode parsing error ...")
+        # a damaged cache file read by Numba's caching code (a pickle with changed bytes raises
+        # UnicodeDecodeError, AttributeError, ...), or a damaged .nbc ("LLVM bitcode parsing error")
+        if _raised_in_numbas_cache(error) or (isinstance(error, RuntimeError) and "bitcode" in text.lower()):
             raise OSError(_damaged_cache(error)) from None
-        if "NUMBA_DISABLE_JIT" in text or "cannot cache function" in text:
+        if isinstance(error, RuntimeError) and ("NUMBA_DISABLE_JIT" in text or "cannot cache function" in text):
             raise ValueError(text) from None
-        raise
+        raise  # (anything else keeps its traceback)
     folder, kept = cache_location()
     where = f"cached in {folder}" if kept else (
         f"cached in {folder}, this process's own, removed at exit: nothing is kept (another user owns "

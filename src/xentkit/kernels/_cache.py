@@ -63,11 +63,12 @@ def ensure_cache_dir() -> str | None:
     folder = _private(fallback_dir())
     if folder is None:
         return None  # (nothing better to offer: Numba's own error says what it needs)
-    if chosen:
+    if chosen or configured:  # (a folder the user chose, passed over: said)
         import warnings
 
+        named = f"NUMBA_CACHE_DIR={chosen}" if chosen else f"numba.config.CACHE_DIR={configured}"
         warnings.warn(
-            f"NUMBA_CACHE_DIR={chosen} cannot be written: xentkit's kernels are cached in {folder} instead",
+            f"{named} cannot be written: xentkit's kernels are cached in {folder} instead",
             RuntimeWarning, stacklevel=2,
         )
     numba.config.CACHE_DIR = str(folder)

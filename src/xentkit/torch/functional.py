@@ -316,8 +316,9 @@ def _small_and_plain(
             and (dims == 2 or target.shape[1:] == input.shape[2:])  # (else the api's error)
         ) and not (dims == 1 and target.ndim == 0):
             return False
-    elif not (  # probabilities: the logits' shape and dtype, not differentiated
-        probabilities and target.dtype is input.dtype and target.shape == input.shape
+    elif not (  # probabilities: the logits' shape and dtype, not differentiated (not a scalar:
+        # the api's error names it)
+        probabilities and dims >= 1 and target.dtype is input.dtype and target.shape == input.shape
         and not target.requires_grad
     ):
         return False
