@@ -87,6 +87,16 @@ class _LayerOutput(torch.autograd.Function):
 IMPORT_FAILURES: dict[str, str] = {}
 
 
+def _left_out(failed: dict, providers: dict, name: str, error: Exception, device: torch.device) -> None:
+    """A provider that failed (a peer, a path, an OOM): recorded in ``failed`` and dropped from
+    ``providers``, so that the others still run (shared by the GPU benchmarks)."""
+    failed[name] = f"{type(error).__name__}: {error}"
+    print(f"{name} failed, left out: {failed[name]}", file=sys.stderr, flush=True)
+    del providers[name]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _providers(names: list[str], device: torch.device) -> dict[str, object]:
     # static shapes: a second shape recompiles as itself, not as a dynamic-shape graph
     compiled = torch.compile(lambda x, y: F.cross_entropy(x.float(), y), dynamic=False)
@@ -216,12 +226,8 @@ def run_shape(spec: str, names: list[str], rounds: int, device: torch.device) ->
             _refill(work, source)
             peak = clock.peak_mib(lambda name=name, function=function: _call(name, function, source, labels, work, plain))
         except Exception as error:  # a peer (or a path) that fails: recorded, the others still run
-            result["failed"][name] = f"{type(error).__name__}: {error}"
-            print(f"{name} failed, left out: {result['failed'][name]}", file=sys.stderr, flush=True)
-            del providers[name]
             work.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _left_out(result["failed"], providers, name, error, device)
             continue
         expected = reference_opts if name.endswith("_opts") else reference
         result["providers"][name] = {

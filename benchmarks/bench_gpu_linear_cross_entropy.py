@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gpu_cross_entropy import DTYPES, _Clock, _version
+from bench_gpu_cross_entropy import DTYPES, _Clock, _left_out, _version
 
 import xentkit.torch as xt
 
@@ -131,12 +131,8 @@ def main() -> int:
             loss = None if name == "matmuls" else float(function(x, w, y).item())
             peak = clock.peak_mib(lambda name=name, function=function: call(name, function))
         except Exception as error:  # a peer that fails: recorded, the others still run
-            report["failed"][name] = f"{type(error).__name__}: {error}"
-            print(f"{name} failed, left out: {report['failed'][name]}", file=sys.stderr, flush=True)
-            del providers[name]
             x.grad = w.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _left_out(report["failed"], providers, name, error, device)
             continue
         report["providers"][name] = {"times_ms": [], "peak_mib": peak, "loss": loss,
                                      "loss_relative_error": None if loss is None else abs(loss - expected) / abs(expected)}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gpu_cross_entropy import DTYPES, _Clock, _version
+from bench_gpu_cross_entropy import DTYPES, _Clock, _left_out, _version
 
 import xentkit.torch as xt
 
@@ -139,12 +139,8 @@ def main() -> int:
                     value = float(function(x[rows], w, y[rows], a[rows], b[rows]).item()) * sample
             peak = clock.peak_mib(lambda name=name, function=function: call(name, function))
         except Exception as error:  # (a peer's or an OOM: recorded, the others still run)
-            report["failed"][name] = f"{type(error).__name__}: {error}"
-            print(f"{name} failed, left out: {report['failed'][name]}", file=sys.stderr, flush=True)
-            del providers[name]
             x.grad = w.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _left_out(report["failed"], providers, name, error, device)
             continue
         report["providers"][name] = {"times_ms": [], "peak_mib": peak, "objective_on_sample": value}
         write()
