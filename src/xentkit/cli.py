@@ -296,13 +296,15 @@ def _warm() -> int:
     start = time.perf_counter()
     try:
         names = compile_all()
-    except (pickle.UnpicklingError, EOFError) as error:  # (Numba's cache index, read as a pickle)
-        raise OSError(_damaged_cache(error)) from None
     except Exception as error:
         text = str(error)
-        # a damaged cache file read by Numba's caching code (a pickle with changed bytes raises
-        # UnicodeDecodeError, AttributeError, ...), or a damaged .nbc ("LLVM bitcode parsing error")
-        if _raised_in_numbas_cache(error) or (isinstance(error, RuntimeError) and "bitcode" in text.lower()):
+        # a damaged cache file: Numba's index read as a pickle (truncated: UnpicklingError or
+        # EOFError; changed bytes: UnicodeDecodeError, AttributeError, ... from its caching
+        # code), or a damaged .nbc ("LLVM bitcode parsing error")
+        if (
+            isinstance(error, pickle.UnpicklingError | EOFError) or _raised_in_numbas_cache(error)
+            or (isinstance(error, RuntimeError) and "bitcode" in text.lower())
+        ):
             raise OSError(_damaged_cache(error)) from None
         if isinstance(error, RuntimeError) and ("NUMBA_DISABLE_JIT" in text or "cannot cache function" in text):
             raise ValueError(text) from None

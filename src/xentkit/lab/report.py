@@ -135,11 +135,11 @@ def _write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     Creates the parent folder; an OSError names the file."""
     path = Path(path)
     try:
-        if path.exists() and not path.is_file():  # (exists and is_file follow links)
+        target = _regular_target(path)
+        if target is None:
             with open(path, "wb") as file:
                 write(file)
             return path
-        target = path.resolve() if path.is_symlink() else path
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
         temporary = _temporary_beside(target)
@@ -157,6 +157,15 @@ def _write_file(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     return path
 
 
+def _regular_target(path: Path) -> Path | None:
+    """The regular file :func:`_write_file` replaces for ``path`` (a link's target, written
+    through), or None for a path that is there but is no regular file (a device, a pipe,
+    /dev/stdout), which is written as it is. (exists and is_file follow links.)"""
+    if path.exists() and not path.is_file():
+        return None
+    return path.resolve() if path.is_symlink() else path
+
+
 def _temporary_beside(target: Path) -> Path:
     """A new, random name for :func:`_write_file`'s temporary file beside ``target``."""
     return target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
@@ -170,10 +179,8 @@ def check_writable_file(path: str | Path) -> None:
     not opened: a pipe's open waits for its reader, whom an early open would end. An OSError
     names the file, as the write's does."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        return
-    target = path.resolve() if path.is_symlink() else path
-    if not target.parent.is_dir():  # (a link into a folder the write will make: nothing to try yet)
+    target = _regular_target(path)
+    if target is None or not target.parent.is_dir():  # (a folder the write will make: nothing to try yet)
         return
     temporary = _temporary_beside(target)
     try:

@@ -58,14 +58,13 @@ def linear_reason(
 ) -> str | None:
     """Why the Triton linear cross-entropy cannot run this call, or None when it can (under
     torch.compile too: the custom ops of ``_linear_ops``)."""
-    if input.dim() != 2 or linear_weight.dim() != 2:
-        return triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input") or (
-            "it takes a 2-D input and a 2-D linear_weight"
-        )
-    # (rows: the input's, which bound each chunk's launch)
-    grid = (input.shape[0], linear_weight.shape[0])
-    # (dtypes, devices, the bias: _linear_checks.check_linear refused a mix before asking)
-    return triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input", grid=grid)
+    flat = input.dim() == 2 and linear_weight.dim() == 2
+    # (the grid's rows: the input's, which bound each chunk's launch)
+    grid = (input.shape[0], linear_weight.shape[0]) if flat else None
+    reason = triton_reason(input, target, weight, linear_weight, linear_bias, compiled=True, name="input", grid=grid)
+    if reason is None and not flat:
+        return "it takes a 2-D input and a 2-D linear_weight"
+    return reason  # (dtypes, devices, the bias: _linear_checks.check_linear refused a mix before asking)
 
 
 def rows_target(target: Tensor, rows: int, classes: int, ignore_index: int) -> Tensor:

@@ -223,13 +223,13 @@ def rows_inputs(
     past them)."""
     options.check_fits(torch.float32, torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny)
     _, sample_shape, probabilities = _bridge.sample_layout(input, target)
-    _bridge.check_class_weight(weight, input.shape[1 if input.dim() >= 2 else 0])
+    classes = input.shape[1 if input.dim() >= 2 else 0]
+    _bridge.check_class_weight(weight, classes)
     target = target.detach()
     if probabilities:
         return as_rows(target), sample_shape, probabilities
     # (int64 as every path casts: uint64 labels beyond int64, which the cast would wrap onto
     # ignore_index, refused, or where nothing may look made bad)
-    classes = input.shape[1 if input.dim() >= 2 else 0]
     labels = _bridge.int64_labels(target, classes, options.ignore_index)
     return labels.reshape(-1).contiguous(), sample_shape, probabilities
 
