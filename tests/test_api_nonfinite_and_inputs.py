@@ -235,3 +235,14 @@ def test_an_infinite_upstream_gradient_of_the_binary_losses_warns_nothing():
             np.array([0.0, 1.0]), np.array([0.5, 0.2]), grad_output=np.array([np.inf, 1.0]), reduction="none"
         )
         assert np.isnan(grad[0]) and grad[1] == pytest.approx(1 / (1 + np.exp(-1.0)) - 0.2)
+        # the reference formulas (a scalar's path, and every input's under use_reference) too
+        for reference in (False, True):
+            with xk.use_reference(reference):
+                _, grad = xk.binary_cross_entropy_with_logits_and_grad(
+                    np.float64(800.0), np.float64(1.0), grad_output=np.inf
+                )
+                assert np.isnan(grad)
+                _, grad = xk.binary_cross_entropy_with_logits_and_grad(
+                    np.array([800.0, -1.0]), np.array([1.0, 0.0]), grad_output=np.inf, reduction="sum"
+                )
+                assert np.isnan(grad[0]) and grad[1] == np.inf

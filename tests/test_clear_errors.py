@@ -205,6 +205,27 @@ def test_a_temperature_whose_reciprocal_overflows_is_refused(dtype, temperature,
     assert np.all(np.isfinite(kernel))
 
 
+@pytest.mark.parametrize(("dtype", "name"), [(np.float64, "float64"), (np.float32, "float32"), (np.float16, "float32")])
+def test_a_temperature_whose_reciprocal_is_subnormal_is_refused(dtype, name):
+    """Above 1/tiny, 1/T is subnormal (the kernel lost digits: −0.313 for −0.4076) or 0 (a
+    masked class's −inf·0 made the row NaN), and the reference cast T to inf: they disagreed,
+    silently (a review, 2026-12-07). The bound itself is taken and agrees with the reference."""
+    tiny = float(np.finfo(np.float64 if dtype == np.float64 else np.float32).tiny)
+    logits = np.array([[0.0, -np.inf, 1.0]], dtype=dtype)
+    message = rf"^temperature must be at most the reciprocal of the smallest normal {name} value .* got {re.escape(str(2 / tiny))}$"
+    for call in (
+        lambda: xentkit.log_probs(logits, [0], temperature=2 / tiny),
+        lambda: xentkit.log_probs_backward(logits, [0], [1.0], temperature=2 / tiny),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    kernel = xentkit.log_probs(logits, [0], temperature=1 / tiny)
+    with xentkit.use_reference(True):
+        oracle = xentkit.log_probs(logits, [0], temperature=1 / tiny)
+    np.testing.assert_allclose(kernel, oracle, rtol=1e-6)
+    np.testing.assert_allclose(kernel, [-np.log(2.0)], rtol=1e-3)
+
+
 @pytest.mark.parametrize("where", ["logits", "target", "weight"])
 def test_masked_entries_are_refused_not_unmasked(where):
     """``np.asarray`` drops a mask, and its hidden values would count as data. A masked array

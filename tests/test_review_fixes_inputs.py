@@ -109,3 +109,21 @@ def test_an_out_interleaved_with_the_logits_is_taken():
     assert np.array_equal(both[:, 1::2], expected_grad)
     with pytest.raises(ValueError, match=r"out must be logits itself .* or an array that does not overlap logits"):
         xentkit.cross_entropy_and_grad(both[:, :5], [0, 1, 2, 3], out=both[:, 1:6])
+
+
+def test_an_out_whose_elements_share_memory_is_refused():
+    """A writeable 0-stride or overlapping ``out`` had taken every row's gradient over the one
+    before: every row held the last row's, silently (a review, 2026-12-07). A view whose
+    elements interleave without sharing memory is still taken."""
+    generator = np.random.default_rng(0)
+    logits, target = generator.standard_normal((4, 5)), [0, 1, 2, 3]
+    _, expected = xentkit.cross_entropy_and_grad(logits, target)
+    as_strided = np.lib.stride_tricks.as_strided
+    message = r"^out must not hold one memory location at two positions .* got an array of shape \(4, 5\) with strides"
+    for shared in (as_strided(np.zeros(5), (4, 5), (0, 8)), as_strided(np.zeros(30), (4, 5), (16, 8))):
+        with pytest.raises(ValueError, match=message):
+            xentkit.cross_entropy_and_grad(logits, target, out=shared)
+    # offsets 0, 24, 48, 72 + 0, 80, 160, 240, 320: rows interleave with no element shared
+    interleaved = as_strided(np.zeros(45), (4, 5), (24, 80))
+    _, grad = xentkit.cross_entropy_and_grad(logits, target, out=interleaved)
+    assert grad is interleaved and np.array_equal(grad, expected)

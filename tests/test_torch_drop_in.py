@@ -51,6 +51,44 @@ def test_forward_mode_ad_gives_torchs_tangent(name, ours, theirs):
     assert xt.cross_entropy(x.requires_grad_(), torch.zeros(N, dtype=torch.long)).grad_fn.name().startswith("_CrossEntropy")
 
 
+def _tangent_elsewhere_cases():
+    generator = torch.Generator().manual_seed(3)
+    y = torch.randint(0, C, (N,), generator=generator)
+    q = torch.softmax(torch.randn(N, C, generator=generator, dtype=torch.float64), -1)
+    w = torch.rand(C, generator=generator, dtype=torch.float64) + 0.5
+    hidden = torch.randn(N, 8, generator=generator, dtype=torch.float64)
+    layer = torch.randn(C, 8, generator=generator, dtype=torch.float64) / 3
+    # (name, the dual tensor's primal, the call on it, or with torch's ops: the same formula)
+    return [
+        ("probability target", q, lambda x, d: xt.cross_entropy(x, d), lambda x, d: F.cross_entropy(x, d)),
+        ("class weight", w, lambda x, d: xt.cross_entropy(x, y, d),
+         lambda x, d: -(d[y] * x.log_softmax(1).gather(1, y[:, None])[:, 0]).sum() / d[y].sum()),
+        ("class weight, small", w[:5], lambda x, d: xt.cross_entropy(x[:, :5], y % 5, d),
+         lambda x, d: -(d[y % 5] * x[:, :5].log_softmax(1).gather(1, (y % 5)[:, None])[:, 0]).sum() / d[y % 5].sum()),
+        ("bce target", q, lambda x, d: xt.binary_cross_entropy_with_logits(x, d),
+         lambda x, d: F.binary_cross_entropy_with_logits(x, d)),
+        ("linear weight", layer, lambda x, d: xt.linear_cross_entropy(hidden, d, y),
+         lambda x, d: F.cross_entropy(hidden @ d.T, y)),
+    ]
+
+
+@pytest.mark.parametrize(("name", "primal", "ours", "theirs"), _tangent_elsewhere_cases(),
+                         ids=[c[0] for c in _tangent_elsewhere_cases()])
+def test_forward_mode_ad_with_the_tangent_on_another_tensor(name, primal, ours, theirs):
+    """A tangent on the target, the class weight or the linear layer, not on the logits, had
+    taken the kernels' Functions ("You must implement the jvp function"), or on the small path
+    torch's kernel, which drops a weight's tangent (a review, 2026-12-07)."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(N, C, generator=generator, dtype=torch.float64)
+    v = torch.randn(primal.shape, generator=generator, dtype=torch.float64)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(x, fwAD.make_dual(primal, v)))
+        expected = fwAD.unpack_dual(theirs(x, fwAD.make_dual(primal, v)))
+    torch.testing.assert_close(got.primal, expected.primal)
+    assert expected.tangent is not None and expected.tangent.abs() > 0
+    torch.testing.assert_close(got.tangent, expected.tangent)
+
+
 @pytest.mark.parametrize("shape", [(5,), (300, 300)])
 def test_a_bool_element_weight_is_a_mask_as_in_torch(shape):
     generator = torch.Generator().manual_seed(2)
@@ -85,6 +123,8 @@ def test_a_temperature_whose_reciprocal_overflows_is_refused(dtype):
     with pytest.raises(ValueError, match=message):
         xt.linear_log_probs(torch.randn(2, 3, dtype=dtype), torch.randn(4, 3, dtype=dtype), torch.tensor([0, 1]),
                             temperature=1e-39)
+    with pytest.raises(ValueError, match=r"^temperature must be at most the reciprocal of the smallest normal float32 value .* got 1e\+39$"):
+        xt.log_probs(logits, target, temperature=1e39)
     # float64 logits are scaled in float64: there 1e-39 is a normal temperature
     assert torch.isfinite(xt.log_probs(logits.double(), target, temperature=1e-39)).all()
 

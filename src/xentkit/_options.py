@@ -497,16 +497,22 @@ class LogProbOptions:
             object.__setattr__(self, name, check(getattr(self, name)))
 
     def check_fits(self, dtype: object, smallest: float) -> None:
-        """Refuse a temperature below ``smallest``, the smallest normal value of ``dtype`` (NumPy's or
-        torch's ``finfo(...).tiny``), the dtype the logits are scaled in: every path multiplies them
-        by 1/T, which loses digits for a subnormal T and overflows for the smallest ones (then
-        every log-probability is NaN where logits/T is finite)."""
-        if self.temperature < smallest:
+        """Refuse a temperature outside [``smallest``, 1/``smallest``], ``smallest`` the smallest
+        normal value of ``dtype`` (NumPy's or torch's ``finfo(...).tiny``), the dtype the logits are
+        scaled in: every path multiplies them by 1/T, which loses digits for a subnormal T and
+        overflows for the smallest ones (then every log-probability is NaN where logits/T is
+        finite); above 1/``smallest``, 1/T is subnormal (digits lost) or 0 (a masked class's
+        −inf·0 is NaN)."""
+        if not smallest <= self.temperature <= 1.0 / smallest:
             dtype_name = str(dtype).removeprefix("torch.")
+            if self.temperature < smallest:
+                expected = f"at least the smallest normal {dtype_name} value ({smallest:.6g})"
+                why = "a subnormal T has lost digits, and the smallest ones' reciprocal overflows"
+            else:
+                expected = f"at most the reciprocal of the smallest normal {dtype_name} value ({1.0 / smallest:.6g})"
+                why = "a larger T's reciprocal is subnormal or 0"
             raise ValueError(
-                f"temperature must be at least the smallest normal {dtype_name} value ({smallest:.6g}) for "
-                f"logits scaled in {dtype_name} (a subnormal T has lost digits, and the smallest ones' reciprocal "
-                f"overflows), got {self.temperature}"
+                f"temperature must be {expected} for logits scaled in {dtype_name} ({why}), got {self.temperature}"
             )
 
     def replace(self, **changes: Any) -> LogProbOptions:

@@ -190,7 +190,34 @@ def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarra
         )
     if not out.flags.writeable:
         raise ValueError("out must be a writeable array, got a read-only one")
+    if overlaps_itself(out):
+        raise ValueError(
+            f"out must not hold one memory location at two positions (the gradient's elements would overwrite "
+            f"each other), got an array of shape {out.shape} with strides {out.strides}"
+        )
     return out
+
+
+def overlaps_itself(array: np.ndarray) -> bool:
+    """Whether two elements of ``array`` share memory (a 0-stride view, ``as_strided`` rows that
+    overlap). Each axis's stride at least the span of the shorter-strided axes before it (every
+    array NumPy makes but such views) answers no at once; otherwise the element offsets are
+    compared, exactly (reversing an axis moves the offsets, it does not change their gaps)."""
+    axes = sorted((abs(stride), size) for stride, size in zip(array.strides, array.shape, strict=True) if size > 1)
+    if array.size == 0:
+        return False
+    span = array.itemsize
+    for stride, size in axes:
+        if stride < span:
+            break
+        span += stride * (size - 1)
+    else:
+        return False
+    offsets = np.zeros(1, dtype=np.int64)
+    for stride, size in axes:
+        offsets = (offsets[:, None] + np.arange(size, dtype=np.int64) * stride).ravel()
+    offsets.sort()
+    return bool(np.any(np.diff(offsets) < array.itemsize))
 
 
 def overlaps(a: np.ndarray, b: np.ndarray) -> bool:

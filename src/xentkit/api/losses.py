@@ -173,7 +173,8 @@ def _bce_with_logits(
     if not want_grad:
         return loss, None
     upstream = upstream_gradient(grad_output, reduction, x.shape, x.dtype)
-    grad = np.broadcast_to(grad, x.shape) * plan.scales(upstream)[0]
+    with np.errstate(over="ignore", invalid="ignore"):  # (0·inf = NaN, as torch, silently)
+        grad = np.broadcast_to(grad, x.shape) * plan.scales(upstream)[0]
     return loss, rounded(grad, grad_dtype or dtype)
 
 

@@ -384,7 +384,7 @@ def transforms_running(*tensors: Tensor) -> bool:
         return True
     if _PEEK_INTERPRETER_STACK is not None:
         return _PEEK_INTERPRETER_STACK() is not None
-    return any(map(is_functorch_wrapped, tensors))
+    return any(is_functorch_wrapped(tensor) for tensor in tensors if tensor is not None)
 
 
 def is_functorch_wrapped(tensor: Tensor) -> bool:
@@ -412,7 +412,7 @@ def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tens
     """
     if torch.compiler.is_compiling():  # first: nothing below is for the compiler to trace
         return False
-    if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input) or transforms_running(input):
+    if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input) or transforms_running(input, *others):
         return False
     for other in others:  # loops, not all(generator): this runs on every small call
         if other is not None and (

@@ -328,7 +328,7 @@ def _small_and_plain(
         and not weight.requires_grad
     ):
         return False
-    return not _bridge.transforms_running(input, target)
+    return not _bridge.transforms_running(input, target, weight)
 
 
 def _mean_of_probabilities_possible(mean: float, classes: int) -> bool:
