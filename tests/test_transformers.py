@@ -245,6 +245,31 @@ def test_labels_passed_by_position() -> None:
     torch.testing.assert_close(output.loss, model(**inputs).loss, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("where", ["decoder", "lm_head"])
+def test_a_step_cut_short_by_keyboard_interrupt_leaves_no_call_behind(where: str) -> None:
+    """torch runs the model's always_call hook on Exception alone: after a KeyboardInterrupt
+    in a labelled forward, the next call without labels got logits None and the old call's
+    loss, generate raised, and a call after lm_head had run said it ran twice (a review,
+    2026-12-07)."""
+    model = tiny_model("LlamaForCausalLM")
+    patched = patched_copy(model)
+    inputs = batch()
+    module = patched.model.layers[0] if where == "decoder" else patched.lm_head
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    # (on lm_head: a pre-hook registered after the patch's, which has counted the head's call)
+    handle = module.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        patched(**inputs)
+    handle.remove()
+    output = patched(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert output.loss is None
+    torch.testing.assert_close(output.logits, model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits)
+    torch.testing.assert_close(patched(**inputs).loss, model(**inputs).loss, **TOLERANCE[torch.float32])
+
+
 def test_unpatch_restores_the_model() -> None:
     model = tiny_model("Gemma2ForCausalLM")
     hooks_before = (len(model._forward_hooks), len(model._forward_pre_hooks), len(model.lm_head._forward_hooks))

@@ -241,6 +241,9 @@ class _Patch:
 
     # 1. model pre-hook: take the labels out, so the model skips its own loss
     def _model_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # a call cut short by KeyboardInterrupt skipped the model hook (torch runs always_call
+        # hooks on Exception alone): its record must not reach this call's lm_head
+        self.call = None
         labels = self._argument("labels", args, kwargs)
         if labels is None or not torch.is_grad_enabled():
             return None  # a logits request (generation, evaluation): unchanged
