@@ -264,3 +264,17 @@ def test_triton_infinite_weight_on_a_masked_class_is_the_references(max_block, m
                     np.testing.assert_array_equal(got.double().numpy()[apart], want[apart])
                 else:
                     np.testing.assert_array_equal(got.double().numpy(), want)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_vocab_parallel_infinite_weight_on_the_dominant_class_is_the_exact_infinity(backend):
+    """docs/precision.md: the shards keep the gap lse − z (3e-22 at a margin of 50) where torch's
+    rounds it to 0 and gives inf·0 = NaN; the docs had listed these forms with torch's NaN."""
+    logits = torch.zeros(4, 64, dtype=torch.float64)
+    logits[:, 0] = 50.0
+    weight = torch.ones(64, dtype=torch.float64)
+    weight[0] = np.inf
+    target = torch.zeros(4, dtype=torch.long)
+    assert torch.isnan(F.cross_entropy(logits, target, weight=weight, reduction="none")).all()
+    loss = distributed.vocab_parallel_cross_entropy(logits, target, weight=weight, reduction="none", backend=backend)
+    assert torch.equal(loss, torch.full((4,), np.inf, dtype=torch.float64))
