@@ -690,13 +690,11 @@ def test_a_data_folder_whose_name_is_not_utf8(tmp_path: Path) -> None:
 
 
 def test_warm_says_where_it_caches_and_names_a_damaged_cache(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """`xentkit warm` says where the kernels are cached; a damaged cache file (Numba reads its
     index as a pickle: "pickle data was truncated") is one line naming the folder and what to
     delete, where it had been a traceback (a review, 2026-12-07)."""
-    import pickle
-
     import xentkit.kernels
     from xentkit.kernels._cache import cache_location
 
@@ -704,10 +702,10 @@ def test_warm_says_where_it_caches_and_names_a_damaged_cache(
     assert main(["warm"]) == 0
     assert f"cached in {cache_location()[0]} (rows float32)" in capsys.readouterr().out
 
-    def damaged() -> list[str]:
-        raise pickle.UnpicklingError("pickle data was truncated")
-
-    monkeypatch.setattr(xentkit.kernels, "compile_all", damaged)
+    namespace: dict = {}  # raised in Numba's caching code, as a truncated index is read
+    exec(compile("import pickle\ndef load():\n    raise pickle.UnpicklingError('pickle data was truncated')\n",
+                 "/site/numba/core/caching.py", "exec"), namespace)
+    monkeypatch.setattr(xentkit.kernels, "compile_all", namespace["load"])
     assert main(["warm"]) == 2
     _one_line_error(capsys, f"a kernel cache file under {cache_location()[0]} is damaged", "delete xentkit's .nbi and .nbc files")
 
@@ -719,10 +717,16 @@ def test_warm_says_where_it_caches_and_names_a_damaged_cache(
     _one_line_error(capsys, "is damaged (LLVM bitcode parsing error")
 
     namespace: dict = {}  # an error raised in Numba's caching code: a changed byte in a pickled index
-    exec(compile("def load():\n    b'\\xff'.decode('utf-8')\n", "/site/numba/core/caching.py", "exec"), namespace)
+    exec(compile("def load(*_, **__):\n    b'\\xff'.decode('utf-8')\n", "/site/numba/core/caching.py", "exec"), namespace)
     monkeypatch.setattr(xentkit.kernels, "compile_all", namespace["load"])
     assert main(["warm"]) == 2
     _one_line_error(capsys, "is damaged (", "can't decode byte 0xff")
+
+    # the lab says it in the same line (it had ended in a traceback: a review, 2026-12-07)
+    monkeypatch.setattr(xentkit, "binary_cross_entropy_with_logits_and_grad", namespace["load"])
+    assert main(["lab", "neuron", "--out", str(tmp_path / "lab"), "--no-progress"]) == 2
+    _one_line_error(capsys, "is damaged (", "can't decode byte 0xff")
+    assert not (tmp_path / "lab").exists()
 
     def bug() -> list[str]:
         raise RuntimeError("a bug of ours")

@@ -356,3 +356,48 @@ def test_a_relative_xdg_cache_home_is_ignored(
                             (str(tmp_path / "xdg"), tmp_path / "xdg")):  # fmt: skip
         monkeypatch.setenv("XDG_CACHE_HOME", value)
         assert default_cache_dir() == expected / "xentkit", value
+
+
+# --- stdout that goes away or fills up -------------------------------------------------------
+
+
+def test_a_reader_that_stops_early_leaves_the_run_to_finish(tmp_path: Path) -> None:
+    """`xentkit lab | head -1`: rich's broken-pipe handling exited with 1, silently, and the run's
+    folder was removed unwritten (a review, 2026-12-07). It goes on and writes its files."""
+    out = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "xentkit", "lab", "neuron", "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert run.stdout is not None and run.stdout.readline().startswith(b"Single sigmoid neuron")
+    run.stdout.close()  # the reader is gone before the tables come
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert err == b""
+    assert (out / "neuron.json").is_file() and (out / "report.html").is_file()
+
+
+def test_a_failed_write_of_the_printed_output_is_named_as_such(tmp_path: Path) -> None:
+    """A full disk behind `> file` read as "OSError: [Errno 28] No space left on device", as if
+    --out were full."""
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    output = Output(Full(), progress=False)
+    with pytest.raises(OSError, match=r"writing the lab's printed output to the output stream: No space left on device"):
+        output.line("x")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not Path("/sys/kernel").is_dir(),
+                    reason="root passes os.access on /sys: the case needs root")
+def test_an_out_folder_that_takes_no_file_is_refused_before_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """As root, --out was checked with os.access alone, which /sys passes: the whole run went
+    before the write failed (a review, 2026-12-07). The file the report's write makes is tried
+    first, as for --json."""
+    assert main(["lab", "neuron", "--out", "/sys/kernel", "--no-progress"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith("xentkit: error: --out: cannot write /sys/kernel/report.html")
+    assert printed.err.count("\n") == 1
+    assert "Single sigmoid neuron" not in printed.out  # (refused before the run)

@@ -212,7 +212,7 @@ def test_a_numba_cache_dir_that_cannot_be_written_is_passed_over_with_a_warning(
     assert _cache.ensure_cache_dir() is None and Path(numba.config.CACHE_DIR) == tmp_path / "fine"
 
 
-def test_without_numbas_compiler_the_kernels_say_so_and_the_reference_runs() -> None:
+def test_without_numbas_compiler_the_kernels_say_so_and_the_reference_runs(tmp_path: Path) -> None:
     """NUMBA_DISABLE_JIT=1 had failed with "cannot import name 'cross_entropy_rows'" (the real
     error, from a kernel module's import, hidden by the package's lazy import) or an
     AttributeError; `xentkit warm` with a traceback (a review, 2026-12-07)."""
@@ -233,3 +233,9 @@ def test_without_numbas_compiler_the_kernels_say_so_and_the_reference_runs() -> 
     assert "label target has label 5 at position (0,)" in done.stdout, done.stdout
     warm = subprocess.run([sys.executable, "-m", "xentkit", "warm"], capture_output=True, text=True, env=env, timeout=300)
     assert warm.returncode == 2 and warm.stderr.count("\n") == 1 and "NUMBA_DISABLE_JIT=1" in warm.stderr, warm.stderr
+    # the lab says it in the same line (it had ended in a traceback, exit 1: a review, 2026-12-07)
+    lab = subprocess.run(
+        [sys.executable, "-m", "xentkit", "lab", "neuron", "--out", str(tmp_path / "lab"), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert lab.returncode == 2 and lab.stderr.count("\n") == 1 and "NUMBA_DISABLE_JIT=1" in lab.stderr, lab.stderr

@@ -208,9 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     neuron = lab_commands.add_parser(
         "neuron",
         help="single sigmoid neuron: quadratic cost vs cross-entropy",
-        description="Note 003's single sigmoid neuron: x = 1.0, y = 0, 300 iterations, at learning "
-        "rate 0.15 from (w, b) = (0.6, 0.9) and (2.0, 2.0) (Nielsen's, chapter 3: first outputs 0.82 "
-        "and 0.98, as the note's), under the quadratic cost and under cross-entropy.",
+        description="Note 003's single sigmoid neuron: x = 1.0, y = 0, 300 iterations, from (w, b) = "
+        "(0.6, 0.9) and (2.0, 2.0) (Nielsen's, chapter 3: first outputs 0.82 and 0.98, as the "
+        "note's), under the quadratic cost and under cross-entropy, both at learning rate 0.15 "
+        "(Nielsen's for the quadratic cost; his cross-entropy runs used 0.005).",
     )
     _add_output_options(neuron, nested=True)
     neuron.set_defaults(help_parser=neuron)
@@ -273,6 +274,21 @@ def _raised_in_numbas_cache(error: BaseException) -> bool:
     )
 
 
+def _kernel_failure(error: Exception) -> str | None:
+    """The one line for a kernel that cannot be loaded or compiled, in every command (``warm``,
+    the lab): a damaged cache file (Numba reads its index as a pickle, truncated:
+    UnpicklingError; changed bytes: UnicodeDecodeError, AttributeError, ... all from its caching
+    code; a damaged .nbc: "LLVM bitcode parsing error"), the compiler turned off
+    (NUMBA_DISABLE_JIT) or a cache Numba cannot use. None for anything else, which keeps its
+    traceback."""
+    text = str(error)
+    if _raised_in_numbas_cache(error) or (isinstance(error, RuntimeError) and "bitcode" in text.lower()):
+        return _damaged_cache(error)
+    if isinstance(error, RuntimeError) and ("NUMBA_DISABLE_JIT" in text or "cannot cache function" in text):
+        return " ".join(text.split())
+    return None
+
+
 def _damaged_cache(error: BaseException) -> str:
     """The one line for a kernel cache file that Numba cannot read."""
     from xentkit.kernels._cache import cache_location
@@ -287,28 +303,13 @@ def _damaged_cache(error: BaseException) -> str:
 
 def _warm() -> int:
     """``xentkit warm``: compile (or load) every kernel specialization, timed."""
-    import pickle
     import time
 
     from xentkit.kernels import compile_all
     from xentkit.kernels._cache import cache_location
 
     start = time.perf_counter()
-    try:
-        names = compile_all()
-    except Exception as error:
-        text = str(error)
-        # a damaged cache file: Numba's index read as a pickle (truncated: UnpicklingError or
-        # EOFError; changed bytes: UnicodeDecodeError, AttributeError, ... from its caching
-        # code), or a damaged .nbc ("LLVM bitcode parsing error")
-        if (
-            isinstance(error, pickle.UnpicklingError | EOFError) or _raised_in_numbas_cache(error)
-            or (isinstance(error, RuntimeError) and "bitcode" in text.lower())
-        ):
-            raise OSError(_damaged_cache(error)) from None
-        if isinstance(error, RuntimeError) and ("NUMBA_DISABLE_JIT" in text or "cannot cache function" in text):
-            raise ValueError(text) from None
-        raise  # (anything else keeps its traceback)
+    names = compile_all()  # (a kernel that cannot be loaded or compiled: main's one line, _kernel_failure)
     folder, kept = cache_location()
     where = f"cached in {folder}" if kept else (
         f"cached in {folder}, this process's own, removed at exit: nothing is kept (another user owns "
@@ -408,6 +409,16 @@ def _check_writable_folder(folder: Path, option: str, made: list[Path]) -> None:
         raise ValueError(f"{option}: the folder {folder} is not writable")
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """:func:`xentkit.lab.report.check_writable_file`, its error a ValueError naming ``option``."""
+    from xentkit.lab.report import check_writable_file
+
+    try:
+        check_writable_file(path)
+    except OSError as error:
+        raise ValueError(f"{option}: {error}") from None
+
+
 def _check_json_is_a_file(json_path: str, out: Path) -> None:
     """``--json`` names a file, not a folder: neither one that exists nor --out (or a folder
     above it), which the run makes before it writes the results (a ValueError naming --json)."""
@@ -439,7 +450,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
 
     from xentkit.lab.console import Output
-    from xentkit.lab.report import check_writable_file, require_plotting
+    from xentkit.lab.report import REPORT_HTML, require_plotting
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
     require_plotting()  # the extras, the data and settings first: a failure leaves no folder
@@ -456,12 +467,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
     made: list[Path] = []
     try:
         _check_writable_folder(Path(args.out), "--out", made)  # before training, not after
+        _check_writable(Path(args.out) / REPORT_HTML, "--out")  # (root passes os.access where /sys refuses)
         if args.json is not None:
             _check_writable_folder(Path(args.json).parent, "--json", made)
-            try:
-                check_writable_file(args.json)  # the results file itself (/proc is no place for it)
-            except OSError as error:
-                raise ValueError(f"--json: {error}") from None
+            _check_writable(Path(args.json), "--json")  # the results file itself (/proc is no place for it)
         experiment(json_path=args.json, output=Output(progress=not args.no_progress), command=command)
     except BaseException:  # a run that fails or is interrupted leaves no empty folder of its own
         from xentkit.lab.folders import remove_empty_folders
@@ -488,13 +497,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _run(args, command)
-    except (DatasetError, MissingExtraError, ValueError, OSError) as error:
-        message = " ".join(str(error).split())
-        # xentkit's own messages name the option or file; an OSError's class says what failed
-        plain = isinstance(error, DatasetError | MissingExtraError) or type(error) is ValueError
-        kind = "" if plain else f"{type(error).__name__}: "
-        print(f"xentkit: error: {kind}{message}", file=sys.stderr)
-        return 2
     except MemoryError as error:  # (NumPy's says how much it could not allocate)
         detail = " ".join(str(error).split())
         print(f"xentkit: error: out of memory{': ' + detail if detail else ''}", file=sys.stderr)
@@ -502,6 +504,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xentkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        line = _kernel_failure(error)  # (first: a damaged cache's UnicodeDecodeError is a ValueError)
+        if line is None and isinstance(error, DatasetError | MissingExtraError | ValueError | OSError):
+            message = " ".join(str(error).split())
+            # xentkit's own messages name the option or file; an OSError's class says what failed
+            plain = isinstance(error, DatasetError | MissingExtraError) or type(error) is ValueError
+            line = message if plain else f"{type(error).__name__}: {message}"
+        if line is None:
+            raise
+        print(f"xentkit: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ rich is imported inside the functions, never when xentkit (or the lab) is import
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
@@ -23,8 +24,14 @@ class Output:
     def __init__(self, stream: IO[str] | None = None, *, progress: bool = True) -> None:
         Console = require("rich.console", "lab", "xentkit lab").Console
 
+        class _Console(Console):
+            def on_broken_pipe(self) -> None:
+                """The reader went away (``xentkit lab | head``): the run goes on silently and
+                writes its files (rich's own exits with 1, the folder unwritten)."""
+                _drop_output(self)
+
         self.stream = stream if stream is not None else sys.stdout
-        self.console = Console(file=self.stream, highlight=False)
+        self.console = _Console(file=self.stream, highlight=False)
         if not self.console.is_terminal:  # files and pipes: wide enough for the tables
             self.console.width = max(self.console.width, 120)
         self.show_progress = progress
@@ -36,11 +43,20 @@ class Output:
         a live progress bar redrawn with the line, which then shows its own markup as text."""
         from rich.text import Text
 
-        self.console.print(Text(text), highlight=False, soft_wrap=True)
+        self._print(Text(text), highlight=False, soft_wrap=True)
 
     def table(self, table: Any) -> None:
         """Print a rich renderable."""
-        self.console.print(table)
+        self._print(table)
+
+    def _print(self, *args: Any, **options: Any) -> None:
+        """``console.print``, a failed write (a full disk behind ``> file``) named as this output's,
+        not taken for one of the files the lab writes."""
+        try:
+            self.console.print(*args, **options)
+        except OSError as error:
+            where = "standard output" if self.stream is sys.stdout else getattr(self.stream, "name", "the output stream")
+            raise OSError(error.errno, f"writing the lab's printed output to {where}: {error.strerror}") from error
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[], None]]:
@@ -63,6 +79,21 @@ class Output:
         ) as bar:
             task = bar.add_task(description, total=total)
             yield lambda: bar.advance(task)
+
+
+def _drop_output(console: Any) -> None:
+    """Print nothing more on ``console``; its stream, where it is a file descriptor, now writes to
+    the null device (so that Python's flush at exit finds no broken pipe either)."""
+    console.quiet = True
+    try:
+        descriptor = console.file.fileno()
+    except (AttributeError, OSError, ValueError):  # (a stream without one: quiet is enough)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, descriptor)
+    finally:
+        os.close(null)
 
 
 def neuron_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
