@@ -64,17 +64,19 @@ def test_log_probs_at_a_temperature_shift_before_they_scale():
 
 def test_the_kl_divergence_of_close_distributions():
     """log p − log q cancels for close distributions (relative error 8e-6 at a 1e-6 difference);
-    log1p((p − q)/q) does not."""
-    rng = np.random.default_rng(0)
-    p = rng.random(100)
-    p /= p.sum()
-    q = p * (1 + 1e-6 * rng.standard_normal(100))
-    q /= q.sum()
-    exact = mpmath.fsum(mpmath.mpf(a) * mpmath.log(mpmath.mpf(a) / mpmath.mpf(b)) for a, b in zip(p, q, strict=True))
-    kl, grad_p, _ = reference.kl_divergence_and_grad(p, q)
-    assert abs(float(kl) - float(exact)) <= 1e-10 * float(exact)
-    exact_grad = [float(mpmath.log(mpmath.mpf(a) / mpmath.mpf(b)) + 1) for a, b in zip(p, q, strict=True)]
-    assert _ulps(grad_p, exact_grad) <= 4
+    log1p((p − q)/q) does not. docs/precision.md's median 2e-11 and worst 1.3e-10 over 20 pairs
+    (a review found the bound of one seed, 1e-10, beaten by others)."""
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        p = rng.random(100)
+        p /= p.sum()
+        q = p * (1 + 1e-6 * rng.standard_normal(100))
+        q /= q.sum()
+        exact = mpmath.fsum(mpmath.mpf(a) * mpmath.log(mpmath.mpf(a) / mpmath.mpf(b)) for a, b in zip(p, q, strict=True))
+        kl, grad_p, _ = reference.kl_divergence_and_grad(p, q)
+        assert abs(float(kl) - float(exact)) <= 2e-10 * float(exact), seed
+        exact_grad = [float(mpmath.log(mpmath.mpf(a) / mpmath.mpf(b)) + 1) for a, b in zip(p, q, strict=True)]
+        assert _ulps(grad_p, exact_grad) <= 4, seed
     # far apart, and a q below the smallest normal: log p − log q (p/q would overflow)
     far, _, _ = reference.kl_divergence_and_grad(np.array([1.0, 0.0]), np.array([1e-320, 1.0]))
     assert _ulps(far, [float(mpmath.log(1 / mpmath.mpf(1e-320)))]) <= 4
