@@ -709,12 +709,17 @@ def test_warm_says_where_it_caches_and_names_a_damaged_cache(
     assert main(["warm"]) == 2
     _one_line_error(capsys, f"a kernel cache file under {cache_location()[0]} is damaged", "delete xentkit's .nbi and .nbc files")
 
-    def bitcode() -> list[str]:
-        raise RuntimeError("LLVM bitcode parsing error Unterminated VBR")
-
-    monkeypatch.setattr(xentkit.kernels, "compile_all", bitcode)
+    exec(compile("def bitcode(*_, **__):\n    raise RuntimeError('LLVM bitcode parsing error Unterminated VBR')\n"
+                 "def full(*_, **__):\n    raise OSError(28, 'No space left on device')\n",
+                 "/site/numba/core/caching.py", "exec"), namespace)
+    monkeypatch.setattr(xentkit.kernels, "compile_all", namespace["bitcode"])
     assert main(["warm"]) == 2
     _one_line_error(capsys, "is damaged (LLVM bitcode parsing error")
+    # a full disk as the cache is written is no damaged file (a review, 2026-12-07)
+    monkeypatch.setattr(xentkit.kernels, "compile_all", namespace["full"])
+    assert main(["warm"]) == 2
+    err = _one_line_error(capsys, "OSError: [Errno 28] No space left on device")
+    assert "damaged" not in err
 
     namespace: dict = {}  # an error raised in Numba's caching code: a changed byte in a pickled index
     exec(compile("def load(*_, **__):\n    b'\\xff'.decode('utf-8')\n", "/site/numba/core/caching.py", "exec"), namespace)

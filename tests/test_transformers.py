@@ -270,6 +270,44 @@ def test_a_step_cut_short_by_keyboard_interrupt_leaves_no_call_behind(where: str
     torch.testing.assert_close(patched(**inputs).loss, model(**inputs).loss, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_forward_called_within_a_patched_forward_leaves_the_outer_loss_whole(where: str) -> None:
+    """A model that calls itself (a logits request under no_grad) before or after its lm_head:
+    the inner call had taken the outer call's record (after: "called lm_head more than once";
+    before, and after clearing it first for KeyboardInterrupt: the outer loss None, silently;
+    a review, 2026-12-07). Each call gets its own."""
+    model = tiny_model("LlamaForCausalLM")
+    patched = patched_copy(model)
+    inputs = batch()
+    plain = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    forward, inside, inner_logits = patched.forward, [], []
+
+    def calling_itself(*args, **kwargs):
+        if inside:
+            return forward(*args, **kwargs)
+        inside.append(True)
+        try:
+            if where == "before":
+                with torch.no_grad():
+                    inner_logits.append(patched(**plain).logits)
+            output = forward(*args, **kwargs)
+            if where == "after":
+                with torch.no_grad():
+                    inner_logits.append(patched(**plain).logits)
+            return output
+        finally:
+            inside.clear()
+
+    patched.forward = calling_itself
+    output = patched(**inputs)
+    torch.testing.assert_close(output.loss, model(**inputs).loss, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(inner_logits[0], model(**plain).logits)
+    # a labels dtype the pre-hook refuses leaves the next call as it would be
+    with pytest.raises(TypeError, match="labels must hold token ids"):
+        patched(**(inputs | {"labels": inputs["labels"].float()}))
+    torch.testing.assert_close(patched(**inputs).loss, model(**inputs).loss, **TOLERANCE[torch.float32])
+
+
 def test_unpatch_restores_the_model() -> None:
     model = tiny_model("Gemma2ForCausalLM")
     hooks_before = (len(model._forward_hooks), len(model._forward_pre_hooks), len(model.lm_head._forward_hooks))

@@ -277,12 +277,12 @@ def _raised_in_numbas_cache(error: BaseException) -> bool:
 def _kernel_failure(error: Exception) -> str | None:
     """The one line for a kernel that cannot be loaded or compiled, in every command (``warm``,
     the lab): a damaged cache file (Numba reads its index as a pickle, truncated:
-    UnpicklingError; changed bytes: UnicodeDecodeError, AttributeError, ... all from its caching
-    code; a damaged .nbc: "LLVM bitcode parsing error"), the compiler turned off
-    (NUMBA_DISABLE_JIT) or a cache Numba cannot use. None for anything else, which keeps its
-    traceback."""
+    UnpicklingError; changed bytes: UnicodeDecodeError, AttributeError, ...; a damaged .nbc:
+    "LLVM bitcode parsing error"; all raised in its caching code, where an OSError is no damage
+    but the disk's or the folder's, said as such by main), the compiler turned off
+    (NUMBA_DISABLE_JIT) or a cache Numba cannot use. None for anything else."""
     text = str(error)
-    if _raised_in_numbas_cache(error) or (isinstance(error, RuntimeError) and "bitcode" in text.lower()):
+    if _raised_in_numbas_cache(error) and not isinstance(error, OSError):
         return _damaged_cache(error)
     if isinstance(error, RuntimeError) and ("NUMBA_DISABLE_JIT" in text or "cannot cache function" in text):
         return " ".join(text.split())

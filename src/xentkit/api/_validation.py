@@ -198,14 +198,21 @@ def check_out(out: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarra
     return out
 
 
+_EXACT_OVERLAP_LIMIT = 1 << 22  # elements whose offsets overlaps_itself compares (32 MiB of them)
+
+
 def overlaps_itself(array: np.ndarray) -> bool:
     """Whether two elements of ``array`` share memory (a 0-stride view, ``as_strided`` rows that
     overlap). Each axis's stride at least the span of the shorter-strided axes before it (every
-    array NumPy makes but such views) answers no at once; otherwise the element offsets are
-    compared, exactly (reversing an axis moves the offsets, it does not change their gaps)."""
+    array NumPy makes but such views) answers no at once, an axis of stride 0 yes; otherwise
+    the element offsets are compared, exactly (reversing an axis moves the offsets, it does not
+    change their gaps), up to 2**22 elements: a larger such view is taken as sharing (as
+    :func:`overlaps` takes what is too hard to tell)."""
     axes = sorted((abs(stride), size) for stride, size in zip(array.strides, array.shape, strict=True) if size > 1)
     if array.size == 0:
         return False
+    if axes and axes[0][0] == 0:
+        return True
     span = array.itemsize
     for stride, size in axes:
         if stride < span:
@@ -213,6 +220,8 @@ def overlaps_itself(array: np.ndarray) -> bool:
         span += stride * (size - 1)
     else:
         return False
+    if array.size > _EXACT_OVERLAP_LIMIT:
+        return True
     offsets = np.zeros(1, dtype=np.int64)
     for stride, size in axes:
         offsets = (offsets[:, None] + np.arange(size, dtype=np.int64) * stride).ravel()

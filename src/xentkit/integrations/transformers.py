@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import weakref
 from collections.abc import Callable
 from types import MappingProxyType
@@ -98,6 +99,15 @@ class _Call:
     head_calls: int = 0
 
 
+def _stack_depth() -> int:
+    """How many frames the caller's stack holds: a forward called within another runs deeper
+    than the one around it."""
+    depth, frame = 0, sys._getframe(1)
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    return depth
+
+
 def _gone() -> None:
     """A weak reference's answer once its object is freed (``weakref.ref(None)`` cannot be made)."""
     return None
@@ -119,7 +129,10 @@ class _Patch:
         self.name = type(model).__name__
         parameters = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
         self.positions = {name: parameters.index(name) for name in ("labels", "return_dict") if name in parameters}
-        self.call: _Call | None = None
+        self.call: _Call | None = None  # the record of the innermost forward in flight
+        # (stack depth of a forward's pre-hook, the record of the forward around it) per forward
+        # in flight, innermost last
+        self._outer: list[tuple[int, _Call | None]] = []
         # the pre-hook last (it must see the labels every other pre-hook hands on, and is checked to
         # stay last), the output hook first (later hooks see the patched output)
         self.handles = [
@@ -134,6 +147,7 @@ class _Patch:
         shared by the copy, and cannot be pickled)."""
         state = dict(vars(self))
         state["_model"], state["_head"] = self._model(), self._head()
+        state["call"], state["_outer"] = None, []  # (a copy has no forward in flight)
         if state["_head"] is None:  # a head replaced and freed before the next step re-hooked the
             state["head_handles"] = []  # new one: its handles point at freed hook dicts (torch
         return state  # cannot copy them); the next step hooks the model's head (_follow_model)
@@ -241,9 +255,27 @@ class _Patch:
 
     # 1. model pre-hook: take the labels out, so the model skips its own loss
     def _model_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        # a call cut short by KeyboardInterrupt skipped the model hook (torch runs always_call
-        # hooks on Exception alone): its record must not reach this call's lm_head
-        self.call = None
+        depth = _stack_depth()
+        # a forward cut short by KeyboardInterrupt skipped the model hook (torch runs always_call
+        # hooks on Exception alone): its entry, at this call's depth or deeper, is dropped, and
+        # with no live forward around this one a record left behind must not reach this lm_head
+        while self._outer and self._outer[-1][0] >= depth:
+            self._outer.pop()
+        if not self._outer:
+            self.call = None
+        recorded = self._record(model, args, kwargs)  # (what raises here leaves the state as it was)
+        # the model hook restores the record of a forward around this one (a model that calls
+        # itself, after its lm_head or before)
+        self._outer.append((depth, self.call))
+        if recorded is None:
+            self.call = None
+            return None
+        self.call, args, kwargs = recorded
+        return args, kwargs
+
+    def _record(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[_Call, tuple, dict] | None:
+        """This forward's record and its arguments without the labels, or None for a logits
+        request."""
         labels = self._argument("labels", args, kwargs)
         if labels is None or not torch.is_grad_enabled():
             return None  # a logits request (generation, evaluation): unchanged
@@ -258,7 +290,7 @@ class _Patch:
         return_dict = self._argument("return_dict", args, kwargs)
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
-        self.call = _Call(
+        call = _Call(
             labels=labels,
             shift_labels=kwargs.get("shift_labels") if self.takes_shift_labels else None,
             num_items_in_batch=kwargs.get("num_items_in_batch"),
@@ -268,7 +300,7 @@ class _Patch:
         args, kwargs = self._replace("labels", None, args, kwargs)
         if not return_dict:  # the output is rebuilt from the output object, then made a tuple
             args, kwargs = self._replace("return_dict", True, args, kwargs)
-        return args, kwargs
+        return call, args, kwargs
 
     # 2. lm_head pre-hook: the loss from the hidden states, then zero positions for the head
     def _head_pre_hook(self, head: nn.Module, args: tuple) -> tuple | None:
@@ -305,7 +337,14 @@ class _Patch:
 
     # 3. model hook: the model's own output class, with the loss and without logits
     def _model_hook(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        call, self.call = self.call, None
+        depth, own = _stack_depth(), None
+        # this forward's entry (torch calls this hook one frame up when forward raised), and any
+        # left above it by forwards within it cut short; a live forward around it sits lower
+        while self._outer and self._outer[-1][0] >= depth - 1:
+            own = self._outer.pop()
+        if own is None:  # this forward's pre-hook refused it before recording anything
+            return None
+        call, self.call = self.call, own[1]
         if call is None or output is None:  # not a patched call, or forward raised
             return None
         if call.loss is None:

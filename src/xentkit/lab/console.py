@@ -56,7 +56,9 @@ class Output:
             self.console.print(*args, **options)
         except OSError as error:
             where = "standard output" if self.stream is sys.stdout else getattr(self.stream, "name", "the output stream")
-            raise OSError(error.errno, f"writing the lab's printed output to {where}: {error.strerror}") from error
+            detail = error.strerror or str(error) or type(error).__name__
+            message = f"writing the lab's printed output to {where}: {detail}"
+            raise (OSError(error.errno, message) if error.errno is not None else OSError(message)) from error
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[], None]]:
