@@ -246,3 +246,13 @@ def test_an_infinite_upstream_gradient_of_the_binary_losses_warns_nothing():
                     np.array([800.0, -1.0]), np.array([1.0, 0.0]), grad_output=np.inf, reduction="sum"
                 )
                 assert np.isnan(grad[0]) and grad[1] == np.inf
+
+
+def test_a_vanishing_binary_loss_is_positive_zero_as_torchs():
+    """−w·(…) gave −0.0 per element where torch gives +0.0 (|x| above about 745: log σ is 0)."""
+    for reference in (False, True):
+        with xk.use_reference(reference):
+            for shape in ((2,), (300, 300)):
+                x = np.where(np.arange(np.prod(shape)).reshape(shape) % 2, 800.0, -800.0)
+                loss = xk.binary_cross_entropy_with_logits(x, (x > 0).astype(float), reduction="none")
+                assert np.all(loss == 0) and not np.signbit(loss).any()

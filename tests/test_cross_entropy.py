@@ -202,6 +202,27 @@ def test_perplexity_is_exp_of_mean_cross_entropy(implementation):
         xentkit.perplexity(logits, target, reduction="sum")
 
 
+def test_perplexity_with_nothing_to_average_is_nan_as_torchs(implementation):
+    """The training loss's mean of nothing is 0; its exp, 1, read as a perfect score on an
+    all-padding batch (a review, 2026-12-07). torch's exp(F.cross_entropy) is NaN there."""
+    for dtype in (np.float64, np.float32):
+        cases = [
+            (np.zeros((2, 5), dtype), np.array([-100, -100])),
+            (np.zeros((0, 5), dtype), np.zeros(0, dtype=int)),
+            (np.zeros((0, 5), dtype), np.zeros((0, 5), dtype)),
+            (np.zeros((3, 2, 5), dtype), np.full((3, 5), 7)),  # (ignore_index 7 below, classes on axis 1)
+        ]
+        for index, (logits, target) in enumerate(cases):
+            options = {"axis": 1, "ignore_index": 7} if index == 3 else {}
+            value = xentkit.perplexity(logits, target, **options)
+            assert value.dtype == dtype and np.isnan(value)
+        value = xentkit.perplexity(np.zeros((2, 5), dtype), [0, 1], weight=[0.0, 0.0, 1.0, 1.0, 1.0])
+        assert np.isnan(value)
+        # a mean of 0 that averages something is a perplexity of 1
+        assert xentkit.perplexity(np.array([[1e4, 0.0], [0.0, 1e4]], dtype), [0, 1]) == 1.0
+        assert xentkit.perplexity(np.zeros((2, 5), dtype), [-100, 1]) == pytest.approx(5.0)
+
+
 def test_probabilities_as_logits_warns_and_can_be_silenced():
     probs = xentkit.softmax(np.random.default_rng(0).normal(size=(8, 4)))
     with pytest.warns(xentkit.ProbabilitiesAsLogitsWarning, match="softmax twice"):

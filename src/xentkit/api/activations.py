@@ -51,7 +51,10 @@ def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     exponent ≤ 0, so no input the dtype can hold overflows. Shapes: any, e.g. ``[batch, classes]``;
     the output has the input's shape and dtype (float16 is computed in float32). Computed by a
     fused kernel (``xentkit.kernels.activations``: each row's max and sum in one read, then one
-    write); ``use_reference(True)`` runs the NumPy formula.
+    write); ``use_reference(True)`` runs the NumPy formula. The kernel's exponential flushes
+    probabilities below the dtype's smallest normal to 0 (float32: entries more than 87 below
+    the row's max; float64: 708), where torch and the reference keep subnormal values (8e-40
+    for ``[0, −90]`` in float32); :func:`log_softmax` keeps every entry.
     See also :func:`log_softmax`, :func:`softmax_backward`.
 
     >>> import numpy as np, xentkit

@@ -357,7 +357,9 @@ def perplexity(
     Takes the arguments of :func:`cross_entropy`; ``reduction`` is always "mean" (over
     non-ignored tokens, weighted as cross-entropy's mean; another value is a ``TypeError``).
     Returns a 0-d array of the logits' dtype, as :func:`cross_entropy`'s mean. Uniform logits
-    over ``C`` classes give perplexity ``C``.
+    over ``C`` classes give perplexity ``C``. Where no token counts (every target ignored, no
+    rows, or class weights of 0 on every target) it is NaN, as ``exp`` of torch's mean: the
+    training loss's "mean of nothing is 0" would read as a perfect 1.
 
     >>> import numpy as np, xentkit
     >>> np.round(xentkit.perplexity(np.zeros((4, 10)), [1, 2, 3, 4]), 4)
@@ -372,5 +374,23 @@ def perplexity(
         logits, target, axis=axis, weight=weight, options=options,
         check_probabilities=check_probabilities, want_grad=False, loss_dtype=np.dtype(np.float64),
     )  # fmt: skip
+    dtype = as_float_array(logits, "logits").dtype
+    if loss == 0.0 and _nothing_counts(logits, target, axis, weight, options.ignore_index):
+        return np.asarray(np.nan, dtype=dtype)
     with np.errstate(over="ignore"):  # beyond the dtype: inf, as torch.exp
-        return np.asarray(rounded(np.exp(loss), as_float_array(logits, "logits").dtype))
+        return np.asarray(rounded(np.exp(loss), dtype))
+
+
+def _nothing_counts(logits: ArrayLike, target: ArrayLike, axis: int, weight: ArrayLike | None, ignore_index: int) -> bool:
+    """Whether a "mean" of these targets has nothing to average (its denominator, the rows or the
+    non-ignored targets' class weights, is 0); asked of inputs already checked, when the mean
+    came out 0."""
+    logits = as_float_array(logits, "logits")
+    axis = class_axis(logits, axis, "logits")
+    target = as_array(target, "target")
+    if target.shape == logits.shape:  # probabilities: every row counts
+        return logits.size == 0
+    labels = as_class_indices(target, logits.shape[:axis] + logits.shape[axis + 1 :], num_classes=logits.shape[axis],
+                              ignore_index=ignore_index)  # fmt: skip
+    weight = check_class_weight(weight, logits.shape[axis], compute_dtype(logits.dtype))
+    return ReductionPlan.of_targets("mean", labels, ignore_index, weight)[1].denominator == 0

@@ -81,7 +81,7 @@ def _element(x, y, w, pw):  # pragma: no cover - compiled
     lg = _log1p_unit(e)
     log_sig_pos = min(x, 0.0) - lg
     log_sig_neg = min(-x, 0.0) - lg
-    loss = -w * (pw * y * log_sig_pos + (1.0 - y) * log_sig_neg)
+    loss = 0.0 - w * (pw * y * log_sig_pos + (1.0 - y) * log_sig_neg)  # (0 − …: +0 where it vanishes, as torch)
     # x = −inf: torch's value there, its form (1 − y)·x − (1 + (pw − 1)·y)·log σ(x) (the reference
     # says why): ∞ − ∞ = NaN for y in (0, 1], ±inf for a target or pos_weight that tips the
     # balance (a select, not a branch: the loop stays vectorized)

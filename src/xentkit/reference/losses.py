@@ -59,7 +59,7 @@ def binary_cross_entropy_with_logits_and_grad(
     pw = 1 if pos_weight is None else pos_weight
     w = 1 if weight is None else weight
     with np.errstate(invalid="ignore", over="ignore"):  # x = ±inf: 0·inf terms are NaN, as torch
-        loss = -w * (pw * target * log_sigmoid(logits) + (1 - target) * log_sigmoid(-logits))
+        loss = 0.0 - w * (pw * target * log_sigmoid(logits) + (1 - target) * log_sigmoid(-logits))
         accurate = (1 - target) * sigmoid(logits) - pw * target * sigmoid(-logits)
         torchs = sigmoid(logits) * (pw * target + 1 - target) - pw * target
         grad = w * np.where(np.isfinite(pw * target), accurate, torchs)
@@ -89,7 +89,7 @@ def binary_cross_entropy_and_grad(
         log_p = np.maximum(np.log(probs), _LOG_FLOOR)
         log_1mp = np.maximum(np.log1p(-probs), _LOG_FLOOR)
     with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
-        loss = -w * (target * log_p + (1 - target) * log_1mp)
+        loss = 0.0 - w * (target * log_p + (1 - target) * log_1mp)
         grad = w * (probs - target) / np.maximum(probs * (1 - probs), _GRAD_EPSILON)
     return loss, grad
 
