@@ -328,9 +328,11 @@ def log_probs(
     torch-ops path): such a position's log-probability is then NaN, and so is its row's
     gradient, while its entropy and lse stay right (nothing is read out of bounds). CPU tensors
     on the Numba kernels are always checked (no wait). Under ``torch.compile`` (no graph break,
-    ``fullgraph=True`` works) and torch.func transforms (``vmap``, per-sample ``grad``) the
-    outputs are the same formulas in torch ops, differentiated by autograd (under torch.func
-    they have a second derivative; torch.compile's autograd refuses a double backward). There a
+    ``fullgraph=True`` works) calls beyond small problems (65536 logits), and every call with
+    ``backend="triton"``, run the kernels inside custom ops (eager's values and gradients);
+    small ones, and calls under torch.func transforms (``vmap``, per-sample ``grad``), run the
+    same formulas in torch ops, differentiated by autograd (under torch.func they have a second
+    derivative; torch.compile's autograd refuses a double backward). There a
     CUDA target is not checked (a bad one gives NaN as with ``check_labels=False``), nor under
     torch.func; a compiled call on CPU tensors checks its targets with an op in its graph
     (eager's ``ValueError``, naming a bad one) unless ``check_labels=False``.
