@@ -189,7 +189,9 @@ def timed_passes(
     gc.collect()
     x, w = inputs[:2]
     baseline = rss_bytes()
-    for _ in range(settle):  # (the same shapes as the timed passes: their peak, no higher)
+    # (the peak is the process's highest RSS: a compile in these passes counts in every pass's
+    # reading, as it did inside the first timed pass before them)
+    for _ in range(settle):
         step(*inputs)
     times, peaks, value = [], [], None
     for _ in range(repeats):

@@ -218,6 +218,10 @@ def test_perplexity_with_nothing_to_average_is_nan_as_torchs(implementation):
             assert value.dtype == dtype and np.isnan(value)
         value = xentkit.perplexity(np.zeros((2, 5), dtype), [0, 1], weight=[0.0, 0.0, 1.0, 1.0, 1.0])
         assert np.isnan(value)
+        # with a z-loss too (its mean over the rows alone had given exp(z term), about 1.03)
+        for weight, target in (([0.0, 0.0, 1.0, 1.0, 1.0], [0, 1]), (None, [-100, -100])):
+            logits = np.random.default_rng(0).standard_normal((2, 5)).astype(dtype)
+            assert np.isnan(xentkit.perplexity(logits, target, weight=weight, z_loss=1e-2))
         # a mean of 0 that averages something is a perplexity of 1
         assert xentkit.perplexity(np.array([[1e4, 0.0], [0.0, 1e4]], dtype), [0, 1]) == 1.0
         assert xentkit.perplexity(np.zeros((2, 5), dtype), [-100, 1]) == pytest.approx(5.0)

@@ -358,8 +358,9 @@ def perplexity(
     non-ignored tokens, weighted as cross-entropy's mean; another value is a ``TypeError``).
     Returns a 0-d array of the logits' dtype, as :func:`cross_entropy`'s mean. Uniform logits
     over ``C`` classes give perplexity ``C``. Where no token counts (every target ignored, no
-    rows, or class weights of 0 on every target) it is NaN, as ``exp`` of torch's mean: the
-    training loss's "mean of nothing is 0" would read as a perfect 1.
+    rows, or the targets' class weights summing to 0) it is NaN, with or without a z-loss, as
+    ``exp`` of torch's mean (but for negative weights summing to 0, where torch divides a
+    nonzero sum by 0): the training loss's "mean of nothing is 0" would read as a perfect 1.
 
     >>> import numpy as np, xentkit
     >>> np.round(xentkit.perplexity(np.zeros((4, 10)), [1, 2, 3, 4]), 4)
@@ -375,7 +376,8 @@ def perplexity(
         check_probabilities=check_probabilities, want_grad=False, loss_dtype=np.dtype(np.float64),
     )  # fmt: skip
     dtype = as_float_array(logits, "logits").dtype
-    if loss == 0.0 and _nothing_counts(logits, target, axis, weight, options.ignore_index):
+    # (a mean of nothing is 0, or with a z-loss the z term's mean alone: asked then only)
+    if (loss == 0.0 or options.z_loss) and _nothing_counts(logits, target, axis, weight, options.ignore_index):
         return np.asarray(np.nan, dtype=dtype)
     with np.errstate(over="ignore"):  # beyond the dtype: inf, as torch.exp
         return np.asarray(rounded(np.exp(loss), dtype))
