@@ -9,6 +9,12 @@ import os
 # define tl.max & co. as compiled functions, which interpreted kernels cannot call.
 if os.environ.get("XENTKIT_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # every interpreted load and store checked against the launch's tensors (an access beyond
+    # them is raw memory under the interpreter: a wrong value, or a crash later elsewhere)
+    import _triton_bounds
+
+    _triton_bounds.install()
 
 # torch.compile's on-disk caches in a folder of this test session's own (unless one is chosen):
 # torch 2.13's compiled-graph cache keys on the graph, not on a custom op's fake output shapes

@@ -457,6 +457,9 @@ SCENARIOS = {"logits": scenario_logits, "linear": scenario_linear, "errors": sce
 
 
 def _worker(rank: int, world: int, port: int, results: str) -> None:
+    import _triton_bounds
+
+    _triton_bounds.install()  # (the interpreter's accesses checked here too, as in the test process)
     kernels.MAX_BLOCK = 4  # every shard row in several blocks
     _count_triton_calls()
     run_scenarios(rank, world, port, results, SCENARIOS)

@@ -111,6 +111,15 @@ def test_an_out_interleaved_with_the_logits_is_taken():
         xentkit.cross_entropy_and_grad(both[:, :5], [0, 1, 2, 3], out=both[:, 1:6])
 
 
+def _view_of_zeros(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    """A float64 view of ``strides`` (bytes) over zeros just large enough to hold it: NumPy's
+    ``as_strided`` checks nothing, and a base of 45 float64 for the (24, 80) view below, whose
+    last element ends at byte 400, had the kernel write 40 bytes past it (a heap corruption
+    that crashed the test process later, in another test's garbage collection)."""
+    last = sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
+    return np.lib.stride_tricks.as_strided(np.zeros(last // 8 + 1), shape, strides)
+
+
 def test_an_out_whose_elements_share_memory_is_refused():
     """A writeable 0-stride or overlapping ``out`` had taken every row's gradient over the one
     before: every row held the last row's, silently (a review, 2026-12-07). A view whose
@@ -118,12 +127,11 @@ def test_an_out_whose_elements_share_memory_is_refused():
     generator = np.random.default_rng(0)
     logits, target = generator.standard_normal((4, 5)), [0, 1, 2, 3]
     _, expected = xentkit.cross_entropy_and_grad(logits, target)
-    as_strided = np.lib.stride_tricks.as_strided
     message = r"^out must not hold one memory location at two positions .* got an array of shape \(4, 5\) with strides"
-    for shared in (as_strided(np.zeros(5), (4, 5), (0, 8)), as_strided(np.zeros(30), (4, 5), (16, 8))):
+    for shared in (_view_of_zeros((4, 5), (0, 8)), _view_of_zeros((4, 5), (16, 8))):
         with pytest.raises(ValueError, match=message):
             xentkit.cross_entropy_and_grad(logits, target, out=shared)
     # offsets 0, 24, 48, 72 + 0, 80, 160, 240, 320: rows interleave with no element shared
-    interleaved = as_strided(np.zeros(45), (4, 5), (24, 80))
+    interleaved = _view_of_zeros((4, 5), (24, 80))
     _, grad = xentkit.cross_entropy_and_grad(logits, target, out=interleaved)
     assert grad is interleaved and np.array_equal(grad, expected)
