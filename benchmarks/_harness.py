@@ -32,6 +32,30 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def run_record(load_before: tuple[float, ...]) -> dict:
+    """What a results file keeps of the run that wrote it: the UTC date, :func:`machine`, and the
+    1-minute load average when the run began and ended (these machines are shared: a ratio
+    taken under load is not one taken idle)."""
+    from datetime import datetime, timezone
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **machine(),
+        "load_before": round(load_before[0], 2), "load_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name where the system says it (Linux's /proc/cpuinfo), else ""."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def machine() -> dict:
     import numba
     import numpy
@@ -40,6 +64,7 @@ def machine() -> dict:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

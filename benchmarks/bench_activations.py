@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import sys
 import timeit
 from pathlib import Path
+
+from _harness import run_record
 
 
 def main() -> int:
@@ -35,6 +37,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "activations.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     import numpy as np
     import torch
@@ -85,7 +88,7 @@ def main() -> int:
                   f"{row['xentkit reference']:10.3f} {row['torch / xentkit']:14.2f}")  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+        **run_record(load_before),
         "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv), "per_call_ms": rows,
     }, indent=1))
     print(f"wrote {args.output}")

@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import os
 import statistics
 import sys
 import timeit
 from pathlib import Path
+
+from _harness import run_record
 
 
 def main() -> int:
@@ -35,6 +37,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "binary.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     import torch
     import torch.nn.functional as F
@@ -89,7 +92,7 @@ def main() -> int:
     print("x = -17, target 0: " + ", ".join(f"{name} {value:.4g}" for name, value in accuracy.items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+        **run_record(load_before),
         "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
         "per_call_ms": rows, "confident_logit": accuracy,
     }, indent=1))

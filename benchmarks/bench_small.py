@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,6 +42,7 @@ import timeit
 from pathlib import Path
 
 import numpy as np
+from _harness import run_record
 
 SHAPES = ((64, 10), (256, 100), (1024, 1000))
 # (imports, first call) per entry; each subprocess prints the two times
@@ -274,6 +275,7 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=5, help="new processes per first-call median")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "small.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     import torch
 
     default_threads = torch.get_num_threads()  # (per_call sets torch to one thread; epochs restores this)
@@ -308,7 +310,7 @@ def main() -> int:
         print(f"  {name:28s} {times['import_s']:8.3f} {times['first_call_s']:9.3f} {times['process_s']:8.3f}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+        **run_record(load_before),
         "command": " ".join(sys.argv), "per_call_us": rows, "per_call_options_us": options, "mlp_epoch": trained, "first_call": starts,
     }, indent=1))
     print(f"\nwrote {args.output}")
