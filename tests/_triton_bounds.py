@@ -11,9 +11,9 @@ each one fails the test that made it.
 
 The allowed memory of a launch: for each tensor argument (tuples and tensor descriptors too), the
 bytes from its first element to the end of its last, by its sizes and strides; overlapping
-spans merged. :func:`install` patches the interpreter's memory functions once; the grid executor's
-call records the spans of the launch it runs (launches do not nest: the interpreter runs one at a
-time, under its own lock or not, on the calling thread: the spans live in a thread-local).
+spans merged, taken from the host tensors the interpreter runs the kernel on. :func:`install`
+patches the interpreter's memory functions and its grid executor once; the spans of the launch
+running on a thread live in a thread-local.
 """
 
 from __future__ import annotations
@@ -124,15 +124,23 @@ def install() -> bool:
     if isinstance(interpreter._interpreter, _CheckedInterpreter):
         return True
     interpreter._interpreter = _CheckedInterpreter(interpreter._interpreter)
-    launch = interpreter.GridExecutor.__call__
+    executor = interpreter.GridExecutor
+    launch, to_host = executor.__call__, executor._init_args_hst
 
     def checked_launch(self, *args, **kwargs):
         previous = getattr(_state, "spans", None), getattr(_state, "kernel", None)
-        _state.spans, _state.kernel = _spans([*args, *kwargs.values()]), getattr(self.fn, "__name__", "a kernel")
+        _state.spans, _state.kernel = None, getattr(self.fn, "__name__", "a kernel")
         try:
             return launch(self, *args, **kwargs)
         finally:
             _state.spans, _state.kernel = previous
 
-    interpreter.GridExecutor.__call__ = checked_launch
+    def checked_to_host(self, args, kwargs):
+        # the spans of the tensors the kernel runs on: the arguments' host copies (the arguments
+        # themselves for CPU tensors; CUDA tensors under the interpreter are copied)
+        args_host, kwargs_host = to_host(self, args, kwargs)
+        _state.spans = _spans([*args_host, *kwargs_host.values()])
+        return args_host, kwargs_host
+
+    executor.__call__, executor._init_args_hst = checked_launch, checked_to_host
     return True
