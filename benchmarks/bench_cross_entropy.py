@@ -32,6 +32,9 @@ bytes and as % of the logits' bytes. The peak is VmHWM reset just before the cal
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` recorded beside it (a lifetime peak, void when the
 warm-up peaked higher; the JSON says so per entry).
 
+Each provider's gradient from its warm-up call must agree with the first provider's (within
+``AGREEMENT``: a rounding or two of the dtype) or the run stops before timing anything more.
+
 Prints a table, writes JSON (``benchmarks/results/cross_entropy.json`` by default) with the
 machine's description. Timings on a shared machine vary: the load average before and after the
 run is recorded, and rerunning is the way to check stability.
@@ -107,6 +110,8 @@ class Timing:
     provider: str
     times_ms: list[float] = field(default_factory=list)
     skipped: str | None = None
+    # max |gradient − the first provider's| / max |the first provider's|, from the warm-up call
+    gradient_difference: float | None = None
 
     @property
     def median_ms(self) -> float | None:
@@ -133,36 +138,46 @@ def make_inputs(shape: Shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Providers: each returns (prepare, run); prepare() is untimed, run() is the timed call
+# Providers: each returns (prepare, run, gradient); prepare() is untimed, run() is the timed
+# call, gradient(what run returned) the gradient it computed (None for the copy)
 # ---------------------------------------------------------------------------------------------
 
 Call = Callable[[], object]
+Gradient = Callable[[object], "np.ndarray | None"]
+
+
+def _second(result: object) -> np.ndarray:
+    return result[1]  # the api's (loss, gradient)
+
+
+def _tensor_values(result: object) -> np.ndarray:
+    return result.numpy()  # a torch provider's x.grad
 
 
 def _nothing() -> None:
     return None
 
 
-def provider_calls(name: str, logits: np.ndarray, labels: np.ndarray) -> tuple[Call, Call]:
+def provider_calls(name: str, logits: np.ndarray, labels: np.ndarray) -> tuple[Call, Call, Gradient]:
     import xentkit
 
     if name == "copy":
         dst = np.empty_like(logits)
         dst.fill(0)  # touch the pages once, outside the timing
-        return _nothing, lambda: np.copyto(dst, logits)
+        return _nothing, lambda: np.copyto(dst, logits), lambda _: None
     if name == "xentkit":
-        return _nothing, lambda: xentkit.cross_entropy_and_grad(logits, labels)
+        return _nothing, lambda: xentkit.cross_entropy_and_grad(logits, labels), _second
     if name == "xentkit_out":
         out = np.empty_like(logits)
         out.fill(0)
-        return _nothing, lambda: xentkit.cross_entropy_and_grad(logits, labels, out=out)
+        return _nothing, lambda: xentkit.cross_entropy_and_grad(logits, labels, out=out), _second
     if name == "xentkit_inplace":
         work = np.empty_like(logits)
 
         def prepare() -> None:
             np.copyto(work, logits)
 
-        return prepare, lambda: xentkit.cross_entropy_and_grad(work, labels, out=work)
+        return prepare, lambda: xentkit.cross_entropy_and_grad(work, labels, out=work), _second
     if name == "xentkit_kernel":
         from xentkit.kernels import cross_entropy_rows
 
@@ -171,14 +186,14 @@ def provider_calls(name: str, logits: np.ndarray, labels: np.ndarray) -> tuple[C
         scale = np.full(logits.shape[0], 1.0 / logits.shape[0])
         return _nothing, lambda: cross_entropy_rows(
             logits, labels, None, -100, 0.0, 0.0, None, scale, scale, grad
-        )
+        ), lambda _: grad
     if name == "reference":
 
         def run_reference() -> object:
             with xentkit.use_reference(True):
                 return xentkit.cross_entropy_and_grad(logits, labels)
 
-        return _nothing, run_reference
+        return _nothing, run_reference, _second
     if name == "torch":
         import torch
         import torch.nn.functional as F
@@ -191,7 +206,7 @@ def provider_calls(name: str, logits: np.ndarray, labels: np.ndarray) -> tuple[C
             loss.backward()
             return x.grad
 
-        return _nothing, run_torch
+        return _nothing, run_torch, _tensor_values
     if name in TORCH_PROVIDERS:
         import torch
         import torch.nn.functional as F
@@ -208,7 +223,7 @@ def provider_calls(name: str, logits: np.ndarray, labels: np.ndarray) -> tuple[C
             loss_fn(x, target).backward()
             return x.grad
 
-        return _nothing, run_torch_provider
+        return _nothing, run_torch_provider, _tensor_values
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
 
 
@@ -230,21 +245,58 @@ def available_providers(requested: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+# the most a provider's gradient may differ from the first one's (relative to its largest
+# entry) before the run stops: a rounding or two of the dtype, not a different answer
+AGREEMENT = {"float32": 1e-4, "float64": 1e-10}
+
+
+def relative_difference(got: np.ndarray, want: np.ndarray, rows: int = 256) -> float:
+    """max |got − want| / max |want| (NaN where either holds a NaN), a block of rows at a time:
+    no logits-sized temporaries."""
+    worst = largest = 0.0
+    for start in range(0, want.shape[0], rows):
+        expected = np.asarray(want[start:start + rows], dtype=np.float64)
+        difference = np.abs(np.asarray(got[start:start + rows], dtype=np.float64) - expected)
+        worst = max(worst, float(difference.max(initial=0.0)) if not np.isnan(difference).any() else np.nan)
+        largest = max(largest, float(np.abs(expected).max(initial=0.0)))
+    return worst / largest if largest else worst
+
+
 def time_shape(
     shape: Shape, providers: list[str], repeats: int, reference_max_elements: int
 ) -> list[Timing]:
-    """Interleaved rounds: in each round every provider runs once (after one warm-up call)."""
+    """Interleaved rounds: in each round every provider runs once (after one warm-up call). The
+    warm-up's gradient of each provider is compared with the first provider's (within
+    ``AGREEMENT``, else the run stops: the timings of a wrong answer mean nothing)."""
     logits, labels = make_inputs(shape)
     timings = {name: Timing(shape.label, name) for name in providers}
     calls: dict[str, tuple[Call, Call]] = {}
+    first: tuple[str, np.ndarray] | None = None
     for name in providers:
         if name == "reference" and shape.rows * shape.classes > reference_max_elements:
             timings[name].skipped = f"more than {reference_max_elements:,} logits"
             continue
-        prepare, run = provider_calls(name, logits, labels)
+        prepare, run, gradient_of = provider_calls(name, logits, labels)
         prepare()
-        run()  # warm-up: compilation or cache load, allocator, page faults of the first call
+        gradient = gradient_of(run())  # warm-up: compilation or cache load, allocator, page faults
+        if gradient is not None:
+            if first is None:
+                first = (name, gradient.copy())
+            else:
+                difference = relative_difference(gradient, first[1])
+                timings[name].gradient_difference = difference
+                if not difference <= AGREEMENT[shape.dtype]:
+                    raise SystemExit(
+                        f"{name}'s gradient on {shape.label} differs from {first[0]}'s by {difference:.3g} "
+                        f"of its largest entry (at most {AGREEMENT[shape.dtype]:g} allowed): not timed"
+                    )
+        del gradient
         calls[name] = (prepare, run)
+    if first is not None:
+        agreeing = [f"{name} {timing.gradient_difference:.1e}" for name, timing in timings.items()
+                    if timing.gradient_difference is not None]
+        print(f"  gradients within {AGREEMENT[shape.dtype]:g} of {first[0]}'s: " + ", ".join(agreeing), file=sys.stderr)
+    del first
     gc.collect()
     for _ in range(repeats):
         for name, (prepare, run) in calls.items():
@@ -303,7 +355,7 @@ def memory_probe(provider: str, shape: Shape) -> dict[str, float]:
     # warm up on a tiny problem first (imports, compiled-kernel cache, torch's allocator), so
     # that their memory is in the baseline and their peak stays below the measured call's
     tiny_logits, tiny_labels = make_inputs(Shape(8, 16, shape.dtype, shape.probabilities))
-    prepare, run = provider_calls(provider, tiny_logits, tiny_labels)
+    prepare, run, _ = provider_calls(provider, tiny_logits, tiny_labels)
     prepare()
     run()
     del prepare, run, tiny_logits, tiny_labels
@@ -321,7 +373,7 @@ def memory_probe(provider: str, shape: Shape) -> dict[str, float]:
         def run() -> object:
             return xentkit.cross_entropy_and_grad(logits, labels, out=logits)
     else:
-        _, run = provider_calls(provider, logits, labels)
+        _, run, _ = provider_calls(provider, logits, labels)
     baseline = _current_rss_bytes()
     peak_before = _peak_rss_bytes()
     hwm_reset = _reset_high_water_mark()
