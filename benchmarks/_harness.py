@@ -235,5 +235,48 @@ def timed_passes(
         value_key: value,
         "grad_x_norm": float(x.grad.norm()),
         "grad_w_norm": float(w.grad.norm()),
+        "grad_x_projection": projection(x.grad),
+        "grad_w_projection": projection(w.grad),
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+def projection(tensor, block: int = 1 << 22) -> float:
+    """⟨tensor, probe⟩ in float64, the probe sin(0.7071·k + 0.3) over the flat index k: with
+    the norm, a fingerprint of a gradient that another process's can be compared with (two
+    gradients that differ give different values but by coincidence), a block at a time (no
+    tensor-sized temporary; after the timed passes, so the peaks above are not touched)."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), block):
+        values = flat[start:start + block].double()
+        index = torch.arange(start, start + values.numel(), dtype=torch.float64)
+        total += float((values * torch.sin(index * 0.7071 + 0.3)).sum())
+    return total
+
+
+# how far a provider's gradient fingerprints may be from xentkit's, relative to the gradient's
+# norm (a few roundings of the dtype over the sums, not a different answer)
+GRADIENT_AGREEMENT = {"float32": 1e-4, "float64": 1e-10}
+
+
+def same_gradients(results: dict[str, dict], ours: str, dtype: str, skip: tuple[str, ...] = ("matmuls",)) -> dict:
+    """The goal that every provider's gradients (of x and of W) match ``ours``': norms and
+    :func:`projection` within ``GRADIENT_AGREEMENT[dtype]`` of our norm."""
+    differences = {}
+    for provider, result in results.items():
+        if provider in skip or provider == ours:
+            continue
+        worst = 0.0
+        for name in ("x", "w"):
+            scale = results[ours][f"grad_{name}_norm"] or 1.0
+            for key in (f"grad_{name}_norm", f"grad_{name}_projection"):
+                worst = max(worst, abs(result[key] - results[ours][key]) / scale)
+        differences[provider] = worst
+    return {
+        "max_relative_difference": max(differences.values(), default=0.0),
+        "by_provider": {provider: significant(value) for provider, value in differences.items()},
+        "met": all(value <= GRADIENT_AGREEMENT[dtype] for value in differences.values()),
     }

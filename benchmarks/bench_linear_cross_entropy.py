@@ -46,6 +46,7 @@ from _harness import (
     machine,
     print_goals,
     print_table,
+    same_gradients,
     summarize,
     timed_passes,
 )
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     runs = interleaved(__file__, args.providers, arguments, args.rounds)
     results = {
-        provider: summarize(processes, ("loss", "grad_x_norm", "grad_w_norm", "torch_threads"))
+        provider: summarize(processes, ("loss", "grad_x_norm", "grad_w_norm", "grad_x_projection", "grad_w_projection", "torch_threads"))
         for provider, processes in runs.items()
     }
 
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_relative_difference": max(abs(value - ours["loss"]) for value in losses) / abs(ours["loss"]),
             "met": all(abs(value - ours["loss"]) <= 1e-5 * abs(ours["loss"]) for value in losses),
         }
+        goals["same_gradients"] = same_gradients(results, "xentkit", args.dtype)
         print_goals(goals)
 
     record = {

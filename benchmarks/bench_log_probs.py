@@ -36,6 +36,7 @@ from _harness import (
     machine,
     print_goals,
     print_table,
+    same_gradients,
     summarize,
     timed_passes,
 )
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     runs = interleaved(__file__, args.providers, arguments, args.rounds)
     results = {
-        provider: summarize(processes, ("objective", "grad_x_norm", "grad_w_norm", "torch_threads"))
+        provider: summarize(processes, ("objective", "grad_x_norm", "grad_w_norm", "grad_x_projection", "grad_w_projection", "torch_threads"))
         for provider, processes in runs.items()
     }
 
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 "absolute_difference": difference,
                 "met": difference <= 1e-5 * max(1.0, abs(ours["objective"])),
             }
+        goals["same_gradients"] = same_gradients(results, "xentkit", args.dtype)
         print_goals(goals)
 
     record = {
