@@ -44,7 +44,7 @@ def run_record(load_before: tuple[float, ...]) -> dict:
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name where the system says it (Linux's /proc/cpuinfo), else ""."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -64,7 +64,7 @@ def machine() -> dict:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
