@@ -320,6 +320,29 @@ def test_extreme_finite_logits(dtype, big):
             _assert_rows_match(logits, labels, loss, lse, grad, **dict(options))
 
 
+@pytest.mark.parametrize("classes", [2, 7, 40, 300])
+def test_label_smoothing_near_the_float64_limit(classes):
+    """The smoothing term's Σ_j (x_j − m) is −1.2e308 here: it fits in float64, and so does the
+    loss. The sum used to be regrouped by the compiler (Σ x_j − k·m in some order) and overflowed
+    to an infinite loss, from every kernel (tile, row, split row) and the vocabulary-parallel
+    statistics."""
+    logits = np.full((3, classes), 6e307)
+    logits[:, 0] = -6e307  # the lowest first: a running sum of x − m reaches −1.2e308 at once
+    logits[1, classes // 2] = -6e307 if classes > 2 else 6e307
+    logits[1, 0] = 6e307 if classes > 2 else -6e307
+    labels = np.array([1, 0, classes - 1])
+    import xentkit
+
+    want, _ = reference.cross_entropy_and_grad(logits, labels, label_smoothing=0.1, reduction="none")
+    assert np.all(np.isfinite(want))
+    loss = xentkit.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+    np.testing.assert_allclose(loss, want, rtol=1e-12)
+    for segments in (1, 3):
+        loss, lse, grad = _run(logits, labels, block=SMALL_BLOCK, segments=segments, label_smoothing=0.1)
+        assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+        _assert_rows_match(logits, labels, loss, lse, grad, label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_negative_infinite_logits(dtype):
     logits, labels, _ = _problem(5, 60, dtype, seed=6)

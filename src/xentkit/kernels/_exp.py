@@ -508,6 +508,15 @@ def capped_product(cap, t):  # pragma: no cover - compiled
     return cap * t
 
 
+@njit(fastmath=False, error_model="numpy", nogil=True, forceinline=True)
+def difference(a, b):  # pragma: no cover - compiled
+    """``a − b``, rounded on its own: the subtraction carries no ``reassoc`` flag, so a caller's
+    reassociating sum of differences Σ (x_j − m) stays a sum of the differences (LLVM regroups two
+    operations only where both allow it). Regrouped, the label-smoothing sum became Σ x_j − k·m
+    in some order, which overflowed for float64 logits past about ±6e307 whose exact sum fits."""
+    return a - b
+
+
 def fast_tanh(u):
     """Vectorizable ``(tanh(u), 1 − tanh(u)²)`` of a float32/float64 scalar (Numba code only)."""
     raise NotImplementedError("fast_tanh is only callable from Numba-compiled code")

@@ -83,6 +83,7 @@ from numba import njit, prange
 
 from xentkit.kernels._exp import (
     capped_product,
+    difference,
     fast_exp,
     fast_exp_nonpositive,
     fast_log1p,
@@ -264,11 +265,11 @@ def _block_sum_z(row, start, stop, weight, has_weight, ref):  # pragma: no cover
         total = 0.0
         for j in range(seg.shape[0]):
             w = np.float64(wseg[j])
-            acc += 0.0 if w == 0.0 else w * (np.float64(seg[j]) - ref)
+            acc += 0.0 if w == 0.0 else w * difference(np.float64(seg[j]), ref)
             total += w
         return acc, total
     for j in range(seg.shape[0]):
-        acc += np.float64(seg[j]) - ref
+        acc += difference(np.float64(seg[j]), ref)
     return acc, np.float64(seg.shape[0])
 
 
