@@ -51,6 +51,38 @@ def test_forward_mode_ad_gives_torchs_tangent(name, ours, theirs):
     assert xt.cross_entropy(x.requires_grad_(), torch.zeros(N, dtype=torch.long)).grad_fn.name().startswith("_CrossEntropy")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": "w"}], ids=["plain", "smoothing", "weight"])
+@pytest.mark.parametrize("form", ["cross_entropy", "linear_cross_entropy"])
+def test_torch_func_tangents_keep_the_dtype(form, options, dtype):
+    """``torch.func.jvp`` / ``jacfwd`` of a probability-target "mean": torch.func turns a 0-d
+    tensor ÷ Python float into a float64 tangent, and the mean's rows count was a Python float
+    (a review found float32 losses with float64 Jacobians, 2026-12-07). The tangent and the
+    Jacobian have the loss's dtype and torch's values."""
+    from torch.func import jacfwd, jvp
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=generator).to(dtype)
+    q = torch.softmax(torch.randn(4, 6, generator=generator), 1).to(dtype)
+    layer = torch.randn(6, 6, generator=generator).to(dtype)
+    if options.get("weight") == "w":
+        options = {"weight": (torch.rand(6, generator=generator) + 0.5).to(dtype)}
+    if form == "cross_entropy":
+        ours, theirs = (lambda z: xt.cross_entropy(z, q, **options)), (lambda z: F.cross_entropy(z, q, **options))
+    else:
+        ours = lambda z: xt.linear_cross_entropy(z, layer, q, **options)  # noqa: E731
+        theirs = lambda z: F.cross_entropy(z @ layer.T, q, **options)  # noqa: E731
+    primal, tangent = jvp(ours, (x,), (torch.ones_like(x),))
+    expected_primal, expected_tangent = jvp(theirs, (x,), (torch.ones_like(x),))
+    jacobian = jacfwd(ours)(x)
+    # (xentkit's linear form returns a float32 loss for half-precision inputs, by contract)
+    assert tangent.dtype == primal.dtype and jacobian.dtype == primal.dtype
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(primal.float(), expected_primal.float(), **tolerance)
+    torch.testing.assert_close(tangent.float(), expected_tangent.float(), **tolerance)
+    torch.testing.assert_close(jacobian.float(), jacfwd(theirs)(x).float(), **tolerance)
+
+
 def _tangent_elsewhere_cases():
     generator = torch.Generator().manual_seed(3)
     y = torch.randint(0, C, (N,), generator=generator)

@@ -66,6 +66,15 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
         quotient = numerator / torch.where(nonzero, denominator, 1.0)
         return torch.where(nonzero, quotient, 0.0)
     if denominator != 0:
+        if _torch_tensor(numerator) and numerator.is_floating_point():
+            # by a 0-d tensor, not the Python float: torch.func's jvp gives a tensor ÷ Python
+            # float a float64 tangent (jacfwd of a float32 mean came out float64). The same bits
+            # as torch's division by the float: float32 (half-precision numerators) or float64
+            # arithmetic on the float rounded to that type.
+            import torch
+
+            work = numerator if numerator.dtype in (torch.float32, torch.float64) else numerator.float()
+            return (work / torch.full((), denominator, dtype=work.dtype, device=work.device)).to(numerator.dtype)
         if isinstance(numerator, (np.generic, np.ndarray)) and numerator.ndim == 0 and numerator.dtype.kind == "f":
             # in Python floats: inf/inf is NaN and an overflow ±inf, as in torch, without the
             # warnings NumPy would give (cheaper than silencing them)
