@@ -540,8 +540,8 @@ def cross_entropy(
     read out of bounds and no device-side assert fires. It saves the one synchronization of an
     eager CUDA call. Under torch.compile nothing may wait, so on CUDA the compiled Triton custom
     ops and torch ops never check, whatever ``check_labels`` says: a bad label gives a NaN row
-    there, never a device-side assert. Nor does ``torch.vmap`` (its batched labels cannot be
-    branched on; it runs torch ops). CPU tensors on the Numba kernels, eager or compiled (the
+    there, never a device-side assert. Nor does ``torch.vmap`` with batched labels (they cannot
+    be branched on; it runs torch ops); labels it does not batch are checked. CPU tensors on the Numba kernels, eager or compiled (the
     custom op ``xentkit::cross_entropy``), and on torch's own small-problem kernel (eager) are
     always checked: there it costs no wait. Compiled CPU calls that keep torch ops (small
     problems, bfloat16, ``backend="torch"``) check with an op in the graph: a bad label raises
