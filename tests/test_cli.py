@@ -739,3 +739,42 @@ def test_warm_says_where_it_caches_and_names_a_damaged_cache(
     monkeypatch.setattr(xentkit.kernels, "compile_all", bug)
     with pytest.raises(RuntimeError, match="a bug of ours"):  # (a traceback, not a one-liner)
         main(["warm"])
+
+
+def test_output_paths_are_checked_before_the_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A review (2026-12-07): a folder standing where a results file or plot goes was found only
+    after all the training (only report.html was checked first); --json could overwrite the
+    download cache's data that the run reads; and an --out that is a broken link said "File
+    exists"."""
+    for experiment, blocked in ((["mnist"], "mnist.json"), (["mnist"], "mnist_accuracy.png"),
+                                (["neuron"], "neuron.json"), ([], "neuron.png"), ([], "mnist.json")):  # fmt: skip
+        out = tmp_path / f"out-{len(experiment)}-{blocked}"
+        (out / blocked).mkdir(parents=True)
+        training = ["--epochs", "1"] if experiment != ["neuron"] else []
+        assert main(["lab", *experiment, "--out", str(out), "--no-progress", *training]) == 2
+        _one_line_error(capsys, f"--out: cannot write {out / blocked}: a folder is there")
+        assert sorted(path.name for path in out.iterdir()) == [blocked]  # nothing trained, nothing written
+    # a neuron run writes no MNIST files: a folder named so does not stop it
+    (tmp_path / "neuron-only" / "mnist.json").mkdir(parents=True)
+    assert main(["lab", "neuron", "--out", str(tmp_path / "neuron-only"), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    cache = tmp_path / "cache"
+    fake_mnist(cache / "mnist", n_train=20, n_test=10)
+    kept = {path.name: path.read_bytes() for path in (cache / "mnist").iterdir()}
+    for path in (cache / "mnist").iterdir():
+        argv = ["lab", "mnist", "--dataset", "mnist", "--cache", str(cache), "--json", str(path),
+                "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "10"]  # fmt: skip
+        assert main(argv) == 2
+        assert f"is (or leads to) the dataset files in {cache / 'mnist'}" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (cache / "mnist").iterdir()} == kept
+    argv = ["lab", "mnist", "--dataset", "mnist", "--cache", str(cache), "--json", str(tmp_path / "results.json"),
+            "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "10", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert (tmp_path / "results.json").is_file()
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main(["lab", "neuron", "--out", str(tmp_path / "dangling")]) == 2
+    _one_line_error(capsys, f"--out: {tmp_path / 'dangling'} is a broken link (to {tmp_path / 'nowhere'}), expected a folder")
+    assert not (tmp_path / "nowhere").exists()

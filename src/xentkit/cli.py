@@ -336,17 +336,26 @@ def _check_combinations(args: argparse.Namespace) -> None:
     if args.command != "lab":
         return
     if args.json is not None:
-        from xentkit.lab.report import MNIST_JSON, MNIST_PLOT, NEURON_JSON, NEURON_PLOT, REPORT_HTML
+        from xentkit.lab.report import EXPERIMENT_FILES, REPORT_HTML
 
         # by its name in --out, or through a link to one of those files
         out, target = Path(args.out).resolve(), Path(args.json).absolute()
-        written = {out / name for name in (MNIST_JSON, MNIST_PLOT, NEURON_JSON, NEURON_PLOT, REPORT_HTML)}
+        written = {out / name for files in EXPERIMENT_FILES.values() for name in files} | {out / REPORT_HTML}
         if target.parent.resolve() / target.name in written or target.resolve() in written:
             args.help_parser.error(
                 f"--json: {args.json} is one of the files the lab writes into --out; give another path"
             )
     if args.json is not None and args.data is not None and _writes_into_data(Path(args.json), Path(args.data)):
         args.help_parser.error(f"--json: {args.json} is (or leads to) data that --data reads; give another path")
+    if args.json is not None and args.data is None and args.experiment != "neuron":
+        from xentkit.lab.datasets import dataset_folders
+
+        # a named dataset's folders: the download cache's, Debian's Fashion-MNIST
+        for folder in dataset_folders(args.dataset, cache_dir=args.cache):
+            if folder.exists() and _writes_into_data(Path(args.json), folder):
+                args.help_parser.error(
+                    f"--json: {args.json} is (or leads to) the dataset files in {folder}; give another path"
+                )
     if args.experiment == "neuron":  # given before the experiment's name, to `lab`
         given = [
             option for field, option in _MNIST_OPTIONS.items() if getattr(args, _DEST.get(field, field)) is not None
@@ -397,6 +406,8 @@ def _check_writable_folder(folder: Path, option: str, made: list[Path]) -> None:
     folders it makes are added to ``made``."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{option}: {folder} exists and is not a folder")
+    if folder.is_symlink() and not folder.exists():
+        raise ValueError(f"{option}: {folder} is a broken link (to {os.readlink(folder)}), expected a folder")
     from xentkit.lab.folders import missing_folders
 
     missing = missing_folders(folder)
@@ -450,7 +461,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         return 0
 
     from xentkit.lab.console import Output
-    from xentkit.lab.report import REPORT_HTML, require_plotting
+    from xentkit.lab.report import EXPERIMENT_FILES, REPORT_HTML, require_plotting
     from xentkit.lab.runner import run_all, run_mnist, run_neuron
 
     require_plotting()  # the extras, the data and settings first: a failure leaves no folder
@@ -467,7 +478,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
     made: list[Path] = []
     try:
         _check_writable_folder(Path(args.out), "--out", made)  # before training, not after
-        _check_writable(Path(args.out) / REPORT_HTML, "--out")  # (root passes os.access where /sys refuses)
+        # every file the run writes there (root passes os.access where /sys refuses)
+        experiments = ("neuron", "mnist") if args.experiment is None else (args.experiment,)
+        for name in (*(name for experiment in experiments for name in EXPERIMENT_FILES[experiment]), REPORT_HTML):
+            _check_writable(Path(args.out) / name, "--out")
         if args.json is not None:
             _check_writable_folder(Path(args.json).parent, "--json", made)
             _check_writable(Path(args.json), "--json")  # the results file itself (/proc is no place for it)

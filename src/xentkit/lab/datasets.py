@@ -48,6 +48,7 @@ __all__ = [
     "IDX_FILES",
     "Dataset",
     "DatasetError",
+    "dataset_folders",
     "default_cache_dir",
     "find_idx_file",
     "load_dataset",
@@ -290,12 +291,7 @@ def load_dataset(
         raise DatasetError(f"dataset: expected one of {list(DATASET_NAMES)}, received {name!r}")
     if name == EMBEDDED_DEFAULT:
         return load_embedded_mnist()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    candidates = [cache / name]
-    if name == "fashion-mnist":
-        candidates.insert(
-            0, Path(system_dir) if system_dir is not None else FASHION_MNIST_SYSTEM_DIR
-        )
+    candidates = dataset_folders(name, cache_dir=cache_dir, system_dir=system_dir)
     for folder in candidates:
         if has_idx_files(folder):
             return load_idx_folder(folder, name=name)
@@ -307,6 +303,25 @@ def load_dataset(
         f"dataset {name!r}: expected the four IDX files (train-images-idx3-ubyte.gz, ...), but {looked}: "
         f"{how}, or pass --data DIR"
     )
+
+
+def dataset_folders(
+    name: str | None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    system_dir: str | os.PathLike[str] | None = None,
+) -> list[Path]:
+    """The folders :func:`load_dataset` looks in for the dataset ``name``, in its order: the
+    download cache's ``<name>/``, after Debian's folder for Fashion-MNIST; none for the embedded
+    sample (or an unknown name)."""
+    name = EMBEDDED_DEFAULT if name is None else name
+    if name not in DATASET_NAMES or name == EMBEDDED_DEFAULT:
+        return []
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folders = [cache / name]
+    if name == "fashion-mnist":
+        folders.insert(0, Path(system_dir) if system_dir is not None else FASHION_MNIST_SYSTEM_DIR)
+    return folders
 
 
 def _lacks(folder: Path) -> str:

@@ -31,6 +31,7 @@ from xentkit.lab.mnist import SEED_ACCURACY, MnistSettings, dataset_title, is_mn
 from xentkit.lab.neuron import SEED_RESULTS, NeuronRun
 
 __all__ = [
+    "EXPERIMENT_FILES",
     "MNIST_JSON",
     "MNIST_PLOT",
     "NEURON_JSON",
@@ -57,6 +58,8 @@ __all__ = [
 NEURON_JSON, NEURON_PLOT = "neuron.json", "neuron.png"
 MNIST_JSON, MNIST_PLOT = "mnist.json", "mnist_accuracy.png"
 REPORT_HTML = "report.html"
+#: Each experiment's (results, plot) files, by experiment name; every run writes REPORT_HTML too.
+EXPERIMENT_FILES = {"neuron": (NEURON_JSON, NEURON_PLOT), "mnist": (MNIST_JSON, MNIST_PLOT)}
 
 #: Resolution of the PNGs. The report shows each at its natural size (CSS pixels are 1/96 in),
 #: so a 9-point legend reads as 12 CSS pixels; it shrinks only on screens narrower than that.
@@ -179,6 +182,8 @@ def check_writable_file(path: str | Path) -> None:
     not opened: a pipe's open waits for its reader, whom an early open would end. An OSError
     names the file, as the write's does."""
     path = Path(path)
+    if path.is_dir():  # (a folder where the file goes: the write would fail at the end)
+        raise OSError(f"cannot write {path}: a folder is there")
     target = _regular_target(path)
     if target is None or not target.parent.is_dir():  # (a folder the write will make: nothing to try yet)
         return
@@ -778,10 +783,8 @@ def write_report(out_dir: str | Path, *, command: str | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, found, problems = [], [], []
-    for experiment, name, plot_name, section in (
-        ("neuron", NEURON_JSON, NEURON_PLOT, _neuron_section),
-        ("mnist", MNIST_JSON, MNIST_PLOT, _mnist_section),
-    ):
+    for experiment, section in (("neuron", _neuron_section), ("mnist", _mnist_section)):
+        name, plot_name = EXPERIMENT_FILES[experiment]
         path = out_dir / name
         if not path.is_file():
             continue
