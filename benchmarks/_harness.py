@@ -280,3 +280,33 @@ def same_gradients(results: dict[str, dict], ours: str, dtype: str, skip: tuple[
         "by_provider": {provider: significant(value) for provider, value in differences.items()},
         "met": all(value <= GRADIENT_AGREEMENT[dtype] for value in differences.values()),
     }
+
+
+def relative_difference(got, want, rows: int = 256) -> float:
+    """max |got − want| / max |want| of two arrays (NumPy, or CPU tensors) of one shape, NaN where
+    either holds a NaN; a block of rows at a time: no logits-sized temporaries."""
+    import numpy as np
+
+    worst = largest = 0.0
+    for start in range(0, want.shape[0], rows):
+        expected = np.asarray(want[start:start + rows], dtype=np.float64)
+        difference = np.abs(np.asarray(got[start:start + rows], dtype=np.float64) - expected)
+        worst = max(worst, float(difference.max(initial=0.0)) if not np.isnan(difference).any() else np.nan)
+        largest = max(largest, float(np.abs(expected).max(initial=0.0)))
+    return worst / largest if largest else worst
+
+
+def agreeing_gradients(gradients: dict, dtype: str, what: str) -> dict[str, float]:
+    """Each provider's gradient (name → array) against the first one's, by
+    :func:`relative_difference`; the run stops (SystemExit naming the provider) where one is
+    beyond ``GRADIENT_AGREEMENT[dtype]``: the timings of a wrong answer mean nothing."""
+    (first, want), *others = gradients.items()
+    differences = {}
+    for name, got in others:
+        differences[name] = difference = relative_difference(got, want)
+        if not difference <= GRADIENT_AGREEMENT[dtype]:
+            raise SystemExit(
+                f"{name}'s gradient on {what} differs from {first}'s by {difference:.3g} of its largest "
+                f"entry (at most {GRADIENT_AGREEMENT[dtype]:g} allowed): not timed"
+            )
+    return differences

@@ -28,7 +28,7 @@ import sys
 import timeit
 from pathlib import Path
 
-from _harness import run_record
+from _harness import agreeing_gradients, run_record
 
 
 def main() -> int:
@@ -68,14 +68,20 @@ def main() -> int:
             xentkit.binary_cross_entropy_with_logits_and_grad(logits, labels, pos_weight=pw)
 
         steps = {"torch": torch_step, "xentkit.torch": xentkit_torch_step, "xentkit api": api_step}
-        for step in steps.values():
+        gradients = {}
+        for name, step in steps.items():
             step()
+            if name != "xentkit api":
+                gradients[name] = leaf.grad.clone()
+        gradients["xentkit api"] = xentkit.binary_cross_entropy_with_logits_and_grad(logits, labels, pos_weight=pw)[1]
+        agreement = agreeing_gradients(gradients, "float32", f"{n}×{c}")
         number = max(1, int(2e6 // (n * c)))  # ~2M elements per timing
         rounds: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(args.repeats):
             for name, step in steps.items():
                 rounds[name].append(timeit.timeit(step, number=number) / number * 1e3)
         row = {"shape": [n, c], **{name: statistics.median(times) for name, times in rounds.items()}}
+        row["gradient_difference"] = agreement
         row["xentkit.torch / torch"] = row["xentkit.torch"] / row["torch"]
         row["xentkit api / torch"] = row["xentkit api"] / row["torch"]
         rows.append(row)

@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from _harness import GRADIENT_AGREEMENT, cpu_model
+from _harness import GRADIENT_AGREEMENT, cpu_model, relative_difference
 
 DEFAULT_SHAPES = "4096x32000,2048x128256,8192x1000,65536x10,4096x32000:float64"
 QUICK_SHAPES = "512x32000,64x128256,2048x1000,16384x10,512x32000:float64"
@@ -249,18 +249,6 @@ def available_providers(requested: list[str]) -> list[str]:
 # the most a provider's gradient may differ from the first one's (relative to its largest
 # entry) before the run stops: the fused linear benchmarks' table (a rounding or two of the dtype)
 AGREEMENT = GRADIENT_AGREEMENT
-
-
-def relative_difference(got: np.ndarray, want: np.ndarray, rows: int = 256) -> float:
-    """max |got − want| / max |want| (NaN where either holds a NaN), a block of rows at a time:
-    no logits-sized temporaries."""
-    worst = largest = 0.0
-    for start in range(0, want.shape[0], rows):
-        expected = np.asarray(want[start:start + rows], dtype=np.float64)
-        difference = np.abs(np.asarray(got[start:start + rows], dtype=np.float64) - expected)
-        worst = max(worst, float(difference.max(initial=0.0)) if not np.isnan(difference).any() else np.nan)
-        largest = max(largest, float(np.abs(expected).max(initial=0.0)))
-    return worst / largest if largest else worst
 
 
 def time_shape(

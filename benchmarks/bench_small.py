@@ -42,7 +42,7 @@ import timeit
 from pathlib import Path
 
 import numpy as np
-from _harness import run_record
+from _harness import agreeing_gradients, run_record
 
 SHAPES = ((64, 10), (256, 100), (1024, 1000))
 # (imports, first call) per entry; each subprocess prints the two times
@@ -126,13 +126,18 @@ def per_call(number: int, repeats: int) -> list[dict]:
             "torch": torch_step, "xentkit.torch": xentkit_torch_step, "xentkit api": api_step,
             "autograd.Function floor": floor_step,
         }
-        for step in steps.values():
+        gradients = {}
+        for name, step in steps.items():
             step()
+            if name in ("torch", "xentkit.torch"):
+                gradients[name] = leaf.grad.clone()
+        gradients["xentkit api"] = grad
+        agreement = agreeing_gradients(gradients, "float32", f"{n}×{c}")
         rounds: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(repeats):  # interleaved rounds: a busy moment hits every provider
             for name, step in steps.items():
                 rounds[name].append(timeit.timeit(step, number=number) / number * 1e6)
-        row = {"shape": [n, c]}
+        row = {"shape": [n, c], "gradient_difference": agreement}
         for name, times in rounds.items():
             row[name] = statistics.median(times)
             row[f"{name} best"] = min(times)
@@ -181,13 +186,17 @@ def per_call_options(number: int, repeats: int) -> list[dict]:
             loss(leaf, labels, **options).sum().backward()
 
         steps = {"torch": torch_step, "xentkit.torch": xentkit_torch_step}
-        for step in steps.values():
+        gradients = {}
+        for provider, step in steps.items():
             step()
+            gradients[provider] = leaf.grad.clone()
+        agreement = agreeing_gradients(gradients, "float32", name)
         rounds: dict[str, list[float]] = {provider: [] for provider in steps}
         for _ in range(repeats):
             for provider, step in steps.items():
                 rounds[provider].append(timeit.timeit(step, number=number) / number * 1e6)
         row = {"case": name, **{provider: statistics.median(times) for provider, times in rounds.items()}}
+        row["gradient_difference"] = agreement
         row["xentkit.torch / torch"] = row["xentkit.torch"] / row["torch"]
         rows.append(row)
     return rows
