@@ -190,3 +190,28 @@ def test_an_infinite_pos_weight_gives_torchs_nan_gradient():
 def test_an_option_tensor_that_requires_grad_is_refused_as_torch_does():
     with pytest.raises(TypeError, match="label_smoothing must be a float"):
         xt.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=torch.tensor(0.1, requires_grad=True))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "mixed"])
+def test_bce_none_keeps_torchs_layout(layout):
+    """``binary_cross_entropy_with_logits(..., reduction="none")`` on channels_last (or
+    transposed) logits and targets: torch's elementwise result keeps that layout; the kernel's was
+    row-major (the same values, other strides). Where only the logits have it, torch's result is
+    row-major, and so is xentkit's."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 120, 100, generator=generator)  # 72000 elements: the fused kernel
+    t = torch.rand(2, 3, 120, 100, generator=generator)
+    if layout == "transposed":
+        x, t = x.reshape(-1, 360).T, t.reshape(-1, 360).T
+    else:
+        x = x.to(memory_format=torch.channels_last)
+        t = t.to(memory_format=torch.channels_last) if layout == "channels_last" else t
+    x.requires_grad_()
+    ours = xt.binary_cross_entropy_with_logits(x, t, reduction="none")
+    theirs = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    assert ours.stride() == theirs.stride() and ours.grad_fn.name().startswith("_BinaryCrossEntropy")
+    torch.testing.assert_close(ours, theirs)
+    upstream = torch.rand(ours.shape, generator=generator)
+    (ours_grad,) = torch.autograd.grad(ours, x, upstream)
+    (theirs_grad,) = torch.autograd.grad(theirs, x, upstream)
+    torch.testing.assert_close(ours_grad, theirs_grad)

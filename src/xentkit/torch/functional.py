@@ -255,7 +255,14 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
             loss_dtype=_bridge.numpy_dtype(result_dtype), grad_dtype=_bridge.numpy_dtype(kept),
         )
         _bridge.keep_for_backward(ctx, {"gradient": _bridge.as_tensor(gradient, kept) if want_grad else None})
-        return _bridge.as_tensor(loss, result_dtype)
+        loss = _bridge.as_tensor(loss, result_dtype)
+        if reduction == "none" and not input.is_contiguous() and target.stride() == input.stride():
+            # torch's elementwise result keeps its operands' layout (channels_last, a transpose)
+            # where both have it; the kernel's is row-major
+            shaped = torch.empty_like(input, dtype=loss.dtype)
+            if shaped.stride() != loss.stride():
+                loss = shaped.copy_(loss)
+        return loss
 
     @staticmethod
     @_bridge.first_order_only("binary_cross_entropy_with_logits")
