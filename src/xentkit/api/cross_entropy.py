@@ -96,6 +96,7 @@ def _fused(
     upstream: np.ndarray | float | None,
     out: np.ndarray | None,
     private: bool,
+    batch_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Cross-entropy on the kernel: class axis last, rows × classes, one sweep. ``labels`` are
     class indices of the samples' shape, or class probabilities of the logits' shape (the
@@ -122,7 +123,7 @@ def _fused(
 
     loss_rows, lse_rows = _kernel_rows()(
         layout.matrix, label_rows, weight64, **options.formula_arguments(),
-        grad_scale=grad_scale, z_grad_scale=z_grad_scale, grad_out=grad_matrix,
+        grad_scale=grad_scale, z_grad_scale=z_grad_scale, grad_out=grad_matrix, batch_rows=batch_rows,
     )
     loss = plan.reduce(loss_rows, z_term(lse_rows, valid.reshape(layout.rows), options.z_loss))
     if options.reduction == "none":
@@ -147,13 +148,15 @@ def _cross_entropy(
     plan: ReductionPlan | None = None,
     loss_dtype: np.dtype | None = None,
     grad_dtype: np.dtype | None = None,
+    batch_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The api's cross-entropy with options already checked (the entry point of the torch
     binding and of ``linear_cross_entropy``'s chunks). ``plan``: the reduction plan to use
     instead of these samples' own (a chunked caller passes its whole batch's); ``loss_dtype``:
     the loss's dtype when it is not the logits' (torch promotes with floating targets), so that
     it is rounded once, from the computed value; ``grad_dtype``: the same for the gradient (the
-    torch binding keeps a float16 input's gradient in float32 until its upstream is known)."""
+    torch binding keeps a float16 input's gradient in float32 until its upstream is known);
+    ``batch_rows``: the whole batch's rows, for a chunked caller (the kernel's ``batch_rows``)."""
     check_probabilities = check_flag(check_probabilities, "check_probabilities")
     # read once: another thread may switch it mid-call (a review: a kernel call without a plan)
     use_reference = reference_enabled()
@@ -216,7 +219,7 @@ def _cross_entropy(
         kernel_out = out if out is not None and out.dtype == work_dtype else None
         loss, grad = _fused(
             work, target_array, valid, axis, weight, options, plan, upstream, kernel_out,
-            work is not original,
+            work is not original, batch_rows,
         )
 
     loss = rounded(loss, loss_dtype or original.dtype)

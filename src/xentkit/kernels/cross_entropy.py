@@ -1014,6 +1014,7 @@ def cross_entropy_rows(
     block: int = DEFAULT_BLOCK,
     parallel: bool | None = None,
     segments: int | None = None,
+    batch_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row cross-entropy loss and log-sum-exp, and optionally the gradient (fused).
 
@@ -1038,7 +1039,10 @@ def cross_entropy_rows(
     processed in parallel (by default when there are fewer rows than threads and the rows are
     long, see ``_default_segments``). One thread and one segment run the kernel's serial build
     (the same arithmetic row by row, so the same bits; no thread pool involved), unless
-    ``parallel=True`` asks for the threaded build (``_threading.runs_serial``).
+    ``parallel=True`` asks for the threaded build (``_threading.runs_serial``). ``batch_rows``:
+    where these rows are a chunk of a batch of that many (``linear_cross_entropy``'s), the
+    default ``segments`` is the batch's, so that a chunk of fewer rows than threads is not cut
+    where the whole batch would not be (its bits would then depend on the thread count).
     """
     if labels.ndim == 2:  # class probabilities, [N, C] of the logits' dtype: their own kernel
         from xentkit.kernels.probabilities import probability_rows
@@ -1081,7 +1085,7 @@ def cross_entropy_rows(
         )
     threads = threads_for(n_rows * n_classes, parallel, SERIAL_MAX_ELEMENTS)
     if segments is None:
-        segments = _default_segments(n_rows, n_classes, threads)
+        segments = _default_segments(max(n_rows, batch_rows or 0), n_classes, threads)
     segments = max(1, min(int(segments), n_classes))
     arguments = (
         logits,

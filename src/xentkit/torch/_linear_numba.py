@@ -104,7 +104,7 @@ def chunked_pass(
             logits_array, target[start:stop], axis=-1, weight=class_weight, options=options,
             check_probabilities=False,  # logits can look like probabilities; torch never checks
             want_grad=want_grad, grad_output=upstream, out=logits_array if want_grad else None,
-            plan=plan,
+            plan=plan, batch_rows=rows,  # (rows split over threads as the batch's: the same bits at any thread count)
         )
         if want_grad:
             # 3.-4. grad_x rows = dlogits W; grad_W += dlogitsᵀ x_chunk, grad_b += Σ_rows dlogits
