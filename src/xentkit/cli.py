@@ -282,10 +282,12 @@ def _kernel_failure(error: Exception) -> str | None:
     but the disk's or the folder's, said as such by main), the compiler turned off
     (NUMBA_DISABLE_JIT) or a cache Numba cannot use. None for anything else."""
     text = str(error)
-    if _raised_in_numbas_cache(error) and not isinstance(error, OSError):
-        return _damaged_cache(error)
+    # (asked first: Numba raises "no locator available" in its caching code too, and it says
+    # that no folder could be used, not that a file is damaged)
     if isinstance(error, RuntimeError) and ("NUMBA_DISABLE_JIT" in text or "cannot cache function" in text):
         return " ".join(text.split())
+    if _raised_in_numbas_cache(error) and not isinstance(error, OSError):
+        return _damaged_cache(error)
     return None
 
 

@@ -15,9 +15,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_location", "ensure_cache_dir"]
+__all__ = ["KERNEL_SOURCES", "cache_location", "ensure_cache_dir", "sources_digest", "stamp_kernel_sources"]
 
 _HERE = Path(__file__).resolve().parent
+
+#: The sources whose code the cached kernels hold: this folder's modules (a kernel inlines the
+#: helpers of ``_exp`` and ``_jit``, and Numba bakes in the globals it reads) and the one module
+#: outside it that a kernel reads a constant from (``tests/test_kernel_cache_stamp.py`` checks
+#: that the kernels import no other).
+KERNEL_SOURCES = (*sorted(_HERE.glob("*.py")), _HERE.parent / "reference" / "log_probs.py")
 
 
 def _writable(folder: Path) -> bool:
@@ -28,6 +34,19 @@ def _writable(folder: Path) -> bool:
     except OSError:
         return False
     return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _usable(folder: Path) -> bool:
+    """Whether Numba could cache xentkit's kernels in ``folder`` (``NUMBA_CACHE_DIR``'s or the
+    user's cache folder): :func:`_writable`, and so is the subfolder Numba puts them in (named
+    after this folder, ``kernels_<hash>``) where it is there already: a shared folder another
+    user cached xentkit's kernels in first holds theirs, which this user cannot write into."""
+    if not _writable(folder):
+        return False
+    from numba.core.caching import _CacheLocator
+
+    subfolder = folder / _CacheLocator.get_suitable_cache_subpath(str(_HERE / "_jit.py"))
+    return not subfolder.exists() or os.access(subfolder, os.W_OK | os.X_OK)
 
 
 def _user_cache() -> Path:
@@ -53,12 +72,12 @@ def ensure_cache_dir() -> str | None:
     user's cache folder), and where neither can be written either, for the fallback, with a
     RuntimeWarning naming it (every kernel had failed: "no locator available")."""
     chosen = os.environ.get("NUMBA_CACHE_DIR")
-    if (chosen and _writable(Path(chosen))) or _writable(_HERE / "__pycache__"):
+    if (chosen and _usable(Path(chosen))) or _writable(_HERE / "__pycache__"):
         return None
     import numba
 
     configured = numba.config.CACHE_DIR  # (the variable's, or one the user's code set)
-    if (configured and configured != chosen and _writable(Path(configured))) or _writable(_user_cache()):
+    if (configured and configured != chosen and _usable(Path(configured))) or _usable(_user_cache()):
         return None
     folder = _private(fallback_dir())
     if folder is None:
@@ -72,6 +91,9 @@ def ensure_cache_dir() -> str | None:
             RuntimeWarning, stacklevel=2,
         )
     numba.config.CACHE_DIR = str(folder)
+    # (and in the environment: Numba rebuilds its config from it whenever a NUMBA_* variable
+    # changed, which would drop the folder set above; child processes get it too)
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)
     return str(folder)
 
 
@@ -83,7 +105,7 @@ def cache_location() -> tuple[Path, bool]:
     import numba
 
     configured = numba.config.CACHE_DIR
-    if configured and _writable(Path(configured)):
+    if configured and _usable(Path(configured)):
         folder = Path(configured)
     elif _writable(_HERE / "__pycache__"):
         folder = _HERE / "__pycache__"
@@ -122,3 +144,56 @@ def _private(folder: Path) -> Path | None:
 
 # the folders :func:`_private` made for this process alone (removed at exit)
 _TEMPORARY: set[Path] = set()
+
+
+def sources_digest(paths=KERNEL_SOURCES) -> bytes:
+    """sha256 of the kernels' sources (:data:`KERNEL_SOURCES`), their names and contents."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    return digest.digest()
+
+
+def stamp_kernel_sources() -> bool:
+    """Tie the cached kernels to all their sources, not to their own module alone.
+
+    Numba keeps a cached function while the one file that defines it is unchanged (its index
+    holds that file's sha256): a kernel whose inlined helper (``_exp.fast_exp``, say) changed in
+    an upgrade, its own module not, was loaded from the cache with the old helper's code. The
+    locators here are Numba's own (``NUMBA_CACHE_DIR``'s, the sources' ``__pycache__``, the
+    user's cache folder: the same folders and file names), for xentkit's kernels only, with the
+    digest of :data:`KERNEL_SOURCES` added to the stamp: any change to those sources makes every
+    kernel's index stale, and the kernels compile again once. Installed before the first kernel
+    module is imported (``_jit``); returns whether it was (not where ``NUMBA_CACHE_LOCATOR_CLASSES``
+    names the locators, or where this Numba lacks them: then Numba's own stamp alone)."""
+    import numba
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None)
+    bases = [getattr(caching, name, None) for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")]
+    if impl is None or None in bases or getattr(numba.config, "CACHE_LOCATOR_CLASSES", None):
+        return False
+    if any(getattr(cls, "_xentkit_stamp", False) for cls in impl._locator_classes):
+        return True  # (installed already)
+    digest = sources_digest()
+
+    def stamped(base: type) -> type:
+        class Stamped(base):  # type: ignore[misc, valid-type]
+            _xentkit_stamp = True
+
+            @classmethod
+            def from_function(cls, py_func, py_file):  # type: ignore[no-untyped-def]
+                if Path(py_file).resolve().parent != _HERE:
+                    return None  # (another library's function: Numba's locators as ever)
+                return super().from_function(py_func, py_file)
+
+            def get_source_stamp(self):  # type: ignore[no-untyped-def]
+                return (super().get_source_stamp(), digest)
+
+        Stamped.__name__ = Stamped.__qualname__ = f"Xentkit{base.__name__}"
+        return Stamped
+
+    impl._locator_classes = [*(stamped(base) for base in bases), *impl._locator_classes]
+    return True

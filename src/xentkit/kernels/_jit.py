@@ -24,6 +24,8 @@ from typing import Any
 
 import numba
 
+from xentkit.kernels._cache import stamp_kernel_sources
+
 __all__ = ["KERNEL_OPTIONS", "LOOP_FLAGS", "helper_options"]
 
 if numba.config.DISABLE_JIT:  # (every kernel module imports this one first)
@@ -31,6 +33,9 @@ if numba.config.DISABLE_JIT:  # (every kernel module imports this one first)
         "xentkit's kernels need Numba's compiler, which NUMBA_DISABLE_JIT=1 turns off; "
         "XENTKIT_REFERENCE=1 (or xentkit.use_reference(True)) runs the NumPy reference formulas instead"
     )
+
+# the cached kernels tied to all their sources (an upgrade that changes a helper recompiles them)
+stamp_kernel_sources()
 
 # Flags of the per-block loops: reassoc lets LLVM split the sums over vector lanes; contract
 # gives FMAs. No nnan/ninf: NaN and ±inf logits are part of the contract.
