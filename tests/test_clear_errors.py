@@ -418,6 +418,47 @@ def test_the_log_of_switches_stays_short():
     assert not xentkit.reference_enabled()
 
 
+def test_one_reference_object_in_blocks_of_two_threads_at_once():
+    """One ``use_reference`` object entered by two threads whose blocks overlap: each exit took
+    the other thread's token ("was created in a different Context", in both threads), and both
+    stayed on the reference (a review, 2026-12-07). Each block now ends its own thread's."""
+    import threading
+
+    shared = xentkit.use_reference(True)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = {}, []
+
+    def first():
+        try:
+            with shared:
+                first_in.set()
+                second_in.wait(10)
+            seen["first, after"] = xentkit.reference_enabled()
+        except Exception as error:
+            errors.append(error)
+        first_out.set()
+
+    def second():
+        try:
+            first_in.wait(10)
+            with shared:
+                second_in.set()
+                first_out.wait(10)
+                seen["second, inside after the first's exit"] = xentkit.reference_enabled()
+            seen["second, after"] = xentkit.reference_enabled()
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=target) for target in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert not errors, errors
+    assert seen == {"first, after": False, "second, inside after the first's exit": True, "second, after": False}
+    assert not shared._tokens and not xentkit.reference_enabled()
+
+
 def test_reference_blocks_in_two_threads_keep_to_their_own_thread():
     """Two ``with use_reference(True)`` blocks that overlap in two threads restored each other's
     values and left the process-wide switch on for good; a block's choice is now its thread's."""

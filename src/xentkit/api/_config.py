@@ -144,5 +144,13 @@ class use_reference:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._tokens:
-            _BLOCK.reset(self._tokens.pop())
+        # this context's latest block: one object may be in blocks of several threads (or tasks)
+        # at once, and a token resets only the context that made it (ValueError in any other)
+        with _LOCK:
+            for index in range(len(self._tokens) - 1, -1, -1):
+                try:
+                    _BLOCK.reset(self._tokens[index])
+                except ValueError:
+                    continue
+                del self._tokens[index]
+                return
