@@ -130,3 +130,18 @@ def test_warm_says_no_folder_could_be_used_not_that_a_file_is_damaged() -> None:
     raised = raised.value
     failure = _kernel_failure(raised)
     assert failure is not None and failure.startswith("cannot cache function") and "damaged" not in failure
+
+
+def test_a_relative_user_cache_folder_is_not_made_in_the_working_folder(tmp_path: Path, monkeypatch) -> None:
+    """Without HOME and a passwd entry Numba's user cache folder is the relative ``~/.cache/numba``:
+    the check made a folder "~" in the working folder and cached the kernels there (a review)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(_cache, "_writable", lambda folder: folder != Path(_cache.__file__).parent / "__pycache__" and folder.mkdir(parents=True, exist_ok=True) is None)
+    monkeypatch.setattr(_cache, "_user_cache", lambda: Path("~/.cache/numba"))
+    monkeypatch.setattr(_cache, "fallback_dir", lambda: tmp_path / "fallback")
+    import numba
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    assert _cache.ensure_cache_dir() == str(tmp_path / "fallback")
+    assert not (tmp_path / "~").exists()

@@ -40,8 +40,10 @@ def _usable(folder: Path) -> bool:
     """Whether Numba could cache xentkit's kernels in ``folder`` (``NUMBA_CACHE_DIR``'s or the
     user's cache folder): :func:`_writable`, and so is the subfolder Numba puts them in (named
     after this folder, ``kernels_<hash>``) where it is there already: a shared folder another
-    user cached xentkit's kernels in first holds theirs, which this user cannot write into."""
-    if not _writable(folder):
+    user cached xentkit's kernels in first holds theirs, which this user cannot write into. A
+    relative path is not (Numba's user cache folder with neither ``HOME`` nor a passwd entry is
+    ``~/.cache/numba``, a folder named "~" in whatever folder the process runs in)."""
+    if not folder.is_absolute() or not _writable(folder):
         return False
     from numba.core.caching import _CacheLocator
 
