@@ -45,8 +45,10 @@ def _usable(folder: Path) -> bool:
     ``~/.cache/numba``, a folder named "~" in whatever folder the process runs in)."""
     if not folder.is_absolute() or not _writable(folder):
         return False
-    from numba.core.caching import _CacheLocator
-
+    try:
+        from numba.core.caching import _CacheLocator
+    except ImportError:  # (a Numba without it: the folder's own check alone)
+        return True
     subfolder = folder / _CacheLocator.get_suitable_cache_subpath(str(_HERE / "_jit.py"))
     return not subfolder.exists() or os.access(subfolder, os.W_OK | os.X_OK)
 
