@@ -4,7 +4,7 @@ Numba keeps a cached function while the one file that defines it is unchanged; t
 inline helpers from other files (``_exp``, ``_jit``), so an upgrade that changed only a helper ran
 the old machine code. ``_cache.stamp_kernel_sources`` adds the digest of every kernel source to
 Numba's stamp. Also: a shared ``NUMBA_CACHE_DIR`` whose ``kernels_*`` folder another user made
-first, and the fallback folder kept in the environment."""
+first, and a relative user cache folder."""
 
 from __future__ import annotations
 
@@ -86,6 +86,20 @@ def test_the_stamped_locators_take_xentkits_kernels_only() -> None:
     labels.first_bad_label(labels.np.array([0]), 1, -100)
     locator = labels._first_bad_label._cache._impl.locator
     assert type(locator).__name__.startswith("Xentkit") and locator.get_source_stamp()[1] == _cache.sources_digest()
+    # every cached function of every kernel module, those of _exp (imported before _jit's own
+    # importers define theirs) too
+    import importlib
+
+    from numba.core.registry import CPUDispatcher
+
+    cached = []
+    for path in sorted(Path(_cache.__file__).parent.glob("*.py")):
+        module = importlib.import_module(f"xentkit.kernels.{path.stem}")
+        cached += [value for value in vars(module).values() if isinstance(value, CPUDispatcher) and value._cache.__class__.__name__ == "FunctionCache"]
+    assert len(cached) > 40
+    assert all(type(function._cache._impl.locator).__name__.startswith("Xentkit") for function in cached), [
+        function.__name__ for function in cached if not type(function._cache._impl.locator).__name__.startswith("Xentkit")
+    ]
     another = caching.CompileResultCacheImpl(njit(lambda x: x).py_func)  # a function of another file: Numba's own
     assert not type(another.locator).__name__.startswith("Xentkit")
 
@@ -94,7 +108,7 @@ def test_a_shared_cache_folder_with_another_users_kernels_is_passed_over(tmp_pat
     """NUMBA_CACHE_DIR shared (mode 1777), xentkit's ``kernels_<hash>`` folder in it made by
     another user first: Numba cannot write there ("no locator available" for every kernel where
     the install and home are read-only too); it is passed over for the fallback, with the
-    warning, and the fallback is kept in the environment (Numba rebuilds its config from it)."""
+    warning."""
     import numba
     from numba.core.caching import _CacheLocator
 
@@ -113,7 +127,13 @@ def test_a_shared_cache_folder_with_another_users_kernels_is_passed_over(tmp_pat
     assert not _cache._usable(shared) and _cache._usable(tmp_path / "fine")
     with pytest.warns(RuntimeWarning, match=f"NUMBA_CACHE_DIR={shared} cannot be written"):
         assert _cache.ensure_cache_dir() == str(tmp_path / "fallback")
-    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "fallback") == numba.config.CACHE_DIR
+    assert str(tmp_path / "fallback") == numba.config.CACHE_DIR
+    # a relative NUMBA_CACHE_DIR is the user's choice as Numba takes it (the folder it names in
+    # the working folder), not passed over
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "relative-cache")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "relative-cache")
+    assert _cache.ensure_cache_dir() is None and _cache.cache_location()[0] == Path("relative-cache")
 
 
 def test_warm_says_no_folder_could_be_used_not_that_a_file_is_damaged() -> None:
@@ -136,7 +156,8 @@ def test_a_relative_user_cache_folder_is_not_made_in_the_working_folder(tmp_path
     """Without HOME and a passwd entry Numba's user cache folder is the relative ``~/.cache/numba``:
     the check made a folder "~" in the working folder and cached the kernels there (a review)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "")  # (recorded, so that the teardown restores it)
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
     monkeypatch.setattr(_cache, "_writable", lambda folder: folder != Path(_cache.__file__).parent / "__pycache__" and folder.mkdir(parents=True, exist_ok=True) is None)
     monkeypatch.setattr(_cache, "_user_cache", lambda: Path("~/.cache/numba"))
     monkeypatch.setattr(_cache, "fallback_dir", lambda: tmp_path / "fallback")

@@ -159,7 +159,8 @@ def test_linear_cross_entropy_chunks_give_the_same_bits_at_any_thread_count():
     """The chunked CPU linear form at 140000 classes: its chunks of 4 rows (and a last one of 1)
     were cut over threads where a chunk had fewer rows than threads, though the batch of 49 had
     more, so the gradients changed with the thread count (a review: dW in 1.7M entries, by up to
-    3e-11 relative, at 1 against 2 threads). Now a chunk is split only where the batch would be."""
+    3e-11 relative, at 1 against 2 threads; and in the "none" backward of a batched upstream).
+    Now a chunk is split only where the batch would be."""
     import numba
 
     generator = torch.Generator().manual_seed(8)
@@ -174,7 +175,11 @@ def test_linear_cross_entropy_chunks_give_the_same_bits_at_any_thread_count():
             leaves = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
             loss = xt.linear_cross_entropy(*leaves, target, label_smoothing=0.1, chunk_size=4)
             loss.backward()
-            results.append([loss, leaves[0].grad, leaves[1].grad])
+            # and the "none" backward of a batched upstream (vmap, jacrev): its own chunk loop
+            rows = xt.linear_cross_entropy(*leaves, target, label_smoothing=0.1, chunk_size=4, reduction="none")
+            upstream = torch.rand(3, 49, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+            batched = torch.autograd.grad(rows, leaves, upstream, is_grads_batched=True)
+            results.append([loss, leaves[0].grad, leaves[1].grad, *batched])
     finally:
         numba.set_num_threads(before)
     if len(results) == 1:

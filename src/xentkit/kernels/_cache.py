@@ -40,10 +40,8 @@ def _usable(folder: Path) -> bool:
     """Whether Numba could cache xentkit's kernels in ``folder`` (``NUMBA_CACHE_DIR``'s or the
     user's cache folder): :func:`_writable`, and so is the subfolder Numba puts them in (named
     after this folder, ``kernels_<hash>``) where it is there already: a shared folder another
-    user cached xentkit's kernels in first holds theirs, which this user cannot write into. A
-    relative path is not (Numba's user cache folder with neither ``HOME`` nor a passwd entry is
-    ``~/.cache/numba``, a folder named "~" in whatever folder the process runs in)."""
-    if not folder.is_absolute() or not _writable(folder):
+    user cached xentkit's kernels in first holds theirs, which this user cannot write into."""
+    if not _writable(folder):
         return False
     try:
         from numba.core.caching import _CacheLocator
@@ -81,7 +79,12 @@ def ensure_cache_dir() -> str | None:
     import numba
 
     configured = numba.config.CACHE_DIR  # (the variable's, or one the user's code set)
-    if (configured and configured != chosen and _usable(Path(configured))) or _usable(_user_cache()):
+    # (a relative user cache folder is not used: with neither HOME nor a passwd entry Numba's is
+    # ~/.cache/numba, a folder named "~" in whatever folder the process runs in)
+    user_cache = _user_cache()
+    if (configured and configured != chosen and _usable(Path(configured))) or (
+        user_cache.is_absolute() and _usable(user_cache)
+    ):
         return None
     folder = _private(fallback_dir())
     if folder is None:
@@ -95,9 +98,6 @@ def ensure_cache_dir() -> str | None:
             RuntimeWarning, stacklevel=2,
         )
     numba.config.CACHE_DIR = str(folder)
-    # (and in the environment: Numba rebuilds its config from it whenever a NUMBA_* variable
-    # changed, which would drop the folder set above; child processes get it too)
-    os.environ["NUMBA_CACHE_DIR"] = str(folder)
     return str(folder)
 
 
@@ -169,9 +169,10 @@ def stamp_kernel_sources() -> bool:
     locators here are Numba's own (``NUMBA_CACHE_DIR``'s, the sources' ``__pycache__``, the
     user's cache folder: the same folders and file names), for xentkit's kernels only, with the
     digest of :data:`KERNEL_SOURCES` added to the stamp: any change to those sources makes every
-    kernel's index stale, and the kernels compile again once. Installed before the first kernel
-    module is imported (``_jit``); returns whether it was (not where ``NUMBA_CACHE_LOCATOR_CLASSES``
-    names the locators, or where this Numba lacks them: then Numba's own stamp alone)."""
+    kernel's index stale, and the kernels compile again once. Installed before the first cached
+    function is defined (``_jit`` calls it, and ``_exp`` imports ``_jit`` first); returns whether
+    it was (not where ``NUMBA_CACHE_LOCATOR_CLASSES`` names the locators, where this Numba lacks
+    them, or where the sources cannot be read (a frozen application): then Numba's own stamp)."""
     import numba
     from numba.core import caching
 
@@ -181,7 +182,10 @@ def stamp_kernel_sources() -> bool:
         return False
     if any(getattr(cls, "_xentkit_stamp", False) for cls in impl._locator_classes):
         return True  # (installed already)
-    digest = sources_digest()
+    try:
+        digest = sources_digest()
+    except OSError:  # (no sources to read: a frozen application's bytecode alone)
+        return False
 
     def stamped(base: type) -> type:
         class Stamped(base):  # type: ignore[misc, valid-type]

@@ -63,6 +63,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from xentkit.kernels import _jit  # noqa: F401  (first: the cache's stamp, before the cached functions below)
+
 # Fast-math flags of the helpers: fused multiply-add only (see module docstring).
 HELPER_FLAGS = {"contract"}
 

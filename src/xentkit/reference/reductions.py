@@ -70,11 +70,13 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
             # by a 0-d tensor, not the Python float: torch.func's jvp gives a tensor ÷ Python
             # float a float64 tangent (jacfwd of a float32 mean came out float64). The same bits
             # as torch's division by the float: float32 (half-precision numerators) or float64
-            # arithmetic on the float rounded to that type.
+            # arithmetic on the float rounded to that type; a CPU tensor, which a CUDA kernel takes
+            # as a scalar, as it took the float (a CUDA divisor is divided by, not multiplied by
+            # its reciprocal: 1 ulp apart).
             import torch
 
             work = numerator if numerator.dtype in (torch.float32, torch.float64) else numerator.float()
-            return (work / torch.full((), denominator, dtype=work.dtype, device=work.device)).to(numerator.dtype)
+            return (work / torch.tensor(denominator, dtype=work.dtype)).to(numerator.dtype)
         if isinstance(numerator, (np.generic, np.ndarray)) and numerator.ndim == 0 and numerator.dtype.kind == "f":
             # in Python floats: inf/inf is NaN and an overflow ±inf, as in torch, without the
             # warnings NumPy would give (cheaper than silencing them)

@@ -256,10 +256,10 @@ class _BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         )
         _bridge.keep_for_backward(ctx, {"gradient": _bridge.as_tensor(gradient, kept) if want_grad else None})
         loss = _bridge.as_tensor(loss, result_dtype)
-        if reduction == "none" and not input.is_contiguous() and target.stride() == input.stride():
-            # torch's elementwise result keeps its operands' layout (channels_last, a transpose)
-            # where both have it; the kernel's is row-major
-            shaped = torch.empty_like(input, dtype=loss.dtype)
+        if reduction == "none" and not target.is_contiguous() and target.shape == loss.shape:
+            # torch's result has the target's layout (channels_last, a transpose; its formula's
+            # first operand), whatever the logits'; the kernel's is row-major
+            shaped = torch.empty_like(target, dtype=loss.dtype)
             if shaped.stride() != loss.stride():
                 loss = shaped.copy_(loss)
         return loss

@@ -134,7 +134,7 @@ def _batched_none_gradients(
         _cross_entropy(
             logits_array, target_array[start:stop], axis=-1, weight=class_weight, options=options,
             check_probabilities=False, want_grad=True, grad_output=ones[: stop - start], out=logits_array,
-            plan=plan,
+            plan=plan, batch_rows=target_array.shape[0],  # (split as the batch: chunked_pass's bits)
         )
         return _bridge.batched_product(logits, upstream[start:stop])
 
