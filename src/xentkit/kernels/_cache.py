@@ -68,8 +68,8 @@ def fallback_dir() -> Path:
 
 def ensure_cache_dir() -> str | None:
     """Point Numba at :func:`fallback_dir` when it has nowhere to cache; returns the folder chosen
-    so, or None (Numba's own choice). One look at ``NUMBA_CACHE_DIR`` or at the sources'
-    ``__pycache__`` in the common case (no Numba import). A ``NUMBA_CACHE_DIR`` that cannot be
+    so, or None (Numba's own choice). One look at the sources' ``__pycache__`` in the common case
+    (no Numba import; with ``NUMBA_CACHE_DIR`` set, Numba's locator names its subfolder). A ``NUMBA_CACHE_DIR`` that cannot be
     written is passed over as Numba passes it over (for the sources' ``__pycache__``, then the
     user's cache folder), and where neither can be written either, for the fallback, with a
     RuntimeWarning naming it (every kernel had failed: "no locator available")."""
