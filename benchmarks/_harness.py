@@ -296,17 +296,20 @@ def relative_difference(got, want, rows: int = 256) -> float:
     return worst / largest if largest else worst
 
 
+def agreement(name: str, got, first: str, want, dtype: str, what: str) -> float:
+    """``name``'s gradient against ``first``'s, by :func:`relative_difference`; the run stops
+    (SystemExit naming the provider) beyond ``GRADIENT_AGREEMENT[dtype]``: the timings of a wrong
+    answer mean nothing."""
+    difference = relative_difference(got, want)
+    if not difference <= GRADIENT_AGREEMENT[dtype]:
+        raise SystemExit(
+            f"{name}'s gradient on {what} differs from {first}'s by {difference:.3g} of its largest "
+            f"entry (at most {GRADIENT_AGREEMENT[dtype]:g} allowed): not timed"
+        )
+    return difference
+
+
 def agreeing_gradients(gradients: dict, dtype: str, what: str) -> dict[str, float]:
-    """Each provider's gradient (name → array) against the first one's, by
-    :func:`relative_difference`; the run stops (SystemExit naming the provider) where one is
-    beyond ``GRADIENT_AGREEMENT[dtype]``: the timings of a wrong answer mean nothing."""
+    """Each provider's gradient (name → array) against the first one's, by :func:`agreement`."""
     (first, want), *others = gradients.items()
-    differences = {}
-    for name, got in others:
-        differences[name] = difference = relative_difference(got, want)
-        if not difference <= GRADIENT_AGREEMENT[dtype]:
-            raise SystemExit(
-                f"{name}'s gradient on {what} differs from {first}'s by {difference:.3g} of its largest "
-                f"entry (at most {GRADIENT_AGREEMENT[dtype]:g} allowed): not timed"
-            )
-    return differences
+    return {name: agreement(name, got, first, want, dtype, what) for name, got in others}

@@ -33,7 +33,7 @@ bytes and as % of the logits' bytes. The peak is VmHWM reset just before the cal
 warm-up peaked higher; the JSON says so per entry).
 
 Each provider's gradient from its warm-up call must agree with the first provider's (within
-``AGREEMENT``: a rounding or two of the dtype) or the run stops before timing anything more.
+``_harness.GRADIENT_AGREEMENT``: a rounding or two of the dtype) or the run stops before timing anything more.
 
 Prints a table, writes JSON (``benchmarks/results/cross_entropy.json`` by default) with the
 machine's description. Timings on a shared machine vary: the load average before and after the
@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from _harness import GRADIENT_AGREEMENT, cpu_model, relative_difference
+from _harness import GRADIENT_AGREEMENT, agreement, cpu_model
 
 DEFAULT_SHAPES = "4096x32000,2048x128256,8192x1000,65536x10,4096x32000:float64"
 QUICK_SHAPES = "512x32000,64x128256,2048x1000,16384x10,512x32000:float64"
@@ -246,17 +246,12 @@ def available_providers(requested: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-# the most a provider's gradient may differ from the first one's (relative to its largest
-# entry) before the run stops: the fused linear benchmarks' table (a rounding or two of the dtype)
-AGREEMENT = GRADIENT_AGREEMENT
-
-
 def time_shape(
     shape: Shape, providers: list[str], repeats: int, reference_max_elements: int
 ) -> list[Timing]:
     """Interleaved rounds: in each round every provider runs once (after one warm-up call). The
     warm-up's gradient of each provider is compared with the first provider's (within
-    ``AGREEMENT``, else the run stops: the timings of a wrong answer mean nothing)."""
+    ``GRADIENT_AGREEMENT``, else the run stops: the timings of a wrong answer mean nothing)."""
     logits, labels = make_inputs(shape)
     timings = {name: Timing(shape.label, name) for name in providers}
     calls: dict[str, tuple[Call, Call]] = {}
@@ -272,19 +267,13 @@ def time_shape(
             if first is None:
                 first = (name, gradient.copy())
             else:
-                difference = relative_difference(gradient, first[1])
-                timings[name].gradient_difference = difference
-                if not difference <= AGREEMENT[shape.dtype]:
-                    raise SystemExit(
-                        f"{name}'s gradient on {shape.label} differs from {first[0]}'s by {difference:.3g} "
-                        f"of its largest entry (at most {AGREEMENT[shape.dtype]:g} allowed): not timed"
-                    )
+                timings[name].gradient_difference = agreement(name, gradient, *first, shape.dtype, shape.label)
         del gradient
         calls[name] = (prepare, run)
     if first is not None:
         agreeing = [f"{name} {timing.gradient_difference:.1e}" for name, timing in timings.items()
                     if timing.gradient_difference is not None]
-        print(f"  gradients within {AGREEMENT[shape.dtype]:g} of {first[0]}'s: " + ", ".join(agreeing), file=sys.stderr)
+        print(f"  gradients within {GRADIENT_AGREEMENT[shape.dtype]:g} of {first[0]}'s: " + ", ".join(agreeing), file=sys.stderr)
     del first
     gc.collect()
     for _ in range(repeats):
