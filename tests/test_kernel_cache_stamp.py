@@ -110,10 +110,9 @@ def test_a_shared_cache_folder_with_another_users_kernels_is_passed_over(tmp_pat
     the install and home are read-only too); it is passed over for the fallback, with the
     warning."""
     import numba
-    from numba.core.caching import _CacheLocator
 
     shared = tmp_path / "shared"
-    theirs = shared / _CacheLocator.get_suitable_cache_subpath(str(Path(_cache.__file__).parent / "_jit.py"))
+    theirs = shared / _cache.kernels_subfolder()
     theirs.mkdir(parents=True)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != theirs and real_access(path, mode))  # (root may write anywhere)
@@ -166,3 +165,23 @@ def test_a_relative_user_cache_folder_is_not_made_in_the_working_folder(tmp_path
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")
     assert _cache.ensure_cache_dir() == str(tmp_path / "fallback")
     assert not (tmp_path / "~").exists()
+
+
+def test_the_shared_folder_check_looks_at_the_subfolder_numba_uses_behind_a_symlinked_install(tmp_path: Path) -> None:
+    """Numba names the kernels' subfolder after their folder as imported, not resolved: behind a
+    symlinked install the check looked at another ``kernels_<hash>`` (a review)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "xentkit").symlink_to(Path(xentkit.__file__).resolve().parent, target_is_directory=True)
+    probe = (
+        "import inspect\n"
+        "from numba.core.caching import _CacheLocator\n"
+        "from xentkit.kernels import _cache, labels\n"
+        "assert '/site/xentkit/' in labels.__file__, labels.__file__\n"
+        "numbas = _CacheLocator.get_suitable_cache_subpath(inspect.getfile(labels._first_bad_label.py_func))\n"
+        "print(numbas == _cache.kernels_subfolder(), numbas)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "True", done.stdout

@@ -15,9 +15,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["KERNEL_SOURCES", "cache_location", "ensure_cache_dir", "sources_digest", "stamp_kernel_sources"]
+__all__ = [
+    "KERNEL_SOURCES", "cache_location", "ensure_cache_dir", "kernels_subfolder", "sources_digest",
+    "stamp_kernel_sources",
+]
 
 _HERE = Path(__file__).resolve().parent
+# the folder as imported (behind a symlinked install, not resolved): the one Numba's locators
+# name their subfolder after, from the functions' code objects
+_IMPORTED = Path(os.path.abspath(__file__)).parent
 
 #: The sources whose code the cached kernels hold: this folder's modules (a kernel inlines the
 #: helpers of ``_exp`` and ``_jit``, and Numba bakes in the globals it reads) and the one module
@@ -43,12 +49,22 @@ def _usable(folder: Path) -> bool:
     user cached xentkit's kernels in first holds theirs, which this user cannot write into."""
     if not _writable(folder):
         return False
+    name = kernels_subfolder()
+    if name is None:  # (a Numba without its locator: the folder's own check alone)
+        return True
+    subfolder = folder / name
+    return not subfolder.exists() or os.access(subfolder, os.W_OK | os.X_OK)
+
+
+def kernels_subfolder() -> str | None:
+    """The subfolder Numba caches xentkit's kernels in, inside ``NUMBA_CACHE_DIR``'s or the user's
+    cache folder (``kernels_<hash>``, named after the kernels' folder as imported), or None for a
+    Numba without that locator."""
     try:
         from numba.core.caching import _CacheLocator
-    except ImportError:  # (a Numba without it: the folder's own check alone)
-        return True
-    subfolder = folder / _CacheLocator.get_suitable_cache_subpath(str(_HERE / "_jit.py"))
-    return not subfolder.exists() or os.access(subfolder, os.W_OK | os.X_OK)
+    except ImportError:
+        return None
+    return _CacheLocator.get_suitable_cache_subpath(str(_IMPORTED / "_jit.py"))
 
 
 def _user_cache() -> Path:
