@@ -77,3 +77,17 @@ def kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from xentkit.torch import functional
 
     monkeypatch.setattr(functional, "SMALL_MAX_LOGITS", 0)
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lab's training fails the test (``pytest.fail``, a BaseException no handler of the
+    command line catches): for the tests of what ``xentkit lab`` checks before it trains."""
+    from xentkit.lab import mnist, neuron, runner
+
+    def refused(*args: object, **kwargs: object) -> None:
+        pytest.fail("the lab trained before it checked its arguments")
+
+    monkeypatch.setattr(neuron, "train_neuron", refused)
+    monkeypatch.setattr(mnist, "train_softmax_regression", refused)
+    monkeypatch.setattr(runner, "train_softmax_regression", refused)

@@ -76,10 +76,10 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path: Path, capsys: pyte
     assert error.count("\n") == 0 and str(bomb) in error and "expected at most" in error, error
 
 
+@pytest.mark.usefixtures("no_training")
 @pytest.mark.parametrize("kind", ["file", "unwritable"])
 def test_a_bad_out_folder_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
     import os
-    import time
 
     if kind == "file":
         out = tmp_path / "taken"
@@ -92,9 +92,7 @@ def test_a_bad_out_folder_is_refused_before_training(tmp_path: Path, capsys: pyt
             locked = tmp_path / "locked"
             locked.mkdir(mode=0o500)
             out, expected = locked / "out", "cannot make the folder"
-    started = time.monotonic()
     assert main(["lab", "--out", str(out), "--no-progress"]) == 2
-    assert time.monotonic() - started < 5, "it trained before checking --out"
     error = capsys.readouterr().err.strip()
     assert error.startswith("xentkit: error: --out:") and expected in error, error
 
@@ -125,14 +123,11 @@ def test_an_unreachable_mirror_says_what_to_do_instead(tmp_path: Path, name: str
     assert ("dataset-fashion-mnist" in message) == (name == "fashion-mnist")
 
 
+@pytest.mark.usefixtures("no_training")
 def test_a_folder_as_json_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import time
-
     folder = tmp_path / "results"
     folder.mkdir()
-    started = time.monotonic()
     assert main(["lab", "neuron", "--out", str(tmp_path / "o"), "--json", str(folder), "--no-progress"]) == 2
-    assert time.monotonic() - started < 5, "it trained before checking --json"
     error = capsys.readouterr().err.strip()
     assert error == f"xentkit: error: --json: {folder} is a folder, expected the path of a file", error
     assert not (tmp_path / "o" / "neuron.png").exists()
