@@ -224,7 +224,7 @@ def test_no_rows_and_one_class(path):
         (lambda: xentkit.log_probs([[1.0, 2.0]], [0], temperature="hot"), TypeError, "temperature must be a positive float, got str 'hot'"),
         (lambda: xentkit.log_probs([[1.0, 2.0]], [2]), ValueError, "target has label 2 at position (0,) but logits have 2 classes"),
         (lambda: xentkit.log_probs([[1.0, 2.0]], [0, 1]), ValueError, "target must have shape (1,)"),
-        (lambda: xentkit.log_probs([[1.0, 2.0]], [0.5]), TypeError, "target must hold class indices"),
+        (lambda: xentkit.log_probs([[1.0, 2.0]], [0.5]), TypeError, "target of class indices must have an integer dtype, got dtype float64"),
         (lambda: xentkit.log_probs([[1, 2]], [0]), TypeError, "logits must be a floating-point array"),
         (lambda: xentkit.log_probs(np.zeros((2, 0)), [0, 0]), ValueError, "logits must have at least one class"),
         (lambda: xentkit.log_probs_backward([[1.0, 2.0]], [0], [1.0, 2.0, 3.0]), ValueError, "grad_log_probs must broadcast to the rows' shape (1,)"),

@@ -328,3 +328,35 @@ def test_binary_cross_entropy_with_infinite_logits_gives_torchs_values(pos_weigh
             )
     np.testing.assert_allclose(loss, want.detach().numpy(), rtol=1e-12, equal_nan=True)
     np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_a_mean_of_nothing_has_gradient_0_under_an_infinite_upstream_gradient(kernel_path, backend, z_loss):
+    """Class weights summing to 0 over the targets: loss 0 and gradient 0 (a z-loss's own term
+    apart), whatever the upstream gradient. The Numba path scaled its stored zeros by ∞ and the
+    Triton kernel its factor 0, both NaN everywhere (a review); the api's values."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(40, 30, generator=generator, dtype=torch.float32) - 4.0  # (lse < 0 for the z term)
+    labels = torch.randint(0, 30, (40,), generator=generator)
+    labels[:5] = -100
+    weight = torch.rand(30, generator=generator)
+    weight[labels[5:]] = 0.0
+    x = logits.clone().requires_grad_(True)
+    loss = xt_cross_entropy(x, labels, weight, z_loss=z_loss, backend=backend)
+    loss.backward(torch.tensor(INF))
+    expected_loss, expected = xentkit.cross_entropy_and_grad(
+        logits.numpy(), labels.numpy(), weight=weight.numpy(), z_loss=z_loss, grad_output=INF
+    )
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6, abs=0)
+    if not z_loss:
+        assert float(loss) == 0.0 and not expected.any()
+    torch.testing.assert_close(x.grad, torch.from_numpy(expected), equal_nan=True, rtol=1e-6, atol=0)
+
+
+def xt_cross_entropy(*args, **kwargs):
+    import xentkit.torch as xt
+
+    return xt.cross_entropy(*args, **kwargs)

@@ -258,6 +258,9 @@ def test_no_entry_point_rewrites_the_mean_of_nothing_rule():
         str(path.relative_to(SOURCE)) for path in SOURCE.rglob("*.py") if pattern.search(path.read_text())
     )
     assert homes == ["reference/reductions.py"]
+    # nor by turning a "mean" of no element into a "sum" (the torch-ops BCE did, a review)
+    turned = re.compile(r"^\s*reduction\s*=\s*[\"']sum[\"']\s*(#.*)?$", re.MULTILINE)
+    assert [str(path.relative_to(SOURCE)) for path in SOURCE.rglob("*.py") if turned.search(path.read_text())] == []
 
 
 @pytest.mark.parametrize("path", ["api", "torch", "torch_ops", "module", "linear"])

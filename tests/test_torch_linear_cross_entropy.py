@@ -373,7 +373,7 @@ def test_module_matches_torch_module_and_trains_the_same():
     ("change", "error", "message"),
     [
         ({"target": torch.tensor([0, 9, 1])}, ValueError, "label 9 at position"),
-        ({"target": torch.tensor([0, 1])}, ValueError, "target of class indices must have shape"),
+        ({"target": torch.tensor([0, 1])}, ValueError, r"target must have shape \(3,\) \(class indices\) or the logits. shape"),
         ({"linear_bias": torch.zeros(4, dtype=torch.float64)}, ValueError, "linear_bias must have shape"),
         ({"weight": torch.ones(3, dtype=torch.float64)}, ValueError, "weight must have shape"),
         ({"input": torch.zeros(3, 7, dtype=torch.float64)}, ValueError, "in_features=2"),

@@ -14,7 +14,9 @@ import numpy as np
 
 from ._options import as_array
 
-__all__ = ["LabelError", "as_class_indices", "check_index_layout", "check_labels", "check_labels_reading", "label_error"]
+__all__ = [
+    "LabelError", "as_class_indices", "check_index_layout", "check_labels", "holds_probabilities", "label_error",
+]
 
 _INT64_MAX = np.iinfo(np.int64).max
 # The expected shape of a target that may hold class indices or class probabilities (the
@@ -60,6 +62,23 @@ def as_class_indices(
             )
         raise LabelError(f"target has label {label} at position {position}, too large for a class index")
     return array.astype(np.int64, copy=False)
+
+
+def holds_probabilities(
+    shape: tuple[int, ...], logits_shape: tuple[int, ...], *, floating: bool, dtype_name: str
+) -> bool:
+    """Whether a target of ``shape`` holds class probabilities: it has the logits' shape (torch's
+    rule), from metadata alone. Such a target must be floating-point: a ``TypeError`` (torch:
+    "Expected floating point type for target with class probabilities"), on every path the same
+    (other targets are class indices: :func:`check_index_layout`)."""
+    if tuple(shape) != tuple(logits_shape):
+        return False
+    if not floating:
+        raise TypeError(
+            f"target with the logits' shape {tuple(logits_shape)} holds class probabilities and must be "
+            f"floating-point, got dtype {dtype_name}"
+        )
+    return True
 
 
 def check_index_layout(
@@ -117,25 +136,6 @@ def _bad_labels(labels: Any, num_classes: int, ignore_index: int, valid: Any = N
     if valid is None:
         valid = labels != ignore_index
     return valid & ((labels < 0) | (labels >= num_classes))
-
-
-def check_labels_reading(
-    labels: Any, num_classes: int, ignore_index: int, read: Any, *, classes: str | None = None,
-    name: str = "target",
-) -> tuple[Any, list[bool]]:
-    """:func:`check_labels` of a tensor on a device, with one more device value brought back in the
-    same transfer: ``read(valid)``, a 1-D bool tensor computed from the mask (e.g. which chunks of
-    rows hold no valid row), returned as a list beside the mask. One wait for the device instead
-    of two. A bad label raises as :func:`check_labels` does (its message built after a second
-    look, on the error path only)."""
-    import torch
-
-    valid = labels != ignore_index
-    bad = _bad_labels(labels, num_classes, ignore_index, valid)
-    flags = torch.cat([bad.any().reshape(1), read(valid).reshape(-1)]).tolist()  # the one wait
-    if flags[0]:
-        check_labels(labels, num_classes, ignore_index, classes=classes, name=name)
-    return valid, flags[1:]
 
 
 def _compiled_scan() -> Any:

@@ -11,7 +11,9 @@ Each mistake has one exception type and one message, written here only:
   anything numeric): ``TypeError`` naming the argument, what was expected and what came;
 - a value of the right type outside its range (``label_smoothing`` 1.5, ``z_loss`` NaN,
   ``softcap`` 0, ``ignore_index`` beyond int64, ``chunk_size`` 0, an unknown ``reduction``):
-  ``ValueError``.
+  ``ValueError``;
+- the choices (``reduction``, ``backend``): ``ValueError`` for any value not among them, of
+  whatever type (``reduction=None`` included), as torch's losses raise for ``reduction``.
 
 Adding an option: a field below with its check in ``__post_init__``; if the formula uses it, mark
 it ``formula=True`` so that :meth:`LossOptions.formula_arguments` hands it to the NumPy reference

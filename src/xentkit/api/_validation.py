@@ -75,14 +75,17 @@ def class_axis_of_shape(shape: tuple[int, ...], axis: object, name: str) -> int:
     return axis
 
 
-def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int, dtype_name: str) -> None:
+def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int | None, dtype_name: str) -> None:
     """The class weights' rules from metadata alone (NumPy arrays, and tensors on any device): a
-    numeric dtype (``numeric``: integer or floating) and shape ``(num_classes,)``."""
+    numeric dtype (``numeric``: integer or floating) and shape ``(num_classes,)``; ``None``: one
+    value per class of a vocabulary of V classes that the caller checks later (the
+    vocabulary-parallel forms: V is known once the ranks have agreed)."""
     if not numeric:
         raise TypeError(f"weight must be a numeric array, got dtype {dtype_name}")
-    if tuple(shape) != (num_classes,):
+    if len(shape) != 1 or (num_classes is not None and shape[0] != num_classes):
         raise ValueError(
-            f"weight must have shape ({num_classes},), one value per class, got shape {tuple(shape)}"
+            f"weight must have shape ({'V' if num_classes is None else num_classes},), one value per class, "
+            f"got shape {tuple(shape)}"
         )
 
 
@@ -108,14 +111,6 @@ def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dty
     return rounded(array, dtype)
 
 
-def probability_target(target: ArrayLike, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    array = as_array(target, "target")
-    if array.dtype.kind != "f":
-        raise TypeError(
-            f"target with the logits' shape {shape} holds class probabilities and must be "
-            f"floating-point, got dtype {array.dtype}"
-        )
-    return rounded(array, dtype)
 
 
 def same_shape(array: np.ndarray, name: str, reference: np.ndarray, reference_name: str) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import reference
-from .._labels import as_class_indices, check_labels
+from .._labels import as_class_indices, check_labels, holds_probabilities
 from .._options import Integer, LossOptions, Real, as_array, callers_level, check_flag, loss_options
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
@@ -23,7 +23,6 @@ from ._validation import (
     compute_dtype,
     copy_rounded,
     overlaps,
-    probability_target,
     rounded,
     upstream_gradient,
 )
@@ -172,9 +171,11 @@ def _cross_entropy(
     sample_shape = original.shape[:axis] + original.shape[axis + 1 :]
 
     target_array = as_array(target, "target")
-    probabilities = target_array.shape == original.shape
+    probabilities = holds_probabilities(
+        target_array.shape, original.shape, floating=target_array.dtype.kind == "f", dtype_name=str(target_array.dtype)
+    )
     if probabilities:
-        target_array = probability_target(target_array, original.shape, work_dtype)
+        target_array = rounded(target_array, work_dtype)
         valid = np.ones(sample_shape, dtype=bool)  # every sample counts (the z term's rows)
         if plan is None:
             plan = ReductionPlan.of_rows(reduction, valid.size)

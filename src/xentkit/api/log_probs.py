@@ -9,7 +9,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import Integer, LogProbOptions, Real, as_array, check_flag, describe, select_outputs
+from .._options import Integer, LogProbOptions, Real, check_flag, select_outputs
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from ._config import reference_enabled
 from ._rows import RowLayout
@@ -30,14 +30,8 @@ class _Rows:
         options.check_fits(self.dtype, float(np.finfo(self.dtype).tiny))
         work = original.astype(self.dtype, copy=False)
         self.layout = layout = RowLayout(work, class_axis(work, axis, "logits"), private=work is not original)
-        target_array = as_array(target, "target")
-        if target_array.dtype.kind not in "iu":
-            raise TypeError(
-                f"target must hold class indices (an integer array of shape {layout.sample_shape}), "
-                f"got {describe(target_array)}"
-            )
         labels = as_class_indices(
-            target_array, layout.sample_shape, expected_shape="(one class index per row)",
+            target, layout.sample_shape, expected_shape="(one class index per row)",
             num_classes=layout.classes, ignore_index=options.ignore_index,
         )
         self.valid = check_labels(

@@ -440,7 +440,6 @@ _F32_T0, _F32_T1, _F32_T2, _F32_T3, _F32_T4, _F32_T5 = (np.float32(c) for c in _
     _F64_T11,
 ) = _F64_TANH_P
 _F32_SPLIT = np.float32(_TANH_SPLIT)
-_F32_TWO = np.float32(2.0)
 _F32_FOUR = np.float32(4.0)
 _F32_MINUS_TWO = np.float32(-2.0)
 

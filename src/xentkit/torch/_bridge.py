@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._labels import as_class_indices, check_index_layout, check_labels
+from .._labels import as_class_indices, check_index_layout, check_labels, holds_probabilities
 from .._options import describe
 from ..api._validation import check_weight_layout, class_axis_of_shape
 
@@ -79,10 +79,11 @@ def check_tensors(input: object, target: object, weight: object = None, pos_weig
         raise ValueError(f"{name} must be on the input's device {input.device}, got {value.device}")
 
 
-def check_class_weight(weight: Tensor | None, classes: int) -> None:
+def check_class_weight(weight: Tensor | None, classes: int | None) -> None:
     """The class weights' dtype and shape rules (``api._validation.check_weight_layout``) on a
     tensor's metadata: no wait for its device. For the paths whose kernels would otherwise read
-    past a short weight (Triton) or index it with the labels (the reduction plan)."""
+    past a short weight (Triton) or index it with the labels (the reduction plan). ``classes``
+    None: a 1-D weight whose length the caller checks later (the vocabulary-parallel forms)."""
     if weight is not None:
         if not isinstance(weight, Tensor):  # (a module's constructor takes it before any call)
             hint = "; torch.from_numpy(...) makes one" if isinstance(weight, np.ndarray) else ""
@@ -101,6 +102,11 @@ def check_floating_input(input: Tensor, name: str = "logits") -> None:
         )
 
 
+def class_dim(input: Tensor) -> int:
+    """torch's class dimension: 1 for batched inputs (N, C, d1, ..., dk), 0 for one sample (C,)."""
+    return 1 if input.dim() >= 2 else 0
+
+
 def sample_layout(
     input: Tensor, target: Tensor, name: str = "logits", probabilities_allowed: bool = True
 ) -> tuple[int, tuple[int, ...], bool]:
@@ -112,17 +118,29 @@ def sample_layout(
     shape. The one rule of the Triton and torch-ops paths. A non-floating ``input`` is a
     TypeError naming it (torch's own kernels raise a NotImplementedError from inside)."""
     check_floating_input(input, name)
-    class_axis = class_axis_of_shape(tuple(input.shape), 1 if input.dim() >= 2 else 0, name)
+    class_axis = class_axis_of_shape(tuple(input.shape), class_dim(input), name)
     sample_shape = tuple(input.shape[:class_axis] + input.shape[class_axis + 1 :])
-    probabilities = probabilities_allowed and target.is_floating_point() and target.shape == input.shape
+    probabilities = target_layout(target, tuple(input.shape), sample_shape, probabilities_allowed)
+    return class_axis, sample_shape, probabilities
+
+
+def target_layout(
+    target: Tensor, logits_shape: tuple[int, ...], sample_shape: tuple[int, ...], probabilities_allowed: bool = True
+) -> bool:
+    """Whether ``target`` holds class probabilities (the logits' shape, floating: when allowed)
+    rather than class indices (integers of the samples' shape), by ``xentkit._labels``' rules,
+    from metadata alone; a target of neither layout raises their errors."""
+    dtype_name = str(target.dtype).removeprefix("torch.")
+    probabilities = probabilities_allowed and holds_probabilities(
+        tuple(target.shape), logits_shape, floating=target.is_floating_point(), dtype_name=dtype_name
+    )
     if not probabilities:
         check_index_layout(
             not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
-            tuple(target.shape), sample_shape,
-            dtype_name=str(target.dtype).removeprefix("torch."),
+            tuple(target.shape), sample_shape, dtype_name=dtype_name,
             **({} if probabilities_allowed else {"expected_shape": "(class indices)"}),
         )
-    return class_axis, sample_shape, probabilities
+    return probabilities
 
 
 def _allowing_mutation_on_saved_tensors() -> bool:

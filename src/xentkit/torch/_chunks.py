@@ -260,7 +260,7 @@ def idle_chunks(valid: Tensor | np.ndarray, chunk_rows: int) -> tuple[bool, ...]
     """Per chunk of ``chunk_rows`` rows, whether none of its rows is ``valid`` (all ignored, so
     the chunk has nothing to differentiate): the ``skip`` of :func:`logit_chunks`. A tensor on a
     device is read once (one wait: callers on a device read it with the label check instead,
-    ``_labels.check_labels_reading``); a meta or fake one cannot be: no chunk is skipped."""
+    ``log_probs._check_labels_reading``); a meta or fake one cannot be: no chunk is skipped."""
     n = valid.shape[0]
     if isinstance(valid, Tensor):
         if not _bridge.values_readable(valid):

@@ -51,7 +51,7 @@ from ..api.losses import _nll
 from . import _bridge
 from ._triton_path import FORWARD_OP_OPTIONS, OpOptions
 
-__all__ = ["class_axis", "compiled_beyond_small", "cross_entropy", "nll_loss", "runs_compiled", "transforms_active"]
+__all__ = ["compiled_beyond_small", "cross_entropy", "nll_loss", "runs_compiled", "transforms_active"]
 
 
 def runs_compiled(
@@ -87,11 +87,6 @@ def compiled_beyond_small(logits: int, small_max: int) -> bool:
     return _exporting() or logits > small_max
 
 
-def class_axis(input: Tensor) -> int:
-    """torch's class dimension: 1 for batched inputs (N, C, d1, ..., dk), 0 for one sample (C,)."""
-    return 1 if input.dim() >= 2 else 0
-
-
 _SCHEMA_OPTIONS = FORWARD_OP_OPTIONS.schema
 
 
@@ -118,7 +113,7 @@ def numba_cross_entropy(
 ) -> Tensor:
     """The loss in ``loss_dtype``; ``options``: ``FORWARD_OP_OPTIONS.values(loss_options)``."""
     loss, _ = _cross_entropy(
-        _bridge.as_numpy(input), _bridge.as_numpy(target), axis=class_axis(input),
+        _bridge.as_numpy(input), _bridge.as_numpy(target), axis=_bridge.class_dim(input),
         weight=_bridge.optional_numpy(weight), options=FORWARD_OP_OPTIONS.options(options),
         check_probabilities=check_probabilities, want_grad=False, loss_dtype=_bridge.numpy_dtype(loss_dtype),
     )
@@ -144,7 +139,7 @@ def numba_cross_entropy_backward(
     """The gradient with respect to ``input`` for ``grad_output``, contiguous, in the input's dtype
     (rounded once)."""
     _, gradient = _cross_entropy(
-        _bridge.as_numpy(input), _bridge.as_numpy(target), axis=class_axis(input),
+        _bridge.as_numpy(input), _bridge.as_numpy(target), axis=_bridge.class_dim(input),
         weight=_bridge.optional_numpy(weight), options=FORWARD_OP_OPTIONS.options(options),
         check_probabilities=False, want_grad=True, grad_output=_bridge.as_numpy(grad_output.detach()),
     )
@@ -205,7 +200,7 @@ def numba_nll_loss(
 ) -> Tensor:
     """The loss in ``loss_dtype``; ``options``: ``NLL_OP_OPTIONS.values(loss_options)``."""
     loss, _ = _nll(
-        _bridge.as_numpy(input), _bridge.as_numpy(target), class_axis(input), _bridge.optional_numpy(weight),
+        _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.class_dim(input), _bridge.optional_numpy(weight),
         NLL_OP_OPTIONS.options(options), want_grad=False, loss_dtype=_bridge.numpy_dtype(loss_dtype),
     )
     return _bridge.as_tensor(loss, loss_dtype).contiguous()
@@ -226,7 +221,7 @@ def numba_nll_loss_backward(
 ) -> Tensor:
     """The gradient with respect to ``input`` for ``grad_output``, contiguous, in its dtype."""
     _, gradient = _nll(
-        _bridge.as_numpy(input), _bridge.as_numpy(target), class_axis(input), _bridge.optional_numpy(weight),
+        _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.class_dim(input), _bridge.optional_numpy(weight),
         NLL_OP_OPTIONS.options(options), want_grad=True, grad_output=_bridge.as_numpy(grad_output.detach()),
     )
     return _bridge.as_tensor(gradient, input.dtype).contiguous()

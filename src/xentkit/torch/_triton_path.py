@@ -223,7 +223,7 @@ def rows_inputs(
     past them)."""
     options.check_fits(torch.float32, torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny)
     _, sample_shape, probabilities = _bridge.sample_layout(input, target)
-    classes = input.shape[1 if input.dim() >= 2 else 0]
+    classes = input.shape[_bridge.class_dim(input)]
     _bridge.check_class_weight(weight, classes)
     target = target.detach()
     if probabilities:

@@ -79,7 +79,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     ) -> Tensor:
         _bridge.first_order_anchors(ctx, input)
         ctx.reduction = options.reduction
-        ctx.class_axis = _numba_ops.class_axis(input)
+        ctx.class_axis = _bridge.class_dim(input)
         ctx.input_dim = input.dim()
         want_grad = grad_enabled and ctx.needs_input_grad[0]
         logits = _bridge.as_numpy(input)
@@ -109,9 +109,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
         else:
             kept_gradient = None if gradient is None else _bridge.as_tensor(gradient, kept)
         ctx.options = options
-        # the target is read only for a non-finite upstream gradient (a reference, not a copy)
+        # the target and the class weights are read only for a non-finite upstream gradient
+        # (references, not copies), and by the deferred gradient
         _bridge.keep_for_backward(
-            ctx, {"gradient": kept_gradient}, target if want_grad else None, weight if ctx.deferred else None
+            ctx, {"gradient": kept_gradient}, target if want_grad else None, weight if want_grad else None
         )
         return _bridge.as_tensor(loss, result_dtype)
 
@@ -130,7 +131,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
             return _deferred_gradient(ctx, gradient, owned, grad_output, target, weight), None, None, None, None, None
         gradient = _bridge.scale_gradient(gradient, upstream, owned)
         if not bool(torch.isfinite(grad_output).all()):
-            _in_torchs_order(gradient, grad_output, target, ctx.options, ctx.class_axis)
+            _in_torchs_order(gradient, grad_output, target, weight, ctx.options, ctx.class_axis)
         return gradient.to(ctx.input_dtype), None, None, None, None, None  # (rounded once, scaled)
 
 
@@ -152,15 +153,27 @@ def _deferred_gradient(
 
 
 def _in_torchs_order(
-    gradient: Tensor, grad_output: Tensor, target: Tensor, options: LossOptions, class_axis: int
+    gradient: Tensor, grad_output: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions,
+    class_axis: int,
 ) -> None:
     """Turn ``stored gradient · g`` into the kernel's (and torch's) values where the upstream
     gradient g is ±inf or NaN (in place). Torch multiplies each term by g before adding them:
     an ignored row stays 0 (not 0·∞); with class indices the target entry is g·p_y·A − g·w_y =
     ∞ − ∞ = NaN, and with label smoothing so is every entry of the row; with probabilities torch
     first forms g·w_j·q'_j (NaN where q'_j = 0) and then subtracts p_j times their sum (±∞), so
-    the whole row is NaN. (With a z-loss the z term's
+    the whole row is NaN. A "mean" of nothing (its class weights summing to 0 over the targets)
+    has gradient 0 at any g, as on the kernels (where g/0 is taken as 0), but for a z-loss's own
+    term. (With a z-loss the z term's
     sign may differ from torch-order arithmetic; torch has no z-loss to match.)"""
+    if options.reduction == "mean" and not target.is_floating_point():
+        labels = target.long()
+        _, plan = ReductionPlan.of_targets("mean", labels, options.ignore_index, weight, dtype=torch.float64)
+        if float(plan.denominator) == 0.0:  # (the main term's scale is 0: no NaN of ∞ − ∞)
+            if not options.z_loss:
+                gradient.zero_()
+                return
+            gradient.movedim(class_axis, -1)[labels == options.ignore_index] = 0.0
+            return
     rows = gradient.movedim(class_axis, -1)  # a view: the samples' shape, then the classes
     if rows.dim() == 1:
         rows = rows.unsqueeze(0)  # one sample, (C,)
@@ -202,7 +215,7 @@ class _NllLossFunction(torch.autograd.Function):
         ctx.save_for_backward(input, target, weight)
         result_dtype = _bridge.loss_dtype(input, target)
         loss, _ = _nll(
-            _bridge.as_numpy(input), _bridge.as_numpy(target), _numba_ops.class_axis(input),
+            _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.class_dim(input),
             _bridge.optional_numpy(weight), options, want_grad=False,
             loss_dtype=_bridge.numpy_dtype(result_dtype),
         )
@@ -216,13 +229,13 @@ class _NllLossFunction(torch.autograd.Function):
         # the upstream gradient), times the batch out of place
         batched = _bridge.batched_backward(grad_output)
         _, gradient = _nll(
-            _bridge.as_numpy(input), _bridge.as_numpy(target), _numba_ops.class_axis(input),
+            _bridge.as_numpy(input), _bridge.as_numpy(target), _bridge.class_dim(input),
             _bridge.optional_numpy(weight), ctx.options, want_grad=True,
             grad_output=np.ones(tuple(grad_output.shape)) if batched else _bridge.as_numpy(grad_output),
         )
         gradient = _bridge.as_tensor(gradient, input.dtype)
         if batched:
-            upstream = _upstream_for(grad_output, ctx.options.reduction, _numba_ops.class_axis(input), input.dim())
+            upstream = _upstream_for(grad_output, ctx.options.reduction, _bridge.class_dim(input), input.dim())
             gradient = _bridge.batched_product(gradient, upstream)
         return gradient, None, None, None
 
@@ -378,7 +391,7 @@ def _small_cross_entropy(
     when the loss says they could be (in a training loop every Python step between torch's ops
     costs several times its isolated time)."""
     probabilities = target.dtype is not _INT64
-    axis = 1 if input.ndim > 1 else 0  # (one sample: [C])
+    axis = _bridge.class_dim(input)
     ignore_index = -100 if probabilities else options.ignore_index  # (torch refuses another one)
     try:
         if _TORCH_CROSS_ENTROPY is not None and not _MODE_ENABLED():
@@ -719,7 +732,7 @@ def _small_nll_loss(input: Tensor, target: Tensor, weight: Tensor | None, option
         else:  # (a TorchFunctionMode running, or a torch without the binding)
             loss = F.nll_loss(input, target, weight, ignore_index=options.ignore_index, reduction=options.reduction)
     except IndexError:  # (a bad label: the api's ValueError naming it)
-        classes = input.shape[input.dim() > 1]  # (one sample: [C])
+        classes = input.shape[_bridge.class_dim(input)]
         _label_error_instead(target, classes, options.ignore_index, f"log_probs have {classes} classes")
         raise
     # a NaN maybe 0·log 0 (a target of class weight 0 at a −inf log-probability): torch ops decide

@@ -165,21 +165,12 @@ def _fused_applies(
 
 
 def _check_targets(input: Tensor, linear_weight: Tensor, target: Tensor, weight: Tensor | None) -> None:
-    """The target's and the class weights' shapes (the linear layer's: ``_linear_checks``)."""
+    """The target's and the class weights' layouts (the linear layer's: ``_linear_checks``), by
+    the rules of ``xentkit._labels`` as for the logits ``[*rows, V]`` this layer computes."""
     classes = linear_weight.shape[0]
     _bridge.check_class_weight(weight, classes)
-    rows = input.shape[:-1]
-    if target.is_floating_point():
-        if target.shape != (*rows, classes):
-            raise ValueError(
-                f"target of class probabilities must have shape {(*rows, classes)}, "
-                f"got {tuple(target.shape)}"
-            )
-    elif target.shape != rows:
-        raise ValueError(
-            f"target of class indices must have shape {tuple(rows)} (one per input row), "
-            f"got {tuple(target.shape)}"
-        )
+    rows = tuple(input.shape[:-1])
+    _bridge.target_layout(target, (*rows, classes), rows)
 
 
 def linear_cross_entropy(

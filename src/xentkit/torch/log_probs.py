@@ -27,15 +27,17 @@ chunk, in float32 (float64 for float64).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .._labels import _bad_labels, check_index_layout, check_labels_reading
+from .._labels import _bad_labels, check_index_layout
 from .._labels import check_labels as _check_labels
 from .._options import Integer, LogProbOptions, Real, check_flag, describe, select_outputs
+from ..api._validation import class_axis_of_shape
 from ..reference.log_probs import gradient_coefficients
 from . import _bridge, _log_prob_ops, _numba_ops, _triton_path, functional
 from ._chunks import (
@@ -54,6 +56,22 @@ from ._log_prob_rows import NumbaRows, TorchRows, TritonRows, finish_rows
 
 __all__ = ["linear_log_probs", "log_probs"]
 
+
+def _check_labels_reading(
+    labels: Tensor, num_classes: int, ignore_index: int, read: Callable[[Tensor], Tensor], *,
+    classes: str | None = None, name: str = "target",
+) -> tuple[Tensor, list[bool]]:
+    """``_labels.check_labels`` of a tensor on a device, with one more device value brought back in the
+    same transfer: ``read(valid)``, a 1-D bool tensor computed from the mask (e.g. which chunks of
+    rows hold no valid row), returned as a list beside the mask. One wait for the device instead
+    of two. A bad label raises as ``check_labels`` does (its message built after a second
+    look, on the error path only)."""
+    valid = labels != ignore_index
+    bad = _bad_labels(labels, num_classes, ignore_index, valid)
+    flags = torch.cat([bad.any().reshape(1), read(valid).reshape(-1)]).tolist()  # the one wait
+    if flags[0]:
+        _check_labels(labels, num_classes, ignore_index, classes=classes, name=name)
+    return valid, flags[1:]
 
 
 def _rows_backend(
@@ -194,12 +212,12 @@ def _linear_label_masks(
     the masks returned flat, one per input row), and which chunks of rows backward
     skips (none of their rows valid), with no wait of their own: on the CPU they are read at no
     cost; on a device they come back with the label check's one wait
-    (``_labels.check_labels_reading``), and without that check (``check_labels=False``, which
+    (:func:`_check_labels_reading`), and without that check (``check_labels=False``, which
     promises no wait) none is skipped (None)."""
     chunk = options.chunk_size
     if _reading_waits(target) and _bridge.values_readable(target):
         if options.check_labels:
-            valid, flags = check_labels_reading(
+            valid, flags = _check_labels_reading(
                 target, classes, options.ignore_index, lambda valid: idle_flags(valid.reshape(-1), chunk),
                 classes=classes_text,
             )
@@ -351,8 +369,7 @@ def log_probs(
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor, got {describe(logits)}")
     _bridge.check_dense(logits, "logits")
-    if logits.dim() == 0 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have at least one class in its last dimension, got shape {tuple(logits.shape)}")
+    class_axis_of_shape(tuple(logits.shape), -1, "logits")
     _bridge.check_temperature_fits(options, logits.dtype)
     classes = logits.shape[-1]
     target = _check_target(

@@ -361,7 +361,9 @@ def _grad_kernel(
     e = tl.load(stats_ptr + rows + row)  # e = d − 1, kept apart from the max's terms
     d = 1.0 + e
     lse = m + _chunks.log1p(e)
-    g = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32) * tl.load(factor_ptr)
+    # a factor of 0 is a "mean" of nothing: gradient 0 whatever the upstream gradient (not 0·∞)
+    factor = tl.load(factor_ptr)
+    g = tl.where(factor == 0.0, 0.0, tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32) * factor)
     # the gradient is g·(A·p_j − [target mass]_j) + g^z·2·λ·lse·p_j: ``main`` = g·A for probability
     # targets, g·(1−ε)·w_y for labels, whose A adds the smoothing's ε·W/V to ``other`` with the z term
     other = 0.0
@@ -383,7 +385,10 @@ def _grad_kernel(
                 weight_sum = n_cols * 1.0
             other = g * (eps * weight_sum / n_cols)
     if HAS_Z:
-        g_z = tl.load(z_grad_scale_ptr + row * z_grad_scale_stride).to(tl.float32) * tl.load(factor_ptr + 1)
+        z_factor = tl.load(factor_ptr + 1)
+        g_z = tl.where(
+            z_factor == 0.0, 0.0, tl.load(z_grad_scale_ptr + row * z_grad_scale_stride).to(tl.float32) * z_factor
+        )
         other += g_z * 2.0 * z_loss * lse
     coef = (main + other) / d
     if not PROBABILITIES:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..._labels import LabelError, as_class_indices, label_error
 from ..._options import CHOICES, LogProbOptions, LossOptions
-from .._bridge import check_dense, transforms_running
+from .._bridge import check_class_weight, check_dense, transforms_running
 from .._linear_checks import SHARDS, check_linear
 from ._communication import CommunicationStats, _Communicator
 
@@ -181,10 +181,7 @@ def _check_weight(weight: object) -> np.ndarray | None:
     """The class weights as float64 on the CPU (for the digest and the length), or None."""
     if weight is None:
         return None
-    numeric = isinstance(weight, Tensor) and not (weight.is_complex() or weight.dtype == torch.bool)
-    if not numeric or weight.dim() != 1:  # integer weights too, as xentkit.torch.cross_entropy
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be None or a 1-D numeric tensor of V class weights, got {shape}")
+    check_class_weight(weight, None)  # (its length, V's, once the ranks have agreed on V)
     _check_device(weight, "weight")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
@@ -217,7 +214,7 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str, 
     rank = len(sample_shape)
     if target.is_floating_point() and target.dim() == rank + 1 and tuple(target.shape[:rank]) == sample_shape:
         raise ValueError(
-            f"target must hold integer class indices (int64), got dtype {target.dtype}; "
+            f"target must hold integer class indices (int64), got dtype {str(target.dtype).removeprefix('torch.')}; "
             "probability targets are not supported in the vocab-parallel form"
         )
     labels = target.detach().cpu().resolve_conj().resolve_neg()
@@ -226,7 +223,7 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str, 
         # the kind of its dtype (named by dtype_name) matters for the message
         labels = labels.to(torch.complex64 if labels.is_complex() else torch.float32)
     labels_array = as_class_indices(
-        labels.numpy(), sample_shape, expected_shape=f"({shape_of})", dtype_name=str(target.dtype)
+        labels.numpy(), sample_shape, expected_shape=f"({shape_of})", dtype_name=str(target.dtype).removeprefix("torch.")
     )
     return labels_array.reshape(-1)
 

@@ -1,0 +1,96 @@
+"""The same bad input gets the same error on every path: rules that had a second home (a review
+of the code against docs/CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+import xentkit
+
+torch = pytest.importorskip("torch")
+import xentkit.torch as xt  # noqa: E402
+
+_INTEGER_PROBABILITIES = r"target with the logits' shape \(4, 5\) holds class probabilities and must be floating-point, got dtype int64"
+
+
+@pytest.mark.parametrize(
+    "path", ["api", "numba", "bfloat16 torch ops", "backend=torch", "linear", "linear backend=torch", "compiled"]
+)
+def test_an_integer_target_of_the_logits_shape_is_one_type_error_on_every_path(path: str) -> None:
+    """torch's rule: a target of the logits' shape holds class probabilities, which must be
+    floating-point. The api said so; the torch paths said the indices' shape was wrong (a
+    ValueError), and the compiled CPU path differed from eager."""
+    logits = torch.randn(4, 5)
+    target = torch.zeros(4, 5, dtype=torch.long)
+    calls = {
+        "api": lambda: xentkit.cross_entropy(logits.numpy(), target.numpy()),
+        "numba": lambda: xt.cross_entropy(logits, target, backend="auto"),
+        "bfloat16 torch ops": lambda: xt.cross_entropy(logits.bfloat16(), target),
+        "backend=torch": lambda: xt.cross_entropy(logits, target, backend="torch"),
+        "linear": lambda: xt.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), target),
+        "linear backend=torch": lambda: xt.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), target, backend="torch"),
+        # (the compiled Numba path: beyond its small-problem threshold)
+        "compiled": lambda: torch.compile(lambda x, t: xt.cross_entropy(x, t), backend="eager")(
+            torch.randn(4, 20000), torch.zeros(4, 20000, dtype=torch.long)
+        ),
+    }
+    expected = _INTEGER_PROBABILITIES.replace("5", "20000") if path == "compiled" else _INTEGER_PROBABILITIES
+    with pytest.raises(TypeError, match=expected):
+        calls[path]()
+
+
+def test_the_linear_forms_word_their_target_errors_as_the_others() -> None:
+    hidden, weight = torch.randn(4, 3), torch.randn(5, 3)
+    for target, message in (
+        (torch.zeros(3, dtype=torch.long), r"target must have shape \(4,\) \(class indices\) or the logits' shape \(class probabilities\), got shape \(3,\)$"),
+        (torch.rand(4, 6), r"got shape \(4, 6\) of dtype float32$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            xt.linear_cross_entropy(hidden, weight, target)
+        with pytest.raises(ValueError, match=message):
+            xt.cross_entropy(torch.randn(4, 5), target)
+    with pytest.raises(TypeError, match="target of class indices must have an integer dtype, got dtype bool"):
+        xt.linear_cross_entropy(hidden, weight, torch.zeros(4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("weight", "error", "message"),
+    [
+        (torch.ones(5, dtype=torch.bool), TypeError, "weight must be a numeric array, got dtype bool"),
+        (torch.ones(5, dtype=torch.complex64), TypeError, "weight must be a numeric array, got dtype complex64"),
+        ([1.0] * 5, TypeError, "weight must be a torch.Tensor or None, got list"),
+        (torch.ones(1, 5), ValueError, r"weight must have shape \(V,\), one value per class, got shape \(1, 5\)"),
+    ],
+    ids=["bool", "complex", "list", "2-D"],
+)
+def test_the_vocabulary_parallel_class_weights_take_the_one_rule(weight: object, error: type, message: str) -> None:
+    """They had their own check: a ValueError for a bool or complex weight and for a list, with
+    a message that named neither the dtype nor the type."""
+    from xentkit.torch.distributed import vocab_parallel_cross_entropy
+
+    with pytest.raises(error, match=message):
+        vocab_parallel_cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=weight)
+    if error is TypeError:  # (the single-process form's words; its shape names C, not V)
+        with pytest.raises(error, match=message):
+            xt.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=weight)
+
+
+def test_the_vocabulary_parallel_target_names_its_dtype_as_the_others() -> None:
+    from xentkit.torch.distributed import vocab_parallel_cross_entropy
+
+    with pytest.raises(ValueError, match=r"got dtype float32; probability targets are not supported"):
+        vocab_parallel_cross_entropy(torch.randn(4, 5), torch.rand(4, 5))
+
+
+def test_the_log_probabilities_word_their_errors_as_the_others() -> None:
+    """The NumPy log_probs had its own TypeError for a non-integer target, the torch one its own
+    message for a missing class axis."""
+    message = "target of class indices must have an integer dtype, got dtype float32$"
+    with pytest.raises(TypeError, match=message):
+        xentkit.log_probs(torch.zeros(4, 5).numpy(), torch.zeros(4).numpy())
+    with pytest.raises(TypeError, match=message):
+        xt.log_probs(torch.zeros(4, 5), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"logits must have at least one class along axis 1, got shape \(4, 0\)"):
+        xt.log_probs(torch.zeros(4, 0), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must have at least one dimension \(the classes\), got a scalar"):
+        xt.log_probs(torch.tensor(1.0), torch.zeros((), dtype=torch.long))
