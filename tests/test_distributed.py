@@ -865,6 +865,21 @@ def test_torch_compile_runs_them_eagerly(compiler):
         assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_says_it_cannot_export_them(strict):
+    """Export cannot break a graph: it traced into the label checks and failed with torch's own
+    data-dependent guard error, naming neither the function nor why (a review)."""
+    weight = torch.nn.Parameter(torch.randn(11, 16))
+
+    class Head(torch.nn.Module):
+        def forward(self, hidden, target):
+            return vp.vocab_parallel_linear_cross_entropy(hidden, weight, target)
+
+    with pytest.raises(Exception) as raised:
+        torch.export.export(Head(), (torch.randn(8, 16), torch.randint(0, 11, (8,))), strict=strict)
+    assert "xentkit.torch.vocab_parallel_linear_cross_entropy cannot be exported (torch.export)" in str(raised.value)
+
+
 def test_a_float16_shards_gradient_waits_for_the_loss_scale():
     """The logits form keeps a float16 shard's gradient in float32 until backward has scaled it,
     as xentkit.torch.cross_entropy does: under a loss scaler's 32768 no entry is lost to float16

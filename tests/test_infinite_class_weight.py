@@ -278,3 +278,18 @@ def test_vocab_parallel_infinite_weight_on_the_dominant_class_is_the_exact_infin
     assert torch.isnan(F.cross_entropy(logits, target, weight=weight, reduction="none")).all()
     loss = distributed.vocab_parallel_cross_entropy(logits, target, weight=weight, reduction="none", backend=backend)
     assert torch.equal(loss, torch.full((4,), np.inf, dtype=torch.float64))
+
+
+def test_an_infinite_weight_with_smoothing_beside_float32s_extremes_is_float64s_loss():
+    """The rows of a non-finite weight sum take the reference's term-by-term formula, which ran
+    in the logits' float32: lse − z_c beyond float32's range overflowed and ∞ − ∞ gave NaN where
+    the same values in float64, and torch, give −inf (a review)."""
+    logits = np.array([3e38, -3e38, 0.0, 1.0] + [0.0] * 46, dtype=np.float32)
+    weight = np.ones(50)
+    weight[3] = -np.inf
+    expected = F.cross_entropy(
+        torch.tensor(logits, dtype=torch.float64)[None], torch.tensor([0]), weight=torch.tensor(weight), label_smoothing=0.1
+    )
+    assert float(expected) == -np.inf
+    for values in (logits, logits.astype(np.float64)):
+        assert float(xentkit.cross_entropy(values, np.array(0), weight=weight, label_smoothing=0.1)) == -np.inf

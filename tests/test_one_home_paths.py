@@ -94,3 +94,36 @@ def test_the_log_probabilities_word_their_errors_as_the_others() -> None:
         xt.log_probs(torch.zeros(4, 0), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"logits must have at least one dimension \(the classes\), got a scalar"):
         xt.log_probs(torch.tensor(1.0), torch.zeros((), dtype=torch.long))
+
+
+def test_a_loss_of_cpu_tensors_stays_on_the_cpu_whatever_the_default_device() -> None:
+    """The "mean"'s divisor was made on the default device: under ``with torch.device("meta")``
+    a loss of CPU tensors came back as a meta tensor (a review); torch's stays on the CPU."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=generator, requires_grad=True)
+    teacher = torch.rand(6, 5, generator=generator).softmax(1)
+    hidden, weight = torch.randn(6, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    with torch.device("meta"):
+        losses = {
+            "target requiring grad": xt.cross_entropy(logits, teacher.clone().requires_grad_(True)),
+            "bfloat16": xt.cross_entropy(logits.bfloat16(), teacher.bfloat16()),
+            "backend=torch": xt.cross_entropy(logits, teacher, backend="torch"),
+            "linear": xt.linear_cross_entropy(hidden, weight, teacher.clone().requires_grad_(True)),
+        }
+    for name, loss in losses.items():
+        assert loss.device.type == "cpu", name
+        loss.backward()
+    assert logits.grad is not None and logits.grad.device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["weight", "pos_weight"])
+def test_bce_refuses_a_weight_that_requires_grad_at_every_dtype(dtype, name):
+    """torch's loss is not differentiable in its weights; xentkit's half-precision form (its own
+    formula in float32) had silently given them a gradient (a review)."""
+    logits = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    factor = torch.rand(4, dtype=dtype, requires_grad=True)
+    with pytest.raises(RuntimeError, match=f"not differentiable with respect to argument '{name}'"):
+        xt.binary_cross_entropy_with_logits(logits, torch.rand(3, 4, dtype=dtype), **{name: factor})
+    with torch.no_grad():  # (no graph: nothing to refuse, as torch)
+        xt.binary_cross_entropy_with_logits(logits, torch.rand(3, 4, dtype=dtype), **{name: factor})

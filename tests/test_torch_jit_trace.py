@@ -1,7 +1,7 @@
 """``torch.jit.trace`` of models that use xentkit.torch (docs/torch.md, "TorchScript"): the traced
-graph gives eager's losses and gradients, on inputs of another batch size too; the default trace
-check passes where a call stays on torch's kernel and fails, as documented, where it runs one of
-xentkit's autograd Functions."""
+graph gives eager's losses and gradients, on inputs of another batch size too, traced with grad
+mode on or off; the default trace check passes, on torch's kernel and on xentkit's autograd
+Functions."""
 
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ def _inputs(rows, seed):
     return x, torch.randint(0, 5, (rows,), generator=generator), torch.rand(rows, 5, generator=generator, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("traced_without_grad", [False, True], ids=["grad", "no_grad"])
 @pytest.mark.parametrize(("name", "loss_of", "kind"), _losses(), ids=[entry[0] for entry in _losses()])
-def test_a_traced_loss_gives_eagers_values_and_gradients(name, loss_of, kind):
+def test_a_traced_loss_gives_eagers_values_and_gradients(name, loss_of, kind, traced_without_grad, kernel_path):
+    """Traced under ``torch.no_grad()`` too, as traces usually are: the Functions took grad mode
+    as an argument, the trace froze it off, and backward failed (a review)."""
     w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     x, labels, probs = _inputs(8, 0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.set_grad_enabled(not traced_without_grad):
         warnings.simplefilter("ignore")  # the tracer's warnings about the bridge to NumPy
         traced = torch.jit.trace(loss_of, (x, w, labels if kind == "labels" else probs), check_trace=False)
     for rows, seed in ((8, 1), (20, 2)):
@@ -46,15 +49,38 @@ def test_a_traced_loss_gives_eagers_values_and_gradients(name, loss_of, kind):
         torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(expected, w)[0], rtol=1e-12, atol=0)
 
 
-def test_the_default_trace_check_passes_on_torchs_kernel_and_fails_on_xentkits_functions():
+def test_the_default_trace_check_passes_on_torchs_kernel_and_on_xentkits_functions(kernel_path):
+    """The check traces again, with grad mode off: the Functions had recorded it, and the check
+    failed wherever one ran (documented then, with ``check_trace=False`` as the way around)."""
     logits = torch.randn(8, 5, requires_grad=True)
     labels = torch.randint(0, 5, (8,))
-    torch.jit.trace(lambda z, t: xt.cross_entropy(z, t), (logits, labels))  # a small plain call: torch's kernel
     from xentkit.torch import functional
 
-    # (the traced size is a 0-d tensor: it had become a key of this cache, one per trace)
-    assert all(type(classes) is int for classes in functional._PROBABILITY_MEANS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(torch.jit.TracingCheckError):
-            torch.jit.trace(lambda z, t: xt.binary_cross_entropy_with_logits(z, t), (logits, torch.rand(8, 5)))
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                torch.jit.trace(lambda z, t: xt.binary_cross_entropy_with_logits(z, t), (logits, torch.rand(8, 5)))
+                torch.jit.trace(lambda z, t: xt.cross_entropy(z, t, label_smoothing=0.1), (logits, labels))
+    # (the traced size is a 0-d tensor: it had become a key of this cache, one per trace)
+    assert all(type(classes) is int for classes in functional._PROBABILITY_MEANS)
+
+
+@pytest.mark.parametrize("name", ["CrossEntropyLoss", "NLLLoss", "BCEWithLogitsLoss", "LinearCrossEntropyLoss"])
+def test_scripting_a_model_that_holds_a_loss_module_says_why_it_cannot(name):
+    """TorchScript's own errors named a helper of xentkit's (LossOptions' source, a keyword-only
+    argument, a Callable annotation), not the module or what to use instead (a review)."""
+    loss = getattr(xt, name)(4, 3) if name == "LinearCrossEntropyLoss" else getattr(xt, name)()
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loss = loss
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.loss(x, y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.script's deprecation)
+        with pytest.raises(RuntimeError, match=f"xentkit.torch.{name} cannot be scripted .torch.jit.script.: .* use torch.compile"):
+            torch.jit.script(Model())

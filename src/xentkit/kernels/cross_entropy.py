@@ -1146,11 +1146,13 @@ def _smoothed_losses_by_terms(
     label_smoothing: float, softcap: float | None,
 ) -> np.ndarray:
     """The rows' losses as ``loss_rows`` holds them, from the reference's term-by-term formula
-    (for class weights whose sum is not finite; float64 rows)."""
+    (for class weights whose sum is not finite), in float64 as the kernels' rows: in float32 a
+    gap lse − z_c beyond its range overflowed, and ∞ − ∞ made the loss NaN where float64 gives
+    −inf (a review)."""
     from xentkit.reference import cross_entropy_and_grad
 
     rows, _ = cross_entropy_and_grad(
-        logits, labels, weight=weight64, ignore_index=ignore_index, reduction="none",
+        logits.astype(np.float64, copy=False), labels, weight=weight64, ignore_index=ignore_index, reduction="none",
         label_smoothing=label_smoothing, softcap=softcap, want_grad=False,
     )
     return rows.astype(np.float64)

@@ -76,7 +76,7 @@ def _divide_or_zero(numerator: Any, denominator: Any) -> Any:
             import torch
 
             work = numerator if numerator.dtype in (torch.float32, torch.float64) else numerator.float()
-            return (work / torch.tensor(denominator, dtype=work.dtype)).to(numerator.dtype)
+            return (work / torch.tensor(denominator, dtype=work.dtype, device="cpu")).to(numerator.dtype)
         if isinstance(numerator, (np.generic, np.ndarray)) and numerator.ndim == 0 and numerator.dtype.kind == "f":
             # in Python floats: inf/inf is NaN and an overflow ±inf, as in torch, without the
             # warnings NumPy would give (cheaper than silencing them)

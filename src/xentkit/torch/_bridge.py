@@ -37,12 +37,30 @@ NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
 def eager_only(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` as a graph break under torch.compile (it runs eagerly), as
+    """``function`` as a graph break under torch.compile (it runs eagerly; under torch.export,
+    which cannot break a graph, a RuntimeError saying so), as
     ``torch.compiler.disable`` makes it, but without importing ``torch._dynamo`` when the module
     is imported (1.0 s of ``import xentkit.torch``'s 1.1 s, measured on this 2-core machine):
     torch's own lazy form, which imports it at the first call, where the installed torch has it."""
     lazy = getattr(torch, "_disable_dynamo", None)
-    return lazy(function) if lazy is not None else torch.compiler.disable(function)
+    disabled = lazy(function) if lazy is not None else torch.compiler.disable(function)
+
+    @functools.wraps(function)
+    def refusing_export(*args: Any, **kwargs: Any) -> Any:
+        # torch.export cannot break a graph: it traced into the values' checks and failed with
+        # its own data-dependent guard error, which named neither the function nor why (a review)
+        if _EXPORTING():
+            raise RuntimeError(
+                f"xentkit.torch.{function.__name__} cannot be exported (torch.export): its label checks and "
+                "collectives read the tensors' values; export the model without the loss, or use "
+                "torch.compile (where each call is a graph break)"
+            )
+        return disabled(*args, **kwargs)
+
+    return refusing_export
+
+
+_EXPORTING = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch 2.4+)
 
 
 def check_tensors(input: object, target: object, weight: object = None, pos_weight: object = None) -> None:
@@ -100,6 +118,14 @@ def check_floating_input(input: Tensor, name: str = "logits") -> None:
             f"input must be a floating-point tensor ({name}), got dtype "
             f"{str(input.dtype).removeprefix('torch.')}; pass input.float()"
         )
+
+
+def gradients_wanted() -> bool:
+    """What an autograd Function's ``grad_enabled`` argument says (its forward runs with grad mode
+    off, and ``ctx.needs_input_grad`` does not see ``torch.no_grad``): grad mode on, or a
+    ``torch.jit.trace`` in progress, whose graph freezes the argument: a trace made under
+    ``no_grad``, as traces usually are, then kept no gradient and its backward failed (a review)."""
+    return torch.is_grad_enabled() or torch.jit.is_tracing()
 
 
 def class_dim(input: Tensor) -> int:

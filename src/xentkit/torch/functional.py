@@ -124,7 +124,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         upstream = _upstream_for(grad_output, ctx.reduction, ctx.class_axis, ctx.input_dim)
         if _bridge.batched_backward(grad_output):  # (is_grads_batched: the product, out of place)
             if ctx.deferred:  # the gradient at upstream ones, into a new tensor (the logits stay)
-                ones = torch.ones(tuple(grad_output.shape), dtype=grad_output.dtype)
+                ones = torch.ones(tuple(grad_output.shape), dtype=grad_output.dtype, device="cpu")
                 gradient = _deferred_gradient(ctx, gradient, False, ones, target, weight)
             return _bridge.batched_product(gradient, upstream).to(ctx.input_dtype), None, None, None, None, None
         if ctx.deferred:
@@ -632,7 +632,7 @@ def _cross_entropy_beyond_small(
         if torch.compiler.is_compiling():  # custom ops the compiler keeps (no label check)
             return _ops.cross_entropy(input, target, weight, options)
         return _triton_path.TritonCrossEntropyFunction.apply(
-            input, target, weight, options, torch.is_grad_enabled()
+            input, target, weight, options, _bridge.gradients_wanted()
         )
     if (
         torch.compiler.is_compiling() and _numba_ops.compiled_beyond_small(input.numel(), SMALL_MAX_LOGITS)
@@ -643,7 +643,7 @@ def _cross_entropy_beyond_small(
     if options.backend == "torch" or not _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free):
         return _torch_ops.cross_entropy(input, target, weight, options)
     return _CrossEntropyFunction.apply(
-        input, target, weight, options, bool(check_probabilities), torch.is_grad_enabled()
+        input, target, weight, options, bool(check_probabilities), _bridge.gradients_wanted()
     )
 
 
@@ -813,6 +813,6 @@ def binary_cross_entropy_with_logits(
     if not _bridge.runs_on_xentkit(*operands, grad_free=operands[1:]):
         return _torch_ops.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
     loss = _BinaryCrossEntropyWithLogitsFunction.apply(
-        *operands[:3], reduction, operands[3], torch.is_grad_enabled()
+        *operands[:3], reduction, operands[3], _bridge.gradients_wanted()
     )
     return loss if result_dtype is None else loss.to(result_dtype)

@@ -276,7 +276,7 @@ def linear_cross_entropy(
             )
         )
         return _linear_triton.TritonLinearCrossEntropyFunction.apply(
-            input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
+            input, linear_weight, linear_bias, target, weight, options, _bridge.gradients_wanted()
         )
 
     if (
@@ -312,6 +312,6 @@ def linear_cross_entropy(
         chunk_size=chunk_rows(input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size)
     )
     loss = _LinearCrossEntropyFunction.apply(
-        input, linear_weight, linear_bias, target, weight, options, torch.is_grad_enabled()
+        input, linear_weight, linear_bias, target, weight, options, _bridge.gradients_wanted()
     )
     return loss.squeeze(0) if unbatched and options.reduction == "none" else loss

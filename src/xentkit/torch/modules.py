@@ -34,6 +34,19 @@ _FIELD_NAME_SET = frozenset(_FIELD_NAMES)
 _CACHED_OPTIONS = "_xentkit_options"  # the __dict__ key of a module's built options
 
 
+class _NotScriptable:
+    """``torch.jit.script`` of a model holding one of these modules says why it cannot be, and
+    what works instead, rather than failing inside TorchScript's compiler on a helper (it calls
+    each submodule's ``__prepare_scriptable__`` first)."""
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        raise RuntimeError(
+            f"xentkit.torch.{type(self).__name__} cannot be scripted (torch.jit.script): its forward "
+            "runs xentkit's kernels through Python; use torch.compile, torch.export or torch.jit.trace, "
+            f"or torch.nn.{type(self).__name__} in a model that must be scripted"
+        )
+
+
 class _KeepsOptions(torch.nn.Module):
     """A loss module that keeps its built options (``_loss_options_of``) and drops them when an
     option is set or deleted as an attribute, or the module's state is set (``__setstate__``).
@@ -134,7 +147,7 @@ def _options_repr(options: dict[str, object]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
 
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss, _KeepsOptions):
+class CrossEntropyLoss(_NotScriptable, torch.nn.CrossEntropyLoss, _KeepsOptions):
     """``torch.nn.CrossEntropyLoss`` on xentkit's fused kernels, plus ``z_loss`` and ``softcap``.
 
     Arguments and shapes as torch's; the formula, the extras and the differences from torch (a
@@ -182,7 +195,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss, _KeepsOptions):
         return _options_repr(_options_of(self, skip=_LINEAR_ONLY) | {"check_probabilities": check})
 
 
-class NLLLoss(torch.nn.NLLLoss):
+class NLLLoss(_NotScriptable, torch.nn.NLLLoss):
     """``torch.nn.NLLLoss`` on xentkit's api; see :func:`xentkit.torch.nll_loss`.
 
     Example:
@@ -218,7 +231,7 @@ class NLLLoss(torch.nn.NLLLoss):
         )
 
 
-class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+class BCEWithLogitsLoss(_NotScriptable, torch.nn.BCEWithLogitsLoss):
     """``torch.nn.BCEWithLogitsLoss`` on xentkit's api; see
     :func:`xentkit.torch.binary_cross_entropy_with_logits`.
 
@@ -243,7 +256,7 @@ else:
     _TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)
 
 
-class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
+class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
     """A linear layer and cross-entropy fused: ``CrossEntropyLoss()(self.linear(input), target)``
     without the full logits; see :func:`xentkit.torch.linear_cross_entropy`.
 

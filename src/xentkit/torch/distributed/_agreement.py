@@ -301,8 +301,9 @@ def chunk_budget() -> tuple[int, int, int]:
 
 def _encode(message: str) -> Tensor:
     data = message.encode("utf-8")[:_MESSAGE_BYTES]
-    buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-    buffer[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    # (on the CPU whatever the default device: the communicator moves it)
+    buffer = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8, device="cpu")
+    buffer[: len(data)] = torch.tensor(list(data), dtype=torch.uint8, device="cpu")
     return buffer
 
 
@@ -464,10 +465,10 @@ def _agree(
             )
         record = local_checks() | {"function": _FUNCTIONS.index(function)}
         sample_shape = record.get("sample_shape")
-        local = torch.tensor([record[field] for field in _FIELDS], dtype=torch.int64)
+        local = torch.tensor([record[field] for field in _FIELDS], dtype=torch.int64, device="cpu")
     except Exception as exc:  # any local failure must still reach the gather, or the others hang
         error = exc
-        local = torch.zeros(len(_FIELDS), dtype=torch.int64)
+        local = torch.zeros(len(_FIELDS), dtype=torch.int64, device="cpu")
         local[_FIELDS.index("failed")] = 1
         local[_FIELDS.index("function")] = _FUNCTIONS.index(function)
     gathered = communicator.all_gather(local)
