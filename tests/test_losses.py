@@ -204,3 +204,16 @@ def test_binary_cross_entropy_with_logits_at_minus_infinity_is_torchs(dtype, ref
             torch.tensor(x), torch.tensor(t), reduction="none", **{k: torch.tensor(v) for k, v in options.items()}
         ).numpy()
         np.testing.assert_array_equal(got, want, err_msg=f"y={y}, pos_weight={pos_weight}, weight={weight}")
+
+
+@pytest.mark.parametrize(("dtype", "big"), [(np.float32, 3e38), (np.float64, 1e308)])
+@pytest.mark.parametrize("grad_output", [None, 0.0])
+def test_the_quadratic_mean_gradient_does_not_overflow_before_its_1_over_n(dtype, big, grad_output):
+    """2·(ŷ − y) was formed first, then scaled: inf (NaN under grad_output=0) where the gradient
+    2·(ŷ − y)/n is finite, as torch's mse_loss gives it (a review)."""
+    prediction = np.array([big, 0.0, 0.0, 0.0], dtype=dtype)
+    _, grad = xentkit.quadratic_cost_and_grad(prediction, np.zeros(4, dtype=dtype), grad_output=grad_output)
+    expected = np.zeros(4, dtype=dtype)
+    expected[0] = dtype(big / 2) if grad_output is None else 0.0
+    assert grad.dtype == dtype
+    np.testing.assert_array_equal(grad, expected)

@@ -241,3 +241,31 @@ def test_without_numbas_compiler_the_kernels_say_so_and_the_reference_runs(tmp_p
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert lab.returncode == 2 and lab.stderr.count("\n") == 1 and "NUMBA_DISABLE_JIT=1" in lab.stderr, lab.stderr
+
+
+def test_the_reference_switch_takes_the_log_probabilities_and_vocabulary_parallel_forms_off_the_kernels() -> None:
+    """Under XENTKIT_REFERENCE=1 (and NUMBA_DISABLE_JIT=1, where a kernel cannot run at all)
+    ``xentkit.torch``'s log-probabilities and the vocabulary-parallel forms still took the Numba
+    kernels, and raised the error that says to set XENTKIT_REFERENCE=1 (a review): they take
+    torch ops, the formulas of the reference."""
+    pytest.importorskip("torch")
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1", XENTKIT_REFERENCE="1")
+    code = (
+        "import torch, xentkit.torch as xt\n"
+        "from xentkit.torch import distributed as vp\n"
+        "torch.manual_seed(0)\n"
+        "z, h, w = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)\n"
+        "y = torch.tensor([0, 6, 2, 3])\n"
+        "expected = torch.log_softmax(z, 1).gather(1, y[:, None]).squeeze(1)\n"
+        "print('log_probs', bool(torch.allclose(xt.log_probs(z, y), expected, rtol=1e-12, atol=0)))\n"
+        "print('linear_log_probs', bool(torch.allclose(xt.linear_log_probs(h, w, y), torch.log_softmax(h @ w.T, 1).gather(1, y[:, None]).squeeze(1), rtol=1e-12, atol=0)))\n"
+        "print('vocab_parallel', bool(torch.allclose(vp.vocab_parallel_cross_entropy(z, y), -expected.mean(), rtol=1e-12, atol=0)))\n"
+        "print('vocab_parallel_linear', float(vp.vocab_parallel_linear_cross_entropy(h, w, y)) > 0)\n"
+        "print('vocab_parallel_linear_log_probs', vp.vocab_parallel_linear_log_probs(h, w, y).shape == (4,))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "log_probs", "True", "linear_log_probs", "True", "vocab_parallel", "True", "vocab_parallel_linear", "True",
+        "vocab_parallel_linear_log_probs", "True",
+    ], done.stdout

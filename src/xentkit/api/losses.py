@@ -352,14 +352,11 @@ def binary_cross_entropy_and_grad(
 def _quadratic(prediction, target, reduction, want_grad, grad_output=None):
     yhat, y, dtype = _pair(prediction, target, ("prediction", "target"))
     reduction = check_reduction(reduction)
-    per_element, grad = reference.quadratic_cost_and_grad(yhat, y)
     plan = ReductionPlan.of_rows(reduction, yhat.size)
+    scale = plan.scales(upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype))[0] if want_grad else 1
+    per_element, grad = reference.quadratic_cost_and_grad(yhat, y, scale)
     loss = rounded(plan.reduce(per_element), dtype)
-    if not want_grad:
-        return loss, None
-    upstream = upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
-        return loss, rounded(grad * plan.scales(upstream)[0], dtype)
+    return loss, rounded(grad, dtype) if want_grad else None
 
 
 def quadratic_cost(prediction: ArrayLike, target: ArrayLike, *, reduction: str = "mean") -> np.ndarray:

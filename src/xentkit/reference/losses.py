@@ -7,6 +7,8 @@ api reduces it, except where the reduction changes the gradient (noted).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .activations import log_sigmoid, sigmoid
@@ -94,11 +96,15 @@ def binary_cross_entropy_and_grad(
     return loss, grad
 
 
-def quadratic_cost_and_grad(prediction: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ = (ŷ − y)²,  ∂ℓ/∂ŷ = 2·(ŷ − y)  (per element; the seeds' cost is its mean)."""
+def quadratic_cost_and_grad(
+    prediction: np.ndarray, target: np.ndarray, scale: Any = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ = (ŷ − y)²,  ∂ℓ/∂ŷ = 2·(ŷ − y)  (per element; the seeds' cost is its mean), the gradient
+    times ``scale`` (a reduction's and the upstream gradient's), as (ŷ − y)·(2·scale): it does not
+    overflow before the scale brings it back (a mean's 1/n), as torch's mse_loss."""
     with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
         difference = prediction - target
-        return difference * difference, 2 * difference
+        return difference * difference, difference * (2 * scale)
 
 
 def entropy_and_grad(p: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:

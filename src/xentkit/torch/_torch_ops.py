@@ -221,9 +221,8 @@ def binary_cross_entropy_with_logits(
     torch's bfloat16 kernel computes in bfloat16 (a review measured losses up to 200% off, and a
     float32 loss of bfloat16 logits 56% off), and its float32 formula cancels."""
     if reduction == "mean" and input.numel() == 0:  # (the plan's mean of nothing: 0, with its empty graph)
-        return ReductionPlan.of_rows("mean", 0).reduce(
-            binary_cross_entropy_with_logits(input, target, weight, "none", pos_weight)
-        )
+        nothing = binary_cross_entropy_with_logits(input, target, weight, "none", pos_weight)
+        return ReductionPlan.of_rows("mean", 0).reduce(nothing).to(nothing.dtype)
     operands = (input, target, weight, pos_weight)
     if all(t is None or _bridge.at_least_float32(t.dtype) == t.dtype for t in operands):
         return F.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction, pos_weight=pos_weight)

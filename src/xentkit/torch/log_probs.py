@@ -37,6 +37,7 @@ from torch.autograd.function import FunctionCtx
 from .._labels import _bad_labels, check_index_layout
 from .._labels import check_labels as _check_labels
 from .._options import Integer, LogProbOptions, Real, check_flag, describe, select_outputs
+from ..api._config import reference_enabled
 from ..api._validation import class_axis_of_shape
 from ..reference.log_probs import gradient_coefficients
 from . import _bridge, _log_prob_ops, _numba_ops, _triton_path, functional
@@ -88,11 +89,12 @@ def _rows_backend(
         ),
     ):
         return TritonRows
-    if options.backend == "auto" and logits_like.dtype in _bridge.NUMBA_DTYPES and _bridge.runs_on_xentkit(
-        logits_like, *others
+    if (
+        options.backend == "auto" and logits_like.dtype in _bridge.NUMBA_DTYPES and not reference_enabled()
+        and _bridge.runs_on_xentkit(logits_like, *others)
     ):
         return NumbaRows
-    return TorchRows
+    return TorchRows  # (also under xentkit.use_reference(): the formulas in torch ops, no kernel)
 
 
 def _coefficients(ctx: FunctionCtx, grads: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor, Tensor]:

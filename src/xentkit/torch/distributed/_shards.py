@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..._options import LossOptions
+from ...api._config import reference_enabled
 from .. import _bridge
 from .._triton_path import takes_triton, tensor_reason
 from ._rows import _Plan, _Rows
@@ -32,7 +33,8 @@ def shard_backend(tensor: Tensor, options: LossOptions) -> type:
     :class:`NumbaShards` for CPU float32/float64, :class:`TorchShards` otherwise; "triton" →
     :class:`TritonShards`, or a ValueError saying why it cannot run (every rank raises it through
     the agreement). ``USE_KERNELS = False`` (the package's switch, read at call time) turns "auto"
-    and "triton" into torch ops, as tests use it.
+    and "triton" into torch ops, as tests use it; so does ``xentkit.use_reference()`` for "auto" on
+    the CPU (no Numba kernel: it works under ``NUMBA_DISABLE_JIT=1``).
     """
     from . import USE_KERNELS
 
@@ -40,10 +42,10 @@ def shard_backend(tensor: Tensor, options: LossOptions) -> type:
         return TritonShards if USE_KERNELS else TorchShards
     if (
         options.backend == "auto" and USE_KERNELS and tensor.device.type == "cpu"
-        and tensor.dtype in _bridge.NUMBA_DTYPES
+        and tensor.dtype in _bridge.NUMBA_DTYPES and not reference_enabled()
     ):
         return NumbaShards
-    return TorchShards
+    return TorchShards  # (also under xentkit.use_reference(): the formulas in torch ops, no kernel)
 
 
 def _chunk_step(width: int) -> int:
