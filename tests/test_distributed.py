@@ -877,7 +877,10 @@ def test_torch_export_says_it_cannot_export_them(strict):
 
     with pytest.raises(Exception) as raised:
         torch.export.export(Head(), (torch.randn(8, 16), torch.randint(0, 11, (8,))), strict=strict)
-    assert "xentkit.torch.vocab_parallel_linear_cross_entropy cannot be exported (torch.export)" in str(raised.value)
+    if strict:  # (dynamo meets the function torch.compile skips: torch's error, naming it)
+        assert "marked as skipped" in str(raised.value) and "vocab_parallel_linear_cross_entropy" in str(raised.value)
+    else:
+        assert "xentkit.torch.vocab_parallel_linear_cross_entropy cannot be exported (torch.export)" in str(raised.value)
 
 
 def test_a_float16_shards_gradient_waits_for_the_loss_scale():

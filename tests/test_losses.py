@@ -217,3 +217,16 @@ def test_the_quadratic_mean_gradient_does_not_overflow_before_its_1_over_n(dtype
     expected[0] = dtype(big / 2) if grad_output is None else 0.0
     assert grad.dtype == dtype
     np.testing.assert_array_equal(grad, expected)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none", "mean"])
+def test_a_large_upstream_gradient_of_the_quadratic_cost_does_not_overflow_before_the_difference(reduction):
+    """(ŷ − y)·(2·upstream) overflowed at upstream 3e38: NaN where ŷ = y (0·∞), −∞ elsewhere;
+    torch's mse_loss applies 2/n to the difference first (a review of the first fix)."""
+    prediction = np.array([1.0, 0.5, 2.0][: 1 if reduction == "mean" else 3], dtype=np.float32)
+    target = np.array([1.0, 1.0, 2.0][: prediction.size], dtype=np.float32)
+    _, grad = xentkit.quadratic_cost_and_grad(prediction, target, reduction=reduction, grad_output=np.float32(3e38))
+    x = torch.tensor(prediction, requires_grad=True)
+    loss = torch.nn.functional.mse_loss(x, torch.tensor(target), reduction=reduction)
+    loss.backward(torch.full(loss.shape, 3e38))
+    np.testing.assert_array_equal(grad, x.grad.numpy())

@@ -127,3 +127,24 @@ def test_bce_refuses_a_weight_that_requires_grad_at_every_dtype(dtype, name):
         xt.binary_cross_entropy_with_logits(logits, torch.rand(3, 4, dtype=dtype), **{name: factor})
     with torch.no_grad():  # (no graph: nothing to refuse, as torch)
         xt.binary_cross_entropy_with_logits(logits, torch.rand(3, 4, dtype=dtype), **{name: factor})
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_exported_per_pixel_loss_takes_as_many_pixels_as_classes(strict: bool) -> None:
+    """The probability-target rule compared an index target's sizes with the logits': export
+    with dynamic sizes guarded on the pixel count differing from the classes, and the program
+    refused a batch where they were equal (a review of the rule's first form)."""
+    from torch.export import Dim
+
+    class Loss(torch.nn.Module):
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return xt.cross_entropy(logits, target)
+
+    generator = torch.Generator().manual_seed(0)
+    rows, classes, pixels = Dim("rows"), Dim("classes"), Dim("pixels")
+    program = torch.export.export(
+        Loss(), (torch.randn(4, 7, 5, generator=generator), torch.randint(0, 7, (4, 5), generator=generator)),
+        dynamic_shapes=({0: rows, 1: classes, 2: pixels}, {0: rows, 1: pixels}), strict=strict,
+    )
+    logits, target = torch.randn(3, 6, 6, generator=generator), torch.randint(0, 6, (3, 6), generator=generator)
+    torch.testing.assert_close(program.module()(logits, target), xt.cross_entropy(logits, target), rtol=1e-6, atol=0)

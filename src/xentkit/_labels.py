@@ -71,7 +71,9 @@ def holds_probabilities(
     rule), from metadata alone. Such a target must be floating-point: a ``TypeError`` (torch:
     "Expected floating point type for target with class probabilities"), on every path the same
     (other targets are class indices: :func:`check_index_layout`)."""
-    if tuple(shape) != tuple(logits_shape):
+    # (the ranks first: an index target's sizes are never compared with the logits', which under
+    # torch.compile or torch.export would guard on, say, a pixel count differing from the classes)
+    if len(shape) != len(logits_shape) or tuple(shape) != tuple(logits_shape):
         return False
     if not floating:
         raise TypeError(

@@ -111,8 +111,6 @@ def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dty
     return rounded(array, dtype)
 
 
-
-
 def same_shape(array: np.ndarray, name: str, reference: np.ndarray, reference_name: str) -> None:
     if array.shape != reference.shape:
         raise ValueError(

@@ -353,8 +353,8 @@ def _quadratic(prediction, target, reduction, want_grad, grad_output=None):
     yhat, y, dtype = _pair(prediction, target, ("prediction", "target"))
     reduction = check_reduction(reduction)
     plan = ReductionPlan.of_rows(reduction, yhat.size)
-    scale = plan.scales(upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype))[0] if want_grad else 1
-    per_element, grad = reference.quadratic_cost_and_grad(yhat, y, scale)
+    upstream = upstream_gradient(grad_output, reduction, yhat.shape, yhat.dtype) if want_grad else 1
+    per_element, grad = reference.quadratic_cost_and_grad(yhat, y, float(plan.scales(1.0)[0]), upstream)
     loss = rounded(plan.reduce(per_element), dtype)
     return loss, rounded(grad, dtype) if want_grad else None
 

@@ -97,14 +97,15 @@ def binary_cross_entropy_and_grad(
 
 
 def quadratic_cost_and_grad(
-    prediction: np.ndarray, target: np.ndarray, scale: Any = 1
+    prediction: np.ndarray, target: np.ndarray, norm: float = 1.0, upstream: Any = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """ℓ = (ŷ − y)²,  ∂ℓ/∂ŷ = 2·(ŷ − y)  (per element; the seeds' cost is its mean), the gradient
-    times ``scale`` (a reduction's and the upstream gradient's), as (ŷ − y)·(2·scale): it does not
-    overflow before the scale brings it back (a mean's 1/n), as torch's mse_loss."""
+    as torch's mse_loss forms it: (ŷ − y)·(2·``norm``)·``upstream``, ``norm`` the reduction's
+    factor (1/n for a mean, at most 1) applied first, so that neither 2·(ŷ − y) (a mean's large
+    differences) nor 2·upstream overflows before the other factor brings it back."""
     with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
         difference = prediction - target
-        return difference * difference, difference * (2 * scale)
+        return difference * difference, difference * (2.0 * norm) * upstream
 
 
 def entropy_and_grad(p: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:

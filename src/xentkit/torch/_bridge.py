@@ -37,14 +37,12 @@ NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
 def eager_only(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` as a graph break under torch.compile (it runs eagerly; under torch.export,
-    which cannot break a graph, a RuntimeError saying so), as
+    """``function`` as a graph break under torch.compile (it runs eagerly; under a non-strict
+    torch.export, which cannot break a graph, a RuntimeError saying so; a strict one stops at the
+    skipped function with torch's own error, which names it), as
     ``torch.compiler.disable`` makes it, but without importing ``torch._dynamo`` when the module
     is imported (1.0 s of ``import xentkit.torch``'s 1.1 s, measured on this 2-core machine):
     torch's own lazy form, which imports it at the first call, where the installed torch has it."""
-    lazy = getattr(torch, "_disable_dynamo", None)
-    disabled = lazy(function) if lazy is not None else torch.compiler.disable(function)
-
     @functools.wraps(function)
     def refusing_export(*args: Any, **kwargs: Any) -> Any:
         # torch.export cannot break a graph: it traced into the values' checks and failed with
@@ -55,9 +53,12 @@ def eager_only(function: Callable[..., Any]) -> Callable[..., Any]:
                 "collectives read the tensors' values; export the model without the loss, or use "
                 "torch.compile (where each call is a graph break)"
             )
-        return disabled(*args, **kwargs)
+        return function(*args, **kwargs)
 
-    return refusing_export
+    # (the check inside the disabled function: torch.compile does not trace a wrapper of xentkit's
+    # own, which all three forms would share, with its guards and its recompile limit)
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(refusing_export) if lazy is not None else torch.compiler.disable(refusing_export)
 
 
 _EXPORTING = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch 2.4+)
@@ -464,7 +465,7 @@ def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tens
             or (other.is_floating_point() and other.dtype not in KERNEL_DTYPES)  # bfloat16: no NumPy view
         ):
             return False
-    if torch.is_grad_enabled():
+    if gradients_wanted():  # (a trace made under no_grad too: it freezes this choice)
         for tensor in grad_free:
             if tensor is not None and tensor.requires_grad:
                 return False
