@@ -212,9 +212,10 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str, 
     check_dense(target, "target")
     _check_device(target, "target")
     rank = len(sample_shape)
+    dtype_name = str(target.dtype).removeprefix("torch.")
     if target.is_floating_point() and target.dim() == rank + 1 and tuple(target.shape[:rank]) == sample_shape:
         raise ValueError(
-            f"target must hold integer class indices (int64), got dtype {str(target.dtype).removeprefix('torch.')}; "
+            f"target must hold integer class indices (int64), got dtype {dtype_name}; "
             "probability targets are not supported in the vocab-parallel form"
         )
     labels = target.detach().cpu().resolve_conj().resolve_neg()
@@ -223,7 +224,7 @@ def _check_target(target: object, sample_shape: tuple[int, ...], shape_of: str, 
         # the kind of its dtype (named by dtype_name) matters for the message
         labels = labels.to(torch.complex64 if labels.is_complex() else torch.float32)
     labels_array = as_class_indices(
-        labels.numpy(), sample_shape, expected_shape=f"({shape_of})", dtype_name=str(target.dtype).removeprefix("torch.")
+        labels.numpy(), sample_shape, expected_shape=f"({shape_of})", dtype_name=dtype_name
     )
     return labels_array.reshape(-1)
 
