@@ -731,3 +731,28 @@ def test_float64_gradient_far_from_zero_keeps_its_accuracy():
     with xentkit.use_reference(True):
         expected = xentkit.log_probs_backward(x, y, g, g, temperature=0.7)
     assert np.max(np.abs(got - expected)) <= 1e-8 * np.max(np.abs(expected))
+
+
+@pytest.mark.parametrize(("dtype", "temperature"), [(np.float32, 1e-36), (np.float64, 1e-306)])
+@pytest.mark.parametrize("backend", ["numpy", "auto", "torch"])
+def test_the_tiniest_temperatures_give_the_one_hot_gradient_not_nan(dtype, temperature, backend):
+    """At T near the dtype's tiniest normal numbers each row is one-hot at its max: the gradient of
+    log p(y) + H is c·([j = y] − [j = argmax]) (H's is 0). The pass-2 coefficient of d_j, c·k/s,
+    times the exponent's floor (−1000) overflowed, and 0·∞ made the row NaN (a review)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 37)).astype(dtype)
+    y = np.array([0, 3, int(np.argmax(x[2]))])
+    expected = np.zeros((3, 37))
+    expected[np.arange(3), y] += 1 / temperature
+    expected[np.arange(3), np.argmax(x, axis=1)] -= 1 / temperature
+    if backend == "numpy":
+        grad = xentkit.log_probs_backward(x, y, np.ones(3), np.ones(3), temperature=temperature)
+    else:
+        torch = pytest.importorskip("torch")
+        import xentkit.torch as xt
+
+        t = torch.from_numpy(x).requires_grad_()
+        log_p, entropy = xt.log_probs(t, torch.from_numpy(y), temperature=temperature, return_entropy=True, backend=backend)
+        (log_p + entropy).sum().backward()
+        grad = t.grad.numpy()
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=0)

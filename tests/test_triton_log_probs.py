@@ -498,3 +498,20 @@ def test_a_confident_targets_entry_keeps_the_entropy_term_beside_the_log_probs(g
     got = x.grad[0, 0].item()
     # float64: a few ulps; float32: the terms' own rounding (exp of d in float32, about |d|·6e-8)
     assert got == pytest.approx(expected, rel=1e-14 if dtype == torch.float64 else 1e-6, abs=0), (got, expected)
+
+
+def test_the_tiniest_temperature_gives_the_one_hot_gradient_not_nan():
+    """T = 1e-36 (float32's tiniest normal numbers, c = 1e36): each row is one-hot at its max and
+    the gradient of log p(y) + H is c·([j = y] − [j = argmax]). The coefficient c·k/s times the
+    exponent's floor (−1000) overflowed to −inf, and 0·∞ made the row NaN."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 37, generator=generator)
+    labels = torch.tensor([0, 3, int(logits[2].argmax())])
+    x = logits.clone().to(DEVICE).requires_grad_()
+    log_p, entropy = xt.log_probs(x, labels.to(DEVICE), temperature=1e-36, return_entropy=True, backend="triton")
+    (log_p + entropy).sum().backward()
+    expected = torch.zeros(3, 37, dtype=torch.float64)
+    rows = torch.arange(3)
+    expected[rows, labels] += 1e36
+    expected[rows, logits.argmax(1)] -= 1e36
+    torch.testing.assert_close(x.grad.cpu().double(), expected, rtol=1e-6, atol=0)

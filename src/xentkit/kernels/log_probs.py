@@ -62,6 +62,9 @@ from xentkit.kernels.cross_entropy import (
 from xentkit.reference.log_probs import EXPONENT_FLOOR
 
 _LOOP_JIT = helper_options({"reassoc", "nsz"})
+# the gradient loops are elementwise (no sum to reorder): without "reassoc", which would let LLVM
+# factor exp(d)·B + (exp(d)·K)·d back into exp(d)·(B + K·d), NaN where K·d overflows
+_GRAD_JIT = helper_options({"nsz"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,25 +129,29 @@ def _block_moments_unshifted(row, start, stop, scale):  # pragma: no cover - com
 
 
 # ---------------------------------------------------------------------------------------------
-# Pass 2 pieces: dst_j = exp(d_j)·(B + K·d_j), d_j = (x_j − a)·c − b, B = c·b/s, K = c·k/s
+# Pass 2 pieces: dst_j = exp(d_j)·B + (exp(d_j)·K)·d_j, d_j = (x_j − a)·c − b, B = c·b/s, K = c·k/s
+# (exp(d)·K first: at temperatures near the dtype's tiniest, K·d would overflow where exp(d) is 0 or
+# d is 0, giving 0·∞ = NaN)
 # ((a, b) = (m_x, 0) for float32 logits, (0, m) for float64: see _gradient_kernel)
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(**_LOOP_JIT)
+@njit(**_GRAD_JIT)
 def _grad(x, g, scale, shift, after, coef_b, coef_k):  # pragma: no cover - compiled
     floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
         d = (x[j] - shift) * scale - after
-        g[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
+        e = fast_exp_nonpositive(d)
+        g[j] = e * coef_b + (e * coef_k) * maxnum(d, floor)
 
 
-@njit(**_LOOP_JIT)
+@njit(**_GRAD_JIT)
 def _grad_inplace(x, scale, shift, after, coef_b, coef_k):  # pragma: no cover - compiled
     floor = like(EXPONENT_FLOOR, x)
     for j in range(x.shape[0]):
         d = (x[j] - shift) * scale - after
-        x[j] = fast_exp_nonpositive(d) * (coef_b + coef_k * maxnum(d, floor))
+        e = fast_exp_nonpositive(d)
+        x[j] = e * coef_b + (e * coef_k) * maxnum(d, floor)
 
 
 # ---------------------------------------------------------------------------------------------

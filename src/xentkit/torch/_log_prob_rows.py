@@ -178,7 +178,8 @@ class TorchRows(_Rows):
         s = 1 + e
         coef_b = (scale * b / s).to(x.dtype)[:, None]
         coef_k = (scale * k / s).to(x.dtype)[:, None]
-        grad = d.exp() * (coef_b + coef_k * d.clamp_min(EXPONENT_FLOOR))
+        exponentials = d.exp()  # (exp(d)·K before ·d: K·d overflows at the tiniest temperatures)
+        grad = exponentials * coef_b + (exponentials * coef_k) * d.clamp_min(EXPONENT_FLOOR)
         # (the target's a + p_y·b cancels for a confident row whatever the dtype: this backend's s
         # has lost δ already, see the class docstring)
         here = valid & (labels >= 0) & (labels < logits.shape[-1])

@@ -234,7 +234,8 @@ def _gradient_kernel(
     # ---- Pass 2: grad_j = exp(d_j)·(c·b/s + c·k/s·d_j), d_j = (x_j − max x)·c ----
     x = tl.load(logits_ptr + row * logits_stride + cols, mask=inside, other=0.0).to(tl.float32)
     d = (x - m_x) * scale_hi
-    grad = tl.exp(d) * (coef_b + coef_k * tl.maximum(d, _FLOOR))
+    e_d = tl.exp(d)  # (exp(d)·K before ·d: K·d overflows at the tiniest temperatures)
+    grad = e_d * coef_b + (e_d * coef_k) * tl.maximum(d, _FLOOR)
     # the target's entry c·(a·(1 − p_y) + p_y·(t + k·d_y)) in float64, its 1 − p_y = e/s
     # where y is at the max (d_y = 0), where a + p_y·b and 1 − 1/s cancel for a confident row;
     # y outside [0, V) matches no stored lane
