@@ -32,6 +32,8 @@ def _losses():
         "vocab_parallel_linear": (
             hidden, lambda: distributed.vocab_parallel_linear_cross_entropy(hidden, head, target)
         ),
+        "log_probs": (logits, lambda: xt.log_probs(logits, safe, return_entropy=True)[1].sum()),
+        "linear_log_probs": (hidden, lambda: xt.linear_log_probs(hidden, head, safe).sum()),
     }
 
 
@@ -52,3 +54,17 @@ def test_first_order_gradient_is_unchanged_by_the_guard(name, kernel_path):
     (graphed,) = torch.autograd.grad(loss_of(), leaf, create_graph=True)
     assert torch.isfinite(plain).all() and plain.abs().sum() > 0
     torch.testing.assert_close(graphed.detach(), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(_losses()))
+def test_a_second_derivative_through_the_upstream_gradient_raises(name, kernel_path):
+    """A loss scale (or per-sample weights) that requires grad reaches the first gradient only
+    through the upstream gradient: differentiating that gradient with respect to the scale must
+    meet the error. The path was cut: d/da of v·∂(a·loss)/∂x + a² came back 2a alone (the
+    v·∂loss/∂x term dropped, no error), a review's learning-to-reweight hypergradient."""
+    leaf, loss_of = _losses()[name]
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad(scale * loss_of(), leaf, create_graph=True)
+    direction = torch.ones_like(gradient)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad((gradient * direction).sum() + scale.square(), scale)

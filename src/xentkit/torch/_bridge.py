@@ -682,8 +682,14 @@ def first_order_only(
             with torch.no_grad():
                 outputs = backward(ctx, *grad_outputs)
             # the error node must lead to the Function's inputs: torch.autograd.grad(..., inputs)
-            # runs only the nodes on a path to its inputs
-            anchors = tuple(getattr(ctx, "first_order_anchors", ()))
+            # runs only the nodes on a path to its inputs; and to the upstream gradients that have
+            # a history (per-sample loss weights differentiated through the first gradient: that
+            # path was cut, and the second derivative came back without its term, a review)
+            with torch.enable_grad():
+                upstream = tuple(
+                    _anchor(g) for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad
+                )
+            anchors = tuple(getattr(ctx, "first_order_anchors", ())) + upstream
             raise_later = torch._C._functions.DelayedError(message, len(outputs) + len(anchors))
 
             def fake_requires_grad(gradient: Tensor | None) -> Tensor | None:
