@@ -49,7 +49,8 @@ def as_class_indices(
             array.dtype.kind in "iu", array.shape, sample_shape,
             dtype_name=dtype_name or str(array.dtype), expected_shape=expected_shape,
         )
-    if array.dtype == np.uint64 and array.size and array.max() > _INT64_MAX:
+    # (by kind and size: a big-endian '>u8' is not == np.uint64, and its cast wrapped silently)
+    if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size and array.max() > _INT64_MAX:
         bad = array > _INT64_MAX
         if num_classes is not None:
             bad |= _bad_labels(array, num_classes, -100 if ignore_index is None else ignore_index)

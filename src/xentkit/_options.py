@@ -114,6 +114,19 @@ def as_array(value: object, name: str) -> np.ndarray:
     return array
 
 
+# The NumPy kinds the binary losses' elementwise factors take: a weight may be a bool mask (1 or
+# 0, as torch), a pos_weight may not; complex is neither (torch refuses both)
+FACTOR_KINDS = {"weight": "fiub", "pos_weight": "fiu"}
+
+
+def check_factor_kind(name: str, kind: str, received: str) -> None:
+    """A binary loss's ``weight`` or ``pos_weight`` of NumPy ``kind`` (a tensor's by
+    ``_bridge.numpy_kind``), else a ``TypeError`` naming it and what came (``received``, from
+    :func:`describe`): the one rule of every path, the kernels' and torch's ops'."""
+    if kind not in FACTOR_KINDS[name]:
+        raise TypeError(f"{name} must be a numeric array, got {received}")
+
+
 # NumPy's kinds of arrays that hold no numbers: objects, bytes, strings, structured, dates and times
 _NOT_NUMBERS = "OSUVMm"
 
@@ -142,16 +155,20 @@ def _holds_arrays_or_lists(value: object) -> bool:
     return type(value) in (list, tuple) and bool(value) and isinstance(value[0], (list, tuple, np.ndarray))
 
 
-def _refuse_valueless(value: object, name: str, expected: str) -> None:
-    """A ``TypeError`` for a meta tensor, which has a shape and a dtype but no value to read."""
+def refuse_valueless(value: object, name: str, expected: str) -> None:
+    """A ``TypeError`` for a meta tensor, which has a shape and a dtype but no value to read, and
+    for a NumPy masked array with masked entries, whose hidden values would be read as the value
+    (as :func:`as_array` refuses them)."""
     if _is_torch_tensor(value) and getattr(getattr(value, "device", None), "type", None) == "meta":
         raise TypeError(f"{name} must be {expected}, got {describe(value)} on the meta device, which holds no value")
+    if isinstance(value, np.ma.MaskedArray) and np.ma.is_masked(value):
+        raise TypeError(f"{name} must be {expected}, got a masked value (a NumPy masked array), which holds none")
 
 
 def _real(value: object, name: str, expected: str) -> float:
     if type(value) is float:  # the common case, without the numbers.Real ABC check
         return value + 0.0  # -0.0 becomes 0.0: one value, one encoding
-    _refuse_valueless(value, name, expected)
+    refuse_valueless(value, name, expected)
     # (a 0-d tensor of a real number is taken; on a device it is read below: one wait)
     if (isinstance(value, bool) or not isinstance(value, numbers.Real)) and not _one_real_number(value):
         if getattr(value, "requires_grad", False) and getattr(value, "shape", None) == ():
@@ -232,7 +249,7 @@ def check_ignore_index(value: object) -> int:
         return value
     if isinstance(value, bool | np.bool_) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"ignore_index must be an int, got {describe(value)}")
-    _refuse_valueless(value, "ignore_index", "an int")
+    refuse_valueless(value, "ignore_index", "an int")
     if not isinstance(value, numbers.Integral):
         try:  # an integer of another kind that says so: a one-value integer tensor, as torch takes
             value = operator.index(value)  # type: ignore[arg-type]

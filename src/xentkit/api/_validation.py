@@ -13,7 +13,7 @@ import operator
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .._options import as_array, describe
+from .._options import as_array, describe, refuse_valueless
 from ..reference.reductions import FLOAT_MAX
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -46,6 +46,7 @@ def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
         return axis % ndim
     if isinstance(axis, bool | np.bool_) or str(getattr(axis, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"{name} must be an int, got {describe(axis)}")
+    refuse_valueless(axis, name, "an int")
     if not isinstance(axis, numbers.Integral):
         try:  # an integer of another kind that says so (a 0-d integer array, as NumPy takes)
             axis = operator.index(axis)  # type: ignore[arg-type]

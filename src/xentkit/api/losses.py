@@ -7,7 +7,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import Integer, LossOptions, as_array, check_reduction, describe
+from .._options import Integer, LossOptions, as_array, check_factor_kind, check_reduction, describe
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
 from ._rows import kernel_array
@@ -40,18 +40,17 @@ def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[
 
 
 def _broadcast_weight(
-    weight: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype, name: str, *, kinds: str = "fiub",
-    one_for_all: bool = False,
+    weight: ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype, name: str, *, one_for_all: bool = False,
 ) -> np.ndarray | None:
-    """``weight`` as an array of ``dtype`` that broadcasts to ``shape`` (None stays None), of NumPy
-    ``kinds`` (by default a bool mask too, which weighs 1 or 0, as in torch); ``one_for_all``: on a
-    scalar input one value applies whatever its shape (a ``[1]``; elsewhere torch's broadcasting
-    alone, which refuses a ``[[w]]`` beside a ``[3]``)."""
+    """``weight`` (``name``: "weight" or "pos_weight") as an array of ``dtype`` that broadcasts to
+    ``shape`` (None stays None), of the kinds ``_options.FACTOR_KINDS`` allows it (a weight may be
+    a bool mask, which weighs 1 or 0, as in torch); ``one_for_all``: on a scalar input one value
+    applies whatever its shape (a ``[1]``; elsewhere torch's broadcasting alone, which refuses a
+    ``[[w]]`` beside a ``[3]``)."""
     if weight is None:
         return None
     array = as_array(weight, name)
-    if array.dtype.kind not in kinds:
-        raise TypeError(f"{name} must be a numeric array, got {describe(weight)}")
+    check_factor_kind(name, array.dtype.kind, describe(weight))
     if one_for_all and array.size == 1 and not shape:
         array = array.reshape(())
     check_broadcasts_to(name, array.shape, shape)
@@ -163,7 +162,7 @@ def _bce_with_logits(
     reduction = check_reduction(reduction)
     # (any shape that broadcasts, as torch; on a scalar input one value also as a [1])
     w = _broadcast_weight(weight, x.shape, x.dtype, "weight", one_for_all=True)
-    pw = _broadcast_weight(pos_weight, x.shape, x.dtype, "pos_weight", kinds="fiu", one_for_all=True)
+    pw = _broadcast_weight(pos_weight, x.shape, x.dtype, "pos_weight", one_for_all=True)
     plan = ReductionPlan.of_rows(reduction, x.size)
     if x.size and x.ndim and not reference_enabled():
         return _bce_on_the_kernel(x, y, w, pw, plan, want_grad, grad_output, loss_dtype or dtype, grad_dtype or dtype)

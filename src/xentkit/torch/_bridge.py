@@ -107,7 +107,7 @@ def check_class_weight(weight: Tensor | None, classes: int | None) -> None:
         if not isinstance(weight, Tensor):  # (a module's constructor takes it before any call)
             hint = "; torch.from_numpy(...) makes one" if isinstance(weight, np.ndarray) else ""
             raise TypeError(f"weight must be a torch.Tensor or None, got {describe(weight)}{hint}")
-        numeric = not (weight.is_complex() or weight.dtype == torch.bool)
+        numeric = numpy_kind(weight.dtype) in "fiu"
         check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype).removeprefix("torch."))
 
 
@@ -185,11 +185,22 @@ def _allowing_mutation_on_saved_tensors() -> bool:
     return any(isinstance(each, mode) for each in _get_current_dispatch_mode_stack())
 
 
-def check_overwritable(input: Tensor) -> None:
+def _byte_span(tensor: Tensor) -> tuple[int, int]:
+    """The bytes ``[start, stop)`` a strided tensor's elements lie in (torch strides are >= 0)."""
+    start = tensor.data_ptr()
+    if tensor.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def check_overwritable(input: Tensor, **others: Tensor | None) -> None:
     """Refuse ``inplace_backward=True`` where the gradient would be written over a leaf that
     requires grad (a parameter, or a view of one): its values are the model's, and torch refuses
-    in-place changes to such a leaf too; and inside ``allow_mutation_on_saved_tensors()``, whose
-    version check is off while xentkit's write is not one of the ops it watches."""
+    in-place changes to such a leaf too; inside ``allow_mutation_on_saved_tensors()``, whose
+    version check is off while xentkit's write is not one of the ops it watches; and where one of
+    ``others`` (the target, the class weights) shares the logits' memory, which the gradient would
+    overwrite while it is read (the api's ``out`` rule, named here by the option)."""
     if _allowing_mutation_on_saved_tensors():
         raise ValueError(
             "inplace_backward=True cannot run inside torch.autograd.graph.allow_mutation_on_saved_tensors(): "
@@ -204,6 +215,18 @@ def check_overwritable(input: Tensor) -> None:
             "requiring grad (a parameter), or a view of one; pass inplace_backward=False, or logits "
             "computed from the parameters"
         )
+    if type(input) not in PLAIN_TENSOR_TYPES or input.device.type == "meta":  # (no data pointers)
+        return
+    start, stop = _byte_span(input)
+    for name, other in others.items():
+        if other is None or type(other) not in PLAIN_TENSOR_TYPES or other.device != input.device:
+            continue
+        other_start, other_stop = _byte_span(other)
+        if other_start < stop and start < other_stop:
+            raise ValueError(
+                f"inplace_backward=True would write the gradient over logits that share memory with "
+                f"{name}, which backward still reads; pass inplace_backward=False, or {name}.clone()"
+            )
 
 
 def loss_dtype(input: Tensor, target: Tensor, weight: Tensor | None = None) -> torch.dtype:
@@ -244,6 +267,18 @@ _NUMPY_DTYPES = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """NumPy's dtype of a kernel float dtype (float16, float32, float64)."""
     return _NUMPY_DTYPES[dtype]
+
+
+def numpy_kind(dtype: torch.dtype) -> str:
+    """NumPy's kind character of a torch dtype ("b", "c", "f", "i" or "u"), for the rules written
+    on NumPy kinds (``_options.FACTOR_KINDS``, the class weights')."""
+    if dtype == torch.bool:
+        return "b"
+    if dtype.is_complex:
+        return "c"
+    if dtype.is_floating_point:
+        return "f"
+    return "i" if dtype.is_signed else "u"
 
 
 def binary_loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:

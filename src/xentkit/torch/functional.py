@@ -37,7 +37,16 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from .._labels import check_labels
-from .._options import Integer, LossOptions, Real, check_flag, fields_with, loss_options
+from .._options import (
+    Integer,
+    LossOptions,
+    Real,
+    check_factor_kind,
+    check_flag,
+    describe,
+    fields_with,
+    loss_options,
+)
 from ..api._validation import check_broadcasts_to
 from ..api.cross_entropy import _cross_entropy, warn_if_probabilities
 from ..api.losses import _bce_with_logits, _nll
@@ -616,7 +625,7 @@ def _cross_entropy_with_options(
         options.inplace_backward and input.requires_grad and torch.is_grad_enabled()
         and not torch.compiler.is_compiling() and not _bridge.transforms_running(input)
     ):
-        _bridge.check_overwritable(input)
+        _bridge.check_overwritable(input, target=target, weight=weight)
     if _small_and_plain(input, target, weight, options):  # first the common small case
         return _small_cross_entropy(input, target, weight, options, check_probabilities)
     return _cross_entropy_beyond_small(input, target, weight, options, check_probabilities)
@@ -792,9 +801,11 @@ def binary_cross_entropy_with_logits(
             f"{str(target.dtype).removeprefix('torch.')}; pass target.float()"
         )
     for name, factor in (("weight", weight), ("pos_weight", pos_weight)):
-        # the api's rule (torch: a RuntimeError naming "tensor a" and "tensor b", or one about the
-        # output's shape for a factor that would widen the result, from inside its ops)
+        # the api's rules, before a path is chosen (torch: a RuntimeError naming "tensor a" and
+        # "tensor b", or one about the output's shape for a factor that would widen the result,
+        # from inside its ops; its ops dropped a complex factor's imaginary part)
         if factor is not None:
+            check_factor_kind(name, _bridge.numpy_kind(factor.dtype), describe(factor))
             check_broadcasts_to(name, tuple(factor.shape), tuple(input.shape))
     operands = (input, target, weight, pos_weight)
     result_dtype = None

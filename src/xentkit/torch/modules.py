@@ -10,10 +10,19 @@ import numbers
 import operator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .._options import FIELD_DEFAULTS, Integer, LossOptions, Real, describe
+from .._options import (
+    FIELD_DEFAULTS,
+    Integer,
+    LossOptions,
+    Real,
+    check_factor_kind,
+    describe,
+    fields_with,
+)
 from . import _bridge, functional
 from .linear_cross_entropy import linear_cross_entropy
 
@@ -177,6 +186,8 @@ class CrossEntropyLoss(_NotScriptable, torch.nn.CrossEntropyLoss, _KeepsOptions)
         inplace_backward: bool = False,
         check_labels: bool = True,
     ) -> None:
+        _bridge.check_class_weight(weight, None)  # (torch's buffer assignment: a TypeError naming neither)
+        functional.cached_options()(*fields_with(label_smoothing=label_smoothing))  # (torch's: a RuntimeError)
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
@@ -215,6 +226,7 @@ class NLLLoss(_NotScriptable, torch.nn.NLLLoss):
         *,
         check_labels: bool = True,
     ) -> None:
+        _bridge.check_class_weight(weight, None)  # (torch's buffer assignment: a TypeError naming neither)
         super().__init__(weight, size_average, ignore_index, reduce, reduction)
         self.check_labels = check_labels
 
@@ -241,6 +253,24 @@ class BCEWithLogitsLoss(_NotScriptable, torch.nn.BCEWithLogitsLoss):
         >>> xt.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0]))(torch.tensor([0.5]), torch.tensor([1.0]))
         tensor(0.9482)
     """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        pos_weight: Tensor | None = None,
+    ) -> None:
+        for name, factor in (("weight", weight), ("pos_weight", pos_weight)):
+            # (torch's buffer assignment: a TypeError naming neither; a complex factor's imaginary
+            # part dropped at forward)
+            if factor is not None and not isinstance(factor, Tensor):
+                hint = "; torch.from_numpy(...) makes one" if isinstance(factor, np.ndarray) else ""
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {describe(factor)}{hint}")
+            if factor is not None:
+                check_factor_kind(name, _bridge.numpy_kind(factor.dtype), describe(factor))
+        super().__init__(weight, size_average, reduce, reduction, pos_weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.binary_cross_entropy_with_logits(
@@ -301,6 +331,12 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
     ) -> None:
         out_features = _check_layer_sizes(in_features, num_classes, out_features)
         _bridge.check_class_weight(weight, num_classes)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            # (torch's Linear: an error from inside torch.empty or Parameter, or a complex layer
+            # every forward then refused)
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {describe(dtype)}")
+        # the one check of label_smoothing (torch's constructor raised its own RuntimeError first)
+        functional.cached_options()(*fields_with(label_smoothing=label_smoothing))
         if _TorchLinearCrossEntropyLoss is not torch.nn.Module:
             super().__init__(
                 in_features, num_classes, out_features=tuple(out_features), bias=bias, device=device,
