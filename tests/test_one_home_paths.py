@@ -42,7 +42,7 @@ def test_an_integer_target_of_the_logits_shape_is_one_type_error_on_every_path(p
 def test_the_linear_forms_word_their_target_errors_as_the_others() -> None:
     hidden, weight = torch.randn(4, 3), torch.randn(5, 3)
     for target, message in (
-        (torch.zeros(3, dtype=torch.long), r"target must have shape \(4,\) \(class indices\) or the logits' shape \(class probabilities\), got shape \(3,\)$"),
+        (torch.zeros(3, dtype=torch.long), r"target must have shape \(4,\) \(class indices\) or the logits' shape \(4, 5\) \(class probabilities\), got shape \(3,\)$"),
         (torch.rand(4, 6), r"got shape \(4, 6\) of dtype float32$"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -33,6 +33,7 @@ def as_class_indices(
     num_classes: int | None = None,
     ignore_index: int | None = None,
     classes: str | None = None,
+    logits_shape: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """``target`` as int64 class indices of shape ``sample_shape`` (no copy when already int64).
 
@@ -41,13 +42,14 @@ def as_class_indices(
     caller's dtype when the array is a converted view (a torch bfloat16 target, say). With
     ``num_classes`` (and ``ignore_index``, and ``classes`` as in :func:`check_labels`) the error for
     such uint64 labels names the first bad label of any kind, as :func:`check_labels` would: one
-    beyond int64, or one outside ``[0, num_classes)`` before it.
+    beyond int64, or one outside ``[0, num_classes)`` before it. ``logits_shape``: named in the
+    shape error where probabilities are taken (:func:`check_index_layout`).
     """
     array = as_array(target, "target")
     if not (array.dtype.kind in "iu" and array.shape == tuple(sample_shape)):  # names only on error
         check_index_layout(
             array.dtype.kind in "iu", array.shape, sample_shape,
-            dtype_name=dtype_name or str(array.dtype), expected_shape=expected_shape,
+            dtype_name=dtype_name or str(array.dtype), expected_shape=expected_shape, logits_shape=logits_shape,
         )
     # (by kind and size: a big-endian '>u8' is not == np.uint64, and its cast wrapped silently)
     if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size and array.max() > _INT64_MAX:
@@ -91,24 +93,35 @@ def check_index_layout(
     *,
     dtype_name: str,
     expected_shape: str = _INDICES_OR_PROBABILITIES,
+    logits_shape: tuple[int, ...] | None = None,
 ) -> None:
     """The dtype and shape rules of class indices, from metadata alone (for tensors on any
     device): a non-integer dtype is a ``TypeError``, a shape other than ``sample_shape`` a
     ``ValueError`` (also for a floating target that has neither layout where probabilities are
     taken); ``expected_shape`` words the expected shape (the probabilities' hint only with
-    the default, a target that may hold them)."""
-    if not integer and expected_shape == _INDICES_OR_PROBABILITIES and tuple(shape) != tuple(sample_shape):
+    the default, a target that may hold them), and names ``logits_shape`` where given (the fused
+    linear forms take no logits to look at)."""
+    may_hold_probabilities = expected_shape == _INDICES_OR_PROBABILITIES
+    if not integer and may_hold_probabilities and tuple(shape) != tuple(sample_shape):
         # neither layout: a floating target of another shape (class probabilities of another
         # batch, say) is a shape error, as torch's ("Expected input batch_size (4) to match target
         # batch_size (3)"), not one about the dtype of class indices
         raise ValueError(
-            f"target must have shape {sample_shape} {expected_shape}, got shape {tuple(shape)} of dtype {dtype_name}"
+            f"target must have shape {sample_shape} {_worded(expected_shape, logits_shape)}, got shape {tuple(shape)} of dtype {dtype_name}"
         )
     if not integer:  # (the hint on probabilities only where the caller takes them)
-        hint = " (class probabilities must have the logits' shape)" if expected_shape == _INDICES_OR_PROBABILITIES else ""
+        hint = " (class probabilities must have the logits' shape)" if may_hold_probabilities else ""
         raise TypeError(f"target of class indices must have an integer dtype, got dtype {dtype_name}{hint}")
     if tuple(shape) != tuple(sample_shape):
-        raise ValueError(f"target must have shape {sample_shape} {expected_shape}, got shape {tuple(shape)}")
+        raise ValueError(f"target must have shape {sample_shape} {_worded(expected_shape, logits_shape)}, got shape {tuple(shape)}")
+
+
+def _worded(expected_shape: str, logits_shape: tuple[int, ...] | None) -> str:
+    """The expected layouts of :func:`check_index_layout`'s errors, naming the logits' shape where
+    it is known (worded only on error: under torch.compile the shapes are symbols)."""
+    if expected_shape == _INDICES_OR_PROBABILITIES and logits_shape is not None:
+        return f"(class indices) or the logits' shape {tuple(logits_shape)} (class probabilities)"
+    return expected_shape
 
 
 def _logits_classes(num_classes: int) -> str:

@@ -181,7 +181,8 @@ def _cross_entropy(
             plan = ReductionPlan.of_rows(reduction, valid.size)
     else:
         target_array = as_class_indices(
-            target_array, sample_shape, num_classes=num_classes, ignore_index=options.ignore_index
+            target_array, sample_shape, num_classes=num_classes, ignore_index=options.ignore_index,
+            logits_shape=original.shape,
         )
         valid = check_labels(
             target_array, num_classes, options.ignore_index, compiled=not use_reference

@@ -165,7 +165,7 @@ def target_layout(
         check_index_layout(
             not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
             tuple(target.shape), sample_shape, dtype_name=dtype_name,
-            **({} if probabilities_allowed else {"expected_shape": "(class indices)"}),
+            **({"logits_shape": logits_shape} if probabilities_allowed else {"expected_shape": "(class indices)"}),
         )
     return probabilities
 
