@@ -33,6 +33,7 @@ def _by_rows(array: np.ndarray, axis: int, what: str) -> np.ndarray:
     rows = kernel_array(moved.reshape(-1, moved.shape[-1]) if moved.ndim != 2 else moved)
     kind = {"softmax": kernel.SOFTMAX, "log_softmax": kernel.LOG_SOFTMAX, "logsumexp": kernel.LOGSUMEXP}[what]
     result = kernel.softmax_rows(rows, kind)
+    del rows  # (a row copy along another axis: freed before the copy back, two arrays alive, not three)
     if what == "logsumexp":
         return result.reshape(moved.shape[:-1])
     back = np.moveaxis(result.reshape(moved.shape), -1, axis)

@@ -89,7 +89,7 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     scale = 1.0
     if want_grad:
         scale = plan.scales(upstream_gradient(grad_output, reduction, sample_shape, work))[0]
-    per_sample, _, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index, scale)
+    per_sample, _, grad = reference.nll_loss_and_grad(moved, labels, weight, ignore_index, scale, want_grad=want_grad)
     loss = rounded(plan.reduce(per_sample), loss_dtype or original.dtype)
     if not want_grad:
         return loss, None
@@ -401,10 +401,27 @@ def _distribution(p: ArrayLike, name: str, axis: int) -> tuple[np.ndarray, np.dt
     array = as_float_array(p, name)
     axis = class_axis(array, axis, name)
     work = array.astype(compute_dtype(array.dtype), copy=False)
-    negative = work < 0  # (NaN compares False: no all-NaN warning)
-    if negative.any():
-        raise ValueError(f"{name} must hold probabilities (values >= 0), got a minimum of {work[negative].min()}")
+    # (a min, no mask of the input's size; an all-NaN input passes, as before)
+    if work.size and np.fmin.reduce(work, axis=None) < 0:  # (fmin: NaN-free where any value is)
+        raise ValueError(f"{name} must hold probabilities (values >= 0), got a minimum of {work[work < 0].min()}")
     return work, array.dtype, axis
+
+
+# Forward-only entropy and KL run the reference formulas over blocks of this many bytes of float64
+# (their temporaries, about ten with a float64 copy of float32 inputs among them, then block-sized:
+# whole, they came to 3 and 12 times the input's bytes, a review)
+_BLOCK_BYTES = 2**20
+
+
+def _value_by_blocks(value_of, *arrays: np.ndarray) -> np.ndarray:
+    """``value_of(*blocks)`` over blocks of the arrays' first axis (one shape, the class axis last),
+    concatenated: the per-row values of the whole, with block-sized temporaries."""
+    shape = arrays[0].shape
+    per_row = 8 * int(np.prod(shape[1:], dtype=np.int64))
+    step = max(1, _BLOCK_BYTES // max(per_row, 1))
+    if len(shape) < 2 or shape[0] <= step:
+        return value_of(*arrays)
+    return np.concatenate([value_of(*(a[start : start + step] for a in arrays)) for start in range(0, shape[0], step)])
 
 
 def entropy(p: ArrayLike, axis: int = -1) -> np.ndarray:
@@ -417,7 +434,13 @@ def entropy(p: ArrayLike, axis: int = -1) -> np.ndarray:
     >>> np.round(xentkit.entropy([[0.5, 0.5], [1.0, 0.0]]), 4)  # log 2 and 0
     array([0.6931, 0.    ])
     """
-    return entropy_and_grad(p, axis)[0]
+    work, dtype, axis = _distribution(p, "p", axis)
+
+    def value_of(block: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # (as entropy_and_grad)
+            return reference.entropy_and_grad(block, axis=-1)[0]
+
+    return rounded(_value_by_blocks(value_of, np.moveaxis(work, axis, -1)), dtype)
 
 
 def entropy_and_grad(p: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -436,6 +459,19 @@ def entropy_and_grad(p: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarr
     return rounded(value, dtype), rounded(grad, dtype)
 
 
+def _kl_operands(
+    p: ArrayLike, q: ArrayLike, axis: int
+) -> tuple[np.ndarray, np.ndarray, int, np.dtype, tuple[np.dtype, np.dtype]]:
+    """p and q checked and in one dtype (the one they promote to, in which KL is returned; each
+    gradient in its argument's dtype, as torch), the class axis normalized, and their own dtypes."""
+    p_array, q_array = as_float_array(p, "p"), as_float_array(q, "q")
+    same_shape(q_array, "q", p_array, "p")
+    dtype = np.result_type(p_array.dtype, q_array.dtype)
+    p_work, _, axis = _distribution(p_array.astype(dtype, copy=False), "p", axis)
+    q_work, _, _ = _distribution(q_array.astype(dtype, copy=False), "q", axis)
+    return p_work, q_work, axis, dtype, (p_array.dtype, q_array.dtype)
+
+
 def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
     """Kullback–Leibler divergence ``KL(p‖q) = Σ_i p_i·(log p_i − log q_i)`` in nats along ``axis``.
 
@@ -446,7 +482,13 @@ def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
     >>> np.round(xentkit.kl_divergence([0.5, 0.5], [0.9, 0.1]), 4)
     np.float64(0.5108)
     """
-    return kl_divergence_and_grad(p, q, axis)[0]
+    p_work, q_work, axis, dtype, _ = _kl_operands(p, q, axis)
+
+    def value_of(p_block: np.ndarray, q_block: np.ndarray) -> np.ndarray:  # (in float64: see below)
+        wide = (p_block.astype(np.float64, copy=False), q_block.astype(np.float64, copy=False))
+        return reference.kl_divergence_and_grad(*wide, axis=-1)[0]
+
+    return rounded(_value_by_blocks(value_of, np.moveaxis(p_work, axis, -1), np.moveaxis(q_work, axis, -1)), dtype)
 
 
 def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -462,15 +504,10 @@ def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[
     >>> dq
     array([-1., -1.])
     """
-    p_array, q_array = as_float_array(p, "p"), as_float_array(q, "q")
-    same_shape(q_array, "q", p_array, "p")
-    # both computed in one dtype; the value in it, each gradient in its argument's dtype (as torch)
-    dtype = np.result_type(p_array.dtype, q_array.dtype)
-    p_work, _, axis = _distribution(p_array.astype(dtype, copy=False), "p", axis)
-    q_work, _, _ = _distribution(q_array.astype(dtype, copy=False), "q", axis)
+    p_work, q_work, axis, dtype, (p_dtype, q_dtype) = _kl_operands(p, q, axis)
     # in float64, rounded once: log p − log q of two close distributions cancels, and in float32
     # each log's rounding would be most of the difference (a KL of 3e-9 came out 9e-10)
     value, grad_p, grad_q = reference.kl_divergence_and_grad(
         p_work.astype(np.float64, copy=False), q_work.astype(np.float64, copy=False), axis=axis
     )
-    return rounded(value, dtype), rounded(grad_p, p_array.dtype), rounded(grad_q, q_array.dtype)
+    return rounded(value, dtype), rounded(grad_p, p_dtype), rounded(grad_q, q_dtype)

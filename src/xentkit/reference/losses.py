@@ -28,7 +28,9 @@ def nll_loss_and_grad(
     weight: np.ndarray | None,
     ignore_index: int,
     grad_scale: np.ndarray | float = 1.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    *,
+    want_grad: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Per-sample NLL −w_y·log p_y (class axis last; 0 for a class of weight 0 whose log p is
     −inf: 0·log 0 = 0, as the cross-entropy's), its weight w_y, and
     ∂/∂log p = −w_y·onehot(y), times ``grad_scale`` (the upstream gradient and the reduction's
@@ -36,6 +38,7 @@ def nll_loss_and_grad(
 
     Returns ``(per_sample, w_y, grad)``; ignored samples have loss, weight and gradient 0. Only the
     targets' entries are scaled: the others are 0 whatever the scale (0·inf would be NaN), as torch's.
+    ``want_grad=False``: ``grad`` is None (no array of the log-probabilities' size is made).
     """
     valid = labels != ignore_index
     safe = np.where(valid, labels, 0)
@@ -43,6 +46,8 @@ def nll_loss_and_grad(
     picked = np.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
     with np.errstate(invalid="ignore", over="ignore"):  # an ignored row's −inf: 0·(−inf), then masked
         per_sample = np.where(valid, -xlogy(w_y, picked), 0).astype(log_probs.dtype)
+        if not want_grad:
+            return per_sample, w_y, None
         target_grad = np.where(valid, -w_y * grad_scale, 0).astype(log_probs.dtype)
     grad = np.zeros(log_probs.shape, dtype=log_probs.dtype)
     np.put_along_axis(grad, safe[..., None], target_grad[..., None], axis=-1)
