@@ -110,3 +110,44 @@ def test_inplace_backward_refuses_a_target_or_weight_in_the_logits_memory(dtype,
     loss = xt.cross_entropy(z, other, inplace_backward=True, **kwargs)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_bfloat16_cross_entropy_on_the_cpu_runs_the_kernels_on_a_widened_copy():
+    """bfloat16 CPU logits are widened to float32 for the Numba kernels, which write the gradient
+    over that copy (a memory review: torch's float32 ops held 4 and 6 times the logits' bytes):
+    the loss is float64's rounded once to bfloat16, a confident row keeps its digits (torch's ops
+    gave 0 for 6.17e-9), the user's logits are never written, and double backward raises."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(6)
+    logits = (torch.randn(64, 300, generator=generator) * 3).bfloat16()
+    logits[0] = torch.tensor([0.0] + [-20.0] * 299).bfloat16()
+    target = torch.randint(0, 300, (64,), generator=generator)
+    target[0], target[5] = 0, -100
+    for kwargs in ({}, {"reduction": "none"}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": torch.rand(300, generator=generator).bfloat16()}):
+        x = logits.clone().requires_grad_()
+        z = x * 1  # (inplace_backward=True refuses a leaf)
+        loss = xt.cross_entropy(z, target, inplace_backward=True, **kwargs)
+        assert loss.dtype == torch.bfloat16
+        assert type(loss.grad_fn.next_functions[0][0]).__name__ == "_CrossEntropyFunctionBackward"
+        loss.sum().backward()
+        assert torch.equal(z.detach(), logits)  # (in place over the float32 copy only)
+        wide = logits.double().requires_grad_()
+        wide_kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        expected = xt.cross_entropy(wide, target, **wide_kwargs)
+        expected.sum().backward()
+        torch.testing.assert_close(loss.double(), expected.detach().bfloat16().double(), rtol=0, atol=0)
+        # (within one bfloat16 rounding of float64's gradient: float32's, rounded once)
+        torch.testing.assert_close(x.grad.double(), wide.grad, rtol=2**-8, atol=1e-7 * wide.grad.abs().max().item())
+    confident = torch.tensor([[0.0, -20.0, -20.0, -20.0]]).bfloat16()
+    exact = torch.log1p(3 * torch.exp(torch.tensor(-20.0, dtype=torch.float64)))  # 6.1835e-9
+    assert xt.cross_entropy(confident, torch.tensor([0])).item() == exact.bfloat16().item()
+    assert F.cross_entropy(confident.float(), torch.tensor([0])).item() == 0.0  # (torch's float32 ops)
+    x = logits.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(xt.cross_entropy(x, target), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        gradient.square().sum().backward()
+    # a probability target that requires grad: torch's ops, which differentiate it
+    soft = torch.softmax(logits.float(), 1).bfloat16().requires_grad_()
+    xt.cross_entropy(logits, soft).backward()
+    assert soft.grad is not None and soft.grad.dtype == torch.bfloat16

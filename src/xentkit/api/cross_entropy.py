@@ -326,7 +326,8 @@ def cross_entropy_and_grad(
     ``grad_output``: the upstream gradient, a scalar for "mean"/"sum" or one value per sample
     for "none" (default 1: the gradient of ``loss.sum()``). ``out``: an array of the logits'
     shape and dtype for the gradient; passing ``logits`` itself overwrites the logits with their
-    gradient, with no extra array of their size, and returns that buffer.
+    gradient, with no extra array of their size (float16 logits excepted: the kernels compute
+    them from a float32 copy, twice their bytes), and returns that buffer.
 
     Returns ``(loss, dlogits)``: the loss as :func:`cross_entropy` and the gradient with the
     logits' shape and dtype.

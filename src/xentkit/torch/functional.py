@@ -9,7 +9,9 @@ asks for the gradient over the logits, a write autograd's version counter record
 version counters stay truthful (unlike an in-place gradient that autograd cannot see, a known bug
 of fused kernels elsewhere). CUDA tensors run xentkit's Triton kernels (``xentkit.triton``).
 Everything else the NumPy api does not cover runs on plain torch ops instead: other devices,
-bfloat16 on the CPU, functorch transforms and ``torch.compile`` on the CPU, and gradients with respect to a
+bfloat16 ``nll_loss`` on the CPU (bfloat16 ``cross_entropy`` and ``binary_cross_entropy_with_logits``
+operands are widened to float32 for the kernels), functorch transforms and ``torch.compile`` on the
+CPU, and gradients with respect to a
 probability target or a class weight (with class indices too, where torch's ``cross_entropy`` and
 ``nll_loss`` cannot differentiate the weight and raise). Small CPU problems of
 ``cross_entropy`` and ``nll_loss`` (up to ``SMALL_MAX_LOGITS`` logits) run torch's own kernel
@@ -26,6 +28,7 @@ Two deliberate differences from torch:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable
@@ -649,11 +652,40 @@ def _cross_entropy_beyond_small(
     ):  # custom ops the compiler keeps, around the eager path's code (labels checked); small
         # problems keep the traced torch ops, ~3x faster there (a custom op costs ~0.1 ms a call)
         return _numba_ops.cross_entropy(input, target, weight, options, bool(check_probabilities))
+    if options.backend != "torch" and _bfloat16_on_the_cpu(input, target, weight):
+        return _widened_cross_entropy(input, target, weight, options, check_probabilities)
     if options.backend == "torch" or not _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free):
         return _torch_ops.cross_entropy(input, target, weight, options)
     return _CrossEntropyFunction.apply(
         input, target, weight, options, bool(check_probabilities), _bridge.gradients_wanted()
     )
+
+
+def _bfloat16_on_the_cpu(*operands: Tensor | None) -> bool:
+    """Whether a CPU call (eager) has a bfloat16 operand, which NumPy cannot view."""
+    return (
+        operands[0].is_cpu and not torch.compiler.is_compiling()
+        and any(t is not None and t.dtype == torch.bfloat16 for t in operands)
+    )
+
+
+def _widened_cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None, options: LossOptions, check_probabilities: bool
+) -> Tensor:
+    """Cross-entropy of bfloat16 CPU operands on the Numba kernels: each widened (exactly) to
+    float32, the loss rounded once to torch's dtype and the gradient to bfloat16 by the widening's
+    own backward. The float32 copy of the logits is this call's own, so the kernels write the
+    gradient over it (in place): a bfloat16 call holds 2 times the logits' bytes until backward
+    and 3 in it, where torch's float32 ops took 4 and 6 (a memory review), at the kernels' speed.
+    What the kernels do not run (a target or weight that requires grad, torch.func) runs torch's
+    ops on the bfloat16 operands, in float32 as well (``_torch_ops.cross_entropy``)."""
+    widened = tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in (input, target, weight))
+    if not _bridge.runs_on_xentkit(*widened, grad_free=widened[1:]):
+        return _torch_ops.cross_entropy(input, target, weight, options)
+    if widened[0] is not input and not options.inplace_backward:
+        options = cached_options()(*fields_with(**{**dataclasses.asdict(options), "inplace_backward": True}))
+    loss = _CrossEntropyFunction.apply(*widened, options, bool(check_probabilities), _bridge.gradients_wanted())
+    return loss.to(_bridge.loss_dtype(input, target, weight))
 
 
 def nll_loss(
