@@ -120,11 +120,13 @@ def test_bfloat16_cross_entropy_on_the_cpu_runs_the_kernels_on_a_widened_copy():
     import torch.nn.functional as F
 
     generator = torch.Generator().manual_seed(6)
-    logits = (torch.randn(64, 300, generator=generator) * 3).bfloat16()
-    logits[0] = torch.tensor([0.0] + [-20.0] * 299).bfloat16()
-    target = torch.randint(0, 300, (64,), generator=generator)
+    classes = 1100  # (64 rows: beyond SMALL_MAX_LOGITS; smaller calls stay on torch's ops)
+    logits = (torch.randn(64, classes, generator=generator) * 3).bfloat16()
+    logits[0] = float("-inf")  # a confident row among masked classes
+    logits[0, :4] = torch.tensor([0.0, -20.0, -20.0, -20.0])
+    target = torch.randint(0, classes, (64,), generator=generator)
     target[0], target[5] = 0, -100
-    for kwargs in ({}, {"reduction": "none"}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": torch.rand(300, generator=generator).bfloat16()}):
+    for kwargs in ({}, {"reduction": "none"}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": torch.rand(classes, generator=generator).bfloat16()}):
         x = logits.clone().requires_grad_()
         z = x * 1  # (inplace_backward=True refuses a leaf)
         loss = xt.cross_entropy(z, target, inplace_backward=True, **kwargs)
@@ -139,15 +141,47 @@ def test_bfloat16_cross_entropy_on_the_cpu_runs_the_kernels_on_a_widened_copy():
         torch.testing.assert_close(loss.double(), expected.detach().bfloat16().double(), rtol=0, atol=0)
         # (within one bfloat16 rounding of float64's gradient: float32's, rounded once)
         torch.testing.assert_close(x.grad.double(), wide.grad, rtol=2**-8, atol=1e-7 * wide.grad.abs().max().item())
-    confident = torch.tensor([[0.0, -20.0, -20.0, -20.0]]).bfloat16()
     exact = torch.log1p(3 * torch.exp(torch.tensor(-20.0, dtype=torch.float64)))  # 6.1835e-9
-    assert xt.cross_entropy(confident, torch.tensor([0])).item() == exact.bfloat16().item()
-    assert F.cross_entropy(confident.float(), torch.tensor([0])).item() == 0.0  # (torch's float32 ops)
+    assert xt.cross_entropy(logits, target, reduction="none")[0].item() == exact.bfloat16().item()
+    assert F.cross_entropy(logits.float(), target, reduction="none")[0].item() == 0.0  # (torch's float32 ops)
+    assert logits.numel() > xt.functional.SMALL_MAX_LOGITS
     x = logits.clone().requires_grad_()
     (gradient,) = torch.autograd.grad(xt.cross_entropy(x, target), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         gradient.square().sum().backward()
     # a probability target that requires grad: torch's ops, which differentiate it
-    soft = torch.softmax(logits.float(), 1).bfloat16().requires_grad_()
-    xt.cross_entropy(logits, soft).backward()
+    soft = torch.softmax(logits[1:].float(), 1).bfloat16().requires_grad_()
+    xt.cross_entropy(logits[1:], soft).backward()
     assert soft.grad is not None and soft.grad.dtype == torch.bfloat16
+
+
+def test_the_overlap_refusal_only_where_the_gradient_is_written_over_the_logits():
+    """A target that requires grad (torch's ops run, writing nothing) or non-contiguous logits
+    (the gradient gets a buffer of its own) share memory harmlessly: taken, as before the check
+    (a review of the change found both refused)."""
+    h = torch.rand(300, 514, requires_grad=True)
+    z = h * 1
+    loss = xt.cross_entropy(z[:, :257], z[:, 257:], inplace_backward=True)  # (the target's own memory)
+    loss.backward()
+    assert torch.isfinite(h.grad).all()
+    y = torch.rand(300, 514, requires_grad=True)
+    w = y * 1
+    loss = xt.cross_entropy(w[:, :257], w[:, 257:].detach(), inplace_backward=True)
+    loss.backward()
+    expected = torch.nn.functional.cross_entropy(y.detach()[:, :257].double(), y.detach()[:, 257:].double())
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_bfloat16_cpu_calls_name_their_own_dtypes_and_small_ones_stay_on_torchs_ops():
+    """The widened path checks the layout of the operands as given (a bfloat16 target of a wrong
+    shape was reported as float32); calls up to SMALL_MAX_LOGITS keep torch's ops (a kernel
+    call's fixed cost)."""
+    big = torch.randn(64, 1100).bfloat16()
+    with pytest.raises(ValueError, match=r"got shape \(3, 5\) of dtype bfloat16$"):
+        xt.cross_entropy(big, torch.rand(3, 5).bfloat16())
+    with pytest.raises(ValueError, match=r"got shape \(3, 5\) of dtype bfloat16$"):
+        xt.cross_entropy(big.float(), torch.rand(3, 5).bfloat16())
+    small = torch.randn(64, 10).bfloat16().requires_grad_()
+    loss = xt.cross_entropy(small, torch.zeros(64, dtype=torch.long))
+    assert "_CrossEntropyFunction" not in type(loss.grad_fn).__name__
+    assert all("_CrossEntropyFunction" not in type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._options import as_array
+from ._options import dtype_name as _dtype_name
 
 __all__ = [
     "LabelError", "as_class_indices", "check_index_layout", "check_labels", "holds_probabilities", "label_error",
@@ -29,7 +30,7 @@ def as_class_indices(
     sample_shape: tuple[int, ...],
     *,
     expected_shape: str = _INDICES_OR_PROBABILITIES,
-    dtype_name: str | None = None,
+    dtype_name: object = None,
     num_classes: int | None = None,
     ignore_index: int | None = None,
     classes: str | None = None,
@@ -49,7 +50,7 @@ def as_class_indices(
     if not (array.dtype.kind in "iu" and array.shape == tuple(sample_shape)):  # names only on error
         check_index_layout(
             array.dtype.kind in "iu", array.shape, sample_shape,
-            dtype_name=dtype_name or str(array.dtype), expected_shape=expected_shape, logits_shape=logits_shape,
+            dtype_name=dtype_name or array.dtype, expected_shape=expected_shape, logits_shape=logits_shape,
         )
     # (by kind and size: a big-endian '>u8' is not == np.uint64, and its cast wrapped silently)
     if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size and array.max() > _INT64_MAX:
@@ -68,7 +69,7 @@ def as_class_indices(
 
 
 def holds_probabilities(
-    shape: tuple[int, ...], logits_shape: tuple[int, ...], *, floating: bool, dtype_name: str
+    shape: tuple[int, ...], logits_shape: tuple[int, ...], *, floating: bool, dtype_name: object
 ) -> bool:
     """Whether a target of ``shape`` holds class probabilities: it has the logits' shape (torch's
     rule), from metadata alone. Such a target must be floating-point: a ``TypeError`` (torch:
@@ -81,7 +82,7 @@ def holds_probabilities(
     if not floating:
         raise TypeError(
             f"target with the logits' shape {tuple(logits_shape)} holds class probabilities and must be "
-            f"floating-point, got dtype {dtype_name}"
+            f"floating-point, got dtype {_dtype_name(dtype_name)}"
         )
     return True
 
@@ -91,7 +92,7 @@ def check_index_layout(
     shape: tuple[int, ...],
     sample_shape: tuple[int, ...],
     *,
-    dtype_name: str,
+    dtype_name: object,
     expected_shape: str = _INDICES_OR_PROBABILITIES,
     logits_shape: tuple[int, ...] | None = None,
 ) -> None:
@@ -107,11 +108,11 @@ def check_index_layout(
         # batch, say) is a shape error, as torch's ("Expected input batch_size (4) to match target
         # batch_size (3)"), not one about the dtype of class indices
         raise ValueError(
-            f"target must have shape {sample_shape} {_worded(expected_shape, logits_shape)}, got shape {tuple(shape)} of dtype {dtype_name}"
+            f"target must have shape {sample_shape} {_worded(expected_shape, logits_shape)}, got shape {tuple(shape)} of dtype {_dtype_name(dtype_name)}"
         )
     if not integer:  # (the hint on probabilities only where the caller takes them)
         hint = " (class probabilities must have the logits' shape)" if may_hold_probabilities else ""
-        raise TypeError(f"target of class indices must have an integer dtype, got dtype {dtype_name}{hint}")
+        raise TypeError(f"target of class indices must have an integer dtype, got dtype {_dtype_name(dtype_name)}{hint}")
     if tuple(shape) != tuple(sample_shape):
         raise ValueError(f"target must have shape {sample_shape} {_worded(expected_shape, logits_shape)}, got shape {tuple(shape)}")
 

@@ -71,6 +71,12 @@ _SHORT_REPR.maxstring = _SHORT_REPR.maxother = 120
 _SHORT_REPR.maxlevel = 3
 
 
+def dtype_name(dtype: object) -> str:
+    """A NumPy or torch dtype's name for messages ("float32", not "torch.float32"); called only
+    when a message is made (``str`` of a NumPy dtype costs microseconds a small call notices)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def describe(value: object) -> str:
     """A short description of a received value for error messages."""
     if isinstance(value, np.ndarray):
@@ -119,12 +125,12 @@ def as_array(value: object, name: str) -> np.ndarray:
 FACTOR_KINDS = {"weight": "fiub", "pos_weight": "fiu"}
 
 
-def check_factor_kind(name: str, kind: str, received: str) -> None:
+def check_factor_kind(name: str, kind: str, value: object) -> None:
     """A binary loss's ``weight`` or ``pos_weight`` of NumPy ``kind`` (a tensor's by
-    ``_bridge.numpy_kind``), else a ``TypeError`` naming it and what came (``received``, from
-    :func:`describe`): the one rule of every path, the kernels' and torch's ops'."""
+    ``_bridge.numpy_kind``), else a ``TypeError`` naming it and what came (``value``, described
+    only then): the one rule of every path, the kernels' and torch's ops'."""
     if kind not in FACTOR_KINDS[name]:
-        raise TypeError(f"{name} must be a numeric array, got {received}")
+        raise TypeError(f"{name} must be a numeric array, got {describe(value)}")
 
 
 # NumPy's kinds of arrays that hold no numbers: objects, bytes, strings, structured, dates and times

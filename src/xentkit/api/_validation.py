@@ -13,7 +13,7 @@ import operator
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .._options import as_array, describe, refuse_valueless
+from .._options import as_array, describe, dtype_name, refuse_valueless
 from ..reference.reductions import FLOAT_MAX
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -76,13 +76,13 @@ def class_axis_of_shape(shape: tuple[int, ...], axis: object, name: str) -> int:
     return axis
 
 
-def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int | None, dtype_name: str) -> None:
+def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int | None, dtype: object) -> None:
     """The class weights' rules from metadata alone (NumPy arrays, and tensors on any device): a
     numeric dtype (``numeric``: integer or floating) and shape ``(num_classes,)``; ``None``: one
     value per class of a vocabulary of V classes that the caller checks later (the
     vocabulary-parallel forms: V is known once the ranks have agreed)."""
     if not numeric:
-        raise TypeError(f"weight must be a numeric array, got dtype {dtype_name}")
+        raise TypeError(f"weight must be a numeric array, got dtype {dtype_name(dtype)}")
     if len(shape) != 1 or (num_classes is not None and shape[0] != num_classes):
         raise ValueError(
             f"weight must have shape ({'V' if num_classes is None else num_classes},), one value per class, "
@@ -108,7 +108,7 @@ def check_class_weight(weight: ArrayLike | None, num_classes: int, dtype: np.dty
     if weight is None:
         return None
     array = as_array(weight, "weight")
-    check_weight_layout(array.dtype.kind in "fiu", array.shape, num_classes, str(array.dtype))
+    check_weight_layout(array.dtype.kind in "fiu", array.shape, num_classes, array.dtype)
     return rounded(array, dtype)
 
 

@@ -172,7 +172,7 @@ def _cross_entropy(
 
     target_array = as_array(target, "target")
     probabilities = holds_probabilities(
-        target_array.shape, original.shape, floating=target_array.dtype.kind == "f", dtype_name=str(target_array.dtype)
+        target_array.shape, original.shape, floating=target_array.dtype.kind == "f", dtype_name=target_array.dtype
     )
     if probabilities:
         target_array = rounded(target_array, work_dtype)

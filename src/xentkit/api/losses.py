@@ -7,7 +7,7 @@ from numpy.typing import ArrayLike
 
 from .. import reference
 from .._labels import as_class_indices, check_labels
-from .._options import Integer, LossOptions, as_array, check_factor_kind, check_reduction, describe
+from .._options import Integer, LossOptions, as_array, check_factor_kind, check_reduction
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
 from ._rows import kernel_array
@@ -50,7 +50,7 @@ def _broadcast_weight(
     if weight is None:
         return None
     array = as_array(weight, name)
-    check_factor_kind(name, array.dtype.kind, describe(weight))
+    check_factor_kind(name, array.dtype.kind, weight)
     if one_for_all and array.size == 1 and not shape:
         array = array.reshape(())
     check_broadcasts_to(name, array.shape, shape)

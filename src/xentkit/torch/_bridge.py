@@ -108,7 +108,7 @@ def check_class_weight(weight: Tensor | None, classes: int | None) -> None:
             hint = "; torch.from_numpy(...) makes one" if isinstance(weight, np.ndarray) else ""
             raise TypeError(f"weight must be a torch.Tensor or None, got {describe(weight)}{hint}")
         numeric = numpy_kind(weight.dtype) in "fiu"
-        check_weight_layout(numeric, tuple(weight.shape), classes, str(weight.dtype).removeprefix("torch."))
+        check_weight_layout(numeric, tuple(weight.shape), classes, weight.dtype)
 
 
 def check_floating_input(input: Tensor, name: str = "logits") -> None:
@@ -157,14 +157,13 @@ def target_layout(
     """Whether ``target`` holds class probabilities (the logits' shape, floating: when allowed)
     rather than class indices (integers of the samples' shape), by ``xentkit._labels``' rules,
     from metadata alone; a target of neither layout raises their errors."""
-    dtype_name = str(target.dtype).removeprefix("torch.")
     probabilities = probabilities_allowed and holds_probabilities(
-        tuple(target.shape), logits_shape, floating=target.is_floating_point(), dtype_name=dtype_name
+        tuple(target.shape), logits_shape, floating=target.is_floating_point(), dtype_name=target.dtype
     )
     if not probabilities:
         check_index_layout(
             not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool),
-            tuple(target.shape), sample_shape, dtype_name=dtype_name,
+            tuple(target.shape), sample_shape, dtype_name=target.dtype,
             **({"logits_shape": logits_shape} if probabilities_allowed else {"expected_shape": "(class indices)"}),
         )
     return probabilities
@@ -216,6 +215,13 @@ def check_overwritable(input: Tensor, **others: Tensor | None) -> None:
             "computed from the parameters"
         )
     if type(input) not in PLAIN_TENSOR_TYPES or input.device.type == "meta":  # (no data pointers)
+        return
+    # only where the gradient is written over the logits: contiguous ones (else into a buffer of
+    # its own), and no other operand that requires grad (that call runs torch's ops, which write
+    # nothing); a contiguous input's bytes are all its own elements
+    if not input.is_contiguous() or any(
+        other is not None and other.requires_grad for other in others.values()
+    ):
         return
     start, stop = _byte_span(input)
     for name, other in others.items():

@@ -28,7 +28,6 @@ Two deliberate differences from torch:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import weakref
 from collections.abc import Callable
@@ -46,7 +45,6 @@ from .._options import (
     Real,
     check_factor_kind,
     check_flag,
-    describe,
     fields_with,
     loss_options,
 )
@@ -652,7 +650,8 @@ def _cross_entropy_beyond_small(
     ):  # custom ops the compiler keeps, around the eager path's code (labels checked); small
         # problems keep the traced torch ops, ~3x faster there (a custom op costs ~0.1 ms a call)
         return _numba_ops.cross_entropy(input, target, weight, options, bool(check_probabilities))
-    if options.backend != "torch" and _bfloat16_on_the_cpu(input, target, weight):
+    if options.backend != "torch" and input.numel() > SMALL_MAX_LOGITS and _bfloat16_on_the_cpu(input, target, weight):
+        # (small ones stay on torch's ops: a kernel call's fixed cost is what they would notice)
         return _widened_cross_entropy(input, target, weight, options, check_probabilities)
     if options.backend == "torch" or not _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free):
         return _torch_ops.cross_entropy(input, target, weight, options)
@@ -679,11 +678,12 @@ def _widened_cross_entropy(
     and 3 in it, where torch's float32 ops took 4 and 6 (a memory review), at the kernels' speed.
     What the kernels do not run (a target or weight that requires grad, torch.func) runs torch's
     ops on the bfloat16 operands, in float32 as well (``_torch_ops.cross_entropy``)."""
+    _bridge.sample_layout(input, target)  # (its errors name the operands' own dtypes, not float32)
     widened = tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in (input, target, weight))
     if not _bridge.runs_on_xentkit(*widened, grad_free=widened[1:]):
         return _torch_ops.cross_entropy(input, target, weight, options)
     if widened[0] is not input and not options.inplace_backward:
-        options = cached_options()(*fields_with(**{**dataclasses.asdict(options), "inplace_backward": True}))
+        options = options.replace(inplace_backward=True)
     loss = _CrossEntropyFunction.apply(*widened, options, bool(check_probabilities), _bridge.gradients_wanted())
     return loss.to(_bridge.loss_dtype(input, target, weight))
 
@@ -837,7 +837,7 @@ def binary_cross_entropy_with_logits(
         # "tensor b", or one about the output's shape for a factor that would widen the result,
         # from inside its ops; its ops dropped a complex factor's imaginary part)
         if factor is not None:
-            check_factor_kind(name, _bridge.numpy_kind(factor.dtype), describe(factor))
+            check_factor_kind(name, _bridge.numpy_kind(factor.dtype), factor)
             check_broadcasts_to(name, tuple(factor.shape), tuple(input.shape))
     operands = (input, target, weight, pos_weight)
     result_dtype = None

@@ -277,7 +277,7 @@ def _check_target(
     _bridge.check_dense(target, "target")
     check_index_layout(
         not target.is_floating_point() and not target.is_complex() and target.dtype != torch.bool,
-        tuple(target.shape), sample_shape, dtype_name=str(target.dtype).removeprefix("torch."),
+        tuple(target.shape), sample_shape, dtype_name=target.dtype,
         expected_shape=expected,
     )
     # int64, as the other paths: compared with a narrower tensor, ignore_index and the class

@@ -269,7 +269,7 @@ class BCEWithLogitsLoss(_NotScriptable, torch.nn.BCEWithLogitsLoss):
                 hint = "; torch.from_numpy(...) makes one" if isinstance(factor, np.ndarray) else ""
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {describe(factor)}{hint}")
             if factor is not None:
-                check_factor_kind(name, _bridge.numpy_kind(factor.dtype), describe(factor))
+                check_factor_kind(name, _bridge.numpy_kind(factor.dtype), factor)
         super().__init__(weight, size_average, reduce, reduction, pos_weight)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
