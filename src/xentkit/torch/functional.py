@@ -9,8 +9,8 @@ asks for the gradient over the logits, a write autograd's version counter record
 version counters stay truthful (unlike an in-place gradient that autograd cannot see, a known bug
 of fused kernels elsewhere). CUDA tensors run xentkit's Triton kernels (``xentkit.triton``).
 Everything else the NumPy api does not cover runs on plain torch ops instead: other devices,
-bfloat16 ``nll_loss`` on the CPU (bfloat16 ``cross_entropy`` and ``binary_cross_entropy_with_logits``
-operands are widened to float32 for the kernels), functorch transforms and ``torch.compile`` on the
+bfloat16 ``nll_loss`` on the CPU (bfloat16 ``cross_entropy`` operands beyond ``SMALL_MAX_LOGITS``
+logits and ``binary_cross_entropy_with_logits`` ones are widened to float32 for the kernels), functorch transforms and ``torch.compile`` on the
 CPU, and gradients with respect to a
 probability target or a class weight (with class indices too, where torch's ``cross_entropy`` and
 ``nll_loss`` cannot differentiate the weight and raise). Small CPU problems of
