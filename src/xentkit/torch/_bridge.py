@@ -82,10 +82,7 @@ def check_tensors(input: object, target: object, weight: object = None, pos_weig
         return
     arguments = (("input", input), ("target", target), ("weight", weight), ("pos_weight", pos_weight))
     for name, value in arguments:
-        if not (isinstance(value, Tensor) or (name in ("weight", "pos_weight") and value is None)):
-            kind = "a torch.Tensor" if name in ("input", "target") else "a torch.Tensor or None"
-            hint = "; torch.from_numpy(...) makes one" if isinstance(value, np.ndarray) else ""
-            raise TypeError(f"{name} must be {kind}, got {describe(value)}{hint}")
+        check_tensor(value, name, optional=name in ("weight", "pos_weight"))
         if value is not None:
             check_dense(value, name)
     for name, value in arguments[1:]:
@@ -98,15 +95,23 @@ def check_tensors(input: object, target: object, weight: object = None, pos_weig
         raise ValueError(f"{name} must be on the input's device {input.device}, got {value.device}")
 
 
+def check_tensor(value: object, name: str, *, optional: bool = False) -> None:
+    """A TypeError naming ``name`` unless ``value`` is a tensor (or, ``optional``, None), with
+    the way from a NumPy array (torch raised from deep inside, naming no argument)."""
+    if isinstance(value, Tensor) or (optional and value is None):
+        return
+    kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+    hint = "; torch.from_numpy(...) makes one" if isinstance(value, np.ndarray) else ""
+    raise TypeError(f"{name} must be {kind}, got {describe(value)}{hint}")
+
+
 def check_class_weight(weight: Tensor | None, classes: int | None) -> None:
     """The class weights' dtype and shape rules (``api._validation.check_weight_layout``) on a
     tensor's metadata: no wait for its device. For the paths whose kernels would otherwise read
     past a short weight (Triton) or index it with the labels (the reduction plan). ``classes``
     None: a 1-D weight whose length the caller checks later (the vocabulary-parallel forms)."""
     if weight is not None:
-        if not isinstance(weight, Tensor):  # (a module's constructor takes it before any call)
-            hint = "; torch.from_numpy(...) makes one" if isinstance(weight, np.ndarray) else ""
-            raise TypeError(f"weight must be a torch.Tensor or None, got {describe(weight)}{hint}")
+        check_tensor(weight, "weight", optional=True)  # (a module's constructor takes it before any call)
         numeric = numpy_kind(weight.dtype) in "fiu"
         check_weight_layout(numeric, tuple(weight.shape), classes, weight.dtype)
 
@@ -285,6 +290,20 @@ def numpy_kind(dtype: torch.dtype) -> str:
     if dtype.is_floating_point:
         return "f"
     return "i" if dtype.is_signed else "u"
+
+
+def bfloat16_on_the_cpu(*operands: Tensor | None) -> bool:
+    """Whether an eager CPU call has a bfloat16 operand, which NumPy cannot view: the kernel
+    paths widen such operands (:func:`widened`)."""
+    return (
+        operands[0].is_cpu and not torch.compiler.is_compiling()
+        and any(t is not None and t.dtype == torch.bfloat16 for t in operands)
+    )
+
+
+def widened(*operands: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The operands with each bfloat16 one converted (exactly) to float32, for the kernels."""
+    return tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in operands)
 
 
 def binary_loss_dtype(input: Tensor, target: Tensor) -> torch.dtype:

@@ -650,21 +650,13 @@ def _cross_entropy_beyond_small(
     ):  # custom ops the compiler keeps, around the eager path's code (labels checked); small
         # problems keep the traced torch ops, ~3x faster there (a custom op costs ~0.1 ms a call)
         return _numba_ops.cross_entropy(input, target, weight, options, bool(check_probabilities))
-    if options.backend != "torch" and input.numel() > SMALL_MAX_LOGITS and _bfloat16_on_the_cpu(input, target, weight):
+    if options.backend != "torch" and input.numel() > SMALL_MAX_LOGITS and _bridge.bfloat16_on_the_cpu(input, target, weight):
         # (small ones stay on torch's ops: a kernel call's fixed cost is what they would notice)
         return _widened_cross_entropy(input, target, weight, options, check_probabilities)
     if options.backend == "torch" or not _bridge.runs_on_xentkit(input, target, weight, grad_free=grad_free):
         return _torch_ops.cross_entropy(input, target, weight, options)
     return _CrossEntropyFunction.apply(
         input, target, weight, options, bool(check_probabilities), _bridge.gradients_wanted()
-    )
-
-
-def _bfloat16_on_the_cpu(*operands: Tensor | None) -> bool:
-    """Whether a CPU call (eager) has a bfloat16 operand, which NumPy cannot view."""
-    return (
-        operands[0].is_cpu and not torch.compiler.is_compiling()
-        and any(t is not None and t.dtype == torch.bfloat16 for t in operands)
     )
 
 
@@ -679,7 +671,7 @@ def _widened_cross_entropy(
     What the kernels do not run (a target or weight that requires grad, torch.func) runs torch's
     ops on the bfloat16 operands, in float32 as well (``_torch_ops.cross_entropy``)."""
     _bridge.sample_layout(input, target)  # (its errors name the operands' own dtypes, not float32)
-    widened = tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in (input, target, weight))
+    widened = _bridge.widened(input, target, weight)
     if not _bridge.runs_on_xentkit(*widened, grad_free=widened[1:]):
         return _torch_ops.cross_entropy(input, target, weight, options)
     if widened[0] is not input and not options.inplace_backward:
@@ -841,10 +833,7 @@ def binary_cross_entropy_with_logits(
             check_broadcasts_to(name, tuple(factor.shape), tuple(input.shape))
     operands = (input, target, weight, pos_weight)
     result_dtype = None
-    if (
-        input.is_cpu and not torch.compiler.is_compiling()
-        and any(t is not None and t.dtype == torch.bfloat16 for t in operands)
-    ):
+    if _bridge.bfloat16_on_the_cpu(*operands):
         # bfloat16 on the CPU: widened (exactly) to float32 for the kernel, which NumPy cannot
         # view in bfloat16; torch's float32 kernel would cancel (1 − y)·x against log(1 + e^x)
         # (5% off at x = −20, y = 1e-6) and σ(x)·(pw·y + 1 − y) against pw·y (the gradient all
@@ -852,7 +841,7 @@ def binary_cross_entropy_with_logits(
         # review). The loss rounds to torch's dtype and the gradient to bfloat16, each once
         # from float32.
         result_dtype = _bridge.binary_loss_dtype(input, target)
-        operands = tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in operands)
+        operands = _bridge.widened(*operands)
     if not _bridge.runs_on_xentkit(*operands, grad_free=operands[1:]):
         return _torch_ops.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
     loss = _BinaryCrossEntropyWithLogitsFunction.apply(

@@ -10,7 +10,6 @@ import numbers
 import operator
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -265,9 +264,7 @@ class BCEWithLogitsLoss(_NotScriptable, torch.nn.BCEWithLogitsLoss):
         for name, factor in (("weight", weight), ("pos_weight", pos_weight)):
             # (torch's buffer assignment: a TypeError naming neither; a complex factor's imaginary
             # part dropped at forward)
-            if factor is not None and not isinstance(factor, Tensor):
-                hint = "; torch.from_numpy(...) makes one" if isinstance(factor, np.ndarray) else ""
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {describe(factor)}{hint}")
+            _bridge.check_tensor(factor, name, optional=True)
             if factor is not None:
                 check_factor_kind(name, _bridge.numpy_kind(factor.dtype), factor)
         super().__init__(weight, size_average, reduce, reduction, pos_weight)
