@@ -67,6 +67,9 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
         "logsumexp rows float64", "logsumexp serial float64",
         "log_softmax tile rows float64", "log_softmax tile serial float64",
         "logsumexp tile rows float64", "logsumexp tile serial float64",
+        "narrow to float16 float32", "narrow to float16 serial float32",
+        "narrow to float16 float64", "narrow to float16 serial float64",
+        "widen float16", "widen float16 serial",
     ]
     from xentkit.kernels import activations, binary, labels, probabilities, vocab_parallel
 
@@ -85,7 +88,7 @@ def test_the_packages_compile_all_covers_every_kernel_module_and_xentkit_warm_ru
     assert [str(signature[0].dtype) for signature in labels._first_bad_label.signatures] == ["int64"]
     assert main(["warm"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("xentkit warm: 55 kernel specializations ready in ")
+    assert printed.startswith("xentkit warm: 61 kernel specializations ready in ")
     assert "log-prob gradient float64" in printed
 
 

@@ -71,8 +71,8 @@ def test_blocked_values_are_the_whole_computations(monkeypatch, axis, dtype):
 
 def test_softmax_along_another_axis_keeps_two_arrays_alive():
     x = np.random.default_rng(2).standard_normal((2048, 4096), dtype=np.float32)
-    xentkit.softmax(x[:4], axis=0)
     for function in (xentkit.softmax, xentkit.log_softmax):
+        function(x, axis=0)  # (the kernels compiled or loaded first: a cold cache's compiler allocates)
         assert _peak_above(lambda f=function: f(x, axis=0), x.nbytes) < 2.1
 
 

@@ -10,11 +10,19 @@ layout (any class axis, any leading shape) and puts the gradient back into it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["RowLayout", "class_axis_last", "kernel_array"]
+from ._half import widen_into
+
+__all__ = ["WIDEN_BLOCK_BYTES", "RowLayout", "class_axis_last", "kernel_array", "widened_blocks", "widening_step"]
+
+# The bytes of one block of a half-precision array widened to the compute dtype block by block
+# (:func:`widening_step`): a whole float32 copy had doubled a float16 call's memory, and its
+# float32 result (softmax) had added two more times the input's bytes.
+WIDEN_BLOCK_BYTES = 2**22
 
 
 def kernel_array(array: np.ndarray, dtype: object = None) -> np.ndarray:
@@ -29,6 +37,33 @@ def class_axis_last(array: np.ndarray, axis: int) -> np.ndarray:
     """``array`` with ``axis`` moved last (the array itself when it is last already: moveaxis
     costs microseconds that small problems notice)."""
     return array if axis == array.ndim - 1 else np.moveaxis(array, axis, -1)
+
+
+def widening_step(array: np.ndarray, axis: int, dtype: np.dtype) -> int:
+    """How many entries of ``array``'s first axis to widen to ``dtype`` at a time
+    (:func:`widened_blocks`), or 0 to convert the whole array at once: when it is ``dtype``
+    already, when its copy in ``dtype`` fits in one block of ``WIDEN_BLOCK_BYTES``, or when the
+    first axis is the class axis ``axis`` (a row would be cut)."""
+    if array.dtype == dtype or array.ndim < 2 or axis == 0 or array.size == 0:
+        return 0
+    per_entry = dtype.itemsize * (array.size // array.shape[0])
+    if per_entry * array.shape[0] <= WIDEN_BLOCK_BYTES:
+        return 0
+    return max(1, WIDEN_BLOCK_BYTES // per_entry)
+
+
+def widened_blocks(array: np.ndarray, step: int, dtype: np.dtype) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(start, stop, block)`` over ``array``'s first axis, ``step`` entries at a time (the last
+    block may be shorter): ``block`` is ``array[start:stop]`` converted to ``dtype`` into one
+    C-contiguous buffer that every block reuses (each block is gone when the next one comes)."""
+    entries = array.shape[0]
+    per_entry = array.size // entries
+    buffer = np.empty(min(step, entries) * per_entry, dtype=dtype)
+    for start in range(0, entries, step):
+        stop = min(start + step, entries)
+        block = buffer[: (stop - start) * per_entry].reshape((stop - start, *array.shape[1:]))
+        widen_into(block, array[start:stop])
+        yield start, stop, block
 
 
 class RowLayout:

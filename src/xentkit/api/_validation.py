@@ -15,8 +15,10 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from .._options import as_array, describe, dtype_name, refuse_valueless
 from ..reference.reductions import FLOAT_MAX
+from ._half import narrowed, narrowed_into
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_HALF = np.dtype(np.float16)
 
 
 def as_float_array(value: ArrayLike, name: str) -> np.ndarray:
@@ -242,6 +244,8 @@ _TOO_HARD = getattr(np, "exceptions", np).TooHardError  # (NumPy < 1.25: at the 
 def copy_rounded(out: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``values`` written into ``out`` (its dtype), a finite value beyond that dtype's range as ±inf
     (as :func:`rounded`), without NumPy's overflow warning; returns ``out``."""
+    if narrowed_into(out, values):
+        return out
     if values.dtype.itemsize > out.dtype.itemsize:
         with np.errstate(over="ignore"):
             np.copyto(out, values, casting="unsafe")
@@ -259,6 +263,10 @@ def rounded(values: ArrayLike, dtype: DTypeLike) -> np.ndarray:
     dtype = np.dtype(dtype)
     largest = FLOAT_MAX.get(dtype) if array.dtype.itemsize > dtype.itemsize else None
     if largest is not None and (array.ndim or not abs(float(array)) <= largest):
+        if dtype == _HALF:
+            half = narrowed(array)  # (NumPy's cast to float16 is slow on small values)
+            if half is not None:
+                return half
         with np.errstate(over="ignore"):
             return array.astype(dtype)
     return array.astype(dtype, copy=False)

@@ -10,13 +10,21 @@ from numpy.typing import ArrayLike
 from .. import reference
 from .._options import as_array, check_flag
 from ._config import reference_enabled
-from ._rows import class_axis_last, kernel_array
-from ._validation import as_float_array, class_axis, compute_dtype, rounded, same_shape
+from ._half import widened
+from ._rows import class_axis_last, kernel_array, widened_blocks, widening_step
+from ._validation import (
+    as_float_array,
+    class_axis,
+    compute_dtype,
+    copy_rounded,
+    rounded,
+    same_shape,
+)
 
 
 def _prepare(x: ArrayLike, name: str) -> tuple[np.ndarray, np.dtype]:
     array = as_float_array(x, name)
-    return array.astype(compute_dtype(array.dtype), copy=False), array.dtype
+    return widened(array, compute_dtype(array.dtype)), array.dtype
 
 
 def _classes(x: np.ndarray, axis: int, name: str) -> int:
@@ -38,6 +46,22 @@ def _by_rows(array: np.ndarray, axis: int, what: str) -> np.ndarray:
         return result.reshape(moved.shape[:-1])
     back = np.moveaxis(result.reshape(moved.shape), -1, axis)
     return back if back.flags.c_contiguous else np.ascontiguousarray(back)  # (as NumPy's own)
+
+
+def _kernel_result(original: np.ndarray, axis: int, what: str) -> np.ndarray:
+    """:func:`_by_rows` of ``original`` (any float dtype) rounded to its dtype. float16 beyond a
+    block is widened block by block (``_rows.widened_blocks``) and each block's result rounded
+    into the output as it comes: a whole float32 copy and a float32 result had taken 4 times the
+    input's bytes besides the output. Rows are computed alone: the same bits either way."""
+    work = compute_dtype(original.dtype)
+    step = widening_step(original, axis, work)
+    if not step:
+        return rounded(_by_rows(widened(original, work), axis, what), original.dtype)
+    shape = original.shape if what != "logsumexp" else original.shape[:axis] + original.shape[axis + 1 :]
+    result = np.empty(shape, dtype=original.dtype)
+    for start, stop, block in widened_blocks(original, step, work):
+        copy_rounded(result[start:stop], _by_rows(block, axis, what))
+    return result
 
 
 def _kernels_take(array: np.ndarray) -> bool:
@@ -62,11 +86,11 @@ def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     >>> np.round(xentkit.softmax([3.0, 1.0, -3.0]), 4)
     array([0.8789, 0.1189, 0.0022])
     """
-    array, dtype = _prepare(x, "x")
-    axis = _classes(array, axis, "x")
-    if _kernels_take(array):
-        return rounded(_by_rows(array, axis, "softmax"), dtype)
-    return rounded(reference.softmax(array, axis=axis), dtype)
+    original = as_float_array(x, "x")
+    axis = _classes(original, axis, "x")
+    if _kernels_take(original):
+        return _kernel_result(original, axis, "softmax")
+    return rounded(reference.softmax(original.astype(compute_dtype(original.dtype), copy=False), axis=axis), original.dtype)
 
 
 def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
@@ -82,11 +106,11 @@ def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     >>> np.round(xentkit.log_softmax([3.0, 1.0, -3.0]), 4)
     array([-0.1291, -2.1291, -6.1291])
     """
-    array, dtype = _prepare(x, "x")
-    axis = _classes(array, axis, "x")
-    if _kernels_take(array):
-        return rounded(_by_rows(array, axis, "log_softmax"), dtype)
-    return rounded(reference.log_softmax(array, axis=axis), dtype)
+    original = as_float_array(x, "x")
+    axis = _classes(original, axis, "x")
+    if _kernels_take(original):
+        return _kernel_result(original, axis, "log_softmax")
+    return rounded(reference.log_softmax(original.astype(compute_dtype(original.dtype), copy=False), axis=axis), original.dtype)
 
 
 def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarray:
@@ -99,13 +123,14 @@ def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarra
     >>> np.round(xentkit.logsumexp([1000.0, 1000.0]), 4)
     np.float64(1000.6931)
     """
-    array, dtype = _prepare(x, "x")
-    axis = _classes(array, axis, "x")
+    original = as_float_array(x, "x")
+    axis = _classes(original, axis, "x")
     keep = _keepdims(keepdims)
-    if _kernels_take(array):
-        lse = _by_rows(array, axis, "logsumexp")
-        return rounded(np.expand_dims(lse, axis) if keep else lse, dtype)
-    return rounded(reference.logsumexp(array, axis=axis, keepdims=keep), dtype)
+    if _kernels_take(original):
+        lse = _kernel_result(original, axis, "logsumexp")
+        return np.expand_dims(lse, axis) if keep else lse
+    array = original.astype(compute_dtype(original.dtype), copy=False)
+    return rounded(reference.logsumexp(array, axis=axis, keepdims=keep), original.dtype)
 
 
 def _keepdims(value: object) -> bool:
@@ -152,7 +177,7 @@ def _backward_inputs(
     dtype = np.result_type(first.dtype, second.dtype)
     work = compute_dtype(dtype)
     axis = _classes(first, axis, names[0])
-    return first.astype(work, copy=False), second.astype(work, copy=False), dtype, axis
+    return widened(first, work), widened(second, work), dtype, axis
 
 
 def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: int = -1) -> np.ndarray:

@@ -14,7 +14,8 @@ from .._options import Integer, LossOptions, Real, as_array, callers_level, chec
 from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
-from ._rows import RowLayout, class_axis_last, kernel_array
+from ._half import widened
+from ._rows import RowLayout, class_axis_last, kernel_array, widened_blocks, widening_step
 from ._validation import (
     as_float_array,
     check_class_weight,
@@ -106,6 +107,34 @@ def _fused(
     gradient (``upstream_gradient``, or a float), None for no gradient. Returns the reduced loss
     in float64 ("mean"/"sum") or per sample, and the gradient in the compute dtype (or ``out``).
     """
+    loss_rows, lse_rows, grad = _fused_rows(
+        logits, labels, axis, weight, options, plan, upstream, out, private, batch_rows
+    )
+    return _reduced(loss_rows, lse_rows, valid, options, plan), grad
+
+
+def _reduced(
+    loss_rows: np.ndarray, lse_rows: np.ndarray, valid: np.ndarray, options: LossOptions, plan: ReductionPlan
+) -> np.ndarray:
+    """The loss from the kernel's rows (``valid``: the samples' mask, of their shape)."""
+    loss = plan.reduce(loss_rows, z_term(lse_rows, valid.reshape(loss_rows.shape), options.z_loss))
+    return loss.reshape(valid.shape) if options.reduction == "none" else loss
+
+
+def _fused_rows(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    axis: int,
+    weight: np.ndarray | None,
+    options: LossOptions,
+    plan: ReductionPlan,
+    upstream: np.ndarray | float | None,
+    out: np.ndarray | None,
+    private: bool,
+    batch_rows: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`_fused`'s kernel call: the per-row losses and log-sum-exps (float64 ``[rows]``) and
+    the gradient in the logits' layout (or None), before the reduction."""
     layout = RowLayout(logits, axis, private)
     label_rows = layout.targets(labels) if labels.ndim == logits.ndim else layout.labels(labels)
     weight64 = None if weight is None else kernel_array(weight, np.float64)
@@ -124,13 +153,66 @@ def _fused(
         layout.matrix, label_rows, weight64, **options.formula_arguments(),
         grad_scale=grad_scale, z_grad_scale=z_grad_scale, grad_out=grad_matrix, batch_rows=batch_rows,
     )
-    loss = plan.reduce(loss_rows, z_term(lse_rows, valid.reshape(layout.rows), options.z_loss))
-    if options.reduction == "none":
-        loss = loss.reshape(layout.sample_shape)
-    return loss, None if grad_matrix is None else layout.in_layout(grad_matrix)
+    return loss_rows, lse_rows, None if grad_matrix is None else layout.in_layout(grad_matrix)
+
+
+def _fused_by_blocks(
+    original: np.ndarray,
+    target: np.ndarray,
+    probabilities: bool,
+    valid: np.ndarray,
+    axis: int,
+    weight: np.ndarray | None,
+    options: LossOptions,
+    plan: ReductionPlan,
+    upstream: np.ndarray | float | None,
+    out: np.ndarray | None,
+    grad_dtype: np.dtype,
+    step: int,
+    batch_rows: int | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_fused` for half-precision ``original`` logits widened block by block
+    (``_rows.widened_blocks``, ``step`` entries of the first axis, never the class axis) into
+    one reused buffer, where a whole copy in the compute dtype had doubled the call's memory.
+    Each block's gradient is rounded into the result (``out``, else a new array of
+    ``grad_dtype``) as it comes; the rows' losses are reduced once, as the whole's (the same
+    bits: the kernel computes each row alone, with the whole batch's split of rows). A
+    probability ``target`` is converted block by block too."""
+    work_dtype = compute_dtype(original.dtype)
+    loss_rows = np.empty(valid.size, dtype=np.float64)
+    lse_rows = np.empty(valid.size, dtype=np.float64)
+    rows_per_entry = valid.size // original.shape[0]
+    grad = None
+    if upstream is not None:
+        grad = out if out is not None else np.empty(original.shape, dtype=grad_dtype)
+    per_sample = upstream is not None and options.reduction == "none"
+    for start, stop, block in widened_blocks(original, step, work_dtype):
+        labels = rounded(target[start:stop], work_dtype) if probabilities else target[start:stop]
+        rows, lse, block_grad = _fused_rows(
+            block, labels, axis, weight, options, plan, upstream[start:stop] if per_sample else upstream,
+            None, True, batch_rows or valid.size,
+        )
+        loss_rows[start * rows_per_entry : stop * rows_per_entry] = rows
+        lse_rows[start * rows_per_entry : stop * rows_per_entry] = lse
+        if grad is not None:
+            copy_rounded(grad[start:stop], block_grad)
+    return _reduced(loss_rows, lse_rows, valid, options, plan), grad
 
 
 _FLOAT64 = np.dtype(np.float64)
+
+
+def _widening_step(logits: np.ndarray, axis: int, work_dtype: np.dtype, batch_rows: int | None) -> int:
+    """``_rows.widening_step`` for the kernel, where the batch (``batch_rows`` for a chunked
+    caller's) has at least as many rows as Numba's threads: the kernel then never splits a row,
+    and each row's bits are the same in any block."""
+    step = widening_step(logits, axis, work_dtype)
+    if step:
+        import numba
+
+        if max(logits.size // logits.shape[axis], batch_rows or 0) < numba.get_num_threads():
+            return 0
+    return step
 
 
 def _cross_entropy(
@@ -174,8 +256,11 @@ def _cross_entropy(
     probabilities = holds_probabilities(
         target_array.shape, original.shape, floating=target_array.dtype.kind == "f", dtype_name=target_array.dtype
     )
+    # half-precision logits beyond a block: widened block by block (no whole float32 copy)
+    step = 0 if use_reference or work_dtype == original.dtype else _widening_step(original, axis, work_dtype, batch_rows)
     if probabilities:
-        target_array = rounded(target_array, work_dtype)
+        if not step:  # (the blocks convert their own rows)
+            target_array = rounded(target_array, work_dtype)
         valid = np.ones(sample_shape, dtype=bool)  # every sample counts (the z term's rows)
         if plan is None:
             plan = ReductionPlan.of_rows(reduction, valid.size)
@@ -211,7 +296,13 @@ def _cross_entropy(
     if check_probabilities:
         warn_if_probabilities(original, axis)
 
-    work = original.astype(work_dtype, copy=False)
+    if step:
+        loss, grad = _fused_by_blocks(
+            original, target_array, probabilities, valid, axis, weight, options, plan, upstream, out,
+            np.dtype(grad_dtype or original.dtype), step, batch_rows,
+        )
+        return rounded(loss, loss_dtype or original.dtype), grad
+    work = widened(original, work_dtype)
     if use_reference:
         loss, grad = reference.cross_entropy_and_grad(
             work, target_array, axis=axis, weight=weight, reduction=reduction,
@@ -326,8 +417,8 @@ def cross_entropy_and_grad(
     ``grad_output``: the upstream gradient, a scalar for "mean"/"sum" or one value per sample
     for "none" (default 1: the gradient of ``loss.sum()``). ``out``: an array of the logits'
     shape and dtype for the gradient; passing ``logits`` itself overwrites the logits with their
-    gradient, with no extra array of their size (float16 logits excepted: the kernels compute
-    them from a float32 copy, twice their bytes), and returns that buffer.
+    gradient, with no extra array of their size (float16 logits are computed in float32, read
+    in blocks of at most 4 MiB: a block-sized buffer), and returns that buffer.
 
     Returns ``(loss, dlogits)``: the loss as :func:`cross_entropy` and the gradient with the
     logits' shape and dtype.

@@ -12,6 +12,7 @@ from .._labels import as_class_indices, check_labels
 from .._options import Integer, LogProbOptions, Real, check_flag, select_outputs
 from ..reference.log_probs import gradient_coefficients, row_statistics
 from ._config import reference_enabled
+from ._half import widened
 from ._rows import RowLayout
 from ._validation import as_float_array, class_axis, compute_dtype, output_gradient, rounded
 
@@ -28,7 +29,7 @@ class _Rows:
         self.input_dtype = original.dtype
         self.dtype = compute_dtype(original.dtype)
         options.check_fits(self.dtype, float(np.finfo(self.dtype).tiny))
-        work = original.astype(self.dtype, copy=False)
+        work = widened(original, self.dtype)
         self.layout = layout = RowLayout(work, class_axis(work, axis, "logits"), private=work is not original)
         labels = as_class_indices(
             target, layout.sample_shape, expected_shape="(one class index per row)",

@@ -10,6 +10,7 @@ from .._labels import as_class_indices, check_labels
 from .._options import Integer, LossOptions, as_array, check_factor_kind, check_reduction
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
+from ._half import widened
 from ._rows import kernel_array
 from ._validation import (
     as_float_array,
@@ -36,7 +37,7 @@ def _pair(first: ArrayLike, second: ArrayLike, names: tuple[str, str]) -> tuple[
     # (a long double target widens to float64 at most: the kernels take float32 and float64)
     wider = np.promote_types(a.dtype, b.dtype if b.dtype.itemsize <= 8 else np.float64)
     work = compute_dtype(wider if b.dtype.kind == "f" else a.dtype)
-    return a.astype(work, copy=False), rounded(b, work), a.dtype
+    return widened(a, work), widened(b, work) if b.dtype == np.float16 else rounded(b, work), a.dtype
 
 
 def _broadcast_weight(
@@ -84,7 +85,7 @@ def _nll(log_probs, target, axis, weight, options: LossOptions, want_grad, grad_
     )
     valid = check_labels(labels, num_classes, ignore_index, classes=classes)
 
-    moved = np.moveaxis(original.astype(work, copy=False), axis, -1)
+    moved = np.moveaxis(widened(original, work), axis, -1)
     plan = ReductionPlan.of_targets(reduction, labels, ignore_index, weight, valid=valid)[1]
     scale = 1.0
     if want_grad:
@@ -400,7 +401,7 @@ def quadratic_cost_and_grad(
 def _distribution(p: ArrayLike, name: str, axis: int) -> tuple[np.ndarray, np.dtype, int]:
     array = as_float_array(p, name)
     axis = class_axis(array, axis, name)
-    work = array.astype(compute_dtype(array.dtype), copy=False)
+    work = widened(array, compute_dtype(array.dtype))
     # (a min, no mask of the input's size; an all-NaN input passes, as before)
     if work.size and np.fmin.reduce(work, axis=None) < 0:  # (fmin: NaN-free where any value is)
         raise ValueError(f"{name} must hold probabilities (values >= 0), got a minimum of {work[work < 0].min()}")

@@ -32,7 +32,7 @@ _HOMES = {
 _MODULES = (
     "xentkit.kernels.cross_entropy", "xentkit.kernels.probabilities", "xentkit.kernels.binary",
     "xentkit.kernels.log_probs", "xentkit.kernels.vocab_parallel", "xentkit.kernels.labels",
-    "xentkit.kernels.activations",
+    "xentkit.kernels.activations", "xentkit.kernels.half",
 )
 
 
