@@ -73,8 +73,10 @@ def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """Softmax along ``axis``: ``softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m)``, ``m = max_j x_j``.
 
     Subtracting the maximum (Caffe's SoftmaxLayer) leaves the result unchanged and keeps every
-    exponent ≤ 0, so no input the dtype can hold overflows. Shapes: any, e.g. ``[batch, classes]``;
-    the output has the input's shape and dtype (float16 is computed in float32). Computed by a
+    exponent ≤ 0, so no input the dtype can hold overflows. Shapes: at least one dimension, with
+    at least one class along ``axis``, e.g. ``[batch, classes]`` (a 0-d input or an empty class
+    axis is a ValueError); the output has the input's shape and dtype (float16 is computed in
+    float32). Computed by a
     fused kernel (``xentkit.kernels.activations``: each row's max and sum in one read, then one
     write); ``use_reference(True)`` runs the NumPy formula. The kernel's exponential flushes
     probabilities below the dtype's smallest normal to 0 (float32: entries more than 87 below

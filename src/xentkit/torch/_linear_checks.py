@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from .._options import describe
 from ._bridge import check_dense
 
-__all__ = ["LINEAR", "SHARDS", "LinearNames", "check_linear"]
+__all__ = ["LINEAR", "SHARDS", "LinearNames", "check_linear", "chunk_size_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +76,26 @@ def check_linear(
             + ", ".join(f"{name} on {tensor.device}" for name, tensor in present.items())
         )
     return classes, features
+
+
+def chunk_size_of(options: object, chunk_size: object) -> object:
+    """The chunk size of a fused linear form given torch's ``options=`` (``F.linear_cross_entropy``
+    and ``nn.LinearCrossEntropyLoss`` take a ``torch.nn.LinearCrossEntropyOptions`` or None there),
+    taken so that torch code runs unchanged: its ``batch_chunk_size`` is ``chunk_size`` (both
+    given must agree). Its other fields choose among torch's own strategies and are not used:
+    xentkit always runs chunks, a second backward works with ``retain_graph=True``, and the weight
+    gradient accumulates as ``accumulate_in_float32`` says."""
+    if options is None:
+        return chunk_size
+    torch_options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if torch_options is None or not isinstance(options, torch_options):
+        raise TypeError(
+            "options must be None or a torch.nn.LinearCrossEntropyOptions (torch's chunking options, "
+            f"taken for its batch_chunk_size; xentkit's own are chunk_size and accumulate_in_float32), got {describe(options)}"
+        )
+    size = options.batch_chunk_size
+    if size is None:
+        return chunk_size
+    if chunk_size is not None and chunk_size != size:
+        raise ValueError(f"chunk_size={chunk_size!r} and options.batch_chunk_size={size!r} disagree; give one of them")
+    return size

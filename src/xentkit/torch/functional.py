@@ -335,7 +335,7 @@ def _small_and_plain(
         # (before the size: a size test traced by torch.compile or export would be a guard, and a
         # dynamic batch would be bounded by it)
         and not torch.compiler.is_compiling()
-        and 0 < input.numel() <= SMALL_MAX_LOGITS and input.dtype in _SMALL_DTYPES
+        and (0 < input.numel() <= SMALL_MAX_LOGITS or _empty_batch(input)) and input.dtype in _SMALL_DTYPES
         and input.is_cpu and target.is_cpu and input.layout is _STRIDED and target.layout is _STRIDED
     ):
         return False
@@ -359,6 +359,12 @@ def _small_and_plain(
     ):
         return False
     return not _bridge.transforms_running(input, target, weight)
+
+
+def _empty_batch(input: Tensor) -> bool:
+    """No sample (N = 0, or a spatial size 0) but classes: torch's kernel, with its second
+    derivative (the kernels have none; a review). No class at all is the api's error."""
+    return input.numel() == 0 and input.ndim >= 2 and input.shape[1] > 0
 
 
 def _mean_of_probabilities_possible(mean: float, classes: int) -> bool:
@@ -475,8 +481,11 @@ def _nothing_to_average(mean: float, target: Tensor, weight: Tensor | None, igno
 
 
 def _zero_with_zero_gradient(input: Tensor) -> Tensor:
-    """0 with gradient 0 whatever ``input`` holds (``input·0`` would be NaN at ±inf)."""
-    return input.masked_fill(torch.ones_like(input, dtype=torch.bool), 0.0).sum()
+    """0 with gradient 0 whatever ``input`` holds (``input·0`` would be NaN at ±inf), a gradient
+    that is itself a function of ``input`` (0 again), as torch's, so that a penalty on it can be
+    differentiated (``create_graph=True``; a masked fill had given a constant, which cannot)."""
+    zero = torch.where(torch.zeros_like(input, dtype=torch.bool), input, 0.0)
+    return (zero * zero).sum()
 
 
 def _nonnegative(weight: Tensor) -> bool:

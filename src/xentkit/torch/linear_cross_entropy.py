@@ -45,7 +45,7 @@ from . import (
     functional,
 )
 from ._chunks import batched_chunk_gradients, chunk_rows, detached
-from ._linear_checks import check_linear
+from ._linear_checks import check_linear, chunk_size_of
 
 __all__ = ["linear_cross_entropy"]
 
@@ -181,8 +181,9 @@ def linear_cross_entropy(
     linear_bias: Tensor | None = None,
     weight: Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: Integer | None = -100,
+    ignore_index: Integer | None = None,
     label_smoothing: Real = 0.0,
+    options: object = None,
     z_loss: Real = 0.0,
     softcap: Real | None = None,
     chunk_size: int | None = None,
@@ -194,7 +195,9 @@ def linear_cross_entropy(
 
     The same value and gradients as ``cross_entropy(F.linear(input, linear_weight, linear_bias),
     target, ...)`` and as ``torch.nn.functional.linear_cross_entropy`` (whose arguments it takes,
-    with ``chunk_size``, ``z_loss`` and ``softcap`` instead of ``options``): with logits
+    and ``chunk_size``, ``z_loss`` and ``softcap``; of torch's ``options``, a
+    ``LinearCrossEntropyOptions`` or None, only ``batch_chunk_size`` is used, as ``chunk_size``:
+    its other fields choose among torch's own strategies): with logits
     z = x Wᵀ + b, the loss of :func:`xentkit.torch.cross_entropy` (formulas at
     :func:`xentkit.cross_entropy`), and ∂loss/∂x = dz·W, ∂loss/∂W = dzᵀ·x, ∂loss/∂b = Σ_rows dz
     with dz the logits' gradient.
@@ -242,9 +245,10 @@ def linear_cross_entropy(
 
     See also: :func:`cross_entropy` (logits already computed), :class:`LinearCrossEntropyLoss`.
     """
-    options = LossOptions(
+    options = LossOptions(  # (torch's options= read first: its batch_chunk_size)
         reduction, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap,
-        chunk_size, backend, check_labels=check_labels, accumulate_in_float32=accumulate_in_float32,
+        chunk_size_of(options, chunk_size), backend, check_labels=check_labels,
+        accumulate_in_float32=accumulate_in_float32,
     )
     input, linear_weight, linear_bias = _bridge.autocast_operands(input, linear_weight, linear_bias)
     check_linear(input, linear_weight, linear_bias, class_dims=True)  # K-dimensional: torch ops

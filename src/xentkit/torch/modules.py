@@ -23,6 +23,7 @@ from .._options import (
     fields_with,
 )
 from . import _bridge, functional
+from ._linear_checks import chunk_size_of
 from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss"]
@@ -39,7 +40,9 @@ _LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
 _FIELD_DEFAULTS = FIELD_DEFAULTS
 _FIELD_NAMES, _FIELD_VALUES = (tuple(column) for column in zip(*_FIELD_DEFAULTS, strict=True))
 _FIELD_NAME_SET = frozenset(_FIELD_NAMES)
-_CACHED_OPTIONS = "_xentkit_options"  # the __dict__ key of a module's built options
+_CACHED_OPTIONS = "_xentkit_options"  # the __dict__ key of a module's built options and their values
+# option values that cannot change in place: options built from these alone are kept
+_PLAIN_OPTION_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 class _NotScriptable:
@@ -56,30 +59,17 @@ class _NotScriptable:
 
 
 class _KeepsOptions(torch.nn.Module):
-    """A loss module that keeps its built options (``_loss_options_of``) and drops them when an
-    option is set or deleted as an attribute, or the module's state is set (``__setstate__``).
-    They are never pickled or deep-copied (a module saved by this xentkit and loaded by another
-    builds its own). An option written into ``__dict__`` directly is not seen: set options as
-    attributes."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        if name in _FIELD_NAME_SET:
-            self.__dict__.pop(_CACHED_OPTIONS, None)
-
-    def __delattr__(self, name: str) -> None:
-        super().__delattr__(name)
-        if name in _FIELD_NAME_SET:
-            self.__dict__.pop(_CACHED_OPTIONS, None)
+    """A loss module that keeps its built options (``_loss_options_of``) beside the attribute values
+    they were built from, and reuses them while every option attribute is still the same object.
+    Options are kept only when built from plain values (str, int, float, bool, None): a 0-d tensor
+    or array given as an option may change in place, and is read again on every call. The kept
+    options are never pickled or deep-copied (a module saved by this xentkit and loaded by another
+    builds its own)."""
 
     def __getstate__(self) -> dict[str, object]:
         state = super().__getstate__()  # (torch's drops a compiled module's call)
         state.pop(_CACHED_OPTIONS, None)
         return state
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        super().__setstate__(state)  # (an update of __dict__: options built before are stale)
-        self.__dict__.pop(_CACHED_OPTIONS, None)
 
 
 _CLASS_FIELDS: dict[type, frozenset[str]] = {}  # (a plain dict: torch.compile warns at lru_cache)
@@ -102,17 +92,23 @@ def _loss_options_of(module: torch.nn.Module) -> LossOptions:
     field the module lacks, ``chunk_size`` on ``CrossEntropyLoss``, would otherwise go through
     ``nn.Module.__getattr__`` and its AttributeError: microseconds each.) A :class:`_KeepsOptions`
     module whose class defines none of the fields keeps the options it built in its ``__dict__``
-    until one of them is set again: a step reads them without checking them again."""
+    with the values they came from: a step whose values are the same objects reads them without
+    checking them again."""
     attributes = module.__dict__
     on_class = _fields_on_class(type(module))
     if not on_class:  # the usual module: every value in its __dict__ or the default
-        options = attributes.get(_CACHED_OPTIONS)
-        if options is None:
-            options = functional.cached_options()(*map(attributes.get, _FIELD_NAMES, _FIELD_VALUES))
-            if isinstance(module, _KeepsOptions) and not torch.compiler.is_compiling():
-                # (only a module that drops them when an option is set; a traced graph writes
-                # no module state)
-                attributes[_CACHED_OPTIONS] = options
+        values = tuple(map(attributes.get, _FIELD_NAMES, _FIELD_VALUES))
+        if not isinstance(module, _KeepsOptions) or torch.compiler.is_compiling():
+            return functional.cached_options()(*values)  # (a traced graph writes no module state)
+        kept = attributes.get(_CACHED_OPTIONS)
+        # the same objects as when they were built: an attribute set, deleted or written into
+        # __dict__ since is another object (a review: options set as attributes had been noticed
+        # by __setattr__ alone, and a 0-d tensor changed in place not at all)
+        if kept is not None and all(map(operator.is_, values, kept[0])):
+            return kept[1]
+        options = functional.cached_options()(*values)
+        if _PLAIN_OPTION_TYPES.issuperset(map(type, values)):
+            attributes[_CACHED_OPTIONS] = (values, options)  # (one store: a racing call sees both or neither)
         return options
     return functional.cached_options()(*[
         attributes[name] if name in attributes else getattr(module, name) if name in on_class else default
@@ -290,7 +286,8 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
     A subclass of ``torch.nn.LinearCrossEntropyLoss`` where torch has it (``isinstance`` holds,
     the same arguments including ``out_features``, the same ``self.linear`` and buffers, so state
     dicts load both ways), with ``z_loss``, ``softcap``, ``chunk_size``, ``backend``,
-    ``check_labels`` and ``accumulate_in_float32`` in place of ``options``. Shapes: input
+    ``check_labels`` and ``accumulate_in_float32``; of torch's ``options`` only
+    ``batch_chunk_size`` is used (as :func:`xentkit.torch.linear_cross_entropy`). Shapes: input
     ``[N, in_features]`` or ``[in_features]``; target ``[N]`` (class indices;
     ``[N, *out_features]`` with ``out_features``) or ``[N, num_classes]`` (probabilities).
 
@@ -319,6 +316,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
         weight: Tensor | None = None,
         ignore_index: Integer | None = None,
         label_smoothing: Real = 0.0,
+        options: object = None,
         z_loss: Real = 0.0,
         softcap: Real | None = None,
         chunk_size: int | None = None,
@@ -327,6 +325,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
         accumulate_in_float32: bool = True,
     ) -> None:
         out_features = _check_layer_sizes(in_features, num_classes, out_features)
+        chunk_size_of(options, chunk_size)  # (torch's options: checked here, read at each call)
         _bridge.check_class_weight(weight, num_classes)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             # (torch's Linear: an error from inside torch.empty or Parameter, or a complex layer
@@ -338,7 +337,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
             super().__init__(
                 in_features, num_classes, out_features=tuple(out_features), bias=bias, device=device,
                 dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
-                label_smoothing=label_smoothing,
+                label_smoothing=label_smoothing, options=options,
             )
         else:  # an older torch: the same attributes, built here
             super().__init__()
@@ -348,6 +347,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
             self.reduction = reduction
             self.ignore_index = ignore_index
             self.label_smoothing = label_smoothing
+            self.options = options
             self.linear = torch.nn.Linear(
                 in_features, math.prod(out_features, start=num_classes), bias=bias, device=device,
                 dtype=dtype,
@@ -368,6 +368,7 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
             linear_bias = None if linear_bias is None else linear_bias.reshape(shape)
         return linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            options=getattr(self, "options", None),  # (a module saved by an older xentkit lacks it)
             **_options_of(self, skip=_NOT_LINEAR),
         )
 
@@ -376,4 +377,5 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
             + _options_repr(_options_of(self, skip=_NOT_LINEAR))
+            + ("" if getattr(self, "options", None) is None else f", options={self.options!r}")
         )
