@@ -48,11 +48,11 @@ tests)
     # 2^31-element offsets; the machine-code test is left to CI (it needs no GPU), and so are the
     # files that build CPU tensors alone (test_check_labels.py, test_log_probs_traced.py). Not
     # stopped at the first failure; an interrupt at the cap (SIGINT) still prints pytest's summary
-    # of the failures; on 4 workers where pytest-xdist is there (compiling ~800 kernels), each
+    # of the failures; on 8 workers (of 16 cores) where pytest-xdist is there (compiling ~800 kernels), each
     # test cut at 120 s where pytest-timeout is
     set -o pipefail
     extra=()
-    python3 -c "import xdist" 2>/dev/null && extra+=(-n 4)
+    python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)
     python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=120)
     timeout -s INT -k 20 240 python3 -m pytest -q -p no:cacheprovider --maxfail=25 -rfE --durations=25 ${extra[@]+"${extra[@]}"} \
         tests/test_triton.py tests/test_triton_log_probs.py tests/test_triton_host_syncs.py \

@@ -87,18 +87,19 @@ def test_each_module_cuts_its_rows_by_its_own_max_block(monkeypatch):
 
 
 def test_a_launch_the_grid_cannot_hold_is_a_value_error(monkeypatch):
-    """No kernel checks a bound: more classes than 65535 chunks (CUDA's grid) or int32 column
-    offsets reach, or more rows than the grid's first axis, is refused before a launch, here
-    with the grid's limits made small."""
-    assert Layout.of(3, 65535 * 8192, 8192).chunks == 65535
-    with pytest.raises(ValueError, match=r"^the Triton kernels take at most 536862720 classes and 2147483647 rows, "
-                       r"got 536862721 classes and 3 rows; backend='torch' runs torch ops$"):  # fmt: skip
-        Layout.of(3, 65535 * 8192 + 1, 8192)
+    """No kernel checks a bound: more classes than 8192 chunks (the combine kernels hold a row's
+    chunks in registers) or int32 column offsets reach, or more rows than the grid's first axis,
+    is refused before a launch, here with the grid's limits made small."""
+    assert Layout.of(3, 8192 * 8192, 8192).chunks == 8192
+    with pytest.raises(ValueError, match=r"^the Triton kernels take at most 67108864 classes and 2147483647 rows, "
+                       r"got 67108865 classes and 3 rows; backend='torch' runs torch ops$"):  # fmt: skip
+        Layout.of(3, 8192 * 8192 + 1, 8192)
     with pytest.raises(ValueError, match=r"got 100 classes and 2147483648 rows"):
         Layout.of(2**31, 100, 8192)
-    assert Layout.of(1, 2**31 - 2**16, 2**16).chunks == 2**15 - 1  # (int32 offsets: a larger block)
-    with pytest.raises(ValueError, match=r"at most 2147418112 classes"):
-        Layout.of(1, 2**31 - 2**16 + 1, 2**16)
+    assert Layout.of(1, 2**31 - 2**18, 2**18).chunks == 2**13 - 1  # (int32 offsets: a larger block)
+    with pytest.raises(ValueError, match=r"at most 2147221504 classes"):
+        Layout.of(1, 2**31 - 2**18 + 1, 2**18)
+    assert Layout(1, 8192, 8192).per_row["num_warps"] == 8 and Layout(1, 8192, 100).per_row["num_warps"] == 1
     monkeypatch.setattr(_chunks, "_GRID_Y", 2)
     monkeypatch.setattr(cross_entropy, "MAX_BLOCK", 16)
     import xentkit.torch as xt
@@ -129,3 +130,22 @@ def test_backend_auto_runs_torch_ops_for_a_launch_the_grid_cannot_hold(monkeypat
         expected = xt.cross_entropy(logits, target, reduction=reduction, backend="torch")
         torch.testing.assert_close(xt.cross_entropy(logits, target, reduction=reduction), expected)
     assert xt.cross_entropy(logits[:1], target[:1], backend="triton").isfinite()  # 2 rows: it fits
+
+
+def test_float_arguments_reach_the_kernels_as_the_gpu_takes_them(monkeypatch):
+    """Triton passes a Python float to a GPU kernel as float32, its interpreter as the double (a
+    review: ``1 − ε`` 2 ulps apart at ε = 0.8132…): label_smoothing, z_loss and softcap are
+    rounded to float32 on the host, so that both compute with one value."""
+    import numpy as np
+
+    import xentkit.torch as xt
+
+    seen = []
+    real = _chunks.float32_argument
+    monkeypatch.setattr(_chunks, "float32_argument", lambda value: seen.append(value) or real(value))
+    logits = torch.randn(3, 40, device=DEVICE, requires_grad=True)
+    target = torch.tensor([0, 5, 39], device=DEVICE)
+    loss = xt.cross_entropy(logits, target, label_smoothing=0.8132, z_loss=1e-4, softcap=30.0, backend="triton")
+    loss.backward()
+    assert {0.8132, 1e-4, 30.0} <= set(seen)
+    assert real(0.8132) == float(np.float32(0.8132)) != 0.8132

@@ -37,6 +37,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +73,13 @@ def on_tensor_device(host: _Host) -> _Host:
     return on_its_device  # type: ignore[return-value]
 
 
+def float32_argument(value: float) -> float:
+    """A float kernel argument as the GPU takes it: Triton passes a Python float as float32, where
+    its interpreter keeps the double (a review: ``1 − ε`` for ε = 0.8132… came out 2 ulps apart,
+    1.3% at ε = 0.999999), so it is rounded here and both compute with the same value."""
+    return float(np.float32(value))
+
+
 def ceil_div(a: int, b: int) -> int:
     """⌈a / b⌉ for the host's launch sizes (plain integers: ``triton.cdiv`` is a constexpr
     function, about 100× slower to call from Python, and a launch makes several)."""
@@ -104,17 +112,21 @@ EXACT = {"enable_fp_fusion": False}
 
 
 _GRID_X, _GRID_Y = 2**31 - 1, 65535  # CUDA's grid: programs along its first and second axes
+# Chunks per row at most: a combine program holds a row's chunks in registers (``per_row``), and
+# compiled for more it spills (a review, sm_90: 8192 chunks on one warp took a 7 KB stack; 65536
+# did not finish compiling in 7.5 minutes). 8192 chunks of MAX_BLOCK classes: 67,108,864 classes.
+_MAX_CHUNKS = 8192
 
 
 def grid_reason(n_rows: int, n_cols: int, max_block: int | None = None) -> str | None:
     """Why a launch over ``n_rows`` rows of ``n_cols`` classes does not fit CUDA's grid (the
     kernels check no bound), or None: more than 2^31 − 1 rows (the grid's first axis), or more
-    classes per row than 65535 chunks (its second axis) or int32 column offsets reach (2^31 less
-    one block). :meth:`Layout.of` raises it; ``backend="auto"`` runs torch ops for it
+    classes per row than 8192 chunks (``_MAX_CHUNKS``, within the grid's second axis) or int32
+    column offsets reach (2^31 less one block). :meth:`Layout.of` raises it; ``backend="auto"`` runs torch ops for it
     (``xentkit.torch._triton_path.tensor_reason``). ``max_block``: :data:`MAX_BLOCK` as it is
     when called, by default."""
     block = block_size(n_cols, MAX_BLOCK if max_block is None else max_block)
-    largest = min(_GRID_Y * block, 2**31 - block)
+    largest = min(min(_GRID_Y, _MAX_CHUNKS) * block, 2**31 - block)
     if n_cols > largest or n_rows > _GRID_X:
         return (
             f"the Triton kernels take at most {largest} classes and {_GRID_X} rows, got {n_cols} classes "
@@ -136,7 +148,7 @@ class Layout:
     def of(cls, n_rows: int, n_cols: int, max_block: int) -> Layout:
         """The layout, or a ValueError for a launch the grid cannot hold (the kernels check no
         bound): more than 2^31 − 1 rows (the grid's first axis), or more classes per row than
-        65535 chunks (its second axis) or int32 column offsets reach (2^31 less one block)."""
+        8192 chunks or int32 column offsets reach (2^31 less one block): :func:`grid_reason`."""
         why = grid_reason(n_rows, n_cols, max_block)
         if why is not None:
             raise ValueError(f"{why}; backend='torch' runs torch ops")
@@ -157,8 +169,11 @@ class Layout:
     @property
     def per_row(self) -> dict[str, int | bool]:
         """The launch options of a combine kernel (grid ``(rows,)``): ``CHUNKS``, the row's chunks
-        rounded up to a power of 2 (at least 2), one warp, no contraction (:data:`EXACT`)."""
-        return {"CHUNKS": max(2, next_power_of_2(self.chunks)), "num_warps": 1, **EXACT}
+        rounded up to a power of 2 (at least 2), one warp per 128 of them (1 to 8: each thread
+        holds a few chunks' partials, which one warp for thousands would spill), no contraction
+        (:data:`EXACT`)."""
+        chunks = max(2, next_power_of_2(self.chunks))
+        return {"CHUNKS": chunks, "num_warps": min(8, max(1, chunks // 128)), **EXACT}
 
     @property
     def plane(self) -> int:

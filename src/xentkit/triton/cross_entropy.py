@@ -509,16 +509,16 @@ def row_statistics(
     weights = ClassWeights.of(weight, device, with_total=False)
     layout = _chunks.Layout.of(n_rows, n_cols, MAX_BLOCK)
     part = layout.partials(7 if probabilities else 6 if label_smoothing > 0.0 else 3, device)
-    cap = 1.0 if softcap is None else float(softcap)
+    cap = 1.0 if softcap is None else _chunks.float32_argument(softcap)
     any_weight = loss if weights is None else weights.values  # any pointer when unused
     target_stride = target.stride(0) if probabilities else 1
     _partials_kernel[layout.grid](
         logits, logits.stride(0), target, target_stride, any_weight, part, layout.plane, n_cols,
-        layout.chunks, int(ignore_index), float(label_smoothing), cap, **layout.per_chunk, **flags,
+        layout.chunks, int(ignore_index), _chunks.float32_argument(label_smoothing), cap, **layout.per_chunk, **flags,
     )
     _loss_kernel[(n_rows,)](
         logits, logits.stride(0), target, any_weight, part, layout.plane, loss, lse, stats,
-        n_rows, n_cols, layout.chunks, int(ignore_index), float(label_smoothing), cap,
+        n_rows, n_cols, layout.chunks, int(ignore_index), _chunks.float32_argument(label_smoothing), cap,
         **layout.per_row, **flags,
     )
     return loss, lse, stats
@@ -564,7 +564,7 @@ def row_gradient(
         logits, logits.stride(0), target, target.stride(0) if flags["PROBABILITIES"] else 1,
         values, total, stats, grad_out, grad_out.stride(0), grad_scale, grad_scale.stride(0),
         z_grad_scale, z_grad_scale.stride(0), factors, n_rows, n_cols, int(ignore_index),
-        float(label_smoothing), float(z_loss), 1.0 if softcap is None else float(softcap),
+        _chunks.float32_argument(label_smoothing), _chunks.float32_argument(z_loss), 1.0 if softcap is None else _chunks.float32_argument(softcap),
         HAS_Z=z_loss > 0.0, **layout.per_chunk, **flags,
     )
     return grad_out

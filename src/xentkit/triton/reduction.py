@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._chunks import EXACT, ceil_div, on_tensor_device
+from ._chunks import EXACT, ceil_div, float32_argument, on_tensor_device
 
 __all__ = ["REDUCTIONS", "reduce_rows"]
 
@@ -249,7 +249,7 @@ def reduce_rows(
     any_weight = loss_rows if weight is None else weight  # any pointer when unused
     _epilogue_kernel[(n_parts,)](
         loss_rows, lse, target, any_weight, out, part, factors, bad, n_rows, n_cols, n_parts,
-        int(ignore_index), float(z_loss), SPAN, FINAL=n_parts == 1, BLOCK=BLOCK, **rounding, **flags, **EXACT,
+        int(ignore_index), float32_argument(z_loss), SPAN, FINAL=n_parts == 1, BLOCK=BLOCK, **rounding, **flags, **EXACT,
     )
     if n_parts > 1:
         _finish_kernel[(1,)](
