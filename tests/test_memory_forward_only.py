@@ -82,3 +82,30 @@ def test_the_probability_check_without_a_mask_still_sees_a_negative_beside_nan()
     for function in (xentkit.entropy, lambda p: xentkit.kl_divergence(p, np.abs(p))):
         with pytest.raises(ValueError, match=r"must hold probabilities .*got a minimum of -0\.1"):
             function(np.array([[0.5, -0.1, np.nan]]))
+
+
+@pytest.mark.parametrize("shape", [(2048, 1024), (2 * 1024 * 1024,)])
+def test_binary_cross_entropy_on_probabilities_forward_runs_in_blocks(shape):
+    """binary_cross_entropy (probabilities: the reference formula) computed its gradient too, and
+    every temporary at the input's size: 6 times its bytes; now the per-element losses (1) and
+    1 MiB blocks, flat inputs included."""
+    rng = np.random.default_rng(5)
+    p = rng.random(shape, dtype=np.float32)
+    target = (rng.random(shape) < 0.3).astype(np.float32)
+    assert _peak_above(lambda: xentkit.binary_cross_entropy(p, target), p.nbytes) < 1.5
+
+
+@pytest.mark.parametrize("shape", [(10, 37, 3), (1111,)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_blocked_binary_cross_entropy_is_the_whole_computation(monkeypatch, shape, reduction):
+    monkeypatch.setattr(losses, "_BLOCK_BYTES", 3 * 8 * 37)
+    rng = np.random.default_rng(6)
+    p = rng.random(shape).astype(np.float32)
+    p.reshape(-1)[:3] = [0.0, 1.0, 0.5]  # the −100 clamp on both sides
+    target = rng.random(shape).astype(np.float32)
+    weight = rng.random(shape[-1:])
+    for w in (None, weight):
+        np.testing.assert_array_equal(
+            xentkit.binary_cross_entropy(p, target, weight=w, reduction=reduction),
+            xentkit.binary_cross_entropy_and_grad(p, target, weight=w, reduction=reduction)[0],
+        )

@@ -292,12 +292,16 @@ def _bce(probs, target, weight, reduction, want_grad, grad_output=None):
     _check_unit_interval(p, "probs", "probabilities, e.g. sigmoid outputs", "; for logits use binary_cross_entropy_with_logits")
     _check_unit_interval(y, "target", "as torch requires", "")
     w = _broadcast_weight(weight, p.shape, p.dtype, "weight", one_for_all=True)
-    per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
-    per_element = _full(per_element, p.shape)
     plan = ReductionPlan.of_rows(reduction, p.size)
-    loss = rounded(plan.reduce(per_element), dtype)
-    if not want_grad:
-        return loss, None
+    if not want_grad:  # the per-element losses by blocks: no gradient, block-sized temporaries
+        operands = (p, y) if w is None else (p, y, np.broadcast_to(w, p.shape))
+        per_element = _value_by_blocks(
+            lambda p, y, w=None: reference.binary_cross_entropy_and_grad(p, y, w, want_grad=False)[0],
+            *operands, elementwise=True,
+        )
+        return rounded(plan.reduce(_full(per_element, p.shape)), dtype), None
+    per_element, grad = reference.binary_cross_entropy_and_grad(p, y, w)
+    loss = rounded(plan.reduce(_full(per_element, p.shape)), dtype)
     upstream = upstream_gradient(grad_output, reduction, p.shape, p.dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # (0·inf = NaN, as torch, silently)
         grad = np.broadcast_to(grad, p.shape) * plan.scales(upstream)[0]
@@ -414,15 +418,21 @@ def _distribution(p: ArrayLike, name: str, axis: int) -> tuple[np.ndarray, np.dt
 _BLOCK_BYTES = 2**20
 
 
-def _value_by_blocks(value_of, *arrays: np.ndarray) -> np.ndarray:
-    """``value_of(*blocks)`` over blocks of the arrays' first axis (one shape, the class axis last),
-    concatenated: the per-row values of the whole, with block-sized temporaries."""
+def _value_by_blocks(value_of, *arrays: np.ndarray, elementwise: bool = False) -> np.ndarray:
+    """``value_of(*blocks)`` over blocks of the arrays' first axis (one shape, the class axis last;
+    ``elementwise``: values per element, so that a 1-D array is cut too), concatenated: the
+    per-row values of the whole, with block-sized temporaries."""
     shape = arrays[0].shape
     per_row = 8 * int(np.prod(shape[1:], dtype=np.int64))
     step = max(1, _BLOCK_BYTES // max(per_row, 1))
-    if len(shape) < 2 or shape[0] <= step:
+    if len(shape) < (1 if elementwise else 2) or shape[0] <= step:
         return value_of(*arrays)
-    return np.concatenate([value_of(*(a[start : start + step] for a in arrays)) for start in range(0, shape[0], step)])
+    first = value_of(*(a[:step] for a in arrays))
+    values = np.empty((shape[0], *first.shape[1:]), dtype=first.dtype)  # (filled in place: no list of blocks)
+    values[:step] = first
+    for start in range(step, shape[0], step):
+        values[start : start + step] = value_of(*(a[start : start + step] for a in arrays))
+    return values
 
 
 def entropy(p: ArrayLike, axis: int = -1) -> np.ndarray:

@@ -88,15 +88,18 @@ _GRAD_EPSILON = float(np.float32(1e-12))
 
 
 def binary_cross_entropy_and_grad(
-    probs: np.ndarray, target: np.ndarray, weight: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """ℓ = −w·[y·log p + (1 − y)·log(1 − p)],  ∂ℓ/∂p = w·(p − y) / (p·(1 − p))."""
+    probs: np.ndarray, target: np.ndarray, weight: np.ndarray | None, *, want_grad: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """ℓ = −w·[y·log p + (1 − y)·log(1 − p)],  ∂ℓ/∂p = w·(p − y) / (p·(1 − p)) (None without
+    ``want_grad``)."""
     w = 1 if weight is None else weight
     with np.errstate(divide="ignore"):
         log_p = np.maximum(np.log(probs), _LOG_FLOOR)
         log_1mp = np.maximum(np.log1p(-probs), _LOG_FLOOR)
     with np.errstate(over="ignore", invalid="ignore"):  # beyond the dtype: inf, as torch
         loss = 0.0 - w * (target * log_p + (1 - target) * log_1mp)
+        if not want_grad:
+            return loss, None
         grad = w * (probs - target) / np.maximum(probs * (1 - probs), _GRAD_EPSILON)
     return loss, grad
 
