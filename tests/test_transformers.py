@@ -897,3 +897,45 @@ def test_a_compiled_patched_model_trains_as_the_eager_one() -> None:
     torch.testing.assert_close(output.loss.detach(), expected_loss, **TOLERANCE[torch.float32])
     for name, parameter in compiled.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], **TOLERANCE[torch.float32], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_threads_sharing_a_patched_model_keep_their_own_forwards() -> None:
+    """Threads share a patched model (a server's threads; nn.DataParallel's replicas share its
+    hooks): each forward's labels stay its own. A review forced this interleaving, thread B
+    entering its forward while A waited in one: with one record per model A's loss had come from
+    B's labels and B's was None."""
+    import threading
+
+    model = tiny_model("LlamaForCausalLM")
+    patch(model)
+    ids = {"A": batch(seed=1)["input_ids"], "B": batch(seed=2)["input_ids"]}
+    want = {name: model(value, labels=value).loss.item() for name, value in ids.items()}
+    a_inside, release_a, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(module, args):
+        name = threading.current_thread().name
+        if name == "A":
+            a_inside.set()
+            release_a.wait(10)
+        elif name == "B":
+            release_a.set()
+            a_done.wait(10)
+
+    handle = model.model.embed_tokens.register_forward_pre_hook(hold)
+    got = {}
+
+    def run(name, depth):  # (B from a deeper stack: the depth bookkeeping is per thread too)
+        if depth:
+            return run(name, depth - 1)
+        got[name] = model(ids[name], labels=ids[name]).loss
+        if name == "A":
+            a_done.set()
+
+    threads = [threading.Thread(target=run, args=("A", 0), name="A"), threading.Thread(target=run, args=("B", 20), name="B")]
+    threads[0].start()
+    assert a_inside.wait(10)
+    threads[1].start()
+    for thread in threads:
+        thread.join(30)
+    handle.remove()
+    assert {name: loss.item() for name, loss in got.items()} == pytest.approx(want, rel=1e-6)

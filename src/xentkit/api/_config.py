@@ -35,7 +35,9 @@ _state = {"reference": _from_environment()}  # the process-wide choice (kept by 
 # in two threads that overlap would otherwise restore each other's values, and leave the
 # process-wide choice stuck on
 _BLOCK: contextvars.ContextVar[bool | None] = contextvars.ContextVar("xentkit_use_reference", default=None)
-_LOCK = threading.Lock()
+# reentrant: a signal handler (or a __del__) that switches while this thread holds it would
+# otherwise wait for itself forever (a review)
+_LOCK = threading.RLock()
 # ``use_reference(...)`` cannot tell in ``__init__`` whether it is called plainly (a process-wide
 # switch) or for a ``with`` block (whose ``__enter__`` comes next and takes the switch back). So
 # the process-wide choice is that of the latest switch not taken back, over the initial one: a
@@ -62,7 +64,7 @@ def _apply() -> None:
             if reference() is None:
                 _INITIAL = enabled
                 for number, _ in entries[: index + 1]:
-                    del _SWITCHES[number]
+                    _SWITCHES.pop(number, None)  # (a reentrant switch may have taken it)
                 break
         _PRUNE_AT = max(64, 2 * len(_SWITCHES))
     _state["reference"] = next(reversed(_SWITCHES.values()))[1] if _SWITCHES else _INITIAL
@@ -103,7 +105,10 @@ class use_reference:
     block, and the previous choice holds again afterwards; other threads keep theirs (as
     ``numpy.errstate``), also while the block is being set up (``with use_reference(...):``
     never touches the process-wide choice; an object made first and entered later switched it
-    when made, and entering takes that back). The environment variable ``XENTKIT_REFERENCE`` sets the initial choice:
+    when made, and entering takes that back: so do spellings that make it apart from the
+    ``with`` statement, such as ``ExitStack.enter_context(use_reference())`` or
+    ``with (use_reference() if flag else nullcontext()):``, during which other threads may run
+    the reference for a moment). The environment variable ``XENTKIT_REFERENCE`` sets the initial choice:
     ``1``, ``true``, ``yes`` or ``on`` the reference; ``0``, ``false``, ``no``, ``off`` or unset
     the kernels; any other value makes ``import xentkit`` raise a ValueError naming it.
 

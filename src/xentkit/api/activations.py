@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from typing import SupportsIndex
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -69,7 +70,7 @@ def _kernels_take(array: np.ndarray) -> bool:
     return array.size > 0 and not reference_enabled()
 
 
-def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
+def softmax(x: ArrayLike, axis: SupportsIndex = -1) -> np.ndarray:
     """Softmax along ``axis``: ``softmax(x)_i = exp(x_i − m) / Σ_j exp(x_j − m)``, ``m = max_j x_j``.
 
     Subtracting the maximum (Caffe's SoftmaxLayer) leaves the result unchanged and keeps every
@@ -95,7 +96,7 @@ def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     return rounded(reference.softmax(original.astype(compute_dtype(original.dtype), copy=False), axis=axis), original.dtype)
 
 
-def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
+def log_softmax(x: ArrayLike, axis: SupportsIndex = -1) -> np.ndarray:
     """Log-softmax along ``axis``: ``log_softmax(x)_i = x_i − logsumexp(x)``.
 
     Exact where ``log(softmax(x))`` underflows to −inf. Shapes as :func:`softmax`; the same fused
@@ -115,7 +116,7 @@ def log_softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     return rounded(reference.log_softmax(original.astype(compute_dtype(original.dtype), copy=False), axis=axis), original.dtype)
 
 
-def logsumexp(x: ArrayLike, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+def logsumexp(x: ArrayLike, axis: SupportsIndex = -1, keepdims: bool = False) -> np.ndarray:
     """``log Σ_i exp(x_i)`` along ``axis``, computed as ``m + log Σ_i exp(x_i − m)``, ``m = max x``.
 
     Shapes: the input's shape without ``axis`` (kept as 1 with ``keepdims=True``). A slice that
@@ -182,7 +183,7 @@ def _backward_inputs(
     return widened(first, work), widened(second, work), dtype, axis
 
 
-def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: int = -1) -> np.ndarray:
+def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: SupportsIndex = -1) -> np.ndarray:
     """Vector-Jacobian product of softmax: ``dx_i = p_i·(g_i − Σ_j g_j·p_j)``.
 
     ``probs`` is the softmax output ``p``, ``grad_probs`` the gradient ``g`` of a loss with
@@ -199,7 +200,7 @@ def softmax_backward(probs: ArrayLike, grad_probs: ArrayLike, axis: int = -1) ->
     return rounded(reference.softmax_backward(p, g, axis=axis), dtype)
 
 
-def log_softmax_backward(log_probs: ArrayLike, grad_log_probs: ArrayLike, axis: int = -1) -> np.ndarray:
+def log_softmax_backward(log_probs: ArrayLike, grad_log_probs: ArrayLike, axis: SupportsIndex = -1) -> np.ndarray:
     """Vector-Jacobian product of log-softmax: ``dx_i = g_i − p_i·Σ_j g_j``, ``p = exp(log_probs)``.
 
     ``grad_log_probs`` as ``grad_probs`` of :func:`softmax_backward` (same shape, float or integer).

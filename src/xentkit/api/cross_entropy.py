@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Literal, SupportsIndex
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -327,7 +327,7 @@ def cross_entropy(
     logits: ArrayLike,
     target: ArrayLike,
     *,
-    axis: int = -1,
+    axis: SupportsIndex = -1,
     weight: ArrayLike | None = None,
     ignore_index: Integer = -100,
     reduction: str = "mean",
@@ -391,7 +391,7 @@ def cross_entropy_and_grad(
     logits: ArrayLike,
     target: ArrayLike,
     *,
-    axis: int = -1,
+    axis: SupportsIndex = -1,
     weight: ArrayLike | None = None,
     ignore_index: Integer = -100,
     reduction: str = "mean",
@@ -440,7 +440,7 @@ def perplexity(
     logits: ArrayLike,
     target: ArrayLike,
     *,
-    axis: int = -1,
+    axis: SupportsIndex = -1,
     weight: ArrayLike | None = None,
     ignore_index: Integer = -100,
     reduction: Literal["mean"] = "mean",

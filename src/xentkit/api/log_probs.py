@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, overload
+from typing import Literal, SupportsIndex, overload
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -61,27 +61,27 @@ class _Rows:
 # The result's type follows the return_* flags (a type checker picks the overload from literals).
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: SupportsIndex = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[False] = ...,
 ) -> np.ndarray: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: SupportsIndex = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[False] = ...,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: SupportsIndex = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[False] = ..., return_lse: Literal[True],
 ) -> tuple[np.ndarray, np.ndarray]: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: SupportsIndex = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: Literal[True], return_lse: Literal[True],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 @overload
 def log_probs(
-    logits: ArrayLike, target: ArrayLike, *, axis: int = ..., temperature: Real = ..., ignore_index: Integer = ...,
+    logits: ArrayLike, target: ArrayLike, *, axis: SupportsIndex = ..., temperature: Real = ..., ignore_index: Integer = ...,
     return_entropy: bool = ..., return_lse: bool = ...,
 ) -> np.ndarray | tuple[np.ndarray, ...]: ...
 
@@ -90,7 +90,7 @@ def log_probs(
     logits: ArrayLike,
     target: ArrayLike,
     *,
-    axis: int = -1,
+    axis: SupportsIndex = -1,
     temperature: Real = 1.0,
     ignore_index: Integer = -100,
     return_entropy: bool = False,
@@ -148,7 +148,7 @@ def log_probs_backward(
     grad_entropy: ArrayLike | None = None,
     *,
     grad_lse: ArrayLike | None = None,
-    axis: int = -1,
+    axis: SupportsIndex = -1,
     temperature: Real = 1.0,
     ignore_index: Integer = -100,
 ) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import SupportsIndex
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -101,7 +103,7 @@ def nll_loss(
     log_probs: ArrayLike,
     target: ArrayLike,
     *,
-    axis: int = -1,
+    axis: SupportsIndex = -1,
     weight: ArrayLike | None = None,
     ignore_index: Integer = -100,
     reduction: str = "mean",
@@ -129,7 +131,7 @@ def nll_loss_and_grad(
     log_probs: ArrayLike,
     target: ArrayLike,
     *,
-    axis: int = -1,
+    axis: SupportsIndex = -1,
     weight: ArrayLike | None = None,
     ignore_index: Integer = -100,
     reduction: str = "mean",
@@ -435,7 +437,7 @@ def _value_by_blocks(value_of, *arrays: np.ndarray, elementwise: bool = False) -
     return values
 
 
-def entropy(p: ArrayLike, axis: int = -1) -> np.ndarray:
+def entropy(p: ArrayLike, axis: SupportsIndex = -1) -> np.ndarray:
     """Shannon entropy in nats along ``axis``: ``H(p) = −Σ_i p_i·log p_i`` with ``0·log 0 = 0``.
 
     ``p`` holds probabilities (non-negative; they are not renormalized). Returns the input's
@@ -454,7 +456,7 @@ def entropy(p: ArrayLike, axis: int = -1) -> np.ndarray:
     return rounded(_value_by_blocks(value_of, np.moveaxis(work, axis, -1)), dtype)
 
 
-def entropy_and_grad(p: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def entropy_and_grad(p: ArrayLike, axis: SupportsIndex = -1) -> tuple[np.ndarray, np.ndarray]:
     """Entropy and ``∂H/∂p_i = −(log p_i + 1)`` (+inf where p_i = 0).
 
     Returns ``(entropy, dp)``.
@@ -483,7 +485,7 @@ def _kl_operands(
     return p_work, q_work, axis, dtype, (p_array.dtype, q_array.dtype)
 
 
-def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
+def kl_divergence(p: ArrayLike, q: ArrayLike, axis: SupportsIndex = -1) -> np.ndarray:
     """Kullback–Leibler divergence ``KL(p‖q) = Σ_i p_i·(log p_i − log q_i)`` in nats along ``axis``.
 
     Equals ``cross-entropy H(p, q) − H(p)`` (note 000). Terms with ``p_i = 0`` add 0;
@@ -502,7 +504,7 @@ def kl_divergence(p: ArrayLike, q: ArrayLike, axis: int = -1) -> np.ndarray:
     return rounded(_value_by_blocks(value_of, np.moveaxis(p_work, axis, -1), np.moveaxis(q_work, axis, -1)), dtype)
 
 
-def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def kl_divergence_and_grad(p: ArrayLike, q: ArrayLike, axis: SupportsIndex = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """KL divergence and both gradients: ``∂/∂p_i = log(p_i/q_i) + 1``, ``∂/∂q_i = −p_i/q_i``.
 
     Returns ``(kl, dp, dq)``: ``kl`` in the dtype p and q promote to, each gradient in its own

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from types import MappingProxyType
@@ -113,6 +114,19 @@ def _gone() -> None:
     return None
 
 
+class _InFlight(threading.local):
+    """One thread's forwards in flight through a patched model: threads share the model and its
+    hooks (a server's threads, ``nn.DataParallel``'s replicas, which share their hook dicts), and
+    each forward's record must stay its own (a review: with one record per model, a thread's loss
+    had been computed from another thread's labels)."""
+
+    def __init__(self) -> None:
+        self.call: _Call | None = None  # the record of the innermost forward in flight
+        # (stack depth of a forward's pre-hook, the record of the forward around it) per forward
+        # in flight, innermost last
+        self.outer: list[tuple[int, _Call | None]] = []
+
+
 class _Patch:
     """The hooks of one patched model and the call they share."""
 
@@ -129,10 +143,7 @@ class _Patch:
         self.name = type(model).__name__
         parameters = list(inspect.signature(type(model).forward).parameters)[1:]  # without self
         self.positions = {name: parameters.index(name) for name in ("labels", "return_dict") if name in parameters}
-        self.call: _Call | None = None  # the record of the innermost forward in flight
-        # (stack depth of a forward's pre-hook, the record of the forward around it) per forward
-        # in flight, innermost last
-        self._outer: list[tuple[int, _Call | None]] = []
+        self._in_flight = _InFlight()  # this thread's: call and _outer below
         # the pre-hook last (it must see the labels every other pre-hook hands on, and is checked to
         # stay last), the output hook first (later hooks see the patched output)
         self.handles = [
@@ -141,19 +152,33 @@ class _Patch:
         ]
         self.head_handles = self._hook_head(head)
 
+    @property
+    def call(self) -> _Call | None:
+        """The record of this thread's innermost forward in flight."""
+        return self._in_flight.call
+
+    @call.setter
+    def call(self, value: _Call | None) -> None:
+        self._in_flight.call = value
+
+    @property
+    def _outer(self) -> list[tuple[int, _Call | None]]:
+        return self._in_flight.outer
+
     def __getstate__(self) -> dict[str, Any]:
         """For copy.deepcopy and pickling (torch.save of a patched model): the model and head
         themselves, so that a copy's patch refers to the copied model (weak references would be
         shared by the copy, and cannot be pickled)."""
         state = dict(vars(self))
         state["_model"], state["_head"] = self._model(), self._head()
-        state["call"], state["_outer"] = None, []  # (a copy has no forward in flight)
+        del state["_in_flight"]  # (a copy has no forward in flight)
         if state["_head"] is None:  # a head replaced and freed before the next step re-hooked the
             state["head_handles"] = []  # new one: its handles point at freed hook dicts (torch
         return state  # cannot copy them); the next step hooks the model's head (_follow_model)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
+        self._in_flight = _InFlight()
         head = state["_head"]
         self._model = weakref.ref(state["_model"])
         self._head = _gone if head is None else weakref.ref(head)

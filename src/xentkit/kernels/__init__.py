@@ -44,13 +44,15 @@ def compile_all() -> list[str]:
     return [name for module in _MODULES for name in importlib.import_module(module).compile_all()]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        try:
-            module = importlib.import_module(_HOMES[name])
-        except AttributeError as error:  # (from here, ``from ... import`` would say only "cannot import name")
-            raise ImportError(f"importing {_HOMES[name]} failed: {error}") from error
-        value = getattr(module, name)
-        globals()[name] = value  # later accesses skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # (type checkers see the names above, and a misspelt one as an error, not Any)
+
+    def __getattr__(name: str) -> Any:
+        if name in _HOMES:
+            try:
+                module = importlib.import_module(_HOMES[name])
+            except AttributeError as error:  # (from here, ``from ... import`` would say only "cannot import name")
+                raise ImportError(f"importing {_HOMES[name]} failed: {error}") from error
+            value = getattr(module, name)
+            globals()[name] = value  # later accesses skip this function
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
 import numpy as np
 import torch
@@ -36,7 +36,11 @@ KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
-def eager_only(function: Callable[..., Any]) -> Callable[..., Any]:
+_Parameters = ParamSpec("_Parameters")
+_Result = TypeVar("_Result")
+
+
+def eager_only(function: Callable[_Parameters, _Result]) -> Callable[_Parameters, _Result]:
     """``function`` as a graph break under torch.compile (it runs eagerly; under a non-strict
     torch.export, which cannot break a graph, a RuntimeError saying so; a strict one stops at the
     skipped function with torch's own error, which names it), as
@@ -44,7 +48,7 @@ def eager_only(function: Callable[..., Any]) -> Callable[..., Any]:
     is imported (1.0 s of ``import xentkit.torch``'s 1.1 s, measured on this 2-core machine):
     torch's own lazy form, which imports it at the first call, where the installed torch has it."""
     @functools.wraps(function)
-    def refusing_export(*args: Any, **kwargs: Any) -> Any:
+    def refusing_export(*args: _Parameters.args, **kwargs: _Parameters.kwargs) -> _Result:
         # torch.export cannot break a graph: it traced into the values' checks and failed with
         # its own data-dependent guard error, which named neither the function nor why (a review)
         if _EXPORTING():
@@ -57,8 +61,10 @@ def eager_only(function: Callable[..., Any]) -> Callable[..., Any]:
 
     # (the check inside the disabled function: torch.compile does not trace a wrapper of xentkit's
     # own, which all three forms would share, with its guards and its recompile limit)
+    # (the signature kept for type checkers: a user's checker saw (...) -> Any, a review)
     lazy = getattr(torch, "_disable_dynamo", None)
-    return lazy(refusing_export) if lazy is not None else torch.compiler.disable(refusing_export)
+    disabled = lazy(refusing_export) if lazy is not None else torch.compiler.disable(refusing_export)
+    return cast("Callable[_Parameters, _Result]", disabled)
 
 
 _EXPORTING = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch 2.4+)
@@ -780,7 +786,10 @@ def first_order_anchors(ctx: Any, *tensors: Tensor | None) -> None:
         )
 
 
-_NO_INDEX = {torch.device("cpu"): torch.empty(0, dtype=torch.long)}  # by device: no copy per call
+# by device: no copy per call. Made on first use, never as an inference tensor (a review: one made
+# under torch.inference_mode, the module imported there or a device's first call made there, could
+# not be saved for backward, and every later training call raised)
+_NO_INDEX: dict[torch.device, Tensor] = {}
 
 
 def _anchor(tensor: Tensor) -> Tensor:
@@ -791,7 +800,8 @@ def _anchor(tensor: Tensor) -> Tensor:
         return tensor.as_strided((0,), (1,)).clone()
     index = _NO_INDEX.get(tensor.device) if type(tensor) in PLAIN_TENSOR_TYPES else None  # (not a fake's)
     if index is None:
-        index = torch.empty(0, dtype=torch.long, device=tensor.device)
+        with torch.inference_mode(False):
+            index = torch.empty(0, dtype=torch.long, device=tensor.device)
         if type(index) is torch.Tensor:  # a real tensor (under a fake mode, not kept for later)
             _NO_INDEX[tensor.device] = index
     return torch.index_select(tensor, 0, index)

@@ -40,7 +40,14 @@ PROBABILITY_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float6
 
 
 def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+    """Whether Triton's interpreter runs the kernels: ``TRITON_INTERPRET`` as Triton reads it (1,
+    true, yes, on or y, in any case; a review: "false" had been taken for on, and a CPU call then
+    failed inside Triton for want of a GPU driver). Triton reads it when the kernels are defined,
+    on their first use: set it before that."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_WORDS
+
+
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on", "y"})
 
 
 def _triton_importable() -> bool:

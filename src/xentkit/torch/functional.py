@@ -491,24 +491,29 @@ def _zero_with_zero_gradient(input: Tensor) -> Tensor:
 def _nonnegative(weight: Tensor) -> bool:
     """Whether every class weight is ≥ 0 (then a weighted "mean" without label smoothing is an
     average of the rows' losses, and :func:`_mean_of_probabilities_possible` holds for it),
-    remembered for the last weight tensor seen until it changes (its version counter): a module's
-    weight is the same tensor every step, and a look at it costs a training step ~10 µs. A write
-    the version counter does not see (through ``.data`` or a NumPy view of the weight, which
-    autograd does not see either) is not seen here: weights made negative that way may then miss
-    the probabilities warning once; no value depends on this."""
+    remembered for the last weight tensor seen until it changes (its version counter, or its
+    memory: ``weight.data = ...`` gives it other memory without a version): a module's weight is
+    the same tensor every step, and a look at it costs a training step ~10 µs. A write that
+    neither sees (through a NumPy view of the weight, which autograd does not see either) is not
+    seen here: weights made negative that way may then miss the probabilities warning until the
+    weight changes otherwise; no value depends on this."""
     global _LAST_WEIGHT
     last = _LAST_WEIGHT  # (one tuple, replaced whole: another thread reads one weight's entry)
     inference = weight.is_inference()  # (inference tensors have no version counter)
-    if last is not None and last[0]() is weight and not inference and last[1] == weight._version:
-        return last[2]
+    if (
+        last is not None and last[0]() is weight and not inference and last[1] == weight._version
+        and last[2] == weight.data_ptr()
+    ):
+        return last[3]
     result = bool((weight >= 0).all())
     if not inference:
-        _LAST_WEIGHT = (weakref.ref(weight), weight._version, result)
+        _LAST_WEIGHT = (weakref.ref(weight), weight._version, weight.data_ptr(), result)
     return result
 
 
-# the last weight seen: (a weak reference to it, its version, whether every value is ≥ 0)
-_LAST_WEIGHT: tuple[weakref.ref, int, bool] | None = None
+# the last weight seen: (a weak reference to it, its version, its memory's address, whether every
+# value is ≥ 0)
+_LAST_WEIGHT: tuple[weakref.ref, int, int, bool] | None = None
 
 
 def cached_options() -> Callable[..., LossOptions]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -72,7 +73,8 @@ class _KeepsOptions(torch.nn.Module):
         return state
 
 
-_CLASS_FIELDS: dict[type, frozenset[str]] = {}  # (a plain dict: torch.compile warns at lru_cache)
+# (not lru_cache: torch.compile warns at it; weak keys: classes made on the fly are not kept alive)
+_CLASS_FIELDS: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def _fields_on_class(cls: type) -> frozenset[str]:
@@ -165,6 +167,11 @@ class CrossEntropyLoss(_NotScriptable, torch.nn.CrossEntropyLoss, _KeepsOptions)
         tensor(0.3918)
     """
 
+    # (what the attributes hold once checked, for type checkers: arithmetic on them, an annealed
+    # z_loss say, type-checks as torch's own label_smoothing: float does)
+    z_loss: float
+    softcap: float | None
+
     def __init__(
         self,
         weight: Tensor | None = None,
@@ -184,8 +191,8 @@ class CrossEntropyLoss(_NotScriptable, torch.nn.CrossEntropyLoss, _KeepsOptions)
         _bridge.check_class_weight(weight, None)  # (torch's buffer assignment: a TypeError naming neither)
         functional.cached_options()(*fields_with(label_smoothing=label_smoothing))  # (torch's: a RuntimeError)
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-        self.z_loss = z_loss
-        self.softcap = softcap
+        self.z_loss = cast(float, z_loss)
+        self.softcap = cast("float | None", softcap)
         self.check_probabilities = check_probabilities
         self.backend = backend
         self.inplace_backward = inplace_backward
@@ -271,9 +278,10 @@ class BCEWithLogitsLoss(_NotScriptable, torch.nn.BCEWithLogitsLoss):
         )
 
 
-# torch.nn.LinearCrossEntropyLoss exists in recent torch releases; subclass it where it does (type
-# checkers, which cannot follow the choice, see the nn.Module every release has)
-if TYPE_CHECKING:  # what type checkers see: torch's class, as it is at run time on torch >= 2.10
+# torch.nn.LinearCrossEntropyLoss exists in recent torch releases; subclass it where it does, else
+# nn.Module. Type checkers, which cannot follow the choice, see torch's class: with a torch older
+# than 2.10 installed they cannot resolve it, and the module's base is unknown to them there.
+if TYPE_CHECKING:
     from torch.nn import LinearCrossEntropyLoss as _TorchLinearCrossEntropyLoss
 else:
     _TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)
@@ -302,6 +310,9 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
         >>> isinstance(head, torch.nn.LinearCrossEntropyLoss)
         True
     """
+
+    z_loss: float  # (as CrossEntropyLoss's)
+    softcap: float | None
 
     def __init__(
         self,
@@ -352,8 +363,8 @@ class LinearCrossEntropyLoss(_NotScriptable, _TorchLinearCrossEntropyLoss):
                 in_features, math.prod(out_features, start=num_classes), bias=bias, device=device,
                 dtype=dtype,
             )
-        self.z_loss = z_loss
-        self.softcap = softcap
+        self.z_loss = cast(float, z_loss)
+        self.softcap = cast("float | None", softcap)
         self.chunk_size = chunk_size
         self.backend = backend
         self.check_labels = check_labels

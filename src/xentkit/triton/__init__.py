@@ -59,13 +59,15 @@ def stats_rows(probabilities: bool) -> int:
     return 4 if probabilities else 2
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        from xentkit._extras import require
+if not TYPE_CHECKING:  # (type checkers see the names above, and a misspelt one as an error, not Any)
 
-        require("triton", "triton", f"xentkit.triton.{name}")  # a missing Triton names the extra
-        require("torch", "torch", f"xentkit.triton.{name}")
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name in _HOMES:
+            from xentkit._extras import require
+
+            require("triton", "triton", f"xentkit.triton.{name}")  # a missing Triton names the extra
+            require("torch", "torch", f"xentkit.triton.{name}")
+            value = getattr(importlib.import_module(_HOMES[name]), name)
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
