@@ -28,6 +28,12 @@ log-softmax, their gradient); time no worse than unpatched; the same loss.
 
     python benchmarks/bench_transformers.py                       # 2 × 2048 tokens, 32000 vocabulary
     python benchmarks/bench_transformers.py --length 512 --repeats 2 --rounds 1
+    python benchmarks/bench_transformers.py --precision bfloat16  # a bfloat16 model
+    python benchmarks/bench_transformers.py --precision autocast  # float32 under the CPU's bfloat16 autocast
+
+``--precision``: float32 (the default), bfloat16 (the model converted) or autocast (a float32
+model stepped under ``torch.autocast("cpu", dtype=torch.bfloat16)``, what ``Trainer(bf16=True)``
+runs on the CPU).
 
 Prints a table and appends the run to ``benchmarks/results/transformers.json`` (``runs``: every
 run; ``latest``: the last run per batch × length).
@@ -99,9 +105,12 @@ def _inputs(rows: int, length: int, vocabulary: int, seed: int):
     return input_ids, labels
 
 
-def _step(model, input_ids, labels) -> float:
+def _step(model, input_ids, labels, precision: str = "float32") -> float:
+    import torch
+
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids=input_ids, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+        loss = model(input_ids=input_ids, labels=labels).loss
     loss.backward()
     return float(loss)
 
@@ -113,11 +122,13 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(_config(args)).train()
+    if args.precision == "bfloat16":
+        model = model.to(torch.bfloat16)
     if args.worker == "xentkit":
         from xentkit.integrations.transformers import patch
 
         patch(model)
-    _step(model, *_inputs(args.batch, WARM_UP_LENGTH, args.vocabulary, seed=1))
+    _step(model, *_inputs(args.batch, WARM_UP_LENGTH, args.vocabulary, seed=1), args.precision)
     model.zero_grad(set_to_none=True)
     input_ids, labels = _inputs(args.batch, args.length, args.vocabulary, seed=0)
     gc.collect()
@@ -127,7 +138,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         gc.collect()
         start = time.perf_counter()
-        loss = _step(model, input_ids, labels)
+        loss = _step(model, input_ids, labels, args.precision)
         times.append(time.perf_counter() - start)
         peaks.append(_peak_bytes(reset_works) - baseline)
     return {
@@ -144,7 +155,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 def _spawn(provider: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", provider]
-    for name in ("batch", "length", "vocabulary", "hidden", "intermediate", "layers", "heads", "repeats"):
+    for name in ("batch", "length", "vocabulary", "hidden", "intermediate", "layers", "heads", "repeats", "precision"):
         command += [f"--{name}", str(getattr(args, name))]
     load_before = os.getloadavg()[0]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -185,6 +196,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per provider, interleaved")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "autocast"), default="float32")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     logits_bytes = args.batch * args.length * args.vocabulary * 4
     print(
         f"one training step (forward + backward), Llama {args.layers} layers, hidden {args.hidden}, "
-        f"vocabulary {args.vocabulary}, batch {args.batch} × {args.length} tokens, float32; "
+        f"vocabulary {args.vocabulary}, batch {args.batch} × {args.length} tokens, {args.precision}; "
         f"{args.repeats} steps × {args.rounds} rounds; logits {logits_bytes / 2**20:.0f} MiB"
     )
     runs: dict[str, list[dict]] = {provider: [] for provider in PROVIDERS}
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": os.getloadavg()[0],
         "config": {
             key: getattr(args, key)
-            for key in ("batch", "length", "vocabulary", "hidden", "intermediate", "layers", "heads", "repeats", "rounds")
+            for key in ("batch", "length", "vocabulary", "hidden", "intermediate", "layers", "heads", "repeats", "rounds", "precision")
         } | {"logits_bytes": logits_bytes},
         "results": results,
         "goals": goals,
@@ -270,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
     every = [*previous.get("runs", []), record]
-    latest = {f"{run['config']['batch']}x{run['config']['length']}": run for run in every}
+    latest = {
+        f"{run['config']['batch']}x{run['config']['length']}"
+        + ("" if run["config"].get("precision", "float32") == "float32" else f":{run['config']['precision']}"): run
+        for run in every
+    }
     args.output.write_text(json.dumps({"latest": latest, "runs": every}, indent=2) + "\n")
     print(f"wrote {args.output.relative_to(Path.cwd()) if args.output.is_relative_to(Path.cwd()) else args.output.name}")
     return 0

@@ -73,7 +73,7 @@ def test_triton_interpret_values_triton_takes_for_off_are_off(monkeypatch, value
         xt.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), backend="triton")
 
 
-def test_the_per_class_fields_cache_keeps_no_class_alive(batch=None):
+def test_the_per_class_fields_cache_keeps_no_class_alive():
     def make():
         cls = type("Subclass", (xt.CrossEntropyLoss,), {})
         cls()(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))

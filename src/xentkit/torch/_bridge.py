@@ -34,6 +34,8 @@ KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 # The dtypes the Numba kernels compute in directly (the fused linear forms, the log-probability and
 # vocabulary-parallel rows take these; other dtypes go to torch ops).
 NUMBA_DTYPES = (torch.float32, torch.float64)
+# The half-precision dtypes, which the fused linear forms' chunks widen to float32 on the CPU
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 _Parameters = ParamSpec("_Parameters")
@@ -513,18 +515,27 @@ def _is_plain_cpu_tensor(tensor: Tensor) -> bool:
     return not is_functorch_wrapped(tensor)
 
 
-def runs_on_xentkit(input: Tensor, *others: Tensor | None, grad_free: tuple[Tensor | None, ...] = ()) -> bool:
+def runs_on_xentkit(
+    input: Tensor, *others: Tensor | None, grad_free: tuple[Tensor | None, ...] = (),
+    input_dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, layer: tuple[Tensor | None, ...] = (),
+) -> bool:
     """True when the call can run xentkit's NumPy api.
 
-    ``input`` must be a plain CPU tensor of a kernel dtype, ``others`` (targets, weights) plain CPU
-    tensors that NumPy can view (floating ones of a kernel dtype: not bfloat16), and the tensors in
-    ``grad_free`` must not require a gradient when gradients are being recorded (the api
-    differentiates with respect to the logits only; torch ops handle the rest).
+    ``input`` must be a plain CPU tensor of a kernel dtype (of ``input_dtypes``: a caller that
+    widens half-precision inputs itself takes more), ``others`` (targets, weights) plain CPU
+    tensors that NumPy can view (floating ones of a kernel dtype: not bfloat16), ``layer`` (a
+    linear layer's weight and bias, of the input's dtype, which torch's matmuls read) plain CPU
+    tensors, and the tensors in ``grad_free`` must not require a gradient when gradients are
+    being recorded (the api differentiates with respect to the logits only; torch ops handle the
+    rest).
     """
     if torch.compiler.is_compiling():  # first: nothing below is for the compiler to trace
         return False
-    if input.dtype not in KERNEL_DTYPES or not _is_plain_cpu_tensor(input) or transforms_running(input, *others):
+    if input.dtype not in input_dtypes or not _is_plain_cpu_tensor(input) or transforms_running(input, *others, *layer):
         return False
+    for tensor in layer:
+        if tensor is not None and not _is_plain_cpu_tensor(tensor):
+            return False
     for other in others:  # loops, not all(generator): this runs on every small call
         if other is not None and (
             not _is_plain_cpu_tensor(other)

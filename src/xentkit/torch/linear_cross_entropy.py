@@ -78,7 +78,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             result = _linear_numba.chunked_pass(
                 x, w, b, target_array, class_weight, options, plan, grad_output=None, want=want
             )
-            return _bridge.as_tensor(result.loss, x.dtype)
+            return _bridge.as_tensor(result.loss, _bridge.at_least_float32(x.dtype))
 
         result = _linear_numba.chunked_pass(
             x, w, b, target_array, class_weight, options, plan,
@@ -87,7 +87,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         _bridge.keep_for_backward(ctx, dict(zip(
             _bridge.LINEAR_GRADIENT_NAMES, (result.grad_input, result.grad_weight, result.grad_bias), strict=True
         )))
-        return torch.tensor(result.loss, dtype=x.dtype, device=x.device)  # (not the default device)
+        # (not the default device; float32 for half-precision inputs)
+        return torch.tensor(result.loss, dtype=_bridge.at_least_float32(x.dtype), device=x.device)
 
     @staticmethod
     @_bridge.first_order_only("linear_cross_entropy")
@@ -128,14 +129,16 @@ def _batched_none_gradients(
     class_weight = _bridge.optional_numpy(weight)
     upstream = grad_output.reshape(-1, 1)
     ones = np.ones(options.chunk_size, dtype=np.float64)
+    work = _linear_numba.work_buffer(input, options.chunk_size, linear_weight.shape[0])
 
     def chunk_gradient(logits: Tensor, start: int, stop: int) -> Tensor:
-        logits_array = logits.numpy()
-        _cross_entropy(
-            logits_array, target_array[start:stop], axis=-1, weight=class_weight, options=options,
-            check_probabilities=False, want_grad=True, grad_output=ones[: stop - start], out=logits_array,
-            plan=plan, batch_rows=target_array.shape[0],  # (split as the batch: chunked_pass's bits)
-        )
+        with _linear_numba.widened_chunk(logits, work) as chunk:
+            logits_array = chunk.numpy()
+            _cross_entropy(
+                logits_array, target_array[start:stop], axis=-1, weight=class_weight, options=options,
+                check_probabilities=False, want_grad=True, grad_output=ones[: stop - start], out=logits_array,
+                plan=plan, batch_rows=target_array.shape[0],  # (split as the batch: chunked_pass's bits)
+            )
         return _bridge.batched_product(logits, upstream[start:stop])
 
     x, w, b = detached(input, linear_weight, linear_bias)
@@ -156,11 +159,13 @@ def _fused_applies(
     target: Tensor,
     weight: Tensor | None,
 ) -> bool:
-    """Whether the chunked NumPy path handles the call (else: plain torch ops)."""
-    if input.dtype not in _bridge.NUMBA_DTYPES or linear_weight.dim() != 2:  # one dtype: check_linear
+    """Whether the chunked NumPy path handles the call (else: plain torch ops): float32/float64,
+    and float16/bfloat16 whose chunks it widens to float32 (``_linear_numba.chunked_pass``)."""
+    if linear_weight.dim() != 2:  # (one dtype for all: check_linear)
         return False
     return _bridge.runs_on_xentkit(
-        input, linear_weight, linear_bias, target, weight, grad_free=(target, weight)
+        input, target, weight, grad_free=(target, weight),
+        input_dtypes=_bridge.NUMBA_DTYPES + _bridge.HALF_DTYPES, layer=(linear_weight, linear_bias),
     )
 
 
@@ -214,9 +219,12 @@ def linear_cross_entropy(
     Shapes: input ``[N, D]`` or ``[D]``; linear_weight ``[V, D]``; linear_bias ``[V]``; target
     int64 ``[N]`` (``[]``) or probabilities ``[N, V]`` (``[V]``); weight ``[V]``. The loss is a
     scalar, or ``[N]`` for "none"; float32 for float16/bfloat16 inputs, else the input's dtype.
-    Float32/float64 CPU tensors take the chunked path; other CPU dtypes (float16, bfloat16),
-    multi-dimensional ``linear_weight`` and gradients with respect to target or class weight compute
-    the logits with ``F.linear`` and the loss with torch ops.
+    CPU tensors take the chunked path: float32/float64 as they are, float16/bfloat16 with each
+    chunk's logits (the layer's own, from a half-precision matmul) widened to float32 for the
+    kernels and their gradient rounded back for the chunk's matmuls. Multi-dimensional
+    ``linear_weight``, half-precision class weights or probability targets, and gradients with
+    respect to target or class weight compute the logits with ``F.linear`` and the loss with
+    torch ops.
     ``ignore_index=None`` means -100, as in torch. ``backend``: "auto" (2-D float32/float16/bfloat16
     CUDA inputs, class indices or probabilities: cuBLAS chunks around the Triton kernels, the gradient written
     over each chunk's logits; float32/float64 CPU tensors: the Numba kernels; torch ops elsewhere),
@@ -312,8 +320,8 @@ def linear_cross_entropy(
     if unbatched:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     # chunk_size resolved to this call's rows per chunk
-    options = options.replace(
-        chunk_size=chunk_rows(input.shape[0], linear_weight.shape[0], input.element_size(), options.chunk_size)
+    options = options.replace(  # (half-precision chunks are widened: their float32 copy's bytes)
+        chunk_size=chunk_rows(input.shape[0], linear_weight.shape[0], max(input.element_size(), 4), options.chunk_size)
     )
     loss = _LinearCrossEntropyFunction.apply(
         input, linear_weight, linear_bias, target, weight, options, _bridge.gradients_wanted()
