@@ -110,3 +110,46 @@ def test_numbas_threads_started_by_the_user_first_are_tbbs_too():
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "Terminating" not in output, output
     assert "layer tbb" in output and "child 0" in output, output
+
+
+HALF_FIRST = textwrap.dedent(
+    """
+    import os
+    import sys
+    import types
+
+    # an install where import xentkit did not preload TBB (xentkit._tbb's values, its preload idle)
+    fake = types.ModuleType("xentkit._tbb")
+    fake.MAY_USE_TBB = ("default", "tbb", "safe", "threadsafe", "forksafe")
+    fake.NAMES = ("libtbb.so.12", "libtbb.12.dylib")
+    fake.preload = lambda: None
+    sys.modules["xentkit._tbb"] = fake
+
+    import numba
+    import numpy as np
+
+    import xentkit
+
+    p = np.random.default_rng(0).random((1000, 1000)).astype(np.float16)
+    xentkit.entropy(p)  # the float16 conversions: the process's first parallel kernel
+    x = np.random.default_rng(1).standard_normal((2000, 1000)).astype(np.float32)
+    loss = xentkit.cross_entropy(x, np.zeros(2000, dtype=np.int64))
+    print("layer", numba.threading_layer())
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if xentkit.cross_entropy(x, np.zeros(2000, dtype=np.int64)) == loss else 3)
+    print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is the Linux default start method")
+def test_the_float16_conversions_as_first_kernels_choose_tbb_too():
+    """The float16 conversions (``xentkit.kernels.half``) may run before any other kernel: they
+    choose TBB as the others do (a review: where ``import xentkit`` had not preloaded it, Numba took
+    GNU OpenMP there, and a forked child was killed)."""
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", HALF_FIRST], capture_output=True, text=True, timeout=300, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Terminating" not in output, output
+    assert "layer tbb" in output and "child 0" in output, output

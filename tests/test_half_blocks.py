@@ -5,6 +5,7 @@ for 8192 × 2000, its computation ~35 ms) and the block-by-block widening of lar
 
 from __future__ import annotations
 
+import importlib
 import tracemalloc
 
 import numpy as np
@@ -89,8 +90,16 @@ def test_api_conversions_keep_numpys_layout(layout):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of a few hundred bytes, so that small inputs take the blocked path."""
+    """Blocks of a few hundred bytes, so that small inputs take the blocked path, on 2 of Numba's
+    threads (the blocks apply from as many rows as threads: on a machine of many cores the small
+    inputs would otherwise compare the whole computation with itself)."""
+    import numba
+
     monkeypatch.setattr(_rows, "WIDEN_BLOCK_BYTES", 4 * 37 * 3)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(2, threads))
+    yield
+    numba.set_num_threads(threads)
 
 
 def _whole(monkeypatch, call):
@@ -108,16 +117,21 @@ CASES = [
 ]
 
 
+SHAPES = {"rows": ((23, 37), -1), "per-pixel": ((7, 37, 3, 2), 1), "one sequence": ((1, 23, 37), -1)}
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("layout", SHAPES)
 @pytest.mark.parametrize("in_place", [False, True])
-def test_blocked_cross_entropy_is_the_whole_computation(small_blocks, monkeypatch, case, axis, in_place):
+def test_blocked_cross_entropy_is_the_whole_computation(small_blocks, monkeypatch, case, layout, in_place):
+    api = importlib.import_module("xentkit.api.cross_entropy")  # (the module: the package exports the function)
+
     options = dict(CASES[case])
     rng = np.random.default_rng(case)
-    shape = (23, 37) if axis == -1 else (7, 37, 3, 2)
+    shape, axis = SHAPES[layout]
     logits = (rng.standard_normal(shape) * 4).astype(np.float16)
     logits[0, 0] = -np.inf  # a masked class
-    sample_shape = shape[:1] + shape[2:] if axis == 1 else shape[:1]
+    sample_shape = shape[:1] + shape[2:] if axis == 1 else shape[:-1]
     if options.pop("probabilities", False):
         target = rng.random(shape).astype(np.float16)
         target /= target.sum(axis, keepdims=True)
@@ -140,11 +154,16 @@ def test_blocked_cross_entropy_is_the_whole_computation(small_blocks, monkeypatc
         })
         return loss, grad, forward
 
+    blocked = []
+    real = api._fused_by_blocks
+    monkeypatch.setattr(api, "_fused_by_blocks", lambda *a, **k: blocked.append(1) or real(*a, **k))
     loss, grad, forward = call()
+    assert blocked
     want_loss, want_grad, want_forward = _whole(monkeypatch, call)
     assert grad.dtype == np.float16 and loss.dtype == np.float16
     np.testing.assert_array_equal(loss, want_loss)
     np.testing.assert_array_equal(grad, want_grad)
+    assert grad.strides == want_grad.strides  # (the whole computation's layout)
     np.testing.assert_array_equal(forward, want_forward)
     with xentkit.use_reference(True):  # and the float64 reference, rounded
         reference_loss, reference_grad = xentkit.cross_entropy_and_grad(logits, target, axis=axis, **options)
@@ -153,10 +172,10 @@ def test_blocked_cross_entropy_is_the_whole_computation(small_blocks, monkeypatc
 
 
 @pytest.mark.parametrize("function", [xentkit.softmax, xentkit.log_softmax, xentkit.logsumexp])
-@pytest.mark.parametrize("axis", [-1, 1])
-def test_blocked_activations_are_the_whole_computation(small_blocks, monkeypatch, function, axis):
-    x = (np.random.default_rng(3).standard_normal((19, 37, 2)) * 6).astype(np.float16)
-    x[2, :, 1] = -np.inf
+@pytest.mark.parametrize(("shape", "axis"), [((19, 37, 2), -1), ((19, 37, 2), 1), ((1, 19, 37), -1)])
+def test_blocked_activations_are_the_whole_computation(small_blocks, monkeypatch, function, shape, axis):
+    x = (np.random.default_rng(3).standard_normal(shape) * 6).astype(np.float16)
+    x[0, 2] = -np.inf
     got = function(x, axis=axis)
     want = _whole(monkeypatch, lambda: function(x, axis=axis))
     assert got.dtype == np.float16 and got.shape == want.shape
@@ -176,13 +195,23 @@ def _peak_above(call, nbytes: int) -> float:
     return (peak - before) / nbytes
 
 
-def test_large_float16_calls_hold_no_float32_copy():
+def test_narrowing_into_another_shape_broadcasts_as_numpy():
+    """``copy_rounded`` into an array of another shape is NumPy's broadcasting copy (the kernel
+    takes equal shapes only: it would have filled half of the output, or written past it)."""
+    values = np.arange(4096, dtype=np.float32).reshape(4096, 1) * 1e-6
+    out = np.zeros((4096, 2), dtype=np.float16)
+    xentkit.api._validation.copy_rounded(out, values)
+    np.testing.assert_array_equal(out, np.broadcast_to(values.astype(np.float16), out.shape))
+
+
+@pytest.mark.parametrize("shape", [(4096, 1024), (1, 4096, 1024)])
+def test_large_float16_calls_hold_no_float32_copy(shape):
     """8 MiB of float16 logits (blocks of 4 MiB of float32): the forward holds block-sized arrays,
     the gradient its own float16 bytes (in place: nothing), where a whole float32 copy and the
     float32 gradient had taken 2 and 3 times the logits' bytes, and softmax 5."""
     rng = np.random.default_rng(4)
-    logits = rng.standard_normal((4096, 1024)).astype(np.float16)
-    target = rng.integers(0, 1024, 4096)
+    logits = rng.standard_normal(shape).astype(np.float16)  # (a sequence of 4096: cut by rows too)
+    target = rng.integers(0, 1024, shape[:-1])
     nbytes = logits.nbytes
     assert _peak_above(lambda: xentkit.cross_entropy(logits, target), nbytes) < 0.6
     assert _peak_above(lambda: xentkit.cross_entropy_and_grad(logits, target), nbytes) < 1.6

@@ -96,16 +96,19 @@ def test_binary_cross_entropy_on_probabilities_forward_runs_in_blocks(shape):
 
 
 @pytest.mark.parametrize("shape", [(10, 37, 3), (1111,)])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_blocked_binary_cross_entropy_is_the_whole_computation(monkeypatch, shape, reduction):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_blocked_binary_cross_entropy_is_the_whole_computation(monkeypatch, shape, reduction, order):
+    """The same values, in the same memory layout (an F-ordered input's losses F-ordered: summed
+    in the same order, the same bits)."""
     monkeypatch.setattr(losses, "_BLOCK_BYTES", 3 * 8 * 37)
     rng = np.random.default_rng(6)
-    p = rng.random(shape).astype(np.float32)
-    p.reshape(-1)[:3] = [0.0, 1.0, 0.5]  # the −100 clamp on both sides
-    target = rng.random(shape).astype(np.float32)
+    p = np.asarray(rng.random(shape), order=order)
+    p.reshape(-1, order="A")[:3] = [0.0, 1.0, 0.5]  # the −100 clamp on both sides
+    target = np.asarray(rng.random(shape), order=order)
     weight = rng.random(shape[-1:])
     for w in (None, weight):
-        np.testing.assert_array_equal(
-            xentkit.binary_cross_entropy(p, target, weight=w, reduction=reduction),
-            xentkit.binary_cross_entropy_and_grad(p, target, weight=w, reduction=reduction)[0],
-        )
+        got = xentkit.binary_cross_entropy(p, target, weight=w, reduction=reduction)
+        want = xentkit.binary_cross_entropy_and_grad(p, target, weight=w, reduction=reduction)[0]
+        np.testing.assert_array_equal(got, want)
+        assert got.strides == want.strides

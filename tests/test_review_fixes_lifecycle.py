@@ -98,11 +98,16 @@ def test_plain_options_are_still_kept_between_calls(batch, monkeypatch):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(0, 5), (2, 5, 0)])
-@pytest.mark.parametrize("function", [xt.cross_entropy, xt.nll_loss])
-def test_an_empty_batch_keeps_torchs_second_derivative(function, shape, reduction):
+@pytest.mark.parametrize("case", ["cross_entropy", "nll_loss", "probabilities", "weight"])
+def test_an_empty_batch_keeps_torchs_second_derivative(case, shape, reduction):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     y = torch.zeros((shape[0], *shape[2:]), dtype=torch.long)
-    loss = function(x, y, reduction=reduction)
+    function, options = xt.nll_loss if case == "nll_loss" else xt.cross_entropy, {}
+    if case == "probabilities":
+        y = torch.rand(shape, dtype=torch.float64)
+    elif case == "weight":
+        options["weight"] = torch.rand(5, dtype=torch.float64)
+    loss = function(x, y, reduction=reduction, **options)
     assert loss.shape == ((shape[0], *shape[2:]) if reduction == "none" else ())
     assert float(loss.detach().sum()) == 0.0
     (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=True)

@@ -1,7 +1,8 @@
 """float16 arrays to and from the compute dtype, for the api's half-precision paths: one home.
 
 The api computes float16 inputs in float32 (``_validation.compute_dtype``) and rounds the results
-back. NumPy's casts give the right values, but its float32 → float16 cast takes ~70 ns for each
+back. NumPy's casts give the right values (the kernels give the same bits, NaNs aside: see
+``xentkit.kernels.half``), but its float32 → float16 cast takes ~70 ns for each
 value that lands among float16's subnormals (a gradient's entries mostly do) and its float16 →
 float32 cast ~2-8 ns; arrays of at least ``KERNEL_MIN_VALUES`` values go through
 ``xentkit.kernels.half`` instead (the same bits, ~1 ns a value, on Numba's threads), except under
@@ -31,7 +32,9 @@ def _kernels():
 
 
 def _takes_kernel(array: np.ndarray) -> bool:
-    return array.size >= KERNEL_MIN_VALUES and not reference_enabled()
+    """A large array, the kernels in use, and writeable memory (a read-only array would compile
+    a specialization of its own: NumPy's cast serves it)."""
+    return array.size >= KERNEL_MIN_VALUES and array.flags.writeable and not reference_enabled()
 
 
 def _in_memory_order(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]] | None:
@@ -65,8 +68,8 @@ def narrowed(array: np.ndarray) -> np.ndarray | None:
 def narrowed_into(out: np.ndarray, values: np.ndarray) -> bool:
     """Write ``values`` (float32 or float64) rounded into the float16 ``out`` (of their shape)
     by the kernel, when it applies; False where the caller is to use NumPy's cast."""
-    if out.dtype != _HALF or values.dtype not in _WIDE or not _takes_kernel(values):
-        return False
+    if out.dtype != _HALF or values.dtype not in _WIDE or out.shape != values.shape or not _takes_kernel(values):
+        return False  # (another shape: NumPy's broadcasting copy, or its error)
     if out.flags.c_contiguous and values.flags.c_contiguous and out.flags.writeable:
         _kernels().narrow_to_half(values, out)
         return True
@@ -93,7 +96,7 @@ def widened(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def widen_into(out: np.ndarray, halves: np.ndarray) -> None:
     """Write the float16 ``halves`` into the C-contiguous float32 ``out`` of their shape."""
-    if halves.flags.c_contiguous and _takes_kernel(halves):
+    if halves.flags.c_contiguous and halves.shape == out.shape and out.dtype == _FLOAT32 and _takes_kernel(halves):
         _kernels().widen_half(halves, out)
     else:
         np.copyto(out, halves)

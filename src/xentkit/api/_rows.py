@@ -17,7 +17,9 @@ from numpy.typing import ArrayLike
 
 from ._half import widen_into
 
-__all__ = ["WIDEN_BLOCK_BYTES", "RowLayout", "class_axis_last", "kernel_array", "widened_blocks", "widening_step"]
+__all__ = [
+    "WIDEN_BLOCK_BYTES", "RowLayout", "class_axis_last", "class_rows", "kernel_array", "widened_blocks", "widening_step",
+]
 
 # The bytes of one block of a half-precision array widened to the compute dtype block by block
 # (:func:`widening_step`): a whole float32 copy had doubled a float16 call's memory, and its
@@ -37,6 +39,16 @@ def class_axis_last(array: np.ndarray, axis: int) -> np.ndarray:
     """``array`` with ``axis`` moved last (the array itself when it is last already: moveaxis
     costs microseconds that small problems notice)."""
     return array if axis == array.ndim - 1 else np.moveaxis(array, axis, -1)
+
+
+def class_rows(array: np.ndarray, axis: int) -> np.ndarray | None:
+    """``array`` as ``[rows, classes]`` (a view) where it has more than two dimensions, the class
+    axis last and C-contiguous memory (a language model's ``[batch, sequence, vocabulary]``
+    logits), for :func:`widening_step` to cut its rows rather than its first axis (a batch of one
+    sequence had been one block); None otherwise."""
+    if array.ndim > 2 and axis == array.ndim - 1 and array.flags.c_contiguous:
+        return array.reshape(-1, array.shape[-1])
+    return None
 
 
 def widening_step(array: np.ndarray, axis: int, dtype: np.dtype) -> int:

@@ -12,7 +12,7 @@ from .. import reference
 from .._options import as_array, check_flag
 from ._config import reference_enabled
 from ._half import widened
-from ._rows import class_axis_last, kernel_array, widened_blocks, widening_step
+from ._rows import class_axis_last, class_rows, kernel_array, widened_blocks, widening_step
 from ._validation import (
     as_float_array,
     class_axis,
@@ -55,13 +55,16 @@ def _kernel_result(original: np.ndarray, axis: int, what: str) -> np.ndarray:
     into the output as it comes: a whole float32 copy and a float32 result had taken 4 times the
     input's bytes besides the output. Rows are computed alone: the same bits either way."""
     work = compute_dtype(original.dtype)
-    step = widening_step(original, axis, work)
+    rows = class_rows(original, axis)  # ([batch, sequence, vocabulary]: blocks of rows)
+    source, source_axis = (original, axis) if rows is None else (rows, 1)
+    step = widening_step(source, source_axis, work)
     if not step:
         return rounded(_by_rows(widened(original, work), axis, what), original.dtype)
     shape = original.shape if what != "logsumexp" else original.shape[:axis] + original.shape[axis + 1 :]
     result = np.empty(shape, dtype=original.dtype)
-    for start, stop, block in widened_blocks(original, step, work):
-        copy_rounded(result[start:stop], _by_rows(block, axis, what))
+    target = result if rows is None else result.reshape(source.shape if what != "logsumexp" else source.shape[:1])
+    for start, stop, block in widened_blocks(source, step, work):
+        copy_rounded(target[start:stop], _by_rows(block, source_axis, what))
     return result
 
 

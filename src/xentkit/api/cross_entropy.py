@@ -15,7 +15,14 @@ from ..reference.cross_entropy import z_term
 from ..reference.reductions import ReductionPlan
 from ._config import reference_enabled
 from ._half import widened
-from ._rows import RowLayout, class_axis_last, kernel_array, widened_blocks, widening_step
+from ._rows import (
+    RowLayout,
+    class_axis_last,
+    class_rows,
+    kernel_array,
+    widened_blocks,
+    widening_step,
+)
 from ._validation import (
     as_float_array,
     check_class_weight,
@@ -181,12 +188,25 @@ def _fused_by_blocks(
     work_dtype = compute_dtype(original.dtype)
     loss_rows = np.empty(valid.size, dtype=np.float64)
     lse_rows = np.empty(valid.size, dtype=np.float64)
-    rows_per_entry = valid.size // original.shape[0]
-    grad = None
-    if upstream is not None:
-        grad = out if out is not None else np.empty(original.shape, dtype=grad_dtype)
     per_sample = upstream is not None and options.reduction == "none"
-    for start, stop, block in widened_blocks(original, step, work_dtype):
+    grad = blocks_grad = None
+    if out is not None and upstream is not None:
+        grad = blocks_grad = out
+    elif upstream is not None:
+        # a new gradient in the layout the whole computation gives it (the class axis last in memory)
+        moved = np.empty(original.shape[:axis] + original.shape[axis + 1 :] + original.shape[axis : axis + 1], dtype=grad_dtype)
+        grad = blocks_grad = np.moveaxis(moved, -1, axis)
+    # [batch, sequence, vocabulary] logits (C-contiguous, a C-contiguous out) cut by rows
+    flat = class_rows(original, axis) if out is None or out.flags.c_contiguous else None
+    blocks_of = original
+    if flat is not None:
+        blocks_of, axis = flat, 1
+        step = widening_step(flat, 1, work_dtype) or step
+        target = target.reshape(flat.shape if probabilities else flat.shape[:1])
+        upstream = upstream.reshape(-1) if per_sample else upstream  # (upstream: rows' float64)
+        blocks_grad = None if grad is None else grad.reshape(flat.shape)
+    rows_per_entry = valid.size // blocks_of.shape[0]
+    for start, stop, block in widened_blocks(blocks_of, step, work_dtype):
         labels = rounded(target[start:stop], work_dtype) if probabilities else target[start:stop]
         rows, lse, block_grad = _fused_rows(
             block, labels, axis, weight, options, plan, upstream[start:stop] if per_sample else upstream,
@@ -194,8 +214,8 @@ def _fused_by_blocks(
         )
         loss_rows[start * rows_per_entry : stop * rows_per_entry] = rows
         lse_rows[start * rows_per_entry : stop * rows_per_entry] = lse
-        if grad is not None:
-            copy_rounded(grad[start:stop], block_grad)
+        if blocks_grad is not None:
+            copy_rounded(blocks_grad[start:stop], block_grad)
     return _reduced(loss_rows, lse_rows, valid, options, plan), grad
 
 
@@ -203,10 +223,12 @@ _FLOAT64 = np.dtype(np.float64)
 
 
 def _widening_step(logits: np.ndarray, axis: int, work_dtype: np.dtype, batch_rows: int | None) -> int:
-    """``_rows.widening_step`` for the kernel, where the batch (``batch_rows`` for a chunked
-    caller's) has at least as many rows as Numba's threads: the kernel then never splits a row,
-    and each row's bits are the same in any block."""
-    step = widening_step(logits, axis, work_dtype)
+    """``_rows.widening_step`` for the kernel (of the logits' rows where ``_rows.class_rows``
+    takes them), where the batch (``batch_rows`` for a chunked caller's) has at least as many rows
+    as Numba's threads: the kernel then never splits a row, and each row's bits are the same in
+    any block."""
+    rows = class_rows(logits, axis)
+    step = widening_step(logits, axis, work_dtype) if rows is None else widening_step(rows, 1, work_dtype)
     if step:
         import numba
 
@@ -418,7 +440,9 @@ def cross_entropy_and_grad(
     for "none" (default 1: the gradient of ``loss.sum()``). ``out``: an array of the logits'
     shape and dtype for the gradient; passing ``logits`` itself overwrites the logits with their
     gradient, with no extra array of their size (float16 logits are computed in float32, read
-    in blocks of at most 4 MiB: a block-sized buffer), and returns that buffer.
+    in blocks of about 4 MiB of rows, or of whole entries of the first axis where the class axis
+    is not last, and from as many rows as Numba's threads: a block-sized buffer), and returns
+    that buffer.
 
     Returns ``(loss, dlogits)``: the loss as :func:`cross_entropy` and the gradient with the
     logits' shape and dtype.

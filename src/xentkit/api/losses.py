@@ -430,7 +430,12 @@ def _value_by_blocks(value_of, *arrays: np.ndarray, elementwise: bool = False) -
     if len(shape) < (1 if elementwise else 2) or shape[0] <= step:
         return value_of(*arrays)
     first = value_of(*(a[:step] for a in arrays))
-    values = np.empty((shape[0], *first.shape[1:]), dtype=first.dtype)  # (filled in place: no list of blocks)
+    # (filled in place: no list of blocks; elementwise values in the input's memory layout, as the
+    # whole computation gives them, and so summed in the same order)
+    values = (
+        np.empty_like(arrays[0], dtype=first.dtype) if elementwise
+        else np.empty((shape[0], *first.shape[1:]), dtype=first.dtype)
+    )
     values[:step] = first
     for start in range(step, shape[0], step):
         values[start : start + step] = value_of(*(a[start : start + step] for a in arrays))

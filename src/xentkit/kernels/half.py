@@ -9,7 +9,8 @@ took 1.1 s for 8192 × 2000, where computing it took ~35 ms. These work on the b
 
 Narrowing rounds to nearest, ties to even, once (float64 straight to float16, never through
 float32); beyond 65504 (from 65520 up) a value is ±inf, as NumPy and torch give it; a NaN stays a
-NaN of its sign, made quiet, with its payload's top bits. Widening is exact.
+NaN of its sign, made quiet, with its payload's top bits (NumPy keeps a signalling NaN signalling:
+the one difference in bits, checked on every float32 pattern). Widening is exact.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ import numpy as np
 from numba import njit, prange
 
 from xentkit.kernels._jit import KERNEL_OPTIONS, helper_options
-from xentkit.kernels._threading import running_on, runs_serial, serial_build, threads_for
+from xentkit.kernels._threading import (
+    prefer_tbb,
+    running_on,
+    runs_serial,
+    serial_build,
+    threads_for,
+)
+
+# TBB chosen before these start threads, as cross_entropy does: a float16 call's conversion may be
+# the process's first parallel kernel (a review: without it Numba took GNU OpenMP there where
+# xentkit._tbb had not preloaded TBB, and a forked child was killed)
+THREADING_LAYER = prefer_tbb()
 
 __all__ = ["SERIAL_MAX_VALUES", "compile_all", "narrow_to_half", "widen_half"]
 

@@ -423,6 +423,8 @@ def _small_cross_entropy(
     except IndexError:  # (a bad label, refused before any warning, as on the kernel path)
         _label_error_instead(target, input.shape[axis], options.ignore_index)
         raise
+    if options.reduction == "mean" and input.numel() == 0:  # torch's NaN: a mean of nothing is 0
+        return _zero_with_zero_gradient(input)
     # a NaN maybe 0·log 0 at a −inf logit (a probability target of 0, or a class of weight 0):
     # xentkit's path decides; class weights with class indices on torch ops, which keep torch's
     # second derivative (the kernels have none)
