@@ -259,7 +259,7 @@ def projection(tensor, block: int = 1 << 22) -> float:
 
 # how far a provider's gradient fingerprints may be from xentkit's, relative to the gradient's
 # norm (a few roundings of the dtype over the sums, not a different answer)
-GRADIENT_AGREEMENT = {"float32": 1e-4, "float64": 1e-10}
+GRADIENT_AGREEMENT = {"float16": 1e-2, "float32": 1e-4, "float64": 1e-10}
 
 
 def same_gradients(results: dict[str, dict], ours: str, dtype: str, skip: tuple[str, ...] = ("matmuls",)) -> dict:
