@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import weakref
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -73,18 +72,19 @@ class _KeepsOptions(torch.nn.Module):
         return state
 
 
-# (not lru_cache: torch.compile warns at it; weak keys: classes made on the fly are not kept alive)
-_CLASS_FIELDS: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+# The class attribute where a module class keeps the option fields it defines (not a dict keyed by
+# class, which kept every class made on the fly alive, nor an lru_cache, at which torch.compile warns)
+_CLASS_FIELDS = "_xentkit_option_fields"
 
 
-def _fields_on_class(cls: type) -> frozenset[str]:
-    """The option fields a module class (or a base) defines itself, e.g. as a property."""
-    compiling = torch.compiler.is_compiling()  # (no cache there: the graph would guard on it)
-    fields = None if compiling else _CLASS_FIELDS.get(cls)
+def _fields_on_class(cls: type, compiling: bool) -> frozenset[str]:
+    """The option fields a module class (or a base) defines itself, e.g. as a property; kept on
+    the class, unless ``compiling`` (a traced graph would guard on it)."""
+    fields = None if compiling else cls.__dict__.get(_CLASS_FIELDS)
     if fields is None:
         fields = frozenset(name for name, _ in _FIELD_DEFAULTS if any(name in vars(base) for base in cls.__mro__))
         if not compiling:
-            _CLASS_FIELDS[cls] = fields
+            type.__setattr__(cls, _CLASS_FIELDS, fields)
     return fields
 
 
@@ -97,10 +97,11 @@ def _loss_options_of(module: torch.nn.Module) -> LossOptions:
     with the values they came from: a step whose values are the same objects reads them without
     checking them again."""
     attributes = module.__dict__
-    on_class = _fields_on_class(type(module))
+    compiling = torch.compiler.is_compiling()
+    on_class = _fields_on_class(type(module), compiling)
     if not on_class:  # the usual module: every value in its __dict__ or the default
         values = tuple(map(attributes.get, _FIELD_NAMES, _FIELD_VALUES))
-        if not isinstance(module, _KeepsOptions) or torch.compiler.is_compiling():
+        if compiling or not isinstance(module, _KeepsOptions):
             return functional.cached_options()(*values)  # (a traced graph writes no module state)
         kept = attributes.get(_CACHED_OPTIONS)
         # the same objects as when they were built: an attribute set, deleted or written into
