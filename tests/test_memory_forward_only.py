@@ -6,27 +6,12 @@ input's bytes, ``softmax`` along another axis at 3)."""
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 
 import xentkit
+from _memory import peak_above
 from xentkit.api import losses
-
-
-def _peak_above(call, nbytes: int) -> float:
-    """The peak of NumPy's allocations during ``call()``, in units of ``nbytes``."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        result = call()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    del result
-    return (peak - before) / nbytes
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +28,13 @@ def test_nll_loss_forward_makes_no_gradient():
     log_probs = np.log(np.full((2048, 4096), 1 / 4096, dtype=np.float32))
     target = np.arange(2048) % 4096
     xentkit.nll_loss(log_probs[:4], target[:4])
-    assert _peak_above(lambda: xentkit.nll_loss(log_probs, target), log_probs.nbytes) < 0.05
+    assert peak_above(lambda: xentkit.nll_loss(log_probs, target), log_probs.nbytes) < 0.05
 
 
 def test_entropy_and_kl_forward_run_in_blocks(distributions):
     p, q = distributions
-    assert _peak_above(lambda: xentkit.entropy(p), p.nbytes) < 0.2
-    assert _peak_above(lambda: xentkit.kl_divergence(p, q), p.nbytes) < 0.5
+    assert peak_above(lambda: xentkit.entropy(p), p.nbytes) < 0.2
+    assert peak_above(lambda: xentkit.kl_divergence(p, q), p.nbytes) < 0.5
 
 
 @pytest.mark.parametrize("axis", [-1, 0])
@@ -73,7 +58,7 @@ def test_softmax_along_another_axis_keeps_two_arrays_alive():
     x = np.random.default_rng(2).standard_normal((2048, 4096), dtype=np.float32)
     for function in (xentkit.softmax, xentkit.log_softmax):
         function(x, axis=0)  # (the kernels compiled or loaded first: a cold cache's compiler allocates)
-        assert _peak_above(lambda f=function: f(x, axis=0), x.nbytes) < 2.1
+        assert peak_above(lambda f=function: f(x, axis=0), x.nbytes) < 2.1
 
 
 def test_the_probability_check_without_a_mask_still_sees_a_negative_beside_nan():
@@ -92,7 +77,7 @@ def test_binary_cross_entropy_on_probabilities_forward_runs_in_blocks(shape):
     rng = np.random.default_rng(5)
     p = rng.random(shape, dtype=np.float32)
     target = (rng.random(shape) < 0.3).astype(np.float32)
-    assert _peak_above(lambda: xentkit.binary_cross_entropy(p, target), p.nbytes) < 1.5
+    assert peak_above(lambda: xentkit.binary_cross_entropy(p, target), p.nbytes) < 1.5
 
 
 @pytest.mark.parametrize("shape", [(10, 37, 3), (1111,)])

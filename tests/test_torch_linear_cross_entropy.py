@@ -289,13 +289,13 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_half_precision_takes_the_chunks_widened(monkeypatch, dtype, reduction):
-    """float16 and bfloat16 layers on the CPU run the chunks, each chunk's half-precision logits
-    widened to float32 for the kernels and its gradient rounded back for the matmuls (they had
-    gone to torch's ops, which held the whole logits and a float32 copy: 5 and 6 times the
-    logits' bytes). The loss is float32, the float64 loss of the layer's own (half) logits within
-    float32 rounding; the gradients are torch's within half-precision rounding."""
+    """bfloat16 layers on the CPU run the chunks, each chunk's logits widened to float32 for the
+    kernels and its gradient rounded back for the matmuls (they had gone to torch's ops, which
+    held the whole logits and a float32 copy: 5 and 6 times the logits' bytes). The loss is
+    float32, the float64 loss of the layer's own (bfloat16) logits within float32 rounding; the
+    gradients are torch's within bfloat16 rounding."""
     from xentkit.torch import _linear_numba
 
     chunks = []
@@ -316,6 +316,25 @@ def test_half_precision_takes_the_chunks_widened(monkeypatch, dtype, reduction):
     )
     for grad, expected in zip(grads, expected_grads, strict=True):
         assert_close(grad, expected.to(dtype), dtype=torch.bfloat16)
+
+
+def test_float16_stays_on_torch_ops_so_a_loss_scaler_keeps_small_gradients(monkeypatch):
+    """float16 layers on the CPU keep torch's ops: the chunks compute the gradients in forward and
+    round them to the layer's dtype there, before a loss scaler's factor reaches them, and float16
+    flushes what the factor would keep (a review: thousands of weight-gradient entries 0 under
+    GradScaler's 65536, none on torch's ops)."""
+    from xentkit.torch import _linear_numba
+
+    monkeypatch.setattr(_linear_numba, "chunked_pass", lambda *a, **k: pytest.fail("float16 ran the chunks"))
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(256, 16, generator=generator) * 0.1).half().requires_grad_(True)
+    w = (torch.randn(4000, 16, generator=generator) * 0.1).half().requires_grad_(True)
+    target = torch.randint(0, 4000, (256,), generator=generator)
+    (xt.linear_cross_entropy(x, w, target) * 65536.0).backward()
+    reference_x, reference_w = (t.detach().clone().requires_grad_(True) for t in (x, w))
+    (F.cross_entropy(F.linear(reference_x, reference_w).float(), target) * 65536.0).backward()
+    assert int((w.grad == 0).sum()) == int((reference_w.grad == 0).sum())
+    assert_close(w.grad, reference_w.grad, dtype=torch.bfloat16)
 
 
 def test_meta_device_goes_to_torch_ops():

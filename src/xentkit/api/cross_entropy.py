@@ -196,10 +196,15 @@ def _fused_by_blocks(
         # a new gradient in the layout the whole computation gives it (the class axis last in memory)
         moved = np.empty(original.shape[:axis] + original.shape[axis + 1 :] + original.shape[axis : axis + 1], dtype=grad_dtype)
         grad = blocks_grad = np.moveaxis(moved, -1, axis)
-    # [batch, sequence, vocabulary] logits (C-contiguous, a C-contiguous out) cut by rows
-    flat = class_rows(original, axis) if out is None or out.flags.c_contiguous else None
+    # [batch, sequence, vocabulary] logits (C-contiguous; a C-contiguous out, a contiguous
+    # probability target: views of the same rows) cut by rows; else by the first axis
+    flat = None
+    if (out is None or out.flags.c_contiguous) and not (probabilities and not target.flags.c_contiguous):
+        flat = class_rows(original, axis)
     blocks_of = original
-    if flat is not None:
+    if flat is None:
+        step = max(1, widening_step(original, axis, work_dtype))  # (``step`` may count rows)
+    else:
         blocks_of, axis = flat, 1
         step = widening_step(flat, 1, work_dtype) or step
         target = target.reshape(flat.shape if probabilities else flat.shape[:1])
