@@ -76,18 +76,21 @@ def test_an_option_set_while_a_call_builds_its_options_is_not_lost(batch, monkey
 
 
 def test_plain_options_are_still_kept_between_calls(batch, monkeypatch):
-    """The cache stays: a second call with the same plain values builds nothing."""
+    """The cache stays (``_options.loss_options``'): a second call with the same plain values
+    builds and checks nothing."""
+    from xentkit import _options
+
     x, y = batch
     loss = xt.CrossEntropyLoss(label_smoothing=0.1)
     loss(x, y)
-    calls = []
-    build = functional.cached_options
-    monkeypatch.setattr(functional, "cached_options", lambda: calls.append(1) or build())
+    built = []
+    build = _options.LossOptions
+    monkeypatch.setattr(_options, "LossOptions", lambda *fields: built.append(fields) or build(*fields))
     loss(x, y)
-    assert calls == []
-    loss.label_smoothing = 0.2
-    torch.testing.assert_close(loss(x, y), F.cross_entropy(x, y, label_smoothing=0.2))
-    assert calls == [1]
+    assert built == []
+    loss.label_smoothing = 0.123456  # (a value no other call has built)
+    torch.testing.assert_close(loss(x, y), F.cross_entropy(x, y, label_smoothing=0.123456))
+    assert len(built) == 1
 
 
 # From a review of drop-in parity and edge shapes (2026-12-07): an empty batch had gone to the

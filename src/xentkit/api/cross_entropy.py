@@ -92,34 +92,6 @@ def _kernel_rows():
     return _KERNEL[0]
 
 
-def _fused(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    valid: np.ndarray,
-    axis: int,
-    weight: np.ndarray | None,
-    options: LossOptions,
-    plan: ReductionPlan,
-    upstream: np.ndarray | float | None,
-    out: np.ndarray | None,
-    private: bool,
-    batch_rows: int | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Cross-entropy on the kernel: class axis last, rows × classes, one sweep. ``labels`` are
-    class indices of the samples' shape, or class probabilities of the logits' shape (the
-    probability kernel; ``valid`` then marks every sample).
-
-    ``logits`` is already in the compute dtype (float32 or float64); ``private`` says it is the
-    api's own copy, free to be overwritten by the gradient. ``upstream``: the checked upstream
-    gradient (``upstream_gradient``, or a float), None for no gradient. Returns the reduced loss
-    in float64 ("mean"/"sum") or per sample, and the gradient in the compute dtype (or ``out``).
-    """
-    loss_rows, lse_rows, grad = _fused_rows(
-        logits, labels, axis, weight, options, plan, upstream, out, private, batch_rows
-    )
-    return _reduced(loss_rows, lse_rows, valid, options, plan), grad
-
-
 def _reduced(
     loss_rows: np.ndarray, lse_rows: np.ndarray, valid: np.ndarray, options: LossOptions, plan: ReductionPlan
 ) -> np.ndarray:
@@ -140,8 +112,15 @@ def _fused_rows(
     private: bool,
     batch_rows: int | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """:func:`_fused`'s kernel call: the per-row losses and log-sum-exps (float64 ``[rows]``) and
-    the gradient in the logits' layout (or None), before the reduction."""
+    """Cross-entropy on the kernel: class axis last, rows × classes, one sweep. ``labels`` are
+    class indices of the samples' shape, or class probabilities of the logits' shape (the
+    probability kernel).
+
+    ``logits`` is already in the compute dtype (float32 or float64); ``private`` says it is the
+    api's own copy, free to be overwritten by the gradient. ``upstream``: the checked upstream
+    gradient (``upstream_gradient``, or a float), None for no gradient. Returns the per-row
+    losses and log-sum-exps (float64 ``[rows]``, for :func:`_reduced`) and the gradient in the
+    logits' layout, in the compute dtype (or ``out``), or None."""
     layout = RowLayout(logits, axis, private)
     label_rows = layout.targets(labels) if labels.ndim == logits.ndim else layout.labels(labels)
     weight64 = None if weight is None else kernel_array(weight, np.float64)
@@ -175,12 +154,11 @@ def _fused_by_blocks(
     upstream: np.ndarray | float | None,
     out: np.ndarray | None,
     grad_dtype: np.dtype,
-    step: int,
     batch_rows: int | None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`_fused` for half-precision ``original`` logits widened block by block
-    (``_rows.widened_blocks``, ``step`` entries of the first axis, never the class axis) into
-    one reused buffer, where a whole copy in the compute dtype had doubled the call's memory.
+    """Cross-entropy on the kernel (:func:`_fused_rows`) for half-precision ``original`` logits
+    widened block by block (``_rows.widened_blocks``: rows, or entries of the first axis, never
+    the class axis) into one reused buffer, where a whole copy in the compute dtype had doubled the call's memory.
     Each block's gradient is rounded into the result (``out``, else a new array of
     ``grad_dtype``) as it comes; the rows' losses are reduced once, as the whole's (the same
     bits: the kernel computes each row alone, with the whole batch's split of rows). A
@@ -203,10 +181,10 @@ def _fused_by_blocks(
         flat = class_rows(original, axis)
     blocks_of = original
     if flat is None:
-        step = max(1, widening_step(original, axis, work_dtype))  # (``step`` may count rows)
+        step = max(1, widening_step(original, axis, work_dtype))  # (a sequence batch by whole entries)
     else:
         blocks_of, axis = flat, 1
-        step = widening_step(flat, 1, work_dtype) or step
+        step = widening_step(flat, 1, work_dtype)
         target = target.reshape(flat.shape if probabilities else flat.shape[:1])
         upstream = upstream.reshape(-1) if per_sample else upstream  # (upstream: rows' float64)
         blocks_grad = None if grad is None else grad.reshape(flat.shape)
@@ -227,19 +205,18 @@ def _fused_by_blocks(
 _FLOAT64 = np.dtype(np.float64)
 
 
-def _widening_step(logits: np.ndarray, axis: int, work_dtype: np.dtype, batch_rows: int | None) -> int:
-    """``_rows.widening_step`` for the kernel (of the logits' rows where ``_rows.class_rows``
-    takes them), where the batch (``batch_rows`` for a chunked caller's) has at least as many rows
+def _takes_blocks(logits: np.ndarray, axis: int, work_dtype: np.dtype, batch_rows: int | None) -> bool:
+    """Whether half-precision ``logits`` are widened block by block (:func:`_fused_by_blocks`):
+    beyond one block (``_rows.widening_step``, of their rows where ``_rows.class_rows`` takes
+    them), and where the batch (``batch_rows`` for a chunked caller's) has at least as many rows
     as Numba's threads: the kernel then never splits a row, and each row's bits are the same in
     any block."""
     rows = class_rows(logits, axis)
-    step = widening_step(logits, axis, work_dtype) if rows is None else widening_step(rows, 1, work_dtype)
-    if step:
-        import numba
+    if not (widening_step(logits, axis, work_dtype) if rows is None else widening_step(rows, 1, work_dtype)):
+        return False
+    import numba
 
-        if max(logits.size // logits.shape[axis], batch_rows or 0) < numba.get_num_threads():
-            return 0
-    return step
+    return max(logits.size // logits.shape[axis], batch_rows or 0) >= numba.get_num_threads()
 
 
 def _cross_entropy(
@@ -284,9 +261,9 @@ def _cross_entropy(
         target_array.shape, original.shape, floating=target_array.dtype.kind == "f", dtype_name=target_array.dtype
     )
     # half-precision logits beyond a block: widened block by block (no whole float32 copy)
-    step = 0 if use_reference or work_dtype == original.dtype else _widening_step(original, axis, work_dtype, batch_rows)
+    blocks = not use_reference and work_dtype != original.dtype and _takes_blocks(original, axis, work_dtype, batch_rows)
     if probabilities:
-        if not step:  # (the blocks convert their own rows)
+        if not blocks:  # (the blocks convert their own rows)
             target_array = rounded(target_array, work_dtype)
         valid = np.ones(sample_shape, dtype=bool)  # every sample counts (the z term's rows)
         if plan is None:
@@ -323,10 +300,10 @@ def _cross_entropy(
     if check_probabilities:
         warn_if_probabilities(original, axis)
 
-    if step:
+    if blocks:
         loss, grad = _fused_by_blocks(
             original, target_array, probabilities, valid, axis, weight, options, plan, upstream, out,
-            np.dtype(grad_dtype or original.dtype), step, batch_rows,
+            np.dtype(grad_dtype or original.dtype), batch_rows,
         )
         return rounded(loss, loss_dtype or original.dtype), grad
     work = widened(original, work_dtype)
@@ -337,10 +314,10 @@ def _cross_entropy(
         )
     else:
         kernel_out = out if out is not None and out.dtype == work_dtype else None
-        loss, grad = _fused(
-            work, target_array, valid, axis, weight, options, plan, upstream, kernel_out,
-            work is not original, batch_rows,
+        loss_rows, lse_rows, grad = _fused_rows(
+            work, target_array, axis, weight, options, plan, upstream, kernel_out, work is not original, batch_rows
         )
+        loss = _reduced(loss_rows, lse_rows, valid, options, plan)
 
     loss = rounded(loss, loss_dtype or original.dtype)
     if grad is None:

@@ -34,7 +34,7 @@ KERNEL_DTYPES = (torch.float16, torch.float32, torch.float64)
 # The dtypes the Numba kernels compute in directly (the fused linear forms, the log-probability and
 # vocabulary-parallel rows take these; other dtypes go to torch ops).
 NUMBA_DTYPES = (torch.float32, torch.float64)
-# The half-precision dtypes, which the fused linear forms' chunks widen to float32 on the CPU
+# The half-precision dtypes (the CPU's fused linear chunks widen bfloat16 ones to float32)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -264,12 +264,9 @@ def loss_dtype(input: Tensor, target: Tensor, weight: Tensor | None = None) -> t
     return autocast_dtype(dtype, input)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def autocast_dtype(dtype: torch.dtype, tensor: Tensor) -> torch.dtype:
     """``dtype``, or float32 for a half one while autocast is on for ``tensor``'s device type."""
-    return torch.float32 if dtype in _HALF and autocasting(tensor) else dtype
+    return torch.float32 if dtype in HALF_DTYPES and autocasting(tensor) else dtype
 
 
 def autocasting(tensor: Tensor) -> bool:

@@ -40,9 +40,6 @@ _LINEAR_ONLY = ("chunk_size", "accumulate_in_float32")
 _FIELD_DEFAULTS = FIELD_DEFAULTS
 _FIELD_NAMES, _FIELD_VALUES = (tuple(column) for column in zip(*_FIELD_DEFAULTS, strict=True))
 _FIELD_NAME_SET = frozenset(_FIELD_NAMES)
-_CACHED_OPTIONS = "_xentkit_options"  # the __dict__ key of a module's built options and their values
-# option values that cannot change in place: options built from these alone are kept
-_PLAIN_OPTION_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 class _NotScriptable:
@@ -56,20 +53,6 @@ class _NotScriptable:
             "runs xentkit's kernels through Python; use torch.compile, torch.export or torch.jit.trace, "
             f"or torch.nn.{type(self).__name__} in a model that must be scripted"
         )
-
-
-class _KeepsOptions(torch.nn.Module):
-    """A loss module that keeps its built options (``_loss_options_of``) beside the attribute values
-    they were built from, and reuses them while every option attribute is still the same object.
-    Options are kept only when built from plain values (str, int, float, bool, None): a 0-d tensor
-    or array given as an option may change in place, and is read again on every call. The kept
-    options are never pickled or deep-copied (a module saved by this xentkit and loaded by another
-    builds its own)."""
-
-    def __getstate__(self) -> dict[str, object]:
-        state = super().__getstate__()  # (torch's drops a compiled module's call)
-        state.pop(_CACHED_OPTIONS, None)
-        return state
 
 
 # The class attribute where a module class keeps the option fields it defines (not a dict keyed by
@@ -92,27 +75,17 @@ def _loss_options_of(module: torch.nn.Module) -> LossOptions:
     """The module's options as one checked object (built once per distinct set of values), read
     on every step: from the instance's ``__dict__``, else from its class, else the default. (A
     field the module lacks, ``chunk_size`` on ``CrossEntropyLoss``, would otherwise go through
-    ``nn.Module.__getattr__`` and its AttributeError: microseconds each.) A :class:`_KeepsOptions`
-    module whose class defines none of the fields keeps the options it built in its ``__dict__``
-    with the values they came from: a step whose values are the same objects reads them without
-    checking them again."""
+    ``nn.Module.__getattr__`` and its AttributeError: microseconds each.) Read on every call and
+    handed to ``_options.loss_options``, whose caches serve a loop's unchanged values without
+    checking them again (compared by identity and by type, and never kept for values that may
+    change in place, a 0-d tensor say). A review had found options a module kept itself stale
+    after a 0-d tensor option changed in place, a value written into ``__dict__``, or an
+    assignment racing a call."""
     attributes = module.__dict__
     compiling = torch.compiler.is_compiling()
     on_class = _fields_on_class(type(module), compiling)
     if not on_class:  # the usual module: every value in its __dict__ or the default
-        values = tuple(map(attributes.get, _FIELD_NAMES, _FIELD_VALUES))
-        if compiling or not isinstance(module, _KeepsOptions):
-            return functional.cached_options()(*values)  # (a traced graph writes no module state)
-        kept = attributes.get(_CACHED_OPTIONS)
-        # the same objects as when they were built: an attribute set, deleted or written into
-        # __dict__ since is another object (a review: options set as attributes had been noticed
-        # by __setattr__ alone, and a 0-d tensor changed in place not at all)
-        if kept is not None and all(map(operator.is_, values, kept[0])):
-            return kept[1]
-        options = functional.cached_options()(*values)
-        if _PLAIN_OPTION_TYPES.issuperset(map(type, values)):
-            attributes[_CACHED_OPTIONS] = (values, options)  # (one store: a racing call sees both or neither)
-        return options
+        return functional.cached_options()(*map(attributes.get, _FIELD_NAMES, _FIELD_VALUES))
     return functional.cached_options()(*[
         attributes[name] if name in attributes else getattr(module, name) if name in on_class else default
         for name, default in _FIELD_DEFAULTS
@@ -154,7 +127,7 @@ def _options_repr(options: dict[str, object]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
 
-class CrossEntropyLoss(_NotScriptable, torch.nn.CrossEntropyLoss, _KeepsOptions):
+class CrossEntropyLoss(_NotScriptable, torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` on xentkit's fused kernels, plus ``z_loss`` and ``softcap``.
 
     Arguments and shapes as torch's; the formula, the extras and the differences from torch (a

@@ -62,7 +62,6 @@ bool. A label outside [0, V) is not read (z_y 0, no target entry in the gradient
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -258,8 +257,8 @@ def _scale_parts(temperature: float) -> tuple[float, float]:
     """c = 1/T as two float32 values (hi, lo) whose sum is c to about 2⁻⁴⁸: Triton passes a float
     argument as float32; the kernels rebuild c in float64 (``_scale64``) and scale in float32 by hi."""
     scale = 1.0 / float(temperature)
-    high = float(np.float32(scale))
-    return high, float(np.float32(scale - high))
+    high = _chunks.float32_argument(scale)
+    return high, _chunks.float32_argument(scale - high)
 
 
 def _valid_bytes(valid: Tensor) -> Tensor:
