@@ -939,10 +939,11 @@ def test_wrong_types_and_a_rank_outside_the_group_are_named():
     NON_GROUP_MEMBER) is told so, not that an int is no process group (a review)."""
     logits, target = torch.randn(3, V), torch.tensor([0, 1, 2])
     for bad in (0.0, True, torch.tensor(0)):
-        with pytest.raises(TypeError, match="vocab_start must be None or an int >= 0, got"):
+        with pytest.raises(TypeError, match=r"vocab_start must be None or an int in \[0, 2\*\*63\), got"):
             vp.vocab_parallel_cross_entropy(logits, target, vocab_start=bad)
-    with pytest.raises(ValueError, match="vocab_start must be None or an int >= 0, got -1"):
-        vp.vocab_parallel_cross_entropy(logits, target, vocab_start=-1)
+    for bad in (-1, 2**63):  # (2**63 had been torch's "Overflow when unpacking long long")
+        with pytest.raises(ValueError, match=rf"vocab_start must be None or an int in \[0, 2\*\*63\), got {bad}$"):
+            vp.vocab_parallel_cross_entropy(logits, target, vocab_start=bad)
     with pytest.raises(TypeError, match=r"logits_shard must be a floating tensor .* got dtype int64"):
         vp.vocab_parallel_cross_entropy(torch.ones(3, V, dtype=torch.int64), target)
     with _world_of_one("gloo"), pytest.raises(ValueError, match="this process is not a member of group"):

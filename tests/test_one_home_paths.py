@@ -59,7 +59,7 @@ def test_the_linear_forms_word_their_target_errors_as_the_others() -> None:
         (torch.ones(5, dtype=torch.bool), TypeError, "weight must be a numeric array, got dtype bool"),
         (torch.ones(5, dtype=torch.complex64), TypeError, "weight must be a numeric array, got dtype complex64"),
         ([1.0] * 5, TypeError, "weight must be a torch.Tensor or None, got list"),
-        (torch.ones(1, 5), ValueError, r"weight must have shape \(V,\), one value per class, got shape \(1, 5\)"),
+        (torch.ones(1, 5), ValueError, r"weight must be 1-D, one value per class, got shape \(1, 5\)"),
     ],
     ids=["bool", "complex", "list", "2-D"],
 )
@@ -70,6 +70,8 @@ def test_the_vocabulary_parallel_class_weights_take_the_one_rule(weight: object,
 
     with pytest.raises(error, match=message):
         vocab_parallel_cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=weight)
+    with pytest.raises(error, match=message):  # (the modules' constructors, before C is known)
+        xt.CrossEntropyLoss(weight=weight)
     if error is TypeError:  # (the single-process form's words; its shape names C, not V)
         with pytest.raises(error, match=message):
             xt.cross_entropy(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), weight=weight)

@@ -653,9 +653,26 @@ def test_token_log_probs_checks_its_options_before_the_decoder_runs(monkeypatch:
         (dict(return_entropy="yes"), TypeError, "return_entropy must be a bool"),
         (dict(attention_mask="mask"), TypeError, "attention_mask must be a tensor or None, got str"),
         (dict(attention_mask=torch.ones(3, 15)), ValueError, r"attention_mask must have input_ids' shape \(3, 16\), got \(3, 15\)"),
+        (dict(attention_mask=torch.ones(3, 16, dtype=torch.complex64)), TypeError, "attention_mask must hold 1 .* got dtype complex64"),
     ):
         with pytest.raises(error, match=message):
             token_log_probs(model, batch()["input_ids"], **options)
+    # token ids the embedding would refuse from inside torch (on a GPU a device-side assert, which
+    # ends the CUDA context) are named here (a review)
+    ids = batch()["input_ids"]
+    vocabulary = model.get_input_embeddings().num_embeddings
+    far, negative = ids.clone(), ids.clone()
+    far[2, 5], negative[1, 0] = vocabulary, -1
+    for input_ids, error, message in (
+        (far, IndexError, rf"^input_ids has token id {vocabulary} at position \(2, 5\), outside the model's vocabulary of {vocabulary}"),
+        (negative, ValueError, r"^input_ids has token id -1 at position \(1, 0\)"),
+        (ids.to(torch.int8), TypeError, r"^input_ids must be int64 or int32 token ids .* got dtype int8$"),
+        (ids.numpy(), TypeError, r"^input_ids must be a \[batch, sequence\] tensor of token ids, got an array of dtype int64"),
+        (ids[:, :0], ValueError, r"at least one position, got shape \(3, 0\)$"),
+        (ids.to("meta"), ValueError, "^input_ids is a meta tensor"),
+    ):
+        with pytest.raises(error, match=message):
+            token_log_probs(model, input_ids)
     assert calls == []  # (a forward of a real model is what the early check saves)
 
 

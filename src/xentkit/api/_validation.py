@@ -86,10 +86,8 @@ def check_weight_layout(numeric: bool, shape: tuple[int, ...], num_classes: int 
     if not numeric:
         raise TypeError(f"weight must be a numeric array, got dtype {dtype_name(dtype)}")
     if len(shape) != 1 or (num_classes is not None and shape[0] != num_classes):
-        raise ValueError(
-            f"weight must have shape ({'V' if num_classes is None else num_classes},), one value per class, "
-            f"got shape {tuple(shape)}"
-        )
+        wanted = "be 1-D" if num_classes is None else f"have shape ({num_classes},)"
+        raise ValueError(f"weight must {wanted}, one value per class, got shape {tuple(shape)}")
 
 
 def check_broadcasts_to(name: str, shape: tuple[int, ...], target: tuple[int, ...]) -> None:

@@ -576,8 +576,11 @@ def token_log_probs(
     model runs, adapters included; prompt-learning methods, whose wrapper adds virtual tokens,
     raise ``ValueError``); the model need not be patched. Forward pre-hooks on ``lm_head`` run on
     the hidden states; a forward hook on ``lm_head`` raises ``RuntimeError`` (its output is never
-    built); hooks on the model itself do not run (its decoder is called). The options are
-    checked before the decoder runs.
+    built); hooks on the model itself do not run (its decoder is called). The options and
+    ``input_ids`` are checked before the decoder runs: ``input_ids`` int64 or int32, with at least
+    one position; a token id outside the model's vocabulary (its input embedding's rows) is a
+    ``ValueError`` (an ``IndexError`` too, as torch's) naming its position (reading the ids'
+    extremes: one wait for the device), never a device-side assert.
     ``chunk_size``: rows per chunk, passed to :func:`~xentkit.torch.linear_log_probs` (default:
     its choice, by the device and the logits' size).
     """
@@ -594,17 +597,7 @@ def token_log_probs(
             f"{name} soft-caps its logits (final_logit_softcapping={softcap}); token_log_probs has "
             "no softcap: use log_softmax on the model's logits for this model"
         )
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a [batch, sequence] tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {str(input_ids.dtype).removeprefix('torch.')}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor):
-            raise TypeError(f"attention_mask must be a tensor or None, got {describe(attention_mask)}")
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
-            )
+    _check_token_inputs(model, input_ids, attention_mask)
     unused = sorted(set(model_kwargs) & _NOT_FOR_THE_DECODER)
     if unused:  # (the decoder's **kwargs would take them and drop them, or break on return_dict)
         raise TypeError(
@@ -625,6 +618,50 @@ def token_log_probs(
     if return_entropy:
         return tuple(result.reshape(targets.shape) for result in results)
     return results.reshape(targets.shape)
+
+
+def _check_token_inputs(model: nn.Module, input_ids: Any, attention_mask: Any) -> None:
+    """``input_ids`` and ``attention_mask`` of :func:`token_log_probs`, checked before the decoder
+    runs: what its embedding would refuse from deep inside torch (an id outside the vocabulary is
+    an ``IndexError`` there on the CPU and a device-side assert, which ends the CUDA context, on
+    a GPU) is said here in the caller's terms. Reads the ids' smallest and largest values (one
+    wait for the device)."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a [batch, sequence] tensor of token ids, got {describe(input_ids)}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must be a [batch, sequence] tensor with at least one position, got shape {tuple(input_ids.shape)}"
+        )
+    dtype = str(input_ids.dtype).removeprefix("torch.")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 or int32 token ids (what the model's embedding takes), got dtype {dtype}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask must be a tensor or None, got {describe(attention_mask)}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.is_complex():
+            raise TypeError(
+                f"attention_mask must hold 1 (a token) and 0 (padding), got dtype {str(attention_mask.dtype).removeprefix('torch.')}"
+            )
+    for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if value is not None and value.is_meta:
+            raise ValueError(f"{name} is a meta tensor: token_log_probs runs the model on the token ids' values")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocabulary = getattr(embedding, "num_embeddings", None)
+    if isinstance(vocabulary, int) and input_ids.numel():
+        low, high = torch.aminmax(input_ids)
+        if int(low) < 0 or int(high) >= vocabulary:
+            index = tuple(int(i) for i in ((input_ids < 0) | (input_ids >= vocabulary)).nonzero()[0])
+            raise LabelError(
+                f"input_ids has token id {int(input_ids[index])} at position {index}, outside the "
+                f"model's vocabulary of {vocabulary} (its input embedding's rows); token ids must be "
+                f"in [0, {vocabulary})"
+            )
 
 
 def unpatch(model: ModelT) -> ModelT:

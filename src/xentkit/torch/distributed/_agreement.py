@@ -140,9 +140,9 @@ def _check_vocab_start(vocab_start: object) -> int:
     if vocab_start is None:
         return -1
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
-        raise TypeError(f"vocab_start must be None or an int >= 0, got {type(vocab_start).__name__} {vocab_start!r}")
-    if vocab_start < 0:
-        raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+        raise TypeError(f"vocab_start must be None or an int in [0, 2**63), got {type(vocab_start).__name__} {vocab_start!r}")
+    if not 0 <= vocab_start < 2**63:  # (a class index is an int64)
+        raise ValueError(f"vocab_start must be None or an int in [0, 2**63), got {vocab_start!r}")
     return int(vocab_start)
 
 
