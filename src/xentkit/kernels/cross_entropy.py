@@ -237,20 +237,24 @@ def _block_sum_exp_capped(row, start, stop, shift, cap, inv_cap):  # pragma: no 
 @njit(**_JIT)
 def _block_sum_exp_capped_top(row, start, stop, shift, cap, inv_cap):  # pragma: no cover
     """The capped block sum Σ exp(cap·tanh(x/cap) − shift) in two parts ``(k, δ)``, as
-    ``_block_sum_exp_top``:
-    k the number of capped logits equal to the finite max ``shift``, δ the float64 sum of the
-    other terms."""
+    ``_block_sum_exp_top`` (and for its reasons, summed in the array's dtype): k the number of
+    capped logits equal to the finite max ``shift``, δ the sum of the other terms. (Summed in
+    float64, with a float32 row's terms widened one by one, this loop took 40 times as long:
+    38 ns a logit, against 0.9 ns; a review found softcapped cross-entropy 60-90 times slower
+    than without the cap.)"""
     seg = row[start:stop]
-    ties = 0.0
-    below = 0.0
+    zero = like(0.0, row)
+    one = like(1.0, row)
+    ties = zero
+    below = zero
     for j in range(seg.shape[0]):
         t, _ = fast_tanh(seg[j] * inv_cap)
         z = capped_product(cap, t)
         top = z >= shift
-        term = np.float64(fast_exp_nonpositive(z - shift))
-        below += 0.0 if top else term
-        ties += 1.0 if top else 0.0
-    return ties, below
+        term = fast_exp_nonpositive(z - shift)
+        below += zero if top else term
+        ties += one if top else zero
+    return np.float64(ties), np.float64(below)
 
 
 @njit(**_JIT)
