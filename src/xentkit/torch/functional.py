@@ -92,7 +92,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.class_axis = _bridge.class_dim(input)
         ctx.input_dim = input.dim()
         want_grad = grad_enabled and ctx.needs_input_grad[0]
-        logits = _bridge.as_numpy(input)
+        logits = _bridge.as_numpy_by_classes(input, ctx.class_axis)
         # in place: the gradient is written over the logits' own memory (a contiguous input)
         in_place = want_grad and options.inplace_backward and input.is_contiguous() and not input.is_neg()
         result_dtype = _bridge.loss_dtype(input, target, weight)
