@@ -249,3 +249,15 @@ def test_channels_last_logits_are_read_as_they_lie(reduction):
             for x in (plain, lying)
         ]
     assert peaks[1] < peaks[0] - 0.8, peaks  # (the contiguous input is copied class-last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_upstream_finiteness_check_is_torchs_isfinite(dtype):
+    """``_bridge.all_finite`` (NumPy's single sweep, for the backward's look at the upstream
+    gradients) answers as ``torch.isfinite(...).all()``, for one value and many, strided too."""
+    from xentkit.torch import _bridge
+
+    for value in (0.0, 1.0, float("inf"), -float("inf"), float("nan"), 6e4):
+        for values in (torch.tensor(value), torch.full((7, 3), 0.5).index_fill_(0, torch.tensor([4]), value)[:, 1]):
+            values = values.to(dtype)
+            assert _bridge.all_finite(values) is bool(torch.isfinite(values).all()), (value, values.shape)

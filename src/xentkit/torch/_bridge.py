@@ -17,6 +17,7 @@ Options are checked by ``xentkit._options.LossOptions``, built once at each publ
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
@@ -681,6 +682,18 @@ def is_one(grad_output: Tensor, *, read_on_device: bool = False) -> bool:
     if grad_output.numel() != 1 or batched_backward(grad_output):
         return False
     return value_readable_now(grad_output.device, read_on_device) and grad_output.item() == 1.0
+
+
+def all_finite(values: Tensor) -> bool:
+    """Whether every entry of a CPU tensor is finite: one value read as a float, more by NumPy's
+    one single-threaded sweep (torch's isfinite is 4 elementwise ops and a reduction, each waking
+    its thread pool: on a loaded 2-core machine a review saw each take ~12 ms for the 65536
+    upstream gradients of a "none" loss)."""
+    if values.numel() == 1:
+        return math.isfinite(values.item())
+    if values.dtype in (torch.float16, torch.float32, torch.float64):
+        return bool(np.isfinite(as_numpy(values)).all())
+    return bool(torch.isfinite(values).all())
 
 
 def value_readable_now(device: torch.device, read_on_device: bool) -> bool:

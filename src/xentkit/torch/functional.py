@@ -140,7 +140,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if ctx.deferred:
             return _deferred_gradient(ctx, gradient, owned, grad_output, target, weight), None, None, None, None, None
         gradient = _bridge.scale_gradient(gradient, upstream, owned)
-        if not bool(torch.isfinite(grad_output).all()):
+        if not _bridge.all_finite(grad_output):
             _in_torchs_order(gradient, grad_output, target, weight, ctx.options, ctx.class_axis)
         return gradient.to(ctx.input_dtype), None, None, None, None, None  # (rounded once, scaled)
 
