@@ -33,6 +33,12 @@ def test_a_confident_rows_loss_keeps_its_digits(gap):
     exact = _exact_log_softmax(row)
     loss, _ = reference.cross_entropy_and_grad(np.array([row]), np.array([0]), reduction="none")
     assert _ulps(loss, [float(-exact[0])]) <= 4
+    # the target's gradient p_y − 1 = −δ/s, taken so at a row's max (p_y·1 − 1 rounds it to 0 or
+    # ulp(1)), for class indices and a one-hot probability target alike (a mutation review)
+    exact_target = float(mpmath.exp(exact[0]) - 1)
+    for target in (np.array([0]), np.array([[1.0, 0.0, 0.0]])):
+        _, grad = reference.cross_entropy_and_grad(np.array([row]), target, reduction="sum")
+        assert _ulps(grad[0, :1], [exact_target]) <= 4, (target, grad[0, 0], exact_target)
     assert _ulps(reference.log_softmax(np.array(row)), [float(v) for v in exact]) <= 4
     lse = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(x)) for x in row))
     assert _ulps(reference.logsumexp(np.array(row)), [float(lse)]) <= 4
