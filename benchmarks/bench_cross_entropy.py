@@ -158,7 +158,7 @@ class Shape:
 
 
 @dataclass(frozen=True)
-class LossOptions:
+class BenchSettings:
     """The loss options every provider that can take them is given (the defaults: none)."""
 
     softcap: float | None = None
@@ -167,7 +167,7 @@ class LossOptions:
     class_weights: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LossOptions:
+    def from_args(cls, args: argparse.Namespace) -> BenchSettings:
         return cls(args.softcap, args.label_smoothing, args.z_loss, args.class_weights)
 
     def weight(self, classes: int, dtype: np.dtype) -> np.ndarray | None:
@@ -198,7 +198,7 @@ class LossOptions:
         return ", ".join(parts + ([f"class weights (seed {WEIGHT_SEED})"] if self.class_weights else []))
 
 
-NO_OPTIONS = LossOptions()
+NO_OPTIONS = BenchSettings()
 
 
 @dataclass
@@ -261,7 +261,7 @@ def _bound(function: Callable, keywords: dict[str, object]) -> Callable:
     return functools.partial(function, **keywords) if keywords else function
 
 
-def api_keywords(logits: np.ndarray, options: LossOptions) -> dict[str, object]:
+def api_keywords(logits: np.ndarray, options: BenchSettings) -> dict[str, object]:
     """The api's keyword arguments: the options set, and ``axis=1`` for a per-pixel layout."""
     keywords = options.keywords(options.weight(logits.shape[1], logits.dtype))
     return {**keywords, "axis": 1} if logits.ndim > 2 else keywords
@@ -278,7 +278,7 @@ def kernel_scales(labels: np.ndarray, weight: np.ndarray | None) -> tuple[np.nda
     return np.full(rows, 1.0 / float(weight[labels].sum(dtype=np.float64))), scale
 
 
-def torch_cross_entropy(options: LossOptions, weight: object) -> Callable:
+def torch_cross_entropy(options: BenchSettings, weight: object) -> Callable:
     """``F.cross_entropy`` with the options: weight and label smoothing its own, the softcap
     ``S·tanh(x/S)`` of the logits before it, and the z-loss ``Z·logsumexp(x)²`` over the class
     axis, averaged over the non-ignored samples (xentkit's "mean" of the z term), added to it."""
@@ -306,7 +306,7 @@ def torch_cross_entropy(options: LossOptions, weight: object) -> Callable:
     return loss
 
 
-def torch_loss_function(name: str, options: LossOptions, classes: int, dtype: np.dtype) -> Callable:
+def torch_loss_function(name: str, options: BenchSettings, classes: int, dtype: np.dtype) -> Callable:
     """A torch provider's ``loss(x, target)``: xentkit.torch's or torch's, compiled if asked."""
     import torch
 
@@ -322,7 +322,7 @@ def torch_loss_function(name: str, options: LossOptions, classes: int, dtype: np
 
 
 def provider_calls(
-    name: str, logits: np.ndarray, labels: np.ndarray, options: LossOptions = NO_OPTIONS
+    name: str, logits: np.ndarray, labels: np.ndarray, options: BenchSettings = NO_OPTIONS
 ) -> tuple[Call, Call, Gradient]:
     import xentkit
 
@@ -415,7 +415,7 @@ def comparable(gradient: np.ndarray) -> np.ndarray:
 
 def time_shape(
     shape: Shape, providers: list[str], repeats: int, reference_max_elements: int,
-    options: LossOptions = NO_OPTIONS,
+    options: BenchSettings = NO_OPTIONS,
 ) -> list[Timing]:
     """Interleaved rounds: in each round every provider runs once (after one warm-up call). The
     warm-up's gradient of each provider is compared with the first provider's (within
@@ -492,7 +492,7 @@ def _high_water_mark_bytes() -> int | None:
     return None
 
 
-def memory_probe(provider: str, shape: Shape, options: LossOptions = NO_OPTIONS) -> dict[str, float]:
+def memory_probe(provider: str, shape: Shape, options: BenchSettings = NO_OPTIONS) -> dict[str, float]:
     """One call of ``provider`` on ``shape``: peak RSS above the RSS with the inputs allocated.
 
     Peak RSS from ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` and, on Linux, from VmHWM reset
@@ -554,7 +554,7 @@ def memory_probe(provider: str, shape: Shape, options: LossOptions = NO_OPTIONS)
 
 
 def run_memory_probes(
-    shapes: list[Shape], providers: list[str], options: LossOptions = NO_OPTIONS
+    shapes: list[Shape], providers: list[str], options: BenchSettings = NO_OPTIONS
 ) -> list[dict[str, float]]:
     results = []
     for shape in shapes:
@@ -632,7 +632,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
 
 
 def print_table(
-    timings: list[Timing], memory: list[dict[str, float]], options: LossOptions = NO_OPTIONS
+    timings: list[Timing], memory: list[dict[str, float]], options: BenchSettings = NO_OPTIONS
 ) -> None:
     by_shape: dict[str, dict[str, Timing]] = {}
     for timing in timings:
@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [Shape.parse(text) for text in shapes_text.split(",") if text.strip()]
     if args.probabilities:
         shapes = [replace(shape, probabilities=True) for shape in shapes]
-    options = LossOptions.from_args(args)
+    options = BenchSettings.from_args(args)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, shapes[0], options)))
         return 0

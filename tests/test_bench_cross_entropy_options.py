@@ -80,7 +80,7 @@ def test_the_torch_loss_with_options_is_xentkits(bench, text):
 
     import xentkit
 
-    options = bench.LossOptions(softcap=3.0, label_smoothing=0.1, z_loss=1e-2, class_weights=True)
+    options = bench.BenchSettings(softcap=3.0, label_smoothing=0.1, z_loss=1e-2, class_weights=True)
     logits, labels = bench.make_inputs(bench.Shape.parse(text))
     logits, labels = logits.astype(np.float64), labels if labels.dtype.kind == "i" else labels.astype(np.float64)
     ours = xentkit.cross_entropy(logits, labels, **bench.api_keywords(logits, options))
